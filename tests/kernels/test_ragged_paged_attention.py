@@ -1,0 +1,219 @@
+"""ragged_paged_attention and write_kv against a naive dense per-sequence attention.
+
+The reference never looks at pages: it attends over each sequence's own unpaged K/V in
+float64. The kernel sees the same K/V only through the paged cache, which the test fills by
+hand (context cached in earlier steps) and through write_kv (this step's tokens).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 64
+MAX_BLOCKS = 24
+NUM_ROWS = 6
+NUM_TOKENS = 96  # padded T
+HEAD_DIM = 32
+
+# (cached tokens, new tokens) per sequence.
+MIXED = [
+    (300, 1),   # decode with a long context (> kv_chunk, not a block multiple)
+    (0, 37),    # full prefill
+    (50, 20),   # chunked prefill: second chunk starts mid-block
+    (64, 5),    # prefix-cache hit: block-aligned cached prefix, several new tokens
+    (129, 1),   # decode just past a chunk boundary
+]
+ALL_DECODE = [(17, 1), (255, 1), (0, 1), (140, 1), (300, 1), (31, 1)]
+ONE_PREFILL = [(0, 90)]
+
+
+def _make_batch(rng, specs, *, num_heads, num_kv_heads, dtype):
+    """Random ragged step: unpaged per-sequence K/V plus the padded kernel inputs."""
+    pages = rng.permutation(np.arange(1, NUM_BLOCKS))  # shuffled, never the null page 0
+    block_tables = np.zeros((NUM_ROWS, MAX_BLOCKS), np.int32)
+    seq_lens = np.zeros(NUM_ROWS, np.int32)
+    seqs, next_page = [], 0
+    for row, (num_cached, num_new) in enumerate(specs):
+        length = num_cached + num_new
+        num_pages = -(-length // BLOCK_SIZE)
+        block_tables[row, :num_pages] = pages[next_page:next_page + num_pages]
+        next_page += num_pages
+        seq_lens[row] = length
+        kv_shape = (length, num_kv_heads, HEAD_DIM)
+        seqs.append(dict(row=row, num_cached=num_cached, num_new=num_new,
+                         k=_round(rng.standard_normal(kv_shape), dtype),
+                         v=_round(rng.standard_normal(kv_shape), dtype)))
+    return seqs, block_tables, seq_lens
+
+
+def _round(x, dtype):
+    return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+
+
+def _slots(block_table_row, positions):
+    return block_table_row[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+
+
+def _step_inputs(rng, seqs, block_tables, *, num_heads, num_kv_heads, dtype):
+    """Token-level arrays for the step; padding tokens sit at position 0 of row NUM_ROWS-1."""
+    seq_ids = np.full(NUM_TOKENS, NUM_ROWS - 1, np.int32)
+    positions = np.zeros(NUM_TOKENS, np.int32)
+    slot_mapping = np.zeros(NUM_TOKENS, np.int32)  # padding writes land in the null page
+    kv_shape = (NUM_TOKENS, num_kv_heads, HEAD_DIM)
+    k_new, v_new = rng.standard_normal(kv_shape), rng.standard_normal(kv_shape)
+    start = 0
+    for seq in seqs:
+        pos = np.arange(seq["num_cached"], seq["num_cached"] + seq["num_new"], dtype=np.int32)
+        tokens = slice(start, start + len(pos))
+        seq_ids[tokens], positions[tokens] = seq["row"], pos
+        slot_mapping[tokens] = _slots(block_tables[seq["row"]], pos)
+        k_new[tokens], v_new[tokens] = seq["k"][pos], seq["v"][pos]
+        seq["tokens"] = tokens
+        start += len(pos)
+    assert start <= NUM_TOKENS
+    q = _round(rng.standard_normal((NUM_TOKENS, num_heads, HEAD_DIM)), dtype)
+    return q, k_new, v_new, seq_ids, positions, slot_mapping
+
+
+def _cache_with_context(rng, seqs, block_tables, *, num_kv_heads, dtype):
+    """Garbage-filled cache holding each sequence's earlier-step context."""
+    shape = (NUM_BLOCKS * BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+    k_cache, v_cache = 100 * rng.standard_normal(shape), 100 * rng.standard_normal(shape)
+    for seq in seqs:
+        pos = np.arange(seq["num_cached"])
+        slots = _slots(block_tables[seq["row"]], pos)
+        k_cache[slots], v_cache[slots] = seq["k"][pos], seq["v"][pos]
+    return jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype)
+
+
+def _dense_reference(q, k, v, positions, *, scale, sliding_window, soft_cap):
+    """Naive causal attention for one sequence in float64: q [t, N, H], k/v [L, K, H]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = np.einsum("tnh,snh->nts", q, k) * scale
+    if soft_cap is not None:
+        scores = soft_cap * np.tanh(scores / soft_cap)
+    key_pos = np.arange(k.shape[0])
+    mask = key_pos[None, :] <= positions[:, None]
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > positions[:, None] - sliding_window
+    scores = np.where(mask[None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.einsum("nts,snh->tnh", probs, v)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap", "kv_chunk"))
+def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
+          seq_lens, *, scale, sliding_window, soft_cap, kv_chunk):
+    k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
+    out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
+                                 seq_lens, block_size=BLOCK_SIZE, scale=scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap,
+                                 kv_chunk=kv_chunk)
+    return k_cache, v_cache, out
+
+
+def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, tol=1e-5,
+                   sliding_window=None, soft_cap=None, kv_chunk=64, step=_step):
+    rng = np.random.default_rng(seed)
+    seqs, block_tables, seq_lens = _make_batch(rng, specs, num_heads=num_heads,
+                                               num_kv_heads=num_kv_heads, dtype=dtype)
+    q, k_new, v_new, seq_ids, positions, slot_mapping = _step_inputs(
+        rng, seqs, block_tables, num_heads=num_heads, num_kv_heads=num_kv_heads, dtype=dtype)
+    k_cache, v_cache = _cache_with_context(rng, seqs, block_tables,
+                                           num_kv_heads=num_kv_heads, dtype=dtype)
+    scale = HEAD_DIM ** -0.5
+    k_cache, v_cache, out = step(
+        k_cache, v_cache, jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype), slot_mapping,
+        jnp.asarray(q, dtype), seq_ids, positions, block_tables, seq_lens,
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, kv_chunk=kv_chunk)
+    assert out.dtype == dtype and out.shape == q.shape
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    assert np.isfinite(out).all(), "padding tokens must stay finite too"
+    k_cache = np.asarray(k_cache.astype(jnp.float32))
+    for seq in seqs:
+        all_pos = np.arange(seq["num_cached"] + seq["num_new"])
+        np.testing.assert_array_equal(  # write_kv + context: the cache holds the sequence
+            k_cache[_slots(block_tables[seq["row"]], all_pos)], seq["k"].astype(np.float32))
+        tokens = seq["tokens"]
+        expected = _dense_reference(q[tokens], seq["k"], seq["v"], positions[tokens],
+                                    scale=scale, sliding_window=sliding_window,
+                                    soft_cap=soft_cap)
+        np.testing.assert_allclose(out[tokens], expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+def test_mixed_batch_matches_dense(seed, num_heads, num_kv_heads):
+    _run_and_check(seed, MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_sliding_window(seed):
+    # 40 < kv_chunk: whole early chunks fall outside the window for the decode tokens.
+    _run_and_check(seed, MIXED, num_heads=8, num_kv_heads=2, sliding_window=40)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_soft_cap(seed):
+    # A small cap (scores are ~N(0, 1)) so that tanh actually bends them.
+    _run_and_check(seed, MIXED, num_heads=8, num_kv_heads=2, soft_cap=1.5)
+
+
+def test_window_and_soft_cap_with_chunk_of_one_block():
+    _run_and_check(7, MIXED, num_heads=8, num_kv_heads=2, sliding_window=100, soft_cap=3.0,
+                   kv_chunk=BLOCK_SIZE)
+
+
+def test_kv_chunk_wider_than_block_table():
+    # 512 > MAX_BLOCKS * BLOCK_SIZE = 384: block indices past the table must be clamped.
+    _run_and_check(8, MIXED, num_heads=8, num_kv_heads=2, kv_chunk=512)
+
+
+@pytest.mark.parametrize("seed", [9, 10])
+def test_bfloat16(seed):
+    # Inputs and cache in bf16, math in f32, output rounded to bf16 (8 mantissa bits).
+    _run_and_check(seed, MIXED, num_heads=8, num_kv_heads=2, dtype=jnp.bfloat16, tol=1e-2)
+
+
+def test_all_padding_rows_stay_finite():
+    _run_and_check(11, [], num_heads=8, num_kv_heads=2)
+
+
+def test_kv_chunk_must_be_block_multiple():
+    q = jnp.zeros((4, 8, HEAD_DIM))
+    cache = jnp.zeros((NUM_BLOCKS * BLOCK_SIZE, 2, HEAD_DIM))
+    ids = jnp.zeros(4, jnp.int32)
+    with pytest.raises(AssertionError):
+        ragged_paged_attention(q, cache, cache, ids, ids, jnp.zeros((1, 4), jnp.int32),
+                               jnp.ones(1, jnp.int32), block_size=BLOCK_SIZE, scale=1.0,
+                               kv_chunk=24)
+
+
+def test_one_program_serves_every_mix():
+    """Same padded shapes, different seq_lens and decode/prefill mixes: one compilation.
+
+    Two counters: a Python side effect inside the traced function (runs once per trace, and
+    jit compiles once per trace), and jax.jit's private `_cache_size()` (entries in the
+    compiled-executable cache) where this jax version has it.
+    """
+    num_traces = []
+
+    def counted_step(*args, **kwargs):
+        num_traces.append(1)
+        return _step.__wrapped__(*args, **kwargs)
+
+    jitted = jax.jit(counted_step,
+                     static_argnames=("scale", "sliding_window", "soft_cap", "kv_chunk"))
+    for seed, specs in enumerate([MIXED, ALL_DECODE, ONE_PREFILL, [], MIXED[:2]]):
+        _run_and_check(20 + seed, specs, num_heads=8, num_kv_heads=2, step=jitted)
+    assert len(num_traces) == 1
+    if hasattr(jitted, "_cache_size"):
+        assert jitted._cache_size() == 1

@@ -1,0 +1,22 @@
+"""HF architecture name -> the module implementing it."""
+
+import importlib
+from types import ModuleType
+
+_ARCHITECTURES = {
+    "LlamaForCausalLM": "xla_inference.models.llama",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def model_module(hf_config: dict) -> ModuleType:
+    """The model module for a config's architecture, or a clear error naming what is supported."""
+    for arch in hf_config.get("architectures") or []:
+        if arch in _ARCHITECTURES:
+            return importlib.import_module(_ARCHITECTURES[arch])
+    raise ValueError(
+        f"xla-inference does not support architecture {hf_config.get('architectures')}; "
+        f"supported: {', '.join(supported_architectures())}")

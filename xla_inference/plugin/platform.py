@@ -1,0 +1,93 @@
+"""The vLLM Platform for xla-inference. Runs in the front-end too: keep JAX out of it."""
+
+import logging
+import os
+
+import psutil
+import torch
+from vllm.platforms.interface import Platform, PlatformEnum
+
+logger = logging.getLogger(__name__)
+
+_WORKER = "xla_inference.plugin.worker.XlaWorker"
+
+# SamplingParams fields the device sampler does not implement yet, with their neutral values.
+_UNSUPPORTED_SAMPLING = {
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+    "min_p": 0.0, "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
+    "logprobs": None, "prompt_logprobs": None, "structured_outputs": None,
+}
+
+
+class XlaPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name: str = "xla"
+    # Tensors vLLM itself creates (sampling metadata, tokens) live on the host.
+    device_type: str = "cpu"
+    dispatch_key: str = "CPU"
+    dist_backend: str = "gloo"
+    supported_quantization: list[str] = []
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float32]
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's C++ kernels are not used (and its default build needs AVX-512)."""
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return "xla"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        return psutil.virtual_memory().total
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        """JAX places arrays itself; nothing to select."""
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        # Runs in the front-end and again in the engine core: idempotent by construction.
+        from vllm.config import CompilationMode
+        from vllm.config.compilation import CUDAGraphMode
+
+        parallel = vllm_config.parallel_config
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = _WORKER
+        # One JAX process drives every local device (SPMD), so one worker.
+        parallel.distributed_executor_backend = "uni"
+        vllm_config.scheduler_config.async_scheduling = False
+        compilation = vllm_config.compilation_config
+        compilation.mode = CompilationMode.NONE
+        compilation.cudagraph_mode = CUDAGraphMode.NONE
+        compilation.cudagraph_capture_sizes = []
+        cache = vllm_config.cache_config
+        if not cache.user_specified_block_size:
+            cache.block_size = 16
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+    @classmethod
+    def validate_request(cls, processed_inputs, params) -> None:
+        """Refuse, with a clear message, what the device sampler does not implement yet."""
+        from vllm.sampling_params import SamplingParams
+
+        if not isinstance(params, SamplingParams):
+            raise ValueError("xla-inference serves text generation only (no pooling yet)")
+        for name, neutral in _UNSUPPORTED_SAMPLING.items():
+            value = getattr(params, name, neutral)
+            if value != neutral and value not in (None, [], {}):
+                raise ValueError(f"xla-inference does not support the sampling parameter "
+                                 f"{name}={value!r} yet")
+        if params.seed is not None and params.temperature > 0:
+            raise ValueError("xla-inference does not support per-request seeds yet")

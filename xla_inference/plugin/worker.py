@@ -1,0 +1,149 @@
+"""The vLLM Worker: one process that drives every local JAX device."""
+
+import logging
+import math
+import time
+
+import psutil
+import torch
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from xla_inference.plugin.model_runner import XlaModelRunner
+
+logger = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+# Host memory kept free beyond the model and the cache: activations of the largest bucket,
+# XLA's workspace and compiled programs.
+_WORKSPACE_BYTES = 2 * _GiB
+
+
+def _tolerate_missing_accelerator() -> None:
+    """vLLM's engine-core teardown empties torch's accelerator cache on every platform that
+    is not its own CPU one; with a CPU-only torch that call raises and the engine dies noisily."""
+    if not torch.accelerator.is_available():
+        torch.accelerator.empty_cache = lambda: None
+        torch.accelerator.empty_host_cache = lambda: None
+
+
+def _jnp_dtype(torch_dtype: torch.dtype):
+    import jax.numpy as jnp
+
+    table = {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
+    if torch_dtype not in table:
+        raise ValueError(f"xla-inference does not support dtype {torch_dtype}")
+    return table[torch_dtype]
+
+
+class XlaWorker(WorkerBase):
+    def __init__(self, vllm_config, local_rank, rank, distributed_init_method,
+                 is_driver_worker=False):
+        super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
+        _tolerate_missing_accelerator()
+        self.model = None  # (module, config, params)
+        self.model_runner = None
+
+    # -- startup ----------------------------------------------------------------------------
+    def init_device(self) -> None:
+        from xla_inference.runner.jax_setup import configure_jax
+
+        devices = configure_jax()
+        self.device = torch.device("cpu")
+        logger.info("xla-inference: JAX devices %s", devices)
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        from xla_inference.models.loader import load_model
+
+        start = time.perf_counter()
+        mc = self.model_config
+        gguf_file = None
+        self.model = load_model(mc.model, _jnp_dtype(mc.dtype), gguf_file)
+        logger.info("xla-inference: loaded %s (%s) in %.1fs", mc.model, mc.dtype,
+                    time.perf_counter() - start)
+
+    def get_kv_cache_spec(self) -> dict:
+        _, cfg, _ = self.model
+        spec = FullAttentionSpec(block_size=self.cache_config.block_size,
+                                 num_kv_heads=cfg.num_kv_heads, head_size=cfg.head_dim,
+                                 dtype=self._kv_torch_dtype())
+        return {f"model.layers.{i}.self_attn.attn": spec for i in range(cfg.num_layers)}
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        return ["LBNHC"]
+
+    def set_kv_cache_layout(self, kv_cache_layout: str) -> None:
+        """Our cache layout is fixed ([slots, kv_heads, head_dim] per layer)."""
+
+    def determine_available_memory(self) -> int:
+        """Bytes for the KV cache: a `gpu_memory_utilization` share of host memory, less what
+        this process already holds and a workspace, capped at what the scheduler can use."""
+        if self.cache_config.kv_cache_memory_bytes:
+            return int(self.cache_config.kv_cache_memory_bytes)
+        total = psutil.virtual_memory().total
+        budget = total * self.cache_config.gpu_memory_utilization
+        in_use = psutil.Process().memory_info().rss
+        free_now = psutil.virtual_memory().available - _WORKSPACE_BYTES
+        available = int(min(budget - in_use - _WORKSPACE_BYTES, free_now))
+        useful = self._max_useful_kv_bytes()
+        if available <= 0:
+            raise RuntimeError(
+                f"no host memory left for the KV cache: {budget / _GiB:.1f} GiB allowed by "
+                f"gpu_memory_utilization, {in_use / _GiB:.1f} GiB in use; raise "
+                "gpu_memory_utilization or set kv_cache_memory_bytes")
+        if available > useful:
+            logger.info("xla-inference: KV cache capped at %.2f GiB (max_num_seqs x max_model_len)",
+                        useful / _GiB)
+        return min(available, useful)
+
+    def _kv_torch_dtype(self) -> torch.dtype:
+        return self.model_config.dtype
+
+    def _page_bytes(self) -> int:
+        _, cfg, _ = self.model
+        itemsize = torch.tensor([], dtype=self._kv_torch_dtype()).element_size()
+        per_layer = 2 * self.cache_config.block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return per_layer * cfg.num_layers
+
+    def _max_useful_kv_bytes(self) -> int:
+        sc = self.vllm_config.scheduler_config
+        pages_per_seq = math.ceil(self.model_config.max_model_len / self.cache_config.block_size)
+        return (sc.max_num_seqs * pages_per_seq + 1) * self._page_bytes()
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        from xla_inference.runner.engine import EngineConfig, ModelEngine
+
+        module, cfg, params = self.model
+        sc = self.vllm_config.scheduler_config
+        engine_cfg = EngineConfig(
+            num_blocks=kv_cache_config.num_blocks, block_size=self.cache_config.block_size,
+            max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
+            max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0)
+        engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()))
+        self.model_runner = XlaModelRunner(engine)
+        logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s",
+                    engine_cfg.num_blocks, engine_cfg.block_size, engine.token_buckets)
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        engine = self.model_runner.engine
+        logger.info("xla-inference: compiling %d buckets before serving", len(engine.token_buckets))
+        seconds = engine.warm_up()
+        logger.info("xla-inference: warm-up done in %.1fs", seconds)
+        return CompilationTimes(language_model=seconds, encoder=0.0)
+
+    def get_supported_tasks(self):
+        return ("generate",)
+
+    # -- serving ----------------------------------------------------------------------------
+    def execute_model(self, scheduler_output):
+        return self.model_runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output):
+        return self.model_runner.sample_tokens(grammar_output)
+
+    def synchronize_device(self) -> None:
+        """JAX results are waited on when they are read."""
+
+    def shutdown(self) -> None:
+        self.model_runner = None
+        self.model = None

@@ -1,0 +1,22 @@
+"""Process-wide JAX settings: the persistent compilation cache."""
+
+import os
+from pathlib import Path
+
+import jax
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XLA_INFERENCE_CACHE") or Path.home() / ".cache" / "xla-inference"
+    return Path(root) / "jax-compilation-cache"
+
+
+def configure_jax() -> list:
+    """Turn on the persistent compilation cache (restarts skip XLA compiles); return devices."""
+    cache_dir = default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    # Cache every program, however quick to compile: warm-up compiles many small ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return jax.devices()

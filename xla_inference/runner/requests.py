@@ -1,0 +1,77 @@
+"""Host-side request state that persists across steps, and the numpy build of a StepBatch."""
+
+import dataclasses
+
+import numpy as np
+
+from xla_inference.runner.batch import SamplingBatch, StepBatch
+
+
+@dataclasses.dataclass
+class RequestState:
+    req_id: str
+    token_ids: list[int]  # prompt, then every token sampled so far
+    num_prompt_tokens: int
+    block_ids: list[int]  # KV pages, in sequence order
+    num_computed_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def trim_outputs(self, num_output_tokens: int) -> None:
+        """Drop sampled tokens the scheduler did not keep (e.g. after a preemption)."""
+        del self.token_ids[self.num_prompt_tokens + num_output_tokens:]
+
+
+@dataclasses.dataclass
+class BatchLayout:
+    """The padded shape of a step, chosen by the engine from its buckets."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B
+    max_blocks: int  # width of the block table
+    block_size: int
+
+
+def build_step_batch(scheduled: list[tuple[RequestState, int]], layout: BatchLayout) -> StepBatch:
+    """Concatenate each request's next `n` tokens into one padded ragged batch.
+
+    Padding tokens write their K/V into the null page (slot 0) and padding rows have
+    seq_len 0, so neither touches a real sequence.
+    """
+    T, B, bs = layout.num_tokens, layout.num_seqs, layout.block_size
+    input_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    seq_ids = np.zeros(T, np.int32)
+    slot_mapping = np.zeros(T, np.int32)
+    query_start_loc = np.zeros(B + 1, np.int32)
+    seq_lens = np.zeros(B, np.int32)
+    block_tables = np.zeros((B, layout.max_blocks), np.int32)
+    logits_indices = np.zeros(B, np.int32)
+    start = 0
+    for row, (req, num_new) in enumerate(scheduled):
+        first = req.num_computed_tokens
+        end = start + num_new
+        pos = np.arange(first, first + num_new, dtype=np.int32)
+        blocks = np.asarray(req.block_ids, np.int32)
+        input_ids[start:end] = req.token_ids[first:first + num_new]
+        positions[start:end] = pos
+        seq_ids[start:end] = row
+        slot_mapping[start:end] = blocks[pos // bs] * bs + pos % bs
+        block_tables[row, :len(blocks)] = blocks
+        seq_lens[row] = first + num_new
+        logits_indices[row] = end - 1
+        query_start_loc[row + 1] = end
+        start = end
+    query_start_loc[len(scheduled) + 1:] = start
+    return StepBatch(input_ids, positions, seq_ids, slot_mapping, query_start_loc, seq_lens,
+                     block_tables, logits_indices, block_size=bs)
+
+
+def build_sampling_batch(requests: list[RequestState], num_seqs: int) -> SamplingBatch:
+    temperature = np.zeros(num_seqs, np.float32)
+    top_k = np.zeros(num_seqs, np.int32)
+    top_p = np.ones(num_seqs, np.float32)
+    for row, req in enumerate(requests):
+        temperature[row], top_k[row], top_p[row] = req.temperature, req.top_k, req.top_p
+    return SamplingBatch(temperature, top_k, top_p)

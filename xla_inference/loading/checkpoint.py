@@ -28,5 +28,5 @@ def _load_gguf(path: Path) -> tuple[dict, Mapping[str, np.ndarray]]:
     if metadata.get("general.architecture") != "llama":
         raise ValueError(f"{path}: GGUF architecture {metadata.get('general.architecture')!r} "
                          "is not supported yet (supported: llama)")
-    config = llama_hf_config_from_gguf(metadata)
+    config = llama_hf_config_from_gguf(metadata, tensors.keys())
     return config, llama_hf_state_dict_from_gguf(tensors, config)

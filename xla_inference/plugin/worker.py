@@ -141,6 +141,12 @@ class XlaWorker(WorkerBase):
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
 
+    def num_compilations(self) -> int:
+        """XLA executables built in this process so far (tests check none appear after warm-up)."""
+        from xla_inference.runner import compile_counter
+
+        return compile_counter.num_compilations()
+
     def synchronize_device(self) -> None:
         """JAX results are waited on when they are read."""
 

@@ -55,3 +55,18 @@ def save_word_tokenizer(path: Path, vocab_size: int = 128) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
                                    eos_token="t2")
     fast.save_pretrained(path)
+
+
+def hf_greedy_ids(model_dir: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+    """transformers' greedy continuation (float32, EOS ignored) of each prompt."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    outputs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=num_new, min_new_tokens=num_new,
+                                 do_sample=False, pad_token_id=0)
+            outputs.append(out[0, len(ids):].tolist())
+    return outputs

@@ -1,5 +1,6 @@
 """The vLLM Platform for xla-inference. Runs in the front-end too: keep JAX out of it."""
 
+import glob
 import logging
 import os
 
@@ -19,6 +20,17 @@ _UNSUPPORTED_SAMPLING = {
 }
 
 
+def _jax_runs_on_host() -> bool:
+    """Whether JAX will use the CPU, decided without importing JAX (this runs in the
+    front-end, which must stay JAX-free): no JAX_PLATFORMS naming an accelerator, and no
+    GPU or TPU device node."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not (glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*")
+                or glob.glob("/dev/vfio/[0-9]*"))
+
+
 class XlaPlatform(Platform):
     _enum = PlatformEnum.OOT
     device_name: str = "xla"
@@ -30,6 +42,10 @@ class XlaPlatform(Platform):
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
+        # The first entry is what dtype="auto" gives a float32 checkpoint. XLA's CPU backend
+        # runs float32 faster than bfloat16 (no native bf16 matmuls), accelerators the reverse.
+        if _jax_runs_on_host():
+            return [torch.float32, torch.bfloat16]
         return [torch.bfloat16, torch.float32]
 
     @classmethod

@@ -27,6 +27,16 @@ def _tolerate_missing_accelerator() -> None:
         torch.accelerator.empty_host_cache = lambda: None
 
 
+def _route_logs_through_vllm() -> None:
+    """The core logs under `xla_inference` with plain logging; show it the way vLLM shows its own."""
+    ours, theirs = logging.getLogger("xla_inference"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(theirs.level)
+        ours.propagate = False
+
+
 def _jnp_dtype(torch_dtype: torch.dtype):
     import jax.numpy as jnp
 
@@ -41,6 +51,7 @@ class XlaWorker(WorkerBase):
                  is_driver_worker=False):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
         _tolerate_missing_accelerator()
+        _route_logs_through_vllm()
         self.model = None  # (module, config, params)
         self.model_runner = None
 

@@ -98,3 +98,17 @@ def test_unsupported_architecture_is_named(tmp_path):
     cfg_path.write_text(cfg_path.read_text().replace("LlamaForCausalLM", "FooForCausalLM"))
     with pytest.raises(ValueError, match="supported: LlamaForCausalLM"):
         load_model(model_dir, jnp.float32)
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_like_the_prepared_directory():
+    """Serving the .gguf directly gives the same parameters as the converted HF directory."""
+    import jax
+
+    from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
+
+    _, cfg_dir, params_dir = load_model(prepare_default_model(), jnp.float32)
+    _, cfg_gguf, params_gguf = load_model(default_gguf_path(), jnp.float32)
+    assert cfg_gguf == cfg_dir
+    for a, b in zip(jax.tree.leaves(params_dir), jax.tree.leaves(params_gguf)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -89,6 +89,9 @@ class XlaPlatform(Platform):
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
         cache = vllm_config.cache_config
+        if cache.cache_dtype != "auto":
+            raise ValueError(f"xla-inference does not support kv_cache_dtype={cache.cache_dtype!r} "
+                             "yet; the KV cache uses the model dtype (kv_cache_dtype='auto')")
         if not cache.user_specified_block_size:
             cache.block_size = 16
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"

@@ -1,0 +1,128 @@
+"""Offline throughput through vllm.LLM: xla-inference vs vLLM's CPU backend vs HF generate.
+
+N prompts of random token ids, fixed input/output lengths, greedy, ignore_eos. Each backend
+runs in its own process (one engine), one untimed warm-up pass, then `--repeats` timed
+passes; the median is reported.
+
+    .venv/bin/python benchmarks/offline_throughput.py --backends xla,vllm-cpu,hf
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _prompts(n, length, vocab, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, vocab - 100, size=(n, length)).tolist()
+
+
+def _run_vllm(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from xla_inference.loading.default_model import prepare_default_model
+
+    model = args.model or str(prepare_default_model())
+    t0 = time.perf_counter()
+    llm = LLM(model=model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
+              max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0)
+    startup = time.perf_counter() - t0
+    prompts = [{"prompt_token_ids": p}
+               for p in _prompts(args.num_prompts, args.input_len, 49152)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    times = []
+    for i in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        if i:  # the first pass warms up
+            times.append(time.perf_counter() - t0)
+        assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+    extra = {}
+    if os.environ.get("VLLM_PLUGINS") != "none":
+        extra["compilations_after_warmup"] = llm.collective_rpc("num_compilations")[0]
+    return dict(startup_s=startup, times_s=times, **extra)
+
+
+def _run_hf(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from xla_inference.loading.default_model import prepare_default_model
+
+    dtype = torch.float32 if args.dtype in ("float32", "auto") else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(args.model or prepare_default_model(),
+                                                 torch_dtype=dtype).eval()
+    ids = torch.tensor(_prompts(args.num_prompts, args.input_len, 49152))
+    times = []
+    with torch.no_grad():
+        for i in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=args.output_len,
+                                 min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+            if i:
+                times.append(time.perf_counter() - t0)
+            assert out.shape[1] == args.input_len + args.output_len
+    return dict(times_s=times)
+
+
+def _child(args) -> None:
+    result = _run_hf(args) if args.backend == "hf" else _run_vllm(args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _launch(backend: str, dtype: str, argv: list[str]) -> dict:
+    env = dict(os.environ)
+    if backend == "vllm-cpu":
+        env["VLLM_PLUGINS"] = "none"
+    cmd = [sys.executable, __file__, "--child", backend, "--dtype", dtype, *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--backends", default="xla,vllm-cpu,hf")
+    p.add_argument("--dtypes", default="xla=auto,vllm-cpu=bfloat16,hf=bfloat16",
+                   help="dtype per backend")
+    p.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=200)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args()
+    if args.child:
+        args.backend = args.child
+        return _child(args)
+    dtypes = dict(kv.split("=") for kv in args.dtypes.split(","))
+    passthrough = [a for a in sys.argv[1:]]
+    results = {}
+    for backend in args.backends.split(","):
+        r = _launch(backend, dtypes.get(backend, "auto"), passthrough)
+        median = statistics.median(r["times_s"])
+        r["output_tok_s"] = args.num_prompts * args.output_len / median
+        results[backend] = r
+        print(f"{backend:9s} dtype={dtypes.get(backend, 'auto'):9s} median {median:7.2f}s "
+              f"-> {r['output_tok_s']:7.1f} output tok/s  {json.dumps(r)}", flush=True)
+    if "xla" in results:
+        for base in ("vllm-cpu", "hf"):
+            if base in results:
+                ratio = results["xla"]["output_tok_s"] / results[base]["output_tok_s"]
+                print(f"xla / {base}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

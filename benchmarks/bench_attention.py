@@ -3,7 +3,9 @@
 Run: .venv/bin/python benchmarks/bench_attention.py [--repeats 20]
 Prints the median time of one layer's attention call (write_kv excluded) for three steps:
 a T=64 decode of 64 sequences with contexts ~300, a T=512 prefill of one sequence, and a
-T=512 mixed step (one 448-token prefill chunk + 64 decodes).
+T=512 mixed step (one 448-token prefill chunk + 64 decodes); then one more step with many
+short chunked-prefill runs (64 requests x 8 tokens at contexts ~300), the worst case for
+tiles of consecutive tokens of one sequence.
 """
 
 import argparse
@@ -32,9 +34,8 @@ def build_step(specs, num_tokens, rng):
     pages = rng.permutation(np.arange(1, NUM_PAGES))
     block_tables = np.zeros((num_rows, MAX_BLOCKS), np.int32)
     seq_lens = np.zeros(num_rows, np.int32)
-    seq_ids = np.zeros(num_tokens, np.int32)
+    seq_ids = np.zeros(num_tokens, np.int32)  # padding tokens: row 0, position 0
     positions = np.zeros(num_tokens, np.int32)
-    query_start_loc = np.zeros(num_rows + 1, np.int32)
     start, next_page = 0, 0
     for row, (num_cached, num_new) in enumerate(specs):
         length = num_cached + num_new
@@ -45,19 +46,19 @@ def build_step(specs, num_tokens, rng):
         seq_ids[start:start + num_new] = row
         positions[start:start + num_new] = np.arange(num_cached, length)
         start += num_new
-        query_start_loc[row + 1] = start
-    query_start_loc[len(specs) + 1:] = start
     q = rng.standard_normal((num_tokens, NUM_HEADS, HEAD_DIM), np.float32)
     return dict(q=q, seq_ids=seq_ids, positions=positions, block_tables=block_tables,
-                seq_lens=seq_lens, query_start_loc=query_start_loc)
+                seq_lens=seq_lens)
 
 
 def cases(rng):
     decodes = [(int(c), 1) for c in rng.integers(260, 340, size=64)]
+    short_chunks = [(int(c), 8) for c in rng.integers(260, 340, size=64)]
     return {
         "decode T=64 (64 seqs, ctx ~300)": build_step(decodes, 64, rng),
         "prefill T=512 (1 seq)": build_step([(0, 512)], 512, rng),
         "mixed T=512 (448 prefill + 64 decodes)": build_step([(0, 448)] + decodes, 512, rng),
+        "extra: T=512 (64 x 8-token chunks, ctx ~300)": build_step(short_chunks, 512, rng),
     }
 
 
@@ -73,8 +74,7 @@ def time_case(fn, step, k_cache, v_cache, repeats):
 
 
 def make_fn(kernel=ragged_paged_attention, **options):
-    def attention(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens,
-                  query_start_loc):
+    def attention(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens):
         return kernel(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens,
                       block_size=BLOCK_SIZE, scale=HEAD_DIM ** -0.5, **options)
     return jax.jit(attention)
@@ -91,7 +91,7 @@ def main(kernel=ragged_paged_attention, **options):
     fn = make_fn(kernel, **options)
     for name, step in cases(rng).items():
         seconds = time_case(fn, step, k_cache, v_cache, repeats)
-        print(f"{name:42s} {seconds * 1e3:8.2f} ms per layer (median of {repeats})", flush=True)
+        print(f"{name:46s} {seconds * 1e3:8.2f} ms per layer (median of {repeats})", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,13 @@ def _slots(block_table_row, positions):
     return block_table_row[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
 
 
-def _step_inputs(rng, seqs, block_tables, *, num_heads, num_kv_heads, dtype):
-    """Token-level arrays for the step; padding tokens sit at position 0 of row NUM_ROWS-1."""
-    seq_ids = np.full(NUM_TOKENS, NUM_ROWS - 1, np.int32)
-    positions = np.zeros(NUM_TOKENS, np.int32)
-    slot_mapping = np.zeros(NUM_TOKENS, np.int32)  # padding writes land in the null page
-    kv_shape = (NUM_TOKENS, num_kv_heads, HEAD_DIM)
+def _step_inputs(rng, seqs, block_tables, *, num_heads, num_kv_heads, dtype,
+                 num_tokens=NUM_TOKENS, pad_row=NUM_ROWS - 1):
+    """Token-level arrays for the step; padding tokens sit at position 0 of row pad_row."""
+    seq_ids = np.full(num_tokens, pad_row, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_mapping = np.zeros(num_tokens, np.int32)  # padding writes land in the null page
+    kv_shape = (num_tokens, num_kv_heads, HEAD_DIM)
     k_new, v_new = rng.standard_normal(kv_shape), rng.standard_normal(kv_shape)
     start = 0
     for seq in seqs:
@@ -76,8 +77,8 @@ def _step_inputs(rng, seqs, block_tables, *, num_heads, num_kv_heads, dtype):
         k_new[tokens], v_new[tokens] = seq["k"][pos], seq["v"][pos]
         seq["tokens"] = tokens
         start += len(pos)
-    assert start <= NUM_TOKENS
-    q = _round(rng.standard_normal((NUM_TOKENS, num_heads, HEAD_DIM)), dtype)
+    assert start <= num_tokens
+    q = _round(rng.standard_normal((num_tokens, num_heads, HEAD_DIM)), dtype)
     return q, k_new, v_new, seq_ids, positions, slot_mapping
 
 
@@ -109,33 +110,46 @@ def _dense_reference(q, k, v, positions, *, scale, sliding_window, soft_cap):
     return np.einsum("nts,snh->tnh", probs, v)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap", "kv_chunk"))
+_STATIC = ("scale", "sliding_window", "soft_cap", "kv_chunk", "knobs")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
-          seq_lens, *, scale, sliding_window, soft_cap, kv_chunk):
+          seq_lens, *, scale, sliding_window, soft_cap, kv_chunk, knobs=()):
+    """knobs: (name, value) pairs of the kernel's other tuning arguments (tile,
+    decode_chunk, decode_group); tests shrink them so that small batches still cross every
+    boundary (tiles splitting runs and kv chunks, several decode groups)."""
     k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
     out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
                                  seq_lens, block_size=BLOCK_SIZE, scale=scale,
                                  sliding_window=sliding_window, soft_cap=soft_cap,
-                                 kv_chunk=kv_chunk)
+                                 kv_chunk=kv_chunk, **dict(knobs))
     return k_cache, v_cache, out
 
 
 def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, tol=1e-5,
-                   sliding_window=None, soft_cap=None, kv_chunk=64, step=_step):
+                   sliding_window=None, soft_cap=None, kv_chunk=64, step=_step,
+                   num_tokens=NUM_TOKENS, pad_row=NUM_ROWS - 1, shuffle=False, **knobs):
     rng = np.random.default_rng(seed)
     seqs, block_tables, seq_lens = _make_batch(rng, specs, num_heads=num_heads,
                                                num_kv_heads=num_kv_heads, dtype=dtype)
     q, k_new, v_new, seq_ids, positions, slot_mapping = _step_inputs(
-        rng, seqs, block_tables, num_heads=num_heads, num_kv_heads=num_kv_heads, dtype=dtype)
+        rng, seqs, block_tables, num_heads=num_heads, num_kv_heads=num_kv_heads, dtype=dtype,
+        num_tokens=num_tokens, pad_row=pad_row)
     k_cache, v_cache = _cache_with_context(rng, seqs, block_tables,
                                            num_kv_heads=num_kv_heads, dtype=dtype)
     scale = HEAD_DIM ** -0.5
+    # shuffle: hand the kernel the tokens in random order (breaking the contiguous runs it
+    # plans its work around); the answer per token must not change.
+    order = rng.permutation(num_tokens) if shuffle else np.arange(num_tokens)
     k_cache, v_cache, out = step(
-        k_cache, v_cache, jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype), slot_mapping,
-        jnp.asarray(q, dtype), seq_ids, positions, block_tables, seq_lens,
-        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, kv_chunk=kv_chunk)
+        k_cache, v_cache, jnp.asarray(k_new[order], dtype), jnp.asarray(v_new[order], dtype),
+        slot_mapping[order], jnp.asarray(q[order], dtype), seq_ids[order], positions[order],
+        block_tables, seq_lens,
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, kv_chunk=kv_chunk,
+        knobs=tuple(sorted(knobs.items())))
     assert out.dtype == dtype and out.shape == q.shape
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out.astype(jnp.float32), np.float64)[np.argsort(order)]
     assert np.isfinite(out).all(), "padding tokens must stay finite too"
     k_cache = np.asarray(k_cache.astype(jnp.float32))
     for seq in seqs:
@@ -147,6 +161,22 @@ def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, t
                                     scale=scale, sliding_window=sliding_window,
                                     soft_cap=soft_cap)
         np.testing.assert_allclose(out[tokens], expected, rtol=tol, atol=tol)
+    _check_padding(out, q, seqs, pad_row, scale=scale, sliding_window=sliding_window,
+                   soft_cap=soft_cap, tol=tol)
+
+
+def _check_padding(out, q, seqs, pad_row, *, tol, **attention):
+    """Padding tokens are queries at position 0 of pad_row: where that row is a real
+    sequence, they see exactly its key 0 (whichever path they took)."""
+    pad_seq = [seq for seq in seqs if seq["row"] == pad_row]
+    first_pad = max([seq["tokens"].stop for seq in seqs], default=0)
+    if not pad_seq or first_pad == len(q):
+        return
+    (seq,) = pad_seq
+    pad = slice(first_pad, len(q))
+    expected = _dense_reference(q[pad], seq["k"][:1], seq["v"][:1],
+                                np.zeros(len(q) - first_pad, np.int64), **attention)
+    np.testing.assert_allclose(out[pad], expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -197,6 +227,70 @@ def test_kv_chunk_must_be_block_multiple():
                                kv_chunk=24)
 
 
+@pytest.mark.parametrize("specs", [MIXED, ONE_PREFILL], ids=["mixed", "prefill"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+def test_small_tiles_split_runs_and_cross_chunks(specs, num_heads, num_kv_heads):
+    # tile 8 splits every longer run; tiles start mid-chunk and span two 16-key chunks.
+    _run_and_check(30, specs, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   kv_chunk=BLOCK_SIZE, tile=8)
+
+
+def test_tile_wider_than_kv_chunk_and_odd_tile():
+    # tile 12 is no power of two; a 37-token run ends in a partial tile.
+    _run_and_check(31, MIXED, num_heads=8, num_kv_heads=2, kv_chunk=32, tile=12)
+
+
+@pytest.mark.parametrize("decode_chunk", [BLOCK_SIZE, 64, 512])
+def test_decode_groups_and_chunks(decode_chunk):
+    # Groups of 2 decode tokens: several groups with different longest contexts; 512 keys
+    # per chunk is wider than the block table (indices clamped, keys masked).
+    _run_and_check(32, ALL_DECODE, num_heads=8, num_kv_heads=2, decode_group=2,
+                   decode_chunk=decode_chunk)
+
+
+def test_sliding_window_skips_early_chunks_in_both_paths():
+    # Window 20 with 16-key chunks: tiles and decode groups start past chunk 0.
+    _run_and_check(33, MIXED, num_heads=8, num_kv_heads=2, sliding_window=20,
+                   kv_chunk=BLOCK_SIZE, tile=8, decode_chunk=BLOCK_SIZE, decode_group=2)
+    _run_and_check(34, ONE_PREFILL, num_heads=8, num_kv_heads=2, sliding_window=20,
+                   kv_chunk=BLOCK_SIZE, tile=16)
+
+
+def test_bfloat16_small_tiles():
+    _run_and_check(35, MIXED, num_heads=8, num_kv_heads=2, dtype=jnp.bfloat16, tol=1e-2,
+                   kv_chunk=BLOCK_SIZE, tile=8, decode_group=2)
+
+
+def test_runner_padding_convention():
+    # The runner pads with tokens of row 0 at position 0: a run of their own after the
+    # last request, not merged into it (the default pad_row is the last row).
+    for seed, specs in enumerate([MIXED, ALL_DECODE, ONE_PREFILL]):
+        _run_and_check(36 + seed, specs, num_heads=8, num_kv_heads=2, pad_row=0)
+
+
+def test_more_single_token_runs_than_decode_slots():
+    # 6 decodes + 1 padding token of row 0 = 7 one-token runs for min(T, B) = 6 decode
+    # slots: the last one falls back to a one-token tile.
+    _run_and_check(40, ALL_DECODE, num_heads=8, num_kv_heads=2, num_tokens=7, pad_row=0)
+
+
+@pytest.mark.parametrize("specs", [MIXED, ALL_DECODE], ids=["mixed", "decode"])
+def test_tokens_in_any_order(specs):
+    # Shuffled tokens make mostly one-token runs, far more than the decode slots, and
+    # several runs per request: the split of the work changes, the results must not.
+    _run_and_check(41, specs, num_heads=8, num_kv_heads=2, shuffle=True, decode_group=2)
+
+
+def test_decode_chunk_must_be_block_multiple():
+    q = jnp.zeros((4, 8, HEAD_DIM))
+    cache = jnp.zeros((NUM_BLOCKS * BLOCK_SIZE, 2, HEAD_DIM))
+    ids = jnp.zeros(4, jnp.int32)
+    with pytest.raises(AssertionError):
+        ragged_paged_attention(q, cache, cache, ids, ids, jnp.zeros((1, 4), jnp.int32),
+                               jnp.ones(1, jnp.int32), block_size=BLOCK_SIZE, scale=1.0,
+                               decode_chunk=24)
+
+
 def test_one_program_serves_every_mix():
     """Same padded shapes, different seq_lens and decode/prefill mixes: one compilation.
 
@@ -210,8 +304,7 @@ def test_one_program_serves_every_mix():
         num_traces.append(1)
         return _step.__wrapped__(*args, **kwargs)
 
-    jitted = jax.jit(counted_step,
-                     static_argnames=("scale", "sliding_window", "soft_cap", "kv_chunk"))
+    jitted = jax.jit(counted_step, static_argnames=_STATIC)
     for seed, specs in enumerate([MIXED, ALL_DECODE, ONE_PREFILL, [], MIXED[:2]]):
         _run_and_check(20 + seed, specs, num_heads=8, num_kv_heads=2, step=jitted)
     assert len(num_traces) == 1

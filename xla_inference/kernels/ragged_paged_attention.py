@@ -2,12 +2,23 @@
 
 One call serves decode, prefill, chunked prefill and prefix-cache hits: every query token
 attends to the keys of its own sequence at positions <= its own, read straight from the
-paged cache. Keys are visited in chunks of `kv_chunk` positions by a while loop whose trip
-count comes from the batch's longest sequence on device, so one compiled program (per padded
-T) serves every mix and its work follows the actual context length, not `max_blocks`.
+paged cache. One compiled program (per padded T) serves every mix: the split of the work
+is computed on device from seq_ids, and every loop's trip count follows the actual
+positions, not `max_blocks`.
 
-Einsum letters: T tokens, S key positions in a chunk, N query heads, K kv heads,
-G = N // K query heads per kv head, H head dim.
+The token axis is cut into runs of equal seq_id (a request's tokens are contiguous; the
+runner's padding tokens form a run of their own). Two paths share the work:
+- decode tokens (runs of one token) are batched, in groups of similar context length.
+  Each token gathers its own key pages chunk by chunk; its dots have only G query rows,
+  so the chunk is gathered straight into the layouts in which XLA's CPU batched dots are
+  fastest. Gathering the pages is most of the cost of this path.
+- every other run is cut into tiles of `tile` consecutive tokens. A tile gathers its
+  sequence's key pages once per chunk, for all its tokens, and runs real matmuls
+  ([tile*G, H] x [H, chunk] per kv head). Small tiles (16) waste little on the short runs
+  of chunked prefill while long prefills still run at matmul speed.
+
+Einsum letters: T tokens, C key positions in a chunk, N query heads, K kv heads,
+G = N // K query heads per kv head, H head dim, D decode slots, M = tile * G query rows.
 """
 
 from __future__ import annotations
@@ -30,90 +41,267 @@ def write_kv(k_cache, v_cache, k_new, v_new, slot_mapping):
     return k_cache, v_cache
 
 
-def _chunk_slots(block_tables, seq_ids, chunk_start, *, block_size, kv_chunk):
-    """Cache slots [T, kv_chunk] of key positions chunk_start .. chunk_start+kv_chunk-1."""
-    num_chunk_blocks = kv_chunk // block_size
-    max_blocks = block_tables.shape[1]
-    block_idx = chunk_start // block_size + jnp.arange(num_chunk_blocks, dtype=jnp.int32)
-    # Blocks past the table end only hold positions beyond every sequence: masked later.
-    block_idx = jnp.minimum(block_idx, max_blocks - 1)
-    pages = block_tables[seq_ids[:, None], block_idx[None, :]]  # [T, C/bs]
-    offsets = jnp.arange(block_size, dtype=jnp.int32)
-    slots = pages[:, :, None] * block_size + offsets[None, None, :]
-    return slots.reshape(seq_ids.shape[0], kv_chunk)
+# ---------------------------------------------------------------------------------------
+# Shared pieces
 
 
-def _chunk_mask(positions, key_pos, sliding_window):
-    """Valid (token, key) pairs [T, S]: causal, optionally within a sliding window."""
-    mask = key_pos[None, :] <= positions[:, None]
+def _key_mask(positions, key_pos, sliding_window):
+    """Valid (query, key) pairs [..., C]: causal, optionally within a sliding window."""
+    mask = key_pos <= positions[..., None]
     if sliding_window is not None:
-        mask &= key_pos[None, :] > positions[:, None] - sliding_window
+        mask &= key_pos > positions[..., None] - sliding_window
     return mask
 
 
-def _chunk_scores(q, k, mask, soft_cap):
-    """q [T, K, G, H] (pre-scaled, f32), k [T, S, K, H] -> masked f32 scores [T, K, G, S]."""
-    scores = jnp.einsum("tkgh,tskh->tkgs", q, k.astype(jnp.float32))
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    return jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
+def _cap(scores, soft_cap):
+    return scores if soft_cap is None else soft_cap * jnp.tanh(scores / soft_cap)
 
 
-def _online_softmax_update(carry, scores, mask, v):
-    """Fold one chunk into the running (max, sum, accumulator)."""
-    m, l, acc = carry
-    m_new = jnp.maximum(m, scores.max(axis=-1))
-    # A chunk with no valid key for a token would give exp(0) = 1 per masked key. A later
-    # valid key rescales that away (alpha underflows to 0), but a token with no valid key
-    # at all (sliding_window < 1) would average garbage; with where() it returns zeros.
-    p = jnp.where(mask[:, None, None, :], jnp.exp(scores - m_new[..., None]), 0.0)
+def _softmax_step(carry, scores, mask, axis):
+    """Fold one chunk's masked scores into the running (max, sum); returns probs, rescale.
+
+    A chunk with no valid key for a row would give exp(0) = 1 per masked key. A later valid
+    key rescales that away (alpha underflows to 0), but a row with no valid key at all
+    (sliding_window < 1) would average garbage; with where() it returns zeros.
+    """
+    m, l = carry
+    scores = jnp.where(mask, scores, _MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(axis=axis))
+    p = jnp.where(mask, jnp.exp(scores - jnp.expand_dims(m_new, axis)), 0.0)
     alpha = jnp.exp(m - m_new)
-    l = alpha * l + p.sum(axis=-1)
-    acc = alpha[..., None] * acc + jnp.einsum("tkgs,tskh->tkgh", p, v.astype(jnp.float32))
-    return m_new, l, acc
+    return p, alpha, (m_new, alpha * l + p.sum(axis=axis))
 
 
-def _num_chunks(seq_lens, kv_chunk):
-    """Trip count from the longest sequence; at least 1 so that key 0 is always seen."""
-    longest = jnp.max(seq_lens).astype(jnp.int32)
-    return jnp.maximum((longest + kv_chunk - 1) // kv_chunk, 1)
+def _gather_chunk(cache_pages, block_tables, rows, first_block, num_blocks, kv_shape):
+    """Keys (or values) [..., num_blocks * block_size, K, H] of blocks first_block.. of
+    each row in `rows`, gathered as whole pages.
+
+    cache_pages: [num_pages, block_size * K * H], one row per page: gathering whole
+    contiguous rows is the cheapest gather XLA's CPU backend emits.
+    """
+    block_idx = first_block + jnp.arange(num_blocks, dtype=jnp.int32)
+    # Blocks past the table end only hold positions beyond every sequence: masked later.
+    block_idx = jnp.minimum(block_idx, block_tables.shape[1] - 1)
+    pages = block_tables[rows[..., None], block_idx]  # [..., num_blocks]
+    return cache_pages[pages].reshape(*pages.shape[:-1], -1, *kv_shape)
+
+
+def _first_chunk(min_pos, sliding_window, kv_chunk):
+    """First chunk that holds a key some query (lowest position min_pos) can see."""
+    if sliding_window is None:
+        return jnp.int32(0)
+    return jnp.maximum(min_pos - sliding_window + 1, 0) // kv_chunk
+
+
+# ---------------------------------------------------------------------------------------
+# Work split: which tokens are decode tokens, and the tiles of the others
+
+
+def _token_runs(seq_ids):
+    """First index and length [T] of each token's run of equal seq_id."""
+    num_tokens = seq_ids.shape[0]
+    idx = jnp.arange(num_tokens, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones(1, bool), seq_ids[1:] != seq_ids[:-1]])
+    ends = jnp.concatenate([seq_ids[1:] != seq_ids[:-1], jnp.ones(1, bool)])
+    run_first = jax.lax.cummax(jnp.where(starts, idx, 0))
+    run_last = jax.lax.cummin(jnp.where(ends, idx, num_tokens - 1), reverse=True)
+    return run_first, run_last - run_first + 1
+
+
+def _split_work(seq_ids, *, num_decode_slots, tile):
+    """Decode slots and tiles.
+
+    Returns decode_idx [D] (token per decode slot; T where empty), num_decode, tile_first
+    [T] (first token of each tile, in token order), tile_len [T], num_tiles. Runs of one
+    token beyond the D decode slots fall back to one-token tiles.
+    """
+    num_tokens = seq_ids.shape[0]
+    idx = jnp.arange(num_tokens, dtype=jnp.int32)
+    run_first, run_len = _token_runs(seq_ids)
+    single = run_len == 1
+    is_decode = single & (jnp.cumsum(single) <= num_decode_slots)
+    (decode_idx,) = jnp.nonzero(is_decode, size=num_decode_slots, fill_value=num_tokens)
+    # A tile starts every `tile` tokens of a run; every tile holds a token, so T bounds
+    # the count (the loop over tiles only runs num_tiles times).
+    starts_tile = ~is_decode & ((idx - run_first) % tile == 0)
+    (tile_first,) = jnp.nonzero(starts_tile, size=num_tokens, fill_value=0)
+    run_end = run_first + run_len
+    tile_len = jnp.minimum(run_end[tile_first] - tile_first, tile)
+    num_decode = jnp.sum(is_decode, dtype=jnp.int32)
+    return decode_idx, num_decode, tile_first, tile_len, jnp.sum(starts_tile, dtype=jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------
+# Decode path: one query token per sequence, many sequences
+
+
+def _decode_group(q, positions, rows, valid, k_pages, v_pages, block_tables, *,
+                  block_size, kv_chunk, sliding_window, soft_cap):
+    """q [D, K, G, H] (pre-scaled f32) -> out [D, K, G, H] f32; invalid slots see no key."""
+    num_slots, num_kv_heads, group, head_dim = q.shape
+    num_blocks = kv_chunk // block_size
+    masked_pos = jnp.where(valid, positions, -1)  # invalid slots: every key masked
+    hi = jnp.max(masked_pos) + 1
+    lo = _first_chunk(jnp.min(jnp.where(valid, positions, hi)), sliding_window, kv_chunk)
+
+    def body(state):
+        i, m, l, acc = state
+        gather = lambda cache: _gather_chunk(  # noqa: E731
+            cache, block_tables, rows, i * num_blocks, num_blocks, (num_kv_heads, head_dim))
+        # Batch dims leading and keys transposed: the layouts in which XLA's CPU batched
+        # dots run several times faster than on the gathered [D, C, K, H].
+        k = gather(k_pages).transpose(0, 2, 3, 1)  # [D, K, H, C]
+        v = gather(v_pages).transpose(0, 2, 1, 3)  # [D, K, C, H]
+        key_pos = i * kv_chunk + jnp.arange(kv_chunk, dtype=jnp.int32)
+        mask = _key_mask(masked_pos, key_pos, sliding_window)[:, None, None, :]  # [D,1,1,C]
+        scores = jnp.einsum("dkgh,dkhc->dkgc", q, k.astype(jnp.float32))
+        p, alpha, (m, l) = _softmax_step((m, l), _cap(scores, soft_cap), mask, axis=-1)
+        pv = jnp.einsum("dkgc,dkch->dkgh", p, v.astype(jnp.float32))
+        return i + 1, m, l, alpha[..., None] * acc + pv
+
+    stats = (num_slots, num_kv_heads, group)
+    init = (lo, jnp.full(stats, _MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
+            jnp.zeros((*stats, head_dim), jnp.float32))
+    num_chunks = (hi + kv_chunk - 1) // kv_chunk
+    _, _, l, acc = jax.lax.while_loop(lambda s: s[0] < num_chunks, body, init)
+    return acc / jnp.maximum(l, 1e-30)[..., None]
+
+
+def _all_decodes(q_grouped, positions, seq_ids, decode_idx, num_decode, k_pages, v_pages,
+                 block_tables, *, decode_group, **kw):
+    """Decode tokens in groups of `decode_group`, longest contexts first, so that each
+    group's loop runs about as far as each of its tokens needs; groups without a token are
+    skipped. Returns (token index [D], T where empty; out [D, K, G, H] f32)."""
+    num_tokens = q_grouped.shape[0]
+    safe_idx = jnp.minimum(decode_idx, num_tokens - 1)
+    valid = jnp.arange(decode_idx.shape[0]) < num_decode
+    order = jnp.argsort(-jnp.where(valid, positions[safe_idx], -1))  # empty slots last
+    decode_idx, safe_idx, valid = decode_idx[order], safe_idx[order], valid[order]
+    q_dec, pos_dec, rows_dec = q_grouped[safe_idx], positions[safe_idx], seq_ids[safe_idx]
+
+    def body(state):
+        g, out = state
+        first = g * decode_group
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, first, decode_group)  # noqa: E731
+        res = _decode_group(part(q_dec), part(pos_dec), part(rows_dec), part(valid), k_pages,
+                            v_pages, block_tables, **kw)
+        return g + 1, jax.lax.dynamic_update_slice_in_dim(out, res, first, 0)
+
+    num_groups = (num_decode + decode_group - 1) // decode_group
+    init = (jnp.int32(0), jnp.zeros(q_dec.shape, jnp.float32))
+    return decode_idx, jax.lax.while_loop(lambda s: s[0] < num_groups, body, init)[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Tile path: up to `tile` consecutive query tokens of one sequence
+
+
+def _tile_attention(q_tile, pos_tile, valid, row, k_pages, v_pages, block_tables, *,
+                    block_size, kv_chunk, sliding_window, soft_cap):
+    """q_tile [K, tile*G, H] (pre-scaled f32), pos_tile/valid [tile] -> [K, tile*G, H] f32."""
+    num_kv_heads, num_rows, head_dim = q_tile.shape
+    tile = pos_tile.shape[0]
+    group = num_rows // tile
+    num_blocks = kv_chunk // block_size
+    masked_pos = jnp.where(valid, pos_tile, -1)
+    hi = jnp.max(masked_pos) + 1
+    lo = _first_chunk(jnp.min(jnp.where(valid, pos_tile, hi)), sliding_window, kv_chunk)
+    # [tile, C] mask broadcast over kv heads and the G query heads of each token.
+    row_pos = jnp.repeat(masked_pos, group)
+
+    def body(state):
+        i, m, l, acc = state
+        gather = lambda cache: _gather_chunk(  # noqa: E731
+            cache, block_tables, row, i * num_blocks, num_blocks, (num_kv_heads, head_dim))
+        k, v = gather(k_pages).astype(jnp.float32), gather(v_pages).astype(jnp.float32)
+        key_pos = i * kv_chunk + jnp.arange(kv_chunk, dtype=jnp.int32)
+        mask = _key_mask(row_pos, key_pos, sliding_window)[None]  # [1, M, C]
+        scores = jnp.einsum("kmh,ckh->kmc", q_tile, k)
+        p, alpha, (m, l) = _softmax_step((m, l), _cap(scores, soft_cap), mask, axis=-1)
+        pv = jnp.einsum("kmc,ckh->kmh", p, v)
+        return i + 1, m, l, alpha[..., None] * acc + pv
+
+    stats = (num_kv_heads, num_rows)
+    init = (lo, jnp.full(stats, _MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
+            jnp.zeros((*stats, head_dim), jnp.float32))
+    num_chunks = (hi + kv_chunk - 1) // kv_chunk
+    _, _, l, acc = jax.lax.while_loop(lambda s: s[0] < num_chunks, body, init)
+    return acc / jnp.maximum(l, 1e-30)[..., None]
+
+
+def _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k_pages,
+               v_pages, block_tables, *, tile, **kw):
+    """Run every tile; returns out [T, K, G, H] f32, right at the tiles' tokens (junk or
+    zeros elsewhere)."""
+    num_tokens, num_kv_heads, group, head_dim = q_grouped.shape
+    # Pad the token axis so that a tile's window never runs past the end (a clamped
+    # dynamic_slice would shift it onto other tokens).
+    q_pad = jnp.pad(q_grouped, ((0, tile), (0, 0), (0, 0), (0, 0)))
+    pos_pad = jnp.pad(positions, (0, tile))
+    out = jnp.zeros((num_tokens + tile, num_kv_heads, group, head_dim), jnp.float32)
+
+    def body(state):
+        i, out = state
+        first, n = tile_first[i], tile_len[i]
+        q_tile = jax.lax.dynamic_slice_in_dim(q_pad, first, tile)  # [tile, K, G, H]
+        q_tile = q_tile.transpose(1, 0, 2, 3).reshape(num_kv_heads, tile * group, head_dim)
+        pos_tile = jax.lax.dynamic_slice_in_dim(pos_pad, first, tile)
+        valid = jnp.arange(tile) < n
+        res = _tile_attention(q_tile, pos_tile, valid, seq_ids[first], k_pages, v_pages,
+                              block_tables, **kw)
+        res = res.reshape(num_kv_heads, tile, group, head_dim).transpose(1, 0, 2, 3)
+        # Rows past the tile's own n tokens get junk, but tiles run in token order: those
+        # rows belong to later tiles, to decode tokens (written after all tiles) or to the
+        # padding past T, so every junk row is overwritten or dropped.
+        return i + 1, jax.lax.dynamic_update_slice_in_dim(out, res, first, 0)
+
+    _, out = jax.lax.while_loop(lambda s: s[0] < num_tiles, body, (jnp.int32(0), out))
+    return out[:num_tokens]
+
+
+# ---------------------------------------------------------------------------------------
 
 
 def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens,
                            *, block_size: int, scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None, kv_chunk: int = 128):
+                           soft_cap: float | None = None, kv_chunk: int = 64,
+                           tile: int = 16, decode_chunk: int = 32, decode_group: int = 32):
     """Attention of T ragged query tokens over the paged KV cache.
 
     q: [T, N, H]; k_cache, v_cache: [num_slots, K, H], already holding this step's K/V;
-    seq_ids: [T] int32, row of block_tables / seq_lens per token; positions: [T] int32;
-    block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0 for padding rows).
+    seq_ids: [T] int32, row of block_tables per token (a request's tokens contiguous);
+    positions: [T] int32; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (unused:
+    the work follows positions, which never exceed seq_lens - 1).
     Token t sees keys s of its sequence with s <= positions[t] (and s > positions[t] - window).
-    Returns [T, N, H] in q's dtype.
+    Tuning knobs (static): tile, query tokens per tile; kv_chunk, keys per step of a tile;
+    decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
+    of the decode path. Returns [T, N, H] in q's dtype.
     """
+    del seq_lens
     assert kv_chunk % block_size == 0, (kv_chunk, block_size)
+    assert decode_chunk % block_size == 0, (decode_chunk, block_size)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     group = num_heads // num_kv_heads
     seq_ids = seq_ids.astype(jnp.int32)
     positions = positions.astype(jnp.int32)
+    # A free reshape: pages are contiguous runs of block_size slots.
+    page_shape = (-1, block_size * num_kv_heads * head_dim)
+    k_pages, v_pages = k_cache.reshape(page_shape), v_cache.reshape(page_shape)
     q_grouped = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
+    # Each decode token is its own request, so there are at most B of them; round the
+    # slots up to whole groups.
+    decode_group = min(decode_group, num_tokens, block_tables.shape[0])
+    num_decode_slots = -(-min(num_tokens, block_tables.shape[0]) // decode_group) * decode_group
+    decode_idx, num_decode, tile_first, tile_len, num_tiles = _split_work(
+        seq_ids, num_decode_slots=num_decode_slots, tile=min(tile, num_tokens))
+    kw = dict(block_size=block_size, sliding_window=sliding_window, soft_cap=soft_cap)
 
-    def body(state):
-        i, carry = state
-        chunk_start = i * kv_chunk
-        slots = _chunk_slots(block_tables, seq_ids, chunk_start,
-                             block_size=block_size, kv_chunk=kv_chunk)
-        key_pos = chunk_start + jnp.arange(kv_chunk, dtype=jnp.int32)
-        mask = _chunk_mask(positions, key_pos, sliding_window)
-        scores = _chunk_scores(q_grouped, k_cache[slots], mask, soft_cap)
-        return i + 1, _online_softmax_update(carry, scores, mask, v_cache[slots])
-
-    num_chunks = _num_chunks(seq_lens, kv_chunk)
-    stats_shape = (num_tokens, num_kv_heads, group)
-    init = (jnp.full(stats_shape, _MASK_VALUE, jnp.float32),
-            jnp.zeros(stats_shape, jnp.float32),
-            jnp.zeros((*stats_shape, head_dim), jnp.float32))
-    _, (_, l, acc) = jax.lax.while_loop(lambda s: s[0] < num_chunks, body, (jnp.int32(0), init))
-    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    out = _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k_pages,
+                     v_pages, block_tables, tile=min(tile, num_tokens), kv_chunk=kv_chunk, **kw)
+    decode_idx, dec = _all_decodes(q_grouped, positions, seq_ids, decode_idx, num_decode,
+                                   k_pages, v_pages, block_tables, decode_group=decode_group,
+                                   kv_chunk=decode_chunk, **kw)
+    out = out.at[decode_idx].set(dec, mode="drop")
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

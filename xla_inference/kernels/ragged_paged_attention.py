@@ -159,7 +159,12 @@ def _decode_group(q, positions, rows, valid, k_pages, v_pages, block_tables, *,
         pv = jnp.einsum("dkgc,dkch->dkgh", p, v.astype(jnp.float32))
         return i + 1, m, l, alpha[..., None] * acc + pv
 
-    stats = (num_slots, num_kv_heads, group)
+    return _run_online_softmax(body, lo, hi, kv_chunk, (num_slots, num_kv_heads, group), head_dim)
+
+
+def _run_online_softmax(body, lo, hi, kv_chunk, stats, head_dim):
+    """Loop `body` over key chunks lo .. ceil(hi / kv_chunk) carrying (chunk, max, sum, acc)
+    of shape `stats` (+ head_dim for acc); return the normalised accumulator."""
     init = (lo, jnp.full(stats, _MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
             jnp.zeros((*stats, head_dim), jnp.float32))
     num_chunks = (hi + kv_chunk - 1) // kv_chunk
@@ -221,12 +226,7 @@ def _tile_attention(q_tile, pos_tile, valid, row, k_pages, v_pages, block_tables
         pv = jnp.einsum("kmc,ckh->kmh", p, v)
         return i + 1, m, l, alpha[..., None] * acc + pv
 
-    stats = (num_kv_heads, num_rows)
-    init = (lo, jnp.full(stats, _MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
-            jnp.zeros((*stats, head_dim), jnp.float32))
-    num_chunks = (hi + kv_chunk - 1) // kv_chunk
-    _, _, l, acc = jax.lax.while_loop(lambda s: s[0] < num_chunks, body, init)
-    return acc / jnp.maximum(l, 1e-30)[..., None]
+    return _run_online_softmax(body, lo, hi, kv_chunk, (num_kv_heads, num_rows), head_dim)
 
 
 def _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k_pages,

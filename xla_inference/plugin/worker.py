@@ -68,8 +68,7 @@ class XlaWorker(WorkerBase):
 
         start = time.perf_counter()
         mc = self.model_config
-        gguf_file = None
-        self.model = load_model(mc.model, _jnp_dtype(mc.dtype), gguf_file)
+        self.model = load_model(mc.model, _jnp_dtype(mc.dtype))
         logger.info("xla-inference: loaded %s (%s) in %.1fs", mc.model, mc.dtype,
                     time.perf_counter() - start)
 

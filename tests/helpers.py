@@ -9,32 +9,89 @@ import numpy as np
 def save_tiny_llama(path: Path, *, tie: bool = False, rope_scaling: dict | None = None,
                     num_kv_heads: int = 2, seed: int = 0, sharded: bool = False) -> Path:
     """A 2-layer random LlamaForCausalLM saved as a HF checkpoint (float32)."""
-    import torch
     import transformers
 
-    torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=16,
         max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=tie,
         rope_theta=10000.0, rope_scaling=rope_scaling, bos_token_id=1, eos_token_id=2,
     )
-    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    with torch.no_grad():  # HF initialises norms to 1: randomise them so norm bugs show
+    return save_tiny_model(path, config, seed=seed, sharded=sharded)
+
+
+def save_tiny_gemma3(path: Path, *, final_soft_cap: float | None = 1.5, tie: bool = True,
+                     seed: int = 0) -> Path:
+    """A 3-layer random Gemma3ForCausalLM (sliding, global, sliding; window 8), float32.
+
+    head_dim is 32 because vLLM's CPU path needs at least that; the attention scalar, the
+    rope bases and the global layers' rope scaling all differ from each other and from
+    their defaults, so that a mix-up shows.
+    """
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        max_position_embeddings=512, rms_norm_eps=1e-6, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}},
+        final_logit_softcapping=final_soft_cap, initializer_range=0.1, tie_word_embeddings=tie,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return save_tiny_model(path, config, seed=seed)
+
+
+def save_tiny_model(path: Path, config, *, seed: int = 0, sharded: bool = False) -> Path:
+    """A random model of any transformers `config` saved as a HF checkpoint (float32), with
+    the word tokenizer for its vocabulary."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    with torch.no_grad():  # HF initialises norms to 1 and biases to 0: randomise them so bugs show
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
     save_word_tokenizer(path, config.vocab_size)
     return path
 
 
-def hf_logits(model_dir: Path, token_ids: list[int]) -> np.ndarray:
-    """Logits [len, V] of transformers' own implementation, float32."""
+def save_tiny_family(path: Path, family: str, *, seed: int = 0, **overrides) -> Path:
+    """A 2-layer random model of `family` ("qwen2", "qwen3", "mistral"), float32, head_dim 32
+    (vLLM's CPU path needs at least that); `overrides` change its transformers config.
+
+    Qwen3's head_dim is set apart from hidden_size // num_heads; Mistral's window (8) is
+    shorter than the test sequences, so that it matters.
+    """
+    import transformers
+
+    common = dict(vocab_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    own = {"qwen2": (transformers.Qwen2Config, dict(hidden_size=128)),
+           "qwen3": (transformers.Qwen3Config, dict(hidden_size=64, head_dim=32)),
+           "mistral": (transformers.MistralConfig,
+                       dict(hidden_size=64, head_dim=32, sliding_window=8))}
+    config_cls, defaults = own[family]
+    # Through the constructor, so that derived fields (Qwen2's layer_types) follow overrides.
+    config = config_cls(**{**common, **defaults, **overrides})
+    return save_tiny_model(path, config, seed=seed)
+
+
+def hf_logits(model_dir: Path, token_ids: list[int], **overrides) -> np.ndarray:
+    """Logits [len, V] of transformers' own implementation, float32. `overrides` go to
+    from_pretrained (config attributes, attn_implementation)."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                              **overrides)
     with torch.no_grad():
         out = model(torch.tensor([token_ids]))
     return out.logits[0].numpy()
@@ -58,15 +115,47 @@ def save_word_tokenizer(path: Path, vocab_size: int = 128) -> None:
 
 
 def hf_greedy_ids(model_dir: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
-    """transformers' greedy continuation (float32, EOS ignored) of each prompt."""
-    import torch
-    import transformers
+    """transformers' greedy continuation (float32) of each prompt. EOS neither stops it nor
+    is suppressed, as with vLLM's ignore_eos (generate's min_new_tokens would ban EOS)."""
+    from tests.sampling_reference import hf_processed_greedy
+    from xla_inference.runner.sampling import SamplingOptions
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    outputs = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=num_new, min_new_tokens=num_new,
-                                 do_sample=False, pad_token_id=0)
-            outputs.append(out[0, len(ids):].tolist())
-    return outputs
+    return [hf_processed_greedy(model_dir, ids, num_new, SamplingOptions()) for ids in prompts]
+
+
+# A ModelEngine driven directly (no vLLM): pages of ENGINE_BLOCK tokens, up to 32 tokens a request.
+ENGINE_BLOCK = 4
+
+
+def tiny_engine(model_dir: Path, max_num_tokens: int = 64):
+    """A float32 ModelEngine on a checkpoint loaded through the normal loading path."""
+    import jax.numpy as jnp
+
+    from xla_inference.models.loader import load_model
+    from xla_inference.runner.engine import EngineConfig, ModelEngine
+
+    module, cfg, params = load_model(model_dir, jnp.float32)
+    ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
+                        max_num_seqs=8, max_model_len=128)
+    return ModelEngine(module, cfg, params, ecfg, jnp.float32)
+
+
+def engine_request(req_id: str, tokens: list[int], first_block: int):
+    """A request owning pages first_block .. first_block + 7 (room for 32 tokens)."""
+    from xla_inference.runner.requests import RequestState
+
+    blocks = list(range(first_block, first_block + 32 // ENGINE_BLOCK))
+    return RequestState(req_id, list(tokens), len(tokens), blocks, 0)
+
+
+def run_chunks(engine, reqs, chunk_plan) -> dict:
+    """Run steps; chunk_plan is a list of steps, each {req_index: num_tokens}. Returns
+    the logits row of every (request id, last position) computed."""
+    rows = {}
+    for step in chunk_plan:
+        scheduled = [(reqs[i], n) for i, n in step.items()]
+        logits = np.asarray(engine.forward(scheduled).logits)
+        for row, (req, n) in enumerate(scheduled):
+            req.num_computed_tokens += n
+            rows[(req.req_id, req.num_computed_tokens - 1)] = logits[row]
+    return rows

@@ -1,33 +1,103 @@
-"""Token sampling on device: greedy, temperature, top-k and top-p, per request in one batch."""
+"""Token sampling on device, per request in one batch, in vLLM's order of operations.
+
+1. logprobs (when asked for) come from the raw logits;
+2. extras: the additive adjustment (grammar, allowed tokens, bad words, min_tokens, logit
+   bias), then the repetition, frequency and presence penalties;
+3. greedy rows take the argmax here;
+4. the other rows: temperature, min-p, top-k, top-p, then a Gumbel-max draw whose noise
+   comes from the row's own seed when it has one, so a seeded request draws the same tokens
+   whatever else shares the batch.
+"""
 
 import jax
 import jax.numpy as jnp
 
-from xla_inference.runner.batch import SamplingBatch
+from xla_inference.runner.batch import SampleOutput, SamplingBatch, SamplingExtras
 
 _GREEDY_EPS = 1e-5
 
 
-def sample(logits: jax.Array, params: SamplingBatch, key: jax.Array) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B] int32."""
+def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | None,
+           step_key: jax.Array, num_logprobs: int) -> SampleOutput:
+    """logits [B, V] float32 -> SampleOutput with `num_logprobs` top logprobs per row."""
+    raw = logits
+    if extras is not None:
+        logits = apply_extras(logits, extras)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     is_greedy = params.temperature < _GREEDY_EPS
-    return jax.lax.cond(
+    tokens = jax.lax.cond(
         jnp.all(is_greedy),
         lambda: greedy_tokens,
-        lambda: jnp.where(is_greedy, greedy_tokens, _random_sample(logits, params, key)),
+        lambda: jnp.where(is_greedy, greedy_tokens, _random_sample(logits, params, step_key)),
     )
+    ids, logprobs, ranks = jax.lax.cond(
+        params.want_logprobs,
+        lambda: gather_logprobs(raw, tokens, num_logprobs),
+        lambda: _no_logprobs(tokens, num_logprobs),
+    )
+    return SampleOutput(tokens, ids, logprobs, ranks)
 
 
-def _random_sample(logits, params: SamplingBatch, key):
+def apply_extras(logits, extras: SamplingExtras):
+    """The additive adjustment, then vLLM's penalties (OpenAI's definition for two of them)."""
+    logits = logits + extras.logit_adjust
+    counts = extras.output_counts
+    in_output = counts > 0
+    rep = extras.repetition_penalty[:, None]
+    seen = extras.prompt_mask | in_output
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (logits - extras.frequency_penalty[:, None] * counts
+            - extras.presence_penalty[:, None] * in_output)
+
+
+def gather_logprobs(raw_logits, token_ids, num_logprobs: int):
+    """([N, k+1] ids, [N, k+1] logprobs, [N] ranks): `token_ids` first, then the top k."""
+    logprobs = jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
+    top_values, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+    chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)
+    ranks = jnp.sum(logprobs >= chosen, axis=-1).astype(jnp.int32)
+    ids = jnp.concatenate([token_ids[:, None], top_ids.astype(jnp.int32)], axis=-1)
+    return ids, jnp.concatenate([chosen, top_values], axis=-1), ranks
+
+
+def _no_logprobs(tokens, num_logprobs: int):
+    B = tokens.shape[0]
+    return (jnp.zeros((B, num_logprobs + 1), jnp.int32),
+            jnp.zeros((B, num_logprobs + 1), jnp.float32), jnp.zeros((B,), jnp.int32))
+
+
+def _random_sample(logits, params: SamplingBatch, step_key):
     temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
     scaled = logits / temperature[:, None]
+    scaled = _apply_min_p(scaled, params.min_p)
     needs_truncation = jnp.any((params.top_k > 0) | (params.top_p < 1.0))
     scaled = jax.lax.cond(needs_truncation, _truncate_top_k_top_p, lambda x, *_: x,
                           scaled, params.top_k, params.top_p)
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
-    gumbel = jax.random.gumbel(key, scaled.shape, jnp.float32)
+    keys = _row_keys(params, step_key)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+
+
+def _row_keys(params: SamplingBatch, step_key):
+    """One key per row: from the request's seed and its token count, or from the step key."""
+    rows = jnp.arange(params.temperature.shape[0])
+    unseeded = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
+
+    def seeded_key(seed, offset):
+        key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+        return jax.random.fold_in(key, offset)
+
+    seeded = jax.vmap(seeded_key)(params.seed, params.seed_offset)
+    data = jnp.where(params.seeded[:, None], jax.random.key_data(seeded),
+                     jax.random.key_data(unseeded))
+    return jax.random.wrap_key_data(data)
+
+
+def _apply_min_p(logits, min_p):
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+    return jnp.where((min_p[:, None] > 0) & (logits < threshold), -jnp.inf, logits)
 
 
 def _truncate_top_k_top_p(logits, top_k, top_p):

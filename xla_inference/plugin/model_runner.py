@@ -2,10 +2,13 @@
 
 import logging
 
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+import numpy as np
+import torch
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
+from xla_inference.runner.sampling import SamplingOptions, unpack_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -14,12 +17,27 @@ _GREEDY_TEMPERATURE = 1e-5
 _MIN_TEMPERATURE = 0.01
 
 
-def _sampling_fields(sp) -> dict:
+def sampling_options(sp) -> SamplingOptions:
+    """vLLM SamplingParams -> the engine's normalised SamplingOptions."""
     temperature = float(sp.temperature)
-    if temperature < _GREEDY_TEMPERATURE:
-        return dict(temperature=0.0, top_k=0, top_p=1.0)
-    return dict(temperature=max(temperature, _MIN_TEMPERATURE),
-                top_k=max(int(sp.top_k or 0), 0), top_p=float(sp.top_p))
+    greedy = temperature < _GREEDY_TEMPERATURE
+    return SamplingOptions(
+        temperature=0.0 if greedy else max(temperature, _MIN_TEMPERATURE),
+        top_k=0 if greedy else max(int(sp.top_k or 0), 0),
+        top_p=1.0 if greedy else float(sp.top_p),
+        min_p=0.0 if greedy else float(sp.min_p),
+        seed=sp.seed,
+        presence_penalty=float(sp.presence_penalty),
+        frequency_penalty=float(sp.frequency_penalty),
+        repetition_penalty=float(sp.repetition_penalty),
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in (sp.logit_bias or {}).items())),
+        allowed_token_ids=tuple(sp.allowed_token_ids) if sp.allowed_token_ids else None,
+        bad_words=tuple(tuple(w) for w in (sp.bad_words_token_ids or ())),
+        min_tokens=int(sp.min_tokens or 0),
+        stop_token_ids=tuple(sorted(sp.all_stop_token_ids)),
+        num_logprobs=sp.logprobs,
+        num_prompt_logprobs=sp.prompt_logprobs,
+    )
 
 
 class XlaModelRunner:
@@ -28,7 +46,7 @@ class XlaModelRunner:
     def __init__(self, engine: ModelEngine):
         self.engine = engine
         self.requests: dict[str, RequestState] = {}
-        self._pending = None  # (scheduled [(state, num_tokens)], logits) between the two calls
+        self._pending = None  # (scheduled [(state, num_tokens)], StepOutput) between the two calls
 
     def execute_model(self, so):
         self._update_states(so)
@@ -42,13 +60,13 @@ class XlaModelRunner:
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        if grammar_output is not None:
-            raise NotImplementedError("xla-inference does not apply grammar bitmasks yet")
-        scheduled, logits = self._pending
+        scheduled, step = self._pending
         self._pending = None
-        tokens = self.engine.sample(logits, [req for req, _ in scheduled])
+        requests = [req for req, _ in scheduled]
+        out = self.engine.sample(step.logits, requests, self._grammar_masks(grammar_output, requests))
+        prompt_logprobs = self._prompt_logprobs(scheduled, step.hidden)
         sampled = []
-        for (req, num_new), token in zip(scheduled, tokens):
+        for (req, num_new), token in zip(scheduled, out.tokens):
             req.num_computed_tokens += num_new
             # A chunk that stops short of the last known token samples nothing.
             if req.num_computed_tokens >= len(req.token_ids):
@@ -56,20 +74,71 @@ class XlaModelRunner:
                 sampled.append([int(token)])
             else:
                 sampled.append([])
-        req_ids = [req.req_id for req, _ in scheduled]
+        req_ids = [req.req_id for req in requests]
         return ModelRunnerOutput(req_ids=req_ids,
                                  req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
-                                 sampled_token_ids=sampled)
+                                 sampled_token_ids=sampled,
+                                 logprobs=_logprobs_lists(requests, out),
+                                 prompt_logprobs_dict=prompt_logprobs)
+
+    def _grammar_masks(self, grammar_output, requests) -> dict[int, np.ndarray] | None:
+        if grammar_output is None:
+            return None
+        rows = {req.req_id: i for i, req in enumerate(requests)}
+        bitmask = np.asarray(grammar_output.grammar_bitmask)
+        return {rows[rid]: unpack_grammar_bitmask(bitmask[i], self.engine.vocab_size)
+                for i, rid in enumerate(grammar_output.structured_output_request_ids) if rid in rows}
+
+    def _prompt_logprobs(self, scheduled, hidden) -> dict:
+        """Score this step's prompt tokens for requests that asked; hand each request's
+        table over in the step that completes its prompt (vLLM expects it then)."""
+        rows, targets, spans, done, offset = [], [], [], {}, 0
+        for req, num_new in scheduled:
+            n = req.options.num_prompt_logprobs
+            if n is not None and req.num_prompt_tokens > 1 and req.prompt_logprobs is not None:
+                first = req.num_computed_tokens
+                count = max(0, min(num_new, req.num_prompt_tokens - 1 - first))
+                rows.extend(range(offset, offset + count))
+                targets.extend(req.token_ids[first + 1:first + 1 + count])
+                spans.append((req, first, count))
+                if first + num_new >= req.num_prompt_tokens:
+                    done[req.req_id] = req
+            offset += num_new
+        if rows:
+            ids, logprobs, ranks = self.engine.score_tokens(
+                hidden, np.asarray(rows, np.int32), np.asarray(targets, np.int32))
+            pos = 0
+            for req, first, count in spans:
+                table = req.prompt_logprobs
+                width = table[0].shape[1]
+                table[0][first:first + count] = ids[pos:pos + count, :width]
+                table[1][first:first + count] = logprobs[pos:pos + count, :width]
+                table[2][first:first + count] = ranks[pos:pos + count]
+                pos += count
+        result = {}
+        for rid, req in done.items():
+            ids, logprobs, ranks = req.prompt_logprobs
+            result[rid] = LogprobsTensors(torch.from_numpy(ids), torch.from_numpy(logprobs),
+                                          torch.from_numpy(ranks))
+            req.prompt_logprobs = None  # handed over once
+        return result
 
     def _update_states(self, so) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
         for new in so.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids)
-            self.requests[new.req_id] = RequestState(
+            options = sampling_options(new.sampling_params)
+            state = RequestState(
                 req_id=new.req_id, token_ids=prompt, num_prompt_tokens=len(prompt),
                 block_ids=list(new.block_ids[0]), num_computed_tokens=new.num_computed_tokens,
-                **_sampling_fields(new.sampling_params))
+                options=options)
+            if options.num_prompt_logprobs is not None and len(prompt) > 1:
+                width = min(options.num_prompt_logprobs, self.engine.cfg.max_logprobs) + 1
+                state.prompt_logprobs = (np.zeros((len(prompt) - 1, width), np.int32),
+                                         np.zeros((len(prompt) - 1, width), np.float32),
+                                         np.zeros(len(prompt) - 1, np.int32))
+            self.requests[new.req_id] = state
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             req = self.requests[rid]
@@ -82,3 +151,12 @@ class XlaModelRunner:
                 req.block_ids = list(new_blocks[0])
             elif new_blocks is not None:
                 req.block_ids.extend(new_blocks[0])
+
+
+def _logprobs_lists(requests: list[RequestState], out) -> LogprobsLists | None:
+    """The sampled token's logprob and the top-k, k = the largest any request asked for."""
+    wanted = [r.options.num_logprobs for r in requests if r.options.num_logprobs is not None]
+    if not wanted:
+        return None
+    width = max(wanted) + 1
+    return LogprobsLists(out.logprob_token_ids[:, :width], out.logprobs[:, :width], out.ranks)

@@ -13,13 +13,6 @@ logger = logging.getLogger(__name__)
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
 
 # SamplingParams fields the device sampler does not implement yet, with their neutral values.
-_UNSUPPORTED_SAMPLING = {
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-    "min_p": 0.0, "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
-    "logprobs": None, "prompt_logprobs": None, "structured_outputs": None,
-}
-
-
 def _jax_runs_on_host() -> bool:
     """Whether JAX will use the CPU, decided without importing JAX (this runs in the
     front-end, which must stay JAX-free): no JAX_PLATFORMS naming an accelerator, and no
@@ -83,7 +76,8 @@ class XlaPlatform(Platform):
             parallel.worker_cls = _WORKER
         # One JAX process drives every local device (SPMD), so one worker.
         parallel.distributed_executor_backend = "uni"
-        vllm_config.scheduler_config.async_scheduling = False
+        # Async scheduling (vLLM's default where the executor allows it) is kept: the runner
+        # feeds each request its own last sampled token, so it never waits on the scheduler.
         compilation = vllm_config.compilation_config
         compilation.mode = CompilationMode.NONE
         compilation.cudagraph_mode = CUDAGraphMode.NONE
@@ -103,10 +97,10 @@ class XlaPlatform(Platform):
 
         if not isinstance(params, SamplingParams):
             raise ValueError("xla-inference serves text generation only (no pooling yet)")
-        for name, neutral in _UNSUPPORTED_SAMPLING.items():
-            value = getattr(params, name, neutral)
-            if value != neutral and value not in (None, [], {}):
-                raise ValueError(f"xla-inference does not support the sampling parameter "
-                                 f"{name}={value!r} yet")
-        if params.seed is not None and params.temperature > 0:
-            raise ValueError("xla-inference does not support per-request seeds yet")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name) == -1:
+                raise ValueError(f"xla-inference does not support {name}=-1 (the whole "
+                                 "vocabulary); ask for a number of top logprobs")
+        for name in ("logprob_token_ids", "prompt_logprob_token_ids"):
+            if getattr(params, name, None):
+                raise ValueError(f"xla-inference does not support the sampling parameter {name}")

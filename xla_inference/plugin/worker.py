@@ -46,6 +46,12 @@ def _jnp_dtype(torch_dtype: torch.dtype):
     return table[torch_dtype]
 
 
+def _top_logprobs_width(max_logprobs: int, vocab_size: int) -> int:
+    """How many top logprobs the sampler computes: vLLM's max_logprobs (-1, the whole
+    vocabulary, is refused per request, so the default 20 stands in)."""
+    return min(max_logprobs, vocab_size) if max_logprobs > 0 else min(20, vocab_size)
+
+
 class XlaWorker(WorkerBase):
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method,
                  is_driver_worker=False):
@@ -128,7 +134,8 @@ class XlaWorker(WorkerBase):
         engine_cfg = EngineConfig(
             num_blocks=kv_cache_config.num_blocks, block_size=self.cache_config.block_size,
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
-            max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0)
+            max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
+            max_logprobs=_top_logprobs_width(self.model_config.max_logprobs, cfg.vocab_size))
         engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()))
         self.model_runner = XlaModelRunner(engine)
         logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s",

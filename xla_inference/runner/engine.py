@@ -11,11 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_inference.layers.sampler import sample
+from xla_inference.layers.sampler import gather_logprobs, sample
 from xla_inference.runner import compile_counter
-from xla_inference.runner.batch import SamplingBatch, StepBatch, empty_step_batch, greedy_sampling_batch
+from xla_inference.runner.batch import (SampleOutput, SamplingBatch, SamplingExtras, StepBatch,
+                                        empty_step_batch, greedy_sampling_batch,
+                                        neutral_sampling_extras)
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
-from xla_inference.runner.requests import BatchLayout, RequestState, build_sampling_batch, build_step_batch
+from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
+from xla_inference.runner.sampling import build_sampling_batch, build_sampling_extras
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +31,35 @@ class EngineConfig:
     max_num_seqs: int
     max_model_len: int
     seed: int = 0
+    max_logprobs: int = 20  # top logprobs computed per token when a request asks for any
+    prompt_logprobs_chunk: int = 64  # prompt positions scored per call
 
     @property
     def max_blocks_per_seq(self) -> int:
         return math.ceil(self.max_model_len / self.block_size)
 
 
+@dataclasses.dataclass
+class StepOutput:
+    """A dispatched forward step: device arrays, not yet waited on."""
+
+    logits: jax.Array  # [B, V] float32, at each request's sampled token
+    hidden: jax.Array  # [T, D], every token's final hidden state (for prompt logprobs)
+
+
 def _forward_logits(model: ModuleType, cfg, params, kv_cache, batch: StepBatch):
     kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
-    return kv_cache, model.compute_logits(params, hidden[batch.logits_indices])
+    return kv_cache, model.compute_logits(params, hidden[batch.logits_indices]), hidden
 
 
-def _sample_step(logits, sampling: SamplingBatch, base_key, step: jax.Array):
-    return sample(logits, sampling, jax.random.fold_in(base_key, step))
+def _sample_step(num_logprobs: int, logits, sampling: SamplingBatch, extras: SamplingExtras | None,
+                 base_key, step: jax.Array) -> SampleOutput:
+    return sample(logits, sampling, extras, jax.random.fold_in(base_key, step), num_logprobs)
+
+
+def _score_tokens(model: ModuleType, num_logprobs: int, params, hidden, token_ids):
+    """hidden [C, D] and the token that followed each -> its logprob, rank and the top k."""
+    return gather_logprobs(model.compute_logits(params, hidden), token_ids, num_logprobs)
 
 
 class ModelEngine:
@@ -56,7 +75,8 @@ class ModelEngine:
             for shape in model.kv_cache_shape(model_cfg, num_slots)
         ]
         self._forward = jax.jit(functools.partial(_forward_logits, model, model_cfg), donate_argnums=(1,))
-        self._sample = jax.jit(_sample_step)
+        self._sample = jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs))
+        self._score = jax.jit(functools.partial(_score_tokens, model, engine_cfg.max_logprobs))
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
 
@@ -65,25 +85,51 @@ class ModelEngine:
         return BatchLayout(T, seqs_for_tokens(T, self.cfg.max_num_seqs), self.cfg.max_blocks_per_seq,
                            self.cfg.block_size)
 
-    def forward(self, scheduled: list[tuple[RequestState, int]]) -> jax.Array:
-        """Run the model on the scheduled tokens; returns logits [B, V] (not yet computed)."""
+    @property
+    def vocab_size(self) -> int:
+        return self.model_cfg.vocab_size
+
+    def forward(self, scheduled: list[tuple[RequestState, int]]) -> StepOutput:
+        """Dispatch the model on the scheduled tokens (JAX runs it asynchronously)."""
         num_tokens = sum(n for _, n in scheduled)
         batch = build_step_batch(scheduled, self.layout_for(num_tokens))
         return self._run_forward(batch)
 
-    def _run_forward(self, batch: StepBatch) -> jax.Array:
-        self.kv_cache, logits = self._forward(self.params, self.kv_cache, batch)
-        return logits
+    def _run_forward(self, batch: StepBatch) -> StepOutput:
+        self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, batch)
+        return StepOutput(logits, hidden)
 
-    def sample(self, logits: jax.Array, requests: list[RequestState]) -> np.ndarray:
-        """One token per row of `requests`, sampled on device."""
-        sampling = build_sampling_batch(requests, logits.shape[0])
-        return self._run_sample(logits, sampling)[:len(requests)]
+    def sample(self, logits: jax.Array, requests: list[RequestState],
+               grammar_masks: dict[int, np.ndarray] | None = None) -> SampleOutput:
+        """One token per row of `requests`, sampled on device; numpy arrays, one row each.
 
-    def _run_sample(self, logits, sampling: SamplingBatch) -> np.ndarray:
+        grammar_masks: row -> bool [V] of the tokens a structured output allows."""
+        B = logits.shape[0]
+        sampling = build_sampling_batch([(r.options, len(r.output_ids)) for r in requests], B)
+        extras = build_sampling_extras([(r.options, r.token_ids[:r.num_prompt_tokens], r.output_ids)
+                                        for r in requests], B, self.vocab_size, grammar_masks)
+        out = self._run_sample(logits, sampling, extras)
+        return jax.tree.map(lambda a: np.asarray(a)[:len(requests)], out)
+
+    def _run_sample(self, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
         self._num_steps += 1
         step = np.uint32(self._num_steps)
-        return np.asarray(self._sample(logits, sampling, self._base_key, step))
+        return self._sample(logits, sampling, extras, self._base_key, step)
+
+    def score_tokens(self, hidden: jax.Array, rows: np.ndarray, next_ids: np.ndarray):
+        """Logprobs of `next_ids` after the hidden states at `rows` of a step, with the top
+        max_logprobs alternatives: numpy (ids [n, k+1], logprobs [n, k+1], ranks [n])."""
+        chunk = self.cfg.prompt_logprobs_chunk
+        hidden = np.asarray(hidden)
+        parts = []
+        for start in range(0, len(rows), chunk):
+            n = min(chunk, len(rows) - start)
+            h = np.zeros((chunk, hidden.shape[1]), hidden.dtype)
+            ids = np.zeros(chunk, np.int32)
+            h[:n], ids[:n] = hidden[rows[start:start + n]], next_ids[start:start + n]
+            out = self._score(self.params, h, ids)
+            parts.append([np.asarray(a)[:n] for a in out])
+        return tuple(np.concatenate(p) for p in zip(*parts))
 
     def warm_up(self) -> float:
         """Compile (and run once) every bucket's programs, so serving never compiles."""
@@ -92,8 +138,14 @@ class ModelEngine:
             t0 = time.perf_counter()
             layout = self.layout_for(T)
             batch = empty_step_batch(T, layout.num_seqs, layout.max_blocks, layout.block_size)
-            logits = self._run_forward(batch)
-            self._run_sample(logits, greedy_sampling_batch(layout.num_seqs))
+            step = self._run_forward(batch)
+            logits = step.logits
+            B = layout.num_seqs
+            greedy = greedy_sampling_batch(B)
+            for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
+                jax.block_until_ready(self._run_sample(logits, greedy, extras))
             logger.info("xla-inference: compiled bucket %d/%d (tokens=%d, seqs=%d) in %.1fs",
                         i + 1, len(self.token_buckets), T, layout.num_seqs, time.perf_counter() - t0)
+        hidden = np.zeros((1, step.hidden.shape[1]), step.hidden.dtype)
+        self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32))
         return time.perf_counter() - start

@@ -4,7 +4,8 @@ import dataclasses
 
 import numpy as np
 
-from xla_inference.runner.batch import SamplingBatch, StepBatch
+from xla_inference.runner.batch import StepBatch
+from xla_inference.runner.sampling import SamplingOptions
 
 
 @dataclasses.dataclass
@@ -14,9 +15,14 @@ class RequestState:
     num_prompt_tokens: int
     block_ids: list[int]  # KV pages, in sequence order
     num_computed_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    options: SamplingOptions = SamplingOptions()
+    # (ids, logprobs, ranks) [P-1, n+1] filled chunk by chunk while the prompt is computed,
+    # for a request that asked for prompt logprobs; None otherwise or once handed over.
+    prompt_logprobs: tuple | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
     def trim_outputs(self, num_output_tokens: int) -> None:
         """Drop sampled tokens the scheduler did not keep (e.g. after a preemption)."""
@@ -66,12 +72,3 @@ def build_step_batch(scheduled: list[tuple[RequestState, int]], layout: BatchLay
     query_start_loc[len(scheduled) + 1:] = start
     return StepBatch(input_ids, positions, seq_ids, slot_mapping, query_start_loc, seq_lens,
                      block_tables, logits_indices, block_size=bs)
-
-
-def build_sampling_batch(requests: list[RequestState], num_seqs: int) -> SamplingBatch:
-    temperature = np.zeros(num_seqs, np.float32)
-    top_k = np.zeros(num_seqs, np.int32)
-    top_p = np.ones(num_seqs, np.float32)
-    for row, req in enumerate(requests):
-        temperature[row], top_k[row], top_p[row] = req.temperature, req.top_k, req.top_p
-    return SamplingBatch(temperature, top_k, top_p)

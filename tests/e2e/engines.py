@@ -1,0 +1,38 @@
+"""Starting, using and stopping vllm.LLM engines in tests."""
+
+import gc
+
+
+def start_llm(model_dir, **overrides):
+    """A float32 vllm.LLM with small, test-sized limits; `overrides` change any argument."""
+    from vllm import LLM
+
+    args = dict(model=str(model_dir), dtype="float32", max_model_len=128, max_num_seqs=8,
+                max_num_batched_tokens=64, kv_cache_memory_bytes=4 << 20, seed=0,
+                disable_log_stats=False)
+    args.update(overrides)
+    return LLM(**args)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def generate_ids(llm, prompts: list[list[int]], **params) -> list[list[int]]:
+    """Token ids generated for each prompt with one SamplingParams(**params)."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**params),
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def metric(llm, name: str) -> float:
+    """The summed value of one of vLLM's metrics (needs disable_log_stats=False)."""
+    return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
+
+
+def num_compilations(llm) -> int:
+    return llm.collective_rpc("num_compilations")[0]

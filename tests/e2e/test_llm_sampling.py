@@ -1,0 +1,138 @@
+"""The sampling surface through vllm.LLM on a tiny random Llama, against transformers + numpy."""
+
+import numpy as np
+import pytest
+
+from tests.e2e.engines import generate_ids, shutdown, start_llm
+from tests.helpers import hf_greedy_ids, save_tiny_llama
+from tests.sampling_reference import hf_processed_greedy
+from xla_inference.runner.sampling import SamplingOptions
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(11)
+    return [rng.integers(3, 128, size=n).tolist() for n in (6, 19, 33, 12)]
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    engine = start_llm(model_dir, max_model_len=128, max_num_seqs=24, max_num_batched_tokens=128,
+                       kv_cache_memory_bytes=8 << 20)
+    yield engine
+    shutdown(engine)
+
+
+# (vLLM's parameters, the same rules written out for the numpy reference)
+PROCESSED_CASES = [
+    (dict(presence_penalty=1.5, frequency_penalty=0.5),
+     SamplingOptions(presence_penalty=1.5, frequency_penalty=0.5)),
+    (dict(repetition_penalty=1.8), SamplingOptions(repetition_penalty=1.8)),
+    (dict(logit_bias={5: 4.0, 17: 3.0, 40: -100.0}),
+     SamplingOptions(logit_bias=((5, 4.0), (17, 3.0), (40, -100.0)))),
+    (dict(allowed_token_ids=[3, 9, 27, 81, 100]), SamplingOptions(allowed_token_ids=(3, 9, 27, 81, 100))),
+    (dict(bad_words=["t5", "t9 t17"], presence_penalty=0.3),
+     SamplingOptions(bad_words=((5,), (9, 17)), presence_penalty=0.3)),
+]
+
+
+@pytest.mark.parametrize("params,reference", PROCESSED_CASES,
+                         ids=["presence+frequency", "repetition", "logit_bias", "allowed", "bad_words"])
+def test_processed_greedy_matches_transformers_with_numpy_rules(llm, model_dir, prompts, params,
+                                                                reference):
+    got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True, **params)
+    want = [hf_processed_greedy(model_dir, p, NUM_NEW, reference) for p in prompts]
+    assert got == want
+
+
+def test_min_tokens_holds_back_a_stop_token(llm, model_dir, prompts):
+    plain = generate_ids(llm, prompts[:1], temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)[0]
+    stop = plain[1]  # greedy would stop at the second token without min_tokens
+    got = generate_ids(llm, prompts[:1], temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True,
+                       stop_token_ids=[stop], min_tokens=6)[0]
+    want = hf_processed_greedy(model_dir, prompts[0], NUM_NEW,
+                               SamplingOptions(min_tokens=6, stop_token_ids=(stop,)), stop_ids=(stop,))
+    assert got == want
+    assert stop not in got[:6] and len(got) >= 6
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_batch(llm, prompts):
+    seeded = dict(temperature=1.0, top_p=0.95, seed=4321, max_tokens=NUM_NEW, ignore_eos=True)
+    alone = generate_ids(llm, prompts[1:2], **seeded)[0]
+    from vllm import SamplingParams
+
+    crowd = [SamplingParams(temperature=1.0, max_tokens=NUM_NEW + i % 5, ignore_eos=True)
+             for i in range(16)]
+    batch_prompts = [prompts[i % len(prompts)] for i in range(16)] + [prompts[1]]
+    params = crowd + [SamplingParams(**seeded)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch_prompts], params, use_tqdm=False)
+    assert list(outs[-1].outputs[0].token_ids) == alone
+    other_seed = generate_ids(llm, prompts[1:2], **{**seeded, "seed": 4322})[0]
+    assert other_seed != alone
+
+
+def test_logprobs_and_prompt_logprobs_match_transformers(llm, model_dir, prompts):
+    from vllm import SamplingParams
+
+    from tests.helpers import hf_logits
+
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=5,
+                        prompt_logprobs=3)
+    out = llm.generate([{"prompt_token_ids": prompts[2]}], sp, use_tqdm=False)[0]
+    tokens = prompts[2] + list(out.outputs[0].token_ids)
+    logits = hf_logits(model_dir, tokens).astype(np.float64)
+    ref = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    tol = 1e-4  # float32 model against float32 transformers, in log space
+    P = len(prompts[2])
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == P
+    for pos in range(1, P):
+        entry = out.prompt_logprobs[pos]
+        assert abs(entry[tokens[pos]].logprob - ref[pos - 1, tokens[pos]]) < tol
+        assert entry[tokens[pos]].rank == 1 + int(np.sum(ref[pos - 1] > ref[pos - 1, tokens[pos]]))
+        top = np.argsort(-ref[pos - 1])[:3]
+        assert set(top.tolist()) <= set(entry)
+    for i, entry in enumerate(out.outputs[0].logprobs):
+        row = ref[P - 1 + i]
+        top = np.argsort(-row)[:5]
+        assert set(top.tolist()) <= set(entry)
+        for token, lp in entry.items():
+            assert abs(lp.logprob - row[token]) < tol
+    assert abs(out.outputs[0].cumulative_logprob
+               - sum(ref[P - 1 + i, t] for i, t in enumerate(out.outputs[0].token_ids))) < 1e-3
+
+
+def test_n_completions_and_stop_strings(llm, prompts):
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": prompts[0]}],
+                       SamplingParams(n=3, temperature=1.0, max_tokens=NUM_NEW, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs) == 3 and len({tuple(c.token_ids) for c in out.outputs}) > 1
+    greedy = generate_ids(llm, prompts[:1], temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)[0]
+    stop_word = f"t{greedy[3]}"
+    out = llm.generate([{"prompt_token_ids": prompts[0]}],
+                       SamplingParams(temperature=0.0, max_tokens=NUM_NEW, stop=[stop_word]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and stop_word not in out.text
+    assert len(out.token_ids) <= 4 and list(out.token_ids) == greedy[:len(out.token_ids)]
+
+
+def test_async_scheduling_gives_the_same_greedy_output(model_dir, prompts):
+    engine = start_llm(model_dir, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
+                       kv_cache_memory_bytes=4 << 20, async_scheduling=True)
+    try:
+        got = generate_ids(engine, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert engine.llm_engine.vllm_config.scheduler_config.async_scheduling
+    finally:
+        shutdown(engine)
+    assert got == hf_greedy_ids(model_dir, prompts, NUM_NEW)

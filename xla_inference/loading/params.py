@@ -1,6 +1,6 @@
 """Turning named checkpoint tensors into model parameters, with errors that name the tensor."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,17 +10,33 @@ class WeightMismatchError(ValueError):
     """A checkpoint tensor is missing or does not have the shape the config implies."""
 
 
-def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], dtype,
-                *, transpose: bool = False):
-    """Fetch `name`, check it has `shape` (checkpoint layout), cast, optionally transpose."""
+def _checked(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in tensors:
         raise WeightMismatchError(f"checkpoint has no tensor {name!r} (expected shape {shape})")
     array = tensors[name]
     if tuple(array.shape) != tuple(shape):
         raise WeightMismatchError(
             f"tensor {name!r} has shape {tuple(array.shape)}, but the model config implies {shape}")
-    array = np.asarray(array)
-    if transpose:
-        array = array.T
+    return np.asarray(array)
+
+
+def _to_device(array: np.ndarray, dtype, transpose: bool):
     # Cast on the host: the device never holds a float32 copy of a bfloat16 model.
-    return jnp.asarray(np.ascontiguousarray(array.astype(jnp.dtype(dtype), copy=False)))
+    array = array.astype(jnp.dtype(dtype), copy=False)
+    if transpose:  # the last two axes: [out, in] -> [in, out], per expert for stacked weights
+        array = np.swapaxes(array, -1, -2)
+    return jnp.asarray(np.ascontiguousarray(array))
+
+
+def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], dtype,
+                *, transpose: bool = False):
+    """Fetch `name`, check it has `shape` (checkpoint layout), cast, optionally transpose
+    (the last two axes)."""
+    return _to_device(_checked(tensors, name, shape), dtype, transpose)
+
+
+def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape: tuple[int, ...],
+                 dtype, *, transpose: bool = False):
+    """The tensors `names` (one per expert), each of checkpoint `shape`, stacked on a new
+    leading axis, cast, each optionally transposed."""
+    return _to_device(np.stack([_checked(tensors, n, shape) for n in names]), dtype, transpose)

@@ -4,7 +4,13 @@ import importlib
 from types import ModuleType
 
 _ARCHITECTURES = {
+    "Gemma3ForCausalLM": "xla_inference.models.gemma3",
     "LlamaForCausalLM": "xla_inference.models.llama",
+    "MistralForCausalLM": "xla_inference.models.mistral",
+    "MixtralForCausalLM": "xla_inference.models.mixtral",
+    "Qwen2ForCausalLM": "xla_inference.models.qwen2",
+    "Qwen3ForCausalLM": "xla_inference.models.qwen3",
+    "Qwen3MoeForCausalLM": "xla_inference.models.qwen3_moe",
 }
 
 

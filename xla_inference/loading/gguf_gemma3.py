@@ -1,0 +1,88 @@
+"""Gemma 3 GGUF (architecture `gemma3`, text only) -> Hugging Face Gemma3ForCausalLM.
+
+Names and values follow transformers' own GGUF loader, so that a converted file loads to
+the same weights it does (tests compare them bit for bit). Two things llama.cpp's
+converter changed are undone here: it stores every Gemma norm weight with the 1 of
+`x * (1 + w)` already added, and it renames the four per-layer norms. q/k rows are not
+permuted for Gemma (llama.cpp runs it with NEOX-style rope, as HF does).
+
+What the GGUF does not record, llama.cpp hard-codes for Gemma 3, and so do we: a global
+layer after every five sliding ones, a rope base of 10000 for the sliding layers, and
+query_pre_attn_scalar = head_dim (true of every size but 27B, whose config says 168).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from xla_inference.loading.gguf import LLAMA_LAYER_NAMES, arch_key, common_hf_config, hf_name
+
+_SLIDING_WINDOW_PATTERN = 6
+_LOCAL_ROPE_THETA = 10_000.0
+
+# Llama's names, but ffn_norm is the pre-MLP norm and there are four more norms.
+_LAYER_NAMES = {
+    **LLAMA_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str]) -> dict[str, Any]:
+    """A Hugging Face Gemma3TextConfig dict (config.json) for a `gemma3` GGUF."""
+    arch = metadata.get("general.architecture")
+    if arch != "gemma3":
+        raise ValueError(f"expected a GGUF of architecture 'gemma3', got {arch!r}")
+    get = lambda suffix, default=None: arch_key(metadata, suffix, default)  # noqa: E731
+    num_layers = int(get("block_count"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length"))
+    global_rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 1_000_000.0))}
+    if get("rope.scaling.type", "none") not in ("none", "linear"):
+        raise ValueError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported")
+    if get("rope.scaling.type", "none") == "linear":
+        global_rope.update(rope_type="linear", factor=float(get("rope.scaling.factor")))
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": int(get("embedding_length")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", num_heads)),
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "query_pre_attn_scalar": head_dim,
+        "sliding_window": int(get("attention.sliding_window")),
+        "layer_types": [
+            "full_attention" if (i + 1) % _SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
+            for i in range(num_layers)
+        ],
+        "rope_parameters": {
+            "full_attention": global_rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": _LOCAL_ROPE_THETA},
+        },
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "attention_bias": False,
+        **common_hf_config(metadata, tensor_names),
+    }
+
+
+def gemma3_hf_state_dict_from_gguf(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """GGUF tensors (numpy order) -> HF Gemma3ForCausalLM names, norms back to HF's w."""
+    if config["tie_word_embeddings"] == ("output.weight" in tensors):
+        raise ValueError("the config's tie_word_embeddings disagrees with the GGUF's output.weight")
+    state = {}
+    for name, weight in tensors.items():
+        weight = np.asarray(weight, dtype=np.float32)
+        if name.endswith("norm.weight"):
+            weight = weight - np.float32(1)  # as transformers' loader does, in float32
+        state[hf_name(name, _LAYER_NAMES, "Gemma 3")] = np.ascontiguousarray(weight)
+    return state

@@ -1,0 +1,212 @@
+"""The pre-norm decoder shared by the Llama, Qwen2, Qwen3, Mistral, Qwen3-MoE and Mixtral
+families.
+
+Each layer: x += attention(rms_norm(x)); x += mlp(rms_norm(x)), where the MLP is a gated
+MLP or, in a MoE layer, a mixture of experts. The families differ only in what their
+configs switch on: q/k/v (and o) biases, per-head q/k norms, sliding windows per layer,
+which layers have experts. Each family file turns its HF config into a DecoderConfig (one
+`from_hf`) and exposes this module's functions as its own.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_inference.layers.attention import SelfAttention, self_attention
+from xla_inference.layers.mlp import GatedMlp, gated_mlp
+from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
+from xla_inference.layers.norms import rms_norm
+from xla_inference.layers.rope import rope_inv_freq
+from xla_inference.loading.params import take_stacked, take_tensor
+from xla_inference.runner.batch import StepBatch
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: k, v [num_slots, K, H]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple | None  # sorted (key, value) pairs, hashable for jit
+    tie_word_embeddings: bool
+    qkv_bias: bool = False  # q, k and v projections have biases
+    o_bias: bool = False  # the output projection has a bias
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rope
+    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: all full attention
+    moe: MoeConfig | None = None  # the experts of the MoE layers; None: no MoE layers
+
+    def inv_freq(self) -> np.ndarray:
+        return rope_inv_freq(self.head_dim, self.rope_theta, dict(self.rope_scaling or ()))
+
+    def sliding_window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+
+def decoder_fields(hf: Mapping) -> dict:
+    """The DecoderConfig fields every family reads the same way from a HF config.json."""
+    num_heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecoderLayer:
+    input_norm: jax.Array  # [D]
+    attn: SelfAttention
+    post_attn_norm: jax.Array  # [D]
+    mlp: GatedMlp | MoeMlp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecoderParams:
+    embed: jax.Array  # [V, D]
+    layers: list[DecoderLayer]
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array  # [D, V] (the transposed embedding when tied)
+
+
+def _getter(tensors: Mapping[str, np.ndarray], dtype):
+    """get(name, checkpoint shape, transpose=False) -> array in `dtype`."""
+    return lambda name, shape, t=False: take_tensor(tensors, name, shape, dtype, transpose=t)
+
+
+def load_attention(get, prefix: str, cfg: DecoderConfig) -> SelfAttention:
+    """`prefix` + q/k/v/o_proj (HF [out, in] weights) and the optional biases and q/k norms."""
+    D, H = cfg.hidden_size, cfg.head_dim
+    NH, KH = cfg.num_heads * H, cfg.num_kv_heads * H
+    bias = lambda proj, n: get(f"{prefix}{proj}.bias", (n,)) if cfg.qkv_bias else None  # noqa: E731
+    return SelfAttention(
+        wq=get(prefix + "q_proj.weight", (NH, D), True),
+        wk=get(prefix + "k_proj.weight", (KH, D), True),
+        wv=get(prefix + "v_proj.weight", (KH, D), True),
+        wo=get(prefix + "o_proj.weight", (D, NH), True),
+        bq=bias("q_proj", NH), bk=bias("k_proj", KH), bv=bias("v_proj", KH),
+        bo=get(prefix + "o_proj.bias", (D,)) if cfg.o_bias else None,
+        q_norm=get(prefix + "q_norm.weight", (H,)) if cfg.qk_norm else None,
+        k_norm=get(prefix + "k_norm.weight", (H,)) if cfg.qk_norm else None,
+    )
+
+
+def load_gated_mlp(get, prefix: str, hidden_size: int, intermediate_size: int) -> GatedMlp:
+    D, F = hidden_size, intermediate_size
+    return GatedMlp(w_gate=get(prefix + "gate_proj.weight", (F, D), True),
+                    w_up=get(prefix + "up_proj.weight", (F, D), True),
+                    w_down=get(prefix + "down_proj.weight", (D, F), True))
+
+
+def load_moe_mlp(tensors: Mapping[str, np.ndarray], dtype, prefix: str, hidden_size: int,
+                 moe: MoeConfig, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+                 ) -> MoeMlp:
+    """`prefix` + the router `gate.weight` [E, D] and the experts, in either layout:
+    per expert, `experts.{i}.{gate, up, down name}.weight` (HF [out, in]; what checkpoints
+    and save_pretrained hold), or fused, `experts.gate_up_proj` [E, 2F, D] and
+    `experts.down_proj` [E, D, F] (transformers >= 5's in-memory layout)."""
+    D, E, F = hidden_size, moe.num_experts, moe.intermediate_size
+
+    def get(name, shape):  # [.., out, in] -> [.., in, out]
+        return take_tensor(tensors, prefix + name, shape, dtype, transpose=True)
+
+    def stack(name, shape):  # each expert's [out, in] -> [E, in, out]
+        per_expert = [f"{prefix}experts.{e}.{name}.weight" for e in range(E)]
+        return take_stacked(tensors, per_expert, shape, dtype, transpose=True)
+
+    router = get("gate.weight", (E, D))
+    if prefix + "experts.gate_up_proj" in tensors:
+        gate_up = get("experts.gate_up_proj", (E, 2 * F, D))  # [E, D, 2F]: gate, then up
+        return MoeMlp(router=router, w_gate=gate_up[..., :F], w_up=gate_up[..., F:],
+                      w_down=get("experts.down_proj", (E, D, F)))
+    gate, up, down = names
+    return MoeMlp(router=router, w_gate=stack(gate, (F, D)), w_up=stack(up, (F, D)),
+                  w_down=stack(down, (D, F)))
+
+
+# (get, layer index) -> that layer's MLP params; get(name, shape, transpose) as load_attention's
+MlpLoader = Callable[[Callable, int], GatedMlp | MoeMlp]
+
+
+def load_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig, dtype,
+                load_mlp: MlpLoader | None = None) -> DecoderParams:
+    """HF-named tensors ([out, in] linear weights) -> params in `dtype`, [in, out] layout.
+    `load_mlp` loads a layer's MLP where a family's differ (MoE); by default the gated MLP
+    at `model.layers.{i}.mlp.`."""
+    get = _getter(tensors, dtype)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    load_mlp = load_mlp or (
+        lambda get, i: load_gated_mlp(get, f"model.layers.{i}.mlp.", D, cfg.intermediate_size))
+    layers = [DecoderLayer(
+        input_norm=get(f"model.layers.{i}.input_layernorm.weight", (D,)),
+        attn=load_attention(get, f"model.layers.{i}.self_attn.", cfg),
+        post_attn_norm=get(f"model.layers.{i}.post_attention_layernorm.weight", (D,)),
+        mlp=load_mlp(get, i),
+    ) for i in range(cfg.num_layers)]
+    head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    return DecoderParams(
+        embed=get("model.embed_tokens.weight", (V, D)),
+        layers=layers,
+        final_norm=get("model.norm.weight", (D,)),
+        lm_head=get(head_name, (V, D), True),
+    )
+
+
+def _mlp(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
+    return moe_mlp(p, x, cfg.moe) if isinstance(p, MoeMlp) else gated_mlp(p, x)
+
+
+def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: DecoderConfig, inv_freq, window):
+    h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+    kv, attn = self_attention(layer.attn, h, kv, batch, inv_freq, head_dim=cfg.head_dim,
+                              scale=cfg.head_dim**-0.5, norm_eps=cfg.rms_norm_eps,
+                              sliding_window=window)
+    x = x + attn
+    return kv, x + _mlp(layer.mlp, rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps), cfg)
+
+
+def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: DecoderConfig):
+    """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
+    inv_freq = jnp.asarray(cfg.inv_freq())
+    x = params.embed[batch.input_ids]
+    new_cache = []
+    # A Python loop (unrolled) rather than lax.scan: scanning would carry the whole KV
+    # cache through the loop and copy it every step (see DESIGN.md). Unrolled, each layer
+    # also gets its own static sliding window.
+    for i, (layer, kv) in enumerate(zip(params.layers, kv_cache)):
+        kv, x = _layer(layer, x, kv, batch, cfg, inv_freq, cfg.sliding_window(i))
+        new_cache.append(kv)
+    return new_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+
+
+def compute_logits(params: DecoderParams, hidden: jax.Array) -> jax.Array:
+    """hidden [B, D] -> logits [B, V] in float32."""
+    return jnp.einsum("BD,DV->BV", hidden, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def kv_cache_shape(cfg: DecoderConfig, num_slots: int) -> list[tuple[int, ...]]:
+    """Shape of each layer's K (and V) cache array."""
+    return [(num_slots, cfg.num_kv_heads, cfg.head_dim)] * cfg.num_layers

@@ -1,0 +1,20 @@
+"""The Mistral family: Llama with a sliding attention window on every layer (when the
+config sets one; Mistral 7B v0.1 uses 4096, later versions none)."""
+
+import dataclasses
+from collections.abc import Mapping
+
+from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
+    DecoderConfig, KVCache, compute_logits, decoder_fields, forward, kv_cache_shape, load_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class MistralConfig(DecoderConfig):
+    @classmethod
+    def from_hf(cls, hf: Mapping) -> "MistralConfig":
+        window = hf.get("sliding_window")
+        windows = (window,) * hf["num_hidden_layers"] if window else None
+        return cls(**decoder_fields(hf), sliding_windows=windows)
+
+
+Config = MistralConfig

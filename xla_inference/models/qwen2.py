@@ -1,0 +1,34 @@
+"""The Qwen2 family (Qwen2, Qwen2.5): Llama with biases on the q, k and v projections."""
+
+import dataclasses
+from collections.abc import Mapping
+
+from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
+    DecoderConfig, KVCache, compute_logits, decoder_fields, forward, kv_cache_shape, load_params)
+
+
+def qwen_sliding_windows(hf: Mapping) -> tuple[int | None, ...] | None:
+    """Per-layer windows as transformers' Qwen2/Qwen3 configs define them.
+
+    The window applies only when `use_sliding_window` is set (released Qwen2.5 checkpoints
+    ship a `sliding_window` size with it unset), and then to the layers `layer_types` marks
+    "sliding_attention": by default layers i >= max_window_layers.
+    """
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    if window is None:
+        return None
+    num_layers = hf["num_hidden_layers"]
+    first_sliding = hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config(DecoderConfig):
+    @classmethod
+    def from_hf(cls, hf: Mapping) -> "Qwen2Config":
+        return cls(**decoder_fields(hf), qkv_bias=True, sliding_windows=qwen_sliding_windows(hf))
+
+
+Config = Qwen2Config

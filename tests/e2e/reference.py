@@ -42,3 +42,17 @@ def hf_greedy(gguf_path: Path, prompts: list[list[int]], num_new: int) -> list[l
                             use_cache=True)
             outputs.append(generated)
     return outputs
+
+
+def hf_log_softmax(gguf_path: Path, token_ids: list[int]):
+    """float64 log-softmax [len, V] of transformers' float32 logits over `token_ids`."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].numpy().astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

@@ -1,10 +1,14 @@
 """vLLM's LLM class on xla-inference, real SmolLM2 in float32, against transformers."""
 
-import gc
+import json
+import re
 
+import jsonschema
+import numpy as np
 import pytest
 
-from tests.e2e.reference import hf_greedy, prompt_token_ids
+from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
+from tests.e2e.reference import hf_greedy, hf_log_softmax, prompt_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -22,63 +26,93 @@ def expected(smollm2_gguf, prompts):
 
 
 def _llm(model_dir, **overrides):
-    from vllm import LLM
-
-    args = dict(model=str(model_dir), dtype="float32", max_model_len=512, max_num_seqs=16,
-                max_num_batched_tokens=256, kv_cache_memory_bytes=256 << 20,
-                enable_prefix_caching=True, seed=0)
-    args.update(overrides)
-    return LLM(**args)
+    args = dict(max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256,
+                kv_cache_memory_bytes=256 << 20, enable_prefix_caching=True)
+    return start_llm(model_dir, **{**args, **overrides})
 
 
 def _greedy(llm, prompts):
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
 
 
-def _num_compilations(llm) -> int:
-    return llm.collective_rpc("num_compilations")[0]
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    engine = _llm(smollm2_dir)
+    yield engine
+    shutdown(engine)
 
 
-def _prefix_cache_hits(llm) -> float:
-    return sum(getattr(m, "value", 0) for m in llm.get_metrics()
-               if m.name == "vllm:prefix_cache_hits")
-
-
-def _shutdown(llm):
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def test_greedy_matches_transformers_with_prefix_cache(smollm2_dir, prompts, expected):
-    llm = _llm(smollm2_dir, disable_log_stats=False)
-    try:
-        compiled_after_warmup = _num_compilations(llm)
-        first = _greedy(llm, prompts)
-        hits_before = _prefix_cache_hits(llm)
-        second = _greedy(llm, prompts)  # every prompt's full blocks now come from the cache
-        assert _prefix_cache_hits(llm) > hits_before
-        # Steady state: serving compiled nothing after warm-up.
-        assert _num_compilations(llm) == compiled_after_warmup
-    finally:
-        _shutdown(llm)
+def test_greedy_matches_transformers_with_prefix_cache(llm, prompts, expected):
+    compiled_after_warmup = num_compilations(llm)
+    first = _greedy(llm, prompts)
+    hits_before = metric(llm, "vllm:prefix_cache_hits")
+    second = _greedy(llm, prompts)  # every prompt's full blocks now come from the cache
+    assert metric(llm, "vllm:prefix_cache_hits") > hits_before
+    # Steady state: serving compiled nothing after warm-up.
+    assert num_compilations(llm) == compiled_after_warmup
     for i, (got, want) in enumerate(zip(first, expected)):
         assert got == want, f"prompt {i}: xla-inference {got} != transformers {want}"
     assert second == first
 
 
-def test_greedy_matches_transformers_with_chunked_prefill(smollm2_dir, prompts, expected):
-    # 32 tokens per step: every prompt longer than that is prefilled in chunks, mixed
-    # with other requests' decode steps.
-    llm = _llm(smollm2_dir, max_num_batched_tokens=32, max_num_seqs=8,
-               enable_prefix_caching=False)
+def test_logprobs_match_transformers_log_softmax(llm, smollm2_gguf, prompts):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5,
+                        prompt_logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], sp, use_tqdm=False)
+    tol = 2e-3  # float32 against float32 transformers; both dequantize the same GGUF
+    for prompt, out in zip(prompts[:3], outs):
+        tokens = prompt + list(out.outputs[0].token_ids)
+        ref = hf_log_softmax(smollm2_gguf, tokens)
+        P = len(prompt)
+        for pos in range(1, P):
+            lp = out.prompt_logprobs[pos][tokens[pos]]
+            assert abs(lp.logprob - ref[pos - 1, tokens[pos]]) < tol
+        for i, entry in enumerate(out.outputs[0].logprobs):
+            row = ref[P - 1 + i]
+            assert set(np.argsort(-row)[:5].tolist()) <= set(entry)
+            for token, lp in entry.items():
+                assert abs(lp.logprob - row[token]) < tol, (i, token)
+
+
+def test_structured_outputs_hold_on_the_real_model(llm, smollm2_dir):
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+
+    def ask(question, **structured):
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+        sp = SamplingParams(temperature=0.0, max_tokens=96,
+                            structured_outputs=StructuredOutputsParams(**structured))
+        return llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].text
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    reply = json.loads(ask("Describe a person as JSON with a name and an age.", json=schema))
+    jsonschema.validate(reply, schema)
+    phone = ask("Give me a phone number.", regex=r"\d{3}-\d{3}-\d{4}")
+    assert re.fullmatch(r"\d{3}-\d{3}-\d{4}", phone), phone
+    choice = ask("Is the sky blue? Answer yes or no.", choice=["yes", "no"])
+    assert choice in ("yes", "no")
+
+
+def test_chunked_prefill_and_preemption_keep_greedy_exact(smollm2_dir, prompts, expected):
+    # 32 tokens per step: every prompt longer than that is prefilled in chunks, mixed with
+    # other requests' decode steps. 12 pages of 16 tokens cannot hold all 8 sequences
+    # (up to ~80 tokens each) at once, so vLLM must preempt and recompute.
+    page_bytes = 2 * 16 * 3 * 64 * 4 * 30  # K and V, block 16, 3 kv heads, dim 64, f32, 30 layers
+    engine = _llm(smollm2_dir, max_model_len=160, max_num_batched_tokens=32, max_num_seqs=8,
+                  enable_prefix_caching=False, kv_cache_memory_bytes=12 * page_bytes)
     try:
-        got = _greedy(llm, prompts)
+        got = _greedy(engine, prompts)
+        preemptions = metric(engine, "vllm:num_preemptions")
     finally:
-        _shutdown(llm)
+        shutdown(engine)
     assert max(len(p) for p in prompts) > 32
+    assert preemptions > 0
     assert got == expected

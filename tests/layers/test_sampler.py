@@ -145,3 +145,12 @@ def test_grammar_bitmask_unpacks_bit_t_of_word_t_div_32():
     got = unpack_grammar_bitmask(words.view(np.int32), 72)
     np.testing.assert_array_equal(got[:70], allowed)
     assert not got[70:].any()  # past the bitmask: model vocabulary padding stays banned
+
+
+def test_token_ids_past_the_model_vocabulary_are_ignored_not_fatal():
+    opts = SamplingOptions(logit_bias=((3, 1.0), (99, 5.0)), allowed_token_ids=(1, 3, 500),
+                           bad_words=((77,),), min_tokens=2, stop_token_ids=(2, 1000))
+    extras = build_sampling_extras([(opts, [1], [])], 1, 10)
+    adjust = np.asarray(extras.logit_adjust[0])
+    assert adjust[3] == 1.0 and adjust[1] == 0.0
+    assert np.isneginf(adjust[[0, 2, 4, 5, 6, 7, 8, 9]]).all()

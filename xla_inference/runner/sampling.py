@@ -73,6 +73,9 @@ def build_sampling_extras(rows: list[tuple[SamplingOptions, list[int], list[int]
                           ) -> SamplingExtras | None:
     """rows: (options, prompt ids, output ids) per request; grammar_masks: row -> [V] bool
     of allowed tokens. None when no row needs anything beyond SamplingBatch."""
+    # Token ids past the model's vocabulary (a tokenizer larger than the embedding) are
+    # dropped here rather than indexing out of range and taking the engine down.
+    in_vocab = lambda ids: [t for t in ids if 0 <= t < vocab_size]  # noqa: E731
     grammar_masks = grammar_masks or {}
     if not grammar_masks and not any(o.needs_extras(len(out)) for o, _, out in rows):
         return None
@@ -83,13 +86,14 @@ def build_sampling_extras(rows: list[tuple[SamplingOptions, list[int], list[int]
             adjust[~grammar_masks[row]] = -np.inf
         if opts.allowed_token_ids is not None:
             banned = np.ones(vocab_size, bool)
-            banned[list(opts.allowed_token_ids)] = False
+            banned[in_vocab(opts.allowed_token_ids)] = False
             adjust[banned] = -np.inf
-        adjust[banned_bad_words(opts.bad_words, output)] = -np.inf
+        adjust[in_vocab(banned_bad_words(opts.bad_words, output))] = -np.inf
         if len(output) < opts.min_tokens:
-            adjust[list(opts.stop_token_ids)] = -np.inf
+            adjust[in_vocab(opts.stop_token_ids)] = -np.inf
         for token, bias in opts.logit_bias:
-            adjust[token] += bias
+            if 0 <= token < vocab_size:
+                adjust[token] += bias
         if opts.has_penalties:
             np.add.at(extras.output_counts[row], np.asarray(output, np.int64), 1.0)
             extras.prompt_mask[row, np.asarray(prompt, np.int64)] = True

@@ -93,7 +93,8 @@ def _cache_with_context(rng, seqs, block_tables, *, num_kv_heads, dtype):
     return jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype)
 
 
-def _dense_reference(q, k, v, positions, *, scale, sliding_window, soft_cap):
+def _dense_reference(q, k, v, positions, *, scale, sliding_window, soft_cap,
+                     attention_chunk=None):
     """Naive causal attention for one sequence in float64: q [t, N, H], k/v [L, K, H]."""
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
@@ -104,18 +105,20 @@ def _dense_reference(q, k, v, positions, *, scale, sliding_window, soft_cap):
     mask = key_pos[None, :] <= positions[:, None]
     if sliding_window is not None:
         mask &= key_pos[None, :] > positions[:, None] - sliding_window
+    if attention_chunk is not None:
+        mask &= key_pos[None, :] // attention_chunk == positions[:, None] // attention_chunk
     scores = np.where(mask[None], scores, -np.inf)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     return np.einsum("nts,snh->tnh", probs, v)
 
 
-_STATIC = ("scale", "sliding_window", "soft_cap", "kv_chunk", "knobs")
+_STATIC = ("scale", "sliding_window", "soft_cap", "kv_chunk", "knobs", "attention_chunk")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
-          seq_lens, *, scale, sliding_window, soft_cap, kv_chunk, knobs=()):
+          seq_lens, *, scale, sliding_window, soft_cap, kv_chunk, knobs=(), attention_chunk=None):
     """knobs: (name, value) pairs of the kernel's other tuning arguments (tile,
     decode_chunk, decode_group); tests shrink them so that small batches still cross every
     boundary (tiles splitting runs and kv chunks, several decode groups)."""
@@ -123,12 +126,13 @@ def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, b
     out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
                                  seq_lens, block_size=BLOCK_SIZE, scale=scale,
                                  sliding_window=sliding_window, soft_cap=soft_cap,
-                                 kv_chunk=kv_chunk, **dict(knobs))
+                                 attention_chunk=attention_chunk, kv_chunk=kv_chunk, **dict(knobs))
     return k_cache, v_cache, out
 
 
 def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, tol=1e-5,
-                   sliding_window=None, soft_cap=None, kv_chunk=64, step=_step,
+                   sliding_window=None, soft_cap=None, attention_chunk=None, kv_chunk=64,
+                   step=_step,
                    num_tokens=NUM_TOKENS, pad_row=NUM_ROWS - 1, shuffle=False, **knobs):
     rng = np.random.default_rng(seed)
     seqs, block_tables, seq_lens = _make_batch(rng, specs, num_heads=num_heads,
@@ -147,7 +151,7 @@ def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, t
         slot_mapping[order], jnp.asarray(q[order], dtype), seq_ids[order], positions[order],
         block_tables, seq_lens,
         scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, kv_chunk=kv_chunk,
-        knobs=tuple(sorted(knobs.items())))
+        knobs=tuple(sorted(knobs.items())), attention_chunk=attention_chunk)
     assert out.dtype == dtype and out.shape == q.shape
     out = np.asarray(out.astype(jnp.float32), np.float64)[np.argsort(order)]
     assert np.isfinite(out).all(), "padding tokens must stay finite too"
@@ -159,10 +163,10 @@ def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, t
         tokens = seq["tokens"]
         expected = _dense_reference(q[tokens], seq["k"], seq["v"], positions[tokens],
                                     scale=scale, sliding_window=sliding_window,
-                                    soft_cap=soft_cap)
+                                    soft_cap=soft_cap, attention_chunk=attention_chunk)
         np.testing.assert_allclose(out[tokens], expected, rtol=tol, atol=tol)
     _check_padding(out, q, seqs, pad_row, scale=scale, sliding_window=sliding_window,
-                   soft_cap=soft_cap, tol=tol)
+                   soft_cap=soft_cap, attention_chunk=attention_chunk, tol=tol)
 
 
 def _check_padding(out, q, seqs, pad_row, *, tol, **attention):
@@ -254,6 +258,29 @@ def test_sliding_window_skips_early_chunks_in_both_paths():
                    kv_chunk=BLOCK_SIZE, tile=8, decode_chunk=BLOCK_SIZE, decode_group=2)
     _run_and_check(34, ONE_PREFILL, num_heads=8, num_kv_heads=2, sliding_window=20,
                    kv_chunk=BLOCK_SIZE, tile=16)
+
+
+@pytest.mark.parametrize("attention_chunk", [8, 40, 128])
+def test_chunked_local_attention(attention_chunk):
+    # Llama 4's local layers: keys of the query's own chunk only. 8 < block and kv chunk;
+    # 40 is no multiple of either; 128: decode tokens at 300 and 129 skip whole kv chunks.
+    _run_and_check(50 + attention_chunk, MIXED, num_heads=8, num_kv_heads=2,
+                   attention_chunk=attention_chunk)
+
+
+def test_chunked_local_attention_in_small_tiles_and_decode_groups():
+    _run_and_check(51, MIXED, num_heads=8, num_kv_heads=2, attention_chunk=24,
+                   kv_chunk=BLOCK_SIZE, tile=8, decode_chunk=BLOCK_SIZE, decode_group=2)
+    _run_and_check(52, ALL_DECODE, num_heads=8, num_kv_heads=2, attention_chunk=32,
+                   decode_chunk=BLOCK_SIZE, decode_group=2, pad_row=0)
+    _run_and_check(53, ONE_PREFILL, num_heads=4, num_kv_heads=4, attention_chunk=16,
+                   kv_chunk=BLOCK_SIZE, tile=12)
+
+
+def test_chunked_attention_with_window_and_soft_cap():
+    # Both masks at once (no model combines them, but neither may undo the other).
+    _run_and_check(54, MIXED, num_heads=8, num_kv_heads=2, attention_chunk=64,
+                   sliding_window=20, soft_cap=2.0, kv_chunk=BLOCK_SIZE)
 
 
 def test_bfloat16_small_tiles():

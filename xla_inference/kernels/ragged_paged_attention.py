@@ -45,11 +45,14 @@ def write_kv(k_cache, v_cache, k_new, v_new, slot_mapping):
 # Shared pieces
 
 
-def _key_mask(positions, key_pos, sliding_window):
-    """Valid (query, key) pairs [..., C]: causal, optionally within a sliding window."""
+def _key_mask(positions, key_pos, sliding_window, attention_chunk=None):
+    """Valid (query, key) pairs [..., C]: causal, optionally within a sliding window and/or
+    within the query's own chunk of `attention_chunk` positions (Llama 4's local layers)."""
     mask = key_pos <= positions[..., None]
     if sliding_window is not None:
         mask &= key_pos > positions[..., None] - sliding_window
+    if attention_chunk is not None:
+        mask &= key_pos // attention_chunk == positions[..., None] // attention_chunk
     return mask
 
 
@@ -86,11 +89,26 @@ def _gather_chunk(cache_pages, block_tables, rows, first_block, num_blocks, kv_s
     return cache_pages[pages].reshape(*pages.shape[:-1], -1, *kv_shape)
 
 
-def _first_chunk(min_pos, sliding_window, kv_chunk):
+def _gather_keys_values(k_pages, v_pages, block_tables, rows, first_block, num_blocks,
+                        kv_shape, shared_kv):
+    """Keys and values [..., num_blocks * block_size, K, H] of one chunk, each cache's rows
+    of shape kv_shape. With shared_kv (MLA's latent cache, see ragged_paged_attention) a
+    key is its K and V cache rows joined, and is also its own value."""
+    k, v = (_gather_chunk(pages, block_tables, rows, first_block, num_blocks, kv_shape)
+            for pages in (k_pages, v_pages))
+    if shared_kv:
+        k = v = jnp.concatenate([k, v], axis=-1)
+    return k, v
+
+
+def _first_chunk(min_pos, sliding_window, kv_chunk, attention_chunk=None):
     """First chunk that holds a key some query (lowest position min_pos) can see."""
-    if sliding_window is None:
-        return jnp.int32(0)
-    return jnp.maximum(min_pos - sliding_window + 1, 0) // kv_chunk
+    first_key = jnp.int32(0)
+    if sliding_window is not None:
+        first_key = jnp.maximum(min_pos - sliding_window + 1, 0)
+    if attention_chunk is not None:
+        first_key = jnp.maximum(first_key, min_pos // attention_chunk * attention_chunk)
+    return first_key // kv_chunk
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,24 +154,27 @@ def _split_work(seq_ids, *, num_decode_slots, tile):
 
 
 def _decode_group(q, positions, rows, valid, k_pages, v_pages, block_tables, *,
-                  block_size, kv_chunk, sliding_window, soft_cap):
+                  block_size, kv_chunk, sliding_window, soft_cap, attention_chunk, shared_kv):
     """q [D, K, G, H] (pre-scaled f32) -> out [D, K, G, H] f32; invalid slots see no key."""
     num_slots, num_kv_heads, group, head_dim = q.shape
     num_blocks = kv_chunk // block_size
+    kv_shape = (num_kv_heads, head_dim // 2 if shared_kv else head_dim)
     masked_pos = jnp.where(valid, positions, -1)  # invalid slots: every key masked
     hi = jnp.max(masked_pos) + 1
-    lo = _first_chunk(jnp.min(jnp.where(valid, positions, hi)), sliding_window, kv_chunk)
+    lo = _first_chunk(jnp.min(jnp.where(valid, positions, hi)), sliding_window, kv_chunk,
+                      attention_chunk)
 
     def body(state):
         i, m, l, acc = state
-        gather = lambda cache: _gather_chunk(  # noqa: E731
-            cache, block_tables, rows, i * num_blocks, num_blocks, (num_kv_heads, head_dim))
+        k, v = _gather_keys_values(k_pages, v_pages, block_tables, rows, i * num_blocks,
+                                   num_blocks, kv_shape, shared_kv)
         # Batch dims leading and keys transposed: the layouts in which XLA's CPU batched
         # dots run several times faster than on the gathered [D, C, K, H].
-        k = gather(k_pages).transpose(0, 2, 3, 1)  # [D, K, H, C]
-        v = gather(v_pages).transpose(0, 2, 1, 3)  # [D, K, C, H]
+        k = k.transpose(0, 2, 3, 1)  # [D, K, H, C]
+        v = v.transpose(0, 2, 1, 3)  # [D, K, C, H]
         key_pos = i * kv_chunk + jnp.arange(kv_chunk, dtype=jnp.int32)
-        mask = _key_mask(masked_pos, key_pos, sliding_window)[:, None, None, :]  # [D,1,1,C]
+        mask = _key_mask(masked_pos, key_pos, sliding_window,
+                         attention_chunk)[:, None, None, :]  # [D,1,1,C]
         scores = jnp.einsum("dkgh,dkhc->dkgc", q, k.astype(jnp.float32))
         p, alpha, (m, l) = _softmax_step((m, l), _cap(scores, soft_cap), mask, axis=-1)
         pv = jnp.einsum("dkgc,dkch->dkgh", p, v.astype(jnp.float32))
@@ -202,25 +223,28 @@ def _all_decodes(q_grouped, positions, seq_ids, decode_idx, num_decode, k_pages,
 
 
 def _tile_attention(q_tile, pos_tile, valid, row, k_pages, v_pages, block_tables, *,
-                    block_size, kv_chunk, sliding_window, soft_cap):
+                    block_size, kv_chunk, sliding_window, soft_cap, attention_chunk,
+                    shared_kv):
     """q_tile [K, tile*G, H] (pre-scaled f32), pos_tile/valid [tile] -> [K, tile*G, H] f32."""
     num_kv_heads, num_rows, head_dim = q_tile.shape
     tile = pos_tile.shape[0]
     group = num_rows // tile
     num_blocks = kv_chunk // block_size
+    kv_shape = (num_kv_heads, head_dim // 2 if shared_kv else head_dim)
     masked_pos = jnp.where(valid, pos_tile, -1)
     hi = jnp.max(masked_pos) + 1
-    lo = _first_chunk(jnp.min(jnp.where(valid, pos_tile, hi)), sliding_window, kv_chunk)
+    lo = _first_chunk(jnp.min(jnp.where(valid, pos_tile, hi)), sliding_window, kv_chunk,
+                      attention_chunk)
     # [tile, C] mask broadcast over kv heads and the G query heads of each token.
     row_pos = jnp.repeat(masked_pos, group)
 
     def body(state):
         i, m, l, acc = state
-        gather = lambda cache: _gather_chunk(  # noqa: E731
-            cache, block_tables, row, i * num_blocks, num_blocks, (num_kv_heads, head_dim))
-        k, v = gather(k_pages).astype(jnp.float32), gather(v_pages).astype(jnp.float32)
+        k, v = _gather_keys_values(k_pages, v_pages, block_tables, row, i * num_blocks,
+                                   num_blocks, kv_shape, shared_kv)
+        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         key_pos = i * kv_chunk + jnp.arange(kv_chunk, dtype=jnp.int32)
-        mask = _key_mask(row_pos, key_pos, sliding_window)[None]  # [1, M, C]
+        mask = _key_mask(row_pos, key_pos, sliding_window, attention_chunk)[None]  # [1, M, C]
         scores = jnp.einsum("kmh,ckh->kmc", q_tile, k)
         p, alpha, (m, l) = _softmax_step((m, l), _cap(scores, soft_cap), mask, axis=-1)
         pv = jnp.einsum("kmc,ckh->kmh", p, v)
@@ -264,7 +288,8 @@ def _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k
 
 def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens,
                            *, block_size: int, scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None, kv_chunk: int = 64,
+                           soft_cap: float | None = None, attention_chunk: int | None = None,
+                           shared_kv: bool = False, kv_chunk: int = 64,
                            tile: int = 16, decode_chunk: int = 32, decode_group: int = 32):
     """Attention of T ragged query tokens over the paged KV cache.
 
@@ -272,7 +297,12 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     seq_ids: [T] int32, row of block_tables per token (a request's tokens contiguous);
     positions: [T] int32; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (unused:
     the work follows positions, which never exceed seq_lens - 1).
-    Token t sees keys s of its sequence with s <= positions[t] (and s > positions[t] - window).
+    Token t sees keys s of its sequence with s <= positions[t] (and s > positions[t] - window;
+    and s // attention_chunk == positions[t] // attention_chunk).
+    shared_kv (multi-head latent attention, absorbed): each token's key is the concatenation
+    of its k_cache and v_cache rows, [..., 2H] (one vector split across the two arrays, so
+    that the cache holds it once), and the value is that same vector; q is then [T, N, 2H]
+    and so is the result.
     Tuning knobs (static): tile, query tokens per tile; kv_chunk, keys per step of a tile;
     decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
     of the decode path. Returns [T, N, H] in q's dtype.
@@ -287,7 +317,9 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     seq_ids = seq_ids.astype(jnp.int32)
     positions = positions.astype(jnp.int32)
     # A free reshape: pages are contiguous runs of block_size slots.
-    page_shape = (-1, block_size * num_kv_heads * head_dim)
+    page_shape = (-1, block_size * num_kv_heads * k_cache.shape[2])
+    assert v_cache.shape == k_cache.shape, (k_cache.shape, v_cache.shape)
+    assert head_dim == (2 if shared_kv else 1) * k_cache.shape[2], (q.shape, k_cache.shape)
     k_pages, v_pages = k_cache.reshape(page_shape), v_cache.reshape(page_shape)
     q_grouped = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
     # Each decode token is its own request, so there are at most B of them; round the
@@ -296,7 +328,8 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     num_decode_slots = -(-min(num_tokens, block_tables.shape[0]) // decode_group) * decode_group
     decode_idx, num_decode, tile_first, tile_len, num_tiles = _split_work(
         seq_ids, num_decode_slots=num_decode_slots, tile=min(tile, num_tokens))
-    kw = dict(block_size=block_size, sliding_window=sliding_window, soft_cap=soft_cap)
+    kw = dict(block_size=block_size, sliding_window=sliding_window, soft_cap=soft_cap,
+              attention_chunk=attention_chunk, shared_kv=shared_kv)
 
     out = _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k_pages,
                      v_pages, block_tables, tile=min(tile, num_tokens), kv_chunk=kv_chunk, **kw)

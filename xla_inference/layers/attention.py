@@ -14,12 +14,14 @@ from xla_inference.runner.batch import StepBatch
 
 def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], batch: StepBatch, *, scale: float,
                     sliding_window: int | None = None,
-                    soft_cap: float | None = None):
-    """q [T, N, H], k/v [T, K, H] -> (updated (k_cache, v_cache), out [T, N, H])."""
+                    soft_cap: float | None = None, attention_chunk: int | None = None):
+    """q [T, N, H], k/v [T, K, H] -> (updated (k_cache, v_cache), out [T, N, H]).
+    attention_chunk: keys only from the query's own chunk of that many positions (Llama 4)."""
     k_cache, v_cache = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
     out = ragged_paged_attention(
         q, k_cache, v_cache, batch.seq_ids, batch.positions, batch.block_tables, batch.seq_lens,
         block_size=batch.block_size, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        attention_chunk=attention_chunk,
     )
     return (k_cache, v_cache), out
 

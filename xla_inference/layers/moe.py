@@ -5,12 +5,24 @@ k experts per token, each a SwiGLU MLP; the token's output is their weighted sum
 expert and run through grouped matmuls (`jax.lax.ragged_dot`), whose shapes are static
 whatever the routing. `moe_mlp_dense` runs every expert on every token and masks the
 result by the routing: the reference the grouped path is tested against.
+
+Llama 4 routes otherwise: a sigmoid of each chosen expert's logit (no softmax) scales the
+token before the expert rather than the expert's output, and a shared expert, a plain
+SwiGLU MLP, sees every token (`scoring`, `weight_inputs`, `MoeMlp.shared_expert`).
+
+DeepSeek-V3 (and Kimi-K2) route with `scoring="grouped_sigmoid"` (DeepSeek's "noaux_tc"): a
+sigmoid score per expert; a learned per-expert bias shifts the scores used for choosing only;
+experts come in `num_groups` groups, of which the `topk_groups` with the best two (biased)
+scores per group are eligible; the chosen experts' unbiased scores, optionally renormalised,
+times `routed_scaling_factor` weight their outputs. Its shared experts are `shared_expert`.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from xla_inference.layers.mlp import GatedMlp, gated_mlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +31,11 @@ class MoeConfig:
     num_experts_per_tok: int  # k
     intermediate_size: int  # F of each expert
     norm_topk_prob: bool  # rescale the k chosen probabilities to sum to 1 (Mixtral always does)
+    scoring: str = "softmax"  # or "sigmoid" of each chosen logit (Llama 4), or "grouped_sigmoid"
+    weight_inputs: bool = False  # weight a token before the expert, not its output (Llama 4)
+    num_groups: int = 1  # "grouped_sigmoid": experts split into this many equal groups
+    topk_groups: int = 1  # "grouped_sigmoid": groups a token may choose experts from
+    routed_scaling_factor: float = 1.0  # "grouped_sigmoid": scales the routing weights
 
 
 @jax.tree_util.register_dataclass
@@ -30,6 +47,8 @@ class MoeMlp:
     w_gate: jax.Array  # [E, D, F]
     w_up: jax.Array  # [E, D, F]
     w_down: jax.Array  # [E, F, D]
+    shared_expert: GatedMlp | None = None  # [D, F'] / [F', D]: sees every token (Llama 4)
+    score_bias: jax.Array | None = None  # [E] float32: added to the scores for choosing only
 
 
 def route(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, jax.Array]:
@@ -38,12 +57,50 @@ def route(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, jax.Array
     As transformers does: softmax over all experts in float32, then the top k, then (if
     configured) renormalisation over those k.
     """
+    if cfg.scoring == "grouped_sigmoid":
+        return _route_grouped_sigmoid(p, x, cfg)
     logits = jnp.einsum("TD,DE->TE", x, p.router)
+    if cfg.scoring == "sigmoid":
+        return _route_sigmoid(logits, cfg)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return weights, experts.astype(jnp.int32)
+
+
+def _route_sigmoid(logits: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, jax.Array]:
+    """Llama 4's router: the top k logits, each through a sigmoid in float32. The top k
+    are taken on the logits themselves: sigmoids of large logits saturate to equal 1.0s."""
+    top_logits, experts = jax.lax.top_k(logits, cfg.num_experts_per_tok)
+    weights = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(logits.dtype)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights.astype(jnp.float32), experts.astype(jnp.int32)
+
+
+def _route_grouped_sigmoid(p: MoeMlp, x: jax.Array, cfg: MoeConfig
+                           ) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek-V3's router, in float32 throughout as transformers runs it."""
+    T, E = x.shape[0], cfg.num_experts
+    logits = jnp.einsum("TD,DE->TE", x.astype(jnp.float32), p.router.astype(jnp.float32))
+    scores = jax.nn.sigmoid(logits)
+    biased = scores if p.score_bias is None else scores + p.score_bias.astype(jnp.float32)
+    if cfg.num_groups > 1:
+        grouped = biased.reshape(T, cfg.num_groups, E // cfg.num_groups)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(axis=-1)  # [T, groups]
+        _, best_groups = jax.lax.top_k(group_scores, cfg.topk_groups)
+        eligible = jax.nn.one_hot(best_groups, cfg.num_groups, dtype=bool).any(axis=1)
+        biased = jnp.where(jnp.repeat(eligible, E // cfg.num_groups, axis=1), biased, -jnp.inf)
+    _, experts = jax.lax.top_k(biased, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32)
+
+
+def _with_shared_expert(p: MoeMlp, x: jax.Array, routed: jax.Array) -> jax.Array:
+    return routed if p.shared_expert is None else gated_mlp(p.shared_expert, x) + routed
 
 
 def _swiglu_grouped(p: MoeMlp, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -61,9 +118,14 @@ def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
     flat_experts = experts.reshape(T * k)  # pair r = t * k + j: token t's j-th choice
     order = jnp.argsort(flat_experts, stable=True)  # pairs grouped by expert
     group_sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)  # [E]
-    out = _swiglu_grouped(p, x[order // k], group_sizes)  # [T*k, D] in sorted order
+    xs = x[order // k]  # [T*k, D] in sorted order
+    if cfg.weight_inputs:
+        xs = xs * weights.reshape(T * k)[order][:, None].astype(x.dtype)
+        weights = jnp.ones_like(weights)
+    out = _swiglu_grouped(p, xs, group_sizes)
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(T, k, D)
-    return (unsorted * weights[..., None].astype(out.dtype)).sum(axis=1)
+    routed = (unsorted * weights[..., None].astype(out.dtype)).sum(axis=1)
+    return _with_shared_expert(p, x, routed)
 
 
 def moe_mlp_dense(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
@@ -71,7 +133,11 @@ def moe_mlp_dense(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
     (zero for the experts a token did not choose)."""
     weights, experts = route(p, x, cfg)
     combine = (jax.nn.one_hot(experts, cfg.num_experts) * weights[..., None]).sum(axis=1)  # [T, E]
-    gate = jnp.einsum("TD,EDF->TEF", x, p.w_gate)
-    up = jnp.einsum("TD,EDF->TEF", x, p.w_up)
+    combine = combine.astype(x.dtype)
+    xe = jnp.broadcast_to(x[:, None, :], (x.shape[0], cfg.num_experts, x.shape[1]))  # [T, E, D]
+    if cfg.weight_inputs:  # every expert sees the token scaled by its weight (0: not chosen)
+        xe, combine = xe * combine[..., None], (combine != 0).astype(x.dtype)
+    gate = jnp.einsum("TED,EDF->TEF", xe, p.w_gate)
+    up = jnp.einsum("TED,EDF->TEF", xe, p.w_up)
     out = jnp.einsum("TEF,EFD->TED", jax.nn.silu(gate) * up, p.w_down)
-    return jnp.einsum("TED,TE->TD", out, combine.astype(out.dtype))
+    return _with_shared_expert(p, x, jnp.einsum("TED,TE->TD", out, combine))

@@ -23,3 +23,8 @@ def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """
     scale = 1.0 + weight.astype(jnp.float32)
     return (_normalized_f32(x, eps) * scale).astype(x.dtype)
+
+
+def l2_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm without a weight (Llama 4's "L2 norm" of q and k per head), in float32."""
+    return _normalized_f32(x, eps).astype(x.dtype)

@@ -4,8 +4,10 @@ import importlib
 from types import ModuleType
 
 _ARCHITECTURES = {
+    "DeepseekV3ForCausalLM": "xla_inference.models.deepseek_v3",
     "Gemma3ForCausalLM": "xla_inference.models.gemma3",
     "LlamaForCausalLM": "xla_inference.models.llama",
+    "Llama4ForCausalLM": "xla_inference.models.llama4",
     "MistralForCausalLM": "xla_inference.models.mistral",
     "MixtralForCausalLM": "xla_inference.models.mixtral",
     "Qwen2ForCausalLM": "xla_inference.models.qwen2",

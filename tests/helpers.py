@@ -71,6 +71,7 @@ def save_tiny_family(path: Path, family: str, *, seed: int = 0, **overrides) -> 
     shorter than the test sequences, so that it matters. The MoE families route each token
     to 2 of 8 experts (Qwen3-MoE: layer 0 dense, experts of another width than its MLP),
     with router weights large enough (initializer_range 0.1) that the routing is decisive.
+    "llama4" has 4 layers (see its entry), 1 of 4 experts plus the shared expert.
     """
     import transformers
 
@@ -86,7 +87,14 @@ def save_tiny_family(path: Path, family: str, *, seed: int = 0, **overrides) -> 
                               num_experts_per_tok=2, mlp_only_layers=[0], initializer_range=0.1)),
            "mixtral": (transformers.MixtralConfig,
                        dict(hidden_size=64, head_dim=32, num_local_experts=8, num_experts_per_tok=2,
-                            initializer_range=0.1))}
+                            initializer_range=0.1)),
+           # 4 layers: rope, rope+MoE, rope, NoPE+MoE; chunks of 8; temperature tuning that
+           # already matters at position 3 (floor_scale 4).
+           "llama4": (transformers.Llama4TextConfig,
+                      dict(hidden_size=64, head_dim=32, num_hidden_layers=4, intermediate_size=48,
+                           intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1,
+                           interleave_moe_layer_step=2, attention_chunk_size=8, use_qk_norm=True,
+                           floor_scale=4, attn_scale=0.5, initializer_range=0.1))}
     config_cls, defaults = own[family]
     # Through the constructor, so that derived fields (Qwen2's layer_types) follow overrides.
     config = config_cls(**{**common, **defaults, **overrides})
@@ -136,8 +144,9 @@ def hf_greedy_ids(model_dir: Path, prompts: list[list[int]], num_new: int) -> li
 ENGINE_BLOCK = 4
 
 
-def tiny_engine(model_dir: Path, max_num_tokens: int = 64):
-    """A float32 ModelEngine on a checkpoint loaded through the normal loading path."""
+def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None):
+    """A float32 ModelEngine on a checkpoint loaded through the normal loading path
+    (on one device, or over `mesh`)."""
     import jax.numpy as jnp
 
     from xla_inference.models.loader import load_model
@@ -146,7 +155,7 @@ def tiny_engine(model_dir: Path, max_num_tokens: int = 64):
     module, cfg, params = load_model(model_dir, jnp.float32)
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
-    return ModelEngine(module, cfg, params, ecfg, jnp.float32)
+    return ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=mesh)
 
 
 def engine_request(req_id: str, tokens: list[int], first_block: int):

@@ -20,23 +20,24 @@ def _checked(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...
     return np.asarray(array)
 
 
-def _to_device(array: np.ndarray, dtype, transpose: bool):
-    # Cast on the host: the device never holds a float32 copy of a bfloat16 model.
+def _to_host(array: np.ndarray, dtype, transpose: bool) -> np.ndarray:
+    # Cast and lay out on the host; the engine then places each device's shard only
+    # (parallel/sharding.py), so no device holds a full copy of a sharded tensor.
     array = array.astype(jnp.dtype(dtype), copy=False)
     if transpose:  # the last two axes: [out, in] -> [in, out], per expert for stacked weights
         array = np.swapaxes(array, -1, -2)
-    return jnp.asarray(np.ascontiguousarray(array))
+    return np.ascontiguousarray(array)
 
 
 def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], dtype,
                 *, transpose: bool = False):
     """Fetch `name`, check it has `shape` (checkpoint layout), cast, optionally transpose
     (the last two axes)."""
-    return _to_device(_checked(tensors, name, shape), dtype, transpose)
+    return _to_host(_checked(tensors, name, shape), dtype, transpose)
 
 
 def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape: tuple[int, ...],
                  dtype, *, transpose: bool = False):
     """The tensors `names` (one per expert), each of checkpoint `shape`, stacked on a new
     leading axis, cast, each optionally transposed."""
-    return _to_device(np.stack([_checked(tensors, n, shape) for n in names]), dtype, transpose)
+    return _to_host(np.stack([_checked(tensors, n, shape) for n in names]), dtype, transpose)

@@ -1,5 +1,6 @@
 """The vLLM Platform for xla-inference. Runs in the front-end too: keep JAX out of it."""
 
+import copy
 import glob
 import logging
 import os
@@ -72,6 +73,11 @@ class XlaPlatform(Platform):
         from vllm.config.compilation import CUDAGraphMode
 
         parallel = vllm_config.parallel_config
+        if parallel.data_parallel_size > 1:
+            raise ValueError("xla-inference does not support data_parallel_size > 1 yet; "
+                             "tensor_parallel_size runs one SPMD program over the local devices")
+        if parallel.pipeline_parallel_size > 1:
+            raise ValueError("xla-inference does not support pipeline parallelism")
         if parallel.worker_cls == "auto":
             parallel.worker_cls = _WORKER
         # One JAX process drives every local device (SPMD), so one worker.
@@ -104,3 +110,22 @@ class XlaPlatform(Platform):
         for name in ("logprob_token_ids", "prompt_logprob_token_ids"):
             if getattr(params, name, None):
                 raise ValueError(f"xla-inference does not support the sampling parameter {name}")
+
+
+def _allow_heads_that_do_not_split(model_config_cls) -> None:
+    """vLLM requires attention heads divisible by the TP size, because its GPU workers each
+    own a slice of the heads. Our one SPMD program replicates whatever does not split evenly
+    (parallel/sharding.py), so SmolLM2's 9 heads run at TP 2 and 4: skip only that check."""
+    original = model_config_cls.verify_with_parallel_config
+    if getattr(original, "_xla_inference", False):
+        return
+
+    def verify(self, parallel_config):
+        tp = parallel_config.tensor_parallel_size
+        if tp > 1 and self.model_arch_config.total_num_attention_heads % tp != 0:
+            parallel_config = copy.copy(parallel_config)
+            object.__setattr__(parallel_config, "tensor_parallel_size", 1)
+        return original(self, parallel_config)
+
+    verify._xla_inference = True
+    model_config_cls.verify_with_parallel_config = verify

@@ -78,12 +78,18 @@ class XlaWorker(WorkerBase):
         logger.info("xla-inference: loaded %s (%s) in %.1fs", mc.model, mc.dtype,
                     time.perf_counter() - start)
 
+    def _kv_layer_shapes(self) -> list[tuple[int, int, int]]:
+        """Each layer's K (and V) array for one page, [block_size, kv heads, head size], as the
+        engine allocates it from the model's kv_cache_shape (MLA's is not num_kv_heads x
+        head_dim: models/deepseek_v3.py)."""
+        module, cfg, _ = self.model
+        return module.kv_cache_shape(cfg, self.cache_config.block_size)
+
     def get_kv_cache_spec(self) -> dict:
-        _, cfg, _ = self.model
-        spec = FullAttentionSpec(block_size=self.cache_config.block_size,
-                                 num_kv_heads=cfg.num_kv_heads, head_size=cfg.head_dim,
-                                 dtype=self._kv_torch_dtype())
-        return {f"model.layers.{i}.self_attn.attn": spec for i in range(cfg.num_layers)}
+        return {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
+                    block_size=self.cache_config.block_size, num_kv_heads=num_kv_heads,
+                    head_size=head_size, dtype=self._kv_torch_dtype())
+                for i, (_, num_kv_heads, head_size) in enumerate(self._kv_layer_shapes())}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         return ["LBNHC"]
@@ -116,10 +122,8 @@ class XlaWorker(WorkerBase):
         return self.model_config.dtype
 
     def _page_bytes(self) -> int:
-        _, cfg, _ = self.model
         itemsize = torch.tensor([], dtype=self._kv_torch_dtype()).element_size()
-        per_layer = 2 * self.cache_config.block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
-        return per_layer * cfg.num_layers
+        return sum(2 * math.prod(shape) * itemsize for shape in self._kv_layer_shapes())
 
     def _max_useful_kv_bytes(self) -> int:
         sc = self.vllm_config.scheduler_config
@@ -127,6 +131,7 @@ class XlaWorker(WorkerBase):
         return (sc.max_num_seqs * pages_per_seq + 1) * self._page_bytes()
 
     def initialize_from_config(self, kv_cache_config) -> None:
+        from xla_inference.parallel.sharding import build_mesh
         from xla_inference.runner.engine import EngineConfig, ModelEngine
 
         module, cfg, params = self.model
@@ -136,10 +141,15 @@ class XlaWorker(WorkerBase):
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
             max_logprobs=_top_logprobs_width(self.model_config.max_logprobs, cfg.vocab_size))
-        engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()))
+        # One SPMD program over a mesh of tensor_parallel_size local devices.
+        mesh = build_mesh(self.parallel_config.tensor_parallel_size)
+        engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()),
+                             mesh=mesh)
+        self.model = (module, cfg, None)  # the engine holds the placed params; drop the host copy
         self.model_runner = XlaModelRunner(engine)
-        logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s",
-                    engine_cfg.num_blocks, engine_cfg.block_size, engine.token_buckets)
+        logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s; mesh %s",
+                    engine_cfg.num_blocks, engine_cfg.block_size, engine.token_buckets,
+                    dict(mesh.shape))
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine

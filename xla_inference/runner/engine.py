@@ -10,8 +10,11 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from xla_inference.layers.sampler import gather_logprobs, sample
+from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
+                                             place_params, replicated)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.batch import (SampleOutput, SamplingBatch, SamplingExtras, StepBatch,
                                         empty_step_batch, greedy_sampling_batch,
@@ -65,16 +68,26 @@ def _score_tokens(model: ModuleType, num_logprobs: int, params, hidden, token_id
 class ModelEngine:
     """Owns params and KV cache; runs one ragged step at a time on padded buckets."""
 
-    def __init__(self, model: ModuleType, model_cfg, params, engine_cfg: EngineConfig, kv_dtype):
+    def __init__(self, model: ModuleType, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
+                 mesh: Mesh | None = None):
         compile_counter.install()
-        self.model, self.model_cfg, self.params, self.cfg = model, model_cfg, params, engine_cfg
+        self.mesh = mesh if mesh is not None else build_mesh()
+        self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
+        self.param_shardings = param_shardings(params, model_cfg, self.mesh)
+        self.params = place_params(params, self.param_shardings)
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
         num_slots = engine_cfg.num_blocks * engine_cfg.block_size
-        self.kv_cache = [
-            (jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype))
-            for shape in model.kv_cache_shape(model_cfg, num_slots)
-        ]
-        self._forward = jax.jit(functools.partial(_forward_logits, model, model_cfg), donate_argnums=(1,))
+        self.kv_cache, kv_shardings = [], []
+        for shape in model.kv_cache_shape(model_cfg, num_slots):
+            sharding = kv_cache_sharding(model_cfg, shape, self.mesh)
+            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=sharding)
+            self.kv_cache.append((zeros(), zeros()))
+            kv_shardings.append((sharding, sharding))
+        whole = replicated(self.mesh)
+        # The cache keeps its sharding from step to step (a change would recompile).
+        self._forward = jax.jit(functools.partial(_forward_logits, model, model_cfg),
+                                in_shardings=(self.param_shardings, kv_shardings, whole),
+                                out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,))
         self._sample = jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs))
         self._score = jax.jit(functools.partial(_score_tokens, model, engine_cfg.max_logprobs))
         self._base_key = jax.random.key(engine_cfg.seed)

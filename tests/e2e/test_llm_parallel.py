@@ -1,0 +1,53 @@
+"""vllm.LLM with --tensor-parallel-size and --enable-expert-parallel: one SPMD program over
+virtual CPU devices (tests/conftest.py makes 8), greedy output equal to one device's."""
+
+import numpy as np
+import pytest
+
+from tests.e2e.engines import generate_ids, shutdown, start_llm
+from tests.helpers import save_tiny_family
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(5)
+    return [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
+
+
+def _greedy(model_dir, prompts, **parallel):
+    llm = start_llm(model_dir, **parallel)
+    try:
+        return generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory, prompts):
+    model_dir = save_tiny_family(tmp_path_factory.mktemp("tp") / "qwen3", "qwen3")
+    return model_dir, _greedy(model_dir, prompts)
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallel_qwen3_matches_one_device(qwen3, prompts, tp):
+    model_dir, single = qwen3
+    assert _greedy(model_dir, prompts, tensor_parallel_size=tp) == single
+
+
+def test_expert_parallel_qwen3_moe_matches_one_device(tmp_path, prompts):
+    model_dir = save_tiny_family(tmp_path / "moe", "qwen3_moe")
+    single = _greedy(model_dir, prompts)
+    assert _greedy(model_dir, prompts, tensor_parallel_size=4, enable_expert_parallel=True) == single
+
+
+def test_tensor_parallel_3_on_smollm2(smollm2_dir):
+    from tests.e2e.reference import prompt_token_ids
+
+    prompts = prompt_token_ids(smollm2_dir)[:4]
+    settings = dict(max_model_len=256, max_num_batched_tokens=128, kv_cache_memory_bytes=64 << 20)
+    single = _greedy(smollm2_dir, prompts, **settings)
+    assert _greedy(smollm2_dir, prompts, tensor_parallel_size=3, **settings) == single

@@ -1,0 +1,112 @@
+"""Tensor and expert parallel on 8 virtual CPU devices: same logits as one device, every
+array sharded as the rules table says, and no device holding a whole sharded tensor."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from tests.helpers import engine_request, run_chunks, save_tiny_family, save_tiny_model, tiny_engine
+from xla_inference.parallel.sharding import (LOGICAL_RULES, PARAM_AXES, build_mesh,
+                                             logical_sizes)
+
+PLAN = [{0: 11, 1: 9, 2: 4}, {1: 14, 2: 1}]  # a prefill, a chunked prefill, a decode step
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 128, size=n).tolist() for n in (11, 23, 5)]
+
+
+_SINGLE = {}
+
+
+def _single_device_logits(model_dir):
+    if model_dir not in _SINGLE:
+        _SINGLE[model_dir] = _logits(model_dir)[1]
+    return _SINGLE[model_dir]
+
+
+def _logits(model_dir, mesh=None):
+    engine = tiny_engine(model_dir, mesh=mesh)
+    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(_prompts())]
+    return engine, run_chunks(engine, reqs, PLAN)
+
+
+def _smollm2_shaped(path):
+    """SmolLM2's head layout (9 query heads, 3 KV heads) at tiny size."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=8, bos_token_id=1, eos_token_id=2)
+    return save_tiny_model(path, config)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    return {"qwen3": save_tiny_family(root / "qwen3", "qwen3"),
+            "smollm2-shaped": _smollm2_shaped(root / "smol"),
+            "qwen3_moe": save_tiny_family(root / "moe", "qwen3_moe")}
+
+
+def _expected_spec(path, leaf, cfg, tp) -> PartitionSpec:
+    """The rules table read independently of partition_spec: split a logical axis only when
+    its units and the array dimension divide by tp."""
+    name = next(e.name for e in reversed(path) if isinstance(e, jax.tree_util.GetAttrKey))
+    axes = PARAM_AXES.get((name, leaf.ndim), (None,) * leaf.ndim)
+    sizes = logical_sizes(cfg)
+    spec = []
+    for a, dim in zip(axes, leaf.shape):
+        even = a and sizes.get(a, 0) > 0 and sizes[a] % tp == 0 and dim % tp == 0
+        mesh_axis = LOGICAL_RULES.get(a) if even else None
+        spec.append(None if mesh_axis in spec else mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def _assert_sharded_by_the_rules(engine, tp):
+    cfg = engine.model_cfg
+
+    def check(path, leaf):
+        spec = _expected_spec(path, leaf, cfg, tp)
+        assert leaf.sharding.spec == spec, (jax.tree_util.keystr(path), leaf.sharding.spec, spec)
+        split = [i for i, s in enumerate(spec) if s is not None]
+        for shard in leaf.addressable_shards:  # each device holds only its slice
+            expect = tuple(d // tp if i in split else d for i, d in enumerate(leaf.shape))
+            assert shard.data.shape == expect
+
+    jax.tree_util.tree_map_with_path(check, engine.params)
+    for k, v in engine.kv_cache:
+        for array in (k, v):
+            want = "model" if cfg.num_kv_heads % tp == 0 else None
+            assert array.sharding.spec == PartitionSpec(None, want, None)
+    return sum(spec is not None for leaf in jax.tree.leaves(engine.params)
+               for spec in leaf.sharding.spec)
+
+
+@pytest.mark.parametrize("family,tp", [("qwen3", 2), ("qwen3", 8),
+                                       ("smollm2-shaped", 2), ("smollm2-shaped", 3),
+                                       ("smollm2-shaped", 4), ("qwen3_moe", 4)])
+def test_tensor_parallel_logits_equal_one_device(models, family, tp):
+    assert len(jax.devices()) >= 8
+    single = _single_device_logits(models[family])
+    engine, sharded = _logits(models[family], build_mesh(tp))
+    num_split = _assert_sharded_by_the_rules(engine, tp)
+    assert num_split > 0  # something really is split (the MLP at least)
+    for key, row in single.items():
+        np.testing.assert_allclose(sharded[key], row, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_spreads_the_experts(models):
+    engine, _ = _logits(models["qwen3_moe"], build_mesh(4))
+    moe_layers = [layer.mlp for layer in engine.params.layers if hasattr(layer.mlp, "router")]
+    assert moe_layers
+    for mlp in moe_layers:
+        assert mlp.w_gate.sharding.spec[0] == "model"
+        assert {s.data.shape[0] for s in mlp.w_gate.addressable_shards} == {mlp.w_gate.shape[0] // 4}
+
+
+def test_more_devices_than_exist_is_a_clear_error():
+    with pytest.raises(ValueError, match="tensor_parallel_size=16 .* needs 16 devices"):
+        build_mesh(16)

@@ -177,3 +177,32 @@ def run_chunks(engine, reqs, chunk_plan) -> dict:
             req.num_computed_tokens += n
             rows[(req.req_id, req.num_computed_tokens - 1)] = logits[row]
     return rows
+
+
+def assert_config_edit_names_tensor(model_dir: Path, edit: tuple[str, str], tensor: str) -> None:
+    """Edit config.json (old -> new text) so a weight no longer fits it: loading must fail
+    with a WeightMismatchError naming `tensor`."""
+    import re
+
+    import jax.numpy as jnp
+    import pytest
+
+    from xla_inference.loading.params import WeightMismatchError
+    from xla_inference.models.loader import load_model
+
+    cfg_path = model_dir / "config.json"
+    text = cfg_path.read_text()
+    assert edit[0] in text
+    cfg_path.write_text(text.replace(*edit))
+    with pytest.raises(WeightMismatchError, match=re.escape(repr(tensor))):
+        load_model(model_dir, jnp.float32)
+
+
+def assert_ragged_logits(engine, prompts, expected, plan, tol: float) -> None:
+    """Run `plan` (steps of {request index: tokens}) on `engine`; every computed position's
+    logits must match `expected[request][position]`."""
+    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
+    rows = run_chunks(engine, reqs, plan)
+    assert len(rows) == sum(len(step) for step in plan)
+    for (rid, pos), got in rows.items():
+        np.testing.assert_allclose(got, expected[int(rid[1:])][pos], rtol=tol, atol=tol)

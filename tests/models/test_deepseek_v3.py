@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import (engine_request, hf_logits, read_json, run_chunks, save_tiny_model,
-                           tiny_engine)
+from tests.helpers import (assert_config_edit_names_tensor, assert_ragged_logits, engine_request,
+                           hf_logits, read_json, run_chunks, save_tiny_model, tiny_engine)
 from tests.models.test_families import TOL
 from tests.models.test_moe import LAYER_TOL, _inputs, _random_moe
 from xla_inference.layers.mla import MlaAttention
@@ -85,13 +85,9 @@ def test_logits_match_transformers_ragged(tmp_path, variant):
     engine = tiny_engine(model_dir)
     kinds = [(type(layer.attn), type(layer.mlp)) for layer in engine.params.layers]
     assert kinds == [(MlaAttention, GatedMlp)] + [(MlaAttention, MoeMlp)] * 2
-    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
     # Step 1: full prefill of r0, first chunk of r1, r2's prompt minus its last token.
     # Step 2: r1 the rest (a chunk of 14 after 9 cached tokens), r2 a decode step.
-    rows = run_chunks(engine, reqs, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}])
-    assert len(rows) == 5
-    for (rid, pos), got in rows.items():
-        np.testing.assert_allclose(got, expected[int(rid[1:])][pos], rtol=TOL, atol=TOL)
+    assert_ragged_logits(engine, prompts, expected, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}], TOL)
 
 
 def test_decode_steps_match_transformers(tmp_path):
@@ -209,12 +205,7 @@ def test_config_reads_the_released_layout():
 ])
 def test_mismatched_weights_name_the_tensor(tmp_path, edit, tensor):
     model_dir = save_tiny_deepseek_v3(tmp_path / "m")
-    cfg_path = model_dir / "config.json"
-    text = cfg_path.read_text()
-    assert edit[0] in text
-    cfg_path.write_text(text.replace(*edit))
-    with pytest.raises(WeightMismatchError, match=re.escape(repr(tensor))):
-        load_model(model_dir, jnp.float32)
+    assert_config_edit_names_tensor(model_dir, edit, tensor)
 
 
 def test_missing_score_bias_names_the_tensor(tmp_path):

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import (engine_request, hf_logits, read_json, run_chunks, save_tiny_family,
-                           tiny_engine)
+from tests.helpers import (assert_ragged_logits, engine_request, hf_logits, read_json, run_chunks,
+                           save_tiny_family, tiny_engine)
 from xla_inference.loading.params import WeightMismatchError
 from xla_inference.models import mistral, qwen2, qwen3
 from xla_inference.models.loader import load_model
@@ -50,13 +50,9 @@ def test_logits_match_transformers_ragged(tmp_path, variant):
     prompts = [rng.integers(0, 128, size=n).tolist() for n in (11, 23, 14)]
     expected = [_expected(model_dir, p) for p in prompts]
     engine = tiny_engine(model_dir)
-    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
     # Step 1: full prefill of r0, first chunk of r1, r2's prompt minus its last token.
     # Step 2: r1 the rest (a chunk starting past the window), r2 one token at position 13.
-    rows = run_chunks(engine, reqs, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}])
-    assert len(rows) == 5
-    for (rid, pos), got in rows.items():
-        np.testing.assert_allclose(got, expected[int(rid[1:])][pos], rtol=TOL, atol=TOL)
+    assert_ragged_logits(engine, prompts, expected, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}], TOL)
 
 
 @pytest.mark.parametrize("variant", ["qwen2-window-tied", "mistral"])

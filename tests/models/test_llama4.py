@@ -9,22 +9,19 @@ tuning change transformers' logits, so that matching them proves they are applie
 """
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import (engine_request, hf_logits, read_json, run_chunks, save_tiny_family,
-                           tiny_engine)
+from tests.helpers import (assert_config_edit_names_tensor, assert_ragged_logits, engine_request,
+                           hf_logits, read_json, run_chunks, save_tiny_family, tiny_engine)
 from tests.models.test_families import TOL
 from xla_inference.layers.mlp import GatedMlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp, moe_mlp_dense
 from xla_inference.layers.rope import apply_rope_interleaved, rope_inv_freq
-from xla_inference.loading.params import WeightMismatchError
 from xla_inference.models import llama4
-from xla_inference.models.loader import load_model
 
 LAYER_TOL = 1e-5  # float32 both sides, one block
 CHUNK = 8
@@ -68,13 +65,9 @@ def test_logits_match_transformers_ragged(tmp_path, variant):
     moe_layers = read_json(model_dir / "config.json")["moe_layers"]
     assert _layer_kinds(engine.params) == ["MoeMlp" if i in moe_layers else "GatedMlp"
                                            for i in range(4)]
-    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
     # Step 1: full prefill of r0, first chunk of r1, r2's prompt minus its last token.
     # Step 2: r1 the rest (from position 9, mid attention chunk), r2 a decode step at 13.
-    rows = run_chunks(engine, reqs, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}])
-    assert len(rows) == 5
-    for (rid, pos), got in rows.items():
-        np.testing.assert_allclose(got, expected[int(rid[1:])][pos], rtol=TOL, atol=TOL)
+    assert_ragged_logits(engine, prompts, expected, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}], TOL)
 
 
 def test_decode_steps_across_chunks_match_transformers(tmp_path):
@@ -196,9 +189,4 @@ def test_config_reads_the_llama4_switches():
 ])
 def test_mismatched_weights_name_the_tensor(tmp_path, edit, tensor):
     model_dir = save_tiny_family(tmp_path / "m", "llama4")
-    cfg_path = model_dir / "config.json"
-    text = cfg_path.read_text()
-    assert edit[0] in text
-    cfg_path.write_text(text.replace(*edit))
-    with pytest.raises(WeightMismatchError, match=re.escape(repr(tensor))):
-        load_model(model_dir, jnp.float32)
+    assert_config_edit_names_tensor(model_dir, edit, tensor)

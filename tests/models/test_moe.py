@@ -1,19 +1,17 @@
 """Mixture of experts: the grouped (ragged_dot) block against its dense reference, and the
 native Qwen3-MoE and Mixtral against transformers on tiny random checkpoints."""
 
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import (engine_request, hf_logits, read_json, run_chunks, save_tiny_family,
-                           tiny_engine)
+from tests.helpers import (assert_config_edit_names_tensor, assert_ragged_logits, hf_logits,
+                           read_json, save_tiny_family, tiny_engine)
 from tests.models.test_families import TOL, _expected
 from xla_inference.layers.mlp import GatedMlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp, moe_mlp_dense, route
-from xla_inference.loading.params import WeightMismatchError
 from xla_inference.models import mixtral, qwen3_moe
 from xla_inference.models.loader import load_model
 
@@ -99,13 +97,9 @@ def test_logits_match_transformers_ragged(tmp_path, variant):
     expected = [_expected(model_dir, p) for p in prompts]
     engine = tiny_engine(model_dir)
     _check_family_switches(model_dir, variant, engine.params)
-    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
     # Step 1: full prefill of r0, first chunk of r1, r2's prompt minus its last token.
     # Step 2: r1 the rest (a chunk starting past the window), r2 a decode step at position 13.
-    rows = run_chunks(engine, reqs, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}])
-    assert len(rows) == 5
-    for (rid, pos), got in rows.items():
-        np.testing.assert_allclose(got, expected[int(rid[1:])][pos], rtol=TOL, atol=TOL)
+    assert_ragged_logits(engine, prompts, expected, [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}], TOL)
 
 
 def test_configs_read_the_moe_switches():
@@ -173,9 +167,4 @@ def test_fused_expert_layout_loads_the_same(tmp_path, family, prefix, fused_pref
 ])
 def test_mismatched_weights_name_the_tensor(tmp_path, family, edit, tensor):
     model_dir = save_tiny_family(tmp_path / "m", family)
-    cfg_path = model_dir / "config.json"
-    text = cfg_path.read_text()
-    assert edit[0] in text
-    cfg_path.write_text(text.replace(*edit))
-    with pytest.raises(WeightMismatchError, match=re.escape(repr(tensor))):
-        load_model(model_dir, jnp.float32)
+    assert_config_edit_names_tensor(model_dir, edit, tensor)

@@ -175,7 +175,8 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig, dtype,
     )
 
 
-def _mlp(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
+def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
+    """A layer's MLP, dense or mixture-of-experts by its parameters' type."""
     return moe_mlp(p, x, cfg.moe) if isinstance(p, MoeMlp) else gated_mlp(p, x)
 
 
@@ -185,7 +186,7 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: DecoderConfig, inv
                               scale=cfg.head_dim**-0.5, norm_eps=cfg.rms_norm_eps,
                               sliding_window=window)
     x = x + attn
-    return kv, x + _mlp(layer.mlp, rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps), cfg)
+    return kv, x + mlp_block(layer.mlp, rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps), cfg)
 
 
 def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: DecoderConfig):

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.layers.mla import MlaAttention, cache_width, mla_attention
-from xla_inference.layers.mlp import GatedMlp, gated_mlp
-from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
+from xla_inference.layers.mlp import GatedMlp
+from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq, yarn_inv_freq, yarn_mscale
 from xla_inference.loading.params import take_tensor
 from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderParams, compute_logits, decoder_fields, load_gated_mlp, load_moe_mlp)
+    DecoderParams, compute_logits, decoder_fields, load_gated_mlp, load_moe_mlp, mlp_block)
 from xla_inference.runner.batch import StepBatch
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: halves of [latent, k_rope] [slots, 1, C/2]
@@ -181,9 +181,7 @@ def _layer(layer: DeepseekV3Layer, x, kv, batch: StepBatch, cfg: DeepseekV3Confi
                              rope_scale=rope_scale)
     x = x + attn
     h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
-    if isinstance(layer.mlp, MoeMlp):
-        return kv, x + moe_mlp(layer.mlp, h, cfg.moe)
-    return kv, x + gated_mlp(layer.mlp, h)
+    return kv, x + mlp_block(layer.mlp, h, cfg)
 
 
 def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: DeepseekV3Config):

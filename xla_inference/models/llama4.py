@@ -28,14 +28,13 @@ import numpy as np
 
 from xla_inference.layers.attention import SelfAttention, paged_attention
 from xla_inference.layers.linear import linear
-from xla_inference.layers.mlp import gated_mlp
-from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
+from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import l2_norm, rms_norm
 from xla_inference.layers.rope import apply_rope_interleaved
 from xla_inference.models import decoder
 from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
     DecoderConfig, DecoderLayer, DecoderParams, KVCache, compute_logits, decoder_fields,
-    kv_cache_shape, load_gated_mlp)
+    kv_cache_shape, load_gated_mlp, mlp_block)
 from xla_inference.runner.batch import StepBatch
 
 _CHUNKED = "chunked_attention"
@@ -150,9 +149,7 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: Llama4Config, i: i
     kv, attn = _attention(layer.attn, h, kv, batch, cfg, i, inv_freq)
     x = x + attn
     h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
-    if isinstance(layer.mlp, MoeMlp):
-        return kv, x + moe_mlp(layer.mlp, h, cfg.moe)
-    return kv, x + gated_mlp(layer.mlp, h)
+    return kv, x + mlp_block(layer.mlp, h, cfg)
 
 
 def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: Llama4Config):

@@ -118,9 +118,13 @@ class ModelEngine:
 
         grammar_masks: row -> bool [V] of the tokens a structured output allows."""
         B = logits.shape[0]
-        sampling = build_sampling_batch([(r.options, len(r.output_ids)) for r in requests], B)
-        extras = build_sampling_extras([(r.options, r.token_ids[:r.num_prompt_tokens], r.output_ids)
-                                        for r in requests], B, self.vocab_size, grammar_masks)
+        sampling = build_sampling_batch([(r.options, r.num_output_tokens) for r in requests], B)
+        extras = None
+        # Copy token lists only for steps that build the [B, V] extras (not every decode step).
+        if grammar_masks or any(r.options.needs_extras(r.num_output_tokens) for r in requests):
+            extras = build_sampling_extras(
+                [(r.options, r.token_ids[:r.num_prompt_tokens], r.output_ids) for r in requests],
+                B, self.vocab_size, grammar_masks)
         out = self._run_sample(logits, sampling, extras)
         return jax.tree.map(lambda a: np.asarray(a)[:len(requests)], out)
 
@@ -147,6 +151,7 @@ class ModelEngine:
     def warm_up(self) -> float:
         """Compile (and run once) every bucket's programs, so serving never compiles."""
         start = time.perf_counter()
+        sampler_rows_done = set()
         for i, T in enumerate(self.token_buckets):
             t0 = time.perf_counter()
             layout = self.layout_for(T)
@@ -154,9 +159,11 @@ class ModelEngine:
             step = self._run_forward(batch)
             logits = step.logits
             B = layout.num_seqs
-            greedy = greedy_sampling_batch(B)
-            for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
-                jax.block_until_ready(self._run_sample(logits, greedy, extras))
+            if B not in sampler_rows_done:  # the sampler depends on B only
+                sampler_rows_done.add(B)
+                greedy = greedy_sampling_batch(B)
+                for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
+                    jax.block_until_ready(self._run_sample(logits, greedy, extras))
             logger.info("xla-inference: compiled bucket %d/%d (tokens=%d, seqs=%d) in %.1fs",
                         i + 1, len(self.token_buckets), T, layout.num_seqs, time.perf_counter() - t0)
         hidden = np.zeros((1, step.hidden.shape[1]), step.hidden.dtype)

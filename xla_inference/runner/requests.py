@@ -24,6 +24,10 @@ class RequestState:
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
     def trim_outputs(self, num_output_tokens: int) -> None:
         """Drop sampled tokens the scheduler did not keep (e.g. after a preemption)."""
         del self.token_ids[self.num_prompt_tokens + num_output_tokens:]

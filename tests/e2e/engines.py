@@ -36,3 +36,25 @@ def metric(llm, name: str) -> float:
 
 def num_compilations(llm) -> int:
     return llm.collective_rpc("num_compilations")[0]
+
+
+def greedy_against_transformers(model_dir, num_new: int, kv_cache_memory_bytes: int,
+                                inspect=None):
+    """Greedy output through vllm.LLM (small steps, so the longest prompt is prefilled in
+    chunks) and transformers' greedy output for three prompts: (got, expected, inspected),
+    where `inspected` is inspect(llm) while the engine runs (or None)."""
+    import numpy as np
+
+    from tests.helpers import hf_greedy_ids
+
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 21, 38)]
+    expected = hf_greedy_ids(model_dir, prompts, num_new)
+    llm = start_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=32,
+                    kv_cache_memory_bytes=kv_cache_memory_bytes)
+    try:
+        inspected = inspect(llm) if inspect else None
+        got = generate_ids(llm, prompts, max_tokens=num_new, temperature=0.0, ignore_eos=True)
+    finally:
+        shutdown(llm)
+    return got, expected, inspected

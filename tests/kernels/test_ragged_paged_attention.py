@@ -221,14 +221,15 @@ def test_all_padding_rows_stay_finite():
     _run_and_check(11, [], num_heads=8, num_kv_heads=2)
 
 
-def test_kv_chunk_must_be_block_multiple():
+@pytest.mark.parametrize("knob", ["kv_chunk", "decode_chunk"])
+def test_key_chunks_must_be_block_multiples(knob):
     q = jnp.zeros((4, 8, HEAD_DIM))
     cache = jnp.zeros((NUM_BLOCKS * BLOCK_SIZE, 2, HEAD_DIM))
     ids = jnp.zeros(4, jnp.int32)
     with pytest.raises(AssertionError):
         ragged_paged_attention(q, cache, cache, ids, ids, jnp.zeros((1, 4), jnp.int32),
                                jnp.ones(1, jnp.int32), block_size=BLOCK_SIZE, scale=1.0,
-                               kv_chunk=24)
+                               **{knob: 24})
 
 
 @pytest.mark.parametrize("specs", [MIXED, ONE_PREFILL], ids=["mixed", "prefill"])
@@ -306,16 +307,6 @@ def test_tokens_in_any_order(specs):
     # Shuffled tokens make mostly one-token runs, far more than the decode slots, and
     # several runs per request: the split of the work changes, the results must not.
     _run_and_check(41, specs, num_heads=8, num_kv_heads=2, shuffle=True, decode_group=2)
-
-
-def test_decode_chunk_must_be_block_multiple():
-    q = jnp.zeros((4, 8, HEAD_DIM))
-    cache = jnp.zeros((NUM_BLOCKS * BLOCK_SIZE, 2, HEAD_DIM))
-    ids = jnp.zeros(4, jnp.int32)
-    with pytest.raises(AssertionError):
-        ragged_paged_attention(q, cache, cache, ids, ids, jnp.zeros((1, 4), jnp.int32),
-                               jnp.ones(1, jnp.int32), block_size=BLOCK_SIZE, scale=1.0,
-                               decode_chunk=24)
 
 
 def test_one_program_serves_every_mix():

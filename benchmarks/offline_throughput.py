@@ -34,6 +34,8 @@ def _run_vllm(args) -> dict:
               max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0)
     startup = time.perf_counter() - t0
+    ours = os.environ.get("VLLM_PLUGINS") != "none"
+    compiles_at_ready = llm.collective_rpc("num_compilations")[0] if ours else None
     prompts = [{"prompt_token_ids": p}
                for p in _prompts(args.num_prompts, args.input_len, 49152)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -44,9 +46,16 @@ def _run_vllm(args) -> dict:
         if i:  # the first pass warms up
             times.append(time.perf_counter() - t0)
         assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+        print(f"pass {i}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        if ours and i == 0:
+            llm.collective_rpc("step_stats")  # reset: report the timed passes only
     extra = {}
-    if os.environ.get("VLLM_PLUGINS") != "none":
-        extra["compilations_after_warmup"] = llm.collective_rpc("num_compilations")[0]
+    if ours:
+        extra["compilations_after_warmup"] = (llm.collective_rpc("num_compilations")[0]
+                                              - compiles_at_ready)
+        stats = llm.collective_rpc("step_stats")[0]
+        if stats["steps"]:
+            extra["step_stats"] = stats
     return dict(startup_s=startup, times_s=times, **extra)
 
 
@@ -81,17 +90,21 @@ def _launch(backend: str, dtype: str, argv: list[str]) -> dict:
     env = dict(os.environ)
     if backend == "vllm-cpu":
         env["VLLM_PLUGINS"] = "none"
+    if backend == "xla-stats":  # a separate run: waiting on every program serialises the step
+        backend, env["XLA_INFERENCE_STEP_STATS"] = "xla", "1"
     cmd = [sys.executable, __file__, "--child", backend, "--dtype", dtype, *argv]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    raise RuntimeError(f"{backend} failed (its log is above):\n{proc.stdout[-3000:]}")
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--backends", default="xla,vllm-cpu,hf")
+    p.add_argument("--backends", default="xla,vllm-cpu,hf",
+                   help="any of xla, vllm-cpu, hf, xla-stats (xla again, reporting the host "
+                        "overhead: the share of step time outside the compiled programs)")
     p.add_argument("--dtypes", default="xla=auto,vllm-cpu=bfloat16,hf=bfloat16",
                    help="dtype per backend")
     p.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2)")

@@ -9,9 +9,10 @@ positions, not `max_blocks`.
 The token axis is cut into runs of equal seq_id (a request's tokens are contiguous; the
 runner's padding tokens form a run of their own). Two paths share the work:
 - decode tokens (runs of one token) are batched, in groups of similar context length.
-  Each token gathers its own key pages chunk by chunk; its dots have only G query rows,
-  so the chunk is gathered straight into the layouts in which XLA's CPU batched dots are
-  fastest. Gathering the pages is most of the cost of this path.
+  Each token gathers its own key pages chunk by chunk; with only G query rows per kv
+  head, scores and values are products summed over the gathered chunk (multiply-reduce),
+  which XLA's CPU backend runs faster than batched dots. Gathering the pages is most of
+  the cost of this path.
 - every other run is cut into tiles of `tile` consecutive tokens. A tile gathers its
   sequence's key pages once per chunk, for all its tokens, and runs real matmuls
   ([tile*G, H] x [H, chunk] per kv head). Small tiles (16) waste little on the short runs
@@ -167,17 +168,18 @@ def _decode_group(q, positions, rows, valid, k_pages, v_pages, block_tables, *,
     def body(state):
         i, m, l, acc = state
         k, v = _gather_keys_values(k_pages, v_pages, block_tables, rows, i * num_blocks,
-                                   num_blocks, kv_shape, shared_kv)
-        # Batch dims leading and keys transposed: the layouts in which XLA's CPU batched
-        # dots run several times faster than on the gathered [D, C, K, H].
-        k = k.transpose(0, 2, 3, 1)  # [D, K, H, C]
-        v = v.transpose(0, 2, 1, 3)  # [D, K, C, H]
+                                   num_blocks, kv_shape, shared_kv)  # [D, C, K, H]
         key_pos = i * kv_chunk + jnp.arange(kv_chunk, dtype=jnp.int32)
         mask = _key_mask(masked_pos, key_pos, sliding_window,
                          attention_chunk)[:, None, None, :]  # [D,1,1,C]
-        scores = jnp.einsum("dkgh,dkhc->dkgc", q, k.astype(jnp.float32))
+        # Products and sums over the gathered layout, not einsums: XLA's CPU backend runs
+        # these as fused multiply-reduce kernels straight on the gathered chunk, about 1.5-2x
+        # faster than batched dots with only G rows (which also needed transposed copies).
+        scores = jnp.sum(q[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1)
+        scores = scores.transpose(0, 2, 3, 1)  # [D, C, K, G] -> [D, K, G, C]
         p, alpha, (m, l) = _softmax_step((m, l), _cap(scores, soft_cap), mask, axis=-1)
-        pv = jnp.einsum("dkgc,dkch->dkgh", p, v.astype(jnp.float32))
+        pv = jnp.sum(p.transpose(0, 3, 1, 2)[..., None] * v[:, :, :, None, :].astype(jnp.float32),
+                     axis=1)  # [D, C, K, G, H] summed over C
         return i + 1, m, l, alpha[..., None] * acc + pv
 
     return _run_online_softmax(body, lo, hi, kv_chunk, (num_slots, num_kv_heads, group), head_dim)

@@ -51,7 +51,9 @@ class XlaModelRunner:
     def execute_model(self, so):
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
+            self.engine.stats.idle()
             return EMPTY_MODEL_RUNNER_OUTPUT
+        self.engine.stats.step_started()
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()]
         # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
         self._pending = (scheduled, self.engine.forward(scheduled))

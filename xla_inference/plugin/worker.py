@@ -174,6 +174,10 @@ class XlaWorker(WorkerBase):
 
         return compile_counter.num_compilations()
 
+    def step_stats(self) -> dict:
+        """Host/device time split since the last call (XLA_INFERENCE_STEP_STATS=1), and resets it."""
+        return self.model_runner.engine.stats.report()
+
     def synchronize_device(self) -> None:
         """JAX results are waited on when they are read."""
 

@@ -3,9 +3,18 @@
 import bisect
 
 
+# Below 16 tokens only 2 and 4: decode steps of one or a few requests are bound by reading
+# the weights, and padding them to 16 rows made a batch-1 decode step of SmolLM2 take 2x
+# longer; every bucket adds a compile at start-up. Not 1: with one token XLA's CPU backend
+# turns the KV scatter into an update that copies each layer's whole cache (4 copies per
+# layer, 10x slower).
+_SMALL_BUCKETS = (2, 4)
+
+
 def token_buckets(max_num_tokens: int, smallest: int = 16) -> list[int]:
-    """Powers of two from `smallest`, ending with exactly `max_num_tokens`."""
-    buckets, size = [], smallest
+    """2 and 4, then powers of two from `smallest`, ending with exactly `max_num_tokens`."""
+    buckets = [b for b in _SMALL_BUCKETS if b < min(smallest, max_num_tokens)]
+    size = smallest
     while size < max_num_tokens:
         buckets.append(size)
         size *= 2

@@ -22,6 +22,7 @@ from xla_inference.runner.batch import (SampleOutput, SamplingBatch, SamplingExt
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
 from xla_inference.runner.sampling import build_sampling_batch, build_sampling_extras
+from xla_inference.runner.step_stats import StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class ModelEngine:
         self._score = jax.jit(functools.partial(_score_tokens, model, engine_cfg.max_logprobs))
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
+        self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def layout_for(self, num_tokens: int) -> BatchLayout:
         T = pick_bucket(self.token_buckets, num_tokens)
@@ -109,7 +111,8 @@ class ModelEngine:
         return self._run_forward(batch)
 
     def _run_forward(self, batch: StepBatch) -> StepOutput:
-        self.kv_cache, logits, hidden = self._forward(self.params, self.kv_cache, batch)
+        self.kv_cache, logits, hidden = self.stats.run(self._forward, self.params, self.kv_cache,
+                                                       batch)
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],
@@ -131,7 +134,7 @@ class ModelEngine:
     def _run_sample(self, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
         self._num_steps += 1
         step = np.uint32(self._num_steps)
-        return self._sample(logits, sampling, extras, self._base_key, step)
+        return self.stats.run(self._sample, logits, sampling, extras, self._base_key, step)
 
     def score_tokens(self, hidden: jax.Array, rows: np.ndarray, next_ids: np.ndarray):
         """Logprobs of `next_ids` after the hidden states at `rows` of a step, with the top

@@ -1,0 +1,123 @@
+"""Core-only step benchmark: the engine's compiled forward step, without vLLM.
+
+Run: .venv/bin/python benchmarks/core_step.py [--dtype float32] [--repeats 5]
+
+Needs only JAX and this package (so it runs on an accelerator machine without vLLM). Loads
+SmolLM2-135M (the embedded GGUF) into the engine and times, as medians over `--repeats`
+runs after a compile run:
+- decode steps at batch 1 and 64 (contexts ~300 tokens), against the memory-bandwidth
+  roofline: the bytes a step must read (every weight once, plus each sequence's K/V)
+  divided by the bandwidth of a large on-device reduction measured in the same run;
+- a 512-token prefill, as FLOP/s against the matmul peak measured on the same device
+  (a [2048, 2048] x [2048, 2048] matmul in the step's dtype).
+Prints one table; --json writes the figures to a file as well.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPUs: allocate as needed
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from xla_inference.loading.default_model import prepare_default_model  # noqa: E402
+from xla_inference.models.loader import load_model  # noqa: E402
+from xla_inference.runner.engine import EngineConfig, ModelEngine  # noqa: E402
+from xla_inference.runner.requests import RequestState  # noqa: E402
+
+BLOCK = 16
+
+
+def _median_seconds(fn, repeats):
+    jax.block_until_ready(fn())  # compile / warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _decode_requests(num, context, rng):
+    pages_each = (context + BLOCK) // BLOCK + 1
+    reqs = []
+    for i in range(num):
+        blocks = list(range(1 + i * pages_each, 1 + (i + 1) * pages_each))
+        tokens = rng.integers(0, 49152, size=context + 1).tolist()
+        reqs.append((RequestState(f"d{i}", tokens, context, blocks, num_computed_tokens=context), 1))
+    return reqs
+
+
+def measure_bandwidth(repeats, nbytes=1 << 30):
+    """Bytes/s of summing a large array already on the device (a read-bound reduction)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a.sum())
+    return nbytes / _median_seconds(lambda: f(x), repeats)
+
+
+def measure_matmul_peak(dtype, repeats, n=2048):
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * n**3 / _median_seconds(lambda: f(a, a), repeats)
+
+
+def _param_bytes(params):
+    return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def _matmul_flops_per_token(cfg):
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qkv_o = D * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * D
+    return 2 * L * (qkv_o + 3 * D * F)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--context", type=int, default=300)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    module, cfg, params = load_model(prepare_default_model(), dtype)
+    ecfg = EngineConfig(num_blocks=64 * (args.context // BLOCK + 2) + 64, block_size=BLOCK,
+                        max_num_tokens=512, max_num_seqs=64, max_model_len=1024)
+    engine = ModelEngine(module, cfg, params, ecfg, dtype)
+    rng = np.random.default_rng(0)
+    bandwidth = measure_bandwidth(args.repeats)
+    peak = measure_matmul_peak(dtype, args.repeats)
+    weights = _param_bytes(engine.params)
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    rows = {}
+    for batch in (1, 64):
+        reqs = _decode_requests(batch, args.context, rng)
+        t = _median_seconds(lambda: engine.forward(reqs).logits, args.repeats)
+        need = weights + batch * (args.context + 1) * kv_per_token
+        rows[f"decode_b{batch}"] = dict(seconds=t, roofline_seconds=need / bandwidth,
+                                        tokens_per_s=batch / t)
+    prefill = [(RequestState("p", rng.integers(0, 49152, size=512).tolist(), 512,
+                             list(range(1, 1 + 512 // BLOCK)), 0), 512)]
+    t = _median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
+    flops = 512 * _matmul_flops_per_token(cfg)
+    rows["prefill_512"] = dict(seconds=t, flops_per_s=flops / t, matmul_peak_flops_per_s=peak)
+    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, dtype {args.dtype}, "
+          f"weights {weights / 2**20:.0f} MiB, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s")
+    for name, r in rows.items():
+        extra = (f"roofline {r['roofline_seconds'] * 1e3:8.2f} ms  ({r['roofline_seconds'] / r['seconds']:.0%} of it)"
+                 if "roofline_seconds" in r else
+                 f"{r['flops_per_s'] / 1e9:6.1f} GFLOP/s ({r['flops_per_s'] / peak:.0%} of matmul peak)")
+        print(f"{name:12s} {r['seconds'] * 1e3:9.2f} ms   {extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, dtype=args.dtype,
+                           bandwidth=bandwidth, matmul_peak=peak, **rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Start a vLLM OpenAI server, wait until /health answers, stop it with all its processes.
+
+Shared by benchmarks/serving.py and benchmarks/startup.py. The server runs in its own
+session (process group), so stopping it reaches the API server and the engine core alike:
+SIGINT to the group, a grace period, then SIGKILL.
+"""
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+
+from xla_inference.loading.default_model import DEFAULT_MODEL_NAME
+
+
+def xla_serve_cmd(*args: str) -> list[str]:
+    """The README's serve command (prepares and serves the default model by itself)."""
+    return [sys.executable, "-m", "xla_inference.cli", "serve", *args]
+
+
+def vllm_serve_cmd(model_dir: str, *args: str) -> list[str]:
+    """vLLM's own server, serving `model_dir` under the default model's name."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--served-model-name", DEFAULT_MODEL_NAME, *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: str, n: int = 40) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies do not count)."""
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_gone(proc: subprocess.Popen, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        proc.poll()  # reap the direct child
+        if not _group_alive(proc.pid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGINT the server's process group, wait `grace` seconds, then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
+        if not _group_alive(proc.pid):
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        if _wait_gone(proc, wait):
+            break
+        print(f"server group {proc.pid} still alive after {signal.Signals(sig).name}",
+              file=sys.stderr, flush=True)
+    proc.wait()
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log_path: str, timeout: float,
+               t0: float) -> float:
+    """Poll /health until it answers 200; return seconds since `t0` (the launch)."""
+    url = f"http://127.0.0.1:{port}/health"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready; "
+                               f"log {log_path}:\n{log_tail(log_path)}")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"server not ready after {timeout:.0f}s; log {log_path}:\n"
+                               f"{log_tail(log_path)}")
+        time.sleep(0.5)
+
+
+@contextmanager
+def server(cmd: list[str], port: int, log_path: str, env: dict | None = None,
+           timeout: float = 1800.0):
+    """Launch `cmd` (it must listen on `port`), yield the seconds it took to be ready,
+    and stop it (with its engine processes) on the way out, whatever happened."""
+    # A SIGTERM to this script must still stop the server: turn it into SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with open(log_path, "w") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield wait_ready(proc, port, log_path, timeout, t0)
+    finally:
+        stop(proc)

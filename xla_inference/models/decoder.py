@@ -9,6 +9,7 @@ which layers have experts. Each family file turns its HF config into a DecoderCo
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -180,6 +181,9 @@ def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig) -> jax.Arr
     return moe_mlp(p, x, cfg.moe) if isinstance(p, MoeMlp) else gated_mlp(p, x)
 
 
+# Jitted on its own: the step traces and lowers each distinct layer once, not once per
+# layer (XLA inlines the calls, so the compiled program is the same as when unrolled).
+@functools.partial(jax.jit, static_argnames=("cfg", "window"))
 def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: DecoderConfig, inv_freq, window):
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
     kv, attn = self_attention(layer.attn, h, kv, batch, inv_freq, head_dim=cfg.head_dim,

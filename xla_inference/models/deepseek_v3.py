@@ -14,6 +14,7 @@ rotated q and k, and multiplies the softmax scale by mscale(factor, mscale_all_d
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -174,6 +175,7 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: DeepseekV3Config, dtype)
                          lm_head=get(head_name, (V, D), True))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_scale"))  # see decoder._layer
 def _layer(layer: DeepseekV3Layer, x, kv, batch: StepBatch, cfg: DeepseekV3Config, inv_freq,
            rope_scale: float):
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)

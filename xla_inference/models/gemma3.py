@@ -143,6 +143,7 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: Gemma3Config, dtype) -> 
     )
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "window"))  # traced once: see decoder._layer
 def _decoder_layer(layer: Gemma3Layer, x, kv, batch: StepBatch, cfg: Gemma3Config, inv_freq, window):
     norm = functools.partial(gemma_rms_norm, eps=cfg.rms_norm_eps)
     kv, attn = self_attention(

@@ -1,8 +1,9 @@
 """Offline throughput through vllm.LLM: xla-inference vs vLLM's CPU backend vs HF generate.
 
-N prompts of random token ids, fixed input/output lengths, greedy, ignore_eos. Each backend
-runs in its own process (one engine), one untimed warm-up pass, then `--repeats` timed
-passes; the median is reported.
+N prompts of random token ids (new ones each pass, so no prefix-cache hits), fixed
+input/output lengths, greedy, ignore_eos. Each backend runs in its own process (one
+engine), one untimed warm-up pass, then `--repeats` timed passes; the median is reported.
+dtype "auto" for xla serves float32 on the CPU (see plugin/platform.py).
 
     .venv/bin/python benchmarks/offline_throughput.py --backends xla,vllm-cpu,hf
 """
@@ -32,15 +33,18 @@ def _run_vllm(args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0)
+              kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0,
+              **({} if args.async_scheduling is None else
+                 dict(async_scheduling=args.async_scheduling == "on")))
     startup = time.perf_counter() - t0
     ours = os.environ.get("VLLM_PLUGINS") != "none"
     compiles_at_ready = llm.collective_rpc("num_compilations")[0] if ours else None
-    prompts = [{"prompt_token_ids": p}
-               for p in _prompts(args.num_prompts, args.input_len, 49152)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     times = []
     for i in range(args.repeats + 1):
+        # New prompts each pass: repeating them would turn the prefill into prefix-cache hits.
+        prompts = [{"prompt_token_ids": p}
+                   for p in _prompts(args.num_prompts, args.input_len, 49152, seed=i)]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         if i:  # the first pass warms up
@@ -68,10 +72,10 @@ def _run_hf(args) -> dict:
     dtype = torch.float32 if args.dtype in ("float32", "auto") else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(args.model or prepare_default_model(),
                                                  torch_dtype=dtype).eval()
-    ids = torch.tensor(_prompts(args.num_prompts, args.input_len, 49152))
     times = []
     with torch.no_grad():
         for i in range(args.repeats + 1):
+            ids = torch.tensor(_prompts(args.num_prompts, args.input_len, 49152, seed=i))
             t0 = time.perf_counter()
             out = model.generate(ids, max_new_tokens=args.output_len,
                                  min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
@@ -114,6 +118,8 @@ def main():
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--async-scheduling", choices=("on", "off"), default=None,
+                   help="vLLM's async scheduling (default: vLLM's choice per backend)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()

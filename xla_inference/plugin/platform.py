@@ -36,10 +36,15 @@ class XlaPlatform(Platform):
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
-        # The first entry is what dtype="auto" gives a float32 checkpoint. XLA's CPU backend
-        # runs float32 faster than bfloat16 (no native bf16 matmuls), accelerators the reverse.
+        # What dtype="auto" picks: the checkpoint's dtype when listed here, else the first
+        # entry (an explicit --dtype is not checked against this list). On the host CPU only
+        # float32 is listed, so that "auto" serves bfloat16 checkpoints in float32: XLA's CPU
+        # backend has no native bf16 matmul: with bf16 the decode attention per layer took
+        # ~4-6x longer and a batch-2 matvec ~1.7x longer than in float32 (benchmarks/
+        # RESULTS.md). vLLM logs that it "falls back" to float32.
+        # Accelerators are the reverse.
         if _jax_runs_on_host():
-            return [torch.float32, torch.bfloat16]
+            return [torch.float32]
         return [torch.bfloat16, torch.float32]
 
     @classmethod

@@ -112,7 +112,7 @@ class ModelEngine:
 
     def _run_forward(self, batch: StepBatch) -> StepOutput:
         self.kv_cache, logits, hidden = self.stats.run(self._forward, self.params, self.kv_cache,
-                                                       batch)
+                                                       batch, bucket=batch.input_ids.shape[0])
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],

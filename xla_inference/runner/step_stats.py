@@ -22,6 +22,8 @@ class StepStats:
     steps: int = 0
     wall_s: float = 0.0
     device_s: float = 0.0
+    # token bucket -> [programs run, seconds]: where the device time went
+    by_bucket: dict = dataclasses.field(default_factory=dict)
     _last_start: float | None = None
     _pending_device: float = 0.0  # device time of the step still running
 
@@ -39,19 +41,26 @@ class StepStats:
         """Nothing scheduled: the step still open is dropped (its end is unknown)."""
         self._last_start, self._pending_device = None, 0.0
 
-    def run(self, fn, *args):
-        """fn(*args); when enabled, wait for the result and count the time as device time."""
+    def run(self, fn, *args, bucket=None):
+        """fn(*args); when enabled, wait for the result and count the time as device time
+        (also per `bucket`, when given)."""
         if not self.enabled:
             return fn(*args)
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(*args))
-        self._pending_device += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self._pending_device += seconds
+        if bucket is not None:
+            entry = self.by_bucket.setdefault(bucket, [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
         return out
 
     def report(self, reset: bool = True) -> dict:
         out = dict(steps=self.steps, wall_s=self.wall_s, device_s=self.device_s,
-                   host_share=(1 - self.device_s / self.wall_s) if self.wall_s else None)
+                   host_share=(1 - self.device_s / self.wall_s) if self.wall_s else None,
+                   forward_by_bucket={str(k): v for k, v in sorted(self.by_bucket.items())})
         if reset:
-            self.steps, self.wall_s, self.device_s = 0, 0.0, 0.0
+            self.steps, self.wall_s, self.device_s, self.by_bucket = 0, 0.0, 0.0, {}
             self.idle()
         return out

@@ -3,7 +3,8 @@
 N prompts of random token ids (new ones each pass, so no prefix-cache hits), fixed
 input/output lengths, greedy, ignore_eos. Each backend runs in its own process (one
 engine), one untimed warm-up pass, then `--repeats` timed passes; the median is reported.
-dtype "auto" for xla serves float32 on the CPU (see plugin/platform.py).
+xla runs float32 by default (faster with XLA's CPU backend; see RESULTS.md for why not
+"auto" yet).
 
     .venv/bin/python benchmarks/offline_throughput.py --backends xla,vllm-cpu,hf
 """
@@ -109,7 +110,7 @@ def main():
     p.add_argument("--backends", default="xla,vllm-cpu,hf",
                    help="any of xla, vllm-cpu, hf, xla-stats (xla again, reporting the host "
                         "overhead: the share of step time outside the compiled programs)")
-    p.add_argument("--dtypes", default="xla=auto,vllm-cpu=bfloat16,hf=bfloat16",
+    p.add_argument("--dtypes", default="xla=float32,vllm-cpu=bfloat16,hf=bfloat16",
                    help="dtype per backend")
     p.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2)")
     p.add_argument("--num-prompts", type=int, default=64)

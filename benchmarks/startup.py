@@ -83,7 +83,7 @@ def main():
         for i in range(args.runs):
             state = "warm" if _cache_entries(cache_root) else "cold"
             port = args.port or free_port()
-            cmd = xla_serve_cmd("--host", "127.0.0.1", "--port", str(port),
+            cmd = xla_serve_cmd("--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                                 "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
                                 *extra)
             log = os.path.join(log_dir, f"run{i + 1}-{state}.server.log")

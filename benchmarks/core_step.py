@@ -33,7 +33,7 @@ from xla_inference.runner.requests import RequestState  # noqa: E402
 BLOCK = 16
 
 
-def _median_seconds(fn, repeats):
+def median_seconds(fn, repeats):
     jax.block_until_ready(fn())  # compile / warm
     times = []
     for _ in range(repeats):
@@ -43,7 +43,7 @@ def _median_seconds(fn, repeats):
     return statistics.median(times)
 
 
-def _decode_requests(num, context, rng):
+def decode_requests(num, context, rng):
     pages_each = (context + BLOCK) // BLOCK + 1
     reqs = []
     for i in range(num):
@@ -57,13 +57,13 @@ def measure_bandwidth(repeats, nbytes=1 << 30):
     """Bytes/s of summing a large array already on the device (a read-bound reduction)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a.sum())
-    return nbytes / _median_seconds(lambda: f(x), repeats)
+    return nbytes / median_seconds(lambda: f(x), repeats)
 
 
 def measure_matmul_peak(dtype, repeats, n=2048):
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    return 2 * n**3 / _median_seconds(lambda: f(a, a), repeats)
+    return 2 * n**3 / median_seconds(lambda: f(a, a), repeats)
 
 
 def _param_bytes(params):
@@ -95,14 +95,14 @@ def main():
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     rows = {}
     for batch in (1, 64):
-        reqs = _decode_requests(batch, args.context, rng)
-        t = _median_seconds(lambda: engine.forward(reqs).logits, args.repeats)
+        reqs = decode_requests(batch, args.context, rng)
+        t = median_seconds(lambda: engine.forward(reqs).logits, args.repeats)
         need = weights + batch * (args.context + 1) * kv_per_token
         rows[f"decode_b{batch}"] = dict(seconds=t, roofline_seconds=need / bandwidth,
                                         tokens_per_s=batch / t)
     prefill = [(RequestState("p", rng.integers(0, 49152, size=512).tolist(), 512,
                              list(range(1, 1 + 512 // BLOCK)), 0), 512)]
-    t = _median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
+    t = median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
     flops = 512 * _matmul_flops_per_token(cfg)
     rows["prefill_512"] = dict(seconds=t, flops_per_s=flops / t, matmul_peak_flops_per_s=peak)
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, dtype {args.dtype}, "

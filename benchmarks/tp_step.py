@@ -11,15 +11,12 @@ Prints the median time of a 16-sequence decode step (contexts ~200) and a 128-to
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -29,27 +26,9 @@ from xla_inference.parallel.sharding import build_mesh  # noqa: E402
 from xla_inference.runner.engine import EngineConfig, ModelEngine  # noqa: E402
 from xla_inference.runner.requests import RequestState  # noqa: E402
 
+from core_step import decode_requests, median_seconds  # noqa: E402  (same directory)
+
 BLOCK = 16
-
-
-def _requests(num, context, rng, first_page=1):
-    pages_each = (context + BLOCK) // BLOCK + 1
-    reqs = []
-    for i in range(num):
-        blocks = list(range(first_page + i * pages_each, first_page + (i + 1) * pages_each))
-        tokens = rng.integers(0, 49152, size=context + 1).tolist()
-        reqs.append(RequestState(f"r{i}", tokens, context, blocks, num_computed_tokens=context))
-    return reqs
-
-
-def _median_seconds(fn, repeats):
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -61,14 +40,14 @@ def main():
     ecfg = EngineConfig(num_blocks=512, block_size=BLOCK, max_num_tokens=128, max_num_seqs=16,
                         max_model_len=1024)
     rng = np.random.default_rng(0)
-    decode = [(r, 1) for r in _requests(16, 200, rng)]
+    decode = decode_requests(16, 200, rng)
     prefill = [(RequestState("p", rng.integers(0, 49152, size=128).tolist(), 128,
                              list(range(300, 310)), 0), 128)]
     print(f"{'TP':>3} {'decode b16 (s)':>15} {'prefill 128 (s)':>16}")
     for tp in args.sizes:
         engine = ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=build_mesh(tp))
-        d = _median_seconds(lambda: engine.forward(decode).logits, args.repeats)
-        p = _median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
+        d = median_seconds(lambda: engine.forward(decode).logits, args.repeats)
+        p = median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
         print(f"{tp:>3} {d:>15.3f} {p:>16.3f}", flush=True)
 
 

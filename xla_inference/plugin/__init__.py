@@ -8,9 +8,6 @@ def register() -> str | None:
     # The V2 model runner switches itself on when Triton imports and changes what the
     # scheduler sends; our runner implements the V1 contract.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    from vllm.config.model import ModelConfig
-
-    from xla_inference.plugin.platform import _allow_heads_that_do_not_split
-
-    _allow_heads_that_do_not_split(ModelConfig)
+    # No vLLM config imports here: this runs while vLLM is still choosing the platform, and
+    # a module imported now would bind a CPU platform as its `current_platform`.
     return "xla_inference.plugin.platform.XlaPlatform"

@@ -49,6 +49,13 @@ class XlaPlatform(Platform):
         return [torch.bfloat16, torch.float32]
 
     @classmethod
+    def pre_register_and_update(cls, parser=None) -> None:
+        """Called by EngineArgs before it builds the ModelConfig (and by the CLI's parser)."""
+        from vllm.config.model import ModelConfig
+
+        _allow_heads_that_do_not_split(ModelConfig)
+
+    @classmethod
     def import_kernels(cls) -> None:
         """vLLM's C++ kernels are not used (and its default build needs AVX-512)."""
 

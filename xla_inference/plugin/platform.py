@@ -41,8 +41,8 @@ class XlaPlatform(Platform):
         # float32 is listed, so that "auto" serves bfloat16 checkpoints in float32: XLA's CPU
         # backend has no native bf16 matmul: with bf16 the decode attention per layer took
         # ~4-6x longer and a batch-2 matvec ~1.7x longer than in float32 (benchmarks/
-        # RESULTS.md). vLLM logs that it "falls back" to float32. Not in effect yet: register()
-        # binds vLLM's CPU platform inside vllm.config.model (fix on branch fix/dtype-auto).
+        # RESULTS.md). vLLM logs that it "falls back" to float32. This list is only consulted
+        # if register() imports no vLLM config module (tests/test_platform.py).
         # Accelerators are the reverse.
         if _jax_runs_on_host():
             return [torch.float32]

@@ -9,6 +9,11 @@ rates; then stop the server and its engine process.
 
     .venv/bin/python benchmarks/serving.py --backends xla,vllm-cpu --request-rates 1,4,inf
 
+Batch-1 latency (TTFT of a 512-token prompt, TPOT alone on the server):
+
+    .venv/bin/python benchmarks/serving.py --request-rates inf --max-concurrency 1 \
+        --num-prompts 8 --input-len 512 --output-len 64 --max-model-len 1024
+
 It prints one row per backend and rate (ready seconds; request/s and output tok/s; TTFT, TPOT
 and ITL median and p99 in ms), then xla / vllm-cpu ratios per rate (above 1: xla is faster
 for the throughputs, slower for the latencies). `--json PATH` writes every figure `vllm bench
@@ -55,6 +60,7 @@ def _bench(args, port: int, rate: str, seed: int, model_dir: str, log_dir: str,
            "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
            "--ignore-eos", "--temperature", "0", "--request-rate", rate, "--seed", str(seed),
            "--num-warmups", str(args.num_warmups), "--disable-tqdm",
+           *(["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []),
            "--save-result", "--result-dir", log_dir, "--result-filename", f"{name}.json"]
     log = os.path.join(log_dir, f"{name}.client.log")
     with open(log, "w") as f:
@@ -99,6 +105,8 @@ def main():
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-warmups", type=int, default=0,
                    help="untimed requests before each rate (they reuse its first prompt)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="at most this many requests in flight (1: batch-1 TTFT and TPOT)")
     p.add_argument("--seed", type=int, default=0, help="prompts of rate i use seed + i")
     p.add_argument("--dtypes", default="xla=float32,vllm-cpu=bfloat16")
     p.add_argument("--max-model-len", type=int, default=512)

@@ -51,9 +51,7 @@ class XlaPlatform(Platform):
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
         """Called by EngineArgs before it builds the ModelConfig (and by the CLI's parser)."""
-        from vllm.config.model import ModelConfig
-
-        _allow_heads_that_do_not_split(ModelConfig)
+        patch_vllm_config()
 
     @classmethod
     def import_kernels(cls) -> None:
@@ -82,6 +80,7 @@ class XlaPlatform(Platform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         # Runs in the front-end and again in the engine core: idempotent by construction.
+        patch_vllm_config()
         from vllm.config import CompilationMode
         from vllm.config.compilation import CUDAGraphMode
 
@@ -123,6 +122,17 @@ class XlaPlatform(Platform):
         for name in ("logprob_token_ids", "prompt_logprob_token_ids"):
             if getattr(params, name, None):
                 raise ValueError(f"xla-inference does not support the sampling parameter {name}")
+
+
+def patch_vllm_config() -> None:
+    """Our changes to vLLM's config checks, in every process that builds or re-checks a
+    VllmConfig: the front-end (pre_register_and_update), the engine core (the worker, before
+    the handshake re-runs the checks) and any later check (check_and_update_config). Never at
+    import or in register(): vLLM is still choosing the platform then, and importing its
+    config modules would bind a CPU platform inside them (tests/test_platform.py)."""
+    from vllm.config.model import ModelConfig
+
+    _allow_heads_that_do_not_split(ModelConfig)
 
 
 def _allow_heads_that_do_not_split(model_config_cls) -> None:

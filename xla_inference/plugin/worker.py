@@ -10,6 +10,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from xla_inference.plugin.model_runner import XlaModelRunner
+from xla_inference.plugin.platform import patch_vllm_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class XlaWorker(WorkerBase):
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method,
                  is_driver_worker=False):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
+        patch_vllm_config()  # the engine core re-checks its VllmConfig after start-up
         _tolerate_missing_accelerator()
         _route_logs_through_vllm()
         self.model = None  # (module, config, params)

@@ -1,9 +1,11 @@
 """The device-side engine: parameters, the paged KV cache and the compiled step programs."""
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import math
+import os
 import time
 from types import ModuleType
 
@@ -66,6 +68,56 @@ def _score_tokens(model: ModuleType, num_logprobs: int, params, hidden, token_id
     return gather_logprobs(model.compute_logits(params, hidden), token_ids, num_logprobs)
 
 
+class Programs:
+    """One jitted function and its executables compiled ahead of time, by input shape.
+
+    Start-up lowers each shape in turn (tracing is Python and cheap: ~0.4 s a bucket) and
+    compiles them all at once on a thread pool: XLA compiles, and loads from the persistent
+    cache (2-4 s a bucket for SmolLM2 even when cached), outside the GIL. Nothing is run to
+    warm up. A call whose shapes were not compiled ahead falls back to the jit, which
+    compiles then (and shows in compile_counter).
+    """
+
+    def __init__(self, jitted, key):
+        self.jitted, self.key, self.compiled = jitted, key, {}
+
+    def compile_all(self, examples: list[tuple]) -> dict:
+        """Compile for each example's shapes (arrays or ShapeDtypeStructs); -> {key: seconds
+        its compile took (they overlap)}."""
+        lowered = {}
+        for args in examples:
+            k = self.key(*args)
+            if k not in self.compiled and k not in lowered:
+                lowered[k] = self.jitted.lower(*args)
+
+        def compile_one(item):
+            t0 = time.perf_counter()
+            return item[0], item[1].compile(), time.perf_counter() - t0
+
+        seconds = {}
+        workers = max(1, min(len(lowered), _compile_threads()))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for k, compiled, took in pool.map(compile_one, lowered.items()):
+                self.compiled[k], seconds[k] = compiled, took
+        return seconds
+
+    def __call__(self, *args):
+        return self.compiled.get(self.key(*args), self.jitted)(*args)
+
+
+def _compile_threads() -> int:
+    """Programs compiled at once: the cores this process may use, at most 8 (memory)."""
+    return min(len(os.sched_getaffinity(0)), 8)
+
+
+def _batch_key(params, kv_cache, batch: StepBatch):
+    return batch.input_ids.shape[0]
+
+
+def _sample_key(logits, sampling, extras, base_key, step):
+    return logits.shape[0], extras is None
+
+
 class ModelEngine:
     """Owns params and KV cache; runs one ragged step at a time on padded buckets."""
 
@@ -86,10 +138,13 @@ class ModelEngine:
             kv_shardings.append((sharding, sharding))
         whole = replicated(self.mesh)
         # The cache keeps its sharding from step to step (a change would recompile).
-        self._forward = jax.jit(functools.partial(_forward_logits, model, model_cfg),
-                                in_shardings=(self.param_shardings, kv_shardings, whole),
-                                out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,))
-        self._sample = jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs))
+        self._forward = Programs(
+            jax.jit(functools.partial(_forward_logits, model, model_cfg),
+                    in_shardings=(self.param_shardings, kv_shardings, whole),
+                    out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
+            _batch_key)
+        self._sample = Programs(jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs)),
+                                _sample_key)
         self._score = jax.jit(functools.partial(_score_tokens, model, engine_cfg.max_logprobs))
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
@@ -152,23 +207,33 @@ class ModelEngine:
         return tuple(np.concatenate(p) for p in zip(*parts))
 
     def warm_up(self) -> float:
-        """Compile (and run once) every bucket's programs, so serving never compiles."""
+        """Compile every bucket's programs (forward, sampler with and without the [B, V]
+        extras, the scorer), so serving never compiles."""
         start = time.perf_counter()
-        sampler_rows_done = set()
-        for i, T in enumerate(self.token_buckets):
-            t0 = time.perf_counter()
+        forward_args, sample_args = [], []
+        for T in self.token_buckets:
             layout = self.layout_for(T)
-            batch = empty_step_batch(T, layout.num_seqs, layout.max_blocks, layout.block_size)
-            step = self._run_forward(batch)
-            logits = step.logits
             B = layout.num_seqs
-            if B not in sampler_rows_done:  # the sampler depends on B only
-                sampler_rows_done.add(B)
-                greedy = greedy_sampling_batch(B)
-                for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
-                    jax.block_until_ready(self._run_sample(logits, greedy, extras))
+            batch = empty_step_batch(T, B, layout.max_blocks, layout.block_size)
+            forward_args.append((self.params, self.kv_cache, batch))
+            logits = jax.ShapeDtypeStruct((B, self.vocab_size), jnp.float32,
+                                          sharding=replicated(self.mesh))  # as the forward's
+            step = np.uint32(0)
+            for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
+                sample_args.append((logits, greedy_sampling_batch(B), extras, self._base_key, step))
+        seconds = self._forward.compile_all(forward_args)
+        for i, T in enumerate(self.token_buckets):
             logger.info("xla-inference: compiled bucket %d/%d (tokens=%d, seqs=%d) in %.1fs",
-                        i + 1, len(self.token_buckets), T, layout.num_seqs, time.perf_counter() - t0)
-        hidden = np.zeros((1, step.hidden.shape[1]), step.hidden.dtype)
+                        i + 1, len(self.token_buckets), T, self.layout_for(T).num_seqs,
+                        seconds.get(T, 0.0))
+        logger.info("xla-inference: %d forward buckets ready in %.1fs (compiled %d at a time)",
+                    len(self.token_buckets), time.perf_counter() - start,
+                    min(len(self.token_buckets), _compile_threads()))
+        t0 = time.perf_counter()
+        self._sample.compile_all(sample_args)
+        hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
+        hidden = np.zeros((1, hidden.shape[1]), hidden.dtype)
         self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32))
+        logger.info("xla-inference: compiled the sampler and scorer in %.1fs",
+                    time.perf_counter() - t0)
         return time.perf_counter() - start

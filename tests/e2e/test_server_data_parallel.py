@@ -8,17 +8,14 @@ same model on one device, and both replicas must have served requests.
 """
 
 import concurrent.futures
-import os
 import re
-import signal
-import subprocess
 
 import httpx
 import numpy as np
 import pytest
 
 from tests.e2e.engines import shutdown, start_llm
-from tests.e2e.test_server import ROOT, _free_port, _wait_healthy
+from tests.e2e.test_server import dev_serve
 from tests.helpers import save_tiny_family
 
 pytestmark = pytest.mark.slow
@@ -64,21 +61,13 @@ def _served_per_engine(url) -> dict[str, float]:
 def test_data_parallel_2_with_tensor_parallel_2_matches_one_device(model_dir, prompts,
                                                                    tmp_path):
     expected = _single_device_texts(model_dir, prompts)
-    port = _free_port()
     log_path = tmp_path / "server.log"
     flags = {"--max-model-len": LIMITS["max_model_len"], "--max-num-seqs": LIMITS["max_num_seqs"],
              "--max-num-batched-tokens": LIMITS["max_num_batched_tokens"],
              "--kv-cache-memory-bytes": 4 << 20, "--seed": 0}
-    cmd = [str(ROOT / "dev"), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--data-parallel-size", "2",
-           "--tensor-parallel-size", "2", *[str(x) for kv in flags.items() for x in kv]]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, url, log_path)
-
+    args = ["--model", str(model_dir), "--dtype", "float32", "--data-parallel-size", "2",
+            "--tensor-parallel-size", "2", *[str(x) for kv in flags.items() for x in kv]]
+    with dev_serve(args, log_path) as (url, _):
         def complete(prompt):
             body = dict(model=str(model_dir), prompt=prompt, max_tokens=NUM_NEW, temperature=0.0,
                         ignore_eos=True)
@@ -95,10 +84,3 @@ def test_data_parallel_2_with_tensor_parallel_2_matches_one_device(model_dir, pr
         assert all(n > 0 for n in served.values()), served
         log = log_path.read_text()
         assert "'data': 1, 'model': 2" in log  # each replica's mesh: 2 devices for TP
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

@@ -328,3 +328,18 @@ def test_one_program_serves_every_mix():
     assert len(num_traces) == 1
     if hasattr(jitted, "_cache_size"):
         assert jitted._cache_size() == 1
+
+
+def test_write_kv_one_token():
+    """One token (the batch-1 decode bucket) takes the two-equal-rows path: only its slot
+    changes, in both caches."""
+    rng = np.random.default_rng(3)
+    k_cache = jnp.asarray(rng.standard_normal((64, 2, 8)), jnp.float32)
+    v_cache = jnp.asarray(rng.standard_normal((64, 2, 8)), jnp.float32)
+    k_new = jnp.asarray(rng.standard_normal((1, 2, 8)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((1, 2, 8)), jnp.float32)
+    k_out, v_out = jax.jit(write_kv)(k_cache, v_cache, k_new, v_new, jnp.array([37], jnp.int32))
+    k_ref, v_ref = np.array(k_cache), np.array(v_cache)
+    k_ref[37], v_ref[37] = k_new[0], v_new[0]
+    np.testing.assert_array_equal(np.asarray(k_out), k_ref)
+    np.testing.assert_array_equal(np.asarray(v_out), v_ref)

@@ -7,11 +7,11 @@ from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buc
 
 
 @pytest.mark.parametrize("budget, expected", [
-    (2048, [2, 4, 16, 32, 64, 128, 256, 512, 1024, 2048]),
-    (256, [2, 4, 16, 32, 64, 128, 256]),
-    (100, [2, 4, 16, 32, 64, 100]),
-    (8, [2, 4, 8]),
-    (4, [2, 4]),
+    (2048, [1, 2, 4, 16, 32, 64, 128, 256, 512, 1024, 2048]),
+    (256, [1, 2, 4, 16, 32, 64, 128, 256]),
+    (100, [1, 2, 4, 16, 32, 64, 100]),
+    (8, [1, 2, 4, 8]),
+    (4, [1, 2, 4]),
     (1, [1]),
 ])
 def test_token_buckets(budget, expected):
@@ -28,4 +28,4 @@ def test_pick_bucket_is_the_smallest_that_holds():
 
 
 def test_rows_never_exceed_tokens_or_max_seqs():
-    assert [seqs_for_tokens(t, 64) for t in (2, 4, 16, 128)] == [2, 4, 16, 64]
+    assert [seqs_for_tokens(t, 64) for t in (1, 2, 4, 16, 128)] == [1, 2, 4, 16, 64]

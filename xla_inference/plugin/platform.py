@@ -4,6 +4,7 @@ import copy
 import glob
 import logging
 import os
+import sys
 
 import psutil
 import torch
@@ -13,7 +14,16 @@ logger = logging.getLogger(__name__)
 
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
 
-# SamplingParams fields the device sampler does not implement yet, with their neutral values.
+
+def _choose_engine_start_method() -> None:
+    """How vLLM starts its engine-core process: spawn, unless VLLM_WORKER_MULTIPROC_METHOD
+    asks for fork (`xla-inference serve` does, cli.py) and this process has not imported JAX
+    (JAX's runtime threads do not survive a fork). A forked engine core skips re-importing
+    vLLM and torch, ~15 s of a server's start-up."""
+    if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork" or "jax" in sys.modules:
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+
 def _jax_runs_on_host() -> bool:
     """Whether JAX will use the CPU, decided without importing JAX (this runs in the
     front-end, which must stay JAX-free): no JAX_PLATFORMS naming an accelerator, and no
@@ -110,7 +120,7 @@ class XlaPlatform(Platform):
                              "yet; the KV cache uses the model dtype (kv_cache_dtype='auto')")
         if not cache.user_specified_block_size:
             cache.block_size = 16
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        _choose_engine_start_method()
 
     @classmethod
     def validate_request(cls, processed_inputs, params) -> None:

@@ -153,9 +153,9 @@ def test_grouped_sigmoid_with_shared_expert_equals_dense():
     p, x = _random_moe(1), _inputs(1, 13)
     keys = jax.random.split(jax.random.key(7), 3)
     p.score_bias = 0.3 * jax.random.normal(keys[0], (8,))
-    p.shared_expert = GatedMlp(w_gate=jax.random.normal(keys[1], (16, 20)) / 4,
-                               w_up=jax.random.normal(keys[2], (16, 20)) / 4,
-                               w_down=jax.random.normal(keys[0], (20, 16)) / 4)
+    p.shared_expert = GatedMlp(w_gate=jax.random.normal(keys[1], (20, 16)) / 4,
+                               w_up=jax.random.normal(keys[2], (20, 16)) / 4,
+                               w_down=jax.random.normal(keys[0], (16, 20)) / 4)
     cfg = _grouped_sigmoid_cfg()
     got = jax.jit(moe_mlp, static_argnums=2)(p, x, cfg)
     np.testing.assert_allclose(got, moe_mlp_dense(p, x, cfg), rtol=LAYER_TOL, atol=LAYER_TOL)

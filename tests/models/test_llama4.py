@@ -103,9 +103,9 @@ def _as_moe_mlp(block) -> MoeMlp:
     shared = block.shared_expert
     return MoeMlp(router=t(block.router.weight.T), w_gate=t(block.experts.gate_up_proj[..., :F]),
                   w_up=t(block.experts.gate_up_proj[..., F:]), w_down=t(block.experts.down_proj),
-                  shared_expert=GatedMlp(w_gate=t(shared.gate_proj.weight.T),
-                                         w_up=t(shared.up_proj.weight.T),
-                                         w_down=t(shared.down_proj.weight.T)))
+                  shared_expert=GatedMlp(w_gate=t(shared.gate_proj.weight),
+                                         w_up=t(shared.up_proj.weight),
+                                         w_down=t(shared.down_proj.weight)))
 
 
 @pytest.mark.parametrize("T,k", [(13, 1), (29, 2), (1, 1)])

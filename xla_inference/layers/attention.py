@@ -31,10 +31,11 @@ def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], batch: StepBatch, 
 class SelfAttention:
     """Projections of one attention layer; the optional parts are None where a family has none."""
 
-    wq: jax.Array  # [D, N*H]
-    wk: jax.Array  # [D, K*H]
-    wv: jax.Array  # [D, K*H]
-    wo: jax.Array  # [N*H, D]
+    # The checkpoint's [out, in] layout (layers/linear.py says why).
+    wq: jax.Array  # [N*H, D]
+    wk: jax.Array  # [K*H, D]
+    wv: jax.Array  # [K*H, D]
+    wo: jax.Array  # [D, N*H]
     bq: jax.Array | None = None  # [N*H] (Qwen2's q/k/v biases)
     bk: jax.Array | None = None  # [K*H]
     bv: jax.Array | None = None  # [K*H]

@@ -90,7 +90,7 @@ class DecoderParams:
     embed: jax.Array  # [V, D]
     layers: list[DecoderLayer]
     final_norm: jax.Array  # [D]
-    lm_head: jax.Array  # [D, V] (the transposed embedding when tied)
+    lm_head: jax.Array  # [V, D]: the embedding's host array when tied
 
 
 def _getter(tensors: Mapping[str, np.ndarray], dtype):
@@ -104,10 +104,10 @@ def load_attention(get, prefix: str, cfg: DecoderConfig) -> SelfAttention:
     NH, KH = cfg.num_heads * H, cfg.num_kv_heads * H
     bias = lambda proj, n: get(f"{prefix}{proj}.bias", (n,)) if cfg.qkv_bias else None  # noqa: E731
     return SelfAttention(
-        wq=get(prefix + "q_proj.weight", (NH, D), True),
-        wk=get(prefix + "k_proj.weight", (KH, D), True),
-        wv=get(prefix + "v_proj.weight", (KH, D), True),
-        wo=get(prefix + "o_proj.weight", (D, NH), True),
+        wq=get(prefix + "q_proj.weight", (NH, D)),
+        wk=get(prefix + "k_proj.weight", (KH, D)),
+        wv=get(prefix + "v_proj.weight", (KH, D)),
+        wo=get(prefix + "o_proj.weight", (D, NH)),
         bq=bias("q_proj", NH), bk=bias("k_proj", KH), bv=bias("v_proj", KH),
         bo=get(prefix + "o_proj.bias", (D,)) if cfg.o_bias else None,
         q_norm=get(prefix + "q_norm.weight", (H,)) if cfg.qk_norm else None,
@@ -117,9 +117,9 @@ def load_attention(get, prefix: str, cfg: DecoderConfig) -> SelfAttention:
 
 def load_gated_mlp(get, prefix: str, hidden_size: int, intermediate_size: int) -> GatedMlp:
     D, F = hidden_size, intermediate_size
-    return GatedMlp(w_gate=get(prefix + "gate_proj.weight", (F, D), True),
-                    w_up=get(prefix + "up_proj.weight", (F, D), True),
-                    w_down=get(prefix + "down_proj.weight", (D, F), True))
+    return GatedMlp(w_gate=get(prefix + "gate_proj.weight", (F, D)),
+                    w_up=get(prefix + "up_proj.weight", (F, D)),
+                    w_down=get(prefix + "down_proj.weight", (D, F)))
 
 
 def load_moe_mlp(tensors: Mapping[str, np.ndarray], dtype, prefix: str, hidden_size: int,
@@ -154,7 +154,7 @@ MlpLoader = Callable[[Callable, int], GatedMlp | MoeMlp]
 
 def load_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig, dtype,
                 load_mlp: MlpLoader | None = None) -> DecoderParams:
-    """HF-named tensors ([out, in] linear weights) -> params in `dtype`, [in, out] layout.
+    """HF-named tensors -> params in `dtype`, linear weights kept [out, in] (linear.py).
     `load_mlp` loads a layer's MLP where a family's differ (MoE); by default the gated MLP
     at `model.layers.{i}.mlp.`."""
     get = _getter(tensors, dtype)
@@ -167,13 +167,18 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig, dtype,
         post_attn_norm=get(f"model.layers.{i}.post_attention_layernorm.weight", (D,)),
         mlp=load_mlp(get, i),
     ) for i in range(cfg.num_layers)]
-    head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    embed = get("model.embed_tokens.weight", (V, D))
     return DecoderParams(
-        embed=get("model.embed_tokens.weight", (V, D)),
+        embed=embed,
         layers=layers,
         final_norm=get("model.norm.weight", (D,)),
-        lm_head=get(head_name, (V, D), True),
+        lm_head=load_lm_head(get, embed, cfg.tie_word_embeddings),
     )
+
+
+def load_lm_head(get, embed: np.ndarray, tied: bool) -> np.ndarray:
+    """The LM head [V, D] as the checkpoint holds it: the embedding's host array when tied."""
+    return embed if tied else get("lm_head.weight", embed.shape)
 
 
 def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
@@ -209,7 +214,7 @@ def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: Dec
 
 def compute_logits(params: DecoderParams, hidden: jax.Array) -> jax.Array:
     """hidden [B, D] -> logits [B, V] in float32."""
-    return jnp.einsum("BD,DV->BV", hidden, params.lm_head, preferred_element_type=jnp.float32)
+    return jnp.einsum("BD,VD->BV", hidden, params.lm_head, preferred_element_type=jnp.float32)
 
 
 def kv_cache_shape(cfg: DecoderConfig, num_slots: int) -> list[tuple[int, ...]]:

@@ -28,7 +28,8 @@ from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq, yarn_inv_freq, yarn_mscale
 from xla_inference.loading.params import take_tensor
 from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderParams, compute_logits, decoder_fields, load_gated_mlp, load_moe_mlp, mlp_block)
+    DecoderParams, compute_logits, decoder_fields, load_gated_mlp, load_lm_head, load_moe_mlp,
+    mlp_block)
 from xla_inference.runner.batch import StepBatch
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: halves of [latent, k_rope] [slots, 1, C/2]
@@ -168,11 +169,10 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: DeepseekV3Config, dtype)
                                post_attn_norm=get(prefix + "post_attention_layernorm.weight", (D,)),
                                mlp=mlp)
 
-    head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    return DecoderParams(embed=get("model.embed_tokens.weight", (V, D)),
-                         layers=[layer(i) for i in range(cfg.num_layers)],
+    embed = get("model.embed_tokens.weight", (V, D))
+    return DecoderParams(embed=embed, layers=[layer(i) for i in range(cfg.num_layers)],
                          final_norm=get("model.norm.weight", (D,)),
-                         lm_head=get(head_name, (V, D), True))
+                         lm_head=load_lm_head(get, embed, cfg.tie_word_embeddings))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rope_scale"))  # see decoder._layer

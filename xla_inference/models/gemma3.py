@@ -25,7 +25,8 @@ from xla_inference.layers.norms import gemma_rms_norm
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import take_tensor
 from xla_inference.models.decoder import (  # noqa: F401  (kv_cache_shape: the module interface)
-    DecoderConfig, KVCache, decoder_fields, kv_cache_shape, load_attention, load_gated_mlp)
+    DecoderConfig, KVCache, decoder_fields, kv_cache_shape, load_attention, load_gated_mlp,
+    load_lm_head, compute_logits as _head_logits)
 from xla_inference.runner.batch import StepBatch
 
 _SLIDING = "sliding_attention"
@@ -113,7 +114,7 @@ class Gemma3Params:
     embed: jax.Array  # [V, D]
     layers: list[Gemma3Layer]
     final_norm: jax.Array  # [D]
-    lm_head: jax.Array  # [V, D]: the embedding array itself when tied (no copy)
+    lm_head: jax.Array  # [V, D]: the embedding's host array when tied
     # Static (part of the tree structure): compute_logits sees only the params.
     final_soft_cap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
 
@@ -138,7 +139,7 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: Gemma3Config, dtype) -> 
         embed=embed,
         layers=[_load_layer(get, f"model.layers.{i}.", cfg) for i in range(cfg.num_layers)],
         final_norm=get("model.norm.weight", (cfg.hidden_size,)),
-        lm_head=embed if cfg.tie_word_embeddings else get("lm_head.weight", embed.shape),
+        lm_head=load_lm_head(get, embed, cfg.tie_word_embeddings),
         final_soft_cap=cfg.final_logit_softcapping,
     )
 
@@ -171,7 +172,7 @@ def forward(params: Gemma3Params, kv_cache: KVCache, batch: StepBatch, cfg: Gemm
 
 def compute_logits(params: Gemma3Params, hidden: jax.Array) -> jax.Array:
     """hidden [B, D] -> logits [B, V] in float32, soft-capped where the config asks."""
-    logits = jnp.einsum("BD,VD->BV", hidden, params.lm_head, preferred_element_type=jnp.float32)
+    logits = _head_logits(params, hidden)
     cap = params.final_soft_cap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 

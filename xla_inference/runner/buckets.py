@@ -11,7 +11,7 @@ _SMALL_BUCKETS = (1, 2, 4)
 
 
 def token_buckets(max_num_tokens: int, smallest: int = 16) -> list[int]:
-    """2 and 4, then powers of two from `smallest`, ending with exactly `max_num_tokens`."""
+    """1, 2 and 4, then powers of two from `smallest`, ending with exactly `max_num_tokens`."""
     buckets = [b for b in _SMALL_BUCKETS if b < min(smallest, max_num_tokens)]
     size = smallest
     while size < max_num_tokens:

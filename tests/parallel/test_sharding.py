@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from tests.helpers import engine_request, run_chunks, save_tiny_family, save_tiny_model, tiny_engine
+from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
 from xla_inference.parallel.sharding import (LOGICAL_RULES, PARAM_AXES, build_mesh,
                                              logical_sizes)
 
@@ -48,7 +49,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     return {"qwen3": save_tiny_family(root / "qwen3", "qwen3"),
             "smollm2-shaped": _smollm2_shaped(root / "smol"),
-            "qwen3_moe": save_tiny_family(root / "moe", "qwen3_moe")}
+            "qwen3_moe": save_tiny_family(root / "moe", "qwen3_moe"),
+            "deepseek_v3": save_tiny_deepseek_v3(root / "deepseek")}
 
 
 def _expected_spec(path, leaf, cfg, tp) -> PartitionSpec:
@@ -79,7 +81,9 @@ def _assert_sharded_by_the_rules(engine, tp):
     jax.tree_util.tree_map_with_path(check, engine.params)
     for k, v in engine.kv_cache:
         for array in (k, v):
-            want = "model" if cfg.num_kv_heads % tp == 0 else None
+            # MLA's latent cache has no KV heads to split (num_kv_heads absent): whole.
+            kv_heads = getattr(cfg, "num_kv_heads", 0)
+            want = "model" if kv_heads and kv_heads % tp == 0 else None
             assert array.sharding.spec == PartitionSpec(None, want, None)
     return sum(spec is not None for leaf in jax.tree.leaves(engine.params)
                for spec in leaf.sharding.spec)
@@ -87,7 +91,8 @@ def _assert_sharded_by_the_rules(engine, tp):
 
 @pytest.mark.parametrize("family,tp", [("qwen3", 2), ("qwen3", 8),
                                        ("smollm2-shaped", 2), ("smollm2-shaped", 3),
-                                       ("smollm2-shaped", 4), ("qwen3_moe", 4)])
+                                       ("smollm2-shaped", 4), ("qwen3_moe", 4),
+                                       ("deepseek_v3", 2), ("deepseek_v3", 4)])
 def test_tensor_parallel_logits_equal_one_device(models, family, tp):
     assert len(jax.devices()) >= 8
     single = _single_device_logits(models[family])

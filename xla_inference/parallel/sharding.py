@@ -60,6 +60,8 @@ PARAM_AXES: dict[tuple[str, int], tuple[str | None, ...]] = {
 }
 
 KV_CACHE_AXES = ("slots", "kv_heads", "head_dim")  # each layer's K and V [num_slots, K, H]
+# With data parallel replicas each replica has its own cache: [replicas, num_slots, K, H].
+REPLICA_AXIS = "batch"
 
 
 def build_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
@@ -122,8 +124,17 @@ def param_shardings(params, cfg, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(sharding, params)
 
 
-def kv_cache_sharding(cfg, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, partition_spec(KV_CACHE_AXES, shape, logical_sizes(cfg), mesh))
+def kv_cache_sharding(cfg, shape: tuple[int, ...], mesh: Mesh, replicas: bool = False
+                      ) -> NamedSharding:
+    """A KV cache array's sharding; `replicas`: its first axis is the data parallel replica."""
+    axes = ((REPLICA_AXIS,) if replicas else ()) + KV_CACHE_AXES
+    sizes = {**logical_sizes(cfg), REPLICA_AXIS: mesh.shape["data"]}
+    return NamedSharding(mesh, partition_spec(axes, shape, sizes, mesh))
+
+
+def replica_sharding(mesh: Mesh) -> NamedSharding:
+    """Arrays whose first axis is the data parallel replica: one replica per data-axis slot."""
+    return NamedSharding(mesh, PartitionSpec("data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -95,13 +95,7 @@ class XlaPlatform(Platform):
         from vllm.config.compilation import CUDAGraphMode
 
         parallel = vllm_config.parallel_config
-        model = vllm_config.model_config
-        if parallel.data_parallel_size > 1 and model is not None and model.is_moe:
-            raise ValueError(
-                "xla-inference runs data_parallel_size > 1 as independent replicas, which vLLM "
-                "allows only for dense models (its MoE data parallel shares experts between "
-                "the ranks); for an MoE model use --tensor-parallel-size with "
-                "--enable-expert-parallel")
+        _fold_data_parallel(vllm_config)
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("xla-inference does not support pipeline parallelism")
         if parallel.worker_cls == "auto":
@@ -136,6 +130,49 @@ class XlaPlatform(Platform):
         for name in ("logprob_token_ids", "prompt_logprob_token_ids"):
             if getattr(params, name, None):
                 raise ValueError(f"xla-inference does not support the sampling parameter {name}")
+
+
+_DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"
+
+
+def data_parallel_size(vllm_config) -> int:
+    """Data parallel replicas this engine runs (set by _fold_data_parallel)."""
+    extra = vllm_config.additional_config
+    return int(extra.get("xla_data_parallel_size", 1)) if isinstance(extra, dict) else 1
+
+
+def _fold_data_parallel(vllm_config) -> None:
+    """--data-parallel-size N (or LLM(additional_config={"data_parallel_size": N}), vLLM's
+    LLM class refusing the flag): N independent replicas inside this one engine, one SPMD
+    program over a (data, model) mesh, instead of vLLM's N engine processes. vLLM is told
+    data parallel 1 (one engine core), our scheduler runs N of vLLM's schedulers, one per
+    replica, each with its own requests and share of the KV pages (plugin/dp_scheduler.py),
+    and the engine runs their batches side by side (runner/engine.py)."""
+    parallel, model = vllm_config.parallel_config, vllm_config.model_config
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict):
+        if parallel.data_parallel_size > 1:
+            raise ValueError("xla-inference keeps data parallel settings in additional_config, "
+                             "which must be a dict")
+        return
+    size = int(extra.get("xla_data_parallel_size", extra.get("data_parallel_size", 1)))
+    if parallel.data_parallel_size > 1:
+        if parallel.data_parallel_external_lb or parallel.data_parallel_hybrid_lb:
+            raise ValueError("xla-inference runs all data parallel replicas inside one engine "
+                             "(one program over the local devices): external or hybrid load "
+                             "balancing over separate DP ranks is not supported")
+        size = parallel.data_parallel_size
+        parallel.reconfigure_for_independent_dp_rank()
+    if size < 1:
+        raise ValueError(f"data_parallel_size must be at least 1, got {size}")
+    if size > 1 and model is not None and model.is_moe:
+        raise ValueError(
+            "xla-inference runs data parallel as independent replicas, which vLLM allows only "
+            "for dense models (its MoE data parallel shares experts between the ranks); for an "
+            "MoE model use --tensor-parallel-size with --enable-expert-parallel")
+    extra["xla_data_parallel_size"] = size
+    if size > 1:
+        vllm_config.scheduler_config.scheduler_cls = _DP_SCHEDULER
 
 
 def patch_vllm_config() -> None:

@@ -10,7 +10,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from xla_inference.plugin.model_runner import XlaModelRunner
-from xla_inference.plugin.platform import patch_vllm_config
+from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +71,6 @@ class XlaWorker(WorkerBase):
         self.device = torch.device("cpu")
         logger.info("xla-inference: JAX devices %s", devices)
 
-    def _devices(self) -> list:
-        """This engine's local devices: one SPMD program over tensor_parallel_size of them.
-
-        With --data-parallel-size N vLLM starts N independent engine processes (dense models:
-        each with its own scheduler, requests and KV cache) and tells each its index; replica
-        i takes the i-th group of tensor_parallel_size devices."""
-        import jax
-
-        tp = self.parallel_config.tensor_parallel_size
-        replica = self.parallel_config.data_parallel_index or 0
-        devices = jax.devices()
-        if (replica + 1) * tp > len(devices):
-            raise ValueError(
-                f"data parallel replica {replica} with tensor_parallel_size={tp} needs devices "
-                f"{replica * tp}..{(replica + 1) * tp - 1}, but JAX sees {len(devices)} "
-                f"({devices[0].platform}); on CPU, XLA_FLAGS="
-                "--xla_force_host_platform_device_count=N makes N virtual devices")
-        return devices[replica * tp:(replica + 1) * tp]
-
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         from xla_inference.models.loader import load_model
 
@@ -149,7 +130,9 @@ class XlaWorker(WorkerBase):
     def _max_useful_kv_bytes(self) -> int:
         sc = self.vllm_config.scheduler_config
         pages_per_seq = math.ceil(self.model_config.max_model_len / self.cache_config.block_size)
-        return (sc.max_num_seqs * pages_per_seq + 1) * self._page_bytes()
+        # Each data parallel replica schedules its own max_num_seqs, with its own null page.
+        replicas = data_parallel_size(self.vllm_config)
+        return replicas * (sc.max_num_seqs * pages_per_seq + 1) * self._page_bytes()
 
     def initialize_from_config(self, kv_cache_config) -> None:
         from xla_inference.parallel.sharding import build_mesh
@@ -162,7 +145,8 @@ class XlaWorker(WorkerBase):
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
             max_logprobs=_top_logprobs_width(self.model_config.max_logprobs, cfg.vocab_size))
-        mesh = build_mesh(self.parallel_config.tensor_parallel_size, devices=self._devices())
+        mesh = build_mesh(self.parallel_config.tensor_parallel_size,
+                          data_parallel_size(self.vllm_config))
         engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()),
                              mesh=mesh)
         self.model = (module, cfg, None)  # the engine holds the placed params; drop the host copy
@@ -197,6 +181,13 @@ class XlaWorker(WorkerBase):
     def step_stats(self) -> dict:
         """Host/device time split since the last call (XLA_INFERENCE_STEP_STATS=1), and resets it."""
         return self.model_runner.engine.stats.report()
+
+    def replica_rows(self) -> list[int]:
+        """Request rows each data parallel replica has run so far (tests)."""
+        return self.model_runner.engine.rows_per_replica.tolist()
+
+    def mesh_shape(self) -> dict:
+        return dict(self.model_runner.engine.mesh.shape)
 
     def synchronize_device(self) -> None:
         """JAX results are waited on when they are read."""

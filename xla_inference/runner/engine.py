@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from xla_inference.layers.sampler import gather_logprobs, sample
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
-                                             place_params, replicated)
+                                             place_params, replica_sharding, replicated)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.batch import (SampleOutput, SamplingBatch, SamplingExtras, StepBatch,
                                         empty_step_batch, greedy_sampling_batch,
@@ -56,6 +56,21 @@ class StepOutput:
 def _forward_logits(model: ModuleType, cfg, params, kv_cache, batch: StepBatch):
     kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices]), hidden
+
+
+def _forward_replicas(model: ModuleType, cfg, params, kv_cache, batch: StepBatch,
+                      row_order, token_order):
+    """Data parallel: every array of `batch` and of the cache has a leading replica axis, and
+    each replica's forward reads only its own batch and cache (vmap), so XLA runs replica r
+    on the mesh's r-th data slice with no traffic between replicas. Logits and hidden states
+    come back in the scheduler's order: row_order [R*B] and token_order [R*T] index the
+    flattened (replica, row) and (replica, token) positions."""
+    kv_cache, hidden = jax.vmap(functools.partial(model.forward, params, cfg=cfg))(kv_cache, batch)
+    replicas, tokens, width = hidden.shape
+    hidden = hidden.reshape(replicas * tokens, width)
+    first = tokens * jnp.arange(replicas, dtype=jnp.int32)[:, None]
+    rows = (batch.logits_indices + first).reshape(-1)[row_order]
+    return kv_cache, model.compute_logits(params, hidden[rows]), hidden[token_order]
 
 
 def _sample_step(num_logprobs: int, logits, sampling: SamplingBatch, extras: SamplingExtras | None,
@@ -113,8 +128,8 @@ def _compile_threads() -> int:
     return min(len(os.sched_getaffinity(0)), 8)
 
 
-def _batch_key(params, kv_cache, batch: StepBatch):
-    return batch.input_ids.shape[0]
+def _batch_key(params, kv_cache, batch: StepBatch, *orders):
+    return batch.input_ids.shape[-1]
 
 
 def _sample_key(logits, sampling, extras, base_key, step):
@@ -122,7 +137,11 @@ def _sample_key(logits, sampling, extras, base_key, step):
 
 
 class ModelEngine:
-    """Owns params and KV cache; runs one ragged step at a time on padded buckets."""
+    """Owns params and KV cache; runs one ragged step at a time on padded buckets.
+
+    Data parallel (the mesh's data axis > 1): R replicas, each with its own share of the KV
+    pages (vLLM's page ids r * pages_per_replica onwards, plugin/dp_scheduler.py) and its own
+    rows of every step, run side by side in one program."""
 
     def __init__(self, model: ModuleType, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
                  mesh: Mesh | None = None):
@@ -132,18 +151,27 @@ class ModelEngine:
         self.param_shardings = param_shardings(params, model_cfg, self.mesh)
         self.params = place_params(params, self.param_shardings)
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
-        num_slots = engine_cfg.num_blocks * engine_cfg.block_size
+        self.replicas = self.mesh.shape["data"]
+        self.blocks_per_replica = engine_cfg.num_blocks // self.replicas
+        self.rows_per_replica = np.zeros(self.replicas, np.int64)  # requests run, per replica
+        num_slots = self.blocks_per_replica * engine_cfg.block_size
         self.kv_cache, kv_shardings = [], []
         for shape in model.kv_cache_shape(model_cfg, num_slots):
-            sharding = kv_cache_sharding(model_cfg, shape, self.mesh)
+            if self.replicas > 1:
+                shape = (self.replicas, *shape)
+            sharding = kv_cache_sharding(model_cfg, shape, self.mesh, self.replicas > 1)
             zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=sharding)
             self.kv_cache.append((zeros(), zeros()))
             kv_shardings.append((sharding, sharding))
         whole = replicated(self.mesh)
         # The cache keeps its sharding from step to step (a change would recompile).
+        if self.replicas == 1:
+            forward, batch_shardings = _forward_logits, (whole,)
+        else:
+            forward, batch_shardings = _forward_replicas, (replica_sharding(self.mesh), whole, whole)
         self._forward = Programs(
-            jax.jit(functools.partial(_forward_logits, model, model_cfg),
-                    in_shardings=(self.param_shardings, kv_shardings, whole),
+            jax.jit(functools.partial(forward, model, model_cfg),
+                    in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
         self._sample = Programs(jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs)),
@@ -164,13 +192,38 @@ class ModelEngine:
 
     def forward(self, scheduled: list[tuple[RequestState, int]]) -> StepOutput:
         """Dispatch the model on the scheduled tokens (JAX runs it asynchronously)."""
+        if self.replicas > 1:
+            return self._run_forward(*self._replica_batch(scheduled))
         num_tokens = sum(n for _, n in scheduled)
-        batch = build_step_batch(scheduled, self.layout_for(num_tokens))
-        return self._run_forward(batch)
+        return self._run_forward(build_step_batch(scheduled, self.layout_for(num_tokens)))
 
-    def _run_forward(self, batch: StepBatch) -> StepOutput:
-        self.kv_cache, logits, hidden = self.stats.run(self._forward, self.params, self.kv_cache,
-                                                       batch, bucket=batch.input_ids.shape[0])
+    def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
+        """Each replica's requests (known by their KV pages) as its own batch, all padded to
+        one bucket and stacked; and where each request's row and tokens land."""
+        groups = [[] for _ in range(self.replicas)]
+        places = []  # (replica, row in it, first token in it)
+        for req, num_new in scheduled:
+            r = req.block_ids[0] // self.blocks_per_replica
+            places.append((r, len(groups[r]), sum(n for _, n in groups[r])))
+            groups[r].append((req, num_new))
+            self.rows_per_replica[r] += 1
+        layout = self.layout_for(max(sum(n for _, n in group) for group in groups))
+        T, B = layout.num_tokens, layout.num_seqs
+        batches = [build_step_batch(group, layout, r * self.blocks_per_replica)
+                   for r, group in enumerate(groups)]
+        row_order = np.zeros(self.replicas * B, np.int32)
+        token_order = np.zeros(self.replicas * T, np.int32)
+        done = 0
+        for i, ((_, num_new), (r, row, first)) in enumerate(zip(scheduled, places)):
+            row_order[i] = r * B + row
+            token_order[done:done + num_new] = np.arange(r * T + first, r * T + first + num_new)
+            done += num_new
+        return _stack(batches), row_order, token_order
+
+    def _run_forward(self, batch: StepBatch, *orders) -> StepOutput:
+        self.kv_cache, logits, hidden = self.stats.run(
+            self._forward, self.params, self.kv_cache, batch, *orders,
+            bucket=batch.input_ids.shape[-1])
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],
@@ -219,7 +272,13 @@ class ModelEngine:
             layout = self.layout_for(T)
             B = layout.num_seqs
             batch = empty_step_batch(T, B, layout.max_blocks, layout.block_size)
-            forward_args.append((self.params, self.kv_cache, batch))
+            if self.replicas == 1:
+                forward_args.append((self.params, self.kv_cache, batch))
+            else:
+                forward_args.append((self.params, self.kv_cache, _stack([batch] * self.replicas),
+                                     np.zeros(self.replicas * B, np.int32),
+                                     np.zeros(self.replicas * T, np.int32)))
+                B *= self.replicas  # the sampler sees every replica's rows
             logits = jax.ShapeDtypeStruct((B, self.vocab_size), jnp.float32,
                                           sharding=replicated(self.mesh))  # as the forward's
             step = np.uint32(0)
@@ -244,3 +303,8 @@ class ModelEngine:
                     time.perf_counter() - start, _compile_threads())
         compile_counter.mark_warm()
         return time.perf_counter() - start
+
+
+def _stack(batches: list[StepBatch]) -> StepBatch:
+    """Replicas' batches of one bucket -> one batch with a leading replica axis."""
+    return jax.tree.map(lambda *arrays: np.stack(arrays), *batches)

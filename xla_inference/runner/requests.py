@@ -43,8 +43,12 @@ class BatchLayout:
     block_size: int
 
 
-def build_step_batch(scheduled: list[tuple[RequestState, int]], layout: BatchLayout) -> StepBatch:
+def build_step_batch(scheduled: list[tuple[RequestState, int]], layout: BatchLayout,
+                     block_offset: int = 0) -> StepBatch:
     """Concatenate each request's next `n` tokens into one padded ragged batch.
+
+    block_offset: subtracted from every KV page id (a data parallel replica's pages are
+    numbered from its first page on; its own page 0 is its null page).
 
     Padding tokens write their K/V into the null page (slot 0) and padding rows have
     seq_len 0, so neither touches a real sequence.
@@ -63,7 +67,7 @@ def build_step_batch(scheduled: list[tuple[RequestState, int]], layout: BatchLay
         first = req.num_computed_tokens
         end = start + num_new
         pos = np.arange(first, first + num_new, dtype=np.int32)
-        blocks = np.asarray(req.block_ids, np.int32)
+        blocks = np.asarray(req.block_ids, np.int32) - block_offset
         input_ids[start:end] = req.token_ids[first:first + num_new]
         positions[start:end] = pos
         seq_ids[start:end] = row

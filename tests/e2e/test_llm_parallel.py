@@ -5,7 +5,7 @@ one device's."""
 import numpy as np
 import pytest
 
-from tests.e2e.engines import generate_ids, shutdown, start_llm
+from tests.e2e.engines import generate_ids, num_compilations, shutdown, start_llm
 from tests.helpers import save_tiny_family
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,9 @@ def test_data_parallel_2_with_tensor_parallel_2_matches_one_device(qwen3, tmp_pa
     llm = start_llm(model_dir, tensor_parallel_size=2,
                     additional_config={"data_parallel_size": 2})
     try:
+        compiled = num_compilations(llm)
         got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert num_compilations(llm) == compiled  # every replica-batch bucket warmed up
         rows = llm.collective_rpc("replica_rows")[0]
         mesh = llm.collective_rpc("mesh_shape")[0]
     finally:

@@ -38,10 +38,10 @@ def base_config(tmp_path_factory):
         intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, max_position_embeddings=512, torch_dtype="float32", bos_token_id=1, eos_token_id=2)))
     config = VllmConfig(
-        model_config=ModelConfig(model=str(model_dir), skip_tokenizer_init=True, max_model_len=256,
+        model_config=ModelConfig(model=str(model_dir), skip_tokenizer_init=True, max_model_len=64,
                                  dtype="float32"),
         # A 16-token budget splits the longer prompts into chunks.
-        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256,
+        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64,
                                          is_encoder_decoder=False, enable_chunked_prefill=True,
                                          async_scheduling=False),
         cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True))
@@ -289,3 +289,9 @@ def test_the_platform_folds_data_parallel_into_one_engine(base_config):
     with pytest.raises(ValueError, match="external or hybrid load balancing"):
         VllmConfig(model_config=model, parallel_config=ParallelConfig(
             data_parallel_size=2, data_parallel_external_lb=True))
+
+
+def test_a_replica_too_small_for_max_model_len_is_a_clear_error(base_config):
+    # 41 blocks over 3 replicas: 13 each, 12 usable, 48 tokens < max_model_len 64.
+    with pytest.raises(ValueError, match="holds 48 tokens per replica, fewer than max_model_len=64"):
+        make_scheduler(make_config(base_config, 3))

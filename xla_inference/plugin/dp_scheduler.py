@@ -42,6 +42,15 @@ class DataParallelScheduler(SchedulerInterface):
         n = int((vllm_config.additional_config or {}).get("xla_data_parallel_size", 1))
         if n < 1 or kv_cache_config.num_blocks // n < 1:
             raise ValueError(f"xla_data_parallel_size={n} with {kv_cache_config.num_blocks} KV blocks")
+        # vLLM checked that one max_model_len sequence fits the whole cache; here it must fit
+        # one replica's share (its null block excluded), or such a request would wait forever.
+        fits = (kv_cache_config.num_blocks // n - 1) * block_size
+        if fits < vllm_config.model_config.max_model_len:
+            raise ValueError(
+                f"the KV cache ({kv_cache_config.num_blocks} blocks of {block_size} tokens) split "
+                f"over {n} data parallel replicas holds {fits} tokens per replica, fewer than "
+                f"max_model_len={vllm_config.model_config.max_model_len}: give the cache more "
+                "memory (kv_cache_memory_bytes / gpu_memory_utilization) or lower max_model_len")
         self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
         self.structured_output_manager = structured_output_manager

@@ -1,15 +1,18 @@
-"""Whole-model step time of SmolLM2-135M against the tensor-parallel size, on virtual devices.
+"""Whole-model step time of SmolLM2-135M against the tensor-parallel size (and the number of
+data parallel replicas), on virtual devices.
 
-Run: .venv/bin/python benchmarks/tp_step.py [--sizes 1 2 3 4] [--repeats 5]
+Run: .venv/bin/python benchmarks/tp_step.py [--sizes 1 2 3 4] [--dp 1 2] [--repeats 5]
 
 Core only (no vLLM): the engine over a mesh of N of 8 virtual CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here before JAX imports). All
 virtual devices share the same 2 cores, so this measures what the partitioning and its
 collectives cost, not a speed-up: on real accelerators each device brings its own compute.
-Prints the median time of a 16-sequence decode step (contexts ~200) and a 128-token prefill.
+Prints the median time of a 16-sequence decode step (contexts ~200; with data parallel
+replicas, spread evenly over them) and a 128-token prefill (on replica 0).
 """
 
 import argparse
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,21 +37,30 @@ BLOCK = 16
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--dp", type=int, nargs="+", default=[1],
+                        help="data parallel replicas (each TP size is run with each)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     module, cfg, params = load_model(prepare_default_model(), jnp.float32)
-    ecfg = EngineConfig(num_blocks=512, block_size=BLOCK, max_num_tokens=128, max_num_seqs=16,
-                        max_model_len=1024)
     rng = np.random.default_rng(0)
     decode = decode_requests(16, 200, rng)
     prefill = [(RequestState("p", rng.integers(0, 49152, size=128).tolist(), 128,
                              list(range(300, 310)), 0), 128)]
-    print(f"{'TP':>3} {'decode b16 (s)':>15} {'prefill 128 (s)':>16}")
-    for tp in args.sizes:
-        engine = ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=build_mesh(tp))
-        d = median_seconds(lambda: engine.forward(decode).logits, args.repeats)
-        p = median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
-        print(f"{tp:>3} {d:>15.3f} {p:>16.3f}", flush=True)
+    print(f"{'DP':>3} {'TP':>3} {'decode b16 (s)':>15} {'prefill 128 (s)':>16}")
+    for dp in args.dp:
+        for tp in args.sizes:
+            if dp * tp > 8:
+                continue
+            # 512 pages per replica; request i on replica i % dp (known by its pages).
+            ecfg = EngineConfig(num_blocks=512 * dp, block_size=BLOCK, max_num_tokens=128,
+                                max_num_seqs=16, max_model_len=1024)
+            engine = ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=build_mesh(tp, dp))
+            spread = [(dataclasses.replace(req, block_ids=[b + i % dp * engine.blocks_per_replica
+                                                           for b in req.block_ids]), n)
+                      for i, (req, n) in enumerate(decode)]
+            d = median_seconds(lambda: engine.forward(spread).logits, args.repeats)
+            p = median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
+            print(f"{dp:>3} {tp:>3} {d:>15.3f} {p:>16.3f}", flush=True)
 
 
 if __name__ == "__main__":

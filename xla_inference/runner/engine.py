@@ -12,7 +12,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from xla_inference.layers.sampler import gather_logprobs, sample
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
@@ -58,14 +58,24 @@ def _forward_logits(model: ModuleType, cfg, params, kv_cache, batch: StepBatch):
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices]), hidden
 
 
-def _forward_replicas(model: ModuleType, cfg, params, kv_cache, batch: StepBatch,
-                      row_order, token_order):
-    """Data parallel: every array of `batch` and of the cache has a leading replica axis, and
-    each replica's forward reads only its own batch and cache (vmap), so XLA runs replica r
-    on the mesh's r-th data slice with no traffic between replicas. Logits and hidden states
-    come back in the scheduler's order: row_order [R*B] and token_order [R*T] index the
-    flattened (replica, row) and (replica, token) positions."""
-    kv_cache, hidden = jax.vmap(functools.partial(model.forward, params, cfg=cfg))(kv_cache, batch)
+def _forward_replicas(model: ModuleType, cfg, params, kv_cache, batch: StepBatch, row_order,
+                      token_order, *, mesh: Mesh):
+    """Data parallel: every array of `batch` and of the cache has a leading replica axis, one
+    replica per slice of the mesh's data axis. Each slice runs its own replica's forward on
+    its own batch and cache (shard_map, manual over the data axis only: GSPMD still splits
+    the model axis inside), with no traffic between replicas and its own loop trip counts.
+    Logits and hidden states come back in the scheduler's order: row_order [R*B] and
+    token_order [R*T] index the flattened (replica, row) and (replica, token) positions."""
+
+    def replica(params, kv_cache, batch):
+        first = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731 (the local replica)
+        kv_cache, hidden = model.forward(params, first(kv_cache), first(batch), cfg)
+        return jax.tree.map(lambda a: a[None], kv_cache), hidden[None]
+
+    data = PartitionSpec("data")
+    kv_cache, hidden = jax.shard_map(
+        replica, mesh=mesh, in_specs=(PartitionSpec(), data, data), out_specs=(data, data),
+        axis_names={"data"}, check_vma=False)(params, kv_cache, batch)
     replicas, tokens, width = hidden.shape
     hidden = hidden.reshape(replicas * tokens, width)
     first = tokens * jnp.arange(replicas, dtype=jnp.int32)[:, None]
@@ -168,7 +178,8 @@ class ModelEngine:
         if self.replicas == 1:
             forward, batch_shardings = _forward_logits, (whole,)
         else:
-            forward, batch_shardings = _forward_replicas, (replica_sharding(self.mesh), whole, whole)
+            forward = functools.partial(_forward_replicas, mesh=self.mesh)
+            batch_shardings = (replica_sharding(self.mesh), whole, whole)
         self._forward = Programs(
             jax.jit(functools.partial(forward, model, model_cfg),
                     in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),

@@ -68,8 +68,8 @@ def _forward_replicas(model: ModuleType, cfg, params, kv_cache, batch: StepBatch
     token_order [R*T] index the flattened (replica, row) and (replica, token) positions."""
 
     def replica(params, kv_cache, batch):
-        first = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731 (the local replica)
-        kv_cache, hidden = model.forward(params, first(kv_cache), first(batch), cfg)
+        local = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731 (this slice's replica)
+        kv_cache, hidden = model.forward(params, local(kv_cache), local(batch), cfg)
         return jax.tree.map(lambda a: a[None], kv_cache), hidden[None]
 
     data = PartitionSpec("data")
@@ -212,13 +212,15 @@ class ModelEngine:
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
         one bucket and stacked; and where each request's row and tokens land."""
         groups = [[] for _ in range(self.replicas)]
+        tokens = [0] * self.replicas  # each replica's tokens so far
         places = []  # (replica, row in it, first token in it)
         for req, num_new in scheduled:
             r = req.block_ids[0] // self.blocks_per_replica
-            places.append((r, len(groups[r]), sum(n for _, n in groups[r])))
+            places.append((r, len(groups[r]), tokens[r]))
             groups[r].append((req, num_new))
+            tokens[r] += num_new
             self.rows_per_replica[r] += 1
-        layout = self.layout_for(max(sum(n for _, n in group) for group in groups))
+        layout = self.layout_for(max(tokens))
         T, B = layout.num_tokens, layout.num_seqs
         batches = [build_step_batch(group, layout, r * self.blocks_per_replica)
                    for r, group in enumerate(groups)]

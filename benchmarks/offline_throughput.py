@@ -109,7 +109,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--backends", default="xla,vllm-cpu,hf",
                    help="any of xla, vllm-cpu, hf, xla-stats (xla again, reporting the host "
-                        "overhead: the share of step time outside the compiled programs)")
+                        "overhead: the share of step time outside the compiled programs); "
+                        "NAME:DTYPE runs one with that dtype (xla:float32,xla:bfloat16)")
     p.add_argument("--dtypes", default="xla=float32,vllm-cpu=bfloat16,hf=bfloat16",
                    help="dtype per backend")
     p.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2)")
@@ -130,18 +131,20 @@ def main():
     dtypes = dict(kv.split("=") for kv in args.dtypes.split(","))
     passthrough = [a for a in sys.argv[1:]]
     results = {}
-    for backend in args.backends.split(","):
-        r = _launch(backend, dtypes.get(backend, "auto"), passthrough)
+    for label in args.backends.split(","):
+        backend, _, dtype = label.partition(":")
+        dtype = dtype or dtypes.get(backend, "auto")
+        r = _launch(backend, dtype, passthrough)
         median = statistics.median(r["times_s"])
         r["output_tok_s"] = args.num_prompts * args.output_len / median
-        results[backend] = r
-        print(f"{backend:9s} dtype={dtypes.get(backend, 'auto'):9s} median {median:7.2f}s "
+        results[label] = r
+        print(f"{label:9s} dtype={dtype:9s} median {median:7.2f}s "
               f"-> {r['output_tok_s']:7.1f} output tok/s  {json.dumps(r)}", flush=True)
-    if "xla" in results:
+    for label in results:
         for base in ("vllm-cpu", "hf"):
-            if base in results:
-                ratio = results["xla"]["output_tok_s"] / results[base]["output_tok_s"]
-                print(f"xla / {base}: {ratio:.2f}x")
+            if label.startswith("xla") and base in results:
+                ratio = results[label]["output_tok_s"] / results[base]["output_tok_s"]
+                print(f"{label} / {base}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

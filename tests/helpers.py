@@ -114,6 +114,34 @@ def hf_logits(model_dir: Path, token_ids: list[int], **overrides) -> np.ndarray:
     return out.logits[0].numpy()
 
 
+def save_bf16_rounded(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint `src` whose weight matrices (2-D, all but the embedding) hold
+    their values rounded to bfloat16, still float32, with an untied LM head: the float32
+    reference for bfloat16 weights with float32 arithmetic (ModelEngine's narrow_dtype)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    for index in dst.glob("*.index.json"):
+        index.unlink()
+    config = read_json(dst / "config.json")
+    if config.get("tie_word_embeddings"):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        config["tie_word_embeddings"] = False
+        (dst / "config.json").write_text(json.dumps(config))
+    for name, t in tensors.items():
+        if t.ndim >= 2 and name != "model.embed_tokens.weight":
+            tensors[name] = t.to(torch.bfloat16).to(torch.float32)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -144,9 +172,9 @@ def hf_greedy_ids(model_dir: Path, prompts: list[list[int]], num_new: int) -> li
 ENGINE_BLOCK = 4
 
 
-def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None):
+def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dtype=None):
     """A float32 ModelEngine on a checkpoint loaded through the normal loading path
-    (on one device, or over `mesh`)."""
+    (on one device, or over `mesh`; bfloat16 weight values with narrow_dtype)."""
     import jax.numpy as jnp
 
     from xla_inference.models.loader import load_model
@@ -155,7 +183,7 @@ def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None):
     module, cfg, params = load_model(model_dir, jnp.float32)
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
-    return ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=mesh)
+    return ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=mesh, narrow_dtype=narrow_dtype)
 
 
 def engine_request(req_id: str, tokens: list[int], first_block: int):

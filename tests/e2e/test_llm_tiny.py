@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 
-from tests.helpers import hf_greedy_ids, save_tiny_llama
+from tests.helpers import hf_greedy_ids, save_bf16_rounded, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,10 @@ def prompts():
     return [rng.integers(3, 128, size=n).tolist() for n in (5, 17, 33, 40, 8, 60, 25, 12)]
 
 
-def _llm(model_dir, num_pages: int):
+def _llm(model_dir, num_pages: int, dtype: str = "float32"):
     from vllm import LLM
 
-    return LLM(model=str(model_dir), dtype="float32", max_model_len=128, max_num_seqs=8,
+    return LLM(model=str(model_dir), dtype=dtype, max_model_len=128, max_num_seqs=8,
                max_num_batched_tokens=64, kv_cache_memory_bytes=num_pages * PAGE_BYTES, seed=0,
                disable_log_stats=False)
 
@@ -89,3 +89,20 @@ def test_preemption_keeps_greedy_output_exact(model_dir, prompts):
         _shutdown(llm)
     assert got == expected
     assert preemptions > 0
+
+
+def test_bfloat16_means_bf16_weights_and_f32_arithmetic(model_dir, prompts, tmp_path_factory):
+    # On the host CPU, dtype=bfloat16 rounds the weight matrices to bfloat16 and computes in
+    # float32 (a float32 KV cache; the 1-token step reads bfloat16 copies): greedy output is
+    # transformers' in float32 on the checkpoint with its matrices rounded, both for a
+    # batch (wider steps) and for requests run alone (their decode steps take one token).
+    rounded = save_bf16_rounded(model_dir, tmp_path_factory.mktemp("rounded") / "llama")
+    expected = hf_greedy_ids(rounded, prompts, NUM_NEW)
+    llm = _llm(model_dir, num_pages=128, dtype="bfloat16")
+    try:
+        together = _generate(llm, prompts, temperature=0.0)
+        alone = [_generate(llm, [p], temperature=0.0)[0] for p in prompts[:2]]
+    finally:
+        _shutdown(llm)
+    assert together == expected
+    assert alone == expected[:2]

@@ -4,7 +4,8 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
+
+from xla_inference.layers.linear import project
 
 
 @jax.tree_util.register_dataclass
@@ -18,6 +19,4 @@ class GatedMlp:
 
 def gated_mlp(p: GatedMlp, x: jax.Array, act: Callable = jax.nn.silu) -> jax.Array:
     """x [T, D] -> [T, D]: down(act(gate(x)) * up(x)); SwiGLU with the default silu."""
-    gate = jnp.einsum("TD,FD->TF", x, p.w_gate)
-    up = jnp.einsum("TD,FD->TF", x, p.w_up)
-    return jnp.einsum("TF,DF->TD", act(gate) * up, p.w_down)
+    return project(act(project(x, p.w_gate)) * project(x, p.w_up), p.w_down)

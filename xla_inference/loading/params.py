@@ -41,3 +41,20 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
     """The tensors `names` (one per expert), each of checkpoint `shape`, stacked on a new
     leading axis, cast, each optionally transposed."""
     return _to_host(np.stack([_checked(tensors, n, shape) for n in names]), dtype, transpose)
+
+
+def narrow_weights(params, dtype):
+    """Weight-only narrowing: every floating weight matrix (2 or more axes) cast to `dtype`,
+    except the embedding, whose rows are gathered rather than multiplied and so keep the
+    compute dtype that the activations take from them. 1-D parameters (norms, biases) are
+    left as they are. A tied LM head becomes its own narrow array."""
+    import jax
+
+    def narrow(path, array):
+        top = getattr(path[0], "name", None) if path else None
+        if (top == "embed" or array.ndim < 2
+                or not jnp.issubdtype(array.dtype, jnp.floating)):
+            return array
+        return np.asarray(array).astype(jnp.dtype(dtype))
+
+    return jax.tree_util.tree_map_with_path(narrow, params)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.layers.attention import SelfAttention, self_attention
+from xla_inference.layers.linear import project
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
 from xla_inference.layers.norms import rms_norm
@@ -214,7 +215,7 @@ def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: Dec
 
 def compute_logits(params: DecoderParams, hidden: jax.Array) -> jax.Array:
     """hidden [B, D] -> logits [B, V] in float32."""
-    return jnp.einsum("BD,VD->BV", hidden, params.lm_head, preferred_element_type=jnp.float32)
+    return project(hidden, params.lm_head, jnp.float32)
 
 
 def kv_cache_shape(cfg: DecoderConfig, num_slots: int) -> list[tuple[int, ...]]:

@@ -47,6 +47,14 @@ def _jnp_dtype(torch_dtype: torch.dtype):
     return table[torch_dtype]
 
 
+def _weights_only_narrow(dtype: torch.dtype, devices) -> bool:
+    """dtype=bfloat16 on the host CPU means bfloat16 weights and float32 arithmetic: XLA's
+    CPU backend has no fast bfloat16 arithmetic (a whole bfloat16 step ran ~15x slower),
+    while a batch-1 step is bound by reading the weights, which bfloat16 halves
+    (ModelEngine's narrow_dtype). Accelerators run bfloat16 throughout."""
+    return dtype == torch.bfloat16 and all(d.platform == "cpu" for d in devices)
+
+
 def _top_logprobs_width(max_logprobs: int, vocab_size: int) -> int:
     """How many top logprobs the sampler computes: vLLM's max_logprobs (-1, the whole
     vocabulary, is refused per request, so the default 20 stands in)."""
@@ -62,6 +70,7 @@ class XlaWorker(WorkerBase):
         _route_logs_through_vllm()
         self.model = None  # (module, config, params)
         self.model_runner = None
+        self._weights_only = False  # bfloat16 weights, float32 arithmetic (init_device)
 
     # -- startup ----------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -69,6 +78,7 @@ class XlaWorker(WorkerBase):
 
         devices = configure_jax()
         self.device = torch.device("cpu")
+        self._weights_only = _weights_only_narrow(self.model_config.dtype, devices)
         logger.info("xla-inference: JAX devices %s", devices)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
@@ -76,8 +86,10 @@ class XlaWorker(WorkerBase):
 
         start = time.perf_counter()
         mc = self.model_config
-        self.model = load_model(mc.model, _jnp_dtype(mc.dtype))
-        logger.info("xla-inference: loaded %s (%s) in %.1fs", mc.model, mc.dtype,
+        # bfloat16 weights on the host CPU load as float32; the engine rounds them
+        self.model = load_model(mc.model, _jnp_dtype(self._kv_torch_dtype()))
+        logger.info("xla-inference: loaded %s (%s%s) in %.1fs", mc.model, mc.dtype,
+                    " weights, float32 arithmetic" if self._weights_only else "",
                     time.perf_counter() - start)
 
     def _kv_layer_shapes(self) -> list[tuple[int, int, int]]:
@@ -121,7 +133,9 @@ class XlaWorker(WorkerBase):
         return min(available, useful)
 
     def _kv_torch_dtype(self) -> torch.dtype:
-        return self.model_config.dtype
+        """The KV cache's dtype, which is also the activations' (float32 for bfloat16
+        weights on the host CPU)."""
+        return torch.float32 if self._weights_only else self.model_config.dtype
 
     def _page_bytes(self) -> int:
         itemsize = torch.tensor([], dtype=self._kv_torch_dtype()).element_size()
@@ -148,7 +162,8 @@ class XlaWorker(WorkerBase):
         mesh = build_mesh(self.parallel_config.tensor_parallel_size,
                           data_parallel_size(self.vllm_config))
         engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()),
-                             mesh=mesh)
+                             mesh=mesh, narrow_dtype=_jnp_dtype(self.model_config.dtype)
+                             if self._weights_only else None)
         self.model = (module, cfg, None)  # the engine holds the placed params; drop the host copy
         self.model_runner = XlaModelRunner(engine)
         logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s; mesh %s",

@@ -1,6 +1,8 @@
 """Core-only step benchmark: the engine's compiled forward step, without vLLM.
 
 Run: .venv/bin/python benchmarks/core_step.py [--dtype float32] [--repeats 5]
+     [--projections bfloat16]  (dtype=bfloat16 on the host CPU: bfloat16 projection
+     matrices, float32 activations and KV cache; layers/linear.py)
 
 Needs only JAX and this package (so it runs on an accelerator machine without vLLM). Loads
 SmolLM2-135M (the embedded GGUF) into the engine and times, as medians over `--repeats`
@@ -26,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xla_inference.loading.default_model import prepare_default_model  # noqa: E402
+from xla_inference.loading.params import narrow_projections  # noqa: E402
 from xla_inference.models.loader import load_model  # noqa: E402
 from xla_inference.runner.engine import EngineConfig, ModelEngine  # noqa: E402
 from xla_inference.runner.requests import RequestState  # noqa: E402
@@ -61,8 +64,10 @@ def measure_bandwidth(repeats, nbytes=1 << 30):
 
 
 def measure_matmul_peak(dtype, repeats, n=2048):
+    """FLOP/s of a square matmul with `dtype` inputs, accumulating in float32 or wider."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.promote_types(
+        dtype, jnp.float32)))
     return 2 * n**3 / median_seconds(lambda: f(a, a), repeats)
 
 
@@ -79,18 +84,23 @@ def _matmul_flops_per_token(cfg):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--projections", default=None,
+                        help="dtype of the projection matrices (default: --dtype)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     module, cfg, params = load_model(prepare_default_model(), dtype)
+    projections = jnp.dtype(args.projections or args.dtype)
+    if projections != dtype:
+        params = narrow_projections(params, projections)
     ecfg = EngineConfig(num_blocks=64 * (args.context // BLOCK + 2) + 64, block_size=BLOCK,
                         max_num_tokens=512, max_num_seqs=64, max_model_len=1024)
     engine = ModelEngine(module, cfg, params, ecfg, dtype)
     rng = np.random.default_rng(0)
     bandwidth = measure_bandwidth(args.repeats)
-    peak = measure_matmul_peak(dtype, args.repeats)
+    peak = measure_matmul_peak(projections, args.repeats)
     weights = _param_bytes(engine.params)
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     rows = {}
@@ -106,6 +116,7 @@ def main():
     flops = 512 * _matmul_flops_per_token(cfg)
     rows["prefill_512"] = dict(seconds=t, flops_per_s=flops / t, matmul_peak_flops_per_s=peak)
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, dtype {args.dtype}, "
+          f"projections {projections.name}, "
           f"weights {weights / 2**20:.0f} MiB, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s")
     for name, r in rows.items():
@@ -116,6 +127,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, dtype=args.dtype,
+                           projections=projections.name,
                            bandwidth=bandwidth, matmul_peak=peak, **rows), f, indent=1)
 
 

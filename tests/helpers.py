@@ -1,5 +1,6 @@
 """Shared test utilities: tiny random HF checkpoints and a reference step driver."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -114,10 +115,30 @@ def hf_logits(model_dir: Path, token_ids: list[int], **overrides) -> np.ndarray:
     return out.logits[0].numpy()
 
 
+@contextlib.contextmanager
+def bf16_linear_inputs():
+    """transformers as dtype=bfloat16 runs on the host CPU: every nn.Linear rounds its
+    input to bfloat16 and multiplies in float32 (on a float32 model of a checkpoint from
+    `save_bf16_rounded`, whose weights already hold bfloat16 values)."""
+    import torch
+
+    plain = torch.nn.Linear.forward
+
+    def rounded(self, x):
+        return plain(self, x.to(torch.bfloat16).to(x.dtype))
+
+    torch.nn.Linear.forward = rounded
+    try:
+        yield
+    finally:
+        torch.nn.Linear.forward = plain
+
+
 def save_bf16_rounded(src: Path, dst: Path) -> Path:
     """A copy of checkpoint `src` whose weight matrices (2-D, all but the embedding) hold
-    their values rounded to bfloat16, still float32, with an untied LM head: the float32
-    reference for bfloat16 weights with float32 arithmetic (ModelEngine's narrow_dtype)."""
+    their values rounded to bfloat16, still float32, with an untied LM head: with
+    `bf16_linear_inputs`, the reference for dtype=bfloat16 on the host CPU (bfloat16
+    projections, float32 elsewhere: loading/params.py's narrow_projections)."""
     import shutil
 
     import torch
@@ -174,16 +195,20 @@ ENGINE_BLOCK = 4
 
 def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dtype=None):
     """A float32 ModelEngine on a checkpoint loaded through the normal loading path
-    (on one device, or over `mesh`; bfloat16 weight values with narrow_dtype)."""
+    (on one device, or over `mesh`; projections in narrow_dtype, as the worker does for
+    dtype=bfloat16 on the host CPU)."""
     import jax.numpy as jnp
 
+    from xla_inference.loading.params import narrow_projections
     from xla_inference.models.loader import load_model
     from xla_inference.runner.engine import EngineConfig, ModelEngine
 
     module, cfg, params = load_model(model_dir, jnp.float32)
+    if narrow_dtype is not None:
+        params = narrow_projections(params, narrow_dtype)
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
-    return ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=mesh, narrow_dtype=narrow_dtype)
+    return ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=mesh)
 
 
 def engine_request(req_id: str, tokens: list[int], first_block: int):

@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 
-from tests.helpers import hf_greedy_ids, save_bf16_rounded, save_tiny_llama
+from tests.helpers import bf16_linear_inputs, hf_greedy_ids, save_bf16_rounded, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -91,13 +91,16 @@ def test_preemption_keeps_greedy_output_exact(model_dir, prompts):
     assert preemptions > 0
 
 
-def test_bfloat16_means_bf16_weights_and_f32_arithmetic(model_dir, prompts, tmp_path_factory):
-    # On the host CPU, dtype=bfloat16 rounds the weight matrices to bfloat16 and computes in
-    # float32 (a float32 KV cache; the 1-token step reads bfloat16 copies): greedy output is
-    # transformers' in float32 on the checkpoint with its matrices rounded, both for a
+def test_bfloat16_means_bf16_projections_and_f32_elsewhere(model_dir, prompts,
+                                                           tmp_path_factory):
+    # On the host CPU, dtype=bfloat16 keeps the projection matrices in bfloat16, rounds
+    # their inputs to bfloat16 and accumulates in float32; the rest (norms, attention, a
+    # float32 KV cache) is float32. Greedy output is transformers' in float32 on the
+    # checkpoint with its matrices rounded and every nn.Linear's input rounded, both for a
     # batch (wider steps) and for requests run alone (their decode steps take one token).
     rounded = save_bf16_rounded(model_dir, tmp_path_factory.mktemp("rounded") / "llama")
-    expected = hf_greedy_ids(rounded, prompts, NUM_NEW)
+    with bf16_linear_inputs():
+        expected = hf_greedy_ids(rounded, prompts, NUM_NEW)
     llm = _llm(model_dir, num_pages=128, dtype="bfloat16")
     try:
         together = _generate(llm, prompts, temperature=0.0)

@@ -2,6 +2,7 @@
 self-attention block around it: projections, optional q/k norms, rope."""
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 
@@ -30,6 +31,8 @@ def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], batch: StepBatch, 
 @dataclasses.dataclass
 class SelfAttention:
     """Projections of one attention layer; the optional parts are None where a family has none."""
+
+    PROJECTIONS: ClassVar = ("wq", "wk", "wv", "wo")  # multiplied by linear.project
 
     # The checkpoint's [out, in] layout (layers/linear.py says why).
     wq: jax.Array  # [N*H, D]

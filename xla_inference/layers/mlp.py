@@ -2,6 +2,7 @@
 
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 
@@ -11,6 +12,7 @@ from xla_inference.layers.linear import project
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class GatedMlp:
+    PROJECTIONS: ClassVar = ("w_gate", "w_up", "w_down")  # multiplied by linear.project
     # The checkpoint's [out, in] layout (layers/linear.py says why).
     w_gate: jax.Array  # [F, D]
     w_up: jax.Array  # [F, D]

@@ -1,5 +1,6 @@
 """Turning named checkpoint tensors into model parameters, with errors that name the tensor."""
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
@@ -43,18 +44,22 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
     return _to_host(np.stack([_checked(tensors, n, shape) for n in names]), dtype, transpose)
 
 
-def narrow_weights(params, dtype):
-    """Weight-only narrowing: every floating weight matrix (2 or more axes) cast to `dtype`,
-    except the embedding, whose rows are gathered rather than multiplied and so keep the
-    compute dtype that the activations take from them. 1-D parameters (norms, biases) are
-    left as they are. A tied LM head becomes its own narrow array."""
-    import jax
-
-    def narrow(path, array):
-        top = getattr(path[0], "name", None) if path else None
-        if (top == "embed" or array.ndim < 2
-                or not jnp.issubdtype(array.dtype, jnp.floating)):
-            return array
-        return np.asarray(array).astype(jnp.dtype(dtype))
-
-    return jax.tree_util.tree_map_with_path(narrow, params)
+def narrow_projections(params, dtype):
+    """The matrices that layers/linear.py's `project` multiplies, cast to `dtype` (bfloat16
+    weights with float32 activations: plugin/worker.py). Each parameter dataclass names
+    them in its PROJECTIONS; everything else (the embedding, whose rows are gathered;
+    norms; MoE experts and MLA's per-head matrices, which other products consume) keeps its
+    dtype. A tied LM head becomes its own narrow array."""
+    if isinstance(params, (list, tuple)):
+        return type(params)(narrow_projections(p, dtype) for p in params)
+    if not dataclasses.is_dataclass(params):
+        return params
+    narrowed = set(getattr(params, "PROJECTIONS", ()))
+    changes = {}
+    for field in dataclasses.fields(params):
+        value = getattr(params, field.name)
+        if field.name in narrowed:
+            changes[field.name] = np.asarray(value).astype(jnp.dtype(dtype))
+        elif isinstance(value, (list, tuple)) or dataclasses.is_dataclass(value):
+            changes[field.name] = narrow_projections(value, dtype)
+    return dataclasses.replace(params, **changes)

@@ -11,6 +11,7 @@ which layers have experts. Each family file turns its HF config into a DecoderCo
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,7 @@ class DecoderLayer:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecoderParams:
+    PROJECTIONS: ClassVar = ("lm_head",)  # multiplied by linear.project (compute_logits)
     embed: jax.Array  # [V, D]
     layers: list[DecoderLayer]
     final_norm: jax.Array  # [D]

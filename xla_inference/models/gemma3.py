@@ -14,6 +14,7 @@ and vLLM's Gemma 3 ignore the field, so applying it would disagree with every re
 import dataclasses
 import functools
 from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,7 @@ class Gemma3Layer:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Gemma3Params:
+    PROJECTIONS: ClassVar = ("lm_head",)  # multiplied by linear.project (compute_logits)
     embed: jax.Array  # [V, D]
     layers: list[Gemma3Layer]
     final_norm: jax.Array  # [D]

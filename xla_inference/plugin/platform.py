@@ -111,7 +111,7 @@ class XlaPlatform(Platform):
         cache = vllm_config.cache_config
         if cache.cache_dtype != "auto":
             raise ValueError(f"xla-inference does not support kv_cache_dtype={cache.cache_dtype!r} "
-                             "yet; the KV cache uses the model dtype (kv_cache_dtype='auto')")
+                             "yet; the KV cache takes the activations' dtype (kv_cache_dtype='auto')")
         if not cache.user_specified_block_size:
             cache.block_size = 16
         _choose_engine_start_method()

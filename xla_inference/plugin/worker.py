@@ -48,10 +48,12 @@ def _jnp_dtype(torch_dtype: torch.dtype):
 
 
 def _weights_only_narrow(dtype: torch.dtype, devices) -> bool:
-    """dtype=bfloat16 on the host CPU means bfloat16 weights and float32 arithmetic: XLA's
-    CPU backend has no fast bfloat16 arithmetic (a whole bfloat16 step ran ~15x slower),
-    while a batch-1 step is bound by reading the weights, which bfloat16 halves
-    (ModelEngine's narrow_dtype). Accelerators run bfloat16 throughout."""
+    """dtype=bfloat16 on the host CPU means bfloat16 projection matrices, whose products
+    take bfloat16 inputs and accumulate in float32 (layers/linear.py), and float32 for the
+    rest: activations, norms, attention, the KV cache. XLA's CPU backend is fast at those
+    products (twice float32's rate with avx512_bf16; a batch-1 step reads half the bytes)
+    and slow at bfloat16 elementwise work (a step wholly in bfloat16 ran ~15x slower).
+    Accelerators run bfloat16 throughout."""
     return dtype == torch.bfloat16 and all(d.platform == "cpu" for d in devices)
 
 
@@ -82,14 +84,18 @@ class XlaWorker(WorkerBase):
         logger.info("xla-inference: JAX devices %s", devices)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        from xla_inference.loading.params import narrow_projections
         from xla_inference.models.loader import load_model
 
         start = time.perf_counter()
         mc = self.model_config
-        # bfloat16 weights on the host CPU load as float32; the engine rounds them
-        self.model = load_model(mc.model, _jnp_dtype(self._kv_torch_dtype()))
+        # bfloat16 weights on the host CPU: load in float32, then narrow the projections
+        module, cfg, params = load_model(mc.model, _jnp_dtype(self._kv_torch_dtype()))
+        if self._weights_only:
+            params = narrow_projections(params, _jnp_dtype(mc.dtype))
+        self.model = (module, cfg, params)
         logger.info("xla-inference: loaded %s (%s%s) in %.1fs", mc.model, mc.dtype,
-                    " weights, float32 arithmetic" if self._weights_only else "",
+                    " projections, float32 elsewhere" if self._weights_only else "",
                     time.perf_counter() - start)
 
     def _kv_layer_shapes(self) -> list[tuple[int, int, int]]:
@@ -134,7 +140,7 @@ class XlaWorker(WorkerBase):
 
     def _kv_torch_dtype(self) -> torch.dtype:
         """The KV cache's dtype, which is also the activations' (float32 for bfloat16
-        weights on the host CPU)."""
+        projections on the host CPU)."""
         return torch.float32 if self._weights_only else self.model_config.dtype
 
     def _page_bytes(self) -> int:
@@ -162,8 +168,7 @@ class XlaWorker(WorkerBase):
         mesh = build_mesh(self.parallel_config.tensor_parallel_size,
                           data_parallel_size(self.vllm_config))
         engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()),
-                             mesh=mesh, narrow_dtype=_jnp_dtype(self.model_config.dtype)
-                             if self._weights_only else None)
+                             mesh=mesh)
         self.model = (module, cfg, None)  # the engine holds the placed params; drop the host copy
         self.model_runner = XlaModelRunner(engine)
         logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s; mesh %s",

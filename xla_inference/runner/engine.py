@@ -15,7 +15,6 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from xla_inference.layers.sampler import gather_logprobs, sample
-from xla_inference.loading.params import narrow_weights
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
                                              place_params, replica_sharding, replicated)
 from xla_inference.runner import compile_counter
@@ -154,26 +153,15 @@ class ModelEngine:
     pages (vLLM's page ids r * pages_per_replica onwards, plugin/dp_scheduler.py) and its own
     rows of every step, run side by side in one program.
 
-    narrow_dtype (bfloat16 on the host CPU): the model's weight matrices hold values of that
-    dtype. Steps of more than one token run on float32 arrays of those values; the 1-token
-    step (batch-1 decode) runs on copies in `narrow_dtype`, widened inside each product,
-    which halves the bytes it reads (the step is bound by reading every weight once): a
-    SmolLM2 batch-1 step 19.0 -> 14.1 ms. Both compute in float32 on the same values. XLA's
-    CPU backend has no fast bfloat16 product with more than one row, and widening in the
-    program cost ~130 ms a step, so the wider steps keep their float32 copy: weights take
-    1.5x the float32 bytes. The embedding is not narrowed (its rows are gathered)."""
+    params may mix dtypes: bfloat16 projection matrices with float32 activations and KV
+    cache (kv_dtype) is dtype=bfloat16 on the host CPU (plugin/worker.py, layers/linear.py)."""
 
     def __init__(self, model: ModuleType, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
-                 mesh: Mesh | None = None, narrow_dtype=None):
+                 mesh: Mesh | None = None):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
         self.param_shardings = param_shardings(params, model_cfg, self.mesh)
-        narrow = None
-        if narrow_dtype is not None:
-            narrow = narrow_weights(params, narrow_dtype)
-            params = jax.tree.map(lambda n, p: np.asarray(n).astype(p.dtype, copy=False),
-                                  narrow, params)
         self.params = place_params(params, self.param_shardings)
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
         self.replicas = self.mesh.shape["data"]
@@ -201,11 +189,6 @@ class ModelEngine:
                     in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
-        # The 1-token step's weights (narrow_dtype; not with data parallel, whose LM head
-        # has a row per replica). Same tree and shardings, so the same jitted function.
-        self.narrow_params = None
-        if narrow is not None and self.replicas == 1:
-            self.narrow_params = place_params(narrow, self.param_shardings)
         self._sample = Programs(jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs)),
                                 _sample_key)
         self._score = jax.jit(functools.partial(_score_tokens, model, engine_cfg.max_logprobs))
@@ -254,16 +237,10 @@ class ModelEngine:
             done += num_new
         return _stack(batches), row_order, token_order
 
-    def params_for(self, num_tokens: int):
-        """The weights a bucket runs on: the narrow copies for one token."""
-        if num_tokens == 1 and self.narrow_params is not None:
-            return self.narrow_params
-        return self.params
-
     def _run_forward(self, batch: StepBatch, *orders) -> StepOutput:
         T = batch.input_ids.shape[-1]
         self.kv_cache, logits, hidden = self.stats.run(
-            self._forward, self.params_for(T), self.kv_cache, batch, *orders, bucket=T)
+            self._forward, self.params, self.kv_cache, batch, *orders, bucket=T)
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],
@@ -313,7 +290,7 @@ class ModelEngine:
             B = layout.num_seqs
             batch = empty_step_batch(T, B, layout.max_blocks, layout.block_size)
             if self.replicas == 1:
-                forward_args.append((self.params_for(T), self.kv_cache, batch))
+                forward_args.append((self.params, self.kv_cache, batch))
             else:
                 forward_args.append((self.params, self.kv_cache, _stack([batch] * self.replicas),
                                      np.zeros(self.replicas * B, np.int32),

@@ -3,6 +3,9 @@
 The reference never looks at pages: it attends over each sequence's own unpaged K/V in
 float64. The kernel sees the same K/V only through the paged cache, which the test fills by
 hand (context cached in earlier steps) and through write_kv (this step's tokens).
+
+Every check runs twice: on the plain-jnp paths, and with the native CPU kernel
+(kernels/cpu_attention.py) wherever it can serve the call.
 """
 
 import functools
@@ -12,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xla_inference.kernels import cpu_attention
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
 
 BLOCK_SIZE = 16
@@ -31,6 +35,18 @@ MIXED = [
 ]
 ALL_DECODE = [(17, 1), (255, 1), (0, 1), (140, 1), (300, 1), (31, 1)]
 ONE_PREFILL = [(0, 90)]
+
+
+_PATH = {"native": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["jnp", "native"])
+def kernel_path(request):
+    if request.param:
+        assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    _PATH["native"] = request.param
+    yield
+    _PATH["native"] = False
 
 
 def _make_batch(rng, specs, *, num_heads, num_kv_heads, dtype):
@@ -134,6 +150,7 @@ def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, t
                    sliding_window=None, soft_cap=None, attention_chunk=None, kv_chunk=64,
                    step=_step,
                    num_tokens=NUM_TOKENS, pad_row=NUM_ROWS - 1, shuffle=False, **knobs):
+    knobs.setdefault("native", _PATH["native"])
     rng = np.random.default_rng(seed)
     seqs, block_tables, seq_lens = _make_batch(rng, specs, num_heads=num_heads,
                                                num_kv_heads=num_kv_heads, dtype=dtype)

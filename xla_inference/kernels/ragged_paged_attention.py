@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xla_inference.kernels import cpu_attention
+
 # Finite instead of -inf so that rows with no valid key in a chunk stay NaN-free.
 _MASK_VALUE = -1e30
 
@@ -294,12 +296,25 @@ def _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k
 
 # ---------------------------------------------------------------------------------------
 
+# Steps of up to this many tokens take the native CPU kernel (kernels/cpu_attention.py):
+# decode batches and short chunks. Longer steps are mostly prefill, where the tiles' real
+# matmuls above beat its one-token-at-a-time loop (SmolLM2, one 512-token prefill: 5.5 ms
+# a layer here against 7.3 ms).
+NATIVE_CPU_MAX_TOKENS = 64
+
+
+def _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv) -> bool:
+    return (soft_cap is None and attention_chunk is None and not shared_kv
+            and k_cache.dtype == jnp.float32
+            and jax.default_backend() == "cpu" and cpu_attention.available())
+
 
 def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens,
                            *, block_size: int, scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, attention_chunk: int | None = None,
                            shared_kv: bool = False, kv_chunk: int = 64,
-                           tile: int = 16, decode_chunk: int = 32, decode_group: int = 32):
+                           tile: int = 16, decode_chunk: int = 32, decode_group: int = 32,
+                           native: bool | None = None):
     """Attention of T ragged query tokens over the paged KV cache.
 
     q: [T, N, H]; k_cache, v_cache: [num_slots, K, H], already holding this step's K/V;
@@ -315,10 +330,20 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     Tuning knobs (static): tile, query tokens per tile; kv_chunk, keys per step of a tile;
     decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
     of the decode path. Returns [T, N, H] in q's dtype.
+    native: the native CPU kernel (kernels/cpu_attention.py) where it can serve this call
+    (on the CPU, float32 cache, no soft cap, attention chunks or shared K/V): None for steps
+    of up to NATIVE_CPU_MAX_TOKENS tokens, True for any, False never.
     """
     del seq_lens
     assert kv_chunk % block_size == 0, (kv_chunk, block_size)
     assert decode_chunk % block_size == 0, (decode_chunk, block_size)
+    if native is None:
+        native = q.shape[0] <= NATIVE_CPU_MAX_TOKENS
+    if native and _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv):
+        out = cpu_attention.paged_attention(q, k_cache, v_cache, seq_ids, positions,
+                                            block_tables, block_size=block_size, scale=scale,
+                                            sliding_window=sliding_window)
+        return out.astype(q.dtype)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)

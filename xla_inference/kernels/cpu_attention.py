@@ -1,13 +1,19 @@
 """Ragged paged attention as a native kernel for XLA's CPU backend (cpu/paged_attention.cc),
 called from the compiled step as an XLA FFI custom call.
 
-XLA's CPU code for the plain-jnp kernel spends most of a decode step's attention on small
-gathers and minor-axis reductions (SmolLM2, 64 sequences at ~300 tokens of context: ~2.5
-ms a layer against ~0.4 ms to read their keys and values). The native kernel takes one
-query token at a time, reads each key's [K, H] cache row where it lies and runs on every
-core. The kernel is compiled with the machine's C++ compiler on first use (a few seconds,
-cached under ~/.cache/xla-inference/kernels by source and CPU); where that fails, the
-plain-jnp kernel runs instead.
+XLA's CPU code for the plain-jnp kernel spends most of attention's time on small page
+gathers and reductions along the head dim (SmolLM2, 64 sequences at ~300 tokens of
+context: ~2.5-4 ms a layer, against ~0.4 ms to read their keys and values once). The
+native kernel reads each key's [K, H] cache row where it lies: a lone query token (decode)
+takes per-head dot products; up to 16 tokens of one sequence (prefill, chunks) share each
+key read and compute across the tokens in vector lanes. Tokens are split over every core.
+
+The kernel is compiled with the machine's C++ compiler on first use (a few seconds, cached
+under ~/.cache/xla-inference/kernels by source, flags, CPU and JAX version); where that
+fails, or with XLA_INFERENCE_CPU_ATTENTION=0, the plain-jnp kernel runs instead.
+With a tensor-parallel mesh, XLA's partitioner has no rule for the custom call and gathers
+its operands (the KV cache) onto every device: correct, but slow; CPU tensor parallelism
+(virtual devices of one host) is for tests.
 """
 
 from __future__ import annotations

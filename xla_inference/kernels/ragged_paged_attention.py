@@ -296,13 +296,6 @@ def _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k
 
 # ---------------------------------------------------------------------------------------
 
-# Steps of up to this many tokens take the native CPU kernel (kernels/cpu_attention.py):
-# decode batches and short chunks. Longer steps are mostly prefill, where the tiles' real
-# matmuls above beat its one-token-at-a-time loop (SmolLM2, one 512-token prefill: 5.5 ms
-# a layer here against 7.3 ms).
-NATIVE_CPU_MAX_TOKENS = 64
-
-
 def _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv) -> bool:
     return (soft_cap is None and attention_chunk is None and not shared_kv
             and k_cache.dtype == jnp.float32
@@ -314,7 +307,7 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
                            soft_cap: float | None = None, attention_chunk: int | None = None,
                            shared_kv: bool = False, kv_chunk: int = 64,
                            tile: int = 16, decode_chunk: int = 32, decode_group: int = 32,
-                           native: bool | None = None):
+                           native: bool = True):
     """Attention of T ragged query tokens over the paged KV cache.
 
     q: [T, N, H]; k_cache, v_cache: [num_slots, K, H], already holding this step's K/V;
@@ -331,14 +324,12 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
     of the decode path. Returns [T, N, H] in q's dtype.
     native: the native CPU kernel (kernels/cpu_attention.py) where it can serve this call
-    (on the CPU, float32 cache, no soft cap, attention chunks or shared K/V): None for steps
-    of up to NATIVE_CPU_MAX_TOKENS tokens, True for any, False never.
+    (on the CPU, float32 cache, no soft cap, attention chunks or shared K/V); False: these
+    plain-jnp paths always (the reference the native kernel is tested against).
     """
     del seq_lens
     assert kv_chunk % block_size == 0, (kv_chunk, block_size)
     assert decode_chunk % block_size == 0, (decode_chunk, block_size)
-    if native is None:
-        native = q.shape[0] <= NATIVE_CPU_MAX_TOKENS
     if native and _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv):
         out = cpu_attention.paged_attention(q, k_cache, v_cache, seq_ids, positions,
                                             block_tables, block_size=block_size, scale=scale,

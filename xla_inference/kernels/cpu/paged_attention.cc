@@ -1,11 +1,12 @@
-// Ragged paged attention for XLA's CPU backend, one query token at a time: an XLA FFI
-// custom call (kernels/cpu_attention.py builds, loads and calls it).
+// Ragged paged attention for XLA's CPU backend: an XLA FFI custom call
+// (kernels/cpu_attention.py builds, loads and calls it).
 //
 // Token t (sequence row seq_ids[t], position positions[t]) attends to the keys of its row
 // at positions lo..positions[t] (lo > 0 only with a sliding window), read from the paged
-// cache through block_tables. Per token: every head's scores against each key (one
-// contiguous [K, H] row of the cache per key), a two-pass softmax per head, then the
-// weighted sum of the values. Tokens are split across threads.
+// cache through block_tables, one contiguous [K, H] row per key. Consecutive tokens of one
+// row form tiles of up to 16 that share every key read (attend_tile); a lone token
+// (decode) takes attend_one. Softmax is two-pass, in float32. Tokens are split across
+// threads.
 //
 // q [T, N, H], k_cache / v_cache [num_slots, K, H] float32; seq_ids, positions [T] int32;
 // block_tables [B, max_blocks] int32; out [T, N, H] float32.
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -49,71 +51,203 @@ struct Shapes {
   float scale;
 };
 
-// kHeadDim > 0: the head dim as a compile-time constant (fully unrolled products);
-// 0: any head dim, s.head_dim.
+constexpr int64_t kTile = 16;  // query tokens of one sequence that share their key reads
+
+struct Scratch {
+  std::vector<float> qs, scores, acc;
+  std::vector<int64_t> rows;
+};
+
+// The cache row offset of each key lo..hi of a sequence (one division per page).
+void key_rows(const Shapes& s, const int32_t* table, int64_t lo, int64_t hi, int64_t row_width,
+              std::vector<int64_t>& rows) {
+  rows.resize(hi + 1 - lo);
+  for (int64_t key = lo, i = 0; key <= hi;) {
+    const int64_t block = std::min(key / s.block_size, s.max_blocks - 1);
+    const int64_t offset = key % s.block_size;
+    const int64_t run = std::min(s.block_size - offset, hi + 1 - key);
+    const int64_t first_slot = static_cast<int64_t>(table[block]) * s.block_size + offset;
+    for (int64_t j = 0; j < run; ++j) rows[i + j] = (first_slot + j) * row_width;
+    key += run;
+    i += run;
+  }
+}
+
+int64_t first_key(const Shapes& s, int64_t pos) {
+  return s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
+}
+
+// One query token: each head's scores are dot products over the head dim.
+// kHeadDim > 0: the head dim as a compile-time constant (fully unrolled products); 0: any.
+template <int64_t kHeadDim>
+void attend_one(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
+                const int32_t* table, int64_t pos, float* out, Scratch& w) {
+  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
+  const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
+  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
+  if (n <= 0) {
+    std::fill(out, out + N * H, 0.0f);
+    return;
+  }
+  w.qs.resize(N * H);
+  for (int64_t i = 0; i < N * H; ++i) w.qs[i] = q[i] * s.scale;
+  w.scores.resize(N * n);
+  key_rows(s, table, lo, pos, K * H, w.rows);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* krow = k_cache + w.rows[i];
+    for (int64_t h = 0; h < N; ++h) {
+      const float* kv = krow + (h / G) * H;
+      const float* qh = w.qs.data() + h * H;
+      float dot = 0.0f;
+      for (int64_t d = 0; d < H; ++d) dot += qh[d] * kv[d];
+      w.scores[h * n + i] = dot;
+    }
+  }
+  for (int64_t h = 0; h < N; ++h) {
+    float* sc = w.scores.data() + h * n;
+    float m = sc[0];
+    for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      sc[i] = fast_exp(sc[i] - m);
+      sum += sc[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
+  }
+  w.acc.assign(N * H, 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vrow = v_cache + w.rows[i];
+    for (int64_t h = 0; h < N; ++h) {
+      const float p = w.scores[h * n + i];
+      const float* vv = vrow + (h / G) * H;
+      float* a = w.acc.data() + h * H;
+      for (int64_t d = 0; d < H; ++d) a[d] += p * vv[d];
+    }
+  }
+  std::copy(w.acc.begin(), w.acc.end(), out);
+}
+
+// kTile lanes, one per query token of a tile (GCC/Clang vector extensions: AVX-512 registers
+// where the CPU has them, pairs of narrower ones elsewhere).
+typedef float Lanes __attribute__((vector_size(kTile * sizeof(float))));
+typedef int32_t IntLanes __attribute__((vector_size(kTile * sizeof(int32_t))));
+
+// fast_exp on every lane (x <= 0).
+inline Lanes exp_lanes(Lanes x) {
+  const Lanes floor = Lanes{} - 87.0f;
+  x = x < floor ? floor : x;
+  // k = round(x / ln2): x <= 0, so truncating x / ln2 - 0.5 towards zero rounds it
+  const IntLanes k_int = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, IntLanes);
+  const Lanes k = __builtin_convertvector(k_int, Lanes);
+  const Lanes r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;
+  Lanes p = Lanes{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const IntLanes bits = (k_int + 127) << 23;
+  return p * reinterpret_cast<const Lanes&>(bits);
+}
+
+// Up to kTile query tokens of one sequence (any positions): every key is read once for all
+// of them, and the products run across the tokens (one lane each), with no reductions
+// across a vector: scores[h][key] = sum_d q[h][d] * k[key][d] as lanes, then
+// acc[h][d] += p[h][key] * v[key][d].
+template <int64_t kHeadDim>
+void attend_tile(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
+                 const int32_t* table, const int32_t* positions, int64_t count, float* out,
+                 std::vector<Lanes>& qs, std::vector<Lanes>& scores, std::vector<Lanes>& acc,
+                 std::vector<int64_t>& rows) {
+  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
+  const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
+  IntLanes pos;
+  int64_t lo = INT64_MAX, hi = -1;
+  for (int64_t j = 0; j < kTile; ++j) {
+    pos[j] = j < count ? positions[j] : -1;  // missing tokens see no key
+    if (j < count) {
+      lo = std::min(lo, first_key(s, positions[j]));
+      hi = std::max<int64_t>(hi, positions[j]);
+    }
+  }
+  const int64_t n = hi + 1 - lo;
+  qs.assign(N * H, Lanes{});  // [h][d], scaled
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t h = 0; h < N; ++h)
+      for (int64_t d = 0; d < H; ++d) qs[h * H + d][j] = q[(j * N + h) * H + d] * s.scale;
+  scores.resize(N * n);  // [h][key]
+  key_rows(s, table, lo, hi, K * H, rows);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* krow = k_cache + rows[i];
+    for (int64_t h = 0; h < N; ++h) {
+      const float* kv = krow + (h / G) * H;
+      const Lanes* qh = qs.data() + h * H;
+      Lanes dot{};
+      for (int64_t d = 0; d < H; ++d) dot += qh[d] * kv[d];
+      scores[h * n + i] = dot;
+    }
+  }
+  // Only positions of the window get through: key <= pos and key > pos - window.
+  const int32_t window = s.sliding_window > 0 ? static_cast<int32_t>(s.sliding_window) : INT32_MAX / 2;
+  const IntLanes oldest = pos - window;
+  for (int64_t h = 0; h < N; ++h) {
+    Lanes* sc = scores.data() + h * n;
+    Lanes m = Lanes{} - 3.0e38f, sum{};
+    for (int64_t i = 0; i < n; ++i) {
+      const IntLanes key = IntLanes{} + static_cast<int32_t>(lo + i);
+      const IntLanes valid = (key <= pos) & (key > oldest);
+      m = valid ? (sc[i] > m ? sc[i] : m) : m;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const IntLanes key = IntLanes{} + static_cast<int32_t>(lo + i);
+      const IntLanes valid = (key <= pos) & (key > oldest);
+      const Lanes shifted = sc[i] - m;
+      const Lanes e = exp_lanes(shifted < 0.0f ? shifted : Lanes{});
+      sc[i] = valid ? e : Lanes{};
+      sum += sc[i];
+    }
+    const Lanes inv = sum > 0.0f ? 1.0f / sum : Lanes{};
+    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
+  }
+  acc.assign(N * H, Lanes{});  // [h][d]
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vrow = v_cache + rows[i];
+    for (int64_t h = 0; h < N; ++h) {
+      const float* vv = vrow + (h / G) * H;
+      const Lanes p = scores[h * n + i];
+      Lanes* a = acc.data() + h * H;
+      for (int64_t d = 0; d < H; ++d) a[d] += p * vv[d];
+    }
+  }
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t h = 0; h < N; ++h)
+      for (int64_t d = 0; d < H; ++d) out[(j * N + h) * H + d] = acc[h * H + d][j];
+}
+
+// Tokens first..last-1: runs of equal seq_id are cut into tiles of up to kTile tokens;
+// a lone token takes attend_one.
 template <int64_t kHeadDim>
 void attend_tokens(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
                    const int32_t* seq_ids, const int32_t* positions, const int32_t* block_tables,
                    float* out, int64_t first, int64_t last) {
-  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
-  const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
-  const int64_t row_width = K * H;  // floats per cache slot
-  std::vector<float> qs(N * H), scores, acc(N * H);
-  std::vector<int64_t> rows;
-  for (int64_t t = first; t < last; ++t) {
-    const int64_t pos = positions[t];
+  const int64_t width = s.num_heads * s.head_dim;  // floats per token of q and out
+  Scratch w;
+  std::vector<Lanes> qs, scores, acc;
+  for (int64_t t = first; t < last;) {
+    int64_t end = t + 1;
+    while (end < last && end - t < kTile && seq_ids[end] == seq_ids[t]) ++end;
     const int32_t* table = block_tables + static_cast<int64_t>(seq_ids[t]) * s.max_blocks;
-    const int64_t lo = s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
-    const int64_t n = pos + 1 - lo;
-    if (n <= 0) {
-      std::fill(out + t * N * H, out + (t + 1) * N * H, 0.0f);
-      continue;
+    if (end - t == 1) {
+      attend_one<kHeadDim>(s, q + t * width, k_cache, v_cache, table, positions[t],
+                           out + t * width, w);
+    } else {
+      attend_tile<kHeadDim>(s, q + t * width, k_cache, v_cache, table, positions + t, end - t,
+                            out + t * width, qs, scores, acc, w.rows);
     }
-    for (int64_t i = 0; i < N * H; ++i) qs[i] = q[t * N * H + i] * s.scale;
-    scores.resize(N * n);
-    rows.resize(n);  // each key's cache row (one division per page, not per key)
-    for (int64_t key = lo, i = 0; key <= pos;) {
-      const int64_t block = std::min(key / s.block_size, s.max_blocks - 1);
-      const int64_t offset = key % s.block_size;
-      const int64_t run = std::min(s.block_size - offset, pos + 1 - key);
-      const int64_t first_slot = static_cast<int64_t>(table[block]) * s.block_size + offset;
-      for (int64_t j = 0; j < run; ++j) rows[i + j] = (first_slot + j) * row_width;
-      key += run;
-      i += run;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const float* krow = k_cache + rows[i];
-      for (int64_t h = 0; h < N; ++h) {
-        const float* kv = krow + (h / G) * H;
-        const float* qh = qs.data() + h * H;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < H; ++d) dot += qh[d] * kv[d];
-        scores[h * n + i] = dot;
-      }
-    }
-    for (int64_t h = 0; h < N; ++h) {
-      float* sc = scores.data() + h * n;
-      float m = sc[0];
-      for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
-      float sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        sc[i] = fast_exp(sc[i] - m);
-        sum += sc[i];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
-    }
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* vrow = v_cache + rows[i];
-      for (int64_t h = 0; h < N; ++h) {
-        const float w = scores[h * n + i];
-        const float* vv = vrow + (h / G) * H;
-        float* a = acc.data() + h * H;
-        for (int64_t d = 0; d < H; ++d) a[d] += w * vv[d];
-      }
-    }
-    std::copy(acc.begin(), acc.end(), out + t * N * H);
+    t = end;
   }
 }
 

@@ -180,10 +180,30 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
       for (int64_t d = 0; d < H; ++d) qs[h * H + d][j] = q[(j * N + h) * H + d] * s.scale;
   scores.resize(N * n);  // [h][key]
   key_rows(s, table, lo, hi, K * H, rows);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* krow = k_cache + rows[i];
+  // Four keys at a time: four independent accumulator chains per head (one chain would
+  // wait on each multiply-add's latency), and each q vector loaded once for the four.
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
     for (int64_t h = 0; h < N; ++h) {
-      const float* kv = krow + (h / G) * H;
+      const int64_t head = (h / G) * H;
+      const float *k0 = k_cache + rows[i] + head, *k1 = k_cache + rows[i + 1] + head,
+                  *k2 = k_cache + rows[i + 2] + head, *k3 = k_cache + rows[i + 3] + head;
+      const Lanes* qh = qs.data() + h * H;
+      Lanes d0{}, d1{}, d2{}, d3{};
+      for (int64_t d = 0; d < H; ++d) {
+        const Lanes qv = qh[d];
+        d0 += qv * k0[d];
+        d1 += qv * k1[d];
+        d2 += qv * k2[d];
+        d3 += qv * k3[d];
+      }
+      Lanes* sc = scores.data() + h * n + i;
+      sc[0] = d0, sc[1] = d1, sc[2] = d2, sc[3] = d3;
+    }
+  }
+  for (; i < n; ++i) {
+    for (int64_t h = 0; h < N; ++h) {
+      const float* kv = k_cache + rows[i] + (h / G) * H;
       const Lanes* qh = qs.data() + h * H;
       Lanes dot{};
       for (int64_t d = 0; d < H; ++d) dot += qh[d] * kv[d];
@@ -213,10 +233,21 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
     for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
   }
   acc.assign(N * H, Lanes{});  // [h][d]
-  for (int64_t i = 0; i < n; ++i) {
-    const float* vrow = v_cache + rows[i];
+  // Four keys at a time, so that each accumulator is loaded and stored once for four.
+  for (i = 0; i + 4 <= n; i += 4) {
     for (int64_t h = 0; h < N; ++h) {
-      const float* vv = vrow + (h / G) * H;
+      const int64_t head = (h / G) * H;
+      const float *v0 = v_cache + rows[i] + head, *v1 = v_cache + rows[i + 1] + head,
+                  *v2 = v_cache + rows[i + 2] + head, *v3 = v_cache + rows[i + 3] + head;
+      const Lanes* p = scores.data() + h * n + i;
+      const Lanes p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+      Lanes* a = acc.data() + h * H;
+      for (int64_t d = 0; d < H; ++d) a[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+    }
+  }
+  for (; i < n; ++i) {
+    for (int64_t h = 0; h < N; ++h) {
+      const float* vv = v_cache + rows[i] + (h / G) * H;
       const Lanes p = scores[h * n + i];
       Lanes* a = acc.data() + h * H;
       for (int64_t d = 0; d < H; ++d) a[d] += p * vv[d];

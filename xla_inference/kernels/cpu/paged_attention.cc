@@ -73,6 +73,16 @@ void key_rows(const Shapes& s, const int32_t* table, int64_t lo, int64_t hi, int
   }
 }
 
+// Keys' cache rows lie on pages scattered through the cache: the hardware prefetcher does
+// not cross into the next page, so each loop over keys asks for the rows kPrefetchAhead
+// keys on (one page of 16 tokens) itself (SmolLM2 engine step, 64 sequences of ~300 tokens
+// on shuffled pages: 150 -> 90 ms).
+constexpr int64_t kPrefetchAhead = 16;
+
+inline void prefetch_row(const float* row, int64_t floats) {
+  for (int64_t f = 0; f < floats; f += 64 / sizeof(float)) __builtin_prefetch(row + f);
+}
+
 int64_t first_key(const Shapes& s, int64_t pos) {
   return s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
 }
@@ -95,6 +105,7 @@ void attend_one(const Shapes& s, const float* q, const float* k_cache, const flo
   key_rows(s, table, lo, pos, K * H, w.rows);
   for (int64_t i = 0; i < n; ++i) {
     const float* krow = k_cache + w.rows[i];
+    if (i + kPrefetchAhead < n) prefetch_row(k_cache + w.rows[i + kPrefetchAhead], K * H);
     for (int64_t h = 0; h < N; ++h) {
       const float* kv = krow + (h / G) * H;
       const float* qh = w.qs.data() + h * H;
@@ -118,6 +129,7 @@ void attend_one(const Shapes& s, const float* q, const float* k_cache, const flo
   w.acc.assign(N * H, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     const float* vrow = v_cache + w.rows[i];
+    if (i + kPrefetchAhead < n) prefetch_row(v_cache + w.rows[i + kPrefetchAhead], K * H);
     for (int64_t h = 0; h < N; ++h) {
       const float p = w.scores[h * n + i];
       const float* vv = vrow + (h / G) * H;
@@ -184,6 +196,8 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
   // wait on each multiply-add's latency), and each q vector loaded once for the four.
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
+    for (int64_t j = i + kPrefetchAhead; j < std::min(i + kPrefetchAhead + 4, n); ++j)
+      prefetch_row(k_cache + rows[j], K * H);
     for (int64_t h = 0; h < N; ++h) {
       const int64_t head = (h / G) * H;
       const float *k0 = k_cache + rows[i] + head, *k1 = k_cache + rows[i + 1] + head,
@@ -235,6 +249,8 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
   acc.assign(N * H, Lanes{});  // [h][d]
   // Four keys at a time, so that each accumulator is loaded and stored once for four.
   for (i = 0; i + 4 <= n; i += 4) {
+    for (int64_t j = i + kPrefetchAhead; j < std::min(i + kPrefetchAhead + 4, n); ++j)
+      prefetch_row(v_cache + rows[j], K * H);
     for (int64_t h = 0; h < N; ++h) {
       const int64_t head = (h / G) * H;
       const float *v0 = v_cache + rows[i] + head, *v1 = v_cache + rows[i + 1] + head,

@@ -9,7 +9,8 @@ takes per-head dot products; up to 16 tokens of one sequence (prefill, chunks) s
 key read and compute across the tokens in vector lanes. Tokens are split over every core.
 
 The kernel is compiled with the machine's C++ compiler on first use (a few seconds, cached
-under ~/.cache/xla-inference/kernels by source, flags, CPU and JAX version); where that
+under ~/.cache/xla-inference/kernels, or $XLA_INFERENCE_CACHE/kernels, by source, flags,
+CPU and JAX version); where that
 fails, or with XLA_INFERENCE_CPU_ATTENTION=0, the plain-jnp kernel runs instead.
 With a tensor-parallel mesh, XLA's partitioner has no rule for the custom call and gathers
 its operands (the KV cache) onto every device: correct, but slow; CPU tensor parallelism
@@ -50,9 +51,9 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("XLA_INFERENCE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xla-inference")
-    return Path(root) / "kernels"
+    from xla_inference.runner.jax_setup import cache_root
+
+    return cache_root() / "kernels"
 
 
 def _build() -> Path:

@@ -6,9 +6,13 @@ from pathlib import Path
 import jax
 
 
+def cache_root() -> Path:
+    """Where xla-inference keeps what it builds: $XLA_INFERENCE_CACHE or ~/.cache/xla-inference."""
+    return Path(os.environ.get("XLA_INFERENCE_CACHE") or Path.home() / ".cache" / "xla-inference")
+
+
 def default_cache_dir() -> Path:
-    root = os.environ.get("XLA_INFERENCE_CACHE") or Path.home() / ".cache" / "xla-inference"
-    return Path(root) / "jax-compilation-cache"
+    return cache_root() / "jax-compilation-cache"
 
 
 def configure_jax() -> list:

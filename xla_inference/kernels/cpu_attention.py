@@ -10,8 +10,8 @@ key read and compute across the tokens in vector lanes. Tokens are split over ev
 
 The kernel is compiled with the machine's C++ compiler on first use (a few seconds, cached
 under ~/.cache/xla-inference/kernels, or $XLA_INFERENCE_CACHE/kernels, by source, flags,
-CPU and JAX version); where that
-fails, or with XLA_INFERENCE_CPU_ATTENTION=0, the plain-jnp kernel runs instead.
+CPU and JAX version); where that fails, or with XLA_INFERENCE_CPU_ATTENTION=0, the
+plain-jnp kernel runs instead.
 With a tensor-parallel mesh, XLA's partitioner has no rule for the custom call and gathers
 its operands (the KV cache) onto every device: correct, but slow; CPU tensor parallelism
 (virtual devices of one host) is for tests.

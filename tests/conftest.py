@@ -1,4 +1,10 @@
+import ast
+import itertools
 import os
+import sys
+from pathlib import Path
+
+import pytest
 
 # Tests run on the CPU; keep JAX from grabbing every core's worth of threads per process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -7,3 +13,100 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
+
+E2E = Path(__file__).parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects, so that -m sees the mark
+def pytest_collection_modifyitems(config, items):
+    """Every test under e2e/ drives vLLM: mark it `vllm` here rather than in each file."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.vllm)
+
+
+def _module_marks(path: Path) -> set[str]:
+    """Names in a module's top-level `pytestmark = ...` (`pytest.mark.NAME`), read without
+    importing the module."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+            return {n.attr for n in ast.walk(node.value)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+                    and n.value.attr == "mark"}
+    return set()
+
+
+def _deselected_whole(config, path: Path) -> bool:
+    """Whether `-m` deselects every test a module could hold: its expression is false for
+    the module's marks plus any combination of the other registered markers a test in it
+    could add."""
+    markexpr = config.option.markexpr
+    marks = _module_marks(path) if markexpr else set()
+    if not marks:
+        return False
+    from _pytest.mark.expression import Expression  # the parser -m itself uses
+
+    expr = Expression.compile(markexpr)
+    others = sorted({line.split(":")[0].strip() for line in config.getini("markers")} - marks)
+    for n in range(len(others) + 1):
+        for extra in itertools.combinations(others, n):
+            names = marks | set(extra)
+            if expr.evaluate(lambda name, /, **kwargs: name in names):
+                return False
+    return True
+
+
+class _Deselected(pytest.Module):
+    """A test module that `-m` deselects whole, left unimported."""
+
+    def collect(self):
+        return []
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent):
+    """Do not even import a module that `-m` deselects whole: importing one that imports vLLM
+    at its top (tests/plugin/test_dp_scheduler.py) would bring vLLM into a run that selects
+    none of its tests."""
+    if _deselected_whole(parent.config, module_path):
+        return _Deselected.from_parent(parent, path=module_path)
+    return None
+
+
+_first_import_of_vllm: list[str] = []
+
+
+def _note_vllm(report) -> None:
+    if not _first_import_of_vllm and "vllm" in sys.modules:
+        _first_import_of_vllm.append(report.nodeid or "collection")
+
+
+def pytest_collectreport(report):
+    _note_vllm(report)
+
+
+def pytest_runtest_logreport(report):
+    _note_vllm(report)
+
+
+_vllm_imported_where: list[str] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fast set must import no vLLM: fail a run that selected no `vllm` test but ended
+    with vLLM imported (an import that moved to the top of a module, say)."""
+    items = getattr(session, "items", [])
+    if "vllm" not in sys.modules or any(item.get_closest_marker("vllm") for item in items):
+        return
+    _vllm_imported_where.append(
+        _first_import_of_vllm[0] if _first_import_of_vllm else "before the tests ran")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _vllm_imported_where:
+        terminalreporter.write_sep("=", "vLLM imported", red=True, bold=True)
+        terminalreporter.write_line(
+            f"vllm was imported in a run that selected no test marked vllm (first seen after "
+            f"{_vllm_imported_where[0]}): mark the module `slow` and `vllm`, or keep vLLM out "
+            f"of its imports", red=True)

@@ -22,6 +22,8 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from xla_inference.plugin.dp_scheduler import DataParallelScheduler
 
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # vLLM's scheduler, imported above
+
 BLOCK_SIZE = 4
 NUM_BLOCKS = 41  # 2 replicas: 20 blocks each, the last block unused
 SAMPLED = 7

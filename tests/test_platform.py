@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import save_tiny_llama
 
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # starts fresh interpreters that import vLLM
+
 PROBE = textwrap.dedent("""
     import json, sys
     import vllm.config.model as model_module

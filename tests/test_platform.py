@@ -3,6 +3,11 @@
 Fresh interpreters because the defect these guard against lived in import order: the
 plugin's entry point imported vllm.config.model while vLLM was still choosing the platform,
 so that module kept a CPU platform and "auto" resolved against the CPU's dtype list.
+
+The rule checked: on the host CPU, "auto" means bfloat16 (bfloat16 projection matrices,
+float32 elsewhere) where the CPU has avx512_bf16 and float32 where it has not, whatever the
+checkpoint's dtype; an explicit dtype is kept. Both branches run on any machine: the probe
+replaces the platform's CPU-flags reader.
 """
 
 import json
@@ -22,43 +27,85 @@ PROBE = textwrap.dedent("""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
-    args = EngineArgs(model=sys.argv[1], dtype="auto", max_model_len=128)
+    import xla_inference.plugin.platform as platform_module
+
+    real_flags = platform_module._cpu_flags
     current_platform.pre_register_and_update()
-    config = args.create_model_config()
+    cpus = {"real": real_flags,
+            "avx512_bf16": lambda: {"avx512f", "avx512_bf16"},
+            "no_avx512_bf16": lambda: {"avx2", "avx512f"}}
+    dtypes = {}
+    for cpu, flags in cpus.items():
+        platform_module._cpu_flags = flags
+        for model in sys.argv[1:]:
+            for dtype in ("auto", "float32"):
+                args = EngineArgs(model=model, dtype=dtype, max_model_len=128)
+                dtypes[f"{cpu} {model} {dtype}"] = str(args.create_model_config().dtype)
     print(json.dumps({
         "platform": type(current_platform).__name__,
         "model_module_platform": type(model_module.current_platform).__name__,
-        "dtype": str(config.dtype),
+        "dtypes": dtypes,
     }))
 """)
 
 
-def _probe(model_dir) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(model_dir)], capture_output=True,
-                         text=True, timeout=300, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _with_checkpoint_dtype(model_dir, dst, dtype: str):
+    """`model_dir` with config.json saying its weights are `dtype` (vLLM reads only that)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = dtype
+    dst.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("platform") / "llama")
+def checkpoints(tmp_path_factory):
+    """Tiny Llama checkpoints declaring each dtype, by that dtype."""
+    root = tmp_path_factory.mktemp("platform")
+    f32 = save_tiny_llama(root / "float32")
+    return {"float32": f32,
+            "bfloat16": _with_checkpoint_dtype(f32, root / "bfloat16", "bfloat16"),
+            "float16": _with_checkpoint_dtype(f32, root / "float16", "float16")}
 
 
-def test_dtype_auto_resolves_against_our_platform(model_dir):
-    got = _probe(model_dir)
-    assert got["platform"] == "XlaPlatform"
-    assert got["model_module_platform"] == "XlaPlatform"
-    # The host CPU lists only float32 (bfloat16 is several times slower in XLA's CPU backend).
-    assert got["dtype"] == "torch.float32"
+@pytest.fixture(scope="module")
+def probed(checkpoints) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, *map(str, checkpoints.values())],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_dtype_auto_serves_a_bfloat16_checkpoint_in_float32(model_dir, tmp_path):
-    config = json.loads((model_dir / "config.json").read_text())
-    config["torch_dtype"] = config["dtype"] = "bfloat16"
-    bf16_dir = tmp_path / "bf16"
-    bf16_dir.mkdir()
-    for f in model_dir.iterdir():
-        (bf16_dir / f.name).symlink_to(f)
-    (bf16_dir / "config.json").unlink()
-    (bf16_dir / "config.json").write_text(json.dumps(config))
-    assert _probe(bf16_dir)["dtype"] == "torch.float32"
+def _resolved(probed, checkpoints, cpu: str, checkpoint: str, dtype: str) -> str:
+    return probed["dtypes"][f"{cpu} {checkpoints[checkpoint]} {dtype}"]
+
+
+def test_dtype_auto_resolves_against_our_platform(probed):
+    assert probed["platform"] == "XlaPlatform"
+    assert probed["model_module_platform"] == "XlaPlatform"
+
+
+@pytest.mark.parametrize("checkpoint", ["float32", "bfloat16", "float16"])
+def test_dtype_auto_is_bfloat16_where_the_cpu_has_avx512_bf16(probed, checkpoints, checkpoint):
+    assert _resolved(probed, checkpoints, "avx512_bf16", checkpoint, "auto") == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("checkpoint", ["float32", "bfloat16", "float16"])
+def test_dtype_auto_is_float32_without_avx512_bf16(probed, checkpoints, checkpoint):
+    assert _resolved(probed, checkpoints, "no_avx512_bf16", checkpoint, "auto") == "torch.float32"
+
+
+@pytest.mark.parametrize("cpu", ["avx512_bf16", "no_avx512_bf16"])
+def test_an_explicit_float32_is_kept(probed, checkpoints, cpu):
+    for checkpoint in checkpoints:
+        assert _resolved(probed, checkpoints, cpu, checkpoint, "float32") == "torch.float32"
+
+
+def test_dtype_auto_on_this_machine_follows_its_cpu_flags(probed, checkpoints):
+    # The unpatched reader: this machine's /proc/cpuinfo, read here independently.
+    with open("/proc/cpuinfo") as f:
+        has_bf16 = any("avx512_bf16" in line.split() for line in f if line.startswith("flags"))
+    expected = "torch.bfloat16" if has_bf16 else "torch.float32"
+    assert _resolved(probed, checkpoints, "real", "float32", "auto") == expected

@@ -35,6 +35,24 @@ def _jax_runs_on_host() -> bool:
                 or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def _cpu_flags() -> set[str]:
+    """The host CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def _host_has_native_bf16() -> bool:
+    """Whether the CPU has native bfloat16 dot products (avx512_bf16), with which XLA's CPU
+    backend runs bfloat16 x bfloat16 -> float32 products at about twice float32's rate.
+    Without them it has no native bfloat16 arithmetic, and float32 was the faster setting
+    on the AVX2 machines measured (benchmarks/RESULTS.md)."""
+    return "avx512_bf16" in _cpu_flags()
+
+
 class XlaPlatform(Platform):
     _enum = PlatformEnum.OOT
     device_name: str = "xla"
@@ -46,15 +64,16 @@ class XlaPlatform(Platform):
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
-        # What dtype="auto" picks: the checkpoint's dtype when listed here, else the first
-        # entry (an explicit --dtype is not checked against this list). On the host CPU only
-        # float32 is listed, so that "auto" serves bfloat16 checkpoints in float32: XLA's CPU
-        # backend has no native bf16 matmul: with bf16 the decode attention per layer took
-        # ~4-6x longer and a batch-2 matvec ~1.7x longer than in float32 (benchmarks/
-        # RESULTS.md). vLLM logs that it "falls back" to float32. This list is only consulted
-        # if register() imports no vLLM config module (tests/test_platform.py).
-        # Accelerators are the reverse.
-        if _jax_runs_on_host():
+        # What dtype="auto" picks (vllm/config/model.py): a float32 checkpoint gets the first
+        # entry, another checkpoint its own dtype when listed, else the first entry; an
+        # explicit --dtype is not checked against this list. Accelerators, and a host CPU
+        # with avx512_bf16, list bfloat16 first, as vLLM's CPU backend does: on the CPU that
+        # means bfloat16 projection matrices with float32 accumulation and float32 everywhere
+        # else (runner/build.py Precision.for_platform), the faster correct setting there.
+        # Without avx512_bf16 only float32 is listed, so "auto" serves every checkpoint in
+        # float32 (vLLM logs that it "falls back"). Only consulted if register() imports no
+        # vLLM config module (tests/test_platform.py).
+        if _jax_runs_on_host() and not _host_has_native_bf16():
             return [torch.float32]
         return [torch.bfloat16, torch.float32]
 

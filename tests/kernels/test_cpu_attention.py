@@ -1,9 +1,15 @@
 """The native CPU attention kernel at the head dims it compiles specially (64 and 128, as
 compile-time constants) and at another one, against the plain-jnp kernel on the same
 ragged step: decode tokens, tiles of one sequence longer and shorter than 16 tokens, a
-sliding window, GQA. (test_ragged_paged_attention.py checks both against float64.)"""
+sliding window, GQA. (test_ragged_paged_attention.py checks both against float64.)
+The kernel shares a step's tiles out over XLA's intra-op thread pool: the pool follows the
+process's CPU affinity, and the output is the same bit for bit on one thread as on many."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +62,48 @@ def test_native_matches_jnp(head_dim, window):
     assert "xla_inference_paged_attention" in _attend.lower(
         q, k, v, seq_ids, positions, tables, native=True, window=window).as_text()
     np.testing.assert_allclose(np.asarray(native), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+# A subprocess pinned to one CPU before JAX starts (and one CPU device): it reports the size
+# of XLA's pool and runs the native kernel on the step saved in argv[1], saving the output
+# to argv[2].
+_PINNED = textwrap.dedent("""
+    import os, sys
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import jax, numpy as np
+    from xla_inference.kernels import cpu_attention
+    assert cpu_attention.available()
+    step = dict(np.load(sys.argv[1]))
+    window = int(step.pop("window"))
+    out = jax.jit(lambda **a: cpu_attention.paged_attention(
+        **a, block_size=16, scale=0.125, sliding_window=window))(**step)
+    np.savez(sys.argv[2], out=np.asarray(out), pool=cpu_attention.pool_threads())
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_pool_follows_affinity_and_output_is_the_same_on_one_thread(tmp_path):
+    assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    # XLA hands the kernel its pool (here a thread per CPU, or per virtual device if more).
+    assert cpu_attention.pool_threads() > 0
+    rng = np.random.default_rng(5)
+    # Many tiles of unequal cost: decodes, prefills cut into several tiles, short chunks.
+    runs = [(int(rng.integers(0, 200)), int(rng.choice([1, 1, 5, 20, 40]))) for _ in range(24)]
+    T = sum(new for _, new in runs) + 9
+    k, v, seq_ids, positions, tables = _step(rng, runs, T, 2, 64, num_pages=512)
+    step = dict(q=rng.standard_normal((T, 6, 64), np.float32), k_cache=np.asarray(k),
+                v_cache=np.asarray(v), seq_ids=np.asarray(seq_ids),
+                positions=np.asarray(positions), block_tables=np.asarray(tables))
+    for window in (0, 37):
+        np.savez(tmp_path / "step.npz", window=window, **step)
+        subprocess.run([sys.executable, "-c", _PINNED, tmp_path / "step.npz",
+                        tmp_path / "out.npz"], check=True, env={**os.environ,
+                        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+        pinned = np.load(tmp_path / "out.npz")
+        assert pinned["pool"] == 1
+        here = jax.jit(lambda **a: cpu_attention.paged_attention(
+            **a, block_size=BLOCK, scale=0.125, sliding_window=window))(**step)
+        np.testing.assert_array_equal(np.asarray(here), pinned["out"])
+        plain = _attend(step["q"], k, v, seq_ids, positions, tables, native=False,
+                        window=window or None)
+        np.testing.assert_allclose(np.asarray(here), np.asarray(plain), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,9 @@ gathers and reductions along the head dim (SmolLM2, 64 sequences at ~300 tokens 
 context: ~2.5-4 ms a layer, against ~0.4 ms to read their keys and values once). The
 native kernel reads each key's [K, H] cache row where it lies: a lone query token (decode)
 takes per-head dot products; up to 16 tokens of one sequence (prefill, chunks) share each
-key read and compute across the tokens in vector lanes. Tokens are split over every core.
+key read and compute across the tokens in vector lanes. The kernel shares these tiles out
+over XLA's own intra-op thread pool (sized by XLA to the CPUs the process may run on), so a
+call starts no threads, and its output does not depend on how many threads there are.
 
 The kernel is compiled with the machine's C++ compiler on first use (a few seconds, cached
 under ~/.cache/xla-inference/kernels, or $XLA_INFERENCE_CACHE/kernels, by source, flags,
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "cpu" / "paged_attention.cc"
 _TARGET = "xla_inference_paged_attention"
+_POOL_TARGET = "xla_inference_thread_pool_size"
 _FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
 
 
@@ -91,6 +94,9 @@ def available() -> bool:
         library = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.XlaInferencePagedAttention),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(_POOL_TARGET,
+                                    jax.ffi.pycapsule(library.XlaInferenceThreadPoolSize),
+                                    platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means the plain-jnp kernel
         logger.warning("xla-inference: native CPU attention unavailable, using the jnp kernel: %s", e)
         return False
@@ -105,5 +111,10 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, bl
     return call(q.astype(jnp.float32), k_cache, v_cache, seq_ids.astype(jnp.int32),
                 positions.astype(jnp.int32), block_tables.astype(jnp.int32),
                 block_size=np.int64(block_size), scale=np.float32(scale),
-                sliding_window=np.int64(sliding_window or 0),
-                num_threads=np.int64(os.cpu_count() or 1))
+                sliding_window=np.int64(sliding_window or 0))
+
+
+def pool_threads() -> int:
+    """The threads of the XLA pool the kernel shares its work with (0: it runs on the
+    calling thread alone); needs available()."""
+    return int(jax.jit(jax.ffi.ffi_call(_POOL_TARGET, jax.ShapeDtypeStruct((), jnp.int32)))())

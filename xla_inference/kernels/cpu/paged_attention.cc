@@ -5,18 +5,22 @@
 // at positions lo..positions[t] (lo > 0 only with a sliding window), read from the paged
 // cache through block_tables, one contiguous [K, H] row per key. Consecutive tokens of one
 // row form tiles of up to 16 that share every key read (attend_tile); a lone token
-// (decode) takes attend_one. Softmax is two-pass, in float32. Tokens are split across
-// threads.
+// (decode) takes attend_one. Softmax is two-pass, in float32. The tiles are the work items
+// that XLA's intra-op thread pool (the FFI's ThreadPool context) and the calling thread
+// share.
 //
 // q [T, N, H], k_cache / v_cache [num_slots, K, H] float32; seq_ids, positions [T] int32;
 // block_tables [B, max_blocks] int32; out [T, N, H] float32.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <climits>
 #include <cstring>
-#include <thread>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -274,35 +278,81 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
       for (int64_t d = 0; d < H; ++d) out[(j * N + h) * H + d] = acc[h * H + d][j];
 }
 
-// Tokens first..last-1: runs of equal seq_id are cut into tiles of up to kTile tokens;
-// a lone token takes attend_one.
-template <int64_t kHeadDim>
-void attend_tokens(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
-                   const int32_t* seq_ids, const int32_t* positions, const int32_t* block_tables,
-                   float* out, int64_t first, int64_t last) {
-  const int64_t width = s.num_heads * s.head_dim;  // floats per token of q and out
-  Scratch w;
+// Per-thread buffers, reused across the tiles a thread takes.
+struct Workspace {
+  Scratch one;
   std::vector<Lanes> qs, scores, acc;
-  for (int64_t t = first; t < last;) {
+};
+
+// The tiles of a step: runs of equal seq_id cut into up to kTile tokens, from token 0 on.
+// They depend on the step alone, never on how many threads share it, so the output is the
+// same bit for bit under any CPU affinity.
+std::vector<int64_t> tile_starts(const int32_t* seq_ids, int64_t num_tokens) {
+  std::vector<int64_t> starts;
+  for (int64_t t = 0; t < num_tokens;) {
+    starts.push_back(t);
     int64_t end = t + 1;
-    while (end < last && end - t < kTile && seq_ids[end] == seq_ids[t]) ++end;
-    const int32_t* table = block_tables + static_cast<int64_t>(seq_ids[t]) * s.max_blocks;
-    if (end - t == 1) {
-      attend_one<kHeadDim>(s, q + t * width, k_cache, v_cache, table, positions[t],
-                           out + t * width, w);
-    } else {
-      attend_tile<kHeadDim>(s, q + t * width, k_cache, v_cache, table, positions + t, end - t,
-                            out + t * width, qs, scores, acc, w.rows);
-    }
+    while (end < num_tokens && end - t < kTile && seq_ids[end] == seq_ids[t]) ++end;
     t = end;
+  }
+  starts.push_back(num_tokens);
+  return starts;
+}
+
+// Tokens first..last-1 (one tile): a lone token takes attend_one.
+template <int64_t kHeadDim>
+void attend_range(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
+                  const int32_t* seq_ids, const int32_t* positions, const int32_t* block_tables,
+                  float* out, int64_t first, int64_t last, Workspace& w) {
+  const int64_t width = s.num_heads * s.head_dim;  // floats per token of q and out
+  const int32_t* table = block_tables + static_cast<int64_t>(seq_ids[first]) * s.max_blocks;
+  if (last - first == 1) {
+    attend_one<kHeadDim>(s, q + first * width, k_cache, v_cache, table, positions[first],
+                         out + first * width, w.one);
+  } else {
+    attend_tile<kHeadDim>(s, q + first * width, k_cache, v_cache, table, positions + first,
+                          last - first, out + first * width, w.qs, w.scores, w.acc, w.one.rows);
   }
 }
 
-ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
-                              ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> seq_ids,
-                              ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> block_tables,
+// One call's tiles, taken one at a time by whichever thread asks next (contexts differ in
+// length, so equal shares of tokens would not be equal shares of work). Owned jointly by the
+// call and the tasks it schedules: a task that starts after the call returned (the pool was
+// busy and the calling thread did the work) finds no tile left and touches nothing else.
+struct Work {
+  Shapes s;
+  const float *q, *k_cache, *v_cache;
+  const int32_t *seq_ids, *positions, *block_tables;
+  float* out;
+  void (*attend)(const Shapes&, const float*, const float*, const float*, const int32_t*,
+                 const int32_t*, const int32_t*, float*, int64_t, int64_t, Workspace&);
+  std::vector<int64_t> starts;  // tile i: tokens starts[i]..starts[i+1]-1
+  int64_t num_tiles;
+  std::atomic<int64_t> next{0};  // the next tile nobody has taken
+  std::mutex mu;
+  std::condition_variable all_done;
+  int64_t done = 0;  // tiles finished (under mu)
+
+  void drain() {
+    Workspace w;
+    int64_t finished = 0;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_tiles; ++finished)
+      attend(s, q, k_cache, v_cache, seq_ids, positions, block_tables, out, starts[i],
+             starts[i + 1], w);
+    if (finished == 0) return;
+    // The mutex also publishes this thread's writes to out to the waiting caller.
+    std::lock_guard<std::mutex> lock(mu);
+    done += finished;
+    if (done == num_tiles) all_done.notify_all();
+  }
+};
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
+                              ffi::Buffer<ffi::S32> seq_ids, ffi::Buffer<ffi::S32> positions,
+                              ffi::Buffer<ffi::S32> block_tables,
                               ffi::ResultBuffer<ffi::F32> out, int64_t block_size, float scale,
-                              int64_t sliding_window, int64_t num_threads) {
+                              int64_t sliding_window) {
   const auto qd = q.dimensions();
   const auto kd = k_cache.dimensions();
   const auto bd = block_tables.dimensions();
@@ -310,20 +360,29 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_c
       qd[2] != kd[2]) {
     return ffi::Error::InvalidArgument("paged_attention: q [T, N, H], caches [S, K, H]");
   }
-  Shapes s{qd[0], qd[1], kd[1], qd[2], bd[1], block_size, sliding_window, scale};
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, s.num_tokens));
-  auto attend = s.head_dim == 64    ? attend_tokens<64>
-                : s.head_dim == 128 ? attend_tokens<128>
-                                    : attend_tokens<0>;
-  auto run = [&](int64_t i) {
-    attend(s, q.typed_data(), k_cache.typed_data(), v_cache.typed_data(),
-                  seq_ids.typed_data(), positions.typed_data(), block_tables.typed_data(),
-                  out->typed_data(), s.num_tokens * i / threads, s.num_tokens * (i + 1) / threads);
-  };
-  std::vector<std::thread> workers;
-  for (int64_t i = 1; i < threads; ++i) workers.emplace_back(run, i);
-  run(0);
-  for (auto& w : workers) w.join();
+  auto work = std::make_shared<Work>();
+  work->s = Shapes{qd[0], qd[1], kd[1], qd[2], bd[1], block_size, sliding_window, scale};
+  work->q = q.typed_data();
+  work->k_cache = k_cache.typed_data();
+  work->v_cache = v_cache.typed_data();
+  work->seq_ids = seq_ids.typed_data();
+  work->positions = positions.typed_data();
+  work->block_tables = block_tables.typed_data();
+  work->out = out->typed_data();
+  work->attend = work->s.head_dim == 64    ? attend_range<64>
+                 : work->s.head_dim == 128 ? attend_range<128>
+                                           : attend_range<0>;
+  work->starts = tile_starts(work->seq_ids, work->s.num_tokens);
+  work->num_tiles = static_cast<int64_t>(work->starts.size()) - 1;
+  // XLA sizes its pool to the CPUs this process may run on (or to its virtual CPU devices,
+  // if more); 0 threads (no pool): the calling thread does it all.
+  // The calling thread takes tiles too, so one fewer task than tiles is ever useful.
+  const int64_t helpers = std::min(pool.num_threads(), work->num_tiles - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  // Every tile is taken by now; wait for those that other threads are still computing.
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->all_done.wait(lock, [&] { return work->done == work->num_tiles; });
   return ffi::Error::Success();
 }
 
@@ -331,6 +390,7 @@ ffi::Error PagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_c
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferencePagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -340,5 +400,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferencePagedAttention, PagedAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("sliding_window")
-                                  .Attr<int64_t>("num_threads"));
+                                  .Attr<int64_t>("sliding_window"));
+
+// The number of threads in the pool XLA hands this library's handlers (0: none, and the
+// kernel runs on the calling thread alone), written to a scalar: for tests and diagnostics.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceThreadPoolSize,
+                              [](ffi::ThreadPool pool, ffi::ResultBuffer<ffi::S32> out) {
+                                *out->typed_data() = static_cast<int32_t>(pool.num_threads());
+                                return ffi::Error::Success();
+                              },
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Ret<ffi::Buffer<ffi::S32>>());

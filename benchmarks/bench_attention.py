@@ -33,7 +33,6 @@ def build_step(specs, num_tokens, rng):
     num_rows = min(num_tokens, MAX_NUM_SEQS)
     pages = rng.permutation(np.arange(1, NUM_PAGES))
     block_tables = np.zeros((num_rows, MAX_BLOCKS), np.int32)
-    seq_lens = np.zeros(num_rows, np.int32)
     seq_ids = np.zeros(num_tokens, np.int32)  # padding tokens: row 0, position 0
     positions = np.zeros(num_tokens, np.int32)
     start, next_page = 0, 0
@@ -42,13 +41,11 @@ def build_step(specs, num_tokens, rng):
         num_pages = -(-length // BLOCK_SIZE)
         block_tables[row, :num_pages] = pages[next_page:next_page + num_pages]
         next_page += num_pages
-        seq_lens[row] = length
         seq_ids[start:start + num_new] = row
         positions[start:start + num_new] = np.arange(num_cached, length)
         start += num_new
     q = rng.standard_normal((num_tokens, NUM_HEADS, HEAD_DIM), np.float32)
-    return dict(q=q, seq_ids=seq_ids, positions=positions, block_tables=block_tables,
-                seq_lens=seq_lens)
+    return dict(q=q, seq_ids=seq_ids, positions=positions, block_tables=block_tables)
 
 
 def cases(rng):
@@ -74,8 +71,8 @@ def time_case(fn, step, k_cache, v_cache, repeats):
 
 
 def make_fn(kernel=ragged_paged_attention, **options):
-    def attention(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens):
-        return kernel(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens,
+    def attention(q, k_cache, v_cache, seq_ids, positions, block_tables):
+        return kernel(q, k_cache, v_cache, seq_ids, positions, block_tables,
                       block_size=BLOCK_SIZE, scale=HEAD_DIM ** -0.5, **options)
     return jax.jit(attention)
 

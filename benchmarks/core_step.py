@@ -28,9 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xla_inference.loading.default_model import prepare_default_model  # noqa: E402
-from xla_inference.loading.params import narrow_projections  # noqa: E402
-from xla_inference.models.loader import load_model  # noqa: E402
-from xla_inference.runner.engine import EngineConfig, ModelEngine  # noqa: E402
+from xla_inference.runner.build import Precision, build_engine, load  # noqa: E402
+from xla_inference.runner.engine import EngineConfig  # noqa: E402
 from xla_inference.runner.requests import RequestState  # noqa: E402
 
 BLOCK = 16
@@ -89,15 +88,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default=None,
+                        help="model directory (default: the embedded SmolLM2)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights of the model's shapes (only config.json is read)")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
-    module, cfg, params = load_model(prepare_default_model(), dtype)
     projections = jnp.dtype(args.projections or args.dtype)
-    if projections != dtype:
-        params = narrow_projections(params, projections)
+    model = load(args.model or prepare_default_model(), Precision(projections, dtype, dtype),
+                 random_seed=0 if args.random_weights else None)
+    cfg = model.cfg
     ecfg = EngineConfig(num_blocks=64 * (args.context // BLOCK + 2) + 64, block_size=BLOCK,
                         max_num_tokens=512, max_num_seqs=64, max_model_len=1024)
-    engine = ModelEngine(module, cfg, params, ecfg, dtype)
+    engine = build_engine(model, ecfg)
     rng = np.random.default_rng(0)
     bandwidth = measure_bandwidth(args.repeats)
     peak = measure_matmul_peak(projections, args.repeats)

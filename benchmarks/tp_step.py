@@ -24,9 +24,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xla_inference.loading.default_model import prepare_default_model  # noqa: E402
-from xla_inference.models.loader import load_model  # noqa: E402
 from xla_inference.parallel.sharding import build_mesh  # noqa: E402
-from xla_inference.runner.engine import EngineConfig, ModelEngine  # noqa: E402
+from xla_inference.runner.build import Precision, build_engine, load  # noqa: E402
+from xla_inference.runner.engine import EngineConfig  # noqa: E402
 from xla_inference.runner.requests import RequestState  # noqa: E402
 
 from core_step import decode_requests, median_seconds  # noqa: E402  (same directory)
@@ -41,7 +41,7 @@ def main():
                         help="data parallel replicas (each TP size is run with each)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    module, cfg, params = load_model(prepare_default_model(), jnp.float32)
+    model = load(prepare_default_model(), Precision.uniform(jnp.float32))
     rng = np.random.default_rng(0)
     decode = decode_requests(16, 200, rng)
     prefill = [(RequestState("p", rng.integers(0, 49152, size=128).tolist(), 128,
@@ -54,7 +54,7 @@ def main():
             # 512 pages per replica; request i on replica i % dp (known by its pages).
             ecfg = EngineConfig(num_blocks=512 * dp, block_size=BLOCK, max_num_tokens=128,
                                 max_num_seqs=16, max_model_len=1024)
-            engine = ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=build_mesh(tp, dp))
+            engine = build_engine(model, ecfg, mesh=build_mesh(tp, dp), keep_host_params=True)
             spread = [(dataclasses.replace(req, block_ids=[b + i % dp * engine.blocks_per_replica
                                                            for b in req.block_ids]), n)
                       for i, (req, n) in enumerate(decode)]

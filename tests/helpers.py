@@ -184,7 +184,7 @@ def hf_greedy_ids(model_dir: Path, prompts: list[list[int]], num_new: int) -> li
     """transformers' greedy continuation (float32) of each prompt. EOS neither stops it nor
     is suppressed, as with vLLM's ignore_eos (generate's min_new_tokens would ban EOS)."""
     from tests.sampling_reference import hf_processed_greedy
-    from xla_inference.runner.sampling import SamplingOptions
+    from xla_inference.sampling.host import SamplingOptions
 
     return [hf_processed_greedy(model_dir, ids, num_new, SamplingOptions()) for ids in prompts]
 
@@ -194,21 +194,18 @@ ENGINE_BLOCK = 4
 
 
 def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dtype=None):
-    """A float32 ModelEngine on a checkpoint loaded through the normal loading path
-    (on one device, or over `mesh`; projections in narrow_dtype, as the worker does for
-    dtype=bfloat16 on the host CPU)."""
+    """A float32 ModelEngine built as the worker builds one (runner/build.py), on one
+    device or over `mesh`; projections in narrow_dtype, as dtype=bfloat16 on the host CPU)."""
     import jax.numpy as jnp
 
-    from xla_inference.loading.params import narrow_projections
-    from xla_inference.models.loader import load_model
-    from xla_inference.runner.engine import EngineConfig, ModelEngine
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
 
-    module, cfg, params = load_model(model_dir, jnp.float32)
-    if narrow_dtype is not None:
-        params = narrow_projections(params, narrow_dtype)
+    f32 = jnp.dtype(jnp.float32)
+    model = load(model_dir, Precision(jnp.dtype(narrow_dtype or f32), f32, f32))
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
-    return ModelEngine(module, cfg, params, ecfg, jnp.float32, mesh=mesh)
+    return build_engine(model, ecfg, mesh=mesh)
 
 
 def engine_request(req_id: str, tokens: list[int], first_block: int):

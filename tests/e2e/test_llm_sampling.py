@@ -6,7 +6,7 @@ import pytest
 from tests.e2e.engines import generate_ids, shutdown, start_llm
 from tests.helpers import hf_greedy_ids, save_tiny_llama
 from tests.sampling_reference import hf_processed_greedy
-from xla_inference.runner.sampling import SamplingOptions
+from xla_inference.sampling.host import SamplingOptions
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,7 @@ def _step(rng, runs, num_tokens, num_kv_heads, head_dim, num_pages=128, max_bloc
 
 @functools.partial(jax.jit, static_argnames=("native", "window"))
 def _attend(q, k, v, seq_ids, positions, tables, *, native, window):
-    return ragged_paged_attention(q, k, v, seq_ids, positions, tables, None, block_size=BLOCK,
+    return ragged_paged_attention(q, k, v, seq_ids, positions, tables, block_size=BLOCK,
                                   scale=q.shape[-1] ** -0.5, sliding_window=window,
                                   native=native)
 

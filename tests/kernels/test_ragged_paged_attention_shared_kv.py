@@ -15,17 +15,16 @@ import pytest
 from tests.kernels.test_ragged_paged_attention import (
     ALL_DECODE, BLOCK_SIZE, HEAD_DIM, MIXED, NUM_ROWS, ONE_PREFILL, _cache_with_context,
     _dense_reference, _make_batch, _round, _slots, _step_inputs)
-from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_cache
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "knobs"))
-def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
-          seq_lens, *, scale, knobs=()):
-    k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
-    out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
-                                 seq_lens, block_size=BLOCK_SIZE, scale=scale, shared_kv=True,
+def _step(cache, new, slot_mapping, q, seq_ids, positions, block_tables, *, scale, knobs=()):
+    cache = write_cache(cache, new, slot_mapping)
+    out = ragged_paged_attention(q, cache, None, seq_ids, positions, block_tables,
+                                 block_size=BLOCK_SIZE, scale=scale, shared_kv=True,
                                  **dict(knobs))
-    return k_cache, out
+    return cache, out
 
 
 def _run_and_check(seed, specs, *, num_heads, dtype=jnp.float32, tol=1e-5, **knobs):
@@ -36,18 +35,20 @@ def _run_and_check(seed, specs, *, num_heads, dtype=jnp.float32, tol=1e-5, **kno
     k_cache, v_cache = _cache_with_context(rng, seqs, block_tables, num_kv_heads=1, dtype=dtype)
     q = _round(rng.standard_normal((len(positions), num_heads, 2 * HEAD_DIM)), dtype)
     scale = (2 * HEAD_DIM) ** -0.5
-    k_cache, out = _step(k_cache, v_cache, jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype),
-                         slot_mapping, jnp.asarray(q, dtype), seq_ids, positions, block_tables,
-                         seq_lens, scale=scale, knobs=tuple(sorted(knobs.items())))
+    # One latent vector per token: the test's K and V rows side by side.
+    cache = jnp.concatenate([jnp.asarray(k_cache), jnp.asarray(v_cache)], axis=-1)
+    new = jnp.concatenate([jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype)], axis=-1)
+    cache, out = _step(cache, new, slot_mapping, jnp.asarray(q, dtype), seq_ids, positions,
+                       block_tables, scale=scale, knobs=tuple(sorted(knobs.items())))
     assert out.dtype == dtype and out.shape == q.shape
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.isfinite(out).all()
-    k_cache = np.asarray(k_cache.astype(jnp.float32))
+    cache = np.asarray(cache.astype(jnp.float32))
     for seq in seqs:
         all_pos = np.arange(seq["num_cached"] + seq["num_new"])
-        np.testing.assert_array_equal(
-            k_cache[_slots(block_tables[seq["row"]], all_pos)], seq["k"].astype(np.float32))
         latent = np.concatenate([seq["k"], seq["v"]], axis=-1)  # [len, 1, 2 * HEAD_DIM]
+        np.testing.assert_array_equal(
+            cache[_slots(block_tables[seq["row"]], all_pos)], latent.astype(np.float32))
         tokens = seq["tokens"]
         expected = _dense_reference(q[tokens], latent, latent, positions[tokens], scale=scale,
                                     sliding_window=None, soft_cap=None)
@@ -71,10 +72,14 @@ def test_shared_kv_bfloat16():
     _run_and_check(53, MIXED, num_heads=4, dtype=jnp.bfloat16, tol=1e-2)
 
 
-def test_shared_kv_needs_a_query_of_both_halves():
+@pytest.mark.parametrize("q_dim, v_cache, message", [
+    (HEAD_DIM // 2, None, "query head dim"),
+    (HEAD_DIM, jnp.zeros((4 * BLOCK_SIZE, 1, HEAD_DIM)), "one cache"),
+])
+def test_shared_kv_refuses_mismatched_inputs(q_dim, v_cache, message):
     cache = jnp.zeros((4 * BLOCK_SIZE, 1, HEAD_DIM))
     ids = jnp.zeros(4, jnp.int32)
-    with pytest.raises(AssertionError):
-        ragged_paged_attention(jnp.zeros((4, 4, HEAD_DIM)), cache, cache, ids, ids,
-                               jnp.zeros((NUM_ROWS, 4), jnp.int32), jnp.ones(NUM_ROWS, jnp.int32),
+    with pytest.raises(ValueError, match=message):
+        ragged_paged_attention(jnp.zeros((4, 4, q_dim)), cache, v_cache, ids, ids,
+                               jnp.zeros((NUM_ROWS, 4), jnp.int32),
                                block_size=BLOCK_SIZE, scale=1.0, shared_kv=True)

@@ -105,7 +105,8 @@ def test_cache_holds_only_the_latent(tmp_path):
     model_dir = save_tiny_deepseek_v3(tmp_path / "m", **VARIANTS["no-lora"])
     module, cfg, _ = load_model(model_dir, jnp.float32)
     # L + R = 33 + 16 = 49 values per token, split across K and V and padded to 2 x 25.
-    assert module.kv_cache_shape(cfg, 64) == [(64, 1, 25)] * 3
+    assert [(layer.kind, layer.num_kv_heads, layer.head_size) for layer in module.kv_layers(cfg)
+            ] == [("mla", 1, 49)] * 3  # one latent [c, k_rope] per token
 
 
 def _grouped_sigmoid_cfg(k=2, norm=True, num_groups=4, topk_groups=2, scale=2.5):
@@ -177,7 +178,7 @@ def test_config_reads_the_released_layout():
               rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
                             "type": "yarn"}, tie_word_embeddings=False)
-    cfg = deepseek_v3.Config.from_hf(hf)
+    cfg = deepseek_v3.FAMILY.config_from_hf(hf)
     assert cfg.moe == MoeConfig(num_experts=256, num_experts_per_tok=8, intermediate_size=2048,
                                 norm_topk_prob=True, scoring="grouped_sigmoid", num_groups=8,
                                 topk_groups=4, routed_scaling_factor=2.5)
@@ -187,7 +188,7 @@ def test_config_reads_the_released_layout():
     mscale = 0.1 * np.log(40) + 1
     np.testing.assert_allclose(cfg.softmax_scale(), 192 ** -0.5 * mscale ** 2)
     # 576 cached values per token and layer: 2 x 288.
-    assert deepseek_v3.kv_cache_shape(cfg, 16)[0] == (16, 1, 288)
+    assert deepseek_v3.kv_layers(cfg)[0].head_size == 576
 
 
 @pytest.mark.parametrize("edit,tensor", [

@@ -71,18 +71,18 @@ def test_windowed_decode_steps_match_transformers(tmp_path, variant):
 def test_configs_read_the_family_switches():
     base = dict(vocab_size=8, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2)
-    assert qwen2.Config.from_hf(base).qkv_bias and not qwen2.Config.from_hf(base).o_bias
+    assert qwen2.FAMILY.config_from_hf(base).qkv_bias and not qwen2.FAMILY.config_from_hf(base).o_bias
     # Released Qwen2.5 configs carry a window size but leave it switched off.
-    assert qwen2.Config.from_hf({**base, "sliding_window": 32768}).sliding_windows is None
+    assert qwen2.FAMILY.config_from_hf({**base, "sliding_window": 32768}).sliding_windows is None
     # No layer_types (configs saved before transformers wrote them): max_window_layers decides.
     windowed = {**base, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
-    assert qwen2.Config.from_hf(windowed).sliding_windows == (None, 8, 8)
+    assert qwen2.FAMILY.config_from_hf(windowed).sliding_windows == (None, 8, 8)
     types = ["sliding_attention", "full_attention", "sliding_attention"]
-    assert qwen3.Config.from_hf({**windowed, "layer_types": types}).sliding_windows == (8, None, 8)
-    q3 = qwen3.Config.from_hf({**base, "head_dim": 128})
+    assert qwen3.FAMILY.config_from_hf({**windowed, "layer_types": types}).sliding_windows == (8, None, 8)
+    q3 = qwen3.FAMILY.config_from_hf({**base, "head_dim": 128})
     assert q3.qk_norm and q3.head_dim == 128 and not q3.qkv_bias
-    assert mistral.Config.from_hf({**base, "sliding_window": 4096}).sliding_windows == (4096,) * 3
-    assert mistral.Config.from_hf({**base, "sliding_window": None}).sliding_windows is None
+    assert mistral.FAMILY.config_from_hf({**base, "sliding_window": 4096}).sliding_windows == (4096,) * 3
+    assert mistral.FAMILY.config_from_hf({**base, "sliding_window": None}).sliding_windows is None
 
 
 @pytest.mark.parametrize("family,edit,tensor", [

@@ -69,7 +69,7 @@ def test_bfloat16_error_like_transformers_bfloat16(tmp_path):
 
 
 def test_config_reads_what_transformers_writes(tmp_path):
-    cfg = gemma3.Config.from_hf(read_json(save_tiny_gemma3(tmp_path / "m") / "config.json"))
+    cfg = gemma3.FAMILY.config_from_hf(read_json(save_tiny_gemma3(tmp_path / "m") / "config.json"))
     assert cfg.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
     assert cfg.sliding_windows == (8, None, 8) and cfg.qk_norm and cfg.tie_word_embeddings
     assert (cfg.query_pre_attn_scalar, cfg.final_logit_softcapping) == (24.0, 1.5)
@@ -90,8 +90,8 @@ def test_older_config_style_means_the_same():
         sliding_window_pattern=3, sliding_window=16, query_pre_attn_scalar=32)
     new_style = transformers.Gemma3TextConfig(**old_style).to_dict()
     assert "rope_local_base_freq" not in new_style and "sliding_attention" in new_style["rope_parameters"]
-    ours = gemma3.Config.from_hf(old_style)
-    assert ours == gemma3.Config.from_hf(new_style)
+    ours = gemma3.FAMILY.config_from_hf(old_style)
+    assert ours == gemma3.FAMILY.config_from_hf(new_style)
     assert ours.layer_types == tuple(new_style["layer_types"])
     assert ours.rope_scaling == (("factor", 8.0), ("rope_type", "linear"))
     assert ours.sliding_windows == (16, 16, None, 16, 16, None, 16)

@@ -153,7 +153,7 @@ def test_config_reads_the_llama4_switches():
     base = dict(vocab_size=8, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96,
                 num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 num_local_experts=16, num_experts_per_tok=1)
-    scout = llama4.Config.from_hf({**base, "rope_scaling": dict(
+    scout = llama4.FAMILY.config_from_hf({**base, "rope_scaling": dict(
         rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
         original_max_position_embeddings=8192)})
     assert scout.rope_layers == (True, True, True, False) * 2
@@ -164,7 +164,7 @@ def test_config_reads_the_llama4_switches():
                                   norm_topk_prob=False, scoring="sigmoid", weight_inputs=True)
     assert scout.intermediate_size == 96 and scout.rms_norm_eps == 1e-5
     assert dict(scout.rope_scaling)["rope_type"] == "llama3"
-    maverick = llama4.Config.from_hf({**base, "interleave_moe_layer_step": 2, "use_qk_norm": False,
+    maverick = llama4.FAMILY.config_from_hf({**base, "interleave_moe_layer_step": 2, "use_qk_norm": False,
                                       "attn_temperature_tuning": False, "rope_theta": 5e5,
                                       "no_rope_layers": [1, 1, 0, 1, 1, 1, 0, 1],
                                       "attention_chunk_size": 4096})

@@ -105,16 +105,16 @@ def test_logits_match_transformers_ragged(tmp_path, variant):
 def test_configs_read_the_moe_switches():
     base = dict(vocab_size=8, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2)
-    q = qwen3_moe.Config.from_hf({**base, "num_experts": 16, "moe_intermediate_size": 32,
+    q = qwen3_moe.FAMILY.config_from_hf({**base, "num_experts": 16, "moe_intermediate_size": 32,
                                   "decoder_sparse_step": 2, "mlp_only_layers": [3]})
     assert q.moe_layers == (False, True, False, False) and q.qk_norm
     assert q.moe == MoeConfig(num_experts=16, num_experts_per_tok=2, intermediate_size=32,
                               norm_topk_prob=False)
     # transformers >= 5 saves num_experts as num_local_experts.
-    q = qwen3_moe.Config.from_hf({**base, "num_local_experts": 4, "moe_intermediate_size": 32,
+    q = qwen3_moe.FAMILY.config_from_hf({**base, "num_local_experts": 4, "moe_intermediate_size": 32,
                                   "norm_topk_prob": True})
     assert q.moe_layers == (True,) * 4 and q.moe.num_experts == 4 and q.moe.norm_topk_prob
-    m = mixtral.Config.from_hf({**base, "num_local_experts": 8, "sliding_window": 4096})
+    m = mixtral.FAMILY.config_from_hf({**base, "num_local_experts": 8, "sliding_window": 4096})
     assert m.moe == MoeConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=96,
                               norm_topk_prob=True)
     assert m.sliding_windows == (4096,) * 4 and not m.qk_norm

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec
 
 from tests.helpers import ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family, save_tiny_model, tiny_engine
 from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
-from xla_inference.parallel.sharding import (LOGICAL_RULES, PARAM_AXES, build_mesh,
+from xla_inference.parallel.sharding import (LOGICAL_RULES, build_mesh,
                                              logical_sizes)
 
 PLAN = [{0: 11, 1: 9, 2: 4}, {1: 14, 2: 1}]  # a prefill, a chunked prefill, a decode step
@@ -53,11 +53,37 @@ def models(tmp_path_factory):
             "deepseek_v3": save_tiny_deepseek_v3(root / "deepseek")}
 
 
+# The sharding the design promises, written out here independently of the axes each
+# parameter dataclass declares: (field name, rank) -> logical axes; others replicated.
+EXPECTED_AXES = {
+    ("embed", 2): ("vocab", "embed"),
+    ("lm_head", 2): ("vocab", "embed"),
+    ("wq", 2): ("heads", "embed"),
+    ("wk", 2): ("kv_heads", "embed"),
+    ("wv", 2): ("kv_heads", "embed"),
+    ("wo", 2): ("embed", "heads"),
+    ("bq", 1): ("heads",),
+    ("bk", 1): ("kv_heads",),
+    ("bv", 1): ("kv_heads",),
+    ("w_gate", 2): ("mlp", "embed"),
+    ("w_up", 2): ("mlp", "embed"),
+    ("w_down", 2): ("embed", "mlp"),
+    ("wq_nope", 3): (None, "heads", None),
+    ("wq_rope", 3): (None, "heads", None),
+    ("w_uk", 3): ("heads", None, None),
+    ("w_uv", 3): ("heads", None, None),
+    ("wo", 3): ("heads", None, "embed"),
+    ("w_gate", 3): ("experts", "embed", "mlp"),
+    ("w_up", 3): ("experts", "embed", "mlp"),
+    ("w_down", 3): ("experts", "mlp", "embed"),
+}
+
+
 def _expected_spec(path, leaf, cfg, tp) -> PartitionSpec:
     """The rules table read independently of partition_spec: split a logical axis only when
     its units and the array dimension divide by tp."""
     name = next(e.name for e in reversed(path) if isinstance(e, jax.tree_util.GetAttrKey))
-    axes = PARAM_AXES.get((name, leaf.ndim), (None,) * leaf.ndim)
+    axes = EXPECTED_AXES.get((name, leaf.ndim), (None,) * leaf.ndim)
     sizes = logical_sizes(cfg)
     spec = []
     for a, dim in zip(axes, leaf.shape):
@@ -79,8 +105,8 @@ def _assert_sharded_by_the_rules(engine, tp):
             assert shard.data.shape == expect
 
     jax.tree_util.tree_map_with_path(check, engine.params)
-    for k, v in engine.kv_cache:
-        for array in (k, v):
+    for layer_arrays in engine.kv_cache:  # K and V, or MLA's one latent array
+        for array in layer_arrays:
             # MLA's latent cache has no KV heads to split (num_kv_heads absent): whole.
             kv_heads = getattr(cfg, "num_kv_heads", 0)
             want = "model" if kv_heads and kv_heads % tp == 0 else None
@@ -148,7 +174,7 @@ def test_data_parallel_replicas_equal_one_device(models):
     for first, tokens in zip(firsts, [sum(step.get(i, 0) for step in PLAN) for i in range(3)]):
         replica, local = divmod(first, per)
         pages[replica] |= set(range(local, local + -(-tokens // ENGINE_BLOCK)))
-    for k, v in engine.kv_cache:
+    for k, *_ in engine.kv_cache:
         assert k.shape[0] == 2 and tuple(k.sharding.spec)[:2] == ("data", None)
         for replica, used in pages.items():
             written = np.abs(np.asarray(k[replica])).reshape(per, -1).sum(axis=1) > 0

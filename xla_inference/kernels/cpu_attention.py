@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference import envs
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "cpu" / "paged_attention.cc"
@@ -54,9 +56,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    from xla_inference.runner.jax_setup import cache_root
-
-    return cache_root() / "kernels"
+    return envs.cache_root() / "kernels"
 
 
 def _build() -> Path:
@@ -88,7 +88,7 @@ def _build() -> Path:
 def available() -> bool:
     """Whether the native kernel is built and registered (XLA_INFERENCE_CPU_ATTENTION=0
     turns it off)."""
-    if os.environ.get("XLA_INFERENCE_CPU_ATTENTION", "1") == "0":
+    if not envs.cpu_attention_enabled():
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))

@@ -34,9 +34,14 @@ _MASK_VALUE = -1e30
 
 
 def write_kv(k_cache, v_cache, k_new, v_new, slot_mapping):
-    """Scatter this step's K/V into their slots.
+    """Scatter this step's K/V into their slots (write_cache for each)."""
+    return write_cache(k_cache, k_new, slot_mapping), write_cache(v_cache, v_new, slot_mapping)
 
-    k_cache, v_cache: [num_slots, K, H]; k_new, v_new: [T, K, H]; slot_mapping: [T] int32.
+
+def write_cache(cache, new, slot_mapping):
+    """Scatter this step's rows into their slots of one cache array.
+
+    cache: [num_slots, K, H]; new: [T, K, H]; slot_mapping: [T] int32.
     Padding tokens write to the null page (block 0), so indices may repeat there.
 
     One token is written as two equal rows to the same slot: XLA turns a one-row scatter
@@ -45,10 +50,8 @@ def write_kv(k_cache, v_cache, k_new, v_new, slot_mapping):
     copies per layer (a batch-1 decode step of SmolLM2 took 2x longer).
     """
     if slot_mapping.shape[0] == 1:
-        k_new, v_new, slot_mapping = (jnp.concatenate([x, x]) for x in (k_new, v_new, slot_mapping))
-    k_cache = k_cache.at[slot_mapping].set(k_new.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[slot_mapping].set(v_new.astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
+        new, slot_mapping = jnp.concatenate([new, new]), jnp.concatenate([slot_mapping] * 2)
+    return cache.at[slot_mapping].set(new.astype(cache.dtype), mode="drop")
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,13 +105,12 @@ def _gather_chunk(cache_pages, block_tables, rows, first_block, num_blocks, kv_s
 def _gather_keys_values(k_pages, v_pages, block_tables, rows, first_block, num_blocks,
                         kv_shape, shared_kv):
     """Keys and values [..., num_blocks * block_size, K, H] of one chunk, each cache's rows
-    of shape kv_shape. With shared_kv (MLA's latent cache, see ragged_paged_attention) a
-    key is its K and V cache rows joined, and is also its own value."""
-    k, v = (_gather_chunk(pages, block_tables, rows, first_block, num_blocks, kv_shape)
-            for pages in (k_pages, v_pages))
+    of shape kv_shape. With shared_kv (MLA's latent cache, see ragged_paged_attention) the
+    one cache's row is the key and also its own value."""
+    k = _gather_chunk(k_pages, block_tables, rows, first_block, num_blocks, kv_shape)
     if shared_kv:
-        k = v = jnp.concatenate([k, v], axis=-1)
-    return k, v
+        return k, k
+    return k, _gather_chunk(v_pages, block_tables, rows, first_block, num_blocks, kv_shape)
 
 
 def _first_chunk(min_pos, sliding_window, kv_chunk, attention_chunk=None):
@@ -168,7 +170,7 @@ def _decode_group(q, positions, rows, valid, k_pages, v_pages, block_tables, *,
     """q [D, K, G, H] (pre-scaled f32) -> out [D, K, G, H] f32; invalid slots see no key."""
     num_slots, num_kv_heads, group, head_dim = q.shape
     num_blocks = kv_chunk // block_size
-    kv_shape = (num_kv_heads, head_dim // 2 if shared_kv else head_dim)
+    kv_shape = (num_kv_heads, head_dim)
     masked_pos = jnp.where(valid, positions, -1)  # invalid slots: every key masked
     hi = jnp.max(masked_pos) + 1
     lo = _first_chunk(jnp.min(jnp.where(valid, positions, hi)), sliding_window, kv_chunk,
@@ -241,7 +243,7 @@ def _tile_attention(q_tile, pos_tile, valid, row, k_pages, v_pages, block_tables
     tile = pos_tile.shape[0]
     group = num_rows // tile
     num_blocks = kv_chunk // block_size
-    kv_shape = (num_kv_heads, head_dim // 2 if shared_kv else head_dim)
+    kv_shape = (num_kv_heads, head_dim)
     masked_pos = jnp.where(valid, pos_tile, -1)
     hi = jnp.max(masked_pos) + 1
     lo = _first_chunk(jnp.min(jnp.where(valid, pos_tile, hi)), sliding_window, kv_chunk,
@@ -296,13 +298,28 @@ def _all_tiles(q_grouped, positions, seq_ids, tile_first, tile_len, num_tiles, k
 
 # ---------------------------------------------------------------------------------------
 
+def _check_shapes(q, k_cache, v_cache, block_size, shared_kv, kv_chunk, decode_chunk) -> None:
+    """Caller errors, raised at trace time with the shapes that disagree."""
+    if kv_chunk % block_size or decode_chunk % block_size:
+        raise ValueError(f"kv_chunk {kv_chunk} and decode_chunk {decode_chunk} must be whole "
+                         f"pages of {block_size}")
+    if q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads do not group over {k_cache.shape[1]} kv heads")
+    if q.shape[2] != k_cache.shape[2]:
+        raise ValueError(f"query head dim {q.shape[2]} differs from the cache's {k_cache.shape[2]}")
+    if shared_kv != (v_cache is None):
+        raise ValueError("shared_kv takes one cache (v_cache=None); otherwise both are needed")
+    if v_cache is not None and v_cache.shape != k_cache.shape:
+        raise ValueError(f"K cache {k_cache.shape} and V cache {v_cache.shape} differ")
+
+
 def _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv) -> bool:
     return (soft_cap is None and attention_chunk is None and not shared_kv
             and k_cache.dtype == jnp.float32
             and jax.default_backend() == "cpu" and cpu_attention.available())
 
 
-def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, seq_lens,
+def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
                            *, block_size: int, scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, attention_chunk: int | None = None,
                            shared_kv: bool = False, kv_chunk: int = 64,
@@ -312,14 +329,12 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
 
     q: [T, N, H]; k_cache, v_cache: [num_slots, K, H], already holding this step's K/V;
     seq_ids: [T] int32, row of block_tables per token (a request's tokens contiguous);
-    positions: [T] int32; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (unused:
-    the work follows positions, which never exceed seq_lens - 1).
+    positions: [T] int32; block_tables: [B, max_blocks] int32. The work follows
+    positions: no sequence lengths are needed.
     Token t sees keys s of its sequence with s <= positions[t] (and s > positions[t] - window;
     and s // attention_chunk == positions[t] // attention_chunk).
-    shared_kv (multi-head latent attention, absorbed): each token's key is the concatenation
-    of its k_cache and v_cache rows, [..., 2H] (one vector split across the two arrays, so
-    that the cache holds it once), and the value is that same vector; q is then [T, N, 2H]
-    and so is the result.
+    shared_kv (multi-head latent attention, absorbed): k_cache [num_slots, 1, H] holds one
+    vector per token, which is its key and also its value; v_cache is None.
     Tuning knobs (static): tile, query tokens per tile; kv_chunk, keys per step of a tile;
     decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
     of the decode path. Returns [T, N, H] in q's dtype.
@@ -327,9 +342,7 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     (on the CPU, float32 cache, no soft cap, attention chunks or shared K/V); False: these
     plain-jnp paths always (the reference the native kernel is tested against).
     """
-    del seq_lens
-    assert kv_chunk % block_size == 0, (kv_chunk, block_size)
-    assert decode_chunk % block_size == 0, (decode_chunk, block_size)
+    _check_shapes(q, k_cache, v_cache, block_size, shared_kv, kv_chunk, decode_chunk)
     if native and _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv):
         out = cpu_attention.paged_attention(q, k_cache, v_cache, seq_ids, positions,
                                             block_tables, block_size=block_size, scale=scale,
@@ -337,15 +350,13 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
         return out.astype(q.dtype)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     group = num_heads // num_kv_heads
     seq_ids = seq_ids.astype(jnp.int32)
     positions = positions.astype(jnp.int32)
     # A free reshape: pages are contiguous runs of block_size slots.
     page_shape = (-1, block_size * num_kv_heads * k_cache.shape[2])
-    assert v_cache.shape == k_cache.shape, (k_cache.shape, v_cache.shape)
-    assert head_dim == (2 if shared_kv else 1) * k_cache.shape[2], (q.shape, k_cache.shape)
-    k_pages, v_pages = k_cache.reshape(page_shape), v_cache.reshape(page_shape)
+    k_pages = k_cache.reshape(page_shape)
+    v_pages = k_pages if shared_kv else v_cache.reshape(page_shape)
     q_grouped = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
     # Each decode token is its own request, so there are at most B of them; round the
     # slots up to whole groups.

@@ -2,26 +2,28 @@
 self-attention block around it: projections, optional q/k norms, rope."""
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 
+from xla_inference.kernels.metadata import AttentionMetadata
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
 from xla_inference.layers.linear import linear
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_rope
-from xla_inference.runner.batch import StepBatch
+from xla_inference.parallel.axes import weight
 
 
-def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], batch: StepBatch, *, scale: float,
+
+def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, *,
+                    scale: float,
                     sliding_window: int | None = None,
                     soft_cap: float | None = None, attention_chunk: int | None = None):
     """q [T, N, H], k/v [T, K, H] -> (updated (k_cache, v_cache), out [T, N, H]).
     attention_chunk: keys only from the query's own chunk of that many positions (Llama 4)."""
-    k_cache, v_cache = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+    k_cache, v_cache = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
     out = ragged_paged_attention(
-        q, k_cache, v_cache, batch.seq_ids, batch.positions, batch.block_tables, batch.seq_lens,
-        block_size=batch.block_size, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        q, k_cache, v_cache, md.seq_ids, md.positions, md.block_tables,
+        block_size=md.block_size, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
         attention_chunk=attention_chunk,
     )
     return (k_cache, v_cache), out
@@ -32,22 +34,20 @@ def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], batch: StepBatch, 
 class SelfAttention:
     """Projections of one attention layer; the optional parts are None where a family has none."""
 
-    PROJECTIONS: ClassVar = ("wq", "wk", "wv", "wo")  # multiplied by linear.project
-
     # The checkpoint's [out, in] layout (layers/linear.py says why).
-    wq: jax.Array  # [N*H, D]
-    wk: jax.Array  # [K*H, D]
-    wv: jax.Array  # [K*H, D]
-    wo: jax.Array  # [D, N*H]
-    bq: jax.Array | None = None  # [N*H] (Qwen2's q/k/v biases)
-    bk: jax.Array | None = None  # [K*H]
-    bv: jax.Array | None = None  # [K*H]
+    wq: jax.Array = weight("heads", "embed", projection=True)  # [N*H, D]
+    wk: jax.Array = weight("kv_heads", "embed", projection=True)  # [K*H, D]
+    wv: jax.Array = weight("kv_heads", "embed", projection=True)  # [K*H, D]
+    wo: jax.Array = weight("embed", "heads", projection=True)  # [D, N*H]
+    bq: jax.Array | None = weight("heads", default=None)  # [N*H] (Qwen2's q/k/v biases)
+    bk: jax.Array | None = weight("kv_heads", default=None)  # [K*H]
+    bv: jax.Array | None = weight("kv_heads", default=None)  # [K*H]
     bo: jax.Array | None = None  # [D]
     q_norm: jax.Array | None = None  # [H] RMSNorm weight over each head, before rope (Qwen3)
     k_norm: jax.Array | None = None  # [H]
 
 
-def self_attention(p: SelfAttention, x, kv: tuple[jax.Array, jax.Array], batch: StepBatch,
+def self_attention(p: SelfAttention, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata,
                    inv_freq: jax.Array, *, head_dim: int, scale: float, norm_eps: float,
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    qk_norm=rms_norm):
@@ -64,8 +64,8 @@ def self_attention(p: SelfAttention, x, kv: tuple[jax.Array, jax.Array], batch: 
         q = qk_norm(q, p.q_norm, norm_eps)
     if p.k_norm is not None:
         k = qk_norm(k, p.k_norm, norm_eps)
-    q = apply_rope(q, batch.positions, inv_freq)
-    k = apply_rope(k, batch.positions, inv_freq)
-    kv, out = paged_attention(q, k, v, kv, batch, scale=scale, sliding_window=sliding_window,
+    q = apply_rope(q, md.positions, inv_freq)
+    k = apply_rope(k, md.positions, inv_freq)
+    kv, out = paged_attention(q, k, v, kv, md, scale=scale, sliding_window=sliding_window,
                               soft_cap=soft_cap)
     return kv, linear(out.reshape(T, -1), p.wo, p.bo)

@@ -18,12 +18,11 @@ costs two small per-head matmuls over this step's tokens only, and the ragged pa
 kernel runs unchanged in shape. In exact arithmetic the two are equal; in float32 they
 differ by the order of summation only.
 
-The engine holds two equal arrays per layer (a K and a V cache): the [c, k_rope] vector is
-split across them, first half in K, second in V (padded by one zero when L + R is odd),
-and the kernel's shared_kv mode joins the halves back (see kv_cache_shape in the model).
+The engine holds one cache array per layer, [num_slots, 1, L + R], and the kernel's
+shared_kv mode reads each row as both key and value (KvLayer kind MLA in the model).
 
 Letters: T tokens, D model dim, N heads, Q q_lora_rank, L kv_lora_rank, R rope dims, P
-nope dims, H value head dim, C = L + R (+1 when odd) cached values per token.
+nope dims, H value head dim.
 """
 
 import dataclasses
@@ -31,10 +30,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_cache
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_rope
-from xla_inference.runner.batch import StepBatch
+from xla_inference.parallel.axes import weight
+from xla_inference.kernels.metadata import AttentionMetadata
 
 # transformers' (and DeepSeek's own) q_a_layernorm and kv_a_layernorm keep RMSNorm's
 # default epsilon whatever the config's rms_norm_eps.
@@ -46,18 +46,20 @@ LATENT_NORM_EPS = 1e-6
 class MlaAttention:
     wq_a: jax.Array | None  # [D, Q] (None: the query comes straight from x, q_lora_rank null)
     q_a_norm: jax.Array | None  # [Q]
-    wq_nope: jax.Array  # [Q or D, N, P]
-    wq_rope: jax.Array  # [Q or D, N, R], rope dims in rotate-half order
-    wkv_a: jax.Array  # [D, L + R]: the latent, then the rope key (rotate-half order)
-    kv_a_norm: jax.Array  # [L]
-    w_uk: jax.Array  # [N, P, L] kv_b_proj's key rows per head
-    w_uv: jax.Array  # [N, L, H] kv_b_proj's value rows per head, transposed
-    wo: jax.Array  # [N, H, D]
+    # The per-head projections split by heads; the latent ones (wq_a, wkv_a) and the latent
+    # cache stay whole on every device.
+    wq_nope: jax.Array = weight(None, "heads", None)  # [Q or D, N, P]
+    wq_rope: jax.Array = weight(None, "heads", None)  # [Q or D, N, R], rotate-half order
+    wkv_a: jax.Array = weight()  # [D, L + R]: the latent, then the rope key (rotate-half order)
+    kv_a_norm: jax.Array = weight()  # [L]
+    w_uk: jax.Array = weight("heads", None, None)  # [N, P, L] kv_b_proj's key rows per head
+    w_uv: jax.Array = weight("heads", None, None)  # [N, L, H] its value rows, transposed
+    wo: jax.Array = weight("heads", None, "embed")  # [N, H, D]
 
 
 def cache_width(kv_lora_rank: int, rope_dim: int) -> int:
-    """Values per token in each of a layer's two cache arrays: half of L + R, rounded up."""
-    return -(-(kv_lora_rank + rope_dim) // 2)
+    """Values per token in a layer's cache: the latent and the rope key."""
+    return kv_lora_rank + rope_dim
 
 
 def _queries(p: MlaAttention, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -71,8 +73,9 @@ def _rope(x: jax.Array, positions, inv_freq, rope_scale: float) -> jax.Array:
     return out if rope_scale == 1.0 else out * jnp.asarray(rope_scale, out.dtype)
 
 
-def mla_attention(p: MlaAttention, x: jax.Array, kv: tuple[jax.Array, jax.Array],
-                  batch: StepBatch, inv_freq: jax.Array, *, scale: float, rope_scale: float = 1.0):
+def mla_attention(p: MlaAttention, x: jax.Array, kv: tuple[jax.Array],
+                  md: AttentionMetadata, inv_freq: jax.Array, *, scale: float,
+                  rope_scale: float = 1.0):
     """x [T, D] (already normed) -> (updated kv, out [T, D]).
 
     scale: the softmax scale (of the full P + R head dim, with YaRN's mscale correction);
@@ -82,29 +85,22 @@ def mla_attention(p: MlaAttention, x: jax.Array, kv: tuple[jax.Array, jax.Array]
     q_nope, q_rope = _queries(p, x)
     latent_and_rope = x @ p.wkv_a  # [T, L + R]
     latent = rms_norm(latent_and_rope[:, :L], p.kv_a_norm, LATENT_NORM_EPS)  # [T, L]
-    k_rope = _rope(latent_and_rope[:, None, L:], batch.positions, inv_freq, rope_scale)
-    q_rope = _rope(q_rope, batch.positions, inv_freq, rope_scale)
+    k_rope = _rope(latent_and_rope[:, None, L:], md.positions, inv_freq, rope_scale)
+    q_rope = _rope(q_rope, md.positions, inv_freq, rope_scale)
     q_latent = jnp.einsum("TNP,NPL->TNL", q_nope, p.w_uk)
     query = jnp.concatenate([q_latent, q_rope], axis=-1)  # [T, N, L + R]
     key = jnp.concatenate([latent[:, None], k_rope], axis=-1)  # [T, 1, L + R]
-    kv, out = latent_paged_attention(query, key, kv, batch, scale=scale)
+    kv, out = latent_paged_attention(query, key, kv, md, scale=scale)
     values = jnp.einsum("TNL,NLH->TNH", out[..., :L], p.w_uv)
     return kv, jnp.einsum("TNH,NHD->TD", values, p.wo)
 
 
-def latent_paged_attention(q: jax.Array, key: jax.Array, kv: tuple[jax.Array, jax.Array],
-                           batch: StepBatch, *, scale: float):
+def latent_paged_attention(q: jax.Array, key: jax.Array, kv: tuple[jax.Array],
+                           md: AttentionMetadata, *, scale: float):
     """q [T, N, L + R], key [T, 1, L + R] (its own value) -> (updated kv, out [T, N, L + R]).
 
-    kv: the layer's two cache arrays [num_slots, 1, C / 2], each holding half of every
-    token's key."""
-    width = kv[0].shape[-1]
-    pad = 2 * width - q.shape[-1]
-    q_padded = jnp.pad(q, ((0, 0), (0, 0), (0, pad)))
-    key = jnp.pad(key, ((0, 0), (0, 0), (0, pad)))
-    k_cache, v_cache = write_kv(kv[0], kv[1], key[..., :width], key[..., width:],
-                                batch.slot_mapping)
-    out = ragged_paged_attention(
-        q_padded, k_cache, v_cache, batch.seq_ids, batch.positions, batch.block_tables,
-        batch.seq_lens, block_size=batch.block_size, scale=scale, shared_kv=True)
-    return (k_cache, v_cache), out[..., :q.shape[-1]]
+    kv: the layer's one cache array [num_slots, 1, L + R]."""
+    cache = write_cache(kv[0], key, md.slot_mapping)
+    out = ragged_paged_attention(q, cache, None, md.seq_ids, md.positions, md.block_tables,
+                                 block_size=md.block_size, scale=scale, shared_kv=True)
+    return (cache,), out

@@ -2,21 +2,20 @@
 
 import dataclasses
 from collections.abc import Callable
-from typing import ClassVar
 
 import jax
 
 from xla_inference.layers.linear import project
+from xla_inference.parallel.axes import weight
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class GatedMlp:
-    PROJECTIONS: ClassVar = ("w_gate", "w_up", "w_down")  # multiplied by linear.project
     # The checkpoint's [out, in] layout (layers/linear.py says why).
-    w_gate: jax.Array  # [F, D]
-    w_up: jax.Array  # [F, D]
-    w_down: jax.Array  # [D, F]
+    w_gate: jax.Array = weight("mlp", "embed", projection=True)  # [F, D]
+    w_up: jax.Array = weight("mlp", "embed", projection=True)  # [F, D]
+    w_down: jax.Array = weight("embed", "mlp", projection=True)  # [D, F]
 
 
 def gated_mlp(p: GatedMlp, x: jax.Array, act: Callable = jax.nn.silu) -> jax.Array:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
+from xla_inference.parallel.axes import weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +44,10 @@ class MoeConfig:
 class MoeMlp:
     """One MoE block's weights, experts stacked on a leading axis (the `experts` sharding axis)."""
 
-    router: jax.Array  # [D, E]
-    w_gate: jax.Array  # [E, D, F]
-    w_up: jax.Array  # [E, D, F]
-    w_down: jax.Array  # [E, F, D]
+    router: jax.Array  # [D, E], replicated
+    w_gate: jax.Array = weight("experts", "embed", "mlp")  # [E, D, F]
+    w_up: jax.Array = weight("experts", "embed", "mlp")  # [E, D, F]
+    w_down: jax.Array = weight("experts", "mlp", "embed")  # [E, F, D]
     shared_expert: GatedMlp | None = None  # [D, F'] / [F', D]: sees every token (Llama 4)
     score_bias: jax.Array | None = None  # [E] float32: added to the scores for choosing only
 

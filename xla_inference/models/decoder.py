@@ -10,8 +10,7 @@ which layers have experts. Each family file turns its HF config into a DecoderCo
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +22,11 @@ from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq
-from xla_inference.loading.params import take_stacked, take_tensor
-from xla_inference.runner.batch import StepBatch
+from xla_inference.loading.params import take_stacked, take_tensor, tensor_getter
+from xla_inference.parallel.axes import weight
+from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: k, v [num_slots, K, H]
+KVCache = list[tuple[jax.Array, ...]]  # per layer: k, v [num_slots, K, H] (MLA: one latent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,16 +89,11 @@ class DecoderLayer:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecoderParams:
-    PROJECTIONS: ClassVar = ("lm_head",)  # multiplied by linear.project (compute_logits)
-    embed: jax.Array  # [V, D]
-    layers: list[DecoderLayer]
-    final_norm: jax.Array  # [D]
-    lm_head: jax.Array  # [V, D]: the embedding's host array when tied
-
-
-def _getter(tensors: Mapping[str, np.ndarray], dtype):
-    """get(name, checkpoint shape, transpose=False) -> array in `dtype`."""
-    return lambda name, shape, t=False: take_tensor(tensors, name, shape, dtype, transpose=t)
+    embed: jax.Array = weight("vocab", "embed")  # [V, D]
+    layers: list[DecoderLayer] = weight()
+    final_norm: jax.Array = weight()  # [D]
+    # [V, D]: the embedding's host array when tied; multiplied by linear.project
+    lm_head: jax.Array = weight("vocab", "embed", projection=True)
 
 
 def load_attention(get, prefix: str, cfg: DecoderConfig) -> SelfAttention:
@@ -160,7 +155,7 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig, dtype,
     """HF-named tensors -> params in `dtype`, linear weights kept [out, in] (linear.py).
     `load_mlp` loads a layer's MLP where a family's differ (MoE); by default the gated MLP
     at `model.layers.{i}.mlp.`."""
-    get = _getter(tensors, dtype)
+    get = tensor_getter(tensors, dtype)
     D, V = cfg.hidden_size, cfg.vocab_size
     load_mlp = load_mlp or (
         lambda get, i: load_gated_mlp(get, f"model.layers.{i}.mlp.", D, cfg.intermediate_size))
@@ -194,32 +189,51 @@ def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig) -> jax.Arr
 @functools.partial(jax.jit, static_argnames=("cfg", "window"))
 def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: DecoderConfig, inv_freq, window):
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-    kv, attn = self_attention(layer.attn, h, kv, batch, inv_freq, head_dim=cfg.head_dim,
+    kv, attn = self_attention(layer.attn, h, kv, batch.attention, inv_freq, head_dim=cfg.head_dim,
                               scale=cfg.head_dim**-0.5, norm_eps=cfg.rms_norm_eps,
                               sliding_window=window)
     x = x + attn
     return kv, x + mlp_block(layer.mlp, rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps), cfg)
 
 
+def run_layers(layer_step: Callable, layers: list, kv_cache: KVCache, x: jax.Array,
+               *per_layer: Sequence) -> tuple[KVCache, jax.Array]:
+    """x through every layer in turn: layer_step(layer, x, kv, *that layer's entry of each
+    `per_layer` sequence) -> (kv, x). A Python loop (unrolled) rather than lax.scan:
+    scanning would carry the whole KV cache through the loop and copy it every step
+    (docs/DESIGN.md); unrolled, each layer also gets its own static arguments (window,
+    rope or not, MoE or dense)."""
+    new_cache = []
+    for layer, kv, *args in zip(layers, kv_cache, *per_layer, strict=True):
+        kv, x = layer_step(layer, x, kv, *args)
+        new_cache.append(kv)
+    return new_cache, x
+
+
 def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: DecoderConfig):
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
     inv_freq = jnp.asarray(cfg.inv_freq())
-    x = params.embed[batch.input_ids]
-    new_cache = []
-    # A Python loop (unrolled) rather than lax.scan: scanning would carry the whole KV
-    # cache through the loop and copy it every step (see DESIGN.md). Unrolled, each layer
-    # also gets its own static sliding window.
-    for i, (layer, kv) in enumerate(zip(params.layers, kv_cache)):
-        kv, x = _layer(layer, x, kv, batch, cfg, inv_freq, cfg.sliding_window(i))
-        new_cache.append(kv)
-    return new_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    step = lambda layer, x, kv, window: _layer(layer, x, kv, batch, cfg, inv_freq, window)  # noqa: E731
+    windows = [cfg.sliding_window(i) for i in range(cfg.num_layers)]
+    kv_cache, x = run_layers(step, params.layers, kv_cache, params.embed[batch.input_ids], windows)
+    return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
-def compute_logits(params: DecoderParams, hidden: jax.Array) -> jax.Array:
+def compute_logits(params: DecoderParams, hidden: jax.Array, cfg=None) -> jax.Array:
     """hidden [B, D] -> logits [B, V] in float32."""
+    del cfg  # the plain LM head needs none of it
     return project(hidden, params.lm_head, jnp.float32)
 
 
-def kv_cache_shape(cfg: DecoderConfig, num_slots: int) -> list[tuple[int, ...]]:
-    """Shape of each layer's K (and V) cache array."""
-    return [(num_slots, cfg.num_kv_heads, cfg.head_dim)] * cfg.num_layers
+def kv_layers(cfg: DecoderConfig) -> list[KvLayer]:
+    """Each layer's cache: full attention, or a sliding window where the config sets one."""
+    return [KvLayer(SLIDING if w else FULL, cfg.num_kv_heads, cfg.head_dim, w)
+            for w in (cfg.sliding_window(i) for i in range(cfg.num_layers))]
+
+
+def decoder_family(name: str, architectures: tuple[str, ...], config_cls, **overrides
+                   ) -> ModelFamily:
+    """A family record on this module's functions; `overrides` replace any of them."""
+    fields = dict(config_from_hf=config_cls.from_hf, load_params=load_params, forward=forward,
+                  compute_logits=compute_logits, kv_layers=kv_layers)
+    return ModelFamily(name=name, architectures=architectures, **{**fields, **overrides})

@@ -26,13 +26,13 @@ from xla_inference.layers.mlp import GatedMlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq, yarn_inv_freq, yarn_mscale
-from xla_inference.loading.params import take_tensor
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderParams, compute_logits, decoder_fields, load_gated_mlp, load_lm_head, load_moe_mlp,
-    mlp_block)
-from xla_inference.runner.batch import StepBatch
+from xla_inference.loading.params import take_tensor, tensor_getter
+from xla_inference.models.decoder import (DecoderParams, compute_logits, decoder_fields,
+                                          load_gated_mlp, load_lm_head, load_moe_mlp, mlp_block,
+                                          run_layers)
+from xla_inference.models.interface import MLA, KvLayer, ModelFamily, StepBatch
 
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: halves of [latent, k_rope] [slots, 1, C/2]
+KVCache = list[tuple[jax.Array]]  # per layer: [latent, k_rope] [num_slots, 1, L + R]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +155,7 @@ def load_moe(tensors: Mapping[str, np.ndarray], get, dtype, prefix: str,
 
 def load_params(tensors: Mapping[str, np.ndarray], cfg: DeepseekV3Config, dtype) -> DecoderParams:
     """HF-named tensors ([out, in] linear weights) -> params in `dtype`."""
-    def get(name, shape, transpose=False):
-        return take_tensor(tensors, name, shape, dtype, transpose=transpose)
+    get = tensor_getter(tensors, dtype)
 
     D, V = cfg.hidden_size, cfg.vocab_size
 
@@ -179,7 +178,7 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: DeepseekV3Config, dtype)
 def _layer(layer: DeepseekV3Layer, x, kv, batch: StepBatch, cfg: DeepseekV3Config, inv_freq,
            rope_scale: float):
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-    kv, attn = mla_attention(layer.attn, h, kv, batch, inv_freq, scale=cfg.softmax_scale(),
+    kv, attn = mla_attention(layer.attn, h, kv, batch.attention, inv_freq, scale=cfg.softmax_scale(),
                              rope_scale=rope_scale)
     x = x + attn
     h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
@@ -190,18 +189,17 @@ def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: Dee
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
     inv_freq, rope_scale = cfg.rope()
     inv_freq = jnp.asarray(inv_freq)
-    x = params.embed[batch.input_ids]
-    new_cache = []
-    for layer, kv in zip(params.layers, kv_cache):  # unrolled, as in decoder.forward
-        kv, x = _layer(layer, x, kv, batch, cfg, inv_freq, rope_scale)
-        new_cache.append(kv)
-    return new_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    step = lambda layer, x, kv: _layer(layer, x, kv, batch, cfg, inv_freq, rope_scale)  # noqa: E731
+    kv_cache, x = run_layers(step, params.layers, kv_cache, params.embed[batch.input_ids])
+    return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
-def kv_cache_shape(cfg: DeepseekV3Config, num_slots: int) -> list[tuple[int, ...]]:
-    """Shape of each layer's K (and V) cache array: one "head" holding half of the token's
-    [latent, k_rope] each (layers/mla.py)."""
-    return [(num_slots, 1, cache_width(cfg.kv_lora_rank, cfg.qk_rope_head_dim))] * cfg.num_layers
+def kv_layers(cfg: DeepseekV3Config) -> list[KvLayer]:
+    """One latent [latent, k_rope] per token and layer (layers/mla.py)."""
+    width = cache_width(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    return [KvLayer(MLA, 1, width)] * cfg.num_layers
 
 
-Config = DeepseekV3Config
+FAMILY = ModelFamily(name="deepseek_v3", architectures=("DeepseekV3ForCausalLM",),
+                     config_from_hf=DeepseekV3Config.from_hf, load_params=load_params,
+                     forward=forward, compute_logits=compute_logits, kv_layers=kv_layers)

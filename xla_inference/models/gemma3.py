@@ -14,7 +14,6 @@ and vLLM's Gemma 3 ignore the field, so applying it would disagree with every re
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +23,13 @@ from xla_inference.layers.attention import SelfAttention, self_attention
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.norms import gemma_rms_norm
 from xla_inference.layers.rope import rope_inv_freq
-from xla_inference.loading.params import take_tensor
-from xla_inference.models.decoder import (  # noqa: F401  (kv_cache_shape: the module interface)
-    DecoderConfig, KVCache, decoder_fields, kv_cache_shape, load_attention, load_gated_mlp,
-    load_lm_head, compute_logits as _head_logits)
-from xla_inference.runner.batch import StepBatch
+from xla_inference.loading.params import tensor_getter
+from xla_inference.models.decoder import (DecoderConfig, KVCache, decoder_family, decoder_fields,
+                                          load_attention, load_gated_mlp, load_lm_head,
+                                          run_layers)
+from xla_inference.models.decoder import compute_logits as _head_logits
+from xla_inference.parallel.axes import weight
+from xla_inference.models.interface import StepBatch
 
 _SLIDING = "sliding_attention"
 _GLOBAL = "full_attention"
@@ -112,13 +113,11 @@ class Gemma3Layer:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Gemma3Params:
-    PROJECTIONS: ClassVar = ("lm_head",)  # multiplied by linear.project (compute_logits)
-    embed: jax.Array  # [V, D]
-    layers: list[Gemma3Layer]
-    final_norm: jax.Array  # [D]
-    lm_head: jax.Array  # [V, D]: the embedding's host array when tied
-    # Static (part of the tree structure): compute_logits sees only the params.
-    final_soft_cap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+    embed: jax.Array = weight("vocab", "embed")  # [V, D]
+    layers: list[Gemma3Layer] = weight()
+    final_norm: jax.Array = weight()  # [D]
+    # [V, D]: the embedding's host array when tied; multiplied by linear.project
+    lm_head: jax.Array = weight("vocab", "embed", projection=True)
 
 
 def _load_layer(get, prefix: str, cfg: Gemma3Config) -> Gemma3Layer:
@@ -135,14 +134,13 @@ def _load_layer(get, prefix: str, cfg: Gemma3Config) -> Gemma3Layer:
 
 def load_params(tensors: Mapping[str, np.ndarray], cfg: Gemma3Config, dtype) -> Gemma3Params:
     """HF-named tensors ([out, in] linear weights; norms as HF stores them, y = x * (1 + w))."""
-    get = lambda name, shape, t=False: take_tensor(tensors, name, shape, dtype, transpose=t)  # noqa: E731
+    get = tensor_getter(tensors, dtype)
     embed = get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
     return Gemma3Params(
         embed=embed,
         layers=[_load_layer(get, f"model.layers.{i}.", cfg) for i in range(cfg.num_layers)],
         final_norm=get("model.norm.weight", (cfg.hidden_size,)),
         lm_head=load_lm_head(get, embed, cfg.tie_word_embeddings),
-        final_soft_cap=cfg.final_logit_softcapping,
     )
 
 
@@ -150,7 +148,7 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: Gemma3Config, dtype) -> 
 def _decoder_layer(layer: Gemma3Layer, x, kv, batch: StepBatch, cfg: Gemma3Config, inv_freq, window):
     norm = functools.partial(gemma_rms_norm, eps=cfg.rms_norm_eps)
     kv, attn = self_attention(
-        layer.attn, norm(x, layer.input_norm), kv, batch, inv_freq, head_dim=cfg.head_dim,
+        layer.attn, norm(x, layer.input_norm), kv, batch.attention, inv_freq, head_dim=cfg.head_dim,
         scale=cfg.query_pre_attn_scalar**-0.5, norm_eps=cfg.rms_norm_eps,
         sliding_window=window, qk_norm=gemma_rms_norm)
     x = x + norm(attn, layer.post_attn_norm)
@@ -164,19 +162,21 @@ def forward(params: Gemma3Params, kv_cache: KVCache, batch: StepBatch, cfg: Gemm
     # HF rounds the scale to the weights' dtype first (sqrt(640) -> 25.25 in bfloat16).
     embed_scale = jnp.asarray(np.float32(cfg.hidden_size**0.5), params.embed.dtype)
     x = params.embed[batch.input_ids] * embed_scale
-    new_cache = []
-    # An unrolled Python loop, not lax.scan: see decoder.forward.
-    for i, (layer, kv, kind) in enumerate(zip(params.layers, kv_cache, cfg.layer_types)):
-        kv, x = _decoder_layer(layer, x, kv, batch, cfg, inv_freqs[kind], cfg.sliding_window(i))
-        new_cache.append(kv)
-    return new_cache, gemma_rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+
+    def step(layer, x, kv, kind, window):
+        return _decoder_layer(layer, x, kv, batch, cfg, inv_freqs[kind], window)
+
+    windows = [cfg.sliding_window(i) for i in range(cfg.num_layers)]
+    kv_cache, x = run_layers(step, params.layers, kv_cache, x, cfg.layer_types, windows)
+    return kv_cache, gemma_rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
-def compute_logits(params: Gemma3Params, hidden: jax.Array) -> jax.Array:
+def compute_logits(params: Gemma3Params, hidden: jax.Array, cfg: Gemma3Config) -> jax.Array:
     """hidden [B, D] -> logits [B, V] in float32, soft-capped where the config asks."""
     logits = _head_logits(params, hidden)
-    cap = params.final_soft_cap
+    cap = cfg.final_logit_softcapping
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-Config = Gemma3Config
+FAMILY = decoder_family("gemma3", ("Gemma3ForCausalLM",), Gemma3Config, load_params=load_params,
+                        forward=forward, compute_logits=compute_logits)

@@ -3,8 +3,7 @@
 import dataclasses
 from collections.abc import Mapping
 
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderConfig, KVCache, compute_logits, decoder_fields, forward, kv_cache_shape, load_params)
+from xla_inference.models.decoder import DecoderConfig, decoder_family, decoder_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,4 +17,4 @@ class LlamaConfig(DecoderConfig):
         return cls(**decoder_fields(hf), qkv_bias=bias, o_bias=bias)
 
 
-Config = LlamaConfig
+FAMILY = decoder_family("llama", ("LlamaForCausalLM",), LlamaConfig)

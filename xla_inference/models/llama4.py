@@ -32,10 +32,10 @@ from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import l2_norm, rms_norm
 from xla_inference.layers.rope import apply_rope_interleaved
 from xla_inference.models import decoder
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderConfig, DecoderLayer, DecoderParams, KVCache, compute_logits, decoder_fields,
-    kv_cache_shape, load_gated_mlp, mlp_block)
-from xla_inference.runner.batch import StepBatch
+from xla_inference.models.decoder import (DecoderConfig, DecoderLayer, DecoderParams, KVCache,
+                                          decoder_family, decoder_fields, load_gated_mlp,
+                                          mlp_block, run_layers)
+from xla_inference.models.interface import StepBatch
 
 _CHUNKED = "chunked_attention"
 
@@ -133,13 +133,13 @@ def _attention(p: SelfAttention, x, kv, batch: StepBatch, cfg: Llama4Config, lay
     k = linear(x, p.wk, p.bk).reshape(T, -1, H)  # [T, K, H]
     v = linear(x, p.wv, p.bv).reshape(T, -1, H)
     if cfg.rope_layers[layer]:
-        q = apply_rope_interleaved(q, batch.positions, inv_freq)
-        k = apply_rope_interleaved(k, batch.positions, inv_freq)
+        q = apply_rope_interleaved(q, batch.attention.positions, inv_freq)
+        k = apply_rope_interleaved(k, batch.attention.positions, inv_freq)
         if cfg.qk_l2_norm:  # after rope, unlike Qwen3's q/k norms
             q, k = l2_norm(q, cfg.rms_norm_eps), l2_norm(k, cfg.rms_norm_eps)
     elif cfg.temperature_tuning:
-        q = (q * _temperature(batch.positions, *cfg.temperature_tuning)).astype(q.dtype)
-    kv, out = paged_attention(q, k, v, kv, batch, scale=H**-0.5,
+        q = (q * _temperature(batch.attention.positions, *cfg.temperature_tuning)).astype(q.dtype)
+    kv, out = paged_attention(q, k, v, kv, batch.attention, scale=H**-0.5,
                               attention_chunk=cfg.attention_chunks[layer])
     return kv, linear(out.reshape(T, -1), p.wo, p.bo)
 
@@ -155,14 +155,13 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: Llama4Config, i: i
 def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: Llama4Config):
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
     inv_freq = jnp.asarray(cfg.inv_freq())
-    x = params.embed[batch.input_ids]
-    new_cache = []
-    # An unrolled Python loop, not lax.scan: see decoder.forward. Each layer's kind (rope
-    # or NoPE, MoE or dense) is static.
-    for i, (layer, kv) in enumerate(zip(params.layers, kv_cache)):
-        kv, x = _layer(layer, x, kv, batch, cfg, i, inv_freq)
-        new_cache.append(kv)
-    return new_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    step = lambda layer, x, kv, i: _layer(layer, x, kv, batch, cfg, i, inv_freq)  # noqa: E731
+    kv_cache, x = run_layers(step, params.layers, kv_cache, params.embed[batch.input_ids],
+                             range(cfg.num_layers))
+    return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 
-Config = Llama4Config
+# Chunked local layers report full attention to vLLM (every page kept): correct, and
+# vLLM's chunked-local spec would free pages the kernel's chunk mask never reads anyway.
+FAMILY = decoder_family("llama4", ("Llama4ForCausalLM",), Llama4Config,
+                        load_params=load_params, forward=forward)

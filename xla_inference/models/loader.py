@@ -1,16 +1,27 @@
-"""Build a model (module, config, params) from a checkpoint."""
+"""Build a model (family, config, host params) from a checkpoint, or random weights of its
+shapes."""
 
+import json
 from pathlib import Path
-from types import ModuleType
 
 from xla_inference.loading.checkpoint import load_checkpoint
-from xla_inference.models.registry import model_module
+from xla_inference.loading.params import RandomTensors
+from xla_inference.models.interface import ModelFamily
+from xla_inference.models.registry import model_family
 
 
-def load_model(model_path: str | Path, dtype, gguf_file: str | None = None
-               ) -> tuple[ModuleType, object, object]:
-    """(model module, model config, params in `dtype`)."""
-    hf_config, tensors = load_checkpoint(model_path, gguf_file)
-    module = model_module(hf_config)
-    cfg = module.Config.from_hf(hf_config)
-    return module, cfg, module.load_params(tensors, cfg, dtype)
+def load_model(model_path: str | Path, dtype, gguf_file: str | None = None, *,
+               random_seed: int | None = None) -> tuple[ModelFamily, object, object]:
+    """(family, model config, host params in `dtype`). random_seed: random weights of the
+    config's shapes instead of the checkpoint's (vLLM's --load-format dummy); only
+    config.json is read, so a directory holding just that serves a benchmark at any size."""
+    path = Path(model_path)
+    if random_seed is not None and path.is_dir() and not gguf_file:
+        hf_config, tensors = json.loads((path / "config.json").read_text()), None
+    else:
+        hf_config, tensors = load_checkpoint(model_path, gguf_file)
+    if random_seed is not None:
+        tensors = RandomTensors(random_seed)
+    family = model_family(hf_config)
+    cfg = family.config_from_hf(hf_config)
+    return family, cfg, family.load_params(tensors, cfg, dtype)

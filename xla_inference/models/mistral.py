@@ -4,8 +4,7 @@ config sets one; Mistral 7B v0.1 uses 4096, later versions none)."""
 import dataclasses
 from collections.abc import Mapping
 
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderConfig, KVCache, compute_logits, decoder_fields, forward, kv_cache_shape, load_params)
+from xla_inference.models.decoder import DecoderConfig, decoder_family, decoder_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,4 +16,4 @@ class MistralConfig(DecoderConfig):
         return cls(**decoder_fields(hf), sliding_windows=windows)
 
 
-Config = MistralConfig
+FAMILY = decoder_family("mistral", ("MistralForCausalLM",), MistralConfig)

@@ -14,8 +14,7 @@ import numpy as np
 
 from xla_inference.layers.moe import MoeConfig
 from xla_inference.models import decoder
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    KVCache, compute_logits, forward, kv_cache_shape, load_moe_mlp)
+from xla_inference.models.decoder import decoder_family, load_moe_mlp
 from xla_inference.models.mistral import MistralConfig
 
 
@@ -41,4 +40,4 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: MixtralConfig, dtype
     return decoder.load_params(tensors, cfg, dtype, load_mlp)
 
 
-Config = MixtralConfig
+FAMILY = decoder_family("mixtral", ("MixtralForCausalLM",), MixtralConfig, load_params=load_params)

@@ -3,8 +3,7 @@
 import dataclasses
 from collections.abc import Mapping
 
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderConfig, KVCache, compute_logits, decoder_fields, forward, kv_cache_shape, load_params)
+from xla_inference.models.decoder import DecoderConfig, decoder_family, decoder_fields
 
 
 def qwen_sliding_windows(hf: Mapping) -> tuple[int | None, ...] | None:
@@ -31,4 +30,4 @@ class Qwen2Config(DecoderConfig):
         return cls(**decoder_fields(hf), qkv_bias=True, sliding_windows=qwen_sliding_windows(hf))
 
 
-Config = Qwen2Config
+FAMILY = decoder_family("qwen2", ("Qwen2ForCausalLM",), Qwen2Config)

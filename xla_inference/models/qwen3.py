@@ -4,8 +4,7 @@
 import dataclasses
 from collections.abc import Mapping
 
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderConfig, KVCache, compute_logits, decoder_fields, forward, kv_cache_shape, load_params)
+from xla_inference.models.decoder import DecoderConfig, decoder_family, decoder_fields
 from xla_inference.models.qwen2 import qwen_sliding_windows
 
 
@@ -18,4 +17,4 @@ class Qwen3Config(DecoderConfig):
                    sliding_windows=qwen_sliding_windows(hf))
 
 
-Config = Qwen3Config
+FAMILY = decoder_family("qwen3", ("Qwen3ForCausalLM",), Qwen3Config)

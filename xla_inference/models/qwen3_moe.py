@@ -15,9 +15,8 @@ import numpy as np
 
 from xla_inference.layers.moe import MoeConfig
 from xla_inference.models import decoder
-from xla_inference.models.decoder import (  # noqa: F401  (the model module interface)
-    DecoderConfig, KVCache, compute_logits, decoder_fields, forward, kv_cache_shape, load_gated_mlp,
-    load_moe_mlp)
+from xla_inference.models.decoder import (DecoderConfig, decoder_family, decoder_fields,
+                                          load_gated_mlp, load_moe_mlp)
 
 
 def moe_layers(hf: Mapping) -> tuple[bool, ...]:
@@ -59,4 +58,5 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: Qwen3MoeConfig, dtype
     return decoder.load_params(tensors, cfg, dtype, load_mlp)
 
 
-Config = Qwen3MoeConfig
+FAMILY = decoder_family("qwen3_moe", ("Qwen3MoeForCausalLM",), Qwen3MoeConfig,
+                        load_params=load_params)

@@ -1,30 +1,28 @@
-"""HF architecture name -> the module implementing it."""
+"""HF architecture name -> the family record (models/interface.ModelFamily) serving it."""
 
 import importlib
-from types import ModuleType
 
-_ARCHITECTURES = {
-    "DeepseekV3ForCausalLM": "xla_inference.models.deepseek_v3",
-    "Gemma3ForCausalLM": "xla_inference.models.gemma3",
-    "LlamaForCausalLM": "xla_inference.models.llama",
-    "Llama4ForCausalLM": "xla_inference.models.llama4",
-    "MistralForCausalLM": "xla_inference.models.mistral",
-    "MixtralForCausalLM": "xla_inference.models.mixtral",
-    "Qwen2ForCausalLM": "xla_inference.models.qwen2",
-    "Qwen3ForCausalLM": "xla_inference.models.qwen3",
-    "Qwen3MoeForCausalLM": "xla_inference.models.qwen3_moe",
-}
+from xla_inference.models.interface import ModelFamily
+
+# Family modules, imported on first use; each defines FAMILY.
+_FAMILY_MODULES = ("deepseek_v3", "gemma3", "llama", "llama4", "mistral", "mixtral", "qwen2",
+                   "qwen3", "qwen3_moe")
+
+
+def families() -> list[ModelFamily]:
+    return [importlib.import_module(f"xla_inference.models.{m}").FAMILY for m in _FAMILY_MODULES]
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted(arch for family in families() for arch in family.architectures)
 
 
-def model_module(hf_config: dict) -> ModuleType:
-    """The model module for a config's architecture, or a clear error naming what is supported."""
+def model_family(hf_config: dict) -> ModelFamily:
+    """The family for a config's architecture, or a clear error naming what is supported."""
+    by_arch = {arch: family for family in families() for arch in family.architectures}
     for arch in hf_config.get("architectures") or []:
-        if arch in _ARCHITECTURES:
-            return importlib.import_module(_ARCHITECTURES[arch])
+        if arch in by_arch:
+            return by_arch[arch]
     raise ValueError(
         f"xla-inference does not support architecture {hf_config.get('architectures')}; "
         f"supported: {', '.join(supported_architectures())}")

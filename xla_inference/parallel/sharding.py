@@ -1,8 +1,8 @@
 """One SPMD program over a mesh of the local devices: the mesh, and where every array lives.
 
-Model code never names mesh axes. Parameters carry logical axes (from the table
-`PARAM_AXES`, keyed by the parameter's field name and rank), and `LOGICAL_RULES` maps each
-logical axis to a mesh axis. XLA's SPMD partitioner (GSPMD) inserts the collectives.
+Model code never names mesh axes. Parameters declare their logical axes where their
+dataclass declares them (parallel/axes.py), and `LOGICAL_RULES` maps each logical axis to
+a mesh axis; a parameter that declares none is replicated. XLA's SPMD partitioner (GSPMD) inserts the collectives.
 
 A logical axis is split only when its size (heads, kv heads, mlp width, experts, vocab)
 divides evenly by the mesh axis: otherwise it is replicated, so every tensor-parallel size
@@ -12,9 +12,13 @@ query heads; its MLP and vocabulary are still split.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from xla_inference.parallel.axes import field_axes
 
 MESH_AXES = ("data", "model")
 
@@ -29,34 +33,6 @@ LOGICAL_RULES: dict[str, str | None] = {
     "embed": None,
     "head_dim": None,
     "slots": None,
-}
-
-# (field name, rank) -> logical axes of the array; fields not listed are replicated
-# (norm weights, output biases, routers).
-PARAM_AXES: dict[tuple[str, int], tuple[str | None, ...]] = {
-    ("embed", 2): ("vocab", "embed"),
-    # Dense linear weights are [out, in], as in the checkpoint (layers/linear.py).
-    ("lm_head", 2): ("vocab", "embed"),
-    ("wq", 2): ("heads", "embed"),
-    ("wk", 2): ("kv_heads", "embed"),
-    ("wv", 2): ("kv_heads", "embed"),
-    ("wo", 2): ("embed", "heads"),
-    ("bq", 1): ("heads",),
-    ("bk", 1): ("kv_heads",),
-    ("bv", 1): ("kv_heads",),
-    ("w_gate", 2): ("mlp", "embed"),
-    ("w_up", 2): ("mlp", "embed"),
-    ("w_down", 2): ("embed", "mlp"),
-    # MLA (layers/mla.py): the per-head projections split by heads; the latent projections
-    # (wq_a, wkv_a) and the latent cache stay whole on every device.
-    ("wq_nope", 3): (None, "heads", None),
-    ("wq_rope", 3): (None, "heads", None),
-    ("w_uk", 3): ("heads", None, None),
-    ("w_uv", 3): ("heads", None, None),
-    ("wo", 3): ("heads", None, "embed"),
-    ("w_gate", 3): ("experts", "embed", "mlp"),
-    ("w_up", 3): ("experts", "embed", "mlp"),
-    ("w_down", 3): ("experts", "mlp", "embed"),
 }
 
 KV_CACHE_AXES = ("slots", "kv_heads", "head_dim")  # each layer's K and V [num_slots, K, H]
@@ -106,22 +82,28 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], sizes: 
     return PartitionSpec(*spec)
 
 
-def _field_name(path) -> str:
-    for entry in reversed(path):
-        if isinstance(entry, jax.tree_util.GetAttrKey):
-            return entry.name
-    return ""
-
-
 def param_shardings(params, cfg, mesh: Mesh):
-    """A NamedSharding for every parameter leaf, from PARAM_AXES and LOGICAL_RULES."""
+    """A NamedSharding for every parameter leaf (the same tree), from the logical axes each
+    parameter dataclass declares (parallel/axes.py) and LOGICAL_RULES."""
     sizes = logical_sizes(cfg)
 
-    def sharding(path, leaf):
-        axes = PARAM_AXES.get((_field_name(path), np.ndim(leaf)), (None,) * np.ndim(leaf))
+    def leaf_sharding(leaf, axes):
+        if leaf is None:
+            return None
+        if axes is None or len(axes) != np.ndim(leaf):
+            axes = (None,) * np.ndim(leaf)  # declared none (or a whole subtree): replicated
         return NamedSharding(mesh, partition_spec(axes, np.shape(leaf), sizes, mesh))
 
-    return jax.tree_util.tree_map_with_path(sharding, params)
+    def walk(node, axes=None):
+        if dataclasses.is_dataclass(node):
+            return dataclasses.replace(node, **{
+                f.name: walk(getattr(node, f.name), field_axes(f))
+                for f in dataclasses.fields(node) if f.init})
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(child) for child in node)
+        return leaf_sharding(node, axes)
+
+    return walk(params)
 
 
 def kv_cache_sharding(cfg, shape: tuple[int, ...], mesh: Mesh, replicas: bool = False

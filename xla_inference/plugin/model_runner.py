@@ -8,7 +8,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTe
 
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
-from xla_inference.runner.sampling import SamplingOptions, unpack_grammar_bitmask
+from xla_inference.sampling.host import SamplingOptions, unpack_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 

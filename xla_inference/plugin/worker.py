@@ -1,12 +1,11 @@
 """The vLLM Worker: one process that drives every local JAX device."""
 
 import logging
-import math
 import time
 
 import psutil
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from xla_inference.plugin.model_runner import XlaModelRunner
@@ -38,29 +37,32 @@ def _route_logs_through_vllm() -> None:
         ours.propagate = False
 
 
-def _jnp_dtype(torch_dtype: torch.dtype):
-    import jax.numpy as jnp
-
-    table = {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
+def _dtype_name(torch_dtype: torch.dtype) -> str:
+    table = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     if torch_dtype not in table:
         raise ValueError(f"xla-inference does not support dtype {torch_dtype}")
     return table[torch_dtype]
 
 
-def _weights_only_narrow(dtype: torch.dtype, devices) -> bool:
-    """dtype=bfloat16 on the host CPU means bfloat16 projection matrices, whose products
-    take bfloat16 inputs and accumulate in float32 (layers/linear.py), and float32 for the
-    rest: activations, norms, attention, the KV cache. XLA's CPU backend is fast at those
-    products (twice float32's rate with avx512_bf16; a batch-1 step reads half the bytes)
-    and slow at bfloat16 elementwise work (a step wholly in bfloat16 ran ~15x slower).
-    Accelerators run bfloat16 throughout."""
-    return dtype == torch.bfloat16 and all(d.platform == "cpu" for d in devices)
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _top_logprobs_width(max_logprobs: int, vocab_size: int) -> int:
     """How many top logprobs the sampler computes: vLLM's max_logprobs (-1, the whole
     vocabulary, is refused per request, so the default 20 stands in)."""
     return min(max_logprobs, vocab_size) if max_logprobs > 0 else min(20, vocab_size)
+
+
+def kv_cache_spec(layer, block_size: int, dtype: torch.dtype):
+    """vLLM's spec for one layer's cache (models/interface.KvLayer). Every layer is reported
+    as full attention for now: the engine gives all layers one block table."""
+    from xla_inference.models.interface import MLA
+
+    if layer.kind == MLA:
+        return MLAAttentionSpec(block_size=block_size, num_kv_heads=layer.num_kv_heads,
+                                head_size=layer.head_size, dtype=dtype)
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=layer.num_kv_heads,
+                             head_size=layer.head_size, dtype=dtype)
 
 
 class XlaWorker(WorkerBase):
@@ -70,46 +72,39 @@ class XlaWorker(WorkerBase):
         patch_vllm_config()  # the engine core re-checks its VllmConfig after start-up
         _tolerate_missing_accelerator()
         _route_logs_through_vllm()
-        self.model = None  # (module, config, params)
+        self.model = None  # runner.build.LoadedModel, from load_model until the engine is built
         self.model_runner = None
-        self._weights_only = False  # bfloat16 weights, float32 arithmetic (init_device)
+        self.precision = None  # runner.build.Precision, from init_device
 
     # -- startup ----------------------------------------------------------------------------
     def init_device(self) -> None:
+        from xla_inference.runner.build import Precision
         from xla_inference.runner.jax_setup import configure_jax
 
         devices = configure_jax()
         self.device = torch.device("cpu")
-        self._weights_only = _weights_only_narrow(self.model_config.dtype, devices)
-        logger.info("xla-inference: JAX devices %s", devices)
+        self.precision = Precision.for_platform(_dtype_name(self.model_config.dtype),
+                                                devices[0].platform)
+        logger.info("xla-inference: JAX devices %s; precision %s", devices, self.precision)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
-        from xla_inference.loading.params import narrow_projections
-        from xla_inference.models.loader import load_model
+        """Phase one (runner/build.py): the weights on the host. `load_dummy_weights` or
+        `--load-format dummy`: random weights of the checkpoint's shapes."""
+        from xla_inference.runner.build import load
 
         start = time.perf_counter()
         mc = self.model_config
-        # bfloat16 weights on the host CPU: load in float32, then narrow the projections
-        module, cfg, params = load_model(mc.model, _jnp_dtype(self._kv_torch_dtype()))
-        if self._weights_only:
-            params = narrow_projections(params, _jnp_dtype(mc.dtype))
-        self.model = (module, cfg, params)
-        logger.info("xla-inference: loaded %s (%s%s) in %.1fs", mc.model, mc.dtype,
-                    " projections, float32 elsewhere" if self._weights_only else "",
+        dummy = load_dummy_weights or self.load_config.load_format == "dummy"
+        self.model = load(mc.model, self.precision,
+                          random_seed=(mc.seed or 0) if dummy else None)
+        logger.info("xla-inference: loaded %s%s (%s) in %.1fs", mc.model,
+                    " as random weights" if dummy else "", self.precision,
                     time.perf_counter() - start)
 
-    def _kv_layer_shapes(self) -> list[tuple[int, int, int]]:
-        """Each layer's K (and V) array for one page, [block_size, kv heads, head size], as the
-        engine allocates it from the model's kv_cache_shape (MLA's is not num_kv_heads x
-        head_dim: models/deepseek_v3.py)."""
-        module, cfg, _ = self.model
-        return module.kv_cache_shape(cfg, self.cache_config.block_size)
-
     def get_kv_cache_spec(self) -> dict:
-        return {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
-                    block_size=self.cache_config.block_size, num_kv_heads=num_kv_heads,
-                    head_size=head_size, dtype=self._kv_torch_dtype())
-                for i, (_, num_kv_heads, head_size) in enumerate(self._kv_layer_shapes())}
+        return {f"model.layers.{i}.self_attn.attn": kv_cache_spec(layer, self.cache_config.block_size,
+                                                                  self._kv_torch_dtype())
+                for i, layer in enumerate(self.model.kv_layers())}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         return ["LBNHC"]
@@ -139,41 +134,36 @@ class XlaWorker(WorkerBase):
         return min(available, useful)
 
     def _kv_torch_dtype(self) -> torch.dtype:
-        """The KV cache's dtype, which is also the activations' (float32 for bfloat16
-        projections on the host CPU)."""
-        return torch.float32 if self._weights_only else self.model_config.dtype
-
-    def _page_bytes(self) -> int:
-        itemsize = torch.tensor([], dtype=self._kv_torch_dtype()).element_size()
-        return sum(2 * math.prod(shape) * itemsize for shape in self._kv_layer_shapes())
+        return _TORCH_DTYPES[self.precision.kv_cache.name]
 
     def _max_useful_kv_bytes(self) -> int:
-        sc = self.vllm_config.scheduler_config
-        pages_per_seq = math.ceil(self.model_config.max_model_len / self.cache_config.block_size)
+        from xla_inference.runner.build import kv_pages_for
+
+        block_size = self.cache_config.block_size
         # Each data parallel replica schedules its own max_num_seqs, with its own null page.
-        replicas = data_parallel_size(self.vllm_config)
-        return replicas * (sc.max_num_seqs * pages_per_seq + 1) * self._page_bytes()
+        pages = kv_pages_for(self.vllm_config.scheduler_config.max_num_seqs,
+                             self.model_config.max_model_len, block_size,
+                             data_parallel_size(self.vllm_config))
+        return pages * self.model.kv_page_bytes(block_size)
 
     def initialize_from_config(self, kv_cache_config) -> None:
-        from xla_inference.parallel.sharding import build_mesh
-        from xla_inference.runner.engine import EngineConfig, ModelEngine
+        from xla_inference.runner.build import build_engine
+        from xla_inference.runner.engine import EngineConfig
 
-        module, cfg, params = self.model
         sc = self.vllm_config.scheduler_config
         engine_cfg = EngineConfig(
             num_blocks=kv_cache_config.num_blocks, block_size=self.cache_config.block_size,
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
-            max_logprobs=_top_logprobs_width(self.model_config.max_logprobs, cfg.vocab_size))
-        mesh = build_mesh(self.parallel_config.tensor_parallel_size,
-                          data_parallel_size(self.vllm_config))
-        engine = ModelEngine(module, cfg, params, engine_cfg, _jnp_dtype(self._kv_torch_dtype()),
-                             mesh=mesh)
-        self.model = (module, cfg, None)  # the engine holds the placed params; drop the host copy
+            max_logprobs=_top_logprobs_width(self.model_config.max_logprobs,
+                                             self.model.vocab_size))
+        engine = build_engine(self.model, engine_cfg,
+                              tensor_parallel_size=self.parallel_config.tensor_parallel_size,
+                              data_parallel_size=data_parallel_size(self.vllm_config))
         self.model_runner = XlaModelRunner(engine)
         logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s; mesh %s",
                     engine_cfg.num_blocks, engine_cfg.block_size, engine.token_buckets,
-                    dict(mesh.shape))
+                    dict(engine.mesh.shape))
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine
@@ -215,3 +205,34 @@ class XlaWorker(WorkerBase):
     def shutdown(self) -> None:
         self.model_runner = None
         self.model = None
+
+    # -- calls vLLM makes that have little or nothing to do here -----------------------------
+    def reset_encoder_cache(self) -> None:
+        """vLLM clears the encoder outputs (image embeddings) it cached, after a weight update
+        or when a pause clears the caches. Nothing to clear: we serve text only and keep no
+        encoder cache."""
+
+    def update_max_model_len(self, max_model_len: int) -> None:
+        """--max-model-len -1: vLLM set the checkpoint's context length, then, having sized
+        the KV cache, shortened it to what the cache holds for one sequence; it tells the
+        workers between determine_available_memory and initialize_from_config. The engine is
+        built from model_config there, so it follows. An engine already built serves any
+        shorter length (its block tables are wider than needed) but not a longer one."""
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {max_model_len}")
+        built = self.served_max_model_len()
+        if built is not None and max_model_len > built:
+            raise ValueError(f"cannot raise max_model_len to {max_model_len}: the engine was "
+                             f"built and compiled for at most {built} tokens")
+        self.model_config.max_model_len = max_model_len
+        logger.info("xla-inference: max_model_len %d", max_model_len)
+
+    def served_max_model_len(self) -> int | None:
+        """The context length the engine was built for (None before initialize_from_config)."""
+        return None if self.model_runner is None else self.model_runner.engine.cfg.max_model_len
+
+    def get_kv_connector_handshake_metadata(self) -> None:
+        """vLLM collects each worker's KV-transfer handshake when a KV connector is
+        configured. This worker runs no connector (KV transfer between engines is not
+        supported), so it has nothing to exchange."""
+        return None

@@ -7,24 +7,23 @@ import logging
 import math
 import os
 import time
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from xla_inference.layers.sampler import gather_logprobs, sample
+from xla_inference.models.interface import ModelFamily, StepBatch
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
                                              place_params, replica_sharding, replicated)
 from xla_inference.runner import compile_counter
-from xla_inference.runner.batch import (SampleOutput, SamplingBatch, SamplingExtras, StepBatch,
-                                        empty_step_batch, greedy_sampling_batch,
-                                        neutral_sampling_extras)
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
-from xla_inference.runner.sampling import build_sampling_batch, build_sampling_extras
 from xla_inference.runner.step_stats import StepStats
+from xla_inference.sampling.host import build_sampling_batch, build_sampling_extras
+from xla_inference.sampling.sampler import gather_logprobs, sample
+from xla_inference.sampling.types import (SampleOutput, SamplingBatch, SamplingExtras,
+                                          greedy_sampling_batch, neutral_sampling_extras)
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +52,12 @@ class StepOutput:
     hidden: jax.Array  # [T, D], every token's final hidden state (for prompt logprobs)
 
 
-def _forward_logits(model: ModuleType, cfg, params, kv_cache, batch: StepBatch):
+def _forward_logits(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
     kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
-    return kv_cache, model.compute_logits(params, hidden[batch.logits_indices]), hidden
+    return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
 
 
-def _forward_replicas(model: ModuleType, cfg, params, kv_cache, batch: StepBatch, row_order,
+def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
                       token_order, *, mesh: Mesh):
     """Data parallel: every array of `batch` and of the cache has a leading replica axis, one
     replica per slice of the mesh's data axis. Each slice runs its own replica's forward on
@@ -80,7 +79,7 @@ def _forward_replicas(model: ModuleType, cfg, params, kv_cache, batch: StepBatch
     hidden = hidden.reshape(replicas * tokens, width)
     first = tokens * jnp.arange(replicas, dtype=jnp.int32)[:, None]
     rows = (batch.logits_indices + first).reshape(-1)[row_order]
-    return kv_cache, model.compute_logits(params, hidden[rows]), hidden[token_order]
+    return kv_cache, model.compute_logits(params, hidden[rows], cfg), hidden[token_order]
 
 
 def _sample_step(num_logprobs: int, logits, sampling: SamplingBatch, extras: SamplingExtras | None,
@@ -88,9 +87,9 @@ def _sample_step(num_logprobs: int, logits, sampling: SamplingBatch, extras: Sam
     return sample(logits, sampling, extras, jax.random.fold_in(base_key, step), num_logprobs)
 
 
-def _score_tokens(model: ModuleType, num_logprobs: int, params, hidden, token_ids):
+def _score_tokens(model: ModelFamily, cfg, num_logprobs: int, params, hidden, token_ids):
     """hidden [C, D] and the token that followed each -> its logprob, rank and the top k."""
-    return gather_logprobs(model.compute_logits(params, hidden), token_ids, num_logprobs)
+    return gather_logprobs(model.compute_logits(params, hidden, cfg), token_ids, num_logprobs)
 
 
 class Programs:
@@ -156,7 +155,7 @@ class ModelEngine:
     params may mix dtypes: bfloat16 projection matrices with float32 activations and KV
     cache (kv_dtype) is dtype=bfloat16 on the host CPU (plugin/worker.py, layers/linear.py)."""
 
-    def __init__(self, model: ModuleType, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
+    def __init__(self, model: ModelFamily, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
                  mesh: Mesh | None = None):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
@@ -169,13 +168,14 @@ class ModelEngine:
         self.rows_per_replica = np.zeros(self.replicas, np.int64)  # requests run, per replica
         num_slots = self.blocks_per_replica * engine_cfg.block_size
         self.kv_cache, kv_shardings = [], []
-        for shape in model.kv_cache_shape(model_cfg, num_slots):
+        for layer in model.kv_layers(model_cfg):
+            shape = (num_slots, layer.num_kv_heads, layer.head_size)
             if self.replicas > 1:
                 shape = (self.replicas, *shape)
             sharding = kv_cache_sharding(model_cfg, shape, self.mesh, self.replicas > 1)
             zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=sharding)
-            self.kv_cache.append((zeros(), zeros()))
-            kv_shardings.append((sharding, sharding))
+            self.kv_cache.append(tuple(zeros() for _ in range(layer.num_arrays)))
+            kv_shardings.append((sharding,) * layer.num_arrays)
         whole = replicated(self.mesh)
         # The cache keeps its sharding from step to step (a change would recompile).
         if self.replicas == 1:
@@ -191,7 +191,8 @@ class ModelEngine:
             _batch_key)
         self._sample = Programs(jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs)),
                                 _sample_key)
-        self._score = jax.jit(functools.partial(_score_tokens, model, engine_cfg.max_logprobs))
+        self._score = jax.jit(functools.partial(_score_tokens, model, model_cfg,
+                                                engine_cfg.max_logprobs))
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
@@ -288,7 +289,7 @@ class ModelEngine:
         for T in self.token_buckets:
             layout = self.layout_for(T)
             B = layout.num_seqs
-            batch = empty_step_batch(T, B, layout.max_blocks, layout.block_size)
+            batch = build_step_batch([], layout)
             if self.replicas == 1:
                 forward_args.append((self.params, self.kv_cache, batch))
             else:

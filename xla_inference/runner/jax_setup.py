@@ -1,14 +1,10 @@
 """Process-wide JAX settings: the persistent compilation cache."""
 
-import os
 from pathlib import Path
 
 import jax
 
-
-def cache_root() -> Path:
-    """Where xla-inference keeps what it builds: $XLA_INFERENCE_CACHE or ~/.cache/xla-inference."""
-    return Path(os.environ.get("XLA_INFERENCE_CACHE") or Path.home() / ".cache" / "xla-inference")
+from xla_inference.envs import cache_root
 
 
 def default_cache_dir() -> Path:

@@ -4,8 +4,9 @@ import dataclasses
 
 import numpy as np
 
-from xla_inference.runner.batch import StepBatch
-from xla_inference.runner.sampling import SamplingOptions
+from xla_inference.kernels.metadata import AttentionMetadata
+from xla_inference.models.interface import StepBatch
+from xla_inference.sampling.host import SamplingOptions
 
 
 @dataclasses.dataclass
@@ -50,16 +51,15 @@ def build_step_batch(scheduled: list[tuple[RequestState, int]], layout: BatchLay
     block_offset: subtracted from every KV page id (a data parallel replica's pages are
     numbered from its first page on; its own page 0 is its null page).
 
-    Padding tokens write their K/V into the null page (slot 0) and padding rows have
-    seq_len 0, so neither touches a real sequence.
+    Padding tokens write their K/V into the null page (slot 0) and padding rows have no
+    pages, so neither touches a real sequence. An empty `scheduled` gives the all-padding
+    batch of the layout (warm-up).
     """
     T, B, bs = layout.num_tokens, layout.num_seqs, layout.block_size
     input_ids = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)
     seq_ids = np.zeros(T, np.int32)
     slot_mapping = np.zeros(T, np.int32)
-    query_start_loc = np.zeros(B + 1, np.int32)
-    seq_lens = np.zeros(B, np.int32)
     block_tables = np.zeros((B, layout.max_blocks), np.int32)
     logits_indices = np.zeros(B, np.int32)
     start = 0
@@ -73,10 +73,7 @@ def build_step_batch(scheduled: list[tuple[RequestState, int]], layout: BatchLay
         seq_ids[start:end] = row
         slot_mapping[start:end] = blocks[pos // bs] * bs + pos % bs
         block_tables[row, :len(blocks)] = blocks
-        seq_lens[row] = first + num_new
         logits_indices[row] = end - 1
-        query_start_loc[row + 1] = end
         start = end
-    query_start_loc[len(scheduled) + 1:] = start
-    return StepBatch(input_ids, positions, seq_ids, slot_mapping, query_start_loc, seq_lens,
-                     block_tables, logits_indices, block_size=bs)
+    attention = AttentionMetadata(positions, seq_ids, slot_mapping, block_tables, block_size=bs)
+    return StepBatch(input_ids, attention, logits_indices)

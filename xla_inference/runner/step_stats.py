@@ -9,16 +9,17 @@ a separate pass from throughput measurements.
 """
 
 import dataclasses
-import os
 import time
 
 import jax
+
+from xla_inference import envs
 
 
 @dataclasses.dataclass
 class StepStats:
     enabled: bool = dataclasses.field(
-        default_factory=lambda: os.environ.get("XLA_INFERENCE_STEP_STATS", "0") == "1")
+        default_factory=envs.step_stats_enabled)
     steps: int = 0
     wall_s: float = 0.0
     device_s: float = 0.0

@@ -6,8 +6,8 @@ import pytest
 from scipy import stats
 
 from tests.sampling_reference import vllm_processed_logits
-from xla_inference.layers.sampler import apply_extras, sample
-from xla_inference.runner.sampling import (SamplingOptions, build_sampling_batch,
+from xla_inference.sampling.sampler import apply_extras, sample
+from xla_inference.sampling.host import (SamplingOptions, build_sampling_batch,
                                            build_sampling_extras, unpack_grammar_bitmask)
 
 V = 12

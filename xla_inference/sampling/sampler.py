@@ -12,7 +12,7 @@
 import jax
 import jax.numpy as jnp
 
-from xla_inference.runner.batch import SampleOutput, SamplingBatch, SamplingExtras
+from xla_inference.sampling.types import SampleOutput, SamplingBatch, SamplingExtras
 
 _GREEDY_EPS = 1e-5
 

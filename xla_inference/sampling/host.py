@@ -11,8 +11,8 @@ import dataclasses
 
 import numpy as np
 
-from xla_inference.runner.batch import SamplingBatch, SamplingExtras, greedy_sampling_batch, \
-    neutral_sampling_extras
+from xla_inference.sampling.types import (SamplingBatch, SamplingExtras, greedy_sampling_batch,
+                                          neutral_sampling_extras)
 
 _MASK32 = 0xFFFFFFFF
 

@@ -1,0 +1,40 @@
+"""Every XLA_INFERENCE_* environment variable, its default and its meaning, in one place.
+
+A leaf module: it imports nothing of this package (any layer may read a setting). Values
+are read when asked for, not at import, so a test or a launcher can set them late.
+"""
+
+import os
+from pathlib import Path
+
+# name -> (default, meaning); the README's table lists the same.
+VARIABLES: dict[str, tuple[str, str]] = {
+    "XLA_INFERENCE_CACHE": (
+        "~/.cache/xla-inference",
+        "root of what xla-inference builds: prepared models, JAX's persistent compilation "
+        "cache, compiled native kernels"),
+    "XLA_INFERENCE_CPU_ATTENTION": (
+        "1",
+        "0 runs the plain-jnp attention kernel on the CPU instead of the native one"),
+    "XLA_INFERENCE_STEP_STATS": (
+        "0",
+        "1 makes the engine wait for each program and split step time into host and device "
+        "(changes timing; for benchmarks/offline_throughput.py)"),
+}
+
+
+def _get(name: str) -> str:
+    return os.environ.get(name) or VARIABLES[name][0]
+
+
+def cache_root() -> Path:
+    """Where xla-inference keeps what it builds."""
+    return Path(os.path.expanduser(_get("XLA_INFERENCE_CACHE")))
+
+
+def cpu_attention_enabled() -> bool:
+    return _get("XLA_INFERENCE_CPU_ATTENTION") != "0"
+
+
+def step_stats_enabled() -> bool:
+    return _get("XLA_INFERENCE_STEP_STATS") == "1"

@@ -1,0 +1,82 @@
+"""The model interface: what the runner hands a model each step (StepBatch), what a model
+tells the runner about its KV cache (KvLayer per layer), and the record each family
+registers (ModelFamily). The runner reads models only through these."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from xla_inference.kernels.metadata import AttentionMetadata
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepBatch:
+    """One scheduler step, padded to a token bucket T and a request bucket B (the step
+    contract, docs/DESIGN.md)."""
+
+    input_ids: jax.Array  # [T] int32, new tokens of all requests, concatenated
+    attention: AttentionMetadata  # positions, pages and slots of those tokens
+    logits_indices: jax.Array  # [B] int32, the token of each request that is sampled
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[-1]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.logits_indices.shape[-1]
+
+
+FULL, SLIDING, MLA = "full", "sliding_window", "mla"
+
+
+@dataclasses.dataclass(frozen=True)
+class KvLayer:
+    """What one layer keeps in the paged KV cache, per token.
+
+    kind: FULL (every position), SLIDING (only the last `sliding_window` positions are ever
+    read, so vLLM may free older pages) or MLA (one latent vector per token, its own key
+    and value). The engine allocates a [num_slots, num_kv_heads, head_size] K and V array
+    per layer (MLA: one array, [num_slots, 1, head_size])."""
+
+    kind: str
+    num_kv_heads: int
+    head_size: int
+    sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in (FULL, SLIDING, MLA):
+            raise ValueError(f"unknown KV layer kind {self.kind!r}")
+        if (self.kind == SLIDING) != (self.sliding_window is not None):
+            raise ValueError("a sliding-window layer, and only one, has a sliding_window")
+
+    @property
+    def num_arrays(self) -> int:
+        """Cache arrays per layer: K and V, or MLA's one latent."""
+        return 1 if self.kind == MLA else 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """One model family, registered under its HF architecture names (models/registry.py).
+
+    Every function is pure over pytrees and the frozen config:
+      config_from_hf(hf_config: Mapping) -> cfg
+      load_params(tensors: Mapping[str, array], cfg, dtype) -> params (host numpy arrays)
+      forward(params, kv_cache, batch: StepBatch, cfg) -> (kv_cache, hidden [T, D])
+      compute_logits(params, hidden [B, D], cfg) -> logits [B, V] float32
+      kv_layers(cfg) -> [KvLayer] per layer
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    config_from_hf: Callable[[Mapping], Any]
+    load_params: Callable[..., Any]
+    forward: Callable[..., Any]
+    compute_logits: Callable[..., jax.Array]
+    kv_layers: Callable[[Any], list[KvLayer]]

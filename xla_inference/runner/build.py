@@ -1,0 +1,109 @@
+"""Building an engine, in vLLM's two phases: load the weights (`load`), then, once the KV
+cache's size is known, allocate it, place the weights on the mesh and compile
+(`build_engine`, then `ModelEngine.warm_up`). The worker (plugin/worker.py), the tests and
+the benchmarks all build through here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from xla_inference.loading.params import narrow_projections
+from xla_inference.models.interface import KvLayer, ModelFamily
+from xla_inference.models.loader import load_model
+from xla_inference.parallel.sharding import build_mesh
+from xla_inference.runner.engine import EngineConfig, ModelEngine
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The precision policy, named once: the dtype of the projection matrices (what
+    layers/linear.project multiplies), of everything else the model holds and computes
+    (embeddings, norms, the residual stream, attention, MoE experts, MLA), and of the KV
+    cache."""
+
+    weights: jnp.dtype
+    activations: jnp.dtype
+    kv_cache: jnp.dtype
+
+    @classmethod
+    def uniform(cls, dtype) -> Precision:
+        dtype = jnp.dtype(dtype)
+        return cls(dtype, dtype, dtype)
+
+    @classmethod
+    def for_platform(cls, dtype, platform: str) -> Precision:
+        """vLLM's model dtype on a JAX platform. On the host CPU a 16-bit dtype means 16-bit
+        projection matrices, whose products take 16-bit inputs and accumulate in float32,
+        and float32 for the rest: XLA's CPU backend runs those products on its bfloat16
+        kernels (twice float32's rate with avx512_bf16; a batch-1 step reads half the
+        bytes) but is slow at 16-bit elementwise work and copies a 16-bit KV cache to
+        float32 every step. Accelerators run the dtype throughout."""
+        dtype = jnp.dtype(dtype)
+        if platform == "cpu" and dtype.itemsize < 4:
+            return cls(dtype, jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
+        return cls.uniform(dtype)
+
+    @property
+    def narrows_projections(self) -> bool:
+        return self.weights != self.activations
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Phase one's result: a family, its config, and its weights on the host."""
+
+    family: ModelFamily
+    cfg: object
+    params: object  # host arrays; None once an engine holds the placed copy
+    precision: Precision
+
+    def kv_layers(self) -> list[KvLayer]:
+        return self.family.kv_layers(self.cfg)
+
+    def kv_page_bytes(self, block_size: int) -> int:
+        """Bytes of one KV page (block_size tokens) over every layer."""
+        itemsize = self.precision.kv_cache.itemsize
+        return sum(layer.num_arrays * block_size * layer.num_kv_heads * layer.head_size * itemsize
+                   for layer in self.kv_layers())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+
+def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None = None,
+         random_seed: int | None = None) -> LoadedModel:
+    """Phase one: read (or, with random_seed, draw) the weights on the host in the policy's
+    dtypes. The projections are narrowed here, before the KV cache is sized, so that the
+    host holds one copy of each."""
+    family, cfg, params = load_model(model_path, precision.activations, gguf_file,
+                                     random_seed=random_seed)
+    if precision.narrows_projections:
+        params = narrow_projections(params, precision.weights)
+    return LoadedModel(family, cfg, params, precision)
+
+
+def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None,
+                 keep_host_params: bool = False) -> ModelEngine:
+    """Phase two: the mesh, the KV cache of engine_cfg.num_blocks pages and the weights
+    placed shard by shard; the host copy of the weights is dropped (unless
+    keep_host_params: a benchmark building several engines). Compile with
+    `engine.warm_up()`."""
+    if mesh is None:
+        mesh = build_mesh(tensor_parallel_size, data_parallel_size)
+    engine = ModelEngine(model.family, model.cfg, model.params, engine_cfg,
+                         model.precision.kv_cache, mesh=mesh)
+    if not keep_host_params:
+        model.params = None
+    return engine
+
+
+def kv_pages_for(num_seqs: int, max_model_len: int, block_size: int, replicas: int = 1) -> int:
+    """Pages that hold num_seqs sequences of max_model_len, plus each replica's null page."""
+    return replicas * (num_seqs * math.ceil(max_model_len / block_size) + 1)

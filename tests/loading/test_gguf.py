@@ -1,10 +1,11 @@
-"""Our GGUF reader against gguf-py's reference dequantization, and the prepared default
-model against what transformers builds from the same GGUF."""
+"""The GGUF reader: lazy (a tensor is dequantized, by the gguf package, only when asked for),
+its names and layouts against Hugging Face's, and the prepared models against what
+transformers' own GGUF loader builds from the same files."""
 
 from __future__ import annotations
 
 import json
-import time
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -12,37 +13,20 @@ import numpy as np
 import pytest
 
 from xla_inference.loading import default_model
-from xla_inference.loading.checkpoint import hf_checkpoint_from_gguf
+from xla_inference.loading.checkpoint import hf_checkpoint_from_gguf, load_checkpoint
 from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
 from xla_inference.loading.gguf import (
-    dequantize,
+    GGUFTensors,
+    HFTensors,
+    hf_rope_row_order,
     llama_hf_config_from_gguf,
     llama_hf_state_dict_from_gguf,
     read_gguf,
-    rope_rows_to_hf,
+    tensor_shape,
 )
+from xla_inference.loading.params import take_tensor
 
 T = gguf.GGMLQuantizationType
-# gguf-py quantizes these; it only dequantizes the K-quants, which get random blocks.
-QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0]
-K_QUANTS = [T.Q4_K, T.Q6_K]
-SUPPORTED = QUANTIZABLE + K_QUANTS
-# numpy shapes: non-square, rows of several blocks, and a 3-d one (rows of 256 elements
-# and more for the K-quants' super-blocks).
-SHAPES = [(3, 64), (5, 96), (2, 3, 32)]
-K_SHAPES = [(3, 256), (2, 512), (2, 2, 256)]
-
-
-def shapes_of(qtype: T) -> list[tuple[int, ...]]:
-    return K_SHAPES if qtype in K_QUANTS else SHAPES
-
-
-def assert_bit_identical(actual: np.ndarray, expected: np.ndarray) -> None:
-    assert actual.dtype == np.float32 and expected.dtype == np.float32
-    assert actual.shape == expected.shape
-    nan = np.isnan(expected)
-    np.testing.assert_array_equal(np.isnan(actual), nan)
-    np.testing.assert_array_equal(actual.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])
 
 
 def random_values(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -52,27 +36,22 @@ def random_values(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return (rng.normal(size=shape) * scale).astype(np.float32)
 
 
-def random_k_quant_blocks(shape: tuple[int, ...], qtype: T, seed: int) -> np.ndarray:
-    """Random bytes for a K-quant tensor of numpy `shape`, with small finite f16 scales
-    (a real file's kind), as the [..., row bytes] uint8 array that GGUFWriter takes."""
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(int(np.prod(shape)) // block_size, type_size), dtype=np.uint8)
-    scale_bytes = {T.Q4_K: slice(0, 4), T.Q6_K: slice(type_size - 2, type_size)}[qtype]
-    num_scales = (scale_bytes.stop - scale_bytes.start) // 2
-    scales = rng.uniform(1e-3, 1e-1, size=(blocks.shape[0], num_scales)).astype(np.float16)
-    blocks[:, scale_bytes] = scales.view(np.uint8)
-    return blocks.reshape(*shape[:-1], shape[-1] // block_size * type_size)
-
-
-def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, T]]) -> None:
-    """tensors: name -> (quantized data as gguf.quants.quantize returns it, type)."""
-    writer = gguf.GGUFWriter(path, arch="llama")
-    writer.add_uint32("test.some_int", 7)
-    writer.add_float32("test.some_float", 1e-5)
-    writer.add_string("test.some_string", "héllo")
-    writer.add_array("test.some_list", ["a", "b"])
-    writer.add_bool("test.some_bool", True)
+def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, T]], metadata: dict | None = None,
+               arch: str = "llama") -> None:
+    """tensors: name -> (data as gguf.quants.quantize returns it, type); metadata: key ->
+    an int (uint32), float (float32), str, bool or list."""
+    writer = gguf.GGUFWriter(path, arch=arch)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
     for name, (data, qtype) in tensors.items():
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -81,42 +60,43 @@ def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, T]]) -> None:
     writer.close()
 
 
+# numpy shapes: non-square, rows of several blocks, and a 3-d one.
+SHAPES = [(3, 64), (5, 96), (2, 3, 32)]
+TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0]
+
+
 @pytest.fixture(scope="module")
-def synthetic_gguf(tmp_path_factory) -> tuple[Path, dict[str, tuple[np.ndarray, T]]]:
-    tensors = {}
-    for type_index, qtype in enumerate(SUPPORTED):
-        for shape_index, shape in enumerate(shapes_of(qtype)):
-            seed = 10 * type_index + shape_index
-            if qtype in K_QUANTS:
-                data = random_k_quant_blocks(shape, qtype, seed)
-            else:
-                data = gguf.quants.quantize(random_values(shape, seed), qtype)
-            tensors[f"{qtype.name}.{shape_index}"] = (data, qtype)
+def synthetic_gguf(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], dict[str, tuple[np.ndarray, T]]]:
+    """(file, the float32 values written, the stored data per tensor)."""
+    values, stored = {}, {}
+    for type_index, qtype in enumerate(TYPES):
+        for shape_index, shape in enumerate(SHAPES):
+            name = f"{qtype.name}.{shape_index}"
+            values[name] = random_values(shape, seed=10 * type_index + shape_index)
+            stored[name] = (gguf.quants.quantize(values[name], qtype), qtype)
     path = tmp_path_factory.mktemp("gguf") / "synthetic.gguf"
-    write_gguf(path, tensors)
-    return path, tensors
+    write_gguf(path, stored, {"test.some_int": 7, "test.some_float": 1e-5, "test.some_string": "héllo",
+                              "test.some_list": ["a", "b"], "test.some_bool": True})
+    return path, values, stored
 
 
-@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
-def test_read_gguf_matches_reference_dequantization(synthetic_gguf, qtype):
-    path, written = synthetic_gguf
-    _, tensors = read_gguf(path)
-    for shape_index, shape in enumerate(shapes_of(qtype)):
-        name = f"{qtype.name}.{shape_index}"
-        data, _ = written[name]
-        assert tensors[name].shape == shape
-        assert_bit_identical(tensors[name], gguf.quants.dequantize(data, qtype))
-
-
-def test_gguf_dims_are_reversed_numpy_shape(synthetic_gguf):
-    path, written = synthetic_gguf
+def test_read_gguf_tensors_have_numpy_shapes_and_the_written_values(synthetic_gguf):
+    path, values, stored = synthetic_gguf
     ggml_dims = {t.name: t.shape.tolist() for t in gguf.GGUFReader(path).tensors}
-    assert ggml_dims["F32.0"] == [64, 3]
-    assert ggml_dims["F32.2"] == [32, 3, 2]
+    assert ggml_dims["F32.0"] == [64, 3] and ggml_dims["F32.2"] == [32, 3, 2]
     _, tensors = read_gguf(path)
-    for shape_index in range(len(SHAPES)):
-        name = f"F32.{shape_index}"
-        np.testing.assert_array_equal(tensors[name], written[name][0])
+    assert sorted(tensors) == sorted(values)
+    for name, written in values.items():
+        got = tensors[name]
+        assert got.dtype == np.float32 and got.shape == written.shape == tensors.shape(name)
+        if name.startswith("F32."):
+            np.testing.assert_array_equal(got, written)
+        elif name.startswith("F16."):
+            np.testing.assert_array_equal(got, written.astype(np.float16).astype(np.float32))
+        else:  # quantized: each tensor's own bytes (offsets and shapes read right), decoded
+            np.testing.assert_array_equal(got, gguf.quants.dequantize(*stored[name]))
+            np.testing.assert_allclose(got, written, rtol=0.2, atol=0.2 * np.abs(written).max())
+    assert tensors["F32.0"].flags.writeable  # a copy, not a read-only view of the file
 
 
 def test_read_gguf_metadata_is_plain_python(synthetic_gguf):
@@ -129,21 +109,98 @@ def test_read_gguf_metadata_is_plain_python(synthetic_gguf):
     assert metadata["test.some_bool"] is True
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-def test_dequantize_random_blocks(qtype):
-    # Arbitrary bytes reach scales that quantize() never writes: subnormal, inf, nan.
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = np.random.default_rng(0).integers(0, 256, size=(7, 3 * type_size), dtype=np.uint8)
-    expected = gguf.quants.dequantize(raw, qtype)
-    assert_bit_identical(dequantize(raw, qtype, (7, 3 * block_size)), expected)
+def test_raw_tensor_is_the_stored_blocks(synthetic_gguf):
+    path, _, stored = synthetic_gguf
+    _, tensors = read_gguf(path)
+    raw = tensors.raw("Q4_0.1")
+    assert (raw.ggml_type, raw.shape) == (T.Q4_0, (5, 96))
+    np.testing.assert_array_equal(raw.data, stored["Q4_0.1"][0])
 
 
-def test_unsupported_type_names_tensor_and_type(tmp_path):
-    data = gguf.quants.quantize(random_values((2, 32), seed=0), T.Q5_1)
-    path = tmp_path / "q5.gguf"
-    write_gguf(path, {"blk.0.attn_q.weight": (data, T.Q5_1)})
-    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight.*Q5_1"):
-        read_gguf(path)
+def test_type_gguf_cannot_dequantize_names_tensor_and_type(tmp_path):
+    path = tmp_path / "ints.gguf"
+    write_gguf(path, {"blk.0.attn_q.weight": (np.arange(64, dtype=np.int32).reshape(2, 32), T.I32)})
+    _, tensors = read_gguf(path)
+    assert tensors.shape("blk.0.attn_q.weight") == (2, 32)  # readable until dequantized
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight.*I32"):
+        tensors["blk.0.attn_q.weight"]
+
+
+# --------------------------------------------------------------------------- laziness
+
+
+def llama_metadata(num_layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    return {"llama.embedding_length": hidden, "llama.feed_forward_length": ffn,
+            "llama.block_count": num_layers, "llama.attention.head_count": heads,
+            "llama.attention.head_count_kv": kv_heads, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+            "llama.context_length": 64, "llama.vocab_size": vocab}  # fmt: skip
+
+
+def llama_shapes(num_layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    head_dim = hidden // heads
+    layer = {"attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (hidden, hidden),
+             "attn_k": (kv_heads * head_dim, hidden), "attn_v": (kv_heads * head_dim, hidden),
+             "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
+             "ffn_down": (hidden, ffn)}  # fmt: skip
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    shapes.update({f"blk.{i}.{kind}.weight": s for i in range(num_layers) for kind, s in layer.items()})
+    return shapes
+
+
+LLAMA_DIMS = dict(num_layers=6, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=512)
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(tmp_path_factory) -> Path:
+    """A Llama GGUF of 4 MB whose float32 values take 15 MB; matrices Q8_0, norms F32."""
+    stored = {}
+    for i, (name, shape) in enumerate(llama_shapes(**LLAMA_DIMS).items()):
+        qtype = T.F32 if len(shape) == 1 else T.Q8_0
+        stored[name] = (gguf.quants.quantize(random_values(shape, seed=i), qtype), qtype)
+    path = tmp_path_factory.mktemp("gguf") / "llama.gguf"
+    write_gguf(path, stored, llama_metadata(**LLAMA_DIMS))
+    return path
+
+
+def test_checkpoint_dequantizes_only_the_tensors_asked_for(llama_gguf, monkeypatch):
+    calls = []
+    dequantize = gguf.quants.dequantize
+
+    def counted(data, qtype):
+        calls.append(data.shape)
+        return dequantize(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", counted)
+    config, tensors = load_checkpoint(llama_gguf)
+    name = "model.layers.2.self_attn.k_proj.weight"
+    shapes = {n: tensor_shape(tensors, n) for n in tensors}
+    assert name in tensors and "lm_head.weight" not in tensors and len(tensors) == 2 + 9 * 6
+    assert shapes[name] == (128, 256) and shapes["model.embed_tokens.weight"] == (512, 256)
+    assert config["tie_word_embeddings"] and calls == []  # config, names, shapes: no values
+    weight = take_tensor(tensors, name, (128, 256), np.float32)
+    assert calls == [(128, 256 // 32 * 34)]  # the one tensor's Q8_0 rows: 8 blocks of 34 bytes
+    assert weight.shape == (128, 256)
+
+
+def test_loading_every_tensor_holds_one_at_a_time(llama_gguf):
+    """Taking the tensors one after another (as a model's loader does, here dropping each)
+    never holds more than a few tensors' worth of float32: far below the whole file's."""
+    tracemalloc.start()
+    try:
+        _, tensors = load_checkpoint(llama_gguf)
+        shapes = {n: tensor_shape(tensors, n) for n in tensors}
+        for name, shape in shapes.items():
+            take_tensor(tensors, name, shape, np.float32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole = sum(4 * int(np.prod(s)) for s in shapes.values())
+    largest = max(4 * int(np.prod(s)) for s in shapes.values())
+    print(f"peak {peak / 1e6:.2f} MB, largest tensor {largest / 1e6:.2f} MB, all {whole / 1e6:.2f} MB")
+    assert peak < 4 * largest < whole / 5
+
+
+# --------------------------------------------------------------------------- Llama names
 
 
 def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -154,32 +211,17 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("num_heads, head_dim", [(1, 8), (3, 4), (2, 64)])
-def test_rope_rows_to_hf_inverts_llama_cpp_permutation(num_heads, head_dim):
+def test_hf_rope_row_order_inverts_llama_cpp_permutation(num_heads, head_dim):
     hf = np.random.default_rng(0).normal(size=(num_heads * head_dim, 5)).astype(np.float32)
-    np.testing.assert_array_equal(rope_rows_to_hf(llama_cpp_permute(hf, num_heads), num_heads), hf)
+    order = hf_rope_row_order(num_heads * head_dim, num_heads)
+    np.testing.assert_array_equal(llama_cpp_permute(hf, num_heads)[order], hf)
 
 
 def test_state_dict_names_and_tied_embeddings():
-    metadata = {
-        "general.architecture": "llama",
-        "llama.embedding_length": 8,
-        "llama.feed_forward_length": 16,
-        "llama.block_count": 1,
-        "llama.attention.head_count": 2,
-        "llama.attention.head_count_kv": 1,
-        "llama.attention.layer_norm_rms_epsilon": 1e-5,
-        "llama.context_length": 64,
-        "llama.vocab_size": 11,
-    }
-    shapes = {
-        "token_embd.weight": (11, 8), "output_norm.weight": (8,),
-        "blk.0.attn_norm.weight": (8,), "blk.0.ffn_norm.weight": (8,),
-        "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (4, 8),
-        "blk.0.attn_v.weight": (4, 8), "blk.0.attn_output.weight": (8, 8),
-        "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
-        "blk.0.ffn_down.weight": (8, 16),
-    }  # fmt: skip
-    tensors = {name: np.random.default_rng(0).normal(size=s).astype(np.float32) for name, s in shapes.items()}
+    dims = dict(num_layers=1, hidden=8, ffn=16, heads=2, kv_heads=1, vocab=11)
+    metadata = {"general.architecture": "llama", **llama_metadata(**dims)}
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.normal(size=s).astype(np.float32) for name, s in llama_shapes(**dims).items()}
     config = llama_hf_config_from_gguf(metadata, tensors)
     assert config["tie_word_embeddings"] and config["head_dim"] == 4
     state = llama_hf_state_dict_from_gguf(tensors, config)
@@ -190,13 +232,29 @@ def test_state_dict_names_and_tied_embeddings():
         *(layer + "self_attn." + n + "_proj.weight" for n in "qkvo"),
         *(layer + "mlp." + n + "_proj.weight" for n in ("gate", "up", "down")),
     }  # fmt: skip
-    np.testing.assert_array_equal(
-        state["model.layers.0.self_attn.k_proj.weight"], rope_rows_to_hf(tensors["blk.0.attn_k.weight"], 1)
-    )
+    np.testing.assert_array_equal(llama_cpp_permute(state[layer + "self_attn.q_proj.weight"], 2),
+                                  tensors["blk.0.attn_q.weight"])
+    np.testing.assert_array_equal(llama_cpp_permute(state[layer + "self_attn.k_proj.weight"], 1),
+                                  tensors["blk.0.attn_k.weight"])
+    np.testing.assert_array_equal(state[layer + "mlp.down_proj.weight"], tensors["blk.0.ffn_down.weight"])
     untied = llama_hf_config_from_gguf(metadata, [*tensors, "output.weight"])
     assert not untied["tie_word_embeddings"]
     with pytest.raises(ValueError, match="output.weight"):
         llama_hf_state_dict_from_gguf(tensors, untied)
+
+
+def test_raw_q_blocks_are_permuted_like_the_values(llama_gguf):
+    """The quantized blocks come out in HF row order too: dequantizing them gives the HF
+    tensor (what a kept-quantized product would multiply)."""
+    _, tensors = load_checkpoint(llama_gguf)
+    assert isinstance(tensors, HFTensors)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    raw = tensors.raw(name)
+    assert (raw.ggml_type, raw.shape) == (T.Q8_0, (256, 256))
+    np.testing.assert_array_equal(gguf.quants.dequantize(raw.data, raw.ggml_type), tensors[name])
+    _, gguf_tensors = read_gguf(llama_gguf)
+    assert isinstance(gguf_tensors, GGUFTensors)
+    np.testing.assert_array_equal(llama_cpp_permute(tensors[name], 4), gguf_tensors["blk.1.attn_q.weight"])
 
 
 # --------------------------------------------------------------------------- Gemma 3
@@ -236,16 +294,18 @@ def test_gemma3_names_norms_and_layer_pattern():
     assert (config["vocab_size"], config["head_dim"], config["bos_token_id"]) == (11, 4, 2)
     layer = "model.layers.5."
     assert len(state) == len(tensors) and f"{layer}post_feedforward_layernorm.weight" in state
+    assert tensor_shape(state, f"{layer}self_attn.k_proj.weight") == (4, 8)
     # llama.cpp stored 1 + w for every norm; q/k rows are not permuted for Gemma.
     np.testing.assert_array_equal(state[f"{layer}pre_feedforward_layernorm.weight"],
                                   tensors["blk.5.ffn_norm.weight"] - 1)
-    np.testing.assert_array_equal(state[f"{layer}self_attn.k_norm.weight"], tensors["blk.5.attn_k_norm.weight"] - 1)
+    np.testing.assert_array_equal(state[f"{layer}self_attn.k_norm.weight"],
+                                  tensors["blk.5.attn_k_norm.weight"] - 1)
     np.testing.assert_array_equal(state[f"{layer}self_attn.k_proj.weight"], tensors["blk.5.attn_k.weight"])
     np.testing.assert_array_equal(state["model.norm.weight"], tensors["output_norm.weight"] - 1)
     # And the config is one our Gemma 3 model reads.
-    from xla_inference.models.registry import model_module
+    from xla_inference.models.registry import model_family
 
-    assert model_module(config).Config.from_hf(config).num_layers == 6
+    assert model_family(config).config_from_hf(config).num_layers == 6
 
 
 def test_unsupported_gguf_architecture_is_named():
@@ -265,19 +325,27 @@ def gemma3_prepared() -> Path:
     return default_model.prepare_gemma3_270m()
 
 
+def transformers_gguf_state(gguf_path: Path):
+    """(transformers' model built from the GGUF, its state dict as numpy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    return model, {name: t.detach().numpy() for name, t in model.state_dict().items()}
+
+
 @pytest.mark.slow
 def test_gemma3_prepared_dir_matches_transformers_gguf_loader(gemma3_prepared):
     """Weights bit for bit and config as transformers builds them from the same GGUF; the
     tokenizer is transformers' GGUF one, plus the <bos> that Gemma needs."""
-    import torch
     from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = gemma3_prepared
     gguf_path = default_model.gemma3_270m_gguf_path()
     ours = load_file(str(path / "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    theirs = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    model, theirs = transformers_gguf_state(gguf_path)
     assert set(theirs) - set(ours) == {"lm_head.weight"} and set(ours) <= set(theirs)  # tied
     for name, weight in ours.items():
         np.testing.assert_array_equal(weight, theirs[name], err_msg=name)
@@ -285,7 +353,8 @@ def test_gemma3_prepared_dir_matches_transformers_gguf_loader(gemma3_prepared):
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
                 "sliding_window", "layer_types", "rope_parameters", "query_pre_attn_scalar",
-                "final_logit_softcapping", "tie_word_embeddings", "bos_token_id", "eos_token_id"):  # fmt: skip
+                "final_logit_softcapping", "tie_word_embeddings", "bos_token_id",
+                "eos_token_id"):  # fmt: skip
         assert our_config[key] == getattr(model.config, key), key
     assert np.float32(our_config["rms_norm_eps"]) == np.float32(model.config.rms_norm_eps)
     del model, theirs
@@ -334,27 +403,25 @@ def test_prepare_builds_once_and_refuses_foreign_dirs(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, float]:
-    target = tmp_path_factory.mktemp("cache") / "SmolLM2-135M-Instruct"
-    start = time.perf_counter()
-    path = prepare_default_model(target)
-    return path, time.perf_counter() - start
+def prepared(tmp_path_factory) -> Path:
+    return prepare_default_model(tmp_path_factory.mktemp("cache") / "SmolLM2-135M-Instruct")
 
 
 @pytest.mark.slow
-def test_prepare_default_model_twice_and_tokenizer(prepared):
+def test_prepare_default_model_twice_and_tokenizer(prepared, monkeypatch):
     from transformers import AutoConfig, AutoTokenizer
 
-    path, _ = prepared
-    start = time.perf_counter()
-    assert prepare_default_model(path) == path
-    assert time.perf_counter() - start < 1.0
+    def no_rebuild(*args):
+        raise AssertionError("a complete model directory was built again")
 
-    config = AutoConfig.from_pretrained(path)
+    monkeypatch.setattr(default_model, "_build_hf_dir", no_rebuild)
+    assert prepare_default_model(prepared) == prepared
+
+    config = AutoConfig.from_pretrained(prepared)
     assert config.model_type == "llama" and config.num_key_value_heads == 3
 
-    metadata, _ = read_gguf(default_gguf_path())  # its tensors too: gguf has no metadata-only read
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    metadata, _ = read_gguf(default_gguf_path())  # the tensors stay on disk until asked for
+    tokenizer = AutoTokenizer.from_pretrained(prepared)
     ids = tokenizer("Hello, world!").input_ids
     adds_bos = ids[0] == tokenizer.bos_token_id
     assert adds_bos == metadata.get("tokenizer.ggml.add_bos_token", False)
@@ -363,30 +430,26 @@ def test_prepare_default_model_twice_and_tokenizer(prepared):
     assert tokenizer.eos_token_id == metadata["tokenizer.ggml.eos_token_id"]
 
     assert tokenizer.chat_template == metadata["tokenizer.chat_template"]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.slow
 def test_prepared_weights_match_transformers_gguf_loader(prepared):
-    import torch
     from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM
 
-    path, _ = prepared
-    ours = load_file(str(path / "model.safetensors"))
-    gguf_path = default_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    theirs = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    ours = load_file(str(prepared / "model.safetensors"))
+    model, theirs = transformers_gguf_state(default_gguf_path())
 
     # Tied embeddings: transformers lists lm_head as an alias of embed_tokens; we omit it.
     assert set(theirs) - set(ours) <= {"lm_head.weight"}
     assert set(ours) <= set(theirs)
     for name, weight in ours.items():
-        # Both dequantize in float32 with the same operations, so they agree bit for bit.
+        # Both dequantize with gguf.quants in float32, so they agree bit for bit.
         np.testing.assert_array_equal(weight, theirs[name], err_msg=name)
 
-    our_config = json.loads((path / "config.json").read_text())
+    our_config = json.loads((prepared / "config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):  # fmt: skip
         assert our_config[key] == getattr(model.config, key), key

@@ -41,8 +41,11 @@ def _gguf_converters() -> dict:
     }
 
 
-def hf_checkpoint_from_gguf(metadata: dict, tensors: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
-    """(HF config dict, HF-named float32 tensors) for a GGUF's metadata and tensors."""
+def hf_checkpoint_from_gguf(metadata: dict, tensors: Mapping[str, np.ndarray]
+                            ) -> tuple[dict, Mapping[str, np.ndarray]]:
+    """(HF config dict, HF-named float32 tensors) for a GGUF's metadata and tensors (those
+    of `read_gguf`, or any mapping of GGUF names to arrays). The HF tensors are made on
+    access, one at a time: a lazy `tensors` is never dequantized whole."""
     converters = _gguf_converters()
     arch = metadata.get("general.architecture")
     if arch not in converters:

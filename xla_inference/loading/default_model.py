@@ -6,20 +6,20 @@ directories that vLLM and transformers load:
   holds the GGUF in chunks, which it joins into one file.
 
 `prepare_gguf_model` does the same for any GGUF of a supported architecture. Weights are
-dequantized to float32 by our own reader. transformers is used only to build the
-tokenizer, and is imported inside the function because it imports torch.
+dequantized to float32 by the `gguf` package (loading/gguf.py). transformers is used only
+to build the tokenizer, and is imported inside the function because it imports torch.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from xla_inference import envs
 from xla_inference.loading.checkpoint import hf_checkpoint_from_gguf
 from xla_inference.loading.gguf import arch_key, read_gguf
 
@@ -73,8 +73,7 @@ def gemma3_270m_gguf_path() -> Path:
 
 
 def _cache_base() -> Path:
-    root = os.environ.get("XLA_INFERENCE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "xla-inference"
+    return envs.cache_root()
 
 
 def model_cache_dir(name: str) -> Path:
@@ -155,12 +154,12 @@ def _build_hf_dir(gguf_path: Path, out_dir: Path) -> None:
 
     metadata, tensors = read_gguf(gguf_path)
     config, state = hf_checkpoint_from_gguf(metadata, tensors)
-    del tensors
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(config))
     _save_tokenizer(gguf_path, metadata, out_dir)
-    # "format": "pt" is what transformers expects of a safetensors checkpoint it loads.
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # "format": "pt" is what transformers expects of a safetensors checkpoint it loads. The
+    # writer takes each array's address, so every (lazily made) array must be held: a dict.
+    save_file(dict(state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     _make_readable(out_dir)
     (out_dir / _MARKER_NAME).write_text(_BUILD_VERSION)
 

@@ -1,167 +1,169 @@
-"""GGUF reading: metadata, float32 dequantization, and Llama -> Hugging Face mapping.
+"""GGUF reading: metadata, lazy float32 tensors, and Llama -> Hugging Face mapping.
 
-The `gguf` package parses the container (header, key/values, tensor infos, byte offsets);
-everything after the raw bytes is ours. Dequantization follows ggml's reference
-arithmetic in float32 so results match `gguf.quants.dequantize` bit for bit.
+The `gguf` package parses the container (header, key/values, tensor infos, byte offsets)
+over a memory map and dequantizes (`gguf.quants.dequantize`, the same function
+transformers' GGUF loader calls). A tensor is dequantized only when it is asked for, so a
+large GGUF never sits whole in float32 in host memory; its shape and raw quantized blocks
+are available without dequantizing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import gguf
 import numpy as np
 
 GGMLType = gguf.GGMLQuantizationType
 
-# Element count and byte count of one block, per ggml's block_q* structs. The K-quants
-# pack 256 elements into a super-block of 8 (Q4_K) or 16 (Q6_K) scaled sub-blocks.
-_QK = 32
-_QK_K = 256
-_BLOCK_SHAPE = {
-    GGMLType.Q8_0: (_QK, 2 + 32),
-    GGMLType.Q4_0: (_QK, 2 + 16),
-    GGMLType.Q4_1: (_QK, 2 + 2 + 16),
-    GGMLType.Q5_0: (_QK, 2 + 4 + 16),
-    GGMLType.Q4_K: (_QK_K, 2 + 2 + 12 + 128),
-    GGMLType.Q6_K: (_QK_K, 128 + 64 + 16 + 2),
-}
+
+# --------------------------------------------------------------------------- raw tensors
 
 
-# --------------------------------------------------------------------------- dequantization
+@dataclasses.dataclass(frozen=True)
+class RawTensor:
+    """One tensor as the file stores it.
 
-
-def _f16_column(blocks: np.ndarray, start: int) -> np.ndarray:
-    """Per-block f16 scale stored at byte `start`, widened to float32: [num_blocks, 1]."""
-    return blocks[:, start : start + 2].view(np.float16).astype(np.float32)
-
-
-def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """[num_blocks, 16] bytes -> [num_blocks, 32] values 0..15.
-
-    ggml stores element i in the low nibble of byte i and element i + 16 in the high
-    nibble, so the low nibbles form the first half of the block.
+    `data` is a read-only view of the memory map: for the block types (Q4_K, Q8_0, ...)
+    uint8 of shape [..., bytes per row], whole blocks per row as `gguf.quants` expects;
+    for F32/F16 the elements themselves. `shape` is the numpy shape of the values
+    (ggml's dims reversed).
     """
-    return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=1)
+
+    name: str
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def take_rows(self, rows: np.ndarray) -> RawTensor:
+        """The tensor with its outermost rows gathered; exact for block types too, since
+        ggml blocks never span rows."""
+        return dataclasses.replace(self, shape=(len(rows), *self.shape[1:]), data=self.data[rows])
 
 
-def _dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
-    scale = _f16_column(blocks, 0)
-    quants = blocks[:, 2:].view(np.int8).astype(np.float32)
-    return quants * scale
+def dequantize(raw: RawTensor) -> np.ndarray:
+    """A tensor's values as a float32 array of its numpy shape, owned (not a view of the file)."""
+    try:
+        values = gguf.quants.dequantize(raw.data, raw.ggml_type)
+    except NotImplementedError as e:
+        raise ValueError(f"GGUF tensor {raw.name!r} has type {raw.ggml_type.name}, which the gguf "
+                         f"package cannot dequantize to float32") from e
+    if np.may_share_memory(values, raw.data):  # F32 comes back as a view of the file
+        values = np.array(values)
+    if values.shape != raw.shape:
+        raise ValueError(f"GGUF tensor {raw.name!r}: dequantized to {values.shape}, expected {raw.shape}")
+    return values
 
 
-def _dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
-    scale = _f16_column(blocks, 0)
-    quants = _unpack_nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
-    return quants.astype(np.float32) * scale
+def numpy_shape(ggml_dims: Iterable[int]) -> tuple[int, ...]:
+    """ggml lists dims fastest-varying first (ne0 = row length); numpy wants it last."""
+    return tuple(int(d) for d in reversed(list(ggml_dims)))
 
 
-def _dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
-    scale = _f16_column(blocks, 0)
-    minimum = _f16_column(blocks, 2)
-    quants = _unpack_nibbles(blocks[:, 4:]).astype(np.float32)
-    # Two float32 roundings (multiply, then add), not a fused multiply-add, as ggml's
-    # scalar reference and gguf-py do.
-    return quants * scale + minimum
+class GGUFTensors(Mapping):
+    """GGUF name -> float32 array, dequantized from the memory-mapped file on each access.
 
-
-def _dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
-    scale = _f16_column(blocks, 0)
-    # Bit i of the little-endian 32-bit word at bytes 2..5 is the fifth bit of element i.
-    high_bits = blocks[:, 2:6].view("<u4") >> np.arange(32, dtype=np.uint32)
-    fifth_bit = (high_bits & np.uint32(1)).astype(np.uint8) << np.uint8(4)
-    quants = (_unpack_nibbles(blocks[:, 6:]) | fifth_bit).astype(np.int8) - np.int8(16)
-    return quants.astype(np.float32) * scale
-
-
-def _q4_k_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """12 bytes per super-block -> eight 6-bit scales and eight 6-bit mins [n, 8].
-
-    Bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low 6 bits; scales and mins
-    4-7 take their low 4 bits from bytes 8-11 and their top 2 bits from the top 2 bits
-    of bytes 0-3 (scales) and 4-7 (mins).
+    Membership, iteration, `shape` and `raw` read only the tensor infos, never the data.
+    Each access dequantizes again: consumers take each tensor once.
     """
-    low_scales, low_mins, extra = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    top2 = lambda b: (b >> np.uint8(6)) << np.uint8(4)  # noqa: E731
-    scales = np.concatenate([low_scales & np.uint8(63), (extra & np.uint8(15)) | top2(low_scales)], axis=1)
-    mins = np.concatenate([low_mins & np.uint8(63), (extra >> np.uint8(4)) | top2(low_mins)], axis=1)
-    return scales, mins
+
+    def __init__(self, reader: gguf.GGUFReader):
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def raw(self, name: str) -> RawTensor:
+        t = self._tensors[name]
+        return RawTensor(t.name, GGMLType(t.tensor_type), numpy_shape(t.shape), t.data)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return numpy_shape(self._tensors[name].shape)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return dequantize(self.raw(name))
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would dequantize
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
-def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
-    num_blocks = blocks.shape[0]
-    scales, mins = _q4_k_scales_and_mins(blocks[:, 4:16])
-    # One float32 rounding per factor, then one each for the product and the difference.
-    step = (_f16_column(blocks, 0) * scales.astype(np.float32))[:, :, None]  # [n, 8, 1]
-    offset = (_f16_column(blocks, 2) * mins.astype(np.float32))[:, :, None]
-    # Each 32-byte group holds sub-block 2j in its low nibbles and 2j+1 in its high ones.
-    packed = blocks[:, 16:].reshape(num_blocks, 4, 1, 32)
-    quants = (packed >> np.array([0, 4], np.uint8)[:, None]) & np.uint8(15)
-    quants = quants.reshape(num_blocks, 8, 32).astype(np.float32)
-    return (step * quants - offset).reshape(num_blocks, _QK_K)
+def tensor_shape(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """`tensors[name]`'s shape, without dequantizing it when `tensors` is lazy."""
+    if isinstance(tensors, (GGUFTensors, HFTensors)):
+        return tensors.shape(name)
+    return tuple(np.shape(tensors[name]))
 
 
-def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
-    num_blocks = blocks.shape[0]
-    low, high = blocks[:, :128], blocks[:, 128:192]
-    sub_scales = blocks[:, 192:208].view(np.int8).astype(np.float32)  # one per 16 elements
-    step = (_f16_column(blocks, 208) * sub_scales)[:, :, None]  # [n, 16, 1]
-    # Per 128-element half: elements 32j..32j+31 take nibble j // 2 (low, high) of low
-    # bytes 32 * (j % 2) onward, and bit pair j of the half's 32 high bytes.
-    low4 = (low.reshape(num_blocks, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]) & np.uint8(15)
-    high2 = (high.reshape(num_blocks, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & np.uint8(3)
-    quants = low4.reshape(num_blocks, 8, 32) | (high2.reshape(num_blocks, 8, 32) << np.uint8(4))
-    quants = (quants.astype(np.int8) - np.int8(32)).astype(np.float32)
-    return (step * quants.reshape(num_blocks, 16, 16)).reshape(num_blocks, _QK_K)
+# --------------------------------------------------------------------------- GGUF -> HF names
 
 
-def _dequantize_bf16(raw: np.ndarray) -> np.ndarray:
-    # bf16 is the top half of an f32: shifting the bits back up is exact.
-    return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one HF tensor comes from one GGUF tensor: its outer rows gathered (`rows`, a
+    permutation), then, after dequantizing, `subtract` taken off every value in float32."""
+
+    gguf_name: str
+    rows: np.ndarray | None = None
+    subtract: float = 0.0
 
 
-_BLOCK_DEQUANTIZERS: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
-    GGMLType.Q8_0: _dequantize_q8_0,
-    GGMLType.Q4_0: _dequantize_q4_0,
-    GGMLType.Q4_1: _dequantize_q4_1,
-    GGMLType.Q5_0: _dequantize_q5_0,
-    GGMLType.Q4_K: _dequantize_q4_k,
-    GGMLType.Q6_K: _dequantize_q6_k,
-}
+class HFTensors(Mapping):
+    """HF name -> float32 array, made on access from a GGUF tensor by its `Recipe`.
 
-_ELEMENT_DEQUANTIZERS: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
-    GGMLType.F32: lambda raw: raw.view(np.float32).copy(),
-    GGMLType.F16: lambda raw: raw.view(np.float16).astype(np.float32),
-    GGMLType.BF16: _dequantize_bf16,
-}
+    `source` is a `GGUFTensors` (lazy) or any mapping of GGUF names to float32 arrays.
+    `raw` gives the quantized blocks with the row permutation applied, for serving the
+    blocks without dequantizing.
+    """
 
-SUPPORTED_TYPES = frozenset(_BLOCK_DEQUANTIZERS) | frozenset(_ELEMENT_DEQUANTIZERS)
+    def __init__(self, source: Mapping[str, np.ndarray], recipes: dict[str, Recipe]):
+        self._source = source
+        self._recipes = recipes
 
+    def recipe(self, name: str) -> Recipe:
+        return self._recipes[name]
 
-def dequantize(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...], name: str = "") -> np.ndarray:
-    """Raw little-endian tensor bytes -> float32 array of numpy `shape` (ggml dims reversed)."""
-    ggml_type = GGMLType(ggml_type)
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    num_elements = int(np.prod(shape, dtype=np.int64))
-    if ggml_type in _ELEMENT_DEQUANTIZERS:
-        flat = _ELEMENT_DEQUANTIZERS[ggml_type](raw)
-    elif ggml_type in _BLOCK_DEQUANTIZERS:
-        block_elements, block_bytes = _BLOCK_SHAPE[ggml_type]
-        if shape and shape[-1] % block_elements:
-            raise ValueError(f"GGUF tensor {name!r}: rows of {shape[-1]} are not whole {ggml_type.name} blocks")
-        blocks = raw.reshape(-1, block_bytes)
-        flat = _BLOCK_DEQUANTIZERS[ggml_type](blocks).reshape(-1)
-    else:
-        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
-        raise ValueError(
-            f"GGUF tensor {name!r} has type {ggml_type.name}, which xla_inference cannot "
-            f"dequantize (supported: {supported})"
-        )
-    if flat.size != num_elements:
-        raise ValueError(f"GGUF tensor {name!r}: {flat.size} values decoded, shape {shape} needs {num_elements}")
-    return flat.reshape(shape)
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tensor_shape(self._source, self._recipes[name].gguf_name)  # recipes keep shapes
+
+    def raw(self, name: str) -> RawTensor:
+        """The tensor's stored blocks, rows in HF order. Tensors whose values change
+        (`subtract`) have no raw form: dequantize them with `[name]`."""
+        recipe = self._recipes[name]
+        if not isinstance(self._source, GGUFTensors):
+            raise ValueError(f"{name!r}: raw blocks exist only for tensors read from a GGUF file")
+        if recipe.subtract:
+            raise ValueError(f"{name!r} is {recipe.gguf_name!r} minus {recipe.subtract}; "
+                             f"it has no raw form, dequantize it instead")
+        raw = self._source.raw(recipe.gguf_name)
+        return raw if recipe.rows is None else raw.take_rows(recipe.rows)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        recipe = self._recipes[name]
+        if isinstance(self._source, GGUFTensors):
+            raw = self._source.raw(recipe.gguf_name)
+            # Gathering the blocks before dequantizing moves bytes, not float32 values.
+            values = dequantize(raw if recipe.rows is None else raw.take_rows(recipe.rows))
+        else:
+            values = np.asarray(self._source[recipe.gguf_name], dtype=np.float32)
+            values = values if recipe.rows is None else values[recipe.rows]
+        if recipe.subtract:
+            values = values - np.float32(recipe.subtract)
+        return np.ascontiguousarray(values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._recipes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._recipes)
+
+    def __len__(self) -> int:
+        return len(self._recipes)
 
 
 # --------------------------------------------------------------------------- reading
@@ -184,26 +186,13 @@ def _field_value(field: gguf.ReaderField) -> Any:
     return _plain_value(value, field.types[0])
 
 
-def _tensor_bytes(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> np.ndarray:
-    return reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
-
-
-def numpy_shape(ggml_dims: Iterable[int]) -> tuple[int, ...]:
-    """ggml lists dims fastest-varying first (ne0 = row length); numpy wants it last."""
-    return tuple(int(d) for d in reversed(list(ggml_dims)))
-
-
-def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Returns (metadata as plain python values, tensors dequantized to float32)."""
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
+    """(metadata as plain python values, the tensors: lazy, dequantized on access)."""
     reader = gguf.GGUFReader(path)
     if reader.byte_order != "I":
         raise ValueError(f"{path}: big-endian GGUF files are not supported")
     metadata = {name: _field_value(field) for name, field in reader.fields.items()}
-    tensors = {
-        t.name: dequantize(_tensor_bytes(reader, t), t.tensor_type, numpy_shape(t.shape), t.name)
-        for t in reader.tensors
-    }
-    return metadata, tensors
+    return metadata, GGUFTensors(reader)
 
 
 # --------------------------------------------------------------------------- Llama -> HF
@@ -313,31 +302,39 @@ def hf_name(gguf_name: str, layer_names: dict[str, str] = LLAMA_LAYER_NAMES, fam
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face {family} counterpart")
 
 
-def rope_rows_to_hf(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation.
+def layer_kind(gguf_name: str) -> str | None:
+    """`attn_q` of `blk.3.attn_q.weight`; None for the global tensors."""
+    return gguf_name.split(".")[2] if gguf_name.startswith("blk.") else None
+
+
+def hf_rope_row_order(num_rows: int, num_heads: int) -> np.ndarray:
+    """The row gather that undoes llama.cpp's q/k row permutation: HF row i is GGUF row
+    `hf_rope_row_order(...)[i]`.
 
     HF's rotary embedding pairs dimension j with j + head_dim/2 of each head ("rotate
     half"); llama.cpp pairs neighbours 2j, 2j+1, so its converter moved HF row j of a
     head to row 2j and row j + head_dim/2 to row 2j+1. Gathering even rows then odd rows
     per head puts them back.
     """
-    head_dim = weight.shape[0] // num_heads
+    head_dim = num_rows // num_heads
     within_head = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
-    rows = (np.arange(num_heads)[:, None] * head_dim + within_head[None, :]).reshape(-1)
-    return weight[rows]
+    return (np.arange(num_heads)[:, None] * head_dim + within_head[None, :]).reshape(-1)
 
 
-def llama_hf_state_dict_from_gguf(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """GGUF tensors (numpy order) -> HF LlamaForCausalLM parameter names and layouts."""
-    if config["tie_word_embeddings"] and "output.weight" in tensors:
-        raise ValueError("config ties word embeddings but the GGUF has its own output.weight")
-    if not config["tie_word_embeddings"] and "output.weight" not in tensors:
-        raise ValueError("config unties word embeddings but the GGUF has no output.weight")
+def check_tied(tensors: Mapping[str, Any], config: dict[str, Any]) -> None:
+    if config["tie_word_embeddings"] == ("output.weight" in tensors):
+        raise ValueError(f"the config's tie_word_embeddings ({config['tie_word_embeddings']}) "
+                         f"disagrees with the GGUF, which {'has' if 'output.weight' in tensors else 'lacks'} "
+                         f"its own output.weight")
+
+
+def llama_hf_state_dict_from_gguf(tensors: Mapping[str, np.ndarray], config: dict[str, Any]) -> HFTensors:
+    """GGUF tensors (numpy order) -> HF LlamaForCausalLM names and layouts, made on access."""
+    check_tied(tensors, config)
     heads_of = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    state = {}
-    for name, weight in tensors.items():
-        kind = name.split(".")[2] if name.startswith("blk.") else None
-        if kind in heads_of:
-            weight = rope_rows_to_hf(weight, heads_of[kind])
-        state[hf_name(name)] = np.ascontiguousarray(weight, dtype=np.float32)
-    return state
+    recipes = {}
+    for name in tensors:
+        kind = layer_kind(name)
+        rows = hf_rope_row_order(tensor_shape(tensors, name)[0], heads_of[kind]) if kind in heads_of else None
+        recipes[hf_name(name)] = Recipe(name, rows=rows)
+    return HFTensors(tensors, recipes)

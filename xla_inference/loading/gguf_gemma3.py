@@ -13,11 +13,13 @@ query_pre_attn_scalar = head_dim (true of every size but 27B, whose config says 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import numpy as np
 
-from xla_inference.loading.gguf import LLAMA_LAYER_NAMES, arch_key, common_hf_config, hf_name
+from xla_inference.loading.gguf import (LLAMA_LAYER_NAMES, HFTensors, Recipe, arch_key, check_tied,
+                                        common_hf_config, hf_name)
 
 _SLIDING_WINDOW_PATTERN = 6
 _LOCAL_ROPE_THETA = 10_000.0
@@ -75,14 +77,12 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
     }
 
 
-def gemma3_hf_state_dict_from_gguf(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """GGUF tensors (numpy order) -> HF Gemma3ForCausalLM names, norms back to HF's w."""
-    if config["tie_word_embeddings"] == ("output.weight" in tensors):
-        raise ValueError("the config's tie_word_embeddings disagrees with the GGUF's output.weight")
-    state = {}
-    for name, weight in tensors.items():
-        weight = np.asarray(weight, dtype=np.float32)
-        if name.endswith("norm.weight"):
-            weight = weight - np.float32(1)  # as transformers' loader does, in float32
-        state[hf_name(name, _LAYER_NAMES, "Gemma 3")] = np.ascontiguousarray(weight)
-    return state
+def gemma3_hf_state_dict_from_gguf(tensors: Mapping[str, np.ndarray], config: dict[str, Any]) -> HFTensors:
+    """GGUF tensors (numpy order) -> HF Gemma3ForCausalLM names, norms back to HF's w (as
+    transformers' loader does, w = stored - 1 in float32), made on access."""
+    check_tied(tensors, config)
+    recipes = {}
+    for name in tensors:
+        subtract = 1.0 if name.endswith("norm.weight") else 0.0
+        recipes[hf_name(name, _LAYER_NAMES, "Gemma 3")] = Recipe(name, subtract=subtract)
+    return HFTensors(tensors, recipes)

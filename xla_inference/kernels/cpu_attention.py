@@ -2,8 +2,8 @@
 called from the compiled step as an XLA FFI custom call.
 
 XLA's CPU code for the plain-jnp kernel spends most of attention's time on small page
-gathers and reductions along the head dim (SmolLM2, 64 sequences at ~300 tokens of
-context: ~2.5-4 ms a layer, against ~0.4 ms to read their keys and values once). The
+gathers and reductions along the head dim, several times the time needed to read the
+keys and values once (benchmarks/RESULTS.md). The
 native kernel reads each key's [K, H] cache row where it lies: a lone query token (decode)
 takes per-head dot products; up to 16 tokens of one sequence (prefill, chunks) share each
 key read and compute across the tokens in vector lanes. The kernel shares these tiles out

@@ -47,7 +47,7 @@ def write_cache(cache, new, slot_mapping):
     One token is written as two equal rows to the same slot: XLA turns a one-row scatter
     into a dynamic-update-slice that it then duplicates into each consumer (the returned
     cache and the attention's page view), and copies the whole cache for each, four
-    copies per layer (a batch-1 decode step of SmolLM2 took 2x longer).
+    copies per layer (benchmarks/RESULTS.md, "Figures moved from code comments").
     """
     if slot_mapping.shape[0] == 1:
         new, slot_mapping = jnp.concatenate([new, new]), jnp.concatenate([slot_mapping] * 2)

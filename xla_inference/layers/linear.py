@@ -1,11 +1,11 @@
 """Linear projections. Weights stay in the checkpoint's [out, in] layout: loading needs no
-transpose, and XLA's CPU backend runs the small decode buckets faster with it (SmolLM2
-engine step, the two layouts interleaved in one process: 4 rows 116 against 126 ms, 16
-rows 221 against 254; 1 row equal, 64 rows 4% slower).
+transpose, and XLA's CPU backend runs the small decode buckets faster with it (measured
+against [in, out]: benchmarks/RESULTS.md).
 
 Weights may be stored narrower than the activations: on the host CPU, dtype=bfloat16 keeps
-the projection matrices in bfloat16 and the activations in float32 (plugin/worker.py);
-each product then rounds its input to bfloat16 and accumulates in float32."""
+the projection matrices in bfloat16 and the activations in float32 (the precision policy,
+runner/build.Precision); each product then rounds its input to bfloat16 and accumulates
+in float32."""
 
 import math
 
@@ -19,10 +19,10 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     A weight narrower than x (bfloat16 against float32 activations): x is rounded to the
     weight's dtype and the product accumulates in float32, as on an accelerator's matrix
     unit. XLA's CPU backend runs such a product with more than one row on its bfloat16
-    kernels (`avx512_bf16` where the CPU has it: 512 rows x 576 x 1536 in 2.5 against 3.8
-    ms in float32). For a single row it is written against the weight's transpose, which
-    XLA fuses into one matrix-vector loop over both cores that reads the bfloat16 bytes
-    (the LM head 2.05 -> 0.91 ms); in the [out, in] form that row takes ~20x longer.
+    kernels (`avx512_bf16` where the CPU has it: faster than float32). For a single row it
+    is written against the weight's transpose, which XLA fuses into one matrix-vector loop
+    over every core that reads the bfloat16 bytes; in the [out, in] form that row is many
+    times slower (benchmarks/RESULTS.md, "Figures moved from code comments").
     """
     out_dtype = out_dtype or x.dtype
     if w.dtype.itemsize >= x.dtype.itemsize:

@@ -19,7 +19,7 @@ def _choose_engine_start_method() -> None:
     """How vLLM starts its engine-core process: spawn, unless VLLM_WORKER_MULTIPROC_METHOD
     asks for fork (`xla-inference serve` does, cli.py) and this process has not imported JAX
     (JAX's runtime threads do not survive a fork). A forked engine core skips re-importing
-    vLLM and torch, ~15 s of a server's start-up."""
+    vLLM and torch, seconds of a server's start-up (benchmarks/RESULTS.md)."""
     if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "fork" or "jax" in sys.modules:
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 

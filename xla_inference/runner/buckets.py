@@ -5,8 +5,8 @@ import bisect
 
 # Below 16 tokens only 1, 2 and 4: decode steps of one or a few requests are bound by
 # reading the weights, and XLA's CPU backend reads them fastest for one row (a matrix-vector
-# product): a batch-1 decode step of SmolLM2 took 55-63 ms at 1 token, 82-86 ms padded to 2,
-# 2x longer padded to 16. Every bucket adds a compile at start-up.
+# product; padding one row to 2 or 16 slowed a batch-1 step markedly: benchmarks/RESULTS.md,
+# "Figures moved from code comments"). Every bucket adds a compile at start-up.
 _SMALL_BUCKETS = (1, 2, 4)
 
 

@@ -95,12 +95,11 @@ def _score_tokens(model: ModelFamily, cfg, num_logprobs: int, params, hidden, to
 class Programs:
     """One jitted function and its executables compiled ahead of time, by input shape.
 
-    Start-up lowers each shape in turn (tracing is Python: ~0.4 s a bucket of SmolLM2) and
-    hands each compile to a thread pool as soon as it is lowered: XLA compiles, and loads
-    from the persistent cache (~2 s a bucket even when cached), outside the GIL. Nothing
-    is run to warm up (running each bucket once took 15-30 s of a warm start). A call
-    whose shapes were not compiled ahead falls back to the jit, which compiles then (and
-    shows in compile_counter).
+    Start-up lowers each shape in turn (tracing is Python, one thread) and hands each
+    compile to a thread pool as soon as it is lowered: XLA compiles, and loads from the
+    persistent cache, outside the GIL (benchmarks/RESULTS.md has the start-up figures). A
+    call whose shapes were not compiled ahead falls back to the jit, which compiles then
+    (and shows in compile_counter).
     """
 
     def __init__(self, jitted, key):
@@ -116,12 +115,14 @@ class Programs:
                 futures[k] = pool.submit(_timed_compile, self.jitted.lower(*args))
         return futures
 
-    def collect(self, futures: dict) -> dict:
-        """Keep the executables of submit's futures; -> {key: seconds each compile took}."""
-        seconds = {}
-        for k, future in futures.items():
-            self.compiled[k], seconds[k] = future.result()
-        return seconds
+    def collect(self, futures: dict, on_done=None) -> None:
+        """Keep the executables of submit's futures as each finishes; on_done(key, seconds
+        its compile took, how many remain) after each."""
+        keys = {future: k for k, future in futures.items()}
+        for done, future in enumerate(concurrent.futures.as_completed(keys), start=1):
+            self.compiled[keys[future]], seconds = future.result()
+            if on_done is not None:
+                on_done(keys[future], seconds, len(keys) - done)
 
     def __call__(self, *args):
         return self.compiled.get(self.key(*args), self.jitted)(*args)
@@ -304,20 +305,20 @@ class ModelEngine:
                 sample_args.append((logits, greedy_sampling_batch(B), extras, self._base_key, step))
         # Lowering is Python (one thread); compiles, and loads from the persistent cache, run
         # on the pool meanwhile, outside the GIL.
+        def bucket_done(T, seconds, remaining):
+            logger.info("xla-inference: compiled bucket tokens=%d (seqs=%d) in %.1fs; %d of %d "
+                        "remain", T, self.layout_for(T).num_seqs, seconds, remaining,
+                        len(self.token_buckets))
+
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             forward = self._forward.submit(forward_args, pool)
             sampler = self._sample.submit(sample_args, pool)
-            seconds = self._forward.collect(forward)
+            self._forward.collect(forward, bucket_done)
             self._sample.collect(sampler)
-        for i, T in enumerate(self.token_buckets):
-            logger.info("xla-inference: compiled bucket %d/%d (tokens=%d, seqs=%d) in %.1fs",
-                        i + 1, len(self.token_buckets), T, self.layout_for(T).num_seqs,
-                        seconds.get(T, 0.0))
         hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
         # Run each forward bucket once on its empty batch (padding writes only the null
-        # page): an XLA CPU executable's first run costs ~0.5 s more than later ones
-        # (SmolLM2, 512 tokens: 770 against 277 ms), which would land on the first
-        # request of each bucket.
+        # page): an XLA CPU executable's first run is markedly slower than later ones
+        # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
         run_start = time.perf_counter()
         for args in forward_args:
             self.kv_cache = self._forward(self.params, self.kv_cache, *args[2:])[0]

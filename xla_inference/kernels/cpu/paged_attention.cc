@@ -79,8 +79,7 @@ void key_rows(const Shapes& s, const int32_t* table, int64_t lo, int64_t hi, int
 
 // Keys' cache rows lie on pages scattered through the cache: the hardware prefetcher does
 // not cross into the next page, so each loop over keys asks for the rows kPrefetchAhead
-// keys on (one page of 16 tokens) itself (SmolLM2 engine step, 64 sequences of ~300 tokens
-// on shuffled pages: 150 -> 90 ms).
+// keys on (one page of 16 tokens) itself (measured in benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchAhead = 16;
 
 inline void prefetch_row(const float* row, int64_t floats) {

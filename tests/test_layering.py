@@ -61,5 +61,6 @@ def test_the_checker_catches_upward_and_vllm_imports(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from xla_inference.runner.engine import ModelEngine\n"
                    "def f():\n    import torch\n")
-    assert len(_violations(bad, "kernels")) == 2
+    found = _violations(bad, "kernels")
+    assert any("runner" in v for v in found) and any("torch" in v for v in found)
     assert _violations(bad, "plugin") == []

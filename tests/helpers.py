@@ -1,6 +1,7 @@
 """Shared test utilities: tiny random HF checkpoints and a reference step driver."""
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -102,14 +103,27 @@ def save_tiny_family(path: Path, family: str, *, seed: int = 0, **overrides) -> 
     return save_tiny_model(path, config, seed=seed)
 
 
-def hf_logits(model_dir: Path, token_ids: list[int], **overrides) -> np.ndarray:
-    """Logits [len, V] of transformers' own implementation, float32. `overrides` go to
-    from_pretrained (config attributes, attn_implementation)."""
+def hf_model(model_dir: Path, **overrides):
+    """transformers' float32 model for a checkpoint, loaded once per session for each
+    (directory, overrides): tests score many prompts against the same reference.
+    `overrides` go to from_pretrained (config attributes, attn_implementation)."""
+    return _hf_model(str(model_dir), tuple(sorted(overrides.items())))
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_model(model_dir: str, overrides: tuple):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
-                                                              **overrides)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, torch_dtype=torch.float32, **dict(overrides)).eval()
+
+
+def hf_logits(model_dir: Path, token_ids: list[int], **overrides) -> np.ndarray:
+    """Logits [len, V] of transformers' own implementation, float32 (hf_model)."""
+    import torch
+
+    model = hf_model(model_dir, **overrides)
     with torch.no_grad():
         out = model(torch.tensor([token_ids]))
     return out.logits[0].numpy()

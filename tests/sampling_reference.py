@@ -34,9 +34,10 @@ def hf_processed_greedy(model_dir: Path, prompt: list[int], num_new: int, opts,
     """Greedy decode with transformers, each step's logits processed by vLLM's rules
     (`opts` is a SamplingOptions); stops after a token in `stop_ids`."""
     import torch
-    import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    from tests.helpers import hf_model
+
+    model = hf_model(model_dir)
     tokens, output = list(prompt), []
     with torch.no_grad():
         for _ in range(num_new):

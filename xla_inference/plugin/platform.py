@@ -137,18 +137,31 @@ class XlaPlatform(Platform):
 
     @classmethod
     def validate_request(cls, processed_inputs, params) -> None:
-        """Refuse, with a clear message, what the device sampler does not implement yet."""
+        """Refuse, with a clear message, what this platform does not serve. Raised as vLLM's
+        validation error: the server answers that with a 400 and the message, where any
+        other exception becomes an empty 500."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import SamplingParams
 
+        from xla_inference.sampling.types import MAX_LOGPROB_TOKEN_IDS
+
         if not isinstance(params, SamplingParams):
-            raise ValueError("xla-inference serves text generation only (no pooling yet)")
-        for name in ("logprobs", "prompt_logprobs"):
-            if getattr(params, name) == -1:
-                raise ValueError(f"xla-inference does not support {name}=-1 (the whole "
-                                 "vocabulary); ask for a number of top logprobs")
-        for name in ("logprob_token_ids", "prompt_logprob_token_ids"):
-            if getattr(params, name, None):
-                raise ValueError(f"xla-inference does not support the sampling parameter {name}")
+            raise VLLMValidationError("xla-inference serves text generation only (no pooling yet)")
+        if isinstance(processed_inputs, dict) and processed_inputs.get("type") == "embeds":
+            raise VLLMValidationError("xla-inference does not take prompt embeddings yet; send "
+                                      "the prompt as text or token ids",
+                                      parameter="prompt_embeds")
+        if params.prompt_logprob_token_ids is not None:
+            # vLLM itself serves these only with its V2 model runner, and refuses them first
+            # unless VLLM_USE_V2_MODEL_RUNNER=1.
+            raise VLLMValidationError("xla-inference does not support prompt_logprob_token_ids "
+                                      "yet; prompt_logprobs=-1 gives every token's logprob",
+                                      parameter="prompt_logprob_token_ids")
+        ids = params.logprob_token_ids or ()
+        if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise VLLMValidationError(f"xla-inference serves at most {MAX_LOGPROB_TOKEN_IDS} "
+                                      f"logprob_token_ids per request, got {len(ids)}",
+                                      parameter="logprob_token_ids", value=len(ids))
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"

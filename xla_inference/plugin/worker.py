@@ -47,10 +47,14 @@ def _dtype_name(torch_dtype: torch.dtype) -> str:
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _top_logprobs_width(max_logprobs: int, vocab_size: int) -> int:
-    """How many top logprobs the sampler computes: vLLM's max_logprobs (-1, the whole
-    vocabulary, is refused per request, so the default 20 stands in)."""
-    return min(max_logprobs, vocab_size) if max_logprobs > 0 else min(20, vocab_size)
+def _top_logprobs_width(max_logprobs: int, vocab_size: int) -> tuple[int, bool]:
+    """(top logprobs the usual sampler computes, whether to compile the whole-vocabulary
+    variant too). vLLM's max_logprobs -1 (or one the vocabulary's size or more) allows any
+    number up to the whole vocabulary: requests up to vLLM's default 20 keep the cheap top-k
+    program and the rest sort the whole row, in a program compiled only for that setting."""
+    if max_logprobs == -1 or max_logprobs >= vocab_size:
+        return min(20, vocab_size), True
+    return (max_logprobs if max_logprobs > 0 else min(20, vocab_size)), False
 
 
 def kv_cache_spec(layer, block_size: int, dtype: torch.dtype):
@@ -151,12 +155,13 @@ class XlaWorker(WorkerBase):
         from xla_inference.runner.engine import EngineConfig
 
         sc = self.vllm_config.scheduler_config
+        top_logprobs, whole_vocab_logprobs = _top_logprobs_width(self.model_config.max_logprobs,
+                                                                 self.model.vocab_size)
         engine_cfg = EngineConfig(
             num_blocks=kv_cache_config.num_blocks, block_size=self.cache_config.block_size,
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
-            max_logprobs=_top_logprobs_width(self.model_config.max_logprobs,
-                                             self.model.vocab_size))
+            max_logprobs=top_logprobs, whole_vocab_logprobs=whole_vocab_logprobs)
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config))

@@ -37,6 +37,9 @@ class EngineConfig:
     max_model_len: int
     seed: int = 0
     max_logprobs: int = 20  # top logprobs computed per token when a request asks for any
+    # Also compile the sampler and scorer that return every token's logprob, sorted, for
+    # requests that ask for more than max_logprobs (vLLM's logprobs=-1, --max-logprobs -1).
+    whole_vocab_logprobs: bool = False
     prompt_logprobs_chunk: int = 64  # prompt positions scored per call
 
     @property
@@ -190,10 +193,14 @@ class ModelEngine:
                     in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
-        self._sample = Programs(jax.jit(functools.partial(_sample_step, engine_cfg.max_logprobs)),
-                                _sample_key)
-        self._score = jax.jit(functools.partial(_score_tokens, model, model_cfg,
-                                                engine_cfg.max_logprobs))
+        widths = [engine_cfg.max_logprobs]
+        if engine_cfg.whole_vocab_logprobs:
+            widths.append(model_cfg.vocab_size)
+        # By top-logprob width: the usual top max_logprobs, and the whole vocabulary if asked.
+        self._samplers = {k: Programs(jax.jit(functools.partial(_sample_step, k)), _sample_key)
+                          for k in widths}
+        self._scorers = {k: jax.jit(functools.partial(_score_tokens, model, model_cfg, k))
+                         for k in widths}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
@@ -258,17 +265,32 @@ class ModelEngine:
             extras = build_sampling_extras(
                 [(r.options, r.token_ids[:r.num_prompt_tokens], r.output_ids) for r in requests],
                 B, self.vocab_size, grammar_masks)
-        out = self._run_sample(logits, sampling, extras)
+        width = self.logprobs_width(r.options.num_top_logprobs(self.vocab_size) for r in requests)
+        out = self._run_sample(self._samplers[width], logits, sampling, extras)
         return jax.tree.map(lambda a: np.asarray(a)[:len(requests)], out)
 
-    def _run_sample(self, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
+    def _run_sample(self, program, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
         self._num_steps += 1
         step = np.uint32(self._num_steps)
-        return self.stats.run(self._sample, logits, sampling, extras, self._base_key, step)
+        return self.stats.run(program, logits, sampling, extras, self._base_key, step)
 
-    def score_tokens(self, hidden: jax.Array, rows: np.ndarray, next_ids: np.ndarray):
+    def logprobs_width(self, wanted) -> int:
+        """The compiled top-logprob width that covers every request's `wanted` (ints or None):
+        max_logprobs, or the whole vocabulary."""
+        most = max((n for n in wanted if n is not None), default=0)
+        fits = [k for k in self._samplers if k >= most]
+        if not fits:
+            raise ValueError(f"{most} top logprobs asked for; this engine computes at most "
+                             f"{self.cfg.max_logprobs} (vLLM's --max-logprobs -1 serves the whole "
+                             "vocabulary)")
+        return min(fits)
+
+    def score_tokens(self, hidden: jax.Array, rows: np.ndarray, next_ids: np.ndarray,
+                     width: int | None = None):
         """Logprobs of `next_ids` after the hidden states at `rows` of a step, with the top
-        max_logprobs alternatives: numpy (ids [n, k+1], logprobs [n, k+1], ranks [n])."""
+        `width` alternatives (a compiled width, see logprobs_width; max_logprobs by default):
+        numpy (ids [n, k+1], logprobs [n, k+1], ranks [n])."""
+        score = self._scorers[self.cfg.max_logprobs if width is None else width]
         chunk = self.cfg.prompt_logprobs_chunk
         hidden = np.asarray(hidden)
         parts = []
@@ -277,7 +299,7 @@ class ModelEngine:
             h = np.zeros((chunk, hidden.shape[1]), hidden.dtype)
             ids = np.zeros(chunk, np.int32)
             h[:n], ids[:n] = hidden[rows[start:start + n]], next_ids[start:start + n]
-            out = self._score(self.params, h, ids)
+            out = score(self.params, h, ids)
             parts.append([np.asarray(a)[:n] for a in out])
         return tuple(np.concatenate(p) for p in zip(*parts))
 
@@ -312,9 +334,10 @@ class ModelEngine:
 
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             forward = self._forward.submit(forward_args, pool)
-            sampler = self._sample.submit(sample_args, pool)
+            samplers = {k: p.submit(sample_args, pool) for k, p in self._samplers.items()}
             self._forward.collect(forward, bucket_done)
-            self._sample.collect(sampler)
+            for k, futures in samplers.items():
+                self._samplers[k].collect(futures)
         hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
         # Run each forward bucket once on its empty batch (padding writes only the null
         # page): an XLA CPU executable's first run is markedly slower than later ones
@@ -326,9 +349,11 @@ class ModelEngine:
         logger.info("xla-inference: ran each forward bucket once in %.1fs",
                     time.perf_counter() - run_start)
         hidden = np.zeros((1, hidden.shape[1]), hidden.dtype)
-        self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32))
+        for k in self._scorers:
+            self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
         logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
-                    "scorer in %.1fs (%d at a time)", len(forward), len(sampler),
+                    "scorer in %.1fs (%d at a time)", len(forward),
+                    sum(len(f) for f in samplers.values()),
                     time.perf_counter() - start, _compile_threads())
         compile_counter.mark_warm()
         return time.perf_counter() - start

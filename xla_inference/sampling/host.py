@@ -11,8 +11,8 @@ import dataclasses
 
 import numpy as np
 
-from xla_inference.sampling.types import (SamplingBatch, SamplingExtras, greedy_sampling_batch,
-                                          neutral_sampling_extras)
+from xla_inference.sampling.types import (MAX_LOGPROB_TOKEN_IDS, SamplingBatch, SamplingExtras,
+                                          greedy_sampling_batch, neutral_sampling_extras)
 
 _MASK32 = 0xFFFFFFFF
 
@@ -34,8 +34,10 @@ class SamplingOptions:
     bad_words: tuple[tuple[int, ...], ...] = ()
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()  # banned until min_tokens are generated (EOS included)
-    num_logprobs: int | None = None
-    num_prompt_logprobs: int | None = None
+    num_logprobs: int | None = None  # top logprobs per sampled token; -1 = the whole vocabulary
+    num_prompt_logprobs: int | None = None  # the same per prompt token
+    # Instead of the top ones: the logprobs of these ids (vLLM's logprob_token_ids).
+    logprob_token_ids: tuple[int, ...] | None = None
 
     @property
     def has_penalties(self) -> bool:
@@ -45,6 +47,21 @@ class SamplingOptions:
     @property
     def has_static_adjustment(self) -> bool:
         return bool(self.logit_bias) or self.allowed_token_ids is not None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.num_logprobs is not None or self.logprob_token_ids is not None
+
+    def num_top_logprobs(self, vocab_size: int) -> int | None:
+        """Top logprobs the sampler must compute for this request: None for none (its ids
+        replace them, as vLLM's sampler does), V for -1."""
+        if self.logprob_token_ids is not None or self.num_logprobs is None:
+            return None
+        return vocab_size if self.num_logprobs == -1 else min(self.num_logprobs, vocab_size)
+
+    def num_top_prompt_logprobs(self, vocab_size: int) -> int | None:
+        n = self.num_prompt_logprobs
+        return None if n is None else vocab_size if n == -1 else min(n, vocab_size)
 
     def needs_extras(self, num_output_tokens: int) -> bool:
         return (self.has_penalties or self.has_static_adjustment or bool(self.bad_words)
@@ -63,7 +80,13 @@ def build_sampling_batch(rows: list[tuple[SamplingOptions, int]], num_seqs: int)
             batch.seeded[row] = True
             batch.seed[row] = (opts.seed & _MASK32, (opts.seed >> 32) & _MASK32)
             batch.seed_offset[row] = num_generated
-    batch.want_logprobs = np.asarray(any(o.num_logprobs is not None for o, _ in rows))
+        if opts.logprob_token_ids is not None:
+            ids = opts.logprob_token_ids
+            if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+                raise ValueError(f"logprob_token_ids holds {len(ids)} ids; at most "
+                                 f"{MAX_LOGPROB_TOKEN_IDS} are served")
+            batch.wanted_token_ids[row, :len(ids)] = ids
+    batch.want_logprobs = np.asarray(any(o.wants_logprobs for o, _ in rows))
     return batch
 
 
@@ -101,6 +124,32 @@ def build_sampling_extras(rows: list[tuple[SamplingOptions, list[int], list[int]
             extras.frequency_penalty[row] = opts.frequency_penalty
             extras.repetition_penalty[row] = opts.repetition_penalty
     return extras
+
+
+def logprobs_rows(options: list[SamplingOptions], out, vocab_size: int):
+    """Each row's logprobs as vLLM's sampler lays them out: the sampled token first, then its
+    top n (or its logprob_token_ids, in their order), padded to the widest row with id 0 and
+    -inf. out: the sampler's SampleOutput as numpy, one row per option. -> (ids [B, w],
+    logprobs [B, w], ranks [B]), or None when no row asked for logprobs."""
+    widths = [len(o.logprob_token_ids) if o.logprob_token_ids is not None
+              else o.num_top_logprobs(vocab_size) for o in options if o.wants_logprobs]
+    if not widths:
+        return None
+    width = max(widths) + 1
+    if all(o.logprob_token_ids is None for o in options):
+        return out.logprob_token_ids[:, :width], out.logprobs[:, :width], out.ranks
+    ids = np.zeros((len(options), width), np.int32)
+    logprobs = np.full((len(options), width), -np.inf, np.float32)
+    top = min(width, out.logprobs.shape[1])
+    ids[:, :top], logprobs[:, :top] = out.logprob_token_ids[:, :top], out.logprobs[:, :top]
+    for row, opts in enumerate(options):
+        wanted = opts.logprob_token_ids
+        if wanted is not None:
+            ids[row, 1:1 + len(wanted)] = wanted
+            ids[row, 1 + len(wanted):] = 0
+            logprobs[row, 1:1 + len(wanted)] = out.wanted_logprobs[row, :len(wanted)]
+            logprobs[row, 1 + len(wanted):] = -np.inf
+    return ids, logprobs, out.ranks
 
 
 def banned_bad_words(bad_words: tuple[tuple[int, ...], ...], output: list[int]) -> list[int]:

@@ -1,6 +1,7 @@
 """Token sampling on device, per request in one batch, in vLLM's order of operations.
 
-1. logprobs (when asked for) come from the raw logits;
+1. logprobs (when asked for) come from the raw logits: the sampled token's, the top k
+   (k = V in the whole-vocabulary variant) and those of each row's wanted token ids;
 2. extras: the additive adjustment (grammar, allowed tokens, bad words, min_tokens, logit
    bias), then the repetition, frequency and presence penalties;
 3. greedy rows take the argmax here;
@@ -19,7 +20,8 @@ _GREEDY_EPS = 1e-5
 
 def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | None,
            step_key: jax.Array, num_logprobs: int) -> SampleOutput:
-    """logits [B, V] float32 -> SampleOutput with `num_logprobs` top logprobs per row."""
+    """logits [B, V] float32 -> SampleOutput with `num_logprobs` top logprobs per row (a
+    static width: V for the whole-vocabulary variant)."""
     raw = logits
     if extras is not None:
         logits = apply_extras(logits, extras)
@@ -30,12 +32,12 @@ def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | No
         lambda: greedy_tokens,
         lambda: jnp.where(is_greedy, greedy_tokens, _random_sample(logits, params, step_key)),
     )
-    ids, logprobs, ranks = jax.lax.cond(
+    ids, logprobs, ranks, wanted = jax.lax.cond(
         params.want_logprobs,
-        lambda: gather_logprobs(raw, tokens, num_logprobs),
-        lambda: _no_logprobs(tokens, num_logprobs),
+        lambda: _all_logprobs(raw, tokens, num_logprobs, params.wanted_token_ids),
+        lambda: _no_logprobs(tokens, num_logprobs, params.wanted_token_ids.shape[1]),
     )
-    return SampleOutput(tokens, ids, logprobs, ranks)
+    return SampleOutput(tokens, ids, logprobs, ranks, wanted)
 
 
 def apply_extras(logits, extras: SamplingExtras):
@@ -51,19 +53,38 @@ def apply_extras(logits, extras: SamplingExtras):
 
 
 def gather_logprobs(raw_logits, token_ids, num_logprobs: int):
-    """([N, k+1] ids, [N, k+1] logprobs, [N] ranks): `token_ids` first, then the top k."""
-    logprobs = jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
+    """([N, k+1] ids, [N, k+1] logprobs, [N] ranks): `token_ids` first, then the top k.
+
+    k = V (whole-vocabulary logprobs) sorts the whole row: callers compile that variant
+    apart, for the requests that ask for it."""
+    return _top_logprobs(_log_softmax(raw_logits), token_ids, num_logprobs)
+
+
+def _log_softmax(raw_logits):
+    return jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
+
+
+def _top_logprobs(logprobs, token_ids, num_logprobs: int):
     top_values, top_ids = jax.lax.top_k(logprobs, num_logprobs)
     chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)
+    # vLLM's rank: how many tokens are at least as likely (ties share the worse rank).
     ranks = jnp.sum(logprobs >= chosen, axis=-1).astype(jnp.int32)
     ids = jnp.concatenate([token_ids[:, None], top_ids.astype(jnp.int32)], axis=-1)
     return ids, jnp.concatenate([chosen, top_values], axis=-1), ranks
 
 
-def _no_logprobs(tokens, num_logprobs: int):
+def _all_logprobs(raw_logits, tokens, num_logprobs: int, wanted_ids):
+    """gather_logprobs, and the logprobs at each row's wanted ids [B, W] (logprob_token_ids)."""
+    logprobs = _log_softmax(raw_logits)
+    wanted = jnp.take_along_axis(logprobs, wanted_ids, axis=-1)
+    return (*_top_logprobs(logprobs, tokens, num_logprobs), wanted)
+
+
+def _no_logprobs(tokens, num_logprobs: int, num_wanted: int):
     B = tokens.shape[0]
     return (jnp.zeros((B, num_logprobs + 1), jnp.int32),
-            jnp.zeros((B, num_logprobs + 1), jnp.float32), jnp.zeros((B,), jnp.int32))
+            jnp.zeros((B, num_logprobs + 1), jnp.float32), jnp.zeros((B,), jnp.int32),
+            jnp.zeros((B, num_wanted), jnp.float32))
 
 
 def _random_sample(logits, params: SamplingBatch, step_key):

@@ -6,6 +6,11 @@ import dataclasses
 import jax
 import numpy as np
 
+# vLLM 0.32 caps SamplingParams.logprob_token_ids at 128 ids (MAX_LOGPROB_TOKEN_IDS, the row
+# width of its own sampler): every step carries a [B, 128] id array, so one program serves
+# any mix of requests.
+MAX_LOGPROB_TOKEN_IDS = 128
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -20,6 +25,7 @@ class SamplingBatch:
     seed: jax.Array  # [B, 2] uint32, low and high words of the request's seed
     seed_offset: jax.Array  # [B] int32, tokens the request has generated so far
     want_logprobs: jax.Array  # [] bool, some row asked for logprobs
+    wanted_token_ids: jax.Array  # [B, MAX_LOGPROB_TOKEN_IDS] int32, logprob_token_ids (pad 0)
 
 
 @jax.tree_util.register_dataclass
@@ -42,8 +48,9 @@ class SampleOutput:
 
     tokens: jax.Array  # [B] int32
     logprob_token_ids: jax.Array  # [B, k+1] int32, the sampled token, then the top k
-    logprobs: jax.Array  # [B, k+1] float32, log-softmax of the raw logits
+    logprobs: jax.Array  # [B, k+1] float32, log-softmax of the raw logits (k = V: all of them)
     ranks: jax.Array  # [B] int32, rank of the sampled token (1 = most likely)
+    wanted_logprobs: jax.Array  # [B, MAX_LOGPROB_TOKEN_IDS] float32, at SamplingBatch's wanted ids
 
 
 def greedy_sampling_batch(num_seqs: int) -> SamplingBatch:
@@ -56,6 +63,7 @@ def greedy_sampling_batch(num_seqs: int) -> SamplingBatch:
         seed=np.zeros((num_seqs, 2), np.uint32),
         seed_offset=np.zeros(num_seqs, np.int32),
         want_logprobs=np.asarray(False),
+        wanted_token_ids=np.zeros((num_seqs, MAX_LOGPROB_TOKEN_IDS), np.int32),
     )
 
 

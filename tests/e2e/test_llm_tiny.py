@@ -64,12 +64,14 @@ def test_temperature_sampling_gives_valid_varied_tokens(roomy, prompts):
     assert outs[:len(prompts)] != outs[len(prompts):]
 
 
-def test_unsupported_parameter_is_refused_clearly(roomy, prompts):
+def test_whole_vocabulary_logprobs_beyond_max_logprobs_are_refused_clearly(roomy, prompts):
+    # logprobs=-1 is served with max_logprobs=-1 (tests/e2e/test_llm_logprobs.py); under the
+    # default max_logprobs (20) it is refused as a validation error (a 400 in the server).
     from vllm import SamplingParams
 
     from vllm.exceptions import VLLMValidationError
 
-    with pytest.raises((ValueError, VLLMValidationError), match="logprobs"):
+    with pytest.raises(VLLMValidationError, match="greater than max allowed: 20"):
         roomy.generate([{"prompt_token_ids": prompts[0]}],
                        SamplingParams(max_tokens=4, logprobs=-1), use_tqdm=False)
     # The engine keeps serving after the refusal.

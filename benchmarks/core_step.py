@@ -51,7 +51,7 @@ def decode_requests(num, context, rng):
     for i in range(num):
         blocks = list(range(1 + i * pages_each, 1 + (i + 1) * pages_each))
         tokens = rng.integers(0, 49152, size=context + 1).tolist()
-        reqs.append((RequestState(f"d{i}", tokens, context, blocks, num_computed_tokens=context), 1))
+        reqs.append((RequestState(f"d{i}", tokens, context, [blocks], num_computed_tokens=context), 1))
     return reqs
 
 
@@ -114,7 +114,7 @@ def main():
         rows[f"decode_b{batch}"] = dict(seconds=t, roofline_seconds=need / bandwidth,
                                         tokens_per_s=batch / t)
     prefill = [(RequestState("p", rng.integers(0, 49152, size=512).tolist(), 512,
-                             list(range(1, 1 + 512 // BLOCK)), 0), 512)]
+                             [list(range(1, 1 + 512 // BLOCK))], 0), 512)]
     t = median_seconds(lambda: engine.forward(prefill).logits, args.repeats)
     flops = 512 * _matmul_flops_per_token(cfg)
     rows["prefill_512"] = dict(seconds=t, flops_per_s=flops / t, matmul_peak_flops_per_s=peak)

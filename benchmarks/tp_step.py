@@ -45,7 +45,7 @@ def main():
     rng = np.random.default_rng(0)
     decode = decode_requests(16, 200, rng)
     prefill = [(RequestState("p", rng.integers(0, 49152, size=128).tolist(), 128,
-                             list(range(300, 310)), 0), 128)]
+                             [list(range(300, 310))], 0), 128)]
     print(f"{'DP':>3} {'TP':>3} {'decode b16 (s)':>15} {'prefill 128 (s)':>16}")
     for dp in args.dp:
         for tp in args.sizes:
@@ -55,8 +55,8 @@ def main():
             ecfg = EngineConfig(num_blocks=512 * dp, block_size=BLOCK, max_num_tokens=128,
                                 max_num_seqs=16, max_model_len=1024)
             engine = build_engine(model, ecfg, mesh=build_mesh(tp, dp), keep_host_params=True)
-            spread = [(dataclasses.replace(req, block_ids=[b + i % dp * engine.blocks_per_replica
-                                                           for b in req.block_ids]), n)
+            spread = [(dataclasses.replace(req, block_ids=[[b + i % dp * engine.blocks_per_replica
+                                                            for b in req.block_ids[0]]]), n)
                       for i, (req, n) in enumerate(decode)]
             d = median_seconds(lambda: engine.forward(spread).logits, args.repeats)
             p = median_seconds(lambda: engine.forward(prefill).logits, args.repeats)

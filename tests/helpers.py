@@ -227,7 +227,7 @@ def engine_request(req_id: str, tokens: list[int], first_block: int):
     from xla_inference.runner.requests import RequestState
 
     blocks = list(range(first_block, first_block + 32 // ENGINE_BLOCK))
-    return RequestState(req_id, list(tokens), len(tokens), blocks, 0)
+    return RequestState(req_id, list(tokens), len(tokens), [blocks], 0)
 
 
 def run_chunks(engine, reqs, chunk_plan) -> dict:

@@ -359,3 +359,55 @@ def test_write_kv_one_token():
     k_ref[37], v_ref[37] = k_new[0], v_new[0]
     np.testing.assert_array_equal(np.asarray(k_out), k_ref)
     np.testing.assert_array_equal(np.asarray(v_out), v_ref)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("window,knobs", [
+    (40, {}),
+    (20, dict(kv_chunk=BLOCK_SIZE, tile=8, decode_chunk=BLOCK_SIZE, decode_group=2)),
+], ids=["default", "small"])
+def test_pages_outside_the_window_never_reach_the_output(poison, window, knobs):
+    """A sliding-window layer's block table as vLLM's hybrid KV cache leaves it: pages wholly
+    before the window of a request's first new token are freed, and come back as the null
+    page 0 (a new or resumed request) or stay as stale ids now owned by someone else (a
+    running request). The null page, the stale pages and the unused pages are full of
+    NaN or inf: outputs must still equal the float64 reference exactly (to rounding)."""
+    rng = np.random.default_rng(60)
+    seqs, block_tables, _ = _make_batch(rng, MIXED, num_heads=8, num_kv_heads=2,
+                                        dtype=jnp.float32)
+    q, k_new, v_new, seq_ids, positions, slot_mapping = _step_inputs(
+        rng, seqs, block_tables, num_heads=8, num_kv_heads=2, dtype=jnp.float32,
+        pad_row=NUM_ROWS - 1)
+    k_cache, v_cache = (np.array(c) for c in _cache_with_context(
+        rng, seqs, block_tables, num_kv_heads=2, dtype=jnp.float32))
+    in_use = set()
+    num_freed = 0
+    for seq in seqs:
+        table = block_tables[seq["row"]]
+        first_key = max(0, seq["num_cached"] - window + 1)  # vLLM: get_num_skipped_tokens
+        freed = first_key // BLOCK_SIZE
+        num_freed += freed
+        if seq["row"] % 2:  # stale ids: the pages stay in the table, with other data now
+            k_cache[_slots(table, np.arange(freed * BLOCK_SIZE))] = poison
+            v_cache[_slots(table, np.arange(freed * BLOCK_SIZE))] = -poison
+        else:
+            table[:freed] = 0
+        in_use |= set(table[freed:len(seq["k"]) // BLOCK_SIZE + 1].tolist())
+    assert num_freed >= 10 and (block_tables == 0).sum() > 0
+    unused = np.array(sorted(set(range(NUM_BLOCKS)) - in_use))  # the null page 0 among them
+    assert 0 in unused
+    pages = unused[:, None] * BLOCK_SIZE + np.arange(BLOCK_SIZE)
+    k_cache[pages.reshape(-1)], v_cache[pages.reshape(-1)] = poison, poison
+    scale = HEAD_DIM ** -0.5
+    knobs = dict(knobs, native=_PATH["native"])
+    kv_chunk = knobs.pop("kv_chunk", 64)
+    _, _, out = _step(jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.asarray(k_new, jnp.float32),
+                      jnp.asarray(v_new, jnp.float32), slot_mapping, jnp.asarray(q, jnp.float32),
+                      seq_ids, positions, block_tables, scale=scale, sliding_window=window,
+                      soft_cap=None, kv_chunk=kv_chunk, knobs=tuple(sorted(knobs.items())))
+    out = np.asarray(out, np.float64)
+    for seq in seqs:
+        tokens = seq["tokens"]
+        expected = _dense_reference(q[tokens], seq["k"], seq["v"], positions[tokens],
+                                    scale=scale, sliding_window=window, soft_cap=None)
+        np.testing.assert_allclose(out[tokens], expected, rtol=1e-5, atol=1e-5)

@@ -105,7 +105,7 @@ def _assert_sharded_by_the_rules(engine, tp):
             assert shard.data.shape == expect
 
     jax.tree_util.tree_map_with_path(check, engine.params)
-    for layer_arrays in engine.kv_cache:  # K and V, or MLA's one latent array
+    for layer_arrays in engine.kv_cache.arrays:  # K and V, or MLA's one latent array
         for array in layer_arrays:
             # MLA's latent cache has no KV heads to split (num_kv_heads absent): whole.
             kv_heads = getattr(cfg, "num_kv_heads", 0)
@@ -174,7 +174,7 @@ def test_data_parallel_replicas_equal_one_device(models):
     for first, tokens in zip(firsts, [sum(step.get(i, 0) for step in PLAN) for i in range(3)]):
         replica, local = divmod(first, per)
         pages[replica] |= set(range(local, local + -(-tokens // ENGINE_BLOCK)))
-    for k, *_ in engine.kv_cache:
+    for k, *_ in engine.kv_cache.arrays:
         assert k.shape[0] == 2 and tuple(k.sharding.spec)[:2] == ("data", None)
         for replica, used in pages.items():
             written = np.abs(np.asarray(k[replica])).reshape(per, -1).sum(axis=1) > 0

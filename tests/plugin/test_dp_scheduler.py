@@ -15,7 +15,8 @@ from vllm.v1.core.sched.output import GrammarOutput
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
+                                        SlidingWindowSpec)
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
@@ -295,5 +296,40 @@ def test_the_platform_folds_data_parallel_into_one_engine(base_config):
 
 def test_a_replica_too_small_for_max_model_len_is_a_clear_error(base_config):
     # 41 blocks over 3 replicas: 13 each, 12 usable, 48 tokens < max_model_len 64.
-    with pytest.raises(ValueError, match="holds 48 tokens per replica, fewer than max_model_len=64"):
+    with pytest.raises(ValueError, match=r"holds 12 blocks per replica \(48 tokens\), fewer "
+                       "than the 16 one request of max_model_len=64 takes"):
         make_scheduler(make_config(base_config, 3))
+
+
+def test_hybrid_kv_cache_groups_shift_alike_null_blocks_included(base_config):
+    """Two KV cache groups (full attention, a sliding window of 8): every group's block ids
+    land in their replica's range; a prefix-cache hit past the window hands a new request
+    its replica's null block (r * blocks_per_replica) for the pages the window left."""
+    shape = dict(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=61, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["layers.0"], FullAttentionSpec(**shape)),
+        KVCacheGroupSpec(["layers.1"], SlidingWindowSpec(**shape, sliding_window=8))])
+    config = make_config(base_config, 2)
+    sched = DataParallelScheduler(
+        vllm_config=config, kv_cache_config=kv,
+        structured_output_manager=StructuredOutputManager(config), block_size=BLOCK_SIZE,
+        hash_block_size=BLOCK_SIZE, include_finished_set=False, log_stats=True)
+    bpr = sched.blocks_per_replica
+    assert bpr == 30
+    long_prompt = list(range(3, 33))  # 30 tokens: well past the window
+    nulls = defaultdict(int)
+    for rids in (("a", "b"), ("a2", "b2")):  # the second pair hits the first pair's pages
+        for rid in rids:
+            sched.add_request(make_request(rid, long_prompt + ([5] if rid.endswith("2") else [])))
+        replica_of = dict(sched.replica_of)
+        while sched.has_requests():
+            so = sched.schedule()
+            assert so.num_common_prefix_blocks == [0, 0]
+            assert_in_replica_range(sched, so, replica_of)
+            for new in so.scheduled_new_reqs:
+                assert len(new.block_ids) == 2
+                r = replica_of[new.req_id]
+                nulls[r] += new.block_ids[1].count(r * bpr)
+                assert r * bpr not in new.block_ids[0]  # full attention keeps every page
+            sched.update_from_output(so, fake_runner_output(sched, so))
+    assert sched.replica_of == {} and nulls[0] > 0 and nulls[1] > 0, nulls

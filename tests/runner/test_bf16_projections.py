@@ -32,7 +32,7 @@ def test_bf16_projections_match_transformers_with_rounded_linear_inputs(tmp_path
         assert matrix.dtype == jnp.bfloat16
     for kept in (params.embed, params.layers[0].input_norm, params.final_norm):
         assert kept.dtype == jnp.float32  # gathered or elementwise, not multiplied
-    assert engine.kv_cache[0][0].dtype == jnp.float32
+    assert engine.kv_cache.arrays[0][0].dtype == jnp.float32
 
     with bf16_linear_inputs():
         expected = [hf_logits(rounded, p) for p in prompts]

@@ -6,9 +6,14 @@ gathers and reductions along the head dim, several times the time needed to read
 keys and values once (benchmarks/RESULTS.md). The
 native kernel reads each key's [K, H] cache row where it lies: a lone query token (decode)
 takes per-head dot products; up to 16 tokens of one sequence (prefill, chunks) share each
-key read and compute across the tokens in vector lanes. The kernel shares these tiles out
-over XLA's own intra-op thread pool (sized by XLA to the CPUs the process may run on), so a
-call starts no threads, and its output does not depend on how many threads there are.
+key read and compute across the tokens in vector lanes. It reads only the keys from the
+earliest window start of a tile's tokens to its latest position: pages that vLLM's hybrid KV
+cache freed behind a sliding window (the null page, or stale ids now another group's) lie
+before that and are never read, and past a sequence's end nothing is read either (tested
+with those pages full of NaN, tests/kernels/test_ragged_paged_attention.py). The kernel
+shares these tiles out over XLA's own intra-op thread pool (sized by XLA to the CPUs the
+process may run on), so a call starts no threads, and its output does not depend on how
+many threads there are.
 
 The kernel is compiled with the machine's C++ compiler on first use (a few seconds, cached
 under ~/.cache/xla-inference/kernels, or $XLA_INFERENCE_CACHE/kernels, by source, flags,

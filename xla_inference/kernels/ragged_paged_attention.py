@@ -88,6 +88,17 @@ def _softmax_step(carry, scores, mask, axis):
     return p, alpha, (m_new, alpha * l + p.sum(axis=axis))
 
 
+def _visible_values(v, visible):
+    """Values with every key no query sees set to zero, by a select.
+
+    A chunk is gathered as whole pages, so it holds keys outside the window or past the
+    sequence's end: pages a sliding-window group freed (the null page 0, or a stale id now
+    another group's), the null page beyond the block table's end. Their probabilities are
+    already 0, but 0 * NaN or 0 * inf is NaN: whatever those pages hold must not reach the
+    output, so they are selected away, never multiplied by zero."""
+    return jnp.where(visible, v, jnp.zeros((), v.dtype))
+
+
 def _gather_chunk(cache_pages, block_tables, rows, first_block, num_blocks, kv_shape):
     """Keys (or values) [..., num_blocks * block_size, K, H] of blocks first_block.. of
     each row in `rows`, gathered as whole pages.
@@ -181,8 +192,9 @@ def _decode_group(q, positions, rows, valid, k_pages, v_pages, block_tables, *,
         k, v = _gather_keys_values(k_pages, v_pages, block_tables, rows, i * num_blocks,
                                    num_blocks, kv_shape, shared_kv)  # [D, C, K, H]
         key_pos = i * kv_chunk + jnp.arange(kv_chunk, dtype=jnp.int32)
-        mask = _key_mask(masked_pos, key_pos, sliding_window,
-                         attention_chunk)[:, None, None, :]  # [D,1,1,C]
+        visible = _key_mask(masked_pos, key_pos, sliding_window, attention_chunk)  # [D, C]
+        mask = visible[:, None, None, :]  # [D, 1, 1, C]
+        v = _visible_values(v, visible[..., None, None])
         # Products and sums over the gathered layout, not einsums: XLA's CPU backend runs
         # these as fused multiply-reduce kernels straight on the gathered chunk, about 1.5-2x
         # faster than batched dots with only G rows (which also needed transposed copies).
@@ -258,6 +270,7 @@ def _tile_attention(q_tile, pos_tile, valid, row, k_pages, v_pages, block_tables
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         key_pos = i * kv_chunk + jnp.arange(kv_chunk, dtype=jnp.int32)
         mask = _key_mask(row_pos, key_pos, sliding_window, attention_chunk)[None]  # [1, M, C]
+        v = _visible_values(v, mask[0].any(axis=0)[:, None, None])  # keys some row sees
         scores = jnp.einsum("kmh,ckh->kmc", q_tile, k)
         p, alpha, (m, l) = _softmax_step((m, l), _cap(scores, soft_cap), mask, axis=-1)
         pv = jnp.einsum("kmc,ckh->kmh", p, v)

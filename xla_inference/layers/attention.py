@@ -5,7 +5,7 @@ import dataclasses
 
 import jax
 
-from xla_inference.kernels.metadata import AttentionMetadata
+from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
 from xla_inference.layers.linear import linear
 from xla_inference.layers.norms import rms_norm
@@ -14,19 +14,20 @@ from xla_inference.parallel.axes import weight
 
 
 
-def paged_attention(q, k, v, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, *,
-                    scale: float,
+def paged_attention(q, k, v, kv: LayerCache, md: AttentionMetadata, *, scale: float,
                     sliding_window: int | None = None,
                     soft_cap: float | None = None, attention_chunk: int | None = None):
-    """q [T, N, H], k/v [T, K, H] -> (updated (k_cache, v_cache), out [T, N, H]).
+    """q [T, N, H], k/v [T, K, H] -> (updated layer cache, out [T, N, H]), through the block
+    table of the layer's KV cache group.
     attention_chunk: keys only from the query's own chunk of that many positions (Llama 4)."""
-    k_cache, v_cache = write_kv(kv[0], kv[1], k, v, md.slot_mapping)
+    slot_mapping, block_tables = md.group(kv.group)
+    k_cache, v_cache = write_kv(kv.arrays[0], kv.arrays[1], k, v, slot_mapping)
     out = ragged_paged_attention(
-        q, k_cache, v_cache, md.seq_ids, md.positions, md.block_tables,
+        q, k_cache, v_cache, md.seq_ids, md.positions, block_tables,
         block_size=md.block_size, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
         attention_chunk=attention_chunk,
     )
-    return (k_cache, v_cache), out
+    return LayerCache((k_cache, v_cache), kv.group), out
 
 
 @jax.tree_util.register_dataclass
@@ -47,11 +48,12 @@ class SelfAttention:
     k_norm: jax.Array | None = None  # [H]
 
 
-def self_attention(p: SelfAttention, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata,
+def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
                    inv_freq: jax.Array, *, head_dim: int, scale: float, norm_eps: float,
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    qk_norm=rms_norm):
-    """x [T, D] (already normed) -> (updated kv, out [T, D]): project, rope, paged attention.
+    """x [T, D] (already normed) -> (updated layer cache, out [T, D]): project, rope, paged
+    attention.
 
     qk_norm(x, weight, eps) normalizes q and k per head where the layer has q/k norms
     (Gemma passes its (1 + w) norm).

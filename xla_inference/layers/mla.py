@@ -34,7 +34,7 @@ from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention,
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_rope
 from xla_inference.parallel.axes import weight
-from xla_inference.kernels.metadata import AttentionMetadata
+from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
 
 # transformers' (and DeepSeek's own) q_a_layernorm and kv_a_layernorm keep RMSNorm's
 # default epsilon whatever the config's rms_norm_eps.
@@ -73,10 +73,10 @@ def _rope(x: jax.Array, positions, inv_freq, rope_scale: float) -> jax.Array:
     return out if rope_scale == 1.0 else out * jnp.asarray(rope_scale, out.dtype)
 
 
-def mla_attention(p: MlaAttention, x: jax.Array, kv: tuple[jax.Array],
+def mla_attention(p: MlaAttention, x: jax.Array, kv: LayerCache,
                   md: AttentionMetadata, inv_freq: jax.Array, *, scale: float,
                   rope_scale: float = 1.0):
-    """x [T, D] (already normed) -> (updated kv, out [T, D]).
+    """x [T, D] (already normed) -> (updated layer cache, out [T, D]).
 
     scale: the softmax scale (of the full P + R head dim, with YaRN's mscale correction);
     rope_scale: YaRN's factor on the rotated q and k (cos and sin).
@@ -95,12 +95,14 @@ def mla_attention(p: MlaAttention, x: jax.Array, kv: tuple[jax.Array],
     return kv, jnp.einsum("TNH,NHD->TD", values, p.wo)
 
 
-def latent_paged_attention(q: jax.Array, key: jax.Array, kv: tuple[jax.Array],
+def latent_paged_attention(q: jax.Array, key: jax.Array, kv: LayerCache,
                            md: AttentionMetadata, *, scale: float):
-    """q [T, N, L + R], key [T, 1, L + R] (its own value) -> (updated kv, out [T, N, L + R]).
+    """q [T, N, L + R], key [T, 1, L + R] (its own value) -> (updated layer cache,
+    out [T, N, L + R]).
 
-    kv: the layer's one cache array [num_slots, 1, L + R]."""
-    cache = write_cache(kv[0], key, md.slot_mapping)
-    out = ragged_paged_attention(q, cache, None, md.seq_ids, md.positions, md.block_tables,
+    kv: the layer's one cache array [num_slots, 1, L + R], and its KV cache group."""
+    slot_mapping, block_tables = md.group(kv.group)
+    cache = write_cache(kv.arrays[0], key, slot_mapping)
+    out = ragged_paged_attention(q, cache, None, md.seq_ids, md.positions, block_tables,
                                  block_size=md.block_size, scale=scale, shared_kv=True)
-    return (cache,), out
+    return LayerCache((cache,), kv.group), out

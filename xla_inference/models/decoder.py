@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.kernels.metadata import KvCache
 from xla_inference.layers.attention import SelfAttention, self_attention
 from xla_inference.layers.linear import project
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
@@ -26,7 +27,6 @@ from xla_inference.loading.params import take_stacked, take_tensor, tensor_gette
 from xla_inference.parallel.axes import weight
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 
-KVCache = list[tuple[jax.Array, ...]]  # per layer: k, v [num_slots, K, H] (MLA: one latent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,21 +196,21 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: DecoderConfig, inv
     return kv, x + mlp_block(layer.mlp, rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps), cfg)
 
 
-def run_layers(layer_step: Callable, layers: list, kv_cache: KVCache, x: jax.Array,
-               *per_layer: Sequence) -> tuple[KVCache, jax.Array]:
-    """x through every layer in turn: layer_step(layer, x, kv, *that layer's entry of each
-    `per_layer` sequence) -> (kv, x). A Python loop (unrolled) rather than lax.scan:
-    scanning would carry the whole KV cache through the loop and copy it every step
-    (docs/DESIGN.md); unrolled, each layer also gets its own static arguments (window,
-    rope or not, MoE or dense)."""
-    new_cache = []
-    for layer, kv, *args in zip(layers, kv_cache, *per_layer, strict=True):
-        kv, x = layer_step(layer, x, kv, *args)
-        new_cache.append(kv)
-    return new_cache, x
+def run_layers(layer_step: Callable, layers: list, kv_cache: KvCache, x: jax.Array,
+               *per_layer: Sequence) -> tuple[KvCache, jax.Array]:
+    """x through every layer in turn: layer_step(layer, x, layer cache, *that layer's entry
+    of each `per_layer` sequence) -> (layer cache, x). A Python loop (unrolled) rather than
+    lax.scan: scanning would carry the whole KV cache through the loop and copy it every
+    step (docs/DESIGN.md); unrolled, each layer also gets its own static arguments (window,
+    rope or not, MoE or dense). Each layer reads the arrays a layer before it may have
+    written (layers of different KV cache groups share arrays, kernels/metadata.py)."""
+    for i, (layer, *args) in enumerate(zip(layers, *per_layer, strict=True)):
+        kv, x = layer_step(layer, x, kv_cache.layer(i), *args)
+        kv_cache = kv_cache.updated(i, kv)
+    return kv_cache, x
 
 
-def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: DecoderConfig):
+def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: DecoderConfig):
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
     inv_freq = jnp.asarray(cfg.inv_freq())
     step = lambda layer, x, kv, window: _layer(layer, x, kv, batch, cfg, inv_freq, window)  # noqa: E731

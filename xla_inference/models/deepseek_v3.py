@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.kernels.metadata import KvCache
 from xla_inference.layers.mla import MlaAttention, cache_width, mla_attention
 from xla_inference.layers.mlp import GatedMlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp
@@ -31,9 +32,6 @@ from xla_inference.models.decoder import (DecoderParams, compute_logits, decoder
                                           load_gated_mlp, load_lm_head, load_moe_mlp, mlp_block,
                                           run_layers)
 from xla_inference.models.interface import MLA, KvLayer, ModelFamily, StepBatch
-
-KVCache = list[tuple[jax.Array]]  # per layer: [latent, k_rope] [num_slots, 1, L + R]
-
 
 @dataclasses.dataclass(frozen=True)
 class DeepseekV3Config:
@@ -185,7 +183,7 @@ def _layer(layer: DeepseekV3Layer, x, kv, batch: StepBatch, cfg: DeepseekV3Confi
     return kv, x + mlp_block(layer.mlp, h, cfg)
 
 
-def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: DeepseekV3Config):
+def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: DeepseekV3Config):
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
     inv_freq, rope_scale = cfg.rope()
     inv_freq = jnp.asarray(inv_freq)

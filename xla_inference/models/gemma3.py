@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.kernels.metadata import KvCache
 from xla_inference.layers.attention import SelfAttention, self_attention
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.norms import gemma_rms_norm
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import tensor_getter
-from xla_inference.models.decoder import (DecoderConfig, KVCache, decoder_family, decoder_fields,
+from xla_inference.models.decoder import (DecoderConfig, decoder_family, decoder_fields,
                                           load_attention, load_gated_mlp, load_lm_head,
                                           run_layers)
 from xla_inference.models.decoder import compute_logits as _head_logits
@@ -156,7 +157,7 @@ def _decoder_layer(layer: Gemma3Layer, x, kv, batch: StepBatch, cfg: Gemma3Confi
     return kv, x + norm(mlp_out, layer.post_mlp_norm)
 
 
-def forward(params: Gemma3Params, kv_cache: KVCache, batch: StepBatch, cfg: Gemma3Config):
+def forward(params: Gemma3Params, kv_cache: KvCache, batch: StepBatch, cfg: Gemma3Config):
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
     inv_freqs = {kind: jnp.asarray(cfg.layer_inv_freq(kind)) for kind in set(cfg.layer_types)}
     # HF rounds the scale to the weights' dtype first (sqrt(640) -> 25.25 in bfloat16).

@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.kernels.metadata import KvCache
 from xla_inference.layers.attention import SelfAttention, paged_attention
 from xla_inference.layers.linear import linear
 from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import l2_norm, rms_norm
 from xla_inference.layers.rope import apply_rope_interleaved
 from xla_inference.models import decoder
-from xla_inference.models.decoder import (DecoderConfig, DecoderLayer, DecoderParams, KVCache,
+from xla_inference.models.decoder import (DecoderConfig, DecoderLayer, DecoderParams,
                                           decoder_family, decoder_fields, load_gated_mlp,
                                           mlp_block, run_layers)
 from xla_inference.models.interface import StepBatch
@@ -152,7 +153,7 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: Llama4Config, i: i
     return kv, x + mlp_block(layer.mlp, h, cfg)
 
 
-def forward(params: DecoderParams, kv_cache: KVCache, batch: StepBatch, cfg: Llama4Config):
+def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: Llama4Config):
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
     inv_freq = jnp.asarray(cfg.inv_freq())
     step = lambda layer, x, kv, i: _layer(layer, x, kv, batch, cfg, i, inv_freq)  # noqa: E731

@@ -4,7 +4,9 @@ Each replica owns its requests, a 1/N slice of the KV block pool and its own pre
 Their per-step batches are merged into one SchedulerOutput that the single model runner
 executes as one SPMD program. Block-id contract: in a merged output every KV block id of
 replica r is shifted by r * blocks_per_replica, so replica r owns global blocks
-[r * bpr, (r + 1) * bpr) and its null block is r * bpr. Select it with
+[r * bpr, (r + 1) * bpr) and its null block is r * bpr. A model with several KV cache
+groups (sliding-window layers beside full ones) works the same way: every group's block
+ids, the null blocks of freed pages included, are shifted alike. Select it with
 scheduler_cls = "xla_inference.plugin.dp_scheduler.DataParallelScheduler" and
 additional_config = {"xla_data_parallel_size": N}.
 
@@ -19,6 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import SchedulerInterface
 from vllm.v1.core.sched.output import (CachedRequestData, GrammarOutput, ScheduledEncoderInputStats,
@@ -44,13 +47,16 @@ class DataParallelScheduler(SchedulerInterface):
             raise ValueError(f"xla_data_parallel_size={n} with {kv_cache_config.num_blocks} KV blocks")
         # vLLM checked that one max_model_len sequence fits the whole cache; here it must fit
         # one replica's share (its null block excluded), or such a request would wait forever.
-        fits = (kv_cache_config.num_blocks // n - 1) * block_size
-        if fits < vllm_config.model_config.max_model_len:
+        usable = kv_cache_config.num_blocks // n - 1
+        needed = _blocks_per_request(vllm_config, kv_cache_config)
+        if usable < needed:
             raise ValueError(
                 f"the KV cache ({kv_cache_config.num_blocks} blocks of {block_size} tokens) split "
-                f"over {n} data parallel replicas holds {fits} tokens per replica, fewer than "
-                f"max_model_len={vllm_config.model_config.max_model_len}: give the cache more "
-                "memory (kv_cache_memory_bytes / gpu_memory_utilization) or lower max_model_len")
+                f"over {n} data parallel replicas holds {usable} blocks per replica "
+                f"({usable * block_size} tokens), fewer than the {needed} one request of "
+                f"max_model_len={vllm_config.model_config.max_model_len} takes: give the cache "
+                "more memory (kv_cache_memory_bytes / gpu_memory_utilization) or lower "
+                "max_model_len")
         self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
         self.structured_output_manager = structured_output_manager
@@ -163,8 +169,9 @@ class DataParallelScheduler(SchedulerInterface):
                                             for b in p.new_block_ids_to_zero or ()]
         if any(p.kv_cache_block_copies is not None for p in parts):
             bpr = self.blocks_per_replica
-            merged.kv_cache_block_copies = [type(c)(c.src_block_id + r * bpr, c.dst_block_id + r * bpr)
-                                            for r, p in enumerate(parts) for c in p.kv_cache_block_copies or ()]
+            merged.kv_cache_block_copies = [
+                type(c)(c.src_block_id + r * bpr, c.dst_block_id + r * bpr)
+                for r, p in enumerate(parts) for c in p.kv_cache_block_copies or ()]
         return merged
 
     def _shift(self, r: int, block_ids):
@@ -297,6 +304,14 @@ class DataParallelScheduler(SchedulerInterface):
     def shutdown(self) -> None:
         for replica in self.replicas:
             replica.shutdown()
+
+
+def _blocks_per_request(vllm_config, kv_cache_config) -> int:
+    """Blocks one request of max_model_len takes at most: its pages in every KV cache group
+    (a sliding window's group holds only its window's), all from one pool."""
+    return sum(cdiv(group.kv_cache_spec.max_memory_usage_bytes(vllm_config),
+                    group.kv_cache_spec.page_size_bytes)
+               for group in kv_cache_config.kv_cache_groups)
 
 
 def _union(dicts) -> dict:

@@ -48,6 +48,9 @@ class XlaModelRunner:
         self.engine = engine
         self.requests: dict[str, RequestState] = {}
         self._pending = None  # (scheduled [(state, num_tokens)], StepOutput) between the two calls
+        # Null pages in the block ids vLLM handed over, per KV cache group (tests): pages of a
+        # sliding window that vLLM freed before a request (re)started.
+        self.null_pages_received = [0] * engine.cfg.num_groups
 
     def execute_model(self, so):
         self._update_states(so)
@@ -136,7 +139,7 @@ class XlaModelRunner:
             options = sampling_options(new.sampling_params)
             state = RequestState(
                 req_id=new.req_id, token_ids=prompt, num_prompt_tokens=len(prompt),
-                block_ids=list(new.block_ids[0]), num_computed_tokens=new.num_computed_tokens,
+                block_ids=self._block_ids(new.block_ids), num_computed_tokens=new.num_computed_tokens,
                 options=options)
             num_prompt_logprobs = options.num_top_prompt_logprobs(self.engine.vocab_size)
             if num_prompt_logprobs is not None and len(prompt) > 1:
@@ -154,10 +157,23 @@ class XlaModelRunner:
                 req.token_ids = list(cached.all_token_ids[rid])
             req.trim_outputs(cached.num_output_tokens[i])
             new_blocks = cached.new_block_ids[i]
-            if rid in cached.resumed_req_ids:
-                req.block_ids = list(new_blocks[0])
-            elif new_blocks is not None:
-                req.block_ids.extend(new_blocks[0])
+            if rid in cached.resumed_req_ids:  # every page anew
+                req.block_ids = self._block_ids(new_blocks)
+            elif new_blocks is not None:  # pages appended to each group's list
+                for ids, new_ids in zip(req.block_ids, new_blocks, strict=True):
+                    ids.extend(new_ids)
+
+    def _block_ids(self, groups) -> list[list[int]]:
+        """A request's pages, one list per KV cache group, as vLLM sends them whole (a new or
+        resumed request); counts the null pages among them."""
+        block_ids = [list(ids) for ids in groups]
+        if len(block_ids) != len(self.null_pages_received):
+            raise ValueError(f"vLLM sent pages of {len(block_ids)} KV cache groups; the engine "
+                             f"was built for {len(self.null_pages_received)}")
+        per_replica = self.engine.blocks_per_replica  # a replica's null page: a multiple of it
+        for g, ids in enumerate(block_ids):
+            self.null_pages_received[g] += sum(b % per_replica == 0 for b in ids)
+        return block_ids
 
     def _logprobs_lists(self, requests: list[RequestState], out) -> LogprobsLists | None:
         """The sampled token's logprob, then the top n or the logprob_token_ids asked for, as

@@ -103,6 +103,12 @@ class XlaPlatform(Platform):
         return False
 
     @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        """The engine reads one block table per KV cache group (kernels/metadata.py): vLLM
+        may free the pages sliding-window layers no longer read."""
+        return True
+
+    @classmethod
     def get_device_communicator_cls(cls) -> str:
         return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
 

@@ -5,7 +5,9 @@ import time
 
 import psutil
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+from vllm.utils.math_utils import cdiv
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec,
+                                        UniformTypeKVCacheSpecs)
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from xla_inference.plugin.model_runner import XlaModelRunner
@@ -58,15 +60,53 @@ def _top_logprobs_width(max_logprobs: int, vocab_size: int) -> tuple[int, bool]:
 
 
 def kv_cache_spec(layer, block_size: int, dtype: torch.dtype):
-    """vLLM's spec for one layer's cache (models/interface.KvLayer). Every layer is reported
-    as full attention for now: the engine gives all layers one block table."""
-    from xla_inference.models.interface import MLA
+    """vLLM's spec for one layer's cache (models/interface.KvLayer), faithfully: vLLM frees
+    the pages a sliding-window layer no longer reads, and gives layers of different kinds
+    their own KV cache groups (block tables)."""
+    from xla_inference.models.interface import MLA, SLIDING
 
+    shape = dict(block_size=block_size, num_kv_heads=layer.num_kv_heads,
+                 head_size=layer.head_size, dtype=dtype)
     if layer.kind == MLA:
-        return MLAAttentionSpec(block_size=block_size, num_kv_heads=layer.num_kv_heads,
-                                head_size=layer.head_size, dtype=dtype)
-    return FullAttentionSpec(block_size=block_size, num_kv_heads=layer.num_kv_heads,
-                             head_size=layer.head_size, dtype=dtype)
+        return MLAAttentionSpec(**shape)
+    if layer.kind == SLIDING:
+        return SlidingWindowSpec(**shape, sliding_window=layer.sliding_window)
+    return FullAttentionSpec(**shape)
+
+
+def _layer_name(i: int) -> str:
+    return f"model.layers.{i}.self_attn.attn"
+
+
+def kv_layout(kv_cache_config, num_layers: int, block_size: int
+              ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """vLLM's KV cache config -> (group, cache array set) of each layer
+    (runner/engine.EngineConfig). Layers that vLLM places at the same bytes of its one
+    backing allocation (one layer of each group: a page is one group's at a time) share a
+    set of arrays; each set holds every page."""
+    group_of = {}
+    for g, group in enumerate(kv_cache_config.kv_cache_groups):
+        if group.kv_cache_spec.block_size != block_size:
+            raise ValueError(f"KV cache group {g} has pages of {group.kv_cache_spec.block_size} "
+                             f"tokens; xla-inference uses one page size ({block_size})")
+        group_of.update(dict.fromkeys(group.layer_names, g))
+    start_of = {name: tensor.offset + i * tensor.layer_stride
+                for tensor in kv_cache_config.kv_cache_tensors
+                for i, name in enumerate(tensor.layers)}
+    names = [_layer_name(i) for i in range(num_layers)]
+    missing = [n for n in names if n not in group_of or n not in start_of]
+    if missing:
+        raise ValueError(f"vLLM's KV cache config places no cache for {missing}")
+    starts = sorted({start_of[n] for n in names})
+    return (tuple(group_of[n] for n in names),
+            tuple(starts.index(start_of[n]) for n in names))
+
+
+def _group_page_bytes(group) -> int:
+    """Bytes of one page over all the layers of a KV cache group."""
+    if isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs):  # its own sum over the layers
+        return group.kv_cache_spec.page_size_bytes
+    return len(group.layer_names) * group.kv_cache_spec.page_size_bytes
 
 
 class XlaWorker(WorkerBase):
@@ -106,15 +146,18 @@ class XlaWorker(WorkerBase):
                     time.perf_counter() - start)
 
     def get_kv_cache_spec(self) -> dict:
-        return {f"model.layers.{i}.self_attn.attn": kv_cache_spec(layer, self.cache_config.block_size,
-                                                                  self._kv_torch_dtype())
+        return {_layer_name(i): kv_cache_spec(layer, self.cache_config.block_size,
+                                              self._kv_torch_dtype())
                 for i, layer in enumerate(self.model.kv_layers())}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         return ["LBNHC"]
 
     def set_kv_cache_layout(self, kv_cache_layout: str) -> None:
-        """Our cache layout is fixed ([slots, kv_heads, head_dim] per layer)."""
+        """The engine core's choice among get_supported_kv_cache_layouts (ours, LBNHC, is
+        fixed), recorded as vLLM's workers record it: vLLM's KV cache grouping, which
+        _max_useful_kv_bytes calls, reads it."""
+        super().set_kv_cache_layout(kv_cache_layout)
 
     def determine_available_memory(self) -> int:
         """Bytes for the KV cache: a `gpu_memory_utilization` share of host memory, less what
@@ -141,34 +184,45 @@ class XlaWorker(WorkerBase):
         return _TORCH_DTYPES[self.precision.kv_cache.name]
 
     def _max_useful_kv_bytes(self) -> int:
-        from xla_inference.runner.build import kv_pages_for
+        """Bytes of the pages max_num_seqs requests of max_model_len can hold at once, in the
+        KV cache groups vLLM will make of get_kv_cache_spec: a request takes the pages of
+        every group (a sliding window's group only those of its window and one step), all
+        from one pool whose page spans one layer of each group slot."""
+        from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
 
-        block_size = self.cache_config.block_size
+        groups = get_kv_cache_groups(self.vllm_config, self.get_kv_cache_spec())
+        # A page of the pool: the widest group's layers (groups share the memory).
+        page_bytes = max(_group_page_bytes(group) for group in groups)
+        pages_per_request = sum(cdiv(group.kv_cache_spec.max_memory_usage_bytes(self.vllm_config),
+                                     group.kv_cache_spec.page_size_bytes) for group in groups)
         # Each data parallel replica schedules its own max_num_seqs, with its own null page.
-        pages = kv_pages_for(self.vllm_config.scheduler_config.max_num_seqs,
-                             self.model_config.max_model_len, block_size,
-                             data_parallel_size(self.vllm_config))
-        return pages * self.model.kv_page_bytes(block_size)
+        replicas = data_parallel_size(self.vllm_config)
+        num_seqs = self.vllm_config.scheduler_config.max_num_seqs
+        return replicas * (num_seqs * pages_per_request + 1) * page_bytes
 
     def initialize_from_config(self, kv_cache_config) -> None:
         from xla_inference.runner.build import build_engine
         from xla_inference.runner.engine import EngineConfig
 
         sc = self.vllm_config.scheduler_config
+        layer_groups, layer_arrays = kv_layout(kv_cache_config, len(self.model.kv_layers()),
+                                               self.cache_config.block_size)
         top_logprobs, whole_vocab_logprobs = _top_logprobs_width(self.model_config.max_logprobs,
                                                                  self.model.vocab_size)
         engine_cfg = EngineConfig(
             num_blocks=kv_cache_config.num_blocks, block_size=self.cache_config.block_size,
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
-            max_logprobs=top_logprobs, whole_vocab_logprobs=whole_vocab_logprobs)
+            max_logprobs=top_logprobs, whole_vocab_logprobs=whole_vocab_logprobs,
+            layer_groups=layer_groups, layer_arrays=layer_arrays)
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config))
         self.model_runner = XlaModelRunner(engine)
-        logger.info("xla-inference: KV cache of %d pages x %d tokens; token buckets %s; mesh %s",
-                    engine_cfg.num_blocks, engine_cfg.block_size, engine.token_buckets,
-                    dict(engine.mesh.shape))
+        logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
+                    "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
+                    engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays),
+                    len(layer_arrays), engine.token_buckets, dict(engine.mesh.shape))
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine
@@ -200,6 +254,14 @@ class XlaWorker(WorkerBase):
     def replica_rows(self) -> list[int]:
         """Request rows each data parallel replica has run so far (tests)."""
         return self.model_runner.engine.rows_per_replica.tolist()
+
+    def kv_cache_groups(self) -> dict:
+        """The engine's KV cache groups (tests): each layer's group and array set, and the
+        null pages vLLM handed over per group so far."""
+        cfg = self.model_runner.engine.cfg
+        return dict(num_groups=cfg.num_groups, layer_groups=list(cfg.layer_groups),
+                    layer_arrays=list(cfg.layer_arrays),
+                    null_pages_received=list(self.model_runner.null_pages_received))
 
     def mesh_shape(self) -> dict:
         return dict(self.model_runner.engine.mesh.shape)

@@ -6,7 +6,6 @@ the benchmarks all build through here."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import jax
@@ -102,8 +101,3 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
     if not keep_host_params:
         model.params = None
     return engine
-
-
-def kv_pages_for(num_seqs: int, max_model_len: int, block_size: int, replicas: int = 1) -> int:
-    """Pages that hold num_seqs sequences of max_model_len, plus each replica's null page."""
-    return replicas * (num_seqs * math.ceil(max_model_len / block_size) + 1)

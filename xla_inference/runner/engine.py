@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from xla_inference.models.interface import ModelFamily, StepBatch
+from xla_inference.kernels.metadata import KvCache
+from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
                                              place_params, replica_sharding, replicated)
 from xla_inference.runner import compile_counter
@@ -41,10 +42,43 @@ class EngineConfig:
     # requests that ask for more than max_logprobs (vLLM's logprobs=-1, --max-logprobs -1).
     whole_vocab_logprobs: bool = False
     prompt_logprobs_chunk: int = 64  # prompt positions scored per call
+    # KV cache groups (kernels/metadata.py), from vLLM's KV cache config: per layer, the
+    # group whose block table it reads, and the set of cache arrays it uses (layers of
+    # different groups that vLLM places on the same memory share one). None: one group,
+    # one set of arrays per layer.
+    layer_groups: tuple[int, ...] | None = None
+    layer_arrays: tuple[int, ...] | None = None
 
     @property
     def max_blocks_per_seq(self) -> int:
         return math.ceil(self.max_model_len / self.block_size)
+
+    @property
+    def num_groups(self) -> int:
+        return 1 + max(self.layer_groups) if self.layer_groups else 1
+
+    def kv_layout(self, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(group, array set) of each layer."""
+        groups = self.layer_groups or (0,) * num_layers
+        arrays = self.layer_arrays or tuple(range(num_layers))
+        if len(groups) != num_layers or len(arrays) != num_layers:
+            raise ValueError(f"KV layout for {max(len(groups), len(arrays))} layers; the model "
+                             f"has {num_layers}")
+        return groups, arrays
+
+
+def _kv_array_shapes(layers: list[KvLayer], layer_arrays: tuple[int, ...]) -> list[tuple]:
+    """(arrays per set, kv heads, head size) of each set of cache arrays; the layers that
+    share a set must agree on it."""
+    shapes = {}
+    for i, (layer, a) in enumerate(zip(layers, layer_arrays)):
+        shape = (layer.num_arrays, layer.num_kv_heads, layer.head_size)
+        if shapes.setdefault(a, shape) != shape:
+            raise ValueError(f"layer {i} shares KV cache arrays {a} with a layer of another "
+                             f"shape: {shape} against {shapes[a]}")
+    if sorted(shapes) != list(range(len(shapes))):
+        raise ValueError(f"KV cache array sets must be numbered 0.., got {sorted(shapes)}")
+    return [shapes[a] for a in range(len(shapes))]
 
 
 @dataclasses.dataclass
@@ -170,16 +204,7 @@ class ModelEngine:
         self.replicas = self.mesh.shape["data"]
         self.blocks_per_replica = engine_cfg.num_blocks // self.replicas
         self.rows_per_replica = np.zeros(self.replicas, np.int64)  # requests run, per replica
-        num_slots = self.blocks_per_replica * engine_cfg.block_size
-        self.kv_cache, kv_shardings = [], []
-        for layer in model.kv_layers(model_cfg):
-            shape = (num_slots, layer.num_kv_heads, layer.head_size)
-            if self.replicas > 1:
-                shape = (self.replicas, *shape)
-            sharding = kv_cache_sharding(model_cfg, shape, self.mesh, self.replicas > 1)
-            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=sharding)
-            self.kv_cache.append(tuple(zeros() for _ in range(layer.num_arrays)))
-            kv_shardings.append((sharding,) * layer.num_arrays)
+        self.kv_cache, kv_shardings = self._allocate_kv_cache(model.kv_layers(model_cfg), kv_dtype)
         whole = replicated(self.mesh)
         # The cache keeps its sharding from step to step (a change would recompile).
         if self.replicas == 1:
@@ -205,10 +230,27 @@ class ModelEngine:
         self._num_steps = 0
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
+    def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
+        """The cache (every set of arrays holds all of this replica's pages) and its
+        shardings, as KvCache trees of the same structure."""
+        layer_groups, layer_arrays = self.cfg.kv_layout(len(layers))
+        num_slots = self.blocks_per_replica * self.cfg.block_size
+        arrays, shardings = [], []
+        for num_arrays, num_kv_heads, head_size in _kv_array_shapes(layers, layer_arrays):
+            shape = (num_slots, num_kv_heads, head_size)
+            if self.replicas > 1:
+                shape = (self.replicas, *shape)
+            sharding = kv_cache_sharding(self.model_cfg, shape, self.mesh, self.replicas > 1)
+            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=sharding)
+            arrays.append(tuple(zeros() for _ in range(num_arrays)))
+            shardings.append((sharding,) * num_arrays)
+        return (KvCache(arrays, layer_arrays, layer_groups),
+                KvCache(shardings, layer_arrays, layer_groups))
+
     def layout_for(self, num_tokens: int) -> BatchLayout:
         T = pick_bucket(self.token_buckets, num_tokens)
         return BatchLayout(T, seqs_for_tokens(T, self.cfg.max_num_seqs), self.cfg.max_blocks_per_seq,
-                           self.cfg.block_size)
+                           self.cfg.block_size, self.cfg.num_groups)
 
     @property
     def vocab_size(self) -> int:
@@ -228,7 +270,7 @@ class ModelEngine:
         tokens = [0] * self.replicas  # each replica's tokens so far
         places = []  # (replica, row in it, first token in it)
         for req, num_new in scheduled:
-            r = req.block_ids[0] // self.blocks_per_replica
+            r = req.block_ids[0][0] // self.blocks_per_replica  # any page: null pages too
             places.append((r, len(groups[r]), tokens[r]))
             groups[r].append((req, num_new))
             tokens[r] += num_new

@@ -120,6 +120,7 @@ class XlaPlatform(Platform):
         from vllm.config.compilation import CUDAGraphMode
 
         parallel = vllm_config.parallel_config
+        refuse_unsupported_features(vllm_config)
         _fold_data_parallel(vllm_config)
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("xla-inference does not support pipeline parallelism")
@@ -168,6 +169,27 @@ class XlaPlatform(Platform):
             raise VLLMValidationError(f"xla-inference serves at most {MAX_LOGPROB_TOKEN_IDS} "
                                       f"logprob_token_ids per request, got {len(ids)}",
                                       parameter="logprob_token_ids", value=len(ids))
+
+
+def refuse_unsupported_features(vllm_config) -> None:
+    """Refuse at start-up, with the flag's name, what this platform would otherwise accept
+    and then serve wrongly or die on: a quantized checkpoint or --quantization (weights
+    would be read as if unquantized), LoRA (adapter requests would get the base model),
+    speculative decoding (the engine has no drafter) and KV connectors (no transfer)."""
+    model = vllm_config.model_config
+    refusals = [
+        (model is not None and model.quantization,
+         lambda: f"quantization {model.quantization!r} (from --quantization or the "
+                 "checkpoint's quantization_config)"),
+        (vllm_config.lora_config is not None, lambda: "LoRA adapters (--enable-lora)"),
+        (vllm_config.speculative_config is not None,
+         lambda: "speculative decoding (--speculative-config)"),
+        (vllm_config.kv_transfer_config is not None,
+         lambda: "KV connectors (--kv-transfer-config)"),
+    ]
+    for refused, feature in refusals:
+        if refused:
+            raise ValueError(f"xla-inference does not support {feature()} yet")
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"

@@ -1,0 +1,48 @@
+"""Start-up refusals: features the platform does not serve yet are refused by name, through
+vLLM's own EngineArgs -> VllmConfig path (the platform's check_and_update_config)."""
+
+import pytest
+
+from tests.helpers import save_tiny_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # builds vLLM configs
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("refusals") / "llama")
+
+
+def _config(model_dir, **args):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model_dir), max_model_len=128, **args).create_engine_config()
+
+
+def test_a_plain_model_is_accepted(model_dir):
+    assert _config(model_dir).model_config.quantization is None
+
+
+@pytest.mark.parametrize("args, flag", [
+    (dict(quantization="fp8"), "quantization 'fp8'"),
+    (dict(enable_lora=True), "--enable-lora"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                              "prompt_lookup_max": 2}), "--speculative-config"),
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+     "--kv-transfer-config"),
+])
+def test_unsupported_features_are_refused_by_name(model_dir, args, flag):
+    with pytest.raises(Exception, match="xla-inference does not support") as info:
+        _config(model_dir, **args)
+    assert flag in str(info.value)
+
+
+def test_a_quantized_checkpoint_is_refused(tmp_path):
+    import json
+
+    quantized = save_tiny_llama(tmp_path / "llama")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="does not support quantization 'fp8'"):
+        _config(quantized)

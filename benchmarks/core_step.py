@@ -123,7 +123,8 @@ def main():
           f"weights {weights / 2**20:.0f} MiB, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s")
     for name, r in rows.items():
-        extra = (f"roofline {r['roofline_seconds'] * 1e3:8.2f} ms  ({r['roofline_seconds'] / r['seconds']:.0%} of it)"
+        roofline = r.get("roofline_seconds", 0.0)
+        extra = (f"roofline {roofline * 1e3:8.2f} ms  ({roofline / r['seconds']:.0%} of it)"
                  if "roofline_seconds" in r else
                  f"{r['flops_per_s'] / 1e9:6.1f} GFLOP/s ({r['flops_per_s'] / peak:.0%} of matmul peak)")
         print(f"{name:12s} {r['seconds'] * 1e3:9.2f} ms   {extra}")

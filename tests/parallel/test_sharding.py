@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from tests.helpers import ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family, save_tiny_model, tiny_engine
+from tests.helpers import (ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family,
+                           save_tiny_model, tiny_engine)
 from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
-from xla_inference.parallel.sharding import (LOGICAL_RULES, build_mesh,
-                                             logical_sizes)
+from xla_inference.parallel.sharding import LOGICAL_RULES, build_mesh, logical_sizes
 
 PLAN = [{0: 11, 1: 9, 2: 4}, {1: 14, 2: 1}]  # a prefill, a chunked prefill, a decode step
 

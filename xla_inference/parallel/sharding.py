@@ -2,7 +2,8 @@
 
 Model code never names mesh axes. Parameters declare their logical axes where their
 dataclass declares them (parallel/axes.py), and `LOGICAL_RULES` maps each logical axis to
-a mesh axis; a parameter that declares none is replicated. XLA's SPMD partitioner (GSPMD) inserts the collectives.
+a mesh axis; a parameter that declares none is replicated. XLA's SPMD partitioner
+(GSPMD) inserts the collectives.
 
 A logical axis is split only when its size (heads, kv heads, mlp width, experts, vocab)
 divides evenly by the mesh axis: otherwise it is replicated, so every tensor-parallel size

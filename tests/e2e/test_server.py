@@ -6,16 +6,16 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
+
+from tests.e2e.servers import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -24,39 +24,18 @@ STARTUP_TIMEOUT_S = 900
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(proc, url: str, log_path: Path) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < STARTUP_TIMEOUT_S:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-
-
 @contextlib.contextmanager
 def dev_serve(args: list[str], log_path: Path):
     """`./dev serve --host 127.0.0.1 --port P *args` until /health answers; yields (url,
     seconds to ready); stops the server and its engine processes afterwards."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(ROOT / "dev"), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 start_new_session=True, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
-        yield url, _wait_healthy(proc, url, log_path)
+        yield url, wait_healthy(proc, url, log_path, STARTUP_TIMEOUT_S)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.servers import free_port, wait_healthy
 from tests.helpers import save_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -29,12 +29,6 @@ SERVE_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs",
                "--max-num-batched-tokens", "128", "--kv-cache-memory-bytes", str(64 << 20)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_cmd(*args: str) -> list[str]:
     """The installed `xla-inference` script (as ./dev serve runs it), else its module."""
     script = Path(sys.executable).with_name("xla-inference")
@@ -46,7 +40,7 @@ def _serve_cmd(*args: str) -> list[str]:
 def launched(model_dir: Path, log_path: Path, *flags: str):
     """`xla-inference serve MODEL --host 127.0.0.1 --port P *flags` until /health answers;
     yields (process, url). Whatever is left of its process group is killed afterwards."""
-    port = _free_port()
+    port = free_port()
     cmd = _serve_cmd(str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                      *SERVE_FLAGS, *flags)
     with open(log_path, "w") as log:
@@ -54,18 +48,7 @@ def launched(model_dir: Path, log_path: Path, *flags: str):
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n"
-                                     f"{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not healthy after {STARTUP_TIMEOUT_S}s:\n"
-                                     f"{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_healthy(proc, url, log_path, STARTUP_TIMEOUT_S)
         yield proc, url
     finally:
         if proc.poll() is None:

@@ -11,14 +11,14 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.e2e.servers import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,9 @@ VOCAB = 128
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _serve(model_dir: Path, log_path: Path):
-    port = _free_port()
+    port = free_port()
     template = model_dir / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -49,18 +43,7 @@ def _serve(model_dir: Path, log_path: Path):
                                 env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n"
-                                     f"{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n"
-                                     f"{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_healthy(proc, url, log_path, STARTUP_TIMEOUT_S)
         yield url + "/v1"
     finally:
         os.killpg(proc.pid, signal.SIGINT)

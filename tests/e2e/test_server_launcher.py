@@ -132,6 +132,8 @@ def _stream_result(lines: list[str]) -> tuple[str, str | None]:
     request aborted before its first token has only that)."""
     assert lines and lines[-1] == "data: [DONE]", lines[-3:]
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    if chunks and "error" in chunks[-1]:  # vLLM's in-stream error event, then [DONE]
+        return "", "error"
     text = "".join(c["choices"][0]["text"] for c in chunks)
     return text, chunks[-1]["choices"][0]["finish_reason"] if chunks else None
 
@@ -194,8 +196,9 @@ def test_past_the_drain_timeout_every_stream_still_ends(tiny_dir, tmp_path):
     assert "mode=drain timeout=1s" in (tmp_path / "server.log").read_text()
     finishes = [_stream_result(lines)[1] for lines in results.values()]
     print("finish reasons:", finishes, file=sys.stderr)
-    # "abort" for a stream cut after its first token, None for one that never started.
-    assert set(finishes) <= {"length", "abort", None}, finishes
+    # "abort" for a stream cut after its first token, None for one that never started,
+    # "error" for one vLLM ended with an error event (seen once in a run with a warm cache).
+    assert set(finishes) <= {"length", "abort", "error", None}, finishes
     assert set(finishes) != {"length"}, finishes  # 16 x 480 tokens do not fit in 1 s
 
 

@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "xla_inference"
 
 # Bottom to top; a module may import its own package and any package listed before it.
-LAYERS = ["envs", "kernels", "parallel", "loading", "layers", "models", "sampling", "runner",
+LAYERS = ["envs", "kernels", "parallel", "quantization", "loading", "layers", "models", "sampling", "runner",
           "plugin", "cli"]
 ADAPTERS = {"plugin", "cli"}  # the only places vllm or torch may be imported
 

@@ -26,15 +26,8 @@ its operands (the KV cache) onto every device: correct, but slow; CPU tensor par
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -42,51 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference import envs
+from xla_inference.kernels import native
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "cpu" / "paged_attention.cc"
 _TARGET = "xla_inference_paged_attention"
 _POOL_TARGET = "xla_inference_thread_pool_size"
-_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
-
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def _cache_dir() -> Path:
-    return envs.cache_root() / "kernels"
-
-
-def _build() -> Path:
-    """The compiled library, built (atomically, so concurrent processes may race) if absent."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()
-                         + _cpu_signature().encode() + jax.__version__.encode()).hexdigest()[:16]
-    path = _cache_dir() / f"paged_attention-{key}.so"
-    if path.exists():
-        return path
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) found")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
-        partial = tmp.name
-    try:
-        subprocess.run([compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o",
-                        partial, "-lpthread"], check=True, capture_output=True, text=True)
-        os.replace(partial, path)
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{e.stderr[-2000:]}") from e
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return path
 
 
 @functools.cache
@@ -96,12 +51,8 @@ def available() -> bool:
     if not envs.cpu_attention_enabled():
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.XlaInferencePagedAttention),
-                                    platform="cpu")
-        jax.ffi.register_ffi_target(_POOL_TARGET,
-                                    jax.ffi.pycapsule(library.XlaInferenceThreadPoolSize),
-                                    platform="cpu")
+        native.load_targets(_SOURCE, {_TARGET: "XlaInferencePagedAttention",
+                                      _POOL_TARGET: "XlaInferenceThreadPoolSize"})
     except Exception as e:  # noqa: BLE001 - any failure means the plain-jnp kernel
         logger.warning("xla-inference: native CPU attention unavailable, using the jnp kernel: %s", e)
         return False

@@ -1,0 +1,80 @@
+"""Native C++ kernels for XLA's CPU backend: compile a kernel's source on first use, cache the
+library, and register its handlers as XLA FFI targets.
+
+Each kernel is one C++ file under kernels/cpu/ that includes XLA's FFI headers (shipped with
+jaxlib) and exports handler symbols (XLA_FFI_DEFINE_HANDLER_SYMBOL). It is compiled with the
+machine's C++ compiler (a few seconds) into ~/.cache/xla-inference/kernels, or
+$XLA_INFERENCE_CACHE/kernels, under a name keyed by the source, the flags, the CPU's features
+and the JAX version, so that a changed source, another machine sharing the cache, or a JAX
+with another FFI gets its own build. Concurrent processes may build the same library at once:
+each writes a temporary file and renames it into place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+
+from xla_inference import envs
+
+# -march=native: the library is built on (and keyed by) the CPU that runs it.
+DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _cache_dir() -> Path:
+    return envs.cache_root() / "kernels"
+
+
+def build_library(source: Path, flags: Sequence[str] = DEFAULT_FLAGS) -> Path:
+    """The compiled shared library of `source`, built if absent (RuntimeError if it cannot
+    be: no compiler, or a compile error, whose output the message ends with)."""
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
+                         + _cpu_signature().encode() + jax.__version__.encode()).hexdigest()[:16]
+    path = _cache_dir() / f"{source.stem}-{key}.so"
+    if path.exists():
+        return path
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
+        partial = tmp.name
+    try:
+        subprocess.run([compiler, *flags, "-I", jax.ffi.include_dir(), str(source), "-o",
+                        partial, "-lpthread"], check=True, capture_output=True, text=True)
+        os.replace(partial, path)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"compiling {source.name} failed:\n{e.stderr[-2000:]}") from e
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return path
+
+
+def load_targets(source: Path, targets: Mapping[str, str],
+                 flags: Sequence[str] = DEFAULT_FLAGS) -> ctypes.CDLL:
+    """Builds (or finds) `source`'s library, loads it and registers each handler symbol as a
+    CPU FFI target: targets maps target name -> exported symbol. Raises on any failure."""
+    library = ctypes.cdll.LoadLibrary(str(build_library(source, flags)))
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    return library

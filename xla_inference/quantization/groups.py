@@ -36,6 +36,7 @@ class GroupQuant:
     kind: str  # INT4, INT8 or FP8
     group_size: int
     activations: str = FLOAT_ACTIVATIONS
+    name: str = "weight"  # the checkpoint tensor, for error messages
 
     def __post_init__(self):
         self.values = np.asarray(self.values)
@@ -53,8 +54,9 @@ class GroupQuant:
     def ndim(self) -> int:
         return 2
 
-    def check(self, name: str = "weight") -> None:
-        """Raise a ValueError naming `name` unless values, scales and offsets agree."""
+    def check(self, name: str | None = None) -> None:
+        """Raise a ValueError naming the tensor unless values, scales and offsets agree."""
+        name = name or self.name
         if self.kind not in _VALUE_DTYPES:
             raise ValueError(f"{name}: unknown quantized kind {self.kind!r}")
         if self.values.ndim != 2 or self.values.dtype != _VALUE_DTYPES[self.kind]:

@@ -1,0 +1,148 @@
+"""The device layout of quantized weights and the quantized product, against float64 numpy:
+packing loses nothing (the dequantized weight is the GroupQuant's), and x times a packed
+weight is x times the dequantized weight, through the native kernel (decode-sized rows) and
+through XLA's dense product (prefill-sized rows), for every kind of weight the formats
+produce."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from xla_inference.kernels import cpu_quantized
+from xla_inference.quantization import product
+from xla_inference.quantization.groups import (FP8, INT4, INT8, INT8_ACTIVATIONS, GroupQuant,
+                                               regroup)
+from xla_inference.quantization.online import quantize_per_channel
+from xla_inference.quantization.packed import dequantize, kernel_group_size, pack
+from xla_inference.quantization.product import quantized_project
+
+
+def random_group_quant(kind, out, inp, group, *, offsets=True, seed=0, activations="float"):
+    rng = np.random.default_rng(seed)
+    groups = (out, inp // group)
+    if kind == INT4:
+        values = rng.integers(0, 16, (out, inp)).astype(np.uint8)
+    elif kind == INT8:
+        values = rng.integers(-128, 128, (out, inp)).astype(np.int8)
+    else:
+        values = (rng.standard_normal((out, inp)) * 50).astype(ml_dtypes.float8_e4m3fn)
+    scales = rng.uniform(0.001, 0.02, groups).astype(np.float32)
+    offs = rng.uniform(-0.1, 0.1, groups).astype(np.float32) if offsets else None
+    return GroupQuant(values, scales, offs, kind, group, activations)
+
+
+CASES = {  # name: (kind, out, in, group, offsets)
+    "int4-g32-offsets": (INT4, 48, 128, 32, True),
+    "int4-g128-sym": (INT4, 40, 256, 128, False),  # 40 rows: padded to 48
+    "int4-g64-rows-not-16": (INT4, 23, 192, 64, True),
+    "int8-per-channel": (INT8, 32, 192, 192, False),  # split into groups <= 128
+    "int8-g16": (INT8, 16, 64, 16, False),  # GGUF Q6_K's sub-blocks
+    "int8-g32-offsets": (INT8, 33, 96, 32, True),
+    "fp8-per-channel": (FP8, 24, 64, 64, False),
+    "fp8-block": (FP8, 24, 256, 128, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pack_keeps_every_value(case):
+    kind, out, inp, group, offsets = CASES[case]
+    weight = random_group_quant(kind, out, inp, group, offsets=offsets)
+    packed = pack(weight)
+    assert packed.shape == (out, inp)
+    np.testing.assert_array_equal(np.asarray(dequantize(packed, jnp.float32)),
+                                  weight.dequantize(np.float32))
+
+
+def test_packed_bytes_are_the_quantized_size():
+    """4-bit: half a byte a weight plus the scales; 8-bit: a byte plus the scales."""
+    out, inp = 256, 512
+    int4 = pack(random_group_quant(INT4, out, inp, 32))
+    int8 = pack(random_group_quant(INT8, out, inp, inp, offsets=False))
+    assert int4.values.nbytes == out * inp // 2
+    assert int4.nbytes == out * inp // 2 + 2 * 4 * out * inp // 32
+    assert int8.values.nbytes == out * inp
+    assert int8.nbytes == out * inp + 4 * out * inp // 128  # groups split to 128
+    # against bfloat16: 4-bit in groups of 32 with float32 scale and offset is 6 bits a weight
+    assert int4.nbytes <= 0.375 * out * inp * 2 and int8.nbytes < 0.52 * out * inp * 2
+
+
+def test_kernel_groups_split_evenly():
+    assert kernel_group_size(576, 576, INT8) == 96
+    assert kernel_group_size(32, 576, INT4) == 32
+    assert kernel_group_size(256, 4096, INT4) == 128
+    with pytest.raises(ValueError, match="cannot be split"):
+        kernel_group_size(2, 6, INT4)
+
+
+def test_regroup_is_exact():
+    weight = random_group_quant(INT4, 16, 128, 64)
+    np.testing.assert_array_equal(regroup(weight, 16).dequantize(), weight.dequantize())
+
+
+def test_mismatched_scales_are_named():
+    weight = random_group_quant(INT4, 16, 64, 32)
+    with pytest.raises(ValueError, match=r"q_proj\.weight: scales have shape"):
+        GroupQuant(weight.values, weight.scales[:, :1], None, INT4, 32, name="q_proj.weight")
+
+
+def _reference(x, weight: GroupQuant):
+    w = weight.dequantize(np.float64)
+    x = np.asarray(x, np.float64)
+    if weight.activations == INT8_ACTIVATIONS:  # the scheme's per-token int8 activations
+        scale = np.abs(x).max(-1, keepdims=True) / 127
+        x = np.clip(np.round(x / scale), -127, 127) * scale
+    return x @ w.T
+
+
+def _tolerance(rows, weight):
+    """Kernel rows quantize the activations to 15 bits (relative 3e-5 of the row's peak),
+    which moves the result by about that times the sum of |x w|; the dense product is
+    float32."""
+    return 2e-4 if rows <= product.KERNEL_MAX_ROWS else 2e-5
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("case", CASES)
+def test_product_matches_float64(case, rows):
+    kind, out, inp, group, offsets = CASES[case]
+    weight = random_group_quant(kind, out, inp, group, offsets=offsets, seed=rows)
+    x = np.random.default_rng(1).standard_normal((rows, inp)).astype(np.float32)
+    got = np.asarray(jax.jit(quantized_project)(jnp.asarray(x), pack(weight)))
+    expected = _reference(x, weight)
+    scale = np.abs(x).max() * np.abs(weight.dequantize()).sum(1).max()
+    np.testing.assert_allclose(got, expected, atol=_tolerance(rows, weight) * scale, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int8_activations_match_the_scheme(rows):
+    """compressed-tensors W8A8 int8: int8 activations per token times int8 weights per
+    channel, summed in integers; the kernel and XLA's int32 dot give the same numbers."""
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((48, 160)).astype(np.float32)
+    weight = quantize_per_channel(w, INT8)
+    weight.activations = INT8_ACTIVATIONS
+    x = rng.standard_normal((rows, 160)).astype(np.float32)
+    got = np.asarray(jax.jit(quantized_project)(jnp.asarray(x), pack(weight)))
+    np.testing.assert_allclose(got, _reference(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_leading_axes_and_out_dtype():
+    weight = random_group_quant(INT4, 32, 64, 32)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32)
+    got = quantized_project(jnp.asarray(x), pack(weight), jnp.bfloat16)
+    assert got.shape == (2, 3, 32) and got.dtype == jnp.bfloat16
+
+
+def test_the_native_kernel_serves_decode_rows():
+    """On the host CPU a decode-sized product is the native kernel's custom call (if it
+    built), not a dequantized copy of the weight."""
+    if not cpu_quantized.available():
+        pytest.skip("native quantized kernel not built on this machine")
+    weight = pack(random_group_quant(INT4, 32, 64, 32))
+    hlo = jax.jit(quantized_project).lower(jnp.zeros((1, 64)), weight).as_text()
+    assert "custom_call" in hlo
+    hlo = jax.jit(quantized_project).lower(jnp.zeros((product.KERNEL_MAX_ROWS + 1, 64)),
+                                           weight).as_text()
+    assert "custom_call" not in hlo

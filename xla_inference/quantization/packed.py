@@ -1,0 +1,162 @@
+"""Quantized weights as the device holds them (PackedWeight), made from the host form
+(groups.GroupQuant) once at load.
+
+Integer weights (4- and 8-bit) are laid out in tiles of 16 output rows, the operand layout
+of the native CPU kernel (kernels/cpu/quantized_matmul.cc): each 32-byte chunk holds two
+(8-bit) or four (4-bit, two per byte) consecutive input elements of 16 rows, so one vector
+load feeds 16 rows' products. Scales and offsets are laid out [row tile, group, 16]. On
+other devices XLA dequantizes the tiles inside the product (`dequantize`): the layout is a
+reshape and a transpose of the plain one, which XLA folds into the dequantizing fusion.
+FP8 weights keep the plain [out, in] layout (XLA converts them in the product).
+
+Groups are at most 128 input elements (larger groups, e.g. one scale per row, are split
+into equal parts), so the kernel's int32 sums over a group cannot overflow."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_inference.quantization.groups import (FP8, INT4, INT8, INT8_ACTIVATIONS, GroupQuant,
+                                               regroup)
+
+TILE_ROWS = 16
+MAX_GROUP = 128
+_CHUNK_INPUTS = {INT8: 2, INT4: 4}  # input elements of one row in a 32-byte chunk
+
+
+def _static(**kwargs) -> dataclasses.Field:
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedWeight:
+    """A quantized [out_features, in_features] projection weight on the device.
+
+    values: INT8 int8 [out/16, in/2, 32]; INT4 uint8 [out/16, in/4, 32] (tile layout, out
+    padded to a multiple of 16); FP8 float8_e4m3fn [out, in].
+    scales, offsets: float32 [out/16, groups, 16] (FP8: [out, groups]); offsets may be None."""
+
+    values: jax.Array
+    scales: jax.Array
+    offsets: jax.Array | None
+    kind: str = _static()
+    group_size: int = _static()
+    out_features: int = _static()
+    in_features: int = _static()
+    activations: str = _static()
+    # The dtype a product dequantizes into when it does not use the native kernel
+    # (the precision policy's weight dtype: bfloat16 halves the dequantized copy).
+    compute_dtype: str = _static(default="float32")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def tiled(self) -> bool:
+        return self.kind in _CHUNK_INPUTS
+
+    @property
+    def num_groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                   for a in (self.values, self.scales, self.offsets) if a is not None)
+
+
+def kernel_group_size(group_size: int, in_features: int, kind: str) -> int:
+    """The largest group of at most MAX_GROUP inputs that splits `group_size` evenly and
+    is a whole number of the kernel's chunks."""
+    step = _CHUNK_INPUTS.get(kind, 1)
+    for size in range(min(group_size, MAX_GROUP), 0, -1):
+        if group_size % size == 0 and size % step == 0:
+            return size
+    raise ValueError(f"a group of {group_size} inputs (in = {in_features}) cannot be split into "
+                     f"groups of a multiple of {step}")
+
+
+def _tile_rows(a: np.ndarray, out_padded: int) -> np.ndarray:
+    """[out, n] -> [out_padded / 16, n, 16]: padding rows are zero."""
+    padded = np.zeros((out_padded, a.shape[1]), a.dtype)
+    padded[:a.shape[0]] = a
+    return np.ascontiguousarray(padded.reshape(-1, TILE_ROWS, a.shape[1]).transpose(0, 2, 1))
+
+
+def _tile_values(values: np.ndarray, kind: str, out_padded: int) -> np.ndarray:
+    out, inp = values.shape
+    padded = np.zeros((out_padded, inp), values.dtype)
+    padded[:out] = values
+    tiles = padded.reshape(-1, TILE_ROWS, inp)  # [OT, 16, in]
+    if kind == INT8:  # chunk c, byte 2r + j = q[r, 2c + j]
+        chunks = tiles.reshape(tiles.shape[0], TILE_ROWS, inp // 2, 2).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(chunks.reshape(tiles.shape[0], inp // 2, 2 * TILE_ROWS))
+    # INT4: chunk c, byte 2r + j = q[r, 4c + j] | q[r, 4c + 2 + j] << 4
+    quads = tiles.reshape(tiles.shape[0], TILE_ROWS, inp // 4, 2, 2).astype(np.uint8)
+    packed = quads[:, :, :, 0, :] | (quads[:, :, :, 1, :] << 4)  # [OT, 16, in/4, 2 (j)]
+    return np.ascontiguousarray(packed.transpose(0, 2, 1, 3).reshape(tiles.shape[0], inp // 4,
+                                                                     2 * TILE_ROWS))
+
+
+def pack(weight: GroupQuant, compute_dtype="float32") -> PackedWeight:
+    """The device layout of a host GroupQuant (numpy arrays; placed by the engine)."""
+    out, inp = weight.shape
+    compute_dtype = jnp.dtype(compute_dtype).name
+    if weight.activations == INT8_ACTIVATIONS and (
+            weight.kind != INT8 or weight.offsets is not None or weight.group_size != inp):
+        raise ValueError("int8 activations need symmetric int8 weights with one scale per "
+                         "output channel (compressed-tensors W8A8 int8)")
+    if weight.kind == FP8:
+        return PackedWeight(weight.values, weight.scales, weight.offsets, FP8, weight.group_size,
+                            out, inp, weight.activations, compute_dtype)
+    weight = regroup(weight, kernel_group_size(weight.group_size, inp, weight.kind))
+    out_padded = -(-out // TILE_ROWS) * TILE_ROWS
+    offsets = None if weight.offsets is None else _tile_rows(weight.offsets, out_padded)
+    return PackedWeight(_tile_values(weight.values, weight.kind, out_padded),
+                        _tile_rows(weight.scales, out_padded), offsets, weight.kind,
+                        weight.group_size, out, inp, weight.activations, compute_dtype)
+
+
+# ------------------------------------------------------------------ on the device (jnp)
+
+def untiled_values(w: PackedWeight) -> jax.Array:
+    """The integer values [out_padded, in] (int8 for INT8, 0..15 as uint8 for INT4)."""
+    v = w.values
+    if w.kind == FP8:
+        return v
+    tiles, chunks = v.shape[0], v.shape[1]
+    if w.kind == INT8:
+        q = v.reshape(tiles, chunks, TILE_ROWS, 2).transpose(0, 2, 1, 3)
+    else:
+        pairs = v.reshape(tiles, chunks, TILE_ROWS, 2)  # byte (r, j) of chunk c
+        q = jnp.stack([pairs & 15, pairs >> 4], axis=3)  # [OT, C, 16, half, j]
+        q = q.transpose(0, 2, 1, 3, 4)
+    return q.reshape(tiles * TILE_ROWS, w.in_features)
+
+
+def untiled_groups(a: jax.Array, w: PackedWeight) -> jax.Array:
+    """Scales or offsets as [out_padded, groups]."""
+    return a if not w.tiled else a.transpose(0, 2, 1).reshape(-1, a.shape[1])
+
+
+def dequantize(w: PackedWeight, dtype=None) -> jax.Array:
+    """The [out_features, in_features] weight in `dtype` (default w.compute_dtype)."""
+    dtype = jnp.dtype(dtype or w.compute_dtype)
+    groups = w.num_groups
+    values = untiled_values(w).astype(jnp.float32).reshape(-1, groups, w.group_size)
+    out = values * untiled_groups(w.scales, w)[..., None]
+    if w.offsets is not None:
+        out = out + untiled_groups(w.offsets, w)[..., None]
+    return out.reshape(-1, w.in_features)[:w.out_features].astype(dtype)
+
+
+def host_nbytes(tree) -> int:
+    """Bytes of every array leaf of a parameter tree (packed weights counted packed)."""
+    return sum(int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))

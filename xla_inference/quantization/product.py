@@ -1,0 +1,95 @@
+"""x times a quantized weight: the one product every family's projections use when the
+weights are quantized (layers/linear.project hands PackedWeights here).
+
+Two ways, chosen per trace by the number of rows (a static shape):
+- up to KERNEL_MAX_ROWS rows on the host CPU (decode, small batches: memory-bound), the
+  native kernel (kernels/cpu_quantized.py) reads the packed bytes once and multiplies in
+  integers: the activations are quantized per row, to int8 where the scheme says so
+  (compressed-tensors' dynamic W8A8) and otherwise to 15-bit integers (finer than
+  bfloat16's 8-bit mantissa, so weight-only formats keep their float-activation accuracy);
+- otherwise (prefill, large batches, other devices) XLA dequantizes the weight into its
+  compute dtype and runs its dense product; on GPUs and TPUs XLA fuses the dequantization
+  into the product. Int8 activations are then fake-quantized the same way, and the int8
+  integer product runs as an int32-accumulating dot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from xla_inference.kernels import cpu_quantized
+from xla_inference.quantization.groups import INT8, INT8_ACTIVATIONS
+from xla_inference.quantization.packed import PackedWeight, dequantize, untiled_values
+
+# Rows up to which the native kernel runs on the CPU; beyond, the dense product on the
+# dequantized weight is faster (benchmarks/RESULTS.md, issue 18).
+KERNEL_MAX_ROWS = 32
+# 15-bit activations: |x| * 16383 times a |q| <= 128 stays far inside int32 over a group.
+FLOAT_ACTIVATION_LEVELS = 16383.0
+INT8_LEVELS = 127.0
+
+
+def quantize_rows(x: jax.Array, levels: float) -> tuple[jax.Array, jax.Array]:
+    """x [R, in] float -> (integers [R, in] int16 with |q| <= levels, scale [R] float32):
+    x ~ q * scale, symmetric per row (vLLM's dynamic per-token quantization for int8)."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / levels
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(x / scale[:, None]), -levels, levels)
+    return q.astype(jnp.int16), scale
+
+
+def _uses_kernel(w: PackedWeight, rows: int) -> bool:
+    return (w.tiled and rows <= KERNEL_MAX_ROWS and jax.default_backend() == "cpu"
+            and cpu_quantized.available())
+
+
+def _kernel_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
+    levels = INT8_LEVELS if w.activations == INT8_ACTIVATIONS else FLOAT_ACTIVATION_LEVELS
+    xq, x_scale = quantize_rows(x2, levels)
+    offsets = w.offsets if w.offsets is not None else jnp.zeros((0,), jnp.float32)
+    y = cpu_quantized.quantized_matmul(xq, x_scale, w.values, w.scales, offsets,
+                                       bits=4 if w.kind != INT8 else 8, group_size=w.group_size)
+    return y[:, :w.out_features]
+
+
+def _int8_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
+    """W8A8 int8 by XLA: int8 activations times int8 weights, summed in int32, then both
+    scales (one per row and one per output channel: the scheme's per-channel weights)."""
+    xq, x_scale = quantize_rows(x2, INT8_LEVELS)
+    q = untiled_values(w)[:w.out_features]
+    acc = jnp.einsum("ri,oi->ro", xq.astype(jnp.int8), q, preferred_element_type=jnp.int32)
+    w_scale = w.scales.transpose(0, 2, 1).reshape(-1, w.num_groups)[:w.out_features, 0]
+    return acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]
+
+
+def _dense_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
+    if w.activations == INT8_ACTIVATIONS:
+        xq, x_scale = quantize_rows(x2, INT8_LEVELS)
+        x2 = xq.astype(jnp.float32) * x_scale[:, None]
+    weight = dequantize(w)
+    return jnp.einsum("ri,oi->ro", x2.astype(weight.dtype), weight,
+                      preferred_element_type=jnp.float32)
+
+
+def _per_channel(w: PackedWeight) -> bool:
+    """Whether every group of a row shares one scale and no offsets exist (int8 W8A8)."""
+    return w.offsets is None and w.kind == INT8
+
+
+def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Array:
+    """x [..., in] times w [out, in] -> [..., out] in `out_dtype` (default x's dtype),
+    accumulated in float32."""
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    if _uses_kernel(w, x2.shape[0]):
+        y = _kernel_product(x2, w)
+    elif w.activations == INT8_ACTIVATIONS and _per_channel(w):
+        y = _int8_product(x2, w)
+    else:
+        y = _dense_product(x2, w)
+    return y.reshape(*lead, w.out_features).astype(out_dtype)

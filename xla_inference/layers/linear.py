@@ -5,12 +5,18 @@ against [in, out]: benchmarks/RESULTS.md).
 Weights may be stored narrower than the activations: on the host CPU, dtype=bfloat16 keeps
 the projection matrices in bfloat16 and the activations in float32 (the precision policy,
 runner/build.Precision); each product then rounds its input to bfloat16 and accumulates
-in float32."""
+in float32.
+
+Quantized weights (PackedWeight) take quantization/product.py's products instead: every
+family's projections go through `project`, so every family serves quantized checkpoints."""
 
 import math
 
 import jax
 import jax.numpy as jnp
+
+from xla_inference.quantization.packed import PackedWeight
+from xla_inference.quantization.product import quantized_project
 
 
 def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
@@ -24,6 +30,8 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     over every core that reads the bfloat16 bytes; in the [out, in] form that row is many
     times slower (benchmarks/RESULTS.md, "Figures moved from code comments").
     """
+    if isinstance(w, PackedWeight):  # a quantized checkpoint (quantization/product.py)
+        return quantized_project(x, w, out_dtype)
     out_dtype = out_dtype or x.dtype
     if w.dtype.itemsize >= x.dtype.itemsize:
         return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)

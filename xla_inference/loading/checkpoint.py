@@ -7,18 +7,72 @@ from pathlib import Path
 import numpy as np
 
 from xla_inference.loading.safetensors import CheckpointTensors, safetensors_files
+from xla_inference.quantization.formats.fp8 import Fp8Reader
+from xla_inference.quantization.online import ONLINE_METHODS
 
 
-def load_checkpoint(model_path: str | Path, gguf_file: str | None = None
-                    ) -> tuple[dict, Mapping[str, np.ndarray]]:
-    """(HF config dict, HF-named tensors) for a model directory or a .gguf file."""
+def load_checkpoint(model_path: str | Path, gguf_file: str | None = None,
+                    quantization: str | None = None) -> tuple[dict, Mapping[str, np.ndarray]]:
+    """(HF config dict, HF-named tensors) for a model directory or a .gguf file.
+
+    A checkpoint with a `quantization_config` gets a reader for its method: the tensors
+    then answer `quantized_weight(name)` with the weight's GroupQuant
+    (quantization/groups.py). A method we do not serve is refused here, naming it.
+    `quantization` is vLLM's method name (the checkpoint's, or --quantization); the online
+    methods (quantization/online.py) need no reader: runner/build.py quantizes at load."""
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
     if gguf_file:
         return _load_gguf(path / gguf_file)
     config = json.loads((path / "config.json").read_text())
-    return config, CheckpointTensors(safetensors_files(path))
+    tensors = CheckpointTensors(safetensors_files(path))
+    quant_config = config.get("quantization_config")
+    if quant_config:
+        return config, QuantizedCheckpoint(tensors, quantized_reader(quant_config, quantization))
+    if quantization and quantization not in ONLINE_METHODS:
+        raise ValueError(f"quantization {quantization!r} needs a checkpoint quantized with it, but "
+                         f"{path} has no quantization_config; on an unquantized checkpoint "
+                         f"--quantization takes {' or '.join(sorted(ONLINE_METHODS))} (online)")
+    return config, tensors
+
+
+def quantized_reader(quant_config: dict, requested: str | None = None):
+    """The format reader for a checkpoint's quantization_config (read_weight(tensors,
+    prefix, shape) -> GroupQuant | None); ValueError for a method or scheme we do not serve."""
+    method = quant_config.get("quant_method")
+    if method == Fp8Reader.METHOD:
+        return Fp8Reader(quant_config)
+    from xla_inference.quantization.formats import reader_for
+
+    return reader_for(quant_config, requested)
+
+
+class QuantizedCheckpoint(Mapping):
+    """A quantized checkpoint's tensors: plain access as CheckpointTensors, and
+    `quantized_weight("<module>.weight")` the module's GroupQuant (None where the format
+    left it unquantized)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], reader):
+        self._tensors = tensors
+        self._reader = reader
+
+    def quantized_weight(self, name: str):
+        if not name.endswith(".weight"):
+            return None
+        return self._reader.read_weight(self._tensors, name[:-len("weight")], None)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def _load_gguf(path: Path) -> tuple[dict, Mapping[str, np.ndarray]]:

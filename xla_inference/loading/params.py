@@ -7,6 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.parallel.axes import is_projection
+from xla_inference.quantization.groups import GroupQuant
+from xla_inference.quantization.online import quantize_per_channel
+from xla_inference.quantization.packed import PackedWeight, pack
 
 
 class WeightMismatchError(ValueError):
@@ -37,21 +40,60 @@ class RandomTensors(Mapping):
         return 0
 
 
-def _checked(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+def quantized_tensor(tensors: Mapping, name: str) -> GroupQuant | None:
+    """The checkpoint's quantized form of `name`, where it holds one: a mapping over a
+    quantized checkpoint (loading/checkpoint.py, GGUF's HFTensors) answers
+    `quantized_weight(name)`; a plain one holds none."""
+    reader = getattr(tensors, "quantized_weight", None)
+    return reader(name) if reader is not None else None
+
+
+def _checked(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
+             ) -> np.ndarray | GroupQuant:
     if isinstance(tensors, RandomTensors):
         return tensors.shaped(shape)
+    quantized = quantized_tensor(tensors, name)
+    if quantized is not None:
+        if tuple(quantized.shape) != tuple(shape):
+            raise WeightMismatchError(f"quantized tensor {name!r} has shape {quantized.shape}, "
+                                      f"but the model config implies {shape}")
+        return quantized
     if name not in tensors:
         raise WeightMismatchError(f"checkpoint has no tensor {name!r} (expected shape {shape})")
     array = tensors[name]
+    if _holds_quantized_values(array):
+        raise WeightMismatchError(
+            f"tensor {name!r} holds quantized values ({array.dtype}) but no quantization method "
+            "covers it: the checkpoint's quantization_config is missing or does not name this "
+            "module; refusing to read it as plain numbers")
     if tuple(array.shape) != tuple(shape):
         raise WeightMismatchError(
             f"tensor {name!r} has shape {tuple(array.shape)}, but the model config implies {shape}")
     return np.asarray(array)
 
 
-def _to_host(array: np.ndarray, dtype, transpose: bool) -> np.ndarray:
+def _holds_quantized_values(array) -> bool:
+    """Integers or FP8 where a float weight is expected: a quantized tensor read plainly."""
+    dtype = np.dtype(array.dtype)
+    return dtype.kind in "iu" or (dtype.itemsize == 1 and dtype.kind == "V") or "float8" in dtype.name
+
+
+def _dense(array: np.ndarray | GroupQuant, dtype) -> np.ndarray:
+    """A quantized tensor's float values (for what no quantized product consumes)."""
+    if isinstance(array, GroupQuant):
+        return array.dequantize(np.float32).astype(jnp.dtype(dtype))
+    return array
+
+
+def _to_host(array: np.ndarray | GroupQuant, dtype, transpose: bool) -> np.ndarray | GroupQuant:
     # Cast and lay out on the host; the engine then places each device's shard only
     # (parallel/sharding.py), so no device holds a full copy of a sharded tensor.
+    # A quantized [out, in] weight stays quantized (pack_quantized decides, by the field it
+    # lands in); transposed (MoE experts, MLA's per-head matrices), it is made dense.
+    if isinstance(array, GroupQuant):
+        if not transpose:
+            return array
+        array = _dense(array, dtype)
     array = array.astype(jnp.dtype(dtype), copy=False)
     if transpose:  # the last two axes: [out, in] -> [in, out], per expert for stacked weights
         array = np.swapaxes(array, -1, -2)
@@ -61,7 +103,8 @@ def _to_host(array: np.ndarray, dtype, transpose: bool) -> np.ndarray:
 def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], dtype,
                 *, transpose: bool = False):
     """Fetch `name`, check it has `shape` (checkpoint layout), cast, optionally transpose
-    (the last two axes)."""
+    (the last two axes). A quantized checkpoint's weight comes back as its GroupQuant
+    (untransposed); `dense` gives float values for code that reshapes or slices it."""
     return _to_host(_checked(tensors, name, shape), dtype, transpose)
 
 
@@ -74,7 +117,14 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
                  dtype, *, transpose: bool = False):
     """The tensors `names` (one per expert), each of checkpoint `shape`, stacked on a new
     leading axis, cast, each optionally transposed."""
-    return _to_host(np.stack([_checked(tensors, n, shape) for n in names]), dtype, transpose)
+    stacked = np.stack([_dense(_checked(tensors, n, shape), dtype) for n in names])
+    return _to_host(stacked, dtype, transpose)
+
+
+def dense(array: np.ndarray | GroupQuant, dtype=np.float32) -> np.ndarray:
+    """`array`, or a quantized weight's float values, for a loader that reshapes or slices
+    a weight (MLA's kv_b_proj) rather than handing it to a product."""
+    return _dense(array, dtype)
 
 
 def narrow_projections(params, dtype):
@@ -91,8 +141,59 @@ def narrow_projections(params, dtype):
     changes = {}
     for field in dataclasses.fields(params):
         value = getattr(params, field.name)
+        if isinstance(value, (PackedWeight, GroupQuant)):
+            continue  # quantized: its own layout and dtypes
         if is_projection(field) and value is not None:
             changes[field.name] = np.asarray(value).astype(jnp.dtype(dtype))
         elif isinstance(value, (list, tuple)) or dataclasses.is_dataclass(value):
             changes[field.name] = narrow_projections(value, dtype)
     return dataclasses.replace(params, **changes)
+
+
+def _map_fields(params, change):
+    """params with change(field, value) applied to every leaf field of every parameter
+    dataclass (lists of layers included); change returns the new value."""
+    if isinstance(params, (list, tuple)):
+        return type(params)(_map_fields(p, change) for p in params)
+    if not dataclasses.is_dataclass(params) or isinstance(params, (GroupQuant, PackedWeight)):
+        return params
+    changes = {}
+    for field in dataclasses.fields(params):
+        value = getattr(params, field.name)
+        if isinstance(value, (list, tuple)) or (dataclasses.is_dataclass(value) and not
+                                                isinstance(value, (GroupQuant, PackedWeight))):
+            changes[field.name] = _map_fields(value, change)
+        else:
+            changes[field.name] = change(field, value)
+    return dataclasses.replace(params, **changes)
+
+
+def pack_quantized(params, compute_dtype, dense_dtype):
+    """Quantized weights into the device layout: a projection's GroupQuant becomes a
+    PackedWeight (quantization/packed.py) whose products dequantize into `compute_dtype`
+    where they do not run integer kernels; a quantized tensor anywhere else (a GGUF
+    embedding, whose rows are gathered) becomes float `dense_dtype`. One GroupQuant in two
+    fields (a tied embedding and LM head) is packed once."""
+    packed: dict[int, PackedWeight] = {}
+
+    def change(field, value):
+        if not isinstance(value, GroupQuant):
+            return value
+        if not is_projection(field):
+            return _dense(value, dense_dtype)
+        if id(value) not in packed:
+            packed[id(value)] = pack(value, compute_dtype)
+        return packed[id(value)]
+
+    return _map_fields(params, change)
+
+
+def quantize_projections(params, kind: str):
+    """Online quantization: every float projection matrix quantized per output channel to
+    `kind` (quantization/online.py); everything else is left as it is."""
+    def change(field, value):
+        if is_projection(field) and isinstance(value, np.ndarray) and value.ndim == 2:
+            return quantize_per_channel(value, kind)
+        return value
+
+    return _map_fields(params, change)

@@ -27,7 +27,7 @@ from xla_inference.layers.mlp import GatedMlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq, yarn_inv_freq, yarn_mscale
-from xla_inference.loading.params import take_tensor, tensor_getter
+from xla_inference.loading.params import dense, take_tensor, tensor_getter
 from xla_inference.models.decoder import (DecoderParams, compute_logits, decoder_fields,
                                           load_gated_mlp, load_lm_head, load_moe_mlp, mlp_block,
                                           run_layers)
@@ -127,7 +127,7 @@ def load_mla(get, prefix: str, cfg: DeepseekV3Config) -> MlaAttention:
         wq = get(prefix + "q_b_proj.weight", (N * (P + R), Q), True)
     wq = wq.reshape(wq.shape[0], N, P + R)
     wkv_a = get(prefix + "kv_a_proj_with_mqa.weight", (L + R, D), True)  # [D, L + R]
-    wkv_b = get(prefix + "kv_b_proj.weight", (N * (P + H), L)).reshape(N, P + H, L)
+    wkv_b = dense(get(prefix + "kv_b_proj.weight", (N * (P + H), L)), wkv_a.dtype).reshape(N, P + H, L)
     return MlaAttention(
         wq_a=wq_a, q_a_norm=q_a_norm, wq_nope=wq[..., :P], wq_rope=wq[..., P + rope_order],
         wkv_a=jnp.concatenate([wkv_a[:, :L], wkv_a[:, L + rope_order]], axis=1),

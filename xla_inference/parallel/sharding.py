@@ -96,6 +96,10 @@ def param_shardings(params, cfg, mesh: Mesh):
         return NamedSharding(mesh, partition_spec(axes, np.shape(leaf), sizes, mesh))
 
     def walk(node, axes=None):
+        if is_packed_weight(node):
+            return dataclasses.replace(node, **{
+                name: leaf_sharding(getattr(node, name), packed_axes(node, name, axes))
+                for name in ("values", "scales", "offsets")})
         if dataclasses.is_dataclass(node):
             return dataclasses.replace(node, **{
                 f.name: walk(getattr(node, f.name), field_axes(f))
@@ -105,6 +109,22 @@ def param_shardings(params, cfg, mesh: Mesh):
         return leaf_sharding(node, axes)
 
     return walk(params)
+
+
+def is_packed_weight(node) -> bool:
+    """A quantized weight (quantization/packed.PackedWeight; named by duck type, since
+    parallel/ sits below quantization/): its arrays follow the weight's logical axes."""
+    return dataclasses.is_dataclass(node) and hasattr(node, "tiled") and hasattr(node, "values")
+
+
+def packed_axes(node, name: str, axes: tuple | None) -> tuple | None:
+    """A packed weight's array `name` split as its [out, in] weight declares (`axes`): the
+    tile layout's first two axes are row tiles and input chunks or groups (the third, the
+    16 rows of a tile or the bytes of a chunk, is never split); the plain FP8 layout is
+    [out, in] and [out, groups]."""
+    if axes is None:
+        return None
+    return tuple(axes) + (None,) if node.tiled else tuple(axes)
 
 
 def kv_cache_sharding(cfg, shape: tuple[int, ...], mesh: Mesh, replicas: bool = False

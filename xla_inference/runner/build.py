@@ -11,10 +11,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from xla_inference.loading.params import narrow_projections
+from xla_inference.loading.params import narrow_projections, pack_quantized, quantize_projections
 from xla_inference.models.interface import KvLayer, ModelFamily
 from xla_inference.models.loader import load_model
 from xla_inference.parallel.sharding import build_mesh
+from xla_inference.quantization.online import ONLINE_METHODS
+from xla_inference.quantization.packed import host_nbytes
 from xla_inference.runner.engine import EngineConfig, ModelEngine
 
 
@@ -71,17 +73,29 @@ class LoadedModel:
                    for layer in self.kv_layers())
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of the host weights (quantized ones as packed), before placement."""
+        return host_nbytes(self.params)
+
+    @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
 
 def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None = None,
-         random_seed: int | None = None) -> LoadedModel:
+         random_seed: int | None = None, quantization: str | None = None) -> LoadedModel:
     """Phase one: read (or, with random_seed, draw) the weights on the host in the policy's
-    dtypes. The projections are narrowed here, before the KV cache is sized, so that the
-    host holds one copy of each."""
+    dtypes. The projections are narrowed, or quantized, here, before the KV cache is sized,
+    so that the host holds one copy of each.
+
+    `quantization`: vLLM's method name. A quantized checkpoint's (its quantization_config,
+    or a GGUF file's blocks) projections stay quantized; on an unquantized checkpoint an
+    online method ("int8", "fp8") quantizes every projection per output channel."""
     family, cfg, params = load_model(model_path, precision.activations, gguf_file,
-                                     random_seed=random_seed)
+                                     random_seed=random_seed, quantization=quantization)
+    if quantization in ONLINE_METHODS:
+        params = quantize_projections(params, ONLINE_METHODS[quantization])
+    params = pack_quantized(params, precision.weights, precision.activations)
     if precision.narrows_projections:
         params = narrow_projections(params, precision.weights)
     return LoadedModel(family, cfg, params, precision)

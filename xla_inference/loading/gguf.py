@@ -4,7 +4,8 @@ The `gguf` package parses the container (header, key/values, tensor infos, byte 
 over a memory map and dequantizes (`gguf.quants.dequantize`, the same function
 transformers' GGUF loader calls). A tensor is dequantized only when it is asked for, so a
 large GGUF never sits whole in float32 in host memory; its shape and raw quantized blocks
-are available without dequantizing.
+are available without dequantizing, and so is, for the block types that have one, its
+GroupQuant (`HFTensors.quantized_weight`, quantization/formats/gguf_blocks.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any, Iterable
 
 import gguf
 import numpy as np
+
+from xla_inference.quantization.formats.gguf_blocks import SUPPORTED_TYPES, group_quant_from_blocks
+from xla_inference.quantization.groups import GroupQuant
 
 GGMLType = gguf.GGMLQuantizationType
 
@@ -142,6 +146,21 @@ class HFTensors(Mapping):
                              f"it has no raw form, dequantize it instead")
         raw = self._source.raw(recipe.gguf_name)
         return raw if recipe.rows is None else raw.take_rows(recipe.rows)
+
+    def quantized_weight(self, name: str) -> GroupQuant | None:
+        """The tensor kept quantized, rows in HF order, exactly equal to `self[name]` once
+        dequantized; None where there is no such form: float tensors (F32/F16/BF16), block
+        types without a GroupQuant form, tensors other than 2-D, recipes that change
+        values (`subtract`), and sources that are not a GGUF file."""
+        recipe = self._recipes[name]
+        if not isinstance(self._source, GGUFTensors) or recipe.subtract:
+            return None
+        raw = self._source.raw(recipe.gguf_name)
+        if raw.ggml_type not in SUPPORTED_TYPES or len(raw.shape) != 2:
+            return None
+        # Rows are gathered as blocks (whole rows, so exact) before they are unpacked.
+        raw = raw if recipe.rows is None else raw.take_rows(recipe.rows)
+        return group_quant_from_blocks(raw.ggml_type, raw.data, raw.shape, name)
 
     def __getitem__(self, name: str) -> np.ndarray:
         recipe = self._recipes[name]

@@ -16,6 +16,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "XLA_INFERENCE_CPU_ATTENTION": (
         "1",
         "0 runs the plain-jnp attention kernel on the CPU instead of the native one"),
+    "XLA_INFERENCE_CPU_QUANTIZED": (
+        "1",
+        "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
     "XLA_INFERENCE_STEP_STATS": (
         "0",
         "1 makes the engine wait for each program and split step time into host and device "
@@ -34,6 +37,10 @@ def cache_root() -> Path:
 
 def cpu_attention_enabled() -> bool:
     return _get("XLA_INFERENCE_CPU_ATTENTION") != "0"
+
+
+def cpu_quantized_enabled() -> bool:
+    return _get("XLA_INFERENCE_CPU_QUANTIZED") != "0"
 
 
 def step_stats_enabled() -> bool:

@@ -1,0 +1,335 @@
+// Quantized matrix product for XLA's CPU backend, exact in integer arithmetic: an XLA FFI
+// custom call (kernels/cpu_quantized.py builds, loads and calls it).
+//
+//   y[t, o] = x_scale[t] * sum_g ( scale[o,g] * S[t,o,g] + offset[o,g] * X[t,g] )
+//   S[t,o,g] = sum_{k in g} xq[t,k] * q[o,k]     (int32, exact)
+//   X[t,g]   = sum_{k in g} xq[t,k]              (int32, exact; only with offsets)
+//
+// xq int16 [T, in] (|xq| <= 16383, so a group of <= 128 products cannot overflow int32);
+// x_scale f32 [T]; values in the tile layout of quantization/packed.py: rows in tiles of 16,
+// each 32-byte chunk holding 2 (8-bit) or 4 (4-bit) input elements of the tile's 16 rows:
+//   8-bit: values[ot, c, 2r+j] = q[16ot+r, 2c+j]                       int8  [out/16, in/2, 32]
+//   4-bit: values[ot, c, 2r+j] = q[16ot+r, 4c+j] | q[16ot+r, 4c+2+j] << 4  uint8 [out/16, in/4, 32]
+// scales f32 [out/16, G, 16] (scales[ot, g, r] = scale[16ot+r, g]); offsets likewise, or
+// zero-size for none. Output f32 [T, out_padded = 16 * (out/16)].
+//
+// The AVX-512 VNNI path widens a chunk's 32 bytes to 32 int16 words (word 2r+j) and adds
+// each dword lane r's pair products to the tile's row r with vpdpwssd against a broadcast
+// int16 pair of x; one widened chunk serves up to 8 rows of T. Each group's int32 sums are
+// converted and scaled with one FMA (and the offsets with another, times X). Decode (T of a
+// few rows) reads every weight byte once, so the product is bound by memory; for T = 1..2,
+// several output tiles run side by side so that the vpdpwssd chains overlap.
+//
+// Work items are runs of output tiles, shared out over XLA's intra-op thread pool (the FFI's
+// ThreadPool context) and the calling thread as in paged_attention.cc. Every output element
+// is computed by the same operations in the same order whatever the thread count, the items
+// or the rows of T it is computed with, so the output does not depend on them; the portable
+// path (no VNNI) does the same operations too (integer sums, then the same FMAs).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+// XLA_INFERENCE_QMM_PORTABLE: the portable path even where VNNI is there (for tests).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(XLA_INFERENCE_QMM_PORTABLE)
+#include <immintrin.h>
+#define XLA_INFERENCE_QMM_VNNI 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRows = 16;       // output rows per tile (one zmm of int32 / f32 lanes)
+constexpr int64_t kChunkBytes = 32;  // one tile's bytes per chunk of input elements
+constexpr int64_t kMaxT = 8;        // rows of T that share each widened weight chunk
+
+struct Problem {
+  const int16_t* xq;
+  const float* x_scale;
+  const uint8_t* values;
+  const float* scales;
+  const float* offsets;  // nullptr: none
+  const float* x_sums;   // [T, G] group sums of xq (exact in f32), with offsets
+  float* out;
+  int64_t T, in, out_tiles, groups, group_size;
+  int64_t per_chunk;  // input elements per chunk: 2 (8-bit) or 4 (4-bit)
+
+  int64_t tile_bytes() const { return in / per_chunk * kChunkBytes; }
+  int64_t chunks_per_group() const { return group_size / per_chunk; }
+};
+
+// The exact group sums X[t, g], once per call (as floats: |X| <= 128 * 16383 < 2^24).
+std::vector<float> group_sums(const int16_t* xq, int64_t T, int64_t in, int64_t group_size) {
+  const int64_t G = in / group_size;
+  std::vector<float> sums(T * G);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < group_size; ++k) s += xq[t * in + g * group_size + k];
+      sums[t * G + g] = static_cast<float>(s);
+    }
+  return sums;
+}
+
+#ifdef XLA_INFERENCE_QMM_VNNI
+
+inline __m512i broadcast_pair(const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return _mm512_set1_epi32(pair);  // folds into vpdpwssd's {1to16} memory broadcast
+}
+
+// kTiles output tiles from ot0 on, times kT rows of T from t0 on.
+template <int kBits, int kT, int kTiles>
+void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
+  const int64_t chunks = p.chunks_per_group(), tile_bytes = p.tile_bytes();
+  const uint8_t* w[kTiles];
+  for (int i = 0; i < kTiles; ++i) w[i] = p.values + (ot0 + i) * tile_bytes;
+  const int16_t* x[kT];
+  for (int t = 0; t < kT; ++t) x[t] = p.xq + (t0 + t) * p.in;
+  __m512 y[kTiles][kT];
+  for (int i = 0; i < kTiles; ++i)
+    for (int t = 0; t < kT; ++t) y[i][t] = _mm512_setzero_ps();
+  const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512i acc[kTiles][kT];
+    for (int i = 0; i < kTiles; ++i)
+      for (int t = 0; t < kT; ++t) acc[i][t] = _mm512_setzero_si512();
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      const int64_t k = c * p.per_chunk;
+      for (int i = 0; i < kTiles; ++i) {
+        const __m256i bytes =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kChunkBytes));
+        if constexpr (kBits == 8) {
+          const __m512i words = _mm512_cvtepi8_epi16(bytes);
+          for (int t = 0; t < kT; ++t)
+            acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], words, broadcast_pair(x[t] + k));
+        } else {
+          const __m512i words = _mm512_cvtepu8_epi16(bytes);
+          const __m512i low = _mm512_and_si512(words, low_nibbles);
+          const __m512i high = _mm512_srli_epi16(words, 4);
+          for (int t = 0; t < kT; ++t) {
+            acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], low, broadcast_pair(x[t] + k));
+            acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], high, broadcast_pair(x[t] + k + 2));
+          }
+        }
+      }
+    }
+    for (int i = 0; i < kTiles; ++i) {
+      const int64_t at = ((ot0 + i) * p.groups + g) * kRows;
+      const __m512 scale = _mm512_loadu_ps(p.scales + at);
+      for (int t = 0; t < kT; ++t)
+        y[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][t]), scale, y[i][t]);
+      if (p.offsets != nullptr) {
+        const __m512 offset = _mm512_loadu_ps(p.offsets + at);
+        for (int t = 0; t < kT; ++t)
+          y[i][t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(p.x_sums[(t0 + t) * p.groups + g]),
+                                    y[i][t]);
+      }
+    }
+  }
+  const int64_t width = p.out_tiles * kRows;
+  for (int t = 0; t < kT; ++t) {
+    const __m512 xs = _mm512_set1_ps(p.x_scale[t0 + t]);
+    for (int i = 0; i < kTiles; ++i)
+      _mm512_storeu_ps(p.out + (t0 + t) * width + (ot0 + i) * kRows, _mm512_mul_ps(y[i][t], xs));
+  }
+}
+
+// Output tiles side by side per T-row count: enough independent vpdpwssd chains at T = 1..2.
+template <int kT>
+constexpr int tiles_together() {
+  return kT == 1 ? 4 : kT <= 3 ? 2 : 1;
+}
+
+template <int kBits, int kT>
+void rows_vnni(const Problem& p, int64_t ot_begin, int64_t ot_end, int64_t t0) {
+  constexpr int kTiles = tiles_together<kT>();
+  int64_t ot = ot_begin;
+  for (; ot + kTiles <= ot_end; ot += kTiles) block_vnni<kBits, kT, kTiles>(p, ot, t0);
+  for (; ot < ot_end; ++ot) block_vnni<kBits, kT, 1>(p, ot, t0);
+}
+
+using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
+
+template <int kBits>
+RowsFn rows_for(int64_t rows) {
+  switch (rows) {
+    case 1: return rows_vnni<kBits, 1>;
+    case 2: return rows_vnni<kBits, 2>;
+    case 3: return rows_vnni<kBits, 3>;
+    case 4: return rows_vnni<kBits, 4>;
+    case 5: return rows_vnni<kBits, 5>;
+    case 6: return rows_vnni<kBits, 6>;
+    case 7: return rows_vnni<kBits, 7>;
+    default: return rows_vnni<kBits, 8>;
+  }
+}
+
+// Output tiles ot_begin..ot_end-1 for every row of T, kMaxT rows at a time (the tiles'
+// weights stay in cache from one row tile to the next).
+void tiles(const Problem& p, int64_t ot_begin, int64_t ot_end) {
+  for (int64_t t0 = 0; t0 < p.T; t0 += kMaxT) {
+    const int64_t rows = std::min(kMaxT, p.T - t0);
+    (p.per_chunk == 2 ? rows_for<8>(rows) : rows_for<4>(rows))(p, ot_begin, ot_end, t0);
+  }
+}
+
+#else  // portable
+
+// The same sums and FMAs as the VNNI path, one output tile and one row of T at a time.
+void tile_row_portable(const Problem& p, int64_t ot, int64_t t) {
+  const int64_t chunks = p.chunks_per_group();
+  const uint8_t* w = p.values + ot * p.tile_bytes();
+  const int16_t* x = p.xq + t * p.in;
+  float y[kRows] = {};
+  for (int64_t g = 0; g < p.groups; ++g) {
+    int32_t acc[kRows] = {};
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      const uint8_t* b = w + c * kChunkBytes;
+      const int64_t k = c * p.per_chunk;
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t j = 0; j < 2; ++j) {
+          const uint8_t byte = b[2 * r + j];
+          if (p.per_chunk == 2) {
+            acc[r] += static_cast<int32_t>(static_cast<int8_t>(byte)) * x[k + j];
+          } else {
+            acc[r] += static_cast<int32_t>(byte & 0x0F) * x[k + j] +
+                      static_cast<int32_t>(byte >> 4) * x[k + 2 + j];
+          }
+        }
+    }
+    const int64_t at = (ot * p.groups + g) * kRows;
+    for (int64_t r = 0; r < kRows; ++r) {
+      y[r] = std::fma(static_cast<float>(acc[r]), p.scales[at + r], y[r]);
+      if (p.offsets != nullptr)
+        y[r] = std::fma(p.offsets[at + r], p.x_sums[t * p.groups + g], y[r]);
+    }
+  }
+  float* out = p.out + t * p.out_tiles * kRows + ot * kRows;
+  for (int64_t r = 0; r < kRows; ++r) out[r] = y[r] * p.x_scale[t];
+}
+
+void tiles(const Problem& p, int64_t ot_begin, int64_t ot_end) {
+  for (int64_t t = 0; t < p.T; ++t)
+    for (int64_t ot = ot_begin; ot < ot_end; ++ot) tile_row_portable(p, ot, t);
+}
+
+#endif
+
+// One call's work items (runs of output tiles), taken one at a time by whichever thread asks
+// next; owned jointly by the call and the tasks it schedules, as in paged_attention.cc.
+struct Work {
+  Problem p;
+  std::vector<float> x_sums;
+  int64_t tiles_per_item, num_items;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  int64_t done = 0;  // items finished (under mu)
+
+  void drain() {
+    int64_t finished = 0;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
+      const int64_t begin = i * tiles_per_item;
+      tiles(p, begin, std::min(begin + tiles_per_item, p.out_tiles));
+    }
+    if (finished == 0) return;
+    // The mutex also publishes this thread's writes to out to the waiting caller.
+    std::lock_guard<std::mutex> lock(mu);
+    done += finished;
+    if (done == num_items) all_done.notify_all();
+  }
+};
+
+// Output tiles per work item: about 128 KiB of weights (so that with many rows of T a tile
+// run stays in L2 from one row tile to the next), and at least 4 items per thread when the
+// weights allow (threads share a busy machine unevenly). Items never change the results.
+int64_t tiles_per_item(const Problem& p, int64_t threads) {
+  const int64_t by_cache = std::max<int64_t>(1, (128 << 10) / p.tile_bytes());
+  const int64_t by_threads = std::max<int64_t>(1, p.out_tiles / (4 * (threads + 1)));
+  return std::min(by_cache, by_threads);
+}
+
+ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
+                               ffi::Buffer<ffi::F32> x_scale, ffi::AnyBuffer values,
+                               ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets,
+                               ffi::ResultBuffer<ffi::F32> out, int64_t bits,
+                               int64_t group_size) {
+  const auto xd = xq.dimensions();
+  const auto vd = values.dimensions();
+  const auto sd = scales.dimensions();
+  const auto od = out->dimensions();
+  if (bits != 4 && bits != 8)
+    return ffi::Error::InvalidArgument("quantized_matmul: bits must be 4 or 8");
+  const int64_t per_chunk = bits == 8 ? 2 : 4;
+  const auto want_type = bits == 8 ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (xd.size() != 2 || vd.size() != 3 || sd.size() != 3 || od.size() != 2 ||
+      values.element_type() != want_type || vd[2] != kChunkBytes || group_size <= 0 ||
+      group_size % per_chunk != 0 || group_size > 128 || xd[1] % group_size != 0 ||
+      vd[1] * per_chunk != xd[1] || sd[0] != vd[0] || sd[1] * group_size != xd[1] ||
+      sd[2] != kRows || x_scale.element_count() != static_cast<size_t>(xd[0]) ||
+      od[0] != xd[0] || od[1] != vd[0] * kRows) {
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul: xq [T, in] int16, x_scale [T], values [out/16, in/kc, 32] "
+        "(int8 for 8 bits, uint8 for 4), scales [out/16, in/group_size, 16], group_size a "
+        "multiple of kc and at most 128, out [T, out/16*16]");
+  }
+  const bool has_offsets = offsets.element_count() != 0;
+  if (has_offsets && offsets.element_count() != scales.element_count())
+    return ffi::Error::InvalidArgument("quantized_matmul: offsets shaped as scales, or empty");
+
+  auto work = std::make_shared<Work>();
+  Problem& p = work->p;
+  p = Problem{xq.typed_data(), x_scale.typed_data(),
+              static_cast<const uint8_t*>(values.untyped_data()), scales.typed_data(),
+              has_offsets ? offsets.typed_data() : nullptr, nullptr, out->typed_data(),
+              xd[0], xd[1], vd[0], sd[1], group_size, per_chunk};
+  if (p.T == 0 || p.out_tiles == 0) return ffi::Error::Success();
+  if (has_offsets) {
+    work->x_sums = group_sums(p.xq, p.T, p.in, group_size);
+    p.x_sums = work->x_sums.data();
+  }
+  work->tiles_per_item = tiles_per_item(p, pool.num_threads());
+  work->num_items = (p.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
+  // The calling thread takes items too, so one fewer task than items is ever useful.
+  const int64_t helpers = std::min(pool.num_threads(), work->num_items - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  // Every item is taken by now; wait for those that other threads are still computing.
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->all_done.wait(lock, [&] { return work->done == work->num_items; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmul, QuantizedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size"));
+
+// Whether this build took the AVX-512 VNNI path (1) or the portable one (0): for tests.
+extern "C" int XlaInferenceQuantizedMatmulVnni() {
+#ifdef XLA_INFERENCE_QMM_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}

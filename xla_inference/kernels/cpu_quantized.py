@@ -1,0 +1,84 @@
+"""Quantized matrix products (int4 / int8 weights in groups, int16 activations) as a native
+kernel for XLA's CPU backend (cpu/quantized_matmul.cc), called as an XLA FFI custom call.
+
+    y[t, o] = x_scale[t] * sum_g (scale[o,g] * S[t,o,g] + offset[o,g] * X[t,g])
+
+with S the exact int32 product of the group's int16 activations and its weights, and X the
+group's activation sum. Decode reads every weight byte once per step, so the time is that
+of reading the weights: int8 weights are half the bytes of bfloat16, int4 a quarter. The
+kernel uses AVX-512 VNNI (vpdpwssd) where the CPU has it and portable C++ elsewhere, with the
+same results; it shares its work over XLA's intra-op thread pool, and its output does not
+depend on the number of threads.
+
+The weights come in the tile layout of quantization/packed.py (its docstring and the .cc
+file's header give it). Built on first use like kernels/cpu_attention.py (kernels/native.py);
+XLA_INFERENCE_CPU_QUANTIZED=0 turns it off, and available() then says False, as it does where
+the build fails: callers then take the XLA (dequantize and multiply) path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_inference import envs
+from xla_inference.kernels import native
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "cpu" / "quantized_matmul.cc"
+_TARGET = "xla_inference_quantized_matmul"
+_SYMBOL = "XlaInferenceQuantizedMatmul"
+ROWS_PER_TILE = 16  # output rows per tile of the weight layout
+
+
+@functools.cache
+def _library():
+    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL})
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the native kernel is built and registered (XLA_INFERENCE_CPU_QUANTIZED=0
+    turns it off)."""
+    if not envs.cpu_quantized_enabled():
+        return False
+    try:
+        _library()
+    except Exception as e:  # noqa: BLE001 - any failure means the XLA path
+        logger.warning("xla-inference: native CPU quantized matmul unavailable: %s", e)
+        return False
+    return True
+
+
+def uses_vnni() -> bool:
+    """Whether the built kernel took its AVX-512 VNNI path (else the portable one); needs
+    available()."""
+    return bool(_library().XlaInferenceQuantizedMatmulVnni())
+
+
+def ffi_quantized_matmul(target: str, xq, x_scale, values, scales, offsets, *, bits: int,
+                         group_size: int):
+    """quantized_matmul through the FFI target `target` (a build of quantized_matmul.cc)."""
+    if offsets is None:
+        offsets = jnp.zeros((0,), jnp.float32)
+    out_padded = values.shape[0] * ROWS_PER_TILE
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((xq.shape[0], out_padded),
+                                                         jnp.float32))
+    return call(xq.astype(jnp.int16), x_scale.astype(jnp.float32), values,
+                scales.astype(jnp.float32), offsets.astype(jnp.float32),
+                bits=np.int64(bits), group_size=np.int64(group_size))
+
+
+def quantized_matmul(xq, x_scale, values, scales, offsets, *, bits: int, group_size: int):
+    """y [T, out_padded] float32 for xq int16 [T, in] (|xq| <= 16383), x_scale [T], values
+    int8 [out/16, in/2, 32] (bits=8) or uint8 [out/16, in/4, 32] (bits=4) in the tile
+    layout, scales [out/16, in/group_size, 16], offsets like scales or None; group_size a
+    multiple of 4 (8 bits: of 2) and at most 128. Needs available(); usable inside jit."""
+    return ffi_quantized_matmul(_TARGET, xq, x_scale, values, scales, offsets, bits=bits,
+                                group_size=group_size)

@@ -86,6 +86,7 @@ def test_dequantized_group_quant_equals_gguf_dequantize(qtype, rows, cols):
     np.testing.assert_allclose(weight.dequantize(np.float64), expected, rtol=2 ** -23, atol=0)
     kind, group_size, low, high = EXPECTED[qtype]
     assert (weight.kind, weight.group_size, weight.shape) == (kind, group_size, (rows, cols))
+    assert weight.name == "w"
     assert weight.scales.dtype == np.float32 and weight.scales.shape == (rows, cols // group_size)
     assert low <= weight.values.min() and weight.values.max() <= high
 

@@ -218,7 +218,7 @@ def group_quant_from_blocks(ggml_type, data: np.ndarray, shape: tuple[int, int],
         values=np.ascontiguousarray(values).reshape(rows, cols),
         scales=scales.reshape(rows, groups),
         offsets=None if offsets is None else offsets.reshape(rows, groups),
-        kind=fmt.kind, group_size=fmt.group_size)
+        kind=fmt.kind, group_size=fmt.group_size, name=name)
 
 
 def _blocks_of(ggml_type: GGMLType, data: np.ndarray, shape: tuple[int, int],

@@ -3,6 +3,7 @@
 Run: .venv/bin/python benchmarks/core_step.py [--dtype float32] [--repeats 5]
      [--projections bfloat16]  (dtype=bfloat16 on the host CPU: bfloat16 projection
      matrices, float32 activations and KV cache; layers/linear.py)
+     [--gguf]  (the embedded GGUF file, kept quantized) [--quantization int8|fp8] (online)
 
 Needs only JAX and this package (so it runs on an accelerator machine without vLLM). Loads
 SmolLM2-135M (the embedded GGUF) into the engine and times, as medians over `--repeats`
@@ -27,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from xla_inference.loading.default_model import prepare_default_model  # noqa: E402
+from xla_inference.loading.default_model import default_gguf_path, prepare_default_model  # noqa: E402
 from xla_inference.runner.build import Precision, build_engine, load  # noqa: E402
 from xla_inference.runner.engine import EngineConfig  # noqa: E402
 from xla_inference.runner.requests import RequestState  # noqa: E402
@@ -71,7 +72,7 @@ def measure_matmul_peak(dtype, repeats, n=2048):
 
 
 def _param_bytes(params):
-    return sum(x.nbytes for x in jax.tree.leaves(params))
+    return sum(x.nbytes for x in jax.tree.leaves(params))  # packed weights counted packed
 
 
 def _matmul_flops_per_token(cfg):
@@ -90,12 +91,18 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", default=None,
                         help="model directory (default: the embedded SmolLM2)")
+    parser.add_argument("--quantization", default=None,
+                        help="online int8 / fp8 on an unquantized model (a quantized "
+                             "checkpoint or a GGUF file is served quantized anyway)")
+    parser.add_argument("--gguf", action="store_true",
+                        help="the embedded SmolLM2 GGUF file itself (kept quantized, Q4_1)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights of the model's shapes (only config.json is read)")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     projections = jnp.dtype(args.projections or args.dtype)
-    model = load(args.model or prepare_default_model(), Precision(projections, dtype, dtype),
+    path = args.model or (default_gguf_path() if args.gguf else prepare_default_model())
+    model = load(path, Precision(projections, dtype, dtype), quantization=args.quantization,
                  random_seed=0 if args.random_weights else None)
     cfg = model.cfg
     ecfg = EngineConfig(num_blocks=64 * (args.context // BLOCK + 2) + 64, block_size=BLOCK,

@@ -164,7 +164,7 @@ def test_smollm2_tensors_equal_gguf_dequantize(smollm2):
 def test_gemma3_270m_tensors_equal_gguf_dequantize():
     from xla_inference.loading.default_model import gemma3_270m_gguf_path
 
-    _, tensors = gguf_tensors(gemma3_270m_gguf_path)
+    metadata, tensors = gguf_tensors(gemma3_270m_gguf_path)
     first_of_type = {}
     for name in tensors:
         qtype = tensors.raw(name).ggml_type
@@ -176,6 +176,21 @@ def test_gemma3_270m_tensors_equal_gguf_dequantize():
     embed = tensors.raw("token_embd.weight").take_rows(np.arange(0, 262144, 97))  # Q8_0
     weight = group_quant_from_blocks(embed.ggml_type, embed.data, embed.shape, embed.name)
     np.testing.assert_array_equal(weight.dequantize(np.float32), dequantize(embed.data, embed.ggml_type))
+    check_gemma3_quantized_weights(metadata, tensors, first_of_type)
+
+
+def check_gemma3_quantized_weights(metadata, tensors, first_of_type):
+    """Through Gemma 3's HF mapping: each type's first tensor equals the float path; the
+    norms (stored + 1, given back as stored - 1) have no quantized form."""
+    from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf, gemma3_hf_state_dict_from_gguf
+
+    hf = gemma3_hf_state_dict_from_gguf(tensors, gemma3_hf_config_from_gguf(metadata, tensors))
+    hf_of = {hf.recipe(name).gguf_name: name for name in hf}
+    for gguf_name in first_of_type.values():
+        name = hf_of[gguf_name]
+        np.testing.assert_array_equal(hf.quantized_weight(name).dequantize(np.float32), hf[name],
+                                      err_msg=name)
+    assert hf.quantized_weight("model.layers.0.self_attn.q_norm.weight") is None
 
 
 def test_smollm2_quantized_weights_equal_the_float_path(smollm2):

@@ -82,6 +82,17 @@ std::vector<float> group_sums(const int16_t* xq, int64_t T, int64_t in, int64_t 
 
 #ifdef XLA_INFERENCE_QMM_VNNI
 
+// Each output tile's weights are a short stream (a few KiB), a few side by side, and its
+// scales another: asking for them ahead helps the hardware prefetcher a little (5-10%
+// measured, benchmarks/quantized_matmul.py). Prefetching past the end of an array is harmless.
+constexpr int64_t kLineBytes = 64;
+constexpr int64_t kPrefetchBytes = 1024;  // weight bytes ahead, per tile
+constexpr int64_t kPrefetchGroups = 4;    // groups ahead, for scales and offsets
+
+inline void prefetch(const void* address) {
+  _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+}
+
 inline __m512i broadcast_pair(const int16_t* x) {
   int32_t pair;
   std::memcpy(&pair, x, sizeof(pair));
@@ -104,9 +115,17 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
     __m512i acc[kTiles][kT];
     for (int i = 0; i < kTiles; ++i)
       for (int t = 0; t < kT; ++t) acc[i][t] = _mm512_setzero_si512();
+    if (g + kPrefetchGroups < p.groups)
+      for (int i = 0; i < kTiles; ++i) {
+        const int64_t ahead = ((ot0 + i) * p.groups + g + kPrefetchGroups) * kRows;
+        prefetch(p.scales + ahead);
+        if (p.offsets != nullptr) prefetch(p.offsets + ahead);
+      }
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
       const int64_t k = c * p.per_chunk;
       for (int i = 0; i < kTiles; ++i) {
+        if (c % (kLineBytes / kChunkBytes) == 0)
+          prefetch(w[i] + c * kChunkBytes + kPrefetchBytes);
         const __m256i bytes =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kChunkBytes));
         if constexpr (kBits == 8) {
@@ -151,12 +170,12 @@ constexpr int tiles_together() {
   return kT == 1 ? 4 : kT <= 3 ? 2 : 1;
 }
 
-template <int kBits, int kT>
+// Output tiles ot_begin..ot_end-1: kTiles at a time, the rest by halves.
+template <int kBits, int kT, int kTiles = tiles_together<kT>()>
 void rows_vnni(const Problem& p, int64_t ot_begin, int64_t ot_end, int64_t t0) {
-  constexpr int kTiles = tiles_together<kT>();
   int64_t ot = ot_begin;
   for (; ot + kTiles <= ot_end; ot += kTiles) block_vnni<kBits, kT, kTiles>(p, ot, t0);
-  for (; ot < ot_end; ++ot) block_vnni<kBits, kT, 1>(p, ot, t0);
+  if constexpr (kTiles > 1) rows_vnni<kBits, kT, kTiles / 2>(p, ot, ot_end, t0);
 }
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
@@ -251,13 +270,14 @@ struct Work {
   }
 };
 
-// Output tiles per work item: about 128 KiB of weights (so that with many rows of T a tile
-// run stays in L2 from one row tile to the next), and at least 4 items per thread when the
-// weights allow (threads share a busy machine unevenly). Items never change the results.
+// Output tiles per work item: at least 4 items per thread when the weights allow (threads
+// share a busy machine unevenly), in whole blocks of 4 tiles (the side-by-side tiles of
+// T = 1); with more than kMaxT rows of T, at most about 128 KiB of weights, so that a tile
+// run stays in L2 from one row tile to the next. Items never change the results.
 int64_t tiles_per_item(const Problem& p, int64_t threads) {
-  const int64_t by_cache = std::max<int64_t>(1, (128 << 10) / p.tile_bytes());
-  const int64_t by_threads = std::max<int64_t>(1, p.out_tiles / (4 * (threads + 1)));
-  return std::min(by_cache, by_threads);
+  int64_t tiles = std::max<int64_t>(4, p.out_tiles / (4 * (threads + 1)) / 4 * 4);
+  if (p.T > kMaxT) tiles = std::min(tiles, std::max<int64_t>(1, (128 << 10) / p.tile_bytes()));
+  return tiles;
 }
 
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,

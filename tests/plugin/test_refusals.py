@@ -24,7 +24,7 @@ def test_a_plain_model_is_accepted(model_dir):
 
 
 @pytest.mark.parametrize("args, flag", [
-    (dict(quantization="fp8"), "quantization 'fp8'"),
+    (dict(quantization="experts_int8"), "quantization 'experts_int8'"),
     (dict(enable_lora=True), "--enable-lora"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                               "prompt_lookup_max": 2}), "--speculative-config"),
@@ -37,12 +37,13 @@ def test_unsupported_features_are_refused_by_name(model_dir, args, flag):
     assert flag in str(info.value)
 
 
-def test_a_quantized_checkpoint_is_refused(tmp_path):
+def test_a_checkpoint_quantized_by_an_unserved_method_is_refused(tmp_path):
+    """(The methods served and refused: tests/plugin/test_quantization_config.py.)"""
     import json
 
     quantized = save_tiny_llama(tmp_path / "llama")
     config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
     (quantized / "config.json").write_text(json.dumps(config))
-    with pytest.raises(Exception, match="does not support quantization 'fp8'"):
+    with pytest.raises(Exception, match="does not support quantization 'modelopt'"):
         _config(quantized)

@@ -10,6 +10,8 @@ import psutil
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
+from xla_inference.plugin import quantization
+
 logger = logging.getLogger(__name__)
 
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
@@ -60,7 +62,8 @@ class XlaPlatform(Platform):
     device_type: str = "cpu"
     dispatch_key: str = "CPU"
     dist_backend: str = "gloo"
-    supported_quantization: list[str] = []
+    # What --quantization or a checkpoint's quant_method may name (plugin/quantization.py).
+    supported_quantization: list[str] = list(quantization.SERVED_METHODS)
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
@@ -81,6 +84,12 @@ class XlaPlatform(Platform):
     def pre_register_and_update(cls, parser=None) -> None:
         """Called by EngineArgs before it builds the ModelConfig (and by the CLI's parser)."""
         patch_vllm_config()
+
+    @classmethod
+    def verify_quantization(cls, quant: str) -> None:
+        """vLLM's check of the method it resolved (e.g. an AWQ checkpoint's "auto_awq"),
+        with our message: the method and what is served."""
+        quantization.refuse_unserved(quant)
 
     @classmethod
     def import_kernels(cls) -> None:
@@ -173,14 +182,14 @@ class XlaPlatform(Platform):
 
 def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
-    and then serve wrongly or die on: a quantized checkpoint or --quantization (weights
+    and then serve wrongly or die on: a quantization method it does not serve (weights
     would be read as if unquantized), LoRA (adapter requests would get the base model),
     speculative decoding (the engine has no drafter) and KV connectors (no transfer)."""
     model = vllm_config.model_config
+    if model is not None:
+        quantization.refuse_unserved(model.quantization, "from --quantization or the "
+                                     "checkpoint's quantization_config")
     refusals = [
-        (model is not None and model.quantization,
-         lambda: f"quantization {model.quantization!r} (from --quantization or the "
-                 "checkpoint's quantization_config)"),
         (vllm_config.lora_config is not None, lambda: "LoRA adapters (--enable-lora)"),
         (vllm_config.speculative_config is not None,
          lambda: "speculative decoding (--speculative-config)"),
@@ -242,8 +251,12 @@ def patch_vllm_config() -> None:
     import or in register(): vLLM is still choosing the platform then, and importing its
     config modules would bind a CPU platform inside them (tests/test_platform.py)."""
     from vllm.config.model import ModelConfig
+    from vllm.config.vllm import VllmConfig
 
     _allow_heads_that_do_not_split(ModelConfig)
+    quantization.register_methods()
+    quantization.refuse_unserved_before_vllm(ModelConfig)
+    quantization.accept_float32_activations(VllmConfig)
 
 
 def _allow_heads_that_do_not_split(model_config_cls) -> None:

@@ -222,8 +222,8 @@ def _refuse_extras(config: Mapping) -> None:
                       "--kv-cache-dtype fp8, with scales computed at run time)")
     sparsity = config.get("sparsity_config") or {}
     if sparsity and str(sparsity.get("format", "dense")).lower() != "dense":
-        raise _refuse(f"sparsity ({sparsity.get('format')}, "
-                      f"structure {sparsity.get('sparsity_structure')}, e.g. 2:4)")
+        raise _refuse(f"sparsity (format {sparsity.get('format')}, structure "
+                      f"{sparsity.get('sparsity_structure')}; 2:4 and other sparse weights)")
     if config.get("transform_config"):
         raise _refuse("transform_config (rotations such as QuIP or SpinQuant)")
     status = config.get("quantization_status")

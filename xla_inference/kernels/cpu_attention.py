@@ -62,7 +62,9 @@ def available() -> bool:
 def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, block_size: int,
                     scale: float, sliding_window: int | None = None):
     """As ragged_paged_attention (without soft cap, attention chunks or a shared K/V), for
-    float32 q [T, N, H] and caches [num_slots, K, H]; returns [T, N, H] float32."""
+    float32 q [T, N, H] and caches [num_slots, K, H] of float32, float8_e4m3fn or
+    float8_e5m2 (fp8 values are read as they are: the caller applies the scales); returns
+    [T, N, H] float32."""
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k_cache, v_cache, seq_ids.astype(jnp.int32),
                 positions.astype(jnp.int32), block_tables.astype(jnp.int32),

@@ -20,6 +20,15 @@ runner's padding tokens form a run of their own). Two paths share the work:
 
 Einsum letters: T tokens, C key positions in a chunk, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim, D decode slots, M = tile * G query rows.
+
+FP8 KV cache (vLLM's --kv-cache-dtype fp8 / fp8_e4m3 / fp8_e5m2): the cache arrays are
+float8_e4m3fn or float8_e5m2, one byte per value. A row is written as value / scale
+(k_scale for keys, v_scale for values: one float per layer, 1.0 unless the checkpoint
+gives one), saturated to the format's largest finite value, and read back as float32
+times the scale. Both scales are folded out of the inner loops: k_scale into the query
+(q . (k * s) = (q * s) . k) and v_scale into the output (sum p (v * s) = s * sum p v), so
+the kernels only widen fp8 to float32. A cache of any other dtype ignores the scales, as
+vLLM does for an unquantized cache.
 """
 
 from __future__ import annotations
@@ -33,15 +42,35 @@ from xla_inference.kernels import cpu_attention
 _MASK_VALUE = -1e30
 
 
-def write_kv(k_cache, v_cache, k_new, v_new, slot_mapping):
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def is_fp8(dtype) -> bool:
+    """Whether a cache of this dtype stores scaled fp8 values (see the module docstring)."""
+    return jnp.dtype(dtype) in FP8_DTYPES
+
+
+def to_cache_dtype(new, dtype, scale=1.0):
+    """Rows as a cache of `dtype` stores them. fp8: new / scale, clipped to the format's
+    largest finite value first, as vLLM's CUDA cache write saturates: a plain cast would
+    turn a larger value into NaN (e4m3fn has no infinity) or inf (e5m2)."""
+    if not is_fp8(dtype):
+        return new.astype(dtype)
+    limit = float(jnp.finfo(dtype).max)
+    return jnp.clip(new.astype(jnp.float32) / scale, -limit, limit).astype(dtype)
+
+
+def write_kv(k_cache, v_cache, k_new, v_new, slot_mapping, k_scale=1.0, v_scale=1.0):
     """Scatter this step's K/V into their slots (write_cache for each)."""
-    return write_cache(k_cache, k_new, slot_mapping), write_cache(v_cache, v_new, slot_mapping)
+    return (write_cache(k_cache, k_new, slot_mapping, k_scale),
+            write_cache(v_cache, v_new, slot_mapping, v_scale))
 
 
-def write_cache(cache, new, slot_mapping):
+def write_cache(cache, new, slot_mapping, scale=1.0):
     """Scatter this step's rows into their slots of one cache array.
 
-    cache: [num_slots, K, H]; new: [T, K, H]; slot_mapping: [T] int32.
+    cache: [num_slots, K, H]; new: [T, K, H]; slot_mapping: [T] int32; scale: the
+    layer's k_scale or v_scale (a float or a traced scalar), used by an fp8 cache only.
     Padding tokens write to the null page (block 0), so indices may repeat there.
 
     One token is written as two equal rows to the same slot: XLA turns a one-row scatter
@@ -51,7 +80,7 @@ def write_cache(cache, new, slot_mapping):
     """
     if slot_mapping.shape[0] == 1:
         new, slot_mapping = jnp.concatenate([new, new]), jnp.concatenate([slot_mapping] * 2)
-    return cache.at[slot_mapping].set(new.astype(cache.dtype), mode="drop")
+    return cache.at[slot_mapping].set(to_cache_dtype(new, cache.dtype, scale), mode="drop")
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,7 +357,7 @@ def _check_shapes(q, k_cache, v_cache, block_size, shared_kv, kv_chunk, decode_c
 
 def _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv) -> bool:
     return (soft_cap is None and attention_chunk is None and not shared_kv
-            and k_cache.dtype == jnp.float32
+            and (k_cache.dtype == jnp.float32 or is_fp8(k_cache.dtype))
             and jax.default_backend() == "cpu" and cpu_attention.available())
 
 
@@ -337,7 +366,7 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
                            soft_cap: float | None = None, attention_chunk: int | None = None,
                            shared_kv: bool = False, kv_chunk: int = 64,
                            tile: int = 16, decode_chunk: int = 32, decode_group: int = 32,
-                           native: bool = True):
+                           native: bool = True, k_scale=1.0, v_scale=1.0):
     """Attention of T ragged query tokens over the paged KV cache.
 
     q: [T, N, H]; k_cache, v_cache: [num_slots, K, H], already holding this step's K/V;
@@ -352,15 +381,19 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
     of the decode path. Returns [T, N, H] in q's dtype.
     native: the native CPU kernel (kernels/cpu_attention.py) where it can serve this call
-    (on the CPU, float32 cache, no soft cap, attention chunks or shared K/V); False: these
-    plain-jnp paths always (the reference the native kernel is tested against).
+    (on the CPU, float32 or fp8 cache, no soft cap, attention chunks or shared K/V); False:
+    these plain-jnp paths always (the reference the native kernel is tested against).
+    k_scale, v_scale: an fp8 cache's dequantization scales (floats or traced scalars;
+    shared_kv reads its one cache with k_scale); other caches ignore them.
     """
     _check_shapes(q, k_cache, v_cache, block_size, shared_kv, kv_chunk, decode_chunk)
+    out_dtype = q.dtype
+    q, v_scale = _fold_cache_scales(q, k_cache.dtype, k_scale, k_scale if shared_kv else v_scale)
     if native and _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv):
         out = cpu_attention.paged_attention(q, k_cache, v_cache, seq_ids, positions,
                                             block_tables, block_size=block_size, scale=scale,
                                             sliding_window=sliding_window)
-        return out.astype(q.dtype)
+        return _unscale_values(out, v_scale).astype(out_dtype)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -386,4 +419,17 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
                                    k_pages, v_pages, block_tables, decode_group=decode_group,
                                    kv_chunk=decode_chunk, **kw)
     out = out.at[decode_idx].set(dec, mode="drop")
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    out = _unscale_values(out.reshape(num_tokens, num_heads, head_dim), v_scale)
+    return out.astype(out_dtype)
+
+
+def _fold_cache_scales(q, cache_dtype, k_scale, v_scale):
+    """(q with an fp8 cache's k_scale folded in, in float32; the v_scale left to apply to
+    the output); (q, None) for any other cache, which ignores its scales."""
+    if not is_fp8(cache_dtype):
+        return q, None
+    return q.astype(jnp.float32) * k_scale, v_scale
+
+
+def _unscale_values(out, v_scale):
+    return out if v_scale is None else out * v_scale

@@ -16,16 +16,19 @@ from xla_inference.parallel.axes import weight
 
 def paged_attention(q, k, v, kv: LayerCache, md: AttentionMetadata, *, scale: float,
                     sliding_window: int | None = None,
-                    soft_cap: float | None = None, attention_chunk: int | None = None):
+                    soft_cap: float | None = None, attention_chunk: int | None = None,
+                    k_scale=1.0, v_scale=1.0):
     """q [T, N, H], k/v [T, K, H] -> (updated layer cache, out [T, N, H]), through the block
     table of the layer's KV cache group.
-    attention_chunk: keys only from the query's own chunk of that many positions (Llama 4)."""
+    attention_chunk: keys only from the query's own chunk of that many positions (Llama 4).
+    k_scale, v_scale: an fp8 cache stores k / k_scale and v / v_scale (floats or scalars;
+    kernels/ragged_paged_attention.py); a cache of the activations' dtype ignores them."""
     slot_mapping, block_tables = md.group(kv.group)
-    k_cache, v_cache = write_kv(kv.arrays[0], kv.arrays[1], k, v, slot_mapping)
+    k_cache, v_cache = write_kv(kv.arrays[0], kv.arrays[1], k, v, slot_mapping, k_scale, v_scale)
     out = ragged_paged_attention(
         q, k_cache, v_cache, md.seq_ids, md.positions, block_tables,
         block_size=md.block_size, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        attention_chunk=attention_chunk,
+        attention_chunk=attention_chunk, k_scale=k_scale, v_scale=v_scale,
     )
     return LayerCache((k_cache, v_cache), kv.group), out
 
@@ -46,6 +49,10 @@ class SelfAttention:
     bo: jax.Array | None = None  # [D]
     q_norm: jax.Array | None = None  # [H] RMSNorm weight over each head, before rope (Qwen3)
     k_norm: jax.Array | None = None  # [H]
+    # [] float32: a checkpoint's KV cache scales (vLLM's k_scale / v_scale), used by an fp8
+    # KV cache only; None: 1.0, vLLM's default when the checkpoint has none.
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
 
 def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
@@ -69,5 +76,10 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
     q = apply_rope(q, md.positions, inv_freq)
     k = apply_rope(k, md.positions, inv_freq)
     kv, out = paged_attention(q, k, v, kv, md, scale=scale, sliding_window=sliding_window,
-                              soft_cap=soft_cap)
+                              soft_cap=soft_cap, k_scale=_or_one(p.k_scale),
+                              v_scale=_or_one(p.v_scale))
     return kv, linear(out.reshape(T, -1), p.wo, p.bo)
+
+
+def _or_one(kv_cache_scale):
+    return 1.0 if kv_cache_scale is None else kv_cache_scale

@@ -55,6 +55,9 @@ class MlaAttention:
     w_uk: jax.Array = weight("heads", None, None)  # [N, P, L] kv_b_proj's key rows per head
     w_uv: jax.Array = weight("heads", None, None)  # [N, L, H] its value rows, transposed
     wo: jax.Array = weight("heads", None, "embed")  # [N, H, D]
+    # [] float32: the checkpoint's scale of the latent cache (vLLM's k_scale), used by an
+    # fp8 KV cache only; None: 1.0.
+    k_scale: jax.Array | None = None
 
 
 def cache_width(kv_lora_rank: int, rope_dim: int) -> int:
@@ -90,19 +93,22 @@ def mla_attention(p: MlaAttention, x: jax.Array, kv: LayerCache,
     q_latent = jnp.einsum("TNP,NPL->TNL", q_nope, p.w_uk)
     query = jnp.concatenate([q_latent, q_rope], axis=-1)  # [T, N, L + R]
     key = jnp.concatenate([latent[:, None], k_rope], axis=-1)  # [T, 1, L + R]
-    kv, out = latent_paged_attention(query, key, kv, md, scale=scale)
+    kv, out = latent_paged_attention(query, key, kv, md, scale=scale,
+                                     k_scale=1.0 if p.k_scale is None else p.k_scale)
     values = jnp.einsum("TNL,NLH->TNH", out[..., :L], p.w_uv)
     return kv, jnp.einsum("TNH,NHD->TD", values, p.wo)
 
 
 def latent_paged_attention(q: jax.Array, key: jax.Array, kv: LayerCache,
-                           md: AttentionMetadata, *, scale: float):
+                           md: AttentionMetadata, *, scale: float, k_scale=1.0):
     """q [T, N, L + R], key [T, 1, L + R] (its own value) -> (updated layer cache,
     out [T, N, L + R]).
 
-    kv: the layer's one cache array [num_slots, 1, L + R], and its KV cache group."""
+    kv: the layer's one cache array [num_slots, 1, L + R], and its KV cache group; an fp8
+    cache stores key / k_scale (vLLM's one scale for MLA's latent cache)."""
     slot_mapping, block_tables = md.group(kv.group)
-    cache = write_cache(kv.arrays[0], key, slot_mapping)
+    cache = write_cache(kv.arrays[0], key, slot_mapping, k_scale)
     out = ragged_paged_attention(q, cache, None, md.seq_ids, md.positions, block_tables,
-                                 block_size=md.block_size, scale=scale, shared_kv=True)
+                                 block_size=md.block_size, scale=scale, shared_kv=True,
+                                 k_scale=k_scale)
     return LayerCache((cache,), kv.group), out

@@ -9,8 +9,11 @@
 // that XLA's intra-op thread pool (the FFI's ThreadPool context) and the calling thread
 // share.
 //
-// q [T, N, H], k_cache / v_cache [num_slots, K, H] float32; seq_ids, positions [T] int32;
-// block_tables [B, max_blocks] int32; out [T, N, H] float32.
+// q [T, N, H], k_cache / v_cache [num_slots, K, H] float32, float8_e4m3fn or float8_e5m2
+// (both the same); seq_ids, positions [T] int32; block_tables [B, max_blocks] int32;
+// out [T, N, H] float32. An fp8 cache's rows are widened to float32 one key row at a time
+// as they are read (its scales are applied by the caller, kernels/ragged_paged_attention.py);
+// a float32 cache is read in place.
 
 #include <algorithm>
 #include <atomic>
@@ -60,7 +63,61 @@ constexpr int64_t kTile = 16;  // query tokens of one sequence that share their 
 struct Scratch {
   std::vector<float> qs, scores, acc;
   std::vector<int64_t> rows;
+  std::vector<float> widened;  // an fp8 cache's key or value rows as float32
 };
+
+// The cache as the kernels read it: row(offset, scratch) is the [K, H] row at element
+// `offset` as float32 (scratch: room for one row, used only where the cache must be
+// widened), address(offset) where its bytes lie (for prefetches).
+struct F32Cache {
+  static constexpr int64_t kBytes = sizeof(float);
+  const float* data;
+  F32Cache(const void* data, int64_t /*width*/) : data(static_cast<const float*>(data)) {}
+  const float* row(int64_t offset, float* /*scratch*/) const { return data + offset; }
+  const void* address(int64_t offset) const { return data + offset; }
+};
+
+// fp8 with kMantissa mantissa bits and exponent bias kBias, no infinities or NaNs read
+// (the cache write saturates): e4m3fn <3, 7>, e5m2 <2, 15>. Bit operations the compiler
+// vectorizes, no table: the 7 magnitude bits shifted under float32's exponent field, with
+// the bias moved from kBias to 127, are the value for every normal number; a subnormal
+// (exponent field 0) comes out as 2^-kBias * (1 + m / 2^kMantissa), so subtracting
+// 2^-kBias and doubling gives its 2^(1 - kBias) * m / 2^kMantissa. No float32
+// subnormal is ever formed, so flush-to-zero modes cannot lose fp8 subnormals.
+template <int kMantissa, int kBias>
+inline void widen_fp8(const uint8_t* src, float* dst, int64_t n) {
+  constexpr uint32_t kExponentBits = 0x7Fu & ~((1u << kMantissa) - 1u);
+  constexpr uint32_t kRebias = static_cast<uint32_t>(127 - kBias) << 23;
+  float fake_zero;  // 2^-kBias
+  std::memcpy(&fake_zero, &kRebias, sizeof(fake_zero));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = src[i];
+    const uint32_t bits = ((b & 0x7Fu) << (23 - kMantissa)) + kRebias;
+    float magnitude;
+    std::memcpy(&magnitude, &bits, sizeof(magnitude));
+    magnitude = (b & kExponentBits) == 0 ? (magnitude - fake_zero) * 2.0f : magnitude;
+    uint32_t out;
+    std::memcpy(&out, &magnitude, sizeof(out));
+    out |= (b & 0x80u) << 24;
+    std::memcpy(dst + i, &out, sizeof(out));
+  }
+}
+
+template <int kMantissa, int kBias>
+struct Fp8Cache {
+  static constexpr int64_t kBytes = 1;
+  const uint8_t* data;
+  int64_t width;  // values per row, K * H
+  Fp8Cache(const void* data, int64_t width)
+      : data(static_cast<const uint8_t*>(data)), width(width) {}
+  const float* row(int64_t offset, float* scratch) const {
+    widen_fp8<kMantissa, kBias>(data + offset, scratch, width);
+    return scratch;
+  }
+  const void* address(int64_t offset) const { return data + offset; }
+};
+using E4m3Cache = Fp8Cache<3, 7>;
+using E5m2Cache = Fp8Cache<2, 15>;
 
 // The cache row offset of each key lo..hi of a sequence (one division per page).
 void key_rows(const Shapes& s, const int32_t* table, int64_t lo, int64_t hi, int64_t row_width,
@@ -82,8 +139,10 @@ void key_rows(const Shapes& s, const int32_t* table, int64_t lo, int64_t hi, int
 // keys on (one page of 16 tokens) itself (measured in benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchAhead = 16;
 
-inline void prefetch_row(const float* row, int64_t floats) {
-  for (int64_t f = 0; f < floats; f += 64 / sizeof(float)) __builtin_prefetch(row + f);
+template <class Cache>
+inline void prefetch_row(const Cache& cache, int64_t offset, int64_t values) {
+  const char* row = static_cast<const char*>(cache.address(offset));
+  for (int64_t b = 0; b < values * Cache::kBytes; b += 64) __builtin_prefetch(row + b);
 }
 
 int64_t first_key(const Shapes& s, int64_t pos) {
@@ -92,8 +151,8 @@ int64_t first_key(const Shapes& s, int64_t pos) {
 
 // One query token: each head's scores are dot products over the head dim.
 // kHeadDim > 0: the head dim as a compile-time constant (fully unrolled products); 0: any.
-template <int64_t kHeadDim>
-void attend_one(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
+template <int64_t kHeadDim, class Cache>
+void attend_one(const Shapes& s, const float* q, const Cache& k_cache, const Cache& v_cache,
                 const int32_t* table, int64_t pos, float* out, Scratch& w) {
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
   const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
@@ -106,9 +165,10 @@ void attend_one(const Shapes& s, const float* q, const float* k_cache, const flo
   for (int64_t i = 0; i < N * H; ++i) w.qs[i] = q[i] * s.scale;
   w.scores.resize(N * n);
   key_rows(s, table, lo, pos, K * H, w.rows);
+  w.widened.resize(K * H);
   for (int64_t i = 0; i < n; ++i) {
-    const float* krow = k_cache + w.rows[i];
-    if (i + kPrefetchAhead < n) prefetch_row(k_cache + w.rows[i + kPrefetchAhead], K * H);
+    const float* krow = k_cache.row(w.rows[i], w.widened.data());
+    if (i + kPrefetchAhead < n) prefetch_row(k_cache, w.rows[i + kPrefetchAhead], K * H);
     for (int64_t h = 0; h < N; ++h) {
       const float* kv = krow + (h / G) * H;
       const float* qh = w.qs.data() + h * H;
@@ -131,8 +191,8 @@ void attend_one(const Shapes& s, const float* q, const float* k_cache, const flo
   }
   w.acc.assign(N * H, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
-    const float* vrow = v_cache + w.rows[i];
-    if (i + kPrefetchAhead < n) prefetch_row(v_cache + w.rows[i + kPrefetchAhead], K * H);
+    const float* vrow = v_cache.row(w.rows[i], w.widened.data());
+    if (i + kPrefetchAhead < n) prefetch_row(v_cache, w.rows[i + kPrefetchAhead], K * H);
     for (int64_t h = 0; h < N; ++h) {
       const float p = w.scores[h * n + i];
       const float* vv = vrow + (h / G) * H;
@@ -172,11 +232,11 @@ inline Lanes exp_lanes(Lanes x) {
 // of them, and the products run across the tokens (one lane each), with no reductions
 // across a vector: scores[h][key] = sum_d q[h][d] * k[key][d] as lanes, then
 // acc[h][d] += p[h][key] * v[key][d].
-template <int64_t kHeadDim>
-void attend_tile(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
+template <int64_t kHeadDim, class Cache>
+void attend_tile(const Shapes& s, const float* q, const Cache& k_cache, const Cache& v_cache,
                  const int32_t* table, const int32_t* positions, int64_t count, float* out,
                  std::vector<Lanes>& qs, std::vector<Lanes>& scores, std::vector<Lanes>& acc,
-                 std::vector<int64_t>& rows) {
+                 std::vector<int64_t>& rows, std::vector<float>& widened) {
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
   const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
   IntLanes pos;
@@ -195,16 +255,21 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
       for (int64_t d = 0; d < H; ++d) qs[h * H + d][j] = q[(j * N + h) * H + d] * s.scale;
   scores.resize(N * n);  // [h][key]
   key_rows(s, table, lo, hi, K * H, rows);
+  const int64_t width = K * H;
+  widened.resize(4 * width);  // four rows of an fp8 cache, widened
+  float* const buf = widened.data();
   // Four keys at a time: four independent accumulator chains per head (one chain would
   // wait on each multiply-add's latency), and each q vector loaded once for the four.
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
     for (int64_t j = i + kPrefetchAhead; j < std::min(i + kPrefetchAhead + 4, n); ++j)
-      prefetch_row(k_cache + rows[j], K * H);
+      prefetch_row(k_cache, rows[j], K * H);
+    const float *r0 = k_cache.row(rows[i], buf), *r1 = k_cache.row(rows[i + 1], buf + width),
+                *r2 = k_cache.row(rows[i + 2], buf + 2 * width),
+                *r3 = k_cache.row(rows[i + 3], buf + 3 * width);
     for (int64_t h = 0; h < N; ++h) {
       const int64_t head = (h / G) * H;
-      const float *k0 = k_cache + rows[i] + head, *k1 = k_cache + rows[i + 1] + head,
-                  *k2 = k_cache + rows[i + 2] + head, *k3 = k_cache + rows[i + 3] + head;
+      const float *k0 = r0 + head, *k1 = r1 + head, *k2 = r2 + head, *k3 = r3 + head;
       const Lanes* qh = qs.data() + h * H;
       Lanes d0{}, d1{}, d2{}, d3{};
       for (int64_t d = 0; d < H; ++d) {
@@ -219,8 +284,9 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
     }
   }
   for (; i < n; ++i) {
+    const float* krow = k_cache.row(rows[i], buf);
     for (int64_t h = 0; h < N; ++h) {
-      const float* kv = k_cache + rows[i] + (h / G) * H;
+      const float* kv = krow + (h / G) * H;
       const Lanes* qh = qs.data() + h * H;
       Lanes dot{};
       for (int64_t d = 0; d < H; ++d) dot += qh[d] * kv[d];
@@ -253,11 +319,13 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
   // Four keys at a time, so that each accumulator is loaded and stored once for four.
   for (i = 0; i + 4 <= n; i += 4) {
     for (int64_t j = i + kPrefetchAhead; j < std::min(i + kPrefetchAhead + 4, n); ++j)
-      prefetch_row(v_cache + rows[j], K * H);
+      prefetch_row(v_cache, rows[j], K * H);
+    const float *r0 = v_cache.row(rows[i], buf), *r1 = v_cache.row(rows[i + 1], buf + width),
+                *r2 = v_cache.row(rows[i + 2], buf + 2 * width),
+                *r3 = v_cache.row(rows[i + 3], buf + 3 * width);
     for (int64_t h = 0; h < N; ++h) {
       const int64_t head = (h / G) * H;
-      const float *v0 = v_cache + rows[i] + head, *v1 = v_cache + rows[i + 1] + head,
-                  *v2 = v_cache + rows[i + 2] + head, *v3 = v_cache + rows[i + 3] + head;
+      const float *v0 = r0 + head, *v1 = r1 + head, *v2 = r2 + head, *v3 = r3 + head;
       const Lanes* p = scores.data() + h * n + i;
       const Lanes p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
       Lanes* a = acc.data() + h * H;
@@ -265,8 +333,9 @@ void attend_tile(const Shapes& s, const float* q, const float* k_cache, const fl
     }
   }
   for (; i < n; ++i) {
+    const float* vrow = v_cache.row(rows[i], buf);
     for (int64_t h = 0; h < N; ++h) {
-      const float* vv = v_cache + rows[i] + (h / G) * H;
+      const float* vv = vrow + (h / G) * H;
       const Lanes p = scores[h * n + i];
       Lanes* a = acc.data() + h * H;
       for (int64_t d = 0; d < H; ++d) a[d] += p * vv[d];
@@ -299,18 +368,21 @@ std::vector<int64_t> tile_starts(const int32_t* seq_ids, int64_t num_tokens) {
 }
 
 // Tokens first..last-1 (one tile): a lone token takes attend_one.
-template <int64_t kHeadDim>
-void attend_range(const Shapes& s, const float* q, const float* k_cache, const float* v_cache,
+template <int64_t kHeadDim, class Cache>
+void attend_range(const Shapes& s, const float* q, const void* k_data, const void* v_data,
                   const int32_t* seq_ids, const int32_t* positions, const int32_t* block_tables,
                   float* out, int64_t first, int64_t last, Workspace& w) {
+  const Cache k_cache(k_data, s.num_kv_heads * s.head_dim);
+  const Cache v_cache(v_data, s.num_kv_heads * s.head_dim);
   const int64_t width = s.num_heads * s.head_dim;  // floats per token of q and out
   const int32_t* table = block_tables + static_cast<int64_t>(seq_ids[first]) * s.max_blocks;
   if (last - first == 1) {
-    attend_one<kHeadDim>(s, q + first * width, k_cache, v_cache, table, positions[first],
+    attend_one<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table, positions[first],
                          out + first * width, w.one);
   } else {
-    attend_tile<kHeadDim>(s, q + first * width, k_cache, v_cache, table, positions + first,
-                          last - first, out + first * width, w.qs, w.scores, w.acc, w.one.rows);
+    attend_tile<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
+                                 positions + first, last - first, out + first * width, w.qs,
+                                 w.scores, w.acc, w.one.rows, w.one.widened);
   }
 }
 
@@ -320,10 +392,11 @@ void attend_range(const Shapes& s, const float* q, const float* k_cache, const f
 // busy and the calling thread did the work) finds no tile left and touches nothing else.
 struct Work {
   Shapes s;
-  const float *q, *k_cache, *v_cache;
+  const float* q;
+  const void *k_cache, *v_cache;  // float32 or fp8, as `attend` reads them
   const int32_t *seq_ids, *positions, *block_tables;
   float* out;
-  void (*attend)(const Shapes&, const float*, const float*, const float*, const int32_t*,
+  void (*attend)(const Shapes&, const float*, const void*, const void*, const int32_t*,
                  const int32_t*, const int32_t*, float*, int64_t, int64_t, Workspace&);
   std::vector<int64_t> starts;  // tile i: tokens starts[i]..starts[i+1]-1
   int64_t num_tiles;
@@ -346,8 +419,32 @@ struct Work {
   }
 };
 
+using AttendFn = decltype(Work::attend);
+
+// attend_range for the cache's element type and the head dim (64 and 128 compiled with it
+// as a constant); nullptr for an element type the kernel does not read.
+template <class Cache>
+AttendFn attend_for_head_dim(int64_t head_dim) {
+  return head_dim == 64    ? attend_range<64, Cache>
+         : head_dim == 128 ? attend_range<128, Cache>
+                           : attend_range<0, Cache>;
+}
+
+AttendFn attend_for(ffi::DataType cache_type, int64_t head_dim) {
+  switch (cache_type) {
+    case ffi::DataType::F32:
+      return attend_for_head_dim<F32Cache>(head_dim);
+    case ffi::DataType::F8E4M3FN:
+      return attend_for_head_dim<E4m3Cache>(head_dim);
+    case ffi::DataType::F8E5M2:
+      return attend_for_head_dim<E5m2Cache>(head_dim);
+    default:
+      return nullptr;
+  }
+}
+
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                              ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
+                              ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                               ffi::Buffer<ffi::S32> seq_ids, ffi::Buffer<ffi::S32> positions,
                               ffi::Buffer<ffi::S32> block_tables,
                               ffi::ResultBuffer<ffi::F32> out, int64_t block_size, float scale,
@@ -359,18 +456,21 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       qd[2] != kd[2]) {
     return ffi::Error::InvalidArgument("paged_attention: q [T, N, H], caches [S, K, H]");
   }
+  const AttendFn attend = attend_for(k_cache.element_type(), qd[2]);
+  if (attend == nullptr || v_cache.element_type() != k_cache.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "paged_attention: K and V caches both float32, float8_e4m3fn or float8_e5m2");
+  }
   auto work = std::make_shared<Work>();
   work->s = Shapes{qd[0], qd[1], kd[1], qd[2], bd[1], block_size, sliding_window, scale};
   work->q = q.typed_data();
-  work->k_cache = k_cache.typed_data();
-  work->v_cache = v_cache.typed_data();
+  work->k_cache = k_cache.untyped_data();
+  work->v_cache = v_cache.untyped_data();
   work->seq_ids = seq_ids.typed_data();
   work->positions = positions.typed_data();
   work->block_tables = block_tables.typed_data();
   work->out = out->typed_data();
-  work->attend = work->s.head_dim == 64    ? attend_range<64>
-                 : work->s.head_dim == 128 ? attend_range<128>
-                                           : attend_range<0>;
+  work->attend = attend;
   work->starts = tile_starts(work->seq_ids, work->s.num_tokens);
   work->num_tiles = static_cast<int64_t>(work->starts.size()) - 1;
   // XLA sizes its pool to the CPUs this process may run on (or to its virtual CPU devices,
@@ -391,8 +491,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferencePagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

@@ -1,0 +1,207 @@
+"""An FP8 KV cache (vLLM's --kv-cache-dtype fp8 / fp8_e4m3 / fp8_e5m2), kernels and engine.
+
+Kernels: K/V are written as value / scale saturated to the format's largest finite value,
+and read back as float32 times the scale. The reference rounds the same K/V through fp8
+with ml_dtypes (numpy), independently of JAX and of the native kernel, and attends in
+float64; the written cache bytes must equal ml_dtypes' bit for bit. Both kernels run: the
+plain-jnp paths and the native CPU kernel (which widens fp8 rows itself, by bit operations:
+every finite fp8 value, subnormals included, is read back exactly).
+
+Engine: a tiny random Llama with an fp8 cache decodes greedily as it does with a float32
+cache, and its cache arrays take a quarter of float32's bytes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tests.kernels.test_ragged_paged_attention import (BLOCK_SIZE, HEAD_DIM, MIXED,
+                                                       NUM_BLOCKS, _dense_reference,
+                                                       _make_batch, _slots, _step_inputs)
+from xla_inference.kernels import cpu_attention
+from xla_inference.kernels.ragged_paged_attention import (ragged_paged_attention, write_cache,
+                                                          write_kv)
+
+FP8 = {"e4m3": (jnp.float8_e4m3fn, ml_dtypes.float8_e4m3fn),
+       "e5m2": (jnp.float8_e5m2, ml_dtypes.float8_e5m2)}
+# Not powers of two, so that a scale applied the wrong way round (or twice) shows.
+K_SCALE, V_SCALE = 0.37, 1.7
+
+
+def _quantize(x, np_dtype, scale):
+    """numpy's fp8 of x / scale, saturated (the reference for the cache write)."""
+    limit = float(ml_dtypes.finfo(np_dtype).max)
+    return np.clip(np.asarray(x, np.float32) / np.float32(scale), -limit, limit).astype(np_dtype)
+
+
+def _dequantize(x, scale):
+    return x.astype(np.float64) * np.float64(np.float32(scale))
+
+
+def _native(path: str) -> bool:
+    if path == "native":
+        assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    return path == "native"
+
+
+_STATIC = ("scale", "sliding_window", "soft_cap", "native", "k_scale", "v_scale")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
+          *, scale, sliding_window, soft_cap, native, k_scale, v_scale):
+    k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping, k_scale, v_scale)
+    out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
+                                 block_size=BLOCK_SIZE, scale=scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap,
+                                 native=native, k_scale=k_scale, v_scale=v_scale)
+    return k_cache, v_cache, out
+
+
+def _context_cache(rng, seqs, block_tables, key, np_dtype, scale):
+    """An fp8 cache (through numpy) of garbage holding each sequence's earlier context."""
+    shape = (NUM_BLOCKS * BLOCK_SIZE, *seqs[0][key].shape[1:])
+    cache = 100 * rng.standard_normal(shape)
+    for seq in seqs:
+        pos = np.arange(seq["num_cached"])
+        cache[_slots(block_tables[seq["row"]], pos)] = seq[key][pos]
+    return _quantize(cache, np_dtype, scale)
+
+
+@pytest.mark.parametrize("path", ["jnp", "native"])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("window,soft_cap", [(None, None), (37, None), (None, 30.0)],
+                         ids=["full", "window", "soft_cap"])
+def test_fp8_cache_matches_float64(path, fmt, window, soft_cap):
+    if soft_cap is not None and path == "native":
+        pytest.skip("a soft cap always takes the jnp kernel")
+    """A ragged step (decode, prefill, chunked prefill, prefix hit) over an fp8 cache: the
+    bytes written, and the attention against float64 over the fp8-rounded K/V. With e4m3
+    some keys are 1000 times larger, past its range: they saturate (a cast would give NaN).
+    (e5m2's range is too wide for that to leave float32 scores precise enough to compare:
+    test_write_saturates_to_the_largest_finite_value covers it.)"""
+    jnp_dtype, np_dtype = FP8[fmt]
+    rng = np.random.default_rng(7)
+    num_heads, num_kv_heads = 8, 2
+    seqs, block_tables, _ = _make_batch(rng, MIXED, num_heads=num_heads,
+                                        num_kv_heads=num_kv_heads, dtype=jnp.float32)
+    for seq in seqs:
+        seq["k"] = seq["k"] * 3
+        big = rng.random(seq["k"].shape) < 0.01
+        seq["k"][big] *= 1000 if fmt == "e4m3" else 1
+    q, k_new, v_new, seq_ids, positions, slot_mapping = _step_inputs(
+        rng, seqs, block_tables, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        dtype=jnp.float32)
+    k_cache = _context_cache(rng, seqs, block_tables, "k", np_dtype, K_SCALE)
+    v_cache = _context_cache(rng, seqs, block_tables, "v", np_dtype, V_SCALE)
+    scale = HEAD_DIM ** -0.5
+    k_cache, v_cache, out = _step(
+        jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.asarray(k_new, jnp.float32),
+        jnp.asarray(v_new, jnp.float32), slot_mapping, jnp.asarray(q, jnp.float32), seq_ids,
+        positions, block_tables, scale=scale, sliding_window=window, soft_cap=soft_cap,
+        native=_native(path), k_scale=K_SCALE, v_scale=V_SCALE)
+    assert k_cache.dtype == jnp_dtype and v_cache.dtype == jnp_dtype
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all()
+    k_cache, v_cache = np.asarray(k_cache), np.asarray(v_cache)
+    for seq in seqs:
+        slots = _slots(block_tables[seq["row"]], np.arange(seq["num_cached"] + seq["num_new"]))
+        k_fp8, v_fp8 = _quantize(seq["k"], np_dtype, K_SCALE), _quantize(seq["v"], np_dtype, V_SCALE)
+        np.testing.assert_array_equal(k_cache[slots].view(np.uint8), k_fp8.view(np.uint8))
+        np.testing.assert_array_equal(v_cache[slots].view(np.uint8), v_fp8.view(np.uint8))
+        tokens = seq["tokens"]
+        expected = _dense_reference(q[tokens], _dequantize(k_fp8, K_SCALE),
+                                    _dequantize(v_fp8, V_SCALE), positions[tokens], scale=scale,
+                                    sliding_window=window, soft_cap=soft_cap)
+        np.testing.assert_allclose(out[tokens], expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_write_saturates_to_the_largest_finite_value(fmt):
+    """Values past the format's range (after the scale) are stored as its largest finite
+    value, with their sign, as vLLM's CUDA cache write does; infinities too."""
+    jnp_dtype, np_dtype = FP8[fmt]
+    largest = float(ml_dtypes.finfo(np_dtype).max)
+    new = np.asarray([largest * K_SCALE * 1.2, -1e30, np.inf, -np.inf, 1.0], np.float32)
+    cache = write_cache(jnp.zeros((8, 1, 5), jnp_dtype), jnp.asarray(new[None, None]),
+                        jnp.asarray([3], jnp.int32), K_SCALE)
+    got = np.asarray(cache[3, 0]).astype(np.float32)
+    np.testing.assert_array_equal(got[:4], [largest, -largest, largest, -largest])
+    assert got[4] == np.float32(np.float32(1.0) / np.float32(K_SCALE)).astype(np_dtype)
+
+
+def _every_finite_value(np_dtype) -> np.ndarray:
+    """The 256 byte patterns as [2, 128] fp8, NaN and infinity patterns replaced by 0."""
+    values = np.arange(256, dtype=np.uint8).view(np_dtype)
+    return np.where(np.isfinite(values.astype(np.float32)), values, np_dtype(0)).reshape(2, 128)
+
+
+@pytest.mark.parametrize("path", ["jnp", "native"])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_every_fp8_value_reads_back_exactly(path, fmt):
+    """Values [2 kv heads, 128] holding every finite fp8 value (subnormals and -0 too):
+    a token that sees only such keys gets them back exactly, times v_scale (a power of two,
+    so exact too), as a lone decode token and as a tile of two (the native kernel's two
+    paths)."""
+    jnp_dtype, np_dtype = FP8[fmt]
+    row = _every_finite_value(np_dtype)
+    cache = np.zeros((4 * BLOCK_SIZE, 2, 128), np_dtype)
+    cache[BLOCK_SIZE:BLOCK_SIZE + 2] = row  # page 1: positions 0 and 1 of both sequences
+    k_cache = jnp.zeros(cache.shape, jnp_dtype)
+    seq_ids = jnp.asarray([0, 1, 1], jnp.int32)
+    positions = jnp.asarray([0, 0, 1], jnp.int32)
+    tables = jnp.asarray([[1], [1]], jnp.int32)
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 128)), jnp.float32)
+    out = ragged_paged_attention(q, k_cache, jnp.asarray(cache), seq_ids, positions, tables,
+                                 block_size=BLOCK_SIZE, scale=0.1, native=_native(path),
+                                 k_scale=0.3, v_scale=2.0)
+    expected = np.repeat(row.astype(np.float32) * 2.0, 2, axis=0)  # query heads 0,1 -> kv 0
+    for token in range(3):
+        np.testing.assert_array_equal(np.asarray(out[token]), expected)
+
+
+def test_float_cache_ignores_scales():
+    """A float32 cache stores and reads values as they are, whatever the scales (vLLM sets
+    them to 1.0 for an unquantized cache)."""
+    rng = np.random.default_rng(3)
+    cache = jnp.zeros((4 * BLOCK_SIZE, 2, HEAD_DIM), jnp.float32)
+    new = jnp.asarray(rng.standard_normal((5, 2, HEAD_DIM)), jnp.float32)
+    slots = jnp.arange(BLOCK_SIZE, BLOCK_SIZE + 5, dtype=jnp.int32)
+    written = write_cache(cache, new, slots, 0.25)
+    np.testing.assert_array_equal(np.asarray(written[slots]), np.asarray(new))
+    q = jnp.asarray(rng.standard_normal((5, 4, HEAD_DIM)), jnp.float32)
+    args = (q, written, written, jnp.zeros(5, jnp.int32), jnp.arange(5, dtype=jnp.int32),
+            jnp.asarray([[1]], jnp.int32))
+    plain = ragged_paged_attention(*args, block_size=BLOCK_SIZE, scale=0.2)
+    scaled = ragged_paged_attention(*args, block_size=BLOCK_SIZE, scale=0.2, k_scale=0.25,
+                                    v_scale=3.0)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(scaled))
+
+
+def test_fp8_shared_kv_latent_cache():
+    """MLA's latent cache in fp8: one array, its rows both key and value, read with k_scale
+    (the jnp kernel; the native one does not take shared K/V)."""
+    _, np_dtype = FP8["e4m3"]
+    rng = np.random.default_rng(11)
+    width, num_heads, length = 48, 4, 40
+    latent = rng.standard_normal((length, 1, width)) * 2
+    tables = np.asarray([[3, 1, 2]], np.int32)
+    slots = _slots(tables[0], np.arange(length))
+    cache = jnp.zeros((4 * BLOCK_SIZE, 1, width), jnp.float8_e4m3fn)
+    cache = write_cache(cache, jnp.asarray(latent, jnp.float32), jnp.asarray(slots), K_SCALE)
+    q = rng.standard_normal((length, num_heads, width))
+    positions = np.arange(length, dtype=np.int32)
+    out = ragged_paged_attention(jnp.asarray(q, jnp.float32), cache, None,
+                                 jnp.zeros(length, jnp.int32), jnp.asarray(positions),
+                                 jnp.asarray(tables), block_size=BLOCK_SIZE, scale=0.15,
+                                 shared_kv=True, k_scale=K_SCALE)
+    fp8 = _quantize(latent, np_dtype, K_SCALE)
+    np.testing.assert_array_equal(np.asarray(cache)[slots].view(np.uint8), fp8.view(np.uint8))
+    rows = _dequantize(fp8, K_SCALE)
+    expected = _dense_reference(q, rows, rows, positions, scale=0.15, sliding_window=None,
+                                soft_cap=None)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2e-5, atol=2e-5)

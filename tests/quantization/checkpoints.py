@@ -13,7 +13,8 @@ Each builder returns a QuantizedCheckpoint: the directory (config.json with its
 quantization_config, model.safetensors, the word tokenizer), the float64 reference weight of
 every quantized module (by prefix, "model.layers.0.self_attn.q_proj."), and the prefixes of
 modules left in floating point. Builders take seconds; tests/quantization/conftest.py caches
-them per session. `CHECKPOINTS` names the variants the tests use.
+them per session. `CHECKPOINTS` names the variants the tests use; `save_dequantized` writes
+the float checkpoint an end-to-end test compares against.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class QuantizedCheckpoint:
     reference: dict[str, np.ndarray]  # prefix -> float64 [out, in] dequantized weight
     unquantized: list[str]  # prefixes of linear modules left in floating point
     quantization_config: dict
+    base: Path  # the float checkpoint it was quantized from
 
     def shape(self, prefix: str) -> tuple[int, int]:
         return self.reference[prefix].shape
@@ -184,7 +186,7 @@ def save_compressed_tensors(path: Path, scheme: str, *, base: Path) -> Quantized
     compressor.update_config(str(path))
     reference = _ct_reference(compressor, model, modules)
     quant_config = json.loads((path / "config.json").read_text())["quantization_config"]
-    return QuantizedCheckpoint(path, reference, ["lm_head."], quant_config)
+    return QuantizedCheckpoint(path, reference, ["lm_head."], quant_config, Path(base))
 
 
 def _ct_reference(compressor, model, modules: dict) -> dict[str, np.ndarray]:
@@ -284,7 +286,7 @@ def save_awq(path: Path, *, base: Path, group_size: int = 32) -> QuantizedCheckp
     quant_config = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                     "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
     _write_config(path, quant_config)
-    return QuantizedCheckpoint(path, reference, ["lm_head."], quant_config)
+    return QuantizedCheckpoint(path, reference, ["lm_head."], quant_config, Path(base))
 
 
 def gptq_pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
@@ -330,7 +332,21 @@ def save_gptq(path: Path, *, base: Path, bits: int = 4, group_size: int = 32,
                     "checkpoint_format": checkpoint_format, "true_sequential": True,
                     "static_groups": False, "damp_percent": 0.01}
     _write_config(path, quant_config)
-    return QuantizedCheckpoint(path, reference, ["lm_head."], quant_config)
+    return QuantizedCheckpoint(path, reference, ["lm_head."], quant_config, Path(base))
+
+
+def save_dequantized(checkpoint: QuantizedCheckpoint, path: Path) -> Path:
+    """The base model with each quantized module's weight replaced by its reference
+    dequantization (float32), no quantization_config: what transformers (or our engine,
+    unquantized) should compute like the quantized checkpoint does, for end-to-end tests."""
+    from safetensors.numpy import save_file
+
+    path = _copy_base(checkpoint.base, path)
+    tensors = read_tensors(checkpoint.base)
+    for prefix, weight in checkpoint.reference.items():
+        tensors[prefix + "weight"] = weight.astype(np.float32)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
 
 
 # name -> (builder, keyword arguments); the session fixture builds each on first use.

@@ -21,3 +21,18 @@ def quantized_checkpoint(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def dequantized_checkpoint(quantized_checkpoint, tmp_path_factory):
+    """dequantized_checkpoint(name) -> Path of the float32 model whose weights are the
+    reference dequantization of quantized_checkpoint(name) (checkpoints.save_dequantized)."""
+    root = tmp_path_factory.mktemp("dequantized_checkpoints")
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = checkpoints.save_dequantized(quantized_checkpoint(name), root / name)
+        return built[name]
+
+    return get

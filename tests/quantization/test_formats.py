@@ -274,3 +274,17 @@ def test_ct_targets_select_modules(quantized_checkpoint):
     assert reader.read_weight(tensors, Q_PROJ, ck.shape(Q_PROJ)) is not None
     v_proj = "model.layers.0.self_attn.v_proj."
     assert reader.read_weight(tensors, v_proj, ck.shape(v_proj)) is None
+
+
+def test_dequantized_checkpoint_holds_the_reference(quantized_checkpoint, dequantized_checkpoint):
+    """The float checkpoint end-to-end tests compare against: reference weights where the
+    quantized one has quantized modules, the base's tensors elsewhere."""
+    ck = quantized_checkpoint("awq-g32")
+    tensors = checkpoints.read_tensors(dequantized_checkpoint("awq-g32"))
+    base = checkpoints.read_tensors(ck.base)
+    assert set(tensors) == set(base)
+    for prefix, reference in ck.reference.items():
+        np.testing.assert_array_equal(tensors[prefix + "weight"], reference.astype(np.float32))
+    np.testing.assert_array_equal(tensors["lm_head.weight"], base["lm_head.weight"])
+    assert "quantization_config" not in json.loads(
+        (dequantized_checkpoint("awq-g32") / "config.json").read_text())

@@ -39,20 +39,20 @@ def expect_dtype(array: np.ndarray, dtypes: Sequence, name: str) -> None:
 
 def unpack_int32(packed: np.ndarray, bits: int, axis: int,
                  field_order: Sequence[int] | None = None) -> np.ndarray:
-    """Unsigned `bits`-wide fields of int32 words, spread along `axis` (uint32 result).
+    """Unsigned `bits`-wide fields (bits <= 8) of int32 words, spread along `axis` (uint8).
 
     Word p of `packed` along `axis` holds the elements n*p .. n*p + n-1 (n = 32 // bits);
     field j (bits j*bits .. j*bits + bits-1, least significant first) holds element
-    n*p + field_order[j] (field_order defaults to 0, 1, ..., n-1)."""
+    n*p + field_order[j] (field_order defaults to 0, 1, ..., n-1). One field at a time, so
+    that a large weight needs no temporary bigger than its packed words."""
     per_word = 32 // bits
+    order = range(per_word) if field_order is None else field_order
     words = np.moveaxis(np.asarray(packed).view(np.uint32), axis, -1)
-    shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(bits)
-    fields = (words[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # [..., words, field]
-    if field_order is not None:
-        elements = np.empty_like(fields)
-        elements[..., list(field_order)] = fields
-        fields = elements
-    out = fields.reshape(*words.shape[:-1], words.shape[-1] * per_word)
+    out = np.empty((*words.shape[:-1], words.shape[-1], per_word), np.uint8)
+    mask = np.uint32((1 << bits) - 1)
+    for field, element in enumerate(order):
+        out[..., element] = (words >> np.uint32(bits * field)) & mask
+    out = out.reshape(*words.shape[:-1], words.shape[-1] * per_word)
     return np.moveaxis(out, -1, axis)
 
 

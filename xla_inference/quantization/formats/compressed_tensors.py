@@ -314,7 +314,7 @@ def _read_packed(tensors, prefix: str, shape, w: _Args) -> GroupQuant:
     if bits == 4:
         return GroupQuant(values=np.ascontiguousarray(stored_q, dtype=np.uint8), scales=scales,
                           offsets=-(zeros * scales), kind=INT4, group_size=group)
-    values = (stored_q.astype(np.int16) - midpoint).astype(np.int8)
+    values = (stored_q ^ np.uint8(0x80)).view(np.int8)  # stored - 128 = q
     offsets = None if w.symmetric else (midpoint - zeros) * scales
     return GroupQuant(values=np.ascontiguousarray(values), scales=scales, offsets=offsets,
                       kind=INT8, group_size=group)

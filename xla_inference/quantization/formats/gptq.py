@@ -141,7 +141,7 @@ class GptqReader:
         if s.bits == 4:
             return GroupQuant(values=np.ascontiguousarray(q, dtype=np.uint8), scales=scale,
                               offsets=-(zeros * scale), kind=INT4, group_size=group)
-        values = np.ascontiguousarray((q.astype(np.int16) - 128).astype(np.int8))
+        values = np.ascontiguousarray((q ^ np.uint8(0x80)).view(np.int8))  # q - 128
         offsets = None if s.sym else (128.0 - zeros) * scale
         return GroupQuant(values=values, scales=scale, offsets=offsets, kind=INT8,
                           group_size=group)

@@ -117,7 +117,7 @@ CASES = [(4, True), (4, False), (8, False)]  # (bits, offsets): int4 zero-point,
 
 @pytest.mark.parametrize("bits,with_offsets", CASES)
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128])
-@pytest.mark.parametrize("T", [1, 3, 8, 13])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 8, 13])
 def test_matches_float64(bits, with_offsets, group_size, T):
     rng = np.random.default_rng([bits, group_size, T, with_offsets])
     out, n = 200, 512

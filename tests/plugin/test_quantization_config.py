@@ -169,3 +169,37 @@ def test_unserved_flags_are_refused_by_name(plain_dir, flag):
 def test_a_flag_disagreeing_with_the_checkpoint_is_refused(quantized):
     with pytest.raises(Exception, match="does not match"):
         _config(quantized(AWQ), quantization="int8")
+
+
+def _ct(weights, input_activations, fmt):
+    return {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"group_0": {
+        "targets": ["Linear"], "format": fmt, "weights": weights,
+        "input_activations": input_activations}}}
+
+
+NVFP4 = _ct({"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+             "group_size": 16, "dynamic": False},
+            {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+             "group_size": 16, "dynamic": "local"}, "nvfp4-pack-quantized")
+STATIC_INT8 = _ct({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
+                   "dynamic": False},
+                  {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
+                   "dynamic": False}, "int-quantized")
+
+
+@pytest.mark.parametrize("quantization_config, found", [
+    (NVFP4, "NVFP4"),
+    (STATIC_INT8, "static input activation"),
+    ({**AWQ, "version": "gemv"}, "'gemv'"),
+    ({**GPTQ, "bits": 3}, "bits=3"),
+    ({**FP8, "activation_scheme": "static"}, "activation_scheme 'static'"),
+], ids=["ct-nvfp4", "ct-static-int8", "awq-gemv", "gptq-3bit", "fp8-static"])
+def test_unreadable_schemes_of_served_methods_are_refused_at_start_up(quantized,
+                                                                      quantization_config,
+                                                                      found):
+    """The method is served but not this scheme: the format readers' own check runs at
+    config time, in the front-end, and its message names what was found and what is
+    supported."""
+    with pytest.raises(Exception, match="not supported") as info:
+        _config(quantized(quantization_config, torch_dtype="bfloat16"))
+    assert found in str(info.value) and "supported" in str(info.value)

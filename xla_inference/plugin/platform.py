@@ -255,7 +255,7 @@ def patch_vllm_config() -> None:
 
     _allow_heads_that_do_not_split(ModelConfig)
     quantization.register_methods()
-    quantization.refuse_unserved_before_vllm(ModelConfig)
+    quantization.refuse_unserved_quantization(ModelConfig)
     quantization.accept_float32_activations(VllmConfig)
 
 

@@ -98,10 +98,14 @@ def _config_class(name: str):
     return XlaQuantizationConfig
 
 
-def refuse_unserved_before_vllm(model_config_cls) -> None:
-    """Check the method names, the flag's and the checkpoint's, before vLLM resolves them:
-    a method vLLM does not know (bitsandbytes, hqq, ...) would otherwise fail with vLLM's
-    list of its own methods, most of which xla-inference does not serve."""
+def refuse_unserved_quantization(model_config_cls) -> None:
+    """Wrap vLLM's quantization check of a ModelConfig: the method names, the flag's and the
+    checkpoint's, are checked before vLLM resolves them (a method vLLM does not know, such
+    as bitsandbytes or hqq, would otherwise fail with vLLM's list of its own methods, most
+    of which xla-inference does not serve), and after vLLM's checks the checkpoint's scheme
+    is checked by the format readers the engine will load it with, so that a scheme they
+    cannot read (NVFP4, static activation scales, act-order GPTQ, ...) is refused at
+    start-up, in the front-end, rather than when the engine core loads the weights."""
     original = model_config_cls._verify_quantization
     if getattr(original, "_xla_inference", False):
         return
@@ -111,10 +115,22 @@ def refuse_unserved_before_vllm(model_config_cls) -> None:
         checkpoint = self.model_arch_config.quantization_config or {}
         refuse_unserved(checkpoint.get("quant_method"), "from the checkpoint's "
                         "quantization_config")
-        return original(self)
+        result = original(self)
+        if checkpoint:
+            _refuse_unreadable_scheme(dict(checkpoint), loader_method(self.quantization))
+        return result
 
     verify._xla_inference = True
     model_config_cls._verify_quantization = verify
+
+
+def _refuse_unreadable_scheme(quantization_config: dict, method: str | None) -> None:
+    """The loader's own validation of a checkpoint's quantization_config (it raises
+    ValueError naming the scheme found and listing what is supported). Reads no tensors and
+    imports no JAX."""
+    from xla_inference.loading.checkpoint import quantized_reader
+
+    quantized_reader(quantization_config, method)
 
 
 def accept_float32_activations(vllm_config_cls) -> None:

@@ -12,6 +12,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from xla_inference.plugin.model_runner import XlaModelRunner
 from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
+from xla_inference.plugin.quantization import loader_method
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +134,21 @@ class XlaWorker(WorkerBase):
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         """Phase one (runner/build.py): the weights on the host. `load_dummy_weights` or
-        `--load-format dummy`: random weights of the checkpoint's shapes."""
+        `--load-format dummy`: random weights of the checkpoint's shapes. vLLM's
+        quantization method (the checkpoint's, or --quantization) goes to the loader under
+        its format's name (plugin/quantization.py): it keeps a quantized checkpoint's
+        projections quantized, or quantizes an unquantized one's online."""
         from xla_inference.runner.build import load
 
         start = time.perf_counter()
         mc = self.model_config
         dummy = load_dummy_weights or self.load_config.load_format == "dummy"
-        self.model = load(mc.model, self.precision,
-                          random_seed=(mc.seed or 0) if dummy else None)
-        logger.info("xla-inference: loaded %s%s (%s) in %.1fs", mc.model,
+        quantization = loader_method(mc.quantization)
+        self.model = load(mc.model, self.precision, random_seed=(mc.seed or 0) if dummy else None,
+                          quantization=quantization)
+        logger.info("xla-inference: loaded %s%s (%s%s) in %.1fs", mc.model,
                     " as random weights" if dummy else "", self.precision,
+                    f", quantization {quantization}" if quantization else "",
                     time.perf_counter() - start)
 
     def get_kv_cache_spec(self) -> dict:

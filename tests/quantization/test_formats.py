@@ -288,3 +288,23 @@ def test_dequantized_checkpoint_holds_the_reference(quantized_checkpoint, dequan
     np.testing.assert_array_equal(tensors["lm_head.weight"], base["lm_head.weight"])
     assert "quantization_config" not in json.loads(
         (dequantized_checkpoint("awq-g32") / "config.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_our_packers_match_vllms():
+    """The test checkpoints' AWQ and GPTQ packing equals vLLM's own reference packers (its
+    kernel tests' awq_pack / gptq_pack / pack_cols) on the same integers."""
+    import torch
+    from vllm.model_executor.layers.quantization.utils import quant_utils
+
+    rng = np.random.default_rng(0)
+    for bits in (4, 8):
+        q = rng.integers(0, 1 << bits, size=(64, 96))  # [in, out]
+        theirs = quant_utils.gptq_pack(torch.from_numpy(q), bits, 64, 96).numpy()
+        np.testing.assert_array_equal(checkpoints.gptq_pack_rows(q, bits), theirs)
+        theirs = quant_utils.pack_cols(torch.from_numpy(q), bits, 64, 96).numpy()
+        np.testing.assert_array_equal(checkpoints.gptq_pack_columns(q, bits), theirs)
+    q = rng.integers(0, 16, size=(64, 96))
+    theirs = quant_utils.awq_pack(torch.from_numpy(q), 4, 64, 96).numpy()
+    np.testing.assert_array_equal(checkpoints.awq_pack(q), theirs)

@@ -49,9 +49,25 @@ class Precision:
             return cls(dtype, jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
         return cls.uniform(dtype)
 
+    def with_kv_cache(self, cache_dtype: str) -> Precision:
+        """This policy with vLLM's --kv-cache-dtype: "auto" keeps the cache dtype above;
+        "fp8" (= "fp8_e4m3") and "fp8_e5m2" store the cache in that fp8 format on every
+        platform (kernels/ragged_paged_attention.py: values / scale, read as float32)."""
+        if cache_dtype == "auto":
+            return self
+        if cache_dtype not in FP8_KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {cache_dtype!r} is not served; the choices are "
+                             f"auto, {', '.join(FP8_KV_CACHE_DTYPES)}")
+        return dataclasses.replace(self, kv_cache=jnp.dtype(FP8_KV_CACHE_DTYPES[cache_dtype]))
+
     @property
     def narrows_projections(self) -> bool:
         return self.weights != self.activations
+
+
+# vLLM's fp8 names for --kv-cache-dtype, and the format each stores (fp8 is e4m3, as on CUDA).
+FP8_KV_CACHE_DTYPES = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+                       "fp8_e5m2": jnp.float8_e5m2}
 
 
 @dataclasses.dataclass

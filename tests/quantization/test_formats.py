@@ -71,6 +71,8 @@ def test_reads_what_the_writer_wrote(quantized_checkpoint, name):
     assert (gq.kind, gq.activations, gq.group_size) == (kind, activations, group)
     for prefix in ck.unquantized:
         assert reader.read_weight(tensors, prefix, (128, 128)) is None
+    for not_linear in ("model.embed_tokens.", "model.norm.", "model.layers.0.input_layernorm."):
+        assert reader.read_weight(tensors, not_linear, None) is None  # the loader asks
     assert not reader.owns("lm_head.weight")
     assert any(reader.owns(t) for t in tensors if t.startswith(Q_PROJ))
 

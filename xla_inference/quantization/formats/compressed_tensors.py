@@ -5,7 +5,9 @@ The quantization_config holds config_groups, each {targets, weights, input_activ
 output_activations, format}, plus a global format and an ignore list. A module (HF name)
 takes the first group with a matching target: "Linear" (the class: every linear module),
 "re:<regex>" (re.match on the name) or an exact name; names matching `ignore` are left
-unquantized (read_weight -> None). Supported schemes, as vLLM picks them:
+unquantized (read_weight -> None), and so are matched modules without quantized tensors
+(norms and embeddings, which "Linear" cannot tell apart by name, or modules the exporter
+skipped). Supported schemes, as vLLM picks them:
 
 - W8A8 int8 (format int-quantized or naive-quantized): `weight` int8 [out, in],
   `weight_scale` [out, 1] (per channel) or [1] / [] (per tensor); symmetric weights; input
@@ -185,7 +187,7 @@ class CompressedTensorsReader:
         """The module's GroupQuant; `shape` is the logical [out, in] the model expects (None:
         taken from `weight` or `weight_shape`)."""
         scheme = self.scheme_for(module_name(prefix))
-        if scheme is None:
+        if scheme is None or not _holds_quantized(tensors, prefix, scheme):
             return None
         if shape is None:
             shape = _stored_shape(tensors, prefix, scheme)
@@ -204,6 +206,20 @@ def _scheme_name(w: _Args, x: _Args | None, fmt: str) -> str:
     if w.type == "int" and x is not None and w.num_bits < 8:
         return f"W{w.num_bits}A{x.num_bits} ({x.type} activations)"
     return ""
+
+
+def _holds_quantized(tensors, prefix: str, scheme: _Scheme) -> bool:
+    """Whether the module at `prefix` was compressed. A "Linear" target also matches the
+    names of norms and embeddings (the loader asks about every weight), and exporters leave
+    some matched modules alone: a float `weight` without a scale is such a module. An
+    int8/FP8 weight without its scale is not: read_weight then names the missing scale."""
+    if scheme.kind == WNA16:
+        return prefix + "weight_packed" in tensors
+    if prefix + "weight" not in tensors:
+        return False
+    dtype = np.dtype(tensors[prefix + "weight"].dtype)
+    quantized_values = dtype.itemsize == 1  # int8, uint8 or float8_e4m3fn
+    return quantized_values or prefix + "weight_scale" in tensors
 
 
 def _stored_shape(tensors, prefix: str, scheme: _Scheme) -> tuple[int, int]:

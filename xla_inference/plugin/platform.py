@@ -15,6 +15,8 @@ from xla_inference.plugin import quantization
 logger = logging.getLogger(__name__)
 
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
+# --kv-cache-dtype values served (runner/build.py Precision.with_kv_cache maps them).
+SERVED_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def _choose_engine_start_method() -> None:
@@ -144,9 +146,10 @@ class XlaPlatform(Platform):
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
         cache = vllm_config.cache_config
-        if cache.cache_dtype != "auto":
-            raise ValueError(f"xla-inference does not support kv_cache_dtype={cache.cache_dtype!r} "
-                             "yet; the KV cache takes the activations' dtype (kv_cache_dtype='auto')")
+        if cache.cache_dtype not in SERVED_KV_CACHE_DTYPES:
+            raise ValueError(f"xla-inference does not support kv_cache_dtype={cache.cache_dtype!r}; "
+                             "it serves auto (the activations' dtype), fp8 (= fp8_e4m3) and "
+                             "fp8_e5m2")
         if not cache.user_specified_block_size:
             cache.block_size = 16
         _choose_engine_start_method()

@@ -177,9 +177,12 @@ def test_checkpoint_dequantizes_only_the_tensors_asked_for(llama_gguf, monkeypat
     assert name in tensors and "lm_head.weight" not in tensors and len(tensors) == 2 + 9 * 6
     assert shapes[name] == (128, 256) and shapes["model.embed_tokens.weight"] == (512, 256)
     assert config["tie_word_embeddings"] and calls == []  # config, names, shapes: no values
-    weight = take_tensor(tensors, name, (128, 256), np.float32)
+    quantized = take_tensor(tensors, name, (128, 256), np.float32)  # kept quantized: no values
+    assert calls == [] and quantized.shape == (128, 256) and quantized.values.dtype == np.int8
+    weight = tensors[name]  # the float path
     assert calls == [(128, 256 // 32 * 34)]  # the one tensor's Q8_0 rows: 8 blocks of 34 bytes
     assert weight.shape == (128, 256)
+    np.testing.assert_array_equal(quantized.dequantize(np.float32), weight)
 
 
 def test_loading_every_tensor_holds_one_at_a_time(llama_gguf):

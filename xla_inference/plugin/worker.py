@@ -47,7 +47,10 @@ def _dtype_name(torch_dtype: torch.dtype) -> str:
     return table[torch_dtype]
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# An fp8 KV cache is described to vLLM as vLLM's own GPU workers describe one: uint8, one
+# byte per value, so that it sizes pages (and counts blocks) for 1-byte elements.
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float8_e4m3fn": torch.uint8, "float8_e5m2": torch.uint8}
 
 
 def _top_logprobs_width(max_logprobs: int, vocab_size: int) -> tuple[int, bool]:
@@ -128,8 +131,9 @@ class XlaWorker(WorkerBase):
 
         devices = configure_jax()
         self.device = torch.device("cpu")
-        self.precision = Precision.for_platform(_dtype_name(self.model_config.dtype),
-                                                devices[0].platform)
+        self.precision = Precision.for_platform(
+            _dtype_name(self.model_config.dtype), devices[0].platform,
+        ).with_kv_cache(self.cache_config.cache_dtype)
         logger.info("xla-inference: JAX devices %s; precision %s", devices, self.precision)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:

@@ -11,6 +11,23 @@ def _default_model() -> str:
     return str(prepare_default_model())
 
 
+def _default_gguf_model() -> str:
+    from xla_inference.loading.default_model import prepare_default_gguf_model
+
+    return str(prepare_default_gguf_model())
+
+
+def _gguf_model_dir(gguf_path: str) -> str:
+    """vLLM 0.32 reads no GGUF: a .gguf model is served from a directory made for it
+    (config and tokenizer from its metadata, the file linked), kept quantized."""
+    from pathlib import Path
+
+    from xla_inference.loading.default_model import GGUF_SUFFIX, prepare_gguf_serving_dir
+
+    path = Path(gguf_path).expanduser()
+    return str(prepare_gguf_serving_dir(path, path.stem + GGUF_SUFFIX))
+
+
 def _option(args: list[str], name: str, default: str) -> str:
     for i, a in enumerate(args):
         if a == name and i + 1 < len(args):
@@ -20,6 +37,16 @@ def _option(args: list[str], name: str, default: str) -> str:
     return default
 
 
+def _replace_option(args: list[str], name: str, value: str) -> list[str]:
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == name and i + 1 < len(out):
+            out[i + 1] = value
+        elif a.startswith(name + "="):
+            out[i] = f"{name}={value}"
+    return out
+
+
 def serve(vllm_args: list[str]) -> None:
     """Start vLLM's OpenAI-compatible server; xla-inference is picked as its platform.
     SIGTERM drains running requests; --api-key guards every route but /health."""
@@ -27,9 +54,15 @@ def serve(vllm_args: list[str]) -> None:
     if args and not args[0].startswith("-"):  # `serve MODEL ...`, as with `vllm serve`
         args = ["--model", *args]
     elif _option(args, "--model", "") == "":
+        # The embedded SmolLM2 from its GGUF, kept quantized (Q4_1); the float32 directory
+        # (`xla-inference default-model`) serves it unquantized when given as the model.
         from xla_inference.loading.default_model import DEFAULT_MODEL_NAME
 
-        args = ["--model", _default_model(), "--served-model-name", DEFAULT_MODEL_NAME, *args]
+        args = ["--model", _default_gguf_model(), "--served-model-name", DEFAULT_MODEL_NAME,
+                *args]
+    model = _option(args, "--model", "")
+    if model.endswith(".gguf"):
+        args = _replace_option(args, "--model", _gguf_model_dir(model))
     host = _option(args, "--host", "0.0.0.0")
     port = _option(args, "--port", "8000")
     print(f"xla-inference: starting the OpenAI-compatible server on http://{host}:{port}/v1 "

@@ -25,6 +25,10 @@ def load_checkpoint(model_path: str | Path, gguf_file: str | None = None,
         return _load_gguf(path)
     if gguf_file:
         return _load_gguf(path / gguf_file)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:  # a directory serving a GGUF (loading/default_model.py)
+            return _load_gguf(ggufs[0])
     config = json.loads((path / "config.json").read_text())
     tensors = CheckpointTensors(safetensors_files(path))
     quant_config = config.get("quantization_config")

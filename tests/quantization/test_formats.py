@@ -310,3 +310,20 @@ def test_our_packers_match_vllms():
     q = rng.integers(0, 16, size=(64, 96))
     theirs = quant_utils.awq_pack(torch.from_numpy(q), 4, 64, 96).numpy()
     np.testing.assert_array_equal(checkpoints.awq_pack(q), theirs)
+
+
+def test_int8_token_inputs_rounds_each_row():
+    """The W8A8 reference hook: each input row becomes round(x / s) * s, s = max|x| / 127."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Identity())
+    hooks = checkpoints.int8_token_inputs(model, ["0."])
+    x = np.random.default_rng(0).normal(size=(3, 40)).astype(np.float32)
+    x[1] = 0.0  # an all-zero row stays zero
+    got = model(torch.from_numpy(x)).numpy()
+    for h in hooks:
+        h.remove()
+    s = np.abs(x).max(axis=1, keepdims=True).astype(np.float64) / 127
+    s[s == 0] = 1
+    np.testing.assert_allclose(got, np.rint(x / s) * s, rtol=1e-6, atol=1e-7)
+    assert len(np.unique(np.round(got[0] / s[0]))) > 20

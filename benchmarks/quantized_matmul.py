@@ -1,13 +1,13 @@
 """Decode-sized quantized matrix products on the CPU: the native kernel
 (kernels/cpu_quantized.py) with int8 and int4 weights against XLA's bfloat16 product of the
-same shape. Prints the median time per product; a benchmark, not a test.
+same shape. Prints median times per product; a benchmark, not a test.
 
-Two timings per case: "call" is one jitted call per product (what a step pays, dispatch
-included); "chained" runs 16 dependent products in one jitted call and divides (the kernel's
-own time). The activations are quantized to int16 per row inside the jitted function, as the
-quantized linear layer does.
+Each product is one jitted call, timed to its result ("call": with the activations quantized
+to int16 per row inside the call, as a quantized linear layer does; "kernel": given int16
+activations, the custom call alone). The cases take turns, round after round, so that a burst
+of other work on a shared machine falls on all of them alike.
 
-    .venv/bin/python benchmarks/quantized_matmul.py [--out 12288] [--in 576] [--repeats 200]
+    .venv/bin/python benchmarks/quantized_matmul.py [--out 12288] [--in 576] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels import cpu_quantized
-
-CHAIN = 16
-
 
 def _tile_operands(rng, out, n, bits, group_size):
     """Random int weights straight in the tile layout (the values do not matter for time)."""
@@ -50,48 +47,54 @@ def _bf16(x, w):
     return jnp.einsum("ti,io->to", x.astype(jnp.bfloat16), w.T, preferred_element_type=jnp.float32)
 
 
-def _chained(product, n):
-    """CHAIN products, each x depending on the last output (no hoisting or overlap)."""
-    def run(x, *weights):
-        def body(_, x):
-            y = product(x, *weights)
-            return x + 1e-30 * y[:, :n]
-        return jax.lax.fori_loop(0, CHAIN, body, x)
-    return jax.jit(run)
+def _kernel_only(bits, group_size):
+    def product(xq, x_scale, values, scales, offsets):
+        return cpu_quantized.quantized_matmul(xq, x_scale, values, scales, offsets, bits=bits,
+                                              group_size=group_size)
+    return product
 
 
-def _median_ms(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
+def _time_ms(fn, args, calls):
     times = []
-    for _ in range(repeats):
+    for _ in range(calls):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=int, default=8 * 1536)
     parser.add_argument("--in", dest="n", type=int, default=576)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=20, help="calls per case per round")
     args = parser.parse_args()
     assert cpu_quantized.available(), "the native kernel did not build"
     print(f"weight [{args.out}, {args.n}]; VNNI path: {cpu_quantized.uses_vnni()}; "
-          f"{jax.device_count()} device(s)")
+          f"{jax.device_count()} device(s); medians of {args.rounds} x {args.calls} calls")
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((args.out, args.n)), jnp.bfloat16)
-    cases = [("bf16 XLA", _bf16, (w,))]
-    for bits, group_size in ((8, 96), (8, 32), (4, 32), (4, 96)):
-        cases.append((f"int{bits} g{group_size}", _quantized(bits, group_size),
-                      _tile_operands(rng, args.out, args.n, bits, group_size)))
     for T in (1, 4):
         x = jnp.asarray(rng.standard_normal((T, args.n)), jnp.float32)
-        for name, product, weights in cases:
-            call = _median_ms(jax.jit(product), (x, *weights), args.repeats)
-            chained = _median_ms(_chained(product, args.n), (x, *weights),
-                                 max(1, args.repeats // CHAIN)) / CHAIN
-            print(f"T={T} {name:10s} call {call:6.3f} ms   chained {chained:6.3f} ms")
+        xq = jnp.asarray(rng.integers(-16383, 16384, (T, args.n)), jnp.int16)
+        x_scale = jnp.full((T,), 1 / 16383, jnp.float32)
+        cases = {"bf16 XLA": (jax.jit(_bf16), (x, w))}
+        for bits, group_size in ((8, 96), (8, 32), (4, 32), (4, 96)):
+            weights = _tile_operands(rng, args.out, args.n, bits, group_size)
+            name = f"int{bits} g{group_size}"
+            cases[f"{name} call"] = (jax.jit(_quantized(bits, group_size)), (x, *weights))
+            cases[f"{name} kernel"] = (jax.jit(_kernel_only(bits, group_size)),
+                                       (xq, x_scale, *weights))
+        for fn, fn_args in cases.values():
+            jax.block_until_ready(fn(*fn_args))
+        times = {name: [] for name in cases}
+        for _ in range(args.rounds):
+            for name, (fn, fn_args) in cases.items():
+                times[name] += _time_ms(fn, fn_args, args.calls)
+        for name, t in times.items():
+            print(f"T={T} {name:16s} {statistics.median(t):6.3f} ms "
+                  f"(25%: {np.percentile(t, 25):.3f}, min {min(t):.3f})")
 
 
 if __name__ == "__main__":

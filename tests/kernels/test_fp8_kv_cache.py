@@ -205,3 +205,92 @@ def test_fp8_shared_kv_latent_cache():
     expected = _dense_reference(q, rows, rows, positions, scale=0.15, sliding_window=None,
                                 soft_cap=None)
     np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The engine with an fp8 KV cache
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tests.helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("fp8_kv") / "llama")
+
+
+def _engine(model_dir, kv_cache_dtype: str, auto_kv=jnp.float32):
+    """tests/helpers.tiny_engine's float32 engine, with vLLM's kv_cache_dtype (auto: a
+    cache of auto_kv)."""
+    from tests.helpers import ENGINE_BLOCK
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+
+    f32 = jnp.dtype(jnp.float32)
+    model = load(model_dir, Precision(f32, f32, jnp.dtype(auto_kv)).with_kv_cache(kv_cache_dtype))
+    ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64,
+                        max_num_seqs=8, max_model_len=128)
+    return model, build_engine(model, ecfg)
+
+
+def _greedy(engine, prompts, num_new):
+    """Greedy continuations (prompts prefilled in one step, then a decode step per token)
+    and the logits of every step [num_new, len(prompts), V]."""
+    from tests.helpers import engine_request
+
+    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
+    steps = []
+    for _ in range(num_new):
+        scheduled = [(r, len(r.token_ids) - r.num_computed_tokens) for r in reqs]
+        logits = np.asarray(engine.forward(scheduled).logits)[:len(reqs)]
+        steps.append(logits)
+        for (req, n), row in zip(scheduled, logits):
+            req.num_computed_tokens += n
+            req.token_ids.append(int(row.argmax()))
+    return [r.output_ids for r in reqs], np.stack(steps)
+
+
+def _kv_bytes(engine) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(engine.kv_cache))
+
+
+def test_engine_with_fp8_kv_cache(tiny_llama):
+    """vLLM's fp8 (e4m3) cache: the same greedy tokens as the float32 cache for 12 steps
+    of three prompts, logits close but not equal (the cache really holds fp8), a quarter
+    of the cache bytes; fp8_e5m2 (two mantissa bits): close logits after the prefill."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 11, 17)]
+    _, f32_engine = _engine(tiny_llama, "auto")
+    want, want_logits = _greedy(f32_engine, prompts, 12)
+    model, e4m3 = _engine(tiny_llama, "fp8")
+    assert {a.dtype for a in jax.tree.leaves(e4m3.kv_cache)} == {jnp.dtype(jnp.float8_e4m3fn)}
+    assert _kv_bytes(e4m3) * 4 == _kv_bytes(f32_engine)
+    assert model.kv_page_bytes(16) * 4 == 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, f32
+    got, logits = _greedy(e4m3, prompts, 12)
+    assert got == want
+    diff = np.abs(logits - want_logits).max()
+    assert 0 < diff < 0.03, diff
+    _, e5m2 = _engine(tiny_llama, "fp8_e5m2")
+    assert {a.dtype for a in jax.tree.leaves(e5m2.kv_cache)} == {jnp.dtype(jnp.float8_e5m2)}
+    got, logits = _greedy(e5m2, prompts, 1)
+    assert got == [w[:1] for w in want]
+    assert 0 < np.abs(logits[0] - want_logits[0]).max() < 0.1
+
+
+def test_fp8_kv_cache_is_half_of_bfloat16(tiny_llama):
+    """The cache arrays of an fp8 engine hold half the bytes of a bfloat16 one (the cache
+    an accelerator keeps with kv_cache_dtype auto and dtype bfloat16), whatever the
+    activations' dtype."""
+    from xla_inference.runner.build import Precision
+
+    _, bf16_engine = _engine(tiny_llama, "auto", auto_kv=jnp.bfloat16)
+    _, fp8_engine = _engine(tiny_llama, "fp8", auto_kv=jnp.bfloat16)
+    assert _kv_bytes(bf16_engine) == 2 * _kv_bytes(fp8_engine)
+    bf16 = Precision.uniform(jnp.bfloat16)
+    assert bf16.with_kv_cache("auto") == bf16
+    for name, dtype in [("fp8", jnp.float8_e4m3fn), ("fp8_e4m3", jnp.float8_e4m3fn),
+                        ("fp8_e5m2", jnp.float8_e5m2)]:
+        fp8 = bf16.with_kv_cache(name)
+        assert fp8.kv_cache == jnp.dtype(dtype) and fp8.weights == bf16.weights
+        assert fp8.kv_cache.itemsize * 2 == bf16.kv_cache.itemsize
+    with pytest.raises(ValueError, match="fp8_e5m2"):
+        bf16.with_kv_cache("int8_per_token_head")

@@ -16,7 +16,7 @@ import copy
 import torch
 
 # vLLM's method name -> the name runner.build.load takes. "int8" and "gguf" are ours
-# (registered below); "fp8" is both an FP8 checkpoint and, on an unquantized one, vLLM's
+# (plugin/quant_configs.py); "fp8" is both an FP8 checkpoint and, on an unquantized one, vLLM's
 # online FP8; "int8" is online only.
 _LOADER_METHOD = {
     "compressed-tensors": "compressed-tensors",
@@ -27,9 +27,6 @@ _LOADER_METHOD = {
     "gguf": "gguf",
 }
 SERVED_METHODS: tuple[str, ...] = tuple(_LOADER_METHOD)
-# Names vLLM does not know: registered so that `--quantization int8` and
-# LLM(quantization="int8") pass its config checks.
-_OUR_METHODS = ("int8", "gguf")
 _SERVED_SUMMARY = ("checkpoints quantized with compressed-tensors (W8A8 int8, FP8, W4A16), "
                    "awq, gptq or fp8, GGUF files, and --quantization int8 or fp8 on an "
                    "unquantized checkpoint (weights quantized at load)")
@@ -54,48 +51,14 @@ def refuse_unserved(method: str | None, source: str = "") -> None:
 
 
 def register_methods() -> None:
-    """Make vLLM accept our method names (idempotent). Their config objects only pass vLLM's
-    config-time checks: the worker never builds vLLM's torch layers."""
+    """Make vLLM accept our method names (idempotent)."""
     from vllm.model_executor.layers import quantization as vllm_quantization
 
-    for name in _OUR_METHODS:
-        if name not in vllm_quantization.QUANTIZATION_METHODS:
-            vllm_quantization.register_quantization_config(name)(_config_class(name))
+    from xla_inference.plugin.quant_configs import CONFIGS
 
-
-def _config_class(name: str):
-    """A vLLM QuantizationConfig for a method only xla-inference implements: any activation
-    dtype (ours run float32 and 16-bit alike), no GPU capability, no config file."""
-    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-
-    class XlaQuantizationConfig(QuantizationConfig):
-        @classmethod
-        def get_name(cls) -> str:
-            return name
-
-        @classmethod
-        def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-            return [torch.float32, torch.bfloat16, torch.float16]
-
-        @classmethod
-        def get_min_capability(cls) -> int:
-            return 0
-
-        @staticmethod
-        def get_config_filenames() -> list[str]:
-            return []
-
-        @classmethod
-        def from_config(cls, config: dict) -> XlaQuantizationConfig:
-            return cls()
-
-        def get_quant_method(self, layer, prefix: str):
-            raise NotImplementedError(f"xla-inference runs {name!r} in its own JAX layers, "
-                                      "not in vLLM's torch ones")
-
-    XlaQuantizationConfig.__name__ = XlaQuantizationConfig.__qualname__ = (
-        f"Xla{name.capitalize()}Config")
-    return XlaQuantizationConfig
+    for config in CONFIGS:
+        if config.name not in vllm_quantization.QUANTIZATION_METHODS:
+            vllm_quantization.register_quantization_config(config.name)(config)
 
 
 def refuse_unserved_quantization(model_config_cls) -> None:

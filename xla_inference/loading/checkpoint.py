@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from xla_inference.loading.safetensors import CheckpointTensors, safetensors_files
-from xla_inference.quantization.formats.fp8 import Fp8Reader
+from xla_inference.quantization.formats import reader_for
 from xla_inference.quantization.online import ONLINE_METHODS
 
 
@@ -44,11 +44,6 @@ def load_checkpoint(model_path: str | Path, gguf_file: str | None = None,
 def quantized_reader(quant_config: dict, requested: str | None = None):
     """The format reader for a checkpoint's quantization_config (read_weight(tensors,
     prefix, shape) -> GroupQuant | None); ValueError for a method or scheme we do not serve."""
-    method = quant_config.get("quant_method")
-    if method == Fp8Reader.METHOD:
-        return Fp8Reader(quant_config)
-    from xla_inference.quantization.formats import reader_for
-
     return reader_for(quant_config, requested)
 
 

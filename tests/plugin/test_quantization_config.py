@@ -203,3 +203,45 @@ def test_unreadable_schemes_of_served_methods_are_refused_at_start_up(quantized,
     with pytest.raises(Exception, match="not supported") as info:
         _config(quantized(quantization_config, torch_dtype="bfloat16"))
     assert found in str(info.value) and "supported" in str(info.value)
+
+
+def _served(model_dir, **overrides) -> tuple[int, list[list[int]], object]:
+    """(weight bytes the worker loaded, greedy ids for two prompts, vLLM's dtype) of
+    vllm.LLM on model_dir (float32 unless overridden)."""
+    from tests.e2e.engines import generate_ids, shutdown, start_llm
+
+    llm = start_llm(model_dir, **overrides)
+    try:
+        dtype = llm.llm_engine.vllm_config.model_config.dtype
+        ids = generate_ids(llm, [[5, 9, 17, 33], [7, 8]], max_tokens=4, temperature=0.0,
+                           ignore_eos=True)
+        return llm.collective_rpc("weight_bytes")[0], ids, dtype
+    finally:
+        shutdown(llm)
+
+
+def test_online_int8_reaches_the_loader_through_vllm_llm(plain_dir):
+    """LLM(quantization="int8") on a float32 checkpoint: the worker's weights are the
+    quantized ones (int8 values and per-channel scales: well under half the float32
+    bytes; the embedding stays float)."""
+    float_bytes, _, _ = _served(plain_dir)
+    int8_bytes, ids, _ = _served(plain_dir, quantization="int8")
+    assert int8_bytes < 0.6 * float_bytes, (int8_bytes, float_bytes)
+    assert [len(i) for i in ids] == [4, 4]
+
+
+def test_an_awq_checkpoint_serves_with_the_default_dtype(tmp_path):
+    """vllm.LLM on an AWQ checkpoint without --dtype (vLLM alone refuses float32 for AWQ;
+    dtype auto is float32 on hosts without avx512_bf16): it starts, holds 4-bit weights
+    and generates."""
+    from tests.quantization.checkpoints import save_awq, save_base_model
+
+    base = save_base_model(tmp_path / "base")
+    awq = save_awq(tmp_path / "awq", base=base).path
+    float_bytes, _, _ = _served(base)
+    awq_bytes, ids, dtype = _served(awq, dtype="auto")
+    assert str(dtype) in ("torch.bfloat16", "torch.float32")
+    # 4-bit values and a float32 scale and offset per 32: under a quarter of float32's
+    # bytes for the projections; the embedding and lm_head stay in floating point.
+    assert awq_bytes < 0.5 * float_bytes, (awq_bytes, float_bytes)
+    assert [len(i) for i in ids] == [4, 4]

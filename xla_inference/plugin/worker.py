@@ -123,6 +123,7 @@ class XlaWorker(WorkerBase):
         self.model = None  # runner.build.LoadedModel, from load_model until the engine is built
         self.model_runner = None
         self.precision = None  # runner.build.Precision, from init_device
+        self.loaded_weight_bytes = None  # host bytes of the weights as loaded (load_model)
 
     # -- startup ----------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -150,10 +151,11 @@ class XlaWorker(WorkerBase):
         quantization = loader_method(mc.quantization)
         self.model = load(mc.model, self.precision, random_seed=(mc.seed or 0) if dummy else None,
                           quantization=quantization)
-        logger.info("xla-inference: loaded %s%s (%s%s) in %.1fs", mc.model,
+        self.loaded_weight_bytes = self.model.weight_bytes
+        logger.info("xla-inference: loaded %s%s (%s%s; %.1f MiB of weights) in %.1fs", mc.model,
                     " as random weights" if dummy else "", self.precision,
                     f", quantization {quantization}" if quantization else "",
-                    time.perf_counter() - start)
+                    self.loaded_weight_bytes / (1 << 20), time.perf_counter() - start)
 
     def get_kv_cache_spec(self) -> dict:
         return {_layer_name(i): kv_cache_spec(layer, self.cache_config.block_size,
@@ -272,6 +274,11 @@ class XlaWorker(WorkerBase):
         return dict(num_groups=cfg.num_groups, layer_groups=list(cfg.layer_groups),
                     layer_arrays=list(cfg.layer_arrays),
                     null_pages_received=list(self.model_runner.null_pages_received))
+
+    def weight_bytes(self) -> int | None:
+        """Host bytes of the weights as loaded, before placement (quantized projections as
+        packed: values, scales and offsets); None before load_model."""
+        return self.loaded_weight_bytes
 
     def mesh_shape(self) -> dict:
         return dict(self.model_runner.engine.mesh.shape)

@@ -3,7 +3,9 @@ empty 500), streamed or not; what it used to refuse (logprobs=-1, top_logprobs=-
 prompt_logprobs=-1, logprob_token_ids) is served, through chat and completions alike.
 
 vLLM's own OpenAI server on a tiny random model, on 127.0.0.1, with --max-logprobs -1 and
---enable-prompt-embeds (prompt embeddings are what xla-inference still refuses per request)."""
+--enable-prompt-embeds (prompt embeddings are what xla-inference still refuses per request).
+A quantization xla-inference does not serve stops the server at start-up, with the message
+in its log."""
 
 import base64
 import contextlib
@@ -160,3 +162,35 @@ def test_logprob_token_ids_are_served_in_chat_and_completions(server):
     assert [(c["token"], c["logprob"]) for c in streamed] == [(c["token"], c["logprob"])
                                                               for c in content]
     assert all(_top(c["top_logprobs"]) >= wanted for c in streamed)
+
+
+NVFP4 = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+         "config_groups": {"group_0": {
+             "targets": ["Linear"], "format": "nvfp4-pack-quantized",
+             "weights": {"num_bits": 4, "type": "float", "symmetric": True,
+                         "strategy": "tensor_group", "group_size": 16, "dynamic": False},
+             "input_activations": {"num_bits": 4, "type": "float", "symmetric": True,
+                                   "strategy": "tensor_group", "group_size": 16,
+                                   "dynamic": "local"}}}}
+
+
+@pytest.mark.parametrize("quantization_config, flags, message", [
+    (NVFP4, [], "(NVFP4)"),
+    (None, ["--quantization", "bitsandbytes"], "does not support quantization 'bitsandbytes'"),
+], ids=["compressed-tensors-nvfp4", "flag-bitsandbytes"])
+def test_an_unserved_quantization_stops_the_server_at_start_up(tmp_path, quantization_config,
+                                                                flags, message):
+    from tests.helpers import save_tiny_family
+
+    model_dir = save_tiny_family(tmp_path / "qwen3", "qwen3")
+    if quantization_config is not None:
+        config = json.loads((model_dir / "config.json").read_text())
+        config["quantization_config"] = quantization_config
+        (model_dir / "config.json").write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(free_port()), "--max-model-len", "128", *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
+                          env={**os.environ})
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-4000:]
+    assert message in log and "supported" in log, log[-4000:]

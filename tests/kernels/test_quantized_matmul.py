@@ -238,3 +238,10 @@ def test_output_is_the_same_on_one_thread(tmp_path):
                    check=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     here = _run(xq, x_scale, values, packed_scales, packed_offsets, 4, 32)
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), here)
+
+
+def test_environment_variable_turns_it_off(monkeypatch):
+    monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "0")
+    assert not cpu_quantized.available.__wrapped__()  # available() itself is cached
+    monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "1")
+    assert cpu_quantized.available.__wrapped__()

@@ -245,3 +245,14 @@ def test_an_awq_checkpoint_serves_with_the_default_dtype(tmp_path):
     # bytes for the projections; the embedding and lm_head stay in floating point.
     assert awq_bytes < 0.5 * float_bytes, (awq_bytes, float_bytes)
     assert [len(i) for i in ids] == [4, 4]
+
+
+@pytest.mark.parametrize("checkpoint, quantization", [(None, "fp8"), (AWQ, None)],
+                         ids=["online-fp8", "over-an-awq-checkpoint"])
+def test_per_layer_online_specs_are_refused(plain_dir, quantized, checkpoint, quantization):
+    """--quantization-config (vLLM's per-layer online specs, which vLLM applies with a
+    method, online or composed over a checkpoint's) would be ignored by our loader."""
+    model_dir = plain_dir if checkpoint is None else quantized(checkpoint)
+    with pytest.raises(Exception, match="does not support --quantization-config"):
+        _config(model_dir, quantization=quantization,
+                quantization_config={"linear": {"weight": "fp8_per_channel_static"}})

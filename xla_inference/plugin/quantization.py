@@ -78,7 +78,14 @@ def refuse_unserved_quantization(model_config_cls) -> None:
         checkpoint = self.model_arch_config.quantization_config or {}
         refuse_unserved(checkpoint.get("quant_method"), "from the checkpoint's "
                         "quantization_config")
-        result = original(self)
+        result = original(self)  # resolves self.quantization (flag or checkpoint)
+        if self.quantization is not None and self.quantization_config is not None:
+            # Per-layer online specs (vLLM applies them with a method, online or over a
+            # checkpoint's): the loader would ignore them and serve something else than
+            # asked. Without a method vLLM ignores them too.
+            raise ValueError("xla-inference does not support --quantization-config (vLLM's "
+                             "per-layer online quantization specs); use --quantization int8 "
+                             "or fp8 to quantize an unquantized checkpoint at load")
         if checkpoint:
             _refuse_unreadable_scheme(dict(checkpoint), loader_method(self.quantization))
         return result

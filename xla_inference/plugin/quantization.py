@@ -6,8 +6,9 @@ vLLM names a model's method in `model_config.quantization`, from `--quantization
 checkpoint's `quantization_config.quant_method`; on a platform that is not its own CPU one
 it renames an AWQ checkpoint's "awq" to "auto_awq" and a GPTQ one's "gptq" to "auto_gptq"
 (their `override_quantization_method`). The worker hands the loader the format's own name
-(`loader_method`); the loader validates the scheme inside the format (bits, group size,
-activation scheme) and raises for what it cannot read."""
+(`loader_method`). The scheme inside the format (bits, group size, activation scheme) is
+validated by the loader's own readers, already at config time in the front-end
+(`refuse_unserved_quantization`), so that what they cannot read never starts an engine."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def refuse_unserved_quantization(model_config_cls) -> None:
     as bitsandbytes or hqq, would otherwise fail with vLLM's list of its own methods, most
     of which xla-inference does not serve), and after vLLM's checks the checkpoint's scheme
     is checked by the format readers the engine will load it with, so that a scheme they
-    cannot read (NVFP4, static activation scales, act-order GPTQ, ...) is refused at
+    cannot read (NVFP4, static activation scales, AWQ gemv, 3-bit GPTQ, ...) is refused at
     start-up, in the front-end, rather than when the engine core loads the weights."""
     original = model_config_cls._verify_quantization
     if getattr(original, "_xla_inference", False):

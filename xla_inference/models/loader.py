@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 
 from xla_inference.loading.checkpoint import load_checkpoint
-from xla_inference.loading.params import RandomTensors
+from xla_inference.loading.params import RandomTensors, quantize_projections
 from xla_inference.models.interface import ModelFamily
 from xla_inference.models.registry import model_family
+from xla_inference.quantization.online import ONLINE_METHODS
 
 
 def load_model(model_path: str | Path, dtype, gguf_file: str | None = None, *,
@@ -27,4 +28,9 @@ def load_model(model_path: str | Path, dtype, gguf_file: str | None = None, *,
         tensors = RandomTensors(random_seed)
     family = model_family(hf_config)
     cfg = family.config_from_hf(hf_config)
-    return family, cfg, family.load_params(tensors, cfg, dtype)
+    params = family.load_params(tensors, cfg, dtype)
+    if quantization in ONLINE_METHODS and not hasattr(tensors, "quantized_weight"):
+        # Online only on an unquantized checkpoint: an FP8 checkpoint also comes as "fp8",
+        # and the layers it left unquantized (ignored_layers) stay so.
+        params = quantize_projections(params, ONLINE_METHODS[quantization])
+    return family, cfg, params

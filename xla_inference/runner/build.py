@@ -11,11 +11,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from xla_inference.loading.params import narrow_projections, pack_quantized, quantize_projections
+from xla_inference.loading.params import narrow_projections, pack_quantized
 from xla_inference.models.interface import KvLayer, ModelFamily
 from xla_inference.models.loader import load_model
 from xla_inference.parallel.sharding import build_mesh
-from xla_inference.quantization.online import ONLINE_METHODS
 from xla_inference.quantization.packed import host_nbytes
 from xla_inference.runner.engine import EngineConfig, ModelEngine
 
@@ -109,8 +108,6 @@ def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None 
     online method ("int8", "fp8") quantizes every projection per output channel."""
     family, cfg, params = load_model(model_path, precision.activations, gguf_file,
                                      random_seed=random_seed, quantization=quantization)
-    if quantization in ONLINE_METHODS:
-        params = quantize_projections(params, ONLINE_METHODS[quantization])
     params = pack_quantized(params, precision.weights, precision.activations)
     if precision.narrows_projections:
         params = narrow_projections(params, precision.weights)

@@ -134,34 +134,47 @@ def test_write_saturates_to_the_largest_finite_value(fmt):
     assert got[4] == np.float32(np.float32(1.0) / np.float32(K_SCALE)).astype(np_dtype)
 
 
-def _every_finite_value(np_dtype) -> np.ndarray:
-    """The 256 byte patterns as [2, 128] fp8, NaN and infinity patterns replaced by 0."""
+def _every_finite_value(np_dtype, row_shape) -> np.ndarray:
+    """The 256 byte patterns as fp8 rows [n, *row_shape] (NaN and infinity patterns, and
+    the padding of the last row, 0)."""
     values = np.arange(256, dtype=np.uint8).view(np_dtype)
-    return np.where(np.isfinite(values.astype(np.float32)), values, np_dtype(0)).reshape(2, 128)
+    values = np.where(np.isfinite(values.astype(np.float32)), values, np_dtype(0))
+    width = int(np.prod(row_shape))
+    values = np.concatenate([values, np.zeros(-len(values) % width, np_dtype)])
+    return values.reshape(-1, *row_shape)
 
 
 @pytest.mark.parametrize("path", ["jnp", "native"])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-def test_every_fp8_value_reads_back_exactly(path, fmt):
-    """Values [2 kv heads, 128] holding every finite fp8 value (subnormals and -0 too):
-    a token that sees only such keys gets them back exactly, times v_scale (a power of two,
-    so exact too), as a lone decode token and as a tile of two (the native kernel's two
-    paths)."""
+@pytest.mark.parametrize("row_shape", [(2, 128), (1, 7)], ids=["rows_of_256", "rows_of_7"])
+def test_every_fp8_value_reads_back_exactly(path, fmt, row_shape):
+    """Every finite fp8 value (subnormals and -0 too) as values of keys [K, H]: a token that
+    sees only one such key gets its row back exactly, times v_scale (a power of two, so
+    exact too); each key is a sequence of its own read by a lone decode token, and the
+    first is also read by a tile of two tokens (the native kernel's two paths). The native
+    kernel widens 8 values at a time by the CPU's half conversion where it has one, the
+    rest by bit operations: rows of 7 values take the latter only."""
     jnp_dtype, np_dtype = FP8[fmt]
-    row = _every_finite_value(np_dtype)
-    cache = np.zeros((4 * BLOCK_SIZE, 2, 128), np_dtype)
-    cache[BLOCK_SIZE:BLOCK_SIZE + 2] = row  # page 1: positions 0 and 1 of both sequences
-    k_cache = jnp.zeros(cache.shape, jnp_dtype)
-    seq_ids = jnp.asarray([0, 1, 1], jnp.int32)
-    positions = jnp.asarray([0, 0, 1], jnp.int32)
-    tables = jnp.asarray([[1], [1]], jnp.int32)
-    q = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 128)), jnp.float32)
-    out = ragged_paged_attention(q, k_cache, jnp.asarray(cache), seq_ids, positions, tables,
+    rows = _every_finite_value(np_dtype, row_shape)
+    num_keys = len(rows)
+    cache = np.zeros(((num_keys + 2) * BLOCK_SIZE, *row_shape), np_dtype)
+    cache[BLOCK_SIZE * np.arange(1, num_keys + 1)] = rows  # key r: slot 0 of page r + 1
+    page = num_keys + 1  # the tile's sequence: row 0 at positions 0 and 1
+    cache[page * BLOCK_SIZE:page * BLOCK_SIZE + 2] = rows[0]
+    tables = np.arange(1, num_keys + 2, dtype=np.int32)[:, None]
+    seq_ids = np.concatenate([np.arange(num_keys), [num_keys, num_keys]]).astype(np.int32)
+    positions = np.asarray([0] * num_keys + [0, 1], np.int32)
+    num_kv_heads, head_dim = row_shape
+    q = np.random.default_rng(0).standard_normal((len(seq_ids), 2 * num_kv_heads, head_dim))
+    out = ragged_paged_attention(jnp.asarray(q, jnp.float32), jnp.zeros(cache.shape, jnp_dtype),
+                                 jnp.asarray(cache), jnp.asarray(seq_ids),
+                                 jnp.asarray(positions), jnp.asarray(tables),
                                  block_size=BLOCK_SIZE, scale=0.1, native=_native(path),
                                  k_scale=0.3, v_scale=2.0)
-    expected = np.repeat(row.astype(np.float32) * 2.0, 2, axis=0)  # query heads 0,1 -> kv 0
-    for token in range(3):
-        np.testing.assert_array_equal(np.asarray(out[token]), expected)
+    # Query heads 2j and 2j + 1 read kv head j.
+    expected = np.repeat(rows.astype(np.float32) * 2.0, 2, axis=1)
+    np.testing.assert_array_equal(np.asarray(out[:num_keys]), expected)
+    np.testing.assert_array_equal(np.asarray(out[num_keys:]), expected[[0, 0]])
 
 
 def test_float_cache_ignores_scales():

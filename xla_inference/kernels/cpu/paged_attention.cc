@@ -28,6 +28,11 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__F16C__) && defined(__SSE4_1__)
+#include <immintrin.h>
+#define XLA_INFERENCE_HALF_CONVERSIONS 1
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -103,6 +108,32 @@ inline void widen_fp8(const uint8_t* src, float* dst, int64_t n) {
   }
 }
 
+// The same through the CPU's half-precision conversion, 8 values at a time, where it has one
+// (F16C): fp8 is a narrower half (e5m2 is exactly a half's top byte): its exponent and
+// mantissa bits shifted into a half's, the half widened to float32 by the instruction (which
+// widens half subnormals exactly), then times 2^(15 - kBias) to move the bias. Returns how
+// many values it widened (the rest is left to widen_fp8).
+template <int kMantissa, int kBias>
+inline int64_t widen_fp8_by_halves(const uint8_t* src, float* dst, int64_t n) {
+#ifdef XLA_INFERENCE_HALF_CONVERSIONS
+  const __m128i magnitude_bits = _mm_set1_epi16(0x7F), sign_bit = _mm_set1_epi16(0x80);
+  const __m256 rebias = _mm256_set1_ps(static_cast<float>(1 << (15 - kBias)));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    int64_t bytes;
+    std::memcpy(&bytes, src + i, sizeof(bytes));
+    const __m128i b = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(bytes));
+    const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, magnitude_bits), 10 - kMantissa),
+                                      _mm_slli_epi16(_mm_and_si128(b, sign_bit), 8));
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(half), rebias));
+  }
+  return i;
+#else
+  (void)src, (void)dst, (void)n;
+  return 0;
+#endif
+}
+
 template <int kMantissa, int kBias>
 struct Fp8Cache {
   static constexpr int64_t kBytes = 1;
@@ -111,7 +142,8 @@ struct Fp8Cache {
   Fp8Cache(const void* data, int64_t width)
       : data(static_cast<const uint8_t*>(data)), width(width) {}
   const float* row(int64_t offset, float* scratch) const {
-    widen_fp8<kMantissa, kBias>(data + offset, scratch, width);
+    const int64_t done = widen_fp8_by_halves<kMantissa, kBias>(data + offset, scratch, width);
+    widen_fp8<kMantissa, kBias>(data + offset + done, scratch + done, width - done);
     return scratch;
   }
   const void* address(int64_t offset) const { return data + offset; }

@@ -231,9 +231,9 @@ def tiny_llama(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("fp8_kv") / "llama")
 
 
-def _engine(model_dir, kv_cache_dtype: str, auto_kv=jnp.float32):
+def _engine(model_dir, kv_cache_dtype: str, auto_kv=jnp.float32, mesh=None):
     """tests/helpers.tiny_engine's float32 engine, with vLLM's kv_cache_dtype (auto: a
-    cache of auto_kv)."""
+    cache of auto_kv), on one device or over `mesh`."""
     from tests.helpers import ENGINE_BLOCK
     from xla_inference.runner.build import Precision, build_engine, load
     from xla_inference.runner.engine import EngineConfig
@@ -242,7 +242,7 @@ def _engine(model_dir, kv_cache_dtype: str, auto_kv=jnp.float32):
     model = load(model_dir, Precision(f32, f32, jnp.dtype(auto_kv)).with_kv_cache(kv_cache_dtype))
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64,
                         max_num_seqs=8, max_model_len=128)
-    return model, build_engine(model, ecfg)
+    return model, build_engine(model, ecfg, mesh=mesh)
 
 
 def _greedy(engine, prompts, num_new):
@@ -327,3 +327,20 @@ def test_engine_with_fp8_latent_cache(tmp_path):
     want, _ = _greedy(f32_engine, prompts, 4)
     got, _ = _greedy(fp8_engine, prompts, 4)
     assert got == want
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 1), (2, 2)], ids=["tp2", "dp2_tp2"])
+def test_fp8_kv_cache_sharded_equals_one_device(tiny_llama, tp, dp):
+    """Tensor parallel (the fp8 cache split by kv heads) and data parallel replicas give the
+    one-device fp8 engine's greedy tokens and logits."""
+    from xla_inference.parallel.sharding import build_mesh
+
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 13)]
+    _, single = _engine(tiny_llama, "fp8")
+    _, sharded = _engine(tiny_llama, "fp8", mesh=build_mesh(tp, data_parallel_size=dp))
+    assert {a.dtype for a in jax.tree.leaves(sharded.kv_cache)} == {jnp.dtype(jnp.float8_e4m3fn)}
+    want, want_logits = _greedy(single, prompts, 6)
+    got, logits = _greedy(sharded, prompts, 6)
+    assert got == want
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)

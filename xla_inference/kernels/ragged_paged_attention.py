@@ -23,9 +23,10 @@ G = N // K query heads per kv head, H head dim, D decode slots, M = tile * G que
 
 FP8 KV cache (vLLM's --kv-cache-dtype fp8 / fp8_e4m3 / fp8_e5m2): the cache arrays are
 float8_e4m3fn or float8_e5m2, one byte per value. A row is written as value / scale
-(k_scale for keys, v_scale for values: one float per layer, 1.0 unless the checkpoint
-gives one), saturated to the format's largest finite value, and read back as float32
-times the scale. Both scales are folded out of the inner loops: k_scale into the query
+(k_scale for keys, v_scale for values: one float per layer, the layer's parameters
+k_scale / v_scale where it has them, else 1.0 as in vLLM without checkpoint scales),
+saturated to the format's largest finite value, and read back as float32 times the scale.
+Both scales are folded out of the inner loops: k_scale into the query
 (q . (k * s) = (q * s) . k) and v_scale into the output (sum p (v * s) = s * sum p v), so
 the kernels only widen fp8 to float32. A cache of any other dtype ignores the scales, as
 vLLM does for an unquantized cache.

@@ -344,3 +344,35 @@ def test_fp8_kv_cache_sharded_equals_one_device(tiny_llama, tp, dp):
     got, logits = _greedy(sharded, prompts, 6)
     assert got == want
     np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_kv_cache_scales_are_used_by_fp8_only(tiny_llama):
+    """A layer's k_scale / v_scale parameters (SelfAttention; vLLM's checkpoint scales):
+    with an fp8 cache, scales of 2 change only the rounding of subnormals (a power of two
+    commutes with fp8 rounding elsewhere): well within fp8's own error; scales of 1e4 push
+    most keys and values below fp8's smallest subnormal and change the logits far more; a
+    float32 cache ignores them (vLLM forces 1.0 for an unquantized cache)."""
+    import dataclasses
+
+    from tests.helpers import ENGINE_BLOCK
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+
+    def logits_with_scales(kv_cache_dtype, scale):
+        f32 = jnp.dtype(jnp.float32)
+        model = load(tiny_llama, Precision(f32, f32, f32).with_kv_cache(kv_cache_dtype))
+        if scale is not None:
+            model.params.layers = [
+                dataclasses.replace(layer, attn=dataclasses.replace(
+                    layer.attn, k_scale=np.float32(scale), v_scale=np.float32(scale)))
+                for layer in model.params.layers]
+        engine = build_engine(model, EngineConfig(
+            num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64, max_num_seqs=8,
+            max_model_len=128))
+        return _greedy(engine, [[5, 9, 14, 3, 77, 21, 40]], 1)[1]  # the prefill's logits
+
+    fp8, f32 = logits_with_scales("fp8", None), logits_with_scales("auto", None)
+    fp8_error = np.abs(fp8 - f32).max()
+    assert np.abs(logits_with_scales("fp8", 2.0) - fp8).max() < fp8_error / 2
+    assert np.abs(logits_with_scales("fp8", 1e4) - fp8).max() > 5 * fp8_error
+    np.testing.assert_array_equal(logits_with_scales("auto", 1e4), f32)

@@ -21,13 +21,15 @@ from xla_inference.quantization.packed import PackedWeight
 # Decode rows run the native kernel, which quantizes activations to 15 bits (product.py):
 # about 1e-4 of a logit's scale; the rest is float32 on both sides.
 TOL = 2e-3
+# Mixtral's experts name their gate, down and up projections w1, w2, w3.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-               "lm_head")
+               "lm_head", "w1", "w2", "w3")
 
 
 def save_dequantized(src: Path, dst: Path, kind: str) -> Path:
-    """A copy of `src` whose projection matrices hold their per-channel quantized values
-    (dequantized, float32), the LM head untied: transformers on it is the reference."""
+    """A copy of `src` whose projection matrices, MoE experts' included, hold their
+    per-channel quantized values (dequantized, float32), the LM head untied: transformers
+    on it is the reference."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -42,7 +44,7 @@ def save_dequantized(src: Path, dst: Path, kind: str) -> Path:
         config["tie_word_embeddings"] = False
         (dst / "config.json").write_text(json.dumps(config))
     for name, t in tensors.items():
-        if t.ndim == 2 and any(f"{p}.weight" in name for p in PROJECTIONS) and "experts" not in name:
+        if t.ndim == 2 and any(name.endswith(f"{p}.weight") for p in PROJECTIONS):
             deq = quantize_per_channel(t.numpy(), kind).dequantize(np.float32)
             tensors[name] = torch.from_numpy(deq)
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})

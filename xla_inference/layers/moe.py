@@ -10,6 +10,9 @@ Llama 4 routes otherwise: a sigmoid of each chosen expert's logit (no softmax) s
 token before the expert rather than the expert's output, and a shared expert, a plain
 SwiGLU MLP, sees every token (`scoring`, `weight_inputs`, `MoeMlp.shared_expert`).
 
+Quantized experts (quantization/experts.PackedExperts: a quantized checkpoint's, or online
+int8 / fp8) take that module's grouped product, which dequantizes them inside the step.
+
 DeepSeek-V3 (and Kimi-K2) route with `scoring="grouped_sigmoid"` (DeepSeek's "noaux_tc"): a
 sigmoid score per expert; a learned per-expert bias shifts the scores used for choosing only;
 experts come in `num_groups` groups, of which the `topk_groups` with the best two (biased)
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.parallel.axes import weight
+from xla_inference.quantization.experts import PackedExperts, expert_weights, ragged_product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +49,10 @@ class MoeMlp:
     """One MoE block's weights, experts stacked on a leading axis (the `experts` sharding axis)."""
 
     router: jax.Array  # [D, E], replicated
-    w_gate: jax.Array = weight("experts", "embed", "mlp")  # [E, D, F]
-    w_up: jax.Array = weight("experts", "embed", "mlp")  # [E, D, F]
-    w_down: jax.Array = weight("experts", "mlp", "embed")  # [E, F, D]
+    # [E, D, F] / [E, F, D], dense or quantized (PackedExperts, same logical shape)
+    w_gate: jax.Array | PackedExperts = weight("experts", "embed", "mlp")
+    w_up: jax.Array | PackedExperts = weight("experts", "embed", "mlp")
+    w_down: jax.Array | PackedExperts = weight("experts", "mlp", "embed")
     shared_expert: GatedMlp | None = None  # [D, F'] / [F', D]: sees every token (Llama 4)
     score_bias: jax.Array | None = None  # [E] float32: added to the scores for choosing only
 
@@ -104,11 +109,17 @@ def _with_shared_expert(p: MoeMlp, x: jax.Array, routed: jax.Array) -> jax.Array
     return routed if p.shared_expert is None else gated_mlp(p.shared_expert, x) + routed
 
 
+def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array) -> jax.Array:
+    if isinstance(w, PackedExperts):
+        return ragged_product(xs, w, group_sizes)
+    return jax.lax.ragged_dot(xs, w, group_sizes)
+
+
 def _swiglu_grouped(p: MoeMlp, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """xs [R, D], rows sorted by expert, group_sizes [E] -> [R, D]: row r through its expert."""
-    gate = jax.lax.ragged_dot(xs, p.w_gate, group_sizes)  # [R, F]
-    up = jax.lax.ragged_dot(xs, p.w_up, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, p.w_down, group_sizes)
+    gate = _grouped(xs, p.w_gate, group_sizes)  # [R, F]
+    up = _grouped(xs, p.w_up, group_sizes)
+    return _grouped(jax.nn.silu(gate) * up, p.w_down, group_sizes)
 
 
 def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
@@ -138,7 +149,8 @@ def moe_mlp_dense(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
     xe = jnp.broadcast_to(x[:, None, :], (x.shape[0], cfg.num_experts, x.shape[1]))  # [T, E, D]
     if cfg.weight_inputs:  # every expert sees the token scaled by its weight (0: not chosen)
         xe, combine = xe * combine[..., None], (combine != 0).astype(x.dtype)
-    gate = jnp.einsum("TED,EDF->TEF", xe, p.w_gate)
-    up = jnp.einsum("TED,EDF->TEF", xe, p.w_up)
-    out = jnp.einsum("TEF,EFD->TED", jax.nn.silu(gate) * up, p.w_down)
+    w_gate, w_up, w_down = (expert_weights(w, x.dtype) for w in (p.w_gate, p.w_up, p.w_down))
+    gate = jnp.einsum("TED,EDF->TEF", xe, w_gate)
+    up = jnp.einsum("TED,EDF->TEF", xe, w_up)
+    out = jnp.einsum("TEF,EFD->TED", jax.nn.silu(gate) * up, w_down)
     return _with_shared_expert(p, x, jnp.einsum("TED,TE->TD", out, combine))

@@ -6,7 +6,9 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from xla_inference.parallel.axes import is_projection
+from xla_inference.parallel.axes import field_axes, is_projection
+from xla_inference.quantization.experts import (PackedExperts, pack_experts, quantize_experts,
+                                                with_compute_dtype)
 from xla_inference.quantization.groups import GroupQuant
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import PackedWeight, pack
@@ -116,8 +118,13 @@ def tensor_getter(tensors: Mapping[str, np.ndarray], dtype):
 def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape: tuple[int, ...],
                  dtype, *, transpose: bool = False):
     """The tensors `names` (one per expert), each of checkpoint `shape`, stacked on a new
-    leading axis, cast, each optionally transposed."""
-    stacked = np.stack([_dense(_checked(tensors, n, shape), dtype) for n in names])
+    leading axis, cast, each optionally transposed. Quantized experts (each a GroupQuant)
+    taken transposed stay quantized: a PackedExperts ([E, in, out] math,
+    quantization/experts.py)."""
+    checked = [_checked(tensors, n, shape) for n in names]
+    if transpose and checked and all(isinstance(c, GroupQuant) for c in checked):
+        return pack_experts(checked)
+    stacked = np.stack([_dense(c, dtype) for c in checked])
     return _to_host(stacked, dtype, transpose)
 
 
@@ -141,7 +148,7 @@ def narrow_projections(params, dtype):
     changes = {}
     for field in dataclasses.fields(params):
         value = getattr(params, field.name)
-        if isinstance(value, (PackedWeight, GroupQuant)):
+        if isinstance(value, _QUANTIZED):
             continue  # quantized: its own layout and dtypes
         if is_projection(field) and value is not None:
             changes[field.name] = np.asarray(value).astype(jnp.dtype(dtype))
@@ -150,18 +157,22 @@ def narrow_projections(params, dtype):
     return dataclasses.replace(params, **changes)
 
 
+# Quantized weights: leaves of a parameter tree, never walked into.
+_QUANTIZED = (GroupQuant, PackedWeight, PackedExperts)
+
+
 def _map_fields(params, change):
     """params with change(field, value) applied to every leaf field of every parameter
     dataclass (lists of layers included); change returns the new value."""
     if isinstance(params, (list, tuple)):
         return type(params)(_map_fields(p, change) for p in params)
-    if not dataclasses.is_dataclass(params) or isinstance(params, (GroupQuant, PackedWeight)):
+    if not dataclasses.is_dataclass(params) or isinstance(params, _QUANTIZED):
         return params
     changes = {}
     for field in dataclasses.fields(params):
         value = getattr(params, field.name)
         if isinstance(value, (list, tuple)) or (dataclasses.is_dataclass(value) and not
-                                                isinstance(value, (GroupQuant, PackedWeight))):
+                                                isinstance(value, _QUANTIZED)):
             changes[field.name] = _map_fields(value, change)
         else:
             changes[field.name] = change(field, value)
@@ -173,10 +184,13 @@ def pack_quantized(params, compute_dtype, dense_dtype):
     PackedWeight (quantization/packed.py) whose products dequantize into `compute_dtype`
     where they do not run integer kernels; a quantized tensor anywhere else (a GGUF
     embedding, whose rows are gathered) becomes float `dense_dtype`. One GroupQuant in two
-    fields (a tied embedding and LM head) is packed once."""
+    fields (a tied embedding and LM head) is packed once. Quantized MoE experts
+    (PackedExperts, already stacked at load) dequantize into `compute_dtype` too."""
     packed: dict[int, PackedWeight] = {}
 
     def change(field, value):
+        if isinstance(value, PackedExperts):
+            return with_compute_dtype(value, compute_dtype)
         if not isinstance(value, GroupQuant):
             return value
         if not is_projection(field):
@@ -190,10 +204,21 @@ def pack_quantized(params, compute_dtype, dense_dtype):
 
 def quantize_projections(params, kind: str):
     """Online quantization: every float projection matrix quantized per output channel to
-    `kind` (quantization/online.py); everything else is left as it is."""
+    `kind` (quantization/online.py), and every float MoE expert stack [E, in, out] per
+    expert and output channel (quantization/experts.py); everything else is left as it is."""
     def change(field, value):
         if is_projection(field) and isinstance(value, np.ndarray) and value.ndim == 2:
             return quantize_per_channel(value, kind)
+        if _is_expert_stack(field, value):
+            return quantize_experts(value, kind)
         return value
 
     return _map_fields(params, change)
+
+
+def _is_expert_stack(field, value) -> bool:
+    """A float [E, in, out] stack of MoE experts (a field whose first logical axis is the
+    experts: layers/moe.MoeMlp's w_gate, w_up, w_down)."""
+    axes = field_axes(field)
+    return (bool(axes) and axes[0] == "experts" and isinstance(value, np.ndarray)
+            and value.ndim == 3)

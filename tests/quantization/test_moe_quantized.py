@@ -1,0 +1,254 @@
+"""Quantized MoE experts (quantization/experts.py): kept quantized in memory and multiplied
+by a grouped product that dequantizes them inside the step.
+
+- The stacked layout loses nothing (each expert's GroupQuant, dequantized in float64) and
+  the grouped product equals float64 numpy over both of its paths (fewer rows than experts:
+  one expert gathered per row; otherwise every expert dequantized for ragged_dot).
+- Online int8 / fp8 of tiny Qwen3-MoE and Mixtral through the engine: the experts are
+  quantized in memory (bytes asserted) and the logits over a ragged batch equal
+  transformers on a checkpoint whose experts and projections hold their dequantized values.
+- A GPTQ 4-bit Qwen3-MoE checkpoint (every linear, experts included, packed by
+  tests/quantization/checkpoints.py's numpy) keeps its experts 4-bit and gives
+  transformers' logits on the dequantized weights.
+- Expert parallel over 4 virtual devices gives the one-device logits, the quantized
+  experts split by expert."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import (ENGINE_BLOCK, assert_ragged_logits, engine_request, hf_logits,
+                           run_chunks, save_tiny_family)
+from tests.quantization.checkpoints import (_dequantize, _sym_quantize, gptq_pack_columns,
+                                            gptq_pack_rows, read_tensors)
+from tests.quantization.test_online import save_dequantized
+from tests.quantization.test_packed import random_group_quant
+from xla_inference.quantization.experts import (PackedExperts, dequantize_experts, pack_experts,
+                                                quantize_experts, ragged_product,
+                                                with_compute_dtype)
+from xla_inference.quantization.groups import FP8, INT4, INT8, GroupQuant
+from xla_inference.quantization.online import ONLINE_METHODS, quantize_per_channel
+from xla_inference.quantization.packed import PackedWeight
+
+TOL = 2e-3  # as tests/quantization/test_online.py: float32 on both sides
+# A prefill, a chunked prefill with a one-token step (bucket 16: every expert dequantized),
+# then one token alone (bucket 1: 2 rows < 8 experts, the gathered path).
+PLAN = [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}, {0: 1}]
+PROMPT_LENGTHS = (12, 23, 14)
+E, IN, OUT = 6, 64, 40
+KINDS = {  # name: (kind, group, offsets)
+    "int4-g32-offsets": (INT4, 32, True),
+    "int8-per-channel": (INT8, IN, False),
+    "int8-g16-offsets": (INT8, 16, True),
+    "fp8-per-channel": (FP8, IN, False),
+}
+
+
+def _experts(name: str) -> list[GroupQuant]:
+    kind, group, offsets = KINDS[name]
+    return [random_group_quant(kind, OUT, IN, group, offsets=offsets, seed=e) for e in range(E)]
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_stacked_experts_keep_every_value(name):
+    quants = _experts(name)
+    packed = pack_experts(quants)
+    assert packed.shape == (E, IN, OUT) and packed.tiled is False
+    expected = np.stack([q.dequantize(np.float32).T for q in quants])
+    np.testing.assert_array_equal(np.asarray(dequantize_experts(packed, jnp.float32)), expected)
+    value_bytes = E * IN * OUT // (2 if KINDS[name][0] == INT4 else 1)
+    assert packed.values.nbytes == value_bytes
+
+
+def test_experts_with_different_group_sizes_share_the_finest():
+    quants = [random_group_quant(INT4, OUT, IN, 32 if e % 2 else 64, seed=e) for e in range(E)]
+    packed = pack_experts(quants)
+    assert packed.group_size == 32
+    expected = np.stack([q.dequantize(np.float32).T for q in quants])
+    np.testing.assert_array_equal(np.asarray(dequantize_experts(packed, jnp.float32)), expected)
+
+
+def _ragged_reference(xs, quants, group_sizes):
+    """float64: row r times its expert's dequantized [out, in] weight."""
+    experts = np.repeat(np.arange(len(quants)), group_sizes)
+    return np.stack([quants[e].dequantize() @ x for x, e in zip(xs.astype(np.float64), experts)])
+
+
+@pytest.mark.parametrize("name", KINDS)
+@pytest.mark.parametrize("group_sizes", [(0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4)],
+                         ids=["gathered", "every-expert"])  # 4 rows < E = 6; 14 rows >= E
+def test_ragged_product_equals_float64(name, group_sizes):
+    quants = _experts(name)
+    packed = jax.tree.map(jnp.asarray, pack_experts(quants))
+    rows = sum(group_sizes)
+    xs = np.random.default_rng(1).standard_normal((rows, IN)).astype(np.float32)
+    got = jax.jit(ragged_product)(jnp.asarray(xs), packed, jnp.asarray(group_sizes, jnp.int32))
+    want = _ragged_reference(xs, quants, group_sizes)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_bfloat16_compute_dtype_runs_both_paths():
+    quants = _experts("int8-per-channel")
+    packed = with_compute_dtype(jax.tree.map(jnp.asarray, pack_experts(quants)), jnp.bfloat16)
+    for sizes in [(0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4)]:
+        xs = np.random.default_rng(2).standard_normal((sum(sizes), IN)).astype(np.float32)
+        got = ragged_product(jnp.asarray(xs), packed, jnp.asarray(sizes, jnp.int32))
+        assert got.dtype == jnp.float32
+        want = _ragged_reference(xs, quants, sizes)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", [INT8, FP8])
+def test_online_experts_are_per_channel_quantized(kind):
+    w = np.random.default_rng(3).standard_normal((E, IN, OUT)).astype(np.float32)
+    packed = quantize_experts(w, kind)
+    assert packed.kind == kind and packed.group_size == IN and packed.offsets is None
+    expected = np.stack([quantize_per_channel(w[e].T, kind).dequantize(np.float32).T
+                         for e in range(E)])
+    np.testing.assert_array_equal(np.asarray(dequantize_experts(packed, jnp.float32)), expected)
+    np.testing.assert_allclose(expected, w, rtol=0.07, atol=0.07 * np.abs(w).max())
+
+
+# ------------------------------------------------------------------ through the engine
+
+def _engine(model_dir: Path, quantization=None, mesh=None):
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+
+    model = load(model_dir, Precision.uniform(jnp.float32), quantization=quantization)
+    ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64,
+                        max_num_seqs=8, max_model_len=128)
+    return model, build_engine(model, ecfg, mesh=mesh, keep_host_params=True)
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 128, size=n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _moe_layer(params):
+    return next(layer.mlp for layer in params.layers if hasattr(layer.mlp, "router"))
+
+
+def _assert_quantized_experts(params, kind, bits_per_value, of_float32):
+    """Every expert stack quantized, its values `bits_per_value` each, and with its scales
+    (and offsets) at most `of_float32` of the float32 experts' bytes."""
+    moe = _moe_layer(params)
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        assert isinstance(w, PackedExperts) and w.kind == kind
+        weights = int(np.prod(w.shape))
+        assert w.values.nbytes * 8 == weights * bits_per_value
+        assert w.nbytes <= of_float32 * weights * 4
+
+
+FAMILIES = ("qwen3_moe", "mixtral")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    base = tmp_path_factory.mktemp("moe-quantized")
+    return {family: save_tiny_family(base / family, family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("method", sorted(ONLINE_METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_online_quantized_experts_match_transformers(tiny_moe, tmp_path, family, method):
+    ref = save_dequantized(tiny_moe[family], tmp_path / "ref", ONLINE_METHODS[method])
+    prompts = _prompts()
+    expected = [hf_logits(ref, p) for p in prompts]
+    model, engine = _engine(tiny_moe[family], method)
+    # per channel: one float32 scale per 64 or 48 weights
+    _assert_quantized_experts(model.params, ONLINE_METHODS[method], 8, 0.275)
+    assert isinstance(model.params.layers[0].attn.wq, PackedWeight)
+    assert_ragged_logits(engine, prompts, expected, PLAN, TOL)
+
+
+def _moe_bytes(params) -> int:
+    moe = _moe_layer(params)
+    return sum(w.nbytes for w in (moe.w_gate, moe.w_up, moe.w_down))
+
+
+def test_online_int8_experts_take_about_a_quarter_of_float32(tiny_moe):
+    from xla_inference.runner.build import Precision, load
+
+    dense = load(tiny_moe["qwen3_moe"], Precision.uniform(jnp.float32))
+    int8 = load(tiny_moe["qwen3_moe"], Precision.uniform(jnp.float32), quantization="int8")
+    assert _moe_bytes(int8.params) < 0.3 * _moe_bytes(dense.params)
+    assert int8.weight_bytes < 0.4 * dense.weight_bytes
+
+
+# ------------------------------------------------------------------ a GPTQ MoE checkpoint
+
+GPTQ_GROUP = 16  # divides every input size of the tiny Qwen3-MoE (48 for the experts' down)
+
+
+def save_gptq_moe(src: Path, dst: Path) -> tuple[Path, Path]:
+    """(the GPTQ 4-bit symmetric checkpoint of `src` with every decoder linear, experts
+    included, packed as AutoGPTQ does; the float checkpoint holding the dequantized
+    integers). The router and the LM head stay float, as in released GPTQ MoE models."""
+    from safetensors.numpy import save_file
+
+    quant, ref = dst / "gptq", dst / "ref"
+    tensors = read_tensors(src)
+    packed, dequantized = {}, dict(tensors)
+    for name, w in tensors.items():
+        if w.ndim != 2 or not name.endswith("proj.weight") or not name.startswith("model.layers"):
+            packed[name] = w
+            continue
+        prefix = name[:-len("weight")]
+        q, z, s = _sym_quantize(w, GPTQ_GROUP, 4)
+        dequantized[name] = _dequantize(q, z, s, GPTQ_GROUP).astype(np.float32)
+        packed[prefix + "qweight"] = gptq_pack_rows(q.T, 4)
+        packed[prefix + "qzeros"] = gptq_pack_columns((z - 1).T, 4)
+        packed[prefix + "scales"] = np.ascontiguousarray(s.T.astype(np.float16))
+        packed[prefix + "g_idx"] = (np.arange(w.shape[1]) // GPTQ_GROUP).astype(np.int32)
+    for path, content in ((quant, packed), (ref, dequantized)):
+        path.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                (path / f.name).write_bytes(f.read_bytes())
+        save_file(content, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((quant / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq", "bits": 4, "group_size": GPTQ_GROUP, "desc_act": False,
+        "sym": True, "lm_head": False, "checkpoint_format": "gptq"}
+    (quant / "config.json").write_text(json.dumps(config))
+    return quant, ref
+
+
+def test_gptq_moe_checkpoint_keeps_experts_4bit(tiny_moe, tmp_path):
+    quant, ref = save_gptq_moe(tiny_moe["qwen3_moe"], tmp_path)
+    prompts = _prompts()
+    expected = [hf_logits(ref, p) for p in prompts]
+    model, engine = _engine(quant)
+    # groups of 16: a float32 scale and offset per 16 half-byte weights
+    _assert_quantized_experts(model.params, INT4, 4, 0.25)
+    assert _moe_layer(model.params).w_down.group_size == GPTQ_GROUP
+    assert_ragged_logits(engine, prompts, expected, PLAN, TOL)
+
+
+# ------------------------------------------------------------------ expert parallel
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_expert_parallel_equals_one_device(tiny_moe, method):
+    from xla_inference.parallel.sharding import build_mesh
+
+    assert len(jax.devices()) >= 4
+    prompts = _prompts()
+    results = []
+    for mesh in (None, build_mesh(4)):
+        _, engine = _engine(tiny_moe["qwen3_moe"], method, mesh)
+        reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
+        results.append(run_chunks(engine, reqs, PLAN))
+    single, sharded = results
+    for key, row in single.items():
+        np.testing.assert_allclose(sharded[key], row, rtol=1e-5, atol=1e-5)
+    moe = _moe_layer(engine.params)
+    for w in (moe.w_gate, moe.w_down):  # 8 experts, 2 on each of the 4 devices
+        for arr in (w.values, w.scales):
+            assert arr.sharding.spec[0] == "model", arr.sharding.spec
+            assert {s.data.shape[0] for s in arr.addressable_shards} == {2}

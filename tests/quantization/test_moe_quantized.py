@@ -30,7 +30,7 @@ from tests.quantization.test_packed import random_group_quant
 from xla_inference.quantization.experts import (PackedExperts, dequantize_experts, pack_experts,
                                                 quantize_experts, ragged_product,
                                                 with_compute_dtype)
-from xla_inference.quantization.groups import FP8, INT4, INT8, GroupQuant
+from xla_inference.quantization.groups import FP8, INT4, INT8, INT8_ACTIVATIONS, GroupQuant
 from xla_inference.quantization.online import ONLINE_METHODS, quantize_per_channel
 from xla_inference.quantization.packed import PackedWeight
 
@@ -89,6 +89,24 @@ def test_ragged_product_equals_float64(name, group_sizes):
     got = jax.jit(ragged_product)(jnp.asarray(xs), packed, jnp.asarray(group_sizes, jnp.int32))
     want = _ragged_reference(xs, quants, group_sizes)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("group_sizes", [(0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4)],
+                         ids=["gathered", "every-expert"])
+def test_int8_activation_experts_quantize_each_row(group_sizes):
+    """W8A8 int8 experts (compressed-tensors' dynamic scheme): each input row rounded to
+    int8 levels of its own scale (max |x| / 127) before the product."""
+    quants = [random_group_quant(INT8, OUT, IN, IN, offsets=False, seed=e,
+                                 activations=INT8_ACTIVATIONS) for e in range(E)]
+    packed = jax.tree.map(jnp.asarray, pack_experts(quants))
+    xs = np.random.default_rng(4).standard_normal((sum(group_sizes), IN)).astype(np.float32)
+    scale = np.abs(xs.astype(np.float64)).max(axis=1, keepdims=True) / 127
+    rounded = np.rint(xs / scale) * scale
+    got = ragged_product(jnp.asarray(xs), packed, jnp.asarray(group_sizes, jnp.int32))
+    want = _ragged_reference(rounded, quants, group_sizes)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    unrounded = _ragged_reference(xs, quants, group_sizes)
+    assert np.abs(unrounded - want).max() > 1e-3 * np.abs(want).max()  # the rounding shows
 
 
 def test_bfloat16_compute_dtype_runs_both_paths():

@@ -4,7 +4,9 @@ int8 symmetric, groups of 16 to 128, T of 1 to 13 (more than one tile of 8 rows)
 multiple of 16. The weights are packed into the tile layout by this file's own packer, written
 from the layout's definition (quantization/packed.py has the production one), so the test also
 checks the layout contract. The VNNI and portable builds, one thread and many, a row of T alone
-and in a batch: all give the same bits."""
+and in a batch, scales and offsets stored as float16 or float32 (values that are float16s):
+all give the same bits. The float entry, which quantizes x itself, gives the bits of the int16
+entry given quantization/product.quantize_rows' integers."""
 
 import os
 import subprocess
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from xla_inference.kernels import cpu_quantized, native
+from xla_inference.quantization.product import quantize_rows
 
 ROWS = 16
 
@@ -48,8 +51,9 @@ def _pad_rows(a: np.ndarray, out_padded: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((out_padded - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
-def _random_weight(rng, out, n, bits, group_size, with_offsets):
-    """GroupQuant-like: q [out, in] (uint8 0..15 for int4, int8), scales and offsets [out, G]."""
+def _random_weight(rng, out, n, bits, group_size, with_offsets, half_values=False):
+    """GroupQuant-like: q [out, in] (uint8 0..15 for int4, int8), scales and offsets [out, G]
+    float32 (half_values: each a float16 value, so that float16 holds them exactly)."""
     groups = n // group_size
     if bits == 4:
         q = rng.integers(0, 16, (out, n)).astype(np.uint8)
@@ -58,15 +62,21 @@ def _random_weight(rng, out, n, bits, group_size, with_offsets):
     scales = rng.uniform(0.5, 2.0, (out, groups)).astype(np.float32) * 1e-3
     offsets = (rng.uniform(-8, 0, (out, groups)).astype(np.float32) * 1e-3
                if with_offsets else None)
+    if half_values:
+        scales = scales.astype(np.float16).astype(np.float32)
+        offsets = None if offsets is None else offsets.astype(np.float16).astype(np.float32)
     return q, scales, offsets
 
 
-def _kernel_operands(q, scales, offsets, bits):
-    """The kernel's operands for the weight, padded to a multiple of 16 rows."""
+def _kernel_operands(q, scales, offsets, bits, scales_dtype=np.float32,
+                     offsets_dtype=np.float32):
+    """The kernel's operands for the weight, padded to a multiple of 16 rows, scales and
+    offsets stored in the dtypes given."""
     out_padded = -(-q.shape[0] // ROWS) * ROWS
     values = _pack(_pad_rows(q, out_padded), bits)
-    packed_scales = _pack_groups(_pad_rows(scales, out_padded))
-    packed_offsets = None if offsets is None else _pack_groups(_pad_rows(offsets, out_padded))
+    packed_scales = _pack_groups(_pad_rows(scales, out_padded)).astype(scales_dtype)
+    packed_offsets = (None if offsets is None else
+                      _pack_groups(_pad_rows(offsets, out_padded)).astype(offsets_dtype))
     return values, packed_scales, packed_offsets
 
 
@@ -128,6 +138,46 @@ def test_matches_float64(bits, with_offsets, group_size, T):
     _check(y, xq, x_scale, q, scales, offsets, group_size)
 
 
+# (scales, offsets) stored as: float16 both, float16 scales with float32 offsets, the reverse
+HALF_STORAGE = [(np.float16, np.float16), (np.float16, np.float32), (np.float32, np.float16)]
+
+
+@pytest.mark.parametrize("scales_dtype,offsets_dtype", HALF_STORAGE)
+@pytest.mark.parametrize("bits,with_offsets", CASES)
+@pytest.mark.parametrize("T", [1, 3, 13])
+def test_half_scales_give_the_bits_of_float_scales(bits, with_offsets, T, scales_dtype,
+                                                   offsets_dtype):
+    """Scales and offsets that are float16 values, stored as float16: the kernel widens
+    them exactly, so the output is that of the same values stored as float32."""
+    rng = np.random.default_rng([bits, T, with_offsets, 16])
+    q, scales, offsets = _random_weight(rng, 200, 384, bits, 32, with_offsets, half_values=True)
+    xq, x_scale = _random_activations(rng, T, 384)
+    half = _kernel_operands(q, scales, offsets, bits, scales_dtype, offsets_dtype)
+    assert half[1].dtype == scales_dtype
+    y = _run(xq, x_scale, *half, bits, 32)
+    _check(y, xq, x_scale, q, scales, offsets, 32)
+    full = _run(xq, x_scale, *_kernel_operands(q, scales, offsets, bits), bits, 32)
+    np.testing.assert_array_equal(y, full)
+
+
+def test_half_subnormal_and_large_scales_are_exact():
+    """float16 subnormals (GGUF's tiny block scales) and values near float16's largest."""
+    rng = np.random.default_rng(5)
+    q, _, _ = _random_weight(rng, 32, 128, 4, 32, False)
+    groups = (32, 4)
+    scales = rng.choice(np.array([2.0**-24, 3 * 2.0**-20, 1023 * 2.0**-24, 6.0e4, 1.0],
+                                 np.float32), groups)
+    offsets = -rng.choice(np.array([2.0**-24, 65504.0, 0.0], np.float32), groups)
+    xq, x_scale = _random_activations(rng, 2, 128)
+    half = _kernel_operands(q, scales, offsets, 4, np.float16, np.float16)
+    full = _kernel_operands(q, scales, offsets, 4)
+    np.testing.assert_array_equal(half[1].astype(np.float32), full[1])  # exact in float16
+    np.testing.assert_array_equal(half[2].astype(np.float32), full[2])
+    y = _run(xq, x_scale, *half, 4, 32)
+    np.testing.assert_array_equal(y, _run(xq, x_scale, *full, 4, 32))
+    _check(y, xq, x_scale, q, scales, offsets, 32)
+
+
 @pytest.mark.parametrize("bits,with_offsets", CASES)
 def test_extremes_do_not_overflow(bits, with_offsets):
     """Every product at its largest magnitude, over the largest group (128)."""
@@ -158,21 +208,59 @@ def test_rows_alone_equal_rows_in_a_batch():
 _PORTABLE = "xla_inference_quantized_matmul_portable"
 
 
+_PORTABLE_FLOAT = "xla_inference_quantized_matmul_portable_float"
+
+
+def _portable_library():
+    return native.load_targets(
+        cpu_quantized._SOURCE, {_PORTABLE: cpu_quantized._SYMBOL,
+                                _PORTABLE_FLOAT: cpu_quantized._FLOAT_SYMBOL},
+        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_QMM_PORTABLE"))
+
+
+@pytest.mark.parametrize("group_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("bits,with_offsets", CASES)
-def test_portable_build_gives_the_same_bits(bits, with_offsets):
-    """The C++ fallback (built with XLA_INFERENCE_QMM_PORTABLE, as on CPUs without VNNI)."""
-    library = native.load_targets(cpu_quantized._SOURCE, {_PORTABLE: cpu_quantized._SYMBOL},
-                                  (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_QMM_PORTABLE"))
-    assert library.XlaInferenceQuantizedMatmulVnni() == 0
+def test_portable_build_gives_the_same_bits(bits, with_offsets, group_dtype):
+    """The C++ fallback (built with XLA_INFERENCE_QMM_PORTABLE, as on CPUs without VNNI),
+    its scales and offsets stored as float32 or float16 (widened by bit operations)."""
+    assert _portable_library().XlaInferenceQuantizedMatmulVnni() == 0
     rng = np.random.default_rng(bits)
-    q, scales, offsets = _random_weight(rng, 72, 384, bits, 64, with_offsets)
-    operands = _kernel_operands(q, scales, offsets, bits)
+    q, scales, offsets = _random_weight(rng, 72, 384, bits, 64, with_offsets, half_values=True)
+    operands = _kernel_operands(q, scales, offsets, bits, group_dtype, group_dtype)
     xq, x_scale = _random_activations(rng, 11, 384)
     portable = np.asarray(cpu_quantized.ffi_quantized_matmul(
         _PORTABLE, jnp.asarray(xq), jnp.asarray(x_scale),
         *(None if a is None else jnp.asarray(a) for a in operands), bits=bits, group_size=64))
     _check(portable, xq, x_scale, q, scales, offsets, 64)
     np.testing.assert_array_equal(portable, _run(xq, x_scale, *operands, bits, 64))
+    x = rng.standard_normal((5, 384)).astype(np.float32)
+    portable_float = cpu_quantized.ffi_quantized_matmul_float(
+        _PORTABLE_FLOAT, jnp.asarray(x), *operands, bits=bits, group_size=64, levels=16383)
+    np.testing.assert_array_equal(np.asarray(portable_float),
+                                  _run_float(x, operands, bits, 64, 16383))
+
+
+def _run_float(x, operands, bits, group_size, levels):
+    return np.asarray(jax.jit(
+        lambda x, *w: cpu_quantized.quantized_matmul_float(
+            x, *w, bits=bits, group_size=group_size, levels=levels))(jnp.asarray(x), *operands))
+
+
+@pytest.mark.parametrize("levels", [16383.0, 127.0])
+@pytest.mark.parametrize("bits,with_offsets", CASES)
+@pytest.mark.parametrize("T", [1, 4, 9])
+def test_float_entry_quantizes_as_quantize_rows(bits, with_offsets, T, levels):
+    """The float32 entry gives the bits of quantize_rows (run by XLA) then the int16 entry,
+    rows of every magnitude and a zero row included."""
+    rng = np.random.default_rng([bits, T, int(levels)])
+    q, scales, offsets = _random_weight(rng, 100, 256, bits, 32, with_offsets)
+    operands = _kernel_operands(q, scales, offsets, bits)
+    x = (rng.standard_normal((T, 256)) * 10.0 ** rng.integers(-6, 6, (T, 1))).astype(np.float32)
+    if T > 1:
+        x[1] = 0.0
+    xq, x_scale = (np.asarray(a) for a in jax.jit(quantize_rows, static_argnums=1)(x, levels))
+    np.testing.assert_array_equal(_run_float(x, operands, bits, 32, levels),
+                                  _run(xq, x_scale, *operands, bits, 32))
 
 
 def test_inside_jit():
@@ -194,10 +282,12 @@ def test_inside_jit():
     assert "xla_inference_quantized_matmul" in product.lower(*args).as_text()
     y, xq, x_scale = (np.asarray(a) for a in product(*args))
     _check(y, xq, x_scale, q, scales, offsets, 32)
+    y_float = _run_float(x, (values, packed_scales, packed_offsets), 4, 32, 16383)
     # and within the rounding of x to int16 of the float product with the dequantized weight
     w = q.astype(np.float64) * np.repeat(scales, 32, 1) + np.repeat(offsets, 32, 1)
     rounding = 0.5 * x_scale[:, None] * np.abs(w).sum(1)[None]
     assert np.all(np.abs(y[:, :48] - x @ w.T) <= rounding * (1 + 1e-4))
+    assert np.all(np.abs(y_float[:, :48] - x @ w.T) <= rounding * (1 + 1e-4))
 
 
 def test_bad_operands_are_refused():

@@ -2,7 +2,7 @@
 packing loses nothing (the dequantized weight is the GroupQuant's), and x times a packed
 weight is x times the dequantized weight, through the native kernel (decode-sized rows) and
 through XLA's dense product (prefill-sized rows), for every kind of weight the formats
-produce."""
+produce. Scales and offsets that are float16 values are stored as float16, others as float32."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,10 @@ from xla_inference.quantization.packed import dequantize, kernel_group_size, pac
 from xla_inference.quantization.product import quantized_project
 
 
-def random_group_quant(kind, out, inp, group, *, offsets=True, seed=0, activations="float"):
+def random_group_quant(kind, out, inp, group, *, offsets=True, seed=0, activations="float",
+                       half_values=False):
+    """Random values, scales and offsets (half_values: scales and offsets that are float16
+    values, as GPTQ's; otherwise float32 ones that float16 cannot hold)."""
     rng = np.random.default_rng(seed)
     groups = (out, inp // group)
     if kind == INT4:
@@ -30,11 +33,16 @@ def random_group_quant(kind, out, inp, group, *, offsets=True, seed=0, activatio
         values = (rng.standard_normal((out, inp)) * 50).astype(ml_dtypes.float8_e4m3fn)
     scales = rng.uniform(0.001, 0.02, groups).astype(np.float32)
     offs = rng.uniform(-0.1, 0.1, groups).astype(np.float32) if offsets else None
+    if half_values:
+        scales = scales.astype(np.float16).astype(np.float32)
+        offs = None if offs is None else offs.astype(np.float16).astype(np.float32)
     return GroupQuant(values, scales, offs, kind, group, activations)
 
 
-CASES = {  # name: (kind, out, in, group, offsets)
+CASES = {  # name: (kind, out, in, group, offsets[, half_values])
     "int4-g32-offsets": (INT4, 48, 128, 32, True),
+    "int4-g32-offsets-half": (INT4, 48, 128, 32, True, True),  # float16 scales and offsets
+    "int8-g32-half": (INT8, 40, 96, 32, False, True),
     "int4-g128-sym": (INT4, 40, 256, 128, False),  # 40 rows: padded to 48
     "int4-g64-rows-not-16": (INT4, 23, 192, 64, True),
     "int8-per-channel": (INT8, 32, 192, 192, False),  # split into groups <= 128
@@ -45,10 +53,16 @@ CASES = {  # name: (kind, out, in, group, offsets)
 }
 
 
+def case_weight(case, seed=0) -> GroupQuant:
+    kind, out, inp, group, offsets, *half = CASES[case]
+    return random_group_quant(kind, out, inp, group, offsets=offsets, seed=seed,
+                              half_values=bool(half))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_pack_keeps_every_value(case):
-    kind, out, inp, group, offsets = CASES[case]
-    weight = random_group_quant(kind, out, inp, group, offsets=offsets)
+    weight = case_weight(case)
+    out, inp = weight.shape
     packed = pack(weight)
     assert packed.shape == (out, inp)
     np.testing.assert_array_equal(np.asarray(dequantize(packed, jnp.float32)),
@@ -56,7 +70,8 @@ def test_pack_keeps_every_value(case):
 
 
 def test_packed_bytes_are_the_quantized_size():
-    """4-bit: half a byte a weight plus the scales; 8-bit: a byte plus the scales."""
+    """4-bit: half a byte a weight plus the scales; 8-bit: a byte plus the scales; scales
+    and offsets 2 bytes each where they are float16 values, else 4."""
     out, inp = 256, 512
     int4 = pack(random_group_quant(INT4, out, inp, 32))
     int8 = pack(random_group_quant(INT8, out, inp, inp, offsets=False))
@@ -66,6 +81,28 @@ def test_packed_bytes_are_the_quantized_size():
     assert int8.nbytes == out * inp + 4 * out * inp // 128  # groups split to 128
     # against bfloat16: 4-bit in groups of 32 with float32 scale and offset is 6 bits a weight
     assert int4.nbytes <= 0.375 * out * inp * 2 and int8.nbytes < 0.52 * out * inp * 2
+    # with float16 scale and offset, 5 bits a weight
+    int4_half = pack(random_group_quant(INT4, out, inp, 32, half_values=True))
+    assert int4_half.scales.dtype == np.float16 and int4_half.offsets.dtype == np.float16
+    assert int4_half.nbytes == out * inp // 2 + 2 * 2 * out * inp // 32 == 5 * out * inp // 8
+
+
+def test_group_arrays_are_float16_only_where_exact():
+    """Each of scales and offsets on its own: float16 if it holds every value, else float32
+    (a GGUF Q4_K scale d * sc, a float16 times a 6-bit integer, often needs 17 bits)."""
+    weight = random_group_quant(INT4, 32, 128, 32, half_values=True)
+    d = np.float32(np.float16(0.0123))
+    exact_scales = np.full_like(weight.scales, d * 32)  # times a power of two: exact
+    inexact_offsets = np.full_like(weight.offsets, d * 63)  # 17 significant bits
+    inexact_offsets[0, 0] = 1e-9  # and below float16's smallest subnormal
+    assert np.float16(d * 63) != d * 63
+    packed = pack(GroupQuant(weight.values, exact_scales, inexact_offsets, INT4, 32))
+    assert packed.scales.dtype == np.float16 and packed.offsets.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(dequantize(packed, jnp.float32)),
+                                  GroupQuant(weight.values, exact_scales, inexact_offsets,
+                                             INT4, 32).dequantize(np.float32))
+    beyond = np.full_like(weight.scales, 1e5)  # beyond float16's largest
+    assert pack(GroupQuant(weight.values, beyond, None, INT4, 32)).scales.dtype == np.float32
 
 
 def test_kernel_groups_split_evenly():
@@ -106,8 +143,8 @@ def _tolerance(rows, weight):
 @pytest.mark.parametrize("rows", [1, 5, 64])
 @pytest.mark.parametrize("case", CASES)
 def test_product_matches_float64(case, rows):
-    kind, out, inp, group, offsets = CASES[case]
-    weight = random_group_quant(kind, out, inp, group, offsets=offsets, seed=rows)
+    weight = case_weight(case, seed=rows)
+    inp = weight.shape[1]
     x = np.random.default_rng(1).standard_normal((rows, inp)).astype(np.float32)
     got = np.asarray(jax.jit(quantized_project)(jnp.asarray(x), pack(weight)))
     expected = _reference(x, weight)

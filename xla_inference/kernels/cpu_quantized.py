@@ -4,8 +4,11 @@ kernel for XLA's CPU backend (cpu/quantized_matmul.cc), called as an XLA FFI cus
     y[t, o] = x_scale[t] * sum_g (scale[o,g] * S[t,o,g] + offset[o,g] * X[t,g])
 
 with S the exact int32 product of the group's int16 activations and its weights, and X the
-group's activation sum. Decode reads every weight byte once per step, so the time is that
-of reading the weights: int8 weights are half the bytes of bfloat16, int4 a quarter. The
+group's activation sum. Scales and offsets are float16 or float32 (each its own). Decode
+reads every weight byte once per step, so the time is that of reading the weights: int8
+weights are half the bytes of bfloat16, int4 a quarter. quantized_matmul takes activations
+already quantized to int16 per row; quantized_matmul_float takes float32 ones and quantizes
+them itself, as the caller would have (one call instead of XLA's four small passes). The
 kernel uses AVX-512 VNNI (vpdpwssd) where the CPU has it and portable C++ elsewhere, with the
 same results; it shares its work over XLA's intra-op thread pool, and its output does not
 depend on the number of threads.
@@ -34,12 +37,14 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "cpu" / "quantized_matmul.cc"
 _TARGET = "xla_inference_quantized_matmul"
 _SYMBOL = "XlaInferenceQuantizedMatmul"
+_FLOAT_TARGET = "xla_inference_quantized_matmul_float"
+_FLOAT_SYMBOL = "XlaInferenceQuantizedMatmulFloat"
 ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 
 
 @functools.cache
 def _library():
-    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL})
+    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL})
 
 
 @functools.cache
@@ -62,23 +67,55 @@ def uses_vnni() -> bool:
     return bool(_library().XlaInferenceQuantizedMatmulVnni())
 
 
+def _group_operand(a):
+    """Scales or offsets as the kernel reads them: float16 or float32 as stored, any other
+    dtype (bfloat16) widened to float32."""
+    a = jnp.asarray(a)
+    return a if a.dtype in (jnp.float16, jnp.float32) else a.astype(jnp.float32)
+
+
+def _weight_operands(values, scales, offsets):
+    if offsets is None:
+        offsets = jnp.zeros((0,), jnp.float32)
+    return values, _group_operand(scales), _group_operand(offsets)
+
+
+def _output(rows: int, values) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((rows, values.shape[0] * ROWS_PER_TILE), jnp.float32)
+
+
 def ffi_quantized_matmul(target: str, xq, x_scale, values, scales, offsets, *, bits: int,
                          group_size: int):
     """quantized_matmul through the FFI target `target` (a build of quantized_matmul.cc)."""
-    if offsets is None:
-        offsets = jnp.zeros((0,), jnp.float32)
-    out_padded = values.shape[0] * ROWS_PER_TILE
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((xq.shape[0], out_padded),
-                                                         jnp.float32))
-    return call(xq.astype(jnp.int16), x_scale.astype(jnp.float32), values,
-                scales.astype(jnp.float32), offsets.astype(jnp.float32),
-                bits=np.int64(bits), group_size=np.int64(group_size))
+    call = jax.ffi.ffi_call(target, _output(xq.shape[0], values))
+    return call(xq.astype(jnp.int16), x_scale.astype(jnp.float32),
+                *_weight_operands(values, scales, offsets), bits=np.int64(bits),
+                group_size=np.int64(group_size))
+
+
+def ffi_quantized_matmul_float(target: str, x, values, scales, offsets, *, bits: int,
+                               group_size: int, levels: float):
+    """quantized_matmul_float through the FFI target `target`."""
+    call = jax.ffi.ffi_call(target, _output(x.shape[0], values))
+    return call(x.astype(jnp.float32), *_weight_operands(values, scales, offsets),
+                bits=np.int64(bits), group_size=np.int64(group_size),
+                levels=np.float32(levels))
 
 
 def quantized_matmul(xq, x_scale, values, scales, offsets, *, bits: int, group_size: int):
     """y [T, out_padded] float32 for xq int16 [T, in] (|xq| <= 16383), x_scale [T], values
     int8 [out/16, in/2, 32] (bits=8) or uint8 [out/16, in/4, 32] (bits=4) in the tile
-    layout, scales [out/16, in/group_size, 16], offsets like scales or None; group_size a
-    multiple of 4 (8 bits: of 2) and at most 128. Needs available(); usable inside jit."""
+    layout, scales float16 or float32 [out/16, in/group_size, 16], offsets like scales (in
+    either dtype) or None; group_size a multiple of 4 (8 bits: of 2) and at most 128. Needs
+    available(); usable inside jit."""
     return ffi_quantized_matmul(_TARGET, xq, x_scale, values, scales, offsets, bits=bits,
                                 group_size=group_size)
+
+
+def quantized_matmul_float(x, values, scales, offsets, *, bits: int, group_size: int,
+                           levels: float):
+    """quantized_matmul of x float32 [T, in], each row first quantized symmetrically to
+    integers of at most `levels` (1..16383) as quantization/product.quantize_rows does:
+    the same integers and scales, so the same y as quantized_matmul given those."""
+    return ffi_quantized_matmul_float(_FLOAT_TARGET, x, values, scales, offsets, bits=bits,
+                                      group_size=group_size, levels=levels)

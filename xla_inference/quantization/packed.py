@@ -4,7 +4,10 @@
 Integer weights (4- and 8-bit) are laid out in tiles of 16 output rows, the operand layout
 of the native CPU kernel (kernels/cpu/quantized_matmul.cc): each 32-byte chunk holds two
 (8-bit) or four (4-bit, two per byte) consecutive input elements of 16 rows, so one vector
-load feeds 16 rows' products. Scales and offsets are laid out [row tile, group, 16]. On
+load feeds 16 rows' products. Scales and offsets are laid out [row tile, group, 16], each
+in float16 where every one of its values is a float16 (GPTQ's and AWQ's scales, GGUF's
+Q4_0/Q8_0 block scales: a 4-bit weight in groups of 32 is then 5 bits rather than 6, and
+decode reads that much less) and float32 otherwise (the product is exact either way). On
 other devices XLA dequantizes the tiles inside the product (`dequantize`): the layout is a
 reshape and a transpose of the plain one, which XLA folds into the dequantizing fusion.
 FP8 weights keep the plain [out, in] layout (XLA converts them in the product).
@@ -39,7 +42,8 @@ class PackedWeight:
 
     values: INT8 int8 [out/16, in/2, 32]; INT4 uint8 [out/16, in/4, 32] (tile layout, out
     padded to a multiple of 16); FP8 float8_e4m3fn [out, in].
-    scales, offsets: float32 [out/16, groups, 16] (FP8: [out, groups]); offsets may be None."""
+    scales, offsets: [out/16, groups, 16] (FP8: [out, groups]), each float16 where that
+    holds its values exactly and float32 otherwise (group_array); offsets may be None."""
 
     values: jax.Array
     scales: jax.Array
@@ -82,6 +86,14 @@ def kernel_group_size(group_size: int, in_features: int, kind: str) -> int:
                      f"groups of a multiple of {step}")
 
 
+def group_array(a: np.ndarray) -> np.ndarray:
+    """Scales or offsets in float16 if every value is exactly a float16 (half the bytes
+    a product reads per group), else in float32; never rounded."""
+    with np.errstate(over="ignore"):  # values beyond float16's range: float32
+        half = a.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), a) else a.astype(np.float32)
+
+
 def _tile_rows(a: np.ndarray, out_padded: int) -> np.ndarray:
     """[out, n] -> [out_padded / 16, n, 16]: padding rows are zero."""
     padded = np.zeros((out_padded, a.shape[1]), a.dtype)
@@ -117,9 +129,10 @@ def pack(weight: GroupQuant, compute_dtype="float32") -> PackedWeight:
                             out, inp, weight.activations, compute_dtype)
     weight = regroup(weight, kernel_group_size(weight.group_size, inp, weight.kind))
     out_padded = -(-out // TILE_ROWS) * TILE_ROWS
-    offsets = None if weight.offsets is None else _tile_rows(weight.offsets, out_padded)
+    offsets = (None if weight.offsets is None
+               else _tile_rows(group_array(weight.offsets), out_padded))
     return PackedWeight(_tile_values(weight.values, weight.kind, out_padded),
-                        _tile_rows(weight.scales, out_padded), offsets, weight.kind,
+                        _tile_rows(group_array(weight.scales), out_padded), offsets, weight.kind,
                         weight.group_size, out, inp, weight.activations, compute_dtype)
 
 
@@ -141,7 +154,8 @@ def untiled_values(w: PackedWeight) -> jax.Array:
 
 
 def untiled_groups(a: jax.Array, w: PackedWeight) -> jax.Array:
-    """Scales or offsets as [out_padded, groups]."""
+    """Scales or offsets as [out_padded, groups] float32 (stored float16 or float32)."""
+    a = a.astype(jnp.float32)
     return a if not w.tiled else a.transpose(0, 2, 1).reshape(-1, a.shape[1])
 
 

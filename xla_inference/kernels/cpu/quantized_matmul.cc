@@ -10,8 +10,11 @@
 // each 32-byte chunk holding 2 (8-bit) or 4 (4-bit) input elements of the tile's 16 rows:
 //   8-bit: values[ot, c, 2r+j] = q[16ot+r, 2c+j]                       int8  [out/16, in/2, 32]
 //   4-bit: values[ot, c, 2r+j] = q[16ot+r, 4c+j] | q[16ot+r, 4c+2+j] << 4  uint8 [out/16, in/4, 32]
-// scales f32 [out/16, G, 16] (scales[ot, g, r] = scale[16ot+r, g]); offsets likewise, or
-// zero-size for none. Output f32 [T, out_padded = 16 * (out/16)].
+// scales f16 or f32 [out/16, G, 16] (scales[ot, g, r] = scale[16ot+r, g]); offsets likewise
+// (f16 or f32 on their own), or zero-size for none. Output f32 [T, out_padded = 16 * (out/16)].
+// A second entry takes float32 x [T, in] and quantizes each row itself, as the callers do
+// (quantization/product.py quantize_rows: x_scale = max|x| / levels, xq = round(x / x_scale)),
+// which saves XLA's separate passes over x before the call.
 //
 // The AVX-512 VNNI path widens a chunk's 32 bytes to 32 int16 words (word 2r+j) and adds
 // each dword lane r's pair products to the tile's row r with vpdpwssd against a broadcast
@@ -57,8 +60,9 @@ struct Problem {
   const int16_t* xq;
   const float* x_scale;
   const uint8_t* values;
-  const float* scales;
-  const float* offsets;  // nullptr: none
+  const void* scales;   // f16 (half_scales) or f32
+  const void* offsets;  // f16 (half_offsets) or f32; nullptr: none
+  bool half_scales, half_offsets;
   const float* x_sums;   // [T, G] group sums of xq (exact in f32), with offsets
   float* out;
   int64_t T, in, out_tiles, groups, group_size;
@@ -67,6 +71,30 @@ struct Problem {
   int64_t tile_bytes() const { return in / per_chunk * kChunkBytes; }
   int64_t chunks_per_group() const { return group_size / per_chunk; }
 };
+
+// An IEEE half's value (the portable path's scales and offsets).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  float magnitude;
+  if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -24);  // zero or subnormal
+  } else {
+    const uint32_t bits = exponent == 0x1F ? 0x7F800000 | mantissa << 13
+                                           : (exponent + 112) << 23 | mantissa << 13;
+    std::memcpy(&magnitude, &bits, sizeof(magnitude));
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &magnitude, sizeof(bits));
+  bits |= sign;
+  std::memcpy(&magnitude, &bits, sizeof(bits));
+  return magnitude;
+}
+
+// Element i of a group array (scales or offsets) stored as f16 (half) or f32.
+inline float group_value(const void* a, bool half, int64_t i) {
+  return half ? half_to_float(static_cast<const uint16_t*>(a)[i]) : static_cast<const float*>(a)[i];
+}
 
 // The exact group sums X[t, g], once per call (as floats: |X| <= 128 * 16383 < 2^24).
 std::vector<float> group_sums(const int16_t* xq, int64_t T, int64_t in, int64_t group_size) {
@@ -92,6 +120,18 @@ constexpr int64_t kPrefetchGroups = 4;    // groups ahead, for scales and offset
 
 inline void prefetch(const void* address) {
   _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+}
+
+// 16 scales or offsets from element `at` on, widened from f16 (vcvtph2ps: exact) or as stored.
+inline __m512 load_group(const void* a, bool half, int64_t at) {
+  if (half)
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(a) + at)));
+  return _mm512_loadu_ps(static_cast<const float*>(a) + at);
+}
+
+inline const char* group_address(const void* a, bool half, int64_t at) {
+  return static_cast<const char*>(a) + at * (half ? 2 : 4);
 }
 
 inline __m512i broadcast_pair(const int16_t* x) {
@@ -121,8 +161,8 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
     if (g + kPrefetchGroups < p.groups)
       for (int i = 0; i < kTiles; ++i) {
         const int64_t ahead = ((ot0 + i) * p.groups + g + kPrefetchGroups) * kRows;
-        prefetch(p.scales + ahead);
-        if (p.offsets != nullptr) prefetch(p.offsets + ahead);
+        prefetch(group_address(p.scales, p.half_scales, ahead));
+        if (p.offsets != nullptr) prefetch(group_address(p.offsets, p.half_offsets, ahead));
       }
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
       const int64_t k = c * p.per_chunk;
@@ -148,11 +188,11 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
     }
     for (int i = 0; i < kTiles; ++i) {
       const int64_t at = ((ot0 + i) * p.groups + g) * kRows;
-      const __m512 scale = _mm512_loadu_ps(p.scales + at);
+      const __m512 scale = load_group(p.scales, p.half_scales, at);
       for (int t = 0; t < kT; ++t)
         y[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][t]), scale, y[i][t]);
       if (p.offsets != nullptr) {
-        const __m512 offset = _mm512_loadu_ps(p.offsets + at);
+        const __m512 offset = load_group(p.offsets, p.half_offsets, at);
         for (int t = 0; t < kT; ++t)
           y[i][t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(p.x_sums[(t0 + t) * p.groups + g]),
                                     y[i][t]);
@@ -234,9 +274,11 @@ void tile_row_portable(const Problem& p, int64_t ot, int64_t t) {
     }
     const int64_t at = (ot * p.groups + g) * kRows;
     for (int64_t r = 0; r < kRows; ++r) {
-      y[r] = std::fma(static_cast<float>(acc[r]), p.scales[at + r], y[r]);
+      y[r] = std::fma(static_cast<float>(acc[r]), group_value(p.scales, p.half_scales, at + r),
+                      y[r]);
       if (p.offsets != nullptr)
-        y[r] = std::fma(p.offsets[at + r], p.x_sums[t * p.groups + g], y[r]);
+        y[r] = std::fma(group_value(p.offsets, p.half_offsets, at + r),
+                        p.x_sums[t * p.groups + g], y[r]);
     }
   }
   float* out = p.out + t * p.out_tiles * kRows + ot * kRows;
@@ -250,11 +292,30 @@ void tiles(const Problem& p, int64_t ot_begin, int64_t ot_end) {
 
 #endif
 
+// Row x [in] quantized as quantization/product.py's quantize_rows is by XLA, with the same
+// float operations (XLA multiplies by reciprocals), so that it gives the same integers:
+// x_scale = max|x| * (1 / levels), or 1 for a zero row; xq = clip(round half to even(x *
+// (1 / x_scale)), -levels, levels).
+void quantize_row(const float* x, int64_t in, float levels, int16_t* xq, float* x_scale) {
+  float peak = 0.0f;
+  for (int64_t k = 0; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
+  float scale = peak * (1.0f / levels);
+  if (!(scale > 0.0f)) scale = 1.0f;
+  const float inverse = 1.0f / scale;
+  for (int64_t k = 0; k < in; ++k) {
+    const float q = std::nearbyint(x[k] * inverse);
+    xq[k] = static_cast<int16_t>(std::min(levels, std::max(-levels, q)));
+  }
+  *x_scale = scale;
+}
+
 // One call's work items (runs of output tiles), taken one at a time by whichever thread asks
 // next; owned jointly by the call and the tasks it schedules, as in paged_attention.cc.
 struct Work {
   Problem p;
   std::vector<float> x_sums;
+  std::vector<int16_t> xq;     // the float entry's quantized x
+  std::vector<float> x_scale;  // and its row scales
   int64_t tiles_per_item, num_items;
   std::atomic<int64_t> next{0};
   std::mutex mu;
@@ -285,12 +346,15 @@ int64_t tiles_per_item(const Problem& p, int64_t threads) {
   return tiles;
 }
 
-ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
-                               ffi::Buffer<ffi::F32> x_scale, ffi::AnyBuffer values,
-                               ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets,
-                               ffi::ResultBuffer<ffi::F32> out, int64_t bits,
-                               int64_t group_size) {
-  const auto xd = xq.dimensions();
+bool is_group_type(ffi::DataType type) {
+  return type == ffi::DataType::F16 || type == ffi::DataType::F32;
+}
+
+// The weight operands' problem for x [T, in], or an error naming what does not fit.
+ffi::Error weight_problem(int64_t T, int64_t in, const ffi::AnyBuffer& values,
+                          const ffi::AnyBuffer& scales, const ffi::AnyBuffer& offsets,
+                          ffi::Result<ffi::Buffer<ffi::F32>>& out, int64_t bits,
+                          int64_t group_size, Problem& p) {
   const auto vd = values.dimensions();
   const auto sd = scales.dimensions();
   const auto od = out->dimensions();
@@ -298,30 +362,35 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
     return ffi::Error::InvalidArgument("quantized_matmul: bits must be 4 or 8");
   const int64_t per_chunk = bits == 8 ? 2 : 4;
   const auto want_type = bits == 8 ? ffi::DataType::S8 : ffi::DataType::U8;
-  if (xd.size() != 2 || vd.size() != 3 || sd.size() != 3 || od.size() != 2 ||
-      values.element_type() != want_type || vd[2] != kChunkBytes || group_size <= 0 ||
-      group_size % per_chunk != 0 || group_size > 128 || xd[1] % group_size != 0 ||
-      vd[1] * per_chunk != xd[1] || sd[0] != vd[0] || sd[1] * group_size != xd[1] ||
-      sd[2] != kRows || x_scale.element_count() != static_cast<size_t>(xd[0]) ||
-      od[0] != xd[0] || od[1] != vd[0] * kRows) {
+  if (vd.size() != 3 || sd.size() != 3 || od.size() != 2 || values.element_type() != want_type ||
+      vd[2] != kChunkBytes || group_size <= 0 || group_size % per_chunk != 0 ||
+      group_size > 128 || in % group_size != 0 || vd[1] * per_chunk != in || sd[0] != vd[0] ||
+      sd[1] * group_size != in || sd[2] != kRows || !is_group_type(scales.element_type()) ||
+      od[0] != T || od[1] != vd[0] * kRows) {
     return ffi::Error::InvalidArgument(
-        "quantized_matmul: xq [T, in] int16, x_scale [T], values [out/16, in/kc, 32] "
-        "(int8 for 8 bits, uint8 for 4), scales [out/16, in/group_size, 16], group_size a "
-        "multiple of kc and at most 128, out [T, out/16*16]");
+        "quantized_matmul: x [T, in], values [out/16, in/kc, 32] (int8 for 8 bits, uint8 for "
+        "4), scales f16 or f32 [out/16, in/group_size, 16], group_size a multiple of kc and at "
+        "most 128, out [T, out/16*16]");
   }
   const bool has_offsets = offsets.element_count() != 0;
-  if (has_offsets && offsets.element_count() != scales.element_count())
-    return ffi::Error::InvalidArgument("quantized_matmul: offsets shaped as scales, or empty");
+  if (has_offsets && (offsets.element_count() != scales.element_count() ||
+                      !is_group_type(offsets.element_type())))
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul: offsets f16 or f32 shaped as scales, or empty");
+  p = Problem{nullptr, nullptr, static_cast<const uint8_t*>(values.untyped_data()),
+              scales.untyped_data(), has_offsets ? offsets.untyped_data() : nullptr,
+              scales.element_type() == ffi::DataType::F16,
+              has_offsets && offsets.element_type() == ffi::DataType::F16, nullptr,
+              out->typed_data(), T, in, vd[0], sd[1], group_size, per_chunk};
+  return ffi::Error::Success();
+}
 
-  auto work = std::make_shared<Work>();
+// Runs work->p (its xq and x_scale set) over the pool and the calling thread.
+void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   Problem& p = work->p;
-  p = Problem{xq.typed_data(), x_scale.typed_data(),
-              static_cast<const uint8_t*>(values.untyped_data()), scales.typed_data(),
-              has_offsets ? offsets.typed_data() : nullptr, nullptr, out->typed_data(),
-              xd[0], xd[1], vd[0], sd[1], group_size, per_chunk};
-  if (p.T == 0 || p.out_tiles == 0) return ffi::Error::Success();
-  if (has_offsets) {
-    work->x_sums = group_sums(p.xq, p.T, p.in, group_size);
+  if (p.T == 0 || p.out_tiles == 0) return;
+  if (p.offsets != nullptr) {
+    work->x_sums = group_sums(p.xq, p.T, p.in, p.group_size);
     p.x_sums = work->x_sums.data();
   }
   work->tiles_per_item = tiles_per_item(p, pool.num_threads());
@@ -333,6 +402,46 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
   // Every item is taken by now; wait for those that other threads are still computing.
   std::unique_lock<std::mutex> lock(work->mu);
   work->all_done.wait(lock, [&] { return work->done == work->num_items; });
+}
+
+ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
+                               ffi::Buffer<ffi::F32> x_scale, ffi::AnyBuffer values,
+                               ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
+                               ffi::ResultBuffer<ffi::F32> out, int64_t bits,
+                               int64_t group_size) {
+  const auto xd = xq.dimensions();
+  if (xd.size() != 2 || x_scale.element_count() != static_cast<size_t>(xd[0]))
+    return ffi::Error::InvalidArgument("quantized_matmul: xq [T, in] int16, x_scale [T]");
+  auto work = std::make_shared<Work>();
+  ffi::Error error =
+      weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, work->p);
+  if (error.failure()) return error;
+  work->p.xq = xq.typed_data();
+  work->p.x_scale = x_scale.typed_data();
+  run(pool, work);
+  return ffi::Error::Success();
+}
+
+ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                    ffi::AnyBuffer values, ffi::AnyBuffer scales,
+                                    ffi::AnyBuffer offsets, ffi::ResultBuffer<ffi::F32> out,
+                                    int64_t bits, int64_t group_size, float levels) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || !(levels >= 1.0f && levels <= 16383.0f))
+    return ffi::Error::InvalidArgument("quantized_matmul: x [T, in] f32, levels in [1, 16383]");
+  auto work = std::make_shared<Work>();
+  ffi::Error error =
+      weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, work->p);
+  if (error.failure()) return error;
+  const int64_t T = xd[0], in = xd[1];
+  work->xq.resize(T * in);
+  work->x_scale.resize(T);
+  for (int64_t t = 0; t < T; ++t)
+    quantize_row(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
+                 work->x_scale.data() + t);
+  work->p.xq = work->xq.data();
+  work->p.x_scale = work->x_scale.data();
+  run(pool, work);
   return ffi::Error::Success();
 }
 
@@ -344,11 +453,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmul, QuantizedMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulFloat, QuantizedMatmulFloatImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<float>("levels"));
 
 // Whether this build took the AVX-512 VNNI path (1) or the portable one (0): for tests.
 extern "C" int XlaInferenceQuantizedMatmulVnni() {

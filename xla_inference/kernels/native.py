@@ -26,8 +26,12 @@ import jax
 
 from xla_inference import envs
 
-# -march=native: the library is built on (and keyed by) the CPU that runs it.
-DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
+# -march=native: the library is built on (and keyed by) the CPU that runs it. Compiled
+# with -ffast-math but linked without it: linking a shared library with -ffast-math adds
+# GCC's crtfastmath.o, whose constructor turns on flush-to-zero for the whole process when
+# the library loads (numpy's float32 denormals then read as 0).
+DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC")
+_LINK_FLAGS = ("-shared", "-fPIC")
 
 
 def _cpu_signature() -> str:
@@ -57,15 +61,19 @@ def build_library(source: Path, flags: Sequence[str] = DEFAULT_FLAGS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
         partial = tmp.name
+    objects = partial + ".o"
     try:
-        subprocess.run([compiler, *flags, "-I", jax.ffi.include_dir(), str(source), "-o",
-                        partial, "-lpthread"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source), "-o",
+                        objects], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_LINK_FLAGS, objects, "-o", partial, "-lpthread"],
+                       check=True, capture_output=True, text=True)
         os.replace(partial, path)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"compiling {source.name} failed:\n{e.stderr[-2000:]}") from e
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for leftover in (partial, objects):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return path
 
 

@@ -381,7 +381,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 def test_prepare_builds_once_and_refuses_foreign_dirs(tmp_path, monkeypatch):
     builds = []
 
-    def fake_build(gguf_path, out_dir):
+    def fake_build(gguf_path, out_dir, quantized=False):
         builds.append(out_dir)
         (out_dir / "config.json").write_text("{}")
         (out_dir / default_model._MARKER_NAME).write_text(default_model._BUILD_VERSION)

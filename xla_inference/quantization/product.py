@@ -49,10 +49,10 @@ def _uses_kernel(w: PackedWeight, rows: int) -> bool:
 
 def _kernel_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     levels = INT8_LEVELS if w.activations == INT8_ACTIVATIONS else FLOAT_ACTIVATION_LEVELS
-    xq, x_scale = quantize_rows(x2, levels)
-    offsets = w.offsets if w.offsets is not None else jnp.zeros((0,), jnp.float32)
-    y = cpu_quantized.quantized_matmul(xq, x_scale, w.values, w.scales, offsets,
-                                       bits=4 if w.kind != INT8 else 8, group_size=w.group_size)
+    # The kernel quantizes the rows itself, as quantize_rows(x2, levels) would (same bits).
+    y = cpu_quantized.quantized_matmul_float(x2, w.values, w.scales, w.offsets,
+                                             bits=4 if w.kind != INT8 else 8,
+                                             group_size=w.group_size, levels=levels)
     return y[:, :w.out_features]
 
 

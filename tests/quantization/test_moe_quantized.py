@@ -27,6 +27,8 @@ from tests.quantization.checkpoints import (_dequantize, _sym_quantize, gptq_pac
                                             gptq_pack_rows, read_tensors)
 from tests.quantization.test_online import save_dequantized
 from tests.quantization.test_packed import random_group_quant
+from xla_inference.kernels import cpu_quantized
+from xla_inference.quantization import experts as experts_module
 from xla_inference.quantization.experts import (PackedExperts, dequantize_experts, pack_experts,
                                                 quantize_experts, ragged_product,
                                                 with_compute_dtype)
@@ -57,11 +59,12 @@ def _experts(name: str) -> list[GroupQuant]:
 def test_stacked_experts_keep_every_value(name):
     quants = _experts(name)
     packed = pack_experts(quants)
-    assert packed.shape == (E, IN, OUT) and packed.tiled is False
+    assert packed.shape == (E, IN, OUT)
     expected = np.stack([q.dequantize(np.float32).T for q in quants])
     np.testing.assert_array_equal(np.asarray(dequantize_experts(packed, jnp.float32)), expected)
-    value_bytes = E * IN * OUT // (2 if KINDS[name][0] == INT4 else 1)
-    assert packed.values.nbytes == value_bytes
+    kind = KINDS[name][0]
+    rows = OUT if kind == FP8 else 48  # integer tiles of 16 rows: 40 padded to 48
+    assert packed.values.nbytes == E * IN * rows // (2 if kind == INT4 else 1)
 
 
 def test_experts_with_different_group_sizes_share_the_finest():
@@ -78,17 +81,32 @@ def _ragged_reference(xs, quants, group_sizes):
     return np.stack([quants[e].dequantize() @ x for x, e in zip(xs.astype(np.float64), experts)])
 
 
+# 4 rows < E = 6: one expert a row (the native kernel on the CPU, for integer experts,
+# or XLA on the gathered expert); 14 rows >= E: every expert dequantized for ragged_dot.
+GROUPINGS = {"kernel": (0, 2, 0, 1, 0, 1), "gathered": (0, 2, 0, 1, 0, 1),
+             "every-expert": (5, 0, 3, 2, 0, 4)}
+
+
 @pytest.mark.parametrize("name", KINDS)
-@pytest.mark.parametrize("group_sizes", [(0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4)],
-                         ids=["gathered", "every-expert"])  # 4 rows < E = 6; 14 rows >= E
-def test_ragged_product_equals_float64(name, group_sizes):
+@pytest.mark.parametrize("path", GROUPINGS)
+def test_ragged_product_equals_float64(name, path, monkeypatch):
+    if path == "gathered":
+        monkeypatch.setattr(experts_module, "KERNEL_MAX_ROWS", 0)
+    group_sizes = GROUPINGS[path]
     quants = _experts(name)
     packed = jax.tree.map(jnp.asarray, pack_experts(quants))
     rows = sum(group_sizes)
     xs = np.random.default_rng(1).standard_normal((rows, IN)).astype(np.float32)
     got = jax.jit(ragged_product)(jnp.asarray(xs), packed, jnp.asarray(group_sizes, jnp.int32))
     want = _ragged_reference(xs, quants, group_sizes)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # The kernel rounds activations to 15 bits (quantization/product.py): ~1e-4 relative.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=5e-4, atol=5e-4 * np.abs(want).max())
+
+
+def test_kernel_path_runs_where_the_kernel_is():
+    packed = pack_experts(_experts("int4-g32-offsets"))
+    assert experts_module._uses_kernel(packed, 4) == cpu_quantized.available()
+    assert not experts_module._uses_kernel(pack_experts(_experts("fp8-per-channel")), 4)
 
 
 @pytest.mark.parametrize("group_sizes", [(0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4)],

@@ -124,6 +124,8 @@ def packed_axes(node, name: str, axes: tuple | None) -> tuple | None:
     [out, in] and [out, groups]."""
     if axes is None:
         return None
+    if hasattr(node, "array_axes"):  # stacked MoE experts (quantization/experts.py): own order
+        return node.array_axes(tuple(axes))
     return tuple(axes) + (None,) if node.tiled else tuple(axes)
 
 

@@ -1,25 +1,29 @@
 """Quantized MoE experts as the device holds them (PackedExperts), and the grouped
 ("ragged") product over them that layers/moe.py runs.
 
-A MoE block's experts are stacked [E, in, out], the layout jax.lax.ragged_dot multiplies
-(and the dense experts' layout, so sharding is the same: experts split over the "model"
-mesh axis). The quantized form keeps that layout for the integers and puts the groups on
-the input axis:
+A MoE block's E experts are stacked on a leading axis, each in the layout of a quantized
+projection (quantization/packed.PackedWeight, [out, in]): for 4- and 8-bit integers the
+native CPU kernel's tiles of 16 output rows, for FP8 the plain [out, in] values; scales and
+offsets likewise, one more leading axis:
 
-    w[e, k, o] = values[e, k, o] * scales[e, k // group_size, o] + offsets[e, k // g, o]
+    values  [E, out/16, in/2 (8-bit) or in/4 (4-bit), 32]  or FP8 [E, out, in]
+    scales, offsets  [E, out/16, groups, 16]  or FP8 [E, out, groups]; offsets may be None
 
-values: INT8 int8 / FP8 float8_e4m3fn [E, in, out]; INT4 uint8 [E, in / 2, out], two
-inputs per byte (input 2i in the low nibble, 2i + 1 in the high one).
-scales, offsets: float32 [E, in / group_size, out]; offsets may be None.
+Their logical shape is the dense experts' [E, in, out] (what jax.lax.ragged_dot
+multiplies), and they shard as the dense ones do: experts over the "model" mesh axis
+(`array_axes` maps the weight's logical axes onto these arrays).
 
 They are made at load from each expert's host GroupQuant ([out, in], a quantized
 checkpoint's `experts.{i}.gate_proj` etc.: `pack_experts`) or by online int8 / fp8
 quantization of float experts, per expert and output channel (`quantize_experts`).
 
-The product dequantizes inside the jitted step (XLA fuses what it can): every expert for
-a large batch of rows, or, when there are fewer rows than experts (decode), only the
-experts the rows were routed to, one weight gathered per row, so a step reads the
-quantized bytes of the chosen experts only."""
+The product (`ragged_product`), chosen per trace by the number of rows:
+- a decode step (few rows, fewer than experts) on the host CPU: each row through the
+  native kernel on its own expert's packed bytes (the expert sliced out, no dequantized
+  copy), as a quantized projection's decode product runs;
+- fewer rows than experts elsewhere: each row's expert gathered and dequantized alone, so
+  a step reads the chosen experts' bytes only;
+- otherwise every expert is dequantized inside the step and XLA's ragged_dot runs."""
 
 from __future__ import annotations
 
@@ -31,10 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8_ACTIVATIONS,
+from xla_inference.kernels import cpu_quantized
+from xla_inference.quantization import packed, product
+from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, INT8_ACTIVATIONS,
                                                GroupQuant, regroup)
 from xla_inference.quantization.online import quantize_per_channel
-from xla_inference.quantization.product import INT8_LEVELS, quantize_rows
+from xla_inference.quantization.packed import PackedWeight
+
+# Rows up to which a decode step runs each row through the native kernel (one call per
+# row and expert matrix, each reading its expert's packed bytes once).
+KERNEL_MAX_ROWS = 16
 
 
 def _static(**kwargs) -> dataclasses.Field:
@@ -44,13 +54,14 @@ def _static(**kwargs) -> dataclasses.Field:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PackedExperts:
-    """E quantized [in, out] expert matrices (layout in the module docstring)."""
+    """E quantized experts of logical shape [E, in, out], each stored as a PackedWeight's
+    [out, in] arrays (layout in the module docstring)."""
 
     values: jax.Array
     scales: jax.Array
     offsets: jax.Array | None
     kind: str = _static()
-    group_size: int = _static()
+    group_size: int = _static()  # the kernel's group size (packed.kernel_group_size)
     in_features: int = _static()
     out_features: int = _static()
     activations: str = _static(default=FLOAT_ACTIVATIONS)
@@ -68,25 +79,27 @@ class PackedExperts:
 
     @property
     def tiled(self) -> bool:
-        """Never in the kernel's tile layout: every array is [E, in-like axis, out], so the
-        weight's logical axes shard all three (parallel/sharding.packed_axes)."""
-        return False
-
-    @property
-    def num_groups(self) -> int:
-        return self.in_features // self.group_size
+        return self.kind in (INT4, INT8)
 
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                    for a in (self.values, self.scales, self.offsets) if a is not None)
 
+    def array_axes(self, axes: tuple) -> tuple:
+        """The logical axes of the stored arrays, given the weight's [experts, in, out]
+        axes: each expert is [out, in] (tiles: [out tiles, in chunks or groups, 16])."""
+        experts, inp, out = axes
+        return (experts, out, inp) + ((None,) if self.tiled else ())
+
+    def expert(self, values, scales, offsets) -> PackedWeight:
+        """One expert's arrays (sliced out of these) as a PackedWeight."""
+        return PackedWeight(values, scales, offsets, self.kind, self.group_size,
+                            self.out_features, self.in_features, self.activations,
+                            self.compute_dtype)
+
 
 # ------------------------------------------------------------------ on the host (numpy)
-
-def _common_group_size(quants: Sequence[GroupQuant]) -> int:
-    return math.gcd(*(q.group_size for q in quants))
-
 
 def _check_alike(quants: Sequence[GroupQuant]) -> None:
     first = quants[0]
@@ -98,32 +111,21 @@ def _check_alike(quants: Sequence[GroupQuant]) -> None:
                              "activations); a MoE block's experts must share one scheme")
 
 
-def _pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """[E, in, out] integers in [0, 15] -> [E, in / 2, out] uint8, input 2i low."""
-    if values.shape[1] % 2:
-        raise ValueError(f"4-bit experts need an even input size, got {values.shape[1]}")
-    v = values.astype(np.uint8)
-    return np.ascontiguousarray(v[:, 0::2] | (v[:, 1::2] << 4))
-
-
 def pack_experts(quants: Sequence[GroupQuant], compute_dtype="float32") -> PackedExperts:
     """Each expert's host GroupQuant ([out, in]) -> the stacked device layout (numpy
     arrays; placed by the engine). Experts with different group sizes share the largest
     group size that divides each (regroup: exact)."""
     quants = list(quants)
     _check_alike(quants)
-    group = _common_group_size(quants)
-    quants = [regroup(q, group) if q.group_size != group else q for q in quants]
-    first = quants[0]
-    out, inp = first.shape
-    values = np.stack([q.values.T for q in quants])  # [E, in, out]
-    if first.kind == INT4:
-        values = _pack_nibbles(values)
-    stack = lambda arrays: np.ascontiguousarray(np.stack([a.T for a in arrays]))  # noqa: E731
-    offsets = None if first.offsets is None else stack([q.offsets for q in quants])
-    return PackedExperts(np.ascontiguousarray(values), stack([q.scales for q in quants]),
-                         offsets, first.kind, group, inp, out, first.activations,
-                         jnp.dtype(compute_dtype).name)
+    common = math.gcd(*(q.group_size for q in quants))
+    each = [packed.pack(regroup(q, common) if q.group_size != common else q, compute_dtype)
+            for q in quants]
+    first = each[0]
+    stack = lambda name: np.stack([getattr(w, name) for w in each])  # noqa: E731
+    return PackedExperts(stack("values"), stack("scales"),
+                         None if first.offsets is None else stack("offsets"), first.kind,
+                         first.group_size, first.in_features, first.out_features,
+                         first.activations, first.compute_dtype)
 
 
 def quantize_experts(weights: np.ndarray, kind: str) -> PackedExperts:
@@ -141,35 +143,21 @@ def with_compute_dtype(experts: PackedExperts, compute_dtype) -> PackedExperts:
 
 # ------------------------------------------------------------------ on the device (jnp)
 
-def _integer_values(values: jax.Array, kind: str) -> jax.Array:
-    """[N, in(/2), out] stored values -> [N, in, out] (4-bit ones unpacked, as uint8)."""
-    if kind != INT4:
-        return values
-    n, half, out = values.shape
-    return jnp.stack([values & 15, values >> 4], axis=2).reshape(n, 2 * half, out)
-
-
-def _dequantize(w: PackedExperts, values, scales, offsets, dtype) -> jax.Array:
+def _dequantized(w: PackedExperts, values, scales, offsets, dtype) -> jax.Array:
     """Stored arrays of N experts (all of them, or one gathered per row) -> [N, in, out]."""
-    q = _integer_values(values, w.kind).astype(jnp.float32)
-    n = q.shape[0]
-    q = q.reshape(n, w.num_groups, w.group_size, w.out_features)
-    out = q * scales[:, :, None, :]
-    if offsets is not None:
-        out = out + offsets[:, :, None, :]
-    return out.reshape(n, w.in_features, w.out_features).astype(dtype)
+    one = lambda v, s, o: packed.dequantize(w.expert(v, s, o), dtype).T  # noqa: E731
+    return jax.vmap(one)(values, scales, offsets)
 
 
 def dequantize_experts(w: PackedExperts, dtype=None) -> jax.Array:
     """Every expert's [in, out] weight: [E, in, out] in `dtype` (default w.compute_dtype)."""
-    return _dequantize(w, w.values, w.scales, w.offsets, jnp.dtype(dtype or w.compute_dtype))
+    return _dequantized(w, w.values, w.scales, w.offsets, jnp.dtype(dtype or w.compute_dtype))
 
 
-def _gathered(w: PackedExperts, experts: jax.Array) -> jax.Array:
-    """The dequantized weights of `experts` [R] (indices): [R, in, out]."""
+def _take(w: PackedExperts, experts: jax.Array) -> tuple:
+    """The stored arrays of the experts `experts` (indices, any shape)."""
     pick = lambda a: None if a is None else jnp.take(a, experts, axis=0)  # noqa: E731
-    return _dequantize(w, pick(w.values), pick(w.scales), pick(w.offsets),
-                       jnp.dtype(w.compute_dtype))
+    return pick(w.values), pick(w.scales), pick(w.offsets)
 
 
 def row_experts(group_sizes: jax.Array, rows: int) -> jax.Array:
@@ -179,32 +167,54 @@ def row_experts(group_sizes: jax.Array, rows: int) -> jax.Array:
     return jnp.minimum(expert, group_sizes.shape[0] - 1).astype(jnp.int32)
 
 
-def _fake_quantized_rows(x: jax.Array) -> jax.Array:
-    """x rounded per row to int8 levels (W8A8 int8 experts: dynamic per-token)."""
-    xq, scale = quantize_rows(x, INT8_LEVELS)
-    return xq.astype(jnp.float32) * scale[:, None]
+def _uses_kernel(w: PackedExperts, rows: int) -> bool:
+    """Whether quantized_project would run the native kernel on one of these experts."""
+    return (w.tiled and rows <= min(KERNEL_MAX_ROWS, product.KERNEL_MAX_ROWS)
+            and jax.default_backend() == "cpu" and cpu_quantized.available())
+
+
+def _kernel_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array) -> jax.Array:
+    """Each row through a projection's product (the native kernel) on its own expert's
+    packed bytes, sliced out: [R, out] float32."""
+    rows = []
+    for r in range(xs.shape[0]):
+        one = w.expert(*(None if a is None else a[0] for a in _take(w, experts[r:r + 1])))
+        rows.append(product.quantized_project(xs[r:r + 1], one, jnp.float32))
+    return jnp.concatenate(rows, axis=0)
+
+
+def _gathered_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array) -> jax.Array:
+    """Each row times its own expert, dequantized alone: [R, out] float32."""
+    if w.activations == INT8_ACTIVATIONS:  # W8A8 int8: inputs rounded per row to int8
+        xq, scale = product.quantize_rows(xs, product.INT8_LEVELS)
+        xs = xq.astype(jnp.float32) * scale[:, None]
+    compute = jnp.dtype(w.compute_dtype)
+    weights = _dequantized(w, *_take(w, experts), compute)  # [R, in, out]
+    return jnp.einsum("ri,rio->ro", xs.astype(compute), weights,
+                      preferred_element_type=jnp.float32)
+
+
+def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
+    if w.activations == INT8_ACTIVATIONS:
+        xq, scale = product.quantize_rows(xs, product.INT8_LEVELS)
+        xs = xq.astype(jnp.float32) * scale[:, None]
+    compute = jnp.dtype(w.compute_dtype)
+    return jax.lax.ragged_dot(xs.astype(compute), dequantize_experts(w), group_sizes,
+                              preferred_element_type=jnp.float32)
 
 
 def ragged_product(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
     """jax.lax.ragged_dot over quantized experts: xs [R, in], rows sorted by expert,
-    group_sizes [E] -> [R, out] in xs's dtype, accumulated in float32.
-
-    With fewer rows than experts (a decode step) each row's expert is gathered and
-    dequantized alone (reading the chosen experts' bytes only); otherwise every expert is
-    dequantized and XLA's ragged_dot runs."""
-    out_dtype = xs.dtype
-    if w.activations == INT8_ACTIVATIONS:
-        xs = _fake_quantized_rows(xs)
-    compute = jnp.dtype(w.compute_dtype)
+    group_sizes [E] -> [R, out] in xs's dtype, accumulated in float32 (the three ways in
+    the module docstring)."""
     rows = xs.shape[0]
-    if rows < w.num_experts:
-        weights = _gathered(w, row_experts(group_sizes, rows))  # [R, in, out]
-        y = jnp.einsum("ri,rio->ro", xs.astype(compute), weights,
-                       preferred_element_type=jnp.float32)
+    if rows >= w.num_experts:
+        y = _every_expert(xs, w, group_sizes)
+    elif _uses_kernel(w, rows):
+        y = _kernel_rows(xs, w, row_experts(group_sizes, rows))
     else:
-        y = jax.lax.ragged_dot(xs.astype(compute), dequantize_experts(w), group_sizes,
-                               preferred_element_type=jnp.float32)
-    return y.astype(out_dtype)
+        y = _gathered_rows(xs, w, row_experts(group_sizes, rows))
+    return y.astype(xs.dtype)
 
 
 def expert_weights(w: jax.Array | PackedExperts, dtype) -> jax.Array:

@@ -2,10 +2,13 @@
 
 Shared by benchmarks/serving.py and benchmarks/startup.py. The server runs in its own
 session (process group), so stopping it reaches the API server and the engine core alike:
-SIGINT to the group, a grace period, then SIGKILL.
+SIGINT to the group, a grace period, then SIGKILL. Also: the compressed-tensors W8A8 int8
+checkpoint of the default model that vLLM's CPU backend serves (prepare_w8a8_model), and a
+checkpoint's weight bytes at a served dtype (checkpoint_weight_bytes).
 """
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -15,7 +18,11 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
-from xla_inference.loading.default_model import DEFAULT_MODEL_NAME
+from pathlib import Path
+
+from xla_inference.loading.default_model import DEFAULT_MODEL_NAME, model_cache_dir
+
+_W8A8_MARKER = ".w8a8_complete"
 
 
 def xla_serve_cmd(*args: str) -> list[str]:
@@ -115,3 +122,76 @@ def server(cmd: list[str], port: int, log_path: str, env: dict | None = None,
         yield wait_ready(proc, port, log_path, timeout, t0)
     finally:
         stop(proc)
+
+
+def prepare_w8a8_model(float_dir: str | Path) -> Path:
+    """The default model with every decoder projection quantized to compressed-tensors W8A8
+    int8 (symmetric per-channel int8 weights, scale max|w| / 127; dynamic per-token int8
+    activations; the tied embedding / lm_head left as is), written by compressed_tensors
+    the way llm-compressor saves it. Built once under the cache
+    (models/SmolLM2-135M-Instruct-w8a8)."""
+    out = model_cache_dir(DEFAULT_MODEL_NAME + "-w8a8")
+    if (out / _W8A8_MARKER).is_file():
+        return out
+    import shutil
+
+    import torch
+    import transformers
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
+                                                 QuantizationScheme, apply_quantization_config)
+
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(float_dir),
+                                                              dtype=torch.float32)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True),
+        input_activations=QuantizationArgs(num_bits=8, type="int", strategy="token",
+                                           symmetric=True, dynamic=True))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
+                                                        ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "quantization_scheme", None) is not None:
+                absmax = module.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
+                module.weight_scale.copy_((absmax / 127).reshape(module.weight_scale.shape))
+                if hasattr(module, "weight_zero_point"):
+                    module.weight_zero_point.zero_()
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(str(staging))
+    compressor.update_config(str(staging))
+    for f in Path(float_dir).iterdir():  # tokenizer and generation config
+        if f.is_file() and not f.name.startswith(".") and f.suffix != ".safetensors" \
+                and not (staging / f.name).exists():
+            shutil.copy(f, staging / f.name)
+    (staging / _W8A8_MARKER).write_text("1")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "F64": 8, "F32": 4, "BF16": 2,
+             "F16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4, "I64": 8}
+
+
+def checkpoint_weight_bytes(model_dir: str | Path, dtype: str) -> int:
+    """Bytes of a safetensors checkpoint's tensors as served at `dtype`: floating tensors at
+    its size (auto: as stored), integer and fp8 ones as stored."""
+    total = 0
+    for file in Path(model_dir).glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for n in info["shape"]:
+                numel *= n
+            floating = info["dtype"] in ("F64", "F32", "BF16", "F16")
+            size = _ITEMSIZE.get(dtype, _ITEMSIZE[info["dtype"]]) if floating \
+                else _ITEMSIZE[info["dtype"]]
+            total += numel * size
+    return total

@@ -217,6 +217,36 @@ def test_online_int8_experts_take_about_a_quarter_of_float32(tiny_moe):
     assert int8.weight_bytes < 0.4 * dense.weight_bytes
 
 
+def save_dequantized_fused_experts(src: Path, dst: Path, kind: str) -> Path:
+    """save_dequantized, and Llama 4's fused experts ([E, in, out] tensors
+    `experts.gate_up_proj`, `experts.down_proj`) each expert's output columns quantized
+    per channel; the gate and up halves of gate_up_proj are separate channels anyway."""
+    from safetensors.numpy import save_file
+
+    save_dequantized(src, dst, kind)
+    tensors = read_tensors(dst)
+    for name, t in tensors.items():
+        if t.ndim == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            deq = [quantize_per_channel(e.T, kind).dequantize(np.float32).T for e in t]
+            # C order: safetensors.numpy writes a transposed array's bytes as if it were
+            tensors[name] = np.ascontiguousarray(np.stack(deq))
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_llama4_fused_experts_quantized_online(tmp_path):
+    """Llama 4's experts come fused and already [in, out] (loaded by slicing): int8 all
+    the same, with its shared expert a quantized projection."""
+    src = save_tiny_family(tmp_path / "m", "llama4")
+    ref = save_dequantized_fused_experts(src, tmp_path / "ref", INT8)
+    prompts = _prompts()
+    expected = [hf_logits(ref, p, attn_implementation="eager") for p in prompts]
+    model, engine = _engine(src, "int8")
+    _assert_quantized_experts(model.params, INT8, 8, 0.275)
+    assert isinstance(_moe_layer(model.params).shared_expert.w_up, PackedWeight)
+    assert_ragged_logits(engine, prompts, expected, PLAN, TOL)
+
+
 # ------------------------------------------------------------------ a GPTQ MoE checkpoint
 
 GPTQ_GROUP = 16  # divides every input size of the tiny Qwen3-MoE (48 for the experts' down)

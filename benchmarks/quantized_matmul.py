@@ -6,7 +6,9 @@ Each product is one jitted call, timed to its result ("call": float32 activation
 to int16 per row by XLA, then the kernel's int16 entry; "fused": float32 activations to the
 kernel's float entry, which quantizes them itself, as a quantized linear layer does;
 "kernel": given int16 activations, the custom call alone), with scales and offsets stored
-as float32 ("f32") or float16 ("f16"). The cases take turns, round after round, so that a
+as float32 ("f32") or float16 ("f16"), or 4-bit symmetric weights with float16 scales and
+the zero point 8 in place of offsets ("z8": GPTQ's, compressed-tensors' symmetric and GGUF
+Q4_0's weights as packed). The cases take turns, round after round, so that a
 burst of other work on a shared machine falls on all of them alike.
 
     .venv/bin/python benchmarks/quantized_matmul.py [--out 12288] [--in 576] [--rounds 20]
@@ -49,11 +51,12 @@ def _quantized(bits, group_size):
     return product
 
 
-def _fused(bits, group_size):
+def _fused(bits, group_size, zero_point=0):
     def product(x, values, scales, offsets):
         return cpu_quantized.quantized_matmul_float(x, values, scales, offsets, bits=bits,
                                                     group_size=group_size,
-                                                    levels=FLOAT_ACTIVATION_LEVELS)
+                                                    levels=FLOAT_ACTIVATION_LEVELS,
+                                                    zero_point=zero_point)
     return product
 
 
@@ -105,6 +108,10 @@ def main():
                 cases[f"{name} fused"] = (jax.jit(_fused(bits, group_size)), (x, *weights))
                 cases[f"{name} kernel"] = (jax.jit(_kernel_only(bits, group_size)),
                                            (xq, x_scale, *weights))
+            if bits == 4:
+                values, scales, _ = weights  # float16 ones
+                cases[f"int4 g{group_size} z8 fused"] = (
+                    jax.jit(_fused(bits, group_size, zero_point=8)), (x, values, scales, None))
         cases = {name: case for name, case in cases.items() if args.only in name}
         for fn, fn_args in cases.values():
             jax.block_until_ready(fn(*fn_args))

@@ -5,9 +5,11 @@ multiple of 16. The weights are packed into the tile layout by this file's own p
 from the layout's definition (quantization/packed.py has the production one), so the test also
 checks the layout contract. The VNNI and portable builds, one thread and many, a row of T alone
 and in a batch, scales and offsets stored as float16 or float32 (values that are float16s):
-all give the same bits. The float entry, which quantizes x itself, gives the bits of the int16
+all give the same bits. A zero point in place of offsets matches the reference too. The float
+entry, which quantizes x itself, gives the bits of the int16
 entry given quantization/product.quantize_rows' integers."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -86,12 +88,12 @@ def _random_activations(rng, T, n):
     return xq, x_scale
 
 
-def _reference(xq, x_scale, q, scales, offsets, group_size):
+def _reference(xq, x_scale, q, scales, offsets, group_size, zero_point=0):
     """y and the sum of the terms' magnitudes (the scale of float32 rounding), float64."""
     T, n = xq.shape
     groups = n // group_size
     x = xq.astype(np.float64).reshape(T, groups, group_size)
-    w = q.astype(np.float64).reshape(q.shape[0], groups, group_size)
+    w = q.astype(np.float64).reshape(q.shape[0], groups, group_size) - zero_point
     S = np.einsum("tgk,ogk->tog", x, w)  # exact: integers below 2^53
     terms = S * scales.astype(np.float64)[None]
     magnitude = np.abs(terms)
@@ -103,15 +105,16 @@ def _reference(xq, x_scale, q, scales, offsets, group_size):
     return xs * terms.sum(-1), xs * magnitude.sum(-1)
 
 
-def _run(xq, x_scale, values, scales, offsets, bits, group_size):
+def _run(xq, x_scale, values, scales, offsets, bits, group_size, zero_point=0):
     return np.asarray(cpu_quantized.quantized_matmul(
         jnp.asarray(xq), jnp.asarray(x_scale), jnp.asarray(values), jnp.asarray(scales),
-        None if offsets is None else jnp.asarray(offsets), bits=bits, group_size=group_size))
+        None if offsets is None else jnp.asarray(offsets), bits=bits, group_size=group_size,
+        zero_point=zero_point))
 
 
-def _check(y, xq, x_scale, q, scales, offsets, group_size):
+def _check(y, xq, x_scale, q, scales, offsets, group_size, zero_point=0):
     out = q.shape[0]
-    ref, magnitude = _reference(xq, x_scale, q, scales, offsets, group_size)
+    ref, magnitude = _reference(xq, x_scale, q, scales, offsets, group_size, zero_point)
     assert y.shape == (xq.shape[0], -(-out // ROWS) * ROWS)
     assert np.all(np.abs(y[:, :out] - ref) <= 1e-5 * magnitude + 1e-30)
     np.testing.assert_array_equal(y[:, out:], 0.0)  # padding rows: zero scales
@@ -178,6 +181,28 @@ def test_half_subnormal_and_large_scales_are_exact():
     _check(y, xq, x_scale, q, scales, offsets, 32)
 
 
+@pytest.mark.parametrize("bits,zero_point", [(4, 8), (4, 15), (8, -128), (8, 255)])
+@pytest.mark.parametrize("T", [1, 3, 13])
+def test_zero_point_matches_float64(bits, zero_point, T):
+    """A zero point z (q - z times the scale), as a symmetric format's offsets -z * scale,
+    by the VNNI and the portable builds (the same bits)."""
+    rng = np.random.default_rng([bits, abs(zero_point), T])
+    q, scales, _ = _random_weight(rng, 72, 384, bits, 32, False)
+    operands = _kernel_operands(q, scales, None, bits)
+    xq, x_scale = _random_activations(rng, T, 384)
+    y = _run(xq, x_scale, *operands, bits, 32, zero_point)
+    _check(y, xq, x_scale, q, scales, None, 32, zero_point)
+    _portable_library()
+    portable = cpu_quantized.ffi_quantized_matmul(
+        _PORTABLE, jnp.asarray(xq), jnp.asarray(x_scale), *operands, bits=bits, group_size=32,
+        zero_point=zero_point)
+    np.testing.assert_array_equal(np.asarray(portable), y)
+    x = rng.standard_normal((T, 384)).astype(np.float32)
+    xq, x_scale = (np.asarray(a) for a in jax.jit(quantize_rows, static_argnums=1)(x, 16383.0))
+    np.testing.assert_array_equal(_run_float(x, operands, bits, 32, 16383, zero_point),
+                                  _run(xq, x_scale, *operands, bits, 32, zero_point))
+
+
 @pytest.mark.parametrize("bits,with_offsets", CASES)
 def test_extremes_do_not_overflow(bits, with_offsets):
     """Every product at its largest magnitude, over the largest group (128)."""
@@ -191,6 +216,9 @@ def test_extremes_do_not_overflow(bits, with_offsets):
     values, packed_scales, packed_offsets = _kernel_operands(q, scales, offsets, bits)
     y = _run(xq, x_scale, values, packed_scales, packed_offsets, bits, group_size)
     _check(y, xq, x_scale, q, scales, offsets, group_size)
+    zero_point = -255 if bits == 4 else 255  # the largest |q - z|
+    y = _run(xq, x_scale, values, packed_scales, packed_offsets, bits, group_size, zero_point)
+    _check(y, xq, x_scale, q, scales, offsets, group_size, zero_point)
 
 
 def test_rows_alone_equal_rows_in_a_batch():
@@ -211,6 +239,7 @@ _PORTABLE = "xla_inference_quantized_matmul_portable"
 _PORTABLE_FLOAT = "xla_inference_quantized_matmul_portable_float"
 
 
+@functools.cache
 def _portable_library():
     return native.load_targets(
         cpu_quantized._SOURCE, {_PORTABLE: cpu_quantized._SYMBOL,
@@ -240,10 +269,11 @@ def test_portable_build_gives_the_same_bits(bits, with_offsets, group_dtype):
                                   _run_float(x, operands, bits, 64, 16383))
 
 
-def _run_float(x, operands, bits, group_size, levels):
+def _run_float(x, operands, bits, group_size, levels, zero_point=0):
     return np.asarray(jax.jit(
         lambda x, *w: cpu_quantized.quantized_matmul_float(
-            x, *w, bits=bits, group_size=group_size, levels=levels))(jnp.asarray(x), *operands))
+            x, *w, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point)
+    )(jnp.asarray(x), *operands))
 
 
 @pytest.mark.parametrize("levels", [16383.0, 127.0])
@@ -299,6 +329,8 @@ def test_bad_operands_are_refused():
         _run(xq, x_scale, values, packed_scales, None, 4, 32)  # int8 values read as 4-bit
     with pytest.raises(Exception, match="quantized_matmul"):
         _run(xq, x_scale, values, packed_scales, None, 8, 64)  # scales for groups of 32
+    with pytest.raises(Exception, match="zero_point"):
+        _run(xq, x_scale, values, packed_scales, None, 8, 32, 256)  # could overflow int32
 
 
 # A subprocess pinned to one CPU before JAX starts: runs the kernel on the operands saved in

@@ -2,7 +2,8 @@
 packing loses nothing (the dequantized weight is the GroupQuant's), and x times a packed
 weight is x times the dequantized weight, through the native kernel (decode-sized rows) and
 through XLA's dense product (prefill-sized rows), for every kind of weight the formats
-produce. Scales and offsets that are float16 values are stored as float16, others as float32."""
+produce. Scales and offsets that are float16 values are stored as float16, others as float32;
+offsets that are -z * scale for one integer z become the zero point z where asked for."""
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,10 @@ from xla_inference.quantization.product import quantized_project
 
 
 def random_group_quant(kind, out, inp, group, *, offsets=True, seed=0, activations="float",
-                       half_values=False):
+                       half_values=False, zero_point=None):
     """Random values, scales and offsets (half_values: scales and offsets that are float16
-    values, as GPTQ's; otherwise float32 ones that float16 cannot hold)."""
+    values, as GPTQ's; otherwise float32 ones that float16 cannot hold; zero_point z:
+    offsets -z * scale, as a symmetric format's)."""
     rng = np.random.default_rng(seed)
     groups = (out, inp // group)
     if kind == INT4:
@@ -36,13 +38,17 @@ def random_group_quant(kind, out, inp, group, *, offsets=True, seed=0, activatio
     if half_values:
         scales = scales.astype(np.float16).astype(np.float32)
         offs = None if offs is None else offs.astype(np.float16).astype(np.float32)
+    if zero_point is not None:
+        offs = np.float32(-zero_point) * scales
     return GroupQuant(values, scales, offs, kind, group, activations)
 
 
-CASES = {  # name: (kind, out, in, group, offsets[, half_values])
+CASES = {  # name: (kind, out, in, group, offsets[, half_values[, zero_point]])
     "int4-g32-offsets": (INT4, 48, 128, 32, True),
     "int4-g32-offsets-half": (INT4, 48, 128, 32, True, True),  # float16 scales and offsets
     "int8-g32-half": (INT8, 40, 96, 32, False, True),
+    "int4-g32-zero-point": (INT4, 40, 128, 32, True, True, 8),  # GPTQ symmetric
+    "int8-g16-zero-point": (INT8, 16, 64, 16, True, True, -3),
     "int4-g128-sym": (INT4, 40, 256, 128, False),  # 40 rows: padded to 48
     "int4-g64-rows-not-16": (INT4, 23, 192, 64, True),
     "int8-per-channel": (INT8, 32, 192, 192, False),  # split into groups <= 128
@@ -54,16 +60,24 @@ CASES = {  # name: (kind, out, in, group, offsets[, half_values])
 
 
 def case_weight(case, seed=0) -> GroupQuant:
-    kind, out, inp, group, offsets, *half = CASES[case]
+    kind, out, inp, group, offsets, *extra = CASES[case]
+    half = extra[0] if extra else False
+    zero_point = extra[1] if len(extra) > 1 else None
     return random_group_quant(kind, out, inp, group, offsets=offsets, seed=seed,
-                              half_values=bool(half))
+                              half_values=half, zero_point=zero_point)
+
+
+def case_packed(case, seed=0):
+    """The case's weight packed, with a zero point where the case has one."""
+    return pack(case_weight(case, seed), zero_point=True)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_pack_keeps_every_value(case):
     weight = case_weight(case)
     out, inp = weight.shape
-    packed = pack(weight)
+    packed = case_packed(case)
+    assert packed.zero_point == (CASES[case][6] if len(CASES[case]) > 6 else 0)
     assert packed.shape == (out, inp)
     np.testing.assert_array_equal(np.asarray(dequantize(packed, jnp.float32)),
                                   weight.dequantize(np.float32))
@@ -85,6 +99,11 @@ def test_packed_bytes_are_the_quantized_size():
     int4_half = pack(random_group_quant(INT4, out, inp, 32, half_values=True))
     assert int4_half.scales.dtype == np.float16 and int4_half.offsets.dtype == np.float16
     assert int4_half.nbytes == out * inp // 2 + 2 * 2 * out * inp // 32 == 5 * out * inp // 8
+    # and with offsets -8 * scale (symmetric), no offsets stored: 4.5 bits a weight
+    int4_sym = pack(random_group_quant(INT4, out, inp, 32, half_values=True, zero_point=8),
+                    zero_point=True)
+    assert int4_sym.zero_point == 8 and int4_sym.offsets is None
+    assert int4_sym.nbytes == 9 * out * inp // 16
 
 
 def test_group_arrays_are_float16_only_where_exact():
@@ -103,6 +122,27 @@ def test_group_arrays_are_float16_only_where_exact():
                                              INT4, 32).dequantize(np.float32))
     beyond = np.full_like(weight.scales, 1e5)  # beyond float16's largest
     assert pack(GroupQuant(weight.values, beyond, None, INT4, 32)).scales.dtype == np.float32
+
+
+def test_zero_point_only_where_every_offset_is_one():
+    """Exactly -z * scale (float16 scales times a small integer are exact in float32); a
+    float32 scale times 3 is rounded, and keeps its offsets."""
+    weight = random_group_quant(INT4, 32, 128, 32, zero_point=3, half_values=True)
+    packed = pack(weight, zero_point=True)
+    assert packed.zero_point == 3 and packed.offsets is None
+    assert pack(weight).zero_point == 0 and pack(weight).offsets is not None  # not asked for
+    rounded = pack(random_group_quant(INT4, 32, 128, 32, zero_point=3), zero_point=True)
+    assert rounded.offsets is not None
+    weight.offsets[5, 2] *= 1.0 + 2**-10  # one group's offset off
+    packed = pack(weight, zero_point=True)
+    assert packed.zero_point == 0 and packed.offsets is not None
+    np.testing.assert_array_equal(np.asarray(dequantize(packed, jnp.float32)),
+                                  weight.dequantize(np.float32))
+    zero = pack(random_group_quant(INT4, 32, 128, 32, zero_point=0), zero_point=True)
+    assert zero.offsets is None and zero.zero_point == 0  # offsets all zero: dropped
+    half_step = random_group_quant(INT4, 32, 128, 32, zero_point=0)
+    half_step.offsets[:] = -7.5 * half_step.scales  # not an integer
+    assert pack(half_step, zero_point=True).offsets is not None
 
 
 def test_kernel_groups_split_evenly():
@@ -146,7 +186,7 @@ def test_product_matches_float64(case, rows):
     weight = case_weight(case, seed=rows)
     inp = weight.shape[1]
     x = np.random.default_rng(1).standard_normal((rows, inp)).astype(np.float32)
-    got = np.asarray(jax.jit(quantized_project)(jnp.asarray(x), pack(weight)))
+    got = np.asarray(jax.jit(quantized_project)(jnp.asarray(x), case_packed(case, seed=rows)))
     expected = _reference(x, weight)
     scale = np.abs(x).max() * np.abs(weight.dequantize()).sum(1).max()
     np.testing.assert_allclose(got, expected, atol=_tolerance(rows, weight) * scale, rtol=0)

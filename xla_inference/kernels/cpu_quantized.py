@@ -1,17 +1,18 @@
 """Quantized matrix products (int4 / int8 weights in groups, int16 activations) as a native
 kernel for XLA's CPU backend (cpu/quantized_matmul.cc), called as an XLA FFI custom call.
 
-    y[t, o] = x_scale[t] * sum_g (scale[o,g] * S[t,o,g] + offset[o,g] * X[t,g])
+    y[t, o] = x_scale[t] * sum_g (scale[o,g] * (S[t,o,g] - z * X[t,g]) + offset[o,g] * X[t,g])
 
-with S the exact int32 product of the group's int16 activations and its weights, and X the
-group's activation sum. Scales and offsets are float16 or float32 (each its own). Decode
-reads every weight byte once per step, so the time is that of reading the weights: int8
-weights are half the bytes of bfloat16, int4 a quarter. quantized_matmul takes activations
-already quantized to int16 per row; quantized_matmul_float takes float32 ones and quantizes
-them itself, as the caller would have (one call instead of XLA's four small passes). The
-kernel uses AVX-512 VNNI (vpdpwssd) where the CPU has it and portable C++ elsewhere, with the
-same results; it shares its work over XLA's intra-op thread pool, and its output does not
-depend on the number of threads.
+with S the exact int32 product of the group's int16 activations and its weights, X the
+group's activation sum, and z a zero point common to the weight (0 unless given: a symmetric
+format's midpoint, which then needs no offsets read). Scales and offsets are float16 or
+float32 (each its own). Decode reads every weight byte once per step, so the time is that
+of reading the weights: int8 weights are half the bytes of bfloat16, int4 a quarter.
+quantized_matmul takes activations already quantized to int16 per row; quantized_matmul_float
+takes float32 ones and quantizes them itself, as the caller would have (one call instead of
+XLA's four small passes). The kernel uses AVX-512 VNNI (vpdpwssd) where the CPU has it
+and portable C++ elsewhere, with the same results; it shares its work over XLA's intra-op
+thread pool, and its output does not depend on the number of threads.
 
 The weights come in the tile layout of quantization/packed.py (its docstring and the .cc
 file's header give it). Built on first use like kernels/cpu_attention.py (kernels/native.py);
@@ -85,37 +86,40 @@ def _output(rows: int, values) -> jax.ShapeDtypeStruct:
 
 
 def ffi_quantized_matmul(target: str, xq, x_scale, values, scales, offsets, *, bits: int,
-                         group_size: int):
+                         group_size: int, zero_point: int = 0):
     """quantized_matmul through the FFI target `target` (a build of quantized_matmul.cc)."""
     call = jax.ffi.ffi_call(target, _output(xq.shape[0], values))
     return call(xq.astype(jnp.int16), x_scale.astype(jnp.float32),
                 *_weight_operands(values, scales, offsets), bits=np.int64(bits),
-                group_size=np.int64(group_size))
+                group_size=np.int64(group_size), zero_point=np.int64(zero_point))
 
 
 def ffi_quantized_matmul_float(target: str, x, values, scales, offsets, *, bits: int,
-                               group_size: int, levels: float):
+                               group_size: int, levels: float, zero_point: int = 0):
     """quantized_matmul_float through the FFI target `target`."""
     call = jax.ffi.ffi_call(target, _output(x.shape[0], values))
     return call(x.astype(jnp.float32), *_weight_operands(values, scales, offsets),
                 bits=np.int64(bits), group_size=np.int64(group_size),
-                levels=np.float32(levels))
+                zero_point=np.int64(zero_point), levels=np.float32(levels))
 
 
-def quantized_matmul(xq, x_scale, values, scales, offsets, *, bits: int, group_size: int):
+def quantized_matmul(xq, x_scale, values, scales, offsets, *, bits: int, group_size: int,
+                     zero_point: int = 0):
     """y [T, out_padded] float32 for xq int16 [T, in] (|xq| <= 16383), x_scale [T], values
     int8 [out/16, in/2, 32] (bits=8) or uint8 [out/16, in/4, 32] (bits=4) in the tile
     layout, scales float16 or float32 [out/16, in/group_size, 16], offsets like scales (in
-    either dtype) or None; group_size a multiple of 4 (8 bits: of 2) and at most 128. Needs
+    either dtype) or None; group_size a multiple of 4 (8 bits: of 2) and at most 128;
+    zero_point an integer in [-255, 255] subtracted from every weight value (0: none). Needs
     available(); usable inside jit."""
     return ffi_quantized_matmul(_TARGET, xq, x_scale, values, scales, offsets, bits=bits,
-                                group_size=group_size)
+                                group_size=group_size, zero_point=zero_point)
 
 
 def quantized_matmul_float(x, values, scales, offsets, *, bits: int, group_size: int,
-                           levels: float):
+                           levels: float, zero_point: int = 0):
     """quantized_matmul of x float32 [T, in], each row first quantized symmetrically to
     integers of at most `levels` (1..16383) as quantization/product.quantize_rows does:
     the same integers and scales, so the same y as quantized_matmul given those."""
     return ffi_quantized_matmul_float(_FLOAT_TARGET, x, values, scales, offsets, bits=bits,
-                                      group_size=group_size, levels=levels)
+                                      group_size=group_size, levels=levels,
+                                      zero_point=zero_point)

@@ -7,7 +7,12 @@ of the native CPU kernel (kernels/cpu/quantized_matmul.cc): each 32-byte chunk h
 load feeds 16 rows' products. Scales and offsets are laid out [row tile, group, 16], each
 in float16 where every one of its values is a float16 (GPTQ's and AWQ's scales, GGUF's
 Q4_0/Q8_0 block scales: a 4-bit weight in groups of 32 is then 5 bits rather than 6, and
-decode reads that much less) and float32 otherwise (the product is exact either way). On
+decode reads that much less) and float32 otherwise (the product is exact either way).
+Offsets that are all -z * scale for one integer z (a symmetric format's midpoint: GPTQ's
+and compressed-tensors' symmetric 4-bit, GGUF's Q4_0) need not be stored: with
+pack(..., zero_point=True) the weight keeps z (zero_point) instead, and products subtract
+it from the values (opt-in: code that rebuilds PackedWeights from their arrays, as
+experts.py does, must carry zero_point along). On
 other devices XLA dequantizes the tiles inside the product (`dequantize`): the layout is a
 reshape and a transpose of the plain one, which XLA folds into the dequantizing fusion.
 FP8 weights keep the plain [out, in] layout (XLA converts them in the product).
@@ -43,7 +48,9 @@ class PackedWeight:
     values: INT8 int8 [out/16, in/2, 32]; INT4 uint8 [out/16, in/4, 32] (tile layout, out
     padded to a multiple of 16); FP8 float8_e4m3fn [out, in].
     scales, offsets: [out/16, groups, 16] (FP8: [out, groups]), each float16 where that
-    holds its values exactly and float32 otherwise (group_array); offsets may be None."""
+    holds its values exactly and float32 otherwise (group_array); offsets may be None.
+    zero_point: an integer subtracted from every value before scaling (0: none)
+    w[o, k] = (q[o, k] - zero_point) * scale[o, g] + offset[o, g]."""
 
     values: jax.Array
     scales: jax.Array
@@ -56,6 +63,7 @@ class PackedWeight:
     # The dtype a product dequantizes into when it does not use the native kernel
     # (the precision policy's weight dtype: bfloat16 halves the dequantized copy).
     compute_dtype: str = _static(default="float32")
+    zero_point: int = _static(default=0)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,6 +102,19 @@ def group_array(a: np.ndarray) -> np.ndarray:
     return half if np.array_equal(half.astype(np.float32), a) else a.astype(np.float32)
 
 
+def common_zero_point(scales: np.ndarray, offsets: np.ndarray) -> int | None:
+    """z if every offset is exactly -z * its scale for one integer |z| <= 255, else None."""
+    s, o = scales.astype(np.float64), offsets.astype(np.float64)
+    nonzero = np.flatnonzero(s)
+    if nonzero.size == 0:
+        return 0 if not o.any() else None
+    z = -o.flat[nonzero[0]] / s.flat[nonzero[0]]
+    if not (z == np.round(z) and abs(z) <= 255):
+        return None
+    z = int(z)
+    return z if np.array_equal(-z * s, o) else None  # exact: float64 holds -z * s
+
+
 def _tile_rows(a: np.ndarray, out_padded: int) -> np.ndarray:
     """[out, n] -> [out_padded / 16, n, 16]: padding rows are zero."""
     padded = np.zeros((out_padded, a.shape[1]), a.dtype)
@@ -116,8 +137,10 @@ def _tile_values(values: np.ndarray, kind: str, out_padded: int) -> np.ndarray:
                                                                      2 * TILE_ROWS))
 
 
-def pack(weight: GroupQuant, compute_dtype="float32") -> PackedWeight:
-    """The device layout of a host GroupQuant (numpy arrays; placed by the engine)."""
+def pack(weight: GroupQuant, compute_dtype="float32", *, zero_point: bool = False
+         ) -> PackedWeight:
+    """The device layout of a host GroupQuant (numpy arrays; placed by the engine);
+    zero_point: offsets that are -z * scale for one integer z become zero_point z."""
     out, inp = weight.shape
     compute_dtype = jnp.dtype(compute_dtype).name
     if weight.activations == INT8_ACTIVATIONS and (
@@ -129,11 +152,14 @@ def pack(weight: GroupQuant, compute_dtype="float32") -> PackedWeight:
                             out, inp, weight.activations, compute_dtype)
     weight = regroup(weight, kernel_group_size(weight.group_size, inp, weight.kind))
     out_padded = -(-out // TILE_ROWS) * TILE_ROWS
-    offsets = (None if weight.offsets is None
+    z = (common_zero_point(weight.scales, weight.offsets)
+         if zero_point and weight.offsets is not None else None)
+    offsets = (None if weight.offsets is None or z is not None
                else _tile_rows(group_array(weight.offsets), out_padded))
     return PackedWeight(_tile_values(weight.values, weight.kind, out_padded),
                         _tile_rows(group_array(weight.scales), out_padded), offsets, weight.kind,
-                        weight.group_size, out, inp, weight.activations, compute_dtype)
+                        weight.group_size, out, inp, weight.activations, compute_dtype,
+                        z or 0)
 
 
 # ------------------------------------------------------------------ on the device (jnp)
@@ -164,6 +190,8 @@ def dequantize(w: PackedWeight, dtype=None) -> jax.Array:
     dtype = jnp.dtype(dtype or w.compute_dtype)
     groups = w.num_groups
     values = untiled_values(w).astype(jnp.float32).reshape(-1, groups, w.group_size)
+    if w.zero_point:
+        values = values - w.zero_point  # exact: small integers
     out = values * untiled_groups(w.scales, w)[..., None]
     if w.offsets is not None:
         out = out + untiled_groups(w.offsets, w)[..., None]

@@ -52,7 +52,8 @@ def _kernel_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     # The kernel quantizes the rows itself, as quantize_rows(x2, levels) would (same bits).
     y = cpu_quantized.quantized_matmul_float(x2, w.values, w.scales, w.offsets,
                                              bits=4 if w.kind != INT8 else 8,
-                                             group_size=w.group_size, levels=levels)
+                                             group_size=w.group_size, levels=levels,
+                                             zero_point=w.zero_point)
     return y[:, :w.out_features]
 
 

@@ -1,9 +1,9 @@
 // Quantized matrix product for XLA's CPU backend, exact in integer arithmetic: an XLA FFI
 // custom call (kernels/cpu_quantized.py builds, loads and calls it).
 //
-//   y[t, o] = x_scale[t] * sum_g ( scale[o,g] * S[t,o,g] + offset[o,g] * X[t,g] )
+//   y[t, o] = x_scale[t] * sum_g ( scale[o,g] * (S[t,o,g] - z X[t,g]) + offset[o,g] * X[t,g] )
 //   S[t,o,g] = sum_{k in g} xq[t,k] * q[o,k]     (int32, exact)
-//   X[t,g]   = sum_{k in g} xq[t,k]              (int32, exact; only with offsets)
+//   X[t,g]   = sum_{k in g} xq[t,k]              (int32, exact; only with offsets or z)
 //
 // xq int16 [T, in] (|xq| <= 16383, so a group of <= 128 products cannot overflow int32);
 // x_scale f32 [T]; values in the tile layout of quantization/packed.py: rows in tiles of 16,
@@ -12,6 +12,8 @@
 //   4-bit: values[ot, c, 2r+j] = q[16ot+r, 4c+j] | q[16ot+r, 4c+2+j] << 4  uint8 [out/16, in/4, 32]
 // scales f16 or f32 [out/16, G, 16] (scales[ot, g, r] = scale[16ot+r, g]); offsets likewise
 // (f16 or f32 on their own), or zero-size for none. Output f32 [T, out_padded = 16 * (out/16)].
+// z: attribute zero_point (0 for none), a symmetric format's midpoint in place of offsets -z*scale
+// (which are then not read); S - z X is exact in int32 (|z| <= 255).
 // A second entry takes float32 x [T, in] and quantizes each row itself, as the callers do
 // (quantization/product.py quantize_rows: x_scale = max|x| / levels, xq = round(x / x_scale)),
 // which saves XLA's separate passes over x before the call.
@@ -64,8 +66,9 @@ struct Problem {
   const void* offsets;  // f16 (half_offsets) or f32; nullptr: none
   bool half_scales, half_offsets;
   const float* x_sums;   // [T, G] group sums of xq (exact in f32), with offsets
+  const int32_t* zero_sums;  // [T, G] zero_point times the group sums, with a zero point
   float* out;
-  int64_t T, in, out_tiles, groups, group_size;
+  int64_t T, in, out_tiles, groups, group_size, zero_point;
   int64_t per_chunk;  // input elements per chunk: 2 (8-bit) or 4 (4-bit)
 
   int64_t tile_bytes() const { return in / per_chunk * kChunkBytes; }
@@ -97,14 +100,14 @@ inline float group_value(const void* a, bool half, int64_t i) {
 }
 
 // The exact group sums X[t, g], once per call (as floats: |X| <= 128 * 16383 < 2^24).
-std::vector<float> group_sums(const int16_t* xq, int64_t T, int64_t in, int64_t group_size) {
+std::vector<int32_t> group_sums(const int16_t* xq, int64_t T, int64_t in, int64_t group_size) {
   const int64_t G = in / group_size;
-  std::vector<float> sums(T * G);
+  std::vector<int32_t> sums(T * G);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < G; ++g) {
       int32_t s = 0;
       for (int64_t k = 0; k < group_size; ++k) s += xq[t * in + g * group_size + k];
-      sums[t * G + g] = static_cast<float>(s);
+      sums[t * G + g] = s;
     }
   return sums;
 }
@@ -189,6 +192,10 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
     for (int i = 0; i < kTiles; ++i) {
       const int64_t at = ((ot0 + i) * p.groups + g) * kRows;
       const __m512 scale = load_group(p.scales, p.half_scales, at);
+      if (p.zero_sums != nullptr)
+        for (int t = 0; t < kT; ++t)
+          acc[i][t] = _mm512_sub_epi32(acc[i][t],
+                                       _mm512_set1_epi32(p.zero_sums[(t0 + t) * p.groups + g]));
       for (int t = 0; t < kT; ++t)
         y[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][t]), scale, y[i][t]);
       if (p.offsets != nullptr) {
@@ -274,6 +281,7 @@ void tile_row_portable(const Problem& p, int64_t ot, int64_t t) {
     }
     const int64_t at = (ot * p.groups + g) * kRows;
     for (int64_t r = 0; r < kRows; ++r) {
+      if (p.zero_sums != nullptr) acc[r] -= p.zero_sums[t * p.groups + g];
       y[r] = std::fma(static_cast<float>(acc[r]), group_value(p.scales, p.half_scales, at + r),
                       y[r]);
       if (p.offsets != nullptr)
@@ -314,6 +322,7 @@ void quantize_row(const float* x, int64_t in, float levels, int16_t* xq, float* 
 struct Work {
   Problem p;
   std::vector<float> x_sums;
+  std::vector<int32_t> zero_sums;
   std::vector<int16_t> xq;     // the float entry's quantized x
   std::vector<float> x_scale;  // and its row scales
   int64_t tiles_per_item, num_items;
@@ -354,7 +363,7 @@ bool is_group_type(ffi::DataType type) {
 ffi::Error weight_problem(int64_t T, int64_t in, const ffi::AnyBuffer& values,
                           const ffi::AnyBuffer& scales, const ffi::AnyBuffer& offsets,
                           ffi::Result<ffi::Buffer<ffi::F32>>& out, int64_t bits,
-                          int64_t group_size, Problem& p) {
+                          int64_t group_size, int64_t zero_point, Problem& p) {
   const auto vd = values.dimensions();
   const auto sd = scales.dimensions();
   const auto od = out->dimensions();
@@ -377,11 +386,13 @@ ffi::Error weight_problem(int64_t T, int64_t in, const ffi::AnyBuffer& values,
                       !is_group_type(offsets.element_type())))
     return ffi::Error::InvalidArgument(
         "quantized_matmul: offsets f16 or f32 shaped as scales, or empty");
+  if (zero_point < -255 || zero_point > 255)
+    return ffi::Error::InvalidArgument("quantized_matmul: zero_point in [-255, 255]");
   p = Problem{nullptr, nullptr, static_cast<const uint8_t*>(values.untyped_data()),
               scales.untyped_data(), has_offsets ? offsets.untyped_data() : nullptr,
               scales.element_type() == ffi::DataType::F16,
-              has_offsets && offsets.element_type() == ffi::DataType::F16, nullptr,
-              out->typed_data(), T, in, vd[0], sd[1], group_size, per_chunk};
+              has_offsets && offsets.element_type() == ffi::DataType::F16, nullptr, nullptr,
+              out->typed_data(), T, in, vd[0], sd[1], group_size, zero_point, per_chunk};
   return ffi::Error::Success();
 }
 
@@ -389,9 +400,18 @@ ffi::Error weight_problem(int64_t T, int64_t in, const ffi::AnyBuffer& values,
 void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   Problem& p = work->p;
   if (p.T == 0 || p.out_tiles == 0) return;
-  if (p.offsets != nullptr) {
-    work->x_sums = group_sums(p.xq, p.T, p.in, p.group_size);
-    p.x_sums = work->x_sums.data();
+  if (p.offsets != nullptr || p.zero_point != 0) {
+    const std::vector<int32_t> sums = group_sums(p.xq, p.T, p.in, p.group_size);
+    if (p.offsets != nullptr) {
+      work->x_sums.assign(sums.begin(), sums.end());
+      p.x_sums = work->x_sums.data();
+    }
+    if (p.zero_point != 0) {
+      work->zero_sums.resize(sums.size());
+      for (size_t i = 0; i < sums.size(); ++i)
+        work->zero_sums[i] = static_cast<int32_t>(p.zero_point) * sums[i];
+      p.zero_sums = work->zero_sums.data();
+    }
   }
   work->tiles_per_item = tiles_per_item(p, pool.num_threads());
   work->num_items = (p.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
@@ -408,13 +428,14 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
                                ffi::Buffer<ffi::F32> x_scale, ffi::AnyBuffer values,
                                ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                                ffi::ResultBuffer<ffi::F32> out, int64_t bits,
-                               int64_t group_size) {
+                               int64_t group_size, int64_t zero_point) {
   const auto xd = xq.dimensions();
   if (xd.size() != 2 || x_scale.element_count() != static_cast<size_t>(xd[0]))
     return ffi::Error::InvalidArgument("quantized_matmul: xq [T, in] int16, x_scale [T]");
   auto work = std::make_shared<Work>();
   ffi::Error error =
-      weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, work->p);
+      weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, zero_point,
+                     work->p);
   if (error.failure()) return error;
   work->p.xq = xq.typed_data();
   work->p.x_scale = x_scale.typed_data();
@@ -425,13 +446,15 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
 ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                     ffi::AnyBuffer values, ffi::AnyBuffer scales,
                                     ffi::AnyBuffer offsets, ffi::ResultBuffer<ffi::F32> out,
-                                    int64_t bits, int64_t group_size, float levels) {
+                                    int64_t bits, int64_t group_size, int64_t zero_point,
+                                    float levels) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || !(levels >= 1.0f && levels <= 16383.0f))
     return ffi::Error::InvalidArgument("quantized_matmul: x [T, in] f32, levels in [1, 16383]");
   auto work = std::make_shared<Work>();
   ffi::Error error =
-      weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, work->p);
+      weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, zero_point,
+                     work->p);
   if (error.failure()) return error;
   const int64_t T = xd[0], in = xd[1];
   work->xq.resize(T * in);
@@ -457,7 +480,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmul, QuantizedMatmulImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("group_size"));
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("zero_point"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulFloat, QuantizedMatmulFloatImpl,
                               ffi::Ffi::Bind()
@@ -469,6 +493,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulFloat, QuantizedMatmulF
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("zero_point")
                                   .Attr<float>("levels"));
 
 // Whether this build took the AVX-512 VNNI path (1) or the portable one (0): for tests.

@@ -5,9 +5,16 @@ input/output lengths, greedy, ignore_eos. Each backend runs in its own process (
 engine), one untimed warm-up pass, then `--repeats` timed passes; the median is reported.
 xla runs float32 by default (pinned: "auto" resolves to bfloat16 projections on a CPU with
 avx512_bf16, float32 on others; xla:auto or xla:bfloat16 runs that); vLLM's CPU backend and
-transformers run bfloat16, vLLM's "auto" for this model.
+transformers run bfloat16, vLLM's "auto" for this model. Quantized variants, on the same
+prompts: xla-int8 (the float32 directory with quantization="int8", weights quantized at
+load), xla-gguf (the GGUF file kept quantized, Q4_1: prepare_default_gguf_model's
+directory), vllm-cpu-int8 (vLLM's CPU backend on the compressed-tensors W8A8 int8
+checkpoint that benchmarks/_server.py writes once; bfloat16 by default, as its int8 kernel
+wants). Each quantized xla run is also compared with each plain xla run.
 
     .venv/bin/python benchmarks/offline_throughput.py --backends xla,vllm-cpu,hf
+    .venv/bin/python benchmarks/offline_throughput.py \
+        --backends xla:bfloat16,xla-int8:bfloat16,xla-gguf:bfloat16 --repeats 2
 """
 
 import argparse
@@ -19,6 +26,9 @@ import sys
 import time
 
 
+BACKENDS = ("xla", "xla-int8", "xla-gguf", "xla-stats", "vllm-cpu", "vllm-cpu-int8", "hf")
+
+
 def _prompts(n, length, vocab, seed=0):
     import numpy as np
 
@@ -26,16 +36,29 @@ def _prompts(n, length, vocab, seed=0):
     return rng.integers(100, vocab - 100, size=(n, length)).tolist()
 
 
+def _model_dir(backend: str) -> str:
+    """The directory `backend` runs (see the module docstring)."""
+    from xla_inference.loading.default_model import (prepare_default_gguf_model,
+                                                     prepare_default_model)
+
+    if backend == "xla-gguf":
+        return str(prepare_default_gguf_model())
+    if backend == "vllm-cpu-int8":
+        from _server import prepare_w8a8_model
+
+        return str(prepare_w8a8_model(prepare_default_model()))
+    return str(prepare_default_model())
+
+
 def _run_vllm(args) -> dict:
     from vllm import LLM, SamplingParams
 
-    from xla_inference.loading.default_model import prepare_default_model
-
-    model = args.model or str(prepare_default_model())
+    model = args.model or _model_dir(args.backend)
+    quantization = {"quantization": "int8"} if args.backend == "xla-int8" else {}
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0,
+              kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0, **quantization,
               **({} if args.async_scheduling is None else
                  dict(async_scheduling=args.async_scheduling == "on")))
     startup = time.perf_counter() - t0
@@ -94,7 +117,7 @@ def _child(args) -> None:
 
 def _launch(backend: str, dtype: str, argv: list[str]) -> dict:
     env = dict(os.environ)
-    if backend == "vllm-cpu":
+    if backend.startswith("vllm-cpu"):
         env["VLLM_PLUGINS"] = "none"
     if backend == "xla-stats":  # a separate run: waiting on every program serialises the step
         backend, env["XLA_INFERENCE_STEP_STATS"] = "xla", "1"
@@ -109,11 +132,13 @@ def _launch(backend: str, dtype: str, argv: list[str]) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--backends", default="xla,vllm-cpu,hf",
-                   help="any of xla, vllm-cpu, hf, xla-stats (xla again, reporting the host "
-                        "overhead: the share of step time outside the compiled programs); "
-                        "NAME:DTYPE runs one with that dtype (xla:float32,xla:bfloat16)")
+                   help="any of " + ", ".join(BACKENDS) + " (xla-stats: xla again, reporting "
+                        "the host overhead: the share of step time outside the compiled "
+                        "programs); NAME:DTYPE runs one with that dtype "
+                        "(xla:float32,xla:bfloat16)")
     p.add_argument("--dtypes",
-                   default="xla=float32,xla-stats=float32,vllm-cpu=bfloat16,hf=bfloat16",
+                   default="xla=float32,xla-stats=float32,vllm-cpu=bfloat16,hf=bfloat16,"
+                           "vllm-cpu-int8=bfloat16",
                    help="dtype per backend")
     p.add_argument("--model", default=None, help="model dir (default: the embedded SmolLM2)")
     p.add_argument("--num-prompts", type=int, default=64)
@@ -132,8 +157,12 @@ def main():
         return _child(args)
     dtypes = dict(kv.split("=") for kv in args.dtypes.split(","))
     passthrough = [a for a in sys.argv[1:]]
+    labels = args.backends.split(",")
+    unknown = [lbl for lbl in labels if lbl.partition(":")[0] not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"unknown backends {unknown} (choose from {', '.join(BACKENDS)})")
     results = {}
-    for label in args.backends.split(","):
+    for label in labels:
         backend, _, dtype = label.partition(":")
         dtype = dtype or dtypes.get(backend, "auto")
         r = _launch(backend, dtype, passthrough)
@@ -142,14 +171,21 @@ def main():
         results[label] = r
         print(f"{label:9s} dtype={dtype:9s} median {median:7.2f}s "
               f"-> {r['output_tok_s']:7.1f} output tok/s  {json.dumps(r)}", flush=True)
-    # Ratios of each xla run to each baseline run (xla-stats runs wait on every program,
-    # so their throughput is not comparable).
+    _print_ratios(results)
+
+
+def _print_ratios(results: dict) -> None:
+    """Each xla run's throughput over each baseline's (vLLM's CPU backends, transformers),
+    and each quantized xla run's over each plain xla run's (xla-stats runs wait on every
+    program, so their throughput is not comparable)."""
     name = lambda label: label.partition(":")[0]  # noqa: E731
-    bases = [b for b in results if name(b) in ("vllm-cpu", "hf")]
-    for label in (lbl for lbl in results if name(lbl) == "xla"):
-        for base in bases:
-            ratio = results[label]["output_tok_s"] / results[base]["output_tok_s"]
-            print(f"{label} / {base}: {ratio:.2f}x")
+    ours = [lbl for lbl in results if name(lbl) in ("xla", "xla-int8", "xla-gguf")]
+    pairs = [(a, b) for a in ours for b in results
+             if name(b) in ("vllm-cpu", "vllm-cpu-int8", "hf")]
+    pairs += [(a, b) for a in ours if name(a) != "xla" for b in ours if name(b) == "xla"]
+    for label, base in pairs:
+        ratio = results[label]["output_tok_s"] / results[base]["output_tok_s"]
+        print(f"{label} / {base}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,20 @@ def test_experts_with_different_group_sizes_share_the_finest():
     np.testing.assert_array_equal(np.asarray(dequantize_experts(packed, jnp.float32)), expected)
 
 
+def test_experts_with_and_without_a_zero_point_share_one_layout():
+    """Symmetric 4-bit experts (offsets -8 * scale, which packing may keep as a zero
+    point) next to asymmetric ones (their own offsets): stacked, each keeps its values."""
+    quants = [random_group_quant(INT4, OUT, IN, 32, seed=e) for e in range(E)]
+    for q in quants[::2]:
+        q.offsets = -8 * q.scales
+    packed = pack_experts(quants)
+    expected = np.stack([q.dequantize(np.float32).T for q in quants])
+    np.testing.assert_array_equal(np.asarray(dequantize_experts(packed, jnp.float32)), expected)
+    symmetric = pack_experts(quants[::2])
+    np.testing.assert_array_equal(np.asarray(dequantize_experts(symmetric, jnp.float32)),
+                                  expected[::2])
+
+
 def _ragged_reference(xs, quants, group_sizes):
     """float64: row r times its expert's dequantized [out, in] weight."""
     experts = np.repeat(np.arange(len(quants)), group_sizes)

@@ -67,6 +67,8 @@ class PackedExperts:
     activations: str = _static(default=FLOAT_ACTIVATIONS)
     # The dtype the product dequantizes into (as PackedWeight.compute_dtype).
     compute_dtype: str = _static(default="float32")
+    # Subtracted from every value before scaling (as PackedWeight.zero_point; 0: none).
+    zero_point: int = _static(default=0)
 
     @property
     def num_experts(self) -> int:
@@ -94,9 +96,10 @@ class PackedExperts:
 
     def expert(self, values, scales, offsets) -> PackedWeight:
         """One expert's arrays (sliced out of these) as a PackedWeight."""
+        zero = {"zero_point": self.zero_point} if self.zero_point else {}
         return PackedWeight(values, scales, offsets, self.kind, self.group_size,
                             self.out_features, self.in_features, self.activations,
-                            self.compute_dtype)
+                            self.compute_dtype, **zero)
 
 
 # ------------------------------------------------------------------ on the host (numpy)
@@ -120,12 +123,30 @@ def pack_experts(quants: Sequence[GroupQuant], compute_dtype="float32") -> Packe
     common = math.gcd(*(q.group_size for q in quants))
     each = [packed.pack(regroup(q, common) if q.group_size != common else q, compute_dtype)
             for q in quants]
+    if len({(_zero_point(w), w.offsets is None) for w in each}) > 1:
+        each = [_with_explicit_offsets(w) for w in each]  # one layout for every expert
     first = each[0]
+    # Mixed float16 / float32 scales (packed.group_array decides per expert) stack as
+    # float32: exact.
     stack = lambda name: np.stack([getattr(w, name) for w in each])  # noqa: E731
     return PackedExperts(stack("values"), stack("scales"),
                          None if first.offsets is None else stack("offsets"), first.kind,
                          first.group_size, first.in_features, first.out_features,
-                         first.activations, first.compute_dtype)
+                         first.activations, first.compute_dtype, _zero_point(first))
+
+
+def _zero_point(w: PackedWeight) -> int:
+    return getattr(w, "zero_point", 0)
+
+
+def _with_explicit_offsets(w: PackedWeight) -> PackedWeight:
+    """w with its zero point folded into float32 offsets (q - z) * s + o = q * s + (o - z * s)
+    and offsets present (zero where it had none): experts packed differently share that."""
+    scales = np.asarray(w.scales, np.float32)
+    offsets = np.zeros_like(scales) if w.offsets is None else np.asarray(w.offsets, np.float32)
+    offsets = offsets - _zero_point(w) * scales
+    zero = {"zero_point": 0} if _zero_point(w) else {}
+    return dataclasses.replace(w, offsets=offsets, **zero)
 
 
 def quantize_experts(weights: np.ndarray, kind: str) -> PackedExperts:

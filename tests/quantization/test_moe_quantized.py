@@ -11,7 +11,9 @@ by a grouped product that dequantizes them inside the step.
   tests/quantization/checkpoints.py's numpy) keeps its experts 4-bit and gives
   transformers' logits on the dequantized weights.
 - Expert parallel over 4 virtual devices gives the one-device logits, the quantized
-  experts split by expert."""
+  experts split by expert.
+- Through vllm.LLM (slow): online int8 and the GPTQ checkpoint of Qwen3-MoE give
+  transformers' greedy tokens on the dequantized weights."""
 
 import json
 from pathlib import Path
@@ -332,3 +334,22 @@ def test_expert_parallel_equals_one_device(tiny_moe, method):
         for arr in (w.values, w.scales):
             assert arr.sharding.spec[0] == "model", arr.sharding.spec
             assert {s.data.shape[0] for s in arr.addressable_shards} == {2}
+
+
+# ------------------------------------------------------------------ through vllm.LLM
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_serves_quantized_moe_greedily_as_transformers(tiny_moe, tmp_path):
+    """vllm.LLM on xla-inference (float32): --quantization int8 on Qwen3-MoE and its GPTQ
+    4-bit checkpoint give transformers' greedy tokens on the dequantized weights."""
+    from tests.e2e.test_llm_quantized import NUM_NEW, _ours
+    from tests.e2e.test_llm_quantized import _prompts as greedy_prompts
+    from tests.helpers import hf_greedy_ids
+
+    src = tiny_moe["qwen3_moe"]
+    expected = hf_greedy_ids(save_dequantized(src, tmp_path / "ref", INT8), greedy_prompts(),
+                             NUM_NEW)
+    assert _ours(src, quantization="int8", dtype="float32") == expected
+    quant, ref = save_gptq_moe(src, tmp_path / "gptq")
+    assert _ours(quant, dtype="float32") == hf_greedy_ids(ref, greedy_prompts(), NUM_NEW)

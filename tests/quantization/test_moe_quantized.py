@@ -2,11 +2,13 @@
 by a grouped product that dequantizes them inside the step.
 
 - The stacked layout loses nothing (each expert's GroupQuant, dequantized in float64) and
-  the grouped product equals float64 numpy over both of its paths (fewer rows than experts:
-  one expert gathered per row; otherwise every expert dequantized for ragged_dot).
+  the grouped product equals float64 numpy over each of its paths (fewer rows than experts:
+  each row through the native CPU kernel on its expert, or its expert gathered and
+  dequantized; otherwise every expert dequantized for ragged_dot).
 - Online int8 / fp8 of tiny Qwen3-MoE and Mixtral through the engine: the experts are
   quantized in memory (bytes asserted) and the logits over a ragged batch equal
-  transformers on a checkpoint whose experts and projections hold their dequantized values.
+  transformers on a checkpoint whose experts and projections hold their dequantized values;
+  Llama 4's fused experts too.
 - A GPTQ 4-bit Qwen3-MoE checkpoint (every linear, experts included, packed by
   tests/quantization/checkpoints.py's numpy) keeps its experts 4-bit and gives
   transformers' logits on the dequantized weights.

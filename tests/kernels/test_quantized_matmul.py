@@ -351,9 +351,10 @@ _PINNED = textwrap.dedent("""
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 def test_output_is_the_same_on_one_thread(tmp_path):
     rng = np.random.default_rng(11)
-    q, scales, offsets = _random_weight(rng, 1024, 512, 4, 32, True)  # many work items
+    # 1 MB of weights times T = 9: many work items, and pool threads woken for them
+    q, scales, offsets = _random_weight(rng, 2048, 1024, 4, 32, True)
     values, packed_scales, packed_offsets = _kernel_operands(q, scales, offsets, 4)
-    xq, x_scale = _random_activations(rng, 9, 512)
+    xq, x_scale = _random_activations(rng, 9, 1024)
     np.savez(tmp_path / "in.npz", xq=xq, x_scale=x_scale, values=values, scales=packed_scales,
              offsets=packed_offsets)
     subprocess.run([sys.executable, "-c", _PINNED, tmp_path / "in.npz", tmp_path / "out.npy"],

@@ -27,7 +27,8 @@
 // output tiles run side by side so that enough vpdpwssd chains overlap.
 //
 // Work items are runs of output tiles, shared out over XLA's intra-op thread pool (the FFI's
-// ThreadPool context) and the calling thread as in paged_attention.cc. Every output element
+// ThreadPool context) and the calling thread as in paged_attention.cc, pool threads woken only
+// for weights of a megabyte or more per thread (kBytesPerThread). Every output element
 // is computed by the same operations in the same order whatever the thread count, the items
 // or the rows of T it is computed with, so the output does not depend on them; the portable
 // path (no VNNI) does the same operations too (integer sums, then the same FMAs).
@@ -355,6 +356,19 @@ int64_t tiles_per_item(const Problem& p, int64_t threads) {
   return tiles;
 }
 
+// Weight bytes (times about T / 4, for the products that reuse them) each thread should get
+// for waking it to pay: a pool thread takes microseconds to wake on an idle machine and far
+// longer on a busy one. Measured on a shared, busy 2-core machine (medians, T = 1, int4
+// g32): [1536, 576] (0.55 MB) 0.088 ms with two helper threads, 0.026 ms alone; [6144, 576]
+// 0.175 ms with two, 0.145 with one; [12288, 576] alike with one or two.
+constexpr int64_t kBytesPerThread = 1 << 20;
+
+// Pool threads to wake besides the calling thread (which takes items too).
+int64_t helpers_for(const Problem& p, int64_t pool_threads, int64_t items) {
+  const int64_t work = p.out_tiles * p.tile_bytes() * (p.T + 3) / 4;
+  return std::max<int64_t>(0, std::min({pool_threads, items - 1, work / kBytesPerThread - 1}));
+}
+
 bool is_group_type(ffi::DataType type) {
   return type == ffi::DataType::F16 || type == ffi::DataType::F32;
 }
@@ -415,8 +429,7 @@ void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   }
   work->tiles_per_item = tiles_per_item(p, pool.num_threads());
   work->num_items = (p.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
-  // The calling thread takes items too, so one fewer task than items is ever useful.
-  const int64_t helpers = std::min(pool.num_threads(), work->num_items - 1);
+  const int64_t helpers = helpers_for(p, pool.num_threads(), work->num_items);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
   work->drain();
   // Every item is taken by now; wait for those that other threads are still computing.

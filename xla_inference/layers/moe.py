@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.parallel.axes import weight
-from xla_inference.quantization.experts import PackedExperts, expert_weights, ragged_product
+from xla_inference.quantization.experts import (PackedExperts, expert_weights, ragged_product,
+                                                row_experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,16 @@ def _with_shared_expert(p: MoeMlp, x: jax.Array, routed: jax.Array) -> jax.Array
 
 
 def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array) -> jax.Array:
+    """xs [R, in], rows sorted by expert (group_sizes [E] of them each), times each row's
+    expert of w [E, in, out] -> [R, out]."""
     if isinstance(w, PackedExperts):
         return ragged_product(xs, w, group_sizes)
+    if xs.shape[0] < w.shape[0]:
+        # Fewer rows than experts (decode): each row times its own expert, gathered. XLA's
+        # CPU ragged_dot multiplies every row by every expert (a decode step of E = 128
+        # experts, D = 1024, F = 384, float32, 2 cores: 700 ms against 27 ms gathered).
+        weights = jnp.take(w, row_experts(group_sizes, xs.shape[0]), axis=0)  # [R, in, out]
+        return jnp.einsum("ri,rio->ro", xs, weights).astype(xs.dtype)
     return jax.lax.ragged_dot(xs, w, group_sizes)
 
 

@@ -317,25 +317,34 @@ def test_gptq_moe_checkpoint_keeps_experts_4bit(tiny_moe, tmp_path):
 
 # ------------------------------------------------------------------ expert parallel
 
-@pytest.mark.parametrize("method", ["int8", "fp8"])
-def test_expert_parallel_equals_one_device(tiny_moe, method):
+@pytest.fixture(scope="module")
+def gptq_moe(tiny_moe, tmp_path_factory):
+    return save_gptq_moe(tiny_moe["qwen3_moe"], tmp_path_factory.mktemp("gptq-moe"))[0]
+
+
+# 8 experts over 4 devices: 2 each. Over 3 they do not split: each expert's output rows
+# (the MLP width, 48 = 3 tiles of 16) are split instead.
+@pytest.mark.parametrize("method,tp", [("int8", 4), ("fp8", 4), ("gptq", 4), ("int8", 3)])
+def test_expert_parallel_equals_one_device(tiny_moe, gptq_moe, method, tp):
     from xla_inference.parallel.sharding import build_mesh
 
-    assert len(jax.devices()) >= 4
+    assert len(jax.devices()) >= tp
+    model_dir, online = (gptq_moe, None) if method == "gptq" else (tiny_moe["qwen3_moe"], method)
     prompts = _prompts()
     results = []
-    for mesh in (None, build_mesh(4)):
-        _, engine = _engine(tiny_moe["qwen3_moe"], method, mesh)
+    for mesh in (None, build_mesh(tp)):
+        _, engine = _engine(model_dir, online, mesh)
         reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
         results.append(run_chunks(engine, reqs, PLAN))
     single, sharded = results
     for key, row in single.items():
         np.testing.assert_allclose(sharded[key], row, rtol=1e-5, atol=1e-5)
     moe = _moe_layer(engine.params)
-    for w in (moe.w_gate, moe.w_down):  # 8 experts, 2 on each of the 4 devices
-        for arr in (w.values, w.scales):
-            assert arr.sharding.spec[0] == "model", arr.sharding.spec
-            assert {s.data.shape[0] for s in arr.addressable_shards} == {2}
+    split_axis = 0 if tp == 4 else 1  # experts, or row tiles (w_gate's out: the MLP width)
+    for arr in (moe.w_gate.values, moe.w_gate.scales):
+        assert arr.sharding.spec[split_axis] == "model", arr.sharding.spec
+        assert {s.data.shape[split_axis] for s in arr.addressable_shards} == {
+            arr.shape[split_axis] // tp}
 
 
 # ------------------------------------------------------------------ through vllm.LLM

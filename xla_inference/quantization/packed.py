@@ -11,8 +11,7 @@ decode reads that much less) and float32 otherwise (the product is exact either 
 Offsets that are all -z * scale for one integer z (a symmetric format's midpoint: GPTQ's
 and compressed-tensors' symmetric 4-bit, GGUF's Q4_0) need not be stored: with
 pack(..., zero_point=True) the weight keeps z (zero_point) instead, and products subtract
-it from the values (opt-in: code that rebuilds PackedWeights from their arrays, as
-experts.py does, must carry zero_point along). On
+it from the values (opt-in for now; experts.py carries zero_point into its experts). On
 other devices XLA dequantizes the tiles inside the product (`dequantize`): the layout is a
 reshape and a transpose of the plain one, which XLA folds into the dequantizing fusion.
 FP8 weights keep the plain [out, in] layout (XLA converts them in the product).

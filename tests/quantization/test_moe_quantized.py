@@ -103,16 +103,19 @@ def _ragged_reference(xs, quants, group_sizes):
 
 
 # 4 rows < E = 6: one expert a row (the native kernel on the CPU, for integer experts,
-# or XLA on the gathered expert); 14 rows >= E: every expert dequantized for ragged_dot.
-GROUPINGS = {"kernel": (0, 2, 0, 1, 0, 1), "gathered": (0, 2, 0, 1, 0, 1),
-             "every-expert": (5, 0, 3, 2, 0, 4)}
+# or XLA on the gathered expert); 14 and 25 rows >= E: each expert's rows through the
+# kernel, KERNEL_CHUNK = 8 at a time (19 rows: three chunks), or every expert dequantized
+# for XLA's ragged_dot.
+FEW, MANY, LONG_GROUP = (0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4), (19, 0, 3, 0, 1, 2)
+GROUPINGS = {"kernel-rows": FEW, "kernel-groups": MANY, "kernel-long-group": LONG_GROUP,
+             "gathered": FEW, "every-expert": MANY, "every-expert-long-group": LONG_GROUP}
 
 
 @pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("path", GROUPINGS)
 def test_ragged_product_equals_float64(name, path, monkeypatch):
-    if path == "gathered":
-        monkeypatch.setattr(experts_module, "KERNEL_MAX_ROWS", 0)
+    if not path.startswith("kernel"):
+        monkeypatch.setattr(experts_module, "_uses_kernel", lambda w: False)
     group_sizes = GROUPINGS[path]
     quants = _experts(name)
     packed = jax.tree.map(jnp.asarray, pack_experts(quants))
@@ -126,12 +129,11 @@ def test_ragged_product_equals_float64(name, path, monkeypatch):
 
 def test_kernel_path_runs_where_the_kernel_is():
     packed = pack_experts(_experts("int4-g32-offsets"))
-    assert experts_module._uses_kernel(packed, 4) == cpu_quantized.available()
-    assert not experts_module._uses_kernel(pack_experts(_experts("fp8-per-channel")), 4)
+    assert experts_module._uses_kernel(packed) == cpu_quantized.available()
+    assert not experts_module._uses_kernel(pack_experts(_experts("fp8-per-channel")))
 
 
-@pytest.mark.parametrize("group_sizes", [(0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4)],
-                         ids=["gathered", "every-expert"])
+@pytest.mark.parametrize("group_sizes", [FEW, MANY], ids=["few-rows", "many-rows"])
 def test_int8_activation_experts_quantize_each_row(group_sizes):
     """W8A8 int8 experts (compressed-tensors' dynamic scheme): each input row rounded to
     int8 levels of its own scale (max |x| / 127) before the product."""
@@ -151,7 +153,7 @@ def test_int8_activation_experts_quantize_each_row(group_sizes):
 def test_bfloat16_compute_dtype_runs_both_paths():
     quants = _experts("int8-per-channel")
     packed = with_compute_dtype(jax.tree.map(jnp.asarray, pack_experts(quants)), jnp.bfloat16)
-    for sizes in [(0, 2, 0, 1, 0, 1), (5, 0, 3, 2, 0, 4)]:
+    for sizes in [FEW, MANY]:
         xs = np.random.default_rng(2).standard_normal((sum(sizes), IN)).astype(np.float32)
         got = ragged_product(jnp.asarray(xs), packed, jnp.asarray(sizes, jnp.int32))
         assert got.dtype == jnp.float32
@@ -340,8 +342,10 @@ def test_expert_parallel_equals_one_device(tiny_moe, gptq_moe, method, tp):
         reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
         results.append(run_chunks(engine, reqs, PLAN))
     single, sharded = results
+    # The kernel rounds each row to 15-bit integers: an input one float32 step apart (sums
+    # in another order over the devices) may round one step the other way (1 / 16383).
     for key, row in single.items():
-        np.testing.assert_allclose(sharded[key], row, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sharded[key], row, rtol=1e-4, atol=1e-4)
     moe = _moe_layer(engine.params)
     split_axis = 0 if tp == 4 else 1  # experts, or row tiles (w_gate's out: the MLP width)
     for arr in (moe.w_gate.values, moe.w_gate.scales):

@@ -38,10 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_inference.kernels import cpu_quantized
 from xla_inference.quantization import packed, product
-from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, INT8_ACTIVATIONS,
-                                               GroupQuant, regroup)
+from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, GroupQuant, regroup)
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import PackedWeight
 
@@ -193,10 +191,8 @@ def row_experts(group_sizes: jax.Array, rows: int) -> jax.Array:
 
 
 def _uses_kernel(w: PackedExperts) -> bool:
-    """Whether quantized_project runs the native kernel on one of these experts (for up
-    to KERNEL_CHUNK rows)."""
-    return (w.tiled and KERNEL_CHUNK <= product.KERNEL_MAX_ROWS
-            and jax.default_backend() == "cpu" and cpu_quantized.available())
+    """Whether the native kernel runs these experts' products (KERNEL_CHUNK rows at most)."""
+    return product.uses_kernel(w, KERNEL_CHUNK)
 
 
 def _expert_at(w: PackedExperts, expert: jax.Array) -> PackedWeight:
@@ -250,9 +246,7 @@ def _kernel_groups(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> j
 
 def _gathered_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array) -> jax.Array:
     """Each row times its own expert, dequantized alone: [R, out] float32."""
-    if w.activations == INT8_ACTIVATIONS:  # W8A8 int8: inputs rounded per row to int8
-        xq, scale = product.quantize_rows(xs, product.INT8_LEVELS)
-        xs = xq.astype(jnp.float32) * scale[:, None]
+    xs = product.scheme_activations(xs, w)
     compute = jnp.dtype(w.compute_dtype)
     weights = _dequantized(w, *_take(w, experts), compute)  # [R, in, out]
     return jnp.einsum("ri,rio->ro", xs.astype(compute), weights,
@@ -260,9 +254,7 @@ def _gathered_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array) -> jax.A
 
 
 def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
-    if w.activations == INT8_ACTIVATIONS:
-        xq, scale = product.quantize_rows(xs, product.INT8_LEVELS)
-        xs = xq.astype(jnp.float32) * scale[:, None]
+    xs = product.scheme_activations(xs, w)
     compute = jnp.dtype(w.compute_dtype)
     return jax.lax.ragged_dot(xs.astype(compute), dequantize_experts(w), group_sizes,
                               preferred_element_type=jnp.float32)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from xla_inference.kernels import cpu_quantized
 from xla_inference.quantization.groups import INT8, INT8_ACTIVATIONS
-from xla_inference.quantization.packed import PackedWeight, dequantize, untiled_values
+from xla_inference.quantization.packed import (PackedWeight, dequantize, untiled_groups,
+                                                untiled_values)
 
 # Rows up to which the native kernel runs on the CPU; beyond, the dense product on the
 # dequantized weight is faster (benchmarks/RESULTS.md, issue 18).
@@ -42,7 +43,9 @@ def quantize_rows(x: jax.Array, levels: float) -> tuple[jax.Array, jax.Array]:
     return q.astype(jnp.int16), scale
 
 
-def _uses_kernel(w: PackedWeight, rows: int) -> bool:
+def uses_kernel(w, rows: int) -> bool:
+    """Whether `rows` rows times w (a PackedWeight, or one of quantization/experts.py's
+    experts) run the native CPU kernel."""
     return (w.tiled and rows <= KERNEL_MAX_ROWS and jax.default_backend() == "cpu"
             and cpu_quantized.available())
 
@@ -63,22 +66,24 @@ def _int8_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     xq, x_scale = quantize_rows(x2, INT8_LEVELS)
     q = untiled_values(w)[:w.out_features]
     acc = jnp.einsum("ri,oi->ro", xq.astype(jnp.int8), q, preferred_element_type=jnp.int32)
-    w_scale = w.scales.transpose(0, 2, 1).reshape(-1, w.num_groups)[:w.out_features, 0]
+    w_scale = untiled_groups(w.scales, w)[:w.out_features, 0]  # one scale a channel
     return acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]
 
 
+def scheme_activations(x2: jax.Array, w) -> jax.Array:
+    """x [R, in] as the weight's scheme feeds it to a dequantized product: rounded per row
+    to int8 levels for W8A8 int8, unchanged for weight-only formats."""
+    if w.activations != INT8_ACTIVATIONS:
+        return x2
+    xq, x_scale = quantize_rows(x2, INT8_LEVELS)
+    return xq.astype(jnp.float32) * x_scale[:, None]
+
+
 def _dense_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
-    if w.activations == INT8_ACTIVATIONS:
-        xq, x_scale = quantize_rows(x2, INT8_LEVELS)
-        x2 = xq.astype(jnp.float32) * x_scale[:, None]
+    x2 = scheme_activations(x2, w)
     weight = dequantize(w)
     return jnp.einsum("ri,oi->ro", x2.astype(weight.dtype), weight,
                       preferred_element_type=jnp.float32)
-
-
-def _per_channel(w: PackedWeight) -> bool:
-    """Whether every group of a row shares one scale and no offsets exist (int8 W8A8)."""
-    return w.offsets is None and w.kind == INT8
 
 
 def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Array:
@@ -87,9 +92,9 @@ def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Arra
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    if _uses_kernel(w, x2.shape[0]):
+    if uses_kernel(w, x2.shape[0]):
         y = _kernel_product(x2, w)
-    elif w.activations == INT8_ACTIVATIONS and _per_channel(w):
+    elif w.activations == INT8_ACTIVATIONS:  # per-channel symmetric int8: pack() checks
         y = _int8_product(x2, w)
     else:
         y = _dense_product(x2, w)

@@ -148,14 +148,12 @@ def bf16_linear_inputs():
         torch.nn.Linear.forward = plain
 
 
-def save_bf16_rounded(src: Path, dst: Path) -> Path:
-    """A copy of checkpoint `src` whose weight matrices (2-D, all but the embedding) hold
-    their values rounded to bfloat16, still float32, with an untied LM head: with
-    `bf16_linear_inputs`, the reference for dtype=bfloat16 on the host CPU (bfloat16
-    projections, float32 elsewhere: loading/params.py's narrow_projections)."""
+def rewrite_checkpoint(src: Path, dst: Path, change) -> Path:
+    """A copy of checkpoint `src` at `dst`, one safetensors file, the LM head untied (its
+    own copy of the embedding), each tensor replaced by change(name, tensor) (a torch
+    tensor; return it unchanged to keep it)."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -170,11 +168,24 @@ def save_bf16_rounded(src: Path, dst: Path) -> Path:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         config["tie_word_embeddings"] = False
         (dst / "config.json").write_text(json.dumps(config))
-    for name, t in tensors.items():
-        if t.ndim >= 2 and name != "model.embed_tokens.weight":
-            tensors[name] = t.to(torch.bfloat16).to(torch.float32)
+    tensors = {name: change(name, t) for name, t in tensors.items()}
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+def save_bf16_rounded(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint `src` whose weight matrices (2-D, all but the embedding) hold
+    their values rounded to bfloat16, still float32, with an untied LM head: with
+    `bf16_linear_inputs`, the reference for dtype=bfloat16 on the host CPU (bfloat16
+    projections, float32 elsewhere: loading/params.py's narrow_projections)."""
+    import torch
+
+    def rounded(name, t):
+        if t.ndim >= 2 and name != "model.embed_tokens.weight":
+            return t.to(torch.bfloat16).to(torch.float32)
+        return t
+
+    return rewrite_checkpoint(src, dst, rounded)
 
 
 def read_json(path: Path) -> dict:

@@ -38,17 +38,24 @@ def _agreement(got, expected) -> tuple[int, float]:
     return sum(f == 1.0 for f in fractions), sum(fractions) / len(fractions)
 
 
+def _served_like_transformers(label, model_dir, gguf_path, num_prompts=None) -> int:
+    """Greedy output of the GGUF served kept quantized from `model_dir` against
+    transformers on the file: all prompts but one equal, 90% of tokens before a first
+    difference. Returns the weight bytes the worker holds."""
+    prompts = prompt_token_ids(model_dir)[:num_prompts]
+    got, weight_bytes = _greedy(model_dir, prompts)
+    equal, prefix = _agreement(got, hf_greedy(gguf_path, prompts, NUM_NEW))
+    print(f"{label} kept quantized: {equal}/{len(prompts)} prompts equal, {prefix:.0%} of "
+          f"tokens before a difference; weights {weight_bytes / 2**20:.0f} MiB")
+    assert equal >= len(prompts) - 1 and prefix >= 0.9
+    return weight_bytes
+
+
 def test_smollm2_gguf_kept_quantized_matches_transformers(smollm2_gguf):
     from xla_inference.loading.default_model import prepare_default_gguf_model
 
-    model_dir = prepare_default_gguf_model()
-    prompts = prompt_token_ids(model_dir)
-    got, weight_bytes = _greedy(model_dir, prompts)
-    expected = hf_greedy(smollm2_gguf, prompts, NUM_NEW)
-    equal, prefix = _agreement(got, expected)
-    print(f"SmolLM2 Q4_1 kept quantized: {equal}/{len(prompts)} prompts equal, "
-          f"{prefix:.0%} of tokens before a difference; weights {weight_bytes / 2**20:.0f} MiB")
-    assert equal >= len(prompts) - 1 and prefix >= 0.9
+    weight_bytes = _served_like_transformers("SmolLM2 Q4_1", prepare_default_gguf_model(),
+                                             smollm2_gguf)
     # 4-bit projections and an 8-bit LM head, with the embedding gathered in float32: well
     # under the float32 model's 513 MiB
     assert weight_bytes < 0.45 * 513 * 2**20
@@ -61,13 +68,7 @@ def test_gemma3_270m_gguf_kept_quantized_matches_transformers():
 
     gguf_path = gemma3_270m_gguf_path()
     model_dir = prepare_gguf_serving_dir(gguf_path, GEMMA3_270M_NAME + GGUF_SUFFIX)
-    prompts = prompt_token_ids(model_dir)[:4]
-    got, _ = _greedy(model_dir, prompts)
-    expected = hf_greedy(gguf_path, prompts, NUM_NEW)
-    equal, prefix = _agreement(got, expected)
-    print(f"Gemma 3 270M Q4_K_M kept quantized: {equal}/{len(prompts)} prompts equal, "
-          f"{prefix:.0%} of tokens before a difference")
-    assert equal >= len(prompts) - 1 and prefix >= 0.9
+    _served_like_transformers("Gemma 3 270M Q4_K_M", model_dir, gguf_path, num_prompts=4)
 
 
 def test_smollm2_online_int8_agrees_with_float32(smollm2_dir, smollm2_gguf):

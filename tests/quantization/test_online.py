@@ -4,15 +4,13 @@ transformers running the same checkpoint with every projection replaced by its
 dequantized per-channel values, over a ragged batch (prefill, a chunk, decode), for a dense
 family, a tied one and a MoE one; the weights stay quantized in memory."""
 
-import json
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import (ENGINE_BLOCK, assert_ragged_logits, hf_logits, read_json,
+from tests.helpers import (ENGINE_BLOCK, assert_ragged_logits, hf_logits, rewrite_checkpoint,
                            save_tiny_family, save_tiny_llama)
 from xla_inference.quantization.groups import FP8, INT8
 from xla_inference.quantization.online import ONLINE_METHODS, quantize_per_channel
@@ -31,24 +29,13 @@ def save_dequantized(src: Path, dst: Path, kind: str) -> Path:
     per-channel quantized values (dequantized, float32), the LM head untied: transformers
     on it is the reference."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    shutil.copytree(src, dst)
-    tensors = {}
-    for f in sorted(dst.glob("*.safetensors")):
-        tensors.update(load_file(f))
-        f.unlink()
-    config = read_json(dst / "config.json")
-    if config.get("tie_word_embeddings"):
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        config["tie_word_embeddings"] = False
-        (dst / "config.json").write_text(json.dumps(config))
-    for name, t in tensors.items():
+    def dequantized(name, t):
         if t.ndim == 2 and any(name.endswith(f"{p}.weight") for p in PROJECTIONS):
-            deq = quantize_per_channel(t.numpy(), kind).dequantize(np.float32)
-            tensors[name] = torch.from_numpy(deq)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
+            return torch.from_numpy(quantize_per_channel(t.numpy(), kind).dequantize(np.float32))
+        return t
+
+    return rewrite_checkpoint(src, dst, dequantized)
 
 
 def online_engine(model_dir: Path, method: str):

@@ -135,29 +135,43 @@ def _prepare(locate_gguf: Callable[[], Path], name: str, cache_dir: str | Path |
              quantized: bool = False) -> Path:
     # The GGUF is located only when a build is needed (finding it may mean joining chunks).
     model_dir = Path(cache_dir).expanduser() if cache_dir is not None else model_cache_dir(name)
-    if is_complete(model_dir):
+    if is_complete(model_dir) and not quantized:
         return model_dir
     gguf_path = locate_gguf()
+    linked_gguf = gguf_path if quantized else None
+    if _is_current(model_dir, linked_gguf):
+        return model_dir
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.building-", dir=model_dir.parent))
     try:
         _build_hf_dir(gguf_path, staging, quantized)
-        _publish(staging, model_dir)
+        _publish(staging, model_dir, linked_gguf)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
 
 
-def _publish(staging: Path, model_dir: Path) -> None:
+def _links_to(model_dir: Path, gguf_path: Path) -> bool:
+    # A serving directory links to the GGUF; a cache kept across checkouts or virtual
+    # environments may hold a link to a file that moved or is gone, so it is rebuilt.
+    link = model_dir / GGUF_WEIGHTS_NAME
+    return link.is_file() and link.resolve() == gguf_path.resolve()
+
+
+def _publish(staging: Path, model_dir: Path, linked_gguf: Path | None) -> None:
     """Renames the finished build into place, so readers never see a partial directory."""
-    if model_dir.exists() and not is_complete(model_dir):
+    if model_dir.exists() and not _is_current(model_dir, linked_gguf):
         _remove_stale(model_dir)
     try:
         staging.rename(model_dir)
     except OSError:
         # Another process published first; its directory is as good as ours.
-        if not is_complete(model_dir):
+        if not _is_current(model_dir, linked_gguf):
             raise
+
+
+def _is_current(model_dir: Path, linked_gguf: Path | None) -> bool:
+    return is_complete(model_dir) and (linked_gguf is None or _links_to(model_dir, linked_gguf))
 
 
 def _remove_stale(model_dir: Path) -> None:

@@ -2,15 +2,19 @@
 self-attention block around it: projections, optional q/k norms, rope."""
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
-from xla_inference.layers.linear import linear
+from xla_inference.layers.linear import linear, row_parallel_project
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_rope
 from xla_inference.parallel.axes import weight
+from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 
 
 
@@ -22,15 +26,45 @@ def paged_attention(q, k, v, kv: LayerCache, md: AttentionMetadata, *, scale: fl
     table of the layer's KV cache group.
     attention_chunk: keys only from the query's own chunk of that many positions (Llama 4).
     k_scale, v_scale: an fp8 cache stores k / k_scale and v / v_scale (floats or scalars;
-    kernels/ragged_paged_attention.py); a cache of the activations' dtype ignores them."""
+    kernels/ragged_paged_attention.py); a cache of the activations' dtype ignores them.
+
+    Under tensor parallel with the KV heads split (the cache sharded on them), each device
+    writes and attends with its own KV heads and their query heads (_split_by_kv_heads)."""
     slot_mapping, block_tables = md.group(kv.group)
-    k_cache, v_cache = write_kv(kv.arrays[0], kv.arrays[1], k, v, slot_mapping, k_scale, v_scale)
-    out = ragged_paged_attention(
-        q, k_cache, v_cache, md.seq_ids, md.positions, block_tables,
-        block_size=md.block_size, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        attention_chunk=attention_chunk, k_scale=k_scale, v_scale=v_scale,
-    )
+    attend = functools.partial(_write_and_attend, block_size=md.block_size, scale=scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap,
+                               attention_chunk=attention_chunk)
+    mesh = tensor_parallel_mesh()
+    num_kv_heads = kv.arrays[0].shape[1]
+    if mesh is not None and splits(mesh, "kv_heads", num_kv_heads, num_kv_heads):
+        attend = _split_by_kv_heads(attend, mesh)
+    k_cache, v_cache, out = attend(
+        kv.arrays[0], kv.arrays[1], q, k, v, slot_mapping, md.seq_ids, md.positions,
+        block_tables, jnp.asarray(k_scale, jnp.float32), jnp.asarray(v_scale, jnp.float32))
     return LayerCache((k_cache, v_cache), kv.group), out
+
+
+def _write_and_attend(k_cache, v_cache, q, k, v, slot_mapping, seq_ids, positions,
+                      block_tables, k_scale, v_scale, **attention):
+    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
+    out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
+                                 k_scale=k_scale, v_scale=v_scale, **attention)
+    return k_cache, v_cache, out
+
+
+def _split_by_kv_heads(attend, mesh):
+    """attend run on each device of the tensor-parallel axis with its share of the KV heads
+    (caches, new K/V) and of the query heads (N = K * G heads, in K groups of G: a
+    contiguous 1/n of the query heads is exactly the groups of a contiguous 1/n of the KV
+    heads); token metadata and the scales whole everywhere. Attention never mixes heads, so
+    nothing crosses devices. GSPMD cannot split the call itself: the native CPU kernel (an
+    FFI custom call) and Pallas kernels have no partitioning rule, and without one XLA
+    gathers the whole cache onto every device, every layer."""
+    heads = PartitionSpec(None, TENSOR_AXIS, None)  # [slots or T, heads, H]
+    whole = PartitionSpec()
+    return jax.shard_map(
+        attend, mesh=mesh, in_specs=(heads,) * 5 + (whole,) * 6, out_specs=(heads,) * 3,
+        axis_names={TENSOR_AXIS}, check_vma=False)
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +112,9 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
     kv, out = paged_attention(q, k, v, kv, md, scale=scale, sliding_window=sliding_window,
                               soft_cap=soft_cap, k_scale=_or_one(p.k_scale),
                               v_scale=_or_one(p.v_scale))
-    return kv, linear(out.reshape(T, -1), p.wo, p.bo)
+    # [T, N*H] split by heads under TP: wo is row-parallel (a collective matmul there).
+    return kv, row_parallel_project(out.reshape(T, -1), p.wo, p.bo, logical_axis="heads",
+                                    units=out.shape[1])
 
 
 def _or_one(kv_cache_scale):

@@ -8,13 +8,19 @@ runner/build.Precision); each product then rounds its input to bfloat16 and accu
 in float32.
 
 Quantized weights (PackedWeight) take quantization/product.py's products instead: every
-family's projections go through `project`, so every family serves quantized checkpoints."""
+family's projections go through `project`, so every family serves quantized checkpoints.
+
+Under tensor parallel the row-parallel projections (attention output, MLP down) take
+row_parallel_project: a collective matmul (parallel/collective_matmul.py) instead of
+GSPMD's product + all-reduce."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 
+from xla_inference.parallel.collective_matmul import row_parallel_matmul
+from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 from xla_inference.quantization.packed import PackedWeight
 from xla_inference.quantization.product import quantized_project
 
@@ -47,4 +53,22 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """x [..., in] times w [out, in] -> [..., out], plus b [out] when the checkpoint has one."""
     y = project(x, w)
+    return y if b is None else y + b
+
+
+def row_parallel_project(x: jax.Array, w, b: jax.Array | None = None, *, logical_axis: str,
+                         units: int) -> jax.Array:
+    """linear(x, w, b) for a row-parallel weight w [out, in] whose input axis holds `units`
+    of `logical_axis` ("heads", "mlp"). Where the step is traced over a tensor-parallel
+    mesh that splits that axis (parallel/sharding.tensor_parallel_mesh), the product is a
+    ring reduce-scatter + all-gather around the devices (collective_matmul.py), each
+    partial product beside a permute in flight; the result is whole on every device, as
+    GSPMD's all-reduce leaves it. Elsewhere, and for quantized weights (their products
+    are quantization/product.py's; GSPMD still partitions them), plain linear()."""
+    mesh = tensor_parallel_mesh()
+    if (mesh is None or isinstance(w, PackedWeight)
+            or not splits(mesh, logical_axis, units, w.shape[1])
+            or w.shape[0] % mesh.shape[TENSOR_AXIS]):
+        return linear(x, w, b)
+    y = row_parallel_matmul(x, w, mesh, product=project)
     return y if b is None else y + b

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from xla_inference.parallel.axes import field_axes
 
 MESH_AXES = ("data", "model")
+TENSOR_AXIS = "model"  # the mesh axis tensor parallel splits over
 
 # logical axis -> mesh axis (None: replicated)
 LOGICAL_RULES: dict[str, str | None] = {
@@ -154,3 +155,37 @@ def place(host_array, sharding: NamedSharding) -> jax.Array:
 
 def place_params(params, shardings):
     return jax.tree.map(place, params, shardings)
+
+
+# ---------------------------------------------------------------------------------------
+# The mesh as traced code sees it. GSPMD partitions what it has rules for; a custom call
+# (the native CPU attention, a Pallas kernel) has none, and a collective matmul is a
+# schedule GSPMD does not choose. Layers that partition such work themselves (shard_map)
+# reach the mesh the step is traced over here, through JAX's context mesh.
+
+
+def traced_over(mesh: Mesh, fn):
+    """fn traced with `mesh` as JAX's context mesh (what tensor_parallel_mesh returns), so
+    that layers can partition by hand what GSPMD cannot; the engine wraps its step in it."""
+
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def tensor_parallel_mesh():
+    """The context mesh when its model axis splits work (size > 1 and not already manual,
+    i.e. not inside a shard_map over it); None otherwise: one device, or no mesh given."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get(TENSOR_AXIS, 1) == 1 or TENSOR_AXIS in mesh.manual_axes:
+        return None
+    return mesh
+
+
+def splits(mesh, logical_axis: str, units: int, dim: int) -> bool:
+    """Whether the rules table splits an array axis of `dim` elements holding `units` units
+    of `logical_axis` over the tensor-parallel axis of `mesh` (as param_shardings does)."""
+    spec = partition_spec((logical_axis,), (dim,), {logical_axis: units}, mesh)
+    return spec[0] == TENSOR_AXIS

@@ -19,9 +19,15 @@ The kernel is compiled with the machine's C++ compiler on first use (a few secon
 under ~/.cache/xla-inference/kernels, or $XLA_INFERENCE_CACHE/kernels, by source, flags,
 CPU and JAX version); where that fails, or with XLA_INFERENCE_CPU_ATTENTION=0, the
 plain-jnp kernel runs instead.
-With a tensor-parallel mesh, XLA's partitioner has no rule for the custom call and gathers
-its operands (the KV cache) onto every device: correct, but slow; CPU tensor parallelism
-(virtual devices of one host) is for tests.
+XLA's partitioner has no rule for the custom call: under a tensor-parallel mesh it would
+gather the operands (the whole KV cache and q) onto every device, every layer. So the
+layer that calls attention splits it itself: layers/attention.paged_attention runs the
+cache write and this call in a shard_map over the KV heads, each device with its share of
+the KV heads and their query heads, the token metadata whole (tests/parallel/
+test_cpu_attention_tp.py: no collective left in the compiled step). The split sits there,
+not here, because kernels/ sits below parallel/ (it cannot know the mesh's axes) and because
+every backend's kernel (a Pallas call is a custom call too) needs the same split. CPU
+tensor parallelism (virtual devices of one host) is for tests.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The house is layered: no package of xla_inference imports a package above it, and only
-the vLLM adapter (plugin/) and the launcher import vllm or torch (docs/DESIGN.md)."""
+the vLLM adapter (plugin/), the torch path (torch_models/) and the launcher import vllm or
+torch (docs/DESIGN.md)."""
 
 import ast
 from pathlib import Path
@@ -10,8 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xla_inference"
 
 # Bottom to top; a module may import its own package and any package listed before it.
 LAYERS = ["envs", "kernels", "parallel", "quantization", "loading", "layers", "models", "sampling", "runner",
-          "plugin", "cli"]
-ADAPTERS = {"plugin", "cli"}  # the only places vllm or torch may be imported
+          "torch_models", "plugin", "cli"]
+# The only places vllm or torch may be imported: the adapter, the launcher, and the torch
+# path (vLLM's PyTorch models lowered through torchax).
+ADAPTERS = {"torch_models", "plugin", "cli"}
 
 
 def _package_of(path: Path) -> str:

@@ -120,6 +120,12 @@ class XlaPlatform(Platform):
         return True
 
     @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        """vLLM's PyTorch models (the torch path, torch_models/) build their Attention layers
+        with this backend; the layers then run our paged attention (torch_models/attention.py)."""
+        return "xla_inference.torch_models.attention.XlaAttentionBackend"
+
+    @classmethod
     def get_device_communicator_cls(cls) -> str:
         return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
 

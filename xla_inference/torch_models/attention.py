@@ -1,0 +1,150 @@
+"""vLLM's `Attention` layers on our paged KV cache.
+
+vLLM builds every decoder model's attention as its `Attention` module
+(vllm/model_executor/layers/attention/attention.py), which asks the platform for an
+attention backend while the model is constructed. This platform names
+`XlaAttentionBackend` (plugin/platform.get_attn_backend_cls); its impl only records the
+layer's settings. At lowering, each `Attention` module's forward is replaced by
+`PagedAttentionForward`, which takes the query, key and value the model computed (torchax
+tensors over JAX arrays) and calls layers/attention.paged_attention, the native families'
+kernel call, on the step's cache and metadata (`step_context`): the same write of the new
+K/V, the same ragged attention, the same donated cache."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+
+import torch
+from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionType
+
+from xla_inference.kernels.metadata import AttentionMetadata, KvCache
+from xla_inference.layers.attention import paged_attention
+
+BACKEND_QUALNAME = "xla_inference.torch_models.attention.XlaAttentionBackend"
+
+
+class XlaAttentionImpl(AttentionImpl):
+    """The layer's settings as vLLM hands them over; attention itself runs in
+    PagedAttentionForward (the module's forward is replaced before any step)."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None,
+                 sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,
+                 attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None, **extra):
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap or None
+        self.refusals = [reason for present, reason in (
+            (alibi_slopes is not None, "ALiBi position biases"),
+            (attn_type != AttentionType.DECODER, f"attention type {attn_type}"),
+            (kv_sharing_target_layer_name is not None, "KV cache sharing between layers"),
+            (extra.get("sinks") is not None, "attention sinks"),
+        ) if present]
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("xla-inference runs vLLM attention layers through "
+                           "torch_models.attention.PagedAttentionForward; this impl is never "
+                           "called")
+
+
+class XlaAttentionBackend(AttentionBackend):
+    """Registered for construction only: the step never goes through vLLM's metadata
+    builder or KV cache binding."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # vLLM's enum member for backends from outside vLLM
+
+    @staticmethod
+    def get_impl_cls():
+        return XlaAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        raise NotImplementedError("xla-inference builds its own attention metadata")
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+
+@dataclasses.dataclass
+class _Step:
+    """The cache and metadata of the step being traced; layers replace the cache as they go."""
+
+    kv_cache: KvCache
+    metadata: AttentionMetadata
+
+
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def step_context(kv_cache: KvCache, metadata: AttentionMetadata):
+    """While the module's forward is traced: the cache and metadata attention reads (the
+    module is called with torch arguments only, so these travel beside it)."""
+    step = _Step(kv_cache, metadata)
+    _current.step = step
+    try:
+        yield step
+    finally:
+        _current.step = None
+
+
+class PagedAttentionForward:
+    """Replaces one vLLM `Attention` module's forward: q [T, N*H], k/v [T, K*H] (torchax
+    tensors) -> out [T, N*Hv], through KV cache layer `index`."""
+
+    def __init__(self, index: int, layer):
+        impl = layer.impl
+        if impl.refusals:
+            raise NotImplementedError(f"{layer.layer_name}: xla-inference's torch path does not "
+                                      f"serve {', '.join(impl.refusals)}")
+        self.index = index
+        self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
+        self.head_size, self.head_size_v = layer.head_size, layer.head_size_v
+        self.scale, self.sliding_window = impl.scale, impl.sliding_window
+        self.soft_cap = impl.logits_soft_cap
+
+    def __call__(self, query, key, value, output_shape=None, output_dtype=None):
+        from xla_inference.torch_models.lowering import from_torch, to_torch
+
+        step = _current.step
+        q, k, v = from_torch((query, key, value))
+        T = q.shape[0]
+        q = q.reshape(T, self.num_heads, self.head_size)
+        k = k.reshape(T, self.num_kv_heads, self.head_size)
+        v = v.reshape(T, self.num_kv_heads, self.head_size_v)
+        layer_cache, out = paged_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), step.kv_cache.layer(self.index),
+            step.metadata, scale=self.scale, sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap)
+        step.kv_cache = step.kv_cache.updated(self.index, layer_cache)
+        out = out.reshape(T, self.num_heads * self.head_size_v)
+        if output_dtype is not None:
+            out = out.astype(from_torch(output_dtype))
+        return to_torch(out)
+
+
+def attention_layers(module: torch.nn.Module) -> list:
+    """vLLM's Attention modules of a model, in module order (the KV cache layer order)."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
+def install(module: torch.nn.Module) -> list[PagedAttentionForward]:
+    """Point every Attention module of `module` at the paged cache; -> the forwards, by
+    KV cache layer."""
+    forwards = []
+    for i, layer in enumerate(attention_layers(module)):
+        forward = PagedAttentionForward(i, layer)
+        layer.forward = forward
+        forwards.append(forward)
+    return forwards

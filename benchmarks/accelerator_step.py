@@ -1,0 +1,461 @@
+"""Accelerator check: the attention kernel on the device, then the core engine's step at
+Llama-3.1-8B shapes with random weights. Run through benchmarks/gpu_check.sh (which also
+runs the kernel test matrix); alone:
+
+    PYTHONPATH=. python benchmarks/accelerator_step.py [--smoke] [--json out.json]
+
+Needs only numpy, jax (with the device's plugin: jax[cuda12] on an NVIDIA GPU, jax[tpu] on
+a TPU) and ml_dtypes (a dependency of jax): no vLLM, no network, no checkpoint.
+
+1. Kernel check: the device's Pallas attention kernel (gpu: kernels/pallas_gpu_attention,
+   tpu: kernels/pallas_tpu_attention; on a CPU the GPU kernel in interpret mode) on a
+   mixed step at Llama-3.1-8B attention shapes (32 query heads, 8 kv heads, head dim 128,
+   bf16; decodes at 1k-4k context, a chunked prefill, a prefix hit) against the plain-jnp
+   kernel in float32 on the same device; then the kernel alone over 8 layers' caches
+   (decode batch 1 at 4k, batch 64 at 1k, a 2k prefill), as KV bytes read per second and
+   against the jnp kernel in the same run.
+2. Core step: the engine (runner/build.py, runner/engine.py: the step vLLM's worker runs,
+   whichever attention backend kernels/backend.py picks) at Llama-3.1-8B shapes in bf16,
+   random weights (vLLM's dummy-weight range), decode at batch 1/16/64/256 with 1k and 4k
+   contexts, and a 2048-token prefill. Decode: achieved HBM bandwidth = (weights read +
+   each sequence's K/V) / step time, as a fraction of the device's peak; prefill: MFU =
+   (projection + causal attention FLOPs) / step time / the device's bf16 dense peak. Peaks
+   come from the device kind (H100/H200/A100/L4, TPU v4/v5e/v5p/v6e tables); on an
+   unknown device they are measured (a large reduction, a large matmul) and marked so.
+   Cases whose KV cache does not fit the device's memory are listed as skipped.
+
+--smoke: tiny shapes (2 layers, hidden 256), short contexts; for CI on a CPU (interpret
+mode). Exit status: 0 when every part ran and the kernel check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPUs: allocate as needed
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+
+REQUIRED = ("numpy", "jax", "ml_dtypes")
+
+
+def check_dependencies() -> list[str]:
+    """The modules the core engine imports that are missing (vLLM, torch, safetensors and
+    gguf are not needed for random weights)."""
+    missing = []
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+# (substring of jax's device_kind, HBM bytes/s, bf16 dense FLOP/s), first match wins:
+# vendor datasheet figures.
+PEAKS = (
+    ("H200 NVL", 4.8e12, 835e12), ("GH200", 4.0e12, 989e12), ("H200", 4.8e12, 989e12),
+    ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12), ("H100", 3.35e12, 989e12),
+    ("H800", 3.35e12, 989e12), ("A100-SXM4-80GB", 2.039e12, 312e12),
+    ("A100 80GB PCIe", 1.935e12, 312e12), ("A100", 1.555e12, 312e12),
+    ("L40S", 0.864e12, 362e12), ("L4", 0.3e12, 121e12),
+    ("TPU v6", 1.64e12, 918e12), ("TPU v5 lite", 0.819e12, 197e12),
+    ("TPU v5e", 0.819e12, 197e12), ("TPU v5", 2.765e12, 459e12), ("TPU v4", 1.2e12, 275e12),
+)
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+    "mlp_bias": False, "torch_dtype": "bfloat16",
+}
+SMOKE_MODEL = dict(LLAMA_31_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
+
+FULL = dict(model=LLAMA_31_8B, batches=(1, 16, 64, 256), contexts=(1024, 4096), prefill=2048,
+            repeats=5, kernel=dict(decode=((1, 4096), (64, 1024)), prefill=2048, layers=8,
+                                   heads=(32, 8, 128)))
+SMOKE = dict(model=SMOKE_MODEL, batches=(1, 4), contexts=(64, 160), prefill=64, repeats=2,
+             kernel=dict(decode=((1, 160),), prefill=32, layers=2, heads=(4, 2, 64)))
+BLOCK = 16
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, CI)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--skip-kernel", action="store_true")
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--check-deps", action="store_true",
+                        help="only check the Python dependencies and the device")
+    args = parser.parse_args(argv)
+    missing = check_dependencies()
+    if missing:
+        print(f"FAIL: missing Python modules: {', '.join(missing)} (pip install "
+              f"{' '.join(missing)}; on an NVIDIA GPU: pip install 'jax[cuda12]')")
+        return 2
+    device = describe_device(measure=not args.check_deps, small=args.smoke)
+    peaks = ("not measured" if device["bandwidth"] is None else
+             f"HBM {device['bandwidth'] / 1e9:.0f} GB/s, bf16 {device['flops'] / 1e12:.1f} "
+             f"TFLOP/s")
+    print(f"device: {device['kind']} ({device['platform']}) x{device['count']}, memory "
+          f"{_gib(device['memory'])}, peaks: {peaks} ({device['peak_source']})")
+    if args.check_deps:
+        return 0
+    if device["platform"] == "cpu" and not args.smoke:
+        print("FAIL: no accelerator (JAX's default backend is cpu); for a CPU run use "
+              "--smoke. On an NVIDIA GPU check that jax's CUDA plugin is installed "
+              "(python -c 'import jax; print(jax.devices())').")
+        return 2
+    shapes = SMOKE if args.smoke else FULL
+    report = dict(device=device, smoke=args.smoke)
+    status = 0
+    if not args.skip_kernel:
+        report["kernel"] = kernel_check(device, shapes)
+        status |= 0 if report["kernel"]["passed"] else 1
+    if not args.skip_engine:
+        report["engine"] = engine_benchmark(device, shapes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    print("accelerator_step:", "OK" if status == 0 else "FAILED")
+    return status
+
+
+# ---------------------------------------------------------------------------------------
+# Device
+
+
+def describe_device(measure: bool = True, small: bool = False) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    platform = jax.default_backend()
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    stats = (dev.memory_stats() or {}) if hasattr(dev, "memory_stats") else {}
+    info = dict(kind=dev.device_kind, platform=platform, count=len(jax.devices()),
+                memory=stats.get("bytes_limit"))
+    for needle, bandwidth, flops in PEAKS:
+        if needle.lower() in dev.device_kind.lower():
+            return dict(info, bandwidth=bandwidth, flops=flops, peak_source="datasheet")
+    if not measure:
+        return dict(info, bandwidth=None, flops=None, peak_source="unknown device kind")
+    return dict(info, bandwidth=measure_bandwidth(1 << (24 if small else 28)),
+                flops=measure_matmul_peak(512 if small else 2048),
+                peak_source="measured: unknown device kind")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # compile / warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_bandwidth(nbytes: int = 1 << 28) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a.sum())
+    return nbytes / median_seconds(lambda: f(x), 3)
+
+
+def measure_matmul_peak(n: int = 2048) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    return 2 * n**3 / median_seconds(lambda: f(a, a), 3)
+
+
+def _gib(nbytes) -> str:
+    return "unknown" if nbytes is None else f"{nbytes / 2**30:.1f} GiB"
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Kernel check and kernel-alone timing
+
+
+def device_kernel(platform: str):
+    """(paged_attention of the device's Pallas kernel, interpret?)"""
+    if platform == "tpu":
+        from xla_inference.kernels import pallas_tpu_attention as module
+    else:
+        from xla_inference.kernels import pallas_gpu_attention as module
+    return module.paged_attention, platform not in ("gpu", "tpu")
+
+
+def _mixed_step(rng, specs, num_heads, num_kv_heads, head_dim, dtype, num_tokens):
+    """A random step over a cache that holds each sequence's K/V: (q, k_cache, v_cache,
+    seq_ids, positions, block_tables), the padding tokens at position 0 of row 0."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    max_blocks = max(-(-(c + n) // BLOCK) for c, n in specs)
+    num_pages = 1 + sum(-(-(c + n) // BLOCK) for c, n in specs)
+    tables = np.zeros((len(specs), max_blocks), np.int32)
+    pages = rng.permutation(np.arange(1, num_pages))
+    seq_ids, positions, used = [], [], 0
+    for row, (cached, new) in enumerate(specs):
+        n_pages = -(-(cached + new) // BLOCK)
+        tables[row, :n_pages] = pages[used:used + n_pages]
+        used += n_pages
+        seq_ids += [row] * new
+        positions += list(range(cached, cached + new))
+    pad = num_tokens - len(seq_ids)
+    seq_ids, positions = seq_ids + [0] * pad, positions + [0] * pad
+    cache_shape = (num_pages * BLOCK, num_kv_heads, head_dim)
+    q = rng.standard_normal((num_tokens, num_heads, head_dim))
+    k, v = rng.standard_normal(cache_shape), rng.standard_normal(cache_shape)
+    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
+            jnp.asarray(seq_ids, jnp.int32), jnp.asarray(positions, jnp.int32),
+            jnp.asarray(tables))
+
+
+def kernel_check(device: dict, shapes: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention
+
+    kernel, interpret = device_kernel(device["platform"])
+    num_heads, num_kv_heads, head_dim = shapes["kernel"]["heads"]
+    rng = np.random.default_rng(0)
+    smoke = device["platform"] == "cpu"
+    specs = ([(100, 1), (0, 20), (40, 9), (33, 1)] if smoke else
+             [(4000, 1), (1023, 1), (0, 300), (700, 128), (2048, 64), (1, 1)])
+    num_tokens = 64 if smoke else 512
+    args = _mixed_step(rng, specs, num_heads, num_kv_heads, head_dim, jnp.bfloat16, num_tokens)
+    kw = dict(block_size=BLOCK, scale=head_dim ** -0.5)
+    got = jax.jit(lambda *a: kernel(*a, interpret=interpret, **kw))(*args)
+    f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+    want = jax.jit(lambda *a: ragged_paged_attention(*a, native=False, **kw))(*f32)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+    passed = bool(np.isfinite(err) and err < 2e-2)
+    print(f"kernel check ({kernel.__module__.split('.')[-1]}, {'interpret' if interpret else 'native'}"
+          f"): mixed step, {len(specs)} sequences, {num_tokens} tokens, bf16: max |error| vs "
+          f"the jnp kernel in f32 = {err:.2e} -> {'PASS' if passed else 'FAIL'}")
+    timings = kernel_timings(kernel, interpret, device, shapes)
+    return dict(max_abs_error=err, passed=passed, timings=timings)
+
+
+def kernel_timings(kernel, interpret, device, shapes) -> list[dict]:
+    """The kernel alone over `layers` separate caches (so L2 does not hold them), per step,
+    against the jnp kernel; decode as KV bytes read per second."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention
+
+    ks = shapes["kernel"]
+    num_heads, num_kv_heads, head_dim = ks["heads"]
+    layers = ks["layers"]
+    rows = []
+    cases = [(f"decode b{b} ctx{c}", [(c, 1)] * b) for b, c in ks["decode"]]
+    cases.append((f"prefill {ks['prefill']}", [(0, ks["prefill"])]))
+    rng = np.random.default_rng(1)
+    for name, specs in cases:
+        num_tokens = sum(n for _, n in specs)
+        q, k, v, seq_ids, positions, tables = _mixed_step(
+            rng, specs, num_heads, num_kv_heads, head_dim, jnp.bfloat16, num_tokens)
+        k_layers = jnp.stack([k] * layers)  # distinct buffers per layer
+        v_layers = jnp.stack([v] * layers)
+        kw = dict(block_size=BLOCK, scale=head_dim ** -0.5)
+
+        def run(attend):
+            def body(carry, kv):
+                out = attend(carry, kv[0], kv[1], seq_ids, positions, tables, **kw)
+                return out.astype(carry.dtype), None
+            return jax.jit(lambda q0: jax.lax.scan(body, q0, (k_layers, v_layers))[0])
+
+        pallas = run(lambda *a, **k2: kernel(*a, interpret=interpret, **k2))
+        plain = run(lambda *a, **k2: ragged_paged_attention(*a, native=False, **k2))
+        t_kernel = median_seconds(lambda: pallas(q), 3) / layers
+        t_jnp = median_seconds(lambda: plain(q), 3) / layers
+        kv_bytes = sum(c + n for c, n in specs) * 2 * num_kv_heads * head_dim * 2
+        row = dict(case=name, kernel_s=t_kernel, jnp_s=t_jnp,
+                   kv_bandwidth_fraction=kv_bytes / t_kernel / device["bandwidth"])
+        rows.append(row)
+        print(f"  kernel alone, {name:18s}: {t_kernel * 1e6:9.1f} us/layer (jnp kernel "
+              f"{t_jnp * 1e6:9.1f} us, {t_jnp / t_kernel:5.2f}x), KV read at "
+              f"{row['kv_bandwidth_fraction']:.0%} of peak HBM bandwidth")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Core step at Llama-3.1-8B shapes
+
+
+class _TiledRandom:
+    """Random weights fast: a block of uniform [-1e-3, 1e-3] values (vLLM's dummy-weight
+    range) in the target dtype, repeated over each tensor's shape (drawing 8 billion values
+    one by one takes minutes; the step's speed does not depend on the values)."""
+
+    def __init__(self, dtype, seed: int = 0, period: int = 1_000_003):
+        import numpy as np
+
+        self._block = np.random.default_rng(seed).uniform(-1e-3, 1e-3, period).astype(dtype)
+
+    def shaped(self, shape):
+        import numpy as np
+
+        return np.resize(self._block, shape)
+
+
+def build_model(hf_config: dict, layers: int):
+    import jax.numpy as jnp
+
+    from xla_inference.loading import params as loading_params
+    from xla_inference.models.registry import model_family
+    from xla_inference.runner.build import LoadedModel, Precision
+
+    hf_config = dict(hf_config, num_hidden_layers=layers)
+    precision = Precision.uniform(jnp.bfloat16)
+
+    class TiledRandomTensors(loading_params.RandomTensors):
+        def __init__(self):
+            super().__init__(0)
+            self._tiled = _TiledRandom(precision.activations)
+
+        def shaped(self, shape):
+            return self._tiled.shaped(shape)
+
+    family = model_family(hf_config)
+    cfg = family.config_from_hf(hf_config)
+    params = family.load_params(TiledRandomTensors(), cfg, precision.activations)
+    params = loading_params.pack_quantized(params, precision.weights, precision.activations)
+    return LoadedModel(family, cfg, params, precision)
+
+
+def _layer_bytes(hf) -> tuple[int, int, int]:
+    """(bytes of one layer's weights, of the embedding table, of the rest: embedding,
+    untied lm_head, final norm) in bf16."""
+    D, F, V = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
+    H, N, K = hf["head_dim"], hf["num_attention_heads"], hf["num_key_value_heads"]
+    layer = 2 * (D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D)
+    return layer, 2 * V * D, 2 * (2 * V * D + D)
+
+
+def _matmul_flops_per_token(hf) -> int:
+    D, F, L = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    H, N, K = hf["head_dim"], hf["num_attention_heads"], hf["num_key_value_heads"]
+    return 2 * L * (D * (N + 2 * K) * H + N * H * D + 3 * D * F)
+
+
+def _decode_requests(batch, context, first_page, vocab, rng):
+    from xla_inference.runner.requests import RequestState
+
+    pages_each = -(-(context + 1) // BLOCK)
+    reqs = []
+    for i in range(batch):
+        pages = list(range(first_page + i * pages_each, first_page + (i + 1) * pages_each))
+        tokens = rng.integers(0, vocab, size=context + 1).tolist()
+        reqs.append((RequestState(f"d{i}", tokens, context, [pages],
+                                  num_computed_tokens=context), 1))
+    return reqs
+
+
+def engine_benchmark(device: dict, shapes: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from xla_inference.runner.build import build_engine
+    from xla_inference.runner.engine import EngineConfig
+    from xla_inference.runner.requests import RequestState
+
+    hf = shapes["model"]
+    layer_bytes, embed_bytes, rest_bytes = _layer_bytes(hf)
+    kv_token = 2 * hf["num_key_value_heads"] * hf["head_dim"] * 2  # K and V, bf16, per layer
+    layers = hf["num_hidden_layers"]
+    memory = device["memory"]
+    headroom = 6 * 2**30
+    if memory is not None:
+        # A device too small for the whole model (a 16 GiB TPU v5e) runs fewer layers: the
+        # per-step fractions stay meaningful; the line below says so.
+        fit = int((0.6 * memory - rest_bytes - headroom) // layer_bytes)
+        layers = max(1, min(layers, fit))
+    weights = layers * layer_bytes + rest_bytes
+    kv_budget = (None if memory is None else
+                 memory * 0.92 - weights - headroom)
+    cases = [(b, c) for c in shapes["contexts"] for b in shapes["batches"]]
+    tokens_needed = {case: case[0] * (-(-(case[1] + 1) // BLOCK)) * BLOCK for case in cases}
+    per_token = kv_token * layers
+    fits = [case for case in cases
+            if kv_budget is None or tokens_needed[case] * per_token <= kv_budget]
+    skipped = [case for case in cases if case not in fits]
+    num_blocks = 2 + max([tokens_needed[c] // BLOCK for c in fits]
+                         + [-(-shapes["prefill"] // BLOCK)])
+    print(f"core step: Llama-3.1-8B shapes{' (smoke: tiny)' if shapes is SMOKE else ''}, "
+          f"{layers} of {hf['num_hidden_layers']} layers, bf16, random weights "
+          f"{weights / 2**30:.2f} GiB, KV cache {num_blocks * BLOCK * per_token / 2**30:.2f} GiB"
+          f", attention backend: {_attention_backend_name()}")
+    t0 = time.perf_counter()
+    model = build_model(hf, layers)
+    ecfg = EngineConfig(num_blocks=num_blocks, block_size=BLOCK,
+                        max_num_tokens=max(shapes["prefill"], max(shapes["batches"])),
+                        max_num_seqs=max(shapes["batches"]),
+                        max_model_len=max(shapes["contexts"]) + BLOCK * 2)
+    engine = build_engine(model, ecfg)
+    jax.block_until_ready(engine.params)
+    print(f"  weights drawn and placed in {time.perf_counter() - t0:.1f} s")
+    rng = np.random.default_rng(0)
+    weights_read = weights - embed_bytes  # the embedding table: only the batch's rows
+    rows = []
+    for batch, context in fits:
+        reqs = _decode_requests(batch, context, 1, hf["vocab_size"], rng)
+        t = median_seconds(lambda: engine.forward(reqs).logits, shapes["repeats"])
+        nbytes = weights_read + batch * (context + 1) * per_token
+        row = dict(case=f"decode b{batch} ctx{context}", seconds=t, tokens_per_s=batch / t,
+                   hbm_fraction=nbytes / t / device["bandwidth"])
+        rows.append(row)
+        print(f"  {row['case']:22s} {t * 1e3:9.2f} ms  {batch / t:9.0f} tok/s  HBM "
+              f"{nbytes / t / 1e9:7.0f} GB/s = {row['hbm_fraction']:.0%} of peak")
+    for batch, context in skipped:
+        print(f"  decode b{batch} ctx{context}: skipped, its KV cache "
+              f"({tokens_needed[(batch, context)] * per_token / 2**30:.0f} GiB) does not fit "
+              "the device")
+    n = shapes["prefill"]
+    prefill = [(RequestState("p", rng.integers(0, hf["vocab_size"], size=n).tolist(), n,
+                             [list(range(1, 1 + -(-n // BLOCK)))], 0), n)]
+    t = median_seconds(lambda: engine.forward(prefill).logits, shapes["repeats"])
+    hf_layers = dict(hf, num_hidden_layers=layers)
+    attention_flops = 4 * layers * hf["num_attention_heads"] * hf["head_dim"] * n * (n + 1) // 2
+    flops = n * _matmul_flops_per_token(hf_layers) + attention_flops
+    row = dict(case=f"prefill {n}", seconds=t, tokens_per_s=n / t,
+               mfu=flops / t / device["flops"])
+    rows.append(row)
+    print(f"  {row['case']:22s} {t * 1e3:9.2f} ms  {n / t:9.0f} tok/s  "
+          f"{flops / t / 1e12:7.1f} TFLOP/s = MFU {row['mfu']:.0%}")
+    return dict(layers=layers, weights_bytes=weights, rows=rows,
+                skipped=[f"decode b{b} ctx{c}" for b, c in skipped])
+
+
+def _attention_backend_name() -> str:
+    try:
+        from xla_inference.kernels import backend
+    except ImportError:
+        return "jnp (no kernels/backend.py in this tree)"
+    chosen = backend.attention_backend()
+    return chosen.name + (" (interpret)" if chosen.interpret else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,10 +54,10 @@ elif ! ls "${TESTS[@]}" >/dev/null 2>&1; then
   echo "gpu_check: kernel tests NOT run: ${TESTS[*]} not in this tree"
   status=1
 else
-  JAX_PLATFORMS=$JAX_PLATFORM timeout 270 "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}"
+  JAX_PLATFORMS=$JAX_PLATFORM timeout 170 "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}"
   rc=$?
   if [ $rc -ne 0 ]; then
-    echo "gpu_check: kernel tests FAILED (exit $rc; 124: past the 270 s limit)"
+    echo "gpu_check: kernel tests FAILED (exit $rc; 124: past the 170 s limit)"
     status=1
   fi
 fi
@@ -65,10 +65,10 @@ echo "   ($((SECONDS - start)) s so far)"
 
 # -- 2. kernel check and core-step benchmark ------------------------------------------------
 echo "== accelerator_step.py $*"
-JAX_PLATFORMS=$JAX_PLATFORM timeout 330 "$PY" benchmarks/accelerator_step.py "$@"
+JAX_PLATFORMS=$JAX_PLATFORM timeout 290 "$PY" benchmarks/accelerator_step.py "$@"
 rc=$?
 if [ $rc -ne 0 ]; then
-  echo "gpu_check: accelerator_step.py FAILED (exit $rc; 124: past the 330 s limit)"
+  echo "gpu_check: accelerator_step.py FAILED (exit $rc; 124: past the 290 s limit)"
   status=1
 fi
 echo "== gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED) in $((SECONDS - start)) s"

@@ -32,8 +32,9 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     report = json.loads(out.read_text())
     assert report["kernel"]["passed"] and report["kernel"]["max_abs_error"] < 2e-2
     cases = [row["case"] for row in report["engine"]["rows"]]
-    assert cases == ["decode b1 ctx64", "decode b4 ctx64", "decode b1 ctx160",
-                     "decode b4 ctx160", "prefill 64"]
+    assert cases == ["decode b1 ctx64", "decode b1 ctx160", "prefill 64", "decode b4 ctx64",
+                     "decode b4 ctx160"]
+    assert report["engine"]["skipped_for_time"] == []
     assert all(row["seconds"] > 0 for row in report["engine"]["rows"])
 
 

@@ -109,7 +109,10 @@ def test_fp8_e4m3_cache(monkeypatch):
          soft_cap=5.0, attention_chunk=32, kv_chunk=16),
     dict(head_dim=256, cache_dtype=jnp.float8_e4m3fn, k_scale=0.5, v_scale=2.0),
     dict(num_tokens=1, cache_dtype=jnp.float8_e5m2, num_heads=64, num_kv_heads=8),
-], ids=["llama8b-bf16", "f32-mha-masks", "h256-fp8", "decode1-e5m2-g8"])
+    dict(head_dim=96, num_heads=32, num_kv_heads=32),
+    dict(head_dim=8, num_heads=6, num_kv_heads=2, dtype=jnp.float32),
+], ids=["llama8b-bf16", "f32-mha-masks", "h256-fp8", "decode1-e5m2-g8", "h96-padded",
+        "h8-g3-padded"])
 def test_lowers_to_triton_for_cuda(case):
     """The kernels pass Pallas's Triton lowering (tile sizes, gathers, dots, casts):
     exported for CUDA on this CPU; two Triton custom calls (tiles, decode)."""
@@ -131,14 +134,16 @@ def test_lowers_to_triton_for_cuda(case):
     assert module.count("xla.gpu.triton") == 2
 
 
-def test_rejects_what_triton_cannot_tile():
-    q = jnp.zeros((4, 8, 24))
-    cache = jnp.zeros((4 * BLOCK_SIZE, 2, 24))
+@pytest.mark.parametrize("kv_chunk", [24, 8])
+def test_rejects_what_triton_cannot_tile(kv_chunk):
+    q = jnp.zeros((4, 8, 32))
+    cache = jnp.zeros((4 * BLOCK_SIZE, 2, 32))
     ids = jnp.zeros(4, jnp.int32)
     with pytest.raises(ValueError, match="power of two"):
         pallas_gpu_attention.paged_attention(q, cache, cache, ids, ids,
                                              jnp.zeros((1, 4), jnp.int32),
-                                             block_size=BLOCK_SIZE, scale=1.0, interpret=True)
+                                             block_size=BLOCK_SIZE, scale=1.0, interpret=True,
+                                             kv_chunk=kv_chunk)
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,7 +151,7 @@ def test_rejects_what_triton_cannot_tile():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 80])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)],
                          ids=["f32", "bf16"])
 def test_head_dims(monkeypatch, head_dim, dtype, tol):

@@ -25,6 +25,10 @@ block table (pages of any size, shuffled, the null page) and each key row is one
 contiguous load of H values, as a pointer gather in Triton. Nothing is copied out of the
 cache; the query and output are read and written in place by token index.
 
+Triton tiles are powers of two, dots at least 16 wide: the G query heads of a decode
+token are padded to 16 rows, and a head dim that is no power of two (80, 96) or under 16
+is padded to the next one in registers (the cache and q stay as they are).
+
 Numerics follow the jnp kernel: scores in float32 (bf16 products accumulate in float32;
 float32 products use IEEE precision, never TF32), masked scores a finite -1e30, a row with
 no visible key gives zeros, and keys no row sees are selected to zero before the value
@@ -80,7 +84,7 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *,
                   num_decode_slots=num_decode_slots, num_warps=num_warps)
     kernel_kw = dict(block_size=block_size, sliding_window=sliding_window, soft_cap=soft_cap,
                      attention_chunk=attention_chunk, kv_chunk=cfg["kv_chunk"],
-                     group=group)
+                     group=group, head_pad=cfg["head_pad"])
     call_kw = dict(interpret=interpret, compiler_params=pl_triton.CompilerParams(
         num_warps=cfg["num_warps"], num_stages=num_stages))
     scales = _scales(k_cache.dtype, scale, k_scale, v_scale)
@@ -95,7 +99,7 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *,
                            plan, cfg, kernel_kw, call_kw)
     o, m, total = _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg, kernel_kw,
                            call_kw)
-    decoded = _merge_splits(o, m, total)[:, :, :group] * scales[1]  # [D, K, G, H] f32
+    decoded = _merge_splits(o, m, total)[:, :, :group, :head_dim] * scales[1]  # [D, K, G, H]
     # Decode tokens' rows of tiles_out were never written: select, never blend.
     decoded_rows = jnp.zeros((num_tokens + 1, num_kv_heads, group, head_dim), jnp.float32)
     decoded_rows = decoded_rows.at[plan["decode_tok"]].set(decoded, mode="drop")[:num_tokens]
@@ -121,9 +125,6 @@ def _config(num_tokens, group, head_dim, num_rows, num_kv_heads, *, tile_rows, k
         kv_chunk = 64 if head_dim <= 128 else 32
     if kv_chunk < _MIN_DOT or kv_chunk & (kv_chunk - 1):
         raise ValueError(f"kv_chunk {kv_chunk} must be a power of two >= {_MIN_DOT}")
-    if head_dim < _MIN_DOT or head_dim & (head_dim - 1):
-        raise ValueError(f"head dim {head_dim} must be a power of two >= {_MIN_DOT} "
-                         "(Triton loads and dots)")
     tile_tokens = max(1, min(tile_rows // group, num_tokens))
     rows = max(_MIN_DOT, _next_pow2(tile_tokens * group))
     if num_decode_slots is None:
@@ -137,6 +138,7 @@ def _config(num_tokens, group, head_dim, num_rows, num_kv_heads, *, tile_rows, k
     if num_warps is None:
         num_warps = 4 if head_dim <= 128 else 8
     return dict(tile_tokens=tile_tokens, tile_rows=rows, kv_chunk=kv_chunk,
+                head_pad=max(_MIN_DOT, _next_pow2(head_dim)),
                 decode_slots=decode_slots, splits=splits, tile_programs=tile_programs,
                 group_rows=max(_MIN_DOT, _next_pow2(group)), num_warps=num_warps)
 
@@ -237,13 +239,13 @@ def _chunk_slots(bt_ref, row, chunk, *, kv_chunk, block_size):
 
 
 def _attend_chunk(q, row_pos, carry, k_ref, v_ref, bt_ref, row, chunk, score_scale, *,
-                  kv_chunk, block_size, sliding_window, soft_cap, attention_chunk):
+                  kv_chunk, block_size, sliding_window, soft_cap, attention_chunk, head_pad):
     """Fold one chunk of keys into (max, sum, acc) for query rows q [R, H]."""
     m, total, acc = carry
     key_pos, slots = _chunk_slots(bt_ref, row, chunk, kv_chunk=kv_chunk,
                                   block_size=block_size)
     dot_dtype = q.dtype
-    k = k_ref[slots, :].astype(dot_dtype)  # [C, H], one contiguous row per key
+    k = _load_rows(k_ref, (slots,), head_pad).astype(dot_dtype)  # one contiguous row a key
     scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32) * score_scale
     if soft_cap is not None:
@@ -255,7 +257,7 @@ def _attend_chunk(q, row_pos, carry, k_ref, v_ref, bt_ref, row, chunk, score_sca
     p = jnp.where(mask, jnp.exp(scores - m_new[:, None]), 0.0)
     alpha = jnp.exp(m - m_new)
     seen = jnp.max(jnp.where(mask, 1, 0), axis=0) > 0  # keys some row sees
-    v = jnp.where(seen[:, None], v_ref[slots, :].astype(dot_dtype), 0)
+    v = jnp.where(seen[:, None], _load_rows(v_ref, (slots,), head_pad).astype(dot_dtype), 0)
     pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32)
     return m_new, alpha * total + jnp.sum(p, axis=1), alpha[:, None] * acc + pv
@@ -268,6 +270,20 @@ def _run_chunks(q, row_pos, lo, hi, k_ref, v_ref, bt_ref, row, score_scale, **kw
     body = lambda j, carry: _attend_chunk(q, row_pos, carry, k_ref, v_ref, bt_ref, row,  # noqa: E731
                                           j, score_scale, **kw)
     return lax.fori_loop(lo, hi, body, init)
+
+
+def _load_rows(ref, index, head_pad):
+    """Rows ref[*index, :] as [R, head_pad]: index holds int arrays [R] (and scalars). A head
+    dim that is no power of two (or under 16) is padded to head_pad lanes for Triton's
+    power-of-two tiles: the lanes past it read the last real lane again (in bounds) and are
+    zeroed, so they add nothing to q . k; their outputs are sliced off outside."""
+    head_dim = ref.shape[-1]
+    if head_dim == head_pad:
+        return ref[(*index, slice(None))]
+    lanes = lax.broadcasted_iota(jnp.int32, (1, head_pad), 1)
+    index = tuple(i[:, None] if i.ndim else i for i in index)
+    rows = ref[(*index, jnp.minimum(lanes, head_dim - 1))]
+    return jnp.where(lanes < head_dim, rows, jnp.zeros((), rows.dtype))
 
 
 def _dot_dtype(q_dtype):
@@ -283,13 +299,13 @@ def _tile_kernel(meta_ref, tile_first_ref, tile_len_ref, seq_ids_ref, pos_ref, s
                  q_ref, k_ref, v_ref, bt_ref, o_ref, *, tile_rows, group,
                  num_programs, **kw):
     """Program (i, h): tiles i, i + P, ... for kv head h. q_ref: [T, G, H]; o_ref:
-    [T + 1, G, H] (row T: a sink for rows past a tile's end)."""
+    [T + 1, G, head_pad] (row T: a sink for rows past a tile's end)."""
     i = pl.program_id(0)
     num_tokens = q_ref.shape[0]
     num_tiles = meta_ref[0]
     r = lax.broadcasted_iota(jnp.int32, (tile_rows,), 0)
     tok_off, g = lax.div(r, group), lax.rem(r, group)
-    lanes = lax.broadcasted_iota(jnp.int32, (q_ref.shape[-1],), 0)
+    lanes = lax.broadcasted_iota(jnp.int32, (o_ref.shape[-1],), 0)
     score_scale, out_scale = scales_ref[0], scales_ref[1]
 
     def one_tile(n, carry):
@@ -302,7 +318,7 @@ def _tile_kernel(meta_ref, tile_first_ref, tile_len_ref, seq_ids_ref, pos_ref, s
                             jnp.max(row_pos), kv_chunk=kw["kv_chunk"],
                             sliding_window=kw["sliding_window"],
                             attention_chunk=kw["attention_chunk"])
-        q = q_ref[tok, g, :].astype(_dot_dtype(q_ref.dtype))
+        q = _load_rows(q_ref, (tok, g), kw["head_pad"]).astype(_dot_dtype(q_ref.dtype))
         _, total, acc = _run_chunks(q, row_pos, lo, hi, k_ref, v_ref, bt_ref, seq_ids_ref[first],
                                 score_scale, **kw)
         out = acc * (out_scale / jnp.maximum(total, 1e-30))[:, None]
@@ -331,7 +347,7 @@ def _tile_call(q4, k_cache, v_cache, seq_ids, positions, block_tables, scales, p
                kernel_kw, call_kw):
     num_tokens, num_kv_heads, group, head_dim = q4.shape
     programs = cfg["tile_programs"]
-    out_shape = (num_tokens + 1, num_kv_heads, group, head_dim)
+    out_shape = (num_tokens + 1, num_kv_heads, group, cfg["head_pad"])
     kernel = functools.partial(_tile_kernel, tile_rows=cfg["tile_rows"],
                                num_programs=programs, **kernel_kw)
     in_specs = [_whole((1,)), _whole((num_tokens,)), _whole((num_tokens,)),
@@ -344,7 +360,7 @@ def _tile_call(q4, k_cache, v_cache, seq_ids, positions, block_tables, scales, p
         out_shape=jax.ShapeDtypeStruct(out_shape, q4.dtype),
         name="ragged_paged_attention_tiles", **call_kw,
     )(plan["meta"], plan["tile_first"], plan["tile_len"], seq_ids, positions, scales, q4,
-      k_cache, v_cache, block_tables)[:num_tokens]
+      k_cache, v_cache, block_tables)[:num_tokens, ..., :head_dim]
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,7 +373,8 @@ def _decode_kernel(tok_ref, dpos_ref, drow_ref, scales_ref, q_ref, k_ref, v_ref,
     d, s = pl.program_id(0), pl.program_id(2)
     pos = dpos_ref[d]  # -1: empty slot, no chunk
     g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (group_rows,), 0), group - 1)
-    q = q_ref[tok_ref[d], g, :].astype(_dot_dtype(q_ref.dtype))  # rows >= G: copies, dropped
+    q = _load_rows(q_ref, (tok_ref[d], g), kw["head_pad"]).astype(_dot_dtype(q_ref.dtype))
+    # (rows >= G: copies of the last head, dropped after the merge)
     lo, hi = _key_range(pos, pos, kv_chunk=kw["kv_chunk"], sliding_window=kw["sliding_window"],
                         attention_chunk=kw["attention_chunk"])
     per_split = lax.div(hi - lo + num_splits - 1, num_splits)
@@ -385,8 +402,8 @@ def _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg, kernel_k
     stats = (slots, num_kv_heads, splits, rows)
     return pl.pallas_call(
         kernel, grid=(slots, num_kv_heads, splits), in_specs=in_specs,
-        out_specs=[part(rows, head_dim), part(rows), part(rows)],
-        out_shape=[jax.ShapeDtypeStruct((*stats, head_dim), jnp.float32),
+        out_specs=[part(rows, cfg["head_pad"]), part(rows), part(rows)],
+        out_shape=[jax.ShapeDtypeStruct((*stats, cfg["head_pad"]), jnp.float32),
                    jax.ShapeDtypeStruct(stats, jnp.float32),
                    jax.ShapeDtypeStruct(stats, jnp.float32)],
         name="ragged_paged_attention_decode", **call_kw,

@@ -19,6 +19,16 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
+    "XLA_INFERENCE_KERNELS": (
+        "auto",
+        "which attention kernels serve the process: auto (from JAX's default backend: cpu -> "
+        "native, tpu -> pallas-tpu, gpu -> pallas-gpu), jnp (plain jnp everywhere), native "
+        "(the C++ CPU kernel where it applies), pallas-tpu, pallas-gpu"),
+    "XLA_INFERENCE_PALLAS_INTERPRET": (
+        "0",
+        "1 runs the Pallas kernels in interpret mode (any device, slow): with "
+        "XLA_INFERENCE_KERNELS=pallas-tpu or pallas-gpu, a model step runs that accelerator's "
+        "kernel on the CPU"),
     "XLA_INFERENCE_STEP_STATS": (
         "0",
         "1 makes the engine wait for each program and split step time into host and device "
@@ -45,3 +55,12 @@ def cpu_quantized_enabled() -> bool:
 
 def step_stats_enabled() -> bool:
     return _get("XLA_INFERENCE_STEP_STATS") == "1"
+
+
+def kernels() -> str:
+    """XLA_INFERENCE_KERNELS as given (kernels/backend.py checks and resolves it)."""
+    return _get("XLA_INFERENCE_KERNELS").strip().lower()
+
+
+def pallas_interpret() -> bool:
+    return _get("XLA_INFERENCE_PALLAS_INTERPRET") == "1"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xla_inference.kernels import backend as kernel_backend
 from xla_inference.kernels import cpu_attention
 
 # Finite instead of -inf so that rows with no valid key in a chunk stay NaN-free.
@@ -381,13 +382,28 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     Tuning knobs (static): tile, query tokens per tile; kv_chunk, keys per step of a tile;
     decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
     of the decode path. Returns [T, N, H] in q's dtype.
-    native: the native CPU kernel (kernels/cpu_attention.py) where it can serve this call
-    (on the CPU, float32 or fp8 cache, no soft cap, attention chunks or shared K/V); False:
-    these plain-jnp paths always (the reference the native kernel is tested against).
+    native: the kernel backend of this process (kernels/backend.py: by default the native
+    CPU kernel, kernels/cpu_attention.py, on the CPU where it can serve the call: float32
+    or fp8 cache, no soft cap, attention chunks or shared K/V; the Pallas kernel on a TPU or
+    GPU, for all but shared K/V); False: these plain-jnp paths always (the reference the
+    other kernels are tested against).
     k_scale, v_scale: an fp8 cache's dequantization scales (floats or traced scalars;
     shared_kv reads its one cache with k_scale); other caches ignore them.
     """
     _check_shapes(q, k_cache, v_cache, block_size, shared_kv, kv_chunk, decode_chunk)
+    if native:
+        backend = kernel_backend.attention_backend()
+        if backend.is_pallas and not shared_kv:
+            kernel = kernel_backend.pallas_attention(backend)
+            return kernel(q, k_cache, v_cache, seq_ids, positions, block_tables,
+                          block_size=block_size, scale=scale, sliding_window=sliding_window,
+                          soft_cap=soft_cap, attention_chunk=attention_chunk,
+                          k_scale=k_scale, v_scale=v_scale, interpret=backend.interpret)
+        if backend.is_pallas:
+            kernel_backend.note_fallback(
+                backend, "MLA's shared K/V cache is served by the jnp kernel (the Pallas "
+                "kernels take separate K and V caches)")
+        native = backend.name == kernel_backend.NATIVE
     out_dtype = q.dtype
     q, v_scale = _fold_cache_scales(q, k_cache.dtype, k_scale, k_scale if shared_kv else v_scale)
     if native and _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv):

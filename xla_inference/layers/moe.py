@@ -2,9 +2,11 @@
 k experts per token, each a SwiGLU MLP; the token's output is their weighted sum.
 
 `moe_mlp` computes only the chosen experts: the T * k (token, expert) pairs are sorted by
-expert and run through grouped matmuls (`jax.lax.ragged_dot`), whose shapes are static
-whatever the routing. `moe_mlp_dense` runs every expert on every token and masks the
-result by the routing: the reference the grouped path is tested against.
+expert and run through grouped matmuls, whose shapes are static whatever the routing: on
+a TPU or GPU the Pallas GMM (kernels/pallas_gmm.py), on the CPU `jax.lax.ragged_dot` (or,
+with fewer rows than experts, each row times its gathered expert). `moe_mlp_dense` runs
+every expert on every token and masks the result by the routing: the reference the
+grouped path is tested against.
 
 Llama 4 routes otherwise: a sigmoid of each chosen expert's logit (no softmax) scales the
 token before the expert rather than the expert's output, and a shared expert, a plain
@@ -25,6 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.parallel.axes import weight
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, ragged_product,
@@ -115,6 +118,10 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
     expert of w [E, in, out] -> [R, out]."""
     if isinstance(w, PackedExperts):
         return ragged_product(xs, w, group_sizes)
+    route = pallas_gmm.gmm_route()
+    if route is not None:  # a TPU or GPU: the Pallas GMM reads only the experts with rows
+        return pallas_gmm.gmm(xs, w, group_sizes, backend=route.backend,
+                              interpret=route.interpret)
     if xs.shape[0] < w.shape[0]:
         # Fewer rows than experts (decode): each row times its own expert, gathered. XLA's
         # CPU ragged_dot multiplies every row by every expert (a decode step of E = 128

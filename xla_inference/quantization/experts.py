@@ -26,7 +26,8 @@ The product (`ragged_product`):
   slower for 128 experts;
 - elsewhere, with fewer rows than experts: each row's expert gathered and dequantized
   alone, so a step reads the chosen experts' bytes only;
-- otherwise every expert is dequantized inside the step and XLA's ragged_dot runs."""
+- otherwise every expert is dequantized inside the step and a grouped product runs: the
+  Pallas GMM (kernels/pallas_gmm.py) on a TPU or GPU, XLA's ragged_dot elsewhere."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.kernels import pallas_gmm
 from xla_inference.quantization import packed, product
 from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, GroupQuant, regroup)
 from xla_inference.quantization.online import quantize_per_channel
@@ -254,8 +256,15 @@ def _gathered_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array) -> jax.A
 
 
 def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
+    """Every expert dequantized, then the grouped product: the Pallas GMM on a TPU or GPU
+    (its tiles visit only the experts with rows), XLA's ragged_dot elsewhere."""
     xs = product.scheme_activations(xs, w)
     compute = jnp.dtype(w.compute_dtype)
+    route = pallas_gmm.gmm_route()
+    if route is not None:
+        return pallas_gmm.gmm(xs.astype(compute), dequantize_experts(w), group_sizes,
+                              backend=route.backend, interpret=route.interpret,
+                              out_dtype=jnp.float32)
     return jax.lax.ragged_dot(xs.astype(compute), dequantize_experts(w), group_sizes,
                               preferred_element_type=jnp.float32)
 

@@ -1,0 +1,101 @@
+"""The Pallas GMM in the MoE layers (layers/moe.py for dense experts, quantization/experts.py
+for quantized ones), forced on this CPU through XLA_INFERENCE_GMM_BACKEND=tpu / gpu (Pallas
+interpret mode): a tiny Qwen3-MoE's step logits equal the default path's (ragged_dot and
+gathered experts), and a block of FP8 experts equals its dense reference. A recording
+wrapper around the GMM proves it served the experts' products."""
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import engine_request, run_chunks, save_tiny_family, tiny_engine
+from xla_inference.kernels import pallas_gmm
+from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp, moe_mlp_dense
+from xla_inference.quantization.experts import quantize_experts
+from xla_inference.quantization.groups import FP8
+
+PROMPTS = [[5, 9, 14, 3, 77, 21, 40, 8], list(range(20, 34)), [101, 7, 66]]
+# A prefill of two requests (one chunked), then a mixed step: a single token over its
+# cache, the chunked request's rest and a fresh prompt. 12 and 13 tokens, k = 2.
+PLAN = [{0: 7, 1: 5}, {0: 1, 1: 9, 2: 3}]
+
+
+@pytest.fixture
+def recorded_gmm(monkeypatch):
+    """Every gmm call's (backend, interpret, rows) while the test runs."""
+    calls, gmm = [], pallas_gmm.gmm
+
+    def recording(lhs, rhs, group_sizes, **kwargs):
+        calls.append((kwargs["backend"], kwargs["interpret"], lhs.shape[0]))
+        return gmm(lhs, rhs, group_sizes, **kwargs)
+
+    monkeypatch.setattr(pallas_gmm, "gmm", recording)
+    return calls
+
+
+def _step_logits(model_dir) -> dict:
+    # The route is read when a layer is traced, and decoder._layer's jit outlives engines.
+    jax.clear_caches()
+    engine = tiny_engine(model_dir)
+    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(PROMPTS)]
+    return run_chunks(engine, reqs, PLAN)
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    model_dir = save_tiny_family(tmp_path_factory.mktemp("gmm_step") / "m", "qwen3_moe")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(pallas_gmm.GMM_BACKEND_VARIABLE, raising=False)
+        assert pallas_gmm.gmm_route() is None  # the CPU: ragged_dot / gathered experts
+        return model_dir, _step_logits(model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_qwen3_moe_step_through_gmm_matches_default(qwen3_moe, backend, monkeypatch,
+                                                   recorded_gmm):
+    model_dir, want = qwen3_moe
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, backend)
+    got = _step_logits(model_dir)
+    # One MoE layer (layer 0 is dense), three products, traced once (16-token bucket).
+    assert recorded_gmm == [(backend, True, 32)] * 3
+    assert got.keys() == want.keys()
+    for key, logits in want.items():
+        np.testing.assert_allclose(got[key], logits, rtol=1e-4, atol=1e-4, err_msg=str(key))
+
+
+def _random_block(num_experts=8, D=64, F=48) -> MoeMlp:
+    keys = jax.random.split(jax.random.key(0), 4)
+    scaled = lambda k, shape: jax.random.normal(k, shape) / np.sqrt(shape[1])  # noqa: E731
+    return MoeMlp(router=jax.random.normal(keys[0], (D, num_experts)),
+                  w_gate=scaled(keys[1], (num_experts, D, F)),
+                  w_up=scaled(keys[2], (num_experts, D, F)),
+                  w_down=scaled(keys[3], (num_experts, F, D)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_fp8_experts_through_gmm_equal_dense(backend, monkeypatch, recorded_gmm):
+    """FP8 experts (online, per channel: not the native CPU kernel's) with at least as many
+    rows as experts: dequantized in the step, multiplied by the GMM."""
+    dense = _random_block()
+    block = MoeMlp(dense.router, *(quantize_experts(np.asarray(w), FP8)
+                                   for w in (dense.w_gate, dense.w_up, dense.w_down)))
+    cfg = MoeConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=48,
+                    norm_topk_prob=True)
+    x = jax.random.normal(jax.random.key(1), (9, 64))
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, backend)
+    jax.clear_caches()  # the route is read when moe_mlp is traced
+    got = jax.jit(moe_mlp, static_argnums=2)(block, x, cfg)
+    assert recorded_gmm == [(backend, True, 18)] * 3
+    np.testing.assert_allclose(got, moe_mlp_dense(block, x, cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_route_follows_the_override(monkeypatch):
+    for value, want in [("tpu", ("tpu", True)), ("gpu", ("gpu", True)), ("xla", None)]:
+        monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, value)
+        route = pallas_gmm.gmm_route()
+        assert (route and (route.backend, route.interpret)) == want
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "cuda")
+    with pytest.raises(ValueError, match="expected tpu, gpu or xla"):
+        pallas_gmm.gmm_route()

@@ -14,6 +14,9 @@ backend. A Pallas backend on a platform it does not compile for must run in inte
 CPU; without it the choice is refused with a clear error rather than failing deep inside
 a compiler. The choice is logged once per process (once per distinct choice, should the
 environment change, as in tests).
+
+The choice is made when a step is traced: a process that changes the variables after
+tracing must drop JAX's traces (jax.clear_caches()) for the new choice to take effect.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The Pallas GMM in the MoE layers (layers/moe.py for dense experts, quantization/experts.py
 for quantized ones), forced on this CPU through XLA_INFERENCE_GMM_BACKEND=tpu / gpu (Pallas
-interpret mode): a tiny Qwen3-MoE's step logits equal the default path's (ragged_dot and
-gathered experts), and a block of FP8 experts equals its dense reference. A recording
-wrapper around the GMM proves it served the experts' products."""
+interpret mode; the attention kernel stays the CPU's): a tiny Qwen3-MoE's step logits
+equal the default path's (ragged_dot and gathered experts), and a block of FP8 experts
+equals its dense reference. A recording wrapper around the GMM proves it served the
+experts' products. The route follows kernels/backend.py's choice otherwise."""
 
 import jax
 import numpy as np
@@ -91,11 +92,21 @@ def test_fp8_experts_through_gmm_equal_dense(backend, monkeypatch, recorded_gmm)
     np.testing.assert_allclose(got, moe_mlp_dense(block, x, cfg), rtol=1e-5, atol=1e-5)
 
 
-def test_route_follows_the_override(monkeypatch):
+def test_route_follows_the_kernel_choice(monkeypatch):
+    """The attention backend's device and mode (kernels/backend.py) unless the GMM's own
+    variable overrides it."""
+    monkeypatch.delenv(pallas_gmm.GMM_BACKEND_VARIABLE, raising=False)
+    monkeypatch.setenv("XLA_INFERENCE_PALLAS_INTERPRET", "1")
+    for kernels, want in [("pallas-tpu", ("tpu", True)), ("pallas-gpu", ("gpu", True)),
+                          ("native", None), ("jnp", None), ("auto", None)]:
+        monkeypatch.setenv("XLA_INFERENCE_KERNELS", kernels)
+        route = pallas_gmm.gmm_route()
+        assert (route and (route.backend, route.interpret)) == want, kernels
+    monkeypatch.setenv("XLA_INFERENCE_KERNELS", "pallas-tpu")
     for value, want in [("tpu", ("tpu", True)), ("gpu", ("gpu", True)), ("xla", None)]:
         monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, value)
         route = pallas_gmm.gmm_route()
-        assert (route and (route.backend, route.interpret)) == want
+        assert (route and (route.backend, route.interpret)) == want, value
     monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "cuda")
     with pytest.raises(ValueError, match="expected tpu, gpu or xla"):
         pallas_gmm.gmm_route()

@@ -42,6 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from xla_inference.kernels import backend as kernel_backend
+
 TPU, GPU = "tpu", "gpu"
 BACKENDS = (TPU, GPU)
 
@@ -57,10 +59,13 @@ class Tiling:
 
 # ------------------------------------------------------------------ backend choice
 
-# Until kernels/backend.py (the project-wide choice, with its environment override) exists:
-# XLA_INFERENCE_GMM_BACKEND forces "tpu" or "gpu" (interpret mode off an accelerator of
-# that kind: the tests' way to run the kernels on the CPU) or "xla" (ragged_dot).
+# The GMM follows the process's kernel choice (kernels/backend.py: XLA_INFERENCE_KERNELS,
+# XLA_INFERENCE_PALLAS_INTERPRET): the Pallas TPU or GPU attention backend brings the GMM
+# of that device, in the same mode. XLA_INFERENCE_GMM_BACKEND overrides it for the GMM
+# alone: "tpu" or "gpu" (interpret mode off a device of that kind: the tests' way to run
+# one kernel on the CPU) or "xla" (ragged_dot, whatever the attention backend).
 GMM_BACKEND_VARIABLE = "XLA_INFERENCE_GMM_BACKEND"
+_FROM_ATTENTION = {kernel_backend.PALLAS_TPU: TPU, kernel_backend.PALLAS_GPU: GPU}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,19 +74,24 @@ class GmmRoute:
     interpret: bool
 
 
-def gmm_route() -> GmmRoute | None:
-    """Which Pallas GMM serves the default device, or None for XLA's ragged_dot: the TPU
-    kernel on a TPU, the GPU kernel on a GPU (CUDA or ROCm), none on the CPU."""
+def _platform_kind() -> str | None:
     platform = jax.default_backend()
-    native = TPU if platform == "tpu" else GPU if platform in ("gpu", "cuda", "rocm") else None
+    return TPU if platform == "tpu" else GPU if platform in ("gpu", "cuda", "rocm") else None
+
+
+def gmm_route() -> GmmRoute | None:
+    """Which Pallas GMM serves the MoE experts, or None for XLA's ragged_dot (the CPU):
+    read when a layer is traced."""
     forced = os.environ.get(GMM_BACKEND_VARIABLE, "").strip().lower()
     if forced == "xla":
         return None
     if forced in BACKENDS:
-        return GmmRoute(forced, interpret=forced != native)
+        return GmmRoute(forced, interpret=forced != _platform_kind())
     if forced:
         raise ValueError(f"{GMM_BACKEND_VARIABLE}={forced!r}: expected tpu, gpu or xla")
-    return None if native is None else GmmRoute(native, interpret=False)
+    chosen = kernel_backend.attention_backend()
+    kind = _FROM_ATTENTION.get(chosen.name)
+    return None if kind is None else GmmRoute(kind, interpret=chosen.interpret)
 
 
 # ------------------------------------------------------------------ the schedule

@@ -372,9 +372,9 @@ def _decode_kernel(tok_ref, dpos_ref, drow_ref, scales_ref, q_ref, k_ref, v_ref,
     """Program (d, h, s): split s of decode slot d's key chunks, kv head h."""
     d, s = pl.program_id(0), pl.program_id(2)
     pos = dpos_ref[d]  # -1: empty slot, no chunk
-    g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (group_rows,), 0), group - 1)
+    row_ids = lax.broadcasted_iota(jnp.int32, (group_rows,), 0)
+    g = jnp.minimum(row_ids, group - 1)  # rows >= G: copies of the last head, not kept
     q = _load_rows(q_ref, (tok_ref[d], g), kw["head_pad"]).astype(_dot_dtype(q_ref.dtype))
-    # (rows >= G: copies of the last head, dropped after the merge)
     lo, hi = _key_range(pos, pos, kv_chunk=kw["kv_chunk"], sliding_window=kw["sliding_window"],
                         attention_chunk=kw["attention_chunk"])
     per_split = lax.div(hi - lo + num_splits - 1, num_splits)
@@ -383,9 +383,17 @@ def _decode_kernel(tok_ref, dpos_ref, drow_ref, scales_ref, q_ref, k_ref, v_ref,
     row_pos = jnp.full((group_rows,), pos, jnp.int32)
     m, total, acc = _run_chunks(q, row_pos, start, end, k_ref, v_ref, bt_ref, drow_ref[d],
                             scales_ref[0], **kw)
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = total
+    if o_ref.shape[0] == group_rows:  # G is a power of two >= 16: every row kept
+        o_ref[...], m_ref[...], l_ref[...] = acc, m, total
+        return
+    # Only the G real rows are kept (partials are read again by the merge: at batch 1, 16
+    # padded rows of 4 would add a quarter to the bytes of the KV read); the copies go to
+    # the spare row G.
+    dst = jnp.where(row_ids < group, row_ids, group)
+    lanes = lax.broadcasted_iota(jnp.int32, (1, acc.shape[1]), 1)
+    o_ref[dst[:, None], lanes] = acc
+    m_ref[dst] = m
+    l_ref[dst] = total
 
 
 def _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg, kernel_kw, call_kw):
@@ -399,10 +407,11 @@ def _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg, kernel_k
     in_specs = [_whole((slots,)), _whole((slots,)), _whole((slots,)), _whole((2,)),
                 _per_kv_head(q4.shape, 1), _per_kv_head(k_cache.shape, 1),
                 _per_kv_head(v_cache.shape, 1), _whole(block_tables.shape)]
-    stats = (slots, num_kv_heads, splits, rows)
+    kept = rows if rows == group else group + 1  # + the spare row
+    stats = (slots, num_kv_heads, splits, kept)
     return pl.pallas_call(
         kernel, grid=(slots, num_kv_heads, splits), in_specs=in_specs,
-        out_specs=[part(rows, cfg["head_pad"]), part(rows), part(rows)],
+        out_specs=[part(kept, cfg["head_pad"]), part(kept), part(kept)],
         out_shape=[jax.ShapeDtypeStruct((*stats, cfg["head_pad"]), jnp.float32),
                    jax.ShapeDtypeStruct(stats, jnp.float32),
                    jax.ShapeDtypeStruct(stats, jnp.float32)],

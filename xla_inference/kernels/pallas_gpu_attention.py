@@ -338,7 +338,7 @@ def _whole(shape):
 
 def _per_kv_head(shape, head_axis):
     """The whole array, kv head axis squeezed to the program's head (grid axis 1)."""
-    block = tuple(None if a == head_axis else d for a, d in enumerate(shape))
+    block = tuple(pl.squeezed if a == head_axis else d for a, d in enumerate(shape))
     return pl.BlockSpec(block, lambda *ids: tuple(ids[1] if a == head_axis else 0
                                                   for a in range(len(shape))))
 
@@ -402,7 +402,7 @@ def _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg, kernel_k
 
     kernel = functools.partial(_decode_kernel, group_rows=rows, num_splits=splits, **kernel_kw)
 
-    part = lambda *tail: pl.BlockSpec((None, None, None, *tail),  # noqa: E731
+    part = lambda *tail: pl.BlockSpec((pl.squeezed,) * 3 + tail,  # noqa: E731
                                       lambda d, h, s: (d, h, s) + (0,) * len(tail))
     in_specs = [_whole((slots,)), _whole((slots,)), _whole((slots,)), _whole((2,)),
                 _per_kv_head(q4.shape, 1), _per_kv_head(k_cache.shape, 1),

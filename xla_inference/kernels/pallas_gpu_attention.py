@@ -92,13 +92,18 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *,
     positions = positions.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
     q4 = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    if num_tokens == 1:  # the batch-1 decode bucket: one decode token, no tiles, no plan
+        plan = _single_token_plan(seq_ids, positions)
+        o, m, total = _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg,
+                                   kernel_kw, call_kw)
+        out = _merge_splits(o, m, total)[:, :, :group, :head_dim] * scales[1]
+        return out.astype(q.dtype).reshape(num_tokens, num_heads, head_dim)
     plan = _plan(seq_ids, positions, num_decode_slots=cfg["decode_slots"],
                  tile_tokens=cfg["tile_tokens"])
-
     tiles_out = _tile_call(q4, k_cache, v_cache, seq_ids, positions, block_tables, scales,
                            plan, cfg, kernel_kw, call_kw)
-    o, m, total = _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg, kernel_kw,
-                           call_kw)
+    o, m, total = _decode_call(q4, k_cache, v_cache, block_tables, scales, plan, cfg,
+                               kernel_kw, call_kw)
     decoded = _merge_splits(o, m, total)[:, :, :group, :head_dim] * scales[1]  # [D, K, G, H]
     # Decode tokens' rows of tiles_out were never written: select, never blend.
     decoded_rows = jnp.zeros((num_tokens + 1, num_kv_heads, group, head_dim), jnp.float32)
@@ -199,6 +204,12 @@ def _plan(seq_ids, positions, *, num_decode_slots, tile_tokens):
         decode_row=seq_ids[safe_tok],
         tile_first=tile_first, tile_len=tile_len.astype(jnp.int32),
         meta=jnp.sum(starts_tile, dtype=jnp.int32)[None])
+
+
+def _single_token_plan(seq_ids, positions):
+    """_plan's decode fields for T = 1 (its token is a run of one): no device work."""
+    return dict(decode_safe_tok=jnp.zeros(1, jnp.int32), decode_pos=positions,
+                decode_row=seq_ids)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,12 +17,18 @@ def supported_architectures() -> list[str]:
     return sorted(arch for family in families() for arch in family.architectures)
 
 
+def native_family(architectures: list[str] | None) -> ModelFamily | None:
+    """The family of ours that serves one of these HF architecture names, or None."""
+    by_arch = {arch: family for family in families() for arch in family.architectures}
+    return next((by_arch[arch] for arch in architectures or [] if arch in by_arch), None)
+
+
 def model_family(hf_config: dict) -> ModelFamily:
     """The family for a config's architecture, or a clear error naming what is supported."""
-    by_arch = {arch: family for family in families() for arch in family.architectures}
-    for arch in hf_config.get("architectures") or []:
-        if arch in by_arch:
-            return by_arch[arch]
+    family = native_family(hf_config.get("architectures"))
+    if family is not None:
+        return family
     raise ValueError(
-        f"xla-inference does not support architecture {hf_config.get('architectures')}; "
-        f"supported: {', '.join(supported_architectures())}")
+        f"xla-inference has no native JAX family for architecture "
+        f"{hf_config.get('architectures')} (native: {', '.join(supported_architectures())}); "
+        "--model-impl auto or vllm serves it through vLLM's PyTorch model class")

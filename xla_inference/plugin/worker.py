@@ -113,6 +113,28 @@ def _group_page_bytes(group) -> int:
     return len(group.layer_names) * group.kv_cache_spec.page_size_bytes
 
 
+def model_implementation(model_config) -> str:
+    """vLLM's --model-impl, resolved: "native" (a JAX family of ours, models/) or "vllm"
+    (vLLM's PyTorch model class lowered through torchax, torch_models/). "auto" serves our
+    family where we have one and vLLM's class otherwise; the choice is logged."""
+    from xla_inference.models.registry import native_family
+
+    asked = str(model_config.model_impl)
+    architectures = list(model_config.architectures or [])
+    family = native_family(architectures)
+    if asked not in ("auto", "native", "vllm"):
+        raise ValueError(f"xla-inference serves --model-impl auto, native or vllm, not {asked!r}")
+    chosen = asked if asked != "auto" else ("native" if family is not None else "vllm")
+    if chosen == "native" and family is None:
+        raise ValueError(f"--model-impl native: xla-inference has no JAX family for "
+                         f"{architectures}; --model-impl auto or vllm serves it through vLLM's "
+                         "PyTorch model class")
+    logger.info("xla-inference: --model-impl %s: %s for %s", asked,
+                f"native JAX family {family.name}" if chosen == "native"
+                else "vLLM's PyTorch model class through torchax", architectures)
+    return chosen
+
+
 class XlaWorker(WorkerBase):
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method,
                  is_driver_worker=False):
@@ -148,6 +170,14 @@ class XlaWorker(WorkerBase):
         start = time.perf_counter()
         mc = self.model_config
         dummy = load_dummy_weights or self.load_config.load_format == "dummy"
+        if model_implementation(mc) == "vllm":
+            from xla_inference.torch_models.loader import load as load_torch_model
+
+            if dummy:
+                self.load_config.load_format = "dummy"
+            self.model = load_torch_model(self.vllm_config, self.precision)
+            self.loaded_weight_bytes = self.model.weight_bytes
+            return
         quantization = loader_method(mc.quantization)
         self.model = load(mc.model, self.precision, random_seed=(mc.seed or 0) if dummy else None,
                           quantization=quantization)

@@ -105,7 +105,7 @@ class PagedAttentionForward:
         impl = layer.impl
         if impl.refusals:
             raise NotImplementedError(f"{layer.layer_name}: xla-inference's torch path does not "
-                                      f"serve {', '.join(impl.refusals)}")
+                                      f"serve {', '.join(impl.refusals)} yet")
         self.index = index
         self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
         self.head_size, self.head_size_v = layer.head_size, layer.head_size_v

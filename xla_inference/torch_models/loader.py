@@ -6,15 +6,18 @@ mesh like native weights."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
 import torch
 
 from xla_inference.runner.build import LoadedModel, Precision
-from xla_inference.torch_models import attention, lowering
+from xla_inference.torch_models import attention, errors, lowering
 
 logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _free_port() -> int:
@@ -59,11 +62,10 @@ def _architecture(vllm_config) -> str:
 def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedModel:
     """The module as a LoadedModel of the torch family: host arrays of every tensor (the
     torch copies are dropped as they are taken), the attention layers on our cache."""
+    errors.refuse_unlowered_layers(module, _architecture(vllm_config))
     forwards = attention.install(module)
     if not forwards:
-        raise NotImplementedError(f"{_architecture(vllm_config)}: xla-inference's torch path "
-                                  "serves decoder models with vLLM Attention layers; this one "
-                                  "has none")
+        raise errors.refuse(_architecture(vllm_config), "models without vLLM Attention layers")
     names, params = [], []
     for name, kind, tensor in lowering.module_tensors(module):
         names.append(name)
@@ -98,9 +100,32 @@ def _drop_tensors(module: torch.nn.Module) -> None:
                 store[attr] = replacements[id(tensor)][1]
 
 
+def refuse_unserved(vllm_config) -> None:
+    """What the torch path would otherwise serve wrongly: vLLM's quantized layers call its
+    own GPU or CPU kernels, which torchax cannot lower."""
+    mc = vllm_config.model_config
+    if mc.quantization is not None:
+        raise errors.refuse(_architecture(vllm_config),
+                            f"quantized checkpoints ({mc.model} is {mc.quantization})")
+
+
+@contextlib.contextmanager
+def _module_dtype(vllm_config, dtype: torch.dtype):
+    """vLLM builds the module in model_config.dtype; build it in `dtype` (the precision
+    policy's activations: float32 on the host CPU for a bfloat16 model)."""
+    mc = vllm_config.model_config
+    saved, mc.dtype = mc.dtype, dtype
+    try:
+        yield
+    finally:
+        mc.dtype = saved
+
+
 def load(vllm_config, precision: Precision) -> LoadedModel:
     """Phase one for the torch path (runner/build.load for native families)."""
-    module = build_module(vllm_config)
+    refuse_unserved(vllm_config)
+    with _module_dtype(vllm_config, _TORCH_DTYPES[precision.activations.name]):
+        module = build_module(vllm_config)
     model = lower(module, vllm_config, precision)
     logger.info("xla-inference: %s through vLLM's PyTorch model class, lowered by torchax "
                 "(%d tensors, %d attention layers)", model.cfg.architecture,

@@ -25,7 +25,7 @@ import torch
 
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.axes import weight
-from xla_inference.torch_models import attention
+from xla_inference.torch_models import attention, errors
 from xla_inference.torch_models.torchax_compat import import_torchax
 
 torchax = import_torchax()
@@ -139,7 +139,8 @@ def _call(cfg: TorchModelConfig, params, method: str, *args):
     # vLLM's IR ops (RMSNorm, activations) straight to their implementations, not through
     # the torch custom ops that wrap them for torch.compile (torchax lowers the torch ops
     # those implementations are written in, not the opaque wrappers).
-    with _env(), enable_torch_wrap(False):
+    with _env(), enable_torch_wrap(False), errors.naming_the_module(cfg.module,
+                                                                    cfg.architecture):
         out = torch.func.functional_call(_Entry(cfg.module), tensors, (method, *to_torch(args)),
                                          tie_weights=True, strict=False)
     return from_torch(out)

@@ -30,5 +30,5 @@ def model_family(hf_config: dict) -> ModelFamily:
         return family
     raise ValueError(
         f"xla-inference has no native JAX family for architecture "
-        f"{hf_config.get('architectures')} (native: {', '.join(supported_architectures())}); "
+        f"{hf_config.get('architectures')}; supported: {', '.join(supported_architectures())}; "
         "--model-impl auto or vllm serves it through vLLM's PyTorch model class")

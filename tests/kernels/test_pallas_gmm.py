@@ -1,6 +1,7 @@
 """The Pallas grouped matmul (kernels/pallas_gmm.py), TPU and GPU kernels in interpret
-mode on the CPU, against the dense float64 product of each group's rows with its weights;
-and both kernels lowered for their device (Mosaic for the TPU, Triton for the GPU)."""
+mode on the CPU, against the dense float64 product of each group's rows with its weights
+(dense experts, and quantized ones dequantized in the kernel); and both kernels lowered for
+their device (Mosaic for the TPU, Triton for the GPU)."""
 
 import functools
 
@@ -11,7 +12,7 @@ import pytest
 from jax import export
 
 from xla_inference.kernels.pallas_gmm import (FIRST, HAS_GROUP, VALID, Tiling, gmm,
-                                              group_metadata)
+                                              gmm_quantized, group_metadata)
 
 # Small blocks: several row and K tiles (and N tiles on the GPU) in small shapes. The TPU
 # interpreter pays per grid point, so its N is one tile.
@@ -133,3 +134,75 @@ def test_lowers_for_its_device(backend, platform, call, dtype):
     w = jax.ShapeDtypeStruct((8, 256, 512), dtype)
     sizes = jax.ShapeDtypeStruct((8,), jnp.int32)
     assert call in _lowered(functools.partial(gmm, backend=backend), platform, x, w, sizes)
+
+
+# ------------------------------------------------------------------ quantized experts
+
+def _quantized_experts(kind, num_experts, k, n, group_size, offsets, seed=0):
+    """Experts packed by quantization/packed.pack and converted to the kernels' layout,
+    with each expert's float64 [K, N] weight."""
+    import ml_dtypes
+
+    from xla_inference.kernels.pallas_quantized_matmul import accelerator_layout
+    from xla_inference.quantization.groups import GroupQuant
+    from xla_inference.quantization.packed import pack
+
+    rng = np.random.default_rng(seed)
+    arrays, dense = [], []
+    for _ in range(num_experts):
+        if kind == "int4":
+            values = rng.integers(0, 16, (n, k)).astype(np.uint8)
+        elif kind == "int8":
+            values = rng.integers(-128, 128, (n, k)).astype(np.int8)
+        else:
+            values = (rng.standard_normal((n, k)) * 4).astype(ml_dtypes.float8_e4m3fn)
+        scales = rng.uniform(0.01, 0.05, (n, k // group_size)).astype(np.float32)
+        offs = rng.uniform(-0.2, 0.2, scales.shape).astype(np.float32) if offsets else None
+        quant = GroupQuant(values, scales, offs, kind, group_size)
+        packed = pack(quant)
+        bits = 4 if kind == "int4" else 8
+        arrays.append(accelerator_layout(
+            jnp.asarray(packed.values), jnp.asarray(packed.scales),
+            None if packed.offsets is None else jnp.asarray(packed.offsets), bits=bits,
+            in_features=k, out_features=n))
+        dense.append(quant.dequantize().T)
+    stack = lambda i: None if arrays[0][i] is None else jnp.stack([a[i] for a in arrays])  # noqa: E731
+    return (stack(0), stack(1), stack(2)), np.stack(dense), dict(bits=bits,
+                                                                group_size=packed.group_size)
+
+
+QUANTIZED = {"int4-g32-offsets": ("int4", 32, True), "int8-channel": ("int8", 256, False),
+             "fp8-channel": ("fp8", 256, False)}
+
+
+@pytest.mark.parametrize("backend,name", [
+    pytest.param("tpu", "int4-g32-offsets", marks=pytest.mark.slow),
+    ("tpu", "int8-channel"),
+    pytest.param("tpu", "fp8-channel", marks=pytest.mark.slow),
+    pytest.param("gpu", "int4-g32-offsets", marks=pytest.mark.slow),
+    ("gpu", "int8-channel"),
+    pytest.param("gpu", "fp8-channel", marks=pytest.mark.slow)])
+def test_gmm_quantized_equals_dense_per_group(backend, name):
+    """Experts dequantized tile by tile in the kernel; empty experts, rows past them."""
+    group_sizes, k, n = [5, 0, 14, 3], 256, 48
+    arrays, dense, args = _quantized_experts(*QUANTIZED[name][:1], 4, k, n,
+                                             *QUANTIZED[name][1:])
+    x = jax.random.normal(jax.random.key(5), (25, k), jnp.float32)
+    tiling = Tiling(16, k if args["bits"] == 4 else 128, n if backend == "tpu" else 16)
+    got = gmm_quantized(x, *arrays, jnp.asarray(group_sizes, jnp.int32), **args,
+                        backend=backend, interpret=True, tiling=tiling)
+    want = _reference(np.asarray(x), dense, group_sizes)
+    np.testing.assert_allclose(np.asarray(got, np.float64) / np.abs(want).max(),
+                               want / np.abs(want).max(), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,platform,call", [
+    ("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "__gpu$xla.gpu.triton")])
+def test_gmm_quantized_lowers_for_its_device(backend, platform, call):
+    """Serving shapes: 8 experts of 1024 x 1024 4-bit weights in groups of 32, offsets."""
+    s = jax.ShapeDtypeStruct
+    k = n = 1024
+    groups = s((8, k // 32, n), jnp.float16)
+    f = functools.partial(gmm_quantized, bits=4, group_size=32, backend=backend)
+    assert call in _lowered(f, platform, s((200, k), jnp.bfloat16), s((8, k // 2, n), jnp.uint8),
+                            groups, groups, s((8,), jnp.int32))

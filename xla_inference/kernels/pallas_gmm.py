@@ -43,6 +43,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from xla_inference.kernels import backend as kernel_backend
+from xla_inference.kernels import pallas_quantized_matmul as qmm
 
 TPU, GPU = "tpu", "gpu"
 BACKENDS = (TPU, GPU)
@@ -176,10 +177,46 @@ def default_tiling(backend: str, m: int, k: int, n: int, dtype) -> Tiling:
                   _largest_dividing(n, (64, 32, 16)) or 16)
 
 
+# ------------------------------------------------------------------ the weights
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedExperts:
+    """How gmm_quantized's weights are stored (kernels/pallas_quantized_matmul.py's layout
+    per expert: values [E, K or K / 2, N], scales and offsets [E, groups, N])."""
+
+    bits: int
+    group_size: int
+    zero_point: int = 0
+    has_offsets: bool = False
+
+
+def _dense_tile(x_ref, w_refs, *, precision):
+    """TPU: the K step's product of a dense weight block, float32."""
+    return jnp.dot(x_ref[...], w_refs[0][...].astype(x_ref.dtype),
+                   preferred_element_type=jnp.float32, precision=precision)
+
+
+def _quantized_tile(x_ref, w_refs, *, kk, tk, quant: QuantizedExperts, segments, precision):
+    """TPU: the K step's product of a quantized weight block, dequantized segment by
+    segment (pallas_quantized_matmul.segment_product), float32."""
+    v_ref, s_ref = w_refs[0], w_refs[1]
+    o_ref = w_refs[2] if quant.has_offsets else None
+    acc = None
+    for seg in segments:
+        row = pl.ds(jax.lax.div(kk * tk + seg.x_at, quant.group_size), 1)
+        part = qmm.segment_product(
+            x_ref[:, seg.x_at:seg.x_at + seg.size], v_ref[seg.row_at:seg.row_at + seg.size, :],
+            s_ref[row, :], None if o_ref is None else o_ref[row, :], high=seg.high,
+            bits=quant.bits, zero_point=quant.zero_point, precision=precision)
+        acc = part if acc is None else acc + part
+    return acc
+
+
 # ------------------------------------------------------------------ TPU (Mosaic)
 
 def _tpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref,  # scalar prefetch
-                lhs_ref, rhs_ref, out_ref, acc_ref, *, tm: int, precision):
+                lhs_ref, *refs, tm: int, num_weights: int, product):
+    w_refs, (out_ref, acc_ref) = refs[:num_weights], refs[num_weights:]
     i, k = pl.program_id(1), pl.program_id(2)
     flags, group = flags_ref[i], group_ref[i]
 
@@ -189,8 +226,7 @@ def _tpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref,  # scalar 
 
     @pl.when((flags & HAS_GROUP) != 0)
     def _():
-        acc_ref[...] += jnp.dot(lhs_ref[...], rhs_ref[...].astype(lhs_ref.dtype),
-                                preferred_element_type=jnp.float32, precision=precision)
+        acc_ref[...] += product(lhs_ref, w_refs, kk=k)
 
     @pl.when(((flags & VALID) != 0) & (k == pl.num_programs(2) - 1))
     def _():
@@ -203,30 +239,43 @@ def _tpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref,  # scalar 
         out_ref[...] = jnp.where(writes, new, kept)
 
 
-def _gmm_tpu(lhs, rhs, meta: GroupMetadata, tiling: Tiling, out_dtype, interpret: bool):
+def _gmm_tpu(lhs, weights, n, meta: GroupMetadata, tiling: Tiling, out_dtype,
+             interpret: bool, quant: QuantizedExperts | None):
     m, k = lhs.shape
-    _, _, n = rhs.shape
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     num_items = meta.item_tile.shape[0]
     grid = (n // tn, num_items, k // tk)
     lhs_map = lambda j, i, kk, tile, group, *_: (tile[i], kk)  # noqa: E731
-    rhs_map = lambda j, i, kk, tile, group, *_: (group[i], kk, j)  # noqa: E731
+    block_map = lambda j, i, kk, tile, group, *_: (group[i], kk, j)  # noqa: E731
+    strip_map = lambda j, i, kk, tile, group, *_: (group[i], 0, j)  # noqa: E731
     out_map = lambda j, i, kk, tile, group, *_: (tile[i], j)  # noqa: E731
+    precision = _precision(lhs.dtype)
+    if quant is None:
+        w_specs = [pl.BlockSpec((pl.squeezed, tk, tn), block_map)]
+        product = lambda x_ref, w_refs, kk: _dense_tile(x_ref, w_refs,  # noqa: E731
+                                                        precision=precision)
+    else:
+        rows = tk // 2 if quant.bits == 4 else tk
+        groups = weights[1].shape[1]
+        w_specs = [pl.BlockSpec((pl.squeezed, rows, tn), block_map)] + [
+            pl.BlockSpec((pl.squeezed, groups, tn), strip_map)] * (len(weights) - 1)
+        product = functools.partial(
+            _quantized_tile, tk=tk, quant=quant, precision=precision,
+            segments=qmm.step_segments(tk, quant.group_size, quant.bits, qmm.int4_half(k)))
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5, grid=grid,
-        in_specs=[pl.BlockSpec((tm, tk), lhs_map),
-                  pl.BlockSpec((pl.squeezed, tk, tn), rhs_map)],
+        in_specs=[pl.BlockSpec((tm, tk), lhs_map)] + w_specs,
         out_specs=pl.BlockSpec((tm, tn), out_map),
         scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)])
-    kernel = functools.partial(_tpu_kernel, tm=tm, precision=_precision(lhs.dtype))
+    kernel = functools.partial(_tpu_kernel, tm=tm, num_weights=len(weights), product=product)
     return pl.pallas_call(
         kernel, grid_spec=spec, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
-        name="gmm_tpu",
+        name="gmm_tpu" if quant is None else "gmm_quantized_tpu",
     )(meta.item_tile, meta.item_group, meta.item_flags, meta.group_starts, meta.group_ends,
-      lhs, rhs)
+      lhs, *weights)
 
 
 def _precision(dtype):
@@ -235,8 +284,34 @@ def _precision(dtype):
 
 # ------------------------------------------------------------------ GPU (Triton)
 
-def _gpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref, lhs_ref, rhs_ref,
-                out_ref, *, tm: int, tk: int, tn: int, k_tiles: int, precision):
+def _dense_step(lhs_ref, w_refs, kk, group, rows, cols, *, tk, precision):
+    """GPU: K step kk's product of a dense weight, float32."""
+    x = lhs_ref[rows, pl.ds(kk * tk, tk)]
+    w = w_refs[0][group, pl.ds(kk * tk, tk), cols].astype(x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _quantized_step(lhs_ref, w_refs, kk, group, rows, cols, *, tk, quant: QuantizedExperts,
+                    segments, precision):
+    """GPU: K step kk's product of a quantized weight, segment by segment, float32."""
+    v_ref, s_ref = w_refs[0], w_refs[1]
+    o_ref = w_refs[2] if quant.has_offsets else None
+    rows_per_step = tk // 2 if quant.bits == 4 else tk
+    acc = None
+    for seg in segments:
+        g = pl.ds(jax.lax.div(kk * tk + seg.x_at, quant.group_size), 1)
+        part = qmm.segment_product(
+            lhs_ref[rows, pl.ds(kk * tk + seg.x_at, seg.size)],
+            v_ref[group, pl.ds(kk * rows_per_step + seg.row_at, seg.size), cols],
+            s_ref[group, g, cols], None if o_ref is None else o_ref[group, g, cols],
+            high=seg.high, bits=quant.bits, zero_point=quant.zero_point, precision=precision)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _gpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref, lhs_ref, *refs,
+                tm: int, tn: int, k_tiles: int, product):
+    w_refs, out_ref = refs[:-1], refs[-1]
     j, i = pl.program_id(0), pl.program_id(1)
     flags, group, tile = flags_ref[i], group_ref[i], tile_ref[i]
     rows = pl.ds(tile * tm, tm)
@@ -245,10 +320,7 @@ def _gpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref, lhs_ref, r
     @pl.when((flags & VALID) != 0)
     def _():
         def step(kk, acc):
-            x = lhs_ref[rows, pl.ds(kk * tk, tk)]
-            w = rhs_ref[group, pl.ds(kk * tk, tk), cols].astype(x.dtype)
-            return acc + jnp.dot(x, w, preferred_element_type=jnp.float32,
-                                 precision=precision)
+            return acc + product(lhs_ref, w_refs, kk, group, rows, cols)
 
         trips = jnp.where((flags & HAS_GROUP) != 0, k_tiles, 0)
         acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((tm, tn), jnp.float32))
@@ -259,19 +331,25 @@ def _gpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref, lhs_ref, r
                        jnp.where(mine, acc, 0.0).astype(out_ref.dtype), mask=writes)
 
 
-def _gmm_gpu(lhs, rhs, meta: GroupMetadata, tiling: Tiling, out_dtype, interpret: bool):
+def _gmm_gpu(lhs, weights, n, meta: GroupMetadata, tiling: Tiling, out_dtype,
+             interpret: bool, quant: QuantizedExperts | None):
     m, k = lhs.shape
-    _, _, n = rhs.shape
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     num_items = meta.item_tile.shape[0]
-    kernel = functools.partial(_gpu_kernel, tm=tm, tk=tk, tn=tn, k_tiles=k // tk,
-                               precision=_precision(lhs.dtype))
+    precision = _precision(lhs.dtype)
+    if quant is None:
+        product = functools.partial(_dense_step, tk=tk, precision=precision)
+    else:
+        product = functools.partial(
+            _quantized_step, tk=tk, quant=quant, precision=precision,
+            segments=qmm.step_segments(tk, quant.group_size, quant.bits, qmm.int4_half(k)))
+    kernel = functools.partial(_gpu_kernel, tm=tm, tn=tn, k_tiles=k // tk, product=product)
     return pl.pallas_call(
         kernel, grid=(n // tn, num_items), out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="gmm_gpu",
+        interpret=interpret, name="gmm_gpu" if quant is None else "gmm_quantized_gpu",
     )(meta.item_tile, meta.item_group, meta.item_flags, meta.group_starts, meta.group_ends,
-      lhs, rhs)
+      lhs, *weights)
 
 
 # ------------------------------------------------------------------ the entry point
@@ -308,8 +386,40 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
         lhs, rhs = _pad_to(lhs, 1, kp), _pad_to(_pad_to(rhs, 1, kp), 2, np_)
     if kp % tiling.tk or np_ % tiling.tn:
         raise ValueError(f"gmm: tiling {tiling} does not divide K = {k}, N = {n}")
+    return _run(lhs, [rhs], np_, group_sizes, backend, tiling, out_dtype, interpret,
+                None)[:m, :n]
+
+
+def _run(lhs, weights, n, group_sizes, backend, tiling, out_dtype, interpret, quant):
+    m = lhs.shape[0]
     mp = _round_up(max(m, 1), tiling.tm)
     lhs = _pad_to(lhs, 0, mp)
     meta = group_metadata(group_sizes, mp // tiling.tm, tiling.tm)
     run = _gmm_tpu if backend == TPU else _gmm_gpu
-    return run(lhs, rhs, meta, tiling, out_dtype, interpret)[:m, :n]
+    return run(lhs, weights, n, meta, tiling, out_dtype, interpret, quant)[:m]
+
+
+def gmm_quantized(lhs: jax.Array, values: jax.Array, scales: jax.Array,
+                  offsets: jax.Array | None, group_sizes: jax.Array, *, bits: int,
+                  group_size: int, zero_point: int = 0, backend: str = TPU,
+                  interpret: bool = False, tiling: Tiling | None = None,
+                  out_dtype=None) -> jax.Array:
+    """gmm over quantized experts, each dequantized tile by tile inside the kernel (its
+    packed bytes read once): values [E, K or K / 2, N], scales / offsets [E, groups, N] in
+    kernels/pallas_quantized_matmul.py's layout (`accelerator_layout` per expert)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"gmm backend {backend!r}: expected one of {BACKENDS}")
+    m, k = lhs.shape
+    num_groups, _, n = values.shape
+    if group_sizes.shape != (num_groups,):
+        raise ValueError(f"gmm_quantized: group_sizes {group_sizes.shape} for {num_groups} "
+                         "experts")
+    tiling = tiling or qmm.default_tiling(backend, m, k, n, bits=bits, group_size=group_size,
+                                          dtype=lhs.dtype)
+    shape = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
+    qmm.check_layout(k, n, shape(values), shape(scales), shape(offsets), bits, group_size,
+                     tiling, backend)
+    quant = QuantizedExperts(bits, group_size, zero_point, offsets is not None)
+    weights = [values, scales] + ([] if offsets is None else [offsets])
+    return _run(lhs, weights, n, group_sizes, backend, tiling,
+                jnp.dtype(out_dtype or lhs.dtype), interpret, quant)

@@ -111,7 +111,7 @@ def accelerator_layout(values, scales, offsets, *, bits: int, in_features: int,
 # ------------------------------------------------------------------ the segments
 
 @dataclasses.dataclass(frozen=True)
-class _Segment:
+class Segment:
     """Inputs [x_at, x_at + size) of a K step's x block, all in one group, whose integers
     are rows [row_at, row_at + size) of the step's values block (nibble `high` for 4 bits)."""
 
@@ -121,18 +121,18 @@ class _Segment:
     high: bool
 
 
-def _segments(tk: int, group_size: int, bits: int, half: int) -> list[_Segment]:
+def step_segments(tk: int, group_size: int, bits: int, half: int) -> list[Segment]:
     """A K step of tk inputs (aligned to tk) as segments of one group each."""
     if bits == 4:
         size = min(group_size, half)
-        return [_Segment(b * 2 * half + c * half + s, b * half + s, size, bool(c))
+        return [Segment(b * 2 * half + c * half + s, b * half + s, size, bool(c))
                 for b in range(tk // (2 * half)) for c in (0, 1)
                 for s in range(0, half, size)]
     size = min(group_size, tk)
-    return [_Segment(s, s, size, False) for s in range(0, tk, size)]
+    return [Segment(s, s, size, False) for s in range(0, tk, size)]
 
 
-def _segment_product(x, v, scale, offset, *, high: bool, bits: int, zero_point: int,
+def segment_product(x, v, scale, offset, *, high: bool, bits: int, zero_point: int,
                      precision):
     """x [tm, s] times one group's integers v [s, tn] (stored form), scaled: float32."""
     if bits == 4:
@@ -169,7 +169,7 @@ def _tpu_kernel(x_ref, v_ref, s_ref, *rest, segments, tk, group_size, bits, zero
     for seg in segments:
         group = jax.lax.div(kk * tk + seg.x_at, group_size)  # non-negative: no floor fix-up
         row = pl.ds(group, 1)
-        acc += _segment_product(
+        acc += segment_product(
             x_ref[:, seg.x_at:seg.x_at + seg.size], v_ref[seg.row_at:seg.row_at + seg.size, :],
             s_ref[row, :], None if o_ref is None else o_ref[row, :], high=seg.high, bits=bits,
             zero_point=zero_point, precision=precision)
@@ -195,7 +195,7 @@ def _run_tpu(x, values, scales, offsets, tiling, *, bits, group_size, zero_point
         in_specs.append(strip)
         operands.append(offsets)
     kernel = functools.partial(
-        _tpu_kernel, segments=_segments(tk, group_size, bits, int4_half(k)), tk=tk,
+        _tpu_kernel, segments=step_segments(tk, group_size, bits, int4_half(k)), tk=tk,
         group_size=group_size, bits=bits, zero_point=zero_point,
         has_offsets=offsets is not None, precision=_precision(x.dtype))
     return pl.pallas_call(
@@ -225,7 +225,7 @@ def _gpu_kernel(x_ref, v_ref, s_ref, *rest, segments, tm, tk, tn, k_steps, group
             group = jax.lax.div(kk * tk + seg.x_at, group_size)  # non-negative: no floor fix-up
             scale = s_ref[pl.ds(group, 1), cols]
             offset = None if o_ref is None else o_ref[pl.ds(group, 1), cols]
-            acc += _segment_product(
+            acc += segment_product(
                 x_ref[rows, pl.ds(kk * tk + seg.x_at, seg.size)],
                 v_ref[pl.ds(kk * rows_per_step + seg.row_at, seg.size), cols], scale, offset,
                 high=seg.high, bits=bits, zero_point=zero_point, precision=precision)
@@ -242,7 +242,7 @@ def _run_gpu(x, values, scales, offsets, tiling, *, bits, group_size, zero_point
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     operands = [x, values, scales] + ([] if offsets is None else [offsets])
     kernel = functools.partial(
-        _gpu_kernel, segments=_segments(tk, group_size, bits, int4_half(k)), tm=tm, tk=tk,
+        _gpu_kernel, segments=step_segments(tk, group_size, bits, int4_half(k)), tm=tm, tk=tk,
         tn=tn, k_steps=k // tk, group_size=group_size, bits=bits, zero_point=zero_point,
         has_offsets=offsets is not None, precision=_precision(x.dtype))
     return pl.pallas_call(
@@ -258,7 +258,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _k_step(k: int, group_size: int, bits: int, candidates) -> int:
+def k_step(k: int, group_size: int, bits: int, candidates) -> int:
     """The largest candidate K step that divides K, holds whole groups or lies in one,
     and (4 bits) holds whole 2H blocks; else all of K."""
     half = int4_half(k)
@@ -275,13 +275,27 @@ def default_tiling(backend: str, m: int, k: int, n: int, *, bits: int, group_siz
         sublanes = 8 * 4 // jnp.dtype(dtype).itemsize
         tn = next((c for c in (512, 256, 128) if n % c == 0), n)
         return Tiling(min(128, _round_up(max(m, 1), sublanes)),
-                      _k_step(k, group_size, bits, (512, 256)), tn)
+                      k_step(k, group_size, bits, (512, 256)), tn)
     tn = next((c for c in (64, 32, 16) if n % c == 0), n)
     tm = min(32, max(16, pl.next_power_of_2(max(m, 1))))
-    return Tiling(tm, _k_step(k, group_size, bits, (256, 128, 64, 32, 16)), tn)
+    return Tiling(tm, k_step(k, group_size, bits, (256, 128, 64, 32, 16)), tn)
 
 
-def _check(k, n, values, scales, offsets, bits, group_size, tiling, backend):
+def layout_supported(k: int, n: int, *, bits: int, group_size: int, backend: str) -> bool:
+    """Whether the kernels take a [K, N] weight of this kind with their default tiling
+    (4 bits: groups must nest with the 2H blocks; GPU: Triton's dot needs >= 16)."""
+    half = int4_half(k)
+    if k % group_size or (bits == 4 and (k % 2 or k % (2 * half)
+                                         or (half % group_size and group_size % half))):
+        return False
+    tiling = default_tiling(backend, 1, k, n, bits=bits, group_size=group_size,
+                            dtype=jnp.float32)
+    segment = min(group_size, half if bits == 4 else tiling.tk)
+    power = lambda d: d >= 16 and d == pl.next_power_of_2(d)  # noqa: E731  Triton's blocks
+    return backend == TPU or (power(segment) and power(tiling.tk) and power(tiling.tn))
+
+
+def check_layout(k, n, values, scales, offsets, bits, group_size, tiling, backend):
     rows = k // 2 if bits == 4 else k
     if values.shape != (rows, n) or scales.shape != (k // group_size, n) or k % group_size:
         raise ValueError(f"quantized_matmul: values {values.shape}, scales {scales.shape} "
@@ -316,7 +330,7 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array,
     n = values.shape[1]
     tiling = tiling or default_tiling(backend, m, k, n, bits=bits, group_size=group_size,
                                       dtype=x.dtype)
-    _check(k, n, values, scales, offsets, bits, group_size, tiling, backend)
+    check_layout(k, n, values, scales, offsets, bits, group_size, tiling, backend)
     mp = _round_up(max(m, 1), tiling.tm)
     xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
     run = _run_tpu if backend == TPU else _run_gpu

@@ -26,12 +26,16 @@ The product (`ragged_product`):
   slower for 128 experts;
 - elsewhere, with fewer rows than experts: each row's expert gathered and dequantized
   alone, so a step reads the chosen experts' bytes only;
+- on a TPU or GPU (kernels/pallas_gmm.gmm_route) with at least as many rows as experts:
+  the Pallas GMM over the packed experts (gmm_quantized: dequantized tile by tile in the
+  kernel; the experts are converted to its layout in the step for now);
 - otherwise every expert is dequantized inside the step and a grouped product runs: the
   Pallas GMM (kernels/pallas_gmm.py) on a TPU or GPU, XLA's ragged_dot elsewhere."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels import pallas_gmm
+from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.quantization import packed, product
 from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, GroupQuant, regroup)
 from xla_inference.quantization.online import quantize_per_channel
@@ -269,11 +274,40 @@ def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> ja
                               preferred_element_type=jnp.float32)
 
 
+def _pallas_fits(w: PackedExperts, route: pallas_gmm.GmmRoute) -> bool:
+    return qmm.layout_supported(w.in_features, w.out_features, bits=4 if w.kind == INT4 else 8,
+                                group_size=w.group_size, backend=route.backend)
+
+
+def _pallas_quantized(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array,
+                      route: pallas_gmm.GmmRoute) -> jax.Array:
+    """The Pallas GMM over the packed experts, dequantized tile by tile in the kernel.
+    The experts are converted to its layout (pallas_quantized_matmul.accelerator_layout)
+    inside the step: a rewrite of their bytes (less than the dequantized copy it replaces:
+    1 or 0.5 byte a weight against 2 or 4); converting them at load is not done yet."""
+    bits = 4 if w.kind == INT4 else 8
+    convert = functools.partial(qmm.accelerator_layout, bits=bits, in_features=w.in_features,
+                                out_features=w.out_features)
+    if w.offsets is None:
+        (values, scales), offsets = jax.vmap(lambda v, s: convert(v, s, None)[:2])(
+            w.values, w.scales), None
+    else:
+        values, scales, offsets = jax.vmap(convert)(w.values, w.scales, w.offsets)
+    xs = product.scheme_activations(xs, w).astype(jnp.dtype(w.compute_dtype))
+    return pallas_gmm.gmm_quantized(xs, values, scales, offsets, group_sizes, bits=bits,
+                                    group_size=w.group_size, zero_point=w.zero_point,
+                                    backend=route.backend, interpret=route.interpret,
+                                    out_dtype=jnp.float32)
+
+
 def ragged_product(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
     """jax.lax.ragged_dot over quantized experts: xs [R, in], rows sorted by expert,
-    group_sizes [E] -> [R, out] in xs's dtype, accumulated in float32 (the three ways in
-    the module docstring)."""
+    group_sizes [E] -> [R, out] in xs's dtype, accumulated in float32 (the ways in the
+    module docstring)."""
     rows = xs.shape[0]
+    route = None if _uses_kernel(w) or rows < w.num_experts else pallas_gmm.gmm_route()
+    if route is not None and _pallas_fits(w, route):
+        return _pallas_quantized(xs, w, group_sizes, route).astype(xs.dtype)
     if _uses_kernel(w):
         y = (_kernel_rows(xs, w, row_experts(group_sizes, rows)) if rows < w.num_experts
              else _kernel_groups(xs, w, group_sizes))

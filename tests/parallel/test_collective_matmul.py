@@ -126,8 +126,17 @@ def _mlp_reference(wg, wu, wd, x):
     return (gate / (1 + np.exp(-gate)) * (x @ wu.T)) @ wd.T
 
 
+@pytest.fixture
+def ring_always(monkeypatch):
+    """The ring for every step size on every platform (by default the CPU keeps GSPMD's
+    all-reduce: collective_matmul.ring_pays)."""
+    monkeypatch.setattr(cm, "RING_POLICY", "always")
+    yield
+    jax.clear_caches()  # the policy is no part of JAX's trace cache key
+
+
 @pytest.mark.parametrize("tp", [2, 4])
-def test_gated_mlp_down_projection_is_a_ring_under_tensor_parallel(tp):
+def test_gated_mlp_down_projection_is_a_ring_under_tensor_parallel(tp, ring_always):
     """Traced over the mesh (as the engine traces its step), the MLP's down projection is
     the ring: no all-reduce left; traced without it, GSPMD's all-reduce; both equal numpy."""
     mesh = build_mesh(tp)
@@ -142,7 +151,28 @@ def test_gated_mlp_down_projection_is_a_ring_under_tensor_parallel(tp):
         assert (found.get("collective-permute", 0) == tp - 1) == has_ring, found
 
 
-def test_row_parallel_project_keeps_the_plain_product_where_nothing_is_split():
+def test_by_default_the_cpu_keeps_the_all_reduce():
+    """ring_pays' default: on the CPU (where the ring measured slower) and for decode-sized
+    steps anywhere, the plain product and GSPMD's all-reduce, even traced over the mesh."""
+    assert cm.RING_POLICY == "auto" and jax.default_backend() == "cpu"
+    assert not cm.ring_pays(4096)
+    mesh = build_mesh(2)
+    params, x, host = _mlp(0, 32, 32, mesh)
+    run = jax.jit(traced_over(mesh, gated_mlp))
+    np.testing.assert_allclose(np.asarray(run(params, x)), _mlp_reference(*host), rtol=1e-5,
+                               atol=1e-5)
+    found = collectives(run.lower(params, x).compile().as_text())
+    assert found.get("all-reduce", 0) >= 1 and "collective-permute" not in found, found
+
+
+def test_ring_policy_on_accelerators(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert not cm.ring_pays(cm.RING_MIN_TOKENS - 1) and cm.ring_pays(cm.RING_MIN_TOKENS)
+    monkeypatch.setattr(cm, "RING_POLICY", "never")
+    assert not cm.ring_pays(1 << 20)
+
+
+def test_row_parallel_project_keeps_the_plain_product_where_nothing_is_split(ring_always):
     """No mesh, one device on the model axis, or heads that do not divide (SmolLM2's 9
     heads under TP 2: wo replicated): the plain product, no collective at all."""
     x, w, b = _random(4, (3, 72), (40, 72), (40,))

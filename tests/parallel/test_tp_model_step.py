@@ -14,6 +14,7 @@ from tests.helpers import engine_request, save_tiny_model
 from tests.parallel.test_collective_matmul import collectives
 from tests.parallel.test_sharding import _logits, _single_device_logits
 from xla_inference.kernels import cpu_attention
+from xla_inference.parallel import collective_matmul
 from xla_inference.parallel.sharding import build_mesh
 from xla_inference.runner.requests import build_step_batch
 
@@ -46,8 +47,13 @@ def _step_hlo(engine, num_tokens: int) -> str:
 
 
 @pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_tiny_llama_step_with_rings_and_split_attention_equals_one_device(llama, tp):
+def test_tiny_llama_step_with_rings_and_split_attention_equals_one_device(llama, tp,
+                                                                          monkeypatch):
     assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    # The ring at every step size (on the CPU it is off by default: collective_matmul.py).
+    # The policy is no part of JAX's trace cache key: traces made under another are dropped.
+    monkeypatch.setattr(collective_matmul, "RING_POLICY", "always")
+    jax.clear_caches()
     single = _single_device_logits(llama)
     mesh = build_mesh(tp)
     with jax.set_mesh(mesh):  # what the engine's traced_over gives its step
@@ -74,3 +80,18 @@ def test_without_the_mesh_in_the_trace_gspmd_gathers_the_cache(llama):
     hlo = _step_hlo(engine, 16)
     assert len(_cache_gathers(hlo, engine)) == 2 * NUM_LAYERS, collectives(hlo)
     assert collectives(hlo).get("all-reduce", 0) >= 2 * NUM_LAYERS
+
+
+def test_cpu_default_splits_attention_and_keeps_the_all_reduce(llama):
+    """The CPU's default (collective_matmul.ring_pays): the attention split by KV heads
+    (no cache gathered), the row-parallel products left to GSPMD's all-reduce."""
+    mesh = build_mesh(2)
+    jax.clear_caches()  # no trace kept from a test that forced the ring
+    with jax.set_mesh(mesh):
+        engine, sharded = _logits(llama, mesh)
+        hlo = _step_hlo(engine, 16)
+    for key, row in _single_device_logits(llama).items():
+        np.testing.assert_allclose(sharded[key], row, rtol=1e-5, atol=1e-5)
+    found = collectives(hlo)
+    assert not _cache_gathers(hlo, engine) and "collective-permute" not in found, found
+    assert found.get("all-reduce", 0) >= 2 * NUM_LAYERS, found

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from xla_inference.parallel.collective_matmul import row_parallel_matmul
+from xla_inference.parallel import collective_matmul
 from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 from xla_inference.quantization.packed import PackedWeight
 from xla_inference.quantization.product import quantized_project
@@ -60,15 +60,17 @@ def row_parallel_project(x: jax.Array, w, b: jax.Array | None = None, *, logical
                          units: int) -> jax.Array:
     """linear(x, w, b) for a row-parallel weight w [out, in] whose input axis holds `units`
     of `logical_axis` ("heads", "mlp"). Where the step is traced over a tensor-parallel
-    mesh that splits that axis (parallel/sharding.tensor_parallel_mesh), the product is a
-    ring reduce-scatter + all-gather around the devices (collective_matmul.py), each
-    partial product beside a permute in flight; the result is whole on every device, as
-    GSPMD's all-reduce leaves it. Elsewhere, and for quantized weights (their products
-    are quantization/product.py's; GSPMD still partitions them), plain linear()."""
+    mesh that splits that axis (parallel/sharding.tensor_parallel_mesh) and the ring pays
+    for this many rows (collective_matmul.ring_pays: accelerators, larger steps), the
+    product is a ring reduce-scatter + all-gather around the devices, each partial product
+    beside a permute in flight; the result is whole on every device, as GSPMD's all-reduce
+    leaves it. Elsewhere, and for quantized weights (their products are
+    quantization/product.py's; GSPMD still partitions them), plain linear()."""
     mesh = tensor_parallel_mesh()
     if (mesh is None or isinstance(w, PackedWeight)
+            or not collective_matmul.ring_pays(math.prod(x.shape[:-1]))
             or not splits(mesh, logical_axis, units, w.shape[1])
             or w.shape[0] % mesh.shape[TENSOR_AXIS]):
         return linear(x, w, b)
-    y = row_parallel_matmul(x, w, mesh, product=project)
+    y = collective_matmul.row_parallel_matmul(x, w, mesh, product=project)
     return y if b is None else y + b

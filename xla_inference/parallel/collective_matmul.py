@@ -33,6 +33,16 @@ their own (layers/linear.project: the precision policy's narrow weights); by def
 plain einsum. These run on any platform; on XLA's CPU backend (virtual devices of one
 process) the permutes are memory copies, so they prove the schedule and its results, not
 the overlap.
+
+When the layers take the ring (ring_pays): each hop's weight chunk is picked by the
+device's place on the ring, a dynamic slice. XLA's CPU backend copies it out of the weight
+(the weight is then read twice), and its collectives are rendezvous of threads sharing the
+same cores: on the CPU the ring measured slower than GSPMD's all-reduce at every size
+tried (/tmp/team/h6-tp-docs.md), so by default ("auto") only accelerators take it, and only
+for steps of at least RING_MIN_TOKENS rows. A decode step's products are weight-bound and
+its partial sums tiny: the n - 1 hops would add latency with nothing to hide; a prefill's
+hop carries [T, D/n] while a [T, F/n] x [F/n, D/n] product runs, which is where the overlap
+pays. RING_MIN_TOKENS is an estimate to be tuned on the hardware (not measured yet).
 """
 
 from __future__ import annotations
@@ -44,6 +54,20 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from xla_inference.parallel.sharding import TENSOR_AXIS
+
+
+# "auto": accelerators (RING_PLATFORMS) from RING_MIN_TOKENS rows; "always" (tests, and to
+# measure the ring on the CPU); "never".
+RING_POLICY = "auto"
+RING_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
+RING_MIN_TOKENS = 256
+
+
+def ring_pays(num_rows: int) -> bool:
+    """Whether a row-parallel product of num_rows rows takes the ring (module docstring)."""
+    if RING_POLICY in ("always", "never"):
+        return RING_POLICY == "always"
+    return jax.default_backend() in RING_PLATFORMS and num_rows >= RING_MIN_TOKENS
 
 
 def dense_product(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -6,9 +6,10 @@ semaphores and VMEM simulated), under the attention tests' own case builders and
 mixed decode / prefill / chunked prefill / prefix hits, GQA and MHA, sliding window, soft
 cap, attention chunks, shuffled pages and tokens, poisoned freed pages, head dims 64 / 128
 / 256 (lane packing of 2 heads at 64, aligned slices at 128 and 256), bf16 and f32, fp8
-caches. Those checks call their module's step function by name; the tests here hand them
-this kernel instead. Their kv_chunk (keys per step) becomes this kernel's pages per DMA
-chunk (kv_chunk / block_size); `tile` is this kernel's tokens per tile program.
+caches; the KV write fused into the kernel (write_and_attend) in some cases. Those checks
+call their module's step function by name; the tests here hand them this kernel instead.
+Their kv_chunk (keys per step) becomes this kernel's pages per DMA chunk (kv_chunk /
+block_size); `tile` is this kernel's tokens per tile program.
 
 A second set lowers the kernel for TPU with jax.export on this CPU (Pallas -> Mosaic
 dialect, serialized into the tpu_custom_call): every primitive the kernel uses has a
@@ -62,6 +63,37 @@ def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, b
     return k_cache, v_cache, out
 
 
+def _kernel_knobs(kw, kv_chunk):
+    for name in _JNP_KNOBS:
+        kw.pop(name, None)
+    kw.setdefault("pages_per_chunk", max(1, kv_chunk // BLOCK_SIZE))
+    return kw
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap",
+                                             "kv_chunk", "knobs", "attention_chunk"))
+def _fused_step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions,
+                block_tables, *, scale, sliding_window, soft_cap, kv_chunk, knobs=(),
+                attention_chunk=None):
+    """_step with the KV write inside the kernel (write_and_attend)."""
+    return pallas_tpu_attention.write_and_attend(
+        q, k_new, v_new, slot_mapping, k_cache, v_cache, seq_ids, positions, block_tables,
+        block_size=BLOCK_SIZE, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        attention_chunk=attention_chunk, interpret=True,
+        **_kernel_knobs(dict(knobs), kv_chunk))
+
+
+@functools.partial(jax.jit, static_argnames=fp8_tests._STATIC)
+def _fused_fp8_step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions,
+                    block_tables, *, scale, sliding_window, soft_cap, native, k_scale, v_scale):
+    del native
+    return pallas_tpu_attention.write_and_attend(
+        q, k_new, v_new, slot_mapping, k_cache, v_cache, seq_ids, positions, block_tables,
+        block_size=BLOCK_SIZE, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        k_scale=jnp.float32(k_scale), v_scale=jnp.float32(v_scale), interpret=True,
+        pages_per_chunk=2)
+
+
 @functools.partial(jax.jit, static_argnames=fp8_tests._STATIC)
 def _fp8_step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions,
               block_tables, *, scale, sliding_window, soft_cap, native, k_scale, v_scale):
@@ -74,21 +106,23 @@ def _fp8_step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, position
     return k_cache, v_cache, out
 
 
-def check(seed, specs, *, head_dim=None, monkeypatch=None, **kw):
+def check(seed, specs, *, head_dim=None, monkeypatch=None, step=_step, **kw):
     if head_dim is not None:
         monkeypatch.setattr(rpa_tests, "HEAD_DIM", head_dim)
-    _run_and_check(seed, specs, step=_step, **kw)
+    _run_and_check(seed, specs, step=step, **kw)
 
 
 # ---------------------------------------------------------------------------------------
 # Fast set: three compiled cases and the lowering checks
 
 
-def test_mixed_batch_gqa_head_dim_64(monkeypatch):
+def test_mixed_batch_gqa_head_dim_64_fused_write(monkeypatch):
     # H = 64, K = 2: both kv heads packed into one 128-lane matmul; 2 pages per DMA chunk,
-    # tiles of 8 tokens split the longer runs and start mid-chunk.
-    check(0, MIXED, head_dim=64, monkeypatch=monkeypatch, num_heads=8, num_kv_heads=2,
-          kv_chunk=32, tile=8)
+    # tiles of 8 tokens split the longer runs and start mid-chunk. The step's K/V are
+    # written by the kernel (write_and_attend): the check reads every sequence back from
+    # the returned cache.
+    check(0, MIXED, head_dim=64, monkeypatch=monkeypatch, step=_fused_step, num_heads=8,
+          num_kv_heads=2, kv_chunk=32, tile=8)
 
 
 def test_bfloat16_mha_window_soft_cap_shuffled(monkeypatch):
@@ -139,6 +173,23 @@ def test_lowers_to_mosaic_for_tpu(tpu_lowering, case):
     assert exported.mlir_module().count("tpu_custom_call") == 2
 
 
+def test_fused_write_lowers_to_mosaic_for_tpu(tpu_lowering):
+    """write_and_attend for TPU: the caches aliased in place (no copy of the cache)."""
+    num_tokens, cache_dtype = 32, jnp.float8_e4m3fn
+    cache = jax.ShapeDtypeStruct((256 * BLOCK_SIZE, 8, 128), cache_dtype)
+    rows = jax.ShapeDtypeStruct((num_tokens, 8, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+    fn = jax.jit(functools.partial(pallas_tpu_attention.write_and_attend,
+                                   block_size=BLOCK_SIZE, scale=0.1, k_scale=0.5),
+                 donate_argnums=(4, 5))
+    exported = jax.export.export(fn, platforms=["tpu"])(
+        jax.ShapeDtypeStruct((num_tokens, 32, 128), jnp.bfloat16), rows, rows, ids, cache,
+        cache, ids, ids, jax.ShapeDtypeStruct((8, 64), jnp.int32))
+    module = exported.mlir_module()
+    assert module.count("tpu_custom_call") == 2
+    assert "output_operand_alias" in module
+
+
 def test_shared_kv_is_refused():
     cache = jnp.zeros((4 * BLOCK_SIZE, 1, 32))
     ids = jnp.zeros(4, jnp.int32)
@@ -153,6 +204,13 @@ def test_shared_kv_is_refused():
 # of SMALL: 2 pages per chunk, tiles of 8 tokens.
 
 SMALL = dict(num_heads=8, num_kv_heads=2, kv_chunk=32, tile=8)
+
+
+@pytest.mark.slow
+def test_fused_write_decode_only_and_runner_padding():
+    # Padding tokens (row 0, position 0) write the null page; the decode call reads the
+    # caches the tile call wrote.
+    check(38, ALL_DECODE, pad_row=0, step=_fused_step, **SMALL)
 
 
 @pytest.mark.slow
@@ -206,15 +264,10 @@ def test_freed_pages_never_reach_the_output(monkeypatch, poison):
 
 
 @pytest.mark.slow
-def test_fp8_e5m2_cache_soft_cap(monkeypatch):
-    monkeypatch.setattr(fp8_tests, "_step", _fp8_step)
+def test_fp8_e5m2_cache_soft_cap_fused_write(monkeypatch):
+    # The cache bytes written by the kernel equal ml_dtypes' e5m2 of value / v_scale.
+    monkeypatch.setattr(fp8_tests, "_step", _fused_fp8_step)
     fp8_tests.test_fp8_cache_matches_float64("jnp", "e5m2", None, 30.0)
-
-
-@pytest.mark.slow
-def test_every_fp8_value_reads_back_exactly(monkeypatch):
-    monkeypatch.setattr(fp8_tests, "ragged_paged_attention", _kernel)
-    fp8_tests.test_every_fp8_value_reads_back_exactly("jnp", "e5m2", (2, 128))
 
 
 @pytest.mark.slow
@@ -225,7 +278,15 @@ def test_no_races_between_dma_and_compute(monkeypatch):
     from jax.experimental.pallas import tpu as pltpu
 
     params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
-    monkeypatch.setattr(pallas_tpu_attention, "_interpret_params",
-                        lambda interpret: params if interpret else False)
+    traced = []
+
+    def race_checked(interpret):
+        traced.append(interpret)
+        return params if interpret else False
+
+    monkeypatch.setattr(pallas_tpu_attention, "_interpret_params", race_checked)
+    jax.clear_caches()  # a new trace of the step, with these parameters
     check(13, MIXED, **SMALL)
+    jax.clear_caches()
+    assert traced == [True, True]  # both calls (tiles, decode) ran under the detector
     assert ipc.races is not None and not ipc.races.races_found

@@ -77,11 +77,50 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, bl
     tile, pages_per_chunk: static schedule knobs (None: chosen from the shapes; tests set
     them small to cross every boundary). Returns [T, N, H] in q's dtype.
     """
+    return _attend(q, k_cache, v_cache, None, seq_ids, positions, block_tables,
+                   block_size=block_size, scale=scale, sliding_window=sliding_window,
+                   soft_cap=soft_cap, attention_chunk=attention_chunk, k_scale=k_scale,
+                   v_scale=v_scale, interpret=interpret, tile=tile,
+                   pages_per_chunk=pages_per_chunk)[2]
+
+
+def write_and_attend(q, k_new, v_new, slot_mapping, k_cache, v_cache, seq_ids, positions,
+                     block_tables, **kwargs):
+    """write_kv and paged_attention in one kernel: this step's K/V rows [T, K, H] are
+    written to their slots (slot_mapping [T]; padding to the null page) by DMA at the
+    start of the first program, into the cache buffers the kernel returns (aliased to
+    its inputs: no copy where the caller's cache is donated), before any page is read.
+    fp8 caches store value / scale, saturated, as write_cache does. kwargs: those of
+    paged_attention. Returns (k_cache, v_cache, out)."""
+    _check_shapes(q, k_cache, v_cache, kwargs["block_size"])
+    fp8 = jnp.dtype(k_cache.dtype) in FP8_DTYPES
+    width = k_cache.shape[1] * k_cache.shape[2]
+    k_rows = _cache_rows(k_new, k_cache.dtype, kwargs.get("k_scale", 1.0) if fp8 else 1.0)
+    v_rows = _cache_rows(v_new, v_cache.dtype, kwargs.get("v_scale", 1.0) if fp8 else 1.0)
+    new_rows = (k_rows.reshape(-1, width), v_rows.reshape(-1, width),
+                slot_mapping.astype(jnp.int32))
+    return _attend(q, k_cache, v_cache, new_rows, seq_ids, positions, block_tables, **kwargs)
+
+
+def _cache_rows(new, dtype, scale):
+    """Rows as a cache of `dtype` stores them (ragged_paged_attention.to_cache_dtype's
+    rule: fp8 saturates to its largest finite value)."""
+    if jnp.dtype(dtype) not in FP8_DTYPES:
+        return new.astype(dtype)
+    limit = float(jnp.finfo(dtype).max)
+    return jnp.clip(new.astype(jnp.float32) / scale, -limit, limit).astype(dtype)
+
+
+def _attend(q, k_cache, v_cache, new_rows, seq_ids, positions, block_tables, *,
+            block_size: int, scale: float, sliding_window=None, soft_cap=None,
+            attention_chunk=None, k_scale=1.0, v_scale=1.0, interpret=False, tile=None,
+            pages_per_chunk=None):
+    """(k_cache, v_cache, out): paged_attention, after writing new_rows (None: nothing)."""
     _check_shapes(q, k_cache, v_cache, block_size)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     if num_tokens == 0:
-        return jnp.zeros_like(q)
+        return k_cache, v_cache, jnp.zeros_like(q)
     fp8 = jnp.dtype(k_cache.dtype) in FP8_DTYPES
     score_scale = jnp.asarray(scale, jnp.float32) * (k_scale if fp8 else 1.0)
     plan = _Plan.choose(q.dtype, k_cache.dtype, num_tokens=num_tokens, num_heads=num_heads,
@@ -94,16 +133,19 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, bl
     decode_tokens, tile_tokens = _schedule(s_seq, plan)
     shared = dict(block_size=block_size, sliding_window=sliding_window, soft_cap=soft_cap,
                   attention_chunk=attention_chunk, interpret=interpret, plan=plan)
-    k_pages = k_cache.reshape(-1, block_size, num_kv_heads * head_dim)  # free: pages are rows
-    v_pages = v_cache.reshape(-1, block_size, num_kv_heads * head_dim)
+    pages = [c.reshape(-1, block_size, num_kv_heads * head_dim)  # free: pages are rows
+             for c in (k_cache, v_cache)]
     tables = block_tables.astype(jnp.int32)
     out = jnp.zeros((num_tokens + 1, num_heads, head_dim), jnp.float32)
+    # The first call writes the new rows (if any); the second reads the caches it returns.
     for tokens in (tile_tokens, decode_tokens):
-        res = _scheduled_call(q_sorted, s_seq, s_pos, tokens, k_pages, v_pages, tables,
-                              score_scale, **shared)
+        res, pages = _scheduled_call(q_sorted, s_seq, s_pos, tokens, *pages, tables,
+                                     score_scale, new_rows, **shared)
+        new_rows = None
         out = out.at[tokens.reshape(-1)].set(res, mode="drop")
     out = out[:num_tokens] * (v_scale if fp8 else 1.0)
-    return jnp.zeros_like(out).at[order].set(out).astype(q.dtype)
+    out = jnp.zeros_like(out).at[order].set(out).astype(q.dtype)
+    return pages[0].reshape(k_cache.shape), pages[1].reshape(v_cache.shape), out
 
 
 def _check_shapes(q, k_cache, v_cache, block_size) -> None:
@@ -215,10 +257,12 @@ def _first_visible_key(pos, sliding_window, attention_chunk):
     return first
 
 
-def _scheduled_call(q_sorted, s_seq, s_pos, tokens, k_pages, v_pages, tables, score_scale, *,
-                    block_size, sliding_window, soft_cap, attention_chunk, interpret, plan):
-    """Run the kernel over programs of tokens [P, tile] (T: empty); returns their outputs
-    [P * tile, N, H] float32 in the order of `tokens`."""
+def _scheduled_call(q_sorted, s_seq, s_pos, tokens, k_pages, v_pages, tables, score_scale,
+                    new_rows, *, block_size, sliding_window, soft_cap, attention_chunk,
+                    interpret, plan):
+    """Run the kernel over programs of tokens [P, tile] (T: empty), after writing new_rows
+    (or not: None); returns (their outputs [P * tile, N, H] float32 in the order of
+    `tokens`, [k_pages, v_pages] as the kernel leaves them)."""
     num_programs, tile = tokens.shape
     num_tokens = s_seq.shape[0]
     valid = tokens < num_tokens
@@ -234,12 +278,14 @@ def _scheduled_call(q_sorted, s_seq, s_pos, tokens, k_pages, v_pages, tables, sc
     num_work = jnp.sum(valid[:, 0], dtype=jnp.int32)[None]  # programs with tokens come first
     q_packed = _pack_queries(q_sorted[tokens], plan)
     row_pos = _row_positions(pos, plan)
-    out = _call_kernel(rows.astype(jnp.int32), first_page.astype(jnp.int32),
-                       num_pages.astype(jnp.int32), tables.reshape(-1), score_scale[None],
-                       num_work, q_packed, row_pos, k_pages, v_pages, block_size=block_size,
-                       sliding_window=sliding_window, soft_cap=soft_cap,
-                       attention_chunk=attention_chunk, interpret=interpret, plan=plan)
-    return _unpack_outputs(out, plan, tile).reshape(num_programs * tile, -1, plan.head_dim)
+    scalars = (rows.astype(jnp.int32), first_page.astype(jnp.int32),
+               num_pages.astype(jnp.int32), tables.reshape(-1), score_scale[None], num_work)
+    out, k_pages, v_pages = _call_kernel(
+        scalars, q_packed, row_pos, k_pages, v_pages, new_rows, block_size=block_size,
+        sliding_window=sliding_window, soft_cap=soft_cap, attention_chunk=attention_chunk,
+        interpret=interpret, plan=plan)
+    out = _unpack_outputs(out, plan, tile).reshape(num_programs * tile, -1, plan.head_dim)
+    return out, [k_pages, v_pages]
 
 
 def _pack_queries(q_tiles, plan):
@@ -278,51 +324,77 @@ def _row_positions(pos, plan):
 # The kernel
 
 
-def _call_kernel(rows, first_page, num_pages, tables, score_scale, num_work, q_packed,
-                 row_pos, k_pages, v_pages, *, block_size, sliding_window, soft_cap,
-                 attention_chunk, interpret, plan):
+def _call_kernel(scalars, q_packed, row_pos, k_pages, v_pages, new_rows, *, block_size,
+                 sliding_window, soft_cap, attention_chunk, interpret, plan):
+    """One pallas_call; returns (out, k_pages, v_pages): the caches as given, or with
+    new_rows (k_rows [T, K*H], v_rows, slots [T]) written, in the same buffers."""
     num_programs, packs, num_rows, width = q_packed.shape
     pos_col, pos_lane = row_pos
     kv_width = k_pages.shape[-1]
     ppc = plan.pages_per_chunk
+    write = new_rows is not None
+    num_scalars = len(scalars) + write  # + the slots to write
 
-    def block(i, num_work_ref):
+    def block(i, *prefetched):
         # Programs past the scheduled ones repeat the last real block: no copy, no write.
+        num_work_ref = prefetched[5]
         return jnp.minimum(i, jnp.maximum(num_work_ref[0] - 1, 0))
 
-    q_spec = pl.BlockSpec((None, packs, num_rows, width),
-                          lambda i, r, f, n, t, s, w: (block(i, w), 0, 0, 0))
-    col_spec = pl.BlockSpec((None, num_rows, 1), lambda i, r, f, n, t, s, w: (block(i, w), 0, 0))
-    lane_spec = pl.BlockSpec((None, 1, num_rows), lambda i, r, f, n, t, s, w: (block(i, w), 0, 0))
+    q_spec = pl.BlockSpec((None, packs, num_rows, width), lambda i, *p: (block(i, *p), 0, 0, 0))
+    col_spec = pl.BlockSpec((None, num_rows, 1), lambda i, *p: (block(i, *p), 0, 0))
+    lane_spec = pl.BlockSpec((None, 1, num_rows), lambda i, *p: (block(i, *p), 0, 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     kv_buffer = pltpu.VMEM((2, ppc, block_size, kv_width), k_pages.dtype)
+    scratch = [kv_buffer, kv_buffer, pltpu.SemaphoreType.DMA((2, 2)),
+               pltpu.VMEM((packs, num_rows, 1), jnp.float32),
+               pltpu.VMEM((packs, num_rows, 1), jnp.float32),
+               pltpu.VMEM((packs, num_rows, width), jnp.float32)]
+    out_shape = jax.ShapeDtypeStruct(q_packed.shape, jnp.float32)
+    operands = [*scalars, q_packed, pos_col, pos_lane, k_pages, v_pages]
+    in_specs = [q_spec, col_spec, lane_spec, hbm, hbm]
+    out_shapes, out_specs, aliases = [out_shape], [q_spec], {}
+    if write:
+        k_rows, v_rows, slots = new_rows
+        operands = [*scalars, slots, q_packed, pos_col, pos_lane, k_pages, v_pages, k_rows,
+                    v_rows]
+        in_specs += [hbm, hbm]
+        out_shapes += [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+                       jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
+        out_specs += [hbm, hbm]
+        aliases = {num_scalars + 3: 1, num_scalars + 4: 2}  # the caches, written in place
+        scratch.append(pltpu.SemaphoreType.DMA((2,)))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=6,
-        grid=(num_programs,),
-        in_specs=[q_spec, col_spec, lane_spec, hbm, hbm],
-        out_specs=q_spec,
-        scratch_shapes=[kv_buffer, kv_buffer, pltpu.SemaphoreType.DMA((2, 2)),
-                        pltpu.VMEM((packs, num_rows, 1), jnp.float32),
-                        pltpu.VMEM((packs, num_rows, 1), jnp.float32),
-                        pltpu.VMEM((packs, num_rows, width), jnp.float32)])
+        num_scalar_prefetch=num_scalars, grid=(num_programs,), in_specs=in_specs,
+        out_specs=out_specs, scratch_shapes=scratch)
     kernel = functools.partial(_attention_kernel, block_size=block_size,
                                sliding_window=sliding_window, soft_cap=soft_cap,
-                               attention_chunk=attention_chunk, plan=plan)
-    return pl.pallas_call(
+                               attention_chunk=attention_chunk, plan=plan, write=write)
+    results = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(q_packed.shape, jnp.float32),
+        out_shape=out_shapes,
+        input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=_interpret_params(interpret),
         name="xla_inference_ragged_paged_attention",
-    )(rows, first_page, num_pages, tables, score_scale, num_work, q_packed, pos_col, pos_lane,
-      k_pages, v_pages)
+    )(*operands)
+    if write:
+        return tuple(results)
+    return results[0], k_pages, v_pages
 
 
-def _attention_kernel(rows_ref, first_page_ref, num_pages_ref, tables_ref, scale_ref,
-                      num_work_ref, q_ref, pos_col_ref, pos_lane_ref, k_hbm, v_hbm, o_ref,
-                      k_buf, v_buf, sems, m_ref, l_ref, acc_ref, *, block_size,
-                      sliding_window, soft_cap, attention_chunk, plan):
+def _attention_kernel(*refs, block_size, sliding_window, soft_cap, attention_chunk, plan,
+                      write):
+    if write:
+        (rows_ref, first_page_ref, num_pages_ref, tables_ref, scale_ref, num_work_ref,
+         slots_ref, q_ref, pos_col_ref, pos_lane_ref, _, _, k_rows, v_rows, o_ref, k_hbm,
+         v_hbm, k_buf, v_buf, sems, m_ref, l_ref, acc_ref, write_sems) = refs
+        # The caches' input and output refs are one buffer: read the pages from the output.
+        _write_new_rows(slots_ref, k_rows, v_rows, k_hbm, v_hbm, write_sems, block_size)
+    else:
+        (rows_ref, first_page_ref, num_pages_ref, tables_ref, scale_ref, num_work_ref, q_ref,
+         pos_col_ref, pos_lane_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref,
+         acc_ref) = refs
     i = pl.program_id(0)
     ppc = plan.pages_per_chunk
 
@@ -375,6 +447,34 @@ def _attention_kernel(rows_ref, first_page_ref, num_pages_ref, tables_ref, scale
         o_ref[...] = acc_ref[...] / jnp.maximum(l_ref[...], 1e-30)
 
 
+def _write_new_rows(slots_ref, k_rows, v_rows, k_hbm, v_hbm, sems, block_size):
+    """In the first program (programs run in order: every later page read sees them):
+    copy each new K/V row [K*H] to its slot, all DMAs in flight together, then wait for
+    them. Padding tokens all write the null page's slot 0: the same garbage, any order."""
+    num_rows = k_rows.shape[0]
+
+    def row_copies(t):
+        slot = slots_ref[t]
+        dst = (slot // block_size, pl.ds(slot % block_size, 1))
+        return [pltpu.make_async_copy(k_rows.at[pl.ds(t, 1)], k_hbm.at[dst], sems.at[0]),
+                pltpu.make_async_copy(v_rows.at[pl.ds(t, 1)], v_hbm.at[dst], sems.at[1])]
+
+    def start(t, carry):
+        for copy in row_copies(t):
+            copy.start()
+        return carry
+
+    def wait(t, carry):
+        for copy in row_copies(t):
+            copy.wait()
+        return carry
+
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+        jax.lax.fori_loop(0, num_rows, start, 0)
+        jax.lax.fori_loop(0, num_rows, wait, 0)
+
+
 def _interpret_params(interpret):
     """False (compile with Mosaic), or the TPU interpret mode's parameters: the defaults
     for True, or the caller's pltpu.InterpretParams (e.g. detect_races=True)."""
@@ -405,8 +505,10 @@ def _fold_chunk(q_ref, pos_col_ref, pos_lane_ref, k_ref, v_ref, m_ref, l_ref, ac
     key_col = first_key + jax.lax.broadcasted_iota(jnp.int32, (num_keys, 1), 0)
     mask = _visible(pos_col_ref[...], key_lane, sliding_window, attention_chunk)  # [R, C]
     # Keys that no row sees may hold anything (NaN included): select them out of V.
-    seen = jnp.any(_visible(pos_lane_ref[...], key_col, sliding_window, attention_chunk),
-                   axis=1, keepdims=True)  # [C, 1]
+    # (A max over float32, not any() over booleans: Mosaic reduces 32-bit values.)
+    seen = jnp.max(jnp.where(_visible(pos_lane_ref[...], key_col, sliding_window,
+                                      attention_chunk), 1.0, 0.0),
+                   axis=1, keepdims=True) > 0  # [C, 1]
     v = jnp.where(seen, v.astype(compute), jnp.zeros((), compute))
     for p in range(packs):
         lanes = slice(p * width, (p + 1) * width)

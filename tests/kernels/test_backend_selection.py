@@ -151,3 +151,29 @@ def test_shared_kv_takes_the_jnp_kernel_under_pallas(env, kernels, caplog, monke
     assert out.shape == q.shape
     assert not kernels["pallas-tpu"].calls and not kernels["native"].calls
     assert any("shared K/V" in r.getMessage() for r in caplog.records)
+
+
+def test_write_and_attend_is_one_call_where_the_backend_has_one(env, kernels, monkeypatch):
+    fused = []
+
+    def write_and_attend(q, k_new, v_new, slot_mapping, k_cache, v_cache, *args, **kwargs):
+        fused.append(kwargs)
+        return k_cache, v_cache, jnp.zeros(q.shape, q.dtype)
+
+    monkeypatch.setattr(pallas_tpu_attention, "write_and_attend", write_and_attend)
+    q, cache, ids, tables = _call_inputs()
+    new = cache[:4]
+    args = (q, new, new, jnp.arange(16, 20, dtype=jnp.int32), cache, cache, ids,
+            jnp.arange(4, dtype=jnp.int32), tables)
+    def step(*args):  # a new function each time: a new trace
+        return jax.eval_shape(functools.partial(rpa.write_kv_and_attend, block_size=16,
+                                                scale=0.5), *args)
+
+    step(*args)  # native: write_kv, then the native kernel
+    assert (len(kernels["native"].calls), fused) == (1, [])
+    env(kernels="pallas-tpu", interpret="1")
+    k_cache, v_cache, out = step(*args)
+    assert (k_cache.shape, out.shape) == (cache.shape, q.shape)
+    assert fused == [dict(block_size=16, scale=0.5, sliding_window=None, soft_cap=None,
+                          attention_chunk=None, k_scale=1.0, v_scale=1.0, interpret=True)]
+    assert not kernels["pallas-tpu"].calls and len(kernels["native"].calls) == 1

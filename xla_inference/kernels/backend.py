@@ -110,6 +110,14 @@ def pallas_attention(backend: AttentionBackend) -> Callable:
     return module.paged_attention
 
 
+def pallas_write_and_attend(backend: AttentionBackend) -> Callable | None:
+    """The backend's kernel that writes this step's K/V rows and attends in one call
+    (`write_and_attend`), or None where its module has none (the rows are then written
+    by write_kv first)."""
+    pallas_attention(backend)  # the same import, and the same error where it is missing
+    return getattr(importlib.import_module(_PALLAS[backend.name][1]), "write_and_attend", None)
+
+
 def note_fallback(backend: AttentionBackend, reason: str) -> None:
     """Log once that `backend` hands a kind of call to another kernel, and why."""
     if (backend, reason) in _logged:

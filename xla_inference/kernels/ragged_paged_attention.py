@@ -440,6 +440,26 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     return out.astype(out_dtype)
 
 
+def write_kv_and_attend(q, k_new, v_new, slot_mapping, k_cache, v_cache, seq_ids, positions,
+                        block_tables, *, block_size: int, scale: float,
+                        sliding_window: int | None = None, soft_cap: float | None = None,
+                        attention_chunk: int | None = None, k_scale=1.0, v_scale=1.0):
+    """write_kv, then ragged_paged_attention over the written caches; one kernel call
+    where the process's backend has a kernel that writes the rows itself (pallas-tpu:
+    write_and_attend). Returns (k_cache, v_cache, out)."""
+    kw = dict(block_size=block_size, scale=scale, sliding_window=sliding_window,
+              soft_cap=soft_cap, attention_chunk=attention_chunk, k_scale=k_scale,
+              v_scale=v_scale)
+    backend = kernel_backend.attention_backend()
+    fused = kernel_backend.pallas_write_and_attend(backend) if backend.is_pallas else None
+    if fused is not None:
+        return fused(q, k_new, v_new, slot_mapping, k_cache, v_cache, seq_ids, positions,
+                     block_tables, interpret=backend.interpret, **kw)
+    k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping, k_scale, v_scale)
+    return k_cache, v_cache, ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions,
+                                                    block_tables, **kw)
+
+
 def _fold_cache_scales(q, cache_dtype, k_scale, v_scale):
     """(q with an fp8 cache's k_scale folded in, in float32; the v_scale left to apply to
     the output); (q, None) for any other cache, which ignores its scales."""

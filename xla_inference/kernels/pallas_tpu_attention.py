@@ -35,11 +35,14 @@ with their scales), as one Pallas program per schedule:
   page slots past the table's end) is masked out of the scores and selected out of the
   values (0 * NaN would be NaN), as in the jnp path.
 
-Not done here (see /tmp/team/h3-tpu-docs.md): the KV write stays a separate XLA scatter
-(write_kv) before the call; the next program's first chunk is not prefetched across
-programs; no megacore split (dimension semantics "arbitrary"); shared K/V (MLA) is served
-by the jnp path. On this CPU the kernel runs in Pallas' TPU interpret mode
-(`interpret=True`), which simulates the DMAs, semaphores and VMEM.
+KV write: write_and_attend takes this step's K/V rows and writes them into their slots by
+DMA at the start of the first program (the caches are aliased outputs, written in place),
+before any page is read; paged_attention expects them written (write_kv).
+Not done here: the next program's first chunk is not prefetched across programs; decode
+programs serve one token each; no megacore split (dimension semantics "arbitrary");
+shared K/V (MLA) is served by the jnp path. On this CPU the kernel runs in Pallas' TPU
+interpret mode (`interpret=True`), which simulates the DMAs, semaphores and VMEM; it has
+not run on a TPU.
 """
 
 from __future__ import annotations

@@ -158,16 +158,17 @@ def test_rejects_what_triton_cannot_tile(kv_chunk):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head_dim", [64, 128, 256, 80])
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)],
-                         ids=["f32", "bf16"])
+@pytest.mark.parametrize("head_dim,dtype,tol", [
+    (64, jnp.float32, 1e-5), (128, jnp.bfloat16, 1e-2), (256, jnp.float32, 1e-5),
+    (256, jnp.bfloat16, 1e-2), (80, jnp.bfloat16, 1e-2)],
+    ids=["64-f32", "128-bf16", "256-f32", "256-bf16", "80-bf16"])
 def test_head_dims(monkeypatch, head_dim, dtype, tol):
     monkeypatch.setattr(rpa_tests, "HEAD_DIM", head_dim)
     check(40 + head_dim, MIXED, num_heads=8, num_kv_heads=2, dtype=dtype, tol=tol)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention_chunk", [8, 40])
+@pytest.mark.parametrize("attention_chunk", [40])
 def test_chunked_local_attention(attention_chunk):
     check(50 + attention_chunk, MIXED, num_heads=8, num_kv_heads=2,
           attention_chunk=attention_chunk, kv_chunk=16, tile_rows=32)
@@ -213,7 +214,9 @@ def test_fp8_cache_window_soft_cap(monkeypatch, fmt, window, soft_cap):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+# In interpret mode both formats widen through XLA's convert (test_fp8_kv_cache covers
+# e5m2's); on a GPU each format has its own Triton conversion: both run there.
+@pytest.mark.parametrize("fmt", ["e4m3"] + ([] if INTERPRET else ["e5m2"]))
 def test_every_fp8_value_reads_back_exactly(monkeypatch, fmt):
     monkeypatch.setattr(fp8_tests, "ragged_paged_attention", _kernel)
     fp8_tests.test_every_fp8_value_reads_back_exactly("jnp", fmt, (2, 128))

@@ -70,7 +70,7 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
     for name, kind, tensor in lowering.module_tensors(module):
         names.append(name)
         params.append(kind(lowering.host_array(tensor)))
-    _drop_tensors(module)  # the host arrays are the only copy now
+    _drop_parameters(module)  # the host arrays are the only copy now
     hf = vllm_config.model_config.hf_text_config
     num_heads = forwards[0].num_heads
     cfg = lowering.TorchModelConfig(
@@ -83,21 +83,20 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
     return LoadedModel(lowering.family_for(cfg.architecture), cfg, tuple(params), precision)
 
 
-def _drop_tensors(module: torch.nn.Module) -> None:
-    """Replace every module tensor by an empty one of its dtype (functional_call supplies
-    the values), keeping tied parameters tied: functional_call finds ties by identity."""
+def _drop_parameters(module: torch.nn.Module) -> None:
+    """Replace every parameter by an empty one of its dtype (functional_call supplies the
+    values), keeping tied parameters tied: functional_call finds ties by identity. Buffers
+    (rotary tables) are kept: vLLM shares one rotary module between models of the same
+    settings (get_rope's cache), and they are small."""
     replacements = {}
     for owner in module.modules():
-        for store in (owner._parameters, owner._buffers):
-            for attr, tensor in store.items():
-                if tensor is None:
-                    continue
-                if id(tensor) not in replacements:
-                    empty = torch.empty(0, dtype=tensor.dtype)
-                    if isinstance(tensor, torch.nn.Parameter):
-                        empty = torch.nn.Parameter(empty, requires_grad=False)
-                    replacements[id(tensor)] = (tensor, empty)
-                store[attr] = replacements[id(tensor)][1]
+        for attr, param in owner._parameters.items():
+            if param is None:
+                continue
+            if id(param) not in replacements:
+                empty = torch.nn.Parameter(torch.empty(0, dtype=param.dtype), requires_grad=False)
+                replacements[id(param)] = (param, empty)
+            owner._parameters[attr] = replacements[id(param)][1]
 
 
 def refuse_unserved(vllm_config) -> None:

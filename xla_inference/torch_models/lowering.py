@@ -16,6 +16,7 @@ layers (torch_models/attention.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -132,6 +133,33 @@ class _Entry(torch.nn.Module):
         return getattr(self.model, method)(*args)
 
 
+@contextlib.contextmanager
+def _buffers_kept(module: torch.nn.Module):
+    """Every buffer of the module as it was, after the call: functional_call swaps them in
+    and out, but a buffer shared between submodules (vLLM's rotary module, one per model
+    settings) can come back holding the traced value, which must not outlive the trace."""
+    saved = [(owner, name, buf) for owner in module.modules()
+             for name, buf in owner._buffers.items()]
+    try:
+        yield
+    finally:
+        for owner, name, buf in saved:
+            owner._buffers[name] = buf
+
+
+@contextlib.contextmanager
+def _tracing():
+    """Tell vLLM's layers that their forward is being traced into a graph, as under
+    torch.compile: they then keep their state as it is (the rotary embedding would store a
+    converted table on itself, which under jax.jit would be a tracer outliving the trace)."""
+    saved = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        yield
+    finally:
+        torch.compiler.is_compiling = saved
+
+
 def _call(cfg: TorchModelConfig, params, method: str, *args):
     from vllm.ir.op import enable_torch_wrap
 
@@ -139,8 +167,8 @@ def _call(cfg: TorchModelConfig, params, method: str, *args):
     # vLLM's IR ops (RMSNorm, activations) straight to their implementations, not through
     # the torch custom ops that wrap them for torch.compile (torchax lowers the torch ops
     # those implementations are written in, not the opaque wrappers).
-    with _env(), enable_torch_wrap(False), errors.naming_the_module(cfg.module,
-                                                                    cfg.architecture):
+    with _env(), enable_torch_wrap(False), _tracing(), _buffers_kept(cfg.module), \
+            errors.naming_the_module(cfg.module, cfg.architecture):
         out = torch.func.functional_call(_Entry(cfg.module), tensors, (method, *to_torch(args)),
                                          tie_weights=True, strict=False)
     return from_torch(out)

@@ -3,7 +3,10 @@
 Model code never names mesh axes. Parameters declare their logical axes where their
 dataclass declares them (parallel/axes.py), and `LOGICAL_RULES` maps each logical axis to
 a mesh axis; a parameter that declares none is replicated. XLA's SPMD partitioner
-(GSPMD) inserts the collectives.
+(GSPMD) inserts the collectives, except where a layer partitions by hand what GSPMD cannot
+or should not (shard_map): attention split by KV heads (a custom call has no partitioning
+rule) and the collective matmuls (parallel/collective_matmul.py). Those layers reach the
+mesh through JAX's context mesh, set while the engine traces its step (traced_over).
 
 A logical axis is split only when its size (heads, kv heads, mlp width, experts, vocab)
 divides evenly by the mesh axis: otherwise it is replicated, so every tensor-parallel size

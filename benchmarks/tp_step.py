@@ -17,7 +17,8 @@ replicas, spread evenly over them) and a 128-token prefill (on replica 0).
 - by-hand: the step traced over the mesh (parallel/sharding.traced_over): attention split
   by KV heads in a shard_map, the attention output and MLP down projections as collective
   matmul rings (parallel/collective_matmul.py). Only what divides evenly is split by hand
-  (SmolLM2's 9 heads / 3 KV heads: attention at TP 3, the MLP at 2, 3 and 4).
+  (SmolLM2's 9 heads / 3 KV heads: attention at TP 3, the MLP at 2, 3 and 4). The rings
+  run where collective_matmul.ring_pays says (not on the CPU); --ring forces them.
 The last column is by-hand's decode time over gspmd's.
 """
 
@@ -37,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from xla_inference.loading.default_model import prepare_default_model  # noqa: E402
 from xla_inference.layers import attention, linear  # noqa: E402
+from xla_inference.parallel import collective_matmul  # noqa: E402
 from xla_inference.parallel.sharding import build_mesh, tensor_parallel_mesh  # noqa: E402
 from xla_inference.runner.build import Precision, build_engine, load  # noqa: E402
 from xla_inference.runner.engine import EngineConfig  # noqa: E402
@@ -88,7 +90,11 @@ def main():
     parser.add_argument("--paths", nargs="+", default=["gspmd", "by-hand"],
                         choices=["gspmd", "by-hand"], help="tensor parallel partitionings")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ring", action="store_true",
+                        help="by-hand: the collective matmul rings at every step size")
     args = parser.parse_args()
+    if args.ring:
+        collective_matmul.RING_POLICY = "always"
     model = load(prepare_default_model(), Precision.uniform(jnp.float32))
     rng = np.random.default_rng(0)
     decode = decode_requests(16, 200, rng)

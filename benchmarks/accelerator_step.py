@@ -25,7 +25,9 @@ a TPU) and ml_dtypes (a dependency of jax): no vLLM, no network, no checkpoint.
    Cases whose KV cache does not fit the device's memory are listed as skipped.
 
 --smoke: tiny shapes (2 layers, hidden 256), short contexts; for CI on a CPU (interpret
-mode). Exit status: 0 when every part ran and the kernel check passed.
+mode). --kernels jnp (or pallas-gpu, ...): the engine's attention backend, to compare the
+Pallas kernel's step with the jnp kernel's in another run. Exit status: 0 when every part
+ran and the kernel check passed.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ SMOKE_MODEL = dict(LLAMA_31_8B, hidden_size=256, intermediate_size=512, num_hidd
 FULL = dict(model=LLAMA_31_8B, batches=(1, 16, 64, 256), contexts=(1024, 4096), prefill=2048,
             repeats=5, kernel=dict(decode=((1, 4096), (64, 1024)), prefill=2048, layers=8,
                                    heads=(32, 8, 128)))
-SMOKE = dict(model=SMOKE_MODEL, batches=(1, 4), contexts=(64, 160), prefill=64, repeats=2,
+SMOKE = dict(model=SMOKE_MODEL, batches=(1, 4), contexts=(64, 160), prefill=64, repeats=1,
              kernel=dict(decode=((1, 160),), prefill=32, layers=2, heads=(4, 2, 64)))
 BLOCK = 16
 
@@ -99,6 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=230.0,
                         help="seconds; core-step cases that would start later are skipped "
                              "(and listed)")
+    parser.add_argument("--kernels", default=None,
+                        help="the engine's attention backend (XLA_INFERENCE_KERNELS: jnp, "
+                             "pallas-gpu, pallas-tpu, native; default: chosen by platform)")
     parser.add_argument("--check-deps", action="store_true",
                         help="only check the Python dependencies and the device")
     args = parser.parse_args(argv)
@@ -120,6 +125,8 @@ def main(argv=None) -> int:
               "--smoke. On an NVIDIA GPU check that jax's CUDA plugin is installed "
               "(python -c 'import jax; print(jax.devices())').")
         return 2
+    if args.kernels:
+        os.environ["XLA_INFERENCE_KERNELS"] = args.kernels
     shapes = SMOKE if args.smoke else FULL
     deadline = time.perf_counter() + args.budget
     report = dict(device=device, smoke=args.smoke)
@@ -129,7 +136,8 @@ def main(argv=None) -> int:
         status |= 0 if report["kernel"].get("passed") else 1
     if not args.skip_engine:
         report["engine"] = _guarded("core step", engine_benchmark, device, shapes, deadline)
-        if "error" in report["engine"] and not args.smoke:
+        if ("error" in report["engine"] and not args.smoke
+                and os.environ.get("XLA_INFERENCE_KERNELS") != "jnp"):
             # The numbers still matter on a rare accelerator run: once more on the jnp kernel.
             os.environ["XLA_INFERENCE_KERNELS"] = "jnp"
             print("core step: once more with XLA_INFERENCE_KERNELS=jnp")
@@ -312,8 +320,8 @@ def kernel_timings(kernel, interpret, device, shapes) -> list[dict]:
 
         pallas = run(lambda *a, **k2: kernel(*a, interpret=interpret, **k2))
         plain = run(lambda *a, **k2: ragged_paged_attention(*a, native=False, **k2))
-        t_kernel = median_seconds(lambda: pallas(q), 3) / layers
-        t_jnp = median_seconds(lambda: plain(q), 3) / layers
+        t_kernel = median_seconds(lambda: pallas(q), shapes["repeats"]) / layers
+        t_jnp = median_seconds(lambda: plain(q), shapes["repeats"]) / layers
         kv_bytes = sum(c + n for c, n in specs) * 2 * num_kv_heads * head_dim * 2
         row = dict(case=name, kernel_s=t_kernel, jnp_s=t_jnp,
                    kv_bandwidth_fraction=kv_bytes / t_kernel / device["bandwidth"])

@@ -207,36 +207,17 @@ SMALL = dict(num_heads=8, num_kv_heads=2, kv_chunk=32, tile=8)
 
 
 @pytest.mark.slow
-def test_fused_write_decode_only_and_runner_padding():
-    # Padding tokens (row 0, position 0) write the null page; the decode call reads the
-    # caches the tile call wrote.
-    check(38, ALL_DECODE, pad_row=0, step=_fused_step, **SMALL)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("head_dim,dtype,tol", [(64, jnp.bfloat16, 1e-2),
-                                                (256, jnp.float32, 1e-5)],
-                         ids=["bf16-64", "f32-256"])
-def test_head_dims(monkeypatch, head_dim, dtype, tol):
-    # With the fast set: 64 in f32 and bf16, 128 in bf16, 256 in f32.
-    check(40 + head_dim, MIXED, head_dim=head_dim, monkeypatch=monkeypatch, num_heads=8,
-          num_kv_heads=2, dtype=dtype, tol=tol)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("specs", [MIXED, ALL_DECODE, ONE_PREFILL],
-                         ids=["mixed", "decode", "prefill"])
-def test_auto_plan(specs):
-    # The kernel's own tile (the whole 96 tokens at most) and pages per chunk (24: the
-    # whole block table).
-    check(12, specs, num_heads=8, num_kv_heads=2, auto_plan=True)
+def test_head_dim_256(monkeypatch):
+    # With the fast set: 64 (f32, packed), 128 (bf16), 256 (f32, two 128-lane slices).
+    check(296, MIXED, head_dim=256, monkeypatch=monkeypatch, num_heads=8,
+          num_kv_heads=2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("specs,pad_row,shuffle", [
     (MIXED, 0, False), (MIXED, rpa_tests.NUM_ROWS - 1, False), (ALL_DECODE, 0, True),
-    ([], rpa_tests.NUM_ROWS - 1, False)], ids=["pad-row-0", "pad-last-row", "decode-shuffled",
-                                              "all-padding"])
+    ([], rpa_tests.NUM_ROWS - 1, False), (ONE_PREFILL, 0, False)],
+    ids=["pad-row-0", "pad-last-row", "decode-shuffled", "all-padding", "one-prefill"])
 def test_padding_and_order(specs, pad_row, shuffle):
     # The runner's padding (row 0, position 0: merged into request 0's run once sorted),
     # padding of a row of its own, decode tokens in random order, a step of padding only.
@@ -244,15 +225,11 @@ def test_padding_and_order(specs, pad_row, shuffle):
 
 
 @pytest.mark.slow
-def test_chunked_local_attention():
-    # 40: no multiple of a page or of a chunk.
-    check(90, MIXED, attention_chunk=40, **SMALL)
-
-
-@pytest.mark.slow
-def test_window_and_chunk_and_soft_cap_one_prefill():
-    check(34, ONE_PREFILL, num_heads=8, num_kv_heads=2, sliding_window=20, soft_cap=2.0,
-          attention_chunk=64, kv_chunk=16, tile=16)
+def test_window_and_attention_chunk_and_soft_cap():
+    # Attention chunks of 40 (no multiple of a page or a DMA chunk) and a window of 20 at
+    # once: decode tokens and tiles start past whole chunks of pages.
+    check(34, MIXED, num_heads=8, num_kv_heads=2, sliding_window=20, soft_cap=2.0,
+          attention_chunk=40, kv_chunk=16, tile=8)
 
 
 @pytest.mark.slow
@@ -272,8 +249,10 @@ def test_fp8_e5m2_cache_soft_cap_fused_write(monkeypatch):
 
 @pytest.mark.slow
 def test_no_races_between_dma_and_compute(monkeypatch):
-    """The interpret mode's race detector over the double-buffered page copies: no access
-    to a VMEM slot while a DMA into it is in flight."""
+    """The interpret mode's race detector over the fused KV write and the double-buffered
+    page copies: no access to memory while a DMA into it is in flight. Decode tokens and
+    the runner's padding (row 0, position 0: written to the null page, merged into
+    request 0's run): the decode call reads the caches the tile call wrote."""
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
     from jax.experimental.pallas import tpu as pltpu
 
@@ -286,7 +265,7 @@ def test_no_races_between_dma_and_compute(monkeypatch):
 
     monkeypatch.setattr(pallas_tpu_attention, "_interpret_params", race_checked)
     jax.clear_caches()  # a new trace of the step, with these parameters
-    check(13, MIXED, **SMALL)
+    check(13, ALL_DECODE, pad_row=0, step=_fused_step, **SMALL)
     jax.clear_caches()
     assert traced == [True, True]  # both calls (tiles, decode) ran under the detector
     assert ipc.races is not None and not ipc.races.races_found

@@ -18,7 +18,8 @@ with their scales), as one Pallas program per schedule:
 - Keys and values stay in HBM (memory space ANY). Each program walks its sequence's pages
   in chunks of `pages_per_chunk` pages: one DMA per page (pages are scattered), all pages
   of a chunk on one semaphore, into double-buffered VMEM scratch, the next chunk's copies
-  started before the current chunk is computed.
+  started before the current chunk is computed; a program's last chunk starts the next
+  program's first chunk (decode programs do not wait for their first copy).
 - Online softmax (running max, sum and accumulator in VMEM scratch, float32).
 - GQA: the G query heads of one kv head and the program's tokens form the rows of one
   matmul against that head's keys ([tile*G, H] x [H, C]).
@@ -38,8 +39,7 @@ with their scales), as one Pallas program per schedule:
 KV write: write_and_attend takes this step's K/V rows and writes them into their slots by
 DMA at the start of the first program (the caches are aliased outputs, written in place),
 before any page is read; paged_attention expects them written (write_kv).
-Not done here: the next program's first chunk is not prefetched across programs; decode
-programs serve one token each; no megacore split (dimension semantics "arbitrary");
+Not done here: decode programs serve one token each; no megacore split (dimension semantics "arbitrary");
 shared K/V (MLA) is served by the jnp path. On this CPU the kernel runs in Pallas' TPU
 interpret mode (`interpret=True`), which simulates the DMAs, semaphores and VMEM; it has
 not run on a TPU.
@@ -351,7 +351,8 @@ def _call_kernel(scalars, q_packed, row_pos, k_pages, v_pages, new_rows, *, bloc
     scratch = [kv_buffer, kv_buffer, pltpu.SemaphoreType.DMA((2, 2)),
                pltpu.VMEM((packs, num_rows, 1), jnp.float32),
                pltpu.VMEM((packs, num_rows, 1), jnp.float32),
-               pltpu.VMEM((packs, num_rows, width), jnp.float32)]
+               pltpu.VMEM((packs, num_rows, width), jnp.float32),
+               pltpu.SMEM((2,), jnp.int32)]
     out_shape = jax.ShapeDtypeStruct(q_packed.shape, jnp.float32)
     operands = [*scalars, q_packed, pos_col, pos_lane, k_pages, v_pages]
     in_specs = [q_spec, col_spec, lane_spec, hbm, hbm]
@@ -391,54 +392,77 @@ def _attention_kernel(*refs, block_size, sliding_window, soft_cap, attention_chu
     if write:
         (rows_ref, first_page_ref, num_pages_ref, tables_ref, scale_ref, num_work_ref,
          slots_ref, q_ref, pos_col_ref, pos_lane_ref, _, _, k_rows, v_rows, o_ref, k_hbm,
-         v_hbm, k_buf, v_buf, sems, m_ref, l_ref, acc_ref, write_sems) = refs
+         v_hbm, k_buf, v_buf, sems, m_ref, l_ref, acc_ref, state_ref, write_sems) = refs
         # The caches' input and output refs are one buffer: read the pages from the output.
         _write_new_rows(slots_ref, k_rows, v_rows, k_hbm, v_hbm, write_sems, block_size)
     else:
         (rows_ref, first_page_ref, num_pages_ref, tables_ref, scale_ref, num_work_ref, q_ref,
          pos_col_ref, pos_lane_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref,
-         acc_ref) = refs
+         acc_ref, state_ref) = refs
     i = pl.program_id(0)
     ppc = plan.pages_per_chunk
+    num_work = num_work_ref[0]
+    # state_ref (SMEM, kept across programs): [0] chunks fetched so far by this call (the
+    # buffer slot of a chunk is its count mod 2); [1] 1 where the previous program has
+    # already started this program's first chunk.
 
-    @pl.when(i < num_work_ref[0])
-    def _():
-        row, first_page, num_pages = rows_ref[i], first_page_ref[i], num_pages_ref[i]
-        num_chunks = (num_pages + ppc - 1) // ppc
+    def num_chunks_of(program):
+        return (num_pages_ref[program] + ppc - 1) // ppc
 
-        def page_copies(chunk, slot, j):
-            """The DMAs of page j of a chunk, K and V; slots past the table's end copy its
-            last page (their keys lie past every position: masked)."""
+    def for_each_copy(program, chunk, slot, action):
+        """Start or wait for the DMAs of one chunk of `program`'s pages, K and V, all on
+        the slot's semaphores (a loop, not unrolled: a chunk may hold dozens of pages).
+        Page slots past the block table's end copy its last page: their keys lie past
+        every position and are masked."""
+        row, first_page = rows_ref[program], first_page_ref[program]
+
+        def one_page(j, carry):
             block_idx = jnp.minimum(first_page + chunk * ppc + j, plan.max_blocks - 1)
             page = tables_ref[row * plan.max_blocks + block_idx]
-            return [pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, j], sems.at[0, slot]),
-                    pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, j], sems.at[1, slot])]
+            action(pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, j], sems.at[0, slot]))
+            action(pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, j], sems.at[1, slot]))
+            return carry
 
-        def for_each_copy(chunk, slot, action):
-            # A loop, not unrolled: a chunk may hold dozens of pages.
-            def one_page(j, carry):
-                for copy in page_copies(chunk, slot, j):
-                    action(copy)
-                return carry
+        jax.lax.fori_loop(0, ppc, one_page, 0)
 
-            jax.lax.fori_loop(0, ppc, one_page, 0)
+    @pl.when(i == 0)
+    def _():
+        state_ref[0] = 0
+        state_ref[1] = 0
 
+    @pl.when(i < num_work)
+    def _():
+        first_page = first_page_ref[i]
+        num_chunks = num_chunks_of(i)
+        fetched = state_ref[0]
         m_ref[...] = jnp.full(m_ref.shape, _MASK_VALUE, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-        @pl.when(num_chunks > 0)
+        @pl.when((num_chunks > 0) & (state_ref[1] == 0))
         def _():
-            for_each_copy(0, 0, lambda copy: copy.start())
+            for_each_copy(i, 0, fetched % 2, lambda copy: copy.start())
+
+        state_ref[1] = 0
 
         def body(chunk, carry):
-            slot = chunk % 2
+            slot = (fetched + chunk) % 2
+            next_slot = 1 - slot
 
             @pl.when(chunk + 1 < num_chunks)
             def _():
-                for_each_copy(chunk + 1, 1 - slot, lambda copy: copy.start())
+                for_each_copy(i, chunk + 1, next_slot, lambda copy: copy.start())
 
-            for_each_copy(chunk, slot, lambda copy: copy.wait())
+            # The last chunk: start the next program's first chunk, so that its copy
+            # overlaps this chunk's compute (and the pipeline's output and query copies).
+            @pl.when((chunk + 1 == num_chunks) & (i + 1 < num_work))
+            def _():
+                @pl.when(num_chunks_of(i + 1) > 0)
+                def _():
+                    for_each_copy(i + 1, 0, next_slot, lambda copy: copy.start())
+                    state_ref[1] = 1
+
+            for_each_copy(i, chunk, slot, lambda copy: copy.wait())
             first_key = (first_page + chunk * ppc) * block_size
             _fold_chunk(q_ref, pos_col_ref, pos_lane_ref, k_buf.at[slot], v_buf.at[slot],
                         m_ref, l_ref, acc_ref, first_key, scale_ref[0],
@@ -447,6 +471,7 @@ def _attention_kernel(*refs, block_size, sliding_window, soft_cap, attention_chu
             return carry
 
         jax.lax.fori_loop(0, num_chunks, body, 0)
+        state_ref[0] = fetched + num_chunks
         o_ref[...] = acc_ref[...] / jnp.maximum(l_ref[...], 1e-30)
 
 

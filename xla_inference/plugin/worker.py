@@ -173,6 +173,9 @@ class XlaWorker(WorkerBase):
         if model_implementation(mc) == "vllm":
             from xla_inference.torch_models.loader import load as load_torch_model
 
+            if data_parallel_size(self.vllm_config) > 1:  # not checked yet: refused
+                raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
+                                 "data parallel replicas yet; use --tensor-parallel-size")
             if dummy:
                 self.load_config.load_format = "dummy"
             self.model = load_torch_model(self.vllm_config, self.precision)

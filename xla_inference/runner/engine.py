@@ -16,7 +16,8 @@ from jax.sharding import Mesh, PartitionSpec
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
-                                             place_params, replica_sharding, replicated)
+                                             place_params, replica_sharding, replicated,
+                                             traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
@@ -213,8 +214,10 @@ class ModelEngine:
             forward = functools.partial(_forward_replicas, mesh=self.mesh)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
 
+        # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
+        # heads, collective matmuls; parallel/sharding.tensor_parallel_mesh).
         self._forward = Programs(
-            jax.jit(functools.partial(forward, model, model_cfg),
+            jax.jit(traced_over(self.mesh, functools.partial(forward, model, model_cfg)),
                     in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)

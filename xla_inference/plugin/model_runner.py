@@ -52,6 +52,24 @@ class XlaModelRunner:
         # sliding window that vLLM freed before a request (re)started.
         self.null_pages_received = [0] * engine.cfg.num_groups
 
+    def lora_slots(self):
+        if self.engine.lora is None:
+            raise ValueError("LoRA adapters need --enable-lora")
+        return self.engine.lora
+
+    def add_lora(self, lora_request) -> bool:
+        from vllm.lora.utils import get_adapter_absolute_path
+
+        from xla_inference.lora.peft import load_adapter
+
+        slots = self.lora_slots()
+        if lora_request.lora_int_id in slots.host and not lora_request.load_inplace:
+            return True
+        adapter = load_adapter(get_adapter_absolute_path(lora_request.lora_path),
+                               slots.module_shapes, slots.max_rank, lora_request.lora_name)
+        slots.add(lora_request.lora_int_id, adapter)
+        return True
+
     def execute_model(self, so):
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
@@ -148,6 +166,9 @@ class XlaModelRunner:
                 state.prompt_logprobs = (np.zeros((len(prompt) - 1, width), np.int32),
                                          np.zeros((len(prompt) - 1, width), np.float32),
                                          np.zeros(len(prompt) - 1, np.int32))
+            if new.lora_request is not None:  # loaded now if vLLM did not add it before
+                self.add_lora(new.lora_request)
+                state.lora_id = new.lora_request.lora_int_id
             self.requests[new.req_id] = state
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):

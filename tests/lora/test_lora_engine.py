@@ -22,6 +22,21 @@ def model_and_adapters(request, tmp_path_factory):
     return model_dir, save_adapters(model_dir, root)
 
 
+@pytest.fixture(scope="module")
+def llama_targets(tmp_path_factory):
+    """A tiny Llama's targetable modules and three adapters for it (host side only)."""
+    import jax.numpy as jnp
+
+    from xla_inference.lora.slots import decoder_targets
+    from xla_inference.runner.build import Precision, load
+
+    root = tmp_path_factory.mktemp("llama_host")
+    model_dir = save_tiny_llama(root / "model")
+    f32 = jnp.dtype(jnp.float32)
+    return model_dir, decoder_targets(load(model_dir, Precision(f32, f32, f32)).params), \
+        save_adapters(model_dir, root)
+
+
 def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4):
     import jax.numpy as jnp
 
@@ -62,18 +77,17 @@ def test_mixed_adapters_match_peft(model_and_adapters):
         model_dir, None, PROMPTS[0])).max() > 1e-2  # the adapters matter
 
 
-def test_swaps_and_evictions_do_not_compile(model_and_adapters):
+def test_swaps_and_evictions_do_not_compile(llama_targets):
     """Two slots, three adapters: loading, evicting and reloading write slots in place."""
     from xla_inference.runner import compile_counter
 
-    model_dir, adapters = model_and_adapters
+    model_dir, _, adapters = llama_targets
     engine = lora_engine(model_dir, max_loras=2, max_cpu_loras=3)
     engine.warm_up()
     before = compile_counter.num_compilations()
     for i, path in enumerate(adapters.values(), start=1):
         add(engine, i, path)
     order = [(1, 2), (3, 0), (2, 3), (1, 3), (0, 1)]
-    base = f"r{len(order)}"
     for step, ids in enumerate(order):
         reqs = [engine_request(f"s{step}{j}", PROMPTS[j], 1 + 8 * j) for j in range(2)]
         for req, lora_id in zip(reqs, ids):
@@ -83,25 +97,29 @@ def test_swaps_and_evictions_do_not_compile(model_and_adapters):
             path = None if lora_id == 0 else list(adapters.values())[lora_id - 1]
             np.testing.assert_allclose(rows[(req.req_id, len(PROMPTS[j]) - 1)],
                                        peft_logits(model_dir, path, PROMPTS[j])[-1], atol=2e-4,
-                                       rtol=0, err_msg=f"step {step} {base}")
+                                       rtol=0, err_msg=f"step {step} adapter {lora_id}")
     assert engine.lora.slot_writes >= 5  # evictions happened
     engine.lora.remove(2)
     assert engine.lora.ids() == {1, 3}
     assert compile_counter.num_compilations() == before
 
 
-def test_pinned_adapter_is_not_evicted(model_and_adapters):
-    model_dir, adapters = model_and_adapters
-    engine = lora_engine(model_dir, max_loras=1, max_cpu_loras=3)
-    a4, a8, _ = adapters.values()
-    add(engine, 1, a4)
-    add(engine, 2, a8)
-    engine.lora.slots_for([1])
-    assert engine.lora.pin(1)
+def test_pinned_adapter_is_not_evicted(llama_targets):
+    import jax.numpy as jnp
+
+    from xla_inference.lora.slots import LoraSlots
+
+    _, shapes, adapters = llama_targets
+    slots = LoraSlots(shapes, max_loras=1, max_rank=16, max_cpu_loras=3, dtype=jnp.float32)
+    for lora_id, path in enumerate(adapters.values(), start=1):
+        slots.add(lora_id, load_adapter(path, shapes, 16))
+    slots.slots_for([1])
+    assert slots.pin(1)
     with pytest.raises(LoraError, match="pinned or in use"):
-        engine.lora.slots_for([2])
+        slots.slots_for([2])
     with pytest.raises(LoraError, match="--max-loras"):
-        engine.lora.slots_for([1, 2])
+        slots.slots_for([1, 2])
+    assert slots.remove(1) and slots.slots_for([2]) == {0: 0, 2: 1}
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -110,9 +128,8 @@ def test_pinned_adapter_is_not_evicted(model_and_adapters):
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(r=32), "rank_pattern"),
 ])
-def test_unsupported_configs_name_the_field(model_and_adapters, tmp_path, edit, field):
-    model_dir, adapters = model_and_adapters
-    engine = lora_engine(model_dir)
+def test_unsupported_configs_name_the_field(llama_targets, tmp_path, edit, field):
+    _, shapes, adapters = llama_targets
     src = adapters["a4"]
     dst = tmp_path / "edited"
     dst.mkdir()
@@ -120,15 +137,14 @@ def test_unsupported_configs_name_the_field(model_and_adapters, tmp_path, edit, 
     cfg = json.loads((src / "adapter_config.json").read_text())
     (dst / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
     with pytest.raises(LoraError, match=field):
-        add(engine, 1, dst)
+        load_adapter(dst, shapes, 16)
 
 
-def test_rank_above_max_and_unserved_modules_refused(model_and_adapters, tmp_path):
-    model_dir, adapters = model_and_adapters
-    engine = lora_engine(model_dir, max_rank=8)
+def test_rank_above_max_and_unserved_modules_refused(llama_targets, tmp_path):
+    model_dir, shapes, adapters = llama_targets
     with pytest.raises(LoraError, match="max-lora-rank 8"):
-        add(engine, 1, adapters["a16"])
+        load_adapter(adapters["a16"], shapes, 8)
     head = save_adapter(model_dir, tmp_path / "head", seed=3, r=4, target_modules=["lm_head"])
     with pytest.raises(LoraError, match="lm_head"):
-        add(engine, 1, head)
+        load_adapter(head, shapes, 16)
     assert ADAPTERS[0][0] == "a4"

@@ -9,7 +9,7 @@ from tests.e2e.engines import num_compilations, shutdown, start_llm
 from tests.helpers import save_tiny_llama
 from tests.lora.lora_helpers import peft_greedy, save_adapters
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 NUM_NEW = 8
 
@@ -42,4 +42,4 @@ def test_mixed_batch_matches_peft_greedy(tmp_path):
     assert got == want
     assert len({tuple(w) for w in want}) == len(want)  # the adapters change the outputs
     assert after == before
-    assert loaded == {1, 2, 3} and writes >= 4  # two slots for three adapters: a swap
+    assert set(loaded) == {1, 2, 3} and writes >= 4  # two slots for three adapters: a swap

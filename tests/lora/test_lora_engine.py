@@ -37,7 +37,7 @@ def llama_targets(tmp_path_factory):
         save_adapters(model_dir, root)
 
 
-def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4):
+def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_tokens=64):
     import jax.numpy as jnp
 
     from xla_inference.runner.build import Precision, build_engine, load
@@ -45,7 +45,7 @@ def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4):
 
     f32 = jnp.dtype(jnp.float32)
     model = load(model_dir, Precision(f32, f32, f32))
-    ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64,
+    ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
     return build_engine(model, ecfg, lora=dict(max_loras=max_loras, max_rank=max_rank,
                                                max_cpu_loras=max_cpu_loras))
@@ -77,12 +77,13 @@ def test_mixed_adapters_match_peft(model_and_adapters):
         model_dir, None, PROMPTS[0])).max() > 1e-2  # the adapters matter
 
 
+@pytest.mark.slow  # compiles every bucket (warm-up)
 def test_swaps_and_evictions_do_not_compile(llama_targets):
     """Two slots, three adapters: loading, evicting and reloading write slots in place."""
     from xla_inference.runner import compile_counter
 
     model_dir, _, adapters = llama_targets
-    engine = lora_engine(model_dir, max_loras=2, max_cpu_loras=3)
+    engine = lora_engine(model_dir, max_loras=2, max_cpu_loras=3, max_num_tokens=16)
     engine.warm_up()
     before = compile_counter.num_compilations()
     for i, path in enumerate(adapters.values(), start=1):

@@ -70,7 +70,7 @@ def decoder_targets(params) -> dict[str, tuple[int, int]]:
     """A decoder's (models/decoder.py) targetable modules, by PEFT path -> [out, in]. MoE
     layers' MLPs and quantized projections are left out (an adapter naming them is refused)."""
     shapes = {}
-    for i, layer in enumerate(params.layers):
+    for i, layer in enumerate(getattr(params, "layers", None) or []):
         for suffix, (block, attr) in _DECODER_TARGETS.items():
             w = getattr(getattr(layer, block, None), attr, None)
             if isinstance(w, (np.ndarray, jax.Array)) and w.ndim == 2:

@@ -125,12 +125,19 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
     serve LoRA adapters (lora/slots.py)."""
     if mesh is None:
         mesh = build_mesh(tensor_parallel_size, data_parallel_size)
+    if lora is not None and model.family.name not in LORA_FAMILIES:
+        raise ValueError(f"xla-inference serves LoRA adapters on the {', '.join(LORA_FAMILIES)} "
+                         f"families, not on {model.family.name}")
     slots = None if lora is None else lora_slots(model.params, **lora)
     engine = ModelEngine(model.family, model.cfg, model.params, engine_cfg,
                          model.precision.kv_cache, mesh=mesh, lora=slots)
     if not keep_host_params:
         model.params = None
     return engine
+
+
+# The dense decoder families (models/decoder.py) whose projections LoRA adapters reach.
+LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def lora_slots(params, *, max_loras: int, max_rank: int, max_cpu_loras: int) -> LoraSlots:

@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp())
     model_dir = save_model(root / "model", args.hidden, args.layers)
@@ -79,7 +80,7 @@ def main():
     f32 = jnp.dtype(jnp.float32)
     ecfg = EngineConfig(num_blocks=8 * args.batch + 8, block_size=8, max_num_tokens=8 * args.batch,
                         max_num_seqs=args.batch, max_model_len=64)
-    results = {}
+    engines = {}
     for mode in ("base", "lora"):
         model = load(model_dir, Precision(f32, f32, f32))
         lora = dict(max_loras=4, max_rank=16, max_cpu_loras=4) if mode == "lora" else None
@@ -90,8 +91,15 @@ def main():
             for i, path in enumerate(adapters, start=1):
                 engine.lora.add(i, load_adapter(path, engine.lora.module_shapes, 16))
             ids = [1, 2, 3, 4]
-        results[mode] = (time_decode(engine, args.batch, ids, args.steps),
-                         time_decode(engine, 1, ids[:1], args.steps))
+        engines[mode] = (engine, ids)
+    # Alternate the two in rounds (a shared machine's load drifts); medians over rounds.
+    rounds = {"base": [], "lora": []}
+    for _ in range(args.rounds):
+        for mode, (engine, ids) in engines.items():
+            rounds[mode].append((time_decode(engine, args.batch, ids, args.steps),
+                                 time_decode(engine, 1, ids[:1], args.steps)))
+    results = {mode: tuple(statistics.median(r[k] for r in rs) for k in range(2))
+               for mode, rs in rounds.items()}
     (base_b, base_1), (lora_b, lora_1) = results["base"], results["lora"]
     print(f"hidden {args.hidden}, {args.layers} layers, f32, 4 adapters r16 on q/k/v/o/gate/up/down")
     print(f"batch {args.batch} decode step: base {base_b * 1e3:.2f} ms, LoRA mixed "

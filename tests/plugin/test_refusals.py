@@ -25,7 +25,7 @@ def test_a_plain_model_is_accepted(model_dir):
 
 @pytest.mark.parametrize("args, flag", [
     (dict(quantization="experts_int8"), "quantization 'experts_int8'"),
-    (dict(enable_lora=True), "--enable-lora"),
+    (dict(enable_lora=True, tensor_parallel_size=2), "--enable-lora"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                               "prompt_lookup_max": 2}), "--speculative-config"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),

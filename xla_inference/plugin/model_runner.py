@@ -51,6 +51,35 @@ class XlaModelRunner:
         # Null pages in the block ids vLLM handed over, per KV cache group (tests): pages of a
         # sliding window that vLLM freed before a request (re)started.
         self.null_pages_received = [0] * engine.cfg.num_groups
+        self._lora_requests = {}  # adapter id -> vLLM's LoRARequest (its path), to reload it
+
+    def lora_slots(self):
+        if self.engine.lora is None:
+            raise ValueError("LoRA adapters need --enable-lora")
+        return self.engine.lora
+
+    def add_lora(self, lora_request) -> bool:
+        from vllm.lora.utils import get_adapter_absolute_path
+
+        from xla_inference.lora.peft import load_adapter
+
+        slots = self.lora_slots()
+        self._lora_requests[lora_request.lora_int_id] = lora_request
+        if lora_request.lora_int_id in slots.host and not lora_request.load_inplace:
+            return True
+        adapter = load_adapter(get_adapter_absolute_path(lora_request.lora_path),
+                               slots.module_shapes, slots.max_rank, lora_request.lora_name)
+        slots.add(lora_request.lora_int_id, adapter)
+        return True
+
+    def _reload_evicted_loras(self, scheduled) -> None:
+        """A running request's adapter that left the host cache (max_cpu_loras, or removed
+        while the request ran) is read again from its path, as vLLM's GPU runner does."""
+        if self.engine.lora is None:
+            return
+        for req, _ in scheduled:
+            if req.lora_id and req.lora_id not in self.engine.lora.host:
+                self.add_lora(self._lora_requests[req.lora_id])
 
     def execute_model(self, so):
         self._update_states(so)
@@ -59,6 +88,7 @@ class XlaModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         self.engine.stats.step_started()
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()]
+        self._reload_evicted_loras(scheduled)
         # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
         self._pending = (scheduled, self.engine.forward(scheduled))
         return None
@@ -148,6 +178,9 @@ class XlaModelRunner:
                 state.prompt_logprobs = (np.zeros((len(prompt) - 1, width), np.int32),
                                          np.zeros((len(prompt) - 1, width), np.float32),
                                          np.zeros(len(prompt) - 1, np.int32))
+            if new.lora_request is not None:  # loaded now if vLLM did not add it before
+                self.add_lora(new.lora_request)
+                state.lora_id = new.lora_request.lora_int_id
             self.requests[new.req_id] = state
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):

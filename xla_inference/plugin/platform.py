@@ -192,14 +192,16 @@ class XlaPlatform(Platform):
 def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
     and then serve wrongly or die on: a quantization method it does not serve (weights
-    would be read as if unquantized), LoRA (adapter requests would get the base model),
+    would be read as if unquantized), LoRA beyond one device (the adapter stacks are not
+    sharded; lora/slots.py),
     speculative decoding (the engine has no drafter) and KV connectors (no transfer)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "
                                      "checkpoint's quantization_config")
     refusals = [
-        (vllm_config.lora_config is not None, lambda: "LoRA adapters (--enable-lora)"),
+        (vllm_config.lora_config is not None and _parallel_size(vllm_config) > 1,
+         lambda: "LoRA adapters (--enable-lora) with tensor or data parallel (one device only)"),
         (vllm_config.speculative_config is not None,
          lambda: "speculative decoding (--speculative-config)"),
         (vllm_config.kv_transfer_config is not None,
@@ -208,6 +210,11 @@ def refuse_unsupported_features(vllm_config) -> None:
     for refused, feature in refusals:
         if refused:
             raise ValueError(f"xla-inference does not support {feature()} yet")
+
+
+def _parallel_size(vllm_config) -> int:
+    pc = vllm_config.parallel_config
+    return pc.tensor_parallel_size * pc.pipeline_parallel_size * data_parallel_size(vllm_config)
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"

@@ -262,12 +262,25 @@ class XlaWorker(WorkerBase):
             layer_groups=layer_groups, layer_arrays=layer_arrays)
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
-                              data_parallel_size=data_parallel_size(self.vllm_config))
+                              data_parallel_size=data_parallel_size(self.vllm_config),
+                              lora=self._lora_limits())
         self.model_runner = XlaModelRunner(engine)
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays),
                     len(layer_arrays), engine.token_buckets, dict(engine.mesh.shape))
+
+    def _lora_limits(self) -> dict | None:
+        """--enable-lora's slots (max_loras), rank (max_lora_rank) and host cache
+        (max_cpu_loras) for the engine's adapter stacks (lora/slots.py); None without it."""
+        lc = self.vllm_config.lora_config
+        if lc is None:
+            return None
+        if model_implementation(self.model_config) == "vllm":
+            raise ValueError("xla-inference serves LoRA adapters on its native JAX families "
+                             "only (--model-impl native), not on vLLM's PyTorch model classes")
+        return dict(max_loras=lc.max_loras, max_rank=lc.max_lora_rank,
+                    max_cpu_loras=lc.max_cpu_loras or lc.max_loras)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine
@@ -285,6 +298,25 @@ class XlaWorker(WorkerBase):
 
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
+
+    # -- LoRA adapters (vLLM's add/remove/pin/list_loras; --enable-lora) ---------------------
+    def add_lora(self, lora_request) -> bool:
+        """Read the adapter (errors name the adapter_config field) into the host cache; a
+        step that uses it writes it into a device slot."""
+        return self.model_runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.model_runner.lora_slots().remove(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self.model_runner.lora_slots().pin(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.model_runner.lora_slots().ids()
+
+    def lora_slot_writes(self) -> int:
+        """Adapters written into device slots so far (tests: evictions happened)."""
+        return self.model_runner.lora_slots().slot_writes
 
     def num_compilations(self) -> int:
         """XLA executables built in this process so far (tests check none appear after warm-up)."""

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from xla_inference.kernels.metadata import KvCache
+from xla_inference.lora.slots import LoraSlots, attach
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
                                              place_params, replica_sharding, replicated,
@@ -92,6 +93,14 @@ class StepOutput:
 
 def _forward_logits(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
     kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
+    return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+
+
+def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch):
+    """_forward_logits with the adapters: params_lora is (params, the LoRA stacks, each
+    token's slot [T]); the targeted projections add their adapter's delta (lora/slots.py)."""
+    params, stacks, token_slots = params_lora
+    kv_cache, hidden = model.forward(attach(params, stacks, token_slots), kv_cache, batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
 
 
@@ -195,7 +204,7 @@ class ModelEngine:
     cache (kv_dtype) is dtype=bfloat16 on the host CPU (plugin/worker.py, layers/linear.py)."""
 
     def __init__(self, model: ModelFamily, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, lora: LoraSlots | None = None):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
@@ -207,8 +216,18 @@ class ModelEngine:
         self.rows_per_replica = np.zeros(self.replicas, np.int64)  # requests run, per replica
         self.kv_cache, kv_shardings = self._allocate_kv_cache(model.kv_layers(model_cfg), kv_dtype)
         whole = replicated(self.mesh)
+        self.lora = lora
+        first_shardings = self.param_shardings
+        if lora is not None:
+            if self.mesh.size > 1:
+                raise ValueError("xla-inference serves LoRA adapters on one device only (no "
+                                 "tensor or data parallel with --enable-lora yet)")
+            first_shardings = (self.param_shardings, jax.tree.map(lambda _: whole, lora.stacks),
+                               whole)
         # The cache keeps its sharding from step to step (a change would recompile).
-        if self.replicas == 1:
+        if lora is not None:
+            forward, batch_shardings = _forward_lora, (whole,)
+        elif self.replicas == 1:
             forward, batch_shardings = _forward_logits, (whole,)
         else:
             forward = functools.partial(_forward_replicas, mesh=self.mesh)
@@ -218,7 +237,7 @@ class ModelEngine:
         # heads, collective matmuls; parallel/sharding.tensor_parallel_mesh).
         self._forward = Programs(
             jax.jit(traced_over(self.mesh, functools.partial(forward, model, model_cfg)),
-                    in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
+                    in_shardings=(first_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
         widths = [engine_cfg.max_logprobs]
@@ -264,7 +283,25 @@ class ModelEngine:
         if self.replicas > 1:
             return self._run_forward(*self._replica_batch(scheduled))
         num_tokens = sum(n for _, n in scheduled)
-        return self._run_forward(build_step_batch(scheduled, self.layout_for(num_tokens)))
+        batch = build_step_batch(scheduled, self.layout_for(num_tokens))
+        if self.lora is None:
+            return self._run_forward(batch)
+        return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens))
+
+    def _token_slots(self, scheduled: list[tuple[RequestState, int]], T: int) -> np.ndarray:
+        """Each token's LoRA slot (0: the base model, and padding), loading the step's
+        adapters into slots where they are not yet."""
+        slots = self.lora.slots_for([req.lora_id for req, _ in scheduled])
+        return np.repeat(np.asarray([slots[req.lora_id] for req, _ in scheduled] + [0], np.int32),
+                         [n for _, n in scheduled] + [T - sum(n for _, n in scheduled)])
+
+    def _step_params(self, token_slots=None):
+        """The forward program's first argument: params, or with LoRA (params, stacks, slots)."""
+        if self.lora is None:
+            return self.params
+        if token_slots is None:
+            raise ValueError("a LoRA engine's step needs each token's slot")
+        return (self.params, self.lora.stacks, token_slots)
 
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
@@ -291,10 +328,10 @@ class ModelEngine:
             done += num_new
         return _stack(batches), row_order, token_order
 
-    def _run_forward(self, batch: StepBatch, *orders) -> StepOutput:
+    def _run_forward(self, batch: StepBatch, *orders, token_slots=None) -> StepOutput:
         T = batch.input_ids.shape[-1]
         self.kv_cache, logits, hidden = self.stats.run(
-            self._forward, self.params, self.kv_cache, batch, *orders, bucket=T)
+            self._forward, self._step_params(token_slots), self.kv_cache, batch, *orders, bucket=T)
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],
@@ -359,7 +396,7 @@ class ModelEngine:
             B = layout.num_seqs
             batch = build_step_batch([], layout)
             if self.replicas == 1:
-                forward_args.append((self.params, self.kv_cache, batch))
+                forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:
                 forward_args.append((self.params, self.kv_cache, _stack([batch] * self.replicas),
                                      np.zeros(self.replicas * B, np.int32),
@@ -389,13 +426,15 @@ class ModelEngine:
         # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
         run_start = time.perf_counter()
         for args in forward_args:
-            self.kv_cache = self._forward(self.params, self.kv_cache, *args[2:])[0]
+            self.kv_cache = self._forward(args[0], self.kv_cache, *args[2:])[0]
         jax.block_until_ready(self.kv_cache)
         logger.info("xla-inference: ran each forward bucket once in %.1fs",
                     time.perf_counter() - run_start)
         hidden = np.zeros((1, hidden.shape[1]), hidden.dtype)
         for k in self._scorers:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
+        if self.lora is not None:
+            self.lora.warm_up()
         logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
                     "scorer in %.1fs (%d at a time)", len(forward),
                     sum(len(f) for f in samplers.values()),

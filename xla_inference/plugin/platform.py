@@ -10,7 +10,7 @@ import psutil
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from xla_inference.plugin import quantization
+from xla_inference.plugin import quantization, spec_decode
 
 logger = logging.getLogger(__name__)
 
@@ -193,21 +193,21 @@ def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
     and then serve wrongly or die on: a quantization method it does not serve (weights
     would be read as if unquantized), LoRA (adapter requests would get the base model),
-    speculative decoding (the engine has no drafter) and KV connectors (no transfer)."""
+    speculative decoding methods other than n-gram (plugin/spec_decode.py) and KV
+    connectors (no transfer)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "
                                      "checkpoint's quantization_config")
     refusals = [
         (vllm_config.lora_config is not None, lambda: "LoRA adapters (--enable-lora)"),
-        (vllm_config.speculative_config is not None,
-         lambda: "speculative decoding (--speculative-config)"),
         (vllm_config.kv_transfer_config is not None,
          lambda: "KV connectors (--kv-transfer-config)"),
     ]
     for refused, feature in refusals:
         if refused:
             raise ValueError(f"xla-inference does not support {feature()} yet")
+    spec_decode.refuse_unserved(vllm_config)
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"

@@ -13,6 +13,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from xla_inference.plugin.model_runner import XlaModelRunner
 from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
 from xla_inference.plugin.quantization import loader_method
+from xla_inference.plugin.spec_decode import build_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ class XlaWorker(WorkerBase):
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config))
-        self.model_runner = XlaModelRunner(engine)
+        self.model_runner = XlaModelRunner(engine, build_drafter(self.vllm_config))
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays),
@@ -282,6 +283,9 @@ class XlaWorker(WorkerBase):
 
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
+
+    def take_draft_token_ids(self):
+        return self.model_runner.take_draft_token_ids()
 
     def num_compilations(self) -> int:
         """XLA executables built in this process so far (tests check none appear after warm-up)."""

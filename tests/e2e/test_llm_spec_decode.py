@@ -50,10 +50,11 @@ def _metric(llm, name):
     return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
 
 
-@pytest.mark.parametrize("num_pages", [128, 14])  # 14: vLLM must preempt and recompute
-def test_ngram_greedy_equals_greedy_without_speculation(model_dir, prompts, num_pages):
+def test_ngram_greedy_equals_greedy_without_speculation(model_dir, prompts):
+    """14 pages of 16 tokens cannot hold 6 sequences of up to 84 tokens: vLLM preempts and
+    recomputes; the 60-token prompt is prefilled in chunks (64 tokens a step, shared)."""
     expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
-    llm = _llm(model_dir, num_pages)
+    llm = _llm(model_dir, num_pages=14)
     try:
         got = _generate(llm, prompts, temperature=0.0)
         # The same prompts again: their pages come from the prefix cache.
@@ -68,4 +69,4 @@ def test_ngram_greedy_equals_greedy_without_speculation(model_dir, prompts, num_
     assert got == expected
     assert again == expected[3:]
     assert 0 < accepted <= drafted
-    assert (preemptions > 0) == (num_pages == 14)
+    assert preemptions > 0

@@ -25,7 +25,9 @@ def refuse_unserved(vllm_config) -> None:
         raise ValueError("xla-inference serves n-gram speculative decoding with synchronous "
                          "scheduling only; drop --async-scheduling")
     extra = vllm_config.additional_config
-    dp = int(extra.get("xla_data_parallel_size", 1)) if isinstance(extra, dict) else 1
+    dp = 1
+    if isinstance(extra, dict):  # before or after platform._fold_data_parallel
+        dp = int(extra.get("xla_data_parallel_size", extra.get("data_parallel_size", 1)))
     if dp > 1 or vllm_config.parallel_config.data_parallel_size > 1:
         raise ValueError("xla-inference does not support speculative decoding with data "
                          "parallel replicas yet")

@@ -70,3 +70,26 @@ def test_ngram_greedy_equals_greedy_without_speculation(model_dir, prompts):
     assert again == expected[3:]
     assert 0 < accepted <= drafted
     assert preemptions > 0
+
+
+def test_seeded_sampling_with_ngram_repeats_and_logprobs_are_refused(model_dir, prompts):
+    """The random rejection path end to end: a seeded request draws the same tokens alone
+    and beside others; logprobs (not returned by speculative steps yet) are a 400-style
+    validation error, and the engine keeps serving."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    llm = _llm(model_dir, num_pages=128)
+    try:
+        alone = _generate(llm, prompts[3:4], temperature=1.0, seed=11)
+        crowd = _generate(llm, prompts[3:], temperature=1.0, seed=11)
+        with pytest.raises(VLLMValidationError, match="logprobs with speculative decoding"):
+            llm.generate([{"prompt_token_ids": prompts[0]}],
+                         SamplingParams(max_tokens=4, logprobs=2), use_tqdm=False)
+        after = _generate(llm, prompts[3:4], temperature=1.0, seed=11)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    assert len(alone[0]) == NUM_NEW and all(0 <= t < 128 for t in alone[0])
+    assert crowd[0] == alone[0] == after[0]

@@ -138,6 +138,8 @@ class XlaPlatform(Platform):
 
         parallel = vllm_config.parallel_config
         refuse_unsupported_features(vllm_config)
+        # validate_request (same process) refuses what speculative steps do not return yet.
+        cls.speculative_decoding = vllm_config.speculative_config is not None
         _fold_data_parallel(vllm_config)
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("xla-inference does not support pipeline parallelism")
@@ -176,6 +178,11 @@ class XlaPlatform(Platform):
             raise VLLMValidationError("xla-inference does not take prompt embeddings yet; send "
                                       "the prompt as text or token ids",
                                       parameter="prompt_embeds")
+        if getattr(cls, "speculative_decoding", False) and (
+                params.logprobs is not None or params.logprob_token_ids):
+            raise VLLMValidationError("xla-inference does not return logprobs with "
+                                      "speculative decoding (--speculative-config) yet",
+                                      parameter="logprobs")
         if params.prompt_logprob_token_ids is not None:
             # vLLM itself serves these only with its V2 model runner, and refuses them first
             # unless VLLM_USE_V2_MODEL_RUNNER=1.

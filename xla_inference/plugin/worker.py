@@ -13,6 +13,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from xla_inference.plugin.model_runner import XlaModelRunner
 from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
 from xla_inference.plugin.quantization import loader_method
+from xla_inference.plugin.spec_decode import build_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class XlaWorker(WorkerBase):
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config),
                               lora=self._lora_limits())
-        self.model_runner = XlaModelRunner(engine)
+        self.model_runner = XlaModelRunner(engine, build_drafter(self.vllm_config))
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays),
@@ -317,6 +318,9 @@ class XlaWorker(WorkerBase):
     def lora_slot_writes(self) -> int:
         """Adapters written into device slots so far (tests: evictions happened)."""
         return self.model_runner.lora_slots().slot_writes
+
+    def take_draft_token_ids(self):
+        return self.model_runner.take_draft_token_ids()
 
     def num_compilations(self) -> int:
         """XLA executables built in this process so far (tests check none appear after warm-up)."""

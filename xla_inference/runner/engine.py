@@ -22,6 +22,7 @@ from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, para
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
+from xla_inference.runner.speculative import verify_inputs, verify_program, verify_rows
 from xla_inference.runner.step_stats import StepStats
 from xla_inference.sampling.host import build_sampling_batch, build_sampling_extras
 from xla_inference.sampling.sampler import gather_logprobs, sample
@@ -250,6 +251,7 @@ class ModelEngine:
                          for k in widths}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
+        self._verify = None  # built at the first step with drafts (speculative decoding)
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
@@ -350,6 +352,28 @@ class ModelEngine:
         width = self.logprobs_width(r.options.num_top_logprobs(self.vocab_size) for r in requests)
         out = self._run_sample(self._samplers[width], logits, sampling, extras)
         return jax.tree.map(lambda a: np.asarray(a)[:len(requests)], out)
+
+    def verify_drafts(self, hidden: jax.Array, scheduled: list[tuple[RequestState, int]],
+                      drafts: list[list[int]], num_speculative_tokens: int,
+                      grammar_masks: dict[tuple[int, int], np.ndarray] | None = None):
+        """Speculative decoding: each request's emitted tokens (accepted drafts, then a
+        recovered or bonus token) from the step's hidden states. grammar_masks: (row,
+        position) -> bool [V]. -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
+        if self.replicas > 1:
+            raise NotImplementedError("speculative decoding with data parallel replicas")
+        if self._verify is None:
+            self._verify = verify_program(self.model, self.model_cfg)
+        K = num_speculative_tokens
+        B = self.layout_for(sum(n for _, n in scheduled)).num_seqs
+        requests = [r for r, _ in scheduled]
+        rows = verify_rows([n for _, n in scheduled], [len(d) for d in drafts], B, K)
+        batch, sampling, extras = verify_inputs(requests, drafts, B, K, self.vocab_size,
+                                                grammar_masks)
+        self._num_steps += 1
+        out = self.stats.run(self._verify, self.params, hidden, rows, batch, sampling, extras,
+                             self._base_key, np.uint32(self._num_steps))
+        n = len(requests)
+        return np.asarray(out.tokens)[:n], np.asarray(out.num_emitted)[:n]
 
     def _run_sample(self, program, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
         self._num_steps += 1

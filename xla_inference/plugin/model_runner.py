@@ -44,8 +44,10 @@ def sampling_options(sp) -> SamplingOptions:
 class XlaModelRunner:
     """Keeps every request's state across steps; vLLM only sends what changed."""
 
-    def __init__(self, engine: ModelEngine):
+    def __init__(self, engine: ModelEngine, pooling=None):
         self.engine = engine
+        # A pooling model's requests (plugin/pooling.PoolingRequests); None: generation.
+        self.pooling = pooling
         self.requests: dict[str, RequestState] = {}
         self._pending = None  # (scheduled [(state, num_tokens)], StepOutput) between the two calls
         # Null pages in the block ids vLLM handed over, per KV cache group (tests): pages of a
@@ -59,6 +61,8 @@ class XlaModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         self.engine.stats.step_started()
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()]
+        if self.pooling is not None:
+            return self._pool(scheduled)
         # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
         self._pending = (scheduled, self.engine.forward(scheduled))
         return None
@@ -86,6 +90,18 @@ class XlaModelRunner:
                                  sampled_token_ids=sampled,
                                  logprobs=self._logprobs_lists(requests, out),
                                  prompt_logprobs_dict=prompt_logprobs)
+
+    def _pool(self, scheduled) -> ModelRunnerOutput:
+        """A pooling step: no sampler; one pooled output per request whose prompt this step
+        completes, None for a prompt still in progress (vLLM's pooling runner contract)."""
+        step = self.engine.forward(scheduled)
+        outputs = self.pooling.step_outputs(scheduled, step.logits, step.hidden)
+        for req, num_new in scheduled:
+            req.num_computed_tokens += num_new
+        req_ids = [req.req_id for req, _ in scheduled]
+        return ModelRunnerOutput(req_ids=req_ids,
+                                 req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+                                 pooler_output=outputs)
 
     def _grammar_masks(self, grammar_output, requests) -> dict[int, np.ndarray] | None:
         if grammar_output is None:
@@ -134,9 +150,14 @@ class XlaModelRunner:
     def _update_states(self, so) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
+            if self.pooling is not None:
+                self.pooling.remove(rid)
         for new in so.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids)
-            options = sampling_options(new.sampling_params)
+            if self.pooling is not None:
+                self.pooling.add(new.req_id, new.pooling_params, len(prompt))
+            options = (SamplingOptions() if new.sampling_params is None
+                       else sampling_options(new.sampling_params))
             state = RequestState(
                 req_id=new.req_id, token_ids=prompt, num_prompt_tokens=len(prompt),
                 block_ids=self._block_ids(new.block_ids), num_computed_tokens=new.num_computed_tokens,
@@ -158,6 +179,8 @@ class XlaModelRunner:
             req.trim_outputs(cached.num_output_tokens[i])
             new_blocks = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:  # every page anew
+                if self.pooling is not None:
+                    self.pooling.restart(rid)
                 req.block_ids = self._block_ids(new_blocks)
             elif new_blocks is not None:  # pages appended to each group's list
                 for ids, new_ids in zip(req.block_ids, new_blocks, strict=True):

@@ -33,6 +33,7 @@ def save_tiny_qwen3_embedder(path: Path, seed: int = 0) -> Path:
     model = transformers.Qwen3Model(config).to(torch.float32).eval()
     _randomize_norms(model)
     model.config.architectures = ["Qwen3ForCausalLM"]
+    model.config.is_matryoshka = True  # vLLM then serves `dimensions` (truncation)
     model.save_pretrained(path)
     save_word_tokenizer(path, config.vocab_size)
     return path

@@ -22,6 +22,9 @@ PROMPTS = [[5, 9, 3, 7, 11], list(range(3, 26)), [40, 41, 42, 8, 9, 10, 99, 1, 4
 PLAN = [{0: 5, 1: 11}, {1: 8, 2: 8}, {1: 4, 2: 1}]
 TOL = 1e-4
 
+# Two engines compiled, two transformers models: ~2 minutes on the shared 2-core machine.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory):

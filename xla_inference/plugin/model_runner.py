@@ -45,12 +45,14 @@ def sampling_options(sp) -> SamplingOptions:
 class XlaModelRunner:
     """Keeps every request's state across steps; vLLM only sends what changed."""
 
-    def __init__(self, engine: ModelEngine, drafter=None):
+    def __init__(self, engine: ModelEngine, drafter=None, pooling=None):
         self.engine = engine
         # Speculative decoding (plugin/spec_decode.py): proposes each request's next drafts
         # after a step; None without --speculative-config.
         self.drafter = drafter
         self._draft_token_ids: DraftTokenIds | None = None
+        # A pooling model's requests (plugin/pooling.PoolingRequests); None: generation.
+        self.pooling = pooling
         self.requests: dict[str, RequestState] = {}
         self._pending = None  # (scheduled [(state, num_tokens)], StepOutput) between the two calls
         # Null pages in the block ids vLLM handed over, per KV cache group (tests): pages of a
@@ -94,6 +96,8 @@ class XlaModelRunner:
         self.engine.stats.step_started()
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()]
         self._reload_evicted_loras(scheduled)
+        if self.pooling is not None:
+            return self._pool(scheduled)
         drafts = [list(so.scheduled_spec_decode_tokens.get(r.req_id, ())) for r, _ in scheduled]
         for req, ids in zip(scheduled, drafts):  # the step's input: known tokens, then drafts
             req[0].token_ids.extend(ids)
@@ -190,6 +194,18 @@ class XlaModelRunner:
         if self.drafter is not None:
             self._draft_token_ids = self.drafter.propose(requests, sampled)
 
+    def _pool(self, scheduled) -> ModelRunnerOutput:
+        """A pooling step: no sampler; one pooled output per request whose prompt this step
+        completes, None for a prompt still in progress (vLLM's pooling runner contract)."""
+        step = self.engine.forward(scheduled)
+        outputs = self.pooling.step_outputs(scheduled, step.logits, step.hidden)
+        for req, num_new in scheduled:
+            req.num_computed_tokens += num_new
+        req_ids = [req.req_id for req, _ in scheduled]
+        return ModelRunnerOutput(req_ids=req_ids,
+                                 req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+                                 pooler_output=outputs)
+
     def _grammar_masks(self, grammar_output, requests) -> dict[int, np.ndarray] | None:
         if grammar_output is None:
             return None
@@ -237,9 +253,14 @@ class XlaModelRunner:
     def _update_states(self, so) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
+            if self.pooling is not None:
+                self.pooling.remove(rid)
         for new in so.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids)
-            options = sampling_options(new.sampling_params)
+            if self.pooling is not None:
+                self.pooling.add(new.req_id, new.pooling_params, len(prompt))
+            options = (SamplingOptions() if new.sampling_params is None
+                       else sampling_options(new.sampling_params))
             state = RequestState(
                 req_id=new.req_id, token_ids=prompt, num_prompt_tokens=len(prompt),
                 block_ids=self._block_ids(new.block_ids), num_computed_tokens=new.num_computed_tokens,
@@ -264,6 +285,8 @@ class XlaModelRunner:
             req.trim_outputs(cached.num_output_tokens[i])
             new_blocks = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:  # every page anew
+                if self.pooling is not None:
+                    self.pooling.restart(rid)
                 req.block_ids = self._block_ids(new_blocks)
             elif new_blocks is not None:  # pages appended to each group's list
                 for ids, new_ids in zip(req.block_ids, new_blocks, strict=True):

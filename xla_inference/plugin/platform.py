@@ -173,7 +173,8 @@ class XlaPlatform(Platform):
         from xla_inference.sampling.types import MAX_LOGPROB_TOKEN_IDS
 
         if not isinstance(params, SamplingParams):
-            raise VLLMValidationError("xla-inference serves text generation only (no pooling yet)")
+            _validate_pooling_request(params)
+            return
         if isinstance(processed_inputs, dict) and processed_inputs.get("type") == "embeds":
             raise VLLMValidationError("xla-inference does not take prompt embeddings yet; send "
                                       "the prompt as text or token ids",
@@ -194,6 +195,22 @@ class XlaPlatform(Platform):
             raise VLLMValidationError(f"xla-inference serves at most {MAX_LOGPROB_TOKEN_IDS} "
                                       f"logprob_token_ids per request, got {len(ids)}",
                                       parameter="logprob_token_ids", value=len(ids))
+
+
+def _validate_pooling_request(params) -> None:
+    """Pooling requests this platform serves: embed, classify and their per-token forms
+    (vLLM has checked the task against the model's and the dimensions already)."""
+    from vllm.exceptions import VLLMValidationError
+
+    if params.task not in ("embed", "classify", "token_embed", "token_classify"):
+        raise VLLMValidationError(f"xla-inference does not serve pooling task {params.task!r}",
+                                  parameter="task")
+    if params.late_interaction_params is not None:
+        raise VLLMValidationError("xla-inference does not serve late-interaction scoring",
+                                  parameter="late_interaction_params")
+    if params.step_tag_id is not None or params.returned_token_ids is not None:
+        raise VLLMValidationError("xla-inference does not serve STEP pooling",
+                                  parameter="step_tag_id")
 
 
 def refuse_unsupported_features(vllm_config) -> None:

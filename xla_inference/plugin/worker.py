@@ -171,6 +171,9 @@ class XlaWorker(WorkerBase):
         start = time.perf_counter()
         mc = self.model_config
         dummy = load_dummy_weights or self.load_config.load_format == "dummy"
+        if mc.runner_type == "pooling":
+            self._load_pooling_model(dummy, loader_method(mc.quantization))
+            return
         if model_implementation(mc) == "vllm":
             from xla_inference.torch_models.loader import load as load_torch_model
 
@@ -190,6 +193,17 @@ class XlaWorker(WorkerBase):
                     " as random weights" if dummy else "", self.precision,
                     f", quantization {quantization}" if quantization else "",
                     self.loaded_weight_bytes / (1 << 20), time.perf_counter() - start)
+
+    def _load_pooling_model(self, dummy: bool, quantization: str | None) -> None:
+        """vLLM's pooling runner (--runner pooling, --convert embed|classify) on a native
+        decoder family: its weights and, for a classifier, the score layer."""
+        from xla_inference.runner.build import load_pooling
+
+        if dummy or quantization:
+            raise ValueError("xla-inference serves pooling models from unquantized checkpoints "
+                             "(no --load-format dummy, no quantization)")
+        self.model = load_pooling(self.model_config.model, self.precision)
+        self.loaded_weight_bytes = self.model.weight_bytes
 
     def get_kv_cache_spec(self) -> dict:
         return {_layer_name(i): kv_cache_spec(layer, self.cache_config.block_size,
@@ -264,8 +278,10 @@ class XlaWorker(WorkerBase):
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config),
-                              lora=self._lora_limits())
-        self.model_runner = XlaModelRunner(engine, build_drafter(self.vllm_config))
+                              lora=self._lora_limits(),
+                              pooling=self.model_config.runner_type == "pooling")
+        self.model_runner = XlaModelRunner(engine, build_drafter(self.vllm_config),
+                                           pooling=self._pooling_requests())
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays),
@@ -290,7 +306,21 @@ class XlaWorker(WorkerBase):
         logger.info("xla-inference: warm-up done in %.1fs", seconds)
         return CompilationTimes(language_model=seconds, encoder=0.0)
 
+    def _pooling_requests(self):
+        if self.model_config.runner_type != "pooling":
+            return None
+        from xla_inference.plugin.pooling import PoolingRequests, pooling_setup
+
+        setup = pooling_setup(self.model_config, self.model.score_weight)
+        logger.info("xla-inference: pooling model, %s pooling, tasks %s", setup.seq_pooling_type,
+                    setup.tasks)
+        return PoolingRequests(setup)
+
     def get_supported_tasks(self):
+        if self.model_config.runner_type == "pooling":
+            from xla_inference.plugin.pooling import pooling_setup
+
+            return pooling_setup(self.model_config, self.model.score_weight).tasks
         return ("generate",)
 
     # -- serving ----------------------------------------------------------------------------

@@ -78,6 +78,8 @@ class LoadedModel:
     cfg: object
     params: object  # host arrays; None once an engine holds the placed copy
     precision: Precision
+    # A pooling model's sequence-classification layer [labels, D] (float32), if it has one.
+    score_weight: object = None
 
     def kv_layers(self) -> list[KvLayer]:
         return self.family.kv_layers(self.cfg)
@@ -115,9 +117,22 @@ def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None 
     return LoadedModel(family, cfg, params, precision)
 
 
+def load_pooling(model_path: str | Path, precision: Precision) -> LoadedModel:
+    """Phase one for a pooling model (models/pooling_loader.py): the decoder's weights as
+    load() gives them, and the classification layer when the checkpoint has one."""
+    from xla_inference.models.pooling_loader import load_pooling_model
+
+    family, cfg, params, score = load_pooling_model(model_path, precision.activations)
+    params = pack_quantized(params, precision.weights, precision.activations)
+    if precision.narrows_projections:
+        params = narrow_projections(params, precision.weights)
+    return LoadedModel(family, cfg, params, precision, score)
+
+
 def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None,
-                 keep_host_params: bool = False, lora: dict | None = None) -> ModelEngine:
+                 keep_host_params: bool = False, lora: dict | None = None,
+                 pooling: bool = False) -> ModelEngine:
     """Phase two: the mesh, the KV cache of engine_cfg.num_blocks pages and the weights
     placed shard by shard; the host copy of the weights is dropped (unless
     keep_host_params: a benchmark building several engines). Compile with
@@ -130,7 +145,7 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
                          f"families, not on {model.family.name}")
     slots = None if lora is None else lora_slots(model.params, **lora)
     engine = ModelEngine(model.family, model.cfg, model.params, engine_cfg,
-                         model.precision.kv_cache, mesh=mesh, lora=slots)
+                         model.precision.kv_cache, mesh=mesh, lora=slots, pooling=pooling)
     if not keep_host_params:
         model.params = None
     return engine

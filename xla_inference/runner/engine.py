@@ -21,6 +21,7 @@ from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, para
                                              traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
+from xla_inference.runner.pooling import gather_pooled_rows
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
 from xla_inference.runner.speculative import verify_inputs, verify_program, verify_rows
 from xla_inference.runner.step_stats import StepStats
@@ -103,6 +104,15 @@ def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBat
     params, stacks, token_slots = params_lora
     kv_cache, hidden = model.forward(attach(params, stacks, token_slots), kv_cache, batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+
+
+def _forward_pooled(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
+    """A pooling model's step: no LM head; each row's pooled rows (runner/pooling.py)
+    gathered on device, and the hidden states (read back only for ALL pooling)."""
+    kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
+    pooled = gather_pooled_rows(hidden, batch.attention.seq_ids, batch.logits_indices,
+                                batch.num_seqs)
+    return kv_cache, pooled, hidden
 
 
 def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
@@ -205,7 +215,8 @@ class ModelEngine:
     cache (kv_dtype) is dtype=bfloat16 on the host CPU (plugin/worker.py, layers/linear.py)."""
 
     def __init__(self, model: ModelFamily, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
-                 mesh: Mesh | None = None, lora: LoraSlots | None = None):
+                 mesh: Mesh | None = None, lora: LoraSlots | None = None,
+                 pooling: bool = False):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
@@ -226,10 +237,20 @@ class ModelEngine:
             first_shardings = (self.param_shardings, jax.tree.map(lambda _: whole, lora.stacks),
                                whole)
         # The cache keeps its sharding from step to step (a change would recompile).
+        # A pooling engine (vLLM's pooling runner) runs _forward_pooled in place of the
+        # logits step; its StepOutput.logits holds the pooled rows.
+        self.pooling = pooling
+        if pooling and self.replicas > 1:
+            raise ValueError("xla-inference serves pooling models without data parallelism "
+                             "(--data-parallel-size 1)")
+        if pooling and lora is not None:
+            raise ValueError("xla-inference serves LoRA adapters on generative models only "
+                             "(not with a pooling model yet)")
         if lora is not None:
             forward, batch_shardings = _forward_lora, (whole,)
         elif self.replicas == 1:
-            forward, batch_shardings = _forward_logits, (whole,)
+            forward = _forward_pooled if pooling else _forward_logits
+            batch_shardings = (whole,)
         else:
             forward = functools.partial(_forward_replicas, mesh=self.mesh)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)

@@ -6,7 +6,6 @@ the generation routes are not there (vLLM registers only the pooling model's tas
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, stop_server, wait_healthy
 from tests.pooling_models import hf_last_hidden, normalized, save_tiny_qwen3_embedder
 
 pytestmark = pytest.mark.slow
@@ -40,12 +39,7 @@ def _serve(model_dir: Path, log_path: Path):
         wait_healthy(proc, url, log_path, 900)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

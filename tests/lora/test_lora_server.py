@@ -5,7 +5,6 @@ requests stream, and a DoRA adapter refused with the field's name, the server se
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, stop_server, wait_healthy
 from tests.helpers import save_tiny_llama
 from tests.lora.lora_helpers import peft_greedy, save_adapters
 
@@ -42,12 +41,7 @@ def _serve(model_dir, adapters, log_path):
         wait_healthy(proc, url, log_path, 600)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 def _complete(url, model, max_tokens=8):

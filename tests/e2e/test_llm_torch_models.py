@@ -2,7 +2,7 @@
 through torchax, torch_models/): architectures without native code equal transformers'
 greedy output with chunked prefill and prefix caching, and compile nothing after warm-up;
 --model-impl vllm on SmolLM2 equals the native path. (Qwen3-MoE's fused MoE layers are
-refused by the torch path: tests/torch_models/test_refusals.py.)"""
+refused by the torch path: tests/torch_models/test_torch_path_refusals.py.)"""
 
 import json
 import os

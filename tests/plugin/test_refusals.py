@@ -26,6 +26,10 @@ def test_a_plain_model_is_accepted(model_dir):
 @pytest.mark.parametrize("args, flag", [
     (dict(quantization="experts_int8"), "quantization 'experts_int8'"),
     (dict(enable_lora=True, tensor_parallel_size=2), "--enable-lora"),
+    (dict(enable_lora=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                "prompt_lookup_max": 2}),
+     "with speculative decoding"),
+    (dict(enable_lora=True, runner="pooling", convert="embed"), "on a pooling model"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
      "--kv-transfer-config"),
 ])

@@ -229,6 +229,9 @@ def refuse_unsupported_features(vllm_config) -> None:
         # Untested together: the verify step reads hidden states the adapters change.
         (vllm_config.lora_config is not None and vllm_config.speculative_config is not None,
          lambda: "LoRA adapters (--enable-lora) with speculative decoding (--speculative-config)"),
+        (vllm_config.lora_config is not None and model is not None
+         and model.runner_type == "pooling",
+         lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),
         (vllm_config.kv_transfer_config is not None,
          lambda: "KV connectors (--kv-transfer-config)"),
     ]

@@ -33,16 +33,20 @@ def _llm_args(model_dir, **extra) -> dict:
                 runner="pooling", **extra)
 
 
-def _run(llm_embed, llm_classify) -> dict:
+def _run_embed(llm) -> dict:
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     return dict(
-        embed=[o.outputs.embedding for o in llm_embed.embed(prompts, use_tqdm=False)],
-        embed16=[o.outputs.embedding for o in llm_embed.embed(
+        embed=[o.outputs.embedding for o in llm.embed(prompts, use_tqdm=False)],
+        embed16=[o.outputs.embedding for o in llm.embed(
             prompts, pooling_params=_pooling(dimensions=16), use_tqdm=False)],
-        embed_score=[o.outputs.score for o in llm_embed.score(QUERY, DOCS, use_tqdm=False)],
-        classify=[o.outputs.probs for o in llm_classify.classify(prompts, use_tqdm=False)],
-        classify_score=[o.outputs.score for o in llm_classify.score(QUERY, DOCS,
-                                                                    use_tqdm=False)])
+        embed_score=[o.outputs.score for o in llm.score(QUERY, DOCS, use_tqdm=False)])
+
+
+def _run_classify(llm) -> dict:
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    return dict(
+        classify=[o.outputs.probs for o in llm.classify(prompts, use_tqdm=False)],
+        classify_score=[o.outputs.score for o in llm.score(QUERY, DOCS, use_tqdm=False)])
 
 
 def _pooling(**kw):
@@ -52,11 +56,19 @@ def _pooling(**kw):
 
 
 def _reference_main(embed_dir: str, classify_dir: str, out_path: str) -> None:
+    """One vLLM CPU engine at a time, each shut down before the next starts: two CPU
+    engines alive in one process crashed vLLM's CPU backend in CI ("terminate called
+    without an active exception", both bind their OpenMP threads to the same cores)."""
+    from tests.e2e.engines import shutdown
     from vllm import LLM
 
-    embed = LLM(**_llm_args(embed_dir, convert="embed"), enforce_eager=True)
-    classify = LLM(**_llm_args(classify_dir), enforce_eager=True)
-    Path(out_path).write_text(json.dumps(_run(embed, classify)))
+    out = {}
+    for run, args in ((_run_embed, _llm_args(embed_dir, convert="embed")),
+                      (_run_classify, _llm_args(classify_dir))):
+        llm = LLM(**args, enforce_eager=True)
+        out.update(run(llm))
+        shutdown(llm)
+    Path(out_path).write_text(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +81,13 @@ def model_dirs(tmp_path_factory):
 def reference(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "vllm_cpu.json"
     env = {**os.environ, "VLLM_PLUGINS": "none", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.e2e.test_llm_pooling",
-                           *map(str, model_dirs), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "tests.e2e.test_llm_pooling", *map(str, model_dirs), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode < 0:
+        # vLLM's CPU backend (not our code) once aborted in CI with "terminate called
+        # without an active exception"; one more try tells a flake from a real failure.
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -85,7 +101,7 @@ def ours(model_dirs):
     classify = LLM(**_llm_args(model_dirs[1]))
     try:
         compiled = num_compilations(embed)
-        out = _run(embed, classify)
+        out = {**_run_embed(embed), **_run_classify(classify)}
         out["recompiled"] = num_compilations(embed) - compiled
         out["refusals"] = _refusals(embed)
     finally:
@@ -145,3 +161,5 @@ def test_requests_an_embedding_model_cannot_serve_are_refused(ours):
 
 if __name__ == "__main__":
     _reference_main(*sys.argv[1:4])
+    sys.stdout.flush()
+    os._exit(0)  # the answer is written; skip interpreter-exit teardown of vLLM's threads

@@ -19,6 +19,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
+    "XLA_INFERENCE_GMM_BACKEND": (
+        "",
+        "the MoE grouped matmul: tpu or gpu forces that Pallas kernel (interpret mode off "
+        "such a device), xla keeps jax.lax.ragged_dot; empty follows XLA_INFERENCE_KERNELS"),
     "XLA_INFERENCE_KERNELS": (
         "auto",
         "which attention kernels serve the process: auto (from JAX's default backend: cpu -> "
@@ -60,6 +64,11 @@ def step_stats_enabled() -> bool:
 def kernels() -> str:
     """XLA_INFERENCE_KERNELS as given (kernels/backend.py checks and resolves it)."""
     return _get("XLA_INFERENCE_KERNELS").strip().lower()
+
+
+def gmm_backend() -> str:
+    """XLA_INFERENCE_GMM_BACKEND as given (kernels/pallas_gmm.py checks and resolves it)."""
+    return _get("XLA_INFERENCE_GMM_BACKEND").strip().lower()
 
 
 def pallas_interpret() -> bool:

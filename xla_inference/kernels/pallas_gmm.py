@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from xla_inference import envs
 from xla_inference.kernels import backend as kernel_backend
 from xla_inference.kernels import pallas_quantized_matmul as qmm
 
@@ -83,7 +83,7 @@ def _platform_kind() -> str | None:
 def gmm_route() -> GmmRoute | None:
     """Which Pallas GMM serves the MoE experts, or None for XLA's ragged_dot (the CPU):
     read when a layer is traced."""
-    forced = os.environ.get(GMM_BACKEND_VARIABLE, "").strip().lower()
+    forced = envs.gmm_backend()
     if forced == "xla":
         return None
     if forced in BACKENDS:

@@ -515,7 +515,8 @@ enum WideIsa : int64_t { kWidePortable = 0, kWideAvx512Bf16 = 1, kWideAmx = 2 };
 constexpr int64_t kWideK = 32;  // input elements per AMX bf16 tile row (64 bytes)
 
 struct WideProblem {
-  const uint16_t* x;         // bf16 [T_pad, K_pad], zero-padded
+  const uint16_t* x;         // bf16 [T_full, K_pad]: the whole row tiles (zero-padded past in)
+  const uint16_t* x_tail;    // bf16 [16, K_pad]: rows T_full..T-1, zero-padded (T_full < T)
   const float* row_scale;    // [T] or nullptr (1)
   const uint8_t* values;
   const void* scales;
@@ -526,6 +527,11 @@ struct WideProblem {
 
   int64_t tile_bytes() const { return in / per_chunk * kChunkBytes; }
   int64_t scratch_words() const { return K_pad * kRows; }  // bf16 values of one output tile
+  int64_t T_full() const { return T / kRows * kRows; }
+  // Row t of x (t < T_pad; rows of a row tile are K_pad apart).
+  const uint16_t* row(int64_t t) const {
+    return t < T_full() ? x + t * K_pad : x_tail + (t - T_full()) * K_pad;
+  }
 };
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even (no NaNs here)
@@ -579,7 +585,7 @@ void product_portable(const WideProblem& p, int64_t ot0, int64_t n, const uint16
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* b = scratch + i * p.scratch_words();
     for (int64_t t = 0; t < p.T; ++t) {
-      const uint16_t* x = p.x + t * p.K_pad;
+      const uint16_t* x = p.row(t);
       for (int64_t r = 0; r < kRows; ++r) {
         float acc = 0.0f;
         for (int64_t k = 0; k < p.in; ++k)
@@ -669,21 +675,24 @@ XLA_INFERENCE_AVX512BF16 inline void store_wide_tile(const WideProblem& p, int64
   }
 }
 
-// vdpbf16ps: 2 output tiles x 8 rows of T per block, one zmm accumulator each.
+// vdpbf16ps: 2 output tiles x 8 rows of T per block, one zmm accumulator each. Rows of T
+// outermost: each block of 8 rows is read once per item while the item's dequantized tiles
+// (the scratch) pass under it from L1/L2.
 constexpr int64_t kWideRowsAvx = 8;
 
 XLA_INFERENCE_AVX512BF16 void product_avx512(const WideProblem& p, int64_t ot0, int64_t n,
                                              const uint16_t* scratch) {
   const int64_t pairs = p.K_pad / 2;
   alignas(64) float y[kWideRowsAvx * kRows];
-  for (int64_t i = 0; i < n; i += 2) {
-    const bool two = i + 1 < n;
-    const uint16_t* b0 = scratch + i * p.scratch_words();
-    const uint16_t* b1 = two ? b0 + p.scratch_words() : b0;
-    for (int64_t t0 = 0; t0 < p.T; t0 += kWideRowsAvx) {  // T_pad rows exist, zero-padded
+  for (int64_t t0 = 0; t0 < p.T; t0 += kWideRowsAvx) {  // T_pad rows exist, zero-padded
+    const uint16_t* x = p.row(t0);  // rows t0..t0+7: one row tile
+    const int64_t rows = std::min(kWideRowsAvx, p.T - t0);
+    for (int64_t i = 0; i < n; i += 2) {
+      const bool two = i + 1 < n;
+      const uint16_t* b0 = scratch + i * p.scratch_words();
+      const uint16_t* b1 = two ? b0 + p.scratch_words() : b0;
       __m512 acc0[kWideRowsAvx], acc1[kWideRowsAvx];
       for (int m = 0; m < kWideRowsAvx; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
-      const uint16_t* x = p.x + t0 * p.K_pad;
       for (int64_t k2 = 0; k2 < pairs; ++k2) {
         const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b0 + k2 * 2 * kRows));
         const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b1 + k2 * 2 * kRows));
@@ -695,7 +704,6 @@ XLA_INFERENCE_AVX512BF16 void product_avx512(const WideProblem& p, int64_t ot0, 
           acc1[m] = _mm512_dpbf16_ps(acc1[m], a, w1);
         }
       }
-      const int64_t rows = std::min(kWideRowsAvx, p.T - t0);
       for (int m = 0; m < kWideRowsAvx; ++m) _mm512_store_ps(y + m * kRows, acc0[m]);
       store_wide_tile(p, ot0 + i, t0, rows, y);
       if (two) {
@@ -725,6 +733,9 @@ XLA_INFERENCE_AMX void configure_tiles() {
 
 XLA_INFERENCE_AMX void release_tiles() { _tile_release(); }
 
+// Output tiles ot0..ot0+n-1 (dequantized one after another in the scratch) for every row
+// of T: two row tiles of x at a time (outermost, so that x is read once per item, not once
+// per pair of output tiles), under which every pair of the item's output tiles passes.
 XLA_INFERENCE_AMX void product_amx(const WideProblem& p, int64_t ot0, int64_t n,
                                    const uint16_t* scratch) {
   const int64_t blocks = p.K_pad / kWideK, x_stride = p.K_pad * 2, t_tiles = p.T_pad / kRows;
@@ -732,8 +743,8 @@ XLA_INFERENCE_AMX void product_amx(const WideProblem& p, int64_t ot0, int64_t n,
   asm volatile("" ::: "memory");  // the scratch is written before the tile loads read it
   for (int64_t tt = 0; tt < t_tiles; tt += 2) {
     const bool two_t = tt + 1 < t_tiles;
-    const uint16_t* x0 = p.x + tt * kRows * p.K_pad;
-    const uint16_t* x1 = x0 + kRows * p.K_pad;
+    const uint16_t* x0 = p.row(tt * kRows);
+    const uint16_t* x1 = two_t ? p.row((tt + 1) * kRows) : x0;
     for (int64_t i = 0; i < n; i += 2) {
       const bool two_o = i + 1 < n;
       const uint16_t* b0 = scratch + i * p.scratch_words();
@@ -780,6 +791,44 @@ XLA_INFERENCE_AVX512BF16 void convert_rows_avx512(const float* x, int64_t T, int
   }
 }
 
+// quantize_row's scale and its reciprocal for a row whose largest magnitude is `peak`, by
+// the same float operations (kept from -ffast-math's rewrites, as there).
+__attribute__((optimize("no-reciprocal-math", "no-associative-math")))
+void row_scale_of(float peak, float levels, float* scale, float* inverse) {
+  float s = peak * (1.0f / levels);
+  if (!(s > 0.0f)) s = 1.0f;
+  *scale = s;
+  *inverse = 1.0f / s;
+}
+
+// quantize_row vectorized, its integers (|q| <= 256: exact) written as bfloat16: the same
+// largest magnitude (max is exact in any order), scale and products, rounded half to even
+// (vrndscaleps) and clipped, so the same integers.
+XLA_INFERENCE_AVX512BF16 void quantize_row_bf16_avx512(const float* x, int64_t in, float levels,
+                                                       uint16_t* row, float* row_scale) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 peak16 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16)
+    peak16 = _mm512_max_ps(peak16, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)));
+  float peak = _mm512_reduce_max_ps(peak16);
+  for (; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
+  float scale, inverse;
+  row_scale_of(peak, levels, &scale, &inverse);
+  const __m512 inv = _mm512_set1_ps(inverse), hi = _mm512_set1_ps(levels),
+               lo = _mm512_set1_ps(-levels);
+  for (k = 0; k + 16 <= in; k += 16) {
+    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(q)));
+  }
+  for (; k < in; ++k)
+    row[k] = float_to_bf16(std::min(levels, std::max(-levels, std::nearbyint(x[k] * inverse))));
+  *row_scale = scale;
+}
+
 // The best path this CPU and kernel allow (AMX needs the tile data permission, asked once).
 int64_t detect_wide_isa() {
   unsigned eax, ebx, ecx, edx;
@@ -811,33 +860,79 @@ int64_t wide_isa() {
   return isa;
 }
 
-// One wide call's work items (runs of output tiles), as Work above.
+// Row x [in] float32 as its bfloat16 operand row [in]: rounded to bfloat16 (levels = 0), or
+// quantized as quantize_row does and its integers (exact in bfloat16) taken (levels > 0).
+void prepare_row(int64_t isa, const float* x, int64_t in, float levels, uint16_t* row,
+                 float* row_scale) {
+#if defined(__x86_64__)
+  if (isa != kWidePortable) {
+    if (levels > 0.0f)
+      quantize_row_bf16_avx512(x, in, levels, row, row_scale);
+    else
+      convert_rows_avx512(x, 1, in, in, row);
+    return;
+  }
+#endif
+  if (levels > 0.0f) {
+    std::vector<int16_t> xq(in);
+    quantize_row(x, in, levels, xq.data(), row_scale);
+    for (int64_t k = 0; k < in; ++k)  // integers of at most 256: exact in bfloat16
+      row[k] = float_to_bf16(static_cast<float>(xq[k]));
+  } else {
+    for (int64_t k = 0; k < in; ++k) row[k] = float_to_bf16(x[k]);
+  }
+}
+
+// One wide call: first its rows of x made bfloat16 operand rows (in chunks of rows, shared
+// out like the tiles; none where XLA hands x over in bfloat16, the width a multiple of 32
+// and the rows whole row tiles), then its work items (runs of output tiles), as Work above.
 struct WideWork {
   WideProblem p;
   int64_t isa;
-  std::vector<uint16_t> x;
-  std::vector<int16_t> xq;
+  const float* x_f32 = nullptr;     // the call's x, when float32
+  const uint16_t* x_bf16 = nullptr;  // or bfloat16
+  float levels = 0.0f;
+  std::unique_ptr<uint16_t[]> x;  // operand rows [T_full, K_pad] unless x_bf16 is used as is
+  std::vector<uint16_t> tail;     // [16, K_pad]: the rows past T_full, zero-padded
   std::vector<float> row_scale;
+  int64_t rows_per_prep = 64, num_preps = 0, prep_begin = 0;
+  std::atomic<int64_t> next_prep{0};
   int64_t tiles_per_item, num_items;
   std::atomic<int64_t> next{0};
   std::mutex mu;
-  std::condition_variable all_done;
-  int64_t done = 0;
+  std::condition_variable all_done, rows_ready;
+  int64_t done = 0, prepared = 0;  // items and row chunks finished (under mu)
+
+  uint16_t* operand_row(int64_t t) {
+    return t < p.T_full() ? x.get() + t * p.K_pad : tail.data() + (t - p.T_full()) * p.K_pad;
+  }
+
+  // Rows prep_begin + c * rows_per_prep on (up to rows_per_prep of them).
+  void prepare(int64_t c) {
+    const int64_t begin = prep_begin + c * rows_per_prep;
+    const int64_t end = std::min(p.T, begin + rows_per_prep);
+    for (int64_t t = begin; t < end; ++t) {
+      uint16_t* row = operand_row(t);
+      if (x_bf16 != nullptr) {
+        std::memcpy(row, x_bf16 + t * p.in, p.in * sizeof(uint16_t));
+      } else {
+        prepare_row(isa, x_f32 + t * p.in, p.in, levels, row,
+                    row_scale.empty() ? nullptr : &row_scale[t]);
+      }
+      std::fill(row + p.in, row + p.K_pad, uint16_t{0});
+    }
+  }
 
   void item(int64_t ot0, int64_t n, uint16_t* scratch) {
+    // The item's tiles dequantized first, then every row of T passes over all of them.
 #if defined(__x86_64__)
     if (isa != kWidePortable) {
-      // Two tiles at a time: their bfloat16 weights (2 x 32 bytes per input element) stay
-      // in L1 (L2 past 768 inputs) while every row of T passes over them.
-      for (int64_t i = 0; i < n; i += 2) {
-        const int64_t m = std::min<int64_t>(2, n - i);
-        for (int64_t j = 0; j < m; ++j)
-          dequantize_tile_avx512(p, ot0 + i + j, scratch + j * p.scratch_words());
-        if (isa == kWideAmx)
-          product_amx(p, ot0 + i, m, scratch);
-        else
-          product_avx512(p, ot0 + i, m, scratch);
-      }
+      for (int64_t i = 0; i < n; ++i)
+        dequantize_tile_avx512(p, ot0 + i, scratch + i * p.scratch_words());
+      if (isa == kWideAmx)
+        product_amx(p, ot0, n, scratch);
+      else
+        product_avx512(p, ot0, n, scratch);
       return;
     }
 #endif
@@ -846,7 +941,22 @@ struct WideWork {
     product_portable(p, ot0, n, scratch);
   }
 
+  void prepare_rows() {
+    if (num_preps == 0) return;
+    int64_t finished = 0;
+    for (int64_t c; (c = next_prep.fetch_add(1, std::memory_order_relaxed)) < num_preps;
+         ++finished)
+      prepare(c);
+    // Every thread waits for every row (the mutex publishes them); a thread that took no
+    // chunk only waits for those still being prepared, so this cannot deadlock.
+    std::unique_lock<std::mutex> lock(mu);
+    prepared += finished;
+    if (prepared == num_preps) rows_ready.notify_all();
+    rows_ready.wait(lock, [&] { return prepared == num_preps; });
+  }
+
   void drain() {
+    prepare_rows();
     // Zeros past `in` stay zero: only the first `in` values of each tile are written.
     std::vector<uint16_t> scratch(std::max<int64_t>(2, tiles_per_item) * p.scratch_words(), 0);
 #if defined(__x86_64__)
@@ -867,20 +977,41 @@ struct WideWork {
   }
 };
 
-// Output tiles per item: an even number (the vector paths take pairs), at least 4 items a
-// thread where the weight allows, at most 8 (the portable path's scratch holds an item).
+// Output tiles per item: at least 4 items a thread where the weight allows, at most 8 (the
+// portable path's scratch holds an item; 8 tiles of 1536 inputs are 384 KiB, in L2).
 int64_t wide_tiles_per_item(const WideProblem& p, int64_t threads) {
   return std::min<int64_t>(8, std::max<int64_t>(2, p.out_tiles / (4 * (threads + 1)) / 2 * 2));
 }
 
-ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+// x's operand rows for the call: XLA's bfloat16 x itself where it has the layout (width a
+// multiple of kWideK), with the rows past the last whole row tile copied to a padded tail;
+// otherwise all rows prepared (converted, quantized or copied) into a buffer.
+void plan_rows(WideWork& work, int64_t T, int64_t in, int64_t K_pad) {
+  const WideProblem& p = work.p;
+  work.tail.assign(p.T_full() < T ? kRows * K_pad : 0, 0);
+  if (work.x_bf16 != nullptr && K_pad == in) {
+    work.p.x = work.x_bf16;
+    work.prep_begin = p.T_full();
+  } else {
+    work.x.reset(new uint16_t[std::max<int64_t>(1, p.T_full() * K_pad)]);
+    work.p.x = work.x.get();
+  }
+  work.p.x_tail = work.tail.data();
+  work.rows_per_prep = std::max<int64_t>(1, (int64_t{1} << 16) / K_pad);  // ~128 KiB of rows
+  work.num_preps = (T - work.prep_begin + work.rows_per_prep - 1) / work.rows_per_prep;
+}
+
+ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
                           ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                           ffi::ResultBuffer<ffi::F32> out, int64_t bits, int64_t group_size,
                           int64_t zero_point, float levels, int64_t scale_after, int64_t isa) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || !(levels == 0.0f || (levels >= 1.0f && levels <= 256.0f)))
+  const bool bf16_x = x.element_type() == ffi::DataType::BF16;
+  if (xd.size() != 2 || !(bf16_x || x.element_type() == ffi::DataType::F32) ||
+      !(levels == 0.0f || (levels >= 1.0f && levels <= 256.0f && !bf16_x)))
     return ffi::Error::InvalidArgument(
-        "quantized_matmul_wide: x [T, in] f32, levels 0 (bfloat16 x) or in [1, 256]");
+        "quantized_matmul_wide: x [T, in] f32 or bf16, levels 0 (bfloat16 x) or in [1, 256] "
+        "(f32 x)");
   Problem q;
   ffi::Error error =
       weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, zero_point, q);
@@ -892,30 +1023,18 @@ ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
   const int64_t T_pad = (T + kRows - 1) / kRows * kRows;
   const int64_t K_pad = (in + kWideK - 1) / kWideK * kWideK;
   work->isa = std::min(isa, wide_isa());
-  work->x.assign(T_pad * K_pad, 0);
-  if (levels > 0.0f) {
-    work->xq.resize(in);
-    work->row_scale.resize(T);
-    for (int64_t t = 0; t < T; ++t) {
-      quantize_row(x.typed_data() + t * in, in, levels, work->xq.data(), &work->row_scale[t]);
-      for (int64_t k = 0; k < in; ++k)  // integers of at most 256: exact in bfloat16
-        work->x[t * K_pad + k] = float_to_bf16(static_cast<float>(work->xq[k]));
-    }
-  } else {
-#if defined(__x86_64__)
-    if (work->isa != kWidePortable)
-      convert_rows_avx512(x.typed_data(), T, in, K_pad, work->x.data());
-    else
-#endif
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t k = 0; k < in; ++k)
-          work->x[t * K_pad + k] = float_to_bf16(x.typed_data()[t * in + k]);
-  }
-  work->p = WideProblem{work->x.data(), levels > 0.0f ? work->row_scale.data() : nullptr,
+  work->levels = levels;
+  if (bf16_x)
+    work->x_bf16 = static_cast<const uint16_t*>(x.untyped_data());
+  else
+    work->x_f32 = static_cast<const float*>(x.untyped_data());
+  if (levels > 0.0f) work->row_scale.resize(T);
+  work->p = WideProblem{nullptr, nullptr, levels > 0.0f ? work->row_scale.data() : nullptr,
                         q.values, q.scales, q.offsets, q.half_scales, q.half_offsets,
                         scale_after != 0, q.out, T, T_pad, in, K_pad, q.out_tiles, q.groups,
                         group_size, zero_point, q.per_chunk};
   if (T == 0 || q.out_tiles == 0) return ffi::Error::Success();
+  plan_rows(*work, T, in, K_pad);
   work->tiles_per_item = wide_tiles_per_item(work->p, pool.num_threads());
   work->num_items = (q.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
   // Wide steps are compute-heavy: every pool thread pays for its wake-up.
@@ -960,7 +1079,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulFloat, QuantizedMatmulF
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulWide, WideMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

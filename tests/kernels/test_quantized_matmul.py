@@ -449,15 +449,19 @@ def test_wide_matches_float64(bits, with_offsets, T, isa):
 
 
 @pytest.mark.parametrize("isa", _isas())
-def test_wide_many_rows(isa):
-    """2048 rows (a whole prefill chunk; 300 for the slow portable path): many row tiles,
-    pool threads, float16 scales and offsets."""
-    rng = np.random.default_rng(2048)
+@pytest.mark.parametrize("rows", [2048, 1041])
+def test_wide_many_rows(isa, rows):
+    """2048 rows (a whole prefill chunk; 300 for the slow portable path) and 1041 (chunks of
+    rows, the last one short and ending in a partial row tile): many row tiles, pool
+    threads, float16 scales and offsets."""
+    if isa == "portable" and rows != 2048:
+        isa = _isas()[-1]
+    rng = np.random.default_rng(rows)
     q, scales, offsets = _random_weight(rng, 200, 160, 4, 32, True)
     operands = _kernel_operands(q, scales, offsets, 4, np.float16, np.float16)
     scales = scales.astype(np.float16).astype(np.float32)
     offsets = offsets.astype(np.float16).astype(np.float32)
-    x = rng.standard_normal((2048 if isa != "portable" else 300, 160)).astype(np.float32)
+    x = rng.standard_normal((rows if isa != "portable" else 300, 160)).astype(np.float32)
     _check_wide(_run_wide(x, operands, 4, 32, isa), x,
                 _dequantized(q, scales, offsets, 32), 200)
 

@@ -579,12 +579,14 @@ inline float wide_factor(const WideProblem& p, int64_t ot, int64_t r, int64_t t)
   return f;
 }
 
-// Output tiles ot0..ot0+n-1 (scratch holds them, one after another) for every row of T.
-void product_portable(const WideProblem& p, int64_t ot0, int64_t n, const uint16_t* scratch) {
+// Output tiles ot0..ot0+n-1 (scratch holds them, one after another) for rows t_begin..t_end-1
+// of T (t_begin a multiple of 16).
+void product_portable(const WideProblem& p, int64_t ot0, int64_t n, const uint16_t* scratch,
+                      int64_t t_begin, int64_t t_end) {
   const int64_t width = p.out_tiles * kRows;
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* b = scratch + i * p.scratch_words();
-    for (int64_t t = 0; t < p.T; ++t) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
       const uint16_t* x = p.row(t);
       for (int64_t r = 0; r < kRows; ++r) {
         float acc = 0.0f;
@@ -681,12 +683,13 @@ XLA_INFERENCE_AVX512BF16 inline void store_wide_tile(const WideProblem& p, int64
 constexpr int64_t kWideRowsAvx = 8;
 
 XLA_INFERENCE_AVX512BF16 void product_avx512(const WideProblem& p, int64_t ot0, int64_t n,
-                                             const uint16_t* scratch) {
+                                             const uint16_t* scratch, int64_t t_begin,
+                                             int64_t t_end) {
   const int64_t pairs = p.K_pad / 2;
   alignas(64) float y[kWideRowsAvx * kRows];
-  for (int64_t t0 = 0; t0 < p.T; t0 += kWideRowsAvx) {  // T_pad rows exist, zero-padded
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kWideRowsAvx) {  // T_pad rows exist
     const uint16_t* x = p.row(t0);  // rows t0..t0+7: one row tile
-    const int64_t rows = std::min(kWideRowsAvx, p.T - t0);
+    const int64_t rows = std::min(kWideRowsAvx, t_end - t0);
     for (int64_t i = 0; i < n; i += 2) {
       const bool two = i + 1 < n;
       const uint16_t* b0 = scratch + i * p.scratch_words();
@@ -737,11 +740,12 @@ XLA_INFERENCE_AMX void release_tiles() { _tile_release(); }
 // of T: two row tiles of x at a time (outermost, so that x is read once per item, not once
 // per pair of output tiles), under which every pair of the item's output tiles passes.
 XLA_INFERENCE_AMX void product_amx(const WideProblem& p, int64_t ot0, int64_t n,
-                                   const uint16_t* scratch) {
-  const int64_t blocks = p.K_pad / kWideK, x_stride = p.K_pad * 2, t_tiles = p.T_pad / kRows;
+                                   const uint16_t* scratch, int64_t t_begin, int64_t t_end) {
+  const int64_t blocks = p.K_pad / kWideK, x_stride = p.K_pad * 2;
+  const int64_t t_tiles = (t_end + kRows - 1) / kRows;
   alignas(64) float y[4][kRows * kRows];
   asm volatile("" ::: "memory");  // the scratch is written before the tile loads read it
-  for (int64_t tt = 0; tt < t_tiles; tt += 2) {
+  for (int64_t tt = t_begin / kRows; tt < t_tiles; tt += 2) {
     const bool two_t = tt + 1 < t_tiles;
     const uint16_t* x0 = p.row(tt * kRows);
     const uint16_t* x1 = two_t ? p.row((tt + 1) * kRows) : x0;
@@ -771,8 +775,8 @@ XLA_INFERENCE_AMX void product_amx(const WideProblem& p, int64_t ot0, int64_t n,
       _tile_stored(3, y[3], 64);
       for (int64_t h = 0; h < (two_t ? 2 : 1); ++h) {
         const int64_t t0 = (tt + h) * kRows;
-        if (t0 >= p.T) break;
-        const int64_t rows = std::min(kRows, p.T - t0);
+        if (t0 >= t_end) break;
+        const int64_t rows = std::min(kRows, t_end - t0);
         store_wide_tile(p, ot0 + i, t0, rows, y[2 * h]);
         if (two_o) store_wide_tile(p, ot0 + i + 1, t0, rows, y[2 * h + 1]);
       }
@@ -897,7 +901,9 @@ struct WideWork {
   std::vector<float> row_scale;
   int64_t rows_per_prep = 64, num_preps = 0, prep_begin = 0;
   std::atomic<int64_t> next_prep{0};
-  int64_t tiles_per_item, num_items;
+  // Items: runs of tiles_per_item output tiles times chunks of rows_per_item rows of T
+  // (row chunk major: the threads share one chunk of x at a time).
+  int64_t tiles_per_item, rows_per_item, tile_runs, num_items;
   std::atomic<int64_t> next{0};
   std::mutex mu;
   std::condition_variable all_done, rows_ready;
@@ -923,22 +929,25 @@ struct WideWork {
     }
   }
 
-  void item(int64_t ot0, int64_t n, uint16_t* scratch) {
-    // The item's tiles dequantized first, then every row of T passes over all of them.
+  // Item i: its tiles dequantized first, then each of its rows passes over all of them.
+  void item(int64_t i, uint16_t* scratch) {
+    const int64_t ot0 = i % tile_runs * tiles_per_item, t_begin = i / tile_runs * rows_per_item;
+    const int64_t n = std::min(tiles_per_item, p.out_tiles - ot0);
+    const int64_t t_end = std::min(p.T, t_begin + rows_per_item);
 #if defined(__x86_64__)
     if (isa != kWidePortable) {
-      for (int64_t i = 0; i < n; ++i)
-        dequantize_tile_avx512(p, ot0 + i, scratch + i * p.scratch_words());
+      for (int64_t j = 0; j < n; ++j)
+        dequantize_tile_avx512(p, ot0 + j, scratch + j * p.scratch_words());
       if (isa == kWideAmx)
-        product_amx(p, ot0, n, scratch);
+        product_amx(p, ot0, n, scratch, t_begin, t_end);
       else
-        product_avx512(p, ot0, n, scratch);
+        product_avx512(p, ot0, n, scratch, t_begin, t_end);
       return;
     }
 #endif
-    for (int64_t i = 0; i < n; ++i)
-      dequantize_tile_portable(p, ot0 + i, scratch + i * p.scratch_words());
-    product_portable(p, ot0, n, scratch);
+    for (int64_t j = 0; j < n; ++j)
+      dequantize_tile_portable(p, ot0 + j, scratch + j * p.scratch_words());
+    product_portable(p, ot0, n, scratch, t_begin, t_end);
   }
 
   void prepare_rows() {
@@ -963,10 +972,8 @@ struct WideWork {
     if (isa == kWideAmx) configure_tiles();
 #endif
     int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
-      const int64_t begin = i * tiles_per_item;
-      item(begin, std::min(tiles_per_item, p.out_tiles - begin), scratch.data());
-    }
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished)
+      item(i, scratch.data());
 #if defined(__x86_64__)
     if (isa == kWideAmx) release_tiles();
 #endif
@@ -977,10 +984,27 @@ struct WideWork {
   }
 };
 
-// Output tiles per item: at least 4 items a thread where the weight allows, at most 8 (the
-// portable path's scratch holds an item; 8 tiles of 1536 inputs are 384 KiB, in L2).
-int64_t wide_tiles_per_item(const WideProblem& p, int64_t threads) {
-  return std::min<int64_t>(8, std::max<int64_t>(2, p.out_tiles / (4 * (threads + 1)) / 2 * 2));
+// The items of a call. Up to kWideItemRows rows, one chunk of rows and runs of at least 2
+// and at most 8 output tiles, at least 4 runs a thread where the weight allows. More rows
+// (a prefill): chunks of kWideItemRows rows, each item's tiles dequantized once per chunk
+// (about 5% of its products' time) and as many as fit in kWideScratchBytes, so that x is
+// read from memory once per tile run of a chunk, not once per pair of tiles.
+constexpr int64_t kWideItemRows = 512;
+constexpr int64_t kWideScratchBytes = 384 << 10;  // the item's dequantized tiles, in L2
+
+void plan_items(WideWork& work, int64_t threads) {
+  const WideProblem& p = work.p;
+  if (p.T <= kWideItemRows) {
+    work.rows_per_item = p.T;
+    work.tiles_per_item =
+        std::min<int64_t>(8, std::max<int64_t>(2, p.out_tiles / (4 * (threads + 1)) / 2 * 2));
+  } else {
+    work.rows_per_item = kWideItemRows;
+    const int64_t fit = kWideScratchBytes / (p.scratch_words() * int64_t{sizeof(uint16_t)});
+    work.tiles_per_item = std::min(p.out_tiles, std::max<int64_t>(2, fit / 2 * 2));
+  }
+  work.tile_runs = (p.out_tiles + work.tiles_per_item - 1) / work.tiles_per_item;
+  work.num_items = work.tile_runs * ((p.T + work.rows_per_item - 1) / work.rows_per_item);
 }
 
 // x's operand rows for the call: XLA's bfloat16 x itself where it has the layout (width a
@@ -1035,8 +1059,7 @@ ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
                         group_size, zero_point, q.per_chunk};
   if (T == 0 || q.out_tiles == 0) return ffi::Error::Success();
   plan_rows(*work, T, in, K_pad);
-  work->tiles_per_item = wide_tiles_per_item(work->p, pool.num_threads());
-  work->num_items = (q.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
+  plan_items(*work, pool.num_threads());
   // Wide steps are compute-heavy: every pool thread pays for its wake-up.
   const int64_t macs = T * q.out_tiles * kRows * in;
   const int64_t helpers =

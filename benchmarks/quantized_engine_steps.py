@@ -1,7 +1,7 @@
 """The engine's compiled step (no vLLM) on SmolLM2-135M, bfloat16 projections (float32
 elsewhere, as on the CPU with dtype=bfloat16) against the embedded GGUF kept quantized
-(Q4_1) and online int8: a batch-64 decode step (contexts ~300) and a 2048-token prefill
-step (ten 200-token prompts and a 48-token chunk, as offline_throughput's 64 x 200 prompts
+(Q4_1) and online int8: a batch-64 decode step (contexts ~300; decode1: batch 1) and a
+2048-token prefill step (ten 200-token prompts and a 48-token chunk, as offline_throughput's 64 x 200 prompts
 arrive under max_num_batched_tokens=2048). The three engines' steps take turns; medians,
 and each quantized step as a speed ratio to bfloat16 in the same run (>1: faster). A
 benchmark, not a test.
@@ -60,7 +60,7 @@ def main():
     engines = {name: build_engine(load(sources[name][0], precision, quantization=sources[name][1]),
                                   ecfg) for name in args.variants}
     rng = np.random.default_rng(0)
-    steps = {"decode64": _decode_requests(64, rng, 1),
+    steps = {"decode1": _decode_requests(1, rng, 1), "decode64": _decode_requests(64, rng, 1),
              "prefill2048": _prefill_requests(rng, 1, [200] * 10 + [48])}
     for step in args.steps:
         reqs = steps[step]

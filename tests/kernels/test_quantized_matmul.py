@@ -296,6 +296,21 @@ def test_float_entry_quantizes_as_quantize_rows(bits, with_offsets, T, levels):
                                   _run(xq, x_scale, *operands, bits, 32))
 
 
+@pytest.mark.parametrize("levels", [127.0, 16383.0])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float_entry_odd_width(bits, levels):
+    """Rows 200 wide (not a multiple of the vector quantization's 16: its scalar tail), the
+    largest magnitude in the tail: still quantize_rows' bits."""
+    rng = np.random.default_rng([bits, int(levels), 200])
+    q, scales, offsets = _random_weight(rng, 48, 200, bits, 40, True)
+    operands = _kernel_operands(q, scales, offsets, bits)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    x[0, -1] = -50.0
+    xq, x_scale = (np.asarray(a) for a in jax.jit(quantize_rows, static_argnums=1)(x, levels))
+    np.testing.assert_array_equal(_run_float(x, operands, bits, 40, levels),
+                                  _run(xq, x_scale, *operands, bits, 40))
+
+
 def test_inside_jit():
     """Quantizing the activations per row and the product, in one jitted function."""
     rng = np.random.default_rng(7)

@@ -328,6 +328,45 @@ void quantize_row(const float* x, int64_t in, float levels, int16_t* xq, float* 
   *x_scale = scale;
 }
 
+// quantize_row's scale and its reciprocal for a row whose largest magnitude is `peak`, by
+// the same float operations (kept from -ffast-math's rewrites, as there).
+__attribute__((optimize("no-reciprocal-math", "no-associative-math")))
+void row_scale_of(float peak, float levels, float* scale, float* inverse) {
+  float s = peak * (1.0f / levels);
+  if (!(s > 0.0f)) s = 1.0f;
+  *scale = s;
+  *inverse = 1.0f / s;
+}
+
+#ifdef XLA_INFERENCE_QMM_VNNI
+// quantize_row vectorized (the float entry's rows; a decode step quantizes one per product):
+// the same largest magnitude (max is exact in any order), scale and products, rounded half
+// to even (vrndscaleps) and clipped, so the same integers.
+void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, float* x_scale) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 peak16 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16)
+    peak16 = _mm512_max_ps(peak16, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)));
+  float peak = _mm512_reduce_max_ps(peak16);
+  for (; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
+  float scale, inverse;
+  row_scale_of(peak, levels, &scale, &inverse);
+  const __m512 inv = _mm512_set1_ps(inverse), hi = _mm512_set1_ps(levels),
+               lo = _mm512_set1_ps(-levels);
+  for (k = 0; k + 16 <= in; k += 16) {
+    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
+                        _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(q)));
+  }
+  for (; k < in; ++k)
+    xq[k] = static_cast<int16_t>(std::min(levels, std::max(-levels, std::nearbyint(x[k] * inverse))));
+  *x_scale = scale;
+}
+#endif
+
 // One call's work items (runs of output tiles), taken one at a time by whichever thread asks
 // next; owned jointly by the call and the tasks it schedules, as in paged_attention.cc.
 struct Work {
@@ -483,8 +522,13 @@ ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   work->xq.resize(T * in);
   work->x_scale.resize(T);
   for (int64_t t = 0; t < T; ++t)
+#ifdef XLA_INFERENCE_QMM_VNNI
+    quantize_row_avx512(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
+                        work->x_scale.data() + t);
+#else
     quantize_row(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
                  work->x_scale.data() + t);
+#endif
   work->p.xq = work->xq.data();
   work->p.x_scale = work->x_scale.data();
   run(pool, work);
@@ -793,16 +837,6 @@ XLA_INFERENCE_AVX512BF16 void convert_rows_avx512(const float* x, int64_t T, int
                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + t * in + k))));
     for (; k < in; ++k) xb[t * K_pad + k] = float_to_bf16(x[t * in + k]);
   }
-}
-
-// quantize_row's scale and its reciprocal for a row whose largest magnitude is `peak`, by
-// the same float operations (kept from -ffast-math's rewrites, as there).
-__attribute__((optimize("no-reciprocal-math", "no-associative-math")))
-void row_scale_of(float peak, float levels, float* scale, float* inverse) {
-  float s = peak * (1.0f / levels);
-  if (!(s > 0.0f)) s = 1.0f;
-  *scale = s;
-  *inverse = 1.0f / s;
 }
 
 // quantize_row vectorized, its integers (|q| <= 256: exact) written as bfloat16: the same

@@ -656,27 +656,40 @@ XLA_INFERENCE_AVX512BF16 inline __m512 wide_group_vector(const void* a, bool hal
   return _mm512_loadu_ps(static_cast<const float*>(a) + at);
 }
 
-// One chunk row's 32 words (word 2r + j) as dequantized bfloat16 pairs into `row`.
-XLA_INFERENCE_AVX512BF16 inline void store_wide_row(__m512i words, __m512i zero, __m512 scale_lo,
-                                                    __m512 scale_hi, __m512 offset_lo,
-                                                    __m512 offset_hi, uint16_t* row) {
-  const __m512i lo = _mm512_sub_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(words)), zero);
-  const __m512i hi =
-      _mm512_sub_epi32(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(words, 1)), zero);
+// One chunk row's 32 values (value 2r + j: lo holds 0..15, hi 16..31, as int32) as
+// dequantized bfloat16 pairs into `row`: bfloat16((q - z) * scale + offset) (z only when
+// kZero: without a zero point the subtraction is skipped).
+template <bool kZero>
+XLA_INFERENCE_AVX512BF16 inline void store_wide_row(__m512i lo, __m512i hi, __m512i zero,
+                                                    __m512 scale_lo, __m512 scale_hi,
+                                                    __m512 offset_lo, __m512 offset_hi,
+                                                    uint16_t* row) {
+  if constexpr (kZero) {
+    lo = _mm512_sub_epi32(lo, zero);
+    hi = _mm512_sub_epi32(hi, zero);
+  }
   const __m512 flo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), scale_lo, offset_lo);
   const __m512 fhi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), scale_hi, offset_hi);
   _mm512_storeu_si512(row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(fhi, flo)));
 }
 
-XLA_INFERENCE_AVX512BF16 void dequantize_tile_avx512(const WideProblem& p, int64_t ot,
-                                                     uint16_t* scratch) {
+inline __m128i load_half_chunk(const uint8_t* at) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+}
+
+// Each chunk's bytes widened straight to int32 lanes (one vpmovzxbd / vpmovsxbd per 16
+// bytes, from memory): fewer shuffles than widening to words first, the shuffle port being
+// what dequantizing is bound by.
+template <int kBits, bool kZero>
+XLA_INFERENCE_AVX512BF16 void dequantize_tile_body(const WideProblem& p, int64_t ot,
+                                                   uint16_t* scratch) {
   const uint8_t* w = p.values + ot * p.tile_bytes();
   const int64_t chunks = p.group_size / p.per_chunk;
   // Lane i of a row's lower (upper) 16 values is row r = i / 2 (8 + i / 2) of the tile.
   const __m512i pick_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i pick_hi = _mm512_add_epi32(pick_lo, _mm512_set1_epi32(8));
   const __m512i zero = _mm512_set1_epi32(static_cast<int32_t>(p.zero_point));
-  const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
+  const __m512i low_nibbles = _mm512_set1_epi32(0x0F);
   __m512 scale_lo = _mm512_set1_ps(1.0f), scale_hi = scale_lo;
   __m512 offset_lo = _mm512_setzero_ps(), offset_hi = offset_lo;
   for (int64_t g = 0; g < p.groups; ++g) {
@@ -692,19 +705,32 @@ XLA_INFERENCE_AVX512BF16 void dequantize_tile_avx512(const WideProblem& p, int64
       }
     }
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kChunkBytes));
-      if (p.per_chunk == 2) {
-        store_wide_row(_mm512_cvtepi8_epi16(bytes), zero, scale_lo, scale_hi, offset_lo,
-                       offset_hi, scratch + c * 2 * kRows);
+      const uint8_t* bytes = w + c * kChunkBytes;
+      if constexpr (kBits == 8) {
+        store_wide_row<kZero>(_mm512_cvtepi8_epi32(load_half_chunk(bytes)),
+                              _mm512_cvtepi8_epi32(load_half_chunk(bytes + 16)), zero, scale_lo,
+                              scale_hi, offset_lo, offset_hi, scratch + c * 2 * kRows);
       } else {
-        const __m512i words = _mm512_cvtepu8_epi16(bytes);
-        store_wide_row(_mm512_and_si512(words, low_nibbles), zero, scale_lo, scale_hi,
-                       offset_lo, offset_hi, scratch + (2 * c) * 2 * kRows);
-        store_wide_row(_mm512_srli_epi16(words, 4), zero, scale_lo, scale_hi, offset_lo,
-                       offset_hi, scratch + (2 * c + 1) * 2 * kRows);
+        const __m512i lo = _mm512_cvtepu8_epi32(load_half_chunk(bytes));
+        const __m512i hi = _mm512_cvtepu8_epi32(load_half_chunk(bytes + 16));
+        store_wide_row<kZero>(_mm512_and_si512(lo, low_nibbles), _mm512_and_si512(hi, low_nibbles),
+                              zero, scale_lo, scale_hi, offset_lo, offset_hi,
+                              scratch + (2 * c) * 2 * kRows);
+        store_wide_row<kZero>(_mm512_srli_epi32(lo, 4), _mm512_srli_epi32(hi, 4), zero, scale_lo,
+                              scale_hi, offset_lo, offset_hi, scratch + (2 * c + 1) * 2 * kRows);
       }
     }
   }
+}
+
+XLA_INFERENCE_AVX512BF16 void dequantize_tile_avx512(const WideProblem& p, int64_t ot,
+                                                     uint16_t* scratch) {
+  if (p.per_chunk == 2) {
+    if (p.zero_point != 0) return dequantize_tile_body<8, true>(p, ot, scratch);
+    return dequantize_tile_body<8, false>(p, ot, scratch);
+  }
+  if (p.zero_point != 0) return dequantize_tile_body<4, true>(p, ot, scratch);
+  return dequantize_tile_body<4, false>(p, ot, scratch);
 }
 
 // y tile [rows, 16] (row stride 16) times the factors into out.

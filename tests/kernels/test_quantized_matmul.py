@@ -296,6 +296,21 @@ def test_float_entry_quantizes_as_quantize_rows(bits, with_offsets, T, levels):
                                   _run(xq, x_scale, *operands, bits, 32))
 
 
+@pytest.mark.parametrize("levels", [127.0, 16383.0])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float_entry_odd_width(bits, levels):
+    """Rows 200 wide (not a multiple of the vector quantization's 16: its scalar tail), the
+    largest magnitude in the tail: still quantize_rows' bits."""
+    rng = np.random.default_rng([bits, int(levels), 200])
+    q, scales, offsets = _random_weight(rng, 48, 200, bits, 40, True)
+    operands = _kernel_operands(q, scales, offsets, bits)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    x[0, -1] = -50.0
+    xq, x_scale = (np.asarray(a) for a in jax.jit(quantize_rows, static_argnums=1)(x, levels))
+    np.testing.assert_array_equal(_run_float(x, operands, bits, 40, levels),
+                                  _run(xq, x_scale, *operands, bits, 40))
+
+
 def test_inside_jit():
     """Quantizing the activations per row and the product, in one jitted function."""
     rng = np.random.default_rng(7)
@@ -449,15 +464,19 @@ def test_wide_matches_float64(bits, with_offsets, T, isa):
 
 
 @pytest.mark.parametrize("isa", _isas())
-def test_wide_many_rows(isa):
-    """2048 rows (a whole prefill chunk; 300 for the slow portable path): many row tiles,
-    pool threads, float16 scales and offsets."""
-    rng = np.random.default_rng(2048)
+@pytest.mark.parametrize("rows", [2048, 1041])
+def test_wide_many_rows(isa, rows):
+    """2048 rows (a whole prefill chunk; 300 for the slow portable path) and 1041 (chunks of
+    rows, the last one short and ending in a partial row tile): many row tiles, pool
+    threads, float16 scales and offsets."""
+    if isa == "portable" and rows != 2048:
+        isa = _isas()[-1]
+    rng = np.random.default_rng(rows)
     q, scales, offsets = _random_weight(rng, 200, 160, 4, 32, True)
     operands = _kernel_operands(q, scales, offsets, 4, np.float16, np.float16)
     scales = scales.astype(np.float16).astype(np.float32)
     offsets = offsets.astype(np.float16).astype(np.float32)
-    x = rng.standard_normal((2048 if isa != "portable" else 300, 160)).astype(np.float32)
+    x = rng.standard_normal((rows if isa != "portable" else 300, 160)).astype(np.float32)
     _check_wide(_run_wide(x, operands, 4, 32, isa), x,
                 _dequantized(q, scales, offsets, 32), 200)
 
@@ -492,6 +511,46 @@ def test_wide_int8_activations_are_exact_integers(T, isa):
     expected = integers * x_scale[:, None] * channel[:, 0].astype(np.float64)[None]
     y = _run_wide(x, operands, 8, 96, isa, int8_levels=127.0)
     np.testing.assert_allclose(y[:, :out], expected, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_wide_int8_activations_odd_width(isa):
+    """W8A8 rows whose width is not a multiple of 16 (the vector quantization's scalar tail)
+    nor of 32 (zero-padded operand rows): the same integers as quantize_rows."""
+    rng = np.random.default_rng([200, len(isa)])
+    out, n = 32, 200
+    q = rng.integers(-127, 128, (out, n)).astype(np.int8)
+    channel = rng.uniform(0.5, 2.0, (out, 1)).astype(np.float32) * 1e-3
+    operands = _kernel_operands(q, np.repeat(channel, 2, axis=1), None, 8)
+    x = rng.standard_normal((37, n)).astype(np.float32)
+    x[5, -3] = 40.0  # the row's largest magnitude in the tail
+    xq, x_scale = (np.asarray(a, np.float64)
+                   for a in jax.jit(quantize_rows, static_argnums=1)(x, 127.0))
+    expected = (xq @ q.astype(np.float64).T) * x_scale[:, None] * channel[:, 0][None]
+    y = _run_wide(x, operands, 8, 100, isa, int8_levels=127.0)
+    np.testing.assert_allclose(y[:, :out], expected, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("T,n", [(50, 96), (50, 72), (16, 256)])
+def test_wide_float32_x_is_bfloat16_x(T, n, isa):
+    """The entry takes x in float32 (rounded to bfloat16 by the kernel) or bfloat16 (as
+    quantized_matmul_wide hands it over; used in place where the width is a multiple of
+    32): the same output, bit for bit."""
+    rng = np.random.default_rng([T, n, len(isa)])
+    q, scales, offsets = _random_weight(rng, 48, n, 4, 8, True)
+    operands = [jnp.asarray(a) for a in _kernel_operands(q, scales, offsets, 4)]
+    x = jnp.asarray(rng.standard_normal((T, n)), jnp.float32)
+
+    def call(x):
+        return jax.ffi.ffi_call(cpu_quantized._WIDE_TARGET,
+                                jax.ShapeDtypeStruct((T, 48), jnp.float32))(
+            x, *operands, bits=np.int64(4), group_size=np.int64(8), zero_point=np.int64(0),
+            levels=np.float32(0.0), scale_after=np.int64(0),
+            isa=np.int64(cpu_quantized.WIDE_ISAS.index(isa)))
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(call)(x)),
+                                  np.asarray(jax.jit(call)(x.astype(jnp.bfloat16))))
 
 
 def test_wide_refuses_offsets_with_int8_activations():

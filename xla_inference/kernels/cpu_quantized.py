@@ -145,7 +145,8 @@ def quantized_matmul_wide(x, values, scales, offsets, *, bits: int, group_size: 
     weight tile is dequantized once per call into a cache-resident scratch and multiplied
     by every row (AMX or AVX-512 bfloat16, kernels/cpu/quantized_matmul.cc).
 
-    Weight-only formats (int8_levels=0): x [T, in] float32 rounded to bfloat16, times
+    Weight-only formats (int8_levels=0): x [T, in] (float32 or bfloat16) rounded to
+    bfloat16, times
     w = bfloat16((q - zero_point) * scale + offset). int8_levels > 0 (at most 256; W8A8: 127,
     whose weights have one scale per channel, repeated over its groups, and no offsets):
     each row quantized to integers as quantize_rows does, times the weight's integers, both
@@ -155,8 +156,11 @@ def quantized_matmul_wide(x, values, scales, offsets, *, bits: int, group_size: 
     if int8_levels and offsets is not None:
         raise ValueError("quantized_matmul_wide: int8 activations take per-channel scales "
                          "and no offsets")
+    # Weight-only: x goes in as bfloat16 (the same rounding), converted by XLA where it fuses
+    # with x's producer (and is shared by the products of one x), not on the calling thread.
+    x = x.astype(jnp.float32 if int8_levels else jnp.bfloat16)
     call = jax.ffi.ffi_call(_WIDE_TARGET, _output(x.shape[0], values))
-    return call(x.astype(jnp.float32), *_weight_operands(values, scales, offsets),
+    return call(x, *_weight_operands(values, scales, offsets),
                 bits=np.int64(bits), group_size=np.int64(group_size),
                 zero_point=np.int64(zero_point), levels=np.float32(int8_levels),
                 scale_after=np.int64(1 if int8_levels else 0),

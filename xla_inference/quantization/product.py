@@ -11,8 +11,10 @@ Two ways, chosen per trace by the number of rows (a static shape):
   kernel's
   wide entry dequantizes each tile of weight rows once per step into bfloat16 in a
   cache-resident scratch and multiplies every row by it in AMX bfloat16 tiles: the numbers
-  of XLA's bfloat16 product on the dequantized weight, 3-10x faster than it (and than
-  XLA's own bfloat16 product on a dense weight). Only where the weight's compute dtype is
+  of XLA's bfloat16 product on the dequantized weight, 3-10x faster than it; against XLA's
+  bfloat16 product on a dense weight about even from 256 rows on, slower at 16-64 rows,
+  where dequantizing each weight costs about what reading it in bfloat16 does
+  (benchmarks/quantized_wide_shapes.py). Only where the weight's compute dtype is
   bfloat16 (a float32 policy keeps XLA's float32 product) or the scheme's activations are
   int8 (whose integers and per-channel scales the entry multiplies exactly);
 - otherwise (no AMX, other devices) XLA dequantizes the weight into its compute dtype and

@@ -328,6 +328,45 @@ void quantize_row(const float* x, int64_t in, float levels, int16_t* xq, float* 
   *x_scale = scale;
 }
 
+// quantize_row's scale and its reciprocal for a row whose largest magnitude is `peak`, by
+// the same float operations (kept from -ffast-math's rewrites, as there).
+__attribute__((optimize("no-reciprocal-math", "no-associative-math")))
+void row_scale_of(float peak, float levels, float* scale, float* inverse) {
+  float s = peak * (1.0f / levels);
+  if (!(s > 0.0f)) s = 1.0f;
+  *scale = s;
+  *inverse = 1.0f / s;
+}
+
+#ifdef XLA_INFERENCE_QMM_VNNI
+// quantize_row vectorized (the float entry's rows; a decode step quantizes one per product):
+// the same largest magnitude (max is exact in any order), scale and products, rounded half
+// to even (vrndscaleps) and clipped, so the same integers.
+void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, float* x_scale) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 peak16 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16)
+    peak16 = _mm512_max_ps(peak16, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)));
+  float peak = _mm512_reduce_max_ps(peak16);
+  for (; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
+  float scale, inverse;
+  row_scale_of(peak, levels, &scale, &inverse);
+  const __m512 inv = _mm512_set1_ps(inverse), hi = _mm512_set1_ps(levels),
+               lo = _mm512_set1_ps(-levels);
+  for (k = 0; k + 16 <= in; k += 16) {
+    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
+                        _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(q)));
+  }
+  for (; k < in; ++k)
+    xq[k] = static_cast<int16_t>(std::min(levels, std::max(-levels, std::nearbyint(x[k] * inverse))));
+  *x_scale = scale;
+}
+#endif
+
 // One call's work items (runs of output tiles), taken one at a time by whichever thread asks
 // next; owned jointly by the call and the tasks it schedules, as in paged_attention.cc.
 struct Work {
@@ -483,8 +522,13 @@ ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   work->xq.resize(T * in);
   work->x_scale.resize(T);
   for (int64_t t = 0; t < T; ++t)
+#ifdef XLA_INFERENCE_QMM_VNNI
+    quantize_row_avx512(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
+                        work->x_scale.data() + t);
+#else
     quantize_row(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
                  work->x_scale.data() + t);
+#endif
   work->p.xq = work->xq.data();
   work->p.x_scale = work->x_scale.data();
   run(pool, work);
@@ -515,7 +559,8 @@ enum WideIsa : int64_t { kWidePortable = 0, kWideAvx512Bf16 = 1, kWideAmx = 2 };
 constexpr int64_t kWideK = 32;  // input elements per AMX bf16 tile row (64 bytes)
 
 struct WideProblem {
-  const uint16_t* x;         // bf16 [T_pad, K_pad], zero-padded
+  const uint16_t* x;         // bf16 [T_full, K_pad]: the whole row tiles (zero-padded past in)
+  const uint16_t* x_tail;    // bf16 [16, K_pad]: rows T_full..T-1, zero-padded (T_full < T)
   const float* row_scale;    // [T] or nullptr (1)
   const uint8_t* values;
   const void* scales;
@@ -526,6 +571,11 @@ struct WideProblem {
 
   int64_t tile_bytes() const { return in / per_chunk * kChunkBytes; }
   int64_t scratch_words() const { return K_pad * kRows; }  // bf16 values of one output tile
+  int64_t T_full() const { return T / kRows * kRows; }
+  // Row t of x (t < T_pad; rows of a row tile are K_pad apart).
+  const uint16_t* row(int64_t t) const {
+    return t < T_full() ? x + t * K_pad : x_tail + (t - T_full()) * K_pad;
+  }
 };
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even (no NaNs here)
@@ -573,13 +623,15 @@ inline float wide_factor(const WideProblem& p, int64_t ot, int64_t r, int64_t t)
   return f;
 }
 
-// Output tiles ot0..ot0+n-1 (scratch holds them, one after another) for every row of T.
-void product_portable(const WideProblem& p, int64_t ot0, int64_t n, const uint16_t* scratch) {
+// Output tiles ot0..ot0+n-1 (scratch holds them, one after another) for rows t_begin..t_end-1
+// of T (t_begin a multiple of 16).
+void product_portable(const WideProblem& p, int64_t ot0, int64_t n, const uint16_t* scratch,
+                      int64_t t_begin, int64_t t_end) {
   const int64_t width = p.out_tiles * kRows;
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* b = scratch + i * p.scratch_words();
-    for (int64_t t = 0; t < p.T; ++t) {
-      const uint16_t* x = p.x + t * p.K_pad;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const uint16_t* x = p.row(t);
       for (int64_t r = 0; r < kRows; ++r) {
         float acc = 0.0f;
         for (int64_t k = 0; k < p.in; ++k)
@@ -604,27 +656,40 @@ XLA_INFERENCE_AVX512BF16 inline __m512 wide_group_vector(const void* a, bool hal
   return _mm512_loadu_ps(static_cast<const float*>(a) + at);
 }
 
-// One chunk row's 32 words (word 2r + j) as dequantized bfloat16 pairs into `row`.
-XLA_INFERENCE_AVX512BF16 inline void store_wide_row(__m512i words, __m512i zero, __m512 scale_lo,
-                                                    __m512 scale_hi, __m512 offset_lo,
-                                                    __m512 offset_hi, uint16_t* row) {
-  const __m512i lo = _mm512_sub_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(words)), zero);
-  const __m512i hi =
-      _mm512_sub_epi32(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(words, 1)), zero);
+// One chunk row's 32 values (value 2r + j: lo holds 0..15, hi 16..31, as int32) as
+// dequantized bfloat16 pairs into `row`: bfloat16((q - z) * scale + offset) (z only when
+// kZero: without a zero point the subtraction is skipped).
+template <bool kZero>
+XLA_INFERENCE_AVX512BF16 inline void store_wide_row(__m512i lo, __m512i hi, __m512i zero,
+                                                    __m512 scale_lo, __m512 scale_hi,
+                                                    __m512 offset_lo, __m512 offset_hi,
+                                                    uint16_t* row) {
+  if constexpr (kZero) {
+    lo = _mm512_sub_epi32(lo, zero);
+    hi = _mm512_sub_epi32(hi, zero);
+  }
   const __m512 flo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), scale_lo, offset_lo);
   const __m512 fhi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), scale_hi, offset_hi);
   _mm512_storeu_si512(row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(fhi, flo)));
 }
 
-XLA_INFERENCE_AVX512BF16 void dequantize_tile_avx512(const WideProblem& p, int64_t ot,
-                                                     uint16_t* scratch) {
+inline __m128i load_half_chunk(const uint8_t* at) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+}
+
+// Each chunk's bytes widened straight to int32 lanes (one vpmovzxbd / vpmovsxbd per 16
+// bytes, from memory): fewer shuffles than widening to words first, the shuffle port being
+// what dequantizing is bound by.
+template <int kBits, bool kZero>
+XLA_INFERENCE_AVX512BF16 void dequantize_tile_body(const WideProblem& p, int64_t ot,
+                                                   uint16_t* scratch) {
   const uint8_t* w = p.values + ot * p.tile_bytes();
   const int64_t chunks = p.group_size / p.per_chunk;
   // Lane i of a row's lower (upper) 16 values is row r = i / 2 (8 + i / 2) of the tile.
   const __m512i pick_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i pick_hi = _mm512_add_epi32(pick_lo, _mm512_set1_epi32(8));
   const __m512i zero = _mm512_set1_epi32(static_cast<int32_t>(p.zero_point));
-  const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
+  const __m512i low_nibbles = _mm512_set1_epi32(0x0F);
   __m512 scale_lo = _mm512_set1_ps(1.0f), scale_hi = scale_lo;
   __m512 offset_lo = _mm512_setzero_ps(), offset_hi = offset_lo;
   for (int64_t g = 0; g < p.groups; ++g) {
@@ -640,19 +705,32 @@ XLA_INFERENCE_AVX512BF16 void dequantize_tile_avx512(const WideProblem& p, int64
       }
     }
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kChunkBytes));
-      if (p.per_chunk == 2) {
-        store_wide_row(_mm512_cvtepi8_epi16(bytes), zero, scale_lo, scale_hi, offset_lo,
-                       offset_hi, scratch + c * 2 * kRows);
+      const uint8_t* bytes = w + c * kChunkBytes;
+      if constexpr (kBits == 8) {
+        store_wide_row<kZero>(_mm512_cvtepi8_epi32(load_half_chunk(bytes)),
+                              _mm512_cvtepi8_epi32(load_half_chunk(bytes + 16)), zero, scale_lo,
+                              scale_hi, offset_lo, offset_hi, scratch + c * 2 * kRows);
       } else {
-        const __m512i words = _mm512_cvtepu8_epi16(bytes);
-        store_wide_row(_mm512_and_si512(words, low_nibbles), zero, scale_lo, scale_hi,
-                       offset_lo, offset_hi, scratch + (2 * c) * 2 * kRows);
-        store_wide_row(_mm512_srli_epi16(words, 4), zero, scale_lo, scale_hi, offset_lo,
-                       offset_hi, scratch + (2 * c + 1) * 2 * kRows);
+        const __m512i lo = _mm512_cvtepu8_epi32(load_half_chunk(bytes));
+        const __m512i hi = _mm512_cvtepu8_epi32(load_half_chunk(bytes + 16));
+        store_wide_row<kZero>(_mm512_and_si512(lo, low_nibbles), _mm512_and_si512(hi, low_nibbles),
+                              zero, scale_lo, scale_hi, offset_lo, offset_hi,
+                              scratch + (2 * c) * 2 * kRows);
+        store_wide_row<kZero>(_mm512_srli_epi32(lo, 4), _mm512_srli_epi32(hi, 4), zero, scale_lo,
+                              scale_hi, offset_lo, offset_hi, scratch + (2 * c + 1) * 2 * kRows);
       }
     }
   }
+}
+
+XLA_INFERENCE_AVX512BF16 void dequantize_tile_avx512(const WideProblem& p, int64_t ot,
+                                                     uint16_t* scratch) {
+  if (p.per_chunk == 2) {
+    if (p.zero_point != 0) return dequantize_tile_body<8, true>(p, ot, scratch);
+    return dequantize_tile_body<8, false>(p, ot, scratch);
+  }
+  if (p.zero_point != 0) return dequantize_tile_body<4, true>(p, ot, scratch);
+  return dequantize_tile_body<4, false>(p, ot, scratch);
 }
 
 // y tile [rows, 16] (row stride 16) times the factors into out.
@@ -669,21 +747,25 @@ XLA_INFERENCE_AVX512BF16 inline void store_wide_tile(const WideProblem& p, int64
   }
 }
 
-// vdpbf16ps: 2 output tiles x 8 rows of T per block, one zmm accumulator each.
+// vdpbf16ps: 2 output tiles x 8 rows of T per block, one zmm accumulator each. Rows of T
+// outermost: each block of 8 rows is read once per item while the item's dequantized tiles
+// (the scratch) pass under it from L1/L2.
 constexpr int64_t kWideRowsAvx = 8;
 
 XLA_INFERENCE_AVX512BF16 void product_avx512(const WideProblem& p, int64_t ot0, int64_t n,
-                                             const uint16_t* scratch) {
+                                             const uint16_t* scratch, int64_t t_begin,
+                                             int64_t t_end) {
   const int64_t pairs = p.K_pad / 2;
   alignas(64) float y[kWideRowsAvx * kRows];
-  for (int64_t i = 0; i < n; i += 2) {
-    const bool two = i + 1 < n;
-    const uint16_t* b0 = scratch + i * p.scratch_words();
-    const uint16_t* b1 = two ? b0 + p.scratch_words() : b0;
-    for (int64_t t0 = 0; t0 < p.T; t0 += kWideRowsAvx) {  // T_pad rows exist, zero-padded
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kWideRowsAvx) {  // T_pad rows exist
+    const uint16_t* x = p.row(t0);  // rows t0..t0+7: one row tile
+    const int64_t rows = std::min(kWideRowsAvx, t_end - t0);
+    for (int64_t i = 0; i < n; i += 2) {
+      const bool two = i + 1 < n;
+      const uint16_t* b0 = scratch + i * p.scratch_words();
+      const uint16_t* b1 = two ? b0 + p.scratch_words() : b0;
       __m512 acc0[kWideRowsAvx], acc1[kWideRowsAvx];
       for (int m = 0; m < kWideRowsAvx; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
-      const uint16_t* x = p.x + t0 * p.K_pad;
       for (int64_t k2 = 0; k2 < pairs; ++k2) {
         const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b0 + k2 * 2 * kRows));
         const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b1 + k2 * 2 * kRows));
@@ -695,7 +777,6 @@ XLA_INFERENCE_AVX512BF16 void product_avx512(const WideProblem& p, int64_t ot0, 
           acc1[m] = _mm512_dpbf16_ps(acc1[m], a, w1);
         }
       }
-      const int64_t rows = std::min(kWideRowsAvx, p.T - t0);
       for (int m = 0; m < kWideRowsAvx; ++m) _mm512_store_ps(y + m * kRows, acc0[m]);
       store_wide_tile(p, ot0 + i, t0, rows, y);
       if (two) {
@@ -725,15 +806,19 @@ XLA_INFERENCE_AMX void configure_tiles() {
 
 XLA_INFERENCE_AMX void release_tiles() { _tile_release(); }
 
+// Output tiles ot0..ot0+n-1 (dequantized one after another in the scratch) for every row
+// of T: two row tiles of x at a time (outermost, so that x is read once per item, not once
+// per pair of output tiles), under which every pair of the item's output tiles passes.
 XLA_INFERENCE_AMX void product_amx(const WideProblem& p, int64_t ot0, int64_t n,
-                                   const uint16_t* scratch) {
-  const int64_t blocks = p.K_pad / kWideK, x_stride = p.K_pad * 2, t_tiles = p.T_pad / kRows;
+                                   const uint16_t* scratch, int64_t t_begin, int64_t t_end) {
+  const int64_t blocks = p.K_pad / kWideK, x_stride = p.K_pad * 2;
+  const int64_t t_tiles = (t_end + kRows - 1) / kRows;
   alignas(64) float y[4][kRows * kRows];
   asm volatile("" ::: "memory");  // the scratch is written before the tile loads read it
-  for (int64_t tt = 0; tt < t_tiles; tt += 2) {
+  for (int64_t tt = t_begin / kRows; tt < t_tiles; tt += 2) {
     const bool two_t = tt + 1 < t_tiles;
-    const uint16_t* x0 = p.x + tt * kRows * p.K_pad;
-    const uint16_t* x1 = x0 + kRows * p.K_pad;
+    const uint16_t* x0 = p.row(tt * kRows);
+    const uint16_t* x1 = two_t ? p.row((tt + 1) * kRows) : x0;
     for (int64_t i = 0; i < n; i += 2) {
       const bool two_o = i + 1 < n;
       const uint16_t* b0 = scratch + i * p.scratch_words();
@@ -760,8 +845,8 @@ XLA_INFERENCE_AMX void product_amx(const WideProblem& p, int64_t ot0, int64_t n,
       _tile_stored(3, y[3], 64);
       for (int64_t h = 0; h < (two_t ? 2 : 1); ++h) {
         const int64_t t0 = (tt + h) * kRows;
-        if (t0 >= p.T) break;
-        const int64_t rows = std::min(kRows, p.T - t0);
+        if (t0 >= t_end) break;
+        const int64_t rows = std::min(kRows, t_end - t0);
         store_wide_tile(p, ot0 + i, t0, rows, y[2 * h]);
         if (two_o) store_wide_tile(p, ot0 + i + 1, t0, rows, y[2 * h + 1]);
       }
@@ -778,6 +863,34 @@ XLA_INFERENCE_AVX512BF16 void convert_rows_avx512(const float* x, int64_t T, int
                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + t * in + k))));
     for (; k < in; ++k) xb[t * K_pad + k] = float_to_bf16(x[t * in + k]);
   }
+}
+
+// quantize_row vectorized, its integers (|q| <= 256: exact) written as bfloat16: the same
+// largest magnitude (max is exact in any order), scale and products, rounded half to even
+// (vrndscaleps) and clipped, so the same integers.
+XLA_INFERENCE_AVX512BF16 void quantize_row_bf16_avx512(const float* x, int64_t in, float levels,
+                                                       uint16_t* row, float* row_scale) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 peak16 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16)
+    peak16 = _mm512_max_ps(peak16, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)));
+  float peak = _mm512_reduce_max_ps(peak16);
+  for (; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
+  float scale, inverse;
+  row_scale_of(peak, levels, &scale, &inverse);
+  const __m512 inv = _mm512_set1_ps(inverse), hi = _mm512_set1_ps(levels),
+               lo = _mm512_set1_ps(-levels);
+  for (k = 0; k + 16 <= in; k += 16) {
+    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(q)));
+  }
+  for (; k < in; ++k)
+    row[k] = float_to_bf16(std::min(levels, std::max(-levels, std::nearbyint(x[k] * inverse))));
+  *row_scale = scale;
 }
 
 // The best path this CPU and kernel allow (AMX needs the tile data permission, asked once).
@@ -811,52 +924,116 @@ int64_t wide_isa() {
   return isa;
 }
 
-// One wide call's work items (runs of output tiles), as Work above.
+// Row x [in] float32 as its bfloat16 operand row [in]: rounded to bfloat16 (levels = 0), or
+// quantized as quantize_row does and its integers (exact in bfloat16) taken (levels > 0).
+void prepare_row(int64_t isa, const float* x, int64_t in, float levels, uint16_t* row,
+                 float* row_scale) {
+#if defined(__x86_64__)
+  if (isa != kWidePortable) {
+    if (levels > 0.0f)
+      quantize_row_bf16_avx512(x, in, levels, row, row_scale);
+    else
+      convert_rows_avx512(x, 1, in, in, row);
+    return;
+  }
+#endif
+  if (levels > 0.0f) {
+    std::vector<int16_t> xq(in);
+    quantize_row(x, in, levels, xq.data(), row_scale);
+    for (int64_t k = 0; k < in; ++k)  // integers of at most 256: exact in bfloat16
+      row[k] = float_to_bf16(static_cast<float>(xq[k]));
+  } else {
+    for (int64_t k = 0; k < in; ++k) row[k] = float_to_bf16(x[k]);
+  }
+}
+
+// One wide call: first its rows of x made bfloat16 operand rows (in chunks of rows, shared
+// out like the tiles; none where XLA hands x over in bfloat16, the width a multiple of 32
+// and the rows whole row tiles), then its work items (runs of output tiles), as Work above.
 struct WideWork {
   WideProblem p;
   int64_t isa;
-  std::vector<uint16_t> x;
-  std::vector<int16_t> xq;
+  const float* x_f32 = nullptr;     // the call's x, when float32
+  const uint16_t* x_bf16 = nullptr;  // or bfloat16
+  float levels = 0.0f;
+  std::unique_ptr<uint16_t[]> x;  // operand rows [T_full, K_pad] unless x_bf16 is used as is
+  std::vector<uint16_t> tail;     // [16, K_pad]: the rows past T_full, zero-padded
   std::vector<float> row_scale;
-  int64_t tiles_per_item, num_items;
+  int64_t rows_per_prep = 64, num_preps = 0, prep_begin = 0;
+  std::atomic<int64_t> next_prep{0};
+  // Items: runs of tiles_per_item output tiles times chunks of rows_per_item rows of T
+  // (row chunk major: the threads share one chunk of x at a time).
+  int64_t tiles_per_item, rows_per_item, tile_runs, num_items;
   std::atomic<int64_t> next{0};
   std::mutex mu;
-  std::condition_variable all_done;
-  int64_t done = 0;
+  std::condition_variable all_done, rows_ready;
+  int64_t done = 0, prepared = 0;  // items and row chunks finished (under mu)
 
-  void item(int64_t ot0, int64_t n, uint16_t* scratch) {
+  uint16_t* operand_row(int64_t t) {
+    return t < p.T_full() ? x.get() + t * p.K_pad : tail.data() + (t - p.T_full()) * p.K_pad;
+  }
+
+  // Rows prep_begin + c * rows_per_prep on (up to rows_per_prep of them).
+  void prepare(int64_t c) {
+    const int64_t begin = prep_begin + c * rows_per_prep;
+    const int64_t end = std::min(p.T, begin + rows_per_prep);
+    for (int64_t t = begin; t < end; ++t) {
+      uint16_t* row = operand_row(t);
+      if (x_bf16 != nullptr) {
+        std::memcpy(row, x_bf16 + t * p.in, p.in * sizeof(uint16_t));
+      } else {
+        prepare_row(isa, x_f32 + t * p.in, p.in, levels, row,
+                    row_scale.empty() ? nullptr : &row_scale[t]);
+      }
+      std::fill(row + p.in, row + p.K_pad, uint16_t{0});
+    }
+  }
+
+  // Item i: its tiles dequantized first, then each of its rows passes over all of them.
+  void item(int64_t i, uint16_t* scratch) {
+    const int64_t ot0 = i % tile_runs * tiles_per_item, t_begin = i / tile_runs * rows_per_item;
+    const int64_t n = std::min(tiles_per_item, p.out_tiles - ot0);
+    const int64_t t_end = std::min(p.T, t_begin + rows_per_item);
 #if defined(__x86_64__)
     if (isa != kWidePortable) {
-      // Two tiles at a time: their bfloat16 weights (2 x 32 bytes per input element) stay
-      // in L1 (L2 past 768 inputs) while every row of T passes over them.
-      for (int64_t i = 0; i < n; i += 2) {
-        const int64_t m = std::min<int64_t>(2, n - i);
-        for (int64_t j = 0; j < m; ++j)
-          dequantize_tile_avx512(p, ot0 + i + j, scratch + j * p.scratch_words());
-        if (isa == kWideAmx)
-          product_amx(p, ot0 + i, m, scratch);
-        else
-          product_avx512(p, ot0 + i, m, scratch);
-      }
+      for (int64_t j = 0; j < n; ++j)
+        dequantize_tile_avx512(p, ot0 + j, scratch + j * p.scratch_words());
+      if (isa == kWideAmx)
+        product_amx(p, ot0, n, scratch, t_begin, t_end);
+      else
+        product_avx512(p, ot0, n, scratch, t_begin, t_end);
       return;
     }
 #endif
-    for (int64_t i = 0; i < n; ++i)
-      dequantize_tile_portable(p, ot0 + i, scratch + i * p.scratch_words());
-    product_portable(p, ot0, n, scratch);
+    for (int64_t j = 0; j < n; ++j)
+      dequantize_tile_portable(p, ot0 + j, scratch + j * p.scratch_words());
+    product_portable(p, ot0, n, scratch, t_begin, t_end);
+  }
+
+  void prepare_rows() {
+    if (num_preps == 0) return;
+    int64_t finished = 0;
+    for (int64_t c; (c = next_prep.fetch_add(1, std::memory_order_relaxed)) < num_preps;
+         ++finished)
+      prepare(c);
+    // Every thread waits for every row (the mutex publishes them); a thread that took no
+    // chunk only waits for those still being prepared, so this cannot deadlock.
+    std::unique_lock<std::mutex> lock(mu);
+    prepared += finished;
+    if (prepared == num_preps) rows_ready.notify_all();
+    rows_ready.wait(lock, [&] { return prepared == num_preps; });
   }
 
   void drain() {
+    prepare_rows();
     // Zeros past `in` stay zero: only the first `in` values of each tile are written.
     std::vector<uint16_t> scratch(std::max<int64_t>(2, tiles_per_item) * p.scratch_words(), 0);
 #if defined(__x86_64__)
     if (isa == kWideAmx) configure_tiles();
 #endif
     int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
-      const int64_t begin = i * tiles_per_item;
-      item(begin, std::min(tiles_per_item, p.out_tiles - begin), scratch.data());
-    }
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished)
+      item(i, scratch.data());
 #if defined(__x86_64__)
     if (isa == kWideAmx) release_tiles();
 #endif
@@ -867,20 +1044,58 @@ struct WideWork {
   }
 };
 
-// Output tiles per item: an even number (the vector paths take pairs), at least 4 items a
-// thread where the weight allows, at most 8 (the portable path's scratch holds an item).
-int64_t wide_tiles_per_item(const WideProblem& p, int64_t threads) {
-  return std::min<int64_t>(8, std::max<int64_t>(2, p.out_tiles / (4 * (threads + 1)) / 2 * 2));
+// The items of a call. Up to kWideItemRows rows, one chunk of rows and runs of at least 2
+// and at most 8 output tiles, at least 4 runs a thread where the weight allows. More rows
+// (a prefill): chunks of kWideItemRows rows, each item's tiles dequantized once per chunk
+// (about 5% of its products' time) and as many as fit in kWideScratchBytes, so that x is
+// read from memory once per tile run of a chunk, not once per pair of tiles.
+constexpr int64_t kWideItemRows = 512;
+constexpr int64_t kWideScratchBytes = 384 << 10;  // the item's dequantized tiles, in L2
+
+void plan_items(WideWork& work, int64_t threads) {
+  const WideProblem& p = work.p;
+  if (p.T <= kWideItemRows) {
+    work.rows_per_item = p.T;
+    work.tiles_per_item =
+        std::min<int64_t>(8, std::max<int64_t>(2, p.out_tiles / (4 * (threads + 1)) / 2 * 2));
+  } else {
+    work.rows_per_item = kWideItemRows;
+    const int64_t fit = kWideScratchBytes / (p.scratch_words() * int64_t{sizeof(uint16_t)});
+    work.tiles_per_item = std::min(p.out_tiles, std::max<int64_t>(2, fit / 2 * 2));
+  }
+  work.tile_runs = (p.out_tiles + work.tiles_per_item - 1) / work.tiles_per_item;
+  work.num_items = work.tile_runs * ((p.T + work.rows_per_item - 1) / work.rows_per_item);
 }
 
-ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+// x's operand rows for the call: XLA's bfloat16 x itself where it has the layout (width a
+// multiple of kWideK), with the rows past the last whole row tile copied to a padded tail;
+// otherwise all rows prepared (converted, quantized or copied) into a buffer.
+void plan_rows(WideWork& work, int64_t T, int64_t in, int64_t K_pad) {
+  const WideProblem& p = work.p;
+  work.tail.assign(p.T_full() < T ? kRows * K_pad : 0, 0);
+  if (work.x_bf16 != nullptr && K_pad == in) {
+    work.p.x = work.x_bf16;
+    work.prep_begin = p.T_full();
+  } else {
+    work.x.reset(new uint16_t[std::max<int64_t>(1, p.T_full() * K_pad)]);
+    work.p.x = work.x.get();
+  }
+  work.p.x_tail = work.tail.data();
+  work.rows_per_prep = std::max<int64_t>(1, (int64_t{1} << 16) / K_pad);  // ~128 KiB of rows
+  work.num_preps = (T - work.prep_begin + work.rows_per_prep - 1) / work.rows_per_prep;
+}
+
+ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
                           ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                           ffi::ResultBuffer<ffi::F32> out, int64_t bits, int64_t group_size,
                           int64_t zero_point, float levels, int64_t scale_after, int64_t isa) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || !(levels == 0.0f || (levels >= 1.0f && levels <= 256.0f)))
+  const bool bf16_x = x.element_type() == ffi::DataType::BF16;
+  if (xd.size() != 2 || !(bf16_x || x.element_type() == ffi::DataType::F32) ||
+      !(levels == 0.0f || (levels >= 1.0f && levels <= 256.0f && !bf16_x)))
     return ffi::Error::InvalidArgument(
-        "quantized_matmul_wide: x [T, in] f32, levels 0 (bfloat16 x) or in [1, 256]");
+        "quantized_matmul_wide: x [T, in] f32 or bf16, levels 0 (bfloat16 x) or in [1, 256] "
+        "(f32 x)");
   Problem q;
   ffi::Error error =
       weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, zero_point, q);
@@ -892,32 +1107,19 @@ ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
   const int64_t T_pad = (T + kRows - 1) / kRows * kRows;
   const int64_t K_pad = (in + kWideK - 1) / kWideK * kWideK;
   work->isa = std::min(isa, wide_isa());
-  work->x.assign(T_pad * K_pad, 0);
-  if (levels > 0.0f) {
-    work->xq.resize(in);
-    work->row_scale.resize(T);
-    for (int64_t t = 0; t < T; ++t) {
-      quantize_row(x.typed_data() + t * in, in, levels, work->xq.data(), &work->row_scale[t]);
-      for (int64_t k = 0; k < in; ++k)  // integers of at most 256: exact in bfloat16
-        work->x[t * K_pad + k] = float_to_bf16(static_cast<float>(work->xq[k]));
-    }
-  } else {
-#if defined(__x86_64__)
-    if (work->isa != kWidePortable)
-      convert_rows_avx512(x.typed_data(), T, in, K_pad, work->x.data());
-    else
-#endif
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t k = 0; k < in; ++k)
-          work->x[t * K_pad + k] = float_to_bf16(x.typed_data()[t * in + k]);
-  }
-  work->p = WideProblem{work->x.data(), levels > 0.0f ? work->row_scale.data() : nullptr,
+  work->levels = levels;
+  if (bf16_x)
+    work->x_bf16 = static_cast<const uint16_t*>(x.untyped_data());
+  else
+    work->x_f32 = static_cast<const float*>(x.untyped_data());
+  if (levels > 0.0f) work->row_scale.resize(T);
+  work->p = WideProblem{nullptr, nullptr, levels > 0.0f ? work->row_scale.data() : nullptr,
                         q.values, q.scales, q.offsets, q.half_scales, q.half_offsets,
                         scale_after != 0, q.out, T, T_pad, in, K_pad, q.out_tiles, q.groups,
                         group_size, zero_point, q.per_chunk};
   if (T == 0 || q.out_tiles == 0) return ffi::Error::Success();
-  work->tiles_per_item = wide_tiles_per_item(work->p, pool.num_threads());
-  work->num_items = (q.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
+  plan_rows(*work, T, in, K_pad);
+  plan_items(*work, pool.num_threads());
   // Wide steps are compute-heavy: every pool thread pays for its wake-up.
   const int64_t macs = T * q.out_tiles * kRows * in;
   const int64_t helpers =
@@ -960,7 +1162,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulFloat, QuantizedMatmulF
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulWide, WideMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

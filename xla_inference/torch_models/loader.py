@@ -13,7 +13,7 @@ import socket
 import torch
 
 from xla_inference.runner.build import LoadedModel, Precision
-from xla_inference.torch_models import attention, errors, lowering
+from xla_inference.torch_models import attention, errors, lowering, moe
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,12 @@ def _architecture(vllm_config) -> str:
 def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedModel:
     """The module as a LoadedModel of the torch family: host arrays of every tensor (the
     torch copies are dropped as they are taken), the attention layers on our cache."""
-    errors.refuse_unlowered_layers(module, _architecture(vllm_config))
+    architecture = _architecture(vllm_config)
+    errors.refuse_unlowered_layers(module, architecture)
+    experts = moe.install(module, lambda what: errors.refuse(architecture, what))
     forwards = attention.install(module)
     if not forwards:
-        raise errors.refuse(_architecture(vllm_config), "models without vLLM Attention layers")
+        raise errors.refuse(architecture, "models without vLLM Attention layers")
     names, params = [], []
     for name, kind, tensor in lowering.module_tensors(module):
         names.append(name)
@@ -82,6 +84,7 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
         num_heads=num_heads, num_kv_heads=forwards[0].num_kv_heads,
         intermediate_size=getattr(hf, "intermediate_size", 0) or 0,
         kv_layers=tuple(lowering.kv_layer(f) for f in forwards),
+        moe=lowering.ExpertCount(experts[0].cfg.num_experts) if experts else None,
         param_names=tuple(names), module=module)
     return LoadedModel(lowering.family_for(cfg.architecture), cfg, tuple(params), precision)
 
@@ -104,11 +107,9 @@ def _drop_parameters(module: torch.nn.Module) -> None:
 
 def refuse_unserved(vllm_config) -> None:
     """What the torch path would otherwise serve wrongly: vLLM's quantized layers call its
-    own GPU or CPU kernels, which torchax cannot lower."""
+    own GPU or CPU kernels, which torchax cannot lower. (MoE layers are checked one by one
+    once built: torch_models/moe.py.)"""
     mc = vllm_config.model_config
-    if mc.is_moe:  # known from the config: refused before anything is built
-        raise errors.refuse(_architecture(vllm_config), "mixture-of-experts layers (vLLM's "
-                            "fused MoE, whose kernels torchax cannot lower)")
     if mc.quantization is not None:
         raise errors.refuse(_architecture(vllm_config),
                             f"quantized checkpoints ({mc.model} is {mc.quantization})")

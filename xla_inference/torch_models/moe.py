@@ -1,0 +1,152 @@
+"""vLLM's fused MoE layers on our JAX experts.
+
+vLLM builds every mixture-of-experts block's experts as a `MoERunner` (FusedMoEFactory,
+vllm/model_executor/layers/fused_moe/layer.py): a router (top-k over the router logits), the
+expert weights on its `routed_experts` (w13 [E, 2F, D]: each expert's gate rows then its up
+rows; w2 [E, D, F]) and a forward that reaches vLLM's CUDA/CPU kernels through a custom op,
+which torchax cannot lower. At lowering, each runner's forward is replaced by
+`FusedMoeForward`, which routes with layers/moe.softmax_top_k and runs the chosen experts
+through layers/moe.routed_mlp: the native families' grouped matmuls (the Pallas GMM on a TPU
+or GPU, jax.lax.ragged_dot on the CPU).
+
+The expert weights are laid out once, at load, as the native families keep them: w13 split
+into w_gate and w_up [E, D, F] and w2 transposed to w_down [E, F, D], registered on the
+routed experts module in place of w13/w2, so that the step reads them without a transpose
+and parallel/sharding.py splits them over the experts axis like the native ones.
+
+Served: softmax top-k routing, renormalised or not (Mixtral, Qwen3-MoE, OLMoE, ...), SiLU
+gated experts, unquantized, no bias. Everything else vLLM's runner can do is refused by
+name when the model is loaded (`refusals`), never served wrong."""
+
+from __future__ import annotations
+
+import torch
+
+from xla_inference.layers.moe import MoeConfig, MoeMlp, routed_mlp, softmax_top_k
+
+# vLLM's routers other than plain top-k over a softmax, by class name: what each does.
+_ROUTER_VARIANTS = {
+    "GroupedTopKRouter": "grouped top-k routing (num_expert_group / topk_group)",
+    "FusedTopKBiasRouter": "routing with a score correction bias (e_score_correction_bias)",
+    "CustomRoutingRouter": "a custom routing function",
+    "ZeroExpertRouter": "zero experts",
+    "RoutingSimulatorRouter": "simulated routing",
+    "AiterSharedRoutedFusedMoERouter": "ROCm aiter fused shared-expert routing",
+}
+
+
+def _router_refusals(router) -> list[str]:
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
+
+    if type(router) is not FusedTopKRouter:
+        name = type(router).__name__
+        return [_ROUTER_VARIANTS.get(name, f"routing by {name}")]
+    return [reason for present, reason in (
+        (router.scoring_func != "softmax", f"{router.scoring_func} scoring of the router"),
+        (router.eplb_state is not None, "expert parallel load balancing (EPLB)"),
+        (getattr(router, "bias_vl", None) is not None, "vision routing biases"),
+    ) if present]
+
+
+def refusals(runner) -> list[str]:
+    """What one vLLM MoE runner does that FusedMoeForward does not (empty: served)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    if type(runner) is not MoERunner:
+        return [f"MoE runners of kind {type(runner).__name__}"]
+    experts, moe = runner.routed_experts, runner.moe_config
+    found = _router_refusals(runner.router)
+    found += [reason for present, reason in (
+        (runner.shared_experts is not None, "shared experts"),
+        (runner.routed_input_transform is not None
+         or runner.routed_output_transform is not None, "latent MoE transforms"),
+        (runner.routed_scaling_factor != 1.0, "a routed scaling factor"),
+        (getattr(experts, "routed_scaling_factor", 1.0) != 1.0, "a routed scaling factor"),
+        (getattr(experts, "apply_router_weight_on_input", False),
+         "router weights applied to the expert inputs"),
+        (moe.activation != MoEActivation.SILU, f"{moe.activation.value} experts"),
+        (moe.has_bias, "expert biases"),
+        (any(getattr(moe, f"swiglu_{n}") is not None for n in ("limit", "alpha", "beta")),
+         "clamped or scaled SwiGLU experts"),
+        (moe.intermediate_pad, "padded expert widths"),
+        (moe.moe_parallel_config.ep_size > 1, "expert parallel ranks"),
+        (type(experts.quant_method) is not UnquantizedFusedMoEMethod, "quantized experts"),
+    ) if present]
+    return list(dict.fromkeys(found))  # each reason once
+
+
+def moe_runners(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, runner) of every vLLM MoE runner of a model, in module order."""
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import (
+        MoERunnerInterface,
+    )
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, MoERunnerInterface)]
+
+
+def _relayout_experts(experts: torch.nn.Module, num_experts: int, width: int) -> None:
+    """w13 [E, 2F, D] / w2 [E, D, F] -> w_gate, w_up [E, D, F] and w_down [E, F, D]
+    (layers/moe.MoeMlp's layout); the torch copies of w13 and w2 are dropped."""
+    w13, w2 = experts.w13_weight.detach(), experts.w2_weight.detach()
+    if w13.shape[:2] != (num_experts, 2 * width) or w2.shape[::2] != (num_experts, width):
+        raise NotImplementedError(f"xla-inference's torch path expects experts w13 "
+                                  f"[{num_experts}, {2 * width}, D] and w2 [{num_experts}, D, "
+                                  f"{width}], not {tuple(w13.shape)} and {tuple(w2.shape)}")
+    layout = {"w_gate": w13[:, :width].transpose(1, 2), "w_up": w13[:, width:].transpose(1, 2),
+              "w_down": w2.transpose(1, 2)}
+    del experts.w13_weight, experts.w2_weight
+    for name, value in layout.items():
+        experts.register_parameter(name, torch.nn.Parameter(value.contiguous(),
+                                                            requires_grad=False))
+
+
+class FusedMoeForward:
+    """Replaces one vLLM MoERunner's forward: hidden_states [T, D] and router_logits
+    [T, E] (or, where the runner holds the gate, hidden_states again) -> [T, D]."""
+
+    def __init__(self, runner):
+        moe = runner.moe_config
+        self.gate = runner.gate  # the router projection, when the runner applies it itself
+        self.experts = runner.routed_experts
+        self.renormalize = runner.router.renormalize
+        self.cfg = MoeConfig(num_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
+                             intermediate_size=moe.intermediate_size_per_partition,
+                             norm_topk_prob=runner.router.renormalize)
+
+    def __call__(self, hidden_states, router_logits, input_ids=None, shared_experts_input=None):
+        from xla_inference.torch_models.lowering import from_torch, to_torch
+
+        if self.gate is not None:
+            router_logits = self.gate(hidden_states)
+            if isinstance(router_logits, tuple):  # (output, bias) of vLLM's linear layers
+                router_logits = router_logits[0]
+        x, logits = from_torch((hidden_states, router_logits))
+        weights, chosen = softmax_top_k(logits, self.cfg.num_experts_per_tok,
+                                        self.cfg.norm_topk_prob)
+        e = self.experts
+        p = MoeMlp(router=None, w_gate=from_torch(e.w_gate), w_up=from_torch(e.w_up),
+                   w_down=from_torch(e.w_down))
+        return to_torch(routed_mlp(p, x, weights, chosen, self.cfg))
+
+
+def install(module: torch.nn.Module, refuse) -> list[FusedMoeForward]:
+    """Point every MoE runner of `module` at our experts. A runner doing anything we do not
+    serve is refused (refuse(what) -> the exception) before any module is changed."""
+    runners = moe_runners(module)
+    for name, runner in runners:
+        found = refusals(runner)
+        if found:
+            raise refuse(f"{', '.join(found)} in vLLM's fused MoE ({name}: "
+                         f"{type(runner).__name__})")
+    forwards = []
+    for _, runner in runners:
+        forward = FusedMoeForward(runner)
+        _relayout_experts(runner.routed_experts, forward.cfg.num_experts,
+                          forward.cfg.intermediate_size)
+        runner.forward = forward
+        forwards.append(forward)
+    return forwards

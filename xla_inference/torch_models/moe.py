@@ -36,14 +36,19 @@ _ROUTER_VARIANTS = {
 
 
 def _router_refusals(router) -> list[str]:
+    """Served: vLLM's FusedTopKRouter with softmax scoring, nothing else."""
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
 
+    found = []
     if type(router) is not FusedTopKRouter:
         name = type(router).__name__
-        return [_ROUTER_VARIANTS.get(name, f"routing by {name}")]
-    return [reason for present, reason in (
-        (router.scoring_func != "softmax", f"{router.scoring_func} scoring of the router"),
-        (router.eplb_state is not None, "expert parallel load balancing (EPLB)"),
+        found.append(_ROUTER_VARIANTS.get(name, f"routing by {name}"))
+    scoring = getattr(router, "scoring_func", "softmax")
+    return found + [reason for present, reason in (
+        (scoring != "softmax", f"{scoring} scoring of the router"),
+        (getattr(router, "e_score_correction_bias", None) is not None,
+         "routing with a score correction bias (e_score_correction_bias)"),
+        (getattr(router, "eplb_state", None) is not None, "expert parallel load balancing (EPLB)"),
         (getattr(router, "bias_vl", None) is not None, "vision routing biases"),
     ) if present]
 

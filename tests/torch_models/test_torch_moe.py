@@ -1,23 +1,39 @@
-"""vLLM's fused MoE layers on the torch path (torch_models/moe.py): Qwen3-MoE (softmax
-top-k, not renormalised; layer 0 dense) and Mixtral (renormalised; a sliding window)
-through vLLM's own classes, against transformers over a ragged batch, and through
-vllm.LLM against the native families."""
+"""vLLM's fused MoE layers on the torch path (torch_models/moe.py), through vLLM's own
+classes against transformers over a ragged batch: Qwen3-MoE (softmax top-k, not
+renormalised; layer 0 dense), Mixtral (renormalised; a sliding window), and two
+architectures without a native family: Qwen2-MoE (a gated shared expert beside the routed
+ones) and OLMoE. Qwen3-MoE through vllm.LLM equals the native family."""
 
 import numpy as np
 import pytest
 
-from tests.helpers import assert_ragged_logits, hf_logits, save_tiny_family
-from tests.torch_models.conftest import torch_engine
+from tests.helpers import assert_ragged_logits, hf_logits, save_tiny_family, save_tiny_model
+from tests.torch_models.conftest import COMMON, torch_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 PLAN = [{0: 5, 1: 6}, {0: 8, 1: 1, 2: 9}]
 FAMILIES = {"qwen3_moe": {}, "mixtral": dict(sliding_window=8)}
+# Architectures we have no native code for: (transformers config, its MoE settings).
+OTHERS = {"qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=48,
+                                               shared_expert_intermediate_size=64)),
+          "olmoe": ("OlmoeConfig", {})}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_moe_ragged_logits_match_transformers(tmp_path, family):
-    model_dir = save_tiny_family(tmp_path / family, family, **FAMILIES[family])
+def _save(path, name):
+    import transformers
+
+    if name in FAMILIES:
+        return save_tiny_family(path, name, **FAMILIES[name])
+    config_name, own = OTHERS[name]
+    config = getattr(transformers, config_name)(**{**COMMON, **own}, num_experts=8,
+                                                num_experts_per_tok=2, initializer_range=0.1)
+    return save_tiny_model(path, config)
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, *OTHERS])
+def test_moe_ragged_logits_match_transformers(tmp_path, name):
+    model_dir = _save(tmp_path / name, name)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 128, n).tolist() for n in (13, 7, 9)]
     expected = [hf_logits(model_dir, p) for p in prompts]  # before vLLM's classes load

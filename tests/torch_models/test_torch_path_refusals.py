@@ -1,8 +1,8 @@
 """What the torch path does not serve is refused by name, never served wrong: the routing
 variants of vLLM's fused MoE it does not lower (grouped top-k, sigmoid scoring, a score
-correction bias, shared experts, router weights on the inputs), a quantized checkpoint, and
-a torch op torchax has no lowering for (named with the module that called it); each
-suggests --model-impl native where a native family serves the architecture."""
+correction bias, a routed scaling factor, router weights on the inputs), a quantized
+checkpoint, and a torch op torchax has no lowering for (named with the module that called
+it); each suggests --model-impl native where a native family serves the architecture."""
 
 import jax.numpy as jnp
 import pytest
@@ -14,7 +14,7 @@ from tests.torch_models.conftest import torch_engine, vllm_config
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-def test_grouped_sigmoid_routing_and_shared_experts_are_refused_by_name(tmp_path):
+def test_grouped_sigmoid_routing_is_refused_by_name(tmp_path):
     """GLM-4.5's MoE (DeepSeek-V3's routing): every variant it uses is named."""
     import transformers
 
@@ -31,8 +31,8 @@ def test_grouped_sigmoid_routing_and_shared_experts_are_refused_by_name(tmp_path
     model_dir = save_tiny_model(tmp_path / "glm4_moe", config)
     with pytest.raises(TorchPathError, match=(
             r"Glm4MoeForCausalLM: .* does not serve grouped top-k routing .*, sigmoid scoring "
-            r"of the router, routing with a score correction bias .*, shared experts, a routed "
-            r"scaling factor in vLLM's fused MoE \(model\.layers\.1\.mlp\.experts")):
+            r"of the router, routing with a score correction bias .*, a routed scaling factor "
+            r"in vLLM's fused MoE \(model\.layers\.1\.mlp\.experts")):
         load(vllm_config(model_dir, model_impl="vllm"), Precision.uniform(jnp.float32))
 
 

@@ -15,8 +15,10 @@ routed experts module in place of w13/w2, so that the step reads them without a 
 and parallel/sharding.py splits them over the experts axis like the native ones.
 
 Served: softmax top-k routing, renormalised or not (Mixtral, Qwen3-MoE, OLMoE, ...), SiLU
-gated experts, unquantized, no bias. Everything else vLLM's runner can do is refused by
-name when the model is loaded (`refusals`), never served wrong."""
+gated experts, unquantized, no bias, with or without shared experts beside them (Qwen2-MoE's
+gated shared expert: vLLM's own module, lowered like any other). Everything else vLLM's
+runner can do is refused by name when the model is loaded (`refusals`), never served
+wrong."""
 
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ def _router_refusals(router) -> list[str]:
          "routing with a score correction bias (e_score_correction_bias)"),
         (getattr(router, "eplb_state", None) is not None, "expert parallel load balancing (EPLB)"),
         (getattr(router, "bias_vl", None) is not None, "vision routing biases"),
+        (getattr(router, "num_fused_shared_experts", 0) > 0,
+         "shared experts fused into the routed ones"),
     ) if present]
 
 
@@ -66,7 +70,8 @@ def refusals(runner) -> list[str]:
     experts, moe = runner.routed_experts, runner.moe_config
     found = _router_refusals(runner.router)
     found += [reason for present, reason in (
-        (runner.shared_experts is not None, "shared experts"),
+        (runner.shared_expert_gate is not None,
+         "a shared expert gate fused with the router"),
         (runner.routed_input_transform is not None
          or runner.routed_output_transform is not None, "latent MoE transforms"),
         (runner.routed_scaling_factor != 1.0, "a routed scaling factor"),
@@ -117,7 +122,10 @@ class FusedMoeForward:
         moe = runner.moe_config
         self.gate = runner.gate  # the router projection, when the runner applies it itself
         self.experts = runner.routed_experts
-        self.renormalize = runner.router.renormalize
+        # The shared experts (Qwen2-MoE's, gated or not): a plain module of the model,
+        # which vLLM's SharedExperts wrapper calls on the same input as the routed experts.
+        shared = runner.shared_experts
+        self.shared_experts = None if shared is None else shared._layer
         self.cfg = MoeConfig(num_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
                              intermediate_size=moe.intermediate_size_per_partition,
                              norm_topk_prob=runner.router.renormalize)
@@ -135,7 +143,11 @@ class FusedMoeForward:
         e = self.experts
         p = MoeMlp(router=None, w_gate=from_torch(e.w_gate), w_up=from_torch(e.w_up),
                    w_down=from_torch(e.w_down))
-        return to_torch(routed_mlp(p, x, weights, chosen, self.cfg))
+        out = to_torch(routed_mlp(p, x, weights, chosen, self.cfg))
+        if self.shared_experts is not None:
+            shared_input = hidden_states if shared_experts_input is None else shared_experts_input
+            out = self.shared_experts(shared_input) + out
+        return out
 
 
 def install(module: torch.nn.Module, refuse) -> list[FusedMoeForward]:

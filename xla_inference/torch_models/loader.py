@@ -26,15 +26,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_single_rank_groups() -> None:
+def _has_expert_group(parallel_state) -> bool:
+    try:
+        parallel_state.get_ep_group()
+    except AssertionError:  # vLLM builds it only for MoE models
+        return False
+    return True
+
+
+def ensure_single_rank_groups(is_moe: bool = False) -> None:
     """vLLM's layers ask torch.distributed for their tensor parallel rank while they are
-    built: one rank of one (the mesh, not torch, splits the model)."""
+    built: one rank of one (the mesh, not torch, splits the model). vLLM makes the expert
+    parallel group only with an MoE model's config: groups made earlier in this process for
+    a dense model are made again."""
     from vllm.distributed import parallel_state
 
     if not torch.distributed.is_initialized():
         parallel_state.init_distributed_environment(
             world_size=1, rank=0, local_rank=0, backend="gloo",
             distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
+    if (is_moe and parallel_state.model_parallel_is_initialized()
+            and not _has_expert_group(parallel_state)):
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.ensure_model_parallel_initialized(1, 1)
 
@@ -49,7 +62,7 @@ def build_module(vllm_config) -> torch.nn.Module:
     # accelerator is torchax's "jax" device, whose allocator refuses the call.
     torch.accelerator.empty_cache = lambda: None
     with set_current_vllm_config(vllm_config):
-        ensure_single_rank_groups()
+        ensure_single_rank_groups(vllm_config.model_config.is_moe)
         loader = get_model_loader(vllm_config.load_config)
         return loader.load_model(vllm_config=vllm_config, model_config=vllm_config.model_config)
 

@@ -1,37 +1,29 @@
 """vLLM's fused MoE layers on the torch path (torch_models/moe.py), through vLLM's own
 classes against transformers over a ragged batch: Qwen3-MoE (softmax top-k, not
-renormalised; layer 0 dense), Mixtral (renormalised; a sliding window), and two
-architectures without a native family: Qwen2-MoE (a gated shared expert beside the routed
-ones) and OLMoE. Qwen3-MoE through vllm.LLM equals the native family."""
+renormalised; layer 0 dense), Mixtral (renormalised; a sliding window), and three
+architectures without a native family: GLM-4.5 (DeepSeek-V3's grouped sigmoid routing with
+a correction bias and a scaling factor, a shared expert), Qwen2-MoE (a gated shared expert)
+and OLMoE. Qwen3-MoE through vllm.LLM equals the native family."""
 
 import numpy as np
 import pytest
 
-from tests.helpers import assert_ragged_logits, hf_logits, save_tiny_family, save_tiny_model
-from tests.torch_models.conftest import COMMON, torch_engine
+from tests.helpers import assert_ragged_logits, hf_logits, save_tiny_family
+from tests.torch_models.conftest import MOE_ARCHITECTURES, save_tiny_moe, torch_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 PLAN = [{0: 5, 1: 6}, {0: 8, 1: 1, 2: 9}]
 FAMILIES = {"qwen3_moe": {}, "mixtral": dict(sliding_window=8)}
-# Architectures we have no native code for: (transformers config, its MoE settings).
-OTHERS = {"qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=48,
-                                               shared_expert_intermediate_size=64)),
-          "olmoe": ("OlmoeConfig", {})}
 
 
 def _save(path, name):
-    import transformers
-
     if name in FAMILIES:
         return save_tiny_family(path, name, **FAMILIES[name])
-    config_name, own = OTHERS[name]
-    config = getattr(transformers, config_name)(**{**COMMON, **own}, num_experts=8,
-                                                num_experts_per_tok=2, initializer_range=0.1)
-    return save_tiny_model(path, config)
+    return save_tiny_moe(path, name)
 
 
-@pytest.mark.parametrize("name", [*FAMILIES, *OTHERS])
+@pytest.mark.parametrize("name", [*FAMILIES, *MOE_ARCHITECTURES])
 def test_moe_ragged_logits_match_transformers(tmp_path, name):
     model_dir = _save(tmp_path / name, name)
     rng = np.random.default_rng(3)

@@ -99,10 +99,17 @@ def _route_sigmoid(logits: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, jax.Ar
 def _route_grouped_sigmoid(p: MoeMlp, x: jax.Array, cfg: MoeConfig
                            ) -> tuple[jax.Array, jax.Array]:
     """DeepSeek-V3's router, in float32 throughout as transformers runs it."""
-    T, E = x.shape[0], cfg.num_experts
     logits = jnp.einsum("TD,DE->TE", x.astype(jnp.float32), p.router.astype(jnp.float32))
-    scores = jax.nn.sigmoid(logits)
-    biased = scores if p.score_bias is None else scores + p.score_bias.astype(jnp.float32)
+    return grouped_sigmoid_top_k(logits, p.score_bias, cfg)
+
+
+def grouped_sigmoid_top_k(logits: jax.Array, score_bias: jax.Array | None, cfg: MoeConfig
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Router logits [T, E] -> (weights [T, k] float32, experts [T, k] int32) as
+    `scoring="grouped_sigmoid"` routes (the module docstring)."""
+    T, E = logits.shape[0], cfg.num_experts
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    biased = scores if score_bias is None else scores + score_bias.astype(jnp.float32)
     if cfg.num_groups > 1:
         grouped = biased.reshape(T, cfg.num_groups, E // cfg.num_groups)
         group_scores = jax.lax.top_k(grouped, 2)[0].sum(axis=-1)  # [T, groups]

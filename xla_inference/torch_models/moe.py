@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from xla_inference.layers.moe import MoeConfig, MoeMlp, routed_mlp, softmax_top_k
+from xla_inference.layers.moe import (MoeConfig, MoeMlp, grouped_sigmoid_top_k, routed_mlp,
+                                      softmax_top_k)
 
-# vLLM's routers other than plain top-k over a softmax, by class name: what each does.
+# vLLM's routers FusedMoeForward does not compute, by class name: what each does.
 _ROUTER_VARIANTS = {
-    "GroupedTopKRouter": "grouped top-k routing (num_expert_group / topk_group)",
-    "FusedTopKBiasRouter": "routing with a score correction bias (e_score_correction_bias)",
     "CustomRoutingRouter": "a custom routing function",
     "ZeroExpertRouter": "zero experts",
     "RoutingSimulatorRouter": "simulated routing",
@@ -37,21 +36,40 @@ _ROUTER_VARIANTS = {
 }
 
 
-def _router_refusals(router) -> list[str]:
-    """Served: vLLM's FusedTopKRouter with softmax scoring, nothing else."""
-    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
+def routing(router) -> str | None:
+    """How a vLLM router routes, as layers/moe.py names it ("softmax": top-k over a
+    softmax; "grouped_sigmoid": DeepSeek-V3's sigmoid scores with a correction bias, in
+    groups or not), or None: not one we compute."""
+    kind = type(router).__name__
+    scoring = getattr(router, "scoring_func", None)
+    if kind == "FusedTopKRouter" and scoring == "softmax":
+        return "softmax"
+    if (kind in ("GroupedTopKRouter", "FusedTopKBiasRouter") and scoring == "sigmoid"
+            and router.e_score_correction_bias is not None):
+        return "grouped_sigmoid"
+    return None
 
+
+def _router_refusals(router) -> list[str]:
+    """What a router does that we do not; empty where `routing` names its kind."""
+    kind, scoring = type(router).__name__, getattr(router, "scoring_func", None)
+    has_bias = getattr(router, "e_score_correction_bias", None) is not None
     found = []
-    if type(router) is not FusedTopKRouter:
-        name = type(router).__name__
-        found.append(_ROUTER_VARIANTS.get(name, f"routing by {name}"))
-    scoring = getattr(router, "scoring_func", "softmax")
+    if routing(router) is None:
+        if kind in _ROUTER_VARIANTS:
+            found.append(_ROUTER_VARIANTS[kind])
+        elif kind == "GroupedTopKRouter":
+            found.append(f"grouped top-k routing over {scoring} scores"
+                         + ("" if has_bias else " without a score correction bias"))
+        elif kind in ("FusedTopKRouter", "FusedTopKBiasRouter"):
+            found.append(f"{scoring} scoring of the router "
+                         + ("with" if has_bias else "without") + " a score correction bias")
+        else:
+            found.append(f"routing by {kind}")
     return found + [reason for present, reason in (
-        (scoring != "softmax", f"{scoring} scoring of the router"),
-        (getattr(router, "e_score_correction_bias", None) is not None,
-         "routing with a score correction bias (e_score_correction_bias)"),
         (getattr(router, "eplb_state", None) is not None, "expert parallel load balancing (EPLB)"),
         (getattr(router, "bias_vl", None) is not None, "vision routing biases"),
+        (getattr(router, "_hash_indices_table", None) is not None, "hash routing"),
         (getattr(router, "num_fused_shared_experts", 0) > 0,
          "shared experts fused into the routed ones"),
     ) if present]
@@ -74,8 +92,9 @@ def refusals(runner) -> list[str]:
          "a shared expert gate fused with the router"),
         (runner.routed_input_transform is not None
          or runner.routed_output_transform is not None, "latent MoE transforms"),
-        (runner.routed_scaling_factor != 1.0, "a routed scaling factor"),
-        (getattr(experts, "routed_scaling_factor", 1.0) != 1.0, "a routed scaling factor"),
+        (routing(runner.router) == "softmax"
+         and getattr(experts, "routed_scaling_factor", 1.0) != 1.0,
+         "a routed scaling factor with softmax routing"),
         (getattr(experts, "apply_router_weight_on_input", False),
          "router weights applied to the expert inputs"),
         (moe.activation != MoEActivation.SILU, f"{moe.activation.value} experts"),
@@ -118,7 +137,9 @@ class FusedMoeForward:
     """Replaces one vLLM MoERunner's forward: hidden_states [T, D] and router_logits
     [T, E] (or, where the runner holds the gate, hidden_states again) -> [T, D]."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, score_bias=None):
+        """score_bias: () -> the router's score correction bias as the step sees it (the
+        module attribute functional_call fills), for "grouped_sigmoid" routing."""
         moe = runner.moe_config
         self.gate = runner.gate  # the router projection, when the runner applies it itself
         self.experts = runner.routed_experts
@@ -126,9 +147,16 @@ class FusedMoeForward:
         # which vLLM's SharedExperts wrapper calls on the same input as the routed experts.
         shared = runner.shared_experts
         self.shared_experts = None if shared is None else shared._layer
+        router = runner.router
         self.cfg = MoeConfig(num_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
                              intermediate_size=moe.intermediate_size_per_partition,
-                             norm_topk_prob=runner.router.renormalize)
+                             norm_topk_prob=router.renormalize, scoring=routing(router),
+                             num_groups=getattr(router, "num_expert_group", None) or 1,
+                             topk_groups=getattr(router, "topk_group", None) or 1,
+                             routed_scaling_factor=getattr(router, "routed_scaling_factor", 1.0))
+        self.score_bias = score_bias
+        # Scales the routed output (apply_routed_scale_to_output), as the runner does.
+        self.output_scale = runner.routed_scaling_factor
 
     def __call__(self, hidden_states, router_logits, input_ids=None, shared_experts_input=None):
         from xla_inference.torch_models.lowering import from_torch, to_torch
@@ -138,30 +166,62 @@ class FusedMoeForward:
             if isinstance(router_logits, tuple):  # (output, bias) of vLLM's linear layers
                 router_logits = router_logits[0]
         x, logits = from_torch((hidden_states, router_logits))
-        weights, chosen = softmax_top_k(logits, self.cfg.num_experts_per_tok,
-                                        self.cfg.norm_topk_prob)
+        weights, chosen = self._route(logits)
         e = self.experts
         p = MoeMlp(router=None, w_gate=from_torch(e.w_gate), w_up=from_torch(e.w_up),
                    w_down=from_torch(e.w_down))
-        out = to_torch(routed_mlp(p, x, weights, chosen, self.cfg))
-        if self.shared_experts is not None:
-            shared_input = hidden_states if shared_experts_input is None else shared_experts_input
-            out = self.shared_experts(shared_input) + out
-        return out
+        routed = to_torch(routed_mlp(p, x, weights, chosen, self.cfg))
+        if self.shared_experts is None:
+            return routed * self.output_scale if self.output_scale != 1.0 else routed
+        shared_input = hidden_states if shared_experts_input is None else shared_experts_input
+        shared = self.shared_experts(shared_input)
+        if self.output_scale != 1.0:
+            # vLLM's runner: float16 divides the shared output instead (the decoder layer
+            # of such models compensates); other dtypes scale the routed output.
+            if routed.dtype == torch.float16:
+                shared = shared * (1.0 / self.output_scale)
+            else:
+                routed = routed * self.output_scale
+        return shared + routed
+
+    def _route(self, logits):
+        cfg = self.cfg
+        if cfg.scoring == "grouped_sigmoid":
+            from xla_inference.torch_models.lowering import from_torch
+
+            return grouped_sigmoid_top_k(logits, from_torch(self.score_bias()), cfg)
+        return softmax_top_k(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+
+
+def _tensor_owners(module: torch.nn.Module) -> dict:
+    """id(tensor) -> () -> that attribute of its module now: under functional_call, the
+    step's value, where a reference kept elsewhere (vLLM's router keeps its bias) would
+    still hold the loaded tensor."""
+    owners = {}
+    for owner in module.modules():
+        for attr, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
+            if tensor is not None:
+                owners.setdefault(id(tensor), lambda o=owner, a=attr: getattr(o, a))
+    return owners
 
 
 def install(module: torch.nn.Module, refuse) -> list[FusedMoeForward]:
     """Point every MoE runner of `module` at our experts. A runner doing anything we do not
     serve is refused (refuse(what) -> the exception) before any module is changed."""
     runners = moe_runners(module)
+    owners = _tensor_owners(module)
     for name, runner in runners:
         found = refusals(runner)
+        bias = getattr(runner.router, "e_score_correction_bias", None)
+        if bias is not None and id(bias) not in owners:
+            found.append("a score correction bias that is no tensor of the model")
         if found:
             raise refuse(f"{', '.join(found)} in vLLM's fused MoE ({name}: "
                          f"{type(runner).__name__})")
     forwards = []
     for _, runner in runners:
-        forward = FusedMoeForward(runner)
+        bias = getattr(runner.router, "e_score_correction_bias", None)
+        forward = FusedMoeForward(runner, None if bias is None else owners[id(bias)])
         _relayout_experts(runner.routed_experts, forward.cfg.num_experts,
                           forward.cfg.intermediate_size)
         runner.forward = forward

@@ -5,20 +5,22 @@ vllm/model_executor/layers/fused_moe/layer.py): a router (top-k over the router 
 expert weights on its `routed_experts` (w13 [E, 2F, D]: each expert's gate rows then its up
 rows; w2 [E, D, F]) and a forward that reaches vLLM's CUDA/CPU kernels through a custom op,
 which torchax cannot lower. At lowering, each runner's forward is replaced by
-`FusedMoeForward`, which routes with layers/moe.softmax_top_k and runs the chosen experts
-through layers/moe.routed_mlp: the native families' grouped matmuls (the Pallas GMM on a TPU
-or GPU, jax.lax.ragged_dot on the CPU).
+`FusedMoeForward`, which routes as layers/moe.py does (`softmax_top_k`, or DeepSeek-V3's
+`grouped_sigmoid_top_k`) and runs the chosen experts through layers/moe.routed_mlp: the
+native families' grouped matmuls (the Pallas GMM on a TPU or GPU, jax.lax.ragged_dot on the
+CPU).
 
 The expert weights are laid out once, at load, as the native families keep them: w13 split
 into w_gate and w_up [E, D, F] and w2 transposed to w_down [E, F, D], registered on the
 routed experts module in place of w13/w2, so that the step reads them without a transpose
 and parallel/sharding.py splits them over the experts axis like the native ones.
 
-Served: softmax top-k routing, renormalised or not (Mixtral, Qwen3-MoE, OLMoE, ...), SiLU
-gated experts, unquantized, no bias, with or without shared experts beside them (Qwen2-MoE's
-gated shared expert: vLLM's own module, lowered like any other). Everything else vLLM's
-runner can do is refused by name when the model is loaded (`refusals`), never served
-wrong."""
+Served: softmax top-k routing, renormalised or not (Mixtral, Qwen3-MoE, OLMoE, ...);
+sigmoid scores with a correction bias, in groups or not, renormalised or not, scaled
+(GLM-4.5, DeepSeek-V3's routing); SiLU gated experts, unquantized, no bias; shared experts
+beside the routed ones (Qwen2-MoE's gated one, GLM-4.5's: vLLM's own modules, lowered like
+any other). Everything else vLLM's runner can do is refused by name when the model is
+loaded (`refusals`), never served wrong."""
 
 from __future__ import annotations
 

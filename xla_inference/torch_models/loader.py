@@ -146,7 +146,9 @@ def load(vllm_config, precision: Precision) -> LoadedModel:
     with _module_dtype(vllm_config, _TORCH_DTYPES[precision.activations.name]):
         module = build_module(vllm_config)
     model = lower(module, vllm_config, precision)
+    moe_layers = sum(isinstance(p, lowering.ExpertsOutParam) for p in model.params)
     logger.info("xla-inference: %s through vLLM's PyTorch model class, lowered by torchax "
-                "(%d tensors, %d attention layers)", model.cfg.architecture,
-                len(model.cfg.param_names), len(model.cfg.kv_layers))
+                "(%d tensors, %d attention layers, %d fused MoE layers on our experts)",
+                model.cfg.architecture, len(model.cfg.param_names), len(model.cfg.kv_layers),
+                moe_layers)
     return model

@@ -1,8 +1,8 @@
 """vLLM's LLM class and server on the torch path (vLLM's PyTorch model classes lowered
 through torchax, torch_models/): architectures without native code equal transformers'
 greedy output with chunked prefill and prefix caching, and compile nothing after warm-up;
---model-impl vllm on SmolLM2 equals the native path. (Qwen3-MoE's fused MoE layers are
-refused by the torch path: tests/torch_models/test_torch_path_refusals.py.)"""
+--model-impl vllm on SmolLM2 equals the native path. (Qwen3-MoE and Mixtral through the
+torch path's fused MoE: tests/torch_models/test_torch_moe.py.)"""
 
 import json
 import os

@@ -65,3 +65,39 @@ def tiny_architecture(tmp_path_factory):
             saved[name] = save_tiny_architecture(tmp_path_factory.mktemp(name), name)
         return saved[name]
     return make
+
+
+# MoE architectures we have no native code for: (transformers config, its MoE settings).
+# GLM-4.5 routes as DeepSeek-V3 does (sigmoid scores in 2 groups of which 1 is eligible, a
+# correction bias, renormalised, scaled by 2.5) with a shared expert; Qwen2-MoE has a gated
+# shared expert; OLMoE routes by a plain softmax top-k.
+MOE_ARCHITECTURES = {
+    "glm4_moe": ("Glm4MoeConfig", dict(head_dim=32, moe_intermediate_size=48, n_routed_experts=8,
+                                       n_shared_experts=1, n_group=2, topk_group=1,
+                                       first_k_dense_replace=1, routed_scaling_factor=2.5)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=48, num_experts=8,
+                                         shared_expert_intermediate_size=64)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8)),
+}
+
+
+def save_tiny_moe(path, name: str):
+    """A tiny random checkpoint of MOE_ARCHITECTURES[name], routing each token to 2 experts
+    with router weights large enough that the routing is decisive. GLM-4.5's correction
+    bias (zeros from transformers) is drawn at random, large enough to change choices."""
+    import torch
+    import transformers
+
+    from tests.helpers import rewrite_checkpoint, save_tiny_model
+
+    config_name, own = MOE_ARCHITECTURES[name]
+    config = getattr(transformers, config_name)(**{**COMMON, **own}, num_experts_per_tok=2,
+                                                initializer_range=0.1)
+    saved = save_tiny_model(path / "drawn", config)
+    generator = torch.Generator().manual_seed(1)
+
+    def draw_bias(tensor_name, t):
+        if "e_score_correction_bias" not in tensor_name:
+            return t
+        return 0.3 * torch.randn(t.shape, generator=generator, dtype=t.dtype)
+    return rewrite_checkpoint(saved, path / "model", draw_bias)

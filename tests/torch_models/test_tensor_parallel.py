@@ -33,3 +33,23 @@ def test_tp2_logits_equal_one_device(tiny_architecture):
     assert one.keys() == two.keys() and ENGINE_BLOCK == 4
     for key in one:
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-5)
+
+
+def test_tp2_splits_the_experts_and_logits_equal_one_device(tmp_path):
+    """vLLM's fused MoE on our experts (torch_models/moe.py): each of the 2 devices holds
+    half of the 8 experts, as the native families place them."""
+    from tests.helpers import save_tiny_family
+    from xla_inference.parallel.sharding import build_mesh
+
+    model_dir = save_tiny_family(tmp_path / "moe", "qwen3_moe")
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 128, n).tolist() for n in (13, 7, 9)]
+    one = _rows(torch_engine(model_dir, model_impl="vllm"), prompts)
+    engine = torch_engine(model_dir, mesh=build_mesh(2), tensor_parallel_size=2,
+                          model_impl="vllm")
+    split = {type(p).__name__: p.value.sharding.spec for p in engine.params}
+    assert split["ExpertsInParam"][0] == "model" and split["ExpertsOutParam"][0] == "model"
+    two = _rows(engine, prompts)
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-5)

@@ -72,9 +72,16 @@ def route(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, jax.Array
     logits = jnp.einsum("TD,DE->TE", x, p.router)
     if cfg.scoring == "sigmoid":
         return _route_sigmoid(logits, cfg)
+    return softmax_top_k(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+
+
+def softmax_top_k(logits: jax.Array, k: int, renormalize: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Router logits [T, E] -> (weights [T, k] float32, experts [T, k] int32): softmax over
+    all experts in float32, the top k, then (if `renormalize`) rescaled to sum to 1."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-    if cfg.norm_topk_prob:
+    weights, experts = jax.lax.top_k(probs, k)
+    if renormalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return weights, experts.astype(jnp.int32)
 
@@ -92,10 +99,17 @@ def _route_sigmoid(logits: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, jax.Ar
 def _route_grouped_sigmoid(p: MoeMlp, x: jax.Array, cfg: MoeConfig
                            ) -> tuple[jax.Array, jax.Array]:
     """DeepSeek-V3's router, in float32 throughout as transformers runs it."""
-    T, E = x.shape[0], cfg.num_experts
     logits = jnp.einsum("TD,DE->TE", x.astype(jnp.float32), p.router.astype(jnp.float32))
-    scores = jax.nn.sigmoid(logits)
-    biased = scores if p.score_bias is None else scores + p.score_bias.astype(jnp.float32)
+    return grouped_sigmoid_top_k(logits, p.score_bias, cfg)
+
+
+def grouped_sigmoid_top_k(logits: jax.Array, score_bias: jax.Array | None, cfg: MoeConfig
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Router logits [T, E] -> (weights [T, k] float32, experts [T, k] int32) as
+    `scoring="grouped_sigmoid"` routes (the module docstring)."""
+    T, E = logits.shape[0], cfg.num_experts
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    biased = scores if score_bias is None else scores + score_bias.astype(jnp.float32)
     if cfg.num_groups > 1:
         grouped = biased.reshape(T, cfg.num_groups, E // cfg.num_groups)
         group_scores = jax.lax.top_k(grouped, 2)[0].sum(axis=-1)  # [T, groups]
@@ -140,9 +154,16 @@ def _swiglu_grouped(p: MoeMlp, xs: jax.Array, group_sizes: jax.Array) -> jax.Arr
 
 def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
     """x [T, D] -> [T, D]: each token through its k experts, weighted by the routing."""
+    weights, experts = route(p, x, cfg)
+    return routed_mlp(p, x, weights, experts, cfg)
+
+
+def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
+               cfg: MoeConfig) -> jax.Array:
+    """x [T, D] through the experts a router chose (weights, experts [T, k], as `route`
+    gives them) -> [T, D]; p.router is not read (the torch path routes outside)."""
     T, D = x.shape
     k = cfg.num_experts_per_tok
-    weights, experts = route(p, x, cfg)
     flat_experts = experts.reshape(T * k)  # pair r = t * k + j: token t's j-th choice
     order = jnp.argsort(flat_experts, stable=True)  # pairs grouped by expert
     group_sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)  # [E]

@@ -31,14 +31,11 @@ def refuse(architecture: str, what: str) -> TorchPathError:
 
 def _unlowered_layers() -> list[tuple[type, str]]:
     """vLLM layer kinds that call vLLM's own kernels through opaque custom ops (or keep
-    state outside the paged KV cache), which the torch path has no JAX form of yet."""
+    state outside the paged KV cache), which the torch path has no JAX form of yet. (vLLM's
+    fused MoE runners are served, or refused variant by variant: torch_models/moe.py.)"""
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
-    from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import (
-        MoERunnerInterface,
-    )
 
-    return [(MoERunnerInterface, "vLLM's fused MoE layers"),
-            (AttentionLayerBase, "attention layers other than vLLM's Attention (MLA, "
+    return [(AttentionLayerBase, "attention layers other than vLLM's Attention (MLA, "
                                  "Mamba, linear attention)")]
 
 

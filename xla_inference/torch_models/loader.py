@@ -13,7 +13,7 @@ import socket
 import torch
 
 from xla_inference.runner.build import LoadedModel, Precision
-from xla_inference.torch_models import attention, errors, lowering
+from xla_inference.torch_models import attention, errors, lowering, moe
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +26,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_single_rank_groups() -> None:
+def _has_expert_group(parallel_state) -> bool:
+    try:
+        parallel_state.get_ep_group()
+    except AssertionError:  # vLLM builds it only for MoE models
+        return False
+    return True
+
+
+def ensure_single_rank_groups(is_moe: bool = False) -> None:
     """vLLM's layers ask torch.distributed for their tensor parallel rank while they are
-    built: one rank of one (the mesh, not torch, splits the model)."""
+    built: one rank of one (the mesh, not torch, splits the model). vLLM makes the expert
+    parallel group only with an MoE model's config: groups made earlier in this process for
+    a dense model are made again."""
     from vllm.distributed import parallel_state
 
     if not torch.distributed.is_initialized():
         parallel_state.init_distributed_environment(
             world_size=1, rank=0, local_rank=0, backend="gloo",
             distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
+    if (is_moe and parallel_state.model_parallel_is_initialized()
+            and not _has_expert_group(parallel_state)):
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.ensure_model_parallel_initialized(1, 1)
 
@@ -49,7 +62,7 @@ def build_module(vllm_config) -> torch.nn.Module:
     # accelerator is torchax's "jax" device, whose allocator refuses the call.
     torch.accelerator.empty_cache = lambda: None
     with set_current_vllm_config(vllm_config):
-        ensure_single_rank_groups()
+        ensure_single_rank_groups(vllm_config.model_config.is_moe)
         loader = get_model_loader(vllm_config.load_config)
         return loader.load_model(vllm_config=vllm_config, model_config=vllm_config.model_config)
 
@@ -62,10 +75,12 @@ def _architecture(vllm_config) -> str:
 def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedModel:
     """The module as a LoadedModel of the torch family: host arrays of every tensor (the
     torch copies are dropped as they are taken), the attention layers on our cache."""
-    errors.refuse_unlowered_layers(module, _architecture(vllm_config))
+    architecture = _architecture(vllm_config)
+    errors.refuse_unlowered_layers(module, architecture)
+    experts = moe.install(module, lambda what: errors.refuse(architecture, what))
     forwards = attention.install(module)
     if not forwards:
-        raise errors.refuse(_architecture(vllm_config), "models without vLLM Attention layers")
+        raise errors.refuse(architecture, "models without vLLM Attention layers")
     names, params = [], []
     for name, kind, tensor in lowering.module_tensors(module):
         names.append(name)
@@ -82,6 +97,7 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
         num_heads=num_heads, num_kv_heads=forwards[0].num_kv_heads,
         intermediate_size=getattr(hf, "intermediate_size", 0) or 0,
         kv_layers=tuple(lowering.kv_layer(f) for f in forwards),
+        moe=lowering.ExpertCount(experts[0].cfg.num_experts) if experts else None,
         param_names=tuple(names), module=module)
     return LoadedModel(lowering.family_for(cfg.architecture), cfg, tuple(params), precision)
 
@@ -104,11 +120,9 @@ def _drop_parameters(module: torch.nn.Module) -> None:
 
 def refuse_unserved(vllm_config) -> None:
     """What the torch path would otherwise serve wrongly: vLLM's quantized layers call its
-    own GPU or CPU kernels, which torchax cannot lower."""
+    own GPU or CPU kernels, which torchax cannot lower. (MoE layers are checked one by one
+    once built: torch_models/moe.py.)"""
     mc = vllm_config.model_config
-    if mc.is_moe:  # known from the config: refused before anything is built
-        raise errors.refuse(_architecture(vllm_config), "mixture-of-experts layers (vLLM's "
-                            "fused MoE, whose kernels torchax cannot lower)")
     if mc.quantization is not None:
         raise errors.refuse(_architecture(vllm_config),
                             f"quantized checkpoints ({mc.model} is {mc.quantization})")
@@ -132,7 +146,9 @@ def load(vllm_config, precision: Precision) -> LoadedModel:
     with _module_dtype(vllm_config, _TORCH_DTYPES[precision.activations.name]):
         module = build_module(vllm_config)
     model = lower(module, vllm_config, precision)
+    moe_layers = sum(isinstance(p, lowering.ExpertsOutParam) for p in model.params)
     logger.info("xla-inference: %s through vLLM's PyTorch model class, lowered by torchax "
-                "(%d tensors, %d attention layers)", model.cfg.architecture,
-                len(model.cfg.param_names), len(model.cfg.kv_layers))
+                "(%d tensors, %d attention layers, %d fused MoE layers on our experts)",
+                model.cfg.architecture, len(model.cfg.param_names), len(model.cfg.kv_layers),
+                moe_layers)
     return model

@@ -95,6 +95,21 @@ class LmHeadParam:
     value: jax.Array = weight("vocab", None)  # [V, D]: an untied output projection
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ExpertsInParam:
+    value: jax.Array = weight("experts", "embed", "mlp")  # [E, D, F]: w_gate, w_up
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ExpertsOutParam:
+    value: jax.Array = weight("experts", "mlp", "embed")  # [E, F, D]: w_down
+
+
+# The experts' tensors, as torch_models/moe.py lays them out on vLLM's routed experts.
+_EXPERT_KINDS = {"w_gate": ExpertsInParam, "w_up": ExpertsInParam, "w_down": ExpertsOutParam}
+
 # Kinds whose weights are projections: stored in the precision policy's weight dtype.
 PROJECTIONS = (ColumnParam, RowParam, LmHeadParam)
 
@@ -105,7 +120,12 @@ def _param_kind(module: torch.nn.Module, name: str, ndim: int):
     from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
                                                                      VocabParallelEmbedding)
 
-    if name.rsplit(".", 1)[-1] != "weight" or ndim != 2:
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(module, RoutedExperts) and leaf in _EXPERT_KINDS and ndim == 3:
+        return _EXPERT_KINDS[leaf]
+    if leaf != "weight" or ndim != 2:
         return TorchParam
     if isinstance(module, ParallelLMHead):
         return LmHeadParam
@@ -137,6 +157,11 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
 
 
 # -- the family ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ExpertCount:
+    num_experts: int
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TorchModelConfig:
     """What the runner and the sharding rules read of a model config, and the module."""
@@ -147,6 +172,7 @@ class TorchModelConfig:
     num_kv_heads: int
     intermediate_size: int  # units of the "mlp" axis: every split dimension divides by it
     kv_layers: tuple[KvLayer, ...]
+    moe: ExpertCount | None  # the experts axis' units (parallel/sharding.logical_sizes)
     param_names: tuple[str, ...]
     module: torch.nn.Module
 

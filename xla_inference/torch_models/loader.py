@@ -12,6 +12,7 @@ import socket
 
 import torch
 
+from xla_inference.models.pooling_loader import refuse_extra_sentence_transformer_modules
 from xla_inference.runner.build import LoadedModel, Precision
 from xla_inference.torch_models import attention, errors, lowering
 
@@ -63,9 +64,10 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
     """The module as a LoadedModel of the torch family: host arrays of every tensor (the
     torch copies are dropped as they are taken), the attention layers on our cache."""
     errors.refuse_unlowered_layers(module, _architecture(vllm_config))
-    forwards = attention.install(module)
+    forwards = attention.install(module, vllm_config.model_config.max_model_len)
     if not forwards:
         raise errors.refuse(_architecture(vllm_config), "models without vLLM Attention layers")
+    kv_forwards = attention.paged(forwards)  # encoder-only layers keep no KV cache
     names, params = [], []
     for name, kind, tensor in lowering.module_tensors(module):
         names.append(name)
@@ -81,7 +83,7 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
         vocab_size=vllm_config.model_config.get_vocab_size(),
         num_heads=num_heads, num_kv_heads=forwards[0].num_kv_heads,
         intermediate_size=getattr(hf, "intermediate_size", 0) or 0,
-        kv_layers=tuple(lowering.kv_layer(f) for f in forwards),
+        kv_layers=tuple(lowering.kv_layer(f) for f in kv_forwards),
         param_names=tuple(names), module=module)
     return LoadedModel(lowering.family_for(cfg.architecture), cfg, tuple(params), precision)
 
@@ -114,6 +116,26 @@ def refuse_unserved(vllm_config) -> None:
                             f"quantized checkpoints ({mc.model} is {mc.quantization})")
 
 
+# vLLM pooling model classes whose pooler our pooling runner reproduces (plugin/pooling.py:
+# LAST/MEAN/CLS/ALL pooling of the final hidden states, normalization, dimensions): vLLM's
+# plain embedding pooler, no head of its own.
+_SERVED_POOLING_CLASSES = ("BertEmbeddingModel",)
+
+
+def refuse_unserved_pooling_model(module: torch.nn.Module, vllm_config) -> None:
+    """A pooling model class with its own head (a classifier or cross-encoder, SPLADE's
+    sparse pooler, a projector) would be served wrong by our pooling runner: refused."""
+    if vllm_config.model_config.runner_type != "pooling":
+        return
+    refuse_extra_sentence_transformer_modules(vllm_config.model_config.model)
+    name = type(module).__name__
+    if name not in _SERVED_POOLING_CLASSES:
+        raise errors.refuse(_architecture(vllm_config),
+                            f"the pooling model class {name} (served: "
+                            f"{', '.join(_SERVED_POOLING_CLASSES)}; cross-encoders, "
+                            "classifiers and other heads on encoder-only models are not built)")
+
+
 @contextlib.contextmanager
 def _module_dtype(vllm_config, dtype: torch.dtype):
     """vLLM builds the module in model_config.dtype; build it in `dtype` (the precision
@@ -131,8 +153,9 @@ def load(vllm_config, precision: Precision) -> LoadedModel:
     refuse_unserved(vllm_config)
     with _module_dtype(vllm_config, _TORCH_DTYPES[precision.activations.name]):
         module = build_module(vllm_config)
+    refuse_unserved_pooling_model(module, vllm_config)
     model = lower(module, vllm_config, precision)
     logger.info("xla-inference: %s through vLLM's PyTorch model class, lowered by torchax "
-                "(%d tensors, %d attention layers)", model.cfg.architecture,
+                "(%d tensors, %d KV cache layers)", model.cfg.architecture,
                 len(model.cfg.param_names), len(model.cfg.kv_layers))
     return model

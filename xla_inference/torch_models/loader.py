@@ -118,8 +118,10 @@ def refuse_unserved(vllm_config) -> None:
 
 # vLLM pooling model classes whose pooler our pooling runner reproduces (plugin/pooling.py:
 # LAST/MEAN/CLS/ALL pooling of the final hidden states, normalization, dimensions): vLLM's
-# plain embedding pooler, no head of its own.
-_SERVED_POOLING_CLASSES = ("BertEmbeddingModel",)
+# plain embedding pooler, no head of its own, over its BertModel encoder (BERT; RoBERTa and
+# XLM-RoBERTa with absolute positions; their rotary variants build another encoder).
+_SERVED_POOLING_CLASSES = ("BertEmbeddingModel", "RobertaEmbeddingModel")
+_SERVED_ENCODERS = ("BertModel",)
 
 
 def refuse_unserved_pooling_model(module: torch.nn.Module, vllm_config) -> None:
@@ -129,6 +131,11 @@ def refuse_unserved_pooling_model(module: torch.nn.Module, vllm_config) -> None:
         return
     refuse_extra_sentence_transformer_modules(vllm_config.model_config.model)
     name = type(module).__name__
+    encoder = type(getattr(module, "model", None)).__name__
+    if name in _SERVED_POOLING_CLASSES and encoder not in _SERVED_ENCODERS:
+        raise errors.refuse(_architecture(vllm_config),
+                            f"{name} over vLLM's {encoder} encoder (served: "
+                            f"{', '.join(_SERVED_ENCODERS)})")
     if name not in _SERVED_POOLING_CLASSES:
         raise errors.refuse(_architecture(vllm_config),
                             f"the pooling model class {name} (served: "

@@ -26,6 +26,8 @@ class PoolingSetup:
     seq_pooling_type: str
     score_weight: np.ndarray | None = None
     activation: str = "sigmoid"
+    # Encoder-only (bidirectional) attention: each prompt must be computed whole in one step.
+    whole_prompts: bool = False
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -45,14 +47,15 @@ def pooling_setup(model_config, score_weight: np.ndarray | None) -> PoolingSetup
                          "not built)")
     if pooler.logit_mean is not None or pooler.logit_sigma is not None:
         raise ValueError("xla-inference does not apply logit_mean / logit_sigma calibration")
-    if model_config.attn_type == "encoder_only":
-        raise ValueError("xla-inference serves causal (decoder) pooling models only; this model "
-                         "declares bidirectional (encoder-only) attention, which our kernels "
-                         "do not run")
     convert = str(getattr(model_config, "convert_type", "none"))
     hf = model_config.hf_config
-    if convert == "classify" or any(a.endswith("ForSequenceClassification")
-                                    for a in (hf.architectures or [])):
+    classify = convert == "classify" or any(a.endswith("ForSequenceClassification")
+                                            for a in (hf.architectures or []))
+    if model_config.attn_type == "encoder_only" and classify:
+        raise ValueError("xla-inference serves encoder-only (bidirectional) models as embedders "
+                         "only; cross-encoders and classifiers on them (BERT-style "
+                         "*ForSequenceClassification rerankers) are not served yet")
+    if classify:
         if score_weight is None:
             raise ValueError("xla-inference: a classification model needs the checkpoint's "
                              "score layer (score.weight, a *ForSequenceClassification "
@@ -64,7 +67,7 @@ def pooling_setup(model_config, score_weight: np.ndarray | None) -> PoolingSetup
         activation = classification_activation(getattr(hf, "problem_type", None),
                                                score_weight.shape[0])
         return PoolingSetup(seq_type, score_weight, activation)
-    return PoolingSetup(seq_type)
+    return PoolingSetup(seq_type, whole_prompts=model_config.attn_type == "encoder_only")
 
 
 class PoolingRequests:
@@ -100,6 +103,14 @@ class PoolingRequests:
         outputs, offset = [], 0
         for row, (req, num_new) in enumerate(scheduled):
             params, acc = self.states[req.req_id]
+            if self.setup.whole_prompts and (req.num_computed_tokens, num_new) != (
+                    0, acc.num_prompt_tokens):
+                raise ValueError(
+                    f"request {req.req_id}: an encoder-only model attends over the whole "
+                    f"prompt at once, but tokens {req.num_computed_tokens} to "
+                    f"{req.num_computed_tokens + num_new} of {acc.num_prompt_tokens} were "
+                    "scheduled (chunked prefill or prefix caching, which vLLM turns off for "
+                    "these models)")
             rows = hidden[offset:offset + num_new] if acc.pooling_type == "ALL" else None
             vec = acc.add(req.num_computed_tokens, num_new, pooled[0, row], pooled[1, row],
                           pooled[2, row], rows)

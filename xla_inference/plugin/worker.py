@@ -171,10 +171,12 @@ class XlaWorker(WorkerBase):
         start = time.perf_counter()
         mc = self.model_config
         dummy = load_dummy_weights or self.load_config.load_format == "dummy"
-        if mc.runner_type == "pooling":
+        if mc.runner_type == "pooling" and mc.attn_type != "encoder_only":
             self._load_pooling_model(dummy, loader_method(mc.quantization))
             return
-        if model_implementation(mc) == "vllm":
+        # Encoder-only pooling models (BERT-style embedders) have no native family: vLLM's
+        # class through torchax, its attention layers cache-free (torch_models/attention.py).
+        if mc.runner_type == "pooling" or model_implementation(mc) == "vllm":
             from xla_inference.torch_models.loader import load as load_torch_model
 
             if data_parallel_size(self.vllm_config) > 1:  # not checked yet: refused
@@ -284,7 +286,7 @@ class XlaWorker(WorkerBase):
                                            pooling=self._pooling_requests())
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
-                    engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays),
+                    engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays, default=-1),
                     len(layer_arrays), engine.token_buckets, dict(engine.mesh.shape))
 
     def _lora_limits(self) -> dict | None:

@@ -49,7 +49,7 @@ class EngineConfig:
     # KV cache groups (kernels/metadata.py), from vLLM's KV cache config: per layer, the
     # group whose block table it reads, and the set of cache arrays it uses (layers of
     # different groups that vLLM places on the same memory share one). None: one group,
-    # one set of arrays per layer.
+    # one set of arrays per layer; () with no KV cache layers (encoder-only models): none.
     layer_groups: tuple[int, ...] | None = None
     layer_arrays: tuple[int, ...] | None = None
 
@@ -59,7 +59,7 @@ class EngineConfig:
 
     @property
     def num_groups(self) -> int:
-        return 1 + max(self.layer_groups) if self.layer_groups else 1
+        return 1 if self.layer_groups is None else 1 + max(self.layer_groups, default=-1)
 
     def kv_layout(self, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(group, array set) of each layer."""
@@ -447,6 +447,8 @@ class ModelEngine:
                                      np.zeros(self.replicas * B, np.int32),
                                      np.zeros(self.replicas * T, np.int32)))
                 B *= self.replicas  # the sampler sees every replica's rows
+            if self.pooling:
+                continue  # a pooling engine never samples nor scores (nor has an LM head)
             logits = jax.ShapeDtypeStruct((B, self.vocab_size), jnp.float32,
                                           sharding=replicated(self.mesh))  # as the forward's
             step = np.uint32(0)
@@ -476,7 +478,7 @@ class ModelEngine:
         logger.info("xla-inference: ran each forward bucket once in %.1fs",
                     time.perf_counter() - run_start)
         hidden = np.zeros((1, hidden.shape[1]), hidden.dtype)
-        for k in self._scorers:
+        for k in () if self.pooling else self._scorers:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
         if self.lora is not None:
             self.lora.warm_up()

@@ -21,8 +21,14 @@ from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, Attention
 
 from xla_inference.kernels.metadata import AttentionMetadata, KvCache
 from xla_inference.layers.attention import paged_attention
+from xla_inference.layers.bidirectional_attention import bidirectional_attention
 
 BACKEND_QUALNAME = "xla_inference.torch_models.attention.XlaAttentionBackend"
+
+
+# Decoder layers run paged attention on our cache; encoder-only layers (BERT-style
+# embedders) keep no cache and attend over their prompt's tokens both ways.
+_SERVED_ATTN_TYPES = (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
 
 
 class XlaAttentionImpl(AttentionImpl):
@@ -36,9 +42,10 @@ class XlaAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads or num_heads
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap or None
+        self.attn_type = attn_type
         self.refusals = [reason for present, reason in (
             (alibi_slopes is not None, "ALiBi position biases"),
-            (attn_type != AttentionType.DECODER, f"attention type {attn_type}"),
+            (attn_type not in _SERVED_ATTN_TYPES, f"attention type {attn_type}"),
             (kv_sharing_target_layer_name is not None, "KV cache sharing between layers"),
             (extra.get("sinks") is not None, "attention sinks"),
         ) if present]
@@ -63,7 +70,9 @@ class XlaAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_builder_cls():
-        raise NotImplementedError("xla-inference builds its own attention metadata")
+        # vLLM's EncoderOnlyAttention subclasses the backend's builder while the model is
+        # built; it is never instantiated here.
+        return _UnusedMetadataBuilder
 
     @staticmethod
     def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
@@ -74,22 +83,30 @@ class XlaAttentionBackend(AttentionBackend):
         return False
 
 
+class _UnusedMetadataBuilder:
+    """The step never goes through vLLM's metadata builders."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("xla-inference builds its own attention metadata")
+
+
 @dataclasses.dataclass
 class _Step:
     """The cache and metadata of the step being traced; layers replace the cache as they go."""
 
     kv_cache: KvCache
     metadata: AttentionMetadata
+    segments: object = None  # [T] each token's request row, -1 padding (encoder-only layers)
 
 
 _current = threading.local()
 
 
 @contextlib.contextmanager
-def step_context(kv_cache: KvCache, metadata: AttentionMetadata):
+def step_context(kv_cache: KvCache, metadata: AttentionMetadata, segments=None):
     """While the module's forward is traced: the cache and metadata attention reads (the
     module is called with torch arguments only, so these travel beside it)."""
-    step = _Step(kv_cache, metadata)
+    step = _Step(kv_cache, metadata, segments)
     _current.step = step
     try:
         yield step
@@ -132,6 +149,40 @@ class PagedAttentionForward:
         return to_torch(out)
 
 
+class EncoderOnlyAttentionForward:
+    """Replaces an encoder-only `Attention` module's forward (vLLM's EncoderOnlyAttention:
+    BERT-style embedders): no KV cache; each token attends to every token of its own prompt,
+    which vLLM schedules whole (layers/bidirectional_attention.py)."""
+
+    def __init__(self, layer, max_len: int):
+        impl = layer.impl
+        if impl.refusals:
+            raise NotImplementedError(f"{layer.layer_name}: xla-inference's torch path does not "
+                                      f"serve {', '.join(impl.refusals)} yet")
+        if impl.sliding_window is not None or impl.logits_soft_cap is not None:
+            raise NotImplementedError(f"{layer.layer_name}: xla-inference's encoder-only "
+                                      "attention has no sliding window or soft cap")
+        self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
+        self.head_size, self.head_size_v = layer.head_size, layer.head_size_v
+        self.scale, self.max_len = impl.scale, max_len
+
+    def __call__(self, query, key, value, output_shape=None, output_dtype=None):
+        from xla_inference.torch_models.lowering import from_torch, to_torch
+
+        step = _current.step
+        q, k, v = from_torch((query, key, value))
+        T = q.shape[0]
+        out = bidirectional_attention(
+            q.reshape(T, self.num_heads, self.head_size),
+            k.reshape(T, self.num_kv_heads, self.head_size).astype(q.dtype),
+            v.reshape(T, self.num_kv_heads, self.head_size_v).astype(q.dtype),
+            step.segments, scale=self.scale, max_len=self.max_len)
+        out = out.reshape(T, self.num_heads * self.head_size_v)
+        if output_dtype is not None:
+            out = out.astype(from_torch(output_dtype))
+        return to_torch(out)
+
+
 def attention_layers(module: torch.nn.Module) -> list:
     """vLLM's Attention modules of a model, in module order (the KV cache layer order)."""
     from vllm.model_executor.layers.attention.attention import Attention
@@ -139,12 +190,22 @@ def attention_layers(module: torch.nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, Attention)]
 
 
-def install(module: torch.nn.Module) -> list[PagedAttentionForward]:
-    """Point every Attention module of `module` at the paged cache; -> the forwards, by
-    KV cache layer."""
+def install(module: torch.nn.Module, max_len: int = 0) -> list:
+    """Point every Attention module of `module` at the paged cache, or, for an encoder-only
+    layer, at the cache-free bidirectional attention (max_len: the longest prompt, vLLM's
+    max_model_len); -> the forwards in module order. Only the paged ones are KV cache
+    layers, numbered in that order."""
     forwards = []
-    for i, layer in enumerate(attention_layers(module)):
-        forward = PagedAttentionForward(i, layer)
+    for layer in attention_layers(module):
+        if getattr(layer.impl, "attn_type", None) == AttentionType.ENCODER_ONLY:
+            forward = EncoderOnlyAttentionForward(layer, max_len)
+        else:
+            forward = PagedAttentionForward(len(paged(forwards)), layer)
         layer.forward = forward
         forwards.append(forward)
     return forwards
+
+
+def paged(forwards: list) -> list[PagedAttentionForward]:
+    """The forwards that keep a KV cache, in KV cache layer order."""
+    return [f for f in forwards if isinstance(f, PagedAttentionForward)]

@@ -40,11 +40,13 @@ def _unlowered_layers() -> list[tuple[type, str]]:
 
 
 def refuse_unlowered_layers(module: torch.nn.Module, architecture: str) -> None:
+    from vllm.model_executor.layers.attention import EncoderOnlyAttention
     from vllm.model_executor.layers.attention.attention import Attention
 
     kinds = _unlowered_layers()
     for name, sub in module.named_modules():
-        if type(sub) is Attention:  # the one attention layer torch_models/attention.py serves
+        # The attention layers torch_models/attention.py serves.
+        if type(sub) in (Attention, EncoderOnlyAttention):
             continue
         for kind, what in kinds:
             if isinstance(sub, kind):

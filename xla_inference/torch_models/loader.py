@@ -12,6 +12,7 @@ import socket
 
 import torch
 
+from xla_inference.models.pooling_loader import refuse_extra_sentence_transformer_modules
 from xla_inference.runner.build import LoadedModel, Precision
 from xla_inference.torch_models import attention, errors, lowering, moe
 
@@ -78,9 +79,10 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
     architecture = _architecture(vllm_config)
     errors.refuse_unlowered_layers(module, architecture)
     experts = moe.install(module, lambda what: errors.refuse(architecture, what))
-    forwards = attention.install(module)
+    forwards = attention.install(module, vllm_config.model_config.max_model_len)
     if not forwards:
         raise errors.refuse(architecture, "models without vLLM Attention layers")
+    kv_forwards = attention.paged(forwards)  # encoder-only layers keep no KV cache
     names, params = [], []
     for name, kind, tensor in lowering.module_tensors(module):
         names.append(name)
@@ -96,7 +98,7 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
         vocab_size=vllm_config.model_config.get_vocab_size(),
         num_heads=num_heads, num_kv_heads=forwards[0].num_kv_heads,
         intermediate_size=getattr(hf, "intermediate_size", 0) or 0,
-        kv_layers=tuple(lowering.kv_layer(f) for f in forwards),
+        kv_layers=tuple(lowering.kv_layer(f) for f in kv_forwards),
         moe=lowering.ExpertCount(experts[0].cfg.num_experts) if experts else None,
         param_names=tuple(names), module=module)
     return LoadedModel(lowering.family_for(cfg.architecture), cfg, tuple(params), precision)
@@ -128,6 +130,33 @@ def refuse_unserved(vllm_config) -> None:
                             f"quantized checkpoints ({mc.model} is {mc.quantization})")
 
 
+# vLLM pooling model classes whose pooler our pooling runner reproduces (plugin/pooling.py:
+# LAST/MEAN/CLS/ALL pooling of the final hidden states, normalization, dimensions): vLLM's
+# plain embedding pooler, no head of its own, over its BertModel encoder (BERT; RoBERTa and
+# XLM-RoBERTa with absolute positions; their rotary variants build another encoder).
+_SERVED_POOLING_CLASSES = ("BertEmbeddingModel", "RobertaEmbeddingModel")
+_SERVED_ENCODERS = ("BertModel",)
+
+
+def refuse_unserved_pooling_model(module: torch.nn.Module, vllm_config) -> None:
+    """A pooling model class with its own head (a classifier or cross-encoder, SPLADE's
+    sparse pooler, a projector) would be served wrong by our pooling runner: refused."""
+    if vllm_config.model_config.runner_type != "pooling":
+        return
+    refuse_extra_sentence_transformer_modules(vllm_config.model_config.model)
+    name = type(module).__name__
+    encoder = type(getattr(module, "model", None)).__name__
+    if name in _SERVED_POOLING_CLASSES and encoder not in _SERVED_ENCODERS:
+        raise errors.refuse(_architecture(vllm_config),
+                            f"{name} over vLLM's {encoder} encoder (served: "
+                            f"{', '.join(_SERVED_ENCODERS)})")
+    if name not in _SERVED_POOLING_CLASSES:
+        raise errors.refuse(_architecture(vllm_config),
+                            f"the pooling model class {name} (served: "
+                            f"{', '.join(_SERVED_POOLING_CLASSES)}; cross-encoders, "
+                            "classifiers and other heads on encoder-only models are not built)")
+
+
 @contextlib.contextmanager
 def _module_dtype(vllm_config, dtype: torch.dtype):
     """vLLM builds the module in model_config.dtype; build it in `dtype` (the precision
@@ -145,10 +174,11 @@ def load(vllm_config, precision: Precision) -> LoadedModel:
     refuse_unserved(vllm_config)
     with _module_dtype(vllm_config, _TORCH_DTYPES[precision.activations.name]):
         module = build_module(vllm_config)
+    refuse_unserved_pooling_model(module, vllm_config)
     model = lower(module, vllm_config, precision)
     moe_layers = sum(isinstance(p, lowering.ExpertsOutParam) for p in model.params)
     logger.info("xla-inference: %s through vLLM's PyTorch model class, lowered by torchax "
-                "(%d tensors, %d attention layers, %d fused MoE layers on our experts)",
+                "(%d tensors, %d KV cache layers, %d fused MoE layers on our experts)",
                 model.cfg.architecture, len(model.cfg.param_names), len(model.cfg.kv_layers),
                 moe_layers)
     return model

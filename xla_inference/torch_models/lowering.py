@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from xla_inference.layers.bidirectional_attention import token_segments
 from xla_inference.layers.linear import linear
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.axes import weight
@@ -232,7 +233,10 @@ def _call(cfg: TorchModelConfig, params, method: str, *args):
 
 def forward(params, kv_cache, batch: StepBatch, cfg: TorchModelConfig):
     md = batch.attention
-    with attention.step_context(kv_cache, md) as step:
+    # Encoder-only layers attend within each request's tokens (unused, and dropped by XLA,
+    # in a model without them).
+    segments = token_segments(md.seq_ids, batch.logits_indices)
+    with attention.step_context(kv_cache, md, segments) as step:
         hidden = _call(cfg, params, "forward", batch.input_ids, md.positions)
     return step.kv_cache, hidden
 

@@ -56,6 +56,12 @@ class NgramDrafter:
         return DraftTokenIds([r.req_id for r in requests], drafts)
 
 
+def num_speculative_tokens(vllm_config) -> int:
+    """Drafts per request and step (0 without speculative decoding)."""
+    spec = vllm_config.speculative_config
+    return 0 if spec is None else int(spec.num_speculative_tokens)
+
+
 def build_drafter(vllm_config):
     """The drafter for the served method, or None without speculative decoding."""
     if vllm_config.speculative_config is None:

@@ -13,7 +13,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from xla_inference.plugin.model_runner import XlaModelRunner
 from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
 from xla_inference.plugin.quantization import loader_method
-from xla_inference.plugin.spec_decode import build_drafter
+from xla_inference.plugin.spec_decode import build_drafter, num_speculative_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,8 @@ class XlaWorker(WorkerBase):
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
             max_logprobs=top_logprobs, whole_vocab_logprobs=whole_vocab_logprobs,
-            layer_groups=layer_groups, layer_arrays=layer_arrays)
+            layer_groups=layer_groups, layer_arrays=layer_arrays,
+            num_speculative_tokens=num_speculative_tokens(self.vllm_config))
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config),

@@ -25,6 +25,7 @@ from xla_inference.runner.pooling import gather_pooled_rows
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
 from xla_inference.runner.speculative import verify_inputs, verify_program, verify_rows
 from xla_inference.runner.step_stats import StepStats
+from xla_inference.sampling.draft_host import build_draft_batch, neutral_draft_extras
 from xla_inference.sampling.host import build_sampling_batch, build_sampling_extras
 from xla_inference.sampling.sampler import gather_logprobs, sample
 from xla_inference.sampling.types import (SampleOutput, SamplingBatch, SamplingExtras,
@@ -52,6 +53,9 @@ class EngineConfig:
     # one set of arrays per layer.
     layer_groups: tuple[int, ...] | None = None
     layer_arrays: tuple[int, ...] | None = None
+    # Speculative decoding's drafts per request (vLLM's num_speculative_tokens): warm-up
+    # compiles the verify program for every bucket. 0: none.
+    num_speculative_tokens: int = 0
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -204,6 +208,10 @@ def _sample_key(logits, sampling, extras, base_key, step):
     return logits.shape[0], extras is None
 
 
+def _verify_key(params, hidden, rows, drafts, sampling, extras, base_key, step):
+    return hidden.shape[0], drafts.tokens.shape, extras is None
+
+
 class ModelEngine:
     """Owns params and KV cache; runs one ragged step at a time on padded buckets.
 
@@ -272,7 +280,8 @@ class ModelEngine:
                          for k in widths}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
-        self._verify = None  # built at the first step with drafts (speculative decoding)
+        # Speculative decoding's verify program, compiled at warm-up for every bucket.
+        self._verify = Programs(verify_program(model, model_cfg), _verify_key)
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
@@ -382,8 +391,6 @@ class ModelEngine:
         position) -> bool [V]. -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
         if self.replicas > 1:
             raise NotImplementedError("speculative decoding with data parallel replicas")
-        if self._verify is None:
-            self._verify = verify_program(self.model, self.model_cfg)
         K = num_speculative_tokens
         B = self.layout_for(sum(n for _, n in scheduled)).num_seqs
         requests = [r for r, _ in scheduled]
@@ -452,6 +459,8 @@ class ModelEngine:
             step = np.uint32(0)
             for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
                 sample_args.append((logits, greedy_sampling_batch(B), extras, self._base_key, step))
+        hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
+        verify_args = self._verify_examples(hidden)
         # Lowering is Python (one thread); compiles, and loads from the persistent cache, run
         # on the pool meanwhile, outside the GIL.
         def bucket_done(T, seconds, remaining):
@@ -462,10 +471,11 @@ class ModelEngine:
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             forward = self._forward.submit(forward_args, pool)
             samplers = {k: p.submit(sample_args, pool) for k, p in self._samplers.items()}
+            verify = self._verify.submit(verify_args, pool)
             self._forward.collect(forward, bucket_done)
             for k, futures in samplers.items():
                 self._samplers[k].collect(futures)
-        hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
+            self._verify.collect(verify)
         # Run each forward bucket once on its empty batch (padding writes only the null
         # page): an XLA CPU executable's first run is markedly slower than later ones
         # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
@@ -480,12 +490,31 @@ class ModelEngine:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
         if self.lora is not None:
             self.lora.warm_up()
-        logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
-                    "scorer in %.1fs (%d at a time)", len(forward),
-                    sum(len(f) for f in samplers.values()),
+        logger.info("xla-inference: compiled %d forward buckets, %d sampler programs, %d verify "
+                    "programs and the scorer in %.1fs (%d at a time)", len(forward),
+                    sum(len(f) for f in samplers.values()), len(verify),
                     time.perf_counter() - start, _compile_threads())
         compile_counter.mark_warm()
         return time.perf_counter() - start
+
+    def _verify_examples(self, hidden) -> list[tuple]:
+        """verify_drafts' argument shapes for every token bucket, with and without the
+        per-row extras (penalties, allowed ids, bad words, min_tokens, grammar); none
+        without speculative decoding (or with data parallel replicas, which it refuses)."""
+        K = self.cfg.num_speculative_tokens
+        if K == 0 or self.replicas > 1:
+            return []
+        examples = []
+        for T in self.token_buckets:
+            B = self.layout_for(T).num_seqs
+            states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype,
+                                          sharding=replicated(self.mesh))  # as the forward's
+            rows = np.zeros(B * (K + 1), np.int32)
+            for extras in (None, neutral_draft_extras(B, K, self.vocab_size)):
+                examples.append((self.params, states, rows, build_draft_batch([], B, K),
+                                 greedy_sampling_batch(B), extras, self._base_key,
+                                 np.uint32(0)))
+        return examples
 
 
 def _stack(batches: list[StepBatch]) -> StepBatch:

@@ -102,6 +102,13 @@ def _forward_logits(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
 
 
+def _forward_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
+    """A draft model's step (speculative decoding): each row's argmax token [B] int32 in
+    place of its logits; drafts are proposed greedily, so nothing else leaves the device."""
+    kv_cache, logits, hidden = _forward_logits(model, cfg, params, kv_cache, batch)
+    return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
+
+
 def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch):
     """_forward_logits with the adapters: params_lora is (params, the LoRA stacks, each
     token's slot [T]); the targeted projections add their adapter's delta (lora/slots.py)."""
@@ -224,7 +231,7 @@ class ModelEngine:
 
     def __init__(self, model: ModelFamily, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
                  mesh: Mesh | None = None, lora: LoraSlots | None = None,
-                 pooling: bool = False):
+                 pooling: bool = False, greedy_drafter: bool = False):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
@@ -258,6 +265,8 @@ class ModelEngine:
             forward, batch_shardings = _forward_lora, (whole,)
         elif self.replicas == 1:
             forward = _forward_pooled if pooling else _forward_logits
+            if greedy_drafter:
+                forward = _forward_greedy
             batch_shardings = (whole,)
         else:
             forward = functools.partial(_forward_replicas, mesh=self.mesh)
@@ -278,6 +287,14 @@ class ModelEngine:
                           for k in widths}
         self._scorers = {k: jax.jit(functools.partial(_score_tokens, model, model_cfg, k))
                          for k in widths}
+        # A draft model's engine (runner/draft_model.py, greedy_drafter): its StepOutput.logits
+        # holds each row's argmax token; it never samples or scores, so warm-up skips those.
+        self.greedy_drafter = greedy_drafter
+        if greedy_drafter:
+            if pooling or lora is not None or self.replicas > 1:
+                raise ValueError("a draft model's engine runs without pooling, LoRA adapters "
+                                 "or data parallel replicas")
+            self._samplers, self._scorers = {}, {}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
         # Speculative decoding's verify program, compiled at warm-up for every bucket.

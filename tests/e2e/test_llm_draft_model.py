@@ -1,0 +1,73 @@
+"""Draft-model speculative decoding through vLLM's LLM class on tiny random Llamas: greedy
+output equals transformers' greedy output of the target alone under chunked prefill, prefix
+caching and preemption; a draft equal to the target has every draft accepted, an unrelated
+random draft few; nothing compiles after warm-up."""
+
+import numpy as np
+import pytest
+
+from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
+from tests.helpers import hf_greedy_ids, save_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 24
+K = 3
+# One page (16 tokens) of both models: K and V, 2 kv heads, head dim 16, float32, 2 layers each.
+PAGE_BYTES = 2 * (2 * 16 * 2 * 16 * 4 * 2)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("draft")
+    return save_tiny_llama(root / "target"), save_tiny_llama(root / "other", seed=5)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(3)
+    return [rng.integers(3, 128, size=n).tolist() for n in (5, 33, 60, 17, 9)]
+
+
+def _run(target, draft, prompts):
+    """(greedy outputs, the same prompts again from the prefix cache, accepted drafts,
+    drafted, preemptions, programs compiled after warm-up). 14 pages cannot hold the five
+    sequences at once: vLLM preempts; 64 tokens a step chunk the 60-token prompt. The
+    counters are read before the prefix-cached run: there vLLM pads a request whose prompt
+    is cached but for its last token with placeholder drafts (-1, never accepted)."""
+    llm = start_llm(target, kv_cache_memory_bytes=14 * PAGE_BYTES,
+                    speculative_config={"method": "draft_model", "model": str(draft),
+                                        "num_speculative_tokens": K})
+    try:
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        counts = [metric(llm, f"vllm:{name}") for name in (
+            "spec_decode_num_accepted_tokens", "spec_decode_num_draft_tokens", "num_preemptions")]
+        again = generate_ids(llm, prompts[:2], max_tokens=NUM_NEW, temperature=0.0,
+                             ignore_eos=True)
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    return got, again, *counts, compiled
+
+
+def test_a_draft_equal_to_the_target_has_every_draft_accepted(models, prompts):
+    target, _ = models
+    expected = hf_greedy_ids(target, prompts, NUM_NEW)
+    got, again, accepted, drafted, preemptions, compiled = _run(target, target, prompts)
+    assert got == expected
+    assert again == expected[:2]
+    assert drafted > 0 and accepted == drafted
+    assert preemptions > 0
+    assert compiled == 0
+
+
+def test_an_unrelated_draft_changes_no_greedy_token(models, prompts):
+    target, other = models
+    expected = hf_greedy_ids(target, prompts, NUM_NEW)
+    got, again, accepted, drafted, preemptions, compiled = _run(target, other, prompts)
+    assert got == expected
+    assert again == expected[:2]
+    assert drafted > 0 and accepted < 0.5 * drafted
+    assert preemptions > 0
+    assert compiled == 0

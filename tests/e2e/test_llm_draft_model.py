@@ -29,13 +29,15 @@ def prompts():
     return [rng.integers(3, 128, size=n).tolist() for n in (5, 33, 60, 17, 9)]
 
 
-def _run(target, draft, prompts):
+def _run(target, draft, prompts, also=None):
     """(greedy outputs, the same prompts again from the prefix cache, accepted drafts,
-    drafted, preemptions, programs compiled after warm-up). 14 pages cannot hold the five
-    sequences at once: vLLM preempts; 64 tokens a step chunk the 60-token prompt. The
+    drafted, preemptions, programs compiled after warm-up). 10 pages cannot hold four of the
+    sequences at once: vLLM preempts; 32 tokens a step chunk the longer prompts (and keep
+the buckets, compiled for both models, few). The
     counters are read before the prefix-cached run: there vLLM pads a request whose prompt
     is cached but for its last token with placeholder drafts (-1, never accepted)."""
-    llm = start_llm(target, kv_cache_memory_bytes=14 * PAGE_BYTES,
+    llm = start_llm(target, kv_cache_memory_bytes=10 * PAGE_BYTES, max_num_seqs=4,
+                    max_num_batched_tokens=32,
                     speculative_config={"method": "draft_model", "model": str(draft),
                                         "num_speculative_tokens": K})
     try:
@@ -45,16 +47,17 @@ def _run(target, draft, prompts):
             "spec_decode_num_accepted_tokens", "spec_decode_num_draft_tokens", "num_preemptions")]
         again = generate_ids(llm, prompts[:2], max_tokens=NUM_NEW, temperature=0.0,
                              ignore_eos=True)
+        extra = also(llm) if also else None
         compiled = num_compilations(llm) - warm
     finally:
         shutdown(llm)
-    return got, again, *counts, compiled
+    return got, again, *counts, compiled, extra
 
 
 def test_a_draft_equal_to_the_target_has_every_draft_accepted(models, prompts):
     target, _ = models
     expected = hf_greedy_ids(target, prompts, NUM_NEW)
-    got, again, accepted, drafted, preemptions, compiled = _run(target, target, prompts)
+    got, again, accepted, drafted, preemptions, compiled, _ = _run(target, target, prompts)
     assert got == expected
     assert again == expected[:2]
     assert drafted > 0 and accepted == drafted
@@ -62,12 +65,29 @@ def test_a_draft_equal_to_the_target_has_every_draft_accepted(models, prompts):
     assert compiled == 0
 
 
+def _seeded_alone_and_in_a_crowd(llm, prompts):
+    """A seeded request's tokens alone and beside another (with penalties: the verify
+    program's other variant). Short prompts (no page to find in the prefix cache) and few
+    tokens, so that both runs schedule the request alike: vLLM pads a request that has one
+    prompt token left with placeholder drafts, and a step whose drafts the token budget
+    cuts, or a preemption, draws differently (a recovered token where there would have
+    been a sampled one; vLLM's own sampler too)."""
+    params = dict(max_tokens=NUM_NEW, temperature=1.0, seed=11, ignore_eos=True,
+                  repetition_penalty=1.1)
+    return (generate_ids(llm, [prompts[4]], **params)[0],
+            generate_ids(llm, [prompts[4], prompts[0]], **params)[0])
+
+
 def test_an_unrelated_draft_changes_no_greedy_token(models, prompts):
+    """Also: seeded random sampling through rejection stays reproducible and batch-invariant."""
     target, other = models
     expected = hf_greedy_ids(target, prompts, NUM_NEW)
-    got, again, accepted, drafted, preemptions, compiled = _run(target, other, prompts)
+    got, again, accepted, drafted, preemptions, compiled, seeded = _run(
+        target, other, prompts, also=lambda llm: _seeded_alone_and_in_a_crowd(llm, prompts))
     assert got == expected
     assert again == expected[:2]
     assert drafted > 0 and accepted < 0.5 * drafted
     assert preemptions > 0
     assert compiled == 0
+    alone, in_a_crowd = seeded
+    assert len(alone) == NUM_NEW and alone == in_a_crowd

@@ -23,7 +23,8 @@ from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.pooling import gather_pooled_rows
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
-from xla_inference.runner.speculative import verify_inputs, verify_program, verify_rows
+from xla_inference.runner.speculative import (draft_rows_logits, rejection_step, verify_inputs,
+                                              verify_rows)
 from xla_inference.runner.step_stats import StepStats
 from xla_inference.sampling.draft_host import build_draft_batch, neutral_draft_extras
 from xla_inference.sampling.host import build_sampling_batch, build_sampling_extras
@@ -215,8 +216,12 @@ def _sample_key(logits, sampling, extras, base_key, step):
     return logits.shape[0], extras is None
 
 
-def _verify_key(params, hidden, rows, drafts, sampling, extras, base_key, step):
-    return hidden.shape[0], drafts.tokens.shape, extras is None
+def _draft_rows_key(params, hidden, rows):
+    return hidden.shape[0], rows.shape[0]
+
+
+def _rejection_key(logits, drafts, sampling, extras, base_key, step):
+    return drafts.tokens.shape, extras is None
 
 
 class ModelEngine:
@@ -297,8 +302,13 @@ class ModelEngine:
             self._samplers, self._scorers = {}, {}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
-        # Speculative decoding's verify program, compiled at warm-up for every bucket.
-        self._verify = Programs(verify_program(model, model_cfg), _verify_key)
+        # Speculative decoding's verify programs, compiled at warm-up for every bucket: the
+        # logits of each request's K + 1 rows (by token bucket), then rejection sampling (by
+        # row count, with or without the per-row extras).
+        self._draft_rows_logits = Programs(
+            jax.jit(functools.partial(draft_rows_logits, model, model_cfg), out_shardings=whole),
+            _draft_rows_key)
+        self._rejection = Programs(jax.jit(rejection_step), _rejection_key)
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
@@ -415,8 +425,9 @@ class ModelEngine:
         batch, sampling, extras = verify_inputs(requests, drafts, B, K, self.vocab_size,
                                                 grammar_masks)
         self._num_steps += 1
-        out = self.stats.run(self._verify, self.params, hidden, rows, batch, sampling, extras,
-                             self._base_key, np.uint32(self._num_steps))
+        logits = self._draft_rows_logits(self.params, hidden, rows)
+        out = self.stats.run(self._rejection, logits, batch, sampling, extras, self._base_key,
+                             np.uint32(self._num_steps))
         n = len(requests)
         return np.asarray(out.tokens)[:n], np.asarray(out.num_emitted)[:n]
 
@@ -477,7 +488,7 @@ class ModelEngine:
             for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
                 sample_args.append((logits, greedy_sampling_batch(B), extras, self._base_key, step))
         hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
-        verify_args = self._verify_examples(hidden)
+        logits_args, rejection_args = self._verify_examples(hidden)
         # Lowering is Python (one thread); compiles, and loads from the persistent cache, run
         # on the pool meanwhile, outside the GIL.
         def bucket_done(T, seconds, remaining):
@@ -488,11 +499,13 @@ class ModelEngine:
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             forward = self._forward.submit(forward_args, pool)
             samplers = {k: p.submit(sample_args, pool) for k, p in self._samplers.items()}
-            verify = self._verify.submit(verify_args, pool)
+            verify = (self._draft_rows_logits.submit(logits_args, pool),
+                      self._rejection.submit(rejection_args, pool))
             self._forward.collect(forward, bucket_done)
             for k, futures in samplers.items():
                 self._samplers[k].collect(futures)
-            self._verify.collect(verify)
+            self._draft_rows_logits.collect(verify[0])
+            self._rejection.collect(verify[1])
         # Run each forward bucket once on its empty batch (padding writes only the null
         # page): an XLA CPU executable's first run is markedly slower than later ones
         # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
@@ -509,29 +522,32 @@ class ModelEngine:
             self.lora.warm_up()
         logger.info("xla-inference: compiled %d forward buckets, %d sampler programs, %d verify "
                     "programs and the scorer in %.1fs (%d at a time)", len(forward),
-                    sum(len(f) for f in samplers.values()), len(verify),
+                    sum(len(f) for f in samplers.values()), sum(len(f) for f in verify),
                     time.perf_counter() - start, _compile_threads())
         compile_counter.mark_warm()
         return time.perf_counter() - start
 
-    def _verify_examples(self, hidden) -> list[tuple]:
-        """verify_drafts' argument shapes for every token bucket, with and without the
-        per-row extras (penalties, allowed ids, bad words, min_tokens, grammar); none
-        without speculative decoding (or with data parallel replicas, which it refuses)."""
+    def _verify_examples(self, hidden) -> tuple[list[tuple], list[tuple]]:
+        """verify_drafts' argument shapes for every token bucket: the draft rows' logits,
+        and rejection sampling with and without the per-row extras (penalties, allowed ids,
+        bad words, min_tokens, grammar). None without speculative decoding (or with data
+        parallel replicas, which it refuses)."""
         K = self.cfg.num_speculative_tokens
         if K == 0 or self.replicas > 1:
-            return []
-        examples = []
+            return [], []
+        logits_args, rejection_args = [], []
+        whole = replicated(self.mesh)  # as the forward's and the draft rows' outputs
         for T in self.token_buckets:
             B = self.layout_for(T).num_seqs
-            states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype,
-                                          sharding=replicated(self.mesh))  # as the forward's
-            rows = np.zeros(B * (K + 1), np.int32)
+            states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype, sharding=whole)
+            logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
+            shape = self._draft_rows_logits.jitted.eval_shape(*logits_args[-1])
+            logits = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=whole)
             for extras in (None, neutral_draft_extras(B, K, self.vocab_size)):
-                examples.append((self.params, states, rows, build_draft_batch([], B, K),
-                                 greedy_sampling_batch(B), extras, self._base_key,
-                                 np.uint32(0)))
-        return examples
+                rejection_args.append((logits, build_draft_batch([], B, K),
+                                       greedy_sampling_batch(B), extras, self._base_key,
+                                       np.uint32(0)))
+        return logits_args, rejection_args
 
 
 def _stack(batches: list[StepBatch]) -> StepBatch:

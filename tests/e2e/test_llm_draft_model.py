@@ -91,3 +91,23 @@ def test_an_unrelated_draft_changes_no_greedy_token(models, prompts):
     assert compiled == 0
     alone, in_a_crowd = seeded
     assert len(alone) == NUM_NEW and alone == in_a_crowd
+
+
+def test_the_draft_runs_on_the_targets_tensor_parallel_mesh(models, prompts):
+    """Both models sharded over 2 of the virtual CPU devices (tests/conftest.py)."""
+    target, _ = models
+    expected = hf_greedy_ids(target, prompts[3:], NUM_NEW)
+    llm = start_llm(target, tensor_parallel_size=2, max_num_seqs=4, max_num_batched_tokens=32,
+                    speculative_config={"method": "draft_model", "model": str(target),
+                                        "num_speculative_tokens": K})
+    try:
+        got = generate_ids(llm, prompts[3:], max_tokens=NUM_NEW, temperature=0.0,
+                           ignore_eos=True)
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
+        mesh = llm.collective_rpc("mesh_shape")[0]
+    finally:
+        shutdown(llm)
+    assert mesh["model"] == 2
+    assert got == expected
+    assert drafted > 0 and accepted == drafted

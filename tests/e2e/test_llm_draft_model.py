@@ -29,13 +29,19 @@ def prompts():
     return [rng.integers(3, 128, size=n).tolist() for n in (5, 33, 60, 17, 9)]
 
 
+def _counters(llm):
+    return [metric(llm, f"vllm:{name}") for name in (
+        "spec_decode_num_accepted_tokens", "spec_decode_num_draft_tokens", "num_preemptions",
+        "prefix_cache_hits")]
+
+
 def _run(target, draft, prompts, also=None):
-    """(greedy outputs, the same prompts again from the prefix cache, accepted drafts,
-    drafted, preemptions, programs compiled after warm-up). 10 pages cannot hold four of the
-    sequences at once: vLLM preempts; 32 tokens a step chunk the longer prompts (and keep
-the buckets, compiled for both models, few). The
-    counters are read before the prefix-cached run: there vLLM pads a request whose prompt
-    is cached but for its last token with placeholder drafts (-1, never accepted)."""
+    """(greedy outputs, the 60-token prompt again, accepted drafts, drafted, preemptions,
+    (prefix-cached tokens, drafts rejected) in the second run, programs compiled after
+    warm-up, also(llm)). 10 pages cannot hold four of the sequences at once: vLLM preempts;
+    32 tokens a step chunk the longer prompts (and keep the buckets, compiled for both
+    models, few). In the second run the prompt (the last to finish) finds its pages in the
+    prefix cache: the draft starts from the draft KV the first run wrote into them."""
     llm = start_llm(target, kv_cache_memory_bytes=10 * PAGE_BYTES, max_num_seqs=4,
                     max_num_batched_tokens=32,
                     speculative_config={"method": "draft_model", "model": str(draft),
@@ -43,24 +49,26 @@ the buckets, compiled for both models, few). The
     try:
         warm = num_compilations(llm)
         got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
-        counts = [metric(llm, f"vllm:{name}") for name in (
-            "spec_decode_num_accepted_tokens", "spec_decode_num_draft_tokens", "num_preemptions")]
-        again = generate_ids(llm, prompts[:2], max_tokens=NUM_NEW, temperature=0.0,
+        counts = _counters(llm)
+        again = generate_ids(llm, prompts[2:3], max_tokens=NUM_NEW, temperature=0.0,
                              ignore_eos=True)
+        accepted, drafted, _, cached = (b - a for a, b in zip(counts, _counters(llm)))
         extra = also(llm) if also else None
         compiled = num_compilations(llm) - warm
     finally:
         shutdown(llm)
-    return got, again, *counts, compiled, extra
+    return got, again, *counts[:3], (cached, drafted - accepted), compiled, extra
 
 
 def test_a_draft_equal_to_the_target_has_every_draft_accepted(models, prompts):
     target, _ = models
     expected = hf_greedy_ids(target, prompts, NUM_NEW)
-    got, again, accepted, drafted, preemptions, compiled, _ = _run(target, target, prompts)
+    got, again, accepted, drafted, preemptions, rejected_again, compiled, _ = _run(
+        target, target, prompts)
     assert got == expected
-    assert again == expected[:2]
+    assert again == expected[2:3]
     assert drafted > 0 and accepted == drafted
+    assert rejected_again == (48, 0)  # 3 pages of the prompt from the cache
     assert preemptions > 0
     assert compiled == 0
 
@@ -82,10 +90,10 @@ def test_an_unrelated_draft_changes_no_greedy_token(models, prompts):
     """Also: seeded random sampling through rejection stays reproducible and batch-invariant."""
     target, other = models
     expected = hf_greedy_ids(target, prompts, NUM_NEW)
-    got, again, accepted, drafted, preemptions, compiled, seeded = _run(
+    got, again, accepted, drafted, preemptions, _, compiled, seeded = _run(
         target, other, prompts, also=lambda llm: _seeded_alone_and_in_a_crowd(llm, prompts))
     assert got == expected
-    assert again == expected[:2]
+    assert again == expected[2:3]
     assert drafted > 0 and accepted < 0.5 * drafted
     assert preemptions > 0
     assert compiled == 0

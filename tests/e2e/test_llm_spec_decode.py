@@ -1,12 +1,14 @@
 """n-gram speculative decoding through vLLM's LLM class on a tiny random Llama: greedy output
 equals greedy without speculation (transformers) under chunked prefill, prefix caching and
-preemption, and drafts are accepted on repeating text (vLLM's spec-decode metrics)."""
+preemption, drafts are accepted on repeating text (vLLM's spec-decode metrics), and nothing
+compiles after warm-up (the verify program is compiled for every bucket)."""
 
 import gc
 
 import numpy as np
 import pytest
 
+from tests.e2e.engines import num_compilations
 from tests.helpers import hf_greedy_ids, save_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -56,12 +58,16 @@ def test_ngram_greedy_equals_greedy_without_speculation(model_dir, prompts):
     expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
     llm = _llm(model_dir, num_pages=14)
     try:
+        warm = num_compilations(llm)
         got = _generate(llm, prompts, temperature=0.0)
         # The same prompts again: their pages come from the prefix cache.
         again = _generate(llm, prompts[3:], temperature=0.0)
         accepted = _metric(llm, "vllm:spec_decode_num_accepted_tokens")
         drafted = _metric(llm, "vllm:spec_decode_num_draft_tokens")
         preemptions = _metric(llm, "vllm:num_preemptions")
+        # Penalties take the verify program's other variant (the per-row extras).
+        _generate(llm, prompts[3:], temperature=0.0, repetition_penalty=1.2)
+        compiled_after_warm_up = num_compilations(llm) - warm
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -70,6 +76,7 @@ def test_ngram_greedy_equals_greedy_without_speculation(model_dir, prompts):
     assert again == expected[3:]
     assert 0 < accepted <= drafted
     assert preemptions > 0
+    assert compiled_after_warm_up == 0
 
 
 def test_seeded_sampling_with_ngram_repeats_and_logprobs_are_refused(model_dir, prompts):

@@ -60,6 +60,7 @@ def _worker(vllm_config, layers) -> XlaWorker:
     worker.vllm_config, worker.cache_config = vllm_config, vllm_config.cache_config
     worker.model_config = vllm_config.model_config
     worker.model = _Model(layers)
+    worker.draft_model = None  # no speculative decoding
     worker._kv_torch_dtype = lambda: torch.float32
     return worker
 

@@ -58,8 +58,23 @@ def test_ngram_speculation_is_accepted_with_synchronous_scheduling(model_dir):
     assert not config.scheduler_config.async_scheduling
 
 
+def test_draft_model_speculation_is_accepted_with_synchronous_scheduling(model_dir):
+    """vLLM turns async scheduling on for draft_model; the platform turns it off."""
+    config = _config(model_dir, speculative_config={"method": "draft_model",
+                                                    "model": str(model_dir),
+                                                    "num_speculative_tokens": 2})
+    assert config.speculative_config.method == "draft_model"
+    assert not config.scheduler_config.async_scheduling
+
+
+def test_draft_model_options_not_served_are_refused_by_name(model_dir):
+    with pytest.raises(Exception, match="draft_sample_method 'probabilistic'"):
+        _config(model_dir, speculative_config={"method": "draft_model", "model": str(model_dir),
+                                               "num_speculative_tokens": 2,
+                                               "draft_sample_method": "probabilistic"})
+
+
 @pytest.mark.parametrize("spec", [
-    {"method": "draft_model", "num_speculative_tokens": 2},
     {"method": "eagle3", "num_speculative_tokens": 2},
     {"method": "eagle", "num_speculative_tokens": 2},
     {"method": "ngram_gpu", "num_speculative_tokens": 2, "prompt_lookup_max": 2},

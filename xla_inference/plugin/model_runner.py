@@ -99,6 +99,8 @@ class XlaModelRunner:
         if self.pooling is not None:
             return self._pool(scheduled)
         drafts = [list(so.scheduled_spec_decode_tokens.get(r.req_id, ())) for r, _ in scheduled]
+        if self.drafter is not None:
+            self.drafter.start_step([r for r, _ in scheduled])
         for req, ids in zip(scheduled, drafts):  # the step's input: known tokens, then drafts
             req[0].token_ids.extend(ids)
         try:
@@ -253,9 +255,13 @@ class XlaModelRunner:
     def _update_states(self, so) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
+            if self.drafter is not None:
+                self.drafter.forget(rid)
             if self.pooling is not None:
                 self.pooling.remove(rid)
         for new in so.scheduled_new_reqs:
+            if self.drafter is not None:
+                self.drafter.forget(new.req_id)
             prompt = list(new.prompt_token_ids)
             if self.pooling is not None:
                 self.pooling.add(new.req_id, new.pooling_params, len(prompt))
@@ -287,6 +293,8 @@ class XlaModelRunner:
             if rid in cached.resumed_req_ids:  # every page anew
                 if self.pooling is not None:
                     self.pooling.restart(rid)
+                if self.drafter is not None:
+                    self.drafter.forget(rid)
                 req.block_ids = self._block_ids(new_blocks)
             elif new_blocks is not None:  # pages appended to each group's list
                 for ids, new_ids in zip(req.block_ids, new_blocks, strict=True):

@@ -137,6 +137,7 @@ class XlaPlatform(Platform):
         from vllm.config.compilation import CUDAGraphMode
 
         parallel = vllm_config.parallel_config
+        spec_decode.use_synchronous_scheduling(vllm_config)
         refuse_unsupported_features(vllm_config)
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None

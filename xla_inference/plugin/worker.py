@@ -13,7 +13,8 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from xla_inference.plugin.model_runner import XlaModelRunner
 from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
 from xla_inference.plugin.quantization import loader_method
-from xla_inference.plugin.spec_decode import build_drafter
+from xla_inference.plugin.spec_decode import (build_drafter, draft_layer_name, load_draft_model,
+                                               num_speculative_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _layer_name(i: int) -> str:
     return f"model.layers.{i}.self_attn.attn"
 
 
-def kv_layout(kv_cache_config, num_layers: int, block_size: int
+def kv_layout(kv_cache_config, num_layers: int, block_size: int, layer_name=_layer_name
               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """vLLM's KV cache config -> (group, cache array set) of each layer
     (runner/engine.EngineConfig). Layers that vLLM places at the same bytes of its one
@@ -98,7 +99,7 @@ def kv_layout(kv_cache_config, num_layers: int, block_size: int
     start_of = {name: tensor.offset + i * tensor.layer_stride
                 for tensor in kv_cache_config.kv_cache_tensors
                 for i, name in enumerate(tensor.layers)}
-    names = [_layer_name(i) for i in range(num_layers)]
+    names = [layer_name(i) for i in range(num_layers)]
     missing = [n for n in names if n not in group_of or n not in start_of]
     if missing:
         raise ValueError(f"vLLM's KV cache config places no cache for {missing}")
@@ -147,6 +148,7 @@ class XlaWorker(WorkerBase):
         self.model_runner = None
         self.precision = None  # runner.build.Precision, from init_device
         self.loaded_weight_bytes = None  # host bytes of the weights as loaded (load_model)
+        self.draft_model = None  # speculative decoding's draft model (method draft_model)
 
     # -- startup ----------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -171,6 +173,7 @@ class XlaWorker(WorkerBase):
         start = time.perf_counter()
         mc = self.model_config
         dummy = load_dummy_weights or self.load_config.load_format == "dummy"
+        self.draft_model = load_draft_model(self.vllm_config, self.precision, dummy)
         if mc.runner_type == "pooling" and mc.attn_type != "encoder_only":
             self._load_pooling_model(dummy, loader_method(mc.quantization))
             return
@@ -208,9 +211,16 @@ class XlaWorker(WorkerBase):
         self.loaded_weight_bytes = self.model.weight_bytes
 
     def get_kv_cache_spec(self) -> dict:
-        return {_layer_name(i): kv_cache_spec(layer, self.cache_config.block_size,
-                                              self._kv_torch_dtype())
-                for i, layer in enumerate(self.model.kv_layers())}
+        """Every attention layer's cache: the target's, and a draft model's beside them (vLLM
+        sizes and groups them together; a request's pages serve both)."""
+        specs = {_layer_name(i): kv_cache_spec(layer, self.cache_config.block_size,
+                                               self._kv_torch_dtype())
+                 for i, layer in enumerate(self.model.kv_layers())}
+        if self.draft_model is not None:
+            specs.update({draft_layer_name(i): kv_cache_spec(layer, self.cache_config.block_size,
+                                                             self._kv_torch_dtype())
+                          for i, layer in enumerate(self.draft_model.kv_layers())})
+        return specs
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         return ["LBNHC"]
@@ -276,14 +286,15 @@ class XlaWorker(WorkerBase):
             max_num_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             max_model_len=self.model_config.max_model_len, seed=self.model_config.seed or 0,
             max_logprobs=top_logprobs, whole_vocab_logprobs=whole_vocab_logprobs,
-            layer_groups=layer_groups, layer_arrays=layer_arrays)
+            layer_groups=layer_groups, layer_arrays=layer_arrays,
+            num_speculative_tokens=num_speculative_tokens(self.vllm_config))
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config),
                               lora=self._lora_limits(),
                               pooling=self.model_config.runner_type == "pooling")
-        self.model_runner = XlaModelRunner(engine, build_drafter(self.vllm_config),
-                                           pooling=self._pooling_requests())
+        drafter = build_drafter(self.vllm_config, self.draft_model, kv_cache_config, engine)
+        self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests())
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays, default=-1),
@@ -305,6 +316,8 @@ class XlaWorker(WorkerBase):
         engine = self.model_runner.engine
         logger.info("xla-inference: compiling %d buckets before serving", len(engine.token_buckets))
         seconds = engine.warm_up()
+        if self.model_runner.drafter is not None:
+            seconds += self.model_runner.drafter.warm_up() or 0.0
         logger.info("xla-inference: warm-up done in %.1fs", seconds)
         return CompilationTimes(language_model=seconds, encoder=0.0)
 

@@ -23,8 +23,10 @@ from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.pooling import gather_pooled_rows
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
-from xla_inference.runner.speculative import verify_inputs, verify_program, verify_rows
+from xla_inference.runner.speculative import (draft_rows_logits, rejection_step, verify_inputs,
+                                              verify_rows)
 from xla_inference.runner.step_stats import StepStats
+from xla_inference.sampling.draft_host import build_draft_batch, neutral_draft_extras
 from xla_inference.sampling.host import build_sampling_batch, build_sampling_extras
 from xla_inference.sampling.sampler import gather_logprobs, sample
 from xla_inference.sampling.types import (SampleOutput, SamplingBatch, SamplingExtras,
@@ -52,6 +54,9 @@ class EngineConfig:
     # one set of arrays per layer; () with no KV cache layers (encoder-only models): none.
     layer_groups: tuple[int, ...] | None = None
     layer_arrays: tuple[int, ...] | None = None
+    # Speculative decoding's drafts per request (vLLM's num_speculative_tokens): warm-up
+    # compiles the verify program for every bucket. 0: none.
+    num_speculative_tokens: int = 0
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -96,6 +101,13 @@ class StepOutput:
 def _forward_logits(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
     kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+
+
+def _forward_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
+    """A draft model's step (speculative decoding): each row's argmax token [B] int32 in
+    place of its logits; drafts are proposed greedily, so nothing else leaves the device."""
+    kv_cache, logits, hidden = _forward_logits(model, cfg, params, kv_cache, batch)
+    return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
 
 
 def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch):
@@ -204,6 +216,14 @@ def _sample_key(logits, sampling, extras, base_key, step):
     return logits.shape[0], extras is None
 
 
+def _draft_rows_key(params, hidden, rows):
+    return hidden.shape[0], rows.shape[0]
+
+
+def _rejection_key(logits, drafts, sampling, extras, base_key, step):
+    return drafts.tokens.shape, extras is None
+
+
 class ModelEngine:
     """Owns params and KV cache; runs one ragged step at a time on padded buckets.
 
@@ -216,7 +236,7 @@ class ModelEngine:
 
     def __init__(self, model: ModelFamily, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
                  mesh: Mesh | None = None, lora: LoraSlots | None = None,
-                 pooling: bool = False):
+                 pooling: bool = False, greedy_drafter: bool = False):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
@@ -250,6 +270,8 @@ class ModelEngine:
             forward, batch_shardings = _forward_lora, (whole,)
         elif self.replicas == 1:
             forward = _forward_pooled if pooling else _forward_logits
+            if greedy_drafter:
+                forward = _forward_greedy
             batch_shardings = (whole,)
         else:
             forward = functools.partial(_forward_replicas, mesh=self.mesh)
@@ -270,9 +292,23 @@ class ModelEngine:
                           for k in widths}
         self._scorers = {k: jax.jit(functools.partial(_score_tokens, model, model_cfg, k))
                          for k in widths}
+        # A draft model's engine (runner/draft_model.py, greedy_drafter): its StepOutput.logits
+        # holds each row's argmax token; it never samples or scores, so warm-up skips those.
+        self.greedy_drafter = greedy_drafter
+        if greedy_drafter:
+            if pooling or lora is not None or self.replicas > 1:
+                raise ValueError("a draft model's engine runs without pooling, LoRA adapters "
+                                 "or data parallel replicas")
+            self._samplers, self._scorers = {}, {}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
-        self._verify = None  # built at the first step with drafts (speculative decoding)
+        # Speculative decoding's verify programs, compiled at warm-up for every bucket: the
+        # logits of each request's K + 1 rows (by token bucket), then rejection sampling (by
+        # row count, with or without the per-row extras).
+        self._draft_rows_logits = Programs(
+            jax.jit(functools.partial(draft_rows_logits, model, model_cfg), out_shardings=whole),
+            _draft_rows_key)
+        self._rejection = Programs(jax.jit(rejection_step), _rejection_key)
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
@@ -382,8 +418,6 @@ class ModelEngine:
         position) -> bool [V]. -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
         if self.replicas > 1:
             raise NotImplementedError("speculative decoding with data parallel replicas")
-        if self._verify is None:
-            self._verify = verify_program(self.model, self.model_cfg)
         K = num_speculative_tokens
         B = self.layout_for(sum(n for _, n in scheduled)).num_seqs
         requests = [r for r, _ in scheduled]
@@ -391,8 +425,9 @@ class ModelEngine:
         batch, sampling, extras = verify_inputs(requests, drafts, B, K, self.vocab_size,
                                                 grammar_masks)
         self._num_steps += 1
-        out = self.stats.run(self._verify, self.params, hidden, rows, batch, sampling, extras,
-                             self._base_key, np.uint32(self._num_steps))
+        logits = self._draft_rows_logits(self.params, hidden, rows)
+        out = self.stats.run(self._rejection, logits, batch, sampling, extras, self._base_key,
+                             np.uint32(self._num_steps))
         n = len(requests)
         return np.asarray(out.tokens)[:n], np.asarray(out.num_emitted)[:n]
 
@@ -454,6 +489,8 @@ class ModelEngine:
             step = np.uint32(0)
             for extras in (None, neutral_sampling_extras(B, self.vocab_size)):
                 sample_args.append((logits, greedy_sampling_batch(B), extras, self._base_key, step))
+        hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
+        logits_args, rejection_args = self._verify_examples(hidden)
         # Lowering is Python (one thread); compiles, and loads from the persistent cache, run
         # on the pool meanwhile, outside the GIL.
         def bucket_done(T, seconds, remaining):
@@ -464,10 +501,13 @@ class ModelEngine:
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             forward = self._forward.submit(forward_args, pool)
             samplers = {k: p.submit(sample_args, pool) for k, p in self._samplers.items()}
+            verify = (self._draft_rows_logits.submit(logits_args, pool),
+                      self._rejection.submit(rejection_args, pool))
             self._forward.collect(forward, bucket_done)
             for k, futures in samplers.items():
                 self._samplers[k].collect(futures)
-        hidden = self._forward.jitted.eval_shape(*forward_args[0])[2]
+            self._draft_rows_logits.collect(verify[0])
+            self._rejection.collect(verify[1])
         # Run each forward bucket once on its empty batch (padding writes only the null
         # page): an XLA CPU executable's first run is markedly slower than later ones
         # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
@@ -482,12 +522,34 @@ class ModelEngine:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
         if self.lora is not None:
             self.lora.warm_up()
-        logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
-                    "scorer in %.1fs (%d at a time)", len(forward),
-                    sum(len(f) for f in samplers.values()),
+        logger.info("xla-inference: compiled %d forward buckets, %d sampler programs, %d verify "
+                    "programs and the scorer in %.1fs (%d at a time)", len(forward),
+                    sum(len(f) for f in samplers.values()), sum(len(f) for f in verify),
                     time.perf_counter() - start, _compile_threads())
         compile_counter.mark_warm()
         return time.perf_counter() - start
+
+    def _verify_examples(self, hidden) -> tuple[list[tuple], list[tuple]]:
+        """verify_drafts' argument shapes for every token bucket: the draft rows' logits,
+        and rejection sampling with and without the per-row extras (penalties, allowed ids,
+        bad words, min_tokens, grammar). None without speculative decoding (or with data
+        parallel replicas, which it refuses)."""
+        K = self.cfg.num_speculative_tokens
+        if K == 0 or self.replicas > 1:
+            return [], []
+        logits_args, rejection_args = [], []
+        whole = replicated(self.mesh)  # as the forward's and the draft rows' outputs
+        for T in self.token_buckets:
+            B = self.layout_for(T).num_seqs
+            states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype, sharding=whole)
+            logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
+            shape = self._draft_rows_logits.jitted.eval_shape(*logits_args[-1])
+            logits = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=whole)
+            for extras in (None, neutral_draft_extras(B, K, self.vocab_size)):
+                rejection_args.append((logits, build_draft_batch([], B, K),
+                                       greedy_sampling_batch(B), extras, self._base_key,
+                                       np.uint32(0)))
+        return logits_args, rejection_args
 
 
 def _stack(batches: list[StepBatch]) -> StepBatch:

@@ -1,5 +1,6 @@
 """Verifying drafted tokens: the K + 1 logit rows of each request from a step's hidden
-states, then rejection sampling (sampling/rejection.py), in one program per batch shape."""
+states (a program per token bucket), then rejection sampling (sampling/rejection.py; a
+program per row count, the costly one to compile, shared by every bucket of that many rows)."""
 
 import jax
 import numpy as np
@@ -10,16 +11,16 @@ from xla_inference.sampling.host import build_sampling_batch
 from xla_inference.sampling.rejection import rejection_sample
 
 
-def verify_program(model: ModelFamily, model_cfg):
-    """jit of (params, hidden [T, D], rows [B*(K+1)], drafts, sampling, extras, key, step)."""
+def draft_rows_logits(model: ModelFamily, model_cfg, params, hidden, rows):
+    """(params, hidden [T, D], rows [B*(K+1)]) -> logits [B*(K+1), V] float32."""
+    return model.compute_logits(params, hidden[rows], model_cfg)
 
-    def verify(params, hidden, rows, drafts, sampling, extras, base_key, step):
-        B, K = drafts.tokens.shape
-        logits = model.compute_logits(params, hidden[rows], model_cfg)
-        return rejection_sample(logits.reshape(B, K + 1, -1), drafts, sampling, extras,
-                                jax.random.fold_in(base_key, step))
 
-    return jax.jit(verify)
+def rejection_step(logits, drafts, sampling, extras, base_key, step):
+    """logits [B*(K+1), V] of verify_rows' rows -> RejectionOutput."""
+    B, K = drafts.tokens.shape
+    return rejection_sample(logits.reshape(B, K + 1, -1), drafts, sampling, extras,
+                            jax.random.fold_in(base_key, step))
 
 
 def verify_rows(num_scheduled: list[int], num_drafts: list[int], num_seqs: int, K: int):

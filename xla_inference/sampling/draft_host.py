@@ -71,3 +71,11 @@ def build_draft_extras(rows: list[tuple[SamplingOptions, list[int], list[int], l
             presence[b], frequency[b] = opts.presence_penalty, opts.frequency_penalty
             repetition[b] = opts.repetition_penalty
     return DraftExtras(adjust, counts, prompt_mask, presence, frequency, repetition)
+
+
+def neutral_draft_extras(num_seqs: int, max_drafts: int, vocab_size: int) -> DraftExtras:
+    """Extras that change nothing (warm-up compiles the verify program with them)."""
+    return DraftExtras(np.zeros((num_seqs, max_drafts + 1, vocab_size), np.float32),
+                       np.zeros((num_seqs, vocab_size), np.float32),
+                       np.zeros((num_seqs, vocab_size), bool), np.zeros(num_seqs, np.float32),
+                       np.zeros(num_seqs, np.float32), np.ones(num_seqs, np.float32))

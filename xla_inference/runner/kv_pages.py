@@ -170,10 +170,16 @@ class EnginePages:
     def layout(self) -> list[ArraySetLayout]:
         return self.copier.layout
 
-    def read(self, slots: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    def read_tokens(self, block_ids: list[int], start: int, end: int
+                    ) -> list[tuple[np.ndarray, ...]]:
+        """Tokens [start, end) of a sequence in pages `block_ids`, on the host."""
+        slots = token_slots(block_ids, self.block_size, start, end)
         return self.copier.gather(self.engine.kv_cache, slots)
 
-    def write(self, slots: np.ndarray, values: list[tuple[np.ndarray, ...]]) -> None:
+    def write_tokens(self, block_ids: list[int], start: int, end: int,
+                     values: list[tuple[np.ndarray, ...]]) -> None:
+        """Write tokens [start, end) of a sequence in pages `block_ids` (dispatched)."""
+        slots = token_slots(block_ids, self.block_size, start, end)
         self.engine.kv_cache = self.copier.scatter(self.engine.kv_cache, slots, values)
 
     def warm_up(self) -> None:

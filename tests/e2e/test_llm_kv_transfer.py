@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation between two vllm.LLM engines (each in its own engine-core
 process, both running) through XlaSharedStorageConnector (kv_transfer/): the producer
-prefills with max_tokens=1 and saves each prompt's KV to a shared directory; the consumer
-loads it, computes only the prompt's last token, and its greedy output is transformers'."""
+(tensor parallel 2) prefills with max_tokens=1 and saves each prompt's KV to a shared
+directory; the consumer (one device) loads it, computes only the prompt's last token, and
+its greedy output is transformers'."""
 
 import shutil
 
@@ -53,11 +54,14 @@ def test_decode_engine_serves_prompts_prefilled_by_another(tmp_path):
     unsaved = rng.integers(3, 128, size=12).tolist()  # never prefilled by the producer
     expected = hf_greedy_ids(model_dir, prompts + [sharing, swapped, unsaved], NUM_NEW)
 
-    producer = start_llm(model_dir, max_num_batched_tokens=32,
+    # The producer shards its cache over two devices (KV heads), the consumer keeps one:
+    # the files hold whole arrays, so pages move between any two tensor parallel sizes.
+    producer = start_llm(model_dir, max_num_batched_tokens=32, tensor_parallel_size=2,
                          kv_transfer_config=_transfer_config("kv_producer", directory))
     try:
         first = generate_ids(producer, prompts + [sharing], max_tokens=1, temperature=0.0)
         saved = _counts(producer)
+        producer_mesh = producer.collective_rpc("mesh_shape")[0]
         consumer = start_llm(model_dir, kv_transfer_config=_transfer_config("kv_consumer",
                                                                             directory))
         try:
@@ -79,6 +83,7 @@ def test_decode_engine_serves_prompts_prefilled_by_another(tmp_path):
     finally:
         shutdown(producer)
 
+    assert producer_mesh["model"] == 2
     assert saved["saved_requests"] == 5 and saved["loaded_requests"] == 0
     assert saved["saved_tokens"] == sum(len(p) for p in prompts + [sharing])
     assert [f[0] for f in first] == [e[0] for e in expected[:5]]

@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xla_inference"
 
 # Bottom to top; a module may import its own package and any package listed before it.
 LAYERS = ["envs", "kernels", "parallel", "quantization", "loading", "lora", "layers", "models",
-          "multimodal", "sampling", "runner", "torch_models", "plugin", "cli"]
-# The only places vllm or torch may be imported: the adapter, the launcher, and the torch
-# path (vLLM's PyTorch models lowered through torchax).
-ADAPTERS = {"torch_models", "plugin", "cli"}
+          "multimodal", "sampling", "runner", "torch_models", "kv_transfer", "plugin", "cli"]
+# The only places vllm or torch may be imported: the adapter, the launcher, the torch path
+# (vLLM's PyTorch models lowered through torchax) and the KV connectors (vLLM's interface).
+ADAPTERS = {"torch_models", "kv_transfer", "plugin", "cli"}
 
 
 def _package_of(path: Path) -> str:

@@ -94,3 +94,27 @@ def test_ngram_with_data_parallel_replicas_is_refused(model_dir):
         _config(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                "prompt_lookup_max": 2},
                 additional_config={"data_parallel_size": 2})
+
+
+_OURS = {"kv_connector": "XlaSharedStorageConnector", "kv_role": "kv_both"}
+
+
+@pytest.mark.parametrize("module_path", [None, "xla_inference.kv_transfer.shared_storage"])
+def test_our_kv_connector_is_accepted(model_dir, module_path):
+    config = _config(model_dir, kv_transfer_config=dict(_OURS, kv_connector_module_path=module_path))
+    assert config.kv_transfer_config.kv_connector == "XlaSharedStorageConnector"
+
+
+@pytest.mark.parametrize("transfer, args, message", [
+    (dict(_OURS, kv_connector_module_path="xla_inference.kv_transfer.storage"), {},
+     "from module 'xla_inference.kv_transfer.storage'"),
+    (dict(_OURS, kv_connector="NixlConnector"), {},
+     "KV connector 'NixlConnector' (--kv-transfer-config); it serves XlaSharedStorageConnector"),
+    (_OURS, dict(additional_config={"data_parallel_size": 2}), "with data parallel replicas"),
+    (_OURS, dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                     "prompt_lookup_max": 2}), "with speculative decoding"),
+])
+def test_kv_connector_settings_we_do_not_serve_are_refused(model_dir, transfer, args, message):
+    with pytest.raises(Exception, match="xla-inference does not support") as info:
+        _config(model_dir, kv_transfer_config=transfer, **args)
+    assert message in str(info.value)

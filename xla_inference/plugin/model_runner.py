@@ -45,8 +45,12 @@ def sampling_options(sp) -> SamplingOptions:
 class XlaModelRunner:
     """Keeps every request's state across steps; vLLM only sends what changed."""
 
-    def __init__(self, engine: ModelEngine, drafter=None, pooling=None):
+    def __init__(self, engine: ModelEngine, drafter=None, pooling=None, kv_connector=None):
         self.engine = engine
+        # The KV connector's worker side (kv_transfer/steps.KvConnectorSteps) and the step it
+        # has bound; None without --kv-transfer-config.
+        self.kv_connector = kv_connector
+        self._kv_step = None
         # Speculative decoding (plugin/spec_decode.py): proposes each request's next drafts
         # after a step; None without --speculative-config.
         self.drafter = drafter
@@ -92,6 +96,8 @@ class XlaModelRunner:
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
             self.engine.stats.idle()
+            if self.kv_connector is not None:  # transfers run, and report, on empty steps too
+                return self.kv_connector.no_forward(so)
             return EMPTY_MODEL_RUNNER_OUTPUT
         self.engine.stats.step_started()
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()]
@@ -103,6 +109,9 @@ class XlaModelRunner:
             self.drafter.start_step([r for r, _ in scheduled])
         for req, ids in zip(scheduled, drafts):  # the step's input: known tokens, then drafts
             req[0].token_ids.extend(ids)
+        if self.kv_connector is not None:  # loads land before the forward reads them
+            self.kv_connector.before_forward(so)
+            self._kv_step = so
         try:
             # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
             step = self.engine.forward(scheduled)
@@ -119,6 +128,15 @@ class XlaModelRunner:
         return drafts
 
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
+        output = self._sample_tokens(grammar_output)
+        if self._kv_step is not None:  # saves, after the forward; what transfers finished
+            kv_output, self._kv_step = self.kv_connector.after_step(self._kv_step), None
+            if output is EMPTY_MODEL_RUNNER_OUTPUT:  # vLLM's shared instance: not changed
+                return ModelRunnerOutput.with_kv_conn_output_only(kv_output)
+            output.kv_connector_output = kv_output
+        return output
+
+    def _sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
         scheduled, step, drafts = self._pending

@@ -219,7 +219,7 @@ def refuse_unsupported_features(vllm_config) -> None:
     and then serve wrongly or die on: a quantization method it does not serve (weights
     would be read as if unquantized), LoRA beyond one device (the adapter stacks are not
     sharded; lora/slots.py), speculative decoding methods other than n-gram
-    (plugin/spec_decode.py) and KV connectors (no transfer)."""
+    (plugin/spec_decode.py) and KV connectors other than ours (kv_transfer/)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "
@@ -233,13 +233,33 @@ def refuse_unsupported_features(vllm_config) -> None:
         (vllm_config.lora_config is not None and model is not None
          and model.runner_type == "pooling",
          lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),
-        (vllm_config.kv_transfer_config is not None,
-         lambda: "KV connectors (--kv-transfer-config)"),
     ]
+    refusals += _kv_connector_refusals(vllm_config)
     for refused, feature in refusals:
         if refused:
             raise ValueError(f"xla-inference does not support {feature()} yet")
     spec_decode.refuse_unserved(vllm_config)
+
+
+def _kv_connector_refusals(vllm_config) -> list:
+    """--kv-transfer-config: our shared-storage connector (kv_transfer/), on one engine
+    replica of a generative model without speculative decoding."""
+    from xla_inference.kv_transfer.config import refuse_unserved
+
+    config = vllm_config.kv_transfer_config
+    if config is None or config.kv_connector is None:
+        return []
+    refuse_unserved(config)
+    model, extra = vllm_config.model_config, vllm_config.additional_config
+    replicas = max(vllm_config.parallel_config.data_parallel_size, data_parallel_size(vllm_config),
+                   int(extra.get("data_parallel_size", 1)) if isinstance(extra, dict) else 1)
+    return [
+        (replicas > 1, lambda: "KV connectors (--kv-transfer-config) with data parallel replicas"),
+        (model is not None and model.runner_type == "pooling",
+         lambda: "KV connectors (--kv-transfer-config) on a pooling model (--runner pooling)"),
+        (vllm_config.speculative_config is not None,
+         lambda: "KV connectors (--kv-transfer-config) with speculative decoding"),
+    ]
 
 
 def _parallel_size(vllm_config) -> int:
@@ -299,7 +319,10 @@ def patch_vllm_config() -> None:
     from vllm.config.model import ModelConfig
     from vllm.config.vllm import VllmConfig
 
+    from xla_inference.kv_transfer.config import register_connectors
+
     _allow_heads_that_do_not_split(ModelConfig)
+    register_connectors()  # vLLM resolves a --kv-transfer-config's class while checking it
     quantization.register_methods()
     quantization.refuse_unserved_quantization(ModelConfig)
     quantization.accept_float32_activations(VllmConfig)

@@ -294,11 +294,21 @@ class XlaWorker(WorkerBase):
                               lora=self._lora_limits(),
                               pooling=self.model_config.runner_type == "pooling")
         drafter = build_drafter(self.vllm_config, self.draft_model, kv_cache_config, engine)
-        self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests())
+        self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests(),
+                                           kv_connector=self._kv_connector(kv_cache_config, engine))
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays, default=-1),
                     len(layer_arrays), engine.token_buckets, dict(engine.mesh.shape))
+
+    def _kv_connector(self, kv_cache_config, engine):
+        """The KV connector's worker side, created here: vLLM's own set-up broadcasts over
+        torch process groups this platform does not create. None without one."""
+        if self.vllm_config.kv_transfer_config is None:
+            return None
+        from xla_inference.kv_transfer.steps import KvConnectorSteps
+
+        return KvConnectorSteps.build(self.vllm_config, kv_cache_config, engine)
 
     def _lora_limits(self) -> dict | None:
         """--enable-lora's slots (max_loras), rank (max_lora_rank) and host cache
@@ -318,8 +328,20 @@ class XlaWorker(WorkerBase):
         seconds = engine.warm_up()
         if self.model_runner.drafter is not None:
             seconds += self.model_runner.drafter.warm_up() or 0.0
+        if self.model_runner.kv_connector is not None:
+            seconds += self._warm_up_kv_connector()
         logger.info("xla-inference: warm-up done in %.1fs", seconds)
         return CompilationTimes(language_model=seconds, encoder=0.0)
+
+    def _warm_up_kv_connector(self) -> float:
+        """Compile the KV copy programs, inside the warm-up (the compile counter's)."""
+        from xla_inference.runner import compile_counter
+
+        start = time.perf_counter()
+        compile_counter.mark_warm(done=False)
+        self.model_runner.kv_connector.warm_up()
+        compile_counter.mark_warm()
+        return time.perf_counter() - start
 
     def _pooling_requests(self):
         if self.model_config.runner_type != "pooling":
@@ -401,6 +423,8 @@ class XlaWorker(WorkerBase):
         """JAX results are waited on when they are read."""
 
     def shutdown(self) -> None:
+        if self.model_runner is not None and self.model_runner.kv_connector is not None:
+            self.model_runner.kv_connector.shutdown()
         self.model_runner = None
         self.model = None
 
@@ -429,8 +453,14 @@ class XlaWorker(WorkerBase):
         """The context length the engine was built for (None before initialize_from_config)."""
         return None if self.model_runner is None else self.model_runner.engine.cfg.max_model_len
 
-    def get_kv_connector_handshake_metadata(self) -> None:
+    def get_kv_connector_handshake_metadata(self) -> dict | None:
         """vLLM collects each worker's KV-transfer handshake when a KV connector is
-        configured. This worker runs no connector (KV transfer between engines is not
-        supported), so it has nothing to exchange."""
-        return None
+        configured: {(pp rank, tp rank): metadata}, or None where the connector exchanges
+        none (the shared-storage one) or none is configured."""
+        connector = self.model_runner.kv_connector if self.model_runner else None
+        return None if connector is None else connector.handshake_metadata()
+
+    def kv_transfer_counts(self) -> dict:
+        """What the KV connector moved so far (tests): requests and tokens loaded and saved."""
+        connector = self.model_runner.kv_connector if self.model_runner else None
+        return {} if connector is None else connector.counts()

@@ -25,6 +25,7 @@ from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import take_stacked, take_tensor, tensor_getter
 from xla_inference.parallel.axes import weight
+from xla_inference.parallel.pipeline import StagedLayers, run_staged
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 
 
@@ -203,7 +204,10 @@ def run_layers(layer_step: Callable, layers: list, kv_cache: KvCache, x: jax.Arr
     lax.scan: scanning would carry the whole KV cache through the loop and copy it every
     step (docs/DESIGN.md); unrolled, each layer also gets its own static arguments (window,
     rope or not, MoE or dense). Each layer reads the arrays a layer before it may have
-    written (layers of different KV cache groups share arrays, kernels/metadata.py)."""
+    written (layers of different KV cache groups share arrays, kernels/metadata.py).
+    Pipeline parallel: layers split into stages (parallel/pipeline.py) run stage by stage."""
+    if isinstance(layers, StagedLayers):
+        return run_staged(layer_step, layers, kv_cache, x, *per_layer)
     for i, (layer, *args) in enumerate(zip(layers, *per_layer, strict=True)):
         kv, x = layer_step(layer, x, kv_cache.layer(i), *args)
         kv_cache = kv_cache.updated(i, kv)

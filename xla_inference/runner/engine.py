@@ -16,6 +16,7 @@ from jax.sharding import Mesh, PartitionSpec
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.lora.slots import LoraSlots, attach
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
+from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
                                              place_params, replica_sharding, replicated,
                                              traced_over)
@@ -221,6 +222,10 @@ class ModelEngine:
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
         self.param_shardings = param_shardings(params, model_cfg, self.mesh)
+        self.stages = num_stages(self.mesh)  # pipeline parallel stages (parallel/pipeline.py)
+        if self.stages > 1:
+            _check_pipeline(model, model_cfg, engine_cfg, self.mesh, lora, pooling)
+            params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
         self.params = place_params(params, self.param_shardings)
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
         self.replicas = self.mesh.shape["data"]
@@ -280,6 +285,8 @@ class ModelEngine:
         shardings, as KvCache trees of the same structure."""
         layer_groups, layer_arrays = self.cfg.kv_layout(len(layers))
         num_slots = self.blocks_per_replica * self.cfg.block_size
+        if self.stages > 1:
+            return self._allocate_staged_kv_cache(layers, layer_groups, kv_dtype, num_slots)
         arrays, shardings = [], []
         for num_arrays, num_kv_heads, head_size in _kv_array_shapes(layers, layer_arrays):
             shape = (num_slots, num_kv_heads, head_size)
@@ -291,6 +298,23 @@ class ModelEngine:
             shardings.append((sharding,) * num_arrays)
         return (KvCache(arrays, layer_arrays, layer_groups),
                 KvCache(shardings, layer_arrays, layer_groups))
+
+    def _allocate_staged_kv_cache(self, layers: list[KvLayer], layer_groups: tuple[int, ...],
+                                  kv_dtype, num_slots: int) -> tuple[KvCache, KvCache]:
+        """Pipeline parallel: local layer j's K and V stacked over the stages,
+        [stages, num_slots, K, H], each stage's slice on its own devices; the KvCache names
+        the local layers (every stage's are alike: _check_pipeline)."""
+        per_stage = len(layers) // self.stages
+        arrays, shardings = [], []
+        for layer in layers[:per_stage]:
+            shape = (num_slots, layer.num_kv_heads, layer.head_size)
+            sharding = stage_kv_sharding(kv_cache_sharding(self.model_cfg, shape, self.mesh))
+            zeros = jax.jit(functools.partial(jnp.zeros, (self.stages, *shape), kv_dtype),
+                            out_shardings=sharding)
+            arrays.append(tuple(zeros() for _ in range(layer.num_arrays)))
+            shardings.append((sharding,) * layer.num_arrays)
+        local = tuple(range(per_stage)), (layer_groups[0],) * per_stage
+        return KvCache(arrays, *local), KvCache(shardings, *local)
 
     def layout_for(self, num_tokens: int) -> BatchLayout:
         T = pick_bucket(self.token_buckets, num_tokens)
@@ -486,6 +510,34 @@ class ModelEngine:
                     time.perf_counter() - start, _compile_threads())
         compile_counter.mark_warm()
         return time.perf_counter() - start
+
+
+# Families whose forward runs its layers through models/decoder.run_layers with layers
+# alike in weights and cache: what pipeline parallel has been proven on.
+PIPELINE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def _check_pipeline(model: ModelFamily, model_cfg, engine_cfg: EngineConfig, mesh: Mesh,
+                    lora, pooling: bool) -> None:
+    """Refuse, by name, what pipeline stages do not serve (yet)."""
+    stages = num_stages(mesh)
+    layers = model.kv_layers(model_cfg)
+    refusals = [
+        (model.name not in PIPELINE_FAMILIES or getattr(model_cfg, "moe", None) is not None,
+         f"the {model.name} family{' (MoE)' if getattr(model_cfg, 'moe', None) else ''}; it "
+         f"serves {', '.join(PIPELINE_FAMILIES)} (dense)"),
+        (len(layers) % stages != 0, f"{len(layers)} layers in {stages} stages (uneven)"),
+        (mesh.shape["data"] > 1, "data parallel replicas"),
+        (lora is not None, "LoRA adapters"),
+        (pooling, "pooling models"),
+    ]
+    groups, arrays = engine_cfg.kv_layout(len(layers))
+    refusals.append((len(set(groups)) > 1 or arrays != tuple(range(len(layers)))
+                     or len(set(layers)) > 1,
+                     "layers of several KV cache groups or kinds (e.g. sliding and full)"))
+    for refused, what in refusals:
+        if refused:
+            raise ValueError(f"xla-inference does not run pipeline parallel with {what} yet")
 
 
 def _stack(batches: list[StepBatch]) -> StepBatch:

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import engine_request, save_tiny_family, save_tiny_model, tiny_engine
+from tests.helpers import ENGINE_BLOCK, engine_request, save_tiny_family, save_tiny_model, tiny_engine
 from xla_inference.parallel.sharding import build_mesh
 
 pytestmark = pytest.mark.slow
@@ -60,8 +60,8 @@ def _single(model_dir):
     return _SINGLE[model_dir]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("pp,tp", [(2, 1), (2, 2), (4, 2)])
+@pytest.mark.parametrize("family,pp,tp", [("llama", 2, 1), ("llama", 2, 2), ("qwen3", 2, 1),
+                                          ("qwen3", 2, 2), ("qwen3", 4, 2)])
 def test_stages_equal_one_device(models, family, pp, tp):
     """Same logits and hidden states as one device, and every layer's K/V written on its
     own stage equal to the single device's cache of that layer."""
@@ -76,8 +76,9 @@ def test_stages_equal_one_device(models, family, pp, tp):
         stage, local = divmod(layer, per_stage)
         for got, w in zip(engine.kv_cache.arrays[local], want):
             assert np.abs(np.asarray(w)).sum() > 0  # the plan wrote this layer's cache
-            np.testing.assert_allclose(np.asarray(got[stage]), np.asarray(w), rtol=1e-5,
-                                       atol=1e-5)
+            slots = w.shape[0]
+            np.testing.assert_allclose(np.asarray(got[stage * slots:(stage + 1) * slots]),
+                                       np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 def _stage_of(engine, device) -> int:
@@ -106,13 +107,13 @@ def test_each_layer_lives_only_on_its_stage(models):
                 np.testing.assert_array_equal(np.asarray(shard.data)[0],
                                               np.asarray(want)[shard.index[1:]])
         assert any(s is not None for s in layer.attn.wq.sharding.spec[1:])  # TP inside a stage
+    slots = 64 * ENGINE_BLOCK  # tiny_engine's pages x tokens per page
     for group in engine.kv_cache.arrays:
         for array in group:
-            assert array.shape[0] == 2
+            assert array.shape[0] == 2 * slots and array.sharding.spec[0] == "stage"
             for shard in array.addressable_shards:
                 stage = _stage_of(engine, shard.device)
-                assert shard.index[0] == slice(stage, stage + 1)
-                assert shard.data.shape[0] == 1
+                assert shard.index[0] == slice(stage * slots, (stage + 1) * slots)
     # Every device holds a quarter of the layers' bytes (its stage's half, split in two).
     layer_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(local))
     for device in engine.mesh.devices.flat:
@@ -132,3 +133,21 @@ def test_what_stages_do_not_serve_is_refused(models, tmp_path):
         tiny_engine(models["qwen3"], mesh=build_mesh(1, 2, pipeline_parallel_size=2))
     with pytest.raises(ValueError, match="pipeline_parallel_size=4 needs 16 devices"):
         build_mesh(2, 2, pipeline_parallel_size=4)
+
+
+def test_step_updates_each_stage_cache_in_place(models):
+    """The compiled PP 2 x TP 2 step (one KV head per device) copies no cache array: each
+    stage's branch writes its pages in place. (With the cache stacked [N, slots, K, H] and
+    squeezed inside the stage, XLA chose another layout there and copied every layer's
+    cache in and out of the branch each step.)"""
+    import re
+
+    from xla_inference.runner.requests import build_step_batch
+
+    engine = tiny_engine(models["llama"], mesh=build_mesh(2, pipeline_parallel_size=2))
+    batch = build_step_batch([], engine.layout_for(16))
+    hlo = engine._forward.jitted.lower(engine.params, engine.kv_cache, batch).compile().as_text()
+    slots, heads, size = engine.kv_cache.arrays[0][0].shape
+    local = rf"f32\[{slots // 2},{heads // 2},{size}\]"
+    assert re.search(local, hlo)  # the shape as the stage sees it
+    assert not re.search(local + r"\{[0-9,]+\} copy\(", hlo)

@@ -5,7 +5,11 @@ parallel: a (stage, data, model) mesh, every stage split over its own model-axis
 
 How the arrays are laid out: layer j of every stage is stacked into one array per leaf,
 [N, ...], whose leading axis the stage axis splits (StagedLayers), so stage s's devices
-hold exactly layers s*L/N .. (s+1)*L/N - 1; the KV cache arrays likewise, [N, slots, K, H].
+hold exactly layers s*L/N .. (s+1)*L/N - 1. The KV cache arrays of local layer j are
+[N * slots, K, H], the stage axis splitting the slots: stage s holds its layer's pages as a
+[slots, K, H] array, no stacked axis to squeeze (a squeezed size-1 axis let XLA pick
+another layout for the cache inside the stage's branch and copy the whole cache into and
+out of it every step when TP leaves one KV head per device).
 
 How a step runs (run_staged): a shard_map manual over the stage axis only (GSPMD still
 splits the model axis inside, as data parallel does, runner/engine._forward_replicas). In
@@ -83,8 +87,12 @@ def stage_params(params, shardings, mesh: Mesh):
 
 
 def stage_kv_sharding(sharding: NamedSharding) -> NamedSharding:
-    """A stage's cache array sharding, stacked per stage: [N, slots, K, H]."""
-    return NamedSharding(sharding.mesh, PartitionSpec(STAGE_AXIS, *sharding.spec))
+    """A one-stage cache array's sharding ([slots, K, H], slots not split) -> that of the
+    stages' arrays side by side, [N * slots, K, H], each stage's slots on its devices."""
+    spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
+    if spec[0] is not None:
+        raise ValueError(f"a KV cache sharding that splits the slots: {sharding.spec}")
+    return NamedSharding(sharding.mesh, PartitionSpec(STAGE_AXIS, *spec[1:]))
 
 
 def layer_stage(layer: int, num_layers: int, stages: int) -> tuple[int, int]:
@@ -95,8 +103,8 @@ def layer_stage(layer: int, num_layers: int, stages: int) -> tuple[int, int]:
 def run_staged(layer_step: Callable, layers: StagedLayers, kv_cache: KvCache, x: jax.Array,
                *per_layer: Sequence) -> tuple[KvCache, jax.Array]:
     """models/decoder.run_layers over pipeline stages (module docstring): the stages in
-    turn, each on its own devices; kv_cache holds the per-stage stacked arrays, one set
-    per local layer. per_layer: sequences over all L layers (static values)."""
+    turn, each on its own devices; kv_cache holds one set of arrays per local layer, each
+    [N * slots, K, H] split over the stages. per_layer: sequences over all L layers (static values)."""
     mesh = jax.sharding.get_abstract_mesh()
     stages, per_stage = num_stages(mesh), len(layers.local)
     # The step's other inputs that layer_step closes over (the batch, rope tables) enter
@@ -113,10 +121,10 @@ def run_staged(layer_step: Callable, layers: StagedLayers, kv_cache: KvCache, x:
 
 def _stages_body(layer_step, local, arrays, x, kv_cache: KvCache, stages: int, per_stage: int,
                  per_layer: Sequence):
-    """One stage's view (inside the shard_map): its layers and cache arrays, [1, ...]."""
+    """One stage's view (inside the shard_map): its layers ([1, ...] leaves) and its cache
+    arrays ([slots, K, H])."""
     me = jax.lax.axis_index(STAGE_AXIS)
     layers = [jax.tree.map(lambda a: a[0], layer) for layer in local]
-    arrays = [tuple(a[0] for a in group) for group in arrays]
     for r in range(stages):
         args = [seq[r * per_stage:(r + 1) * per_stage] for seq in per_layer]
 
@@ -131,4 +139,4 @@ def _stages_body(layer_step, local, arrays, x, kv_cache: KvCache, stages: int, p
         if r + 1 < stages:  # stage r's activations to stage r + 1 only
             x = jax.lax.ppermute(y, STAGE_AXIS, [(r, r + 1)])
     x = jax.lax.psum(jnp.where(me == stages - 1, y, jnp.zeros_like(y)), STAGE_AXIS)
-    return [tuple(a[None] for a in group) for group in arrays], x
+    return arrays, x

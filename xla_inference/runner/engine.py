@@ -301,15 +301,16 @@ class ModelEngine:
 
     def _allocate_staged_kv_cache(self, layers: list[KvLayer], layer_groups: tuple[int, ...],
                                   kv_dtype, num_slots: int) -> tuple[KvCache, KvCache]:
-        """Pipeline parallel: local layer j's K and V stacked over the stages,
-        [stages, num_slots, K, H], each stage's slice on its own devices; the KvCache names
-        the local layers (every stage's are alike: _check_pipeline)."""
+        """Pipeline parallel: local layer j's K and V of every stage side by side,
+        [stages * num_slots, K, H], each stage's slots on its own devices; the KvCache
+        names the local layers (every stage's are alike: _check_pipeline)."""
         per_stage = len(layers) // self.stages
         arrays, shardings = [], []
         for layer in layers[:per_stage]:
             shape = (num_slots, layer.num_kv_heads, layer.head_size)
             sharding = stage_kv_sharding(kv_cache_sharding(self.model_cfg, shape, self.mesh))
-            zeros = jax.jit(functools.partial(jnp.zeros, (self.stages, *shape), kv_dtype),
+            zeros = jax.jit(functools.partial(jnp.zeros, (self.stages * num_slots, *shape[1:]),
+                                              kv_dtype),
                             out_shardings=sharding)
             arrays.append(tuple(zeros() for _ in range(layer.num_arrays)))
             shardings.append((sharding,) * layer.num_arrays)

@@ -2,7 +2,7 @@
 mesh (parallel/pipeline.py), alone and with tensor parallel inside each stage, on virtual
 CPU devices (tests/conftest.py makes 8): greedy output equal to one device's (transformers'
 float32 greedy, which one device's equals: test_llm_families), nothing compiled after
-warm-up; what the stages do not serve is refused at start-up."""
+warm-up. (Refusals: tests/plugin/test_refusals.py.)"""
 
 import numpy as np
 import pytest
@@ -53,11 +53,3 @@ def test_pipeline_parallel_matches_one_device(tmp_path, prompts, family):
         assert compiles == 0, (pp, tp)
         assert got == single, (pp, tp)
 
-
-def test_pipeline_parallel_refusals(tmp_path):
-    moe = save_tiny_family(tmp_path / "moe", "qwen3_moe")
-    with pytest.raises(Exception, match="pipeline parallel .* mixture-of-experts"):
-        start_llm(moe, pipeline_parallel_size=2)
-    qwen3 = save_tiny_family(tmp_path / "qwen3", "qwen3")
-    with pytest.raises(Exception, match="LoRA adapters .* pipeline"):
-        start_llm(qwen3, pipeline_parallel_size=2, enable_lora=True)

@@ -33,7 +33,8 @@ def _tiny_llama(path):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     return {"llama": _tiny_llama(root / "llama"),
-            "qwen3": save_tiny_family(root / "qwen3", "qwen3", num_hidden_layers=4)}
+            **{family: save_tiny_family(root / family, family, num_hidden_layers=4)
+               for family in ("qwen3", "mistral", "qwen2")}}
 
 
 def _steps(engine):
@@ -60,8 +61,10 @@ def _single(model_dir):
     return _SINGLE[model_dir]
 
 
-@pytest.mark.parametrize("family,pp,tp", [("llama", 2, 1), ("llama", 2, 2), ("qwen3", 2, 1),
-                                          ("qwen3", 2, 2), ("qwen3", 4, 2)])
+# Qwen3 at PP 2 and PP 2 x TP 2 runs through vllm.LLM (tests/e2e/test_llm_pipeline.py);
+# Mistral's sliding window and Qwen2's biases under PP 2 x TP 2 here.
+@pytest.mark.parametrize("family,pp,tp", [("llama", 2, 1), ("llama", 2, 2), ("qwen3", 4, 2),
+                                          ("mistral", 2, 2), ("qwen2", 2, 2)])
 def test_stages_equal_one_device(models, family, pp, tp):
     """Same logits and hidden states as one device, and every layer's K/V written on its
     own stage equal to the single device's cache of that layer."""

@@ -12,7 +12,7 @@ from xla_inference.parallel.sharding import build_mesh
 
 pytestmark = pytest.mark.slow
 
-PLAN = [{0: 11, 1: 9, 2: 4}, {1: 14, 2: 1}]  # a prefill, a chunked prefill, a decode step
+PLAN = [{0: 11, 1: 9, 2: 4}, {1: 14}, {2: 1}]  # prefills; one request alone (an empty micro-batch)
 
 
 def _prompts():
@@ -38,13 +38,14 @@ def models(tmp_path_factory):
 
 
 def _steps(engine):
-    """Logits and hidden states of every step of PLAN, as numpy."""
+    """Logits and hidden states of the requests' rows and tokens in every step of PLAN."""
     reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(_prompts())]
     out = []
     for step in PLAN:
         scheduled = [(reqs[i], n) for i, n in step.items()]
         result = engine.forward(scheduled)
-        out.append((np.asarray(result.logits), np.asarray(result.hidden)))
+        out.append((np.asarray(result.logits)[:len(scheduled)],
+                    np.asarray(result.hidden)[:sum(step.values())]))
         for req, n in scheduled:
             req.num_computed_tokens += n
     return out
@@ -145,11 +146,10 @@ def test_step_updates_each_stage_cache_in_place(models):
     cache in and out of the branch each step.)"""
     import re
 
-    from xla_inference.runner.requests import build_step_batch
-
     engine = tiny_engine(models["llama"], mesh=build_mesh(2, pipeline_parallel_size=2))
-    batch = build_step_batch([], engine.layout_for(16))
-    hlo = engine._forward.jitted.lower(engine.params, engine.kv_cache, batch).compile().as_text()
+    step = engine._microbatch_batch([(engine_request("a", [5] * 8, 1), 8),
+                                     (engine_request("b", [6] * 8, 9), 8)])
+    hlo = engine._forward.jitted.lower(engine.params, engine.kv_cache, *step).compile().as_text()
     slots, heads, size = engine.kv_cache.arrays[0][0].shape
     local = rf"f32\[{slots // 2},{heads // 2},{size}\]"
     assert re.search(local, hlo)  # the shape as the stage sees it

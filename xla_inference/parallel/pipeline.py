@@ -11,18 +11,21 @@ hold exactly layers s*L/N .. (s+1)*L/N - 1. The KV cache arrays of local layer j
 another layout for the cache inside the stage's branch and copy the whole cache into and
 out of it every step when TP leaves one KV head per device).
 
-How a step runs (run_staged): a shard_map manual over the stage axis only (GSPMD still
-splits the model axis inside, as data parallel does, runner/engine._forward_replicas). In
-round r stage r runs its layers (lax.cond on the stage index: the other stages skip them,
-and write nothing into their caches) and hands its activations to stage r + 1
-(ppermute); after the last round the last stage's output is shared with every stage (one
-psum) for the LM head. So the stages run one after another: while one runs, the others
-idle (the pipeline bubble; with N stages each device is busy 1/N of the forward).
-Micro-batches that would fill the bubble are not implemented.
+How a step runs (run_microbatched): the engine splits the step's requests into M
+micro-batches (one per stage today), each padded to one bucket and stacked [M, ...]. A
+shard_map manual over the stage axis only (GSPMD still splits the model axis inside, as
+data parallel does, runner/engine._forward_replicas) runs GPipe's schedule: in tick t
+stage s runs its layers on micro-batch t - s (lax.cond on the traced stage index: a stage
+with nothing to do, filling or draining, or a micro-batch without requests, skips its
+layers and writes nothing into its cache), then every stage hands its activations to the
+next (one ppermute); after M + N - 1 ticks one psum shares the last stage's outputs with
+every stage for the LM head. With M = N each stage is busy M of the 2N - 1 ticks (the
+bubble: N - 1 ticks of 2N - 1 idle; stages running strictly in turn would idle N - 1 of
+N), at the price of padding each micro-batch to the bucket of the largest.
 
-Each round's branch is traced with that round's layers' static arguments (e.g. sliding
-windows), so stages may differ in those; what must agree between stages is the tree and
-shape of layer j's weights and cache (the engine checks and refuses otherwise)."""
+The stage index is traced, so layer j of every stage must agree in the tree and shapes of
+its weights and cache and in its static arguments (e.g. sliding windows); the engine
+refuses, by name, models whose layers differ."""
 
 from __future__ import annotations
 
@@ -100,43 +103,61 @@ def layer_stage(layer: int, num_layers: int, stages: int) -> tuple[int, int]:
     return divmod(layer, num_layers // stages)
 
 
-def run_staged(layer_step: Callable, layers: StagedLayers, kv_cache: KvCache, x: jax.Array,
-               *per_layer: Sequence) -> tuple[KvCache, jax.Array]:
-    """models/decoder.run_layers over pipeline stages (module docstring): the stages in
-    turn, each on its own devices; kv_cache holds one set of arrays per local layer, each
-    [N * slots, K, H] split over the stages. per_layer: sequences over all L layers (static values)."""
+def run_microbatched(layer_step: Callable, layers: StagedLayers, kv_cache: KvCache,
+                     xs: jax.Array, batches, *per_layer: Sequence) -> tuple[KvCache, jax.Array]:
+    """The stages overlapped over M micro-batches (GPipe's schedule, inside one step): xs
+    [M, T, D] and `batches` (a pytree of [M, ...] arrays) are the step's requests in M
+    groups; in tick t stage s runs its layers on micro-batch t - s, then every stage hands
+    its activations to the next (one ppermute), so after N - 1 ticks of filling all
+    stages work at once; M + N - 1 ticks in all. layer_step(layer, x, layer cache, batch,
+    *that layer's per_layer entries). The stage index is traced here, so every stage's
+    layer j must take the same static arguments. -> (cache, hidden [M, T, D])."""
     mesh = jax.sharding.get_abstract_mesh()
     stages, per_stage = num_stages(mesh), len(layers.local)
-    # The step's other inputs that layer_step closes over (the batch, rope tables) enter
-    # the shard_map as closed-over values, replicated over the stages.
-    def body(local, arrays, x):
-        return _stages_body(layer_step, local, arrays, x, kv_cache, stages, per_stage, per_layer)
+    args = [tuple(seq[:per_stage]) for seq in per_layer]
+    for seq, first in zip(per_layer, args):
+        if any(tuple(seq[s * per_stage:(s + 1) * per_stage]) != first for s in range(stages)):
+            raise ValueError("pipeline micro-batches need every stage's layers to take the "
+                             "same static arguments (e.g. sliding windows)")
+
+    def body(local, arrays, xs):
+        return _microbatch_body(layer_step, local, arrays, xs, batches, kv_cache, stages, args)
 
     stage, whole = PartitionSpec(STAGE_AXIS), PartitionSpec()
-    arrays, x = jax.shard_map(
+    arrays, xs = jax.shard_map(
         body, mesh=mesh, in_specs=(stage, stage, whole), out_specs=(stage, whole),
-        axis_names={STAGE_AXIS}, check_vma=False)(layers.local, kv_cache.arrays, x)
-    return dataclasses.replace(kv_cache, arrays=arrays), x
+        axis_names={STAGE_AXIS}, check_vma=False)(layers.local, kv_cache.arrays, xs)
+    return dataclasses.replace(kv_cache, arrays=arrays), xs
 
 
-def _stages_body(layer_step, local, arrays, x, kv_cache: KvCache, stages: int, per_stage: int,
-                 per_layer: Sequence):
-    """One stage's view (inside the shard_map): its layers ([1, ...] leaves) and its cache
-    arrays ([slots, K, H])."""
+def _microbatch_body(layer_step, local, arrays, xs, batches, kv_cache: KvCache, stages: int,
+                     args: list[tuple]):
     me = jax.lax.axis_index(STAGE_AXIS)
     layers = [jax.tree.map(lambda a: a[0], layer) for layer in local]
-    for r in range(stages):
-        args = [seq[r * per_stage:(r + 1) * per_stage] for seq in per_layer]
+    M = xs.shape[0]
+    # A micro-batch without requests (fewer requests than micro-batches) is all padding:
+    # no real page in its block tables. Its ticks are skipped like the filling ones.
+    live = jnp.any(batches.attention.block_tables.reshape(M, -1) != 0, axis=1)
+    out = jnp.zeros_like(xs)
+    received = jnp.zeros_like(xs[0])
+    for t in range(M + stages - 1):
+        m = t - me
+        index = jnp.clip(m, 0, M - 1)
+        works = (m >= 0) & (m < M) & live[index]
+        x = jnp.where(me == 0, xs[min(t, M - 1)], received)
+        batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+                             batches)
 
-        def run(arrays, x, args=args):
+        def run(arrays, x, batch=batch):
             cache = dataclasses.replace(kv_cache, arrays=arrays)
             for j, layer in enumerate(layers):
-                kv, x = layer_step(layer, x, cache.layer(j), *(a[j] for a in args))
+                kv, x = layer_step(layer, x, cache.layer(j), batch, *(a[j] for a in args))
                 cache = cache.updated(j, kv)
             return list(cache.arrays), x
 
-        arrays, y = jax.lax.cond(me == r, run, lambda arrays, x: (list(arrays), x), arrays, x)
-        if r + 1 < stages:  # stage r's activations to stage r + 1 only
-            x = jax.lax.ppermute(y, STAGE_AXIS, [(r, r + 1)])
-    x = jax.lax.psum(jnp.where(me == stages - 1, y, jnp.zeros_like(y)), STAGE_AXIS)
-    return arrays, x
+        arrays, y = jax.lax.cond(works, run, lambda arrays, x: (list(arrays), x), arrays, x)
+        done = works & (me == stages - 1)
+        out = jnp.where(done, jax.lax.dynamic_update_index_in_dim(out, y, index, 0), out)
+        received = jax.lax.ppermute(y, STAGE_AXIS, [(s, s + 1) for s in range(stages - 1)])
+    out = jax.lax.psum(jnp.where(me == stages - 1, out, jnp.zeros_like(out)), STAGE_AXIS)
+    return arrays, out

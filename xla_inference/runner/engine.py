@@ -134,11 +134,29 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
     kv_cache, hidden = jax.shard_map(
         replica, mesh=mesh, in_specs=(PartitionSpec(), data, data), out_specs=(data, data),
         axis_names={"data"}, check_vma=False)(params, kv_cache, batch)
-    replicas, tokens, width = hidden.shape
-    hidden = hidden.reshape(replicas * tokens, width)
-    first = tokens * jnp.arange(replicas, dtype=jnp.int32)[:, None]
+    return (kv_cache, *_in_scheduler_order(model, cfg, params, hidden, batch, row_order,
+                                           token_order))
+
+
+def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
+                          token_order):
+    """Pipeline parallel: the step's requests in M micro-batches, every array of `batch`
+    with a leading micro-batch axis, overlapped over the stages (parallel/pipeline.py);
+    logits and hidden states in the scheduler's order, as _forward_replicas."""
+    kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
+    return (kv_cache, *_in_scheduler_order(model, cfg, params, hidden, batch, row_order,
+                                           token_order))
+
+
+def _in_scheduler_order(model: ModelFamily, cfg, params, hidden, batch: StepBatch, row_order,
+                        token_order):
+    """hidden [G, T, D] of G stacked groups of requests -> (logits at each request's sampled
+    token, every token's hidden state), rows and tokens in the scheduler's order."""
+    groups, tokens, width = hidden.shape
+    hidden = hidden.reshape(groups * tokens, width)
+    first = tokens * jnp.arange(groups, dtype=jnp.int32)[:, None]
     rows = (batch.logits_indices + first).reshape(-1)[row_order]
-    return kv_cache, model.compute_logits(params, hidden[rows], cfg), hidden[token_order]
+    return model.compute_logits(params, hidden[rows], cfg), hidden[token_order]
 
 
 def _sample_step(num_logprobs: int, logits, sampling: SamplingBatch, extras: SamplingExtras | None,
@@ -223,6 +241,8 @@ class ModelEngine:
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
         self.param_shardings = param_shardings(params, model_cfg, self.mesh)
         self.stages = num_stages(self.mesh)  # pipeline parallel stages (parallel/pipeline.py)
+        # Pipeline parallel splits each step's requests into micro-batches, one per stage.
+        self.microbatches = self.stages
         if self.stages > 1:
             _check_pipeline(model, model_cfg, engine_cfg, self.mesh, lora, pooling)
             params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
@@ -253,6 +273,8 @@ class ModelEngine:
                              "(not with a pooling model yet)")
         if lora is not None:
             forward, batch_shardings = _forward_lora, (whole,)
+        elif self.microbatches > 1:
+            forward, batch_shardings = _forward_microbatches, (whole, whole, whole)
         elif self.replicas == 1:
             forward = _forward_pooled if pooling else _forward_logits
             batch_shardings = (whole,)
@@ -330,6 +352,8 @@ class ModelEngine:
         """Dispatch the model on the scheduled tokens (JAX runs it asynchronously)."""
         if self.replicas > 1:
             return self._run_forward(*self._replica_batch(scheduled))
+        if self.microbatches > 1:
+            return self._run_forward(*self._microbatch_batch(scheduled))
         num_tokens = sum(n for _, n in scheduled)
         batch = build_step_batch(scheduled, self.layout_for(num_tokens))
         if self.lora is None:
@@ -354,21 +378,42 @@ class ModelEngine:
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
         one bucket and stacked; and where each request's row and tokens land."""
-        groups = [[] for _ in range(self.replicas)]
-        tokens = [0] * self.replicas  # each replica's tokens so far
-        places = []  # (replica, row in it, first token in it)
-        for req, num_new in scheduled:
+        owners = []
+        for req, _ in scheduled:
             r = req.block_ids[0][0] // self.blocks_per_replica  # any page: null pages too
+            owners.append(r)
+            self.rows_per_replica[r] += 1
+        return self._stacked_batch(scheduled, owners, self.replicas, self.blocks_per_replica)
+
+    def _microbatch_batch(self, scheduled: list[tuple[RequestState, int]]):
+        """Pipeline parallel: the requests in self.microbatches groups of about equal tokens
+        (each to the group with fewest so far), stacked as _replica_batch stacks replicas."""
+        tokens = [0] * self.microbatches
+        owners = []
+        for _, num_new in scheduled:
+            m = tokens.index(min(tokens))
+            owners.append(m)
+            tokens[m] += num_new
+        return self._stacked_batch(scheduled, owners, self.microbatches, 0)
+
+    def _stacked_batch(self, scheduled: list[tuple[RequestState, int]], owners: list[int],
+                       num_groups: int, pages_per_group: int):
+        """Each group's requests (owners: each request's group) as its own batch, all padded
+        to one bucket and stacked; and where each request's row and tokens land. Group r's
+        page ids start at r * pages_per_group."""
+        groups = [[] for _ in range(num_groups)]
+        tokens = [0] * num_groups  # each group's tokens so far
+        places = []  # (group, row in it, first token in it)
+        for (req, num_new), r in zip(scheduled, owners):
             places.append((r, len(groups[r]), tokens[r]))
             groups[r].append((req, num_new))
             tokens[r] += num_new
-            self.rows_per_replica[r] += 1
         layout = self.layout_for(max(tokens))
         T, B = layout.num_tokens, layout.num_seqs
-        batches = [build_step_batch(group, layout, r * self.blocks_per_replica)
+        batches = [build_step_batch(group, layout, r * pages_per_group)
                    for r, group in enumerate(groups)]
-        row_order = np.zeros(self.replicas * B, np.int32)
-        token_order = np.zeros(self.replicas * T, np.int32)
+        row_order = np.zeros(num_groups * B, np.int32)
+        token_order = np.zeros(num_groups * T, np.int32)
         done = 0
         for i, ((_, num_new), (r, row, first)) in enumerate(zip(scheduled, places)):
             row_order[i] = r * B + row
@@ -405,8 +450,9 @@ class ModelEngine:
         """Speculative decoding: each request's emitted tokens (accepted drafts, then a
         recovered or bonus token) from the step's hidden states. grammar_masks: (row,
         position) -> bool [V]. -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
-        if self.replicas > 1:
-            raise NotImplementedError("speculative decoding with data parallel replicas")
+        if self.replicas > 1 or self.microbatches > 1:
+            raise NotImplementedError("speculative decoding with data parallel replicas or "
+                                      "pipeline stages")
         if self._verify is None:
             self._verify = verify_program(self.model, self.model_cfg)
         K = num_speculative_tokens
@@ -465,13 +511,14 @@ class ModelEngine:
             layout = self.layout_for(T)
             B = layout.num_seqs
             batch = build_step_batch([], layout)
-            if self.replicas == 1:
+            groups = self.replicas * self.microbatches  # stacked groups of requests per step
+            if groups == 1:
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:
-                forward_args.append((self.params, self.kv_cache, _stack([batch] * self.replicas),
-                                     np.zeros(self.replicas * B, np.int32),
-                                     np.zeros(self.replicas * T, np.int32)))
-                B *= self.replicas  # the sampler sees every replica's rows
+                forward_args.append((self.params, self.kv_cache, _stack([batch] * groups),
+                                     np.zeros(groups * B, np.int32),
+                                     np.zeros(groups * T, np.int32)))
+                B *= groups  # the sampler sees every group's rows
             logits = jax.ShapeDtypeStruct((B, self.vocab_size), jnp.float32,
                                           sharding=replicated(self.mesh))  # as the forward's
             step = np.uint32(0)

@@ -118,3 +118,33 @@ def test_kv_connector_settings_we_do_not_serve_are_refused(model_dir, transfer, 
     with pytest.raises(Exception, match="xla-inference does not support") as info:
         _config(model_dir, kv_transfer_config=transfer, **args)
     assert message in str(info.value)
+
+
+def test_pipeline_parallel_is_folded_into_our_mesh(model_dir):
+    """vLLM is told pipeline parallel 1 (one worker, world size TP, our uni executor); the
+    stages are kept for our mesh's stage axis (parallel/pipeline.py)."""
+    config = _config(model_dir, pipeline_parallel_size=2, tensor_parallel_size=2)
+    pc = config.parallel_config
+    assert (pc.pipeline_parallel_size, pc.world_size, pc.distributed_executor_backend) == (
+        1, 2, "uni")
+    assert config.additional_config["xla_pipeline_parallel_size"] == 2
+
+
+@pytest.mark.parametrize("args, flag", [
+    (dict(enable_lora=True), "LoRA adapters (--enable-lora) with tensor, pipeline"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                              "prompt_lookup_max": 2}), "with speculative decoding"),
+    (dict(additional_config={"data_parallel_size": 2}), "with data parallel replicas"),
+])
+def test_pipeline_parallel_refusals(model_dir, args, flag):
+    with pytest.raises(Exception, match="xla-inference does not") as info:
+        _config(model_dir, pipeline_parallel_size=2, **args)
+    assert flag in str(info.value)
+
+
+def test_pipeline_parallel_on_a_moe_model_is_refused(tmp_path):
+    from tests.helpers import save_tiny_family
+
+    moe = save_tiny_family(tmp_path / "moe", "qwen3_moe")
+    with pytest.raises(Exception, match="pipeline parallel .* on a mixture-of-experts model"):
+        _config(moe, pipeline_parallel_size=2)

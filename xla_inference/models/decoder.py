@@ -25,6 +25,7 @@ from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import take_stacked, take_tensor, tensor_getter
 from xla_inference.parallel.axes import weight
+from xla_inference.parallel.pipeline import run_microbatched
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 
 
@@ -211,10 +212,16 @@ def run_layers(layer_step: Callable, layers: list, kv_cache: KvCache, x: jax.Arr
 
 
 def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: DecoderConfig):
-    """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
+    """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm; with
+    pipeline stages, a batch of M micro-batches [M, T] -> hidden [M, T, D]."""
     inv_freq = jnp.asarray(cfg.inv_freq())
-    step = lambda layer, x, kv, window: _layer(layer, x, kv, batch, cfg, inv_freq, window)  # noqa: E731
     windows = [cfg.sliding_window(i) for i in range(cfg.num_layers)]
+    if batch.input_ids.ndim == 2:  # pipeline micro-batches [M, T] (parallel/pipeline.py)
+        step = lambda layer, x, kv, b, window: _layer(layer, x, kv, b, cfg, inv_freq, window)  # noqa: E731
+        kv_cache, x = run_microbatched(step, params.layers, kv_cache,
+                                       params.embed[batch.input_ids], batch, windows)
+        return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    step = lambda layer, x, kv, window: _layer(layer, x, kv, batch, cfg, inv_freq, window)  # noqa: E731
     kv_cache, x = run_layers(step, params.layers, kv_cache, params.embed[batch.input_ids], windows)
     return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 

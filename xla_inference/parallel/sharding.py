@@ -46,14 +46,21 @@ REPLICA_AXIS = "batch"
 
 
 def build_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-               devices: list | None = None) -> Mesh:
+               devices: list | None = None, pipeline_parallel_size: int = 1) -> Mesh:
+    """A (data, model) mesh; with pipeline stages a (stage, data, model) mesh whose stage
+    slices take consecutive devices (parallel/pipeline.py)."""
     devices = list(jax.devices() if devices is None else devices)
-    needed = tensor_parallel_size * data_parallel_size
+    needed = tensor_parallel_size * data_parallel_size * pipeline_parallel_size
     if needed > len(devices):
         raise ValueError(
             f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
-            f"needs {needed} devices, but JAX sees {len(devices)} ({devices[0].platform}); on CPU, "
+            f"x pipeline_parallel_size={pipeline_parallel_size} needs {needed} devices, but JAX "
+            f"sees {len(devices)} ({devices[0].platform}); on CPU, "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N makes N virtual devices")
+    if pipeline_parallel_size > 1:
+        grid = np.array(devices[:needed]).reshape(pipeline_parallel_size, data_parallel_size,
+                                                  tensor_parallel_size)
+        return Mesh(grid, ("stage", *MESH_AXES))
     grid = np.array(devices[:needed]).reshape(data_parallel_size, tensor_parallel_size)
     return Mesh(grid, MESH_AXES)
 

@@ -142,8 +142,7 @@ class XlaPlatform(Platform):
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None
         _fold_data_parallel(vllm_config)
-        if parallel.pipeline_parallel_size > 1:
-            raise ValueError("xla-inference does not support pipeline parallelism")
+        _fold_pipeline_parallel(vllm_config)
         if parallel.worker_cls == "auto":
             parallel.worker_cls = _WORKER
         # One JAX process drives every local device (SPMD), so one worker.
@@ -226,7 +225,15 @@ def refuse_unsupported_features(vllm_config) -> None:
                                      "checkpoint's quantization_config")
     refusals = [
         (vllm_config.lora_config is not None and _parallel_size(vllm_config) > 1,
-         lambda: "LoRA adapters (--enable-lora) with tensor or data parallel (one device only)"),
+         lambda: "LoRA adapters (--enable-lora) with tensor, pipeline or data parallel (one "
+                 "device only)"),
+        (pipeline_parallel_size(vllm_config) > 1 and vllm_config.speculative_config is not None,
+         lambda: "pipeline parallel (--pipeline-parallel-size) with speculative decoding"),
+        (pipeline_parallel_size(vllm_config) > 1 and model is not None and model.is_moe,
+         lambda: "pipeline parallel (--pipeline-parallel-size) on a mixture-of-experts model"),
+        (pipeline_parallel_size(vllm_config) > 1 and model is not None
+         and model.runner_type == "pooling",
+         lambda: "pipeline parallel (--pipeline-parallel-size) on a pooling model"),
         # Untested together: the verify step reads hidden states the adapters change.
         (vllm_config.lora_config is not None and vllm_config.speculative_config is not None,
          lambda: "LoRA adapters (--enable-lora) with speculative decoding (--speculative-config)"),
@@ -264,7 +271,41 @@ def _kv_connector_refusals(vllm_config) -> list:
 
 def _parallel_size(vllm_config) -> int:
     pc = vllm_config.parallel_config
-    return pc.tensor_parallel_size * pc.pipeline_parallel_size * data_parallel_size(vllm_config)
+    return (pc.tensor_parallel_size * pipeline_parallel_size(vllm_config)
+            * data_parallel_size(vllm_config))
+
+
+def pipeline_parallel_size(vllm_config) -> int:
+    """Pipeline stages this engine runs: vLLM's setting, or once _fold_pipeline_parallel
+    has run, the one it kept."""
+    extra = vllm_config.additional_config
+    kept = int(extra.get("xla_pipeline_parallel_size", 1)) if isinstance(extra, dict) else 1
+    return max(kept, vllm_config.parallel_config.pipeline_parallel_size)
+
+
+def _fold_pipeline_parallel(vllm_config) -> None:
+    """--pipeline-parallel-size N: N stages of the model's layers on a stage axis of our one
+    mesh (parallel/pipeline.py), run by one program in this one worker, rather than vLLM's
+    N worker processes passing activations. vLLM is told pipeline parallel 1 (world size
+    TP): its scheduler then keeps one batch in flight, not N (our stages run one after
+    another inside each step), and nothing asks for vLLM's pipeline process groups. vLLM
+    has by then already turned async scheduling off for PP (its V1 model runner's rule);
+    it stays off."""
+    parallel = vllm_config.parallel_config
+    size = parallel.pipeline_parallel_size
+    if size == 1:
+        return
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict):
+        raise ValueError("xla-inference keeps the pipeline parallel size in additional_config, "
+                         "which must be a dict")
+    if data_parallel_size(vllm_config) > 1:
+        raise ValueError("xla-inference does not run pipeline parallel with data parallel "
+                         "replicas yet; use --pipeline-parallel-size with "
+                         "--tensor-parallel-size")
+    extra["xla_pipeline_parallel_size"] = size
+    parallel.pipeline_parallel_size = 1
+    parallel.world_size = parallel.tensor_parallel_size * parallel.prefill_context_parallel_size
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"

@@ -11,7 +11,8 @@ from vllm.v1.kv_cache_interface import (FullAttentionSpec, MLAAttentionSpec, Sli
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from xla_inference.plugin.model_runner import XlaModelRunner
-from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
+from xla_inference.plugin.platform import (data_parallel_size, patch_vllm_config,
+                                          pipeline_parallel_size)
 from xla_inference.plugin.quantization import loader_method
 from xla_inference.plugin.spec_decode import (build_drafter, draft_layer_name, load_draft_model,
                                                num_speculative_tokens)
@@ -185,6 +186,9 @@ class XlaWorker(WorkerBase):
             if data_parallel_size(self.vllm_config) > 1:  # not checked yet: refused
                 raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
                                  "data parallel replicas yet; use --tensor-parallel-size")
+            if pipeline_parallel_size(self.vllm_config) > 1:
+                raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
+                                 "pipeline parallel yet; use --tensor-parallel-size")
             if dummy:
                 self.load_config.load_format = "dummy"
             self.model = load_torch_model(self.vllm_config, self.precision)
@@ -291,6 +295,7 @@ class XlaWorker(WorkerBase):
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
                               data_parallel_size=data_parallel_size(self.vllm_config),
+                              pipeline_parallel_size=pipeline_parallel_size(self.vllm_config),
                               lora=self._lora_limits(),
                               pooling=self.model_config.runner_type == "pooling")
         drafter = build_drafter(self.vllm_config, self.draft_model, kv_cache_config, engine)

@@ -130,16 +130,19 @@ def load_pooling(model_path: str | Path, precision: Precision) -> LoadedModel:
 
 
 def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None,
+                 data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 mesh: jax.sharding.Mesh | None = None,
                  keep_host_params: bool = False, lora: dict | None = None,
                  pooling: bool = False) -> ModelEngine:
     """Phase two: the mesh, the KV cache of engine_cfg.num_blocks pages and the weights
     placed shard by shard; the host copy of the weights is dropped (unless
     keep_host_params: a benchmark building several engines). Compile with
     `engine.warm_up()`. lora: LoraSlots' limits (max_loras, max_rank, max_cpu_loras) to
-    serve LoRA adapters (lora/slots.py)."""
+    serve LoRA adapters (lora/slots.py). pipeline_parallel_size: layers split into that
+    many stages over a stage axis of the mesh (parallel/pipeline.py)."""
     if mesh is None:
-        mesh = build_mesh(tensor_parallel_size, data_parallel_size)
+        mesh = build_mesh(tensor_parallel_size, data_parallel_size,
+                          pipeline_parallel_size=pipeline_parallel_size)
     if lora is not None and model.family.name not in LORA_FAMILIES:
         raise ValueError(f"xla-inference serves LoRA adapters on the {', '.join(LORA_FAMILIES)} "
                          f"families, not on {model.family.name}")

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, PartitionSpec
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.lora.slots import LoraSlots, attach
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
+from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
                                              place_params, replica_sharding, replicated,
                                              traced_over)
@@ -145,11 +146,29 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
     kv_cache, hidden = jax.shard_map(
         replica, mesh=mesh, in_specs=(PartitionSpec(), data, data), out_specs=(data, data),
         axis_names={"data"}, check_vma=False)(params, kv_cache, batch)
-    replicas, tokens, width = hidden.shape
-    hidden = hidden.reshape(replicas * tokens, width)
-    first = tokens * jnp.arange(replicas, dtype=jnp.int32)[:, None]
+    return (kv_cache, *_in_scheduler_order(model, cfg, params, hidden, batch, row_order,
+                                           token_order))
+
+
+def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
+                          token_order):
+    """Pipeline parallel: the step's requests in M micro-batches, every array of `batch`
+    with a leading micro-batch axis, overlapped over the stages (parallel/pipeline.py);
+    logits and hidden states in the scheduler's order, as _forward_replicas."""
+    kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
+    return (kv_cache, *_in_scheduler_order(model, cfg, params, hidden, batch, row_order,
+                                           token_order))
+
+
+def _in_scheduler_order(model: ModelFamily, cfg, params, hidden, batch: StepBatch, row_order,
+                        token_order):
+    """hidden [G, T, D] of G stacked groups of requests -> (logits at each request's sampled
+    token, every token's hidden state), rows and tokens in the scheduler's order."""
+    groups, tokens, width = hidden.shape
+    hidden = hidden.reshape(groups * tokens, width)
+    first = tokens * jnp.arange(groups, dtype=jnp.int32)[:, None]
     rows = (batch.logits_indices + first).reshape(-1)[row_order]
-    return kv_cache, model.compute_logits(params, hidden[rows], cfg), hidden[token_order]
+    return model.compute_logits(params, hidden[rows], cfg), hidden[token_order]
 
 
 def _sample_step(num_logprobs: int, logits, sampling: SamplingBatch, extras: SamplingExtras | None,
@@ -241,6 +260,12 @@ class ModelEngine:
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
         self.param_shardings = param_shardings(params, model_cfg, self.mesh)
+        self.stages = num_stages(self.mesh)  # pipeline parallel stages (parallel/pipeline.py)
+        # Pipeline parallel splits each step's requests into micro-batches, one per stage.
+        self.microbatches = self.stages
+        if self.stages > 1:
+            _check_pipeline(model, model_cfg, engine_cfg, self.mesh, lora, pooling)
+            params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
         self.params = place_params(params, self.param_shardings)
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
         self.replicas = self.mesh.shape["data"]
@@ -268,6 +293,8 @@ class ModelEngine:
                              "(not with a pooling model yet)")
         if lora is not None:
             forward, batch_shardings = _forward_lora, (whole,)
+        elif self.microbatches > 1:
+            forward, batch_shardings = _forward_microbatches, (whole, whole, whole)
         elif self.replicas == 1:
             forward = _forward_pooled if pooling else _forward_logits
             if greedy_drafter:
@@ -316,6 +343,8 @@ class ModelEngine:
         shardings, as KvCache trees of the same structure."""
         layer_groups, layer_arrays = self.cfg.kv_layout(len(layers))
         num_slots = self.blocks_per_replica * self.cfg.block_size
+        if self.stages > 1:
+            return self._allocate_staged_kv_cache(layers, layer_groups, kv_dtype, num_slots)
         arrays, shardings = [], []
         for num_arrays, num_kv_heads, head_size in _kv_array_shapes(layers, layer_arrays):
             shape = (num_slots, num_kv_heads, head_size)
@@ -327,6 +356,24 @@ class ModelEngine:
             shardings.append((sharding,) * num_arrays)
         return (KvCache(arrays, layer_arrays, layer_groups),
                 KvCache(shardings, layer_arrays, layer_groups))
+
+    def _allocate_staged_kv_cache(self, layers: list[KvLayer], layer_groups: tuple[int, ...],
+                                  kv_dtype, num_slots: int) -> tuple[KvCache, KvCache]:
+        """Pipeline parallel: local layer j's K and V of every stage side by side,
+        [stages * num_slots, K, H], each stage's slots on its own devices; the KvCache
+        names the local layers (every stage's are alike: _check_pipeline)."""
+        per_stage = len(layers) // self.stages
+        arrays, shardings = [], []
+        for layer in layers[:per_stage]:
+            shape = (num_slots, layer.num_kv_heads, layer.head_size)
+            sharding = stage_kv_sharding(kv_cache_sharding(self.model_cfg, shape, self.mesh))
+            zeros = jax.jit(functools.partial(jnp.zeros, (self.stages * num_slots, *shape[1:]),
+                                              kv_dtype),
+                            out_shardings=sharding)
+            arrays.append(tuple(zeros() for _ in range(layer.num_arrays)))
+            shardings.append((sharding,) * layer.num_arrays)
+        local = tuple(range(per_stage)), (layer_groups[0],) * per_stage
+        return KvCache(arrays, *local), KvCache(shardings, *local)
 
     def layout_for(self, num_tokens: int) -> BatchLayout:
         T = pick_bucket(self.token_buckets, num_tokens)
@@ -341,6 +388,8 @@ class ModelEngine:
         """Dispatch the model on the scheduled tokens (JAX runs it asynchronously)."""
         if self.replicas > 1:
             return self._run_forward(*self._replica_batch(scheduled))
+        if self.microbatches > 1:
+            return self._run_forward(*self._microbatch_batch(scheduled))
         num_tokens = sum(n for _, n in scheduled)
         batch = build_step_batch(scheduled, self.layout_for(num_tokens))
         if self.lora is None:
@@ -365,21 +414,42 @@ class ModelEngine:
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
         one bucket and stacked; and where each request's row and tokens land."""
-        groups = [[] for _ in range(self.replicas)]
-        tokens = [0] * self.replicas  # each replica's tokens so far
-        places = []  # (replica, row in it, first token in it)
-        for req, num_new in scheduled:
+        owners = []
+        for req, _ in scheduled:
             r = req.block_ids[0][0] // self.blocks_per_replica  # any page: null pages too
+            owners.append(r)
+            self.rows_per_replica[r] += 1
+        return self._stacked_batch(scheduled, owners, self.replicas, self.blocks_per_replica)
+
+    def _microbatch_batch(self, scheduled: list[tuple[RequestState, int]]):
+        """Pipeline parallel: the requests in self.microbatches groups of about equal tokens
+        (each to the group with fewest so far), stacked as _replica_batch stacks replicas."""
+        tokens = [0] * self.microbatches
+        owners = []
+        for _, num_new in scheduled:
+            m = tokens.index(min(tokens))
+            owners.append(m)
+            tokens[m] += num_new
+        return self._stacked_batch(scheduled, owners, self.microbatches, 0)
+
+    def _stacked_batch(self, scheduled: list[tuple[RequestState, int]], owners: list[int],
+                       num_groups: int, pages_per_group: int):
+        """Each group's requests (owners: each request's group) as its own batch, all padded
+        to one bucket and stacked; and where each request's row and tokens land. Group r's
+        page ids start at r * pages_per_group."""
+        groups = [[] for _ in range(num_groups)]
+        tokens = [0] * num_groups  # each group's tokens so far
+        places = []  # (group, row in it, first token in it)
+        for (req, num_new), r in zip(scheduled, owners):
             places.append((r, len(groups[r]), tokens[r]))
             groups[r].append((req, num_new))
             tokens[r] += num_new
-            self.rows_per_replica[r] += 1
         layout = self.layout_for(max(tokens))
         T, B = layout.num_tokens, layout.num_seqs
-        batches = [build_step_batch(group, layout, r * self.blocks_per_replica)
+        batches = [build_step_batch(group, layout, r * pages_per_group)
                    for r, group in enumerate(groups)]
-        row_order = np.zeros(self.replicas * B, np.int32)
-        token_order = np.zeros(self.replicas * T, np.int32)
+        row_order = np.zeros(num_groups * B, np.int32)
+        token_order = np.zeros(num_groups * T, np.int32)
         done = 0
         for i, ((_, num_new), (r, row, first)) in enumerate(zip(scheduled, places)):
             row_order[i] = r * B + row
@@ -416,8 +486,9 @@ class ModelEngine:
         """Speculative decoding: each request's emitted tokens (accepted drafts, then a
         recovered or bonus token) from the step's hidden states. grammar_masks: (row,
         position) -> bool [V]. -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
-        if self.replicas > 1:
-            raise NotImplementedError("speculative decoding with data parallel replicas")
+        if self.replicas > 1 or self.microbatches > 1:
+            raise NotImplementedError("speculative decoding with data parallel replicas or "
+                                      "pipeline stages")
         K = num_speculative_tokens
         B = self.layout_for(sum(n for _, n in scheduled)).num_seqs
         requests = [r for r, _ in scheduled]
@@ -475,13 +546,14 @@ class ModelEngine:
             layout = self.layout_for(T)
             B = layout.num_seqs
             batch = build_step_batch([], layout)
-            if self.replicas == 1:
+            groups = self.replicas * self.microbatches  # stacked groups of requests per step
+            if groups == 1:
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:
-                forward_args.append((self.params, self.kv_cache, _stack([batch] * self.replicas),
-                                     np.zeros(self.replicas * B, np.int32),
-                                     np.zeros(self.replicas * T, np.int32)))
-                B *= self.replicas  # the sampler sees every replica's rows
+                forward_args.append((self.params, self.kv_cache, _stack([batch] * groups),
+                                     np.zeros(groups * B, np.int32),
+                                     np.zeros(groups * T, np.int32)))
+                B *= groups  # the sampler sees every group's rows
             if self.pooling:
                 continue  # a pooling engine never samples nor scores (nor has an LM head)
             logits = jax.ShapeDtypeStruct((B, self.vocab_size), jnp.float32,
@@ -535,7 +607,7 @@ class ModelEngine:
         bad words, min_tokens, grammar). None without speculative decoding (or with data
         parallel replicas, which it refuses)."""
         K = self.cfg.num_speculative_tokens
-        if K == 0 or self.replicas > 1:
+        if K == 0 or self.replicas > 1 or self.microbatches > 1:
             return [], []
         logits_args, rejection_args = [], []
         whole = replicated(self.mesh)  # as the forward's and the draft rows' outputs
@@ -550,6 +622,34 @@ class ModelEngine:
                                        greedy_sampling_batch(B), extras, self._base_key,
                                        np.uint32(0)))
         return logits_args, rejection_args
+
+
+# Families whose forward runs its layers through models/decoder.run_layers with layers
+# alike in weights and cache: what pipeline parallel has been proven on.
+PIPELINE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def _check_pipeline(model: ModelFamily, model_cfg, engine_cfg: EngineConfig, mesh: Mesh,
+                    lora, pooling: bool) -> None:
+    """Refuse, by name, what pipeline stages do not serve (yet)."""
+    stages = num_stages(mesh)
+    layers = model.kv_layers(model_cfg)
+    refusals = [
+        (model.name not in PIPELINE_FAMILIES or getattr(model_cfg, "moe", None) is not None,
+         f"the {model.name} family{' (MoE)' if getattr(model_cfg, 'moe', None) else ''}; it "
+         f"serves {', '.join(PIPELINE_FAMILIES)} (dense)"),
+        (len(layers) % stages != 0, f"{len(layers)} layers in {stages} stages (uneven)"),
+        (mesh.shape["data"] > 1, "data parallel replicas"),
+        (lora is not None, "LoRA adapters"),
+        (pooling, "pooling models"),
+    ]
+    groups, arrays = engine_cfg.kv_layout(len(layers))
+    refusals.append((len(set(groups)) > 1 or arrays != tuple(range(len(layers)))
+                     or len(set(layers)) > 1,
+                     "layers of several KV cache groups or kinds (e.g. sliding and full)"))
+    for refused, what in refusals:
+        if refused:
+            raise ValueError(f"xla-inference does not run pipeline parallel with {what} yet")
 
 
 def _stack(batches: list[StepBatch]) -> StepBatch:

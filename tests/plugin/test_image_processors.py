@@ -1,0 +1,49 @@
+"""vLLM's multimodal front end imports here: transformers' torchvision-based image
+processors (which vLLM's qwen2_vl / gemma3_mm modules import) run next to vLLM's CPU torch,
+through xla_inference.torchvision_compat (installed by ./dev as a .pth file)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def _image(height, width, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_torchvision_imports_with_transformers():
+    import torch
+    import torchvision
+    import transformers  # noqa: F401
+
+    assert torchvision.__version__.split("+")[0] == "0.28.0"
+    assert torch.__version__.startswith("2.13.0")
+    with pytest.raises(Exception):  # the CUDA build's detection ops stay unavailable
+        torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+
+
+def test_qwen2_vl_processor_matches_the_pil_backend():
+    """The torchvision processor (vLLM's) against transformers' PIL/numpy one: an image
+    that needs no resize (28-pixel multiples) is exact; one that is resized is close."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    images = [_image(56, 84, 0), _image(61, 97, 1)]
+    ours = Qwen2VLImageProcessor()(images=images, return_tensors="np")
+    reference = Qwen2VLImageProcessorPil()(images=images, return_tensors="np")
+    np.testing.assert_array_equal(ours["image_grid_thw"], reference["image_grid_thw"])
+    rows = int(np.prod(ours["image_grid_thw"][0]))
+    np.testing.assert_allclose(ours["pixel_values"][:rows], reference["pixel_values"][:rows], atol=1e-5)
+    # Bicubic resampling differs between torchvision and PIL by a few grey levels.
+    difference = np.abs(ours["pixel_values"][rows:] - reference["pixel_values"][rows:])
+    assert difference.mean() < 0.05
+
+
+def test_vllm_qwen2_5_vl_and_gemma3_modules_import():
+    from vllm.model_executor.models import gemma3_mm, qwen2_5_vl
+
+    assert qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.supports_multimodal
+    assert gemma3_mm.Gemma3ForConditionalGeneration.supports_multimodal

@@ -1,0 +1,82 @@
+"""Qwen2.5-VL's vision tower in JAX against transformers' on a tiny random checkpoint saved by
+transformers: windowed and full-attention blocks, windows cut at the image edge, a video of
+two frames, and several images in one call."""
+
+import numpy as np
+import pytest
+
+from xla_inference.loading.checkpoint import load_checkpoint
+from xla_inference.multimodal.qwen2_5_vl_vision import (VisionConfig, encode_images, encoder_for_grid,
+                                                        vision_params)
+
+pytestmark = pytest.mark.slow  # transformers builds and saves the checkpoint (~20 s)
+
+# (t, h, w) in patches: windows of 4x4 merge groups cut at the right and bottom edges; an
+# exact 2x2 windows; two frames (full attention stays inside a frame).
+GRIDS = [(1, 12, 20), (1, 16, 16), (2, 4, 6)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                       "out_hidden_size": 64, "fullatt_block_indexes": [1], "window_size": 112})
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # unit-scale activations and random norms, so every error shows
+        for name, tensor in model.model.visual.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.dim() > 1:
+                tensor.normal_(0.0, tensor[0].numel() ** -0.5)
+            else:
+                tensor.normal_(0.0, 0.1)
+    path = tmp_path_factory.mktemp("tiny_qwen2_5_vl")
+    model.save_pretrained(path)
+    return path, model.model.visual
+
+
+def _pixels(grids, seed):
+    rows = sum(int(np.prod(g)) for g in grids)
+    return np.random.default_rng(seed).standard_normal((rows, 3 * 2 * 14 * 14)).astype(np.float32)
+
+
+def _reference(visual, pixels, grids):
+    import torch
+    with torch.no_grad():
+        out = visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grids))
+    return out.pooler_output.numpy()
+
+
+def _ours(path, pixels, grids):
+    hf_config, tensors = load_checkpoint(path)
+    config = VisionConfig.from_hf(hf_config["vision_config"])
+    params = vision_params(tensors, config)
+    return np.concatenate([np.asarray(e) for e in encode_images(config, params, pixels, grids)])
+
+
+@pytest.mark.parametrize("grids", [[GRIDS[0]], [GRIDS[1], GRIDS[0]], [GRIDS[2]]],
+                         ids=["one_image", "two_images", "video"])
+def test_matches_transformers(checkpoint, grids):
+    path, visual = checkpoint
+    pixels = _pixels(grids, seed=len(grids))
+    reference = _reference(visual, pixels, grids)
+    ours = _ours(path, pixels, grids)
+    assert ours.shape == reference.shape == (sum(int(np.prod(g)) for g in grids) // 4, 64)
+    np.testing.assert_allclose(ours, reference, atol=2e-4, rtol=0)
+
+
+def test_one_program_per_grid(checkpoint):
+    path, _ = checkpoint
+    grids = [GRIDS[1], GRIDS[1]]
+    _ours(path, _pixels(grids, seed=5), grids)
+    hf_config, _ = load_checkpoint(path)
+    encoder = encoder_for_grid(VisionConfig.from_hf(hf_config["vision_config"]), GRIDS[1])
+    assert encoder._cache_size() == 1  # the second image of the same size compiled nothing

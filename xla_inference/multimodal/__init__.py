@@ -1,0 +1,1 @@
+"""Encoders of multimodal inputs (vision towers) as JAX programs; imports no vllm or torch."""

@@ -47,3 +47,33 @@ def test_vllm_qwen2_5_vl_and_gemma3_modules_import():
 
     assert qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.supports_multimodal
     assert gemma3_mm.Gemma3ForConditionalGeneration.supports_multimodal
+
+
+def _tiny_qwen2_5_vl(path):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                       "out_hidden_size": 64, "fullatt_block_indexes": [0]})
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
+def test_image_inputs_are_refused_at_start_up_until_the_runner_serves_them(tmp_path):
+    """With vLLM's multimodal modules importable, a Qwen2.5-VL checkpoint would reach the
+    runner, which ignores encoder inputs: refused by name; its text model stays servable."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = _tiny_qwen2_5_vl(tmp_path / "qwen2_5_vl")
+
+    def config(**args):
+        return EngineArgs(model=str(model), max_model_len=128, skip_tokenizer_init=True,
+                          **args).create_engine_config()
+
+    with pytest.raises(Exception, match="does not support image, video or audio inputs"):
+        config()
+    assert not config(language_model_only=True).model_config.supports_multimodal_inputs

@@ -204,6 +204,10 @@ def refuse_unsupported_features(vllm_config) -> None:
          lambda: "speculative decoding (--speculative-config)"),
         (vllm_config.kv_transfer_config is not None,
          lambda: "KV connectors (--kv-transfer-config)"),
+        # The runner ignores scheduled_encoder_inputs: image tokens would be read as text.
+        (model is not None and model.supports_multimodal_inputs,
+         lambda: "image, video or audio inputs of a multimodal model (--language-model-only "
+                 "or --limit-mm-per-prompt with every limit 0 serves its text model)"),
     ]
     for refused, feature in refusals:
         if refused:

@@ -81,6 +81,21 @@ def _matmul_flops_per_token(cfg):
     return 2 * L * (qkv_o + 3 * D * F)
 
 
+def _quantized_paths(params, rows):
+    """How the packed weights' products run for `rows` rows: {path: count}."""
+    from xla_inference.quantization import product
+    from xla_inference.quantization.packed import PackedWeight
+
+    paths = {}
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, PackedWeight)):
+        if isinstance(leaf, PackedWeight):
+            path = ("wide kernel" if product.uses_wide_kernel(leaf, rows) else
+                    "native kernel" if product.uses_kernel(leaf, rows) else "XLA")
+            key = f"{leaf.kind}/{leaf.compute_dtype}: {path}"
+            paths[key] = paths.get(key, 0) + 1
+    return paths
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32")
@@ -129,6 +144,10 @@ def main():
           f"projections {projections.name}, "
           f"weights {weights / 2**20:.0f} MiB, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s")
+    for rows_in_step in (1, 64, 512):
+        paths = _quantized_paths(engine.params, rows_in_step)
+        if paths:
+            print(f"quantized products at {rows_in_step} rows: {paths}")
     for name, r in rows.items():
         roofline = r.get("roofline_seconds", 0.0)
         extra = (f"roofline {roofline * 1e3:8.2f} ms  ({roofline / r['seconds']:.0%} of it)"

@@ -64,6 +64,38 @@ def _bf16(x, w):
     return jnp.einsum("ti,io->to", x.astype(jnp.bfloat16), w.T, preferred_element_type=jnp.float32)
 
 
+def _wide(bits, group_size, isa, zero_point=0):
+    def product(x, values, scales, offsets):
+        return cpu_quantized.quantized_matmul_wide(x, values, scales, offsets, bits=bits,
+                                                   group_size=group_size,
+                                                   zero_point=zero_point, isa=isa)
+    return product
+
+
+def _xla_dequantized(bits, group_size):
+    """What product.py did for wide steps before the wide entry: XLA dequantizes the tiles
+    into bfloat16 and runs its bfloat16 product."""
+    def product(x, values, scales, offsets):
+        tiles, half, _ = values.shape
+        per_chunk = 2 if bits == 8 else 4
+        v = values.astype(jnp.int32).reshape(tiles, half, 16, 2)  # [ot, c, r, j]
+        if bits == 4:
+            v = jnp.stack([v & 15, v >> 4], axis=-2).reshape(tiles, half, 16, 4)
+            v = v.reshape(tiles, half, 16, 2, 2).transpose(0, 1, 2, 4, 3).reshape(
+                tiles, half, 16, 4)
+        q = v.transpose(0, 2, 1, 3).reshape(tiles * 16, half * per_chunk).astype(jnp.float32)
+        groups = scales.shape[1]
+        s = scales.astype(jnp.float32).transpose(0, 2, 1).reshape(tiles * 16, groups)
+        w = q.reshape(tiles * 16, groups, -1) * s[..., None]
+        if offsets is not None:
+            o = offsets.astype(jnp.float32).transpose(0, 2, 1).reshape(tiles * 16, groups)
+            w = w + o[..., None]
+        w = w.reshape(tiles * 16, -1).astype(jnp.bfloat16)
+        return jnp.einsum("ti,oi->to", x.astype(jnp.bfloat16), w,
+                          preferred_element_type=jnp.float32)
+    return product
+
+
 def _kernel_only(bits, group_size):
     def product(xq, x_scale, values, scales, offsets):
         return cpu_quantized.quantized_matmul(xq, x_scale, values, scales, offsets, bits=bits,
@@ -80,6 +112,20 @@ def _time_ms(fn, args, calls):
     return times
 
 
+def _wide_cases(cases, rng, args, x):
+    for bits, group_size in ((8, 96), (4, 32)):
+        weights = _tile_operands(rng, args.out, args.n, bits, group_size, np.float16)
+        name = f"int{bits} g{group_size}"
+        cases[f"{name} XLA dequant+bf16"] = (jax.jit(_xla_dequantized(bits, group_size)),
+                                             (x, *weights))
+        cases[f"{name} narrow fused"] = (jax.jit(_fused(bits, group_size)), (x, *weights))
+        for isa in cpu_quantized.WIDE_ISAS[1:]:
+            if cpu_quantized.WIDE_ISAS.index(isa) <= cpu_quantized.WIDE_ISAS.index(
+                    cpu_quantized.wide_isa()):
+                cases[f"{name} wide {isa}"] = (jax.jit(_wide(bits, group_size, isa)),
+                                               (x, *weights))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=int, default=8 * 1536)
@@ -88,9 +134,14 @@ def main():
     parser.add_argument("--calls", type=int, default=20, help="calls per case per round")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="values of T")
     parser.add_argument("--only", default="", help="the cases whose name contains this")
+    parser.add_argument("--wide", action="store_true",
+                        help="wide-step cases (the wide entry on each path, XLA's dequantize "
+                             "and product, the narrow kernel's fused entry) instead of the "
+                             "narrow kernel's")
     args = parser.parse_args()
     assert cpu_quantized.available(), "the native kernel did not build"
     print(f"weight [{args.out}, {args.n}]; VNNI path: {cpu_quantized.uses_vnni()}; "
+          f"wide path: {cpu_quantized.wide_isa()}; "
           f"{jax.device_count()} device(s); medians of {args.rounds} x {args.calls} calls")
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((args.out, args.n)), jnp.bfloat16)
@@ -99,7 +150,9 @@ def main():
         xq = jnp.asarray(rng.integers(-16383, 16384, (T, args.n)), jnp.int16)
         x_scale = jnp.full((T,), 1 / 16383, jnp.float32)
         cases = {"bf16 XLA": (jax.jit(_bf16), (x, w))}
-        for bits, group_size in ((8, 96), (8, 32), (4, 32), (4, 96)):
+        if args.wide:
+            _wide_cases(cases, rng, args, x)
+        for bits, group_size in (() if args.wide else ((8, 96), (8, 32), (4, 32), (4, 96))):
             for dtype in ("f32", "f16"):
                 weights = _tile_operands(rng, args.out, args.n, bits, group_size,
                                          np.float32 if dtype == "f32" else np.float16)

@@ -32,14 +32,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xla_inference.loading.default_model import prepare_default_model  # noqa: E402
 from xla_inference.layers import attention, linear  # noqa: E402
 from xla_inference.parallel import collective_matmul  # noqa: E402
-from xla_inference.parallel.sharding import build_mesh, tensor_parallel_mesh  # noqa: E402
+from xla_inference.parallel.sharding import (build_mesh, tensor_parallel_mesh,  # noqa: E402
+                                             traced_over)
+from xla_inference.runner import engine as engine_module  # noqa: E402
 from xla_inference.runner.build import Precision, build_engine, load  # noqa: E402
 from xla_inference.runner.engine import EngineConfig  # noqa: E402
 from xla_inference.runner.requests import RequestState  # noqa: E402
@@ -52,11 +53,19 @@ BLOCK = 16
 @contextlib.contextmanager
 def partitioned(path: str, mesh):
     """Build and run an engine with tensor parallel partitioned as `path` says (module
-    docstring): by-hand traces under the mesh; gspmd hides the mesh from the layers (so it
-    stays GSPMD's even where runner/engine.py traces its step over the mesh)."""
+    docstring). by-hand: the engine's step traced over the mesh, as runner/engine.py does
+    with the change proposed in issue 20 (/tmp/team/h6-tp-engine.diff; applied here by
+    wrapping its forward functions while the engine is built; the context is set during
+    tracing only, so dispatch is untouched). gspmd: the mesh hidden from the layers, so
+    the step stays GSPMD's even where the engine traces it over the mesh."""
     if path == "by-hand":
-        with jax.set_mesh(mesh):
+        originals = engine_module._forward_logits, engine_module._forward_replicas
+        engine_module._forward_logits, engine_module._forward_replicas = (
+            traced_over(mesh, fn) for fn in originals)
+        try:
             yield
+        finally:
+            engine_module._forward_logits, engine_module._forward_replicas = originals
         return
     hidden = lambda: None  # noqa: E731
     linear.tensor_parallel_mesh, attention.tensor_parallel_mesh = hidden, hidden

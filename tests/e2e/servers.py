@@ -1,6 +1,9 @@
 """Starting servers in tests: a free local port, and waiting for /health."""
 
+import os
+import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -28,3 +31,14 @@ def wait_healthy(proc, url: str, log_path: Path, timeout_s: float) -> float:
             pass
         time.sleep(1)
     raise AssertionError(f"server not healthy after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_server(proc) -> None:
+    """SIGINT to the server's process group (started with start_new_session=True), then
+    SIGKILL if it has not exited within a minute."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

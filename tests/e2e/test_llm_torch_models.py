@@ -2,11 +2,10 @@
 through torchax, torch_models/): architectures without native code equal transformers'
 greedy output with chunked prefill and prefix caching, and compile nothing after warm-up;
 --model-impl vllm on SmolLM2 equals the native path. (Qwen3-MoE's fused MoE layers are
-refused by the torch path: tests/torch_models/test_refusals.py.)"""
+refused by the torch path: tests/torch_models/test_torch_path_refusals.py.)"""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, stop_server, wait_healthy
 from tests.helpers import hf_greedy_ids
 from tests.torch_models.conftest import save_tiny_architecture
 
@@ -104,11 +103,6 @@ def test_served_through_the_openai_server(tmp_path):
         with urllib.request.urlopen(request, timeout=120) as reply:
             choice = json.loads(reply.read())["choices"][0]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
     assert choice["token_ids"] == expected
     assert "vLLM's PyTorch model class through torchax" in Path(log_path).read_text()

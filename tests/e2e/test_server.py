@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, stop_server, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,7 @@ def dev_serve(args: list[str], log_path: Path):
     try:
         yield url, wait_healthy(proc, url, log_path, STARTUP_TIMEOUT_S)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

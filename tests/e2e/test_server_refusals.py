@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.servers import free_port, wait_healthy
+from tests.e2e.servers import free_port, stop_server, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +47,7 @@ def _serve(model_dir: Path, log_path: Path):
         wait_healthy(proc, url, log_path, STARTUP_TIMEOUT_S)
         yield url + "/v1"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -53,15 +53,17 @@ def test_forced_backend_step_matches_native(model_dir, native_logits, name, monk
     monkeypatch.setenv("XLA_INFERENCE_PALLAS_INTERPRET", "1")
     chosen = backend.attention_backend()
     assert (chosen.name, chosen.interpret) == (name, True)
-    module = backend.pallas_attention(chosen).__module__
-    kernel = backend.pallas_attention(chosen)
+    # The layers call the backend's fused write-and-attend kernel where it has one
+    # (pallas-tpu), else its paged_attention after write_kv: record whichever serves.
+    fused = backend.pallas_write_and_attend(chosen)
+    kernel = fused if fused is not None else backend.pallas_attention(chosen)
     calls = []
 
     def recording(*args, **kwargs):
         calls.append(kwargs["interpret"])
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(f"{module}.paged_attention", recording)
+    monkeypatch.setattr(f"{kernel.__module__}.{kernel.__name__}", recording)
     got = _step_logits(model_dir)
     # The 16-token bucket traced once; its layers share a scanned body (one call per
     # distinct layer kind).

@@ -41,17 +41,8 @@ def _kernel(q, k_cache, v_cache, seq_ids, positions, block_tables, **kw):
                                                 block_tables, interpret=INTERPRET, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap",
-                                             "kv_chunk", "knobs", "attention_chunk"))
-def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
-          *, scale, sliding_window, soft_cap, kv_chunk, knobs=(), attention_chunk=None):
-    """test_ragged_paged_attention's _step with this kernel."""
-    k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
-    out = _kernel(q, k_cache, v_cache, seq_ids, positions, block_tables,
-                  block_size=BLOCK_SIZE, scale=scale, sliding_window=sliding_window,
-                  soft_cap=soft_cap, attention_chunk=attention_chunk, kv_chunk=kv_chunk,
-                  **dict(knobs))
-    return k_cache, v_cache, out
+# test_ragged_paged_attention's step with this kernel.
+_step = rpa_tests.step_with(_kernel)
 
 
 @functools.partial(jax.jit, static_argnames=fp8_tests._STATIC)

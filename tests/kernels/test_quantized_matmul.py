@@ -21,6 +21,9 @@ import numpy as np
 import pytest
 
 from xla_inference.kernels import cpu_quantized, native
+from xla_inference.quantization import product
+from xla_inference.quantization.groups import INT4, GroupQuant
+from xla_inference.quantization.packed import pack
 from xla_inference.quantization.product import quantize_rows
 
 ROWS = 16
@@ -368,3 +371,153 @@ def test_environment_variable_turns_it_off(monkeypatch):
     assert not cpu_quantized.available.__wrapped__()  # available() itself is cached
     monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "1")
     assert cpu_quantized.available.__wrapped__()
+
+
+# ------------------------------------------------------------------ the wide entry
+# (quantized_matmul_wide: bfloat16 products of x and the dequantized weight, float32 sums)
+
+def _bfloat16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float64."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _dequantized(q, scales, offsets, group_size, zero_point=0):
+    """w [out, in] float64 of the formula: (q - z) * scale + offset per group."""
+    out, n = q.shape
+    groups = n // group_size
+    w = (q.astype(np.float64).reshape(out, groups, group_size) - zero_point) * scales[..., None]
+    if offsets is not None:
+        w = w + offsets.astype(np.float64)[..., None]
+    return w.reshape(out, n)
+
+
+def _check_wide(y, x, w, out):
+    """y against the float64 product of x and w both rounded to bfloat16 (w through float32,
+    as the kernel's FMA gives it): float32 summation error only; and against the float64
+    product of the unrounded operands, to bfloat16's precision."""
+    assert y.shape == (x.shape[0], -(-out // ROWS) * ROWS)
+    magnitude = np.abs(x) @ np.abs(w).T
+    exact = _bfloat16(x) @ _bfloat16(w.astype(np.float32)).T
+    assert np.all(np.abs(y[:, :out] - exact) <= 1e-5 * magnitude + 1e-30)
+    assert np.all(np.abs(y[:, :out] - x.astype(np.float64) @ w.T) <= 2 ** -7 * magnitude + 1e-30)
+    np.testing.assert_array_equal(y[:, out:], 0.0)
+
+
+def _run_wide(x, operands, bits, group_size, isa, zero_point=0, int8_levels=0.0):
+    return np.asarray(jax.jit(
+        lambda x, *w: cpu_quantized.quantized_matmul_wide(
+            x, *w, bits=bits, group_size=group_size, zero_point=zero_point,
+            int8_levels=int8_levels, isa=isa)
+    )(jnp.asarray(x), *(None if a is None else jnp.asarray(a) for a in operands)))
+
+
+def _isas():
+    """Every path this machine has (each isa caps the entry's choice)."""
+    best = cpu_quantized.WIDE_ISAS.index(cpu_quantized.wide_isa())
+    return cpu_quantized.WIDE_ISAS[:best + 1]
+
+
+def test_wide_path_is_the_cpus_best():
+    """The run-time choice follows the CPU's flags (Linux lists AMX only where the kernel
+    supports its state): AMX bfloat16 where there, else AVX-512 bfloat16, else portable."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split())
+    expected = ("amx" if {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags else
+                "avx512_bf16" if {"avx512_bf16", "avx512bw"} <= flags else "portable")
+    assert cpu_quantized.wide_isa() == expected
+
+
+# (out, in, group size): out not a multiple of 16, in not a multiple of 32 (AMX's tile depth)
+WIDE_SHAPES = [(40, 96, 32), (72, 72, 24), (16, 256, 128)]
+
+
+@pytest.mark.parametrize("isa", cpu_quantized.WIDE_ISAS)
+@pytest.mark.parametrize("bits,with_offsets", CASES)
+@pytest.mark.parametrize("T", [1, 17, 32, 33, 64, 200])
+def test_wide_matches_float64(bits, with_offsets, T, isa):
+    if isa not in _isas():
+        isa = _isas()[-1]  # the entry would take this one: still a check of it
+    rng = np.random.default_rng([bits, T, len(isa)])
+    for out, n, group_size in WIDE_SHAPES:
+        q, scales, offsets = _random_weight(rng, out, n, bits, group_size, with_offsets)
+        operands = _kernel_operands(q, scales, offsets, bits)
+        x = (rng.standard_normal((T, n)) * 10.0 ** rng.integers(-3, 3, (T, 1))).astype(np.float32)
+        y = _run_wide(x, operands, bits, group_size, isa)
+        _check_wide(y, x, _dequantized(q, scales, offsets, group_size), out)
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_wide_many_rows(isa):
+    """2048 rows (a whole prefill chunk; 300 for the slow portable path): many row tiles,
+    pool threads, float16 scales and offsets."""
+    rng = np.random.default_rng(2048)
+    q, scales, offsets = _random_weight(rng, 200, 160, 4, 32, True)
+    operands = _kernel_operands(q, scales, offsets, 4, np.float16, np.float16)
+    scales = scales.astype(np.float16).astype(np.float32)
+    offsets = offsets.astype(np.float16).astype(np.float32)
+    x = rng.standard_normal((2048 if isa != "portable" else 300, 160)).astype(np.float32)
+    _check_wide(_run_wide(x, operands, 4, 32, isa), x,
+                _dequantized(q, scales, offsets, 32), 200)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("bits,zero_point", [(4, 8), (8, -3)])
+def test_wide_zero_point_and_half_scales(bits, zero_point, isa):
+    rng = np.random.default_rng([bits, len(isa)])
+    q, scales, _ = _random_weight(rng, 48, 128, bits, 64, False, half_values=True)
+    operands = _kernel_operands(q, scales, None, bits, np.float16)
+    x = rng.standard_normal((45, 128)).astype(np.float32)
+    y = _run_wide(x, operands, bits, 64, isa, zero_point=zero_point)
+    _check_wide(y, x, _dequantized(q, scales, None, 64, zero_point), 48)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("T", [33, 130])
+def test_wide_int8_activations_are_exact_integers(T, isa):
+    """W8A8 (per-channel int8 weights, int8 activations per row): the integer product, as
+    XLA's int32 dot gives it, scaled by the row's and the channel's scale."""
+    rng = np.random.default_rng([T, len(isa)])
+    out, n = 40, 192
+    q = rng.integers(-127, 128, (out, n)).astype(np.int8)
+    channel = rng.uniform(0.5, 2.0, (out, 1)).astype(np.float32) * 1e-3
+    scales = np.repeat(channel, n // 96, axis=1)  # groups of 96 with one scale per channel
+    operands = _kernel_operands(q, scales, None, 8)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    x[3] = 0.0
+    xq, x_scale = (np.asarray(a, np.float64)
+                   for a in jax.jit(quantize_rows, static_argnums=1)(x, 127.0))
+    integers = xq @ q.astype(np.float64).T
+    expected = integers * x_scale[:, None] * channel[:, 0].astype(np.float64)[None]
+    y = _run_wide(x, operands, 8, 96, isa, int8_levels=127.0)
+    np.testing.assert_allclose(y[:, :out], expected, rtol=1e-6, atol=1e-30)
+
+
+def test_wide_refuses_offsets_with_int8_activations():
+    rng = np.random.default_rng(5)
+    q, scales, offsets = _random_weight(rng, 16, 64, 4, 32, True)
+    with pytest.raises(ValueError, match="per-channel"):
+        _run_wide(np.zeros((40, 64), np.float32), _kernel_operands(q, scales, offsets, 4), 4,
+                  32, "amx", int8_levels=127.0)
+
+
+def test_projection_takes_the_wide_entry_for_bfloat16_steps():
+    """product.quantized_project: WIDE_KERNEL_MIN_ROWS rows or more of a bfloat16-compute
+    weight run the wide entry where the CPU has AMX (fewer: the narrow kernel; more than
+    KERNEL_MAX_ROWS without AMX: XLA's product), with the numbers of the float64 product to
+    bfloat16's precision."""
+    rng = np.random.default_rng(9)
+    q, scales, offsets = _random_weight(rng, 48, 192, 4, 32, True)
+    weight = pack(GroupQuant(q, scales, offsets, INT4, 32), "bfloat16")
+    narrow = jnp.zeros((product.WIDE_KERNEL_MIN_ROWS - 1, 192))
+    hlo = jax.jit(product.quantized_project).lower(narrow, weight).as_text()
+    assert "quantized_matmul_float" in hlo and "quantized_matmul_wide" not in hlo
+    rows = product.KERNEL_MAX_ROWS + 1
+    x = rng.standard_normal((rows, 192)).astype(np.float32)
+    hlo = jax.jit(product.quantized_project).lower(jnp.asarray(x), weight).as_text()
+    assert ("quantized_matmul_wide" in hlo) == (cpu_quantized.wide_isa() == "amx")
+    y = np.asarray(jax.jit(product.quantized_project)(jnp.asarray(x), weight), np.float64)
+    w = _dequantized(q, scales, offsets, 32)
+    magnitude = np.abs(x) @ np.abs(w).T
+    assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= 2 ** -7 * magnitude)

@@ -132,18 +132,25 @@ def _dense_reference(q, k, v, positions, *, scale, sliding_window, soft_cap,
 _STATIC = ("scale", "sliding_window", "soft_cap", "kv_chunk", "knobs", "attention_chunk")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
-          *, scale, sliding_window, soft_cap, kv_chunk, knobs=(), attention_chunk=None):
-    """knobs: (name, value) pairs of the kernel's other tuning arguments (tile,
-    decode_chunk, decode_group); tests shrink them so that small batches still cross every
-    boundary (tiles splitting runs and kv chunks, several decode groups)."""
-    k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
-    out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
-                                 block_size=BLOCK_SIZE, scale=scale,
-                                 sliding_window=sliding_window, soft_cap=soft_cap,
-                                 attention_chunk=attention_chunk, kv_chunk=kv_chunk, **dict(knobs))
-    return k_cache, v_cache, out
+def step_with(kernel):
+    """The jitted step of these tests (write the new K/V, then attend) over `kernel`, which
+    takes ragged_paged_attention's arguments; the Pallas kernels' tests pass theirs.
+    knobs: (name, value) pairs of the kernel's other tuning arguments (tile, decode_chunk,
+    decode_group); tests shrink them so that small batches still cross every boundary
+    (tiles splitting runs and kv chunks, several decode groups)."""
+    @functools.partial(jax.jit, static_argnames=_STATIC)
+    def step(k_cache, v_cache, k_new, v_new, slot_mapping, q, seq_ids, positions, block_tables,
+             *, scale, sliding_window, soft_cap, kv_chunk, knobs=(), attention_chunk=None):
+        k_cache, v_cache = write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
+        out = kernel(q, k_cache, v_cache, seq_ids, positions, block_tables,
+                     block_size=BLOCK_SIZE, scale=scale, sliding_window=sliding_window,
+                     soft_cap=soft_cap, attention_chunk=attention_chunk, kv_chunk=kv_chunk,
+                     **dict(knobs))
+        return k_cache, v_cache, out
+    return step
+
+
+_step = step_with(ragged_paged_attention)
 
 
 def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, tol=1e-5,

@@ -73,15 +73,6 @@ def test_tiny_llama_step_with_rings_and_split_attention_equals_one_device(llama,
         assert found.get("all-reduce", 0) <= 1, (bucket, found)
 
 
-def test_without_the_mesh_in_the_trace_gspmd_gathers_the_cache(llama):
-    """The baseline: the same engine traced without the mesh has GSPMD's all-reduces and
-    gathers the K/V caches for the native kernel in every layer."""
-    engine, _ = _logits(llama, build_mesh(2))
-    hlo = _step_hlo(engine, 16)
-    assert len(_cache_gathers(hlo, engine)) == 2 * NUM_LAYERS, collectives(hlo)
-    assert collectives(hlo).get("all-reduce", 0) >= 2 * NUM_LAYERS
-
-
 def test_cpu_default_splits_attention_and_keeps_the_all_reduce(llama):
     """The CPU's default (collective_matmul.ring_pays): the attention split by KV heads
     (no cache gathered), the row-parallel products left to GSPMD's all-reduce."""

@@ -25,9 +25,11 @@ def test_a_plain_model_is_accepted(model_dir):
 
 @pytest.mark.parametrize("args, flag", [
     (dict(quantization="experts_int8"), "quantization 'experts_int8'"),
-    (dict(enable_lora=True), "--enable-lora"),
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                              "prompt_lookup_max": 2}), "--speculative-config"),
+    (dict(enable_lora=True, tensor_parallel_size=2), "--enable-lora"),
+    (dict(enable_lora=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                "prompt_lookup_max": 2}),
+     "with speculative decoding"),
+    (dict(enable_lora=True, runner="pooling", convert="embed"), "on a pooling model"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
      "--kv-transfer-config"),
 ])
@@ -47,3 +49,33 @@ def test_a_checkpoint_quantized_by_an_unserved_method_is_refused(tmp_path):
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match="does not support quantization 'modelopt'"):
         _config(quantized)
+
+
+def test_ngram_speculation_is_accepted_with_synchronous_scheduling(model_dir):
+    config = _config(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                    "prompt_lookup_max": 2})
+    assert config.speculative_config.method == "ngram"
+    assert not config.scheduler_config.async_scheduling
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "draft_model", "num_speculative_tokens": 2},
+    {"method": "eagle3", "num_speculative_tokens": 2},
+    {"method": "eagle", "num_speculative_tokens": 2},
+    {"method": "ngram_gpu", "num_speculative_tokens": 2, "prompt_lookup_max": 2},
+])
+def test_unserved_speculative_methods_are_refused_by_name(model_dir, spec):
+    """(mtp needs a DeepSeek-V3 checkpoint to get past vLLM's own checks; the same rule
+    refuses it: plugin/spec_decode.SERVED_METHODS.)"""
+    if spec["method"] != "ngram_gpu":
+        spec = dict(spec, model=str(model_dir))
+    with pytest.raises(Exception, match="does not support speculative decoding method") as info:
+        _config(model_dir, speculative_config=spec)
+    assert repr(spec["method"]) in str(info.value) and "served: ngram" in str(info.value)
+
+
+def test_ngram_with_data_parallel_replicas_is_refused(model_dir):
+    with pytest.raises(Exception, match="speculative decoding with data parallel"):
+        _config(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                               "prompt_lookup_max": 2},
+                additional_config={"data_parallel_size": 2})

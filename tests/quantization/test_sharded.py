@@ -40,8 +40,11 @@ def test_quantized_tensor_parallel_equals_one_device(models, family, method, tp)
     assert len(jax.devices()) >= 8
     _, single = _logits(models[family], method)
     engine, sharded = _logits(models[family], method, build_mesh(tp))
+    # The int8 product quantizes its input rows to 15 bits: a 1-ulp difference in a row
+    # (another partitioning's summation order) can move a value by one step, max|x| / 16383.
+    tol = 1e-4 if method == "int8" else 1e-5
     for key, row in single.items():
-        np.testing.assert_allclose(sharded[key], row, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sharded[key], row, rtol=tol, atol=tol)
     attn = engine.params.layers[0].attn
     assert isinstance(attn.wq, PackedWeight)
     if family == "qwen3":  # 96-wide MLP: 6 tiles of 16 rows, split in 2

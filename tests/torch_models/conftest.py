@@ -37,8 +37,9 @@ def vllm_config(model_dir, **args):
     return EngineArgs(model=str(model_dir), **args).create_engine_config()
 
 
-def torch_engine(model_dir, mesh=None, **args):
-    """A float32 engine of the torch path (pages of tests.helpers.ENGINE_BLOCK tokens)."""
+def torch_engine(model_dir, mesh=None, narrow_dtype=None, **args):
+    """A float32 engine of the torch path (pages of tests.helpers.ENGINE_BLOCK tokens), as
+    tests.helpers.tiny_engine builds the native one: projections in narrow_dtype if given."""
     import jax.numpy as jnp
 
     from tests.helpers import ENGINE_BLOCK
@@ -46,7 +47,9 @@ def torch_engine(model_dir, mesh=None, **args):
     from xla_inference.runner.engine import EngineConfig
     from xla_inference.torch_models.loader import load
 
-    model = load(vllm_config(model_dir, **args), Precision.uniform(jnp.float32))
+    f32 = jnp.dtype(jnp.float32)
+    precision = Precision(jnp.dtype(narrow_dtype or f32), f32, f32)
+    model = load(vllm_config(model_dir, **args), precision)
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64,
                         max_num_seqs=8, max_model_len=128)
     return build_engine(model, ecfg, mesh=mesh)

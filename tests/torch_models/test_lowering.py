@@ -5,7 +5,8 @@ prefill chunks and decode steps, for architectures xla-inference has no native c
 import numpy as np
 import pytest
 
-from tests.helpers import assert_ragged_logits, hf_logits
+from tests.helpers import (assert_ragged_logits, engine_request, hf_logits, run_chunks,
+                           save_tiny_llama, tiny_engine)
 from tests.torch_models.conftest import torch_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -22,3 +23,23 @@ def test_ragged_logits_match_transformers(tiny_architecture, name):
     prompts = [rng.integers(3, 128, n).tolist() for n in (13, 7, 9)]
     expected = [hf_logits(model_dir, p) for p in prompts]  # before vLLM's classes load
     assert_ragged_logits(torch_engine(model_dir), prompts, expected, PLAN, 2e-4)
+
+
+def test_bfloat16_projections_equal_the_native_path(tmp_path):
+    """dtype=bfloat16 on the host CPU: bfloat16 projection weights, float32 activations.
+    Both paths multiply in bfloat16 with float32 accumulation (torch's linear is our
+    projection), so a Llama through vLLM's class equals our Llama family."""
+    import jax.numpy as jnp
+
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 128, n).tolist() for n in (13, 7, 9)]
+    rows = []
+    for engine in (tiny_engine(model_dir, narrow_dtype=jnp.bfloat16),
+                   torch_engine(model_dir, narrow_dtype=jnp.bfloat16, model_impl="vllm")):
+        reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
+        rows.append(run_chunks(engine, reqs, PLAN))
+    native, torch_path = rows
+    assert native.keys() == torch_path.keys()
+    for key in native:
+        np.testing.assert_allclose(torch_path[key], native[key], rtol=1e-4, atol=1e-4)

@@ -40,12 +40,17 @@ _TARGET = "xla_inference_quantized_matmul"
 _SYMBOL = "XlaInferenceQuantizedMatmul"
 _FLOAT_TARGET = "xla_inference_quantized_matmul_float"
 _FLOAT_SYMBOL = "XlaInferenceQuantizedMatmulFloat"
+_WIDE_TARGET = "xla_inference_quantized_matmul_wide"
+_WIDE_SYMBOL = "XlaInferenceQuantizedMatmulWide"
+# The wide entry's paths, in the order of its isa attribute (each caps the ones above it).
+WIDE_ISAS = ("portable", "avx512_bf16", "amx")
 ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 
 
 @functools.cache
 def _library():
-    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL})
+    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL,
+                                         _WIDE_TARGET: _WIDE_SYMBOL})
 
 
 @functools.cache
@@ -66,6 +71,13 @@ def uses_vnni() -> bool:
     """Whether the built kernel took its AVX-512 VNNI path (else the portable one); needs
     available()."""
     return bool(_library().XlaInferenceQuantizedMatmulVnni())
+
+
+def wide_isa() -> str:
+    """The wide entry's best path on this CPU, one of WIDE_ISAS: "amx" (AMX bfloat16 tiles,
+    where the CPU has them and the kernel grants their state), "avx512_bf16" (vdpbf16ps) or
+    "portable" (slow; callers then take XLA's product). Needs available()."""
+    return WIDE_ISAS[_library().XlaInferenceQuantizedMatmulWideIsa()]
 
 
 def _group_operand(a):
@@ -123,3 +135,29 @@ def quantized_matmul_float(x, values, scales, offsets, *, bits: int, group_size:
     return ffi_quantized_matmul_float(_FLOAT_TARGET, x, values, scales, offsets, bits=bits,
                                       group_size=group_size, levels=levels,
                                       zero_point=zero_point)
+
+
+def quantized_matmul_wide(x, values, scales, offsets, *, bits: int, group_size: int,
+                          zero_point: int = 0, int8_levels: float = 0.0,
+                          isa: str = "amx"):
+    """The product for wide steps (many rows: prefill, large batches), in bfloat16 products
+    summed in float32 as XLA's product on the bfloat16-dequantized weight would be: each
+    weight tile is dequantized once per call into a cache-resident scratch and multiplied
+    by every row (AMX or AVX-512 bfloat16, kernels/cpu/quantized_matmul.cc).
+
+    Weight-only formats (int8_levels=0): x [T, in] float32 rounded to bfloat16, times
+    w = bfloat16((q - zero_point) * scale + offset). int8_levels > 0 (at most 256; W8A8: 127,
+    whose weights have one scale per channel, repeated over its groups, and no offsets):
+    each row quantized to integers as quantize_rows does, times the weight's integers, both
+    exact in bfloat16, scaled by the row's and the channel's scale. Operands as for
+    quantized_matmul_float; `isa` caps the path (WIDE_ISAS; the best one this CPU has below
+    it is taken). Returns float32 [T, out_padded]."""
+    if int8_levels and offsets is not None:
+        raise ValueError("quantized_matmul_wide: int8 activations take per-channel scales "
+                         "and no offsets")
+    call = jax.ffi.ffi_call(_WIDE_TARGET, _output(x.shape[0], values))
+    return call(x.astype(jnp.float32), *_weight_operands(values, scales, offsets),
+                bits=np.int64(bits), group_size=np.int64(group_size),
+                zero_point=np.int64(zero_point), levels=np.float32(int8_levels),
+                scale_after=np.int64(1 if int8_levels else 0),
+                isa=np.int64(WIDE_ISAS.index(isa)))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
-from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from xla_inference.kernels.ragged_paged_attention import write_kv_and_attend
 from xla_inference.layers.linear import linear, row_parallel_project
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_rope
@@ -46,10 +46,10 @@ def paged_attention(q, k, v, kv: LayerCache, md: AttentionMetadata, *, scale: fl
 
 def _write_and_attend(k_cache, v_cache, q, k, v, slot_mapping, seq_ids, positions,
                       block_tables, k_scale, v_scale, **attention):
-    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
-    out = ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables,
-                                 k_scale=k_scale, v_scale=v_scale, **attention)
-    return k_cache, v_cache, out
+    # One kernel call where the backend writes the rows itself (Pallas TPU), else
+    # write_kv then attention (kernels/ragged_paged_attention.write_kv_and_attend).
+    return write_kv_and_attend(q, k, v, slot_mapping, k_cache, v_cache, seq_ids, positions,
+                               block_tables, k_scale=k_scale, v_scale=v_scale, **attention)
 
 
 def _split_by_kv_heads(attend, mesh):

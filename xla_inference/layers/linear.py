@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from xla_inference.lora.slots import LoraWeight, lora_delta
 from xla_inference.parallel import collective_matmul
 from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 from xla_inference.quantization.packed import PackedWeight
@@ -38,6 +39,8 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """
     if isinstance(w, PackedWeight):  # a quantized checkpoint (quantization/product.py)
         return quantized_project(x, w, out_dtype)
+    if isinstance(w, LoraWeight):  # the base product plus each token's adapter (lora/slots.py)
+        return project(x, w.base, out_dtype) + lora_delta(x, w, out_dtype or x.dtype)
     out_dtype = out_dtype or x.dtype
     if w.dtype.itemsize >= x.dtype.itemsize:
         return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
@@ -67,7 +70,7 @@ def row_parallel_project(x: jax.Array, w, b: jax.Array | None = None, *, logical
     leaves it. Elsewhere, and for quantized weights (their products are
     quantization/product.py's; GSPMD still partitions them), plain linear()."""
     mesh = tensor_parallel_mesh()
-    if (mesh is None or isinstance(w, PackedWeight)
+    if (mesh is None or isinstance(w, (PackedWeight, LoraWeight))
             or not collective_matmul.ring_pays(math.prod(x.shape[:-1]))
             or not splits(mesh, logical_axis, units, w.shape[1])
             or w.shape[0] % mesh.shape[TENSOR_AXIS]):

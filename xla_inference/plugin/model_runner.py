@@ -4,7 +4,8 @@ import logging
 
 import numpy as np
 import torch
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
+from vllm.v1.outputs import (EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, LogprobsLists,
+                             LogprobsTensors, ModelRunnerOutput)
 
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
@@ -44,13 +45,48 @@ def sampling_options(sp) -> SamplingOptions:
 class XlaModelRunner:
     """Keeps every request's state across steps; vLLM only sends what changed."""
 
-    def __init__(self, engine: ModelEngine):
+    def __init__(self, engine: ModelEngine, drafter=None, pooling=None):
         self.engine = engine
+        # Speculative decoding (plugin/spec_decode.py): proposes each request's next drafts
+        # after a step; None without --speculative-config.
+        self.drafter = drafter
+        self._draft_token_ids: DraftTokenIds | None = None
+        # A pooling model's requests (plugin/pooling.PoolingRequests); None: generation.
+        self.pooling = pooling
         self.requests: dict[str, RequestState] = {}
         self._pending = None  # (scheduled [(state, num_tokens)], StepOutput) between the two calls
         # Null pages in the block ids vLLM handed over, per KV cache group (tests): pages of a
         # sliding window that vLLM freed before a request (re)started.
         self.null_pages_received = [0] * engine.cfg.num_groups
+        self._lora_requests = {}  # adapter id -> vLLM's LoRARequest (its path), to reload it
+
+    def lora_slots(self):
+        if self.engine.lora is None:
+            raise ValueError("LoRA adapters need --enable-lora")
+        return self.engine.lora
+
+    def add_lora(self, lora_request) -> bool:
+        from vllm.lora.utils import get_adapter_absolute_path
+
+        from xla_inference.lora.peft import load_adapter
+
+        slots = self.lora_slots()
+        self._lora_requests[lora_request.lora_int_id] = lora_request
+        if lora_request.lora_int_id in slots.host and not lora_request.load_inplace:
+            return True
+        adapter = load_adapter(get_adapter_absolute_path(lora_request.lora_path),
+                               slots.module_shapes, slots.max_rank, lora_request.lora_name)
+        slots.add(lora_request.lora_int_id, adapter)
+        return True
+
+    def _reload_evicted_loras(self, scheduled) -> None:
+        """A running request's adapter that left the host cache (max_cpu_loras, or removed
+        while the request ran) is read again from its path, as vLLM's GPU runner does."""
+        if self.engine.lora is None:
+            return
+        for req, _ in scheduled:
+            if req.lora_id and req.lora_id not in self.engine.lora.host:
+                self.add_lora(self._lora_requests[req.lora_id])
 
     def execute_model(self, so):
         self._update_states(so)
@@ -59,15 +95,34 @@ class XlaModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         self.engine.stats.step_started()
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()]
-        # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
-        self._pending = (scheduled, self.engine.forward(scheduled))
+        self._reload_evicted_loras(scheduled)
+        if self.pooling is not None:
+            return self._pool(scheduled)
+        drafts = [list(so.scheduled_spec_decode_tokens.get(r.req_id, ())) for r, _ in scheduled]
+        for req, ids in zip(scheduled, drafts):  # the step's input: known tokens, then drafts
+            req[0].token_ids.extend(ids)
+        try:
+            # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
+            step = self.engine.forward(scheduled)
+        finally:
+            for (req, _), ids in zip(scheduled, drafts):
+                del req.token_ids[len(req.token_ids) - len(ids):]
+        self._pending = (scheduled, step, drafts if any(drafts) else None)
         return None
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The drafts proposed after the last step (vLLM's engine core takes them between
+        steps, synchronous scheduling)."""
+        drafts, self._draft_token_ids = self._draft_token_ids, None
+        return drafts
 
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        scheduled, step = self._pending
+        scheduled, step, drafts = self._pending
         self._pending = None
+        if drafts is not None:
+            return self._verify_drafts(scheduled, step, drafts, grammar_output)
         requests = [req for req, _ in scheduled]
         out = self.engine.sample(step.logits, requests, self._grammar_masks(grammar_output, requests))
         prompt_logprobs = self._prompt_logprobs(scheduled, step.hidden)
@@ -81,11 +136,75 @@ class XlaModelRunner:
             else:
                 sampled.append([])
         req_ids = [req.req_id for req in requests]
+        self._propose(requests, sampled)
         return ModelRunnerOutput(req_ids=req_ids,
                                  req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
                                  sampled_token_ids=sampled,
                                  logprobs=self._logprobs_lists(requests, out),
                                  prompt_logprobs_dict=prompt_logprobs)
+
+    def _verify_drafts(self, scheduled, step, drafts, grammar_output) -> ModelRunnerOutput:
+        """A step with drafts: each request emits its accepted drafts, then a recovered or
+        bonus token (1..n+1 tokens); vLLM's scheduler rolls back the rejected drafts."""
+        requests = [req for req, _ in scheduled]
+        if any(r.options.wants_logprobs for r in requests):
+            raise NotImplementedError("xla-inference does not return logprobs with "
+                                      "speculative decoding yet")
+        masks = self._draft_grammar_masks(grammar_output, requests, drafts)
+        tokens, counts = self.engine.verify_drafts(step.hidden, scheduled, drafts,
+                                                   self.drafter.num_speculative_tokens, masks)
+        prompt_logprobs = self._prompt_logprobs(scheduled, step.hidden)
+        sampled = []
+        for (req, num_new), ids, row, count in zip(scheduled, drafts, tokens, counts):
+            computed = req.num_computed_tokens + num_new - len(ids)  # drafts are not known yet
+            if computed >= len(req.token_ids):
+                emitted = [int(t) for t in row[:count]]
+                req.token_ids.extend(emitted)
+                req.num_computed_tokens = computed + count - 1
+                sampled.append(emitted)
+            else:  # a prompt chunk that stops short of the last known token
+                req.num_computed_tokens = computed
+                sampled.append([])
+        req_ids = [req.req_id for req in requests]
+        self._propose(requests, sampled)
+        return ModelRunnerOutput(req_ids=req_ids,
+                                 req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+                                 sampled_token_ids=sampled, logprobs=None,
+                                 prompt_logprobs_dict=prompt_logprobs)
+
+    def _draft_grammar_masks(self, grammar_output, requests, drafts):
+        """vLLM's bitmask holds 1 + n rows per structured request (its n drafts), in
+        structured_output_request_ids order -> {(batch row, position): bool [V]}."""
+        if grammar_output is None:
+            return None
+        rows = {req.req_id: i for i, req in enumerate(requests)}
+        bitmask = np.asarray(grammar_output.grammar_bitmask)
+        masks, first = {}, 0
+        for rid in grammar_output.structured_output_request_ids:
+            row = rows.get(rid)
+            n = len(drafts[row]) if row is not None else 0
+            if row is not None:
+                for j in range(n + 1):
+                    masks[row, j] = unpack_grammar_bitmask(bitmask[first + j],
+                                                           self.engine.vocab_size)
+            first += 1 + n
+        return masks
+
+    def _propose(self, requests, sampled) -> None:
+        if self.drafter is not None:
+            self._draft_token_ids = self.drafter.propose(requests, sampled)
+
+    def _pool(self, scheduled) -> ModelRunnerOutput:
+        """A pooling step: no sampler; one pooled output per request whose prompt this step
+        completes, None for a prompt still in progress (vLLM's pooling runner contract)."""
+        step = self.engine.forward(scheduled)
+        outputs = self.pooling.step_outputs(scheduled, step.logits, step.hidden)
+        for req, num_new in scheduled:
+            req.num_computed_tokens += num_new
+        req_ids = [req.req_id for req, _ in scheduled]
+        return ModelRunnerOutput(req_ids=req_ids,
+                                 req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+                                 pooler_output=outputs)
 
     def _grammar_masks(self, grammar_output, requests) -> dict[int, np.ndarray] | None:
         if grammar_output is None:
@@ -134,9 +253,14 @@ class XlaModelRunner:
     def _update_states(self, so) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
+            if self.pooling is not None:
+                self.pooling.remove(rid)
         for new in so.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids)
-            options = sampling_options(new.sampling_params)
+            if self.pooling is not None:
+                self.pooling.add(new.req_id, new.pooling_params, len(prompt))
+            options = (SamplingOptions() if new.sampling_params is None
+                       else sampling_options(new.sampling_params))
             state = RequestState(
                 req_id=new.req_id, token_ids=prompt, num_prompt_tokens=len(prompt),
                 block_ids=self._block_ids(new.block_ids), num_computed_tokens=new.num_computed_tokens,
@@ -148,6 +272,9 @@ class XlaModelRunner:
                 state.prompt_logprobs = (np.zeros((len(prompt) - 1, width), np.int32),
                                          np.zeros((len(prompt) - 1, width), np.float32),
                                          np.zeros(len(prompt) - 1, np.int32))
+            if new.lora_request is not None:  # loaded now if vLLM did not add it before
+                self.add_lora(new.lora_request)
+                state.lora_id = new.lora_request.lora_int_id
             self.requests[new.req_id] = state
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -158,6 +285,8 @@ class XlaModelRunner:
             req.trim_outputs(cached.num_output_tokens[i])
             new_blocks = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:  # every page anew
+                if self.pooling is not None:
+                    self.pooling.restart(rid)
                 req.block_ids = self._block_ids(new_blocks)
             elif new_blocks is not None:  # pages appended to each group's list
                 for ids, new_ids in zip(req.block_ids, new_blocks, strict=True):

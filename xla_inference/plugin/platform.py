@@ -10,7 +10,7 @@ import psutil
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from xla_inference.plugin import quantization
+from xla_inference.plugin import quantization, spec_decode
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class XlaPlatform(Platform):
 
         parallel = vllm_config.parallel_config
         refuse_unsupported_features(vllm_config)
+        # validate_request (same process) refuses what speculative steps do not return yet.
+        cls.speculative_decoding = vllm_config.speculative_config is not None
         _fold_data_parallel(vllm_config)
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("xla-inference does not support pipeline parallelism")
@@ -171,11 +173,17 @@ class XlaPlatform(Platform):
         from xla_inference.sampling.types import MAX_LOGPROB_TOKEN_IDS
 
         if not isinstance(params, SamplingParams):
-            raise VLLMValidationError("xla-inference serves text generation only (no pooling yet)")
+            _validate_pooling_request(params)
+            return
         if isinstance(processed_inputs, dict) and processed_inputs.get("type") == "embeds":
             raise VLLMValidationError("xla-inference does not take prompt embeddings yet; send "
                                       "the prompt as text or token ids",
                                       parameter="prompt_embeds")
+        if getattr(cls, "speculative_decoding", False) and (
+                params.logprobs is not None or params.logprob_token_ids):
+            raise VLLMValidationError("xla-inference does not return logprobs with "
+                                      "speculative decoding (--speculative-config) yet",
+                                      parameter="logprobs")
         if params.prompt_logprob_token_ids is not None:
             # vLLM itself serves these only with its V2 model runner, and refuses them first
             # unless VLLM_USE_V2_MODEL_RUNNER=1.
@@ -189,19 +197,41 @@ class XlaPlatform(Platform):
                                       parameter="logprob_token_ids", value=len(ids))
 
 
+def _validate_pooling_request(params) -> None:
+    """Pooling requests this platform serves: embed, classify and their per-token forms
+    (vLLM has checked the task against the model's and the dimensions already)."""
+    from vllm.exceptions import VLLMValidationError
+
+    if params.task not in ("embed", "classify", "token_embed", "token_classify"):
+        raise VLLMValidationError(f"xla-inference does not serve pooling task {params.task!r}",
+                                  parameter="task")
+    if params.late_interaction_params is not None:
+        raise VLLMValidationError("xla-inference does not serve late-interaction scoring",
+                                  parameter="late_interaction_params")
+    if params.step_tag_id is not None or params.returned_token_ids is not None:
+        raise VLLMValidationError("xla-inference does not serve STEP pooling",
+                                  parameter="step_tag_id")
+
+
 def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
     and then serve wrongly or die on: a quantization method it does not serve (weights
-    would be read as if unquantized), LoRA (adapter requests would get the base model),
-    speculative decoding (the engine has no drafter) and KV connectors (no transfer)."""
+    would be read as if unquantized), LoRA beyond one device (the adapter stacks are not
+    sharded; lora/slots.py), speculative decoding methods other than n-gram
+    (plugin/spec_decode.py) and KV connectors (no transfer)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "
                                      "checkpoint's quantization_config")
     refusals = [
-        (vllm_config.lora_config is not None, lambda: "LoRA adapters (--enable-lora)"),
-        (vllm_config.speculative_config is not None,
-         lambda: "speculative decoding (--speculative-config)"),
+        (vllm_config.lora_config is not None and _parallel_size(vllm_config) > 1,
+         lambda: "LoRA adapters (--enable-lora) with tensor or data parallel (one device only)"),
+        # Untested together: the verify step reads hidden states the adapters change.
+        (vllm_config.lora_config is not None and vllm_config.speculative_config is not None,
+         lambda: "LoRA adapters (--enable-lora) with speculative decoding (--speculative-config)"),
+        (vllm_config.lora_config is not None and model is not None
+         and model.runner_type == "pooling",
+         lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),
         (vllm_config.kv_transfer_config is not None,
          lambda: "KV connectors (--kv-transfer-config)"),
         # The runner ignores scheduled_encoder_inputs: image tokens would be read as text.
@@ -212,6 +242,12 @@ def refuse_unsupported_features(vllm_config) -> None:
     for refused, feature in refusals:
         if refused:
             raise ValueError(f"xla-inference does not support {feature()} yet")
+    spec_decode.refuse_unserved(vllm_config)
+
+
+def _parallel_size(vllm_config) -> int:
+    pc = vllm_config.parallel_config
+    return pc.tensor_parallel_size * pc.pipeline_parallel_size * data_parallel_size(vllm_config)
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"

@@ -13,6 +13,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from xla_inference.plugin.model_runner import XlaModelRunner
 from xla_inference.plugin.platform import data_parallel_size, patch_vllm_config
 from xla_inference.plugin.quantization import loader_method
+from xla_inference.plugin.spec_decode import build_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +171,15 @@ class XlaWorker(WorkerBase):
         start = time.perf_counter()
         mc = self.model_config
         dummy = load_dummy_weights or self.load_config.load_format == "dummy"
+        if mc.runner_type == "pooling":
+            self._load_pooling_model(dummy, loader_method(mc.quantization))
+            return
         if model_implementation(mc) == "vllm":
             from xla_inference.torch_models.loader import load as load_torch_model
 
+            if data_parallel_size(self.vllm_config) > 1:  # not checked yet: refused
+                raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
+                                 "data parallel replicas yet; use --tensor-parallel-size")
             if dummy:
                 self.load_config.load_format = "dummy"
             self.model = load_torch_model(self.vllm_config, self.precision)
@@ -186,6 +193,17 @@ class XlaWorker(WorkerBase):
                     " as random weights" if dummy else "", self.precision,
                     f", quantization {quantization}" if quantization else "",
                     self.loaded_weight_bytes / (1 << 20), time.perf_counter() - start)
+
+    def _load_pooling_model(self, dummy: bool, quantization: str | None) -> None:
+        """vLLM's pooling runner (--runner pooling, --convert embed|classify) on a native
+        decoder family: its weights and, for a classifier, the score layer."""
+        from xla_inference.runner.build import load_pooling
+
+        if dummy or quantization:
+            raise ValueError("xla-inference serves pooling models from unquantized checkpoints "
+                             "(no --load-format dummy, no quantization)")
+        self.model = load_pooling(self.model_config.model, self.precision)
+        self.loaded_weight_bytes = self.model.weight_bytes
 
     def get_kv_cache_spec(self) -> dict:
         return {_layer_name(i): kv_cache_spec(layer, self.cache_config.block_size,
@@ -259,12 +277,27 @@ class XlaWorker(WorkerBase):
             layer_groups=layer_groups, layer_arrays=layer_arrays)
         engine = build_engine(self.model, engine_cfg,
                               tensor_parallel_size=self.parallel_config.tensor_parallel_size,
-                              data_parallel_size=data_parallel_size(self.vllm_config))
-        self.model_runner = XlaModelRunner(engine)
+                              data_parallel_size=data_parallel_size(self.vllm_config),
+                              lora=self._lora_limits(),
+                              pooling=self.model_config.runner_type == "pooling")
+        self.model_runner = XlaModelRunner(engine, build_drafter(self.vllm_config),
+                                           pooling=self._pooling_requests())
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays),
                     len(layer_arrays), engine.token_buckets, dict(engine.mesh.shape))
+
+    def _lora_limits(self) -> dict | None:
+        """--enable-lora's slots (max_loras), rank (max_lora_rank) and host cache
+        (max_cpu_loras) for the engine's adapter stacks (lora/slots.py); None without it."""
+        lc = self.vllm_config.lora_config
+        if lc is None:
+            return None
+        if model_implementation(self.model_config) == "vllm":
+            raise ValueError("xla-inference serves LoRA adapters on its native JAX families "
+                             "only (--model-impl native), not on vLLM's PyTorch model classes")
+        return dict(max_loras=lc.max_loras, max_rank=lc.max_lora_rank,
+                    max_cpu_loras=lc.max_cpu_loras or lc.max_loras)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine
@@ -273,7 +306,21 @@ class XlaWorker(WorkerBase):
         logger.info("xla-inference: warm-up done in %.1fs", seconds)
         return CompilationTimes(language_model=seconds, encoder=0.0)
 
+    def _pooling_requests(self):
+        if self.model_config.runner_type != "pooling":
+            return None
+        from xla_inference.plugin.pooling import PoolingRequests, pooling_setup
+
+        setup = pooling_setup(self.model_config, self.model.score_weight)
+        logger.info("xla-inference: pooling model, %s pooling, tasks %s", setup.seq_pooling_type,
+                    setup.tasks)
+        return PoolingRequests(setup)
+
     def get_supported_tasks(self):
+        if self.model_config.runner_type == "pooling":
+            from xla_inference.plugin.pooling import pooling_setup
+
+            return pooling_setup(self.model_config, self.model.score_weight).tasks
         return ("generate",)
 
     # -- serving ----------------------------------------------------------------------------
@@ -282,6 +329,28 @@ class XlaWorker(WorkerBase):
 
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
+
+    # -- LoRA adapters (vLLM's add/remove/pin/list_loras; --enable-lora) ---------------------
+    def add_lora(self, lora_request) -> bool:
+        """Read the adapter (errors name the adapter_config field) into the host cache; a
+        step that uses it writes it into a device slot."""
+        return self.model_runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.model_runner.lora_slots().remove(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self.model_runner.lora_slots().pin(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.model_runner.lora_slots().ids()
+
+    def lora_slot_writes(self) -> int:
+        """Adapters written into device slots so far (tests: evictions happened)."""
+        return self.model_runner.lora_slots().slot_writes
+
+    def take_draft_token_ids(self):
+        return self.model_runner.take_draft_token_ids()
 
     def num_compilations(self) -> int:
         """XLA executables built in this process so far (tests check none appear after warm-up)."""

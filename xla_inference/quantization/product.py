@@ -7,10 +7,18 @@ Two ways, chosen per trace by the number of rows (a static shape):
   integers: the activations are quantized per row, to int8 where the scheme says so
   (compressed-tensors' dynamic W8A8) and otherwise to 15-bit integers (finer than
   bfloat16's 8-bit mantissa, so weight-only formats keep their float-activation accuracy);
-- otherwise (prefill, large batches, other devices) XLA dequantizes the weight into its
-  compute dtype and runs its dense product; on GPUs and TPUs XLA fuses the dequantization
-  into the product. Int8 activations are then fake-quantized the same way, and the int8
-  integer product runs as an int32-accumulating dot.
+- from WIDE_KERNEL_MIN_ROWS rows on, on a host CPU with AMX (prefill, larger batches), the
+  kernel's
+  wide entry dequantizes each tile of weight rows once per step into bfloat16 in a
+  cache-resident scratch and multiplies every row by it in AMX bfloat16 tiles: the numbers
+  of XLA's bfloat16 product on the dequantized weight, 3-10x faster than it (and than
+  XLA's own bfloat16 product on a dense weight). Only where the weight's compute dtype is
+  bfloat16 (a float32 policy keeps XLA's float32 product) or the scheme's activations are
+  int8 (whose integers and per-channel scales the entry multiplies exactly);
+- otherwise (no AMX, other devices) XLA dequantizes the weight into its compute dtype and
+  runs its dense product; on GPUs and TPUs XLA fuses the dequantization into the product.
+  Int8 activations are then fake-quantized the same way, and the int8 integer product runs
+  as an int32-accumulating dot.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from xla_inference.quantization.packed import (PackedWeight, dequantize, untiled
 # Rows up to which the native kernel runs on the CPU; beyond, the dense product on the
 # dequantized weight is faster (benchmarks/RESULTS.md, issue 18).
 KERNEL_MAX_ROWS = 32
+# Rows from which the wide entry (AMX) beats the narrow kernel, whose time grows with the
+# rows (benchmarks/quantized_matmul.py --wide, [1536, 576] int4: 0.26 against 0.21 ms at 16
+# rows, 0.50 against 0.26 at 32; 0.13 against 0.25 at 8).
+WIDE_KERNEL_MIN_ROWS = 16
 # 15-bit activations: |x| * 16383 times a |q| <= 128 stays far inside int32 over a group.
 FLOAT_ACTIVATION_LEVELS = 16383.0
 INT8_LEVELS = 127.0
@@ -48,6 +60,26 @@ def uses_kernel(w, rows: int) -> bool:
     experts) run the native CPU kernel."""
     return (w.tiled and rows <= KERNEL_MAX_ROWS and jax.default_backend() == "cpu"
             and cpu_quantized.available())
+
+
+def uses_wide_kernel(w, rows: int) -> bool:
+    """Whether `rows` rows (WIDE_KERNEL_MIN_ROWS or more) times w (a PackedWeight) run the
+    native kernel's wide entry, in place of the narrow one or XLA's product: on a CPU with
+    AMX (elsewhere its AVX-512 and portable paths are slower than XLA's product), for
+    bfloat16 compute or int8 activations."""
+    return (w.tiled and rows >= WIDE_KERNEL_MIN_ROWS and jax.default_backend() == "cpu"
+            and (w.compute_dtype == "bfloat16" or w.activations == INT8_ACTIVATIONS)
+            and cpu_quantized.available() and cpu_quantized.wide_isa() == "amx")
+
+
+def _wide_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
+    int8 = w.activations == INT8_ACTIVATIONS  # per-channel symmetric int8: pack() checks
+    y = cpu_quantized.quantized_matmul_wide(x2, w.values, w.scales, w.offsets,
+                                            bits=4 if w.kind != INT8 else 8,
+                                            group_size=w.group_size,
+                                            zero_point=w.zero_point,
+                                            int8_levels=INT8_LEVELS if int8 else 0.0)
+    return y[:, :w.out_features]
 
 
 def _kernel_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
@@ -92,7 +124,9 @@ def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Arra
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    if uses_kernel(w, x2.shape[0]):
+    if uses_wide_kernel(w, x2.shape[0]):
+        y = _wide_product(x2, w)
+    elif uses_kernel(w, x2.shape[0]):
         y = _kernel_product(x2, w)
     elif w.activations == INT8_ACTIVATIONS:  # per-channel symmetric int8: pack() checks
         y = _int8_product(x2, w)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.loading.params import narrow_projections, pack_quantized
+from xla_inference.lora.slots import LoraSlots, decoder_targets
 from xla_inference.models.interface import KvLayer, ModelFamily
 from xla_inference.models.loader import load_model
 from xla_inference.parallel.sharding import build_mesh
@@ -77,6 +78,8 @@ class LoadedModel:
     cfg: object
     params: object  # host arrays; None once an engine holds the placed copy
     precision: Precision
+    # A pooling model's sequence-classification layer [labels, D] (float32), if it has one.
+    score_weight: object = None
 
     def kv_layers(self) -> list[KvLayer]:
         return self.family.kv_layers(self.cfg)
@@ -114,17 +117,50 @@ def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None 
     return LoadedModel(family, cfg, params, precision)
 
 
+def load_pooling(model_path: str | Path, precision: Precision) -> LoadedModel:
+    """Phase one for a pooling model (models/pooling_loader.py): the decoder's weights as
+    load() gives them, and the classification layer when the checkpoint has one."""
+    from xla_inference.models.pooling_loader import load_pooling_model
+
+    family, cfg, params, score = load_pooling_model(model_path, precision.activations)
+    params = pack_quantized(params, precision.weights, precision.activations)
+    if precision.narrows_projections:
+        params = narrow_projections(params, precision.weights)
+    return LoadedModel(family, cfg, params, precision, score)
+
+
 def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, mesh: jax.sharding.Mesh | None = None,
-                 keep_host_params: bool = False) -> ModelEngine:
+                 keep_host_params: bool = False, lora: dict | None = None,
+                 pooling: bool = False) -> ModelEngine:
     """Phase two: the mesh, the KV cache of engine_cfg.num_blocks pages and the weights
     placed shard by shard; the host copy of the weights is dropped (unless
     keep_host_params: a benchmark building several engines). Compile with
-    `engine.warm_up()`."""
+    `engine.warm_up()`. lora: LoraSlots' limits (max_loras, max_rank, max_cpu_loras) to
+    serve LoRA adapters (lora/slots.py)."""
     if mesh is None:
         mesh = build_mesh(tensor_parallel_size, data_parallel_size)
+    if lora is not None and model.family.name not in LORA_FAMILIES:
+        raise ValueError(f"xla-inference serves LoRA adapters on the {', '.join(LORA_FAMILIES)} "
+                         f"families, not on {model.family.name}")
+    slots = None if lora is None else lora_slots(model.params, **lora)
     engine = ModelEngine(model.family, model.cfg, model.params, engine_cfg,
-                         model.precision.kv_cache, mesh=mesh)
+                         model.precision.kv_cache, mesh=mesh, lora=slots, pooling=pooling)
     if not keep_host_params:
         model.params = None
     return engine
+
+
+# The dense decoder families (models/decoder.py) whose projections LoRA adapters reach.
+LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def lora_slots(params, *, max_loras: int, max_rank: int, max_cpu_loras: int) -> LoraSlots:
+    """Empty adapter slots for a decoder's q/k/v/o and gate/up/down projections, in the
+    dtype of its projection weights."""
+    shapes = decoder_targets(params)
+    if not shapes:
+        raise ValueError("LoRA adapters are served only on the decoder families' unquantized "
+                         "q/k/v/o and gate/up/down projections; this model has none")
+    first = params.layers[0].attn.wq
+    return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, first.dtype)

@@ -14,12 +14,16 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from xla_inference.kernels.metadata import KvCache
+from xla_inference.lora.slots import LoraSlots, attach
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
-                                             place_params, replica_sharding, replicated)
+                                             place_params, replica_sharding, replicated,
+                                             traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
+from xla_inference.runner.pooling import gather_pooled_rows
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
+from xla_inference.runner.speculative import verify_inputs, verify_program, verify_rows
 from xla_inference.runner.step_stats import StepStats
 from xla_inference.sampling.host import build_sampling_batch, build_sampling_extras
 from xla_inference.sampling.sampler import gather_logprobs, sample
@@ -92,6 +96,23 @@ class StepOutput:
 def _forward_logits(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
     kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+
+
+def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch):
+    """_forward_logits with the adapters: params_lora is (params, the LoRA stacks, each
+    token's slot [T]); the targeted projections add their adapter's delta (lora/slots.py)."""
+    params, stacks, token_slots = params_lora
+    kv_cache, hidden = model.forward(attach(params, stacks, token_slots), kv_cache, batch, cfg)
+    return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+
+
+def _forward_pooled(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
+    """A pooling model's step: no LM head; each row's pooled rows (runner/pooling.py)
+    gathered on device, and the hidden states (read back only for ALL pooling)."""
+    kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
+    pooled = gather_pooled_rows(hidden, batch.attention.seq_ids, batch.logits_indices,
+                                batch.num_seqs)
+    return kv_cache, pooled, hidden
 
 
 def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
@@ -194,7 +215,8 @@ class ModelEngine:
     cache (kv_dtype) is dtype=bfloat16 on the host CPU (plugin/worker.py, layers/linear.py)."""
 
     def __init__(self, model: ModelFamily, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, lora: LoraSlots | None = None,
+                 pooling: bool = False):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
@@ -206,16 +228,38 @@ class ModelEngine:
         self.rows_per_replica = np.zeros(self.replicas, np.int64)  # requests run, per replica
         self.kv_cache, kv_shardings = self._allocate_kv_cache(model.kv_layers(model_cfg), kv_dtype)
         whole = replicated(self.mesh)
+        self.lora = lora
+        first_shardings = self.param_shardings
+        if lora is not None:
+            if self.mesh.size > 1:
+                raise ValueError("xla-inference serves LoRA adapters on one device only (no "
+                                 "tensor or data parallel with --enable-lora yet)")
+            first_shardings = (self.param_shardings, jax.tree.map(lambda _: whole, lora.stacks),
+                               whole)
         # The cache keeps its sharding from step to step (a change would recompile).
-        if self.replicas == 1:
-            forward, batch_shardings = _forward_logits, (whole,)
+        # A pooling engine (vLLM's pooling runner) runs _forward_pooled in place of the
+        # logits step; its StepOutput.logits holds the pooled rows.
+        self.pooling = pooling
+        if pooling and self.replicas > 1:
+            raise ValueError("xla-inference serves pooling models without data parallelism "
+                             "(--data-parallel-size 1)")
+        if pooling and lora is not None:
+            raise ValueError("xla-inference serves LoRA adapters on generative models only "
+                             "(not with a pooling model yet)")
+        if lora is not None:
+            forward, batch_shardings = _forward_lora, (whole,)
+        elif self.replicas == 1:
+            forward = _forward_pooled if pooling else _forward_logits
+            batch_shardings = (whole,)
         else:
             forward = functools.partial(_forward_replicas, mesh=self.mesh)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
 
+        # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
+        # heads, collective matmuls; parallel/sharding.tensor_parallel_mesh).
         self._forward = Programs(
-            jax.jit(functools.partial(forward, model, model_cfg),
-                    in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
+            jax.jit(traced_over(self.mesh, functools.partial(forward, model, model_cfg)),
+                    in_shardings=(first_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
         widths = [engine_cfg.max_logprobs]
@@ -228,6 +272,7 @@ class ModelEngine:
                          for k in widths}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
+        self._verify = None  # built at the first step with drafts (speculative decoding)
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
@@ -261,7 +306,25 @@ class ModelEngine:
         if self.replicas > 1:
             return self._run_forward(*self._replica_batch(scheduled))
         num_tokens = sum(n for _, n in scheduled)
-        return self._run_forward(build_step_batch(scheduled, self.layout_for(num_tokens)))
+        batch = build_step_batch(scheduled, self.layout_for(num_tokens))
+        if self.lora is None:
+            return self._run_forward(batch)
+        return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens))
+
+    def _token_slots(self, scheduled: list[tuple[RequestState, int]], T: int) -> np.ndarray:
+        """Each token's LoRA slot (0: the base model, and padding), loading the step's
+        adapters into slots where they are not yet."""
+        slots = self.lora.slots_for([req.lora_id for req, _ in scheduled])
+        return np.repeat(np.asarray([slots[req.lora_id] for req, _ in scheduled] + [0], np.int32),
+                         [n for _, n in scheduled] + [T - sum(n for _, n in scheduled)])
+
+    def _step_params(self, token_slots=None):
+        """The forward program's first argument: params, or with LoRA (params, stacks, slots)."""
+        if self.lora is None:
+            return self.params
+        if token_slots is None:
+            raise ValueError("a LoRA engine's step needs each token's slot")
+        return (self.params, self.lora.stacks, token_slots)
 
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
@@ -288,10 +351,10 @@ class ModelEngine:
             done += num_new
         return _stack(batches), row_order, token_order
 
-    def _run_forward(self, batch: StepBatch, *orders) -> StepOutput:
+    def _run_forward(self, batch: StepBatch, *orders, token_slots=None) -> StepOutput:
         T = batch.input_ids.shape[-1]
         self.kv_cache, logits, hidden = self.stats.run(
-            self._forward, self.params, self.kv_cache, batch, *orders, bucket=T)
+            self._forward, self._step_params(token_slots), self.kv_cache, batch, *orders, bucket=T)
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],
@@ -310,6 +373,28 @@ class ModelEngine:
         width = self.logprobs_width(r.options.num_top_logprobs(self.vocab_size) for r in requests)
         out = self._run_sample(self._samplers[width], logits, sampling, extras)
         return jax.tree.map(lambda a: np.asarray(a)[:len(requests)], out)
+
+    def verify_drafts(self, hidden: jax.Array, scheduled: list[tuple[RequestState, int]],
+                      drafts: list[list[int]], num_speculative_tokens: int,
+                      grammar_masks: dict[tuple[int, int], np.ndarray] | None = None):
+        """Speculative decoding: each request's emitted tokens (accepted drafts, then a
+        recovered or bonus token) from the step's hidden states. grammar_masks: (row,
+        position) -> bool [V]. -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
+        if self.replicas > 1:
+            raise NotImplementedError("speculative decoding with data parallel replicas")
+        if self._verify is None:
+            self._verify = verify_program(self.model, self.model_cfg)
+        K = num_speculative_tokens
+        B = self.layout_for(sum(n for _, n in scheduled)).num_seqs
+        requests = [r for r, _ in scheduled]
+        rows = verify_rows([n for _, n in scheduled], [len(d) for d in drafts], B, K)
+        batch, sampling, extras = verify_inputs(requests, drafts, B, K, self.vocab_size,
+                                                grammar_masks)
+        self._num_steps += 1
+        out = self.stats.run(self._verify, self.params, hidden, rows, batch, sampling, extras,
+                             self._base_key, np.uint32(self._num_steps))
+        n = len(requests)
+        return np.asarray(out.tokens)[:n], np.asarray(out.num_emitted)[:n]
 
     def _run_sample(self, program, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
         self._num_steps += 1
@@ -356,7 +441,7 @@ class ModelEngine:
             B = layout.num_seqs
             batch = build_step_batch([], layout)
             if self.replicas == 1:
-                forward_args.append((self.params, self.kv_cache, batch))
+                forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:
                 forward_args.append((self.params, self.kv_cache, _stack([batch] * self.replicas),
                                      np.zeros(self.replicas * B, np.int32),
@@ -386,13 +471,15 @@ class ModelEngine:
         # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
         run_start = time.perf_counter()
         for args in forward_args:
-            self.kv_cache = self._forward(self.params, self.kv_cache, *args[2:])[0]
+            self.kv_cache = self._forward(args[0], self.kv_cache, *args[2:])[0]
         jax.block_until_ready(self.kv_cache)
         logger.info("xla-inference: ran each forward bucket once in %.1fs",
                     time.perf_counter() - run_start)
         hidden = np.zeros((1, hidden.shape[1]), hidden.dtype)
         for k in self._scorers:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
+        if self.lora is not None:
+            self.lora.warm_up()
         logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
                     "scorer in %.1fs (%d at a time)", len(forward),
                     sum(len(f) for f in samplers.values()),

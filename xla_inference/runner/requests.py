@@ -22,6 +22,7 @@ class RequestState:
     # (ids, logprobs, ranks) [P-1, n+1] filled chunk by chunk while the prompt is computed,
     # for a request that asked for prompt logprobs; None otherwise or once handed over.
     prompt_logprobs: tuple | None = None
+    lora_id: int = 0  # the LoRA adapter the request runs with (lora/slots.py); 0: none
 
     @property
     def output_ids(self) -> list[int]:

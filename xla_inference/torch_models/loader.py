@@ -69,7 +69,10 @@ def lower(module: torch.nn.Module, vllm_config, precision: Precision) -> LoadedM
     names, params = [], []
     for name, kind, tensor in lowering.module_tensors(module):
         names.append(name)
-        params.append(kind(lowering.host_array(tensor)))
+        value = lowering.host_array(tensor)
+        if kind in lowering.PROJECTIONS and precision.narrows_projections:
+            value = value.astype(precision.weights)  # as runner/build.py narrows projections
+        params.append(kind(value))
     _drop_parameters(module)  # the host arrays are the only copy now
     hf = vllm_config.model_config.hf_text_config
     num_heads = forwards[0].num_heads
@@ -103,6 +106,9 @@ def refuse_unserved(vllm_config) -> None:
     """What the torch path would otherwise serve wrongly: vLLM's quantized layers call its
     own GPU or CPU kernels, which torchax cannot lower."""
     mc = vllm_config.model_config
+    if mc.is_moe:  # known from the config: refused before anything is built
+        raise errors.refuse(_architecture(vllm_config), "mixture-of-experts layers (vLLM's "
+                            "fused MoE, whose kernels torchax cannot lower)")
     if mc.quantization is not None:
         raise errors.refuse(_architecture(vllm_config),
                             f"quantized checkpoints ({mc.model} is {mc.quantization})")

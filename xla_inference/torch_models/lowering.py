@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from xla_inference.layers.linear import linear
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.axes import weight
 from xla_inference.torch_models import attention, errors
@@ -33,8 +34,24 @@ torchax = import_torchax()
 from torchax.interop import jax_view, torch_view  # noqa: E402 (after the shimmed import)
 
 
+_linear_installed = False
+
+
 def _env():
-    return torchax.default_env()
+    """torchax's environment, with torch's linear as our projection (layers/linear.py): a
+    weight narrower than the activations (bfloat16 projections, float32 activations on the
+    host CPU) multiplies in its own dtype with float32 accumulation, as the native families'
+    projections do, instead of torchax's einsum, which would widen it every step."""
+    global _linear_installed
+    env = torchax.default_env()
+    if not _linear_installed:
+        env.override_op_definition(torch.nn.functional.linear, _projection)
+        _linear_installed = True
+    return env
+
+
+def _projection(x, w, b=None):
+    return to_torch(linear(*from_torch((x, w, b))))
 
 
 def from_torch(value):
@@ -72,13 +89,26 @@ class VocabParam:
     value: jax.Array = weight("vocab", None)  # [V, D]: the vocabulary rows split
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LmHeadParam:
+    value: jax.Array = weight("vocab", None)  # [V, D]: an untied output projection
+
+
+# Kinds whose weights are projections: stored in the precision policy's weight dtype.
+PROJECTIONS = (ColumnParam, RowParam, LmHeadParam)
+
+
 def _param_kind(module: torch.nn.Module, name: str, ndim: int):
     """The placement of a module tensor, from the kind of vLLM layer that owns it."""
     from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
+                                                                     VocabParallelEmbedding)
 
     if name.rsplit(".", 1)[-1] != "weight" or ndim != 2:
         return TorchParam
+    if isinstance(module, ParallelLMHead):
+        return LmHeadParam
     if isinstance(module, VocabParallelEmbedding):
         return VocabParam
     if isinstance(module, RowParallelLinear):

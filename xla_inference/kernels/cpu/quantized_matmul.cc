@@ -49,6 +49,13 @@
 #define XLA_INFERENCE_QMM_VNNI 1
 #endif
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -304,7 +311,10 @@ void tiles(const Problem& p, int64_t ot_begin, int64_t ot_end) {
 // Row x [in] quantized as quantization/product.py's quantize_rows is by XLA, with the same
 // float operations (XLA multiplies by reciprocals), so that it gives the same integers:
 // x_scale = max|x| * (1 / levels), or 1 for a zero row; xq = clip(round half to even(x *
-// (1 / x_scale)), -levels, levels).
+// (1 / x_scale)), -levels, levels). Compiled without -ffast-math's reciprocal and
+// reassociation rewrites, which GCC applies or not depending on where the function is inlined
+// (with the wide entry's second call site, some rows' integers came out one apart from XLA's).
+__attribute__((optimize("no-reciprocal-math", "no-associative-math")))
 void quantize_row(const float* x, int64_t in, float levels, int16_t* xq, float* x_scale) {
   float peak = 0.0f;
   for (int64_t k = 0; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
@@ -481,6 +491,444 @@ ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------
+// Wide steps (prefill, large batches): y[t, o] = sum_k x[t, k] * w[o, k] in bfloat16
+// products summed in float32, as XLA's product on a bfloat16-dequantized weight would do,
+// but dequantizing each weight once per call into a small scratch that stays in cache:
+//
+//   weight-only formats (levels = 0): x rounded to bfloat16, w[o, k] = bf16((q - z) *
+//     scale + offset), y = sum x w;
+//   int8 activations (levels > 0, at most 256, with scale_after: per-channel scales, no
+//     offsets): xq as quantize_row gives them (integers, exact in bfloat16), the weight's
+//     integers q - z (exact too), y = x_scale[t] * scale[o] * sum xq (q - z).
+//
+// The scratch of an output tile holds its weights as bfloat16 pairs, the operand layout of
+// both AMX's TDPBF16PS (a B tile: row k2 = 16 pairs (w[o, 2k2], w[o, 2k2+1]), o = 0..15)
+// and AVX-512's vdpbf16ps (one zmm per row k2): scratch[k2][2r + j] = bf16(w[16ot + r,
+// 2k2 + j]) -- the tile layout's chunks widened, two bytes per value. Paths, chosen at run
+// time (cpuid, and for AMX the kernel's permission, asked once per process): AMX bf16 tiles,
+// AVX-512 bf16, or portable C++ (slow: for tests and machines without either; the callers
+// use XLA's product there). The isa attribute caps the path (tests force each one).
+
+enum WideIsa : int64_t { kWidePortable = 0, kWideAvx512Bf16 = 1, kWideAmx = 2 };
+
+constexpr int64_t kWideK = 32;  // input elements per AMX bf16 tile row (64 bytes)
+
+struct WideProblem {
+  const uint16_t* x;         // bf16 [T_pad, K_pad], zero-padded
+  const float* row_scale;    // [T] or nullptr (1)
+  const uint8_t* values;
+  const void* scales;
+  const void* offsets;       // nullptr: none
+  bool half_scales, half_offsets, scale_after;
+  float* out;                // f32 [T, out_tiles * 16]
+  int64_t T, T_pad, in, K_pad, out_tiles, groups, group_size, zero_point, per_chunk;
+
+  int64_t tile_bytes() const { return in / per_chunk * kChunkBytes; }
+  int64_t scratch_words() const { return K_pad * kRows; }  // bf16 values of one output tile
+};
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (no NaNs here)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// The weight value of element e (= 2r + j) of chunk row k2's pair as dequantized (scalar).
+inline float wide_weight(const WideProblem& p, int64_t ot, int64_t r, int64_t k) {
+  const uint8_t* w = p.values + ot * p.tile_bytes();
+  int32_t q;
+  if (p.per_chunk == 2) {
+    q = static_cast<int8_t>(w[(k / 2) * kChunkBytes + 2 * r + (k % 2)]);
+  } else {
+    const uint8_t byte = w[(k / 4) * kChunkBytes + 2 * r + (k % 2)];
+    q = (k % 4) < 2 ? byte & 0x0F : byte >> 4;
+  }
+  q -= static_cast<int32_t>(p.zero_point);
+  if (p.scale_after) return static_cast<float>(q);
+  const int64_t at = (ot * p.groups + k / p.group_size) * kRows + r;
+  const float scale = group_value(p.scales, p.half_scales, at);
+  const float offset = p.offsets != nullptr ? group_value(p.offsets, p.half_offsets, at) : 0.0f;
+  return std::fma(static_cast<float>(q), scale, offset);
+}
+
+void dequantize_tile_portable(const WideProblem& p, int64_t ot, uint16_t* scratch) {
+  for (int64_t k = 0; k < p.in; ++k)
+    for (int64_t r = 0; r < kRows; ++r)
+      scratch[(k / 2) * 2 * kRows + 2 * r + (k % 2)] = float_to_bf16(wide_weight(p, ot, r, k));
+}
+
+// The per-column factor of an output element: scale[o] (scale_after) times x_scale[t].
+inline float wide_factor(const WideProblem& p, int64_t ot, int64_t r, int64_t t) {
+  float f = p.row_scale != nullptr ? p.row_scale[t] : 1.0f;
+  if (p.scale_after) f *= group_value(p.scales, p.half_scales, ot * p.groups * kRows + r);
+  return f;
+}
+
+// Output tiles ot0..ot0+n-1 (scratch holds them, one after another) for every row of T.
+void product_portable(const WideProblem& p, int64_t ot0, int64_t n, const uint16_t* scratch) {
+  const int64_t width = p.out_tiles * kRows;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* b = scratch + i * p.scratch_words();
+    for (int64_t t = 0; t < p.T; ++t) {
+      const uint16_t* x = p.x + t * p.K_pad;
+      for (int64_t r = 0; r < kRows; ++r) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < p.in; ++k)
+          acc += bf16_to_float(x[k]) * bf16_to_float(b[(k / 2) * 2 * kRows + 2 * r + (k % 2)]);
+        p.out[t * width + (ot0 + i) * kRows + r] = acc * wide_factor(p, ot0 + i, r, t);
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__)
+
+#define XLA_INFERENCE_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+#define XLA_INFERENCE_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")))
+
+XLA_INFERENCE_AVX512BF16 inline __m512 wide_group_vector(const void* a, bool half, int64_t at) {
+  if (half)
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(a) + at)));
+  return _mm512_loadu_ps(static_cast<const float*>(a) + at);
+}
+
+// One chunk row's 32 words (word 2r + j) as dequantized bfloat16 pairs into `row`.
+XLA_INFERENCE_AVX512BF16 inline void store_wide_row(__m512i words, __m512i zero, __m512 scale_lo,
+                                                    __m512 scale_hi, __m512 offset_lo,
+                                                    __m512 offset_hi, uint16_t* row) {
+  const __m512i lo = _mm512_sub_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(words)), zero);
+  const __m512i hi =
+      _mm512_sub_epi32(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(words, 1)), zero);
+  const __m512 flo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), scale_lo, offset_lo);
+  const __m512 fhi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), scale_hi, offset_hi);
+  _mm512_storeu_si512(row, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(fhi, flo)));
+}
+
+XLA_INFERENCE_AVX512BF16 void dequantize_tile_avx512(const WideProblem& p, int64_t ot,
+                                                     uint16_t* scratch) {
+  const uint8_t* w = p.values + ot * p.tile_bytes();
+  const int64_t chunks = p.group_size / p.per_chunk;
+  // Lane i of a row's lower (upper) 16 values is row r = i / 2 (8 + i / 2) of the tile.
+  const __m512i pick_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i pick_hi = _mm512_add_epi32(pick_lo, _mm512_set1_epi32(8));
+  const __m512i zero = _mm512_set1_epi32(static_cast<int32_t>(p.zero_point));
+  const __m512i low_nibbles = _mm512_set1_epi16(0x0F);
+  __m512 scale_lo = _mm512_set1_ps(1.0f), scale_hi = scale_lo;
+  __m512 offset_lo = _mm512_setzero_ps(), offset_hi = offset_lo;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t at = (ot * p.groups + g) * kRows;
+    if (!p.scale_after) {
+      const __m512 s = wide_group_vector(p.scales, p.half_scales, at);
+      scale_lo = _mm512_permutexvar_ps(pick_lo, s);
+      scale_hi = _mm512_permutexvar_ps(pick_hi, s);
+      if (p.offsets != nullptr) {
+        const __m512 o = wide_group_vector(p.offsets, p.half_offsets, at);
+        offset_lo = _mm512_permutexvar_ps(pick_lo, o);
+        offset_hi = _mm512_permutexvar_ps(pick_hi, o);
+      }
+    }
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kChunkBytes));
+      if (p.per_chunk == 2) {
+        store_wide_row(_mm512_cvtepi8_epi16(bytes), zero, scale_lo, scale_hi, offset_lo,
+                       offset_hi, scratch + c * 2 * kRows);
+      } else {
+        const __m512i words = _mm512_cvtepu8_epi16(bytes);
+        store_wide_row(_mm512_and_si512(words, low_nibbles), zero, scale_lo, scale_hi,
+                       offset_lo, offset_hi, scratch + (2 * c) * 2 * kRows);
+        store_wide_row(_mm512_srli_epi16(words, 4), zero, scale_lo, scale_hi, offset_lo,
+                       offset_hi, scratch + (2 * c + 1) * 2 * kRows);
+      }
+    }
+  }
+}
+
+// y tile [rows, 16] (row stride 16) times the factors into out.
+XLA_INFERENCE_AVX512BF16 inline void store_wide_tile(const WideProblem& p, int64_t ot,
+                                                     int64_t t0, int64_t rows, const float* y) {
+  const int64_t width = p.out_tiles * kRows;
+  __m512 column = _mm512_set1_ps(1.0f);
+  if (p.scale_after) column = wide_group_vector(p.scales, p.half_scales, ot * p.groups * kRows);
+  for (int64_t m = 0; m < rows; ++m) {
+    const int64_t t = t0 + m;
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(y + m * kRows), column);
+    if (p.row_scale != nullptr) v = _mm512_mul_ps(v, _mm512_set1_ps(p.row_scale[t]));
+    _mm512_storeu_ps(p.out + t * width + ot * kRows, v);
+  }
+}
+
+// vdpbf16ps: 2 output tiles x 8 rows of T per block, one zmm accumulator each.
+constexpr int64_t kWideRowsAvx = 8;
+
+XLA_INFERENCE_AVX512BF16 void product_avx512(const WideProblem& p, int64_t ot0, int64_t n,
+                                             const uint16_t* scratch) {
+  const int64_t pairs = p.K_pad / 2;
+  alignas(64) float y[kWideRowsAvx * kRows];
+  for (int64_t i = 0; i < n; i += 2) {
+    const bool two = i + 1 < n;
+    const uint16_t* b0 = scratch + i * p.scratch_words();
+    const uint16_t* b1 = two ? b0 + p.scratch_words() : b0;
+    for (int64_t t0 = 0; t0 < p.T; t0 += kWideRowsAvx) {  // T_pad rows exist, zero-padded
+      __m512 acc0[kWideRowsAvx], acc1[kWideRowsAvx];
+      for (int m = 0; m < kWideRowsAvx; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+      const uint16_t* x = p.x + t0 * p.K_pad;
+      for (int64_t k2 = 0; k2 < pairs; ++k2) {
+        const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b0 + k2 * 2 * kRows));
+        const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b1 + k2 * 2 * kRows));
+        for (int m = 0; m < kWideRowsAvx; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, x + m * p.K_pad + 2 * k2, sizeof(pair));
+          const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+          acc0[m] = _mm512_dpbf16_ps(acc0[m], a, w0);
+          acc1[m] = _mm512_dpbf16_ps(acc1[m], a, w1);
+        }
+      }
+      const int64_t rows = std::min(kWideRowsAvx, p.T - t0);
+      for (int m = 0; m < kWideRowsAvx; ++m) _mm512_store_ps(y + m * kRows, acc0[m]);
+      store_wide_tile(p, ot0 + i, t0, rows, y);
+      if (two) {
+        for (int m = 0; m < kWideRowsAvx; ++m) _mm512_store_ps(y + m * kRows, acc1[m]);
+        store_wide_tile(p, ot0 + i + 1, t0, rows, y);
+      }
+    }
+  }
+}
+
+// AMX: tiles 0-3 accumulate a 2 x 2 block (2 x 16 rows of T, 2 output tiles), 4-5 hold x,
+// 6-7 the weights; every tile is 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+XLA_INFERENCE_AMX void configure_tiles() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) {
+    config.colsb[i] = 64;
+    config.rows[i] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+XLA_INFERENCE_AMX void release_tiles() { _tile_release(); }
+
+XLA_INFERENCE_AMX void product_amx(const WideProblem& p, int64_t ot0, int64_t n,
+                                   const uint16_t* scratch) {
+  const int64_t blocks = p.K_pad / kWideK, x_stride = p.K_pad * 2, t_tiles = p.T_pad / kRows;
+  alignas(64) float y[4][kRows * kRows];
+  asm volatile("" ::: "memory");  // the scratch is written before the tile loads read it
+  for (int64_t tt = 0; tt < t_tiles; tt += 2) {
+    const bool two_t = tt + 1 < t_tiles;
+    const uint16_t* x0 = p.x + tt * kRows * p.K_pad;
+    const uint16_t* x1 = x0 + kRows * p.K_pad;
+    for (int64_t i = 0; i < n; i += 2) {
+      const bool two_o = i + 1 < n;
+      const uint16_t* b0 = scratch + i * p.scratch_words();
+      const uint16_t* b1 = two_o ? b0 + p.scratch_words() : b0;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        _tile_loadd(4, x0 + kb * kWideK, x_stride);
+        _tile_loadd(6, b0 + kb * kWideK * kRows, 64);
+        _tile_loadd(7, b1 + kb * kWideK * kRows, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two_t) {
+          _tile_loadd(5, x1 + kb * kWideK, x_stride);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, y[0], 64);
+      _tile_stored(1, y[1], 64);
+      _tile_stored(2, y[2], 64);
+      _tile_stored(3, y[3], 64);
+      for (int64_t h = 0; h < (two_t ? 2 : 1); ++h) {
+        const int64_t t0 = (tt + h) * kRows;
+        if (t0 >= p.T) break;
+        const int64_t rows = std::min(kRows, p.T - t0);
+        store_wide_tile(p, ot0 + i, t0, rows, y[2 * h]);
+        if (two_o) store_wide_tile(p, ot0 + i + 1, t0, rows, y[2 * h + 1]);
+      }
+    }
+  }
+}
+
+XLA_INFERENCE_AVX512BF16 void convert_rows_avx512(const float* x, int64_t T, int64_t in,
+                                                  int64_t K_pad, uint16_t* xb) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t k = 0;
+    for (; k + 16 <= in; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + t * K_pad + k),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + t * in + k))));
+    for (; k < in; ++k) xb[t * K_pad + k] = float_to_bf16(x[t * in + k]);
+  }
+}
+
+// The best path this CPU and kernel allow (AMX needs the tile data permission, asked once).
+int64_t detect_wide_isa() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return kWidePortable;
+  const bool avx512 = (ebx >> 16 & 1) && (ebx >> 30 & 1) && (ebx >> 31 & 1) && (ebx >> 17 & 1);
+  const bool amx = (edx >> 22 & 1) && (edx >> 24 & 1);
+  unsigned eax1 = 0, ebx1, ecx1, edx1;
+  __get_cpuid_count(7, 1, &eax1, &ebx1, &ecx1, &edx1);
+  const bool bf16 = eax1 >> 5 & 1;
+  // The OS must save the AVX-512 state (XCR0 bits 1, 2, 5, 6, 7).
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __get_cpuid(1, &eax, &ebx, &ecx, &edx);
+  if (ecx >> 27 & 1) asm volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if (!(avx512 && bf16 && (xcr0_lo & 0xE6) == 0xE6)) return kWidePortable;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (amx && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0)
+    return kWideAmx;
+  return kWideAvx512Bf16;
+}
+
+#else  // not x86-64
+
+int64_t detect_wide_isa() { return kWidePortable; }
+
+#endif
+
+int64_t wide_isa() {
+  static const int64_t isa = detect_wide_isa();
+  return isa;
+}
+
+// One wide call's work items (runs of output tiles), as Work above.
+struct WideWork {
+  WideProblem p;
+  int64_t isa;
+  std::vector<uint16_t> x;
+  std::vector<int16_t> xq;
+  std::vector<float> row_scale;
+  int64_t tiles_per_item, num_items;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  int64_t done = 0;
+
+  void item(int64_t ot0, int64_t n, uint16_t* scratch) {
+#if defined(__x86_64__)
+    if (isa != kWidePortable) {
+      // Two tiles at a time: their bfloat16 weights (2 x 32 bytes per input element) stay
+      // in L1 (L2 past 768 inputs) while every row of T passes over them.
+      for (int64_t i = 0; i < n; i += 2) {
+        const int64_t m = std::min<int64_t>(2, n - i);
+        for (int64_t j = 0; j < m; ++j)
+          dequantize_tile_avx512(p, ot0 + i + j, scratch + j * p.scratch_words());
+        if (isa == kWideAmx)
+          product_amx(p, ot0 + i, m, scratch);
+        else
+          product_avx512(p, ot0 + i, m, scratch);
+      }
+      return;
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i)
+      dequantize_tile_portable(p, ot0 + i, scratch + i * p.scratch_words());
+    product_portable(p, ot0, n, scratch);
+  }
+
+  void drain() {
+    // Zeros past `in` stay zero: only the first `in` values of each tile are written.
+    std::vector<uint16_t> scratch(std::max<int64_t>(2, tiles_per_item) * p.scratch_words(), 0);
+#if defined(__x86_64__)
+    if (isa == kWideAmx) configure_tiles();
+#endif
+    int64_t finished = 0;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
+      const int64_t begin = i * tiles_per_item;
+      item(begin, std::min(tiles_per_item, p.out_tiles - begin), scratch.data());
+    }
+#if defined(__x86_64__)
+    if (isa == kWideAmx) release_tiles();
+#endif
+    if (finished == 0) return;
+    std::lock_guard<std::mutex> lock(mu);
+    done += finished;
+    if (done == num_items) all_done.notify_all();
+  }
+};
+
+// Output tiles per item: an even number (the vector paths take pairs), at least 4 items a
+// thread where the weight allows, at most 8 (the portable path's scratch holds an item).
+int64_t wide_tiles_per_item(const WideProblem& p, int64_t threads) {
+  return std::min<int64_t>(8, std::max<int64_t>(2, p.out_tiles / (4 * (threads + 1)) / 2 * 2));
+}
+
+ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+                          ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
+                          ffi::ResultBuffer<ffi::F32> out, int64_t bits, int64_t group_size,
+                          int64_t zero_point, float levels, int64_t scale_after, int64_t isa) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || !(levels == 0.0f || (levels >= 1.0f && levels <= 256.0f)))
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul_wide: x [T, in] f32, levels 0 (bfloat16 x) or in [1, 256]");
+  Problem q;
+  ffi::Error error =
+      weight_problem(xd[0], xd[1], values, scales, offsets, out, bits, group_size, zero_point, q);
+  if (error.failure()) return error;
+  if (scale_after && q.offsets != nullptr)
+    return ffi::Error::InvalidArgument("quantized_matmul_wide: scale_after takes no offsets");
+  auto work = std::make_shared<WideWork>();
+  const int64_t T = xd[0], in = xd[1];
+  const int64_t T_pad = (T + kRows - 1) / kRows * kRows;
+  const int64_t K_pad = (in + kWideK - 1) / kWideK * kWideK;
+  work->isa = std::min(isa, wide_isa());
+  work->x.assign(T_pad * K_pad, 0);
+  if (levels > 0.0f) {
+    work->xq.resize(in);
+    work->row_scale.resize(T);
+    for (int64_t t = 0; t < T; ++t) {
+      quantize_row(x.typed_data() + t * in, in, levels, work->xq.data(), &work->row_scale[t]);
+      for (int64_t k = 0; k < in; ++k)  // integers of at most 256: exact in bfloat16
+        work->x[t * K_pad + k] = float_to_bf16(static_cast<float>(work->xq[k]));
+    }
+  } else {
+#if defined(__x86_64__)
+    if (work->isa != kWidePortable)
+      convert_rows_avx512(x.typed_data(), T, in, K_pad, work->x.data());
+    else
+#endif
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t k = 0; k < in; ++k)
+          work->x[t * K_pad + k] = float_to_bf16(x.typed_data()[t * in + k]);
+  }
+  work->p = WideProblem{work->x.data(), levels > 0.0f ? work->row_scale.data() : nullptr,
+                        q.values, q.scales, q.offsets, q.half_scales, q.half_offsets,
+                        scale_after != 0, q.out, T, T_pad, in, K_pad, q.out_tiles, q.groups,
+                        group_size, zero_point, q.per_chunk};
+  if (T == 0 || q.out_tiles == 0) return ffi::Error::Success();
+  work->tiles_per_item = wide_tiles_per_item(work->p, pool.num_threads());
+  work->num_items = (q.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
+  // Wide steps are compute-heavy: every pool thread pays for its wake-up.
+  const int64_t macs = T * q.out_tiles * kRows * in;
+  const int64_t helpers =
+      macs < (int64_t{1} << 22) ? 0 : std::min<int64_t>(pool.num_threads(), work->num_items - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->all_done.wait(lock, [&] { return work->done == work->num_items; });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmul, QuantizedMatmulImpl,
@@ -508,6 +956,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulFloat, QuantizedMatmulF
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("zero_point")
                                   .Attr<float>("levels"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulWide, WideMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("zero_point")
+                                  .Attr<float>("levels")
+                                  .Attr<int64_t>("scale_after")
+                                  .Attr<int64_t>("isa"));
+
+// The wide entry's best path on this CPU: 2 AMX, 1 AVX-512 bf16, 0 portable.
+extern "C" int XlaInferenceQuantizedMatmulWideIsa() { return static_cast<int>(wide_isa()); }
 
 // Whether this build took the AVX-512 VNNI path (1) or the portable one (0): for tests.
 extern "C" int XlaInferenceQuantizedMatmulVnni() {

@@ -19,7 +19,7 @@ def test_fused_moe_is_refused_naming_the_layer_and_the_native_family(tmp_path):
     from xla_inference.torch_models.loader import load
 
     model_dir = save_tiny_family(tmp_path / "moe", "qwen3_moe")
-    with pytest.raises(TorchPathError, match=r"fused MoE layers \(model\.layers\.1\.mlp\.experts"
+    with pytest.raises(TorchPathError, match=r"mixture-of-experts layers \(vLLM's fused MoE"
                        r".*--model-impl native serves Qwen3MoeForCausalLM"):
         load(vllm_config(model_dir, model_impl="vllm"), Precision.uniform(jnp.float32))
 

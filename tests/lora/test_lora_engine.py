@@ -1,0 +1,151 @@
+"""LoRA on the engine (no vLLM): PEFT adapters of three ranks mixed in one step against
+transformers+peft, refusals naming the field, and no compile when adapters change."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family, save_tiny_llama
+from tests.lora.lora_helpers import ADAPTERS, peft_logits, save_adapter, save_adapters
+from xla_inference.lora.peft import LoraError, load_adapter
+
+PROMPTS = [[5, 9, 17, 33, 2, 71, 8], [3, 44, 12, 90, 61, 7, 7, 19, 100], [120, 4, 4, 56, 13],
+           [8, 77, 31, 2, 9, 64]]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model_and_adapters(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = (save_tiny_llama(root / "model") if request.param == "llama"
+                 else save_tiny_family(root / "model", "qwen3"))
+    return model_dir, save_adapters(model_dir, root)
+
+
+@pytest.fixture(scope="module")
+def llama_targets(tmp_path_factory):
+    """A tiny Llama's targetable modules and three adapters for it (host side only)."""
+    import jax.numpy as jnp
+
+    from xla_inference.lora.slots import decoder_targets
+    from xla_inference.runner.build import Precision, load
+
+    root = tmp_path_factory.mktemp("llama_host")
+    model_dir = save_tiny_llama(root / "model")
+    f32 = jnp.dtype(jnp.float32)
+    return model_dir, decoder_targets(load(model_dir, Precision(f32, f32, f32)).params), \
+        save_adapters(model_dir, root)
+
+
+def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_tokens=64):
+    import jax.numpy as jnp
+
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+
+    f32 = jnp.dtype(jnp.float32)
+    model = load(model_dir, Precision(f32, f32, f32))
+    ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
+                        max_num_seqs=8, max_model_len=128)
+    return build_engine(model, ecfg, lora=dict(max_loras=max_loras, max_rank=max_rank,
+                                               max_cpu_loras=max_cpu_loras))
+
+
+def add(engine, lora_id, path):
+    engine.lora.add(lora_id, load_adapter(path, engine.lora.module_shapes, engine.lora.max_rank))
+
+
+def test_mixed_adapters_match_peft(model_and_adapters):
+    """Base and three adapters in the same steps (prompts in two chunks): every position's
+    logits within 2e-4 of transformers+peft for its own adapter."""
+    model_dir, adapters = model_and_adapters
+    engine = lora_engine(model_dir)
+    paths = [None, *adapters.values()]
+    for i, path in enumerate(paths[1:], start=1):
+        add(engine, i, path)
+    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(PROMPTS)]
+    for i, req in enumerate(reqs):
+        req.lora_id = i
+    plan = [{i: 3 for i in range(4)}] + [{i: 1} for i in range(4) for _ in range(len(PROMPTS[i]) - 3)]
+    rows = run_chunks(engine, reqs, plan)
+    for i, (prompt, path) in enumerate(zip(PROMPTS, paths)):
+        want = peft_logits(model_dir, path, prompt)
+        for pos in range(2, len(prompt)):
+            np.testing.assert_allclose(rows[(f"r{i}", pos)], want[pos], atol=2e-4, rtol=0,
+                                       err_msg=f"adapter {path} position {pos}")
+    assert np.abs(peft_logits(model_dir, paths[1], PROMPTS[0]) - peft_logits(
+        model_dir, None, PROMPTS[0])).max() > 1e-2  # the adapters matter
+
+
+@pytest.mark.slow  # compiles every bucket (warm-up)
+def test_swaps_and_evictions_do_not_compile(llama_targets):
+    """Two slots, three adapters: loading, evicting and reloading write slots in place."""
+    from xla_inference.runner import compile_counter
+
+    model_dir, _, adapters = llama_targets
+    engine = lora_engine(model_dir, max_loras=2, max_cpu_loras=3, max_num_tokens=16)
+    engine.warm_up()
+    before = compile_counter.num_compilations()
+    for i, path in enumerate(adapters.values(), start=1):
+        add(engine, i, path)
+    order = [(1, 2), (3, 0), (2, 3), (1, 3), (0, 1)]
+    for step, ids in enumerate(order):
+        reqs = [engine_request(f"s{step}{j}", PROMPTS[j], 1 + 8 * j) for j in range(2)]
+        for req, lora_id in zip(reqs, ids):
+            req.lora_id = lora_id
+        rows = run_chunks(engine, reqs, [{0: len(PROMPTS[0]), 1: len(PROMPTS[1])}])
+        for j, (req, lora_id) in enumerate(zip(reqs, ids)):
+            path = None if lora_id == 0 else list(adapters.values())[lora_id - 1]
+            np.testing.assert_allclose(rows[(req.req_id, len(PROMPTS[j]) - 1)],
+                                       peft_logits(model_dir, path, PROMPTS[j])[-1], atol=2e-4,
+                                       rtol=0, err_msg=f"step {step} adapter {lora_id}")
+    assert engine.lora.slot_writes >= 5  # evictions happened
+    engine.lora.remove(2)
+    assert engine.lora.ids() == {1, 3}
+    assert compile_counter.num_compilations() == before
+
+
+def test_pinned_adapter_is_not_evicted(llama_targets):
+    import jax.numpy as jnp
+
+    from xla_inference.lora.slots import LoraSlots
+
+    _, shapes, adapters = llama_targets
+    slots = LoraSlots(shapes, max_loras=1, max_rank=16, max_cpu_loras=3, dtype=jnp.float32)
+    for lora_id, path in enumerate(adapters.values(), start=1):
+        slots.add(lora_id, load_adapter(path, shapes, 16))
+    slots.slots_for([1])
+    assert slots.pin(1)
+    with pytest.raises(LoraError, match="pinned or in use"):
+        slots.slots_for([2])
+    with pytest.raises(LoraError, match="--max-loras"):
+        slots.slots_for([1, 2])
+    assert slots.remove(1) and slots.slots_for([2]) == {0: 0, 2: 1}
+
+
+@pytest.mark.parametrize("edit, field", [
+    (dict(use_dora=True), "use_dora"),
+    (dict(bias="all"), "bias"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(r=32), "rank_pattern"),
+])
+def test_unsupported_configs_name_the_field(llama_targets, tmp_path, edit, field):
+    _, shapes, adapters = llama_targets
+    src = adapters["a4"]
+    dst = tmp_path / "edited"
+    dst.mkdir()
+    (dst / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(LoraError, match=field):
+        load_adapter(dst, shapes, 16)
+
+
+def test_rank_above_max_and_unserved_modules_refused(llama_targets, tmp_path):
+    model_dir, shapes, adapters = llama_targets
+    with pytest.raises(LoraError, match="max-lora-rank 8"):
+        load_adapter(adapters["a16"], shapes, 8)
+    head = save_adapter(model_dir, tmp_path / "head", seed=3, r=4, target_modules=["lm_head"])
+    with pytest.raises(LoraError, match="lm_head"):
+        load_adapter(head, shapes, 16)
+    assert ADAPTERS[0][0] == "a4"

@@ -11,8 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xla_inference"
 
 # Bottom to top; a module may import its own package and any package listed before it.
 LAYERS = ["torchvision_compat", "envs", "kernels", "parallel", "quantization", "loading", "lora",
-          "layers", "models",
-          "multimodal", "sampling", "runner", "torch_models", "plugin", "cli"]
+          "layers", "multimodal", "models", "sampling", "runner", "torch_models", "plugin", "cli"]
 # The only places vllm or torch may be imported: the adapter, the launcher, and the torch
 # path (vLLM's PyTorch models lowered through torchax).
 ADAPTERS = {"torch_models", "plugin", "cli", "torchvision_compat"}

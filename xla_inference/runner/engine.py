@@ -21,6 +21,7 @@ from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, para
                                              traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
+from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
 from xla_inference.runner.pooling import gather_pooled_rows
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
 from xla_inference.runner.speculative import verify_inputs, verify_program, verify_rows
@@ -273,6 +274,11 @@ class ModelEngine:
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
         self._verify = None  # built at the first step with drafts (speculative decoding)
+        # A multimodal family's encoder outputs, by item identifier (runner/multimodal.py).
+        self.encoder_cache = EncoderCache()
+        if model.multimodal is not None and self.replicas > 1:
+            raise ValueError("xla-inference serves multimodal models without data parallelism "
+                             "(--data-parallel-size 1)")
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
@@ -306,10 +312,36 @@ class ModelEngine:
         if self.replicas > 1:
             return self._run_forward(*self._replica_batch(scheduled))
         num_tokens = sum(n for _, n in scheduled)
-        batch = build_step_batch(scheduled, self.layout_for(num_tokens))
+        batch = self._with_multimodal(build_step_batch(scheduled, self.layout_for(num_tokens)),
+                                      scheduled)
         if self.lora is None:
             return self._run_forward(batch)
         return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens))
+
+    def _with_multimodal(self, batch: StepBatch, scheduled) -> StepBatch:
+        """A multimodal family's step batch (rope positions, encoder rows); others' as is."""
+        mm = self.model.multimodal
+        if mm is None:
+            return batch
+        embed = self.params.embed
+        return multimodal_batch(batch, scheduled, self.encoder_cache, embed.shape[-1], embed.dtype,
+                                lambda n, items: mm.rope_positions(self.model_cfg, n, items))
+
+    def encode(self, req: RequestState, item_indices) -> None:
+        """Run the encoder on the request's items at these indices (vLLM's
+        scheduled_encoder_inputs) and keep each output until free_encoder_outputs; an
+        item whose identifier is already cached is not encoded again."""
+        for index in item_indices:
+            item = req.mm_items[index]
+            if item.identifier not in self.encoder_cache:
+                if item.data is None:
+                    raise RuntimeError(f"multimodal item {item.identifier} is scheduled for the "
+                                       "encoder without its data")
+                self.encoder_cache.put(item.identifier, self.model.multimodal.encode(
+                    self.params, self.model_cfg, item))
+
+    def free_encoder_outputs(self, identifiers) -> None:
+        self.encoder_cache.free(identifiers)
 
     def _token_slots(self, scheduled: list[tuple[RequestState, int]], T: int) -> np.ndarray:
         """Each token's LoRA slot (0: the base model, and padding), loading the step's
@@ -439,7 +471,7 @@ class ModelEngine:
         for T in self.token_buckets:
             layout = self.layout_for(T)
             B = layout.num_seqs
-            batch = build_step_batch([], layout)
+            batch = self._with_multimodal(build_step_batch([], layout), [])
             if self.replicas == 1:
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:

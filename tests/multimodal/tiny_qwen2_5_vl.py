@@ -1,5 +1,5 @@
 """A tiny random Qwen2.5-VL checkpoint saved by transformers, with a word-level tokenizer
-("t0 t1 ...") that knows the vision special tokens and a processor config: enough for
+("t3 t4 ...") that knows the vision special tokens and a processor config: enough for
 transformers' Qwen2.5-VL processor and for vLLM's multimodal front end."""
 
 from pathlib import Path
@@ -50,12 +50,13 @@ def _save_processor(path: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    vocab = {f"t{i}": i for i in range(IMAGE_PAD)} | SPECIALS
-    vocab |= {f"t{i}": i for i in range(VISION_END + 1, VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    # Special tokens are split out of words first: none may be a prefix of a "t<i>" word.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, IMAGE_PAD)}
+    vocab |= SPECIALS | {f"t{i}": i for i in range(VISION_END + 1, VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
-                                        eos_token="t2", pad_token="t0",
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<unk>",
                                         additional_special_tokens=list(SPECIALS))
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
     processor = Qwen2_5_VLProcessor(
@@ -69,3 +70,27 @@ def image(height: int, width: int, seed: int):
 
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def hf_greedy(model_dir: Path, text: str, images: list, num_new: int) -> list[int]:
+    """transformers' greedy continuation (float32): the whole sequence run again for each
+    token (its own M-RoPE positions each time), EOS neither stopping nor banned (vLLM's
+    ignore_eos)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    inputs = AutoProcessor.from_pretrained(model_dir)(text=[text], images=images or None,
+                                                     return_tensors="pt")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
+    new = []
+    with torch.no_grad():
+        for _ in range(num_new):
+            token = int(model(input_ids=ids, **inputs).logits[0, -1].argmax())
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            if "mm_token_type_ids" in inputs:
+                inputs["mm_token_type_ids"] = torch.cat(
+                    [inputs["mm_token_type_ids"], torch.zeros((1, 1), dtype=torch.long)], dim=1)
+    return new

@@ -63,9 +63,11 @@ def _tiny_qwen2_5_vl(path):
     return path
 
 
-def test_image_inputs_are_refused_at_start_up_until_the_runner_serves_them(tmp_path):
-    """With vLLM's multimodal modules importable, a Qwen2.5-VL checkpoint would reach the
-    runner, which ignores encoder inputs: refused by name; its text model stays servable."""
+def test_qwen2_5_vl_images_are_served_and_other_paths_refused(tmp_path):
+    """A Qwen2.5-VL checkpoint starts with image inputs on the native family (vLLM's
+    on-device normalization off: our encoder takes the processor's normalized pixels); the
+    torch path, which ignores encoder inputs, is refused by name; --language-model-only
+    serves the text model."""
     from vllm.engine.arg_utils import EngineArgs
 
     model = _tiny_qwen2_5_vl(tmp_path / "qwen2_5_vl")
@@ -74,6 +76,9 @@ def test_image_inputs_are_refused_at_start_up_until_the_runner_serves_them(tmp_p
         return EngineArgs(model=str(model), max_model_len=128, skip_tokenizer_init=True,
                           **args).create_engine_config()
 
+    served = config().model_config
+    assert served.supports_multimodal_inputs
+    assert served.multimodal_config.mm_device_do_normalize is False
     with pytest.raises(Exception, match="does not support image, video or audio inputs"):
-        config()
+        config(model_impl="vllm")
     assert not config(language_model_only=True).model_config.supports_multimodal_inputs

@@ -151,7 +151,11 @@ def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem
     if item.modality != "image":
         raise ValueError(f"xla-inference serves Qwen2.5-VL image inputs, not {item.modality}")
     grid = _grid(item)
-    patches = np.asarray(item.data["pixel_values"], np.float32)
+    patches = np.asarray(item.data["pixel_values"])
+    if not np.issubdtype(patches.dtype, np.floating):  # raw pixels would be read as normalized
+        raise ValueError(f"Qwen2.5-VL's encoder takes the processor's normalized pixel values, "
+                         f"not {patches.dtype} pixels (vLLM's mm_device_do_normalize must be off)")
+    patches = patches.astype(np.float32)
     embeds = encoder_for_grid(cfg.vision, grid)(params.vision, patches)
     if embeds.shape[0] != item.length:
         raise ValueError(f"an image of grid {grid} gives {embeds.shape[0]} embeddings; its "

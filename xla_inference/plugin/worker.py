@@ -392,8 +392,9 @@ class XlaWorker(WorkerBase):
     # -- calls vLLM makes that have little or nothing to do here -----------------------------
     def reset_encoder_cache(self) -> None:
         """vLLM clears the encoder outputs (image embeddings) it cached, after a weight update
-        or when a pause clears the caches. Nothing to clear: we serve text only and keep no
-        encoder cache."""
+        or when a pause clears the caches: ours go too."""
+        if self.model_runner is not None:
+            self.model_runner.engine.encoder_cache.clear()
 
     def update_max_model_len(self, max_model_len: int) -> None:
         """--max-model-len -1: vLLM set the checkpoint's context length, then, having sized

@@ -59,6 +59,22 @@ def test_images_batched_with_text_requests(llm, checkpoint, images):
     assert _generate(llm, requests) == expected
 
 
+def test_prefix_cache_hit_covering_an_image(llm, checkpoint, images):
+    """The same image prompt twice: the second finds the image's placeholders in the prefix
+    cache (vLLM sends the item without pixels and schedules no encoder for it) and still
+    needs its grid for the rope positions of the tokens after it."""
+    from tests.e2e.engines import metric
+
+    text = " ".join(f"t{i}" for i in range(50, 70))
+    prompt = f"{IMAGE} {text}"  # placeholders 1..15: all in the first 16-token page
+    request = {"prompt": prompt, "multi_modal_data": {"image": images[1]}}
+    expected = hf_greedy(checkpoint, prompt, [images[1]], NUM_NEW)
+    assert _generate(llm, [request]) == [expected]
+    hits = metric(llm, "vllm:prefix_cache_hits")
+    assert _generate(llm, [request]) == [expected]
+    assert metric(llm, "vllm:prefix_cache_hits") - hits >= 16
+
+
 def test_video_is_refused_per_request(llm):
     import numpy as np
 

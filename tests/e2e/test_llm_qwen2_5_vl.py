@@ -1,7 +1,8 @@
 """Qwen2.5-VL with images through vllm.LLM on our engine (vLLM's own processor, our vision
 tower and M-RoPE decoder): greedy output equal to transformers' on a tiny random checkpoint
 saved by transformers, with the image's placeholders cut by chunked prefill, alone and
-batched with text-only requests; video refused per request."""
+batched with text-only requests and a two-image prompt, and found in the prefix cache;
+video refused per request."""
 
 import pytest
 
@@ -13,6 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 NUM_NEW = 8
 PROMPTS = [f"t5 t6 {IMAGE} t7 t8 t9", f"t40 {IMAGE} t41 t42 t43 t44"]
 TEXT_ONLY = ["t11 t12 t13", "t20 t21 t22 t23 t24 t25 t26", "t30 t31"]
+TWO_IMAGES = f"t60 {IMAGE} t61 {IMAGE} t62 t63"
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,11 @@ def test_image_prompt_greedy_equals_transformers(llm, checkpoint, images):
 def test_images_batched_with_text_requests(llm, checkpoint, images):
     requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(PROMPTS, images)]
     requests += [{"prompt": p} for p in TEXT_ONLY]
+    two = [images[1], image(56, 56, seed=2)]  # two images in one prompt: 15 + 4 placeholders
+    requests.append({"prompt": TWO_IMAGES, "multi_modal_data": {"image": two}})
     expected = [hf_greedy(checkpoint, p, [im], NUM_NEW) for p, im in zip(PROMPTS, images)]
     expected += [hf_greedy(checkpoint, p, [], NUM_NEW) for p in TEXT_ONLY]
+    expected.append(hf_greedy(checkpoint, TWO_IMAGES, two, NUM_NEW))
     assert _generate(llm, requests) == expected
 
 

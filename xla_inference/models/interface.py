@@ -65,11 +65,14 @@ class MultimodalSupport:
       rope_positions(cfg, num_prompt_tokens, items) -> (positions [3, P] int, delta): each
         prompt token's rope positions, and what a later token's position (on every row)
         adds to its place in the sequence
+      warm_up(params, cfg, grid): build the encoder's program for one image grid (the
+        processor's (t, h, w) in patches), so that images of that grid compile nothing
     """
 
     modalities: tuple[str, ...]
     encode: Callable[..., Any]
     rope_positions: Callable[..., tuple[Any, int]]
+    warm_up: Callable[..., None]
 
 
 FULL, SLIDING, MLA = "full", "sliding_window", "mla"

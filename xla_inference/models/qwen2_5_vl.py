@@ -163,6 +163,13 @@ def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem
     return embeds
 
 
+def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid) -> None:
+    """Compile (and run once) the tower's program for one image grid, on a blank image."""
+    grid = tuple(int(g) for g in grid)
+    patches = np.zeros((int(np.prod(grid)), cfg.vision.patch_features), np.float32)
+    jax.block_until_ready(encoder_for_grid(cfg.vision, grid)(params.vision, patches))
+
+
 def rope_positions(cfg: Qwen2_5_VLConfig, num_prompt_tokens: int,
                    items: list[MultimodalItem]) -> tuple[np.ndarray, int]:
     """Each prompt token's (time, height, width) rope positions [3, P], and the delta a
@@ -191,4 +198,4 @@ def rope_positions(cfg: Qwen2_5_VLConfig, num_prompt_tokens: int,
 FAMILY = decoder_family(
     "qwen2_5_vl", ARCHITECTURES, Qwen2_5_VLConfig, load_params=load_params, forward=forward,
     multimodal=MultimodalSupport(modalities=("image",), encode=encode,
-                                 rope_positions=rope_positions))
+                                 rope_positions=rope_positions, warm_up=warm_up))

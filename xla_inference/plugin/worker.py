@@ -302,9 +302,29 @@ class XlaWorker(WorkerBase):
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine
         logger.info("xla-inference: compiling %d buckets before serving", len(engine.token_buckets))
-        seconds = engine.warm_up()
+        seconds = engine.warm_up(self._image_grids())
         logger.info("xla-inference: warm-up done in %.1fs", seconds)
         return CompilationTimes(language_model=seconds, encoder=0.0)
+
+    def _image_grids(self) -> list[tuple[int, int, int]]:
+        """The processor's grids of the images sizes XLA_INFERENCE_IMAGE_SIZES names, for a
+        model whose images we encode (plugin/platform.served_modalities)."""
+        from xla_inference import envs
+        from xla_inference.plugin.platform import served_modalities
+
+        sizes = envs.image_sizes()
+        if not sizes or "image" not in served_modalities(self.model_config):
+            return []
+        from PIL import Image
+        from vllm.multimodal import MULTIMODAL_REGISTRY
+
+        info = MULTIMODAL_REGISTRY.create_processor(self.model_config).info
+        image_processor = info.get_hf_processor().image_processor
+        grids = []
+        for height, width in sizes:
+            out = image_processor(images=[Image.new("RGB", (width, height))], return_tensors="np")
+            grids.append(tuple(int(g) for g in out["image_grid_thw"][0]))
+        return grids
 
     def _pooling_requests(self):
         if self.model_config.runner_type != "pooling":

@@ -462,9 +462,10 @@ class ModelEngine:
             parts.append([np.asarray(a)[:n] for a in out])
         return tuple(np.concatenate(p) for p in zip(*parts))
 
-    def warm_up(self) -> float:
+    def warm_up(self, encoder_grids=()) -> float:
         """Compile every bucket's programs (forward, sampler with and without the [B, V]
-        extras, the scorer), so serving never compiles."""
+        extras, the scorer), so serving never compiles; and a multimodal family's encoder
+        for each of `encoder_grids` (image grids, (t, h, w) in patches)."""
         start = time.perf_counter()
         compile_counter.mark_warm(done=False)
         forward_args, sample_args = [], []
@@ -512,6 +513,11 @@ class ModelEngine:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
         if self.lora is not None:
             self.lora.warm_up()
+        for grid in encoder_grids:
+            self.model.multimodal.warm_up(self.params, self.model_cfg, grid)
+        if encoder_grids:
+            logger.info("xla-inference: compiled the encoder for image grids %s",
+                        list(encoder_grids))
         logger.info("xla-inference: compiled %d forward buckets, %d sampler programs and the "
                     "scorer in %.1fs (%d at a time)", len(forward),
                     sum(len(f) for f in samplers.values()),

@@ -56,9 +56,13 @@ def _request(processed, identifier="img0"):
     return req
 
 
-def test_prompt_logits_with_an_image_cut_by_chunks(checkpoint, processed, reference):
+@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["one_device", "tp2"])
+def test_prompt_logits_with_an_image_cut_by_chunks(checkpoint, processed, reference,
+                                                   tensor_parallel):
+    from xla_inference.parallel.sharding import build_mesh
+
     logits, _ = reference
-    engine = tiny_engine(checkpoint)
+    engine = tiny_engine(checkpoint, mesh=build_mesh(tensor_parallel))
     req = _request(processed)
     image_start = req.mm_items[0].offset
     assert req.mm_items[0].length == 24 and req.num_prompt_tokens == 31

@@ -14,19 +14,25 @@ IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64  # 2x2 .. 8x8 merged patches
 
 
-def save_tiny_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
+def save_tiny_qwen2_5_vl(path: Path, seed: int = 0, max_pixels: int = MAX_PIXELS,
+                         hidden_size: int = 64, num_heads: int = 4,
+                         mrope_section: tuple = (2, 3, 3)) -> Path:
+    """hidden_size / num_heads: the language model's (head dim 16 by default; vLLM's CPU
+    attention, for benchmarks, needs 32 or more); mrope_section sums to half the head dim."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+        text_config={"hidden_size": hidden_size, "intermediate_size": 96, "num_hidden_layers": 2,
+                     "num_attention_heads": num_heads, "num_key_value_heads": num_heads // 2,
+                     "vocab_size": VOCAB,
                      "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": [2, 3, 3]}},
+                                         "mrope_section": list(mrope_section)}},
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
-                       "out_hidden_size": 64, "fullatt_block_indexes": [1], "window_size": 112},
+                       "out_hidden_size": hidden_size, "fullatt_block_indexes": [1],
+                       "window_size": 112},
         image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD,
         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -40,11 +46,11 @@ def save_tiny_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
                 tensor.normal_(0.0, 0.1)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)
-    _save_processor(path)
+    _save_processor(path, max_pixels)
     return Path(path)
 
 
-def _save_processor(path: Path) -> None:
+def _save_processor(path: Path, max_pixels: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -58,7 +64,7 @@ def _save_processor(path: Path) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                         eos_token="</s>", pad_token="<unk>",
                                         additional_special_tokens=list(SPECIALS))
-    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size),
         tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(size=size))

@@ -23,6 +23,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "",
         "the MoE grouped matmul: tpu or gpu forces that Pallas kernel (interpret mode off "
         "such a device), xla keeps jax.lax.ragged_dot; empty follows XLA_INFERENCE_KERNELS"),
+    "XLA_INFERENCE_IMAGE_SIZES": (
+        "",
+        "image sizes, HEIGHTxWIDTH in pixels, comma-separated (e.g. 448x448,720x1280), whose "
+        "vision-encoder programs a multimodal model compiles at start-up; an image of another "
+        "size (after the processor's resize) compiles its program at its first request"),
     "XLA_INFERENCE_KERNELS": (
         "auto",
         "which attention kernels serve the process: auto (from JAX's default backend: cpu -> "
@@ -69,6 +74,17 @@ def kernels() -> str:
 def gmm_backend() -> str:
     """XLA_INFERENCE_GMM_BACKEND as given (kernels/pallas_gmm.py checks and resolves it)."""
     return _get("XLA_INFERENCE_GMM_BACKEND").strip().lower()
+
+
+def image_sizes() -> list[tuple[int, int]]:
+    """XLA_INFERENCE_IMAGE_SIZES as (height, width) pairs."""
+    sizes = []
+    for size in filter(None, (s.strip() for s in _get("XLA_INFERENCE_IMAGE_SIZES").split(","))):
+        height, _, width = size.lower().partition("x")
+        if not (height.isdigit() and width.isdigit()):
+            raise ValueError(f"XLA_INFERENCE_IMAGE_SIZES: {size!r} is not HEIGHTxWIDTH in pixels")
+        sizes.append((int(height), int(width)))
+    return sizes
 
 
 def pallas_interpret() -> bool:

@@ -12,7 +12,7 @@ from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
 from xla_inference.kernels.ragged_paged_attention import write_kv_and_attend
 from xla_inference.layers.linear import linear, row_parallel_project
 from xla_inference.layers.norms import rms_norm
-from xla_inference.layers.rope import apply_rope
+from xla_inference.layers.rope import apply_mrope, apply_rope
 from xla_inference.parallel.axes import weight
 from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 
@@ -92,12 +92,14 @@ class SelfAttention:
 def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
                    inv_freq: jax.Array, *, head_dim: int, scale: float, norm_eps: float,
                    sliding_window: int | None = None, soft_cap: float | None = None,
-                   qk_norm=rms_norm):
+                   qk_norm=rms_norm, mrope: tuple[jax.Array, tuple[int, ...]] | None = None):
     """x [T, D] (already normed) -> (updated layer cache, out [T, D]): project, rope, paged
     attention.
 
     qk_norm(x, weight, eps) normalizes q and k per head where the layer has q/k norms
     (Gemma passes its (1 + w) norm).
+    mrope: (positions [3, T], section) for multimodal rope (layers/rope.apply_mrope) in place
+    of rope by md.positions, which stay the tokens' places in their sequences for attention.
     """
     T = x.shape[0]
     q = linear(x, p.wq, p.bq).reshape(T, -1, head_dim)  # [T, N, H]
@@ -107,8 +109,13 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
         q = qk_norm(q, p.q_norm, norm_eps)
     if p.k_norm is not None:
         k = qk_norm(k, p.k_norm, norm_eps)
-    q = apply_rope(q, md.positions, inv_freq)
-    k = apply_rope(k, md.positions, inv_freq)
+    if mrope is None:
+        q = apply_rope(q, md.positions, inv_freq)
+        k = apply_rope(k, md.positions, inv_freq)
+    else:
+        positions, section = mrope
+        q = apply_mrope(q, positions, inv_freq, section)
+        k = apply_mrope(k, positions, inv_freq, section)
     kv, out = paged_attention(q, k, v, kv, md, scale=scale, sliding_window=sliding_window,
                               soft_cap=soft_cap, k_scale=_or_one(p.k_scale),
                               v_scale=_or_one(p.v_scale))

@@ -82,6 +82,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
+def apply_mrope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                section: tuple[int, ...]) -> jax.Array:
+    """Multimodal rope (Qwen2-VL's M-RoPE): x [T, N, H] rotated as apply_rope, but frequency
+    j turns by the position on row k of positions [3, T] (time, height, width), where k is
+    the chunk of `section` (sizes summing to H/2) that j falls in. Text tokens carry one
+    position on all three rows, which is plain rope."""
+    rows = np.repeat(np.arange(len(section)), section)  # [H/2], static
+    angles = positions.astype(jnp.float32)[rows].T * inv_freq[None, :]  # [T, H/2]
+    return _rotate_half(x, angles)
+
+
+def _rotate_half(x: jax.Array, angles: jax.Array) -> jax.Array:
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
 def apply_rope_interleaved(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """x [T, N, H] rotated with adjacent elements paired, (x[2i], x[2i+1]) as one complex
     number (Llama 4's checkpoints; Meta's original layout), in float32."""

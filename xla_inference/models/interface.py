@@ -32,6 +32,49 @@ class StepBatch:
         return self.logits_indices.shape[-1]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MultimodalStepBatch(StepBatch):
+    """A step of a multimodal family (ModelFamily.multimodal): the rope positions it needs
+    beyond the tokens' places in their sequences, and the encoder outputs that stand in
+    for the placeholder tokens. Only multimodal families' programs take it, so text
+    models' step programs stay as they are."""
+
+    mrope_positions: jax.Array  # [3, T] int32, (time, height, width) rope position per token
+    embeds: jax.Array  # [T, D], an encoder's output for each placeholder token (else zeros)
+    embeds_mask: jax.Array  # [T] bool, the tokens whose input is their row of `embeds`
+
+
+@dataclasses.dataclass
+class MultimodalItem:
+    """One image (or other input) of a request, as its prompt places it: its placeholder
+    tokens are prompt[offset:offset + length], their embeddings the encoder's output."""
+
+    identifier: str  # the encoder output's cache key (vLLM's mm hash)
+    modality: str
+    offset: int
+    length: int
+    data: Mapping[str, Any] | None  # the processor's arrays (numpy); None if already encoded
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalSupport:
+    """What a multimodal family adds to its record:
+      modalities: what its encoders take ("image", ...)
+      encode(params, cfg, item: MultimodalItem) -> embeddings [item.length, D]
+      rope_positions(cfg, num_prompt_tokens, items) -> (positions [3, P] int, delta): each
+        prompt token's rope positions, and what a later token's position (on every row)
+        adds to its place in the sequence
+      warm_up(params, cfg, grid): build the encoder's program for one image grid (the
+        processor's (t, h, w) in patches), so that images of that grid compile nothing
+    """
+
+    modalities: tuple[str, ...]
+    encode: Callable[..., Any]
+    rope_positions: Callable[..., tuple[Any, int]]
+    warm_up: Callable[..., None]
+
+
 FULL, SLIDING, MLA = "full", "sliding_window", "mla"
 
 
@@ -81,3 +124,4 @@ class ModelFamily:
     forward: Callable[..., Any]
     compute_logits: Callable[..., jax.Array]
     kv_layers: Callable[[Any], list[KvLayer]]
+    multimodal: MultimodalSupport | None = None  # None: a text model

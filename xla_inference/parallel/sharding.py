@@ -117,6 +117,8 @@ def param_shardings(params, cfg, mesh: Mesh):
                 for f in dataclasses.fields(node) if f.init})
         if isinstance(node, (list, tuple)):
             return type(node)(walk(child) for child in node)
+        if isinstance(node, dict):  # a subtree without declared axes (a vision tower): replicated
+            return {key: walk(child) for key, child in node.items()}
         return leaf_sharding(node, axes)
 
     return walk(params)

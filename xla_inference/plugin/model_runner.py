@@ -7,6 +7,7 @@ import torch
 from vllm.v1.outputs import (EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, LogprobsLists,
                              LogprobsTensors, ModelRunnerOutput)
 
+from xla_inference.models.interface import MultimodalItem
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
 from xla_inference.sampling.host import SamplingOptions, logprobs_rows, unpack_grammar_bitmask
@@ -16,6 +17,28 @@ logger = logging.getLogger(__name__)
 # vLLM: temperatures below this are greedy; (eps, 0.01) is raised to 0.01.
 _GREEDY_TEMPERATURE = 1e-5
 _MIN_TEMPERATURE = 0.01
+
+
+def multimodal_items(features) -> list[MultimodalItem]:
+    """vLLM's MultiModalFeatureSpecs of a new request -> the engine's items, in vLLM's order
+    (scheduled_encoder_inputs index them), the processor's tensors as numpy."""
+    items = []
+    for feature in features or ():
+        place = feature.mm_position
+        if place.is_embed is not None and not bool(place.is_embed.all()):
+            raise NotImplementedError("xla-inference does not serve multimodal placeholders "
+                                      "that are only partly embeddings yet")
+        data = None if feature.data is None else {
+            key: _host_array(element.data) for key, element in feature.data.items()}
+        items.append(MultimodalItem(feature.identifier, feature.modality, place.offset,
+                                    place.length, data))
+    return items
+
+
+def _host_array(value):
+    if isinstance(value, torch.Tensor):
+        return (value.float() if value.is_floating_point() else value).numpy()
+    return np.asarray(value)
 
 
 def sampling_options(sp) -> SamplingOptions:
@@ -102,6 +125,8 @@ class XlaModelRunner:
         self.engine.stats.step_started()
         scheduled = [(self.requests[rid], n) for rid, n in so.num_scheduled_tokens.items()]
         self._reload_evicted_loras(scheduled)
+        for rid, indices in so.scheduled_encoder_inputs.items():  # images to encode now
+            self.engine.encode(self.requests[rid], indices)
         if self.pooling is not None:
             return self._pool(scheduled)
         drafts = [list(so.scheduled_spec_decode_tokens.get(r.req_id, ())) for r, _ in scheduled]
@@ -271,6 +296,7 @@ class XlaModelRunner:
         return result
 
     def _update_states(self, so) -> None:
+        self.engine.free_encoder_outputs(so.free_encoder_mm_hashes)
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
             if self.drafter is not None:
@@ -299,6 +325,7 @@ class XlaModelRunner:
             if new.lora_request is not None:  # loaded now if vLLM did not add it before
                 self.add_lora(new.lora_request)
                 state.lora_id = new.lora_request.lora_int_id
+            state.mm_items = multimodal_items(new.mm_features)
             self.requests[new.req_id] = state
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):

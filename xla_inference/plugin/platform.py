@@ -141,6 +141,11 @@ class XlaPlatform(Platform):
         refuse_unsupported_features(vllm_config)
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None
+        cls.multimodal_modalities = served_modalities(vllm_config.model_config)
+        if cls.multimodal_modalities:
+            # Our encoders take the processor's normalized pixels (as transformers' processor
+            # gives them); vLLM's default for Qwen2-VL hands raw uint8 pixels to the model.
+            vllm_config.model_config.multimodal_config.mm_device_do_normalize = False
         _fold_data_parallel(vllm_config)
         _fold_pipeline_parallel(vllm_config)
         if parallel.worker_cls == "auto":
@@ -179,6 +184,14 @@ class XlaPlatform(Platform):
             raise VLLMValidationError("xla-inference does not take prompt embeddings yet; send "
                                       "the prompt as text or token ids",
                                       parameter="prompt_embeds")
+        if isinstance(processed_inputs, dict) and processed_inputs.get("type") == "multimodal":
+            unserved = sorted(set(processed_inputs.get("mm_placeholders") or ())
+                              - set(getattr(cls, "multimodal_modalities", ())))
+            if unserved:
+                raise VLLMValidationError(
+                    f"xla-inference does not serve {', '.join(unserved)} inputs of this model "
+                    f"yet; it serves {', '.join(cls.multimodal_modalities) or 'no'} inputs",
+                    parameter="multi_modal_data")
         if getattr(cls, "speculative_decoding", False) and (
                 params.logprobs is not None or params.logprob_token_ids):
             raise VLLMValidationError("xla-inference does not return logprobs with "
@@ -240,6 +253,12 @@ def refuse_unsupported_features(vllm_config) -> None:
         (vllm_config.lora_config is not None and model is not None
          and model.runner_type == "pooling",
          lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),
+        # Only a native family with an encoder reads scheduled_encoder_inputs; elsewhere
+        # image tokens would be read as text.
+        (model is not None and model.supports_multimodal_inputs and not served_modalities(model),
+         lambda: f"image, video or audio inputs of {_architectures(model)} (Qwen2.5-VL "
+                 "images are served natively; --language-model-only or --limit-mm-per-prompt "
+                 "with every limit 0 serves its text model)"),
     ]
     refusals += _kv_connector_refusals(vllm_config)
     for refused, feature in refusals:
@@ -267,6 +286,24 @@ def _kv_connector_refusals(vllm_config) -> list:
         (vllm_config.speculative_config is not None,
          lambda: "KV connectors (--kv-transfer-config) with speculative decoding"),
     ]
+
+
+def _architectures(model_config) -> str:
+    return ", ".join(model_config.architectures or []) or "this model"
+
+
+def served_modalities(model_config) -> tuple[str, ...]:
+    """The inputs our native family for this multimodal model encodes (models/, a family's
+    `multimodal`); () for a text model, a model we have no encoder for, or the torch path
+    (--model-impl vllm). Requests with other modalities are refused (validate_request)."""
+    if model_config is None or not model_config.supports_multimodal_inputs:
+        return ()
+    if str(model_config.model_impl) == "vllm":
+        return ()
+    from xla_inference.models.registry import native_family
+
+    family = native_family(list(model_config.architectures or []))
+    return family.multimodal.modalities if family and family.multimodal else ()
 
 
 def _parallel_size(vllm_config) -> int:

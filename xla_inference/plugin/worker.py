@@ -330,7 +330,7 @@ class XlaWorker(WorkerBase):
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine
         logger.info("xla-inference: compiling %d buckets before serving", len(engine.token_buckets))
-        seconds = engine.warm_up()
+        seconds = engine.warm_up(self._image_grids())
         if self.model_runner.drafter is not None:
             seconds += self.model_runner.drafter.warm_up() or 0.0
         if self.model_runner.kv_connector is not None:
@@ -347,6 +347,26 @@ class XlaWorker(WorkerBase):
         self.model_runner.kv_connector.warm_up()
         compile_counter.mark_warm()
         return time.perf_counter() - start
+
+    def _image_grids(self) -> list[tuple[int, int, int]]:
+        """The processor's grids of the images sizes XLA_INFERENCE_IMAGE_SIZES names, for a
+        model whose images we encode (plugin/platform.served_modalities)."""
+        from xla_inference import envs
+        from xla_inference.plugin.platform import served_modalities
+
+        sizes = envs.image_sizes()
+        if not sizes or "image" not in served_modalities(self.model_config):
+            return []
+        from PIL import Image
+        from vllm.multimodal import MULTIMODAL_REGISTRY
+
+        info = MULTIMODAL_REGISTRY.create_processor(self.model_config).info
+        image_processor = info.get_hf_processor().image_processor
+        grids = []
+        for height, width in sizes:
+            out = image_processor(images=[Image.new("RGB", (width, height))], return_tensors="np")
+            grids.append(tuple(int(g) for g in out["image_grid_thw"][0]))
+        return grids
 
     def _pooling_requests(self):
         if self.model_config.runner_type != "pooling":
@@ -436,8 +456,9 @@ class XlaWorker(WorkerBase):
     # -- calls vLLM makes that have little or nothing to do here -----------------------------
     def reset_encoder_cache(self) -> None:
         """vLLM clears the encoder outputs (image embeddings) it cached, after a weight update
-        or when a pause clears the caches. Nothing to clear: we serve text only and keep no
-        encoder cache."""
+        or when a pause clears the caches: ours go too."""
+        if self.model_runner is not None:
+            self.model_runner.engine.encoder_cache.clear()
 
     def update_max_model_len(self, max_model_len: int) -> None:
         """--max-model-len -1: vLLM set the checkpoint's context length, then, having sized

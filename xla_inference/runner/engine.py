@@ -22,6 +22,7 @@ from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, para
                                              traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
+from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
 from xla_inference.runner.pooling import gather_pooled_rows
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
 from xla_inference.runner.speculative import (draft_rows_logits, rejection_step, verify_inputs,
@@ -336,6 +337,11 @@ class ModelEngine:
             jax.jit(functools.partial(draft_rows_logits, model, model_cfg), out_shardings=whole),
             _draft_rows_key)
         self._rejection = Programs(jax.jit(rejection_step), _rejection_key)
+        # A multimodal family's encoder outputs, by item identifier (runner/multimodal.py).
+        self.encoder_cache = EncoderCache()
+        if model.multimodal is not None and self.replicas > 1:
+            raise ValueError("xla-inference serves multimodal models without data parallelism "
+                             "(--data-parallel-size 1)")
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
@@ -391,10 +397,36 @@ class ModelEngine:
         if self.microbatches > 1:
             return self._run_forward(*self._microbatch_batch(scheduled))
         num_tokens = sum(n for _, n in scheduled)
-        batch = build_step_batch(scheduled, self.layout_for(num_tokens))
+        batch = self._with_multimodal(build_step_batch(scheduled, self.layout_for(num_tokens)),
+                                      scheduled)
         if self.lora is None:
             return self._run_forward(batch)
         return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens))
+
+    def _with_multimodal(self, batch: StepBatch, scheduled) -> StepBatch:
+        """A multimodal family's step batch (rope positions, encoder rows); others' as is."""
+        mm = self.model.multimodal
+        if mm is None:
+            return batch
+        embed = self.params.embed
+        return multimodal_batch(batch, scheduled, self.encoder_cache, embed.shape[-1], embed.dtype,
+                                lambda n, items: mm.rope_positions(self.model_cfg, n, items))
+
+    def encode(self, req: RequestState, item_indices) -> None:
+        """Run the encoder on the request's items at these indices (vLLM's
+        scheduled_encoder_inputs) and keep each output until free_encoder_outputs; an
+        item whose identifier is already cached is not encoded again."""
+        for index in item_indices:
+            item = req.mm_items[index]
+            if item.identifier not in self.encoder_cache:
+                if item.data is None:
+                    raise RuntimeError(f"multimodal item {item.identifier} is scheduled for the "
+                                       "encoder without its data")
+                self.encoder_cache.put(item.identifier, self.model.multimodal.encode(
+                    self.params, self.model_cfg, item))
+
+    def free_encoder_outputs(self, identifiers) -> None:
+        self.encoder_cache.free(identifiers)
 
     def _token_slots(self, scheduled: list[tuple[RequestState, int]], T: int) -> np.ndarray:
         """Each token's LoRA slot (0: the base model, and padding), loading the step's
@@ -536,16 +568,17 @@ class ModelEngine:
             parts.append([np.asarray(a)[:n] for a in out])
         return tuple(np.concatenate(p) for p in zip(*parts))
 
-    def warm_up(self) -> float:
+    def warm_up(self, encoder_grids=()) -> float:
         """Compile every bucket's programs (forward, sampler with and without the [B, V]
-        extras, the scorer), so serving never compiles."""
+        extras, the scorer), so serving never compiles; and a multimodal family's encoder
+        for each of `encoder_grids` (image grids, (t, h, w) in patches)."""
         start = time.perf_counter()
         compile_counter.mark_warm(done=False)
         forward_args, sample_args = [], []
         for T in self.token_buckets:
             layout = self.layout_for(T)
             B = layout.num_seqs
-            batch = build_step_batch([], layout)
+            batch = self._with_multimodal(build_step_batch([], layout), [])
             groups = self.replicas * self.microbatches  # stacked groups of requests per step
             if groups == 1:
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
@@ -594,7 +627,10 @@ class ModelEngine:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
         if self.lora is not None:
             self.lora.warm_up()
-        logger.info("xla-inference: compiled %d forward buckets, %d sampler programs, %d verify "
+        for grid in encoder_grids:
+            self.model.multimodal.warm_up(self.params, self.model_cfg, grid)
+        if encoder_grids:
+            logger.info("xla-inference: compiled %d forward buckets, %d sampler programs, %d verify "
                     "programs and the scorer in %.1fs (%d at a time)", len(forward),
                     sum(len(f) for f in samplers.values()), sum(len(f) for f in verify),
                     time.perf_counter() - start, _compile_threads())

@@ -23,6 +23,12 @@ class RequestState:
     # for a request that asked for prompt logprobs; None otherwise or once handed over.
     prompt_logprobs: tuple | None = None
     lora_id: int = 0  # the LoRA adapter the request runs with (lora/slots.py); 0: none
+    # A multimodal family's request (runner/multimodal.py): its prompt's items
+    # (models/interface.MultimodalItem), and its rope positions [3, P] and the delta of the
+    # tokens after the prompt, filled at its first step.
+    mm_items: list = dataclasses.field(default_factory=list)
+    mrope_positions: np.ndarray | None = None
+    mrope_delta: int = 0
 
     @property
     def output_ids(self) -> list[int]:

@@ -1,0 +1,100 @@
+"""Qwen2.5-VL with one image through vllm.LLM: xla-inference vs vLLM's CPU backend, in one
+run, on a tiny random checkpoint as the tests build it (tests/multimodal/tiny_qwen2_5_vl.py;
+head dim 64, for vLLM's CPU attention) with images up to 448x448 kept at their size (256
+placeholders). Each backend runs in its own
+process (VLLM_PLUGINS=none for vLLM's CPU backend). Per backend: time to first token
+(max_tokens=1) of a 1-image request with a new image each time (no encoder-cache or prefix
+hits), and of a text-only request of the same prompt length; their difference is the
+image's cost (processor + encoder + the placeholders' embeddings). One untimed warm-up
+request each (ours also warms the 448x448 grid: XLA_INFERENCE_IMAGE_SIZES), then the
+median of `--repeats`.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/multimodal.py
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 448
+
+
+def _checkpoint() -> Path:
+    sys.path.insert(0, str(ROOT))
+    from tests.multimodal.tiny_qwen2_5_vl import save_tiny_qwen2_5_vl
+
+    path = Path(tempfile.gettempdir()) / "xla_inference_bench_tiny_qwen2_5_vl"
+    if not (path / "config.json").exists():
+        # Head dim 64: vLLM's CPU attention serves no smaller one.
+        save_tiny_qwen2_5_vl(path, max_pixels=SIZE * SIZE, hidden_size=128, num_heads=2,
+                             mrope_section=(8, 12, 12))
+    return path
+
+
+def _run(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from tests.multimodal.tiny_qwen2_5_vl import IMAGE, image
+
+    llm = LLM(model=str(_checkpoint()), dtype="float32", max_model_len=512, max_num_seqs=4,
+              max_num_batched_tokens=512, kv_cache_memory_bytes=16 << 20, seed=0)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    prompt = f"t5 t6 {IMAGE} t7 t8"
+
+    def ttft(request) -> float:
+        t0 = time.perf_counter()
+        out = llm.generate([request], params, use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 1
+        return time.perf_counter() - t0, len(out.prompt_token_ids)
+
+    seeds = iter(range(1000))
+    image_request = lambda: {"prompt": prompt,  # noqa: E731
+                             "multi_modal_data": {"image": image(SIZE, SIZE, next(seeds))}}
+    _, num_tokens = ttft(image_request())  # warm-up
+    with_image = [ttft(image_request())[0] for _ in range(args.repeats)]
+    words = " ".join(f"t{3 + i % 290}" for i in range(num_tokens))
+    text = [ttft({"prompt": f"t{4 + r} " + words[3:]})[0] for r in range(args.repeats + 1)][1:]
+    return {"ttft_image_s": statistics.median(with_image), "ttft_text_s": statistics.median(text),
+            "prompt_tokens": num_tokens}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backends", default="xla,vllm-cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.backend:
+        print("RESULT " + json.dumps(_run(args)))
+        return
+    _checkpoint()
+    results = {}
+    for backend in args.backends.split(","):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_INFERENCE_IMAGE_SIZES": f"{SIZE}x{SIZE}"}
+        if backend == "vllm-cpu":
+            env["VLLM_PLUGINS"] = "none"
+        cmd = [sys.executable, __file__, "--backend", backend, *sys.argv[1:]]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{backend}: failed\n{proc.stderr[-3000:]}")
+            continue
+        r = results[backend] = json.loads(line[0][len("RESULT "):])
+        print(f"{backend}: TTFT {1e3 * r['ttft_image_s']:.1f} ms with a {SIZE}x{SIZE} image, "
+              f"{1e3 * r['ttft_text_s']:.1f} ms text-only ({r['prompt_tokens']} prompt tokens; "
+              f"image cost {1e3 * (r['ttft_image_s'] - r['ttft_text_s']):.1f} ms; median of "
+              f"{args.repeats})", flush=True)
+    if "xla" in results and "vllm-cpu" in results:
+        ratio = results["vllm-cpu"]["ttft_image_s"] / results["xla"]["ttft_image_s"]
+        print(f"TTFT with an image, vllm-cpu / xla: {ratio:.2f}x (above 1: ours faster)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Qwen2.5-VL images through vLLM's OpenAI server on our engine: a chat request with a PNG
+data URL gives transformers' greedy tokens, streamed text equals the non-streamed text; an
+unreadable image and too many images get a 400 with vLLM's message, and the server keeps
+serving. Tiny random checkpoint (tests/multimodal/tiny_qwen2_5_vl.py) with a chat template
+that renders an image part as the placeholder string."""
+
+import base64
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.servers import free_port, stop_server, wait_healthy
+from tests.multimodal.tiny_qwen2_5_vl import IMAGE, hf_greedy, image, save_tiny_qwen2_5_vl
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+NUM_NEW = 6
+TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+            + IMAGE + "{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+            "{% endfor %}")
+
+
+@contextlib.contextmanager
+def _serve(model_dir: Path, log_path: Path):
+    template = model_dir / "chat_template.jinja"
+    template.write_text(TEMPLATE)
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
+           "--max-num-batched-tokens", "16", "--kv-cache-memory-bytes", str(1 << 20),
+           "--chat-template", str(template), "--limit-mm-per-prompt", '{"image": 2}']
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, log_path, 600)
+        yield url + "/v1"
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    with _serve(checkpoint, tmp_path_factory.mktemp("log") / "server.log") as url:
+        yield url
+
+
+def _data_url(picture=None, raw: bytes | None = None) -> dict:
+    if raw is None:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        raw = buffer.getvalue()
+    url = "data:image/png;base64," + base64.b64encode(raw).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _body(parts: list, **extra) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": parts}],
+            "max_tokens": NUM_NEW, "temperature": 0.0, "ignore_eos": True, **extra}
+
+
+def _chat(url: str, parts: list, **extra) -> httpx.Response:
+    return httpx.post(url + "/chat/completions", json=_body(parts, **extra), timeout=120)
+
+
+def _streamed_text(url: str, parts: list) -> str:
+    text = []
+    with httpx.stream("POST", url + "/chat/completions", json=_body(parts, stream=True),
+                      timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+    return "".join(text)
+
+
+def test_chat_with_a_png_data_url(server, checkpoint):
+    picture = image(112, 168, seed=0)
+    parts = [_data_url(picture), {"type": "text", "text": "t5 t6 t7"}]
+    r = _chat(server, parts, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["token_ids"] == hf_greedy(checkpoint, f"{IMAGE} t5 t6 t7", [picture], NUM_NEW)
+    assert _streamed_text(server, parts) == choice["message"]["content"]
+
+
+def test_bad_images_get_a_400_and_the_server_serves_on(server):
+    unreadable = _chat(server, [_data_url(raw=b"not a png"), {"type": "text", "text": "t5"}])
+    assert unreadable.status_code == 400 and "image" in unreadable.json()["error"]["message"]
+    one = _data_url(image(56, 56, seed=1))
+    too_many = _chat(server, [one, one, one, {"type": "text", "text": "t5"}])
+    assert too_many.status_code == 400 and "At most 2 image" in too_many.json()["error"]["message"]
+    assert _chat(server, [one, {"type": "text", "text": "t5"}]).status_code == 200

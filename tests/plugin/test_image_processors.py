@@ -1,0 +1,84 @@
+"""vLLM's multimodal front end imports here: transformers' torchvision-based image
+processors (which vLLM's qwen2_vl / gemma3_mm modules import) run next to vLLM's CPU torch,
+through xla_inference.torchvision_compat (installed by ./dev as a .pth file)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def _image(height, width, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_torchvision_imports_with_transformers():
+    import torch
+    import torchvision
+    import transformers  # noqa: F401
+
+    assert torchvision.__version__.split("+")[0] == "0.28.0"
+    assert torch.__version__.startswith("2.13.0")
+    with pytest.raises(Exception):  # the CUDA build's detection ops stay unavailable
+        torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+
+
+def test_qwen2_vl_processor_matches_the_pil_backend():
+    """The torchvision processor (vLLM's) against transformers' PIL/numpy one: an image
+    that needs no resize (28-pixel multiples) is exact; one that is resized is close."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    images = [_image(56, 84, 0), _image(61, 97, 1)]
+    ours = Qwen2VLImageProcessor()(images=images, return_tensors="np")
+    reference = Qwen2VLImageProcessorPil()(images=images, return_tensors="np")
+    np.testing.assert_array_equal(ours["image_grid_thw"], reference["image_grid_thw"])
+    rows = int(np.prod(ours["image_grid_thw"][0]))
+    np.testing.assert_allclose(ours["pixel_values"][:rows], reference["pixel_values"][:rows], atol=1e-5)
+    # Bicubic resampling differs between torchvision and PIL by a few grey levels.
+    difference = np.abs(ours["pixel_values"][rows:] - reference["pixel_values"][rows:])
+    assert difference.mean() < 0.05
+
+
+def test_vllm_qwen2_5_vl_and_gemma3_modules_import():
+    from vllm.model_executor.models import gemma3_mm, qwen2_5_vl
+
+    assert qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.supports_multimodal
+    assert gemma3_mm.Gemma3ForConditionalGeneration.supports_multimodal
+
+
+def _tiny_qwen2_5_vl(path):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                       "out_hidden_size": 64, "fullatt_block_indexes": [0]})
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
+def test_qwen2_5_vl_images_are_served_and_other_paths_refused(tmp_path):
+    """A Qwen2.5-VL checkpoint starts with image inputs on the native family (vLLM's
+    on-device normalization off: our encoder takes the processor's normalized pixels); the
+    torch path, which ignores encoder inputs, is refused by name; --language-model-only
+    serves the text model."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = _tiny_qwen2_5_vl(tmp_path / "qwen2_5_vl")
+
+    def config(**args):
+        return EngineArgs(model=str(model), max_model_len=128, skip_tokenizer_init=True,
+                          **args).create_engine_config()
+
+    served = config().model_config
+    assert served.supports_multimodal_inputs
+    assert served.multimodal_config.mm_device_do_normalize is False
+    with pytest.raises(Exception, match="does not support image, video or audio inputs"):
+        config(model_impl="vllm")
+    assert not config(language_model_only=True).model_config.supports_multimodal_inputs

@@ -1,0 +1,201 @@
+"""Qwen2.5-VL: the Qwen2 decoder with multimodal rope (M-RoPE), fed the vision tower's
+embeddings (multimodal/qwen2_5_vl_vision.py) in place of each image's placeholder tokens.
+
+M-RoPE: every token has three rope positions (time, height, width); each chunk of
+`mrope_section` frequencies turns by one of them. Text tokens have one position on all
+three rows (plain rope, counted on from the largest position before them); an image's
+placeholders get their merged patch's (frame, row, column) added to the position after
+the text before it. Positions are numpy, per request, once (`rope_positions`); the step
+carries each token's in a MultimodalStepBatch (models/interface.py).
+"""
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_inference.layers.attention import self_attention
+from xla_inference.layers.norms import rms_norm
+from xla_inference.models import decoder
+from xla_inference.models.decoder import DecoderConfig, DecoderLayer, DecoderParams, decoder_family
+from xla_inference.models.interface import (MultimodalItem, MultimodalStepBatch,
+                                            MultimodalSupport, StepBatch)
+from xla_inference.models.qwen2 import Qwen2Config, qwen_sliding_windows
+from xla_inference.multimodal.qwen2_5_vl_vision import (VisionConfig, encoder_for_grid,
+                                                        vision_params)
+from xla_inference.parallel.axes import weight
+
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig(DecoderConfig):
+    mrope_section: tuple[int, ...] = ()  # frequencies per rope row (time, height, width)
+    vision: VisionConfig | None = None
+    tokens_per_second: float = 1.0  # a video's time positions per second
+
+    @classmethod
+    def from_hf(cls, hf: Mapping) -> "Qwen2_5_VLConfig":
+        # transformers >= 4.5x nests the language model's fields in text_config; older
+        # configs keep them at the top level.
+        text = {**hf, **(hf.get("text_config") or {})}
+        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        section = tuple(int(s) for s in rope.pop("mrope_section", ()))
+        if rope.get("rope_type", rope.get("type")) in ("mrope", "default", None):
+            rope["rope_type"] = "default"  # M-RoPE's frequencies are the default ones
+        text["rope_parameters"], text["rope_scaling"] = rope, None
+        base = Qwen2Config.from_hf(text)
+        vision = hf["vision_config"]
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(DecoderConfig)}
+        fields["sliding_windows"] = qwen_sliding_windows(text)
+        cfg = cls(**fields, mrope_section=section, vision=VisionConfig.from_hf(vision),
+                  tokens_per_second=float(vision.get("tokens_per_second", 1.0)))
+        if sum(section) != cfg.head_dim // 2:
+            raise ValueError(f"Qwen2.5-VL: mrope_section {section} must sum to head_dim/2 "
+                             f"({cfg.head_dim // 2})")
+        return cfg
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Qwen2_5_VLParams(DecoderParams):
+    # The vision tower's weights (multimodal/qwen2_5_vl_vision.vision_params), replicated.
+    vision: dict = weight()
+
+
+def load_params(tensors: Mapping[str, np.ndarray], cfg: Qwen2_5_VLConfig, dtype
+                ) -> Qwen2_5_VLParams:
+    """The decoder's tensors (checkpoints name them `model.*`, as Qwen2's; transformers'
+    module tree says `model.language_model.*`) and the tower's `visual.*`, in float32 on
+    the host (the tower is small; its products stay exact)."""
+    if "model.embed_tokens.weight" not in tensors:
+        tensors = _language_model_names(tensors)
+    text = decoder.load_params(tensors, cfg, dtype)
+    fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(DecoderParams)}
+    vision = jax.tree.map(np.asarray, vision_params(tensors, cfg.vision))
+    return Qwen2_5_VLParams(**fields, vision=vision)
+
+
+class _Renamed(Mapping):
+    """tensors seen with `model.language_model.` read as `model.`."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def _source(self, name):
+        if name.startswith("model.") and not name.startswith("model.visual."):
+            return "model.language_model." + name[len("model."):]
+        return name
+
+    def __getitem__(self, name):
+        return self.tensors[self._source(name)]
+
+    def __contains__(self, name):
+        return self._source(name) in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+
+def _language_model_names(tensors):
+    return _Renamed(tensors)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window"))
+def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: Qwen2_5_VLConfig, inv_freq,
+           positions, window):
+    h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+    kv, attn = self_attention(layer.attn, h, kv, batch.attention, inv_freq, head_dim=cfg.head_dim,
+                              scale=cfg.head_dim**-0.5, norm_eps=cfg.rms_norm_eps,
+                              sliding_window=window, mrope=(positions, cfg.mrope_section))
+    x = x + attn
+    return kv, x + decoder.mlp_block(layer.mlp, rms_norm(x, layer.post_attn_norm,
+                                                         cfg.rms_norm_eps), cfg)
+
+
+def forward(params: Qwen2_5_VLParams, kv_cache, batch: StepBatch, cfg: Qwen2_5_VLConfig):
+    """The decoder's forward with M-RoPE; a MultimodalStepBatch's masked tokens take their
+    row of its embeds in place of their token embedding. A plain StepBatch (the text
+    model alone) runs with every rope row equal to the token's position."""
+    inv_freq = jnp.asarray(cfg.inv_freq())
+    x = params.embed[batch.input_ids]
+    if isinstance(batch, MultimodalStepBatch):
+        x = jnp.where(batch.embeds_mask[:, None], batch.embeds.astype(x.dtype), x)
+        positions = batch.mrope_positions
+    else:
+        positions = jnp.broadcast_to(batch.attention.positions, (3, batch.num_tokens))
+    step = lambda layer, x, kv, window: _layer(layer, x, kv, batch, cfg, inv_freq,  # noqa: E731
+                                               positions, window)
+    windows = [cfg.sliding_window(i) for i in range(cfg.num_layers)]
+    kv_cache, x = decoder.run_layers(step, params.layers, kv_cache, x, windows)
+    return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+
+
+# --- Multimodal inputs -------------------------------------------------------------------
+
+
+def _grid(item: MultimodalItem) -> tuple[int, int, int]:
+    key = "image_grid_thw" if item.modality == "image" else "video_grid_thw"
+    return tuple(int(g) for g in np.asarray(item.data[key]).reshape(-1))
+
+
+def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem) -> jax.Array:
+    """One image's embeddings [length, D]: the tower's program for its grid (compiled at
+    the first image of that grid)."""
+    if item.modality != "image":
+        raise ValueError(f"xla-inference serves Qwen2.5-VL image inputs, not {item.modality}")
+    grid = _grid(item)
+    patches = np.asarray(item.data["pixel_values"])
+    if not np.issubdtype(patches.dtype, np.floating):  # raw pixels would be read as normalized
+        raise ValueError(f"Qwen2.5-VL's encoder takes the processor's normalized pixel values, "
+                         f"not {patches.dtype} pixels (vLLM's mm_device_do_normalize must be off)")
+    patches = patches.astype(np.float32)
+    embeds = encoder_for_grid(cfg.vision, grid)(params.vision, patches)
+    if embeds.shape[0] != item.length:
+        raise ValueError(f"an image of grid {grid} gives {embeds.shape[0]} embeddings; its "
+                         f"prompt holds {item.length} placeholders")
+    return embeds
+
+
+def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid) -> None:
+    """Compile (and run once) the tower's program for one image grid, on a blank image."""
+    grid = tuple(int(g) for g in grid)
+    patches = np.zeros((int(np.prod(grid)), cfg.vision.patch_features), np.float32)
+    jax.block_until_ready(encoder_for_grid(cfg.vision, grid)(params.vision, patches))
+
+
+def rope_positions(cfg: Qwen2_5_VLConfig, num_prompt_tokens: int,
+                   items: list[MultimodalItem]) -> tuple[np.ndarray, int]:
+    """Each prompt token's (time, height, width) rope positions [3, P], and the delta a
+    later token's position adds (vLLM's and transformers' get_rope_index)."""
+    merge = cfg.vision.spatial_merge_size
+    pieces, done, next_position = [], 0, 0
+    for item in sorted(items, key=lambda i: i.offset):
+        text = item.offset - done
+        pieces.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
+        t, h, w = _grid(item)
+        frames = np.arange(t)
+        if item.modality == "video":
+            seconds = float(np.asarray(item.data.get("second_per_grid_ts", 1.0)).reshape(-1)[0])
+            frames = (frames * seconds * cfg.tokens_per_second).astype(np.int64)
+        grid = np.stack(np.meshgrid(frames, np.arange(h // merge), np.arange(w // merge),
+                                    indexing="ij")).reshape(3, -1)
+        pieces.append(grid + next_position + text)
+        done = item.offset + grid.shape[1]
+        next_position = int(pieces[-1].max()) + 1
+    rest = num_prompt_tokens - done
+    pieces.append(np.broadcast_to(np.arange(rest), (3, rest)) + next_position)
+    positions = np.concatenate(pieces, axis=1).astype(np.int32)
+    return positions, int(positions.max(initial=-1)) + 1 - num_prompt_tokens
+
+
+FAMILY = decoder_family(
+    "qwen2_5_vl", ARCHITECTURES, Qwen2_5_VLConfig, load_params=load_params, forward=forward,
+    multimodal=MultimodalSupport(modalities=("image",), encode=encode,
+                                 rope_positions=rope_positions, warm_up=warm_up))

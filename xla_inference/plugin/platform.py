@@ -324,8 +324,8 @@ def _fold_pipeline_parallel(vllm_config) -> None:
     """--pipeline-parallel-size N: N stages of the model's layers on a stage axis of our one
     mesh (parallel/pipeline.py), run by one program in this one worker, rather than vLLM's
     N worker processes passing activations. vLLM is told pipeline parallel 1 (world size
-    TP): its scheduler then keeps one batch in flight, not N (our stages run one after
-    another inside each step), and nothing asks for vLLM's pipeline process groups. vLLM
+    TP): its scheduler then keeps one batch in flight, not N (our step splits its requests
+    into micro-batches that the stages pipeline), and nothing asks for vLLM's pipeline process groups. vLLM
     has by then already turned async scheduling off for PP (its V1 model runner's rule);
     it stays off."""
     parallel = vllm_config.parallel_config

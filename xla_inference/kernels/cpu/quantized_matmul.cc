@@ -338,11 +338,15 @@ void row_scale_of(float peak, float levels, float* scale, float* inverse) {
   *inverse = 1.0f / s;
 }
 
-#ifdef XLA_INFERENCE_QMM_VNNI
-// quantize_row vectorized (the float entry's rows; a decode step quantizes one per product):
-// the same largest magnitude (max is exact in any order), scale and products, rounded half
-// to even (vrndscaleps) and clipped, so the same integers.
-void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, float* x_scale) {
+#if defined(__x86_64__)
+// The pieces of quantize_row vectorized that its int16 (float entry) and bfloat16 (wide
+// entry) forms share, in AVX-512 F and DQ alone: the VNNI path's CPU need not have BF16.
+#define XLA_INFERENCE_AVX512 __attribute__((target("avx512f,avx512dq")))
+
+// Row x [in]'s scale and its reciprocal, as quantize_row's: the same largest magnitude (max
+// is exact in any order), taken 16 lanes at a time, then row_scale_of.
+XLA_INFERENCE_AVX512 inline void row_scale_avx512(const float* x, int64_t in, float levels,
+                                                  float* scale, float* inverse) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   __m512 peak16 = _mm512_setzero_ps();
   int64_t k = 0;
@@ -350,19 +354,36 @@ void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, 
     peak16 = _mm512_max_ps(peak16, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)));
   float peak = _mm512_reduce_max_ps(peak16);
   for (; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
+  row_scale_of(peak, levels, scale, inverse);
+}
+
+// x[0..16) quantized as quantize_row does: the same products, rounded half to even
+// (vrndscaleps) and clipped, so the same integers (as floats).
+XLA_INFERENCE_AVX512 inline __m512 quantized16_avx512(const float* x, float inverse,
+                                                      float levels) {
+  const __m512 product = _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inverse));
+  const __m512 q = _mm512_roundscale_ps(product, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_min_ps(_mm512_set1_ps(levels), _mm512_max_ps(_mm512_set1_ps(-levels), q));
+}
+
+// One element quantized so (the rows' tails past the last 16).
+inline float quantized(float x, float inverse, float levels) {
+  return std::min(levels, std::max(-levels, std::nearbyint(x * inverse)));
+}
+#endif
+
+#ifdef XLA_INFERENCE_QMM_VNNI
+// quantize_row vectorized (the float entry's rows; a decode step quantizes one per product),
+// with the same integers.
+void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, float* x_scale) {
   float scale, inverse;
-  row_scale_of(peak, levels, &scale, &inverse);
-  const __m512 inv = _mm512_set1_ps(inverse), hi = _mm512_set1_ps(levels),
-               lo = _mm512_set1_ps(-levels);
-  for (k = 0; k + 16 <= in; k += 16) {
-    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+  row_scale_avx512(x, in, levels, &scale, &inverse);
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
-                        _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(q)));
-  }
-  for (; k < in; ++k)
-    xq[k] = static_cast<int16_t>(std::min(levels, std::max(-levels, std::nearbyint(x[k] * inverse))));
+                        _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+                            quantized16_avx512(x + k, inverse, levels))));
+  for (; k < in; ++k) xq[k] = static_cast<int16_t>(quantized(x[k], inverse, levels));
   *x_scale = scale;
 }
 #endif
@@ -865,31 +886,17 @@ XLA_INFERENCE_AVX512BF16 void convert_rows_avx512(const float* x, int64_t T, int
   }
 }
 
-// quantize_row vectorized, its integers (|q| <= 256: exact) written as bfloat16: the same
-// largest magnitude (max is exact in any order), scale and products, rounded half to even
-// (vrndscaleps) and clipped, so the same integers.
+// quantize_row vectorized, its integers (|q| <= 256: exact) written as bfloat16.
 XLA_INFERENCE_AVX512BF16 void quantize_row_bf16_avx512(const float* x, int64_t in, float levels,
                                                        uint16_t* row, float* row_scale) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  __m512 peak16 = _mm512_setzero_ps();
+  float scale, inverse;
+  row_scale_avx512(x, in, levels, &scale, &inverse);
   int64_t k = 0;
   for (; k + 16 <= in; k += 16)
-    peak16 = _mm512_max_ps(peak16, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)));
-  float peak = _mm512_reduce_max_ps(peak16);
-  for (; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
-  float scale, inverse;
-  row_scale_of(peak, levels, &scale, &inverse);
-  const __m512 inv = _mm512_set1_ps(inverse), hi = _mm512_set1_ps(levels),
-               lo = _mm512_set1_ps(-levels);
-  for (k = 0; k + 16 <= in; k += 16) {
-    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
-                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(q)));
-  }
-  for (; k < in; ++k)
-    row[k] = float_to_bf16(std::min(levels, std::max(-levels, std::nearbyint(x[k] * inverse))));
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(
+                            quantized16_avx512(x + k, inverse, levels))));
+  for (; k < in; ++k) row[k] = float_to_bf16(quantized(x[k], inverse, levels));
   *row_scale = scale;
 }
 

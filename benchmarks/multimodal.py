@@ -13,14 +13,13 @@ median of `--repeats`.
 """
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _children import print_result, run_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 448
@@ -72,21 +71,13 @@ def main():
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.backend:
-        print("RESULT " + json.dumps(_run(args)))
+        print_result(_run(args))
         return
     _checkpoint()
     results = {}
-    for backend in args.backends.split(","):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_INFERENCE_IMAGE_SIZES": f"{SIZE}x{SIZE}"}
-        if backend == "vllm-cpu":
-            env["VLLM_PLUGINS"] = "none"
-        cmd = [sys.executable, __file__, "--backend", backend, *sys.argv[1:]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{backend}: failed\n{proc.stderr[-3000:]}")
-            continue
-        r = results[backend] = json.loads(line[0][len("RESULT "):])
+    image_sizes = {"XLA_INFERENCE_IMAGE_SIZES": f"{SIZE}x{SIZE}"}
+    for backend, r in run_backends(__file__, args.backends.split(","), image_sizes):
+        results[backend] = r
         print(f"{backend}: TTFT {1e3 * r['ttft_image_s']:.1f} ms with a {SIZE}x{SIZE} image, "
               f"{1e3 * r['ttft_text_s']:.1f} ms text-only ({r['prompt_tokens']} prompt tokens; "
               f"image cost {1e3 * (r['ttft_image_s'] - r['ttft_text_s']):.1f} ms; median of "

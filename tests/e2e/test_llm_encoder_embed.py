@@ -12,7 +12,6 @@ transformers' first-token states, normalized."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from tests.helpers import save_word_tokenizer
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parents[2]
 # 4 prompts, max_num_seqs 4: one step of every row (71 tokens in the 128-token bucket).
 PROMPTS = [[5, 9, 3, 7, 11], list(range(3, 43)), [40, 41, 42, 8, 9, 10, 99, 1, 4],
            [101, 7, 7, 20, 64, 3, 90, 12, 33, 45, 6, 100, 2, 77, 18, 9, 54]]
@@ -123,17 +121,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir, tmp_path_factory):
+    from tests.e2e.engines import vllm_cpu_reference
+
     out = tmp_path_factory.mktemp("reference") / "vllm_cpu.json"
-    env = {**os.environ, "VLLM_PLUGINS": "none", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "tests.e2e.test_llm_encoder_embed", str(model_dir), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode < 0:
-        # vLLM's CPU backend (not our code) has aborted in CI with "terminate called without
-        # an active exception"; one more try tells a flake from a real failure.
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return vllm_cpu_reference("tests.e2e.test_llm_encoder_embed", [model_dir], out)
 
 
 @pytest.fixture(scope="module")

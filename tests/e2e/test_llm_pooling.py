@@ -8,7 +8,6 @@ vLLM picks its platform once per process). Requests a pooling model cannot serve
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from tests.pooling_models import (hf_classify_logits, hf_last_hidden, normalized
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parents[2]
 PROMPTS = [[5, 9, 3, 7, 11], list(range(3, 43)), [40, 41, 42, 8, 9, 10, 99, 1, 4]]
 QUERY, DOCS = "t5 t6 t7", ["t8 t9", "t3 t4 t5 t6 t7", "t5 t6 t7"]
 TOL = 1e-4
@@ -79,17 +77,10 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dirs, tmp_path_factory):
+    from tests.e2e.engines import vllm_cpu_reference
+
     out = tmp_path_factory.mktemp("reference") / "vllm_cpu.json"
-    env = {**os.environ, "VLLM_PLUGINS": "none", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "tests.e2e.test_llm_pooling", *map(str, model_dirs), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode < 0:
-        # vLLM's CPU backend (not our code) once aborted in CI with "terminate called
-        # without an active exception"; one more try tells a flake from a real failure.
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return vllm_cpu_reference("tests.e2e.test_llm_pooling", model_dirs, out)
 
 
 @pytest.fixture(scope="module")

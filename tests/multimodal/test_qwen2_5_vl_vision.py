@@ -5,6 +5,7 @@ two frames, and several images in one call."""
 import numpy as np
 import pytest
 
+from tests.multimodal.tiny_qwen2_5_vl import save_tiny_qwen2_5_vl
 from xla_inference.loading.checkpoint import load_checkpoint
 from xla_inference.multimodal.qwen2_5_vl_vision import (VisionConfig, encode_images, encoder_for_grid,
                                                         vision_params)
@@ -18,28 +19,11 @@ GRIDS = [(1, 12, 20), (1, 16, 16), (2, 4, 6)]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(0)
-    config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": [2, 3, 3]}},
-        vision_config={"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
-                       "out_hidden_size": 64, "fullatt_block_indexes": [1], "window_size": 112})
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # unit-scale activations and random norms, so every error shows
-        for name, tensor in model.model.visual.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                tensor.uniform_(0.5, 1.5)
-            elif tensor.dim() > 1:
-                tensor.normal_(0.0, tensor[0].numel() ** -0.5)
-            else:
-                tensor.normal_(0.0, 0.1)
-    path = tmp_path_factory.mktemp("tiny_qwen2_5_vl")
-    model.save_pretrained(path)
+    # Three blocks: windowed, full attention, windowed again.
+    path = save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), vision_depth=3)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
     return path, model.model.visual
 
 

@@ -16,9 +16,10 @@ MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64  # 2x2 .. 8x8 merged patches
 
 def save_tiny_qwen2_5_vl(path: Path, seed: int = 0, max_pixels: int = MAX_PIXELS,
                          hidden_size: int = 64, num_heads: int = 4,
-                         mrope_section: tuple = (2, 3, 3)) -> Path:
+                         mrope_section: tuple = (2, 3, 3), vision_depth: int = 2) -> Path:
     """hidden_size / num_heads: the language model's (head dim 16 by default; vLLM's CPU
-    attention, for benchmarks, needs 32 or more); mrope_section sums to half the head dim."""
+    attention, for benchmarks, needs 32 or more); mrope_section sums to half the head dim.
+    vision_depth: the vision tower's blocks (block 1 has full attention, the others windows)."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -30,9 +31,9 @@ def save_tiny_qwen2_5_vl(path: Path, seed: int = 0, max_pixels: int = MAX_PIXELS
                      "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                          "mrope_section": list(mrope_section)}},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
-                       "out_hidden_size": hidden_size, "fullatt_block_indexes": [1],
-                       "window_size": 112},
+        vision_config={"depth": vision_depth, "hidden_size": 32, "intermediate_size": 48,
+                       "num_heads": 2, "out_hidden_size": hidden_size,
+                       "fullatt_block_indexes": [1], "window_size": 112},
         image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD,
         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import ENGINE_BLOCK, engine_request
-from tests.pooling_models import (hf_classify_logits, hf_last_hidden, normalized,
-                                  save_tiny_llama_classifier, save_tiny_qwen3_embedder)
+from tests.pooling_models import (hf_classify_logits, hf_last_hidden, hf_token_logits,
+                                  normalized, save_tiny_llama_classifier,
+                                  save_tiny_qwen3_embedder)
 from xla_inference.plugin.pooling import PoolingRequests, PoolingSetup
 from xla_inference.runner.build import Precision, build_engine, load_pooling
 from xla_inference.runner.engine import EngineConfig
@@ -160,7 +161,7 @@ def test_token_classify_step_pooling(classifier):
     setup = PoolingSetup("LAST", model.score_weight, "softmax", tok_pooling_type="STEP")
     got = _run(engine, setup, lambda i: _params("token_classify", step_tag_id=(3, 19)[i]),
                plan=[{0: 6, 1: 10}, {1: 13}], prompts=prompts)
-    for i, z in enumerate(_hf_token_logits(path, prompts)):
+    for i, z in enumerate(hf_token_logits(path, prompts)):
         rows = z[np.asarray(prompts[i]) == (3, 19)[i]]
         assert got[i].shape == (2 - i, 3)
         np.testing.assert_allclose(got[i], np.exp(rows) / np.exp(rows).sum(-1, keepdims=True),
@@ -171,15 +172,3 @@ def test_token_classify_step_pooling(classifier):
         PoolingRequests(setup).add("r0", _params("token_classify", step_tag_id=3,
                                                  returned_token_ids=[0]), 6)
 
-
-def _hf_token_logits(path, prompts):
-    """transformers' classification logits of every token [P, labels] (its score layer
-    over each token's final hidden state; the model itself reads the last one)."""
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        return [model.score(model.model(input_ids=torch.tensor([p])).last_hidden_state)[0]
-                .double().numpy() for p in prompts]

@@ -85,5 +85,18 @@ def hf_classify_logits(path: Path, prompts: list[list[int]]) -> list[np.ndarray]
         return [model(input_ids=torch.tensor([ids])).logits[0].double().numpy() for ids in prompts]
 
 
+def hf_token_logits(path: Path, prompts: list[list[int]]) -> list[np.ndarray]:
+    """transformers' classification logits of every token [P, labels] (its score layer
+    over each token's final hidden state; the model itself reads the last one)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        path, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model.score(model.model(input_ids=torch.tensor([ids])).last_hidden_state)[0]
+                .double().numpy() for ids in prompts]
+
+
 def normalized(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)

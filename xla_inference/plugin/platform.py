@@ -221,9 +221,11 @@ def _validate_pooling_request(params) -> None:
     if params.late_interaction_params is not None:
         raise VLLMValidationError("xla-inference does not serve late-interaction scoring",
                                   parameter="late_interaction_params")
-    if params.step_tag_id is not None or params.returned_token_ids is not None:
-        raise VLLMValidationError("xla-inference does not serve STEP pooling",
-                                  parameter="step_tag_id")
+    # vLLM has refused step_tag_id / returned_token_ids unless the model pools with STEP.
+    if params.task == "token_classify" and params.returned_token_ids:
+        from xla_inference.plugin.pooling import STEP_COLUMNS_OF_A_CLASSIFIER
+
+        raise VLLMValidationError(STEP_COLUMNS_OF_A_CLASSIFIER, parameter="returned_token_ids")
 
 
 def refuse_unsupported_features(vllm_config) -> None:

@@ -8,8 +8,9 @@ import logging
 import numpy as np
 import torch
 
-from xla_inference.runner.pooling import (PoolingAccumulator, classification_activation,
-                                          classification_head, embedding_head)
+from xla_inference.runner.pooling import (TOKEN_POOLING_TYPES, PoolingAccumulator,
+                                          classification_activation, classification_head,
+                                          embedding_head, step_pooling_select)
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +22,15 @@ _CLASSIFY_TASKS = ("classify", "token_classify")
 @dataclasses.dataclass(frozen=True)
 class PoolingSetup:
     """What the runner needs to pool: the sequence pooling type (LAST, MEAN, CLS), the
-    classification layer [labels, D] (classify models) and its activation."""
+    classification layer [labels, D] (classify models) and its activation, and the token
+    pooling type of the per-token tasks (ALL, or STEP for process reward models)."""
 
     seq_pooling_type: str
     score_weight: np.ndarray | None = None
     activation: str = "sigmoid"
     # Encoder-only (bidirectional) attention: each prompt must be computed whole in one step.
     whole_prompts: bool = False
+    tok_pooling_type: str = "ALL"
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -41,10 +44,9 @@ def pooling_setup(model_config, score_weight: np.ndarray | None) -> PoolingSetup
     seq_type = pooler.seq_pooling_type or "LAST"
     if seq_type not in ("LAST", "MEAN", "CLS"):
         raise ValueError(f"xla-inference: sequence pooling type {seq_type!r} is not served")
-    if pooler.tok_pooling_type not in (None, "ALL"):
-        raise ValueError(f"xla-inference serves token pooling ALL only, not "
-                         f"{pooler.tok_pooling_type!r} (STEP, for process reward models, is "
-                         "not built)")
+    tok_type = pooler.tok_pooling_type or "ALL"
+    if tok_type not in TOKEN_POOLING_TYPES:
+        raise ValueError(f"xla-inference: token pooling type {tok_type!r} is not served")
     if pooler.logit_mean is not None or pooler.logit_sigma is not None:
         raise ValueError("xla-inference does not apply logit_mean / logit_sigma calibration")
     convert = str(getattr(model_config, "convert_type", "none"))
@@ -64,10 +66,22 @@ def pooling_setup(model_config, score_weight: np.ndarray | None) -> PoolingSetup
         if "activation_fn" in st or getattr(hf, "sbert_ce_default_activation_function", None):
             raise ValueError("xla-inference does not apply a sentence-transformers "
                              "activation_fn to classification outputs")
+        if tok_type == "STEP" and pooler.returned_token_ids:
+            raise ValueError(STEP_COLUMNS_OF_A_CLASSIFIER)
         activation = classification_activation(getattr(hf, "problem_type", None),
                                                score_weight.shape[0])
-        return PoolingSetup(seq_type, score_weight, activation)
-    return PoolingSetup(seq_type, whole_prompts=model_config.attn_type == "encoder_only")
+        return PoolingSetup(seq_type, score_weight, activation, tok_pooling_type=tok_type)
+    return PoolingSetup(seq_type, whole_prompts=model_config.attn_type == "encoder_only",
+                        tok_pooling_type=tok_type)
+
+
+# vLLM's STEP pooler takes the columns before the head: on a classification model, columns
+# of the hidden state, which its score layer then cannot take (vLLM fails on the shape).
+STEP_COLUMNS_OF_A_CLASSIFIER = (
+    "xla-inference does not serve STEP pooling's returned_token_ids on a classification "
+    "model: vLLM selects those columns of the hidden state before the score layer, which "
+    "then no longer fits it; leave returned_token_ids unset (every label's score at the "
+    "step tokens)")
 
 
 class PoolingRequests:
@@ -82,7 +96,10 @@ class PoolingRequests:
         if task not in self.setup.tasks:
             raise ValueError(f"xla-inference: pooling task {task!r} is not served by this "
                              f"model (it serves {', '.join(self.setup.tasks)})")
-        kind = "ALL" if task.startswith("token_") else self.setup.seq_pooling_type
+        if task == "token_classify" and getattr(params, "returned_token_ids", None):
+            raise ValueError(STEP_COLUMNS_OF_A_CLASSIFIER)
+        kind = self.setup.tok_pooling_type if task.startswith("token_") else \
+            self.setup.seq_pooling_type
         self.states[req_id] = (params, PoolingAccumulator(kind, num_prompt_tokens))
 
     def restart(self, req_id: str) -> None:
@@ -96,9 +113,10 @@ class PoolingRequests:
     def step_outputs(self, scheduled, pooled, hidden) -> list:
         """pooler_output for one step: a tensor per request whose prompt completed, None
         for one still in progress. scheduled: [(RequestState, num_new)]; pooled: the
-        engine's [3, B, D] rows; hidden: its [T, D] states (read only for ALL pooling)."""
+        engine's [3, B, D] rows; hidden: its [T, D] states (read only for ALL and STEP)."""
         pooled = np.asarray(pooled)
-        wants_all = any(self.states[req.req_id][1].pooling_type == "ALL" for req, _ in scheduled)
+        wants_all = any(self.states[req.req_id][1].pooling_type in TOKEN_POOLING_TYPES
+                        for req, _ in scheduled)
         hidden = np.asarray(hidden) if wants_all else None
         outputs, offset = [], 0
         for row, (req, num_new) in enumerate(scheduled):
@@ -111,9 +129,13 @@ class PoolingRequests:
                     f"{req.num_computed_tokens + num_new} of {acc.num_prompt_tokens} were "
                     "scheduled (chunked prefill or prefix caching, which vLLM turns off for "
                     "these models)")
-            rows = hidden[offset:offset + num_new] if acc.pooling_type == "ALL" else None
+            per_token = acc.pooling_type in TOKEN_POOLING_TYPES
+            rows = hidden[offset:offset + num_new] if per_token else None
             vec = acc.add(req.num_computed_tokens, num_new, pooled[0, row], pooled[1, row],
                           pooled[2, row], rows)
+            if vec is not None and acc.pooling_type == "STEP":
+                vec = step_pooling_select(vec, req.token_ids[:acc.num_prompt_tokens],
+                                          params.step_tag_id, params.returned_token_ids)
             offset += num_new
             outputs.append(None if vec is None else torch.from_numpy(
                 np.array(self._head(vec, params), np.float32)))

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 SEQ_POOLING_TYPES = ("LAST", "MEAN", "CLS")
-TOKEN_POOLING_TYPES = ("ALL",)
+# STEP (process reward models) is ALL's per-token output, then only the rows at the
+# prompt's step-tag tokens and, if asked, only some of its columns (step_pooling_select).
+TOKEN_POOLING_TYPES = ("ALL", "STEP")
 
 
 def gather_pooled_rows(hidden: jax.Array, seq_ids: jax.Array, logits_indices: jax.Array,
@@ -46,7 +48,7 @@ def gather_pooled_rows(hidden: jax.Array, seq_ids: jax.Array, logits_indices: ja
 class PoolingAccumulator:
     """One pooling request's state across the steps of its prompt."""
 
-    pooling_type: str  # LAST, MEAN, CLS (sequence) or ALL (token)
+    pooling_type: str  # LAST, MEAN, CLS (sequence) or ALL, STEP (token)
     num_prompt_tokens: int
     first: np.ndarray | None = None
     total: np.ndarray | None = None
@@ -56,8 +58,8 @@ class PoolingAccumulator:
     def add(self, first_position: int, num_new: int, last_row, first_row, sum_row,
             hidden_rows=None) -> np.ndarray | None:
         """Take one step's chunk (its first position, its length and what the forward
-        gathered for its row); -> the pooled hidden state ([D], ALL: [P, D]) once the
-        prompt is complete, else None."""
+        gathered for its row); -> the pooled hidden state ([D], ALL and STEP: [P, D]) once
+        the prompt is complete, else None."""
         if self.pooling_type == "LAST":
             self.count = first_position  # a prefix from the cache: LAST needs only the end
         if first_position != self.count:
@@ -69,7 +71,7 @@ class PoolingAccumulator:
         if self.count == 0:
             self.first = np.asarray(first_row, np.float32)
         self.total = np.asarray(sum_row, np.float32) + (0 if self.total is None else self.total)
-        if self.pooling_type == "ALL":
+        if self.pooling_type in TOKEN_POOLING_TYPES:
             self.rows.append(np.asarray(hidden_rows, np.float32))
         self.count += num_new
         if self.count < self.num_prompt_tokens:
@@ -81,6 +83,19 @@ class PoolingAccumulator:
         if self.pooling_type == "MEAN":
             return self.total / self.count
         return np.concatenate(self.rows)
+
+
+def step_pooling_select(rows: np.ndarray, prompt_token_ids, step_tag_id: int | None,
+                        returned_token_ids) -> np.ndarray:
+    """STEP pooling as vLLM defines it (a process reward model scores each reasoning step
+    at the token that ends it): of the per-token states [P, D], only the columns
+    `returned_token_ids` (unless none or empty) and only the rows whose prompt token is
+    `step_tag_id` (unless None: every row). Applied before the head, as vLLM does."""
+    if returned_token_ids:
+        rows = rows[:, list(returned_token_ids)]
+    if step_tag_id is not None:
+        rows = rows[np.asarray(prompt_token_ids) == step_tag_id]
+    return rows
 
 
 def embedding_head(pooled: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:

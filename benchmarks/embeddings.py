@@ -59,6 +59,8 @@ def _run(args) -> dict:
 
     one_pass()  # warm-up
     times = [one_pass() for _ in range(args.repeats)]
+    # Stop the engine core before the caller's os._exit, which would leave it running.
+    llm.llm_engine.engine_core.shutdown()
     median = statistics.median(times)
     return dict(seconds=median, embeddings_per_s=args.num_prompts / median,
                 tokens_per_s=args.num_prompts * args.input_len / median)

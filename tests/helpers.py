@@ -151,7 +151,7 @@ def bf16_linear_inputs():
 def rewrite_checkpoint(src: Path, dst: Path, change) -> Path:
     """A copy of checkpoint `src` at `dst`, one safetensors file, the LM head untied (its
     own copy of the embedding), each tensor replaced by change(name, tensor) (a torch
-    tensor; return it unchanged to keep it)."""
+    tensor; return it unchanged to keep it, None to drop it)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -169,6 +169,7 @@ def rewrite_checkpoint(src: Path, dst: Path, change) -> Path:
         config["tie_word_embeddings"] = False
         (dst / "config.json").write_text(json.dumps(config))
     tensors = {name: change(name, t) for name, t in tensors.items()}
+    tensors = {name: t for name, t in tensors.items() if t is not None}
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
 

@@ -368,6 +368,53 @@ def int8_token_inputs(model, prefixes):
     return [modules[p[:-1]].register_forward_pre_hook(quantize_rows) for p in prefixes]
 
 
+def save_kv_cache_scales(path: Path, *, base: Path, k_scales, v_scales) -> Path:
+    """The float base model with compressed-tensors' FP8 KV cache scheme (what llm-compressor
+    writes for a calibrated FP8 KV cache): no quantized weights (empty config_groups), a
+    kv_cache_scheme, and float32 `model.layers.{i}.self_attn.k_scale` / `v_scale` of shape
+    [1] per layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = _copy_base(base, path)
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(array))
+               for name, array in read_tensors(base).items()}
+    for i, (k, v) in enumerate(zip(k_scales, v_scales)):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([k], dtype=torch.float32)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([v], dtype=torch.float32)
+    save_file(tensors, str(path / "model.safetensors"))
+    _write_config(path, {
+        "quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
+        "quantization_status": "compressed", "ignore": [],
+        "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                            "symmetric": True, "dynamic": False}})
+    return path
+
+
+def fp8_kv_cache_attention(k_scales, v_scales) -> str:
+    """Registers, with transformers' AttentionInterface, eager attention whose keys (after
+    rotary embedding) and values are rounded as an fp8 (e4m3) cache with these per-layer
+    scales stores them: x / scale saturated to +-448, to float8_e4m3fn, times the scale.
+    Returns the implementation's name for from_pretrained(attn_implementation=...)."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    def rounded(x, scale):
+        return (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        i = module.layer_idx
+        return eager_attention_forward(module, query, rounded(key, k_scales[i]),
+                                       rounded(value, v_scales[i]), attention_mask, **kwargs)
+
+    name = "fp8_kv_" + "_".join(f"{s:g}" for s in (*k_scales, *v_scales))
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)  # else the causal mask is dropped
+    return name
+
+
 # name -> (builder, keyword arguments); the session fixture builds each on first use.
 CHECKPOINTS = {
     **{f"ct-{s.lower().replace('_', '-')}": (save_compressed_tensors, {"scheme": s})

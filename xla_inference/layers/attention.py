@@ -92,7 +92,8 @@ class SelfAttention:
 def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
                    inv_freq: jax.Array, *, head_dim: int, scale: float, norm_eps: float,
                    sliding_window: int | None = None, soft_cap: float | None = None,
-                   qk_norm=rms_norm, mrope: tuple[jax.Array, tuple[int, ...]] | None = None):
+                   qk_norm=rms_norm, mrope: tuple[jax.Array, tuple[int, ...]] | None = None,
+                   mask_positions: jax.Array | None = None):
     """x [T, D] (already normed) -> (updated layer cache, out [T, D]): project, rope, paged
     attention.
 
@@ -100,6 +101,9 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
     (Gemma passes its (1 + w) norm).
     mrope: (positions [3, T], section) for multimodal rope (layers/rope.apply_mrope) in place
     of rope by md.positions, which stay the tokens' places in their sequences for attention.
+    mask_positions: [T] the position up to which each token attends (and from which its
+    sliding window counts back) in place of its own: Gemma 3 lets an image's tokens see
+    the whole image (models/gemma3_mm.py); rope still turns by md.positions.
     """
     T = x.shape[0]
     q = linear(x, p.wq, p.bq).reshape(T, -1, head_dim)  # [T, N, H]
@@ -116,6 +120,8 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
         positions, section = mrope
         q = apply_mrope(q, positions, inv_freq, section)
         k = apply_mrope(k, positions, inv_freq, section)
+    if mask_positions is not None:
+        md = dataclasses.replace(md, positions=mask_positions)
     kv, out = paged_attention(q, k, v, kv, md, scale=scale, sliding_window=sliding_window,
                               soft_cap=soft_cap, k_scale=_or_one(p.k_scale),
                               v_scale=_or_one(p.v_scale))

@@ -146,12 +146,13 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: Gemma3Config, dtype) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window"))  # traced once: see decoder._layer
-def _decoder_layer(layer: Gemma3Layer, x, kv, batch: StepBatch, cfg: Gemma3Config, inv_freq, window):
+def _decoder_layer(layer: Gemma3Layer, x, kv, batch: StepBatch, cfg: Gemma3Config, inv_freq, window,
+                   mask_positions=None):
     norm = functools.partial(gemma_rms_norm, eps=cfg.rms_norm_eps)
     kv, attn = self_attention(
         layer.attn, norm(x, layer.input_norm), kv, batch.attention, inv_freq, head_dim=cfg.head_dim,
         scale=cfg.query_pre_attn_scalar**-0.5, norm_eps=cfg.rms_norm_eps,
-        sliding_window=window, qk_norm=gemma_rms_norm)
+        sliding_window=window, qk_norm=gemma_rms_norm, mask_positions=mask_positions)
     x = x + norm(attn, layer.post_attn_norm)
     mlp_out = gated_mlp(layer.mlp, norm(x, layer.pre_mlp_norm), act=_gelu_tanh)
     return kv, x + norm(mlp_out, layer.post_mlp_norm)

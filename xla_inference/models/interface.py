@@ -55,6 +55,13 @@ class MultimodalItem:
     offset: int
     length: int
     data: Mapping[str, Any] | None  # the processor's arrays (numpy); None if already encoded
+    # [length] bool: the placeholder tokens that take the encoder's rows, in order (Gemma 3's
+    # placeholder also holds its image's begin/end tokens); None: every one of them.
+    is_embed: Any = None
+
+    @property
+    def num_embeds(self) -> int:
+        return self.length if self.is_embed is None else int(self.is_embed.sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +74,15 @@ class MultimodalSupport:
         adds to its place in the sequence
       warm_up(params, cfg, grid): build the encoder's program for one image grid (the
         processor's (t, h, w) in patches), so that images of that grid compile nothing
+      fixed_grids(cfg) -> grids warmed up whatever sizes the user names (an encoder whose
+        processor resizes every image to one size: Gemma 3); None: only the named ones
     """
 
     modalities: tuple[str, ...]
     encode: Callable[..., Any]
     rope_positions: Callable[..., tuple[Any, int]]
     warm_up: Callable[..., None]
+    fixed_grids: Callable[..., list] | None = None
 
 
 FULL, SLIDING, MLA = "full", "sliding_window", "mla"

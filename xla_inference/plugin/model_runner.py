@@ -25,13 +25,15 @@ def multimodal_items(features) -> list[MultimodalItem]:
     items = []
     for feature in features or ():
         place = feature.mm_position
+        # Placeholders that are only partly embeddings (Gemma 3's hold the image's begin and
+        # end tokens) keep the mask of those that are.
+        is_embed = None
         if place.is_embed is not None and not bool(place.is_embed.all()):
-            raise NotImplementedError("xla-inference does not serve multimodal placeholders "
-                                      "that are only partly embeddings yet")
+            is_embed = np.asarray(place.is_embed, dtype=bool)
         data = None if feature.data is None else {
             key: _host_array(element.data) for key, element in feature.data.items()}
         items.append(MultimodalItem(feature.identifier, feature.modality, place.offset,
-                                    place.length, data))
+                                    place.length, data, is_embed))
     return items
 
 

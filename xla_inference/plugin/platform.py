@@ -146,6 +146,7 @@ class XlaPlatform(Platform):
             # Our encoders take the processor's normalized pixels (as transformers' processor
             # gives them); vLLM's default for Qwen2-VL hands raw uint8 pixels to the model.
             vllm_config.model_config.multimodal_config.mm_device_do_normalize = False
+        cls.image_end_limit = _bidirectional_images(vllm_config)
         _fold_data_parallel(vllm_config)
         _fold_pipeline_parallel(vllm_config)
         if parallel.worker_cls == "auto":
@@ -193,6 +194,8 @@ class XlaPlatform(Platform):
                     f"xla-inference does not serve {', '.join(unserved)} inputs of this model "
                     f"yet; it serves {', '.join(cls.multimodal_modalities) or 'no'} inputs",
                     parameter="multi_modal_data")
+            _refuse_images_past(getattr(cls, "image_end_limit", None),
+                                processed_inputs.get("mm_placeholders") or {})
         if getattr(cls, "speculative_decoding", False) and (
                 params.logprobs is not None or params.logprob_token_ids):
             raise VLLMValidationError("xla-inference does not return logprobs with "
@@ -209,6 +212,34 @@ class XlaPlatform(Platform):
             raise VLLMValidationError(f"xla-inference serves at most {MAX_LOGPROB_TOKEN_IDS} "
                                       f"logprob_token_ids per request, got {len(ids)}",
                                       parameter="logprob_token_ids", value=len(ids))
+
+
+def _bidirectional_images(vllm_config) -> int | None:
+    """Models whose image tokens attend to each other both ways (vLLM's "mm prefix LMs":
+    Gemma 3): vLLM schedules each image's placeholders whole, as it does on CUDA, since our
+    step widens an image's attention to its last token only when that token is in the
+    step (models/gemma3_mm.py). Returns the position an image's tokens must end before
+    (its sliding window; None: no limit)."""
+    model = vllm_config.model_config
+    if not served_modalities(model) or not model.is_mm_prefix_lm:
+        return None
+    if not vllm_config.scheduler_config.disable_chunked_mm_input:
+        logger.info("xla-inference: scheduling each image's tokens whole "
+                    "(disable_chunked_mm_input) for its bidirectional attention")
+        vllm_config.scheduler_config.disable_chunked_mm_input = True
+    return getattr(model.hf_text_config, "sliding_window", None)
+
+
+def _refuse_images_past(limit: int | None, placeholders) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    from xla_inference.models.gemma3_mm import image_too_late_message, last_embedded_position
+
+    for place in placeholders.get("image", ()) if limit else ():
+        end = last_embedded_position(place.offset, place.length, place.is_embed)
+        if end >= limit:
+            raise VLLMValidationError(image_too_late_message(end, limit),
+                                      parameter="multi_modal_data")
 
 
 def _validate_pooling_request(params) -> None:
@@ -260,8 +291,8 @@ def refuse_unsupported_features(vllm_config) -> None:
         # image tokens would be read as text.
         (model is not None and model.supports_multimodal_inputs and not served_modalities(model),
          lambda: f"image, video or audio inputs of {_architectures(model)} (Qwen2.5-VL "
-                 "images are served natively; --language-model-only or --limit-mm-per-prompt "
-                 "with every limit 0 serves its text model)"),
+                 "and Gemma 3 images are served natively; --language-model-only or "
+                 "--limit-mm-per-prompt with every limit 0 serves its text model)"),
     ]
     refusals += _kv_connector_refusals(vllm_config)
     for refused, feature in refusals:

@@ -362,6 +362,8 @@ class XlaWorker(WorkerBase):
         grids = []
         for height, width in sizes:
             out = image_processor(images=[Image.new("RGB", (width, height))], return_tensors="np")
+            if "image_grid_thw" not in out:  # one size for every image (Gemma 3): warmed anyway
+                continue
             grids.append(tuple(int(g) for g in out["image_grid_thw"][0]))
         return grids
 

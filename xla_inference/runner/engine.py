@@ -627,8 +627,11 @@ class ModelEngine:
             self.score_tokens(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32), k)
         if self.lora is not None:
             self.lora.warm_up()
+        mm = self.model.multimodal
+        if mm is not None and mm.fixed_grids is not None:
+            encoder_grids = [*encoder_grids, *mm.fixed_grids(self.model_cfg)]
         for grid in encoder_grids:
-            self.model.multimodal.warm_up(self.params, self.model_cfg, grid)
+            mm.warm_up(self.params, self.model_cfg, grid)
         if encoder_grids:
             logger.info("xla-inference: compiled %d forward buckets, %d sampler programs, %d verify "
                     "programs and the scorer in %.1fs (%d at a time)", len(forward),

@@ -48,6 +48,18 @@ def token_rope_positions(req: RequestState, first: int, count: int) -> np.ndarra
     return np.concatenate([prompt[:, cut:end], np.broadcast_to(later, (3, later.size))], axis=1)
 
 
+def _embedded_tokens(item, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of the item's placeholder tokens lo..hi (prompt places), those that take an encoder
+    row (counted from lo), and which row each takes."""
+    place = np.arange(lo - item.offset, hi - item.offset)
+    if item.is_embed is None:
+        return place - place[0], place
+    taken = np.asarray(item.is_embed, bool)
+    row_of_place = np.cumsum(taken) - 1
+    chosen = place[taken[place]]
+    return chosen - place[0], row_of_place[chosen]
+
+
 def multimodal_batch(batch: StepBatch, scheduled: list[tuple[RequestState, int]],
                      cache: EncoderCache, width: int, dtype, rope_positions) -> MultimodalStepBatch:
     """`batch` (build_step_batch's, for `scheduled`) with each token's rope positions and the
@@ -67,9 +79,9 @@ def multimodal_batch(batch: StepBatch, scheduled: list[tuple[RequestState, int]]
         for item in req.mm_items:
             lo, hi = max(first, item.offset), min(first + num_new, item.offset + item.length)
             if lo < hi:
-                embeds[start + lo - first:start + hi - first] = cache.rows(
-                    item.identifier, lo - item.offset, hi - item.offset)
-                mask[start + lo - first:start + hi - first] = True
+                tokens, rows = _embedded_tokens(item, lo, hi)
+                embeds[start + lo - first + tokens] = cache.rows(item.identifier, 0, None)[rows]
+                mask[start + lo - first + tokens] = True
         start += num_new
     return MultimodalStepBatch(batch.input_ids, batch.attention, batch.logits_indices,
                                mrope_positions=positions, embeds=embeds, embeds_mask=mask)

@@ -72,18 +72,24 @@ def _step(worker, meta=None):
     return results
 
 
-def _steps_until(workers, done, timeout_s=10.0):
+def _merge(into, results):
+    into["sending"] |= results.finished_sending
+    into["recving"] |= results.finished_recving
+    into["failed"] |= results.failed_recving
+
+
+def _steps_until(workers, done, timeout_s=10.0, first=None):
     """Step every worker until done(results per worker) holds; -> each worker's results
-    over those steps, merged."""
+    over those steps (and `first`, per worker: results of an earlier step), merged."""
     merged = [dict(sending=set(), recving=set(), failed=set()) for _ in workers]
+    for into, results in zip(merged, first or ()):
+        if results is not None:
+            _merge(into, results)
     deadline = time.monotonic() + timeout_s
     while not done(merged):
         assert time.monotonic() < deadline, merged
         for worker, into in zip(workers, merged):
-            results = _step(worker)
-            into["sending"] |= results.finished_sending
-            into["recving"] |= results.finished_recving
-            into["failed"] |= results.failed_recving
+            _merge(into, _step(worker))
         time.sleep(0.01)
     return merged
 
@@ -114,14 +120,14 @@ def _prefill(p_sched, p_worker, rid, prompt, pages):
 
 
 def _decode(c_sched, c_worker, rid, prompt, params, local_computed, pages):
-    """The consumer admits the request with the producer's params; -> tokens to load."""
+    """The consumer admits the request with the producer's params and takes a step; ->
+    (tokens to load, asynchronously?), that step's results (a quick failure may be in it)."""
     request = _request(rid, prompt, dict(params))
     count, is_async = c_sched.get_num_new_matched_tokens(request, local_computed)
     blocks = SimpleNamespace(get_block_ids=lambda: (pages,))
     c_sched.update_state_after_alloc(request, blocks, count)
     assert not request.kv_transfer_params["do_remote_prefill"]  # one transfer per request
-    _step(c_worker, c_sched.build_connector_meta(None))
-    return count, is_async
+    return (count, is_async), _step(c_worker, c_sched.build_connector_meta(None))
 
 
 def test_a_consumer_fetches_the_tokens_it_lacks_and_the_producer_frees_the_pages(pair):
@@ -133,8 +139,10 @@ def test_a_consumer_fetches_the_tokens_it_lacks_and_the_producer_frees_the_pages
                           remote_host="127.0.0.1", remote_port=port, remote_request_id="p-1",
                           remote_block_ids=p_pages, remote_num_tokens=37)
     # The consumer's prefix cache holds the first page: it loads the other 21 tokens.
-    assert _decode(c_sched, c_worker, "d-1", prompt, params, 16, c_pages) == (21, True)
-    merged = _steps_until([p_worker, c_worker], lambda m: m[1]["recving"] and m[0]["sending"])
+    loads, first = _decode(c_sched, c_worker, "d-1", prompt, params, 16, c_pages)
+    assert loads == (21, True)
+    merged = _steps_until([p_worker, c_worker], lambda m: m[1]["recving"] and m[0]["sending"],
+                          first=[None, first])
     assert merged == [dict(sending={"p-1"}, recving=set(), failed=set()),
                       dict(sending=set(), recving={"d-1"}, failed=set())]
     want = p_worker.pages.tokens(p_pages, 16, 37)
@@ -146,8 +154,8 @@ def test_a_consumer_fetches_the_tokens_it_lacks_and_the_producer_frees_the_pages
     assert not any(a.any() for s in untouched for a in s)
     assert c_worker.counts.loaded_tokens == 21 and p_worker.counts.served_tokens == 37
     # The pages are freed: a second fetch fails the request, naming why.
-    _decode(c_sched, c_worker, "d-2", prompt, params, 0, [9, 10, 11])
-    merged = _steps_until([p_worker, c_worker], lambda m: m[1]["failed"])
+    _, first = _decode(c_sched, c_worker, "d-2", prompt, params, 0, [9, 10, 11])
+    merged = _steps_until([p_worker, c_worker], lambda m: m[1]["failed"], first=[None, first])
     assert merged[1] == dict(sending=set(), recving={"d-2"}, failed={"d-2"})
     assert merged[0]["sending"] == set()
 
@@ -165,8 +173,8 @@ def test_pages_nobody_fetches_are_freed_when_the_lease_ends():
         merged = _steps_until([p_worker], lambda m: m[0]["sending"])
         assert merged[0]["sending"] == {"p-1"} and time.monotonic() - start >= 0.3
         assert p_worker.counts.expired_leases == 1
-        _decode(c_sched, c_worker, "d-1", list(range(20)), params, 0, [4, 5])
-        merged = _steps_until([p_worker, c_worker], lambda m: m[1]["failed"])
+        _, first = _decode(c_sched, c_worker, "d-1", list(range(20)), params, 0, [4, 5])
+        merged = _steps_until([p_worker, c_worker], lambda m: m[1]["failed"], first=[None, first])
         assert merged[1]["failed"] == {"d-1"} and merged[0]["sending"] == set()
     finally:
         p_worker.shutdown()
@@ -180,8 +188,8 @@ def test_a_dead_producer_fails_the_request(caplog):
     try:
         params = dict(do_remote_prefill=True, remote_host="127.0.0.1", remote_port=port,
                       remote_request_id="p-9", remote_num_tokens=20)
-        _decode(c_sched, c_worker, "d-1", list(range(20)), params, 0, [4, 5])
-        merged = _steps_until([c_worker], lambda m: m[0]["failed"])
+        _, first = _decode(c_sched, c_worker, "d-1", list(range(20)), params, 0, [4, 5])
+        merged = _steps_until([c_worker], lambda m: m[0]["failed"], first=[first])
         assert merged[0] == dict(sending=set(), recving={"d-1"}, failed={"d-1"})
         assert f"KV fetch of request d-1 from the prefill server 127.0.0.1:{port}" in caplog.text
         assert not any(a.any() for s in c_worker.pages.tokens([4, 5], 0, 20) for a in s)

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 # How long a producer waits for its step thread to learn of a request that a consumer
 # already asks for (the response reaches the proxy one step before the worker hears of it).
 _UNKNOWN_REQUEST_GRACE_S = 5.0
+_IDLE_WAIT_S = 0.005
 _RECENT = 4096  # request ids remembered as read or expired, for a clear refusal
 
 
@@ -155,6 +156,7 @@ class XlaNetworkConnector(KVConnectorBase_V1):
         self._fetched: queue.Queue = queue.Queue()  # (Fetch, values | error, seconds)
         self._fetchers = None
         self._server = None
+        self._wake = threading.Event()  # an ask or a fetch arrived: the idle wait ends
         logger.info("xla-inference: %s (%s), %s:%d, lease %.0fs", NETWORK_CONNECTOR,
                     config.kv_role, self.host, self.port, self.lease_s)
 
@@ -304,6 +306,7 @@ class XlaNetworkConnector(KVConnectorBase_V1):
                 f"{fetch.host}:{fetch.port} (its request {fetch.remote_req_id}) failed: "
                 f"{error}")
         self._fetched.put((fetch, outcome, time.perf_counter() - begin))
+        self._wake.set()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         """Write the fetched tokens into their pages (dispatched after this step's forward,
@@ -354,6 +357,13 @@ class XlaNetworkConnector(KVConnectorBase_V1):
                 self.counts.served_tokens += lease.num_tokens
                 self.counts.served_bytes += num_bytes
 
+    def idle_wait(self) -> None:
+        """Before a step with no tokens (kv_transfer/steps.py): vLLM's engine loops on empty
+        steps while pages wait to be read or fetched; wait up to a few milliseconds for an
+        ask or a fetch instead of spinning a core."""
+        self._wake.wait(_IDLE_WAIT_S)
+        self._wake.clear()
+
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Fetched tokens land whole between steps (get_transfer_results)."""
 
@@ -400,11 +410,14 @@ class _PageServer:
             except (OSError, wire.TransferError) as error:
                 logger.warning("xla-inference: bad KV ask: %s", error)
                 return
-            logger.warning("xla-inference: KV ask %s from %s", ask, conn.getpeername())
+            logger.debug("xla-inference: KV ask %s from %s", ask, conn.getpeername())
             ask = _Ask(ask["request_id"], ask["start"], ask["end"])
             try:
                 lease, values, error = self._answer(ask)
             except wire.TransferError as refused:
+                if ask.start == ask.end:  # a release of pages already gone: nothing to do
+                    logger.debug("xla-inference: %s", refused)
+                    return
                 self._refuse(conn, str(refused))
                 return
             try:
@@ -430,6 +443,7 @@ class _PageServer:
         if gone is not None:
             raise wire.TransferError(f"request {ask.request_id}'s KV is no longer kept: {gone}")
         connector._asks.put(ask)
+        connector._wake.set()
         try:
             return ask.future.result(timeout=_UNKNOWN_REQUEST_GRACE_S)
         except concurrent.futures.TimeoutError:

@@ -86,6 +86,14 @@ def main(argv: list[str] | None = None) -> None:
                    add_help=False)
     sub.add_parser("disagg-proxy", help="a prefill/decode proxy in front of a kv_producer and "
                    "a kv_consumer server (kv_transfer/proxy.py; its args follow)", add_help=False)
+    sub.add_parser("disagg-serve", help="a prefill server, a decode server and the proxy on "
+                   "this machine (kv_transfer/launch.py; its args, then -- and vLLM's)",
+                   add_help=False)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["disagg-serve"]:  # its own parser sees the `--` before vLLM's args
+        from xla_inference.kv_transfer.launch import main as launch_main
+
+        return launch_main(raw[1:])
     ns, rest = parser.parse_known_args(argv)
     if ns.command == "disagg-proxy":
         from xla_inference.kv_transfer.proxy import main as proxy_main

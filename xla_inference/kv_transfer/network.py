@@ -276,7 +276,7 @@ class XlaNetworkConnector(KVConnectorBase_V1):
         for ask in waiting:
             self._asks.put(ask)
 
-    def _gather(self, lease: Lease, ask: dict):
+    def _gather(self, lease: Lease, ask: _Ask):
         """(lease, values or None for a release, error or None); the lease is no longer
         kept (the server reports it sent once the answer went out)."""
         start, end = ask.start, ask.end

@@ -84,8 +84,22 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("default-model", help="prepare the embedded SmolLM2 model; print its path")
     sub.add_parser("serve", help="start vLLM's OpenAI server on xla-inference (vLLM args follow)",
                    add_help=False)
+    sub.add_parser("disagg-proxy", help="a prefill/decode proxy in front of a kv_producer and "
+                   "a kv_consumer server (kv_transfer/proxy.py; its args follow)", add_help=False)
+    sub.add_parser("disagg-serve", help="a prefill server, a decode server and the proxy on "
+                   "this machine (kv_transfer/launch.py; its args, then -- and vLLM's)",
+                   add_help=False)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["disagg-serve"]:  # its own parser sees the `--` before vLLM's args
+        from xla_inference.kv_transfer.launch import main as launch_main
+
+        return launch_main(raw[1:])
     ns, rest = parser.parse_known_args(argv)
-    if ns.command == "default-model":
+    if ns.command == "disagg-proxy":
+        from xla_inference.kv_transfer.proxy import main as proxy_main
+
+        proxy_main(rest)
+    elif ns.command == "default-model":
         print(_default_model())
     elif ns.command == "serve":
         serve(rest)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 CONNECTOR_NAME = "XlaSharedStorageConnector"
 MODULE_PATH = "xla_inference.kv_transfer.shared_storage"
-SERVED_CONNECTORS = (CONNECTOR_NAME,)
+NETWORK_CONNECTOR = "XlaNetworkConnector"
+# name -> module; the class has the connector's name.
+CONNECTOR_MODULES = {CONNECTOR_NAME: MODULE_PATH,
+                     NETWORK_CONNECTOR: "xla_inference.kv_transfer.network"}
+SERVED_CONNECTORS = tuple(CONNECTOR_MODULES)
 
 
 def register_connectors() -> None:
@@ -13,8 +17,9 @@ def register_connectors() -> None:
     that builds or checks a config (vLLM resolves the class while checking it)."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
-    if CONNECTOR_NAME not in KVConnectorFactory._registry:
-        KVConnectorFactory.register_connector(CONNECTOR_NAME, MODULE_PATH, CONNECTOR_NAME)
+    for name, module in CONNECTOR_MODULES.items():
+        if name not in KVConnectorFactory._registry:
+            KVConnectorFactory.register_connector(name, module, name)
 
 
 def refuse_unserved(kv_transfer_config) -> None:
@@ -26,7 +31,7 @@ def refuse_unserved(kv_transfer_config) -> None:
         raise ValueError(f"xla-inference does not support KV connector {name!r} "
                          f"(--kv-transfer-config); it serves {', '.join(SERVED_CONNECTORS)}")
     path = kv_transfer_config.kv_connector_module_path
-    if path not in (None, MODULE_PATH):
+    if path not in (None, CONNECTOR_MODULES[name]):
         raise ValueError(f"xla-inference does not support KV connector {name!r} from module "
                          f"{path!r} (--kv-transfer-config); its {name} comes from "
-                         f"{MODULE_PATH}, with or without kv_connector_module_path")
+                         f"{CONNECTOR_MODULES[name]}, with or without kv_connector_module_path")

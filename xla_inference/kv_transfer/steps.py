@@ -76,6 +76,9 @@ class KvConnectorSteps:
 
     def no_forward(self, so) -> ModelRunnerOutput:
         """A step with no tokens: transfers still run and report."""
+        idle_wait = getattr(self.connector, "idle_wait", None)
+        if idle_wait is not None:
+            idle_wait()
         self.before_forward(so)
         return ModelRunnerOutput.with_kv_conn_output_only(self.after_step(so))
 

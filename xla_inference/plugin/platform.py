@@ -302,7 +302,7 @@ def refuse_unsupported_features(vllm_config) -> None:
 
 
 def _kv_connector_refusals(vllm_config) -> list:
-    """--kv-transfer-config: our shared-storage connector (kv_transfer/), on one engine
+    """--kv-transfer-config: our shared-storage or network connector (kv_transfer/), on one engine
     replica of a generative model without speculative decoding."""
     from xla_inference.kv_transfer.config import refuse_unserved
 

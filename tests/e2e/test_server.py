@@ -139,6 +139,8 @@ BAD_REQUESTS = [
     ("top_p above one", {"prompt": "hi", "max_tokens": 4, "top_p": 2.0}, 400),
     ("logprobs beyond the maximum", {"prompt": "hi", "max_tokens": 4, "logprobs": 1000}, 400),
     ("n of zero", {"prompt": "hi", "max_tokens": 4, "n": 0}, 400),
+    ("kv_transfer_params without a KV connector",
+     {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}, 400),
     ("unknown model", {"prompt": "hi", "max_tokens": 4, "model": "no-such-model"}, 404),
 ]
 

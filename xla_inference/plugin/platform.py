@@ -141,6 +141,7 @@ class XlaPlatform(Platform):
         refuse_unsupported_features(vllm_config)
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None
+        cls.kv_connector = vllm_config.kv_transfer_config is not None
         cls.multimodal_modalities = served_modalities(vllm_config.model_config)
         if cls.multimodal_modalities:
             # Our encoders take the processor's normalized pixels (as transformers' processor
@@ -196,6 +197,13 @@ class XlaPlatform(Platform):
                     parameter="multi_modal_data")
             _refuse_images_past(getattr(cls, "image_end_limit", None),
                                 processed_inputs.get("mm_placeholders") or {})
+        transfer = (params.extra_args or {}).get("kv_transfer_params")
+        if transfer and not getattr(cls, "kv_connector", False):
+            # vLLM would drop them: the request would run whole here, the proxy's other
+            # server would wait for pages that never come.
+            raise VLLMValidationError("kv_transfer_params need a server started with "
+                                      "--kv-transfer-config (a KV connector); this one has none",
+                                      parameter="kv_transfer_params")
         if getattr(cls, "speculative_decoding", False) and (
                 params.logprobs is not None or params.logprob_token_ids):
             raise VLLMValidationError("xla-inference does not return logprobs with "

@@ -7,15 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 16, 96
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 32, 96  # head_dim 32: vLLM CPU needs it
 VOCAB, DRAFT_VOCAB, EPS, THETA = 128, 96, 1e-5, 10000.0
 
 
 def save_tiny_eagle3(path: Path, aux_layer_ids=(0, 1, 2), *, seed: int = 0,
                      with_embed: bool = True, draft_vocab: int = DRAFT_VOCAB,
-                     scale: float = 0.3) -> Path:
-    """A random head for a target of hidden size 64 and 128 tokens (tests/helpers'
-    save_tiny_llama); draft ids map to a random sorted subset of the target's ids."""
+                     scale: float = 0.3, echo_embed: np.ndarray | None = None) -> Path:
+    """A random head for a target of hidden size 64 and 128 tokens (save_tiny_llama_target);
+    draft ids map to a random sorted subset of the target's ids.
+
+    echo_embed: the target's embedding [V, D]. The head then mostly proposes the token
+    before the last (its fc passes aux layer 0, the target's embedding at p, through; the
+    layer adds little; its LM head is that embedding's rows): right one draft in two on a
+    target caught in a two-token loop, so that some drafts are accepted, some rejected."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
@@ -48,6 +53,13 @@ def save_tiny_eagle3(path: Path, aux_layer_ids=(0, 1, 2), *, seed: int = 0,
         "d2t": (targets - np.arange(draft_vocab)).astype(np.int64),
         "t2d": t2d,
     }
+    if echo_embed is not None:
+        assert aux_layer_ids[0] == 0
+        tensors["fc.weight"][:] = 0
+        tensors["fc.weight"][:, :D] = np.eye(D)
+        for name in ("midlayer.self_attn.o_proj.weight", "midlayer.mlp.down_proj.weight"):
+            tensors[name] *= 0.05
+        tensors["lm_head.weight"] = echo_embed[targets].astype(np.float32)
     if with_embed:
         tensors["embed_tokens.weight"] = rng.standard_normal((VOCAB, D)).astype(np.float32)
     path.mkdir(parents=True, exist_ok=True)
@@ -136,3 +148,18 @@ class NumpyEagle3:
             tokens.append(drafts[-1])
             hidden = np.concatenate([hidden, prenorm[-1:]])
         return drafts
+
+
+def save_tiny_llama_target(path: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama of hidden size 64 and 128 tokens, head_dim 32 (vLLM's CPU
+    attention needs at least that), float32, with the word tokenizer."""
+    import transformers
+
+    from tests.helpers import save_tiny_model
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        rms_norm_eps=EPS, tie_word_embeddings=False, rope_theta=THETA, bos_token_id=1,
+        eos_token_id=2)
+    return save_tiny_model(path, config, seed=seed)

@@ -34,7 +34,7 @@ def _head(path, **load):
     return cfg, params
 
 
-def _proposer(cfg, params, max_tokens=32):
+def _proposer(cfg, params, max_tokens=16):
     limits = EagleLimits(token_buckets=tuple(token_buckets(max_tokens)), max_num_seqs=4,
                          max_model_len=64, block_size=ENGINE_BLOCK,
                          num_slots=64 * ENGINE_BLOCK, groups=(0,), num_speculative_tokens=K)
@@ -87,18 +87,19 @@ def test_proposals_match_a_float64_reference_over_a_prompt_and_a_verify_step(tmp
         params = dataclasses.replace(params, embed=target_embed)
     assert cfg.draft_vocab_size == 96 and cfg.aux_layer_ids == AUX
     proposer = _proposer(cfg, params)
-    proposer.warm_up(WIDTH, jnp.float32)
+    if with_embed:  # (once: warm-up compiles every bucket)
+        proposer.warm_up(WIDTH, jnp.float32)
     compile_counter.install()
     before = compile_counter.num_compilations()
     ref = NumpyEagle3(path, None if with_embed else target_embed.astype(np.float64))
     target = Target()
     rng = np.random.default_rng(2)
     reqs = [_request(f"r{i}", rng.integers(3, 128, n), 1 + 16 * i)
-            for i, n in enumerate((5, 9, 13))]
+            for i, n in enumerate((3, 6, 9))]
 
     # Step 1: the prompts (the longest in two chunks: its first chunk drafts nothing).
-    scheduled = [(reqs[0], 5), (reqs[1], 9), (reqs[2], 8)]
-    proposer.saw_target_step(scheduled, target.step_hidden(scheduled, [5, 9, 8], 32))
+    scheduled = [(reqs[0], 3), (reqs[1], 6), (reqs[2], 5)]
+    proposer.saw_target_step(scheduled, target.step_hidden(scheduled, [3, 6, 5], 16))
     sampled = []
     for req, n in scheduled:
         req.num_computed_tokens += n
@@ -113,8 +114,8 @@ def test_proposals_match_a_float64_reference_over_a_prompt_and_a_verify_step(tmp
 
     # Step 2: verify request 0's drafts (one accepted, then a correction), decode nothing
     # else but request 1's drafts (all rejected), finish request 2's prompt.
-    scheduled = [(reqs[0], 1 + K), (reqs[1], 1 + K), (reqs[2], 5)]
-    proposer.saw_target_step(scheduled, target.step_hidden(scheduled, [2, 1, 5], 16))
+    scheduled = [(reqs[0], 1 + K), (reqs[1], 1 + K), (reqs[2], 4)]
+    proposer.saw_target_step(scheduled, target.step_hidden(scheduled, [2, 1, 4], 16))
     emitted = [drafts[0][:1] + [int(rng.integers(3, 128))], [int(rng.integers(3, 128))], None]
     for (req, n), out in zip(scheduled, emitted):
         if out is None:
@@ -127,7 +128,8 @@ def test_proposals_match_a_float64_reference_over_a_prompt_and_a_verify_step(tmp
     for req, got in zip(reqs, drafts):
         assert len(got) == K
         assert got == _reference(ref, target, req)
-    assert compile_counter.num_compilations() == before
+    if with_embed:
+        assert compile_counter.num_compilations() == before
 
 
 def test_drafts_stop_at_the_pages_and_max_model_len(tmp_path):

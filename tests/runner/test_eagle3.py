@@ -188,3 +188,16 @@ def test_target_aux_states_are_transformers_hidden_states_of_those_layers(tmp_pa
     np.testing.assert_allclose(hidden[:, :HIDDEN], states[2], atol=1e-4)
     logits = np.asarray(step.logits)[0]
     np.testing.assert_allclose(logits, out.logits[0, -1].numpy(), atol=1e-4)
+
+
+def test_only_dense_decoder_targets_get_aux_hidden_states():
+    from xla_inference.models import gemma3, llama
+
+    cfg = llama.LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_layers=2,
+                            num_heads=1, num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5,
+                            rope_theta=1e4, rope_scaling=None, tie_word_embeddings=False)
+    wrapped = eagle3.with_aux_hidden_states(llama.FAMILY, cfg, (0, 1))
+    assert eagle3.returns_aux_hidden_states(wrapped)
+    assert not eagle3.returns_aux_hidden_states(llama.FAMILY)
+    with pytest.raises(ValueError, match="dense decoder families"):
+        eagle3.with_aux_hidden_states(gemma3.FAMILY, cfg, (0, 1))

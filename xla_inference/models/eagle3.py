@@ -259,3 +259,9 @@ def with_aux_hidden_states(family: ModelFamily, cfg, layer_ids: tuple[int, ...])
         forward=functools.partial(_aux_forward, tuple(layer_ids)),
         compute_logits=functools.partial(_first_hidden_logits, family.compute_logits,
                                          cfg.hidden_size))
+
+
+def returns_aux_hidden_states(family: ModelFamily) -> bool:
+    """Whether `family` is a with_aux_hidden_states target."""
+    forward = family.forward
+    return isinstance(forward, functools.partial) and forward.func is _aux_forward

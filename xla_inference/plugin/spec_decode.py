@@ -305,6 +305,11 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle3, kv_cache_config, targe
     if target_engine.replicas > 1 or target_engine.microbatches > 1:
         raise ValueError("xla-inference does not serve eagle3 with data parallel replicas or "
                          "pipeline stages yet")
+    from xla_inference.models.eagle3 import returns_aux_hidden_states
+
+    if not returns_aux_hidden_states(target_engine.model):  # e.g. --model-impl vllm
+        raise ValueError("xla-inference serves eagle3 for targets of its native JAX decoder "
+                         "families only (not through vLLM's PyTorch model classes)")
     cfg = target_engine.cfg
     layer_groups, _ = kv_layout(kv_cache_config, 1, cfg.block_size, layer_name=draft_layer_name)
     limits = EagleLimits(

@@ -1,6 +1,7 @@
-"""`python -m tests.e2e.eagle3_run TARGET HEAD OUT.json`: greedy generation with an EAGLE-3
-head through vllm.LLM, the engine core in this process, recording every request's drafts
-as vLLM's scheduler receives them; writes {outputs, drafts, accepted, drafted} as JSON.
+"""`python -m tests.e2e.eagle3_run TARGET HEAD [METHOD] OUT.json`: greedy generation with an
+EAGLE head (METHOD eagle3, the default, or eagle) through vllm.LLM, the engine core in this
+process, recording every request's drafts as vLLM's scheduler keeps them; writes {outputs,
+drafts, accepted, drafted} as JSON.
 Run with VLLM_PLUGINS=none it is vLLM's own CPU backend (tests/e2e/engines.vllm_cpu_reference);
 tests/e2e/test_llm_eagle3.py runs the same with this platform."""
 
@@ -38,12 +39,12 @@ def record_drafts() -> dict:
     return log
 
 
-def run(target: str, head: str, **llm_args) -> dict:
+def run(target: str, head: str, method: str = "eagle3", **llm_args) -> dict:
     from tests.e2e.engines import generate_ids, metric, shutdown, start_llm
 
     log = record_drafts()
     args = dict(max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False,
-                speculative_config={"method": "eagle3", "model": head,
+                speculative_config={"method": method, "model": head,
                                     "num_speculative_tokens": K})
     llm = start_llm(target, **{**args, **llm_args})
     try:
@@ -60,7 +61,7 @@ def run(target: str, head: str, **llm_args) -> dict:
 
 if __name__ == "__main__":
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    target_dir, head_dir, out = sys.argv[1:4]
-    result = run(target_dir, head_dir)
+    target_dir, head_dir, *method, out = sys.argv[1:]
+    result = run(target_dir, head_dir, *method)
     with open(out, "w") as f:
         json.dump(result, f)

@@ -74,3 +74,20 @@ def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, tmp_path, monk
     assert ours["outputs"] == theirs["outputs"]
     assert ours["drafts"] == theirs["drafts"]
     assert ours["drafted"] == theirs["drafted"] > ours["accepted"] == theirs["accepted"] > 0
+
+
+def test_eagle1_drafts_equal_vllm_cpu_backend_with_the_same_head(models, tmp_path, monkeypatch):
+    """EAGLE-1 (method eagle): a 2-layer head without its own embedding or LM head (the
+    target's), its fc passing the target's hidden state through: some drafts accepted.
+    Greedy equals transformers' greedy output of the target alone."""
+    from tests.eagle1_checkpoint import save_tiny_eagle1
+
+    target, _ = models
+    head = save_tiny_eagle1(tmp_path / "eagle1", echo=True)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ours = eagle3_run.run(str(target), str(head), "eagle")
+    assert ours["outputs"] == hf_greedy_ids(target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
+    theirs = vllm_cpu_reference("tests.e2e.eagle3_run", [target, head, "eagle"],
+                                tmp_path / "cpu.json")
+    assert ours["drafts"] == theirs["drafts"]
+    assert ours["drafted"] == theirs["drafted"] > ours["accepted"] == theirs["accepted"] > 0

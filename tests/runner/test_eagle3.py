@@ -38,7 +38,7 @@ def _proposer(cfg, params, max_tokens=16):
     limits = EagleLimits(token_buckets=tuple(token_buckets(max_tokens)), max_num_seqs=4,
                          max_model_len=64, block_size=ENGINE_BLOCK,
                          num_slots=64 * ENGINE_BLOCK, groups=(0,), num_speculative_tokens=K)
-    return EagleProposer(params, cfg, limits, build_mesh(), jnp.float32)
+    return EagleProposer(eagle3, params, cfg, limits, build_mesh(), jnp.float32)
 
 
 def _request(rid, prompt, first_block):
@@ -88,7 +88,7 @@ def test_proposals_match_a_float64_reference_over_a_prompt_and_a_verify_step(tmp
     assert cfg.draft_vocab_size == 96 and cfg.aux_layer_ids == AUX
     proposer = _proposer(cfg, params)
     if with_embed:  # (once: warm-up compiles every bucket)
-        proposer.warm_up(WIDTH, jnp.float32)
+        proposer.warm_up(jnp.float32)
     compile_counter.install()
     before = compile_counter.num_compilations()
     ref = NumpyEagle3(path, None if with_embed else target_embed.astype(np.float64))

@@ -213,6 +213,25 @@ def head_forward(params: Eagle3Params, kv, batch: StepBatch, hidden: jax.Array,
     return kv, rms_norm(prenorm, params.final_norm, cfg.rms_norm_eps), prenorm
 
 
+def first_hidden(params: Eagle3Params, target_hidden: jax.Array, cfg: Eagle3Config):
+    """A target step's hidden rows [T, Dt * (1 + num_aux)] -> the head's h [T, D]."""
+    width = cfg.target_hidden_size
+    aux = target_hidden[:, width:width * (1 + cfg.num_aux)]
+    return combine_aux(params, aux.astype(params.fc.dtype))
+
+
+def forward(params: Eagle3Params, kv_cache, batch: StepBatch, hidden: jax.Array,
+            cfg: Eagle3Config):
+    """head_forward over the head's KvCache (its one layer): (cache, normed, pre-norm)."""
+    layer, normed, prenorm = head_forward(params, kv_cache.layer(0), batch, hidden, cfg)
+    return kv_cache.updated(0, layer), normed, prenorm
+
+
+def target_hidden_width(cfg: Eagle3Config) -> int:
+    """Columns of the target step's hidden states the head reads from."""
+    return cfg.target_hidden_size * (1 + cfg.num_aux)
+
+
 def draft_tokens(params: Eagle3Params, normed: jax.Array) -> jax.Array:
     """normed [B, D] -> the greedy draft [B] int32, as target ids."""
     logits = project(normed, params.lm_head, jnp.float32)

@@ -1,8 +1,14 @@
-"""Speculative decoding with an EAGLE-3 head (models/eagle3.py): after each target step,
-the head catches up on the positions the target computed and drafts k tokens per request
-greedily, its KV in its own arrays over the target's pages.
+"""Speculative decoding with an EAGLE head (EAGLE-3: models/eagle3.py, EAGLE-1:
+models/eagle1.py): after each target step, the head catches up on the positions the target
+computed and drafts k tokens per request greedily, its KV in its own arrays over the
+target's pages.
 
-At a position p the head reads the token at p + 1 and the target's aux hidden states at p,
+A head module provides first_hidden(params, target hidden rows, cfg) -> h, forward(params,
+kv_cache, batch, h, cfg) -> (kv_cache, normed, pre-norm), draft_tokens(params, normed),
+kv_layers(cfg) and target_hidden_width(cfg).
+
+At a position p the head reads the token at p + 1 and the target's hidden states at p
+(EAGLE-3: the aux states; EAGLE-1: the final ones),
 so it can run exactly the positions the target has just computed and kept: [computed
 before the step, computed after it) of each request (the prompt chunk, or the verified
 token and the accepted drafts). Their aux states are rows of the step's hidden states
@@ -27,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.models import eagle3
 from xla_inference.parallel.sharding import replicated
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens
 from xla_inference.runner.engine import Programs, _compile_threads
@@ -47,25 +52,21 @@ class EagleLimits:
     num_speculative_tokens: int
 
 
-def _catch_up(cfg, params, kv, batch, target_hidden, rows):
-    """The head over the target's computed positions: h from the aux columns of the
-    target step's hidden rows `rows` [T]. -> (kv, first drafts [B], pre-norm [B, D])."""
-    width = cfg.target_hidden_size
-    aux = target_hidden[rows][:, width:width * (1 + cfg.num_aux)]
-    h = eagle3.combine_aux(params, aux.astype(params.fc.dtype))
-    return _step(cfg, params, kv, batch, h)
+def _catch_up(head, cfg, params, kv, batch, target_hidden, rows):
+    """The head over the target's computed positions: h from the target step's hidden
+    rows `rows` [T]. -> (kv, first drafts [B], pre-norm [B, D])."""
+    return _step(head, cfg, params, kv, batch, head.first_hidden(params, target_hidden[rows], cfg))
 
 
-def _draft(cfg, params, kv, batch, hidden):
+def _draft(head, cfg, params, kv, batch, hidden):
     """One draft per request: hidden [T, D] the head's pre-norm output of the draft before."""
-    return _step(cfg, params, kv, batch, hidden)
+    return _step(head, cfg, params, kv, batch, hidden)
 
 
-def _step(cfg, params, kv, batch, hidden):
-    layer, normed, prenorm = eagle3.head_forward(params, kv.layer(0), batch, hidden, cfg)
-    kv = kv.updated(0, layer)
+def _step(head, cfg, params, kv, batch, hidden):
+    kv, normed, prenorm = head.forward(params, kv, batch, hidden, cfg)
     rows = batch.logits_indices
-    return kv, eagle3.draft_tokens(params, normed[rows]), prenorm[rows]
+    return kv, head.draft_tokens(params, normed[rows]), prenorm[rows]
 
 
 def _catch_up_key(params, kv, batch, target_hidden, rows):
@@ -77,23 +78,28 @@ def _draft_key(params, kv, batch, hidden):
 
 
 class EagleProposer:
-    """Greedy EAGLE-3 drafts for the target's requests (module docstring)."""
+    """Greedy EAGLE drafts for the target's requests (module docstring); `head` the head's
+    module (models/eagle3 or models/eagle1)."""
 
-    def __init__(self, params: eagle3.Eagle3Params, cfg: eagle3.Eagle3Config,
-                 limits: EagleLimits, mesh, kv_dtype):
-        self.cfg, self.limits, self.mesh = cfg, limits, mesh
+    def __init__(self, head, params, cfg, limits: EagleLimits, mesh, kv_dtype):
+        self.head, self.cfg, self.limits, self.mesh = head, cfg, limits, mesh
         whole = replicated(mesh)
-        # Small (one layer): replicated on the target's mesh, beside its hidden states.
-        self.params = jax.tree.map(lambda a: jax.device_put(a, whole), params)
-        (layer,) = eagle3.kv_layers(cfg)
-        shape = (limits.num_slots, layer.num_kv_heads, layer.head_size)
-        zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=whole)
-        self.kv = KvCache([(zeros(), zeros())], (0,), (0,))
+        # Small (a layer or few): replicated on the target's mesh, beside its hidden states;
+        # arrays already there (the target's embedding or LM head) stay as they are.
+        self.params = jax.tree.map(
+            lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, whole), params)
+        arrays = []
+        for layer in head.kv_layers(cfg):
+            shape = (limits.num_slots, layer.num_kv_heads, layer.head_size)
+            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=whole)
+            arrays.append((zeros(), zeros()))
+        n = len(arrays)
+        self.kv = KvCache(arrays, tuple(range(n)), (0,) * n)
         kv_sharding = jax.tree.map(lambda _: whole, self.kv)
         jit = functools.partial(jax.jit, out_shardings=(kv_sharding, whole, whole),
                                 donate_argnums=(1,))
-        self._catch_up = Programs(jit(functools.partial(_catch_up, cfg)), _catch_up_key)
-        self._draft = Programs(jit(functools.partial(_draft, cfg)), _draft_key)
+        self._catch_up = Programs(jit(functools.partial(_catch_up, head, cfg)), _catch_up_key)
+        self._draft = Programs(jit(functools.partial(_draft, head, cfg)), _draft_key)
         self._step_rows = None  # the target step's rows: req_id -> (first token, computed)
         self._target_hidden = None
         self.forward_steps = 0  # head forwards run (tests)
@@ -197,9 +203,9 @@ class EagleProposer:
                 shifted[requests[i].req_id].append(token)
                 state[i] = (state[i][0], prenorm[row])
 
-    def warm_up(self, target_hidden_width: int, target_dtype) -> float:
+    def warm_up(self, target_dtype) -> float:
         """Compile both programs for every token bucket (the catch-up for target hidden
-        states [T, target_hidden_width] of target_dtype)."""
+        states of target_dtype)."""
         import time
 
         start = time.perf_counter()
@@ -207,7 +213,8 @@ class EagleProposer:
         catch_up, draft = [], []
         for T in self.limits.token_buckets:
             batch = build_step_batch([], self._layout(T))
-            hidden = jax.ShapeDtypeStruct((T, target_hidden_width), target_dtype, sharding=whole)
+            hidden = jax.ShapeDtypeStruct((T, self.head.target_hidden_width(self.cfg)),
+                                          target_dtype, sharding=whole)
             catch_up.append((self.params, self.kv, batch, hidden, np.zeros(T, np.int32)))
             draft.append((self.params, self.kv, batch,
                           np.zeros((T, self.cfg.hidden_size), self.params.fc.dtype)))

@@ -34,6 +34,7 @@ import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.parallel.sharding import replicated
+from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens
 from xla_inference.runner.engine import Programs, _compile_threads
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
@@ -209,6 +210,7 @@ class EagleProposer:
         import time
 
         start = time.perf_counter()
+        compile_counter.mark_warm(done=False)  # after the target's warm-up: expected here
         whole = replicated(self.mesh)
         catch_up, draft = [], []
         for T in self.limits.token_buckets:
@@ -222,4 +224,5 @@ class EagleProposer:
             futures = (self._catch_up.submit(catch_up, pool), self._draft.submit(draft, pool))
             self._catch_up.collect(futures[0])
             self._draft.collect(futures[1])
+        compile_counter.mark_warm()
         return time.perf_counter() - start

@@ -75,8 +75,6 @@ def test_draft_model_options_not_served_are_refused_by_name(model_dir):
 
 
 @pytest.mark.parametrize("spec", [
-    {"method": "eagle3", "num_speculative_tokens": 2},
-    {"method": "eagle", "num_speculative_tokens": 2},
     {"method": "ngram_gpu", "num_speculative_tokens": 2, "prompt_lookup_max": 2},
 ])
 def test_unserved_speculative_methods_are_refused_by_name(model_dir, spec):

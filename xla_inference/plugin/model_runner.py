@@ -142,6 +142,8 @@ class XlaModelRunner:
         try:
             # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
             step = self.engine.forward(scheduled)
+            if hasattr(self.drafter, "saw_target_step"):  # EAGLE: reads the step's hidden states
+                self.drafter.saw_target_step(scheduled, step.hidden)
         finally:
             for (req, _), ids in zip(scheduled, drafts):
                 del req.token_ids[len(req.token_ids) - len(ids):]

@@ -7,9 +7,14 @@ Served, with synchronous scheduling:
   drafting greedily on its own JAX engine, its KV cache in the target's pages
   (runner/draft_model.py). vLLM would schedule it asynchronously; the platform turns that
   off (use_synchronous_scheduling).
+- `eagle3`: an EAGLE-3 head for a Llama-family target (models/eagle3.py), drafting greedily
+  from the target's aux hidden states (runner/eagle.py), its KV in the target's pages;
+  synchronous scheduling, as draft_model.
+- `eagle`: an EAGLE-1 head (models/eagle1.py) reading the target's final hidden states,
+  drafting through the target's LM head, the same way.
 Drafts are verified on device by rejection sampling (sampling/rejection.py); greedy drafts
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
-(eagle, eagle3, mtp, ...) is refused at start-up.
+(mtp, ...) is refused at start-up.
 """
 
 import logging
@@ -18,7 +23,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SERVED_METHODS = ("ngram", "draft_model")
+SERVED_METHODS = ("ngram", "draft_model", "eagle3", "eagle")
+EAGLE_METHODS = ("eagle3", "eagle")
 # The draft model's attention layers in vLLM's KV cache config, beside the target's.
 DRAFT_LAYER_PREFIX = "draft_model."
 
@@ -31,10 +37,10 @@ def use_synchronous_scheduling(vllm_config) -> None:
     """vLLM turns async scheduling on for draft_model by default (before the platform's
     hook); this platform serves drafts with synchronous scheduling only."""
     spec = vllm_config.speculative_config
-    if spec is not None and spec.method == "draft_model" and \
+    if spec is not None and spec.method in ("draft_model", *EAGLE_METHODS) and \
             vllm_config.scheduler_config.async_scheduling:
-        logger.warning("xla-inference serves draft_model speculative decoding with "
-                       "synchronous scheduling: async scheduling turned off")
+        logger.warning("xla-inference serves %s speculative decoding with synchronous "
+                       "scheduling: async scheduling turned off", spec.method)
         vllm_config.scheduler_config.async_scheduling = False
 
 
@@ -51,7 +57,7 @@ def refuse_unserved(vllm_config) -> None:
     if vllm_config.scheduler_config.async_scheduling:
         raise ValueError("xla-inference serves speculative decoding with synchronous "
                          "scheduling only; drop --async-scheduling")
-    if method == "draft_model":
+    if method in ("draft_model", *EAGLE_METHODS):
         _refuse_unserved_draft_options(spec)
     extra = vllm_config.additional_config
     dp = 1
@@ -77,8 +83,10 @@ def _refuse_unserved_draft_options(spec) -> None:
     ]
     for refused, what in refusals:
         if refused:
-            raise ValueError(f"xla-inference does not support {what} with draft_model "
+            raise ValueError(f"xla-inference does not support {what} with {spec.method} "
                              "speculative decoding yet")
+    if spec.method in EAGLE_METHODS:  # EAGLE-3's own vocabulary maps to the target's (d2t)
+        return
     target = spec.target_model_config.get_vocab_size()
     draft = spec.draft_model_config.get_vocab_size()
     if target != draft:
@@ -89,8 +97,10 @@ def _refuse_unserved_draft_options(spec) -> None:
 
 def load_draft_model(vllm_config, precision, dummy: bool):
     """The draft model's weights on the host (runner/build.load), in the target's precision;
-    None unless the method is draft_model."""
+    for eagle3 and eagle the head's (load_eagle_head); None for other methods."""
     spec = vllm_config.speculative_config
+    if spec is not None and spec.method in EAGLE_METHODS:
+        return load_eagle_head(vllm_config, precision, dummy)
     if spec is None or spec.method != "draft_model":
         return None
     from xla_inference.plugin.quantization import loader_method
@@ -193,6 +203,148 @@ def build_draft_proposer(vllm_config, draft_model, kv_cache_config, target_engin
     return DraftProposer(engine, groups, spec.num_speculative_tokens, cfg.max_model_len)
 
 
+class LoadedEagle:
+    """An EAGLE head on the host: its module (models/eagle3 or eagle1), config, params."""
+
+    def __init__(self, head, cfg, params):
+        self.head, self.cfg, self.params = head, cfg, params
+
+    def kv_layers(self):
+        return self.head.kv_layers(self.cfg)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+
+def _draft_checkpoint_dir(path: str):
+    """A local directory of the draft's checkpoint (a hub id is fetched as vLLM would)."""
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
+    """The EAGLE head's config and weights on the host, in the target's activation dtype
+    (a layer or few: nothing to narrow); EAGLE-3's default aux layers from the target's
+    depth."""
+    import json
+
+    from xla_inference.loading.safetensors import CheckpointTensors, safetensors_files
+    from xla_inference.models import eagle1, eagle3
+
+    method = vllm_config.speculative_config.method
+    if dummy:
+        raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
+                         "random (dummy) weights")
+    path = _draft_checkpoint_dir(vllm_config.speculative_config.draft_model_config.model)
+    hf = json.loads((path / "config.json").read_text())
+    tensors = CheckpointTensors(safetensors_files(path))
+    if method == "eagle":
+        cfg = eagle1.Eagle1Config.from_hf(hf)
+        params = eagle1.load_params(tensors, cfg, precision.activations)
+        logger.info("xla-inference: loaded EAGLE-1 head %s (%d layers)", path, cfg.num_layers)
+        return LoadedEagle(eagle1, cfg, params)
+    target_layers = vllm_config.model_config.get_total_num_hidden_layers()
+    cfg = eagle3.Eagle3Config.from_hf(hf, target_layers)
+    params = eagle3.load_params(tensors, cfg, precision.activations)
+    logger.info("xla-inference: loaded EAGLE-3 head %s (aux layers %s, draft vocabulary %d)",
+                path, cfg.aux_layer_ids, cfg.draft_vocab_size)
+    return LoadedEagle(eagle3, cfg, params)
+
+
+def prepare_target(vllm_config, model, draft_model):
+    """The target as the drafter needs it: for eagle3, its forward also returns the aux
+    hidden states the head reads (models/eagle3.with_aux_hidden_states)."""
+    spec = vllm_config.speculative_config
+    if spec is None or spec.method not in EAGLE_METHODS:
+        return model
+    from xla_inference.models.eagle3 import with_aux_hidden_states
+
+    head = draft_model.cfg
+    if spec.method == "eagle":
+        if head.hidden_size != model.cfg.hidden_size or head.vocab_size != model.vocab_size:
+            raise ValueError(f"the EAGLE head has hidden size {head.hidden_size} and "
+                             f"{head.vocab_size} tokens; the target {model.cfg.hidden_size} "
+                             f"and {model.vocab_size}")
+        return model
+    if head.target_hidden_size != model.cfg.hidden_size or head.vocab_size != model.vocab_size:
+        raise ValueError(f"the EAGLE-3 head expects a target of hidden size "
+                         f"{head.target_hidden_size} and {head.vocab_size} tokens; the target "
+                         f"has {model.cfg.hidden_size} and {model.vocab_size}")
+    model.family = with_aux_hidden_states(model.family, model.cfg, head.aux_layer_ids)
+    return model
+
+
+class EagleDrafter:
+    """An EAGLE head's greedy proposals (runner/eagle.EagleProposer) as DraftTokenIds."""
+
+    def __init__(self, vllm_config, proposer, target_engine):
+        self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.proposer, self.target_engine = proposer, target_engine
+
+    def start_step(self, requests) -> None:
+        self.proposer.start_step(requests)
+
+    def forget(self, req_id: str) -> None:
+        self.proposer.forget(req_id)
+
+    def saw_target_step(self, scheduled, hidden) -> None:
+        self.proposer.saw_target_step(scheduled, hidden)
+
+    def warm_up(self) -> float:
+        return self.proposer.warm_up(self.target_engine.params.embed.dtype)
+
+    def propose(self, requests, sampled: list[list[int]]):
+        from vllm.v1.outputs import DraftTokenIds
+
+        drafts = self.proposer.propose(requests, sampled)
+        return DraftTokenIds([r.req_id for r in requests], drafts)
+
+
+def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target_engine):
+    """The head's proposer over the target's pages and mesh: its layers' group from vLLM's
+    KV cache config, the target's buckets and limits; the target's embedding where the head
+    has none, and for EAGLE-1 the target's LM head."""
+    import dataclasses
+
+    from xla_inference.plugin.worker import kv_layout
+    from xla_inference.runner.eagle import EagleLimits, EagleProposer
+
+    if target_engine.replicas > 1 or target_engine.microbatches > 1:
+        raise ValueError("xla-inference does not serve eagle3 with data parallel replicas or "
+                         "pipeline stages yet")
+    from xla_inference.models.eagle3 import returns_aux_hidden_states
+
+    method = vllm_config.speculative_config.method
+    if method == "eagle3" and not returns_aux_hidden_states(target_engine.model):
+        # e.g. --model-impl vllm
+        raise ValueError("xla-inference serves eagle3 for targets of its native JAX decoder "
+                         "families only (not through vLLM's PyTorch model classes)")
+    cfg = target_engine.cfg
+    layer_groups, _ = kv_layout(kv_cache_config, len(head.kv_layers()), cfg.block_size,
+                                layer_name=draft_layer_name)
+    if len(set(layer_groups)) != 1:
+        raise ValueError("the EAGLE head's layers landed in several KV cache groups")
+    limits = EagleLimits(
+        token_buckets=tuple(target_engine.token_buckets), max_num_seqs=cfg.max_num_seqs,
+        max_model_len=cfg.max_model_len, block_size=cfg.block_size,
+        num_slots=target_engine.blocks_per_replica * cfg.block_size, groups=layer_groups[:1],
+        num_speculative_tokens=vllm_config.speculative_config.num_speculative_tokens)
+    params = head.params
+    if params.embed is None:  # the checkpoint shares the target's embedding
+        params = dataclasses.replace(params, embed=target_engine.params.embed)
+    if method == "eagle":
+        params = dataclasses.replace(params, lm_head=target_engine.params.lm_head)
+    head.params = None  # the proposer holds the placed copy
+    kv_dtype = target_engine.kv_cache.arrays[0][0].dtype
+    return EagleProposer(head.head, params, head.cfg, limits, target_engine.mesh, kv_dtype)
+
+
 def build_drafter(vllm_config, draft_model=None, kv_cache_config=None, target_engine=None):
     """The drafter for the served method, or None without speculative decoding. draft_model
     (load_draft_model's), the KV cache config and the target's engine: for draft_model."""
@@ -202,4 +354,7 @@ def build_drafter(vllm_config, draft_model=None, kv_cache_config=None, target_en
     if vllm_config.speculative_config.method == "draft_model":
         return DraftModelDrafter(vllm_config, build_draft_proposer(
             vllm_config, draft_model, kv_cache_config, target_engine))
+    if vllm_config.speculative_config.method in EAGLE_METHODS:
+        return EagleDrafter(vllm_config, build_eagle_proposer(
+            vllm_config, draft_model, kv_cache_config, target_engine), target_engine)
     return NgramDrafter(vllm_config)

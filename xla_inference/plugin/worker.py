@@ -15,7 +15,7 @@ from xla_inference.plugin.platform import (data_parallel_size, patch_vllm_config
                                           pipeline_parallel_size)
 from xla_inference.plugin.quantization import loader_method
 from xla_inference.plugin.spec_decode import (build_drafter, draft_layer_name, load_draft_model,
-                                               num_speculative_tokens)
+                                               num_speculative_tokens, prepare_target)
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class XlaWorker(WorkerBase):
         quantization = loader_method(mc.quantization)
         self.model = load(mc.model, self.precision, random_seed=(mc.seed or 0) if dummy else None,
                           quantization=quantization)
+        self.model = prepare_target(self.vllm_config, self.model, self.draft_model)
         self.loaded_weight_bytes = self.model.weight_bytes
         logger.info("xla-inference: loaded %s%s (%s%s; %.1f MiB of weights) in %.1fs", mc.model,
                     " as random weights" if dummy else "", self.precision,

@@ -1,0 +1,93 @@
+"""EAGLE-3 speculative decoding through vLLM's LLM class: a tiny random Llama target and a
+tiny random EAGLE-3 head saved with vLLM's names and config (draft vocabulary, d2t, named
+aux layers). Greedy output equals transformers' greedy output of the target alone under
+chunked prefill, prefix caching and preemption; nothing compiles after warm-up; and the
+drafts vLLM's scheduler receives equal those of vLLM's own CPU backend running the same
+head and target."""
+
+import numpy as np
+import pytest
+
+from tests.e2e import eagle3_run
+from tests.e2e.engines import (generate_ids, metric, num_compilations, shutdown, start_llm,
+                               vllm_cpu_reference)
+from tests.eagle3_checkpoint import save_tiny_eagle3, save_tiny_llama_target
+from tests.helpers import hf_greedy_ids
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 24
+K = 3
+# One page (16 tokens): K and V, 2 kv heads, head dim 32, float32, of the target's 2 layers
+# and the head's one.
+PAGE_BYTES = 3 * (2 * 16 * 2 * 32 * 4)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle3")
+    target = save_tiny_llama_target(root / "target")
+    from safetensors.numpy import load_file
+
+    embed = load_file(str(target / "model.safetensors"))["model.embed_tokens.weight"]
+    head = save_tiny_eagle3(root / "head", (0, 1, 2), echo_embed=embed)
+    return target, head
+
+
+def test_greedy_equals_the_target_alone_under_preemption_and_prefix_caching(models):
+    target, head = models
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 33, 60, 17, 9)]
+    expected = hf_greedy_ids(target, prompts, NUM_NEW)
+    # 10 pages cannot hold four of the sequences at once: vLLM preempts; 32 tokens a step
+    # chunk the longer prompts. The second run finds the 60-token prompt's pages cached.
+    llm = start_llm(target, kv_cache_memory_bytes=10 * PAGE_BYTES, max_num_seqs=4,
+                    max_num_batched_tokens=32,
+                    speculative_config={"method": "eagle3", "model": str(head),
+                                        "num_speculative_tokens": K})
+    try:
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        again = generate_ids(llm, prompts[2:3], max_tokens=NUM_NEW, temperature=0.0,
+                             ignore_eos=True)
+        drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        preemptions = metric(llm, "vllm:num_preemptions")
+        cached = metric(llm, "vllm:prefix_cache_hits")
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert again == expected[2:3]
+    assert 0 < accepted < drafted
+    assert preemptions > 0 and cached > 0
+    assert compiled == 0
+
+
+def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, tmp_path, monkeypatch):
+    """Also: greedy equals transformers' greedy output of the target alone."""
+    target, head = models
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
+    ours = eagle3_run.run(str(target), str(head))
+    assert ours["outputs"] == hf_greedy_ids(target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
+    theirs = vllm_cpu_reference("tests.e2e.eagle3_run", [target, head], tmp_path / "cpu.json")
+    assert ours["outputs"] == theirs["outputs"]
+    assert ours["drafts"] == theirs["drafts"]
+    assert ours["drafted"] == theirs["drafted"] > ours["accepted"] == theirs["accepted"] > 0
+
+
+def test_eagle1_drafts_equal_vllm_cpu_backend_with_the_same_head(models, tmp_path, monkeypatch):
+    """EAGLE-1 (method eagle): a 2-layer head without its own embedding or LM head (the
+    target's), its fc passing the target's hidden state through: some drafts accepted.
+    Greedy equals transformers' greedy output of the target alone."""
+    from tests.eagle1_checkpoint import save_tiny_eagle1
+
+    target, _ = models
+    head = save_tiny_eagle1(tmp_path / "eagle1", echo=True)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ours = eagle3_run.run(str(target), str(head), "eagle")
+    assert ours["outputs"] == hf_greedy_ids(target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
+    theirs = vllm_cpu_reference("tests.e2e.eagle3_run", [target, head, "eagle"],
+                                tmp_path / "cpu.json")
+    assert ours["drafts"] == theirs["drafts"]
+    assert ours["drafted"] == theirs["drafted"] > ours["accepted"] == theirs["accepted"] > 0

@@ -1,0 +1,228 @@
+"""Speculative decoding with an EAGLE head (EAGLE-3: models/eagle3.py, EAGLE-1:
+models/eagle1.py): after each target step, the head catches up on the positions the target
+computed and drafts k tokens per request greedily, its KV in its own arrays over the
+target's pages.
+
+A head module provides first_hidden(params, target hidden rows, cfg) -> h, forward(params,
+kv_cache, batch, h, cfg) -> (kv_cache, normed, pre-norm), draft_tokens(params, normed),
+kv_layers(cfg) and target_hidden_width(cfg).
+
+At a position p the head reads the token at p + 1 and the target's hidden states at p
+(EAGLE-3: the aux states; EAGLE-1: the final ones),
+so it can run exactly the positions the target has just computed and kept: [computed
+before the step, computed after it) of each request (the prompt chunk, or the verified
+token and the accepted drafts). Their aux states are rows of the step's hidden states
+(models/eagle3.with_aux_hidden_states), gathered on device. The last of those rows, for a
+request that sampled, gives the first draft; k - 1 one-token steps then draft on, each fed
+the previous draft and the head's own pre-norm output. The KV the head wrote at draft
+positions is rewritten by the next catch-up, which starts there. Nothing is kept between
+steps beyond the KV.
+
+Programs, compiled at warm-up for every token bucket of the target: the catch-up (over the
+target step's bucket, gathering its hidden rows) and the one-token draft step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_inference.kernels.metadata import KvCache
+from xla_inference.parallel.sharding import replicated
+from xla_inference.runner import compile_counter
+from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens
+from xla_inference.runner.engine import Programs, _compile_threads
+from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleLimits:
+    """What the head's steps share with the target's engine."""
+
+    token_buckets: tuple[int, ...]
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+    num_slots: int  # KV slots of every page (the target's pages x block_size)
+    groups: tuple[int, ...]  # the target's KV cache groups the head's layer reads (one)
+    num_speculative_tokens: int
+
+
+def _catch_up(head, cfg, params, kv, batch, target_hidden, rows):
+    """The head over the target's computed positions: h from the target step's hidden
+    rows `rows` [T]. -> (kv, first drafts [B], pre-norm [B, D])."""
+    return _step(head, cfg, params, kv, batch, head.first_hidden(params, target_hidden[rows], cfg))
+
+
+def _draft(head, cfg, params, kv, batch, hidden):
+    """One draft per request: hidden [T, D] the head's pre-norm output of the draft before."""
+    return _step(head, cfg, params, kv, batch, hidden)
+
+
+def _step(head, cfg, params, kv, batch, hidden):
+    kv, normed, prenorm = head.forward(params, kv, batch, hidden, cfg)
+    rows = batch.logits_indices
+    return kv, head.draft_tokens(params, normed[rows]), prenorm[rows]
+
+
+def _catch_up_key(params, kv, batch, target_hidden, rows):
+    return batch.input_ids.shape[0]
+
+
+def _draft_key(params, kv, batch, hidden):
+    return batch.input_ids.shape[0]
+
+
+class EagleProposer:
+    """Greedy EAGLE drafts for the target's requests (module docstring); `head` the head's
+    module (models/eagle3 or models/eagle1)."""
+
+    def __init__(self, head, params, cfg, limits: EagleLimits, mesh, kv_dtype):
+        self.head, self.cfg, self.limits, self.mesh = head, cfg, limits, mesh
+        whole = replicated(mesh)
+        # Small (a layer or few): replicated on the target's mesh, beside its hidden states;
+        # arrays already there (the target's embedding or LM head) stay as they are.
+        self.params = jax.tree.map(
+            lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, whole), params)
+        arrays = []
+        for layer in head.kv_layers(cfg):
+            shape = (limits.num_slots, layer.num_kv_heads, layer.head_size)
+            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=whole)
+            arrays.append((zeros(), zeros()))
+        n = len(arrays)
+        self.kv = KvCache(arrays, tuple(range(n)), (0,) * n)
+        kv_sharding = jax.tree.map(lambda _: whole, self.kv)
+        jit = functools.partial(jax.jit, out_shardings=(kv_sharding, whole, whole),
+                                donate_argnums=(1,))
+        self._catch_up = Programs(jit(functools.partial(_catch_up, head, cfg)), _catch_up_key)
+        self._draft = Programs(jit(functools.partial(_draft, head, cfg)), _draft_key)
+        self._step_rows = None  # the target step's rows: req_id -> (first token, computed)
+        self._target_hidden = None
+        self.forward_steps = 0  # head forwards run (tests)
+
+    # -- the drafter protocol (plugin/spec_decode.py) ------------------------------------
+    def start_step(self, requests) -> None:
+        """The head keeps no state per request beyond its KV."""
+
+    def forget(self, req_id: str) -> None:
+        """Nothing per request to forget: the next catch-up starts where the target does."""
+
+    def saw_target_step(self, scheduled: list[tuple[RequestState, int]], hidden) -> None:
+        """Before the step's results: where each request's tokens are in the step's
+        hidden states [T, W], and how far it was computed before the step."""
+        rows, first = {}, 0
+        for req, num_new in scheduled:
+            rows[req.req_id] = (first, req.num_computed_tokens, num_new)
+            first += num_new
+        self._step_rows, self._target_hidden = rows, hidden
+
+    def propose(self, requests: list[RequestState], sampled: list[list[int]]) -> list[list[int]]:
+        """After the step (token_ids and num_computed_tokens updated): each request's drafts,
+        [] for a prompt chunk in progress."""
+        if self._target_hidden is None:
+            raise RuntimeError("EagleProposer.propose before saw_target_step")
+        hidden, step_rows = self._target_hidden, self._step_rows
+        self._target_hidden = self._step_rows = None
+        T = hidden.shape[0]
+        work, rows = [], np.zeros(T, np.int32)
+        used = 0
+        for r in requests:
+            first, before, num_new = step_rows[r.req_id]
+            n = min(r.num_computed_tokens - before, num_new)
+            if n <= 0:
+                continue
+            rows[used:used + n] = np.arange(first, first + n)
+            used += n
+            # The head reads the token after each position: the request's tokens shifted.
+            work.append((self._view(r, r.token_ids[1:], before), n))
+        if not work:
+            return [[] for _ in requests]
+        tokens, prenorm = self._run(self._catch_up, work, T, hidden, rows)
+        last = {view.req_id: i for i, (view, _) in enumerate(work)}
+        drafts, state = [], []
+        for r, new in zip(requests, sampled):
+            i = last.get(r.req_id)
+            k = self._num_drafts(r) if new and i is not None and \
+                r.num_computed_tokens == len(r.token_ids) - 1 else 0
+            drafts.append([int(tokens[i])] if k > 0 else [])
+            state.append((k, prenorm[i] if k > 0 else None))
+        self._draft_on(requests, drafts, state)
+        return drafts
+
+    # -- internals ----------------------------------------------------------------------
+    def _num_drafts(self, r: RequestState) -> int:
+        """Drafts for a request with N tokens: draft j lands at N + j - 1 (within
+        max_model_len) and the step that makes it writes KV at N + j - 3 (on a page)."""
+        N = len(r.token_ids)
+        capacity = min(len(r.block_ids[g]) for g in self.limits.groups) * self.limits.block_size
+        return max(0, min(self.limits.num_speculative_tokens, self.limits.max_model_len - N,
+                          capacity - N + 2))
+
+    def _view(self, r: RequestState, token_ids: list[int], start: int) -> RequestState:
+        return dataclasses.replace(r, token_ids=token_ids, num_computed_tokens=start,
+                                   block_ids=[r.block_ids[g] for g in self.limits.groups],
+                                   prompt_logprobs=None)
+
+    def _layout(self, T: int) -> BatchLayout:
+        lim = self.limits
+        return BatchLayout(T, seqs_for_tokens(T, lim.max_num_seqs),
+                           -(-lim.max_model_len // lim.block_size), lim.block_size,
+                           len(lim.groups))
+
+    def _run(self, program, work, T: int, *inputs):
+        batch = build_step_batch(work, self._layout(T))
+        self.forward_steps += 1
+        self.kv, tokens, prenorm = program(self.params, self.kv, batch, *inputs)
+        n = len(work)
+        return np.asarray(tokens)[:n], np.asarray(prenorm)[:n]
+
+    def _draft_on(self, requests, drafts, state) -> None:
+        """Drafts 2..k: one token per drafting request and step."""
+        shifted = {r.req_id: r.token_ids[1:] + d for r, d in zip(requests, drafts) if d}
+        for j in range(2, self.limits.num_speculative_tokens + 1):
+            live = [i for i, (k, _) in enumerate(state) if k >= j]
+            if not live:
+                return
+            T = pick_bucket(list(self.limits.token_buckets), len(live))
+            hidden = np.zeros((T, self.cfg.hidden_size), state[live[0]][1].dtype)
+            work = []
+            for row, i in enumerate(live):
+                r = requests[i]
+                hidden[row] = state[i][1]
+                # Draft j - 1 sits at position N + j - 2; the head reads it at N + j - 3.
+                ids = shifted[r.req_id]
+                work.append((self._view(r, ids, len(ids) - 1), 1))
+            tokens, prenorm = self._run(self._draft, work, T, hidden)
+            for row, i in enumerate(live):
+                token = int(tokens[row])
+                drafts[i].append(token)
+                shifted[requests[i].req_id].append(token)
+                state[i] = (state[i][0], prenorm[row])
+
+    def warm_up(self, target_dtype) -> float:
+        """Compile both programs for every token bucket (the catch-up for target hidden
+        states of target_dtype)."""
+        import time
+
+        start = time.perf_counter()
+        compile_counter.mark_warm(done=False)  # after the target's warm-up: expected here
+        whole = replicated(self.mesh)
+        catch_up, draft = [], []
+        for T in self.limits.token_buckets:
+            batch = build_step_batch([], self._layout(T))
+            hidden = jax.ShapeDtypeStruct((T, self.head.target_hidden_width(self.cfg)),
+                                          target_dtype, sharding=whole)
+            catch_up.append((self.params, self.kv, batch, hidden, np.zeros(T, np.int32)))
+            draft.append((self.params, self.kv, batch,
+                          np.zeros((T, self.cfg.hidden_size), self.params.fc.dtype)))
+        with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
+            futures = (self._catch_up.submit(catch_up, pool), self._draft.submit(draft, pool))
+            self._catch_up.collect(futures[0])
+            self._draft.collect(futures[1])
+        compile_counter.mark_warm()
+        return time.perf_counter() - start

@@ -134,11 +134,14 @@ def packed_axes(node, name: str, axes: tuple | None) -> tuple | None:
     """A packed weight's array `name` split as its [out, in] weight declares (`axes`): the
     tile layout's first two axes are row tiles and input chunks or groups (the third, the
     16 rows of a tile or the bytes of a chunk, is never split); the plain FP8 layout is
-    [out, in] and [out, groups]."""
+    [out, in] and [out, groups]; the Pallas quantized matmul's K-major layout (k_major) is
+    [in (4 bits: in / 2), out] and [groups, out]."""
     if axes is None:
         return None
     if hasattr(node, "array_axes"):  # stacked MoE experts (quantization/experts.py): own order
         return node.array_axes(tuple(axes))
+    if getattr(node, "k_major", False):
+        return tuple(axes)[::-1]
     return tuple(axes) + (None,) if node.tiled else tuple(axes)
 
 

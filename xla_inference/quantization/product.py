@@ -17,6 +17,12 @@ Two ways, chosen per trace by the number of rows (a static shape):
   (benchmarks/quantized_wide_shapes.py). Only where the weight's compute dtype is
   bfloat16 (a float32 policy keeps XLA's float32 product) or the scheme's activations are
   int8 (whose integers and per-channel scales the entry multiplies exactly);
+- on a TPU or GPU (kernels/pallas_quantized_matmul.quantized_matmul_route), for a weight
+  stored at load in that kernel's K-major layout (packed.K_MAJOR: pack decided it where the
+  kernel takes the weight's shape and groups), the Pallas quantized matmul: the stored
+  arrays go into the kernel as they are (no relayout in the step), which reads each weight
+  byte once and dequantizes tile by tile; int8 activations are fake-quantized first, as
+  for XLA's product below;
 - otherwise (no AMX, other devices) XLA dequantizes the weight into its compute dtype and
   runs its dense product; on GPUs and TPUs XLA fuses the dequantization into the product.
   Int8 activations are then fake-quantized the same way, and the int8 integer product runs
@@ -31,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.kernels import cpu_quantized
+from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.quantization.groups import INT8, INT8_ACTIVATIONS
 from xla_inference.quantization.packed import (PackedWeight, dequantize, untiled_groups,
                                                 untiled_values)
@@ -113,6 +120,29 @@ def scheme_activations(x2: jax.Array, w) -> jax.Array:
     return xq.astype(jnp.float32) * x_scale[:, None]
 
 
+def pallas_route(w: PackedWeight):
+    """The Pallas quantized matmul's route (backend, interpret mode) that multiplies w, or
+    None: w must be stored in its layout (K_MAJOR, decided at load) and a Pallas backend
+    still chosen now (a process that changed the variables since load falls back to XLA's
+    product on the dequantized weight, which reads that layout too)."""
+    if not w.k_major:
+        return None
+    route = qmm.quantized_matmul_route()
+    if route is None or not qmm.layout_supported(w.in_features, w.out_features, bits=w.bits,
+                                                 group_size=w.group_size,
+                                                 backend=route.backend):
+        return None
+    return route
+
+
+def _pallas_product(x2: jax.Array, w: PackedWeight, route) -> jax.Array:
+    x2 = scheme_activations(x2, w).astype(jnp.dtype(w.compute_dtype))
+    return qmm.quantized_matmul(x2, w.values, w.scales, w.offsets, bits=w.bits,
+                                group_size=w.group_size, zero_point=w.zero_point,
+                                backend=route.backend, interpret=route.interpret,
+                                out_dtype=jnp.float32)
+
+
 def _dense_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     x2 = scheme_activations(x2, w)
     weight = dequantize(w)
@@ -126,7 +156,10 @@ def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Arra
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    if uses_wide_kernel(w, x2.shape[0]):
+    route = pallas_route(w)
+    if route is not None:
+        y = _pallas_product(x2, w, route)
+    elif uses_wide_kernel(w, x2.shape[0]):
         y = _wide_product(x2, w)
     elif uses_kernel(w, x2.shape[0]):
         y = _kernel_product(x2, w)

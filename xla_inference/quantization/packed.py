@@ -76,6 +76,10 @@ class PackedWeight:
     compute_dtype: str = _static(default="float32")
     zero_point: int = _static(default=0)
     layout: str = _static(default=OUT_IN)
+    # K_MAJOR under tensor parallel: the axis of `values` the tensor axis splits (0: the
+    # inputs, 1: the outputs; None: neither), set when the engine places the weight
+    # (parallel/sharding.mark_tensor_splits); products partition by hand from it.
+    tensor_split: int | None = _static(default=None)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -22,8 +22,10 @@ reads in blocks of [K tile, N tile]):
 quantization/packed.PackedWeight keeps the native CPU kernel's layout ([out, in] in tiles
 of 16 output rows, 32-byte chunks interleaving 16 rows): its minor dimension of 32 bytes
 would fill a quarter of a TPU vreg's 128 lanes and needs a lane shuffle per tile, so the
-accelerators take the layout above; `accelerator_layout` converts PackedWeight's raw
-arrays (once, at load: it rewrites every byte of the weight).
+accelerators take the layout above: quantization/packed.pack stores a projection in it at
+load (layout K_MAJOR) when this kernel will serve it (`quantized_matmul_route`);
+`accelerator_layout` converts PackedWeight's tiled arrays (a rewrite of every byte: the
+MoE experts' path still does it per step, quantization/experts.py).
 
 Each K step of the kernels is cut into segments of inputs that share one group (and, for
 4 bits, one nibble): segment product x_s @ (q_s - z) in x's dtype (the integers are exact

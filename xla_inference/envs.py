@@ -38,6 +38,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "1 runs the Pallas kernels in interpret mode (any device, slow): with "
         "XLA_INFERENCE_KERNELS=pallas-tpu or pallas-gpu, a model step runs that accelerator's "
         "kernel on the CPU"),
+    "XLA_INFERENCE_QMM_BACKEND": (
+        "",
+        "quantized projections (int8, fp8, int4 with groups): tpu or gpu packs them at load "
+        "in the layout of that Pallas quantized matmul and runs it (interpret mode off such "
+        "a device), xla keeps the native CPU kernel's layout and XLA's or the CPU kernel's "
+        "products; empty follows XLA_INFERENCE_KERNELS"),
     "XLA_INFERENCE_STEP_STATS": (
         "0",
         "1 makes the engine wait for each program and split step time into host and device "
@@ -74,6 +80,11 @@ def kernels() -> str:
 def gmm_backend() -> str:
     """XLA_INFERENCE_GMM_BACKEND as given (kernels/pallas_gmm.py checks and resolves it)."""
     return _get("XLA_INFERENCE_GMM_BACKEND").strip().lower()
+
+
+def qmm_backend() -> str:
+    """XLA_INFERENCE_QMM_BACKEND as given (kernels/backend.pallas_route checks and resolves it)."""
+    return _get("XLA_INFERENCE_QMM_BACKEND").strip().lower()
 
 
 def image_sizes() -> list[tuple[int, int]]:

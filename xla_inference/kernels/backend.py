@@ -124,3 +124,37 @@ def note_fallback(backend: AttentionBackend, reason: str) -> None:
         return
     _logged.add((backend, reason))
     logger.info("xla-inference: attention kernels: %s: %s", backend.name, reason)
+
+
+# ------------------------------------------------------------------ matmul kernels' route
+
+# The Pallas matmul kernels (the MoE GMM, the quantized matmul) follow the attention choice:
+# the Pallas TPU or GPU attention backend brings the matmuls of that device, in the same
+# mode; each kernel family has its own variable that overrides it ("tpu" or "gpu": that
+# kernel, in interpret mode off such a device; "xla": XLA's product, whatever the rest).
+_MATMUL_DEVICE = {PALLAS_TPU: "tpu", PALLAS_GPU: "gpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasRoute:
+    backend: str  # "tpu" or "gpu"
+    interpret: bool
+
+
+def _platform_kind() -> str | None:
+    platform = jax.default_backend()
+    return "tpu" if platform == "tpu" else "gpu" if platform in ("gpu", "cuda", "rocm") else None
+
+
+def pallas_route(forced: str, variable: str) -> PallasRoute | None:
+    """Which Pallas matmul kernel serves (None: XLA's product or the CPU's kernels), given
+    the kernel family's override `forced` (the value of `variable`, "" when unset)."""
+    if forced == "xla":
+        return None
+    if forced in ("tpu", "gpu"):
+        return PallasRoute(forced, interpret=forced != _platform_kind())
+    if forced:
+        raise ValueError(f"{variable}={forced!r}: expected tpu, gpu or xla")
+    chosen = attention_backend()
+    kind = _MATMUL_DEVICE.get(chosen.name)
+    return None if kind is None else PallasRoute(kind, interpret=chosen.interpret)

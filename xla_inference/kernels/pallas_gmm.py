@@ -66,33 +66,13 @@ class Tiling:
 # alone: "tpu" or "gpu" (interpret mode off a device of that kind: the tests' way to run
 # one kernel on the CPU) or "xla" (ragged_dot, whatever the attention backend).
 GMM_BACKEND_VARIABLE = "XLA_INFERENCE_GMM_BACKEND"
-_FROM_ATTENTION = {kernel_backend.PALLAS_TPU: TPU, kernel_backend.PALLAS_GPU: GPU}
-
-
-@dataclasses.dataclass(frozen=True)
-class GmmRoute:
-    backend: str  # TPU or GPU
-    interpret: bool
-
-
-def _platform_kind() -> str | None:
-    platform = jax.default_backend()
-    return TPU if platform == "tpu" else GPU if platform in ("gpu", "cuda", "rocm") else None
+GmmRoute = kernel_backend.PallasRoute  # backend ("tpu" or "gpu") and interpret mode
 
 
 def gmm_route() -> GmmRoute | None:
     """Which Pallas GMM serves the MoE experts, or None for XLA's ragged_dot (the CPU):
     read when a layer is traced."""
-    forced = envs.gmm_backend()
-    if forced == "xla":
-        return None
-    if forced in BACKENDS:
-        return GmmRoute(forced, interpret=forced != _platform_kind())
-    if forced:
-        raise ValueError(f"{GMM_BACKEND_VARIABLE}={forced!r}: expected tpu, gpu or xla")
-    chosen = kernel_backend.attention_backend()
-    kind = _FROM_ATTENTION.get(chosen.name)
-    return None if kind is None else GmmRoute(kind, interpret=chosen.interpret)
+    return kernel_backend.pallas_route(envs.gmm_backend(), GMM_BACKEND_VARIABLE)
 
 
 # ------------------------------------------------------------------ the schedule

@@ -22,8 +22,10 @@ reads in blocks of [K tile, N tile]):
 quantization/packed.PackedWeight keeps the native CPU kernel's layout ([out, in] in tiles
 of 16 output rows, 32-byte chunks interleaving 16 rows): its minor dimension of 32 bytes
 would fill a quarter of a TPU vreg's 128 lanes and needs a lane shuffle per tile, so the
-accelerators take the layout above; `accelerator_layout` converts PackedWeight's raw
-arrays (once, at load: it rewrites every byte of the weight).
+accelerators take the layout above: quantization/packed.pack stores a projection in it at
+load (layout K_MAJOR) when this kernel will serve it (`quantized_matmul_route`);
+`accelerator_layout` converts PackedWeight's tiled arrays (a rewrite of every byte: the
+MoE experts' path still does it per step, quantization/experts.py).
 
 Each K step of the kernels is cut into segments of inputs that share one group (and, for
 4 bits, one nibble): segment product x_s @ (q_s - z) in x's dtype (the integers are exact
@@ -44,6 +46,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from xla_inference import envs
+from xla_inference.kernels import backend as kernel_backend
+
 TPU, GPU = "tpu", "gpu"
 INT4_HALF = 128  # H: inputs per nibble half of a 4-bit block (module docstring)
 TILE_ROWS = 16  # PackedWeight's output rows per tile (quantization/packed.TILE_ROWS)
@@ -61,6 +66,21 @@ class Tiling:
 def int4_half(in_features: int) -> int:
     """H of the 4-bit layout for K inputs: 128 where 256 divides K, else K / 2."""
     return INT4_HALF if in_features % (2 * INT4_HALF) == 0 else in_features // 2
+
+
+# ------------------------------------------------------------------ backend choice
+
+# Quantized projections follow the process's kernel choice as the MoE GMM does
+# (kernels/backend.pallas_route); XLA_INFERENCE_QMM_BACKEND overrides it for them alone.
+# The choice is made at load (quantization/packed.pack stores the weights in this module's
+# layout for a Pallas backend) and read again when a product is traced.
+QMM_BACKEND_VARIABLE = "XLA_INFERENCE_QMM_BACKEND"
+
+
+def quantized_matmul_route() -> kernel_backend.PallasRoute | None:
+    """Which Pallas quantized matmul serves quantized projections, or None (the CPU's
+    native kernel, or XLA's product on the dequantized weight)."""
+    return kernel_backend.pallas_route(envs.qmm_backend(), QMM_BACKEND_VARIABLE)
 
 
 def _is_fp8(values) -> bool:
@@ -93,6 +113,15 @@ def pack_int4(q: jax.Array) -> jax.Array:
     half = int4_half(k)
     blocks = q.astype(jnp.uint8).reshape(k // (2 * half), 2, half, n)
     return (blocks[:, 0] | (blocks[:, 1] << 4)).reshape(k // 2, n)
+
+
+def unpack_int4(values: jax.Array) -> jax.Array:
+    """The uint8 [K / 2, N] layout -> 4-bit integers [K, N] (uint8 0..15): pack_int4 undone,
+    for products that dequantize in XLA rather than in the kernel."""
+    k = 2 * values.shape[0]
+    half = int4_half(k)
+    blocks = values.reshape(k // (2 * half), half, -1)
+    return jnp.stack([blocks & 15, blocks >> 4], axis=1).reshape(k, -1)
 
 
 def accelerator_layout(values, scales, offsets, *, bits: int, in_features: int,

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.parallel.axes import field_axes, is_projection
 from xla_inference.quantization.experts import (PackedExperts, pack_experts, quantize_experts,
                                                 with_compute_dtype)
@@ -185,8 +186,14 @@ def pack_quantized(params, compute_dtype, dense_dtype):
     where they do not run integer kernels; a quantized tensor anywhere else (a GGUF
     embedding, whose rows are gathered) becomes float `dense_dtype`. One GroupQuant in two
     fields (a tied embedding and LM head) is packed once. Quantized MoE experts
-    (PackedExperts, already stacked at load) dequantize into `compute_dtype` too."""
+    (PackedExperts, already stacked at load) dequantize into `compute_dtype` too.
+
+    Where a Pallas quantized matmul will serve (a TPU or GPU, or one forced in interpret
+    mode: kernels/pallas_quantized_matmul.quantized_matmul_route), each projection it takes
+    is stored in its layout, here, once (packed.K_MAJOR)."""
     packed: dict[int, PackedWeight] = {}
+    route = qmm.quantized_matmul_route()
+    accelerator = None if route is None else route.backend
 
     def change(field, value):
         if isinstance(value, PackedExperts):
@@ -196,7 +203,7 @@ def pack_quantized(params, compute_dtype, dense_dtype):
         if not is_projection(field):
             return _dense(value, dense_dtype)
         if id(value) not in packed:
-            packed[id(value)] = pack(value, compute_dtype)
+            packed[id(value)] = pack(value, compute_dtype, accelerator=accelerator)
         return packed[id(value)]
 
     return _map_fields(params, change)

@@ -134,12 +134,47 @@ def packed_axes(node, name: str, axes: tuple | None) -> tuple | None:
     """A packed weight's array `name` split as its [out, in] weight declares (`axes`): the
     tile layout's first two axes are row tiles and input chunks or groups (the third, the
     16 rows of a tile or the bytes of a chunk, is never split); the plain FP8 layout is
-    [out, in] and [out, groups]."""
+    [out, in] and [out, groups]; the Pallas quantized matmul's K-major layout (k_major) is
+    [in (4 bits: in / 2), out] and [groups, out]."""
     if axes is None:
         return None
     if hasattr(node, "array_axes"):  # stacked MoE experts (quantization/experts.py): own order
         return node.array_axes(tuple(axes))
+    if getattr(node, "k_major", False):
+        return tuple(axes)[::-1]
     return tuple(axes) + (None,) if node.tiled else tuple(axes)
+
+
+def mark_tensor_splits(params, shardings):
+    """(params, shardings) with every packed weight in the Pallas quantized matmul's layout
+    (k_major) told which axis of its values the tensor-parallel axis splits (its static
+    `tensor_split`: 0 the inputs, 1 the outputs, None neither), the same in both trees. A
+    Pallas kernel has no partitioning rule (GSPMD would gather its operands whole on every
+    device); quantization/product.py partitions such a product by hand (shard_map) from
+    this. The scales and offsets must split with the values (else None: GSPMD's way)."""
+    def split_of(node) -> int | None:
+        # The last two axes (pipeline stages stack layers in front: parallel/pipeline.py).
+        specs = [tuple(getattr(node, name).spec)[-2:] for name in ("values", "scales",
+                                                                     "offsets")
+                 if getattr(node, name) is not None]
+        for axis in (0, 1):
+            if all(len(spec) == 2 and spec[axis] == TENSOR_AXIS for spec in specs):
+                return axis
+        return None
+
+    def mark_sharding(node):
+        if not (is_packed_weight(node) and getattr(node, "k_major", False)):
+            return node
+        return dataclasses.replace(node, tensor_split=split_of(node))
+
+    shardings = jax.tree.map(mark_sharding, shardings, is_leaf=is_packed_weight)
+
+    def mark_param(node, sharding):
+        if not (is_packed_weight(node) and getattr(node, "k_major", False)):
+            return node
+        return dataclasses.replace(node, tensor_split=sharding.tensor_split)
+
+    return jax.tree.map(mark_param, params, shardings, is_leaf=is_packed_weight), shardings
 
 
 def kv_cache_sharding(cfg, shape: tuple[int, ...], mesh: Mesh, replicas: bool = False

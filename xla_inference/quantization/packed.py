@@ -16,6 +16,12 @@ other devices XLA dequantizes the tiles inside the product (`dequantize`): the l
 reshape and a transpose of the plain one, which XLA folds into the dequantizing fusion.
 FP8 weights keep the plain [out, in] layout (XLA converts them in the product).
 
+For a TPU or GPU whose Pallas quantized matmul will multiply the weight
+(kernels/pallas_quantized_matmul.quantized_matmul_route, passed to pack as `accelerator`),
+every kind is stored instead in that kernel's K-major layout (its module docstring: values
+[in, out], 4-bit ones two inputs a byte [in / 2, out]; scales and offsets [groups, out]),
+converted here, once, so that a step hands the stored arrays to the kernel unchanged.
+
 Groups are at most 128 input elements (larger groups, e.g. one scale per row, are split
 into equal parts), so the kernel's int32 sums over a group cannot overflow."""
 
@@ -27,12 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.quantization.groups import (FP8, INT4, INT8, INT8_ACTIVATIONS, GroupQuant,
                                                regroup)
 
 TILE_ROWS = 16
 MAX_GROUP = 128
 _CHUNK_INPUTS = {INT8: 2, INT4: 4}  # input elements of one row in a 32-byte chunk
+# Layouts: OUT_IN, the native CPU kernel's tiles (FP8: plain [out, in]); K_MAJOR, the
+# Pallas quantized matmul's (kernels/pallas_quantized_matmul.py).
+OUT_IN, K_MAJOR = "out-in", "k-major"
 
 
 def _static(**kwargs) -> dataclasses.Field:
@@ -48,6 +58,8 @@ class PackedWeight:
     padded to a multiple of 16); FP8 float8_e4m3fn [out, in].
     scales, offsets: [out/16, groups, 16] (FP8: [out, groups]), each float16 where that
     holds its values exactly and float32 otherwise (group_array); offsets may be None.
+    layout K_MAJOR (any kind): values [in, out] (INT4: uint8 [in/2, out], two inputs a
+    byte), scales and offsets [groups, out]: the Pallas quantized matmul's operands.
     zero_point: an integer subtracted from every value before scaling (0: none)
     w[o, k] = (q[o, k] - zero_point) * scale[o, g] + offset[o, g]."""
 
@@ -63,6 +75,11 @@ class PackedWeight:
     # (the precision policy's weight dtype: bfloat16 halves the dequantized copy).
     compute_dtype: str = _static(default="float32")
     zero_point: int = _static(default=0)
+    layout: str = _static(default=OUT_IN)
+    # K_MAJOR under tensor parallel: the axis of `values` the tensor axis splits (0: the
+    # inputs, 1: the outputs; None: neither), set when the engine places the weight
+    # (parallel/sharding.mark_tensor_splits); products partition by hand from it.
+    tensor_split: int | None = _static(default=None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,7 +87,16 @@ class PackedWeight:
 
     @property
     def tiled(self) -> bool:
-        return self.kind in _CHUNK_INPUTS
+        """In the native CPU kernel's tiles (4- and 8-bit integers in the OUT_IN layout)."""
+        return self.kind in _CHUNK_INPUTS and self.layout == OUT_IN
+
+    @property
+    def k_major(self) -> bool:
+        return self.layout == K_MAJOR
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.kind == INT4 else 8
 
     @property
     def num_groups(self) -> int:
@@ -136,23 +162,45 @@ def _tile_values(values: np.ndarray, kind: str, out_padded: int) -> np.ndarray:
                                                                      2 * TILE_ROWS))
 
 
-def pack(weight: GroupQuant, compute_dtype="float32", *, zero_point: bool = False
-         ) -> PackedWeight:
+def _pack_k_major(weight: GroupQuant, zero_point: int | None, compute_dtype: str
+                  ) -> PackedWeight:
+    """The Pallas quantized matmul's layout (K_MAJOR) of a host GroupQuant."""
+    out, inp = weight.shape
+    values = weight.values.T
+    if weight.kind == INT4:
+        values = qmm.pack_int4(values)  # numpy in, numpy out
+    groups = lambda a: np.ascontiguousarray(group_array(a).T)  # noqa: E731  [groups, out]
+    offsets = (None if weight.offsets is None or zero_point is not None
+               else groups(weight.offsets))
+    return PackedWeight(np.ascontiguousarray(values), groups(weight.scales), offsets,
+                        weight.kind, weight.group_size, out, inp, weight.activations,
+                        compute_dtype, zero_point or 0, K_MAJOR)
+
+
+def pack(weight: GroupQuant, compute_dtype="float32", *, zero_point: bool = False,
+         accelerator: str | None = None) -> PackedWeight:
     """The device layout of a host GroupQuant (numpy arrays; placed by the engine);
-    zero_point: offsets that are -z * scale for one integer z become zero_point z."""
+    zero_point: offsets that are -z * scale for one integer z become zero_point z.
+    accelerator: the Pallas quantized matmul backend ("tpu" or "gpu") that will multiply
+    the weight; where its kernels take the weight's shape and groups, the weight is stored
+    in their layout (K_MAJOR), else in the CPU kernel's (OUT_IN: XLA dequantizes it)."""
     out, inp = weight.shape
     compute_dtype = jnp.dtype(compute_dtype).name
     if weight.activations == INT8_ACTIVATIONS and (
             weight.kind != INT8 or weight.offsets is not None or weight.group_size != inp):
         raise ValueError("int8 activations need symmetric int8 weights with one scale per "
                          "output channel (compressed-tensors W8A8 int8)")
+    if weight.kind != FP8:
+        weight = regroup(weight, kernel_group_size(weight.group_size, inp, weight.kind))
+    z = (common_zero_point(weight.scales, weight.offsets)
+         if zero_point and weight.offsets is not None and weight.kind != FP8 else None)
+    if accelerator and qmm.layout_supported(inp, out, bits=4 if weight.kind == INT4 else 8,
+                                            group_size=weight.group_size, backend=accelerator):
+        return _pack_k_major(weight, z, compute_dtype)
     if weight.kind == FP8:
         return PackedWeight(weight.values, weight.scales, weight.offsets, FP8, weight.group_size,
                             out, inp, weight.activations, compute_dtype)
-    weight = regroup(weight, kernel_group_size(weight.group_size, inp, weight.kind))
     out_padded = -(-out // TILE_ROWS) * TILE_ROWS
-    z = (common_zero_point(weight.scales, weight.offsets)
-         if zero_point and weight.offsets is not None else None)
     offsets = (None if weight.offsets is None or z is not None
                else _tile_rows(group_array(weight.offsets), out_padded))
     return PackedWeight(_tile_values(weight.values, weight.kind, out_padded),
@@ -164,8 +212,11 @@ def pack(weight: GroupQuant, compute_dtype="float32", *, zero_point: bool = Fals
 # ------------------------------------------------------------------ on the device (jnp)
 
 def untiled_values(w: PackedWeight) -> jax.Array:
-    """The integer values [out_padded, in] (int8 for INT8, 0..15 as uint8 for INT4)."""
+    """The integer values [out_padded, in] (int8 for INT8, 0..15 as uint8 for INT4; K_MAJOR
+    and FP8: [out, in])."""
     v = w.values
+    if w.k_major:
+        return (qmm.unpack_int4(v) if w.kind == INT4 else v).T
     if w.kind == FP8:
         return v
     tiles, chunks = v.shape[0], v.shape[1]
@@ -181,6 +232,8 @@ def untiled_values(w: PackedWeight) -> jax.Array:
 def untiled_groups(a: jax.Array, w: PackedWeight) -> jax.Array:
     """Scales or offsets as [out_padded, groups] float32 (stored float16 or float32)."""
     a = a.astype(jnp.float32)
+    if w.k_major:
+        return a.T
     return a if not w.tiled else a.transpose(0, 2, 1).reshape(-1, a.shape[1])
 
 

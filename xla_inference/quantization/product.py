@@ -17,6 +17,18 @@ Two ways, chosen per trace by the number of rows (a static shape):
   (benchmarks/quantized_wide_shapes.py). Only where the weight's compute dtype is
   bfloat16 (a float32 policy keeps XLA's float32 product) or the scheme's activations are
   int8 (whose integers and per-channel scales the entry multiplies exactly);
+- on a TPU or GPU (kernels/pallas_quantized_matmul.quantized_matmul_route), for a weight
+  stored at load in that kernel's K-major layout (packed.K_MAJOR: pack decided it where the
+  kernel takes the weight's shape and groups), the Pallas quantized matmul: the stored
+  arrays go into the kernel as they are (no relayout in the step), which reads each weight
+  byte once and dequantizes tile by tile; int8 activations are fake-quantized first, as
+  for XLA's product below. A Pallas call has no partitioning rule (GSPMD would gather the
+  weight whole on every device, each step), so under tensor parallel the product is split
+  by hand (shard_map) as the weight is placed (PackedWeight.tensor_split): each device
+  multiplies its share, outputs split (column parallel) or inputs split and the partial
+  products summed (row parallel); where the kernel cannot take a share alone (a 4-bit
+  split that cuts its 2H-input blocks, a group across devices) every device multiplies
+  the whole weight, gathered, as GSPMD would;
 - otherwise (no AMX, other devices) XLA dequantizes the weight into its compute dtype and
   runs its dense product; on GPUs and TPUs XLA fuses the dequantization into the product.
   Int8 activations are then fake-quantized the same way, and the int8 integer product runs
@@ -25,13 +37,17 @@ Two ways, chosen per trace by the number of rows (a static shape):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from xla_inference.kernels import cpu_quantized
-from xla_inference.quantization.groups import INT8, INT8_ACTIVATIONS
+from xla_inference.kernels import pallas_quantized_matmul as qmm
+from xla_inference.parallel.sharding import TENSOR_AXIS, tensor_parallel_mesh
+from xla_inference.quantization.groups import INT4, INT8, INT8_ACTIVATIONS
 from xla_inference.quantization.packed import (PackedWeight, dequantize, untiled_groups,
                                                 untiled_values)
 
@@ -113,6 +129,88 @@ def scheme_activations(x2: jax.Array, w) -> jax.Array:
     return xq.astype(jnp.float32) * x_scale[:, None]
 
 
+def pallas_route(w: PackedWeight):
+    """The Pallas quantized matmul's route (backend, interpret mode) that multiplies w, or
+    None: w must be stored in its layout (K_MAJOR, decided at load) and a Pallas backend
+    still chosen now (a process that changed the variables since load falls back to XLA's
+    product on the dequantized weight, which reads that layout too)."""
+    if not w.k_major:
+        return None
+    route = qmm.quantized_matmul_route()
+    if route is None or not qmm.layout_supported(w.in_features, w.out_features, bits=w.bits,
+                                                 group_size=w.group_size,
+                                                 backend=route.backend):
+        return None
+    return route
+
+
+def _pallas_product(x2: jax.Array, w: PackedWeight, route) -> jax.Array:
+    return _pallas_kernel(scheme_activations(x2, w), w, route)
+
+
+def _pallas_kernel(x2: jax.Array, w: PackedWeight, route) -> jax.Array:
+    """x2 (int8 activations already fake-quantized) times w by the kernel, float32."""
+    x2 = x2.astype(jnp.dtype(w.compute_dtype))
+    return qmm.quantized_matmul(x2, w.values, w.scales, w.offsets, bits=w.bits,
+                                group_size=w.group_size, zero_point=w.zero_point,
+                                backend=route.backend, interpret=route.interpret,
+                                out_dtype=jnp.float32)
+
+
+def _local_share(w: PackedWeight, devices: int) -> PackedWeight | None:
+    """The weight one device holds under w.tensor_split over `devices` devices (its static
+    sizes; the arrays are w's), or None where the kernel cannot multiply that share alone."""
+    if w.tensor_split == 1 and w.out_features % devices == 0:
+        return dataclasses.replace(w, out_features=w.out_features // devices)
+    k = w.in_features // devices
+    if w.tensor_split != 0 or w.in_features % devices or k % w.group_size:
+        return None
+    if w.kind == INT4 and (k % (2 * qmm.int4_half(w.in_features))
+                           or qmm.int4_half(k) != qmm.int4_half(w.in_features)):
+        return None  # the split cuts the 2H-input blocks of the 4-bit layout
+    return dataclasses.replace(w, in_features=k)
+
+
+def _pallas_on_mesh(x2: jax.Array, w: PackedWeight, route, mesh) -> jax.Array:
+    """The kernel under shard_map over the tensor axis: on each device's share of w where
+    the kernel takes that share alone, else on the whole weight on every device (what
+    GSPMD would do for a call it cannot partition: gather the weight)."""
+    local = _local_share(w, mesh.shape[TENSOR_AXIS]) if w.tensor_split is not None else None
+    if local is not None and not qmm.layout_supported(
+            local.in_features, local.out_features, bits=w.bits, group_size=w.group_size,
+            backend=route.backend):
+        local = None
+    split, x_spec, out_spec = {
+        None: (PartitionSpec(), PartitionSpec(), PartitionSpec()),  # whole on every device
+        1: (PartitionSpec(None, TENSOR_AXIS), PartitionSpec(), PartitionSpec(None, TENSOR_AXIS)),
+        0: (PartitionSpec(TENSOR_AXIS, None), PartitionSpec(None, TENSOR_AXIS), PartitionSpec()),
+    }[None if local is None else w.tensor_split]
+    specs = dataclasses.replace(w, values=split, scales=split,
+                                offsets=None if w.offsets is None else split)
+
+    def body(x, share):
+        if local is not None:
+            share = dataclasses.replace(share, in_features=local.in_features,
+                                        out_features=local.out_features)
+        y = _pallas_kernel(x, share, route)
+        return jax.lax.psum(y, TENSOR_AXIS) if x_spec != PartitionSpec() else y
+
+    # Int8 activations are rounded per row over the whole row, before any split. Manual
+    # over every axis not yet manual (the data axis is 1 here, or manual already under
+    # data parallel replicas): the TPU kernel's interpret mode runs host callbacks, which
+    # JAX allows only in wholly manual code.
+    axes = set(mesh.axis_names) - set(mesh.manual_axes)
+    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, specs), out_specs=out_spec,
+                         axis_names=axes, check_vma=False)(scheme_activations(x2, w), w)
+
+
+def _pallas_any_mesh(x2: jax.Array, w: PackedWeight, route) -> jax.Array:
+    """The Pallas product; where the step is traced over a tensor-parallel mesh, split by
+    hand over it (_pallas_on_mesh)."""
+    mesh = tensor_parallel_mesh()
+    return _pallas_product(x2, w, route) if mesh is None else _pallas_on_mesh(x2, w, route, mesh)
+
+
 def _dense_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     x2 = scheme_activations(x2, w)
     weight = dequantize(w)
@@ -126,7 +224,10 @@ def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Arra
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    if uses_wide_kernel(w, x2.shape[0]):
+    route = pallas_route(w)
+    if route is not None:
+        y = _pallas_any_mesh(x2, w, route)
+    elif uses_wide_kernel(w, x2.shape[0]):
         y = _wide_product(x2, w)
     elif uses_kernel(w, x2.shape[0]):
         y = _kernel_product(x2, w)

@@ -17,9 +17,9 @@ from xla_inference.kernels.metadata import KvCache
 from xla_inference.lora.slots import LoraSlots, attach
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
-from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, param_shardings,
-                                             place_params, replica_sharding, replicated,
-                                             traced_over)
+from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
+                                             param_shardings, place_params, replica_sharding,
+                                             replicated, traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
@@ -267,6 +267,7 @@ class ModelEngine:
         if self.stages > 1:
             _check_pipeline(model, model_cfg, engine_cfg, self.mesh, lora, pooling)
             params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
+        params, self.param_shardings = mark_tensor_splits(params, self.param_shardings)
         self.params = place_params(params, self.param_shardings)
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
         self.replicas = self.mesh.shape["data"]

@@ -107,6 +107,8 @@ def load_draft_model(vllm_config, precision, dummy: bool):
 class NgramDrafter:
     """vLLM's NgramProposer over our requests' token lists."""
 
+    may_skip_steps = True  # stateless: a step without proposals loses nothing
+
     def start_step(self, requests) -> None:
         """Prompt lookup keeps no state between steps."""
 
@@ -145,6 +147,8 @@ def num_speculative_tokens(vllm_config) -> int:
 class DraftModelDrafter:
     """A draft model's greedy proposals (runner/draft_model.DraftProposer) as vLLM's
     DraftTokenIds."""
+
+    may_skip_steps = True  # the next proposal catches the draft's KV up on skipped tokens
 
     def __init__(self, vllm_config, proposer):
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens

@@ -11,7 +11,7 @@ between two calls), greedy, medians of `--repeats` timed passes after one untime
 
 Each part builds engines sized for it (batch 1: one sequence, buckets up to
 --max-num-batched-tokens; batch N: N sequences), so warm-up compiles few buckets. Prints the
-ratios, the drafts' acceptance (vLLM's spec-decode counters) and whether the greedy texts
+ratios, the drafts' acceptance (vLLM's per-request spec-decode metrics) and whether the greedy texts
 with speculation equal the text without.
 
     .venv/bin/python benchmarks/spec_decode.py --k 4 --batch 64 --max-tokens 64 --dtype bfloat16
@@ -63,10 +63,6 @@ def _truncated_drafter(target: Path, num_layers: int) -> Path:
     return out
 
 
-def _metric(llm, name: str) -> float:
-    return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
-
-
 class Engine:
     def __init__(self, name: str, spec, model: str, args, max_num_seqs: int, max_batched: int):
         from vllm import LLM
@@ -76,8 +72,9 @@ class Engine:
         self.llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
                        kv_cache_memory_bytes=args.kv_cache_mib << 20, seed=0,
-                       disable_log_stats=False, speculative_config=spec,
-                       enable_prefix_caching=False)
+                       speculative_config=spec, enable_prefix_caching=False,
+                       per_request_spec_decode_metrics="summary" if spec else "none")
+        self.accepted = self.drafted = 0  # drafts of the timed passes (per request metrics)
         self.startup_s = time.perf_counter() - t0
         tokenizer = self.llm.get_tokenizer()
         self.chat = lambda p: tokenizer.apply_chat_template(
@@ -90,11 +87,18 @@ class Engine:
         chats = [self.chat(p) for p in prompts]
         t0 = time.perf_counter()
         outs = self.llm.generate(chats, sp, use_tqdm=False)
-        return time.perf_counter() - t0, outs
+        seconds = time.perf_counter() - t0
+        for o in outs:
+            m = o.outputs[0].spec_decode_metrics
+            if m is not None:
+                self.accepted += sum(j * n for j, n in enumerate(m.histogram))
+                self.drafted += m.num_draft_tokens
+        return seconds, outs
 
     def acceptance(self) -> tuple[float, float]:
-        return (_metric(self.llm, "vllm:spec_decode_num_accepted_tokens"),
-                _metric(self.llm, "vllm:spec_decode_num_draft_tokens"))
+        """Drafts accepted and drafted so far (vLLM's counters on /metrics are the
+        process's, and only the last engine started keeps them)."""
+        return self.accepted, self.drafted
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
@@ -123,8 +127,6 @@ def _alternate(engines, repeats: int, measure) -> dict:
     counts = {e.name: [0.0, 0.0] for e in engines}
     for _ in range(repeats):
         for e in engines:
-            # vLLM's counters are the process's (every engine's): the change across one
-            # engine's pass is that engine's.
             before = e.acceptance()
             values[e.name].append(measure(e))
             for i, (a, b) in enumerate(zip(before, e.acceptance())):

@@ -11,8 +11,9 @@ between two calls), greedy, medians of `--repeats` timed passes after one untime
 
 Each part builds engines sized for it (batch 1: one sequence, buckets up to
 --max-num-batched-tokens; batch N: N sequences), so warm-up compiles few buckets. Prints the
-ratios, the drafts' acceptance (vLLM's per-request spec-decode metrics) and whether the greedy texts
-with speculation equal the text without.
+ratios, the drafts' acceptance (vLLM's per-request spec-decode metrics) and whether the
+greedy texts with speculation equal the text without (bfloat16 on the CPU: not always, a
+near tie between two tokens can flip between a 1-token and a 16-token step; float32: equal).
 
     .venv/bin/python benchmarks/spec_decode.py --k 4 --batch 64 --max-tokens 64 --dtype bfloat16
 """

@@ -9,7 +9,8 @@ Served, with synchronous scheduling:
   off (use_synchronous_scheduling).
 Drafts are verified on device by rejection sampling (sampling/rejection.py); greedy drafts
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
-(eagle, eagle3, mtp, ...) is refused at start-up.
+(eagle, eagle3, mtp, ...) is refused at start-up. vLLM's num_speculative_tokens_per_batch_size
+caps the drafts proposed after a step (plugin/model_runner._propose; 0: no proposer work).
 """
 
 import logging

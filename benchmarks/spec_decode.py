@@ -1,21 +1,35 @@
-"""n-gram speculative decoding vs none on SmolLM2 (prepare_default_model), one process per
-configuration, same prompts: batch-1 TPOT on a copy-heavy prompt (a passage, then the
-instruction to repeat it with one edit) and batch-N throughput on the same kind of prompts.
-Greedy, float32, one untimed warm-up pass, then `--repeats` timed passes; medians.
+"""Speculative decoding against none on SmolLM2 (prepare_default_model), engines alive side by
+side in one process and timed alternately (the machine's load changes between minutes, not
+between two calls), greedy, medians of `--repeats` timed passes after one untimed pass:
 
-    .venv/bin/python benchmarks/spec_decode.py --k 4 --batch 64 --max-tokens 64
+- batch-1 TPOT on a copy-heavy prompt (a passage, then the instruction to repeat it with one
+  edit): (time for --max-tokens tokens - time for 1 token) / (--max-tokens - 1), for no
+  speculation, n-gram with k drafts, and (--draft-layers > 0) a draft model: SmolLM2's first
+  --draft-layers layers with its embeddings, norm and head (a smaller model of the same
+  vocabulary, written next to the prepared model);
+- batch-N throughput (output tokens / s) on N such prompts, for none and n-gram.
+
+Each part builds engines sized for it (batch 1: one sequence, buckets up to
+--max-num-batched-tokens; batch N: N sequences), so warm-up compiles few buckets. Prints the
+ratios, the drafts' acceptance (vLLM's per-request spec-decode metrics) and whether the
+greedy texts with speculation equal the text without (bfloat16 on the CPU: not always, a
+near tie between two tokens can flip between a 1-token and a 16-token step; float32: equal).
+
+    .venv/bin/python benchmarks/spec_decode.py --k 4 --batch 64 --max-tokens 64 --dtype bfloat16
 """
 
 import argparse
+import gc
 import json
+import os
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 PASSAGE = ("The old lighthouse stood at the edge of the cliff, its white paint peeling in "
            "long strips. Every evening the keeper climbed the spiral stairs, trimmed the wick, "
-           "and watched the ships pass safely through the narrow channel below. ")
+           "and watched the ships pass safely through the narrow channel below. In winter the "
+           "storms rolled in from the north, and the keeper kept the lamp burning all night. ")
 
 
 def _prompt(i: int) -> str:
@@ -24,68 +38,188 @@ def _prompt(i: int) -> str:
             f"but replace 'keeper' with 'guardian'.\n\nPassage:\n")
 
 
-def run(spec_k: int, batch: int, max_tokens: int, repeats: int) -> dict:
-    from vllm import LLM, SamplingParams
+def _truncated_drafter(target: Path, num_layers: int) -> Path:
+    """SmolLM2's first num_layers layers, embeddings, final norm and head as a model dir."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
 
-    from xla_inference.loading.default_model import prepare_default_model
+    out = target.parent / f"{target.name}-first{num_layers}layers"
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(exist_ok=True)
+    for f in target.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    config = json.loads((target / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    weights = load_file(str(target / "model.safetensors"))
+    kept = {}
+    for name, w in weights.items():
+        parts = name.split(".")
+        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= num_layers:
+            continue
+        kept[name] = np.ascontiguousarray(w)
+    save_file(kept, str(out / "model.safetensors"))
+    return out
 
-    spec = None
-    if spec_k:
-        spec = {"method": "ngram", "num_speculative_tokens": spec_k, "prompt_lookup_max": 4,
-                "prompt_lookup_min": 2}
-    llm = LLM(model=str(prepare_default_model()), dtype="float32", max_model_len=1024,
-              max_num_seqs=max(batch, 1), seed=0, speculative_config=spec)
-    tokenizer = llm.get_tokenizer()
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
-    def generate(prompts):
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+class Engine:
+    def __init__(self, name: str, spec, model: str, args, max_num_seqs: int, max_batched: int):
+        from vllm import LLM
+
         t0 = time.perf_counter()
-        outs = llm.generate(chats, sp, use_tqdm=False)
-        return time.perf_counter() - t0, outs
+        self.name = name
+        self.llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
+                       kv_cache_memory_bytes=args.kv_cache_mib << 20, seed=0,
+                       speculative_config=spec, enable_prefix_caching=False,
+                       per_request_spec_decode_metrics="summary" if spec else "none")
+        self.accepted = self.drafted = 0  # drafts of the timed passes (per request metrics)
+        self.startup_s = time.perf_counter() - t0
+        tokenizer = self.llm.get_tokenizer()
+        self.chat = lambda p: tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
 
-    generate([_prompt(0)])  # warm-up: compiles the verify program
-    generate([_prompt(i) for i in range(batch)])
-    single, many, text = [], [], None
+    def generate(self, prompts: list[str], max_tokens: int):
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        chats = [self.chat(p) for p in prompts]
+        t0 = time.perf_counter()
+        outs = self.llm.generate(chats, sp, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        for o in outs:
+            m = o.outputs[0].spec_decode_metrics
+            if m is not None:
+                self.accepted += sum(j * n for j, n in enumerate(m.histogram))
+                self.drafted += m.num_draft_tokens
+        return seconds, outs
+
+    def acceptance(self) -> tuple[float, float]:
+        """Drafts accepted and drafted so far (vLLM's counters on /metrics are the
+        process's, and only the last engine started keeps them)."""
+        return self.accepted, self.drafted
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+
+def _specs(args, model: Path) -> dict:
+    specs = {"none": None,
+             f"ngram k={args.k}": {"method": "ngram", "num_speculative_tokens": args.k,
+                                   "prompt_lookup_max": 4, "prompt_lookup_min": 2}}
+    if args.draft_layers:
+        drafter = _truncated_drafter(model, args.draft_layers)
+        specs[f"draft_model {args.draft_layers} layers k={args.draft_k}"] = {
+            "method": "draft_model", "model": str(drafter),
+            "num_speculative_tokens": args.draft_k}
+    return specs
+
+
+def _alternate(engines, repeats: int, measure) -> dict:
+    """measure(engine) per engine, engines in turn, one untimed round then `repeats`;
+    -> name -> (median, all values, acceptance (accepted, drafted) of the timed rounds)."""
+    for e in engines:
+        measure(e)
+    values = {e.name: [] for e in engines}
+    counts = {e.name: [0.0, 0.0] for e in engines}
     for _ in range(repeats):
-        seconds, outs = generate([_prompt(1)])
-        single.append(seconds / max_tokens)
-        text = outs[0].outputs[0].text
-        seconds, outs = generate([_prompt(i) for i in range(batch)])
-        many.append(sum(len(o.outputs[0].token_ids) for o in outs) / seconds)
-    return {"k": spec_k, "tpot_batch1_s": statistics.median(single),
-            "tokens_per_s_batch": statistics.median(many), "text": text}
+        for e in engines:
+            before = e.acceptance()
+            values[e.name].append(measure(e))
+            for i, (a, b) in enumerate(zip(before, e.acceptance())):
+                counts[e.name][i] += b - a
+    return {e.name: (statistics.median(values[e.name]), values[e.name], tuple(counts[e.name]))
+            for e in engines}
+
+
+def batch1(args, model: Path) -> dict:
+    engines = [Engine(name, spec, str(model), args, 1, args.max_num_batched_tokens)
+               for name, spec in _specs(args, model).items()]
+    texts = {}
+
+    def tpot(e):
+        first, _ = e.generate([_prompt(1)], 1)
+        whole, outs = e.generate([_prompt(1)], args.max_tokens)
+        texts[e.name] = outs[0].outputs[0].text
+        return (whole - first) / (args.max_tokens - 1)
+
+    try:
+        result = _alternate(engines, args.repeats, tpot)
+    finally:
+        for e in engines:
+            e.close()
+    return {"tpot": result, "texts": texts, "startup_s": {e.name: e.startup_s for e in engines}}
+
+
+def batch_n(args, model: Path) -> dict:
+    specs = {k: v for k, v in _specs(args, model).items() if not k.startswith("draft")}
+    max_batched = max(args.max_num_batched_tokens, args.batch * (args.k + 1))
+    engines = [Engine(name, spec, str(model), args, args.batch, max_batched)
+               for name, spec in specs.items()]
+    texts = {}
+
+    def throughput(e):
+        seconds, outs = e.generate([_prompt(i) for i in range(args.batch)], args.max_tokens)
+        texts[e.name] = [o.outputs[0].text for o in outs]
+        return sum(len(o.outputs[0].token_ids) for o in outs) / seconds
+
+    try:
+        result = _alternate(engines, args.repeats, throughput)
+    finally:
+        for e in engines:
+            e.close()
+    return {"throughput": result, "texts": texts}
+
+
+def _report(name: str, base: str, results: dict, faster_if_smaller: bool, unit: str, scale=1.0):
+    median0 = results[base][0]
+    for engine, (median, values, (accepted, drafted)) in results.items():
+        ratio = median0 / median if faster_if_smaller else median / median0
+        accept = f", accepted {accepted:.0f}/{drafted:.0f} drafts" if drafted else ""
+        print(f"{name} {engine:28s} {median * scale:8.1f} {unit} (runs "
+              f"{', '.join(f'{v * scale:.1f}' for v in values)}) -> {ratio:.2f}x{accept}")
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--draft-layers", type=int, default=8,
+                        help="layers of the truncated SmolLM2 drafter (0: no draft_model)")
+    parser.add_argument("--draft-k", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", type=int, default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=128)
+    parser.add_argument("--kv-cache-mib", type=int, default=512)
+    parser.add_argument("--parts", default="batch1,batchN")
     args = parser.parse_args()
-    if args.child is not None:
-        print("RESULT " + json.dumps(run(args.child, args.batch, args.max_tokens, args.repeats)))
-        return
-    results = {}
-    for k in (0, args.k):
-        out = subprocess.run([sys.executable, __file__, "--child", str(k), "--batch",
-                              str(args.batch), "--max-tokens", str(args.max_tokens),
-                              "--repeats", str(args.repeats)], capture_output=True, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            sys.exit(f"k={k} failed:\n{out.stderr[-3000:]}")
-        results[k] = json.loads(line[0][7:])
-    base, spec = results[0], results[args.k]
-    print(f"batch-1 TPOT: none {base['tpot_batch1_s'] * 1e3:.1f} ms, n-gram k={args.k} "
-          f"{spec['tpot_batch1_s'] * 1e3:.1f} ms -> "
-          f"{base['tpot_batch1_s'] / spec['tpot_batch1_s']:.2f}x")
-    print(f"batch-{args.batch} throughput: none {base['tokens_per_s_batch']:.0f} tok/s, n-gram "
-          f"{spec['tokens_per_s_batch']:.0f} tok/s -> "
-          f"{spec['tokens_per_s_batch'] / base['tokens_per_s_batch']:.2f}x")
-    print("same greedy text:", base["text"] == spec["text"])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from xla_inference.loading.default_model import prepare_default_model
+
+    model = Path(prepare_default_model())
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    parts = args.parts.split(",")
+    if "batch1" in parts:
+        r = batch1(args, model)
+        _report("batch-1 TPOT", "none", r["tpot"], True, "ms", 1e3)
+        base = r["texts"]["none"]
+        print("same greedy text as none:", {k: v == base for k, v in r["texts"].items()})
+        for k, v in r["texts"].items():
+            print(f"  {k}: {v!r}")
+        print("startup s:", {k: round(v, 1) for k, v in r["startup_s"].items()})
+        print(f"load average: {os.getloadavg()}", flush=True)
+    if "batchN" in parts:
+        r = batch_n(args, model)
+        _report(f"batch-{args.batch} tok/s", "none", r["throughput"], False, "tok/s")
+        base = r["texts"]["none"]
+        print("same greedy texts as none:", {k: v == base for k, v in r["texts"].items()})
+        print(f"load average: {os.getloadavg()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,30 @@ def test_seeded_sampling_with_ngram_repeats_and_logprobs_are_refused(model_dir, 
         gc.collect()
     assert len(alone[0]) == NUM_NEW and all(0 <= t < 128 for t in alone[0])
     assert crowd[0] == alone[0] == after[0]
+
+
+def test_batch_size_schedule_turns_drafting_off_for_larger_batches(model_dir, prompts):
+    """vLLM's num_speculative_tokens_per_batch_size: k = 3 for one running request, 0 from
+    two on. Four repeating prompts together draft nothing (plain steps, the same greedy
+    text); one alone drafts and has drafts accepted."""
+    expected = hf_greedy_ids(model_dir, prompts[3:], NUM_NEW)
+    schedule = {**NGRAM, "num_speculative_tokens_per_batch_size": [(1, 1, 3), (2, 8, 0)]}
+    from vllm import LLM
+
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=128, max_num_seqs=8,
+              max_num_batched_tokens=64, kv_cache_memory_bytes=128 * PAGE_BYTES, seed=0,
+              disable_log_stats=False, speculative_config=schedule)
+    try:
+        together = _generate(llm, prompts[3:] + prompts[3:4], temperature=0.0)
+        drafted_together = _metric(llm, "vllm:spec_decode_num_draft_tokens")
+        alone = _generate(llm, prompts[3:4], temperature=0.0)
+        drafted_alone = _metric(llm, "vllm:spec_decode_num_draft_tokens") - drafted_together
+        accepted = _metric(llm, "vllm:spec_decode_num_accepted_tokens")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    assert together == expected + expected[:1]
+    assert alone == expected[:1]
+    assert drafted_together == 0
+    assert drafted_alone > 0 and accepted > 0

@@ -131,6 +131,23 @@ def test_accept_recover_and_bonus_follow_vllms_rules_exactly():
             assert got == want, (seed, with_probs)
 
 
+def test_all_greedy_batch_takes_argmaxes_as_vllms_rules():
+    """A batch of greedy requests skips the random rules (rejection_sample's fast path): the
+    same emitted tokens as the port, the bonus being row n's argmax."""
+    greedy = SamplingOptions()
+    for seed in range(6):
+        _, logits, drafts, _, uniforms, inv_q, _ = _case(seed, False)
+        opts = [greedy] * len(drafts)
+        bonus = np.array([np.argmax(logits[b, len(d)]) for b, d in enumerate(drafts)])
+        batch = build_draft_batch(drafts, len(opts), K)
+        params = build_sampling_batch([(o, 0) for o in opts], len(opts))
+        got = _emitted(_rejection_sample(logits, batch, params, None, jax.random.key(seed)))
+        want = vllm_rejection_reference(logits, drafts, None, opts, uniforms, inv_q, bonus)
+        assert got == want, seed
+        assert any(len(w) > 1 for w in want) and any(len(w) < len(d) + 1
+                                                     for w, d in zip(want, drafts))
+
+
 def test_draft_rows_get_penalties_bad_words_min_tokens_allowed_ids_as_vllm():
     """Row j counts drafts[:j] as output (penalties, bad words) and j generated tokens for
     min_tokens; logit bias only on the bonus row, which counts the output alone for

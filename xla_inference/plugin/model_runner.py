@@ -80,6 +80,9 @@ class XlaModelRunner:
         # after a step; None without --speculative-config.
         self.drafter = drafter
         self._draft_token_ids: DraftTokenIds | None = None
+        # Drafts to propose after this step (vLLM's num_spec_tokens_to_schedule: k, or what
+        # num_speculative_tokens_per_batch_size gives for the step's batch size).
+        self._num_drafts_wanted = drafter.num_speculative_tokens if drafter else 0
         # A pooling model's requests (plugin/pooling.PoolingRequests); None: generation.
         self.pooling = pooling
         self.requests: dict[str, RequestState] = {}
@@ -134,6 +137,8 @@ class XlaModelRunner:
         drafts = [list(so.scheduled_spec_decode_tokens.get(r.req_id, ())) for r, _ in scheduled]
         if self.drafter is not None:
             self.drafter.start_step([r for r, _ in scheduled])
+            self._num_drafts_wanted = min(self.drafter.num_speculative_tokens,
+                                          so.num_spec_tokens_to_schedule)
         for req, ids in zip(scheduled, drafts):  # the step's input: known tokens, then drafts
             req[0].token_ids.extend(ids)
         if self.kv_connector is not None:  # loads land before the forward reads them
@@ -240,8 +245,18 @@ class XlaModelRunner:
         return masks
 
     def _propose(self, requests, sampled) -> None:
-        if self.drafter is not None:
-            self._draft_token_ids = self.drafter.propose(requests, sampled)
+        if self.drafter is None:
+            return
+        k = self._num_drafts_wanted
+        if k == 0 and getattr(self.drafter, "may_skip_steps", False):
+            # vLLM's batch-size schedule turned drafting off: no proposer work on the host.
+            self._draft_token_ids = DraftTokenIds([r.req_id for r in requests],
+                                                  [[] for _ in requests])
+            return
+        proposed = self.drafter.propose(requests, sampled)
+        if k < self.drafter.num_speculative_tokens:
+            proposed.draft_token_ids = [list(d[:k]) for d in proposed.draft_token_ids]
+        self._draft_token_ids = proposed
 
     def _pool(self, scheduled) -> ModelRunnerOutput:
         """A pooling step: no sampler; one pooled output per request whose prompt this step

@@ -14,7 +14,8 @@ Served, with synchronous scheduling:
   drafting through the target's LM head, the same way.
 Drafts are verified on device by rejection sampling (sampling/rejection.py); greedy drafts
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
-(mtp, ...) is refused at start-up.
+(mtp, ...) is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
+drafts proposed after a step (plugin/model_runner._propose; 0: no proposer work).
 """
 
 import logging
@@ -117,6 +118,8 @@ def load_draft_model(vllm_config, precision, dummy: bool):
 class NgramDrafter:
     """vLLM's NgramProposer over our requests' token lists."""
 
+    may_skip_steps = True  # stateless: a step without proposals loses nothing
+
     def start_step(self, requests) -> None:
         """Prompt lookup keeps no state between steps."""
 
@@ -155,6 +158,8 @@ def num_speculative_tokens(vllm_config) -> int:
 class DraftModelDrafter:
     """A draft model's greedy proposals (runner/draft_model.DraftProposer) as vLLM's
     DraftTokenIds."""
+
+    may_skip_steps = True  # the next proposal catches the draft's KV up on skipped tokens
 
     def __init__(self, vllm_config, proposer):
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens

@@ -523,7 +523,7 @@ class ModelEngine:
             raise NotImplementedError("speculative decoding with data parallel replicas or "
                                       "pipeline stages")
         K = num_speculative_tokens
-        B = self.layout_for(sum(n for _, n in scheduled)).num_seqs
+        B = self._verify_slots(len(scheduled))
         requests = [r for r, _ in scheduled]
         rows = verify_rows([n for _, n in scheduled], [len(d) for d in drafts], B, K)
         batch, sampling, extras = verify_inputs(requests, drafts, B, K, self.vocab_size,
@@ -534,6 +534,16 @@ class ModelEngine:
                              np.uint32(self._num_steps))
         n = len(requests)
         return np.asarray(out.tokens)[:n], np.asarray(out.num_emitted)[:n]
+
+    def _verify_slot_counts(self) -> list[int]:
+        """The request slots verify programs are compiled for: each bucket's row count."""
+        return sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
+
+    def _verify_slots(self, num_requests: int) -> int:
+        """Request slots of a verify step: the fewest compiled that hold its requests, not
+        its token bucket's rows (a batch-1 step of 1 + K tokens pads to 16 rows; its K + 1
+        logit rows per slot and the rejection over them would cost 16 times the needed)."""
+        return pick_bucket(self._verify_slot_counts(), num_requests)
 
     def _run_sample(self, program, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
         self._num_steps += 1
@@ -652,10 +662,14 @@ class ModelEngine:
         logits_args, rejection_args = [], []
         whole = replicated(self.mesh)  # as the forward's and the draft rows' outputs
         for T in self.token_buckets:
-            B = self.layout_for(T).num_seqs
             states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype, sharding=whole)
-            logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
-            shape = self._draft_rows_logits.jitted.eval_shape(*logits_args[-1])
+            for B in self._verify_slot_counts():  # _verify_slots' choices for T's steps
+                if B > self.layout_for(T).num_seqs:
+                    break
+                logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
+        for B in self._verify_slot_counts():
+            shape = self._draft_rows_logits.jitted.eval_shape(
+                self.params, states, np.zeros(B * (K + 1), np.int32))  # the last bucket's
             logits = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=whole)
             for extras in (None, neutral_draft_extras(B, K, self.vocab_size)):
                 rejection_args.append((logits, build_draft_batch([], B, K),

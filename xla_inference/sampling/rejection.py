@@ -65,12 +65,37 @@ class RejectionOutput:
 
 def rejection_sample(logits: jax.Array, drafts: DraftBatch, params: SamplingBatch,
                      extras: DraftExtras | None, step_key: jax.Array) -> RejectionOutput:
-    """logits [B, K+1, V] -> the tokens each request emits this step."""
+    """logits [B, K+1, V] -> the tokens each request emits this step. A batch of greedy
+    requests only takes argmaxes: the random rules' sort (top-k/top-p) and [B, V] draws
+    cost a CPU step many times a batch-1 forward (benchmarks/RESULTS.md, issue 23)."""
     processed = process_draft_rows(logits, drafts, extras)
-    uniforms, inv_exponentials = _draws(params, step_key, drafts.tokens.shape[1],
-                                        logits.shape[-1])
-    bonus = _bonus_tokens(processed, drafts.num_drafts, params, step_key)
-    return rejection_core(processed, drafts, params, uniforms, inv_exponentials, bonus)
+
+    def random_rules():
+        uniforms, inv_exponentials = _draws(params, step_key, drafts.tokens.shape[1],
+                                            logits.shape[-1])
+        bonus = _bonus_tokens(processed, drafts.num_drafts, params, step_key)
+        return rejection_core(processed, drafts, params, uniforms, inv_exponentials, bonus)
+
+    return jax.lax.cond(jnp.all(params.temperature < _GREEDY_EPS),
+                        lambda: greedy_rejection(processed, drafts), random_rules)
+
+
+def greedy_rejection(processed, drafts: DraftBatch) -> RejectionOutput:
+    """Every request greedy: drafts accepted while they equal the target's argmax, then the
+    argmax of the first row that differs, or of row n (the bonus) -- rejection_core's
+    greedy rows."""
+    rows = processed.shape[1]
+    K = rows - 1
+    argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B, K+1]
+    accept = (drafts.tokens == argmax[:, :K]) & (jnp.arange(K)[None, :] <
+                                                 drafts.num_drafts[:, None])
+    num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)
+    last = jnp.take_along_axis(argmax, num_accepted[:, None], axis=-1)
+    position = jnp.arange(rows)[None, :]
+    padded_draft = jnp.pad(drafts.tokens, ((0, 0), (0, 1)))
+    tokens = jnp.where(position < num_accepted[:, None], padded_draft,
+                       jnp.where(position == num_accepted[:, None], last, -1))
+    return RejectionOutput(tokens.astype(jnp.int32), (num_accepted + 1).astype(jnp.int32))
 
 
 def process_draft_rows(logits, drafts: DraftBatch, extras: DraftExtras | None):
@@ -105,8 +130,8 @@ def target_probs(processed, params: SamplingBatch):
     temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
     scaled = processed[:, :-1, :] / temperature[:, None, None]
     K = rows - 1
-    flat = _truncate_top_k_top_p(scaled.reshape(B * K, V), jnp.repeat(params.top_k, K),
-                                 jnp.repeat(params.top_p, K))
+    flat = _maybe_truncate(scaled.reshape(B * K, V), jnp.repeat(params.top_k, K),
+                           jnp.repeat(params.top_p, K))
     return jax.nn.softmax(flat, axis=-1).reshape(B, K, V)
 
 
@@ -151,12 +176,18 @@ def _bonus_tokens(processed, num_drafts, params: SamplingBatch, step_key):
     greedy = jnp.argmax(row, axis=-1).astype(jnp.int32)
     temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
     scaled = _apply_min_p(row / temperature[:, None], params.min_p)
-    scaled = _truncate_top_k_top_p(scaled, params.top_k, params.top_p)
+    scaled = _maybe_truncate(scaled, params.top_k, params.top_p)
     keys = _row_keys(dataclasses.replace(params, seed_offset=params.seed_offset + num_drafts),
                      step_key)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     drawn = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
     return jnp.where(params.temperature < _GREEDY_EPS, greedy, drawn)
+
+
+def _maybe_truncate(logits, top_k, top_p):
+    """Top-k/top-p only where a row asks for it (the sort is the costly part on a CPU)."""
+    needed = jnp.any((top_k > 0) | (top_p < 1.0))
+    return jax.lax.cond(needed, _truncate_top_k_top_p, lambda x, *_: x, logits, top_k, top_p)
 
 
 def _draws(params: SamplingBatch, step_key, K: int, V: int):

@@ -130,8 +130,14 @@ void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
 }
 
 // Weight bytes each woken pool thread should get for waking it to pay (microseconds on an
-// idle machine, far more on a busy one).
-constexpr int64_t kBytesPerThread = 1 << 20;
+// idle machine, far more on a busy one). 512 KiB: SmolLM2's [1536, 576] MLP weights (1.7
+// MB) are shared over two threads, as XLA's own product splits them; its [576, 576] ones
+// stay on one. Not tuned on an idle machine (the load average stayed at 10-16 while this
+// was written); XLA_INFERENCE_DENSE_BYTES_PER_THREAD builds another threshold (benchmarks).
+#ifndef XLA_INFERENCE_DENSE_BYTES_PER_THREAD
+#define XLA_INFERENCE_DENSE_BYTES_PER_THREAD (1 << 19)
+#endif
+constexpr int64_t kBytesPerThread = XLA_INFERENCE_DENSE_BYTES_PER_THREAD;
 
 // One call's work items, taken one at a time by whichever thread asks next; owned jointly by
 // the call and the tasks it schedules.

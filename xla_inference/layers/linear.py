@@ -38,7 +38,8 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     over every core that reads the bfloat16 bytes; in the [out, in] form that row is many
     times slower (benchmarks/RESULTS.md, "Figures moved from code comments"). On the host
     CPU that one-row product of a bfloat16 weight runs the native kernel instead
-    (kernels/cpu_dense.py: the same sums in another order, 2-6x faster than XLA's loop).
+    (kernels/cpu_dense.py: the same sums in another order; 2-6x faster than XLA's loop with
+    the weight in cache, benchmarks/RESULTS.md issue 18).
     """
     if isinstance(w, PackedWeight):  # a quantized checkpoint (quantization/product.py)
         return quantized_project(x, w, out_dtype)

@@ -2,13 +2,16 @@
 served on the host CPU with dtype=bfloat16 (bfloat16 projections, float32 elsewhere):
 XLA's one-row bfloat16 product ("bf16-xla", XLA_INFERENCE_CPU_DENSE=0) against the native
 one (kernels/cpu_dense.py, "bf16"), and the embedded GGUF kept quantized (Q4_1, "gguf") and
-online int8 ("int8"); "gguf-256k" / "int8-256k": the same with the quantized kernel built to
-wake a pool thread for every 256 KiB of weights instead of 1 MiB (kBytesPerThread in
-kernels/cpu/quantized_matmul.cc: at batch 1 most projections then use both cores). The
-engines' steps take turns; medians, each as a speed ratio to the
+online int8 ("int8"). The engines' steps take turns; medians, each as a speed ratio to the
 first variant (> 1: faster). A benchmark, not a test.
 
+Engines alternated in one process evict each other's weights from the last-level cache,
+which a server with one engine keeps partly there: for a figure that matches serving, run
+one variant per process, the processes alternated (the lines below, twice).
+
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 30
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16-xla
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16
 """
 
 import argparse
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_inference.kernels import cpu_dense, cpu_quantized, native
+from xla_inference.kernels import cpu_dense
 from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
 from xla_inference.runner.build import Precision, build_engine, load
 from xla_inference.runner.engine import EngineConfig
@@ -36,40 +39,16 @@ def _decode_request(rng):
     return [(RequestState("d0", tokens, CONTEXT, [blocks], num_computed_tokens=CONTEXT), 1)]
 
 
-_QUANTIZED_TARGETS = ("_TARGET", "_FLOAT_TARGET", "_WIDE_TARGET")
-_QUANTIZED_SYMBOLS = ("_SYMBOL", "_FLOAT_SYMBOL", "_WIDE_SYMBOL")
-
-
-def _quantized_targets(bytes_per_thread):
-    """cpu_quantized's target names for a build with another kBytesPerThread (registered)."""
-    names = {attr: getattr(cpu_quantized, attr) + f"_{bytes_per_thread}"
-             for attr in _QUANTIZED_TARGETS}
-    native.load_targets(cpu_quantized._SOURCE, {
-        names[t]: getattr(cpu_quantized, s) for t, s in zip(_QUANTIZED_TARGETS, _QUANTIZED_SYMBOLS)},
-        (*native.DEFAULT_FLAGS, f"-DXLA_INFERENCE_QMM_BYTES_PER_THREAD={bytes_per_thread}"))
-    return names
-
-
 def _engine(name, ecfg, reqs):
-    """The variant's engine, its step compiled with the native matvec on or off and the
-    quantized kernel's build."""
+    """The variant's engine, its step compiled with the native matvec on or off."""
     os.environ["XLA_INFERENCE_CPU_DENSE"] = "0" if name == "bf16-xla" else "1"
     cpu_dense.available.cache_clear()
     precision = Precision(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
-    base = name.removesuffix("-256k")
     source, quantization = {"gguf": (default_gguf_path(), None),
                             "int8": (prepare_default_model(), "int8")}.get(
-                                base, (prepare_default_model(), None))
+                                name, (prepare_default_model(), None))
     engine = build_engine(load(source, precision, quantization=quantization), ecfg)
-    default = {attr: getattr(cpu_quantized, attr) for attr in _QUANTIZED_TARGETS}
-    if name.endswith("-256k"):
-        for attr, target in _quantized_targets(256 << 10).items():
-            setattr(cpu_quantized, attr, target)
-    try:
-        jax.block_until_ready(engine.forward(reqs).logits)  # traced and compiled as set
-    finally:
-        for attr, target in default.items():
-            setattr(cpu_quantized, attr, target)
+    jax.block_until_ready(engine.forward(reqs).logits)  # traced and compiled under the setting
     return engine
 
 

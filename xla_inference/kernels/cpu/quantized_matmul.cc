@@ -431,11 +431,7 @@ int64_t tiles_per_item(const Problem& p, int64_t threads) {
 // longer on a busy one. Measured on a shared, busy 2-core machine (medians, T = 1, int4
 // g32): [1536, 576] (0.55 MB) 0.088 ms with two helper threads, 0.026 ms alone; [6144, 576]
 // 0.175 ms with two, 0.145 with one; [12288, 576] alike with one or two.
-// (XLA_INFERENCE_QMM_BYTES_PER_THREAD builds another threshold: benchmarks/batch1_step.py.)
-#ifndef XLA_INFERENCE_QMM_BYTES_PER_THREAD
-#define XLA_INFERENCE_QMM_BYTES_PER_THREAD (1 << 20)
-#endif
-constexpr int64_t kBytesPerThread = XLA_INFERENCE_QMM_BYTES_PER_THREAD;
+constexpr int64_t kBytesPerThread = 1 << 20;
 
 // Pool threads to wake besides the calling thread (which takes items too).
 int64_t helpers_for(const Problem& p, int64_t pool_threads, int64_t items) {

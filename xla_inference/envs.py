@@ -16,6 +16,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "XLA_INFERENCE_CPU_ATTENTION": (
         "1",
         "0 runs the plain-jnp attention kernel on the CPU instead of the native one"),
+    "XLA_INFERENCE_CPU_DENSE": (
+        "1",
+        "0 runs a one-row product against bfloat16 projection matrices (a batch-1 decode "
+        "step) through XLA's product instead of the native CPU kernel"),
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
@@ -62,6 +66,10 @@ def cache_root() -> Path:
 
 def cpu_attention_enabled() -> bool:
     return _get("XLA_INFERENCE_CPU_ATTENTION") != "0"
+
+
+def cpu_dense_enabled() -> bool:
+    return _get("XLA_INFERENCE_CPU_DENSE") != "0"
 
 
 def cpu_quantized_enabled() -> bool:

@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from xla_inference.kernels import cpu_dense
 from xla_inference.lora.slots import LoraWeight, lora_delta
 from xla_inference.parallel import collective_matmul
 from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
@@ -35,7 +36,10 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     kernels (`avx512_bf16` where the CPU has it: faster than float32). For a single row it
     is written against the weight's transpose, which XLA fuses into one matrix-vector loop
     over every core that reads the bfloat16 bytes; in the [out, in] form that row is many
-    times slower (benchmarks/RESULTS.md, "Figures moved from code comments").
+    times slower (benchmarks/RESULTS.md, "Figures moved from code comments"). On the host
+    CPU that one-row product of a bfloat16 weight runs the native kernel instead
+    (kernels/cpu_dense.py: the same sums in another order; 2-6x faster than XLA's loop with
+    the weight in cache, benchmarks/RESULTS.md issue 18).
     """
     if isinstance(w, PackedWeight):  # a quantized checkpoint (quantization/product.py)
         return quantized_project(x, w, out_dtype)
@@ -46,11 +50,21 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
         return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
     accumulate = jnp.promote_types(out_dtype, jnp.float32)
     x = x.astype(w.dtype)
-    if math.prod(x.shape[:-1]) == 1:
+    if math.prod(x.shape[:-1]) == 1 and _native_matvec(w):
+        y = cpu_dense.dense_matvec(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[0])
+    elif math.prod(x.shape[:-1]) == 1:
         y = jnp.einsum("...i,io->...o", x, w.T, preferred_element_type=accumulate)
     else:
         y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=accumulate)
     return y.astype(out_dtype)
+
+
+def _native_matvec(w: jax.Array) -> bool:
+    """Whether a one-row product of the bfloat16 weight w runs the native CPU kernel: on the
+    host CPU, outside a tensor-parallel mesh (XLA's partitioner would gather the weight
+    operand of a custom call onto every device)."""
+    return (w.dtype == jnp.bfloat16 and w.ndim == 2 and jax.default_backend() == "cpu"
+            and tensor_parallel_mesh() is None and cpu_dense.available())
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

@@ -1,0 +1,81 @@
+"""A batch-1 decode step of the engine (no vLLM) on SmolLM2-135M (context ~300), as
+served on the host CPU with dtype=bfloat16 (bfloat16 projections, float32 elsewhere):
+XLA's one-row bfloat16 product ("bf16-xla", XLA_INFERENCE_CPU_DENSE=0) against the native
+one (kernels/cpu_dense.py, "bf16"), and the embedded GGUF kept quantized (Q4_1, "gguf") and
+online int8 ("int8"). The engines' steps take turns; medians, each as a speed ratio to the
+first variant (> 1: faster). A benchmark, not a test.
+
+Engines alternated in one process evict each other's weights from the last-level cache,
+which a server with one engine keeps partly there: for a figure that matches serving, run
+one variant per process, the processes alternated (the lines below, twice).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 30
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16-xla
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_inference.kernels import cpu_dense
+from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
+from xla_inference.runner.build import Precision, build_engine, load
+from xla_inference.runner.engine import EngineConfig
+from xla_inference.runner.requests import RequestState
+
+BLOCK = 16
+CONTEXT = 300
+
+
+def _decode_request(rng):
+    blocks = list(range(1, 2 + (CONTEXT + BLOCK) // BLOCK))
+    tokens = rng.integers(0, 49152, size=CONTEXT + 1).tolist()
+    return [(RequestState("d0", tokens, CONTEXT, [blocks], num_computed_tokens=CONTEXT), 1)]
+
+
+def _engine(name, ecfg, reqs):
+    """The variant's engine, its step compiled with the native matvec on or off."""
+    os.environ["XLA_INFERENCE_CPU_DENSE"] = "0" if name == "bf16-xla" else "1"
+    cpu_dense.available.cache_clear()
+    precision = Precision(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
+    source, quantization = {"gguf": (default_gguf_path(), None),
+                            "int8": (prepare_default_model(), "int8")}.get(
+                                name, (prepare_default_model(), None))
+    engine = build_engine(load(source, precision, quantization=quantization), ecfg)
+    jax.block_until_ready(engine.forward(reqs).logits)  # traced and compiled under the setting
+    return engine
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--variants", nargs="+", default=["bf16-xla", "bf16", "gguf", "int8"])
+    args = parser.parse_args()
+    ecfg = EngineConfig(num_blocks=64, block_size=BLOCK, max_num_tokens=512, max_num_seqs=8,
+                        max_model_len=1024)
+    reqs = _decode_request(np.random.default_rng(0))
+    engines = {name: _engine(name, ecfg, reqs) for name in args.variants}
+    times = {name: [] for name in engines}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(engine.forward(reqs).logits)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times[args.variants[0]])
+    fastest = min(times[args.variants[0]])
+    print(f"load average {os.getloadavg()[0]:.1f}; batch-1 decode step, median and fastest of "
+          f"{args.repeats} (the fastest: the pass least disturbed on a shared machine)")
+    for name, t in times.items():
+        m = statistics.median(t)
+        print(f"{name:9s} median {m * 1e3:8.2f} ms ({base / m:.2f}x)   fastest {min(t) * 1e3:8.2f} ms "
+              f"({fastest / min(t):.2f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

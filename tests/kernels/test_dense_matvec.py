@@ -1,0 +1,126 @@
+"""The native one-row bfloat16 product (kernels/cpu_dense.py, cpu/dense_matvec.cc) against
+float64 products of the same bfloat16 values, its portable build, a one-thread run, and
+layers/linear.project choosing it for a single row."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xla_inference.kernels import cpu_dense, native
+from xla_inference.layers.linear import project
+
+
+def _operands(rng, T, out, inn):
+    x = rng.standard_normal((T, inn)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((out, inn)), jnp.bfloat16)
+    return x, w
+
+
+def _float64_product(x, w):
+    """x rounded to bfloat16 (ties to even, as the kernel's operand) times w, in float64."""
+    rounded = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    wide = np.asarray(w.astype(jnp.float32), np.float64)
+    return rounded @ wide.T, np.abs(rounded) @ np.abs(wide).T
+
+
+def _assert_float32_sums(y, x, w):
+    """Each output is its float64 sum but for float32 rounding along the way: at most
+    in * 2^-24 of the sum of the products' magnitudes."""
+    want, magnitude = _float64_product(x, w)
+    assert y.dtype == np.float32 and y.shape == want.shape
+    assert np.all(np.abs(y - want) <= x.shape[1] * 2.0 ** -24 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("T,out,inn", [(1, 48, 64), (1, 1536, 576), (1, 61, 77), (1, 9, 31),
+                                       (3, 200, 96), (1, 3000, 1024)])
+def test_matches_float64(T, out, inn):
+    assert cpu_dense.available()
+    x, w = _operands(np.random.default_rng(out + inn), T, out, inn)
+    y = np.asarray(jax.jit(cpu_dense.dense_matvec)(jnp.asarray(x), w))
+    _assert_float32_sums(y, x, w)
+    # and not the product of the unrounded x
+    assert np.abs(y - x.astype(np.float64) @ np.asarray(w.astype(jnp.float32)).T).max() > 1e-4
+
+
+def test_takes_the_avx512_path_where_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert cpu_dense.uses_avx512() == ("avx512f" in flags and "avx512bw" in flags)
+
+
+_PORTABLE = "xla_inference_dense_matvec_portable"
+
+
+def test_portable_build_gives_the_same_bits():
+    """The C++ fallback (built with XLA_INFERENCE_DENSE_PORTABLE, as on CPUs without
+    AVX-512) sums in the AVX-512 path's order: the same bits."""
+    native.load_targets(cpu_dense._SOURCE, {_PORTABLE: cpu_dense._SYMBOL},
+                        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_DENSE_PORTABLE"))
+    for T, out, inn in [(1, 40, 100), (2, 17, 64), (1, 300, 576)]:
+        x, w = _operands(np.random.default_rng(inn), T, out, inn)
+        x = jnp.asarray(x)
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(cpu_dense.ffi_dense_matvec, static_argnums=0)(_PORTABLE, x, w)),
+            np.asarray(jax.jit(cpu_dense.dense_matvec)(x, w)))
+
+
+def test_bad_operands_are_refused():
+    x, w = _operands(np.random.default_rng(0), 1, 16, 32)
+    with pytest.raises(Exception, match="dense_matvec"):
+        cpu_dense.dense_matvec(jnp.zeros((1, 48)), w)
+
+
+# A subprocess pinned to one CPU before JAX starts: runs the kernel on the operands saved in
+# argv[1] and saves the output to argv[2].
+_PINNED = textwrap.dedent("""
+    import os, sys
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import jax, jax.numpy as jnp, numpy as np
+    from xla_inference.kernels import cpu_dense
+    assert cpu_dense.available()
+    a = np.load(sys.argv[1])
+    y = cpu_dense.dense_matvec(a["x"], jnp.asarray(a["w"]).view(jnp.bfloat16))
+    np.save(sys.argv[2], np.asarray(y))
+""")
+
+
+def test_output_is_the_same_on_one_thread(tmp_path):
+    # 8 MB of weights: many work items, and pool threads woken for them
+    x, w = _operands(np.random.default_rng(11), 1, 8192, 512)
+    np.savez(tmp_path / "in.npz", x=x, w=np.asarray(w).view(np.uint16))
+    subprocess.run([sys.executable, "-c", _PINNED, tmp_path / "in.npz", tmp_path / "out.npy"],
+                   check=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    here = np.asarray(cpu_dense.dense_matvec(jnp.asarray(x), w))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), here)
+
+
+def test_environment_variable_turns_it_off(monkeypatch):
+    monkeypatch.setenv("XLA_INFERENCE_CPU_DENSE", "0")
+    assert not cpu_dense.available.__wrapped__()  # available() itself is cached
+    monkeypatch.setenv("XLA_INFERENCE_CPU_DENSE", "1")
+    assert cpu_dense.available.__wrapped__()
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96)])
+def test_project_takes_the_kernel_for_one_row_only(shape):
+    """layers/linear.project: a single row (any leading shape) of float32 activations times a
+    bfloat16 weight runs the kernel, with its numbers; two rows keep XLA's product."""
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((40, 96)), jnp.bfloat16)
+    x = rng.standard_normal(shape).astype(np.float32)
+    hlo = jax.jit(project).lower(jnp.asarray(x), w).as_text()
+    assert "dense_matvec" in hlo
+    y = np.asarray(jax.jit(project)(jnp.asarray(x), w))
+    assert y.shape == (*shape[:-1], 40)
+    _assert_float32_sums(y.reshape(1, 40), x.reshape(1, 96), w)
+    two = jnp.zeros((2, 96))
+    assert "dense_matvec" not in jax.jit(project).lower(two, w).as_text()
+    # float32 weights (dtype=float32) keep XLA's product too
+    assert "dense_matvec" not in jax.jit(project).lower(jnp.asarray(x), w.astype(jnp.float32)
+                                                        ).as_text()

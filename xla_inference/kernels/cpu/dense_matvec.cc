@@ -1,0 +1,228 @@
+// A few rows times a dense bfloat16 weight, for XLA's CPU backend: an XLA FFI custom call
+// (kernels/cpu_dense.py builds, loads and calls it).
+//
+//   y[t, o] = sum_k float(x[t, k]) * float(w[o, k])      x bf16 [T, in], w bf16 [out, in]
+//
+// summed in float32 (each bf16 x bf16 product is exact in float32, so each step is one
+// rounding, as in XLA's product of the same operands; only the order of the sums differs),
+// y float32 [T, out]. Meant for a batch-1 decode step, which reads every weight byte once:
+// XLA's CPU backend runs that product as a scalar loop fusion (convert, transpose, dot) at
+// about a quarter of the machine's read bandwidth here (benchmarks/RESULTS.md, issue 18
+// batch-1); this reads the weight where it lies, 32 values (64 bytes) a load.
+//
+// AVX-512 path: a 64-byte load of 32 bf16 values gives the even-indexed ones as float32 by a
+// 16-bit left shift of each dword and the odd ones by masking the low half off; x is split
+// into its even and odd values once per call, so each load costs two FMAs. kRowsTogether
+// output rows share each x load, each row its own accumulator (independent FMA chains).
+// Elsewhere a portable loop computes the same sums in the same order.
+//
+// Work items are runs of output rows, shared out over XLA's intra-op thread pool (the FFI's
+// ThreadPool context) and the calling thread; pool threads are woken only for weights of
+// kBytesPerThread or more each. Every output is computed by one thread in a fixed order, so
+// the output does not depend on the number of threads.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(XLA_INFERENCE_DENSE_PORTABLE)
+#include <immintrin.h>
+#define XLA_INFERENCE_DENSE_AVX512 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPair = 32;          // bf16 values per 64-byte load (16 even, 16 odd)
+constexpr int64_t kRowsTogether = 8;   // output rows sharing each load of x
+constexpr int64_t kRowsPerItem = 64;   // output rows per work item (at least)
+
+struct Problem {
+  const uint16_t* w;  // bf16 bits [out, in]
+  const float* x_even;  // [T, in_pad / 2]: x[t, 2i] as float32 (0 past in)
+  const float* x_odd;   // [T, in_pad / 2]: x[t, 2i + 1]
+  float* y;             // [T, out]
+  int64_t T, in, out, half;  // half = in_pad / 2, in_pad = in rounded up to kPair
+};
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+#ifdef XLA_INFERENCE_DENSE_AVX512
+
+// kR rows from o0 on, times row t of x.
+template <int kR>
+void rows_avx512(const Problem& p, int64_t o0, int64_t t) {
+  const float* xe = p.x_even + t * p.half;
+  const float* xo = p.x_odd + t * p.half;
+  const uint16_t* w[kR];
+  for (int r = 0; r < kR; ++r) w[r] = p.w + (o0 + r) * p.in;
+  __m512 acc[kR];
+  for (int r = 0; r < kR; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  int64_t k = 0;
+  for (; k + kPair <= p.in; k += kPair) {
+    const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
+    for (int r = 0; r < kR; ++r) {
+      const __m512i v = _mm512_loadu_si512(w[r] + k);
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high_half)), o, acc[r]);
+    }
+  }
+  if (k < p.in) {  // the last, partial load: values past `in` read as 0 (x is 0 there too)
+    const __mmask32 mask = (1ull << (p.in - k)) - 1;
+    const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
+    for (int r = 0; r < kR; ++r) {
+      const __m512i v = _mm512_maskz_loadu_epi16(mask, w[r] + k);
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high_half)), o, acc[r]);
+    }
+  }
+  for (int r = 0; r < kR; ++r) p.y[t * p.out + o0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+#endif
+
+// The portable path: lane j of the AVX-512 accumulator is the running sum of the products
+// at positions k = 32 i + 2 j (then 2 j + 1); the lanes are then added as
+// _mm512_reduce_add_ps does (halves, pairwise), so both paths give the same y.
+void row_portable(const Problem& p, int64_t o, int64_t t) {
+  const float* xe = p.x_even + t * p.half;
+  const float* xo = p.x_odd + t * p.half;
+  const uint16_t* w = p.w + o * p.in;
+  float lane[16] = {};
+  for (int64_t k = 0; k < p.in; k += kPair)
+    for (int j = 0; j < 16; ++j) {
+      const int64_t at = k + 2 * j;
+      const float we = at < p.in ? bf16_to_float(w[at]) : 0.0f;
+      const float wo = at + 1 < p.in ? bf16_to_float(w[at + 1]) : 0.0f;
+      lane[j] = __builtin_fmaf(we, xe[k / 2 + j], lane[j]);
+      lane[j] = __builtin_fmaf(wo, xo[k / 2 + j], lane[j]);
+    }
+  for (int width = 8; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
+  p.y[t * p.out + o] = lane[0];
+}
+
+// Output rows o_begin..o_end-1 for every row of x.
+void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
+  for (int64_t t = 0; t < p.T; ++t) {
+    int64_t o = o_begin;
+#ifdef XLA_INFERENCE_DENSE_AVX512
+    for (; o + kRowsTogether <= o_end; o += kRowsTogether) rows_avx512<kRowsTogether>(p, o, t);
+    for (; o < o_end; ++o) rows_avx512<1>(p, o, t);
+#else
+    for (; o < o_end; ++o) row_portable(p, o, t);
+#endif
+  }
+}
+
+// Weight bytes each woken pool thread should get for waking it to pay (microseconds on an
+// idle machine, far more on a busy one). 512 KiB: SmolLM2's [1536, 576] MLP weights (1.7
+// MB) are shared over two threads, as XLA's own product splits them; its [576, 576] ones
+// stay on one. Not tuned on an idle machine (the load average stayed at 10-16 while this
+// was written); XLA_INFERENCE_DENSE_BYTES_PER_THREAD builds another threshold (benchmarks).
+#ifndef XLA_INFERENCE_DENSE_BYTES_PER_THREAD
+#define XLA_INFERENCE_DENSE_BYTES_PER_THREAD (1 << 19)
+#endif
+constexpr int64_t kBytesPerThread = XLA_INFERENCE_DENSE_BYTES_PER_THREAD;
+
+// One call's work items, taken one at a time by whichever thread asks next; owned jointly by
+// the call and the tasks it schedules.
+struct Work {
+  Problem p;
+  std::vector<float> x_split;  // x_even then x_odd
+  int64_t rows_per_item = kRowsPerItem, num_items = 0;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  int64_t done = 0;  // items finished (under mu)
+
+  void drain() {
+    int64_t finished = 0;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
+      const int64_t begin = i * rows_per_item;
+      rows(p, begin, std::min(begin + rows_per_item, p.out));
+    }
+    if (finished == 0) return;
+    // The mutex also publishes this thread's writes to y to the waiting caller.
+    std::lock_guard<std::mutex> lock(mu);
+    done += finished;
+    if (done == num_items) all_done.notify_all();
+  }
+};
+
+// x's rows split into even- and odd-indexed values as float32, zero-padded to whole loads.
+void split_x(const uint16_t* x, Work& work) {
+  Problem& p = work.p;
+  work.x_split.assign(2 * p.T * p.half, 0.0f);
+  float* even = work.x_split.data();
+  float* odd = even + p.T * p.half;
+  for (int64_t t = 0; t < p.T; ++t)
+    for (int64_t k = 0; k < p.in; ++k)
+      (k % 2 ? odd : even)[t * p.half + k / 2] = bf16_to_float(x[t * p.in + k]);
+  p.x_even = even;
+  p.x_odd = odd;
+}
+
+ffi::Error DenseMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                           ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] ||
+      yd[0] != xd[0] || yd[1] != wd[0])
+    return ffi::Error::InvalidArgument("dense_matvec: x [T, in], w [out, in], y [T, out]");
+  auto work = std::make_shared<Work>();
+  Problem& p = work->p;
+  p.T = xd[0];
+  p.in = xd[1];
+  p.out = wd[0];
+  p.half = (p.in + kPair - 1) / kPair * kPair / 2;
+  p.w = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  p.y = y->typed_data();
+  if (p.T == 0 || p.out == 0) return ffi::Error::Success();
+  split_x(reinterpret_cast<const uint16_t*>(x.untyped_data()), *work);
+  const int64_t threads = pool.num_threads() + 1;
+  // At least 4 items per thread where the rows allow (threads share a busy machine
+  // unevenly), in whole runs of kRowsTogether.
+  work->rows_per_item = std::max<int64_t>(
+      kRowsPerItem, p.out / (4 * threads) / kRowsTogether * kRowsTogether);
+  work->num_items = (p.out + work->rows_per_item - 1) / work->rows_per_item;
+  const int64_t bytes = p.out * p.in * 2 * p.T;
+  const int64_t helpers = std::max<int64_t>(
+      0, std::min({pool.num_threads(), work->num_items - 1, bytes / kBytesPerThread - 1}));
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
+  work->drain();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->all_done.wait(lock, [&] { return work->done == work->num_items; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceDenseMatvec, DenseMatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Whether this build took the AVX-512 path (1) or the portable one (0): for tests.
+extern "C" int XlaInferenceDenseMatvecAvx512() {
+#ifdef XLA_INFERENCE_DENSE_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}

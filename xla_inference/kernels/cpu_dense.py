@@ -1,0 +1,73 @@
+"""A single row times a dense bfloat16 weight as a native kernel for XLA's CPU backend
+(cpu/dense_matvec.cc), called as an XLA FFI custom call: the products of a batch-1 decode
+step when the projection matrices are bfloat16 (dtype=bfloat16 on the host CPU).
+
+XLA's CPU backend compiles a one-row product against a bfloat16 [out, in] weight into a
+loop fusion (widen, transpose, dot) that reads the weight at a fraction of the machine's
+bandwidth: on this project's Xeon about 11 GB/s, the 30 layers' and the LM head's products
+~24 of a 28 ms SmolLM2-135M step (benchmarks/RESULTS.md, issue 18, batch-1). The kernel
+reads each weight row where it lies, 64 bytes a load, and shares the rows out over XLA's
+intra-op thread pool where the weight is large enough to pay for waking a thread.
+
+The sums are those of XLA's product (x rounded to bfloat16, each product exact in float32,
+summed in float32) in another order; the output does not depend on the thread count.
+Built on first use like kernels/cpu_quantized.py (kernels/native.py);
+XLA_INFERENCE_CPU_DENSE=0 turns it off, and available() then says False, as it does where
+the build fails: callers then keep XLA's product.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from xla_inference import envs
+from xla_inference.kernels import native
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "cpu" / "dense_matvec.cc"
+_TARGET = "xla_inference_dense_matvec"
+_SYMBOL = "XlaInferenceDenseMatvec"
+
+
+@functools.cache
+def _library():
+    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL})
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the native kernel is built and registered (XLA_INFERENCE_CPU_DENSE=0 turns
+    it off)."""
+    if not envs.cpu_dense_enabled():
+        return False
+    try:
+        _library()
+    except Exception as e:  # noqa: BLE001 - any failure means XLA's product
+        logger.warning("xla-inference: native CPU bfloat16 matvec unavailable: %s", e)
+        return False
+    return True
+
+
+def uses_avx512() -> bool:
+    """Whether the built kernel took its AVX-512 path (else the portable one); needs
+    available()."""
+    return bool(_library().XlaInferenceDenseMatvecAvx512())
+
+
+def ffi_dense_matvec(target: str, x, w):
+    """dense_matvec through the FFI target `target` (a build of dense_matvec.cc)."""
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
+    return call(x.astype(jnp.bfloat16), w)
+
+
+def dense_matvec(x, w):
+    """y float32 [T, out] = x [T, in] (rounded to bfloat16) times w bfloat16 [out, in]
+    transposed, summed in float32. Meant for T = 1 (any T is computed, each row reading the
+    whole weight). Needs available(); usable inside jit."""
+    return ffi_dense_matvec(_TARGET, x, w)

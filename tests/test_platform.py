@@ -109,3 +109,28 @@ def test_dtype_auto_on_this_machine_follows_its_cpu_flags(probed, checkpoints):
         has_bf16 = any("avx512_bf16" in line.split() for line in f if line.startswith("flags"))
     expected = "torch.bfloat16" if has_bf16 else "torch.float32"
     assert _resolved(probed, checkpoints, "real", "float32", "auto") == expected
+
+
+@pytest.mark.parametrize("transfer,role,message", [
+    ({"do_remote_decode": True}, None, "--kv-transfer-config"),
+    ({"do_remote_decode": True}, "kv_consumer", "but it is a kv_consumer"),
+    ({"do_remote_prefill": True, "remote_host": "h"}, "kv_producer", "but it is a kv_producer"),
+])
+def test_kv_transfer_params_a_server_cannot_act_on_are_refused(transfer, role, message):
+    from vllm.exceptions import VLLMValidationError
+
+    from xla_inference.plugin.platform import _refuse_kv_transfer_params_unserved
+
+    with pytest.raises(VLLMValidationError, match=message):
+        _refuse_kv_transfer_params_unserved(transfer, role)
+
+
+@pytest.mark.parametrize("transfer,role", [
+    (None, None), ({"do_remote_decode": True}, "kv_producer"),
+    ({"do_remote_prefill": True, "do_remote_decode": False}, "kv_consumer"),
+    ({"do_remote_decode": True}, "kv_both"),
+])
+def test_kv_transfer_params_for_this_side_pass(transfer, role):
+    from xla_inference.plugin.platform import _refuse_kv_transfer_params_unserved
+
+    _refuse_kv_transfer_params_unserved(transfer, role)

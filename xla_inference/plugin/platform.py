@@ -141,7 +141,8 @@ class XlaPlatform(Platform):
         refuse_unsupported_features(vllm_config)
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None
-        cls.kv_connector = vllm_config.kv_transfer_config is not None
+        transfer = vllm_config.kv_transfer_config
+        cls.kv_connector = None if transfer is None else (transfer.kv_role or "kv_both")
         cls.multimodal_modalities = served_modalities(vllm_config.model_config)
         if cls.multimodal_modalities:
             # Our encoders take the processor's normalized pixels (as transformers' processor
@@ -197,13 +198,8 @@ class XlaPlatform(Platform):
                     parameter="multi_modal_data")
             _refuse_images_past(getattr(cls, "image_end_limit", None),
                                 processed_inputs.get("mm_placeholders") or {})
-        transfer = (params.extra_args or {}).get("kv_transfer_params")
-        if transfer and not getattr(cls, "kv_connector", False):
-            # vLLM would drop them: the request would run whole here, the proxy's other
-            # server would wait for pages that never come.
-            raise VLLMValidationError("kv_transfer_params need a server started with "
-                                      "--kv-transfer-config (a KV connector); this one has none",
-                                      parameter="kv_transfer_params")
+        _refuse_kv_transfer_params_unserved((params.extra_args or {}).get("kv_transfer_params"),
+                                            getattr(cls, "kv_connector", None))
         if getattr(cls, "speculative_decoding", False) and (
                 params.logprobs is not None or params.logprob_token_ids):
             raise VLLMValidationError("xla-inference does not return logprobs with "
@@ -220,6 +216,25 @@ class XlaPlatform(Platform):
             raise VLLMValidationError(f"xla-inference serves at most {MAX_LOGPROB_TOKEN_IDS} "
                                       f"logprob_token_ids per request, got {len(ids)}",
                                       parameter="logprob_token_ids", value=len(ids))
+
+
+def _refuse_kv_transfer_params_unserved(transfer, role: str | None) -> None:
+    """vLLM drops kv_transfer_params a server cannot act on: the request would run whole
+    here while the proxy's other server waits for pages that never come. A 400 instead."""
+    from vllm.exceptions import VLLMValidationError
+
+    if not transfer:
+        return
+    if role is None:
+        raise VLLMValidationError("kv_transfer_params need a server started with "
+                                  "--kv-transfer-config (a KV connector); this one has none",
+                                  parameter="kv_transfer_params")
+    wrong_side = {"kv_consumer": "do_remote_decode", "kv_producer": "do_remote_prefill"}
+    flag = wrong_side.get(role)
+    if flag and isinstance(transfer, dict) and transfer.get(flag):
+        raise VLLMValidationError(f"kv_transfer_params {flag} asks this server for the other "
+                                  f"side of the transfer, but it is a {role}",
+                                  parameter="kv_transfer_params")
 
 
 def _bidirectional_images(vllm_config) -> int | None:

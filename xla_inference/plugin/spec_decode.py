@@ -320,12 +320,12 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target
     from xla_inference.plugin.worker import kv_layout
     from xla_inference.runner.eagle import EagleLimits, EagleProposer
 
+    method = vllm_config.speculative_config.method
     if target_engine.replicas > 1 or target_engine.microbatches > 1:
-        raise ValueError("xla-inference does not serve eagle3 with data parallel replicas or "
-                         "pipeline stages yet")
+        raise ValueError(f"xla-inference does not serve {method} with data parallel replicas "
+                         "or pipeline stages yet")
     from xla_inference.models.eagle3 import returns_aux_hidden_states
 
-    method = vllm_config.speculative_config.method
     if method == "eagle3" and not returns_aux_hidden_states(target_engine.model):
         # e.g. --model-impl vllm
         raise ValueError("xla-inference serves eagle3 for targets of its native JAX decoder "

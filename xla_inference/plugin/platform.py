@@ -28,6 +28,32 @@ def _choose_engine_start_method() -> None:
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
 
+_MULTIHOST_EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
+
+
+def _executor_backend(parallel) -> str:
+    """vLLM's executor for this engine: "uni" (one process, every local device), or ours for
+    several JAX processes (XLA_INFERENCE_HOSTS > 1, or the executor named in
+    --distributed-executor-backend). Ray and vLLM's --nnodes, which would start one worker
+    per device, are refused rather than replaced."""
+    from xla_inference import envs
+
+    asked = parallel.distributed_executor_backend
+    name = asked if isinstance(asked, str) else getattr(asked, "__qualname__", asked)
+    if asked == "ray" or getattr(asked, "uses_ray", False):
+        raise ValueError("xla-inference does not run on Ray yet (--distributed-executor-backend "
+                         "ray); to span hosts, start one JAX process per host with "
+                         f"XLA_INFERENCE_HOSTS=N (executor {_MULTIHOST_EXECUTOR})")
+    if parallel.nnodes > 1:
+        raise ValueError("xla-inference does not use --nnodes/--node-rank (vLLM's one worker "
+                         "per device); to span hosts, set XLA_INFERENCE_HOSTS=N, "
+                         "XLA_INFERENCE_COORDINATOR and XLA_INFERENCE_FOLLOWERS=external on the "
+                         "driver and run `python -m xla_inference.plugin.multihost` on the others")
+    if envs.num_hosts() > 1 or name in (_MULTIHOST_EXECUTOR, "MultiHostExecutor"):
+        return _MULTIHOST_EXECUTOR
+    return "uni"
+
+
 def _jax_runs_on_host() -> bool:
     """Whether JAX will use the CPU, decided without importing JAX (this runs in the
     front-end, which must stay JAX-free): no JAX_PLATFORMS naming an accelerator, and no
@@ -150,8 +176,9 @@ class XlaPlatform(Platform):
         _fold_pipeline_parallel(vllm_config)
         if parallel.worker_cls == "auto":
             parallel.worker_cls = _WORKER
-        # One JAX process drives every local device (SPMD), so one worker.
-        parallel.distributed_executor_backend = "uni"
+        # One JAX process drives every local device (SPMD), so one worker; several hosts:
+        # one JAX process each, driven by the multi-host executor (plugin/multihost.py).
+        parallel.distributed_executor_backend = _executor_backend(parallel)
         # Async scheduling (vLLM's default where the executor allows it) is kept: the runner
         # feeds each request its own last sampled token, so it never waits on the scheduler.
         compilation = vllm_config.compilation_config

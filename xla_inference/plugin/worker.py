@@ -43,6 +43,18 @@ def _route_logs_through_vllm() -> None:
         ours.propagate = False
 
 
+def _join_hosts() -> None:
+    """With XLA_INFERENCE_HOSTS > 1 (plugin/multihost.py), join this process to the others
+    through jax.distributed before JAX starts: the mesh then spans every host's devices."""
+    from xla_inference import envs
+
+    if envs.num_hosts() > 1:
+        from xla_inference.runner.jax_setup import join_processes
+
+        join_processes(envs.coordinator(), envs.num_hosts(), envs.process_id(),
+                       envs.join_timeout())
+
+
 def _dtype_name(torch_dtype: torch.dtype) -> str:
     table = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     if torch_dtype not in table:
@@ -156,6 +168,7 @@ class XlaWorker(WorkerBase):
         from xla_inference.runner.build import Precision
         from xla_inference.runner.jax_setup import configure_jax
 
+        _join_hosts()
         devices = configure_jax()
         self.device = torch.device("cpu")
         self.precision = Precision.for_platform(

@@ -20,3 +20,31 @@ def configure_jax() -> list:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return jax.devices()
+
+
+def join_processes(coordinator: str, num_processes: int, process_id: int,
+                   timeout_s: float) -> None:
+    """Join this process to a multi-host JAX program (jax.distributed): afterwards
+    jax.devices() lists every process's devices, a mesh over them spans the hosts, and each
+    process places and runs only its own devices' shards. On the CPU, programs that cross
+    processes need JAX's CPU collectives (gloo over TCP); accelerators use their own. Must
+    run before anything touches a JAX backend."""
+    if jax.distributed.is_initialized():
+        return
+    if _runs_on_cpu():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=int(timeout_s))
+
+
+def _runs_on_cpu() -> bool:
+    """JAX's platform, read from the configuration without starting a backend."""
+    platforms = jax.config.jax_platforms or ""
+    return platforms.split(",")[0].strip() == "cpu" or not platforms and not _has_accelerator()
+
+
+def _has_accelerator() -> bool:
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*")
+                or glob.glob("/dev/vfio/[0-9]*"))

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
 _STOP = "stop"
 _CALL = "call"
+# After a follower fails, how long the engine core gets to stop through vLLM's path.
+_FAILURE_GRACE_S = 10.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -84,6 +86,10 @@ class FollowerGroup:
         self.connections: dict[int, Connection] = {}
         self.processes: dict[int, subprocess.Popen] = {}
         self.stopping = False
+        self.failure: str | None = None  # why the group failed, once a follower went
+        self.failure_callback = None  # vLLM's (the engine core's), told of a failure
+        # The per-step message (execute_model's SchedulerOutput), for the log at shutdown.
+        self.steps, self.step_bytes, self.step_seconds = 0, 0, 0.0
         self._server = socket.create_server(control, reuse_port=False)
         self._server.settimeout(1.0)
 
@@ -141,12 +147,17 @@ class FollowerGroup:
                 "HOST:PORT --process-id I` on their hosts")
 
     def broadcast(self, message) -> None:
+        start = time.perf_counter()
         payload = cloudpickle.dumps(message)
         for pid, conn in self.connections.items():
             try:
                 conn.send_bytes(payload)
             except OSError as exc:
                 self.fail(pid, f"cannot be reached ({exc})")
+        if message[0] == _CALL and message[1] == "execute_model":
+            self.steps += 1
+            self.step_bytes += len(payload)
+            self.step_seconds += time.perf_counter() - start
 
     def watch(self) -> None:
         """One daemon thread per follower, blocked on its connection: a follower only ever
@@ -164,19 +175,47 @@ class FollowerGroup:
             self.fail(pid, reason)
 
     def fail(self, pid: int, reason: str) -> None:
-        """The mesh spans this follower's devices: no step can finish without it, and a step
-        already in a collective would wait forever. Say which process went, end the local
-        followers, and exit the engine core (vLLM's front-end then reports the engine dead)."""
+        """The mesh spans this follower's devices: no step can finish without it. Say which
+        process went, end the local followers, and fail the executor through vLLM's own
+        path (the engine core raises, tells the front-end it is dead, and exits); a step
+        stuck in a collective with the dead process past the grace period ends the engine
+        core outright."""
+        if self.failure is not None:
+            return
         proc = self.processes.get(pid)
-        where = f" (local pid {proc.pid}, exit code {proc.poll()})" if proc else ""
-        message = (f"xla-inference multi-host: follower process {pid}{where} {reason}; the "
-                   "engine cannot run without it and exits")
-        logger.error(message)
-        print(message, file=sys.stderr, flush=True)
+        where = f" (local pid {proc.pid})" if proc else ""
+        self.failure = (f"xla-inference multi-host: follower process {pid}{where} {reason}; the "
+                        "engine cannot run without it and stops")
+        logger.error(self.failure)
+        print(self.failure, file=sys.stderr, flush=True)
         for other in self.processes.values():
             if other.poll() is None:
                 other.kill()
+        threading.Thread(target=self._exit_after_grace, daemon=True).start()
+        if self.failure_callback is not None:
+            self.failure_callback()
+
+    def _exit_after_grace(self) -> None:
+        """A step waiting in a collective on the dead process never returns (gloo has no
+        timeout we can set), so vLLM's path cannot run: tell the front-end the engine is
+        dead as the engine core itself would, then exit. Without that message vLLM's
+        LLM class would wait for outputs forever (its client only notices the exit)."""
+        time.sleep(_FAILURE_GRACE_S)
+        print(f"xla-inference multi-host: the engine core did not stop within "
+              f"{_FAILURE_GRACE_S:.0f}s of losing a follower; exiting", file=sys.stderr, flush=True)
+        engine_core = _engine_core_of(self.failure_callback)
+        if engine_core is not None:
+            engine_core._send_engine_dead()
         os._exit(1)
+
+
+def _engine_core_of(failure_callback):
+    """vLLM's EngineCoreProc, which registered `failure_callback` (a closure over it), or
+    None: vLLM 0.32 gives an executor no other handle on it."""
+    for cell in getattr(failure_callback, "__closure__", None) or ():
+        if hasattr(cell.cell_contents, "_send_engine_dead"):
+            return cell.cell_contents
+    return None
 
     def dead(self) -> list[int]:
         return [pid for pid, proc in self.processes.items() if proc.poll() is not None]
@@ -227,21 +266,35 @@ class MultiHostExecutor(UniProcExecutor):
         self.collective_rpc("init_device")
         self.collective_rpc("load_model")
 
+    def register_failure_callback(self, callback) -> None:
+        self.followers.failure_callback = callback
+        if self.followers.failure is not None:
+            callback()
+
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False,
                        single_value=False):
+        if self.followers.failure is not None:
+            raise RuntimeError(self.followers.failure)
         self.followers.broadcast((_CALL, method, args, kwargs or {}))
         return super().collective_rpc(method, timeout, args, kwargs, non_block, single_value)
 
     def check_health(self) -> None:
+        if self.followers.failure is not None:
+            raise RuntimeError(self.followers.failure)
         dead = self.followers.dead()
         if dead:
             raise RuntimeError(f"xla-inference multi-host: follower process(es) {dead} exited")
 
     def shutdown(self) -> None:
         followers = getattr(self, "followers", None)
-        if followers is None or followers.stopping:
-            return super().shutdown()
+        if followers is None or followers.stopping or followers.failure is not None:
+            return super().shutdown()  # after a failure: the grace timer ends the process
         followers.stopping = True
+        if followers.steps:
+            logger.info("xla-inference multi-host: %d steps sent to %d followers, %.0f bytes and "
+                        "%.0f us of pickling and sending per step on average", followers.steps,
+                        len(followers.connections), followers.step_bytes / followers.steps,
+                        1e6 * followers.step_seconds / followers.steps)
         followers.broadcast((_STOP,))
         super().shutdown()
         _leave_jax_distributed()  # its shutdown is a barrier the followers meet at their exit

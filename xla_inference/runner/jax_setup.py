@@ -48,3 +48,16 @@ def _has_accelerator() -> bool:
 
     return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*")
                 or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def wait_for_other_processes(name: str, timeout_s: float) -> None:
+    """A barrier of every JAX process (no-op in a single one). Before the first program that
+    crosses processes: gloo gives a peer 30 s to arrive at a collective, and one process can
+    be minutes behind another after compiling (its persistent cache missed where the other's
+    hit: JAX writes the cache from process 0 only)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(f"xla-inference:{name}",
+                                                    int(timeout_s * 1000))

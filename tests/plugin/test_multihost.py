@@ -60,3 +60,20 @@ def test_a_local_follower_that_exits_before_joining_is_named_with_its_exit_code(
     group.processes[1].wait()
     with pytest.raises(RuntimeError, match="follower process 1 .* exited with code 3 before"):
         group.accept_all(timeout_s=30.0)
+
+
+def test_what_has_not_run_across_processes_is_refused_by_name():
+    from xla_inference.plugin.platform import _refuse_untested_across_hosts
+
+    model = SimpleNamespace(runner_type="generate", model_impl="auto",
+                            supports_multimodal_inputs=False)
+    config = SimpleNamespace(model_config=model, speculative_config=None, kv_transfer_config=None,
+                             lora_config=None, additional_config={},
+                             parallel_config=SimpleNamespace(pipeline_parallel_size=1))
+    _refuse_untested_across_hosts(config)  # a native decoder: served
+    config.parallel_config.pipeline_parallel_size = 2
+    config.lora_config = object()
+    config.additional_config["xla_data_parallel_size"] = 2
+    with pytest.raises(ValueError, match=r"pipeline parallel .*data parallel replicas .*LoRA "
+                                         r"adapters .* across several"):
+        _refuse_untested_across_hosts(config)

@@ -204,9 +204,11 @@ class FollowerGroup:
         print(f"xla-inference multi-host: the engine core did not stop within "
               f"{_FAILURE_GRACE_S:.0f}s of losing a follower; exiting", file=sys.stderr, flush=True)
         engine_core = _engine_core_of(self.failure_callback)
-        if engine_core is not None:
-            engine_core._send_engine_dead()
-        os._exit(1)
+        try:
+            if engine_core is not None:
+                engine_core._send_engine_dead()
+        finally:  # during start-up it has no output thread yet: vLLM sees the exit
+            os._exit(1)
 
 
 def _engine_core_of(failure_callback):

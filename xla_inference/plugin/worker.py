@@ -194,7 +194,13 @@ class XlaWorker(WorkerBase):
         # Encoder-only pooling models (BERT-style embedders) have no native family: vLLM's
         # class through torchax, its attention layers cache-free (torch_models/attention.py).
         if mc.runner_type == "pooling" or model_implementation(mc) == "vllm":
+            from xla_inference import envs
             from xla_inference.torch_models.loader import load as load_torch_model
+
+            if envs.num_hosts() > 1:
+                raise ValueError("xla-inference's torch path (vLLM's PyTorch model classes) "
+                                 "does not run across several JAX processes yet "
+                                 "(XLA_INFERENCE_HOSTS > 1); it serves native families there")
 
             if data_parallel_size(self.vllm_config) > 1:  # not checked yet: refused
                 raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "

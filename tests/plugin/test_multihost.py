@@ -77,3 +77,11 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     with pytest.raises(ValueError, match=r"pipeline parallel .*data parallel replicas .*LoRA "
                                          r"adapters .* across several"):
         _refuse_untested_across_hosts(config)
+
+
+def test_the_follower_group_reports_dead_local_followers():
+    group = FollowerGroup(2, ("127.0.0.1", 0), b"key")
+    group.processes[1] = subprocess.Popen([sys.executable, "-c", "exit(0)"])
+    group.processes[1].wait()
+    assert group.dead() == [1]
+    group.stop(timeout_s=1.0)

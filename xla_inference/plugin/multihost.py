@@ -210,15 +210,6 @@ class FollowerGroup:
         finally:  # during start-up it has no output thread yet: vLLM sees the exit
             os._exit(1)
 
-
-def _engine_core_of(failure_callback):
-    """vLLM's EngineCoreProc, which registered `failure_callback` (a closure over it), or
-    None: vLLM 0.32 gives an executor no other handle on it."""
-    for cell in getattr(failure_callback, "__closure__", None) or ():
-        if hasattr(cell.cell_contents, "_send_engine_dead"):
-            return cell.cell_contents
-    return None
-
     def dead(self) -> list[int]:
         return [pid for pid, proc in self.processes.items() if proc.poll() is not None]
 
@@ -231,6 +222,15 @@ def _engine_core_of(failure_callback):
                 proc.kill()
         for conn in self.connections.values():
             conn.close()
+
+
+def _engine_core_of(failure_callback):
+    """vLLM's EngineCoreProc, which registered `failure_callback` (a closure over it), or
+    None: vLLM 0.32 gives an executor no other handle on it."""
+    for cell in getattr(failure_callback, "__closure__", None) or ():
+        if hasattr(cell.cell_contents, "_send_engine_dead"):
+            return cell.cell_contents
+    return None
 
 
 class MultiHostExecutor(UniProcExecutor):
@@ -293,7 +293,7 @@ class MultiHostExecutor(UniProcExecutor):
             return super().shutdown()  # after a failure: the grace timer ends the process
         followers.stopping = True
         if followers.steps:
-            logger.info("xla-inference multi-host: %d steps sent to %d followers, %.0f bytes and "
+            _log_and_print("xla-inference multi-host: %d steps sent to %d followers, %.0f bytes and "
                         "%.0f us of pickling and sending per step on average", followers.steps,
                         len(followers.connections), followers.step_bytes / followers.steps,
                         1e6 * followers.step_seconds / followers.steps)
@@ -305,6 +305,12 @@ class MultiHostExecutor(UniProcExecutor):
     @classmethod
     def supports_async_scheduling(cls) -> bool:
         return True
+
+
+def _log_and_print(message: str, *args) -> None:
+    """Logged, and printed to stderr: at shutdown vLLM's log handlers may be gone."""
+    logger.info(message, *args)
+    print(message % args, file=sys.stderr, flush=True)
 
 
 def _leave_jax_distributed() -> None:

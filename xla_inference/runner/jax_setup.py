@@ -33,6 +33,8 @@ def join_processes(coordinator: str, num_processes: int, process_id: int,
         return
     if _runs_on_cpu():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Its SIGTERM handler would swallow the signal vLLM stops its engine core with.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=int(timeout_s))
 

@@ -73,3 +73,60 @@ def test_tensor_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
     err = capfd.readouterr().err
     assert "follower process 1" in err and "closed its connection" in err, err[-3000:]
     assert not _followers()
+
+
+def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(tmp_path):
+    """`xla-inference serve --tensor-parallel-size 8` over two processes: a greedy completion
+    equal to transformers', then the follower killed mid-request: the request gets an error
+    and the server exits within 60 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.e2e.servers import free_port, stop_server, wait_healthy
+
+    model_dir = _tiny_llama(tmp_path / "llama")
+    prompt = np.random.default_rng(5).integers(3, 128, size=7).tolist()
+    expected = hf_greedy_ids(model_dir, [prompt], NUM_NEW)[0]
+    port, log_path = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "XLA_INFERENCE_HOSTS": "2", "XLA_INFERENCE_JOIN_TIMEOUT": "300"}
+    cmd = [sys.executable, "-m", "xla_inference.cli", "serve", str(model_dir), "--host",
+           "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "8", "--dtype", "float32",
+           "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
+           "--kv-cache-memory-bytes", str(4 << 20)]
+    url = f"http://127.0.0.1:{port}"
+
+    def complete(max_tokens: int) -> dict:
+        body = json.dumps(dict(model=str(model_dir), prompt=prompt, max_tokens=max_tokens,
+                               temperature=0.0, ignore_eos=True, return_token_ids=True))
+        request = urllib.request.Request(url + "/v1/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            return json.load(e)
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_healthy(proc, url, log_path, timeout_s=400)
+        assert complete(NUM_NEW)["choices"][0]["token_ids"] == expected
+        follower = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if FOLLOWER in " ".join(p.cmdline())]
+        assert len(follower) == 1
+        killed_at = []
+        threading.Timer(2.0, lambda: (follower[0].kill(), killed_at.append(time.monotonic()))
+                        ).start()
+        answer = complete(110)
+        assert killed_at and "error" in answer, answer
+        proc.wait(timeout=60)
+        assert time.monotonic() - killed_at[0] < 60
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+    assert "follower process 1" in log_path.read_text()

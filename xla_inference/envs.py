@@ -37,6 +37,33 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "which attention kernels serve the process: auto (from JAX's default backend: cpu -> "
         "native, tpu -> pallas-tpu, gpu -> pallas-gpu), jnp (plain jnp everywhere), native "
         "(the C++ CPU kernel where it applies), pallas-tpu, pallas-gpu"),
+    "XLA_INFERENCE_HOSTS": (
+        "1",
+        "JAX processes (hosts) one engine spans, joined by jax.distributed: above 1, the "
+        "engine core runs process 0 (the driver: vLLM's scheduler) and the multi-host "
+        "executor (plugin/multihost.py) starts or awaits the others (followers)"),
+    "XLA_INFERENCE_COORDINATOR": (
+        "",
+        "HOST:PORT of jax.distributed's coordinator (the driver's host); the driver's "
+        "control channel to its followers listens on PORT+1. Empty: 127.0.0.1 and a free "
+        "port (followers on this machine only)"),
+    "XLA_INFERENCE_FOLLOWERS": (
+        "local",
+        "how followers start: local (the executor spawns them on this machine: tests, or "
+        "several JAX processes on one host) or external (the operator runs `python -m "
+        "xla_inference.plugin.multihost --coordinator HOST:PORT --process-id I` on each "
+        "host, with the same XLA_INFERENCE_MULTIHOST_KEY)"),
+    "XLA_INFERENCE_MULTIHOST_KEY": (
+        "",
+        "shared secret a follower presents on the control channel; external followers need "
+        "it set, the same on every host (local ones get a random one)"),
+    "XLA_INFERENCE_JOIN_TIMEOUT": (
+        "120",
+        "seconds the driver waits for every follower to connect and for jax.distributed to "
+        "join them before it fails, naming the missing processes"),
+    "XLA_INFERENCE_PROCESS_ID": (
+        "0",
+        "this process's id among XLA_INFERENCE_HOSTS (set by the launcher: 0 is the driver)"),
     "XLA_INFERENCE_PALLAS_INTERPRET": (
         "0",
         "1 runs the Pallas kernels in interpret mode (any device, slow): with "
@@ -108,3 +135,30 @@ def image_sizes() -> list[tuple[int, int]]:
 
 def pallas_interpret() -> bool:
     return _get("XLA_INFERENCE_PALLAS_INTERPRET") == "1"
+
+
+def num_hosts() -> int:
+    return int(_get("XLA_INFERENCE_HOSTS"))
+
+
+def coordinator() -> str:
+    return _get("XLA_INFERENCE_COORDINATOR")
+
+
+def followers_launch() -> str:
+    launch = _get("XLA_INFERENCE_FOLLOWERS")
+    if launch not in ("local", "external"):
+        raise ValueError(f"XLA_INFERENCE_FOLLOWERS must be local or external, not {launch!r}")
+    return launch
+
+
+def multihost_key() -> str:
+    return _get("XLA_INFERENCE_MULTIHOST_KEY")
+
+
+def join_timeout() -> float:
+    return float(_get("XLA_INFERENCE_JOIN_TIMEOUT"))
+
+
+def process_id() -> int:
+    return int(_get("XLA_INFERENCE_PROCESS_ID"))

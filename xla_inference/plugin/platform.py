@@ -28,6 +28,56 @@ def _choose_engine_start_method() -> None:
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
 
+_MULTIHOST_EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
+
+
+def _executor_backend(parallel) -> str:
+    """vLLM's executor for this engine: "uni" (one process, every local device), or ours for
+    several JAX processes (XLA_INFERENCE_HOSTS > 1, or the executor named in
+    --distributed-executor-backend). Ray and vLLM's --nnodes, which would start one worker
+    per device, are refused rather than replaced."""
+    from xla_inference import envs
+
+    asked = parallel.distributed_executor_backend
+    name = asked if isinstance(asked, str) else getattr(asked, "__qualname__", asked)
+    if asked == "ray" or getattr(asked, "uses_ray", False):
+        raise ValueError("xla-inference does not run on Ray yet (--distributed-executor-backend "
+                         "ray); to span hosts, start one JAX process per host with "
+                         f"XLA_INFERENCE_HOSTS=N (executor {_MULTIHOST_EXECUTOR})")
+    if parallel.nnodes > 1:
+        raise ValueError("xla-inference does not use --nnodes/--node-rank (vLLM's one worker "
+                         "per device); to span hosts, set XLA_INFERENCE_HOSTS=N, "
+                         "XLA_INFERENCE_COORDINATOR and XLA_INFERENCE_FOLLOWERS=external on the "
+                         "driver and run `python -m xla_inference.plugin.multihost` on the others")
+    if envs.num_hosts() > 1 or name in (_MULTIHOST_EXECUTOR, "MultiHostExecutor"):
+        return _MULTIHOST_EXECUTOR
+    return "uni"
+
+
+def _refuse_untested_across_hosts(vllm_config) -> None:
+    """Several JAX processes serve a native decoder with tensor (and expert) parallel; what
+    has not been run across processes yet is refused, named, rather than risked."""
+    model = vllm_config.model_config
+    refusals = [
+        (pipeline_parallel_size(vllm_config) > 1, "pipeline parallel (--pipeline-parallel-size)"),
+        # The replicas' step inputs are host arrays split over the data axis: jit takes
+        # those only from one process (each would have to place its own replicas' part).
+        (data_parallel_size(vllm_config) > 1, "data parallel replicas (--data-parallel-size)"),
+        (vllm_config.speculative_config is not None, "speculative decoding"),
+        (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
+        (vllm_config.lora_config is not None, "LoRA adapters (--enable-lora)"),
+        (model is not None and model.runner_type == "pooling", "pooling models (--runner pooling)"),
+        (model is not None and str(model.model_impl) == "vllm",
+         "vLLM's PyTorch model classes (--model-impl vllm)"),
+        (model is not None and model.supports_multimodal_inputs, "multimodal models"),
+    ]
+    refused = [name for refuse, name in refusals if refuse]
+    if refused:
+        raise ValueError(f"xla-inference does not run {', '.join(refused)} across several JAX "
+                         "processes (XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves "
+                         "native decoder families with tensor and expert parallel")
+
+
 def _jax_runs_on_host() -> bool:
     """Whether JAX will use the CPU, decided without importing JAX (this runs in the
     front-end, which must stay JAX-free): no JAX_PLATFORMS naming an accelerator, and no
@@ -153,8 +203,11 @@ class XlaPlatform(Platform):
         _fold_pipeline_parallel(vllm_config)
         if parallel.worker_cls == "auto":
             parallel.worker_cls = _WORKER
-        # One JAX process drives every local device (SPMD), so one worker.
-        parallel.distributed_executor_backend = "uni"
+        # One JAX process drives every local device (SPMD), so one worker; several hosts:
+        # one JAX process each, driven by the multi-host executor (plugin/multihost.py).
+        parallel.distributed_executor_backend = _executor_backend(parallel)
+        if parallel.distributed_executor_backend == _MULTIHOST_EXECUTOR:
+            _refuse_untested_across_hosts(vllm_config)
         # Async scheduling (vLLM's default where the executor allows it) is kept: the runner
         # feeds each request its own last sampled token, so it never waits on the scheduler.
         compilation = vllm_config.compilation_config

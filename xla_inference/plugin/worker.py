@@ -43,6 +43,18 @@ def _route_logs_through_vllm() -> None:
         ours.propagate = False
 
 
+def _join_hosts() -> None:
+    """With XLA_INFERENCE_HOSTS > 1 (plugin/multihost.py), join this process to the others
+    through jax.distributed before JAX starts: the mesh then spans every host's devices."""
+    from xla_inference import envs
+
+    if envs.num_hosts() > 1:
+        from xla_inference.runner.jax_setup import join_processes
+
+        join_processes(envs.coordinator(), envs.num_hosts(), envs.process_id(),
+                       envs.join_timeout())
+
+
 def _dtype_name(torch_dtype: torch.dtype) -> str:
     table = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     if torch_dtype not in table:
@@ -156,6 +168,7 @@ class XlaWorker(WorkerBase):
         from xla_inference.runner.build import Precision
         from xla_inference.runner.jax_setup import configure_jax
 
+        _join_hosts()
         devices = configure_jax()
         self.device = torch.device("cpu")
         self.precision = Precision.for_platform(
@@ -181,8 +194,13 @@ class XlaWorker(WorkerBase):
         # Encoder-only pooling models (BERT-style embedders) have no native family: vLLM's
         # class through torchax, its attention layers cache-free (torch_models/attention.py).
         if mc.runner_type == "pooling" or model_implementation(mc) == "vllm":
+            from xla_inference import envs
             from xla_inference.torch_models.loader import load as load_torch_model
 
+            if envs.num_hosts() > 1:
+                raise ValueError("xla-inference's torch path (vLLM's PyTorch model classes) "
+                                 "does not run across several JAX processes yet "
+                                 "(XLA_INFERENCE_HOSTS > 1); it serves native families there")
             if pipeline_parallel_size(self.vllm_config) > 1:
                 raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
                                  "pipeline parallel yet; use --tensor-parallel-size")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from xla_inference import envs
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.lora.slots import LoraSlots, attach
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
@@ -20,7 +21,7 @@ from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
                                              param_shardings, place_params, replica_sharding,
                                              replicated, traced_over)
-from xla_inference.runner import compile_counter
+from xla_inference.runner import compile_counter, jax_setup
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
 from xla_inference.runner.pooling import gather_pooled_rows
@@ -627,6 +628,7 @@ class ModelEngine:
         # Run each forward bucket once on its empty batch (padding writes only the null
         # page): an XLA CPU executable's first run is markedly slower than later ones
         # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
+        jax_setup.wait_for_other_processes("warm-up compiled", envs.join_timeout())
         run_start = time.perf_counter()
         for args in forward_args:
             self.kv_cache = self._forward(args[0], self.kv_cache, *args[2:])[0]

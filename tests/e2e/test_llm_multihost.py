@@ -1,0 +1,132 @@
+"""vllm.LLM across two JAX processes ("hosts"), 4 virtual CPU devices each, joined by
+jax.distributed (plugin/multihost.py): tensor parallel 8 over both gives transformers'
+greedy output, and killing the follower mid-request ends the engine with an error naming
+it, well within 60 s."""
+
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.e2e.engines import generate_ids, num_compilations, shutdown, start_llm
+from tests.helpers import hf_greedy_ids, save_tiny_model
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 10
+FOLLOWER = "xla_inference.plugin.multihost"
+
+
+def _tiny_llama(path):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, head_dim=32, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    return save_tiny_model(path, config, seed=0)
+
+
+def _followers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if FOLLOWER in " ".join(p.cmdline())]
+
+
+@pytest.fixture
+def two_hosts(monkeypatch):
+    """Each process of the engine (the driver in vLLM's engine core, the follower it
+    spawns) sees 4 devices of its own."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
+
+
+def test_tensor_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
+        tmp_path, two_hosts, capfd):
+    model_dir = _tiny_llama(tmp_path / "llama")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    llm = start_llm(model_dir, tensor_parallel_size=8, max_num_seqs=4, max_num_batched_tokens=16)
+    try:
+        assert llm.collective_rpc("mesh_shape")[0] == {"data": 1, "model": 8}
+        compiled = num_compilations(llm)
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert got == expected
+        assert num_compilations(llm) == compiled
+        followers = _followers()
+        assert len(followers) == 1
+
+        # Mid-request: a long generation is running when the follower is killed.
+        killed_at = []
+        threading.Timer(3.0, lambda: (followers[0].kill(), killed_at.append(time.monotonic()))
+                        ).start()
+        with pytest.raises(Exception) as raised:
+            generate_ids(llm, prompts * 2, temperature=0.0, max_tokens=110, ignore_eos=True)
+        assert killed_at, f"the generation ended before the kill: {raised.value!r}"
+        assert time.monotonic() - killed_at[0] < 60
+    finally:
+        shutdown(llm)
+    assert "EngineDead" in type(raised.value).__name__ or "dead" in str(raised.value).lower()
+    err = capfd.readouterr().err
+    assert "follower process 1" in err and "closed its connection" in err, err[-3000:]
+    assert not _followers()
+
+
+def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(tmp_path):
+    """`xla-inference serve --tensor-parallel-size 8` over two processes: a greedy completion
+    equal to transformers', then the follower killed mid-request: the request gets an error
+    and the server exits within 60 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.e2e.servers import free_port, stop_server, wait_healthy
+
+    model_dir = _tiny_llama(tmp_path / "llama")
+    prompt = np.random.default_rng(5).integers(3, 128, size=7).tolist()
+    expected = hf_greedy_ids(model_dir, [prompt], NUM_NEW)[0]
+    port, log_path = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "XLA_INFERENCE_HOSTS": "2", "XLA_INFERENCE_JOIN_TIMEOUT": "300"}
+    cmd = [sys.executable, "-m", "xla_inference.cli", "serve", str(model_dir), "--host",
+           "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "8", "--dtype", "float32",
+           "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
+           "--kv-cache-memory-bytes", str(4 << 20)]
+    url = f"http://127.0.0.1:{port}"
+
+    def complete(max_tokens: int) -> dict:
+        body = json.dumps(dict(model=str(model_dir), prompt=prompt, max_tokens=max_tokens,
+                               temperature=0.0, ignore_eos=True, return_token_ids=True))
+        request = urllib.request.Request(url + "/v1/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            return json.load(e)
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_healthy(proc, url, log_path, timeout_s=400)
+        assert complete(NUM_NEW)["choices"][0]["token_ids"] == expected
+        follower = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if FOLLOWER in " ".join(p.cmdline())]
+        assert len(follower) == 1
+        killed_at = []
+        threading.Timer(2.0, lambda: (follower[0].kill(), killed_at.append(time.monotonic()))
+                        ).start()
+        answer = complete(110)
+        assert killed_at and "error" in answer, answer
+        proc.wait(timeout=60)
+        assert time.monotonic() - killed_at[0] < 60
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+    assert "follower process 1" in log_path.read_text()

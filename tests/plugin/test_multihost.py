@@ -1,0 +1,87 @@
+"""The multi-host executor's start-up rules without an engine: which executor vLLM is given,
+what is refused, and followers that never join (plugin/multihost.py). The engine across
+two processes is tests/e2e/test_llm_multihost.py."""
+
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from xla_inference.plugin.multihost import EXECUTOR, FollowerGroup, split_address
+from xla_inference.plugin.platform import _executor_backend
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # imports vLLM's executor
+
+
+def _parallel(backend=None, nnodes=1):
+    return SimpleNamespace(distributed_executor_backend=backend, nnodes=nnodes)
+
+
+def test_one_host_keeps_the_single_process_executor(monkeypatch):
+    monkeypatch.delenv("XLA_INFERENCE_HOSTS", raising=False)
+    assert _executor_backend(_parallel("mp")) == "uni"
+    assert _executor_backend(_parallel(None)) == "uni"
+
+
+def test_hosts_or_the_executor_name_select_the_multihost_executor(monkeypatch):
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    assert _executor_backend(_parallel("mp")) == EXECUTOR
+    monkeypatch.delenv("XLA_INFERENCE_HOSTS")
+    assert _executor_backend(_parallel(EXECUTOR)) == EXECUTOR
+
+
+def test_ray_and_nnodes_are_refused_by_name(monkeypatch):
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    with pytest.raises(ValueError, match="does not run on Ray"):
+        _executor_backend(_parallel("ray"))
+    with pytest.raises(ValueError, match="--nnodes"):
+        _executor_backend(_parallel("mp", nnodes=2))
+
+
+def test_split_address():
+    assert split_address("10.0.0.1:1234") == ("10.0.0.1", 1234)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        split_address("10.0.0.1")
+
+
+def test_a_follower_that_never_joins_fails_start_up_naming_it():
+    group = FollowerGroup(3, ("127.0.0.1", 0), b"key")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"follower process\(es\) \[1, 2\] did not join"):
+        group.accept_all(timeout_s=1.0)
+    assert time.monotonic() - start < 10
+
+
+def test_a_local_follower_that_exits_before_joining_is_named_with_its_exit_code():
+    group = FollowerGroup(2, ("127.0.0.1", 0), b"key")
+    group.processes[1] = subprocess.Popen([sys.executable, "-c", "exit(3)"])
+    group.processes[1].wait()
+    with pytest.raises(RuntimeError, match="follower process 1 .* exited with code 3 before"):
+        group.accept_all(timeout_s=30.0)
+
+
+def test_what_has_not_run_across_processes_is_refused_by_name():
+    from xla_inference.plugin.platform import _refuse_untested_across_hosts
+
+    model = SimpleNamespace(runner_type="generate", model_impl="auto",
+                            supports_multimodal_inputs=False)
+    config = SimpleNamespace(model_config=model, speculative_config=None, kv_transfer_config=None,
+                             lora_config=None, additional_config={},
+                             parallel_config=SimpleNamespace(pipeline_parallel_size=1))
+    _refuse_untested_across_hosts(config)  # a native decoder: served
+    config.parallel_config.pipeline_parallel_size = 2
+    config.lora_config = object()
+    config.additional_config["xla_data_parallel_size"] = 2
+    with pytest.raises(ValueError, match=r"pipeline parallel .*data parallel replicas .*LoRA "
+                                         r"adapters .* across several"):
+        _refuse_untested_across_hosts(config)
+
+
+def test_the_follower_group_reports_dead_local_followers():
+    group = FollowerGroup(2, ("127.0.0.1", 0), b"key")
+    group.processes[1] = subprocess.Popen([sys.executable, "-c", "exit(0)"])
+    group.processes[1].wait()
+    assert group.dead() == [1]
+    group.stop(timeout_s=1.0)

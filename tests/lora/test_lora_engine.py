@@ -189,3 +189,27 @@ def test_grouped_delta_matches_float64(dtype, num_tokens):
             want[t] += xa @ b[:, cols].T
     np.testing.assert_allclose(got, want, rtol=1e-2 if dtype == "bfloat16" else 1e-5,
                                atol=2e-2 if dtype == "bfloat16" else 1e-4)
+
+
+def test_base_program_is_the_plain_engines(llama_targets):
+    """A LoRA engine's program for steps without adapters lowers to the very module a plain
+    engine (no --enable-lora) runs: such steps pay nothing for LoRA."""
+    import jax.numpy as jnp
+
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+    from xla_inference.runner.requests import build_step_batch
+
+    model_dir = llama_targets[0]
+    ecfg = EngineConfig(num_blocks=16, block_size=ENGINE_BLOCK, max_num_tokens=16, max_num_seqs=4,
+                        max_model_len=64)
+    precision = Precision.for_platform(jnp.dtype(jnp.bfloat16), "cpu")
+    plain = build_engine(load(model_dir, precision), ecfg)
+    lora = build_engine(load(model_dir, precision), ecfg,
+                        lora=dict(max_loras=2, max_rank=8, max_cpu_loras=2))
+    batch = build_step_batch([], plain.layout_for(16))
+    want = plain._forward.jitted.lower(plain.params, plain.kv_cache, batch).as_text()
+    assert lora._forward_base.jitted.lower(lora.params, lora.kv_cache, batch).as_text() == want
+    with_lora = lora._forward.jitted.lower(lora._step_params(np.zeros(16, np.int32)),
+                                           lora.kv_cache, batch).as_text()
+    assert with_lora != want  # the adapters' program is another one

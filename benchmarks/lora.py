@@ -1,10 +1,12 @@
 """LoRA overhead, 4 rank-16 adapters on q/k/v/o/gate/up/down mixed in one batch against the
 base model alone, two ways:
 
-- engine (default, no vLLM): decode steps of a random Llama-shaped model, base and LoRA
-  engines alternated in rounds; median step times.
+- engine (default, no vLLM): prefill and decode steps of a random Llama-shaped model (or
+  SmolLM2-135M with --smollm2), base and LoRA engines alternated in rounds; median step
+  times.
 
     PYTHONPATH=. .venv/bin/python benchmarks/lora.py [--hidden 1024 --layers 4 --batch 16]
+    PYTHONPATH=. .venv/bin/python benchmarks/lora.py --smollm2 --dtype bfloat16 --batch 32
 
 - --vllm: the issue's benchmark, offline throughput through vllm.LLM on SmolLM2-135M
   (prepare_default_model) with random PEFT adapters saved by `peft`. One child process
@@ -14,7 +16,7 @@ base model alone, two ways:
   prefix-cache hits); greedy, ignore_eos; medians over --rounds. Also batch-1 TPOT (one
   request, time / tokens) for each.
 
-    .venv/bin/python benchmarks/lora.py --vllm --dtype bfloat16 [--num-prompts 32 ...]
+    .venv/bin/python benchmarks/lora.py --vllm --dtype bfloat16 [--order plain,lora,plain]
 
 Prints each throughput ratio and the batch-1 TPOT overhead."""
 
@@ -193,10 +195,11 @@ def vllm_main(args) -> None:
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             sys.exit(f"{child} failed (its log is above)")
-        results[child] = json.loads(line[0][7:])
-        print(child, json.dumps(results[child]), flush=True)
-    med = {f"{c}.{k}": statistics.median(v) for c, r in results.items()
-           for k, v in r["times"].items()}
+        results.setdefault(child, []).append(json.loads(line[0][7:]))
+        print(child, json.dumps(results[child][-1]), flush=True)
+    # A child run twice (plain,lora,plain brackets the LoRA run): medians over both runs.
+    med = {f"{c}.{k}": statistics.median(t for r in rs for t in r["times"][k])
+           for c, rs in results.items() for k in rs[0]["times"]}
     tokens = args.num_prompts * args.output_len
     print(f"SmolLM2-135M {args.dtype}, {args.num_prompts} prompts x {args.input_len} tokens -> "
           f"{args.output_len}, 4 adapters r16 on q/k/v/o/gate/up/down; load average "

@@ -178,7 +178,8 @@ def test_grouped_delta_matches_float64(dtype, num_tokens):
     x = rng.normal(size=(num_tokens, D)).astype(np.float32)
     slots = (np.arange(num_tokens, dtype=np.int32) + 2) % (L + 1)  # 2, 3, 0, 1, 2
     w = LoraWeight(jnp.asarray(base, dtype), jnp.asarray(a.reshape(G * L * r, D), dtype),
-                   jnp.asarray(b, dtype), column_mask(jnp.asarray(slots), L, r), member)
+                   jnp.asarray(b, dtype), jnp.asarray(b.T, jnp.float32),
+                   column_mask(jnp.asarray(slots), L, r), member)
     got = np.asarray(project(jnp.asarray(x), w), np.float64)
     xr = rounded(x)
     want = xr @ base.T

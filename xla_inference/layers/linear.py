@@ -66,6 +66,9 @@ def lora_delta(x: jax.Array, w: LoraWeight, out_dtype) -> jax.Array:
     mine = xa[..., w.member * columns:(w.member + 1) * columns]
     mask = w.column_mask.reshape(*mine.shape[:-1], columns)
     masked = jnp.where(mask, mine, 0.0)
+    if math.prod(x.shape[:-1]) == 1:  # one token: B as [L*r, out] float32, read as stored
+        rounded = masked.astype(w.b.dtype).astype(jnp.float32)  # as the product rounds it
+        return jnp.einsum("...k,ko->...o", rounded, w.b_rows).astype(out_dtype)
     return project(masked, w.b, out_dtype)
 
 

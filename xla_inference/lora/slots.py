@@ -1,7 +1,9 @@
 """Adapters on the device, for L = max_loras slots (1..L; slot 0, the base model, holds no
 weights), each adapter zero-padded to r = max_rank:
 
-- B per target module: [out, L*r], slot s in columns (s-1)*r .. s*r;
+- B per target module: [out, L*r], slot s in columns (s-1)*r .. s*r; and again as
+  [L*r, out] in float32 for one-token steps (XLA's CPU backend would otherwise copy B to
+  that form every step: batch-1 TPOT overhead +60% -> +22% on SmolLM2, benchmarks/lora.py);
 - A per group of a layer's modules that read the same input (q/k/v; gate/up; o and down
   alone): [G, L*r, in], member g's slot s in rows (s-1)*r .. s*r of its [L*r, in].
 
@@ -52,6 +54,7 @@ class LoraWeight:
     base: jax.Array
     a: jax.Array  # [G*L*r, in]: the group's A, every member and slot
     b: jax.Array  # [out, L*r]
+    b_rows: jax.Array  # [L*r, out] float32: b for a one-token step (layers/linear.lora_delta)
     column_mask: jax.Array  # [T, L*r] bool: the columns of each token's own slot
     member: int = dataclasses.field(metadata=dict(static=True))  # this module's place in a
 
@@ -90,7 +93,8 @@ def decoder_targets(params) -> dict[str, tuple[int, int]]:
 
 def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
     """params with each targeted weight wrapped as a LoraWeight (inside the jitted step).
-    stacks: LoraSlots.stacks, {"a": {group: [G, L*r, in]}, "b": {module: [out, L*r]}}."""
+    stacks: LoraSlots.stacks, {"a": {group: [G, L*r, in]}, "b": {module: [out, L*r]},
+    "b_rows": {module: [L*r, out] float32}}."""
     layers = list(params.layers)
     members = group_members(stacks["b"])
     columns = next(iter(stacks["b"].values())).shape[1]
@@ -102,8 +106,8 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
         a = stacks["a"][group]
         layer = layers[int(i)]
         sub = getattr(layer, block)
-        weight = LoraWeight(getattr(sub, attr), a.reshape(-1, a.shape[-1]), b, mask,
-                            members[group].index(module))
+        weight = LoraWeight(getattr(sub, attr), a.reshape(-1, a.shape[-1]), b,
+                            stacks["b_rows"][module], mask, members[group].index(module))
         sub = dataclasses.replace(sub, **{attr: weight})
         layers[int(i)] = dataclasses.replace(layer, **{block: sub})
     return dataclasses.replace(params, layers=layers)
@@ -125,7 +129,10 @@ def _write_slot(stacks: dict, offset: jax.Array, values: dict) -> dict:
     return {"a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], (zero, offset, zero))
                   for g, a in stacks["a"].items()},
             "b": {m: jax.lax.dynamic_update_slice(b, values["b"][m], (zero, offset))
-                  for m, b in stacks["b"].items()}}
+                  for m, b in stacks["b"].items()},
+            "b_rows": {m: jax.lax.dynamic_update_slice(
+                b, values["b"][m].T.astype(b.dtype), (offset, zero))
+                for m, b in stacks["b_rows"].items()}}
 
 
 class LoraSlots:
@@ -145,7 +152,11 @@ class LoraSlots:
         self.stacks = {
             "a": {g: zeros((len(ms), columns, module_shapes[ms[0]][1]))
                   for g, ms in self.groups.items()},
-            "b": {m: zeros((out, columns)) for m, (out, _) in module_shapes.items()}}
+            "b": {m: zeros((out, columns)) for m, (out, _) in module_shapes.items()},
+            # B again, [L*r, out] in float32: a one-token step's expand reads it as is
+            # (from B, XLA's CPU backend copies it so every step).
+            "b_rows": {m: jnp.zeros((columns, out), jnp.float32, device=sharding)
+                       for m, (out, _) in module_shapes.items()}}
         self.host: collections.OrderedDict[int, LoraAdapter] = collections.OrderedDict()
         self.slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU order
         self.pinned: set[int] = set()

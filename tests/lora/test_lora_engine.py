@@ -79,7 +79,8 @@ def test_mixed_adapters_match_peft(model_and_adapters):
 
 @pytest.mark.slow  # compiles every bucket (warm-up)
 def test_swaps_and_evictions_do_not_compile(llama_targets):
-    """Two slots, three adapters: loading, evicting and reloading write slots in place."""
+    """Two slots, three adapters: loading, evicting and reloading write slots in place; a
+    step without adapters runs the base program (compiled at warm-up too)."""
     from xla_inference.runner import compile_counter
 
     model_dir, _, adapters = llama_targets
@@ -88,7 +89,12 @@ def test_swaps_and_evictions_do_not_compile(llama_targets):
     before = compile_counter.num_compilations()
     for i, path in enumerate(adapters.values(), start=1):
         add(engine, i, path)
-    order = [(1, 2), (3, 0), (2, 3), (1, 3), (0, 1)]
+    programs = {"lora": engine._forward, "base": engine._forward_base}
+    ran = []
+    for name, program in programs.items():
+        setattr(engine, f"_forward{'_base' if name == 'base' else ''}",
+                lambda *args, name=name, program=program: ran.append(name) or program(*args))
+    order = [(1, 2), (3, 0), (0, 0), (2, 3), (1, 3), (0, 1)]
     for step, ids in enumerate(order):
         reqs = [engine_request(f"s{step}{j}", PROMPTS[j], 1 + 8 * j) for j in range(2)]
         for req, lora_id in zip(reqs, ids):
@@ -99,6 +105,7 @@ def test_swaps_and_evictions_do_not_compile(llama_targets):
             np.testing.assert_allclose(rows[(req.req_id, len(PROMPTS[j]) - 1)],
                                        peft_logits(model_dir, path, PROMPTS[j])[-1], atol=2e-4,
                                        rtol=0, err_msg=f"step {step} adapter {lora_id}")
+    assert ran == ["base" if ids == (0, 0) else "lora" for ids in order]
     assert engine.lora.slot_writes >= 5  # evictions happened
     engine.lora.remove(2)
     assert engine.lora.ids() == {1, 3}
@@ -149,3 +156,61 @@ def test_rank_above_max_and_unserved_modules_refused(llama_targets, tmp_path):
     with pytest.raises(LoraError, match="lm_head"):
         load_adapter(head, shapes, 16)
     assert ADAPTERS[0][0] == "a4"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_grouped_delta_matches_float64(dtype, num_tokens):
+    """One projection of a q/k/v-like group, bfloat16 stacks against float32 activations as
+    on the host CPU: base + each token's own slot's (x A^T) B^T, against float64 numpy on the
+    same (rounded) weights, for tokens of every slot and none."""
+    import jax.numpy as jnp
+
+    from xla_inference.layers.linear import project
+    from xla_inference.lora.slots import LoraWeight, column_mask
+
+    rng = np.random.default_rng(0)
+    L, r, D, G, out, member = 3, 4, 32, 3, 24, 1
+    rounded = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)  # noqa: E731
+    base = rounded(rng.normal(size=(out, D)))
+    a = rounded(rng.normal(size=(G, L * r, D)))
+    b = rounded(rng.normal(size=(out, L * r)))
+    x = rng.normal(size=(num_tokens, D)).astype(np.float32)
+    slots = (np.arange(num_tokens, dtype=np.int32) + 2) % (L + 1)  # 2, 3, 0, 1, 2
+    w = LoraWeight(jnp.asarray(base, dtype), jnp.asarray(a.reshape(G * L * r, D), dtype),
+                   jnp.asarray(b, dtype), jnp.asarray(b.T, jnp.float32),
+                   column_mask(jnp.asarray(slots), L, r), member)
+    got = np.asarray(project(jnp.asarray(x), w), np.float64)
+    xr = rounded(x)
+    want = xr @ base.T
+    for t, s in enumerate(slots):
+        if s:
+            cols = slice((s - 1) * r, s * r)
+            xa = rounded(xr[t] @ a[member, cols].T)  # the shrink's output is rounded too
+            want[t] += xa @ b[:, cols].T
+    np.testing.assert_allclose(got, want, rtol=1e-2 if dtype == "bfloat16" else 1e-5,
+                               atol=2e-2 if dtype == "bfloat16" else 1e-4)
+
+
+def test_base_program_is_the_plain_engines(llama_targets):
+    """A LoRA engine's program for steps without adapters lowers to the very module a plain
+    engine (no --enable-lora) runs: such steps pay nothing for LoRA."""
+    import jax.numpy as jnp
+
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+    from xla_inference.runner.requests import build_step_batch
+
+    model_dir = llama_targets[0]
+    ecfg = EngineConfig(num_blocks=16, block_size=ENGINE_BLOCK, max_num_tokens=16, max_num_seqs=4,
+                        max_model_len=64)
+    precision = Precision.for_platform(jnp.dtype(jnp.bfloat16), "cpu")
+    plain = build_engine(load(model_dir, precision), ecfg)
+    lora = build_engine(load(model_dir, precision), ecfg,
+                        lora=dict(max_loras=2, max_rank=8, max_cpu_loras=2))
+    batch = build_step_batch([], plain.layout_for(16))
+    want = plain._forward.jitted.lower(plain.params, plain.kv_cache, batch).as_text()
+    assert lora._forward_base.jitted.lower(lora.params, lora.kv_cache, batch).as_text() == want
+    with_lora = lora._forward.jitted.lower(lora._step_params(np.zeros(16, np.int32)),
+                                           lora.kv_cache, batch).as_text()
+    assert with_lora != want  # the adapters' program is another one

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.kernels import cpu_dense
-from xla_inference.lora.slots import LoraWeight, lora_delta
+from xla_inference.lora.slots import LoraWeight
 from xla_inference.parallel import collective_matmul
 from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 from xla_inference.quantization.packed import PackedWeight
@@ -65,6 +65,25 @@ def _native_matvec(w: jax.Array) -> bool:
     operand of a custom call onto every device)."""
     return (w.dtype == jnp.bfloat16 and w.ndim == 2 and jax.default_backend() == "cpu"
             and tensor_parallel_mesh() is None and cpu_dense.available())
+
+
+def lora_delta(x: jax.Array, w: LoraWeight, out_dtype) -> jax.Array:
+    """x [..., in] -> [..., out]: each token's adapter's (x A^T) B^T, zero for slot 0.
+
+    The shrink multiplies x by the whole group's A (every member module and slot): the
+    group's members (q/k/v; gate/up) each write this same product, which XLA's CSE turns
+    into one. Its member's L*r columns, masked to each token's own slot, then take one
+    expand over all slots' B. Both products are `project`'s, in the stacks' dtype with a
+    float32 accumulator where that is narrower than x (bfloat16 on the host CPU)."""
+    columns = w.b.shape[1]
+    xa = project(x, w.a, jnp.float32)  # [..., G*L*r]
+    mine = xa[..., w.member * columns:(w.member + 1) * columns]
+    mask = w.column_mask.reshape(*mine.shape[:-1], columns)
+    masked = jnp.where(mask, mine, 0.0)
+    if math.prod(x.shape[:-1]) == 1:  # one token: B as [L*r, out] float32, read as stored
+        rounded = masked.astype(w.b.dtype).astype(jnp.float32)  # as the product rounds it
+        return jnp.einsum("...k,ko->...o", rounded, w.b_rows).astype(out_dtype)
+    return project(masked, w.b, out_dtype)
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

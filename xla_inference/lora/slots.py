@@ -1,17 +1,26 @@
-"""Adapters on the device: per target module, A [S, r_max, in] and B [S, out, r_max] for S =
-max_loras + 1 slots, slot 0 all zeros (the base model), each adapter zero-padded to r_max.
+"""Adapters on the device, for L = max_loras slots (1..L; slot 0, the base model, holds no
+weights), each adapter zero-padded to r = max_rank:
 
-A step carries one slot index per token. Each targeted projection adds
+- B per target module: [out, L*r], slot s in columns (s-1)*r .. s*r; and again as
+  [L*r, out] in float32 for one-token steps (XLA's CPU backend would otherwise copy B to
+  that form every step: batch-1 TPOT overhead +60% -> +22% on SmolLM2, benchmarks/lora.py);
+- A per group of a layer's modules that read the same input (q/k/v; gate/up; o and down
+  alone): [G, L*r, in], member g's slot s in rows (s-1)*r .. s*r of its [L*r, in].
 
-    delta = (x A_slot^T) B_slot^T
+A step carries one slot index per token (0: no adapter). Each targeted projection adds
 
-computed for every slot at once as two dense products over the S * r_max columns: x times
-all of A ([T, S*r]), masked to each token's own slot, times all of B. No gathers of [T, r,
-in] weights, one program for every mix of adapters, and the cost is 2 T S r (in + out)
-against the base product's T in out (S r = 80 against in = 4096: a few per cent).
+    delta = mask(x A_group^T)[member's columns] B^T
+
+computed for every slot at once: one dense shrink over the group's G*L*r rows of A (the
+group's members each ask for the same product, which XLA's CSE computes once: one product
+for q/k/v, one for gate/up), its columns zeroed where they are not the token's own slot,
+then one expand per module over its L*r columns of B. No per-token gathers of [r, in]
+weights, one program for every mix of adapters, and the cost is T L r (G in + out) per
+group against the base products' T in out. A step whose tokens all run without an adapter
+takes the base program instead (runner/engine.py): the host knows it when building the step.
 
 Loading an adapter writes its slot with a donated in-place update (one program, compiled
-at warm-up; the slot is a traced index), so adding, swapping and evicting adapters never
+at warm-up; the slot is a traced offset), so adding, swapping and evicting adapters never
 compiles. LoraSlots keeps which adapter is in which slot and evicts the least recently
 used one that is not pinned and not in the step."""
 
@@ -30,18 +39,24 @@ _DECODER_TARGETS = {"q_proj": ("attn", "wq"), "k_proj": ("attn", "wk"), "v_proj"
                     "o_proj": ("attn", "wo"), "gate_proj": ("mlp", "w_gate"),
                     "up_proj": ("mlp", "w_up"), "down_proj": ("mlp", "w_down")}
 _BLOCK_PATH = {"attn": "self_attn", "mlp": "mlp"}
+# Modules of one layer that read the same input, whose shrinks are one product (by the
+# group's name, which replaces the module suffix in its path).
+_SHARED_INPUT = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                 "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LoraWeight:
-    """A base projection weight [out, in] with the adapters' stacks and the step's per-token
-    slots; layers/linear.project adds lora_delta for it."""
+    """A base projection weight [out, in] with its group's shrink stack, its own expand
+    stack and the step's column mask; layers/linear.project adds the delta for it."""
 
     base: jax.Array
-    a: jax.Array  # [S, r, in]
-    b: jax.Array  # [S, out, r]
-    token_slots: jax.Array  # [T] int32, 0 = no adapter
+    a: jax.Array  # [G*L*r, in]: the group's A, every member and slot
+    b: jax.Array  # [out, L*r]
+    b_rows: jax.Array  # [L*r, out] float32: b for a one-token step (layers/linear.lora_delta)
+    column_mask: jax.Array  # [T, L*r] bool: the columns of each token's own slot
+    member: int = dataclasses.field(metadata=dict(static=True))  # this module's place in a
 
     @property
     def shape(self):
@@ -52,18 +67,16 @@ class LoraWeight:
         return self.base.dtype
 
 
-def lora_delta(x: jax.Array, w: LoraWeight, out_dtype) -> jax.Array:
-    """x [T, in] -> [T, out]: each token's adapter's (x A^T) B^T (zero for slot 0)."""
-    S, r, _ = w.a.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).astype(w.a.dtype)
-    xa = jnp.einsum("ti,ki->tk", x2, w.a.reshape(S * r, -1),
-                    preferred_element_type=jnp.float32).reshape(-1, S, r)
-    mine = (w.token_slots[:, None] == jnp.arange(S, dtype=w.token_slots.dtype))[..., None]
-    xa = jnp.where(mine, xa, 0.0).reshape(-1, S * r).astype(w.b.dtype)
-    b = jnp.moveaxis(w.b, 0, 1).reshape(w.b.shape[1], S * r)  # [out, S*r]
-    y = jnp.einsum("tk,ok->to", xa, b, preferred_element_type=jnp.float32)
-    return y.reshape(*lead, -1).astype(out_dtype)
+def group_of(module: str) -> str:
+    """The path of the A stack a module's shrink reads (its own path when it shares none)."""
+    prefix, _, suffix = module.rpartition(".")
+    return f"{prefix}.{_SHARED_INPUT.get(suffix, suffix)}"
+
+
+def column_mask(token_slots: jax.Array, max_loras: int, max_rank: int) -> jax.Array:
+    """[T] slots -> [T, L*r]: True in the r columns of each token's slot (none for slot 0)."""
+    column_slot = jnp.arange(max_loras * max_rank, dtype=token_slots.dtype) // max_rank + 1
+    return token_slots[:, None] == column_slot[None, :]
 
 
 def decoder_targets(params) -> dict[str, tuple[int, int]]:
@@ -78,23 +91,48 @@ def decoder_targets(params) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def attach(params, stacks: dict, token_slots: jax.Array):
-    """params with each targeted weight wrapped as a LoraWeight (inside the jitted step)."""
+def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
+    """params with each targeted weight wrapped as a LoraWeight (inside the jitted step).
+    stacks: LoraSlots.stacks, {"a": {group: [G, L*r, in]}, "b": {module: [out, L*r]},
+    "b_rows": {module: [L*r, out] float32}}."""
     layers = list(params.layers)
-    for module, (a, b) in stacks.items():
-        _, _, i, block_name, suffix = module.split(".")
+    members = group_members(stacks["b"])
+    columns = next(iter(stacks["b"].values())).shape[1]
+    mask = column_mask(token_slots, columns // max_rank, max_rank)  # one for every layer
+    for module, b in stacks["b"].items():
+        _, _, i, _, suffix = module.split(".")
         block, attr = _DECODER_TARGETS[suffix]
+        group = group_of(module)
+        a = stacks["a"][group]
         layer = layers[int(i)]
         sub = getattr(layer, block)
-        sub = dataclasses.replace(sub, **{attr: LoraWeight(getattr(sub, attr), a, b, token_slots)})
+        weight = LoraWeight(getattr(sub, attr), a.reshape(-1, a.shape[-1]), b,
+                            stacks["b_rows"][module], mask, members[group].index(module))
+        sub = dataclasses.replace(sub, **{attr: weight})
         layers[int(i)] = dataclasses.replace(layer, **{block: sub})
     return dataclasses.replace(params, layers=layers)
 
 
+def group_members(modules) -> dict[str, list[str]]:
+    """Each A stack's modules, in their order in it: sorted by path, as a jitted program
+    sees a dict's keys."""
+    groups: dict[str, list[str]] = {}
+    for module in sorted(modules):
+        groups.setdefault(group_of(module), []).append(module)
+    return groups
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slot(stacks: dict, slot: jax.Array, values: dict) -> dict:
-    return {m: (a.at[slot].set(values[m][0]), b.at[slot].set(values[m][1]))
-            for m, (a, b) in stacks.items()}
+def _write_slot(stacks: dict, offset: jax.Array, values: dict) -> dict:
+    """Write one slot's columns of every B and rows of every A (offset = (slot - 1) * r)."""
+    zero = jnp.zeros((), offset.dtype)
+    return {"a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], (zero, offset, zero))
+                  for g, a in stacks["a"].items()},
+            "b": {m: jax.lax.dynamic_update_slice(b, values["b"][m], (zero, offset))
+                  for m, b in stacks["b"].items()},
+            "b_rows": {m: jax.lax.dynamic_update_slice(
+                b, values["b"][m].T.astype(b.dtype), (offset, zero))
+                for m, b in stacks["b_rows"].items()}}
 
 
 class LoraSlots:
@@ -107,11 +145,18 @@ class LoraSlots:
             raise LoraError(f"max_loras must be at least 1, got {max_loras}")
         self.module_shapes, self.max_rank = module_shapes, max_rank
         self.max_loras, self.max_cpu = max_loras, max(max_cpu_loras, max_loras)
-        S = max_loras + 1
         self.dtype = dtype
+        self.groups = group_members(module_shapes)
+        columns = max_loras * max_rank
         zeros = lambda shape: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
-        self.stacks = {m: (zeros((S, max_rank, inp)), zeros((S, out, max_rank)))
-                       for m, (out, inp) in module_shapes.items()}
+        self.stacks = {
+            "a": {g: zeros((len(ms), columns, module_shapes[ms[0]][1]))
+                  for g, ms in self.groups.items()},
+            "b": {m: zeros((out, columns)) for m, (out, _) in module_shapes.items()},
+            # B again, [L*r, out] in float32: a one-token step's expand reads it as is
+            # (from B, XLA's CPU backend copies it so every step).
+            "b_rows": {m: jnp.zeros((columns, out), jnp.float32, device=sharding)
+                       for m, (out, _) in module_shapes.items()}}
         self.host: collections.OrderedDict[int, LoraAdapter] = collections.OrderedDict()
         self.slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU order
         self.pinned: set[int] = set()
@@ -178,17 +223,23 @@ class LoraSlots:
         raise LoraError(f"every one of the {self.max_loras} LoRA slots is pinned or in use")
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
-        values = {}
-        for m, (out, inp) in self.module_shapes.items():
-            a = np.zeros((self.max_rank, inp), np.float32)
-            b = np.zeros((out, self.max_rank), np.float32)
-            if m in adapter.weights:
-                wa, wb = adapter.weights[m]
-                a[:wa.shape[0]], b[:, :wb.shape[1]] = wa, wb
-            values[m] = (a.astype(self.dtype), b.astype(self.dtype))
-        self.stacks = _write_slot(self.stacks, jnp.int32(slot), values)
+        """Slot `slot` (1..max_loras) of every stack holds `adapter` (zeros where it has no
+        weights for a module, or beyond its rank)."""
+        r = self.max_rank
+        values = {"a": {}, "b": {}}
+        for group, modules in self.groups.items():
+            a = np.zeros((len(modules), r, self.module_shapes[modules[0]][1]), np.float32)
+            for g, m in enumerate(modules):
+                b = np.zeros((self.module_shapes[m][0], r), np.float32)
+                if m in adapter.weights:
+                    wa, wb = adapter.weights[m]
+                    a[g, :wa.shape[0]], b[:, :wb.shape[1]] = wa, wb
+                values["b"][m] = b.astype(self.dtype)
+            values["a"][group] = a.astype(self.dtype)
+        self.stacks = _write_slot(self.stacks, jnp.int32((slot - 1) * r), values)
         self.slot_writes += 1
 
     def warm_up(self) -> None:
-        """Compile the slot write (slot 0 rewritten with zeros: it stays empty)."""
-        self._write(0, LoraAdapter("empty", {}))
+        """Compile the slot write: slot 1 rewritten with what it holds (zeros if nothing)."""
+        in_slot_1 = [i for i, s in self.slot_of.items() if s == 1]
+        self._write(1, self.host[in_slot_1[0]] if in_slot_1 else LoraAdapter("empty", {}))

@@ -113,11 +113,13 @@ def _forward_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch)
     return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
 
 
-def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch):
+def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch, *,
+                  max_rank: int):
     """_forward_logits with the adapters: params_lora is (params, the LoRA stacks, each
     token's slot [T]); the targeted projections add their adapter's delta (lora/slots.py)."""
     params, stacks, token_slots = params_lora
-    kv_cache, hidden = model.forward(attach(params, stacks, token_slots), kv_cache, batch, cfg)
+    kv_cache, hidden = model.forward(attach(params, stacks, token_slots, max_rank), kv_cache,
+                                     batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
 
 
@@ -295,7 +297,8 @@ class ModelEngine:
             raise ValueError("xla-inference serves LoRA adapters on generative models only "
                              "(not with a pooling model yet)")
         if lora is not None:
-            forward, batch_shardings = _forward_lora, (whole,)
+            forward = functools.partial(_forward_lora, max_rank=lora.max_rank)
+            batch_shardings = (whole,)
         elif self.microbatches > 1:
             forward, batch_shardings = _forward_microbatches, (whole, whole, whole)
         elif self.replicas == 1:
@@ -312,6 +315,13 @@ class ModelEngine:
         self._forward = Programs(
             jax.jit(traced_over(self.mesh, functools.partial(forward, model, model_cfg)),
                     in_shardings=(first_shardings, kv_shardings, *batch_shardings),
+                    out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
+            _batch_key)
+        # A LoRA engine's steps whose tokens all run without an adapter take the base
+        # model's program (the host knows it when it builds the step): no delta to pay.
+        self._forward_base = None if lora is None else Programs(
+            jax.jit(traced_over(self.mesh, functools.partial(_forward_logits, model, model_cfg)),
+                    in_shardings=(self.param_shardings, kv_shardings, whole),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
         widths = [engine_cfg.max_logprobs]
@@ -493,8 +503,11 @@ class ModelEngine:
 
     def _run_forward(self, batch: StepBatch, *orders, token_slots=None) -> StepOutput:
         T = batch.input_ids.shape[-1]
+        program, params = self._forward, self._step_params(token_slots)
+        if self.lora is not None and not token_slots.any():  # no adapter in this step
+            program, params = self._forward_base, self.params
         self.kv_cache, logits, hidden = self.stats.run(
-            self._forward, self._step_params(token_slots), self.kv_cache, batch, *orders, bucket=T)
+            program, params, self.kv_cache, batch, *orders, bucket=T)
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],
@@ -615,12 +628,17 @@ class ModelEngine:
                         "remain", T, self.layout_for(T).num_seqs, seconds, remaining,
                         len(self.token_buckets))
 
+        # A LoRA engine also compiles the base program for its steps without adapters.
+        base_args = [] if self.lora is None else [(self.params, *a[1:]) for a in forward_args]
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             forward = self._forward.submit(forward_args, pool)
+            base = {} if self.lora is None else self._forward_base.submit(base_args, pool)
             samplers = {k: p.submit(sample_args, pool) for k, p in self._samplers.items()}
             verify = (self._draft_rows_logits.submit(logits_args, pool),
                       self._rejection.submit(rejection_args, pool))
             self._forward.collect(forward, bucket_done)
+            if base:
+                self._forward_base.collect(base)
             for k, futures in samplers.items():
                 self._samplers[k].collect(futures)
             self._draft_rows_logits.collect(verify[0])
@@ -632,6 +650,8 @@ class ModelEngine:
         run_start = time.perf_counter()
         for args in forward_args:
             self.kv_cache = self._forward(args[0], self.kv_cache, *args[2:])[0]
+        for args in base_args:
+            self.kv_cache = self._forward_base(args[0], self.kv_cache, *args[2:])[0]
         jax.block_until_ready(self.kv_cache)
         logger.info("xla-inference: ran each forward bucket once in %.1fs",
                     time.perf_counter() - run_start)

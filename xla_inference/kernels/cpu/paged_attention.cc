@@ -59,6 +59,19 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
+// A softmax's numerators in place: sc[i] = exp(sc[i] - max(sc)) for n >= 1 scores; returns
+// 1 / their sum, the factor that normalizes them.
+inline float exponentiate_scores(float* sc, int64_t n) {
+  float m = sc[0];
+  for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    sc[i] = fast_exp(sc[i] - m);
+    sum += sc[i];
+  }
+  return 1.0f / sum;
+}
+
 struct Shapes {
   int64_t num_tokens, num_heads, num_kv_heads, head_dim, max_blocks, block_size;
   int64_t sliding_window;  // 0: none
@@ -213,14 +226,7 @@ void attend_one(const Shapes& s, const float* q, const Cache& k_cache, const Cac
   }
   for (int64_t h = 0; h < N; ++h) {
     float* sc = w.scores.data() + h * n;
-    float m = sc[0];
-    for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      sc[i] = fast_exp(sc[i] - m);
-      sum += sc[i];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = exponentiate_scores(sc, n);
     for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
   }
   w.acc.assign(N * H, 0.0f);
@@ -299,14 +305,7 @@ void attend_one_avx512(const Shapes& s, const float* q, const F32Cache& k_cache,
       }
       _mm512_storeu_ps(sc + i0, sum_each_of_16(dots));
     }
-    float m = sc[0];
-    for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      sc[i] = fast_exp(sc[i] - m);
-      sum += sc[i];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = exponentiate_scores(sc, n);
     // Even and odd keys in separate sums: twice the independent FMA chains.
     __m512 acc[C];
     for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();

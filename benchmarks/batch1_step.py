@@ -17,37 +17,21 @@ one variant per process, the processes alternated (the lines below, twice).
 import argparse
 import os
 import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from _engine_steps import BLOCK, alternated_step_seconds, decode_requests, load_variant
 
 from xla_inference.kernels import cpu_dense
-from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
-from xla_inference.runner.build import Precision, build_engine, load
+from xla_inference.runner.build import build_engine
 from xla_inference.runner.engine import EngineConfig
-from xla_inference.runner.requests import RequestState
-
-BLOCK = 16
-CONTEXT = 300
-
-
-def _decode_request(rng):
-    blocks = list(range(1, 2 + (CONTEXT + BLOCK) // BLOCK))
-    tokens = rng.integers(0, 49152, size=CONTEXT + 1).tolist()
-    return [(RequestState("d0", tokens, CONTEXT, [blocks], num_computed_tokens=CONTEXT), 1)]
 
 
 def _engine(name, ecfg, reqs):
     """The variant's engine, its step compiled with the native matvec on or off."""
     os.environ["XLA_INFERENCE_CPU_DENSE"] = "0" if name == "bf16-xla" else "1"
     cpu_dense.available.cache_clear()
-    precision = Precision(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
-    source, quantization = {"gguf": (default_gguf_path(), None),
-                            "int8": (prepare_default_model(), "int8")}.get(
-                                name, (prepare_default_model(), None))
-    engine = build_engine(load(source, precision, quantization=quantization), ecfg)
+    engine = build_engine(load_variant("bf16" if name == "bf16-xla" else name), ecfg)
     jax.block_until_ready(engine.forward(reqs).logits)  # traced and compiled under the setting
     return engine
 
@@ -59,14 +43,9 @@ def main():
     args = parser.parse_args()
     ecfg = EngineConfig(num_blocks=64, block_size=BLOCK, max_num_tokens=512, max_num_seqs=8,
                         max_model_len=1024)
-    reqs = _decode_request(np.random.default_rng(0))
+    reqs = decode_requests(1, np.random.default_rng(0), 1)
     engines = {name: _engine(name, ecfg, reqs) for name in args.variants}
-    times = {name: [] for name in engines}
-    for _ in range(args.repeats):
-        for name, engine in engines.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(engine.forward(reqs).logits)
-            times[name].append(time.perf_counter() - t0)
+    times = alternated_step_seconds(engines, reqs, args.repeats)
     base = statistics.median(times[args.variants[0]])
     fastest = min(times[args.variants[0]])
     print(f"load average {os.getloadavg()[0]:.1f}; batch-1 decode step, median and fastest of "

@@ -10,29 +10,19 @@ transfer cost per 16-token page from the connectors' own timings.
     .venv/bin/python benchmarks/kv_network.py --input-len 1000
 """
 
-import argparse
 import json
-import socket
 import statistics
 import time
+
+from _kv_bench import kv_llm, parse_args, prompt_batches
+from _server import free_port
 
 PAGE = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _llm(model, role, port, args):
-    from vllm import LLM
-
-    return LLM(model=model, dtype="float32", max_model_len=args.input_len + 16,
-               max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
-               kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=0,
-               kv_transfer_config=dict(kv_connector="XlaNetworkConnector", kv_role=role,
-                                       kv_port=port))
+    return kv_llm(model, args, dict(kv_connector="XlaNetworkConnector", kv_role=role,
+                                    kv_port=port))
 
 
 def _first_tokens(llm, prompts, params=None):
@@ -60,26 +50,14 @@ def _disaggregated(producer, consumer, prompts):
 def main() -> None:
     import os
 
-    import numpy as np
-
     from xla_inference.loading.default_model import prepare_default_model
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--input-len", type=int, default=480)
-    parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20)
-    args = parser.parse_args()
+    args = parse_args()
     model = str(prepare_default_model())
-    rng = np.random.default_rng(0)
+    prompts = prompt_batches(args)
 
-    def prompts():
-        return [rng.integers(100, 40000, size=args.input_len).tolist()
-                for _ in range(args.num_prompts)]
-
-    producer = _llm(model, "kv_producer", _free_port(), args)
-    consumer = _llm(model, "kv_consumer", _free_port(), args)
+    producer = _llm(model, "kv_producer", free_port(), args)
+    consumer = _llm(model, "kv_consumer", free_port(), args)
     try:
         _disaggregated(producer, consumer, prompts())  # untimed: first runs of each program
         _first_tokens(consumer, prompts())

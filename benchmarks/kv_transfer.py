@@ -9,22 +9,17 @@ connector's own save / load timings: gather or scatter plus the file).
     .venv/bin/python benchmarks/kv_transfer.py --input-len 1000
 """
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 
+from _kv_bench import kv_llm, parse_args, prompt_batches
+
 
 def _llm(model, role, directory, args):
-    from vllm import LLM
-
-    return LLM(model=model, dtype="float32", max_model_len=args.input_len + 16,
-               max_num_seqs=args.num_prompts, max_num_batched_tokens=args.max_num_batched_tokens,
-               kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=0,
-               kv_transfer_config=dict(kv_connector="XlaSharedStorageConnector", kv_role=role,
-                                       kv_connector_extra_config={"shared_storage_path":
-                                                                  directory}))
+    return kv_llm(model, args, dict(kv_connector="XlaSharedStorageConnector", kv_role=role,
+                                    kv_connector_extra_config={"shared_storage_path": directory}))
 
 
 def _first_token_seconds(llm, prompts) -> float:
@@ -37,23 +32,11 @@ def _first_token_seconds(llm, prompts) -> float:
 
 
 def main() -> None:
-    import numpy as np
-
     from xla_inference.loading.default_model import prepare_default_model
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--input-len", type=int, default=480)
-    parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20)
-    args = parser.parse_args()
+    args = parse_args()
     model = str(prepare_default_model())
-    rng = np.random.default_rng(0)
-
-    def prompts():
-        return [rng.integers(100, 40000, size=args.input_len).tolist()
-                for _ in range(args.num_prompts)]
+    prompts = prompt_batches(args)
 
     with tempfile.TemporaryDirectory() as directory:
         sets = [(prompts(), prompts()) for _ in range(args.repeats + 1)]  # (loaded, local)

@@ -11,29 +11,14 @@ benchmark, not a test.
 
 import argparse
 import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from _engine_steps import BLOCK, CONTEXT, alternated_step_seconds, decode_requests, load_variant
 
-from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
-from xla_inference.runner.build import Precision, build_engine, load
+from xla_inference.runner.build import build_engine
 from xla_inference.runner.engine import EngineConfig
 from xla_inference.runner.requests import RequestState
-
-BLOCK = 16
-CONTEXT = 300
-
-
-def _decode_requests(num, rng, first_block):
-    pages_each = (CONTEXT + BLOCK) // BLOCK + 1
-    reqs = []
-    for i in range(num):
-        blocks = list(range(first_block + i * pages_each, first_block + (i + 1) * pages_each))
-        tokens = rng.integers(0, 49152, size=CONTEXT + 1).tolist()
-        reqs.append((RequestState(f"d{i}", tokens, CONTEXT, [blocks], num_computed_tokens=CONTEXT), 1))
-    return reqs
 
 
 def _prefill_requests(rng, first_block, lengths):
@@ -52,26 +37,17 @@ def main():
     parser.add_argument("--steps", nargs="+", default=["decode64", "prefill2048"])
     parser.add_argument("--variants", nargs="+", default=["bf16", "gguf", "int8"])
     args = parser.parse_args()
-    precision = Precision(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
-    sources = {"bf16": (prepare_default_model(), None), "gguf": (default_gguf_path(), None),
-               "int8": (prepare_default_model(), "int8")}
     ecfg = EngineConfig(num_blocks=64 * (CONTEXT // BLOCK + 2) + 256, block_size=BLOCK,
                         max_num_tokens=2048, max_num_seqs=64, max_model_len=1024)
-    engines = {name: build_engine(load(sources[name][0], precision, quantization=sources[name][1]),
-                                  ecfg) for name in args.variants}
+    engines = {name: build_engine(load_variant(name), ecfg) for name in args.variants}
     rng = np.random.default_rng(0)
-    steps = {"decode1": _decode_requests(1, rng, 1), "decode64": _decode_requests(64, rng, 1),
+    steps = {"decode1": decode_requests(1, rng, 1), "decode64": decode_requests(64, rng, 1),
              "prefill2048": _prefill_requests(rng, 1, [200] * 10 + [48])}
     for step in args.steps:
         reqs = steps[step]
         for engine in engines.values():
             jax.block_until_ready(engine.forward(reqs).logits)
-        times = {name: [] for name in engines}
-        for _ in range(args.repeats):
-            for name, engine in engines.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(engine.forward(reqs).logits)
-                times[name].append(time.perf_counter() - t0)
+        times = alternated_step_seconds(engines, reqs, args.repeats)
         base = statistics.median(times[args.variants[0]])
         print(f"{step:12s} " + " | ".join(
             f"{name} {statistics.median(t) * 1e3:8.1f} ms ({base / statistics.median(t):.2f}x)"

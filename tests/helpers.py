@@ -215,6 +215,32 @@ def hf_greedy_ids(model_dir: Path, prompts: list[list[int]], num_new: int) -> li
     return [hf_processed_greedy(model_dir, ids, num_new, SamplingOptions()) for ids in prompts]
 
 
+def hf_image_greedy(model_class: str, type_ids: str, model_dir: Path, text: str, images: list,
+                    num_new: int) -> list[int]:
+    """transformers' greedy continuation (float32) of an image prompt by the model class
+    `model_class`: the whole sequence run again for each token (the model recomputes its
+    image masks or positions each time), the processor's `type_ids` (token type ids, 0 for a
+    text token) grown with it; EOS neither stopping nor banned (vLLM's ignore_eos)."""
+    import torch
+    import transformers
+
+    inputs = transformers.AutoProcessor.from_pretrained(model_dir)(
+        text=[text], images=images or None, return_tensors="pt")
+    model = getattr(transformers, model_class).from_pretrained(model_dir).eval()
+    ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
+    new = []
+    with torch.no_grad():
+        for _ in range(num_new):
+            token = int(model(input_ids=ids, **inputs).logits[0, -1].argmax())
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            if type_ids in inputs:
+                inputs[type_ids] = torch.cat(
+                    [inputs[type_ids], torch.zeros((1, 1), dtype=torch.long)], dim=1)
+    return new
+
+
 # A ModelEngine driven directly (no vLLM): pages of ENGINE_BLOCK tokens, up to 32 tokens a request.
 ENGINE_BLOCK = 4
 

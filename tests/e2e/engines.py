@@ -45,10 +45,15 @@ def vllm_cpu_reference(module: str, args, out_path: Path):
 
 def generate_ids(llm, prompts: list[list[int]], **params) -> list[list[int]]:
     """Token ids generated for each prompt with one SamplingParams(**params)."""
+    return generate_requests(llm, [{"prompt_token_ids": p} for p in prompts], **params)
+
+
+def generate_requests(llm, requests: list, **params) -> list[list[int]]:
+    """Token ids generated for each request (vLLM's prompt dicts: token ids or text,
+    multi_modal_data) with one SamplingParams(**params)."""
     from vllm import SamplingParams
 
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**params),
-                        use_tqdm=False)
+    outs = llm.generate(requests, SamplingParams(**params), use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 

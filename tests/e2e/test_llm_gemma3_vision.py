@@ -6,7 +6,7 @@ after warm-up; an image past the sliding window refused per request."""
 
 import pytest
 
-from tests.e2e.engines import num_compilations, shutdown, start_llm
+from tests.e2e.engines import generate_requests, num_compilations, shutdown, start_llm
 from tests.multimodal.tiny_gemma3_vision import IMAGE, hf_greedy, image, save_tiny_gemma3_vision
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -37,11 +37,7 @@ def llm(checkpoint):
 
 
 def _generate(llm, requests):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
-    outs = llm.generate(requests, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return generate_requests(llm, requests, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
 
 
 def test_scheduler_keeps_images_whole(llm):

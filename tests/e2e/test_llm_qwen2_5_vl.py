@@ -6,7 +6,7 @@ video refused per request."""
 
 import pytest
 
-from tests.e2e.engines import num_compilations, shutdown, start_llm
+from tests.e2e.engines import generate_requests, num_compilations, shutdown, start_llm
 from tests.multimodal.tiny_qwen2_5_vl import IMAGE, hf_greedy, image, save_tiny_qwen2_5_vl
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -40,11 +40,7 @@ def llm(checkpoint):
 
 
 def _generate(llm, requests):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
-    outs = llm.generate(requests, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return generate_requests(llm, requests, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
 
 
 def test_image_prompt_greedy_equals_transformers(llm, checkpoint, images):

@@ -101,24 +101,9 @@ def image(height: int, width: int, seed: int):
 
 
 def hf_greedy(model_dir: Path, text: str, images: list, num_new: int) -> list[int]:
-    """transformers' greedy continuation (float32): the whole sequence run again for each
-    token (Gemma 3's image masks from token_type_ids each time), EOS neither stopping nor
-    banned (vLLM's ignore_eos)."""
-    import torch
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+    """transformers' greedy continuation (float32; Gemma 3's image masks from token_type_ids
+    each token), as tests/helpers.hf_image_greedy says."""
+    from tests.helpers import hf_image_greedy
 
-    inputs = AutoProcessor.from_pretrained(model_dir)(text=[text], images=images or None,
-                                                     return_tensors="pt")
-    model = Gemma3ForConditionalGeneration.from_pretrained(model_dir).eval()
-    ids = inputs.pop("input_ids")
-    inputs.pop("attention_mask")
-    new = []
-    with torch.no_grad():
-        for _ in range(num_new):
-            token = int(model(input_ids=ids, **inputs).logits[0, -1].argmax())
-            new.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-            if "token_type_ids" in inputs:
-                inputs["token_type_ids"] = torch.cat(
-                    [inputs["token_type_ids"], torch.zeros((1, 1), dtype=torch.long)], dim=1)
-    return new
+    return hf_image_greedy("Gemma3ForConditionalGeneration", "token_type_ids", model_dir, text,
+                           images, num_new)

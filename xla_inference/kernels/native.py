@@ -2,11 +2,12 @@
 library, and register its handlers as XLA FFI targets.
 
 Each kernel is one C++ file under kernels/cpu/ that includes XLA's FFI headers (shipped with
-jaxlib) and exports handler symbols (XLA_FFI_DEFINE_HANDLER_SYMBOL). It is compiled with the
-machine's C++ compiler (a few seconds) into ~/.cache/xla-inference/kernels, or
-$XLA_INFERENCE_CACHE/kernels, under a name keyed by the source, the flags, the CPU's features
-and the JAX version, so that a changed source, another machine sharing the cache, or a JAX
-with another FFI gets its own build. Concurrent processes may build the same library at once:
+jaxlib) and the headers beside it, and exports handler symbols (XLA_FFI_DEFINE_HANDLER_SYMBOL).
+It is compiled with the machine's C++ compiler (a few seconds) into
+~/.cache/xla-inference/kernels, or $XLA_INFERENCE_CACHE/kernels, under a name keyed by the
+source and the headers beside it, the flags, the CPU's features and the JAX version, so that a
+changed source, another machine sharing the cache, or a JAX with another FFI gets its own
+build. Concurrent processes may build the same library at once:
 each writes a temporary file and renames it into place.
 """
 
@@ -50,7 +51,10 @@ def _cache_dir() -> Path:
 def build_library(source: Path, flags: Sequence[str] = DEFAULT_FLAGS) -> Path:
     """The compiled shared library of `source`, built if absent (RuntimeError if it cannot
     be: no compiler, or a compile error, whose output the message ends with)."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
+    # The key covers the headers next to the source (work_items.h, which every kernel
+    # includes), so that a changed header gets a new build too.
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()
                          + _cpu_signature().encode() + jax.__version__.encode()).hexdigest()[:16]
     path = _cache_dir() / f"{source.stem}-{key}.so"
     if path.exists():

@@ -1,7 +1,7 @@
 """Opening a model: a HF directory (safetensors, single or sharded) or a GGUF file."""
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,28 @@ def quantized_reader(quant_config: dict, requested: str | None = None):
     """The format reader for a checkpoint's quantization_config (read_weight(tensors,
     prefix, shape) -> GroupQuant | None); ValueError for a method or scheme we do not serve."""
     return reader_for(quant_config, requested)
+
+
+class RenamedTensors(Mapping):
+    """`tensors` read under the names a model's loader asks for: `source(name, tensors)` is
+    the name a requested one is stored under (a multimodal checkpoint's language model under
+    a prefix, say). Iteration and length are the stored tensors'."""
+
+    def __init__(self, tensors: Mapping, source: Callable[[str, Mapping], str]):
+        self.tensors = tensors
+        self.source = source
+
+    def __getitem__(self, name):
+        return self.tensors[self.source(name, self.tensors)]
+
+    def __contains__(self, name):
+        return self.source(name, self.tensors) in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
 
 
 class QuantizedCheckpoint(Mapping):

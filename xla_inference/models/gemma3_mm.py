@@ -26,6 +26,7 @@ import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.layers.norms import gemma_rms_norm
+from xla_inference.loading.checkpoint import RenamedTensors
 from xla_inference.models import gemma3
 from xla_inference.models.decoder import decoder_family, run_layers
 from xla_inference.models.gemma3 import Gemma3Config, Gemma3Params
@@ -81,39 +82,22 @@ class Gemma3MMParams(Gemma3Params):
     vision: dict = weight()
 
 
-class _TextNames(Mapping):
-    """The checkpoint's tensors as models/gemma3.py names them (`model.*`, `lm_head.*`):
-    the Hub's and transformers' save_pretrained say `language_model.model.*`, transformers'
-    module tree `model.language_model.*`."""
-
-    def __init__(self, tensors: Mapping):
-        self.tensors = tensors
-
-    def _source(self, name: str) -> str:
-        if name.startswith("model."):
-            rest = name[len("model."):]
-            candidates = ("language_model.model." + rest, "model.language_model." + rest)
-        elif name.startswith("lm_head."):
-            candidates = ("language_model." + name, name)
-        else:
-            candidates = ()
-        return next((c for c in candidates if c in self.tensors), name)
-
-    def __getitem__(self, name):
-        return self.tensors[self._source(name)]
-
-    def __contains__(self, name):
-        return self._source(name) in self.tensors
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self):
-        return len(self.tensors)
+def _text_source(name: str, tensors: Mapping) -> str:
+    """Where the checkpoint keeps the tensor models/gemma3.py calls `name` (`model.*`,
+    `lm_head.*`): the Hub's and transformers' save_pretrained say `language_model.model.*`,
+    transformers' module tree `model.language_model.*`."""
+    if name.startswith("model."):
+        rest = name[len("model."):]
+        candidates = ("language_model.model." + rest, "model.language_model." + rest)
+    elif name.startswith("lm_head."):
+        candidates = ("language_model." + name, name)
+    else:
+        candidates = ()
+    return next((c for c in candidates if c in tensors), name)
 
 
 def load_params(tensors: Mapping[str, np.ndarray], cfg: Gemma3MMConfig, dtype) -> Gemma3MMParams:
-    text = gemma3.load_params(_TextNames(tensors), cfg, dtype)
+    text = gemma3.load_params(RenamedTensors(tensors, _text_source), cfg, dtype)
     fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(Gemma3Params)}
     return Gemma3MMParams(**fields, vision=vision_params(tensors, cfg.vision))
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from xla_inference.layers.attention import self_attention
 from xla_inference.layers.norms import rms_norm
+from xla_inference.loading.checkpoint import RenamedTensors
 from xla_inference.models import decoder
 from xla_inference.models.decoder import DecoderConfig, DecoderLayer, DecoderParams, decoder_family
 from xla_inference.models.interface import (MultimodalItem, MultimodalStepBatch,
@@ -72,39 +73,18 @@ def load_params(tensors: Mapping[str, np.ndarray], cfg: Qwen2_5_VLConfig, dtype
     module tree says `model.language_model.*`) and the tower's `visual.*`, in float32 on
     the host (the tower is small; its products stay exact)."""
     if "model.embed_tokens.weight" not in tensors:
-        tensors = _language_model_names(tensors)
+        tensors = RenamedTensors(tensors, _language_model_source)
     text = decoder.load_params(tensors, cfg, dtype)
     fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(DecoderParams)}
     vision = jax.tree.map(np.asarray, vision_params(tensors, cfg.vision))
     return Qwen2_5_VLParams(**fields, vision=vision)
 
 
-class _Renamed(Mapping):
-    """tensors seen with `model.language_model.` read as `model.`."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def _source(self, name):
-        if name.startswith("model.") and not name.startswith("model.visual."):
-            return "model.language_model." + name[len("model."):]
-        return name
-
-    def __getitem__(self, name):
-        return self.tensors[self._source(name)]
-
-    def __contains__(self, name):
-        return self._source(name) in self.tensors
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self):
-        return len(self.tensors)
-
-
-def _language_model_names(tensors):
-    return _Renamed(tensors)
+def _language_model_source(name: str, tensors: Mapping) -> str:
+    """`model.*` (but the tower's `model.visual.*`) read as `model.language_model.*`."""
+    if name.startswith("model.") and not name.startswith("model.visual."):
+        return "model.language_model." + name[len("model."):]
+    return name
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window"))

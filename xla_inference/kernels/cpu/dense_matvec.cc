@@ -22,12 +22,9 @@
 // the output does not depend on the number of threads.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(XLA_INFERENCE_DENSE_PORTABLE)
@@ -35,6 +32,7 @@
 #define XLA_INFERENCE_DENSE_AVX512 1
 #endif
 
+#include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -139,28 +137,17 @@ void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
 #endif
 constexpr int64_t kBytesPerThread = XLA_INFERENCE_DENSE_BYTES_PER_THREAD;
 
-// One call's work items, taken one at a time by whichever thread asks next; owned jointly by
-// the call and the tasks it schedules.
-struct Work {
+// One call's work items (runs of output rows), shared out as work_items.h says.
+struct Work : xla_inference::WorkItems {
   Problem p;
   std::vector<float> x_split;  // x_even then x_odd
-  int64_t rows_per_item = kRowsPerItem, num_items = 0;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-  int64_t done = 0;  // items finished (under mu)
+  int64_t rows_per_item = kRowsPerItem;
 
   void drain() {
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
+    drain_items([this](int64_t i) {
       const int64_t begin = i * rows_per_item;
       rows(p, begin, std::min(begin + rows_per_item, p.out));
-    }
-    if (finished == 0) return;
-    // The mutex also publishes this thread's writes to y to the waiting caller.
-    std::lock_guard<std::mutex> lock(mu);
-    done += finished;
-    if (done == num_items) all_done.notify_all();
+    });
   }
 };
 
@@ -202,10 +189,7 @@ ffi::Error DenseMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   const int64_t bytes = p.out * p.in * 2 * p.T;
   const int64_t helpers = std::max<int64_t>(
       0, std::min({pool.num_threads(), work->num_items - 1, bytes / kBytesPerThread - 1}));
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->all_done.wait(lock, [&] { return work->done == work->num_items; });
+  xla_inference::run_items(pool, work, helpers);
   return ffi::Error::Success();
 }
 

@@ -17,17 +17,15 @@
 // a float32 cache is read in place.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <climits>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__F16C__) && defined(__SSE4_1__)) || defined(__AVX512F__)
@@ -59,6 +57,19 @@ inline float fast_exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// A softmax's numerators in place: sc[i] = exp(sc[i] - max(sc)) for n >= 1 scores; returns
+// 1 / their sum, the factor that normalizes them.
+inline float exponentiate_scores(float* sc, int64_t n) {
+  float m = sc[0];
+  for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    sc[i] = fast_exp(sc[i] - m);
+    sum += sc[i];
+  }
+  return 1.0f / sum;
 }
 
 struct Shapes {
@@ -215,14 +226,7 @@ void attend_one(const Shapes& s, const float* q, const Cache& k_cache, const Cac
   }
   for (int64_t h = 0; h < N; ++h) {
     float* sc = w.scores.data() + h * n;
-    float m = sc[0];
-    for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      sc[i] = fast_exp(sc[i] - m);
-      sum += sc[i];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = exponentiate_scores(sc, n);
     for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
   }
   w.acc.assign(N * H, 0.0f);
@@ -301,14 +305,7 @@ void attend_one_avx512(const Shapes& s, const float* q, const F32Cache& k_cache,
       }
       _mm512_storeu_ps(sc + i0, sum_each_of_16(dots));
     }
-    float m = sc[0];
-    for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      sc[i] = fast_exp(sc[i] - m);
-      sum += sc[i];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = exponentiate_scores(sc, n);
     // Even and odd keys in separate sums: twice the independent FMA chains.
     __m512 acc[C];
     for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
@@ -516,11 +513,10 @@ void attend_range(const Shapes& s, const float* q, const void* k_data, const voi
   }
 }
 
-// One call's tiles, taken one at a time by whichever thread asks next (contexts differ in
-// length, so equal shares of tokens would not be equal shares of work). Owned jointly by the
-// call and the tasks it schedules: a task that starts after the call returned (the pool was
-// busy and the calling thread did the work) finds no tile left and touches nothing else.
-struct Work {
+// One call's tiles, its work items, taken one at a time by whichever thread asks next
+// (contexts differ in length, so equal shares of tokens would not be equal shares of work);
+// shared out as work_items.h says.
+struct Work : xla_inference::WorkItems {
   Shapes s;
   const float* q;
   const void *k_cache, *v_cache;  // float32 or fp8, as `attend` reads them
@@ -529,23 +525,13 @@ struct Work {
   void (*attend)(const Shapes&, const float*, const void*, const void*, const int32_t*,
                  const int32_t*, const int32_t*, float*, int64_t, int64_t, Workspace&);
   std::vector<int64_t> starts;  // tile i: tokens starts[i]..starts[i+1]-1
-  int64_t num_tiles;
-  std::atomic<int64_t> next{0};  // the next tile nobody has taken
-  std::mutex mu;
-  std::condition_variable all_done;
-  int64_t done = 0;  // tiles finished (under mu)
 
   void drain() {
     Workspace w;
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_tiles; ++finished)
+    drain_items([&](int64_t i) {
       attend(s, q, k_cache, v_cache, seq_ids, positions, block_tables, out, starts[i],
              starts[i + 1], w);
-    if (finished == 0) return;
-    // The mutex also publishes this thread's writes to out to the waiting caller.
-    std::lock_guard<std::mutex> lock(mu);
-    done += finished;
-    if (done == num_tiles) all_done.notify_all();
+    });
   }
 };
 
@@ -602,16 +588,11 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   work->out = out->typed_data();
   work->attend = attend;
   work->starts = tile_starts(work->seq_ids, work->s.num_tokens);
-  work->num_tiles = static_cast<int64_t>(work->starts.size()) - 1;
+  work->num_items = static_cast<int64_t>(work->starts.size()) - 1;
   // XLA sizes its pool to the CPUs this process may run on (or to its virtual CPU devices,
   // if more); 0 threads (no pool): the calling thread does it all.
   // The calling thread takes tiles too, so one fewer task than tiles is ever useful.
-  const int64_t helpers = std::min(pool.num_threads(), work->num_tiles - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  // Every tile is taken by now; wait for those that other threads are still computing.
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->all_done.wait(lock, [&] { return work->done == work->num_tiles; });
+  xla_inference::run_items(pool, work, std::min(pool.num_threads(), work->num_items - 1));
   return ffi::Error::Success();
 }
 

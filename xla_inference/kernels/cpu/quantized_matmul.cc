@@ -56,6 +56,7 @@
 #include <unistd.h>
 #endif
 
+#include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -388,31 +389,20 @@ void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, 
 }
 #endif
 
-// One call's work items (runs of output tiles), taken one at a time by whichever thread asks
-// next; owned jointly by the call and the tasks it schedules, as in paged_attention.cc.
-struct Work {
+// One call's work items (runs of output tiles), shared out as work_items.h says.
+struct Work : xla_inference::WorkItems {
   Problem p;
   std::vector<float> x_sums;
   std::vector<int32_t> zero_sums;
   std::vector<int16_t> xq;     // the float entry's quantized x
   std::vector<float> x_scale;  // and its row scales
-  int64_t tiles_per_item, num_items;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-  int64_t done = 0;  // items finished (under mu)
+  int64_t tiles_per_item;
 
   void drain() {
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished) {
+    drain_items([this](int64_t i) {
       const int64_t begin = i * tiles_per_item;
       tiles(p, begin, std::min(begin + tiles_per_item, p.out_tiles));
-    }
-    if (finished == 0) return;
-    // The mutex also publishes this thread's writes to out to the waiting caller.
-    std::lock_guard<std::mutex> lock(mu);
-    done += finished;
-    if (done == num_items) all_done.notify_all();
+    });
   }
 };
 
@@ -499,12 +489,7 @@ void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   }
   work->tiles_per_item = tiles_per_item(p, pool.num_threads());
   work->num_items = (p.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
-  const int64_t helpers = helpers_for(p, pool.num_threads(), work->num_items);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  // Every item is taken by now; wait for those that other threads are still computing.
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->all_done.wait(lock, [&] { return work->done == work->num_items; });
+  xla_inference::run_items(pool, work, helpers_for(p, pool.num_threads(), work->num_items));
 }
 
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
@@ -957,7 +942,7 @@ void prepare_row(int64_t isa, const float* x, int64_t in, float levels, uint16_t
 // One wide call: first its rows of x made bfloat16 operand rows (in chunks of rows, shared
 // out like the tiles; none where XLA hands x over in bfloat16, the width a multiple of 32
 // and the rows whole row tiles), then its work items (runs of output tiles), as Work above.
-struct WideWork {
+struct WideWork : xla_inference::WorkItems {
   WideProblem p;
   int64_t isa;
   const float* x_f32 = nullptr;     // the call's x, when float32
@@ -970,11 +955,10 @@ struct WideWork {
   std::atomic<int64_t> next_prep{0};
   // Items: runs of tiles_per_item output tiles times chunks of rows_per_item rows of T
   // (row chunk major: the threads share one chunk of x at a time).
-  int64_t tiles_per_item, rows_per_item, tile_runs, num_items;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable all_done, rows_ready;
-  int64_t done = 0, prepared = 0;  // items and row chunks finished (under mu)
+  // (num_items of them, in WorkItems).
+  int64_t tiles_per_item, rows_per_item, tile_runs;
+  std::condition_variable rows_ready;
+  int64_t prepared = 0;  // row chunks finished (under mu)
 
   uint16_t* operand_row(int64_t t) {
     return t < p.T_full() ? x.get() + t * p.K_pad : tail.data() + (t - p.T_full()) * p.K_pad;
@@ -1038,16 +1022,10 @@ struct WideWork {
 #if defined(__x86_64__)
     if (isa == kWideAmx) configure_tiles();
 #endif
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items; ++finished)
-      item(i, scratch.data());
+    drain_items([&](int64_t i) { item(i, scratch.data()); });
 #if defined(__x86_64__)
     if (isa == kWideAmx) release_tiles();
 #endif
-    if (finished == 0) return;
-    std::lock_guard<std::mutex> lock(mu);
-    done += finished;
-    if (done == num_items) all_done.notify_all();
   }
 };
 
@@ -1131,10 +1109,7 @@ ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   const int64_t macs = T * q.out_tiles * kRows * in;
   const int64_t helpers =
       macs < (int64_t{1} << 22) ? 0 : std::min<int64_t>(pool.num_threads(), work->num_items - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->all_done.wait(lock, [&] { return work->done == work->num_items; });
+  xla_inference::run_items(pool, work, helpers);
   return ffi::Error::Success();
 }
 

@@ -37,7 +37,8 @@ def llama_targets(tmp_path_factory):
         save_adapters(model_dir, root)
 
 
-def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_tokens=64):
+def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_tokens=64,
+                mesh=None):
     import jax.numpy as jnp
 
     from xla_inference.runner.build import Precision, build_engine, load
@@ -47,8 +48,8 @@ def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_to
     model = load(model_dir, Precision(f32, f32, f32))
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
-    return build_engine(model, ecfg, lora=dict(max_loras=max_loras, max_rank=max_rank,
-                                               max_cpu_loras=max_cpu_loras))
+    return build_engine(model, ecfg, mesh=mesh, lora=dict(max_loras=max_loras, max_rank=max_rank,
+                                                          max_cpu_loras=max_cpu_loras))
 
 
 def add(engine, lora_id, path):
@@ -59,7 +60,28 @@ def test_mixed_adapters_match_peft(model_and_adapters):
     """Base and three adapters in the same steps (prompts in two chunks): every position's
     logits within 2e-4 of transformers+peft for its own adapter."""
     model_dir, adapters = model_and_adapters
-    engine = lora_engine(model_dir)
+    _assert_mixed_adapters_match_peft(lora_engine(model_dir), model_dir, adapters)
+
+
+def test_tensor_parallel_2_matches_peft(llama_targets):
+    """TP 2 on virtual devices: the stacks split as their base weights (B by output for
+    q/k/v/gate/up, A by input for o/down), the mixed batch still within 2e-4 of
+    transformers+peft, and a slot rewritten in place keeps its split."""
+    from xla_inference.parallel.sharding import build_mesh
+
+    model_dir, _, adapters = llama_targets
+    engine = lora_engine(model_dir, mesh=build_mesh(2))
+    stacks = engine.lora.stacks
+    q, down = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"
+    assert tuple(stacks["b"][q].sharding.spec)[:1] == ("model",)
+    assert tuple(stacks["a"]["model.layers.0.mlp.down_proj"].sharding.spec)[2:] == ("model",)
+    halves = {s.data.shape for s in stacks["b"][q].addressable_shards}
+    assert halves == {(stacks["b"][q].shape[0] // 2, stacks["b"][q].shape[1])}
+    _assert_mixed_adapters_match_peft(engine, model_dir, adapters)
+    assert tuple(engine.lora.stacks["a"][down].sharding.spec)[2:] == ("model",)
+
+
+def _assert_mixed_adapters_match_peft(engine, model_dir, adapters):
     paths = [None, *adapters.values()]
     for i, path in enumerate(paths[1:], start=1):
         add(engine, i, path)

@@ -1,6 +1,7 @@
 """vllm.LLM with --enable-lora on a tiny Llama: one batch mixing the base model and three
 PEFT adapters (two device slots, so adapters are swapped and evicted between steps) gives
-each request transformers+peft's greedy output, with no compile after warm-up."""
+each request transformers+peft's greedy output, with no compile after warm-up; the same
+with tensor parallel 2 (the stacks split as their base weights)."""
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 NUM_NEW = 8
 
 
-def test_mixed_batch_matches_peft_greedy(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2], ids=["one_device", "tp2"])
+def test_mixed_batch_matches_peft_greedy(tmp_path, tp):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -25,7 +27,8 @@ def test_mixed_batch_matches_peft_greedy(tmp_path):
     requests = [None] + [LoRARequest(name, i, str(path))
                          for i, (name, path) in enumerate(adapters.items(), start=1)]
     chosen = [requests[i % 4] for i in range(len(prompts))]
-    llm = start_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=3)
+    llm = start_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=3,
+                    tensor_parallel_size=tp)
     try:
         before = num_compilations(llm)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],

@@ -113,6 +113,14 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
     return dataclasses.replace(params, layers=layers)
 
 
+def module_leaf(tree, module: str):
+    """The leaf of a decoder's params-shaped tree (the params, or their shardings) at a PEFT
+    module path ("model.layers.3.self_attn.q_proj" -> tree.layers[3].attn.wq)."""
+    _, _, i, _, suffix = module.split(".")
+    block, attr = _DECODER_TARGETS[suffix]
+    return getattr(getattr(tree.layers[int(i)], block), attr)
+
+
 def group_members(modules) -> dict[str, list[str]]:
     """Each A stack's modules, in their order in it: sorted by path, as a jitted program
     sees a dict's keys."""
@@ -161,6 +169,32 @@ class LoraSlots:
         self.slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU order
         self.pinned: set[int] = set()
         self.slot_writes = 0
+        self._write_program = _write_slot
+
+    def place(self, weight_sharding) -> dict:
+        """Split the stacks over a tensor-parallel mesh as their base weights are split, and
+        return their shardings. weight_sharding(module path) -> the base [out, in] weight's
+        NamedSharding. B [out, L*r] follows the weight's output axis (column-parallel
+        q/k/v/gate/up: each device expands into its own output columns); A [G, L*r, in] its
+        input axis (row-parallel o/down: each device shrinks its share of the input and
+        GSPMD sums the partial [T, L*r] products, a few columns only). Slot writes keep
+        these shardings (no recompile, no gather)."""
+        def split(module):
+            spec = tuple(weight_sharding(module).spec) + (None, None)
+            return weight_sharding(module).mesh, spec[0], spec[1]
+
+        def sharding(module, *axes):
+            mesh = split(module)[0]
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+
+        shardings = {
+            "a": {g: sharding(ms[0], None, None, split(ms[0])[2]) for g, ms in self.groups.items()},
+            "b": {m: sharding(m, split(m)[1], None) for m in self.stacks["b"]},
+            "b_rows": {m: sharding(m, None, split(m)[1]) for m in self.stacks["b_rows"]}}
+        self.stacks = jax.device_put(self.stacks, shardings)
+        self._write_program = jax.jit(_write_slot.__wrapped__, donate_argnums=(0,),
+                                      out_shardings=shardings)
+        return shardings
 
     # -- host side --------------------------------------------------------------------------
     def add(self, lora_id: int, adapter: LoraAdapter) -> None:
@@ -236,7 +270,7 @@ class LoraSlots:
                     a[g, :wa.shape[0]], b[:, :wb.shape[1]] = wa, wb
                 values["b"][m] = b.astype(self.dtype)
             values["a"][group] = a.astype(self.dtype)
-        self.stacks = _write_slot(self.stacks, jnp.int32((slot - 1) * r), values)
+        self.stacks = self._write_program(self.stacks, jnp.int32((slot - 1) * r), values)
         self.slot_writes += 1
 
     def warm_up(self) -> None:

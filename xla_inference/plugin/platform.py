@@ -339,17 +339,19 @@ def _validate_pooling_request(params) -> None:
 def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
     and then serve wrongly or die on: a quantization method it does not serve (weights
-    would be read as if unquantized), LoRA beyond one device (the adapter stacks are not
-    sharded; lora/slots.py), speculative decoding methods other than n-gram
-    (plugin/spec_decode.py) and KV connectors other than ours (kv_transfer/)."""
+    would be read as if unquantized), LoRA with pipeline stages or data parallel replicas
+    (the adapter stacks follow tensor parallel only; lora/slots.py), speculative decoding
+    methods we do not serve (plugin/spec_decode.py) and KV connectors other than ours
+    (kv_transfer/)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "
                                      "checkpoint's quantization_config")
     refusals = [
-        (vllm_config.lora_config is not None and _parallel_size(vllm_config) > 1,
-         lambda: "LoRA adapters (--enable-lora) with tensor, pipeline or data parallel (one "
-                 "device only)"),
+        (vllm_config.lora_config is not None and pipeline_parallel_size(vllm_config)
+         * requested_replicas(vllm_config) > 1,
+         lambda: "LoRA adapters (--enable-lora) with pipeline or data parallel (tensor "
+                 "parallel only)"),
         (pipeline_parallel_size(vllm_config) > 1 and vllm_config.speculative_config is not None,
          lambda: "pipeline parallel (--pipeline-parallel-size) with speculative decoding"),
         (pipeline_parallel_size(vllm_config) > 1 and model is not None and model.is_moe,
@@ -386,9 +388,7 @@ def _kv_connector_refusals(vllm_config) -> list:
     if config is None or config.kv_connector is None:
         return []
     refuse_unserved(config)
-    model, extra = vllm_config.model_config, vllm_config.additional_config
-    replicas = max(vllm_config.parallel_config.data_parallel_size, data_parallel_size(vllm_config),
-                   int(extra.get("data_parallel_size", 1)) if isinstance(extra, dict) else 1)
+    model, replicas = vllm_config.model_config, requested_replicas(vllm_config)
     return [
         (replicas > 1, lambda: "KV connectors (--kv-transfer-config) with data parallel replicas"),
         (model is not None and model.runner_type == "pooling",
@@ -414,12 +414,6 @@ def served_modalities(model_config) -> tuple[str, ...]:
 
     family = native_family(list(model_config.architectures or []))
     return family.multimodal.modalities if family and family.multimodal else ()
-
-
-def _parallel_size(vllm_config) -> int:
-    pc = vllm_config.parallel_config
-    return (pc.tensor_parallel_size * pipeline_parallel_size(vllm_config)
-            * data_parallel_size(vllm_config))
 
 
 def pipeline_parallel_size(vllm_config) -> int:
@@ -456,6 +450,14 @@ def _fold_pipeline_parallel(vllm_config) -> None:
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"
+
+
+def requested_replicas(vllm_config) -> int:
+    """Data parallel replicas asked for, before or after _fold_data_parallel has run (the
+    flag, additional_config's data_parallel_size, or the folded count)."""
+    extra = vllm_config.additional_config
+    return max(vllm_config.parallel_config.data_parallel_size, data_parallel_size(vllm_config),
+               int(extra.get("data_parallel_size", 1)) if isinstance(extra, dict) else 1)
 
 
 def data_parallel_size(vllm_config) -> int:

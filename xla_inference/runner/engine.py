@@ -15,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from xla_inference import envs
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.lora.slots import LoraSlots, attach
+from xla_inference.lora.slots import LoraSlots, attach, module_leaf
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
@@ -281,11 +281,11 @@ class ModelEngine:
         self.lora = lora
         first_shardings = self.param_shardings
         if lora is not None:
-            if self.mesh.size > 1:
-                raise ValueError("xla-inference serves LoRA adapters on one device only (no "
-                                 "tensor or data parallel with --enable-lora yet)")
-            first_shardings = (self.param_shardings, jax.tree.map(lambda _: whole, lora.stacks),
-                               whole)
+            if self.replicas > 1:  # each replica would need its own tokens' slots
+                raise ValueError("xla-inference serves LoRA adapters without data parallel "
+                                 "replicas (tensor parallel only)")
+            stacks = lora.place(lambda module: module_leaf(self.param_shardings, module))
+            first_shardings = (self.param_shardings, stacks, whole)
         # The cache keeps its sharding from step to step (a change would recompile).
         # A pooling engine (vLLM's pooling runner) runs _forward_pooled in place of the
         # logits step; its StepOutput.logits holds the pooled rows.

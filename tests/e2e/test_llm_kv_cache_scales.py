@@ -8,21 +8,17 @@ e4m3's."""
 import numpy as np
 import pytest
 
-from tests.quantization.checkpoints import (fp8_kv_cache_attention, save_base_model,
-                                            save_kv_cache_scales)
+from tests.quantization.checkpoints import (K_SCALES, V_SCALES, fp8_kv_cache_attention,
+                                            save_base_and_kv_scaled)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-K_SCALES, V_SCALES = (0.0037, 0.021), (0.0113, 0.0029)
 NUM_NEW = 12
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm_kv_cache_scales")
-    base = save_base_model(root / "base")
-    return base, save_kv_cache_scales(root / "scaled", base=base, k_scales=K_SCALES,
-                                      v_scales=V_SCALES)
+    return save_base_and_kv_scaled(tmp_path_factory.mktemp("llm_kv_cache_scales"))
 
 
 def _prompts() -> list[list[int]]:

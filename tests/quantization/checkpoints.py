@@ -391,6 +391,18 @@ def save_kv_cache_scales(path: Path, *, base: Path, k_scales, v_scales) -> Path:
     return path
 
 
+# Per-layer FP8 KV cache scales of the test checkpoints: not powers of two, so that dividing
+# by them changes how values round.
+K_SCALES, V_SCALES = (0.0037, 0.021), (0.0113, 0.0029)
+
+
+def save_base_and_kv_scaled(root: Path) -> tuple[Path, Path]:
+    """(the float base model, the same weights with K_SCALES / V_SCALES declared)."""
+    base = save_base_model(Path(root) / "base")
+    return base, save_kv_cache_scales(Path(root) / "scaled", base=base, k_scales=K_SCALES,
+                                      v_scales=V_SCALES)
+
+
 def fp8_kv_cache_attention(k_scales, v_scales) -> str:
     """Registers, with transformers' AttentionInterface, eager attention whose keys (after
     rotary embedding) and values are rounded as an fp8 (e4m3) cache with these per-layer

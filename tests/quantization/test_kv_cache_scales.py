@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import ENGINE_BLOCK, assert_ragged_logits, rewrite_checkpoint
-from tests.quantization.checkpoints import (NUM_LAYERS, fp8_kv_cache_attention, save_base_model,
-                                            save_kv_cache_scales)
+from tests.quantization.checkpoints import (K_SCALES, NUM_LAYERS, V_SCALES,
+                                            fp8_kv_cache_attention, save_base_and_kv_scaled)
 
-K_SCALES, V_SCALES = (0.0037, 0.021), (0.0113, 0.0029)
 PLAN = [{0: 11, 1: 9, 2: 13}, {1: 14, 2: 1}]  # prefill, chunked prefill, decode
 TOL = 2e-4
 
@@ -24,10 +23,7 @@ TOL = 2e-4
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """(the float base model, the same weights with FP8 KV cache scales declared)."""
-    root = tmp_path_factory.mktemp("kv_cache_scales")
-    base = save_base_model(root / "base")
-    return base, save_kv_cache_scales(root / "scaled", base=base, k_scales=K_SCALES,
-                                      v_scales=V_SCALES)
+    return save_base_and_kv_scaled(tmp_path_factory.mktemp("kv_cache_scales"))
 
 
 def _prompts():

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.sampling.sampler import (_GREEDY_EPS, _apply_min_p, _row_keys,
-                                            _truncate_top_k_top_p, apply_extras)
+                                            apply_extras, truncate_where_asked)
 from xla_inference.sampling.types import SamplingBatch, SamplingExtras
 
 # Tags folded into a row's key so the draws of one step never share a stream.
@@ -130,7 +130,7 @@ def target_probs(processed, params: SamplingBatch):
     temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
     scaled = processed[:, :-1, :] / temperature[:, None, None]
     K = rows - 1
-    flat = _maybe_truncate(scaled.reshape(B * K, V), jnp.repeat(params.top_k, K),
+    flat = truncate_where_asked(scaled.reshape(B * K, V), jnp.repeat(params.top_k, K),
                            jnp.repeat(params.top_p, K))
     return jax.nn.softmax(flat, axis=-1).reshape(B, K, V)
 
@@ -176,18 +176,12 @@ def _bonus_tokens(processed, num_drafts, params: SamplingBatch, step_key):
     greedy = jnp.argmax(row, axis=-1).astype(jnp.int32)
     temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
     scaled = _apply_min_p(row / temperature[:, None], params.min_p)
-    scaled = _maybe_truncate(scaled, params.top_k, params.top_p)
+    scaled = truncate_where_asked(scaled, params.top_k, params.top_p)
     keys = _row_keys(dataclasses.replace(params, seed_offset=params.seed_offset + num_drafts),
                      step_key)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     drawn = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
     return jnp.where(params.temperature < _GREEDY_EPS, greedy, drawn)
-
-
-def _maybe_truncate(logits, top_k, top_p):
-    """Top-k/top-p only where a row asks for it (the sort is the costly part on a CPU)."""
-    needed = jnp.any((top_k > 0) | (top_p < 1.0))
-    return jax.lax.cond(needed, _truncate_top_k_top_p, lambda x, *_: x, logits, top_k, top_p)
 
 
 def _draws(params: SamplingBatch, step_key, K: int, V: int):

@@ -91,9 +91,7 @@ def _random_sample(logits, params: SamplingBatch, step_key):
     temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
     scaled = logits / temperature[:, None]
     scaled = _apply_min_p(scaled, params.min_p)
-    needs_truncation = jnp.any((params.top_k > 0) | (params.top_p < 1.0))
-    scaled = jax.lax.cond(needs_truncation, _truncate_top_k_top_p, lambda x, *_: x,
-                          scaled, params.top_k, params.top_p)
+    scaled = truncate_where_asked(scaled, params.top_k, params.top_p)
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
     keys = _row_keys(params, step_key)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
@@ -119,6 +117,12 @@ def _apply_min_p(logits, min_p):
     """Drop tokens whose probability is below min_p times the most likely token's."""
     threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
     return jnp.where((min_p[:, None] > 0) & (logits < threshold), -jnp.inf, logits)
+
+
+def truncate_where_asked(logits, top_k, top_p):
+    """Top-k/top-p only when some row asks for it: the sort is the costly part on a CPU."""
+    needed = jnp.any((top_k > 0) | (top_p < 1.0))
+    return jax.lax.cond(needed, _truncate_top_k_top_p, lambda x, *_: x, logits, top_k, top_p)
 
 
 def _truncate_top_k_top_p(logits, top_k, top_p):

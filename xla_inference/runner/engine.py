@@ -549,15 +549,17 @@ class ModelEngine:
         n = len(requests)
         return np.asarray(out.tokens)[:n], np.asarray(out.num_emitted)[:n]
 
+    @functools.cached_property
     def _verify_slot_counts(self) -> list[int]:
-        """The request slots verify programs are compiled for: each bucket's row count."""
+        """The request slots verify programs are compiled for: each bucket's row count
+        (derived once from the buckets, read by every verify step)."""
         return sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
 
     def _verify_slots(self, num_requests: int) -> int:
         """Request slots of a verify step: the fewest compiled that hold its requests, not
         its token bucket's rows (a batch-1 step of 1 + K tokens pads to 16 rows; its K + 1
         logit rows per slot and the rejection over them would cost 16 times the needed)."""
-        return pick_bucket(self._verify_slot_counts(), num_requests)
+        return pick_bucket(self._verify_slot_counts, num_requests)
 
     def _run_sample(self, program, logits, sampling: SamplingBatch, extras: SamplingExtras | None):
         self._num_steps += 1
@@ -685,11 +687,11 @@ class ModelEngine:
         whole = replicated(self.mesh)  # as the forward's and the draft rows' outputs
         for T in self.token_buckets:
             states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype, sharding=whole)
-            for B in self._verify_slot_counts():  # _verify_slots' choices for T's steps
+            for B in self._verify_slot_counts:  # _verify_slots' choices for T's steps
                 if B > self.layout_for(T).num_seqs:
                     break
                 logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
-        for B in self._verify_slot_counts():
+        for B in self._verify_slot_counts:
             shape = self._draft_rows_logits.jitted.eval_shape(
                 self.params, states, np.zeros(B * (K + 1), np.int32))  # the last bucket's
             logits = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=whole)

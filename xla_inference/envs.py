@@ -86,25 +86,42 @@ def _get(name: str) -> str:
     return os.environ.get(name) or VARIABLES[name][0]
 
 
+def _switch(name: str) -> bool:
+    """A 0/1 variable: anything else fails, naming it (a typo must not flip a kernel)."""
+    value = _get(name).strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
+def _number(name: str, kind=int):
+    value = _get(name).strip()
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'}, "
+                         f"not {value!r}") from None
+
+
 def cache_root() -> Path:
     """Where xla-inference keeps what it builds."""
     return Path(os.path.expanduser(_get("XLA_INFERENCE_CACHE")))
 
 
 def cpu_attention_enabled() -> bool:
-    return _get("XLA_INFERENCE_CPU_ATTENTION") != "0"
+    return _switch("XLA_INFERENCE_CPU_ATTENTION")
 
 
 def cpu_dense_enabled() -> bool:
-    return _get("XLA_INFERENCE_CPU_DENSE") != "0"
+    return _switch("XLA_INFERENCE_CPU_DENSE")
 
 
 def cpu_quantized_enabled() -> bool:
-    return _get("XLA_INFERENCE_CPU_QUANTIZED") != "0"
+    return _switch("XLA_INFERENCE_CPU_QUANTIZED")
 
 
 def step_stats_enabled() -> bool:
-    return _get("XLA_INFERENCE_STEP_STATS") == "1"
+    return _switch("XLA_INFERENCE_STEP_STATS")
 
 
 def kernels() -> str:
@@ -134,11 +151,11 @@ def image_sizes() -> list[tuple[int, int]]:
 
 
 def pallas_interpret() -> bool:
-    return _get("XLA_INFERENCE_PALLAS_INTERPRET") == "1"
+    return _switch("XLA_INFERENCE_PALLAS_INTERPRET")
 
 
 def num_hosts() -> int:
-    return int(_get("XLA_INFERENCE_HOSTS"))
+    return _number("XLA_INFERENCE_HOSTS")
 
 
 def coordinator() -> str:
@@ -157,8 +174,8 @@ def multihost_key() -> str:
 
 
 def join_timeout() -> float:
-    return float(_get("XLA_INFERENCE_JOIN_TIMEOUT"))
+    return _number("XLA_INFERENCE_JOIN_TIMEOUT", float)
 
 
 def process_id() -> int:
-    return int(_get("XLA_INFERENCE_PROCESS_ID"))
+    return _number("XLA_INFERENCE_PROCESS_ID")

@@ -79,6 +79,7 @@ def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(t
     """`xla-inference serve --tensor-parallel-size 8` over two processes: a greedy completion
     equal to transformers', then the follower killed mid-request: the request gets an error
     and the server exits within 60 s."""
+    import http.client
     import json
     import os
     import subprocess
@@ -99,31 +100,43 @@ def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(t
            "--kv-cache-memory-bytes", str(4 << 20)]
     url = f"http://127.0.0.1:{port}"
 
-    def complete(max_tokens: int) -> dict:
+    def request(max_tokens: int, stream: bool) -> urllib.request.Request:
         body = json.dumps(dict(model=str(model_dir), prompt=prompt, max_tokens=max_tokens,
-                               temperature=0.0, ignore_eos=True, return_token_ids=True))
-        request = urllib.request.Request(url + "/v1/completions", body.encode(),
-                                         {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as e:
-            return json.load(e)
+                               temperature=0.0, ignore_eos=True, return_token_ids=True,
+                               stream=stream))
+        return urllib.request.Request(url + "/v1/completions", body.encode(),
+                                      {"Content-Type": "application/json"})
+
+    def stream_killing_follower_after_first_chunk(follower, events: list[str]) -> None:
+        """The follower dies while the request is certainly in flight (a timer raced a fast
+        machine that had finished the whole generation first)."""
+        with urllib.request.urlopen(request(110, stream=True), timeout=120) as r:
+            for line in r:
+                line = line.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                events.append(line[5:].strip())
+                if len(events) == 1:
+                    follower.kill()
+                    killed_at.append(time.monotonic())
 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         wait_healthy(proc, url, log_path, timeout_s=400)
-        assert complete(NUM_NEW)["choices"][0]["token_ids"] == expected
+        with urllib.request.urlopen(request(NUM_NEW, stream=False), timeout=120) as r:
+            assert json.load(r)["choices"][0]["token_ids"] == expected
         follower = [p for p in psutil.Process(proc.pid).children(recursive=True)
                     if FOLLOWER in " ".join(p.cmdline())]
         assert len(follower) == 1
-        killed_at = []
-        threading.Timer(2.0, lambda: (follower[0].kill(), killed_at.append(time.monotonic()))
-                        ).start()
-        answer = complete(110)
-        assert killed_at and "error" in answer, answer
+        killed_at, events = [], []
+        try:
+            stream_killing_follower_after_first_chunk(follower[0], events)
+        except (OSError, http.client.HTTPException) as e:  # the connection cut: an error too
+            events.append(f"error: {e!r}")
+        assert killed_at and any("error" in e for e in events[1:]), events[-3:]
+        assert "[DONE]" not in events[:-1]
         proc.wait(timeout=60)
         assert time.monotonic() - killed_at[0] < 60
     finally:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One prepared command for an accelerator machine: the Pallas attention kernel tests on the
-# device, then benchmarks/accelerator_step.py (kernel check, kernel-alone timings, the core
-# engine's step at Llama-3.1-8B shapes with random weights: decode HBM-bandwidth fraction,
-# prefill MFU). Aimed at under 8 minutes on an H100/H200.
+# One prepared command for an accelerator machine: the Pallas attention, grouped matmul (MoE)
+# and quantized matmul kernel tests on the device, then benchmarks/accelerator_step.py
+# (kernel check, kernel-alone timings, the core engine's step at Llama-3.1-8B shapes with
+# random weights: decode HBM-bandwidth fraction, prefill MFU). Aimed at under 8 minutes on an H100/H200.
 #
 #   benchmarks/gpu_check.sh                 # NVIDIA GPU (JAX's CUDA plugin) or TPU
 #   benchmarks/gpu_check.sh --smoke         # a CPU: tiny shapes, kernels in interpret mode
@@ -33,13 +33,18 @@ PLATFORM=$("$PY" -c 'import jax; b = jax.default_backend(); print("gpu" if b in 
 
 # -- 1. kernel tests on the device ---------------------------------------------------------
 # tests/conftest.py pins JAX to the CPU unless JAX_PLATFORMS says otherwise.
+# The grouped and quantized matmul tests run both backends' kernels; on a device only its own
+# kind runs natively (tests/helpers.pallas_interpret), the other kind is deselected.
 PYTEST_ARGS=(-q -x -p no:cacheprovider -m "slow or not slow")
+MATMULS=(tests/kernels/test_pallas_gmm.py tests/kernels/test_pallas_quantized_matmul.py)
 case "$PLATFORM" in
-  gpu) JAX_PLATFORM=cuda; TESTS=(tests/kernels/test_pallas_gpu_attention.py) ;;
-  tpu) JAX_PLATFORM=tpu; TESTS=(tests/kernels/test_pallas_tpu*.py) ;;
-  *)   JAX_PLATFORM=cpu; TESTS=(tests/kernels/test_pallas_gpu_attention.py)
+  gpu) JAX_PLATFORM=cuda; TESTS=(tests/kernels/test_pallas_gpu_attention.py "${MATMULS[@]}")
+       PYTEST_ARGS+=(-k "not tpu") ;;
+  tpu) JAX_PLATFORM=tpu; TESTS=(tests/kernels/test_pallas_tpu*.py "${MATMULS[@]}")
+       PYTEST_ARGS+=(-k "not gpu") ;;
+  *)   JAX_PLATFORM=cpu; TESTS=(tests/kernels/test_pallas_gpu_attention.py "${MATMULS[@]}")
        # interpret mode is slow: the smoke run proves the wiring with the lowering checks
-       PYTEST_ARGS+=(-k "lowers_to_triton or rejects") ;;
+       PYTEST_ARGS+=(-k "lowers or rejects") ;;
 esac
 if [ "$PLATFORM" = cpu ] && [ "$SMOKE" = 0 ]; then
   echo "gpu_check: FAIL: no accelerator (JAX's default backend is cpu); use --smoke on a CPU"

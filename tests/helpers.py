@@ -206,6 +206,14 @@ def save_word_tokenizer(path: Path, vocab_size: int = 128) -> None:
     fast.save_pretrained(path)
 
 
+def pallas_interpret(backend: str) -> bool:
+    """Pallas interpret mode unless this process runs on the kernel's own device ("tpu" or
+    "gpu"): benchmarks/gpu_check.sh runs the same tests natively on a GPU or TPU."""
+    import jax
+
+    return jax.default_backend() != backend
+
+
 def hf_greedy_ids(model_dir: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
     """transformers' greedy continuation (float32) of each prompt. EOS neither stops it nor
     is suppressed, as with vLLM's ignore_eos (generate's min_new_tokens would ban EOS)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from tests.helpers import pallas_interpret
 from xla_inference.kernels.pallas_gmm import (FIRST, HAS_GROUP, VALID, Tiling, gmm,
                                               gmm_quantized, group_metadata)
 
@@ -77,7 +78,7 @@ def _matrix():
 def test_gmm_equals_dense_per_group(backend, case, dtype):
     group_sizes, m = CASES[case]
     x, w = _operands(len(case), m, 32, 48, len(group_sizes), dtype)
-    got = gmm(x, w, jnp.asarray(group_sizes, jnp.int32), backend=backend, interpret=True,
+    got = gmm(x, w, jnp.asarray(group_sizes, jnp.int32), backend=backend, interpret=pallas_interpret(backend),
               tiling=TILING[backend])
     _check(got, x, w, group_sizes, dtype)
 
@@ -88,7 +89,7 @@ def test_default_tiling_and_odd_dimensions(backend):
     padded to 16), under jit with traced group sizes."""
     group_sizes = [7, 0, 12, 2]
     x, w = _operands(3, 21, 24, 40, 4, jnp.float32)
-    run = jax.jit(functools.partial(gmm, backend=backend, interpret=True))
+    run = jax.jit(functools.partial(gmm, backend=backend, interpret=pallas_interpret(backend)))
     _check(run(x, w, jnp.asarray(group_sizes, jnp.int32)), x, w, group_sizes, jnp.float32)
 
 
@@ -190,7 +191,7 @@ def test_gmm_quantized_equals_dense_per_group(backend, name):
     x = jax.random.normal(jax.random.key(5), (25, k), jnp.float32)
     tiling = Tiling(16, k if args["bits"] == 4 else 128, n if backend == "tpu" else 16)
     got = gmm_quantized(x, *arrays, jnp.asarray(group_sizes, jnp.int32), **args,
-                        backend=backend, interpret=True, tiling=tiling)
+                        backend=backend, interpret=pallas_interpret(backend), tiling=tiling)
     want = _reference(np.asarray(x), dense, group_sizes)
     np.testing.assert_allclose(np.asarray(got, np.float64) / np.abs(want).max(),
                                want / np.abs(want).max(), atol=1e-5)

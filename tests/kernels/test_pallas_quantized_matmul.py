@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from tests.helpers import pallas_interpret
 from xla_inference.kernels.pallas_quantized_matmul import (Tiling, accelerator_layout,
                                                            dequantized_reference,
                                                            quantized_matmul)
@@ -95,7 +96,7 @@ def test_quantized_matmul_equals_dequantized_product(backend, name, dtype):
     quant, arrays, args = _device_weight(name)
     k = quant.shape[1]
     x = jax.random.normal(jax.random.key(1), (M, k), jnp.float32).astype(dtype)
-    got = quantized_matmul(x, *arrays, **args, backend=backend, interpret=True,
+    got = quantized_matmul(x, *arrays, **args, backend=backend, interpret=pallas_interpret(backend),
                            tiling=_tiling(backend, k, args["bits"]))
     want = np.asarray(x.astype(jnp.float32), np.float64) @ quant.dequantize().T
     assert got.dtype == dtype and got.shape == (M, N)
@@ -109,7 +110,8 @@ def test_quantized_matmul_equals_dequantized_product(backend, name, dtype):
 def test_default_tiling_under_jit(backend):
     quant, arrays, args = _device_weight("int4-g32-offsets")
     x = jax.random.normal(jax.random.key(2), (5, 256), jnp.float32)
-    run = jax.jit(functools.partial(quantized_matmul, **args, backend=backend, interpret=True))
+    run = jax.jit(functools.partial(quantized_matmul, **args, backend=backend,
+                                    interpret=pallas_interpret(backend)))
     want = np.asarray(x, np.float64) @ quant.dequantize().T
     np.testing.assert_allclose(run(x, *arrays), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

@@ -1,7 +1,8 @@
 """vllm.LLM with --enable-lora on a tiny Llama: one batch mixing the base model and three
 PEFT adapters (two device slots, so adapters are swapped and evicted between steps) gives
 each request transformers+peft's greedy output, with no compile after warm-up; the same
-with tensor parallel 2 (the stacks split as their base weights)."""
+with tensor parallel 2 (the stacks split as their base weights) and with data parallel 2
+(each replica's requests read their own tokens' slots)."""
 
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 NUM_NEW = 8
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["one_device", "tp2"])
-def test_mixed_batch_matches_peft_greedy(tmp_path, tp):
+@pytest.mark.parametrize("parallel", [{}, dict(tensor_parallel_size=2),
+                                      dict(additional_config={"data_parallel_size": 2})],
+                         ids=["one_device", "tp2", "dp2"])
+def test_mixed_batch_matches_peft_greedy(tmp_path, parallel):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -28,7 +31,7 @@ def test_mixed_batch_matches_peft_greedy(tmp_path, tp):
                          for i, (name, path) in enumerate(adapters.items(), start=1)]
     chosen = [requests[i % 4] for i in range(len(prompts))]
     llm = start_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=3,
-                    tensor_parallel_size=tp)
+                    **parallel)
     try:
         before = num_compilations(llm)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],

@@ -146,6 +146,10 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
     if lora is not None and model.family.name not in LORA_FAMILIES:
         raise ValueError(f"xla-inference serves LoRA adapters on the {', '.join(LORA_FAMILIES)} "
                          f"families, not on {model.family.name}")
+    if lora is not None and mesh.shape["data"] > 1:
+        # Data parallel replicas share one set of slots; each replica's scheduler lets
+        # max_loras adapters into its share of a step, so a step holds up to R times that.
+        lora = dict(lora, max_loras=lora["max_loras"] * mesh.shape["data"])
     slots = None if lora is None else lora_slots(model.params, **lora)
     engine = ModelEngine(model.family, model.cfg, model.params, engine_cfg,
                          model.precision.kv_cache, mesh=mesh, lora=slots, pooling=pooling)

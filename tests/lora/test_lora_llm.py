@@ -1,8 +1,9 @@
 """vllm.LLM with --enable-lora on a tiny Llama: one batch mixing the base model and three
 PEFT adapters (two device slots, so adapters are swapped and evicted between steps) gives
 each request transformers+peft's greedy output, with no compile after warm-up; the same
-with tensor parallel 2 (the stacks split as their base weights) and with data parallel 2
-(each replica's requests read their own tokens' slots)."""
+with tensor parallel 2 (the stacks split as their base weights); and data parallel 2
+(each replica's requests read their own tokens' slots) on the torch path (vLLM's Llama
+class, q/k/v and gate/up fused: torch_models/lora.py), both in one run."""
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ NUM_NEW = 8
 
 
 @pytest.mark.parametrize("parallel", [{}, dict(tensor_parallel_size=2),
-                                      dict(additional_config={"data_parallel_size": 2})],
-                         ids=["one_device", "tp2", "dp2"])
+                                      dict(additional_config={"data_parallel_size": 2},
+                                           model_impl="vllm")],
+                         ids=["one_device", "tp2", "dp2_torch_path"])
 def test_mixed_batch_matches_peft_greedy(tmp_path, parallel):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
@@ -40,6 +42,7 @@ def test_mixed_batch_matches_peft_greedy(tmp_path, parallel):
         got = [list(o.outputs[0].token_ids) for o in outs]
         after = num_compilations(llm)
         loaded = llm.collective_rpc("list_loras")[0]
+        impl = str(llm.llm_engine.model_config.model_impl)
         writes = llm.collective_rpc("lora_slot_writes")[0]
     finally:
         shutdown(llm)
@@ -49,3 +52,4 @@ def test_mixed_batch_matches_peft_greedy(tmp_path, parallel):
     assert len({tuple(w) for w in want}) == len(want)  # the adapters change the outputs
     assert after == before
     assert set(loaded) == {1, 2, 3} and writes >= 4  # two slots for three adapters: a swap
+    assert impl == parallel.get("model_impl", "auto")

@@ -118,9 +118,17 @@ def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBat
     """_forward_logits with the adapters: params_lora is (params, the LoRA stacks, each
     token's slot [T]); the targeted projections add their adapter's delta (lora/slots.py)."""
     params, stacks, token_slots = params_lora
-    kv_cache, hidden = model.forward(attach(params, stacks, token_slots, max_rank), kv_cache,
-                                     batch, cfg)
+    kv_cache, hidden = model.forward(_attach(model, cfg, params, stacks, token_slots, max_rank),
+                                     kv_cache, batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+
+
+def _attach(model: ModelFamily, cfg, params, stacks, token_slots, max_rank: int):
+    """params with the adapters' stacks and each token's slot, as the family's forward reads
+    them: a decoder's LoraWeights (lora/slots.py), or the family's own (models/interface)."""
+    if model.lora is None:
+        return attach(params, stacks, token_slots, max_rank)
+    return model.lora.attach(params, stacks, token_slots, max_rank, cfg)
 
 
 def _forward_pooled(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
@@ -149,7 +157,7 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
     def replica(params, kv_cache, batch):
         if max_rank is not None:
             base, stacks, token_slots = params
-            params = attach(base, stacks, local(token_slots), max_rank)
+            params = _attach(model, cfg, base, stacks, local(token_slots), max_rank)
         kv_cache, hidden = model.forward(params, local(kv_cache), local(batch), cfg)
         return jax.tree.map(lambda a: a[None], kv_cache), hidden[None]
 
@@ -292,7 +300,8 @@ class ModelEngine:
         if lora is not None:
             # Data parallel: one set of slots for every replica (build_engine gives it
             # max_loras per replica), each replica's tokens' slots on its own devices.
-            stacks = lora.place(lambda module: module_leaf(self.param_shardings, module))
+            leaf = module_leaf if model.lora is None else model.lora.stack_sharding
+            stacks = lora.place(lambda module: leaf(self.param_shardings, module))
             first_shardings = (self.param_shardings, stacks,
                                whole if self.replicas == 1 else replica_sharding(self.mesh))
         # The cache keeps its sharding from step to step (a change would recompile).

@@ -145,7 +145,8 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
                           pipeline_parallel_size=pipeline_parallel_size)
     if lora is not None and model.family.name not in LORA_FAMILIES and model.family.lora is None:
         raise ValueError(f"xla-inference serves LoRA adapters on the {', '.join(LORA_FAMILIES)} "
-                         f"families, not on {model.family.name}")
+                         f"native families, not on {model.family.name} (--model-impl vllm "
+                         "serves them on vLLM's PyTorch model class: torch_models/lora.py)")
     if lora is not None and mesh.shape["data"] > 1:
         # Data parallel replicas share one set of slots; each replica's scheduler lets
         # max_loras adapters into its share of a step, so a step holds up to R times that.

@@ -81,11 +81,27 @@ def test_tensor_parallel_2_matches_peft(llama_targets):
     assert tuple(engine.lora.stacks["a"][down].sharding.spec)[2:] == ("model",)
 
 
-def _assert_mixed_adapters_match_peft(engine, model_dir, adapters):
+def test_data_parallel_2_matches_peft(llama_targets):
+    """DP 2 on virtual devices: each replica runs its own requests with its own tokens'
+    slots over one shared set of slots (max_loras per replica, so 2 x 2 here), both
+    replicas mixing base and adapters in one step, within 2e-4 of transformers+peft."""
+    from xla_inference.parallel.sharding import build_mesh
+
+    model_dir, _, adapters = llama_targets
+    engine = lora_engine(model_dir, max_loras=2, mesh=build_mesh(1, 2))
+    assert engine.replicas == 2 and engine.lora.max_loras == 4
+    # Pages 1.. belong to replica 0, pages 32.. to replica 1 (64 pages, 32 per replica).
+    _assert_mixed_adapters_match_peft(engine, model_dir, adapters, first_blocks=[1, 33, 9, 41])
+    assert engine.rows_per_replica.min() > 0
+
+
+def _assert_mixed_adapters_match_peft(engine, model_dir, adapters, first_blocks=None):
     paths = [None, *adapters.values()]
     for i, path in enumerate(paths[1:], start=1):
         add(engine, i, path)
-    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(PROMPTS)]
+    first_blocks = first_blocks or [1 + 8 * i for i in range(len(PROMPTS))]
+    reqs = [engine_request(f"r{i}", p, first) for i, (p, first) in enumerate(zip(PROMPTS,
+                                                                               first_blocks))]
     for i, req in enumerate(reqs):
         req.lora_id = i
     plan = [{i: 3 for i in range(4)}] + [{i: 1} for i in range(4) for _ in range(len(PROMPTS[i]) - 3)]

@@ -25,8 +25,6 @@ def test_a_plain_model_is_accepted(model_dir):
 
 @pytest.mark.parametrize("args, flag", [
     (dict(quantization="experts_int8"), "quantization 'experts_int8'"),
-    (dict(enable_lora=True, additional_config={"data_parallel_size": 2}),
-     "--enable-lora) with pipeline or data parallel"),
     (dict(enable_lora=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                 "prompt_lookup_max": 2}),
      "with speculative decoding"),
@@ -130,7 +128,7 @@ def test_pipeline_parallel_is_folded_into_our_mesh(model_dir):
 
 
 @pytest.mark.parametrize("args, flag", [
-    (dict(enable_lora=True), "LoRA adapters (--enable-lora) with pipeline or data parallel"),
+    (dict(enable_lora=True), "LoRA adapters (--enable-lora) with pipeline parallel"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                               "prompt_lookup_max": 2}), "with speculative decoding"),
     (dict(additional_config={"data_parallel_size": 2}), "with data parallel replicas"),

@@ -116,6 +116,20 @@ class KvLayer:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSupport:
+    """How LoRA adapters (lora/slots.py) reach a family whose params are not a decoder's
+    (models/decoder.py): the torch path's fused projections (torch_models/lora.py).
+      targets(params, cfg) -> ({PEFT module path: (out, in)}, the stacks' dtype)
+      attach(params, stacks, token_slots [T], max_rank, cfg) -> what forward reads
+      stack_sharding(param_shardings, module path) -> the NamedSharding its stacks follow
+    """
+
+    targets: Callable[..., Any]
+    attach: Callable[..., Any]
+    stack_sharding: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """One model family, registered under its HF architecture names (models/registry.py).
 
@@ -135,3 +149,4 @@ class ModelFamily:
     compute_logits: Callable[..., jax.Array]
     kv_layers: Callable[[Any], list[KvLayer]]
     multimodal: MultimodalSupport | None = None  # None: a text model
+    lora: LoraSupport | None = None  # None: a decoder's (lora/slots.attach), if any

@@ -337,9 +337,6 @@ class XlaWorker(WorkerBase):
         lc = self.vllm_config.lora_config
         if lc is None:
             return None
-        if model_implementation(self.model_config) == "vllm":
-            raise ValueError("xla-inference serves LoRA adapters on its native JAX families "
-                             "only (--model-impl native), not on vLLM's PyTorch model classes")
         return dict(max_loras=lc.max_loras, max_rank=lc.max_lora_rank,
                     max_cpu_loras=lc.max_cpu_loras or lc.max_loras)
 

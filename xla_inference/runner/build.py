@@ -143,10 +143,15 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
     if mesh is None:
         mesh = build_mesh(tensor_parallel_size, data_parallel_size,
                           pipeline_parallel_size=pipeline_parallel_size)
-    if lora is not None and model.family.name not in LORA_FAMILIES:
+    if lora is not None and model.family.name not in LORA_FAMILIES and model.family.lora is None:
         raise ValueError(f"xla-inference serves LoRA adapters on the {', '.join(LORA_FAMILIES)} "
-                         f"families, not on {model.family.name}")
-    slots = None if lora is None else lora_slots(model.params, **lora)
+                         f"native families, not on {model.family.name} (--model-impl vllm "
+                         "serves them on vLLM's PyTorch model class: torch_models/lora.py)")
+    if lora is not None and mesh.shape["data"] > 1:
+        # Data parallel replicas share one set of slots; each replica's scheduler lets
+        # max_loras adapters into its share of a step, so a step holds up to R times that.
+        lora = dict(lora, max_loras=lora["max_loras"] * mesh.shape["data"])
+    slots = None if lora is None else lora_slots(model, **lora)
     engine = ModelEngine(model.family, model.cfg, model.params, engine_cfg,
                          model.precision.kv_cache, mesh=mesh, lora=slots, pooling=pooling)
     if not keep_host_params:
@@ -158,9 +163,14 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
 LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def lora_slots(params, *, max_loras: int, max_rank: int, max_cpu_loras: int) -> LoraSlots:
-    """Empty adapter slots for a decoder's q/k/v/o and gate/up/down projections, in the
-    dtype of its projection weights."""
+def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int,
+               max_cpu_loras: int) -> LoraSlots:
+    """Empty adapter slots for a decoder's q/k/v/o and gate/up/down projections (or the
+    family's own targets: the torch path's), in the dtype of its projection weights."""
+    if model.family.lora is not None:
+        shapes, dtype = model.family.lora.targets(model.params, model.cfg)
+        return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, dtype)
+    params = model.params
     shapes = decoder_targets(params)
     if not shapes:
         raise ValueError("LoRA adapters are served only on the decoder families' unquantized "

@@ -118,9 +118,17 @@ def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBat
     """_forward_logits with the adapters: params_lora is (params, the LoRA stacks, each
     token's slot [T]); the targeted projections add their adapter's delta (lora/slots.py)."""
     params, stacks, token_slots = params_lora
-    kv_cache, hidden = model.forward(attach(params, stacks, token_slots, max_rank), kv_cache,
-                                     batch, cfg)
+    kv_cache, hidden = model.forward(_attach(model, cfg, params, stacks, token_slots, max_rank),
+                                     kv_cache, batch, cfg)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+
+
+def _attach(model: ModelFamily, cfg, params, stacks, token_slots, max_rank: int):
+    """params with the adapters' stacks and each token's slot, as the family's forward reads
+    them: a decoder's LoraWeights (lora/slots.py), or the family's own (models/interface)."""
+    if model.lora is None:
+        return attach(params, stacks, token_slots, max_rank)
+    return model.lora.attach(params, stacks, token_slots, max_rank, cfg)
 
 
 def _forward_pooled(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
@@ -133,24 +141,33 @@ def _forward_pooled(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch)
 
 
 def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
-                      token_order, *, mesh: Mesh):
+                      token_order, *, mesh: Mesh, max_rank: int | None = None):
     """Data parallel: every array of `batch` and of the cache has a leading replica axis, one
     replica per slice of the mesh's data axis. Each slice runs its own replica's forward on
     its own batch and cache (shard_map, manual over the data axis only: GSPMD still splits
     the model axis inside), with no traffic between replicas and its own loop trip counts.
     Logits and hidden states come back in the scheduler's order: row_order [R*B] and
-    token_order [R*T] index the flattened (replica, row) and (replica, token) positions."""
+    token_order [R*T] index the flattened (replica, row) and (replica, token) positions.
+
+    With LoRA (max_rank given) params is (params, the LoRA stacks, each token's slot [R, T]):
+    every replica reads the same stacks (one set of slots for all replicas' adapters) and
+    its own tokens' slots."""
+    local = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731 (this slice's replica)
 
     def replica(params, kv_cache, batch):
-        local = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731 (this slice's replica)
+        if max_rank is not None:
+            base, stacks, token_slots = params
+            params = _attach(model, cfg, base, stacks, local(token_slots), max_rank)
         kv_cache, hidden = model.forward(params, local(kv_cache), local(batch), cfg)
         return jax.tree.map(lambda a: a[None], kv_cache), hidden[None]
 
     data = PartitionSpec("data")
+    params_spec = PartitionSpec() if max_rank is None else (PartitionSpec(), PartitionSpec(), data)
     kv_cache, hidden = jax.shard_map(
-        replica, mesh=mesh, in_specs=(PartitionSpec(), data, data), out_specs=(data, data),
+        replica, mesh=mesh, in_specs=(params_spec, data, data), out_specs=(data, data),
         axis_names={"data"}, check_vma=False)(params, kv_cache, batch)
-    return (kv_cache, *_in_scheduler_order(model, cfg, params, hidden, batch, row_order,
+    base = params if max_rank is None else params[0]
+    return (kv_cache, *_in_scheduler_order(model, cfg, base, hidden, batch, row_order,
                                            token_order))
 
 
@@ -281,11 +298,12 @@ class ModelEngine:
         self.lora = lora
         first_shardings = self.param_shardings
         if lora is not None:
-            if self.replicas > 1:  # each replica would need its own tokens' slots
-                raise ValueError("xla-inference serves LoRA adapters without data parallel "
-                                 "replicas (tensor parallel only)")
-            stacks = lora.place(lambda module: module_leaf(self.param_shardings, module))
-            first_shardings = (self.param_shardings, stacks, whole)
+            # Data parallel: one set of slots for every replica (build_engine gives it
+            # max_loras per replica), each replica's tokens' slots on its own devices.
+            leaf = module_leaf if model.lora is None else model.lora.stack_sharding
+            stacks = lora.place(lambda module: leaf(self.param_shardings, module))
+            first_shardings = (self.param_shardings, stacks,
+                               whole if self.replicas == 1 else replica_sharding(self.mesh))
         # The cache keeps its sharding from step to step (a change would recompile).
         # A pooling engine (vLLM's pooling runner) runs _forward_pooled in place of the
         # logits step; its StepOutput.logits holds the pooled rows.
@@ -296,7 +314,10 @@ class ModelEngine:
         if pooling and lora is not None:
             raise ValueError("xla-inference serves LoRA adapters on generative models only "
                              "(not with a pooling model yet)")
-        if lora is not None:
+        if lora is not None and self.replicas > 1:
+            forward = functools.partial(_forward_replicas, mesh=self.mesh, max_rank=lora.max_rank)
+            batch_shardings = (replica_sharding(self.mesh), whole, whole)
+        elif lora is not None:
             forward = functools.partial(_forward_lora, max_rank=lora.max_rank)
             batch_shardings = (whole,)
         elif self.microbatches > 1:
@@ -319,9 +340,11 @@ class ModelEngine:
             _batch_key)
         # A LoRA engine's steps whose tokens all run without an adapter take the base
         # model's program (the host knows it when it builds the step): no delta to pay.
+        base_forward = (_forward_logits if self.replicas == 1
+                        else functools.partial(_forward_replicas, mesh=self.mesh))
         self._forward_base = None if lora is None else Programs(
-            jax.jit(traced_over(self.mesh, functools.partial(_forward_logits, model, model_cfg)),
-                    in_shardings=(self.param_shardings, kv_shardings, whole),
+            jax.jit(traced_over(self.mesh, functools.partial(base_forward, model, model_cfg)),
+                    in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
         widths = [engine_cfg.max_logprobs]
@@ -404,6 +427,10 @@ class ModelEngine:
 
     def forward(self, scheduled: list[tuple[RequestState, int]]) -> StepOutput:
         """Dispatch the model on the scheduled tokens (JAX runs it asynchronously)."""
+        if self.replicas > 1 and self.lora is not None:
+            batch, row_order, token_order = self._replica_batch(scheduled)
+            slots = self._replica_token_slots(scheduled, token_order, batch.input_ids.shape)
+            return self._run_forward(batch, row_order, token_order, token_slots=slots)
         if self.replicas > 1:
             return self._run_forward(*self._replica_batch(scheduled))
         if self.microbatches > 1:
@@ -446,6 +473,15 @@ class ModelEngine:
         slots = self.lora.slots_for([req.lora_id for req, _ in scheduled])
         return np.repeat(np.asarray([slots[req.lora_id] for req, _ in scheduled] + [0], np.int32),
                          [n for _, n in scheduled] + [T - sum(n for _, n in scheduled)])
+
+    def _replica_token_slots(self, scheduled: list[tuple[RequestState, int]],
+                             token_order: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Data parallel: each replica's tokens' LoRA slots [R, T] (0 for padding), put where
+        _stacked_batch put each request's tokens (token_order, in the scheduler's order)."""
+        slots = np.zeros(shape[0] * shape[1], np.int32)
+        per_token = self._token_slots(scheduled, sum(n for _, n in scheduled))
+        slots[token_order[:len(per_token)]] = per_token
+        return slots.reshape(shape)
 
     def _step_params(self, token_slots=None):
         """The forward program's first argument: params, or with LoRA (params, stacks, slots)."""
@@ -610,7 +646,9 @@ class ModelEngine:
             if groups == 1:
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:
-                forward_args.append((self.params, self.kv_cache, _stack([batch] * groups),
+                slots = np.zeros((groups, T), np.int32)
+                forward_args.append((self._step_params(slots), self.kv_cache,
+                                     _stack([batch] * groups),
                                      np.zeros(groups * B, np.int32),
                                      np.zeros(groups * T, np.int32)))
                 B *= groups  # the sampler sees every group's rows

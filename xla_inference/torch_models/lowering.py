@@ -29,6 +29,7 @@ from xla_inference.layers.linear import linear
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.axes import weight
 from xla_inference.torch_models import attention, errors
+from xla_inference.torch_models import lora as torch_lora
 from xla_inference.torch_models.torchax_compat import import_torchax
 
 torchax = import_torchax()
@@ -52,7 +53,8 @@ def _env():
 
 
 def _projection(x, w, b=None):
-    return to_torch(linear(*from_torch((x, w, b))))
+    x, w, b = from_torch((x, w, b))
+    return to_torch(torch_lora.add_delta(x, w, linear(x, w, b)))  # + an adapter's, if any
 
 
 def from_torch(value):
@@ -236,7 +238,8 @@ def forward(params, kv_cache, batch: StepBatch, cfg: TorchModelConfig):
     # Encoder-only layers attend within each request's tokens (unused, and dropped by XLA,
     # in a model without them).
     segments = token_segments(md.seq_ids, batch.logits_indices)
-    with attention.step_context(kv_cache, md, segments) as step:
+    with attention.step_context(kv_cache, md, segments) as step, \
+            torch_lora.active(params) as params:
         hidden = _call(cfg, params, "forward", batch.input_ids, md.positions)
     return step.kv_cache, hidden
 
@@ -257,7 +260,8 @@ def _unused(*args, **kwargs):
 def family_for(architecture: str) -> ModelFamily:
     return ModelFamily(name=f"vllm:{architecture}", architectures=(architecture,),
                        config_from_hf=_unused, load_params=_unused, forward=forward,
-                       compute_logits=compute_logits, kv_layers=kv_layers)
+                       compute_logits=compute_logits, kv_layers=kv_layers,
+                       lora=torch_lora.SUPPORT)
 
 
 def kv_layer(fwd: attention.PagedAttentionForward) -> KvLayer:

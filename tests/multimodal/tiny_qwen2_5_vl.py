@@ -11,6 +11,7 @@ IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 300, 301, 302, 303
 SPECIALS = {"<|image_pad|>": IMAGE_PAD, "<|video_pad|>": VIDEO_PAD,
             "<|vision_start|>": VISION_START, "<|vision_end|>": VISION_END}
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64  # 2x2 .. 8x8 merged patches
 
 
@@ -70,6 +71,11 @@ def _save_processor(path: Path, max_pixels: int) -> None:
         image_processor=Qwen2VLImageProcessor(size=size),
         tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(size=size))
     processor.save_pretrained(path)
+
+
+def video_frames(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """Random uint8 frames [num_frames, height, width, 3] (two frames per temporal patch)."""
+    return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), np.uint8)
 
 
 def image(height: int, width: int, seed: int):

@@ -1,13 +1,15 @@
 """Qwen2.5-VL with images through vllm.LLM on our engine (vLLM's own processor, our vision
 tower and M-RoPE decoder): greedy output equal to transformers' on a tiny random checkpoint
 saved by transformers, with the image's placeholders cut by chunked prefill, alone and
-batched with text-only requests and a two-image prompt, and found in the prefix cache;
-video refused per request."""
+batched with text-only requests and a two-image prompt, and found in the prefix cache; a
+video (frames as an array) batched with text and image requests."""
 
 import pytest
 
 from tests.e2e.engines import generate_requests, num_compilations, shutdown, start_llm
-from tests.multimodal.tiny_qwen2_5_vl import IMAGE, hf_greedy, image, save_tiny_qwen2_5_vl
+from tests.multimodal.tiny_qwen2_5_vl import (IMAGE, VIDEO, hf_greedy, hf_video_greedy, image,
+                                              save_tiny_qwen2_5_vl, video_frames,
+                                              video_metadata)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -81,13 +83,20 @@ def test_prefix_cache_hit_covering_an_image(llm, checkpoint, images):
     assert metric(llm, "vllm:prefix_cache_hits") - hits >= 16
 
 
-def test_video_is_refused_per_request(llm):
-    import numpy as np
+def test_video_batched_with_text_requests(llm, checkpoint, images):
+    """Four frames given as an array with their metadata (nothing to decode): two frame
+    pairs 0.5 s apart, 12 placeholders cut by the 16-token steps, beside a text-only and an
+    image request; then the same video again, its encoder output computed once."""
+    frames = video_frames(4, 56, 84, seed=3)
+    video = (frames, video_metadata(4, fps=4.0))
+    prompt = f"t5 t6 {VIDEO} t7 t8 t9"
+    requests = [{"prompt": prompt, "multi_modal_data": {"video": video}}, {"prompt": TEXT_ONLY[1]},
+                {"prompt": PROMPTS[1], "multi_modal_data": {"image": images[1]}}]
+    expected = [hf_video_greedy(checkpoint, prompt, frames, 4.0, NUM_NEW),
+                hf_greedy(checkpoint, TEXT_ONLY[1], [], NUM_NEW),
+                hf_greedy(checkpoint, PROMPTS[1], [images[1]], NUM_NEW)]
+    assert _generate(llm, requests) == expected
+    before = num_compilations(llm)
+    assert _generate(llm, requests[:1]) == expected[:1]
+    assert num_compilations(llm) == before  # the video's grid: compiled once
 
-    frames = np.zeros((2, 56, 56, 3), np.uint8)
-    video = (frames, {"fps": 2.0, "duration": 1.0, "total_num_frames": 2, "width": 56,
-                      "height": 56, "frames_indices": [0, 1], "video_backend": "opencv"})
-    prompt = "t5 <|vision_start|><|video_pad|><|vision_end|> t6"
-    with pytest.raises(Exception, match="does not serve video inputs"):
-        _generate(llm, [{"prompt": prompt, "multi_modal_data": {"video": video}}])
-    assert _generate(llm, [{"prompt": "t11 t12 t13"}])  # and the engine keeps serving

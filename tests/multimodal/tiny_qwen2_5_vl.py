@@ -92,3 +92,33 @@ def hf_greedy(model_dir: Path, text: str, images: list, num_new: int) -> list[in
 
     return hf_image_greedy("Qwen2_5_VLForConditionalGeneration", "mm_token_type_ids", model_dir,
                            text, images, num_new)
+
+
+def video_metadata(num_frames: int, fps: float) -> dict:
+    """What vLLM's Qwen2.5-VL processor needs next to frames given as an array (no decoding):
+    frame pairs are temporal_patch_size / fps seconds apart (second_per_grid_ts)."""
+    return {"fps": fps, "duration": num_frames / fps, "total_num_frames": num_frames,
+            "frames_indices": list(range(num_frames)), "video_backend": "opencv"}
+
+
+def hf_video_greedy(model_dir: Path, text: str, frames: np.ndarray, fps: float,
+                    num_new: int) -> list[int]:
+    """transformers' greedy continuation of a prompt with one video, as hf_greedy's (the
+    whole sequence run again for each token; EOS neither stopping nor banned)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    inputs = AutoProcessor.from_pretrained(model_dir)(
+        text=[text], videos=[frames], return_tensors="pt", do_sample_frames=False,
+        video_metadata=[{"fps": fps, "total_num_frames": len(frames)}])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
+    new = []
+    with torch.no_grad():
+        for _ in range(num_new):
+            new.append(int(model(input_ids=ids, **inputs).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[new[-1]]])], dim=1)
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros((1, 1), dtype=torch.long)], dim=1)
+    return new

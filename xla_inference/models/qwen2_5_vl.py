@@ -135,8 +135,8 @@ def _grid(item: MultimodalItem) -> tuple[int, int, int]:
 
 
 def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem) -> jax.Array:
-    """One image's or video's embeddings [length, D]: the tower's program for its grid
-    (compiled at the first item of that grid)."""
+    """One image's or video's embeddings [length, D]: the tower's program for its frame size
+    (compiled at the first item of that size)."""
     if item.modality not in _PIXELS:
         raise ValueError(f"xla-inference serves Qwen2.5-VL image and video inputs, not "
                          f"{item.modality}")
@@ -146,11 +146,24 @@ def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem
         raise ValueError(f"Qwen2.5-VL's encoder takes the processor's normalized pixel values, "
                          f"not {patches.dtype} pixels (vLLM's mm_device_do_normalize must be off)")
     patches = patches.astype(np.float32)
-    embeds = encoder_for_grid(cfg.vision, grid)(params.vision, patches)
+    embeds = _encode_frames(params, cfg, grid, patches)
     if embeds.shape[0] != item.length:
         raise ValueError(f"an {item.modality} of grid {grid} gives {embeds.shape[0]} "
                          f"embeddings; its prompt holds {item.length} placeholders")
     return embeds
+
+
+def _encode_frames(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, patches):
+    """Every block attends inside one frame pair (windows, or the whole frame), so a video of
+    t frame pairs is t calls of the image program of its frame size: no program per frame
+    count, attention memory linear in t, and a warmed-up image size serves videos of that
+    frame size too. The processor orders a video's patches frame by frame."""
+    t, h, w = grid
+    if patches.shape[0] != t * h * w:
+        raise ValueError(f"{patches.shape[0]} patches for a grid of {grid}")
+    program = encoder_for_grid(cfg.vision, (1, h, w))
+    frames = [program(params.vision, patches[k * h * w:(k + 1) * h * w]) for k in range(t)]
+    return frames[0] if t == 1 else np.concatenate([np.asarray(f) for f in frames])
 
 
 def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid) -> None:

@@ -2,7 +2,7 @@
 data URL gives transformers' greedy tokens, streamed text equals the non-streamed text; an
 unreadable image and too many images get a 400 with vLLM's message, and the server keeps
 serving; a video sent as a data URL of JPEG frames (video/jpeg: nothing to decode but the
-frames) gives transformers' tokens for those frames. Tiny random checkpoint
+frames) or of an MP4 (OpenCV decodes it) gives transformers' tokens for those frames. Tiny random checkpoint
 (tests/multimodal/tiny_qwen2_5_vl.py) with a chat template that renders an image or video
 part as the placeholder string."""
 
@@ -144,3 +144,25 @@ def test_bad_videos_get_a_400(server):
     too_many = _chat(server, [part, part, {"type": "text", "text": "t5"}])
     assert too_many.status_code == 400 and "At most 1 video" in too_many.json()["error"]["message"]
     assert _chat(server, [part, {"type": "text", "text": "t5"}]).status_code == 200
+
+
+def test_chat_with_an_mp4_data_url(server, checkpoint, tmp_path):
+    """An MP4 (written and read back by OpenCV, vLLM's default video loader): the frames
+    OpenCV decodes, at the file's 4 fps, give transformers' tokens."""
+    import cv2
+
+    path = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (84, 56))
+    for frame in video_frames(4, 56, 84, seed=5):
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # OpenCV writes BGR
+    writer.release()
+    capture, decoded = cv2.VideoCapture(path), []
+    while (frame := capture.read())[0]:
+        decoded.append(frame[1][:, :, ::-1])
+    capture.release()
+    url = "data:video/mp4;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    parts = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "t8"}]
+    r = _chat(server, parts, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    expected = hf_video_greedy(checkpoint, f"{VIDEO} t8", np.stack(decoded), 4.0, NUM_NEW)
+    assert len(decoded) == 4 and r.json()["choices"][0]["token_ids"] == expected

@@ -2,7 +2,8 @@
 tower and M-RoPE decoder): greedy output equal to transformers' on a tiny random checkpoint
 saved by transformers, with the image's placeholders cut by chunked prefill, alone and
 batched with text-only requests and a two-image prompt, and found in the prefix cache; a
-video (frames as an array) batched with text and image requests."""
+video (frames as an array) alone and batched with text and image requests, and found in
+the prefix cache."""
 
 import pytest
 
@@ -101,3 +102,19 @@ def test_video_batched_with_text_requests(llm, checkpoint, images):
     assert _generate(llm, requests[:1]) == expected[:1]
     assert num_compilations(llm) == before
     assert _generate(llm, requests) == expected
+
+
+def test_prefix_cache_hit_covering_a_video(llm, checkpoint):
+    """The video's 14 tokens (placeholders and their start/end) inside the first 16-token
+    page: the second request finds them cached; its rope positions still need the video's
+    grid and time scale (kept on the host by vLLM for M-RoPE models)."""
+    from tests.e2e.engines import metric
+
+    frames = video_frames(4, 56, 84, seed=6)
+    prompt = f"{VIDEO} " + " ".join(f"t{i}" for i in range(50, 70))
+    request = {"prompt": prompt, "multi_modal_data": {"video": (frames, video_metadata(4, 4.0))}}
+    expected = hf_video_greedy(checkpoint, prompt, frames, 4.0, NUM_NEW)
+    assert _generate(llm, [request]) == [expected]
+    hits = metric(llm, "vllm:prefix_cache_hits")
+    assert _generate(llm, [request]) == [expected]
+    assert metric(llm, "vllm:prefix_cache_hits") - hits >= 16

@@ -2,7 +2,7 @@
 SigLIP tower, projector and decoder with each image's tokens attending both ways): greedy
 output equal to transformers' on a tiny random checkpoint saved by transformers, alone and
 batched with text-only requests (the image's placeholders scheduled whole), no compile
-after warm-up; an image past the sliding window refused per request."""
+after warm-up; an image past the sliding window and a video refused per request."""
 
 import pytest
 
@@ -91,3 +91,16 @@ def test_prefix_cache_hit_inside_an_image(llm, checkpoint, images):
     hits = metric(llm, "vllm:prefix_cache_hits")
     assert _generate(llm, [request]) == [expected]
     assert metric(llm, "vllm:prefix_cache_hits") - hits >= 16
+
+
+def test_video_is_refused(llm):
+    """Gemma 3 takes images only: vLLM's processor refuses a video per request (its limit is
+    0), and the engine serves on."""
+    import numpy as np
+
+    frames = np.zeros((2, 56, 56, 3), np.uint8)
+    video = (frames, {"fps": 2.0, "duration": 1.0, "total_num_frames": 2,
+                      "frames_indices": [0, 1], "video_backend": "opencv"})
+    with pytest.raises(Exception, match="At most 0 video"):
+        _generate(llm, [{"prompt": "t5 t6", "multi_modal_data": {"video": video}}])
+    assert _generate(llm, [{"prompt": "t11 t12 t13"}])

@@ -1,13 +1,16 @@
 """Qwen2.5-VL with images through vllm.LLM on our engine (vLLM's own processor, our vision
 tower and M-RoPE decoder): greedy output equal to transformers' on a tiny random checkpoint
 saved by transformers, with the image's placeholders cut by chunked prefill, alone and
-batched with text-only requests and a two-image prompt, and found in the prefix cache;
-video refused per request."""
+batched with text-only requests and a two-image prompt, and found in the prefix cache; a
+video (frames as an array) alone and batched with text and image requests, and found in
+the prefix cache."""
 
 import pytest
 
 from tests.e2e.engines import generate_requests, num_compilations, shutdown, start_llm
-from tests.multimodal.tiny_qwen2_5_vl import IMAGE, hf_greedy, image, save_tiny_qwen2_5_vl
+from tests.multimodal.tiny_qwen2_5_vl import (IMAGE, VIDEO, hf_greedy, hf_video_greedy, image,
+                                              save_tiny_qwen2_5_vl, video_frames,
+                                              video_metadata)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -30,9 +33,10 @@ def images():
 @pytest.fixture(scope="module")
 def llm(checkpoint):
     # 16 tokens a step: the 24 placeholders of the first image span two steps or more.
-    # The first image's size is warmed up (its encoder compiled at start-up).
+    # The first image's size and the video's frame size are warmed up (their encoder
+    # programs compiled at start-up).
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("XLA_INFERENCE_IMAGE_SIZES", "112x168")
+        env.setenv("XLA_INFERENCE_IMAGE_SIZES", "112x168,56x84")
         llm = start_llm(checkpoint, max_num_batched_tokens=16, max_num_seqs=4,
                         kv_cache_memory_bytes=1 << 20)
     yield llm
@@ -81,13 +85,36 @@ def test_prefix_cache_hit_covering_an_image(llm, checkpoint, images):
     assert metric(llm, "vllm:prefix_cache_hits") - hits >= 16
 
 
-def test_video_is_refused_per_request(llm):
-    import numpy as np
+def test_video_batched_with_text_requests(llm, checkpoint, images):
+    """Four frames given as an array with their metadata (nothing to decode): two frame
+    pairs 0.5 s apart, 12 placeholders cut by the 16-token steps; alone (its frame size
+    warmed up as an image size: nothing compiled), then beside a text-only and an image
+    request."""
+    frames = video_frames(4, 56, 84, seed=3)
+    video = (frames, video_metadata(4, fps=4.0))
+    prompt = f"t5 t6 {VIDEO} t7 t8 t9"
+    requests = [{"prompt": prompt, "multi_modal_data": {"video": video}}, {"prompt": TEXT_ONLY[1]},
+                {"prompt": PROMPTS[1], "multi_modal_data": {"image": images[1]}}]
+    expected = [hf_video_greedy(checkpoint, prompt, frames, 4.0, NUM_NEW),
+                hf_greedy(checkpoint, TEXT_ONLY[1], [], NUM_NEW),
+                hf_greedy(checkpoint, PROMPTS[1], [images[1]], NUM_NEW)]
+    before = num_compilations(llm)
+    assert _generate(llm, requests[:1]) == expected[:1]
+    assert num_compilations(llm) == before
+    assert _generate(llm, requests) == expected
 
-    frames = np.zeros((2, 56, 56, 3), np.uint8)
-    video = (frames, {"fps": 2.0, "duration": 1.0, "total_num_frames": 2, "width": 56,
-                      "height": 56, "frames_indices": [0, 1], "video_backend": "opencv"})
-    prompt = "t5 <|vision_start|><|video_pad|><|vision_end|> t6"
-    with pytest.raises(Exception, match="does not serve video inputs"):
-        _generate(llm, [{"prompt": prompt, "multi_modal_data": {"video": video}}])
-    assert _generate(llm, [{"prompt": "t11 t12 t13"}])  # and the engine keeps serving
+
+def test_prefix_cache_hit_covering_a_video(llm, checkpoint):
+    """The video's 14 tokens (placeholders and their start/end) inside the first 16-token
+    page: the second request finds them cached; its rope positions still need the video's
+    grid and time scale (kept on the host by vLLM for M-RoPE models)."""
+    from tests.e2e.engines import metric
+
+    frames = video_frames(4, 56, 84, seed=6)
+    prompt = f"{VIDEO} " + " ".join(f"t{i}" for i in range(50, 70))
+    request = {"prompt": prompt, "multi_modal_data": {"video": (frames, video_metadata(4, 4.0))}}
+    expected = hf_video_greedy(checkpoint, prompt, frames, 4.0, NUM_NEW)
+    assert _generate(llm, [request]) == [expected]
+    hits = metric(llm, "vllm:prefix_cache_hits")
+    assert _generate(llm, [request]) == [expected]
+    assert metric(llm, "vllm:prefix_cache_hits") - hits >= 16

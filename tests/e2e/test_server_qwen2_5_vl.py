@@ -1,8 +1,10 @@
 """Qwen2.5-VL images through vLLM's OpenAI server on our engine: a chat request with a PNG
 data URL gives transformers' greedy tokens, streamed text equals the non-streamed text; an
 unreadable image and too many images get a 400 with vLLM's message, and the server keeps
-serving. Tiny random checkpoint (tests/multimodal/tiny_qwen2_5_vl.py) with a chat template
-that renders an image part as the placeholder string."""
+serving; a video sent as a data URL of JPEG frames (video/jpeg: nothing to decode but the
+frames) or of an MP4 (OpenCV decodes it) gives transformers' tokens for those frames. Tiny random checkpoint
+(tests/multimodal/tiny_qwen2_5_vl.py) with a chat template that renders an image or video
+part as the placeholder string."""
 
 import base64
 import contextlib
@@ -13,16 +15,19 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.e2e.servers import free_port, stop_server, wait_healthy
-from tests.multimodal.tiny_qwen2_5_vl import IMAGE, hf_greedy, image, save_tiny_qwen2_5_vl
+from tests.multimodal.tiny_qwen2_5_vl import (IMAGE, VIDEO, hf_greedy, hf_video_greedy, image,
+                                              save_tiny_qwen2_5_vl, video_frames)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 NUM_NEW = 6
 TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-            + IMAGE + "{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+            + IMAGE + "{% elif c['type'] == 'video' %}" + VIDEO
+            + "{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
             "{% endfor %}")
 
 
@@ -35,7 +40,9 @@ def _serve(model_dir: Path, log_path: Path):
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
            "--max-num-batched-tokens", "16", "--kv-cache-memory-bytes", str(1 << 20),
-           "--chat-template", str(template), "--limit-mm-per-prompt", '{"image": 2}']
+           "--chat-template", str(template), "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
+           # JPEG frame sequences carry no rate: frame pairs 0.5 s apart (vLLM's default is 1).
+           "--media-io-kwargs", '{"video": {"fps": 4.0}}']
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -103,3 +110,59 @@ def test_bad_images_get_a_400_and_the_server_serves_on(server):
     too_many = _chat(server, [one, one, one, {"type": "text", "text": "t5"}])
     assert too_many.status_code == 400 and "At most 2 image" in too_many.json()["error"]["message"]
     assert _chat(server, [one, {"type": "text", "text": "t5"}]).status_code == 200
+
+
+def _jpeg_frames_url(frames) -> tuple[dict, list]:
+    """A video/jpeg data URL (vLLM's frame-sequence format: base64 JPEGs joined by commas)
+    and the frames as PIL decodes them back (JPEG is lossy)."""
+    from PIL import Image
+
+    encoded, decoded = [], []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+        decoded.append(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    url = "data:video/jpeg;base64," + ",".join(encoded)
+    return {"type": "video_url", "video_url": {"url": url}}, np.stack(decoded)
+
+
+def test_chat_with_a_video_of_jpeg_frames(server, checkpoint):
+    part, frames = _jpeg_frames_url(video_frames(4, 56, 84, seed=3))
+    parts = [{"type": "text", "text": "t5"}, part, {"type": "text", "text": "t6 t7"}]
+    r = _chat(server, parts, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    expected = hf_video_greedy(checkpoint, f" t5{VIDEO} t6 t7", frames, 4.0, NUM_NEW)
+    assert r.json()["choices"][0]["token_ids"] == expected
+
+
+def test_bad_videos_get_a_400(server):
+    unreadable = {"type": "video_url", "video_url": {"url": "data:video/jpeg;base64,bm90IGEganBn"}}
+    r = _chat(server, [unreadable, {"type": "text", "text": "t5"}])
+    assert r.status_code == 400, r.text
+    part, _ = _jpeg_frames_url(video_frames(2, 56, 56, seed=4))
+    too_many = _chat(server, [part, part, {"type": "text", "text": "t5"}])
+    assert too_many.status_code == 400 and "At most 1 video" in too_many.json()["error"]["message"]
+    assert _chat(server, [part, {"type": "text", "text": "t5"}]).status_code == 200
+
+
+def test_chat_with_an_mp4_data_url(server, checkpoint, tmp_path):
+    """An MP4 (written and read back by OpenCV, vLLM's default video loader): the frames
+    OpenCV decodes, at the file's 4 fps, give transformers' tokens."""
+    import cv2
+
+    path = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (84, 56))
+    for frame in video_frames(4, 56, 84, seed=5):
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # OpenCV writes BGR
+    writer.release()
+    capture, decoded = cv2.VideoCapture(path), []
+    while (frame := capture.read())[0]:
+        decoded.append(frame[1][:, :, ::-1])
+    capture.release()
+    url = "data:video/mp4;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    parts = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "t8"}]
+    r = _chat(server, parts, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    expected = hf_video_greedy(checkpoint, f"{VIDEO} t8", np.stack(decoded), 4.0, NUM_NEW)
+    assert len(decoded) == 4 and r.json()["choices"][0]["token_ids"] == expected

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_engine
-from tests.multimodal.tiny_qwen2_5_vl import IMAGE, IMAGE_PAD, image, save_tiny_qwen2_5_vl
+from tests.multimodal.tiny_qwen2_5_vl import (IMAGE, IMAGE_PAD, VIDEO, VIDEO_PAD, image,
+                                              save_tiny_qwen2_5_vl, video_frames)
 from xla_inference.models.interface import MultimodalItem
 from xla_inference.runner.requests import RequestState
 
@@ -101,3 +102,56 @@ def test_image_embeddings_change_the_logits(checkpoint, processed, reference):
     engine.encode(req, [0])
     out = np.asarray(engine.forward([(req, req.num_prompt_tokens)]).logits)[0]
     assert np.abs(out - logits[-1]).max() > 1e-2
+
+
+# --- A video: four frames (two temporal patches) at 4 fps ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_processed(checkpoint):
+    """Frame pairs 0.5 s apart: time positions 0 and 2 (tokens_per_second 4)."""
+    from transformers import AutoProcessor
+
+    frames = video_frames(4, 56, 84, seed=3)
+    return AutoProcessor.from_pretrained(checkpoint)(
+        text=[f"t5 t6 {VIDEO} t7 t8 t9"], videos=[frames], return_tensors="pt",
+        do_sample_frames=False, video_metadata=[{"fps": 4.0, "total_num_frames": 4}])
+
+
+def test_video_prompt_logits_and_greedy(checkpoint, video_processed):
+    """The video's placeholders (two frame pairs of 2x3 merged patches) cut by a chunk, then
+    greedy decoding, against transformers' forward and generate."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        logits = model(**video_processed).logits[0].numpy()
+        out = model.generate(**video_processed, max_new_tokens=NUM_NEW, do_sample=False,
+                             min_new_tokens=NUM_NEW)
+    expected = out[0, video_processed["input_ids"].shape[1]:].tolist()
+    assert video_processed["video_grid_thw"][0].tolist() == [2, 4, 6]
+    assert float(video_processed["second_per_grid_ts"][0]) == 0.5
+
+    engine = tiny_engine(checkpoint)
+    ids = video_processed["input_ids"][0].tolist()
+    item = MultimodalItem("vid0", "video", ids.index(VIDEO_PAD), ids.count(VIDEO_PAD),
+                          {key: video_processed[key][0].numpy() if key != "pixel_values_videos"
+                           else video_processed[key].numpy()
+                           for key in ("pixel_values_videos", "video_grid_thw",
+                                       "second_per_grid_ts")})
+    req = RequestState("r0", ids, len(ids), [list(range(1, 13))], 0)
+    req.mm_items = [item]
+    assert item.length == 12 and req.num_prompt_tokens == 19
+    engine.encode(req, [0])
+    tokens = []
+    for num_new in (item.offset + 5, req.num_prompt_tokens - item.offset - 5) + (1,) * (NUM_NEW - 1):
+        step_logits = np.asarray(engine.forward([(req, num_new)]).logits)[0]
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens <= req.num_prompt_tokens:
+            np.testing.assert_allclose(step_logits, logits[req.num_computed_tokens - 1],
+                                       atol=2e-4, rtol=0)
+        if req.num_computed_tokens >= req.num_prompt_tokens:
+            tokens.append(int(step_logits.argmax()))
+            req.token_ids.append(tokens[-1])
+    assert tokens == expected

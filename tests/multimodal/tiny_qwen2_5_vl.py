@@ -11,6 +11,7 @@ IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 300, 301, 302, 303
 SPECIALS = {"<|image_pad|>": IMAGE_PAD, "<|video_pad|>": VIDEO_PAD,
             "<|vision_start|>": VISION_START, "<|vision_end|>": VISION_END}
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64  # 2x2 .. 8x8 merged patches
 
 
@@ -72,6 +73,11 @@ def _save_processor(path: Path, max_pixels: int) -> None:
     processor.save_pretrained(path)
 
 
+def video_frames(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """Random uint8 frames [num_frames, height, width, 3] (two frames per temporal patch)."""
+    return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), np.uint8)
+
+
 def image(height: int, width: int, seed: int):
     from PIL import Image
 
@@ -86,3 +92,33 @@ def hf_greedy(model_dir: Path, text: str, images: list, num_new: int) -> list[in
 
     return hf_image_greedy("Qwen2_5_VLForConditionalGeneration", "mm_token_type_ids", model_dir,
                            text, images, num_new)
+
+
+def video_metadata(num_frames: int, fps: float) -> dict:
+    """What vLLM's Qwen2.5-VL processor needs next to frames given as an array (no decoding):
+    frame pairs are temporal_patch_size / fps seconds apart (second_per_grid_ts)."""
+    return {"fps": fps, "duration": num_frames / fps, "total_num_frames": num_frames,
+            "frames_indices": list(range(num_frames)), "video_backend": "opencv"}
+
+
+def hf_video_greedy(model_dir: Path, text: str, frames: np.ndarray, fps: float,
+                    num_new: int) -> list[int]:
+    """transformers' greedy continuation of a prompt with one video, as hf_greedy's (the
+    whole sequence run again for each token; EOS neither stopping nor banned)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    inputs = AutoProcessor.from_pretrained(model_dir)(
+        text=[text], videos=[frames], return_tensors="pt", do_sample_frames=False,
+        video_metadata=[{"fps": fps, "total_num_frames": len(frames)}])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
+    new = []
+    with torch.no_grad():
+        for _ in range(num_new):
+            new.append(int(model(input_ids=ids, **inputs).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[new[-1]]])], dim=1)
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros((1, 1), dtype=torch.long)], dim=1)
+    return new

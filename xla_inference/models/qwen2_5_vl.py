@@ -1,12 +1,16 @@
 """Qwen2.5-VL: the Qwen2 decoder with multimodal rope (M-RoPE), fed the vision tower's
-embeddings (multimodal/qwen2_5_vl_vision.py) in place of each image's placeholder tokens.
+embeddings (multimodal/qwen2_5_vl_vision.py) in place of each image's or video's
+placeholder tokens.
 
 M-RoPE: every token has three rope positions (time, height, width); each chunk of
 `mrope_section` frequencies turns by one of them. Text tokens have one position on all
 three rows (plain rope, counted on from the largest position before them); an image's
 placeholders get their merged patch's (frame, row, column) added to the position after
-the text before it. Positions are numpy, per request, once (`rope_positions`); the step
-carries each token's in a MultimodalStepBatch (models/interface.py).
+the text before it; a video's frame index is scaled to time (`second_per_grid_ts` x
+`tokens_per_second`, as vLLM and the original Qwen2.5-VL do) and the text after it counts
+on from its largest position on any row. Positions are numpy, per request, once
+(`rope_positions`); the step carries each token's in a MultimodalStepBatch
+(models/interface.py).
 """
 
 import dataclasses
@@ -120,27 +124,46 @@ def forward(params: Qwen2_5_VLParams, kv_cache, batch: StepBatch, cfg: Qwen2_5_V
 # --- Multimodal inputs -------------------------------------------------------------------
 
 
+# The processor's tensors per modality: a video is a grid of t frame pairs (the tower's
+# temporal patch covers two frames) run through the same tower as an image.
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+_GRIDS = {"image": "image_grid_thw", "video": "video_grid_thw"}
+
+
 def _grid(item: MultimodalItem) -> tuple[int, int, int]:
-    key = "image_grid_thw" if item.modality == "image" else "video_grid_thw"
-    return tuple(int(g) for g in np.asarray(item.data[key]).reshape(-1))
+    return tuple(int(g) for g in np.asarray(item.data[_GRIDS[item.modality]]).reshape(-1))
 
 
 def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem) -> jax.Array:
-    """One image's embeddings [length, D]: the tower's program for its grid (compiled at
-    the first image of that grid)."""
-    if item.modality != "image":
-        raise ValueError(f"xla-inference serves Qwen2.5-VL image inputs, not {item.modality}")
+    """One image's or video's embeddings [length, D]: the tower's program for its frame size
+    (compiled at the first item of that size)."""
+    if item.modality not in _PIXELS:
+        raise ValueError(f"xla-inference serves Qwen2.5-VL image and video inputs, not "
+                         f"{item.modality}")
     grid = _grid(item)
-    patches = np.asarray(item.data["pixel_values"])
+    patches = np.asarray(item.data[_PIXELS[item.modality]])
     if not np.issubdtype(patches.dtype, np.floating):  # raw pixels would be read as normalized
         raise ValueError(f"Qwen2.5-VL's encoder takes the processor's normalized pixel values, "
                          f"not {patches.dtype} pixels (vLLM's mm_device_do_normalize must be off)")
     patches = patches.astype(np.float32)
-    embeds = encoder_for_grid(cfg.vision, grid)(params.vision, patches)
+    embeds = _encode_frames(params, cfg, grid, patches)
     if embeds.shape[0] != item.length:
-        raise ValueError(f"an image of grid {grid} gives {embeds.shape[0]} embeddings; its "
-                         f"prompt holds {item.length} placeholders")
+        raise ValueError(f"an {item.modality} of grid {grid} gives {embeds.shape[0]} "
+                         f"embeddings; its prompt holds {item.length} placeholders")
     return embeds
+
+
+def _encode_frames(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, patches):
+    """Every block attends inside one frame pair (windows, or the whole frame), so a video of
+    t frame pairs is t calls of the image program of its frame size: no program per frame
+    count, attention memory linear in t, and a warmed-up image size serves videos of that
+    frame size too. The processor orders a video's patches frame by frame."""
+    t, h, w = grid
+    if patches.shape[0] != t * h * w:
+        raise ValueError(f"{patches.shape[0]} patches for a grid of {grid}")
+    program = encoder_for_grid(cfg.vision, (1, h, w))
+    frames = [program(params.vision, patches[k * h * w:(k + 1) * h * w]) for k in range(t)]
+    return frames[0] if t == 1 else np.concatenate([np.asarray(f) for f in frames])
 
 
 def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid) -> None:
@@ -177,5 +200,5 @@ def rope_positions(cfg: Qwen2_5_VLConfig, num_prompt_tokens: int,
 
 FAMILY = decoder_family(
     "qwen2_5_vl", ARCHITECTURES, Qwen2_5_VLConfig, load_params=load_params, forward=forward,
-    multimodal=MultimodalSupport(modalities=("image",), encode=encode,
+    multimodal=MultimodalSupport(modalities=("image", "video"), encode=encode,
                                  rope_positions=rope_positions, warm_up=warm_up))

@@ -23,10 +23,18 @@ a TPU) and ml_dtypes (a dependency of jax): no vLLM, no network, no checkpoint.
    come from the device kind (H100/H200/A100/L4, TPU v4/v5e/v5p/v6e tables); on an
    unknown device they are measured (a large reduction, a large matmul) and marked so.
    Cases whose KV cache does not fit the device's memory are listed as skipped.
+3. Quantized MoE experts: one grouped product (Qwen3-30B-A3B's gate projection shapes: 128
+   experts, 2048 -> 768; int8 per channel and 4-bit in groups of 128) through the Pallas
+   grouped matmul over the experts as the loader stores them (quantization/experts.
+   stored_for_step: its K-major layout, made at load), against the same product with the
+   tiles converted inside the step (what the step did before) and against XLA's
+   dequantize-then-ragged_dot, timed in the same run; expert bytes read per second as a
+   fraction of peak HBM bandwidth.
 
 --smoke: tiny shapes (2 layers, hidden 256), short contexts; for CI on a CPU (interpret
-mode). --kernels jnp (or pallas-gpu, ...): the engine's attention backend, to compare the
-Pallas kernel's step with the jnp kernel's in another run. Exit status: 0 when every part
+mode; the MoE part: the GPU kernel in interpret mode, 8 small experts). --kernels jnp
+(or pallas-gpu, ...): the engine's attention backend, to compare the Pallas kernel's step
+with the jnp kernel's in another run; --skip-moe leaves part 3 out. Exit status: 0 when every part
 ran and the kernel check passed.
 """
 
@@ -86,9 +94,12 @@ SMOKE_MODEL = dict(LLAMA_31_8B, hidden_size=256, intermediate_size=512, num_hidd
 
 FULL = dict(model=LLAMA_31_8B, batches=(1, 16, 64, 256), contexts=(1024, 4096), prefill=2048,
             repeats=5, kernel=dict(decode=((1, 4096), (64, 1024)), prefill=2048, layers=8,
-                                   heads=(32, 8, 128)))
+                                   heads=(32, 8, 128)),
+            moe=dict(experts=128, inp=2048, out=768, rows=(512, 4096),
+                     kinds=(("int8", None), ("int4", 128))))
 SMOKE = dict(model=SMOKE_MODEL, batches=(1, 4), contexts=(64, 160), prefill=64, repeats=1,
-             kernel=dict(decode=((1, 160),), prefill=32, layers=2, heads=(4, 2, 64)))
+             kernel=dict(decode=((1, 160),), prefill=32, layers=2, heads=(4, 2, 64)),
+             moe=dict(experts=8, inp=64, out=64, rows=(32,), kinds=(("int8", None),)))
 BLOCK = 16
 
 
@@ -98,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--skip-moe", action="store_true")
     parser.add_argument("--budget", type=float, default=230.0,
                         help="seconds; core-step cases that would start later are skipped "
                              "(and listed)")
@@ -145,6 +157,9 @@ def main(argv=None) -> int:
                                             device, shapes, deadline)
         status |= 1 if "error" in report["engine"] or report["engine"].get("skipped_for_time") \
             else 0
+    if not args.skip_moe:
+        report["moe"] = _guarded("quantized MoE", moe_benchmark, device, shapes, deadline)
+        status |= 1 if "error" in report["moe"] else 0
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
@@ -505,6 +520,135 @@ def _attention_backend_name() -> str:
         return "jnp (no kernels/backend.py in this tree)"
     chosen = backend.attention_backend()
     return chosen.name + (" (interpret)" if chosen.interpret else "")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Quantized MoE experts: the stored layout against converting in the step
+
+
+def _random_tiles(rng, num_experts, inp, out, kind, group):
+    """PackedExperts of random bytes in the native tiles (OUT_IN; any bytes are valid
+    values) with float16 scales; 4 bits with offsets, as GPTQ's."""
+    import numpy as np
+
+    from xla_inference.quantization.experts import PackedExperts
+    from xla_inference.quantization.packed import kernel_group_size
+
+    group = kernel_group_size(group or inp, inp, kind)  # per channel: groups of 128, as pack
+    chunks = inp // (4 if kind == "int4" else 2)
+    dtype = np.uint8 if kind == "int4" else np.int8
+    values = rng.integers(-128 if kind == "int8" else 0, 128 if kind == "int8" else 256,
+                          (num_experts, out // 16, chunks, 32)).astype(dtype)
+    groups = (num_experts, out // 16, inp // group, 16)
+    scales = rng.uniform(1e-3, 2e-3, groups).astype(np.float16)
+    offsets = rng.uniform(-0.01, 0.01, groups).astype(np.float16) if kind == "int4" else None
+    return PackedExperts(values, scales, offsets, kind, group, inp, out,
+                         compute_dtype="bfloat16")
+
+
+def _converted_in_step(w):
+    """w's tiles converted to the kernel's layout inside the traced step (the old way)."""
+    import dataclasses
+    import functools
+
+    import jax
+
+    from xla_inference.kernels import pallas_quantized_matmul as qmm
+    from xla_inference.quantization.packed import K_MAJOR
+
+    layout = functools.partial(qmm.accelerator_layout, bits=w.bits, in_features=w.in_features,
+                               out_features=w.out_features)
+    if w.offsets is None:
+        (values, scales), offsets = jax.vmap(lambda v, s: layout(v, s, None)[:2])(
+            w.values, w.scales), None
+    else:
+        values, scales, offsets = jax.vmap(layout)(w.values, w.scales, w.offsets)
+    return dataclasses.replace(w, values=values, scales=scales, offsets=offsets,
+                               layout=K_MAJOR)
+
+
+def _check_moe_outputs(stored, in_step, xla, case: str) -> None:
+    """The stored layout's product must equal the in-step conversion's (the same kernel on
+    the same values) and XLA's (bf16 weights: 2% of the output's scale)."""
+    import numpy as np
+
+    stored, in_step, xla = (np.asarray(a, np.float32) for a in (stored, in_step, xla))
+    scale = float(np.abs(xla).max()) or 1.0
+    if not np.array_equal(stored, in_step) or np.abs(stored - xla).max() > 2e-2 * scale:
+        raise AssertionError(f"quantized MoE {case}: the stored layout's product differs (max "
+                             f"|stored - converted in step| {np.abs(stored - in_step).max():.3g}"
+                             f", |stored - XLA| {np.abs(stored - xla).max():.3g}, scale "
+                             f"{scale:.3g})")
+
+
+def moe_benchmark(device: dict, shapes: dict, deadline: float = float("inf")) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from xla_inference.kernels import cpu_quantized, pallas_gmm
+    from xla_inference.quantization import experts
+
+    ms = shapes["moe"]
+    saved = {name: os.environ.get(name) for name in (pallas_gmm.GMM_BACKEND_VARIABLE,
+                                                     "XLA_INFERENCE_CPU_QUANTIZED")}
+    if device["platform"] == "cpu":  # smoke: the GPU kernel in interpret mode, not the
+        os.environ[pallas_gmm.GMM_BACKEND_VARIABLE] = "gpu"  # CPU's native kernel
+        os.environ["XLA_INFERENCE_CPU_QUANTIZED"] = "0"
+        cpu_quantized.available.cache_clear()
+    forced = saved[pallas_gmm.GMM_BACKEND_VARIABLE]
+    try:
+        route = pallas_gmm.gmm_route()
+        if route is None:
+            raise RuntimeError("no Pallas grouped matmul route on this device "
+                               f"({pallas_gmm.GMM_BACKEND_VARIABLE}={forced!r})")
+        print(f"quantized MoE: {ms['experts']} experts [{ms['inp']} -> {ms['out']}], bf16 "
+              f"activations, Pallas {route.backend} GMM{' (interpret)' if route.interpret else ''}")
+        rng = np.random.default_rng(0)
+        rows = []
+        for kind, group in ms["kinds"]:
+            tiles = _random_tiles(rng, ms["experts"], ms["inp"], ms["out"], kind, group)
+            stored = experts.stored_for_step(tiles)
+            if stored.layout != "k-major":
+                print(f"  {kind}: the kernel does not take these shapes: skipped")
+                continue
+            stored_dev, tiles_dev = (jax.tree.map(jnp.asarray, w) for w in (stored, tiles))
+            expert_bytes = stored.nbytes
+            product = jax.jit(experts.ragged_product)
+            in_step = jax.jit(lambda x, w, g: experts.ragged_product(x, _converted_in_step(w), g))
+            xla = jax.jit(lambda x, w, g: jax.lax.ragged_dot(
+                x, experts.dequantize_experts(w, x.dtype), g,
+                preferred_element_type=jnp.float32).astype(x.dtype))
+            for n in ms["rows"]:
+                if time.perf_counter() > deadline:
+                    print(f"  {kind} {n} rows: skipped, past the time budget (--budget)")
+                    continue
+                x = jnp.asarray(rng.standard_normal((n, ms["inp"])), jnp.bfloat16)
+                sizes = jnp.asarray(np.bincount(rng.integers(0, ms["experts"], n),
+                                                minlength=ms["experts"]), jnp.int32)
+                _check_moe_outputs(product(x, stored_dev, sizes), in_step(x, tiles_dev, sizes),
+                                   xla(x, tiles_dev, sizes), f"{kind} {n} rows")
+                t = {name: median_seconds(lambda f=f, w=w: f(x, w, sizes), shapes["repeats"])
+                     for name, f, w in (("stored", product, stored_dev),
+                                        ("in_step", in_step, tiles_dev),
+                                        ("xla", xla, tiles_dev))}
+                row = dict(case=f"{kind} {n} rows", stored_s=t["stored"],
+                           converted_in_step_s=t["in_step"], xla_dequantize_s=t["xla"],
+                           hbm_fraction=expert_bytes / t["stored"] / device["bandwidth"])
+                rows.append(row)
+                print(f"  {row['case']:16s} stored layout {t['stored'] * 1e3:8.3f} ms, converted "
+                      f"in the step {t['in_step'] * 1e3:8.3f} ms ({t['in_step'] / t['stored']:.2f}x"
+                      f"), XLA dequantize + ragged_dot {t['xla'] * 1e3:8.3f} ms "
+                      f"({t['xla'] / t['stored']:.2f}x); experts read at "
+                      f"{row['hbm_fraction']:.0%} of peak HBM bandwidth")
+        return dict(rows=rows, backend=route.backend, interpret=route.interpret)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        cpu_quantized.available.cache_clear()
 
 
 if __name__ == "__main__":

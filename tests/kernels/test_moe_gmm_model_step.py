@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from tests.helpers import engine_request, run_chunks, save_tiny_family, tiny_engine
-from xla_inference.kernels import pallas_gmm
+from xla_inference.kernels import cpu_quantized, pallas_gmm
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp, moe_mlp_dense
-from xla_inference.quantization.experts import PackedExperts, pack_experts, quantize_experts
+from xla_inference.quantization.experts import (PackedExperts, pack_experts, quantize_experts,
+                                                stored_for_step)
 from xla_inference.quantization.groups import FP8, INT4, GroupQuant
+from xla_inference.quantization.packed import K_MAJOR
 
 PROMPTS = [[5, 9, 14, 3, 77, 21, 40, 8], list(range(20, 34)), [101, 7, 66]]
 # A prefill of two requests (one chunked), then a mixed step: a single token over its
@@ -100,16 +102,22 @@ QUANTIZED = {
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", QUANTIZED)
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
-def test_quantized_experts_through_gmm_equal_dense(backend, kind, monkeypatch, recorded_gmm):
-    """Quantized experts (not the native CPU kernel's: it is turned off) with at least as
-    many rows as experts: dequantized tile by tile inside the GMM."""
+def test_quantized_experts_through_gmm_equal_dense(backend, kind, monkeypatch, recorded_gmm,
+                                                   request):
+    """Quantized experts (not the native CPU kernel's: it is turned off), stored in the
+    kernel's layout, with at least as many rows as experts: dequantized tile by tile inside
+    the GMM."""
     dense = _random_block()
-    block = MoeMlp(dense.router, *QUANTIZED[kind](dense))
     cfg = MoeConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=64,
                     norm_topk_prob=True)
     x = jax.random.normal(jax.random.key(1), (9, 64))
     monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "0")
+    cpu_quantized.available.cache_clear()  # cached: asked again (and after the test)
+    request.addfinalizer(cpu_quantized.available.cache_clear)
     monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, backend)
+    # Stored in the kernel's layout, as loading/params.pack_quantized stores them.
+    block = MoeMlp(dense.router, *map(stored_for_step, QUANTIZED[kind](dense)))
+    assert all(w.layout == K_MAJOR for w in (block.w_gate, block.w_up, block.w_down))
     jax.clear_caches()  # the route is read when moe_mlp is traced
     got = jax.jit(moe_mlp, static_argnums=2)(block, x, cfg)
     assert recorded_gmm == [("gmm_quantized", backend, True, 18)] * 3

@@ -386,7 +386,8 @@ def gmm_quantized(lhs: jax.Array, values: jax.Array, scales: jax.Array,
                   out_dtype=None) -> jax.Array:
     """gmm over quantized experts, each dequantized tile by tile inside the kernel (its
     packed bytes read once): values [E, K or K / 2, N], scales / offsets [E, groups, N] in
-    kernels/pallas_quantized_matmul.py's layout (`accelerator_layout` per expert)."""
+    kernels/pallas_quantized_matmul.py's layout (`accelerator_layout` per expert: the
+    MoE experts are stored so at load, quantization/experts.stored_for_step)."""
     if backend not in BACKENDS:
         raise ValueError(f"gmm backend {backend!r}: expected one of {BACKENDS}")
     m, k = lhs.shape

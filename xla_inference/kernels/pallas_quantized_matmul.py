@@ -24,8 +24,9 @@ of 16 output rows, 32-byte chunks interleaving 16 rows): its minor dimension of 
 would fill a quarter of a TPU vreg's 128 lanes and needs a lane shuffle per tile, so the
 accelerators take the layout above: quantization/packed.pack stores a projection in it at
 load (layout K_MAJOR) when this kernel will serve it (`quantized_matmul_route`);
-`accelerator_layout` converts PackedWeight's tiled arrays (a rewrite of every byte: the
-MoE experts' path still does it per step, quantization/experts.py).
+`accelerator_layout` converts PackedWeight's tiled arrays (a rewrite of every byte): the
+MoE experts are converted with it at load when the Pallas grouped matmul will serve them
+(quantization/experts.stored_for_step), never in a step.
 
 Each K step of the kernels is cut into segments of inputs that share one group (and, for
 4 bits, one nibble): segment product x_s @ (q_s - z) in x's dtype (the integers are exact
@@ -98,7 +99,8 @@ def _untiled_values(values: jax.Array, bits: int, in_features: int) -> jax.Array
     if bits == 8:
         q = pairs.transpose(0, 2, 1, 3)  # [T, r, c, j]
     else:
-        q = jnp.stack([pairs & 15, pairs >> 4], axis=3).transpose(0, 2, 1, 3, 4)
+        stack = np.stack if isinstance(values, np.ndarray) else jnp.stack  # host or device
+        q = stack([pairs & 15, pairs >> 4], axis=3).transpose(0, 2, 1, 3, 4)
     return q.reshape(tiles * TILE_ROWS, in_features)
 
 
@@ -127,7 +129,9 @@ def unpack_int4(values: jax.Array) -> jax.Array:
 def accelerator_layout(values, scales, offsets, *, bits: int, in_features: int,
                        out_features: int):
     """PackedWeight's raw arrays (tiled integers, or FP8's plain [out, in]) -> (values,
-    scales, offsets) in this module's layout. Rewrites every byte: for load time."""
+    scales, offsets) in this module's layout. Rewrites every byte: for load time (numpy
+    arrays in, numpy arrays out: quantization/experts.to_kernel_layout stores MoE experts
+    so; jax arrays give jax arrays)."""
     if _is_fp8(values):
         pick = lambda a: None if a is None else a.T  # noqa: E731  [out, groups] -> [groups, out]
         return values.T, scales.T, pick(offsets)

@@ -13,7 +13,8 @@ token before the expert rather than the expert's output, and a shared expert, a 
 SwiGLU MLP, sees every token (`scoring`, `weight_inputs`, `MoeMlp.shared_expert`).
 
 Quantized experts (quantization/experts.PackedExperts: a quantized checkpoint's, or online
-int8 / fp8) take that module's grouped product, which dequantizes them inside the step.
+int8 / fp8) take that module's grouped product: on a TPU or GPU the Pallas GMM over the
+experts as the loader stored them (its K-major layout), elsewhere dequantized in the step.
 
 DeepSeek-V3 (and Kimi-K2) route with `scoring="grouped_sigmoid"` (DeepSeek's "noaux_tc"): a
 sigmoid score per expert; a learned per-expert bias shifts the scores used for choosing only;

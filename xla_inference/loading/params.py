@@ -9,7 +9,7 @@ import numpy as np
 from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.parallel.axes import field_axes, is_projection
 from xla_inference.quantization.experts import (PackedExperts, pack_experts, quantize_experts,
-                                                with_compute_dtype)
+                                                stored_for_step, with_compute_dtype)
 from xla_inference.quantization.groups import GroupQuant
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import PackedWeight, pack
@@ -190,14 +190,16 @@ def pack_quantized(params, compute_dtype, dense_dtype):
 
     Where a Pallas quantized matmul will serve (a TPU or GPU, or one forced in interpret
     mode: kernels/pallas_quantized_matmul.quantized_matmul_route), each projection it takes
-    is stored in its layout, here, once (packed.K_MAJOR)."""
+    is stored in its layout, here, once (packed.K_MAJOR); likewise the MoE experts where
+    the Pallas grouped matmul will serve them (kernels/pallas_gmm.gmm_route:
+    quantization/experts.stored_for_step)."""
     packed: dict[int, PackedWeight] = {}
     route = qmm.quantized_matmul_route()
     accelerator = None if route is None else route.backend
 
     def change(field, value):
-        if isinstance(value, PackedExperts):
-            return with_compute_dtype(value, compute_dtype)
+        if isinstance(value, PackedExperts):  # K_MAJOR where the Pallas GMM will serve
+            return stored_for_step(with_compute_dtype(value, compute_dtype))
         if not isinstance(value, GroupQuant):
             return value
         if not is_projection(field):

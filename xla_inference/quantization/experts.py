@@ -9,13 +9,24 @@ offsets likewise, one more leading axis:
     values  [E, out/16, in/2 (8-bit) or in/4 (4-bit), 32]  or FP8 [E, out, in]
     scales, offsets  [E, out/16, groups, 16]  or FP8 [E, out, groups]; offsets may be None
 
+or, where the Pallas grouped matmul will multiply them (layout K_MAJOR, decided once at
+load: `stored_for_step`), every expert in that kernel's K-major layout
+(kernels/pallas_quantized_matmul.py), which the step hands to the kernel unchanged:
+
+    values  [E, in, out] (int8, FP8) or uint8 [E, in/2, out] (4-bit, two inputs a byte)
+    scales, offsets  [E, groups, out]
+
 Their logical shape is the dense experts' [E, in, out] (what jax.lax.ragged_dot
 multiplies), and they shard as the dense ones do: experts over the "model" mesh axis
 (`array_axes` maps the weight's logical axes onto these arrays).
 
 They are made at load from each expert's host GroupQuant ([out, in], a quantized
 checkpoint's `experts.{i}.gate_proj` etc.: `pack_experts`) or by online int8 / fp8
-quantization of float experts, per expert and output channel (`quantize_experts`).
+quantization of float experts, per expert and output channel (`quantize_experts`), in the
+first layout; loading/params.pack_quantized then stores them for the step
+(`stored_for_step`: the K-major layout where the Pallas GMM will serve them, converted by
+pallas_quantized_matmul.accelerator_layout, the one converter the dense weights' tests
+check too; else unchanged).
 
 The product (`ragged_product`):
 - on the host CPU (4- and 8-bit experts, the native kernel there): with fewer rows than
@@ -26,16 +37,18 @@ The product (`ragged_product`):
   slower for 128 experts;
 - elsewhere, with fewer rows than experts: each row's expert gathered and dequantized
   alone, so a step reads the chosen experts' bytes only;
-- on a TPU or GPU (kernels/pallas_gmm.gmm_route) with at least as many rows as experts:
-  the Pallas GMM over the packed experts (gmm_quantized: dequantized tile by tile in the
-  kernel; the experts are converted to its layout in the step for now);
+- on a TPU or GPU (kernels/pallas_gmm.gmm_route) with at least as many rows as experts,
+  for experts stored in its layout: the Pallas GMM over the stored arrays as they are
+  (gmm_quantized: dequantized tile by tile in the kernel; no relayout in the step);
 - otherwise every expert is dequantized inside the step and a grouped product runs: the
-  Pallas GMM (kernels/pallas_gmm.py) on a TPU or GPU, XLA's ragged_dot elsewhere."""
+  Pallas GMM (kernels/pallas_gmm.py) on a TPU or GPU, XLA's ragged_dot elsewhere.
+Every path but the native kernel's (which needs the tiles, and so keeps them at load)
+takes either layout: XLA dequantizes each through packed.dequantize."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import logging
 import math
 from collections.abc import Sequence
 
@@ -48,7 +61,9 @@ from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.quantization import packed, product
 from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, GroupQuant, regroup)
 from xla_inference.quantization.online import quantize_per_channel
-from xla_inference.quantization.packed import PackedWeight
+from xla_inference.quantization.packed import K_MAJOR, OUT_IN, PackedWeight
+
+logger = logging.getLogger(__name__)
 
 # Rows of one expert the native kernel multiplies in one call when there are at least as
 # many rows as experts (E = 128, in 1024, out 384 int8: 512 rows in 24 ms in chunks of 8,
@@ -78,6 +93,9 @@ class PackedExperts:
     compute_dtype: str = _static(default="float32")
     # Subtracted from every value before scaling (as PackedWeight.zero_point; 0: none).
     zero_point: int = _static(default=0)
+    # OUT_IN (the native CPU kernel's tiles; FP8 plain [out, in]) or K_MAJOR (the Pallas
+    # kernels': module docstring), as PackedWeight.layout.
+    layout: str = _static(default=OUT_IN)
 
     @property
     def num_experts(self) -> int:
@@ -90,7 +108,12 @@ class PackedExperts:
 
     @property
     def tiled(self) -> bool:
-        return self.kind in (INT4, INT8)
+        """In the native CPU kernel's tiles (4- and 8-bit integers in the OUT_IN layout)."""
+        return self.kind in (INT4, INT8) and self.layout == OUT_IN
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.kind == INT4 else 8
 
     @property
     def nbytes(self) -> int:
@@ -99,8 +122,11 @@ class PackedExperts:
 
     def array_axes(self, axes: tuple) -> tuple:
         """The logical axes of the stored arrays, given the weight's [experts, in, out]
-        axes: each expert is [out, in] (tiles: [out tiles, in chunks or groups, 16])."""
+        axes: each expert is [out, in] (tiles: [out tiles, in chunks or groups, 16]), or
+        K_MAJOR [in (4 bits: in / 2), out] and [groups, out]."""
         experts, inp, out = axes
+        if self.layout == K_MAJOR:
+            return (experts, inp, out)
         return (experts, out, inp) + ((None,) if self.tiled else ())
 
     def expert(self, values, scales, offsets) -> PackedWeight:
@@ -108,7 +134,7 @@ class PackedExperts:
         zero = {"zero_point": self.zero_point} if self.zero_point else {}
         return PackedWeight(values, scales, offsets, self.kind, self.group_size,
                             self.out_features, self.in_features, self.activations,
-                            self.compute_dtype, **zero)
+                            self.compute_dtype, layout=self.layout, **zero)
 
 
 # ------------------------------------------------------------------ on the host (numpy)
@@ -169,6 +195,36 @@ def quantize_experts(weights: np.ndarray, kind: str) -> PackedExperts:
 
 def with_compute_dtype(experts: PackedExperts, compute_dtype) -> PackedExperts:
     return dataclasses.replace(experts, compute_dtype=jnp.dtype(compute_dtype).name)
+
+
+def to_kernel_layout(w: PackedExperts) -> PackedExperts:
+    """w (numpy arrays, OUT_IN) with every expert converted to the Pallas kernels' K-major
+    layout by pallas_quantized_matmul.accelerator_layout (a rewrite of every byte, once,
+    on the host: load time)."""
+    if w.layout == K_MAJOR:
+        return w
+    each = [qmm.accelerator_layout(
+        np.asarray(w.values[e]), np.asarray(w.scales[e]),
+        None if w.offsets is None else np.asarray(w.offsets[e]), bits=w.bits,
+        in_features=w.in_features, out_features=w.out_features) for e in range(w.num_experts)]
+    stack = lambda i: np.ascontiguousarray(np.stack([arrays[i] for arrays in each]))  # noqa: E731
+    return dataclasses.replace(w, values=stack(0), scales=stack(1),
+                               offsets=None if w.offsets is None else stack(2), layout=K_MAJOR)
+
+
+def stored_for_step(w: PackedExperts) -> PackedExperts:
+    """The layout the step's grouped product will read w in, decided once at load (as
+    packed.pack decides a projection's): K_MAJOR where the Pallas GMM will multiply the
+    experts (kernels/pallas_gmm.gmm_route: a TPU or GPU, or XLA_INFERENCE_GMM_BACKEND;
+    not where the native CPU kernel serves them, which reads the tiles; its kernels take
+    their shape and groups), else unchanged."""
+    route = pallas_gmm.gmm_route()
+    if route is None or w.layout == K_MAJOR or _uses_kernel(w) or not _pallas_fits(w, route):
+        return w
+    logger.info("xla-inference: %d %s MoE experts [%d, %d] stored in the Pallas %s grouped "
+                "matmul's layout", w.num_experts, w.kind, w.in_features, w.out_features,
+                route.backend)
+    return to_kernel_layout(w)
 
 
 # ------------------------------------------------------------------ on the device (jnp)
@@ -275,29 +331,45 @@ def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> ja
 
 
 def _pallas_fits(w: PackedExperts, route: pallas_gmm.GmmRoute) -> bool:
-    return qmm.layout_supported(w.in_features, w.out_features, bits=4 if w.kind == INT4 else 8,
+    return qmm.layout_supported(w.in_features, w.out_features, bits=w.bits,
                                 group_size=w.group_size, backend=route.backend)
 
 
 def _pallas_quantized(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array,
                       route: pallas_gmm.GmmRoute) -> jax.Array:
-    """The Pallas GMM over the packed experts, dequantized tile by tile in the kernel.
-    The experts are converted to its layout (pallas_quantized_matmul.accelerator_layout)
-    inside the step: a rewrite of their bytes (less than the dequantized copy it replaces:
-    1 or 0.5 byte a weight against 2 or 4); converting them at load is not done yet."""
-    bits = 4 if w.kind == INT4 else 8
-    convert = functools.partial(qmm.accelerator_layout, bits=bits, in_features=w.in_features,
-                                out_features=w.out_features)
-    if w.offsets is None:
-        (values, scales), offsets = jax.vmap(lambda v, s: convert(v, s, None)[:2])(
-            w.values, w.scales), None
-    else:
-        values, scales, offsets = jax.vmap(convert)(w.values, w.scales, w.offsets)
+    """The Pallas GMM over the experts as stored (K_MAJOR: its layout, made at load),
+    dequantized tile by tile in the kernel: each expert with rows read once, nothing
+    rewritten."""
     xs = product.scheme_activations(xs, w).astype(jnp.dtype(w.compute_dtype))
-    return pallas_gmm.gmm_quantized(xs, values, scales, offsets, group_sizes, bits=bits,
-                                    group_size=w.group_size, zero_point=w.zero_point,
-                                    backend=route.backend, interpret=route.interpret,
-                                    out_dtype=jnp.float32)
+    return pallas_gmm.gmm_quantized(xs, w.values, w.scales, w.offsets, group_sizes,
+                                    bits=w.bits, group_size=w.group_size,
+                                    zero_point=w.zero_point, backend=route.backend,
+                                    interpret=route.interpret, out_dtype=jnp.float32)
+
+
+def _pallas_route(w: PackedExperts, rows: int) -> pallas_gmm.GmmRoute | None:
+    """The Pallas GMM route that multiplies these experts' stored arrays, or None. Experts
+    the loader did not store in its layout (OUT_IN under a Pallas route: built outside
+    loading/, or the route changed after load) are dequantized instead (_every_expert), with
+    a log line: never relaid out in the step."""
+    route = None if _uses_kernel(w) or rows < w.num_experts else pallas_gmm.gmm_route()
+    if route is None or not _pallas_fits(w, route):
+        return None
+    if w.layout != K_MAJOR:
+        _note_once(f"{w.kind} experts [{w.in_features}, {w.out_features}] reach the Pallas "
+                   f"{route.backend} grouped matmul in the {w.layout} layout (not stored for "
+                   "it at load: experts.stored_for_step): dequantized in the step instead")
+        return None
+    return route
+
+
+_noted: set = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _noted:
+        _noted.add(message)
+        logger.warning("xla-inference: %s", message)
 
 
 def ragged_product(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
@@ -305,8 +377,8 @@ def ragged_product(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> j
     group_sizes [E] -> [R, out] in xs's dtype, accumulated in float32 (the ways in the
     module docstring)."""
     rows = xs.shape[0]
-    route = None if _uses_kernel(w) or rows < w.num_experts else pallas_gmm.gmm_route()
-    if route is not None and _pallas_fits(w, route):
+    route = _pallas_route(w, rows)
+    if route is not None:
         return _pallas_quantized(xs, w, group_sizes, route).astype(xs.dtype)
     if _uses_kernel(w):
         y = (_kernel_rows(xs, w, row_experts(group_sizes, rows)) if rows < w.num_experts

@@ -18,16 +18,17 @@ PAGE_BYTES = 16 * 2 * 2 * 2 * 16 * 4  # tokens x layers x (K, V) x kv heads x he
 HOST_PAGES = 24
 
 
-def _generate(llm, prompt):
-    """(token ids, num_cached_tokens, pages loaded from the host tier) of one prompt."""
+def _generate(llm, prompts):
+    """(token ids, num_cached_tokens, pages loaded from the host tier) of the first of
+    `prompts`, generated together."""
     from vllm import SamplingParams
 
     before = llm.collective_rpc("kv_transfer_counts")[0]["loaded_pages"]
-    out, = llm.generate([{"prompt_token_ids": prompt}],
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)
     loaded = llm.collective_rpc("kv_transfer_counts")[0]["loaded_pages"] - before
-    return list(out.outputs[0].token_ids), out.num_cached_tokens, loaded
+    return list(outs[0].outputs[0].token_ids), outs[0].num_cached_tokens, loaded
 
 
 def test_a_long_prompt_evicted_from_the_device_is_served_from_the_host_tier(tmp_path):
@@ -42,16 +43,13 @@ def test_a_long_prompt_evicted_from_the_device_is_served_from_the_host_tier(tmp_
                         kv_connector="OffloadingConnector", kv_role="kv_both",
                         kv_connector_extra_config={"cpu_bytes_to_use": HOST_PAGES * PAGE_BYTES}))
     try:
-        runs = [_generate(llm, long)]
-        for prompt in others[:3]:  # host tier: long (6) + 15 pages
-            _generate(llm, prompt)
-        runs.append(_generate(llm, long))  # the device lost it: loaded from the host
-        for prompt in others[3:6]:  # 15 more pages: the 12 least recently used go
-            _generate(llm, prompt)
-        runs.append(_generate(llm, long))  # recently used, so kept
-        for prompt in others[6:]:  # 25 more: the tier keeps 24 pages, the long prompt goes
-            _generate(llm, prompt)
-        runs.append(_generate(llm, long))
+        runs = [_generate(llm, [long])]
+        _generate(llm, others[:3])  # host tier: long (6) + 15 pages
+        runs.append(_generate(llm, [long]))  # the device lost it: loaded from the host
+        _generate(llm, others[3:6])  # 15 more pages: the 12 least recently used go
+        runs.append(_generate(llm, [long]))  # recently used, so kept
+        _generate(llm, others[6:])  # 25 more: the tier keeps 24 pages, the long prompt goes
+        runs.append(_generate(llm, [long]))
         external_hits = metric(llm, "vllm:external_prefix_cache_hits")
         loaded_bytes = metric(llm, "vllm:kv_offload_load_bytes")
     finally:

@@ -8,7 +8,9 @@ turn when several are given.
     xla-inference disagg-proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \\
         --port 8000
 
-The prefill server's errors (a 400 for a bad request) reach the client as they are."""
+The prefill server's errors (a 400 for a bad request) reach the client as they are; a decode
+server's server error (vLLM's bare "Internal server error" when the KV fetch failed) becomes
+a 502 naming the prefill server and whether it still answers."""
 
 from __future__ import annotations
 
@@ -35,10 +37,34 @@ def prefill_body(body: dict) -> dict:
     return body
 
 
-def build_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0):
+async def decode_failure(client: httpx.AsyncClient, answer: httpx.Response, prefill_url: str,
+                         decode_url: str) -> JSONResponse:
+    """A decode server's server error, as a 502 naming the prefill server whose KV the
+    request needed and whether it still answers: vLLM's server says only "Internal server
+    error" for a request whose KV load failed (the decode server logs the fetch's error)."""
+    try:
+        reason = answer.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        reason = answer.text[:200] or f"HTTP {answer.status_code}"
+    try:
+        health = await client.get(prefill_url + "/health", timeout=5.0)
+        prefill_state = (f"the prefill server {prefill_url} is up (HTTP {health.status_code}); "
+                         "the decode server's log names the KV fetch's error")
+    except httpx.HTTPError as error:
+        prefill_state = (f"the prefill server {prefill_url} that holds its KV does not answer "
+                         f"({type(error).__name__}: {error or 'no reply'}): its pages are lost")
+    message = (f"the decode server {decode_url} failed the request (HTTP {answer.status_code}: "
+               f"{reason}); {prefill_state}")
+    logger.error("xla-inference proxy: %s", message)
+    return JSONResponse({"error": {"message": message, "type": "BadGatewayError",
+                                   "code": 502}}, 502)
+
+
+def build_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float = 600.0,
+              transport: httpx.AsyncBaseTransport | None = None):
     app = FastAPI(title="xla-inference disaggregated proxy")
     prefills, decodes = itertools.cycle(prefill_urls), itertools.cycle(decode_urls)
-    client = httpx.AsyncClient(timeout=timeout_s)
+    client = httpx.AsyncClient(timeout=timeout_s, transport=transport)
 
     @app.get("/health")
     async def health():
@@ -56,7 +82,8 @@ def build_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float 
         except json.JSONDecodeError as error:
             return JSONResponse({"error": {"message": f"request body is not JSON: {error}",
                                            "type": "BadRequestError", "code": 400}}, 400)
-        prefill = await client.post(next(prefills) + route, json=prefill_body(body))
+        prefill_url = next(prefills)
+        prefill = await client.post(prefill_url + route, json=prefill_body(body))
         if prefill.status_code != 200:
             return Response(prefill.content, prefill.status_code,
                             media_type=prefill.headers.get("content-type"))
@@ -67,13 +94,20 @@ def build_app(prefill_urls: list[str], decode_urls: list[str], timeout_s: float 
                            "with --kv-transfer-config naming XlaNetworkConnector, kv_producer?",
                 "type": "BadGatewayError", "code": 502}}, 502)
         decode_body = dict(body, kv_transfer_params=params)
-        decode_url = next(decodes) + route
+        decode_server = next(decodes)
+        decode_url = decode_server + route
         if not body.get("stream"):
             answer = await client.post(decode_url, json=decode_body)
+            if answer.status_code >= 500:
+                return await decode_failure(client, answer, prefill_url, decode_server)
             return Response(answer.content, answer.status_code,
                             media_type=answer.headers.get("content-type"))
         upstream = await client.send(client.build_request("POST", decode_url, json=decode_body),
                                      stream=True)
+        if upstream.status_code >= 500:
+            await upstream.aread()
+            await upstream.aclose()
+            return await decode_failure(client, upstream, prefill_url, decode_server)
 
         async def chunks():
             try:

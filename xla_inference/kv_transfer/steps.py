@@ -14,7 +14,8 @@ from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
-from xla_inference.kv_transfer.config import register_connectors
+from xla_inference.kv_transfer.config import (OFFLOADING_CONNECTOR, register_connectors,
+                                               refuse_unserved)
 from xla_inference.runner.kv_pages import EnginePages
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,15 @@ class KvConnectorSteps:
             raise ValueError(f"xla-inference's KV connectors serve models with one KV cache "
                              f"group; this model has {engine.cfg.num_groups}")
         register_connectors()
-        connector = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER,
-                                                        kv_cache_config)
+        refuse_unserved(config)  # --kv-offloading-size set its connector after the front-end's checks
+        if config.kv_connector == OFFLOADING_CONNECTOR:  # vLLM's, with our worker side
+            from xla_inference.kv_transfer.offload import XlaOffloadingConnector
+
+            connector = XlaOffloadingConnector(vllm_config, KVConnectorRole.WORKER,
+                                               kv_cache_config)
+        else:
+            connector = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER,
+                                                            kv_cache_config)
         pages = EnginePages(engine)
         connector.bind_pages(pages)
         return cls(connector, pages)

@@ -379,14 +379,18 @@ def refuse_unsupported_features(vllm_config) -> None:
 
 
 def _kv_connector_refusals(vllm_config) -> list:
-    """--kv-transfer-config: our shared-storage or network connector (kv_transfer/), on one engine
-    replica of a generative model without speculative decoding."""
-    from xla_inference.kv_transfer.config import refuse_unserved
+    """--kv-transfer-config: our shared-storage or network connector or vLLM's OffloadingConnector
+    (kv_transfer/), on one engine replica of a generative model without speculative decoding."""
+    from vllm import envs as vllm_envs
 
+    from xla_inference.kv_transfer.config import refuse_unserved, refuse_unserved_offloading_size
+
+    refuse_unserved_offloading_size(vllm_config.cache_config, vllm_envs.VLLM_USE_SIMPLE_KV_OFFLOAD)
     config = vllm_config.kv_transfer_config
-    if config is None or config.kv_connector is None:
+    if config is not None and config.kv_connector is not None:
+        refuse_unserved(config)
+    elif vllm_config.cache_config.kv_offloading_size is None:
         return []
-    refuse_unserved(config)
     model, replicas = vllm_config.model_config, requested_replicas(vllm_config)
     return [
         (replicas > 1, lambda: "KV connectors (--kv-transfer-config) with data parallel replicas"),

@@ -19,7 +19,7 @@ import secrets
 from xla_inference import envs
 from xla_inference.plugin import ray_hosts
 from xla_inference.plugin.multihost import (FollowerGroup, MultiHostExecutor, _free_port_pair,
-                                            follow, split_address)
+                                            _log_and_print, follow, split_address)
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,10 @@ class RayMultiHostExecutor(MultiHostExecutor):
         key = (envs.multihost_key() or secrets.token_hex(16)).encode()
         followers = RayFollowerGroup(num_hosts, (host, port + 1), key, placement)
         followers.start_actors(f"{host}:{port + 1}", bundle)
-        logger.info("xla-inference on Ray: driver of %d JAX processes, coordinator %s, followers "
-                    "on nodes %s", num_hosts, address,
-                    [followers.nodes.get(p) for p in range(1, num_hosts)])
+        _log_and_print("xla-inference on Ray: driver of %d JAX processes on node %s, coordinator "
+                       "%s; followers: %s", num_hosts, followers.nodes.get(0), address,
+                       ", ".join(f"process {p} on node {followers.nodes.get(p)}"
+                                 for p in range(1, num_hosts)))
         return followers, address
 
     def shutdown(self) -> None:

@@ -18,7 +18,7 @@ from tests.helpers import hf_greedy_ids
 pytestmark = pytest.mark.slow
 
 NUM_NEW = 10
-JOIN_TIMEOUT_S = 4
+JOIN_TIMEOUT_S = 2
 
 
 @contextlib.contextmanager

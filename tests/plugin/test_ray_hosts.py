@@ -28,7 +28,8 @@ def test_a_follower_inherits_the_drivers_xla_jax_and_vllm_settings_only():
     environ = {"XLA_FLAGS": "--x", "JAX_PLATFORMS": "cpu", "XLA_INFERENCE_HOSTS": "2",
                "VLLM_LOGGING_LEVEL": "INFO", "HF_HOME": "/h", "PATH": "/bin",
                "CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": "/src",
-               "XLA_INFERENCE_PROCESS_ID": "0", "XLA_INFERENCE_COORDINATOR": "10.0.0.1:7"}
+               "XLA_INFERENCE_PROCESS_ID": "0", "XLA_INFERENCE_COORDINATOR": "10.0.0.1:7",
+               "XLA_INFERENCE_MULTIHOST_KEY": "secret"}
     assert ray_hosts.forwarded_env(environ) == {
         "XLA_FLAGS": "--x", "JAX_PLATFORMS": "cpu", "XLA_INFERENCE_HOSTS": "2",
         "VLLM_LOGGING_LEVEL": "INFO", "HF_HOME": "/h"}

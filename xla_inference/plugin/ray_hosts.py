@@ -19,8 +19,10 @@ NODE_ID_LABEL = "ray.io/node-id"
 # variables (paths, visible devices, PYTHONPATH) stay as each node's Ray started them.
 FORWARDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_",
                       "TOKENIZERS_")
-# Set per process by the follower itself.
-NOT_FORWARDED = {"XLA_INFERENCE_PROCESS_ID", "XLA_INFERENCE_COORDINATOR"}
+# Set per process by the follower itself, or (the key) handed to it as an argument rather
+# than written into the actors' runtime environment, which Ray shows to anyone watching.
+NOT_FORWARDED = {"XLA_INFERENCE_PROCESS_ID", "XLA_INFERENCE_COORDINATOR",
+                 "XLA_INFERENCE_MULTIHOST_KEY"}
 # Ray's own names for the resources an actor asks for by keyword.
 _KEYWORD_RESOURCES = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
 _POLL_S = 0.5
@@ -61,8 +63,9 @@ def too_few_nodes_message(num_hosts: int, bundle: dict[str, float], nodes: list[
     alive = sum(1 for n in nodes if n.get("Alive"))
     fit = nodes_that_fit(nodes, bundle)
     return (f"xla-inference on Ray: the mesh needs {num_hosts} hosts (XLA_INFERENCE_HOSTS="
-            f"{num_hosts}), one Ray node each, but the cluster has {alive} alive "
-            f"node{'s' if alive != 1 else ''} ({fit} with the resources of one bundle, {bundle}: "
+            f"{num_hosts}), one Ray node each, the driver's included, but the cluster has "
+            f"{alive} alive node{'s' if alive != 1 else ''} ({fit} with the resources of one "
+            f"bundle, {bundle}: "
             f"XLA_INFERENCE_RAY_BUNDLE); no placement within {waited_s:.0f}s "
             f"(XLA_INFERENCE_JOIN_TIMEOUT). Add nodes (`ray start --address HEAD:6379` on each "
             "host) or lower the host count")

@@ -41,7 +41,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "1",
         "JAX processes (hosts) one engine spans, joined by jax.distributed: above 1, the "
         "engine core runs process 0 (the driver: vLLM's scheduler) and the multi-host "
-        "executor (plugin/multihost.py) starts or awaits the others (followers)"),
+        "executor (plugin/multihost.py) starts or awaits the others (followers), or places "
+        "them on a Ray cluster (--distributed-executor-backend ray: plugin/ray_executor.py)"),
     "XLA_INFERENCE_COORDINATOR": (
         "",
         "HOST:PORT of jax.distributed's coordinator (the driver's host); the driver's "
@@ -57,6 +58,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "",
         "shared secret a follower presents on the control channel; external followers need "
         "it set, the same on every host (local ones get a random one)"),
+    "XLA_INFERENCE_RAY_BUNDLE": (
+        '{"CPU": 1}',
+        "with --distributed-executor-backend ray: the Ray resources reserved on each host "
+        "(one placement-group bundle per host, JSON), e.g. {\"TPU\": 4} or {\"GPU\": 8} so "
+        "that Ray hands the follower's JAX process that host's accelerators"),
     "XLA_INFERENCE_JOIN_TIMEOUT": (
         "120",
         "seconds the driver waits for every follower to connect and for jax.distributed to "
@@ -175,6 +181,23 @@ def multihost_key() -> str:
 
 def join_timeout() -> float:
     return _number("XLA_INFERENCE_JOIN_TIMEOUT", float)
+
+
+def ray_bundle() -> dict[str, float]:
+    """XLA_INFERENCE_RAY_BUNDLE: resource name -> amount, each amount positive."""
+    import json
+
+    text = _get("XLA_INFERENCE_RAY_BUNDLE")
+    try:
+        bundle = json.loads(text)
+    except ValueError:
+        bundle = None
+    if (not isinstance(bundle, dict) or not bundle
+            or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                       for k, v in bundle.items())):
+        raise ValueError("XLA_INFERENCE_RAY_BUNDLE must be a JSON object of Ray resources and "
+                         f"positive amounts, e.g. {{\"CPU\": 1}}, not {text!r}")
+    return {k: float(v) for k, v in bundle.items()}
 
 
 def process_id() -> int:

@@ -32,10 +32,25 @@ def test_hosts_or_the_executor_name_select_the_multihost_executor(monkeypatch):
     assert _executor_backend(_parallel(EXECUTOR)) == EXECUTOR
 
 
-def test_ray_and_nnodes_are_refused_by_name(monkeypatch):
+def test_ray_selects_our_ray_executor_and_needs_the_host_count(monkeypatch):
+    from xla_inference.plugin.ray_executor import EXECUTOR as RAY_EXECUTOR
+    from xla_inference.plugin.ray_executor import RayMultiHostExecutor
+
     monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
-    with pytest.raises(ValueError, match="does not run on Ray"):
+    assert _executor_backend(_parallel("ray")) == RAY_EXECUTOR
+    assert _executor_backend(_parallel(RAY_EXECUTOR)) == RAY_EXECUTOR
+    assert _executor_backend(_parallel(RayMultiHostExecutor)) == RAY_EXECUTOR
+    monkeypatch.delenv("XLA_INFERENCE_HOSTS")
+    with pytest.raises(ValueError, match="set XLA_INFERENCE_HOSTS to the number of hosts"):
         _executor_backend(_parallel("ray"))
+
+
+def test_vllms_ray_executor_and_nnodes_are_refused_by_name(monkeypatch):
+    from vllm.v1.executor.ray_executor import RayDistributedExecutor
+
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    with pytest.raises(ValueError, match="vLLM's Ray executor RayDistributedExecutor"):
+        _executor_backend(_parallel(RayDistributedExecutor))
     with pytest.raises(ValueError, match="--nnodes"):
         _executor_backend(_parallel("mp", nnodes=2))
 

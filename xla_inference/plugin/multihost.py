@@ -107,7 +107,7 @@ class FollowerGroup:
         first, or any still missing at the deadline, fails start-up naming it."""
         deadline = time.monotonic() + timeout_s
         while len(self.connections) < self.num_hosts - 1:
-            self._check_local_processes()
+            self._check_unjoined()
             if time.monotonic() > deadline:
                 missing = sorted(set(range(1, self.num_hosts)) - set(self.connections))
                 raise RuntimeError(
@@ -132,7 +132,8 @@ class FollowerGroup:
             logger.info("xla-inference multi-host: follower process %d joined from %s", pid, peer)
         self._server.close()
 
-    def _check_local_processes(self) -> None:
+    def _check_unjoined(self) -> None:
+        """Fail start-up at once when a follower that has not joined yet has exited."""
         for pid, proc in self.processes.items():
             if proc.poll() is not None and pid not in self.connections:
                 raise RuntimeError(f"xla-inference multi-host: follower process {pid} (local pid "
@@ -182,18 +183,23 @@ class FollowerGroup:
         core outright."""
         if self.failure is not None:
             return
-        proc = self.processes.get(pid)
-        where = f" (local pid {proc.pid})" if proc else ""
-        self.failure = (f"xla-inference multi-host: follower process {pid}{where} {reason}; the "
-                        "engine cannot run without it and stops")
+        self.failure = (f"xla-inference multi-host: follower process {pid}{self._describe(pid)} "
+                        f"{reason}; the engine cannot run without it and stops")
         logger.error(self.failure)
         print(self.failure, file=sys.stderr, flush=True)
-        for other in self.processes.values():
-            if other.poll() is None:
-                other.kill()
+        self._kill_followers()
         threading.Thread(target=self._exit_after_grace, daemon=True).start()
         if self.failure_callback is not None:
             self.failure_callback()
+
+    def _describe(self, pid: int) -> str:
+        proc = self.processes.get(pid)
+        return f" (local pid {proc.pid})" if proc else ""
+
+    def _kill_followers(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.kill()
 
     def _exit_after_grace(self) -> None:
         """A step waiting in a collective on the dead process never returns (gloo has no
@@ -241,22 +247,9 @@ class MultiHostExecutor(UniProcExecutor):
     def _init_executor(self) -> None:
         num_hosts = envs.num_hosts()
         if num_hosts < 2:
-            raise ValueError(f"{EXECUTOR} drives several JAX processes: set XLA_INFERENCE_HOSTS "
-                             "to their number (2 or more)")
-        address = envs.coordinator() or f"127.0.0.1:{_free_port_pair('127.0.0.1')}"
-        host, port = split_address(address)
-        launch = envs.followers_launch()
-        key = envs.multihost_key()
-        if launch == "external" and not key:
-            raise ValueError("XLA_INFERENCE_FOLLOWERS=external needs XLA_INFERENCE_MULTIHOST_KEY "
-                             "set, the same on every host")
-        os.environ.update(XLA_INFERENCE_COORDINATOR=address, XLA_INFERENCE_PROCESS_ID="0")
-        self.followers = FollowerGroup(num_hosts, ("" if launch == "external" else host, port + 1),
-                                       (key or secrets.token_hex(16)).encode())
-        if launch == "local":
-            self.followers.spawn_local(f"{host}:{port + 1}")
-        logger.info("xla-inference multi-host: driver of %d JAX processes, coordinator %s, "
-                    "followers %s", num_hosts, address, launch)
+            raise ValueError(f"{type(self).__name__} drives several JAX processes: set "
+                             "XLA_INFERENCE_HOSTS to their number (2 or more)")
+        self.followers, address = self._launch_followers(num_hosts)
         self.followers.accept_all(envs.join_timeout())
         self.followers.broadcast(("init", dict(vllm_config=self.vllm_config, num_hosts=num_hosts,
                                                coordinator=address)))
@@ -267,6 +260,25 @@ class MultiHostExecutor(UniProcExecutor):
             distributed_init_method="", is_driver_worker=True)])
         self.collective_rpc("init_device")
         self.collective_rpc("load_model")
+
+    def _launch_followers(self, num_hosts: int) -> tuple[FollowerGroup, str]:
+        """Start (local) or await (external) processes 1..N-1: their group, not yet joined,
+        and jax.distributed's coordinator address (this process, the driver, is 0)."""
+        address = envs.coordinator() or f"127.0.0.1:{_free_port_pair('127.0.0.1')}"
+        host, port = split_address(address)
+        launch = envs.followers_launch()
+        key = envs.multihost_key()
+        if launch == "external" and not key:
+            raise ValueError("XLA_INFERENCE_FOLLOWERS=external needs XLA_INFERENCE_MULTIHOST_KEY "
+                             "set, the same on every host")
+        os.environ.update(XLA_INFERENCE_COORDINATOR=address, XLA_INFERENCE_PROCESS_ID="0")
+        followers = FollowerGroup(num_hosts, ("" if launch == "external" else host, port + 1),
+                                  (key or secrets.token_hex(16)).encode())
+        if launch == "local":
+            followers.spawn_local(f"{host}:{port + 1}")
+        logger.info("xla-inference multi-host: driver of %d JAX processes, coordinator %s, "
+                    "followers %s", num_hosts, address, launch)
+        return followers, address
 
     def register_failure_callback(self, callback) -> None:
         self.followers.failure_callback = callback

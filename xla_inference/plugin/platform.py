@@ -29,21 +29,29 @@ def _choose_engine_start_method() -> None:
 
 
 _MULTIHOST_EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
+_RAY_EXECUTOR = "xla_inference.plugin.ray_executor.RayMultiHostExecutor"
 
 
 def _executor_backend(parallel) -> str:
     """vLLM's executor for this engine: "uni" (one process, every local device), or ours for
     several JAX processes (XLA_INFERENCE_HOSTS > 1, or the executor named in
-    --distributed-executor-backend). Ray and vLLM's --nnodes, which would start one worker
-    per device, are refused rather than replaced."""
+    --distributed-executor-backend), placed on a Ray cluster for `ray` (ours replaces vLLM's
+    Ray executor). vLLM's --nnodes and its own Ray executor class, which would start one
+    worker per device, are refused rather than replaced."""
     from xla_inference import envs
 
     asked = parallel.distributed_executor_backend
     name = asked if isinstance(asked, str) else getattr(asked, "__qualname__", asked)
-    if asked == "ray" or getattr(asked, "uses_ray", False):
-        raise ValueError("xla-inference does not run on Ray yet (--distributed-executor-backend "
-                         "ray); to span hosts, start one JAX process per host with "
-                         f"XLA_INFERENCE_HOSTS=N (executor {_MULTIHOST_EXECUTOR})")
+    if asked == "ray" or name in (_RAY_EXECUTOR, "RayMultiHostExecutor"):
+        if envs.num_hosts() < 2:
+            raise ValueError("xla-inference on Ray (--distributed-executor-backend ray) runs one "
+                             "JAX process per host: set XLA_INFERENCE_HOSTS to the number of "
+                             "hosts (Ray nodes) the mesh spans, 2 or more")
+        return _RAY_EXECUTOR
+    if getattr(asked, "uses_ray", False):
+        raise ValueError(f"xla-inference does not run vLLM's Ray executor {name} (one worker per "
+                         "device); use --distributed-executor-backend ray, which places one "
+                         "JAX process per host")
     if parallel.nnodes > 1:
         raise ValueError("xla-inference does not use --nnodes/--node-rank (vLLM's one worker "
                          "per device); to span hosts, set XLA_INFERENCE_HOSTS=N, "
@@ -206,7 +214,7 @@ class XlaPlatform(Platform):
         # One JAX process drives every local device (SPMD), so one worker; several hosts:
         # one JAX process each, driven by the multi-host executor (plugin/multihost.py).
         parallel.distributed_executor_backend = _executor_backend(parallel)
-        if parallel.distributed_executor_backend == _MULTIHOST_EXECUTOR:
+        if parallel.distributed_executor_backend in (_MULTIHOST_EXECUTOR, _RAY_EXECUTOR):
             _refuse_untested_across_hosts(vllm_config)
         # Async scheduling (vLLM's default where the executor allows it) is kept: the runner
         # feeds each request its own last sampled token, so it never waits on the scheduler.

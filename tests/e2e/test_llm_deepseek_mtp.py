@@ -1,0 +1,112 @@
+"""The mtp speculative method through vLLM's LLM class on a tiny DeepSeek-V3 whose checkpoint
+keeps one MTP layer (tests/deepseek_mtp_checkpoint.py, its "echo" weights: the layer mostly
+predicts what the target will). Greedy output equals transformers' greedy output of the
+target alone, with prompts prefilled in chunks; most drafts are accepted and vLLM's
+acceptance count is the one the drafts and the output imply; every draft vLLM's scheduler
+received equals the float64 reference drafter's on transformers' hidden states of the
+target; nothing compiles after warm-up."""
+
+import numpy as np
+import pytest
+
+from tests.deepseek_mtp_checkpoint import TransformersMtp, save_tiny_deepseek_mtp
+from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
+from tests.helpers import hf_greedy_ids
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 20
+K = 3
+MARGIN = 1e-3  # reference drafts whose top two logits are closer are not compared
+
+
+def _record_drafts() -> dict:
+    """req_id -> [(tokens the request had, the drafts proposed after them)] as vLLM's
+    scheduler keeps them (none for a prompt chunk)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    log: dict = {}
+    original = Scheduler.update_draft_token_ids
+
+    def update(self, draft_token_ids):
+        original(self, draft_token_ids)
+        for rid in draft_token_ids.req_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.is_prefill_chunk and req.spec_token_ids:
+                log.setdefault(rid, []).append((req.num_tokens, list(req.spec_token_ids)))
+
+    Scheduler.update_draft_token_ids = update
+    return log
+
+
+def _target_hidden(model_dir):
+    """tokens -> transformers' final (normed) hidden states of the target, float64 [N, D]."""
+    import torch
+    import transformers
+
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float64, attn_implementation="eager",
+        experts_implementation="eager").eval()
+
+    def hidden(tokens: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model.model(torch.tensor([tokens])).last_hidden_state[0].numpy()
+    return hidden
+
+
+def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path, monkeypatch):
+    model_dir = save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 21, 38)]
+    # K tokens past the end: vLLM verifies (and counts) drafts beyond max_tokens too.
+    longer = hf_greedy_ids(model_dir, prompts, NUM_NEW + K)
+    expected = [e[:NUM_NEW] for e in longer]
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
+    log = _record_drafts()
+    llm = start_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=32,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": K})
+    try:
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert compiled == 0
+    ref, target_hidden = TransformersMtp(model_dir), _target_hidden(model_dir)
+    by_index = {int(rid.split("-")[0]): entries for rid, entries in log.items()}
+    assert sorted(by_index) == [0, 1, 2]  # LLM.generate numbers requests in order
+    implied, compared, skipped = 0, 0, 0
+    for rid, (prompt, out) in enumerate(zip(prompts, longer)):
+        tokens = prompt + out
+        hidden = target_hidden(tokens)
+        for n, drafts in by_index[rid]:
+            # Accepted: the drafts agreeing with the output, up to the first that does not.
+            following = tokens[n:n + len(drafts)]
+            implied += next((i for i, (d, t) in enumerate(zip(drafts, following)) if d != t),
+                            len(following))
+            want, margins = _reference_drafts(ref, tokens[:n], hidden[:n - 1], len(drafts))
+            for j, (d, w, m) in enumerate(zip(drafts, want, margins)):
+                if m < MARGIN:  # a near tie: float32 and float64 may rank it either way
+                    skipped += 1
+                    break
+                assert d == w, (rid, n, j, drafts, want)
+                compared += 1
+    assert drafted >= compared > 10 * max(skipped, 1)
+    assert accepted == implied
+    assert drafted > accepted > drafted / 2
+
+
+def _reference_drafts(ref, token_ids, target_hidden, k):
+    """ref.propose, with the margin of each draft's top logit over the next."""
+    tokens, hidden, drafts, margins = list(token_ids[1:]), target_hidden, [], []
+    for _ in range(k):
+        y = ref.forward(tokens, hidden)
+        logits = np.sort(ref.lm_head @ y[-1])
+        drafts.append(int(np.argmax(ref.lm_head @ y[-1])))
+        margins.append(logits[-1] - logits[-2])
+        tokens.append(drafts[-1])
+        hidden = np.concatenate([hidden, y[-1:]])
+    return drafts, margins

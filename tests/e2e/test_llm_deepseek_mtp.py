@@ -94,9 +94,25 @@ def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path,
                     break
                 assert d == w, (rid, n, j, drafts, want)
                 compared += 1
+    print(f"mtp k={K}: {drafted:.0f} drafted, {accepted:.0f} accepted; {compared} drafts "
+          f"equal to the reference's, {skipped} near ties not compared")
     assert drafted >= compared > 10 * max(skipped, 1)
     assert accepted == implied
     assert drafted > accepted > drafted / 2
+
+
+def test_a_target_with_two_mtp_layers_is_refused_at_start_up(tmp_path):
+    """(num_nextn_predict_layers 0, e.g. Kimi-K2: vLLM's own config fails first, dividing
+    num_speculative_tokens by it.)"""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
+
+    model_dir = save_tiny_deepseek_v3(tmp_path / "m", num_nextn_predict_layers=2)
+    args = EngineArgs(model=str(model_dir), max_model_len=128,
+                      speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    with pytest.raises(Exception, match=r"one MTP layer \(num_nextn_predict_layers 1\), not 2"):
+        args.create_engine_config()
 
 
 def _reference_drafts(ref, token_ids, target_hidden, k):

@@ -1,9 +1,9 @@
 """The mtp speculative method through vLLM's LLM class on a tiny DeepSeek-V3 whose checkpoint
 keeps one MTP layer (tests/deepseek_mtp_checkpoint.py, its "echo" weights: the layer mostly
 predicts what the target will). Greedy output equals transformers' greedy output of the
-target alone, with prompts prefilled in chunks; most drafts are accepted and vLLM's
+target alone, with prompts prefilled in chunks and a request preempted; most drafts are accepted and vLLM's
 acceptance count is the one the drafts and the output imply; every draft vLLM's scheduler
-received equals the float64 reference drafter's on transformers' hidden states of the
+scheduled equals the float64 reference drafter's on transformers' hidden states of the
 target; nothing compiles after warm-up."""
 
 import numpy as np
@@ -17,25 +17,27 @@ pytestmark = pytest.mark.slow
 
 NUM_NEW = 20
 K = 3
+# One page (16 tokens) of the latent cache [32 + 16] of the target's 3 layers and the MTP
+# layer, float32.
+PAGE_BYTES = 4 * 16 * 48 * 4
 MARGIN = 1e-3  # reference drafts whose top two logits are closer are not compared
 
 
 def _record_drafts() -> dict:
-    """req_id -> [(tokens the request had, the drafts proposed after them)] as vLLM's
-    scheduler keeps them (none for a prompt chunk)."""
+    """req_id -> [(tokens the request had, the drafts scheduled to verify after them)], from
+    each of vLLM's scheduler outputs (drafts a preemption dropped are not in them)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     log: dict = {}
-    original = Scheduler.update_draft_token_ids
+    original = Scheduler.schedule
 
-    def update(self, draft_token_ids):
-        original(self, draft_token_ids)
-        for rid in draft_token_ids.req_ids:
-            req = self.requests.get(rid)
-            if req is not None and not req.is_prefill_chunk and req.spec_token_ids:
-                log.setdefault(rid, []).append((req.num_tokens, list(req.spec_token_ids)))
+    def schedule(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        for rid, drafts in out.scheduled_spec_decode_tokens.items():
+            log.setdefault(rid, []).append((self.requests[rid].num_tokens, list(drafts)))
+        return out
 
-    Scheduler.update_draft_token_ids = update
+    Scheduler.schedule = schedule
     return log
 
 
@@ -63,18 +65,21 @@ def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path,
     expected = [e[:NUM_NEW] for e in longer]
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
     log = _record_drafts()
+    # 7 pages cannot hold the three sequences (2 + 3 + 4 pages at the end): vLLM preempts.
     llm = start_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=32,
+                    max_model_len=96, kv_cache_memory_bytes=7 * PAGE_BYTES,
                     speculative_config={"method": "mtp", "num_speculative_tokens": K})
     try:
         warm = num_compilations(llm)
         got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
         drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
         accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        preemptions = metric(llm, "vllm:num_preemptions")
         compiled = num_compilations(llm) - warm
     finally:
         shutdown(llm)
     assert got == expected
-    assert compiled == 0
+    assert compiled == 0 and preemptions > 0
     ref, target_hidden = TransformersMtp(model_dir), _target_hidden(model_dir)
     by_index = {int(rid.split("-")[0]): entries for rid, entries in log.items()}
     assert sorted(by_index) == [0, 1, 2]  # LLM.generate numbers requests in order
@@ -96,7 +101,8 @@ def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path,
                 compared += 1
     print(f"mtp k={K}: {drafted:.0f} drafted, {accepted:.0f} accepted; {compared} drafts "
           f"equal to the reference's, {skipped} near ties not compared")
-    assert drafted >= compared > 10 * max(skipped, 1)
+    assert drafted == sum(len(d) for entries in log.values() for _, d in entries)
+    assert compared > 10 * max(skipped, 1)
     assert accepted == implied
     assert drafted > accepted > drafted / 2
 

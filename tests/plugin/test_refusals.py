@@ -77,8 +77,8 @@ def test_draft_model_options_not_served_are_refused_by_name(model_dir):
     {"method": "ngram_gpu", "num_speculative_tokens": 2, "prompt_lookup_max": 2},
 ])
 def test_unserved_speculative_methods_are_refused_by_name(model_dir, spec):
-    """(mtp needs a DeepSeek-V3 checkpoint to get past vLLM's own checks; the same rule
-    refuses it: plugin/spec_decode.SERVED_METHODS.)"""
+    """(mtp is served for DeepSeek-V3 targets; its refusals: tests/e2e/test_llm_deepseek_mtp.py
+    and tests/runner/test_deepseek_mtp.py.)"""
     if spec["method"] != "ngram_gpu":
         spec = dict(spec, model=str(model_dir))
     with pytest.raises(Exception, match="does not support speculative decoding method") as info:

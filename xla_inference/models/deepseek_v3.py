@@ -11,6 +11,9 @@ weight rows into the rotate-half layout instead (evens, then odds), which is exa
 rope dims feed nothing but the q . k dot products, and permuting q and k alike leaves those
 unchanged. YaRN scaling (the released configs use it) changes the frequencies, scales the
 rotated q and k, and multiplies the softmax scale by mscale(factor, mscale_all_dim)^2.
+
+The checkpoint's MTP layers (model.layers.{num_hidden_layers}...) are not part of the
+target: the mtp speculative method loads them as a drafter (models/deepseek_mtp.py).
 """
 
 import dataclasses

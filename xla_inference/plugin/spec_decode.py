@@ -12,9 +12,12 @@ Served, with synchronous scheduling:
   synchronous scheduling, as draft_model.
 - `eagle`: an EAGLE-1 head (models/eagle1.py) reading the target's final hidden states,
   drafting through the target's LM head, the same way.
+- `mtp` (and its alias `deepseek_mtp`): a DeepSeek-V3 target's own MTP layer
+  (models/deepseek_mtp.py, `model.layers.{num_hidden_layers}` of the target's checkpoint),
+  run as the EAGLE heads are, re-used for every draft; one MTP layer, unquantized.
 Drafts are verified on device by rejection sampling (sampling/rejection.py); greedy drafts
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
-(mtp, ...) is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
+is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
 drafts proposed after a step (plugin/model_runner._propose; 0: no proposer work).
 """
 
@@ -24,8 +27,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SERVED_METHODS = ("ngram", "draft_model", "eagle3", "eagle")
-EAGLE_METHODS = ("eagle3", "eagle")
+SERVED_METHODS = ("ngram", "draft_model", "eagle3", "eagle", "mtp")
+EAGLE_METHODS = ("eagle3", "eagle", "mtp")  # drafters reading the target's hidden states
 # The draft model's attention layers in vLLM's KV cache config, beside the target's.
 DRAFT_LAYER_PREFIX = "draft_model."
 
@@ -60,6 +63,8 @@ def refuse_unserved(vllm_config) -> None:
                          "scheduling only; drop --async-scheduling")
     if method in ("draft_model", *EAGLE_METHODS):
         _refuse_unserved_draft_options(spec)
+    if method == "mtp":
+        _refuse_unserved_mtp(vllm_config)
     extra = vllm_config.additional_config
     dp = 1
     if isinstance(extra, dict):  # before or after platform._fold_data_parallel
@@ -96,9 +101,25 @@ def _refuse_unserved_draft_options(spec) -> None:
                          "vocabulary")
 
 
+def _refuse_unserved_mtp(vllm_config) -> None:
+    """mtp: the target must be a DeepSeek-V3 with one MTP layer, unquantized, served by the
+    native family (its hidden states are the ones the layer reads)."""
+    from xla_inference.models.deepseek_mtp import refuse_unserved as refuse_unserved_target
+    from xla_inference.plugin.worker import model_implementation
+
+    mc = vllm_config.model_config
+    refuse_unserved_target(mc.hf_config.to_dict())
+    if mc.quantization is not None:
+        raise ValueError(f"xla-inference does not serve the mtp speculative method on a "
+                         f"quantized target ({mc.quantization}) yet")
+    if model_implementation(mc) == "vllm":
+        raise ValueError("xla-inference serves mtp for its native DeepSeek-V3 family only "
+                         "(not with --model-impl vllm)")
+
+
 def load_draft_model(vllm_config, precision, dummy: bool):
     """The draft model's weights on the host (runner/build.load), in the target's precision;
-    for eagle3 and eagle the head's (load_eagle_head); None for other methods."""
+    for eagle3, eagle and mtp the head's (load_eagle_head); None for other methods."""
     spec = vllm_config.speculative_config
     if spec is not None and spec.method in EAGLE_METHODS:
         return load_eagle_head(vllm_config, precision, dummy)
@@ -209,7 +230,8 @@ def build_draft_proposer(vllm_config, draft_model, kv_cache_config, target_engin
 
 
 class LoadedEagle:
-    """An EAGLE head on the host: its module (models/eagle3 or eagle1), config, params."""
+    """An EAGLE head on the host: its module (models/eagle3, eagle1 or deepseek_mtp), config,
+    params."""
 
     def __init__(self, head, cfg, params):
         self.head, self.cfg, self.params = head, cfg, params
@@ -240,15 +262,21 @@ def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
     import json
 
     from xla_inference.loading.safetensors import CheckpointTensors, safetensors_files
-    from xla_inference.models import eagle1, eagle3
+    from xla_inference.models import deepseek_mtp, eagle1, eagle3
 
     method = vllm_config.speculative_config.method
     if dummy:
         raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
                          "random (dummy) weights")
+    # mtp: vLLM names the target's checkpoint as the draft's.
     path = _draft_checkpoint_dir(vllm_config.speculative_config.draft_model_config.model)
     hf = json.loads((path / "config.json").read_text())
     tensors = CheckpointTensors(safetensors_files(path))
+    if method == "mtp":
+        cfg = deepseek_mtp.MtpConfig.from_hf(hf)
+        params = deepseek_mtp.load_params(tensors, cfg, precision.activations)
+        logger.info("xla-inference: loaded the MTP layer %d of %s", cfg.mtp_layer, path)
+        return LoadedEagle(deepseek_mtp, cfg, params)
     if method == "eagle":
         cfg = eagle1.Eagle1Config.from_hf(hf)
         params = eagle1.load_params(tensors, cfg, precision.activations)
@@ -271,6 +299,14 @@ def prepare_target(vllm_config, model, draft_model):
     from xla_inference.models.eagle3 import with_aux_hidden_states
 
     head = draft_model.cfg
+    if spec.method == "mtp":
+        from xla_inference.models import deepseek_v3
+
+        if model.family is not deepseek_v3.FAMILY or model.cfg.hidden_size != head.hidden_size \
+                or model.vocab_size != head.vocab_size:
+            raise ValueError(f"the mtp speculative method needs the DeepSeek-V3 target its MTP "
+                             f"layer belongs to; the target is {model.family.name}")
+        return model
     if spec.method == "eagle":
         if head.hidden_size != model.cfg.hidden_size or head.vocab_size != model.vocab_size:
             raise ValueError(f"the EAGLE head has hidden size {head.hidden_size} and "
@@ -324,8 +360,11 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target
     if target_engine.replicas > 1 or target_engine.microbatches > 1:
         raise ValueError(f"xla-inference does not serve {method} with data parallel replicas "
                          "or pipeline stages yet")
+    from xla_inference.models import deepseek_v3
     from xla_inference.models.eagle3 import returns_aux_hidden_states
 
+    if method == "mtp" and target_engine.model.forward is not deepseek_v3.forward:
+        raise ValueError("xla-inference serves mtp for its native DeepSeek-V3 family only")
     if method == "eagle3" and not returns_aux_hidden_states(target_engine.model):
         # e.g. --model-impl vllm
         raise ValueError("xla-inference serves eagle3 for targets of its native JAX decoder "
@@ -343,7 +382,7 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target
     params = head.params
     if params.embed is None:  # the checkpoint shares the target's embedding
         params = dataclasses.replace(params, embed=target_engine.params.embed)
-    if method == "eagle":
+    if method in ("eagle", "mtp"):  # mtp: as vLLM, the target's (shared_head.head a copy)
         params = dataclasses.replace(params, lm_head=target_engine.params.lm_head)
     head.params = None  # the proposer holds the placed copy
     kv_dtype = target_engine.kv_cache.arrays[0][0].dtype

@@ -1,14 +1,14 @@
 """Speculative decoding with an EAGLE head (EAGLE-3: models/eagle3.py, EAGLE-1:
-models/eagle1.py): after each target step, the head catches up on the positions the target
-computed and drafts k tokens per request greedily, its KV in its own arrays over the
-target's pages.
+models/eagle1.py, DeepSeek's MTP layer: models/deepseek_mtp.py): after each target step,
+the head catches up on the positions the target computed and drafts k tokens per request
+greedily, its KV in its own arrays over the target's pages.
 
 A head module provides first_hidden(params, target hidden rows, cfg) -> h, forward(params,
 kv_cache, batch, h, cfg) -> (kv_cache, normed, pre-norm), draft_tokens(params, normed),
 kv_layers(cfg) and target_hidden_width(cfg).
 
 At a position p the head reads the token at p + 1 and the target's hidden states at p
-(EAGLE-3: the aux states; EAGLE-1: the final ones),
+(EAGLE-3: the aux states; EAGLE-1 and MTP: the final ones),
 so it can run exactly the positions the target has just computed and kept: [computed
 before the step, computed after it) of each request (the prompt chunk, or the verified
 token and the accepted drafts). Their aux states are rows of the step's hidden states
@@ -93,7 +93,7 @@ class EagleProposer:
         for layer in head.kv_layers(cfg):
             shape = (limits.num_slots, layer.num_kv_heads, layer.head_size)
             zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=whole)
-            arrays.append((zeros(), zeros()))
+            arrays.append(tuple(zeros() for _ in range(layer.num_arrays)))  # MLA: one
         n = len(arrays)
         self.kv = KvCache(arrays, tuple(range(n)), (0,) * n)
         kv_sharding = jax.tree.map(lambda _: whole, self.kv)

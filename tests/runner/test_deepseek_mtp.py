@@ -1,0 +1,142 @@
+"""DeepSeek-V3's MTP layer as a drafter (models/deepseek_mtp.py through runner/eagle.py)
+against a float64 reference assembled from transformers' DeepSeek-V3 modules
+(tests/deepseek_mtp_checkpoint.py): its logits over two ragged prompts, then its drafts over
+a prompt step and a verify step with partly accepted drafts, given the same target hidden
+states. Also its refusals."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.deepseek_mtp_checkpoint import HIDDEN, VOCAB, TransformersMtp, save_tiny_deepseek_mtp
+from tests.helpers import ENGINE_BLOCK
+from xla_inference.layers.moe import MoeMlp
+from xla_inference.loading.safetensors import CheckpointTensors, safetensors_files
+from xla_inference.models import deepseek_mtp
+from xla_inference.parallel.sharding import build_mesh
+from xla_inference.runner.buckets import token_buckets
+from xla_inference.runner.eagle import EagleLimits, EagleProposer
+from xla_inference.runner.requests import RequestState, build_step_batch
+
+K = 3
+TOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = save_tiny_deepseek_mtp(tmp_path_factory.mktemp("mtp") / "deepseek")
+    return path, TransformersMtp(path)
+
+
+def _proposer(path, k=K):
+    hf = json.loads((path / "config.json").read_text())
+    cfg = deepseek_mtp.MtpConfig.from_hf(hf)
+    tensors = CheckpointTensors(safetensors_files(path))
+    params = deepseek_mtp.load_params(tensors, cfg, jnp.float32)
+    assert params.embed is None and params.lm_head is None  # the target's, shared
+    assert isinstance(params.block.mlp, MoeMlp)  # layer 3 >= first_k_dense_replace
+    params = dataclasses.replace(params, embed=np.asarray(tensors["model.embed_tokens.weight"]),
+                                 lm_head=jax.device_put(np.asarray(tensors["lm_head.weight"])))
+    limits = EagleLimits(token_buckets=tuple(token_buckets(32)), max_num_seqs=4,
+                         max_model_len=64, block_size=ENGINE_BLOCK, num_slots=64 * ENGINE_BLOCK,
+                         groups=(0,), num_speculative_tokens=k)
+    return EagleProposer(deepseek_mtp, params, cfg, limits, build_mesh(), jnp.float32)
+
+
+def test_logits_match_the_transformers_reference_over_ragged_prompts(checkpoint):
+    path, ref = checkpoint
+    proposer = _proposer(path)
+    rng = np.random.default_rng(0)
+    reqs = [RequestState(f"r{i}", rng.integers(3, VOCAB, n).tolist(), n,
+                         [list(range(1 + 16 * i, 17 + 16 * i))], 0) for i, n in enumerate((9, 14))]
+    hidden = [rng.standard_normal((n, HIDDEN)) for n in (9, 14)]
+    T = 32
+    work = [(proposer._view(r, r.token_ids, 0), len(r.token_ids)) for r in reqs]
+    batch = build_step_batch(work, proposer._layout(T))
+    rows = np.zeros((T, HIDDEN), np.float32)
+    rows[:9], rows[9:23] = hidden
+    forward = jax.jit(deepseek_mtp.forward, static_argnums=4)
+    _, y, fed_back = forward(proposer.params, proposer.kv, batch, jnp.asarray(rows),
+                             proposer.cfg)
+    got = np.asarray(deepseek_mtp.logits(proposer.params, y))
+    assert np.array_equal(np.asarray(y), np.asarray(fed_back))
+    for r, h, start in zip(reqs, hidden, (0, 9)):
+        want = ref.logits(r.token_ids, h)
+        np.testing.assert_allclose(got[start:start + len(h)], want, rtol=TOL, atol=TOL)
+    # Position 0 reads no embedding (vLLM's mask): the token there does not change its row.
+    other = list(reqs[0].token_ids)
+    other[0] = (other[0] + 1) % VOCAB
+    np.testing.assert_allclose(ref.logits(other, hidden[0])[0], ref.logits(reqs[0].token_ids,
+                               hidden[0])[0])
+
+
+def test_proposals_match_the_reference_over_a_prompt_and_a_verify_step(checkpoint):
+    path, ref = checkpoint
+    proposer = _proposer(path)
+    rng = np.random.default_rng(4)
+    true_hidden = {}
+
+    def hidden_at(rid, p):
+        return true_hidden.setdefault((rid, p), rng.standard_normal(HIDDEN).astype(np.float32))
+
+    def step(scheduled, kept):
+        hidden = rng.standard_normal((32, HIDDEN)).astype(np.float32)
+        row = 0
+        for (req, n), keep in zip(scheduled, kept):
+            for j in range(keep):
+                hidden[row + j] = hidden_at(req.req_id, req.num_computed_tokens + j)
+            row += n
+        proposer.saw_target_step(scheduled, jax.device_put(hidden))
+
+    def reference(req):
+        N = len(req.token_ids)
+        h = np.stack([hidden_at(req.req_id, p) for p in range(N - 1)]).astype(np.float64)
+        return ref.propose(req.token_ids, h, K)
+
+    reqs = [RequestState(f"r{i}", rng.integers(3, VOCAB, n).tolist(), n,
+                         [list(range(1 + 16 * i, 17 + 16 * i))], 0)
+            for i, n in enumerate((3, 6, 9))]
+    scheduled = [(reqs[0], 3), (reqs[1], 6), (reqs[2], 5)]  # the last prompt in two chunks
+    step(scheduled, [3, 6, 5])
+    for req, n in scheduled:
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == len(req.token_ids):
+            req.token_ids.append(int(rng.integers(3, VOCAB)))
+    drafts = proposer.propose(reqs, [[1], [1], []])
+    assert drafts[2] == []
+    assert drafts[:2] == [reference(r) for r in reqs[:2]]
+
+    scheduled = [(reqs[0], 1 + K), (reqs[1], 1 + K), (reqs[2], 4)]
+    step(scheduled, [2, 1, 4])  # one draft accepted; none; the prompt's end
+    emitted = [drafts[0][:1] + [int(rng.integers(3, VOCAB))], [int(rng.integers(3, VOCAB))],
+               [int(rng.integers(3, VOCAB))]]
+    for (req, n), out in zip(scheduled, emitted):
+        req.num_computed_tokens += len(out) if req is not reqs[2] else n
+        req.token_ids.extend(out)
+    drafts = proposer.propose(reqs, [[1]] * 3)
+    assert all(len(d) == K for d in drafts)
+    assert drafts == [reference(r) for r in reqs]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_nextn_predict_layers=0), "needs a checkpoint with MTP layers"),
+    (dict(num_nextn_predict_layers=2), "one MTP layer (num_nextn_predict_layers 1), not 2"),
+    (dict(architectures=["LlamaForCausalLM"]), "for DeepSeek-V3 targets"),
+])
+def test_unserved_configs_are_refused_by_name(checkpoint, change, message):
+    hf = json.loads((checkpoint[0] / "config.json").read_text()) | change
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        deepseek_mtp.MtpConfig.from_hf(hf)
+
+
+def test_a_checkpoint_without_the_mtp_layer_is_refused(tmp_path):
+    from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
+
+    path = save_tiny_deepseek_v3(tmp_path / "m", num_nextn_predict_layers=1)
+    cfg = deepseek_mtp.MtpConfig.from_hf(json.loads((path / "config.json").read_text()))
+    with pytest.raises(ValueError, match="no MTP layer weights"):
+        deepseek_mtp.load_params(CheckpointTensors(safetensors_files(path)), cfg, jnp.float32)

@@ -15,6 +15,7 @@ others of the same run (the machine is shared): the load average is printed with
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -25,20 +26,35 @@ import jax
 import numpy as np
 from _engine_steps import BLOCK, CONTEXT, decode_requests, load_variant
 
+from xla_inference.kernels import cpu_quantized, native
 from xla_inference.loading.default_model import default_gguf_path
 from xla_inference.quantization import product
 from xla_inference.runner.build import build_engine
 from xla_inference.runner.engine import EngineConfig
 
 
-def _engine(fused: bool, ecfg, reqs):
-    """The GGUF engine, its step traced with the multi-weight call on or off."""
+def _multi_target(bytes_per_thread: int) -> str:
+    """An FFI target of the multi-weight entry built with another kMultiBytesPerThread."""
+    target = f"xla_inference_quantized_matmul_multi_{bytes_per_thread}"
+    native.load_targets(cpu_quantized._SOURCE, {target: cpu_quantized._MULTI_SYMBOL},
+                        (*native.DEFAULT_FLAGS,
+                         f"-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD={bytes_per_thread}"))
+    return target
+
+
+def _engine(variant: str, ecfg, reqs):
+    """The GGUF engine, its step traced with the multi-weight call off ("separate"), on
+    ("fused"), or on in a build that wakes a thread per N weight bytes ("fused-N")."""
     engine = build_engine(load_variant("gguf"), ecfg)
-    if fused:
-        jax.block_until_ready(engine.forward(reqs).logits)
+    if variant == "separate":
+        patch = mock.patch.object(product, "uses_multi_kernel", lambda ws, rows: False)
+    elif variant.startswith("fused-"):
+        patch = mock.patch.object(cpu_quantized, "_MULTI_TARGET",
+                                  _multi_target(int(variant.split("-")[1])))
     else:
-        with mock.patch.object(product, "uses_multi_kernel", lambda ws, rows: False):
-            jax.block_until_ready(engine.forward(reqs).logits)
+        patch = contextlib.nullcontext()
+    with patch:
+        jax.block_until_ready(engine.forward(reqs).logits)
     return lambda: jax.block_until_ready(engine.forward(reqs).logits)
 
 
@@ -70,22 +86,26 @@ def _llama_cpp(repeats: int, threads: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--variants", nargs="+", default=["separate", "fused"],
+                        help="separate, fused, fused-N (a thread woken per N weight bytes)")
     parser.add_argument("--llama-cpp", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     args = parser.parse_args()
     ecfg = EngineConfig(num_blocks=64, block_size=BLOCK, max_num_tokens=512, max_num_seqs=8,
                         max_model_len=1024)
     reqs = decode_requests(1, np.random.default_rng(0), 1)
-    steps = {"separate": _engine(False, ecfg, reqs), "fused": _engine(True, ecfg, reqs)}
+    steps = {name: _engine(name, ecfg, reqs) for name in args.variants}
     if args.llama_cpp:
         steps["llama.cpp"] = _llama_cpp(args.repeats, args.threads)
     times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     loads = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     loads.append(os.getloadavg()[0])
     print(f"load average {loads[0]:.1f} -> {loads[1]:.1f}; batch-1 decode step, median and "
           f"fastest of {args.repeats}, variants alternated (ratio: first variant's time / this)")
@@ -93,7 +113,8 @@ def main():
     for name, t in times.items():
         m = statistics.median(t)
         print(f"{name:10s} median {m * 1e3:8.2f} ms ({statistics.median(times[first]) / m:.2f}x)"
-              f"   fastest {min(t) * 1e3:8.2f} ms ({min(times[first]) / min(t):.2f}x)", flush=True)
+              f"   fastest {min(t) * 1e3:8.2f} ms ({min(times[first]) / min(t):.2f}x)   CPU median "
+              f"{statistics.median(cpu[name]) * 1e3:8.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

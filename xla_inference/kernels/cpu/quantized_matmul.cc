@@ -550,6 +550,13 @@ ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 // wake-up of the pool, sized by all the weights' bytes together (the mid-size products of a
 // decode step, alone below kBytesPerThread, together reach it). Each output element is
 // computed by the same tiles() as the one-weight entry, so each output has its bits.
+// Weight bytes per thread woken for a multi call (benchmarks/quantized_decode_step.py
+// measures builds with other values: -DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=N).
+#ifndef XLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD
+#define XLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD (1 << 20)
+#endif
+constexpr int64_t kMultiBytesPerThread = XLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD;
+
 struct MultiWork : xla_inference::WorkItems {
   std::vector<Problem> problems;  // one a weight, sharing xq, x_scale and the sums
   std::vector<int64_t> first_item;  // problems[j]'s items: first_item[j] .. first_item[j+1]-1
@@ -632,7 +639,7 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (work->num_items == 0) return ffi::Error::Success();
   const int64_t load = bytes * (T + 3) / 4;
   const int64_t helpers = std::max<int64_t>(
-      0, std::min({pool.num_threads(), work->num_items - 1, load / kBytesPerThread - 1}));
+      0, std::min({pool.num_threads(), work->num_items - 1, load / kMultiBytesPerThread - 1}));
   xla_inference::run_items(pool, work, helpers);
   return ffi::Error::Success();
 }

@@ -12,6 +12,11 @@ others of the same run (the machine is shared): the load average is printed with
 
     PYTHONPATH=. .venv/bin/python benchmarks/quantized_decode_step.py --repeats 60
     PYTHONPATH=. .venv/bin/python benchmarks/quantized_decode_step.py --repeats 60 --llama-cpp
+
+Two builds of the kernel (say, another kMultiBytesPerThread: its -D define) are compared in
+separate processes taken in turns (a tree per build, --variants fused), not in one process:
+with a second build of the library loaded, both engines' steps took 0.4 s of CPU time (not
+understood).
 """
 
 import argparse
@@ -26,33 +31,18 @@ import jax
 import numpy as np
 from _engine_steps import BLOCK, CONTEXT, decode_requests, load_variant
 
-from xla_inference.kernels import cpu_quantized, native
 from xla_inference.loading.default_model import default_gguf_path
 from xla_inference.quantization import product
 from xla_inference.runner.build import build_engine
 from xla_inference.runner.engine import EngineConfig
 
 
-def _multi_target(bytes_per_thread: int) -> str:
-    """An FFI target of the multi-weight entry built with another kMultiBytesPerThread."""
-    target = f"xla_inference_quantized_matmul_multi_{bytes_per_thread}"
-    native.load_targets(cpu_quantized._SOURCE, {target: cpu_quantized._MULTI_SYMBOL},
-                        (*native.DEFAULT_FLAGS,
-                         f"-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD={bytes_per_thread}"))
-    return target
-
-
 def _engine(variant: str, ecfg, reqs):
-    """The GGUF engine, its step traced with the multi-weight call off ("separate"), on
-    ("fused"), or on in a build that wakes a thread per N weight bytes ("fused-N")."""
+    """The GGUF engine, its step traced with the multi-weight call off ("separate") or on
+    ("fused")."""
     engine = build_engine(load_variant("gguf"), ecfg)
-    if variant == "separate":
-        patch = mock.patch.object(product, "uses_multi_kernel", lambda ws, rows: False)
-    elif variant.startswith("fused-"):
-        patch = mock.patch.object(cpu_quantized, "_MULTI_TARGET",
-                                  _multi_target(int(variant.split("-")[1])))
-    else:
-        patch = contextlib.nullcontext()
+    patch = (mock.patch.object(product, "uses_multi_kernel", lambda ws, rows: False)
+             if variant == "separate" else contextlib.nullcontext())
     with patch:
         jax.block_until_ready(engine.forward(reqs).logits)
     return lambda: jax.block_until_ready(engine.forward(reqs).logits)
@@ -87,7 +77,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--variants", nargs="+", default=["separate", "fused"],
-                        help="separate, fused, fused-N (a thread woken per N weight bytes)")
+                        help="separate, fused")
     parser.add_argument("--llama-cpp", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     args = parser.parse_args()

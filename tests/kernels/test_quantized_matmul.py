@@ -7,7 +7,8 @@ checks the layout contract. The VNNI and portable builds, one thread and many, a
 and in a batch, scales and offsets stored as float16 or float32 (values that are float16s):
 all give the same bits. A zero point in place of offsets matches the reference too. The float
 entry, which quantizes x itself, gives the bits of the int16
-entry given quantization/product.quantize_rows' integers."""
+entry given quantization/product.quantize_rows' integers; the multi-weight entry gives each
+weight's bits of the float entry."""
 
 import functools
 import os
@@ -349,6 +350,59 @@ def test_bad_operands_are_refused():
         _run(xq, x_scale, values, packed_scales, None, 8, 64)  # scales for groups of 32
     with pytest.raises(Exception, match="zero_point"):
         _run(xq, x_scale, values, packed_scales, None, 8, 32, 256)  # could overflow int32
+
+
+# ------------------------------------------------------------------ the multi-weight entry
+# (quantized_matmul_multi: several weights times one x, x quantized once, one call)
+
+def _run_multi(x, weights, bits, group_size, levels, zero_point=0):
+    ys = jax.jit(lambda x, ws: cpu_quantized.quantized_matmul_multi(
+        x, ws, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point))(
+        jnp.asarray(x), [tuple(None if a is None else jnp.asarray(a) for a in w)
+                         for w in weights])
+    return [np.asarray(y) for y in ys]
+
+
+@pytest.mark.parametrize("bits,with_offsets,zero_point",
+                         [(4, True, 0), (4, False, 0), (8, False, 0), (4, False, 8)])
+@pytest.mark.parametrize("T", [1, 3, 13])
+def test_multi_entry_gives_each_weights_bits(bits, with_offsets, zero_point, T):
+    """Three weights of different widths (one not a multiple of 16) times one x: each output
+    is the one-weight float entry's bits, and within float32 rounding of the float64
+    reference on quantize_rows' integers. With offsets, the middle weight has none (the
+    group sums are taken once for the weights that read them)."""
+    rng = np.random.default_rng([bits, T, zero_point])
+    weights = [_random_weight(rng, out, 256, bits, 32, with_offsets and i != 1)
+               for i, out in enumerate((48, 23, 100))]
+    operands = [_kernel_operands(*w, bits) for w in weights]
+    x = rng.standard_normal((T, 256)).astype(np.float32)
+    ys = _run_multi(x, operands, bits, 32, 16383.0, zero_point)
+    xq, x_scale = (np.asarray(a) for a in jax.jit(quantize_rows, static_argnums=1)(x, 16383.0))
+    for y, w, ops in zip(ys, weights, operands):
+        np.testing.assert_array_equal(y, _run_float(x, ops, bits, 32, 16383.0, zero_point))
+        _check(y, xq, x_scale, *w, 32, zero_point)
+
+
+def test_multi_entry_with_pool_threads_gives_the_same_bits():
+    """Weights of 2.5 MB together (pool threads woken for them, none for each alone at
+    T = 1) and int8 activation levels: still each weight's own bits."""
+    rng = np.random.default_rng(5)
+    weights = [_random_weight(rng, out, 1024, 4, 32, True) for out in (2048, 2048, 1024)]
+    operands = [_kernel_operands(*w, 4) for w in weights]
+    x = rng.standard_normal((1, 1024)).astype(np.float32)
+    for y, ops in zip(_run_multi(x, operands, 4, 32, 127.0), operands):
+        np.testing.assert_array_equal(y, _run_float(x, ops, 4, 32, 127.0))
+
+
+def test_multi_entry_refuses_mismatched_weights():
+    rng = np.random.default_rng(4)
+    a = _kernel_operands(*_random_weight(rng, 16, 256, 4, 32, False), 4)
+    b = _kernel_operands(*_random_weight(rng, 16, 128, 4, 32, False), 4)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    with pytest.raises(Exception, match="quantized_matmul"):
+        _run_multi(x, [a, b], 4, 32, 16383.0)  # b's input width is not x's
+    with pytest.raises(Exception, match="quantized_matmul"):
+        _run_multi(x, [a, a], 8, 32, 16383.0)  # 4-bit values read as 8-bit
 
 
 # A subprocess pinned to one CPU before JAX starts: runs the kernel on the operands saved in

@@ -17,7 +17,7 @@ from xla_inference.quantization.groups import (FP8, INT4, INT8, INT8_ACTIVATIONS
                                                regroup)
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import dequantize, kernel_group_size, pack
-from xla_inference.quantization.product import quantized_project
+from xla_inference.quantization.product import quantized_project, quantized_project_many
 
 
 def random_group_quant(kind, out, inp, group, *, offsets=True, seed=0, activations="float",
@@ -222,3 +222,33 @@ def test_the_native_kernel_serves_decode_rows():
     hlo = jax.jit(quantized_project).lower(jnp.zeros((product.KERNEL_MAX_ROWS + 1, 64)),
                                            weight).as_text()
     assert "custom_call" not in hlo
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("cases", [("int4-g32-offsets", "int4-g32-offsets", "int4-g32-offsets"),
+                                   ("int4-g64-rows-not-16", "int4-g64-rows-not-16"),
+                                   ("int4-g32-zero-point", "int4-g32-zero-point"),
+                                   ("int4-g32-offsets", "int4-g32-offsets-half"),
+                                   ("int4-g32-offsets", "int4-g32-zero-point")])
+def test_project_many_is_each_project(cases, rows):
+    """A layer's products of one input (q/k/v, gate/up) through quantized_project_many: the
+    bits of quantized_project for each weight, in one kernel call at decode rows where the
+    weights share a format (float16 or float32 group arrays may differ), one call each
+    where they do not (a zero point against offsets) or the rows are prefill's; and the
+    float64 reference."""
+    weights = [case_weight(case, seed=i) for i, case in enumerate(cases)]
+    packed = [case_packed(case, seed=i) for i, case in enumerate(cases)]
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, weights[0].shape[1])),
+                    jnp.float32)
+    many = jax.jit(quantized_project_many)
+    got = many(x, packed)
+    for g, p, w in zip(got, packed, weights):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.jit(quantized_project)(x, p)))
+        scale = np.abs(np.asarray(x)).max() * np.abs(w.dequantize()).sum(1).max()
+        np.testing.assert_allclose(np.asarray(g), _reference(x, w),
+                                   atol=_tolerance(rows, w) * scale, rtol=0)
+    one_format = "int4-g32-zero-point" not in cases or len(set(cases)) == 1
+    fused = product.uses_multi_kernel(packed, rows)
+    assert fused == (one_format and rows <= product.KERNEL_MAX_ROWS)
+    hlo = many.lower(x, packed).as_text()
+    assert hlo.count("xla_inference_quantized_matmul_multi") == (1 if fused else 0)

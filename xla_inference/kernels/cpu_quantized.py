@@ -40,6 +40,8 @@ _TARGET = "xla_inference_quantized_matmul"
 _SYMBOL = "XlaInferenceQuantizedMatmul"
 _FLOAT_TARGET = "xla_inference_quantized_matmul_float"
 _FLOAT_SYMBOL = "XlaInferenceQuantizedMatmulFloat"
+_MULTI_TARGET = "xla_inference_quantized_matmul_multi"
+_MULTI_SYMBOL = "XlaInferenceQuantizedMatmulMulti"
 _WIDE_TARGET = "xla_inference_quantized_matmul_wide"
 _WIDE_SYMBOL = "XlaInferenceQuantizedMatmulWide"
 # The wide entry's paths, in the order of its isa attribute (each caps the ones above it).
@@ -50,6 +52,7 @@ ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 @functools.cache
 def _library():
     return native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL,
+                                         _MULTI_TARGET: _MULTI_SYMBOL,
                                          _WIDE_TARGET: _WIDE_SYMBOL})
 
 
@@ -133,6 +136,30 @@ def quantized_matmul_float(x, values, scales, offsets, *, bits: int, group_size:
     integers of at most `levels` (1..16383) as quantization/product.quantize_rows does:
     the same integers and scales, so the same y as quantized_matmul given those."""
     return ffi_quantized_matmul_float(_FLOAT_TARGET, x, values, scales, offsets, bits=bits,
+                                      group_size=group_size, levels=levels,
+                                      zero_point=zero_point)
+
+
+def ffi_quantized_matmul_multi(target: str, x, weights, *, bits: int, group_size: int,
+                               levels: float, zero_point: int = 0):
+    """quantized_matmul_multi through the FFI target `target`."""
+    call = jax.ffi.ffi_call(target, [_output(x.shape[0], values) for values, _, _ in weights])
+    operands = [a for values, scales, offsets in weights
+                for a in _weight_operands(values, scales, offsets)]
+    return list(call(x.astype(jnp.float32), *operands, bits=np.int64(bits),
+                     group_size=np.int64(group_size), zero_point=np.int64(zero_point),
+                     levels=np.float32(levels)))
+
+
+def quantized_matmul_multi(x, weights, *, bits: int, group_size: int, levels: float,
+                           zero_point: int = 0):
+    """[quantized_matmul_float(x, values, scales, offsets, ...) for each (values, scales,
+    offsets) in `weights`], the same bits, in one call: x quantized once and the work of
+    all the weights (which share bits, group_size, zero_point and in) shared out over the
+    threads together. A layer's products that share their input (q, k, v; gate, up) take
+    it: one launch instead of several, and at decode the weights together are enough work
+    to wake a second thread where each alone is not."""
+    return ffi_quantized_matmul_multi(_MULTI_TARGET, x, weights, bits=bits,
                                       group_size=group_size, levels=levels,
                                       zero_point=zero_point)
 

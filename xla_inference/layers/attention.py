@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec
 
 from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
 from xla_inference.kernels.ragged_paged_attention import write_kv_and_attend
-from xla_inference.layers.linear import linear, row_parallel_project
+from xla_inference.layers.linear import linear_many, row_parallel_project
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_mrope, apply_rope
 from xla_inference.parallel.axes import weight
@@ -106,9 +106,10 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
     the whole image (models/gemma3_mm.py); rope still turns by md.positions.
     """
     T = x.shape[0]
-    q = linear(x, p.wq, p.bq).reshape(T, -1, head_dim)  # [T, N, H]
-    k = linear(x, p.wk, p.bk).reshape(T, -1, head_dim)  # [T, K, H]
-    v = linear(x, p.wv, p.bv).reshape(T, -1, head_dim)
+    q, k, v = linear_many(x, (p.wq, p.wk, p.wv), (p.bq, p.bk, p.bv))
+    q = q.reshape(T, -1, head_dim)  # [T, N, H]
+    k = k.reshape(T, -1, head_dim)  # [T, K, H]
+    v = v.reshape(T, -1, head_dim)
     if p.q_norm is not None:
         q = qk_norm(q, p.q_norm, norm_eps)
     if p.k_norm is not None:

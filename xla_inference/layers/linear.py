@@ -24,7 +24,7 @@ from xla_inference.lora.slots import LoraWeight
 from xla_inference.parallel import collective_matmul
 from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 from xla_inference.quantization.packed import PackedWeight
-from xla_inference.quantization.product import quantized_project
+from xla_inference.quantization.product import quantized_project, quantized_project_many
 
 
 def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
@@ -57,6 +57,21 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     else:
         y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=accumulate)
     return y.astype(out_dtype)
+
+
+def project_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
+    """[project(x, w, out_dtype) for w in ws]: the products of a layer that share their
+    input (q, k, v; gate, up). Quantized weights run as one kernel call where the native
+    CPU kernel takes them all (quantization/product.quantized_project_many: the same values
+    in one launch)."""
+    if len(ws) > 1 and all(isinstance(w, PackedWeight) for w in ws):
+        return quantized_project_many(x, ws, out_dtype)
+    return [project(x, w, out_dtype) for w in ws]
+
+
+def linear_many(x: jax.Array, ws, bs) -> list[jax.Array]:
+    """[linear(x, w, b) for w, b in zip(ws, bs)], the products by project_many."""
+    return [y if b is None else y + b for y, b in zip(project_many(x, ws), bs)]
 
 
 def _native_matvec(w: jax.Array) -> bool:

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import jax
 
-from xla_inference.layers.linear import project, row_parallel_project
+from xla_inference.layers.linear import project_many, row_parallel_project
 from xla_inference.parallel.axes import weight
 
 
@@ -21,5 +21,6 @@ class GatedMlp:
 def gated_mlp(p: GatedMlp, x: jax.Array, act: Callable = jax.nn.silu) -> jax.Array:
     """x [T, D] -> [T, D]: down(act(gate(x)) * up(x)); SwiGLU with the default silu. Under
     tensor parallel the down projection is a collective matmul (layers/linear.py)."""
-    hidden = act(project(x, p.w_gate)) * project(x, p.w_up)  # [T, F], split on F under TP
+    gate, up = project_many(x, (p.w_gate, p.w_up))
+    hidden = act(gate) * up  # [T, F], split on F under TP
     return row_parallel_project(hidden, p.w_down, logical_axis="mlp", units=hidden.shape[-1])

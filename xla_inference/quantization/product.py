@@ -110,6 +110,32 @@ def _kernel_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     return y[:, :w.out_features]
 
 
+def _multi_kernel_key(w: PackedWeight):
+    """What weights multiplied in one multi-weight kernel call must share."""
+    return (w.kind, w.group_size, w.zero_point, w.activations, w.in_features)
+
+
+def _kernel_products(x2: jax.Array, ws) -> list[jax.Array]:
+    """_kernel_product(x2, w) for each of ws (sharing _multi_kernel_key), in one call."""
+    w = ws[0]
+    levels = INT8_LEVELS if w.activations == INT8_ACTIVATIONS else FLOAT_ACTIVATION_LEVELS
+    ys = cpu_quantized.quantized_matmul_multi(
+        x2, [(v.values, v.scales, v.offsets) for v in ws], bits=4 if w.kind != INT8 else 8,
+        group_size=w.group_size, levels=levels, zero_point=w.zero_point)
+    return [y[:, :v.out_features] for y, v in zip(ys, ws)]
+
+
+def uses_multi_kernel(ws, rows: int) -> bool:
+    """Whether `rows` rows times each of the PackedWeights ws (one input) run as one native
+    kernel call (cpu_quantized.quantized_matmul_multi): the narrow kernel's rows, weights
+    of one format, no Pallas route or wide entry, and no tensor-parallel mesh (the call has
+    no partitioning rule of its own)."""
+    return (len(ws) > 1 and all(uses_kernel(w, rows) and not uses_wide_kernel(w, rows)
+                                and pallas_route(w) is None for w in ws)
+            and len({_multi_kernel_key(w) for w in ws}) == 1
+            and tensor_parallel_mesh() is None)
+
+
 def _int8_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     """W8A8 int8 by XLA: int8 activations times int8 weights, summed in int32, then both
     scales (one per row and one per output channel: the scheme's per-channel weights)."""
@@ -236,3 +262,15 @@ def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Arra
     else:
         y = _dense_product(x2, w)
     return y.reshape(*lead, w.out_features).astype(out_dtype)
+
+
+def quantized_project_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
+    """[quantized_project(x, w, out_dtype) for w in ws], with the same values: where the
+    native kernel runs them (uses_multi_kernel), in one call that quantizes x once."""
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    if not uses_multi_kernel(ws, x2.shape[0]):
+        return [quantized_project(x, w, out_dtype) for w in ws]
+    return [y.reshape(*lead, w.out_features).astype(out_dtype)
+            for y, w in zip(_kernel_products(x2, ws), ws)]

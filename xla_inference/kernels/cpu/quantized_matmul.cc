@@ -16,7 +16,10 @@
 // (which are then not read); S - z X is exact in int32 (|z| <= 255).
 // A second entry takes float32 x [T, in] and quantizes each row itself, as the callers do
 // (quantization/product.py quantize_rows: x_scale = max|x| / levels, xq = round(x / x_scale)),
-// which saves XLA's separate passes over x before the call.
+// which saves XLA's separate passes over x before the call. A third (multi) takes float32 x
+// and several weights of one format, and gives each its own output, the bits of the second
+// entry's for it: x quantized once, one launch and one sharing-out of the work for a layer's
+// products that share their input (q/k/v, gate/up).
 //
 // The AVX-512 VNNI path widens a chunk's 32 bytes to 32 int16 words (word 2r+j) and adds
 // each dword lane r's pair products to the tile's row r with vpdpwssd against a broadcast
@@ -538,6 +541,106 @@ ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   work->p.xq = work->xq.data();
   work->p.x_scale = work->x_scale.data();
   run(pool, work);
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------
+// Several weights times one x in one call (a layer's q, k and v, or its gate and up): x is
+// quantized once, its group sums taken once, and the work items of every weight share one
+// wake-up of the pool, sized by all the weights' bytes together (the mid-size products of a
+// decode step, alone below kBytesPerThread, together reach it). Each output element is
+// computed by the same tiles() as the one-weight entry, so each output has its bits.
+// Weight bytes per thread woken for a multi call (benchmarks/quantized_decode_step.py
+// measures builds with other values: -DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=N).
+#ifndef XLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD
+#define XLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD (1 << 20)
+#endif
+constexpr int64_t kMultiBytesPerThread = XLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD;
+
+struct MultiWork : xla_inference::WorkItems {
+  std::vector<Problem> problems;  // one a weight, sharing xq, x_scale and the sums
+  std::vector<int64_t> first_item;  // problems[j]'s items: first_item[j] .. first_item[j+1]-1
+  std::vector<int64_t> tiles_per_item;
+  std::vector<float> x_sums;
+  std::vector<int32_t> zero_sums;
+  std::vector<int16_t> xq;
+  std::vector<float> x_scale;
+
+  void drain() {
+    drain_items([this](int64_t i) {
+      size_t j = 0;
+      while (i >= first_item[j + 1]) ++j;
+      const Problem& p = problems[j];
+      const int64_t begin = (i - first_item[j]) * tiles_per_item[j];
+      tiles(p, begin, std::min(begin + tiles_per_item[j], p.out_tiles));
+    });
+  }
+};
+
+ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::RemainingArgs weights, ffi::RemainingRets outs,
+                                int64_t bits, int64_t group_size, int64_t zero_point,
+                                float levels) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || !(levels >= 1.0f && levels <= 16383.0f))
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul_multi: x [T, in] f32, levels in [1, 16383]");
+  const size_t n = outs.size();
+  if (n == 0 || weights.size() != 3 * n)
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul_multi: (values, scales, offsets) for each of its outputs");
+  const int64_t T = xd[0], in = xd[1];
+  auto work = std::make_shared<MultiWork>();
+  work->problems.resize(n);
+  bool any_offsets = false;
+  for (size_t j = 0; j < n; ++j) {
+    auto values = weights.get<ffi::AnyBuffer>(3 * j);
+    auto scales = weights.get<ffi::AnyBuffer>(3 * j + 1);
+    auto offsets = weights.get<ffi::AnyBuffer>(3 * j + 2);
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(j);
+    if (!values.has_value() || !scales.has_value() || !offsets.has_value() || !out.has_value())
+      return ffi::Error::InvalidArgument("quantized_matmul_multi: operands must be buffers");
+    ffi::Error error = weight_problem(T, in, *values, *scales, *offsets, *out, bits, group_size,
+                                      zero_point, work->problems[j]);
+    if (error.failure()) return error;
+    any_offsets = any_offsets || work->problems[j].offsets != nullptr;
+  }
+  if (T == 0) return ffi::Error::Success();
+  work->xq.resize(T * in);
+  work->x_scale.resize(T);
+  for (int64_t t = 0; t < T; ++t)
+#ifdef XLA_INFERENCE_QMM_VNNI
+    quantize_row_avx512(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
+                        work->x_scale.data() + t);
+#else
+    quantize_row(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
+                 work->x_scale.data() + t);
+#endif
+  if (any_offsets || zero_point != 0) {
+    const std::vector<int32_t> sums = group_sums(work->xq.data(), T, in, group_size);
+    if (any_offsets) work->x_sums.assign(sums.begin(), sums.end());
+    if (zero_point != 0)
+      for (const int32_t s : sums) work->zero_sums.push_back(static_cast<int32_t>(zero_point) * s);
+  }
+  // Items of every weight; threads woken for the bytes of all of them together.
+  int64_t bytes = 0;
+  work->first_item.push_back(0);
+  for (Problem& p : work->problems) {
+    p.xq = work->xq.data();
+    p.x_scale = work->x_scale.data();
+    if (p.offsets != nullptr) p.x_sums = work->x_sums.data();
+    if (zero_point != 0) p.zero_sums = work->zero_sums.data();
+    const int64_t tiles = tiles_per_item(p, pool.num_threads());
+    work->tiles_per_item.push_back(tiles);
+    work->first_item.push_back(work->first_item.back() + (p.out_tiles + tiles - 1) / tiles);
+    bytes += p.out_tiles * p.tile_bytes();
+  }
+  work->num_items = work->first_item.back();
+  if (work->num_items == 0) return ffi::Error::Success();
+  const int64_t load = bytes * (T + 3) / 4;
+  const int64_t helpers = std::max<int64_t>(
+      0, std::min({pool.num_threads(), work->num_items - 1, load / kMultiBytesPerThread - 1}));
+  xla_inference::run_items(pool, work, helpers);
   return ffi::Error::Success();
 }
 
@@ -1136,6 +1239,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulFloat, QuantizedMatmulF
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("zero_point")
+                                  .Attr<float>("levels"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulMulti, MultiMatmulFloatImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("zero_point")

@@ -119,11 +119,36 @@ std::vector<uint16_t> pack_x(const uint16_t* x, const Problem& p) {
   return packed;
 }
 
+// r[i][k] -> r[k][i] for 16 rows of 16 floats. Stage h swaps the top-right and bottom-left
+// h x h blocks of every 2h x 2h block (rows i and i + h exchange the lanes whose bit h
+// differs from the row's); the four stages (h = 8, 4, 2, 1) together swap every bit of the
+// row index with the column's: the transpose.
+inline void transpose_16x16(__m512 r[kTile]) {
+  for (int h = 8; h >= 1; h /= 2) {
+    alignas(64) int32_t low[16], high[16];
+    for (int k = 0; k < 16; ++k) {
+      low[k] = (k & h) ? 16 + k - h : k;   // row i keeps its lanes without bit h, takes j's
+      high[k] = (k & h) ? 16 + k : k + h;  // row j takes i's lanes with bit h, keeps its own
+    }
+    const __m512i low_index = _mm512_load_si512(low), high_index = _mm512_load_si512(high);
+    for (int i = 0; i < 16; ++i) {
+      if (i & h) continue;
+      const __m512 a = r[i], b = r[i + h];
+      r[i] = _mm512_permutex2var_ps(a, low_index, b);
+      r[i + h] = _mm512_permutex2var_ps(a, high_index, b);
+    }
+  }
+}
+
 // The 32 output columns o0.. (a block) against every row of x. `a` is where the block's
 // weight rows lie, `a_stride` their stride in values; `tail` the block's last, partial k step
 // (32 rows x 32 values, zero-padded) when in % 32 != 0.
+// `next`: the following block's weight rows (whole, stride `in`), or null: while the first
+// rows of x pass, each k step also prefetches that step's 64 bytes of each of them, so the
+// next block's weight is in cache when it starts (32 interleaved rows are more streams than
+// the hardware prefetchers follow).
 void block_amx(const Problem& p, const uint16_t* a, int64_t a_stride, const uint16_t* tail,
-               int64_t o0) {
+               int64_t o0, const uint16_t* next) {
   alignas(64) float c[4][kTile * kTile];
   const int64_t a_bytes = a_stride * 2;
   for (int64_t b = 0; b < p.t_blocks; ++b) {
@@ -141,6 +166,9 @@ void block_amx(const Problem& p, const uint16_t* a, int64_t a_stride, const uint
         _tile_loadd(4, tail, kTileK * 2);
         _tile_loadd(5, tail + kTile * kTileK, kTileK * 2);
       }
+      if (b == 0 && next != nullptr && s < p.full_k_steps)
+        for (int64_t r = 0; r < kBlock; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(next + r * p.in + s * kTileK), _MM_HINT_T0);
       _tile_loadd(6, b_tiles, 64);
       _tile_loadd(7, b_tiles + kTile * kTileK, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -152,25 +180,32 @@ void block_amx(const Problem& p, const uint16_t* a, int64_t a_stride, const uint
     _tile_stored(1, c[1], 64);
     _tile_stored(2, c[2], 64);
     _tile_stored(3, c[3], 64);
-    // c[2 * oh + th][i][j] = y^T[o0 + 16 oh + i][32 b + 16 th + j]
-    for (int th = 0; th < 2; ++th)
-      for (int64_t j = 0; j < kTile; ++j) {
-        const int64_t t = b * kBlock + th * kTile + j;
-        if (t >= p.T) break;
-        float* row = p.y + t * p.out;
-        for (int oh = 0; oh < 2; ++oh)
-          for (int64_t i = 0; i < kTile; ++i) {
-            const int64_t o = o0 + oh * kTile + i;
-            if (o < p.out) row[o] = c[2 * oh + th][i * kTile + j];
-          }
+    // c[2 * oh + th][i][j] = y^T[o0 + 16 oh + i][32 b + 16 th + j]: each tile transposed
+    // in registers, then its rows stored as 16 consecutive outputs of one row of y.
+    for (int th = 0; th < 2; ++th) {
+      const int64_t t0 = b * kBlock + th * kTile;
+      const int64_t valid_t = std::min<int64_t>(kTile, p.T - t0);
+      if (valid_t <= 0) break;
+      for (int oh = 0; oh < 2; ++oh) {
+        const int64_t first_o = o0 + oh * kTile;
+        const int64_t valid_o = std::min<int64_t>(kTile, p.out - first_o);
+        if (valid_o <= 0) break;
+        __m512 r[kTile];
+        for (int i = 0; i < kTile; ++i) r[i] = _mm512_load_ps(c[2 * oh + th] + i * kTile);
+        transpose_16x16(r);
+        const __mmask16 mask = static_cast<__mmask16>((1u << valid_o) - 1);
+        for (int64_t j = 0; j < valid_t; ++j)
+          _mm512_mask_storeu_ps(p.y + (t0 + j) * p.out + first_o, mask, r[j]);
       }
+    }
   }
 }
 
 void block(const Problem& p, int64_t o0) {
   const int64_t rows = std::min(kBlock, p.out - o0);
   const bool k_tail = p.full_k_steps < p.k_steps;
-  if (rows == kBlock && !k_tail) return block_amx(p, p.w + o0 * p.in, p.in, nullptr, o0);
+  const uint16_t* next = o0 + 2 * kBlock <= p.out ? p.w + (o0 + kBlock) * p.in : nullptr;
+  if (rows == kBlock && !k_tail) return block_amx(p, p.w + o0 * p.in, p.in, nullptr, o0, next);
   // A partial block, or a k tail: zero-padded copies (the whole block only when partial).
   const int64_t padded_in = p.k_steps * kTileK;
   std::vector<uint16_t> tail(kBlock * kTileK, 0);
@@ -178,11 +213,11 @@ void block(const Problem& p, int64_t o0) {
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(tail.data() + r * kTileK, p.w + (o0 + r) * p.in + k_last,
                 (p.in - k_last) * 2);
-  if (rows == kBlock) return block_amx(p, p.w + o0 * p.in, p.in, tail.data(), o0);
+  if (rows == kBlock) return block_amx(p, p.w + o0 * p.in, p.in, tail.data(), o0, next);
   std::vector<uint16_t> whole(kBlock * padded_in, 0);
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(whole.data() + r * padded_in, p.w + (o0 + r) * p.in, p.in * 2);
-  block_amx(p, whole.data(), padded_in, tail.data(), o0);
+  block_amx(p, whole.data(), padded_in, tail.data(), o0, nullptr);
 }
 
 struct Work : xla_inference::WorkItems {

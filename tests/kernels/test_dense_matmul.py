@@ -99,3 +99,11 @@ def test_project_takes_the_kernel_for_a_few_rows(shape):
     assert "dense_matmul" not in jax.jit(linear.project).lower(more, w).as_text()
     assert "dense_matmul" not in jax.jit(linear.project).lower(
         jnp.asarray(x), w.astype(jnp.float32)).as_text()
+
+
+@pytest.mark.parametrize("variable", ["XLA_INFERENCE_CPU_DENSE", "XLA_INFERENCE_CPU_DENSE_MATMUL"])
+def test_environment_variables_turn_it_off(monkeypatch, variable):
+    monkeypatch.setenv(variable, "0")
+    assert not cpu_dense.matmul_available.__wrapped__()  # matmul_available() itself is cached
+    monkeypatch.setenv(variable, "1")
+    assert cpu_dense.matmul_available.__wrapped__() == _cpu_has_amx()

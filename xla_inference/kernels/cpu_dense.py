@@ -87,8 +87,9 @@ def _matmul_library():
 def matmul_available() -> bool:
     """Whether the several-row AMX kernel (cpu/dense_matmul.cc) is built, registered and has
     the tiles' permission: False without AMX (another CPU), where the build fails, or with
-    XLA_INFERENCE_CPU_DENSE=0; callers then keep XLA's product."""
-    if not envs.cpu_dense_enabled():
+    XLA_INFERENCE_CPU_DENSE=0 or XLA_INFERENCE_CPU_DENSE_MATMUL=0; callers then keep XLA's
+    product."""
+    if not envs.cpu_dense_matmul_enabled():
         return False
     try:
         return bool(_matmul_library().XlaInferenceDenseMatmulAmx())

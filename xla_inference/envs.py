@@ -20,6 +20,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "1",
         "0 runs a one-row product against bfloat16 projection matrices (a batch-1 decode "
         "step) through XLA's product instead of the native CPU kernel"),
+    "XLA_INFERENCE_CPU_DENSE_MATMUL": (
+        "1",
+        "0 runs the products of 2-128 rows against bfloat16 projection matrices (batched "
+        "decode steps) through XLA's product instead of the native AMX kernel (CPUs with "
+        "AMX-BF16); XLA_INFERENCE_CPU_DENSE=0 turns it off too"),
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
@@ -120,6 +125,10 @@ def cpu_attention_enabled() -> bool:
 
 def cpu_dense_enabled() -> bool:
     return _switch("XLA_INFERENCE_CPU_DENSE")
+
+
+def cpu_dense_matmul_enabled() -> bool:
+    return _switch("XLA_INFERENCE_CPU_DENSE") and _switch("XLA_INFERENCE_CPU_DENSE_MATMUL")
 
 
 def cpu_quantized_enabled() -> bool:

@@ -110,7 +110,8 @@ def test_environment_variable_turns_it_off(monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96)])
 def test_project_takes_the_kernel_for_one_row_only(shape):
     """layers/linear.project: a single row (any leading shape) of float32 activations times a
-    bfloat16 weight runs the kernel, with its numbers; two rows keep XLA's product."""
+    bfloat16 weight runs the kernel, with its numbers; two rows do not (XLA's product, or
+    the several-row kernel, tests/kernels/test_dense_matmul.py)."""
     rng = np.random.default_rng(5)
     w = jnp.asarray(rng.standard_normal((40, 96)), jnp.bfloat16)
     x = rng.standard_normal(shape).astype(np.float32)

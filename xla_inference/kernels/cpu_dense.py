@@ -35,6 +35,11 @@ _TARGET = "xla_inference_dense_matvec"
 _SYMBOL = "XlaInferenceDenseMatvec"
 
 
+_MATMUL_SOURCE = Path(__file__).parent / "cpu" / "dense_matmul.cc"
+_MATMUL_TARGET = "xla_inference_dense_matmul"
+_MATMUL_SYMBOL = "XlaInferenceDenseMatmul"
+
+
 @functools.cache
 def _library():
     return native.load_targets(_SOURCE, {_TARGET: _SYMBOL})
@@ -71,3 +76,33 @@ def dense_matvec(x, w):
     transposed, summed in float32. Meant for T = 1 (any T is computed, each row reading the
     whole weight). Needs available(); usable inside jit."""
     return ffi_dense_matvec(_TARGET, x, w)
+
+
+@functools.cache
+def _matmul_library():
+    return native.load_targets(_MATMUL_SOURCE, {_MATMUL_TARGET: _MATMUL_SYMBOL})
+
+
+@functools.cache
+def matmul_available() -> bool:
+    """Whether the several-row AMX kernel (cpu/dense_matmul.cc) is built, registered and has
+    the tiles' permission: False without AMX (another CPU), where the build fails, or with
+    XLA_INFERENCE_CPU_DENSE=0 or XLA_INFERENCE_CPU_DENSE_MATMUL=0; callers then keep XLA's
+    product."""
+    if not envs.cpu_dense_matmul_enabled():
+        return False
+    try:
+        return bool(_matmul_library().XlaInferenceDenseMatmulAmx())
+    except Exception as e:  # noqa: BLE001 - any failure means XLA's product
+        logger.warning("xla-inference: native CPU bfloat16 AMX matmul unavailable: %s", e)
+        return False
+
+
+def dense_matmul(x, w):
+    """y float32 [T, out] = x [T, in] (rounded to bfloat16) times w bfloat16 [out, in]
+    transposed, on the AMX tiles (pairs of products added in float32, then summed in
+    float32). Any T; needs matmul_available(); usable inside jit."""
+    _matmul_library()  # registers the target (once)
+    call = jax.ffi.ffi_call(_MATMUL_TARGET,
+                            jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
+    return call(x.astype(jnp.bfloat16), w)

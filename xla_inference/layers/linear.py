@@ -50,9 +50,12 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
         return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
     accumulate = jnp.promote_types(out_dtype, jnp.float32)
     x = x.astype(w.dtype)
-    if math.prod(x.shape[:-1]) == 1 and _native_matvec(w):
+    rows = math.prod(x.shape[:-1])
+    if rows == 1 and _native_matvec(w):
         y = cpu_dense.dense_matvec(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[0])
-    elif math.prod(x.shape[:-1]) == 1:
+    elif 1 < rows <= NATIVE_MATMUL_MAX_ROWS and _native_matmul(w):
+        y = cpu_dense.dense_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], w.shape[0])
+    elif rows == 1:
         y = jnp.einsum("...i,io->...o", x, w.T, preferred_element_type=accumulate)
     else:
         y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=accumulate)
@@ -80,6 +83,21 @@ def _native_matvec(w: jax.Array) -> bool:
     operand of a custom call onto every device)."""
     return (w.dtype == jnp.bfloat16 and w.ndim == 2 and jax.default_backend() == "cpu"
             and tensor_parallel_mesh() is None and cpu_dense.available())
+
+
+# The most rows whose product with a bfloat16 weight takes the AMX kernel on the host CPU
+# (kernels/cpu_dense.dense_matmul): a batched decode step's. Against XLA's product of
+# SmolLM2's weights it is 1.3-3x faster from 2 to 64 rows, about even at 128, and slower
+# from 256 on, where XLA's blocked product reuses each loaded tile more
+# (benchmarks/dense_matmul.py).
+NATIVE_MATMUL_MAX_ROWS = 128
+
+
+def _native_matmul(w: jax.Array) -> bool:
+    """Whether a product of a few rows (2..NATIVE_MATMUL_MAX_ROWS) times the bfloat16 weight w
+    runs the native AMX kernel: as _native_matvec, on a CPU with AMX-BF16 tiles."""
+    return (w.dtype == jnp.bfloat16 and w.ndim == 2 and jax.default_backend() == "cpu"
+            and tensor_parallel_mesh() is None and cpu_dense.matmul_available())
 
 
 def lora_delta(x: jax.Array, w: LoraWeight, out_dtype) -> jax.Array:

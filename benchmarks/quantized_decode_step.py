@@ -76,8 +76,8 @@ def _llama_cpp(repeats: int, threads: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=60)
-    parser.add_argument("--variants", nargs="+", default=["separate", "fused"],
-                        help="separate, fused")
+    parser.add_argument("--variants", nargs="*", default=["separate", "fused"],
+                        help="separate, fused (none: llama.cpp alone, with --llama-cpp)")
     parser.add_argument("--llama-cpp", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     args = parser.parse_args()

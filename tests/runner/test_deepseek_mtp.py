@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.drafter_checks import assert_drafts_match_over_a_prompt_and_a_verify_step
 from tests.deepseek_mtp_checkpoint import HIDDEN, VOCAB, TransformersMtp, save_tiny_deepseek_mtp
 from tests.helpers import ENGINE_BLOCK
 from xla_inference.layers.moe import MoeMlp
@@ -77,49 +78,9 @@ def test_logits_match_the_transformers_reference_over_ragged_prompts(checkpoint)
 def test_proposals_match_the_reference_over_a_prompt_and_a_verify_step(checkpoint):
     path, ref = checkpoint
     proposer = _proposer(path)
-    rng = np.random.default_rng(4)
-    true_hidden = {}
-
-    def hidden_at(rid, p):
-        return true_hidden.setdefault((rid, p), rng.standard_normal(HIDDEN).astype(np.float32))
-
-    def step(scheduled, kept):
-        hidden = rng.standard_normal((32, HIDDEN)).astype(np.float32)
-        row = 0
-        for (req, n), keep in zip(scheduled, kept):
-            for j in range(keep):
-                hidden[row + j] = hidden_at(req.req_id, req.num_computed_tokens + j)
-            row += n
-        proposer.saw_target_step(scheduled, jax.device_put(hidden))
-
-    def reference(req):
-        N = len(req.token_ids)
-        h = np.stack([hidden_at(req.req_id, p) for p in range(N - 1)]).astype(np.float64)
-        return ref.propose(req.token_ids, h, K)
-
-    reqs = [RequestState(f"r{i}", rng.integers(3, VOCAB, n).tolist(), n,
-                         [list(range(1 + 16 * i, 17 + 16 * i))], 0)
-            for i, n in enumerate((3, 6, 9))]
-    scheduled = [(reqs[0], 3), (reqs[1], 6), (reqs[2], 5)]  # the last prompt in two chunks
-    step(scheduled, [3, 6, 5])
-    for req, n in scheduled:
-        req.num_computed_tokens += n
-        if req.num_computed_tokens == len(req.token_ids):
-            req.token_ids.append(int(rng.integers(3, VOCAB)))
-    drafts = proposer.propose(reqs, [[1], [1], []])
-    assert drafts[2] == []
-    assert drafts[:2] == [reference(r) for r in reqs[:2]]
-
-    scheduled = [(reqs[0], 1 + K), (reqs[1], 1 + K), (reqs[2], 4)]
-    step(scheduled, [2, 1, 4])  # one draft accepted; none; the prompt's end
-    emitted = [drafts[0][:1] + [int(rng.integers(3, VOCAB))], [int(rng.integers(3, VOCAB))],
-               [int(rng.integers(3, VOCAB))]]
-    for (req, n), out in zip(scheduled, emitted):
-        req.num_computed_tokens += len(out) if req is not reqs[2] else n
-        req.token_ids.extend(out)
-    drafts = proposer.propose(reqs, [[1]] * 3)
-    assert all(len(d) == K for d in drafts)
-    assert drafts == [reference(r) for r in reqs]
+    assert_drafts_match_over_a_prompt_and_a_verify_step(
+        proposer, ref, k=K, hidden_size=HIDDEN, vocab=VOCAB, rows=32,
+        rng=np.random.default_rng(4))
 
 
 @pytest.mark.parametrize("change, message", [

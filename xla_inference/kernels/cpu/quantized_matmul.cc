@@ -392,6 +392,18 @@ void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, 
 }
 #endif
 
+// The T rows of x [T, in] quantized for the float entries (one scale a row), vectorized where
+// the build allows: the one-weight and the multi-weight entries quantize alike.
+void quantize_rows(const float* x, int64_t T, int64_t in, float levels, int16_t* xq,
+                   float* x_scale) {
+  for (int64_t t = 0; t < T; ++t)
+#ifdef XLA_INFERENCE_QMM_VNNI
+    quantize_row_avx512(x + t * in, in, levels, xq + t * in, x_scale + t);
+#else
+    quantize_row(x + t * in, in, levels, xq + t * in, x_scale + t);
+#endif
+}
+
 // One call's work items (runs of output tiles), shared out as work_items.h says.
 struct Work : xla_inference::WorkItems {
   Problem p;
@@ -530,14 +542,7 @@ ffi::Error QuantizedMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   const int64_t T = xd[0], in = xd[1];
   work->xq.resize(T * in);
   work->x_scale.resize(T);
-  for (int64_t t = 0; t < T; ++t)
-#ifdef XLA_INFERENCE_QMM_VNNI
-    quantize_row_avx512(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
-                        work->x_scale.data() + t);
-#else
-    quantize_row(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
-                 work->x_scale.data() + t);
-#endif
+  quantize_rows(x.typed_data(), T, in, levels, work->xq.data(), work->x_scale.data());
   work->p.xq = work->xq.data();
   work->p.x_scale = work->x_scale.data();
   run(pool, work);
@@ -608,14 +613,7 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (T == 0) return ffi::Error::Success();
   work->xq.resize(T * in);
   work->x_scale.resize(T);
-  for (int64_t t = 0; t < T; ++t)
-#ifdef XLA_INFERENCE_QMM_VNNI
-    quantize_row_avx512(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
-                        work->x_scale.data() + t);
-#else
-    quantize_row(x.typed_data() + t * in, in, levels, work->xq.data() + t * in,
-                 work->x_scale.data() + t);
-#endif
+  quantize_rows(x.typed_data(), T, in, levels, work->xq.data(), work->x_scale.data());
   if (any_offsets || zero_point != 0) {
     const std::vector<int32_t> sums = group_sums(work->xq.data(), T, in, group_size);
     if (any_offsets) work->x_sums.assign(sums.begin(), sums.end());

@@ -206,6 +206,33 @@ def save_word_tokenizer(path: Path, vocab_size: int = 128) -> None:
     fast.save_pretrained(path)
 
 
+_ON_ONE_CPU = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import jax, jax.numpy as jnp, numpy as np
+from xla_inference.kernels import cpu_dense
+assert cpu_dense.%s()
+a = np.load(sys.argv[1])
+y = cpu_dense.%s(a["x"], jnp.asarray(a["w"]).view(jnp.bfloat16))
+np.save(sys.argv[2], np.asarray(y))
+"""
+
+
+def dense_kernel_on_one_cpu(kernel: str, available: str, x, w, tmp_path: Path) -> np.ndarray:
+    """cpu_dense.<kernel>(x, w) (w bfloat16) in a subprocess pinned to one CPU before JAX
+    starts (so its pool has no helper threads), after asserting cpu_dense.<available>():
+    the kernels' outputs must not depend on how the work was shared out."""
+    import os
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "in.npz", x=x, w=np.asarray(w).view(np.uint16))
+    subprocess.run([sys.executable, "-c", _ON_ONE_CPU % (available, kernel), tmp_path / "in.npz",
+                    tmp_path / "out.npy"], check=True,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    return np.load(tmp_path / "out.npy")
+
+
 def pallas_interpret(backend: str) -> bool:
     """Pallas interpret mode unless this process runs on the kernel's own device ("tpu" or
     "gpu"): benchmarks/gpu_check.sh runs the same tests natively on a GPU or TPU."""

@@ -2,16 +2,13 @@
 float64 products of the same bfloat16 values, its portable build, a one-thread run, and
 layers/linear.project choosing it for a single row."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import dense_kernel_on_one_cpu
 from xla_inference.kernels import cpu_dense, native
 from xla_inference.layers.linear import project
 
@@ -76,28 +73,12 @@ def test_bad_operands_are_refused():
         cpu_dense.dense_matvec(jnp.zeros((1, 48)), w)
 
 
-# A subprocess pinned to one CPU before JAX starts: runs the kernel on the operands saved in
-# argv[1] and saves the output to argv[2].
-_PINNED = textwrap.dedent("""
-    import os, sys
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    import jax, jax.numpy as jnp, numpy as np
-    from xla_inference.kernels import cpu_dense
-    assert cpu_dense.available()
-    a = np.load(sys.argv[1])
-    y = cpu_dense.dense_matvec(a["x"], jnp.asarray(a["w"]).view(jnp.bfloat16))
-    np.save(sys.argv[2], np.asarray(y))
-""")
-
-
 def test_output_is_the_same_on_one_thread(tmp_path):
     # 8 MB of weights: many work items, and pool threads woken for them
     x, w = _operands(np.random.default_rng(11), 1, 8192, 512)
-    np.savez(tmp_path / "in.npz", x=x, w=np.asarray(w).view(np.uint16))
-    subprocess.run([sys.executable, "-c", _PINNED, tmp_path / "in.npz", tmp_path / "out.npy"],
-                   check=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    alone = dense_kernel_on_one_cpu("dense_matvec", "available", x, w, tmp_path)
     here = np.asarray(cpu_dense.dense_matvec(jnp.asarray(x), w))
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), here)
+    np.testing.assert_array_equal(alone, here)
 
 
 def test_environment_variable_turns_it_off(monkeypatch):

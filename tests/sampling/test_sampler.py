@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from tests.sampling_reference import vllm_processed_logits
-from xla_inference.sampling.sampler import apply_extras, gather_logprobs, sample
+from xla_inference.sampling.sampler import apply_extras, gather_logprobs, row_argmax, sample
 from xla_inference.sampling.host import (SamplingOptions, build_sampling_batch,
                                          build_sampling_extras, logprobs_rows,
                                          unpack_grammar_bitmask)
@@ -243,3 +243,20 @@ def test_token_ids_past_the_model_vocabulary_are_ignored_not_fatal():
     adjust = np.asarray(extras.logit_adjust[0])
     assert adjust[3] == 1.0 and adjust[1] == 0.0
     assert np.isneginf(adjust[[0, 2, 4, 5, 6, 7, 8, 9]]).all()
+
+
+@pytest.mark.parametrize("vocab", [300, 49152])
+def test_row_argmax_is_numpys_first_maximum_with_ties_nan_and_masked_rows(vocab):
+    """The chunked argmax against numpy's: random rows, ties across and inside chunks (the
+    first wins), a NaN row (the first NaN), an all -inf row (index 0), a vocabulary that is
+    not a multiple of the chunk (padded) and a maximum in the last, partial chunk."""
+    x = np.random.default_rng(0).standard_normal((8, vocab)).astype(np.float32)
+    x[1, [5, 200, vocab - 1]] = 9.0
+    x[2, [130, 131]] = 9.0
+    x[3, [40, 260]] = np.nan
+    x[4] = -np.inf
+    x[5, vocab - 1] = 9.0
+    got = np.asarray(jax.jit(row_argmax)(x))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got[1] == 5 and got[2] == 130 and got[3] == 40 and got[4] == 0 and got[5] == vocab - 1

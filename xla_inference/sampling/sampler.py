@@ -25,7 +25,7 @@ def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | No
     raw = logits
     if extras is not None:
         logits = apply_extras(logits, extras)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = row_argmax(logits)
     is_greedy = params.temperature < _GREEDY_EPS
     tokens = jax.lax.cond(
         jnp.all(is_greedy),
@@ -38,6 +38,31 @@ def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | No
         lambda: _no_logprobs(tokens, num_logprobs, params.wanted_token_ids.shape[1]),
     )
     return SampleOutput(tokens, ids, logprobs, ranks, wanted)
+
+
+_ARGMAX_CHUNK = 128
+
+
+def row_argmax(logits):
+    """jnp.argmax over the last axis [B, V] -> [B] int32, same result (the first maximum;
+    NaN counts as the maximum) in two steps: each 128-wide chunk's max (a plain reduction,
+    vectorized), the first chunk holding the row's max (or its first NaN), then the argmax
+    inside that chunk.
+    XLA's CPU backend lowers argmax (a reduction over value and index pairs) to scalar code:
+    ~9 ms over [64, 49152] float32 on two cores, against < 1 ms for this."""
+    B, V = logits.shape
+    if V < 2 * _ARGMAX_CHUNK:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    pad = -V % _ARGMAX_CHUNK
+    if pad:
+        logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    chunks = logits.reshape(B, -1, _ARGMAX_CHUNK)
+    # XLA's vectorized max may drop a NaN, so the first chunk holding one is found apart.
+    nan_chunks = jnp.any(jnp.isnan(chunks), axis=-1)
+    best_chunk = jnp.where(jnp.any(nan_chunks, axis=-1), jnp.argmax(nan_chunks, axis=-1),
+                           jnp.argmax(jnp.max(chunks, axis=-1), axis=-1))
+    inside = jnp.take_along_axis(chunks, best_chunk[:, None, None], axis=1)[:, 0]
+    return (best_chunk * _ARGMAX_CHUNK + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def apply_extras(logits, extras: SamplingExtras):
@@ -95,7 +120,7 @@ def _random_sample(logits, params: SamplingBatch, step_key):
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
     keys = _row_keys(params, step_key)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
-    return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    return row_argmax(scaled + gumbel)
 
 
 def _row_keys(params: SamplingBatch, step_key):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.sampling.sampler import (_GREEDY_EPS, _apply_min_p, _row_keys,
-                                            apply_extras, truncate_where_asked)
+                                            apply_extras, row_argmax, truncate_where_asked)
 from xla_inference.sampling.types import SamplingBatch, SamplingExtras
 
 # Tags folded into a row's key so the draws of one step never share a stream.
@@ -86,7 +86,7 @@ def greedy_rejection(processed, drafts: DraftBatch) -> RejectionOutput:
     greedy rows."""
     rows = processed.shape[1]
     K = rows - 1
-    argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B, K+1]
+    argmax = row_argmax(processed)  # [B, K+1]
     accept = (drafts.tokens == argmax[:, :K]) & (jnp.arange(K)[None, :] <
                                                  drafts.num_drafts[:, None])
     num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)
@@ -143,7 +143,7 @@ def rejection_core(processed, drafts: DraftBatch, params: SamplingBatch, uniform
     K = rows - 1
     draft = drafts.tokens
     safe_draft = jnp.maximum(draft, 0)
-    target_argmax = jnp.argmax(processed[:, :-1, :], axis=-1).astype(jnp.int32)
+    target_argmax = row_argmax(processed[:, :-1, :])
     p = target_probs(processed, params)
     p_draft = jnp.take_along_axis(p, safe_draft[..., None], axis=-1)[..., 0]
     if drafts.probs is None:
@@ -153,7 +153,7 @@ def rejection_core(processed, drafts: DraftBatch, params: SamplingBatch, uniform
         q_draft = jnp.take_along_axis(drafts.probs, safe_draft[..., None], axis=-1)[..., 0]
         residual = jnp.maximum(p - drafts.probs, 0.0)
     random_accept = (draft >= 0) & (q_draft > 0) & (p_draft / q_draft >= uniforms)
-    recovered = jnp.argmax(residual * inv_exponentials[:, None, :], axis=-1).astype(jnp.int32)
+    recovered = row_argmax(residual * inv_exponentials[:, None, :])
     is_greedy = (params.temperature < _GREEDY_EPS)[:, None]
     accept = jnp.where(is_greedy, draft == target_argmax, random_accept)
     accept &= jnp.arange(K)[None, :] < drafts.num_drafts[:, None]
@@ -173,14 +173,14 @@ def _bonus_tokens(processed, num_drafts, params: SamplingBatch, step_key):
     """The ordinary sampler on row n of each request, keyed as the token it would be without
     speculation (seed, tokens generated before it), so n = 0 draws what sample() draws."""
     row = jnp.take_along_axis(processed, num_drafts[:, None, None], axis=1)[:, 0, :]
-    greedy = jnp.argmax(row, axis=-1).astype(jnp.int32)
+    greedy = row_argmax(row)
     temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
     scaled = _apply_min_p(row / temperature[:, None], params.min_p)
     scaled = truncate_where_asked(scaled, params.top_k, params.top_p)
     keys = _row_keys(dataclasses.replace(params, seed_offset=params.seed_offset + num_drafts),
                      step_key)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
-    drawn = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    drawn = row_argmax(scaled + gumbel)
     return jnp.where(params.temperature < _GREEDY_EPS, greedy, drawn)
 
 

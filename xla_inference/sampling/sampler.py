@@ -44,15 +44,18 @@ _ARGMAX_CHUNK = 128
 
 
 def row_argmax(logits):
-    """jnp.argmax over the last axis [B, V] -> [B] int32, same result (the first maximum;
+    """jnp.argmax over the last axis [..., V] -> [...] int32, same result (the first maximum;
     NaN counts as the maximum) in two steps: each 128-wide chunk's max (a plain reduction,
     vectorized), the first chunk holding the row's max (or its first NaN), then the argmax
     inside that chunk.
     XLA's CPU backend lowers argmax (a reduction over value and index pairs) to scalar code:
     ~9 ms over [64, 49152] float32 on two cores, against < 1 ms for this."""
-    B, V = logits.shape
+    V = logits.shape[-1]
     if V < 2 * _ARGMAX_CHUNK:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if logits.ndim != 2:
+        return row_argmax(logits.reshape(-1, V)).reshape(logits.shape[:-1])
+    B = logits.shape[0]
     pad = -V % _ARGMAX_CHUNK
     if pad:
         logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)

@@ -77,12 +77,17 @@ def linear_many(x: jax.Array, ws, bs) -> list[jax.Array]:
     return [y if b is None else y + b for y, b in zip(project_many(x, ws), bs)]
 
 
-def _native_matvec(w: jax.Array) -> bool:
-    """Whether a one-row product of the bfloat16 weight w runs the native CPU kernel: on the
-    host CPU, outside a tensor-parallel mesh (XLA's partitioner would gather the weight
-    operand of a custom call onto every device)."""
+def _host_bfloat16_weight(w: jax.Array) -> bool:
+    """Whether w is a bfloat16 matrix multiplied on the host CPU outside a tensor-parallel
+    mesh (XLA's partitioner would gather the weight operand of a custom call onto every
+    device): what the native dense kernels take."""
     return (w.dtype == jnp.bfloat16 and w.ndim == 2 and jax.default_backend() == "cpu"
-            and tensor_parallel_mesh() is None and cpu_dense.available())
+            and tensor_parallel_mesh() is None)
+
+
+def _native_matvec(w: jax.Array) -> bool:
+    """Whether a one-row product of w runs the native CPU kernel."""
+    return _host_bfloat16_weight(w) and cpu_dense.available()
 
 
 # The most rows whose product with a bfloat16 weight takes the AMX kernel on the host CPU
@@ -95,9 +100,8 @@ NATIVE_MATMUL_MAX_ROWS = 128
 
 def _native_matmul(w: jax.Array) -> bool:
     """Whether a product of a few rows (2..NATIVE_MATMUL_MAX_ROWS) times the bfloat16 weight w
-    runs the native AMX kernel: as _native_matvec, on a CPU with AMX-BF16 tiles."""
-    return (w.dtype == jnp.bfloat16 and w.ndim == 2 and jax.default_backend() == "cpu"
-            and tensor_parallel_mesh() is None and cpu_dense.matmul_available())
+    runs the native AMX kernel (a CPU with AMX-BF16 tiles)."""
+    return _host_bfloat16_weight(w) and cpu_dense.matmul_available()
 
 
 def lora_delta(x: jax.Array, w: LoraWeight, out_dtype) -> jax.Array:

@@ -24,15 +24,19 @@ times `routed_scaling_factor` weight their outputs. Its shared experts are `shar
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.parallel.axes import weight
-from xla_inference.quantization.experts import (PackedExperts, expert_weights, ragged_product,
-                                                row_experts)
+from xla_inference.parallel.sharding import TENSOR_AXIS, tensor_parallel_mesh
+from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
+                                                ragged_product, row_experts,
+                                                share_splits_groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,18 @@ class MoeMlp:
     w_down: jax.Array | PackedExperts = weight("experts", "mlp", "embed")
     shared_expert: GatedMlp | None = None  # [D, F'] / [F', D]: sees every token (Llama 4)
     score_bias: jax.Array | None = None  # [E] float32: added to the scores for choosing only
+
+
+class Experts(NamedTuple):
+    """A block's three stacked expert weights, [E, D, F], [E, D, F] and [E, F, D]."""
+
+    gate: jax.Array | PackedExperts
+    up: jax.Array | PackedExperts
+    down: jax.Array | PackedExperts
+
+    @property
+    def count(self) -> int:
+        return self.gate.shape[0]
 
 
 def route(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, jax.Array]:
@@ -146,11 +162,11 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
     return jax.lax.ragged_dot(xs, w, group_sizes)
 
 
-def _swiglu_grouped(p: MoeMlp, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def _swiglu_grouped(w: Experts, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """xs [R, D], rows sorted by expert, group_sizes [E] -> [R, D]: row r through its expert."""
-    gate = _grouped(xs, p.w_gate, group_sizes)  # [R, F]
-    up = _grouped(xs, p.w_up, group_sizes)
-    return _grouped(jax.nn.silu(gate) * up, p.w_down, group_sizes)
+    gate = _grouped(xs, w.gate, group_sizes)  # [R, F]
+    up = _grouped(xs, w.up, group_sizes)
+    return _grouped(jax.nn.silu(gate) * up, w.down, group_sizes)
 
 
 def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
@@ -162,20 +178,131 @@ def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
 def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
                cfg: MoeConfig) -> jax.Array:
     """x [T, D] through the experts a router chose (weights, experts [T, k], as `route`
-    gives them) -> [T, D]; p.router is not read (the torch path routes outside)."""
+    gives them) -> [T, D]; p.router is not read (the torch path routes outside).
+    Under a tensor-parallel mesh with the Pallas GMM serving the experts, split by hand
+    (_routed_on_mesh)."""
+    w = Experts(p.w_gate, p.w_up, p.w_down)
+    mesh = tensor_parallel_mesh() if pallas_gmm.gmm_route() is not None else None
+    if mesh is None:
+        routed = _routed_experts(w, x, weights, experts, cfg)
+    else:
+        routed = _routed_on_mesh(w, x, weights, experts, cfg, mesh)
+    return _with_shared_expert(p, x, routed)
+
+
+def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
+                    cfg: MoeConfig, first_expert: jax.Array | None = None) -> jax.Array:
+    """The routed sum [T, D] over the experts w holds. `first_expert` (expert parallel):
+    w holds experts first_expert .. first_expert + w.count - 1 only; the (token, expert)
+    pairs of other experts sort after them, past the groups (the grouped products leave
+    such rows zero or, gathered per row, multiply them by a stand-in expert), and their
+    outputs are dropped: the sum of this device's experts' share."""
     T, D = x.shape
     k = cfg.num_experts_per_tok
     flat_experts = experts.reshape(T * k)  # pair r = t * k + j: token t's j-th choice
-    order = jnp.argsort(flat_experts, stable=True)  # pairs grouped by expert
-    group_sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)  # [E]
+    if first_expert is None:
+        group_of, mine = flat_experts, None
+    else:
+        local = flat_experts - first_expert
+        mine = (local >= 0) & (local < w.count)
+        group_of = jnp.where(mine, local, w.count)  # other devices' pairs: one group past
+    order = jnp.argsort(group_of, stable=True)  # pairs grouped by expert
+    group_sizes = jnp.bincount(group_of, length=w.count + 1)[:w.count].astype(jnp.int32)
     xs = x[order // k]  # [T*k, D] in sorted order
     if cfg.weight_inputs:
         xs = xs * weights.reshape(T * k)[order][:, None].astype(x.dtype)
         weights = jnp.ones_like(weights)
-    out = _swiglu_grouped(p, xs, group_sizes)
-    unsorted = jnp.zeros_like(out).at[order].set(out).reshape(T, k, D)
-    routed = (unsorted * weights[..., None].astype(out.dtype)).sum(axis=1)
-    return _with_shared_expert(p, x, routed)
+    out = _swiglu_grouped(w, xs, group_sizes)
+    unsorted = jnp.zeros_like(out).at[order].set(out)
+    if mine is not None:
+        unsorted = jnp.where(mine[:, None], unsorted, 0)
+    unsorted = unsorted.reshape(T, k, D)
+    return (unsorted * weights[..., None].astype(out.dtype)).sum(axis=1)
+
+
+# ------------------------------------------------------------------ expert / tensor parallel
+#
+# A Pallas call has no partitioning rule: left to GSPMD, a GMM over experts sharded on the
+# tensor-parallel axis gathers every expert's weights whole onto every device, each layer,
+# each step. So the routed experts run in a shard_map over that axis, each device's GMM on
+# the weights it holds, as parallel/sharding.py placed them:
+# - experts split (expert parallel, E divisible by the axis): every device sees every
+#   token (the activations are replicated between layers under tensor parallel) and runs
+#   the (token, expert) pairs of its own experts; the others' pairs sort past its groups
+#   and are dropped (_routed_experts). The partial sums meet in one all-reduce of [T, D];
+# - else the intermediate width split (tensor parallel): gate and up column-parallel, down
+#   row-parallel, routing replicated; the partial sums meet in the same all-reduce;
+# - else (a share the kernel cannot take alone) every device multiplies the whole
+#   experts, gathered, as GSPMD would.
+# Quantized experts split with their scales and offsets (quantization/experts.py's
+# local_share). A deployment with many devices and large batches would rather shard the
+# tokens too and exchange only each pair's rows (all-to-all dispatch and combine): every
+# device here reads all T * k pair rows and reduces [T, D]; at decode sizes that is small
+# against the expert weights each device no longer reads.
+
+
+def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
+                    cfg: MoeConfig, mesh) -> jax.Array:
+    devices = mesh.shape[TENSOR_AXIS]
+    split = _expert_split(w, devices)
+    local = w if split is None else Experts(*(local_share(a, split, axis, devices)
+                                              for a, axis in zip(w, _SPLIT_AXES[split])))
+    specs = Experts(*(_share_spec(a, local_a, split, axis)
+                      for a, local_a, axis in zip(w, local, _SPLIT_AXES.get(split, (0,) * 3))))
+
+    def body(x, weights, experts, shares):
+        shares = Experts(*(_with_static(share, a) for share, a in zip(shares, local)))
+        if split == "experts":
+            first = jax.lax.axis_index(TENSOR_AXIS) * shares.count
+            partial = _routed_experts(shares, x, weights, experts, cfg, first)
+        else:
+            partial = _routed_experts(shares, x, weights, experts, cfg)
+        return partial if split is None else jax.lax.psum(partial, TENSOR_AXIS)
+
+    # Manual over every axis not yet manual, as quantization/product.py's split: the TPU
+    # kernel's interpret mode runs host callbacks, which JAX allows only in manual code.
+    axes = set(mesh.axis_names) - set(mesh.manual_axes)
+    whole = PartitionSpec()
+    return jax.shard_map(body, mesh=mesh, in_specs=(whole, whole, whole, specs),
+                         out_specs=whole, axis_names=axes, check_vma=False)(
+                             x, weights, experts, w)
+
+
+# The axis of each of gate, up and down (logical [E, in, out]) that a split cuts.
+_SPLIT_AXES = {"experts": (0, 0, 0), "mlp": (2, 2, 1)}
+
+
+def _expert_split(w: Experts, devices: int) -> str | None:
+    """How the experts split over `devices` (the comment above): as param_shardings
+    places them, experts first; None where no split's shares are all multipliable."""
+    for split, axes in _SPLIT_AXES.items():
+        if all(local_share(a, split, axis, devices) is not None for a, axis in zip(w, axes)):
+            return split
+    return None
+
+
+def _share_spec(w, local, split: str | None, axis: int):
+    """The PartitionSpec tree of w's arrays for its share `local` (whole where None)."""
+    if split is None:
+        return PartitionSpec() if not isinstance(w, PackedExperts) else dataclasses.replace(
+            w, values=PartitionSpec(), scales=PartitionSpec(),
+            offsets=None if w.offsets is None else PartitionSpec())
+    cut = [None, None, None]
+    cut[axis] = TENSOR_AXIS
+    if not isinstance(w, PackedExperts):
+        return PartitionSpec(*cut)
+    groups = PartitionSpec(*cut) if share_splits_groups(w, local) else PartitionSpec()
+    return dataclasses.replace(w, values=PartitionSpec(*cut), scales=groups,
+                               offsets=None if w.offsets is None else groups)
+
+
+def _with_static(share, local):
+    """A device's share with its own static sizes (a PackedExperts' in / out features and
+    group size are static fields, the whole experts' outside the shard_map)."""
+    if not isinstance(share, PackedExperts):
+        return share
+    return dataclasses.replace(share, in_features=local.in_features,
+                               out_features=local.out_features, group_size=local.group_size)
 
 
 def moe_mlp_dense(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:

@@ -394,3 +394,45 @@ def expert_weights(w: jax.Array | PackedExperts, dtype) -> jax.Array:
     """Dense [E, in, out] experts for code that multiplies every expert (the reference
     path, layers/moe.moe_mlp_dense): quantized ones dequantized into `dtype`."""
     return dequantize_experts(w, dtype) if isinstance(w, PackedExperts) else w
+
+
+# ------------------------------------------------------------------ shares of a mesh axis
+
+def local_share(w: jax.Array | PackedExperts, split: str, axis: int, devices: int):
+    """What one of `devices` devices holds of experts w (logical [E, in, out], dense or
+    quantized) when `axis` is cut evenly among them (layers/moe.py's expert and tensor
+    parallel): for dense experts the share's shape, for quantized ones w with the share's
+    static sizes (in / out features, group size; the arrays are w's). None where the cut
+    is uneven or the Pallas GMM cannot multiply the share alone: only the K-major layout
+    splits its in or out axis (the native kernel's tiles and FP8's [out, in] split only
+    by experts), a 4-bit split must keep whole 2H-input blocks, and an input split whole
+    groups (or a single group: its scales then go whole to every device)."""
+    if w.shape[axis] % devices:
+        return None
+    shape = list(w.shape)
+    shape[axis] //= devices
+    if not isinstance(w, PackedExperts):
+        return jax.ShapeDtypeStruct(tuple(shape), w.dtype)
+    if axis == 0:
+        return w
+    if w.layout != K_MAJOR:
+        return None
+    group = w.group_size
+    if axis == 1:
+        k = shape[1]
+        one_group = w.in_features == w.group_size
+        if not one_group and k % group:
+            return None
+        if w.kind == INT4 and (k % (2 * qmm.int4_half(w.in_features))
+                               or qmm.int4_half(k) != qmm.int4_half(w.in_features)):
+            return None
+        group = k if one_group else group
+    share = dataclasses.replace(w, in_features=shape[1], out_features=shape[2], group_size=group)
+    route = pallas_gmm.gmm_route()
+    return share if route is not None and _pallas_fits(share, route) else None
+
+
+def share_splits_groups(w: PackedExperts, share: PackedExperts) -> bool:
+    """Whether w's scales and offsets split as its values do for `share` (local_share):
+    all but an input split of a single group, whose scales every device takes whole."""
+    return share.in_features == w.in_features or w.in_features != w.group_size

@@ -1,7 +1,8 @@
 """benchmarks/gpu_check.sh --smoke on this CPU: the accelerator check's every part runs
 (dependency and device check, the kernel tests' lowering subset, the kernel check against
 the jnp kernel in interpret mode, kernel-alone timings, the core engine's decode and
-prefill steps) and reports, so that the command handed to a GPU or TPU machine is known to
+prefill steps, the MoE parts: on 2 virtual devices the
+sharded one too) and reports, so that the command handed to a GPU or TPU machine is known to
 work end to end before one is at hand."""
 
 import json
@@ -27,7 +28,8 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     assert proc.returncode == 0, log
     for line in ["== kernel tests (cpu", " passed", "kernel check (pallas_gpu_attention, "
                  "interpret)", "-> PASS", "kernel alone, decode b1", "decode b4 ctx160",
-                 "MFU", "accelerator_step: OK", "== gpu_check: OK"]:
+                 "MFU", "experts split over 2 devices", "no all-gather, outputs agree",
+                 "accelerator_step: OK", "== gpu_check: OK"]:
         assert line in log, f"{line!r} missing from:\n{log}"
     report = json.loads(out.read_text())
     assert report["kernel"]["passed"] and report["kernel"]["max_abs_error"] < 2e-2

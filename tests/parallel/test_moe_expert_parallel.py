@@ -31,6 +31,9 @@ from xla_inference.runner.requests import build_step_batch
 
 E, D, T = 8, 64, 12
 CFG = MoeConfig(num_experts=E, num_experts_per_tok=2, intermediate_size=48, norm_topk_prob=True)
+# Llama 4's routing: sigmoid weights that scale each token before its experts.
+WEIGHTED_INPUTS = MoeConfig(num_experts=E, num_experts_per_tok=2, intermediate_size=48,
+                            norm_topk_prob=False, scoring="sigmoid", weight_inputs=True)
 
 
 @pytest.fixture(autouse=True)
@@ -87,32 +90,33 @@ def handed(monkeypatch):
     return shapes
 
 
-def _on_mesh(block: MoeMlp, x, tp: int):
+def _on_mesh(block: MoeMlp, x, tp: int, cfg: MoeConfig = CFG):
     """moe_mlp traced over a tensor-parallel mesh of tp devices, block placed as the engine
     places parameters: (output, compiled HLO, the placed block)."""
     mesh = build_mesh(tp)
-    model_cfg = types.SimpleNamespace(moe=CFG, intermediate_size=block.w_gate.shape[2])
+    model_cfg = types.SimpleNamespace(moe=cfg, intermediate_size=block.w_gate.shape[2])
     placed = place_params(block, param_shardings(block, model_cfg, mesh))
-    step = jax.jit(traced_over(mesh, lambda p, x: moe_mlp(p, x, CFG))).lower(placed, x).compile()
+    step = jax.jit(traced_over(mesh, lambda p, x: moe_mlp(p, x, cfg))).lower(placed, x).compile()
     return step(placed, x), step.as_text(), placed
 
 
 # (experts, tp, GMM backend): experts split over 2 and 4 devices, the width over 3 (a
-# per-channel int8 down projection: its single group's scales go whole to each device).
-CASES = [("float32", 2, "tpu"), ("float32", 3, "gpu"), (INT8, 3, "gpu"), (FP8, 4, "gpu"),
-         (INT4, 2, "tpu")]
+# per-channel int8 down projection: its single group's scales go whole to each device);
+# FP8 with Llama 4's routing (the inputs weighted before the experts).
+CASES = [("float32", 2, "tpu", CFG), ("float32", 3, "gpu", CFG), (INT8, 3, "gpu", CFG),
+         (FP8, 4, "gpu", WEIGHTED_INPUTS), (INT4, 2, "tpu", CFG)]
 
 
-@pytest.mark.parametrize("kind,tp,backend", CASES)
-def test_block_on_its_shares_equals_reference_without_gathers(kind, tp, backend, handed,
+@pytest.mark.parametrize("kind,tp,backend,cfg", CASES)
+def test_block_on_its_shares_equals_reference_without_gathers(kind, tp, backend, cfg, handed,
                                                               monkeypatch):
     monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, backend)
     dense = _dense_block(F=64 if kind == INT4 else 48)  # 4 bits: whole 2H blocks
     block = dense if kind == "float32" else _quantized(dense, kind)
     x = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
-    want = np.asarray(jax.jit(moe_mlp_dense, static_argnums=2)(block, x, CFG))
+    want = np.asarray(jax.jit(moe_mlp_dense, static_argnums=2)(block, x, cfg))
     handed.clear()
-    got, hlo, placed = _on_mesh(block, x, tp)
+    got, hlo, placed = _on_mesh(block, x, tp, cfg)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     values = lambda w: w if kind == "float32" else w.values  # noqa: E731
     split_experts = E % tp == 0

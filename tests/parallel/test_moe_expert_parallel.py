@@ -104,7 +104,7 @@ def _on_mesh(block: MoeMlp, x, tp: int, cfg: MoeConfig = CFG):
 # per-channel int8 down projection: its single group's scales go whole to each device);
 # FP8 with Llama 4's routing (the inputs weighted before the experts).
 CASES = [("float32", 2, "tpu", CFG), ("float32", 3, "gpu", CFG), (INT8, 3, "gpu", CFG),
-         (FP8, 4, "gpu", WEIGHTED_INPUTS), (INT4, 2, "tpu", CFG)]
+         (FP8, 4, "gpu", WEIGHTED_INPUTS), (INT4, 2, "gpu", CFG)]
 
 
 @pytest.mark.parametrize("kind,tp,backend,cfg", CASES)

@@ -5,7 +5,8 @@ decode server (kv_consumer, tensor parallel 2: pages re-sharded) fetches them ov
 decodes. Greedy output through the proxy equals transformers' (prefix hits on both sides
 included), KV usage returns to 0 on both servers, and the faults: a decode server that never
 fetches (the producer frees the pages when the lease ends), a producer that dies (the
-consumer fails those requests with an error naming the fetch and keeps serving)."""
+consumer fails those requests with a 502 quoting the fetch's error, naming the prefill
+server, and keeps serving)."""
 
 import concurrent.futures
 import contextlib
@@ -89,6 +90,19 @@ def _stream_ids(url, model_dir, prompt) -> list[int]:
     return ids
 
 
+def _stream_error(url, model_dir, prompt, **more) -> dict:
+    """The error object of a streamed completion that fails."""
+    body = dict(model=str(model_dir), prompt=prompt, max_tokens=NUM_NEW, temperature=0.0,
+                stream=True, **more)
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return chunk["error"]
+    raise AssertionError("the stream ended without an error")
+
+
 def _metric(url, name, source=None) -> float:
     """A Prometheus metric summed over its labels (or those with this source label)."""
     total = 0.0
@@ -159,7 +173,10 @@ def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
         assert LEASE_S - 2 < freed_after
         # Its pages are gone: a late fetch fails the request with the producer's reason.
         late = _complete(decode, model_dir, lone, kv_transfer_params=params)
-        assert late.status_code == 500, late.text
+        assert late.status_code == 502, late.text
+        message = late.json()["error"]["message"]
+        assert f"from the prefill server 127.0.0.1:{kv_port} (its request " in message
+        assert "its lease of 4s ended unread" in message
 
         # A producer that dies: the consumer fails those requests and keeps serving.
         reply = _complete(prefill, model_dir, lone, max_tokens=1,
@@ -168,7 +185,13 @@ def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
         os.killpg(p_proc.pid, signal.SIGKILL)
         p_proc.wait()
         orphan = _complete(decode, model_dir, lone, kv_transfer_params=params)
-        assert orphan.status_code == 500, orphan.text
+        assert orphan.status_code == 502, orphan.text
+        message = orphan.json()["error"]["message"]
+        assert f"from the prefill server 127.0.0.1:{kv_port} (its request " in message
+        assert "Connection refused" in message
+        # Streamed: the error chunk says the same.
+        streamed = _stream_error(decode, model_dir, lone, kv_transfer_params=params)
+        assert streamed["code"] == 502 and "Connection refused" in streamed["message"]
         healthy = _complete(decode, model_dir, prompts[1])
         assert healthy.status_code == 200 and healthy.json()["choices"][0]["token_ids"] == \
             expected[1]

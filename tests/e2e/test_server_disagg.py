@@ -43,9 +43,11 @@ def _start(cmd: list[str], log_path: Path):
 
 
 @contextlib.contextmanager
-def _server(model_dir, role: str, kv_port: int, log_path: Path, *more: str):
+def _server(model_dir, role: str, kv_port: int, log_path: Path, *more: str,
+            policy: str = "fail"):
     port = free_port()
     transfer = dict(kv_connector="XlaNetworkConnector", kv_role=role, kv_port=kv_port,
+                    kv_load_failure_policy=policy,
                     kv_connector_extra_config={"lease_seconds": LEASE_S})
     proc = _start([sys.executable, "-m", "xla_inference.cli", "serve", "--model", str(model_dir),
                    "--host", "127.0.0.1", "--port", str(port), *FLAGS, *more,
@@ -200,3 +202,26 @@ def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
         assert f"from the prefill server 127.0.0.1:{kv_port} (its request " in decode_log
         assert "its lease of 4s ended unread" in decode_log
         assert "Connection refused" in decode_log
+
+
+def test_with_recompute_a_request_whose_producer_is_gone_is_prefilled_here(tmp_path):
+    """kv_load_failure_policy "recompute": the decode server prefills a request whose KV
+    fetch failed (nobody listens on its prefill server's KV port) and answers it right."""
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    prompt = np.random.default_rng(26).integers(3, 128, size=40).tolist()
+    dead = free_port()
+    params = dict(do_remote_prefill=True, do_remote_decode=False, remote_engine_id="gone",
+                  remote_host="127.0.0.1", remote_port=dead, remote_request_id="p-1",
+                  remote_block_ids=[0, 1, 2], remote_num_tokens=len(prompt))
+    with _server(model_dir, "kv_consumer", free_port(), tmp_path / "decode.log",
+                 policy="recompute") as (decode, _):
+        expected = hf_greedy_ids(model_dir, [prompt], NUM_NEW)[0]
+        reply = _complete(decode, model_dir, prompt, kv_transfer_params=params)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["token_ids"] == expected
+        # Every prompt token computed here.
+        assert _metric(decode, "vllm:prompt_tokens_by_source_total",
+                       source="local_compute") == len(prompt)
+        assert _wait_kv_free(decode, 10) < 10
+    assert f"from the prefill server 127.0.0.1:{dead} (its request p-1) failed" in \
+        (tmp_path / "decode.log").read_text()

@@ -5,7 +5,8 @@ decode server (kv_consumer, tensor parallel 2: pages re-sharded) fetches them ov
 decodes. Greedy output through the proxy equals transformers' (prefix hits on both sides
 included), KV usage returns to 0 on both servers, and the faults: a decode server that never
 fetches (the producer frees the pages when the lease ends), a producer that dies (the
-consumer fails those requests with an error naming the fetch and keeps serving)."""
+consumer fails those requests with a 502 quoting the fetch's error, naming the prefill
+server, and keeps serving)."""
 
 import concurrent.futures
 import contextlib
@@ -42,9 +43,11 @@ def _start(cmd: list[str], log_path: Path):
 
 
 @contextlib.contextmanager
-def _server(model_dir, role: str, kv_port: int, log_path: Path, *more: str):
+def _server(model_dir, role: str, kv_port: int, log_path: Path, *more: str,
+            policy: str = "fail"):
     port = free_port()
     transfer = dict(kv_connector="XlaNetworkConnector", kv_role=role, kv_port=kv_port,
+                    kv_load_failure_policy=policy,
                     kv_connector_extra_config={"lease_seconds": LEASE_S})
     proc = _start([sys.executable, "-m", "xla_inference.cli", "serve", "--model", str(model_dir),
                    "--host", "127.0.0.1", "--port", str(port), *FLAGS, *more,
@@ -87,6 +90,19 @@ def _stream_ids(url, model_dir, prompt) -> list[int]:
             if line.startswith("data: ") and line != "data: [DONE]":
                 ids += json.loads(line[6:])["choices"][0].get("token_ids") or []
     return ids
+
+
+def _stream_error(url, model_dir, prompt, **more) -> dict:
+    """The error object of a streamed completion that fails."""
+    body = dict(model=str(model_dir), prompt=prompt, max_tokens=NUM_NEW, temperature=0.0,
+                stream=True, **more)
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return chunk["error"]
+    raise AssertionError("the stream ended without an error")
 
 
 def _metric(url, name, source=None) -> float:
@@ -159,7 +175,10 @@ def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
         assert LEASE_S - 2 < freed_after
         # Its pages are gone: a late fetch fails the request with the producer's reason.
         late = _complete(decode, model_dir, lone, kv_transfer_params=params)
-        assert late.status_code == 500, late.text
+        assert late.status_code == 502, late.text
+        message = late.json()["error"]["message"]
+        assert f"from the prefill server 127.0.0.1:{kv_port} (its request " in message
+        assert "its lease of 4s ended unread" in message
 
         # A producer that dies: the consumer fails those requests and keeps serving.
         reply = _complete(prefill, model_dir, lone, max_tokens=1,
@@ -168,7 +187,13 @@ def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
         os.killpg(p_proc.pid, signal.SIGKILL)
         p_proc.wait()
         orphan = _complete(decode, model_dir, lone, kv_transfer_params=params)
-        assert orphan.status_code == 500, orphan.text
+        assert orphan.status_code == 502, orphan.text
+        message = orphan.json()["error"]["message"]
+        assert f"from the prefill server 127.0.0.1:{kv_port} (its request " in message
+        assert "Connection refused" in message
+        # Streamed: the error chunk says the same.
+        streamed = _stream_error(decode, model_dir, lone, kv_transfer_params=params)
+        assert streamed["code"] == 502 and "Connection refused" in streamed["message"]
         healthy = _complete(decode, model_dir, prompts[1])
         assert healthy.status_code == 200 and healthy.json()["choices"][0]["token_ids"] == \
             expected[1]
@@ -177,3 +202,26 @@ def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
         assert f"from the prefill server 127.0.0.1:{kv_port} (its request " in decode_log
         assert "its lease of 4s ended unread" in decode_log
         assert "Connection refused" in decode_log
+
+
+def test_with_recompute_a_request_whose_producer_is_gone_is_prefilled_here(tmp_path):
+    """kv_load_failure_policy "recompute": the decode server prefills a request whose KV
+    fetch failed (nobody listens on its prefill server's KV port) and answers it right."""
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    prompt = np.random.default_rng(26).integers(3, 128, size=40).tolist()
+    dead = free_port()
+    params = dict(do_remote_prefill=True, do_remote_decode=False, remote_engine_id="gone",
+                  remote_host="127.0.0.1", remote_port=dead, remote_request_id="p-1",
+                  remote_block_ids=[0, 1, 2], remote_num_tokens=len(prompt))
+    with _server(model_dir, "kv_consumer", free_port(), tmp_path / "decode.log",
+                 policy="recompute") as (decode, _):
+        expected = hf_greedy_ids(model_dir, [prompt], NUM_NEW)[0]
+        reply = _complete(decode, model_dir, prompt, kv_transfer_params=params)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["token_ids"] == expected
+        # Every prompt token computed here.
+        assert _metric(decode, "vllm:prompt_tokens_by_source_total",
+                       source="local_compute") == len(prompt)
+        assert _wait_kv_free(decode, 10) < 10
+    assert f"from the prefill server 127.0.0.1:{dead} (its request p-1) failed" in \
+        (tmp_path / "decode.log").read_text()

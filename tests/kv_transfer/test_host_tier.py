@@ -72,6 +72,27 @@ def test_pages_go_to_host_chunks_and_back_into_other_pages(tmp_path, disk):
     store.close()
 
 
+def test_a_store_in_flight_keeps_the_pages_as_they_were_when_dispatched():
+    """A store is dispatched before the next step's forward, which overwrites pages and
+    donates the cache the gather reads: the tier gets the values of the dispatch, and only
+    when the store finishes."""
+    rng = np.random.default_rng(5)
+    pages, host = _pages(rng)
+    store = HostPageStore(pages.layout, BLOCK, num_chunks=2, blocks_per_chunk=2)
+    pending = store.store_async(pages, [3, 6], [1, 2])
+    old_cache = pages.engine.kv_cache.arrays
+    pages.write_tokens([3, 6], 0, 2 * BLOCK,  # the next step: donates the cache
+                       [tuple(np.zeros((2 * BLOCK, *a.shape[1:]), a.dtype) for a in s)
+                        for s in host])
+    assert old_cache[0][0].is_deleted()  # donated, while the gather may still read it
+    assert not any(a.any() for s in store.rows for a in s)  # nothing written yet
+    assert pending.finish() == 2 * store.page_bytes
+    for host_set, tier_set, device_set in zip(host, store.rows, _device_values(pages)):
+        for h, t, d in zip(host_set, tier_set, device_set):
+            np.testing.assert_array_equal(t[_rows([1, 2])], h[_rows([3, 6])])
+            assert not d[_rows([3, 6])].any()
+
+
 def test_the_tier_holds_its_chunks_and_no_more():
     rng = np.random.default_rng(1)
     pages, _ = _pages(rng)

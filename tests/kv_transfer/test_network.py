@@ -192,6 +192,11 @@ def test_a_dead_producer_fails_the_request(caplog):
         merged = _steps_until([c_worker], lambda m: m[0]["failed"], first=[first])
         assert merged[0] == dict(sending=set(), recving={"d-1"}, failed={"d-1"})
         assert f"KV fetch of request d-1 from the prefill server 127.0.0.1:{port}" in caplog.text
+        # Kept by the prefill server's request id, for the server's error answer.
+        assert c_worker.load_failure("p-9").startswith(
+            f"KV fetch of request d-1 from the prefill server 127.0.0.1:{port} (its request "
+            f"p-9) failed: ")
+        assert c_worker.load_failure("p-1") is None
         assert not any(a.any() for s in c_worker.pages.tokens([4, 5], 0, 20) for a in s)
     finally:
         c_worker.shutdown()

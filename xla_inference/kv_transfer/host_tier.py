@@ -86,14 +86,17 @@ class HostPageStore:
     def store(self, pages, device_pages, to_pages) -> int:
         """Copy device pages `device_pages` (of engine `pages`) into host pages `to_pages`
         (waits for the device). -> bytes copied."""
+        return self.store_async(pages, device_pages, to_pages).finish()
+
+    def store_async(self, pages, device_pages, to_pages) -> PendingStore:
+        """The copy of device pages `device_pages` into host pages `to_pages`, dispatched:
+        the device gathers them and sends them to the host while the caller goes on;
+        finish() writes them into the tier."""
         if len(device_pages) != len(to_pages):
             raise ValueError(f"{len(device_pages)} device pages into {len(to_pages)} host pages")
         rows = self._row_ids(to_pages)
-        values = pages.read_tokens(list(device_pages), 0, len(rows))
-        for set_rows, set_values in zip(self.rows, values):
-            for host, value in zip(set_rows, set_values):
-                host[rows] = value
-        return len(device_pages) * self.page_bytes
+        pending = pages.read_tokens_async(list(device_pages), 0, len(rows))
+        return PendingStore(self, rows, pending, len(device_pages) * self.page_bytes)
 
     def load(self, pages, from_pages, device_pages) -> int:
         """Copy host pages `from_pages` into device pages `device_pages` (dispatched: the
@@ -110,3 +113,21 @@ class HostPageStore:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class PendingStore:
+    """A store on its way from the device: ready() says whether finish() would wait."""
+
+    def __init__(self, store: HostPageStore, rows: np.ndarray, pending, nbytes: int):
+        self.store, self.rows, self.pending, self.nbytes = store, rows, pending, nbytes
+
+    def ready(self) -> bool:
+        return self.pending.ready()
+
+    def finish(self) -> int:
+        """Write the values into the tier's rows (waits for them). -> bytes copied."""
+        values = self.pending.result()
+        for set_rows, set_values in zip(self.store.rows, values):
+            for host, value in zip(set_rows, set_values):
+                host[self.rows] = value
+        return self.nbytes

@@ -153,6 +153,7 @@ class XlaNetworkConnector(KVConnectorBase_V1):
         self._asks: queue.Queue = queue.Queue()  # _Ask from the server threads
         self._sent: set[str] = set()  # served or released: finished_sending next
         self._gone = _Recent()  # request id -> why its pages are no longer kept
+        self._load_failures = _Recent()  # remote request id -> why its fetch failed
         self._fetched: queue.Queue = queue.Queue()  # (Fetch, values | error, seconds)
         self._fetchers = None
         self._server = None
@@ -323,6 +324,7 @@ class XlaNetworkConnector(KVConnectorBase_V1):
             results.finished_recving.add(fetch.req_id)
             if isinstance(outcome, Exception):
                 logger.error("xla-inference: %s", outcome)
+                self._load_failures[fetch.remote_req_id] = str(outcome)
                 self.counts.failed_loads += 1
                 results.failed_recving.add(fetch.req_id)
                 continue
@@ -344,6 +346,11 @@ class XlaNetworkConnector(KVConnectorBase_V1):
                 self.counts.expired_leases += 1
                 results.finished_sending.add(rid)
         return results
+
+    def load_failure(self, remote_request_id: str) -> str | None:
+        """Why the fetch of the prefill server's request `remote_request_id` failed (None:
+        it did not, or too long ago): the server's error answer quotes it."""
+        return self._load_failures.get(remote_request_id)
 
     def _served(self, lease: Lease, num_bytes: int | None) -> None:
         """From the server: the lease's answer went out (None: released unread)."""

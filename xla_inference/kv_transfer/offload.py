@@ -10,9 +10,10 @@ tokens counted as external hits, loading them before it runs. Only the worker si
 ours: vLLM's copies index torch tensors by raw pointers, and our donated JAX cache moves
 every step, so XlaOffloadingConnector (vLLM's connector class with our transfer worker in
 place of its CUDA one) copies pages with the runner's jitted gather/scatter programs
-(host_tier.HostPageStore). Copies run synchronously inside the step's connector calls:
-a store right before the next step's forward is dispatched (vLLM defers stores so), a load
-before the forward that first reads it."""
+(host_tier.HostPageStore). A store is dispatched right before the next step's forward
+(vLLM defers stores so) and lands in the tier while that forward runs (reported by the
+get_finished that finds it arrived); a load is copied before the forward that first
+reads it."""
 
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ logger = logging.getLogger(__name__)
 class OffloadCounts:
     """What the worker has moved so far (tests, logs)."""
 
-    stored_pages: int = 0
+    stored_pages: int = 0  # stores finished (landed in the tier)
     loaded_pages: int = 0
     loads: int = 0
     stored_bytes: int = 0
     loaded_bytes: int = 0
-    store_seconds: float = 0.0
+    store_seconds: float = 0.0  # the step thread's: dispatch, then the host copy
     load_seconds: float = 0.0
 
 
@@ -68,23 +69,44 @@ def _page_pairs(device_spec, host_spec, blocks_per_chunk: int):
     return device, host
 
 
+@dataclasses.dataclass
+class _Store:
+    """A store job whose pages are on their way from the device."""
+
+    pending: object  # host_tier.PendingStore
+    num_pages: int
+    submitted: float  # time.perf_counter()
+
+
 class HostOffloadWorker(OffloadingWorker):
-    """vLLM's OffloadingWorker for the host tier: each transfer finishes in its submit
-    call and is reported by the next get_finished."""
+    """vLLM's OffloadingWorker for the host tier. A load finishes in its submit call. A
+    store is dispatched (the device gathers the pages and sends them to the host while the
+    step's forward runs) and finishes in the first get_finished that finds its values
+    arrived, or in wait(), which vLLM calls before it reuses the pages of a store it has not
+    heard back from; either reports it."""
 
     def __init__(self, store: HostPageStore, pages, counts: OffloadCounts):
         self.store, self.pages, self.counts = store, pages, counts
         self._finished: list[TransferResult] = []
+        self._stores: dict[int, _Store] = {}
 
     def submit_store(self, job_id, src_spec, dst_spec) -> bool:
         start = time.perf_counter()
         device, host = _page_pairs(src_spec, dst_spec, self.store.blocks_per_chunk)
-        nbytes = self.store.store(self.pages, device, host)
-        self._done(job_id, nbytes, time.perf_counter() - start)
-        self.counts.stored_pages += len(device)
-        self.counts.stored_bytes += nbytes
+        self._stores[job_id] = _Store(self.store.store_async(self.pages, device, host),
+                                      len(device), start)
         self.counts.store_seconds += time.perf_counter() - start
         return True
+
+    def _finish_stores(self, job_ids) -> None:
+        for job_id in job_ids:
+            job = self._stores.pop(job_id)
+            start = time.perf_counter()
+            nbytes = job.pending.finish()
+            self._done(job_id, nbytes, time.perf_counter() - job.submitted)
+            self.counts.stored_pages += job.num_pages
+            self.counts.stored_bytes += nbytes
+            self.counts.store_seconds += time.perf_counter() - start
 
     def submit_load(self, job_id, src_spec, dst_spec) -> bool:
         start = time.perf_counter()
@@ -102,13 +124,16 @@ class HostOffloadWorker(OffloadingWorker):
                                              transfer_size=nbytes, transfer_time=seconds))
 
     def get_finished(self) -> list[TransferResult]:
+        self._finish_stores([j for j, job in self._stores.items() if job.pending.ready()])
         finished, self._finished = self._finished, []
         return finished
 
     def wait(self, job_ids: set[int]) -> None:
-        """Transfers finish when submitted: nothing to wait for."""
+        """Finish the given stores now (loads finish when submitted)."""
+        self._finish_stores([j for j in job_ids if j in self._stores])
 
     def shutdown(self) -> None:
+        self._stores.clear()
         self.store.close()
 
 

@@ -9,8 +9,8 @@ turn when several are given.
         --port 8000
 
 The prefill server's errors (a 400 for a bad request) reach the client as they are; a decode
-server's server error (vLLM's bare "Internal server error" when the KV fetch failed) becomes
-a 502 naming the prefill server and whether it still answers."""
+server's server error (its 502 quoting a failed KV fetch, kv_transfer/load_errors.py; any
+other 5xx) becomes a 502 naming both servers and whether the prefill server still answers."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def prefill_body(body: dict) -> dict:
 async def decode_failure(client: httpx.AsyncClient, answer: httpx.Response, prefill_url: str,
                          decode_url: str) -> JSONResponse:
     """A decode server's server error, as a 502 naming the prefill server whose KV the
-    request needed and whether it still answers: vLLM's server says only "Internal server
-    error" for a request whose KV load failed (the decode server logs the fetch's error)."""
+    request needed and whether it still answers, with the decode server's own message (for
+    a failed KV fetch, the fetch's error: kv_transfer/load_errors.py)."""
     try:
         reason = answer.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):

@@ -96,6 +96,11 @@ class KvConnectorSteps:
         metadata = self.connector.get_handshake_metadata()
         return None if metadata is None else {(0, 0): metadata}
 
+    def load_failure(self, remote_request_id: str) -> str | None:
+        """Why a remote prefill's KV failed to load (network connector), else None."""
+        explain = getattr(self.connector, "load_failure", None)
+        return None if explain is None else explain(remote_request_id)
+
     def counts(self) -> dict:
         counts = getattr(self.connector, "counts", None)
         return {} if counts is None else dict(vars(counts))

@@ -1,4 +1,4 @@
-"""vLLM's OpenAI server as `xla-inference serve` runs it: vLLM's own server, two changes.
+"""vLLM's OpenAI server as `xla-inference serve` runs it: vLLM's own server, three changes.
 
 1. SIGTERM (or SIGINT) drains: vLLM's `--shutdown-timeout` defaults to 0, which stops the
    engine at once and leaves streaming clients waiting for a final chunk that never comes
@@ -10,6 +10,9 @@
 2. `--api-key` (or VLLM_API_KEY) guards every route but `/health`. vLLM's own check covers
    only paths under /v1, /v2, /inference and /cohere, and leaves /tokenize, /detokenize,
    /invocations, /metrics, /version, /pooling, /score and the rest open.
+3. With --kv-transfer-config, a request whose KV could not be fetched from its prefill
+   server fails with a 502 quoting the fetch's error (kv_transfer/load_errors.py) instead
+   of vLLM's bare 500 "Internal server error".
 
 Run as `python -m xla_inference.plugin.server [vLLM server flags]`; cli.py does. It imports
 vLLM's front-end only: the engine core (a forked child, see cli.py) is what imports JAX.
@@ -117,6 +120,10 @@ async def serve_http(app, *a, **kw):
     """
     if app.state.engine_client is not None:
         watch_shutdown(app.state.engine_client, app.state.xla_drain, asyncio.get_running_loop())
+        if getattr(app.state.args, "kv_transfer_config", None) is not None:
+            from xla_inference.kv_transfer.load_errors import report_kv_load_errors
+
+            report_kv_load_errors(app.state.engine_client)
     return await _vllm_serve_http(app, *a, **kw)
 
 

@@ -501,6 +501,12 @@ class XlaWorker(WorkerBase):
         connector = self.model_runner.kv_connector if self.model_runner else None
         return None if connector is None else connector.handshake_metadata()
 
+    def kv_load_failure(self, remote_request_id: str) -> str | None:
+        """Why the KV of a remote prefill (the prefill server's request id) failed to load
+        here; the server's front-end asks (kv_transfer/load_errors.py)."""
+        connector = self.model_runner.kv_connector if self.model_runner else None
+        return None if connector is None else connector.load_failure(remote_request_id)
+
     def kv_transfer_counts(self) -> dict:
         """What the KV connector moved so far (tests): requests and tokens loaded and saved."""
         connector = self.model_runner.kv_connector if self.model_runner else None

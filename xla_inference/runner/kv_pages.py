@@ -70,6 +70,27 @@ def _scatter(arrays, slots, values):
     return jax.tree.map(lambda a, v: a.at[slots].set(v, mode="drop"), arrays, values)
 
 
+class PendingGather:
+    """Gathered values on their way to the host: ready() without waiting, result() waits."""
+
+    def __init__(self, layout: list[ArraySetLayout], parts: list):
+        self.layout, self.parts = layout, parts
+
+    def ready(self) -> bool:
+        return all(leaf.is_ready() for _, chunk in self.parts for leaf in jax.tree.leaves(chunk))
+
+    def result(self) -> list[tuple[np.ndarray, ...]]:
+        """Per set of cache arrays, a tuple of [n, num_kv_heads, head_size] host arrays."""
+        out = []
+        for s, layout in enumerate(self.layout):
+            out.append(tuple(
+                np.concatenate([np.asarray(chunk[s][i])[:n] for n, chunk in self.parts])
+                if self.parts else np.zeros((0, layout.num_kv_heads, layout.head_size),
+                                            layout.dtype)
+                for i in range(layout.num_arrays)))
+        return out
+
+
 class KvSlotCopier:
     """Gathers and scatters token slots of one engine's cache (its arrays' shapes and
     shardings fixed at construction). Values travel as, per set of cache arrays, a tuple of
@@ -98,17 +119,19 @@ class KvSlotCopier:
 
     def gather(self, kv_cache: KvCache, slots: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         """The values at `slots` of every cache array, on the host (waits for the device)."""
+        return self.gather_async(kv_cache, slots).result()
+
+    def gather_async(self, kv_cache: KvCache, slots: np.ndarray) -> PendingGather:
+        """The gather of `slots`, dispatched with its copy to the host: it reads this
+        version of the cache, so a later step may donate the cache meanwhile (JAX runs the
+        gather before the donated buffers are reused)."""
         parts = []
         for start, stop, bucket in self._chunks(len(slots)):
-            parts.append((stop - start, self._gather(kv_cache.arrays,
-                                                     self._padded(slots[start:stop], bucket))))
-        out = []
-        for s, layout in enumerate(self.layout):
-            out.append(tuple(
-                np.concatenate([np.asarray(chunk[s][i])[:n] for n, chunk in parts])
-                if parts else np.zeros((0, layout.num_kv_heads, layout.head_size), layout.dtype)
-                for i in range(layout.num_arrays)))
-        return out
+            chunk = self._gather(kv_cache.arrays, self._padded(slots[start:stop], bucket))
+            for leaf in jax.tree.leaves(chunk):
+                leaf.copy_to_host_async()
+            parts.append((stop - start, chunk))
+        return PendingGather(self.layout, parts)
 
     def scatter(self, kv_cache: KvCache, slots: np.ndarray,
                 values: list[tuple[np.ndarray, ...]]) -> KvCache:
@@ -175,6 +198,11 @@ class EnginePages:
         """Tokens [start, end) of a sequence in pages `block_ids`, on the host."""
         slots = token_slots(block_ids, self.block_size, start, end)
         return self.copier.gather(self.engine.kv_cache, slots)
+
+    def read_tokens_async(self, block_ids: list[int], start: int, end: int) -> PendingGather:
+        """Tokens [start, end) of a sequence in pages `block_ids`, dispatched to the host."""
+        slots = token_slots(block_ids, self.block_size, start, end)
+        return self.copier.gather_async(self.engine.kv_cache, slots)
 
     def write_tokens(self, block_ids: list[int], start: int, end: int,
                      values: list[tuple[np.ndarray, ...]]) -> None:

@@ -148,6 +148,31 @@ def bf16_linear_inputs():
         torch.nn.Linear.forward = plain
 
 
+@contextlib.contextmanager
+def bf16_keys_and_values():
+    """transformers' Llama attention (eager or SDPA) reading its keys (after RoPE) and values
+    rounded to bfloat16, as a bfloat16 KV cache stores them (dtype=bfloat16 on the host CPU
+    with the native attention kernel, runner/build.py cpu_kv_cache_dtype)."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama
+
+    def rounding(attend):
+        def rounded(module, query, key, value, *args, **kwargs):
+            return attend(module, query, key.to(torch.bfloat16).to(key.dtype),
+                          value.to(torch.bfloat16).to(value.dtype), *args, **kwargs)
+        return rounded
+
+    eager = modeling_llama.eager_attention_forward
+    modeling_llama.eager_attention_forward = rounding(eager)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = rounding(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        yield
+    finally:
+        modeling_llama.eager_attention_forward = eager
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]  # the local override; the global one is back
+
+
 def rewrite_checkpoint(src: Path, dst: Path, change) -> Path:
     """A copy of checkpoint `src` at `dst`, one safetensors file, the LM head untied (its
     own copy of the embedding), each tensor replaced by change(name, tensor) (a torch

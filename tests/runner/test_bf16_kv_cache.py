@@ -9,38 +9,18 @@ the float32-cache engine matches its reference (1e-4: float32 summation order al
 leaving out the K/V rounding moves the logits by more than that, so the test sees the
 cache's precision."""
 
-import contextlib
 import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 
-from tests.helpers import (ENGINE_BLOCK, assert_ragged_logits, bf16_linear_inputs, hf_logits,
-                           save_bf16_rounded, save_tiny_llama)
+from tests.helpers import (ENGINE_BLOCK, assert_ragged_logits, bf16_keys_and_values,
+                           bf16_linear_inputs, hf_logits, save_bf16_rounded, save_tiny_llama)
 from xla_inference.kernels import cpu_attention
 from xla_inference.runner.build import Precision, build_engine, load
 from xla_inference.runner.engine import EngineConfig
 
 PLAN = [{0: 6, 1: 8}, {0: 1}, {0: 1, 1: 1}, {1: 1}, {0: 1}, {0: 1, 1: 1}, {1: 1}]
-
-
-@contextlib.contextmanager
-def bf16_kv():
-    """transformers' eager Llama attention reading keys and values rounded to bfloat16."""
-    import torch
-    from transformers.models.llama import modeling_llama
-
-    plain = modeling_llama.eager_attention_forward
-
-    def rounded(module, query, key, value, *args, **kwargs):
-        return plain(module, query, key.to(torch.bfloat16).float(),
-                     value.to(torch.bfloat16).float(), *args, **kwargs)
-
-    modeling_llama.eager_attention_forward = rounded
-    try:
-        yield
-    finally:
-        modeling_llama.eager_attention_forward = plain
 
 
 def test_bfloat16_cache_matches_transformers_with_rounded_keys_and_values(tmp_path):
@@ -61,9 +41,9 @@ def test_bfloat16_cache_matches_transformers_with_rounded_keys_and_values(tmp_pa
                                               max_model_len=128))
     assert {a.dtype for arrays in engine.kv_cache.arrays for a in arrays} == {jnp.dtype(jnp.bfloat16)}
 
-    with bf16_linear_inputs(), bf16_kv():
-        expected = [hf_logits(rounded, p, attn_implementation="eager") for p in prompts]
+    with bf16_linear_inputs(), bf16_keys_and_values():
+        expected = [hf_logits(rounded, p) for p in prompts]
     assert_ragged_logits(engine, prompts, expected, PLAN, tol=1e-4)
     with bf16_linear_inputs():
-        float32_kv = hf_logits(rounded, prompts[0], attn_implementation="eager")
+        float32_kv = hf_logits(rounded, prompts[0])
     assert np.abs(float32_kv - expected[0]).max() > 1e-3

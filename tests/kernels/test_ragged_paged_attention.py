@@ -9,6 +9,7 @@ Every check runs twice: on the plain-jnp paths, and with the native CPU kernel
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -401,7 +402,12 @@ def test_write_kv_rounds_as_astype(cache_dtype):
     bits[1] = (bits[1] & 0xFFFE0000) | 0x18000
     new[2, 0, :2] = 1e6  # past fp8's range: saturated
     slots = np.array([37, 3, 63, 64, -1, 10], np.int32)  # 64 and -1: outside, dropped
-    out, _ = jax.jit(write_kv)(cache, cache, jnp.asarray(new), jnp.asarray(new), slots)
+    args = (cache, cache, jnp.asarray(new), jnp.asarray(new), slots)
+    out, _ = jax.jit(write_kv)(*args)
+    # In place: no copy of the whole cache in a wider type (XLA's CPU scatter into a
+    # bfloat16 or fp8 array converts all of it to float32 or float16 and back).
+    compiled = jax.jit(write_kv).lower(*args).compile().as_text()
+    assert not re.search(r"(?<![a-z0-9])f(32|16)\[64,2,8\]", compiled)
     expected = np.array(cache)
     rows = np.asarray(jnp.clip(new, -float(jnp.finfo(cache_dtype).max),
                                float(jnp.finfo(cache_dtype).max)).astype(cache_dtype))

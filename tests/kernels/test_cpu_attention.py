@@ -145,3 +145,31 @@ def test_narrow_caches_match_float64(cache_dtype, head_dim):
                                       np.asarray(seq_ids), np.asarray(positions),
                                       np.asarray(tables), window)
         np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("option", [dict(soft_cap=1.5), dict(attention_chunk=40),
+                                    dict(attention_chunk=64, sliding_window=37, soft_cap=2.0),
+                                    dict(shared_kv=True)],
+                         ids=["soft-cap", "chunk", "chunk-window-cap", "shared-kv"])
+def test_native_serves_soft_cap_chunks_and_shared_kv(option):
+    """Gemma 2's soft cap, Llama 4's local chunks and MLA's shared K/V go to the native
+    kernel too (a bfloat16 cache on the jnp kernel would be widened whole every step), and
+    give the jnp kernel's answer (both checked against float64 in
+    test_ragged_paged_attention*.py)."""
+    assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    rng = np.random.default_rng(9)
+    runs = [(300, 1), (0, 40), (100, 7), (17, 1), (250, 16), (5, 1)]
+    kv_heads = 1 if option.get("shared_kv") else 2
+    k, v, seq_ids, positions, tables = _step(rng, runs, 96, kv_heads, 64)
+    q = jnp.asarray(rng.standard_normal((96, 8, 64)), jnp.float32)
+
+    def attend(native):
+        return functools.partial(
+            ragged_paged_attention, block_size=BLOCK, scale=0.125, native=native,
+            **option)(q, k, None if option.get("shared_kv") else v, seq_ids, positions, tables)
+
+    assert "xla_inference_paged_attention" in jax.jit(attend, static_argnums=0).lower(
+        True).as_text()
+    np.testing.assert_allclose(np.asarray(jax.jit(attend, static_argnums=0)(True)),
+                               np.asarray(jax.jit(attend, static_argnums=0)(False)),
+                               rtol=1e-5, atol=1e-5)

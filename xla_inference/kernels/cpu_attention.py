@@ -74,8 +74,9 @@ def available() -> bool:
 
 
 def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, block_size: int,
-                    scale: float, sliding_window: int | None = None):
-    """As ragged_paged_attention (without soft cap, attention chunks or a shared K/V), for
+                    scale: float, sliding_window: int | None = None,
+                    soft_cap: float | None = None, attention_chunk: int | None = None):
+    """As ragged_paged_attention (a shared K/V: the one cache passed as both), for
     float32 q [T, N, H] and caches [num_slots, K, H] of float32, bfloat16, float8_e4m3fn or
     float8_e5m2 (fp8 values are read as they are: the caller applies the scales); returns
     [T, N, H] float32."""
@@ -83,7 +84,9 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, bl
     return call(q.astype(jnp.float32), k_cache, v_cache, seq_ids.astype(jnp.int32),
                 positions.astype(jnp.int32), block_tables.astype(jnp.int32),
                 block_size=np.int64(block_size), scale=np.float32(scale),
-                sliding_window=np.int64(sliding_window or 0))
+                sliding_window=np.int64(sliding_window or 0),
+                soft_cap=np.float32(soft_cap or 0.0),
+                attention_chunk=np.int64(attention_chunk or 0))
 
 
 def write_cache_rows(cache, rows, slots):

@@ -369,9 +369,8 @@ def _check_shapes(q, k_cache, v_cache, block_size, shared_kv, kv_chunk, decode_c
         raise ValueError(f"K cache {k_cache.shape} and V cache {v_cache.shape} differ")
 
 
-def _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv) -> bool:
-    return (soft_cap is None and attention_chunk is None and not shared_kv
-            and (k_cache.dtype in (jnp.float32, jnp.bfloat16) or is_fp8(k_cache.dtype))
+def _native_cpu_kernel_applies(k_cache) -> bool:
+    return ((k_cache.dtype in (jnp.float32, jnp.bfloat16) or is_fp8(k_cache.dtype))
             and jax.default_backend() == "cpu" and cpu_attention.available())
 
 
@@ -396,9 +395,9 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     of the decode path. Returns [T, N, H] in q's dtype.
     native: the kernel backend of this process (kernels/backend.py: by default the native
     CPU kernel, kernels/cpu_attention.py, on the CPU where it can serve the call: float32,
-    bfloat16 or fp8 cache, no soft cap, attention chunks or shared K/V; the Pallas kernel on a TPU or
-    GPU, for all but shared K/V); False: these plain-jnp paths always (the reference the
-    other kernels are tested against).
+    bfloat16 or fp8 cache; the Pallas kernel on a TPU or GPU, for all but shared K/V);
+    False: these plain-jnp paths always (the reference the other kernels are tested
+    against).
     k_scale, v_scale: an fp8 cache's dequantization scales (floats or traced scalars;
     shared_kv reads its one cache with k_scale); other caches ignore them.
     """
@@ -418,10 +417,13 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
         native = backend.name == kernel_backend.NATIVE
     out_dtype = q.dtype
     q, v_scale = _fold_cache_scales(q, k_cache.dtype, k_scale, k_scale if shared_kv else v_scale)
-    if native and _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv):
-        out = cpu_attention.paged_attention(q, k_cache, v_cache, seq_ids, positions,
-                                            block_tables, block_size=block_size, scale=scale,
-                                            sliding_window=sliding_window)
+    if native and _native_cpu_kernel_applies(k_cache):
+        # A shared K/V (MLA's latent cache) is the one cache read as keys and as values.
+        out = cpu_attention.paged_attention(q, k_cache, k_cache if shared_kv else v_cache,
+                                            seq_ids, positions, block_tables,
+                                            block_size=block_size, scale=scale,
+                                            sliding_window=sliding_window, soft_cap=soft_cap,
+                                            attention_chunk=attention_chunk)
         return _unscale_values(out, v_scale).astype(out_dtype)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]

@@ -2,7 +2,9 @@
 // (kernels/cpu_attention.py builds, loads and calls it).
 //
 // Token t (sequence row seq_ids[t], position positions[t]) attends to the keys of its row
-// at positions lo..positions[t] (lo > 0 only with a sliding window), read from the paged
+// at positions lo..positions[t] (lo > 0 only with a sliding window or a local attention
+// chunk: Llama 4's, keys of the query's own chunk of attention_chunk positions; scores
+// soft-capped as cap * tanh(score / cap) where soft_cap > 0), read from the paged
 // cache through block_tables, one contiguous [K, H] row per key. Consecutive tokens of one
 // row form tiles of up to 16 that share every key read (attend_tile); a lone token
 // (decode) takes attend_one (attend_one_avx512 for head dims of 64 or 128 where the CPU has
@@ -81,7 +83,16 @@ struct Shapes {
   int64_t num_tokens, num_heads, num_kv_heads, head_dim, max_blocks, block_size;
   int64_t sliding_window;  // 0: none
   float scale;
+  float soft_cap;           // 0: none
+  int64_t attention_chunk;  // 0: none
 };
+
+// Scores capped as cap * tanh(score / cap) (Gemma 2's attention logit soft cap).
+inline void cap_scores(const Shapes& s, float* sc, int64_t n) {
+  if (s.soft_cap <= 0.0f) return;
+  const float inv_cap = 1.0f / s.soft_cap;
+  for (int64_t i = 0; i < n; ++i) sc[i] = s.soft_cap * std::tanh(sc[i] * inv_cap);
+}
 
 constexpr int64_t kTile = 16;  // query tokens of one sequence that share their key reads
 
@@ -239,7 +250,9 @@ inline void prefetch_row(const Cache& cache, int64_t offset, int64_t values) {
 }
 
 int64_t first_key(const Shapes& s, int64_t pos) {
-  return s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
+  int64_t lo = s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
+  if (s.attention_chunk > 0) lo = std::max(lo, pos / s.attention_chunk * s.attention_chunk);
+  return lo;
 }
 
 // One query token: each head's scores are dot products over the head dim.
@@ -272,6 +285,7 @@ void attend_one(const Shapes& s, const float* q, const Cache& k_cache, const Cac
   }
   for (int64_t h = 0; h < N; ++h) {
     float* sc = w.scores.data() + h * n;
+    cap_scores(s, sc, n);
     const float inv = exponentiate_scores(sc, n);
     for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
   }
@@ -351,6 +365,7 @@ void attend_one_avx512(const Shapes& s, const float* q, const Cache& k_cache,
       }
       _mm512_storeu_ps(sc + i0, sum_each_of_16(dots));
     }
+    cap_scores(s, sc, n);
     const float inv = exponentiate_scores(sc, n);
     // Even and odd keys in separate sums: twice the independent FMA chains.
     __m512 acc[C];
@@ -403,10 +418,12 @@ void attend_tile(const Shapes& s, const float* q, const Cache& k_cache, const Ca
                  std::vector<int64_t>& rows, std::vector<float>& widened) {
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
   const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
-  IntLanes pos;
+  IntLanes pos, chunk_start{};  // chunk_start: the first key of each token's local chunk
   int64_t lo = INT64_MAX, hi = -1;
   for (int64_t j = 0; j < kTile; ++j) {
     pos[j] = j < count ? positions[j] : -1;  // missing tokens see no key
+    if (j < count && s.attention_chunk > 0)
+      chunk_start[j] = static_cast<int32_t>(positions[j] / s.attention_chunk * s.attention_chunk);
     if (j < count) {
       lo = std::min(lo, first_key(s, positions[j]));
       hi = std::max<int64_t>(hi, positions[j]);
@@ -457,20 +474,26 @@ void attend_tile(const Shapes& s, const float* q, const Cache& k_cache, const Ca
       scores[h * n + i] = dot;
     }
   }
-  // Only positions of the window get through: key <= pos and key > pos - window.
+  // Only positions of the window and chunk get through: key <= pos, key > pos - window,
+  // key >= the start of the query's chunk.
   const int32_t window = s.sliding_window > 0 ? static_cast<int32_t>(s.sliding_window) : INT32_MAX / 2;
   const IntLanes oldest = pos - window;
   for (int64_t h = 0; h < N; ++h) {
     Lanes* sc = scores.data() + h * n;
+    if (s.soft_cap > 0.0f) {
+      const float inv_cap = 1.0f / s.soft_cap;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < kTile; ++j) sc[i][j] = s.soft_cap * std::tanh(sc[i][j] * inv_cap);
+    }
     Lanes m = Lanes{} - 3.0e38f, sum{};
     for (int64_t i = 0; i < n; ++i) {
       const IntLanes key = IntLanes{} + static_cast<int32_t>(lo + i);
-      const IntLanes valid = (key <= pos) & (key > oldest);
+      const IntLanes valid = (key <= pos) & (key > oldest) & (key >= chunk_start);
       m = valid ? (sc[i] > m ? sc[i] : m) : m;
     }
     for (int64_t i = 0; i < n; ++i) {
       const IntLanes key = IntLanes{} + static_cast<int32_t>(lo + i);
-      const IntLanes valid = (key <= pos) & (key > oldest);
+      const IntLanes valid = (key <= pos) & (key > oldest) & (key >= chunk_start);
       const Lanes shifted = sc[i] - m;
       const Lanes e = exp_lanes(shifted < 0.0f ? shifted : Lanes{});
       sc[i] = valid ? e : Lanes{};
@@ -612,7 +635,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::S32> seq_ids, ffi::Buffer<ffi::S32> positions,
                               ffi::Buffer<ffi::S32> block_tables,
                               ffi::ResultBuffer<ffi::F32> out, int64_t block_size, float scale,
-                              int64_t sliding_window) {
+                              int64_t sliding_window, float soft_cap,
+                              int64_t attention_chunk) {
   const auto qd = q.dimensions();
   const auto kd = k_cache.dimensions();
   const auto bd = block_tables.dimensions();
@@ -626,7 +650,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         "paged_attention: K and V caches both float32, bfloat16, float8_e4m3fn or float8_e5m2");
   }
   auto work = std::make_shared<Work>();
-  work->s = Shapes{qd[0], qd[1], kd[1], qd[2], bd[1], block_size, sliding_window, scale};
+  work->s = Shapes{qd[0], qd[1], kd[1], qd[2], bd[1], block_size, sliding_window, scale,
+                   soft_cap, attention_chunk};
   work->q = q.typed_data();
   work->k_cache = k_cache.untyped_data();
   work->v_cache = v_cache.untyped_data();
@@ -693,7 +718,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferencePagedAttention, PagedAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("sliding_window"));
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("attention_chunk"));
 
 // The number of threads in the pool XLA hands this library's handlers (0: none, and the
 // kernel runs on the calling thread alone), written to a scalar: for tests and diagnostics.

@@ -305,16 +305,19 @@ def hf_image_greedy(model_class: str, type_ids: str, model_dir: Path, text: str,
 ENGINE_BLOCK = 4
 
 
-def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dtype=None):
+def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dtype=None,
+                kv_dtype=None):
     """A float32 ModelEngine built as the worker builds one (runner/build.py), on one
-    device or over `mesh`; projections in narrow_dtype, as dtype=bfloat16 on the host CPU)."""
+    device or over `mesh`; projections in narrow_dtype and the KV cache in kv_dtype if given
+    (dtype=bfloat16 on the host CPU: both bfloat16)."""
     import jax.numpy as jnp
 
     from xla_inference.runner.build import Precision, build_engine, load
     from xla_inference.runner.engine import EngineConfig
 
     f32 = jnp.dtype(jnp.float32)
-    model = load(model_dir, Precision(jnp.dtype(narrow_dtype or f32), f32, f32))
+    model = load(model_dir, Precision(jnp.dtype(narrow_dtype or f32), f32,
+                                      jnp.dtype(kv_dtype or f32)))
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
     return build_engine(model, ecfg, mesh=mesh)

@@ -2,6 +2,7 @@
 step on SmolLM2-135M as served on the host CPU with dtype=bfloat16, its checkpoint variants,
 decode requests over a ~300-token context, and the variants' steps timed in turns."""
 
+import dataclasses
 import time
 
 import jax
@@ -17,25 +18,34 @@ CONTEXT = 300
 # bfloat16 projections, float32 elsewhere (the CPU with dtype=bfloat16).
 BF16_PRECISION = Precision(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32),
                            jnp.dtype(jnp.float32))
+# The same with the bfloat16 KV cache that the native attention kernel reads (what
+# Precision.for_platform gives dtype=bfloat16 on the CPU with that kernel).
+BF16_KV_PRECISION = dataclasses.replace(BF16_PRECISION, kv_cache=jnp.dtype(jnp.bfloat16))
 
 
 def load_variant(variant: str):
     """The model of a variant, loaded with BF16_PRECISION: the bfloat16 safetensors ("bf16"),
-    the embedded GGUF kept quantized (Q4_1, "gguf") or online int8 ("int8")."""
+    the embedded GGUF kept quantized (Q4_1, "gguf") or online int8 ("int8"); "bf16kv" and
+    "fp8kv": the bfloat16 safetensors with a bfloat16 (BF16_KV_PRECISION) or fp8 e4m3 KV
+    cache."""
     source, quantization = {"bf16": (prepare_default_model, None),
+                            "bf16kv": (prepare_default_model, None),
+                            "fp8kv": (prepare_default_model, None),
                             "gguf": (default_gguf_path, None),
                             "int8": (prepare_default_model, "int8")}[variant]
-    return load(source(), BF16_PRECISION, quantization=quantization)
+    precision = {"bf16kv": BF16_KV_PRECISION,
+                 "fp8kv": BF16_PRECISION.with_kv_cache("fp8")}.get(variant, BF16_PRECISION)
+    return load(source(), precision, quantization=quantization)
 
 
-def decode_requests(num, rng, first_block):
-    """`num` decode requests, each at CONTEXT tokens in its own pages from first_block on."""
-    pages_each = (CONTEXT + BLOCK) // BLOCK + 1
+def decode_requests(num, rng, first_block, context=CONTEXT):
+    """`num` decode requests, each at `context` tokens in its own pages from first_block on."""
+    pages_each = (context + BLOCK) // BLOCK + 1
     reqs = []
     for i in range(num):
         blocks = list(range(first_block + i * pages_each, first_block + (i + 1) * pages_each))
-        tokens = rng.integers(0, 49152, size=CONTEXT + 1).tolist()
-        reqs.append((RequestState(f"d{i}", tokens, CONTEXT, [blocks], num_computed_tokens=CONTEXT), 1))
+        tokens = rng.integers(0, 49152, size=context + 1).tolist()
+        reqs.append((RequestState(f"d{i}", tokens, context, [blocks], num_computed_tokens=context), 1))
     return reqs
 
 

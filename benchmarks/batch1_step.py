@@ -9,6 +9,12 @@ Engines alternated in one process evict each other's weights from the last-level
 which a server with one engine keeps partly there: for a figure that matches serving, run
 one variant per process, the processes alternated (the lines below, twice).
 
+"bf16kv": "bf16" with the bfloat16 KV cache the native attention kernel reads (dtype=bfloat16
+on the CPU); against "bf16" (a float32 cache) at a longer context or a wider batch:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 bf16kv --context 550
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 bf16kv --batch 64
+
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 30
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16-xla
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16
@@ -20,7 +26,7 @@ import statistics
 
 import jax
 import numpy as np
-from _engine_steps import BLOCK, alternated_step_seconds, decode_requests, load_variant
+from _engine_steps import BLOCK, CONTEXT, alternated_step_seconds, decode_requests, load_variant
 
 from xla_inference.kernels import cpu_dense
 from xla_inference.runner.build import build_engine
@@ -40,15 +46,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--variants", nargs="+", default=["bf16-xla", "bf16", "gguf", "int8"])
+    parser.add_argument("--batch", type=int, default=1, help="decode requests in the step")
+    parser.add_argument("--context", type=int, default=CONTEXT, help="tokens each has before")
     args = parser.parse_args()
-    ecfg = EngineConfig(num_blocks=64, block_size=BLOCK, max_num_tokens=512, max_num_seqs=8,
-                        max_model_len=1024)
-    reqs = decode_requests(1, np.random.default_rng(0), 1)
+    pages = args.batch * ((args.context + BLOCK) // BLOCK + 1) + 1
+    ecfg = EngineConfig(num_blocks=max(64, pages), block_size=BLOCK, max_num_tokens=512,
+                        max_num_seqs=max(8, args.batch), max_model_len=1024)
+    reqs = decode_requests(args.batch, np.random.default_rng(0), 1, args.context)
     engines = {name: _engine(name, ecfg, reqs) for name in args.variants}
     times = alternated_step_seconds(engines, reqs, args.repeats)
     base = statistics.median(times[args.variants[0]])
     fastest = min(times[args.variants[0]])
-    print(f"load average {os.getloadavg()[0]:.1f}; batch-1 decode step, median and fastest of "
+    print(f"load average {os.getloadavg()[0]:.1f}; batch-{args.batch} decode step at "
+          f"context {args.context}, median and fastest of "
           f"{args.repeats} (the fastest: the pass least disturbed on a shared machine)")
     for name, t in times.items():
         m = statistics.median(t)

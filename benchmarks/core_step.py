@@ -1,8 +1,9 @@
 """Core-only step benchmark: the engine's compiled forward step, without vLLM.
 
 Run: .venv/bin/python benchmarks/core_step.py [--dtype float32] [--repeats 5]
-     [--projections bfloat16]  (dtype=bfloat16 on the host CPU: bfloat16 projection
-     matrices, float32 activations and KV cache; layers/linear.py)
+     [--projections bfloat16 --kv-cache bfloat16]  (dtype=bfloat16 on the host CPU:
+     bfloat16 projection matrices, float32 activations, a bfloat16 KV cache where the
+     native attention kernel runs; layers/linear.py, runner/build.py)
      [--gguf]  (the embedded GGUF file, kept quantized) [--quantization int8|fp8] (online)
 
 Needs only JAX and this package (so it runs on an accelerator machine without vLLM). Loads
@@ -101,6 +102,8 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--projections", default=None,
                         help="dtype of the projection matrices (default: --dtype)")
+    parser.add_argument("--kv-cache", default=None,
+                        help="dtype of the KV cache (default: --dtype)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--json", default=None)
@@ -117,7 +120,8 @@ def main():
     dtype = jnp.dtype(args.dtype)
     projections = jnp.dtype(args.projections or args.dtype)
     path = args.model or (default_gguf_path() if args.gguf else prepare_default_model())
-    model = load(path, Precision(projections, dtype, dtype), quantization=args.quantization,
+    kv_dtype = jnp.dtype(args.kv_cache or args.dtype)
+    model = load(path, Precision(projections, dtype, kv_dtype), quantization=args.quantization,
                  random_seed=0 if args.random_weights else None)
     cfg = model.cfg
     ecfg = EngineConfig(num_blocks=64 * (args.context // BLOCK + 2) + 64, block_size=BLOCK,
@@ -127,7 +131,7 @@ def main():
     bandwidth = measure_bandwidth(args.repeats)
     peak = measure_matmul_peak(projections, args.repeats)
     weights = _param_bytes(engine.params)
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_dtype.itemsize
     rows = {}
     for batch in (1, 64):
         reqs = decode_requests(batch, args.context, rng)

@@ -148,6 +148,31 @@ def bf16_linear_inputs():
         torch.nn.Linear.forward = plain
 
 
+@contextlib.contextmanager
+def bf16_keys_and_values():
+    """transformers' Llama attention (eager or SDPA) reading its keys (after RoPE) and values
+    rounded to bfloat16, as a bfloat16 KV cache stores them (dtype=bfloat16 on the host CPU
+    with the native attention kernel, runner/build.py cpu_kv_cache_dtype)."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama
+
+    def rounding(attend):
+        def rounded(module, query, key, value, *args, **kwargs):
+            return attend(module, query, key.to(torch.bfloat16).to(key.dtype),
+                          value.to(torch.bfloat16).to(value.dtype), *args, **kwargs)
+        return rounded
+
+    eager = modeling_llama.eager_attention_forward
+    modeling_llama.eager_attention_forward = rounding(eager)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = rounding(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        yield
+    finally:
+        modeling_llama.eager_attention_forward = eager
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]  # the local override; the global one is back
+
+
 def rewrite_checkpoint(src: Path, dst: Path, change) -> Path:
     """A copy of checkpoint `src` at `dst`, one safetensors file, the LM head untied (its
     own copy of the embedding), each tensor replaced by change(name, tensor) (a torch
@@ -280,16 +305,19 @@ def hf_image_greedy(model_class: str, type_ids: str, model_dir: Path, text: str,
 ENGINE_BLOCK = 4
 
 
-def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dtype=None):
+def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dtype=None,
+                kv_dtype=None):
     """A float32 ModelEngine built as the worker builds one (runner/build.py), on one
-    device or over `mesh`; projections in narrow_dtype, as dtype=bfloat16 on the host CPU)."""
+    device or over `mesh`; projections in narrow_dtype and the KV cache in kv_dtype if given
+    (dtype=bfloat16 on the host CPU: both bfloat16)."""
     import jax.numpy as jnp
 
     from xla_inference.runner.build import Precision, build_engine, load
     from xla_inference.runner.engine import EngineConfig
 
     f32 = jnp.dtype(jnp.float32)
-    model = load(model_dir, Precision(jnp.dtype(narrow_dtype or f32), f32, f32))
+    model = load(model_dir, Precision(jnp.dtype(narrow_dtype or f32), f32,
+                                      jnp.dtype(kv_dtype or f32)))
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
     return build_engine(model, ecfg, mesh=mesh)

@@ -5,7 +5,8 @@ import gc
 import numpy as np
 import pytest
 
-from tests.helpers import bf16_linear_inputs, hf_greedy_ids, save_bf16_rounded, save_tiny_llama
+from tests.helpers import (bf16_keys_and_values, bf16_linear_inputs, hf_greedy_ids,
+                           save_bf16_rounded, save_tiny_llama)
 
 pytestmark = pytest.mark.slow
 
@@ -96,12 +97,14 @@ def test_preemption_keeps_greedy_output_exact(model_dir, prompts):
 def test_bfloat16_means_bf16_projections_and_f32_elsewhere(model_dir, prompts,
                                                            tmp_path_factory):
     # On the host CPU, dtype=bfloat16 keeps the projection matrices in bfloat16, rounds
-    # their inputs to bfloat16 and accumulates in float32; the rest (norms, attention, a
-    # float32 KV cache) is float32. Greedy output is transformers' in float32 on the
-    # checkpoint with its matrices rounded and every nn.Linear's input rounded, both for a
-    # batch (wider steps) and for requests run alone (their decode steps take one token).
+    # their inputs to bfloat16 and accumulates in float32; the KV cache is bfloat16 (read by
+    # the native attention kernel); the rest (norms, attention's arithmetic) is float32.
+    # Greedy output is transformers' in float32 on the checkpoint with its matrices
+    # rounded, every nn.Linear's input rounded and attention's keys and values rounded,
+    # both for a batch (wider steps) and for requests run alone (their decode steps take
+    # one token).
     rounded = save_bf16_rounded(model_dir, tmp_path_factory.mktemp("rounded") / "llama")
-    with bf16_linear_inputs():
+    with bf16_linear_inputs(), bf16_keys_and_values():
         expected = hf_greedy_ids(rounded, prompts, NUM_NEW)
     llm = _llm(model_dir, num_pages=128, dtype="bfloat16")
     try:

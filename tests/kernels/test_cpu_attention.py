@@ -107,3 +107,69 @@ def test_pool_follows_affinity_and_output_is_the_same_on_one_thread(tmp_path):
         plain = _attend(step["q"], k, v, seq_ids, positions, tables, native=False,
                         window=window or None)
         np.testing.assert_allclose(np.asarray(here), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+def _float64_reference(q, k, v, seq_ids, positions, tables, window):
+    """Each token's attention over its sequence's keys (read from the cache through its
+    block table), in float64: q [T, N, H], k/v [slots, K, H] as float64."""
+    out = np.zeros(q.shape)
+    group = q.shape[1] // k.shape[1]
+    for t in range(q.shape[0]):
+        pos = int(positions[t])
+        keys = np.arange(max(0, pos - window + 1) if window else 0, pos + 1)
+        slots = tables[seq_ids[t], keys // BLOCK] * BLOCK + keys % BLOCK
+        kt, vt = np.repeat(k[slots], group, axis=1), np.repeat(v[slots], group, axis=1)
+        scores = np.einsum("nh,snh->ns", q[t], kt) * q.shape[-1] ** -0.5
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[t] = np.einsum("ns,snh->nh", p / p.sum(axis=1, keepdims=True), vt)
+    return out
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn],
+                         ids=["bfloat16", "fp8_e4m3"])
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+def test_narrow_caches_match_float64(cache_dtype, head_dim):
+    """bfloat16 and fp8 caches, widened in registers 16 values at a time on the decode path
+    (head dims 64 and 128 with AVX-512) and row by row elsewhere, against float64 on the
+    very values the cache holds: the same accuracy as a float32 cache."""
+    assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    rng = np.random.default_rng(head_dim + 1)
+    runs = [(300, 1), (0, 40), (100, 7), (17, 1), (250, 16), (5, 1), (0, 3), (64, 1)]
+    T = 96
+    k, v, seq_ids, positions, tables = _step(rng, runs, T, 2, head_dim)
+    k, v = k.astype(cache_dtype), v.astype(cache_dtype)
+    q = jnp.asarray(rng.standard_normal((T, 8, head_dim)), jnp.float32)
+    for window in (None, 37):
+        out = _attend(q, k, v, seq_ids, positions, tables, native=True, window=window)
+        expected = _float64_reference(*(np.asarray(a, np.float64) for a in (q, k, v)),
+                                      np.asarray(seq_ids), np.asarray(positions),
+                                      np.asarray(tables), window)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("option", [dict(soft_cap=1.5), dict(attention_chunk=40),
+                                    dict(attention_chunk=64, sliding_window=37, soft_cap=2.0),
+                                    dict(shared_kv=True)],
+                         ids=["soft-cap", "chunk", "chunk-window-cap", "shared-kv"])
+def test_native_serves_soft_cap_chunks_and_shared_kv(option):
+    """Gemma 2's soft cap, Llama 4's local chunks and MLA's shared K/V go to the native
+    kernel too (a bfloat16 cache on the jnp kernel would be widened whole every step), and
+    give the jnp kernel's answer (both checked against float64 in
+    test_ragged_paged_attention*.py)."""
+    assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    rng = np.random.default_rng(9)
+    runs = [(300, 1), (0, 40), (100, 7), (17, 1), (250, 16), (5, 1)]
+    kv_heads = 1 if option.get("shared_kv") else 2
+    k, v, seq_ids, positions, tables = _step(rng, runs, 96, kv_heads, 64)
+    q = jnp.asarray(rng.standard_normal((96, 8, 64)), jnp.float32)
+
+    def attend(native):
+        return functools.partial(
+            ragged_paged_attention, block_size=BLOCK, scale=0.125, native=native,
+            **option)(q, k, None if option.get("shared_kv") else v, seq_ids, positions, tables)
+
+    assert "xla_inference_paged_attention" in jax.jit(attend, static_argnums=0).lower(
+        True).as_text()
+    np.testing.assert_allclose(np.asarray(jax.jit(attend, static_argnums=0)(True)),
+                               np.asarray(jax.jit(attend, static_argnums=0)(False)),
+                               rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ Every check runs twice: on the plain-jnp paths, and with the native CPU kernel
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -156,16 +157,21 @@ _step = step_with(ragged_paged_attention)
 def _run_and_check(seed, specs, *, num_heads, num_kv_heads, dtype=jnp.float32, tol=1e-5,
                    sliding_window=None, soft_cap=None, attention_chunk=None, kv_chunk=64,
                    step=_step,
-                   num_tokens=NUM_TOKENS, pad_row=NUM_ROWS - 1, shuffle=False, **knobs):
+                   num_tokens=NUM_TOKENS, pad_row=NUM_ROWS - 1, shuffle=False,
+                   cache_dtype=None, **knobs):
+    """cache_dtype: the cache's dtype where it differs from dtype (q, the new K/V rows and
+    the output); the sequences' K/V are drawn already rounded to it, so that the float64
+    reference sees exactly what the cache holds."""
     knobs.setdefault("native", _PATH["native"])
     rng = np.random.default_rng(seed)
     seqs, block_tables, seq_lens = _make_batch(rng, specs, num_heads=num_heads,
-                                               num_kv_heads=num_kv_heads, dtype=dtype)
+                                               num_kv_heads=num_kv_heads,
+                                               dtype=cache_dtype or dtype)
     q, k_new, v_new, seq_ids, positions, slot_mapping = _step_inputs(
         rng, seqs, block_tables, num_heads=num_heads, num_kv_heads=num_kv_heads, dtype=dtype,
         num_tokens=num_tokens, pad_row=pad_row)
     k_cache, v_cache = _cache_with_context(rng, seqs, block_tables,
-                                           num_kv_heads=num_kv_heads, dtype=dtype)
+                                           num_kv_heads=num_kv_heads, dtype=cache_dtype or dtype)
     scale = HEAD_DIM ** -0.5
     # shuffle: hand the kernel the tokens in random order (breaking the contiguous runs it
     # plans its work around); the answer per token must not change.
@@ -239,6 +245,19 @@ def test_kv_chunk_wider_than_block_table():
 def test_bfloat16(seed):
     # Inputs and cache in bf16, math in f32, output rounded to bf16 (8 mantissa bits).
     _run_and_check(seed, MIXED, num_heads=8, num_kv_heads=2, dtype=jnp.bfloat16, tol=1e-2)
+
+
+@pytest.mark.parametrize("case", [
+    dict(specs=MIXED, num_heads=8, num_kv_heads=2),
+    dict(specs=ALL_DECODE, num_heads=8, num_kv_heads=2, sliding_window=40),
+    dict(specs=MIXED, num_heads=8, num_kv_heads=2, soft_cap=1.5, attention_chunk=40),
+    dict(specs=MIXED, num_heads=8, num_kv_heads=2, sliding_window=40, shuffle=True),
+], ids=["gqa", "decode-window", "soft-cap-chunk", "window-shuffled"])
+def test_bfloat16_cache_with_float32_queries(case):
+    """The CPU's cache for a 16-bit model (runner/build.py): a bfloat16 cache under float32
+    queries and output, as exact as a float32 cache on the same (bfloat16) K/V."""
+    case = dict(case)
+    _run_and_check(40, case.pop("specs"), cache_dtype=jnp.bfloat16, **case)
 
 
 def test_all_padding_rows_stay_finite():
@@ -366,6 +385,32 @@ def test_write_kv_one_token():
     k_ref[37], v_ref[37] = k_new[0], v_new[0]
     np.testing.assert_array_equal(np.asarray(k_out), k_ref)
     np.testing.assert_array_equal(np.asarray(v_out), v_ref)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_write_kv_rounds_as_astype(cache_dtype):
+    """The rows a 16- or 8-bit cache stores are jnp's astype of them (round to nearest even,
+    fp8 saturated), bit for bit, at their slots (out-of-range slots dropped, as a scatter
+    with mode="drop"); every other slot keeps its bytes. Halfway cases included."""
+    rng = np.random.default_rng(4)
+    cache = jnp.asarray(rng.standard_normal((64, 2, 8)), cache_dtype)
+    new = rng.standard_normal((6, 2, 8)).astype(np.float32)
+    bits = new.view(np.uint32)
+    bits[0] = (bits[0] & 0xFFFF0000) | 0x8000  # bfloat16 ties: even and odd last bits
+    bits[1] = (bits[1] & 0xFFFE0000) | 0x18000
+    new[2, 0, :2] = 1e6  # past fp8's range: saturated
+    slots = np.array([37, 3, 63, 64, -1, 10], np.int32)  # 64 and -1: outside, dropped
+    args = (cache, cache, jnp.asarray(new), jnp.asarray(new), slots)
+    out, _ = jax.jit(write_kv)(*args)
+    # In place: no copy of the whole cache in a wider type (XLA's CPU scatter into a
+    # bfloat16 or fp8 array converts all of it to float32 or float16 and back).
+    compiled = jax.jit(write_kv).lower(*args).compile().as_text()
+    assert not re.search(r"(?<![a-z0-9])f(32|16)\[64,2,8\]", compiled)
+    expected = np.array(cache)
+    rows = np.asarray(jnp.clip(new, -float(jnp.finfo(cache_dtype).max),
+                               float(jnp.finfo(cache_dtype).max)).astype(cache_dtype))
+    expected[slots[[0, 1, 2, 5]]] = rows[[0, 1, 2, 5]]
+    assert np.asarray(out).tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])

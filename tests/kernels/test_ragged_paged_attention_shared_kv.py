@@ -3,6 +3,8 @@ reference: each token's key is its K and V cache rows joined, and is also its va
 
 The batches, caches and reference come from test_ragged_paged_attention; here the "K" and
 "V" of each sequence are the two halves of one vector per token, in a single kv head.
+Both kernels: the plain-jnp one and the native CPU one (which reads the one cache as keys
+and as values).
 """
 
 import functools
@@ -57,19 +59,21 @@ def _run_and_check(seed, specs, *, num_heads, dtype=jnp.float32, tol=1e-5, **kno
 
 @pytest.mark.parametrize("specs", [MIXED, ALL_DECODE, ONE_PREFILL],
                          ids=["mixed", "decode", "prefill"])
-def test_shared_kv_matches_dense(specs):
-    _run_and_check(50, specs, num_heads=4)
+@pytest.mark.parametrize("native", [False, True], ids=["jnp", "native"])
+def test_shared_kv_matches_dense(specs, native):
+    _run_and_check(50, specs, num_heads=4, native=native)
 
 
 def test_shared_kv_small_tiles_and_decode_groups():
-    # Tiles split runs and cross 16-key chunks; several decode groups.
+    # The jnp kernel's tiles split runs and cross 16-key chunks; several decode groups.
     _run_and_check(51, MIXED, num_heads=8, kv_chunk=BLOCK_SIZE, tile=8,
-                   decode_chunk=BLOCK_SIZE, decode_group=2)
-    _run_and_check(52, ALL_DECODE, num_heads=8, decode_group=2)
+                   decode_chunk=BLOCK_SIZE, decode_group=2, native=False)
+    _run_and_check(52, ALL_DECODE, num_heads=8, decode_group=2, native=False)
 
 
-def test_shared_kv_bfloat16():
-    _run_and_check(53, MIXED, num_heads=4, dtype=jnp.bfloat16, tol=1e-2)
+@pytest.mark.parametrize("native", [False, True], ids=["jnp", "native"])
+def test_shared_kv_bfloat16(native):
+    _run_and_check(53, MIXED, num_heads=4, dtype=jnp.bfloat16, tol=1e-2, native=native)
 
 
 @pytest.mark.parametrize("q_dim, v_cache, message", [

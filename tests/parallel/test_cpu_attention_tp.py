@@ -65,11 +65,12 @@ def _sharded(mesh, new, caches, md):
 
 
 @pytest.mark.parametrize("tp,window,cache_dtype", [(2, None, jnp.float32), (4, 29, jnp.float32),
-                                                   (4, None, jnp.float8_e4m3fn)])
+                                                   (4, None, jnp.float8_e4m3fn),
+                                                   (2, 29, jnp.bfloat16)])
 def test_split_by_kv_heads_equals_one_device_without_collectives(tp, window, cache_dtype):
     assert cpu_attention.available(), "the native CPU attention kernel did not build"
     new, caches, md = _step(tp, cache_dtype=cache_dtype)
-    scales = (0.5, 2.0) if cache_dtype != jnp.float32 else (1.0, 1.0)
+    scales = (0.5, 2.0) if cache_dtype == jnp.float8_e4m3fn else (1.0, 1.0)
 
     def fn(q, k, v, k_cache, v_cache, md):
         return _attend(q, k, v, k_cache, v_cache, md, window=window, scales=scales)

@@ -132,3 +132,22 @@ def test_max_useful_kv_bytes_hold_max_num_seqs_requests(gemma3_like, kinds):
     assert useful == (MAX_NUM_SEQS * pages + 1) * page_bytes
     assert kv.num_blocks == MAX_NUM_SEQS * pages + 1
     assert get_max_concurrency_for_kv_cache_config(config, kv) >= MAX_NUM_SEQS
+
+
+def test_a_bfloat16_cache_holds_twice_the_pages(gemma3_like):
+    """dtype=bfloat16 on the CPU keeps a bfloat16 KV cache (runner/build.py): the worker
+    reports its 2-byte pages, so vLLM fits twice the pages, and tokens, in the same memory."""
+    from xla_inference.kernels import cpu_attention
+    from xla_inference.runner.build import Precision
+
+    assert cpu_attention.available(), "the native CPU attention kernel did not build"
+    vllm_config, _ = gemma3_like
+    blocks = {}
+    for dtype in ("float32", "bfloat16"):
+        worker = _worker(vllm_config, [KvLayer(FULL, 1, 32)] * 18)
+        del worker._kv_torch_dtype  # the worker's own, from its precision
+        worker.precision = Precision.for_platform(dtype, "cpu")
+        spec = worker.get_kv_cache_spec()["model.layers.0.self_attn.attn"]
+        assert spec.dtype == getattr(torch, dtype)
+        blocks[dtype] = _kv_cache_config(worker, 64 << 20)[1].num_blocks
+    assert blocks["bfloat16"] == 2 * blocks["float32"]

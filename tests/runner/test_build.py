@@ -15,16 +15,51 @@ from xla_inference.runner.engine import EngineConfig
 F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
 
+F16 = jnp.dtype(jnp.float16)
+
+
 @pytest.mark.parametrize("dtype, platform, want", [
-    ("bfloat16", "cpu", (BF16, F32, F32)),  # bfloat16 products, float32 elsewhere
+    # bfloat16 products, float32 elsewhere, the KV cache bfloat16 (the native kernel reads it)
+    ("bfloat16", "cpu", (BF16, F32, BF16)),
+    ("float16", "cpu", (F16, F32, BF16)),  # the CPU's 16-bit cache is bfloat16
     ("float32", "cpu", (F32, F32, F32)),
     ("bfloat16", "gpu", (BF16, BF16, BF16)),  # accelerators run the dtype throughout
     ("bfloat16", "tpu", (BF16, BF16, BF16)),
 ])
 def test_precision_for_platform(dtype, platform, want):
+    from xla_inference.kernels import cpu_attention
+
+    assert cpu_attention.available(), "the native CPU attention kernel did not build"
     p = Precision.for_platform(dtype, platform)
     assert (p.weights, p.activations, p.kv_cache) == want
     assert p.narrows_projections == (want[0] != want[1])
+
+
+def test_cpu_cache_is_float32_without_the_native_kernel(monkeypatch):
+    """The plain-jnp kernel would widen a 16-bit cache's pages as it gathers them: there a
+    16-bit model keeps its cache in float32."""
+    from xla_inference.kernels import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "available", lambda: False)
+    assert Precision.for_platform("bfloat16", "cpu").kv_cache == F32
+    monkeypatch.undo()
+    monkeypatch.setenv("XLA_INFERENCE_KERNELS", "jnp")
+    assert Precision.for_platform("bfloat16", "cpu").kv_cache == F32
+
+
+def test_named_16_bit_kv_cache_dtypes():
+    """--kv-cache-dtype bfloat16 / float16: served where 'auto' stores that dtype anyway,
+    bfloat16 on the CPU for any model dtype, refused by name elsewhere."""
+    f32, bf16 = Precision.uniform(F32), Precision.uniform(BF16)
+    assert f32.with_kv_cache("bfloat16", "cpu").kv_cache == BF16
+    assert f32.with_kv_cache("bfloat16", "cpu").activations == F32
+    assert bf16.with_kv_cache("bfloat16", "tpu") == bf16
+    assert Precision.uniform(F16).with_kv_cache("float16", "gpu").kv_cache == F16
+    cpu_f16_model = Precision(F16, F32, BF16)
+    for refused, precision, platform in [("float16", cpu_f16_model, "cpu"),
+                                         ("float16", f32, "cpu"), ("bfloat16", f32, "gpu")]:
+        with pytest.raises(ValueError, match=f"kv_cache_dtype '{refused}' is not served"):
+            precision.with_kv_cache(refused, platform)
 
 
 def _shapes(tree):

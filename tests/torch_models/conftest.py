@@ -37,9 +37,10 @@ def vllm_config(model_dir, **args):
     return EngineArgs(model=str(model_dir), **args).create_engine_config()
 
 
-def torch_engine(model_dir, mesh=None, narrow_dtype=None, **args):
+def torch_engine(model_dir, mesh=None, narrow_dtype=None, kv_dtype=None, **args):
     """A float32 engine of the torch path (pages of tests.helpers.ENGINE_BLOCK tokens), as
-    tests.helpers.tiny_engine builds the native one: projections in narrow_dtype if given."""
+    tests.helpers.tiny_engine builds the native one: projections in narrow_dtype and the KV
+    cache in kv_dtype if given."""
     import jax.numpy as jnp
 
     from tests.helpers import ENGINE_BLOCK
@@ -48,7 +49,7 @@ def torch_engine(model_dir, mesh=None, narrow_dtype=None, **args):
     from xla_inference.torch_models.loader import load
 
     f32 = jnp.dtype(jnp.float32)
-    precision = Precision(jnp.dtype(narrow_dtype or f32), f32, f32)
+    precision = Precision(jnp.dtype(narrow_dtype or f32), f32, jnp.dtype(kv_dtype or f32))
     model = load(vllm_config(model_dir, **args), precision)
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64,
                         max_num_seqs=8, max_model_len=128)

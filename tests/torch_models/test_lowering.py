@@ -26,17 +26,20 @@ def test_ragged_logits_match_transformers(tiny_architecture, name):
 
 
 def test_bfloat16_projections_equal_the_native_path(tmp_path):
-    """dtype=bfloat16 on the host CPU: bfloat16 projection weights, float32 activations.
-    Both paths multiply in bfloat16 with float32 accumulation (torch's linear is our
-    projection), so a Llama through vLLM's class equals our Llama family."""
+    """dtype=bfloat16 on the host CPU: bfloat16 projection weights, float32 activations, a
+    bfloat16 KV cache. Both paths multiply in bfloat16 with float32 accumulation (torch's
+    linear is our projection) and keep K/V in the same cache, so a Llama through vLLM's
+    class equals our Llama family."""
     import jax.numpy as jnp
 
     model_dir = save_tiny_llama(tmp_path / "llama")
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, 128, n).tolist() for n in (13, 7, 9)]
     rows = []
-    for engine in (tiny_engine(model_dir, narrow_dtype=jnp.bfloat16),
-                   torch_engine(model_dir, narrow_dtype=jnp.bfloat16, model_impl="vllm")):
+    bf16 = jnp.bfloat16
+    for engine in (tiny_engine(model_dir, narrow_dtype=bf16, kv_dtype=bf16),
+                   torch_engine(model_dir, narrow_dtype=bf16, kv_dtype=bf16, model_impl="vllm")):
+        assert engine.kv_cache.arrays[0][0].dtype == bf16
         reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
         rows.append(run_chunks(engine, reqs, PLAN))
     native, torch_path = rows

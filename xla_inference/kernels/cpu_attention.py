@@ -28,6 +28,12 @@ test_cpu_attention_tp.py: no collective left in the compiled step). The split si
 not here, because kernels/ sits below parallel/ (it cannot know the mesh's axes) and because
 every backend's kernel (a Pallas call is a custom call too) needs the same split. CPU
 tensor parallelism (virtual devices of one host) is for tests.
+
+The cache may be float32, bfloat16 (the CPU's cache for a 16-bit model, runner/build.py:
+half the bytes each step reads) or fp8. A bfloat16 or fp8 cache is written by this library
+too (write_cache_rows): XLA's CPU backend runs a scatter into a bfloat16 or fp8 array by
+converting the whole array to float32 (fp8: float16) and back, two copies of the whole
+cache per layer per step, where the kernel copies just the step's rows in place.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "cpu" / "paged_attention.cc"
 _TARGET = "xla_inference_paged_attention"
 _POOL_TARGET = "xla_inference_thread_pool_size"
+_WRITE_TARGET = "xla_inference_write_cache_rows"
 
 
 @functools.cache
@@ -58,7 +65,8 @@ def available() -> bool:
         return False
     try:
         native.load_targets(_SOURCE, {_TARGET: "XlaInferencePagedAttention",
-                                      _POOL_TARGET: "XlaInferenceThreadPoolSize"})
+                                      _POOL_TARGET: "XlaInferenceThreadPoolSize",
+                                      _WRITE_TARGET: "XlaInferenceWriteCacheRows"})
     except Exception as e:  # noqa: BLE001 - any failure means the plain-jnp kernel
         logger.warning("xla-inference: native CPU attention unavailable, using the jnp kernel: %s", e)
         return False
@@ -66,16 +74,29 @@ def available() -> bool:
 
 
 def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, block_size: int,
-                    scale: float, sliding_window: int | None = None):
-    """As ragged_paged_attention (without soft cap, attention chunks or a shared K/V), for
-    float32 q [T, N, H] and caches [num_slots, K, H] of float32, float8_e4m3fn or
+                    scale: float, sliding_window: int | None = None,
+                    soft_cap: float | None = None, attention_chunk: int | None = None):
+    """As ragged_paged_attention (a shared K/V: the one cache passed as both), for
+    float32 q [T, N, H] and caches [num_slots, K, H] of float32, bfloat16, float8_e4m3fn or
     float8_e5m2 (fp8 values are read as they are: the caller applies the scales); returns
     [T, N, H] float32."""
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k_cache, v_cache, seq_ids.astype(jnp.int32),
                 positions.astype(jnp.int32), block_tables.astype(jnp.int32),
                 block_size=np.int64(block_size), scale=np.float32(scale),
-                sliding_window=np.int64(sliding_window or 0))
+                sliding_window=np.int64(sliding_window or 0),
+                soft_cap=np.float32(soft_cap or 0.0),
+                attention_chunk=np.int64(attention_chunk or 0))
+
+
+def write_cache_rows(cache, rows, slots):
+    """cache [num_slots, K, H] with rows [T, K, H] (already of the cache's dtype) copied
+    into slots [T] (a slot outside the cache is skipped, as a scatter's mode="drop"), in
+    place where XLA can alias the result to the cache (a donated or intermediate cache);
+    needs available()."""
+    call = jax.ffi.ffi_call(_WRITE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={0: 0})
+    return call(cache, rows.astype(cache.dtype), slots.astype(jnp.int32))
 
 
 def pool_threads() -> int:

@@ -80,9 +80,21 @@ def write_cache(cache, new, slot_mapping, scale=1.0):
     cache and the attention's page view), and copies the whole cache for each, four
     copies per layer (benchmarks/RESULTS.md, "Figures moved from code comments").
     """
+    rows = to_cache_dtype(new, cache.dtype, scale)
+    if _native_cpu_write_applies(cache.dtype):
+        return cpu_attention.write_cache_rows(cache, rows, slot_mapping)
     if slot_mapping.shape[0] == 1:
-        new, slot_mapping = jnp.concatenate([new, new]), jnp.concatenate([slot_mapping] * 2)
-    return cache.at[slot_mapping].set(to_cache_dtype(new, cache.dtype, scale), mode="drop")
+        rows, slot_mapping = jnp.concatenate([rows, rows]), jnp.concatenate([slot_mapping] * 2)
+    return cache.at[slot_mapping].set(rows, mode="drop")
+
+
+def _native_cpu_write_applies(dtype) -> bool:
+    """Whether the native CPU kernel writes this cache (kernels/cpu_attention.
+    write_cache_rows): XLA's CPU scatter copies a bfloat16 or fp8 cache twice over; float32
+    and float16 it scatters in place itself."""
+    return ((jnp.dtype(dtype) == jnp.bfloat16 or is_fp8(dtype))
+            and kernel_backend.attention_backend().name == kernel_backend.NATIVE
+            and jax.default_backend() == "cpu" and cpu_attention.available())
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,9 +369,8 @@ def _check_shapes(q, k_cache, v_cache, block_size, shared_kv, kv_chunk, decode_c
         raise ValueError(f"K cache {k_cache.shape} and V cache {v_cache.shape} differ")
 
 
-def _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv) -> bool:
-    return (soft_cap is None and attention_chunk is None and not shared_kv
-            and (k_cache.dtype == jnp.float32 or is_fp8(k_cache.dtype))
+def _native_cpu_kernel_applies(k_cache) -> bool:
+    return ((k_cache.dtype in (jnp.float32, jnp.bfloat16) or is_fp8(k_cache.dtype))
             and jax.default_backend() == "cpu" and cpu_attention.available())
 
 
@@ -383,10 +394,10 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
     decode_group, decode tokens per batch of the decode path; decode_chunk, keys per step
     of the decode path. Returns [T, N, H] in q's dtype.
     native: the kernel backend of this process (kernels/backend.py: by default the native
-    CPU kernel, kernels/cpu_attention.py, on the CPU where it can serve the call: float32
-    or fp8 cache, no soft cap, attention chunks or shared K/V; the Pallas kernel on a TPU or
-    GPU, for all but shared K/V); False: these plain-jnp paths always (the reference the
-    other kernels are tested against).
+    CPU kernel, kernels/cpu_attention.py, on the CPU where it can serve the call: float32,
+    bfloat16 or fp8 cache; the Pallas kernel on a TPU or GPU, for all but shared K/V);
+    False: these plain-jnp paths always (the reference the other kernels are tested
+    against).
     k_scale, v_scale: an fp8 cache's dequantization scales (floats or traced scalars;
     shared_kv reads its one cache with k_scale); other caches ignore them.
     """
@@ -406,10 +417,13 @@ def ragged_paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables
         native = backend.name == kernel_backend.NATIVE
     out_dtype = q.dtype
     q, v_scale = _fold_cache_scales(q, k_cache.dtype, k_scale, k_scale if shared_kv else v_scale)
-    if native and _native_cpu_kernel_applies(k_cache, soft_cap, attention_chunk, shared_kv):
-        out = cpu_attention.paged_attention(q, k_cache, v_cache, seq_ids, positions,
-                                            block_tables, block_size=block_size, scale=scale,
-                                            sliding_window=sliding_window)
+    if native and _native_cpu_kernel_applies(k_cache):
+        # A shared K/V (MLA's latent cache) is the one cache read as keys and as values.
+        out = cpu_attention.paged_attention(q, k_cache, k_cache if shared_kv else v_cache,
+                                            seq_ids, positions, block_tables,
+                                            block_size=block_size, scale=scale,
+                                            sliding_window=sliding_window, soft_cap=soft_cap,
+                                            attention_chunk=attention_chunk)
         return _unscale_values(out, v_scale).astype(out_dtype)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]

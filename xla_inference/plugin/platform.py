@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
 # --kv-cache-dtype values served (runner/build.py Precision.with_kv_cache maps them).
-SERVED_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+SERVED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def _choose_engine_start_method() -> None:
@@ -226,8 +226,9 @@ class XlaPlatform(Platform):
         _honour_checkpoint_kv_cache_scheme(vllm_config.model_config, cache)
         if cache.cache_dtype not in SERVED_KV_CACHE_DTYPES:
             raise ValueError(f"xla-inference does not support kv_cache_dtype={cache.cache_dtype!r}; "
-                             "it serves auto (the activations' dtype), fp8 (= fp8_e4m3) and "
-                             "fp8_e5m2")
+                             "it serves auto, bfloat16 and float16 (where the platform stores "
+                             "that dtype: runner/build.py Precision.with_kv_cache), fp8 "
+                             "(= fp8_e4m3) and fp8_e5m2")
         if not cache.user_specified_block_size:
             cache.block_size = 16
         _choose_engine_start_method()

@@ -173,7 +173,7 @@ class XlaWorker(WorkerBase):
         self.device = torch.device("cpu")
         self.precision = Precision.for_platform(
             _dtype_name(self.model_config.dtype), devices[0].platform,
-        ).with_kv_cache(self.cache_config.cache_dtype)
+        ).with_kv_cache(self.cache_config.cache_dtype, devices[0].platform)
         logger.info("xla-inference: JAX devices %s; precision %s", devices, self.precision)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:

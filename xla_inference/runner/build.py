@@ -40,29 +40,56 @@ class Precision:
     def for_platform(cls, dtype, platform: str) -> Precision:
         """vLLM's model dtype on a JAX platform. On the host CPU a 16-bit dtype means 16-bit
         projection matrices, whose products take 16-bit inputs and accumulate in float32,
-        and float32 for the rest: XLA's CPU backend runs those products on its bfloat16
-        kernels (twice float32's rate with avx512_bf16; a batch-1 step reads half the
-        bytes) but is slow at 16-bit elementwise work and copies a 16-bit KV cache to
-        float32 every step. Accelerators run the dtype throughout."""
+        float32 for the rest (XLA's CPU backend runs those products on its bfloat16 kernels,
+        twice float32's rate with avx512_bf16, a batch-1 step reading half the bytes, but is
+        slow at 16-bit elementwise work), and the KV cache of cpu_kv_cache_dtype().
+        Accelerators run the dtype throughout."""
         dtype = jnp.dtype(dtype)
         if platform == "cpu" and dtype.itemsize < 4:
-            return cls(dtype, jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
+            return cls(dtype, jnp.dtype(jnp.float32), cpu_kv_cache_dtype())
         return cls.uniform(dtype)
 
-    def with_kv_cache(self, cache_dtype: str) -> Precision:
+    def with_kv_cache(self, cache_dtype: str, platform: str | None = None) -> Precision:
         """This policy with vLLM's --kv-cache-dtype: "auto" keeps the cache dtype above;
         "fp8" (= "fp8_e4m3") and "fp8_e5m2" store the cache in that fp8 format on every
-        platform (kernels/ragged_paged_attention.py: values / scale, read as float32)."""
+        platform (kernels/ragged_paged_attention.py: values / scale, read as float32).
+        "bfloat16" / "float16": served where "auto" gives that dtype anyway, and "bfloat16"
+        on the CPU whatever the model dtype (the native kernel reads it; untested with
+        float32 activations on the accelerators' kernels, so refused there); the CPU keeps
+        a 16-bit cache as bfloat16, never float16 (cpu_kv_cache_dtype)."""
         if cache_dtype == "auto":
             return self
+        if cache_dtype in ("bfloat16", "float16"):
+            named = jnp.dtype(cache_dtype)
+            if named == self.kv_cache:
+                return self
+            if named == jnp.bfloat16 and platform == "cpu":
+                return dataclasses.replace(self, kv_cache=named)
+            raise ValueError(f"kv_cache_dtype {cache_dtype!r} is not served with this model "
+                             f"dtype on {platform}: 'auto' stores a {self.kv_cache.name} cache "
+                             "here, and the CPU stores 16-bit caches as bfloat16 only")
         if cache_dtype not in FP8_KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {cache_dtype!r} is not served; the choices are "
-                             f"auto, {', '.join(FP8_KV_CACHE_DTYPES)}")
+                             f"auto, bfloat16, {', '.join(FP8_KV_CACHE_DTYPES)}")
         return dataclasses.replace(self, kv_cache=jnp.dtype(FP8_KV_CACHE_DTYPES[cache_dtype]))
 
     @property
     def narrows_projections(self) -> bool:
         return self.weights != self.activations
+
+
+def cpu_kv_cache_dtype() -> jnp.dtype:
+    """The KV cache of a 16-bit model on the host CPU: bfloat16 where the native attention
+    kernel serves this process (it widens bfloat16 to float32 in registers as it reads, and
+    writes the rows in place: half a float32 cache's bytes per step, twice the tokens per
+    byte of memory); float32 where the plain-jnp kernel does (XLA's CPU code would convert
+    whole 16-bit pages to float32 as it gathers them). float16 models get bfloat16 too:
+    float32's range (K/V rows computed in float32 never overflow it), one cache format
+    for the kernel to read."""
+    from xla_inference.kernels import backend, cpu_attention
+
+    native = backend.attention_backend().name == backend.NATIVE and cpu_attention.available()
+    return jnp.dtype(jnp.bfloat16 if native else jnp.float32)
 
 
 # vLLM's fp8 names for --kv-cache-dtype, and the format each stores (fp8 is e4m3, as on CUDA).

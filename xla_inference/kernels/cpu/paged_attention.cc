@@ -2,19 +2,27 @@
 // (kernels/cpu_attention.py builds, loads and calls it).
 //
 // Token t (sequence row seq_ids[t], position positions[t]) attends to the keys of its row
-// at positions lo..positions[t] (lo > 0 only with a sliding window), read from the paged
+// at positions lo..positions[t] (lo > 0 only with a sliding window or a local attention
+// chunk: Llama 4's, keys of the query's own chunk of attention_chunk positions; scores
+// soft-capped as cap * tanh(score / cap) where soft_cap > 0), read from the paged
 // cache through block_tables, one contiguous [K, H] row per key. Consecutive tokens of one
 // row form tiles of up to 16 that share every key read (attend_tile); a lone token
-// (decode) takes attend_one (attend_one_avx512 for a float32 cache and head dims of 64 or
-// 128 where the CPU has AVX-512: 1.3-1.45x faster alone, benchmarks/RESULTS.md issue 18). Softmax is two-pass, in float32. The tiles are the work items
-// that XLA's intra-op thread pool (the FFI's ThreadPool context) and the calling thread
-// share.
+// (decode) takes attend_one (attend_one_avx512 for head dims of 64 or 128 where the CPU has
+// AVX-512: 1.3-1.45x faster alone on a float32 cache, benchmarks/RESULTS.md issue 18). Softmax
+// is two-pass, in float32. The tiles are the work items that XLA's intra-op thread pool (the
+// FFI's ThreadPool context) and the calling thread share.
 //
-// q [T, N, H], k_cache / v_cache [num_slots, K, H] float32, float8_e4m3fn or float8_e5m2
-// (both the same); seq_ids, positions [T] int32; block_tables [B, max_blocks] int32;
-// out [T, N, H] float32. An fp8 cache's rows are widened to float32 one key row at a time
-// as they are read (its scales are applied by the caller, kernels/ragged_paged_attention.py);
-// a float32 cache is read in place.
+// q [T, N, H], k_cache / v_cache [num_slots, K, H] float32, bfloat16, float8_e4m3fn or
+// float8_e5m2 (both the same); seq_ids, positions [T] int32; block_tables [B, max_blocks]
+// int32; out [T, N, H] float32. A 16- or 8-bit cache is widened to float32 as it is read:
+// attend_one_avx512 widens 16 values at a time in registers, the other paths one key row
+// at a time into scratch (an fp8 cache's scales are applied by the caller,
+// kernels/ragged_paged_attention.py); a float32 cache is read in place.
+//
+// A second handler, XlaInferenceWriteCacheRows, copies a step's K or V rows (already in the
+// cache's element type) into their slots in place: XLA's CPU backend scatters into a
+// bfloat16 or fp8 array by converting the whole array to a wider type and back, two copies
+// of the cache per write (kernels/cpu_attention.py).
 
 #include <algorithm>
 #include <cmath>
@@ -22,7 +30,6 @@
 #include <climits>
 #include <cstring>
 #include <memory>
-#include <type_traits>
 #include <vector>
 
 #include "work_items.h"
@@ -76,7 +83,16 @@ struct Shapes {
   int64_t num_tokens, num_heads, num_kv_heads, head_dim, max_blocks, block_size;
   int64_t sliding_window;  // 0: none
   float scale;
+  float soft_cap;           // 0: none
+  int64_t attention_chunk;  // 0: none
 };
+
+// Scores capped as cap * tanh(score / cap) (Gemma 2's attention logit soft cap).
+inline void cap_scores(const Shapes& s, float* sc, int64_t n) {
+  if (s.soft_cap <= 0.0f) return;
+  const float inv_cap = 1.0f / s.soft_cap;
+  for (int64_t i = 0; i < n; ++i) sc[i] = s.soft_cap * std::tanh(sc[i] * inv_cap);
+}
 
 constexpr int64_t kTile = 16;  // query tokens of one sequence that share their key reads
 
@@ -95,6 +111,34 @@ struct F32Cache {
   F32Cache(const void* data, int64_t /*width*/) : data(static_cast<const float*>(data)) {}
   const float* row(int64_t offset, float* /*scratch*/) const { return data + offset; }
   const void* address(int64_t offset) const { return data + offset; }
+#ifdef __AVX512F__
+  __m512 load16(int64_t offset) const { return _mm512_loadu_ps(data + offset); }
+#endif
+};
+
+// bfloat16 is the top half of a float32: widening is a 16-bit shift (the cache write
+// rounded to nearest even, kernels/ragged_paged_attention.to_cache_dtype).
+struct Bf16Cache {
+  static constexpr int64_t kBytes = 2;
+  const uint16_t* data;
+  int64_t width;  // values per row, K * H
+  Bf16Cache(const void* data, int64_t width)
+      : data(static_cast<const uint16_t*>(data)), width(width) {}
+  const float* row(int64_t offset, float* scratch) const {
+    const uint16_t* src = data + offset;
+    for (int64_t i = 0; i < width; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(scratch + i, &bits, sizeof(bits));
+    }
+    return scratch;
+  }
+  const void* address(int64_t offset) const { return data + offset; }
+#ifdef __AVX512F__
+  __m512 load16(int64_t offset) const {
+    const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + offset));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+  }
+#endif
 };
 
 // fp8 with kMantissa mantissa bits and exponent bias kBias, no infinities or NaNs read
@@ -162,6 +206,19 @@ struct Fp8Cache {
     return scratch;
   }
   const void* address(int64_t offset) const { return data + offset; }
+#ifdef __AVX512F__
+  // 16 values as widen_fp8_by_halves widens 8: each byte's bits moved into a half's, the
+  // halves widened by the instruction, the bias moved by a product. No table.
+  __m512 load16(int64_t offset) const {
+    const __m256i b = _mm256_cvtepu8_epi16(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + offset)));
+    const __m256i half = _mm256_or_si256(
+        _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 10 - kMantissa),
+        _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+    return _mm512_mul_ps(_mm512_cvtph_ps(half),
+                         _mm512_set1_ps(static_cast<float>(1 << (15 - kBias))));
+  }
+#endif
 };
 using E4m3Cache = Fp8Cache<3, 7>;
 using E5m2Cache = Fp8Cache<2, 15>;
@@ -193,7 +250,9 @@ inline void prefetch_row(const Cache& cache, int64_t offset, int64_t values) {
 }
 
 int64_t first_key(const Shapes& s, int64_t pos) {
-  return s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
+  int64_t lo = s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
+  if (s.attention_chunk > 0) lo = std::max(lo, pos / s.attention_chunk * s.attention_chunk);
+  return lo;
 }
 
 // One query token: each head's scores are dot products over the head dim.
@@ -226,6 +285,7 @@ void attend_one(const Shapes& s, const float* q, const Cache& k_cache, const Cac
   }
   for (int64_t h = 0; h < N; ++h) {
     float* sc = w.scores.data() + h * n;
+    cap_scores(s, sc, n);
     const float inv = exponentiate_scores(sc, n);
     for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
   }
@@ -264,14 +324,14 @@ inline __m512 sum_each_of_16(const __m512 v[16]) {
   return _mm512_permutexvar_ps(order, d);
 }
 
-// attend_one for a float32 cache and a head dim of kHeadDim (a multiple of 16), with
-// AVX-512: the keys' scores 16 at a time, each key's dot product kept as a vector of
+// attend_one for a head dim of kHeadDim (a multiple of 16), with AVX-512, any cache (its
+// load16 widens 16 values in registers): the keys' scores 16 at a time, each key's dot product kept as a vector of
 // partial sums and the 16 reduced together (sum_each_of_16); each head's weighted sum of
 // values in registers over all keys. Heads sharing a KV head read its rows one after
 // another (the second from cache).
-template <int64_t kHeadDim>
-void attend_one_avx512(const Shapes& s, const float* q, const F32Cache& k_cache,
-                       const F32Cache& v_cache, const int32_t* table, int64_t pos, float* out,
+template <int64_t kHeadDim, class Cache>
+void attend_one_avx512(const Shapes& s, const float* q, const Cache& k_cache,
+                       const Cache& v_cache, const int32_t* table, int64_t pos, float* out,
                        Scratch& w) {
   constexpr int64_t C = kHeadDim / 16;
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
@@ -298,13 +358,14 @@ void attend_one_avx512(const Shapes& s, const float* q, const F32Cache& k_cache,
         }
         if (h % G == 0 && i0 + j + kPrefetchAhead < n)
           prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead] + kv, H);
-        const float* krow = k_cache.data + w.rows[i0 + j] + kv;
-        __m512 dot = _mm512_mul_ps(qh[0], _mm512_loadu_ps(krow));
-        for (int64_t c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qh[c], _mm512_loadu_ps(krow + 16 * c), dot);
+        const int64_t krow = w.rows[i0 + j] + kv;
+        __m512 dot = _mm512_mul_ps(qh[0], k_cache.load16(krow));
+        for (int64_t c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qh[c], k_cache.load16(krow + 16 * c), dot);
         dots[j] = dot;
       }
       _mm512_storeu_ps(sc + i0, sum_each_of_16(dots));
     }
+    cap_scores(s, sc, n);
     const float inv = exponentiate_scores(sc, n);
     // Even and odd keys in separate sums: twice the independent FMA chains.
     __m512 acc[C];
@@ -312,9 +373,9 @@ void attend_one_avx512(const Shapes& s, const float* q, const F32Cache& k_cache,
     for (int64_t i = 0; i < n; ++i) {
       if (h % G == 0 && i + kPrefetchAhead < n)
         prefetch_row(v_cache, w.rows[i + kPrefetchAhead] + kv, H);
-      const float* vrow = v_cache.data + w.rows[i] + kv;
+      const int64_t vrow = w.rows[i] + kv;
       const __m512 p = _mm512_set1_ps(sc[i] * inv);
-      for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vrow + 16 * c), acc[c]);
+      for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, v_cache.load16(vrow + 16 * c), acc[c]);
     }
     for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(out + h * H + 16 * c, acc[c]);
   }
@@ -357,10 +418,12 @@ void attend_tile(const Shapes& s, const float* q, const Cache& k_cache, const Ca
                  std::vector<int64_t>& rows, std::vector<float>& widened) {
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
   const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
-  IntLanes pos;
+  IntLanes pos, chunk_start{};  // chunk_start: the first key of each token's local chunk
   int64_t lo = INT64_MAX, hi = -1;
   for (int64_t j = 0; j < kTile; ++j) {
     pos[j] = j < count ? positions[j] : -1;  // missing tokens see no key
+    if (j < count && s.attention_chunk > 0)
+      chunk_start[j] = static_cast<int32_t>(positions[j] / s.attention_chunk * s.attention_chunk);
     if (j < count) {
       lo = std::min(lo, first_key(s, positions[j]));
       hi = std::max<int64_t>(hi, positions[j]);
@@ -411,20 +474,26 @@ void attend_tile(const Shapes& s, const float* q, const Cache& k_cache, const Ca
       scores[h * n + i] = dot;
     }
   }
-  // Only positions of the window get through: key <= pos and key > pos - window.
+  // Only positions of the window and chunk get through: key <= pos, key > pos - window,
+  // key >= the start of the query's chunk.
   const int32_t window = s.sliding_window > 0 ? static_cast<int32_t>(s.sliding_window) : INT32_MAX / 2;
   const IntLanes oldest = pos - window;
   for (int64_t h = 0; h < N; ++h) {
     Lanes* sc = scores.data() + h * n;
+    if (s.soft_cap > 0.0f) {
+      const float inv_cap = 1.0f / s.soft_cap;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < kTile; ++j) sc[i][j] = s.soft_cap * std::tanh(sc[i][j] * inv_cap);
+    }
     Lanes m = Lanes{} - 3.0e38f, sum{};
     for (int64_t i = 0; i < n; ++i) {
       const IntLanes key = IntLanes{} + static_cast<int32_t>(lo + i);
-      const IntLanes valid = (key <= pos) & (key > oldest);
+      const IntLanes valid = (key <= pos) & (key > oldest) & (key >= chunk_start);
       m = valid ? (sc[i] > m ? sc[i] : m) : m;
     }
     for (int64_t i = 0; i < n; ++i) {
       const IntLanes key = IntLanes{} + static_cast<int32_t>(lo + i);
-      const IntLanes valid = (key <= pos) & (key > oldest);
+      const IntLanes valid = (key <= pos) & (key > oldest) & (key >= chunk_start);
       const Lanes shifted = sc[i] - m;
       const Lanes e = exp_lanes(shifted < 0.0f ? shifted : Lanes{});
       sc[i] = valid ? e : Lanes{};
@@ -495,9 +564,9 @@ void attend_range(const Shapes& s, const float* q, const void* k_data, const voi
   const int64_t width = s.num_heads * s.head_dim;  // floats per token of q and out
   const int32_t* table = block_tables + static_cast<int64_t>(seq_ids[first]) * s.max_blocks;
 #ifdef __AVX512F__
-  if constexpr (std::is_same_v<Cache, F32Cache> && kHeadDim > 0 && kHeadDim % 16 == 0) {
+  if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
     if (last - first == 1) {
-      attend_one_avx512<kHeadDim>(s, q + first * width, k_cache, v_cache, table,
+      attend_one_avx512<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
                                   positions[first], out + first * width, w.one);
       return;
     }
@@ -519,7 +588,7 @@ void attend_range(const Shapes& s, const float* q, const void* k_data, const voi
 struct Work : xla_inference::WorkItems {
   Shapes s;
   const float* q;
-  const void *k_cache, *v_cache;  // float32 or fp8, as `attend` reads them
+  const void *k_cache, *v_cache;  // float32, bfloat16 or fp8, as `attend` reads them
   const int32_t *seq_ids, *positions, *block_tables;
   float* out;
   void (*attend)(const Shapes&, const float*, const void*, const void*, const int32_t*,
@@ -550,6 +619,8 @@ AttendFn attend_for(ffi::DataType cache_type, int64_t head_dim) {
   switch (cache_type) {
     case ffi::DataType::F32:
       return attend_for_head_dim<F32Cache>(head_dim);
+    case ffi::DataType::BF16:
+      return attend_for_head_dim<Bf16Cache>(head_dim);
     case ffi::DataType::F8E4M3FN:
       return attend_for_head_dim<E4m3Cache>(head_dim);
     case ffi::DataType::F8E5M2:
@@ -564,7 +635,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::S32> seq_ids, ffi::Buffer<ffi::S32> positions,
                               ffi::Buffer<ffi::S32> block_tables,
                               ffi::ResultBuffer<ffi::F32> out, int64_t block_size, float scale,
-                              int64_t sliding_window) {
+                              int64_t sliding_window, float soft_cap,
+                              int64_t attention_chunk) {
   const auto qd = q.dimensions();
   const auto kd = k_cache.dimensions();
   const auto bd = block_tables.dimensions();
@@ -575,10 +647,11 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const AttendFn attend = attend_for(k_cache.element_type(), qd[2]);
   if (attend == nullptr || v_cache.element_type() != k_cache.element_type()) {
     return ffi::Error::InvalidArgument(
-        "paged_attention: K and V caches both float32, float8_e4m3fn or float8_e5m2");
+        "paged_attention: K and V caches both float32, bfloat16, float8_e4m3fn or float8_e5m2");
   }
   auto work = std::make_shared<Work>();
-  work->s = Shapes{qd[0], qd[1], kd[1], qd[2], bd[1], block_size, sliding_window, scale};
+  work->s = Shapes{qd[0], qd[1], kd[1], qd[2], bd[1], block_size, sliding_window, scale,
+                   soft_cap, attention_chunk};
   work->q = q.typed_data();
   work->k_cache = k_cache.untyped_data();
   work->v_cache = v_cache.untyped_data();
@@ -596,7 +669,42 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+// rows [T, K, H] into slots[t] of cache [num_slots, K, H] (the same element type); a slot
+// outside the cache is skipped (as a scatter's mode="drop"). `out` is the cache's buffer
+// where XLA aliases them (kernels/cpu_attention.write_cache_rows), else a copy is made first.
+// Repeated slots (padding tokens all write to the null page) keep the last row.
+ffi::Error WriteCacheRowsImpl(ffi::AnyBuffer cache, ffi::AnyBuffer rows,
+                              ffi::Buffer<ffi::S32> slots, ffi::Result<ffi::AnyBuffer> out) {
+  const auto cd = cache.dimensions();
+  const auto rd = rows.dimensions();
+  const auto sd = slots.dimensions();
+  if (cd.size() != 3 || rd.size() != 3 || sd.size() != 1 || rd[0] != sd[0] || rd[1] != cd[1] ||
+      rd[2] != cd[2] || rows.element_type() != cache.element_type() ||
+      out->element_type() != cache.element_type() || out->size_bytes() != cache.size_bytes()) {
+    return ffi::Error::InvalidArgument(
+        "write_cache_rows: cache [S, K, H], rows [T, K, H] of its type, slots [T]");
+  }
+  char* dst = static_cast<char*>(out->untyped_data());
+  if (dst != cache.untyped_data()) std::memcpy(dst, cache.untyped_data(), cache.size_bytes());
+  const int64_t num_slots = cd[0];
+  const size_t row_bytes = rows.size_bytes() / std::max<int64_t>(rd[0], 1);
+  const char* src = static_cast<const char*>(rows.untyped_data());
+  const int32_t* slot = slots.typed_data();
+  for (int64_t t = 0; t < rd[0]; ++t) {
+    if (slot[t] < 0 || slot[t] >= num_slots) continue;
+    std::memcpy(dst + static_cast<size_t>(slot[t]) * row_bytes, src + t * row_bytes, row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceWriteCacheRows, WriteCacheRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferencePagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()
@@ -610,7 +718,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferencePagedAttention, PagedAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("sliding_window"));
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("attention_chunk"));
 
 // The number of threads in the pool XLA hands this library's handlers (0: none, and the
 // kernel runs on the calling thread alone), written to a scalar: for tests and diagnostics.

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.lora.peft import LoraAdapter, LoraError
+from xla_inference.quantization.packed import PackedWeight
 
 # PEFT module suffix -> (block attribute of a decoder layer, weight attribute in it)
 _DECODER_TARGETS = {"q_proj": ("attn", "wq"), "k_proj": ("attn", "wk"), "v_proj": ("attn", "wv"),
@@ -80,15 +81,39 @@ def column_mask(token_slots: jax.Array, max_loras: int, max_rank: int) -> jax.Ar
 
 
 def decoder_targets(params) -> dict[str, tuple[int, int]]:
-    """A decoder's (models/decoder.py) targetable modules, by PEFT path -> [out, in]. MoE
-    layers' MLPs and quantized projections are left out (an adapter naming them is refused)."""
+    """A decoder's (models/decoder.py) targetable modules, by PEFT path -> [out, in]: its
+    dense projections, quantized ones included (the base product stays quantized, the
+    delta is added in the stacks' dtype: layers/linear.project). MoE layers' experts are
+    left out (an adapter naming them is refused)."""
     shapes = {}
     for i, layer in enumerate(getattr(params, "layers", None) or []):
         for suffix, (block, attr) in _DECODER_TARGETS.items():
-            w = getattr(getattr(layer, block, None), attr, None)
-            if isinstance(w, (np.ndarray, jax.Array)) and w.ndim == 2:
+            sub = getattr(layer, block, None)
+            if hasattr(sub, "router"):  # a MoE layer's experts (layers/moe.MoeMlp)
+                continue
+            w = getattr(sub, attr, None)
+            if _is_projection(w):
                 shapes[f"model.layers.{i}.{_BLOCK_PATH[block]}.{suffix}"] = tuple(w.shape)
     return shapes
+
+
+def _is_projection(w) -> bool:
+    """A [out, in] projection weight: an array, or a quantized one (PackedWeight)."""
+    if isinstance(w, (np.ndarray, jax.Array)):
+        return w.ndim == 2
+    return isinstance(w, PackedWeight)
+
+
+def weight_sharding(shardings, module: str) -> jax.sharding.NamedSharding:
+    """The [out, in] sharding of a decoder's projection at a PEFT module path, from the
+    engine's param shardings: a quantized weight's from its values' (parallel/sharding.
+    packed_axes: tiles [out, in, ...] or K-major [in, out])."""
+    leaf = module_leaf(shardings, module)
+    if not isinstance(leaf, PackedWeight):
+        return leaf
+    spec = tuple(leaf.values.spec) + (None, None)
+    out_in = (spec[1], spec[0]) if getattr(leaf, "k_major", False) else spec[:2]
+    return jax.sharding.NamedSharding(leaf.values.mesh, jax.sharding.PartitionSpec(*out_in))
 
 
 def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):

@@ -170,10 +170,9 @@ def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int,
     if model.family.lora is not None:
         shapes, dtype = model.family.lora.targets(model.params, model.cfg)
         return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, dtype)
-    params = model.params
-    shapes = decoder_targets(params)
+    shapes = decoder_targets(model.params)
     if not shapes:
-        raise ValueError("LoRA adapters are served only on the decoder families' unquantized "
-                         "q/k/v/o and gate/up/down projections; this model has none")
-    first = params.layers[0].attn.wq
-    return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, first.dtype)
+        raise ValueError("LoRA adapters are served only on the decoder families' q/k/v/o and "
+                         "gate/up/down projections; this model has none")
+    # A quantized base keeps its products; the stacks take the policy's projection dtype.
+    return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, model.precision.weights)

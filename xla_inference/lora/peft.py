@@ -52,6 +52,11 @@ def _check_config(cfg: dict, path: Path) -> None:
                                      "(embeddings, LM head) are not served"),
         (cfg.get("peft_type", "LORA") != "LORA", f"peft_type={cfg.get('peft_type')!r}: only LORA"),
         (cfg.get("layers_to_transform") is not None, "layers_to_transform is not served"),
+        # peft's adapters on a MoE model's fused expert weights (gate_up_proj, down_proj of
+        # mlp.experts): per-expert deltas inside the routed product are not built yet.
+        (cfg.get("target_parameters"), f"target_parameters={cfg.get('target_parameters')}: "
+                                       "MoE expert adapters are not served (attention and "
+                                       "dense MLP targets are)"),
     ]
     for refused, why in refusals:
         if refused:
@@ -89,6 +94,10 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
             raise LoraError(f"LoRA adapter {path}: weight {key!r} is not a lora_A/lora_B weight "
                             "(embedding and bias adapters are not served)")
         module, which = m.groups()
+        if ".experts" in module:
+            raise LoraError(f"LoRA adapter {path}: weight {key!r} adapts a MoE layer's experts; "
+                            "MoE expert adapters are not served (attention and dense MLP "
+                            "targets are)")
         suffix = module.split(".")[-1]
         if suffix not in SERVED_MODULES or module not in module_shapes:
             raise LoraError(f"LoRA adapter {path}: target_modules includes {module!r}, which this "

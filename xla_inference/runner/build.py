@@ -159,8 +159,9 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
     return engine
 
 
-# The dense decoder families (models/decoder.py) whose projections LoRA adapters reach.
-LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+# The decoder families (models/decoder.py) whose projections LoRA adapters reach: every
+# layer's attention and dense MLP (a MoE layer's experts are not targets: lora/peft.py).
+LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
 
 
 def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int,

@@ -1,43 +1,74 @@
 """LoRA adapters on the MoE families (Qwen3-MoE, Mixtral): every layer's attention
 projections (and a dense MLP layer's gate/up/down) take each token's adapter, within 2e-4
-of transformers+peft for base and three adapters of different ranks mixed in one step; an
-adapter on the experts (peft's target_parameters on the fused gate_up_proj / down_proj) is
-refused with the field named."""
+of transformers+peft for base and three adapters of different ranks mixed in one step, two
+of them on every expert too (peft's target_parameters on the fused gate_up_proj and
+down_proj); other target_parameters are refused with the field named."""
 
+import json
+
+import numpy as np
 import pytest
 
 from tests.helpers import save_tiny_family
-from tests.lora.lora_helpers import save_adapter
-from tests.lora.test_lora_engine import _assert_mixed_adapters_match_peft, lora_engine
+from tests.lora.lora_helpers import peft_logits, save_adapter
+from tests.lora.test_lora_engine import PROMPTS, _assert_mixed_adapters_match_peft, lora_engine
 from xla_inference.lora.peft import LoraError, load_adapter
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MOE_ADAPTERS = [("m4", dict(r=4, lora_alpha=8, target_modules=ATTENTION)),
-                ("m8", dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"])),
-                ("m16", dict(r=16, lora_alpha=32, rank_pattern={"o_proj": 6},
-                             target_modules=ATTENTION))]
+# peft moves gate/up/down of a fused-experts model (transformers >= 5's Qwen3-MoE) to
+# target_parameters (the experts' gate_up_proj, at twice the rank, and down_proj); Mixtral's
+# experts are named as parameters.
+EXPERTS = {"qwen3_moe": dict(target_modules=["q_proj", "v_proj", "gate_proj", "up_proj",
+                                             "down_proj"]),
+           "mixtral": dict(target_modules=["q_proj", "v_proj"],
+                           target_parameters=["gate_up_proj", "down_proj"])}
+
+
+def moe_adapters(family):
+    return [("m4", dict(r=4, lora_alpha=8, target_modules=ATTENTION)),
+            ("e4", dict(r=4, lora_alpha=8, use_rslora=True, **EXPERTS[family])),
+            ("e8", dict(r=8, lora_alpha=32, **EXPERTS[family]))]
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_attention_adapters_on_moe_match_peft(tmp_path, family):
+def test_attention_and_expert_adapters_on_moe_match_peft(tmp_path, family):
+    """Base, an attention adapter and two on attention and every expert, in one step."""
     model_dir = save_tiny_family(tmp_path / "model", family)
     adapters = {name: save_adapter(model_dir, tmp_path / name, seed=20 + i, **fields)
-                for i, (name, fields) in enumerate(MOE_ADAPTERS)}
+                for i, (name, fields) in enumerate(moe_adapters(family))}
     engine = lora_engine(model_dir)
     assert any(hasattr(layer.mlp, "router") for layer in engine.params.layers)  # MoE layers
+    loaded = load_adapter(adapters["e8"], engine.lora.module_shapes, 16)
+    assert {"model.layers.1.mlp.experts.up_proj", "model.layers.1.mlp.experts.down_proj"} \
+        <= set(loaded.weights)
     _assert_mixed_adapters_match_peft(engine, model_dir, adapters)
+    # The experts' adapters matter: without them peft gives other logits.
+    attention_only = _without_experts(adapters["e8"], tmp_path / "e8_attention")
+    assert np.abs(peft_logits(model_dir, adapters["e8"], PROMPTS[0])
+                  - peft_logits(model_dir, attention_only, PROMPTS[0])).max() > 1e-2
 
 
-def test_expert_adapters_refused_by_name(tmp_path):
+def _without_experts(src, dst):
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir()
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".experts" not in k},
+              str(dst / "adapter_model.safetensors"))
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps(dict(cfg, target_parameters=None)))
+    return dst
+
+
+def test_unserved_expert_parameters_refused_by_name(tmp_path):
     model_dir = save_tiny_family(tmp_path / "model", "qwen3_moe")
-    # peft moves gate/up/down of a fused-experts model to target_parameters (the experts)
-    experts = save_adapter(model_dir, tmp_path / "experts", seed=3, r=4,
-                           target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
     shapes = _targets(model_dir)
     assert "model.layers.0.mlp.gate_proj" in shapes  # the dense layer's MLP is a target
-    assert not any("layers.1.mlp" in module for module in shapes)  # the experts are not
-    with pytest.raises(LoraError, match="target_parameters.*MoE expert adapters are not served"):
-        load_adapter(experts, shapes, 16)
+    assert shapes["model.layers.1.mlp.experts.gate_proj"] == (8, 48, 64)  # [E, out, in]
+    router = save_adapter(model_dir, tmp_path / "router", seed=3, r=4, target_modules=["q_proj"],
+                          target_parameters=["gate.weight"])
+    with pytest.raises(LoraError, match="target_parameters"):
+        load_adapter(router, shapes, 16)
 
 
 def _targets(model_dir):

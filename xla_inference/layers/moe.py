@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
+from xla_inference.lora.slots import LoraExperts
 from xla_inference.parallel.axes import weight
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, ragged_product,
                                                 row_experts)
@@ -131,6 +132,12 @@ def _with_shared_expert(p: MoeMlp, x: jax.Array, routed: jax.Array) -> jax.Array
 def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array) -> jax.Array:
     """xs [R, in], rows sorted by expert (group_sizes [E] of them each), times each row's
     expert of w [E, in, out] -> [R, out]."""
+    if isinstance(w, LoraExperts):  # plus each row's adapter for its expert (lora/slots.py)
+        # The stacks in the activations' dtype, as the experts are (runner/build.Precision).
+        a, b = w.a.astype(xs.dtype), w.b.astype(xs.dtype)
+        shrunk = _grouped(xs, a, group_sizes)  # [R, L*r], every slot (gate and up: one)
+        mine = jnp.where(w.column_mask, shrunk, 0.0)
+        return _grouped(xs, w.base, group_sizes) + _grouped(mine, b, group_sizes)
     if isinstance(w, PackedExperts):
         return ragged_product(xs, w, group_sizes)
     route = pallas_gmm.gmm_route()
@@ -169,6 +176,7 @@ def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
     order = jnp.argsort(flat_experts, stable=True)  # pairs grouped by expert
     group_sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)  # [E]
     xs = x[order // k]  # [T*k, D] in sorted order
+    p = _rows_of_adapters(p, order // k)
     if cfg.weight_inputs:
         xs = xs * weights.reshape(T * k)[order][:, None].astype(x.dtype)
         weights = jnp.ones_like(weights)
@@ -176,6 +184,17 @@ def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(T, k, D)
     routed = (unsorted * weights[..., None].astype(out.dtype)).sum(axis=1)
     return _with_shared_expert(p, x, routed)
+
+
+def _rows_of_adapters(p: MoeMlp, row_tokens: jax.Array) -> MoeMlp:
+    """p with its LoRA experts' (lora/slots.LoraExperts) column masks, given by token, taken
+    for each sorted (token, expert) row."""
+    def rows(w):
+        if not isinstance(w, LoraExperts):
+            return w
+        return dataclasses.replace(w, column_mask=w.column_mask[row_tokens])
+
+    return dataclasses.replace(p, w_gate=rows(p.w_gate), w_up=rows(p.w_up), w_down=rows(p.w_down))
 
 
 def moe_mlp_dense(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:

@@ -30,13 +30,22 @@ def moe_adapters(family):
             ("e8", dict(r=8, lora_alpha=32, **EXPERTS[family]))]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_attention_and_expert_adapters_on_moe_match_peft(tmp_path, family):
-    """Base, an attention adapter and two on attention and every expert, in one step."""
+@pytest.mark.parametrize("family, tp", [("qwen3_moe", 1), ("mixtral", 1),
+                                        pytest.param("qwen3_moe", 2, marks=pytest.mark.slow)],
+                         ids=["qwen3_moe", "mixtral", "qwen3_moe_tp2"])
+def test_attention_and_expert_adapters_on_moe_match_peft(tmp_path, family, tp):
+    """Base, an attention adapter and two on attention and every expert, in one step; TP 2
+    on virtual devices: the expert stacks split as the experts are."""
+    from xla_inference.parallel.sharding import build_mesh
+
     model_dir = save_tiny_family(tmp_path / "model", family)
     adapters = {name: save_adapter(model_dir, tmp_path / name, seed=20 + i, **fields)
                 for i, (name, fields) in enumerate(moe_adapters(family))}
-    engine = lora_engine(model_dir)
+    engine = lora_engine(model_dir, mesh=build_mesh(tp))
+    if tp > 1:
+        experts = engine.params.layers[1].mlp.w_gate.sharding.spec
+        b = engine.lora.stacks["eb"]["model.layers.1.mlp.experts.gate_proj"]
+        assert tuple(b.sharding.spec)[::2] == (tuple(experts) + (None,) * 3)[:3:2] != (None, None)
     assert any(hasattr(layer.mlp, "router") for layer in engine.params.layers)  # MoE layers
     loaded = load_adapter(adapters["e8"], engine.lora.module_shapes, 16)
     assert {"model.layers.1.mlp.experts.up_proj", "model.layers.1.mlp.experts.down_proj"} \

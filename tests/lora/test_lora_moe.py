@@ -57,6 +57,26 @@ def test_attention_and_expert_adapters_on_moe_match_peft(tmp_path, family, tp):
                   - peft_logits(model_dir, attention_only, PROMPTS[0])).max() > 1e-2
 
 
+@pytest.mark.slow  # > 20 s on a loaded 2-core machine
+def test_expert_adapters_over_int8_experts_match_peft_on_dequantized(tmp_path):
+    """--quantization int8: the experts (and projections) stay quantized, their adapters'
+    deltas are added in float; against transformers+peft on the dequantized weights
+    (tolerance: tests/lora/test_lora_quantized.py)."""
+    from tests.lora.test_lora_quantized import TOL
+    from tests.quantization.test_online import save_dequantized
+    from xla_inference.quantization.experts import PackedExperts
+    from xla_inference.quantization.groups import INT8
+
+    src = save_tiny_family(tmp_path / "model", "qwen3_moe")
+    reference = save_dequantized(src, tmp_path / "ref", INT8)
+    adapters = {name: save_adapter(reference, tmp_path / name, seed=20 + i, **fields)
+                for i, (name, fields) in enumerate(moe_adapters("qwen3_moe"))}
+    engine = lora_engine(src, quantization="int8")
+    assert isinstance(engine.params.layers[1].mlp.w_gate, PackedExperts)
+    assert "model.layers.1.mlp.experts.down_proj" in engine.lora.module_shapes
+    _assert_mixed_adapters_match_peft(engine, reference, adapters, atol=TOL)
+
+
 def _without_experts(src, dst):
     from safetensors.numpy import load_file, save_file
 

@@ -61,23 +61,26 @@ def test_adapters_over_quantized_base_match_peft_on_dequantized(tmp_path, build,
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_llm_int8_base_with_adapters_matches_peft_greedy(tmp_path):
-    """vllm.LLM --quantization int8 --enable-lora: base and three adapters in one batch (two
-    device slots, so a swap) give transformers+peft's greedy on the dequantized weights, and
-    nothing compiles after warm-up."""
+def test_llm_int8_base_with_adapters_and_ngram_matches_peft_greedy(tmp_path):
+    """vllm.LLM --quantization int8 --enable-lora with n-gram speculation: base and three
+    adapters in one batch (two device slots, so a swap) give transformers+peft's greedy on
+    the dequantized weights, drafts are accepted (the verify step reads each token's
+    adapter), and nothing compiles after warm-up."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from tests.e2e.engines import num_compilations, shutdown, start_llm
+    from tests.e2e.engines import metric, num_compilations, shutdown, start_llm
     from tests.lora.lora_helpers import peft_greedy
 
     model_dir, reference_dir, _ = _online_int8(tmp_path)
     adapters = save_adapters(reference_dir, tmp_path / "adapters")
     requests = [None] + [LoRARequest(name, i, str(path))
                          for i, (name, path) in enumerate(adapters.items(), start=1)]
-    prompts = [p + [11, 23] for p in PROMPTS]
+    prompts = [p * 3 for p in PROMPTS]  # repeating text: n-gram drafts
     llm = start_llm(model_dir, quantization="int8", enable_lora=True, max_loras=2,
-                    max_lora_rank=16, max_cpu_loras=3)
+                    max_lora_rank=16, max_cpu_loras=3,
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1})
     try:
         before = num_compilations(llm)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -85,10 +88,12 @@ def test_llm_int8_base_with_adapters_matches_peft_greedy(tmp_path):
                             lora_request=requests, use_tqdm=False)
         got = [list(o.outputs[0].token_ids) for o in outs]
         after = num_compilations(llm)
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
     finally:
         shutdown(llm)
     want = [peft_greedy(reference_dir, None if r is None else adapters[r.lora_name], p, NUM_NEW)
             for p, r in zip(prompts, requests)]
     assert got == want
     assert len({tuple(w) for w in want}) == len(want)  # the adapters change the outputs
+    assert accepted > 0
     assert after == before

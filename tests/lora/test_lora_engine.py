@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family, save_tiny_llama
+from tests.helpers import (ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family,
+                           save_tiny_gemma3, save_tiny_llama)
 from tests.lora.lora_helpers import ADAPTERS, peft_logits, save_adapter, save_adapters
 from xla_inference.lora.peft import LoraError, load_adapter
 
@@ -14,11 +15,11 @@ PROMPTS = [[5, 9, 17, 33, 2, 71, 8], [3, 44, 12, 90, 61, 7, 7, 19, 100], [120, 4
            [8, 77, 31, 2, 9, 64]]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
 def model_and_adapters(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    model_dir = (save_tiny_llama(root / "model") if request.param == "llama"
-                 else save_tiny_family(root / "model", "qwen3"))
+    model_dir = {"llama": save_tiny_llama, "gemma3": save_tiny_gemma3}.get(
+        request.param, lambda path: save_tiny_family(path, request.param))(root / "model")
     return model_dir, save_adapters(model_dir, root)
 
 

@@ -161,7 +161,7 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
 
 # The decoder families (models/decoder.py) whose projections LoRA adapters reach: every
 # layer's attention and dense MLP (a MoE layer's experts are not targets: lora/peft.py).
-LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
+LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "gemma3")
 
 
 def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int,

@@ -7,6 +7,12 @@ weights), each adapter zero-padded to r = max_rank:
 - A per group of a layer's modules that read the same input (q/k/v; gate/up; o and down
   alone): [G, L*r, in], member g's slot s in rows (s-1)*r .. s*r of its [L*r, in].
 
+A MoE layer's experts (peft's target_parameters gate_up_proj and down_proj) keep stacks
+laid out as the experts are, [E, in, L*r] for A (gate and up share theirs) and [E, L*r,
+out] for B: layers/moe.py runs each (token, expert) row's shrink and expand as grouped
+products by expert, beside the base experts' (LoraExperts), the columns masked to the row's
+token's slot.
+
 A step carries one slot index per token (0: no adapter). Each targeted projection adds
 
     delta = mask(x A_group^T)[member's columns] B^T

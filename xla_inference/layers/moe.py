@@ -133,11 +133,12 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
     """xs [R, in], rows sorted by expert (group_sizes [E] of them each), times each row's
     expert of w [E, in, out] -> [R, out]."""
     if isinstance(w, LoraExperts):  # plus each row's adapter for its expert (lora/slots.py)
-        # The stacks in the activations' dtype, as the experts are (runner/build.Precision).
-        a, b = w.a.astype(xs.dtype), w.b.astype(xs.dtype)
-        shrunk = _grouped(xs, a, group_sizes)  # [R, L*r], every slot (gate and up: one)
-        mine = jnp.where(w.column_mask, shrunk, 0.0)
-        return _grouped(xs, w.base, group_sizes) + _grouped(mine, b, group_sizes)
+        # In the stacks' dtype (the projections': bfloat16 against float32 activations on
+        # the host CPU), rounding the rows rather than converting the stacks every step.
+        shrunk = _grouped(xs.astype(w.a.dtype), w.a, group_sizes)  # [R, L*r]: every slot
+        mine = jnp.where(w.column_mask, shrunk, 0.0).astype(w.b.dtype)  # (gate, up: one)
+        delta = _grouped(mine, w.b, group_sizes).astype(xs.dtype)
+        return _grouped(xs, w.base, group_sizes) + delta
     if isinstance(w, PackedExperts):
         return ragged_product(xs, w, group_sizes)
     route = pallas_gmm.gmm_route()

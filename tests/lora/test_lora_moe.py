@@ -111,23 +111,30 @@ def _targets(model_dir):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_llm_moe_expert_adapters_match_peft_greedy(tmp_path):
-    """vllm.LLM --enable-lora on a tiny Qwen3-MoE: base, an attention adapter and two on the
-    experts in one batch (two device slots: a swap) give transformers+peft's greedy, and
-    nothing compiles after warm-up."""
+def test_llm_int8_moe_expert_adapters_with_ngram_match_peft_greedy(tmp_path):
+    """vllm.LLM --quantization int8 --enable-lora with n-gram speculation on a tiny
+    Qwen3-MoE: base, an attention adapter and two on the experts in one batch (two device
+    slots: a swap) give transformers+peft's greedy on the dequantized weights, drafts are
+    accepted (the verify step reads each token's adapter), nothing compiles after warm-up."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from tests.e2e.engines import num_compilations, shutdown, start_llm
+    from tests.e2e.engines import metric, num_compilations, shutdown, start_llm
     from tests.lora.lora_helpers import peft_greedy
+    from tests.quantization.test_online import save_dequantized
+    from xla_inference.quantization.groups import INT8
 
     model_dir = save_tiny_family(tmp_path / "model", "qwen3_moe")
-    adapters = {name: save_adapter(model_dir, tmp_path / name, seed=20 + i, **fields)
+    reference = save_dequantized(model_dir, tmp_path / "ref", INT8)
+    adapters = {name: save_adapter(reference, tmp_path / name, seed=20 + i, **fields)
                 for i, (name, fields) in enumerate(moe_adapters("qwen3_moe"))}
     requests = [None] + [LoRARequest(name, i, str(path))
                          for i, (name, path) in enumerate(adapters.items(), start=1)]
-    prompts = [p + [11, 23] for p in PROMPTS]
-    llm = start_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=3)
+    prompts = [p * 3 for p in PROMPTS]  # repeating text: n-gram drafts
+    llm = start_llm(model_dir, quantization="int8", enable_lora=True, max_loras=2,
+                    max_lora_rank=16, max_cpu_loras=3,
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1})
     try:
         before = num_compilations(llm)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -135,10 +142,12 @@ def test_llm_moe_expert_adapters_match_peft_greedy(tmp_path):
                             lora_request=requests, use_tqdm=False)
         got = [list(o.outputs[0].token_ids) for o in outs]
         after = num_compilations(llm)
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
     finally:
         shutdown(llm)
-    want = [peft_greedy(model_dir, None if r is None else adapters[r.lora_name], p, 8)
+    want = [peft_greedy(reference, None if r is None else adapters[r.lora_name], p, 8)
             for p, r in zip(prompts, requests)]
     assert got == want
     assert len({tuple(w) for w in want}) == len(want)  # the adapters change the outputs
+    assert accepted > 0
     assert after == before

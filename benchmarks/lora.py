@@ -7,6 +7,7 @@ base model alone, two ways:
 
     PYTHONPATH=. .venv/bin/python benchmarks/lora.py [--hidden 1024 --layers 4 --batch 16]
     PYTHONPATH=. .venv/bin/python benchmarks/lora.py --smollm2 --dtype bfloat16 --batch 32
+    PYTHONPATH=. .venv/bin/python benchmarks/lora.py --quantization int8  # over an int8 base
 
 - --vllm: the issue's benchmark, offline throughput through vllm.LLM on SmolLM2-135M
   (prepare_default_model) with random PEFT adapters saved by `peft`. One child process
@@ -105,7 +106,7 @@ def engine_main(args):
                         max_num_seqs=args.batch, max_model_len=64)
     engines = {}
     for mode in ("base", "lora"):
-        model = load(model_dir, precision)
+        model = load(model_dir, precision, quantization=args.quantization)
         lora = dict(max_loras=4, max_rank=16, max_cpu_loras=4) if mode == "lora" else None
         engine = build_engine(model, ecfg, lora=lora)
         engine.warm_up()
@@ -125,6 +126,8 @@ def engine_main(args):
                for mode, rs in rounds.items()}
     (base_p, base_b, base_1), (lora_p, lora_b, lora_1) = results["base"], results["lora"]
     name = "SmolLM2-135M" if args.smollm2 else f"hidden {args.hidden}, {args.layers} layers"
+    if args.quantization:
+        name += f", --quantization {args.quantization} (both engines)"
     print(f"{name}, {args.dtype}, 4 adapters r16 on q/k/v/o/gate/up/down, one per request; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"batch {args.batch} prefill step ({8 * args.batch} tokens): base {base_p * 1e3:.2f} ms, "
@@ -225,6 +228,8 @@ def main():
     ap.add_argument("--smollm2", action="store_true", help="engine mode on SmolLM2-135M")
     ap.add_argument("--vllm", action="store_true", help="offline throughput through vllm.LLM")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantization", default=None,
+                    help="engine mode: online quantization (int8, fp8) of base and LoRA engines")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)

@@ -25,14 +25,17 @@ def test_a_plain_model_is_accepted(model_dir):
 
 @pytest.mark.parametrize("args, flag", [
     (dict(quantization="experts_int8"), "quantization 'experts_int8'"),
-    (dict(enable_lora=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                                "prompt_lookup_max": 2}),
-     "with speculative decoding"),
+    (dict(enable_lora=True, speculative_config={"method": "draft_model", "model": "{model}",
+                                                "num_speculative_tokens": 2}),
+     "with speculative decoding method 'draft_model'"),
     (dict(enable_lora=True, runner="pooling", convert="embed"), "on a pooling model"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
      "--kv-transfer-config"),
 ])
 def test_unsupported_features_are_refused_by_name(model_dir, args, flag):
+    spec = args.get("speculative_config")
+    if spec and spec.get("model") == "{model}":
+        args = dict(args, speculative_config=dict(spec, model=str(model_dir)))
     with pytest.raises(Exception, match="xla-inference does not support") as info:
         _config(model_dir, **args)
     assert flag in str(info.value)

@@ -69,6 +69,10 @@ def project_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
     in one launch)."""
     if len(ws) > 1 and all(isinstance(w, PackedWeight) for w in ws):
         return quantized_project_many(x, ws, out_dtype)
+    if len(ws) > 1 and all(isinstance(w, LoraWeight) and isinstance(w.base, PackedWeight)
+                           for w in ws):  # adapters over a quantized base: its one launch
+        bases = quantized_project_many(x, [w.base for w in ws], out_dtype)
+        return [y + lora_delta(x, w, out_dtype or x.dtype) for y, w in zip(bases, ws)]
     return [project(x, w, out_dtype) for w in ws]
 
 

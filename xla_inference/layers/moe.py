@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec
 
 from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
+from xla_inference.lora.slots import LoraExperts
 from xla_inference.parallel.axes import weight
 from xla_inference.parallel.sharding import TENSOR_AXIS, tensor_parallel_mesh
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
@@ -147,6 +148,13 @@ def _with_shared_expert(p: MoeMlp, x: jax.Array, routed: jax.Array) -> jax.Array
 def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array) -> jax.Array:
     """xs [R, in], rows sorted by expert (group_sizes [E] of them each), times each row's
     expert of w [E, in, out] -> [R, out]."""
+    if isinstance(w, LoraExperts):  # plus each row's adapter for its expert (lora/slots.py)
+        # In the stacks' dtype (the projections': bfloat16 against float32 activations on
+        # the host CPU), rounding the rows rather than converting the stacks every step.
+        shrunk = _grouped(xs.astype(w.a.dtype), w.a, group_sizes)  # [R, L*r]: every slot
+        mine = jnp.where(w.column_mask, shrunk, 0.0).astype(w.b.dtype)  # (gate, up: one)
+        delta = _grouped(mine, w.b, group_sizes).astype(xs.dtype)
+        return _grouped(xs, w.base, group_sizes) + delta
     if isinstance(w, PackedExperts):
         return ragged_product(xs, w, group_sizes)
     route = pallas_gmm.gmm_route()
@@ -209,6 +217,7 @@ def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
     order = jnp.argsort(group_of, stable=True)  # pairs grouped by expert
     group_sizes = jnp.bincount(group_of, length=w.count + 1)[:w.count].astype(jnp.int32)
     xs = x[order // k]  # [T*k, D] in sorted order
+    p = _rows_of_adapters(p, order // k)
     if cfg.weight_inputs:
         xs = xs * weights.reshape(T * k)[order][:, None].astype(x.dtype)
         weights = jnp.ones_like(weights)
@@ -303,6 +312,17 @@ def _with_static(share, local):
         return share
     return dataclasses.replace(share, in_features=local.in_features,
                                out_features=local.out_features, group_size=local.group_size)
+
+
+def _rows_of_adapters(p: MoeMlp, row_tokens: jax.Array) -> MoeMlp:
+    """p with its LoRA experts' (lora/slots.LoraExperts) column masks, given by token, taken
+    for each sorted (token, expert) row."""
+    def rows(w):
+        if not isinstance(w, LoraExperts):
+            return w
+        return dataclasses.replace(w, column_mask=w.column_mask[row_tokens])
+
+    return dataclasses.replace(p, w_gate=rows(p.w_gate), w_up=rows(p.w_up), w_down=rows(p.w_down))
 
 
 def moe_mlp_dense(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:

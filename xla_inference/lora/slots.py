@@ -7,6 +7,12 @@ weights), each adapter zero-padded to r = max_rank:
 - A per group of a layer's modules that read the same input (q/k/v; gate/up; o and down
   alone): [G, L*r, in], member g's slot s in rows (s-1)*r .. s*r of its [L*r, in].
 
+A MoE layer's experts (peft's target_parameters gate_up_proj and down_proj) keep stacks
+laid out as the experts are, [E, in, L*r] for A (gate and up share theirs) and [E, L*r,
+out] for B: layers/moe.py runs each (token, expert) row's shrink and expand as grouped
+products by expert, beside the base experts' (LoraExperts), the columns masked to the row's
+token's slot.
+
 A step carries one slot index per token (0: no adapter). Each targeted projection adds
 
     delta = mask(x A_group^T)[member's columns] B^T
@@ -33,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.lora.peft import LoraAdapter, LoraError
+from xla_inference.quantization.packed import PackedWeight
 
 # PEFT module suffix -> (block attribute of a decoder layer, weight attribute in it)
 _DECODER_TARGETS = {"q_proj": ("attn", "wq"), "k_proj": ("attn", "wk"), "v_proj": ("attn", "wv"),
@@ -67,6 +74,29 @@ class LoraWeight:
         return self.base.dtype
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraExperts:
+    """A MoE layer's stacked experts [E, in, out] (dense or quantized) with each expert's
+    adapters for every slot: layers/moe.py adds, to each (token, expert) row of its grouped
+    product, (x A_e^T)[the token's slot's columns] B_e^T, both products grouped by expert as
+    the base one is."""
+
+    base: jax.Array
+    a: jax.Array  # [E, in, L*r]: every slot's A of each expert (gate and up share theirs)
+    b: jax.Array  # [E, L*r, out]
+    column_mask: jax.Array  # [T, L*r] bool, by token (layers/moe.routed_mlp: by row)
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+
+def is_expert_module(module: str) -> bool:
+    """A MoE layer's experts' projection ("model.layers.1.mlp.experts.gate_proj")."""
+    return ".mlp.experts." in module
+
+
 def group_of(module: str) -> str:
     """The path of the A stack a module's shrink reads (its own path when it shares none)."""
     prefix, _, suffix = module.rpartition(".")
@@ -80,25 +110,62 @@ def column_mask(token_slots: jax.Array, max_loras: int, max_rank: int) -> jax.Ar
 
 
 def decoder_targets(params) -> dict[str, tuple[int, int]]:
-    """A decoder's (models/decoder.py) targetable modules, by PEFT path -> [out, in]. MoE
-    layers' MLPs and quantized projections are left out (an adapter naming them is refused)."""
+    """A decoder's (models/decoder.py) targetable modules, by PEFT path -> [out, in]: its
+    dense projections, quantized ones included (the base product stays quantized, the
+    delta is added in the stacks' dtype: layers/linear.project), and a MoE layer's experts
+    ("model.layers.1.mlp.experts.gate_proj" -> [E, out, in]; peft adapts them as the fused
+    parameters gate_up_proj and down_proj: lora/peft.py), without a shared expert."""
     shapes = {}
     for i, layer in enumerate(getattr(params, "layers", None) or []):
         for suffix, (block, attr) in _DECODER_TARGETS.items():
-            w = getattr(getattr(layer, block, None), attr, None)
-            if isinstance(w, (np.ndarray, jax.Array)) and w.ndim == 2:
+            sub = getattr(layer, block, None)
+            if hasattr(sub, "router"):  # a MoE layer (layers/moe.MoeMlp): experts [E, in, out]
+                experts = getattr(sub, attr)
+                if getattr(sub, "shared_expert", None) is None and len(experts.shape) == 3:
+                    num, inp, out = experts.shape
+                    shapes[f"model.layers.{i}.mlp.experts.{suffix}"] = (num, out, inp)
+                continue
+            w = getattr(sub, attr, None)
+            if _is_projection(w):
                 shapes[f"model.layers.{i}.{_BLOCK_PATH[block]}.{suffix}"] = tuple(w.shape)
     return shapes
+
+
+def _is_projection(w) -> bool:
+    """A [out, in] projection weight: an array, or a quantized one (PackedWeight)."""
+    if isinstance(w, (np.ndarray, jax.Array)):
+        return w.ndim == 2
+    return isinstance(w, PackedWeight)
+
+
+def weight_sharding(shardings, module: str) -> jax.sharding.NamedSharding:
+    """The [out, in] sharding of a decoder's projection at a PEFT module path, from the
+    engine's param shardings: a quantized weight's from its values' (parallel/sharding.
+    packed_axes: tiles [out, in, ...] or K-major [in, out])."""
+    leaf = module_leaf(shardings, module)
+    if is_expert_module(module) or not isinstance(leaf, PackedWeight):
+        return leaf  # experts: [E, in, out] (quantized ones: none, LoraSlots.place)
+    spec = tuple(leaf.values.spec) + (None, None)
+    out_in = (spec[1], spec[0]) if getattr(leaf, "k_major", False) else spec[:2]
+    return jax.sharding.NamedSharding(leaf.values.mesh, jax.sharding.PartitionSpec(*out_in))
 
 
 def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
     """params with each targeted weight wrapped as a LoraWeight (inside the jitted step).
     stacks: LoraSlots.stacks, {"a": {group: [G, L*r, in]}, "b": {module: [out, L*r]},
-    "b_rows": {module: [L*r, out] float32}}."""
+    "b_rows": {module: [L*r, out] float32}, and a MoE layer's experts': "ea": {group:
+    [E, in, L*r]}, "eb": {module: [E, L*r, out]}}."""
     layers = list(params.layers)
     members = group_members(stacks["b"])
     columns = next(iter(stacks["b"].values())).shape[1]
     mask = column_mask(token_slots, columns // max_rank, max_rank)  # one for every layer
+    for module, b in stacks["eb"].items():
+        _, _, i, _, _, suffix = module.split(".")
+        attr = _DECODER_TARGETS[suffix][1]
+        mlp = layers[int(i)].mlp
+        weight = LoraExperts(getattr(mlp, attr), stacks["ea"][group_of(module)], b, mask)
+        layers[int(i)] = dataclasses.replace(layers[int(i)],
+                                             mlp=dataclasses.replace(mlp, **{attr: weight}))
     for module, b in stacks["b"].items():
         _, _, i, _, suffix = module.split(".")
         block, attr = _DECODER_TARGETS[suffix]
@@ -116,9 +183,9 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
 def module_leaf(tree, module: str):
     """The leaf of a decoder's params-shaped tree (the params, or their shardings) at a PEFT
     module path ("model.layers.3.self_attn.q_proj" -> tree.layers[3].attn.wq)."""
-    _, _, i, _, suffix = module.split(".")
+    *_, suffix = module.split(".")
     block, attr = _DECODER_TARGETS[suffix]
-    return getattr(getattr(tree.layers[int(i)], block), attr)
+    return getattr(getattr(tree.layers[int(module.split(".")[2])], block), attr)
 
 
 def group_members(modules) -> dict[str, list[str]]:
@@ -140,7 +207,11 @@ def _write_slot(stacks: dict, offset: jax.Array, values: dict) -> dict:
                   for m, b in stacks["b"].items()},
             "b_rows": {m: jax.lax.dynamic_update_slice(
                 b, values["b"][m].T.astype(b.dtype), (offset, zero))
-                for m, b in stacks["b_rows"].items()}}
+                for m, b in stacks["b_rows"].items()},
+            "ea": {g: jax.lax.dynamic_update_slice(a, values["ea"][g], (zero, zero, offset))
+                   for g, a in stacks["ea"].items()},
+            "eb": {m: jax.lax.dynamic_update_slice(b, values["eb"][m], (zero, offset, zero))
+                   for m, b in stacks["eb"].items()}}
 
 
 class LoraSlots:
@@ -154,17 +225,25 @@ class LoraSlots:
         self.module_shapes, self.max_rank = module_shapes, max_rank
         self.max_loras, self.max_cpu = max_loras, max(max_cpu_loras, max_loras)
         self.dtype = dtype
-        self.groups = group_members(module_shapes)
+        dense = {m: s for m, s in module_shapes.items() if not is_expert_module(m)}
+        experts = {m: s for m, s in module_shapes.items() if is_expert_module(m)}
+        self.groups = group_members(dense)
+        self.expert_groups = group_members(experts)
         columns = max_loras * max_rank
         zeros = lambda shape: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
         self.stacks = {
             "a": {g: zeros((len(ms), columns, module_shapes[ms[0]][1]))
                   for g, ms in self.groups.items()},
-            "b": {m: zeros((out, columns)) for m, (out, _) in module_shapes.items()},
+            "b": {m: zeros((out, columns)) for m, (out, _) in dense.items()},
             # B again, [L*r, out] in float32: a one-token step's expand reads it as is
             # (from B, XLA's CPU backend copies it so every step).
             "b_rows": {m: jnp.zeros((columns, out), jnp.float32, device=sharding)
-                       for m, (out, _) in module_shapes.items()}}
+                       for m, (out, _) in dense.items()},
+            # A MoE layer's experts, laid out as their weights [E, in, out] for the grouped
+            # products; one A for gate and up (peft adapts them fused as gate_up_proj).
+            "ea": {g: zeros((experts[ms[0]][0], experts[ms[0]][2], columns))
+                   for g, ms in self.expert_groups.items()},
+            "eb": {m: zeros((num, columns, out)) for m, (num, out, _) in experts.items()}}
         self.host: collections.OrderedDict[int, LoraAdapter] = collections.OrderedDict()
         self.slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU order
         self.pinned: set[int] = set()
@@ -187,10 +266,23 @@ class LoraSlots:
             mesh = split(module)[0]
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
 
+        def expert_sharding(module, a: bool):
+            """[E, in, L*r] (a) or [E, L*r, out] split as the experts [E, in, out] are
+            (quantized experts: replicated)."""
+            leaf = weight_sharding(module)
+            if not isinstance(leaf, jax.sharding.NamedSharding):
+                leaf = jax.tree.leaves(leaf)[0]
+                return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
+            e, inp, out = (tuple(leaf.spec) + (None,) * 3)[:3]
+            axes = (e, inp, None) if a else (e, None, out)
+            return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*axes))
+
         shardings = {
             "a": {g: sharding(ms[0], None, None, split(ms[0])[2]) for g, ms in self.groups.items()},
             "b": {m: sharding(m, split(m)[1], None) for m in self.stacks["b"]},
-            "b_rows": {m: sharding(m, None, split(m)[1]) for m in self.stacks["b_rows"]}}
+            "b_rows": {m: sharding(m, None, split(m)[1]) for m in self.stacks["b_rows"]},
+            "ea": {g: expert_sharding(ms[0], True) for g, ms in self.expert_groups.items()},
+            "eb": {m: expert_sharding(m, False) for m in self.stacks["eb"]}}
         self.stacks = jax.device_put(self.stacks, shardings)
         self._write_program = jax.jit(_write_slot.__wrapped__, donate_argnums=(0,),
                                       out_shardings=shardings)
@@ -270,8 +362,27 @@ class LoraSlots:
                     a[g, :wa.shape[0]], b[:, :wb.shape[1]] = wa, wb
                 values["b"][m] = b.astype(self.dtype)
             values["a"][group] = a.astype(self.dtype)
+        values["ea"], values["eb"] = self._expert_values(adapter)
         self.stacks = self._write_program(self.stacks, jnp.int32((slot - 1) * r), values)
         self.slot_writes += 1
+
+    def _expert_values(self, adapter: LoraAdapter) -> tuple[dict, dict]:
+        """One slot's A [E, in, r] per expert group and B [E, r, out] per expert module
+        (the group's members share their A: peft's fused gate_up_proj)."""
+        r, ea, eb = self.max_rank, {}, {}
+        for group, modules in self.expert_groups.items():
+            num, _, inp = self.module_shapes[modules[0]]
+            a = np.zeros((num, inp, r), np.float32)
+            for m in modules:
+                num, out, _ = self.module_shapes[m]
+                b = np.zeros((num, r, out), np.float32)
+                if m in adapter.weights:
+                    wa, wb = adapter.weights[m]  # [E, rank, in], [E, out, rank]
+                    a[:, :, :wa.shape[1]] = wa.transpose(0, 2, 1)
+                    b[:, :wb.shape[2]] = wb.transpose(0, 2, 1)
+                eb[m] = b.astype(self.dtype)
+            ea[group] = a.astype(self.dtype)
+        return ea, eb
 
     def warm_up(self) -> None:
         """Compile the slot write: slot 1 rewritten with what it holds (zeros if nothing)."""

@@ -367,9 +367,14 @@ def refuse_unsupported_features(vllm_config) -> None:
         (pipeline_parallel_size(vllm_config) > 1 and model is not None
          and model.runner_type == "pooling",
          lambda: "pipeline parallel (--pipeline-parallel-size) on a pooling model"),
-        # Untested together: the verify step reads hidden states the adapters change.
-        (vllm_config.lora_config is not None and vllm_config.speculative_config is not None,
-         lambda: "LoRA adapters (--enable-lora) with speculative decoding (--speculative-config)"),
+        # ngram drafts need no model; the verify step reads the target's hidden states with
+        # each token's adapter (runner/engine.verify_drafts). A draft model or EAGLE head
+        # would draft without the adapters: untested together.
+        (vllm_config.lora_config is not None and vllm_config.speculative_config is not None
+         and vllm_config.speculative_config.method != "ngram",
+         lambda: "LoRA adapters (--enable-lora) with speculative decoding method "
+                 f"{vllm_config.speculative_config.method!r} (--speculative-config; ngram is "
+                 "served with LoRA)"),
         (vllm_config.lora_config is not None and model is not None
          and model.runner_type == "pooling",
          lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),

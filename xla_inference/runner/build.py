@@ -186,8 +186,9 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
     return engine
 
 
-# The dense decoder families (models/decoder.py) whose projections LoRA adapters reach.
-LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+# The decoder families (models/decoder.py) whose projections LoRA adapters reach: every
+# layer's attention and dense MLP (a MoE layer's experts are not targets: lora/peft.py).
+LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "gemma3")
 
 
 def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int,
@@ -197,10 +198,9 @@ def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int,
     if model.family.lora is not None:
         shapes, dtype = model.family.lora.targets(model.params, model.cfg)
         return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, dtype)
-    params = model.params
-    shapes = decoder_targets(params)
+    shapes = decoder_targets(model.params)
     if not shapes:
-        raise ValueError("LoRA adapters are served only on the decoder families' unquantized "
-                         "q/k/v/o and gate/up/down projections; this model has none")
-    first = params.layers[0].attn.wq
-    return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, first.dtype)
+        raise ValueError("LoRA adapters are served only on the decoder families' q/k/v/o and "
+                         "gate/up/down projections; this model has none")
+    # A quantized base keeps its products; the stacks take the policy's projection dtype.
+    return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, model.precision.weights)

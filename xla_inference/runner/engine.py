@@ -15,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from xla_inference import envs
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.lora.slots import LoraSlots, attach, module_leaf
+from xla_inference.lora.slots import LoraSlots, attach, weight_sharding
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
@@ -300,7 +300,7 @@ class ModelEngine:
         if lora is not None:
             # Data parallel: one set of slots for every replica (build_engine gives it
             # max_loras per replica), each replica's tokens' slots on its own devices.
-            leaf = module_leaf if model.lora is None else model.lora.stack_sharding
+            leaf = weight_sharding if model.lora is None else model.lora.stack_sharding
             stacks = lora.place(lambda module: leaf(self.param_shardings, module))
             first_shardings = (self.param_shardings, stacks,
                                whole if self.replicas == 1 else replica_sharding(self.mesh))

@@ -190,7 +190,9 @@ def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
     Under a tensor-parallel mesh with the Pallas GMM serving the experts, split by hand
     (_routed_on_mesh)."""
     w = Experts(p.w_gate, p.w_up, p.w_down)
-    mesh = tensor_parallel_mesh() if pallas_gmm.gmm_route() is not None else None
+    # LoRA experts keep GSPMD's placement (their stacks have no hand-split share yet).
+    by_hand = pallas_gmm.gmm_route() is not None and not any(isinstance(a, LoraExperts) for a in w)
+    mesh = tensor_parallel_mesh() if by_hand else None
     if mesh is None:
         routed = _routed_experts(w, x, weights, experts, cfg)
     else:
@@ -217,7 +219,7 @@ def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
     order = jnp.argsort(group_of, stable=True)  # pairs grouped by expert
     group_sizes = jnp.bincount(group_of, length=w.count + 1)[:w.count].astype(jnp.int32)
     xs = x[order // k]  # [T*k, D] in sorted order
-    p = _rows_of_adapters(p, order // k)
+    w = _rows_of_adapters(w, order // k)
     if cfg.weight_inputs:
         xs = xs * weights.reshape(T * k)[order][:, None].astype(x.dtype)
         weights = jnp.ones_like(weights)
@@ -314,15 +316,15 @@ def _with_static(share, local):
                                out_features=local.out_features, group_size=local.group_size)
 
 
-def _rows_of_adapters(p: MoeMlp, row_tokens: jax.Array) -> MoeMlp:
-    """p with its LoRA experts' (lora/slots.LoraExperts) column masks, given by token, taken
+def _rows_of_adapters(w: Experts, row_tokens: jax.Array) -> Experts:
+    """w with its LoRA experts' (lora/slots.LoraExperts) column masks, given by token, taken
     for each sorted (token, expert) row."""
-    def rows(w):
-        if not isinstance(w, LoraExperts):
-            return w
-        return dataclasses.replace(w, column_mask=w.column_mask[row_tokens])
+    def rows(a):
+        if not isinstance(a, LoraExperts):
+            return a
+        return dataclasses.replace(a, column_mask=a.column_mask[row_tokens])
 
-    return dataclasses.replace(p, w_gate=rows(p.w_gate), w_up=rows(p.w_up), w_down=rows(p.w_down))
+    return Experts(*(rows(a) for a in w))
 
 
 def moe_mlp_dense(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:

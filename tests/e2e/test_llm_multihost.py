@@ -1,7 +1,8 @@
 """vllm.LLM across two JAX processes ("hosts"), 4 virtual CPU devices each, joined by
-jax.distributed (plugin/multihost.py): tensor parallel 8 over both gives transformers'
+jax.distributed (plugin/multihost.py): tensor and expert parallel 8 over both (a tiny MoE)
+and data parallel 2 x tensor parallel 4 (one replica per process) give transformers'
 greedy output, and killing the follower mid-request ends the engine with an error naming
-it, well within 60 s."""
+it, well within 60 s. The server runs data parallel 2 x tensor parallel 4 over both."""
 
 import threading
 import time
@@ -11,7 +12,7 @@ import psutil
 import pytest
 
 from tests.e2e.engines import generate_ids, num_compilations, shutdown, start_llm
-from tests.helpers import hf_greedy_ids, save_tiny_model
+from tests.helpers import hf_greedy_ids, save_tiny_family, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +44,37 @@ def two_hosts(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
 
 
-def test_tensor_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
-        tmp_path, two_hosts, capfd):
+def test_data_parallel_2_by_tensor_parallel_4_across_two_processes(tmp_path, two_hosts):
+    """One replica per process (the data axis spans the processes, each replica's model
+    axis its own process's 4 devices): each process places its own replica's step inputs."""
     model_dir = _tiny_llama(tmp_path / "llama")
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40, 13, 31, 5)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    llm = start_llm(model_dir, tensor_parallel_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                    additional_config={"data_parallel_size": 2})
+    try:
+        assert llm.collective_rpc("mesh_shape")[0] == {"data": 2, "model": 4}
+        compiled = num_compilations(llm)
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert num_compilations(llm) == compiled
+        rows = llm.collective_rpc("replica_rows")[0]
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert len(rows) == 2 and min(rows) > 0, rows  # both replicas (both processes) ran requests
+
+
+def test_expert_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
+        tmp_path, two_hosts, capfd):
+    """A tiny Qwen3-MoE (a dense layer, then 8 experts): attention and the dense MLP split
+    8 ways, one expert per device, half of them on the other process."""
+    model_dir = save_tiny_family(tmp_path / "moe", "qwen3_moe")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
     expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
-    llm = start_llm(model_dir, tensor_parallel_size=8, max_num_seqs=4, max_num_batched_tokens=16)
+    llm = start_llm(model_dir, tensor_parallel_size=8, enable_expert_parallel=True,
+                    max_num_seqs=4, max_num_batched_tokens=16)
     try:
         assert llm.collective_rpc("mesh_shape")[0] == {"data": 1, "model": 8}
         compiled = num_compilations(llm)

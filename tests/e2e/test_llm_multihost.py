@@ -101,9 +101,10 @@ def test_expert_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
 
 
 def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(tmp_path):
-    """`xla-inference serve --tensor-parallel-size 8` over two processes: a greedy completion
-    equal to transformers', then the follower killed mid-request: the request gets an error
-    and the server exits within 60 s."""
+    """`xla-inference serve --data-parallel-size 2 --tensor-parallel-size 4` over two
+    processes (one replica each): greedy completions of two prompts in one request, one per
+    replica, equal to transformers', then the follower killed mid-request: the request gets
+    an error and the server exits within 60 s."""
     import http.client
     import json
     import os
@@ -114,18 +115,20 @@ def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(t
     from tests.e2e.servers import free_port, stop_server, wait_healthy
 
     model_dir = _tiny_llama(tmp_path / "llama")
-    prompt = np.random.default_rng(5).integers(3, 128, size=7).tolist()
-    expected = hf_greedy_ids(model_dir, [prompt], NUM_NEW)[0]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 19)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
     port, log_path = free_port(), tmp_path / "server.log"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "XLA_INFERENCE_HOSTS": "2", "XLA_INFERENCE_JOIN_TIMEOUT": "300"}
     cmd = [sys.executable, "-m", "xla_inference.cli", "serve", str(model_dir), "--host",
-           "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "8", "--dtype", "float32",
-           "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
+           "127.0.0.1", "--port", str(port), "--data-parallel-size", "2",
+           "--tensor-parallel-size", "4", "--dtype", "float32", "--max-model-len", "128",
+           "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
            "--kv-cache-memory-bytes", str(4 << 20)]
     url = f"http://127.0.0.1:{port}"
 
-    def request(max_tokens: int, stream: bool) -> urllib.request.Request:
+    def request(max_tokens: int, stream: bool, prompt=prompts[0]) -> urllib.request.Request:
         body = json.dumps(dict(model=str(model_dir), prompt=prompt, max_tokens=max_tokens,
                                temperature=0.0, ignore_eos=True, return_token_ids=True,
                                stream=stream))
@@ -150,8 +153,11 @@ def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(t
                                 start_new_session=True)
     try:
         wait_healthy(proc, url, log_path, timeout_s=400)
-        with urllib.request.urlopen(request(NUM_NEW, stream=False), timeout=120) as r:
-            assert json.load(r)["choices"][0]["token_ids"] == expected
+        # Both prompts are added at once: the least loaded replica takes each, so one each.
+        with urllib.request.urlopen(request(NUM_NEW, stream=False, prompt=prompts),
+                                    timeout=120) as r:
+            choices = sorted(json.load(r)["choices"], key=lambda c: c["index"])
+        assert [c["token_ids"] for c in choices] == expected
         follower = [p for p in psutil.Process(proc.pid).children(recursive=True)
                     if FOLLOWER in " ".join(p.cmdline())]
         assert len(follower) == 1

@@ -2,12 +2,14 @@
 tensor parallel size, through vllm.LLM on a tiny Llama (made here; 2 layers, hidden 64), so
 the step is mostly overhead and the difference shows.
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/multihost_step.py [--tp 8] [--repeats 3]
+Run: PYTHONPATH=. .venv/bin/python benchmarks/multihost_step.py [--tp 8] [--dp 1] [--repeats 3]
 
-  one:  one JAX process with TP virtual CPU devices (XLA_FLAGS device count TP);
-  hosts: two JAX processes with TP/2 devices each (XLA_INFERENCE_HOSTS=2), joined by
+  one:  one JAX process with DP x TP virtual CPU devices (XLA_FLAGS device count);
+  hosts: two JAX processes with DP x TP / 2 devices each (XLA_INFERENCE_HOSTS=2), joined by
          jax.distributed; the collectives between them are gloo over TCP, and each step the
-         driver sends its SchedulerOutput to the follower.
+         driver sends its SchedulerOutput to the follower. With --dp 2 (data parallel
+         replicas, additional_config) each process holds one replica: only the step's
+         replicated outputs cross processes.
 Each mode runs in a child process of its own (one engine at a time), one after the other;
 prints the median seconds per decode step (4 sequences, 64 tokens each, greedy) of
 --repeats generations after a warm-up one, their ratio, the bytes and microseconds of the
@@ -31,11 +33,12 @@ from pathlib import Path
 NUM_SEQS, NUM_NEW = 4, 64
 
 
-def child(mode: str, tp: int, repeats: int, model_dir: str) -> None:
+def child(mode: str, tp: int, dp: int, repeats: int, model_dir: str) -> None:
     from tests.e2e.engines import generate_ids, shutdown, start_llm
 
     llm = start_llm(model_dir, tensor_parallel_size=tp, max_num_seqs=NUM_SEQS,
-                    max_num_batched_tokens=16, max_model_len=128)
+                    max_num_batched_tokens=16, max_model_len=128,
+                    additional_config={"data_parallel_size": dp})
     prompts = [[3 + i, 10 + i, 20 + i, 30 + i] for i in range(NUM_SEQS)]
     params = dict(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
     generate_ids(llm, prompts, **params)  # warm: first runs of each program
@@ -49,15 +52,15 @@ def child(mode: str, tp: int, repeats: int, model_dir: str) -> None:
           flush=True)
 
 
-def run(mode: str, tp: int, repeats: int, model_dir: str) -> tuple[dict, str]:
-    devices = tp if mode == "one" else tp // 2
+def run(mode: str, tp: int, dp: int, repeats: int, model_dir: str) -> tuple[dict, str]:
+    devices = tp * dp if mode == "one" else tp * dp // 2
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     env.pop("XLA_INFERENCE_HOSTS", None)
     if mode == "hosts":
         env["XLA_INFERENCE_HOSTS"] = "2"
     proc = subprocess.run([sys.executable, __file__, "--child", mode, "--tp", str(tp),
-                           "--repeats", str(repeats), "--model", model_dir],
+                           "--dp", str(dp), "--repeats", str(repeats), "--model", model_dir],
                           env=env, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -69,12 +72,13 @@ def run(mode: str, tp: int, repeats: int, model_dir: str) -> tuple[dict, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=8)
+    parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child")
     parser.add_argument("--model")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.tp, args.repeats, args.model)
+        return child(args.child, args.tp, args.dp, args.repeats, args.model)
     sys.path.insert(0, str(Path(__file__).parents[1]))
     import transformers
 
@@ -86,10 +90,10 @@ def main() -> None:
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512, bos_token_id=1, eos_token_id=2), seed=0))
         load_before = os.getloadavg()
-        one, _ = run("one", args.tp, args.repeats, model_dir)
-        hosts, sent = run("hosts", args.tp, args.repeats, model_dir)
+        one, _ = run("one", args.tp, args.dp, args.repeats, model_dir)
+        hosts, sent = run("hosts", args.tp, args.dp, args.repeats, model_dir)
         load_after = os.getloadavg()
-    print(f"TP {args.tp}: one process {1e3 * one['step_s']:.1f} ms/step, two processes "
+    print(f"DP {args.dp} x TP {args.tp}: one process {1e3 * one['step_s']:.1f} ms/step, two processes "
           f"{1e3 * hosts['step_s']:.1f} ms/step, ratio {hosts['step_s'] / one['step_s']:.2f} "
           f"(medians of {args.repeats}; {NUM_SEQS} sequences decoding)")
     print(f"driver: {sent}")

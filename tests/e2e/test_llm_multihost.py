@@ -1,7 +1,8 @@
 """vllm.LLM across two JAX processes ("hosts"), 4 virtual CPU devices each, joined by
-jax.distributed (plugin/multihost.py): tensor parallel 8 over both gives transformers'
+jax.distributed (plugin/multihost.py): tensor and expert parallel 8 over both (a tiny MoE)
+and data parallel 2 x tensor parallel 4 (one replica per process) give transformers'
 greedy output, and killing the follower mid-request ends the engine with an error naming
-it, well within 60 s."""
+it, well within 60 s. The server runs data parallel 2 x tensor parallel 4 over both."""
 
 import threading
 import time
@@ -11,7 +12,7 @@ import psutil
 import pytest
 
 from tests.e2e.engines import generate_ids, num_compilations, shutdown, start_llm
-from tests.helpers import hf_greedy_ids, save_tiny_model
+from tests.helpers import hf_greedy_ids, save_tiny_family, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +44,37 @@ def two_hosts(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
 
 
-def test_tensor_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
-        tmp_path, two_hosts, capfd):
+def test_data_parallel_2_by_tensor_parallel_4_across_two_processes(tmp_path, two_hosts):
+    """One replica per process (the data axis spans the processes, each replica's model
+    axis its own process's 4 devices): each process places its own replica's step inputs."""
     model_dir = _tiny_llama(tmp_path / "llama")
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40, 13, 31, 5)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    llm = start_llm(model_dir, tensor_parallel_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                    additional_config={"data_parallel_size": 2})
+    try:
+        assert llm.collective_rpc("mesh_shape")[0] == {"data": 2, "model": 4}
+        compiled = num_compilations(llm)
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert num_compilations(llm) == compiled
+        rows = llm.collective_rpc("replica_rows")[0]
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert len(rows) == 2 and min(rows) > 0, rows  # both replicas (both processes) ran requests
+
+
+def test_expert_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
+        tmp_path, two_hosts, capfd):
+    """A tiny Qwen3-MoE (a dense layer, then 8 experts): attention and the dense MLP split
+    8 ways, one expert per device, half of them on the other process."""
+    model_dir = save_tiny_family(tmp_path / "moe", "qwen3_moe")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
     expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
-    llm = start_llm(model_dir, tensor_parallel_size=8, max_num_seqs=4, max_num_batched_tokens=16)
+    llm = start_llm(model_dir, tensor_parallel_size=8, enable_expert_parallel=True,
+                    max_num_seqs=4, max_num_batched_tokens=16)
     try:
         assert llm.collective_rpc("mesh_shape")[0] == {"data": 1, "model": 8}
         compiled = num_compilations(llm)
@@ -76,9 +101,10 @@ def test_tensor_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
 
 
 def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(tmp_path):
-    """`xla-inference serve --tensor-parallel-size 8` over two processes: a greedy completion
-    equal to transformers', then the follower killed mid-request: the request gets an error
-    and the server exits within 60 s."""
+    """`xla-inference serve --data-parallel-size 2 --tensor-parallel-size 4` over two
+    processes (one replica each): greedy completions of two prompts in one request, one per
+    replica, equal to transformers', then the follower killed mid-request: the request gets
+    an error and the server exits within 60 s."""
     import http.client
     import json
     import os
@@ -89,18 +115,20 @@ def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(t
     from tests.e2e.servers import free_port, stop_server, wait_healthy
 
     model_dir = _tiny_llama(tmp_path / "llama")
-    prompt = np.random.default_rng(5).integers(3, 128, size=7).tolist()
-    expected = hf_greedy_ids(model_dir, [prompt], NUM_NEW)[0]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 19)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
     port, log_path = free_port(), tmp_path / "server.log"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "XLA_INFERENCE_HOSTS": "2", "XLA_INFERENCE_JOIN_TIMEOUT": "300"}
     cmd = [sys.executable, "-m", "xla_inference.cli", "serve", str(model_dir), "--host",
-           "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "8", "--dtype", "float32",
-           "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
+           "127.0.0.1", "--port", str(port), "--data-parallel-size", "2",
+           "--tensor-parallel-size", "4", "--dtype", "float32", "--max-model-len", "128",
+           "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
            "--kv-cache-memory-bytes", str(4 << 20)]
     url = f"http://127.0.0.1:{port}"
 
-    def request(max_tokens: int, stream: bool) -> urllib.request.Request:
+    def request(max_tokens: int, stream: bool, prompt=prompts[0]) -> urllib.request.Request:
         body = json.dumps(dict(model=str(model_dir), prompt=prompt, max_tokens=max_tokens,
                                temperature=0.0, ignore_eos=True, return_token_ids=True,
                                stream=stream))
@@ -125,8 +153,11 @@ def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(t
                                 start_new_session=True)
     try:
         wait_healthy(proc, url, log_path, timeout_s=400)
-        with urllib.request.urlopen(request(NUM_NEW, stream=False), timeout=120) as r:
-            assert json.load(r)["choices"][0]["token_ids"] == expected
+        # Both prompts are added at once: the least loaded replica takes each, so one each.
+        with urllib.request.urlopen(request(NUM_NEW, stream=False, prompt=prompts),
+                                    timeout=120) as r:
+            choices = sorted(json.load(r)["choices"], key=lambda c: c["index"])
+        assert [c["token_ids"] for c in choices] == expected
         follower = [p for p in psutil.Process(proc.pid).children(recursive=True)
                     if FOLLOWER in " ".join(p.cmdline())]
         assert len(follower) == 1

@@ -1,8 +1,9 @@
 """vllm.LLM launched on a local Ray cluster (`--distributed-executor-backend ray`,
 plugin/ray_executor.py): two Ray nodes on this machine, one JAX process of 4 virtual CPU
-devices each, tensor parallel 8 over both gives transformers' greedy output; a one-node
-cluster asked for two hosts fails start-up within the join timeout, naming its node count;
-a follower's actor killed ends the engine with an error naming it."""
+devices each, data parallel 2 x tensor parallel 4 over both (one replica per process)
+gives transformers' greedy output; a one-node cluster asked for two hosts fails start-up
+within the join timeout, naming its node count; a follower's actor killed ends the engine
+with an error naming it."""
 
 import contextlib
 import re
@@ -46,12 +47,14 @@ def _follower_actors() -> list[psutil.Process]:
             if "HostActor" in " ".join(p.cmdline())]
 
 
-def test_one_node_is_refused_then_two_nodes_serve_tp_8_then_a_killed_follower_ends_it(
+def test_one_node_is_refused_then_two_nodes_serve_dp_2_tp_4_then_a_killed_follower_ends_it(
         tmp_path, monkeypatch, capfd):
     """One node asked for two hosts: start-up fails within the join timeout naming the node
-    count. A second node added: TP 8 over both equals transformers' greedy output, the
-    follower on the other node. Its actor's process killed: the next request gets an
-    engine-dead error well within 60 s, naming the follower process and its node."""
+    count. A second node added: DP 2 x TP 4 over both (tensor parallel 8 and expert
+    parallel across processes: tests/e2e/test_llm_multihost.py) equals transformers'
+    greedy output, the follower on the other node. Its actor's process killed: the next
+    request gets an engine-dead error well within 60 s, naming the follower process and
+    its node."""
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
     monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", str(JOIN_TIMEOUT_S))
@@ -73,17 +76,19 @@ def test_one_node_is_refused_then_two_nodes_serve_tp_8_then_a_killed_follower_en
         other = cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
         cluster.wait_for_nodes()
         monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
-        llm = start_llm(model_dir, tensor_parallel_size=8, max_num_seqs=4,
-                        max_num_batched_tokens=16, distributed_executor_backend="ray")
+        llm = start_llm(model_dir, tensor_parallel_size=4, max_num_seqs=4,
+                        max_num_batched_tokens=16, distributed_executor_backend="ray",
+                        additional_config={"data_parallel_size": 2})
         try:
             executor = llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
             assert executor == "xla_inference.plugin.ray_executor.RayMultiHostExecutor"
-            assert llm.collective_rpc("mesh_shape")[0] == {"data": 1, "model": 8}
+            assert llm.collective_rpc("mesh_shape")[0] == {"data": 2, "model": 4}
             compiled = num_compilations(llm)
             got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW,
                                ignore_eos=True)
             assert got == expected
             assert num_compilations(llm) == compiled
+            assert min(llm.collective_rpc("replica_rows")[0]) > 0  # both processes' replicas
             # The engine core joins through either node's raylet; the follower takes the other.
             placed = re.search(r"2 JAX processes on node (\w+),.* process 1 on node (\w+)",
                                capfd.readouterr().err)

@@ -5,6 +5,7 @@ two processes is tests/e2e/test_llm_multihost.py."""
 import subprocess
 import sys
 import time
+from multiprocessing import Pipe
 from types import SimpleNamespace
 
 import pytest
@@ -86,10 +87,11 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
                              lora_config=None, additional_config={},
                              parallel_config=SimpleNamespace(pipeline_parallel_size=1))
     _refuse_untested_across_hosts(config)  # a native decoder: served
+    config.additional_config["xla_data_parallel_size"] = 2
+    _refuse_untested_across_hosts(config)  # with data parallel replicas too
     config.parallel_config.pipeline_parallel_size = 2
     config.lora_config = object()
-    config.additional_config["xla_data_parallel_size"] = 2
-    with pytest.raises(ValueError, match=r"pipeline parallel .*data parallel replicas .*LoRA "
+    with pytest.raises(ValueError, match=r"pipeline parallel .*LoRA "
                                          r"adapters .* across several"):
         _refuse_untested_across_hosts(config)
 
@@ -100,3 +102,19 @@ def test_the_follower_group_reports_dead_local_followers():
     group.processes[1].wait()
     assert group.dead() == [1]
     group.stop(timeout_s=1.0)
+
+
+def test_a_follower_gone_before_shutdown_is_named_there(monkeypatch):
+    """A data parallel step that lost a follower fails at once and can end the engine
+    before that follower's watcher runs: shutdown still names it, and waits on no live one."""
+    monkeypatch.setattr(FollowerGroup, "_exit_after_grace", lambda self: None)
+    group = FollowerGroup(3, ("127.0.0.1", 0), b"key")
+    (group.connections[1], live), (group.connections[2], gone) = Pipe(), Pipe()
+    start = time.monotonic()
+    assert not group.lost_before_stop()
+    assert time.monotonic() - start < 1
+    gone.close()
+    assert group.lost_before_stop(wait_s=0.5)
+    assert group.failure.startswith("xla-inference multi-host: follower process 2 closed its "
+                                    "connection"), group.failure
+    live.close()

@@ -219,6 +219,23 @@ class FollowerGroup:
     def dead(self) -> list[int]:
         return [pid for pid, proc in self.processes.items() if proc.poll() is not None]
 
+    def lost_before_stop(self, wait_s: float = 2.0) -> bool:
+        """At shutdown, before the followers are told to stop: whether one had already
+        failed or gone. A step whose collectives lost it can end the engine before that
+        follower's watcher has run (data parallel steps fail at once rather than wait);
+        its watcher, or else this, names it as when it dies mid-serving."""
+        gone: list[int] = []
+        deadline = time.monotonic() + wait_s
+        while self.failure is None and time.monotonic() < deadline:
+            # A follower writes only to say it failed; a gone one's connection reads EOF.
+            gone = self.dead() or [pid for pid, conn in self.connections.items() if conn.poll(0)]
+            if not gone:
+                return False
+            time.sleep(0.05)
+        if self.failure is None:
+            self.fail(gone[0], "closed its connection (the process died or was killed)")
+        return True
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Wait for the followers (told to stop) to exit; kill the local ones that do not."""
         for proc in self.processes.values():
@@ -303,6 +320,8 @@ class MultiHostExecutor(UniProcExecutor):
         followers = getattr(self, "followers", None)
         if followers is None or followers.stopping or followers.failure is not None:
             return super().shutdown()  # after a failure: the grace timer ends the process
+        if followers.lost_before_stop():
+            return super().shutdown()  # failed: the grace timer ends the process
         followers.stopping = True
         if followers.steps:
             _log_and_print("xla-inference multi-host: %d steps sent to %d followers, %.0f bytes and "

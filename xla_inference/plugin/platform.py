@@ -63,14 +63,12 @@ def _executor_backend(parallel) -> str:
 
 
 def _refuse_untested_across_hosts(vllm_config) -> None:
-    """Several JAX processes serve a native decoder with tensor (and expert) parallel; what
-    has not been run across processes yet is refused, named, rather than risked."""
+    """Several JAX processes serve a native decoder with tensor (and expert) parallel and
+    data parallel replicas; what has not been run across processes yet is refused, named,
+    rather than risked."""
     model = vllm_config.model_config
     refusals = [
         (pipeline_parallel_size(vllm_config) > 1, "pipeline parallel (--pipeline-parallel-size)"),
-        # The replicas' step inputs are host arrays split over the data axis: jit takes
-        # those only from one process (each would have to place its own replicas' part).
-        (data_parallel_size(vllm_config) > 1, "data parallel replicas (--data-parallel-size)"),
         (vllm_config.speculative_config is not None, "speculative decoding"),
         (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
         (vllm_config.lora_config is not None, "LoRA adapters (--enable-lora)"),
@@ -83,7 +81,7 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
     if refused:
         raise ValueError(f"xla-inference does not run {', '.join(refused)} across several JAX "
                          "processes (XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves "
-                         "native decoder families with tensor and expert parallel")
+                         "native decoder families with tensor, expert and data parallel")
 
 
 def _jax_runs_on_host() -> bool:

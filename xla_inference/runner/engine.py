@@ -19,8 +19,8 @@ from xla_inference.lora.slots import LoraSlots, attach, weight_sharding
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
-                                             param_shardings, place_params, replica_sharding,
-                                             replicated, traced_over)
+                                             param_shardings, place, place_params,
+                                             replica_sharding, replicated, traced_over)
 from xla_inference.runner import compile_counter, jax_setup
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
@@ -499,7 +499,19 @@ class ModelEngine:
             r = req.block_ids[0][0] // self.blocks_per_replica  # any page: null pages too
             owners.append(r)
             self.rows_per_replica[r] += 1
-        return self._stacked_batch(scheduled, owners, self.replicas, self.blocks_per_replica)
+        batch, row_order, token_order = self._stacked_batch(scheduled, owners, self.replicas,
+                                                            self.blocks_per_replica)
+        return self._replicas_on_mesh(batch), row_order, token_order
+
+    def _replicas_on_mesh(self, batch: StepBatch) -> StepBatch:
+        """The replicas' stacked batch as it goes into the step. One process: the host
+        arrays as they are (jit places them). Several (multi-host): jit takes host arrays
+        only as wholly replicated inputs, so each process, which built the same batch from
+        the driver's SchedulerOutput, places its own devices' replicas (the data axis)."""
+        if jax.process_count() == 1:
+            return batch
+        sharding = replica_sharding(self.mesh)
+        return jax.tree.map(lambda a: place(a, sharding), batch)
 
     def _microbatch_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Pipeline parallel: the requests in self.microbatches groups of about equal tokens
@@ -647,8 +659,10 @@ class ModelEngine:
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:
                 slots = np.zeros((groups, T), np.int32)
-                forward_args.append((self._step_params(slots), self.kv_cache,
-                                     _stack([batch] * groups),
+                stacked = _stack([batch] * groups)
+                if self.replicas > 1:
+                    stacked = self._replicas_on_mesh(stacked)
+                forward_args.append((self._step_params(slots), self.kv_cache, stacked,
                                      np.zeros(groups * B, np.int32),
                                      np.zeros(groups * T, np.int32)))
                 B *= groups  # the sampler sees every group's rows

@@ -1,20 +1,23 @@
 """Speculative decoding (--speculative-config): which methods this platform serves, and the
 drafter the model runner calls after each step.
 
-Served, with synchronous scheduling:
-- `ngram`: vLLM's own proposer (prompt lookup, on the host); vLLM turns async scheduling off.
+Served:
+- `ngram`: vLLM's own proposer (prompt lookup, on the host), with synchronous scheduling
+  (vLLM's rule: it turns async scheduling off for ngram, and refuses --async-scheduling).
 - `draft_model`: a small model of the target's vocabulary (speculative_config's "model")
   drafting greedily on its own JAX engine, its KV cache in the target's pages
-  (runner/draft_model.py). vLLM would schedule it asynchronously; the platform turns that
-  off (use_synchronous_scheduling).
+  (runner/draft_model.py).
 - `eagle3`: an EAGLE-3 head for a Llama-family target (models/eagle3.py), drafting greedily
-  from the target's aux hidden states (runner/eagle.py), its KV in the target's pages;
-  synchronous scheduling, as draft_model.
+  from the target's aux hidden states (runner/eagle.py), its KV in the target's pages.
 - `eagle`: an EAGLE-1 head (models/eagle1.py) reading the target's final hidden states,
   drafting through the target's LM head, the same way.
 - `mtp` (and its alias `deepseek_mtp`): a DeepSeek-V3 target's own MTP layer
   (models/deepseek_mtp.py, `model.layers.{num_hidden_layers}` of the target's checkpoint),
   run as the EAGLE heads are, re-used for every draft; one MTP layer, unquantized.
+draft_model, eagle3, eagle and mtp keep vLLM's async scheduling (its default): vLLM then
+schedules -1 placeholders for the drafts and counts them all accepted until it sees the
+step's output; the model runner verifies the drafts it proposed itself and subtracts the
+rejected ones from vLLM's count (plugin/model_runner._step_drafts, _correct_optimistic_count).
 Drafts are verified on device by rejection sampling (sampling/rejection.py); greedy drafts
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
 is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
@@ -37,11 +40,16 @@ def draft_layer_name(i: int) -> str:
     return f"{DRAFT_LAYER_PREFIX}model.layers.{i}.self_attn.attn"
 
 
+# Methods whose drafts the runner proposes itself, so that vLLM may schedule the next step
+# before it has this one's drafts (vLLM allows async scheduling for these; not for ngram).
+ASYNC_METHODS = ("draft_model", *EAGLE_METHODS)
+
+
 def use_synchronous_scheduling(vllm_config) -> None:
-    """vLLM turns async scheduling on for draft_model by default (before the platform's
-    hook); this platform serves drafts with synchronous scheduling only."""
+    """vLLM turns async scheduling off for the methods it does not allow it with (ngram)
+    before the platform's hook; kept off here too, should its rule ever change."""
     spec = vllm_config.speculative_config
-    if spec is not None and spec.method in ("draft_model", *EAGLE_METHODS) and \
+    if spec is not None and spec.method not in ASYNC_METHODS and \
             vllm_config.scheduler_config.async_scheduling:
         logger.warning("xla-inference serves %s speculative decoding with synchronous "
                        "scheduling: async scheduling turned off", spec.method)
@@ -58,9 +66,9 @@ def refuse_unserved(vllm_config) -> None:
         raise ValueError(
             f"xla-inference does not support speculative decoding method {method!r} "
             f"(--speculative-config) yet; served: {', '.join(SERVED_METHODS)}")
-    if vllm_config.scheduler_config.async_scheduling:
-        raise ValueError("xla-inference serves speculative decoding with synchronous "
-                         "scheduling only; drop --async-scheduling")
+    if vllm_config.scheduler_config.async_scheduling and method not in ASYNC_METHODS:
+        raise ValueError(f"xla-inference serves {method} speculative decoding with "
+                         "synchronous scheduling only; drop --async-scheduling")
     if method in ("draft_model", *EAGLE_METHODS):
         _refuse_unserved_draft_options(spec)
     if method == "mtp":

@@ -1,0 +1,48 @@
+"""Speculative decoding with vLLM's async scheduling (its default for draft_model, eagle,
+eagle3 and mtp): vLLM schedules each step before it has the last one's output, with -1
+placeholders for the drafts and every draft counted accepted; the runner verifies its own
+drafts and subtracts the rejected ones. DeepSeek-V3's MTP layer on the tiny "echo"
+checkpoint (most drafts accepted, some not: steps with and without the correction) under
+chunked prefill and preemption: greedy output equals transformers' greedy output of the
+target alone, nothing compiles after warm-up. (The same runner path serves draft_model,
+eagle and eagle3: the drafter protocol is theirs too.)"""
+
+import numpy as np
+import pytest
+
+from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
+from tests.deepseek_mtp_checkpoint import save_tiny_deepseek_mtp
+from tests.helpers import hf_greedy_ids
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 20
+K = 3
+# One page (16 tokens) of the latent cache [32 + 16] of the target's 3 layers and the MTP
+# layer, float32.
+PAGE_BYTES = 4 * 16 * 48 * 4
+
+
+def test_mtp_under_async_scheduling_gives_the_targets_greedy_output(tmp_path):
+    model_dir = save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 21, 38)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    # 7 pages cannot hold the three sequences (2 + 3 + 4 pages at the end): vLLM preempts.
+    llm = start_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96,
+                    kv_cache_memory_bytes=7 * PAGE_BYTES,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": K})
+    try:
+        assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling  # vLLM's default
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
+        preemptions = metric(llm, "vllm:num_preemptions")
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert drafted > accepted > drafted / 2  # both kinds of step: the correction is exercised
+    assert preemptions > 0
+    assert compiled == 0

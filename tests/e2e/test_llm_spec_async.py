@@ -2,16 +2,17 @@
 eagle3 and mtp): vLLM schedules each step before it has the last one's output, with -1
 placeholders for the drafts and every draft counted accepted; the runner verifies its own
 drafts and subtracts the rejected ones. DeepSeek-V3's MTP layer on the tiny "echo"
-checkpoint (most drafts accepted, some not: steps with and without the correction) under
-chunked prefill and preemption: greedy output equals transformers' greedy output of the
-target alone, nothing compiles after warm-up. (The same runner path serves draft_model,
-eagle and eagle3: the drafter protocol is theirs too.)"""
+checkpoint (most drafts accepted, some not: steps with and without the correction), in
+DeepSeek's block-FP8 export, under chunked prefill and preemption: greedy output equals
+transformers' greedy output of the target alone (float32, the FP8 weights dequantized),
+nothing compiles after warm-up. (One engine for both features, to keep the suite short;
+the same runner path serves draft_model, eagle and eagle3.)"""
 
 import numpy as np
 import pytest
 
 from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
-from tests.deepseek_mtp_checkpoint import save_tiny_deepseek_mtp
+from tests.deepseek_mtp_checkpoint import save_fp8_block_copies, save_tiny_deepseek_mtp
 from tests.helpers import hf_greedy_ids
 
 pytestmark = pytest.mark.slow
@@ -23,17 +24,23 @@ K = 3
 PAGE_BYTES = 4 * 16 * 48 * 4
 
 
-def test_mtp_under_async_scheduling_gives_the_targets_greedy_output(tmp_path):
-    model_dir = save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True)
+def test_mtp_on_a_block_fp8_target_under_async_scheduling(tmp_path):
+    """The target and its MTP layer in DeepSeek's block-FP8 export (the layer's block
+    FP8 as the target's layers, eh_proj float), served quantized."""
+    fp8, reference = save_fp8_block_copies(
+        save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True), tmp_path / "fp8",
+        tmp_path / "dequantized")
     rng = np.random.default_rng(11)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 21, 38)]
-    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    expected = hf_greedy_ids(reference, prompts, NUM_NEW)
     # 7 pages cannot hold the three sequences (2 + 3 + 4 pages at the end): vLLM preempts.
-    llm = start_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96,
+    llm = start_llm(fp8, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96,
                     kv_cache_memory_bytes=7 * PAGE_BYTES,
                     speculative_config={"method": "mtp", "num_speculative_tokens": K})
     try:
-        assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling  # vLLM's default
+        config = llm.llm_engine.vllm_config
+        assert config.scheduler_config.async_scheduling  # vLLM's default, kept
+        assert config.model_config.quantization == "fp8"
         warm = num_compilations(llm)
         got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
         accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
@@ -42,7 +49,10 @@ def test_mtp_under_async_scheduling_gives_the_targets_greedy_output(tmp_path):
         compiled = num_compilations(llm) - warm
     finally:
         shutdown(llm)
+    print(f"mtp on fp8, async: {drafted:.0f} drafted, {accepted:.0f} accepted")
     assert got == expected
-    assert drafted > accepted > drafted / 2  # both kinds of step: the correction is exercised
+    # Most drafts accepted (the FP8 layer drafts what the target predicts), not all: steps
+    # with rejections, whose count the runner subtracts from vLLM's optimistic one.
+    assert drafted > accepted > drafted / 2
     assert preemptions > 0
     assert compiled == 0

@@ -13,7 +13,9 @@ Served:
   drafting through the target's LM head, the same way.
 - `mtp` (and its alias `deepseek_mtp`): a DeepSeek-V3 target's own MTP layer
   (models/deepseek_mtp.py, `model.layers.{num_hidden_layers}` of the target's checkpoint),
-  run as the EAGLE heads are, re-used for every draft; one MTP layer, unquantized.
+  run as the EAGLE heads are, re-used for every draft; one MTP layer, quantized where the
+  checkpoint's are (a block-FP8 DeepSeek-V3 or Kimi export: its layers kept FP8 as the
+  target's, _load_mtp_params).
 draft_model, eagle3, eagle and mtp keep vLLM's async scheduling (its default): vLLM then
 schedules -1 placeholders for the drafts and counts them all accepted until it sees the
 step's output; the model runner verifies the drafts it proposed itself and subtracts the
@@ -110,16 +112,20 @@ def _refuse_unserved_draft_options(spec) -> None:
 
 
 def _refuse_unserved_mtp(vllm_config) -> None:
-    """mtp: the target must be a DeepSeek-V3 with one MTP layer, unquantized, served by the
-    native family (its hidden states are the ones the layer reads)."""
+    """mtp: the target must be a DeepSeek-V3 with one MTP layer served by the native family
+    (its hidden states are the ones the layer reads), quantized, if at all, by its
+    checkpoint."""
     from xla_inference.models.deepseek_mtp import refuse_unserved as refuse_unserved_target
     from xla_inference.plugin.worker import model_implementation
 
     mc = vllm_config.model_config
     refuse_unserved_target(mc.hf_config.to_dict())
-    if mc.quantization is not None:
-        raise ValueError(f"xla-inference does not serve the mtp speculative method on a "
-                         f"quantized target ({mc.quantization}) yet")
+    if mc.quantization is not None and not mc.hf_config.to_dict().get("quantization_config"):
+        # --quantization int8/fp8 on a float checkpoint: the target's projections are
+        # quantized at load (models/loader.py), the MTP layer's would not be.
+        raise ValueError(f"xla-inference serves the mtp speculative method on checkpoints "
+                         f"quantized by their exporter, not with online --quantization "
+                         f"{mc.quantization} yet")
     if model_implementation(mc) == "vllm":
         raise ValueError("xla-inference serves mtp for its native DeepSeek-V3 family only "
                          "(not with --model-impl vllm)")
@@ -282,7 +288,7 @@ def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
     tensors = CheckpointTensors(safetensors_files(path))
     if method == "mtp":
         cfg = deepseek_mtp.MtpConfig.from_hf(hf)
-        params = deepseek_mtp.load_params(tensors, cfg, precision.activations)
+        params = _load_mtp_params(vllm_config, path, cfg, precision)
         logger.info("xla-inference: loaded the MTP layer %d of %s", cfg.mtp_layer, path)
         return LoadedEagle(deepseek_mtp, cfg, params)
     if method == "eagle":
@@ -296,6 +302,24 @@ def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
     logger.info("xla-inference: loaded EAGLE-3 head %s (aux layers %s, draft vocabulary %d)",
                 path, cfg.aux_layer_ids, cfg.draft_vocab_size)
     return LoadedEagle(eagle3, cfg, params)
+
+
+def _load_mtp_params(vllm_config, path, cfg, precision):
+    """The MTP layer as the target's layers are loaded (runner/build.load): a quantized
+    checkpoint's projections and experts read by its format's reader and kept quantized
+    (what the exporter left float, e.g. DeepSeek's eh_proj, stays float), the projections
+    narrowed where the target's are."""
+    from xla_inference.loading.checkpoint import load_checkpoint
+    from xla_inference.loading.params import narrow_projections, pack_quantized
+    from xla_inference.models import deepseek_mtp
+    from xla_inference.plugin.quantization import loader_method
+
+    _, tensors = load_checkpoint(path, None, loader_method(vllm_config.model_config.quantization))
+    params = deepseek_mtp.load_params(tensors, cfg, precision.activations)
+    params = pack_quantized(params, precision.weights, precision.activations)
+    if precision.narrows_projections:
+        params = narrow_projections(params, precision.weights)
+    return params
 
 
 def prepare_target(vllm_config, model, draft_model):

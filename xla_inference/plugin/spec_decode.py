@@ -14,7 +14,7 @@ Served:
 - `mtp` (and its alias `deepseek_mtp`): a DeepSeek-V3 target's own MTP layer
   (models/deepseek_mtp.py, `model.layers.{num_hidden_layers}` of the target's checkpoint),
   run as the EAGLE heads are, re-used for every draft; one MTP layer, quantized where the
-  checkpoint's are (a block-FP8 DeepSeek-V3 or Kimi export: its layers kept FP8 as the
+  checkpoint's are (DeepSeek-V3/R1's block-FP8 export: its layers kept FP8 as the
   target's, _load_mtp_params).
 draft_model, eagle3, eagle and mtp keep vLLM's async scheduling (its default): vLLM then
 schedules -1 placeholders for the drafts and counts them all accepted until it sees the

@@ -128,3 +128,47 @@ class TransformersMtp:
             tokens.append(drafts[-1])
             hidden = np.concatenate([hidden, y[-1:]])
         return drafts
+
+
+FP8_BLOCK = 16  # divides every input size of the tiny model (DeepSeek's own: 128)
+
+
+def save_fp8_block_copies(source: Path, fp8: Path, dequantized: Path) -> tuple[Path, Path]:
+    """DeepSeek's FP8 export of `source` (quant_method fp8, weight_block_size
+    FP8_BLOCK x FP8_BLOCK): every decoder projection and expert, the MTP layer's block
+    included, as float8_e4m3fn with a float32 `weight_scale_inv` per block (amax / 448);
+    the embedding, LM head, norms, routers and the MTP layer's eh_proj (vLLM's plain
+    nn.Linear) stay float. `dequantized`: the float32 model of exactly the FP8 values times
+    their scales (the reference)."""
+    import json
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(source / "model.safetensors")
+    quantized, floats = {}, {}
+    for name, w in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")
+                and w.ndim == 2 and not name.endswith("eh_proj.weight")):
+            quantized[name] = floats[name] = w
+            continue
+        out, inp = w.shape
+        rows = -(-out // FP8_BLOCK) * FP8_BLOCK
+        padded = np.zeros((rows, inp), np.float32)
+        padded[:out] = w
+        blocks = padded.reshape(rows // FP8_BLOCK, FP8_BLOCK, inp // FP8_BLOCK, FP8_BLOCK)
+        scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / 448.0
+        full = np.repeat(np.repeat(scale, FP8_BLOCK, 0), FP8_BLOCK, 1)[:out]
+        values = (w / full).astype(ml_dtypes.float8_e4m3fn)
+        quantized[name] = values
+        quantized[name + "_scale_inv"] = scale.astype(np.float32)
+        floats[name] = (values.astype(np.float32) * full).astype(np.float32)
+    for path, weights in ((fp8, quantized), (dequantized, floats)):
+        shutil.copytree(source, path, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    return fp8, dequantized

@@ -43,7 +43,10 @@ def run(target: str, head: str, method: str = "eagle3", **llm_args) -> dict:
     from tests.e2e.engines import generate_ids, metric, shutdown, start_llm
 
     log = record_drafts()
+    # Synchronous scheduling: vLLM's scheduler then holds each step's drafts (under async
+    # scheduling it holds -1 placeholders; tests/e2e/test_llm_spec_async.py).
     args = dict(max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False,
+                async_scheduling=False,
                 speculative_config={"method": method, "model": head,
                                     "num_speculative_tokens": K})
     llm = start_llm(target, **{**args, **llm_args})

@@ -66,8 +66,9 @@ def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path,
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
     log = _record_drafts()
     # 7 pages cannot hold the three sequences (2 + 3 + 4 pages at the end): vLLM preempts.
+    # Synchronous scheduling: the scheduler then holds the drafts (async: placeholders).
     llm = start_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=32,
-                    max_model_len=96, kv_cache_memory_bytes=7 * PAGE_BYTES,
+                    max_model_len=96, kv_cache_memory_bytes=7 * PAGE_BYTES, async_scheduling=False,
                     speculative_config={"method": "mtp", "num_speculative_tokens": K})
     try:
         warm = num_compilations(llm)

@@ -60,13 +60,22 @@ def test_ngram_speculation_is_accepted_with_synchronous_scheduling(model_dir):
     assert not config.scheduler_config.async_scheduling
 
 
-def test_draft_model_speculation_is_accepted_with_synchronous_scheduling(model_dir):
-    """vLLM turns async scheduling on for draft_model; the platform turns it off."""
+def test_draft_model_speculation_keeps_async_scheduling(model_dir):
+    """vLLM turns async scheduling on for draft_model (as for eagle, eagle3 and mtp); the
+    platform keeps it (the runner fills vLLM's draft placeholders itself)."""
     config = _config(model_dir, speculative_config={"method": "draft_model",
                                                     "model": str(model_dir),
                                                     "num_speculative_tokens": 2})
     assert config.speculative_config.method == "draft_model"
-    assert not config.scheduler_config.async_scheduling
+    assert config.scheduler_config.async_scheduling
+
+
+def test_ngram_speculation_with_async_scheduling_is_refused(model_dir):
+    """vLLM's own rule (ngram's proposer runs after the step, on the host)."""
+    with pytest.raises(Exception, match="async scheduling is only supported"):
+        _config(model_dir, async_scheduling=True,
+                speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                    "prompt_lookup_max": 2})
 
 
 def test_draft_model_options_not_served_are_refused_by_name(model_dir):

@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory):
     return path, TransformersMtp(path)
 
 
-def _proposer(path, k=K):
+def _proposer(path, k=K, mesh=None):
     hf = json.loads((path / "config.json").read_text())
     cfg = deepseek_mtp.MtpConfig.from_hf(hf)
     tensors = CheckpointTensors(safetensors_files(path))
@@ -45,7 +45,7 @@ def _proposer(path, k=K):
     limits = EagleLimits(token_buckets=tuple(token_buckets(32)), max_num_seqs=4,
                          max_model_len=64, block_size=ENGINE_BLOCK, num_slots=64 * ENGINE_BLOCK,
                          groups=(0,), num_speculative_tokens=k)
-    return EagleProposer(deepseek_mtp, params, cfg, limits, build_mesh(), jnp.float32)
+    return EagleProposer(deepseek_mtp, params, cfg, limits, mesh or build_mesh(), jnp.float32)
 
 
 def test_logits_match_the_transformers_reference_over_ragged_prompts(checkpoint):
@@ -78,6 +78,21 @@ def test_logits_match_the_transformers_reference_over_ragged_prompts(checkpoint)
 def test_proposals_match_the_reference_over_a_prompt_and_a_verify_step(checkpoint):
     path, ref = checkpoint
     proposer = _proposer(path)
+    assert_drafts_match_over_a_prompt_and_a_verify_step(
+        proposer, ref, k=K, hidden_size=HIDDEN, vocab=VOCAB, rows=32,
+        rng=np.random.default_rng(4))
+
+
+def test_the_layer_split_over_tensor_parallel_devices_proposes_the_same(checkpoint):
+    """Tensor parallel 2 (virtual CPU devices, tests/conftest.py): the block's per-head
+    projections and experts are split over the model axis as the target's are, and the
+    drafts still equal the float64 reference's."""
+    path, ref = checkpoint
+    proposer = _proposer(path, mesh=build_mesh(2))
+    attn = proposer.params.block.attn
+    assert "model" in tuple(attn.wq_nope.sharding.spec)
+    assert len(attn.wq_nope.addressable_shards[0].data.shape) == 3
+    assert attn.wq_nope.addressable_shards[0].data.shape[1] == attn.wq_nope.shape[1] // 2
     assert_drafts_match_over_a_prompt_and_a_verify_step(
         proposer, ref, k=K, hidden_size=HIDDEN, vocab=VOCAB, rows=32,
         rng=np.random.default_rng(4))

@@ -29,6 +29,9 @@ from xla_inference.models import deepseek_v3
 from xla_inference.models.interface import StepBatch
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+# runner/eagle.EagleProposer splits the layer over the tensor-parallel axis as the target's
+# layers are split (the logical axes its params declare), rather than replicating it.
+SHARDED_AS_TARGET = True
 
 
 @dataclasses.dataclass(frozen=True)

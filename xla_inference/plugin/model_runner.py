@@ -80,6 +80,14 @@ class XlaModelRunner:
         # after a step; None without --speculative-config.
         self.drafter = drafter
         self._draft_token_ids: DraftTokenIds | None = None
+        # Async scheduling (vLLM schedules step N + 1 before it has step N's tokens): the
+        # drafts proposed after each step, per request, for the -1 placeholders vLLM sends
+        # in their place; and, per request whose last step verified placeholder drafts, the
+        # num_computed_tokens vLLM assumed (every draft accepted) and the drafts rejected,
+        # until vLLM's own count catches up (_correct_optimistic_count).
+        self._proposed: dict[str, list[int]] = {}
+        self._unseen_rejections: dict[str, tuple[int, int]] = {}
+        self._placeholder_steps: set[str] = set()  # this step's requests with placeholders
         # Drafts to propose after this step (vLLM's num_spec_tokens_to_schedule: k, or what
         # num_speculative_tokens_per_batch_size gives for the step's batch size).
         self._num_drafts_wanted = drafter.num_speculative_tokens if drafter else 0
@@ -134,7 +142,10 @@ class XlaModelRunner:
             self.engine.encode(self.requests[rid], indices)
         if self.pooling is not None:
             return self._pool(scheduled)
-        drafts = [list(so.scheduled_spec_decode_tokens.get(r.req_id, ())) for r, _ in scheduled]
+        spec = so.scheduled_spec_decode_tokens
+        self._placeholder_steps = {r.req_id for r, _ in scheduled
+                                   if any(t < 0 for t in spec.get(r.req_id, ()))}
+        drafts = [self._step_drafts(r, spec.get(r.req_id, ())) for r, _ in scheduled]
         if self.drafter is not None:
             self.drafter.start_step([r for r, _ in scheduled])
             self._num_drafts_wanted = min(self.drafter.num_speculative_tokens,
@@ -154,6 +165,26 @@ class XlaModelRunner:
                 del req.token_ids[len(req.token_ids) - len(ids):]
         self._pending = (scheduled, step, drafts if any(drafts) else None)
         return None
+
+    def _step_drafts(self, req: RequestState, scheduled: list[int]) -> list[int]:
+        """The drafts a request's step verifies. Under async scheduling vLLM sends as many
+        -1 placeholders as it scheduled drafts: they are the drafts proposed after the
+        request's last step, cut to that count, and padded with the last of them where fewer
+        were proposed (any token is a valid draft: rejection sampling keeps the target's
+        distribution whatever the proposal)."""
+        if not scheduled or min(scheduled) >= 0:  # synchronous scheduling: vLLM's own copy
+            return list(scheduled)
+        own = self._proposed.get(req.req_id) or [req.token_ids[-1]]
+        return [own[min(j, len(own) - 1)] for j in range(len(scheduled))]
+
+    def _correct_optimistic_count(self, req: RequestState, scheduler_computed: int) -> None:
+        """Async scheduling: vLLM scheduled this step before it saw the last one's accepted
+        count, so its num_computed_tokens counts every draft of that step as accepted;
+        the rejected ones are subtracted here (once vLLM has caught up it sends the true
+        count, lower by the rejections, and nothing is subtracted)."""
+        assumed, rejected = self._unseen_rejections.pop(req.req_id, (None, 0))
+        if scheduler_computed == assumed:
+            req.num_computed_tokens -= rejected
 
     def take_draft_token_ids(self) -> DraftTokenIds | None:
         """The drafts proposed after the last step (vLLM's engine core takes them between
@@ -214,6 +245,9 @@ class XlaModelRunner:
             if computed >= len(req.token_ids):
                 emitted = [int(t) for t in row[:count]]
                 req.token_ids.extend(emitted)
+                if req.req_id in self._placeholder_steps:  # vLLM first assumes all accepted
+                    self._unseen_rejections[req.req_id] = (req.num_computed_tokens + num_new,
+                                                           len(ids) - (count - 1))
                 req.num_computed_tokens = computed + count - 1
                 sampled.append(emitted)
             else:  # a prompt chunk that stops short of the last known token
@@ -252,11 +286,15 @@ class XlaModelRunner:
             # vLLM's batch-size schedule turned drafting off: no proposer work on the host.
             self._draft_token_ids = DraftTokenIds([r.req_id for r in requests],
                                                   [[] for _ in requests])
+            self._proposed = {}
             return
         proposed = self.drafter.propose(requests, sampled)
         if k < self.drafter.num_speculative_tokens:
             proposed.draft_token_ids = [list(d[:k]) for d in proposed.draft_token_ids]
         self._draft_token_ids = proposed
+        # Copies: vLLM trims the lists it takes (update_draft_token_ids_in_output).
+        self._proposed = {rid: list(d) for rid, d in zip(proposed.req_ids,
+                                                         proposed.draft_token_ids)}
 
     def _pool(self, scheduled) -> ModelRunnerOutput:
         """A pooling step: no sampler; one pooled output per request whose prompt this step
@@ -318,6 +356,7 @@ class XlaModelRunner:
         self.engine.free_encoder_outputs(so.free_encoder_mm_hashes)
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
+            self._unseen_rejections.pop(rid, None)
             if self.drafter is not None:
                 self.drafter.forget(rid)
             if self.pooling is not None:
@@ -350,6 +389,10 @@ class XlaModelRunner:
         for i, rid in enumerate(cached.req_ids):
             req = self.requests[rid]
             req.num_computed_tokens = cached.num_computed_tokens[i]
+            if rid in cached.resumed_req_ids:  # its earlier steps' counts no longer matter
+                self._unseen_rejections.pop(rid, None)
+            else:
+                self._correct_optimistic_count(req, cached.num_computed_tokens[i])
             if rid in cached.all_token_ids:  # not scheduled last step: vLLM resends everything
                 req.token_ids = list(cached.all_token_ids[rid])
             req.trim_outputs(cached.num_output_tokens[i])

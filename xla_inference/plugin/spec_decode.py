@@ -1,20 +1,25 @@
 """Speculative decoding (--speculative-config): which methods this platform serves, and the
 drafter the model runner calls after each step.
 
-Served, with synchronous scheduling:
-- `ngram`: vLLM's own proposer (prompt lookup, on the host); vLLM turns async scheduling off.
+Served:
+- `ngram`: vLLM's own proposer (prompt lookup, on the host), with synchronous scheduling
+  (vLLM's rule: it turns async scheduling off for ngram, and refuses --async-scheduling).
 - `draft_model`: a small model of the target's vocabulary (speculative_config's "model")
   drafting greedily on its own JAX engine, its KV cache in the target's pages
-  (runner/draft_model.py). vLLM would schedule it asynchronously; the platform turns that
-  off (use_synchronous_scheduling).
+  (runner/draft_model.py).
 - `eagle3`: an EAGLE-3 head for a Llama-family target (models/eagle3.py), drafting greedily
-  from the target's aux hidden states (runner/eagle.py), its KV in the target's pages;
-  synchronous scheduling, as draft_model.
+  from the target's aux hidden states (runner/eagle.py), its KV in the target's pages.
 - `eagle`: an EAGLE-1 head (models/eagle1.py) reading the target's final hidden states,
   drafting through the target's LM head, the same way.
 - `mtp` (and its alias `deepseek_mtp`): a DeepSeek-V3 target's own MTP layer
   (models/deepseek_mtp.py, `model.layers.{num_hidden_layers}` of the target's checkpoint),
-  run as the EAGLE heads are, re-used for every draft; one MTP layer, unquantized.
+  run as the EAGLE heads are, re-used for every draft; one MTP layer, quantized where the
+  checkpoint's are (DeepSeek-V3/R1's block-FP8 export: its layers kept FP8 as the
+  target's, _load_mtp_params).
+draft_model, eagle3, eagle and mtp keep vLLM's async scheduling (its default): vLLM then
+schedules -1 placeholders for the drafts and counts them all accepted until it sees the
+step's output; the model runner verifies the drafts it proposed itself and subtracts the
+rejected ones from vLLM's count (plugin/model_runner._step_drafts, _correct_optimistic_count).
 Drafts are verified on device by rejection sampling (sampling/rejection.py); greedy drafts
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
 is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
@@ -37,11 +42,16 @@ def draft_layer_name(i: int) -> str:
     return f"{DRAFT_LAYER_PREFIX}model.layers.{i}.self_attn.attn"
 
 
+# Methods whose drafts the runner proposes itself, so that vLLM may schedule the next step
+# before it has this one's drafts (vLLM allows async scheduling for these; not for ngram).
+ASYNC_METHODS = ("draft_model", *EAGLE_METHODS)
+
+
 def use_synchronous_scheduling(vllm_config) -> None:
-    """vLLM turns async scheduling on for draft_model by default (before the platform's
-    hook); this platform serves drafts with synchronous scheduling only."""
+    """vLLM turns async scheduling off for the methods it does not allow it with (ngram)
+    before the platform's hook; kept off here too, should its rule ever change."""
     spec = vllm_config.speculative_config
-    if spec is not None and spec.method in ("draft_model", *EAGLE_METHODS) and \
+    if spec is not None and spec.method not in ASYNC_METHODS and \
             vllm_config.scheduler_config.async_scheduling:
         logger.warning("xla-inference serves %s speculative decoding with synchronous "
                        "scheduling: async scheduling turned off", spec.method)
@@ -58,9 +68,9 @@ def refuse_unserved(vllm_config) -> None:
         raise ValueError(
             f"xla-inference does not support speculative decoding method {method!r} "
             f"(--speculative-config) yet; served: {', '.join(SERVED_METHODS)}")
-    if vllm_config.scheduler_config.async_scheduling:
-        raise ValueError("xla-inference serves speculative decoding with synchronous "
-                         "scheduling only; drop --async-scheduling")
+    if vllm_config.scheduler_config.async_scheduling and method not in ASYNC_METHODS:
+        raise ValueError(f"xla-inference serves {method} speculative decoding with "
+                         "synchronous scheduling only; drop --async-scheduling")
     if method in ("draft_model", *EAGLE_METHODS):
         _refuse_unserved_draft_options(spec)
     if method == "mtp":
@@ -102,16 +112,20 @@ def _refuse_unserved_draft_options(spec) -> None:
 
 
 def _refuse_unserved_mtp(vllm_config) -> None:
-    """mtp: the target must be a DeepSeek-V3 with one MTP layer, unquantized, served by the
-    native family (its hidden states are the ones the layer reads)."""
+    """mtp: the target must be a DeepSeek-V3 with one MTP layer served by the native family
+    (its hidden states are the ones the layer reads), quantized, if at all, by its
+    checkpoint."""
     from xla_inference.models.deepseek_mtp import refuse_unserved as refuse_unserved_target
     from xla_inference.plugin.worker import model_implementation
 
     mc = vllm_config.model_config
     refuse_unserved_target(mc.hf_config.to_dict())
-    if mc.quantization is not None:
-        raise ValueError(f"xla-inference does not serve the mtp speculative method on a "
-                         f"quantized target ({mc.quantization}) yet")
+    if mc.quantization is not None and not mc.hf_config.to_dict().get("quantization_config"):
+        # --quantization int8/fp8 on a float checkpoint: the target's projections are
+        # quantized at load (models/loader.py), the MTP layer's would not be.
+        raise ValueError(f"xla-inference serves the mtp speculative method on checkpoints "
+                         f"quantized by their exporter, not with online --quantization "
+                         f"{mc.quantization} yet")
     if model_implementation(mc) == "vllm":
         raise ValueError("xla-inference serves mtp for its native DeepSeek-V3 family only "
                          "(not with --model-impl vllm)")
@@ -274,7 +288,7 @@ def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
     tensors = CheckpointTensors(safetensors_files(path))
     if method == "mtp":
         cfg = deepseek_mtp.MtpConfig.from_hf(hf)
-        params = deepseek_mtp.load_params(tensors, cfg, precision.activations)
+        params = _load_mtp_params(vllm_config, path, cfg, precision)
         logger.info("xla-inference: loaded the MTP layer %d of %s", cfg.mtp_layer, path)
         return LoadedEagle(deepseek_mtp, cfg, params)
     if method == "eagle":
@@ -288,6 +302,24 @@ def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
     logger.info("xla-inference: loaded EAGLE-3 head %s (aux layers %s, draft vocabulary %d)",
                 path, cfg.aux_layer_ids, cfg.draft_vocab_size)
     return LoadedEagle(eagle3, cfg, params)
+
+
+def _load_mtp_params(vllm_config, path, cfg, precision):
+    """The MTP layer as the target's layers are loaded (runner/build.load): a quantized
+    checkpoint's projections and experts read by its format's reader and kept quantized
+    (what the exporter left float, e.g. DeepSeek's eh_proj, stays float), the projections
+    narrowed where the target's are."""
+    from xla_inference.loading.checkpoint import load_checkpoint
+    from xla_inference.loading.params import narrow_projections, pack_quantized
+    from xla_inference.models import deepseek_mtp
+    from xla_inference.plugin.quantization import loader_method
+
+    _, tensors = load_checkpoint(path, None, loader_method(vllm_config.model_config.quantization))
+    params = deepseek_mtp.load_params(tensors, cfg, precision.activations)
+    params = pack_quantized(params, precision.weights, precision.activations)
+    if precision.narrows_projections:
+        params = narrow_projections(params, precision.weights)
+    return params
 
 
 def prepare_target(vllm_config, model, draft_model):

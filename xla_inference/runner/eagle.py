@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.parallel.sharding import replicated
+from xla_inference.parallel.sharding import (mark_tensor_splits, param_shardings, place,
+                                             replicated, traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens
 from xla_inference.runner.engine import Programs, _compile_threads
@@ -85,10 +86,19 @@ class EagleProposer:
     def __init__(self, head, params, cfg, limits: EagleLimits, mesh, kv_dtype):
         self.head, self.cfg, self.limits, self.mesh = head, cfg, limits, mesh
         whole = replicated(mesh)
-        # Small (a layer or few): replicated on the target's mesh, beside its hidden states;
-        # arrays already there (the target's embedding or LM head) stay as they are.
-        self.params = jax.tree.map(
-            lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, whole), params)
+        # A head whose layers are the target's kind (SHARDED_AS_TARGET: DeepSeek's MTP
+        # layer, an MLA + MoE block as large as a target layer) is split over the
+        # tensor-parallel axis as the target's layers are; the small EAGLE heads (a layer or
+        # few) are replicated beside the target's hidden states. Arrays already on the mesh
+        # (the target's embedding or LM head) stay as they are.
+        self.sharded = getattr(head, "SHARDED_AS_TARGET", False)
+        if self.sharded:
+            params, shardings = mark_tensor_splits(params, param_shardings(params, cfg, mesh))
+            self.params = jax.tree.map(
+                lambda a, s: a if isinstance(a, jax.Array) else place(a, s), params, shardings)
+        else:
+            self.params = jax.tree.map(
+                lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, whole), params)
         arrays = []
         for layer in head.kv_layers(cfg):
             shape = (limits.num_slots, layer.num_kv_heads, layer.head_size)
@@ -99,8 +109,12 @@ class EagleProposer:
         kv_sharding = jax.tree.map(lambda _: whole, self.kv)
         jit = functools.partial(jax.jit, out_shardings=(kv_sharding, whole, whole),
                                 donate_argnums=(1,))
-        self._catch_up = Programs(jit(functools.partial(_catch_up, head, cfg)), _catch_up_key)
-        self._draft = Programs(jit(functools.partial(_draft, head, cfg)), _draft_key)
+        # Sharded: traced over the mesh, so that its layers partition what GSPMD cannot (as
+        # the target's step is; parallel/sharding.traced_over).
+        over_mesh = functools.partial(traced_over, mesh) if self.sharded else (lambda f: f)
+        self._catch_up = Programs(jit(over_mesh(functools.partial(_catch_up, head, cfg))),
+                                  _catch_up_key)
+        self._draft = Programs(jit(over_mesh(functools.partial(_draft, head, cfg))), _draft_key)
         self._step_rows = None  # the target step's rows: req_id -> (first token, computed)
         self._target_hidden = None
         self.forward_steps = 0  # head forwards run (tests)

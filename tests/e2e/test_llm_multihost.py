@@ -1,7 +1,8 @@
 """vllm.LLM across two JAX processes ("hosts"), 4 virtual CPU devices each, joined by
-jax.distributed (plugin/multihost.py): tensor parallel 8 over both gives transformers'
-greedy output, and killing the follower mid-request ends the engine with an error naming
-it, well within 60 s."""
+jax.distributed (plugin/multihost.py): pipeline parallel 2 x tensor parallel 2 (one stage on
+each process, parallel/pipeline.stage_devices) gives transformers' greedy output with
+nothing compiled after warm-up, and killing the follower mid-request ends the engine with
+an error naming it, well within 60 s. The server test below: tensor parallel 8 over both."""
 
 import threading
 import time
@@ -43,15 +44,19 @@ def two_hosts(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
 
 
-def test_tensor_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
+def test_pipeline_stages_across_two_processes_then_a_killed_follower_ends_it(
         tmp_path, two_hosts, capfd):
     model_dir = _tiny_llama(tmp_path / "llama")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
     expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
-    llm = start_llm(model_dir, tensor_parallel_size=8, max_num_seqs=4, max_num_batched_tokens=16)
+    # Stage 0 on the driver's first two devices, stage 1 on the follower's: each process
+    # holds one stage's layer and KV pages; activations cross between them (gloo).
+    llm = start_llm(model_dir, pipeline_parallel_size=2, tensor_parallel_size=2, max_num_seqs=4,
+                    max_num_batched_tokens=16)
     try:
-        assert llm.collective_rpc("mesh_shape")[0] == {"data": 1, "model": 8}
+        assert llm.collective_rpc("mesh_shape")[0] == {"stage": 2, "data": 1, "model": 2}
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 0, 1, 1]
         compiled = num_compilations(llm)
         got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
         assert got == expected

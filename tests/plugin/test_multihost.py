@@ -87,9 +87,10 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
                              parallel_config=SimpleNamespace(pipeline_parallel_size=1))
     _refuse_untested_across_hosts(config)  # a native decoder: served
     config.parallel_config.pipeline_parallel_size = 2
+    _refuse_untested_across_hosts(config)  # in pipeline stages too (tests/e2e/test_llm_multihost)
     config.lora_config = object()
     config.additional_config["xla_data_parallel_size"] = 2
-    with pytest.raises(ValueError, match=r"pipeline parallel .*data parallel replicas .*LoRA "
+    with pytest.raises(ValueError, match=r"data parallel replicas .*LoRA "
                                          r"adapters .* across several"):
         _refuse_untested_across_hosts(config)
 

@@ -56,6 +56,27 @@ def num_stages(mesh) -> int:
     return dict(mesh.shape).get(STAGE_AXIS, 1)
 
 
+def stage_devices(devices: Sequence, needed: int) -> list:
+    """The `needed` devices a pipeline mesh takes, stage slices consecutive: the first
+    `needed`, or, when the devices belong to several JAX processes (multi-host,
+    plugin/multihost.py), needed / P of each process's, in process order, so the stage axis
+    spans the processes (each holds whole stages, their layers and KV pages, and only the
+    activations between stages cross hosts) and no process is left out of the mesh (it runs
+    the same program and reads the step's outputs from its own devices)."""
+    by_process: dict[int, list] = {}
+    for device in devices:
+        by_process.setdefault(device.process_index, []).append(device)
+    if len(by_process) == 1:
+        return list(devices)[:needed]
+    per_process, rest = divmod(needed, len(by_process))
+    counts = {p: len(local) for p, local in sorted(by_process.items())}
+    if rest or per_process == 0 or min(counts.values()) < per_process:
+        raise ValueError(f"pipeline parallel across {len(counts)} JAX processes takes the same "
+                         f"number of devices from each: the mesh's {needed} devices do not "
+                         f"split so over processes with {counts} devices")
+    return [d for p in sorted(by_process) for d in by_process[p][:per_process]]
+
+
 def check_stackable(layers: list, stages: int) -> None:
     """Raise unless the layers split evenly into `stages` and layer j of every stage has the
     same tree and shapes (a dense decoder's do; a model mixing dense and MoE layers may not)."""

@@ -63,11 +63,11 @@ def _executor_backend(parallel) -> str:
 
 
 def _refuse_untested_across_hosts(vllm_config) -> None:
-    """Several JAX processes serve a native decoder with tensor (and expert) parallel; what
-    has not been run across processes yet is refused, named, rather than risked."""
+    """Several JAX processes serve a native decoder with tensor (and expert) parallel and in
+    pipeline stages (the stage axis spanning the processes: parallel/pipeline.stage_devices);
+    what has not been run across processes yet is refused, named, rather than risked."""
     model = vllm_config.model_config
     refusals = [
-        (pipeline_parallel_size(vllm_config) > 1, "pipeline parallel (--pipeline-parallel-size)"),
         # The replicas' step inputs are host arrays split over the data axis: jit takes
         # those only from one process (each would have to place its own replicas' part).
         (data_parallel_size(vllm_config) > 1, "data parallel replicas (--data-parallel-size)"),

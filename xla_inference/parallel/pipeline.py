@@ -92,15 +92,42 @@ def check_stackable(layers: list, stages: int) -> None:
                              "same weights' shapes; this model's layers differ between stages")
 
 
+class StageStack:
+    """One leaf of layer j of every stage, as the host array [N, ...] they stack into, stacked
+    only where read: placement (parallel/sharding.place) asks for each of this process's
+    devices' slices, so a process copies only its own stages' layers (across hosts, one
+    stage's of N), not the whole stack, and no stacked copy of every layer outlives it."""
+
+    def __init__(self, parts):
+        self.parts = [np.asarray(p) for p in parts]
+        self.shape = (len(self.parts), *self.parts[0].shape)
+        self.dtype = self.parts[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        stages, rest = index[0], index[1:]
+        if isinstance(stages, (int, np.integer)):
+            return self.parts[stages][rest]
+        return np.stack([self.parts[s][rest] for s in range(len(self.parts))[stages]])
+
+    def __array__(self, dtype=None, copy=None):
+        stacked = np.stack(self.parts)
+        return stacked if dtype is None else stacked.astype(dtype)
+
+
 def stage_params(params, shardings, mesh: Mesh):
     """(params, their shardings) of a model whose `layers` field is a list of layers ->
-    the same with `layers` as StagedLayers (host arrays stacked per stage, each sharding
-    with the stage axis in front of its own spec)."""
+    the same with `layers` as StagedLayers (each leaf a StageStack of every stage's, each
+    sharding with the stage axis in front of its own spec)."""
     stages = num_stages(mesh)
     check_stackable(params.layers, stages)
     per_stage = len(params.layers) // stages
-    local = [jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]),
-                          *params.layers[j::per_stage]) for j in range(per_stage)]
+    local = [jax.tree.map(lambda *a: StageStack(a), *params.layers[j::per_stage])
+             for j in range(per_stage)]
 
     def staged(sharding):
         return NamedSharding(mesh, PartitionSpec(STAGE_AXIS, *sharding.spec))

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference.parallel.axes import field_axes
-from xla_inference.parallel.pipeline import stage_devices
+from xla_inference.parallel.pipeline import StageStack, stage_devices
 
 MESH_AXES = ("data", "model")
 TENSOR_AXIS = "model"  # the mesh axis tensor parallel splits over
@@ -196,8 +196,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def place(host_array, sharding: NamedSharding) -> jax.Array:
-    """Put a host array on the mesh shard by shard: no device receives more than its slice."""
-    host_array = np.asarray(host_array)
+    """Put a host array on the mesh shard by shard: no device receives more than its slice
+    (and a StageStack, pipeline stages' layers, is read only for this process's devices)."""
+    if not isinstance(host_array, StageStack):
+        host_array = np.asarray(host_array)
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
 

@@ -4,12 +4,12 @@ each process, parallel/pipeline.stage_devices) gives transformers' greedy output
 nothing compiled after warm-up, and killing the follower mid-request ends the engine with
 an error naming it, well within 60 s. The server test below: tensor parallel 8 over both."""
 
-import threading
 import time
 
 import numpy as np
 import psutil
 import pytest
+from tqdm import tqdm
 
 from tests.e2e.engines import generate_ids, num_compilations, shutdown, start_llm
 from tests.helpers import hf_greedy_ids, save_tiny_model
@@ -31,8 +31,14 @@ def _tiny_llama(path):
 
 
 def _followers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True)
-            if FOLLOWER in " ".join(p.cmdline())]
+    """Live follower processes below this one (an exited, unreaped child is none)."""
+    def command(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            return ""
+
+    return [p for p in psutil.Process().children(recursive=True) if FOLLOWER in command(p)]
 
 
 @pytest.fixture
@@ -46,6 +52,8 @@ def two_hosts(monkeypatch):
 
 def test_pipeline_stages_across_two_processes_then_a_killed_follower_ends_it(
         tmp_path, two_hosts, capfd):
+    from vllm import SamplingParams
+
     model_dir = _tiny_llama(tmp_path / "llama")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
@@ -64,12 +72,22 @@ def test_pipeline_stages_across_two_processes_then_a_killed_follower_ends_it(
         followers = _followers()
         assert len(followers) == 1
 
-        # Mid-request: a long generation is running when the follower is killed.
+        # Mid-request: the follower is killed when the first of six requests finishes (four
+        # run at once), the others still to run (a timer raced a fast machine that had
+        # finished them all first).
         killed_at = []
-        threading.Timer(3.0, lambda: (followers[0].kill(), killed_at.append(time.monotonic()))
-                        ).start()
+
+        class KillingProgressBar(tqdm):
+            def update(self, n=1):
+                if not killed_at:
+                    followers[0].kill()
+                    killed_at.append(time.monotonic())
+                return super().update(n)
+
         with pytest.raises(Exception) as raised:
-            generate_ids(llm, prompts * 2, temperature=0.0, max_tokens=110, ignore_eos=True)
+            llm.generate([{"prompt_token_ids": p} for p in prompts * 2],
+                         SamplingParams(temperature=0.0, max_tokens=110, ignore_eos=True),
+                         use_tqdm=KillingProgressBar)
         assert killed_at, f"the generation ended before the kill: {raised.value!r}"
         assert time.monotonic() - killed_at[0] < 60
     finally:

@@ -23,6 +23,11 @@ every stage for the LM head. With M = N each stage is busy M of the 2N - 1 ticks
 bubble: N - 1 ticks of 2N - 1 idle; stages running strictly in turn would idle N - 1 of
 N), at the price of padding each micro-batch to the bucket of the largest.
 
+Across JAX processes (multi-host, plugin/multihost.py) the stage axis spans the processes:
+the mesh takes the same number of devices from each (stage_devices), so each process holds
+whole stages, and places only its own stages' layers (StageStack); what crosses the hosts
+per step is the ppermuted activations and the final psum, not a collective per layer.
+
 The stage index is traced, so layer j of every stage must agree in the tree and shapes of
 its weights and cache and in its static arguments (e.g. sliding windows); the engine
 refuses, by name, models whose layers differ."""

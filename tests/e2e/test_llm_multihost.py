@@ -1,15 +1,17 @@
 """vllm.LLM across two JAX processes ("hosts"), 4 virtual CPU devices each, joined by
-jax.distributed (plugin/multihost.py): tensor and expert parallel 8 over both (a tiny MoE)
-and data parallel 2 x tensor parallel 4 (one replica per process) give transformers'
-greedy output, and killing the follower mid-request ends the engine with an error naming
-it, well within 60 s. The server runs data parallel 2 x tensor parallel 4 over both."""
+jax.distributed (plugin/multihost.py): pipeline parallel 2 x tensor parallel 2 (one stage on
+each process, parallel/pipeline.stage_devices) and tensor + expert parallel 8 over both (a
+tiny MoE) give transformers' greedy output with nothing compiled after warm-up; killing the
+follower mid-request ends the engine with an error naming it, well within 60 s. The server
+runs data parallel 2 x tensor parallel 4 over both (one replica per process; through
+vllm.LLM, data parallel across processes runs in tests/e2e/test_llm_ray.py)."""
 
-import threading
 import time
 
 import numpy as np
 import psutil
 import pytest
+from tqdm import tqdm
 
 from tests.e2e.engines import generate_ids, num_compilations, shutdown, start_llm
 from tests.helpers import hf_greedy_ids, save_tiny_family, save_tiny_model
@@ -31,8 +33,14 @@ def _tiny_llama(path):
 
 
 def _followers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True)
-            if FOLLOWER in " ".join(p.cmdline())]
+    """Live follower processes below this one (an exited, unreaped child is none)."""
+    def command(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            return ""
+
+    return [p for p in psutil.Process().children(recursive=True) if FOLLOWER in command(p)]
 
 
 @pytest.fixture
@@ -44,29 +52,55 @@ def two_hosts(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
 
 
-def test_data_parallel_2_by_tensor_parallel_4_across_two_processes(tmp_path, two_hosts):
-    """One replica per process (the data axis spans the processes, each replica's model
-    axis its own process's 4 devices): each process places its own replica's step inputs."""
+def test_pipeline_stages_across_two_processes_then_a_killed_follower_ends_it(
+        tmp_path, two_hosts, capfd):
+    from vllm import SamplingParams
+
     model_dir = _tiny_llama(tmp_path / "llama")
-    rng = np.random.default_rng(6)
-    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40, 13, 31, 5)]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
     expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
-    llm = start_llm(model_dir, tensor_parallel_size=4, max_num_seqs=4, max_num_batched_tokens=16,
-                    additional_config={"data_parallel_size": 2})
+    # Stage 0 on the driver's first two devices, stage 1 on the follower's: each process
+    # holds one stage's layer and KV pages; activations cross between them (gloo).
+    llm = start_llm(model_dir, pipeline_parallel_size=2, tensor_parallel_size=2, max_num_seqs=4,
+                    max_num_batched_tokens=16)
     try:
-        assert llm.collective_rpc("mesh_shape")[0] == {"data": 2, "model": 4}
+        assert llm.collective_rpc("mesh_shape")[0] == {"stage": 2, "data": 1, "model": 2}
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 0, 1, 1]
         compiled = num_compilations(llm)
         got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert got == expected
         assert num_compilations(llm) == compiled
-        rows = llm.collective_rpc("replica_rows")[0]
+        followers = _followers()
+        assert len(followers) == 1
+
+        # Mid-request: the follower is killed when the first of six requests finishes (four
+        # run at once), the others still to run (a timer raced a fast machine that had
+        # finished them all first).
+        killed_at = []
+
+        class KillingProgressBar(tqdm):
+            def update(self, n=1):
+                if not killed_at:
+                    followers[0].kill()
+                    killed_at.append(time.monotonic())
+                return super().update(n)
+
+        with pytest.raises(Exception) as raised:
+            llm.generate([{"prompt_token_ids": p} for p in prompts * 2],
+                         SamplingParams(temperature=0.0, max_tokens=110, ignore_eos=True),
+                         use_tqdm=KillingProgressBar)
+        assert killed_at, f"the generation ended before the kill: {raised.value!r}"
+        assert time.monotonic() - killed_at[0] < 60
     finally:
         shutdown(llm)
-    assert got == expected
-    assert len(rows) == 2 and min(rows) > 0, rows  # both replicas (both processes) ran requests
+    assert "EngineDead" in type(raised.value).__name__ or "dead" in str(raised.value).lower()
+    err = capfd.readouterr().err
+    assert "follower process 1" in err and "closed its connection" in err, err[-3000:]
+    assert not _followers()
 
 
-def test_expert_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
-        tmp_path, two_hosts, capfd):
+def test_expert_parallel_8_across_two_processes(tmp_path, two_hosts):
     """A tiny Qwen3-MoE (a dense layer, then 8 experts): attention and the dense MLP split
     8 ways, one expert per device, half of them on the other process."""
     model_dir = save_tiny_family(tmp_path / "moe", "qwen3_moe")
@@ -81,23 +115,8 @@ def test_expert_parallel_8_across_two_processes_then_a_killed_follower_ends_it(
         got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
         assert got == expected
         assert num_compilations(llm) == compiled
-        followers = _followers()
-        assert len(followers) == 1
-
-        # Mid-request: a long generation is running when the follower is killed.
-        killed_at = []
-        threading.Timer(3.0, lambda: (followers[0].kill(), killed_at.append(time.monotonic()))
-                        ).start()
-        with pytest.raises(Exception) as raised:
-            generate_ids(llm, prompts * 2, temperature=0.0, max_tokens=110, ignore_eos=True)
-        assert killed_at, f"the generation ended before the kill: {raised.value!r}"
-        assert time.monotonic() - killed_at[0] < 60
     finally:
         shutdown(llm)
-    assert "EngineDead" in type(raised.value).__name__ or "dead" in str(raised.value).lower()
-    err = capfd.readouterr().err
-    assert "follower process 1" in err and "closed its connection" in err, err[-3000:]
-    assert not _followers()
 
 
 def test_server_across_two_processes_answers_then_exits_when_the_follower_dies(tmp_path):

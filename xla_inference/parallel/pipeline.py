@@ -23,6 +23,11 @@ every stage for the LM head. With M = N each stage is busy M of the 2N - 1 ticks
 bubble: N - 1 ticks of 2N - 1 idle; stages running strictly in turn would idle N - 1 of
 N), at the price of padding each micro-batch to the bucket of the largest.
 
+Across JAX processes (multi-host, plugin/multihost.py) the stage axis spans the processes:
+the mesh takes the same number of devices from each (stage_devices), so each process holds
+whole stages, and places only its own stages' layers (StageStack); what crosses the hosts
+per step is the ppermuted activations and the final psum, not a collective per layer.
+
 The stage index is traced, so layer j of every stage must agree in the tree and shapes of
 its weights and cache and in its static arguments (e.g. sliding windows); the engine
 refuses, by name, models whose layers differ."""
@@ -56,6 +61,27 @@ def num_stages(mesh) -> int:
     return dict(mesh.shape).get(STAGE_AXIS, 1)
 
 
+def stage_devices(devices: Sequence, needed: int) -> list:
+    """The `needed` devices a pipeline mesh takes, stage slices consecutive: the first
+    `needed`, or, when the devices belong to several JAX processes (multi-host,
+    plugin/multihost.py), needed / P of each process's, in process order, so the stage axis
+    spans the processes (each holds whole stages, their layers and KV pages, and only the
+    activations between stages cross hosts) and no process is left out of the mesh (it runs
+    the same program and reads the step's outputs from its own devices)."""
+    by_process: dict[int, list] = {}
+    for device in devices:
+        by_process.setdefault(device.process_index, []).append(device)
+    if len(by_process) == 1:
+        return list(devices)[:needed]
+    per_process, rest = divmod(needed, len(by_process))
+    counts = {p: len(local) for p, local in sorted(by_process.items())}
+    if rest or per_process == 0 or min(counts.values()) < per_process:
+        raise ValueError(f"pipeline parallel across {len(counts)} JAX processes takes the same "
+                         f"number of devices from each: the mesh's {needed} devices do not "
+                         f"split so over processes with {counts} devices")
+    return [d for p in sorted(by_process) for d in by_process[p][:per_process]]
+
+
 def check_stackable(layers: list, stages: int) -> None:
     """Raise unless the layers split evenly into `stages` and layer j of every stage has the
     same tree and shapes (a dense decoder's do; a model mixing dense and MoE layers may not)."""
@@ -71,15 +97,42 @@ def check_stackable(layers: list, stages: int) -> None:
                              "same weights' shapes; this model's layers differ between stages")
 
 
+class StageStack:
+    """One leaf of layer j of every stage, as the host array [N, ...] they stack into, stacked
+    only where read: placement (parallel/sharding.place) asks for each of this process's
+    devices' slices, so a process copies only its own stages' layers (across hosts, one
+    stage's of N), not the whole stack, and no stacked copy of every layer outlives it."""
+
+    def __init__(self, parts):
+        self.parts = [np.asarray(p) for p in parts]
+        self.shape = (len(self.parts), *self.parts[0].shape)
+        self.dtype = self.parts[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        stages, rest = index[0], index[1:]
+        if isinstance(stages, (int, np.integer)):
+            return self.parts[stages][rest]
+        return np.stack([self.parts[s][rest] for s in range(len(self.parts))[stages]])
+
+    def __array__(self, dtype=None, copy=None):
+        stacked = np.stack(self.parts)
+        return stacked if dtype is None else stacked.astype(dtype)
+
+
 def stage_params(params, shardings, mesh: Mesh):
     """(params, their shardings) of a model whose `layers` field is a list of layers ->
-    the same with `layers` as StagedLayers (host arrays stacked per stage, each sharding
-    with the stage axis in front of its own spec)."""
+    the same with `layers` as StagedLayers (each leaf a StageStack of every stage's, each
+    sharding with the stage axis in front of its own spec)."""
     stages = num_stages(mesh)
     check_stackable(params.layers, stages)
     per_stage = len(params.layers) // stages
-    local = [jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]),
-                          *params.layers[j::per_stage]) for j in range(per_stage)]
+    local = [jax.tree.map(lambda *a: StageStack(a), *params.layers[j::per_stage])
+             for j in range(per_stage)]
 
     def staged(sharding):
         return NamedSharding(mesh, PartitionSpec(STAGE_AXIS, *sharding.spec))

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference.parallel.axes import field_axes
+from xla_inference.parallel.pipeline import StageStack, stage_devices
 
 MESH_AXES = ("data", "model")
 TENSOR_AXIS = "model"  # the mesh axis tensor parallel splits over
@@ -58,8 +59,8 @@ def build_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
             f"sees {len(devices)} ({devices[0].platform}); on CPU, "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N makes N virtual devices")
     if pipeline_parallel_size > 1:
-        grid = np.array(devices[:needed]).reshape(pipeline_parallel_size, data_parallel_size,
-                                                  tensor_parallel_size)
+        grid = np.array(stage_devices(devices, needed)).reshape(
+            pipeline_parallel_size, data_parallel_size, tensor_parallel_size)
         return Mesh(grid, ("stage", *MESH_AXES))
     grid = np.array(devices[:needed]).reshape(data_parallel_size, tensor_parallel_size)
     return Mesh(grid, MESH_AXES)
@@ -195,8 +196,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def place(host_array, sharding: NamedSharding) -> jax.Array:
-    """Put a host array on the mesh shard by shard: no device receives more than its slice."""
-    host_array = np.asarray(host_array)
+    """Put a host array on the mesh shard by shard: no device receives more than its slice
+    (and a StageStack, pipeline stages' layers, is read only for this process's devices)."""
+    if not isinstance(host_array, StageStack):
+        host_array = np.asarray(host_array)
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
 

@@ -63,12 +63,12 @@ def _executor_backend(parallel) -> str:
 
 
 def _refuse_untested_across_hosts(vllm_config) -> None:
-    """Several JAX processes serve a native decoder with tensor (and expert) parallel and
-    data parallel replicas; what has not been run across processes yet is refused, named,
-    rather than risked."""
+    """Several JAX processes serve a native decoder with tensor (and expert) parallel, data
+    parallel replicas, and in pipeline stages (the stage axis spanning the processes:
+    parallel/pipeline.stage_devices); what has not been run across processes yet is
+    refused, named, rather than risked."""
     model = vllm_config.model_config
     refusals = [
-        (pipeline_parallel_size(vllm_config) > 1, "pipeline parallel (--pipeline-parallel-size)"),
         (vllm_config.speculative_config is not None, "speculative decoding"),
         (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
         (vllm_config.lora_config is not None, "LoRA adapters (--enable-lora)"),
@@ -81,7 +81,7 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
     if refused:
         raise ValueError(f"xla-inference does not run {', '.join(refused)} across several JAX "
                          "processes (XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves "
-                         "native decoder families with tensor, expert and data parallel")
+                         "native decoder families with tensor, expert and data parallel and pipeline stages")
 
 
 def _jax_runs_on_host() -> bool:

@@ -459,6 +459,11 @@ class XlaWorker(WorkerBase):
     def mesh_shape(self) -> dict:
         return dict(self.model_runner.engine.mesh.shape)
 
+    def mesh_processes(self) -> list:
+        """The JAX process of every device in the mesh's grid (multi-host: which host holds
+        which stage or shard)."""
+        return [d.process_index for d in self.model_runner.engine.mesh.devices.flat]
+
     def synchronize_device(self) -> None:
         """JAX results are waited on when they are read."""
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.multimodal.attention import segment_attention
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -217,38 +219,11 @@ def _attention(config, p, x, cos, sin, segments: SegmentLayout):
     # [segments, heads, S, d]: XLA's CPU dots want their batch dimensions leading (a dot
     # batched over (segment, head) in the middle of its operands ran 3x slower).
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-    out = _segment_attention(q, k, v, segments.valid, d ** -0.5)
+    out = segment_attention(q, k, v, segments.valid, d ** -0.5)
     out = jnp.swapaxes(out, 1, 2).reshape(-1, config.hidden_size)
     if segments.scatter is not None:
         out = out[segments.scatter]
     return _linear(out, p["proj"])
-
-
-# Queries taken at most this many at a time in a long segment (a full block's frame): a
-# chunk's [heads, chunk, S] scores stay in cache where the whole [heads, S, S] would not.
-QUERY_CHUNK = 128
-
-
-def _segment_attention(q, k, v, valid, scale):
-    """Softmax attention inside each segment: q, k, v [segments, heads, S, d] -> q's shape.
-    valid [segments, S]: the keys that are rows of the segment (None: all)."""
-    def attend(queries):
-        scores = jnp.einsum("ghqd,ghkd->ghqk", queries, k).astype(jnp.float32) * scale
-        if valid is not None:  # the padded keys of a short window
-            scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
-        # The softmax's division after the product with v: one pass less over the scores.
-        weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        out = jnp.einsum("ghqk,ghkd->ghqd", weights.astype(v.dtype), v)
-        return out / jnp.sum(weights, axis=-1, keepdims=True).astype(v.dtype)
-
-    g, h, s, d = q.shape
-    chunks = -(-s // QUERY_CHUNK)
-    if chunks == 1:
-        return attend(q)
-    size = -(-s // chunks)  # equal chunks; the last one's padded queries are dropped
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, chunks * size - s), (0, 0)))
-    out = jax.lax.map(attend, jnp.moveaxis(q.reshape(g, h, chunks, size, d), 2, 0))
-    return jnp.moveaxis(out, 0, 2).reshape(g, h, chunks * size, d)[:, :, :s]
 
 
 def _block(config, p, x, cos, sin, segments: SegmentLayout):
@@ -257,9 +232,30 @@ def _block(config, p, x, cos, sin, segments: SegmentLayout):
     return x + _linear(jax.nn.silu(_linear(h, p["gate"])) * _linear(h, p["up"]), p["down"])
 
 
-def encode(config: VisionConfig, grid: tuple[int, int, int], params: dict, patches: jax.Array) -> jax.Array:
+def pixel_affine(config: VisionConfig, scale=None, shift=None) -> np.ndarray:
+    """[2, in_channels] float32: the per-channel scale and shift that take the pixels the
+    tower is given to the processor's normalized ones (raw uint8 pixels, when vLLM leaves the
+    normalization to the model: rescale / std and -mean / std). None: the identity, for
+    pixels that come normalized."""
+    c = config.in_channels
+    return np.stack([np.ones(c) if scale is None else np.broadcast_to(scale, c),
+                     np.zeros(c) if shift is None else np.broadcast_to(shift, c)]).astype(np.float32)
+
+
+def _normalize(config: VisionConfig, patches, affine):
+    """Each patch feature (channel, frame, row, column as the Conv3d's weight) times its
+    channel's scale plus its shift."""
+    channel = np.repeat(np.arange(config.in_channels), config.patch_features // config.in_channels)
+    return patches.astype(jnp.float32) * affine[0][channel] + affine[1][channel]
+
+
+def encode(config: VisionConfig, grid: tuple[int, int, int], params: dict, patches: jax.Array,
+           affine: jax.Array | None = None) -> jax.Array:
     """(t*h*w, patch_features) patches of one image, in the processor's order, to its
-    (t*h*w / merge_unit, out_hidden_size) embeddings, in the LM's placeholder order."""
+    (t*h*w / merge_unit, out_hidden_size) embeddings, in the LM's placeholder order.
+    affine: pixel_affine's, for patches that still need the processor's normalization."""
+    if affine is not None:
+        patches = _normalize(config, patches, affine)
     layout = grid_layout(config, grid)
     cos, sin = _rotary_cos_sin(config, layout.positions)
     windows = segment_layout(layout.window_segment)
@@ -279,8 +275,9 @@ def encode(config: VisionConfig, grid: tuple[int, int, int], params: dict, patch
 
 @lru_cache(maxsize=None)
 def encoder_for_grid(config: VisionConfig, grid: tuple[int, int, int]):
-    """The jitted tower for one image grid (t, h, w): params, patches -> embeddings."""
-    return jax.jit(lambda params, patches: encode(config, grid, params, patches))
+    """The jitted tower for one image grid (t, h, w): params, float32 patches, affine
+    (pixel_affine's: normalized and raw pixels share the program) -> embeddings."""
+    return jax.jit(lambda params, patches, affine: encode(config, grid, params, patches, affine))
 
 
 def encode_images(config: VisionConfig, params: dict, pixel_values: np.ndarray,
@@ -290,7 +287,8 @@ def encode_images(config: VisionConfig, params: dict, pixel_values: np.ndarray,
     for grid in grids:
         grid = tuple(int(g) for g in grid)
         rows = int(np.prod(grid))
-        outputs.append(encoder_for_grid(config, grid)(params, jnp.asarray(pixel_values[start:start + rows])))
+        outputs.append(encoder_for_grid(config, grid)(params, np.asarray(pixel_values[start:start + rows]),
+                                                      pixel_affine(config)))
         start += rows
     if start != len(pixel_values):
         raise ValueError(f"pixel_values has {len(pixel_values)} patches; the grids {grids} "

@@ -275,8 +275,8 @@ def encode(config: VisionConfig, grid: tuple[int, int, int], params: dict, patch
 
 @lru_cache(maxsize=None)
 def encoder_for_grid(config: VisionConfig, grid: tuple[int, int, int]):
-    """The jitted tower for one image grid (t, h, w): params, float32 patches, affine
-    (pixel_affine's: normalized and raw pixels share the program) -> embeddings."""
+    """The jitted tower for one image grid (t, h, w): params, patches, affine (pixel_affine's)
+    -> embeddings. One program per patches' dtype: float32 (normalized) or uint8 (raw)."""
     return jax.jit(lambda params, patches, affine: encode(config, grid, params, patches, affine))
 
 

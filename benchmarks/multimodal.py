@@ -12,13 +12,15 @@ median of `--repeats`.
 
     PYTHONPATH=. .venv/bin/python benchmarks/multimodal.py
 
-`--encoder`: the Qwen2.5-VL vision tower alone on one 448x448 image (1024 patches), in one
-process: our jitted tower (the runner's call: host patches in, embeddings out) against vLLM's
+`--encoder`: the Qwen2.5-VL vision tower alone on one 448x448 image (1024 patches, raw uint8
+pixels normalized in the tower, as both serve them), in one process: our jitted tower (the
+runner's call: host patches in, embeddings out) against vLLM's
 own Qwen2_5_VisionTransformer run in torch on the CPU (built standalone, vLLM's CPU platform,
 the checkpoint's `visual.*` weights), alternated, medians of `--repeats`.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -81,9 +83,10 @@ def _run(args) -> dict:
             "prompt_tokens": num_tokens}
 
 
-def _vllm_vision_tower(path: Path, vision_config):
+def _vllm_vision_tower(path: Path, vision_config, mean, std):
     """vLLM's torch Qwen2.5-VL tower outside an engine: one-rank process groups, the
-    checkpoint's tower weights, and its linear layers' CPU kernels (process_weights_after_loading)."""
+    checkpoint's tower weights, its linear layers' CPU kernels (process_weights_after_loading),
+    and its input normalization of raw uint8 pixels (as its mm_device_do_normalize builds it)."""
     from safetensors.torch import load_file
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
@@ -92,9 +95,12 @@ def _vllm_vision_tower(path: Path, vision_config):
         init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                      distributed_init_method="tcp://127.0.0.1:29533")
         initialize_model_parallel(1, 1)
+        from vllm.model_executor.layers.fusion.mm_input_norm import FusedMMInputNorm
         from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VisionTransformer
 
-        tower = Qwen2_5_VisionTransformer(vision_config, norm_eps=1e-6, prefix="visual").eval()
+        norm = FusedMMInputNorm(list(mean), list(std), 1 / 255)
+        tower = Qwen2_5_VisionTransformer(vision_config, norm_eps=1e-6, prefix="visual",
+                                          input_norm=norm).eval()
         tensors = load_file(path / "model.safetensors")
         tower.load_weights((name.split("visual.", 1)[1], t) for name, t in tensors.items()
                            if "visual." in name)
@@ -122,12 +128,17 @@ def _encoder_timing(args) -> None:
     config = VisionConfig.from_hf(hf_config["vision_config"])
     params = vision_params(tensors, config)
     program = encoder_for_grid(config, grid)
-    tower = _vllm_vision_tower(path, AutoConfig.from_pretrained(path).vision_config)
-    pixels = np.random.default_rng(0).standard_normal((grid[1] * grid[2], config.patch_features),
-                                                      np.float32)
+    # Raw uint8 pixels, normalized inside each tower, as both backends serve them (vLLM's
+    # mm_device_do_normalize); the processor's mean and std.
+    processor = json.loads((path / "processor_config.json").read_text())["image_processor"]
+    mean, std = np.array(processor["image_mean"]), np.array(processor["image_std"])
+    tower = _vllm_vision_tower(path, AutoConfig.from_pretrained(path).vision_config, mean, std)
+    pixels = np.random.default_rng(0).integers(0, 256, (grid[1] * grid[2], config.patch_features),
+                                               np.uint8)
+    affine = pixel_affine(config, 1 / 255 / std, -mean / std)
 
     def ours():
-        return np.asarray(jax.block_until_ready(program(params, pixels, pixel_affine(config))))
+        return np.asarray(jax.block_until_ready(program(params, pixels, affine)))
 
     def theirs(threads):
         torch.set_num_threads(threads)

@@ -65,7 +65,7 @@ def _tiny_qwen2_5_vl(path):
 
 def test_qwen2_5_vl_images_are_served_and_other_paths_refused(tmp_path):
     """A Qwen2.5-VL checkpoint starts with image inputs on the native family (vLLM's
-    on-device normalization off: our encoder takes the processor's normalized pixels); the
+    on-device normalization kept on: our encoder normalizes the raw pixels itself); the
     torch path, which ignores encoder inputs, is refused by name; --language-model-only
     serves the text model."""
     from vllm.engine.arg_utils import EngineArgs
@@ -78,7 +78,7 @@ def test_qwen2_5_vl_images_are_served_and_other_paths_refused(tmp_path):
 
     served = config().model_config
     assert served.supports_multimodal_inputs
-    assert served.multimodal_config.mm_device_do_normalize is False
+    assert served.multimodal_config.mm_device_do_normalize is True
     with pytest.raises(Exception, match="does not support image, video or audio inputs"):
         config(model_impl="vllm")
     assert not config(language_model_only=True).model_config.supports_multimodal_inputs

@@ -64,6 +64,11 @@ class MultimodalItem:
         return self.length if self.is_embed is None else int(self.is_embed.sum())
 
 
+# The key of an item's data that holds raw pixels' [2, channels] scale and shift, where vLLM
+# leaves the processor's normalization to the model (mm_device_do_normalize).
+PIXEL_AFFINE = "pixel_affine"
+
+
 @dataclasses.dataclass(frozen=True)
 class MultimodalSupport:
     """What a multimodal family adds to its record:
@@ -76,6 +81,8 @@ class MultimodalSupport:
         processor's (t, h, w) in patches), so that images of that grid compile nothing
       fixed_grids(cfg) -> grids warmed up whatever sizes the user names (an encoder whose
         processor resizes every image to one size: Gemma 3); None: only the named ones
+      raw_pixels: encode also takes raw uint8 pixels with the item's PIXEL_AFFINE (so vLLM
+        may leave the processor's normalization to the model: mm_device_do_normalize)
     """
 
     modalities: tuple[str, ...]
@@ -83,6 +90,7 @@ class MultimodalSupport:
     rope_positions: Callable[..., tuple[Any, int]]
     warm_up: Callable[..., None]
     fixed_grids: Callable[..., list] | None = None
+    raw_pixels: bool = False
 
 
 FULL, SLIDING, MLA = "full", "sliding_window", "mla"

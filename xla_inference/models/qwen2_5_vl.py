@@ -26,11 +26,11 @@ from xla_inference.layers.norms import rms_norm
 from xla_inference.loading.checkpoint import RenamedTensors
 from xla_inference.models import decoder
 from xla_inference.models.decoder import DecoderConfig, DecoderLayer, DecoderParams, decoder_family
-from xla_inference.models.interface import (MultimodalItem, MultimodalStepBatch,
+from xla_inference.models.interface import (PIXEL_AFFINE, MultimodalItem, MultimodalStepBatch,
                                             MultimodalSupport, StepBatch)
 from xla_inference.models.qwen2 import Qwen2Config, qwen_sliding_windows
 from xla_inference.multimodal.qwen2_5_vl_vision import (VisionConfig, encoder_for_grid,
-                                                        vision_params)
+                                                        pixel_affine, vision_params)
 from xla_inference.parallel.axes import weight
 
 ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
@@ -142,18 +142,23 @@ def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem
                          f"{item.modality}")
     grid = _grid(item)
     patches = np.asarray(item.data[_PIXELS[item.modality]])
-    if not np.issubdtype(patches.dtype, np.floating):  # raw pixels would be read as normalized
-        raise ValueError(f"Qwen2.5-VL's encoder takes the processor's normalized pixel values, "
-                         f"not {patches.dtype} pixels (vLLM's mm_device_do_normalize must be off)")
-    patches = patches.astype(np.float32)
-    embeds = _encode_frames(params, cfg, grid, patches)
+    affine = item.data.get(PIXEL_AFFINE)
+    if np.issubdtype(patches.dtype, np.floating):
+        affine = pixel_affine(cfg.vision)  # the processor normalized them
+        patches = np.asarray(patches, np.float32)
+    elif patches.dtype != np.uint8 or affine is None:  # raw pixels would be read as normalized
+        raise ValueError(f"Qwen2.5-VL's encoder takes normalized float pixels, or uint8 pixels "
+                         f"with the processor's normalization to apply ({PIXEL_AFFINE}); it "
+                         f"got {patches.dtype} pixels{'' if affine is not None else ' alone'}")
+    # Raw pixels reach the program as uint8: a quarter of the bytes to copy, no host pass.
+    embeds = _encode_frames(params, cfg, grid, patches, affine)
     if embeds.shape[0] != item.length:
         raise ValueError(f"an {item.modality} of grid {grid} gives {embeds.shape[0]} "
                          f"embeddings; its prompt holds {item.length} placeholders")
     return embeds
 
 
-def _encode_frames(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, patches):
+def _encode_frames(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, patches, affine):
     """Every block attends inside one frame pair (windows, or the whole frame), so a video of
     t frame pairs is t calls of the image program of its frame size: no program per frame
     count, attention memory linear in t, and a warmed-up image size serves videos of that
@@ -162,15 +167,19 @@ def _encode_frames(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, patche
     if patches.shape[0] != t * h * w:
         raise ValueError(f"{patches.shape[0]} patches for a grid of {grid}")
     program = encoder_for_grid(cfg.vision, (1, h, w))
-    frames = [program(params.vision, patches[k * h * w:(k + 1) * h * w]) for k in range(t)]
+    frames = [program(params.vision, patches[k * h * w:(k + 1) * h * w], affine) for k in range(t)]
     return frames[0] if t == 1 else np.concatenate([np.asarray(f) for f in frames])
 
 
 def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid) -> None:
-    """Compile (and run once) the tower's program for one image grid, on a blank image."""
+    """Compile (and run once) the tower's programs for one image grid, on a blank image: one
+    for raw uint8 pixels (vLLM's default for Qwen2.5-VL, mm_device_do_normalize) and one
+    for normalized float32 ones (that setting off)."""
     grid = tuple(int(g) for g in grid)
-    patches = np.zeros((int(np.prod(grid)), cfg.vision.patch_features), np.float32)
-    jax.block_until_ready(encoder_for_grid(cfg.vision, grid)(params.vision, patches))
+    for dtype in (np.uint8, np.float32):
+        patches = np.zeros((int(np.prod(grid)), cfg.vision.patch_features), dtype)
+        jax.block_until_ready(encoder_for_grid(cfg.vision, grid)(params.vision, patches,
+                                                                 pixel_affine(cfg.vision)))
 
 
 def rope_positions(cfg: Qwen2_5_VLConfig, num_prompt_tokens: int,
@@ -201,4 +210,5 @@ def rope_positions(cfg: Qwen2_5_VLConfig, num_prompt_tokens: int,
 FAMILY = decoder_family(
     "qwen2_5_vl", ARCHITECTURES, Qwen2_5_VLConfig, load_params=load_params, forward=forward,
     multimodal=MultimodalSupport(modalities=("image", "video"), encode=encode,
-                                 rope_positions=rope_positions, warm_up=warm_up))
+                                 rope_positions=rope_positions, warm_up=warm_up,
+                                 raw_pixels=True))

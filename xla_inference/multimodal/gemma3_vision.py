@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.multimodal.attention import segment_attention
+
 
 @dataclass(frozen=True)
 class Gemma3VisionConfig:
@@ -139,10 +141,11 @@ def _patches(config: Gemma3VisionConfig, pixels: jax.Array) -> jax.Array:
 
 def _attention(config: Gemma3VisionConfig, p, x):
     n, heads, d = x.shape[0], config.num_heads, config.head_dim
-    q, k, v = (_linear(x, p[name]).reshape(n, heads, d) for name in ("q", "k", "v"))
-    scores = jnp.einsum("qhd,khd->hqk", q, k) * d ** -0.5
-    out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
-    return _linear(out.reshape(n, config.hidden_size), p["o"])
+    # One segment (the image) of [heads, n, d]: multimodal/attention.py's layout.
+    q, k, v = (_linear(x, p[name]).reshape(n, heads, d).transpose(1, 0, 2)[None]
+               for name in ("q", "k", "v"))
+    out = segment_attention(q, k, v, None, d ** -0.5)[0]
+    return _linear(out.transpose(1, 0, 2).reshape(n, config.hidden_size), p["o"])
 
 
 def _encoder_layer(config: Gemma3VisionConfig, p, x):

@@ -11,6 +11,11 @@ with the merge groups reordered window by window (so each window is contiguous) 
 restores the order at the end. Here every ordering and every attention segment is numpy,
 computed from the image's grid (t, h, w) at trace time: one compiled program per grid
 (`encoder_for_grid` caches them), and one image per call, as attention never crosses images.
+
+Attention runs per segment (a window, or a frame in the full blocks), batched as
+[segments, heads, S, S] scores: a windowed block costs the windows' squares, not the whole
+image's [N, N] under a mask. Windows cut at the image's edge are shorter; those are padded
+to the longest window with masked keys, and their padded rows dropped.
 """
 
 from dataclasses import dataclass
@@ -20,6 +25,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xla_inference.multimodal.attention import segment_attention
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,34 @@ class VisionConfig:
 
 
 # --- Layout of one image: numpy, from its grid -------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """The tower's rows (each segment a contiguous run of them) as [segments, size] slots for
+    a batched attention. `gather`, `valid` and `scatter` are None when every segment has
+    `size` rows: then a reshape is the layout."""
+    count: int
+    size: int
+    gather: np.ndarray | None = None   # (count, size) tower row in each slot (padding: any row)
+    valid: np.ndarray | None = None    # (count, size) the slots that hold a row of the segment
+    scatter: np.ndarray | None = None  # (N,) flat slot of each tower row
+
+
+def segment_layout(segment_ids: np.ndarray) -> SegmentLayout:
+    """Slots for segments given as each tower row's segment id, equal ids contiguous."""
+    starts = np.flatnonzero(np.r_[True, segment_ids[1:] != segment_ids[:-1]])
+    lengths = np.diff(np.r_[starts, segment_ids.size])
+    if len(np.unique(segment_ids)) != len(starts):
+        raise ValueError("attention segments must be contiguous runs of the tower's rows")
+    size = int(lengths.max())
+    if (lengths == size).all():
+        return SegmentLayout(len(starts), size)
+    slot = np.arange(size)
+    valid = slot[None, :] < lengths[:, None]
+    gather = starts[:, None] + np.where(valid, slot[None, :], 0)
+    scatter = (np.arange(len(starts))[:, None] * size + slot[None, :])[valid]
+    return SegmentLayout(len(starts), size, gather, valid, scatter)
 
 
 @dataclass(frozen=True)
@@ -173,35 +208,63 @@ def _rotate(x, cos, sin):
     return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
-def _attention(config, p, x, cos, sin, same_segment):
-    n = x.shape[0]
-    q, k, v = jnp.moveaxis(_linear(x, p["qkv"]).reshape(n, 3, config.num_heads, config.head_dim), 1, 0)
+def _attention(config, p, x, cos, sin, segments: SegmentLayout):
+    n, heads, d = x.shape[0], config.num_heads, config.head_dim
+    q, k, v = jnp.moveaxis(_linear(x, p["qkv"]).reshape(n, 3, heads, d), 1, 0)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    scores = jnp.einsum("qhd,khd->hqk", q, k).astype(jnp.float32) * config.head_dim ** -0.5
-    scores = jnp.where(same_segment[None], scores, -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("hqk,khd->qhd", weights, v).reshape(n, config.hidden_size)
+    if segments.gather is None:
+        q, k, v = (a.reshape(segments.count, segments.size, heads, d) for a in (q, k, v))
+    else:
+        q, k, v = (a[segments.gather] for a in (q, k, v))
+    # [segments, heads, S, d]: XLA's CPU dots want their batch dimensions leading (a dot
+    # batched over (segment, head) in the middle of its operands ran 3x slower).
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+    out = segment_attention(q, k, v, segments.valid, d ** -0.5)
+    out = jnp.swapaxes(out, 1, 2).reshape(-1, config.hidden_size)
+    if segments.scatter is not None:
+        out = out[segments.scatter]
     return _linear(out, p["proj"])
 
 
-def _block(config, p, x, cos, sin, same_segment):
-    x = x + _attention(config, p, _rms_norm(x, p["norm1"], config.rms_norm_eps), cos, sin, same_segment)
+def _block(config, p, x, cos, sin, segments: SegmentLayout):
+    x = x + _attention(config, p, _rms_norm(x, p["norm1"], config.rms_norm_eps), cos, sin, segments)
     h = _rms_norm(x, p["norm2"], config.rms_norm_eps)
     return x + _linear(jax.nn.silu(_linear(h, p["gate"])) * _linear(h, p["up"]), p["down"])
 
 
-def encode(config: VisionConfig, grid: tuple[int, int, int], params: dict, patches: jax.Array) -> jax.Array:
+def pixel_affine(config: VisionConfig, scale=None, shift=None) -> np.ndarray:
+    """[2, in_channels] float32: the per-channel scale and shift that take the pixels the
+    tower is given to the processor's normalized ones (raw uint8 pixels, when vLLM leaves the
+    normalization to the model: rescale / std and -mean / std). None: the identity, for
+    pixels that come normalized."""
+    c = config.in_channels
+    return np.stack([np.ones(c) if scale is None else np.broadcast_to(scale, c),
+                     np.zeros(c) if shift is None else np.broadcast_to(shift, c)]).astype(np.float32)
+
+
+def _normalize(config: VisionConfig, patches, affine):
+    """Each patch feature (channel, frame, row, column as the Conv3d's weight) times its
+    channel's scale plus its shift."""
+    channel = np.repeat(np.arange(config.in_channels), config.patch_features // config.in_channels)
+    return patches.astype(jnp.float32) * affine[0][channel] + affine[1][channel]
+
+
+def encode(config: VisionConfig, grid: tuple[int, int, int], params: dict, patches: jax.Array,
+           affine: jax.Array | None = None) -> jax.Array:
     """(t*h*w, patch_features) patches of one image, in the processor's order, to its
-    (t*h*w / merge_unit, out_hidden_size) embeddings, in the LM's placeholder order."""
+    (t*h*w / merge_unit, out_hidden_size) embeddings, in the LM's placeholder order.
+    affine: pixel_affine's, for patches that still need the processor's normalization."""
+    if affine is not None:
+        patches = _normalize(config, patches, affine)
     layout = grid_layout(config, grid)
     cos, sin = _rotary_cos_sin(config, layout.positions)
-    same_window = layout.window_segment[:, None] == layout.window_segment[None, :]
-    same_frame = layout.frame_segment[:, None] == layout.frame_segment[None, :]
+    windows = segment_layout(layout.window_segment)
+    frames = segment_layout(layout.frame_segment)
 
-    x = patches[layout.patch_order].astype(params["patch_embed"].dtype) @ params["patch_embed"]
+    # The embedding is per row: project in the processor's order, then reorder the narrower rows.
+    x = (patches.astype(params["patch_embed"].dtype) @ params["patch_embed"])[layout.patch_order]
     for i, p in enumerate(params["blocks"]):
-        segments = same_frame if i in config.fullatt_block_indexes else same_window
-        x = _block(config, p, x, cos, sin, segments)
+        x = _block(config, p, x, cos, sin, frames if i in config.fullatt_block_indexes else windows)
 
     merger = params["merger"]
     merged = _rms_norm(x, merger["norm"], config.rms_norm_eps)
@@ -212,8 +275,9 @@ def encode(config: VisionConfig, grid: tuple[int, int, int], params: dict, patch
 
 @lru_cache(maxsize=None)
 def encoder_for_grid(config: VisionConfig, grid: tuple[int, int, int]):
-    """The jitted tower for one image grid (t, h, w): params, patches -> embeddings."""
-    return jax.jit(lambda params, patches: encode(config, grid, params, patches))
+    """The jitted tower for one image grid (t, h, w): params, patches, affine (pixel_affine's)
+    -> embeddings. One program per patches' dtype: float32 (normalized) or uint8 (raw)."""
+    return jax.jit(lambda params, patches, affine: encode(config, grid, params, patches, affine))
 
 
 def encode_images(config: VisionConfig, params: dict, pixel_values: np.ndarray,
@@ -223,7 +287,8 @@ def encode_images(config: VisionConfig, params: dict, pixel_values: np.ndarray,
     for grid in grids:
         grid = tuple(int(g) for g in grid)
         rows = int(np.prod(grid))
-        outputs.append(encoder_for_grid(config, grid)(params, jnp.asarray(pixel_values[start:start + rows])))
+        outputs.append(encoder_for_grid(config, grid)(params, np.asarray(pixel_values[start:start + rows]),
+                                                      pixel_affine(config)))
         start += rows
     if start != len(pixel_values):
         raise ValueError(f"pixel_values has {len(pixel_values)} patches; the grids {grids} "

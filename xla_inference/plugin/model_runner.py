@@ -7,7 +7,7 @@ import torch
 from vllm.v1.outputs import (EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, LogprobsLists,
                              LogprobsTensors, ModelRunnerOutput)
 
-from xla_inference.models.interface import MultimodalItem
+from xla_inference.models.interface import PIXEL_AFFINE, MultimodalItem
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
 from xla_inference.sampling.host import SamplingOptions, logprobs_rows, unpack_grammar_bitmask
@@ -19,9 +19,10 @@ _GREEDY_TEMPERATURE = 1e-5
 _MIN_TEMPERATURE = 0.01
 
 
-def multimodal_items(features) -> list[MultimodalItem]:
+def multimodal_items(features, pixel_affine=None) -> list[MultimodalItem]:
     """vLLM's MultiModalFeatureSpecs of a new request -> the engine's items, in vLLM's order
-    (scheduled_encoder_inputs index them), the processor's tensors as numpy."""
+    (scheduled_encoder_inputs index them), the processor's tensors as numpy. pixel_affine
+    (mm_pixel_affine's): added to each item's data when its pixels come raw."""
     items = []
     for feature in features or ():
         place = feature.mm_position
@@ -32,9 +33,28 @@ def multimodal_items(features) -> list[MultimodalItem]:
             is_embed = np.asarray(place.is_embed, dtype=bool)
         data = None if feature.data is None else {
             key: _host_array(element.data) for key, element in feature.data.items()}
+        if data is not None and pixel_affine is not None:
+            data[PIXEL_AFFINE] = pixel_affine
         items.append(MultimodalItem(feature.identifier, feature.modality, place.offset,
                                     place.length, data, is_embed))
     return items
+
+
+def mm_pixel_affine(model_config):
+    """With vLLM's on-device normalization (mm_device_do_normalize, its default for
+    Qwen2.5-VL) the processor hands raw uint8 pixels to the model, sparing the front end a
+    float pass over every pixel and shrinking what crosses to the engine 4x; then the
+    encoder applies the processor's per-channel scale and shift: [2, channels] float32,
+    vLLM's own resolution of them (build_mm_input_norm). None when pixels come normalized."""
+    mm = getattr(model_config, "multimodal_config", None)
+    if mm is None or not mm.mm_device_do_normalize:
+        return None
+    from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm
+
+    norm = build_mm_input_norm(model_config)
+    if not hasattr(norm, "weight"):  # the processor's normalization is the identity
+        return np.stack([np.ones(3), np.zeros(3)]).astype(np.float32)
+    return np.stack([norm.weight.float().cpu().numpy(), norm.bias.float().cpu().numpy()])
 
 
 def _host_array(value):
@@ -70,8 +90,11 @@ def sampling_options(sp) -> SamplingOptions:
 class XlaModelRunner:
     """Keeps every request's state across steps; vLLM only sends what changed."""
 
-    def __init__(self, engine: ModelEngine, drafter=None, pooling=None, kv_connector=None):
+    def __init__(self, engine: ModelEngine, drafter=None, pooling=None, kv_connector=None,
+                 pixel_affine=None):
         self.engine = engine
+        # Raw pixels' normalization (mm_pixel_affine), handed to the encoder with each item.
+        self.pixel_affine = pixel_affine
         # The KV connector's worker side (kv_transfer/steps.KvConnectorSteps) and the step it
         # has bound; None without --kv-transfer-config.
         self.kv_connector = kv_connector
@@ -383,7 +406,7 @@ class XlaModelRunner:
             if new.lora_request is not None:  # loaded now if vLLM did not add it before
                 self.add_lora(new.lora_request)
                 state.lora_id = new.lora_request.lora_int_id
-            state.mm_items = multimodal_items(new.mm_features)
+            state.mm_items = multimodal_items(new.mm_features, self.pixel_affine)
             self.requests[new.req_id] = state
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):

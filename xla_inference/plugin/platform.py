@@ -200,9 +200,10 @@ class XlaPlatform(Platform):
         transfer = vllm_config.kv_transfer_config
         cls.kv_connector = None if transfer is None else (transfer.kv_role or "kv_both")
         cls.multimodal_modalities = served_modalities(vllm_config.model_config)
-        if cls.multimodal_modalities:
-            # Our encoders take the processor's normalized pixels (as transformers' processor
-            # gives them); vLLM's default for Qwen2-VL hands raw uint8 pixels to the model.
+        if cls.multimodal_modalities and not _takes_raw_pixels(vllm_config.model_config):
+            # This family's encoder takes the processor's normalized pixels only; with vLLM's
+            # mm_device_do_normalize the processor would hand it raw uint8 pixels. (Qwen2.5-VL's
+            # takes raw ones and normalizes them itself: plugin/model_runner.mm_pixel_affine.)
             vllm_config.model_config.multimodal_config.mm_device_do_normalize = False
         cls.image_end_limit = _bidirectional_images(vllm_config)
         _fold_data_parallel(vllm_config)
@@ -429,6 +430,13 @@ def served_modalities(model_config) -> tuple[str, ...]:
 
     family = native_family(list(model_config.architectures or []))
     return family.multimodal.modalities if family and family.multimodal else ()
+
+
+def _takes_raw_pixels(model_config) -> bool:
+    from xla_inference.models.registry import native_family
+
+    family = native_family(list(model_config.architectures or []))
+    return bool(family and family.multimodal and family.multimodal.raw_pixels)
 
 
 def pipeline_parallel_size(vllm_config) -> int:

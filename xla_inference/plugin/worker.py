@@ -10,7 +10,7 @@ from vllm.v1.kv_cache_interface import (FullAttentionSpec, MLAAttentionSpec, Sli
                                         UniformTypeKVCacheSpecs)
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
-from xla_inference.plugin.model_runner import XlaModelRunner
+from xla_inference.plugin.model_runner import XlaModelRunner, mm_pixel_affine
 from xla_inference.plugin.platform import (data_parallel_size, patch_vllm_config,
                                           pipeline_parallel_size)
 from xla_inference.plugin.quantization import loader_method
@@ -316,7 +316,8 @@ class XlaWorker(WorkerBase):
                               pooling=self.model_config.runner_type == "pooling")
         drafter = build_drafter(self.vllm_config, self.draft_model, kv_cache_config, engine)
         self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests(),
-                                           kv_connector=self._kv_connector(kv_cache_config, engine))
+                                           kv_connector=self._kv_connector(kv_cache_config, engine),
+                                           pixel_affine=mm_pixel_affine(self.model_config))
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays, default=-1),

@@ -142,14 +142,19 @@ def encode(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, item: MultimodalItem
                          f"{item.modality}")
     grid = _grid(item)
     patches = np.asarray(item.data[_PIXELS[item.modality]])
+    # PIXEL_AFFINE, not the pixels' dtype, says whether the processor normalized them: with
+    # vLLM's mm_device_do_normalize it does not, and its own Qwen2.5-VL applies the scale and
+    # shift to whatever dtype comes (a processor may hand unnormalized pixels as floats).
     affine = item.data.get(PIXEL_AFFINE)
     if np.issubdtype(patches.dtype, np.floating):
-        affine = pixel_affine(cfg.vision)  # the processor normalized them
         patches = np.asarray(patches, np.float32)
+        if affine is None:
+            affine = pixel_affine(cfg.vision)  # the processor normalized them: the identity
     elif patches.dtype != np.uint8 or affine is None:  # raw pixels would be read as normalized
-        raise ValueError(f"Qwen2.5-VL's encoder takes normalized float pixels, or uint8 pixels "
-                         f"with the processor's normalization to apply ({PIXEL_AFFINE}); it "
-                         f"got {patches.dtype} pixels{'' if affine is not None else ' alone'}")
+        raise ValueError(f"Qwen2.5-VL's encoder takes float pixels, or uint8 pixels with the "
+                         f"processor's normalization to apply ({PIXEL_AFFINE}); it got "
+                         f"{patches.dtype} pixels{'' if affine is not None else ' alone'}")
+    affine = np.asarray(affine, np.float32)  # one program per pixels' dtype, whatever the affine
     # Raw pixels reach the program as uint8: a quarter of the bytes to copy, no host pass.
     embeds = _encode_frames(params, cfg, grid, patches, affine)
     if embeds.shape[0] != item.length:
@@ -174,7 +179,8 @@ def _encode_frames(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, patche
 def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid) -> None:
     """Compile (and run once) the tower's programs for one image grid, on a blank image: one
     for raw uint8 pixels (vLLM's default for Qwen2.5-VL, mm_device_do_normalize) and one
-    for normalized float32 ones (that setting off)."""
+    for float32 ones (that setting off, or a processor handing unnormalized floats: the
+    affine is an argument, so either runs the float32 program)."""
     grid = tuple(int(g) for g in grid)
     for dtype in (np.uint8, np.float32):
         patches = np.zeros((int(np.prod(grid)), cfg.vision.patch_features), dtype)

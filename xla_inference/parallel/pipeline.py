@@ -68,6 +68,15 @@ def stage_devices(devices: Sequence, needed: int) -> list:
     spans the processes (each holds whole stages, their layers and KV pages, and only the
     activations between stages cross hosts) and no process is left out of the mesh (it runs
     the same program and reads the step's outputs from its own devices)."""
+    return devices_from_each_process(devices, needed, "pipeline parallel")
+
+
+def devices_from_each_process(devices: Sequence, needed: int, what: str) -> list:
+    """The first `needed` devices in one JAX process; across several, needed / P of each
+    process's, in process order. Every process runs the same step (the multi-host follower
+    makes each call the driver makes) and reads its outputs from its own devices, so each
+    must hold the same share of the mesh: a process left out of it could not run the step.
+    `what`: the mesh, named in the refusal when `needed` does not split so."""
     by_process: dict[int, list] = {}
     for device in devices:
         by_process.setdefault(device.process_index, []).append(device)
@@ -76,7 +85,7 @@ def stage_devices(devices: Sequence, needed: int) -> list:
     per_process, rest = divmod(needed, len(by_process))
     counts = {p: len(local) for p, local in sorted(by_process.items())}
     if rest or per_process == 0 or min(counts.values()) < per_process:
-        raise ValueError(f"pipeline parallel across {len(counts)} JAX processes takes the same "
+        raise ValueError(f"{what} across {len(counts)} JAX processes takes the same "
                          f"number of devices from each: the mesh's {needed} devices do not "
                          f"split so over processes with {counts} devices")
     return [d for p in sorted(by_process) for d in by_process[p][:per_process]]

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference.parallel.axes import field_axes
-from xla_inference.parallel.pipeline import StageStack, stage_devices
+from xla_inference.parallel.pipeline import StageStack, devices_from_each_process, stage_devices
 
 MESH_AXES = ("data", "model")
 TENSOR_AXIS = "model"  # the mesh axis tensor parallel splits over
@@ -50,7 +50,18 @@ def build_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                devices: list | None = None, pipeline_parallel_size: int = 1) -> Mesh:
     """A (data, model) mesh; with pipeline stages a (stage, data, model) mesh whose stage
     slices take consecutive devices (parallel/pipeline.py)."""
-    devices = list(jax.devices() if devices is None else devices)
+    grid = mesh_grid(tensor_parallel_size, data_parallel_size,
+                     list(jax.devices() if devices is None else devices), pipeline_parallel_size)
+    return Mesh(grid, ("stage", *MESH_AXES) if pipeline_parallel_size > 1 else MESH_AXES)
+
+
+def mesh_grid(tensor_parallel_size: int, data_parallel_size: int, devices: list,
+              pipeline_parallel_size: int = 1) -> np.ndarray:
+    """The mesh's devices [data, model] (or [stage, data, model]): the first ones, or
+    across several JAX processes (multi-host) the same number from each, in process order
+    (parallel/pipeline.devices_from_each_process): with fewer mesh devices than devices,
+    the first ones alone could leave a process out of the mesh (TP 4 over two hosts of 4:
+    the follower), and every process runs the step."""
     needed = tensor_parallel_size * data_parallel_size * pipeline_parallel_size
     if needed > len(devices):
         raise ValueError(
@@ -59,11 +70,12 @@ def build_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
             f"sees {len(devices)} ({devices[0].platform}); on CPU, "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N makes N virtual devices")
     if pipeline_parallel_size > 1:
-        grid = np.array(stage_devices(devices, needed)).reshape(
+        return np.array(stage_devices(devices, needed)).reshape(
             pipeline_parallel_size, data_parallel_size, tensor_parallel_size)
-        return Mesh(grid, ("stage", *MESH_AXES))
-    grid = np.array(devices[:needed]).reshape(data_parallel_size, tensor_parallel_size)
-    return Mesh(grid, MESH_AXES)
+    chosen = devices_from_each_process(
+        devices, needed, f"a mesh of tensor_parallel_size={tensor_parallel_size} x "
+                         f"data_parallel_size={data_parallel_size}")
+    return np.array(chosen).reshape(data_parallel_size, tensor_parallel_size)
 
 
 def logical_sizes(cfg) -> dict[str, int]:

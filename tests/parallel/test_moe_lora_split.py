@@ -3,10 +3,10 @@ parallel (layers/moe.py's shard_map) on the 8 virtual CPU devices, kernels in in
 mode: the adapter stacks split with the experts, so --enable-lora keeps the hand split.
 
 - a block of experts with every expert adapted, tokens of two slots and of none, placed as
-  the engine places experts and stacks (experts split over 2; over 3, which 8 experts do
-  not divide, the intermediate width) gives a float64 numpy reference's output; the kernel
-  never sees a whole expert weight and the program's only collective is the all-reduce of
-  the [T, D] output;
+  the engine places experts and stacks (dense experts split over 2; int8 ones over 3, which
+  8 experts do not divide, by the intermediate width) gives a float64 numpy reference's
+  output (on the dequantized experts); the kernel never sees a whole expert weight and
+  the program's only collective is the all-reduce of the [T, D] output;
 - a tiny Qwen3-MoE engine at tensor parallel 2, base and three adapters (two of them on
   every expert) mixed in its steps, gives transformers+peft's logits, and its compiled
   LoRA step gathers no expert weight and no expert adapter stack."""
@@ -20,11 +20,13 @@ import pytest
 
 from tests.helpers import engine_request, run_chunks, save_tiny_family
 from tests.parallel.test_collective_matmul import collectives
-from tests.parallel.test_moe_expert_parallel import CFG, D, E, T, _dense_block
+from tests.parallel.test_moe_expert_parallel import CFG, D, E, T, _dense_block, _quantized
 from xla_inference.kernels import cpu_quantized, pallas_gmm
 from xla_inference.layers.moe import MoeMlp, moe_mlp, route
 from xla_inference.lora.slots import LoraExperts, column_mask
 from xla_inference.parallel.sharding import build_mesh, param_shardings, place_params, traced_over
+from xla_inference.quantization.experts import PackedExperts, expert_weights
+from xla_inference.quantization.groups import INT8
 
 SLOTS, RANK = 2, 4  # adapter slots 1..SLOTS, each of rank RANK: L*r = 8 stack columns
 F = 48
@@ -66,7 +68,8 @@ def _reference(block: MoeMlp, stacks: dict, token_slots, x) -> np.ndarray:
     adapter's delta for the token's slot (none for slot 0), weighted by the routing."""
     weights, experts = (np.asarray(a) for a in route(block, x, CFG))
     f64 = {k: np.asarray(v, np.float64) for k, v in stacks.items()}
-    wg, wu, wd = (np.asarray(w, np.float64) for w in (block.w_gate, block.w_up, block.w_down))
+    wg, wu, wd = (np.asarray(expert_weights(w, np.float32), np.float64)  # dequantized
+                  for w in (block.w_gate, block.w_up, block.w_down))
     out = np.zeros((T, D))
     for t in range(T):
         s, xt = int(token_slots[t]), np.asarray(x[t], np.float64)
@@ -85,9 +88,11 @@ def _reference(block: MoeMlp, stacks: dict, token_slots, x) -> np.ndarray:
 
 def _placed_stacks(stacks: dict, placed: MoeMlp, mesh) -> dict:
     """The stacks split as LoraSlots.place splits them beside experts [E, in, out] of spec
-    (e, i, o): A [E, in, L*r] as (e, i, None), B [E, L*r, out] as (e, None, o)."""
+    (e, i, o): A [E, in, L*r] as (e, i, None), B [E, L*r, out] as (e, None, o); beside
+    quantized experts replicated (the shard_map takes each device's share)."""
     def put(array, experts, is_a):
-        e, i, o = (tuple(experts.sharding.spec) + (None,) * 3)[:3]
+        spec = () if isinstance(experts, PackedExperts) else tuple(experts.sharding.spec)
+        e, i, o = (spec + (None,) * 3)[:3]
         spec = (e, i, None) if is_a else (e, None, o)
         return jax.device_put(array, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(*spec)))
@@ -111,12 +116,16 @@ def handed(monkeypatch):
     return shapes
 
 
-# (tp, GMM backend, the axis of gate / up / down the split cuts)
-@pytest.mark.parametrize("tp,backend,axes", [(2, "tpu", (0, 0, 0)), (3, "gpu", (2, 2, 1))],
-                         ids=["experts_split", "width_split"])
-def test_adapted_experts_on_their_shares_equal_reference(tp, backend, axes, handed, monkeypatch):
+# (tp, GMM backend, the axis of gate / up / down the split cuts, experts): dense experts
+# split over 2; int8 (K-major) over 3, which 8 experts do not divide: the width.
+@pytest.mark.parametrize("tp,backend,axes,kind", [(2, "tpu", (0, 0, 0), "float32"),
+                                                  (3, "gpu", (2, 2, 1), INT8)],
+                         ids=["experts_split", "int8_width_split"])
+def test_adapted_experts_on_their_shares_equal_reference(tp, backend, axes, kind, handed,
+                                                         monkeypatch):
     monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, backend)
     block, stacks = _dense_block(), _adapter_stacks()
+    block = block if kind == "float32" else _quantized(block, kind)
     x = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
     token_slots = np.array([0, 1, 2, 1, 0, 2, 2, 1, 0, 1, 2, 0], np.int32)
     want = _reference(block, stacks, token_slots, x)
@@ -124,8 +133,9 @@ def test_adapted_experts_on_their_shares_equal_reference(tp, backend, axes, hand
     mesh = build_mesh(tp)
     model_cfg = types.SimpleNamespace(moe=CFG, intermediate_size=F)
     placed = place_params(block, param_shardings(block, model_cfg, mesh))
+    values = lambda w: w if kind == "float32" else w.values  # noqa: E731
     for name, axis in zip(("w_gate", "w_up", "w_down"), axes):
-        assert getattr(placed, name).sharding.spec[axis] == "model", name
+        assert values(getattr(placed, name)).sharding.spec[axis] == "model", name
     placed_stacks = _placed_stacks(stacks, placed, mesh)
     step = jax.jit(traced_over(mesh, lambda p, s, slots, x: moe_mlp(
         _with_adapters(p, s, slots), x, CFG))).lower(placed, placed_stacks, token_slots, x)
@@ -136,11 +146,12 @@ def test_adapted_experts_on_their_shares_equal_reference(tp, backend, axes, hand
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # The adapters matter here: without them the block gives another output.
     assert np.abs(want - _reference(block, stacks, np.zeros(T, np.int32), x)).max() > 1e-2
-    # Each base GMM multiplies one device's share, never an expert weight whole.
+    # Each dense base GMM multiplies one device's share, never an expert weight whole.
     whole = [(E, D, F), (E, D, F), (E, F, D)]
     shares = [tuple(d // tp if i == axis else d for i, d in enumerate(shape))
               for shape, axis in zip(whole, axes)]
-    assert set(shares) <= set(handed) and not set(whole) & set(handed), handed
+    assert kind != "float32" or set(shares) <= set(handed), handed
+    assert not set(whole) & set(handed), handed
     # Nothing gathered; base and adapter partial outputs meet in one all-reduce of [T, D].
     assert collectives(hlo) == {"all-reduce": 1}, collectives(hlo)
     assert re.search(rf"f32\[{T},{D}\]\S* all-reduce\(", hlo)

@@ -188,11 +188,9 @@ def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
     """x [T, D] through the experts a router chose (weights, experts [T, k], as `route`
     gives them) -> [T, D]; p.router is not read (the torch path routes outside).
     Under a tensor-parallel mesh with the Pallas GMM serving the experts, split by hand
-    (_routed_on_mesh)."""
+    (_routed_on_mesh), LoRA experts' adapter stacks with them."""
     w = Experts(p.w_gate, p.w_up, p.w_down)
-    # LoRA experts keep GSPMD's placement (their stacks have no hand-split share yet).
-    by_hand = pallas_gmm.gmm_route() is not None and not any(isinstance(a, LoraExperts) for a in w)
-    mesh = tensor_parallel_mesh() if by_hand else None
+    mesh = tensor_parallel_mesh() if pallas_gmm.gmm_route() is not None else None
     if mesh is None:
         routed = _routed_experts(w, x, weights, experts, cfg)
     else:
@@ -246,8 +244,14 @@ def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
 # - else (a share the kernel cannot take alone) every device multiplies the whole
 #   experts, gathered, as GSPMD would.
 # Quantized experts split with their scales and offsets (quantization/experts.py's
-# local_share). A deployment with many devices and large batches would rather shard the
-# tokens too and exchange only each pair's rows (all-to-all dispatch and combine): every
+# local_share). LoRA experts (lora/slots.LoraExperts) split with their adapter stacks, cut
+# where LoraSlots.place put them: A [E, in, L*r] and B [E, L*r, out] by expert under the
+# expert split; under the width split gate's and up's B by output (A whole: every device
+# shrinks the whole input, expands into its own columns) and down's A by input (B whole:
+# each device's delta is a partial sum, reduced with the base's). The adapters cannot be
+# added outside the split: gate's and up's deltas go through the SwiGLU before down.
+# A deployment with many devices and large batches would rather shard the tokens too and
+# exchange only each pair's rows (all-to-all dispatch and combine): every
 # device here reads all T * k pair rows and reduces [T, D]; at decode sizes that is small
 # against the expert weights each device no longer reads.
 
@@ -256,7 +260,7 @@ def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
                     cfg: MoeConfig, mesh) -> jax.Array:
     devices = mesh.shape[TENSOR_AXIS]
     split = _expert_split(w, devices)
-    local = w if split is None else Experts(*(local_share(a, split, axis, devices)
+    local = w if split is None else Experts(*(local_share(_base(a), split, axis, devices)
                                               for a, axis in zip(w, _SPLIT_AXES[split])))
     specs = Experts(*(_share_spec(a, local_a, split, axis)
                       for a, local_a, axis in zip(w, local, _SPLIT_AXES.get(split, (0,) * 3))))
@@ -287,13 +291,35 @@ def _expert_split(w: Experts, devices: int) -> str | None:
     """How the experts split over `devices` (the comment above): as param_shardings
     places them, experts first; None where no split's shares are all multipliable."""
     for split, axes in _SPLIT_AXES.items():
-        if all(local_share(a, split, axis, devices) is not None for a, axis in zip(w, axes)):
+        if all(local_share(_base(a), split, axis, devices) is not None
+               for a, axis in zip(w, axes)):
             return split
     return None
 
 
+def _base(w):
+    """The experts' own weights (a LoRA experts' base: its stacks split along with it)."""
+    return w.base if isinstance(w, LoraExperts) else w
+
+
+def _cut(axis: int | None) -> PartitionSpec:
+    """[E, x, y] cut on `axis` over the tensor-parallel axis (None: whole)."""
+    cut = [None, None, None]
+    if axis is not None:
+        cut[axis] = TENSOR_AXIS
+    return PartitionSpec(*cut)
+
+
+# The axes of a LoRA experts' A [E, in, L*r] and B [E, L*r, out] cut with its base's axis.
+_ADAPTER_AXES = {0: (0, 0), 1: (1, None), 2: (None, 2)}
+
+
 def _share_spec(w, local, split: str | None, axis: int):
     """The PartitionSpec tree of w's arrays for its share `local` (whole where None)."""
+    if isinstance(w, LoraExperts):
+        a_axis, b_axis = (None, None) if split is None else _ADAPTER_AXES[axis]
+        return LoraExperts(_share_spec(w.base, local, split, axis), _cut(a_axis), _cut(b_axis),
+                           PartitionSpec())
     if split is None:
         return PartitionSpec() if not isinstance(w, PackedExperts) else dataclasses.replace(
             w, values=PartitionSpec(), scales=PartitionSpec(),
@@ -310,6 +336,8 @@ def _share_spec(w, local, split: str | None, axis: int):
 def _with_static(share, local):
     """A device's share with its own static sizes (a PackedExperts' in / out features and
     group size are static fields, the whole experts' outside the shard_map)."""
+    if isinstance(share, LoraExperts):
+        return dataclasses.replace(share, base=_with_static(share.base, _base(local)))
     if not isinstance(share, PackedExperts):
         return share
     return dataclasses.replace(share, in_features=local.in_features,

@@ -1,7 +1,8 @@
 """The decode server's front-end (kv_transfer/load_errors.py) when a remote prefill's KV
-failed to load: the request fails with a 502 quoting the worker's reason (or naming the
-prefill server when the worker has none); other requests, failed ones included, pass
-through as vLLM yields them. A fake engine client in place of vLLM's AsyncLLM."""
+failed to load: the request fails with a 502 quoting the worker's reason; a remote-prefill
+request that failed for another reason (the worker names no load failure, or cannot be
+asked) and other requests, failed ones included, pass through as vLLM yields them. A fake
+engine client in place of vLLM's AsyncLLM."""
 
 import asyncio
 import types
@@ -58,11 +59,21 @@ def test_a_failed_fetch_answers_502_with_the_workers_reason():
     assert engine.asked == [("kv_load_failure", ("p-1",))]
 
 
-@pytest.mark.parametrize("reasons", [[None], RuntimeError("engine busy")])
-def test_without_the_workers_reason_the_prefill_server_is_named(reasons):
-    with pytest.raises(KvLoadError, match=r"fetched from the prefill server 10\.0\.0\.1:14579 "
-                                          r"\(its request p-1\)"):
-        _run(FakeEngine("error", reasons), dict(PARAMS))
+@pytest.mark.parametrize("reasons", [[None], [None, None], [], RuntimeError("engine busy")])
+def test_an_error_the_worker_names_no_load_failure_for_is_vllms_own(reasons):
+    """An error after the KV arrived (or one the worker cannot be asked about) is not the
+    prefill server's: vLLM's error output, not a 502 blaming it."""
+    engine = FakeEngine("error", reasons)
+    outputs = _run(engine, dict(PARAMS))
+    assert [o.outputs[0].finish_reason for o in outputs] == [None, "error"]
+    assert engine.asked == [("kv_load_failure", ("p-1",))]
+
+
+def test_any_workers_reason_makes_the_502():
+    """With several workers (tensor parallel ranks) the one that names a failure counts."""
+    with pytest.raises(KvLoadError) as failed:
+        _run(FakeEngine("error", [None, REASON]), dict(PARAMS))
+    assert str(failed.value).startswith(REASON)
 
 
 @pytest.mark.parametrize("finish_reason, params", [

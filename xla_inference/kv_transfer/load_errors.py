@@ -5,9 +5,11 @@ vLLM finishes such a request with finish reason "error", and its OpenAI server a
 with a bare 500 "Internal server error" (a final error chunk when streaming): the reason
 stays in the engine's log. The server's front-end (plugin/server.py) wraps the engine
 client's generate: when a request that carried a remote prefill's kv_transfer_params ends
-in error, it asks the worker why its fetch failed (the worker RPC kv_load_failure, keyed by
-the prefill server's request id) and fails the request with a 502 that quotes it, naming
-the prefill server (host:port of its KV port). Other requests are untouched.
+in error, it asks the worker whether its fetch failed (the worker RPC kv_load_failure, keyed
+by the prefill server's request id). Only when the worker names a load failure does the
+request fail with a 502 that quotes it (the reason names the prefill server); an error the
+worker has no load failure for (or that it cannot be asked about) is not the prefill
+server's: vLLM's own error output passes through. Other requests are untouched.
 
 Front-end only: imports vLLM's front-end, never JAX."""
 
@@ -21,8 +23,7 @@ from vllm.exceptions import GenerationError
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
-# The worker answers between two engine steps; past this, the answer names the prefill
-# server without the fetch's own error.
+# The worker answers between two engine steps; past this, vLLM's own error answer goes out.
 _ASK_TIMEOUT_S = 10.0
 
 
@@ -45,44 +46,44 @@ def remote_prefill(sampling_params) -> dict | None:
     return params
 
 
-async def explain(engine_client, params: dict) -> str:
-    """The message of a failed remote-prefill request: the worker's reason, else what is
-    known from the request's own kv_transfer_params."""
-    where = (f"the prefill server {params['remote_host']}:{params['remote_port']} "
-             f"(its request {params['remote_request_id']})")
+async def load_failure(engine_client, params: dict) -> str | None:
+    """The worker's reason why a remote prefill's KV failed to load, None when it names no
+    load failure (or cannot be asked)."""
     try:
         reasons = await asyncio.wait_for(
             engine_client.collective_rpc("kv_load_failure",
                                          args=(str(params["remote_request_id"]),)),
             _ASK_TIMEOUT_S)
-    except Exception as error:  # noqa: BLE001 - the answer must still go out
-        logger.warning("xla-inference: asking the worker why a KV load failed: %r", error)
-        reasons = []
-    reason = next((r for r in reasons or () if r), None)
-    if reason is None:
-        return (f"the request failed on this decode server; its prompt's KV was to be "
-                f"fetched from {where}; the server log has the cause")
-    return (f"{reason}; kv_load_failure_policy is 'fail' (with 'recompute' in "
-            f"--kv-transfer-config this server prefills such requests itself)")
+    except Exception as error:  # noqa: BLE001 - vLLM's own answer must still go out
+        logger.warning("xla-inference: asking the worker whether a KV load failed: %r", error)
+        return None
+    return next((r for r in reasons or () if r), None)
 
 
 def report_kv_load_errors(engine_client) -> None:
     """Wrap engine_client.generate (the OpenAI server's handlers call it): a remote-prefill
-    request that ends in error raises KvLoadError instead of yielding its error output."""
+    request that ends in error because its KV failed to load raises KvLoadError instead of
+    yielding its error output."""
     vllm_generate = engine_client.generate
 
     async def generate(prompt, sampling_params, request_id, *args, **kwargs):
         params = remote_prefill(sampling_params)
-        failed = False
+        failed = None
         async for output in vllm_generate(prompt, sampling_params, request_id, *args, **kwargs):
             if (params is not None and output.finished
                     and any(c.finish_reason == "error" for c in output.outputs)):
-                failed = True  # the last output: the engine's generate ends after it
+                failed = output  # the last output: the engine's generate ends after it
                 continue
             yield output
-        if failed:
-            message = await explain(engine_client, params)
-            logger.error("xla-inference: request %s: %s", request_id, message)
-            raise KvLoadError(message)
+        if failed is None:
+            return
+        reason = await load_failure(engine_client, params)
+        if reason is None:  # not a load failure: vLLM's own error answer
+            yield failed
+            return
+        message = (f"{reason}; kv_load_failure_policy is 'fail' (with 'recompute' in "
+                   f"--kv-transfer-config this server prefills such requests itself)")
+        logger.error("xla-inference: request %s: %s", request_id, message)
+        raise KvLoadError(message)
 
     engine_client.generate = generate

@@ -259,8 +259,9 @@ class XlaModelRunner:
             raise NotImplementedError("xla-inference does not return logprobs with "
                                       "speculative decoding yet")
         masks = self._draft_grammar_masks(grammar_output, requests, drafts)
-        tokens, counts = self.engine.verify_drafts(step.hidden, scheduled, drafts,
-                                                   self.drafter.num_speculative_tokens, masks)
+        tokens, counts = self.engine.verify_drafts(
+            step.hidden, scheduled, drafts, self.drafter.num_speculative_tokens, masks,
+            num_acceptable=self._acceptable_drafts(grammar_output, requests, drafts))
         prompt_logprobs = self._prompt_logprobs(scheduled, step.hidden)
         sampled = []
         for (req, num_new), ids, row, count in zip(scheduled, drafts, tokens, counts):
@@ -284,7 +285,9 @@ class XlaModelRunner:
                                  prompt_logprobs_dict=prompt_logprobs)
 
     def _draft_grammar_masks(self, grammar_output, requests, drafts):
-        """vLLM's bitmask holds 1 + n rows per structured request (its n drafts), in
+        """vLLM's bitmask holds 1 + n rows per structured request, n the drafts it scheduled
+        (under async scheduling as many as the placeholders, which the drafts here replace
+        one for one: vLLM pads the drafts it validated back to that count with -1), in
         structured_output_request_ids order -> {(batch row, position): bool [V]}."""
         if grammar_output is None:
             return None
@@ -299,7 +302,30 @@ class XlaModelRunner:
                     masks[row, j] = unpack_grammar_bitmask(bitmask[first + j],
                                                            self.engine.vocab_size)
             first += 1 + n
+        if first != len(bitmask):  # another layout: every later request's masks would shift
+            raise RuntimeError(f"vLLM's grammar bitmask has {len(bitmask)} rows; the step's "
+                               f"structured requests and their drafts need {first}")
         return masks
+
+    @staticmethod
+    def _acceptable_drafts(grammar_output, requests, drafts) -> list[int]:
+        """How many of each request's drafts may be accepted. vLLM's bitmask constrains a
+        structured request's drafts only up to the first one it did not validate: under
+        async scheduling it validates the drafts it took from this runner (the ones verified
+        here) and pads the rest with -1, or holds only -1 for a request it took none for;
+        the rows after the first -1 allow every token, so a draft verified against one
+        could emit a token the grammar forbids (GrammarOutput.num_acceptable_drafts: the
+        count it constrained; None: no draft)."""
+        limits = [len(d) for d in drafts]
+        if grammar_output is None:
+            return limits
+        rows = {req.req_id: i for i, req in enumerate(requests)}
+        acceptable = grammar_output.num_acceptable_drafts
+        for i, rid in enumerate(grammar_output.structured_output_request_ids):
+            row = rows.get(rid)
+            if row is not None:
+                limits[row] = min(limits[row], 0 if acceptable is None else acceptable[i])
+        return limits
 
     def _propose(self, requests, sampled) -> None:
         if self.drafter is None:
@@ -309,15 +335,18 @@ class XlaModelRunner:
             # vLLM's batch-size schedule turned drafting off: no proposer work on the host.
             self._draft_token_ids = DraftTokenIds([r.req_id for r in requests],
                                                   [[] for _ in requests])
-            self._proposed = {}
+            for req in requests:
+                self._proposed.pop(req.req_id, None)
             return
         proposed = self.drafter.propose(requests, sampled)
         if k < self.drafter.num_speculative_tokens:
             proposed.draft_token_ids = [list(d[:k]) for d in proposed.draft_token_ids]
         self._draft_token_ids = proposed
-        # Copies: vLLM trims the lists it takes (update_draft_token_ids_in_output).
-        self._proposed = {rid: list(d) for rid, d in zip(proposed.req_ids,
-                                                         proposed.draft_token_ids)}
+        # Per request: one left out of this step keeps the drafts of its own last step, for
+        # the placeholders vLLM scheduled for it then. Copies: vLLM trims the lists it takes
+        # (update_draft_token_ids_in_output).
+        self._proposed.update((rid, list(d)) for rid, d in zip(proposed.req_ids,
+                                                                proposed.draft_token_ids))
 
     def _pool(self, scheduled) -> ModelRunnerOutput:
         """A pooling step: no sampler; one pooled output per request whose prompt this step
@@ -380,6 +409,7 @@ class XlaModelRunner:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
             self._unseen_rejections.pop(rid, None)
+            self._proposed.pop(rid, None)
             if self.drafter is not None:
                 self.drafter.forget(rid)
             if self.pooling is not None:
@@ -414,6 +444,7 @@ class XlaModelRunner:
             req.num_computed_tokens = cached.num_computed_tokens[i]
             if rid in cached.resumed_req_ids:  # its earlier steps' counts no longer matter
                 self._unseen_rejections.pop(rid, None)
+                self._proposed.pop(rid, None)  # preemption dropped its drafts in vLLM too
             else:
                 self._correct_optimistic_count(req, cached.num_computed_tokens[i])
             if rid in cached.all_token_ids:  # not scheduled last step: vLLM resends everything

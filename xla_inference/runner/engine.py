@@ -577,10 +577,13 @@ class ModelEngine:
 
     def verify_drafts(self, hidden: jax.Array, scheduled: list[tuple[RequestState, int]],
                       drafts: list[list[int]], num_speculative_tokens: int,
-                      grammar_masks: dict[tuple[int, int], np.ndarray] | None = None):
+                      grammar_masks: dict[tuple[int, int], np.ndarray] | None = None,
+                      num_acceptable: list[int] | None = None):
         """Speculative decoding: each request's emitted tokens (accepted drafts, then a
         recovered or bonus token) from the step's hidden states. grammar_masks: (row,
-        position) -> bool [V]. -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
+        position) -> bool [V]. num_acceptable: per request, how many of its drafts may be
+        accepted (the rest were computed but are not verified: the token at that position
+        is drawn as a bonus). -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
         if self.replicas > 1 or self.microbatches > 1:
             raise NotImplementedError("speculative decoding with data parallel replicas or "
                                       "pipeline stages")
@@ -588,6 +591,8 @@ class ModelEngine:
         B = self._verify_slots(len(scheduled))
         requests = [r for r, _ in scheduled]
         rows = verify_rows([n for _, n in scheduled], [len(d) for d in drafts], B, K)
+        if num_acceptable is not None:  # the rows stay where the step computed the drafts
+            drafts = [d[:a] for d, a in zip(drafts, num_acceptable, strict=True)]
         batch, sampling, extras = verify_inputs(requests, drafts, B, K, self.vocab_size,
                                                 grammar_masks)
         self._num_steps += 1

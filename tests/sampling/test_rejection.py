@@ -247,3 +247,21 @@ def test_seeded_requests_repeat_alone_or_in_any_batch_and_zero_drafts_draw_as_sa
     params = build_sampling_batch([(seeded, 4)], 1)
     plain = _sample(logits[:1], params, None, jax.random.key(0), 1)
     assert run([(seeded, 4)], [logits], [[]], jax.random.key(0))[0] == [int(plain.tokens[0])]
+
+
+def test_a_missing_draft_recovers_from_the_whole_target_distribution():
+    """A -1 draft (none proposed, or cut by a grammar) with no draft probabilities: the
+    recovered token is drawn from p whole, token 0 included (vLLM's rule: the residual zeroes
+    only the draft's own token, and -1 is none)."""
+    logits = np.full((1, K + 1, V), -30.0, np.float32)
+    logits[0, :, 0] = 30.0  # the target puts all its mass on token 0
+    drafts = [[-1]]
+    batch = build_draft_batch(drafts, 1, K)
+    opts = [SamplingOptions(temperature=1.0)]
+    params = build_sampling_batch([(o, 0) for o in opts], 1)
+    uniforms = np.full((1, K), 0.5, np.float32)
+    inv_q = np.ones((1, V), np.float32)
+    bonus = np.array([3], np.int32)
+    got = _emitted(_rejection_core(logits, batch, params, uniforms, inv_q, bonus))
+    assert got == [[0]] == vllm_rejection_reference(logits, drafts, None, opts, uniforms, inv_q,
+                                                    bonus)

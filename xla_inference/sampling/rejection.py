@@ -148,7 +148,9 @@ def rejection_core(processed, drafts: DraftBatch, params: SamplingBatch, uniform
     p_draft = jnp.take_along_axis(p, safe_draft[..., None], axis=-1)[..., 0]
     if drafts.probs is None:
         q_draft = jnp.ones_like(p_draft)
-        residual = jnp.where(jnp.arange(V) == safe_draft[..., None], 0.0, p)
+        # A -1 draft (none proposed, or cut by a grammar) matches no token: its recovered
+        # token comes from p whole (safe_draft would zero token 0's share).
+        residual = jnp.where(jnp.arange(V) == draft[..., None], 0.0, p)
     else:
         q_draft = jnp.take_along_axis(drafts.probs, safe_draft[..., None], axis=-1)[..., 0]
         residual = jnp.maximum(p - drafts.probs, 0.0)

@@ -93,6 +93,7 @@ def dense_matvec_multi(x, ws):
     together. A layer's products that share their input (q, k, v; gate, up) take it: one
     launch instead of several, and one pool wake-up for their bytes together. Needs
     available(); usable inside jit."""
+    _library()  # registers the targets (once)
     return ffi_dense_matvec_multi(_MULTI_TARGET, x, ws)
 
 

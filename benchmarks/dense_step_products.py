@@ -37,11 +37,13 @@ VARIANTS = {
                 "-DXLA_INFERENCE_DENSE_PREFETCH_HINT=_MM_HINT_T2"),
     "1thread": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1ll<<40)",),
     "256k": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<18)",),
+    "1m-multi": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<20)",),
     "pf16-256k": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",
                   "-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<18)"),
     # q/k/v and gate/up each one call (cpu_dense.dense_matvec_multi)
     "multi": (),
     "pf16-multi": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",),
+    "256k-multi": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<18)",),
 }
 
 

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "cpu" / "dense_matvec.cc"
 _TARGET = "xla_inference_dense_matvec"
 _SYMBOL = "XlaInferenceDenseMatvec"
+_MULTI_TARGET = "xla_inference_dense_matvec_multi"
+_MULTI_SYMBOL = "XlaInferenceDenseMatvecMulti"
 
 
 _MATMUL_SOURCE = Path(__file__).parent / "cpu" / "dense_matmul.cc"
@@ -42,7 +44,7 @@ _MATMUL_SYMBOL = "XlaInferenceDenseMatmul"
 
 @functools.cache
 def _library():
-    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL})
+    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
 
 
 @functools.cache
@@ -76,6 +78,23 @@ def dense_matvec(x, w):
     transposed, summed in float32. Meant for T = 1 (any T is computed, each row reading the
     whole weight). Needs available(); usable inside jit."""
     return ffi_dense_matvec(_TARGET, x, w)
+
+
+def ffi_dense_matvec_multi(target: str, x, ws):
+    """dense_matvec_multi through the FFI target `target` (a build of dense_matvec.cc)."""
+    call = jax.ffi.ffi_call(
+        target, [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w in ws])
+    return list(call(x.astype(jnp.bfloat16), *ws))
+
+
+def dense_matvec_multi(x, ws):
+    """[dense_matvec(x, w) for w in ws], the same bits, in one call: x split once and the
+    rows of all the weights (bfloat16 [out_j, in], one `in`) shared out over the threads
+    together. A layer's products that share their input (q, k, v; gate, up) take it: one
+    launch instead of several, and one pool wake-up for their bytes together. Needs
+    available(); usable inside jit."""
+    _library()  # registers the targets (once)
+    return ffi_dense_matvec_multi(_MULTI_TARGET, x, ws)
 
 
 @functools.cache

@@ -73,7 +73,21 @@ def project_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
                            for w in ws):  # adapters over a quantized base: its one launch
         bases = quantized_project_many(x, [w.base for w in ws], out_dtype)
         return [y + lora_delta(x, w, out_dtype or x.dtype) for y, w in zip(bases, ws)]
+    if len(ws) > 1 and _native_matvec_many(x, ws):  # bfloat16 one-row products: one launch
+        ys = cpu_dense.dense_matvec_multi(x.reshape(1, -1), ws)
+        out_dtype = out_dtype or x.dtype
+        return [y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype) for y, w in zip(ys, ws)]
     return [project(x, w, out_dtype) for w in ws]
+
+
+def _native_matvec_many(x: jax.Array, ws) -> bool:
+    """Whether every w in ws is a plain bfloat16 weight narrower than the one row x whose
+    one-row product `project` would give the native kernel: then one multi call does them
+    all with the same bits."""
+    return (math.prod(x.shape[:-1]) == 1
+            and all(isinstance(w, jax.Array) and w.dtype == jnp.bfloat16
+                    and w.dtype.itemsize < x.dtype.itemsize and _native_matvec(w)
+                    and w.shape[1] == x.shape[-1] for w in ws))
 
 
 def linear_many(x: jax.Array, ws, bs) -> list[jax.Array]:

@@ -60,6 +60,28 @@ inline float bf16_to_float(uint16_t h) {
 
 #ifdef XLA_INFERENCE_DENSE_AVX512
 
+// Software prefetch distance, in output rows: each load of a row's 64 bytes also asks for
+// the same 64 bytes of the row kPrefetchRows further on (a row of SmolLM2's [*, 576]
+// weights is 1152 bytes, so 16 rows ahead is ~18 KiB ahead in the weight, which is read
+// front to back). 0: none (the hardware prefetchers alone, which left the kernel at ~6-11
+// GB/s on weights streamed from memory here). 16 measured 1.2-1.3x on a step's products and
+// 1.8-3x on the LM head alone against none (benchmarks/dense_step_products.py, load 5-6);
+// 32 and 8 less. Prefetches past the weight's end are hints and do not fault. -DXLA_INFERENCE_DENSE_PREFETCH_ROWS=N builds another
+// distance (benchmarks/dense_step_products.py).
+#ifndef XLA_INFERENCE_DENSE_PREFETCH_ROWS
+#define XLA_INFERENCE_DENSE_PREFETCH_ROWS 16
+#endif
+constexpr int64_t kPrefetchRows = XLA_INFERENCE_DENSE_PREFETCH_ROWS;
+#ifndef XLA_INFERENCE_DENSE_PREFETCH_HINT
+#define XLA_INFERENCE_DENSE_PREFETCH_HINT _MM_HINT_T0
+#endif
+
+inline void prefetch_ahead(const uint16_t* row_at_k, int64_t in) {
+  if constexpr (kPrefetchRows > 0)
+    _mm_prefetch(reinterpret_cast<const char*>(row_at_k + kPrefetchRows * in),
+                 XLA_INFERENCE_DENSE_PREFETCH_HINT);
+}
+
 // kR rows from o0 on, times row t of x.
 template <int kR>
 void rows_avx512(const Problem& p, int64_t o0, int64_t t) {
@@ -74,6 +96,7 @@ void rows_avx512(const Problem& p, int64_t o0, int64_t t) {
   for (; k + kPair <= p.in; k += kPair) {
     const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
     for (int r = 0; r < kR; ++r) {
+      prefetch_ahead(w[r] + k, p.in);
       const __m512i v = _mm512_loadu_si512(w[r] + k);
       acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r]);
       acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high_half)), o, acc[r]);
@@ -193,7 +216,85 @@ ffi::Error DenseMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------
+// Several weights times one x in one call (a layer's q, k and v, or its gate and up): x is
+// split once, and the work items of every weight share one wake-up of the pool, sized by
+// all the weights' bytes together. Each output row is computed by the same rows() as the
+// one-weight entry, so each output has its bits.
+struct MultiWork : xla_inference::WorkItems {
+  std::vector<Problem> problems;    // one a weight, sharing x_even and x_odd
+  std::vector<int64_t> first_item;  // problems[j]'s items: first_item[j] .. first_item[j+1]-1
+  std::vector<int64_t> rows_per_item;
+  Work x;  // only its x_split and p (T, in, half) are used
+
+  void drain() {
+    drain_items([this](int64_t i) {
+      size_t j = 0;
+      while (i >= first_item[j + 1]) ++j;
+      const int64_t begin = (i - first_item[j]) * rows_per_item[j];
+      rows(problems[j], begin, std::min(begin + rows_per_item[j], problems[j].out));
+    });
+  }
+};
+
+ffi::Error DenseMatvecMultiImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                                ffi::RemainingArgs weights, ffi::RemainingRets outs) {
+  const auto xd = x.dimensions();
+  const size_t n = outs.size();
+  if (xd.size() != 2 || n == 0 || weights.size() != n)
+    return ffi::Error::InvalidArgument(
+        "dense_matvec_multi: x [T, in] and one weight [out, in] for each output [T, out]");
+  auto work = std::make_shared<MultiWork>();
+  Problem& shared = work->x.p;
+  shared.T = xd[0];
+  shared.in = xd[1];
+  shared.half = (shared.in + kPair - 1) / kPair * kPair / 2;
+  const int64_t threads = pool.num_threads() + 1;
+  int64_t bytes = 0;
+  work->first_item.push_back(0);
+  for (size_t j = 0; j < n; ++j) {
+    auto w = weights.get<ffi::Buffer<ffi::BF16>>(j);
+    auto y = outs.get<ffi::Buffer<ffi::F32>>(j);
+    if (!w.has_value() || !y.has_value())
+      return ffi::Error::InvalidArgument("dense_matvec_multi: bf16 weights, f32 outputs");
+    const auto wd = w->dimensions(), yd = (*y)->dimensions();
+    if (wd.size() != 2 || yd.size() != 2 || wd[1] != shared.in || yd[0] != shared.T ||
+        yd[1] != wd[0])
+      return ffi::Error::InvalidArgument(
+          "dense_matvec_multi: x [T, in], each w [out, in], each y [T, out]");
+    Problem p = shared;
+    p.out = wd[0];
+    p.w = reinterpret_cast<const uint16_t*>(w->untyped_data());
+    p.y = (*y)->typed_data();
+    work->problems.push_back(p);
+    const int64_t rows_per_item = std::max<int64_t>(
+        kRowsPerItem, p.out / (4 * threads) / kRowsTogether * kRowsTogether);
+    work->rows_per_item.push_back(rows_per_item);
+    work->first_item.push_back(work->first_item.back() +
+                               (p.out + rows_per_item - 1) / rows_per_item);
+    bytes += p.out * p.in * 2 * p.T;
+  }
+  work->num_items = work->first_item.back();
+  if (shared.T == 0 || work->num_items == 0) return ffi::Error::Success();
+  split_x(reinterpret_cast<const uint16_t*>(x.untyped_data()), work->x);
+  for (Problem& p : work->problems) {
+    p.x_even = work->x.p.x_even;
+    p.x_odd = work->x.p.x_odd;
+  }
+  const int64_t helpers = std::max<int64_t>(
+      0, std::min({pool.num_threads(), work->num_items - 1, bytes / kBytesPerThread - 1}));
+  xla_inference::run_items(pool, work, helpers);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceDenseMatvecMulti, DenseMatvecMultiImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceDenseMatvec, DenseMatvecImpl,
                               ffi::Ffi::Bind()

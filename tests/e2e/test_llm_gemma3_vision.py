@@ -45,6 +45,12 @@ def test_scheduler_keeps_images_whole(llm):
     assert config.disable_chunked_mm_input
 
 
+def test_pixels_come_raw_for_our_tower_to_normalize(llm):
+    # vLLM's processor hands over uint8 pixels; the greedy tests below prove the tower's
+    # normalization of them (models/gemma3_mm.encode).
+    assert llm.llm_engine.vllm_config.model_config.multimodal_config.mm_device_do_normalize
+
+
 def test_image_prompt_greedy_equals_transformers(llm, checkpoint, images):
     expected = hf_greedy(checkpoint, PROMPT, [images[0]], NUM_NEW)
     before = num_compilations(llm)

@@ -58,16 +58,42 @@ def _request(processed, identifier="img0"):
 
 
 def test_vision_tower_and_projector_equal_transformers(checkpoint, processed, reference):
-    from xla_inference.multimodal.gemma3_vision import encoder_program
+    from xla_inference.multimodal.gemma3_vision import encoder_program, pixel_affine
 
     features, _, _ = reference
     engine = tiny_engine(checkpoint)
     cfg = engine.model_cfg.vision
     got = np.asarray(encoder_program(cfg)(engine.params.vision,
-                                          processed["pixel_values"][0].numpy()))
+                                          processed["pixel_values"][0].numpy(), pixel_affine(cfg)))
     assert got.shape == (MM_TOKENS, 64)
     np.testing.assert_allclose(got, features, atol=2e-4, rtol=0)
     assert np.abs(features).max() > 0.5  # features of unit scale: errors would show
+
+
+def test_raw_uint8_pixels_normalized_in_the_tower(checkpoint, reference):
+    """vLLM's mm_device_do_normalize: the processor skips its rescale and normalize and hands
+    over uint8 pixels with its per-channel scale and shift (rescale / std, -mean / std); the
+    encoder applies them in its program, giving transformers' features of the normalized
+    pixels. uint8 pixels without them are refused, not read as normalized."""
+    from transformers import AutoProcessor
+
+    from xla_inference.models.gemma3_mm import encode
+    from xla_inference.models.interface import PIXEL_AFFINE
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    raw = processor(text=[PROMPT], images=[image(50, 70, seed=0)], return_tensors="np",
+                    do_rescale=False, do_normalize=False)["pixel_values"]
+    assert raw.dtype == np.uint8
+    ip = processor.image_processor
+    std, mean = np.asarray(ip.image_std), np.asarray(ip.image_mean)
+    affine = np.stack([ip.rescale_factor / std, -mean / std]).astype(np.float32)
+    engine = tiny_engine(checkpoint)
+    item = MultimodalItem("img0", "image", 0, MM_TOKENS, {"pixel_values": raw, PIXEL_AFFINE: affine})
+    got = np.asarray(encode(engine.params, engine.model_cfg, item))
+    np.testing.assert_allclose(got, reference[0], atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="uint8 pixels alone"):
+        encode(engine.params, engine.model_cfg,
+               MultimodalItem("img1", "image", 0, MM_TOKENS, {"pixel_values": raw}))
 
 
 @pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["one_device", "tp2"])

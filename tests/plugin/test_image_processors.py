@@ -82,3 +82,29 @@ def test_qwen2_5_vl_images_are_served_and_other_paths_refused(tmp_path):
     with pytest.raises(Exception, match="does not support image, video or audio inputs"):
         config(model_impl="vllm")
     assert not config(language_model_only=True).model_config.supports_multimodal_inputs
+
+
+def test_gemma3_keeps_on_device_normalization_for_our_tower(tmp_path):
+    """vLLM's Gemma 3 class cannot normalize raw pixels, so vLLM alone resolves
+    mm_device_do_normalize off for it; our tower can (models/gemma3_mm.encode), so the
+    platform keeps vLLM's default on, with the processor's scale and shift (SigLIP's mean
+    and std 0.5: x * 2/255 - 1) for the encoder. An explicit False still turns it off."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tests.multimodal.tiny_gemma3_vision import save_tiny_gemma3_vision
+    from xla_inference.plugin.model_runner import mm_pixel_affine
+
+    model = save_tiny_gemma3_vision(tmp_path / "gemma3")
+
+    def config(**args):
+        return EngineArgs(model=str(model), max_model_len=128, **args).create_engine_config()
+
+    served = config()
+    assert served.model_config.multimodal_config.mm_device_do_normalize is True
+    with set_current_vllm_config(served):  # as in the worker: vLLM's norm is a CustomOp
+        affine = mm_pixel_affine(served.model_config)
+    np.testing.assert_allclose(affine, [[2 / 255] * 3, [-1.0] * 3], rtol=1e-6)
+    off = config(mm_device_do_normalize=False).model_config
+    assert off.multimodal_config.mm_device_do_normalize is False
+    assert mm_pixel_affine(off) is None

@@ -30,10 +30,10 @@ from xla_inference.loading.checkpoint import RenamedTensors
 from xla_inference.models import gemma3
 from xla_inference.models.decoder import decoder_family, run_layers
 from xla_inference.models.gemma3 import Gemma3Config, Gemma3Params
-from xla_inference.models.interface import (MultimodalItem, MultimodalStepBatch,
+from xla_inference.models.interface import (PIXEL_AFFINE, MultimodalItem, MultimodalStepBatch,
                                             MultimodalSupport, StepBatch)
 from xla_inference.multimodal.gemma3_vision import (Gemma3VisionConfig, encoder_program,
-                                                    vision_params)
+                                                    pixel_affine, vision_params)
 from xla_inference.parallel.axes import weight
 
 ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
@@ -163,14 +163,21 @@ def encode(params: Gemma3MMParams, cfg: Gemma3MMConfig, item: MultimodalItem) ->
     pan-and-scan crops) through the one encoder program, in prompt order."""
     if item.modality != "image":
         raise ValueError(f"xla-inference serves Gemma 3 image inputs, not {item.modality}")
-    pixels = np.asarray(item.data["pixel_values"])
-    if not np.issubdtype(pixels.dtype, np.floating):
-        raise ValueError(f"Gemma 3's encoder takes the processor's normalized pixel values, "
-                         f"not {pixels.dtype} pixels")
     v = cfg.vision
-    pixels = pixels.astype(np.float32).reshape(-1, v.num_channels, v.image_size, v.image_size)
+    pixels = np.asarray(item.data["pixel_values"])
+    affine = item.data.get(PIXEL_AFFINE)
+    if np.issubdtype(pixels.dtype, np.floating):
+        affine = pixel_affine(v)  # the processor normalized them
+        pixels = pixels.astype(np.float32, copy=False)
+    elif pixels.dtype != np.uint8 or affine is None:  # raw pixels would be read as normalized
+        raise ValueError(f"Gemma 3's encoder takes normalized float pixels, or uint8 pixels "
+                         f"with the processor's normalization to apply ({PIXEL_AFFINE}); it "
+                         f"got {pixels.dtype} pixels{'' if affine is not None else ' alone'}")
+    # Raw pixels reach the program as uint8: a quarter of the bytes to copy, no host pass.
+    pixels = pixels.reshape(-1, v.num_channels, v.image_size, v.image_size)
     program = encoder_program(v)
-    embeds = jnp.concatenate([program(params.vision, image) for image in pixels])
+    crops = [program(params.vision, image, affine) for image in pixels]
+    embeds = crops[0] if len(crops) == 1 else jnp.concatenate(crops)
     if embeds.shape[0] != item.num_embeds:
         raise ValueError(f"an image of {len(pixels)} crops gives {embeds.shape[0]} embeddings; "
                          f"its prompt holds {item.num_embeds} image tokens")
@@ -178,10 +185,13 @@ def encode(params: Gemma3MMParams, cfg: Gemma3MMConfig, item: MultimodalItem) ->
 
 
 def warm_up(params: Gemma3MMParams, cfg: Gemma3MMConfig, grid) -> None:
-    """Compile (and run once) the encoder's one program, on a blank image."""
+    """Compile (and run once) the encoder's programs, on a blank image: one for raw uint8
+    pixels (mm_device_do_normalize, on where our tower serves Gemma 3: plugin/platform.py)
+    and one for normalized float32 ones (that setting off)."""
     v = cfg.vision
-    blank = np.zeros((v.num_channels, v.image_size, v.image_size), np.float32)
-    jax.block_until_ready(encoder_program(v)(params.vision, blank))
+    for dtype in (np.uint8, np.float32):
+        blank = np.zeros((v.num_channels, v.image_size, v.image_size), dtype)
+        jax.block_until_ready(encoder_program(v)(params.vision, blank, pixel_affine(v)))
 
 
 def fixed_grids(cfg: Gemma3MMConfig) -> list:
@@ -202,4 +212,4 @@ FAMILY = decoder_family(
     compute_logits=gemma3.compute_logits, kv_layers=gemma3.FAMILY.kv_layers,
     multimodal=MultimodalSupport(modalities=("image",), encode=encode,
                                  rope_positions=rope_positions, warm_up=warm_up,
-                                 fixed_grids=fixed_grids))
+                                 fixed_grids=fixed_grids, raw_pixels=True))

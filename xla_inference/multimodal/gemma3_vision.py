@@ -7,7 +7,9 @@ learned position per patch, pre-LayerNorm encoder layers (full attention over th
 patches, a gelu-tanh MLP), and a final LayerNorm. The projector average-pools the patch
 grid down to sqrt(mm_tokens_per_image) tokens a side, normalizes them with Gemma's
 (1 + w) RMSNorm and projects them to the LM's width. Every image has the same size, so
-one program serves every image (`encoder_program`), compiled at warm-up.
+one program serves every image (`encoder_program`), compiled at warm-up. Its pixels come
+normalized by the processor, or raw (uint8, vLLM's mm_device_do_normalize) with the
+processor's per-channel scale and shift, applied inside the program.
 """
 
 from dataclasses import dataclass
@@ -166,10 +168,20 @@ def _project(config: Gemma3VisionConfig, p, hidden):
     return (normed * (1.0 + p["norm"])) @ p["w"]
 
 
-def encode_image(config: Gemma3VisionConfig, params: dict, pixels: jax.Array) -> jax.Array:
-    """One image's normalized pixels [C, image_size, image_size] (the processor's) ->
-    its LM embeddings [mm_tokens_per_image, text_hidden], float32."""
-    x = _linear(_patches(config, pixels.astype(jnp.float32)), params["patch_embed"])
+def pixel_affine(config: Gemma3VisionConfig) -> np.ndarray:
+    """[2, channels] float32: the identity scale and shift, for pixels the processor
+    normalized (raw uint8 ones come with the processor's: models/interface.PIXEL_AFFINE)."""
+    c = config.num_channels
+    return np.stack([np.ones(c), np.zeros(c)]).astype(np.float32)
+
+
+def encode_image(config: Gemma3VisionConfig, params: dict, pixels: jax.Array,
+                 affine: jax.Array) -> jax.Array:
+    """One image's pixels [C, image_size, image_size] -> its LM embeddings
+    [mm_tokens_per_image, text_hidden], float32. affine [2, C]: each channel's scale and
+    shift to the processor's normalized pixels (pixel_affine's identity when they are)."""
+    pixels = pixels.astype(jnp.float32) * affine[0][:, None, None] + affine[1][:, None, None]
+    x = _linear(_patches(config, pixels), params["patch_embed"])
     x = x + params["positions"]
     for p in params["layers"]:
         x = _encoder_layer(config, p, x)
@@ -179,6 +191,7 @@ def encode_image(config: Gemma3VisionConfig, params: dict, pixels: jax.Array) ->
 
 @lru_cache(maxsize=None)
 def encoder_program(config: Gemma3VisionConfig):
-    """The jitted encoder of one image: params, pixels [C, S, S] -> [tokens, text_hidden].
-    Every image (and every pan-and-scan crop) has the same size: one program serves all."""
-    return jax.jit(lambda params, pixels: encode_image(config, params, pixels))
+    """The jitted encoder of one image: params, pixels [C, S, S], affine [2, C] ->
+    [tokens, text_hidden]. Every image (and every pan-and-scan crop) has the same size: one
+    program per pixels' dtype (uint8 raw, float32 normalized) serves all."""
+    return jax.jit(lambda params, pixels, affine: encode_image(config, params, pixels, affine))

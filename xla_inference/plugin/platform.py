@@ -203,7 +203,8 @@ class XlaPlatform(Platform):
         if cls.multimodal_modalities and not _takes_raw_pixels(vllm_config.model_config):
             # This family's encoder takes the processor's normalized pixels only; with vLLM's
             # mm_device_do_normalize the processor would hand it raw uint8 pixels. (Qwen2.5-VL's
-            # takes raw ones and normalizes them itself: plugin/model_runner.mm_pixel_affine.)
+            # and Gemma 3's take raw ones and normalize them themselves:
+            # plugin/model_runner.mm_pixel_affine, _let_our_towers_normalize.)
             vllm_config.model_config.multimodal_config.mm_device_do_normalize = False
         cls.image_end_limit = _bidirectional_images(vllm_config)
         _fold_data_parallel(vllm_config)
@@ -554,10 +555,33 @@ def patch_vllm_config() -> None:
     from xla_inference.kv_transfer.config import register_connectors
 
     _allow_heads_that_do_not_split(ModelConfig)
+    _let_our_towers_normalize(ModelConfig)
     register_connectors()  # vLLM resolves a --kv-transfer-config's class while checking it
     quantization.register_methods()
     quantization.refuse_unserved_quantization(ModelConfig)
     quantization.accept_float32_activations(VllmConfig)
+
+
+def _let_our_towers_normalize(model_config_cls) -> None:
+    """vLLM turns mm_device_do_normalize on (its default) only for models whose own class
+    declares it can normalize raw pixels (supports_mm_device_do_normalize); its Gemma 3 does
+    not. Where our family's tower takes raw pixels (MultimodalSupport.raw_pixels), the
+    default or an explicit True keeps it on; an explicit False, vLLM's Rust front end
+    (which cannot) and vLLM's own model classes (--model-impl vllm) resolve as vLLM does."""
+    original = model_config_cls._resolve_mm_device_do_normalize
+    if getattr(original, "_xla_inference", False):
+        return
+
+    def resolve(self, requested):
+        import vllm.envs as vllm_envs
+
+        if (requested is not False and not vllm_envs.VLLM_USE_RUST_FRONTEND
+                and str(self.model_impl) != "vllm" and _takes_raw_pixels(self)):
+            return True
+        return original(self, requested)
+
+    resolve._xla_inference = True
+    model_config_cls._resolve_mm_device_do_normalize = resolve
 
 
 def _allow_heads_that_do_not_split(model_config_cls) -> None:

@@ -371,3 +371,20 @@ def assert_ragged_logits(engine, prompts, expected, plan, tol: float) -> None:
     assert len(rows) == sum(len(step) for step in plan)
     for (rid, pos), got in rows.items():
         np.testing.assert_allclose(got, expected[int(rid[1:])][pos], rtol=tol, atol=tol)
+
+
+def pallas_tpu_gmm_in_interpret_mode(monkeypatch):
+    """A fixture body (yield from it): the MoE experts through the Pallas TPU GMM in
+    interpret mode, the native CPU expert kernel off (it keeps its own tiles); the choices
+    read afresh by each test (the route is read at trace, available() is cached)."""
+    import jax
+
+    from xla_inference.kernels import cpu_quantized, pallas_gmm
+
+    monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "0")
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "tpu")
+    jax.clear_caches()
+    cpu_quantized.available.cache_clear()
+    yield
+    jax.clear_caches()
+    cpu_quantized.available.cache_clear()

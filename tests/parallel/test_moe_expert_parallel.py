@@ -21,7 +21,8 @@ import pytest
 from tests.helpers import engine_request, run_chunks, save_tiny_family, tiny_engine
 from tests.parallel.test_collective_matmul import collectives
 from tests.quantization.test_packed import random_group_quant
-from xla_inference.kernels import cpu_quantized, pallas_gmm
+from tests.helpers import pallas_tpu_gmm_in_interpret_mode
+from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp, moe_mlp_dense
 from xla_inference.parallel.sharding import build_mesh, param_shardings, place_params, traced_over
 from xla_inference.quantization.experts import pack_experts, quantize_experts, stored_for_step
@@ -38,15 +39,7 @@ WEIGHTED_INPUTS = MoeConfig(num_experts=E, num_experts_per_tok=2, intermediate_s
 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
-    """The Pallas TPU GMM (interpret mode), the native CPU expert kernel off (it keeps its
-    tiles); read afresh by each test (the route is read at trace, available() is cached)."""
-    monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "0")
-    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "tpu")
-    jax.clear_caches()
-    cpu_quantized.available.cache_clear()
-    yield
-    jax.clear_caches()
-    cpu_quantized.available.cache_clear()
+    yield from pallas_tpu_gmm_in_interpret_mode(monkeypatch)
 
 
 def _dense_block(num_experts=E, F=48, seed=0) -> MoeMlp:

@@ -21,7 +21,8 @@ import pytest
 from tests.helpers import engine_request, run_chunks, save_tiny_family
 from tests.parallel.test_collective_matmul import collectives
 from tests.parallel.test_moe_expert_parallel import CFG, D, E, T, _dense_block, _quantized
-from xla_inference.kernels import cpu_quantized, pallas_gmm
+from tests.helpers import pallas_tpu_gmm_in_interpret_mode
+from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.moe import MoeMlp, moe_mlp, route
 from xla_inference.lora.slots import LoraExperts, column_mask
 from xla_inference.parallel.sharding import build_mesh, param_shardings, place_params, traced_over
@@ -34,14 +35,7 @@ F = 48
 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
-    """As test_moe_expert_parallel.py: the Pallas TPU GMM in interpret mode, read afresh."""
-    monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "0")
-    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "tpu")
-    jax.clear_caches()
-    cpu_quantized.available.cache_clear()
-    yield
-    jax.clear_caches()
-    cpu_quantized.available.cache_clear()
+    yield from pallas_tpu_gmm_in_interpret_mode(monkeypatch)
 
 
 def _adapter_stacks(seed=5) -> dict:

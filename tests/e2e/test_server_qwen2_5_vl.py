@@ -1,8 +1,9 @@
 """Qwen2.5-VL images through vLLM's OpenAI server on our engine: a chat request with a PNG
 data URL gives transformers' greedy tokens, streamed text equals the non-streamed text; an
-unreadable image and too many images get a 400 with vLLM's message, and the server keeps
-serving; a video sent as a data URL of JPEG frames (video/jpeg: nothing to decode but the
-frames) or of an MP4 (OpenCV decodes it) gives transformers' tokens for those frames. Tiny random checkpoint
+unreadable image, too many images and an image too big for the engine get a 400 with
+vLLM's message, and the server keeps serving; a video sent as a data URL of JPEG frames
+(video/jpeg: nothing to decode but the frames) or of an MP4 (OpenCV decodes it) gives
+transformers' tokens for those frames. Tiny random checkpoint
 (tests/multimodal/tiny_qwen2_5_vl.py) with a chat template that renders an image or video
 part as the placeholder string."""
 
@@ -109,6 +110,13 @@ def test_bad_images_get_a_400_and_the_server_serves_on(server):
     one = _data_url(image(56, 56, seed=1))
     too_many = _chat(server, [one, one, one, {"type": "text", "text": "t5"}])
     assert too_many.status_code == 400 and "At most 2 image" in too_many.json()["error"]["message"]
+    # The processor shrinks a big image to its max_pixels (560 x 560: served, 67 prompt
+    # tokens); two of them are past what this engine takes for one prompt (--max-model-len
+    # 128): refused before they reach the encoder.
+    big = _data_url(image(560, 560, seed=2))
+    assert _chat(server, [big, {"type": "text", "text": "t5"}]).status_code == 200
+    too_big = _chat(server, [big, big, {"type": "text", "text": "t5"}])
+    assert too_big.status_code == 400, too_big.text
     assert _chat(server, [one, {"type": "text", "text": "t5"}]).status_code == 200
 
 

@@ -85,8 +85,8 @@ def _native_matvec_many(x: jax.Array, ws) -> bool:
     one-row product `project` would give the native kernel: then one multi call does them
     all with the same bits."""
     return (math.prod(x.shape[:-1]) == 1
-            and all(isinstance(w, jax.Array) and w.dtype == jnp.bfloat16
-                    and w.dtype.itemsize < x.dtype.itemsize and _native_matvec(w)
+            and all(isinstance(w, jax.Array) and w.dtype.itemsize < x.dtype.itemsize
+                    and _native_matvec(w)
                     and w.shape[1] == x.shape[-1] for w in ws))
 
 

@@ -320,16 +320,11 @@ def _share_spec(w, local, split: str | None, axis: int):
         a_axis, b_axis = (None, None) if split is None else _ADAPTER_AXES[axis]
         return LoraExperts(_share_spec(w.base, local, split, axis), _cut(a_axis), _cut(b_axis),
                            PartitionSpec())
-    if split is None:
-        return PartitionSpec() if not isinstance(w, PackedExperts) else dataclasses.replace(
-            w, values=PartitionSpec(), scales=PartitionSpec(),
-            offsets=None if w.offsets is None else PartitionSpec())
-    cut = [None, None, None]
-    cut[axis] = TENSOR_AXIS
+    values = _cut(None if split is None else axis)
     if not isinstance(w, PackedExperts):
-        return PartitionSpec(*cut)
-    groups = PartitionSpec(*cut) if share_splits_groups(w, local) else PartitionSpec()
-    return dataclasses.replace(w, values=PartitionSpec(*cut), scales=groups,
+        return values
+    groups = values if split is not None and share_splits_groups(w, local) else PartitionSpec()
+    return dataclasses.replace(w, values=values, scales=groups,
                                offsets=None if w.offsets is None else groups)
 
 

@@ -99,7 +99,7 @@ constexpr int64_t kTile = 16;  // query tokens of one sequence that share their 
 struct Scratch {
   std::vector<float> qs, scores, acc;
   std::vector<int64_t> rows;
-  std::vector<float> widened;  // an fp8 cache's key or value rows as float32
+  std::vector<float> widened;  // a bfloat16 or fp8 cache's key or value rows as float32
 };
 
 // The cache as the kernels read it: row(offset, scratch) is the [K, H] row at element

@@ -4,6 +4,7 @@ two processes is tests/e2e/test_llm_multihost.py."""
 
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing import Pipe
 from types import SimpleNamespace
@@ -119,3 +120,24 @@ def test_a_follower_gone_before_shutdown_is_named_there(monkeypatch):
     assert group.failure.startswith("xla-inference multi-host: follower process 2 closed its "
                                     "connection"), group.failure
     live.close()
+
+
+def test_after_an_engine_error_shutdown_waits_for_the_loss_to_show(monkeypatch):
+    """A killed Ray actor's collectives can fail the step before its control socket closes:
+    when the engine core stops on an error, shutdown waits (bounded) for the loss to show and
+    names the follower; without an error it answers at once."""
+    monkeypatch.setattr(FollowerGroup, "_exit_after_grace", lambda self: None)
+    group = FollowerGroup(2, ("127.0.0.1", 0), b"key")
+    group.connections[1], far_end = Pipe()
+    threading.Timer(0.4, far_end.close).start()
+    start = time.monotonic()
+    assert group.lost_before_stop(wait_s=5.0, after_error=True)
+    assert 0.3 < time.monotonic() - start < 3
+    assert "follower process 1 closed its connection" in group.failure
+
+    quiet = FollowerGroup(2, ("127.0.0.1", 0), b"key")
+    quiet.connections[1], alive = Pipe()
+    start = time.monotonic()
+    assert not quiet.lost_before_stop(wait_s=0.5, after_error=True)  # bounded
+    assert time.monotonic() - start < 2
+    alive.close()

@@ -51,6 +51,8 @@ _STOP = "stop"
 _CALL = "call"
 # After a follower fails, how long the engine core gets to stop through vLLM's path.
 _FAILURE_GRACE_S = 10.0
+# How long shutdown lets a gone follower's watcher name it with its own reason.
+_WATCHER_WAIT_S = 1.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -219,19 +221,28 @@ class FollowerGroup:
     def dead(self) -> list[int]:
         return [pid for pid, proc in self.processes.items() if proc.poll() is not None]
 
-    def lost_before_stop(self, wait_s: float = 2.0) -> bool:
+    def lost_before_stop(self, wait_s: float = 2.0, after_error: bool = False) -> bool:
         """At shutdown, before the followers are told to stop: whether one had already
         failed or gone. A step whose collectives lost it can end the engine before that
         follower's watcher has run (data parallel steps fail at once rather than wait);
-        its watcher, or else this, names it as when it dies mid-serving."""
+        its watcher, or else this, names it as when it dies mid-serving. `after_error`:
+        the engine core stops on an error, so a follower's loss is likely but may not show
+        yet (a killed Ray actor's socket can close after its collectives already failed):
+        wait up to `wait_s` for it rather than answer at once."""
         gone: list[int] = []
         deadline = time.monotonic() + wait_s
         while self.failure is None and time.monotonic() < deadline:
             # A follower writes only to say it failed; a gone one's connection reads EOF.
             gone = self.dead() or [pid for pid, conn in self.connections.items() if conn.poll(0)]
-            if not gone:
+            if not gone and not after_error:
                 return False
-            time.sleep(0.05)
+            if gone:  # its watcher may yet name it with its own reason: a short wait
+                deadline = min(deadline, time.monotonic() + _WATCHER_WAIT_S)
+                time.sleep(0.05)
+                continue
+            time.sleep(0.1)
+        if self.failure is None and not gone:
+            return False
         if self.failure is None:
             self.fail(gone[0], "closed its connection (the process died or was killed)")
         return True
@@ -320,7 +331,8 @@ class MultiHostExecutor(UniProcExecutor):
         followers = getattr(self, "followers", None)
         if followers is None or followers.stopping or followers.failure is not None:
             return super().shutdown()  # after a failure: the grace timer ends the process
-        if followers.lost_before_stop():
+        if followers.lost_before_stop(wait_s=_FAILURE_GRACE_S if self._engine_failed() else 2.0,
+                                      after_error=self._engine_failed()):
             return super().shutdown()  # failed: the grace timer ends the process
         followers.stopping = True
         if followers.steps:
@@ -332,6 +344,13 @@ class MultiHostExecutor(UniProcExecutor):
         super().shutdown()
         _leave_jax_distributed()  # its shutdown is a barrier the followers meet at their exit
         followers.stop()
+
+    def _engine_failed(self) -> bool:
+        """Whether vLLM's engine core is stopping on an error rather than on request (a
+        requested stop, by signal or by the client, moves it off RUNNING first)."""
+        engine_core = _engine_core_of(self.followers.failure_callback)
+        state = getattr(engine_core, "shutdown_state", None)
+        return state is not None and int(state) == 0  # EngineShutdownState.RUNNING
 
     @classmethod
     def supports_async_scheduling(cls) -> bool:

@@ -343,9 +343,11 @@ def test_expert_parallel_equals_one_device(tiny_moe, gptq_moe, method, tp):
         results.append(run_chunks(engine, reqs, PLAN))
     single, sharded = results
     # The kernel rounds each row to 15-bit integers: an input one float32 step apart (sums
-    # in another order over the devices) may round one step the other way (1 / 16383).
+    # in another order over the devices) may round one step the other way (1 / 16383), and
+    # a flip early on carries through the layers: 2.1e-4 seen at 3 devices on an AVX-512
+    # machine. A wrong split moves logits by whole units.
     for key, row in single.items():
-        np.testing.assert_allclose(sharded[key], row, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(sharded[key], row, rtol=1e-4, atol=5e-4)
     moe = _moe_layer(engine.params)
     split_axis = 0 if tp == 4 else 1  # experts, or row tiles (w_gate's out: the MLP width)
     for arr in (moe.w_gate.values, moe.w_gate.scales):

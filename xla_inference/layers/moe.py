@@ -34,7 +34,8 @@ from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.lora.slots import LoraExperts
 from xla_inference.parallel.axes import weight
-from xla_inference.parallel.sharding import TENSOR_AXIS, tensor_parallel_mesh
+from xla_inference.parallel.sharding import (TENSOR_AXIS, refuse_nested_interpret_callbacks,
+                                             tensor_parallel_mesh)
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
                                                 ragged_product, row_experts,
                                                 share_splits_groups)
@@ -276,6 +277,9 @@ def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
 
     # Manual over every axis not yet manual, as quantization/product.py's split: the TPU
     # kernel's interpret mode runs host callbacks, which JAX allows only in manual code.
+    route = pallas_gmm.gmm_route()
+    if route is not None and route.backend == "tpu" and route.interpret:
+        refuse_nested_interpret_callbacks(mesh, "the TPU GMM")
     axes = set(mesh.axis_names) - set(mesh.manual_axes)
     whole = PartitionSpec()
     return jax.shard_map(body, mesh=mesh, in_specs=(whole, whole, whole, specs),

@@ -40,7 +40,7 @@ from xla_inference.parallel.sharding import (TENSOR_AXIS, refuse_nested_interpre
                                              tensor_parallel_mesh)
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
                                                 ragged_product, row_experts,
-                                                share_splits_groups)
+                                                share_splits_groups, uses_native_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,17 +190,31 @@ def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
                cfg: MoeConfig) -> jax.Array:
     """x [T, D] through the experts a router chose (weights, experts [T, k], as `route`
     gives them) -> [T, D]; p.router is not read (the torch path routes outside).
-    Under a tensor-parallel mesh with the Pallas GMM serving the experts (or the
-    all-to-all dispatch forced), split by hand (_routed_on_mesh), LoRA experts' adapter
+    Under a tensor-parallel mesh with a kernel that has no partitioning rule serving the
+    experts (the Pallas GMM; the native CPU kernel where the experts split), or the
+    all-to-all dispatch forced, split by hand (_routed_on_mesh), LoRA experts' adapter
     stacks with them."""
     w = Experts(p.w_gate, p.w_up, p.w_down)
-    by_hand = pallas_gmm.gmm_route() is not None or envs.moe_dispatch() == "all-to-all"
-    mesh = tensor_parallel_mesh() if by_hand else None
+    mesh = _mesh_to_split_on(w)
     if mesh is None:
         routed = _routed_experts(w, x, weights, experts, cfg)
     else:
         routed = _routed_on_mesh(w, x, weights, experts, cfg, mesh)
     return _with_shared_expert(p, x, routed)
+
+
+def _mesh_to_split_on(w: Experts):
+    """The tensor-parallel mesh where routed_mlp splits the experts by hand, else None
+    (GSPMD partitions XLA's ragged_dot without gathering the weights, not a custom call).
+    The native CPU kernel's tiles split only by experts (local_share): where they do not,
+    GSPMD keeps them as before."""
+    mesh = tensor_parallel_mesh()
+    if mesh is None:
+        return None
+    if pallas_gmm.gmm_route() is not None or envs.moe_dispatch() == "all-to-all":
+        return mesh
+    native = any(uses_native_kernel(_base(a)) for a in w)
+    return mesh if native and _expert_split(w, mesh.shape[TENSOR_AXIS]) == "experts" else None
 
 
 def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,

@@ -106,3 +106,24 @@ def test_dispatch_is_chosen_where_it_moves_fewer_bytes(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_MOE_DISPATCH", "sometimes")
     with pytest.raises(ValueError, match="XLA_INFERENCE_MOE_DISPATCH"):
         _capacity(64, 2, 8, 256)
+
+
+@pytest.mark.slow
+def test_qwen3_moe_steps_dispatched_equal_one_device(tmp_path, monkeypatch):
+    """A tiny Qwen3-MoE's engine steps (a chunked prefill, then a mixed step) with every
+    MoE layer dispatched by all-to-all over 4 devices: the one-device default path's
+    logits (ragged_dot), and no expert weight gathered in the compiled step."""
+    from tests.helpers import save_tiny_family
+    from tests.parallel.test_moe_expert_parallel import _engine_logits, _expert_gathers
+
+    model_dir = save_tiny_family(tmp_path / "m", "qwen3_moe")
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "xla")
+    monkeypatch.setenv("XLA_INFERENCE_MOE_DISPATCH", "all-reduce")
+    _, want = _engine_logits(model_dir)
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "gpu")
+    monkeypatch.setenv("XLA_INFERENCE_MOE_DISPATCH", "all-to-all")
+    engine, got = _engine_logits(model_dir, build_mesh(4))
+    assert got.keys() == want.keys()
+    for key, row in want.items():
+        np.testing.assert_allclose(got[key], row, rtol=1e-4, atol=1e-4, err_msg=str(key))
+    assert _expert_gathers(engine) == []

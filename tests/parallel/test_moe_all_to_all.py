@@ -127,3 +127,31 @@ def test_qwen3_moe_steps_dispatched_equal_one_device(tmp_path, monkeypatch):
     for key, row in want.items():
         np.testing.assert_allclose(got[key], row, rtol=1e-4, atol=1e-4, err_msg=str(key))
     assert _expert_gathers(engine) == []
+
+
+@pytest.mark.slow
+def test_dispatch_nested_in_data_parallel_replicas(monkeypatch):
+    """DP 2 x TP 2: each replica's block (its own tokens) dispatched over its model-axis
+    devices inside the replicas' shard_map, as runner/engine._forward_replicas nests it."""
+    from jax.sharding import PartitionSpec
+
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "gpu")
+    monkeypatch.setattr(moe, "DISPATCH_CAPACITY_FACTOR", NO_DROP)
+    block = _dense_block()
+    mesh = build_mesh(2, data_parallel_size=2)
+    model_cfg = types.SimpleNamespace(moe=CFG, intermediate_size=48)
+    placed = place_params(block, param_shardings(block, model_cfg, mesh))
+    x = np.random.default_rng(3).standard_normal((2, T, D)).astype(np.float32)
+
+    def replicas(p, x):
+        return jax.shard_map(lambda p, x: moe_mlp(p, x[0], CFG)[None], mesh=mesh,
+                             in_specs=(PartitionSpec(), PartitionSpec("data")),
+                             out_specs=PartitionSpec("data"), axis_names={"data"},
+                             check_vma=False)(p, x)
+
+    step = jax.jit(traced_over(mesh, replicas)).lower(placed, x).compile()
+    got = np.asarray(step(placed, x))
+    for replica in range(2):
+        want = np.asarray(jax.jit(moe_mlp_dense, static_argnums=2)(block, x[replica], CFG))
+        np.testing.assert_allclose(got[replica], want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    assert collectives(step.as_text()).get("all-to-all", 0) >= 4

@@ -145,6 +145,7 @@ def test_nested_interpret_kernel_is_refused_under_shardy(tpu_kernel):
         jax.jit(_replicas(mesh)).lower(*_stacked_steps()[1])
 
 
+@pytest.mark.slow  # 15-30 s: the interpret mode compiles slowly
 def test_dp2_tp2_interpret_kernel_equals_the_jnp_kernel(tpu_kernel, gspmd_partitioner,
                                                         monkeypatch):
     steps, stacked = _stacked_steps()

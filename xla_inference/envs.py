@@ -32,6 +32,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "",
         "the MoE grouped matmul: tpu or gpu forces that Pallas kernel (interpret mode off "
         "such a device), xla keeps jax.lax.ragged_dot; empty follows XLA_INFERENCE_KERNELS"),
+    "XLA_INFERENCE_MOE_DISPATCH": (
+        "auto",
+        "expert parallel MoE: all-to-all sends each token's rows only to the devices holding "
+        "its experts and back, all-reduce routes the replicated tokens on every device and "
+        "sums; auto takes all-to-all where it moves fewer bytes (layers/moe.py)"),
     "XLA_INFERENCE_IMAGE_SIZES": (
         "",
         "image sizes, HEIGHTxWIDTH in pixels, comma-separated (e.g. 448x448,720x1280), whose "
@@ -147,6 +152,15 @@ def kernels() -> str:
 def gmm_backend() -> str:
     """XLA_INFERENCE_GMM_BACKEND as given (kernels/pallas_gmm.py checks and resolves it)."""
     return _get("XLA_INFERENCE_GMM_BACKEND").strip().lower()
+
+
+def moe_dispatch() -> str:
+    """XLA_INFERENCE_MOE_DISPATCH: auto, all-to-all or all-reduce."""
+    value = _get("XLA_INFERENCE_MOE_DISPATCH").strip().lower()
+    if value not in ("auto", "all-to-all", "all-reduce"):
+        raise ValueError(f"XLA_INFERENCE_MOE_DISPATCH must be auto, all-to-all or all-reduce, "
+                         f"not {value!r}")
+    return value
 
 
 def qmm_backend() -> str:

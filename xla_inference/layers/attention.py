@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from xla_inference.kernels.backend import PALLAS_TPU, attention_backend
 from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
 from xla_inference.kernels.ragged_paged_attention import write_kv_and_attend
 from xla_inference.layers.linear import linear_many, row_parallel_project
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_mrope, apply_rope
 from xla_inference.parallel.axes import weight
-from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
+from xla_inference.parallel.sharding import (TENSOR_AXIS, refuse_nested_interpret_callbacks,
+                                             splits, tensor_parallel_mesh)
 
 
 
@@ -60,6 +62,9 @@ def _split_by_kv_heads(attend, mesh):
     nothing crosses devices. GSPMD cannot split the call itself: the native CPU kernel (an
     FFI custom call) and Pallas kernels have no partitioning rule, and without one XLA
     gathers the whole cache onto every device, every layer."""
+    backend = attention_backend()
+    if backend.name == PALLAS_TPU and backend.interpret:
+        refuse_nested_interpret_callbacks(mesh, "the TPU attention kernel")
     heads = PartitionSpec(None, TENSOR_AXIS, None)  # [slots or T, heads, H]
     whole = PartitionSpec()
     return jax.shard_map(

@@ -24,20 +24,23 @@ times `routed_scaling_factor` weight their outputs. Its shared experts are `shar
 """
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from xla_inference import envs
 from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.lora.slots import LoraExperts
 from xla_inference.parallel.axes import weight
-from xla_inference.parallel.sharding import TENSOR_AXIS, tensor_parallel_mesh
+from xla_inference.parallel.sharding import (TENSOR_AXIS, refuse_nested_interpret_callbacks,
+                                             tensor_parallel_mesh)
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
                                                 ragged_product, row_experts,
-                                                share_splits_groups)
+                                                share_splits_groups, uses_native_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,15 +190,31 @@ def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
                cfg: MoeConfig) -> jax.Array:
     """x [T, D] through the experts a router chose (weights, experts [T, k], as `route`
     gives them) -> [T, D]; p.router is not read (the torch path routes outside).
-    Under a tensor-parallel mesh with the Pallas GMM serving the experts, split by hand
-    (_routed_on_mesh), LoRA experts' adapter stacks with them."""
+    Under a tensor-parallel mesh with a kernel that has no partitioning rule serving the
+    experts (the Pallas GMM; the native CPU kernel where the experts split), or the
+    all-to-all dispatch forced, split by hand (_routed_on_mesh), LoRA experts' adapter
+    stacks with them."""
     w = Experts(p.w_gate, p.w_up, p.w_down)
-    mesh = tensor_parallel_mesh() if pallas_gmm.gmm_route() is not None else None
+    mesh = _mesh_to_split_on(w)
     if mesh is None:
         routed = _routed_experts(w, x, weights, experts, cfg)
     else:
         routed = _routed_on_mesh(w, x, weights, experts, cfg, mesh)
     return _with_shared_expert(p, x, routed)
+
+
+def _mesh_to_split_on(w: Experts):
+    """The tensor-parallel mesh where routed_mlp splits the experts by hand, else None
+    (GSPMD partitions XLA's ragged_dot without gathering the weights, not a custom call).
+    The native CPU kernel's tiles split only by experts (local_share): where they do not,
+    GSPMD keeps them as before."""
+    mesh = tensor_parallel_mesh()
+    if mesh is None:
+        return None
+    if pallas_gmm.gmm_route() is not None or envs.moe_dispatch() == "all-to-all":
+        return mesh
+    native = any(uses_native_kernel(_base(a)) for a in w)
+    return mesh if native and _expert_split(w, mesh.shape[TENSOR_AXIS]) == "experts" else None
 
 
 def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
@@ -265,8 +284,12 @@ def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
     specs = Experts(*(_share_spec(a, local_a, split, axis)
                       for a, local_a, axis in zip(w, local, _SPLIT_AXES.get(split, (0,) * 3))))
 
+    capacity = _dispatch_capacity(w, x.shape[0], cfg.num_experts_per_tok, devices, split)
+
     def body(x, weights, experts, shares):
         shares = Experts(*(_with_static(share, a) for share, a in zip(shares, local)))
+        if capacity is not None:
+            return _dispatched_experts(shares, x, weights, experts, cfg, devices, capacity)
         if split == "experts":
             first = jax.lax.axis_index(TENSOR_AXIS) * shares.count
             partial = _routed_experts(shares, x, weights, experts, cfg, first)
@@ -276,11 +299,118 @@ def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
 
     # Manual over every axis not yet manual, as quantization/product.py's split: the TPU
     # kernel's interpret mode runs host callbacks, which JAX allows only in manual code.
+    route = pallas_gmm.gmm_route()
+    if route is not None and route.backend == "tpu" and route.interpret:
+        refuse_nested_interpret_callbacks(mesh, "the TPU GMM")
     axes = set(mesh.axis_names) - set(mesh.manual_axes)
     whole = PartitionSpec()
     return jax.shard_map(body, mesh=mesh, in_specs=(whole, whole, whole, specs),
                          out_specs=whole, axis_names=axes, check_vma=False)(
                              x, weights, experts, w)
+
+
+# ------------------------------------------------------------------ all-to-all dispatch
+#
+# Under the expert split the all-reduce path has every device route all T * k pairs and
+# reduce the whole [T, D]. The dispatch path shards the tokens instead: device d takes its
+# T/n tokens (the activations are replicated, so that is a slice), sends each token's row
+# once to every device holding one of its chosen experts (its expert ids and weights with
+# it, the other devices' experts masked to -1), runs its GMM on what it received, sends
+# each row's weighted partial sum back, adds a token's returns and all-gathers the [T/n, D]
+# results. Shapes are static: each device sends each other device `capacity` rows (slots
+# past a destination's rows point at a zero row with no experts). A step where some
+# device would send more rows to one device than that (routing skewed past the capacity)
+# takes the all-reduce path instead, all devices together (the overflow is max-reduced
+# first): never a dropped token.
+#
+# Bytes each device moves, D-wide rows, n devices, T tokens, C the capacity:
+#   all-reduce: 2 (n - 1) / n * T (a ring's reduce-scatter and all-gather)
+#   all-to-all: (n - 1) * (2 C + T / n) (rows there and back, then the all-gather)
+# so dispatch pays where C < T / (2 n). C is T/n times the share of tokens that need a
+# given device under uniform routing, 1 - C(E - E/n, k) / C(E, k) (k distinct experts of
+# E), times DISPATCH_CAPACITY_FACTOR for skew: dispatch is chosen for few experts per
+# token over many devices (k = 2 of 64 experts over 8 devices: 0.23 of the tokens per
+# device), never for k = 8 over 8 devices (0.66). XLA_INFERENCE_MOE_DISPATCH forces
+# either. The local work shrinks the same way: a device routes n * C rows, not T * k pairs.
+# Not dispatched: LoRA experts (their adapters' per-token masks would travel too), splits
+# of the intermediate width.
+
+DISPATCH_CAPACITY_FACTOR = 1.25
+
+
+def _dispatch_capacity(w: Experts, num_tokens: int, k: int, devices: int,
+                       split: str | None) -> int | None:
+    """Rows each device sends each device under all-to-all dispatch; None: all-reduce."""
+    choice = envs.moe_dispatch()
+    if (choice == "all-reduce" or split != "experts"
+            or any(isinstance(a, LoraExperts) for a in w)):
+        return None
+    local_tokens = -(-num_tokens // devices)
+    experts, elsewhere = w.count, w.count - w.count // devices
+    missed = math.prod((elsewhere - i) / (experts - i) for i in range(k)) if k <= elsewhere else 0
+    capacity = min(local_tokens,
+                   max(1, math.ceil(DISPATCH_CAPACITY_FACTOR * (1 - missed) * local_tokens)))
+    if choice == "all-to-all" or 2 * capacity < local_tokens:
+        return capacity
+    return None
+
+
+def _dispatched_experts(shares: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
+                        cfg: MoeConfig, devices: int, capacity: int) -> jax.Array:
+    """Inside the shard_map over the tensor axis, x [T, D] replicated: the routed sum [T, D]
+    by all-to-all dispatch (the comment above), or by the all-reduce path on overflow."""
+    first = jax.lax.axis_index(TENSOR_AXIS) * shares.count
+    T = x.shape[0]
+    local_tokens = -(-T // devices)
+    pad = local_tokens * devices - T
+    padded = (jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(weights, ((0, pad), (0, 0))),
+              jnp.pad(experts, ((0, pad), (0, 0)), constant_values=-1))
+    mine = [jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(TENSOR_AXIS) * local_tokens,
+                                         local_tokens) for a in padded]
+    token_at, overflow = _dispatch_slots(mine[2] // shares.count, devices, capacity)
+
+    def dispatched():
+        sent = _rows_to_send(*mine, token_at, shares.count)  # [n, C, ...] each
+        received = [jax.lax.all_to_all(a, TENSOR_AXIS, 0, 0, tiled=True) for a in sent]
+        rows = [a.reshape(devices * capacity, *a.shape[2:]) for a in received]
+        partial = _routed_experts(shares, *rows, cfg, first)  # [n * C, D]
+        back = jax.lax.all_to_all(partial.reshape(devices, capacity, -1), TENSOR_AXIS, 0, 0,
+                                  tiled=True)  # back[j, c]: token token_at[j, c]'s share on j
+        summed = jnp.zeros((local_tokens + 1, back.shape[-1]), back.dtype).at[token_at].add(back)
+        return jax.lax.all_gather(summed[:local_tokens], TENSOR_AXIS, tiled=True)[:T]
+
+    def reduced():
+        return jax.lax.psum(_routed_experts(shares, x, weights, experts, cfg, first), TENSOR_AXIS)
+
+    return jax.lax.cond(jax.lax.pmax(overflow, TENSOR_AXIS), reduced, dispatched)
+
+
+def _dispatch_slots(owners: jax.Array, devices: int, capacity: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """owners [Tl, k] (the device of each chosen expert, -1 for padding) -> (token_at [n, C]:
+    the local token in each slot of the rows for each device, Tl for an empty slot;
+    whether some device needs more than C rows, int32)."""
+    local_tokens = owners.shape[0]
+    needs = (owners[:, :, None] == jnp.arange(devices)).any(axis=1)  # [Tl, n]
+    slot = jnp.cumsum(needs, axis=0) - 1  # the token's row among those sent to that device
+    sent = needs & (slot < capacity)
+    row = jnp.where(sent, slot, capacity)  # capacity: out of bounds, dropped
+    token_at = jnp.full((devices, capacity), local_tokens, jnp.int32).at[
+        jnp.arange(devices)[None, :], row].set(jnp.arange(local_tokens)[:, None], mode="drop")
+    return token_at, jnp.any(needs & ~sent).astype(jnp.int32)
+
+
+def _rows_to_send(x, weights, experts, token_at, experts_per_device):
+    """Each slot's row, routing weights and expert ids (-1 where the expert is not the
+    destination's), [n, C, D], [n, C, k], [n, C, k]; empty slots: zeros and -1."""
+    def with_empty_row(a, value):
+        return jnp.concatenate([a, jnp.full((1, *a.shape[1:]), value, a.dtype)])
+
+    x, weights, experts = (with_empty_row(a, v) for a, v in ((x, 0), (weights, 0), (experts, -1)))
+    destination = jnp.arange(token_at.shape[0])[:, None, None]
+    slot_experts = experts[token_at]
+    there = (slot_experts >= 0) & (slot_experts // experts_per_device == destination)
+    return x[token_at], weights[token_at], jnp.where(there, slot_experts, -1)
 
 
 # The axis of each of gate, up and down (logical [E, in, out]) that a split cuts.

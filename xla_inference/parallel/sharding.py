@@ -251,3 +251,25 @@ def splits(mesh, logical_axis: str, units: int, dim: int) -> bool:
     of `logical_axis` over the tensor-parallel axis of `mesh` (as param_shardings does)."""
     spec = partition_spec((logical_axis,), (dim,), {logical_axis: units}, mesh)
     return spec[0] == TENSOR_AXIS
+
+
+def refuse_nested_interpret_callbacks(mesh, kernel: str) -> None:
+    """Refuse, with what to do instead, a TPU Pallas kernel in interpret mode about to run
+    in a shard_map nested in another (tensor parallel inside data parallel replicas or
+    pipeline stages) while JAX lowers through Shardy, its default partitioner.
+
+    Why: the TPU interpret mode brackets each kernel with an *ordered* io_callback (its
+    ordering barrier), and JAX threads an ordered effect's !stablehlo.token through every
+    enclosing sdy.manual_computation. XLA's Shardy export of a nested manual computation
+    whose operands and results hold that token fails a CHECK (HloSharding::ValidateTuple
+    asks a token for its dimensions) and aborts the process. One level of shard_map, an
+    unordered callback, or the GSPMD partitioner lower fine; the compiled Mosaic kernel
+    (a tpu_custom_call, no callback, no token) nests like any custom call. So this is a
+    CPU-testing limit only: JAX_USE_SHARDY_PARTITIONER=false runs it."""
+    if mesh.manual_axes and jax.config.jax_use_shardy_partitioner:
+        raise RuntimeError(
+            f"{kernel} in Pallas' TPU interpret mode cannot run in a shard_map nested in "
+            f"the manual axes {sorted(mesh.manual_axes)} under the Shardy partitioner: XLA "
+            f"aborts exporting the interpret mode's ordered-callback token through nested "
+            f"manual computations. Set JAX_USE_SHARDY_PARTITIONER=false (the GSPMD "
+            f"partitioner lowers it), or use the GPU kernels' interpret mode")

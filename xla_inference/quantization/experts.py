@@ -253,6 +253,11 @@ def row_experts(group_sizes: jax.Array, rows: int) -> jax.Array:
     return jnp.minimum(expert, group_sizes.shape[0] - 1).astype(jnp.int32)
 
 
+def uses_native_kernel(w) -> bool:
+    """Whether w (experts of any kind) are quantized experts the native CPU kernel multiplies."""
+    return isinstance(w, PackedExperts) and _uses_kernel(w)
+
+
 def _uses_kernel(w: PackedExperts) -> bool:
     """Whether the native kernel runs these experts' products (KERNEL_CHUNK rows at most)."""
     return product.uses_kernel(w, KERNEL_CHUNK)

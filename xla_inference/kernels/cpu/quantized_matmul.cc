@@ -461,7 +461,8 @@ int64_t tiles_per_item(const Problem& p, int64_t threads) {
 // for waking it to pay: a pool thread takes microseconds to wake on an idle machine and far
 // longer on a busy one. Measured on a shared, busy 2-core machine (medians, T = 1, int4
 // g32): [1536, 576] (0.55 MB) 0.088 ms with two helper threads, 0.026 ms alone; [6144, 576]
-// 0.175 ms with two, 0.145 with one; [12288, 576] alike with one or two.
+// 0.175 ms with two, 0.145 with one; [12288, 576] alike with one or two. Builds with
+// another value: -DXLA_INFERENCE_QMM_BYTES_PER_THREAD=N (benchmarks/quantized_one_row_builds.py).
 #ifndef XLA_INFERENCE_QMM_BYTES_PER_THREAD
 #define XLA_INFERENCE_QMM_BYTES_PER_THREAD (1 << 20)
 #endif

@@ -126,15 +126,34 @@ std::vector<int32_t> group_sums(const int16_t* xq, int64_t T, int64_t in, int64_
 
 #ifdef XLA_INFERENCE_QMM_VNNI
 
-// Each output tile's weights are a short stream (a few KiB), a few side by side, and its
-// scales another: asking for them ahead helps the hardware prefetcher a little (0-10%
-// measured, most at T = 4). Prefetching past the end of an array is harmless.
+// Each output tile's weights are a short stream (a few KiB), kTiles of them side by side in
+// one contiguous block, and its scales another: the hardware prefetchers start each anew
+// (and stop at page ends), so the kernel asks for the bytes itself. Every 64 bytes of a
+// tile read, it asks for the same 64 bytes of that tile kPrefetchBlocks blocks ahead (the
+// next block's weights and scales arrive while this block is multiplied), into L2 (T2: the
+// prefetches then hold no L1 miss buffers). Measured on a 2-core AMD EPYC (Zen 4), the 30
+// layers' one-row products plus the LM head, process CPU time per step at load 13-18: Q4_1
+// 11.0 -> 7.6-8.2 ms, per-channel int8 14.2 -> 10.7-10.9 ms against the earlier 1 KiB ahead
+// within each tile into L1 (benchmarks/quantized_one_row_builds.py; its "old" build);
+// the next block into L1 gained about a third of that, and 2 blocks ahead no more than 1.
+// The engine's batch-1 step there (benchmarks/batch1_step.py, load 4-6): GGUF Q4_1
+// 16.1-16.5 -> 10.9-12.5 ms, online int8 17.3-18.1 -> 12.8-13.8 ms.
+// Prefetching past the end of an array is harmless (a hint; it does not fault).
+// -DXLA_INFERENCE_QMM_PREFETCH_BLOCKS=0 builds the earlier scheme (kPrefetchBytes ahead in
+// each tile, scales kPrefetchGroups groups ahead), for benchmarks.
 constexpr int64_t kLineBytes = 64;
-constexpr int64_t kPrefetchBytes = 1024;  // weight bytes ahead, per tile
-constexpr int64_t kPrefetchGroups = 4;    // groups ahead, for scales and offsets
+#ifndef XLA_INFERENCE_QMM_PREFETCH_BLOCKS
+#define XLA_INFERENCE_QMM_PREFETCH_BLOCKS 1
+#endif
+#ifndef XLA_INFERENCE_QMM_PREFETCH_HINT
+#define XLA_INFERENCE_QMM_PREFETCH_HINT _MM_HINT_T2
+#endif
+constexpr int64_t kPrefetchBlocks = XLA_INFERENCE_QMM_PREFETCH_BLOCKS;
+constexpr int64_t kPrefetchBytes = 1024;  // (blocks 0) weight bytes ahead, per tile
+constexpr int64_t kPrefetchGroups = 4;    // (blocks 0) groups ahead, for scales and offsets
 
 inline void prefetch(const void* address) {
-  _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(address), XLA_INFERENCE_QMM_PREFETCH_HINT);
 }
 
 // 16 scales or offsets from element `at` on, widened from f16 (vcvtph2ps: exact) or as stored.
@@ -161,6 +180,9 @@ inline __m512i broadcast_pair(const int16_t* x) {
 template <int kBits, int kT, int kTiles>
 void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
   const int64_t chunks = p.chunks_per_group(), tile_bytes = p.tile_bytes();
+  // Weight bytes ahead of the one being read that each tile asks for.
+  const int64_t prefetch_ahead =
+      kPrefetchBlocks > 0 ? kPrefetchBlocks * kTiles * tile_bytes : kPrefetchBytes;
   const uint8_t* w[kTiles];
   for (int i = 0; i < kTiles; ++i) w[i] = p.values + (ot0 + i) * tile_bytes;
   const int16_t* x[kT];
@@ -173,7 +195,13 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
     __m512i acc[kTiles][kT];
     for (int i = 0; i < kTiles; ++i)
       for (int t = 0; t < kT; ++t) acc[i][t] = _mm512_setzero_si512();
-    if (g + kPrefetchGroups < p.groups)
+    if constexpr (kPrefetchBlocks > 0)
+      for (int i = 0; i < kTiles; ++i) {
+        const int64_t ahead = ((ot0 + i + kPrefetchBlocks * kTiles) * p.groups + g) * kRows;
+        prefetch(group_address(p.scales, p.half_scales, ahead));
+        if (p.offsets != nullptr) prefetch(group_address(p.offsets, p.half_offsets, ahead));
+      }
+    else if (g + kPrefetchGroups < p.groups)
       for (int i = 0; i < kTiles; ++i) {
         const int64_t ahead = ((ot0 + i) * p.groups + g + kPrefetchGroups) * kRows;
         prefetch(group_address(p.scales, p.half_scales, ahead));
@@ -183,7 +211,7 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
       const int64_t k = c * p.per_chunk;
       for (int i = 0; i < kTiles; ++i) {
         if (c % (kLineBytes / kChunkBytes) == 0)
-          prefetch(w[i] + c * kChunkBytes + kPrefetchBytes);
+          prefetch(w[i] + c * kChunkBytes + prefetch_ahead);
         const __m256i bytes =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kChunkBytes));
         if constexpr (kBits == 8) {
@@ -435,8 +463,12 @@ int64_t tiles_per_item(const Problem& p, int64_t threads) {
 // for waking it to pay: a pool thread takes microseconds to wake on an idle machine and far
 // longer on a busy one. Measured on a shared, busy 2-core machine (medians, T = 1, int4
 // g32): [1536, 576] (0.55 MB) 0.088 ms with two helper threads, 0.026 ms alone; [6144, 576]
-// 0.175 ms with two, 0.145 with one; [12288, 576] alike with one or two.
-constexpr int64_t kBytesPerThread = 1 << 20;
+// 0.175 ms with two, 0.145 with one; [12288, 576] alike with one or two. Builds with
+// another value: -DXLA_INFERENCE_QMM_BYTES_PER_THREAD=N (benchmarks/quantized_one_row_builds.py).
+#ifndef XLA_INFERENCE_QMM_BYTES_PER_THREAD
+#define XLA_INFERENCE_QMM_BYTES_PER_THREAD (1 << 20)
+#endif
+constexpr int64_t kBytesPerThread = XLA_INFERENCE_QMM_BYTES_PER_THREAD;
 
 // Pool threads to wake besides the calling thread (which takes items too).
 int64_t helpers_for(const Problem& p, int64_t pool_threads, int64_t items) {

@@ -98,10 +98,19 @@ def test_unserved_speculative_methods_are_refused_by_name(model_dir, spec):
     assert repr(spec["method"]) in str(info.value) and "served: ngram" in str(info.value)
 
 
-def test_ngram_with_data_parallel_replicas_is_refused(model_dir):
-    with pytest.raises(Exception, match="speculative decoding with data parallel"):
-        _config(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                               "prompt_lookup_max": 2},
+def test_ngram_with_data_parallel_replicas_is_accepted(model_dir):
+    """(Served end to end: tests/e2e/test_llm_spec_data_parallel.py.)"""
+    config = _config(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                    "prompt_lookup_max": 2},
+                     additional_config={"data_parallel_size": 2})
+    assert config.additional_config["xla_data_parallel_size"] == 2
+
+
+def test_a_draft_model_with_data_parallel_replicas_is_refused(model_dir):
+    with pytest.raises(Exception, match="does not serve draft_model speculative decoding "
+                                        "with data parallel replicas"):
+        _config(model_dir, speculative_config={"method": "draft_model", "model": str(model_dir),
+                                               "num_speculative_tokens": 2},
                 additional_config={"data_parallel_size": 2})
 
 

@@ -45,6 +45,9 @@ def draft_layer_name(i: int) -> str:
 # Methods whose drafts the runner proposes itself, so that vLLM may schedule the next step
 # before it has this one's drafts (vLLM allows async scheduling for these; not for ngram).
 ASYNC_METHODS = ("draft_model", *EAGLE_METHODS)
+# Methods served with data parallel replicas: every replica's steps verify together (the
+# forward returns every replica's hidden states in the scheduler's order).
+DATA_PARALLEL_METHODS = ("ngram",)
 
 
 def use_synchronous_scheduling(vllm_config) -> None:
@@ -79,9 +82,11 @@ def refuse_unserved(vllm_config) -> None:
     dp = 1
     if isinstance(extra, dict):  # before or after platform._fold_data_parallel
         dp = int(extra.get("xla_data_parallel_size", extra.get("data_parallel_size", 1)))
-    if dp > 1 or vllm_config.parallel_config.data_parallel_size > 1:
-        raise ValueError("xla-inference does not support speculative decoding with data "
-                         "parallel replicas yet")
+    if (dp > 1 or vllm_config.parallel_config.data_parallel_size > 1) and \
+            method not in DATA_PARALLEL_METHODS:
+        raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
+                         f"data parallel replicas yet (served: "
+                         f"{', '.join(DATA_PARALLEL_METHODS)})")
 
 
 def _refuse_unserved_draft_options(spec) -> None:

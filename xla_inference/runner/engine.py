@@ -584,9 +584,8 @@ class ModelEngine:
         position) -> bool [V]. num_acceptable: per request, how many of its drafts may be
         accepted (the rest were computed but are not verified: the token at that position
         is drawn as a bonus). -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
-        if self.replicas > 1 or self.microbatches > 1:
-            raise NotImplementedError("speculative decoding with data parallel replicas or "
-                                      "pipeline stages")
+        if self.microbatches > 1:
+            raise NotImplementedError("speculative decoding with pipeline stages")
         K = num_speculative_tokens
         B = self._verify_slots(len(scheduled))
         requests = [r for r, _ in scheduled]
@@ -605,8 +604,15 @@ class ModelEngine:
     @functools.cached_property
     def _verify_slot_counts(self) -> list[int]:
         """The request slots verify programs are compiled for: each bucket's row count
-        (derived once from the buckets, read by every verify step)."""
-        return sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
+        (derived once from the buckets, read by every verify step). Data parallel: a step
+        carries up to every replica's rows of its bucket (the forward returns them all in the
+        scheduler's order), so each count times the replicas too."""
+        counts = {self.layout_for(T).num_seqs for T in self.token_buckets}
+        return sorted(counts | {n * self.replicas for n in counts})
+
+    def _verify_rows_fit(self, T: int, num_slots: int) -> bool:
+        """Whether a step of token bucket T can carry num_slots requests (every replica's)."""
+        return num_slots <= self.layout_for(T).num_seqs * self.replicas
 
     def _verify_slots(self, num_requests: int) -> int:
         """Request slots of a verify step: the fewest compiled that hold its requests, not
@@ -735,17 +741,19 @@ class ModelEngine:
     def _verify_examples(self, hidden) -> tuple[list[tuple], list[tuple]]:
         """verify_drafts' argument shapes for every token bucket: the draft rows' logits,
         and rejection sampling with and without the per-row extras (penalties, allowed ids,
-        bad words, min_tokens, grammar). None without speculative decoding (or with data
-        parallel replicas, which it refuses)."""
+        bad words, min_tokens, grammar). None without speculative decoding (or with pipeline
+        stages, which it refuses). Data parallel: a step's hidden states are every replica's
+        tokens of its bucket, in the scheduler's order ([R*T, D], _forward_replicas)."""
         K = self.cfg.num_speculative_tokens
-        if K == 0 or self.replicas > 1 or self.microbatches > 1:
+        if K == 0 or self.microbatches > 1:
             return [], []
         logits_args, rejection_args = [], []
         whole = replicated(self.mesh)  # as the forward's and the draft rows' outputs
         for T in self.token_buckets:
-            states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype, sharding=whole)
+            states = jax.ShapeDtypeStruct((self.replicas * T, hidden.shape[1]), hidden.dtype,
+                                          sharding=whole)
             for B in self._verify_slot_counts:  # _verify_slots' choices for T's steps
-                if B > self.layout_for(T).num_seqs:
+                if not self._verify_rows_fit(T, B):
                     break
                 logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
         for B in self._verify_slot_counts:

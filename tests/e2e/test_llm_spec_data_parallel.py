@@ -76,3 +76,47 @@ def test_ngram_with_two_replicas_equals_greedy_without_speculation(model_dir, pr
     assert crowd[3] == alone[0] and len(alone[0]) == NUM_NEW
     assert penalised[0][0] == penalised[1][3]
     assert compiled_after_warm_up == 0
+
+
+def test_draft_model_with_two_replicas_equal_to_the_target_has_every_draft_accepted(
+        model_dir, prompts):
+    """A draft model equal to the target under async scheduling (vLLM's default for it):
+    each replica's draft KV lives in that replica's pages, so every draft is accepted; the
+    greedy text is transformers'."""
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    draft = {"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 3}
+    llm = _engine(model_dir, num_pages=2 * 48, speculative_config=draft)  # both models' pages
+    try:
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
+        rows = llm.collective_rpc("replica_rows")[0]
+        compiled_after_warm_up = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    assert got == expected
+    assert drafted > 0 and accepted == drafted
+    assert len(rows) == 2 and min(rows) > 0, rows
+    assert compiled_after_warm_up == 0
+
+
+def test_eagle3_with_two_replicas_drafts_as_with_one(tmp_path, monkeypatch):
+    """An EAGLE-3 head over two replicas' requests (one program over both replicas' rows and
+    pages) proposes every draft it proposes on one replica, and greedy output is
+    transformers'; synchronous scheduling, so that vLLM's schedulers hold the drafts."""
+    from tests.e2e import eagle3_run
+    from tests.eagle3_checkpoint import save_tiny_eagle3, save_tiny_llama_target
+
+    target = save_tiny_llama_target(tmp_path / "target")
+    from safetensors.numpy import load_file
+
+    embed = load_file(str(target / "model.safetensors"))["model.embed_tokens.weight"]
+    head = save_tiny_eagle3(tmp_path / "head", (0, 1, 2), echo_embed=embed)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the schedulers in this process
+    one = eagle3_run.run(str(target), str(head))
+    two = eagle3_run.run(str(target), str(head), additional_config=DATA_PARALLEL)
+    assert two["outputs"] == one["outputs"] == hf_greedy_ids(
+        target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
+    assert two["drafts"] == one["drafts"]
+    assert two["drafted"] == one["drafted"] > two["accepted"] == one["accepted"] > 0

@@ -106,12 +106,20 @@ def test_ngram_with_data_parallel_replicas_is_accepted(model_dir):
     assert config.additional_config["xla_data_parallel_size"] == 2
 
 
-def test_a_draft_model_with_data_parallel_replicas_is_refused(model_dir):
-    with pytest.raises(Exception, match="does not serve draft_model speculative decoding "
-                                        "with data parallel replicas"):
-        _config(model_dir, speculative_config={"method": "draft_model", "model": str(model_dir),
-                                               "num_speculative_tokens": 2},
-                additional_config={"data_parallel_size": 2})
+def test_an_eagle3_head_with_data_parallel_replicas_is_refused():
+    """(A config object of the fields the check reads: vLLM's needs an EAGLE-3 checkpoint.)"""
+    from types import SimpleNamespace
+
+    from xla_inference.plugin.spec_decode import refuse_unserved
+
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(method="eagle3"),
+        scheduler_config=SimpleNamespace(async_scheduling=True),
+        parallel_config=SimpleNamespace(data_parallel_size=1),
+        additional_config={"xla_data_parallel_size": 2})
+    with pytest.raises(ValueError, match="does not serve eagle3 speculative decoding with "
+                                         "data parallel replicas"):
+        refuse_unserved(config)
 
 
 _OURS = {"kv_connector": "XlaSharedStorageConnector", "kv_role": "kv_both"}

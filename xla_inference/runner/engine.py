@@ -171,6 +171,15 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
                                            token_order))
 
 
+def _forward_replicas_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch,
+                             row_order, token_order, *, mesh: Mesh):
+    """A draft model's step over data parallel replicas: _forward_replicas, each row's argmax
+    token in place of its logits (as _forward_greedy)."""
+    kv_cache, logits, hidden = _forward_replicas(model, cfg, params, kv_cache, batch, row_order,
+                                                 token_order, mesh=mesh)
+    return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
+
+
 def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
                           token_order):
     """Pipeline parallel: the step's requests in M micro-batches, every array of `batch`
@@ -327,8 +336,9 @@ class ModelEngine:
             if greedy_drafter:
                 forward = _forward_greedy
             batch_shardings = (whole,)
-        else:
-            forward = functools.partial(_forward_replicas, mesh=self.mesh)
+        else:  # data parallel; a draft model's engine keeps each replica's draft KV too
+            forward = functools.partial(
+                _forward_replicas_greedy if greedy_drafter else _forward_replicas, mesh=self.mesh)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
 
         # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
@@ -359,9 +369,9 @@ class ModelEngine:
         # holds each row's argmax token; it never samples or scores, so warm-up skips those.
         self.greedy_drafter = greedy_drafter
         if greedy_drafter:
-            if pooling or lora is not None or self.replicas > 1:
+            if pooling or lora is not None or self.microbatches > 1:
                 raise ValueError("a draft model's engine runs without pooling, LoRA adapters "
-                                 "or data parallel replicas")
+                                 "or pipeline stages")
             self._samplers, self._scorers = {}, {}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0

@@ -106,18 +106,19 @@ def test_ngram_with_data_parallel_replicas_is_accepted(model_dir):
     assert config.additional_config["xla_data_parallel_size"] == 2
 
 
-def test_an_eagle3_head_with_data_parallel_replicas_is_refused():
-    """(A config object of the fields the check reads: vLLM's needs an EAGLE-3 checkpoint.)"""
+def test_mtp_with_data_parallel_replicas_is_refused():
+    """(A config object of the fields the check reads: vLLM's would need a DeepSeek-V3
+    checkpoint, an MoE model, which data parallel refuses before this check.)"""
     from types import SimpleNamespace
 
     from xla_inference.plugin.spec_decode import refuse_unserved
 
     config = SimpleNamespace(
-        speculative_config=SimpleNamespace(method="eagle3"),
+        speculative_config=SimpleNamespace(method="mtp"),
         scheduler_config=SimpleNamespace(async_scheduling=True),
         parallel_config=SimpleNamespace(data_parallel_size=1),
         additional_config={"xla_data_parallel_size": 2})
-    with pytest.raises(ValueError, match="does not serve eagle3 speculative decoding with "
+    with pytest.raises(ValueError, match="does not serve mtp speculative decoding with "
                                          "data parallel replicas"):
         refuse_unserved(config)
 

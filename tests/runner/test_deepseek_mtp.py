@@ -125,3 +125,34 @@ def test_a_checkpoint_without_the_mtp_layer_is_refused(tmp_path):
     cfg = deepseek_mtp.MtpConfig.from_hf(json.loads((path / "config.json").read_text()))
     with pytest.raises(ValueError, match="no MTP layer weights"):
         deepseek_mtp.load_params(CheckpointTensors(safetensors_files(path)), cfg, jnp.float32)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_online_quantization_quantizes_the_block_as_the_target_layers(checkpoint, method):
+    """--quantization int8/fp8 on the float checkpoint: the MTP block (an MoE layer) comes out
+    of _load_mtp_params quantized leaf for leaf as the target's MoE layer comes out of the
+    target's load (runner/build.load), the same kinds (projections packed, expert stacks
+    quantized) of the same dtypes; eh_proj stays float."""
+    from types import SimpleNamespace
+
+    from xla_inference.plugin.spec_decode import _load_mtp_params
+    from xla_inference.quantization.experts import PackedExperts
+    from xla_inference.quantization.packed import PackedWeight
+    from xla_inference.runner.build import Precision, load
+
+    path, _ = checkpoint
+    precision = Precision.uniform(jnp.float32)
+    cfg = deepseek_mtp.MtpConfig.from_hf(json.loads((path / "config.json").read_text()))
+    config = SimpleNamespace(model_config=SimpleNamespace(quantization=method))
+    mtp = _load_mtp_params(config, path, cfg, precision)
+    target = load(path, precision, quantization=method).params.layers[-1]
+    quantized = (PackedWeight, PackedExperts)
+
+    def kinds(tree):
+        leaves = jax.tree.leaves(tree, is_leaf=lambda leaf: isinstance(leaf, quantized))
+        return [(type(leaf).__name__, str(jax.tree.leaves(leaf)[0].dtype)) for leaf in leaves]
+
+    assert isinstance(target.mlp, MoeMlp) and isinstance(mtp.block.mlp, MoeMlp)
+    assert kinds(mtp.block) == kinds(target)
+    assert sum(kind in ("PackedWeight", "PackedExperts") for kind, _ in kinds(mtp.block)) >= 4
+    assert isinstance(mtp.fc, np.ndarray) and mtp.fc.dtype == np.float32

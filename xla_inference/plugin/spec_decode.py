@@ -74,13 +74,6 @@ def refuse_unserved(vllm_config) -> None:
         raise ValueError(
             f"xla-inference does not support speculative decoding method {method!r} "
             f"(--speculative-config) yet; served: {', '.join(SERVED_METHODS)}")
-    if vllm_config.scheduler_config.async_scheduling and method not in ASYNC_METHODS:
-        raise ValueError(f"xla-inference serves {method} speculative decoding with "
-                         "synchronous scheduling only; drop --async-scheduling")
-    if method in ("draft_model", *EAGLE_METHODS):
-        _refuse_unserved_draft_options(spec)
-    if method == "mtp":
-        _refuse_unserved_mtp(vllm_config)
     extra = vllm_config.additional_config
     dp = 1
     if isinstance(extra, dict):  # before or after platform._fold_data_parallel
@@ -90,6 +83,13 @@ def refuse_unserved(vllm_config) -> None:
         raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
                          f"data parallel replicas yet (served: "
                          f"{', '.join(DATA_PARALLEL_METHODS)})")
+    if vllm_config.scheduler_config.async_scheduling and method not in ASYNC_METHODS:
+        raise ValueError(f"xla-inference serves {method} speculative decoding with "
+                         "synchronous scheduling only; drop --async-scheduling")
+    if method in ("draft_model", *EAGLE_METHODS):
+        _refuse_unserved_draft_options(spec)
+    if method == "mtp":
+        _refuse_unserved_mtp(vllm_config)
 
 
 def _refuse_unserved_draft_options(spec) -> None:

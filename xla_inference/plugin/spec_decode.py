@@ -24,6 +24,8 @@ Drafts are verified on device by rejection sampling (sampling/rejection.py); gre
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
 is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
 drafts proposed after a step (plugin/model_runner._propose; 0: no proposer work).
+With data parallel replicas ngram, draft_model, eagle3 and eagle are served
+(DATA_PARALLEL_METHODS); mtp's DeepSeek-V3 targets are MoE, which data parallel refuses.
 """
 
 import logging

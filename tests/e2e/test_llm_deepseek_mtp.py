@@ -133,3 +133,36 @@ def _reference_drafts(ref, token_ids, target_hidden, k):
         tokens.append(drafts[-1])
         hidden = np.concatenate([hidden, y[-1:]])
     return drafts, margins
+
+
+@pytest.mark.parametrize("method", ["int8"])
+def test_online_quantization_quantizes_the_mtp_layer_as_the_target(tmp_path, method):
+    """--quantization int8 on a float checkpoint: the MTP layer's block is quantized at load
+    as the target's layers are (plugin/spec_decode._load_mtp_params); greedy output equals
+    the same quantized engine's without speculation, and the quantized echo layer still
+    has most drafts accepted."""
+    model_dir = save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True)
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (6, 23, 37)]
+    settings = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96,
+                    kv_cache_memory_bytes=32 * PAGE_BYTES, quantization=method)
+    llm = start_llm(model_dir, **settings)
+    try:
+        plain = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    finally:
+        shutdown(llm)
+    llm = start_llm(model_dir, **settings,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": K})
+    try:
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        quantized = llm.collective_rpc("drafter_quantized_weights")[0]
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    assert got == plain
+    assert quantized > 0
+    assert drafted > accepted > drafted / 2
+    assert compiled == 0

@@ -98,11 +98,29 @@ def test_unserved_speculative_methods_are_refused_by_name(model_dir, spec):
     assert repr(spec["method"]) in str(info.value) and "served: ngram" in str(info.value)
 
 
-def test_ngram_with_data_parallel_replicas_is_refused(model_dir):
-    with pytest.raises(Exception, match="speculative decoding with data parallel"):
-        _config(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                               "prompt_lookup_max": 2},
-                additional_config={"data_parallel_size": 2})
+def test_ngram_with_data_parallel_replicas_is_accepted(model_dir):
+    """(Served end to end: tests/e2e/test_llm_spec_data_parallel.py.)"""
+    config = _config(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                    "prompt_lookup_max": 2},
+                     additional_config={"data_parallel_size": 2})
+    assert config.additional_config["xla_data_parallel_size"] == 2
+
+
+def test_mtp_with_data_parallel_replicas_is_refused():
+    """(A config object of the fields the check reads: vLLM's would need a DeepSeek-V3
+    checkpoint, an MoE model, which data parallel refuses before this check.)"""
+    from types import SimpleNamespace
+
+    from xla_inference.plugin.spec_decode import refuse_unserved
+
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(method="mtp"),
+        scheduler_config=SimpleNamespace(async_scheduling=True),
+        parallel_config=SimpleNamespace(data_parallel_size=1),
+        additional_config={"xla_data_parallel_size": 2})
+    with pytest.raises(ValueError, match="does not serve mtp speculative decoding with "
+                                         "data parallel replicas"):
+        refuse_unserved(config)
 
 
 _OURS = {"kv_connector": "XlaSharedStorageConnector", "kv_role": "kv_both"}

@@ -17,8 +17,8 @@ from tests.deepseek_mtp_checkpoint import HIDDEN, VOCAB, TransformersMtp, save_t
 from tests.helpers import ENGINE_BLOCK
 from xla_inference.layers.moe import MoeMlp
 from xla_inference.loading.safetensors import CheckpointTensors, safetensors_files
-from xla_inference.models import deepseek_mtp
-from xla_inference.parallel.sharding import build_mesh
+from xla_inference.models import deepseek_mtp, deepseek_v3
+from xla_inference.parallel.sharding import build_mesh, kv_cache_sharding
 from xla_inference.runner.buckets import token_buckets
 from xla_inference.runner.eagle import EagleLimits, EagleProposer
 from xla_inference.runner.requests import RequestState, build_step_batch
@@ -93,6 +93,15 @@ def test_the_layer_split_over_tensor_parallel_devices_proposes_the_same(checkpoi
     assert "model" in tuple(attn.wq_nope.sharding.spec)
     assert len(attn.wq_nope.addressable_shards[0].data.shape) == 3
     assert attn.wq_nope.addressable_shards[0].data.shape[1] == attn.wq_nope.shape[1] // 2
+    # Its latent cache is placed as a target layer's: MLA's one latent head holds every
+    # head's keys and values, so every device keeps all of it (as in the target's engine).
+    (latent,) = proposer.kv.arrays[0]
+    mesh = proposer.mesh
+    target_layer = deepseek_v3.kv_layers(proposer.cfg)[0]
+    target_shape = (latent.shape[0], target_layer.num_kv_heads, target_layer.head_size)
+    assert latent.shape == target_shape
+    assert latent.sharding == kv_cache_sharding(proposer.cfg, target_shape, mesh)
+    assert latent.sharding.is_fully_replicated
     assert_drafts_match_over_a_prompt_and_a_verify_step(
         proposer, ref, k=K, hidden_size=HIDDEN, vocab=VOCAB, rows=32,
         rng=np.random.default_rng(4))
@@ -116,3 +125,34 @@ def test_a_checkpoint_without_the_mtp_layer_is_refused(tmp_path):
     cfg = deepseek_mtp.MtpConfig.from_hf(json.loads((path / "config.json").read_text()))
     with pytest.raises(ValueError, match="no MTP layer weights"):
         deepseek_mtp.load_params(CheckpointTensors(safetensors_files(path)), cfg, jnp.float32)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_online_quantization_quantizes_the_block_as_the_target_layers(checkpoint, method):
+    """--quantization int8/fp8 on the float checkpoint: the MTP block (an MoE layer) comes out
+    of _load_mtp_params quantized leaf for leaf as the target's MoE layer comes out of the
+    target's load (runner/build.load), the same kinds (projections packed, expert stacks
+    quantized) of the same dtypes; eh_proj stays float."""
+    from types import SimpleNamespace
+
+    from xla_inference.plugin.spec_decode import _load_mtp_params
+    from xla_inference.quantization.experts import PackedExperts
+    from xla_inference.quantization.packed import PackedWeight
+    from xla_inference.runner.build import Precision, load
+
+    path, _ = checkpoint
+    precision = Precision.uniform(jnp.float32)
+    cfg = deepseek_mtp.MtpConfig.from_hf(json.loads((path / "config.json").read_text()))
+    config = SimpleNamespace(model_config=SimpleNamespace(quantization=method))
+    mtp = _load_mtp_params(config, path, cfg, precision)
+    target = load(path, precision, quantization=method).params.layers[-1]
+    quantized = (PackedWeight, PackedExperts)
+
+    def kinds(tree):
+        leaves = jax.tree.leaves(tree, is_leaf=lambda leaf: isinstance(leaf, quantized))
+        return [(type(leaf).__name__, str(jax.tree.leaves(leaf)[0].dtype)) for leaf in leaves]
+
+    assert isinstance(target.mlp, MoeMlp) and isinstance(mtp.block.mlp, MoeMlp)
+    assert kinds(mtp.block) == kinds(target)
+    assert sum(kind in ("PackedWeight", "PackedExperts") for kind, _ in kinds(mtp.block)) >= 4
+    assert isinstance(mtp.fc, np.ndarray) and mtp.fc.dtype == np.float32

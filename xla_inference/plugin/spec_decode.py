@@ -24,6 +24,8 @@ Drafts are verified on device by rejection sampling (sampling/rejection.py); gre
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
 is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
 drafts proposed after a step (plugin/model_runner._propose; 0: no proposer work).
+With data parallel replicas ngram, draft_model, eagle3 and eagle are served
+(DATA_PARALLEL_METHODS); mtp's DeepSeek-V3 targets are MoE, which data parallel refuses.
 """
 
 import logging
@@ -45,6 +47,12 @@ def draft_layer_name(i: int) -> str:
 # Methods whose drafts the runner proposes itself, so that vLLM may schedule the next step
 # before it has this one's drafts (vLLM allows async scheduling for these; not for ngram).
 ASYNC_METHODS = ("draft_model", *EAGLE_METHODS)
+# Methods served with data parallel replicas: every replica's steps verify together (the
+# forward returns every replica's hidden states in the scheduler's order); a draft model's
+# engine runs its replicas as the target's does, each replica's draft KV in its own pages;
+# an EAGLE head runs every replica's rows in one program over all replicas' pages. (mtp:
+# its DeepSeek-V3 targets are MoE, which data parallel refuses.)
+DATA_PARALLEL_METHODS = ("ngram", "draft_model", "eagle3", "eagle")
 
 
 def use_synchronous_scheduling(vllm_config) -> None:
@@ -68,6 +76,15 @@ def refuse_unserved(vllm_config) -> None:
         raise ValueError(
             f"xla-inference does not support speculative decoding method {method!r} "
             f"(--speculative-config) yet; served: {', '.join(SERVED_METHODS)}")
+    extra = vllm_config.additional_config
+    dp = 1
+    if isinstance(extra, dict):  # before or after platform._fold_data_parallel
+        dp = int(extra.get("xla_data_parallel_size", extra.get("data_parallel_size", 1)))
+    if (dp > 1 or vllm_config.parallel_config.data_parallel_size > 1) and \
+            method not in DATA_PARALLEL_METHODS:
+        raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
+                         f"data parallel replicas yet (served: "
+                         f"{', '.join(DATA_PARALLEL_METHODS)})")
     if vllm_config.scheduler_config.async_scheduling and method not in ASYNC_METHODS:
         raise ValueError(f"xla-inference serves {method} speculative decoding with "
                          "synchronous scheduling only; drop --async-scheduling")
@@ -75,13 +92,6 @@ def refuse_unserved(vllm_config) -> None:
         _refuse_unserved_draft_options(spec)
     if method == "mtp":
         _refuse_unserved_mtp(vllm_config)
-    extra = vllm_config.additional_config
-    dp = 1
-    if isinstance(extra, dict):  # before or after platform._fold_data_parallel
-        dp = int(extra.get("xla_data_parallel_size", extra.get("data_parallel_size", 1)))
-    if dp > 1 or vllm_config.parallel_config.data_parallel_size > 1:
-        raise ValueError("xla-inference does not support speculative decoding with data "
-                         "parallel replicas yet")
 
 
 def _refuse_unserved_draft_options(spec) -> None:
@@ -120,12 +130,6 @@ def _refuse_unserved_mtp(vllm_config) -> None:
 
     mc = vllm_config.model_config
     refuse_unserved_target(mc.hf_config.to_dict())
-    if mc.quantization is not None and not mc.hf_config.to_dict().get("quantization_config"):
-        # --quantization int8/fp8 on a float checkpoint: the target's projections are
-        # quantized at load (models/loader.py), the MTP layer's would not be.
-        raise ValueError(f"xla-inference serves the mtp speculative method on checkpoints "
-                         f"quantized by their exporter, not with online --quantization "
-                         f"{mc.quantization} yet")
     if model_implementation(mc) == "vllm":
         raise ValueError("xla-inference serves mtp for its native DeepSeek-V3 family only "
                          "(not with --model-impl vllm)")
@@ -305,17 +309,26 @@ def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
 
 
 def _load_mtp_params(vllm_config, path, cfg, precision):
-    """The MTP layer as the target's layers are loaded (runner/build.load): a quantized
-    checkpoint's projections and experts read by its format's reader and kept quantized
-    (what the exporter left float, e.g. DeepSeek's eh_proj, stays float), the projections
+    """The MTP layer as the target's layers are loaded (runner/build.load, models/loader.py):
+    a quantized checkpoint's projections and experts read by its format's reader and kept
+    quantized (what the exporter left float, e.g. DeepSeek's eh_proj, stays float); on a
+    float checkpoint with online --quantization int8/fp8, the block's projections and
+    expert stacks quantized per output channel as the target's are (eh_proj, not a
+    projection of the block, stays float as an exporter leaves it); the projections
     narrowed where the target's are."""
     from xla_inference.loading.checkpoint import load_checkpoint
-    from xla_inference.loading.params import narrow_projections, pack_quantized
+    from xla_inference.loading.params import (narrow_projections, pack_quantized,
+                                              quantize_projections)
     from xla_inference.models import deepseek_mtp
     from xla_inference.plugin.quantization import loader_method
+    from xla_inference.quantization.online import ONLINE_METHODS
 
-    _, tensors = load_checkpoint(path, None, loader_method(vllm_config.model_config.quantization))
+    method = loader_method(vllm_config.model_config.quantization)
+    _, tensors = load_checkpoint(path, None, method)
     params = deepseek_mtp.load_params(tensors, cfg, precision.activations)
+    if method in ONLINE_METHODS and not hasattr(tensors, "quantized_weight"):
+        # The target's rule (models/loader.load_model): online only on a float checkpoint.
+        params = quantize_projections(params, ONLINE_METHODS[method])
     params = pack_quantized(params, precision.weights, precision.activations)
     if precision.narrows_projections:
         params = narrow_projections(params, precision.weights)
@@ -389,9 +402,8 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target
     from xla_inference.runner.eagle import EagleLimits, EagleProposer
 
     method = vllm_config.speculative_config.method
-    if target_engine.replicas > 1 or target_engine.microbatches > 1:
-        raise ValueError(f"xla-inference does not serve {method} with data parallel replicas "
-                         "or pipeline stages yet")
+    if target_engine.microbatches > 1:
+        raise ValueError(f"xla-inference does not serve {method} with pipeline stages yet")
     from xla_inference.models import deepseek_v3
     from xla_inference.models.eagle3 import returns_aux_hidden_states
 
@@ -406,10 +418,16 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target
                                 layer_name=draft_layer_name)
     if len(set(layer_groups)) != 1:
         raise ValueError("the EAGLE head's layers landed in several KV cache groups")
+    # Data parallel (R replicas): a target step's hidden states are every replica's tokens of
+    # its bucket T, R*T rows in the scheduler's order, and its requests up to R times
+    # max_num_seqs; the head runs them all in one program, its KV over every replica's pages
+    # (vLLM's global page ids: replica r's from r * pages_per_replica).
+    R = target_engine.replicas
     limits = EagleLimits(
-        token_buckets=tuple(target_engine.token_buckets), max_num_seqs=cfg.max_num_seqs,
-        max_model_len=cfg.max_model_len, block_size=cfg.block_size,
-        num_slots=target_engine.blocks_per_replica * cfg.block_size, groups=layer_groups[:1],
+        token_buckets=tuple(R * T for T in target_engine.token_buckets),
+        max_num_seqs=R * cfg.max_num_seqs, max_model_len=cfg.max_model_len,
+        block_size=cfg.block_size, num_slots=R * target_engine.blocks_per_replica * cfg.block_size,
+        groups=layer_groups[:1],
         num_speculative_tokens=vllm_config.speculative_config.num_speculative_tokens)
     params = head.params
     if params.embed is None:  # the checkpoint shares the target's embedding

@@ -440,6 +440,19 @@ class XlaWorker(WorkerBase):
         """Host/device time split since the last call (XLA_INFERENCE_STEP_STATS=1), and resets it."""
         return self.model_runner.engine.stats.report()
 
+    def drafter_quantized_weights(self) -> int:
+        """Quantized weights (packed projections, expert stacks) of an EAGLE head's or MTP
+        layer's params on the device (tests)."""
+        import jax
+
+        from xla_inference.quantization.experts import PackedExperts
+        from xla_inference.quantization.packed import PackedWeight
+
+        quantized = (PackedWeight, PackedExperts)
+        leaves = jax.tree.leaves(self.model_runner.drafter.proposer.params,
+                                 is_leaf=lambda leaf: isinstance(leaf, quantized))
+        return sum(isinstance(leaf, quantized) for leaf in leaves)
+
     def replica_rows(self) -> list[int]:
         """Request rows each data parallel replica has run so far (tests)."""
         return self.model_runner.engine.rows_per_replica.tolist()

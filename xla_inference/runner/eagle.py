@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.parallel.sharding import (mark_tensor_splits, param_shardings, place,
-                                             replicated, traced_over)
+from xla_inference.parallel.sharding import (kv_cache_sharding, mark_tensor_splits,
+                                             param_shardings, place, replicated, traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens
 from xla_inference.runner.engine import Programs, _compile_threads
@@ -102,11 +102,15 @@ class EagleProposer:
         arrays = []
         for layer in head.kv_layers(cfg):
             shape = (limits.num_slots, layer.num_kv_heads, layer.head_size)
-            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=whole)
+            # Sharded as the target: its cache too, by the target's rule (split by KV heads
+            # where they divide over the model axis; MLA's one latent head is replicated, as
+            # the target's latent cache is).
+            sharding = kv_cache_sharding(cfg, shape, mesh) if self.sharded else whole
+            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=sharding)
             arrays.append(tuple(zeros() for _ in range(layer.num_arrays)))  # MLA: one
         n = len(arrays)
         self.kv = KvCache(arrays, tuple(range(n)), (0,) * n)
-        kv_sharding = jax.tree.map(lambda _: whole, self.kv)
+        kv_sharding = jax.tree.map(lambda a: a.sharding, self.kv)
         jit = functools.partial(jax.jit, out_shardings=(kv_sharding, whole, whole),
                                 donate_argnums=(1,))
         # Sharded: traced over the mesh, so that its layers partition what GSPMD cannot (as

@@ -171,6 +171,15 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
                                            token_order))
 
 
+def _forward_replicas_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch,
+                             row_order, token_order, *, mesh: Mesh):
+    """A draft model's step over data parallel replicas: _forward_replicas, each row's argmax
+    token in place of its logits (as _forward_greedy)."""
+    kv_cache, logits, hidden = _forward_replicas(model, cfg, params, kv_cache, batch, row_order,
+                                                 token_order, mesh=mesh)
+    return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
+
+
 def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
                           token_order):
     """Pipeline parallel: the step's requests in M micro-batches, every array of `batch`
@@ -327,8 +336,9 @@ class ModelEngine:
             if greedy_drafter:
                 forward = _forward_greedy
             batch_shardings = (whole,)
-        else:
-            forward = functools.partial(_forward_replicas, mesh=self.mesh)
+        else:  # data parallel; a draft model's engine keeps each replica's draft KV too
+            forward = functools.partial(
+                _forward_replicas_greedy if greedy_drafter else _forward_replicas, mesh=self.mesh)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
 
         # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
@@ -359,9 +369,9 @@ class ModelEngine:
         # holds each row's argmax token; it never samples or scores, so warm-up skips those.
         self.greedy_drafter = greedy_drafter
         if greedy_drafter:
-            if pooling or lora is not None or self.replicas > 1:
+            if pooling or lora is not None or self.microbatches > 1:
                 raise ValueError("a draft model's engine runs without pooling, LoRA adapters "
-                                 "or data parallel replicas")
+                                 "or pipeline stages")
             self._samplers, self._scorers = {}, {}
         self._base_key = jax.random.key(engine_cfg.seed)
         self._num_steps = 0
@@ -584,9 +594,8 @@ class ModelEngine:
         position) -> bool [V]. num_acceptable: per request, how many of its drafts may be
         accepted (the rest were computed but are not verified: the token at that position
         is drawn as a bonus). -> (tokens [n, K+1] with -1 after the emitted, counts [n])."""
-        if self.replicas > 1 or self.microbatches > 1:
-            raise NotImplementedError("speculative decoding with data parallel replicas or "
-                                      "pipeline stages")
+        if self.microbatches > 1:
+            raise NotImplementedError("speculative decoding with pipeline stages")
         K = num_speculative_tokens
         B = self._verify_slots(len(scheduled))
         requests = [r for r, _ in scheduled]
@@ -605,8 +614,15 @@ class ModelEngine:
     @functools.cached_property
     def _verify_slot_counts(self) -> list[int]:
         """The request slots verify programs are compiled for: each bucket's row count
-        (derived once from the buckets, read by every verify step)."""
-        return sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
+        (derived once from the buckets, read by every verify step). Data parallel: a step
+        carries up to every replica's rows of its bucket (the forward returns them all in the
+        scheduler's order), so each count times the replicas too."""
+        counts = {self.layout_for(T).num_seqs for T in self.token_buckets}
+        return sorted(counts | {n * self.replicas for n in counts})
+
+    def _verify_rows_fit(self, T: int, num_slots: int) -> bool:
+        """Whether a step of token bucket T can carry num_slots requests (every replica's)."""
+        return num_slots <= self.layout_for(T).num_seqs * self.replicas
 
     def _verify_slots(self, num_requests: int) -> int:
         """Request slots of a verify step: the fewest compiled that hold its requests, not
@@ -735,17 +751,19 @@ class ModelEngine:
     def _verify_examples(self, hidden) -> tuple[list[tuple], list[tuple]]:
         """verify_drafts' argument shapes for every token bucket: the draft rows' logits,
         and rejection sampling with and without the per-row extras (penalties, allowed ids,
-        bad words, min_tokens, grammar). None without speculative decoding (or with data
-        parallel replicas, which it refuses)."""
+        bad words, min_tokens, grammar). None without speculative decoding (or with pipeline
+        stages, which it refuses). Data parallel: a step's hidden states are every replica's
+        tokens of its bucket, in the scheduler's order ([R*T, D], _forward_replicas)."""
         K = self.cfg.num_speculative_tokens
-        if K == 0 or self.replicas > 1 or self.microbatches > 1:
+        if K == 0 or self.microbatches > 1:
             return [], []
         logits_args, rejection_args = [], []
         whole = replicated(self.mesh)  # as the forward's and the draft rows' outputs
         for T in self.token_buckets:
-            states = jax.ShapeDtypeStruct((T, hidden.shape[1]), hidden.dtype, sharding=whole)
+            states = jax.ShapeDtypeStruct((self.replicas * T, hidden.shape[1]), hidden.dtype,
+                                          sharding=whole)
             for B in self._verify_slot_counts:  # _verify_slots' choices for T's steps
-                if B > self.layout_for(T).num_seqs:
+                if not self._verify_rows_fit(T, B):
                     break
                 logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
         for B in self._verify_slot_counts:

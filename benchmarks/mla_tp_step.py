@@ -1,5 +1,6 @@
 """MLA under tensor parallel on virtual CPU devices: the step of a small random DeepSeek-V3
-(16 heads, kv_lora_rank 256, rope 32: the released model's head layout, narrower) at TP 2,
+(64 heads, kv_lora_rank 512, rope 64: the released model's latent, half its heads, a
+narrow residual stream) at TP 2,
 with the latent attention split by query heads (layers/mla.py, each device its N / tp heads)
 against the same engine with that split off (the head-split q gathered and every head run
 on every device, as before the split), built in one process and timed in turns: a decode
@@ -13,6 +14,7 @@ wall time, as on a busy host only it shows the work.
 
 import argparse
 import os
+import re
 import resource
 import statistics
 import sys
@@ -33,7 +35,7 @@ from xla_inference.layers import mla  # noqa: E402
 from xla_inference.parallel.sharding import build_mesh  # noqa: E402
 from xla_inference.runner.build import Precision, build_engine, load  # noqa: E402
 from xla_inference.runner.engine import EngineConfig  # noqa: E402
-from xla_inference.runner.requests import RequestState  # noqa: E402
+from xla_inference.runner.requests import RequestState, build_step_batch  # noqa: E402
 
 BLOCK, CONTEXT, NUM_DECODES, PREFILL, PREFILL_CACHED = 16, 1900, 8, 256, 1024
 
@@ -41,17 +43,21 @@ BLOCK, CONTEXT, NUM_DECODES, PREFILL, PREFILL_CACHED = 16, 1900, 8, 256, 1024
 def _checkpoint() -> Path:
     from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
 
-    path = Path(tempfile.gettempdir()) / "xla_inference_bench_mla_tp"
+    path = Path(tempfile.gettempdir()) / "xla_inference_bench_mla_tp64"
     if not (path / "config.json").exists():
-        save_tiny_deepseek_v3(path, hidden_size=512, num_attention_heads=16,
-                              num_key_value_heads=16, q_lora_rank=128, kv_lora_rank=256,
-                              qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+        save_tiny_deepseek_v3(path, hidden_size=512, num_attention_heads=64,
+                              num_key_value_heads=64, q_lora_rank=128, kv_lora_rank=512,
+                              qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
                               num_hidden_layers=2, max_position_embeddings=4096)
     return path
 
 
 def _engine(split: bool):
-    """The TP 2 engine, its step traced (by a first step) with or without the split."""
+    """The TP 2 engine with its steps' programs compiled ahead (as warm-up does) with or
+    without the split, and the heads each device's attention call runs in them. JAX's caches
+    are cleared first: nested jitted functions keep their traces by function, and the other
+    engine's would be reused whatever the switch says."""
+    jax.clear_caches()
     f32 = jnp.dtype(jnp.float32)
     model = load(_checkpoint(), Precision(f32, f32, f32))  # build_engine takes the params
     ecfg = EngineConfig(num_blocks=1200, block_size=BLOCK, max_num_tokens=PREFILL,
@@ -60,12 +66,18 @@ def _engine(split: bool):
     original = mla._split_by_query_heads
     if not split:
         mla._split_by_query_heads = lambda attend, mesh: attend
+    heads = set()
     try:
         for step in _steps():
-            jax.block_until_ready(engine.forward(step).logits)
+            layout = engine.layout_for(sum(n for _, n in step))
+            compiled = engine._forward.jitted.lower(
+                engine.params, engine.kv_cache, build_step_batch(step, layout)).compile()
+            engine._forward.compiled[layout.num_tokens] = compiled
+            heads |= {int(h) for h in re.findall(
+                r"= f32\[\d+,(\d+),\d+\]\{[0-9,]+\} custom-call\(", compiled.as_text())}
     finally:
         mla._split_by_query_heads = original
-    return engine
+    return engine, heads
 
 
 def _steps():
@@ -85,8 +97,15 @@ def _steps():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--attention", action="store_true",
+                        help="the latent attention alone at DeepSeek-V3's head layout")
     args = parser.parse_args()
-    engines = {"gathered (before)": _engine(split=False), "split by heads": _engine(split=True)}
+    if args.attention:
+        return attention_alone(args.repeats)
+    engines = {}
+    for name, split in (("gathered (before)", False), ("split by heads", True)):
+        engines[name], heads = _engine(split)
+        print(f"{name}: each device's attention calls run {sorted(heads)} heads")
     names = ["decode", "prefill"]
     times = {(e, s): [] for e in engines for s in names}
     cpu = {(e, s): [] for e in engines for s in names}
@@ -101,6 +120,56 @@ def main():
         print(f"{s:8s} {e:18s} wall median {statistics.median(t) * 1e3:8.2f} ms "
               f"(min {min(t) * 1e3:.2f}); CPU time median "
               f"{statistics.median(cpu[(e, s)]) * 1e3:8.2f} ms")
+
+
+def attention_alone(repeats: int):
+    """layers/mla.latent_paged_attention by itself at DeepSeek-V3's layout (128 heads, a
+    576-value latent + rope row) on TP 2: 8 decode tokens over 2000-token contexts, split by
+    query heads or with q gathered (every head on every device), timed in turns."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
+    from xla_inference.parallel.sharding import traced_over
+
+    heads, width, context, num = 128, 576, 2000, NUM_DECODES
+    pages = -(-(context + 1) // BLOCK)
+    rng = np.random.default_rng(0)
+    tables = np.arange(1, 1 + num * pages, dtype=np.int32).reshape(num, pages)
+    positions = np.full(num, context, np.int32)
+    slots = tables[:, context // BLOCK] * BLOCK + context % BLOCK
+    md = AttentionMetadata(positions, np.arange(num, dtype=np.int32), slots[None].astype(np.int32),
+                           tables[None], block_size=BLOCK)
+    cache = rng.standard_normal(((1 + num * pages) * BLOCK, 1, width)).astype(np.float32)
+    q = rng.standard_normal((num, heads, width)).astype(np.float32)
+    key = rng.standard_normal((num, 1, width)).astype(np.float32)
+    mesh = build_mesh(2)
+    whole = NamedSharding(mesh, PartitionSpec())
+    args = (jax.device_put(q, NamedSharding(mesh, PartitionSpec(None, "model", None))),
+            *jax.device_put((key, cache, md), whole))
+
+    def attend(q, key, cache, md):
+        kv, out = mla.latent_paged_attention(q, key, LayerCache((cache,), np.int32(0)), md,
+                                             scale=width ** -0.5)
+        return kv.arrays[0], out
+
+    original = mla._split_by_query_heads
+    programs = {}
+    for name, split in (("gathered (before)", False), ("split by heads", True)):
+        mla._split_by_query_heads = original if split else (lambda attend, mesh: attend)
+        programs[name] = jax.jit(traced_over(mesh, attend)).lower(*args).compile()
+    mla._split_by_query_heads = original
+    wall = {name: [] for name in programs}
+    cpu = {name: [] for name in programs}
+    for _ in range(repeats):
+        for name, program in programs.items():
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            jax.block_until_ready(program(*args))
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(_cpu_seconds() - c0)
+    for name in programs:
+        print(f"attention {name:18s} wall median {statistics.median(wall[name]) * 1e3:8.2f} ms "
+              f"(min {min(wall[name]) * 1e3:.2f}); CPU time median "
+              f"{statistics.median(cpu[name]) * 1e3:8.2f} ms")
 
 
 def _cpu_seconds() -> float:

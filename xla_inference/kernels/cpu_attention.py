@@ -24,7 +24,10 @@ gather the operands (the whole KV cache and q) onto every device, every layer. S
 layer that calls attention splits it itself: layers/attention.paged_attention runs the
 cache write and this call in a shard_map over the KV heads, each device with its share of
 the KV heads and their query heads, the token metadata whole (tests/parallel/
-test_cpu_attention_tp.py: no collective left in the compiled step). The split sits there,
+test_cpu_attention_tp.py: no collective left in the compiled step); MLA's latent attention,
+whose one shared KV head cannot be split, runs it in a shard_map over the query heads with
+the latent cache whole on each device (layers/mla.latent_paged_attention, tests/parallel/
+test_mla_tp.py). The split sits there,
 not here, because kernels/ sits below parallel/ (it cannot know the mesh's axes) and because
 every backend's kernel (a Pallas call is a custom call too) needs the same split. CPU
 tensor parallelism (virtual devices of one host) is for tests.

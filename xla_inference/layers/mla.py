@@ -20,20 +20,26 @@ differ by the order of summation only.
 
 The engine holds one cache array per layer, [num_slots, 1, L + R], and the kernel's
 shared_kv mode reads each row as both key and value (KvLayer kind MLA in the model).
+Under tensor parallel the query heads split over the model axis and the cache, one head,
+stays whole on every device: each device attends with its own heads only
+(latent_paged_attention), and w_uv and wo, split by heads, follow.
 
 Letters: T tokens, D model dim, N heads, Q q_lora_rank, L kv_lora_rank, R rope dims, P
 nope dims, H value head dim.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention, write_cache
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import apply_rope
 from xla_inference.parallel.axes import weight
+from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 from xla_inference.kernels.metadata import AttentionMetadata, LayerCache
 
 # transformers' (and DeepSeek's own) q_a_layernorm and kv_a_layernorm keep RMSNorm's
@@ -105,10 +111,43 @@ def latent_paged_attention(q: jax.Array, key: jax.Array, kv: LayerCache,
     out [T, N, L + R]).
 
     kv: the layer's one cache array [num_slots, 1, L + R], and its KV cache group; an fp8
-    cache stores key / k_scale (vLLM's one scale for MLA's latent cache)."""
+    cache stores key / k_scale (vLLM's one scale for MLA's latent cache).
+
+    Under tensor parallel with the query heads split, each device writes its (whole) copy
+    of the latent cache and attends with its own query heads only (_split_by_query_heads)."""
     slot_mapping, block_tables = md.group(kv.group)
-    cache = write_cache(kv.arrays[0], key, slot_mapping, k_scale)
-    out = ragged_paged_attention(q, cache, None, md.seq_ids, md.positions, block_tables,
-                                 block_size=md.block_size, scale=scale, shared_kv=True,
-                                 k_scale=k_scale)
+    attend = functools.partial(_write_and_attend, block_size=md.block_size, scale=scale)
+    mesh = tensor_parallel_mesh()
+    num_heads = q.shape[1]
+    if mesh is not None and splits(mesh, "heads", num_heads, num_heads):
+        attend = _split_by_query_heads(attend, mesh)
+    cache, out = attend(kv.arrays[0], q, key, slot_mapping, md.seq_ids, md.positions,
+                        block_tables, jnp.asarray(k_scale, jnp.float32))
     return LayerCache((cache,), kv.group), out
+
+
+def _write_and_attend(cache, q, key, slot_mapping, seq_ids, positions, block_tables, k_scale,
+                      *, block_size: int, scale: float):
+    cache = write_cache(cache, key, slot_mapping, k_scale)
+    out = ragged_paged_attention(q, cache, None, seq_ids, positions, block_tables,
+                                 block_size=block_size, scale=scale, shared_kv=True,
+                                 k_scale=k_scale)
+    return cache, out
+
+
+def _split_by_query_heads(attend, mesh):
+    """attend run on each device of the tensor-parallel axis with its share of the query
+    heads, the latent cache, the new latent row and the token metadata whole everywhere.
+
+    The latent is one KV head shared by every query head, so it cannot be split: each
+    device keeps a whole copy of the cache (as the rules table places it) and writes the
+    same rows into it, which keeps the copies equal without any collective. Left to GSPMD,
+    the native CPU kernel (an FFI custom call with no partitioning rule) would have its
+    head-split q gathered and run all N heads on every device; split here, each device
+    computes N / tp heads and its output stays split by heads, as w_uv and the row-split
+    wo after it expect."""
+    heads = PartitionSpec(None, TENSOR_AXIS, None)  # q and out [T, N, L + R]
+    whole = PartitionSpec()
+    return jax.shard_map(
+        attend, mesh=mesh, in_specs=(whole, heads) + (whole,) * 6, out_specs=(whole, heads),
+        axis_names={TENSOR_AXIS}, check_vma=False)

@@ -184,14 +184,14 @@ def encode(params: Gemma3MMParams, cfg: Gemma3MMConfig, item: MultimodalItem) ->
     return embeds
 
 
-def warm_up(params: Gemma3MMParams, cfg: Gemma3MMConfig, grid) -> None:
-    """Compile (and run once) the encoder's programs, on a blank image: one for raw uint8
-    pixels (mm_device_do_normalize, on where our tower serves Gemma 3: plugin/platform.py)
-    and one for normalized float32 ones (that setting off)."""
+def warm_up(params: Gemma3MMParams, cfg: Gemma3MMConfig, grid, pixel_dtype) -> None:
+    """Compile (and run once) the encoder's program for the pixels' dtype the processor
+    delivers, on a blank image: uint8 for raw pixels (mm_device_do_normalize, on where our
+    tower serves Gemma 3: plugin/platform.py), float32 for normalized ones (that setting
+    off). A program of the other dtype compiles at its first image, should one ever come."""
     v = cfg.vision
-    for dtype in (np.uint8, np.float32):
-        blank = np.zeros((v.num_channels, v.image_size, v.image_size), dtype)
-        jax.block_until_ready(encoder_program(v)(params.vision, blank, pixel_affine(v)))
+    blank = np.zeros((v.num_channels, v.image_size, v.image_size), pixel_dtype)
+    jax.block_until_ready(encoder_program(v)(params.vision, blank, pixel_affine(v)))
 
 
 def fixed_grids(cfg: Gemma3MMConfig) -> list:

@@ -77,8 +77,9 @@ class MultimodalSupport:
       rope_positions(cfg, num_prompt_tokens, items) -> (positions [3, P] int, delta): each
         prompt token's rope positions, and what a later token's position (on every row)
         adds to its place in the sequence
-      warm_up(params, cfg, grid): build the encoder's program for one image grid (the
-        processor's (t, h, w) in patches), so that images of that grid compile nothing
+      warm_up(params, cfg, grid, pixel_dtype): build the encoder's program for one image
+        grid (the processor's (t, h, w) in patches) and pixels of one dtype (uint8 raw,
+        float32 normalized), so that such images compile nothing
       fixed_grids(cfg) -> grids warmed up whatever sizes the user names (an encoder whose
         processor resizes every image to one size: Gemma 3); None: only the named ones
       raw_pixels: encode also takes raw uint8 pixels with the item's PIXEL_AFFINE (so vLLM

@@ -176,16 +176,16 @@ def _encode_frames(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, patche
     return frames[0] if t == 1 else np.concatenate([np.asarray(f) for f in frames])
 
 
-def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid) -> None:
-    """Compile (and run once) the tower's programs for one image grid, on a blank image: one
-    for raw uint8 pixels (vLLM's default for Qwen2.5-VL, mm_device_do_normalize) and one
-    for float32 ones (that setting off, or a processor handing unnormalized floats: the
-    affine is an argument, so either runs the float32 program)."""
+def warm_up(params: Qwen2_5_VLParams, cfg: Qwen2_5_VLConfig, grid, pixel_dtype) -> None:
+    """Compile (and run once) the tower's program for one image grid and the pixels' dtype
+    the processor delivers, on a blank image: uint8 for raw pixels (vLLM's default for
+    Qwen2.5-VL, mm_device_do_normalize), float32 for normalized ones (that setting off; the
+    affine is an argument, so unnormalized floats run the float32 program too). A program
+    of the other dtype compiles at its first item, should one ever come."""
     grid = tuple(int(g) for g in grid)
-    for dtype in (np.uint8, np.float32):
-        patches = np.zeros((int(np.prod(grid)), cfg.vision.patch_features), dtype)
-        jax.block_until_ready(encoder_for_grid(cfg.vision, grid)(params.vision, patches,
-                                                                 pixel_affine(cfg.vision)))
+    patches = np.zeros((int(np.prod(grid)), cfg.vision.patch_features), pixel_dtype)
+    jax.block_until_ready(encoder_for_grid(cfg.vision, grid)(params.vision, patches,
+                                                             pixel_affine(cfg.vision)))
 
 
 def rope_positions(cfg: Qwen2_5_VLConfig, num_prompt_tokens: int,

@@ -344,7 +344,9 @@ class XlaWorker(WorkerBase):
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine
         logger.info("xla-inference: compiling %d buckets before serving", len(engine.token_buckets))
-        seconds = engine.warm_up(self._image_grids())
+        # Raw pixels (uint8) come exactly when the runner has their normalization to apply.
+        seconds = engine.warm_up(self._image_grids(),
+                                 raw_pixels=self.model_runner.pixel_affine is not None)
         if self.model_runner.drafter is not None:
             seconds += self.model_runner.drafter.warm_up() or 0.0
         if self.model_runner.kv_connector is not None:

@@ -384,6 +384,9 @@ class ModelEngine:
         self._rejection = Programs(jax.jit(rejection_step), _rejection_key)
         # A multimodal family's encoder outputs, by item identifier (runner/multimodal.py).
         self.encoder_cache = EncoderCache()
+        # Per token bucket, the all-zero encoder rows and mask that steps with no multimodal
+        # token pass, placed once (multimodal families only: _blank_embeds).
+        self._blank_embeds_by_bucket: dict[int, tuple[jax.Array, jax.Array]] = {}
         if model.multimodal is not None and self.replicas > 1:
             raise ValueError("xla-inference serves multimodal models without data parallelism "
                              "(--data-parallel-size 1)")
@@ -459,7 +462,23 @@ class ModelEngine:
             return batch
         embed = self.params.embed
         return multimodal_batch(batch, scheduled, self.encoder_cache, embed.shape[-1], embed.dtype,
-                                lambda n, items: mm.rope_positions(self.model_cfg, n, items))
+                                lambda n, items: mm.rope_positions(self.model_cfg, n, items),
+                                blank=self._blank_embeds)
+
+    def _blank_embeds(self, T: int) -> tuple[jax.Array, jax.Array]:
+        """Zeroed encoder rows [T, D] and mask [T] for a step with no multimodal token, on
+        the devices as the step program takes its batch (replicated), built and placed once
+        per bucket (at warm-up): every decode step and text-only prefill would otherwise
+        build T x D zeros on the host and copy them over. They stay as they are: the program
+        only reads them. Costs one [T, D] array per bucket of memory, the sum over the
+        buckets about twice the largest."""
+        if T not in self._blank_embeds_by_bucket:
+            embed = self.params.embed
+            whole = replicated(self.mesh)
+            self._blank_embeds_by_bucket[T] = (
+                place(np.zeros((T, embed.shape[-1]), embed.dtype), whole),
+                place(np.zeros(T, bool), whole))
+        return self._blank_embeds_by_bucket[T]
 
     def encode(self, req: RequestState, item_indices) -> None:
         """Run the encoder on the request's items at these indices (vLLM's
@@ -664,10 +683,13 @@ class ModelEngine:
             parts.append([np.asarray(a)[:n] for a in out])
         return tuple(np.concatenate(p) for p in zip(*parts))
 
-    def warm_up(self, encoder_grids=()) -> float:
+    def warm_up(self, encoder_grids=(), raw_pixels: bool = False) -> float:
         """Compile every bucket's programs (forward, sampler with and without the [B, V]
         extras, the scorer), so serving never compiles; and a multimodal family's encoder
-        for each of `encoder_grids` (image grids, (t, h, w) in patches)."""
+        for each of `encoder_grids` (image grids, (t, h, w) in patches), for the pixels the
+        processor delivers: raw uint8 ones with raw_pixels (vLLM's mm_device_do_normalize),
+        else normalized float32 ones. Only that dtype: the tower's programs are per dtype,
+        and compiling both would double its start-up compile for pixels that never come."""
         start = time.perf_counter()
         compile_counter.mark_warm(done=False)
         forward_args, sample_args = [], []
@@ -739,7 +761,7 @@ class ModelEngine:
         if mm is not None and mm.fixed_grids is not None:
             encoder_grids = [*encoder_grids, *mm.fixed_grids(self.model_cfg)]
         for grid in encoder_grids:
-            mm.warm_up(self.params, self.model_cfg, grid)
+            mm.warm_up(self.params, self.model_cfg, grid, np.uint8 if raw_pixels else np.float32)
         if encoder_grids:
             logger.info("xla-inference: compiled %d forward buckets, %d sampler programs, %d verify "
                     "programs and the scorer in %.1fs (%d at a time)", len(forward),

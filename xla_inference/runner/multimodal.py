@@ -61,14 +61,20 @@ def _embedded_tokens(item, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def multimodal_batch(batch: StepBatch, scheduled: list[tuple[RequestState, int]],
-                     cache: EncoderCache, width: int, dtype, rope_positions) -> MultimodalStepBatch:
+                     cache: EncoderCache, width: int, dtype, rope_positions,
+                     blank=None) -> MultimodalStepBatch:
     """`batch` (build_step_batch's, for `scheduled`) with each token's rope positions and the
     encoder rows of the placeholders in it. rope_positions(num_prompt_tokens, items) ->
-    ([3, P], delta) fills a request's table the first time it runs."""
+    ([3, P], delta) fills a request's table the first time it runs.
+
+    blank(T) -> (embeds [T, width], mask [T]): what a step in which no token takes an
+    encoder row (every decode step, text-only prefills) passes instead of a zeroed [T, width]
+    array built on the host and copied to the device each time: the engine's placeholders,
+    already on the device in the program's shapes (so the same program runs). None: zeros
+    built here."""
     T = batch.num_tokens
     positions = np.broadcast_to(np.asarray(batch.attention.positions), (3, T)).copy()
-    embeds = np.zeros((T, width), dtype)
-    mask = np.zeros(T, bool)
+    pieces = []  # (step tokens, item identifier, encoder rows)
     start = 0
     for req, num_new in scheduled:
         if req.mrope_positions is None:
@@ -76,12 +82,26 @@ def multimodal_batch(batch: StepBatch, scheduled: list[tuple[RequestState, int]]
                                                                   req.mm_items)
         first = req.num_computed_tokens
         positions[:, start:start + num_new] = token_rope_positions(req, first, num_new)
-        for item in req.mm_items:
-            lo, hi = max(first, item.offset), min(first + num_new, item.offset + item.length)
-            if lo < hi:
-                tokens, rows = _embedded_tokens(item, lo, hi)
-                embeds[start + lo - first + tokens] = cache.rows(item.identifier, 0, None)[rows]
-                mask[start + lo - first + tokens] = True
+        pieces += _step_embeds(req, first, num_new, start)
         start += num_new
+    if pieces or blank is None:
+        embeds, mask = np.zeros((T, width), dtype), np.zeros(T, bool)
+        for tokens, identifier, rows in pieces:
+            embeds[tokens] = cache.rows(identifier, 0, None)[rows]
+            mask[tokens] = True
+    else:
+        embeds, mask = blank(T)
     return MultimodalStepBatch(batch.input_ids, batch.attention, batch.logits_indices,
                                mrope_positions=positions, embeds=embeds, embeds_mask=mask)
+
+
+def _step_embeds(req: RequestState, first: int, num_new: int, start: int) -> list:
+    """The encoder rows the request's tokens first..first+num_new take (placed from step
+    token `start`): (step tokens, item identifier, rows of its encoder output) per item."""
+    pieces = []
+    for item in req.mm_items:
+        lo, hi = max(first, item.offset), min(first + num_new, item.offset + item.length)
+        if lo < hi:
+            tokens, rows = _embedded_tokens(item, lo, hi)
+            pieces.append((start + lo - first + tokens, item.identifier, rows))
+    return pieces

@@ -59,7 +59,7 @@ def test_placeholders_and_straddling_files_match_transformers(tmp_path, monkeypa
 
 def test_host_peak_is_about_one_layer_over_the_placed_weights(tmp_path):
     """12 layers of 40 MB: loading adds at most the placed weights and 3.5 layers to the
-    process' peak resident memory (measured: 2.2; the whole-module load adds 15). Every
+    process' peak resident memory (measured: 2.2; the whole-module load adds 13). Every
     placement takes a copy, as a transfer to a device does (on the CPU backend JAX may
     keep numpy's buffer, which would hide the torch copies); glibc gives large freed
     blocks back at once (a fixed mmap threshold), so resident memory counts live bytes."""

@@ -133,6 +133,14 @@ def checkpoint_layer_counts(loader, model_config, module) -> collections.Counter
     return counts
 
 
+def layers_missing_from(module: torch.nn.Module, counts: collections.Counter) -> list[int]:
+    """The module's layers of which the checkpoint has no tensor by that layer number
+    (names that differ beyond `layers.<i>.`): such a model cannot stream."""
+    found = {layer_of(name + ".") for name, sub in module.named_modules()
+             if any(p is not None for p in sub._parameters.values())}
+    return sorted(layer for layer in found - {None} if counts[layer] == 0)
+
+
 # -- the stream -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Placement:
@@ -193,7 +201,14 @@ class LayerwiseLoad:
             self._finish_layer(layer, pending.pop(layer))
 
     def _load(self, tensors) -> None:
-        loaded = self.module.load_weights(tensors)
+        try:
+            loaded = self.module.load_weights(tensors)
+        except RuntimeError as e:
+            if "more than one element of the written-to tensor" not in str(e):
+                raise
+            raise RuntimeError(f"xla-inference's layer-by-layer load: {tensors[0][0]} loads "
+                               "into a parameter whose layer has not streamed yet (the "
+                               "checkpoint names its layers apart from the module)") from e
         if loaded is None:
             self.loaded_names = None
         elif self.loaded_names is not None:

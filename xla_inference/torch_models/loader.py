@@ -207,6 +207,8 @@ def load_layerwise(vllm_config, precision: Precision, mesh=None,
             counts = None if why_not else layerwise.checkpoint_layer_counts(loader, mc, module)
             if why_not is None and counts is None:
                 why_not = "checkpoints other than safetensors"
+            elif why_not is None and layerwise.layers_missing_from(module, counts):
+                why_not = "checkpoint tensors named apart from the module's layers"
         if why_not is not None:
             logger.info("xla-inference: %s is loaded whole, then placed (no layer-by-layer "
                         "load with %s)", mc.model, why_not)

@@ -2,7 +2,8 @@
 placeholders, each layer loaded, placed and released in turn. The logits equal
 transformers' when every parameter starts as a placeholder and the checkpoint's layers
 straddle its files; and the host holds about one layer beside what is placed, measured in
-a process of its own (tests/torch_models/layerwise_peak.py) on a 480 MB checkpoint."""
+a process of its own (tests/torch_models/layerwise_peak.py) on a 480 MB checkpoint. A
+checkpoint that cannot stream (.bin) is loaded whole, still equal to transformers."""
 
 import json
 import os
@@ -74,3 +75,32 @@ def test_host_peak_is_about_one_layer_over_the_placed_weights(tmp_path):
     assert measured["num_layers"] == 12 and measured["placed_bytes"] > 11 * layer
     assert measured["peak_set_by_load"]  # the load, not the imports, set the peak
     assert measured["peak_added_bytes"] < measured["placed_bytes"] + 3.5 * layer, measured
+
+
+def test_a_checkpoint_that_does_not_stream_loads_whole(tiny_architecture, tmp_path, caplog):
+    """A PyTorch .bin checkpoint (no safetensors headers to count a layer's tensors by) is
+    built with placeholders, then loaded whole as vLLM's loader would: logits equal
+    transformers'."""
+    import logging
+    import shutil
+
+    import jax.numpy as jnp
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.torch_models.conftest import torch_engine
+
+    saved = tiny_architecture("granite")
+    model_dir = tmp_path / "bin"
+    shutil.copytree(saved, model_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+    state = {}
+    for path in saved.glob("*.safetensors"):
+        state.update(load_file(path))
+    torch.save(state, model_dir / "pytorch_model.bin")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 128, n).tolist() for n in (13, 7, 9)]
+    expected = [hf_logits(model_dir, p) for p in prompts]
+    with caplog.at_level(logging.INFO, logger="xla_inference.torch_models.loader"):
+        engine = torch_engine(model_dir, narrow_dtype=None, kv_dtype=jnp.float32)
+    assert "no layer-by-layer load with checkpoints other than safetensors" in caplog.text
+    assert_ragged_logits(engine, prompts, expected, PLAN, 2e-4)

@@ -190,30 +190,20 @@ def load_layerwise(vllm_config, precision: Precision, mesh=None,
     where this load does not stream (the caller builds the whole module)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model_loader
-    from vllm.utils.torch_utils import set_default_torch_dtype
 
     mc = vllm_config.model_config
     torch.accelerator.empty_cache = lambda: None  # as in build_module
     with set_current_vllm_config(vllm_config):
         ensure_single_rank_groups(mc.is_moe)
         loader = get_model_loader(vllm_config.load_config)
-        why_not, module = layerwise.supported(loader, vllm_config), None
+        why_not, module, counts = layerwise.supported(loader, vllm_config), None, None
         if why_not is None:
-            device = torch.device(vllm_config.load_config.device
-                                  or vllm_config.device_config.device)
-            with set_default_torch_dtype(mc.dtype), device, layerwise.placeholder_parameters():
-                module = loader.create_model(vllm_config=vllm_config, model_config=mc)
-            why_not = layerwise.module_refusal(module)
-            counts = None if why_not else layerwise.checkpoint_layer_counts(loader, mc, module)
-            if why_not is None and counts is None:
-                why_not = "checkpoints other than safetensors"
-            elif why_not is None and layerwise.layers_missing_from(module, counts):
-                why_not = "checkpoint tensors named apart from the module's layers"
+            module, counts, why_not = _placeholder_module(loader, vllm_config)
         if why_not is not None:
             logger.info("xla-inference: %s is loaded whole, then placed (no layer-by-layer "
                         "load with %s)", mc.model, why_not)
             return None if module is None else _load_whole(loader, module, vllm_config,
-                                                           precision, device)
+                                                           precision)
         refuse_unserved_pooling_model(module, vllm_config)
         experts, cfg = _install(module, vllm_config, relayout_experts=False)
         if mesh is None:
@@ -234,15 +224,37 @@ def load_layerwise(vllm_config, precision: Precision, mesh=None,
     return LoadedModel(lowering.family_for(cfg.architecture), cfg, params, precision)
 
 
-def _load_whole(loader, module: torch.nn.Module, vllm_config, precision: Precision,
-                device: torch.device) -> LoadedModel:
+def _load_device(vllm_config) -> torch.device:
+    return torch.device(vllm_config.load_config.device or vllm_config.device_config.device)
+
+
+def _placeholder_module(loader, vllm_config):
+    """(vLLM's module built with placeholder parameters, its checkpoint's tensor count per
+    layer, why it cannot stream or None)."""
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    mc = vllm_config.model_config
+    with set_default_torch_dtype(mc.dtype), _load_device(vllm_config), \
+            layerwise.placeholder_parameters():
+        module = loader.create_model(vllm_config=vllm_config, model_config=mc)
+    why_not = layerwise.module_refusal(module)
+    counts = None if why_not else layerwise.checkpoint_layer_counts(loader, mc, module)
+    if why_not is None and counts is None:
+        why_not = "checkpoints other than safetensors"
+    elif why_not is None and layerwise.layers_missing_from(module, counts):
+        why_not = "checkpoint tensors named apart from the module's layers"
+    return module, counts, why_not
+
+
+def _load_whole(loader, module: torch.nn.Module, vllm_config,
+                precision: Precision) -> LoadedModel:
     """A module built with placeholders, loaded whole as vLLM's loader.load_model would
     (a checkpoint that does not stream), then lowered."""
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
     layerwise.materialize_all(module)
     loader.load_weights(module, vllm_config.model_config)
-    process_weights_after_loading(module, vllm_config.model_config, device)
+    process_weights_after_loading(module, vllm_config.model_config, _load_device(vllm_config))
     refuse_unserved_pooling_model(module, vllm_config)
     return lower(module.eval(), vllm_config, precision)
 

@@ -50,7 +50,7 @@ def torch_engine(model_dir, mesh=None, narrow_dtype=None, kv_dtype=None, **args)
 
     f32 = jnp.dtype(jnp.float32)
     precision = Precision(jnp.dtype(narrow_dtype or f32), f32, jnp.dtype(kv_dtype or f32))
-    model = load(vllm_config(model_dir, **args), precision)
+    model = load(vllm_config(model_dir, **args), precision, mesh=mesh)
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=64,
                         max_num_seqs=8, max_model_len=128)
     return build_engine(model, ecfg, mesh=mesh)

@@ -209,7 +209,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def place(host_array, sharding: NamedSharding) -> jax.Array:
     """Put a host array on the mesh shard by shard: no device receives more than its slice
-    (and a StageStack, pipeline stages' layers, is read only for this process's devices)."""
+    (and a StageStack, pipeline stages' layers, is read only for this process's devices).
+    An array already placed (the torch path places as it loads) moves only if its
+    sharding differs."""
+    if isinstance(host_array, jax.Array):
+        return jax.device_put(host_array, sharding)
     if not isinstance(host_array, StageStack):
         host_array = np.asarray(host_array)
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])

@@ -206,7 +206,13 @@ class XlaWorker(WorkerBase):
                                  "pipeline parallel yet; use --tensor-parallel-size")
             if dummy:
                 self.load_config.load_format = "dummy"
-            self.model = load_torch_model(self.vllm_config, self.precision)
+            from xla_inference.parallel.sharding import build_mesh
+
+            # The mesh initialize_from_config's build_engine will build: the torch path
+            # places each layer on it as the layer loads.
+            mesh = build_mesh(self.parallel_config.tensor_parallel_size,
+                              data_parallel_size(self.vllm_config))
+            self.model = load_torch_model(self.vllm_config, self.precision, mesh=mesh)
             self.loaded_weight_bytes = self.model.weight_bytes
             return
         quantization = loader_method(mc.quantization)

@@ -135,6 +135,11 @@ def _relayout_experts(experts: torch.nn.Module, num_experts: int, width: int) ->
                                                             requires_grad=False))
 
 
+def relayout_experts(forward: FusedMoeForward) -> None:
+    """One runner's loaded experts in our layout (_relayout_experts)."""
+    _relayout_experts(forward.experts, forward.cfg.num_experts, forward.cfg.intermediate_size)
+
+
 class FusedMoeForward:
     """Replaces one vLLM MoERunner's forward: hidden_states [T, D] and router_logits
     [T, E] (or, where the runner holds the gate, hidden_states again) -> [T, D]."""
@@ -207,9 +212,11 @@ def _tensor_owners(module: torch.nn.Module) -> dict:
     return owners
 
 
-def install(module: torch.nn.Module, refuse) -> list[FusedMoeForward]:
-    """Point every MoE runner of `module` at our experts. A runner doing anything we do not
-    serve is refused (refuse(what) -> the exception) before any module is changed."""
+def install(module: torch.nn.Module, refuse, relayout: bool = True) -> list[FusedMoeForward]:
+    """Point every MoE runner of `module` (moe_runners' order) at our experts. A runner
+    doing anything we do not serve is refused (refuse(what) -> the exception) before any
+    module is changed. relayout=False: the experts are not loaded yet; lay each runner's
+    out with `relayout_experts` once they are (torch_models/layerwise.py)."""
     runners = moe_runners(module)
     owners = _tensor_owners(module)
     for name, runner in runners:
@@ -224,8 +231,8 @@ def install(module: torch.nn.Module, refuse) -> list[FusedMoeForward]:
     for _, runner in runners:
         bias = getattr(runner.router, "e_score_correction_bias", None)
         forward = FusedMoeForward(runner, None if bias is None else owners[id(bias)])
-        _relayout_experts(runner.routed_experts, forward.cfg.num_experts,
-                          forward.cfg.intermediate_size)
+        if relayout:
+            relayout_experts(forward)
         runner.forward = forward
         forwards.append(forward)
     return forwards

@@ -113,7 +113,8 @@ class StageStack:
     stage's of N), not the whole stack, and no stacked copy of every layer outlives it."""
 
     def __init__(self, parts):
-        self.parts = [np.asarray(p) for p in parts]
+        # A checkpoint tensor not read yet stays so: only this process's stages are read.
+        self.parts = [p if reads_by_slice(p) else np.asarray(p) for p in parts]
         self.shape = (len(self.parts), *self.parts[0].shape)
         self.dtype = self.parts[0].dtype
 
@@ -131,6 +132,12 @@ class StageStack:
     def __array__(self, dtype=None, copy=None):
         stacked = np.stack(self.parts)
         return stacked if dtype is None else stacked.astype(dtype)
+
+
+def reads_by_slice(array) -> bool:
+    """A host array read only where indexed (loading/safetensors.CheckpointSlices, named
+    by its marker: parallel/ sits below loading/); np.asarray would read it whole."""
+    return getattr(array, "read_by_slice", False) is True
 
 
 def stage_params(params, shardings, mesh: Mesh):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tests.helpers import save_tiny_llama
 from xla_inference.loading.safetensors import CHECKPOINT_READS, CheckpointSlices, read_safetensors
 from xla_inference.parallel.sharding import build_mesh, place
 
@@ -31,6 +30,39 @@ def checkpoint(tmp_path_factory):
                "bf16": torch.randn(8, 12, generator=g).to(torch.bfloat16)}, path)
     whole = {name: t.float().numpy() for name, t in load_file(path).items()}
     return read_safetensors(path), whole
+
+
+def _save_tiny_llama(path):
+    """A 2-layer llama checkpoint of random float32 tensors (no transformers needed: only
+    placement is compared here, not outputs)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    D, F, V, H, NH, KH = 64, 96, 128, 16, 4, 2
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,),
+              "lm_head.weight": (V, D)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (D,),
+                       p + "post_attention_layernorm.weight": (D,),
+                       p + "self_attn.q_proj.weight": (NH * H, D),
+                       p + "self_attn.k_proj.weight": (KH * H, D),
+                       p + "self_attn.v_proj.weight": (KH * H, D),
+                       p + "self_attn.o_proj.weight": (D, NH * H),
+                       p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                       p + "mlp.down_proj.weight": (D, F)})
+    g = torch.Generator().manual_seed(1)
+    path.mkdir()
+    save_file({n: torch.randn(s, generator=g) for n, s in shapes.items()},
+              path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=V, hidden_size=D,
+        intermediate_size=F, num_hidden_layers=2, num_attention_heads=NH,
+        num_key_value_heads=KH, head_dim=H, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=512, tie_word_embeddings=False)))
+    return path
 
 
 def _reads(fn):
@@ -82,7 +114,7 @@ def test_a_model_loaded_by_slices_places_what_a_whole_read_does(tmp_path, parall
     from xla_inference.runner.build import Precision, build_engine, load
     from xla_inference.runner.engine import EngineConfig
 
-    model_dir = save_tiny_llama(tmp_path / "llama")
+    model_dir = _save_tiny_llama(tmp_path / "llama")
     stored_bytes = sum(t.nbytes for t in read_safetensors(model_dir / "model.safetensors").values())
     # bfloat16 projections from the float32 file: narrowed while still unread.
     precision = Precision(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))

@@ -189,13 +189,16 @@ def run_microbatched(layer_step: Callable, layers: StagedLayers, kv_cache: KvCac
             raise ValueError("pipeline micro-batches need every stage's layers to take the "
                              "same static arguments (e.g. sliding windows)")
 
-    def body(local, arrays, xs):
+    def body(local, arrays, xs, batches):
         return _microbatch_body(layer_step, local, arrays, xs, batches, kv_cache, stages, args)
 
+    # `batches` goes in as an argument, not a closure: inside a replica's map over the data
+    # axis (PP x DP: runner/engine._forward_replicas) a closed-over array would carry
+    # that outer map's mesh axes, not this one's.
     stage, whole = PartitionSpec(STAGE_AXIS), PartitionSpec()
     arrays, xs = jax.shard_map(
-        body, mesh=mesh, in_specs=(stage, stage, whole), out_specs=(stage, whole),
-        axis_names={STAGE_AXIS}, check_vma=False)(layers.local, kv_cache.arrays, xs)
+        body, mesh=mesh, in_specs=(stage, stage, whole, whole), out_specs=(stage, whole),
+        axis_names={STAGE_AXIS}, check_vma=False)(layers.local, kv_cache.arrays, xs, batches)
     return dataclasses.replace(kv_cache, arrays=arrays), xs
 
 

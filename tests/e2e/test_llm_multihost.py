@@ -2,10 +2,13 @@
 jax.distributed (plugin/multihost.py): pipeline parallel 2 x tensor parallel 2 (one stage on
 each process, parallel/pipeline.stage_devices) and tensor + expert parallel 8 over both (a
 tiny MoE) give transformers' greedy output with nothing compiled after warm-up; killing the
-follower mid-request ends the engine with an error naming it, well within 60 s. The server
+follower mid-request ends the engine with an error naming it, well within 60 s. Tensor
+parallel 2 over both (one device each) gives it too, each process reading from the
+checkpoint file only its device's half of every split tensor. The server
 runs data parallel 2 x tensor parallel 4 over both (one replica per process; through
 vllm.LLM, data parallel across processes runs in tests/e2e/test_llm_ray.py)."""
 
+import re
 import time
 
 import numpy as np
@@ -98,6 +101,38 @@ def test_pipeline_stages_across_two_processes_then_a_killed_follower_ends_it(
     err = capfd.readouterr().err
     assert "follower process 1" in err and "closed its connection" in err, err[-3000:]
     assert not _followers()
+
+
+def test_tensor_parallel_2_across_two_processes_each_reading_its_half(tmp_path, monkeypatch,
+                                                                     capfd):
+    """TP 2, one device on each process: every weight matrix and the embedding are split
+    in two, the norms replicated, so each process reads (loading/safetensors.CheckpointSlices,
+    counted and logged by each worker) half of every matrix's bytes and all of the norms'."""
+    from xla_inference.loading.safetensors import read_safetensors
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
+    model_dir = _tiny_llama(tmp_path / "llama")
+    stored = read_safetensors(model_dir / "model.safetensors")
+    matrices = sum(t.nbytes for t in stored.values() if t.ndim == 2)
+    vectors = sum(t.nbytes for t in stored.values() if t.ndim == 1)
+    assert matrices > 20 * vectors
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    capfd.readouterr()
+    llm = start_llm(model_dir, tensor_parallel_size=2, max_num_seqs=4, max_num_batched_tokens=16)
+    try:
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert got == expected
+    finally:
+        shutdown(llm)
+    out = capfd.readouterr()
+    reads = dict(re.findall(r"process (\d) read (\d+) bytes of checkpoint tensors",
+                            out.out + out.err))
+    assert reads == {"0": str(matrices // 2 + vectors), "1": str(matrices // 2 + vectors)}, reads
 
 
 def test_expert_parallel_8_across_two_processes(tmp_path, two_hosts):

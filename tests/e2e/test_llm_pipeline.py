@@ -2,7 +2,7 @@
 mesh (parallel/pipeline.py), alone and with tensor parallel inside each stage, on virtual
 CPU devices (tests/conftest.py makes 8): greedy output equal to one device's (transformers'
 float32 greedy, which one device's equals: test_llm_families), nothing compiled after
-warm-up. (Refusals: tests/plugin/test_refusals.py.)"""
+warm-up; with data parallel replicas too. (Refusals: tests/plugin/test_refusals.py.)"""
 
 import numpy as np
 import pytest
@@ -53,3 +53,27 @@ def test_pipeline_parallel_matches_one_device(tmp_path, prompts, family):
         assert compiles == 0, (pp, tp)
         assert got == single, (pp, tp)
 
+
+
+def test_pipeline_parallel_with_data_parallel_matches_one_device(tmp_path, prompts):
+    """PP 2 x DP 2 x TP 2 on the 8 virtual devices: two replicas (their own schedulers,
+    requests and KV pages), each running its micro-batches over the two stages of its own
+    data slice: transformers' greedy output, that of PP 2 x TP 2 alone, nothing compiled
+    after warm-up, and both replicas ran requests."""
+    model_dir = _tiny_llama(tmp_path / "llama")
+    single = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    pipeline_only, _, _ = _run(model_dir, prompts, pipeline_parallel_size=2,
+                               tensor_parallel_size=2)
+    llm = start_llm(model_dir, max_num_batched_tokens=32, pipeline_parallel_size=2,
+                    tensor_parallel_size=2, additional_config={"data_parallel_size": 2})
+    try:
+        compiled = num_compilations(llm)
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        assert num_compilations(llm) == compiled
+        rows = llm.collective_rpc("replica_rows")[0]
+        mesh = llm.collective_rpc("mesh_shape")[0]
+    finally:
+        shutdown(llm)
+    assert mesh == {"stage": 2, "data": 2, "model": 2}
+    assert got == single == pipeline_only
+    assert len(rows) == 2 and min(rows) > 0, rows

@@ -37,9 +37,10 @@ def models(tmp_path_factory):
                for family in ("qwen3", "mistral", "qwen2")}}
 
 
-def _steps(engine):
+def _steps(engine, first_blocks=(1, 9, 17)):
     """Logits and hidden states of the requests' rows and tokens in every step of PLAN."""
-    reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(_prompts())]
+    reqs = [engine_request(f"r{i}", p, first) for i, (p, first) in
+            enumerate(zip(_prompts(), first_blocks))]
     out = []
     for step in PLAN:
         scheduled = [(reqs[i], n) for i, n in step.items()]
@@ -83,6 +84,46 @@ def test_stages_equal_one_device(models, family, pp, tp):
             slots = w.shape[0]
             np.testing.assert_allclose(np.asarray(got[stage * slots:(stage + 1) * slots]),
                                        np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+# Replica 0 owns pages 0-31 of tiny_engine's 64, replica 1 pages 32-63 (its own null page 32).
+DP_FIRST_BLOCKS = (1, 33, 41)
+
+
+@pytest.mark.parametrize("pp,dp,tp", [(2, 2, 2)])
+def test_stages_with_data_parallel_replicas_equal_one_device(models, pp, dp, tp):
+    """PP x DP: each replica (its own requests, by their pages) runs its micro-batches over
+    the stages of its own data slice: the same logits and hidden states as one device and
+    as PP alone, and each replica's K/V on each stage equal to what PP alone wrote there."""
+    _, expected = _single(models["llama"])
+    pipeline = tiny_engine(models["llama"], mesh=build_mesh(tp, pipeline_parallel_size=pp))
+    engine = tiny_engine(models["llama"], mesh=build_mesh(tp, dp, pipeline_parallel_size=pp))
+    assert dict(engine.mesh.shape) == {"stage": pp, "data": dp, "model": tp}
+    got, pipeline_only = _steps(engine, DP_FIRST_BLOCKS), _steps(pipeline, DP_FIRST_BLOCKS)
+    # Request 0 in replica 0 (one step), requests 1 and 2 in replica 1 (two steps each).
+    assert list(engine.rows_per_replica) == [1, 4]
+    for (want_logits, want_hidden), (logits, hidden), (pp_logits, pp_hidden) in zip(
+            expected, got, pipeline_only):
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits, pp_logits, rtol=1e-5, atol=1e-5)
+    # The K/V each replica wrote on each stage: those PP alone wrote at the same pages (its
+    # cache, equal to one device's: test_stages_equal_one_device, holds every page).
+    half = 32 * ENGINE_BLOCK  # one replica's slots
+    for local, (arrays, pp_arrays) in enumerate(zip(engine.kv_cache.arrays,
+                                                    pipeline.kv_cache.arrays)):
+        for got_array, pp_array in zip(arrays, pp_arrays):
+            assert got_array.shape[:2] == (dp, pp * half)
+            assert got_array.sharding.spec[:2] == ("data", "stage")
+            pp_array = np.asarray(pp_array)
+            assert np.abs(pp_array).sum() > 0
+            for stage in range(pp):
+                for r in range(dp):
+                    # Past each replica's null page (padding tokens write there).
+                    first = stage * dp * half + r * half + ENGINE_BLOCK
+                    np.testing.assert_allclose(
+                        np.asarray(got_array[r, stage * half + ENGINE_BLOCK:(stage + 1) * half]),
+                        pp_array[first:first + half - ENGINE_BLOCK], rtol=1e-5, atol=1e-5)
 
 
 def _stage_of(engine, device) -> int:
@@ -133,8 +174,6 @@ def test_what_stages_do_not_serve_is_refused(models, tmp_path):
     three = save_tiny_family(tmp_path / "three", "qwen3", num_hidden_layers=3)
     with pytest.raises(ValueError, match="3 layers in 2 stages"):
         tiny_engine(three, mesh=build_mesh(1, pipeline_parallel_size=2))
-    with pytest.raises(ValueError, match="data parallel"):
-        tiny_engine(models["qwen3"], mesh=build_mesh(1, 2, pipeline_parallel_size=2))
     with pytest.raises(ValueError, match="pipeline_parallel_size=4 needs 16 devices"):
         build_mesh(2, 2, pipeline_parallel_size=4)
 

@@ -91,7 +91,11 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     config.additional_config["xla_data_parallel_size"] = 2
     _refuse_untested_across_hosts(config)  # with data parallel replicas too
     config.parallel_config.pipeline_parallel_size = 2
-    _refuse_untested_across_hosts(config)  # in pipeline stages too (tests/e2e/test_llm_multihost)
+    with pytest.raises(ValueError, match=r"pipeline parallel with data parallel replicas .* "
+                                         r"across several"):
+        _refuse_untested_across_hosts(config)  # both at once: in one process only
+    config.additional_config["xla_data_parallel_size"] = 1
+    _refuse_untested_across_hosts(config)  # in pipeline stages (tests/e2e/test_llm_multihost)
     config.lora_config = object()
     with pytest.raises(ValueError, match=r"LoRA "
                                          r"adapters .* across several"):

@@ -12,14 +12,20 @@ from xla_inference.quantization.online import ONLINE_METHODS
 
 
 def load_checkpoint(model_path: str | Path, gguf_file: str | None = None,
-                    quantization: str | None = None) -> tuple[dict, Mapping[str, np.ndarray]]:
+                    quantization: str | None = None, *, reads_slices: bool = False
+                    ) -> tuple[dict, Mapping[str, np.ndarray]]:
     """(HF config dict, HF-named tensors) for a model directory or a .gguf file.
 
     A checkpoint with a `quantization_config` gets a reader for its method: the tensors
     then answer `quantized_weight(name)` with the weight's GroupQuant
     (quantization/groups.py). A method we do not serve is refused here, naming it.
     `quantization` is vLLM's method name (the checkpoint's, or --quantization); the online
-    methods (quantization/online.py) need no reader: runner/build.py quantizes at load."""
+    methods (quantization/online.py) need no reader: runner/build.py quantizes at load.
+
+    `reads_slices`: an unquantized safetensors checkpoint's tensors that reach the
+    parameters unchanged stay unread until placement reads each device's slice
+    (loading/safetensors.CheckpointSlices); a quantized checkpoint or a GGUF file is read
+    whole, as every tensor a loader transposes, fuses or dequantizes."""
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
@@ -30,7 +36,7 @@ def load_checkpoint(model_path: str | Path, gguf_file: str | None = None,
         if len(ggufs) == 1:  # a directory serving a GGUF (loading/default_model.py)
             return _load_gguf(ggufs[0])
     config = json.loads((path / "config.json").read_text())
-    tensors = CheckpointTensors(safetensors_files(path))
+    tensors = CheckpointTensors(safetensors_files(path), reads_slices=reads_slices)
     quant_config = config.get("quantization_config")
     if quant_config:
         return config, QuantizedCheckpoint(tensors, quantized_reader(quant_config, quantization))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels import pallas_quantized_matmul as qmm
+from xla_inference.loading.safetensors import CheckpointSlices
 from xla_inference.parallel.axes import field_axes, is_projection
 from xla_inference.quantization.experts import (PackedExperts, pack_experts, quantize_experts,
                                                 stored_for_step, with_compute_dtype)
@@ -107,8 +108,16 @@ def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, 
                 *, transpose: bool = False):
     """Fetch `name`, check it has `shape` (checkpoint layout), cast, optionally transpose
     (the last two axes). A quantized checkpoint's weight comes back as its GroupQuant
-    (untransposed); `dense` gives float values for code that reshapes or slices it."""
-    return _to_host(_checked(tensors, name, shape), dtype, transpose)
+    (untransposed); `dense` gives float values for code that reshapes or slices it.
+
+    From a checkpoint that reads slices (loading/checkpoint.load_checkpoint's reads_slices:
+    a multi-host process), a plain tensor taken as it is stored comes back unread, a
+    CheckpointSlices: placement reads only this process's devices' slices of it."""
+    checked = _checked(tensors, name, shape)
+    if (not transpose and isinstance(checked, np.ndarray)
+            and getattr(tensors, "reads_slices", False)):
+        return CheckpointSlices(checked, jnp.dtype(dtype))
+    return _to_host(checked, dtype, transpose)
 
 
 def tensor_getter(tensors: Mapping[str, np.ndarray], dtype):
@@ -152,7 +161,9 @@ def narrow_projections(params, dtype):
         if isinstance(value, _QUANTIZED):
             continue  # quantized: its own layout and dtypes
         if is_projection(field) and value is not None:
-            changes[field.name] = np.asarray(value).astype(jnp.dtype(dtype))
+            # A CheckpointSlices stays unread: it is read in the narrow dtype.
+            value = value if isinstance(value, CheckpointSlices) else np.asarray(value)
+            changes[field.name] = value.astype(jnp.dtype(dtype))
         elif isinstance(value, (list, tuple)) or dataclasses.is_dataclass(value):
             changes[field.name] = narrow_projections(value, dtype)
     return dataclasses.replace(params, **changes)
@@ -216,6 +227,8 @@ def quantize_projections(params, kind: str):
     `kind` (quantization/online.py), and every float MoE expert stack [E, in, out] per
     expert and output channel (quantization/experts.py); everything else is left as it is."""
     def change(field, value):
+        if isinstance(value, CheckpointSlices):  # quantized from the whole tensor
+            value = np.asarray(value)
         if is_projection(field) and isinstance(value, np.ndarray) and value.ndim == 2:
             return quantize_per_channel(value, kind)
         if _is_expert_stack(field, value):

@@ -1,4 +1,6 @@
-"""A small safetensors reader (memory-mapped numpy arrays; no torch, bfloat16 included)."""
+"""A small safetensors reader (memory-mapped numpy arrays; no torch, bfloat16 included), and
+checkpoint tensors read slice by slice (CheckpointSlices): a multi-host process reads from
+the files only the parts of each tensor its own devices hold."""
 
 import json
 import struct
@@ -46,10 +48,15 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 class CheckpointTensors(Mapping):
-    """name -> array over every shard of a checkpoint, each file mapped once."""
+    """name -> array over every shard of a checkpoint, each file mapped once.
 
-    def __init__(self, files: list[Path]):
+    `reads_slices`: loading/params.take_tensor hands a tensor it passes on unchanged (no
+    transpose, no dequantization) to the parameter tree as a CheckpointSlices, read only
+    where placement asks for a device's slice (parallel/sharding.place)."""
+
+    def __init__(self, files: list[Path], reads_slices: bool = False):
         self._tensors: dict[str, np.ndarray] = {}
+        self.reads_slices = reads_slices
         for f in files:
             self._tensors.update(read_safetensors(f))
 
@@ -61,3 +68,75 @@ class CheckpointTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+
+class ReadCounter:
+    """Bytes copied out of checkpoint files by CheckpointSlices reads (in the file's dtype),
+    for the load log and the tests: a multi-host process reads its devices' share."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def add(self, nbytes: int) -> None:
+        self.bytes += nbytes
+
+
+CHECKPOINT_READS = ReadCounter()
+
+
+class CheckpointSlices(np.lib.mixins.NDArrayOperatorsMixin):
+    """A checkpoint tensor not read yet, as the parameter tree holds it until placement:
+    shape, the dtype it will be read in, and `self[index]` reading only that slice of the
+    file (a memory map: the pages it spans) and casting it. Placement
+    (parallel/sharding.place) asks for each of this process's devices' slices, so a process
+    copies from the files only what its devices hold.
+
+    Anything else numpy does with it (np.asarray, arithmetic, a reshape: a loader or a
+    transform that needs the whole tensor) reads it whole, as a plain array would be."""
+
+    read_by_slice = True  # what placement and pipeline stacks look for (they sit below us)
+
+    def __init__(self, stored: np.ndarray, dtype, counter: ReadCounter = CHECKPOINT_READS):
+        self._stored = stored
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(stored.shape)
+        self._counter = counter
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def astype(self, dtype, copy: bool = True) -> "CheckpointSlices":
+        """The same stored tensor, to be read in `dtype` (still unread)."""
+        return CheckpointSlices(self._stored, dtype, self._counter)
+
+    def __getitem__(self, index) -> np.ndarray:
+        part = np.array(self._stored[index])  # copies just the slice out of the map
+        self._counter.add(part.nbytes)
+        return part.astype(self.dtype, copy=False)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = [np.asarray(x) if isinstance(x, CheckpointSlices) else x for x in inputs]
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __getattr__(self, name):
+        # What a plain array offers beyond the above (reshape, T, ...): on the whole tensor.
+        # Anything else is no attribute (a probe for one must not read the tensor).
+        if name.startswith("_") or not hasattr(np.ndarray, name):
+            raise AttributeError(name)
+        return getattr(np.asarray(self), name)
+
+    def __repr__(self) -> str:
+        return f"CheckpointSlices(shape={self.shape}, dtype={self.dtype})"

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xla_inference.loading.safetensors import CheckpointSlices
 from xla_inference.lora.peft import LoraAdapter, LoraError
 from xla_inference.quantization.packed import PackedWeight
 
@@ -133,7 +134,7 @@ def decoder_targets(params) -> dict[str, tuple[int, int]]:
 
 def _is_projection(w) -> bool:
     """A [out, in] projection weight: an array, or a quantized one (PackedWeight)."""
-    if isinstance(w, (np.ndarray, jax.Array)):
+    if isinstance(w, (np.ndarray, jax.Array, CheckpointSlices)):
         return w.ndim == 2
     return isinstance(w, PackedWeight)
 

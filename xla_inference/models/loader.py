@@ -14,18 +14,21 @@ from xla_inference.quantization.online import ONLINE_METHODS
 
 
 def load_model(model_path: str | Path, dtype, gguf_file: str | None = None, *,
-               random_seed: int | None = None, quantization: str | None = None
-               ) -> tuple[ModelFamily, object, object]:
+               random_seed: int | None = None, quantization: str | None = None,
+               reads_slices: bool = False) -> tuple[ModelFamily, object, object]:
     """(family, model config, host params in `dtype`). random_seed: random weights of the
     config's shapes instead of the checkpoint's (vLLM's --load-format dummy); only
     config.json is read, so a directory holding just that serves a benchmark at any size.
     A quantized checkpoint's projection weights come back as GroupQuants
-    (quantization/groups.py), which runner/build.py packs for the device."""
+    (quantization/groups.py), which runner/build.py packs for the device. reads_slices:
+    weights left unread until placement reads each device's slice
+    (loading/checkpoint.load_checkpoint)."""
     path = Path(model_path)
     if random_seed is not None and path.is_dir() and not gguf_file:
         hf_config, tensors = json.loads((path / "config.json").read_text()), None
     else:
-        hf_config, tensors = load_checkpoint(model_path, gguf_file, quantization)
+        hf_config, tensors = load_checkpoint(model_path, gguf_file, quantization,
+                                             reads_slices=reads_slices)
     if random_seed is not None:
         tensors = RandomTensors(random_seed)
     family = model_family(hf_config)

@@ -113,7 +113,8 @@ class StageStack:
     stage's of N), not the whole stack, and no stacked copy of every layer outlives it."""
 
     def __init__(self, parts):
-        self.parts = [np.asarray(p) for p in parts]
+        # A checkpoint tensor not read yet stays so: only this process's stages are read.
+        self.parts = [p if reads_by_slice(p) else np.asarray(p) for p in parts]
         self.shape = (len(self.parts), *self.parts[0].shape)
         self.dtype = self.parts[0].dtype
 
@@ -131,6 +132,12 @@ class StageStack:
     def __array__(self, dtype=None, copy=None):
         stacked = np.stack(self.parts)
         return stacked if dtype is None else stacked.astype(dtype)
+
+
+def reads_by_slice(array) -> bool:
+    """A host array read only where indexed (loading/safetensors.CheckpointSlices, named
+    by its marker: parallel/ sits below loading/); np.asarray would read it whole."""
+    return getattr(array, "read_by_slice", False) is True
 
 
 def stage_params(params, shardings, mesh: Mesh):
@@ -182,13 +189,16 @@ def run_microbatched(layer_step: Callable, layers: StagedLayers, kv_cache: KvCac
             raise ValueError("pipeline micro-batches need every stage's layers to take the "
                              "same static arguments (e.g. sliding windows)")
 
-    def body(local, arrays, xs):
+    def body(local, arrays, xs, batches):
         return _microbatch_body(layer_step, local, arrays, xs, batches, kv_cache, stages, args)
 
+    # `batches` goes in as an argument, not a closure: inside a replica's map over the data
+    # axis (PP x DP: runner/engine._forward_replicas) a closed-over array would carry
+    # that outer map's mesh axes, not this one's.
     stage, whole = PartitionSpec(STAGE_AXIS), PartitionSpec()
     arrays, xs = jax.shard_map(
-        body, mesh=mesh, in_specs=(stage, stage, whole), out_specs=(stage, whole),
-        axis_names={STAGE_AXIS}, check_vma=False)(layers.local, kv_cache.arrays, xs)
+        body, mesh=mesh, in_specs=(stage, stage, whole, whole), out_specs=(stage, whole),
+        axis_names={STAGE_AXIS}, check_vma=False)(layers.local, kv_cache.arrays, xs, batches)
     return dataclasses.replace(kv_cache, arrays=arrays), xs
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference.parallel.axes import field_axes
-from xla_inference.parallel.pipeline import StageStack, devices_from_each_process, stage_devices
+from xla_inference.parallel.pipeline import (StageStack, devices_from_each_process,
+                                             reads_by_slice, stage_devices)
 
 MESH_AXES = ("data", "model")
 TENSOR_AXIS = "model"  # the mesh axis tensor parallel splits over
@@ -208,15 +209,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def place(host_array, sharding: NamedSharding) -> jax.Array:
-    """Put a host array on the mesh shard by shard: no device receives more than its slice
-    (and a StageStack, pipeline stages' layers, is read only for this process's devices).
-    An array already placed (the torch path places as it loads) moves only if its
+    """Put a host array on the mesh shard by shard: no device receives more than its slice.
+    A StageStack (pipeline stages' layers) and a checkpoint tensor not read yet
+    (loading/safetensors.CheckpointSlices) are read only for this process's devices'
+    slices, each distinct slice once (devices holding the same one, replicas, share the
+    read). An array already placed (the torch path places as it loads) moves only if its
     sharding differs."""
     if isinstance(host_array, jax.Array):
         return jax.device_put(host_array, sharding)
-    if not isinstance(host_array, StageStack):
+    if not (isinstance(host_array, StageStack) or reads_by_slice(host_array)):
         host_array = np.asarray(host_array)
-    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+    slices: dict[tuple, np.ndarray] = {}
+
+    def read(index):
+        key = _index_key(index)
+        if key not in slices:
+            slices[key] = host_array[index]
+        return slices[key]
+
+    return jax.make_array_from_callback(host_array.shape, sharding, read)
+
+
+def _index_key(index) -> tuple:
+    """A hashable form of a device's index (a tuple of slices: unhashable before 3.12)."""
+    index = index if isinstance(index, tuple) else (index,)
+    return tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
 
 
 def place_params(params, shardings):

@@ -76,6 +76,8 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
         (model is not None and str(model.model_impl) == "vllm",
          "vLLM's PyTorch model classes (--model-impl vllm)"),
         (model is not None and model.supports_multimodal_inputs, "multimodal models"),
+        (pipeline_parallel_size(vllm_config) > 1 and data_parallel_size(vllm_config) > 1,
+         "pipeline parallel with data parallel replicas (served in one process)"),
     ]
     refused = [name for refuse, name in refusals if refuse]
     if refused:
@@ -464,10 +466,6 @@ def _fold_pipeline_parallel(vllm_config) -> None:
     if not isinstance(extra, dict):
         raise ValueError("xla-inference keeps the pipeline parallel size in additional_config, "
                          "which must be a dict")
-    if data_parallel_size(vllm_config) > 1:
-        raise ValueError("xla-inference does not run pipeline parallel with data parallel "
-                         "replicas yet; use --pipeline-parallel-size with "
-                         "--tensor-parallel-size")
     extra["xla_pipeline_parallel_size"] = size
     parallel.pipeline_parallel_size = 1
     parallel.world_size = parallel.tensor_parallel_size * parallel.prefill_context_parallel_size

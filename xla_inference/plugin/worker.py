@@ -55,6 +55,23 @@ def _join_hosts() -> None:
                        envs.join_timeout())
 
 
+def _several_hosts() -> bool:
+    from xla_inference import envs
+
+    return envs.num_hosts() > 1
+
+
+def _log_checkpoint_reads() -> None:
+    """How much of the checkpoint this process read (multi-host: its devices' slices)."""
+    import jax
+
+    from xla_inference.loading.safetensors import CHECKPOINT_READS
+
+    if _several_hosts():
+        logger.info("xla-inference: process %d read %d bytes of checkpoint tensors (its "
+                    "devices' slices)", jax.process_index(), CHECKPOINT_READS.bytes)
+
+
 def _dtype_name(torch_dtype: torch.dtype) -> str:
     table = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     if torch_dtype not in table:
@@ -216,8 +233,10 @@ class XlaWorker(WorkerBase):
             self.loaded_weight_bytes = self.model.weight_bytes
             return
         quantization = loader_method(mc.quantization)
+        # Across hosts each process reads from the checkpoint only its devices' slices, at
+        # placement (runner/build.load's reads_slices); one process reads as before.
         self.model = load(mc.model, self.precision, random_seed=(mc.seed or 0) if dummy else None,
-                          quantization=quantization)
+                          quantization=quantization, reads_slices=_several_hosts())
         self.model = prepare_target(self.vllm_config, self.model, self.draft_model)
         self.loaded_weight_bytes = self.model.weight_bytes
         logger.info("xla-inference: loaded %s%s (%s%s; %.1f MiB of weights) in %.1fs", mc.model,
@@ -264,7 +283,9 @@ class XlaWorker(WorkerBase):
             return int(self.cache_config.kv_cache_memory_bytes)
         total = psutil.virtual_memory().total
         budget = total * self.cache_config.gpu_memory_utilization
-        in_use = psutil.Process().memory_info().rss
+        # Weights not read yet (multi-host: read at placement) will be held too; counted whole
+        # (this process holds its devices' share: a conservative bound).
+        in_use = psutil.Process().memory_info().rss + getattr(self.model, "unread_bytes", 0)
         free_now = psutil.virtual_memory().available - _WORKSPACE_BYTES
         available = int(min(budget - in_use - _WORKSPACE_BYTES, free_now))
         useful = self._max_useful_kv_bytes()
@@ -320,6 +341,7 @@ class XlaWorker(WorkerBase):
                               pipeline_parallel_size=pipeline_parallel_size(self.vllm_config),
                               lora=self._lora_limits(),
                               pooling=self.model_config.runner_type == "pooling")
+        _log_checkpoint_reads()
         drafter = build_drafter(self.vllm_config, self.draft_model, kv_cache_config, engine)
         self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests(),
                                            kv_connector=self._kv_connector(kv_cache_config, engine),

@@ -123,21 +123,36 @@ class LoadedModel:
         return host_nbytes(self.params)
 
     @property
+    def unread_bytes(self) -> int:
+        """Bytes of the host weights still in the checkpoint files (load's reads_slices):
+        placement will read them."""
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(self.params)
+                   if getattr(leaf, "read_by_slice", False) is True)
+
+    @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
 
 def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None = None,
-         random_seed: int | None = None, quantization: str | None = None) -> LoadedModel:
+         random_seed: int | None = None, quantization: str | None = None,
+         reads_slices: bool = False) -> LoadedModel:
     """Phase one: read (or, with random_seed, draw) the weights on the host in the policy's
     dtypes. The projections are narrowed, or quantized, here, before the KV cache is sized,
     so that the host holds one copy of each.
 
     `quantization`: vLLM's method name. A quantized checkpoint's (its quantization_config,
     or a GGUF file's blocks) projections stay quantized; on an unquantized checkpoint an
-    online method ("int8", "fp8") quantizes every projection per output channel."""
+    online method ("int8", "fp8") quantizes every projection per output channel.
+
+    `reads_slices` (a multi-host process): an unquantized safetensors checkpoint's tensors
+    that reach the parameters as stored are not read here; build_engine's placement reads
+    from the files only the slices this process's devices hold
+    (loading/safetensors.CheckpointSlices). Transposed, fused, quantized and GGUF tensors
+    are read whole."""
     family, cfg, params = load_model(model_path, precision.activations, gguf_file,
-                                     random_seed=random_seed, quantization=quantization)
+                                     random_seed=random_seed, quantization=quantization,
+                                     reads_slices=reads_slices)
     params = pack_quantized(params, precision.weights, precision.activations)
     if precision.narrows_projections:
         params = narrow_projections(params, precision.weights)

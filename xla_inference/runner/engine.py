@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference import envs
 from xla_inference.kernels.metadata import KvCache
@@ -149,6 +149,11 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
     Logits and hidden states come back in the scheduler's order: row_order [R*B] and
     token_order [R*T] index the flattened (replica, row) and (replica, token) positions.
 
+    With pipeline stages too, each replica's batch is its M micro-batches ([R, M, ...]):
+    the replica's forward runs them over the stages (parallel/pipeline.run_microbatched,
+    manual over the stage axis inside this map over the data axis), on its own slice of
+    every stage's cache, and the row and token orders index (replica, micro-batch, row).
+
     With LoRA (max_rank given) params is (params, the LoRA stacks, each token's slot [R, T]):
     every replica reads the same stacks (one set of slots for all replicas' adapters) and
     its own tokens' slots."""
@@ -192,12 +197,14 @@ def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: Step
 
 def _in_scheduler_order(model: ModelFamily, cfg, params, hidden, batch: StepBatch, row_order,
                         token_order):
-    """hidden [G, T, D] of G stacked groups of requests -> (logits at each request's sampled
-    token, every token's hidden state), rows and tokens in the scheduler's order."""
-    groups, tokens, width = hidden.shape
-    hidden = hidden.reshape(groups * tokens, width)
+    """hidden [G, T, D] of G stacked groups of requests ([R, M, T, D]: replicas' micro-batches,
+    flattened in that order) -> (logits at each request's sampled token, every token's
+    hidden state), rows and tokens in the scheduler's order."""
+    tokens, width = hidden.shape[-2:]
+    hidden = hidden.reshape(-1, width)  # groups: replicas, micro-batches, or both (flattened)
+    groups = hidden.shape[0] // tokens
     first = tokens * jnp.arange(groups, dtype=jnp.int32)[:, None]
-    rows = (batch.logits_indices + first).reshape(-1)[row_order]
+    rows = (batch.logits_indices.reshape(groups, -1) + first).reshape(-1)[row_order]
     return model.compute_logits(params, hidden[rows], cfg), hidden[token_order]
 
 
@@ -329,14 +336,15 @@ class ModelEngine:
         elif lora is not None:
             forward = functools.partial(_forward_lora, max_rank=lora.max_rank)
             batch_shardings = (whole,)
-        elif self.microbatches > 1:
+        elif self.microbatches > 1 and self.replicas == 1:
             forward, batch_shardings = _forward_microbatches, (whole, whole, whole)
         elif self.replicas == 1:
             forward = _forward_pooled if pooling else _forward_logits
             if greedy_drafter:
                 forward = _forward_greedy
             batch_shardings = (whole,)
-        else:  # data parallel; a draft model's engine keeps each replica's draft KV too
+        else:  # data parallel: a draft model's engine keeps each replica's draft KV too;
+            # with pipeline stages, each replica runs its micro-batches
             forward = functools.partial(
                 _forward_replicas_greedy if greedy_drafter else _forward_replicas, mesh=self.mesh)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
@@ -415,14 +423,18 @@ class ModelEngine:
                                   kv_dtype, num_slots: int) -> tuple[KvCache, KvCache]:
         """Pipeline parallel: local layer j's K and V of every stage side by side,
         [stages * num_slots, K, H], each stage's slots on its own devices; the KvCache
-        names the local layers (every stage's are alike: _check_pipeline)."""
+        names the local layers (every stage's are alike: _check_pipeline). With data
+        parallel replicas, [R, stages * num_slots, K, H], each replica's on its data slice."""
         per_stage = len(layers) // self.stages
         arrays, shardings = [], []
         for layer in layers[:per_stage]:
             shape = (num_slots, layer.num_kv_heads, layer.head_size)
             sharding = stage_kv_sharding(kv_cache_sharding(self.model_cfg, shape, self.mesh))
-            zeros = jax.jit(functools.partial(jnp.zeros, (self.stages * num_slots, *shape[1:]),
-                                              kv_dtype),
+            staged = (self.stages * num_slots, *shape[1:])
+            if self.replicas > 1:  # [R, stages * slots, K, H]: each replica's own slots
+                staged = (self.replicas, *staged)
+                sharding = NamedSharding(self.mesh, PartitionSpec("data", *sharding.spec))
+            zeros = jax.jit(functools.partial(jnp.zeros, staged, kv_dtype),
                             out_shardings=sharding)
             arrays.append(tuple(zeros() for _ in range(layer.num_arrays)))
             shardings.append((sharding,) * layer.num_arrays)
@@ -444,6 +456,8 @@ class ModelEngine:
             batch, row_order, token_order = self._replica_batch(scheduled)
             slots = self._replica_token_slots(scheduled, token_order, batch.input_ids.shape)
             return self._run_forward(batch, row_order, token_order, token_slots=slots)
+        if self.replicas > 1 and self.microbatches > 1:
+            return self._run_forward(*self._replica_microbatch_batch(scheduled))
         if self.replicas > 1:
             return self._run_forward(*self._replica_batch(scheduled))
         if self.microbatches > 1:
@@ -523,14 +537,35 @@ class ModelEngine:
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
         one bucket and stacked; and where each request's row and tokens land."""
+        owners = self._replica_owners(scheduled)
+        batch, row_order, token_order = self._stacked_batch(scheduled, owners, self.replicas,
+                                                            self.blocks_per_replica)
+        return self._replicas_on_mesh(batch), row_order, token_order
+
+    def _replica_owners(self, scheduled: list[tuple[RequestState, int]]) -> list[int]:
         owners = []
         for req, _ in scheduled:
             r = req.block_ids[0][0] // self.blocks_per_replica  # any page: null pages too
             owners.append(r)
             self.rows_per_replica[r] += 1
-        batch, row_order, token_order = self._stacked_batch(scheduled, owners, self.replicas,
-                                                            self.blocks_per_replica)
-        return self._replicas_on_mesh(batch), row_order, token_order
+        return owners
+
+    def _replica_microbatch_batch(self, scheduled: list[tuple[RequestState, int]]):
+        """Pipeline stages with data parallel replicas: each replica's requests (by their
+        pages) in M micro-batches of about equal tokens, every group (replica r,
+        micro-batch m) padded to one bucket, stacked [R, M, ...]; the orders index the
+        flattened (r, m) groups."""
+        R, M = self.replicas, self.microbatches
+        tokens = [[0] * M for _ in range(R)]
+        owners = []
+        for r, (_, num_new) in zip(self._replica_owners(scheduled), scheduled):
+            m = tokens[r].index(min(tokens[r]))
+            owners.append(r * M + m)
+            tokens[r][m] += num_new
+        first_pages = [(g // M) * self.blocks_per_replica for g in range(R * M)]
+        batch, row_order, token_order = self._stacked_batch(scheduled, owners, R * M, 0,
+                                                            first_pages)
+        return self._replicas_on_mesh(_by_replica(batch, R)), row_order, token_order
 
     def _replicas_on_mesh(self, batch: StepBatch) -> StepBatch:
         """The replicas' stacked batch as it goes into the step. One process: the host
@@ -554,10 +589,12 @@ class ModelEngine:
         return self._stacked_batch(scheduled, owners, self.microbatches, 0)
 
     def _stacked_batch(self, scheduled: list[tuple[RequestState, int]], owners: list[int],
-                       num_groups: int, pages_per_group: int):
+                       num_groups: int, pages_per_group: int, first_pages: list[int] | None = None):
         """Each group's requests (owners: each request's group) as its own batch, all padded
         to one bucket and stacked; and where each request's row and tokens land. Group r's
-        page ids start at r * pages_per_group."""
+        page ids start at r * pages_per_group (or first_pages[r])."""
+        if first_pages is None:
+            first_pages = [r * pages_per_group for r in range(num_groups)]
         groups = [[] for _ in range(num_groups)]
         tokens = [0] * num_groups  # each group's tokens so far
         places = []  # (group, row in it, first token in it)
@@ -567,7 +604,7 @@ class ModelEngine:
             tokens[r] += num_new
         layout = self.layout_for(max(tokens))
         T, B = layout.num_tokens, layout.num_seqs
-        batches = [build_step_batch(group, layout, r * pages_per_group)
+        batches = [build_step_batch(group, layout, first_pages[r])
                    for r, group in enumerate(groups)]
         row_order = np.zeros(num_groups * B, np.int32)
         token_order = np.zeros(num_groups * T, np.int32)
@@ -703,6 +740,8 @@ class ModelEngine:
             else:
                 slots = np.zeros((groups, T), np.int32)
                 stacked = _stack([batch] * groups)
+                if self.replicas > 1 and self.microbatches > 1:
+                    stacked = _by_replica(stacked, self.replicas)
                 if self.replicas > 1:
                     stacked = self._replicas_on_mesh(stacked)
                 forward_args.append((self._step_params(slots), self.kv_cache, stacked,
@@ -814,7 +853,6 @@ def _check_pipeline(model: ModelFamily, model_cfg, engine_cfg: EngineConfig, mes
          f"the {model.name} family{' (MoE)' if getattr(model_cfg, 'moe', None) else ''}; it "
          f"serves {', '.join(PIPELINE_FAMILIES)} (dense)"),
         (len(layers) % stages != 0, f"{len(layers)} layers in {stages} stages (uneven)"),
-        (mesh.shape["data"] > 1, "data parallel replicas"),
         (lora is not None, "LoRA adapters"),
         (pooling, "pooling models"),
     ]
@@ -830,3 +868,9 @@ def _check_pipeline(model: ModelFamily, model_cfg, engine_cfg: EngineConfig, mes
 def _stack(batches: list[StepBatch]) -> StepBatch:
     """Replicas' batches of one bucket -> one batch with a leading replica axis."""
     return jax.tree.map(lambda *arrays: np.stack(arrays), *batches)
+
+
+def _by_replica(batch: StepBatch, replicas: int) -> StepBatch:
+    """A batch of R * M stacked groups (replica-major) -> [R, M, ...]: each replica's
+    micro-batches under its own leading index (pipeline stages with data parallel)."""
+    return jax.tree.map(lambda a: a.reshape(replicas, -1, *a.shape[1:]), batch)

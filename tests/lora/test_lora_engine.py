@@ -39,7 +39,7 @@ def llama_targets(tmp_path_factory):
 
 
 def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_tokens=64,
-                mesh=None, quantization=None):
+                mesh=None, quantization=None, target_modules=None):
     import jax.numpy as jnp
 
     from xla_inference.runner.build import Precision, build_engine, load
@@ -50,11 +50,13 @@ def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_to
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
     return build_engine(model, ecfg, mesh=mesh, lora=dict(max_loras=max_loras, max_rank=max_rank,
-                                                          max_cpu_loras=max_cpu_loras))
+                                                          max_cpu_loras=max_cpu_loras,
+                                                          target_modules=target_modules))
 
 
 def add(engine, lora_id, path):
-    engine.lora.add(lora_id, load_adapter(path, engine.lora.module_shapes, engine.lora.max_rank))
+    engine.lora.add(lora_id, load_adapter(path, engine.lora.module_shapes, engine.lora.max_rank,
+                                          target_modules=engine.lora.target_modules))
 
 
 def test_mixed_adapters_match_peft(model_and_adapters):

@@ -72,10 +72,11 @@ def _target_names(cfg: dict) -> set[str] | None:
 
 
 def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], max_rank: int,
-                 name: str | None = None) -> LoraAdapter:
+                 name: str | None = None, target_modules: list[str] | None = None) -> LoraAdapter:
     """Read a PEFT directory. module_shapes: the model's targetable modules (path -> [out,
     in]); an adapter weight for any other module, a shape that disagrees, or a rank above
-    max_rank raises LoraError naming it."""
+    max_rank raises LoraError naming it. target_modules: --lora-target-modules, which left
+    the other modules without stacks (named in the refusal)."""
     path = Path(path)
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
@@ -102,6 +103,8 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
             experts.setdefault(prefix, {}).setdefault(module, {})[which] = value
             continue
         suffix = module.split(".")[-1]
+        if suffix in SERVED_MODULES and module not in module_shapes and target_modules:
+            raise LoraError(_outside_deployment(path, module, target_modules))
         if suffix not in SERVED_MODULES or module not in module_shapes:
             raise LoraError(f"LoRA adapter {path}: target_modules includes {module!r}, which this "
                             f"model has no servable projection for (served: {SERVED_MODULES})")
@@ -113,6 +116,8 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
         for entry in found.values():
             if set(entry) != {"A", "B"}:
                 raise LoraError(f"LoRA adapter {path}: {prefix} lacks a lora_A or lora_B")
+            if target_modules and f"{prefix}.down_proj" not in module_shapes:
+                raise LoraError(_outside_deployment(path, prefix, target_modules))
             pairs.update(_expert_pairs(path, prefix, entry["A"], entry["B"], module_shapes))
     weights = {}
     for module, ab in pairs.items():
@@ -139,6 +144,12 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
     if not weights:
         raise LoraError(f"LoRA adapter {path}: no lora_A/lora_B weights")
     return LoraAdapter(name=name or path.name, weights=weights)
+
+
+def _outside_deployment(path: Path, module: str, target_modules: list[str]) -> str:
+    return (f"LoRA adapter {path}: it adapts {module}, which --lora-target-modules "
+            f"{sorted(target_modules)} leaves without LoRA stacks (they are allocated at "
+            "start-up; a MoE layer's experts are \"experts\")")
 
 
 # A MoE layer's experts as transformers (>= 5) holds them, fused over experts: gate_up_proj

@@ -86,6 +86,9 @@ class LoraExperts:
     a: jax.Array  # [E, in, L*r]: every slot's A of each expert (gate and up share theirs)
     b: jax.Array  # [E, L*r, out]
     column_mask: jax.Array  # [T, L*r] bool, by token (layers/moe.routed_mlp: by row)
+    # [] bool: some token of the step runs an adapter with expert weights; layers/moe.py
+    # skips both products otherwise (a step of attention-only adapters pays nothing here).
+    active: jax.Array
 
     @property
     def shape(self):
@@ -131,6 +134,23 @@ def decoder_targets(params) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def restrict_targets(shapes: dict, target_modules) -> dict:
+    """The targets vLLM's --lora-target-modules keeps (None: all): a module whose suffix
+    ("q_proj"), packed name ("qkv_proj", "gate_up_proj") or full path is listed; a MoE
+    layer's experts by "experts" (vLLM's name for the fused-experts module)."""
+    if target_modules is None:
+        return dict(shapes)
+    wanted = set(target_modules)
+
+    def kept(module: str) -> bool:
+        if is_expert_module(module):
+            return "experts" in wanted or module in wanted
+        suffix = module.rpartition(".")[2]
+        return bool({module, suffix, _SHARED_INPUT.get(suffix)} & wanted)
+
+    return {m: s for m, s in shapes.items() if kept(m)}
+
+
 def _is_projection(w) -> bool:
     """A [out, in] projection weight: an array, or a quantized one (PackedWeight)."""
     if isinstance(w, (np.ndarray, jax.Array)):
@@ -157,13 +177,15 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
     [E, in, L*r]}, "eb": {module: [E, L*r, out]}}."""
     layers = list(params.layers)
     members = group_members(stacks["b"])
-    columns = next(iter(stacks["b"].values())).shape[1]
-    mask = column_mask(token_slots, columns // max_rank, max_rank)  # one for every layer
+    max_loras = stacks["expert_slots"].shape[0] - 1
+    mask = column_mask(token_slots, max_loras, max_rank)  # one for every layer
+    experts_active = jnp.any(stacks["expert_slots"][token_slots])
     for module, b in stacks["eb"].items():
         _, _, i, _, _, suffix = module.split(".")
         attr = _DECODER_TARGETS[suffix][1]
         mlp = layers[int(i)].mlp
-        weight = LoraExperts(getattr(mlp, attr), stacks["ea"][group_of(module)], b, mask)
+        weight = LoraExperts(getattr(mlp, attr), stacks["ea"][group_of(module)], b, mask,
+                             experts_active)
         layers[int(i)] = dataclasses.replace(layers[int(i)],
                                              mlp=dataclasses.replace(mlp, **{attr: weight}))
     for module, b in stacks["b"].items():
@@ -198,10 +220,12 @@ def group_members(modules) -> dict[str, list[str]]:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slot(stacks: dict, offset: jax.Array, values: dict) -> dict:
-    """Write one slot's columns of every B and rows of every A (offset = (slot - 1) * r)."""
+def _write_slot(stacks: dict, offset: jax.Array, slot: jax.Array, values: dict) -> dict:
+    """Write one slot's columns of every B and rows of every A (offset = (slot - 1) * r),
+    and whether the slot's adapter has expert weights."""
     zero = jnp.zeros((), offset.dtype)
-    return {"a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], (zero, offset, zero))
+    return {"expert_slots": stacks["expert_slots"].at[slot].set(values["has_experts"]),
+            "a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], (zero, offset, zero))
                   for g, a in stacks["a"].items()},
             "b": {m: jax.lax.dynamic_update_slice(b, values["b"][m], (zero, offset))
                   for m, b in stacks["b"].items()},
@@ -219,9 +243,11 @@ class LoraSlots:
     most max_loras in device slots 1..max_loras (LRU among those not pinned nor running)."""
 
     def __init__(self, module_shapes: dict[str, tuple[int, int]], max_loras: int, max_rank: int,
-                 max_cpu_loras: int, dtype, sharding=None):
+                 max_cpu_loras: int, dtype, sharding=None, target_modules=None):
         if max_loras < 1:
             raise LoraError(f"max_loras must be at least 1, got {max_loras}")
+        # --lora-target-modules (None: every target), named when an adapter reaches past it
+        self.target_modules = target_modules
         self.module_shapes, self.max_rank = module_shapes, max_rank
         self.max_loras, self.max_cpu = max_loras, max(max_cpu_loras, max_loras)
         self.dtype = dtype
@@ -232,6 +258,8 @@ class LoraSlots:
         columns = max_loras * max_rank
         zeros = lambda shape: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
         self.stacks = {
+            # [L+1] bool: which slots' adapters have expert weights (slot 0, none, never).
+            "expert_slots": jnp.zeros((max_loras + 1,), bool, device=sharding),
             "a": {g: zeros((len(ms), columns, module_shapes[ms[0]][1]))
                   for g, ms in self.groups.items()},
             "b": {m: zeros((out, columns)) for m, (out, _) in dense.items()},
@@ -277,7 +305,9 @@ class LoraSlots:
             axes = (e, inp, None) if a else (e, None, out)
             return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*axes))
 
+        mesh = jax.tree.leaves(weight_sharding(next(iter(self.module_shapes))))[0].mesh
         shardings = {
+            "expert_slots": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
             "a": {g: sharding(ms[0], None, None, split(ms[0])[2]) for g, ms in self.groups.items()},
             "b": {m: sharding(m, split(m)[1], None) for m in self.stacks["b"]},
             "b_rows": {m: sharding(m, None, split(m)[1]) for m in self.stacks["b_rows"]},
@@ -363,7 +393,10 @@ class LoraSlots:
                 values["b"][m] = b.astype(self.dtype)
             values["a"][group] = a.astype(self.dtype)
         values["ea"], values["eb"] = self._expert_values(adapter)
-        self.stacks = self._write_program(self.stacks, jnp.int32((slot - 1) * r), values)
+        values["has_experts"] = jnp.bool_(any(is_expert_module(m) and m in self.module_shapes
+                                              for m in adapter.weights))
+        self.stacks = self._write_program(self.stacks, jnp.int32((slot - 1) * r), jnp.int32(slot),
+                                          values)
         self.slot_writes += 1
 
     def _expert_values(self, adapter: LoraAdapter) -> tuple[dict, dict]:

@@ -19,7 +19,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 # The projections an adapter may target, by PEFT's module suffix.
-SERVED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SERVED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "embed_tokens", "lm_head")
 _PREFIX = "base_model.model."
 
 
@@ -37,6 +38,22 @@ class LoraAdapter:
     @property
     def max_rank(self) -> int:
         return max((a.shape[-2] for a, _ in self.weights.values()), default=0)
+
+
+def _is_base_vocab_weight(path: Path, key: str, value, module_shapes: dict) -> bool:
+    """peft saves the embedding and LM head it adapts whole (save_embedding_layers), as
+    "...embed_tokens.base_layer.weight"; served when they are the base model's size (a
+    resized vocabulary, new tokens' rows, is refused)."""
+    m = re.fullmatch(rf"{re.escape(_PREFIX)}(.*\.?(?:embed_tokens|lm_head))\.base_layer\.weight",
+                     key)
+    if m is None:
+        return False
+    shape = module_shapes.get(m.group(1))
+    want = None if shape is None else (shape[::-1] if "embed_tokens" in key else shape)
+    if want is not None and tuple(value.shape) != tuple(want):
+        raise LoraError(f"LoRA adapter {path}: {key} is {tuple(value.shape)}, the model's is "
+                        f"{tuple(want)} (adapters that resize the vocabulary are not served)")
+    return True
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -93,7 +110,11 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
     # "...mlp.experts" -> {its file entries (itself, ".base_layer"): {"A": .., "B": ..}}
     experts: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if _is_base_vocab_weight(path, key, value, module_shapes):
+            continue  # peft's copy of the base embedding / LM head (vLLM skips it too)
+        m = (re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+             or re.fullmatch(rf"{re.escape(_PREFIX)}(.+\.embed_tokens)\.lora_embedding_([AB])",
+                             key))
         if m is None:
             raise LoraError(f"LoRA adapter {path}: weight {key!r} is not a lora_A/lora_B weight "
                             "(embedding and bias adapters are not served)")

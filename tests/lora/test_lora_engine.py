@@ -193,10 +193,23 @@ def test_rank_above_max_and_unserved_modules_refused(llama_targets, tmp_path):
     model_dir, shapes, adapters = llama_targets
     with pytest.raises(LoraError, match="max-lora-rank 8"):
         load_adapter(adapters["a16"], shapes, 8)
+    # An LM head adapter is served (tests/lora/test_lora_vocab.py); one whose saved LM head
+    # has rows for added tokens (a resized vocabulary) is not.
     head = save_adapter(model_dir, tmp_path / "head", seed=3, r=4, target_modules=["lm_head"])
-    with pytest.raises(LoraError, match="lm_head"):
+    assert "lm_head" in load_adapter(head, shapes, 16).weights
+    _add_vocabulary_rows(head / "adapter_model.safetensors", "lm_head.base_layer.weight")
+    with pytest.raises(LoraError, match="lm_head.*resize the vocabulary"):
         load_adapter(head, shapes, 16)
     assert ADAPTERS[0][0] == "a4"
+
+
+def _add_vocabulary_rows(weights_file, suffix: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(weights_file))
+    key = next(k for k in tensors if k.endswith(suffix))
+    tensors[key] = np.concatenate([tensors[key], tensors[key][:2]])
+    save_file(tensors, str(weights_file))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

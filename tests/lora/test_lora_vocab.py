@@ -25,14 +25,18 @@ def llama_vocab_adapters(tmp_path_factory):
                        for i, (name, fields) in enumerate(VOCAB_ADAPTERS)}
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["one_device", "tp2"])
-def test_embedding_and_lm_head_adapters_match_peft(llama_vocab_adapters, tp):
+@pytest.mark.parametrize("tp, dp", [(1, 1), (2, 1), (1, 2)], ids=["one_device", "tp2", "dp2"])
+def test_embedding_and_lm_head_adapters_match_peft(llama_vocab_adapters, tp, dp):
+    """DP 2: each replica's tokens' embedding deltas inside its own program, the LM head's
+    for the rows gathered from both (runner/engine._in_scheduler_order)."""
     from xla_inference.parallel.sharding import build_mesh
 
     model_dir, adapters = llama_vocab_adapters
-    engine = lora_engine(model_dir, mesh=build_mesh(tp))
+    engine = lora_engine(model_dir, max_loras=3 if dp == 1 else 2, mesh=build_mesh(tp, dp))
     assert {"model.embed_tokens", "lm_head"} <= set(engine.lora.module_shapes)
-    _assert_mixed_adapters_match_peft(engine, model_dir, adapters)
+    # DP 2: pages 1.. belong to replica 0, pages 32.. to replica 1 (both mix adapters)
+    _assert_mixed_adapters_match_peft(engine, model_dir, adapters,
+                                      first_blocks=None if dp == 1 else [1, 33, 9, 41])
     slots = engine.lora.slot_of
     has = {m: np.asarray(f) for m, f in engine.lora.stacks["vocab_slots"].items()}
     # Which slots adapt each (a step of the others alone skips its delta: lax.cond).

@@ -8,6 +8,8 @@ base model alone, two ways:
     PYTHONPATH=. .venv/bin/python benchmarks/lora.py [--hidden 1024 --layers 4 --batch 16]
     PYTHONPATH=. .venv/bin/python benchmarks/lora.py --smollm2 --dtype bfloat16 --batch 32
     PYTHONPATH=. .venv/bin/python benchmarks/lora.py --quantization int8  # over an int8 base
+    PYTHONPATH=. .venv/bin/python benchmarks/lora.py --moe --hidden 512  # Qwen3-MoE-shaped,
+        # attention-only adapters (the experts' LoRA products are skipped: lora/slots.py)
 
 - --vllm: the issue's benchmark, offline throughput through vllm.LLM on SmolLM2-135M
   (prepare_default_model) with random PEFT adapters saved by `peft`. One child process
@@ -47,14 +49,33 @@ def save_model(path: Path, hidden: int, layers: int) -> Path:
     return path
 
 
-def save_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+def save_moe_model(path: Path, hidden: int, layers: int) -> Path:
+    """A Qwen3-MoE-shaped model: 32 experts, 4 per token, every layer MoE."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 2,
+                                      moe_intermediate_size=hidden // 2, num_experts=32,
+                                      num_experts_per_tok=4, num_hidden_layers=layers,
+                                      num_attention_heads=hidden // 64,
+                                      num_key_value_heads=hidden // 128, head_dim=64,
+                                      max_position_embeddings=1024)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_adapter(model_dir: Path, out: Path, seed: int, targets=tuple(ALL_LINEAR)) -> Path:
     import peft
     import torch
     import transformers
 
     torch.manual_seed(seed)
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = list(targets)
     model = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
                                                       init_lora_weights=False))
     model.save_pretrained(out)
@@ -98,9 +119,12 @@ def engine_main(args):
         from xla_inference.loading.default_model import prepare_default_model
 
         model_dir = prepare_default_model()
+    elif args.moe:
+        model_dir = save_moe_model(root / "model", args.hidden, args.layers)
     else:
         model_dir = save_model(root / "model", args.hidden, args.layers)
-    adapters = [save_adapter(model_dir, root / f"a{i}", i) for i in range(4)]
+    targets = ALL_LINEAR[:4] if args.moe else ALL_LINEAR
+    adapters = [save_adapter(model_dir, root / f"a{i}", i, targets) for i in range(4)]
     precision = Precision.for_platform(jnp.dtype(args.dtype), "cpu")
     ecfg = EngineConfig(num_blocks=8 * args.batch + 8, block_size=8, max_num_tokens=8 * args.batch,
                         max_num_seqs=args.batch, max_model_len=64)
@@ -126,9 +150,12 @@ def engine_main(args):
                for mode, rs in rounds.items()}
     (base_p, base_b, base_1), (lora_p, lora_b, lora_1) = results["base"], results["lora"]
     name = "SmolLM2-135M" if args.smollm2 else f"hidden {args.hidden}, {args.layers} layers"
+    if args.moe:
+        name += " Qwen3-MoE (32 experts, top 4), adapters on q/k/v/o only"
     if args.quantization:
         name += f", --quantization {args.quantization} (both engines)"
-    print(f"{name}, {args.dtype}, 4 adapters r16 on q/k/v/o/gate/up/down, one per request; "
+    on = "/".join(t.removesuffix("_proj") for t in targets)
+    print(f"{name}, {args.dtype}, 4 adapters r16 on {on}, one per request; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"batch {args.batch} prefill step ({8 * args.batch} tokens): base {base_p * 1e3:.2f} ms, "
           f"LoRA mixed {lora_p * 1e3:.2f} ms -> throughput {base_p / lora_p:.2f}x of base")
@@ -226,6 +253,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smollm2", action="store_true", help="engine mode on SmolLM2-135M")
+    ap.add_argument("--moe", action="store_true",
+                    help="engine mode on a Qwen3-MoE-shaped model, adapters on attention only")
     ap.add_argument("--vllm", action="store_true", help="offline throughput through vllm.LLM")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantization", default=None,

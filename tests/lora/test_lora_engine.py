@@ -39,7 +39,7 @@ def llama_targets(tmp_path_factory):
 
 
 def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_tokens=64,
-                mesh=None, quantization=None):
+                mesh=None, quantization=None, target_modules=None):
     import jax.numpy as jnp
 
     from xla_inference.runner.build import Precision, build_engine, load
@@ -50,11 +50,13 @@ def lora_engine(model_dir, max_loras=3, max_rank=16, max_cpu_loras=4, max_num_to
     ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=max_num_tokens,
                         max_num_seqs=8, max_model_len=128)
     return build_engine(model, ecfg, mesh=mesh, lora=dict(max_loras=max_loras, max_rank=max_rank,
-                                                          max_cpu_loras=max_cpu_loras))
+                                                          max_cpu_loras=max_cpu_loras,
+                                                          target_modules=target_modules))
 
 
 def add(engine, lora_id, path):
-    engine.lora.add(lora_id, load_adapter(path, engine.lora.module_shapes, engine.lora.max_rank))
+    engine.lora.add(lora_id, load_adapter(path, engine.lora.module_shapes, engine.lora.max_rank,
+                                          target_modules=engine.lora.target_modules))
 
 
 def test_mixed_adapters_match_peft(model_and_adapters):
@@ -191,10 +193,23 @@ def test_rank_above_max_and_unserved_modules_refused(llama_targets, tmp_path):
     model_dir, shapes, adapters = llama_targets
     with pytest.raises(LoraError, match="max-lora-rank 8"):
         load_adapter(adapters["a16"], shapes, 8)
+    # An LM head adapter is served (tests/lora/test_lora_vocab.py); one whose saved LM head
+    # has rows for added tokens (a resized vocabulary) is not.
     head = save_adapter(model_dir, tmp_path / "head", seed=3, r=4, target_modules=["lm_head"])
-    with pytest.raises(LoraError, match="lm_head"):
+    assert "lm_head" in load_adapter(head, shapes, 16).weights
+    _add_vocabulary_rows(head / "adapter_model.safetensors", "lm_head.base_layer.weight")
+    with pytest.raises(LoraError, match="lm_head.*resize the vocabulary"):
         load_adapter(head, shapes, 16)
     assert ADAPTERS[0][0] == "a4"
+
+
+def _add_vocabulary_rows(weights_file, suffix: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(weights_file))
+    key = next(k for k in tensors if k.endswith(suffix))
+    tensors[key] = np.concatenate([tensors[key], tensors[key][:2]])
+    save_file(tensors, str(weights_file))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -51,6 +51,11 @@ def test_attention_and_expert_adapters_on_moe_match_peft(tmp_path, family, tp):
     assert {"model.layers.1.mlp.experts.up_proj", "model.layers.1.mlp.experts.down_proj"} \
         <= set(loaded.weights)
     _assert_mixed_adapters_match_peft(engine, model_dir, adapters)
+    # Which slots' adapters have expert weights: the steps of base or m4 alone skip the
+    # experts' LoRA products (layers/moe.py) and still matched peft above.
+    slots = engine.lora.slot_of
+    flags = np.asarray(engine.lora.stacks["expert_slots"])
+    assert [bool(flags[slots[i]]) for i in (1, 2, 3)] == [False, True, True] and not flags[0]
     # The experts' adapters matter: without them peft gives other logits.
     attention_only = _without_experts(adapters["e8"], tmp_path / "e8_attention")
     assert np.abs(peft_logits(model_dir, adapters["e8"], PROMPTS[0])
@@ -87,6 +92,25 @@ def _without_experts(src, dst):
     cfg = json.loads((src / "adapter_config.json").read_text())
     (dst / "adapter_config.json").write_text(json.dumps(dict(cfg, target_parameters=None)))
     return dst
+
+
+def test_lora_target_modules_without_experts(tmp_path):
+    """--lora-target-modules qkv_proj o_proj (vLLM's names): no expert or MLP stacks; an
+    attention adapter is served within 2e-4 of peft, one on the experts is refused naming
+    --lora-target-modules (its stacks were never allocated)."""
+    model_dir = save_tiny_family(tmp_path / "model", "qwen3_moe")
+    attention = [(f"m{r}", dict(r=r, lora_alpha=8, target_modules=ATTENTION)) for r in (2, 4, 8)]
+    adapters = {name: save_adapter(model_dir, tmp_path / name, seed=30 + i, **fields)
+                for i, (name, fields) in enumerate(attention + moe_adapters("qwen3_moe")[2:])}
+    engine = lora_engine(model_dir, target_modules=["qkv_proj", "o_proj"])
+    assert not engine.lora.stacks["eb"] and not engine.lora.stacks["ea"]
+    assert {m.rpartition(".")[2] for m in engine.lora.module_shapes} == {
+        "q_proj", "k_proj", "v_proj", "o_proj"}
+    with pytest.raises(LoraError, match=r"mlp\.(experts|gate_proj).*--lora-target-modules"):
+        load_adapter(adapters["e8"], engine.lora.module_shapes, 16,
+                     target_modules=engine.lora.target_modules)
+    del adapters["e8"]
+    _assert_mixed_adapters_match_peft(engine, model_dir, adapters)
 
 
 def test_unserved_expert_parameters_refused_by_name(tmp_path):

@@ -45,6 +45,7 @@ def test_adapters_over_quantized_base_match_peft_on_dequantized(tmp_path, build,
             == ("model",)
     assert isinstance(engine.params.layers[0].attn.wq, PackedWeight)  # the base stays quantized
     assert isinstance(engine.params.layers[1].mlp.w_down, PackedWeight)
-    assert len(engine.lora.module_shapes) == 7 * len(engine.params.layers)
+    # every layer's seven projections, and the embedding and LM head
+    assert len(engine.lora.module_shapes) == 7 * len(engine.params.layers) + 2
     _assert_mixed_adapters_match_peft(engine, reference_dir, adapters, atol=TOL)
     assert max(len(p) for p in PROMPTS) < 16

@@ -51,10 +51,11 @@ def _adapter_stacks(seed=5) -> dict:
 
 def _with_adapters(block: MoeMlp, stacks: dict, token_slots) -> MoeMlp:
     mask = column_mask(token_slots, SLOTS, RANK)
+    on = np.bool_(True)  # some token runs an adapter with expert weights
     return MoeMlp(block.router,
-                  LoraExperts(block.w_gate, stacks["a_gate_up"], stacks["b_gate"], mask),
-                  LoraExperts(block.w_up, stacks["a_gate_up"], stacks["b_up"], mask),
-                  LoraExperts(block.w_down, stacks["a_down"], stacks["b_down"], mask))
+                  LoraExperts(block.w_gate, stacks["a_gate_up"], stacks["b_gate"], mask, on),
+                  LoraExperts(block.w_up, stacks["a_gate_up"], stacks["b_up"], mask, on),
+                  LoraExperts(block.w_down, stacks["a_down"], stacks["b_down"], mask, on))
 
 
 def _reference(block: MoeMlp, stacks: dict, token_slots, x) -> np.ndarray:

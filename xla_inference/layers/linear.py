@@ -44,7 +44,11 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     if isinstance(w, PackedWeight):  # a quantized checkpoint (quantization/product.py)
         return quantized_project(x, w, out_dtype)
     if isinstance(w, LoraWeight):  # the base product plus each token's adapter (lora/slots.py)
-        return project(x, w.base, out_dtype) + lora_delta(x, w, out_dtype or x.dtype)
+        base = project(x, w.base, out_dtype)
+        if w.active is None:
+            return base + lora_delta(x, w, out_dtype or x.dtype)
+        return jax.lax.cond(w.active, lambda: base + lora_delta(x, w, out_dtype or x.dtype),
+                            lambda: base)
     out_dtype = out_dtype or x.dtype
     if w.dtype.itemsize >= x.dtype.itemsize:
         return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)

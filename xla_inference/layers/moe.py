@@ -152,12 +152,10 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
     """xs [R, in], rows sorted by expert (group_sizes [E] of them each), times each row's
     expert of w [E, in, out] -> [R, out]."""
     if isinstance(w, LoraExperts):  # plus each row's adapter for its expert (lora/slots.py)
-        # In the stacks' dtype (the projections': bfloat16 against float32 activations on
-        # the host CPU), rounding the rows rather than converting the stacks every step.
-        shrunk = _grouped(xs.astype(w.a.dtype), w.a, group_sizes)  # [R, L*r]: every slot
-        mine = jnp.where(w.column_mask, shrunk, 0.0).astype(w.b.dtype)  # (gate, up: one)
-        delta = _grouped(mine, w.b, group_sizes).astype(xs.dtype)
-        return _grouped(xs, w.base, group_sizes) + delta
+        base = _grouped(xs, w.base, group_sizes)
+        # Only when some token's adapter has expert weights (a runtime branch: one program).
+        return jax.lax.cond(w.active, lambda: base + _expert_delta(xs, w, group_sizes),
+                            lambda: base)
     if isinstance(w, PackedExperts):
         return ragged_product(xs, w, group_sizes)
     route = pallas_gmm.gmm_route()
@@ -171,6 +169,15 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
         weights = jnp.take(w, row_experts(group_sizes, xs.shape[0]), axis=0)  # [R, in, out]
         return jnp.einsum("ri,rio->ro", xs, weights).astype(xs.dtype)
     return jax.lax.ragged_dot(xs, w, group_sizes)
+
+
+def _expert_delta(xs: jax.Array, w: LoraExperts, group_sizes: jax.Array) -> jax.Array:
+    """Each sorted row's adapter delta for its expert: (x A_e^T)[the row's slot] B_e^T.
+    In the stacks' dtype (the projections': bfloat16 against float32 activations on the
+    host CPU), rounding the rows rather than converting the stacks every step."""
+    shrunk = _grouped(xs.astype(w.a.dtype), w.a, group_sizes)  # [R, L*r]: every slot
+    mine = jnp.where(w.column_mask, shrunk, 0.0).astype(w.b.dtype)  # (gate, up: one)
+    return _grouped(mine, w.b, group_sizes).astype(xs.dtype)
 
 
 def _swiglu_grouped(w: Experts, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -449,7 +456,7 @@ def _share_spec(w, local, split: str | None, axis: int):
     if isinstance(w, LoraExperts):
         a_axis, b_axis = (None, None) if split is None else _ADAPTER_AXES[axis]
         return LoraExperts(_share_spec(w.base, local, split, axis), _cut(a_axis), _cut(b_axis),
-                           PartitionSpec())
+                           PartitionSpec(), PartitionSpec())
     values = _cut(None if split is None else axis)
     if not isinstance(w, PackedExperts):
         return values

@@ -19,7 +19,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 # The projections an adapter may target, by PEFT's module suffix.
-SERVED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SERVED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "embed_tokens", "lm_head")
 _PREFIX = "base_model.model."
 
 
@@ -37,6 +38,22 @@ class LoraAdapter:
     @property
     def max_rank(self) -> int:
         return max((a.shape[-2] for a, _ in self.weights.values()), default=0)
+
+
+def _is_base_vocab_weight(path: Path, key: str, value, module_shapes: dict) -> bool:
+    """peft saves the embedding and LM head it adapts whole (save_embedding_layers), as
+    "...embed_tokens.base_layer.weight"; served when they are the base model's size (a
+    resized vocabulary, new tokens' rows, is refused)."""
+    m = re.fullmatch(rf"{re.escape(_PREFIX)}(.*\.?(?:embed_tokens|lm_head))\.base_layer\.weight",
+                     key)
+    if m is None:
+        return False
+    shape = module_shapes.get(m.group(1))
+    want = None if shape is None else (shape[::-1] if "embed_tokens" in key else shape)
+    if want is not None and tuple(value.shape) != tuple(want):
+        raise LoraError(f"LoRA adapter {path}: {key} is {tuple(value.shape)}, the model's is "
+                        f"{tuple(want)} (adapters that resize the vocabulary are not served)")
+    return True
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -72,10 +89,11 @@ def _target_names(cfg: dict) -> set[str] | None:
 
 
 def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], max_rank: int,
-                 name: str | None = None) -> LoraAdapter:
+                 name: str | None = None, target_modules: list[str] | None = None) -> LoraAdapter:
     """Read a PEFT directory. module_shapes: the model's targetable modules (path -> [out,
     in]); an adapter weight for any other module, a shape that disagrees, or a rank above
-    max_rank raises LoraError naming it."""
+    max_rank raises LoraError naming it. target_modules: --lora-target-modules, which left
+    the other modules without stacks (named in the refusal)."""
     path = Path(path)
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
@@ -92,7 +110,11 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
     # "...mlp.experts" -> {its file entries (itself, ".base_layer"): {"A": .., "B": ..}}
     experts: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if _is_base_vocab_weight(path, key, value, module_shapes):
+            continue  # peft's copy of the base embedding / LM head (vLLM skips it too)
+        m = (re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+             or re.fullmatch(rf"{re.escape(_PREFIX)}(.+\.embed_tokens)\.lora_embedding_([AB])",
+                             key))
         if m is None:
             raise LoraError(f"LoRA adapter {path}: weight {key!r} is not a lora_A/lora_B weight "
                             "(embedding and bias adapters are not served)")
@@ -102,6 +124,8 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
             experts.setdefault(prefix, {}).setdefault(module, {})[which] = value
             continue
         suffix = module.split(".")[-1]
+        if suffix in SERVED_MODULES and module not in module_shapes and target_modules:
+            raise LoraError(_outside_deployment(path, module, target_modules))
         if suffix not in SERVED_MODULES or module not in module_shapes:
             raise LoraError(f"LoRA adapter {path}: target_modules includes {module!r}, which this "
                             f"model has no servable projection for (served: {SERVED_MODULES})")
@@ -113,6 +137,8 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
         for entry in found.values():
             if set(entry) != {"A", "B"}:
                 raise LoraError(f"LoRA adapter {path}: {prefix} lacks a lora_A or lora_B")
+            if target_modules and f"{prefix}.down_proj" not in module_shapes:
+                raise LoraError(_outside_deployment(path, prefix, target_modules))
             pairs.update(_expert_pairs(path, prefix, entry["A"], entry["B"], module_shapes))
     weights = {}
     for module, ab in pairs.items():
@@ -139,6 +165,12 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
     if not weights:
         raise LoraError(f"LoRA adapter {path}: no lora_A/lora_B weights")
     return LoraAdapter(name=name or path.name, weights=weights)
+
+
+def _outside_deployment(path: Path, module: str, target_modules: list[str]) -> str:
+    return (f"LoRA adapter {path}: it adapts {module}, which --lora-target-modules "
+            f"{sorted(target_modules)} leaves without LoRA stacks (they are allocated at "
+            "start-up; a MoE layer's experts are \"experts\")")
 
 
 # A MoE layer's experts as transformers (>= 5) holds them, fused over experts: gate_up_proj

@@ -65,6 +65,9 @@ class LoraWeight:
     b_rows: jax.Array  # [L*r, out] float32: b for a one-token step (layers/linear.lora_delta)
     column_mask: jax.Array  # [T, L*r] bool: the columns of each token's own slot
     member: int = dataclasses.field(metadata=dict(static=True))  # this module's place in a
+    # [] bool, or None (always on): some row's adapter has weights for this module; the
+    # LM head's delta (V columns) is skipped otherwise (layers/linear.project).
+    active: jax.Array | None = None
 
     @property
     def shape(self):
@@ -87,10 +90,58 @@ class LoraExperts:
     a: jax.Array  # [E, in, L*r]: every slot's A of each expert (gate and up share theirs)
     b: jax.Array  # [E, L*r, out]
     column_mask: jax.Array  # [T, L*r] bool, by token (layers/moe.routed_mlp: by row)
+    # [] bool: some token of the step runs an adapter with expert weights; layers/moe.py
+    # skips both products otherwise (a step of attention-only adapters pays nothing here).
+    active: jax.Array
 
     @property
     def shape(self):
         return self.base.shape
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraEmbedding:
+    """The token embedding [V, D] with its adapters (PEFT's lora_embedding_A [r, V] and
+    lora_embedding_B [D, r]): embed_lookup adds each token's A column (its row of a, by
+    token id) masked to its slot, times B."""
+
+    base: jax.Array
+    a: jax.Array  # [V, L*r]: row v holds every slot's A column for token v
+    b: jax.Array  # [D, L*r]
+    column_mask: jax.Array  # [T, L*r] bool
+    active: jax.Array  # [] bool: some token's adapter adapts the embedding
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+
+def embed_lookup(embed, ids: jax.Array) -> jax.Array:
+    """The embedding rows of token ids [T] -> [T, D], with each token's adapter's delta when
+    the embedding is a LoraEmbedding (the step's token ids: its mask is by token)."""
+    if not isinstance(embed, LoraEmbedding):
+        return embed[ids]
+    base = embed.base[ids]
+
+    def with_delta():
+        rows = jnp.where(embed.column_mask, embed.a[ids], 0).astype(jnp.float32)
+        delta = jnp.einsum("tk,dk->td", rows, embed.b.astype(jnp.float32))
+        return base + delta.astype(base.dtype)
+
+    return jax.lax.cond(embed.active, with_delta, lambda: base)
+
+
+# The vocabulary-sized targets, by PEFT path, outside the decoder layers.
+EMBEDDING, LM_HEAD = "model.embed_tokens", "lm_head"
+
+
+def is_vocab_module(module: str) -> bool:
+    return module in (EMBEDDING, LM_HEAD)
 
 
 def is_expert_module(module: str) -> bool:
@@ -117,6 +168,11 @@ def decoder_targets(params) -> dict[str, tuple[int, int]]:
     ("model.layers.1.mlp.experts.gate_proj" -> [E, out, in]; peft adapts them as the fused
     parameters gate_up_proj and down_proj: lora/peft.py), without a shared expert."""
     shapes = {}
+    embed, head = getattr(params, "embed", None), getattr(params, "lm_head", None)
+    if isinstance(embed, (np.ndarray, jax.Array)) and embed.ndim == 2:
+        shapes[EMBEDDING] = (embed.shape[1], embed.shape[0])  # [out D, in V]
+    if _is_projection(head):
+        shapes[LM_HEAD] = tuple(head.shape)  # [V, D]
     for i, layer in enumerate(getattr(params, "layers", None) or []):
         for suffix, (block, attr) in _DECODER_TARGETS.items():
             sub = getattr(layer, block, None)
@@ -130,6 +186,25 @@ def decoder_targets(params) -> dict[str, tuple[int, int]]:
             if _is_projection(w):
                 shapes[f"model.layers.{i}.{_BLOCK_PATH[block]}.{suffix}"] = tuple(w.shape)
     return shapes
+
+
+def restrict_targets(shapes: dict, target_modules) -> dict:
+    """The targets vLLM's --lora-target-modules keeps (None: all): a module whose suffix
+    ("q_proj"), packed name ("qkv_proj", "gate_up_proj") or full path is listed; a MoE
+    layer's experts by "experts" (vLLM's name for the fused-experts module)."""
+    if target_modules is None:
+        return dict(shapes)
+    wanted = set(target_modules)
+
+    def kept(module: str) -> bool:
+        if is_expert_module(module):
+            return "experts" in wanted or module in wanted
+        if is_vocab_module(module):
+            return module.rpartition(".")[2] in wanted or module in wanted
+        suffix = module.rpartition(".")[2]
+        return bool({module, suffix, _SHARED_INPUT.get(suffix)} & wanted)
+
+    return {m: s for m, s in shapes.items() if kept(m)}
 
 
 def _is_projection(w) -> bool:
@@ -158,13 +233,20 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
     [E, in, L*r]}, "eb": {module: [E, L*r, out]}}."""
     layers = list(params.layers)
     members = group_members(stacks["b"])
-    columns = next(iter(stacks["b"].values())).shape[1]
-    mask = column_mask(token_slots, columns // max_rank, max_rank)  # one for every layer
+    max_loras = stacks["expert_slots"].shape[0] - 1
+    mask = column_mask(token_slots, max_loras, max_rank)  # one for every layer
+    experts_active = jnp.any(stacks["expert_slots"][token_slots])
+    if EMBEDDING in stacks["vocab"]:
+        v = stacks["vocab"][EMBEDDING]
+        active = jnp.any(stacks["vocab_slots"][EMBEDDING][token_slots])
+        params = dataclasses.replace(params, embed=LoraEmbedding(params.embed, v["a"], v["b"],
+                                                                 mask, active))
     for module, b in stacks["eb"].items():
         _, _, i, _, _, suffix = module.split(".")
         attr = _DECODER_TARGETS[suffix][1]
         mlp = layers[int(i)].mlp
-        weight = LoraExperts(getattr(mlp, attr), stacks["ea"][group_of(module)], b, mask)
+        weight = LoraExperts(getattr(mlp, attr), stacks["ea"][group_of(module)], b, mask,
+                             experts_active)
         layers[int(i)] = dataclasses.replace(layers[int(i)],
                                              mlp=dataclasses.replace(mlp, **{attr: weight}))
     for module, b in stacks["b"].items():
@@ -181,9 +263,23 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
     return dataclasses.replace(params, layers=layers)
 
 
+def attach_lm_head(params, stacks: dict, row_slots: jax.Array, max_rank: int):
+    """params with the LM head wrapped as a LoraWeight for the logits rows whose slots are
+    row_slots [B] (each sampled row's token's slot); as is when no adapter targets it."""
+    if LM_HEAD not in stacks["vocab"]:
+        return params
+    v = stacks["vocab"][LM_HEAD]
+    mask = column_mask(row_slots, stacks["expert_slots"].shape[0] - 1, max_rank)
+    active = jnp.any(stacks["vocab_slots"][LM_HEAD][row_slots])
+    return dataclasses.replace(params, lm_head=LoraWeight(params.lm_head, v["a"], v["b"],
+                                                          v["b_rows"], mask, 0, active))
+
+
 def module_leaf(tree, module: str):
     """The leaf of a decoder's params-shaped tree (the params, or their shardings) at a PEFT
     module path ("model.layers.3.self_attn.q_proj" -> tree.layers[3].attn.wq)."""
+    if is_vocab_module(module):
+        return tree.embed if module == EMBEDDING else tree.lm_head
     *_, suffix = module.split(".")
     block, attr = _DECODER_TARGETS[suffix]
     return getattr(getattr(tree.layers[int(module.split(".")[2])], block), attr)
@@ -199,10 +295,22 @@ def group_members(modules) -> dict[str, list[str]]:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slot(stacks: dict, offset: jax.Array, values: dict) -> dict:
-    """Write one slot's columns of every B and rows of every A (offset = (slot - 1) * r)."""
+def _write_slot(stacks: dict, offset: jax.Array, slot: jax.Array, values: dict) -> dict:
+    """Write one slot's columns of every B and rows of every A (offset = (slot - 1) * r),
+    and whether the slot's adapter has expert weights."""
     zero = jnp.zeros((), offset.dtype)
-    return {"a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], (zero, offset, zero))
+    return {"expert_slots": stacks["expert_slots"].at[slot].set(values["has_experts"]),
+            "vocab_slots": {m: f.at[slot].set(values["vocab_has"][m])
+                            for m, f in stacks["vocab_slots"].items()},
+            "vocab": {m: {k: (jax.lax.dynamic_update_slice(x, values["vocab"][m][k],
+                                                          (offset, zero)) if k == "b_rows"
+                              else jax.lax.dynamic_update_slice(x, values["vocab"][m][k],
+                                                                (zero, offset)) if k == "b"
+                              or m == EMBEDDING
+                              else jax.lax.dynamic_update_slice(x, values["vocab"][m][k],
+                                                                (offset, zero)))
+                          for k, x in v.items()} for m, v in stacks["vocab"].items()},
+            "a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], (zero, offset, zero))
                   for g, a in stacks["a"].items()},
             "b": {m: jax.lax.dynamic_update_slice(b, values["b"][m], (zero, offset))
                   for m, b in stacks["b"].items()},
@@ -220,19 +328,31 @@ class LoraSlots:
     most max_loras in device slots 1..max_loras (LRU among those not pinned nor running)."""
 
     def __init__(self, module_shapes: dict[str, tuple[int, int]], max_loras: int, max_rank: int,
-                 max_cpu_loras: int, dtype, sharding=None):
+                 max_cpu_loras: int, dtype, sharding=None, target_modules=None):
         if max_loras < 1:
             raise LoraError(f"max_loras must be at least 1, got {max_loras}")
+        # --lora-target-modules (None: every target), named when an adapter reaches past it
+        self.target_modules = target_modules
         self.module_shapes, self.max_rank = module_shapes, max_rank
         self.max_loras, self.max_cpu = max_loras, max(max_cpu_loras, max_loras)
         self.dtype = dtype
-        dense = {m: s for m, s in module_shapes.items() if not is_expert_module(m)}
+        dense = {m: s for m, s in module_shapes.items()
+                 if not is_expert_module(m) and not is_vocab_module(m)}
+        vocab = {m: s for m, s in module_shapes.items() if is_vocab_module(m)}
         experts = {m: s for m, s in module_shapes.items() if is_expert_module(m)}
         self.groups = group_members(dense)
         self.expert_groups = group_members(experts)
         columns = max_loras * max_rank
         zeros = lambda shape: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
         self.stacks = {
+            # [L+1] bool: which slots' adapters have expert weights (slot 0, none, never).
+            "expert_slots": jnp.zeros((max_loras + 1,), bool, device=sharding),
+            # The embedding's A by token [V, L*r] and B [D, L*r]; the LM head's as a
+            # projection's (A [L*r, D], B [V, L*r] and [L*r, V] float32), and which slots'
+            # adapters have weights for each (their deltas run only when some token's has).
+            "vocab_slots": {m: jnp.zeros((max_loras + 1,), bool, device=sharding) for m in vocab},
+            "vocab": {m: self._vocab_zeros(m, out, inp, columns, sharding)
+                      for m, (out, inp) in vocab.items()},
             "a": {g: zeros((len(ms), columns, module_shapes[ms[0]][1]))
                   for g, ms in self.groups.items()},
             "b": {m: zeros((out, columns)) for m, (out, _) in dense.items()},
@@ -250,6 +370,13 @@ class LoraSlots:
         self.pinned: set[int] = set()
         self.slot_writes = 0
         self._write_program = _write_slot
+
+    def _vocab_zeros(self, module: str, out: int, inp: int, columns: int, sharding) -> dict:
+        zeros = lambda shape, dtype=self.dtype: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
+        if module == EMBEDDING:  # [out D, in V]
+            return {"a": zeros((inp, columns)), "b": zeros((out, columns))}
+        return {"a": zeros((columns, inp)), "b": zeros((out, columns)),
+                "b_rows": zeros((columns, out), jnp.float32)}
 
     def place(self, weight_sharding) -> dict:
         """Split the stacks over a tensor-parallel mesh as their base weights are split, and
@@ -278,7 +405,13 @@ class LoraSlots:
             axes = (e, inp, None) if a else (e, None, out)
             return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*axes))
 
+        mesh = jax.tree.leaves(weight_sharding(next(iter(self.module_shapes))))[0].mesh
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         shardings = {
+            "expert_slots": whole,
+            # The vocabulary-sized stacks stay whole on every device (a few L*r columns).
+            "vocab_slots": {m: whole for m in self.stacks["vocab_slots"]},
+            "vocab": jax.tree.map(lambda _: whole, self.stacks["vocab"]),
             "a": {g: sharding(ms[0], None, None, split(ms[0])[2]) for g, ms in self.groups.items()},
             "b": {m: sharding(m, split(m)[1], None) for m in self.stacks["b"]},
             "b_rows": {m: sharding(m, None, split(m)[1]) for m in self.stacks["b_rows"]},
@@ -364,8 +497,29 @@ class LoraSlots:
                 values["b"][m] = b.astype(self.dtype)
             values["a"][group] = a.astype(self.dtype)
         values["ea"], values["eb"] = self._expert_values(adapter)
-        self.stacks = self._write_program(self.stacks, jnp.int32((slot - 1) * r), values)
+        values["vocab"], values["vocab_has"] = self._vocab_values(adapter)
+        values["has_experts"] = jnp.bool_(any(is_expert_module(m) and m in self.module_shapes
+                                              for m in adapter.weights))
+        self.stacks = self._write_program(self.stacks, jnp.int32((slot - 1) * r), jnp.int32(slot),
+                                          values)
         self.slot_writes += 1
+
+    def _vocab_values(self, adapter: LoraAdapter) -> tuple[dict, dict]:
+        """One slot's embedding and LM head stacks (zeros where the adapter has none), and
+        whether it has each."""
+        r, values, has = self.max_rank, {}, {}
+        for m in self.stacks["vocab"]:
+            out, inp = self.module_shapes[m]
+            a, b = np.zeros((r, inp), np.float32), np.zeros((out, r), np.float32)
+            if m in adapter.weights:
+                wa, wb = adapter.weights[m]
+                a[:wa.shape[0]], b[:, :wb.shape[1]] = wa, wb
+            has[m] = jnp.bool_(m in adapter.weights)
+            values[m] = {"a": (a.T if m == EMBEDDING else a).astype(self.dtype),
+                         "b": b.astype(self.dtype)}
+            if m == LM_HEAD:
+                values[m]["b_rows"] = b.T.astype(np.float32)
+        return values, has
 
     def _expert_values(self, adapter: LoraAdapter) -> tuple[dict, dict]:
         """One slot's A [E, in, r] per expert group and B [E, r, out] per expert module

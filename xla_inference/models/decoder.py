@@ -22,6 +22,7 @@ from xla_inference.layers.linear import project
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
 from xla_inference.layers.norms import rms_norm
+from xla_inference.lora.slots import embed_lookup
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import take_stacked, take_tensor, tensor_getter
 from xla_inference.parallel.axes import weight
@@ -219,10 +220,11 @@ def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: Dec
     if batch.input_ids.ndim == 2:  # pipeline micro-batches [M, T] (parallel/pipeline.py)
         step = lambda layer, x, kv, b, window: _layer(layer, x, kv, b, cfg, inv_freq, window)  # noqa: E731
         kv_cache, x = run_microbatched(step, params.layers, kv_cache,
-                                       params.embed[batch.input_ids], batch, windows)
+                                       embed_lookup(params.embed, batch.input_ids), batch, windows)
         return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     step = lambda layer, x, kv, window: _layer(layer, x, kv, batch, cfg, inv_freq, window)  # noqa: E731
-    kv_cache, x = run_layers(step, params.layers, kv_cache, params.embed[batch.input_ids], windows)
+    x = embed_lookup(params.embed, batch.input_ids)
+    kv_cache, x = run_layers(step, params.layers, kv_cache, x, windows)
     return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 

@@ -25,6 +25,7 @@ from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.norms import gemma_rms_norm
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import tensor_getter
+from xla_inference.lora.slots import embed_lookup
 from xla_inference.models.decoder import (DecoderConfig, decoder_family, decoder_fields,
                                           load_attention, load_gated_mlp, load_lm_head,
                                           run_layers)
@@ -163,7 +164,7 @@ def forward(params: Gemma3Params, kv_cache: KvCache, batch: StepBatch, cfg: Gemm
     inv_freqs = {kind: jnp.asarray(cfg.layer_inv_freq(kind)) for kind in set(cfg.layer_types)}
     # HF rounds the scale to the weights' dtype first (sqrt(640) -> 25.25 in bfloat16).
     embed_scale = jnp.asarray(np.float32(cfg.hidden_size**0.5), params.embed.dtype)
-    x = params.embed[batch.input_ids] * embed_scale
+    x = embed_lookup(params.embed, batch.input_ids) * embed_scale
 
     def step(layer, x, kv, kind, window):
         return _decoder_layer(layer, x, kv, batch, cfg, inv_freqs[kind], window)

@@ -138,7 +138,8 @@ class XlaModelRunner:
         if lora_request.lora_int_id in slots.host and not lora_request.load_inplace:
             return True
         adapter = load_adapter(get_adapter_absolute_path(lora_request.lora_path),
-                               slots.module_shapes, slots.max_rank, lora_request.lora_name)
+                               slots.module_shapes, slots.max_rank, lora_request.lora_name,
+                               target_modules=slots.target_modules)
         slots.add(lora_request.lora_int_id, adapter)
         return True
 

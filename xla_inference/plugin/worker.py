@@ -367,7 +367,8 @@ class XlaWorker(WorkerBase):
         if lc is None:
             return None
         return dict(max_loras=lc.max_loras, max_rank=lc.max_lora_rank,
-                    max_cpu_loras=lc.max_cpu_loras or lc.max_loras)
+                    max_cpu_loras=lc.max_cpu_loras or lc.max_loras,
+                    target_modules=lc.target_modules)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         engine = self.model_runner.engine

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.loading.params import narrow_projections, pack_quantized
-from xla_inference.lora.slots import LoraSlots, decoder_targets
+from xla_inference.lora.slots import LoraSlots, decoder_targets, restrict_targets
 from xla_inference.models.interface import KvLayer, ModelFamily
 from xla_inference.models.loader import load_model
 from xla_inference.parallel.sharding import build_mesh
@@ -206,16 +206,23 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
 LORA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "gemma3")
 
 
-def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int,
-               max_cpu_loras: int) -> LoraSlots:
-    """Empty adapter slots for a decoder's q/k/v/o and gate/up/down projections (or the
-    family's own targets: the torch path's), in the dtype of its projection weights."""
+def lora_slots(model: LoadedModel, *, max_loras: int, max_rank: int, max_cpu_loras: int,
+               target_modules: list[str] | None = None) -> LoraSlots:
+    """Empty adapter slots for a decoder's q/k/v/o and gate/up/down projections and a MoE
+    layer's experts (or the family's own targets: the torch path's), those of them that
+    --lora-target-modules names where it is given, in the dtype of its projection weights."""
     if model.family.lora is not None:
         shapes, dtype = model.family.lora.targets(model.params, model.cfg)
-        return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, dtype)
-    shapes = decoder_targets(model.params)
+    else:
+        # A quantized base keeps its products; the stacks take the policy's projection dtype.
+        shapes, dtype = decoder_targets(model.params), model.precision.weights
     if not shapes:
         raise ValueError("LoRA adapters are served only on the decoder families' q/k/v/o and "
                          "gate/up/down projections; this model has none")
-    # A quantized base keeps its products; the stacks take the policy's projection dtype.
-    return LoraSlots(shapes, max_loras, max_rank, max_cpu_loras, model.precision.weights)
+    kept = restrict_targets(shapes, target_modules)
+    if not kept:
+        raise ValueError(f"--lora-target-modules {target_modules} names none of this model's "
+                         f"LoRA targets ({sorted({m.rpartition('.')[2] for m in shapes})}, "
+                         "experts)")
+    return LoraSlots(kept, max_loras, max_rank, max_cpu_loras, dtype,
+                     target_modules=target_modules)

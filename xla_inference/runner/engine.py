@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference import envs
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.lora.slots import LoraSlots, attach, weight_sharding
+from xla_inference.lora.slots import LoraSlots, attach, attach_lm_head, weight_sharding
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
@@ -120,7 +120,8 @@ def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBat
     params, stacks, token_slots = params_lora
     kv_cache, hidden = model.forward(_attach(model, cfg, params, stacks, token_slots, max_rank),
                                      kv_cache, batch, cfg)
-    return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
+    head = attach_lm_head(params, stacks, token_slots[batch.logits_indices], max_rank)
+    return kv_cache, model.compute_logits(head, hidden[batch.logits_indices], cfg), hidden
 
 
 def _attach(model: ModelFamily, cfg, params, stacks, token_slots, max_rank: int):
@@ -173,7 +174,8 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
         axis_names={"data"}, check_vma=False)(params, kv_cache, batch)
     base = params if max_rank is None else params[0]
     return (kv_cache, *_in_scheduler_order(model, cfg, base, hidden, batch, row_order,
-                                           token_order))
+                                           token_order, lora=None if max_rank is None else
+                                           (params[1], params[2], max_rank)))
 
 
 def _forward_replicas_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch,
@@ -196,15 +198,19 @@ def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: Step
 
 
 def _in_scheduler_order(model: ModelFamily, cfg, params, hidden, batch: StepBatch, row_order,
-                        token_order):
+                        token_order, lora=None):
     """hidden [G, T, D] of G stacked groups of requests ([R, M, T, D]: replicas' micro-batches,
     flattened in that order) -> (logits at each request's sampled token, every token's
-    hidden state), rows and tokens in the scheduler's order."""
+    hidden state), rows and tokens in the scheduler's order. lora: (stacks, token slots
+    [G, T], max_rank) for an LM head adapter's rows."""
     tokens, width = hidden.shape[-2:]
     hidden = hidden.reshape(-1, width)  # groups: replicas, micro-batches, or both (flattened)
     groups = hidden.shape[0] // tokens
     first = tokens * jnp.arange(groups, dtype=jnp.int32)[:, None]
     rows = (batch.logits_indices.reshape(groups, -1) + first).reshape(-1)[row_order]
+    if lora is not None:
+        stacks, token_slots, max_rank = lora
+        params = attach_lm_head(params, stacks, token_slots.reshape(-1)[rows], max_rank)
     return model.compute_logits(params, hidden[rows], cfg), hidden[token_order]
 
 

@@ -227,3 +227,32 @@ class EnginePages:
 
     def warm_up(self) -> None:
         self.engine.kv_cache = self.copier.warm_up(self.engine.kv_cache)
+
+
+class ReplicaPages:
+    """One data parallel replica's share of an EnginePages, in that replica's own page ids
+    (its scheduler's, 0 .. pages per replica - 1), which become the engine's by adding
+    the replica's first page: what a KV connector's worker side for that replica copies
+    (kv_transfer/replicas.py)."""
+
+    def __init__(self, pages: EnginePages, first_page: int):
+        self.pages, self.first_page = pages, first_page
+        self.block_size = pages.block_size
+
+    @property
+    def layout(self) -> list[ArraySetLayout]:
+        return self.pages.layout
+
+    def _engine_pages(self, block_ids: list[int]) -> list[int]:
+        return [b + self.first_page for b in block_ids]
+
+    def read_tokens(self, block_ids: list[int], start: int, end: int
+                    ) -> list[tuple[np.ndarray, ...]]:
+        return self.pages.read_tokens(self._engine_pages(block_ids), start, end)
+
+    def read_tokens_async(self, block_ids: list[int], start: int, end: int) -> PendingGather:
+        return self.pages.read_tokens_async(self._engine_pages(block_ids), start, end)
+
+    def write_tokens(self, block_ids: list[int], start: int, end: int,
+                     values: list[tuple[np.ndarray, ...]]) -> None:
+        self.pages.write_tokens(self._engine_pages(block_ids), start, end, values)

@@ -63,3 +63,17 @@ def test_unserved_offload_settings_are_refused_by_name(model_dir, args, flag):
     with pytest.raises(Exception, match="xla-inference does not support") as info:
         _config(model_dir, **args)
     assert flag in str(info.value)
+
+
+def test_connectors_with_a_drafter_of_its_own_are_refused(model_dir):
+    """n-gram drafts need only the tokens; a draft model's KV (or EAGLE's hidden states) of
+    the tokens a connector loads is never computed."""
+    config = _config(model_dir, kv_offloading_size=0.5,
+                     speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                         "prompt_lookup_max": 2})
+    assert config.speculative_config.method == "ngram"
+    with pytest.raises(Exception, match="speculative decoding method 'draft_model': its "
+                                        "drafter's KV or hidden states"):
+        _config(model_dir, kv_offloading_size=0.5,
+                speculative_config={"method": "draft_model", "model": str(model_dir),
+                                    "num_speculative_tokens": 2})

@@ -273,8 +273,9 @@ class DataParallelScheduler(SchedulerInterface):
         return self._merge_stats([r.make_stats() for r in self.replicas])
 
     def _merge_stats(self, stats: list[SchedulerStats]) -> SchedulerStats:
-        """Counts and prefix-cache counters summed, KV usage averaged over the replicas;
-        per-step payloads (cudagraph, perf, connector stats) are the first replica's."""
+        """Counts, prefix-cache counters (the connectors' too) and KV connector stats summed,
+        KV usage averaged over the replicas; the other per-step payloads (cudagraph, perf)
+        are the first replica's."""
         connector_prefix = [s.connector_prefix_cache_stats for s in stats
                             if s.connector_prefix_cache_stats is not None]
         out = dataclasses.replace(

@@ -305,7 +305,7 @@ def test_a_decode_server_speculating_with_ngram_on_fetched_pages(tmp_path):
             got.append(reply.json()["choices"][0]["token_ids"])
         computed = _metric(server, "vllm:prompt_tokens_by_source_total",
                            source="local_compute")
-        drafted = _metric(server, "vllm:spec_decode_num_draft_tokens")
+        drafted = _metric(server, "vllm:spec_decode_num_draft_tokens_total")
         assert _wait_kv_free(server, 10) < 10
     assert got == expected
     assert computed == sum(len(p) for p in prompts)  # by the prefill requests alone

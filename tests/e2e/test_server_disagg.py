@@ -225,3 +225,88 @@ def test_with_recompute_a_request_whose_producer_is_gone_is_prefilled_here(tmp_p
         assert _wait_kv_free(decode, 10) < 10
     assert f"from the prefill server 127.0.0.1:{dead} (its request p-1) failed" in \
         (tmp_path / "decode.log").read_text()
+
+
+def _free_port_pair() -> int:
+    """A port p with p + 1 free too (a data parallel 2 producer listens on both)."""
+    import socket
+
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
+def test_data_parallel_2_on_both_servers(tmp_path):
+    """Both servers with --data-parallel-size 2 (kv_transfer/replicas.py): each replica has
+    its own connector over its share of the pages; the producer's replica r serves its pages
+    on kv_port + r and says so in kv_transfer_params. Requests sent together land on both
+    replicas of both servers; greedy output equals transformers', the decode server computes
+    no prompt token, and KV usage returns to 0 on both."""
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    rng = np.random.default_rng(27)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 16, 33, 70, 21, 47)]
+    later = [prompts[3][:48] + rng.integers(3, 128, size=7).tolist()]  # a prefix hit on both
+    expected = hf_greedy_ids(model_dir, prompts + later, NUM_NEW)
+    kv_port = _free_port_pair()
+
+    def disaggregated(prefill, decode, prompt):
+        first = _complete(prefill, model_dir, prompt, max_tokens=1,
+                          kv_transfer_params={"do_remote_decode": True})
+        assert first.status_code == 200, first.text
+        params = first.json()["kv_transfer_params"]
+        reply = _complete(decode, model_dir, prompt, kv_transfer_params=params)
+        assert reply.status_code == 200, reply.text
+        return params["remote_port"], reply.json()["choices"][0]["token_ids"]
+
+    dp = ("--data-parallel-size", "2")
+    with _server(model_dir, "kv_producer", kv_port, tmp_path / "prefill.log", *dp) as (prefill, _), \
+            _server(model_dir, "kv_consumer", free_port(), tmp_path / "decode.log", *dp) as (decode, _):
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(lambda p: disaggregated(prefill, decode, p), prompts))
+        results.append(disaggregated(prefill, decode, later[0]))
+        by_source = {s: _metric(decode, "vllm:prompt_tokens_by_source_total", source=s)
+                     for s in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+        assert _wait_kv_free(prefill, 10) < 10 and _wait_kv_free(decode, 10) < 10
+    assert [ids for _, ids in results] == expected
+    assert {port for port, _ in results} == {kv_port, kv_port + 1}  # both producer replicas
+    assert by_source["local_compute"] == 0
+    assert sum(by_source.values()) == sum(len(p) for p in prompts + later)
+
+
+def test_a_decode_server_speculating_with_ngram_on_fetched_pages(tmp_path):
+    """The decode side with n-gram speculative decoding: drafts are verified on pages fetched
+    from the prefill side. One kv_both server is both sides (it fetches over TCP from its own
+    KV port, as from another server); without prefix caching the decode request finds none
+    of the prefill request's pages locally and fetches every one. Greedy output equals
+    transformers', and drafts were verified."""
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    rng = np.random.default_rng(28)
+    prompts = [list(range(10, 22)) * 4, rng.integers(3, 128, size=37).tolist()]
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+             "prompt_lookup_min": 1}
+    with _server(model_dir, "kv_both", free_port(), tmp_path / "both.log",
+                 "--no-enable-prefix-caching", "--speculative-config",
+                 json.dumps(ngram)) as (server, _):
+        got = []
+        for prompt in prompts:
+            first = _complete(server, model_dir, prompt, max_tokens=1,
+                              kv_transfer_params={"do_remote_decode": True})
+            assert first.status_code == 200, first.text
+            params = first.json()["kv_transfer_params"]
+            reply = _complete(server, model_dir, prompt, kv_transfer_params=params)
+            assert reply.status_code == 200, reply.text
+            got.append(reply.json()["choices"][0]["token_ids"])
+        computed = _metric(server, "vllm:prompt_tokens_by_source_total",
+                           source="local_compute")
+        drafted = _metric(server, "vllm:spec_decode_num_draft_tokens_total")
+        assert _wait_kv_free(server, 10) < 10
+    assert got == expected
+    assert computed == sum(len(p) for p in prompts)  # by the prefill requests alone
+    assert drafted > 0

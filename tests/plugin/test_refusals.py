@@ -132,16 +132,31 @@ def test_our_kv_connector_is_accepted(model_dir, module_path):
     assert config.kv_transfer_config.kv_connector == "XlaSharedStorageConnector"
 
 
+def test_our_kv_connector_is_accepted_with_data_parallel_and_with_ngram(model_dir):
+    """Each data parallel replica runs its own connector (kv_transfer/replicas.py); n-gram
+    drafts need only the tokens, so they follow loaded pages."""
+    config = _config(model_dir, kv_transfer_config=_OURS,
+                     additional_config={"data_parallel_size": 2})
+    assert config.scheduler_config.scheduler_cls.endswith("DataParallelScheduler")
+    config = _config(model_dir, kv_transfer_config=_OURS,
+                     speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                         "prompt_lookup_max": 2})
+    assert config.speculative_config.method == "ngram"
+
+
 @pytest.mark.parametrize("transfer, args, message", [
     (dict(_OURS, kv_connector_module_path="xla_inference.kv_transfer.storage"), {},
      "from module 'xla_inference.kv_transfer.storage'"),
     (dict(_OURS, kv_connector="NixlConnector"), {},
      "KV connector 'NixlConnector' (--kv-transfer-config); it serves XlaSharedStorageConnector"),
-    (_OURS, dict(additional_config={"data_parallel_size": 2}), "with data parallel replicas"),
-    (_OURS, dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                     "prompt_lookup_max": 2}), "with speculative decoding"),
+    (_OURS, dict(speculative_config={"method": "draft_model", "model": "{model}",
+                                     "num_speculative_tokens": 2}),
+     "with speculative decoding method 'draft_model': its drafter's KV"),
 ])
 def test_kv_connector_settings_we_do_not_serve_are_refused(model_dir, transfer, args, message):
+    spec = args.get("speculative_config")
+    if spec and spec.get("model") == "{model}":
+        args = dict(args, speculative_config=dict(spec, model=str(model_dir)))
     with pytest.raises(Exception, match="xla-inference does not support") as info:
         _config(model_dir, kv_transfer_config=transfer, **args)
     assert message in str(info.value)

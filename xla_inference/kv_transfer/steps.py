@@ -16,16 +16,26 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
 from xla_inference.kv_transfer.config import (OFFLOADING_CONNECTOR, register_connectors,
                                                refuse_unserved)
-from xla_inference.runner.kv_pages import EnginePages
+from xla_inference.kv_transfer.replicas import (ReplicaConnectorMetadata,
+                                                 ReplicaKVConnectorOutput,
+                                                 replica_kv_cache_config, replica_vllm_config)
+from xla_inference.runner.kv_pages import EnginePages, ReplicaPages
 
 logger = logging.getLogger(__name__)
 
 
 class KvConnectorSteps:
-    """The worker's connector and the engine's pages it copies."""
+    """The worker's connectors (one per data parallel replica, each over its replica's
+    share of the engine's pages: kv_transfer/replicas.py) and the engine's pages."""
 
-    def __init__(self, connector, pages: EnginePages):
-        self.connector, self.pages = connector, pages
+    def __init__(self, connectors: list, pages: EnginePages, blocks_per_replica: int = 0):
+        self.connectors, self.pages = connectors, pages
+        self.blocks_per_replica = blocks_per_replica
+
+    @property
+    def connector(self):
+        """The first replica's connector (the only one without data parallel replicas)."""
+        return self.connectors[0]
 
     @classmethod
     def build(cls, vllm_config, kv_cache_config, engine) -> KvConnectorSteps | None:
@@ -38,55 +48,58 @@ class KvConnectorSteps:
                              f"group; this model has {engine.cfg.num_groups}")
         register_connectors()
         refuse_unserved(config)  # --kv-offloading-size set its connector after the front-end's checks
-        if config.kv_connector == OFFLOADING_CONNECTOR:  # vLLM's, with our worker side
-            from xla_inference.kv_transfer.offload import XlaOffloadingConnector
-
-            connector = XlaOffloadingConnector(vllm_config, KVConnectorRole.WORKER,
-                                               kv_cache_config)
-        else:
-            connector = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER,
-                                                            kv_cache_config)
         pages = EnginePages(engine)
-        connector.bind_pages(pages)
-        return cls(connector, pages)
+        replicas = engine.replicas
+        if replicas == 1:
+            return cls([_worker_connector(vllm_config, kv_cache_config, pages)], pages)
+        replica_kv = replica_kv_cache_config(kv_cache_config, replicas)
+        connectors = [
+            _worker_connector(replica_vllm_config(vllm_config, r, replicas), replica_kv,
+                              ReplicaPages(pages, r * engine.blocks_per_replica))
+            for r in range(replicas)]
+        return cls(connectors, pages, engine.blocks_per_replica)
 
     def warm_up(self) -> None:
         """Compile the copy programs (runner/kv_pages.py) before serving."""
         self.pages.warm_up()
 
-    def before_forward(self, so) -> None:
-        """Bind the step's metadata and land its loads in the cache the forward will read."""
+    def _parts(self, so) -> list[tuple[object, object, set[str]]]:
+        """(connector, its metadata, the requests its replica finished) of each replica."""
         meta = so.kv_connector_metadata
         if meta is None:
             raise RuntimeError("a KV connector is configured but the step carries no "
                                "connector metadata")
-        self.connector.handle_preemptions(meta)
-        self.connector.bind_connector_metadata(meta)
-        self.connector.start_load_kv(None)
+        if len(self.connectors) == 1:
+            return [(self.connector, meta, so.finished_req_ids)]
+        if not isinstance(meta, ReplicaConnectorMetadata) or \
+                len(meta.parts) != len(self.connectors):
+            raise RuntimeError(f"{len(self.connectors)} data parallel replicas' KV connectors "
+                               f"got metadata {type(meta).__name__}, not one part per replica "
+                               f"(plugin/dp_scheduler.py merges them)")
+        return list(zip(self.connectors, meta.parts, meta.finished_req_ids))
+
+    def before_forward(self, so) -> None:
+        """Bind the step's metadata and land its loads in the cache the forward will read."""
+        for connector, meta, _ in self._parts(so):
+            connector.handle_preemptions(meta)
+            connector.bind_connector_metadata(meta)
+            connector.start_load_kv(None)
 
     def after_step(self, so) -> KVConnectorOutput:
         """Saves (after the forward was dispatched), then what finished, for the step's
-        ModelRunnerOutput; the metadata is cleared."""
-        connector = self.connector
-        try:
-            connector.wait_for_save()
-            results = connector.get_transfer_results(so.finished_req_ids)
-            return KVConnectorOutput(
-                finished_sending=results.finished_sending,
-                finished_recving=results.finished_recving,
-                failed_recving=results.failed_recving,
-                invalid_block_ids=connector.get_block_ids_with_load_errors(),
-                kv_connector_stats=connector.get_kv_connector_stats(),
-                kv_cache_events=connector.get_kv_connector_kv_cache_events(),
-                kv_connector_worker_meta=connector.build_connector_worker_meta())
-        finally:
-            connector.clear_connector_metadata()
+        ModelRunnerOutput; the metadata is cleared. With replicas: each replica's output,
+        joined (kv_transfer/replicas.py)."""
+        outputs = [_output(connector, finished) for connector, _, finished in self._parts(so)]
+        if len(outputs) == 1:
+            return outputs[0]
+        return ReplicaKVConnectorOutput.join(outputs, self.blocks_per_replica)
 
     def no_forward(self, so) -> ModelRunnerOutput:
         """A step with no tokens: transfers still run and report."""
-        idle_wait = getattr(self.connector, "idle_wait", None)
-        if idle_wait is not None:
-            idle_wait()
+        for connector in self.connectors:
+            idle_wait = getattr(connector, "idle_wait", None)
+            if idle_wait is not None:
+                idle_wait()
         self.before_forward(so)
         return ModelRunnerOutput.with_kv_conn_output_only(self.after_step(so))
 
@@ -94,16 +107,60 @@ class KvConnectorSteps:
         """vLLM's worker contract: {(pp rank, tp rank): metadata}, or None when the
         connector exchanges none (one process drives every local device: rank 0)."""
         metadata = self.connector.get_handshake_metadata()
+        if len(self.connectors) > 1 and any(c.get_handshake_metadata() is not None
+                                            for c in self.connectors):
+            raise NotImplementedError("KV connectors that exchange handshake metadata with "
+                                      "data parallel replicas")
         return None if metadata is None else {(0, 0): metadata}
 
     def load_failure(self, remote_request_id: str) -> str | None:
         """Why a remote prefill's KV failed to load (network connector), else None."""
-        explain = getattr(self.connector, "load_failure", None)
-        return None if explain is None else explain(remote_request_id)
+        for connector in self.connectors:
+            explain = getattr(connector, "load_failure", None)
+            why = None if explain is None else explain(remote_request_id)
+            if why is not None:
+                return why
+        return None
 
     def counts(self) -> dict:
-        counts = getattr(self.connector, "counts", None)
-        return {} if counts is None else dict(vars(counts))
+        """What the connectors moved, summed over the replicas."""
+        total: dict = {}
+        for connector in self.connectors:
+            counts = getattr(connector, "counts", None)
+            for name, value in ({} if counts is None else vars(counts)).items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     def shutdown(self) -> None:
-        self.connector.shutdown()
+        for connector in self.connectors:
+            connector.shutdown()
+
+
+def _worker_connector(vllm_config, kv_cache_config, pages):
+    """A connector's worker side over `pages` (the engine's, or a replica's share)."""
+    if vllm_config.kv_transfer_config.kv_connector == OFFLOADING_CONNECTOR:
+        from xla_inference.kv_transfer.offload import XlaOffloadingConnector  # vLLM's, our worker
+
+        connector = XlaOffloadingConnector(vllm_config, KVConnectorRole.WORKER, kv_cache_config)
+    else:
+        connector = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER,
+                                                        kv_cache_config)
+    connector.bind_pages(pages)
+    return connector
+
+
+def _output(connector, finished_req_ids: set[str]) -> KVConnectorOutput:
+    """One connector's saves and transfer results; its metadata cleared."""
+    try:
+        connector.wait_for_save()
+        results = connector.get_transfer_results(finished_req_ids)
+        return KVConnectorOutput(
+            finished_sending=results.finished_sending,
+            finished_recving=results.finished_recving,
+            failed_recving=results.failed_recving,
+            invalid_block_ids=connector.get_block_ids_with_load_errors(),
+            kv_connector_stats=connector.get_kv_connector_stats(),
+            kv_cache_events=connector.get_kv_connector_kv_cache_events(),
+            kv_connector_worker_meta=connector.build_connector_worker_meta())
+    finally:
+        connector.clear_connector_metadata()

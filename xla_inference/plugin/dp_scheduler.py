@@ -10,6 +10,11 @@ ids, the null blocks of freed pages included, are shifted alike. Select it with
 scheduler_cls = "xla_inference.plugin.dp_scheduler.DataParallelScheduler" and
 additional_config = {"xla_data_parallel_size": N}.
 
+A KV connector (--kv-transfer-config) runs per replica too: each replica's scheduler has
+its own connector over its share of the pages, the merged step carries their metadata
+together, and each replica reads its own part of the step's KV output
+(kv_transfer/replicas.py).
+
 Each replica keeps vLLM's full scheduler_config budgets (max_num_seqs requests and
 max_num_batched_tokens tokens a step): the engine pads each replica's share of a step to
 its own bucket (runner/engine.py), so one merged step may carry N times either.
@@ -30,9 +35,13 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.metrics.stats import PrefixCacheStats, SchedulerStats
 
+from xla_inference.kv_transfer.replicas import (ReplicaConnectorMetadata,
+                                                 ReplicaKVConnectorOutput,
+                                                 replica_kv_cache_config, replica_vllm_config)
+
 _OR_FLAGS = ("has_structured_output_requests", "pending_structured_output_tokens", "has_sync_kv_loads")
 # Opaque per-scheduler payloads that cannot be merged: at most one replica may set each.
-_SINGLE = ("kv_connector_metadata", "aux_output_connector_metadata", "ec_connector_metadata",
+_SINGLE = ("aux_output_connector_metadata", "ec_connector_metadata",
            "ec_manager_metadata", "kv_connector_block_state")
 
 
@@ -65,20 +74,24 @@ class DataParallelScheduler(SchedulerInterface):
         self.blocks_per_replica = kv_cache_config.num_blocks // n
         cls = AsyncScheduler if vllm_config.scheduler_config.async_scheduling else Scheduler
         self.replicas: list[Scheduler] = []
-        for _ in range(n):
-            replica_kv = copy.deepcopy(kv_cache_config)
-            replica_kv.num_blocks = self.blocks_per_replica
+        replica_kv = replica_kv_cache_config(kv_cache_config, n)
+        for r in range(n):
             # The structured output manager is shared: its state is per request, and its one
             # bitmask buffer is copied out after each replica's call (get_grammar_bitmask).
+            # A KV connector is built from the replica's own config (its share of an offload
+            # tier, its port), as the worker builds the replica's worker side.
             self.replicas.append(cls(
-                vllm_config=vllm_config, kv_cache_config=replica_kv,
+                vllm_config=replica_vllm_config(vllm_config, r, n),
+                kv_cache_config=copy.deepcopy(replica_kv),
                 structured_output_manager=structured_output_manager, block_size=block_size,
                 hash_block_size=hash_block_size, mm_registry=mm_registry,
                 include_finished_set=include_finished_set, log_stats=log_stats))
-        if any(r.connector is not None or r.ec_connector is not None for r in self.replicas):
-            raise NotImplementedError("KV/EC transfer connectors are not supported with data parallelism")
+        if any(r.ec_connector is not None for r in self.replicas):
+            raise NotImplementedError("EC transfer connectors are not supported with data parallelism")
         self.kv_cache_manager = self.replicas[0].kv_cache_manager  # EngineCore reads its block size
-        self.connector = None
+        # EngineCore asks whether a KV connector runs (request hashes, kv_transfer_params)
+        # and sets workers' handshake metadata on it (ours exchange none: steps.py refuses).
+        self.connector = self.replicas[0].connector
         self.ec_connector = None
         self.replica_of: dict[str, int] = {}  # live request id -> replica index
         # id(merged output) -> (merged output, per-replica outputs) until update_from_output;
@@ -153,6 +166,9 @@ class DataParallelScheduler(SchedulerInterface):
             num_common_prefix_blocks=[0] * len(self.kv_cache_config.kv_cache_groups))
         for name in _OR_FLAGS:
             setattr(merged, name, any(getattr(p, name) for p in parts))
+        if self.connector is not None:
+            merged.kv_connector_metadata = ReplicaConnectorMetadata(
+                [p.kv_connector_metadata for p in parts], [p.finished_req_ids for p in parts])
         for name in _SINGLE:
             values = [getattr(p, name) for p in parts if getattr(p, name) is not None]
             if len(values) > 1:
@@ -202,7 +218,8 @@ class DataParallelScheduler(SchedulerInterface):
         merged: dict[int, EngineCoreOutputs] = {}
         stats = []
         for r, (replica, part) in enumerate(zip(self.replicas, parts)):
-            for client, eco in replica.update_from_output(part, model_runner_output).items():
+            output = _replica_output(model_runner_output, r)
+            for client, eco in replica.update_from_output(part, output).items():
                 if eco.scheduler_stats is not None:
                     stats.append(eco.scheduler_stats)
                 self._forget(r, [o.request_id for o in eco.outputs if o.finished])
@@ -217,6 +234,9 @@ class DataParallelScheduler(SchedulerInterface):
             eco = next(iter(merged.values()), None) or merged.setdefault(0, EngineCoreOutputs(outputs=[]))
             eco.scheduler_stats = self._merge_stats(stats)
         return merged
+
+    def get_kv_connector(self):
+        return self.connector
 
     def update_draft_token_ids(self, draft_token_ids) -> None:
         for replica in self.replicas:  # each skips requests it does not hold
@@ -253,23 +273,25 @@ class DataParallelScheduler(SchedulerInterface):
         return self._merge_stats([r.make_stats() for r in self.replicas])
 
     def _merge_stats(self, stats: list[SchedulerStats]) -> SchedulerStats:
-        """Counts and prefix-cache counters summed, KV usage averaged over the replicas;
-        per-step payloads (cudagraph, perf, connector stats) are the first replica's."""
-        out = dataclasses.replace(stats[0], prefix_cache_stats=PrefixCacheStats(),
-                                  kv_cache_eviction_events=[], num_kv_fetch_reqs_by_stage={})
+        """Counts, prefix-cache counters (the connectors' too) and KV connector stats summed,
+        KV usage averaged over the replicas; the other per-step payloads (cudagraph, perf)
+        are the first replica's."""
+        connector_prefix = [s.connector_prefix_cache_stats for s in stats
+                            if s.connector_prefix_cache_stats is not None]
+        out = dataclasses.replace(
+            stats[0], prefix_cache_stats=PrefixCacheStats(), kv_cache_eviction_events=[],
+            num_kv_fetch_reqs_by_stage={},
+            connector_prefix_cache_stats=PrefixCacheStats() if connector_prefix else None,
+            kv_connector_stats=self._merge_kv_connector_stats(
+                [s.kv_connector_stats for s in stats]))
         out.kv_cache_usage = sum(s.kv_cache_usage for s in stats) / len(stats)
         for s in stats[1:]:
             for name in ("num_running_reqs", "num_waiting_reqs", "num_skipped_waiting_reqs"):
                 setattr(out, name, getattr(out, name) + getattr(s, name))
-        pc = out.prefix_cache_stats
+        for p in connector_prefix:
+            _add_prefix_cache_stats(out.connector_prefix_cache_stats, p)
         for s in stats:
-            p = s.prefix_cache_stats
-            pc.reset |= p.reset
-            for name in ("requests", "queries", "hits",
-                         "preempted_requests", "preempted_queries", "preempted_hits"):
-                setattr(pc, name, getattr(pc, name) + getattr(p, name))
-            for source, hits in p.hits_by_source.items():
-                pc.hits_by_source[source] = pc.hits_by_source.get(source, 0) + hits
+            _add_prefix_cache_stats(out.prefix_cache_stats, s.prefix_cache_stats)
             for stage, count in s.num_kv_fetch_reqs_by_stage.items():
                 out.num_kv_fetch_reqs_by_stage[stage] = out.num_kv_fetch_reqs_by_stage.get(stage, 0) + count
             out.kv_cache_eviction_events += s.kv_cache_eviction_events
@@ -282,6 +304,20 @@ class DataParallelScheduler(SchedulerInterface):
                 for name in ("num_accepted_tokens_per_pos", "num_draft_tokens_per_pos"):
                     setattr(spec, name, [a + b for a, b in zip(getattr(spec, name), getattr(other, name))])
         return out
+
+    def _merge_kv_connector_stats(self, payloads: list) -> dict | None:
+        """The replicas' KV connector stats (each a connector's to_dict payload) as one,
+        aggregated by the connector's own stats class."""
+        payloads = [p for p in payloads if p]
+        if len(payloads) < 2:
+            return payloads[0] if payloads else None
+        build = type(self.connector).build_kv_connector_stats
+        merged = build(data=copy.deepcopy(payloads[0]))
+        if merged is None:  # the connector keeps no stats class: the first replica's
+            return payloads[0]
+        for payload in payloads[1:]:
+            merged = merged.aggregate(build(data=copy.deepcopy(payload)))
+        return merged.to_dict()
 
     @property
     def pause_state(self):
@@ -312,6 +348,26 @@ def _blocks_per_request(vllm_config, kv_cache_config) -> int:
     return sum(cdiv(group.kv_cache_spec.max_memory_usage_bytes(vllm_config),
                     group.kv_cache_spec.page_size_bytes)
                for group in kv_cache_config.kv_cache_groups)
+
+
+def _add_prefix_cache_stats(into: PrefixCacheStats, p: PrefixCacheStats) -> None:
+    into.reset |= p.reset
+    for name in ("requests", "queries", "hits",
+                 "preempted_requests", "preempted_queries", "preempted_hits"):
+        setattr(into, name, getattr(into, name) + getattr(p, name))
+    for source, hits in p.hits_by_source.items():
+        into.hits_by_source[source] = into.hits_by_source.get(source, 0) + hits
+
+
+def _replica_output(model_runner_output, r: int):
+    """The runner's output as replica r reads it: its own part of a KV output of several
+    replicas (a shallow copy; the output itself may be vLLM's shared empty one)."""
+    kv_output = getattr(model_runner_output, "kv_connector_output", None)
+    if not isinstance(kv_output, ReplicaKVConnectorOutput):
+        return model_runner_output
+    output = copy.copy(model_runner_output)
+    output.kv_connector_output = kv_output.per_replica[r]
+    return output
 
 
 def _union(dicts) -> dict:

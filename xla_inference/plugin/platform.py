@@ -396,7 +396,8 @@ def refuse_unsupported_features(vllm_config) -> None:
 
 def _kv_connector_refusals(vllm_config) -> list:
     """--kv-transfer-config: our shared-storage or network connector or vLLM's OffloadingConnector
-    (kv_transfer/), on one engine replica of a generative model without speculative decoding."""
+    (kv_transfer/), on a generative model, with n-gram speculative decoding or none; with data
+    parallel replicas each replica runs its own (kv_transfer/replicas.py)."""
     from vllm import envs as vllm_envs
 
     from xla_inference.kv_transfer.config import refuse_unserved, refuse_unserved_offloading_size
@@ -407,13 +408,19 @@ def _kv_connector_refusals(vllm_config) -> list:
         refuse_unserved(config)
     elif vllm_config.cache_config.kv_offloading_size is None:
         return []
-    model, replicas = vllm_config.model_config, requested_replicas(vllm_config)
+    model = vllm_config.model_config
     return [
-        (replicas > 1, lambda: "KV connectors (--kv-transfer-config) with data parallel replicas"),
         (model is not None and model.runner_type == "pooling",
          lambda: "KV connectors (--kv-transfer-config) on a pooling model (--runner pooling)"),
-        (vllm_config.speculative_config is not None,
-         lambda: "KV connectors (--kv-transfer-config) with speculative decoding"),
+        # A drafter with its own KV (a draft model) or reading the target's hidden states
+        # (EAGLE, MTP) never computes them for tokens a connector loaded: its drafts after
+        # a load would come from pages it never wrote. n-gram drafts need only the tokens.
+        (vllm_config.speculative_config is not None
+         and vllm_config.speculative_config.method != "ngram",
+         lambda: "KV connectors (--kv-transfer-config) with speculative decoding method "
+                 f"{vllm_config.speculative_config.method!r}: its drafter's KV or hidden "
+                 "states of the tokens a connector loads are never computed (ngram is "
+                 "served with KV connectors)"),
     ]
 
 

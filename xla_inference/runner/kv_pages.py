@@ -5,7 +5,13 @@ programs take it as an argument like the step does (never a raw pointer into it)
 
 A slot is `page * block_size + offset` (kernels/metadata.py). A copy is padded up to a
 bucket: a gather's padding reads slot 0 (the null page; dropped on the host), a scatter's
-names a slot past the cache, whose write is dropped."""
+names a slot past the cache, whose write is dropped.
+
+With data parallel replicas (runner/engine.py) each cache array is [replicas, slots of a
+replica, kv heads, head size], split over the mesh's data axis, and page ids are global
+(replica r owns pages [r * pages per replica, (r + 1) * pages per replica), as
+plugin/dp_scheduler.py hands them out): slot s is row s % slots of a replica of replica
+s // slots of a replica, so the same slot ids address either cache."""
 
 from __future__ import annotations
 
@@ -54,20 +60,31 @@ def cache_layout(kv_cache: KvCache) -> list[ArraySetLayout]:
     layouts = []
     for arrays in kv_cache.arrays:
         first = arrays[0]
-        if first.ndim != 3:
+        if first.ndim not in (3, 4):
             raise ValueError("KV transfer serves a cache of [slots, kv heads, head size] arrays "
-                             f"(no data parallel replicas); got shape {first.shape}")
-        layouts.append(ArraySetLayout(len(arrays), first.shape[1], first.shape[2],
+                             "([replicas, slots, ...] with data parallel replicas); got shape "
+                             f"{first.shape}")
+        layouts.append(ArraySetLayout(len(arrays), first.shape[-2], first.shape[-1],
                                       np.dtype(first.dtype)))
     return layouts
 
 
+def _rows(a, slots):
+    """The index of global `slots` in cache array `a`: the slots themselves, or with data
+    parallel replicas (a 4-D array) each slot's replica and its row there. A scatter's
+    padding slot (_DROPPED) names a replica past the last, so its write is dropped too."""
+    if a.ndim == 3:
+        return slots
+    per_replica = a.shape[1]
+    return slots // per_replica, slots % per_replica
+
+
 def _gather(arrays, slots):
-    return jax.tree.map(lambda a: a[slots], arrays)
+    return jax.tree.map(lambda a: a[_rows(a, slots)], arrays)
 
 
 def _scatter(arrays, slots, values):
-    return jax.tree.map(lambda a, v: a.at[slots].set(v, mode="drop"), arrays, values)
+    return jax.tree.map(lambda a, v: a.at[_rows(a, slots)].set(v, mode="drop"), arrays, values)
 
 
 class PendingGather:
@@ -183,8 +200,6 @@ class EnginePages:
     (the engine replaces its cache every step)."""
 
     def __init__(self, engine):
-        if engine.replicas > 1:
-            raise ValueError("KV transfer does not serve data parallel replicas yet")
         self.engine = engine
         self.block_size = engine.cfg.block_size
         self.copier = KvSlotCopier(engine.kv_cache, engine.cfg.max_model_len)
@@ -212,3 +227,32 @@ class EnginePages:
 
     def warm_up(self) -> None:
         self.engine.kv_cache = self.copier.warm_up(self.engine.kv_cache)
+
+
+class ReplicaPages:
+    """One data parallel replica's share of an EnginePages, in that replica's own page ids
+    (its scheduler's, 0 .. pages per replica - 1), which become the engine's by adding
+    the replica's first page: what a KV connector's worker side for that replica copies
+    (kv_transfer/replicas.py)."""
+
+    def __init__(self, pages: EnginePages, first_page: int):
+        self.pages, self.first_page = pages, first_page
+        self.block_size = pages.block_size
+
+    @property
+    def layout(self) -> list[ArraySetLayout]:
+        return self.pages.layout
+
+    def _engine_pages(self, block_ids: list[int]) -> list[int]:
+        return [b + self.first_page for b in block_ids]
+
+    def read_tokens(self, block_ids: list[int], start: int, end: int
+                    ) -> list[tuple[np.ndarray, ...]]:
+        return self.pages.read_tokens(self._engine_pages(block_ids), start, end)
+
+    def read_tokens_async(self, block_ids: list[int], start: int, end: int) -> PendingGather:
+        return self.pages.read_tokens_async(self._engine_pages(block_ids), start, end)
+
+    def write_tokens(self, block_ids: list[int], start: int, end: int,
+                     values: list[tuple[np.ndarray, ...]]) -> None:
+        self.pages.write_tokens(self._engine_pages(block_ids), start, end, values)

@@ -3,7 +3,7 @@ tiny random EAGLE-3 head saved with vLLM's names and config (draft vocabulary, d
 aux layers). Greedy output equals transformers' greedy output of the target alone under
 chunked prefill, prefix caching and preemption; nothing compiles after warm-up; and the
 drafts vLLM's scheduler receives equal those of vLLM's own CPU backend running the same
-head and target."""
+head and target, with one engine or with two data parallel replicas."""
 
 import numpy as np
 import pytest
@@ -64,16 +64,42 @@ def test_greedy_equals_the_target_alone_under_preemption_and_prefix_caching(mode
     assert compiled == 0
 
 
-def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def cpu_backend_run(models, tmp_path_factory):
+    """vLLM's own CPU backend's eagle3_run on the same head and target, once per module."""
+    target, head = models
+    out = tmp_path_factory.mktemp("eagle3_cpu") / "cpu.json"
+    return vllm_cpu_reference("tests.e2e.eagle3_run", [target, head], out)
+
+
+def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, cpu_backend_run,
+                                                          monkeypatch):
     """Also: greedy equals transformers' greedy output of the target alone."""
     target, head = models
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
     ours = eagle3_run.run(str(target), str(head))
     assert ours["outputs"] == hf_greedy_ids(target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
-    theirs = vllm_cpu_reference("tests.e2e.eagle3_run", [target, head], tmp_path / "cpu.json")
+    theirs = cpu_backend_run
     assert ours["outputs"] == theirs["outputs"]
     assert ours["drafts"] == theirs["drafts"]
     assert ours["drafted"] == theirs["drafted"] > ours["accepted"] == theirs["accepted"] > 0
+
+
+def test_two_data_parallel_replicas_draft_as_vllm_cpu_backend(models, cpu_backend_run,
+                                                              monkeypatch):
+    """An EAGLE-3 head over two data parallel replicas' requests (additional_config
+    data_parallel_size 2: one program over both replicas' rows and pages, 8 virtual CPU
+    devices) proposes every draft vLLM's CPU backend proposes with one engine, and greedy
+    output is transformers'; synchronous scheduling, so that vLLM's schedulers hold the
+    drafts."""
+    target, head = models
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the schedulers in this process
+    two = eagle3_run.run(str(target), str(head), additional_config={"data_parallel_size": 2})
+    theirs = cpu_backend_run
+    assert two["outputs"] == theirs["outputs"] == hf_greedy_ids(
+        target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
+    assert two["drafts"] == theirs["drafts"]
+    assert two["drafted"] == theirs["drafted"] > two["accepted"] == theirs["accepted"] > 0
 
 
 def test_eagle1_greedy_equals_the_target_alone(models, tmp_path, monkeypatch):

@@ -176,12 +176,20 @@ def test_pipeline_parallel_is_folded_into_our_mesh(model_dir):
     (dict(enable_lora=True), "LoRA adapters (--enable-lora) with pipeline parallel"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                               "prompt_lookup_max": 2}), "with speculative decoding"),
-    (dict(additional_config={"data_parallel_size": 2}), "with data parallel replicas"),
 ])
 def test_pipeline_parallel_refusals(model_dir, args, flag):
     with pytest.raises(Exception, match="xla-inference does not") as info:
         _config(model_dir, pipeline_parallel_size=2, **args)
     assert flag in str(info.value)
+
+
+def test_pipeline_parallel_with_data_parallel_replicas_is_accepted_in_one_process(model_dir):
+    """Each replica runs its micro-batches over the stages of its data slice (served end to
+    end in tests/e2e/test_llm_pipeline.py); across processes it is refused (test_multihost)."""
+    config = _config(model_dir, pipeline_parallel_size=2,
+                     additional_config={"data_parallel_size": 2})
+    assert config.additional_config["xla_pipeline_parallel_size"] == 2  # our stages, one worker
+    assert config.additional_config["xla_data_parallel_size"] == 2
 
 
 def test_pipeline_parallel_on_a_moe_model_is_refused(tmp_path):

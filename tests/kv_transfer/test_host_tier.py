@@ -145,3 +145,15 @@ def test_kv_offloading_size_refused_for_other_backends():
             SimpleNamespace(kv_offloading_size=1.0, kv_offloading_backend="lmcache"), False)
     with pytest.raises(ValueError, match="VLLM_USE_SIMPLE_KV_OFFLOAD"):
         refuse_unserved_offloading_size(native, use_simple_offload=True)
+
+
+def test_engine_pages_refuse_an_engine_with_pipeline_stages():
+    """With pipeline stages the cache is [stages * slots] per replica; the copier's slot
+    arithmetic would write into another stage's or replica's pages, so it is refused
+    (the start-up refusal: tests/plugin/test_refusals.py)."""
+    cache = KvCache([(jax.device_put(np.zeros((8, 1, 2), np.float32)),)], (0,), (0,))
+    engine = SimpleNamespace(replicas=2, stages=2, kv_cache=cache,
+                             cfg=SimpleNamespace(block_size=BLOCK, max_model_len=64))
+    with pytest.raises(NotImplementedError, match="KV transfer with pipeline stages"):
+        EnginePages(engine)
+    EnginePages(SimpleNamespace(**dict(vars(engine), stages=1, replicas=1)))  # accepted

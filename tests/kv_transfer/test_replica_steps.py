@@ -81,3 +81,25 @@ def test_each_replica_gets_its_own_part_and_its_own_output_back():
     assert runner_output.kv_connector_output is out  # the runner's output is not changed
     with pytest.raises(RuntimeError, match="not one part per replica"):
         steps.before_forward(SimpleNamespace(kv_connector_metadata="meta"))
+
+
+def test_a_replica_whose_output_raises_leaves_no_metadata_bound():
+    """The error reaches the runner, and every replica's metadata is cleared anyway: none is
+    left bound into the next step."""
+    from xla_inference.kv_transfer.replicas import ReplicaConnectorMetadata
+    from xla_inference.kv_transfer.steps import KvConnectorSteps
+
+    class _Failing(_Recorder):
+        def wait_for_save(self):
+            raise OSError("disk full")
+
+    connectors = [_Recorder(set(), set()), _Failing(set(), set()), _Recorder(set(), set())]
+    steps = KvConnectorSteps(connectors, pages=None, blocks_per_replica=10)
+    so = SimpleNamespace(kv_connector_metadata=ReplicaConnectorMetadata(
+        ["m0", "m1", "m2"], [set(), set(), set()]), finished_req_ids=set())
+    steps.before_forward(so)
+    assert [c.meta for c in connectors] == ["m0", "m1", "m2"]
+    with pytest.raises(OSError, match="disk full"):
+        steps.after_step(so)
+    assert [c.meta for c in connectors] == [None, None, None]
+    assert ("save", "m2") not in connectors[2].calls  # never reached, cleared all the same

@@ -89,7 +89,15 @@ class KvConnectorSteps:
         """Saves (after the forward was dispatched), then what finished, for the step's
         ModelRunnerOutput; the metadata is cleared. With replicas: each replica's output,
         joined (kv_transfer/replicas.py)."""
-        outputs = [_output(connector, finished) for connector, _, finished in self._parts(so)]
+        parts, outputs = self._parts(so), []
+        try:
+            for connector, _, finished in parts:
+                outputs.append(_output(connector, finished))
+        finally:
+            # One replica's connector raising must not leave the later replicas' metadata
+            # bound into the next step (the one that raised cleared its own in _output).
+            for connector, _, _ in parts[len(outputs) + 1:]:
+                connector.clear_connector_metadata()
         if len(outputs) == 1:
             return outputs[0]
         return ReplicaKVConnectorOutput.join(outputs, self.blocks_per_replica)

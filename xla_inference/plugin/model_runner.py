@@ -131,7 +131,7 @@ class XlaModelRunner:
     def add_lora(self, lora_request) -> bool:
         from vllm.lora.utils import get_adapter_absolute_path
 
-        from xla_inference.lora.peft import load_adapter
+        from xla_inference.lora.peft import load_adapter, refuse_unserved_vocab_targets
 
         slots = self.lora_slots()
         self._lora_requests[lora_request.lora_int_id] = lora_request
@@ -140,6 +140,9 @@ class XlaModelRunner:
         adapter = load_adapter(get_adapter_absolute_path(lora_request.lora_path),
                                slots.module_shapes, slots.max_rank, lora_request.lora_name,
                                target_modules=slots.target_modules)
+        refuse_unserved_vocab_targets(adapter, lora_request.lora_path,
+                                      speculative_decoding=self.drafter is not None,
+                                      family=self.engine.model.name)
         slots.add(lora_request.lora_int_id, adapter)
         return True
 

@@ -199,6 +199,12 @@ class XlaPlatform(Platform):
         refuse_unsupported_features(vllm_config)
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None
+        if vllm_config.lora_config is not None:
+            from vllm.v1.engine.input_processor import InputProcessor
+
+            from xla_inference.plugin.lora_requests import check_requests_lora
+
+            check_requests_lora(InputProcessor)  # prompt_logprobs with an LM head adapter
         transfer = vllm_config.kv_transfer_config
         cls.kv_connector = None if transfer is None else (transfer.kv_role or "kv_both")
         cls.multimodal_modalities = served_modalities(vllm_config.model_config)
@@ -412,6 +418,12 @@ def _kv_connector_refusals(vllm_config) -> list:
     return [
         (model is not None and model.runner_type == "pooling",
          lambda: "KV connectors (--kv-transfer-config) on a pooling model (--runner pooling)"),
+        # Pipeline stages hold the cache as [stages * slots] per replica; the page copier
+        # reads it as one stage's slots, so a load would write into another stage's (or,
+        # with data parallel replicas, another replica's) pages.
+        (pipeline_parallel_size(vllm_config) > 1,
+         lambda: "KV connectors (--kv-transfer-config) with pipeline parallel "
+                 "(--pipeline-parallel-size)"),
         # A drafter with its own KV (a draft model) or reading the target's hidden states
         # (EAGLE, MTP) never computes them for tokens a connector loaded: its drafts after
         # a load would come from pages it never wrote. n-gram drafts need only the tokens.

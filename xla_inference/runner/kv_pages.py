@@ -200,6 +200,10 @@ class EnginePages:
     (the engine replaces its cache every step)."""
 
     def __init__(self, engine):
+        if getattr(engine, "stages", 1) > 1:
+            # The cache is [stages * slots] (per replica) with pipeline stages; our slot
+            # arithmetic reads one stage's slots and would copy into another stage's pages.
+            raise NotImplementedError("KV transfer with pipeline stages")
         self.engine = engine
         self.block_size = engine.cfg.block_size
         self.copier = KvSlotCopier(engine.kv_cache, engine.cfg.max_model_len)

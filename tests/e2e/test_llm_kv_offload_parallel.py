@@ -47,14 +47,16 @@ def test_an_evicted_prompt_comes_back_from_the_host_tier_on_a_split_cache(tmp_pa
     if replicas > 1:
         parallel["additional_config"] = {"data_parallel_size": replicas}
     # Per replica: 12 device pages (a null page and 11 for requests), 40 host pages. vLLM
-    # sizes a host chunk as world_size x its worker's page, and our one process's page is
-    # the whole page: the tier holds 1/TP of cpu_bytes_to_use's pages, so TP x 40 asked.
+    # sizes a host chunk as world_size x its worker's page while our one process's page is
+    # the whole page; the worker scales cpu_bytes_to_use by world_size so the tier holds
+    # what was asked (kv_transfer/config.size_offload_tier_for_one_process): with half of
+    # it, as before, the long prompt's pages are evicted from the tier and the hit misses.
     llm = start_llm(model_dir, kv_cache_memory_bytes=replicas * 12 * PAGE_BYTES,
                     max_num_seqs=2, **parallel,
                     kv_transfer_config=dict(
                         kv_connector="OffloadingConnector", kv_role="kv_both",
                         kv_connector_extra_config={
-                            "cpu_bytes_to_use": TP * replicas * 40 * PAGE_BYTES}))
+                            "cpu_bytes_to_use": replicas * 40 * PAGE_BYTES}))
 
     def run_long(filler):
         return _generate(llm, [filler, long] if replicas > 1 else [long], replicas - 1)

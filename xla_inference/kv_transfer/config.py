@@ -23,6 +23,27 @@ OFFLOAD_SETTINGS = ("cpu_bytes_to_use", "block_size", "blocks_per_chunk", "evict
                     "canonical_layout", OFFLOAD_DISK_PATH)
 
 
+_SIZED_TIERS: set[int] = set()  # ids of the kv_transfer_configs already scaled here
+
+
+def size_offload_tier_for_one_process(vllm_config) -> None:
+    """vLLM's offload spec (vllm/v1/kv_offload/cpu/spec.py) sizes a host chunk as
+    world_size x one worker's page bytes, each of vLLM's workers holding 1/world_size of the
+    heads; here one process holds every rank's page whole, so the spec would count each page
+    world_size times and the tier would hold 1/world_size of cpu_bytes_to_use. Scaling
+    cpu_bytes_to_use by world_size, once, in the engine core's config before its scheduler
+    and its worker build their connector sides, gives both the tier that was asked for."""
+    transfer = vllm_config.kv_transfer_config
+    world_size = vllm_config.parallel_config.world_size
+    if (transfer is None or transfer.kv_connector != OFFLOADING_CONNECTOR or world_size <= 1
+            or id(transfer) in _SIZED_TIERS):
+        return
+    extra = transfer.kv_connector_extra_config
+    if "cpu_bytes_to_use" in extra:
+        extra["cpu_bytes_to_use"] = int(float(extra["cpu_bytes_to_use"])) * world_size
+        _SIZED_TIERS.add(id(transfer))
+
+
 def register_connectors() -> None:
     """Make our connectors known to vLLM's factory by name (idempotent), in every process
     that builds or checks a config (vLLM resolves the class while checking it)."""

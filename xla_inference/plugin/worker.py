@@ -10,6 +10,7 @@ from vllm.v1.kv_cache_interface import (FullAttentionSpec, MLAAttentionSpec, Sli
                                         UniformTypeKVCacheSpecs)
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
+from xla_inference.kv_transfer.config import size_offload_tier_for_one_process
 from xla_inference.plugin.model_runner import XlaModelRunner, mm_pixel_affine
 from xla_inference.plugin.platform import (data_parallel_size, patch_vllm_config,
                                           pipeline_parallel_size)
@@ -172,6 +173,8 @@ class XlaWorker(WorkerBase):
                  is_driver_worker=False):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
         patch_vllm_config()  # the engine core re-checks its VllmConfig after start-up
+        # Before the engine core builds its scheduler (and so its connector side).
+        size_offload_tier_for_one_process(vllm_config)
         _tolerate_missing_accelerator()
         _route_logs_through_vllm()
         self.model = None  # runner.build.LoadedModel, from load_model until the engine is built

@@ -15,16 +15,13 @@ own (what a device would hold), unless --as-is: the torch side must then give it
 back for the host to stay near one layer over what is placed.
 
 `python tests/torch_models/layerwise_peak.py --save DIR [HIDDEN]` writes the wide Llama
-checkpoint the test measures: 12 layers, 10 MB each in float32 at the default HIDDEN of
-512, half a layer per file (`DIR --fresh`: writes it, then measures). Run it with
+checkpoint the test measures: 12 layers, 40 MB each in float32 at the default HIDDEN of
+1024, half a layer per file (`DIR --fresh`: writes it, then measures). Run it with
 MALLOC_MMAP_THRESHOLD_=65536, as the test does, so that glibc hands large freed blocks
 back at once and resident memory counts live bytes.
 
-Both loads are measured after a warm-up load of a 1-layer, 64-wide model, so that what is
-imported on first use and the runtime's start (some 40 MB whatever the model) do not count.
-Measured (12 x 10.6 MB, placing copies): layer by layer adds the placed 127 MB + 16 MB
-(1.5 layers); whole adds 127 MB + 134 MB (12.6 layers). (Before the warm-up, at HIDDEN
-1024, 12 x 40 MB: 505 MB + 93 MB and 505 MB + 554 MB.)"""
+Measured (12 x 40 MB, placing copies): layer by layer adds the placed 505 MB + 93 MB
+(2.2 layers); whole adds 505 MB + 554 MB (13 layers)."""
 
 import json
 import resource
@@ -32,7 +29,7 @@ import sys
 from pathlib import Path
 
 
-def save_wide_llama(path, hidden_size: int = 512, num_layers: int = 12) -> Path:
+def save_wide_llama(path, hidden_size: int = 1024) -> Path:
     """A random Llama checkpoint of transformers' names and shapes, written a half layer
     per file (attention, then MLP) so that writing it never holds more than that."""
     import torch
@@ -45,7 +42,7 @@ def save_wide_llama(path, hidden_size: int = 512, num_layers: int = 12) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=8,
+        num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8,
         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
         tie_word_embeddings=False)
     config.save_pretrained(path)
@@ -101,15 +98,6 @@ def _placing_copies() -> None:
     sharding.place = layerwise.place = place_copy
 
 
-def _warm_up(config_of, mesh, precision, scratch: Path) -> None:
-    """One layer-by-layer load of a 1-layer, 64-wide model of the same architecture before
-    measuring: the modules imported on first use and the runtime's start (some 40 MB, the
-    same for any model) are no part of what loading this model adds."""
-    from xla_inference.torch_models import loader
-
-    loader.load_layerwise(config_of(save_wide_llama(scratch, 64, num_layers=1)), precision, mesh)
-
-
 def measure(model_dir: str, whole: bool, as_is: bool = False) -> dict:
     import jax.numpy as jnp
 
@@ -124,7 +112,6 @@ def measure(model_dir: str, whole: bool, as_is: bool = False) -> dict:
     config = vllm_config(model_dir)
     precision = Precision.uniform(jnp.float32)
     mesh = build_mesh(1)
-    _warm_up(vllm_config, mesh, precision, Path(model_dir).with_name(Path(model_dir).name + "-warm-up"))
     before, peak_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if whole:
         model = loader.lower(loader.build_module(config), config, precision)

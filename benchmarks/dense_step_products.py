@@ -68,7 +68,9 @@ def _products(name, flags):
     return product, lambda x, ws: [product(x, w) for w in ws]
 
 
-def _step(product, many):
+def layer_chain_step(product, many):
+    """A decoder step's one-row products chained as the model chains them (q/k/v, o,
+    gate/up, down per layer, then the LM head), jitted: `product(x, w)` and `many(x, ws)`."""
     def step(layers, head, x):
         for q_w, k_w, v_w, o_w, gate_w, up_w, down_w in layers:
             q, k, v = many(x, [q_w, k_w, v_w])
@@ -94,7 +96,7 @@ def main():
     steps, heads = {}, {}
     for name in args.variants:
         product, many = _products(name, VARIANTS[name])
-        steps[name] = _step(product, many)
+        steps[name] = layer_chain_step(product, many)
         heads[name] = jax.jit(product)
         jax.block_until_ready(steps[name](layers, head, x))
         jax.block_until_ready(heads[name](x, head))

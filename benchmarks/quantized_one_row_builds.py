@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.dense_step_products import layer_chain_step
 from xla_inference.kernels import cpu_dense, cpu_quantized, native
 from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, INT8_ACTIVATIONS,
                                                GroupQuant)
@@ -123,17 +124,6 @@ def _dense_products():
     return product, many
 
 
-def _step(product, many):
-    def step(layers, head, x):
-        for q_w, k_w, v_w, o_w, gate_w, up_w, down_w in layers:
-            q, k, v = many(x, [q_w, k_w, v_w])
-            x = x + 0.01 * product(q + jnp.tile(k + v, (1, 3)), o_w)
-            gate, up = many(x, [gate_w, up_w])
-            x = x + 0.01 * product(jax.nn.silu(gate) * up, down_w)
-        return product(x, head)
-    return jax.jit(step)
-
-
 def _nbytes(w):
     return w.nbytes
 
@@ -156,7 +146,7 @@ def main():
             weights[fmt] = (_dense_weights(rng, args.layers) if fmt == "bf16"
                             else _weights(fmt, rng, args.layers))
         products = _dense_products() if fmt == "bf16" else _quantized_products(fmt, build)
-        steps[name] = (_step(*products), weights[fmt])
+        steps[name] = (layer_chain_step(*products), weights[fmt])
         layers, head = weights[fmt]
         jax.block_until_ready(steps[name][0](layers, head, x))
     times = {name: [] for name in steps}

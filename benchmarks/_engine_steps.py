@@ -49,12 +49,17 @@ def decode_requests(num, rng, first_block, context=CONTEXT):
     return reqs
 
 
-def alternated_step_seconds(engines: dict, reqs, repeats: int) -> dict[str, list[float]]:
-    """Each engine's step on `reqs`, timed `repeats` times with the engines taking turns."""
+def alternated_step_seconds(engines: dict, reqs, repeats: int,
+                            cpu_seconds: dict | None = None) -> dict[str, list[float]]:
+    """Each engine's step on `reqs`, timed `repeats` times with the engines taking turns;
+    each step's process CPU time too, into `cpu_seconds` (name -> list) when given (on a busy
+    machine it varies less than the wall time)."""
     times = {name: [] for name in engines}
     for _ in range(repeats):
         for name, engine in engines.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(engine.forward(reqs).logits)
             times[name].append(time.perf_counter() - t0)
+            if cpu_seconds is not None:
+                cpu_seconds.setdefault(name, []).append(time.process_time() - c0)
     return times

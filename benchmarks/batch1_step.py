@@ -15,30 +15,75 @@ on the CPU); against "bf16" (a float32 cache) at a longer context or a wider bat
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 bf16kv --context 550
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 bf16kv --batch 64
 
+"VARIANT@BUILD": the variant with another build of its one-row kernel, BUILD one of
+benchmarks/dense_step_products.py's VARIANTS (bfloat16) or quantized_one_row_builds.py's
+BUILDS (gguf, int8): their compile flags. E.g. the earlier prefetching against the default,
+for each kernel in one run:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16@old bf16
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants gguf@old gguf
+
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 30
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16-xla
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 
 import jax
 import numpy as np
 from _engine_steps import BLOCK, CONTEXT, alternated_step_seconds, decode_requests, load_variant
+from dense_step_products import VARIANTS as DENSE_BUILDS
+from quantized_one_row_builds import BUILDS as QUANTIZED_BUILDS
 
-from xla_inference.kernels import cpu_dense
+from xla_inference.kernels import cpu_dense, cpu_quantized, native
 from xla_inference.runner.build import build_engine
 from xla_inference.runner.engine import EngineConfig
 
 
+@contextlib.contextmanager
+def _kernel_build(variant, build):
+    """While an engine is traced, the one-row kernel's build `build` ("": the default) in
+    place of the default one: dense_step_products' VARIANTS for the bfloat16 kernel ("bf16"),
+    quantized_one_row_builds' BUILDS for the quantized one (other variants)."""
+    if not build:
+        yield
+        return
+    stem = f"xla_inference_b1_{build.replace('-', '_')}"
+    if variant.startswith("bf16"):
+        module, names = cpu_dense, {"_TARGET": cpu_dense._SYMBOL,
+                                    "_MULTI_TARGET": cpu_dense._MULTI_SYMBOL}
+        flags = DENSE_BUILDS[build]
+    else:
+        module, names = cpu_quantized, {"_FLOAT_TARGET": cpu_quantized._FLOAT_SYMBOL,
+                                        "_MULTI_TARGET": cpu_quantized._MULTI_SYMBOL}
+        flags = QUANTIZED_BUILDS[build]
+    assert module.available()  # the default build registered under the default names first
+    targets = {f"{stem}{attr.lower()}": attr for attr in names}
+    native.load_targets(module._SOURCE, {t: names[a] for t, a in targets.items()},
+                        (*native.DEFAULT_FLAGS, *flags))
+    saved = {attr: getattr(module, attr) for attr in names}
+    for target, attr in targets.items():
+        setattr(module, attr, target)
+    try:
+        yield
+    finally:
+        for attr, target in saved.items():
+            setattr(module, attr, target)
+
+
 def _engine(name, ecfg, reqs):
-    """The variant's engine, its step compiled with the native matvec on or off."""
-    os.environ["XLA_INFERENCE_CPU_DENSE"] = "0" if name == "bf16-xla" else "1"
+    """The variant's engine, its step compiled with the native matvec on or off (and the
+    kernel build named after "@")."""
+    variant, _, build = name.partition("@")
+    os.environ["XLA_INFERENCE_CPU_DENSE"] = "0" if variant == "bf16-xla" else "1"
     cpu_dense.available.cache_clear()
-    engine = build_engine(load_variant("bf16" if name == "bf16-xla" else name), ecfg)
-    jax.block_until_ready(engine.forward(reqs).logits)  # traced and compiled under the setting
+    with _kernel_build(variant, build):
+        engine = build_engine(load_variant("bf16" if variant == "bf16-xla" else variant), ecfg)
+        jax.block_until_ready(engine.forward(reqs).logits)  # traced and compiled under the setting
     return engine
 
 
@@ -54,7 +99,8 @@ def main():
                         max_num_seqs=max(8, args.batch), max_model_len=1024)
     reqs = decode_requests(args.batch, np.random.default_rng(0), 1, args.context)
     engines = {name: _engine(name, ecfg, reqs) for name in args.variants}
-    times = alternated_step_seconds(engines, reqs, args.repeats)
+    cpu = {}
+    times = alternated_step_seconds(engines, reqs, args.repeats, cpu)
     base = statistics.median(times[args.variants[0]])
     fastest = min(times[args.variants[0]])
     print(f"load average {os.getloadavg()[0]:.1f}; batch-{args.batch} decode step at "
@@ -63,7 +109,8 @@ def main():
     for name, t in times.items():
         m = statistics.median(t)
         print(f"{name:9s} median {m * 1e3:8.2f} ms ({base / m:.2f}x)   fastest {min(t) * 1e3:8.2f} ms "
-              f"({fastest / min(t):.2f}x)", flush=True)
+              f"({fastest / min(t):.2f}x)   CPU median {statistics.median(cpu[name]) * 1e3:7.2f} ms",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The one-row bfloat16 products of a SmolLM2-135M decode step (30 layers x q, k, v, o, gate,
 up, down, then the [49152, 576] LM head: 269 MB of weights) chained in one jit, XLA's
 product against builds of the native kernel (kernels/cpu/dense_matvec.cc) with other
-compile-time settings: software prefetch distance (rows ahead), and the weight bytes per
+compile-time settings: software prefetch (the next block into L2, or rows ahead), and the weight bytes per
 woken pool thread. Every variant multiplies the SAME weight arrays (so each finds them in
 the caches as the previous one left them, as a one-engine server does); the variants' calls
 take turns; medians. Also the LM head alone. Effective bandwidth = weight bytes / time
@@ -26,23 +26,30 @@ SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
           (INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
 
 # name -> extra compile flags of the native kernel (None: XLA's product)
+_ROWS_AHEAD = ("-DXLA_INFERENCE_DENSE_PREFETCH_BLOCKS=0",
+               "-DXLA_INFERENCE_DENSE_PREFETCH_HINT=_MM_HINT_T0")  # the earlier scheme, into L1
+
+# name -> extra compile flags of the native kernel (None: XLA's product)
 VARIANTS = {
     "xla": None,
-    "native": (),  # the default build (prefetch 16 rows ahead)
-    "pf0": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=0",),
-    "pf8": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=8",),
-    "pf16": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",),
-    "pf32": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=32",),
-    "pf16-t2": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",
+    "native": (),  # the default build (the next block of 8 rows prefetched into L2)
+    "old": (*_ROWS_AHEAD,),  # 16 rows ahead into L1, the default until issue 18's q18
+    "next-t0": ("-DXLA_INFERENCE_DENSE_PREFETCH_HINT=_MM_HINT_T0",),  # the next block, L1
+    "next2": ("-DXLA_INFERENCE_DENSE_PREFETCH_BLOCKS=2",),  # 2 blocks ahead, L2
+    "pf0": (*_ROWS_AHEAD, "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=0"),
+    "pf8": (*_ROWS_AHEAD, "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=8"),
+    "pf16": (*_ROWS_AHEAD, "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16"),
+    "pf32": (*_ROWS_AHEAD, "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=32"),
+    "pf16-t2": ("-DXLA_INFERENCE_DENSE_PREFETCH_BLOCKS=0", "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",
                 "-DXLA_INFERENCE_DENSE_PREFETCH_HINT=_MM_HINT_T2"),
     "1thread": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1ll<<40)",),
     "256k": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<18)",),
     "1m-multi": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<20)",),
-    "pf16-256k": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",
+    "pf16-256k": (*_ROWS_AHEAD, "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",
                   "-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<18)"),
     # q/k/v and gate/up each one call (cpu_dense.dense_matvec_multi)
     "multi": (),
-    "pf16-multi": ("-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",),
+    "old-multi": (*_ROWS_AHEAD,),
     "256k-multi": ("-DXLA_INFERENCE_DENSE_BYTES_PER_THREAD=(1<<18)",),
 }
 

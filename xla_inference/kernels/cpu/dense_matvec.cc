@@ -32,6 +32,7 @@
 #define XLA_INFERENCE_DENSE_AVX512 1
 #endif
 
+#include "prefetch.h"
 #include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -60,26 +61,37 @@ inline float bf16_to_float(uint16_t h) {
 
 #ifdef XLA_INFERENCE_DENSE_AVX512
 
-// Software prefetch distance, in output rows: each load of a row's 64 bytes also asks for
-// the same 64 bytes of the row kPrefetchRows further on (a row of SmolLM2's [*, 576]
-// weights is 1152 bytes, so 16 rows ahead is ~18 KiB ahead in the weight, which is read
-// front to back). 0: none (the hardware prefetchers alone, which left the kernel at ~6-11
-// GB/s on weights streamed from memory here). 16 measured 1.2-1.3x on a step's products and
-// 1.8-3x on the LM head alone against none (benchmarks/dense_step_products.py, load 5-6);
-// 32 and 8 less. Prefetches past the weight's end are hints and do not fault. -DXLA_INFERENCE_DENSE_PREFETCH_ROWS=N builds another
-// distance (benchmarks/dense_step_products.py).
+// Software prefetch (prefetch.h): each 64-byte load of a row also asks for the same bytes
+// of that row kPrefetchBlocks blocks of kRowsTogether rows further on, into L2 (T2): the
+// next block's rows (8 x 1152 bytes for SmolLM2's [*, 576] weights) arrive while this block
+// is multiplied, as the quantized one-row kernel does. Numerics unchanged (hints only).
+// The earlier scheme (-DXLA_INFERENCE_DENSE_PREFETCH_BLOCKS=0, for benchmarks): kPrefetchRows
+// rows ahead into L1 (T0), 16 rows measured 1.2-1.3x on a step's products and 1.8-3x on
+// the LM head alone against none (the hardware prefetchers alone left the kernel at ~6-11
+// GB/s on weights streamed from memory here; benchmarks/dense_step_products.py, load 5-6).
+// -DXLA_INFERENCE_DENSE_PREFETCH_BLOCKS=N, _ROWS=N and _HINT=H build other schemes.
+#ifndef XLA_INFERENCE_DENSE_PREFETCH_BLOCKS
+#define XLA_INFERENCE_DENSE_PREFETCH_BLOCKS 1
+#endif
 #ifndef XLA_INFERENCE_DENSE_PREFETCH_ROWS
 #define XLA_INFERENCE_DENSE_PREFETCH_ROWS 16
 #endif
-constexpr int64_t kPrefetchRows = XLA_INFERENCE_DENSE_PREFETCH_ROWS;
 #ifndef XLA_INFERENCE_DENSE_PREFETCH_HINT
-#define XLA_INFERENCE_DENSE_PREFETCH_HINT _MM_HINT_T0
+#define XLA_INFERENCE_DENSE_PREFETCH_HINT _MM_HINT_T2
 #endif
+constexpr int64_t kPrefetchBlocks = XLA_INFERENCE_DENSE_PREFETCH_BLOCKS;
+constexpr int64_t kPrefetchRows = XLA_INFERENCE_DENSE_PREFETCH_ROWS;
 
+// The prefetch for the load at row_at_k of a block of kR rows of `in` values.
+template <int kR>
 inline void prefetch_ahead(const uint16_t* row_at_k, int64_t in) {
-  if constexpr (kPrefetchRows > 0)
-    _mm_prefetch(reinterpret_cast<const char*>(row_at_k + kPrefetchRows * in),
-                 XLA_INFERENCE_DENSE_PREFETCH_HINT);
+  const int64_t row_bytes = in * int64_t{sizeof(uint16_t)};
+  if constexpr (kPrefetchBlocks > 0)
+    xla_inference::prefetch_blocks_ahead<XLA_INFERENCE_DENSE_PREFETCH_HINT>(
+        row_at_k, kPrefetchBlocks, kR * row_bytes);
+  else if constexpr (kPrefetchRows > 0)
+    xla_inference::prefetch_blocks_ahead<XLA_INFERENCE_DENSE_PREFETCH_HINT>(
+        row_at_k, kPrefetchRows, row_bytes);
 }
 
 // kR rows from o0 on, times row t of x.
@@ -96,7 +108,7 @@ void rows_avx512(const Problem& p, int64_t o0, int64_t t) {
   for (; k + kPair <= p.in; k += kPair) {
     const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
     for (int r = 0; r < kR; ++r) {
-      prefetch_ahead(w[r] + k, p.in);
+      prefetch_ahead<kR>(w[r] + k, p.in);
       const __m512i v = _mm512_loadu_si512(w[r] + k);
       acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r]);
       acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high_half)), o, acc[r]);

@@ -59,6 +59,7 @@
 #include <unistd.h>
 #endif
 
+#include "prefetch.h"
 #include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -180,9 +181,10 @@ inline __m512i broadcast_pair(const int16_t* x) {
 template <int kBits, int kT, int kTiles>
 void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
   const int64_t chunks = p.chunks_per_group(), tile_bytes = p.tile_bytes();
-  // Weight bytes ahead of the one being read that each tile asks for.
-  const int64_t prefetch_ahead =
-      kPrefetchBlocks > 0 ? kPrefetchBlocks * kTiles * tile_bytes : kPrefetchBytes;
+  // What each tile asks for ahead of the bytes being read (prefetch.h): the same bytes of
+  // the tile kPrefetchBlocks blocks of kTiles tiles on, or (blocks 0) kPrefetchBytes on.
+  const int64_t prefetch_blocks = kPrefetchBlocks > 0 ? kPrefetchBlocks : 1;
+  const int64_t prefetch_block_bytes = kPrefetchBlocks > 0 ? kTiles * tile_bytes : kPrefetchBytes;
   const uint8_t* w[kTiles];
   for (int i = 0; i < kTiles; ++i) w[i] = p.values + (ot0 + i) * tile_bytes;
   const int16_t* x[kT];
@@ -211,7 +213,8 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
       const int64_t k = c * p.per_chunk;
       for (int i = 0; i < kTiles; ++i) {
         if (c % (kLineBytes / kChunkBytes) == 0)
-          prefetch(w[i] + c * kChunkBytes + prefetch_ahead);
+          xla_inference::prefetch_blocks_ahead<XLA_INFERENCE_QMM_PREFETCH_HINT>(
+              w[i] + c * kChunkBytes, prefetch_blocks, prefetch_block_bytes);
         const __m256i bytes =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kChunkBytes));
         if constexpr (kBits == 8) {

@@ -38,15 +38,18 @@ def test_multi_refuses_mismatched_operands():
         cpu_dense.dense_matvec_multi(jnp.zeros((1, 32)), ws)
 
 
-_PREFETCH = "xla_inference_dense_matvec_prefetch16"
+_PREFETCH = "xla_inference_dense_matvec_rows_ahead"
 
 
 def test_prefetch_build_gives_the_same_bits():
-    """A build with another software prefetch distance reads the same values in the same
-    order: the same bits, single and multi entry."""
+    """A build with the other software prefetch scheme (16 rows ahead into L1, in place of
+    the next block into L2) reads the same values in the same order: the same bits, single
+    and multi entry."""
     native.load_targets(cpu_dense._SOURCE,
                         {_PREFETCH: cpu_dense._SYMBOL, _PREFETCH + "_multi": cpu_dense._MULTI_SYMBOL},
-                        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16"))
+                        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_DENSE_PREFETCH_BLOCKS=0",
+                         "-DXLA_INFERENCE_DENSE_PREFETCH_ROWS=16",
+                         "-DXLA_INFERENCE_DENSE_PREFETCH_HINT=_MM_HINT_T0"))
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((1, 576)), jnp.float32)
     ws = _weights(rng, (1536, 200), 576)

@@ -52,8 +52,9 @@ def _kernel_build(variant, build):
     if not build:
         yield
         return
-    stem = f"xla_inference_b1_{build.replace('-', '_')}"
-    if variant.startswith("bf16"):
+    kernel = "dense" if variant.startswith("bf16") else "quantized"
+    stem = f"xla_inference_b1_{kernel}_{build.replace('-', '_')}"
+    if kernel == "dense":
         module, names = cpu_dense, {"_TARGET": cpu_dense._SYMBOL,
                                     "_MULTI_TARGET": cpu_dense._MULTI_SYMBOL}
         flags = DENSE_BUILDS[build]

@@ -108,11 +108,13 @@ def main():
         jax.block_until_ready(steps[name](layers, head, x))
         jax.block_until_ready(heads[name](x, head))
     times = {name: ([], []) for name in steps}
+    cpu = {name: [] for name in steps}  # process CPU time of each step
     for _ in range(args.calls):
         for name in steps:
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             jax.block_until_ready(steps[name](layers, head, x))
             times[name][0].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
             t = time.perf_counter()
             jax.block_until_ready(heads[name](x, head))
             times[name][1].append(time.perf_counter() - t)
@@ -123,7 +125,8 @@ def main():
     for name, (step_t, head_t) in times.items():
         s, h = statistics.median(step_t), statistics.median(head_t)
         print(f"{name:10s} step {s * 1e3:7.2f} ms ({base / s:.2f}x, {total / s / 1e9:5.1f} GB/s)  "
-              f"head alone {h * 1e3:6.2f} ms ({head.nbytes / h / 1e9:5.1f} GB/s)", flush=True)
+              f"head alone {h * 1e3:6.2f} ms ({head.nbytes / h / 1e9:5.1f} GB/s)  "
+              f"step CPU {statistics.median(cpu[name]) * 1e3:7.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ inline float bf16_to_float(uint16_t h) {
 // Measured against the earlier scheme on a 2-core AMD EPYC (Zen 4) shared at load 8-12:
 // a step's products chained (benchmarks/dense_step_products.py, old-multi vs multi) 1.1-1.5x
 // wall, CPU time -34%, the LM head alone 1.6-2.1x; the engine's batch-1 step
-// (benchmarks/batch1_step.py --variants bf16@old bf16) 0.87-1.19x wall, CPU -2..-8%.
+// (benchmarks/batch1_step.py --variants bf16@old bf16) 0.87-1.19x wall, CPU -2..-11%.
 // The next block into L1 (T0) was slower than into L2; 2 blocks ahead no faster than 1.
 // The earlier scheme (-DXLA_INFERENCE_DENSE_PREFETCH_BLOCKS=0, for benchmarks): kPrefetchRows
 // rows ahead into L1 (T0), 16 rows measured 1.2-1.3x on a step's products and 1.8-3x on

@@ -200,11 +200,9 @@ class XlaPlatform(Platform):
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None
         if vllm_config.lora_config is not None:
-            from vllm.v1.engine.input_processor import InputProcessor
+            from xla_inference.plugin.lora_requests import load_adapters_before_requests
 
-            from xla_inference.plugin.lora_requests import check_requests_lora
-
-            check_requests_lora(InputProcessor)  # prompt_logprobs with an LM head adapter
+            load_adapters_before_requests()  # a refused adapter fails its request, not the engine
         transfer = vllm_config.kv_transfer_config
         cls.kv_connector = None if transfer is None else (transfer.kv_role or "kv_both")
         cls.multimodal_modalities = served_modalities(vllm_config.model_config)

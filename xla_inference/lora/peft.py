@@ -184,18 +184,6 @@ def refuse_unserved_vocab_targets(adapter: LoraAdapter, path, *, family: str) ->
                         "right is ambiguous and it is not served")
 
 
-def adapter_adapts_lm_head(path: str | Path) -> bool:
-    """Whether the PEFT adapter at `path` has lm_head weights (its file's keys only)."""
-    from safetensors import safe_open
-
-    weights_file = Path(path) / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        return False  # refused by name when loaded
-    with safe_open(str(weights_file), framework="numpy") as f:
-        return any(re.fullmatch(rf"{re.escape(_PREFIX)}lm_head\.lora_[AB](?:\.[^.]+)?\.weight", k)
-                   for k in f.keys())
-
-
 def _outside_deployment(path: Path, module: str, target_modules: list[str]) -> str:
     return (f"LoRA adapter {path}: it adapts {module}, which --lora-target-modules "
             f"{sorted(target_modules)} leaves without LoRA stacks (they are allocated at "

@@ -1,14 +1,13 @@
 """Vocabulary targets a deployment would serve wrong are refused by name when the adapter is
 loaded (lora/peft.refuse_unserved_vocab_targets, called by plugin/model_runner.add_lora):
-an LM head adapter with speculative decoding, and an embedding adapter on Gemma 3. The
-per-request refusal of prompt logprobs with an LM head adapter: tests/plugin/test_lora_requests.py."""
+an embedding adapter on Gemma 3. (An LM head adapter is served with speculative decoding
+and prompt logprobs: test_lora_head_scoring.py.)"""
 
 import pytest
 
 from tests.helpers import save_tiny_llama
 from tests.lora.lora_helpers import save_adapter
-from xla_inference.lora.peft import (LoraError, adapter_adapts_lm_head, load_adapter,
-                                     refuse_unserved_vocab_targets)
+from xla_inference.lora.peft import LoraError, load_adapter, refuse_unserved_vocab_targets
 
 
 @pytest.fixture(scope="module")
@@ -35,32 +34,10 @@ def loaded(adapters):
     return {name: load_adapter(path, shapes, 16) for name, path in paths.items()}
 
 
-def test_an_lm_head_adapter_is_refused_with_speculative_decoding(loaded):
-    with pytest.raises(LoraError, match="adapts lm_head.*speculative decoding"):
-        refuse_unserved_vocab_targets(loaded["head"], "/a", speculative_decoding=True,
-                                      family="llama")
-    refuse_unserved_vocab_targets(loaded["head"], "/a", speculative_decoding=False, family="llama")
-    for other in ("embed", "attn"):
-        refuse_unserved_vocab_targets(loaded[other], "/a", speculative_decoding=True,
-                                      family="llama")
-
-
 def test_an_embedding_adapter_is_refused_on_gemma3(loaded):
     embed = loaded["embed"]
     with pytest.raises(LoraError, match="embed_tokens of a gemma3 model.*PEFT adds it unscaled"):
-        refuse_unserved_vocab_targets(embed, "/a", speculative_decoding=False, family="gemma3")
-    refuse_unserved_vocab_targets(embed, "/a", speculative_decoding=True, family="llama")
-
-
+        refuse_unserved_vocab_targets(embed, "/a", family="gemma3")
+    refuse_unserved_vocab_targets(embed, "/a", family="llama")
     for other in ("head", "attn"):
-        refuse_unserved_vocab_targets(loaded[other], "/a", speculative_decoding=False,
-                                      family="gemma3")
-
-
-def test_the_lm_head_is_found_in_the_adapter_file(adapters, tmp_path):
-    """What the front-end reads per request: the file's keys, as load_adapter names them."""
-    adapters, _ = adapters
-    assert adapter_adapts_lm_head(adapters["head"])
-    assert not adapter_adapts_lm_head(adapters["embed"])
-    assert not adapter_adapts_lm_head(adapters["attn"])
-    assert not adapter_adapts_lm_head(tmp_path)  # no weights: load_adapter refuses it
+        refuse_unserved_vocab_targets(loaded[other], "/a", family="gemma3")

@@ -1,65 +1,100 @@
-"""A request asking for prompt_logprobs with an adapter that adapts lm_head is refused with
-vLLM's validation error (a 400 through the server): prompt logprobs are scored with the
-base LM head (plugin/lora_requests.py). The check wraps InputProcessor.process_inputs,
-the first place that sees both the sampling parameters and the adapter."""
+"""A request's LoRA adapter is loaded (the engine's add_lora) before the request is added
+(plugin/lora_requests.py): an adapter the engine refuses fails that request with vLLM's
+validation error naming the adapter and the engine's reason, the request never reaches
+the engine; a good adapter is loaded once per front end, for the sync (vllm.LLM) and the
+async (server) engines. Through vllm.LLM: tests/lora/test_lora_head_spec_llm.py."""
+
+import asyncio
 
 import pytest
 
 from tests.helpers import save_tiny_llama
-from tests.lora.lora_helpers import save_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # imports vLLM
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora_requests")
-    model_dir = save_tiny_llama(root / "model")
-    return {name: save_adapter(model_dir, root / name, seed=i, r=4, target_modules=targets)
-            for i, (name, targets) in enumerate([("head", ["lm_head", "q_proj"]),
-                                                  ("attn", ["q_proj", "v_proj"])])}
+class _Request:
+    def __init__(self, name, lora_id, path):
+        self.lora_name, self.lora_int_id, self.lora_path = name, lora_id, path
 
 
-class _Processor:
-    """Stands in for vLLM's InputProcessor: records what reached it."""
+def _engine_classes():
+    """Stand-ins for LLMEngine and AsyncLLM: record what reached the engine; add_lora
+    refuses paths containing "bad" with the message a failed utility call carries."""
 
-    def process_inputs(self, request_id, prompt, params, supported_tasks, arrival_time=None,
-                       lora_request=None, **kwargs):
-        return request_id
+    def refuse(request):
+        if "bad" in request.lora_path:
+            raise Exception(f"Call to add_lora method failed: LoRA adapter {request.lora_path}: "
+                            "adapter_config.json use_dora: DoRA adapters are not served")
+
+    class Sync:
+        def __init__(self):
+            self.added, self.loaded = [], []
+
+        def add_lora(self, request):
+            self.loaded.append(request.lora_int_id)
+            refuse(request)
+            return True
+
+        def add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None,
+                        **kwargs):
+            self.added.append(request_id)
+            return request_id
+
+    class Async(Sync):
+        async def add_lora(self, request):
+            return Sync.add_lora(self, request)
+
+        async def add_request(self, request_id, prompt, params, arrival_time=None,
+                              lora_request=None, **kwargs):
+            return Sync.add_request(self, request_id, prompt, params)
+
+    return Sync, Async
 
 
-def test_prompt_logprobs_with_an_lm_head_adapter_are_refused(adapters):
+def test_a_refused_adapter_fails_its_request_before_the_engine(monkeypatch):
+    import sys
+    import types
+
     from vllm.exceptions import VLLMValidationError
-    from vllm.lora.request import LoRARequest
-    from vllm.sampling_params import SamplingParams
 
-    from xla_inference.plugin.lora_requests import check_requests_lora
+    from xla_inference.plugin import lora_requests
 
-    check_requests_lora(_Processor)
-    check_requests_lora(_Processor)  # idempotent: wrapped once
-    assert _Processor.process_inputs.__wrapped__.__name__ == "process_inputs"
-    assert not hasattr(_Processor.process_inputs.__wrapped__, "__wrapped__")
-    head = LoRARequest("head", 1, str(adapters["head"]))
-    attn = LoRARequest("attn", 2, str(adapters["attn"]))
-    asking, plain = SamplingParams(prompt_logprobs=2), SamplingParams(logprobs=2)
-    processor = _Processor()
-    with pytest.raises(VLLMValidationError, match="prompt_logprobs with LoRA adapter 'head'"):
-        processor.process_inputs("r", [1], asking, (), lora_request=head)
-    with pytest.raises(VLLMValidationError, match="adapts lm_head"):  # positional, as vLLM may
-        processor.process_inputs("r", [1], asking, (), None, head)
-    with pytest.raises(VLLMValidationError, match="adapts lm_head"):  # all keywords
-        processor.process_inputs(request_id="r", prompt=[1], params=asking,
-                                 supported_tasks=(), lora_request=head)
-    assert processor.process_inputs("r", [1], plain, (), lora_request=head) == "r"
-    assert processor.process_inputs("r", [1], asking, (), lora_request=attn) == "r"
-    assert processor.process_inputs("r", [1], asking, ()) == "r"
+    Sync, Async = _engine_classes()
+    for module, name, cls in (("vllm.v1.engine.llm_engine", "LLMEngine", Sync),
+                              ("vllm.v1.engine.async_llm", "AsyncLLM", Async)):
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{name: cls}))
+    lora_requests.load_adapters_before_requests()
+    lora_requests.load_adapters_before_requests()  # idempotent: wrapped once
+    assert not hasattr(Sync.add_request.__wrapped__, "__wrapped__")
+    good, bad = _Request("good", 1, "/a/good"), _Request("dora", 2, "/a/bad")
+
+    engine = Sync()
+    with pytest.raises(VLLMValidationError, match="'dora' \\(id 2, /a/bad\\) cannot be served: "
+                                                  ".*use_dora") as error:
+        engine.add_request("r0", [1], None, lora_request=bad)
+    assert error.value.parameter == "lora_request"
+    with pytest.raises(VLLMValidationError, match="use_dora"):  # positional, as vLLM may
+        engine.add_request("r0", [1], None, None, bad)
+    assert engine.added == []  # never reached the engine
+    assert engine.add_request("r1", [1], None, lora_request=good) == "r1"
+    assert engine.add_request("r2", [1], None, None, good) == "r2"
+    assert engine.add_request("r3", [1], None) == "r3"
+    assert engine.added == ["r1", "r2", "r3"]
+    assert engine.loaded == [2, 2, 1]  # the good adapter loaded once, the bad one each time
+
+    engine = Async()
+    with pytest.raises(VLLMValidationError, match="'dora'.*use_dora"):
+        asyncio.run(engine.add_request("r0", [1], None, lora_request=bad))
+    assert asyncio.run(engine.add_request("r1", [1], None, lora_request=good)) == "r1"
+    assert engine.added == ["r1"]
 
 
 def test_the_check_is_installed_with_lora(tmp_path):
-    """check_and_update_config wraps vLLM's InputProcessor when LoRA is enabled."""
+    """check_and_update_config wraps vLLM's LLMEngine when LoRA is enabled."""
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.llm_engine import LLMEngine
 
     model_dir = save_tiny_llama(tmp_path / "llama")
     EngineArgs(model=str(model_dir), max_model_len=128, enable_lora=True).create_engine_config()
-    assert getattr(InputProcessor.process_inputs, "_xla_inference", False)
+    assert getattr(LLMEngine.add_request, "_xla_inference", False)

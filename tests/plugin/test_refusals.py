@@ -25,9 +25,6 @@ def test_a_plain_model_is_accepted(model_dir):
 
 @pytest.mark.parametrize("args, flag", [
     (dict(quantization="experts_int8"), "quantization 'experts_int8'"),
-    (dict(enable_lora=True, speculative_config={"method": "draft_model", "model": "{model}",
-                                                "num_speculative_tokens": 2}),
-     "with speculative decoding method 'draft_model'"),
     (dict(enable_lora=True, runner="pooling", convert="embed"), "on a pooling model"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
      "--kv-transfer-config"),
@@ -68,6 +65,24 @@ def test_draft_model_speculation_keeps_async_scheduling(model_dir):
                                                     "num_speculative_tokens": 2})
     assert config.speculative_config.method == "draft_model"
     assert config.scheduler_config.async_scheduling
+
+
+def test_lora_with_draft_model_is_served_and_with_eagle3_refused(model_dir, tmp_path):
+    """A draft model drafts with the base model and the verify step applies the adapters
+    (tests/lora/test_lora_head_spec_llm.py); an EAGLE head is refused with LoRA."""
+    from tests.eagle3_checkpoint import save_tiny_eagle3, save_tiny_llama_target
+
+    config = _config(model_dir, enable_lora=True,
+                     speculative_config={"method": "draft_model", "model": str(model_dir),
+                                         "num_speculative_tokens": 2})
+    assert config.lora_config is not None and config.speculative_config.method == "draft_model"
+    target = save_tiny_llama_target(tmp_path / "target")
+    head = save_tiny_eagle3(tmp_path / "head")
+    with pytest.raises(Exception, match="LoRA adapters .* with speculative decoding method "
+                                        "'eagle3'.*ngram and draft_model are served"):
+        _config(target, enable_lora=True,
+                speculative_config={"method": "eagle3", "model": str(head),
+                                    "num_speculative_tokens": 2})
 
 
 def test_ngram_speculation_with_async_scheduling_is_refused(model_dir):

@@ -172,33 +172,16 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
 _SCALED_EMBEDDING_FAMILIES = ("gemma3",)
 
 
-def refuse_unserved_vocab_targets(adapter: LoraAdapter, path, *, speculative_decoding: bool,
-                                  family: str) -> None:
-    """Vocabulary targets this deployment would serve wrong, refused by name:
-    an LM head adapter with speculative decoding (n-gram verify scores the drafts with the
-    base LM head, runner/engine.verify_drafts), and an embedding adapter on a family that
-    scales its embedding (vLLM scales the adapter's delta too, PEFT does not)."""
-    if "lm_head" in adapter.weights and speculative_decoding:
-        raise LoraError(f"LoRA adapter {path}: it adapts lm_head, which is not served with "
-                        "speculative decoding (--speculative-config): the drafts would be "
-                        "verified with the base model's LM head")
+def refuse_unserved_vocab_targets(adapter: LoraAdapter, path, *, family: str) -> None:
+    """Vocabulary targets this deployment would serve wrong, refused by name: an embedding
+    adapter on a family that scales its embedding (vLLM scales the adapter's delta too, PEFT
+    does not). (An LM head adapter is served everywhere: speculative decoding's verify step
+    and prompt logprobs score each row with its request's adapter, runner/engine.py.)"""
     if "model.embed_tokens" in adapter.weights and family in _SCALED_EMBEDDING_FAMILIES:
         raise LoraError(f"LoRA adapter {path}: it adapts embed_tokens of a {family} model, "
                         "which scales its embeddings by sqrt(hidden size); vLLM scales the "
                         "adapter's delta too while PEFT adds it unscaled, so which one is "
                         "right is ambiguous and it is not served")
-
-
-def adapter_adapts_lm_head(path: str | Path) -> bool:
-    """Whether the PEFT adapter at `path` has lm_head weights (its file's keys only)."""
-    from safetensors import safe_open
-
-    weights_file = Path(path) / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        return False  # refused by name when loaded
-    with safe_open(str(weights_file), framework="numpy") as f:
-        return any(re.fullmatch(rf"{re.escape(_PREFIX)}lm_head\.lora_[AB](?:\.[^.]+)?\.weight", k)
-                   for k in f.keys())
 
 
 def _outside_deployment(path: Path, module: str, target_modules: list[str]) -> str:

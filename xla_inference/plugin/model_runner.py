@@ -134,16 +134,16 @@ class XlaModelRunner:
         from xla_inference.lora.peft import load_adapter, refuse_unserved_vocab_targets
 
         slots = self.lora_slots()
-        self._lora_requests[lora_request.lora_int_id] = lora_request
         if lora_request.lora_int_id in slots.host and not lora_request.load_inplace:
+            self._lora_requests[lora_request.lora_int_id] = lora_request
             return True
         adapter = load_adapter(get_adapter_absolute_path(lora_request.lora_path),
                                slots.module_shapes, slots.max_rank, lora_request.lora_name,
                                target_modules=slots.target_modules)
         refuse_unserved_vocab_targets(adapter, lora_request.lora_path,
-                                      speculative_decoding=self.drafter is not None,
                                       family=self.engine.model.name)
         slots.add(lora_request.lora_int_id, adapter)
+        self._lora_requests[lora_request.lora_int_id] = lora_request  # refused ones: not kept
         return True
 
     def _reload_evicted_loras(self, scheduled) -> None:
@@ -376,6 +376,7 @@ class XlaModelRunner:
         """Score this step's prompt tokens for requests that asked; hand each request's
         table over in the step that completes its prompt (vLLM expects it then)."""
         rows, targets, spans, done, offset, wanted = [], [], [], {}, 0, []
+        row_loras = []  # each row's adapter: an LM head adapter scores its own rows
         for req, num_new in scheduled:
             n = req.options.num_top_prompt_logprobs(self.engine.vocab_size)
             if n is not None and req.num_prompt_tokens > 1 and req.prompt_logprobs is not None:
@@ -384,6 +385,7 @@ class XlaModelRunner:
                 count = max(0, min(num_new, req.num_prompt_tokens - 1 - first))
                 rows.extend(range(offset, offset + count))
                 targets.extend(req.token_ids[first + 1:first + 1 + count])
+                row_loras.extend([req.lora_id] * count)
                 spans.append((req, first, count))
                 if first + num_new >= req.num_prompt_tokens:
                     done[req.req_id] = req
@@ -391,7 +393,7 @@ class XlaModelRunner:
         if rows:
             ids, logprobs, ranks = self.engine.score_tokens(
                 hidden, np.asarray(rows, np.int32), np.asarray(targets, np.int32),
-                self.engine.logprobs_width(wanted))
+                self.engine.logprobs_width(wanted), lora_ids=row_loras)
             pos = 0
             for req, first, count in spans:
                 table = req.prompt_logprobs

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
 # --kv-cache-dtype values served (runner/build.py Precision.with_kv_cache maps them).
 SERVED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
+# Speculative decoding methods served with LoRA adapters (their drafts need no adapter).
+LORA_SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 def _choose_engine_start_method() -> None:
@@ -200,11 +202,9 @@ class XlaPlatform(Platform):
         # validate_request (same process) refuses what speculative steps do not return yet.
         cls.speculative_decoding = vllm_config.speculative_config is not None
         if vllm_config.lora_config is not None:
-            from vllm.v1.engine.input_processor import InputProcessor
+            from xla_inference.plugin.lora_requests import load_adapters_before_requests
 
-            from xla_inference.plugin.lora_requests import check_requests_lora
-
-            check_requests_lora(InputProcessor)  # prompt_logprobs with an LM head adapter
+            load_adapters_before_requests()  # a refused adapter fails its request, not the engine
         transfer = vllm_config.kv_transfer_config
         cls.kv_connector = None if transfer is None else (transfer.kv_role or "kv_both")
         cls.multimodal_modalities = served_modalities(vllm_config.model_config)
@@ -375,14 +375,16 @@ def refuse_unsupported_features(vllm_config) -> None:
         (pipeline_parallel_size(vllm_config) > 1 and model is not None
          and model.runner_type == "pooling",
          lambda: "pipeline parallel (--pipeline-parallel-size) on a pooling model"),
-        # ngram drafts need no model; the verify step reads the target's hidden states with
-        # each token's adapter (runner/engine.verify_drafts). A draft model or EAGLE head
-        # would draft without the adapters: untested together.
+        # The verify step scores each request's drafts with its own adapter (the target's
+        # hidden states and LM head: runner/engine.verify_drafts), so drafts proposed
+        # without it stay lossless. ngram drafts need no model; a draft model drafts with
+        # the base model (as vLLM's does: its drafter gets no adapters). An EAGLE or MTP
+        # head reads the adapted target's hidden states: untested, refused.
         (vllm_config.lora_config is not None and vllm_config.speculative_config is not None
-         and vllm_config.speculative_config.method != "ngram",
+         and vllm_config.speculative_config.method not in LORA_SPECULATIVE_METHODS,
          lambda: "LoRA adapters (--enable-lora) with speculative decoding method "
-                 f"{vllm_config.speculative_config.method!r} (--speculative-config; ngram is "
-                 "served with LoRA)"),
+                 f"{vllm_config.speculative_config.method!r} (--speculative-config; "
+                 f"{' and '.join(LORA_SPECULATIVE_METHODS)} are served with LoRA)"),
         (vllm_config.lora_config is not None and model is not None
          and model.runner_type == "pooling",
          lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference import envs
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.lora.slots import LoraSlots, attach, attach_lm_head, weight_sharding
+from xla_inference.lora.slots import LM_HEAD, LoraSlots, attach, attach_lm_head, weight_sharding
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
@@ -224,6 +224,25 @@ def _score_tokens(model: ModelFamily, cfg, num_logprobs: int, params, hidden, to
     return gather_logprobs(model.compute_logits(params, hidden, cfg), token_ids, num_logprobs)
 
 
+def _with_head_adapters(max_rank: int, params_lora):
+    """(params, the LoRA stacks, each logits row's slot [n]) -> params whose LM head adds
+    each row's adapter's delta (none for slot 0, or an adapter without lm_head weights)."""
+    params, stacks, row_slots = params_lora
+    return attach_lm_head(params, stacks, row_slots, max_rank)
+
+
+def _draft_rows_logits_lora(model: ModelFamily, cfg, max_rank: int, params_lora, hidden, rows):
+    """draft_rows_logits with an LM head adapter per row: params_lora's row slots [len(rows)]."""
+    return draft_rows_logits(model, cfg, _with_head_adapters(max_rank, params_lora), hidden, rows)
+
+
+def _score_tokens_lora(model: ModelFamily, cfg, num_logprobs: int, max_rank: int, params_lora,
+                       hidden, token_ids):
+    """_score_tokens with an LM head adapter per row: params_lora's row slots [C]."""
+    return _score_tokens(model, cfg, num_logprobs, _with_head_adapters(max_rank, params_lora),
+                         hidden, token_ids)
+
+
 class Programs:
     """One jitted function and its executables compiled ahead of time, by input shape.
 
@@ -377,8 +396,16 @@ class ModelEngine:
         # By top-logprob width: the usual top max_logprobs, and the whole vocabulary if asked.
         self._samplers = {k: Programs(jax.jit(functools.partial(_sample_step, k)), _sample_key)
                           for k in widths}
-        self._scorers = {k: jax.jit(functools.partial(_score_tokens, model, model_cfg, k))
-                         for k in widths}
+        # With LoRA stacks for lm_head, the logits outside the forward (verify's draft rows,
+        # prompt logprobs) take each row's slot and add its adapter's head delta: one
+        # program for every mix, compiled at warm-up as the base one would be.
+        self.head_lora = lora is not None and LM_HEAD in lora.stacks["vocab"]
+        def scorer(k):
+            if self.head_lora:
+                return functools.partial(_score_tokens_lora, model, model_cfg, k, lora.max_rank)
+            return functools.partial(_score_tokens, model, model_cfg, k)
+
+        self._scorers = {k: jax.jit(scorer(k)) for k in widths}
         # A draft model's engine (runner/draft_model.py, greedy_drafter): its StepOutput.logits
         # holds each row's argmax token; it never samples or scores, so warm-up skips those.
         self.greedy_drafter = greedy_drafter
@@ -392,9 +419,10 @@ class ModelEngine:
         # Speculative decoding's verify programs, compiled at warm-up for every bucket: the
         # logits of each request's K + 1 rows (by token bucket), then rejection sampling (by
         # row count, with or without the per-row extras).
-        self._draft_rows_logits = Programs(
-            jax.jit(functools.partial(draft_rows_logits, model, model_cfg), out_shardings=whole),
-            _draft_rows_key)
+        rows_logits = (functools.partial(_draft_rows_logits_lora, model, model_cfg, lora.max_rank)
+                       if self.head_lora else functools.partial(draft_rows_logits, model, model_cfg))
+        self._draft_rows_logits = Programs(jax.jit(rows_logits, out_shardings=whole),
+                                           _draft_rows_key)
         self._rejection = Programs(jax.jit(rejection_step), _rejection_key)
         # A multimodal family's encoder outputs, by item identifier (runner/multimodal.py).
         self.encoder_cache = EncoderCache()
@@ -667,11 +695,28 @@ class ModelEngine:
         batch, sampling, extras = verify_inputs(requests, drafts, B, K, self.vocab_size,
                                                 grammar_masks)
         self._num_steps += 1
-        logits = self._draft_rows_logits(self.params, hidden, rows)
+        row_slots = np.zeros(B * (K + 1), np.int32)  # each request's K + 1 rows: its adapter
+        row_slots[:len(requests) * (K + 1)] = np.repeat(
+            self._lora_slots([r.lora_id for r in requests]), K + 1)
+        logits = self._draft_rows_logits(self._head_params(row_slots), hidden, rows)
         out = self.stats.run(self._rejection, logits, batch, sampling, extras, self._base_key,
                              np.uint32(self._num_steps))
         n = len(requests)
         return np.asarray(out.tokens)[:n], np.asarray(out.num_emitted)[:n]
+
+    def _lora_slots(self, lora_ids) -> np.ndarray:
+        """The device slot of each adapter id (0: none); all zeros on an engine whose LM
+        head has no adapters (its logits programs take no slots)."""
+        if not self.head_lora:
+            return np.zeros(len(lora_ids), np.int32)
+        lora_ids = [int(i) for i in lora_ids]
+        slots = self.lora.slots_for(lora_ids)  # the step's adapters: already in their slots
+        return np.asarray([slots[i] for i in lora_ids], np.int32)
+
+    def _head_params(self, row_slots: np.ndarray):
+        """The first argument of the logits programs outside the forward (verify, scoring):
+        params, or with LM head adapters (params, stacks, each logits row's slot)."""
+        return (self.params, self.lora.stacks, row_slots) if self.head_lora else self.params
 
     @functools.cached_property
     def _verify_slot_counts(self) -> list[int]:
@@ -709,20 +754,24 @@ class ModelEngine:
         return min(fits)
 
     def score_tokens(self, hidden: jax.Array, rows: np.ndarray, next_ids: np.ndarray,
-                     width: int | None = None):
+                     width: int | None = None, lora_ids=None):
         """Logprobs of `next_ids` after the hidden states at `rows` of a step, with the top
         `width` alternatives (a compiled width, see logprobs_width; max_logprobs by default):
-        numpy (ids [n, k+1], logprobs [n, k+1], ranks [n])."""
+        numpy (ids [n, k+1], logprobs [n, k+1], ranks [n]). lora_ids: each row's request's
+        adapter (None: the base model's), whose LM head scores it."""
         score = self._scorers[self.cfg.max_logprobs if width is None else width]
         chunk = self.cfg.prompt_logprobs_chunk
         hidden = np.asarray(hidden)
+        row_slots = self._lora_slots(np.zeros(len(rows), np.int32) if lora_ids is None
+                                     else np.asarray(lora_ids))
         parts = []
         for start in range(0, len(rows), chunk):
             n = min(chunk, len(rows) - start)
             h = np.zeros((chunk, hidden.shape[1]), hidden.dtype)
-            ids = np.zeros(chunk, np.int32)
+            ids, slots = np.zeros(chunk, np.int32), np.zeros(chunk, np.int32)
             h[:n], ids[:n] = hidden[rows[start:start + n]], next_ids[start:start + n]
-            out = score(self.params, h, ids)
+            slots[:n] = row_slots[start:start + n]
+            out = score(self._head_params(slots), h, ids)
             parts.append([np.asarray(a)[:n] for a in out])
         return tuple(np.concatenate(p) for p in zip(*parts))
 
@@ -832,10 +881,12 @@ class ModelEngine:
             for B in self._verify_slot_counts:  # _verify_slots' choices for T's steps
                 if not self._verify_rows_fit(T, B):
                     break
-                logits_args.append((self.params, states, np.zeros(B * (K + 1), np.int32)))
+                rows = np.zeros(B * (K + 1), np.int32)
+                logits_args.append((self._head_params(rows), states, rows))
         for B in self._verify_slot_counts:
+            rows = np.zeros(B * (K + 1), np.int32)
             shape = self._draft_rows_logits.jitted.eval_shape(
-                self.params, states, np.zeros(B * (K + 1), np.int32))  # the last bucket's
+                self._head_params(rows), states, rows)  # the last bucket's
             logits = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=whole)
             for extras in (None, neutral_draft_extras(B, K, self.vocab_size)):
                 rejection_args.append((logits, build_draft_batch([], B, K),

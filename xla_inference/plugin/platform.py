@@ -78,6 +78,8 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
         (model is not None and model.supports_multimodal_inputs, "multimodal models"),
         (pipeline_parallel_size(vllm_config) > 1 and data_parallel_size(vllm_config) > 1,
          "pipeline parallel with data parallel replicas (served in one process)"),
+        (model is not None and model.is_moe and data_parallel_size(vllm_config) > 1,
+         "MoE models with data parallel replicas (served in one process)"),
     ]
     refused = [name for refuse, name in refusals if refuse]
     if refused:

@@ -98,3 +98,47 @@ def test_replicas_share_the_experts_and_equal_one_device(one_device, name, tp, e
     if expert_parallel:
         assert _expert_gathers(engine, EXPERT_WIDTH[name]) == []
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("factor", [100.0, 1e-6])  # every row fits / overflow: all-reduce
+def test_dispatch_over_both_axes_equals_each_replicas_reference(monkeypatch, factor):
+    """A block's experts split by expert over DP 2 x TP 2, all-to-all dispatch over both
+    axes (XLA_INFERENCE_MOE_DISPATCH), each replica its own 13 tokens (padded to the
+    devices' multiple), as runner/engine._forward_replicas nests it: each replica's rows
+    equal the dense reference on its own tokens, and no expert weight is gathered; a
+    capacity too small for the routing falls back to the all-reduce path, as under TP."""
+    import types
+
+    from jax.sharding import PartitionSpec
+
+    from tests.parallel.test_collective_matmul import collectives
+    from tests.parallel.test_moe_expert_parallel import CFG, D, _dense_block
+    from xla_inference.layers import moe
+    from xla_inference.layers.moe import moe_mlp, moe_mlp_dense
+    from xla_inference.parallel.sharding import (param_shardings, place_params,
+                                                 replica_local_specs, traced_over)
+
+    monkeypatch.setenv("XLA_INFERENCE_MOE_DISPATCH", "all-to-all")
+    monkeypatch.setattr(moe, "DISPATCH_CAPACITY_FACTOR", factor)
+    block, tokens = _dense_block(), 13
+    mesh = build_mesh(2, data_parallel_size=2)
+    model_cfg = types.SimpleNamespace(moe=CFG, intermediate_size=96)
+    shardings = param_shardings(block, model_cfg, mesh, "experts")
+    placed = place_params(block, shardings)
+    x = np.random.default_rng(3).standard_normal((2, tokens, D)).astype(np.float32)
+
+    def replicas(p, x):
+        return jax.shard_map(lambda p, x: moe_mlp(p, x[0], CFG)[None], mesh=mesh,
+                             in_specs=(replica_local_specs(shardings), PartitionSpec("data")),
+                             out_specs=PartitionSpec("data"), axis_names={"data"},
+                             check_vma=False)(p, x)
+
+    step = jax.jit(traced_over(mesh, replicas)).lower(placed, x).compile()
+    got = np.asarray(step(placed, x))
+    for replica in range(2):
+        want = np.asarray(jax.jit(moe_mlp_dense, static_argnums=2)(block, x[replica], CFG))
+        np.testing.assert_allclose(got[replica], want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    hlo = step.as_text()
+    assert collectives(hlo).get("all-to-all", 0) >= 4
+    assert re.findall(r"\[\d+,(?:64,48|48,64)\]\S* all-gather\(", hlo) == []
+    jax.clear_caches()

@@ -289,8 +289,9 @@ def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
 def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
                     cfg: MoeConfig, mesh, across: str | None = None) -> jax.Array:
     """`across` (_routed_across_replicas): w is this replica's cut of experts split over
-    the data and model axes together by `across`; x holds every replica's tokens, and
-    the shares meet over both axes (device d * model + m holds share d * model + m)."""
+    the data and model axes together by `across`; x holds every replica's tokens [R * T],
+    the shares meet over both axes (device d * model + m holds share d * model + m), and
+    the result is this replica's rows [T]."""
     devices = mesh.shape[TENSOR_AXIS]
     split = _expert_split(w, devices) if across is None else across
     local = w if split is None else Experts(*(local_share(_base(a), split, axis, devices)
@@ -307,12 +308,16 @@ def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
     def body(x, weights, experts, shares):
         shares = Experts(*(_with_static(share, a) for share, a in zip(shares, local)))
         if capacity is not None:
-            return _dispatched_experts(shares, x, weights, experts, cfg, group, capacity, axes)
+            routed = _dispatched_experts(shares, x, weights, experts, cfg, group, capacity, axes)
+            return routed if across is None else _own_replica_rows(routed)
         if split == "experts":
             first = jax.lax.axis_index(axes) * shares.count
             partial = _routed_experts(shares, x, weights, experts, cfg, first)
         else:
             partial = _routed_experts(shares, x, weights, experts, cfg)
+        if across is not None:  # every replica's rows: each replica keeps the sums of its own
+            mine = jax.lax.psum_scatter(partial, DATA_AXIS, scatter_dimension=0, tiled=True)
+            return jax.lax.psum(mine, TENSOR_AXIS)
         return partial if split is None else jax.lax.psum(partial, axes)
 
     # Manual over every axis not yet manual, as quantization/product.py's split: the TPU
@@ -334,9 +339,11 @@ def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
 # over the data axis), while the routed experts split over all R x M devices of the mesh
 # (parallel/sharding.expert_spec): by expert, or by the intermediate width. Inside the
 # replica a block then holds 1/R of the experts' data cut, so it takes every replica's
-# tokens (all-gathered over the data axis: the replicas' batches are padded alike), runs
-# _routed_on_mesh over the model axis with the shares meeting over both axes (all-reduce
-# or all-to-all dispatch), and keeps its own replica's rows. The replicas step in lockstep
+# tokens (all-gathered over the data axis: the replicas' batches are padded alike) and runs
+# _routed_on_mesh over the model axis with the shares meeting over both axes: the partial
+# sums reduce-scattered over the data axis (each replica its own rows) then all-reduced
+# over the model axis, or the all-to-all dispatch over both axes (each replica then keeps
+# its own rows of the gathered result). The replicas step in lockstep
 # by construction: one program, a replica without requests runs its padding.
 
 
@@ -358,9 +365,13 @@ def _routed_across_replicas(w: Experts, x: jax.Array, weights: jax.Array, expert
     """x [T, D], this replica's tokens -> their routed sum [T, D] (the comment above)."""
     mesh = jax.sharding.get_abstract_mesh()
     everyone = [jax.lax.all_gather(a, DATA_AXIS, tiled=True) for a in (x, weights, experts)]
-    routed = _routed_on_mesh(w, *everyone, cfg, mesh, across)  # [R * T, D]
-    T = x.shape[0]
-    return jax.lax.dynamic_slice_in_dim(routed, jax.lax.axis_index(DATA_AXIS) * T, T)
+    return _routed_on_mesh(w, *everyone, cfg, mesh, across)
+
+
+def _own_replica_rows(routed: jax.Array) -> jax.Array:
+    """Every replica's routed sums [R * T, D] -> this replica's [T, D]."""
+    rows = routed.shape[0] // jax.lax.axis_size(DATA_AXIS)
+    return jax.lax.dynamic_slice_in_dim(routed, jax.lax.axis_index(DATA_AXIS) * rows, rows)
 
 
 # ------------------------------------------------------------------ all-to-all dispatch

@@ -121,23 +121,6 @@ def test_ngram_with_data_parallel_replicas_is_accepted(model_dir):
     assert config.additional_config["xla_data_parallel_size"] == 2
 
 
-def test_mtp_with_data_parallel_replicas_is_refused():
-    """(A config object of the fields the check reads: vLLM's would need a DeepSeek-V3
-    checkpoint, an MoE model, which data parallel refuses before this check.)"""
-    from types import SimpleNamespace
-
-    from xla_inference.plugin.spec_decode import refuse_unserved
-
-    config = SimpleNamespace(
-        speculative_config=SimpleNamespace(method="mtp"),
-        scheduler_config=SimpleNamespace(async_scheduling=True),
-        parallel_config=SimpleNamespace(data_parallel_size=1),
-        additional_config={"xla_data_parallel_size": 2})
-    with pytest.raises(ValueError, match="does not serve mtp speculative decoding with "
-                                         "data parallel replicas"):
-        refuse_unserved(config)
-
-
 _OURS = {"kv_connector": "XlaSharedStorageConnector", "kv_role": "kv_both"}
 
 
@@ -217,3 +200,15 @@ def test_pipeline_parallel_on_a_moe_model_is_refused(tmp_path):
     moe = save_tiny_family(tmp_path / "moe", "qwen3_moe")
     with pytest.raises(Exception, match="pipeline parallel .* on a mixture-of-experts model"):
         _config(moe, pipeline_parallel_size=2)
+
+
+def test_moe_with_data_parallel_replicas_on_the_torch_path_is_refused(tmp_path):
+    """Native families split an MoE model's experts across the replicas (served end to
+    end: tests/e2e/test_llm_moe_data_parallel.py); vLLM's PyTorch class does not."""
+    from tests.helpers import save_tiny_family
+
+    moe = save_tiny_family(tmp_path / "moe", "qwen3_moe")
+    config = _config(moe, additional_config={"data_parallel_size": 2})
+    assert config.additional_config["xla_data_parallel_size"] == 2
+    with pytest.raises(Exception, match="on its native JAX families only"):
+        _config(moe, model_impl="vllm", additional_config={"data_parallel_size": 2})

@@ -36,7 +36,8 @@ from xla_inference.kernels import pallas_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.lora.slots import LoraExperts
 from xla_inference.parallel.axes import weight
-from xla_inference.parallel.sharding import (TENSOR_AXIS, refuse_nested_interpret_callbacks,
+from xla_inference.parallel.sharding import (DATA_AXIS, REPLICAS_AND_TENSOR, TENSOR_AXIS,
+                                             refuse_nested_interpret_callbacks,
                                              tensor_parallel_mesh)
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
                                                 ragged_product, row_experts,
@@ -202,8 +203,11 @@ def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
     all-to-all dispatch forced, split by hand (_routed_on_mesh), LoRA experts' adapter
     stacks with them."""
     w = Experts(p.w_gate, p.w_up, p.w_down)
+    across = _split_across_replicas(w, cfg)
     mesh = _mesh_to_split_on(w)
-    if mesh is None:
+    if across is not None:
+        routed = _routed_across_replicas(w, x, weights, experts, cfg, across)
+    elif mesh is None:
         routed = _routed_experts(w, x, weights, experts, cfg)
     else:
         routed = _routed_on_mesh(w, x, weights, experts, cfg, mesh)
@@ -283,37 +287,91 @@ def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
 
 
 def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
-                    cfg: MoeConfig, mesh) -> jax.Array:
+                    cfg: MoeConfig, mesh, across: str | None = None) -> jax.Array:
+    """`across` (_routed_across_replicas): w is this replica's cut of experts split over
+    the data and model axes together by `across`; x holds every replica's tokens [R * T],
+    the shares meet over both axes (device d * model + m holds share d * model + m), and
+    the result is this replica's rows [T]."""
     devices = mesh.shape[TENSOR_AXIS]
-    split = _expert_split(w, devices)
+    split = _expert_split(w, devices) if across is None else across
     local = w if split is None else Experts(*(local_share(_base(a), split, axis, devices)
                                               for a, axis in zip(w, _SPLIT_AXES[split])))
     specs = Experts(*(_share_spec(a, local_a, split, axis)
                       for a, local_a, axis in zip(w, local, _SPLIT_AXES.get(split, (0,) * 3))))
+    axes, group = TENSOR_AXIS, devices  # the devices the shares meet over
+    if across is not None:
+        axes, group = REPLICAS_AND_TENSOR, devices * mesh.shape[DATA_AXIS]
 
-    capacity = _dispatch_capacity(w, x.shape[0], cfg.num_experts_per_tok, devices, split)
+    capacity = _dispatch_capacity(w, x.shape[0], cfg.num_experts_per_tok, group, split,
+                                  group // devices)
 
     def body(x, weights, experts, shares):
         shares = Experts(*(_with_static(share, a) for share, a in zip(shares, local)))
         if capacity is not None:
-            return _dispatched_experts(shares, x, weights, experts, cfg, devices, capacity)
+            routed = _dispatched_experts(shares, x, weights, experts, cfg, group, capacity, axes)
+            return routed if across is None else _own_replica_rows(routed)
         if split == "experts":
-            first = jax.lax.axis_index(TENSOR_AXIS) * shares.count
+            first = jax.lax.axis_index(axes) * shares.count
             partial = _routed_experts(shares, x, weights, experts, cfg, first)
         else:
             partial = _routed_experts(shares, x, weights, experts, cfg)
-        return partial if split is None else jax.lax.psum(partial, TENSOR_AXIS)
+        if across is not None:  # every replica's rows: each replica keeps the sums of its own
+            mine = jax.lax.psum_scatter(partial, DATA_AXIS, scatter_dimension=0, tiled=True)
+            return jax.lax.psum(mine, TENSOR_AXIS)
+        return partial if split is None else jax.lax.psum(partial, axes)
 
     # Manual over every axis not yet manual, as quantization/product.py's split: the TPU
     # kernel's interpret mode runs host callbacks, which JAX allows only in manual code.
     route = pallas_gmm.gmm_route()
     if route is not None and route.backend == "tpu" and route.interpret:
         refuse_nested_interpret_callbacks(mesh, "the TPU GMM")
-    axes = set(mesh.axis_names) - set(mesh.manual_axes)
+    still_auto = set(mesh.axis_names) - set(mesh.manual_axes)
     whole = PartitionSpec()
     return jax.shard_map(body, mesh=mesh, in_specs=(whole, whole, whole, specs),
-                         out_specs=whole, axis_names=axes, check_vma=False)(
+                         out_specs=whole, axis_names=still_auto, check_vma=False)(
                              x, weights, experts, w)
+
+
+# ------------------------------------------------------------------ across data parallel replicas
+#
+# MoE under data parallel (vLLM's "DP attention + expert parallel"): each replica runs its
+# own tokens through attention on its data slice (runner/engine._forward_replicas, manual
+# over the data axis), while the routed experts split over all R x M devices of the mesh
+# (parallel/sharding.expert_spec): by expert, or by the intermediate width. Inside the
+# replica a block then holds 1/R of the experts' data cut, so it takes every replica's
+# tokens (all-gathered over the data axis: the replicas' batches are padded alike) and runs
+# _routed_on_mesh over the model axis with the shares meeting over both axes: the partial
+# sums reduce-scattered over the data axis (each replica its own rows) then all-reduced
+# over the model axis, or the all-to-all dispatch over both axes (each replica then keeps
+# its own rows of the gathered result). The replicas step in lockstep
+# by construction: one program, a replica without requests runs its padding.
+
+
+def _split_across_replicas(w: Experts, cfg: MoeConfig) -> str | None:
+    """"experts" or "mlp" where w is a data parallel replica's cut of experts split across
+    the replicas (its shapes tell: fewer experts, or a narrower width, than the config's);
+    None where each replica holds its experts whole over the data axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or DATA_AXIS not in mesh.manual_axes or mesh.shape[DATA_AXIS] == 1
+            or not all(isinstance(a, jax.Array) for a in w)):  # dense stacks only split so
+        return None
+    if w.count < cfg.num_experts:
+        return "experts"
+    return "mlp" if w.gate.shape[2] < cfg.intermediate_size else None
+
+
+def _routed_across_replicas(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
+                            cfg: MoeConfig, across: str) -> jax.Array:
+    """x [T, D], this replica's tokens -> their routed sum [T, D] (the comment above)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    everyone = [jax.lax.all_gather(a, DATA_AXIS, tiled=True) for a in (x, weights, experts)]
+    return _routed_on_mesh(w, *everyone, cfg, mesh, across)
+
+
+def _own_replica_rows(routed: jax.Array) -> jax.Array:
+    """Every replica's routed sums [R * T, D] -> this replica's [T, D]."""
+    rows = routed.shape[0] // jax.lax.axis_size(DATA_AXIS)
+    return jax.lax.dynamic_slice_in_dim(routed, jax.lax.axis_index(DATA_AXIS) * rows, rows)
 
 
 # ------------------------------------------------------------------ all-to-all dispatch
@@ -346,14 +404,16 @@ DISPATCH_CAPACITY_FACTOR = 1.25
 
 
 def _dispatch_capacity(w: Experts, num_tokens: int, k: int, devices: int,
-                       split: str | None) -> int | None:
-    """Rows each device sends each device under all-to-all dispatch; None: all-reduce."""
+                       split: str | None, replicas: int = 1) -> int | None:
+    """Rows each device sends each device under all-to-all dispatch; None: all-reduce.
+    replicas: w is one replica's cut of the experts (split across replicas)."""
     choice = envs.moe_dispatch()
     if (choice == "all-reduce" or split != "experts"
             or any(isinstance(a, LoraExperts) for a in w)):
         return None
     local_tokens = -(-num_tokens // devices)
-    experts, elsewhere = w.count, w.count - w.count // devices
+    experts = w.count * replicas
+    elsewhere = experts - experts // devices
     missed = math.prod((elsewhere - i) / (experts - i) for i in range(k)) if k <= elsewhere else 0
     capacity = min(local_tokens,
                    max(1, math.ceil(DISPATCH_CAPACITY_FACTOR * (1 - missed) * local_tokens)))
@@ -363,33 +423,35 @@ def _dispatch_capacity(w: Experts, num_tokens: int, k: int, devices: int,
 
 
 def _dispatched_experts(shares: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
-                        cfg: MoeConfig, devices: int, capacity: int) -> jax.Array:
-    """Inside the shard_map over the tensor axis, x [T, D] replicated: the routed sum [T, D]
-    by all-to-all dispatch (the comment above), or by the all-reduce path on overflow."""
-    first = jax.lax.axis_index(TENSOR_AXIS) * shares.count
+                        cfg: MoeConfig, devices: int, capacity: int, axes=TENSOR_AXIS
+                        ) -> jax.Array:
+    """Inside the shard_map over the tensor axis, x [T, D] replicated over `axes` (of
+    `devices` devices): the routed sum [T, D] by all-to-all dispatch (the comment above),
+    or by the all-reduce path on overflow."""
+    first = jax.lax.axis_index(axes) * shares.count
     T = x.shape[0]
     local_tokens = -(-T // devices)
     pad = local_tokens * devices - T
     padded = (jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(weights, ((0, pad), (0, 0))),
               jnp.pad(experts, ((0, pad), (0, 0)), constant_values=-1))
-    mine = [jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(TENSOR_AXIS) * local_tokens,
+    mine = [jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(axes) * local_tokens,
                                          local_tokens) for a in padded]
     token_at, overflow = _dispatch_slots(mine[2] // shares.count, devices, capacity)
 
     def dispatched():
         sent = _rows_to_send(*mine, token_at, shares.count)  # [n, C, ...] each
-        received = [jax.lax.all_to_all(a, TENSOR_AXIS, 0, 0, tiled=True) for a in sent]
+        received = [jax.lax.all_to_all(a, axes, 0, 0, tiled=True) for a in sent]
         rows = [a.reshape(devices * capacity, *a.shape[2:]) for a in received]
         partial = _routed_experts(shares, *rows, cfg, first)  # [n * C, D]
-        back = jax.lax.all_to_all(partial.reshape(devices, capacity, -1), TENSOR_AXIS, 0, 0,
+        back = jax.lax.all_to_all(partial.reshape(devices, capacity, -1), axes, 0, 0,
                                   tiled=True)  # back[j, c]: token token_at[j, c]'s share on j
         summed = jnp.zeros((local_tokens + 1, back.shape[-1]), back.dtype).at[token_at].add(back)
-        return jax.lax.all_gather(summed[:local_tokens], TENSOR_AXIS, tiled=True)[:T]
+        return jax.lax.all_gather(summed[:local_tokens], axes, tiled=True)[:T]
 
     def reduced():
-        return jax.lax.psum(_routed_experts(shares, x, weights, experts, cfg, first), TENSOR_AXIS)
+        return jax.lax.psum(_routed_experts(shares, x, weights, experts, cfg, first), axes)
 
-    return jax.lax.cond(jax.lax.pmax(overflow, TENSOR_AXIS), reduced, dispatched)
+    return jax.lax.cond(jax.lax.pmax(overflow, axes), reduced, dispatched)
 
 
 def _dispatch_slots(owners: jax.Array, devices: int, capacity: int

@@ -28,6 +28,10 @@ from xla_inference.parallel.pipeline import (StageStack, devices_from_each_proce
 
 MESH_AXES = ("data", "model")
 TENSOR_AXIS = "model"  # the mesh axis tensor parallel splits over
+DATA_AXIS = "data"  # the mesh axis data parallel replicas split over
+# MoE under data parallel (vLLM's "DP attention + EP"): the routed experts split over every
+# device of the (data, model) mesh, data-major (device (d, m) holds share d * model + m).
+REPLICAS_AND_TENSOR = (DATA_AXIS, TENSOR_AXIS)
 
 # logical axis -> mesh axis (None: replicated)
 LOGICAL_RULES: dict[str, str | None] = {
@@ -108,22 +112,30 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], sizes: 
     return PartitionSpec(*spec)
 
 
-def param_shardings(params, cfg, mesh: Mesh):
+def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None = None):
     """A NamedSharding for every parameter leaf (the same tree), from the logical axes each
-    parameter dataclass declares (parallel/axes.py) and LOGICAL_RULES."""
+    parameter dataclass declares (parallel/axes.py) and LOGICAL_RULES.
+
+    experts_across_replicas ("experts" or "mlp", with data parallel replicas): the routed
+    experts split over the data and model axes together (expert_spec)."""
     sizes = logical_sizes(cfg)
 
-    def leaf_sharding(leaf, axes):
+    def leaf_sharding(leaf, axes, dense=True):
         if leaf is None:
             return None
         if axes is None or len(axes) != np.ndim(leaf):
             axes = (None,) * np.ndim(leaf)  # declared none (or a whole subtree): replicated
-        return NamedSharding(mesh, partition_spec(axes, np.shape(leaf), sizes, mesh))
+        spec = None
+        if dense and experts_across_replicas is not None and "experts" in axes:
+            spec = expert_spec(axes, np.shape(leaf), mesh, experts_across_replicas)
+        if spec is None:
+            spec = partition_spec(axes, np.shape(leaf), sizes, mesh)
+        return NamedSharding(mesh, spec)
 
     def walk(node, axes=None):
         if is_packed_weight(node):
             return dataclasses.replace(node, **{
-                name: leaf_sharding(getattr(node, name), packed_axes(node, name, axes))
+                name: leaf_sharding(getattr(node, name), packed_axes(node, name, axes), False)
                 for name in ("values", "scales", "offsets")})
         if dataclasses.is_dataclass(node):
             return dataclasses.replace(node, **{
@@ -136,6 +148,39 @@ def param_shardings(params, cfg, mesh: Mesh):
         return leaf_sharding(node, axes)
 
     return walk(params)
+
+
+def expert_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, prefer: str
+                ) -> PartitionSpec | None:
+    """A dense expert stack's spec over the data and model axes together (MoE under data
+    parallel, as vLLM splits it over its DP x TP ranks): by expert ("experts", vLLM's
+    --enable-expert-parallel) or by the intermediate width ("mlp", vLLM's default: tensor
+    parallel of every expert over all ranks), the other where the preferred does not
+    divide; None where neither does (then each replica holds the model axis' split alone,
+    and runs its own tokens through it). Quantized experts (packed) keep the model axis'."""
+    devices = mesh.shape[DATA_AXIS] * mesh.shape[TENSOR_AXIS]
+    if mesh.shape[DATA_AXIS] == 1 or "stage" in mesh.axis_names:
+        return None
+    for logical in (prefer, "mlp" if prefer == "experts" else "experts"):
+        if logical in axes and shape[axes.index(logical)] % devices == 0:
+            spec = [None] * len(axes)
+            spec[axes.index(logical)] = REPLICAS_AND_TENSOR
+            return PartitionSpec(*spec)
+    return None
+
+
+def replica_local_specs(shardings):
+    """The in_specs of the data parallel replicas' shard_map (manual over the data axis
+    only) for arrays placed as `shardings`: each array's data-axis cut, nothing else (the
+    model axis stays GSPMD's inside). Only expert stacks split across replicas have one."""
+    def data_part(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return DATA_AXIS if DATA_AXIS in names else None
+
+    def spec(sharding):
+        return PartitionSpec(*(data_part(entry) for entry in sharding.spec))
+
+    return jax.tree.map(spec, shardings, is_leaf=lambda n: isinstance(n, NamedSharding))
 
 
 def is_packed_weight(node) -> bool:

@@ -80,6 +80,8 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
         (model is not None and model.supports_multimodal_inputs, "multimodal models"),
         (pipeline_parallel_size(vllm_config) > 1 and data_parallel_size(vllm_config) > 1,
          "pipeline parallel with data parallel replicas (served in one process)"),
+        (model is not None and model.is_moe and data_parallel_size(vllm_config) > 1,
+         "MoE models with data parallel replicas (served in one process)"),
     ]
     refused = [name for refuse, name in refusals if refuse]
     if refused:
@@ -442,6 +444,16 @@ def _architectures(model_config) -> str:
     return ", ".join(model_config.architectures or []) or "this model"
 
 
+def _native_family_serves(model_config) -> bool:
+    """Whether --model-impl (auto or native) resolves to one of our JAX families (as the
+    worker's model_implementation resolves it)."""
+    if str(model_config.model_impl) == "vllm":
+        return False
+    from xla_inference.models.registry import native_family
+
+    return native_family(list(model_config.architectures or [])) is not None
+
+
 def served_modalities(model_config) -> tuple[str, ...]:
     """The inputs our native family for this multimodal model encodes (models/, a family's
     `multimodal`); () for a text model, a model we have no encoder for, or the torch path
@@ -552,11 +564,14 @@ def _fold_data_parallel(vllm_config) -> None:
         parallel.reconfigure_for_independent_dp_rank()
     if size < 1:
         raise ValueError(f"data_parallel_size must be at least 1, got {size}")
-    if size > 1 and model is not None and model.is_moe:
+    if size > 1 and model is not None and model.is_moe and not _native_family_serves(model):
         raise ValueError(
-            "xla-inference runs data parallel as independent replicas, which vLLM allows only "
-            "for dense models (its MoE data parallel shares experts between the ranks); for an "
-            "MoE model use --tensor-parallel-size with --enable-expert-parallel")
+            "xla-inference runs an MoE model with data parallel replicas (attention per "
+            "replica, the experts split over every device) on its native JAX families only "
+            "(Qwen3-MoE, Mixtral, DeepSeek-V3, Llama 4); vLLM's PyTorch model class "
+            f"(--model-impl vllm or no native family for {_architectures(model)}) does not "
+            "split its experts across replicas: use --tensor-parallel-size with "
+            "--enable-expert-parallel")
     extra["xla_data_parallel_size"] = size
     if size > 1:
         vllm_config.scheduler_config.scheduler_cls = _DP_SCHEDULER

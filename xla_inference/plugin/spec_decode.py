@@ -24,8 +24,9 @@ Drafts are verified on device by rejection sampling (sampling/rejection.py); gre
 count as one-hot, as vLLM's default draft_sample_method "greedy". Every other method
 is refused at start-up. vLLM's num_speculative_tokens_per_batch_size caps the
 drafts proposed after a step (plugin/model_runner._propose; 0: no proposer work).
-With data parallel replicas ngram, draft_model, eagle3 and eagle are served
-(DATA_PARALLEL_METHODS); mtp's DeepSeek-V3 targets are MoE, which data parallel refuses.
+Every served method runs with data parallel replicas too (DATA_PARALLEL_METHODS); mtp's
+DeepSeek-V3 target runs its experts split across the replicas (layers/moe.py), its MTP
+layer, an EAGLE-like head, over every replica's rows in one program.
 """
 
 import logging
@@ -50,9 +51,9 @@ ASYNC_METHODS = ("draft_model", *EAGLE_METHODS)
 # Methods served with data parallel replicas: every replica's steps verify together (the
 # forward returns every replica's hidden states in the scheduler's order); a draft model's
 # engine runs its replicas as the target's does, each replica's draft KV in its own pages;
-# an EAGLE head runs every replica's rows in one program over all replicas' pages. (mtp:
-# its DeepSeek-V3 targets are MoE, which data parallel refuses.)
-DATA_PARALLEL_METHODS = ("ngram", "draft_model", "eagle3", "eagle")
+# an EAGLE head (mtp's MTP layer too, its experts split over the model axis as under
+# tensor parallel alone) runs every replica's rows in one program over all replicas' pages.
+DATA_PARALLEL_METHODS = ("ngram", "draft_model", "eagle3", "eagle", "mtp")
 
 
 def use_synchronous_scheduling(vllm_config) -> None:

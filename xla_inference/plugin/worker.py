@@ -343,7 +343,8 @@ class XlaWorker(WorkerBase):
                               data_parallel_size=data_parallel_size(self.vllm_config),
                               pipeline_parallel_size=pipeline_parallel_size(self.vllm_config),
                               lora=self._lora_limits(),
-                              pooling=self.model_config.runner_type == "pooling")
+                              pooling=self.model_config.runner_type == "pooling",
+                              expert_parallel=self.parallel_config.enable_expert_parallel)
         _log_checkpoint_reads()
         drafter = build_drafter(self.vllm_config, self.draft_model, kv_cache_config, engine)
         self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests(),

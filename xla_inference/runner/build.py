@@ -175,13 +175,15 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
                  data_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  mesh: jax.sharding.Mesh | None = None,
                  keep_host_params: bool = False, lora: dict | None = None,
-                 pooling: bool = False) -> ModelEngine:
+                 pooling: bool = False, expert_parallel: bool = False) -> ModelEngine:
     """Phase two: the mesh, the KV cache of engine_cfg.num_blocks pages and the weights
     placed shard by shard; the host copy of the weights is dropped (unless
     keep_host_params: a benchmark building several engines). Compile with
     `engine.warm_up()`. lora: LoraSlots' limits (max_loras, max_rank, max_cpu_loras) to
     serve LoRA adapters (lora/slots.py). pipeline_parallel_size: layers split into that
-    many stages over a stage axis of the mesh (parallel/pipeline.py)."""
+    many stages over a stage axis of the mesh (parallel/pipeline.py). expert_parallel
+    (--enable-expert-parallel): an MoE model's experts split across data parallel replicas
+    by expert rather than by width (runner/engine.ModelEngine)."""
     if mesh is None:
         mesh = build_mesh(tensor_parallel_size, data_parallel_size,
                           pipeline_parallel_size=pipeline_parallel_size)
@@ -195,7 +197,8 @@ def build_engine(model: LoadedModel, engine_cfg: EngineConfig, *, tensor_paralle
         lora = dict(lora, max_loras=lora["max_loras"] * mesh.shape["data"])
     slots = None if lora is None else lora_slots(model, **lora)
     engine = ModelEngine(model.family, model.cfg, model.params, engine_cfg,
-                         model.precision.kv_cache, mesh=mesh, lora=slots, pooling=pooling)
+                         model.precision.kv_cache, mesh=mesh, lora=slots, pooling=pooling,
+                         expert_parallel=expert_parallel)
     if not keep_host_params:
         model.params = None
     return engine

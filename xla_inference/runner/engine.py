@@ -20,7 +20,8 @@ from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
 from xla_inference.parallel.pipeline import num_stages, stage_kv_sharding, stage_params
 from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark_tensor_splits,
                                              param_shardings, place, place_params,
-                                             replica_sharding, replicated, traced_over)
+                                             replica_local_specs, replica_sharding, replicated,
+                                             traced_over)
 from xla_inference.runner import compile_counter, jax_setup
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
@@ -142,7 +143,8 @@ def _forward_pooled(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch)
 
 
 def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
-                      token_order, *, mesh: Mesh, max_rank: int | None = None):
+                      token_order, *, mesh: Mesh, max_rank: int | None = None,
+                      params_spec=PartitionSpec()):
     """Data parallel: every array of `batch` and of the cache has a leading replica axis, one
     replica per slice of the mesh's data axis. Each slice runs its own replica's forward on
     its own batch and cache (shard_map, manual over the data axis only: GSPMD still splits
@@ -157,7 +159,11 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
 
     With LoRA (max_rank given) params is (params, the LoRA stacks, each token's slot [R, T]):
     every replica reads the same stacks (one set of slots for all replicas' adapters) and
-    its own tokens' slots."""
+    its own tokens' slots.
+
+    params_spec: the params' cut over the data axis (parallel/sharding.replica_local_specs):
+    an MoE model's experts split across the replicas enter as each replica's cut (the
+    layers see it by its shape: layers/moe.py); everything else whole."""
     local = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731 (this slice's replica)
 
     def replica(params, kv_cache, batch):
@@ -168,7 +174,8 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
         return jax.tree.map(lambda a: a[None], kv_cache), hidden[None]
 
     data = PartitionSpec("data")
-    params_spec = PartitionSpec() if max_rank is None else (PartitionSpec(), PartitionSpec(), data)
+    if max_rank is not None:
+        params_spec = (params_spec, PartitionSpec(), data)
     kv_cache, hidden = jax.shard_map(
         replica, mesh=mesh, in_specs=(params_spec, data, data), out_specs=(data, data),
         axis_names={"data"}, check_vma=False)(params, kv_cache, batch)
@@ -179,11 +186,12 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
 
 
 def _forward_replicas_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch,
-                             row_order, token_order, *, mesh: Mesh):
+                             row_order, token_order, *, mesh: Mesh,
+                             params_spec=PartitionSpec()):
     """A draft model's step over data parallel replicas: _forward_replicas, each row's argmax
     token in place of its logits (as _forward_greedy)."""
     kv_cache, logits, hidden = _forward_replicas(model, cfg, params, kv_cache, batch, row_order,
-                                                 token_order, mesh=mesh)
+                                                 token_order, mesh=mesh, params_spec=params_spec)
     return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
 
 
@@ -305,6 +313,16 @@ def _rejection_key(logits, drafts, sampling, extras, base_key, step):
     return drafts.tokens.shape, extras is None
 
 
+def _check_experts_across_replicas(lora) -> None:
+    """MoE under data parallel splits the experts across the replicas; LoRA adapters on
+    the experts would have to split with them (their stacks follow the experts' placement),
+    which is not built."""
+    if lora is not None:
+        raise ValueError("xla-inference serves LoRA adapters on an MoE model without data "
+                         "parallelism (--data-parallel-size 1): its experts split across the "
+                         "replicas, and the adapters' expert stacks do not yet")
+
+
 class ModelEngine:
     """Owns params and KV cache; runs one ragged step at a time on padded buckets.
 
@@ -317,11 +335,18 @@ class ModelEngine:
 
     def __init__(self, model: ModelFamily, model_cfg, params, engine_cfg: EngineConfig, kv_dtype,
                  mesh: Mesh | None = None, lora: LoraSlots | None = None,
-                 pooling: bool = False, greedy_drafter: bool = False):
+                 pooling: bool = False, greedy_drafter: bool = False,
+                 expert_parallel: bool = False):
         compile_counter.install()
         self.mesh = mesh if mesh is not None else build_mesh()
         self.model, self.model_cfg, self.cfg = model, model_cfg, engine_cfg
-        self.param_shardings = param_shardings(params, model_cfg, self.mesh)
+        # MoE under data parallel: the routed experts split over every device of the mesh,
+        # by expert with --enable-expert-parallel, else by width (vLLM's split over DP x TP).
+        across = None
+        if self.mesh.shape["data"] > 1 and getattr(model_cfg, "moe", None) is not None:
+            _check_experts_across_replicas(lora)
+            across = "experts" if expert_parallel else "mlp"
+        self.param_shardings = param_shardings(params, model_cfg, self.mesh, across)
         self.stages = num_stages(self.mesh)  # pipeline parallel stages (parallel/pipeline.py)
         # Pipeline parallel splits each step's requests into micro-batches, one per stage.
         self.microbatches = self.stages
@@ -330,6 +355,8 @@ class ModelEngine:
             params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
         params, self.param_shardings = mark_tensor_splits(params, self.param_shardings)
         self.params = place_params(params, self.param_shardings)
+        replicas = functools.partial(_forward_replicas, mesh=self.mesh,
+                                     params_spec=replica_local_specs(self.param_shardings))
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
         self.replicas = self.mesh.shape["data"]
         self.blocks_per_replica = engine_cfg.num_blocks // self.replicas
@@ -356,7 +383,7 @@ class ModelEngine:
             raise ValueError("xla-inference serves LoRA adapters on generative models only "
                              "(not with a pooling model yet)")
         if lora is not None and self.replicas > 1:
-            forward = functools.partial(_forward_replicas, mesh=self.mesh, max_rank=lora.max_rank)
+            forward = functools.partial(replicas, max_rank=lora.max_rank)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
         elif lora is not None:
             forward = functools.partial(_forward_lora, max_rank=lora.max_rank)
@@ -370,8 +397,9 @@ class ModelEngine:
             batch_shardings = (whole,)
         else:  # data parallel: a draft model's engine keeps each replica's draft KV too;
             # with pipeline stages, each replica runs its micro-batches
-            forward = functools.partial(
-                _forward_replicas_greedy if greedy_drafter else _forward_replicas, mesh=self.mesh)
+            forward = replicas if not greedy_drafter else functools.partial(
+                _forward_replicas_greedy, mesh=self.mesh,
+                params_spec=replica_local_specs(self.param_shardings))
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
 
         # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
@@ -384,7 +412,7 @@ class ModelEngine:
         # A LoRA engine's steps whose tokens all run without an adapter take the base
         # model's program (the host knows it when it builds the step): no delta to pay.
         base_forward = (_forward_logits if self.replicas == 1
-                        else functools.partial(_forward_replicas, mesh=self.mesh))
+                        else replicas)
         self._forward_base = None if lora is None else Programs(
             jax.jit(traced_over(self.mesh, functools.partial(base_forward, model, model_cfg)),
                     in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),

@@ -51,6 +51,12 @@ def reference(checkpoint, processed):
     return features.numpy(), logits, out[0, processed["input_ids"].shape[1]:].tolist()
 
 
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    """One engine for the module: each test's request rewrites the same pages."""
+    return tiny_engine(checkpoint)
+
+
 def _request(processed, identifier="img0"):
     ids = processed["input_ids"][0].tolist()
     offset, end = ids.index(IMAGE_START), ids.index(IMAGE_END)
@@ -62,12 +68,11 @@ def _request(processed, identifier="img0"):
     return req
 
 
-def test_tower_adapter_and_projector_equal_transformers(checkpoint, processed, reference):
+def test_tower_adapter_and_projector_equal_transformers(engine, processed, reference):
     from xla_inference.multimodal.llama4_vision import encoder_program
 
     features, _, _ = reference
     assert features.shape == (5, TOKENS_PER_TILE, 64)  # a 2x2 grid and the global tile
-    engine = tiny_engine(checkpoint)
     program = encoder_program(engine.model_cfg.vision)
     got = np.stack([np.asarray(program(engine.params.vision, tile))
                     for tile in processed["pixel_values"].numpy()])
@@ -97,9 +102,8 @@ def test_rotary_turns_pairs_by_column_then_row():
     assert torch.is_complex(expected) and np.abs(angles[:-1]).min() > 0
 
 
-def test_prompt_logits_with_an_image_cut_across_steps(checkpoint, processed, reference):
+def test_prompt_logits_with_an_image_cut_across_steps(engine, processed, reference):
     _, logits, _ = reference
-    engine = tiny_engine(checkpoint)
     req = _request(processed)
     item = req.mm_items[0]
     assert item.num_embeds == 5 * TOKENS_PER_TILE and req.num_prompt_tokens == 7 + item.length
@@ -113,9 +117,8 @@ def test_prompt_logits_with_an_image_cut_across_steps(checkpoint, processed, ref
     assert np.abs(logits[-1]).max() > 1  # logits of unit scale: errors would show
 
 
-def test_greedy_decoding_after_an_image(checkpoint, processed, reference):
+def test_greedy_decoding_after_an_image(engine, processed, reference):
     _, _, expected = reference
-    engine = tiny_engine(checkpoint)
     req = _request(processed)
     engine.encode(req, [0])
     tokens = []
@@ -128,10 +131,9 @@ def test_greedy_decoding_after_an_image(checkpoint, processed, reference):
     assert tokens == expected
 
 
-def test_tiles_and_placeholders_must_agree(checkpoint, processed):
+def test_tiles_and_placeholders_must_agree(engine, processed):
     from xla_inference.models.llama4_mm import encode
 
-    engine = tiny_engine(checkpoint)
     pixels = processed["pixel_values"].numpy()
     item = MultimodalItem("img1", "image", 0, 4 * TOKENS_PER_TILE, {"pixel_values": pixels[:3]})
     with pytest.raises(ValueError, match="3 tiles gives 12 embeddings"):

@@ -45,7 +45,7 @@ def test_image_prompt_greedy_equals_transformers(llm, checkpoint):
 
 
 def test_images_batched_with_text_requests(llm, checkpoint):
-    one_tile, wide = image(30, 30, seed=1), image(40, 120, seed=2)  # 1 tile; 1x4 and global
+    one_tile, wide = image(30, 30, seed=1), image(40, 120, seed=2)  # 1 tile; 1x3 and the global
     two = f"t60 {IMAGE} t61 {IMAGE} t62"
     requests = [{"prompt": p} for p in TEXT_ONLY]
     requests.insert(1, {"prompt": PROMPT, "multi_modal_data": {"image": one_tile}})

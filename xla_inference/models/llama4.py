@@ -155,10 +155,16 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: Llama4Config, i: i
 
 def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: Llama4Config):
     """(params, kv_cache, batch) -> (kv_cache, hidden [T, D]) after the final norm."""
+    return forward_inputs(params, kv_cache, batch, cfg, params.embed[batch.input_ids])
+
+
+def forward_inputs(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: Llama4Config,
+                   x: jax.Array):
+    """forward from the tokens' input rows x [T, D] (models/llama4_mm.py puts an image
+    encoder's rows in place of its placeholder tokens' embeddings)."""
     inv_freq = jnp.asarray(cfg.inv_freq())
     step = lambda layer, x, kv, i: _layer(layer, x, kv, batch, cfg, i, inv_freq)  # noqa: E731
-    kv_cache, x = run_layers(step, params.layers, kv_cache, params.embed[batch.input_ids],
-                             range(cfg.num_layers))
+    kv_cache, x = run_layers(step, params.layers, kv_cache, x, range(cfg.num_layers))
     return kv_cache, rms_norm(x, params.final_norm, cfg.rms_norm_eps)
 
 

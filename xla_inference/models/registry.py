@@ -5,8 +5,8 @@ import importlib
 from xla_inference.models.interface import ModelFamily
 
 # Family modules, imported on first use; each defines FAMILY.
-_FAMILY_MODULES = ("deepseek_v3", "gemma3", "gemma3_mm", "llama", "llama4", "mistral", "mixtral",
-                   "qwen2", "qwen2_5_vl", "qwen3", "qwen3_moe")
+_FAMILY_MODULES = ("deepseek_v3", "gemma3", "gemma3_mm", "llama", "llama4", "llama4_mm", "mistral",
+                   "mixtral", "qwen2", "qwen2_5_vl", "qwen3", "qwen3_moe")
 
 
 def families() -> list[ModelFamily]:

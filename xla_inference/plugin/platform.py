@@ -394,8 +394,8 @@ def refuse_unsupported_features(vllm_config) -> None:
         # image tokens would be read as text.
         (model is not None and model.supports_multimodal_inputs and not served_modalities(model),
          lambda: f"image, video or audio inputs of {_architectures(model)} (Qwen2.5-VL "
-                 "images and videos and Gemma 3 images are served natively; --language-model-only or "
-                 "--limit-mm-per-prompt with every limit 0 serves its text model)"),
+                 "images and videos, Gemma 3 and Llama 4 images are served natively; "
+                 "--language-model-only or --limit-mm-per-prompt with every limit 0 serves its text model)"),
     ]
     refusals += _kv_connector_refusals(vllm_config)
     for refused, feature in refusals:

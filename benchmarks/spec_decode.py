@@ -7,7 +7,10 @@ between two calls), greedy, medians of `--repeats` timed passes after one untime
   speculation, n-gram with k drafts, and (--draft-layers > 0) a draft model: SmolLM2's first
   --draft-layers layers with its embeddings, norm and head (a smaller model of the same
   vocabulary, written next to the prepared model);
-- batch-N throughput (output tokens / s) on N such prompts, for none and n-gram.
+- batch-N throughput (output tokens / s) on N such prompts, for none and n-gram;
+  with --data-parallel R, both engines serve R data parallel replicas (additional_config
+  data_parallel_size, one vLLM scheduler per replica, N / R sequences each; on the CPU
+  over R virtual devices, XLA_FLAGS set here) and the rows each replica ran are printed.
 
 Each part builds engines sized for it (batch 1: one sequence, buckets up to
 --max-num-batched-tokens; batch N: N sequences), so warm-up compiles few buckets. Prints the
@@ -16,6 +19,7 @@ greedy texts with speculation equal the text without (bfloat16 on the CPU: not a
 near tie between two tokens can flip between a 1-token and a 16-token step; float32: equal).
 
     .venv/bin/python benchmarks/spec_decode.py --k 4 --batch 64 --max-tokens 64 --dtype bfloat16
+    .venv/bin/python benchmarks/spec_decode.py --parts batchN --data-parallel 2 --batch 64
 """
 
 import argparse
@@ -74,7 +78,8 @@ class Engine:
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
                        kv_cache_memory_bytes=args.kv_cache_mib << 20, seed=0,
                        speculative_config=spec, enable_prefix_caching=False,
-                       per_request_spec_decode_metrics="summary" if spec else "none")
+                       per_request_spec_decode_metrics="summary" if spec else "none",
+                       **_data_parallel(args))
         self.accepted = self.drafted = 0  # drafts of the timed passes (per request metrics)
         self.startup_s = time.perf_counter() - t0
         tokenizer = self.llm.get_tokenizer()
@@ -105,6 +110,12 @@ class Engine:
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         gc.collect()
+
+
+def _data_parallel(args) -> dict:
+    if args.data_parallel == 1:
+        return {}
+    return {"additional_config": {"data_parallel_size": args.data_parallel}}
 
 
 def _specs(args, model: Path) -> dict:
@@ -157,8 +168,9 @@ def batch1(args, model: Path) -> dict:
 
 def batch_n(args, model: Path) -> dict:
     specs = {k: v for k, v in _specs(args, model).items() if not k.startswith("draft")}
-    max_batched = max(args.max_num_batched_tokens, args.batch * (args.k + 1))
-    engines = [Engine(name, spec, str(model), args, args.batch, max_batched)
+    seqs = -(-args.batch // args.data_parallel)  # each replica's scheduler's budget
+    max_batched = max(args.max_num_batched_tokens, seqs * (args.k + 1))
+    engines = [Engine(name, spec, str(model), args, seqs, max_batched)
                for name, spec in specs.items()]
     texts = {}
 
@@ -169,10 +181,11 @@ def batch_n(args, model: Path) -> dict:
 
     try:
         result = _alternate(engines, args.repeats, throughput)
+        rows = {e.name: e.llm.collective_rpc("replica_rows")[0] for e in engines}
     finally:
         for e in engines:
             e.close()
-    return {"throughput": result, "texts": texts}
+    return {"throughput": result, "texts": texts, "replica_rows": rows}
 
 
 def _report(name: str, base: str, results: dict, faster_if_smaller: bool, unit: str, scale=1.0):
@@ -198,8 +211,13 @@ def main():
     parser.add_argument("--max-num-batched-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     parser.add_argument("--parts", default="batch1,batchN")
+    parser.add_argument("--data-parallel", type=int, default=1,
+                        help="data parallel replicas of every engine (CPU: virtual devices)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.data_parallel > 1 and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                   f"platform_device_count={args.data_parallel}").strip()
     from xla_inference.loading.default_model import prepare_default_model
 
     model = Path(prepare_default_model())
@@ -216,7 +234,9 @@ def main():
         print(f"load average: {os.getloadavg()}", flush=True)
     if "batchN" in parts:
         r = batch_n(args, model)
-        _report(f"batch-{args.batch} tok/s", "none", r["throughput"], False, "tok/s")
+        replicas = f", {args.data_parallel} replicas" if args.data_parallel > 1 else ""
+        _report(f"batch-{args.batch}{replicas} tok/s", "none", r["throughput"], False, "tok/s")
+        print("request rows run per replica:", r["replica_rows"])
         base = r["texts"]["none"]
         print("same greedy texts as none:", {k: v == base for k, v in r["texts"].items()})
         print(f"load average: {os.getloadavg()}", flush=True)

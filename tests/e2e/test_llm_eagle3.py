@@ -88,7 +88,7 @@ def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, cpu_backend_ru
 def test_two_data_parallel_replicas_draft_as_vllm_cpu_backend(models, cpu_backend_run,
                                                               monkeypatch):
     """An EAGLE-3 head over two data parallel replicas' requests (additional_config
-    data_parallel_size 2: one program over both replicas' rows and pages, 8 virtual CPU
+    data_parallel_size 2: each replica its own rows and share of the head.s pages, 8 virtual CPU
     devices) proposes every draft vLLM's CPU backend proposes with one engine, and greedy
     output is transformers'; synchronous scheduling, so that vLLM's schedulers hold the
     drafts."""

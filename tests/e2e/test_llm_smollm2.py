@@ -62,9 +62,9 @@ def test_logprobs_match_transformers_log_softmax(llm, smollm2_gguf, prompts):
                         prompt_logprobs=2)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], sp, use_tqdm=False)
     tol = 2e-3  # float32 against float32 transformers; both dequantize the same GGUF
-    for prompt, out in zip(prompts[:3], outs):
-        tokens = prompt + list(out.outputs[0].token_ids)
-        ref = hf_log_softmax(smollm2_gguf, tokens)
+    sequences = [prompt + list(out.outputs[0].token_ids) for prompt, out in zip(prompts, outs)]
+    for prompt, out, tokens, ref in zip(prompts, outs, sequences,
+                                        hf_log_softmax(smollm2_gguf, sequences)):
         P = len(prompt)
         for pos in range(1, P):
             lp = out.prompt_logprobs[pos][tokens[pos]]

@@ -97,8 +97,9 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     config.additional_config["xla_data_parallel_size"] = 1
     _refuse_untested_across_hosts(config)  # in pipeline stages (tests/e2e/test_llm_multihost)
     config.lora_config = object()
-    with pytest.raises(ValueError, match=r"LoRA "
-                                         r"adapters .* across several"):
+    _refuse_untested_across_hosts(config)  # LoRA (tests/e2e/test_llm_multihost_lora)
+    config.kv_transfer_config = object()
+    with pytest.raises(ValueError, match=r"KV connectors .* across several"):
         _refuse_untested_across_hosts(config)
 
 

@@ -65,13 +65,14 @@ def _executor_backend(parallel) -> str:
 def _refuse_untested_across_hosts(vllm_config) -> None:
     """Several JAX processes serve a native decoder with tensor (and expert) parallel, data
     parallel replicas, and in pipeline stages (the stage axis spanning the processes:
-    parallel/pipeline.stage_devices); what has not been run across processes yet is
-    refused, named, rather than risked."""
+    parallel/pipeline.stage_devices), with LoRA adapters (every add/remove/pin and each
+    step's scheduler output reach every process in the driver's order, so each makes the
+    same slot writes, reading the adapter from the same path); what has not been run
+    across processes yet is refused, named, rather than risked."""
     model = vllm_config.model_config
     refusals = [
         (vllm_config.speculative_config is not None, "speculative decoding"),
         (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
-        (vllm_config.lora_config is not None, "LoRA adapters (--enable-lora)"),
         (model is not None and model.runner_type == "pooling", "pooling models (--runner pooling)"),
         (model is not None and str(model.model_impl) == "vllm",
          "vLLM's PyTorch model classes (--model-impl vllm)"),

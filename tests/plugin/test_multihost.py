@@ -98,6 +98,12 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     _refuse_untested_across_hosts(config)  # in pipeline stages (tests/e2e/test_llm_multihost)
     config.lora_config = object()
     _refuse_untested_across_hosts(config)  # LoRA (tests/e2e/test_llm_multihost_lora)
+    config.speculative_config = SimpleNamespace(method="ngram")
+    _refuse_untested_across_hosts(config)  # the driver proposes (tests/e2e/test_llm_multihost_spec)
+    config.speculative_config.method = "eagle3"
+    with pytest.raises(ValueError, match=r"speculative decoding other than ngram .* across"):
+        _refuse_untested_across_hosts(config)
+    config.speculative_config = None
     config.kv_transfer_config = object()
     with pytest.raises(ValueError, match=r"KV connectors .* across several"):
         _refuse_untested_across_hosts(config)

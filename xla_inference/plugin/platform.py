@@ -67,11 +67,15 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
     parallel replicas, and in pipeline stages (the stage axis spanning the processes:
     parallel/pipeline.stage_devices), with LoRA adapters (every add/remove/pin and each
     step's scheduler output reach every process in the driver's order, so each makes the
-    same slot writes, reading the adapter from the same path); what has not been run
+    same slot writes, reading the adapter from the same path), and with n-gram speculative
+    decoding (the driver proposes; the drafts ride the step's scheduler output to every
+    process: plugin/spec_decode.NgramDrafter.proposes); what has not been run
     across processes yet is refused, named, rather than risked."""
     model = vllm_config.model_config
     refusals = [
-        (vllm_config.speculative_config is not None, "speculative decoding"),
+        (vllm_config.speculative_config is not None
+         and vllm_config.speculative_config.method != "ngram",
+         "speculative decoding other than ngram"),
         (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
         (model is not None and model.runner_type == "pooling", "pooling models (--runner pooling)"),
         (model is not None and str(model.model_impl) == "vllm",

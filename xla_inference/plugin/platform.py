@@ -65,7 +65,8 @@ def _executor_backend(parallel) -> str:
 def _refuse_untested_across_hosts(vllm_config) -> None:
     """Several JAX processes serve a native decoder with tensor (and expert) parallel, data
     parallel replicas, and in pipeline stages (the stage axis spanning the processes:
-    parallel/pipeline.stage_devices), with LoRA adapters (every add/remove/pin and each
+    parallel/pipeline.stage_devices; with data parallel replicas too, each process holding
+    its stages of every replica), with LoRA adapters (every add/remove/pin and each
     step's scheduler output reach every process in the driver's order, so each makes the
     same slot writes, reading the adapter from the same path), and with n-gram speculative
     decoding (the driver proposes; the drafts ride the step's scheduler output to every
@@ -81,14 +82,13 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
         (model is not None and str(model.model_impl) == "vllm",
          "vLLM's PyTorch model classes (--model-impl vllm)"),
         (model is not None and model.supports_multimodal_inputs, "multimodal models"),
-        (pipeline_parallel_size(vllm_config) > 1 and data_parallel_size(vllm_config) > 1,
-         "pipeline parallel with data parallel replicas (served in one process)"),
     ]
     refused = [name for refuse, name in refusals if refuse]
     if refused:
         raise ValueError(f"xla-inference does not run {', '.join(refused)} across several JAX "
                          "processes (XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves "
-                         "native decoder families with tensor, expert and data parallel and pipeline stages")
+                         "native decoder families with tensor, expert and data parallel, "
+                         "pipeline stages, LoRA adapters and n-gram speculative decoding")
 
 
 def _jax_runs_on_host() -> bool:

@@ -95,9 +95,9 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     config.additional_config["xla_data_parallel_size"] = 1
     _refuse_untested_across_hosts(config)  # in pipeline stages (tests/e2e/test_llm_multihost)
     config.lora_config = object()
-    _refuse_untested_across_hosts(config)  # LoRA (tests/e2e/test_llm_multihost_lora)
+    _refuse_untested_across_hosts(config)  # LoRA (tests/e2e/test_llm_multihost_lora_spec)
     config.speculative_config = SimpleNamespace(method="ngram")
-    _refuse_untested_across_hosts(config)  # the driver proposes (tests/e2e/test_llm_multihost_spec)
+    _refuse_untested_across_hosts(config)  # the driver proposes (tests/e2e/test_llm_multihost_lora_spec)
     config.speculative_config.method = "eagle3"
     with pytest.raises(ValueError, match=r"speculative decoding other than ngram .* across"):
         _refuse_untested_across_hosts(config)

@@ -124,6 +124,16 @@ def test_reset_encoder_cache_reaches_the_worker_and_serving_goes_on(roomy, model
                                                                           NUM_NEW)
 
 
+def test_repr_of_the_llm_names_the_family_and_serving_goes_on(roomy, model_dir, prompts):
+    # LLM.__repr__ (pytest prints it when an assertion touches the object) asks each worker
+    # for get_model_inspection; unanswered, a follower across hosts stopped the engine.
+    view = repr(roomy)
+    assert view.startswith("LlamaForCausalLM served by xla-inference: JAX family llama"), view
+    assert "parameter arrays" in view and "mesh" in view
+    assert _generate(roomy, prompts[:1], temperature=0.0) == hf_greedy_ids(model_dir, prompts[:1],
+                                                                          NUM_NEW)
+
+
 def test_max_model_len_minus_one_fits_the_context_to_the_kv_cache(model_dir):
     # --max-model-len -1: vLLM starts from the checkpoint's 512 positions, then, the KV cache
     # sized, shortens the context to what the cache holds for one sequence: 7 pages less

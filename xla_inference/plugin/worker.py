@@ -507,6 +507,22 @@ class XlaWorker(WorkerBase):
         packed: values, scales and offsets); None before load_model."""
         return self.loaded_weight_bytes
 
+    def get_model_inspection(self) -> str:
+        """vLLM's LLM.__repr__ asks every worker for a view of the model; the base class
+        formats a torch module, which the native path does not have (unanswered, a
+        follower across hosts would stop the engine): the architecture, the JAX family that
+        serves it, its parameter arrays and the mesh."""
+        import jax
+
+        name = ", ".join(self.model_config.architectures or ()) or str(self.model_config.model)
+        engine = getattr(self.model_runner, "engine", None)
+        if engine is None:
+            return f"{name} (xla-inference: no engine built yet)"
+        leaves = jax.tree.leaves(engine.params)
+        mib = sum(getattr(leaf, "nbytes", 0) for leaf in leaves) / 2**20
+        return (f"{name} served by xla-inference: JAX family {engine.model.name}, "
+                f"{len(leaves)} parameter arrays ({mib:.1f} MiB), mesh {dict(engine.mesh.shape)}")
+
     def mesh_shape(self) -> dict:
         return dict(self.model_runner.engine.mesh.shape)
 

@@ -91,14 +91,19 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     config.additional_config["xla_data_parallel_size"] = 2
     _refuse_untested_across_hosts(config)  # with data parallel replicas too
     config.parallel_config.pipeline_parallel_size = 2
-    with pytest.raises(ValueError, match=r"pipeline parallel with data parallel replicas .* "
-                                         r"across several"):
-        _refuse_untested_across_hosts(config)  # both at once: in one process only
+    _refuse_untested_across_hosts(config)  # both at once (tests/e2e/test_llm_multihost_pp_dp)
     config.additional_config["xla_data_parallel_size"] = 1
     _refuse_untested_across_hosts(config)  # in pipeline stages (tests/e2e/test_llm_multihost)
     config.lora_config = object()
-    with pytest.raises(ValueError, match=r"LoRA "
-                                         r"adapters .* across several"):
+    _refuse_untested_across_hosts(config)  # LoRA (tests/e2e/test_llm_multihost_lora_spec)
+    config.speculative_config = SimpleNamespace(method="ngram")
+    _refuse_untested_across_hosts(config)  # the driver proposes (tests/e2e/test_llm_multihost_lora_spec)
+    config.speculative_config.method = "eagle3"
+    with pytest.raises(ValueError, match=r"speculative decoding other than ngram .* across"):
+        _refuse_untested_across_hosts(config)
+    config.speculative_config = None
+    config.kv_transfer_config = object()
+    with pytest.raises(ValueError, match=r"KV connectors .* across several"):
         _refuse_untested_across_hosts(config)
 
 
@@ -145,3 +150,16 @@ def test_after_an_engine_error_shutdown_waits_for_the_loss_to_show(monkeypatch):
     assert not quiet.lost_before_stop(wait_s=0.5, after_error=True)  # bounded
     assert time.monotonic() - start < 2
     alive.close()
+
+
+def test_a_follower_ngram_drafter_proposes_nothing():
+    """Across hosts only the driver's n-gram drafts reach vLLM (they ride the verify step's
+    scheduler output to every process): a follower's drafter does no prompt lookup."""
+    from xla_inference.plugin.spec_decode import NgramDrafter
+
+    drafter = object.__new__(NgramDrafter)  # no vLLM proposer: it must not be called
+    drafter.proposes = False
+    requests = [SimpleNamespace(req_id="a", token_ids=[5, 6, 5, 6, 5]),
+                SimpleNamespace(req_id="b", token_ids=[7])]
+    drafts = drafter.propose(requests, [[5], [7]])
+    assert drafts.req_ids == ["a", "b"] and drafts.draft_token_ids == [[], []]

@@ -160,6 +160,10 @@ class NgramDrafter:
     """vLLM's NgramProposer over our requests' token lists."""
 
     may_skip_steps = True  # stateless: a step without proposals loses nothing
+    # Across hosts (plugin/multihost.py) only the driver's proposals reach vLLM: its
+    # scheduler puts them in the step that verifies them (scheduled_spec_decode_tokens,
+    # synchronous scheduling), which every process receives; a follower proposes nothing.
+    proposes = True
 
     def start_step(self, requests) -> None:
         """Prompt lookup keeps no state between steps."""
@@ -181,6 +185,8 @@ class NgramDrafter:
         """Drafts for every request that got tokens this step -> vLLM's DraftTokenIds."""
         from vllm.v1.outputs import DraftTokenIds
 
+        if not self.proposes:
+            return DraftTokenIds([r.req_id for r in requests], [[] for _ in requests])
         lengths = np.array([len(r.token_ids) for r in requests], np.int32)
         tokens = np.zeros((len(requests), self.max_model_len), np.int32)
         for i, r in enumerate(requests):

@@ -347,6 +347,8 @@ class XlaWorker(WorkerBase):
                               expert_parallel=self.parallel_config.enable_expert_parallel)
         _log_checkpoint_reads()
         drafter = build_drafter(self.vllm_config, self.draft_model, kv_cache_config, engine)
+        if hasattr(drafter, "proposes"):  # a host-side proposer: a follower's is never read
+            drafter.proposes = self.is_driver_worker
         self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests(),
                                            kv_connector=self._kv_connector(kv_cache_config, engine),
                                            pixel_affine=mm_pixel_affine(self.model_config))

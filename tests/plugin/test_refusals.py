@@ -210,5 +210,5 @@ def test_moe_with_data_parallel_replicas_on_the_torch_path_is_refused(tmp_path):
     moe = save_tiny_family(tmp_path / "moe", "qwen3_moe")
     config = _config(moe, additional_config={"data_parallel_size": 2})
     assert config.additional_config["xla_data_parallel_size"] == 2
-    with pytest.raises(Exception, match="on its native JAX families only"):
+    with pytest.raises(Exception, match="on its native JAX text families only"):
         _config(moe, model_impl="vllm", additional_config={"data_parallel_size": 2})

@@ -65,7 +65,7 @@ def _checked(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...
     if name not in tensors:
         raise WeightMismatchError(f"checkpoint has no tensor {name!r} (expected shape {shape})")
     array = tensors[name]
-    if _holds_quantized_values(array):
+    if holds_quantized_values(array):
         raise WeightMismatchError(
             f"tensor {name!r} holds quantized values ({array.dtype}) but no quantization method "
             "covers it: the checkpoint's quantization_config is missing or does not name this "
@@ -76,7 +76,7 @@ def _checked(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...
     return np.asarray(array)
 
 
-def _holds_quantized_values(array) -> bool:
+def holds_quantized_values(array) -> bool:
     """Integers or FP8 where a float weight is expected: a quantized tensor read plainly."""
     dtype = np.dtype(array.dtype)
     return dtype.kind in "iu" or (dtype.itemsize == 1 and dtype.kind == "V") or "float8" in dtype.name

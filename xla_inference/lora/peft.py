@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 # The projections an adapter may target, by PEFT's module suffix.
@@ -98,13 +99,19 @@ def load_adapter(path: str | Path, module_shapes: dict[str, tuple[int, int]], ma
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise LoraError(f"LoRA adapter {path}: no adapter_config.json")
-    cfg = json.loads(config_file.read_text())
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:  # the adapter's fault, refused as the others
+        raise LoraError(f"LoRA adapter {path}: adapter_config.json is not JSON: {error}") from error
     _check_config(cfg, path)
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise LoraError(f"LoRA adapter {path}: no adapter_model.safetensors (only safetensors "
                         "weights are read)")
-    tensors = load_file(str(weights_file))
+    try:
+        tensors = load_file(str(weights_file))
+    except SafetensorError as error:
+        raise LoraError(f"LoRA adapter {path}: adapter_model.safetensors: {error}") from error
     targets = _target_names(cfg)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     # "...mlp.experts" -> {its file entries (itself, ".base_layer"): {"A": .., "B": ..}}

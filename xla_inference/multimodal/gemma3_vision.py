@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.multimodal.attention import segment_attention
+from xla_inference.multimodal.weights import float32_reader
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,7 @@ def vision_params(tensors: Mapping[str, np.ndarray], config: Gemma3VisionConfig)
     tower = _prefix(tensors, _TOWER_PREFIXES, "embeddings.patch_embedding.weight")
     projector = _prefix(tensors, _PROJECTOR_PREFIXES, "mm_input_projection_weight")
 
-    def get(name):
-        return np.asarray(tensors[name], dtype=np.float32)
+    get = float32_reader(tensors, (tower, projector), "Gemma 3 vision tower")
 
     def linear(name):
         return {"w": get(name + ".weight").T, "b": get(name + ".bias")}

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.multimodal.attention import segment_attention
+from xla_inference.multimodal.weights import float32_reader
 
 # nn.LayerNorm's default: the released checkpoints' (and transformers') vision norms use it
 # whatever the config's norm_eps says.
@@ -119,8 +120,7 @@ def vision_params(tensors: Mapping[str, np.ndarray], config: Llama4VisionConfig)
     tower = _prefix(tensors, _TOWER_PREFIXES, "patch_embedding.linear.weight")
     projector = _prefix(tensors, _PROJECTOR_PREFIXES, "linear_1.weight")
 
-    def get(name):
-        return np.asarray(tensors[name], dtype=np.float32)
+    get = float32_reader(tensors, (tower, projector), "Llama 4 vision tower")
 
     def linear(name):
         return {"w": get(name + ".weight").T, "b": get(name + ".bias")}

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.multimodal.attention import segment_attention
+from xla_inference.multimodal.weights import float32_reader
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,11 @@ def vision_params(tensors: Mapping[str, np.ndarray], config: VisionConfig,
     them `visual.*`; transformers' module tree says `model.visual.*`: either is found."""
     if prefix is None:
         prefix = "visual." if "visual.patch_embed.proj.weight" in tensors else "model.visual."
+    read = float32_reader(tensors, (prefix,), "Qwen2.5-VL vision tower")
+
     def get(name):
-        return jnp.asarray(np.asarray(tensors[prefix + name], dtype=np.float32), dtype)
+        return jnp.asarray(read(prefix + name), dtype)
+
     def linear(name, bias=True):
         out = {"w": get(name + ".weight").T}
         if bias:

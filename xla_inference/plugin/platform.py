@@ -459,6 +459,17 @@ def _native_family_serves(model_config) -> bool:
     return native_family(list(model_config.architectures or [])) is not None
 
 
+def _native_multimodal_family(model_config) -> bool:
+    """Whether our JAX family for this model has an encoder (ModelFamily.multimodal): the
+    engine runs its multimodal steps only without data parallel replicas."""
+    if str(model_config.model_impl) == "vllm":
+        return False
+    from xla_inference.models.registry import native_family
+
+    family = native_family(list(model_config.architectures or []))
+    return family is not None and family.multimodal is not None
+
+
 def served_modalities(model_config) -> tuple[str, ...]:
     """The inputs our native family for this multimodal model encodes (models/, a family's
     `multimodal`); () for a text model, a model we have no encoder for, or the torch path
@@ -569,11 +580,21 @@ def _fold_data_parallel(vllm_config) -> None:
         parallel.reconfigure_for_independent_dp_rank()
     if size < 1:
         raise ValueError(f"data_parallel_size must be at least 1, got {size}")
+    if size > 1 and model is not None and _native_multimodal_family(model):
+        # The engine keeps one encoder cache and multimodal step for a single replica
+        # (runner/engine.py refuses the same at build); said here, before any weight loads.
+        raise ValueError(
+            f"xla-inference serves multimodal models ({_architectures(model)}) without data "
+            "parallel replicas: use --data-parallel-size 1 (with --tensor-parallel-size for "
+            "more devices)")
     if size > 1 and model is not None and model.is_moe and not _native_family_serves(model):
         raise ValueError(
             "xla-inference runs an MoE model with data parallel replicas (attention per "
-            "replica, the experts split over every device) on its native JAX families only "
-            "(Qwen3-MoE, Mixtral, DeepSeek-V3, Llama 4); vLLM's PyTorch model class "
+            "replica, the experts split over every device) on its native JAX text families "
+            "only (Qwen3-MoE, Mixtral, DeepSeek-V3, and Llama 4's language model, "
+            "Llama4ForCausalLM; the released Llama 4 checkpoints, "
+            "Llama4ForConditionalGeneration, are multimodal and served without data "
+            "parallel); vLLM's PyTorch model class "
             f"(--model-impl vllm or no native family for {_architectures(model)}) does not "
             "split its experts across replicas: use --tensor-parallel-size with "
             "--enable-expert-parallel")

@@ -448,8 +448,16 @@ class XlaWorker(WorkerBase):
     # -- LoRA adapters (vLLM's add/remove/pin/list_loras; --enable-lora) ---------------------
     def add_lora(self, lora_request) -> bool:
         """Read the adapter (errors name the adapter_config field) into the host cache; a
-        step that uses it writes it into a device slot."""
-        return self.model_runner.add_lora(lora_request)
+        step that uses it writes it into a device slot. A refusal of the adapter carries
+        ADAPTER_REFUSED in its message, the one thing of it that reaches the front end
+        across processes (plugin/lora_requests.py tells it from other failures by that)."""
+        from xla_inference.lora.peft import LoraError
+        from xla_inference.plugin.lora_requests import ADAPTER_REFUSED
+
+        try:
+            return self.model_runner.add_lora(lora_request)
+        except LoraError as error:
+            raise LoraError(f"{ADAPTER_REFUSED}{error}") from error
 
     def remove_lora(self, lora_id: int) -> bool:
         return self.model_runner.lora_slots().remove(lora_id)

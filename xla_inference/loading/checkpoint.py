@@ -75,6 +75,21 @@ class RenamedTensors(Mapping):
         return len(self.tensors)
 
 
+def language_model_source(name: str, tensors: Mapping) -> str:
+    """Where a multimodal checkpoint keeps the tensor its text decoder's loader calls `name`
+    (`model.*`, `lm_head.*`): the Hub's and transformers' save_pretrained say
+    `language_model.model.*` and `language_model.lm_head.*`, transformers' module tree
+    `model.language_model.*` (a RenamedTensors source)."""
+    if name.startswith("model."):
+        rest = name[len("model."):]
+        candidates = ("language_model.model." + rest, "model.language_model." + rest)
+    elif name.startswith("lm_head."):
+        candidates = ("language_model." + name, name)
+    else:
+        candidates = ()
+    return next((c for c in candidates if c in tensors), name)
+
+
 class QuantizedCheckpoint(Mapping):
     """A quantized checkpoint's tensors: plain access as CheckpointTensors, and
     `quantized_weight("<module>.weight")` the module's GroupQuant (None where the format

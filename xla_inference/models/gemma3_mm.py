@@ -26,7 +26,7 @@ import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.layers.norms import gemma_rms_norm
-from xla_inference.loading.checkpoint import RenamedTensors
+from xla_inference.loading.checkpoint import RenamedTensors, language_model_source
 from xla_inference.models import gemma3
 from xla_inference.models.decoder import decoder_family, run_layers
 from xla_inference.models.gemma3 import Gemma3Config, Gemma3Params
@@ -82,22 +82,8 @@ class Gemma3MMParams(Gemma3Params):
     vision: dict = weight()
 
 
-def _text_source(name: str, tensors: Mapping) -> str:
-    """Where the checkpoint keeps the tensor models/gemma3.py calls `name` (`model.*`,
-    `lm_head.*`): the Hub's and transformers' save_pretrained say `language_model.model.*`,
-    transformers' module tree `model.language_model.*`."""
-    if name.startswith("model."):
-        rest = name[len("model."):]
-        candidates = ("language_model.model." + rest, "model.language_model." + rest)
-    elif name.startswith("lm_head."):
-        candidates = ("language_model." + name, name)
-    else:
-        candidates = ()
-    return next((c for c in candidates if c in tensors), name)
-
-
 def load_params(tensors: Mapping[str, np.ndarray], cfg: Gemma3MMConfig, dtype) -> Gemma3MMParams:
-    text = gemma3.load_params(RenamedTensors(tensors, _text_source), cfg, dtype)
+    text = gemma3.load_params(RenamedTensors(tensors, language_model_source), cfg, dtype)
     fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(Gemma3Params)}
     return Gemma3MMParams(**fields, vision=vision_params(tensors, cfg.vision))
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels.metadata import KvCache
-from xla_inference.loading.checkpoint import RenamedTensors
+from xla_inference.loading.checkpoint import RenamedTensors, language_model_source
 from xla_inference.models import llama4
 from xla_inference.models.decoder import DecoderParams, decoder_family
 from xla_inference.models.interface import (MultimodalItem, MultimodalStepBatch,
@@ -58,22 +58,8 @@ class Llama4MMParams(DecoderParams):
     vision: dict = weight()
 
 
-def _text_source(name: str, tensors: Mapping) -> str:
-    """Where the checkpoint keeps the tensor models/llama4.py calls `name` (`model.*`,
-    `lm_head.*`): the Hub's and transformers' save_pretrained say `language_model.model.*`
-    and `language_model.lm_head.*`, transformers' module tree `model.language_model.*`."""
-    if name.startswith("model."):
-        rest = name[len("model."):]
-        candidates = ("language_model.model." + rest, "model.language_model." + rest)
-    elif name.startswith("lm_head."):
-        candidates = ("language_model." + name, name)
-    else:
-        candidates = ()
-    return next((c for c in candidates if c in tensors), name)
-
-
 def load_params(tensors: Mapping[str, np.ndarray], cfg: Llama4MMConfig, dtype) -> Llama4MMParams:
-    text = llama4.load_params(RenamedTensors(tensors, _text_source), cfg, dtype)
+    text = llama4.load_params(RenamedTensors(tensors, language_model_source), cfg, dtype)
     fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(DecoderParams)}
     return Llama4MMParams(**fields, vision=vision_params(tensors, cfg.vision))
 

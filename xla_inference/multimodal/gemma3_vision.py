@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.multimodal.attention import segment_attention
-from xla_inference.multimodal.weights import float32_reader
+from xla_inference.multimodal.weights import float32_reader, tower_prefix
 
 
 @dataclass(frozen=True)
@@ -81,18 +81,13 @@ _TOWER_PREFIXES = ("vision_tower.vision_model.", "vision_tower.",
 _PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
-def _prefix(tensors: Mapping, prefixes, probe: str) -> str:
-    for prefix in prefixes:
-        if prefix + probe in tensors:
-            return prefix
-    raise KeyError(f"Gemma 3 vision: no tensor named {probe!r} under any of {prefixes}")
-
-
 def vision_params(tensors: Mapping[str, np.ndarray], config: Gemma3VisionConfig) -> dict:
     """The tower's and projector's weights from HF-named tensors, as float32 host arrays,
     linear weights as (in, out) matrices."""
-    tower = _prefix(tensors, _TOWER_PREFIXES, "embeddings.patch_embedding.weight")
-    projector = _prefix(tensors, _PROJECTOR_PREFIXES, "mm_input_projection_weight")
+    tower = tower_prefix(tensors, _TOWER_PREFIXES, "embeddings.patch_embedding.weight",
+                         "Gemma 3 vision")
+    projector = tower_prefix(tensors, _PROJECTOR_PREFIXES, "mm_input_projection_weight",
+                             "Gemma 3 vision")
 
     get = float32_reader(tensors, (tower, projector), "Gemma 3 vision tower")
 

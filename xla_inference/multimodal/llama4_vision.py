@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.multimodal.attention import segment_attention
-from xla_inference.multimodal.weights import float32_reader
+from xla_inference.multimodal.weights import float32_reader, tower_prefix
 
 # nn.LayerNorm's default: the released checkpoints' (and transformers') vision norms use it
 # whatever the config's norm_eps says.
@@ -107,18 +107,13 @@ _TOWER_PREFIXES = ("vision_model.", "model.vision_model.")
 _PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
-def _prefix(tensors: Mapping, prefixes, probe: str) -> str:
-    for prefix in prefixes:
-        if prefix + probe in tensors:
-            return prefix
-    raise KeyError(f"Llama 4 vision: no tensor named {probe!r} under any of {prefixes}")
-
-
 def vision_params(tensors: Mapping[str, np.ndarray], config: Llama4VisionConfig) -> dict:
     """The tower's, adapter's and projector's weights from HF-named tensors, as float32 host
     arrays, linear weights as (in, out) matrices."""
-    tower = _prefix(tensors, _TOWER_PREFIXES, "patch_embedding.linear.weight")
-    projector = _prefix(tensors, _PROJECTOR_PREFIXES, "linear_1.weight")
+    tower = tower_prefix(tensors, _TOWER_PREFIXES, "patch_embedding.linear.weight",
+                         "Llama 4 vision")
+    projector = tower_prefix(tensors, _PROJECTOR_PREFIXES, "linear_1.weight",
+                             "Llama 4 vision")
 
     get = float32_reader(tensors, (tower, projector), "Llama 4 vision tower")
 

@@ -17,6 +17,15 @@ _QUANTIZATION_COMPANIONS = frozenset((
     "weight_global_scale", "weight_shape", "input_scale", "qweight", "qzeros", "scales", "g_idx"))
 
 
+def tower_prefix(tensors: Mapping, prefixes: tuple[str, ...], probe: str, tower: str) -> str:
+    """The first of `prefixes` under which the checkpoint holds `probe` (checkpoints name a
+    tower's and projector's tensors differently: the Hub's, transformers' module tree)."""
+    for prefix in prefixes:
+        if prefix + probe in tensors:
+            return prefix
+    raise KeyError(f"{tower}: no tensor named {probe!r} under any of {prefixes}")
+
+
 def _refusal(tower: str, what: str) -> WeightMismatchError:
     return WeightMismatchError(
         f"{tower}: {what}; the vision tower and projector are served unquantized, so a "

@@ -83,7 +83,7 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     from xla_inference.plugin.platform import _refuse_untested_across_hosts
 
     model = SimpleNamespace(runner_type="generate", model_impl="auto",
-                            supports_multimodal_inputs=False)
+                            supports_multimodal_inputs=False, is_moe=False)
     config = SimpleNamespace(model_config=model, speculative_config=None, kv_transfer_config=None,
                              lora_config=None, additional_config={},
                              parallel_config=SimpleNamespace(pipeline_parallel_size=1))
@@ -104,6 +104,12 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     config.speculative_config = None
     config.kv_transfer_config = object()
     with pytest.raises(ValueError, match=r"KV connectors .* across several"):
+        _refuse_untested_across_hosts(config)
+    config.kv_transfer_config = None
+    model.is_moe = True
+    _refuse_untested_across_hosts(config)  # an MoE model, one replica: served
+    config.additional_config["xla_data_parallel_size"] = 2
+    with pytest.raises(ValueError, match=r"MoE models with data parallel replicas .* across"):
         _refuse_untested_across_hosts(config)
 
 

@@ -94,6 +94,9 @@ class PositionEngine:
         self._rejection = jax.jit(rejection_step)
 
     verify_drafts = ModelEngine.verify_drafts
+    head_lora = False  # no LoRA: verify's logits take the plain params, no row slots
+    _lora_slots = ModelEngine._lora_slots
+    _head_params = ModelEngine._head_params
 
     def free_encoder_outputs(self, hashes):
         pass

@@ -4,14 +4,9 @@ unreadable image and too many images get a 400 and the server serves on. Tiny ra
 checkpoint (tests/multimodal/tiny_llama4_vision.py) with a chat template that renders an
 image part as the placeholder string the processor expands into tiles."""
 
-import contextlib
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.e2e.servers import free_port, stop_server, wait_healthy
-from tests.e2e.test_server_qwen2_5_vl import _chat, _data_url, _streamed_text
+from tests.e2e.test_server_qwen2_5_vl import _chat, _data_url, _serve, _streamed_text
 from tests.multimodal.tiny_llama4_vision import IMAGE, hf_greedy, image, save_tiny_llama4_vision
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -22,29 +17,6 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% endfor %}")
 
 
-@contextlib.contextmanager
-def _serve(model_dir: Path, log_path: Path):
-    import subprocess
-
-    template = model_dir / "chat_template.jinja"
-    template.write_text(TEMPLATE)
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
-           # 16 tokens a step: a 2x2-tile image's 27 placeholders are cut across steps.
-           "--max-num-batched-tokens", "16", "--kv-cache-memory-bytes", str(1 << 20),
-           "--chat-template", str(template), "--limit-mm-per-prompt", '{"image": 2}']
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, log_path, 600)
-        yield url + "/v1"
-    finally:
-        stop_server(proc)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_tiny_llama4_vision(tmp_path_factory.mktemp("tiny_llama4_vision"))
@@ -52,7 +24,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    with _serve(checkpoint, tmp_path_factory.mktemp("log") / "server.log") as url:
+    with _serve(checkpoint, tmp_path_factory.mktemp("log") / "server.log", TEMPLATE,
+                '{"image": 2}') as url:
         yield url
 
 

@@ -33,15 +33,18 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 
 
 @contextlib.contextmanager
-def _serve(model_dir: Path, log_path: Path):
+def _serve(model_dir: Path, log_path: Path, chat_template: str = TEMPLATE,
+           limits: str = '{"image": 2, "video": 1}'):
+    """A server on the tiny checkpoint with `chat_template`, 16 tokens a step (an image's
+    placeholders cut across steps), at most `limits` items a prompt."""
     template = model_dir / "chat_template.jinja"
-    template.write_text(TEMPLATE)
+    template.write_text(chat_template)
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
            "--max-num-batched-tokens", "16", "--kv-cache-memory-bytes", str(1 << 20),
-           "--chat-template", str(template), "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
+           "--chat-template", str(template), "--limit-mm-per-prompt", limits,
            # JPEG frame sequences carry no rate: frame pairs 0.5 s apart (vLLM's default is 1).
            "--media-io-kwargs", '{"video": {"fps": 4.0}}']
     with open(log_path, "w") as log:

@@ -37,6 +37,15 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.positions.shape[-1]
 
+    def real_tokens(self) -> jax.Array:
+        """[T] bool: the step's tokens, not its padding. Padding tokens, and only they,
+        write the null slot 0 (page 0 is the null page: never a request's, and a data
+        parallel replica's pages are numbered from its own null page), in every group.
+        Without KV cache groups every token is real."""
+        if self.slot_mapping.shape[0] == 0:
+            return jax.numpy.ones(self.num_tokens, bool)
+        return self.slot_mapping[0] != 0
+
     def group(self, group: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(slot_mapping [T], block_tables [B, max_blocks]) of one KV cache group."""
         return self.slot_mapping[group], self.block_tables[group]

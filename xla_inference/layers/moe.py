@@ -188,10 +188,28 @@ def _swiglu_grouped(w: Experts, xs: jax.Array, group_sizes: jax.Array) -> jax.Ar
     return _grouped(jax.nn.silu(gate) * up, w.down, group_sizes)
 
 
-def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig) -> jax.Array:
-    """x [T, D] -> [T, D]: each token through its k experts, weighted by the routing."""
+def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig, real_tokens: jax.Array | None = None
+            ) -> jax.Array:
+    """x [T, D] -> [T, D]: each token through its k experts, weighted by the routing.
+    real_tokens [T] bool (the step's tokens, not its padding; None: all): the others are
+    routed to no expert (without_padding), their routed sum zero."""
     weights, experts = route(p, x, cfg)
+    if real_tokens is not None:
+        weights, experts = without_padding(weights, experts, real_tokens)
     return routed_mlp(p, x, weights, experts, cfg)
+
+
+def without_padding(weights: jax.Array, experts: jax.Array, real_tokens: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """The routing (weights, experts [T, k]) with padding tokens' choices made expert -1,
+    weight 0. A padded step (the token bucket's tail; under data parallel an idle replica's
+    whole batch, gathered with the others') would otherwise route its rows as tokens: they
+    would take rows in the experts' groups (the grouped matmul multiplies them, the Pallas
+    GMM reads experts only they chose), seats in the all-to-all dispatch's capacity (an
+    overflow sends the whole step to the all-reduce path) and shift the groups' tiles.
+    Expert -1 sorts past every group: no work, a zero row."""
+    real = real_tokens[:, None]
+    return jnp.where(real, weights, 0), jnp.where(real, experts, -1)
 
 
 def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
@@ -230,7 +248,8 @@ def _mesh_to_split_on(w: Experts):
 
 def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
                     cfg: MoeConfig, first_expert: jax.Array | None = None) -> jax.Array:
-    """The routed sum [T, D] over the experts w holds. `first_expert` (expert parallel):
+    """The routed sum [T, D] over the experts w holds; a pair of expert -1 (padding) takes
+    no row of any group. `first_expert` (expert parallel):
     w holds experts first_expert .. first_expert + w.count - 1 only; the (token, expert)
     pairs of other experts sort after them, past the groups (the grouped products leave
     such rows zero or, gathered per row, multiply them by a stand-in expert), and their
@@ -238,12 +257,10 @@ def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
     T, D = x.shape
     k = cfg.num_experts_per_tok
     flat_experts = experts.reshape(T * k)  # pair r = t * k + j: token t's j-th choice
-    if first_expert is None:
-        group_of, mine = flat_experts, None
-    else:
-        local = flat_experts - first_expert
-        mine = (local >= 0) & (local < w.count)
-        group_of = jnp.where(mine, local, w.count)  # other devices' pairs: one group past
+    local = flat_experts if first_expert is None else flat_experts - first_expert
+    # Expert -1 (padding: without_padding) is no device's.
+    mine = (flat_experts >= 0) & (local >= 0) & (local < w.count)
+    group_of = jnp.where(mine, local, w.count)  # other devices' pairs: one group past
     order = jnp.argsort(group_of, stable=True)  # pairs grouped by expert
     group_sizes = jnp.bincount(group_of, length=w.count + 1)[:w.count].astype(jnp.int32)
     xs = x[order // k]  # [T*k, D] in sorted order
@@ -252,9 +269,7 @@ def _routed_experts(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
         xs = xs * weights.reshape(T * k)[order][:, None].astype(x.dtype)
         weights = jnp.ones_like(weights)
     out = _swiglu_grouped(w, xs, group_sizes)
-    unsorted = jnp.zeros_like(out).at[order].set(out)
-    if mine is not None:
-        unsorted = jnp.where(mine[:, None], unsorted, 0)
+    unsorted = jnp.where(mine[:, None], jnp.zeros_like(out).at[order].set(out), 0)
     unsorted = unsorted.reshape(T, k, D)
     return (unsorted * weights[..., None].astype(out.dtype)).sum(axis=1)
 
@@ -344,20 +359,29 @@ def _routed_on_mesh(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.A
 # sums reduce-scattered over the data axis (each replica its own rows) then all-reduced
 # over the model axis, or the all-to-all dispatch over both axes (each replica then keeps
 # its own rows of the gathered result). The replicas step in lockstep
-# by construction: one program, a replica without requests runs its padding.
+# by construction: one program; a replica without requests runs its padding, which routes
+# to no expert (without_padding: the gathered rows of an idle replica cost no expert work).
+# Quantized experts (PackedExperts) split across the replicas by expert only, whatever the
+# preference: values, scales and offsets cut on the expert axis, which every layout (the
+# native kernel's tiles, FP8's [out, in], the Pallas K-major) takes whole; a width cut of
+# the tiles is not a share any product takes alone. Where the experts do not divide over
+# every device, each replica keeps the model axis' split, as dense ones.
 
 
 def _split_across_replicas(w: Experts, cfg: MoeConfig) -> str | None:
     """"experts" or "mlp" where w is a data parallel replica's cut of experts split across
     the replicas (its shapes tell: fewer experts, or a narrower width, than the config's);
-    None where each replica holds its experts whole over the data axis."""
+    None where each replica holds its experts whole over the data axis. Quantized experts
+    (PackedExperts) split by expert only (parallel/sharding.expert_spec); LoRA experts
+    never (refused at engine build)."""
     mesh = jax.sharding.get_abstract_mesh()
     if (mesh.empty or DATA_AXIS not in mesh.manual_axes or mesh.shape[DATA_AXIS] == 1
-            or not all(isinstance(a, jax.Array) for a in w)):  # dense stacks only split so
+            or any(isinstance(a, LoraExperts) for a in w)):
         return None
     if w.count < cfg.num_experts:
         return "experts"
-    return "mlp" if w.gate.shape[2] < cfg.intermediate_size else None
+    dense = all(isinstance(a, jax.Array) for a in w)
+    return "mlp" if dense and w.gate.shape[2] < cfg.intermediate_size else None
 
 
 def _routed_across_replicas(w: Experts, x: jax.Array, weights: jax.Array, experts: jax.Array,
@@ -397,8 +421,10 @@ def _own_replica_rows(routed: jax.Array) -> jax.Array:
 # token over many devices (k = 2 of 64 experts over 8 devices: 0.23 of the tokens per
 # device), never for k = 8 over 8 devices (0.66). XLA_INFERENCE_MOE_DISPATCH forces
 # either. The local work shrinks the same way: a device routes n * C rows, not T * k pairs.
-# Not dispatched: LoRA experts (their adapters' per-token masks would travel too), splits
-# of the intermediate width.
+# LoRA experts dispatch too: each row's adapter column masks (lora/slots.LoraExperts, by
+# token) travel with it (L*r bools a row), and the receiving device's grouped adapter
+# products read them by the rows it received. Not dispatched: splits of the intermediate
+# width (every device holds every expert: nothing to route).
 
 DISPATCH_CAPACITY_FACTOR = 1.25
 
@@ -408,8 +434,7 @@ def _dispatch_capacity(w: Experts, num_tokens: int, k: int, devices: int,
     """Rows each device sends each device under all-to-all dispatch; None: all-reduce.
     replicas: w is one replica's cut of the experts (split across replicas)."""
     choice = envs.moe_dispatch()
-    if (choice == "all-reduce" or split != "experts"
-            or any(isinstance(a, LoraExperts) for a in w)):
+    if choice == "all-reduce" or split != "experts":
         return None
     local_tokens = -(-num_tokens // devices)
     experts = w.count * replicas
@@ -432,17 +457,22 @@ def _dispatched_experts(shares: Experts, x: jax.Array, weights: jax.Array, exper
     T = x.shape[0]
     local_tokens = -(-T // devices)
     pad = local_tokens * devices - T
+    masks = _adapter_masks(shares)  # LoRA experts' column masks, by token: they travel too
     padded = (jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(weights, ((0, pad), (0, 0))),
-              jnp.pad(experts, ((0, pad), (0, 0)), constant_values=-1))
+              jnp.pad(experts, ((0, pad), (0, 0)), constant_values=-1),
+              *(jnp.pad(m, ((0, pad), (0, 0))) for m in masks))
     mine = [jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(axes) * local_tokens,
                                          local_tokens) for a in padded]
     token_at, overflow = _dispatch_slots(mine[2] // shares.count, devices, capacity)
 
     def dispatched():
-        sent = _rows_to_send(*mine, token_at, shares.count)  # [n, C, ...] each
+        sent = _rows_to_send(*mine[:3], token_at, shares.count)  # [n, C, ...] each
+        sent += [_with_empty_row(m, False)[token_at] for m in mine[3:]]
         received = [jax.lax.all_to_all(a, axes, 0, 0, tiled=True) for a in sent]
         rows = [a.reshape(devices * capacity, *a.shape[2:]) for a in received]
-        partial = _routed_experts(shares, *rows, cfg, first)  # [n * C, D]
+        # The received rows are this device's tokens now: the adapters' masks by them.
+        here = _with_adapter_masks(shares, rows[3:])
+        partial = _routed_experts(here, *rows[:3], cfg, first)  # [n * C, D]
         back = jax.lax.all_to_all(partial.reshape(devices, capacity, -1), axes, 0, 0,
                                   tiled=True)  # back[j, c]: token token_at[j, c]'s share on j
         summed = jnp.zeros((local_tokens + 1, back.shape[-1]), back.dtype).at[token_at].add(back)
@@ -469,17 +499,32 @@ def _dispatch_slots(owners: jax.Array, devices: int, capacity: int
     return token_at, jnp.any(needs & ~sent).astype(jnp.int32)
 
 
-def _rows_to_send(x, weights, experts, token_at, experts_per_device):
+def _with_empty_row(a: jax.Array, value) -> jax.Array:
+    """a [Tl, ...] and one more row of `value`: what an empty slot (token_at Tl) sends."""
+    return jnp.concatenate([a, jnp.full((1, *a.shape[1:]), value, a.dtype)])
+
+
+def _rows_to_send(x, weights, experts, token_at, experts_per_device) -> list:
     """Each slot's row, routing weights and expert ids (-1 where the expert is not the
     destination's), [n, C, D], [n, C, k], [n, C, k]; empty slots: zeros and -1."""
-    def with_empty_row(a, value):
-        return jnp.concatenate([a, jnp.full((1, *a.shape[1:]), value, a.dtype)])
-
-    x, weights, experts = (with_empty_row(a, v) for a, v in ((x, 0), (weights, 0), (experts, -1)))
+    x, weights, experts = (_with_empty_row(a, v)
+                           for a, v in ((x, 0), (weights, 0), (experts, -1)))
     destination = jnp.arange(token_at.shape[0])[:, None, None]
     slot_experts = experts[token_at]
     there = (slot_experts >= 0) & (slot_experts // experts_per_device == destination)
-    return x[token_at], weights[token_at], jnp.where(there, slot_experts, -1)
+    return [x[token_at], weights[token_at], jnp.where(there, slot_experts, -1)]
+
+
+def _adapter_masks(w: Experts) -> list[jax.Array]:
+    """The column masks [T, L*r] (by token) of w's LoRA experts, in order."""
+    return [a.column_mask for a in w if isinstance(a, LoraExperts)]
+
+
+def _with_adapter_masks(w: Experts, masks: list[jax.Array]) -> Experts:
+    """w with its LoRA experts' column masks replaced, in order (_adapter_masks')."""
+    masks = iter(masks)
+    return Experts(*(dataclasses.replace(a, column_mask=next(masks))
+                     if isinstance(a, LoraExperts) else a for a in w))
 
 
 # The axis of each of gate, up and down (logical [E, in, out]) that a split cuts.

@@ -181,9 +181,12 @@ def load_lm_head(get, embed: np.ndarray, tied: bool) -> np.ndarray:
     return embed if tied else get("lm_head.weight", embed.shape)
 
 
-def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig) -> jax.Array:
-    """A layer's MLP, dense or mixture-of-experts by its parameters' type."""
-    return moe_mlp(p, x, cfg.moe) if isinstance(p, MoeMlp) else gated_mlp(p, x)
+def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig,
+              real_tokens: jax.Array | None = None) -> jax.Array:
+    """A layer's MLP, dense or mixture-of-experts by its parameters' type. real_tokens [T]
+    bool (AttentionMetadata.real_tokens): the MoE routes only these; padding takes no
+    expert's rows."""
+    return moe_mlp(p, x, cfg.moe, real_tokens) if isinstance(p, MoeMlp) else gated_mlp(p, x)
 
 
 # Jitted on its own: the step traces and lowers each distinct layer once, not once per
@@ -195,7 +198,8 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: DecoderConfig, inv
                               scale=cfg.head_dim**-0.5, norm_eps=cfg.rms_norm_eps,
                               sliding_window=window)
     x = x + attn
-    return kv, x + mlp_block(layer.mlp, rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps), cfg)
+    h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
+    return kv, x + mlp_block(layer.mlp, h, cfg, batch.attention.real_tokens())
 
 
 def run_layers(layer_step: Callable, layers: list, kv_cache: KvCache, x: jax.Array,

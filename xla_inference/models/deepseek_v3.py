@@ -183,7 +183,7 @@ def _layer(layer: DeepseekV3Layer, x, kv, batch: StepBatch, cfg: DeepseekV3Confi
                              rope_scale=rope_scale)
     x = x + attn
     h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
-    return kv, x + mlp_block(layer.mlp, h, cfg)
+    return kv, x + mlp_block(layer.mlp, h, cfg, batch.attention.real_tokens())
 
 
 def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: DeepseekV3Config):

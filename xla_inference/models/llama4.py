@@ -150,7 +150,7 @@ def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: Llama4Config, i: i
     kv, attn = _attention(layer.attn, h, kv, batch, cfg, i, inv_freq)
     x = x + attn
     h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
-    return kv, x + mlp_block(layer.mlp, h, cfg)
+    return kv, x + mlp_block(layer.mlp, h, cfg, batch.attention.real_tokens())
 
 
 def forward(params: DecoderParams, kv_cache: KvCache, batch: StepBatch, cfg: Llama4Config):

@@ -126,8 +126,12 @@ def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None
         if axes is None or len(axes) != np.ndim(leaf):
             axes = (None,) * np.ndim(leaf)  # declared none (or a whole subtree): replicated
         spec = None
-        if dense and experts_across_replicas is not None and "experts" in axes:
-            spec = expert_spec(axes, np.shape(leaf), mesh, experts_across_replicas)
+        if experts_across_replicas is not None and "experts" in axes:
+            # A quantized stack's arrays (values, scales, offsets) split only by expert:
+            # its width cut alone would not be a layout the products take whole.
+            spec = expert_spec(axes, np.shape(leaf), mesh,
+                               experts_across_replicas if dense else "experts",
+                               fallback=dense)
         if spec is None:
             spec = partition_spec(axes, np.shape(leaf), sizes, mesh)
         return NamedSharding(mesh, spec)
@@ -150,18 +154,20 @@ def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None
     return walk(params)
 
 
-def expert_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, prefer: str
-                ) -> PartitionSpec | None:
-    """A dense expert stack's spec over the data and model axes together (MoE under data
+def expert_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, prefer: str,
+                fallback: bool = True) -> PartitionSpec | None:
+    """An expert stack's spec over the data and model axes together (MoE under data
     parallel, as vLLM splits it over its DP x TP ranks): by expert ("experts", vLLM's
     --enable-expert-parallel) or by the intermediate width ("mlp", vLLM's default: tensor
-    parallel of every expert over all ranks), the other where the preferred does not
-    divide; None where neither does (then each replica holds the model axis' split alone,
-    and runs its own tokens through it). Quantized experts (packed) keep the model axis'."""
+    parallel of every expert over all ranks), the other (`fallback`) where the preferred
+    does not divide; None where none does (then each replica holds the model axis' split
+    alone, and runs its own tokens through it). Quantized experts (packed: values, scales
+    and offsets each) split by expert only, whatever the preference (no fallback)."""
     devices = mesh.shape[DATA_AXIS] * mesh.shape[TENSOR_AXIS]
     if mesh.shape[DATA_AXIS] == 1 or "stage" in mesh.axis_names:
         return None
-    for logical in (prefer, "mlp" if prefer == "experts" else "experts"):
+    other = "mlp" if prefer == "experts" else "experts"
+    for logical in (prefer, other) if fallback else (prefer,):
         if logical in axes and shape[axes.index(logical)] % devices == 0:
             spec = [None] * len(axes)
             spec[axes.index(logical)] = REPLICAS_AND_TENSOR

@@ -145,3 +145,41 @@ def test_real_tokens_are_the_scheduled_ones():
     assert np.asarray(batch.attention.real_tokens()).tolist() == [True] * 7 + [False] * 9
     idle = build_step_batch([], layout, block_offset=32)
     assert not np.asarray(idle.attention.real_tokens()).any()
+
+
+@pytest.mark.slow  # two engines of a tiny Qwen3-MoE: ~30 s
+def test_engine_step_routes_only_its_requests_tokens(group_sizes, tmp_path):
+    """Through the engine: a tiny Qwen3-MoE (one MoE layer) at DP 2 x TP 2 with expert
+    parallel, replica 1 idle, and on one device (the bucket's padding alone): each step's
+    groups, summed over the devices, hold the scheduled tokens' pairs only, and the logits
+    equal the one-device engine's."""
+    import jax.numpy as jnp
+
+    from tests.helpers import engine_request, save_tiny_family
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+
+    model = load(save_tiny_family(tmp_path / "m", "qwen3_moe"), Precision.uniform(jnp.float32))
+    ecfg = EngineConfig(num_blocks=64, block_size=4, max_num_tokens=32, max_num_seqs=8,
+                        max_model_len=128)
+    plan = [{0: 7, 1: 5}, {0: 1, 1: 4}]  # 12 then 5 tokens: buckets of 16 and 8 (or more)
+    prompts = [list(range(3, 11)), [101, 7, 66, 9, 12, 40, 41, 42, 43]]
+    logits = []
+    for mesh in (None, build_mesh(2, data_parallel_size=2)):
+        engine = build_engine(model, ecfg, mesh=mesh, expert_parallel=True,
+                              keep_host_params=True)
+        reqs = [engine_request(f"r{i}", p, 1 + 8 * i) for i, p in enumerate(prompts)]
+        rows = []
+        for step in plan:
+            group_sizes.clear()
+            scheduled = [(reqs[i], n) for i, n in step.items()]
+            rows.append(np.asarray(engine.forward(scheduled).logits)[:len(scheduled)])
+            jax.effects_barrier()
+            for req, n in scheduled:
+                req.num_computed_tokens += n
+            pairs = sum(step.values()) * CFG.num_experts_per_tok
+            assert sum(int(s.sum()) for s in group_sizes) == pairs, group_sizes
+        logits.append(rows)
+        assert mesh is None or engine.rows_per_replica.tolist() == [4, 0]  # replica 1 idle
+    for one_device, replicas in zip(*logits):
+        np.testing.assert_allclose(replicas, one_device, rtol=1e-4, atol=1e-4)

@@ -127,6 +127,28 @@ def test_ragged_product_equals_float64(name, path, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), want, rtol=5e-4, atol=5e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("path", ["kernel-rows", "gathered", "kernel-groups"])
+def test_rows_past_the_groups_come_out_zero(path, monkeypatch):
+    """Rows past sum(group_sizes) (padding, other devices' pairs: layers/moe.py sorts them
+    there) come out zero, as from ragged_dot: on the kernel's row path they are not run
+    (a stand-in expert would give them its product); the grouped rows are unchanged."""
+    if path == "gathered":
+        monkeypatch.setattr(experts_module, "_uses_kernel", lambda w: False)
+    elif not cpu_quantized.available():
+        pytest.fail("the native CPU quantized kernel is not built")
+    group_sizes = (0, 2, 0, 1, 0, 0) if path != "kernel-groups" else (5, 0, 3, 0, 0, 1)
+    quants = _experts("int8-per-channel")
+    packed = jax.tree.map(jnp.asarray, pack_experts(quants))
+    rows = 5 if path != "kernel-groups" else 12  # 2 and 3 rows past the groups
+    xs = np.random.default_rng(1).standard_normal((rows, IN)).astype(np.float32)
+    got = np.asarray(jax.jit(ragged_product)(jnp.asarray(xs), packed,
+                                             jnp.asarray(group_sizes, jnp.int32)))
+    grouped = sum(group_sizes)
+    want = _ragged_reference(xs[:grouped], quants, group_sizes)
+    np.testing.assert_allclose(got[:grouped], want, rtol=5e-4, atol=5e-4 * np.abs(want).max())
+    assert not got[grouped:].any()
+
+
 def test_kernel_path_runs_where_the_kernel_is():
     packed = pack_experts(_experts("int4-g32-offsets"))
     assert experts_module._uses_kernel(packed) == cpu_quantized.available()

@@ -271,16 +271,20 @@ def _expert_at(w: PackedExperts, expert: jax.Array) -> PackedWeight:
     return w.expert(pick(w.values), pick(w.scales), pick(w.offsets))
 
 
-def _kernel_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array) -> jax.Array:
-    """Each row through a projection's product (the native kernel) on its own expert's
-    packed bytes, sliced out: [R, out] float32. A loop over the rows (lax.map) rather than
-    unrolled: XLA compiles one row's slice and call whatever the rows (unrolled, 32 rows
-    took 3.9 s to compile per MoE layer)."""
-    def one_row(row_and_expert):
-        x, expert = row_and_expert
-        return product.quantized_project(x[None], _expert_at(w, expert), jnp.float32)[0]
+def _kernel_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array, rows_used: jax.Array
+                 ) -> jax.Array:
+    """Each of the first `rows_used` rows (those in the groups) through a projection's
+    product (the native kernel) on its own expert's packed bytes, sliced out: [R, out]
+    float32, the rows past them zero (padding and other devices' pairs sort there: no
+    kernel call). A loop over the rows rather than unrolled: XLA compiles one row's slice
+    and call whatever the rows (unrolled, 32 rows took 3.9 s to compile per MoE layer)."""
+    def one_row(r, out):
+        x = jax.lax.dynamic_slice_in_dim(xs, r, 1)
+        y = product.quantized_project(x, _expert_at(w, experts[r]), jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, r, 0)
 
-    return jax.lax.map(one_row, (xs, experts))
+    out = jnp.zeros((xs.shape[0], w.out_features), jnp.float32)
+    return jax.lax.fori_loop(0, rows_used, one_row, out)
 
 
 def _kernel_groups(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
@@ -380,16 +384,18 @@ def _note_once(message: str) -> None:
 def ragged_product(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
     """jax.lax.ragged_dot over quantized experts: xs [R, in], rows sorted by expert,
     group_sizes [E] -> [R, out] in xs's dtype, accumulated in float32 (the ways in the
-    module docstring)."""
+    module docstring); rows past sum(group_sizes) zero, as ragged_dot's."""
     rows = xs.shape[0]
     route = _pallas_route(w, rows)
     if route is not None:
         return _pallas_quantized(xs, w, group_sizes, route).astype(xs.dtype)
+    grouped_rows = jnp.sum(group_sizes)
     if _uses_kernel(w):
-        y = (_kernel_rows(xs, w, row_experts(group_sizes, rows)) if rows < w.num_experts
-             else _kernel_groups(xs, w, group_sizes))
+        y = (_kernel_rows(xs, w, row_experts(group_sizes, rows), grouped_rows)
+             if rows < w.num_experts else _kernel_groups(xs, w, group_sizes))
     elif rows < w.num_experts:
         y = _gathered_rows(xs, w, row_experts(group_sizes, rows))
+        y = jnp.where((jnp.arange(rows) < grouped_rows)[:, None], y, 0)  # ragged_dot's zeros
     else:
         y = _every_expert(xs, w, group_sizes)
     return y.astype(xs.dtype)

@@ -6,7 +6,8 @@ expert and run through grouped matmuls, whose shapes are static whatever the rou
 a TPU or GPU the Pallas GMM (kernels/pallas_gmm.py), on the CPU `jax.lax.ragged_dot` (or,
 with fewer rows than experts, each row times its gathered expert). `moe_mlp_dense` runs
 every expert on every token and masks the result by the routing: the reference the
-grouped path is tested against.
+grouped path is tested against. A step's padding tokens (AttentionMetadata.real_tokens)
+route to no expert (`without_padding`): they take no rows of any group.
 
 Llama 4 routes otherwise: a sigmoid of each chosen expert's logit (no softmax) scales the
 token before the expert rather than the expert's output, and a shared expert, a plain

@@ -363,8 +363,8 @@ def _validate_pooling_request(params) -> None:
 def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
     and then serve wrongly or die on: a quantization method it does not serve (weights
-    would be read as if unquantized), speculative decoding methods we do not serve (plugin/spec_decode.py) and KV connectors other than ours
-    (kv_transfer/)."""
+    would be read as if unquantized), speculative decoding methods we do not serve
+    (plugin/spec_decode.py) and KV connectors other than ours (kv_transfer/)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "

@@ -356,7 +356,7 @@ class ModelEngine:
         # Pipeline parallel splits each step's requests into micro-batches, one per stage.
         self.microbatches = self.stages
         if self.stages > 1:
-            _check_pipeline(model, model_cfg, engine_cfg, self.mesh, lora, pooling)
+            _check_pipeline(model, model_cfg, engine_cfg, self.mesh, pooling)
             params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
         params, self.param_shardings = mark_tensor_splits(params, self.param_shardings)
         self.params = place_params(params, self.param_shardings)
@@ -946,7 +946,7 @@ PIPELINE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _check_pipeline(model: ModelFamily, model_cfg, engine_cfg: EngineConfig, mesh: Mesh,
-                    lora, pooling: bool) -> None:
+                    pooling: bool) -> None:
     """Refuse, by name, what pipeline stages do not serve (yet)."""
     stages = num_stages(mesh)
     layers = model.kv_layers(model_cfg)

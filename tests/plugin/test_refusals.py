@@ -174,15 +174,20 @@ def test_pipeline_parallel_is_folded_into_our_mesh(model_dir):
     assert config.additional_config["xla_pipeline_parallel_size"] == 2
 
 
-@pytest.mark.parametrize("args, flag", [
-    (dict(enable_lora=True), "LoRA adapters (--enable-lora) with pipeline parallel"),
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                              "prompt_lookup_max": 2}), "with speculative decoding"),
-])
-def test_pipeline_parallel_refusals(model_dir, args, flag):
+def test_pipeline_parallel_refusals(model_dir):
     with pytest.raises(Exception, match="xla-inference does not") as info:
-        _config(model_dir, pipeline_parallel_size=2, **args)
-    assert flag in str(info.value)
+        _config(model_dir, pipeline_parallel_size=2,
+                speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                    "prompt_lookup_max": 2})
+    assert "with speculative decoding" in str(info.value)
+
+
+def test_lora_with_pipeline_parallel_is_accepted(model_dir):
+    """Each stage's layers add their own layers' adapters (served end to end in
+    tests/lora/test_lora_pipeline_llm.py)."""
+    config = _config(model_dir, pipeline_parallel_size=2, enable_lora=True)
+    assert config.additional_config["xla_pipeline_parallel_size"] == 2
+    assert config.lora_config is not None
 
 
 def test_pipeline_parallel_with_data_parallel_replicas_is_accepted_in_one_process(model_dir):

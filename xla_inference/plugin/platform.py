@@ -363,18 +363,13 @@ def _validate_pooling_request(params) -> None:
 def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
     and then serve wrongly or die on: a quantization method it does not serve (weights
-    would be read as if unquantized), LoRA with pipeline stages (the adapter stacks follow
-    tensor and data parallel only; lora/slots.py, runner/engine.py), speculative decoding
-    methods we do not serve (plugin/spec_decode.py) and KV connectors other than ours
-    (kv_transfer/)."""
+    would be read as if unquantized), speculative decoding methods we do not serve
+    (plugin/spec_decode.py) and KV connectors other than ours (kv_transfer/)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "
                                      "checkpoint's quantization_config")
     refusals = [
-        (vllm_config.lora_config is not None and pipeline_parallel_size(vllm_config) > 1,
-         lambda: "LoRA adapters (--enable-lora) with pipeline parallel (tensor and data "
-                 "parallel only)"),
         (pipeline_parallel_size(vllm_config) > 1 and vllm_config.speculative_config is not None,
          lambda: "pipeline parallel (--pipeline-parallel-size) with speculative decoding"),
         (pipeline_parallel_size(vllm_config) > 1 and model is not None and model.is_moe,

@@ -17,8 +17,9 @@ logger = logging.getLogger(__name__)
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
 # --kv-cache-dtype values served (runner/build.py Precision.with_kv_cache maps them).
 SERVED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
-# Speculative decoding methods served with LoRA adapters (their drafts need no adapter).
-LORA_SPECULATIVE_METHODS = ("ngram", "draft_model")
+# Speculative decoding methods served with LoRA adapters: drafts are proposed without the
+# adapters (an EAGLE head reads the adapted target's hidden states), verified with them.
+LORA_SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 def _choose_engine_start_method() -> None:
@@ -380,13 +381,14 @@ def refuse_unsupported_features(vllm_config) -> None:
         # The verify step scores each request's drafts with its own adapter (the target's
         # hidden states and LM head: runner/engine.verify_drafts), so drafts proposed
         # without it stay lossless. ngram drafts need no model; a draft model drafts with
-        # the base model (as vLLM's does: its drafter gets no adapters). An EAGLE or MTP
-        # head reads the adapted target's hidden states: untested, refused.
+        # the base model, an EAGLE head from the adapted target's hidden states with its
+        # own (and the target's base) weights, as vLLM's drafters get no adapters. mtp's
+        # DeepSeek-V3 target takes no adapters (runner/build.LORA_FAMILIES).
         (vllm_config.lora_config is not None and vllm_config.speculative_config is not None
          and vllm_config.speculative_config.method not in LORA_SPECULATIVE_METHODS,
          lambda: "LoRA adapters (--enable-lora) with speculative decoding method "
                  f"{vllm_config.speculative_config.method!r} (--speculative-config; "
-                 f"{' and '.join(LORA_SPECULATIVE_METHODS)} are served with LoRA)"),
+                 f"{', '.join(LORA_SPECULATIVE_METHODS)} are served with LoRA)"),
         (vllm_config.lora_config is not None and model is not None
          and model.runner_type == "pooling",
          lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),

@@ -22,7 +22,7 @@ from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark
                                              param_shardings, place, place_params,
                                              replica_local_specs, replica_sharding, replicated,
                                              traced_over)
-from xla_inference.runner import compile_counter, jax_setup
+from xla_inference.runner import compile_counter, huge_pages, jax_setup
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
 from xla_inference.runner.pooling import gather_pooled_rows
@@ -360,6 +360,7 @@ class ModelEngine:
             params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
         params, self.param_shardings = mark_tensor_splits(params, self.param_shardings)
         self.params = place_params(params, self.param_shardings)
+        huge_pages.collapse(self.params)  # fewer TLB misses per step (runner/huge_pages.py)
         replicas = functools.partial(_forward_replicas, mesh=self.mesh,
                                      params_spec=replica_local_specs(self.param_shardings))
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)

@@ -76,16 +76,13 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
     across processes yet is refused, named, rather than risked."""
     model = vllm_config.model_config
     refusals = [
-        (vllm_config.speculative_config is not None
-         and vllm_config.speculative_config.method != "ngram",
-         "speculative decoding other than ngram"),
         (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
-        (model is not None and model.runner_type == "pooling", "pooling models (--runner pooling)"),
+        (model is not None and model.runner_type == "pooling"
+         and model.attn_type == "encoder_only",
+         "encoder-only pooling models (served through vLLM's PyTorch model classes)"),
         (model is not None and str(model.model_impl) == "vllm",
          "vLLM's PyTorch model classes (--model-impl vllm)"),
         (model is not None and model.supports_multimodal_inputs, "multimodal models"),
-        (model is not None and model.is_moe and data_parallel_size(vllm_config) > 1,
-         "MoE models with data parallel replicas (served in one process)"),
     ]
     refused = [name for refuse, name in refusals if refuse]
     if refused:

@@ -1,0 +1,136 @@
+"""Across two JAX processes ("hosts"), one virtual CPU device each, tensor parallel 2 over
+both (plugin/multihost.py): speculative decoding whose drafts the model runner proposes
+itself on the device (EAGLE-3, a draft model). Each process runs the same draft programs
+on its half of the head or draft model; the drafts are replicated, so every process
+verifies the same ones. Greedy output equals transformers' greedy output of the target
+alone (what the one-process runs give: tests/e2e/test_llm_eagle3.py,
+test_llm_draft_model.py), drafts accepted, nothing compiled after warm-up."""
+
+import numpy as np
+import pytest
+
+from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
+from tests.eagle3_checkpoint import save_tiny_eagle3, save_tiny_llama_target
+from tests.helpers import hf_greedy_ids, save_tiny_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+NUM_NEW = 16
+K = 3
+
+
+@pytest.fixture
+def two_hosts(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
+
+
+def _prompts():
+    rng = np.random.default_rng(3)
+    return [rng.integers(3, 128, size=n).tolist() for n in (5, 33, 17)] + [[40, 41] * 10]
+
+
+def _speculate(target, speculative_config):
+    """(greedy outputs, accepted drafts, drafted, programs compiled after warm-up) across
+    the two processes."""
+    llm = start_llm(target, tensor_parallel_size=2, max_num_seqs=4, max_num_batched_tokens=32,
+                    speculative_config=speculative_config)
+    try:
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
+        warm = num_compilations(llm)
+        got = generate_ids(llm, _prompts(), max_tokens=NUM_NEW, temperature=0.0,
+                           ignore_eos=True)
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        drafted = metric(llm, "vllm:spec_decode_num_draft_tokens")
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    return got, accepted, drafted, compiled
+
+
+def test_eagle3_across_two_processes(tmp_path, two_hosts):
+    from safetensors.numpy import load_file
+
+    target = save_tiny_llama_target(tmp_path / "target")
+    embed = load_file(str(target / "model.safetensors"))["model.embed_tokens.weight"]
+    head = save_tiny_eagle3(tmp_path / "head", (0, 1, 2), echo_embed=embed)
+    got, accepted, drafted, compiled = _speculate(
+        target, {"method": "eagle3", "model": str(head), "num_speculative_tokens": K})
+    assert got == hf_greedy_ids(target, _prompts(), NUM_NEW)
+    assert 0 < accepted < drafted
+    assert compiled == 0
+
+
+def test_draft_model_across_two_processes(tmp_path, two_hosts):
+    """The draft equals the target: every draft is accepted (a follower drafting otherwise
+    than the driver would verify other tokens and diverge)."""
+    target = save_tiny_llama(tmp_path / "target")
+    got, accepted, drafted, compiled = _speculate(
+        target, {"method": "draft_model", "model": str(target), "num_speculative_tokens": K})
+    assert got == hf_greedy_ids(target, _prompts(), NUM_NEW)
+    assert 0 < accepted == drafted
+    assert compiled == 0
+
+
+def test_embeddings_across_two_processes(tmp_path, two_hosts):
+    """A tiny Qwen3 embedder (--convert embed, LAST pooling) with tensor parallel 2 over
+    both processes: every process pools the same replicated rows, the driver's go back.
+    Embeddings (one prompt chunked over three steps) and STEP per-token states equal
+    transformers' (as the one-process run's do: tests/e2e/test_llm_pooling.py)."""
+    from tests.e2e.engines import shutdown
+    from tests.e2e.test_llm_pooling import PROMPTS, STEP_EMBED, TOL, _encode, _llm_args
+    from tests.pooling_models import hf_last_hidden, normalized, save_tiny_qwen3_embedder
+    from vllm import LLM
+
+    model_dir = save_tiny_qwen3_embedder(tmp_path / "qwen3emb")
+    llm = LLM(**_llm_args(model_dir, convert="embed", tensor_parallel_size=2))
+    try:
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
+        warm = num_compilations(llm)
+        embed = [o.outputs.embedding
+                 for o in llm.embed([{"prompt_token_ids": p} for p in PROMPTS], use_tqdm=False)]
+        step_embed = _encode(llm, "token_embed", STEP_EMBED)
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    hidden = hf_last_hidden(model_dir, PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        np.testing.assert_allclose(embed[i], normalized(hidden[i][-1]), atol=TOL, rtol=TOL)
+        tag, cols = STEP_EMBED[i].get("step_tag_id"), STEP_EMBED[i].get("returned_token_ids")
+        rows = hidden[i] if tag is None else hidden[i][np.asarray(prompt) == tag]
+        rows = rows if cols is None else rows[:, cols]
+        np.testing.assert_allclose(step_embed[i], normalized(rows), atol=TOL, rtol=TOL)
+    assert compiled == 0
+
+
+def test_moe_data_parallel_with_mtp_across_two_processes(tmp_path, monkeypatch):
+    """A tiny DeepSeek-V3 (MoE) with two data parallel replicas, one per process, its experts
+    split over both processes' devices (expert parallel), and its own MTP layer drafting
+    for every replica's rows: greedy output equals transformers' greedy output of the
+    target alone (as the one-process run's does: tests/e2e/test_llm_moe_data_parallel.py),
+    drafts are accepted, both replicas ran requests, nothing compiles after warm-up."""
+    from tests.deepseek_mtp_checkpoint import save_tiny_deepseek_mtp
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
+    model_dir = save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 21, 38, 9)]
+    llm = start_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96,
+                    enable_expert_parallel=True, additional_config={"data_parallel_size": 2},
+                    speculative_config={"method": "mtp", "num_speculative_tokens": K})
+    try:
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+        compiled = num_compilations(llm) - warm
+        accepted = metric(llm, "vllm:spec_decode_num_accepted_tokens")
+        rows = llm.collective_rpc("replica_rows")[0]
+    finally:
+        shutdown(llm)
+    assert got == hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    assert accepted > 0
+    assert len(rows) == 2 and min(rows) > 0, rows
+    assert compiled == 0

@@ -134,3 +134,52 @@ def test_moe_data_parallel_with_mtp_across_two_processes(tmp_path, monkeypatch):
     assert accepted > 0
     assert len(rows) == 2 and min(rows) > 0, rows
     assert compiled == 0
+
+
+def test_torch_path_across_two_processes(tmp_path, two_hosts):
+    """Phi-3 (no native family: vLLM's PyTorch model class lowered through torchax) with
+    tensor parallel 2 over both processes, each placing its half of every layer as the
+    checkpoint streams in: greedy output equals transformers' (as the one-process run's
+    does: tests/e2e/test_llm_torch_models.py) with a prompt prefilled in chunks."""
+    from tests.torch_models.conftest import save_tiny_architecture
+
+    model_dir = save_tiny_architecture(tmp_path / "phi3", "phi3")
+    prompts = _prompts()
+    llm = start_llm(model_dir, tensor_parallel_size=2, max_num_seqs=4, max_num_batched_tokens=32)
+    try:
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
+        warm = num_compilations(llm)
+        got = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    assert got == hf_greedy_ids(model_dir, prompts, NUM_NEW)
+    assert compiled == 0
+
+
+def test_images_across_two_processes(tmp_path, two_hosts, monkeypatch):
+    """A tiny Qwen2.5-VL with tensor parallel 2 over both processes: the images' pixels ride
+    the step's scheduler output to the follower, and each process runs its half of the
+    vision tower and decoder. An image prompt (its placeholders over two steps) batched
+    with a text prompt gives transformers' greedy output (as the one-process run's does:
+    tests/e2e/test_llm_qwen2_5_vl.py)."""
+    from tests.e2e.engines import generate_requests
+    from tests.multimodal.tiny_qwen2_5_vl import IMAGE, hf_greedy, image, save_tiny_qwen2_5_vl
+
+    monkeypatch.setenv("XLA_INFERENCE_IMAGE_SIZES", "112x168")
+    checkpoint = save_tiny_qwen2_5_vl(tmp_path / "qwen2_5_vl")
+    picture = image(112, 168, seed=0)
+    prompt, text = f"t5 t6 {IMAGE} t7 t8 t9", "t20 t21 t22 t23"
+    llm = start_llm(checkpoint, tensor_parallel_size=2, max_num_batched_tokens=16,
+                    max_num_seqs=4, kv_cache_memory_bytes=1 << 20)
+    try:
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
+        warm = num_compilations(llm)
+        got = generate_requests(llm, [{"prompt": prompt, "multi_modal_data": {"image": picture}},
+                                      {"prompt": text}],
+                                max_tokens=8, temperature=0.0, ignore_eos=True)
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    assert got == [hf_greedy(checkpoint, prompt, [picture], 8), hf_greedy(checkpoint, text, [], 8)]
+    assert compiled == 0

@@ -1,10 +1,19 @@
-"""Across two JAX processes ("hosts"), one virtual CPU device each, tensor parallel 2 over
-both (plugin/multihost.py): speculative decoding whose drafts the model runner proposes
-itself on the device (EAGLE-3, a draft model). Each process runs the same draft programs
-on its half of the head or draft model; the drafts are replicated, so every process
-verifies the same ones. Greedy output equals transformers' greedy output of the target
-alone (what the one-process runs give: tests/e2e/test_llm_eagle3.py,
-test_llm_draft_model.py), drafts accepted, nothing compiled after warm-up."""
+"""What runs across two JAX processes ("hosts") beyond the native decoder (plugin/multihost.py;
+the one-process runs of each are proven against transformers or vLLM's CPU backend in
+the modules named), one virtual CPU device each, tensor parallel 2 over both unless said:
+
+- speculative decoding whose drafts the model runner proposes on the device (EAGLE-3, a
+  draft model; MTP below): each process runs the same draft programs on its shard of the
+  head or draft model and reads the same replicated drafts, so every process verifies the
+  same ones. Greedy output equals transformers' greedy output of the target alone.
+- pooling: a decoder embedder (embeddings, STEP per-token states) and an encoder-only BERT
+  embedder (the torch path): every process pools the same replicated rows.
+- an MoE model (DeepSeek-V3) with two data parallel replicas, one per process, experts
+  split over both (expert parallel), and its MTP layer drafting.
+- the torch path (Phi-3 through vLLM's PyTorch class), and images (Qwen2.5-VL).
+
+Each equals transformers, with nothing compiled after warm-up. One engine per test: the
+methods and models differ."""
 
 import numpy as np
 import pytest
@@ -182,4 +191,28 @@ def test_images_across_two_processes(tmp_path, two_hosts, monkeypatch):
     finally:
         shutdown(llm)
     assert got == [hf_greedy(checkpoint, prompt, [picture], 8), hf_greedy(checkpoint, text, [], 8)]
+    assert compiled == 0
+
+
+def test_encoder_only_embeddings_across_two_processes(tmp_path, two_hosts):
+    """A tiny BERT embedder (vLLM's BertEmbeddingModel on the torch path, cache-free
+    bidirectional attention, MEAN pooling) with tensor parallel 2 over both processes:
+    sentence embeddings equal transformers' mean-pooled, normalized states (as the
+    one-process run's do: tests/e2e/test_llm_encoder_embed.py)."""
+    from tests.e2e.test_llm_encoder_embed import (PROMPTS, TOL, _llm_args, _normalized,
+                                                  hf_hidden, save_tiny_bert_embedder)
+    from vllm import LLM
+
+    model_dir = save_tiny_bert_embedder(tmp_path / "bert")
+    llm = LLM(**_llm_args(model_dir), tensor_parallel_size=2)
+    try:
+        assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
+        warm = num_compilations(llm)
+        embed = [o.outputs.embedding
+                 for o in llm.embed([{"prompt_token_ids": p} for p in PROMPTS], use_tqdm=False)]
+        compiled = num_compilations(llm) - warm
+    finally:
+        shutdown(llm)
+    for got, hidden in zip(embed, hf_hidden(model_dir, PROMPTS)):
+        np.testing.assert_allclose(got, _normalized(hidden.mean(axis=0)), atol=TOL, rtol=TOL)
     assert compiled == 0

@@ -74,27 +74,20 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
     method (n-gram: the driver proposes and the drafts ride the step's scheduler output to
     every process, plugin/spec_decode.NgramDrafter.proposes; EAGLE, EAGLE-3, MTP and a
     draft model: every process runs the same draft programs on its shards and reads the
-    same replicated drafts), pooling (every process pools the same replicated rows), images
-    (their pixels ride the scheduler output), and on the torch path (each process places
-    its shards of vLLM's module as it loads, parallel/sharding.place). What has not been
-    run across processes yet is refused, named, rather than risked: KV connectors (their
-    worker side moves this process's pages only, while each host holds its shards of
-    every page) and encoder-only pooling models."""
-    model = vllm_config.model_config
-    refusals = [
-        (vllm_config.kv_transfer_config is not None,
-         "KV connectors (--kv-transfer-config: disaggregated prefill, KV offload)"),
-        (model is not None and model.runner_type == "pooling"
-         and model.attn_type == "encoder_only",
-         "encoder-only pooling models (BERT-style embedders)"),
-    ]
-    refused = [name for refuse, name in refusals if refuse]
-    if refused:
-        raise ValueError(f"xla-inference does not run {', '.join(refused)} across several JAX "
-                         "processes (XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves "
-                         "decoders (native or vLLM's PyTorch classes) with tensor, expert and "
-                         "data parallel, pipeline stages, LoRA adapters, speculative decoding, "
-                         "decoder pooling models and images")
+    same replicated drafts), pooling, decoders' and encoder-only embedders' (every process
+    pools the same replicated rows), images (their pixels ride the scheduler output), and
+    on the torch path (each process places its shards of vLLM's module as it loads,
+    parallel/sharding.place). What has not been run across processes yet is refused,
+    named, rather than risked: KV connectors (their worker side reads whole pages into
+    one process, runner/kv_pages.EnginePages, while across hosts each process holds only
+    its shards of every page)."""
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError("xla-inference does not run KV connectors (--kv-transfer-config: "
+                         "disaggregated prefill, KV offload) across several JAX processes "
+                         "(XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves decoders "
+                         "(native or vLLM's PyTorch classes) with tensor, expert and data "
+                         "parallel, pipeline stages, LoRA adapters, speculative decoding, "
+                         "pooling models and images")
 
 
 def _jax_runs_on_host() -> bool:

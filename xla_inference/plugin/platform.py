@@ -66,34 +66,29 @@ def _executor_backend(parallel) -> str:
 
 
 def _refuse_untested_across_hosts(vllm_config) -> None:
-    """Several JAX processes serve a native decoder with tensor (and expert) parallel, data
+    """Several JAX processes serve a decoder with tensor (and expert) parallel, data
     parallel replicas, and in pipeline stages (the stage axis spanning the processes:
     parallel/pipeline.stage_devices; with data parallel replicas too, each process holding
     its stages of every replica), with LoRA adapters (every add/remove/pin and each
     step's scheduler output reach every process in the driver's order, so each makes the
-    same slot writes, reading the adapter from the same path), and with n-gram speculative
-    decoding (the driver proposes; the drafts ride the step's scheduler output to every
-    process: plugin/spec_decode.NgramDrafter.proposes); what has not been run
-    across processes yet is refused, named, rather than risked."""
-    model = vllm_config.model_config
-    refusals = [
-        (vllm_config.speculative_config is not None
-         and vllm_config.speculative_config.method != "ngram",
-         "speculative decoding other than ngram"),
-        (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
-        (model is not None and model.runner_type == "pooling", "pooling models (--runner pooling)"),
-        (model is not None and str(model.model_impl) == "vllm",
-         "vLLM's PyTorch model classes (--model-impl vllm)"),
-        (model is not None and model.supports_multimodal_inputs, "multimodal models"),
-        (model is not None and model.is_moe and data_parallel_size(vllm_config) > 1,
-         "MoE models with data parallel replicas (served in one process)"),
-    ]
-    refused = [name for refuse, name in refusals if refuse]
-    if refused:
-        raise ValueError(f"xla-inference does not run {', '.join(refused)} across several JAX "
-                         "processes (XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves "
-                         "native decoder families with tensor, expert and data parallel, "
-                         "pipeline stages, LoRA adapters and n-gram speculative decoding")
+    same slot writes, reading the adapter from the same path), with every speculative
+    method (n-gram: the driver proposes and the drafts ride the step's scheduler output to
+    every process, plugin/spec_decode.NgramDrafter.proposes; EAGLE, EAGLE-3, MTP and a
+    draft model: every process runs the same draft programs on its shards and reads the
+    same replicated drafts), pooling, decoders' and encoder-only embedders' (every process
+    pools the same replicated rows), images (their pixels ride the scheduler output), and
+    on the torch path (each process places its shards of vLLM's module as it loads,
+    parallel/sharding.place). What has not been run across processes yet is refused,
+    named, rather than risked: KV connectors (their worker side reads whole pages into
+    one process, runner/kv_pages.EnginePages, while across hosts each process holds only
+    its shards of every page)."""
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError("xla-inference does not run KV connectors (--kv-transfer-config: "
+                         "disaggregated prefill, KV offload) across several JAX processes "
+                         "(XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves decoders "
+                         "(native or vLLM's PyTorch classes) with tensor, expert and data "
+                         "parallel, pipeline stages, LoRA adapters, speculative decoding, "
+                         "pooling models and images")
 
 
 def _jax_runs_on_host() -> bool:

@@ -215,7 +215,14 @@ def sliced_blocks(raw: RawTensor, rows: np.ndarray | None, name: str) -> QuantSl
         return quant if aligned else cut(quant, slice(None), c0, c1)
 
     probe = read_block(slice(0, 1), 0, inp, None)  # one row (the decoders want a block)
-    return QuantSlices(read_block, (out, inp), probe, rows=rows, parts_apart=False)
+    return QuantSlices(read_block, (out, inp), probe, rows=rows, parts_apart=False,
+                       half_groups=_HALF_GROUPS.get(raw.ggml_type, ()))
+
+
+# Block types whose scales (and offsets) are the file's float16 fields themselves.
+_HALF_GROUPS = {GGMLType.Q4_0: ("scales",), GGMLType.Q5_0: ("scales",),
+                GGMLType.Q8_0: ("scales",), GGMLType.Q4_1: ("scales", "offsets"),
+                GGMLType.Q5_1: ("scales", "offsets")}
 
 
 # --------------------------------------------------------------------------- reading

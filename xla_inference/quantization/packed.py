@@ -222,8 +222,9 @@ def _pack_by_slice(weight: QuantSlices, compute_dtype: str, zero_point: bool,
                    accelerator: str | None) -> PackedWeight | None:
     """A weight not read yet (quantization/sliced.QuantSlices) packed as arrays that read,
     when placement asks for a device's slice, only that slice's rows and columns from the
-    checkpoint (PackedSlices). Scales and offsets are float32 here (the whole weight's
-    float16 test would read it all): the same values, a few more bytes. None where the
+    checkpoint (PackedSlices). Scales and offsets are float16 where the format stores
+    them so (QuantSlices.half_groups), else float32 (the whole weight's float16 test,
+    group_array, would read them all): the same values, at most a few more bytes. None where the
     layout is not cut this way (the Pallas kernels' K-major layout, whose 4-bit bytes pair
     distant inputs; a common zero point, a whole-weight property): packed from the whole."""
     out, inp = weight.shape
@@ -267,7 +268,7 @@ class PackedSlices:
             self.units = (TILE_ROWS, step)
         else:  # [out / 16, groups, 16]
             self.shape = (-(-out // TILE_ROWS), inp // group, TILE_ROWS)
-            self.dtype = np.dtype(np.float32)
+            self.dtype = np.dtype(np.float16 if name in weight.half_groups else np.float32)
             self.units = (TILE_ROWS, group)
 
     @property
@@ -308,7 +309,7 @@ class PackedSlices:
         padded = row_units * TILE_ROWS
         if self.name == "values":
             return _tile_values(array, block.kind, padded)
-        return _tile_rows(array.astype(np.float32), padded)
+        return _tile_rows(array.astype(self.dtype), padded)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[tuple(slice(None) for _ in self.shape)]

@@ -39,7 +39,8 @@ class QuantSlices(GroupQuant):
         return super().__new__(cls)
 
     def __init__(self, read_block: BlockReader, shape: tuple[int, int], probe: GroupQuant,
-                 rows: np.ndarray | None = None, parts_apart: bool = True):
+                 rows: np.ndarray | None = None, parts_apart: bool = True,
+                 half_groups: tuple[str, ...] = ()):
         # `probe`: the weight's zero leading rows and every column, which the format's
         # reader checked like the whole (kind, group size, offsets, activations, name).
         self._read_block = read_block
@@ -53,6 +54,10 @@ class QuantSlices(GroupQuant):
         self.kind, self.group_size = probe.kind, probe.group_size
         self.activations, self.name = probe.activations, probe.name
         self.has_offsets = probe.offsets is not None
+        # "scales" and/or "offsets" whose every value the format stores as a float16 (GPTQ's
+        # and AWQ's scales, GGUF Q4_0's d): packed in float16 as a whole read would (exact);
+        # the rest float32, since only reading all of them could tell.
+        self.half_groups = tuple(half_groups)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -185,7 +185,16 @@ def sliced_weight(reader, tensors: Mapping, prefix: str, count: Callable[[int], 
                                    (out, inp))
         return cut(whole, rows, c0, c1)
 
-    return QuantSlices(read_block, (out, inp), probe)
+    return QuantSlices(read_block, (out, inp), probe, half_groups=_half_groups(reader, tensors,
+                                                                             prefix))
+
+
+def _half_groups(reader, tensors: Mapping, prefix: str) -> tuple[str, ...]:
+    """("scales",) where the module's scales are stored as float16 (then every packed
+    scale is one exactly); offsets are computed (-z * s), so float32."""
+    name = prefix + ("scales" if reader.method in (gptq.METHOD, awq.METHOD) else "weight_scale")
+    stored = tensors[name] if name in tensors else None
+    return ("scales",) if stored is not None and stored.dtype == np.float16 else ()
 
 
 def cut(weight: GroupQuant, rows, c0: int, c1: int) -> GroupQuant:

@@ -63,6 +63,8 @@ def _check_packed_slices(lazy_packed: PackedWeight, whole_packed: PackedWeight, 
         if whole is None:
             continue
         assert lazy.shape == whole.shape and lazy.read_by_slice, (label, name)
+        # float16 only where the whole read's packing is float16 too (else float32: exact).
+        assert lazy.dtype == whole.dtype or lazy.dtype == np.float32, (label, name)
         for axis in (0, 1):  # row tiles (column parallel), input chunks or groups (row parallel)
             for n in (1, 2, 4):
                 if whole.shape[axis] % n:
@@ -109,6 +111,21 @@ def test_each_block_dequantizes_to_the_writers_float64_reference(quantized_check
             np.testing.assert_allclose(block.dequantize(), expected, rtol=2e-7,
                                        atol=2e-7 * np.abs(reference).max(),
                                        err_msg=f"{fmt} {prefix} {rows} {c0}:{c1}")
+
+
+@pytest.mark.parametrize("fmt", ["ct-w8a8", "ct-w4a16-asym", "gptq-4bit-asym"])
+def test_a_fused_weights_parts_stay_unread_and_equal_the_whole_split(quantized_checkpoint, fmt):
+    """take_rows (a fused gate_up or qkv split at load; a row reorder): the part is still
+    read by slice and packs to what the whole weight's rows pack to. Rows in another order
+    (one index per row) are read row by row where each row is its own element, else from
+    the whole module and cut (packed zero points span 8 rows)."""
+    ck = quantized_checkpoint(fmt)
+    lazy, whole = _both(ck.path, "model.layers.0.mlp.gate_proj.weight")  # [256, 128]
+    for rows in (slice(0, 128), slice(128, 256), np.r_[128:256, 0:128],
+                 np.random.default_rng(0).permutation(256)):
+        part = lazy.take_rows(rows)
+        assert isinstance(part, QuantSlices) and part.shape == (len(np.arange(256)[rows]), 128)
+        _check_packed_slices(pack(part), pack(whole.take_rows(rows)), f"{fmt} {rows}")
 
 
 def _module_bytes(path, prefix) -> int:

@@ -205,7 +205,7 @@ def sliced_blocks(raw: RawTensor, rows: np.ndarray | None, name: str) -> QuantSl
     def read_block(stored_rows, c0: int, c1: int, part) -> GroupQuant:
         # The bytes hold values and scales together: either part reads both (QuantSlices
         # keeps the block for the other).
-        stored_rows = rows_as_slice_or_array(stored_rows, out)
+        stored_rows = rows_as_slice_or_array(stored_rows)
         aligned = c0 % block_size == 0 and c1 % block_size == 0
         b0, b1 = (c0, c1) if aligned else (0, inp)
         data = np.array(raw.data[stored_rows, b0 // block_size * type_size:

@@ -136,7 +136,7 @@ def as_group_quant(weight):
     return weight.whole() if isinstance(weight, QuantSlices) else weight
 
 
-def rows_as_slice_or_array(rows, count: int):
+def rows_as_slice_or_array(rows):
     """`rows` (a slice or an index array) as a slice where it is a contiguous run."""
     if isinstance(rows, slice):
         return rows

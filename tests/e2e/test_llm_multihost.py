@@ -137,26 +137,26 @@ def test_tensor_parallel_2_across_two_processes_each_reading_its_half(tmp_path, 
 
 def test_a_quantized_checkpoint_across_two_processes_each_reading_its_half(tmp_path,
                                                                          monkeypatch, capfd):
-    """A GPTQ 4-bit asymmetric checkpoint (group 32) at TP 2, one device on each process:
+    """An AWQ 4-bit checkpoint (zero points, group 32) at TP 2, one device on each process:
     the greedy output of one process (and transformers' on the dequantized weights), each
     process reading (quantization/sliced.QuantSlices, counted and logged) half of every
     split tensor: packed words, zero points and scales of its rows (q, k, v, gate, up) or
-    groups (o, down); the norms whole. Every byte but GPTQ's g_idx (checked whole by each,
-    not counted) is read by one process, the norms by both."""
+    groups (o, down); the norms whole. Every byte is read by one process, the norms by
+    both."""
     from tests.quantization import checkpoints as ck
     from xla_inference.loading.safetensors import read_safetensors
 
-    gptq = ck.save_gptq(tmp_path / "gptq", base=ck.save_base_model(tmp_path / "base"),
-                        bits=4, sym=False)
-    stored = read_safetensors(gptq.path / "model.safetensors")
-    total = sum(t.nbytes for n, t in stored.items() if not n.endswith("g_idx"))
-    vectors = sum(t.nbytes for t in stored.values() if t.ndim == 1 and t.dtype != np.int32)
+    awq = ck.save_awq(tmp_path / "awq", base=ck.save_base_model(tmp_path / "base"),
+                      group_size=32)
+    stored = read_safetensors(awq.path / "model.safetensors")
+    total = sum(t.nbytes for t in stored.values())
+    vectors = sum(t.nbytes for t in stored.values() if t.ndim == 1)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
-    expected = hf_greedy_ids(ck.save_dequantized(gptq, tmp_path / "ref"), prompts, NUM_NEW)
+    expected = hf_greedy_ids(ck.save_dequantized(awq, tmp_path / "ref"), prompts, NUM_NEW)
 
     def greedy(**args):
-        llm = start_llm(gptq.path, max_num_seqs=4, max_num_batched_tokens=16, **args)
+        llm = start_llm(awq.path, max_num_seqs=4, max_num_batched_tokens=16, **args)
         try:
             return generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW,
                                 ignore_eos=True), llm.collective_rpc("mesh_processes")[0]

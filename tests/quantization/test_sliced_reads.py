@@ -267,3 +267,29 @@ def test_a_quantized_model_loaded_by_slices_places_what_a_whole_read_does(quanti
     for a, b in zip(sliced_leaves, whole_leaves):
         assert a.shape == b.shape and a.sharding == b.sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_gguf_model_loaded_by_blocks_places_what_a_whole_read_does(block_gguf):
+    """load + build_engine at TP 2 from the seven-type GGUF: every placed array equals the
+    whole read's (by value), and the projections' blocks are read at placement (the
+    float tensors, dequantized on access, are not counted as file reads)."""
+    from xla_inference.parallel.sharding import build_mesh
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+
+    cfg = EngineConfig(num_blocks=16, block_size=4, max_num_tokens=16, max_num_seqs=4,
+                       max_model_len=32)
+
+    def placed(reads_slices):
+        model = load(block_gguf, Precision.uniform(jnp.float32), reads_slices=reads_slices)
+        return build_engine(model, cfg, mesh=build_mesh(2)).params
+
+    sliced, nbytes = _reads(lambda: placed(True))
+    whole = placed(False)
+    _, hf = load_checkpoint(block_gguf)
+    blocks = sum(hf.raw(f"model.layers.0.{m}.weight").data.nbytes for m in HF_PROJECTIONS)
+    probes = sum(hf.raw(f"model.layers.0.{m}.weight").data[0].nbytes for m in HF_PROJECTIONS)
+    assert nbytes == blocks + probes  # each block once, and each weight's probe row
+    for a, b in zip(jax.tree.leaves(sliced), jax.tree.leaves(whole), strict=True):
+        assert a.shape == b.shape and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

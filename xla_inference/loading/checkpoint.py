@@ -138,8 +138,8 @@ def _load_gguf(path: Path, reads_slices: bool = False) -> tuple[dict, Mapping[st
         config, hf_tensors = hf_checkpoint_from_gguf(metadata, tensors)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    if reads_slices and hasattr(hf_tensors, "reads_slices"):
-        hf_tensors.reads_slices = True  # quantized weights read block by block (gguf.py)
+    if reads_slices and hasattr(hf_tensors, "reads_blocks"):
+        hf_tensors.reads_blocks = True  # quantized weights read block by block (gguf.py)
     return config, hf_tensors
 
 

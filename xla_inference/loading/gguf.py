@@ -130,7 +130,9 @@ class HFTensors(Mapping):
 
     # A multi-host process (loading/checkpoint.load_checkpoint's reads_slices): quantized
     # weights come back unread, read block by block where placement asks (sliced_blocks).
-    reads_slices = False
+    # (Not `reads_slices`: the other tensors are dequantized whole on access, so a plain
+    # tensor's slices would come from memory, not the file.)
+    reads_blocks = False
 
     def __init__(self, source: Mapping[str, np.ndarray], recipes: dict[str, Recipe]):
         self._source = source
@@ -165,7 +167,7 @@ class HFTensors(Mapping):
         raw = self._source.raw(recipe.gguf_name)
         if raw.ggml_type not in SUPPORTED_TYPES or len(raw.shape) != 2:
             return None
-        if self.reads_slices:
+        if self.reads_blocks:
             return sliced_blocks(raw, recipe.rows, name)
         # Rows are gathered as blocks (whole rows, so exact) before they are unpacked.
         raw = raw if recipe.rows is None else raw.take_rows(recipe.rows)

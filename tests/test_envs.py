@@ -10,6 +10,7 @@ from xla_inference import envs
     ("XLA_INFERENCE_CPU_DENSE", envs.cpu_dense_enabled),
     ("XLA_INFERENCE_CPU_ATTENTION", envs.cpu_attention_enabled),
     ("XLA_INFERENCE_STEP_STATS", envs.step_stats_enabled),
+    ("XLA_INFERENCE_HUGE_PAGES", envs.huge_pages_enabled),
 ])
 def test_switches(monkeypatch, name, read):
     for value, want in (("0", False), ("1", True)):

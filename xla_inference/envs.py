@@ -25,6 +25,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "0 runs the products of 2-128 rows against bfloat16 projection matrices (batched "
         "decode steps) through XLA's product instead of the native AMX kernel (CPUs with "
         "AMX-BF16); XLA_INFERENCE_CPU_DENSE=0 turns it off too"),
+    "XLA_INFERENCE_HUGE_PAGES": (
+        "1",
+        "0 leaves the weights on the pages XLA gave them (else the engine asks Linux to move "
+        "their host buffers onto 2 MiB huge pages, once, after placing them: fewer TLB misses "
+        "per decode step)"),
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
@@ -138,6 +143,10 @@ def cpu_dense_matmul_enabled() -> bool:
 
 def cpu_quantized_enabled() -> bool:
     return _switch("XLA_INFERENCE_CPU_QUANTIZED")
+
+
+def huge_pages_enabled() -> bool:
+    return _switch("XLA_INFERENCE_HUGE_PAGES")
 
 
 def step_stats_enabled() -> bool:

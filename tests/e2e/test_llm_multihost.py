@@ -135,6 +135,52 @@ def test_tensor_parallel_2_across_two_processes_each_reading_its_half(tmp_path, 
     assert reads == {"0": str(matrices // 2 + vectors), "1": str(matrices // 2 + vectors)}, reads
 
 
+def test_a_quantized_checkpoint_across_two_processes_each_reading_its_half(tmp_path,
+                                                                         monkeypatch, capfd):
+    """An AWQ 4-bit checkpoint (zero points, group 32) at TP 2, one device on each process:
+    the greedy output of one process (and transformers' on the dequantized weights), each
+    process reading (quantization/sliced.QuantSlices, counted and logged) half of every
+    split tensor: packed words, zero points and scales of its rows (q, k, v, gate, up) or
+    groups (o, down); the norms whole. Every byte is read by one process, the norms by
+    both."""
+    from tests.quantization import checkpoints as ck
+    from xla_inference.loading.safetensors import read_safetensors
+
+    awq = ck.save_awq(tmp_path / "awq", base=ck.save_base_model(tmp_path / "base"),
+                      group_size=32)
+    stored = read_safetensors(awq.path / "model.safetensors")
+    total = sum(t.nbytes for t in stored.values())
+    vectors = sum(t.nbytes for t in stored.values() if t.ndim == 1)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40)]
+    expected = hf_greedy_ids(ck.save_dequantized(awq, tmp_path / "ref"), prompts, NUM_NEW)
+
+    def greedy(**args):
+        llm = start_llm(awq.path, max_num_seqs=4, max_num_batched_tokens=16, **args)
+        try:
+            return generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW,
+                                ignore_eos=True), llm.collective_rpc("mesh_processes")[0]
+        finally:
+            shutdown(llm)
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    one, _ = greedy()
+    assert one == expected
+    monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
+    monkeypatch.setenv("XLA_INFERENCE_JOIN_TIMEOUT", "300")
+    capfd.readouterr()
+    two, processes = greedy(tensor_parallel_size=2)
+    assert processes == [0, 1]
+    assert two == one
+    out = capfd.readouterr()
+    reads = {k: int(v) for k, v in re.findall(
+        r"process (\d) read (\d+) bytes of checkpoint tensors", out.out + out.err)}
+    assert set(reads) == {"0", "1"}, reads
+    assert reads["0"] + reads["1"] == total + vectors, (reads, total, vectors)
+    for nbytes in reads.values():
+        assert abs(nbytes - (total + vectors) / 2) < 0.02 * total, (reads, total)
+
+
 def test_expert_parallel_8_across_two_processes(tmp_path, two_hosts):
     """A tiny Qwen3-MoE (a dense layer, then 8 experts): attention and the dense MLP split
     8 ways, one expert per device, half of them on the other process."""

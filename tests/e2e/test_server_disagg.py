@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,6 +126,22 @@ def _wait_kv_free(url, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
+def _wait_port_closed(port: int, timeout_s: float = 20) -> None:
+    """Until nothing listens on the port: the API server's exit does not wait for its engine
+    core's, and a connection accepted by a dying process is reset, not refused."""
+    start = time.monotonic()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        except OSError:
+            pass
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"port {port} still accepts connections after {timeout_s}s")
+        time.sleep(0.1)
+
+
 def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
     model_dir = save_tiny_llama(tmp_path / "llama")
     rng = np.random.default_rng(25)
@@ -186,6 +203,7 @@ def test_proxy_prefill_on_one_server_decode_on_another(tmp_path):
         params = reply.json()["kv_transfer_params"]
         os.killpg(p_proc.pid, signal.SIGKILL)
         p_proc.wait()
+        _wait_port_closed(kv_port)
         orphan = _complete(decode, model_dir, lone, kv_transfer_params=params)
         assert orphan.status_code == 502, orphan.text
         message = orphan.json()["error"]["message"]

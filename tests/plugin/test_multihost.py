@@ -82,7 +82,7 @@ def test_a_local_follower_that_exits_before_joining_is_named_with_its_exit_code(
 def test_what_has_not_run_across_processes_is_refused_by_name():
     from xla_inference.plugin.platform import _refuse_untested_across_hosts
 
-    model = SimpleNamespace(runner_type="generate", model_impl="auto",
+    model = SimpleNamespace(runner_type="generate", model_impl="auto", attn_type="decoder",
                             supports_multimodal_inputs=False, is_moe=False)
     config = SimpleNamespace(model_config=model, speculative_config=None, kv_transfer_config=None,
                              lora_config=None, additional_config={},
@@ -96,21 +96,31 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
     _refuse_untested_across_hosts(config)  # in pipeline stages (tests/e2e/test_llm_multihost)
     config.lora_config = object()
     _refuse_untested_across_hosts(config)  # LoRA (tests/e2e/test_llm_multihost_lora_spec)
-    config.speculative_config = SimpleNamespace(method="ngram")
-    _refuse_untested_across_hosts(config)  # the driver proposes (tests/e2e/test_llm_multihost_lora_spec)
-    config.speculative_config.method = "eagle3"
-    with pytest.raises(ValueError, match=r"speculative decoding other than ngram .* across"):
+    # Every speculative method: n-gram (tests/e2e/test_llm_multihost_lora_spec), the device
+    # drafters (tests/e2e/test_llm_multihost_spec_pooling).
+    for method in ("ngram", "eagle3", "eagle", "draft_model", "mtp"):
+        config.speculative_config = SimpleNamespace(method=method)
         _refuse_untested_across_hosts(config)
     config.speculative_config = None
     config.kv_transfer_config = object()
-    with pytest.raises(ValueError, match=r"KV connectors .* across several"):
+    with pytest.raises(ValueError, match=r"KV connectors \(--kv-transfer-config.* across several"):
         _refuse_untested_across_hosts(config)
     config.kv_transfer_config = None
     model.is_moe = True
-    _refuse_untested_across_hosts(config)  # an MoE model, one replica: served
+    _refuse_untested_across_hosts(config)  # an MoE model, one replica
     config.additional_config["xla_data_parallel_size"] = 2
-    with pytest.raises(ValueError, match=r"MoE models with data parallel replicas .* across"):
-        _refuse_untested_across_hosts(config)
+    _refuse_untested_across_hosts(config)  # and with data parallel replicas
+    model.is_moe = False
+    model.runner_type = "pooling"
+    _refuse_untested_across_hosts(config)  # a decoder's embeddings or scores
+    model.attn_type = "encoder_only"
+    _refuse_untested_across_hosts(config)  # a BERT-style embedder (the torch path)
+    model.runner_type, model.attn_type = "generate", "decoder"
+    model.supports_multimodal_inputs = True
+    _refuse_untested_across_hosts(config)  # images (tests/e2e/test_llm_multihost_spec_pooling)
+    model.supports_multimodal_inputs = False
+    model.model_impl = "vllm"
+    _refuse_untested_across_hosts(config)  # the torch path (the same)
 
 
 def test_the_follower_group_reports_dead_local_followers():

@@ -67,9 +67,13 @@ def test_draft_model_speculation_keeps_async_scheduling(model_dir):
     assert config.scheduler_config.async_scheduling
 
 
-def test_lora_with_draft_model_is_served_and_with_eagle3_refused(model_dir, tmp_path):
-    """A draft model drafts with the base model and the verify step applies the adapters
-    (tests/lora/test_lora_head_spec_llm.py); an EAGLE head is refused with LoRA."""
+def test_lora_with_draft_model_and_eagle3_is_served_and_with_mtp_refused(model_dir, tmp_path):
+    """A draft model drafts with the base model, an EAGLE head from the adapted target's
+    hidden states, and the verify step applies the adapters (tests/lora/
+    test_lora_head_spec_llm.py, test_lora_eagle_llm.py); EAGLE with LoRA and data parallel
+    replicas (untested together) and mtp (its DeepSeek-V3 target takes no adapters) are
+    refused, naming what is served."""
+    from tests.deepseek_mtp_checkpoint import save_tiny_deepseek_mtp
     from tests.eagle3_checkpoint import save_tiny_eagle3, save_tiny_llama_target
 
     config = _config(model_dir, enable_lora=True,
@@ -78,11 +82,20 @@ def test_lora_with_draft_model_is_served_and_with_eagle3_refused(model_dir, tmp_
     assert config.lora_config is not None and config.speculative_config.method == "draft_model"
     target = save_tiny_llama_target(tmp_path / "target")
     head = save_tiny_eagle3(tmp_path / "head")
-    with pytest.raises(Exception, match="LoRA adapters .* with speculative decoding method "
-                                        "'eagle3'.*ngram and draft_model are served"):
-        _config(target, enable_lora=True,
+    config = _config(target, enable_lora=True,
+                     speculative_config={"method": "eagle3", "model": str(head),
+                                         "num_speculative_tokens": 2})
+    assert config.lora_config is not None and config.speculative_config.method == "eagle3"
+    with pytest.raises(Exception, match="eagle3 speculative decoding with LoRA adapters "
+                                        r"\(--enable-lora\) and data parallel replicas"):
+        _config(target, enable_lora=True, additional_config={"data_parallel_size": 2},
                 speculative_config={"method": "eagle3", "model": str(head),
                                     "num_speculative_tokens": 2})
+    deepseek = save_tiny_deepseek_mtp(tmp_path / "deepseek")
+    with pytest.raises(Exception, match="LoRA adapters .* with speculative decoding method "
+                                        "'mtp'.*ngram, draft_model, eagle, eagle3 are served"):
+        _config(deepseek, enable_lora=True,
+                speculative_config={"method": "mtp", "num_speculative_tokens": 2})
 
 
 def test_ngram_speculation_with_async_scheduling_is_refused(model_dir):
@@ -174,15 +187,20 @@ def test_pipeline_parallel_is_folded_into_our_mesh(model_dir):
     assert config.additional_config["xla_pipeline_parallel_size"] == 2
 
 
-@pytest.mark.parametrize("args, flag", [
-    (dict(enable_lora=True), "LoRA adapters (--enable-lora) with pipeline parallel"),
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                              "prompt_lookup_max": 2}), "with speculative decoding"),
-])
-def test_pipeline_parallel_refusals(model_dir, args, flag):
+def test_pipeline_parallel_refusals(model_dir):
     with pytest.raises(Exception, match="xla-inference does not") as info:
-        _config(model_dir, pipeline_parallel_size=2, **args)
-    assert flag in str(info.value)
+        _config(model_dir, pipeline_parallel_size=2,
+                speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                    "prompt_lookup_max": 2})
+    assert "with speculative decoding" in str(info.value)
+
+
+def test_lora_with_pipeline_parallel_is_accepted(model_dir):
+    """Each stage's layers add their own layers' adapters (served end to end in
+    tests/lora/test_lora_pipeline_llm.py)."""
+    config = _config(model_dir, pipeline_parallel_size=2, enable_lora=True)
+    assert config.additional_config["xla_pipeline_parallel_size"] == 2
+    assert config.lora_config is not None
 
 
 def test_pipeline_parallel_with_data_parallel_replicas_is_accepted_in_one_process(model_dir):

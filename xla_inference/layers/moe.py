@@ -373,15 +373,17 @@ def _split_across_replicas(w: Experts, cfg: MoeConfig) -> str | None:
     """"experts" or "mlp" where w is a data parallel replica's cut of experts split across
     the replicas (its shapes tell: fewer experts, or a narrower width, than the config's);
     None where each replica holds its experts whole over the data axis. Quantized experts
-    (PackedExperts) split by expert only (parallel/sharding.expert_spec); LoRA experts
-    never (refused at engine build)."""
+    (PackedExperts) split by expert only (parallel/sharding.expert_spec), and not under
+    LoRA adapters (their stacks beside quantized experts are placed whole: the engine
+    keeps such experts whole over the data axis, param_shardings' split_quantized)."""
     mesh = jax.sharding.get_abstract_mesh()
     if (mesh.empty or DATA_AXIS not in mesh.manual_axes or mesh.shape[DATA_AXIS] == 1
-            or any(isinstance(a, LoraExperts) for a in w)):
+            or any(isinstance(a, LoraExperts) and not isinstance(a.base, jax.Array)
+                   for a in w)):  # adapted quantized experts stay whole over the data axis
         return None
     if w.count < cfg.num_experts:
         return "experts"
-    dense = all(isinstance(a, jax.Array) for a in w)
+    dense = all(isinstance(_base(a), jax.Array) for a in w)
     return "mlp" if dense and w.gate.shape[2] < cfg.intermediate_size else None
 
 
@@ -390,7 +392,20 @@ def _routed_across_replicas(w: Experts, x: jax.Array, weights: jax.Array, expert
     """x [T, D], this replica's tokens -> their routed sum [T, D] (the comment above)."""
     mesh = jax.sharding.get_abstract_mesh()
     everyone = [jax.lax.all_gather(a, DATA_AXIS, tiled=True) for a in (x, weights, experts)]
-    return _routed_on_mesh(w, *everyone, cfg, mesh, across)
+    return _routed_on_mesh(Experts(*(_every_replicas_adapters(a) for a in w)), *everyone, cfg,
+                           mesh, across)
+
+
+def _every_replicas_adapters(w):
+    """LoRA experts (lora/slots.LoraExperts) as every replica's tokens need them: each
+    replica's tokens' column masks, gathered in the order of the gathered tokens, and
+    their products run where any replica's token has an expert adapter (each device
+    computes every replica's rows of its share of the experts)."""
+    if not isinstance(w, LoraExperts):
+        return w
+    mask = jax.lax.all_gather(w.column_mask, DATA_AXIS, tiled=True)
+    active = jax.lax.pmax(w.active.astype(jnp.int32), DATA_AXIS) > 0
+    return dataclasses.replace(w, column_mask=mask, active=active)
 
 
 def _own_replica_rows(routed: jax.Array) -> jax.Array:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from xla_inference.loading.safetensors import CheckpointTensors, safetensors_files
+from xla_inference.loading.safetensors import (CHECKPOINT_READS, CheckpointTensors,
+                                                safetensors_files)
 from xla_inference.quantization.formats import reader_for
+from xla_inference.quantization.formats.slicing import sliced_weight
 from xla_inference.quantization.online import ONLINE_METHODS
 
 
@@ -24,17 +26,19 @@ def load_checkpoint(model_path: str | Path, gguf_file: str | None = None,
 
     `reads_slices`: an unquantized safetensors checkpoint's tensors that reach the
     parameters unchanged stay unread until placement reads each device's slice
-    (loading/safetensors.CheckpointSlices); a quantized checkpoint or a GGUF file is read
-    whole, as every tensor a loader transposes, fuses or dequantizes."""
+    (loading/safetensors.CheckpointSlices); so do the quantized projection weights of a
+    quantized checkpoint or a GGUF file (quantization/sliced.QuantSlices: each device's
+    rows and columns, packed words, groups and scale rows). Tensors a loader transposes,
+    stacks (MoE experts) or dequantizes (a GGUF embedding) are read whole."""
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path)
+        return _load_gguf(path, reads_slices)
     if gguf_file:
-        return _load_gguf(path / gguf_file)
+        return _load_gguf(path / gguf_file, reads_slices)
     if path.is_dir() and not any(path.glob("*.safetensors")):
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:  # a directory serving a GGUF (loading/default_model.py)
-            return _load_gguf(ggufs[0])
+            return _load_gguf(ggufs[0], reads_slices)
     config = json.loads((path / "config.json").read_text())
     tensors = CheckpointTensors(safetensors_files(path), reads_slices=reads_slices)
     quant_config = config.get("quantization_config")
@@ -93,16 +97,25 @@ def language_model_source(name: str, tensors: Mapping) -> str:
 class QuantizedCheckpoint(Mapping):
     """A quantized checkpoint's tensors: plain access as CheckpointTensors, and
     `quantized_weight("<module>.weight")` the module's GroupQuant (None where the format
-    left it unquantized)."""
+    left it unquantized). From tensors that read slices (a multi-host process) the
+    weight is a QuantSlices: read block by block where placement asks
+    (quantization/formats/slicing.py)."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], reader):
         self._tensors = tensors
         self._reader = reader
 
+    @property
+    def reads_slices(self) -> bool:
+        return getattr(self._tensors, "reads_slices", False)
+
     def quantized_weight(self, name: str):
         if not name.endswith(".weight"):
             return None
-        return self._reader.read_weight(self._tensors, name[:-len("weight")], None)
+        prefix = name[:-len("weight")]
+        if self.reads_slices:
+            return sliced_weight(self._reader, self._tensors, prefix, CHECKPOINT_READS.add)
+        return self._reader.read_weight(self._tensors, prefix, None)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._tensors[name]
@@ -117,14 +130,17 @@ class QuantizedCheckpoint(Mapping):
         return len(self._tensors)
 
 
-def _load_gguf(path: Path) -> tuple[dict, Mapping[str, np.ndarray]]:
+def _load_gguf(path: Path, reads_slices: bool = False) -> tuple[dict, Mapping[str, np.ndarray]]:
     from xla_inference.loading.gguf import read_gguf
 
     metadata, tensors = read_gguf(path)
     try:
-        return hf_checkpoint_from_gguf(metadata, tensors)
+        config, hf_tensors = hf_checkpoint_from_gguf(metadata, tensors)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+    if reads_slices and hasattr(hf_tensors, "reads_blocks"):
+        hf_tensors.reads_blocks = True  # quantized weights read block by block (gguf.py)
+    return config, hf_tensors
 
 
 def _gguf_converters() -> dict:

@@ -18,8 +18,11 @@ from typing import Any, Iterable
 import gguf
 import numpy as np
 
+from xla_inference.loading.safetensors import CHECKPOINT_READS
 from xla_inference.quantization.formats.gguf_blocks import SUPPORTED_TYPES, group_quant_from_blocks
+from xla_inference.quantization.formats.slicing import cut
 from xla_inference.quantization.groups import GroupQuant
+from xla_inference.quantization.sliced import QuantSlices, rows_as_slice_or_array
 
 GGMLType = gguf.GGMLQuantizationType
 
@@ -125,6 +128,12 @@ class HFTensors(Mapping):
     blocks without dequantizing.
     """
 
+    # A multi-host process (loading/checkpoint.load_checkpoint's reads_slices): quantized
+    # weights come back unread, read block by block where placement asks (sliced_blocks).
+    # (Not `reads_slices`: the other tensors are dequantized whole on access, so a plain
+    # tensor's slices would come from memory, not the file.)
+    reads_blocks = False
+
     def __init__(self, source: Mapping[str, np.ndarray], recipes: dict[str, Recipe]):
         self._source = source
         self._recipes = recipes
@@ -158,6 +167,8 @@ class HFTensors(Mapping):
         raw = self._source.raw(recipe.gguf_name)
         if raw.ggml_type not in SUPPORTED_TYPES or len(raw.shape) != 2:
             return None
+        if self.reads_blocks:
+            return sliced_blocks(raw, recipe.rows, name)
         # Rows are gathered as blocks (whole rows, so exact) before they are unpacked.
         raw = raw if recipe.rows is None else raw.take_rows(recipe.rows)
         return group_quant_from_blocks(raw.ggml_type, raw.data, raw.shape, name)
@@ -183,6 +194,37 @@ class HFTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._recipes)
+
+
+def sliced_blocks(raw: RawTensor, rows: np.ndarray | None, name: str) -> QuantSlices:
+    """A 2-D block-quantized tensor as a QuantSlices: a block of rows and columns reads
+    from the file just those rows' bytes of the ggml blocks that hold those columns (a
+    ggml block never spans rows; a block of columns not made of whole ggml blocks reads
+    the rows whole and cuts them). `rows`: HF row i is stored row rows[i] (rope order)."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[raw.ggml_type]
+    out, inp = raw.shape
+
+    def read_block(stored_rows, c0: int, c1: int, part) -> GroupQuant:
+        # The bytes hold values and scales together: either part reads both (QuantSlices
+        # keeps the block for the other).
+        stored_rows = rows_as_slice_or_array(stored_rows)
+        aligned = c0 % block_size == 0 and c1 % block_size == 0
+        b0, b1 = (c0, c1) if aligned else (0, inp)
+        data = np.array(raw.data[stored_rows, b0 // block_size * type_size:
+                                 b1 // block_size * type_size])
+        CHECKPOINT_READS.add(data.nbytes)
+        quant = group_quant_from_blocks(raw.ggml_type, data, (data.shape[0], b1 - b0), name)
+        return quant if aligned else cut(quant, slice(None), c0, c1)
+
+    probe = read_block(slice(0, 1), 0, inp, None)  # one row (the decoders want a block)
+    return QuantSlices(read_block, (out, inp), probe, rows=rows, parts_apart=False,
+                       half_groups=_HALF_GROUPS.get(raw.ggml_type, ()))
+
+
+# Block types whose scales (and offsets) are the file's float16 fields themselves.
+_HALF_GROUPS = {GGMLType.Q4_0: ("scales",), GGMLType.Q5_0: ("scales",),
+                GGMLType.Q8_0: ("scales",), GGMLType.Q4_1: ("scales", "offsets"),
+                GGMLType.Q5_1: ("scales", "offsets")}
 
 
 # --------------------------------------------------------------------------- reading

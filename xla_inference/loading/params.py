@@ -14,6 +14,7 @@ from xla_inference.quantization.experts import (PackedExperts, pack_experts, qua
 from xla_inference.quantization.groups import GroupQuant
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import PackedWeight, pack
+from xla_inference.quantization.sliced import as_group_quant
 
 
 class WeightMismatchError(ValueError):
@@ -131,7 +132,8 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
     leading axis, cast, each optionally transposed. Quantized experts (each a GroupQuant)
     taken transposed stay quantized: a PackedExperts ([E, in, out] math,
     quantization/experts.py)."""
-    checked = [_checked(tensors, n, shape) for n in names]
+    # Stacked experts are read whole (a QuantSlices' blocks serve only 2-D projections).
+    checked = [as_group_quant(_checked(tensors, n, shape)) for n in names]
     if transpose and checked and all(isinstance(c, GroupQuant) for c in checked):
         return pack_experts(checked)
     stacked = np.stack([_dense(c, dtype) for c in checked])

@@ -40,6 +40,7 @@ import numpy as np
 
 from xla_inference.loading.safetensors import CheckpointSlices
 from xla_inference.lora.peft import LoraAdapter, LoraError
+from xla_inference.parallel.pipeline import StagedLayers
 from xla_inference.quantization.packed import PackedWeight
 
 # PEFT module suffix -> (block attribute of a decoder layer, weight attribute in it)
@@ -76,6 +77,15 @@ class LoraWeight:
     @property
     def dtype(self):
         return self.base.dtype
+
+    def for_microbatch(self, index: jax.Array) -> "LoraWeight":
+        """Under pipeline stages the mask holds every micro-batch's tokens, [M, T, L*r]
+        (attach_staged); the stage's layers read micro-batch `index`'s (parallel/pipeline.py
+        asks, each tick)."""
+        if self.column_mask.ndim < 3:
+            return self
+        mask = jax.lax.dynamic_index_in_dim(self.column_mask, index, keepdims=False)
+        return dataclasses.replace(self, column_mask=mask)
 
 
 @jax.tree_util.register_dataclass
@@ -123,14 +133,15 @@ class LoraEmbedding:
 
 def embed_lookup(embed, ids: jax.Array) -> jax.Array:
     """The embedding rows of token ids [T] -> [T, D], with each token's adapter's delta when
-    the embedding is a LoraEmbedding (the step's token ids: its mask is by token)."""
+    the embedding is a LoraEmbedding (the step's token ids: its mask is by token). Pipeline
+    micro-batches: ids [M, T] -> [M, T, D], the mask [M, T, L*r]."""
     if not isinstance(embed, LoraEmbedding):
         return embed[ids]
     base = embed.base[ids]
 
     def with_delta():
         rows = jnp.where(embed.column_mask, embed.a[ids], 0).astype(jnp.float32)
-        delta = jnp.einsum("tk,dk->td", rows, embed.b.astype(jnp.float32))
+        delta = jnp.einsum("...k,dk->...d", rows, embed.b.astype(jnp.float32))
         return base + delta.astype(base.dtype)
 
     return jax.lax.cond(embed.active, with_delta, lambda: base)
@@ -156,9 +167,10 @@ def group_of(module: str) -> str:
 
 
 def column_mask(token_slots: jax.Array, max_loras: int, max_rank: int) -> jax.Array:
-    """[T] slots -> [T, L*r]: True in the r columns of each token's slot (none for slot 0)."""
+    """[..., T] slots -> [..., T, L*r]: True in the r columns of each token's slot (none for
+    slot 0)."""
     column_slot = jnp.arange(max_loras * max_rank, dtype=token_slots.dtype) // max_rank + 1
-    return token_slots[:, None] == column_slot[None, :]
+    return token_slots[..., None] == column_slot
 
 
 def decoder_targets(params) -> dict[str, tuple[int, int]]:
@@ -230,8 +242,8 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
     """params with each targeted weight wrapped as a LoraWeight (inside the jitted step).
     stacks: LoraSlots.stacks, {"a": {group: [G, L*r, in]}, "b": {module: [out, L*r]},
     "b_rows": {module: [L*r, out] float32}, and a MoE layer's experts': "ea": {group:
-    [E, in, L*r]}, "eb": {module: [E, L*r, out]}}."""
-    layers = list(params.layers)
+    [E, in, L*r]}, "eb": {module: [E, L*r, out]}}. Pipeline stages (the layers a
+    parallel/pipeline.StagedLayers, token_slots [M, T] by micro-batch): _attach_staged."""
     members = group_members(stacks["b"])
     max_loras = stacks["expert_slots"].shape[0] - 1
     mask = column_mask(token_slots, max_loras, max_rank)  # one for every layer
@@ -241,6 +253,12 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
         active = jnp.any(stacks["vocab_slots"][EMBEDDING][token_slots])
         params = dataclasses.replace(params, embed=LoraEmbedding(params.embed, v["a"], v["b"],
                                                                  mask, active))
+    if isinstance(params.layers, StagedLayers):
+        if stacks["eb"]:
+            raise ValueError("pipeline parallel serves LoRA adapters on dense layers only")
+        return dataclasses.replace(params, layers=_attach_staged(params.layers, stacks, mask,
+                                                                 members))
+    layers = list(params.layers)
     for module, b in stacks["eb"].items():
         _, _, i, _, _, suffix = module.split(".")
         attr = _DECODER_TARGETS[suffix][1]
@@ -261,6 +279,40 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
         sub = dataclasses.replace(sub, **{attr: weight})
         layers[int(i)] = dataclasses.replace(layer, **{block: sub})
     return dataclasses.replace(params, layers=layers)
+
+
+def _attach_staged(staged: StagedLayers, stacks: dict, mask: jax.Array,
+                   members: dict[str, list[str]]) -> StagedLayers:
+    """Pipeline stages: local layer j of every stage stacked [N, ...] (StagedLayers), so
+    its adapters are stacked the same way, stage s's from global layer s * L/N + j, and
+    the stage axis hands each stage its own layers' (the stacks themselves stay whole on
+    every device: LoraSlots writes one slot by global module path). The mask [M, T, L*r]
+    holds every micro-batch's tokens; each stage takes the micro-batch it runs in a tick
+    (LoraWeight.for_microbatch), so each row's slot travels with it through the stages."""
+    per_stage = len(staged.local)
+    stages = jax.tree.leaves(staged.local[0])[0].shape[0]
+    by_place: dict[tuple[int, str], dict[int, str]] = {}
+    for module in stacks["b"]:
+        stage, j = divmod(int(module.split(".")[2]), per_stage)
+        by_place.setdefault((j, module.rpartition(".")[2]), {})[stage] = module
+    local = list(staged.local)
+    stage_mask = jnp.broadcast_to(mask, (stages, *mask.shape))
+    for (j, suffix), modules in sorted(by_place.items()):
+        if sorted(modules) != list(range(stages)):
+            raise ValueError(f"pipeline parallel with LoRA adapters needs {suffix} targeted "
+                             f"in layer {j} of every stage (--lora-target-modules names "
+                             f"the layers of only some)")
+        order = [modules[s] for s in range(stages)]
+        block, attr = _DECODER_TARGETS[suffix]
+        a = jnp.stack([stacks["a"][group_of(m)].reshape(-1, stacks["a"][group_of(m)].shape[-1])
+                       for m in order])
+        b = jnp.stack([stacks["b"][m] for m in order])
+        b_rows = jnp.stack([stacks["b_rows"][m] for m in order])
+        sub = getattr(local[j], block)
+        member = members[group_of(order[0])].index(order[0])
+        weight = LoraWeight(getattr(sub, attr), a, b, b_rows, stage_mask, member)
+        local[j] = dataclasses.replace(local[j], **{block: dataclasses.replace(sub, **{attr: weight})})
+    return StagedLayers(local)
 
 
 def attach_lm_head(params, stacks: dict, row_slots: jax.Array, max_rank: int):

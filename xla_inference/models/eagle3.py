@@ -30,6 +30,7 @@ from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import tensor_getter
+from xla_inference.lora.slots import embed_lookup
 from xla_inference.models import decoder
 from xla_inference.models.interface import FULL, KvLayer, ModelFamily, StepBatch
 
@@ -246,7 +247,7 @@ def _aux_forward(layer_ids: tuple[int, ...], params, kv_cache, batch: StepBatch,
     if batch.input_ids.ndim != 1:
         raise NotImplementedError("EAGLE-3 with pipeline micro-batches")
     inv_freq = jnp.asarray(cfg.inv_freq())
-    x = params.embed[batch.input_ids]
+    x = embed_lookup(params.embed, batch.input_ids)  # with LoRA: the adapted embedding
     aux = []
     for i, layer in enumerate(params.layers):
         if i in layer_ids:

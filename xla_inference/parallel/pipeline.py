@@ -220,10 +220,11 @@ def _microbatch_body(layer_step, local, arrays, xs, batches, kv_cache: KvCache, 
         batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
                              batches)
 
-        def run(arrays, x, batch=batch):
+        def run(arrays, x, batch=batch, index=index):
             cache = dataclasses.replace(kv_cache, arrays=arrays)
             for j, layer in enumerate(layers):
-                kv, x = layer_step(layer, x, cache.layer(j), batch, *(a[j] for a in args))
+                kv, x = layer_step(_for_microbatch(layer, index), x, cache.layer(j), batch,
+                                   *(a[j] for a in args))
                 cache = cache.updated(j, kv)
             return list(cache.arrays), x
 
@@ -233,3 +234,14 @@ def _microbatch_body(layer_step, local, arrays, xs, batches, kv_cache: KvCache, 
         received = jax.lax.ppermute(y, STAGE_AXIS, [(s, s + 1) for s in range(stages - 1)])
     out = jax.lax.psum(jnp.where(me == stages - 1, out, jnp.zeros_like(out)), STAGE_AXIS)
     return arrays, out
+
+
+def _for_microbatch(layer, index: jax.Array):
+    """A layer as micro-batch `index` sees it: weights that carry per-token state of every
+    micro-batch (a LoRA weight's column mask by token, [M, T, ...]: lora/slots.py, named by
+    its for_microbatch method: parallel/ sits below lora/) take that micro-batch's."""
+    def has_view(node):
+        return hasattr(node, "for_microbatch")
+
+    return jax.tree.map(lambda n: n.for_microbatch(index) if has_view(n) else n, layer,
+                        is_leaf=has_view)

@@ -112,12 +112,15 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], sizes: 
     return PartitionSpec(*spec)
 
 
-def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None = None):
+def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None = None,
+                    split_quantized: bool = True):
     """A NamedSharding for every parameter leaf (the same tree), from the logical axes each
     parameter dataclass declares (parallel/axes.py) and LOGICAL_RULES.
 
     experts_across_replicas ("experts" or "mlp", with data parallel replicas): the routed
-    experts split over the data and model axes together (expert_spec)."""
+    experts split over the data and model axes together (expert_spec); quantized ones
+    only where `split_quantized` (not under LoRA: its stacks beside quantized experts are
+    placed whole, lora/slots.LoraSlots.place)."""
     sizes = logical_sizes(cfg)
 
     def leaf_sharding(leaf, axes, dense=True):
@@ -126,7 +129,8 @@ def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None
         if axes is None or len(axes) != np.ndim(leaf):
             axes = (None,) * np.ndim(leaf)  # declared none (or a whole subtree): replicated
         spec = None
-        if experts_across_replicas is not None and "experts" in axes:
+        if experts_across_replicas is not None and "experts" in axes and (
+                dense or split_quantized):
             # A quantized stack's arrays (values, scales, offsets) split only by expert:
             # its width cut alone would not be a layout the products take whole.
             spec = expert_spec(axes, np.shape(leaf), mesh,

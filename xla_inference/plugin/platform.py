@@ -17,8 +17,9 @@ logger = logging.getLogger(__name__)
 _WORKER = "xla_inference.plugin.worker.XlaWorker"
 # --kv-cache-dtype values served (runner/build.py Precision.with_kv_cache maps them).
 SERVED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
-# Speculative decoding methods served with LoRA adapters (their drafts need no adapter).
-LORA_SPECULATIVE_METHODS = ("ngram", "draft_model")
+# Speculative decoding methods served with LoRA adapters: drafts are proposed without the
+# adapters (an EAGLE head reads the adapted target's hidden states), verified with them.
+LORA_SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 def _choose_engine_start_method() -> None:
@@ -65,34 +66,29 @@ def _executor_backend(parallel) -> str:
 
 
 def _refuse_untested_across_hosts(vllm_config) -> None:
-    """Several JAX processes serve a native decoder with tensor (and expert) parallel, data
+    """Several JAX processes serve a decoder with tensor (and expert) parallel, data
     parallel replicas, and in pipeline stages (the stage axis spanning the processes:
     parallel/pipeline.stage_devices; with data parallel replicas too, each process holding
     its stages of every replica), with LoRA adapters (every add/remove/pin and each
     step's scheduler output reach every process in the driver's order, so each makes the
-    same slot writes, reading the adapter from the same path), and with n-gram speculative
-    decoding (the driver proposes; the drafts ride the step's scheduler output to every
-    process: plugin/spec_decode.NgramDrafter.proposes); what has not been run
-    across processes yet is refused, named, rather than risked."""
-    model = vllm_config.model_config
-    refusals = [
-        (vllm_config.speculative_config is not None
-         and vllm_config.speculative_config.method != "ngram",
-         "speculative decoding other than ngram"),
-        (vllm_config.kv_transfer_config is not None, "KV connectors (--kv-transfer-config)"),
-        (model is not None and model.runner_type == "pooling", "pooling models (--runner pooling)"),
-        (model is not None and str(model.model_impl) == "vllm",
-         "vLLM's PyTorch model classes (--model-impl vllm)"),
-        (model is not None and model.supports_multimodal_inputs, "multimodal models"),
-        (model is not None and model.is_moe and data_parallel_size(vllm_config) > 1,
-         "MoE models with data parallel replicas (served in one process)"),
-    ]
-    refused = [name for refuse, name in refusals if refuse]
-    if refused:
-        raise ValueError(f"xla-inference does not run {', '.join(refused)} across several JAX "
-                         "processes (XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves "
-                         "native decoder families with tensor, expert and data parallel, "
-                         "pipeline stages, LoRA adapters and n-gram speculative decoding")
+    same slot writes, reading the adapter from the same path), with every speculative
+    method (n-gram: the driver proposes and the drafts ride the step's scheduler output to
+    every process, plugin/spec_decode.NgramDrafter.proposes; EAGLE, EAGLE-3, MTP and a
+    draft model: every process runs the same draft programs on its shards and reads the
+    same replicated drafts), pooling, decoders' and encoder-only embedders' (every process
+    pools the same replicated rows), images (their pixels ride the scheduler output), and
+    on the torch path (each process places its shards of vLLM's module as it loads,
+    parallel/sharding.place). What has not been run across processes yet is refused,
+    named, rather than risked: KV connectors (their worker side reads whole pages into
+    one process, runner/kv_pages.EnginePages, while across hosts each process holds only
+    its shards of every page)."""
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError("xla-inference does not run KV connectors (--kv-transfer-config: "
+                         "disaggregated prefill, KV offload) across several JAX processes "
+                         "(XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves decoders "
+                         "(native or vLLM's PyTorch classes) with tensor, expert and data "
+                         "parallel, pipeline stages, LoRA adapters, speculative decoding, "
+                         "pooling models and images")
 
 
 def _jax_runs_on_host() -> bool:
@@ -363,18 +359,13 @@ def _validate_pooling_request(params) -> None:
 def refuse_unsupported_features(vllm_config) -> None:
     """Refuse at start-up, with the flag's name, what this platform would otherwise accept
     and then serve wrongly or die on: a quantization method it does not serve (weights
-    would be read as if unquantized), LoRA with pipeline stages (the adapter stacks follow
-    tensor and data parallel only; lora/slots.py, runner/engine.py), speculative decoding
-    methods we do not serve (plugin/spec_decode.py) and KV connectors other than ours
-    (kv_transfer/)."""
+    would be read as if unquantized), speculative decoding methods we do not serve
+    (plugin/spec_decode.py) and KV connectors other than ours (kv_transfer/)."""
     model = vllm_config.model_config
     if model is not None:
         quantization.refuse_unserved(model.quantization, "from --quantization or the "
                                      "checkpoint's quantization_config")
     refusals = [
-        (vllm_config.lora_config is not None and pipeline_parallel_size(vllm_config) > 1,
-         lambda: "LoRA adapters (--enable-lora) with pipeline parallel (tensor and data "
-                 "parallel only)"),
         (pipeline_parallel_size(vllm_config) > 1 and vllm_config.speculative_config is not None,
          lambda: "pipeline parallel (--pipeline-parallel-size) with speculative decoding"),
         (pipeline_parallel_size(vllm_config) > 1 and model is not None and model.is_moe,
@@ -385,13 +376,14 @@ def refuse_unsupported_features(vllm_config) -> None:
         # The verify step scores each request's drafts with its own adapter (the target's
         # hidden states and LM head: runner/engine.verify_drafts), so drafts proposed
         # without it stay lossless. ngram drafts need no model; a draft model drafts with
-        # the base model (as vLLM's does: its drafter gets no adapters). An EAGLE or MTP
-        # head reads the adapted target's hidden states: untested, refused.
+        # the base model, an EAGLE head from the adapted target's hidden states with its
+        # own (and the target's base) weights, as vLLM's drafters get no adapters. mtp's
+        # DeepSeek-V3 target takes no adapters (runner/build.LORA_FAMILIES).
         (vllm_config.lora_config is not None and vllm_config.speculative_config is not None
          and vllm_config.speculative_config.method not in LORA_SPECULATIVE_METHODS,
          lambda: "LoRA adapters (--enable-lora) with speculative decoding method "
                  f"{vllm_config.speculative_config.method!r} (--speculative-config; "
-                 f"{' and '.join(LORA_SPECULATIVE_METHODS)} are served with LoRA)"),
+                 f"{', '.join(LORA_SPECULATIVE_METHODS)} are served with LoRA)"),
         (vllm_config.lora_config is not None and model is not None
          and model.runner_type == "pooling",
          lambda: "LoRA adapters (--enable-lora) on a pooling model (--runner pooling)"),

@@ -87,6 +87,12 @@ def refuse_unserved(vllm_config) -> None:
         raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
                          f"data parallel replicas yet (served: "
                          f"{', '.join(DATA_PARALLEL_METHODS)})")
+    if (dp > 1 or vllm_config.parallel_config.data_parallel_size > 1) and \
+            vllm_config.lora_config is not None and method in EAGLE_METHODS:
+        # Served and tested apart; together not yet tested: refused rather than served unseen.
+        raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
+                         "LoRA adapters (--enable-lora) and data parallel replicas yet (one "
+                         "replica serves them together)")
     if vllm_config.scheduler_config.async_scheduling and method not in ASYNC_METHODS:
         raise ValueError(f"xla-inference serves {method} speculative decoding with "
                          "synchronous scheduling only; drop --async-scheduling")

@@ -217,10 +217,13 @@ class XlaWorker(WorkerBase):
             from xla_inference import envs
             from xla_inference.torch_models.loader import load as load_torch_model
 
-            if envs.num_hosts() > 1:
-                raise ValueError("xla-inference's torch path (vLLM's PyTorch model classes) "
-                                 "does not run across several JAX processes yet "
-                                 "(XLA_INFERENCE_HOSTS > 1); it serves native families there")
+            if envs.num_hosts() > 1 and self.vllm_config.lora_config is not None:
+                # Each process places its shards of the torch path's weights as the native
+                # path's (parallel/sharding.place); its LoRA slots have not run across them.
+                raise ValueError("xla-inference does not serve LoRA adapters on its torch path "
+                                 "(vLLM's PyTorch model classes) across several JAX processes "
+                                 "(XLA_INFERENCE_HOSTS > 1) yet; native families serve them "
+                                 "there")
             if pipeline_parallel_size(self.vllm_config) > 1:
                 raise ValueError("xla-inference's torch path (--model-impl vllm) does not run "
                                  "pipeline parallel yet; use --tensor-parallel-size")

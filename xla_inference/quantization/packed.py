@@ -28,6 +28,7 @@ into equal parts), so the kernel's int32 sums over a group cannot overflow."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ import numpy as np
 from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.quantization.groups import (FP8, INT4, INT8, INT8_ACTIVATIONS, GroupQuant,
                                                regroup)
+from xla_inference.quantization.sliced import GROUPS, VALUES, QuantSlices, reads_by_block
 
 TILE_ROWS = 16
 MAX_GROUP = 128
@@ -186,6 +188,11 @@ def pack(weight: GroupQuant, compute_dtype="float32", *, zero_point: bool = Fals
     in their layout (K_MAJOR), else in the CPU kernel's (OUT_IN: XLA dequantizes it)."""
     out, inp = weight.shape
     compute_dtype = jnp.dtype(compute_dtype).name
+    if reads_by_block(weight):
+        sliced = _pack_by_slice(weight, compute_dtype, zero_point, accelerator)
+        if sliced is not None:
+            return sliced
+        weight = weight.whole()
     if weight.activations == INT8_ACTIVATIONS and (
             weight.kind != INT8 or weight.offsets is not None or weight.group_size != inp):
         raise ValueError("int8 activations need symmetric int8 weights with one scale per "
@@ -207,6 +214,123 @@ def pack(weight: GroupQuant, compute_dtype="float32", *, zero_point: bool = Fals
                         _tile_rows(group_array(weight.scales), out_padded), offsets, weight.kind,
                         weight.group_size, out, inp, weight.activations, compute_dtype,
                         z or 0)
+
+
+# ------------------------------------------------------------------ read where placed
+
+def _pack_by_slice(weight: QuantSlices, compute_dtype: str, zero_point: bool,
+                   accelerator: str | None) -> PackedWeight | None:
+    """A weight not read yet (quantization/sliced.QuantSlices) packed as arrays that read,
+    when placement asks for a device's slice, only that slice's rows and columns from the
+    checkpoint (PackedSlices). Scales and offsets are float16 where the format stores
+    them so (QuantSlices.half_groups), else float32 (the whole weight's float16 test,
+    group_array, would read them all): the same values, at most a few more bytes. None where the
+    layout is not cut this way (the Pallas kernels' K-major layout, whose 4-bit bytes pair
+    distant inputs; a common zero point, a whole-weight property): packed from the whole."""
+    out, inp = weight.shape
+    if zero_point:
+        return None
+    if weight.activations == INT8_ACTIVATIONS and (
+            weight.kind != INT8 or weight.has_offsets or weight.group_size != inp):
+        return None  # pack() refuses it, from the whole weight
+    group = (weight.group_size if weight.kind == FP8
+             else kernel_group_size(weight.group_size, inp, weight.kind))
+    if accelerator and qmm.layout_supported(inp, out, bits=4 if weight.kind == INT4 else 8,
+                                            group_size=group, backend=accelerator):
+        return None
+    arrays = ("values", "scales", "offsets") if weight.has_offsets else ("values", "scales")
+    parts = {name: PackedSlices(weight, name, group, len(arrays)) for name in arrays}
+    return PackedWeight(parts["values"], parts["scales"], parts.get("offsets"), weight.kind,
+                        group, out, inp, weight.activations, compute_dtype)
+
+
+class PackedSlices:
+    """One array (values, scales or offsets) of a packed weight not read yet: its shape
+    and dtype, and `self[index]` reading from the checkpoint only the rows and input
+    columns that slice of the packed layout holds (whole row tiles of 16 and whole input
+    chunks or groups, as placement's slices are), packed as pack() packs them. Anything
+    else numpy does with it reads the whole array."""
+
+    read_by_slice = True  # what placement looks for (parallel/sharding.place)
+
+    def __init__(self, weight: QuantSlices, name: str, group: int, uses: int):
+        self.weight, self.name, self.group, self.uses = weight, name, group, uses
+        out, inp = weight.shape
+        self.tiled = weight.kind != FP8
+        if not self.tiled:  # [out, in] and [out, groups]
+            self.shape = (out, inp) if name == "values" else (out, inp // group)
+            self.dtype = np.dtype(_VALUE_DTYPE[FP8]) if name == "values" else np.dtype(np.float32)
+            self.units = (1, 1 if name == "values" else group)
+        elif name == "values":  # [out / 16, in / chunk, 32]
+            step = _CHUNK_INPUTS[weight.kind]
+            self.shape = (-(-out // TILE_ROWS), inp // step, 2 * TILE_ROWS)
+            self.dtype = np.dtype(_VALUE_DTYPE[weight.kind])
+            self.units = (TILE_ROWS, step)
+        else:  # [out / 16, groups, 16]
+            self.shape = (-(-out // TILE_ROWS), inp // group, TILE_ROWS)
+            self.dtype = np.dtype(np.float16 if name in weight.half_groups else np.float32)
+            self.units = (TILE_ROWS, group)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        spans = [_span(i, dim) for i, dim in zip(index[:2], self.shape[:2])]
+        if any(s is None for s in spans) or len(index) != self.ndim:
+            return np.asarray(self)[index]  # an index placement never asks for: read whole
+        (t0, t1), (u0, u1) = spans
+        out, inp = self.weight.shape
+        row_unit, col_unit = self.units
+        rows = slice(t0 * row_unit, min(t1 * row_unit, out))
+        c0, c1 = u0 * col_unit, min(u1 * col_unit, inp)
+        # Values may cut a group (their unit is a chunk): then the block's groups are smaller.
+        group = math.gcd(self.group, c0, c1)
+        block = self.weight.part_of_block(rows, c0, c1, group,
+                                          VALUES if self.name == "values" else GROUPS,
+                                          self.uses)
+        return self._layout(block, t1 - t0)[(slice(None), slice(None), *index[2:])]
+
+    def _layout(self, block: GroupQuant, row_units: int) -> np.ndarray:
+        array = getattr(block, self.name)
+        if not self.tiled:
+            return np.ascontiguousarray(array if self.name == "values"
+                                        else array.astype(np.float32))
+        padded = row_units * TILE_ROWS
+        if self.name == "values":
+            return _tile_values(array, block.kind, padded)
+        return _tile_rows(array.astype(self.dtype), padded)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[tuple(slice(None) for _ in self.shape)]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return np.asarray(self).astype(dtype, copy=copy)
+
+    def __repr__(self) -> str:
+        return f"PackedSlices({self.weight.name}.{self.name}, {self.shape}, {self.dtype})"
+
+
+_VALUE_DTYPE = {INT8: np.int8, INT4: np.uint8, FP8: jnp.float8_e4m3fn}
+
+
+def _span(index, dim: int) -> tuple[int, int] | None:
+    """[start, stop) of a plain slice (step 1) along an axis of `dim`; None otherwise."""
+    if not isinstance(index, slice) or index.step not in (None, 1):
+        return None
+    start, stop, _ = index.indices(dim)
+    return (start, stop) if stop > start else None
 
 
 # ------------------------------------------------------------------ on the device (jnp)

@@ -22,7 +22,7 @@ from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark
                                              param_shardings, place, place_params,
                                              replica_local_specs, replica_sharding, replicated,
                                              traced_over)
-from xla_inference.runner import compile_counter, jax_setup
+from xla_inference.runner import compile_counter, huge_pages, jax_setup
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
 from xla_inference.runner.pooling import gather_pooled_rows
@@ -144,7 +144,7 @@ def _forward_pooled(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch)
 
 def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
                       token_order, *, mesh: Mesh, max_rank: int | None = None,
-                      params_spec=PartitionSpec()):
+                      params_spec=PartitionSpec(), stacks_spec=PartitionSpec()):
     """Data parallel: every array of `batch` and of the cache has a leading replica axis, one
     replica per slice of the mesh's data axis. Each slice runs its own replica's forward on
     its own batch and cache (shard_map, manual over the data axis only: GSPMD still splits
@@ -157,9 +157,10 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
     manual over the stage axis inside this map over the data axis), on its own slice of
     every stage's cache, and the row and token orders index (replica, micro-batch, row).
 
-    With LoRA (max_rank given) params is (params, the LoRA stacks, each token's slot [R, T]):
-    every replica reads the same stacks (one set of slots for all replicas' adapters) and
-    its own tokens' slots.
+    With LoRA (max_rank given) params is (params, the LoRA stacks, each token's slot [R, T],
+    or [R, M, T] with pipeline stages): every replica reads the same stacks (one set of
+    slots for all replicas' adapters) and its own tokens' slots. stacks_spec: the stacks'
+    cut over the data axis (an MoE model's expert stacks split as their experts are).
 
     params_spec: the params' cut over the data axis (parallel/sharding.replica_local_specs):
     an MoE model's experts split across the replicas enter as each replica's cut (the
@@ -175,7 +176,7 @@ def _forward_replicas(model: ModelFamily, cfg, params, kv_cache, batch: StepBatc
 
     data = PartitionSpec("data")
     if max_rank is not None:
-        params_spec = (params_spec, PartitionSpec(), data)
+        params_spec = (params_spec, stacks_spec, data)
     kv_cache, hidden = jax.shard_map(
         replica, mesh=mesh, in_specs=(params_spec, data, data), out_specs=(data, data),
         axis_names={"data"}, check_vma=False)(params, kv_cache, batch)
@@ -203,6 +204,18 @@ def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: Step
     kv_cache, hidden = model.forward(params, kv_cache, batch, cfg)
     return (kv_cache, *_in_scheduler_order(model, cfg, params, hidden, batch, row_order,
                                            token_order))
+
+
+def _forward_microbatches_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch,
+                               row_order, token_order, *, max_rank: int):
+    """_forward_microbatches with the adapters: params_lora is (params, the LoRA stacks,
+    each token's slot [M, T]); every stage's layers add their own layers' adapters for the
+    micro-batch they run (lora/slots._attach_staged), the LM head each row's."""
+    params, stacks, token_slots = params_lora
+    kv_cache, hidden = model.forward(_attach(model, cfg, params, stacks, token_slots, max_rank),
+                                     kv_cache, batch, cfg)
+    return (kv_cache, *_in_scheduler_order(model, cfg, params, hidden, batch, row_order,
+                                           token_order, lora=(stacks, token_slots, max_rank)))
 
 
 def _in_scheduler_order(model: ModelFamily, cfg, params, hidden, batch: StepBatch, row_order,
@@ -313,16 +326,6 @@ def _rejection_key(logits, drafts, sampling, extras, base_key, step):
     return drafts.tokens.shape, extras is None
 
 
-def _check_experts_across_replicas(lora) -> None:
-    """MoE under data parallel splits the experts across the replicas; LoRA adapters on
-    the experts would have to split with them (their stacks follow the experts' placement),
-    which is not built."""
-    if lora is not None:
-        raise ValueError("xla-inference serves LoRA adapters on an MoE model without data "
-                         "parallelism (--data-parallel-size 1): its experts split across the "
-                         "replicas, and the adapters' expert stacks do not yet")
-
-
 class ModelEngine:
     """Owns params and KV cache; runs one ragged step at a time on padded buckets.
 
@@ -344,17 +347,21 @@ class ModelEngine:
         # by expert with --enable-expert-parallel, else by width (vLLM's split over DP x TP).
         across = None
         if self.mesh.shape["data"] > 1 and getattr(model_cfg, "moe", None) is not None:
-            _check_experts_across_replicas(lora)
             across = "experts" if expert_parallel else "mlp"
-        self.param_shardings = param_shardings(params, model_cfg, self.mesh, across)
+        self.param_shardings = param_shardings(params, model_cfg, self.mesh, across,
+                                               split_quantized=lora is None)
+        # The LoRA stacks split as their base weights do over the model (and data) axes,
+        # by global layer: under pipeline stages they stay whole over the stage axis.
+        layer_shardings = self.param_shardings
         self.stages = num_stages(self.mesh)  # pipeline parallel stages (parallel/pipeline.py)
         # Pipeline parallel splits each step's requests into micro-batches, one per stage.
         self.microbatches = self.stages
         if self.stages > 1:
-            _check_pipeline(model, model_cfg, engine_cfg, self.mesh, lora, pooling)
+            _check_pipeline(model, model_cfg, engine_cfg, self.mesh, pooling)
             params, self.param_shardings = stage_params(params, self.param_shardings, self.mesh)
         params, self.param_shardings = mark_tensor_splits(params, self.param_shardings)
         self.params = place_params(params, self.param_shardings)
+        huge_pages.collapse(self.params)  # fewer TLB misses per step (runner/huge_pages.py)
         replicas = functools.partial(_forward_replicas, mesh=self.mesh,
                                      params_spec=replica_local_specs(self.param_shardings))
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
@@ -365,11 +372,14 @@ class ModelEngine:
         whole = replicated(self.mesh)
         self.lora = lora
         first_shardings = self.param_shardings
+        stacks_spec = PartitionSpec()
         if lora is not None:
             # Data parallel: one set of slots for every replica (build_engine gives it
-            # max_loras per replica), each replica's tokens' slots on its own devices.
+            # max_loras per replica), each replica's tokens' slots on its own devices; an
+            # MoE model's expert stacks split across the replicas as their experts are.
             leaf = weight_sharding if model.lora is None else model.lora.stack_sharding
-            stacks = lora.place(lambda module: leaf(self.param_shardings, module))
+            stacks = lora.place(lambda module: leaf(layer_shardings, module))
+            stacks_spec = replica_local_specs(stacks)
             first_shardings = (self.param_shardings, stacks,
                                whole if self.replicas == 1 else replica_sharding(self.mesh))
         # The cache keeps its sharding from step to step (a change would recompile).
@@ -382,9 +392,12 @@ class ModelEngine:
         if pooling and lora is not None:
             raise ValueError("xla-inference serves LoRA adapters on generative models only "
                              "(not with a pooling model yet)")
-        if lora is not None and self.replicas > 1:
-            forward = functools.partial(replicas, max_rank=lora.max_rank)
+        if lora is not None and self.replicas > 1:  # with pipeline stages too
+            forward = functools.partial(replicas, max_rank=lora.max_rank, stacks_spec=stacks_spec)
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
+        elif lora is not None and self.microbatches > 1:
+            forward = functools.partial(_forward_microbatches_lora, max_rank=lora.max_rank)
+            batch_shardings = (whole, whole, whole)
         elif lora is not None:
             forward = functools.partial(_forward_lora, max_rank=lora.max_rank)
             batch_shardings = (whole,)
@@ -411,8 +424,8 @@ class ModelEngine:
             _batch_key)
         # A LoRA engine's steps whose tokens all run without an adapter take the base
         # model's program (the host knows it when it builds the step): no delta to pay.
-        base_forward = (_forward_logits if self.replicas == 1
-                        else replicas)
+        base_forward = (replicas if self.replicas > 1
+                        else _forward_microbatches if self.microbatches > 1 else _forward_logits)
         self._forward_base = None if lora is None else Programs(
             jax.jit(traced_over(self.mesh, functools.partial(base_forward, model, model_cfg)),
                     in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
@@ -514,8 +527,13 @@ class ModelEngine:
 
     def forward(self, scheduled: list[tuple[RequestState, int]]) -> StepOutput:
         """Dispatch the model on the scheduled tokens (JAX runs it asynchronously)."""
-        if self.replicas > 1 and self.lora is not None:
-            batch, row_order, token_order = self._replica_batch(scheduled)
+        if self.lora is not None and self.replicas * self.microbatches > 1:
+            if self.replicas > 1 and self.microbatches > 1:
+                batch, row_order, token_order = self._replica_microbatch_batch(scheduled)
+            elif self.replicas > 1:
+                batch, row_order, token_order = self._replica_batch(scheduled)
+            else:
+                batch, row_order, token_order = self._microbatch_batch(scheduled)
             slots = self._replica_token_slots(scheduled, token_order, batch.input_ids.shape)
             return self._run_forward(batch, row_order, token_order, token_slots=slots)
         if self.replicas > 1 and self.microbatches > 1:
@@ -581,9 +599,10 @@ class ModelEngine:
 
     def _replica_token_slots(self, scheduled: list[tuple[RequestState, int]],
                              token_order: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Data parallel: each replica's tokens' LoRA slots [R, T] (0 for padding), put where
-        _stacked_batch put each request's tokens (token_order, in the scheduler's order)."""
-        slots = np.zeros(shape[0] * shape[1], np.int32)
+        """Data parallel or pipeline stages: each group's tokens' LoRA slots ([R, T], [M, T]
+        or [R, M, T]; 0 for padding), put where _stacked_batch put each request's tokens
+        (token_order, in the scheduler's order)."""
+        slots = np.zeros(math.prod(shape), np.int32)
         per_token = self._token_slots(scheduled, sum(n for _, n in scheduled))
         slots[token_order[:len(per_token)]] = per_token
         return slots.reshape(shape)
@@ -821,10 +840,10 @@ class ModelEngine:
             if groups == 1:
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
             else:
-                slots = np.zeros((groups, T), np.int32)
                 stacked = _stack([batch] * groups)
                 if self.replicas > 1 and self.microbatches > 1:
                     stacked = _by_replica(stacked, self.replicas)
+                slots = np.zeros(stacked.input_ids.shape, np.int32)  # [groups or R, M, T]
                 if self.replicas > 1:
                     stacked = self._replicas_on_mesh(stacked)
                 forward_args.append((self._step_params(slots), self.kv_cache, stacked,
@@ -929,7 +948,7 @@ PIPELINE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _check_pipeline(model: ModelFamily, model_cfg, engine_cfg: EngineConfig, mesh: Mesh,
-                    lora, pooling: bool) -> None:
+                    pooling: bool) -> None:
     """Refuse, by name, what pipeline stages do not serve (yet)."""
     stages = num_stages(mesh)
     layers = model.kv_layers(model_cfg)
@@ -938,7 +957,6 @@ def _check_pipeline(model: ModelFamily, model_cfg, engine_cfg: EngineConfig, mes
          f"the {model.name} family{' (MoE)' if getattr(model_cfg, 'moe', None) else ''}; it "
          f"serves {', '.join(PIPELINE_FAMILIES)} (dense)"),
         (len(layers) % stages != 0, f"{len(layers)} layers in {stages} stages (uneven)"),
-        (lora is not None, "LoRA adapters"),
         (pooling, "pooling models"),
     ]
     groups, arrays = engine_cfg.kv_layout(len(layers))

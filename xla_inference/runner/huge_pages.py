@@ -1,0 +1,78 @@
+"""The model's weights moved onto transparent huge pages (2 MiB) on the host CPU, once, after
+the engine places them.
+
+A decode step reads every weight byte once, spread over a few hundred arrays: with 4 KiB
+pages that is one TLB miss per 4 KiB read (24,000 a step for a 96 MB GGUF SmolLM2), and
+each miss costs a walk of both page tables under a hypervisor. Where transparent huge pages
+are only granted on request (`/sys/kernel/mm/transparent_hugepage/enabled` = madvise, as on
+the 2-core KVM machine of benchmarks/RESULTS.md), XLA's buffers never get them. Linux 6.1+
+can collapse a range of a live process's memory into huge pages on request
+(madvise(MADV_COLLAPSE)): contents, addresses and sharing stay as they were, only the
+page-table mapping changes, so nothing the arrays hold or how they are used changes.
+
+Measured there (load 6-8, separate processes alternated, CPU time per step of a step's
+one-row products chained, benchmarks/quantized_one_row_builds.py's arrays): bfloat16
+23.7-24.1 -> 20.4-20.7 ms, GGUF Q4_1 8.4-8.6 -> 7.5 ms, per-channel int8 10.2-10.5 ->
+9.5 ms.
+
+Each 2 MiB region that an array touches is collapsed whole (the array's neighbours in the
+same region come along: harmless, and at most one region of extra memory at each end).
+Where the kernel, the platform or the memory at hand does not allow it (not Linux, THP
+`never`, no free huge page: ENOMEM/EAGAIN), regions stay as they were: a hint, never an
+error. XLA_INFERENCE_HUGE_PAGES=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+
+import jax
+
+from xla_inference import envs
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20
+_MADV_COLLAPSE = 25  # linux/mman.h (6.1+)
+
+
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def host_regions(arrays) -> list[int]:
+    """The start addresses of the 2 MiB regions that the host (CPU) buffers of `arrays`
+    lie in, sorted; other devices' buffers are skipped."""
+    regions = set()
+    for a in arrays:
+        if not isinstance(a, jax.Array):
+            continue
+        for shard in a.addressable_shards:
+            if shard.device.platform != "cpu":
+                continue
+            start = shard.data.unsafe_buffer_pointer()
+            end = start + shard.data.nbytes
+            regions.update(range(start // HUGE_PAGE * HUGE_PAGE, end, HUGE_PAGE))
+    return sorted(regions)
+
+
+def collapse(tree) -> tuple[int, int]:
+    """Asks for the host buffers of every array in `tree` on huge pages; returns (regions
+    collapsed, regions asked for). (0, 0) where turned off or not on Linux."""
+    if not envs.huge_pages_enabled() or not sys.platform.startswith("linux"):
+        return 0, 0
+    regions = host_regions(jax.tree.leaves(tree))
+    if not regions:
+        return 0, 0
+    jax.block_until_ready(jax.tree.leaves(tree))  # the buffers written before they move
+    madvise = _madvise()
+    done = sum(1 for r in regions if madvise(r, HUGE_PAGE, _MADV_COLLAPSE) == 0)
+    logger.debug("xla-inference: %d of %d 2 MiB regions of the weights on huge pages",
+                 done, len(regions))
+    return done, len(regions)

@@ -148,8 +148,12 @@ def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None 
     `reads_slices` (a multi-host process): an unquantized safetensors checkpoint's tensors
     that reach the parameters as stored are not read here; build_engine's placement reads
     from the files only the slices this process's devices hold
-    (loading/safetensors.CheckpointSlices). Transposed, fused, quantized and GGUF tensors
-    are read whole."""
+    (loading/safetensors.CheckpointSlices). So are a quantized checkpoint's or a GGUF
+    file's quantized projection weights: placement reads each device's rows and input
+    columns of their packed values, scales and offsets (quantization/sliced.QuantSlices,
+    quantization/packed.PackedSlices). Tensors a loader transposes, stacks (MoE experts)
+    or dequantizes (a GGUF embedding, GGUF float tensors) are read whole, as is what an
+    online method quantizes."""
     family, cfg, params = load_model(model_path, precision.activations, gguf_file,
                                      random_seed=random_seed, quantization=quantization,
                                      reads_slices=reads_slices)

@@ -30,11 +30,8 @@ def shutdown(llm) -> None:
 def vllm_cpu_reference(module: str, args, out_path: Path):
     """What `python -m module *args out_path` writes to out_path (JSON) when run with vLLM's
     own CPU backend (VLLM_PLUGINS=none; a process of its own, as vLLM picks its platform
-    once per process), offline, from the repository root. Its engine core runs in that
-    process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the same computation, without a second
-    process importing vLLM and torch again for each engine."""
-    env = {**os.environ, "VLLM_PLUGINS": "none", "HF_HUB_OFFLINE": "1",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    once per process), offline, from the repository root."""
+    env = {**os.environ, "VLLM_PLUGINS": "none", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", module, *map(str, args), str(out_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode < 0:

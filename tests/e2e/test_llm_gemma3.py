@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
-from tests.e2e.reference import PROMPTS, TransformersGGUF, hf_greedy, prompt_token_ids
+from tests.e2e.reference import PROMPTS, TransformersGGUF, hf_greedy
 from tests.helpers import hf_greedy_ids, read_json, save_tiny_gemma3
 
 pytestmark = pytest.mark.slow
@@ -130,7 +130,7 @@ def test_gemma3_270m_greedy_matches_transformers_gguf(gemma3_dir, transformers_g
     from xla_inference.loading.default_model import gemma3_270m_gguf_path
 
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
-    prompts = prompt_token_ids(gemma3_dir)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]  # prompt_token_ids's, one load
     # Past the 512-token window: notes made of the prompts, one after another.
     prompts.append(tokenizer("\n\n".join(f"Note {i + 1}. {text}"
                                           for i, text in enumerate(PROMPTS * 4)))["input_ids"])

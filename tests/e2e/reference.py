@@ -38,16 +38,21 @@ def prompt_token_ids(model_dir: Path) -> list[list[int]]:
 REFERENCE_NEW = 32
 
 
-def hf_greedy(gguf_path: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+def hf_greedy(gguf_path: Path, prompts: list[list[int]], num_new: int,
+              load_model=None) -> list[list[int]]:
     """Greedy continuation of each prompt with transformers (float32), ignoring EOS.
     Computed by transformers in every run; continuations already computed in this run (by
     this or another xdist worker: three modules ask for the same SmolLM2 ones, two for
-    Gemma 3's) are read back rather than recomputed: they are the same computation."""
+    Gemma 3's) are read back rather than recomputed: they are the same computation.
+    `load_model`: called only if something is missing, for transformers' model of this GGUF
+    (hf_gguf_model's), so that a caller that holds one already (loading Gemma 3 270M's takes
+    minutes) lends it; by default hf_gguf_model(gguf_path)."""
     assert num_new <= REFERENCE_NEW, f"raise REFERENCE_NEW to {num_new}"
     with _run_memo(gguf_path) as memo:
         missing = {_key(ids): ids for ids in prompts if _key(ids) not in memo}
         if missing:
-            memo.update(zip(missing, _hf_greedy(gguf_path, list(missing.values()),
+            model = load_model() if load_model else hf_gguf_model(gguf_path)
+            memo.update(zip(missing, _hf_greedy(model, list(missing.values()),
                                                 REFERENCE_NEW)))
         return [memo[_key(ids)][:num_new] for ids in prompts]
 
@@ -80,12 +85,40 @@ def _run_memo(gguf_path: Path):
         path.write_text(json.dumps(memo))
 
 
-def _hf_greedy(gguf_path: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+def hf_gguf_model(gguf_path: Path):
+    """transformers' float32 causal LM built by its own GGUF loader (its dequantizer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32).eval()
+
+
+class TransformersGGUF:
+    """transformers' model of one GGUF (hf_gguf_model), loaded on first use and kept until
+    released: for a module whose tests need it more than once (loading parses the GGUF's
+    vocabulary twice and dequantizes every tensor: half a minute for SmolLM2, minutes for
+    Gemma 3 270M on CI)."""
+
+    def __init__(self, gguf_path: Path):
+        self.gguf_path = gguf_path
+        self._model = None
+
+    def get(self):
+        if self._model is None:
+            self._model = hf_gguf_model(self.gguf_path)
+        return self._model
+
+    def release(self) -> None:
+        import gc
+
+        self._model = None
+        gc.collect()
+
+
+def _hf_greedy(model, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+    import torch
+
     outputs = []
     with torch.no_grad():
         for ids in prompts:
@@ -100,15 +133,14 @@ def _hf_greedy(gguf_path: Path, prompts: list[list[int]], num_new: int) -> list[
     return outputs
 
 
-def hf_log_softmax(gguf_path: Path, sequences: list[list[int]]) -> list:
+def hf_log_softmax(gguf_path: Path, sequences: list[list[int]], model=None) -> list:
     """For each sequence of token ids, the float64 log-softmax [len, V] of transformers'
-    float32 logits over it (the model loaded once for all of them)."""
+    float32 logits over it (the model loaded once for all of them, or the caller's
+    hf_gguf_model of this file)."""
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32).eval()
+    model = hf_gguf_model(gguf_path) if model is None else model
     out = []
     with torch.no_grad():
         for token_ids in sequences:

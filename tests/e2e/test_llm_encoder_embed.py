@@ -220,6 +220,9 @@ def test_bert_cross_encoder_is_refused_by_name(tmp_path):
 
 
 if __name__ == "__main__":
+    # Its one engine's core in this process (as eagle3_run's): no second process importing
+    # vLLM and torch again.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     _reference_main(*sys.argv[1:3])
     sys.stdout.flush()
     os._exit(0)  # the answer is written; skip interpreter-exit teardown of vLLM's threads

@@ -7,13 +7,11 @@ own, whose pages vLLM frees once the window has passed them. Sequences run well 
 window, and the longest prompt is sent twice: its second run hits the prefix cache past the
 window, so vLLM hands over the null page for the freed pages (counted by the worker)."""
 
-import gc
-
 import numpy as np
 import pytest
 
 from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
-from tests.e2e.reference import PROMPTS, hf_greedy, prompt_token_ids
+from tests.e2e.reference import PROMPTS, TransformersGGUF, hf_greedy
 from tests.helpers import hf_greedy_ids, read_json, save_tiny_gemma3
 
 pytestmark = pytest.mark.slow
@@ -77,24 +75,70 @@ def _assert_null_pages_in_sliding_groups_only(layout: dict, layer_types: list[st
 
 @pytest.fixture(scope="module")
 def gemma3_dir():
+    # The cache's copy (built on first use), which the other e2e tests serve too.
     from xla_inference.loading.default_model import prepare_gemma3_270m
 
     return prepare_gemma3_270m()
 
 
-def test_gemma3_270m_greedy_matches_transformers_gguf(gemma3_dir):
+@pytest.fixture(scope="module")
+def transformers_gemma3():
+    """transformers' Gemma 3 270M from the GGUF, loaded at most once for this module's two
+    tests (minutes on CI), dropped before an engine needs the memory."""
+    from xla_inference.loading.default_model import gemma3_270m_gguf_path
+
+    model = TransformersGGUF(gemma3_270m_gguf_path())
+    yield model
+    model.release()
+
+
+def test_gemma3_prepared_dir_matches_transformers_gguf_loader(gemma3_dir, transformers_gemma3):
+    """Weights bit for bit and config as transformers builds them from the same GGUF; the
+    tokenizer is transformers' GGUF one, plus the <bos> that Gemma needs."""
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    from xla_inference.loading.default_model import gemma3_270m_gguf_path
+
+    gguf_path = gemma3_270m_gguf_path()
+    ours = load_file(str(gemma3_dir / "model.safetensors"))
+    model = transformers_gemma3.get()
+    theirs = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    assert set(theirs) - set(ours) == {"lm_head.weight"} and set(ours) <= set(theirs)  # tied
+    for name, weight in ours.items():
+        np.testing.assert_array_equal(weight, theirs[name], err_msg=name)
+    our_config = read_json(gemma3_dir / "config.json")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                "sliding_window", "layer_types", "rope_parameters", "query_pre_attn_scalar",
+                "final_logit_softcapping", "tie_word_embeddings", "bos_token_id",
+                "eos_token_id"):  # fmt: skip
+        assert our_config[key] == getattr(model.config, key), key
+    assert np.float32(our_config["rms_norm_eps"]) == np.float32(model.config.rms_norm_eps)
+    del ours, theirs
+
+    ours_tok = AutoTokenizer.from_pretrained(gemma3_dir)
+    gguf_tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    text = "The capital of France is Paris. ¿Qué tal?\n  def f(x):  return x"
+    assert ours_tok(text).input_ids == [ours_tok.bos_token_id] + gguf_tok(text).input_ids
+    assert ours_tok.bos_token_id == 2 and ours_tok.eos_token_id == 1
+
+
+def test_gemma3_270m_greedy_matches_transformers_gguf(gemma3_dir, transformers_gemma3):
     from transformers import AutoTokenizer
 
     from xla_inference.loading.default_model import gemma3_270m_gguf_path
 
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
-    prompts = prompt_token_ids(gemma3_dir)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]  # prompt_token_ids's, one load
     # Past the 512-token window: notes made of the prompts, one after another.
     prompts.append(tokenizer("\n\n".join(f"Note {i + 1}. {text}"
                                           for i, text in enumerate(PROMPTS * 4)))["input_ids"])
     assert all(p[0] == tokenizer.bos_token_id for p in prompts)  # Gemma without <bos> degenerates
-    expected = hf_greedy(gemma3_270m_gguf_path(), prompts, NUM_NEW)
-    gc.collect()
+    # The model is loaded only if this run has not computed these continuations yet.
+    expected = hf_greedy(gemma3_270m_gguf_path(), prompts, NUM_NEW,
+                         load_model=transformers_gemma3.get)
+    transformers_gemma3.release()
     # 32 tokens a step: the prompts longer than that are prefilled in chunks, alongside
     # other requests' decode steps.
     llm = start_llm(gemma3_dir, max_model_len=1024, max_num_batched_tokens=32,

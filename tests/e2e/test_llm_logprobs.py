@@ -82,7 +82,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "vllm_cpu.json"
-    env = {**os.environ, "VLLM_PLUGINS": "none"}
+    # The engine core in that process: no second process importing vLLM again.
+    env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([sys.executable, "-m", "tests.e2e.test_llm_logprobs", str(model_dir),
                            str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)

@@ -80,7 +80,8 @@ def test_w8a8_int8_matches_vllms_cpu_backend(checkpoints, tmp_path):
     model_dir = checkpoints("ct-w8a8").path
     ours = _ours(model_dir)
     out = tmp_path / "vllm_cpu_w8a8.json"
-    env = {**os.environ, "VLLM_PLUGINS": "none"}
+    # The engine core in that process: no second process importing vLLM again.
+    env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([sys.executable, "-m", "tests.e2e.test_llm_quantized", str(model_dir),
                            str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)

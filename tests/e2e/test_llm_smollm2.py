@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
-from tests.e2e.reference import hf_greedy, hf_log_softmax, prompt_token_ids
+from tests.e2e.reference import TransformersGGUF, hf_greedy, hf_log_softmax, prompt_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,17 @@ def prompts(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2_gguf, prompts):
-    return hf_greedy(smollm2_gguf, prompts, NUM_NEW)
+def transformers_smollm2(smollm2_gguf):
+    """transformers' SmolLM2 from the GGUF, loaded at most once for the greedy reference
+    and the log-softmax one."""
+    model = TransformersGGUF(smollm2_gguf)
+    yield model
+    model.release()
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2_gguf, prompts, transformers_smollm2):
+    return hf_greedy(smollm2_gguf, prompts, NUM_NEW, load_model=transformers_smollm2.get)
 
 
 def _llm(model_dir, **overrides):
@@ -55,7 +64,8 @@ def test_greedy_matches_transformers_with_prefix_cache(llm, prompts, expected):
     assert second == first
 
 
-def test_logprobs_match_transformers_log_softmax(llm, smollm2_gguf, prompts):
+def test_logprobs_match_transformers_log_softmax(llm, smollm2_gguf, prompts,
+                                                 transformers_smollm2):
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5,
@@ -63,8 +73,9 @@ def test_logprobs_match_transformers_log_softmax(llm, smollm2_gguf, prompts):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], sp, use_tqdm=False)
     tol = 2e-3  # float32 against float32 transformers; both dequantize the same GGUF
     sequences = [prompt + list(out.outputs[0].token_ids) for prompt, out in zip(prompts, outs)]
-    for prompt, out, tokens, ref in zip(prompts, outs, sequences,
-                                        hf_log_softmax(smollm2_gguf, sequences)):
+    references = hf_log_softmax(smollm2_gguf, sequences, transformers_smollm2.get())
+    transformers_smollm2.release()  # the module's other engine needs the memory more
+    for prompt, out, tokens, ref in zip(prompts, outs, sequences, references):
         P = len(prompt)
         for pos in range(1, P):
             lp = out.prompt_logprobs[pos][tokens[pos]]

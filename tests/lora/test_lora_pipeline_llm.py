@@ -1,14 +1,16 @@
-"""vllm.LLM with --enable-lora and --pipeline-parallel-size 2 on a tiny Llama (virtual CPU
-devices): one batch mixing the base model, an adapter on the embedding, q_proj and the LM
-head, and one on v_proj and the MLP gives transformers+peft's greedy output for each
+"""vllm.LLM with --enable-lora and --pipeline-parallel-size 2 on a tiny 4-layer Llama
+(virtual CPU devices; two layers a stage, so a layer's place within its stage, which a
+2-layer model would always give as 0, must pick its own adapter weights): one batch mixing
+the base model, an adapter on the embedding, q_proj and the LM head, and one on v_proj
+and the MLP gives transformers+peft's greedy output for each
 request, nothing compiled after warm-up. Each stage's layers add their own layers'
 adapters, each micro-batch's token slots travel with it through the stages, the
 embedding's delta before the first stage and the LM head's after the last
 (lora/slots._attach_staged, runner/engine._forward_microbatches_lora). PP 2 x DP 2 x TP 2
 (each replica its micro-batches over the stages of its data slice, the stacks split over
-the model axis) passes the same test (61 s more; left out for the test-time budget:
-add dict(pipeline_parallel_size=2, tensor_parallel_size=2, additional_config=
-{"data_parallel_size": 2}) to the parameters to run it)."""
+the stage and model axes) passed the same test on a 2-layer model (61 s more; left out
+for the test-time budget: add dict(pipeline_parallel_size=2, tensor_parallel_size=2,
+additional_config={"data_parallel_size": 2}) to the parameters to run it)."""
 
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ def test_pipeline_parallel_mixed_adapters_match_peft_greedy(tmp_path, parallel):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    model_dir = save_tiny_llama(tmp_path / "llama")
+    model_dir = save_tiny_llama(tmp_path / "llama", num_layers=4)
     adapters = {name: save_adapter(model_dir, tmp_path / name, seed=60 + i, **fields)
                 for i, (name, fields) in enumerate(ADAPTERS)}
     rng = np.random.default_rng(9)

@@ -52,6 +52,8 @@ def test_regions_cover_each_buffer():
 
 def test_collapse_keeps_values_and_addresses(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_HUGE_PAGES", "1")
+    # Asked for as on a THP `madvise` machine, whatever this machine's setting is.
+    monkeypatch.setattr(huge_pages, "_thp_enabled_text", lambda: "always [madvise] never\n")
     host, weights = _weights()
     addresses = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(weights)]
     before = _anon_huge_kib() if sys.platform.startswith("linux") else 0
@@ -74,3 +76,28 @@ def test_switch_off(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_HUGE_PAGES", "0")
     _, weights = _weights()
     assert huge_pages.collapse(weights) == (0, 0)
+
+
+class _CountingMadvise:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, start, length, advice):
+        self.calls += 1
+        return 0
+
+
+def test_thp_never_skips_the_collapse(monkeypatch):
+    """MADV_COLLAPSE would collapse even under `never` (it ignores the sysfs settings): an
+    admin's `never` asks for nothing; `madvise` asks for every region."""
+    monkeypatch.setenv("XLA_INFERENCE_HUGE_PAGES", "1")
+    monkeypatch.setattr(sys, "platform", "linux")
+    counting = _CountingMadvise()
+    monkeypatch.setattr(huge_pages, "_madvise", lambda: counting)
+    _, weights = _weights()
+    monkeypatch.setattr(huge_pages, "_thp_enabled_text", lambda: "always madvise [never]\n")
+    assert huge_pages.collapse(weights) == (0, 0)
+    assert counting.calls == 0
+    monkeypatch.setattr(huge_pages, "_thp_enabled_text", lambda: "always [madvise] never\n")
+    done, asked = huge_pages.collapse(weights)
+    assert asked >= 6 and done == asked == counting.calls

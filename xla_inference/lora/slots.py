@@ -40,7 +40,7 @@ import numpy as np
 
 from xla_inference.loading.safetensors import CheckpointSlices
 from xla_inference.lora.peft import LoraAdapter, LoraError
-from xla_inference.parallel.pipeline import StagedLayers
+from xla_inference.parallel.pipeline import STAGE_AXIS, StagedLayers
 from xla_inference.quantization.packed import PackedWeight
 
 # PEFT module suffix -> (block attribute of a decoder layer, weight attribute in it)
@@ -253,9 +253,7 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
         active = jnp.any(stacks["vocab_slots"][EMBEDDING][token_slots])
         params = dataclasses.replace(params, embed=LoraEmbedding(params.embed, v["a"], v["b"],
                                                                  mask, active))
-    if isinstance(params.layers, StagedLayers):
-        if stacks["eb"]:
-            raise ValueError("pipeline parallel serves LoRA adapters on dense layers only")
+    if isinstance(params.layers, StagedLayers):  # stacks by place (LoraSlots.stage)
         return dataclasses.replace(params, layers=_attach_staged(params.layers, stacks, mask,
                                                                  members))
     layers = list(params.layers)
@@ -283,36 +281,44 @@ def attach(params, stacks: dict, token_slots: jax.Array, max_rank: int):
 
 def _attach_staged(staged: StagedLayers, stacks: dict, mask: jax.Array,
                    members: dict[str, list[str]]) -> StagedLayers:
-    """Pipeline stages: local layer j of every stage stacked [N, ...] (StagedLayers), so
-    its adapters are stacked the same way, stage s's from global layer s * L/N + j, and
-    the stage axis hands each stage its own layers' (the stacks themselves stay whole on
-    every device: LoraSlots writes one slot by global module path). The mask [M, T, L*r]
-    holds every micro-batch's tokens; each stage takes the micro-batch it runs in a tick
-    (LoraWeight.for_microbatch), so each row's slot travels with it through the stages."""
-    per_stage = len(staged.local)
-    stages = jax.tree.leaves(staged.local[0])[0].shape[0]
-    by_place: dict[tuple[int, str], dict[int, str]] = {}
-    for module in stacks["b"]:
-        stage, j = divmod(int(module.split(".")[2]), per_stage)
-        by_place.setdefault((j, module.rpartition(".")[2]), {})[stage] = module
+    """Pipeline stages: local layer j of every stage stacked [N, ...] (StagedLayers), and
+    LoraSlots holds its adapters stacked the same way already (LoraSlots.stage: keyed
+    "j.block.module", stage s's from global layer s * L/N + j, split over the stage axis),
+    so the step reads them as they lie. The mask [M, T, L*r] holds every micro-batch's
+    tokens; each stage takes the micro-batch it runs in a tick (LoraWeight.for_microbatch),
+    so each row's slot travels with it through the stages."""
     local = list(staged.local)
+    stages = jax.tree.leaves(staged.local[0])[0].shape[0]
     stage_mask = jnp.broadcast_to(mask, (stages, *mask.shape))
-    for (j, suffix), modules in sorted(by_place.items()):
-        if sorted(modules) != list(range(stages)):
+    for place, b in sorted(stacks["b"].items()):
+        j, _, suffix = place.split(".")
+        block, attr = _DECODER_TARGETS[suffix]
+        group = group_of(place)
+        a = stacks["a"][group]  # [N, G, L*r, in]
+        sub = getattr(local[int(j)], block)
+        weight = LoraWeight(getattr(sub, attr), a.reshape(stages, -1, a.shape[-1]), b,
+                            stacks["b_rows"][place], stage_mask, members[group].index(place))
+        local[int(j)] = dataclasses.replace(
+            local[int(j)], **{block: dataclasses.replace(sub, **{attr: weight})})
+    return StagedLayers(local)
+
+
+def stage_places(modules, stages: int, per_stage: int) -> dict[str, list[str]]:
+    """The dense target modules by their place in a stage ("model.layers.5.self_attn.q_proj"
+    at 2 layers a stage -> "1.self_attn.q_proj"), each place's modules in stage order.
+    Every stage's layer must have the same targets: the stages run one program."""
+    places: dict[str, dict[int, str]] = {}
+    for module in modules:
+        _, _, layer, block, suffix = module.split(".")
+        stage, j = divmod(int(layer), per_stage)
+        places.setdefault(f"{j}.{block}.{suffix}", {})[stage] = module
+    for place, by_stage in places.items():
+        if sorted(by_stage) != list(range(stages)):
+            j, _, suffix = place.split(".")
             raise ValueError(f"pipeline parallel with LoRA adapters needs {suffix} targeted "
                              f"in layer {j} of every stage (--lora-target-modules names "
                              f"the layers of only some)")
-        order = [modules[s] for s in range(stages)]
-        block, attr = _DECODER_TARGETS[suffix]
-        a = jnp.stack([stacks["a"][group_of(m)].reshape(-1, stacks["a"][group_of(m)].shape[-1])
-                       for m in order])
-        b = jnp.stack([stacks["b"][m] for m in order])
-        b_rows = jnp.stack([stacks["b_rows"][m] for m in order])
-        sub = getattr(local[j], block)
-        member = members[group_of(order[0])].index(order[0])
-        weight = LoraWeight(getattr(sub, attr), a, b, b_rows, stage_mask, member)
-        local[j] = dataclasses.replace(local[j], **{block: dataclasses.replace(sub, **{attr: weight})})
-    return StagedLayers(local)
+    return {place: [by_stage[s] for s in range(stages)] for place, by_stage in places.items()}
 
 
 def attach_lm_head(params, stacks: dict, row_slots: jax.Array, max_rank: int):
@@ -351,6 +357,10 @@ def _write_slot(stacks: dict, offset: jax.Array, slot: jax.Array, values: dict) 
     """Write one slot's columns of every B and rows of every A (offset = (slot - 1) * r),
     and whether the slot's adapter has expert weights."""
     zero = jnp.zeros((), offset.dtype)
+
+    def at(x, *tail):  # the index of a slot's block, behind any leading (stage) axes
+        return (zero,) * (x.ndim - len(tail)) + tail
+
     return {"expert_slots": stacks["expert_slots"].at[slot].set(values["has_experts"]),
             "vocab_slots": {m: f.at[slot].set(values["vocab_has"][m])
                             for m, f in stacks["vocab_slots"].items()},
@@ -362,12 +372,12 @@ def _write_slot(stacks: dict, offset: jax.Array, slot: jax.Array, values: dict) 
                               else jax.lax.dynamic_update_slice(x, values["vocab"][m][k],
                                                                 (offset, zero)))
                           for k, x in v.items()} for m, v in stacks["vocab"].items()},
-            "a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], (zero, offset, zero))
+            "a": {g: jax.lax.dynamic_update_slice(a, values["a"][g], at(a, offset, zero))
                   for g, a in stacks["a"].items()},
-            "b": {m: jax.lax.dynamic_update_slice(b, values["b"][m], (zero, offset))
+            "b": {m: jax.lax.dynamic_update_slice(b, values["b"][m], at(b, zero, offset))
                   for m, b in stacks["b"].items()},
             "b_rows": {m: jax.lax.dynamic_update_slice(
-                b, values["b"][m].T.astype(b.dtype), (offset, zero))
+                b, jnp.swapaxes(values["b"][m], -1, -2).astype(b.dtype), at(b, offset, zero))
                 for m, b in stacks["b_rows"].items()},
             "ea": {g: jax.lax.dynamic_update_slice(a, values["ea"][g], (zero, zero, offset))
                    for g, a in stacks["ea"].items()},
@@ -422,6 +432,26 @@ class LoraSlots:
         self.pinned: set[int] = set()
         self.slot_writes = 0
         self._write_program = _write_slot
+        # Under pipeline stages (stage()): each place in a stage's layers -> its modules,
+        # stage by stage; the dense stacks are kept by place, [N, ...].
+        self.places: dict[str, list[str]] | None = None
+
+    def stage(self, stages: int, per_stage: int) -> None:
+        """Hold the dense layers' stacks as the pipeline stages' layers are held
+        (parallel/pipeline.StagedLayers): by place in a stage ("0.self_attn.q_proj"), every
+        stage's [N, ...] stacked on a leading axis, so a step reads them as they lie
+        (lora/slots._attach_staged) and place() splits them over the stage axis. Before
+        place(); slot writes write each stage's block."""
+        if self.stacks["eb"]:
+            raise ValueError("pipeline parallel serves LoRA adapters on dense layers only")
+        self.places = stage_places(self.stacks["b"], stages, per_stage)
+        group_places = {group_of(place): [group_of(m) for m in modules]
+                        for place, modules in self.places.items()}
+        self.stacks["a"] = {g: jnp.stack([self.stacks["a"][m] for m in groups])
+                            for g, groups in group_places.items()}
+        for kind in ("b", "b_rows"):
+            self.stacks[kind] = {place: jnp.stack([self.stacks[kind][m] for m in modules])
+                                 for place, modules in self.places.items()}
 
     def _vocab_zeros(self, module: str, out: int, inp: int, columns: int, sharding) -> dict:
         zeros = lambda shape, dtype=self.dtype: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
@@ -464,15 +494,30 @@ class LoraSlots:
             # The vocabulary-sized stacks stay whole on every device (a few L*r columns).
             "vocab_slots": {m: whole for m in self.stacks["vocab_slots"]},
             "vocab": jax.tree.map(lambda _: whole, self.stacks["vocab"]),
-            "a": {g: sharding(ms[0], None, None, split(ms[0])[2]) for g, ms in self.groups.items()},
-            "b": {m: sharding(m, split(m)[1], None) for m in self.stacks["b"]},
-            "b_rows": {m: sharding(m, None, split(m)[1]) for m in self.stacks["b_rows"]},
+            **self._dense_shardings(split, sharding),
             "ea": {g: expert_sharding(ms[0], True) for g, ms in self.expert_groups.items()},
             "eb": {m: expert_sharding(m, False) for m in self.stacks["eb"]}}
         self.stacks = jax.device_put(self.stacks, shardings)
         self._write_program = jax.jit(_write_slot.__wrapped__, donate_argnums=(0,),
                                       out_shardings=shardings)
         return shardings
+
+    def _dense_shardings(self, split, sharding) -> dict:
+        """The dense stacks' shardings (place()): by module as their weights; under
+        pipeline stages by place, the stage axis in front (each stage's devices hold its
+        own layers' adapters), split over the model axis as stage 0's layer's weight."""
+        if self.places is None:
+            return {"a": {g: sharding(ms[0], None, None, split(ms[0])[2])
+                          for g, ms in self.groups.items()},
+                    "b": {m: sharding(m, split(m)[1], None) for m in self.stacks["b"]},
+                    "b_rows": {m: sharding(m, None, split(m)[1]) for m in self.stacks["b_rows"]}}
+        first = {place: modules[0] for place, modules in self.places.items()}
+        groups = {group_of(place): first[place] for place in sorted(first, reverse=True)}
+        return {"a": {g: sharding(m, STAGE_AXIS, None, None, split(m)[2])
+                      for g, m in groups.items()},
+                "b": {p: sharding(m, STAGE_AXIS, split(m)[1], None) for p, m in first.items()},
+                "b_rows": {p: sharding(m, STAGE_AXIS, None, split(m)[1])
+                           for p, m in first.items()}}
 
     # -- host side --------------------------------------------------------------------------
     def add(self, lora_id: int, adapter: LoraAdapter) -> None:
@@ -548,6 +593,11 @@ class LoraSlots:
                     a[g, :wa.shape[0]], b[:, :wb.shape[1]] = wa, wb
                 values["b"][m] = b.astype(self.dtype)
             values["a"][group] = a.astype(self.dtype)
+        if self.places is not None:  # by place, every stage's block stacked (stage())
+            values["b"] = {place: np.stack([values["b"][m] for m in modules])
+                           for place, modules in self.places.items()}
+            values["a"] = {group_of(place): np.stack([values["a"][group_of(m)] for m in modules])
+                           for place, modules in self.places.items()}
         values["ea"], values["eb"] = self._expert_values(adapter)
         values["vocab"], values["vocab_has"] = self._vocab_values(adapter)
         values["has_experts"] = jnp.bool_(any(is_expert_module(m) and m in self.module_shapes

@@ -378,6 +378,8 @@ class ModelEngine:
             # max_loras per replica), each replica's tokens' slots on its own devices; an
             # MoE model's expert stacks split across the replicas as their experts are.
             leaf = weight_sharding if model.lora is None else model.lora.stack_sharding
+            if self.stages > 1 and model.lora is None:  # as the stages hold their layers
+                lora.stage(self.stages, len(params.layers.local))
             stacks = lora.place(lambda module: leaf(layer_shardings, module))
             stacks_spec = replica_local_specs(stacks)
             first_shardings = (self.param_shardings, stacks,

@@ -17,9 +17,13 @@ one-row products chained, benchmarks/quantized_one_row_builds.py's arrays): bflo
 
 Each 2 MiB region that an array touches is collapsed whole (the array's neighbours in the
 same region come along: harmless, and at most one region of extra memory at each end).
-Where the kernel, the platform or the memory at hand does not allow it (not Linux, THP
-`never`, no free huge page: ENOMEM/EAGAIN), regions stay as they were: a hint, never an
-error. XLA_INFERENCE_HUGE_PAGES=0 turns it off.
+MADV_COLLAPSE does not consult the sysfs THP settings: it collapses even where
+`/sys/kernel/mm/transparent_hugepage/enabled` is `never`, and faults in any page of the
+region not yet resident (so a region's untouched neighbour pages become memory). An admin's
+`never` is therefore honoured here, by not asking at all. Where the kernel, the platform or
+the memory at hand does not allow it (not Linux, a kernel before 6.1, no free huge page:
+ENOMEM/EAGAIN), regions stay as they were: a hint, never an error.
+XLA_INFERENCE_HUGE_PAGES=0 turns it off.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from pathlib import Path
 
 import jax
 
@@ -44,6 +49,24 @@ def _madvise():
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     madvise.restype = ctypes.c_int
     return madvise
+
+
+_THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _thp_enabled_text() -> str:
+    """The sysfs THP setting as the kernel shows it (`always [madvise] never`); empty where
+    the file is missing or unreadable."""
+    try:
+        return _THP_ENABLED.read_text()
+    except OSError:
+        return ""
+
+
+def thp_turned_off() -> bool:
+    """Whether transparent huge pages are set to `never`: MADV_COLLAPSE would ignore that,
+    so the collapse is not asked for."""
+    return "[never]" in _thp_enabled_text()
 
 
 def host_regions(arrays) -> list[int]:
@@ -64,8 +87,12 @@ def host_regions(arrays) -> list[int]:
 
 def collapse(tree) -> tuple[int, int]:
     """Asks for the host buffers of every array in `tree` on huge pages; returns (regions
-    collapsed, regions asked for). (0, 0) where turned off or not on Linux."""
+    collapsed, regions asked for). (0, 0) where turned off, not on Linux, or where THP is
+    set to `never`."""
     if not envs.huge_pages_enabled() or not sys.platform.startswith("linux"):
+        return 0, 0
+    if thp_turned_off():
+        logger.debug("xla-inference: transparent huge pages set to never; weights left as placed")
         return 0, 0
     regions = host_regions(jax.tree.leaves(tree))
     if not regions:

@@ -193,3 +193,49 @@ def test_a_moe_model_loaded_by_slices_places_what_a_whole_read_does(tmp_path, fa
     np.testing.assert_array_equal(np.asarray(mlp.w_down, np.float64), reference)
     split = mlp.w_down.sharding.spec
     assert split[0 if expert_parallel else 1] is not None  # experts / width actually split
+
+
+def test_quantized_experts_loaded_by_slices_place_what_a_whole_read_does(tmp_path):
+    """A GPTQ 4-bit Qwen3-MoE at DP 2 x TP 2 with expert parallel (2 experts a device):
+    the experts stay unread until placement (quantization/experts.ExpertSlices), which
+    places the whole read's packed arrays; a host holding half the experts reads about
+    half of a stack's bytes."""
+    from tests.quantization.test_moe_quantized import save_gptq_moe
+    from xla_inference.quantization.experts import ExpertSlices, PackedExperts
+    from xla_inference.runner.build import Precision, build_engine, load
+    from xla_inference.runner.engine import EngineConfig
+
+    src, _ = _save_tiny_moe(tmp_path / "moe", "qwen3_moe", np.float32)
+    gptq, _ = save_gptq_moe(src, tmp_path / "q")
+    precision = Precision.uniform(jnp.float32)
+    cfg = EngineConfig(num_blocks=16, block_size=4, max_num_tokens=16, max_num_seqs=4,
+                       max_model_len=32)
+
+    def placed(reads_slices):
+        model = load(gptq, precision, reads_slices=reads_slices)
+        moe = model.params.layers[1].mlp
+        engine = build_engine(model, cfg, mesh=build_mesh(data_parallel_size=2,
+                                                          tensor_parallel_size=2),
+                              expert_parallel=True)
+        return engine.params, moe
+
+    sliced, lazy = placed(True)
+    whole, read = placed(False)
+    assert isinstance(lazy.w_down, PackedExperts)
+    assert isinstance(lazy.w_down.values, ExpertSlices) and isinstance(read.w_down.values,
+                                                                       np.ndarray)
+    sliced_leaves, whole_leaves = jax.tree.leaves(sliced), jax.tree.leaves(whole)
+    assert len(sliced_leaves) == len(whole_leaves)
+    for a, b in zip(sliced_leaves, whole_leaves):
+        # Offsets read by block are float32 where the whole read finds every one a float16
+        # (packed.PackedSlices: that test would need them all): the same numbers.
+        assert a.dtype == b.dtype or (a.dtype, b.dtype) == (np.float32, np.float16)
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b, a.dtype))
+    assert sliced.layers[1].mlp.w_down.values.sharding.spec[0] is not None  # split by expert
+
+    stack = lazy.w_gate
+    arrays = [a for a in (stack.values, stack.scales, stack.offsets) if a is not None]
+    _, all_bytes = _reads(lambda: [a[:] for a in arrays])
+    _, half_bytes = _reads(lambda: [a[:E // 2] for a in arrays])
+    assert abs(half_bytes - all_bytes / 2) <= 0.05 * all_bytes, (half_bytes, all_bytes)

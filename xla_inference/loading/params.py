@@ -9,7 +9,8 @@ import numpy as np
 from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.loading.safetensors import CheckpointSlices, ExpertStackSlices
 from xla_inference.parallel.axes import field_axes, is_projection
-from xla_inference.quantization.experts import (PackedExperts, pack_experts, quantize_experts,
+from xla_inference.quantization.experts import (PackedExperts, pack_experts, pack_experts_by_slice,
+                                                quantize_experts,
                                                 stored_for_step, with_compute_dtype)
 from xla_inference.quantization.groups import GroupQuant
 from xla_inference.quantization.online import quantize_per_channel
@@ -138,7 +139,12 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
         # A multi-host process: placement reads only the experts (or the width slices of
         # each) its devices hold, from the per-expert tensors (ExpertStackSlices).
         return ExpertStackSlices(stored, jnp.dtype(dtype))
-    # Quantized stacks are read whole (a QuantSlices' blocks serve only 2-D projections).
+    if transpose:
+        # Quantized experts not read yet (QuantSlices: a multi-host process): placement
+        # reads each device's experts' blocks. None for any other experts.
+        lazy = pack_experts_by_slice(stored)
+        if lazy is not None:
+            return lazy
     checked = [as_group_quant(s) for s in stored]
     if transpose and checked and all(isinstance(c, GroupQuant) for c in checked):
         return pack_experts(checked)

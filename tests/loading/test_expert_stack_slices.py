@@ -200,6 +200,7 @@ def test_quantized_experts_loaded_by_slices_place_what_a_whole_read_does(tmp_pat
     the experts stay unread until placement (quantization/experts.ExpertSlices), which
     places the whole read's packed arrays; a host holding half the experts reads about
     half of a stack's bytes."""
+    from tests.helpers import engine_request, run_chunks
     from tests.quantization.test_moe_quantized import save_gptq_moe
     from xla_inference.quantization.experts import ExpertSlices, PackedExperts
     from xla_inference.runner.build import Precision, build_engine, load
@@ -208,19 +209,27 @@ def test_quantized_experts_loaded_by_slices_place_what_a_whole_read_does(tmp_pat
     src, _ = _save_tiny_moe(tmp_path / "moe", "qwen3_moe", np.float32)
     gptq, _ = save_gptq_moe(src, tmp_path / "q")
     precision = Precision.uniform(jnp.float32)
-    cfg = EngineConfig(num_blocks=16, block_size=4, max_num_tokens=16, max_num_seqs=4,
-                       max_model_len=32)
+    cfg = EngineConfig(num_blocks=64, block_size=4, max_num_tokens=32, max_num_seqs=8,
+                       max_model_len=128)
 
     def placed(reads_slices):
         model = load(gptq, precision, reads_slices=reads_slices)
         moe = model.params.layers[1].mlp
+        experts = sum(w.nbytes for w in (moe.w_gate, moe.w_up, moe.w_down))
+        assert model.unread_bytes >= (experts if reads_slices else 0)  # what placement reads
         engine = build_engine(model, cfg, mesh=build_mesh(data_parallel_size=2,
                                                           tensor_parallel_size=2),
                               expert_parallel=True)
-        return engine.params, moe
+        # A step on each replica (pages 1.. and 33..): the placed experts serve.
+        reqs = [engine_request("a", [5, 9, 14, 3, 77, 21, 40], 1),
+                engine_request("b", [101, 7, 66, 12, 8], 33)]
+        return engine.params, moe, run_chunks(engine, reqs, [{0: 7, 1: 5}])
 
-    sliced, lazy = placed(True)
-    whole, read = placed(False)
+    sliced, lazy, sliced_logits = placed(True)
+    whole, read, whole_logits = placed(False)
+    assert sliced_logits.keys() == whole_logits.keys()
+    for key, row in whole_logits.items():
+        np.testing.assert_allclose(sliced_logits[key], row, rtol=1e-5, atol=1e-5)
     assert isinstance(lazy.w_down, PackedExperts)
     assert isinstance(lazy.w_down.values, ExpertSlices) and isinstance(read.w_down.values,
                                                                        np.ndarray)

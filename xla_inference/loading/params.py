@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from xla_inference.kernels import pallas_quantized_matmul as qmm
-from xla_inference.loading.safetensors import CheckpointSlices
+from xla_inference.loading.safetensors import CheckpointSlices, ExpertStackSlices
 from xla_inference.parallel.axes import field_axes, is_projection
-from xla_inference.quantization.experts import (PackedExperts, pack_experts, quantize_experts,
+from xla_inference.quantization.experts import (PackedExperts, pack_experts, pack_experts_by_slice,
+                                                quantize_experts,
                                                 stored_for_step, with_compute_dtype)
 from xla_inference.quantization.groups import GroupQuant
 from xla_inference.quantization.online import quantize_per_channel
@@ -132,8 +133,19 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
     leading axis, cast, each optionally transposed. Quantized experts (each a GroupQuant)
     taken transposed stay quantized: a PackedExperts ([E, in, out] math,
     quantization/experts.py)."""
-    # Stacked experts are read whole (a QuantSlices' blocks serve only 2-D projections).
-    checked = [as_group_quant(_checked(tensors, n, shape)) for n in names]
+    stored = [_checked(tensors, n, shape) for n in names]
+    if (transpose and stored and getattr(tensors, "reads_slices", False)
+            and all(isinstance(s, np.ndarray) for s in stored)):
+        # A multi-host process: placement reads only the experts (or the width slices of
+        # each) its devices hold, from the per-expert tensors (ExpertStackSlices).
+        return ExpertStackSlices(stored, jnp.dtype(dtype))
+    if transpose:
+        # Quantized experts not read yet (QuantSlices: a multi-host process): placement
+        # reads each device's experts' blocks. None for any other experts.
+        lazy = pack_experts_by_slice(stored)
+        if lazy is not None:
+            return lazy
+    checked = [as_group_quant(s) for s in stored]
     if transpose and checked and all(isinstance(c, GroupQuant) for c in checked):
         return pack_experts(checked)
     stacked = np.stack([_dense(c, dtype) for c in checked])

@@ -140,3 +140,61 @@ class CheckpointSlices(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __repr__(self) -> str:
         return f"CheckpointSlices(shape={self.shape}, dtype={self.dtype})"
+
+
+class ExpertStackSlices(CheckpointSlices):
+    """MoE experts not read yet: each expert's checkpoint tensor [out, in] (HF layout), as
+    the stack [E, in, out] the MoE layer takes (layers/moe.MoeMlp). `self[index]` reads,
+    per expert the index holds, only its [out, in] block that the index's (in, out) slice
+    covers, then transposes and stacks it. So a process whose devices hold some experts
+    (expert parallel) reads only those experts' tensors, and one whose devices hold a
+    width slice of every expert (the MLP width split) reads only those rows or columns of
+    each. Anything else (np.asarray, a reshape) reads the whole stack, as before."""
+
+    def __init__(self, experts: list[np.ndarray], dtype, counter: ReadCounter = CHECKPOINT_READS):
+        out_dim, in_dim = experts[0].shape
+        self._experts = list(experts)
+        self.dtype = np.dtype(dtype)
+        self.shape = (len(experts), in_dim, out_dim)
+        self._counter = counter
+
+    def astype(self, dtype, copy: bool = True) -> "ExpertStackSlices":
+        return ExpertStackSlices(self._experts, dtype, self._counter)
+
+    def __getitem__(self, index) -> np.ndarray:
+        slices, dropped = _as_slices(index, self.shape)
+        experts, inputs, outputs = slices
+        blocks = []
+        for e in range(self.shape[0])[experts]:
+            block = np.array(self._experts[e][outputs, inputs])  # copies just the block
+            self._counter.add(block.nbytes)
+            blocks.append(block.astype(self.dtype, copy=False).T)
+        stack = (np.stack(blocks) if blocks else
+                 np.zeros((0, *self.shape[1:]), self.dtype)[:, inputs, outputs])
+        stack = np.ascontiguousarray(stack)
+        return stack.reshape([n for axis, n in enumerate(stack.shape) if axis not in dropped])
+
+    def __repr__(self) -> str:
+        return f"ExpertStackSlices(shape={self.shape}, dtype={self.dtype})"
+
+
+def _as_slices(index, shape: tuple[int, ...]) -> tuple[list[slice], set[int]]:
+    """A basic numpy index of an array of `shape` -> one slice per axis, and the axes an
+    integer index drops (read as one-element slices, then squeezed)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+        at = next(k for k, i in enumerate(index) if i is Ellipsis)
+        fill = (slice(None),) * (len(shape) - len(index) + 1)
+        index = index[:at] + fill + index[at + 1:]
+    index = index + (slice(None),) * (len(shape) - len(index))
+    slices, dropped = [], set()
+    for axis, i in enumerate(index):
+        if isinstance(i, slice):
+            slices.append(i)
+        elif isinstance(i, (int, np.integer)):
+            i = int(i) % shape[axis]
+            slices.append(slice(i, i + 1))
+            dropped.add(axis)
+        else:
+            raise TypeError(f"an expert stack read by slice takes basic indices, not {i!r}")
+    return slices, dropped

@@ -62,6 +62,7 @@ from xla_inference.quantization import packed, product
 from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, GroupQuant, regroup)
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import K_MAJOR, OUT_IN, PackedWeight
+from xla_inference.quantization.sliced import reads_by_block
 
 logger = logging.getLogger(__name__)
 
@@ -447,3 +448,75 @@ def share_splits_groups(w: PackedExperts, share: PackedExperts) -> bool:
     """Whether w's scales and offsets split as its values do for `share` (local_share):
     all but an input split of a single group, whose scales every device takes whole."""
     return share.in_features == w.in_features or w.in_features != w.group_size
+
+
+# ------------------------------------------------------------------ read per host
+
+def pack_experts_by_slice(quants: Sequence[GroupQuant],
+                          compute_dtype="float32") -> PackedExperts | None:
+    """Experts not read yet (quantization/sliced.QuantSlices: a multi-host process) -> a
+    PackedExperts whose arrays read, when placement asks a device's slice, only the
+    experts it holds and, of each, only its row tiles and input chunks or groups
+    (packed.PackedSlices, stacked unread: ExpertSlices). None where the experts would not
+    pack that way alike (another group size or zero point per expert, a layout packed from
+    the whole weight): then pack_experts reads them whole."""
+    quants = list(quants)
+    if not quants or not all(reads_by_block(q) for q in quants):
+        return None
+    first = quants[0]
+    alike = lambda q: (q.kind, q.shape, q.activations, q.has_offsets)  # noqa: E731 (reads nothing)
+    if any(alike(q) != alike(first) for q in quants):
+        return None
+    each = [packed.pack(q, compute_dtype) for q in quants]
+    names = ("values", "scales", "offsets")
+    layout = lambda w: tuple(  # noqa: E731
+        None if getattr(w, n) is None else (getattr(w, n).shape, getattr(w, n).dtype)
+        for n in names) + (w.group_size, _zero_point(w), w.layout)
+    if not all(getattr(w.values, "read_by_slice", False) is True for w in each) or len(
+            {layout(w) for w in each}) > 1:
+        return None
+    first = each[0]
+    stack = lambda name: ExpertSlices([getattr(w, name) for w in each])  # noqa: E731
+    return PackedExperts(stack("values"), stack("scales"),
+                         None if first.offsets is None else stack("offsets"), first.kind,
+                         first.group_size, first.in_features, first.out_features,
+                         first.activations, first.compute_dtype, _zero_point(first))
+
+
+class ExpertSlices:
+    """One array of every expert (each a packed.PackedSlices, not read yet), as the stack
+    [E, ...] they make, stacked only where read: placement asks for each device's slice,
+    so a process reads only its experts, and of each only its slice."""
+
+    read_by_slice = True  # what placement looks for (parallel/sharding.place)
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.shape = (len(self.parts), *self.parts[0].shape)
+        self.dtype = np.dtype(self.parts[0].dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        experts, rest = index[0], index[1:]
+        if isinstance(experts, (int, np.integer)):
+            return np.asarray(self.parts[experts][rest])
+        rest = rest + (slice(None),) * (self.ndim - 1 - len(rest))
+        return np.stack([self.parts[e][rest] for e in range(len(self.parts))[experts]])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return np.asarray(self).astype(dtype, copy=copy)
+
+    def __repr__(self) -> str:
+        return f"ExpertSlices({self.shape}, {self.dtype})"

@@ -151,9 +151,11 @@ def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None 
     (loading/safetensors.CheckpointSlices). So are a quantized checkpoint's or a GGUF
     file's quantized projection weights: placement reads each device's rows and input
     columns of their packed values, scales and offsets (quantization/sliced.QuantSlices,
-    quantization/packed.PackedSlices). Tensors a loader transposes, stacks (MoE experts)
-    or dequantizes (a GGUF embedding, GGUF float tensors) are read whole, as is what an
-    online method quantizes."""
+    quantization/packed.PackedSlices), and MoE experts stored one tensor per expert (only
+    the experts or width slices its devices hold: loading/safetensors.ExpertStackSlices,
+    quantization/experts.pack_experts_by_slice). Tensors a loader otherwise transposes,
+    stacks (fused or GGUF expert stacks) or dequantizes (a GGUF embedding, GGUF float
+    tensors) are read whole, as is what an online method quantizes."""
     family, cfg, params = load_model(model_path, precision.activations, gguf_file,
                                      random_seed=random_seed, quantization=quantization,
                                      reads_slices=reads_slices)

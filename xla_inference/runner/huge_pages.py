@@ -76,11 +76,16 @@ def host_regions(arrays) -> list[int]:
     for a in arrays:
         if not isinstance(a, jax.Array):
             continue
-        for shard in a.addressable_shards:
-            if shard.device.platform != "cpu":
-                continue
-            start = shard.data.unsafe_buffer_pointer()
-            end = start + shard.data.nbytes
+        try:
+            shards = [s.data for s in a.addressable_shards if s.device.platform == "cpu"]
+        except ValueError:
+            # JAX cannot list this array's shards (seen across two processes serving an
+            # MoE model with data parallel: "an argument array had 2 shard(s)"); its pages
+            # stay as they are (a hint, never an error).
+            continue
+        for data in shards:
+            start = data.unsafe_buffer_pointer()
+            end = start + data.nbytes
             regions.update(range(start // HUGE_PAGE * HUGE_PAGE, end, HUGE_PAGE))
     return sorted(regions)
 

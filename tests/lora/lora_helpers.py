@@ -64,3 +64,32 @@ def peft_greedy(model_dir: Path, adapter: Path | None, prompt: list[int], num_ne
     for _ in range(num_new):
         ids.append(int(np.argmax(peft_logits(model_dir, adapter, ids)[-1])))
     return ids[len(prompt):]
+
+
+def lora_requests(adapters: dict[str, Path]) -> list:
+    """vLLM's requests for `adapters` in order (ids from 1), after None: the base model."""
+    from vllm.lora.request import LoRARequest
+
+    return [None] + [LoRARequest(name, i, str(path))
+                     for i, (name, path) in enumerate(adapters.items(), start=1)]
+
+
+def generate_mixed(llm, prompts: list[list[int]], chosen: list, num_new: int):
+    """(greedy ids of each prompt under its chosen adapter, in one generate() call; programs
+    compiled by that call)."""
+    from vllm import SamplingParams
+
+    from tests.e2e.engines import num_compilations
+
+    before = num_compilations(llm)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=num_new, temperature=0.0, ignore_eos=True),
+                        lora_request=chosen, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], num_compilations(llm) - before
+
+
+def peft_expected(model_dir: Path, adapters: dict[str, Path], prompts: list[list[int]],
+                  chosen: list, num_new: int) -> list[list[int]]:
+    """transformers+peft's greedy ids of each prompt under its chosen adapter (None: base)."""
+    return [peft_greedy(model_dir, None if r is None else adapters[r.lora_name], p, num_new)
+            for p, r in zip(prompts, chosen)]

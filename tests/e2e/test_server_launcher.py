@@ -203,11 +203,14 @@ def test_past_the_drain_timeout_every_stream_still_ends(tiny_dir, tmp_path):
 
 
 def test_a_second_signal_aborts_the_drain(tiny_dir, tmp_path):
-    """Ctrl-C twice: the second signal aborts what the drain (25 s by default, time enough
-    for 16 x 480 tokens) would have finished; every stream still ends with [DONE]."""
-    streams = 16
+    """Ctrl-C twice: the second signal aborts what the drain would have finished; every
+    stream still ends with [DONE]. The drain is given 600 s, so only the second signal can
+    cut a stream, and 32 long streams (4 at a time, seconds each), so the drain cannot have
+    finished them all by the time the second signal is sent (with 16 at the default 25 s,
+    CI once saw every stream finish first)."""
+    streams = 32
     log_path = tmp_path / "server.log"
-    with launched(tiny_dir, log_path) as (proc, url):
+    with launched(tiny_dir, log_path, "--shutdown-timeout", "600") as (proc, url):
         results = _start_streams(url, tiny_dir, streams)
         os.kill(proc.pid, signal.SIGINT)
         _wait_refused(url)  # the first signal was handled

@@ -26,12 +26,14 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "decode steps) through XLA's product instead of the native AMX kernel (CPUs with "
         "AMX-BF16); XLA_INFERENCE_CPU_DENSE=0 turns it off too"),
     "XLA_INFERENCE_HUGE_PAGES": (
-        "1",
-        "0 leaves the weights on the pages XLA gave them (else the engine asks Linux, 6.1+, "
-        "to move their host buffers onto 2 MiB huge pages with MADV_COLLAPSE, once, after "
-        "placing them: fewer TLB misses per decode step; skipped where "
-        "/sys/kernel/mm/transparent_hugepage/enabled is never, which MADV_COLLAPSE itself "
-        "would ignore)"),
+        # Off by default: through the server (benchmarks/serving.py, idle, 2026-12-02) it made
+        # batch-1 GGUF and int8 TPOT slower (13.3 -> 15.2 ms, 15.1 -> 18.1 ms), though the
+        # engine-step benchmark had them faster; opt in where it is measured to help.
+        "0",
+        "1 asks Linux (6.1+) to move the weights' host buffers onto 2 MiB huge pages with "
+        "MADV_COLLAPSE, once, after placing them (fewer TLB misses per decode step; skipped "
+        "where /sys/kernel/mm/transparent_hugepage/enabled is never, which MADV_COLLAPSE "
+        "itself would ignore); 0, the default, leaves them on the pages XLA gave them"),
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),

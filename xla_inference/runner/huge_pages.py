@@ -23,7 +23,9 @@ region not yet resident (so a region's untouched neighbour pages become memory).
 `never` is therefore honoured here, by not asking at all. Where the kernel, the platform or
 the memory at hand does not allow it (not Linux, a kernel before 6.1, no free huge page:
 ENOMEM/EAGAIN), regions stay as they were: a hint, never an error.
-XLA_INFERENCE_HUGE_PAGES=0 turns it off.
+Off unless XLA_INFERENCE_HUGE_PAGES=1: through the server (benchmarks/serving.py, batch 1,
+idle, 2026-12-02) it made GGUF and int8 TPOT slower (13.3 -> 15.2 ms, 15.1 -> 18.1 ms;
+bfloat16 26.5 -> 25.3 ms), against the engine-step figures above.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from xla_inference.quantization.sliced import LazyArray
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -84,7 +86,7 @@ class ReadCounter:
 CHECKPOINT_READS = ReadCounter()
 
 
-class CheckpointSlices(np.lib.mixins.NDArrayOperatorsMixin):
+class CheckpointSlices(np.lib.mixins.NDArrayOperatorsMixin, LazyArray):
     """A checkpoint tensor not read yet, as the parameter tree holds it until placement:
     shape, the dtype it will be read in, and `self[index]` reading only that slice of the
     file (a memory map: the pages it spans) and casting it. Placement
@@ -94,25 +96,11 @@ class CheckpointSlices(np.lib.mixins.NDArrayOperatorsMixin):
     Anything else numpy does with it (np.asarray, arithmetic, a reshape: a loader or a
     transform that needs the whole tensor) reads it whole, as a plain array would be."""
 
-    read_by_slice = True  # what placement and pipeline stacks look for (they sit below us)
-
     def __init__(self, stored: np.ndarray, dtype, counter: ReadCounter = CHECKPOINT_READS):
         self._stored = stored
         self.dtype = np.dtype(dtype)
         self.shape = tuple(stored.shape)
         self._counter = counter
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
 
     def astype(self, dtype, copy: bool = True) -> "CheckpointSlices":
         """The same stored tensor, to be read in `dtype` (still unread)."""

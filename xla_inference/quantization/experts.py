@@ -62,7 +62,7 @@ from xla_inference.quantization import packed, product
 from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, GroupQuant, regroup)
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import K_MAJOR, OUT_IN, PackedWeight
-from xla_inference.quantization.sliced import reads_by_block
+from xla_inference.quantization.sliced import LazyArray, reads_by_block
 
 logger = logging.getLogger(__name__)
 
@@ -483,12 +483,10 @@ def pack_experts_by_slice(quants: Sequence[GroupQuant],
                          first.activations, first.compute_dtype, _zero_point(first))
 
 
-class ExpertSlices:
+class ExpertSlices(LazyArray):
     """One array of every expert (each a packed.PackedSlices, not read yet), as the stack
     [E, ...] they make, stacked only where read: placement asks for each device's slice,
     so a process reads only its experts, and of each only its slice."""
-
-    read_by_slice = True  # what placement looks for (parallel/sharding.place)
 
     def __init__(self, parts):
         self.parts = list(parts)
@@ -496,11 +494,7 @@ class ExpertSlices:
         self.dtype = np.dtype(self.parts[0].dtype)
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
+    def nbytes(self) -> int:  # each expert's own (their scales' dtypes may differ)
         return sum(part.nbytes for part in self.parts)
 
     def __getitem__(self, index) -> np.ndarray:

@@ -37,7 +37,8 @@ import numpy as np
 from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.quantization.groups import (FP8, INT4, INT8, INT8_ACTIVATIONS, GroupQuant,
                                                regroup)
-from xla_inference.quantization.sliced import GROUPS, VALUES, QuantSlices, reads_by_block
+from xla_inference.quantization.sliced import (GROUPS, VALUES, LazyArray, QuantSlices,
+                                               reads_by_block)
 
 TILE_ROWS = 16
 MAX_GROUP = 128
@@ -244,14 +245,12 @@ def _pack_by_slice(weight: QuantSlices, compute_dtype: str, zero_point: bool,
                         group, out, inp, weight.activations, compute_dtype)
 
 
-class PackedSlices:
+class PackedSlices(LazyArray):
     """One array (values, scales or offsets) of a packed weight not read yet: its shape
     and dtype, and `self[index]` reading from the checkpoint only the rows and input
     columns that slice of the packed layout holds (whole row tiles of 16 and whole input
     chunks or groups, as placement's slices are), packed as pack() packs them. Anything
     else numpy does with it reads the whole array."""
-
-    read_by_slice = True  # what placement looks for (parallel/sharding.place)
 
     def __init__(self, weight: QuantSlices, name: str, group: int, uses: int):
         self.weight, self.name, self.group, self.uses = weight, name, group, uses
@@ -270,18 +269,6 @@ class PackedSlices:
             self.shape = (-(-out // TILE_ROWS), inp // group, TILE_ROWS)
             self.dtype = np.dtype(np.float16 if name in weight.half_groups else np.float32)
             self.units = (TILE_ROWS, group)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
 
     def __getitem__(self, index) -> np.ndarray:
         index = index if isinstance(index, tuple) else (index,)

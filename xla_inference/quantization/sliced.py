@@ -26,6 +26,26 @@ BlockReader = Callable[[object, int, int, "str | None"], GroupQuant]
 VALUES, GROUPS = "values", "groups"
 
 
+class LazyArray:
+    """What an array not read yet answers from its `shape` and `dtype` alone (the lazy
+    tensors that placement reads by slice: loading/safetensors.CheckpointSlices,
+    packed.PackedSlices, experts.ExpertSlices)."""
+
+    read_by_slice = True  # what placement and pipeline stacks look for (parallel/sharding.place)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+
 class QuantSlices(GroupQuant):
     """A quantized [out, in] weight not read yet (see the module docstring)."""
 

@@ -31,7 +31,12 @@ from xla_inference import envs
 # with -ffast-math but linked without it: linking a shared library with -ffast-math adds
 # GCC's crtfastmath.o, whose constructor turns on flush-to-zero for the whole process when
 # the library loads (numpy's float32 denormals then read as 0).
-DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC")
+# -mno-recip (x86): -ffast-math lets GCC, tuned for CPUs without AVX-512 (Zen 3), turn a
+# vector division into a reciprocal estimate plus one Newton step (1 / 2 = 0.49999997), so a
+# softmax over equal scores no longer gives each key exactly 1/n; a division is exact.
+_X86 = platform.machine() in ("x86_64", "AMD64", "i686")
+DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC",
+                 *(("-mno-recip",) if _X86 else ()))
 _LINK_FLAGS = ("-shared", "-fPIC")
 
 

@@ -33,12 +33,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from xla_inference import envs
-from xla_inference.kernels import pallas_gmm
+from xla_inference.kernels import pallas_gmm, xla_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.lora.slots import LoraExperts
 from xla_inference.parallel.axes import weight
 from xla_inference.parallel.sharding import (DATA_AXIS, REPLICAS_AND_TENSOR, TENSOR_AXIS,
-                                             refuse_nested_interpret_callbacks,
+                                             left_to_gspmd, refuse_nested_interpret_callbacks,
                                              tensor_parallel_mesh)
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
                                                 ragged_product, row_experts,
@@ -170,6 +170,11 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
         # experts, D = 1024, F = 384, float32, 2 cores: 700 ms against 27 ms gathered).
         weights = jnp.take(w, row_experts(group_sizes, xs.shape[0]), axis=0)  # [R, in, out]
         return jnp.einsum("ri,rio->ro", xs, weights).astype(xs.dtype)
+    if not left_to_gspmd():
+        # The work-list loop (kernels/xla_gmm.py): each row times its own expert only;
+        # rows outside every group (padding) cost nothing. ragged_dot, which XLA's CPU
+        # computes as every row times every expert, is kept where GSPMD partitions it.
+        return xla_gmm.gmm(xs, w, group_sizes).astype(xs.dtype)
     return jax.lax.ragged_dot(xs, w, group_sizes)
 
 
@@ -195,9 +200,7 @@ def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig, real_tokens: jax.Array | No
     real_tokens [T] bool (the step's tokens, not its padding; None: all): the others are
     routed to no expert (without_padding), their routed sum zero."""
     weights, experts = route(p, x, cfg)
-    if real_tokens is not None:
-        weights, experts = without_padding(weights, experts, real_tokens)
-    return routed_mlp(p, x, weights, experts, cfg)
+    return routed_mlp(p, x, weights, experts, cfg, real_tokens)
 
 
 def without_padding(weights: jax.Array, experts: jax.Array, real_tokens: jax.Array
@@ -214,13 +217,17 @@ def without_padding(weights: jax.Array, experts: jax.Array, real_tokens: jax.Arr
 
 
 def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
-               cfg: MoeConfig) -> jax.Array:
+               cfg: MoeConfig, real_tokens: jax.Array | None = None) -> jax.Array:
     """x [T, D] through the experts a router chose (weights, experts [T, k], as `route`
-    gives them) -> [T, D]; p.router is not read (the torch path routes outside).
+    gives them) -> [T, D]; p.router is not read (the torch path routes outside, and
+    passes the step's real_tokens as the native families do: padding routed to no expert,
+    `without_padding`).
     Under a tensor-parallel mesh with a kernel that has no partitioning rule serving the
     experts (the Pallas GMM; the native CPU kernel where the experts split), or the
     all-to-all dispatch forced, split by hand (_routed_on_mesh), LoRA experts' adapter
     stacks with them."""
+    if real_tokens is not None:
+        weights, experts = without_padding(weights, experts, real_tokens)
     w = Experts(p.w_gate, p.w_up, p.w_down)
     across = _split_across_replicas(w, cfg)
     mesh = _mesh_to_split_on(w)
@@ -373,13 +380,10 @@ def _split_across_replicas(w: Experts, cfg: MoeConfig) -> str | None:
     """"experts" or "mlp" where w is a data parallel replica's cut of experts split across
     the replicas (its shapes tell: fewer experts, or a narrower width, than the config's);
     None where each replica holds its experts whole over the data axis. Quantized experts
-    (PackedExperts) split by expert only (parallel/sharding.expert_spec), and not under
-    LoRA adapters (their stacks beside quantized experts are placed whole: the engine
-    keeps such experts whole over the data axis, param_shardings' split_quantized)."""
+    (PackedExperts) split by expert only (parallel/sharding.expert_spec), LoRA adapters'
+    stacks beside them with them (lora/slots.LoraSlots.place)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or DATA_AXIS not in mesh.manual_axes or mesh.shape[DATA_AXIS] == 1
-            or any(isinstance(a, LoraExperts) and not isinstance(a.base, jax.Array)
-                   for a in w)):  # adapted quantized experts stay whole over the data axis
+    if mesh.empty or DATA_AXIS not in mesh.manual_axes or mesh.shape[DATA_AXIS] == 1:
         return None
     if w.count < cfg.num_experts:
         return "experts"

@@ -20,7 +20,9 @@ from xla_inference.kernels import xla_gmm
 
 # (rows M = tokens x k, experts E, K, N): a Mixtral-like 8 experts; Qwen3-30B-A3B's 128
 # experts, gate/up [2048 -> 768] scaled down to K 1024 / N 384 to fit the 2-core machine.
-SHAPES = [(512, 8, 512, 384), (512, 16, 256, 256), (512, 128, 1024, 384), (2048, 128, 1024, 384)]
+# 64 rows: a decode step of 8 tokens (k = 8), fewer rows than experts (one row an item).
+SHAPES = [(512, 8, 512, 384), (512, 16, 256, 256), (64, 128, 1024, 384),
+          (512, 128, 1024, 384), (2048, 128, 1024, 384)]
 
 
 def _seconds(fn, args, repeats: int) -> float:

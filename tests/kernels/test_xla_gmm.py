@@ -21,8 +21,8 @@ def _reference(lhs, rhs, sizes) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("dtype,tile", [(jnp.float32, None), (jnp.float32, 16),
-                                        (jnp.bfloat16, 32)])
+@pytest.mark.parametrize("dtype,tile", [(jnp.float32, None), (jnp.float32, 1),
+                                        (jnp.float32, 16), (jnp.bfloat16, 32)])
 def test_equals_float64_reference(dtype, tile):
     rng = np.random.default_rng(0)
     m, e, k, n = 100, 6, 40, 24

@@ -13,8 +13,10 @@ layers/moe.without_padding) cost nothing, and empty experts are never read.
 Why not ragged_dot: JAX lowers it on the CPU to a dense product (lhs broadcast over the
 E groups, masked per group, contracted with rhs over (E, K): one [M, E*K] x [E*K, N] dot),
 so every row pays for every expert whatever the groups, rows outside every group included
-(M = 512 rows, E = 128, K = 1024, N = 384, float32, the 2-core machine: ragged_dot ~1600 ms
-with all rows in groups or half of them outside; this loop ~100 ms and ~80 ms).
+(M = 512 rows, E = 128, K = 1024, N = 384, float32, the loaded 2-core machine: ragged_dot
+~2 s with all rows in groups or half of them outside; this loop ~100 ms and ~55 ms;
+benchmarks/moe_grouped_cpu.py). With fewer rows than experts (decode) each item is one
+row: 64 rows of those experts ~18 ms against ~157 ms for each row's expert gathered.
 
 Each row's product is one dot of its row by its own expert, accumulated in float32 (or
 `preferred_element_type`): the sums ragged_dot computes, without the other experts' zero
@@ -29,12 +31,13 @@ import jax.numpy as jnp
 
 from xla_inference.kernels.pallas_gmm import HAS_GROUP, group_metadata
 
-MIN_TILE, MAX_TILE = 16, 128
+MIN_TILE, MAX_TILE = 1, 128
 
 
 def row_tile(rows: int, groups: int) -> int:
     """Rows per item: about one group's mean share (a tile spanning several small groups
-    is multiplied once per group), a power of two in [MIN_TILE, MAX_TILE]."""
+    is multiplied once per group), a power of two in [MIN_TILE, MAX_TILE]: one row an item
+    for decode (fewer rows than experts: each row times its expert, read in place)."""
     mean = max(1, rows // max(groups, 1))
     return min(MAX_TILE, max(MIN_TILE, 1 << (mean - 1).bit_length()))
 

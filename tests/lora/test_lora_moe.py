@@ -81,12 +81,16 @@ def test_expert_adapters_under_data_parallel_width_split_match_peft(tmp_path):
 
 
 @pytest.mark.slow  # > 20 s on a loaded 2-core machine
-def test_expert_adapters_over_int8_experts_match_peft_on_dequantized(tmp_path):
+@pytest.mark.parametrize("data_parallel", [1, 2], ids=["one_device", "dp2_tp2"])
+def test_expert_adapters_over_int8_experts_match_peft_on_dequantized(tmp_path, data_parallel):
     """--quantization int8: the experts (and projections) stay quantized, their adapters'
     deltas are added in float; against transformers+peft on the dequantized weights
-    (tolerance: tests/lora/test_lora_quantized.py)."""
+    (tolerance: tests/lora/test_lora_quantized.py). DP 2 x TP 2: the quantized experts
+    split across the replicas by expert (8 experts, 2 a device), their adapters' stacks
+    with them (lora/slots.LoraSlots.place), as without LoRA."""
     from tests.lora.test_lora_quantized import TOL
     from tests.quantization.test_online import save_dequantized
+    from xla_inference.parallel.sharding import build_mesh
     from xla_inference.quantization.experts import PackedExperts
     from xla_inference.quantization.groups import INT8
 
@@ -94,8 +98,16 @@ def test_expert_adapters_over_int8_experts_match_peft_on_dequantized(tmp_path):
     reference = save_dequantized(src, tmp_path / "ref", INT8)
     adapters = {name: save_adapter(reference, tmp_path / name, seed=20 + i, **fields)
                 for i, (name, fields) in enumerate(moe_adapters("qwen3_moe"))}
-    engine = lora_engine(src, quantization="int8")
+    engine = lora_engine(src, quantization="int8",
+                         mesh=build_mesh(2, data_parallel) if data_parallel > 1 else None)
     assert isinstance(engine.params.layers[1].mlp.w_gate, PackedExperts)
+    if data_parallel > 1:
+        across = ("data", "model")
+        assert tuple(engine.params.layers[1].mlp.w_gate.values.sharding.spec)[0] == across
+        for kind in ("ea", "eb"):
+            for stack in engine.lora.stacks[kind].values():
+                assert tuple(stack.sharding.spec)[0] == across, (kind, stack.sharding.spec)
+                assert {s.data.shape[0] for s in stack.addressable_shards} == {2}
     assert "model.layers.1.mlp.experts.down_proj" in engine.lora.module_shapes
     _assert_mixed_adapters_match_peft(engine, reference, adapters, atol=TOL)
 

@@ -61,7 +61,7 @@ def _with_adapters(block: MoeMlp, stacks: dict, token_slots) -> MoeMlp:
 def _reference(block: MoeMlp, stacks: dict, token_slots, x) -> np.ndarray:
     """float64, token by token: each chosen expert's SwiGLU, every projection plus its
     adapter's delta for the token's slot (none for slot 0), weighted by the routing."""
-    weights, experts = (np.asarray(a) for a in route(block, x, CFG))
+    weights, experts = (np.asarray(a) for a in jax.jit(route, static_argnums=2)(block, x, CFG))
     f64 = {k: np.asarray(v, np.float64) for k, v in stacks.items()}
     wg, wu, wd = (np.asarray(expert_weights(w, np.float32), np.float64)  # dequantized
                   for w in (block.w_gate, block.w_up, block.w_down))

@@ -3,8 +3,10 @@ k experts per token, each a SwiGLU MLP; the token's output is their weighted sum
 
 `moe_mlp` computes only the chosen experts: the T * k (token, expert) pairs are sorted by
 expert and run through grouped matmuls, whose shapes are static whatever the routing: on
-a TPU or GPU the Pallas GMM (kernels/pallas_gmm.py), on the CPU `jax.lax.ragged_dot` (or,
-with fewer rows than experts, each row times its gathered expert). `moe_mlp_dense` runs
+a TPU or GPU the Pallas GMM (kernels/pallas_gmm.py), on the CPU a loop over the GMM's
+work list (kernels/xla_gmm.py: each row times its own expert; rows outside every group
+skipped) where no mesh axis is left to GSPMD, else `jax.lax.ragged_dot` (or, with fewer
+rows than experts, each row times its gathered expert). `moe_mlp_dense` runs
 every expert on every token and masks the result by the routing: the reference the
 grouped path is tested against. A step's padding tokens (AttentionMetadata.real_tokens)
 route to no expert (`without_padding`): they take no rows of any group.
@@ -33,12 +35,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from xla_inference import envs
-from xla_inference.kernels import pallas_gmm
+from xla_inference.kernels import pallas_gmm, xla_gmm
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.lora.slots import LoraExperts
 from xla_inference.parallel.axes import weight
 from xla_inference.parallel.sharding import (DATA_AXIS, REPLICAS_AND_TENSOR, TENSOR_AXIS,
-                                             refuse_nested_interpret_callbacks,
+                                             left_to_gspmd, refuse_nested_interpret_callbacks,
                                              tensor_parallel_mesh)
 from xla_inference.quantization.experts import (PackedExperts, expert_weights, local_share,
                                                 ragged_product, row_experts,
@@ -164,6 +166,14 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
     if route is not None:  # a TPU or GPU: the Pallas GMM reads only the experts with rows
         return pallas_gmm.gmm(xs, w, group_sizes, backend=route.backend,
                               interpret=route.interpret)
+    if not left_to_gspmd():
+        # The work-list loop (kernels/xla_gmm.py): each row times its own expert, read in
+        # place; rows outside every group (padding) cost nothing. 128 experts [1024, 384],
+        # float32, the loaded 2-core machine: 512 rows 100 ms against ragged_dot's 2 s
+        # (every row times every expert on XLA's CPU); 64 rows 18 ms against 157 ms
+        # gathered (below). Where GSPMD partitions the step it would gather the experts
+        # the loop reads by a dynamic index: ragged_dot and the gather stay there.
+        return xla_gmm.gmm(xs, w, group_sizes).astype(xs.dtype)
     if xs.shape[0] < w.shape[0]:
         # Fewer rows than experts (decode): each row times its own expert, gathered. XLA's
         # CPU ragged_dot multiplies every row by every expert (a decode step of E = 128
@@ -195,9 +205,7 @@ def moe_mlp(p: MoeMlp, x: jax.Array, cfg: MoeConfig, real_tokens: jax.Array | No
     real_tokens [T] bool (the step's tokens, not its padding; None: all): the others are
     routed to no expert (without_padding), their routed sum zero."""
     weights, experts = route(p, x, cfg)
-    if real_tokens is not None:
-        weights, experts = without_padding(weights, experts, real_tokens)
-    return routed_mlp(p, x, weights, experts, cfg)
+    return routed_mlp(p, x, weights, experts, cfg, real_tokens)
 
 
 def without_padding(weights: jax.Array, experts: jax.Array, real_tokens: jax.Array
@@ -214,13 +222,17 @@ def without_padding(weights: jax.Array, experts: jax.Array, real_tokens: jax.Arr
 
 
 def routed_mlp(p: MoeMlp, x: jax.Array, weights: jax.Array, experts: jax.Array,
-               cfg: MoeConfig) -> jax.Array:
+               cfg: MoeConfig, real_tokens: jax.Array | None = None) -> jax.Array:
     """x [T, D] through the experts a router chose (weights, experts [T, k], as `route`
-    gives them) -> [T, D]; p.router is not read (the torch path routes outside).
+    gives them) -> [T, D]; p.router is not read (the torch path routes outside, and
+    passes the step's real_tokens as the native families do: padding routed to no expert,
+    `without_padding`).
     Under a tensor-parallel mesh with a kernel that has no partitioning rule serving the
     experts (the Pallas GMM; the native CPU kernel where the experts split), or the
     all-to-all dispatch forced, split by hand (_routed_on_mesh), LoRA experts' adapter
     stacks with them."""
+    if real_tokens is not None:
+        weights, experts = without_padding(weights, experts, real_tokens)
     w = Experts(p.w_gate, p.w_up, p.w_down)
     across = _split_across_replicas(w, cfg)
     mesh = _mesh_to_split_on(w)
@@ -373,13 +385,10 @@ def _split_across_replicas(w: Experts, cfg: MoeConfig) -> str | None:
     """"experts" or "mlp" where w is a data parallel replica's cut of experts split across
     the replicas (its shapes tell: fewer experts, or a narrower width, than the config's);
     None where each replica holds its experts whole over the data axis. Quantized experts
-    (PackedExperts) split by expert only (parallel/sharding.expert_spec), and not under
-    LoRA adapters (their stacks beside quantized experts are placed whole: the engine
-    keeps such experts whole over the data axis, param_shardings' split_quantized)."""
+    (PackedExperts) split by expert only (parallel/sharding.expert_spec), LoRA adapters'
+    stacks beside them with them (lora/slots.LoraSlots.place)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or DATA_AXIS not in mesh.manual_axes or mesh.shape[DATA_AXIS] == 1
-            or any(isinstance(a, LoraExperts) and not isinstance(a.base, jax.Array)
-                   for a in w)):  # adapted quantized experts stay whole over the data axis
+    if mesh.empty or DATA_AXIS not in mesh.manual_axes or mesh.shape[DATA_AXIS] == 1:
         return None
     if w.count < cfg.num_experts:
         return "experts"

@@ -477,12 +477,15 @@ class LoraSlots:
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
 
         def expert_sharding(module, a: bool):
-            """[E, in, L*r] (a) or [E, L*r, out] split as the experts [E, in, out] are
-            (quantized experts: replicated)."""
+            """[E, in, L*r] (a) or [E, L*r, out] split as the experts [E, in, out] are;
+            beside quantized experts (values, scales, offsets: their own layouts) by their
+            expert axis alone, which every layout keeps first (under data parallel the
+            quantized experts split across the replicas by expert only)."""
             leaf = weight_sharding(module)
             if not isinstance(leaf, jax.sharding.NamedSharding):
-                leaf = jax.tree.leaves(leaf)[0]
-                return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
+                leaf = leaf.values
+                e = (tuple(leaf.spec) + (None,))[0]
+                return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(e))
             e, inp, out = (tuple(leaf.spec) + (None,) * 3)[:3]
             axes = (e, inp, None) if a else (e, None, out)
             return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*axes))

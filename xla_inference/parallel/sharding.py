@@ -112,15 +112,14 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], sizes: 
     return PartitionSpec(*spec)
 
 
-def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None = None,
-                    split_quantized: bool = True):
+def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None = None):
     """A NamedSharding for every parameter leaf (the same tree), from the logical axes each
     parameter dataclass declares (parallel/axes.py) and LOGICAL_RULES.
 
     experts_across_replicas ("experts" or "mlp", with data parallel replicas): the routed
-    experts split over the data and model axes together (expert_spec); quantized ones
-    only where `split_quantized` (not under LoRA: its stacks beside quantized experts are
-    placed whole, lora/slots.LoraSlots.place)."""
+    experts split over the data and model axes together (expert_spec); quantized ones by
+    expert only (LoRA stacks beside them follow their expert axis, lora/slots.LoraSlots
+    .place)."""
     sizes = logical_sizes(cfg)
 
     def leaf_sharding(leaf, axes, dense=True):
@@ -129,8 +128,7 @@ def param_shardings(params, cfg, mesh: Mesh, experts_across_replicas: str | None
         if axes is None or len(axes) != np.ndim(leaf):
             axes = (None,) * np.ndim(leaf)  # declared none (or a whole subtree): replicated
         spec = None
-        if experts_across_replicas is not None and "experts" in axes and (
-                dense or split_quantized):
+        if experts_across_replicas is not None and "experts" in axes:
             # A quantized stack's arrays (values, scales, offsets) split only by expert:
             # its width cut alone would not be a layout the products take whole.
             spec = expert_spec(axes, np.shape(leaf), mesh,
@@ -320,6 +318,16 @@ def tensor_parallel_mesh():
     if mesh.empty or mesh.shape.get(TENSOR_AXIS, 1) == 1 or TENSOR_AXIS in mesh.manual_axes:
         return None
     return mesh
+
+
+def left_to_gspmd() -> bool:
+    """Whether the traced code is partitioned by GSPMD: some axis of the context mesh of
+    size > 1 not manual (outside a shard_map over it). Code without a partitioning rule
+    GSPMD would gather for (a loop reading experts by a dynamic index: kernels/xla_gmm.py)
+    runs only where this is False."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(size > 1 and name not in mesh.manual_axes
+                                  for name, size in mesh.shape.items())
 
 
 def splits(mesh, logical_axis: str, units: int, dim: int) -> bool:

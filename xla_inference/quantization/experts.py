@@ -56,7 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_inference.kernels import pallas_gmm
+from xla_inference.kernels import pallas_gmm, xla_gmm
+from xla_inference.parallel.sharding import left_to_gspmd
 from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.quantization import packed, product
 from xla_inference.quantization.groups import (FLOAT_ACTIVATIONS, INT4, INT8, GroupQuant, regroup)
@@ -328,7 +329,9 @@ def _gathered_rows(xs: jax.Array, w: PackedExperts, experts: jax.Array) -> jax.A
 
 def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> jax.Array:
     """Every expert dequantized, then the grouped product: the Pallas GMM on a TPU or GPU
-    (its tiles visit only the experts with rows), XLA's ragged_dot elsewhere."""
+    (its tiles visit only the experts with rows), on the CPU the work-list loop
+    (kernels/xla_gmm.py: each row times its own expert) where no mesh axis is left to
+    GSPMD, else XLA's ragged_dot (every row times every expert on the CPU)."""
     xs = product.scheme_activations(xs, w)
     compute = jnp.dtype(w.compute_dtype)
     route = pallas_gmm.gmm_route()
@@ -336,6 +339,9 @@ def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> ja
         return pallas_gmm.gmm(xs.astype(compute), dequantize_experts(w), group_sizes,
                               backend=route.backend, interpret=route.interpret,
                               out_dtype=jnp.float32)
+    if not left_to_gspmd():
+        return xla_gmm.gmm(xs.astype(compute), dequantize_experts(w), group_sizes,
+                           preferred_element_type=jnp.float32)
     return jax.lax.ragged_dot(xs.astype(compute), dequantize_experts(w), group_sizes,
                               preferred_element_type=jnp.float32)
 

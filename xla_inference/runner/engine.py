@@ -348,8 +348,7 @@ class ModelEngine:
         across = None
         if self.mesh.shape["data"] > 1 and getattr(model_cfg, "moe", None) is not None:
             across = "experts" if expert_parallel else "mlp"
-        self.param_shardings = param_shardings(params, model_cfg, self.mesh, across,
-                                               split_quantized=lora is None)
+        self.param_shardings = param_shardings(params, model_cfg, self.mesh, across)
         # The LoRA stacks split as their base weights do over the model (and data) axes,
         # by global layer: under pipeline stages they stay whole over the stage axis.
         layer_shardings = self.param_shardings

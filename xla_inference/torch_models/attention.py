@@ -12,16 +12,13 @@ K/V, the same ragged attention, the same donated cache."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import threading
 
 import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionType
 
-from xla_inference.kernels.metadata import AttentionMetadata, KvCache
 from xla_inference.layers.attention import paged_attention
 from xla_inference.layers.bidirectional_attention import bidirectional_attention
+from xla_inference.torch_models.step import _current, step_context  # noqa: F401 (lowering's)
 
 BACKEND_QUALNAME = "xla_inference.torch_models.attention.XlaAttentionBackend"
 
@@ -90,30 +87,6 @@ class _UnusedMetadataBuilder:
         raise NotImplementedError("xla-inference builds its own attention metadata")
 
 
-@dataclasses.dataclass
-class _Step:
-    """The cache and metadata of the step being traced; layers replace the cache as they go."""
-
-    kv_cache: KvCache
-    metadata: AttentionMetadata
-    segments: object = None  # [T] each token's request row, -1 padding (encoder-only layers)
-
-
-_current = threading.local()
-
-
-@contextlib.contextmanager
-def step_context(kv_cache: KvCache, metadata: AttentionMetadata, segments=None):
-    """While the module's forward is traced: the cache and metadata attention reads (the
-    module is called with torch arguments only, so these travel beside it)."""
-    step = _Step(kv_cache, metadata, segments)
-    _current.step = step
-    try:
-        yield step
-    finally:
-        _current.step = None
-
-
 class PagedAttentionForward:
     """Replaces one vLLM `Attention` module's forward: q [T, N*H], k/v [T, K*H] (torchax
     tensors) -> out [T, N*Hv], through KV cache layer `index`."""
@@ -130,7 +103,7 @@ class PagedAttentionForward:
         self.soft_cap = impl.logits_soft_cap
 
     def __call__(self, query, key, value, output_shape=None, output_dtype=None):
-        from xla_inference.torch_models.lowering import from_torch, to_torch
+        from xla_inference.torch_models.step import from_torch, to_torch
 
         step = _current.step
         q, k, v = from_torch((query, key, value))
@@ -167,7 +140,7 @@ class EncoderOnlyAttentionForward:
         self.scale, self.max_len = impl.scale, max_len
 
     def __call__(self, query, key, value, output_shape=None, output_dtype=None):
-        from xla_inference.torch_models.lowering import from_torch, to_torch
+        from xla_inference.torch_models.step import from_torch, to_torch
 
         step = _current.step
         q, k, v = from_torch((query, key, value))

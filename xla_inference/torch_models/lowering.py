@@ -30,10 +30,10 @@ from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, 
 from xla_inference.parallel.axes import weight
 from xla_inference.torch_models import attention, errors
 from xla_inference.torch_models import lora as torch_lora
+from xla_inference.torch_models.step import from_torch, to_torch  # noqa: F401 (callers')
 from xla_inference.torch_models.torchax_compat import import_torchax
 
 torchax = import_torchax()
-from torchax.interop import jax_view, torch_view  # noqa: E402 (after the shimmed import)
 
 
 _linear_installed = False
@@ -55,16 +55,6 @@ def _env():
 def _projection(x, w, b=None):
     x, w, b = from_torch((x, w, b))
     return to_torch(torch_lora.add_delta(x, w, linear(x, w, b)))  # + an adapter's, if any
-
-
-def from_torch(value):
-    """torchax tensors (and dtypes) in a pytree -> JAX arrays (dtypes), without copies."""
-    return jax_view(value)
-
-
-def to_torch(value):
-    """JAX arrays in a pytree -> torchax tensors, without copies."""
-    return torch_view(value)
 
 
 # -- parameters ------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ rows; w2 [E, D, F]) and a forward that reaches vLLM's CUDA/CPU kernels through a
 which torchax cannot lower. At lowering, each runner's forward is replaced by
 `FusedMoeForward`, which routes as layers/moe.py does (`softmax_top_k`, or DeepSeek-V3's
 `grouped_sigmoid_top_k`) and runs the chosen experts through layers/moe.routed_mlp: the
-native families' grouped matmuls (the Pallas GMM on a TPU or GPU, jax.lax.ragged_dot on the
-CPU).
+native families' grouped matmuls (the Pallas GMM on a TPU or GPU, kernels/xla_gmm.py's loop
+or jax.lax.ragged_dot on the CPU). The step's padding rows (AttentionMetadata.real_tokens,
+read from the step being traced: torch_models/step.step_real_tokens) route to no expert
+as the native families' do (layers/moe.without_padding): they take no rows of any group.
 
 The expert weights are laid out once, at load, as the native families keep them: w13 split
 into w_gate and w_up [E, D, F] and w2 transposed to w_down [E, F, D], registered on the
@@ -166,7 +168,7 @@ class FusedMoeForward:
         self.output_scale = runner.routed_scaling_factor
 
     def __call__(self, hidden_states, router_logits, input_ids=None, shared_experts_input=None):
-        from xla_inference.torch_models.lowering import from_torch, to_torch
+        from xla_inference.torch_models.step import from_torch, step_real_tokens, to_torch
 
         if self.gate is not None:
             router_logits = self.gate(hidden_states)
@@ -177,7 +179,9 @@ class FusedMoeForward:
         e = self.experts
         p = MoeMlp(router=None, w_gate=from_torch(e.w_gate), w_up=from_torch(e.w_up),
                    w_down=from_torch(e.w_down))
-        routed = to_torch(routed_mlp(p, x, weights, chosen, self.cfg))
+        # The step's padding rows routed to no expert, as the native families route them.
+        real = step_real_tokens(x.shape[0])
+        routed = to_torch(routed_mlp(p, x, weights, chosen, self.cfg, real))
         if self.shared_experts is None:
             return routed * self.output_scale if self.output_scale != 1.0 else routed
         shared_input = hidden_states if shared_experts_input is None else shared_experts_input
@@ -194,7 +198,7 @@ class FusedMoeForward:
     def _route(self, logits):
         cfg = self.cfg
         if cfg.scoring == "grouped_sigmoid":
-            from xla_inference.torch_models.lowering import from_torch
+            from xla_inference.torch_models.step import from_torch
 
             return grouped_sigmoid_top_k(logits, from_torch(self.score_bias()), cfg)
         return softmax_top_k(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)

@@ -1,5 +1,5 @@
 """The multi-host executor's start-up rules without an engine: which executor vLLM is given,
-what is refused, and followers that never join (plugin/multihost.py). The engine across
+what is refused, and followers that never join (distributed/multihost.py). The engine across
 two processes is tests/e2e/test_llm_multihost.py."""
 
 import subprocess
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from xla_inference.plugin.multihost import EXECUTOR, FollowerGroup, split_address
+from xla_inference.distributed.multihost import EXECUTOR, FollowerGroup, split_address
 from xla_inference.plugin.platform import _executor_backend
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # imports vLLM's executor
@@ -35,8 +35,8 @@ def test_hosts_or_the_executor_name_select_the_multihost_executor(monkeypatch):
 
 
 def test_ray_selects_our_ray_executor_and_needs_the_host_count(monkeypatch):
-    from xla_inference.plugin.ray_executor import EXECUTOR as RAY_EXECUTOR
-    from xla_inference.plugin.ray_executor import RayMultiHostExecutor
+    from xla_inference.distributed.ray_executor import EXECUTOR as RAY_EXECUTOR
+    from xla_inference.distributed.ray_executor import RayMultiHostExecutor
 
     monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
     assert _executor_backend(_parallel("ray")) == RAY_EXECUTOR

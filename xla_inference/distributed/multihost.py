@@ -2,7 +2,7 @@
 jax.distributed, the mesh spanning every process's devices.
 
 Process 0, the driver, is vLLM's engine core: its scheduler decides every step, and this
-executor (`--distributed-executor-backend xla_inference.plugin.multihost.MultiHostExecutor`,
+executor (`--distributed-executor-backend xla_inference.distributed.multihost.MultiHostExecutor`,
 or XLA_INFERENCE_HOSTS > 1, which selects it) sends each call it makes on its worker, the
 step's SchedulerOutput and GrammarOutput included, to the followers before making it
 itself. Each follower holds the same worker (plugin/worker.py) and makes the same call, so
@@ -15,7 +15,7 @@ and places only its own devices' shards (parallel/sharding.py builds every array
 jax.make_array_from_callback).
 
 Followers start on this machine (XLA_INFERENCE_FOLLOWERS=local: the executor spawns them)
-or on other hosts (external: `python -m xla_inference.plugin.multihost --coordinator
+or on other hosts (external: `python -m xla_inference.distributed.multihost --coordinator
 HOST:PORT --process-id I` on each, with XLA_INFERENCE_MULTIHOST_KEY). A follower that
 never joins fails start-up within XLA_INFERENCE_JOIN_TIMEOUT, naming it; one that dies or
 fails while serving makes the driver log which and exit at once (its steps could never
@@ -46,7 +46,7 @@ from xla_inference import envs
 
 logger = logging.getLogger(__name__)
 
-EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
+EXECUTOR = "xla_inference.distributed.multihost.MultiHostExecutor"
 _STOP = "stop"
 _CALL = "call"
 # After a follower fails, how long the engine core gets to stop through vLLM's path.
@@ -101,8 +101,8 @@ class FollowerGroup:
         env = {**os.environ, "XLA_INFERENCE_MULTIHOST_KEY": self.key.decode()}
         for pid in range(1, self.num_hosts):
             self.processes[pid] = subprocess.Popen(
-                [sys.executable, "-m", "xla_inference.plugin.multihost", "--control", control,
-                 "--process-id", str(pid)], env=env)
+                [sys.executable, "-m", "xla_inference.distributed.multihost", "--control",
+                 control, "--process-id", str(pid)], env=env)
 
     def accept_all(self, timeout_s: float) -> None:
         """Wait for every follower to connect and say its id; a local follower that exits
@@ -146,7 +146,7 @@ class FollowerGroup:
         local = [f"process {p}: local pid {self.processes[p].pid}" for p in pids
                  if p in self.processes]
         return ("; ".join(local) if local else
-                "start them with `python -m xla_inference.plugin.multihost --coordinator "
+                "start them with `python -m xla_inference.distributed.multihost --coordinator "
                 "HOST:PORT --process-id I` on their hosts")
 
     def broadcast(self, message) -> None:

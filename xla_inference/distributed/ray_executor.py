@@ -1,11 +1,11 @@
 """Multi-host SPMD launched on a Ray cluster: `--distributed-executor-backend ray` (or this
 executor's qualname) with XLA_INFERENCE_HOSTS=N, from a node of a running cluster.
 
-The engine is plugin/multihost.py's: vLLM's engine core is JAX process 0 (the driver) and
+The engine is distributed/multihost.py's: vLLM's engine core is JAX process 0 (the driver) and
 sends each worker call to the followers over its control channel. Only the launch differs:
 instead of spawning followers on this machine or awaiting ones an operator started, this
 executor joins the cluster (RAY_ADDRESS, else the local node's), reserves one bundle per
-host (plugin/ray_hosts.py: STRICT_SPREAD, bundle 0 on the driver's node) and starts one
+host (distributed/ray_hosts.py: STRICT_SPREAD, bundle 0 on the driver's node) and starts one
 actor in each other bundle; the actor's process runs multihost.follow, the same follower
 loop as a local or external follower. A cluster with fewer nodes than hosts fails start-up
 within XLA_INFERENCE_JOIN_TIMEOUT, naming its node count; a follower actor that dies while
@@ -17,13 +17,14 @@ import os
 import secrets
 
 from xla_inference import envs
-from xla_inference.plugin import ray_hosts
-from xla_inference.plugin.multihost import (FollowerGroup, MultiHostExecutor, _free_port_pair,
-                                            _log_and_print, follow, split_address)
+from xla_inference.distributed import ray_hosts
+from xla_inference.distributed.multihost import (FollowerGroup, MultiHostExecutor,
+                                                 _free_port_pair, _log_and_print, follow,
+                                                 split_address)
 
 logger = logging.getLogger(__name__)
 
-EXECUTOR = "xla_inference.plugin.ray_executor.RayMultiHostExecutor"
+EXECUTOR = "xla_inference.distributed.ray_executor.RayMultiHostExecutor"
 # Last lines of a follower actor's error kept in the driver's start-up failure.
 _ERROR_TAIL_CHARS = 3000
 

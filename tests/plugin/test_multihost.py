@@ -32,6 +32,9 @@ def test_hosts_or_the_executor_name_select_the_multihost_executor(monkeypatch):
     assert _executor_backend(_parallel("mp")) == EXECUTOR
     monkeypatch.delenv("XLA_INFERENCE_HOSTS")
     assert _executor_backend(_parallel(EXECUTOR)) == EXECUTOR
+    # The qualname the README gave before the executor moved to distributed/.
+    assert _executor_backend(_parallel("xla_inference.plugin.multihost.MultiHostExecutor")) \
+        == EXECUTOR
 
 
 def test_ray_selects_our_ray_executor_and_needs_the_host_count(monkeypatch):
@@ -42,6 +45,8 @@ def test_ray_selects_our_ray_executor_and_needs_the_host_count(monkeypatch):
     assert _executor_backend(_parallel("ray")) == RAY_EXECUTOR
     assert _executor_backend(_parallel(RAY_EXECUTOR)) == RAY_EXECUTOR
     assert _executor_backend(_parallel(RayMultiHostExecutor)) == RAY_EXECUTOR
+    old = "xla_inference.plugin.ray_executor.RayMultiHostExecutor"  # before distributed/
+    assert _executor_backend(_parallel(old)) == RAY_EXECUTOR
     monkeypatch.delenv("XLA_INFERENCE_HOSTS")
     with pytest.raises(ValueError, match="set XLA_INFERENCE_HOSTS to the number of hosts"):
         _executor_backend(_parallel("ray"))

@@ -33,6 +33,11 @@ def _choose_engine_start_method() -> None:
 
 _MULTIHOST_EXECUTOR = "xla_inference.distributed.multihost.MultiHostExecutor"
 _RAY_EXECUTOR = "xla_inference.distributed.ray_executor.RayMultiHostExecutor"
+# Their qualnames before distributed/ existed, which the README told users to pass: still
+# accepted, and replaced by the new ones (plugin/multihost.py, plugin/ray_executor.py keep
+# them importable too).
+_OLD_MULTIHOST_EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
+_OLD_RAY_EXECUTOR = "xla_inference.plugin.ray_executor.RayMultiHostExecutor"
 
 
 def _executor_backend(parallel) -> str:
@@ -45,7 +50,7 @@ def _executor_backend(parallel) -> str:
 
     asked = parallel.distributed_executor_backend
     name = asked if isinstance(asked, str) else getattr(asked, "__qualname__", asked)
-    if asked == "ray" or name in (_RAY_EXECUTOR, "RayMultiHostExecutor"):
+    if asked == "ray" or name in (_RAY_EXECUTOR, _OLD_RAY_EXECUTOR, "RayMultiHostExecutor"):
         if envs.num_hosts() < 2:
             raise ValueError("xla-inference on Ray (--distributed-executor-backend ray) runs one "
                              "JAX process per host: set XLA_INFERENCE_HOSTS to the number of "
@@ -61,7 +66,8 @@ def _executor_backend(parallel) -> str:
                          "XLA_INFERENCE_COORDINATOR and XLA_INFERENCE_FOLLOWERS=external on the "
                          "driver and run `python -m xla_inference.distributed.multihost` on the "
                          "others")
-    if envs.num_hosts() > 1 or name in (_MULTIHOST_EXECUTOR, "MultiHostExecutor"):
+    if envs.num_hosts() > 1 or name in (_MULTIHOST_EXECUTOR, _OLD_MULTIHOST_EXECUTOR,
+                                        "MultiHostExecutor"):
         return _MULTIHOST_EXECUTOR
     return "uni"
 

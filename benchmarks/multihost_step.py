@@ -1,4 +1,4 @@
-"""Per-step cost of the multi-host path (plugin/multihost.py) against one process at the same
+"""Per-step cost of the multi-host path (distributed/multihost.py) against one process at the same
 tensor parallel size, through vllm.LLM on a tiny Llama (made here; 2 layers, hidden 64), so
 the step is mostly overhead and the difference shows. --pp P: the same devices as P pipeline
 stages of TP/P each (parallel/pipeline.py; across two processes one stage per process), in

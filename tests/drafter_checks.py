@@ -1,4 +1,4 @@
-"""One check for the drafters that run through runner/eagle.py's drafting loop (EAGLE-1,
+"""One check for the drafters that run through spec_decode/eagle.py's drafting loop (EAGLE-1,
 DeepSeek's MTP layer): their drafts over a prompt step and a verify step with partly accepted
 drafts equal a float64 reference drafter's given the same target hidden states."""
 

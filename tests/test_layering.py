@@ -11,12 +11,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xla_inference"
 
 # Bottom to top; a module may import its own package and any package listed before it.
 LAYERS = ["torchvision_compat", "envs", "kernels", "parallel", "quantization", "loading", "lora",
-          "layers", "multimodal", "models", "sampling", "runner", "torch_models", "kv_transfer",
-          "plugin", "cli"]
+          "layers", "multimodal", "models", "sampling", "runner", "spec_decode", "torch_models",
+          "kv_transfer", "distributed", "plugin", "cli"]
 # The only places vllm or torch may be imported: the adapter, the launcher, the torch path
-# (vLLM's PyTorch models lowered through torchax), the KV connectors (vLLM's interface) and
-# the torchvision install shim.
-ADAPTERS = {"torch_models", "kv_transfer", "plugin", "cli", "torchvision_compat"}
+# (vLLM's PyTorch models lowered through torchax), the KV connectors (vLLM's interface), the
+# multi-host executors (vLLM's Executor) and the torchvision install shim.
+ADAPTERS = {"torch_models", "kv_transfer", "distributed", "plugin", "cli", "torchvision_compat"}
 
 
 def _package_of(path: Path) -> str:

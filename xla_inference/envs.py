@@ -60,8 +60,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "1",
         "JAX processes (hosts) one engine spans, joined by jax.distributed: above 1, the "
         "engine core runs process 0 (the driver: vLLM's scheduler) and the multi-host "
-        "executor (plugin/multihost.py) starts or awaits the others (followers), or places "
-        "them on a Ray cluster (--distributed-executor-backend ray: plugin/ray_executor.py)"),
+        "executor (distributed/multihost.py) starts or awaits the others (followers), or places "
+        "them on a Ray cluster (--distributed-executor-backend ray: distributed/ray_executor.py)"),
     "XLA_INFERENCE_COORDINATOR": (
         "",
         "HOST:PORT of jax.distributed's coordinator (the driver's host); the driver's "
@@ -71,7 +71,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "local",
         "how followers start: local (the executor spawns them on this machine: tests, or "
         "several JAX processes on one host) or external (the operator runs `python -m "
-        "xla_inference.plugin.multihost --coordinator HOST:PORT --process-id I` on each "
+        "xla_inference.distributed.multihost --coordinator HOST:PORT --process-id I` on each "
         "host, with the same XLA_INFERENCE_MULTIHOST_KEY)"),
     "XLA_INFERENCE_MULTIHOST_KEY": (
         "",

@@ -1,5 +1,5 @@
 """vllm.LLM across two JAX processes ("hosts"), 4 virtual CPU devices each, joined by
-jax.distributed (plugin/multihost.py): pipeline parallel 2 x tensor parallel 2 (one stage on
+jax.distributed (distributed/multihost.py): pipeline parallel 2 x tensor parallel 2 (one stage on
 each process, parallel/pipeline.stage_devices) and tensor + expert parallel 8 over both (a
 tiny MoE) give transformers' greedy output with nothing compiled after warm-up; killing the
 follower mid-request ends the engine with an error naming it, well within 60 s. Tensor
@@ -22,7 +22,7 @@ from tests.helpers import hf_greedy_ids, save_tiny_family, save_tiny_model
 pytestmark = pytest.mark.slow
 
 NUM_NEW = 10
-FOLLOWER = "xla_inference.plugin.multihost"
+FOLLOWER = "xla_inference.distributed.multihost"
 
 
 def _tiny_llama(path):

@@ -1,5 +1,5 @@
 """LoRA adapters and n-gram speculative decoding across two JAX processes ("hosts"), one
-virtual CPU device each, tensor parallel 2 over both (plugin/multihost.py), on one engine
+virtual CPU device each, tensor parallel 2 over both (distributed/multihost.py), on one engine
 (one launch for the module):
 
 - LoRA: every process holds its half of each adapter's stacks, so each must make the same

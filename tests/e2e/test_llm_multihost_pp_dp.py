@@ -1,5 +1,5 @@
 """Pipeline parallel 2 x data parallel 2 across two JAX processes ("hosts"), two virtual
-CPU devices each (plugin/multihost.py): the stage axis spans the processes
+CPU devices each (distributed/multihost.py): the stage axis spans the processes
 (parallel/pipeline.stage_devices), so each process holds one stage of both replicas (its
 layer's weights, both replicas' KV pages of that layer), and each replica's micro-batches
 cross from one process to the other every step. Greedy output equals transformers', both

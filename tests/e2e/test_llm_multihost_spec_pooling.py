@@ -1,4 +1,4 @@
-"""What runs across two JAX processes ("hosts") beyond the native decoder (plugin/multihost.py;
+"""What runs across two JAX processes ("hosts") beyond the native decoder (distributed/multihost.py;
 the one-process runs of each are proven against transformers or vLLM's CPU backend in
 the modules named), one virtual CPU device each, tensor parallel 2 over both unless said:
 

@@ -1,5 +1,5 @@
 """vllm.LLM launched on a local Ray cluster (`--distributed-executor-backend ray`,
-plugin/ray_executor.py): two Ray nodes on this machine, one JAX process of 4 virtual CPU
+distributed/ray_executor.py): two Ray nodes on this machine, one JAX process of 4 virtual CPU
 devices each, data parallel 2 x tensor parallel 4 over both (one replica per process)
 gives transformers' greedy output; a one-node cluster asked for two hosts fails start-up
 within the join timeout, naming its node count; a follower's actor killed ends the engine
@@ -81,7 +81,7 @@ def test_one_node_is_refused_then_two_nodes_serve_dp_2_tp_4_then_a_killed_follow
                         additional_config={"data_parallel_size": 2})
         try:
             executor = llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
-            assert executor == "xla_inference.plugin.ray_executor.RayMultiHostExecutor"
+            assert executor == "xla_inference.distributed.ray_executor.RayMultiHostExecutor"
             assert llm.collective_rpc("mesh_shape")[0] == {"data": 2, "model": 4}
             compiled = num_compilations(llm)
             got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW,
@@ -99,7 +99,7 @@ def test_one_node_is_refused_then_two_nodes_serve_dp_2_tp_4_then_a_killed_follow
             followers = _follower_actors()
             assert len(followers) == 1
             # Killed as a request comes in (a timer mid-generation can lose the race to a
-            # fast machine; plugin/multihost.py's own test covers a step stuck mid-collective).
+            # fast machine; distributed/multihost.py's own test covers a step stuck mid-collective).
             followers[0].kill()
             killed_at = time.monotonic()
             with pytest.raises(Exception) as raised:

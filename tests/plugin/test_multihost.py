@@ -1,5 +1,5 @@
 """The multi-host executor's start-up rules without an engine: which executor vLLM is given,
-what is refused, and followers that never join (plugin/multihost.py). The engine across
+what is refused, and followers that never join (distributed/multihost.py). The engine across
 two processes is tests/e2e/test_llm_multihost.py."""
 
 import subprocess
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from xla_inference.plugin.multihost import EXECUTOR, FollowerGroup, split_address
+from xla_inference.distributed.multihost import EXECUTOR, FollowerGroup, split_address
 from xla_inference.plugin.platform import _executor_backend
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # imports vLLM's executor
@@ -32,16 +32,21 @@ def test_hosts_or_the_executor_name_select_the_multihost_executor(monkeypatch):
     assert _executor_backend(_parallel("mp")) == EXECUTOR
     monkeypatch.delenv("XLA_INFERENCE_HOSTS")
     assert _executor_backend(_parallel(EXECUTOR)) == EXECUTOR
+    # The qualname the README gave before the executor moved to distributed/.
+    assert _executor_backend(_parallel("xla_inference.plugin.multihost.MultiHostExecutor")) \
+        == EXECUTOR
 
 
 def test_ray_selects_our_ray_executor_and_needs_the_host_count(monkeypatch):
-    from xla_inference.plugin.ray_executor import EXECUTOR as RAY_EXECUTOR
-    from xla_inference.plugin.ray_executor import RayMultiHostExecutor
+    from xla_inference.distributed.ray_executor import EXECUTOR as RAY_EXECUTOR
+    from xla_inference.distributed.ray_executor import RayMultiHostExecutor
 
     monkeypatch.setenv("XLA_INFERENCE_HOSTS", "2")
     assert _executor_backend(_parallel("ray")) == RAY_EXECUTOR
     assert _executor_backend(_parallel(RAY_EXECUTOR)) == RAY_EXECUTOR
     assert _executor_backend(_parallel(RayMultiHostExecutor)) == RAY_EXECUTOR
+    old = "xla_inference.plugin.ray_executor.RayMultiHostExecutor"  # before distributed/
+    assert _executor_backend(_parallel(old)) == RAY_EXECUTOR
     monkeypatch.delenv("XLA_INFERENCE_HOSTS")
     with pytest.raises(ValueError, match="set XLA_INFERENCE_HOSTS to the number of hosts"):
         _executor_backend(_parallel("ray"))

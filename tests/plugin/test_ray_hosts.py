@@ -1,4 +1,4 @@
-"""How a multi-host engine is laid out on a Ray cluster (plugin/ray_hosts.py), without a
+"""How a multi-host engine is laid out on a Ray cluster (distributed/ray_hosts.py), without a
 cluster: the bundles and their pins, the actor's resources, the environment a follower
 inherits, and the message naming the node count when the cluster is too small. The engine
 on a real (local) Ray cluster is tests/e2e/test_llm_ray.py."""
@@ -6,7 +6,7 @@ on a real (local) Ray cluster is tests/e2e/test_llm_ray.py."""
 import pytest
 
 from xla_inference import envs
-from xla_inference.plugin import ray_hosts
+from xla_inference.distributed import ray_hosts
 
 
 def test_one_bundle_per_host_the_first_pinned_to_the_drivers_node():

@@ -1,4 +1,4 @@
-"""DeepSeek-V3's MTP layer as a drafter (models/deepseek_mtp.py through runner/eagle.py)
+"""DeepSeek-V3's MTP layer as a drafter (models/deepseek_mtp.py through spec_decode/eagle.py)
 against a float64 reference assembled from transformers' DeepSeek-V3 modules
 (tests/deepseek_mtp_checkpoint.py): its logits over two ragged prompts, then its drafts over
 a prompt step and a verify step with partly accepted drafts, given the same target hidden
@@ -20,7 +20,7 @@ from xla_inference.loading.safetensors import CheckpointTensors, safetensors_fil
 from xla_inference.models import deepseek_mtp, deepseek_v3
 from xla_inference.parallel.sharding import build_mesh, kv_cache_sharding
 from xla_inference.runner.buckets import token_buckets
-from xla_inference.runner.eagle import EagleLimits, EagleProposer
+from xla_inference.spec_decode.eagle import EagleLimits, EagleProposer
 from xla_inference.runner.requests import RequestState, build_step_batch
 
 K = 3

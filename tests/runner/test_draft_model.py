@@ -1,4 +1,4 @@
-"""DraftProposer's bookkeeping (runner/draft_model.py) against a stand-in draft engine whose
+"""DraftProposer's bookkeeping (spec_decode/draft_model.py) against a stand-in draft engine whose
 "model" predicts the last token + 1: which positions each draft forward computes, how catch-up
 spans split over forwards, and where drafts stop (pages, max_model_len, prompt chunks)."""
 
@@ -6,7 +6,7 @@ import types
 
 import numpy as np
 
-from xla_inference.runner.draft_model import DraftProposer
+from xla_inference.spec_decode.draft_model import DraftProposer
 from xla_inference.runner.requests import RequestState
 
 

@@ -1,4 +1,4 @@
-"""The EAGLE-1 head (models/eagle1.py) through the drafting loop (runner/eagle.py) against
+"""The EAGLE-1 head (models/eagle1.py) through the drafting loop (spec_decode/eagle.py) against
 a float64 numpy reference of the same head given the same target hidden states, over a
 prompt step and a verify step with partly accepted drafts."""
 
@@ -17,7 +17,7 @@ from xla_inference.loading.safetensors import CheckpointTensors, safetensors_fil
 from xla_inference.models import eagle1
 from xla_inference.parallel.sharding import build_mesh
 from xla_inference.runner.buckets import token_buckets
-from xla_inference.runner.eagle import EagleLimits, EagleProposer
+from xla_inference.spec_decode.eagle import EagleLimits, EagleProposer
 
 K = 3
 

@@ -1,4 +1,4 @@
-"""The EAGLE-3 head (models/eagle3.py) and its drafting loop (runner/eagle.py) against a
+"""The EAGLE-3 head (models/eagle3.py) and its drafting loop (spec_decode/eagle.py) against a
 float64 numpy reference of the same head given the same target hidden states, over a
 prompt step and a verify step with partly accepted drafts; the target's aux hidden states
 against transformers' hidden states of the named layers."""
@@ -17,7 +17,7 @@ from xla_inference.models import eagle3
 from xla_inference.parallel.sharding import build_mesh
 from xla_inference.runner import compile_counter
 from xla_inference.runner.buckets import token_buckets
-from xla_inference.runner.eagle import EagleLimits, EagleProposer
+from xla_inference.spec_decode.eagle import EagleLimits, EagleProposer
 from xla_inference.runner.requests import RequestState
 
 K = 3

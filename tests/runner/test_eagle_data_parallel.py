@@ -1,4 +1,4 @@
-"""An EAGLE-3 head over two data parallel replicas (runner/eagle.py, limits.replicas 2, a
+"""An EAGLE-3 head over two data parallel replicas (spec_decode/eagle.py, limits.replicas 2, a
 (data 2, model 4) mesh of 8 virtual CPU devices): each replica's requests run on its own
 data slice over its own share of the head's KV pages, so every device holds half the KV
 bytes of a cache spanning both replicas' pages (what the head kept before); the drafts over
@@ -15,7 +15,7 @@ from tests.helpers import ENGINE_BLOCK
 from xla_inference.models import eagle3
 from xla_inference.parallel.sharding import build_mesh
 from xla_inference.runner import compile_counter
-from xla_inference.runner.eagle import EagleLimits, EagleProposer
+from xla_inference.spec_decode.eagle import EagleLimits, EagleProposer
 from xla_inference.runner.requests import RequestState
 
 K = 3

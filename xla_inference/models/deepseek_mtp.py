@@ -1,6 +1,6 @@
 """DeepSeek-V3's multi-token prediction (MTP) layer as a drafter (vLLM's `mtp` speculative
 method, its `deepseek_mtp` alias): the checkpoint's extra layer `model.layers.{L}` (L the
-target's num_hidden_layers) run by runner/eagle.EagleProposer like an EAGLE head.
+target's num_hidden_layers) run by spec_decode/eagle.EagleProposer like an EAGLE head.
 
 At a position p: the target's final (normed) hidden state h at p and the embedding e of the
 token at p + 1 (zero at position 0, as vLLM masks it), x = eh_proj([enorm(e), hnorm(h)])
@@ -29,7 +29,7 @@ from xla_inference.models import deepseek_v3
 from xla_inference.models.interface import StepBatch
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM",)
-# runner/eagle.EagleProposer splits the layer over the tensor-parallel axis as the target's
+# spec_decode/eagle.EagleProposer splits the layer over the tensor-parallel axis as the target's
 # layers are split (the logical axes its params declare), rather than replicating it.
 SHARDED_AS_TARGET = True
 

@@ -23,7 +23,7 @@ every stage for the LM head. With M = N each stage is busy M of the 2N - 1 ticks
 bubble: N - 1 ticks of 2N - 1 idle; stages running strictly in turn would idle N - 1 of
 N), at the price of padding each micro-batch to the bucket of the largest.
 
-Across JAX processes (multi-host, plugin/multihost.py) the stage axis spans the processes:
+Across JAX processes (multi-host, distributed/multihost.py) the stage axis spans the processes:
 the mesh takes the same number of devices from each (stage_devices), so each process holds
 whole stages, and places only its own stages' layers (StageStack); what crosses the hosts
 per step is the ppermuted activations and the final psum, not a collective per layer.
@@ -64,7 +64,7 @@ def num_stages(mesh) -> int:
 def stage_devices(devices: Sequence, needed: int) -> list:
     """The `needed` devices a pipeline mesh takes, stage slices consecutive: the first
     `needed`, or, when the devices belong to several JAX processes (multi-host,
-    plugin/multihost.py), needed / P of each process's, in process order, so the stage axis
+    distributed/multihost.py), needed / P of each process's, in process order, so the stage axis
     spans the processes (each holds whole stages, their layers and KV pages, and only the
     activations between stages cross hosts) and no process is left out of the mesh (it runs
     the same program and reads the step's outputs from its own devices)."""

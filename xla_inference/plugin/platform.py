@@ -31,8 +31,13 @@ def _choose_engine_start_method() -> None:
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
 
-_MULTIHOST_EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
-_RAY_EXECUTOR = "xla_inference.plugin.ray_executor.RayMultiHostExecutor"
+_MULTIHOST_EXECUTOR = "xla_inference.distributed.multihost.MultiHostExecutor"
+_RAY_EXECUTOR = "xla_inference.distributed.ray_executor.RayMultiHostExecutor"
+# Their qualnames before distributed/ existed, which the README told users to pass: still
+# accepted, and replaced by the new ones (plugin/multihost.py, plugin/ray_executor.py keep
+# them importable too).
+_OLD_MULTIHOST_EXECUTOR = "xla_inference.plugin.multihost.MultiHostExecutor"
+_OLD_RAY_EXECUTOR = "xla_inference.plugin.ray_executor.RayMultiHostExecutor"
 
 
 def _executor_backend(parallel) -> str:
@@ -45,7 +50,7 @@ def _executor_backend(parallel) -> str:
 
     asked = parallel.distributed_executor_backend
     name = asked if isinstance(asked, str) else getattr(asked, "__qualname__", asked)
-    if asked == "ray" or name in (_RAY_EXECUTOR, "RayMultiHostExecutor"):
+    if asked == "ray" or name in (_RAY_EXECUTOR, _OLD_RAY_EXECUTOR, "RayMultiHostExecutor"):
         if envs.num_hosts() < 2:
             raise ValueError("xla-inference on Ray (--distributed-executor-backend ray) runs one "
                              "JAX process per host: set XLA_INFERENCE_HOSTS to the number of "
@@ -59,8 +64,10 @@ def _executor_backend(parallel) -> str:
         raise ValueError("xla-inference does not use --nnodes/--node-rank (vLLM's one worker "
                          "per device); to span hosts, set XLA_INFERENCE_HOSTS=N, "
                          "XLA_INFERENCE_COORDINATOR and XLA_INFERENCE_FOLLOWERS=external on the "
-                         "driver and run `python -m xla_inference.plugin.multihost` on the others")
-    if envs.num_hosts() > 1 or name in (_MULTIHOST_EXECUTOR, "MultiHostExecutor"):
+                         "driver and run `python -m xla_inference.distributed.multihost` on the "
+                         "others")
+    if envs.num_hosts() > 1 or name in (_MULTIHOST_EXECUTOR, _OLD_MULTIHOST_EXECUTOR,
+                                        "MultiHostExecutor"):
         return _MULTIHOST_EXECUTOR
     return "uni"
 
@@ -223,7 +230,7 @@ class XlaPlatform(Platform):
         if parallel.worker_cls == "auto":
             parallel.worker_cls = _WORKER
         # One JAX process drives every local device (SPMD), so one worker; several hosts:
-        # one JAX process each, driven by the multi-host executor (plugin/multihost.py).
+        # one JAX process each, driven by the multi-host executor (distributed/multihost.py).
         parallel.distributed_executor_backend = _executor_backend(parallel)
         if parallel.distributed_executor_backend in (_MULTIHOST_EXECUTOR, _RAY_EXECUTOR):
             _refuse_untested_across_hosts(vllm_config)

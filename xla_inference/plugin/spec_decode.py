@@ -6,9 +6,9 @@ Served:
   (vLLM's rule: it turns async scheduling off for ngram, and refuses --async-scheduling).
 - `draft_model`: a small model of the target's vocabulary (speculative_config's "model")
   drafting greedily on its own JAX engine, its KV cache in the target's pages
-  (runner/draft_model.py).
+  (spec_decode/draft_model.py).
 - `eagle3`: an EAGLE-3 head for a Llama-family target (models/eagle3.py), drafting greedily
-  from the target's aux hidden states (runner/eagle.py), its KV in the target's pages.
+  from the target's aux hidden states (spec_decode/eagle.py), its KV in the target's pages.
 - `eagle`: an EAGLE-1 head (models/eagle1.py) reading the target's final hidden states,
   drafting through the target's LM head, the same way.
 - `mtp` (and its alias `deepseek_mtp`): a DeepSeek-V3 target's own MTP layer
@@ -51,7 +51,7 @@ ASYNC_METHODS = ("draft_model", *EAGLE_METHODS)
 # Methods served with data parallel replicas: every replica's steps verify together (the
 # forward returns every replica's hidden states in the scheduler's order); a draft model's
 # engine runs its replicas as the target's does, each replica's draft KV in its own pages,
-# and so does an EAGLE head (runner/eagle.py); mtp's MTP layer (sharded as the target, its
+# and so does an EAGLE head (spec_decode/eagle.py); mtp's MTP layer (sharded as the target, its
 # experts over the model axis) runs every replica's rows in one program over all replicas'
 # pages.
 DATA_PARALLEL_METHODS = ("ngram", "draft_model", "eagle3", "eagle", "mtp")
@@ -166,7 +166,7 @@ class NgramDrafter:
     """vLLM's NgramProposer over our requests' token lists."""
 
     may_skip_steps = True  # stateless: a step without proposals loses nothing
-    # Across hosts (plugin/multihost.py) only the driver's proposals reach vLLM: its
+    # Across hosts (distributed/multihost.py) only the driver's proposals reach vLLM: its
     # scheduler puts them in the step that verifies them (scheduled_spec_decode_tokens,
     # synchronous scheduling), which every process receives; a follower proposes nothing.
     proposes = True
@@ -209,7 +209,7 @@ def num_speculative_tokens(vllm_config) -> int:
 
 
 class DraftModelDrafter:
-    """A draft model's greedy proposals (runner/draft_model.DraftProposer) as vLLM's
+    """A draft model's greedy proposals (spec_decode/draft_model.DraftProposer) as vLLM's
     DraftTokenIds."""
 
     may_skip_steps = True  # the next proposal catches the draft's KV up on skipped tokens
@@ -240,7 +240,7 @@ def build_draft_proposer(vllm_config, draft_model, kv_cache_config, target_engin
     import dataclasses
 
     from xla_inference.plugin.worker import kv_layout
-    from xla_inference.runner.draft_model import DraftProposer
+    from xla_inference.spec_decode.draft_model import DraftProposer
     from xla_inference.runner.engine import ModelEngine
 
     if draft_model.vocab_size != target_engine.vocab_size:
@@ -381,7 +381,7 @@ def prepare_target(vllm_config, model, draft_model):
 
 
 class EagleDrafter:
-    """An EAGLE head's greedy proposals (runner/eagle.EagleProposer) as DraftTokenIds."""
+    """An EAGLE head's greedy proposals (spec_decode/eagle.EagleProposer) as DraftTokenIds."""
 
     def __init__(self, vllm_config, proposer, target_engine):
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
@@ -413,7 +413,7 @@ def build_eagle_proposer(vllm_config, head: LoadedEagle, kv_cache_config, target
     import dataclasses
 
     from xla_inference.plugin.worker import kv_layout
-    from xla_inference.runner.eagle import EagleLimits, EagleProposer
+    from xla_inference.spec_decode.eagle import EagleLimits, EagleProposer
 
     method = vllm_config.speculative_config.method
     if target_engine.microbatches > 1:

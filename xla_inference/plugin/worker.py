@@ -45,7 +45,7 @@ def _route_logs_through_vllm() -> None:
 
 
 def _join_hosts() -> None:
-    """With XLA_INFERENCE_HOSTS > 1 (plugin/multihost.py), join this process to the others
+    """With XLA_INFERENCE_HOSTS > 1 (distributed/multihost.py), join this process to the others
     through jax.distributed before JAX starts: the mesh then spans every host's devices."""
     from xla_inference import envs
 

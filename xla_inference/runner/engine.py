@@ -448,7 +448,7 @@ class ModelEngine:
             return functools.partial(_score_tokens, model, model_cfg, k)
 
         self._scorers = {k: jax.jit(scorer(k)) for k in widths}
-        # A draft model's engine (runner/draft_model.py, greedy_drafter): its StepOutput.logits
+        # A draft model's engine (spec_decode/draft_model.py, greedy_drafter): its StepOutput.logits
         # holds each row's argmax token; it never samples or scores, so warm-up skips those.
         self.greedy_drafter = greedy_drafter
         if greedy_drafter:

@@ -2,7 +2,7 @@
 per host, STRICT_SPREAD (no two on one node), the first pinned to the driver's node (vLLM's
 engine core runs process 0 there), so processes 1..N-1 land on N-1 other nodes.
 
-No vLLM here (the executor is plugin/ray_executor.py): these rules are tested without an
+No vLLM here (the executor is distributed/ray_executor.py): these rules are tested without an
 engine. Ray itself is imported only by the functions that talk to a cluster.
 """
 

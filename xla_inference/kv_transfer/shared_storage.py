@@ -16,8 +16,9 @@ finds its file. An engine over several JAX processes (plugin/multihost.py): each
 saves and loads its own KV heads of the prompt, one file per process (storage.py), the
 scheduler side (on the driver) asking for a load once every process's file is there; a
 consumer whose processes hold other heads than the producer's is refused on load, naming
-both layouts (vLLM then fails or recomputes the request: kv_load_failure_policy). Settings (kv_connector_extra_config): "shared_storage_path" (the
-directory; default <tmp>/xla-inference-kv)."""
+both layouts (vLLM then fails or recomputes the request: kv_load_failure_policy).
+Settings (kv_connector_extra_config): "shared_storage_path" (the directory; default
+<tmp>/xla-inference-kv)."""
 
 from __future__ import annotations
 

@@ -238,9 +238,11 @@ class ProcessSlotCopier(KvSlotCopier):
     scatter is a program on one local device's shard (no program spans processes, so
     processes copy independently of each other, each its own KV heads). Values travel as
     in KvSlotCopier, with this process's heads: [n, heads held, head size]. `owns`: which
-    devices are this process's (tests; default: jax.process_index()'s)."""
+    devices are this process's and `process` its (index, count) (tests; default:
+    jax.process_index()'s devices, of jax.process_count())."""
 
-    def __init__(self, kv_cache: KvCache, max_slots: int, owns=None):
+    def __init__(self, kv_cache: KvCache, max_slots: int, owns=None,
+                 process: tuple[int, int] | None = None):
         if owns is None:
             own = jax.process_index()
             owns = lambda device: device.process_index == own  # noqa: E731
@@ -257,7 +259,8 @@ class ProcessSlotCopier(KvSlotCopier):
             layout.append(ArraySetLayout(len(arrays), stop - first, arrays[0].shape[-1],
                                          np.dtype(arrays[0].dtype)))
         self.layout = layout
-        self.share = ProcessShare(jax.process_index(), jax.process_count(), tuple(heads))
+        index, count = process or (jax.process_index(), jax.process_count())
+        self.share = ProcessShare(index, count, tuple(heads))
         self._gather_one = jax.jit(lambda a, slots: a[slots])
         self._scatter_one = jax.jit(lambda a, slots, v: a.at[slots].set(v, mode="drop"),
                                     donate_argnums=(0,))
@@ -359,15 +362,18 @@ class EnginePages:
     """A ModelEngine's cache as KV transfer reads and writes it: slots of its current cache
     (the engine replaces its cache every step)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, owns=None, process: tuple[int, int] | None = None):
+        """`owns` and `process` (tests): copy only the shards on the devices `owns`
+        accepts, as process (index, count) of several would."""
         if getattr(engine, "stages", 1) > 1:
             # The cache is [stages * slots] (per replica) with pipeline stages; our slot
             # arithmetic reads one stage's slots and would copy into another stage's pages.
             raise NotImplementedError("KV transfer with pipeline stages")
         self.engine = engine
         self.block_size = engine.cfg.block_size
-        if jax.process_count() > 1:  # each process copies its own shards (its KV heads)
-            self.copier = ProcessSlotCopier(engine.kv_cache, engine.cfg.max_model_len)
+        if jax.process_count() > 1 or owns is not None:  # each process its own KV heads
+            self.copier = ProcessSlotCopier(engine.kv_cache, engine.cfg.max_model_len, owns,
+                                            process)
         else:
             self.copier = KvSlotCopier(engine.kv_cache, engine.cfg.max_model_len)
 

@@ -91,7 +91,8 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
                             supports_multimodal_inputs=False, is_moe=False)
     config = SimpleNamespace(model_config=model, speculative_config=None, kv_transfer_config=None,
                              lora_config=None, additional_config={},
-                             parallel_config=SimpleNamespace(pipeline_parallel_size=1))
+                             parallel_config=SimpleNamespace(pipeline_parallel_size=1,
+                                                             data_parallel_size=1))
     _refuse_untested_across_hosts(config)  # a native decoder: served
     config.additional_config["xla_data_parallel_size"] = 2
     _refuse_untested_across_hosts(config)  # with data parallel replicas too
@@ -107,8 +108,18 @@ def test_what_has_not_run_across_processes_is_refused_by_name():
         config.speculative_config = SimpleNamespace(method=method)
         _refuse_untested_across_hosts(config)
     config.speculative_config = None
-    config.kv_transfer_config = object()
-    with pytest.raises(ValueError, match=r"KV connectors \(--kv-transfer-config.* across several"):
+    # Shared storage and offload: each process moves its own KV heads
+    # (tests/e2e/test_llm_multihost_kv.py, tests/kv_transfer/test_process_shards.py).
+    config.kv_transfer_config = SimpleNamespace(kv_connector="XlaSharedStorageConnector")
+    _refuse_untested_across_hosts(config)
+    config.kv_transfer_config.kv_connector = "OffloadingConnector"
+    _refuse_untested_across_hosts(config)
+    config.additional_config["xla_data_parallel_size"] = 2
+    with pytest.raises(ValueError, match=r"KV connectors .* with data parallel replicas across"):
+        _refuse_untested_across_hosts(config)
+    config.additional_config["xla_data_parallel_size"] = 1
+    config.kv_transfer_config.kv_connector = "XlaNetworkConnector"
+    with pytest.raises(ValueError, match=r"XlaNetworkConnector across several JAX processes"):
         _refuse_untested_across_hosts(config)
     config.kv_transfer_config = None
     model.is_moe = True

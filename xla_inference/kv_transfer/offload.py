@@ -13,7 +13,12 @@ place of its CUDA one) copies pages with the runner's jitted gather/scatter prog
 (host_tier.HostPageStore). A store is dispatched right before the next step's forward
 (vLLM defers stores so) and lands in the tier while that forward runs (reported by the
 get_finished that finds it arrived); a load is copied before the forward that first
-reads it."""
+reads it.
+
+Across several JAX processes each process keeps its own KV heads of every offloaded page in
+its own host memory (the pages it copies are its shards: runner/kv_pages.ProcessSlotCopier),
+and reports its share of each finished job (process_reports); the driver sums them
+(kv_transfer/steps.ProcessOutputs)."""
 
 from __future__ import annotations
 
@@ -137,6 +142,17 @@ class HostOffloadWorker(OffloadingWorker):
         self.store.close()
 
 
+def process_reports(world_size: int, process_index: int, process_count: int) -> int:
+    """How many of vLLM's world_size reports of a finished job one of several JAX processes
+    makes: shares that sum to world_size, so vLLM's scheduler (which counts reports across
+    steps) completes a job once every process has finished its own heads of it."""
+    if world_size < process_count:
+        raise ValueError(f"KV offload across {process_count} JAX processes needs vLLM's world "
+                         f"size ({world_size}) of at least that many")
+    share = world_size // process_count
+    return share + (world_size % process_count if process_index == 0 else 0)
+
+
 class XlaOffloadingConnector(OffloadingConnector):
     """vLLM's OffloadingConnector, worker side, on the runner's JAX cache."""
 
@@ -169,6 +185,10 @@ class XlaOffloadingConnector(OffloadingConnector):
             raise ValueError(f"KV offload: cpu_bytes_to_use holds no chunk of "
                              f"{spec.kv_bytes_per_chunk} bytes")
         worker_side.worker = HostOffloadWorker(store, pages, self.counts)
+        share = getattr(pages, "share", None)
+        if share is not None:  # several JAX processes, each its own heads in its own tier
+            self._num_workers = process_reports(self._num_workers, share.process_index,
+                                                share.process_count)
         logger.info("xla-inference: KV offload to %s: %d chunks of %d pages (%.1f MiB)",
                     self._disk_path or "host memory", spec.num_chunks, spec.blocks_per_chunk,
                     store.nbytes / 2**20)

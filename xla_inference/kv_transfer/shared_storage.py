@@ -12,8 +12,13 @@ across machines). vLLM's KVConnectorBase_V1, both sides:
 
 Files are keyed by a hash of the model and the prompt's token ids (kv_transfer/storage.py),
 so the decode engine needs no kv_transfer_params from the prefill engine: the same prompt
-finds its file. Settings (kv_connector_extra_config): "shared_storage_path" (the
-directory; default <tmp>/xla-inference-kv)."""
+finds its file. An engine over several JAX processes (plugin/multihost.py): each process
+saves and loads its own KV heads of the prompt, one file per process (storage.py), the
+scheduler side (on the driver) asking for a load once every process's file is there; a
+consumer whose processes hold other heads than the producer's is refused on load, naming
+both layouts (vLLM then fails or recomputes the request: kv_load_failure_policy).
+Settings (kv_connector_extra_config): "shared_storage_path" (the directory; default
+<tmp>/xla-inference-kv)."""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorMetadata,
                                                                KVConnectorRole)
 
+from xla_inference import envs
 from xla_inference.kv_transfer import storage
 from xla_inference.kv_transfer.config import CONNECTOR_NAME
 
@@ -77,6 +83,7 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
         self.model = str(vllm_config.model_config.model)
         self.produces = config.is_kv_producer
         self.consumes = config.is_kv_consumer
+        self.process_count = envs.num_hosts()  # JAX processes of the engine
         # Scheduler side.
         self._requests: dict[str, Any] = {}  # req_id -> vLLM's Request, while it runs
         self._loads: dict[str, tuple[str, int, int]] = {}  # admitted this step: key, start, end
@@ -92,7 +99,7 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
         return storage.prompt_key(self.model, token_ids)
 
     def _stored(self, key: str) -> bool:
-        return storage.path_for(self.directory, key).exists()
+        return storage.is_stored(self.directory, key, self.process_count)
 
     # -- scheduler side ---------------------------------------------------------------------
     def on_new_request(self, request) -> None:
@@ -141,7 +148,7 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
             if not computed[rid] < len(prompt) <= computed[rid] + num_new:
                 continue
             key = self._key(prompt)
-            if self._stored(key):
+            if storage.is_stored(self.directory, key, self.process_count, other_layouts=False):
                 continue
             saves.append(KvCopy(rid, key, list(self._block_ids(so, rid)[0]), 0, len(prompt)))
         return saves
@@ -173,8 +180,9 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
         for load in meta.loads:
             start = time.perf_counter()
             try:
-                values = storage.load(storage.path_for(self.directory, load.key),
-                                      self.pages.layout, load.start, load.end)
+                share = getattr(self.pages, "share", None)
+                values = storage.load(storage.path_for(self.directory, load.key, share),
+                                      self.pages.layout, load.start, load.end, share)
             except (OSError, ValueError) as error:
                 # vLLM fails the request or recomputes these pages (kv_load_failure_policy).
                 logger.error("xla-inference: KV load for request %s failed: %s", load.req_id,
@@ -203,8 +211,9 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
         for save in meta.saves:
             start = time.perf_counter()
             values = self.pages.read_tokens(save.block_ids, save.start, save.end)
-            self.counts.saved_bytes += storage.save(storage.path_for(self.directory, save.key),
-                                                    values)
+            share = getattr(self.pages, "share", None)
+            self.counts.saved_bytes += storage.save(
+                storage.path_for(self.directory, save.key, share), values, share)
             self.counts.saved_requests += 1
             self.counts.saved_tokens += save.end - save.start
             self.counts.save_seconds += time.perf_counter() - start

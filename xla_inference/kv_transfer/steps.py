@@ -4,15 +4,25 @@ before the forward, save after it, report transfers on every step's output (empt
 too), clear.
 
 The worker creates the connector itself: vLLM's ensure_kv_transfer_initialized broadcasts
-over torch process groups this platform does not create."""
+over torch process groups this platform does not create.
+
+Across several JAX processes (plugin/multihost.py) every process runs the worker side over
+its own KV heads (runner/kv_pages.ProcessSlotCopier), driven by the same connector metadata
+(it rides the step's SchedulerOutput, which the driver sends every follower in its order);
+only the driver's output reaches vLLM, so each follower hands its step's KVConnectorOutput
+to the driver through jax.distributed's key-value store and the driver joins them
+(ProcessOutputs)."""
 
 from __future__ import annotations
 
 import logging
+import pickle
+from copy import copy
 
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, KVConnectorOutput, ModelRunnerOutput
 
 from xla_inference.kv_transfer.config import (OFFLOADING_CONNECTOR, register_connectors,
                                                refuse_unserved)
@@ -23,6 +33,69 @@ from xla_inference.runner.kv_pages import EnginePages, ReplicaPages
 
 logger = logging.getLogger(__name__)
 
+# How long the driver waits for a follower's step output before it calls the follower lost.
+FOLLOWER_OUTPUT_TIMEOUT_S = 300.0
+
+
+class ProcessOutputs:
+    """The driver's join of every JAX process's KVConnectorOutput of a step: a follower puts
+    its output (and its transfer counts) in jax.distributed's key-value store under the
+    step's number (every process makes the same connector steps in the driver's order); the
+    driver takes each follower's and joins them with its own through vLLM's
+    KVOutputAggregator, as vLLM joins its workers': a transfer finishes when every process
+    has finished it (stores and loads of each process's own heads), a load that failed on
+    any process fails the request, invalid blocks are the union, offload's completed jobs
+    are summed (each process reports its share of vLLM's world size)."""
+
+    def __init__(self, process_index: int, process_count: int, client=None):
+        self.index, self.count = process_index, process_count
+        self._client = client
+        self._step = 0
+        self._aggregator = KVOutputAggregator(process_count)
+        self.follower_counts: dict[int, dict] = {}  # the driver's copy of each follower's
+
+    @property
+    def client(self):
+        if self._client is None:
+            from jax._src import distributed
+
+            self._client = distributed.global_state.client
+        return self._client
+
+    def join(self, output: KVConnectorOutput, counts: dict) -> KVConnectorOutput:
+        step, self._step = self._step, self._step + 1
+        if self.index != 0:
+            self.client.key_value_set_bytes(_output_key(step, self.index),
+                                            pickle.dumps((output, counts)))
+            return output
+        outputs = [output]
+        for process in range(1, self.count):
+            key = _output_key(step, process)
+            try:
+                data = self.client.blocking_key_value_get_bytes(
+                    key, int(FOLLOWER_OUTPUT_TIMEOUT_S * 1000))
+            except Exception as error:
+                raise RuntimeError(f"xla-inference: follower process {process} did not report "
+                                   f"its KV transfers of step {step} within "
+                                   f"{FOLLOWER_OUTPUT_TIMEOUT_S:.0f}s: {error}") from error
+            self.client.key_value_delete(key)
+            theirs, self.follower_counts[process] = pickle.loads(data)
+            outputs.append(theirs)
+        return self.aggregate(outputs)
+
+    def aggregate(self, outputs: list[KVConnectorOutput]) -> KVConnectorOutput:
+        """One output from every process's (the driver's first), through vLLM's aggregator."""
+        wrapped = []
+        for kv_output in outputs:
+            runner_output = copy(EMPTY_MODEL_RUNNER_OUTPUT)
+            runner_output.kv_connector_output = kv_output
+            wrapped.append(runner_output)
+        return self._aggregator.aggregate(wrapped).kv_connector_output
+
+
+def _output_key(step: int, process: int) -> str:
+    return f"xla-inference:kv-output/{step}/{process}"
+
 
 class KvConnectorSteps:
     """The worker's connectors (one per data parallel replica, each over its replica's
@@ -31,6 +104,9 @@ class KvConnectorSteps:
     def __init__(self, connectors: list, pages: EnginePages, blocks_per_replica: int = 0):
         self.connectors, self.pages = connectors, pages
         self.blocks_per_replica = blocks_per_replica
+        share = getattr(pages, "share", None)
+        self.processes = (None if share is None else
+                          ProcessOutputs(share.process_index, share.process_count))
 
     @property
     def connector(self):
@@ -99,8 +175,12 @@ class KvConnectorSteps:
             for connector, _, _ in parts[len(outputs) + 1:]:
                 connector.clear_connector_metadata()
         if len(outputs) == 1:
-            return outputs[0]
-        return ReplicaKVConnectorOutput.join(outputs, self.blocks_per_replica)
+            output = outputs[0]
+        else:
+            output = ReplicaKVConnectorOutput.join(outputs, self.blocks_per_replica)
+        if self.processes is not None:
+            output = self.processes.join(output, self.counts())
+        return output
 
     def no_forward(self, so) -> ModelRunnerOutput:
         """A step with no tokens: transfers still run and report."""
@@ -129,6 +209,12 @@ class KvConnectorSteps:
             if why is not None:
                 return why
         return None
+
+    def counts_by_process(self) -> list[dict]:
+        """This process's counts, then (on the driver across processes) each follower's as
+        of its last step."""
+        others = {} if self.processes is None else self.processes.follower_counts
+        return [self.counts()] + [others[p] for p in sorted(others)]
 
     def counts(self) -> dict:
         """What the connectors moved, summed over the replicas."""

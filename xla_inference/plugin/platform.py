@@ -85,17 +85,29 @@ def _refuse_untested_across_hosts(vllm_config) -> None:
     same replicated drafts), pooling, decoders' and encoder-only embedders' (every process
     pools the same replicated rows), images (their pixels ride the scheduler output), and
     on the torch path (each process places its shards of vLLM's module as it loads,
-    parallel/sharding.place). What has not been run across processes yet is refused,
-    named, rather than risked: KV connectors (their worker side reads whole pages into
-    one process, runner/kv_pages.EnginePages, while across hosts each process holds only
-    its shards of every page)."""
-    if vllm_config.kv_transfer_config is not None:
-        raise ValueError("xla-inference does not run KV connectors (--kv-transfer-config: "
-                         "disaggregated prefill, KV offload) across several JAX processes "
-                         "(XLA_INFERENCE_HOSTS > 1) yet; across hosts it serves decoders "
-                         "(native or vLLM's PyTorch classes) with tensor, expert and data "
-                         "parallel, pipeline stages, LoRA adapters, speculative decoding, "
-                         "pooling models and images")
+    parallel/sharding.place), and with the shared-storage and offloading KV connectors
+    (each process saves and loads only its own KV heads of every page,
+    runner/kv_pages.ProcessSlotCopier: one file per process, its own host tier; the
+    connector metadata rides the step's scheduler output to every process and the driver
+    joins their transfer results, kv_transfer/steps.ProcessOutputs). What has not been run
+    across processes yet is refused, named, rather than risked: the network connector (its
+    producer serves, and its consumer fetches, one address per engine, not one per
+    process) and KV connectors with data parallel replicas."""
+    config = vllm_config.kv_transfer_config
+    if config is None or config.kv_connector is None:
+        return
+    from xla_inference.kv_transfer.config import NETWORK_CONNECTOR
+
+    served = ("XlaSharedStorageConnector and vLLM's OffloadingConnector (--kv-offloading-size) "
+              "are served across processes, each process moving its own KV heads")
+    if config.kv_connector == NETWORK_CONNECTOR:
+        raise ValueError(f"xla-inference does not run {NETWORK_CONNECTOR} across several JAX "
+                         "processes (XLA_INFERENCE_HOSTS > 1) yet: its pages are served and "
+                         f"fetched at one address per engine, not one per process; {served}")
+    if requested_replicas(vllm_config) > 1:
+        raise ValueError("xla-inference does not run KV connectors (--kv-transfer-config) with "
+                         "data parallel replicas across several JAX processes "
+                         f"(XLA_INFERENCE_HOSTS > 1) yet; {served} without data parallel")
 
 
 def _jax_runs_on_host() -> bool:

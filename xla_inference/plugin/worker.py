@@ -594,3 +594,9 @@ class XlaWorker(WorkerBase):
         """What the KV connector moved so far (tests): requests and tokens loaded and saved."""
         connector = self.model_runner.kv_connector if self.model_runner else None
         return {} if connector is None else connector.counts()
+
+    def kv_transfer_counts_by_process(self) -> list[dict]:
+        """kv_transfer_counts of each JAX process (the driver's, then each follower's as of
+        its last step; one entry in one process)."""
+        connector = self.model_runner.kv_connector if self.model_runner else None
+        return [] if connector is None else connector.counts_by_process()

@@ -1,6 +1,6 @@
 """Prefill/decode disaggregation through XlaSharedStorageConnector between two vllm.LLM
 engines each spanning two JAX processes (tensor parallel 2 across them, one device each,
-plugin/multihost.py): every process of the producer saves its own KV heads of each prompt
+distributed/multihost.py): every process of the producer saves its own KV heads of each prompt
 (one file per process), every process of the consumer loads its own, and the consumer's
 greedy output is transformers' with the prompts' pages loaded, not recomputed (counted on
 each process; a file swapped under another prompt changes the answer). A prompt whose KV

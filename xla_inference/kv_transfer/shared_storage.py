@@ -12,7 +12,7 @@ across machines). vLLM's KVConnectorBase_V1, both sides:
 
 Files are keyed by a hash of the model and the prompt's token ids (kv_transfer/storage.py),
 so the decode engine needs no kv_transfer_params from the prefill engine: the same prompt
-finds its file. An engine over several JAX processes (plugin/multihost.py): each process
+finds its file. An engine over several JAX processes (distributed/multihost.py): each process
 saves and loads its own KV heads of the prompt, one file per process (storage.py), the
 scheduler side (on the driver) asking for a load once every process's file is there; a
 consumer whose processes hold other heads than the producer's is refused on load, naming

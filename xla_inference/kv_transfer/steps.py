@@ -6,7 +6,7 @@ too), clear.
 The worker creates the connector itself: vLLM's ensure_kv_transfer_initialized broadcasts
 over torch process groups this platform does not create.
 
-Across several JAX processes (plugin/multihost.py) every process runs the worker side over
+Across several JAX processes (distributed/multihost.py) every process runs the worker side over
 its own KV heads (runner/kv_pages.ProcessSlotCopier), driven by the same connector metadata
 (it rides the step's SchedulerOutput, which the driver sends every follower in its order);
 only the driver's output reaches vLLM, so each follower hands its step's KVConnectorOutput

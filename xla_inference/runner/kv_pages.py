@@ -13,7 +13,7 @@ replica, kv heads, head size], split over the mesh's data axis, and page ids are
 plugin/dp_scheduler.py hands them out): slot s is row s % slots of a replica of replica
 s // slots of a replica, so the same slot ids address either cache.
 
-Across several JAX processes (plugin/multihost.py) no process can read a whole page: each
+Across several JAX processes (distributed/multihost.py) no process can read a whole page: each
 holds its devices' KV heads of every slot. ProcessSlotCopier copies only those, by programs
 on each local shard (none spans processes, so the processes need not copy in step), and
 ProcessShare names which heads they are, for the connectors to record and check."""

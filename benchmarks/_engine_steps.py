@@ -23,11 +23,12 @@ BF16_PRECISION = Precision(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32),
 BF16_KV_PRECISION = dataclasses.replace(BF16_PRECISION, kv_cache=jnp.dtype(jnp.bfloat16))
 
 
-def load_variant(variant: str):
+def load_variant(variant: str, kv_cache: str | None = None):
     """The model of a variant, loaded with BF16_PRECISION: the bfloat16 safetensors ("bf16"),
     the embedded GGUF kept quantized (Q4_1, "gguf") or online int8 ("int8"); "bf16kv" and
     "fp8kv": the bfloat16 safetensors with a bfloat16 (BF16_KV_PRECISION) or fp8 e4m3 KV
-    cache."""
+    cache. kv_cache "bfloat16" gives every variant the bfloat16 KV cache (what serving
+    with dtype=bfloat16 gives the CPU with the native attention kernel)."""
     source, quantization = {"bf16": (prepare_default_model, None),
                             "bf16kv": (prepare_default_model, None),
                             "fp8kv": (prepare_default_model, None),
@@ -35,6 +36,8 @@ def load_variant(variant: str):
                             "int8": (prepare_default_model, "int8")}[variant]
     precision = {"bf16kv": BF16_KV_PRECISION,
                  "fp8kv": BF16_PRECISION.with_kv_cache("fp8")}.get(variant, BF16_PRECISION)
+    if kv_cache == "bfloat16" and variant != "fp8kv":
+        precision = BF16_KV_PRECISION
     return load(source(), precision, quantization=quantization)
 
 

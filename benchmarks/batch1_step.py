@@ -24,6 +24,12 @@ for each kernel in one run:
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants gguf@old gguf
 
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 30
+
+"--kv-cache bfloat16" gives every variant the bfloat16 KV cache that serving with
+dtype=bfloat16 gives the CPU (the float32 default is the earlier sessions' figures'):
+
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 gguf int8 \
+        --kv-cache bfloat16 --context 540
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16-xla
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16
 """
@@ -76,14 +82,15 @@ def _kernel_build(variant, build):
             setattr(module, attr, target)
 
 
-def _engine(name, ecfg, reqs):
+def _engine(name, ecfg, reqs, kv_cache=None):
     """The variant's engine, its step compiled with the native matvec on or off (and the
     kernel build named after "@")."""
     variant, _, build = name.partition("@")
     os.environ["XLA_INFERENCE_CPU_DENSE"] = "0" if variant == "bf16-xla" else "1"
     cpu_dense.available.cache_clear()
     with _kernel_build(variant, build):
-        engine = build_engine(load_variant("bf16" if variant == "bf16-xla" else variant), ecfg)
+        engine = build_engine(load_variant("bf16" if variant == "bf16-xla" else variant, kv_cache),
+                              ecfg)
         jax.block_until_ready(engine.forward(reqs).logits)  # traced and compiled under the setting
     return engine
 
@@ -94,12 +101,15 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["bf16-xla", "bf16", "gguf", "int8"])
     parser.add_argument("--batch", type=int, default=1, help="decode requests in the step")
     parser.add_argument("--context", type=int, default=CONTEXT, help="tokens each has before")
+    parser.add_argument("--kv-cache", choices=["float32", "bfloat16"], default="float32",
+                        help="every variant's KV cache (bfloat16: as served with "
+                             "dtype=bfloat16 on the CPU)")
     args = parser.parse_args()
     pages = args.batch * ((args.context + BLOCK) // BLOCK + 1) + 1
     ecfg = EngineConfig(num_blocks=max(64, pages), block_size=BLOCK, max_num_tokens=512,
                         max_num_seqs=max(8, args.batch), max_model_len=1024)
     reqs = decode_requests(args.batch, np.random.default_rng(0), 1, args.context)
-    engines = {name: _engine(name, ecfg, reqs) for name in args.variants}
+    engines = {name: _engine(name, ecfg, reqs, args.kv_cache) for name in args.variants}
     cpu = {}
     times = alternated_step_seconds(engines, reqs, args.repeats, cpu)
     base = statistics.median(times[args.variants[0]])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xla_inference.kernels import cpu_attention
+from xla_inference.kernels import cpu_attention, native
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention
 
 BLOCK = 16
@@ -173,3 +173,49 @@ def test_native_serves_soft_cap_chunks_and_shared_kv(option):
     np.testing.assert_allclose(np.asarray(jax.jit(attend, static_argnums=0)(True)),
                                np.asarray(jax.jit(attend, static_argnums=0)(False)),
                                rtol=1e-5, atol=1e-5)
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split())
+
+
+_AVX2_TARGET = "xla_inference_paged_attention_avx2"
+_AVX2_PER_HEAD_TARGET = "xla_inference_paged_attention_avx2_per_head"
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="no AVX2/FMA/F16C")
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16, jnp.float8_e5m2],
+                         ids=["float32", "bfloat16", "fp8_e5m2"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_avx2_decode_path_matches_float64(cache_dtype, head_dim):
+    """The decode path of CPUs without AVX-512 (attend_one_grouped_avx2: 8 lanes, each cache
+    type's load8; the same bits as attend_one_avx2, one head at a time), built with
+    XLA_INFERENCE_ATTENTION_NO_AVX512 so that an AVX-512 CPU runs it too:
+    lone decode tokens (contexts of 1 to 301 keys, so partial blocks of 8 keys), GQA, a
+    sliding window, beside tiles, against float64 on the values the cache holds."""
+    native.load_targets(cpu_attention._SOURCE, {_AVX2_TARGET: "XlaInferencePagedAttention"},
+                        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_ATTENTION_NO_AVX512"))
+    native.load_targets(cpu_attention._SOURCE,
+                        {_AVX2_PER_HEAD_TARGET: "XlaInferencePagedAttention"},
+                        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_ATTENTION_NO_AVX512",
+                         "-DXLA_INFERENCE_ATTENTION_GROUPED=0"))
+    rng = np.random.default_rng(head_dim + 7)
+    runs = [(300, 1), (0, 1), (100, 7), (17, 1), (5, 1), (64, 1), (250, 3)]
+    T = 24
+    k, v, seq_ids, positions, tables = _step(rng, runs, T, 3, head_dim)
+    k, v = k.astype(cache_dtype), v.astype(cache_dtype)
+    q = jnp.asarray(rng.standard_normal((T, 9, head_dim)), jnp.float32)
+    for window in (None, 37):
+        out, per_head = (jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+            q, k, v, seq_ids, positions, tables, block_size=np.int64(BLOCK),
+            scale=np.float32(head_dim ** -0.5), sliding_window=np.int64(window or 0),
+            soft_cap=np.float32(0.0), attention_chunk=np.int64(0))
+            for target in (_AVX2_TARGET, _AVX2_PER_HEAD_TARGET))
+        # the grouped path (KV heads' rows read once) has the one-head-at-a-time path's bits
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(per_head))
+        expected = _float64_reference(*(np.asarray(a.astype(jnp.float32), np.float64)
+                                        for a in (q, k, v)),
+                                      np.asarray(seq_ids), np.asarray(positions),
+                                      np.asarray(tables), window)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=2e-5)

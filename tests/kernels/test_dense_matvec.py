@@ -67,6 +67,34 @@ def test_portable_build_gives_the_same_bits():
             np.asarray(jax.jit(cpu_dense.dense_matvec)(x, w)))
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split())
+
+
+_AVX2 = "xla_inference_dense_matvec_avx2"
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="the CPU has no AVX2/FMA")
+def test_avx2_build_gives_the_portable_bits():
+    """The AVX2 path (CPUs without AVX-512; built with XLA_INFERENCE_DENSE_NO_AVX512 so that
+    an AVX-512 CPU runs it too) sums each of the 16 lanes as the portable path does and adds
+    them in its order: the same bits, partial last loads and rows past the last 4 included."""
+    library = native.load_targets(
+        cpu_dense._SOURCE, {_AVX2: cpu_dense._SYMBOL},
+        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_DENSE_NO_AVX512"))
+    assert library.XlaInferenceDenseMatvecAvx2() == 1
+    native.load_targets(cpu_dense._SOURCE, {_PORTABLE: cpu_dense._SYMBOL},
+                        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_DENSE_PORTABLE"))
+    run = jax.jit(cpu_dense.ffi_dense_matvec, static_argnums=0)
+    for T, out, inn in [(1, 43, 100), (2, 17, 64), (1, 300, 576), (1, 9, 31)]:
+        x, w = _operands(np.random.default_rng(inn + 1), T, out, inn)
+        x = jnp.asarray(x)
+        avx2 = np.asarray(run(_AVX2, x, w))
+        np.testing.assert_array_equal(avx2, np.asarray(run(_PORTABLE, x, w)))
+        _assert_float32_sums(avx2, np.asarray(x), w)
+
+
 def test_bad_operands_are_refused():
     x, w = _operands(np.random.default_rng(0), 1, 16, 32)
     with pytest.raises(Exception, match="dense_matvec"):

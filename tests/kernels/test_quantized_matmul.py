@@ -273,6 +273,47 @@ def test_portable_build_gives_the_same_bits(bits, with_offsets, group_dtype):
                                   _run_float(x, operands, bits, 64, 16383))
 
 
+_AVX2 = "xla_inference_quantized_matmul_avx2"
+_AVX2_FLOAT = "xla_inference_quantized_matmul_avx2_float"
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split())
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="no AVX2/FMA/F16C")
+@pytest.mark.parametrize("zero_point", [0, 8])
+@pytest.mark.parametrize("bits,with_offsets", CASES)
+def test_avx2_build_gives_the_portable_bits(bits, with_offsets, zero_point):
+    """The AVX2 path (CPUs without AVX-512 VNNI; built with XLA_INFERENCE_QMM_NO_VNNI so
+    that a VNNI CPU runs it too): the portable build's bits for 1 to 11 rows of T (its
+    blocks of 1-4 rows, 2 tiles side by side at T = 1 and an odd tile left), float16 and
+    float32 group arrays, and its float entry's row quantization."""
+    library = native.load_targets(
+        cpu_quantized._SOURCE, {_AVX2: cpu_quantized._SYMBOL,
+                                _AVX2_FLOAT: cpu_quantized._FLOAT_SYMBOL},
+        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_QMM_NO_VNNI"))
+    assert library.XlaInferenceQuantizedMatmulAvx2() == 1
+    _portable_library()
+    rng = np.random.default_rng([bits, zero_point, int(with_offsets)])
+    q, scales, offsets = _random_weight(rng, 72, 384, bits, 64, with_offsets, half_values=True)
+    for group_dtype in (np.float16, np.float32):
+        operands = [None if a is None else jnp.asarray(a) for a in _kernel_operands(
+            q, scales, offsets, bits, group_dtype, group_dtype)]
+        for T in (1, 2, 5, 11):
+            xq, x_scale = (jnp.asarray(a) for a in _random_activations(rng, T, 384))
+            got, want = (np.asarray(cpu_quantized.ffi_quantized_matmul(
+                target, xq, x_scale, *operands, bits=bits, group_size=64,
+                zero_point=zero_point)) for target in (_AVX2, _PORTABLE))
+            np.testing.assert_array_equal(got, want)
+        x = jnp.asarray(rng.standard_normal((3, 384)).astype(np.float32))
+        got, want = (np.asarray(cpu_quantized.ffi_quantized_matmul_float(
+            target, x, *operands, bits=bits, group_size=64, levels=16383,
+            zero_point=zero_point)) for target in (_AVX2_FLOAT, _PORTABLE_FLOAT))
+        np.testing.assert_array_equal(got, want)
+
+
 def _run_float(x, operands, bits, group_size, levels, zero_point=0):
     return np.asarray(jax.jit(
         lambda x, *w: cpu_quantized.quantized_matmul_float(

@@ -27,9 +27,14 @@
 #include <memory>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(XLA_INFERENCE_DENSE_PORTABLE)
+// XLA_INFERENCE_DENSE_NO_AVX512: the AVX2 path even where AVX-512 is there (for tests).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(XLA_INFERENCE_DENSE_PORTABLE) && \
+    !defined(XLA_INFERENCE_DENSE_NO_AVX512)
 #include <immintrin.h>
 #define XLA_INFERENCE_DENSE_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(XLA_INFERENCE_DENSE_PORTABLE)
+#include <immintrin.h>
+#define XLA_INFERENCE_DENSE_AVX2 1
 #endif
 
 #include "prefetch.h"
@@ -59,7 +64,7 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-#ifdef XLA_INFERENCE_DENSE_AVX512
+#if defined(XLA_INFERENCE_DENSE_AVX512) || defined(XLA_INFERENCE_DENSE_AVX2)
 
 // Software prefetch (prefetch.h): each 64-byte load of a row also asks for the same bytes
 // of that row kPrefetchBlocks blocks of kRowsTogether rows further on, into L2 (T2): the
@@ -99,6 +104,10 @@ inline void prefetch_ahead(const uint16_t* row_at_k, int64_t in) {
         row_at_k, kPrefetchRows, row_bytes);
 }
 
+#endif
+
+#ifdef XLA_INFERENCE_DENSE_AVX512
+
 // kR rows from o0 on, times row t of x.
 template <int kR>
 void rows_avx512(const Problem& p, int64_t o0, int64_t t) {
@@ -133,6 +142,65 @@ void rows_avx512(const Problem& p, int64_t o0, int64_t t) {
 
 #endif
 
+#ifdef XLA_INFERENCE_DENSE_AVX2
+
+// AVX2 (no AVX-512: AMD Zen 2/3, Intel before Ice Lake): the AVX-512 path's 16 lanes as two
+// 8-lane halves (lanes 0-7 from a load's first 32 bytes, 8-15 from its second), the same
+// FMAs per lane, and the lanes added as the portable path adds them: the same y. Four rows
+// share each load of x (their 8 sums and x's 4 vectors fit the 16 ymm registers).
+constexpr int64_t kRowsTogetherAvx2 = 4;
+
+// Lanes 0-7 (lo) and 8-15 (hi) added as row_portable adds its 16: j + 8, j + 4, j + 2, j + 1.
+inline float sum_lanes(__m256 lo, __m256 hi) {
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// One 32-byte load (16 bf16 values, 8 pairs) times x's 8 even and 8 odd values, into acc.
+inline __m256 pair_products(__m256i v, __m256 e, __m256 o, __m256 acc) {
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), e, acc);
+  return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high_half)), o, acc);
+}
+
+// kR rows from o0 on, times row t of x.
+template <int kR>
+void rows_avx2(const Problem& p, int64_t o0, int64_t t) {
+  const float* xe = p.x_even + t * p.half;
+  const float* xo = p.x_odd + t * p.half;
+  const uint16_t* w[kR];
+  for (int r = 0; r < kR; ++r) w[r] = p.w + (o0 + r) * p.in;
+  __m256 lo[kR], hi[kR];
+  for (int r = 0; r < kR; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + kPair <= p.in; k += kPair) {
+    const __m256 e0 = _mm256_loadu_ps(xe + k / 2), o0v = _mm256_loadu_ps(xo + k / 2);
+    const __m256 e1 = _mm256_loadu_ps(xe + k / 2 + 8), o1v = _mm256_loadu_ps(xo + k / 2 + 8);
+    for (int r = 0; r < kR; ++r) {
+      prefetch_ahead<kR>(w[r] + k, p.in);
+      const __m256i* at = reinterpret_cast<const __m256i*>(w[r] + k);
+      lo[r] = pair_products(_mm256_loadu_si256(at), e0, o0v, lo[r]);
+      hi[r] = pair_products(_mm256_loadu_si256(at + 1), e1, o1v, hi[r]);
+    }
+  }
+  if (k < p.in) {  // the last, partial load: values past `in` as 0 (x is 0 there too)
+    const __m256 e0 = _mm256_loadu_ps(xe + k / 2), o0v = _mm256_loadu_ps(xo + k / 2);
+    const __m256 e1 = _mm256_loadu_ps(xe + k / 2 + 8), o1v = _mm256_loadu_ps(xo + k / 2 + 8);
+    for (int r = 0; r < kR; ++r) {
+      alignas(32) uint16_t tail[kPair] = {};
+      std::memcpy(tail, w[r] + k, (p.in - k) * sizeof(uint16_t));
+      const __m256i* at = reinterpret_cast<const __m256i*>(tail);
+      lo[r] = pair_products(_mm256_load_si256(at), e0, o0v, lo[r]);
+      hi[r] = pair_products(_mm256_load_si256(at + 1), e1, o1v, hi[r]);
+    }
+  }
+  for (int r = 0; r < kR; ++r) p.y[t * p.out + o0 + r] = sum_lanes(lo[r], hi[r]);
+}
+
+#endif
+
 // The portable path: lane j of the AVX-512 accumulator is the running sum of the products
 // at positions k = 32 i + 2 j (then 2 j + 1); the lanes are then added as
 // _mm512_reduce_add_ps does (halves, pairwise), so both paths give the same y.
@@ -161,6 +229,10 @@ void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
 #ifdef XLA_INFERENCE_DENSE_AVX512
     for (; o + kRowsTogether <= o_end; o += kRowsTogether) rows_avx512<kRowsTogether>(p, o, t);
     for (; o < o_end; ++o) rows_avx512<1>(p, o, t);
+#elif defined(XLA_INFERENCE_DENSE_AVX2)
+    for (; o + kRowsTogetherAvx2 <= o_end; o += kRowsTogetherAvx2)
+      rows_avx2<kRowsTogetherAvx2>(p, o, t);
+    for (; o < o_end; ++o) rows_avx2<1>(p, o, t);
 #else
     for (; o < o_end; ++o) row_portable(p, o, t);
 #endif
@@ -323,6 +395,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceDenseMatvec, DenseMatvecImpl,
 // Whether this build took the AVX-512 path (1) or the portable one (0): for tests.
 extern "C" int XlaInferenceDenseMatvecAvx512() {
 #ifdef XLA_INFERENCE_DENSE_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether this build took the AVX2 path (1) or another (0): for tests.
+extern "C" int XlaInferenceDenseMatvecAvx2() {
+#ifdef XLA_INFERENCE_DENSE_AVX2
   return 1;
 #else
   return 0;

@@ -41,6 +41,17 @@
 #if defined(__F16C__) && defined(__SSE4_1__)
 #define XLA_INFERENCE_HALF_CONVERSIONS 1
 #endif
+// AVX2 without AVX-512 (AMD Zen 2/3, Intel before Ice Lake): attend_one_avx2, the AVX-512
+// decode path in 8 lanes. XLA_INFERENCE_ATTENTION_NO_AVX512 builds it on an AVX-512 CPU too
+// (for tests).
+#if defined(__AVX512F__) && !defined(XLA_INFERENCE_ATTENTION_NO_AVX512)
+#define XLA_INFERENCE_ATTENTION_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define XLA_INFERENCE_ATTENTION_AVX2 1
+#endif
+#ifndef XLA_INFERENCE_ATTENTION_GROUPED
+#define XLA_INFERENCE_ATTENTION_GROUPED 1
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -114,6 +125,9 @@ struct F32Cache {
 #ifdef __AVX512F__
   __m512 load16(int64_t offset) const { return _mm512_loadu_ps(data + offset); }
 #endif
+#ifdef XLA_INFERENCE_ATTENTION_AVX2
+  __m256 load8(int64_t offset) const { return _mm256_loadu_ps(data + offset); }
+#endif
 };
 
 // bfloat16 is the top half of a float32: widening is a 16-bit shift (the cache write
@@ -137,6 +151,12 @@ struct Bf16Cache {
   __m512 load16(int64_t offset) const {
     const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + offset));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+  }
+#endif
+#ifdef XLA_INFERENCE_ATTENTION_AVX2
+  __m256 load8(int64_t offset) const {
+    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + offset));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
   }
 #endif
 };
@@ -217,6 +237,18 @@ struct Fp8Cache {
         _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
     return _mm512_mul_ps(_mm512_cvtph_ps(half),
                          _mm512_set1_ps(static_cast<float>(1 << (15 - kBias))));
+  }
+#endif
+#ifdef XLA_INFERENCE_ATTENTION_AVX2
+  // 8 values as widen_fp8_by_halves widens them.
+  __m256 load8(int64_t offset) const {
+    int64_t bytes;
+    std::memcpy(&bytes, data + offset, sizeof(bytes));
+    const __m128i b = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(bytes));
+    const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 10 - kMantissa),
+                                      _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+    return _mm256_mul_ps(_mm256_cvtph_ps(half),
+                         _mm256_set1_ps(static_cast<float>(1 << (15 - kBias))));
   }
 #endif
 };
@@ -378,6 +410,183 @@ void attend_one_avx512(const Shapes& s, const float* q, const Cache& k_cache,
       for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, v_cache.load16(vrow + 16 * c), acc[c]);
     }
     for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(out + h * H + 16 * c, acc[c]);
+  }
+}
+#endif
+
+#ifdef XLA_INFERENCE_ATTENTION_AVX2
+// out lane k = the sum of v[k]'s 8 lanes (pairwise horizontal adds across the 8 vectors).
+inline __m256 sum_each_of_8(const __m256 v[8]) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // u0 low half: v0..v3's sums of lanes 0-3, high half: of lanes 4-7 (u1 likewise v4..v7)
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// attend_one_avx512 in 8 lanes, for a head dim of kHeadDim (a multiple of 8): the keys'
+// scores 8 at a time, each key's dot product kept as a vector of partial sums and the 8
+// reduced together (sum_each_of_8); each head's weighted sum of values in registers over
+// all keys. Every key row of a KV head is prefetched once, by its first query head; the
+// other heads of its group read it from cache. The head dim's q and the sums stay in the 16
+// ymm registers up to a head dim of 64; larger ones spill to L1.
+template <int64_t kHeadDim, class Cache>
+void attend_one_avx2(const Shapes& s, const float* q, const Cache& k_cache, const Cache& v_cache,
+                     const int32_t* table, int64_t pos, float* out, Scratch& w) {
+  constexpr int64_t C = kHeadDim / 8;
+  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
+  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
+  if (n <= 0) {
+    std::fill(out, out + N * H, 0.0f);
+    return;
+  }
+  const int64_t n_pad = (n + 7) / 8 * 8;
+  key_rows(s, table, lo, pos, K * H, w.rows);
+  w.scores.resize(N * n_pad);
+  const __m256 scale = _mm256_set1_ps(s.scale);
+  for (int64_t h = 0; h < N; ++h) {
+    const int64_t kv = (h / G) * H;
+    __m256 qh[C];
+    for (int64_t c = 0; c < C; ++c) qh[c] = _mm256_mul_ps(_mm256_loadu_ps(q + h * H + 8 * c), scale);
+    float* sc = w.scores.data() + h * n_pad;
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+      __m256 dots[8];
+      for (int64_t j = 0; j < 8; ++j) {
+        if (i0 + j >= n) {
+          dots[j] = _mm256_setzero_ps();
+          continue;
+        }
+        if (h % G == 0 && i0 + j + kPrefetchAhead < n)
+          prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead] + kv, H);
+        const int64_t krow = w.rows[i0 + j] + kv;
+        __m256 dot = _mm256_mul_ps(qh[0], k_cache.load8(krow));
+        for (int64_t c = 1; c < C; ++c) dot = _mm256_fmadd_ps(qh[c], k_cache.load8(krow + 8 * c), dot);
+        dots[j] = dot;
+      }
+      _mm256_storeu_ps(sc + i0, sum_each_of_8(dots));
+    }
+    cap_scores(s, sc, n);
+    const float inv = exponentiate_scores(sc, n);
+    __m256 acc[C];
+    for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      if (h % G == 0 && i + kPrefetchAhead < n)
+        prefetch_row(v_cache, w.rows[i + kPrefetchAhead] + kv, H);
+      const int64_t vrow = w.rows[i] + kv;
+      const __m256 p = _mm256_set1_ps(sc[i] * inv);
+      for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(p, v_cache.load8(vrow + 8 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(out + h * H + 8 * c, acc[c]);
+  }
+}
+
+// The weighted sums of values of kG query heads sharing one KV head (p: their normalized
+// probabilities, rows n_pad apart), 16 dims at a time: each value chunk widened once for
+// all kG heads, their sums in registers. Per head and dim the same FMAs in the same key
+// order as one head alone.
+template <int64_t kHeadDim, int kG, class Cache>
+void weighted_values_avx2(const Cache& v_cache, const std::vector<int64_t>& rows, int64_t kv,
+                          const float* p, int64_t n, int64_t n_pad, float* out, int64_t H,
+                          int64_t row_width) {
+  for (int64_t d = 0; d < kHeadDim; d += 16) {
+    __m256 acc[kG][2];
+    for (int g = 0; g < kG; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      // The first KV head's pass asks for whole rows (the other heads then find theirs in
+      // cache), the others for their own values.
+      if (d == 0 && i + kPrefetchAhead < n)
+        prefetch_row(v_cache, rows[i + kPrefetchAhead] + (kv == 0 ? 0 : kv), kv == 0 ? row_width : H);
+      const int64_t vrow = rows[i] + kv + d;
+      const __m256 v0 = v_cache.load8(vrow), v1 = v_cache.load8(vrow + 8);
+      for (int g = 0; g < kG; ++g) {
+        const __m256 pg = _mm256_broadcast_ss(p + g * n_pad + i);
+        acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]);
+        acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
+      }
+    }
+    for (int g = 0; g < kG; ++g) {
+      _mm256_storeu_ps(out + g * H + d, acc[g][0]);
+      _mm256_storeu_ps(out + g * H + d + 8, acc[g][1]);
+    }
+  }
+}
+
+// attend_one_avx2 by KV head: the key chunks of a KV head widened once for all its G query
+// heads (the q rows read from L1), the dot products of 8 keys reduced together per head
+// (sum_each_of_8), then weighted_values_avx2. The same operations per head as
+// attend_one_avx2, so the same output.
+template <int64_t kHeadDim, class Cache>
+void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cache,
+                             const Cache& v_cache, const int32_t* table, int64_t pos, float* out,
+                             Scratch& w) {
+  constexpr int64_t C = kHeadDim / 8;
+  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
+  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
+  if (n <= 0) {
+    std::fill(out, out + N * H, 0.0f);
+    return;
+  }
+  const int64_t n_pad = (n + 7) / 8 * 8;
+  key_rows(s, table, lo, pos, K * H, w.rows);
+  w.scores.resize(N * n_pad);
+  w.qs.resize(N * H);
+  const __m256 scale = _mm256_set1_ps(s.scale);
+  for (int64_t i = 0; i < N * H; i += 8)
+    _mm256_storeu_ps(w.qs.data() + i, _mm256_mul_ps(_mm256_loadu_ps(q + i), scale));
+  w.acc.resize(N * 64);  // [N][8 keys][8 lanes]: the dot products of 8 keys
+  // Scores: each key's whole row (every KV head) at once, the keys in order (one pass
+  // through the K pages, where the hardware prefetcher follows it).
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    for (int64_t j = 0; j < 8; ++j) {
+      if (i0 + j >= n) {
+        for (int64_t h = 0; h < N; ++h)
+          _mm256_storeu_ps(w.acc.data() + (h * 8 + j) * 8, _mm256_setzero_ps());
+        continue;
+      }
+      if (i0 + j + kPrefetchAhead < n) prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead], K * H);
+      for (int64_t kvh = 0; kvh < K; ++kvh) {
+        const int64_t krow = w.rows[i0 + j] + kvh * H;
+        __m256 kk[C];
+        for (int64_t c = 0; c < C; ++c) kk[c] = k_cache.load8(krow + 8 * c);
+        for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
+          const float* qh = w.qs.data() + h * H;
+          __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(qh), kk[0]);
+          for (int64_t c = 1; c < C; ++c) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), kk[c], dot);
+          _mm256_storeu_ps(w.acc.data() + (h * 8 + j) * 8, dot);
+        }
+      }
+    }
+    for (int64_t h = 0; h < N; ++h) {
+      __m256 d8[8];
+      for (int j = 0; j < 8; ++j) d8[j] = _mm256_loadu_ps(w.acc.data() + (h * 8 + j) * 8);
+      _mm256_storeu_ps(w.scores.data() + h * n_pad + i0, sum_each_of_8(d8));
+    }
+  }
+  for (int64_t h = 0; h < N; ++h) {
+    float* sc = w.scores.data() + h * n_pad;
+    cap_scores(s, sc, n);
+    const float inv = exponentiate_scores(sc, n);
+    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
+  }
+  for (int64_t kvh = 0; kvh < K; ++kvh) {
+    const int64_t kv = kvh * H, h0 = kvh * G;
+    const float* p = w.scores.data() + h0 * n_pad;
+    float* o = out + h0 * H;
+    switch (G) {
+      case 1: weighted_values_avx2<kHeadDim, 1>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
+      case 2: weighted_values_avx2<kHeadDim, 2>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
+      case 3: weighted_values_avx2<kHeadDim, 3>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
+      case 4: weighted_values_avx2<kHeadDim, 4>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
+      default:  // larger groups: 4 heads at a time
+        for (int64_t g = 0; g < G; g += 4) {
+          const int64_t m = std::min<int64_t>(4, G - g);
+          const float* pg = p + g * n_pad;
+          float* og = o + g * H;
+          if (m == 4) weighted_values_avx2<kHeadDim, 4>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
+          else if (m == 3) weighted_values_avx2<kHeadDim, 3>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
+          else if (m == 2) weighted_values_avx2<kHeadDim, 2>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
+          else weighted_values_avx2<kHeadDim, 1>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
+        }
+    }
   }
 }
 #endif
@@ -563,11 +772,24 @@ void attend_range(const Shapes& s, const float* q, const void* k_data, const voi
   const Cache v_cache(v_data, s.num_kv_heads * s.head_dim);
   const int64_t width = s.num_heads * s.head_dim;  // floats per token of q and out
   const int32_t* table = block_tables + static_cast<int64_t>(seq_ids[first]) * s.max_blocks;
-#ifdef __AVX512F__
+#ifdef XLA_INFERENCE_ATTENTION_AVX512
   if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
     if (last - first == 1) {
       attend_one_avx512<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
                                   positions[first], out + first * width, w.one);
+      return;
+    }
+  }
+#elif defined(XLA_INFERENCE_ATTENTION_AVX2)
+  if constexpr (kHeadDim > 0 && kHeadDim % 8 == 0) {
+    if (last - first == 1) {
+#if XLA_INFERENCE_ATTENTION_GROUPED
+      attend_one_grouped_avx2<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
+                                               positions[first], out + first * width, w.one);
+#else
+      attend_one_avx2<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
+                                       positions[first], out + first * width, w.one);
+#endif
       return;
     }
   }

@@ -46,10 +46,16 @@
 #include <mutex>
 #include <vector>
 
-// XLA_INFERENCE_QMM_PORTABLE: the portable path even where VNNI is there (for tests).
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(XLA_INFERENCE_QMM_PORTABLE)
+// XLA_INFERENCE_QMM_PORTABLE: the portable path even where VNNI or AVX2 is there (for tests);
+// XLA_INFERENCE_QMM_NO_VNNI: the AVX2 path even where VNNI is there (for tests).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(XLA_INFERENCE_QMM_PORTABLE) && \
+    !defined(XLA_INFERENCE_QMM_NO_VNNI)
 #include <immintrin.h>
 #define XLA_INFERENCE_QMM_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
+    !defined(XLA_INFERENCE_QMM_PORTABLE)
+#include <immintrin.h>
+#define XLA_INFERENCE_QMM_AVX2 1
 #endif
 
 #if defined(__x86_64__)
@@ -298,6 +304,154 @@ void tiles(const Problem& p, int64_t ot_begin, int64_t ot_end) {
   }
 }
 
+#elif defined(XLA_INFERENCE_QMM_AVX2)
+
+// AVX2 (CPUs without AVX-512 VNNI: AMD Zen 2/3, Intel before Ice Lake): the VNNI path's
+// block with each tile's 16 rows in two 8-lane halves. A chunk's low 16 bytes (rows 0-7) and
+// high 16 bytes (rows 8-15) each widen to 16 int16 words (word 2r+j), and vpmaddwd against
+// a broadcast int16 pair of x gives lane r's pair products summed, as vpdpwssd does (no
+// saturation: |x| <= 16383, |q| <= 255), added to the lane's int32 sum. Integer sums are
+// exact in any order, and the FMAs per group and the final product are the same operations,
+// so the output has the VNNI and the portable paths' bits. The weights' next block is
+// prefetched as there. At T = 1 two tiles side by side (four sums and four outputs in the
+// 16 ymm registers), one tile for more rows of T.
+constexpr int64_t kLineBytes = 64;
+#ifndef XLA_INFERENCE_QMM_PREFETCH_HINT
+#define XLA_INFERENCE_QMM_PREFETCH_HINT _MM_HINT_T2
+#endif
+
+inline void prefetch(const void* address) {
+  _mm_prefetch(static_cast<const char*>(address), XLA_INFERENCE_QMM_PREFETCH_HINT);
+}
+
+inline const char* group_address(const void* a, bool half, int64_t at) {
+  return static_cast<const char*>(a) + at * (half ? 2 : 4);
+}
+
+// 8 scales or offsets from element `at` on, widened from f16 (vcvtph2ps: exact) or as stored.
+inline __m256 load_group8(const void* a, bool half, int64_t at) {
+  if (half)
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a) + at)));
+  return _mm256_loadu_ps(static_cast<const float*>(a) + at);
+}
+
+inline __m256i broadcast_pair8(const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return _mm256_set1_epi32(pair);
+}
+
+// kTiles output tiles from ot0 on, times kT rows of T from t0 on; [i][t][h]: tile i, row t,
+// half h (rows 8h..8h+7 of the tile).
+template <int kBits, int kT, int kTiles>
+void block_avx2(const Problem& p, int64_t ot0, int64_t t0) {
+  const int64_t chunks = p.chunks_per_group(), tile_bytes = p.tile_bytes();
+  const int64_t prefetch_block_bytes = kTiles * tile_bytes;
+  const uint8_t* w[kTiles];
+  for (int i = 0; i < kTiles; ++i) w[i] = p.values + (ot0 + i) * tile_bytes;
+  const int16_t* x[kT];
+  for (int t = 0; t < kT; ++t) x[t] = p.xq + (t0 + t) * p.in;
+  __m256 y[kTiles][kT][2];
+  for (int i = 0; i < kTiles; ++i)
+    for (int t = 0; t < kT; ++t) y[i][t][0] = y[i][t][1] = _mm256_setzero_ps();
+  const __m256i low_nibbles = _mm256_set1_epi16(0x0F);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m256i acc[kTiles][kT][2];
+    for (int i = 0; i < kTiles; ++i)
+      for (int t = 0; t < kT; ++t) acc[i][t][0] = acc[i][t][1] = _mm256_setzero_si256();
+    for (int i = 0; i < kTiles; ++i) {
+      const int64_t ahead = ((ot0 + i + kTiles) * p.groups + g) * kRows;
+      prefetch(group_address(p.scales, p.half_scales, ahead));
+      if (p.offsets != nullptr) prefetch(group_address(p.offsets, p.half_offsets, ahead));
+    }
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+      const int64_t k = c * p.per_chunk;
+      for (int i = 0; i < kTiles; ++i) {
+        if (c % (kLineBytes / kChunkBytes) == 0)
+          xla_inference::prefetch_blocks_ahead<XLA_INFERENCE_QMM_PREFETCH_HINT>(
+              w[i] + c * kChunkBytes, 1, prefetch_block_bytes);
+        const __m256i bytes =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kChunkBytes));
+        const __m128i half_bytes[2] = {_mm256_castsi256_si128(bytes),
+                                       _mm256_extracti128_si256(bytes, 1)};
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (kBits == 8) {
+            const __m256i words = _mm256_cvtepi8_epi16(half_bytes[h]);
+            for (int t = 0; t < kT; ++t)
+              acc[i][t][h] = _mm256_add_epi32(
+                  acc[i][t][h], _mm256_madd_epi16(words, broadcast_pair8(x[t] + k)));
+          } else {
+            const __m256i words = _mm256_cvtepu8_epi16(half_bytes[h]);
+            const __m256i low = _mm256_and_si256(words, low_nibbles);
+            const __m256i high = _mm256_srli_epi16(words, 4);
+            for (int t = 0; t < kT; ++t)
+              acc[i][t][h] = _mm256_add_epi32(
+                  acc[i][t][h],
+                  _mm256_add_epi32(_mm256_madd_epi16(low, broadcast_pair8(x[t] + k)),
+                                   _mm256_madd_epi16(high, broadcast_pair8(x[t] + k + 2))));
+          }
+        }
+      }
+    }
+    for (int i = 0; i < kTiles; ++i)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t at = ((ot0 + i) * p.groups + g) * kRows + 8 * h;
+        const __m256 scale = load_group8(p.scales, p.half_scales, at);
+        if (p.zero_sums != nullptr)
+          for (int t = 0; t < kT; ++t)
+            acc[i][t][h] = _mm256_sub_epi32(
+                acc[i][t][h], _mm256_set1_epi32(p.zero_sums[(t0 + t) * p.groups + g]));
+        for (int t = 0; t < kT; ++t)
+          y[i][t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][t][h]), scale, y[i][t][h]);
+        if (p.offsets != nullptr) {
+          const __m256 offset = load_group8(p.offsets, p.half_offsets, at);
+          for (int t = 0; t < kT; ++t)
+            y[i][t][h] = _mm256_fmadd_ps(
+                offset, _mm256_set1_ps(p.x_sums[(t0 + t) * p.groups + g]), y[i][t][h]);
+        }
+      }
+  }
+  const int64_t width = p.out_tiles * kRows;
+  for (int t = 0; t < kT; ++t) {
+    const __m256 xs = _mm256_set1_ps(p.x_scale[t0 + t]);
+    for (int i = 0; i < kTiles; ++i)
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_ps(p.out + (t0 + t) * width + (ot0 + i) * kRows + 8 * h,
+                         _mm256_mul_ps(y[i][t][h], xs));
+  }
+}
+
+// Output tiles ot_begin..ot_end-1: kTiles at a time, the rest by halves.
+template <int kBits, int kT, int kTiles = (kT == 1 ? 2 : 1)>
+void rows_avx2(const Problem& p, int64_t ot_begin, int64_t ot_end, int64_t t0) {
+  int64_t ot = ot_begin;
+  for (; ot + kTiles <= ot_end; ot += kTiles) block_avx2<kBits, kT, kTiles>(p, ot, t0);
+  if constexpr (kTiles > 1) rows_avx2<kBits, kT, kTiles / 2>(p, ot, ot_end, t0);
+}
+
+using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
+
+// Up to 4 rows of T at a time (their sums and outputs fit the registers).
+template <int kBits>
+RowsFn rows_for(int64_t rows) {
+  switch (rows) {
+    case 1: return rows_avx2<kBits, 1>;
+    case 2: return rows_avx2<kBits, 2>;
+    case 3: return rows_avx2<kBits, 3>;
+    default: return rows_avx2<kBits, 4>;
+  }
+}
+
+// Output tiles ot_begin..ot_end-1 for every row of T, 4 rows at a time.
+void tiles(const Problem& p, int64_t ot_begin, int64_t ot_end) {
+  constexpr int64_t kRowsAtOnce = 4;
+  for (int64_t t0 = 0; t0 < p.T; t0 += kRowsAtOnce) {
+    const int64_t rows = std::min(kRowsAtOnce, p.T - t0);
+    (p.per_chunk == 2 ? rows_for<8>(rows) : rows_for<4>(rows))(p, ot_begin, ot_end, t0);
+  }
+}
+
 #else  // portable
 
 // The same sums and FMAs as the VNNI path, one output tile and one row of T at a time.
@@ -423,6 +577,38 @@ void quantize_row_avx512(const float* x, int64_t in, float levels, int16_t* xq, 
 }
 #endif
 
+#ifdef XLA_INFERENCE_QMM_AVX2
+// quantize_row in AVX2, 8 lanes at a time, with the same integers: the same largest
+// magnitude (max is exact in any order), row_scale_of, the same products rounded half to
+// even (vroundps), clipped.
+void quantize_row_avx2(const float* x, int64_t in, float levels, int16_t* xq, float* x_scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 peak8 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8)
+    peak8 = _mm256_max_ps(peak8, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, peak8);
+  float peak = 0.0f;
+  for (float lane : lanes) peak = std::max(peak, lane);
+  for (; k < in; ++k) peak = std::max(peak, std::fabs(x[k]));
+  float scale, inverse;
+  row_scale_of(peak, levels, &scale, &inverse);
+  const __m256 inverse8 = _mm256_set1_ps(inverse), high = _mm256_set1_ps(levels),
+               low = _mm256_set1_ps(-levels);
+  for (k = 0; k + 8 <= in; k += 8) {
+    const __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), inverse8),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i q32 = _mm256_cvtps_epi32(_mm256_min_ps(high, _mm256_max_ps(low, q)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k),
+                     _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1)));
+  }
+  for (; k < in; ++k)
+    xq[k] = static_cast<int16_t>(std::min(levels, std::max(-levels, std::nearbyint(x[k] * inverse))));
+  *x_scale = scale;
+}
+#endif
+
 // The T rows of x [T, in] quantized for the float entries (one scale a row), vectorized where
 // the build allows: the one-weight and the multi-weight entries quantize alike.
 void quantize_rows(const float* x, int64_t T, int64_t in, float levels, int16_t* xq,
@@ -430,6 +616,8 @@ void quantize_rows(const float* x, int64_t T, int64_t in, float levels, int16_t*
   for (int64_t t = 0; t < T; ++t)
 #ifdef XLA_INFERENCE_QMM_VNNI
     quantize_row_avx512(x + t * in, in, levels, xq + t * in, x_scale + t);
+#elif defined(XLA_INFERENCE_QMM_AVX2)
+    quantize_row_avx2(x + t * in, in, levels, xq + t * in, x_scale + t);
 #else
     quantize_row(x + t * in, in, levels, xq + t * in, x_scale + t);
 #endif
@@ -1306,7 +1494,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulWide, WideMatmulImpl,
 // The wide entry's best path on this CPU: 2 AMX, 1 AVX-512 bf16, 0 portable.
 extern "C" int XlaInferenceQuantizedMatmulWideIsa() { return static_cast<int>(wide_isa()); }
 
-// Whether this build took the AVX-512 VNNI path (1) or the portable one (0): for tests.
+// Whether this build took the AVX2 path (1) for its one-row products (0: VNNI or portable).
+extern "C" int XlaInferenceQuantizedMatmulAvx2() {
+#ifdef XLA_INFERENCE_QMM_AVX2
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether this build took the AVX-512 VNNI path (1) or another (0): for tests.
 extern "C" int XlaInferenceQuantizedMatmulVnni() {
 #ifdef XLA_INFERENCE_QMM_VNNI
   return 1;

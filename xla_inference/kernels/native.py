@@ -14,6 +14,7 @@ each writes a temporary file and renames it into place.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -31,12 +32,7 @@ from xla_inference import envs
 # with -ffast-math but linked without it: linking a shared library with -ffast-math adds
 # GCC's crtfastmath.o, whose constructor turns on flush-to-zero for the whole process when
 # the library loads (numpy's float32 denormals then read as 0).
-# -mno-recip (x86): -ffast-math lets GCC, tuned for CPUs without AVX-512 (Zen 3), turn a
-# vector division into a reciprocal estimate plus one Newton step (1 / 2 = 0.49999997), so a
-# softmax over equal scores no longer gives each key exactly 1/n; a division is exact.
-_X86 = platform.machine() in ("x86_64", "AMD64", "i686")
-DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC",
-                 *(("-mno-recip",) if _X86 else ()))
+DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC")
 _LINK_FLAGS = ("-shared", "-fPIC")
 
 
@@ -49,6 +45,30 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
+@functools.cache
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    return compiler
+
+
+@functools.cache
+def _compiler_flags(compiler: str) -> tuple[str, ...]:
+    """-mno-recip for GCC on x86: its -ffast-math, tuned for CPUs without AVX-512 (Zen 3),
+    turns a vector division into a reciprocal estimate plus one Newton step (1 / 2 =
+    0.49999997), so a softmax over equal scores no longer gives each key exactly 1/n.
+    Clang has no such flag and makes no such estimate unless asked (-mrecip)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 check=False).stdout
+    except OSError:
+        return ()
+    return () if "clang" in version.lower() else ("-mno-recip",)
+
+
 def _cache_dir() -> Path:
     return envs.cache_root() / "kernels"
 
@@ -59,14 +79,13 @@ def build_library(source: Path, flags: Sequence[str] = DEFAULT_FLAGS) -> Path:
     # The key covers the headers next to the source (work_items.h, which every kernel
     # includes), so that a changed header gets a new build too.
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    compiler = _compiler()
+    flags = (*flags, *_compiler_flags(compiler))
     key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()
                          + _cpu_signature().encode() + jax.__version__.encode()).hexdigest()[:16]
     path = _cache_dir() / f"{source.stem}-{key}.so"
     if path.exists():
         return path
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) found")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
         partial = tmp.name

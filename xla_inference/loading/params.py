@@ -113,13 +113,28 @@ def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, 
     (untransposed); `dense` gives float values for code that reshapes or slices it.
 
     From a checkpoint that reads slices (loading/checkpoint.load_checkpoint's reads_slices:
-    a multi-host process), a plain tensor taken as it is stored comes back unread, a
-    CheckpointSlices: placement reads only this process's devices' slices of it."""
+    a multi-host process), a plain tensor comes back unread, a CheckpointSlices (transposed
+    as a view): placement reads only this process's devices' slices of it, and a loader's
+    per-head or per-part views of it (`part`, its reshape and transpose) stay unread."""
     checked = _checked(tensors, name, shape)
-    if (not transpose and isinstance(checked, np.ndarray)
-            and getattr(tensors, "reads_slices", False)):
-        return CheckpointSlices(checked, jnp.dtype(dtype))
+    if isinstance(checked, np.ndarray) and getattr(tensors, "reads_slices", False):
+        lazy = CheckpointSlices(checked, jnp.dtype(dtype))
+        if transpose:  # the last two axes: [out, in] -> [in, out]
+            order = list(range(lazy.ndim))
+            order[-2:] = order[:-3:-1]
+            lazy = lazy.transpose(order)
+        return lazy
     return _to_host(checked, dtype, transpose)
+
+
+def part(array, index):
+    """array[index] (slices or integer arrays per axis, every axis kept): a view of a
+    tensor not read yet (CheckpointSlices.select) stays unread, so that placement reads
+    only a device's slice of the part (a fused expert tensor's gate or up half, MLA's key
+    or value rows of each head)."""
+    if isinstance(array, CheckpointSlices):
+        return array.select(index)
+    return array[index]
 
 
 def tensor_getter(tensors: Mapping[str, np.ndarray], dtype):

@@ -206,3 +206,31 @@ def test_llama4_fused_experts_loaded_by_slices_place_what_a_whole_read_does(tmp_
     assert whole_nbytes == 0 and nbytes == _stored_bytes(model_dir)
     _same_placement(sliced, whole)
     assert sliced.layers[1].mlp.w_gate.sharding.spec[0] is not None  # split by expert
+
+
+def test_an_fp8_block_deepseek_v3_loaded_by_slices_places_what_a_whole_read_does(tmp_path):
+    """DeepSeek-V3 with its MLA projections FP8 in 128 x 128 blocks (compressed-tensors, as
+    the released checkpoints; heads of 128 key and 128 value rows, as theirs): the per-head
+    matrices, dequantized at load, stay unread until placement (each view read dequantized
+    by runs of whole blocks: loading/safetensors.CheckpointSlices over a
+    quantization/sliced.QuantSlices), which places the whole read's arrays; a host holding
+    a quarter of the heads reads a quarter of kv_b_proj's bytes."""
+    from tests.models.test_deepseek_v3 import save_tiny_deepseek_v3
+    from tests.quantization.checkpoints import save_compressed_tensors
+
+    base = save_tiny_deepseek_v3(tmp_path / "ds", num_attention_heads=8, num_key_value_heads=8,
+                                 qk_nope_head_dim=128, v_head_dim=128)
+    model_dir = save_compressed_tensors(tmp_path / "q", "FP8_BLOCK", base=base).path
+    mesh = build_mesh(4)
+    (sliced, host), nbytes = _reads(lambda: _placed(model_dir, mesh, True))
+    (whole, _), whole_nbytes = _reads(lambda: _placed(model_dir, mesh, False))
+    attn = host.layers[1].attn
+    for field in ("wq_nope", "wq_rope", "w_uk", "w_uv", "wo"):
+        assert isinstance(getattr(attn, field), CheckpointSlices), field
+    _same_placement(sliced, whole)
+
+    w_uk, w_uv = attn.w_uk, attn.w_uv  # [N, P, L], [N, L, H]
+    _, all_bytes = _reads(lambda: (w_uk[:], w_uv[:]))
+    quarter, quarter_bytes = _reads(lambda: (w_uk[:2], w_uv[:2]))
+    np.testing.assert_array_equal(quarter[0], np.asarray(whole.layers[1].attn.w_uk)[:2])
+    assert abs(quarter_bytes - all_bytes / 4) <= 0.05 * all_bytes, (quarter_bytes, all_bytes)

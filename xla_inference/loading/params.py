@@ -15,7 +15,7 @@ from xla_inference.quantization.experts import (PackedExperts, pack_experts, pac
 from xla_inference.quantization.groups import GroupQuant
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import PackedWeight, pack
-from xla_inference.quantization.sliced import as_group_quant
+from xla_inference.quantization.sliced import as_group_quant, reads_by_block
 
 
 class WeightMismatchError(ValueError):
@@ -124,6 +124,10 @@ def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, 
             order[-2:] = order[:-3:-1]
             lazy = lazy.transpose(order)
         return lazy
+    if transpose and reads_by_block(checked):
+        # A quantized weight not read yet (QuantSlices), taken transposed: dense, so read
+        # dequantized by block where placement asks (MLA's per-head matrices).
+        return CheckpointSlices(checked, jnp.dtype(dtype)).transpose(1, 0)
     return _to_host(checked, dtype, transpose)
 
 
@@ -169,7 +173,11 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
 
 def dense(array: np.ndarray | GroupQuant, dtype=np.float32) -> np.ndarray:
     """`array`, or a quantized weight's float values, for a loader that reshapes or slices
-    a weight (MLA's kv_b_proj) rather than handing it to a product."""
+    a weight (MLA's kv_b_proj) rather than handing it to a product. One not read yet
+    (QuantSlices: a multi-host process) stays unread, its views read dequantized by block
+    (loading/safetensors.CheckpointSlices)."""
+    if reads_by_block(array):
+        return CheckpointSlices(array, jnp.dtype(dtype))
     return _dense(array, dtype)
 
 

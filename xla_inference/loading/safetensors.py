@@ -12,7 +12,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from xla_inference.quantization.sliced import LazyArray, rows_as_slice_or_array
+from xla_inference.quantization.sliced import LazyArray, reads_by_block, rows_as_slice_or_array
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -108,13 +108,17 @@ class CheckpointSlices(np.lib.mixins.NDArrayOperatorsMixin, LazyArray):
     would be."""
 
     def __init__(self, stored: np.ndarray, dtype, counter: ReadCounter = CHECKPOINT_READS):
+        # `stored`: an array (a memory map's view), a StoredStack, or a quantized [out, in]
+        # weight not read yet (quantization/sliced.QuantSlices), read dequantized by block.
         self._stored = stored
         self.dtype = np.dtype(dtype)
         self.shape = tuple(stored.shape)
         self._counter = counter
-        # Per view axis (stored axis, offsets [n] into it); None: the stored tensor as it is.
+        # Per view axis (stored axis, offsets [n] into it); None: the stored array as it is.
         # A stored element's index along an axis is the sum of its view axes' offsets.
         self._axes: list[tuple[int, np.ndarray]] | None = None
+        if not isinstance(stored, np.ndarray):
+            self._axes = self._axis_map()
 
     def _view(self, axes: list[tuple[int, np.ndarray]]) -> CheckpointSlices:
         view = object.__new__(CheckpointSlices)
@@ -190,7 +194,8 @@ class CheckpointSlices(np.lib.mixins.NDArrayOperatorsMixin, LazyArray):
             sizes += [len(picked[v][1]) for v in mine]
             order += mine
         block = gather(self._stored, tuple(stored_index))
-        self._counter.add(block.nbytes)
+        if not reads_by_block(self._stored):  # a quantized weight's reads count themselves
+            self._counter.add(block.nbytes)
         block = block.reshape(sizes).transpose(np.argsort(order)).astype(self.dtype, copy=False)
         block = np.ascontiguousarray(block)
         return block.reshape([n for axis, n in enumerate(block.shape) if axis not in dropped])
@@ -228,6 +233,8 @@ class StoredStack:
 def gather(stored, index: tuple) -> np.ndarray:
     """A copy of stored[index] (index: a slice or a 1-D integer array per axis, each array
     taking just its elements), from a memory map: only what it covers is read."""
+    if reads_by_block(stored):
+        return _dequantized_block(stored, *index)
     if isinstance(stored, StoredStack):
         first, rest = index[0], index[1:]
         chosen = range(len(stored.parts))[first] if isinstance(first, slice) else first
@@ -241,6 +248,30 @@ def gather(stored, index: tuple) -> np.ndarray:
         return np.array(stored[index])
     return np.array(stored[np.ix_(*[np.arange(n)[i] if isinstance(i, slice) else i
                                     for n, i in zip(stored.shape, index)])])
+
+
+def _dequantized_block(weight, rows, cols) -> np.ndarray:
+    """Rows and columns of a quantized [out, in] weight not read yet (QuantSlices), as
+    float32. The rows are read as runs of whole row units (weight.row_unit: an FP8 block's
+    side; 1 for most formats), each with the whole groups that hold the columns, so a
+    format reads each run by itself; dequantized (elementwise: the whole weight's values)
+    and cut."""
+    out, inp = weight.shape
+    rows = np.arange(out)[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+    cols = np.arange(inp)[cols] if isinstance(cols, slice) else np.asarray(cols, np.int64)
+    if not rows.size or not cols.size:
+        return np.zeros((rows.size, cols.size), np.float32)
+    group, unit = weight.group_size, getattr(weight, "row_unit", 1)
+    c0, c1 = int(cols.min()) // group * group, min(-(-(int(cols.max()) + 1) // group) * group, inp)
+    units = np.unique(rows // unit)
+    runs = np.split(units, np.flatnonzero(np.diff(units) > 1) + 1)
+    starts = np.array([int(run[0]) * unit for run in runs])
+    stops = np.minimum([(int(run[-1]) + 1) * unit for run in runs], out)
+    blocks = [weight.block(slice(int(lo), int(hi)), c0, c1, group).dequantize(np.float32)
+              for lo, hi in zip(starts, stops)]
+    at = np.concatenate([[0], np.cumsum(stops - starts)[:-1]])  # each run's first row
+    run = np.searchsorted(starts, rows, side="right") - 1
+    return np.concatenate(blocks)[np.ix_(at[run] + rows - starts[run], cols - c0)]
 
 
 def _with_inferred(shape: tuple[int, ...], size: int) -> tuple[int, ...]:

@@ -24,12 +24,14 @@ def load_checkpoint(model_path: str | Path, gguf_file: str | None = None,
     `quantization` is vLLM's method name (the checkpoint's, or --quantization); the online
     methods (quantization/online.py) need no reader: runner/build.py quantizes at load.
 
-    `reads_slices`: an unquantized safetensors checkpoint's tensors that reach the
-    parameters unchanged stay unread until placement reads each device's slice
-    (loading/safetensors.CheckpointSlices); so do the quantized projection weights of a
+    `reads_slices`: an unquantized safetensors checkpoint's tensors stay unread until
+    placement reads each device's slice (loading/safetensors.CheckpointSlices), also
+    through a loader's transpose, axis split or part (fused MoE experts, MLA's per-head
+    matrices) and stacked per expert; so do the quantized projection weights of a
     quantized checkpoint or a GGUF file (quantization/sliced.QuantSlices: each device's
-    rows and columns, packed words, groups and scale rows). Tensors a loader transposes,
-    stacks (MoE experts) or dequantizes (a GGUF embedding) are read whole."""
+    rows and columns, packed words, groups and scale rows), and quantized matrices a
+    loader dequantizes to cut by head (read dequantized by block). Tensors a loader
+    computes from whole (a GGUF embedding dequantized to be gathered) are read whole."""
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, reads_slices)

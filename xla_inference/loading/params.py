@@ -15,7 +15,7 @@ from xla_inference.quantization.experts import (PackedExperts, pack_experts, pac
 from xla_inference.quantization.groups import GroupQuant
 from xla_inference.quantization.online import quantize_per_channel
 from xla_inference.quantization.packed import PackedWeight, pack
-from xla_inference.quantization.sliced import as_group_quant
+from xla_inference.quantization.sliced import as_group_quant, reads_by_block
 
 
 class WeightMismatchError(ValueError):
@@ -113,13 +113,32 @@ def take_tensor(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, 
     (untransposed); `dense` gives float values for code that reshapes or slices it.
 
     From a checkpoint that reads slices (loading/checkpoint.load_checkpoint's reads_slices:
-    a multi-host process), a plain tensor taken as it is stored comes back unread, a
-    CheckpointSlices: placement reads only this process's devices' slices of it."""
+    a multi-host process), a plain tensor comes back unread, a CheckpointSlices (transposed
+    as a view): placement reads only this process's devices' slices of it, and a loader's
+    per-head or per-part views of it (`part`, its reshape and transpose) stay unread."""
     checked = _checked(tensors, name, shape)
-    if (not transpose and isinstance(checked, np.ndarray)
-            and getattr(tensors, "reads_slices", False)):
-        return CheckpointSlices(checked, jnp.dtype(dtype))
+    if isinstance(checked, np.ndarray) and getattr(tensors, "reads_slices", False):
+        lazy = CheckpointSlices(checked, jnp.dtype(dtype))
+        if transpose:  # the last two axes: [out, in] -> [in, out]
+            order = list(range(lazy.ndim))
+            order[-2:] = order[:-3:-1]
+            lazy = lazy.transpose(order)
+        return lazy
+    if transpose and reads_by_block(checked):
+        # A quantized weight not read yet (QuantSlices), taken transposed: dense, so read
+        # dequantized by block where placement asks (MLA's per-head matrices).
+        return CheckpointSlices(checked, jnp.dtype(dtype)).transpose(1, 0)
     return _to_host(checked, dtype, transpose)
+
+
+def part(array, index):
+    """array[index] (slices or integer arrays per axis, every axis kept): a view of a
+    tensor not read yet (CheckpointSlices.select) stays unread, so that placement reads
+    only a device's slice of the part (a fused expert tensor's gate or up half, MLA's key
+    or value rows of each head)."""
+    if isinstance(array, CheckpointSlices):
+        return array.select(index)
+    return array[index]
 
 
 def tensor_getter(tensors: Mapping[str, np.ndarray], dtype):
@@ -154,7 +173,11 @@ def take_stacked(tensors: Mapping[str, np.ndarray], names: Sequence[str], shape:
 
 def dense(array: np.ndarray | GroupQuant, dtype=np.float32) -> np.ndarray:
     """`array`, or a quantized weight's float values, for a loader that reshapes or slices
-    a weight (MLA's kv_b_proj) rather than handing it to a product."""
+    a weight (MLA's kv_b_proj) rather than handing it to a product. One not read yet
+    (QuantSlices: a multi-host process) stays unread, its views read dequantized by block
+    (loading/safetensors.CheckpointSlices)."""
+    if reads_by_block(array):
+        return CheckpointSlices(array, jnp.dtype(dtype))
     return _dense(array, dtype)
 
 

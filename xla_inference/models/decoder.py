@@ -24,7 +24,7 @@ from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
 from xla_inference.layers.norms import rms_norm
 from xla_inference.lora.slots import embed_lookup
 from xla_inference.layers.rope import rope_inv_freq
-from xla_inference.loading.params import take_stacked, take_tensor, tensor_getter
+from xla_inference.loading.params import part, take_stacked, take_tensor, tensor_getter
 from xla_inference.parallel.axes import weight
 from xla_inference.parallel.pipeline import run_microbatched
 from xla_inference.models.interface import FULL, SLIDING, KvLayer, ModelFamily, StepBatch
@@ -141,7 +141,8 @@ def load_moe_mlp(tensors: Mapping[str, np.ndarray], dtype, prefix: str, hidden_s
     router = get("gate.weight", (E, D))
     if prefix + "experts.gate_up_proj" in tensors:
         gate_up = get("experts.gate_up_proj", (E, 2 * F, D))  # [E, D, 2F]: gate, then up
-        return MoeMlp(router=router, w_gate=gate_up[..., :F], w_up=gate_up[..., F:],
+        return MoeMlp(router=router, w_gate=part(gate_up, (..., slice(0, F))),
+                      w_up=part(gate_up, (..., slice(F, 2 * F))),
                       w_down=get("experts.down_proj", (E, D, F)))
     gate, up, down = names
     return MoeMlp(router=router, w_gate=stack(gate, (F, D)), w_up=stack(up, (F, D)),

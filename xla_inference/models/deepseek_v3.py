@@ -30,7 +30,7 @@ from xla_inference.layers.mlp import GatedMlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import rms_norm
 from xla_inference.layers.rope import rope_inv_freq, yarn_inv_freq, yarn_mscale
-from xla_inference.loading.params import dense, take_tensor, tensor_getter
+from xla_inference.loading.params import dense, part, take_tensor, tensor_getter
 from xla_inference.models.decoder import (DecoderParams, compute_logits, decoder_fields,
                                           load_gated_mlp, load_lm_head, load_moe_mlp, mlp_block,
                                           run_layers)
@@ -131,11 +131,15 @@ def load_mla(get, prefix: str, cfg: DeepseekV3Config) -> MlaAttention:
     wq = wq.reshape(wq.shape[0], N, P + R)
     wkv_a = get(prefix + "kv_a_proj_with_mqa.weight", (L + R, D), True)  # [D, L + R]
     wkv_b = dense(get(prefix + "kv_b_proj.weight", (N * (P + H), L)), wkv_a.dtype).reshape(N, P + H, L)
+    # The per-head matrices are parts of the checkpoint's: from one not read yet (a
+    # multi-host process), placement reads only its devices' heads (params.part).
     return MlaAttention(
-        wq_a=wq_a, q_a_norm=q_a_norm, wq_nope=wq[..., :P], wq_rope=wq[..., P + rope_order],
+        wq_a=wq_a, q_a_norm=q_a_norm, wq_nope=part(wq, (..., slice(0, P))),
+        wq_rope=part(wq, (..., P + rope_order)),
         wkv_a=jnp.concatenate([wkv_a[:, :L], wkv_a[:, L + rope_order]], axis=1),
         kv_a_norm=get(prefix + "kv_a_layernorm.weight", (L,)),
-        w_uk=wkv_b[:, :P], w_uv=wkv_b[:, P:].transpose(0, 2, 1),
+        w_uk=part(wkv_b, (slice(None), slice(0, P))),
+        w_uv=part(wkv_b, (slice(None), slice(P, P + H))).transpose(0, 2, 1),
         wo=get(prefix + "o_proj.weight", (D, N * H), True).reshape(N, H, D),
     )
 

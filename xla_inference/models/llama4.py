@@ -32,6 +32,7 @@ from xla_inference.layers.linear import linear
 from xla_inference.layers.moe import MoeConfig, MoeMlp
 from xla_inference.layers.norms import l2_norm, rms_norm
 from xla_inference.layers.rope import apply_rope_interleaved
+from xla_inference.loading.params import part
 from xla_inference.models import decoder
 from xla_inference.models.decoder import (DecoderConfig, DecoderLayer, DecoderParams,
                                           decoder_family, decoder_fields, load_gated_mlp,
@@ -104,7 +105,8 @@ def _load_moe(get, prefix: str, cfg: Llama4Config) -> MoeMlp:
     D, E, F = cfg.hidden_size, cfg.moe.num_experts, cfg.moe.intermediate_size
     router = get(prefix + "router.weight", (E, D), True)
     gate_up = get(prefix + "experts.gate_up_proj", (E, D, 2 * F))  # [E, D, 2F]: gate, then up
-    return MoeMlp(router=router, w_gate=gate_up[..., :F], w_up=gate_up[..., F:],
+    return MoeMlp(router=router, w_gate=part(gate_up, (..., slice(0, F))),
+                  w_up=part(gate_up, (..., slice(F, 2 * F))),
                   w_down=get(prefix + "experts.down_proj", (E, F, D)),
                   shared_expert=load_gated_mlp(get, prefix + "shared_expert.", D, F))
 

@@ -60,7 +60,7 @@ class QuantSlices(GroupQuant):
 
     def __init__(self, read_block: BlockReader, shape: tuple[int, int], probe: GroupQuant,
                  rows: np.ndarray | None = None, parts_apart: bool = True,
-                 half_groups: tuple[str, ...] = ()):
+                 half_groups: tuple[str, ...] = (), row_unit: int = 1):
         # `probe`: the weight's zero leading rows and every column, which the format's
         # reader checked like the whole (kind, group size, offsets, activations, name).
         self._read_block = read_block
@@ -78,6 +78,10 @@ class QuantSlices(GroupQuant):
         # and AWQ's scales, GGUF Q4_0's d): packed in float16 as a whole read would (exact);
         # the rest float32, since only reading all of them could tell.
         self.half_groups = tuple(half_groups)
+        # The rows one stored element spans (an FP8 block's side, GPTQ zero points packed
+        # eight to a word): a block whose row edges are multiples of it is read by itself;
+        # one that splits a unit reads the module whole and cuts (formats/slicing.py).
+        self.row_unit = int(row_unit)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -153,9 +153,11 @@ def load(model_path: str | Path, precision: Precision, *, gguf_file: str | None 
     columns of their packed values, scales and offsets (quantization/sliced.QuantSlices,
     quantization/packed.PackedSlices), and MoE experts stored one tensor per expert (only
     the experts or width slices its devices hold: loading/safetensors.ExpertStackSlices,
-    quantization/experts.pack_experts_by_slice). Tensors a loader otherwise transposes,
-    stacks (fused or GGUF expert stacks) or dequantizes (a GGUF embedding, GGUF float
-    tensors) are read whole, as is what an online method quantizes."""
+    quantization/experts.pack_experts_by_slice), and the views a loader takes of a stored
+    tensor (a transpose, a split of axes, a part: experts stored fused, MLA's per-head
+    matrices, from a quantized checkpoint too: loading/safetensors.CheckpointSlices). What
+    a loader computes from the whole tensor (a GGUF embedding, GGUF float tensors) is read
+    whole, as is what an online method quantizes."""
     family, cfg, params = load_model(model_path, precision.activations, gguf_file,
                                      random_seed=random_seed, quantization=quantization,
                                      reads_slices=reads_slices)

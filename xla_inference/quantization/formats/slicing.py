@@ -185,8 +185,11 @@ def sliced_weight(reader, tensors: Mapping, prefix: str, count: Callable[[int], 
                                    (out, inp))
         return cut(whole, rows, c0, c1)
 
+    units = [entry[1] for suffix, rule in rules.items() if prefix + suffix in tensors
+             for entry in (rule or ()) if entry is not None and entry[0] == OUT]
     return QuantSlices(read_block, (out, inp), probe, half_groups=_half_groups(reader, tensors,
-                                                                             prefix))
+                                                                             prefix),
+                       row_unit=math.lcm(1, *units))
 
 
 def _half_groups(reader, tensors: Mapping, prefix: str) -> tuple[str, ...]:

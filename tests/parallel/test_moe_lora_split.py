@@ -7,6 +7,9 @@ mode: the adapter stacks split with the experts, so --enable-lora keeps the hand
   8 experts do not divide, by the intermediate width) gives a float64 numpy reference's
   output (on the dequantized experts); the kernel never sees a whole expert weight and
   the program's only collective is the all-reduce of the [T, D] output;
+- int8 and int4 experts split by expert over 2 and 4 devices (tensor parallel alone),
+  through the CPU's native expert kernel, the stacks cut on the expert axis with them (as
+  LoraSlots.place cuts them): the same reference, no all-gather of stacks or experts;
 - a tiny Qwen3-MoE engine at tensor parallel 2, base and three adapters (two of them on
   every expert) mixed in its steps, gives transformers+peft's logits, and its compiled
   LoRA step gathers no expert weight and no expert adapter stack."""
@@ -20,14 +23,15 @@ import pytest
 
 from tests.helpers import engine_request, run_chunks, save_tiny_family
 from tests.parallel.test_collective_matmul import collectives
-from tests.parallel.test_moe_expert_parallel import CFG, D, E, T, _dense_block, _quantized
+from tests.parallel.test_moe_expert_parallel import CFG, D, E, T, _dense_block, _int4, _quantized
 from tests.helpers import pallas_tpu_gmm_in_interpret_mode
-from xla_inference.kernels import pallas_gmm
+from xla_inference.kernels import cpu_quantized, pallas_gmm
 from xla_inference.layers.moe import MoeMlp, moe_mlp, route
-from xla_inference.lora.slots import LoraExperts, column_mask
+from xla_inference.lora.slots import LoraExperts, column_mask, expert_stack_sharding
 from xla_inference.parallel.sharding import build_mesh, param_shardings, place_params, traced_over
-from xla_inference.quantization.experts import PackedExperts, expert_weights
-from xla_inference.quantization.groups import INT8
+from xla_inference.quantization.experts import (expert_weights, quantize_experts,
+                                                uses_native_kernel)
+from xla_inference.quantization.groups import INT4, INT8
 
 SLOTS, RANK = 2, 4  # adapter slots 1..SLOTS, each of rank RANK: L*r = 8 stack columns
 F = 48
@@ -81,22 +85,17 @@ def _reference(block: MoeMlp, stacks: dict, token_slots, x) -> np.ndarray:
     return out
 
 
-def _placed_stacks(stacks: dict, placed: MoeMlp, mesh) -> dict:
-    """The stacks split as LoraSlots.place splits them beside experts [E, in, out] of spec
-    (e, i, o): A [E, in, L*r] as (e, i, None), B [E, L*r, out] as (e, None, o); beside
-    quantized experts replicated (the shard_map takes each device's share)."""
-    def put(array, experts, is_a):
-        spec = () if isinstance(experts, PackedExperts) else tuple(experts.sharding.spec)
-        e, i, o = (spec + (None,) * 3)[:3]
-        spec = (e, i, None) if is_a else (e, None, o)
-        return jax.device_put(array, jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(*spec)))
-
-    return {"a_gate_up": put(stacks["a_gate_up"], placed.w_gate, True),
-            "b_gate": put(stacks["b_gate"], placed.w_gate, False),
-            "b_up": put(stacks["b_up"], placed.w_up, False),
-            "a_down": put(stacks["a_down"], placed.w_down, True),
-            "b_down": put(stacks["b_down"], placed.w_down, False)}
+def _placed_stacks(stacks: dict, shardings: MoeMlp) -> dict:
+    """The stacks placed by the engine's own rule (lora/slots.expert_stack_sharding, which
+    LoraSlots.place applies) beside experts of `shardings` (param_shardings'): beside
+    dense experts of spec (e, i, o) A [E, in, L*r] as (e, i, None), B [E, L*r, out] as
+    (e, None, o); beside quantized experts by their values' expert axis alone."""
+    return jax.device_put(stacks, {
+        "a_gate_up": expert_stack_sharding(shardings.w_gate, True),
+        "b_gate": expert_stack_sharding(shardings.w_gate, False),
+        "b_up": expert_stack_sharding(shardings.w_up, False),
+        "a_down": expert_stack_sharding(shardings.w_down, True),
+        "b_down": expert_stack_sharding(shardings.w_down, False)})
 
 
 @pytest.fixture
@@ -127,11 +126,12 @@ def test_adapted_experts_on_their_shares_equal_reference(tp, backend, axes, kind
 
     mesh = build_mesh(tp)
     model_cfg = types.SimpleNamespace(moe=CFG, intermediate_size=F)
-    placed = place_params(block, param_shardings(block, model_cfg, mesh))
+    shardings = param_shardings(block, model_cfg, mesh)
+    placed = place_params(block, shardings)
     values = lambda w: w if kind == "float32" else w.values  # noqa: E731
     for name, axis in zip(("w_gate", "w_up", "w_down"), axes):
         assert values(getattr(placed, name)).sharding.spec[axis] == "model", name
-    placed_stacks = _placed_stacks(stacks, placed, mesh)
+    placed_stacks = _placed_stacks(stacks, shardings)
     step = jax.jit(traced_over(mesh, lambda p, s, slots, x: moe_mlp(
         _with_adapters(p, s, slots), x, CFG))).lower(placed, placed_stacks, token_slots, x)
     compiled = step.compile()
@@ -148,6 +148,51 @@ def test_adapted_experts_on_their_shares_equal_reference(tp, backend, axes, kind
     assert kind != "float32" or set(shares) <= set(handed), handed
     assert not set(whole) & set(handed), handed
     # Nothing gathered; base and adapter partial outputs meet in one all-reduce of [T, D].
+    assert collectives(hlo) == {"all-reduce": 1}, collectives(hlo)
+    assert re.search(rf"f32\[{T},{D}\]\S* all-reduce\(", hlo)
+
+
+# Quantized experts split by expert under tensor parallel alone (E divisible by the axis),
+# through the CPU's native expert kernel (its tiles split only by experts): the stacks
+# placed beside them cut on the expert axis with the experts' values, each device's delta
+# on its own experts' adapters; nothing of the stacks gathered.
+@pytest.mark.parametrize("kind,tp", [(INT8, 2), (INT4, 4)])
+def test_quantized_experts_split_by_expert_with_adapters_equal_reference(kind, tp,
+                                                                         monkeypatch):
+    monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "1")
+    monkeypatch.setenv(pallas_gmm.GMM_BACKEND_VARIABLE, "xla")
+    monkeypatch.setenv("XLA_INFERENCE_MOE_DISPATCH", "auto")
+    jax.clear_caches()
+    cpu_quantized.available.cache_clear()
+    dense, stacks = _dense_block(), _adapter_stacks()
+    experts = ([_int4(E, D, F, 0), _int4(E, D, F, 100), _int4(E, F, D, 200)] if kind == INT4
+               else [quantize_experts(w, kind) for w in (dense.w_gate, dense.w_up, dense.w_down)])
+    block = MoeMlp(dense.router, *experts)
+    assert all(uses_native_kernel(w) for w in experts), "the native CPU kernel did not build"
+    x = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
+    token_slots = np.array([0, 1, 2, 1, 0, 2, 2, 1, 0, 1, 2, 0], np.int32)
+    want = _reference(block, stacks, token_slots, x)
+
+    mesh = build_mesh(tp)
+    shardings = param_shardings(block, types.SimpleNamespace(moe=CFG, intermediate_size=F), mesh)
+    placed = place_params(block, shardings)
+    placed_stacks = _placed_stacks(stacks, shardings)
+    for name in ("w_gate", "w_up", "w_down"):
+        assert getattr(placed, name).values.sharding.spec[0] == "model", name
+    for name, stack in placed_stacks.items():  # E / tp experts' adapters on each device
+        assert tuple(stack.sharding.spec) == ("model",), (name, stack.sharding)
+        assert {s.data.shape for s in stack.addressable_shards} == {
+            (E // tp, *stack.shape[1:])}, name
+    step = jax.jit(traced_over(mesh, lambda p, s, slots, x: moe_mlp(
+        _with_adapters(p, s, slots), x, CFG))).lower(placed, placed_stacks, token_slots, x)
+    compiled = step.compile()
+    got = np.asarray(compiled(placed, placed_stacks, token_slots, x))
+
+    # The kernel rounds each activation row to 15-bit integers: ~1e-4 relative.
+    np.testing.assert_allclose(got, want, rtol=5e-4, atol=5e-4 * np.abs(want).max())
+    assert np.abs(want - _reference(block, stacks, np.zeros(T, np.int32), x)).max() > 1e-2
+    # No all-gather (of the stacks or the experts): one all-reduce of the [T, D] output.
+    hlo = compiled.as_text()
     assert collectives(hlo) == {"all-reduce": 1}, collectives(hlo)
     assert re.search(rf"f32\[{T},{D}\]\S* all-reduce\(", hlo)
 

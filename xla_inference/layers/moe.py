@@ -166,13 +166,14 @@ def _grouped(xs: jax.Array, w: jax.Array | PackedExperts, group_sizes: jax.Array
     if route is not None:  # a TPU or GPU: the Pallas GMM reads only the experts with rows
         return pallas_gmm.gmm(xs, w, group_sizes, backend=route.backend,
                               interpret=route.interpret)
-    if not left_to_gspmd():
+    if not left_to_gspmd(w):
         # The work-list loop (kernels/xla_gmm.py): each row times its own expert, read in
         # place; rows outside every group (padding) cost nothing. 128 experts [1024, 384],
         # float32, the loaded 2-core machine: 512 rows 100 ms against ragged_dot's 2 s
         # (every row times every expert on XLA's CPU); 64 rows 18 ms against 157 ms
-        # gathered (below). Where GSPMD partitions the step it would gather the experts
-        # the loop reads by a dynamic index: ragged_dot and the gather stay there.
+        # gathered (below). Where GSPMD partitions the step (the context mesh's, else the
+        # experts' own mesh: a jit without traced_over) it would gather the experts the
+        # loop reads by a dynamic index: ragged_dot and the gather stay there.
         return xla_gmm.gmm(xs, w, group_sizes).astype(xs.dtype)
     if xs.shape[0] < w.shape[0]:
         # Fewer rows than experts (decode): each row times its own expert, gathered. XLA's

@@ -232,7 +232,7 @@ def weight_sharding(shardings, module: str) -> jax.sharding.NamedSharding:
     packed_axes: tiles [out, in, ...] or K-major [in, out])."""
     leaf = module_leaf(shardings, module)
     if is_expert_module(module) or not isinstance(leaf, PackedWeight):
-        return leaf  # experts: [E, in, out] (quantized ones: none, LoraSlots.place)
+        return leaf  # experts [E, in, out] (quantized: PackedExperts; expert_stack_sharding)
     spec = tuple(leaf.values.spec) + (None, None)
     out_in = (spec[1], spec[0]) if getattr(leaf, "k_major", False) else spec[:2]
     return jax.sharding.NamedSharding(leaf.values.mesh, jax.sharding.PartitionSpec(*out_in))
@@ -385,6 +385,23 @@ def _write_slot(stacks: dict, offset: jax.Array, slot: jax.Array, values: dict) 
                    for m, b in stacks["eb"].items()}}
 
 
+def expert_stack_sharding(experts, a: bool) -> jax.sharding.NamedSharding:
+    """An expert adapter stack's sharding (LoraSlots.place): A [E, in, L*r] (`a`) or B
+    [E, L*r, out] split as the experts [E, in, out] beside it are (`experts`: their
+    NamedSharding, or a quantized stack's PackedExperts of them); beside quantized experts
+    (values, scales, offsets: their own layouts) by their values' expert axis alone, which
+    every layout keeps first (under data parallel the quantized experts split across the
+    replicas by expert only; under tensor parallel by expert where E divides, else by width,
+    the stacks then whole on every device)."""
+    if not isinstance(experts, jax.sharding.NamedSharding):
+        values = experts.values
+        e = (tuple(values.spec) + (None,))[0]
+        return jax.sharding.NamedSharding(values.mesh, jax.sharding.PartitionSpec(e))
+    e, inp, out = (tuple(experts.spec) + (None,) * 3)[:3]
+    axes = (e, inp, None) if a else (e, None, out)
+    return jax.sharding.NamedSharding(experts.mesh, jax.sharding.PartitionSpec(*axes))
+
+
 class LoraSlots:
     """The device stacks and the host adapters: max_cpu adapters kept on the host (LRU), at
     most max_loras in device slots 1..max_loras (LRU among those not pinned nor running)."""
@@ -476,20 +493,6 @@ class LoraSlots:
             mesh = split(module)[0]
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
 
-        def expert_sharding(module, a: bool):
-            """[E, in, L*r] (a) or [E, L*r, out] split as the experts [E, in, out] are;
-            beside quantized experts (values, scales, offsets: their own layouts) by their
-            expert axis alone, which every layout keeps first (under data parallel the
-            quantized experts split across the replicas by expert only)."""
-            leaf = weight_sharding(module)
-            if not isinstance(leaf, jax.sharding.NamedSharding):
-                leaf = leaf.values
-                e = (tuple(leaf.spec) + (None,))[0]
-                return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(e))
-            e, inp, out = (tuple(leaf.spec) + (None,) * 3)[:3]
-            axes = (e, inp, None) if a else (e, None, out)
-            return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*axes))
-
         mesh = jax.tree.leaves(weight_sharding(next(iter(self.module_shapes))))[0].mesh
         whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         shardings = {
@@ -498,8 +501,10 @@ class LoraSlots:
             "vocab_slots": {m: whole for m in self.stacks["vocab_slots"]},
             "vocab": jax.tree.map(lambda _: whole, self.stacks["vocab"]),
             **self._dense_shardings(split, sharding),
-            "ea": {g: expert_sharding(ms[0], True) for g, ms in self.expert_groups.items()},
-            "eb": {m: expert_sharding(m, False) for m in self.stacks["eb"]}}
+            "ea": {g: expert_stack_sharding(weight_sharding(ms[0]), True)
+                   for g, ms in self.expert_groups.items()},
+            "eb": {m: expert_stack_sharding(weight_sharding(m), False)
+                   for m in self.stacks["eb"]}}
         self.stacks = jax.device_put(self.stacks, shardings)
         self._write_program = jax.jit(_write_slot.__wrapped__, donate_argnums=(0,),
                                       out_shardings=shardings)

@@ -320,14 +320,21 @@ def tensor_parallel_mesh():
     return mesh
 
 
-def left_to_gspmd() -> bool:
-    """Whether the traced code is partitioned by GSPMD: some axis of the context mesh of
-    size > 1 not manual (outside a shard_map over it). Code without a partitioning rule
-    GSPMD would gather for (a loop reading experts by a dynamic index: kernels/xla_gmm.py)
-    runs only where this is False."""
+def left_to_gspmd(*operands) -> bool:
+    """Whether the traced code reading `operands` (arrays, or pytrees of them) is
+    partitioned by GSPMD: some axis of size > 1 of its mesh not manual (outside a shard_map
+    over it). Its mesh: JAX's context mesh where one is set (traced_over; inside a
+    shard_map); else the mesh the operands were placed on, which their abstract values
+    carry through a jax.jit (one over params placed on a mesh without traced_over: GSPMD
+    partitions it all the same). An Auto mesh's trace shows that mesh, not the operands'
+    specs: operands replicated on a mesh of several devices count too. Code without a
+    partitioning rule GSPMD would gather for (a loop reading experts by a dynamic index:
+    kernels/xla_gmm.py) runs only where this is False."""
     mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and any(size > 1 and name not in mesh.manual_axes
-                                  for name, size in mesh.shape.items())
+    meshes = [mesh] if not mesh.empty else [
+        jax.typeof(a).sharding.mesh for a in jax.tree.leaves(operands)]
+    return any(not m.empty and any(size > 1 and name not in m.manual_axes
+                                   for name, size in m.shape.items()) for m in meshes)
 
 
 def splits(mesh, logical_axis: str, units: int, dim: int) -> bool:

@@ -339,7 +339,7 @@ def _every_expert(xs: jax.Array, w: PackedExperts, group_sizes: jax.Array) -> ja
         return pallas_gmm.gmm(xs.astype(compute), dequantize_experts(w), group_sizes,
                               backend=route.backend, interpret=route.interpret,
                               out_dtype=jnp.float32)
-    if not left_to_gspmd():
+    if not left_to_gspmd(w):
         return xla_gmm.gmm(xs.astype(compute), dequantize_experts(w), group_sizes,
                            preferred_element_type=jnp.float32)
     return jax.lax.ragged_dot(xs.astype(compute), dequantize_experts(w), group_sizes,

@@ -71,16 +71,24 @@ def _step_hlo(engine) -> str:
     return engine._forward.jitted.lower(engine.params, engine.kv_cache, *args).compile().as_text()
 
 
-@pytest.mark.parametrize("kind", [INT8, FP8, INT4])
-def test_quantized_block_split_across_replicas_equals_reference(kind):
-    from tests.parallel.test_moe_expert_parallel import CFG, D, E, _dense_block, _int4
+def _quantized_block(kind):
+    """test_moe_expert_parallel's dense block and the same block with its experts quantized
+    as `kind` (int4: that module's own int4 experts)."""
+    from tests.parallel.test_moe_expert_parallel import D, E, _dense_block, _int4
 
     dense = _dense_block()
     if kind == INT4:
         experts = [_int4(E, D, 48, 0), _int4(E, D, 48, 100), _int4(E, 48, D, 200)]
     else:
         experts = [quantize_experts(w, kind) for w in (dense.w_gate, dense.w_up, dense.w_down)]
-    block = MoeMlp(dense.router, *experts)
+    return dense, MoeMlp(dense.router, *experts)
+
+
+@pytest.mark.parametrize("kind", [INT8, FP8, INT4])
+def test_quantized_block_split_across_replicas_equals_reference(kind):
+    from tests.parallel.test_moe_expert_parallel import CFG, D, E
+
+    dense, block = _quantized_block(kind)
     mesh = build_mesh(2, data_parallel_size=2)
     model_cfg = types.SimpleNamespace(moe=CFG, intermediate_size=48)
     # Width preferred (no --enable-expert-parallel): quantized stacks split by expert still.
@@ -152,16 +160,11 @@ def test_adapted_quantized_block_split_across_replicas_equals_reference(kind):
     experts' expert axis): each replica's tokens, of its own slots, give the float64
     reference on the dequantized experts (tests/parallel/test_moe_lora_split.py; the same
     block on one device: that test); every device holds 2 of the 8 experts' stacks and nothing is gathered."""
-    from tests.parallel.test_moe_expert_parallel import CFG, D, E, T, _dense_block, _int4
+    from tests.parallel.test_moe_expert_parallel import CFG, D, E, T
     from tests.parallel.test_moe_lora_split import _adapter_stacks, _reference, _with_adapters
     from xla_inference.lora.slots import column_mask
 
-    dense = _dense_block()
-    if kind == INT4:
-        experts = [_int4(E, D, 48, 0), _int4(E, D, 48, 100), _int4(E, 48, D, 200)]
-    else:
-        experts = [quantize_experts(w, kind) for w in (dense.w_gate, dense.w_up, dense.w_down)]
-    block = MoeMlp(dense.router, *experts)
+    dense, block = _quantized_block(kind)
     stacks = _adapter_stacks()
     slots = np.array([[0, 1, 2, 1, 0, 2, 2, 1, 0, 1, 2, 0],
                       [2, 2, 0, 1, 1, 0, 2, 0, 1, 2, 1, 1]], np.int32)  # each replica's

@@ -157,11 +157,14 @@ class KvSlotCopier:
         gather before the donated buffers are reused)."""
         parts = []
         for start, stop, bucket in self._chunks(len(slots)):
-            chunk = self._gather(kv_cache.arrays, self._padded(slots[start:stop], bucket))
+            chunk = self._gather_chunk(kv_cache, self._padded(slots[start:stop], bucket))
             for leaf in jax.tree.leaves(chunk):
                 leaf.copy_to_host_async()
             parts.append((stop - start, chunk))
         return PendingGather(self.layout, parts)
+
+    def _gather_chunk(self, kv_cache: KvCache, padded: np.ndarray):
+        return self._gather(kv_cache.arrays, padded)
 
     def scatter(self, kv_cache: KvCache, slots: np.ndarray,
                 values: list[tuple[np.ndarray, ...]]) -> KvCache:
@@ -300,16 +303,10 @@ class ProcessSlotCopier(KvSlotCopier):
             by_range.setdefault(_slice_bounds(sh.index[1], a.shape[1]), sh)
         return [by_range[r] for r in sorted(by_range)]
 
-    def gather_async(self, kv_cache: KvCache, slots: np.ndarray) -> PendingGather:
-        parts = []
-        for start, stop, bucket in self._chunks(len(slots)):
-            padded = self._padded(slots[start:stop], bucket)
-            chunk = [tuple([self._gather_one(sh.data, padded) for sh in self._distinct(a)]
-                           for a in arrays) for arrays in kv_cache.arrays]
-            for leaf in jax.tree.leaves(chunk):
-                leaf.copy_to_host_async()
-            parts.append((stop - start, chunk))
-        return PendingGather(self.layout, parts)
+    def _gather_chunk(self, kv_cache: KvCache, padded: np.ndarray):
+        """This process's own shards of each array (one per distinct head range)."""
+        return [tuple([self._gather_one(sh.data, padded) for sh in self._distinct(a)]
+                      for a in arrays) for arrays in kv_cache.arrays]
 
     def scatter(self, kv_cache: KvCache, slots: np.ndarray,
                 values: list[tuple[np.ndarray, ...]]) -> KvCache:

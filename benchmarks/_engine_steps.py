@@ -7,6 +7,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _server import prepare_awq_model
 
 from xla_inference.loading.default_model import default_gguf_path, prepare_default_model
 from xla_inference.runner.build import Precision, load
@@ -25,7 +26,8 @@ BF16_KV_PRECISION = dataclasses.replace(BF16_PRECISION, kv_cache=jnp.dtype(jnp.b
 
 def load_variant(variant: str, kv_cache: str | None = None):
     """The model of a variant, loaded with BF16_PRECISION: the bfloat16 safetensors ("bf16"),
-    the embedded GGUF kept quantized (Q4_1, "gguf") or online int8 ("int8"); "bf16kv" and
+    the embedded GGUF kept quantized (Q4_1, "gguf"), online int8 ("int8") or the AWQ 4-bit
+    checkpoint (group size 64, round-to-nearest; _server.prepare_awq_model, "awq"); "bf16kv" and
     "fp8kv": the bfloat16 safetensors with a bfloat16 (BF16_KV_PRECISION) or fp8 e4m3 KV
     cache. kv_cache "bfloat16" gives every variant the bfloat16 KV cache (what serving
     with dtype=bfloat16 gives the CPU with the native attention kernel)."""
@@ -33,7 +35,9 @@ def load_variant(variant: str, kv_cache: str | None = None):
                             "bf16kv": (prepare_default_model, None),
                             "fp8kv": (prepare_default_model, None),
                             "gguf": (default_gguf_path, None),
-                            "int8": (prepare_default_model, "int8")}[variant]
+                            "int8": (prepare_default_model, "int8"),
+                            "awq": (lambda: prepare_awq_model(prepare_default_model()),
+                                    None)}[variant]
     precision = {"bf16kv": BF16_KV_PRECISION,
                  "fp8kv": BF16_PRECISION.with_kv_cache("fp8")}.get(variant, BF16_PRECISION)
     if kv_cache == "bfloat16" and variant != "fp8kv":

@@ -3,8 +3,9 @@
 Shared by benchmarks/serving.py and benchmarks/startup.py. The server runs in its own
 session (process group), so stopping it reaches the API server and the engine core alike:
 SIGINT to the group, a grace period, then SIGKILL. Also: the compressed-tensors W8A8 int8
-checkpoint of the default model that vLLM's CPU backend serves (prepare_w8a8_model), and a
-checkpoint's weight bytes at a served dtype (checkpoint_weight_bytes).
+checkpoint of the default model that vLLM's CPU backend serves (prepare_w8a8_model), its
+AWQ 4-bit checkpoint (prepare_awq_model), and a checkpoint's weight bytes at a served dtype
+(checkpoint_weight_bytes).
 """
 
 import glob
@@ -23,6 +24,10 @@ from pathlib import Path
 from xla_inference.loading.default_model import DEFAULT_MODEL_NAME, model_cache_dir
 
 _W8A8_MARKER = ".w8a8_complete"
+_AWQ_MARKER = ".awq_complete"
+# SmolLM2-135M's hidden size 576 is no multiple of AWQ's usual 128 (AutoAWQ and vLLM
+# refuse such a group size): 64 divides every input size (576, 1536).
+AWQ_GROUP_SIZE = 64
 
 
 def xla_serve_cmd(*args: str) -> list[str]:
@@ -168,6 +173,36 @@ def prepare_w8a8_model(float_dir: str | Path) -> Path:
                 and not (staging / f.name).exists():
             shutil.copy(f, staging / f.name)
     (staging / _W8A8_MARKER).write_text("1")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def prepare_awq_model(float_dir: str | Path) -> Path:
+    """The default model with every decoder projection quantized to AWQ 4-bit (AutoAWQ's
+    gemm packing, group size AWQ_GROUP_SIZE, zero points, quant_method "awq"; the tied
+    embedding / lm_head left as is), written by the tests' AWQ writer
+    (tests/quantization/checkpoints.save_awq). Round-to-nearest min/max per group, no
+    activation-aware calibration: a checkpoint for speed, its quality below a calibrated
+    AWQ's. Built once under the cache (models/SmolLM2-135M-Instruct-awq)."""
+    out = model_cache_dir(DEFAULT_MODEL_NAME + "-awq")
+    if (out / _AWQ_MARKER).is_file():
+        return out
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.quantization.checkpoints import save_awq
+
+    with open(Path(float_dir) / "config.json") as f:
+        num_layers = json.load(f)["num_hidden_layers"]
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_awq(staging, base=Path(float_dir), group_size=AWQ_GROUP_SIZE, num_layers=num_layers,
+             with_reference=False)
+    for f in staging.iterdir():  # the float directory's own build marker
+        if f.name.startswith("."):
+            f.unlink()
+    (staging / _AWQ_MARKER).write_text("1")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out

@@ -1,9 +1,10 @@
 """A batch-1 decode step of the engine (no vLLM) on SmolLM2-135M (context ~300), as
 served on the host CPU with dtype=bfloat16 (bfloat16 projections, float32 elsewhere):
 XLA's one-row bfloat16 product ("bf16-xla", XLA_INFERENCE_CPU_DENSE=0) against the native
-one (kernels/cpu_dense.py, "bf16"), and the embedded GGUF kept quantized (Q4_1, "gguf") and
-online int8 ("int8"). The engines' steps take turns; medians, each as a speed ratio to the
-first variant (> 1: faster). A benchmark, not a test.
+one (kernels/cpu_dense.py, "bf16"), the embedded GGUF kept quantized (Q4_1, "gguf"),
+online int8 ("int8") and an AWQ 4-bit checkpoint ("awq": group size 64, zero points,
+round-to-nearest; written once under the cache by _server.prepare_awq_model). The engines'
+steps take turns; medians, each as a speed ratio to the first variant (> 1: faster). A benchmark, not a test.
 
 Engines alternated in one process evict each other's weights from the last-level cache,
 which a server with one engine keeps partly there: for a figure that matches serving, run
@@ -28,8 +29,8 @@ for each kernel in one run:
 "--kv-cache bfloat16" gives every variant the bfloat16 KV cache that serving with
 dtype=bfloat16 gives the CPU (the float32 default is the earlier sessions' figures'):
 
-    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 gguf int8 \
-        --kv-cache bfloat16 --context 540
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 gguf awq int8 \
+        --kv-cache bfloat16 --context 540 --repeats 20
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16-xla
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --repeats 40 --variants bf16
 """

@@ -12,6 +12,9 @@ same tokenizer). Backends (--backends, comma-separated):
 - `xla-gguf`: `xla-inference serve` on the GGUF file kept quantized (Q4_1; the directory of
   prepare_default_gguf_model, what a bare `xla-inference serve` runs);
 - `xla-int8`: the float32 directory with `--quantization int8` (weights quantized at load);
+- `xla-awq`: an AWQ 4-bit checkpoint of SmolLM2 (gemm packing, group size 64, zero points;
+  round-to-nearest, uncalibrated), written once under the cache
+  (models/SmolLM2-135M-Instruct-awq, _server.prepare_awq_model);
 - `vllm-cpu`: vLLM's own CPU backend (its api_server, VLLM_PLUGINS=none) on the float32
   directory;
 - `vllm-cpu-int8`: vLLM's CPU backend on a compressed-tensors W8A8 int8 checkpoint of
@@ -48,8 +51,8 @@ import subprocess
 import sys
 import tempfile
 
-from _server import (checkpoint_weight_bytes, free_port, log_tail, prepare_w8a8_model, server,
-                     vllm_serve_cmd, xla_serve_cmd)
+from _server import (checkpoint_weight_bytes, free_port, log_tail, prepare_awq_model,
+                     prepare_w8a8_model, server, vllm_serve_cmd, xla_serve_cmd)
 
 from xla_inference.loading.default_model import (DEFAULT_MODEL_NAME, prepare_default_gguf_model,
                                                  prepare_default_model)
@@ -94,7 +97,7 @@ def _bench(args, port: int, rate: str, seed: int, tokenizer_dir: str, log_dir: s
         return json.load(f)
 
 
-BACKENDS = ("xla", "xla-gguf", "xla-int8", "vllm-cpu", "vllm-cpu-int8")
+BACKENDS = ("xla", "xla-gguf", "xla-int8", "xla-awq", "vllm-cpu", "vllm-cpu-int8")
 
 
 def _model_dir(backend: str) -> str:
@@ -103,6 +106,8 @@ def _model_dir(backend: str) -> str:
         return str(prepare_default_gguf_model())
     if backend == "vllm-cpu-int8":
         return str(prepare_w8a8_model(prepare_default_model()))
+    if backend == "xla-awq":
+        return str(prepare_awq_model(prepare_default_model()))
     return str(prepare_default_model())
 
 

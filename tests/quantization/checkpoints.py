@@ -43,8 +43,8 @@ class QuantizedCheckpoint:
         return self.reference[prefix].shape
 
 
-def linear_prefixes() -> list[str]:
-    return [f"model.layers.{i}.{p}." for i in range(NUM_LAYERS) for p in PROJECTIONS]
+def linear_prefixes(num_layers: int = NUM_LAYERS) -> list[str]:
+    return [f"model.layers.{i}.{p}." for i in range(num_layers) for p in PROJECTIONS]
 
 
 def save_base_model(path: Path, *, seed: int = 0) -> Path:
@@ -267,18 +267,23 @@ def awq_pack(values_by_column: np.ndarray) -> np.ndarray:
     return _words(by_word[:, :, list(AWQ_COLUMN_OF_FIELD)], 4)
 
 
-def save_awq(path: Path, *, base: Path, group_size: int = 32) -> QuantizedCheckpoint:
-    """AutoAWQ gemm layout: qweight [in, out/8], qzeros [in/g, out/8], scales f16 [in/g, out]."""
+def save_awq(path: Path, *, base: Path, group_size: int = 32,
+             num_layers: int = NUM_LAYERS, with_reference: bool = True) -> QuantizedCheckpoint:
+    """AutoAWQ gemm layout: qweight [in, out/8], qzeros [in/g, out/8], scales f16 [in/g, out].
+    Every decoder projection of `num_layers` layers, round-to-nearest min/max per group (no
+    activation-aware calibration); benchmarks/_server.py uses it on SmolLM2 too
+    (with_reference=False: no float64 copies)."""
     from safetensors.numpy import save_file
 
     path = _copy_base(base, path)
     tensors = _float_weights(base)
     reference = {}
-    for prefix in linear_prefixes():
+    for prefix in linear_prefixes(num_layers):
         w = tensors.pop(prefix + "weight")
         group = w.shape[1] if group_size == -1 else group_size
         q, z, s = _asym_quantize(w, group, 4)
-        reference[prefix] = _dequantize(q, z, s, group)
+        if with_reference:
+            reference[prefix] = _dequantize(q, z, s, group)
         tensors[prefix + "qweight"] = awq_pack(q.T)  # [in, out] packed along out
         tensors[prefix + "qzeros"] = awq_pack(z.T)
         tensors[prefix + "scales"] = np.ascontiguousarray(s.T.astype(np.float16))

@@ -43,43 +43,6 @@ LONGEST_FIRST = [
 ]
 
 
-# Modules whose engines span several JAX processes (XLA_INFERENCE_HOSTS > 1: the engine core
-# is the multi-host driver, which joins jax.distributed, once in a process's life, with the
-# device count the test sets in XLA_FLAGS): their engine cores keep a process of their own.
-ENGINE_CORE_PROCESS = [
-    "e2e/test_llm_multihost.py",
-    "e2e/test_llm_multihost_lora_spec.py",
-    "e2e/test_llm_multihost_pp_dp.py",
-    "e2e/test_llm_multihost_spec_pooling.py",
-    "e2e/test_llm_ray.py",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _engine_core_in_process(request):
-    """vllm.LLM's engine core in the test's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
-    except in ENGINE_CORE_PROCESS's modules: each engine then skips starting a process that
-    imports vLLM, torch and JAX again. The engine is the same one (EngineCore and our
-    worker, vLLM's uniproc executor), driven through vLLM's InprocClient instead of its
-    ZMQ client. Tests shut their engines down (tests/e2e/engines.shutdown): vLLM's
-    EngineCore.shutdown undoes its gc.freeze and tears down its distributed state.
-    vLLM caches its environment variables once an engine core starts (vllm.envs); the cache
-    is dropped after each module so that the next module's setting is read."""
-    in_process = request.path not in {TESTS / name for name in ENGINE_CORE_PROCESS}
-    with pytest.MonkeyPatch.context() as env:
-        if in_process:
-            env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        _drop_vllm_envs_cache()
-        yield
-    _drop_vllm_envs_cache()
-
-
-def _drop_vllm_envs_cache() -> None:
-    envs = sys.modules.get("vllm.envs")
-    if envs is not None:
-        envs.disable_envs_cache()
-
-
 @pytest.hookimpl(tryfirst=True)  # before -m deselects, so that -m sees the mark
 def pytest_collection_modifyitems(config, items):
     """Every test under e2e/ drives vLLM: mark it `vllm` here rather than in each file.

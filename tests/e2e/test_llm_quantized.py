@@ -76,26 +76,51 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-def test_w8a8_int8_matches_vllms_cpu_backend(checkpoints, tmp_path):
-    model_dir = checkpoints("ct-w8a8").path
-    ours = _ours(model_dir)
+def _has_avx512() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return " avx512f" in next((line for line in f if line.startswith("flags")), "")
+
+
+def test_w8a8_int8_matches_transformers_and_vllms_cpu_backend(checkpoints, tmp_path):
+    """Greedy equal to transformers on the dequantized weights with each quantized module's
+    input rounded per token to int8 (the scheme's arithmetic, exact integers on both
+    sides), and close to vLLM's own CPU backend on the same checkpoint."""
+    from tests.helpers import hf_greedy_ids, hf_model
+    from tests.quantization.checkpoints import (int8_token_inputs, linear_prefixes,
+                                                save_dequantized)
+
+    checkpoint = checkpoints("ct-w8a8")
+    ours = _ours(checkpoint.path)
+    reference_dir = save_dequantized(checkpoint, tmp_path / "ref")
+    hooks = int8_token_inputs(hf_model(reference_dir), linear_prefixes())
+    try:
+        assert ours == hf_greedy_ids(reference_dir, _prompts(), NUM_NEW)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
     out = tmp_path / "vllm_cpu_w8a8.json"
     # The engine core in that process: no second process importing vLLM again.
     env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run([sys.executable, "-m", "tests.e2e.test_llm_quantized", str(model_dir),
-                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tests.e2e.test_llm_quantized",
+                           str(checkpoint.path), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     theirs = json.loads(out.read_text())
-    # The same int8 integers on both sides, but the float epilogues (scales, sums) run in
-    # another order, and vLLM's int8 kernel differs by CPU (its oneDNN path without AMX on
-    # an AMD machine): a near tie may flip late. All prompts but one equal; that one agrees
-    # on its first three quarters (a wrong scale or layout diverges at once).
+    assert len(ours) == len(theirs)
+    # The same int8 integers on both sides, but vLLM's float epilogues (scales, sums) run in
+    # another order and its int8 kernel differs by CPU, so a near tie of this random model
+    # may flip. With AVX-512 (its oneDNN path, also without AMX on AMD): all prompts but one
+    # equal, that one on its first three quarters. Without AVX-512 (an AVX2-only Zen 3) its
+    # products are further off (every prompt flips after 6-10 of 12 tokens, where ours
+    # equal transformers' above to the token): each prompt's first half equal. A wrong
+    # scale or layout diverges at once.
     differ = [(a, b) for a, b in zip(ours, theirs) if a != b]
-    assert len(ours) == len(theirs) and len(differ) <= 1, (ours, theirs)
+    strict = _has_avx512()
+    assert not strict or len(differ) <= 1, (ours, theirs)
     for a, b in differ:
         first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-        assert first >= 3 * len(b) // 4, (a, b)
+        assert first >= (3 * len(b) // 4 if strict else len(b) // 2), (a, b)
 
 
 @pytest.mark.parametrize("name", ["awq-g32", "gptq-4bit-sym", "ct-w4a16-asym", "ct-fp8-block"])

@@ -43,13 +43,50 @@ LONGEST_FIRST = [
 ]
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects, so that -m sees the mark
+# The extended tier: slow tests that CI (.ci/run) leaves out to keep its time, each module
+# here because what it proves is also proven, more cheaply, by a test CI keeps (named
+# beside it), or because it is the second machine-size variant of one. Run them with
+# `./dev test -m extended` (`./dev test` alone runs everything).
+EXTENDED = {
+    # Across JAX processes (XLA_INFERENCE_HOSTS=2; each engine two processes of vLLM, torch
+    # and JAX): CI keeps test_llm_multihost.py's tensor parallel 2 (each process reading
+    # its half) and its server whose follower dies; tests/plugin/test_multihost.py covers
+    # the protocol in the fast set.
+    "e2e/test_llm_multihost_spec_pooling.py",  # spec decoding, pooling, torch path, images
+    "e2e/test_llm_multihost_kv.py",  # KV connectors (one process: test_llm_kv_*.py)
+    "e2e/test_llm_multihost_lora_spec.py",  # LoRA, n-gram (one process: tests/lora)
+    "e2e/test_llm_multihost_pp_dp.py",  # PP x DP (one process: test_llm_pipeline.py)
+    "e2e/test_llm_multihost.py::test_pipeline_stages_across_two_processes_then_a_killed_follower_ends_it",
+    "e2e/test_llm_multihost.py::test_a_quantized_checkpoint_across_two_processes_each_reading_its_half",
+    "e2e/test_llm_multihost.py::test_expert_parallel_8_across_two_processes",
+    "e2e/test_llm_ray.py",  # Ray's executor over a two-node local cluster
+    # Data parallel variants of speculative decoding (one replica: test_llm_eagle3.py's
+    # DP 2 test, test_llm_spec_decode.py).
+    "e2e/test_llm_spec_data_parallel.py",
+    "e2e/test_llm_eagle_data_parallel_async.py",
+    # Wider meshes of the same model (TP 2 kept; tests/parallel covers 4 and 8 per layer).
+    "e2e/test_llm_parallel.py::test_tensor_parallel_qwen3_matches_one_device[4]",
+    "e2e/test_llm_parallel.py::test_tensor_parallel_qwen3_matches_one_device[8]",
+    "e2e/test_llm_parallel.py::test_tensor_parallel_3_on_smollm2",
+    # More families on the torch path (phi3 kept, and SmolLM2 against the native path).
+    "e2e/test_llm_torch_models.py::test_greedy_matches_transformers_with_chunked_prefill_and_prefix_cache[granite]",
+    "e2e/test_llm_torch_models.py::test_greedy_matches_transformers_with_chunked_prefill_and_prefix_cache[stablelm]",
+    "e2e/test_llm_torch_models.py::test_data_parallel_2_with_tensor_parallel_2_equals_transformers",
+    "e2e/test_llm_pipeline.py::test_pipeline_parallel_matches_one_device[qwen3]",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects, so that -m sees the marks
 def pytest_collection_modifyitems(config, items):
-    """Every test under e2e/ drives vLLM: mark it `vllm` here rather than in each file.
-    The longest modules go first (each module's tests keep their order)."""
+    """Every test under e2e/ drives vLLM: mark it `vllm` here rather than in each file;
+    the tests EXTENDED names are marked `extended`. The longest modules go first (each
+    module's tests keep their order)."""
     for item in items:
         if E2E in item.path.parents:
             item.add_marker(pytest.mark.vllm)
+        relative = str(item.path.relative_to(TESTS))
+        if EXTENDED & {relative, f"{relative}::{item.originalname}", f"{relative}::{item.name}"}:
+            item.add_marker(pytest.mark.extended)
     rank = {TESTS / name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: the rest as found
 

@@ -31,8 +31,19 @@ def vllm_cpu_reference(module: str, args, out_path: Path):
     """What `python -m module *args out_path` writes to out_path (JSON) when run with vLLM's
     own CPU backend (VLLM_PLUGINS=none; a process of its own, as vLLM picks its platform
     once per process), offline, from the repository root."""
-    env = {**os.environ, "VLLM_PLUGINS": "none", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", module, *map(str, args), str(out_path)]
+    return _run_module(module, [*args, out_path], out_path, VLLM_PLUGINS="none")
+
+
+def in_fresh_process(function: str, out_path: Path, **kwargs):
+    """`function` ("module:name") called with `kwargs` in a process of its own on this
+    platform, vLLM's engine core in that process (tests/e2e/isolated.py); its JSON result."""
+    return _run_module("tests.e2e.isolated", [function, json.dumps(kwargs), out_path],
+                       out_path)
+
+
+def _run_module(module: str, args, out_path: Path, **env):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode < 0:
         # vLLM's CPU backend (not our code) has aborted in CI with "terminate called without

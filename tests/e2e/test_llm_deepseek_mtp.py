@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.deepseek_mtp_checkpoint import TransformersMtp, save_tiny_deepseek_mtp
-from tests.e2e.engines import generate_ids, metric, num_compilations, shutdown, start_llm
+from tests.e2e.engines import (generate_ids, in_fresh_process, metric, num_compilations,
+                               shutdown, start_llm)
 from tests.helpers import hf_greedy_ids
 
 pytestmark = pytest.mark.slow
@@ -41,29 +42,9 @@ def _record_drafts() -> dict:
     return log
 
 
-def _target_hidden(model_dir):
-    """tokens -> transformers' final (normed) hidden states of the target, float64 [N, D]."""
-    import torch
-    import transformers
-
-    model = transformers.DeepseekV3ForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float64, attn_implementation="eager",
-        experts_implementation="eager").eval()
-
-    def hidden(tokens: list[int]) -> np.ndarray:
-        with torch.no_grad():
-            return model.model(torch.tensor([tokens])).last_hidden_state[0].numpy()
-    return hidden
-
-
-def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path, monkeypatch):
-    model_dir = save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True)
-    rng = np.random.default_rng(11)
-    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 21, 38)]
-    # K tokens past the end: vLLM verifies (and counts) drafts beyond max_tokens too.
-    longer = hf_greedy_ids(model_dir, prompts, NUM_NEW + K)
-    expected = [e[:NUM_NEW] for e in longer]
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
+def serve_with_drafts(model_dir: str, prompts: list[list[int]]) -> dict:
+    """Greedy output through vllm.LLM with the mtp method (in a process whose engine core is
+    in it: tests/e2e/isolated.py) and every draft its scheduler scheduled (_record_drafts)."""
     log = _record_drafts()
     # 7 pages cannot hold the three sequences (2 + 3 + 4 pages at the end): vLLM preempts.
     # Synchronous scheduling: the scheduler then holds the drafts (async: placeholders).
@@ -79,8 +60,39 @@ def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path,
         compiled = num_compilations(llm) - warm
     finally:
         shutdown(llm)
-    assert got == expected
-    assert compiled == 0 and preemptions > 0
+    return dict(got=got, log=log, drafted=drafted, accepted=accepted,
+                preemptions=preemptions, compiled=compiled)
+
+
+def _target_hidden(model_dir):
+    """tokens -> transformers' final (normed) hidden states of the target, float64 [N, D]."""
+    import torch
+    import transformers
+
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float64, attn_implementation="eager",
+        experts_implementation="eager").eval()
+
+    def hidden(tokens: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model.model(torch.tensor([tokens])).last_hidden_state[0].numpy()
+    return hidden
+
+
+def test_greedy_equals_the_target_alone_and_drafts_equal_the_reference(tmp_path):
+    model_dir = save_tiny_deepseek_mtp(tmp_path / "deepseek", echo=True)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 21, 38)]
+    # K tokens past the end: vLLM verifies (and counts) drafts beyond max_tokens too.
+    longer = hf_greedy_ids(model_dir, prompts, NUM_NEW + K)
+    expected = [e[:NUM_NEW] for e in longer]
+    # The scheduler in a process of its own (tests/e2e/isolated.py).
+    served = in_fresh_process("tests.e2e.test_llm_deepseek_mtp:serve_with_drafts",
+                              tmp_path / "served.json", model_dir=str(model_dir),
+                              prompts=prompts)
+    log, drafted, accepted = served["log"], served["drafted"], served["accepted"]
+    assert served["got"] == expected
+    assert served["compiled"] == 0 and served["preemptions"] > 0
     ref, target_hidden = TransformersMtp(model_dir), _target_hidden(model_dir)
     by_index = {int(rid.split("-")[0]): entries for rid, entries in log.items()}
     assert sorted(by_index) == [0, 1, 2]  # LLM.generate numbers requests in order

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.e2e import eagle3_run
-from tests.e2e.engines import (generate_ids, metric, num_compilations, shutdown, start_llm,
-                               vllm_cpu_reference)
+from tests.e2e.engines import (generate_ids, in_fresh_process, metric, num_compilations,
+                               shutdown, start_llm, vllm_cpu_reference)
 from tests.eagle3_checkpoint import save_tiny_eagle3, save_tiny_llama_target
 from tests.helpers import hf_greedy_ids
 
@@ -72,12 +72,16 @@ def cpu_backend_run(models, tmp_path_factory):
     return vllm_cpu_reference("tests.e2e.eagle3_run", [target, head], out)
 
 
-def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, cpu_backend_run,
-                                                          monkeypatch):
+def _ours(out_dir, target, head, **kwargs) -> dict:
+    """eagle3_run.run on this platform, the scheduler in a process of its own."""
+    return in_fresh_process("tests.e2e.eagle3_run:run", out_dir / "ours.json",
+                            target=str(target), head=str(head), **kwargs)
+
+
+def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, cpu_backend_run, tmp_path):
     """Also: greedy equals transformers' greedy output of the target alone."""
     target, head = models
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
-    ours = eagle3_run.run(str(target), str(head))
+    ours = _ours(tmp_path, target, head)
     assert ours["outputs"] == hf_greedy_ids(target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
     theirs = cpu_backend_run
     assert ours["outputs"] == theirs["outputs"]
@@ -86,15 +90,14 @@ def test_drafts_equal_vllm_cpu_backend_with_the_same_head(models, cpu_backend_ru
 
 
 def test_two_data_parallel_replicas_draft_as_vllm_cpu_backend(models, cpu_backend_run,
-                                                              monkeypatch):
+                                                              tmp_path):
     """An EAGLE-3 head over two data parallel replicas' requests (additional_config
     data_parallel_size 2: each replica its own rows and share of the head.s pages, 8 virtual CPU
     devices) proposes every draft vLLM's CPU backend proposes with one engine, and greedy
     output is transformers'; synchronous scheduling, so that vLLM's schedulers hold the
     drafts."""
     target, head = models
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the schedulers in this process
-    two = eagle3_run.run(str(target), str(head), additional_config={"data_parallel_size": 2})
+    two = _ours(tmp_path, target, head, additional_config={"data_parallel_size": 2})
     theirs = cpu_backend_run
     assert two["outputs"] == theirs["outputs"] == hf_greedy_ids(
         target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
@@ -102,7 +105,7 @@ def test_two_data_parallel_replicas_draft_as_vllm_cpu_backend(models, cpu_backen
     assert two["drafted"] == theirs["drafted"] > two["accepted"] == theirs["accepted"] > 0
 
 
-def test_eagle1_greedy_equals_the_target_alone(models, tmp_path, monkeypatch):
+def test_eagle1_greedy_equals_the_target_alone(models, tmp_path):
     """EAGLE-1 (method eagle): a 2-layer head without its own embedding or LM head (the
     target's), its fc passing the target's hidden state through: some drafts accepted, and
     greedy equals transformers' greedy output of the target alone. (Its proposals against a
@@ -113,7 +116,6 @@ def test_eagle1_greedy_equals_the_target_alone(models, tmp_path, monkeypatch):
 
     target, _ = models
     head = save_tiny_eagle1(tmp_path / "eagle1", echo=True)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    ours = eagle3_run.run(str(target), str(head), "eagle")
+    ours = _ours(tmp_path, target, head, method="eagle")
     assert ours["outputs"] == hf_greedy_ids(target, eagle3_run.prompts(), eagle3_run.NUM_NEW)
     assert ours["drafted"] > ours["accepted"] > 0

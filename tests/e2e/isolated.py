@@ -2,9 +2,11 @@
 process of its own with vLLM's engine core in it (VLLM_ENABLE_V1_MULTIPROCESSING=0), its
 JSON-able result written to OUT (tests/e2e/engines.in_fresh_process).
 
-Tests that read what vLLM's scheduler kept (drafts) need the engine core in their process;
-run in the pytest worker they failed in a full slow run (after the worker's earlier
-modules) while passing alone, so they run here, apart from any state a worker holds."""
+Tests that read what vLLM's scheduler kept (drafts) need the engine core in their process.
+In the pytest worker they failed in a full slow run, passing alone: vLLM's engine shutdown
+calls torch.accelerator.empty_cache(), which raised once an earlier module had imported
+torchax in that worker (torch_models/torchax_compat.py now makes it harmless). They run
+here, apart from whatever state a worker holds."""
 
 import importlib
 import json

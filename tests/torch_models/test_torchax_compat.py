@@ -56,3 +56,31 @@ def test_torchax_lowers_a_small_network_after_the_shim():
     got = np.asarray(run(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)))
     product = x @ w.T
     np.testing.assert_allclose(got, product / (1 + np.exp(-product)), rtol=1e-5, atol=1e-5)
+
+
+_EMPTY_CACHE = """
+import importlib, torch
+from xla_inference.torch_models import torchax_compat
+if {patched}:
+    torchax_compat.import_torchax()
+else:  # torchax as it imports (through the overload shim alone)
+    with torchax_compat._tolerate_removed_named_dimension_overloads():
+        importlib.import_module("torchax").default_env()
+assert str(torch.accelerator.current_accelerator()) == "jax"
+torch.accelerator.empty_cache()
+"""
+
+
+def test_emptying_torchs_cache_after_torchax_is_harmless():
+    """torchax makes "jax" torch's current accelerator without a caching allocator, so
+    torch.accelerator.empty_cache() (vLLM's engine shutdown calls it) fails; after
+    import_torchax it does nothing. When the first half fails, torch or torchax fixed it:
+    drop _no_torch_cache_to_empty_on_jax. A process each: the import changes torch's state."""
+    def run(patched: bool):
+        return subprocess.run([sys.executable, "-c", _EMPTY_CACHE.format(patched=patched)],
+                              capture_output=True, text=True, timeout=300)
+
+    raw = run(False)
+    assert raw.returncode != 0 and "not a DeviceAllocator" in raw.stderr, raw.stderr[-2000:]
+    patched = run(True)
+    assert patched.returncode == 0, patched.stderr[-2000:]

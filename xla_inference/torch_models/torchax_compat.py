@@ -72,4 +72,28 @@ def import_torchax():
     with _tolerate_removed_named_dimension_overloads():
         torchax = importlib.import_module("torchax")
         torchax.default_env()
+    _no_torch_cache_to_empty_on_jax()
     return torchax
+
+
+def _no_torch_cache_to_empty_on_jax() -> None:
+    """torchax names torch's PrivateUse1 device "jax", which torch then reports as its
+    current accelerator, with no caching allocator behind it; torch.accelerator.empty_cache()
+    then fails an internal assert ("Allocator for jax is not a DeviceAllocator") in any
+    process that imported torchax. vLLM's engine shutdown calls it
+    (cleanup_dist_env_and_memory), so an engine core in the caller's process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0) raised at shutdown once the torch path had been
+    loaded there. JAX, not torch, holds that device's memory: for it the call does nothing."""
+    import torch.accelerator
+
+    original = torch.accelerator.empty_cache
+    if getattr(original, "skips_jax", False):
+        return
+
+    def empty_cache() -> None:
+        current = torch.accelerator.current_accelerator()
+        if current is None or current.type != "jax":
+            original()
+
+    empty_cache.skips_jax = True
+    torch.accelerator.empty_cache = empty_cache

@@ -49,8 +49,7 @@ LONGEST_FIRST = [
 EXTENDED = {
     # Across JAX processes (XLA_INFERENCE_HOSTS=2; each engine two processes of vLLM, torch
     # and JAX): CI keeps test_llm_multihost.py's tensor parallel 2 (each process reading
-    # its half) and its server whose follower dies; tests/plugin/test_multihost.py covers
-    # the protocol in the fast set.
+    # its half); tests/plugin/test_multihost.py covers the protocol in the fast set.
     "e2e/test_llm_multihost_spec_pooling.py",  # spec decoding, pooling, torch path, images
     "e2e/test_llm_multihost_kv.py",  # KV connectors (one process: test_llm_kv_*.py)
     "e2e/test_llm_multihost_lora_spec.py",  # LoRA, n-gram (one process: tests/lora)
@@ -59,11 +58,12 @@ EXTENDED = {
     "e2e/test_llm_multihost.py::test_a_quantized_checkpoint_across_two_processes_each_reading_its_half",
     "e2e/test_llm_multihost.py::test_expert_parallel_8_across_two_processes",
     "e2e/test_llm_ray.py",  # Ray's executor over a two-node local cluster
-    # Data parallel variants of speculative decoding (one replica: test_llm_eagle3.py's
-    # DP 2 test, test_llm_spec_decode.py).
+    # Data parallel variants of speculative decoding (CI keeps test_llm_eagle3.py's EAGLE-3
+    # over DP 2 and test_llm_spec_decode.py's n-gram).
     "e2e/test_llm_spec_data_parallel.py",
     "e2e/test_llm_eagle_data_parallel_async.py",
-    # Wider meshes of the same model (TP 2 kept; tests/parallel covers 4 and 8 per layer).
+    # Wider meshes of the same model (TP 2 kept; tests/parallel compares wider meshes'
+    # logits with one device's).
     "e2e/test_llm_parallel.py::test_tensor_parallel_qwen3_matches_one_device[4]",
     "e2e/test_llm_parallel.py::test_tensor_parallel_qwen3_matches_one_device[8]",
     "e2e/test_llm_parallel.py::test_tensor_parallel_3_on_smollm2",

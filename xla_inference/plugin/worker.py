@@ -355,10 +355,22 @@ class XlaWorker(WorkerBase):
         self.model_runner = XlaModelRunner(engine, drafter, pooling=self._pooling_requests(),
                                            kv_connector=self._kv_connector(kv_cache_config, engine),
                                            pixel_affine=mm_pixel_affine(self.model_config))
+        self._overlap_async_steps(engine, drafter)
         logger.info("xla-inference: KV cache of %d pages x %d tokens in %d groups (%d sets of "
                     "arrays for %d layers); token buckets %s; mesh %s", engine_cfg.num_blocks,
                     engine_cfg.block_size, engine_cfg.num_groups, 1 + max(layer_arrays, default=-1),
                     len(layer_arrays), engine.token_buckets, dict(engine.mesh.shape))
+
+    def _overlap_async_steps(self, engine, drafter) -> None:
+        """Under async scheduling in one engine process, sampled tokens stay on device until
+        vLLM takes them (plugin/async_output.py). Not across JAX processes (the followers
+        replay the driver's calls; the driver alone sends vLLM outputs) nor with a drafter
+        or a KV connector (they read each step's tokens on the host)."""
+        runner = self.model_runner
+        runner.async_output = bool(
+            self.vllm_config.scheduler_config.async_scheduling and not _several_hosts()
+            and engine.can_feed_tokens and drafter is None and runner.kv_connector is None)
+        engine.feeds_tokens = runner.async_output
 
     def _kv_connector(self, kv_cache_config, engine):
         """The KV connector's worker side, created here: vLLM's own set-up broadcasts over

@@ -300,6 +300,12 @@ class Programs:
         return self.compiled.get(self.key(*args), self.jitted)(*args)
 
 
+def _feed_tokens(input_ids, tokens, at, rows):
+    """A step's input ids with tokens the last step sampled, still on device, written at
+    `at` (tokens[rows]); padding entries point past the end and are dropped."""
+    return input_ids.at[at].set(tokens[rows], mode="drop")
+
+
 def _timed_compile(lowered):
     t0 = time.perf_counter()
     return lowered.compile(), time.perf_counter() - t0
@@ -475,6 +481,12 @@ class ModelEngine:
             raise ValueError("xla-inference serves multimodal models without data parallelism "
                              "(--data-parallel-size 1)")
         self.stats = StepStats()  # host/device time split (XLA_INFERENCE_STEP_STATS=1)
+        # Async scheduling's overlap (plugin/async_output.py): a step may take the tokens the
+        # last one sampled without their trip to the host; set before warm_up, which then
+        # compiles the program that writes them into the input ids (a bucket and a row
+        # count each).
+        self.feeds_tokens = False
+        self._feed = jax.jit(_feed_tokens, out_shardings=whole)
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
         """The cache (every set of arrays holds all of this replica's pages) and its
@@ -526,8 +538,19 @@ class ModelEngine:
     def vocab_size(self) -> int:
         return self.model_cfg.vocab_size
 
-    def forward(self, scheduled: list[tuple[RequestState, int]]) -> StepOutput:
-        """Dispatch the model on the scheduled tokens (JAX runs it asynchronously)."""
+    @property
+    def can_feed_tokens(self) -> bool:
+        """Whether forward takes tokens sampled on device (`fed`): one group of text rows a
+        step (no data parallel replicas, pipeline micro-batches, pooling or images)."""
+        return (self.replicas == 1 and self.microbatches == 1 and not self.pooling
+                and self.model.multimodal is None and not self.greedy_drafter)
+
+    def forward(self, scheduled: list[tuple[RequestState, int]], fed=None) -> StepOutput:
+        """Dispatch the model on the scheduled tokens (JAX runs it asynchronously).
+
+        fed: (tokens [B'] on device, a row of it per scheduled request or -1): each such
+        request's last token is the one at its row, not yet on the host (its token_ids hold
+        a negative placeholder there); only where can_feed_tokens."""
         if self.lora is not None and self.replicas * self.microbatches > 1:
             if self.replicas > 1 and self.microbatches > 1:
                 batch, row_order, token_order = self._replica_microbatch_batch(scheduled)
@@ -546,9 +569,27 @@ class ModelEngine:
         num_tokens = sum(n for _, n in scheduled)
         batch = self._with_multimodal(build_step_batch(scheduled, self.layout_for(num_tokens)),
                                       scheduled)
+        if fed is not None:
+            batch = self._fed_batch(batch, scheduled, *fed)
         if self.lora is None:
             return self._run_forward(batch)
         return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens))
+
+    def _fed_batch(self, batch: StepBatch, scheduled, tokens: jax.Array, rows) -> StepBatch:
+        """The batch with each fed request's last token taken from `tokens` on device."""
+        if not self.can_feed_tokens:
+            raise ValueError("this engine's steps take their tokens from the host")
+        T, S = batch.num_tokens, self.cfg.max_num_seqs
+        at, src = np.full(S, T, np.int32), np.zeros(S, np.int32)
+        start, k = 0, 0
+        for (req, num_new), row in zip(scheduled, rows):
+            if row >= 0:
+                at[k], src[k] = start + len(req.token_ids) - 1 - req.num_computed_tokens, row
+                k += 1
+            start += num_new
+        if int((batch.input_ids < 0).sum()) != k or not (at[:k] < start).all():
+            raise RuntimeError("a step's input holds a token placeholder it is not fed")
+        return dataclasses.replace(batch, input_ids=self._feed(batch.input_ids, tokens, at, src))
 
     def _with_multimodal(self, batch: StepBatch, scheduled) -> StepBatch:
         """A multimodal family's step batch (rope positions, encoder rows); others' as is."""
@@ -722,6 +763,14 @@ class ModelEngine:
         width = self.logprobs_width(r.options.num_top_logprobs(self.vocab_size) for r in requests)
         out = self._run_sample(self._samplers[width], logits, sampling, extras)
         return jax.tree.map(lambda a: np.asarray(a)[:len(requests)], out)
+
+    def sample_on_device(self, logits: jax.Array, requests: list[RequestState]) -> jax.Array:
+        """sample() for a step whose requests need neither the [B, V] extras nor logprobs
+        (the same program, so the same tokens): the tokens [B], left on device."""
+        sampling = build_sampling_batch([(r.options, r.num_output_tokens) for r in requests],
+                                        logits.shape[0])
+        program = self._samplers[self.logprobs_width(())]
+        return self._run_sample(program, logits, sampling, None).tokens
 
     def verify_drafts(self, hidden: jax.Array, scheduled: list[tuple[RequestState, int]],
                       drafts: list[list[int]], num_speculative_tokens: int,
@@ -909,8 +958,20 @@ class ModelEngine:
                     "programs and the scorer in %.1fs (%d at a time)", len(forward),
                     sum(len(f) for f in samplers.values()), sum(len(f) for f in verify),
                     time.perf_counter() - start, _compile_threads())
+        if self.feeds_tokens:
+            self._warm_up_feed()
         compile_counter.mark_warm()
         return time.perf_counter() - start
+
+    def _warm_up_feed(self) -> None:
+        """Compile _feed_tokens for every bucket and every row count a sampler returns."""
+        S, whole = self.cfg.max_num_seqs, replicated(self.mesh)
+        row_counts = sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
+        for T in self.token_buckets:
+            for B in row_counts:
+                tokens = jax.device_put(np.zeros(B, np.int32), whole)
+                self._feed(np.zeros(T, np.int32), tokens, np.full(S, T, np.int32),
+                           np.zeros(S, np.int32))
 
     def _verify_examples(self, hidden) -> tuple[list[tuple], list[tuple]]:
         """verify_drafts' argument shapes for every token bucket: the draft rows' logits,

@@ -11,6 +11,7 @@ from xla_inference.sampling.host import SamplingOptions
 pytestmark = pytest.mark.slow
 
 NUM_NEW = 16
+PAGE_BYTES = 16 * 2 * 2 * 2 * 16 * 4  # 16 tokens of K and V, 2 layers x 2 KV heads x 16, f32
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,50 @@ def test_async_scheduling_gives_the_same_greedy_output(model_dir, prompts):
     finally:
         shutdown(engine)
     assert got == hf_greedy_ids(model_dir, prompts, NUM_NEW)
+
+
+def _mixed_requests(prompts):
+    """Plain greedy requests of several lengths (one stopping at a stop token), seeded
+    sampling, and requests whose tokens the host needs every step (penalties, logprobs)."""
+    from vllm import SamplingParams
+
+    plain = [SamplingParams(temperature=0.0, max_tokens=8 + 7 * i, ignore_eos=True) for i in range(6)]
+    seeded = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=30, ignore_eos=True)
+              for i in range(4)]
+    host = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, repetition_penalty=1.5),
+            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2),
+            SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[7, 11, 13, 17, 19, 23])]
+    params = plain + seeded + host
+    requests = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(len(params))]
+    return requests, params
+
+
+def test_async_scheduling_keeps_tokens_on_device_and_matches_synchronous(model_dir, prompts):
+    """With async scheduling, plain requests' tokens stay on device and feed the next step
+    (plugin/async_output.py) while steps with host-side needs resolve them first; under
+    preemption (a KV cache of 12 pages for 13 requests of up to 6) every request's tokens
+    equal those of synchronous scheduling, where each token reaches the host before the
+    next step is built (that path is checked against transformers above)."""
+    from tests.e2e.engines import metric
+
+    requests, params = _mixed_requests(prompts)
+    got = {}
+    for async_scheduling in (True, False):
+        engine = start_llm(model_dir, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
+                           kv_cache_memory_bytes=12 * PAGE_BYTES, async_scheduling=async_scheduling)
+        try:
+            before = engine.collective_rpc("num_compilations")[0]
+            outs = engine.generate(requests, params, use_tqdm=False)
+            got[async_scheduling] = [list(o.outputs[0].token_ids) for o in outs]
+            counts = engine.collective_rpc("async_step_counts")[0]
+            assert engine.collective_rpc("num_compilations")[0] == before  # the feed was warmed
+            assert metric(engine, "vllm:num_preemptions") > 0
+        finally:
+            shutdown(engine)
+        on_device, fed = counts
+        if async_scheduling:
+            assert on_device > 20 and fed > 20, counts
+        else:
+            assert list(counts) == [0, 0]
+    assert got[True] == got[False]
+    assert [len(ids) for ids in got[True][:6]] == [8 + 7 * i for i in range(6)]

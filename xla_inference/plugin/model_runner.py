@@ -127,6 +127,8 @@ class XlaModelRunner:
         # schedules ahead in this one process; the last such step's tokens until resolved.
         self.async_output = False
         self._unresolved: PendingTokens | None = None
+        self.steps_sampled_on_device = 0  # steps whose tokens stayed on device (tests)
+        self.steps_fed = 0  # steps that took earlier tokens from the device (tests)
 
     def lora_slots(self):
         if self.engine.lora is None:
@@ -213,7 +215,10 @@ class XlaModelRunner:
         if rows is None:
             pending.resolve()
             return None
-        return (pending.tokens, rows) if max(rows, default=-1) >= 0 else None
+        if max(rows, default=-1) < 0:
+            return None
+        self.steps_fed += 1
+        return pending.tokens, rows
 
     def _resolve_pending(self) -> None:
         if self._unresolved is not None:
@@ -308,6 +313,7 @@ class XlaModelRunner:
             else:
                 rows.append(-1)
         self._unresolved = PendingTokens(tokens, slots)
+        self.steps_sampled_on_device += 1
         return AsyncStepOutput(self._unresolved, [req.req_id for req in requests], rows)
 
     def _verify_drafts(self, scheduled, step, drafts, grammar_output) -> ModelRunnerOutput:

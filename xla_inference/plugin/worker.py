@@ -490,6 +490,11 @@ class XlaWorker(WorkerBase):
     def take_draft_token_ids(self):
         return self.model_runner.take_draft_token_ids()
 
+    def async_step_counts(self) -> tuple[int, int]:
+        """Steps whose tokens stayed on device, and steps fed those tokens (tests)."""
+        runner = self.model_runner
+        return runner.steps_sampled_on_device, runner.steps_fed
+
     def num_compilations(self) -> int:
         """XLA executables built in this process so far (tests check none appear after warm-up)."""
         from xla_inference.runner import compile_counter

@@ -184,3 +184,26 @@ def test_async_scheduling_keeps_tokens_on_device_and_matches_synchronous(model_d
             assert list(counts) == [0, 0]
     assert got[True] == got[False]
     assert [len(ids) for ids in got[True][:6]] == [8 + 7 * i for i in range(6)]
+
+
+def test_a_reset_of_running_requests_between_steps_restarts_them_cleanly(llm, model_dir, prompts):
+    """reset_prefix_cache(reset_running_requests=True) between steps preempts every running
+    request and drops its computed tokens (vLLM may resume it at the next step, its tokens
+    resent) while a step's tokens are still on device: the restarted requests must not take
+    those stale tokens, and greedy output stays transformers'."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"reset-{i}", {"prompt_token_ids": prompt}, params)
+    got, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        if steps in (3, 8, 9):
+            assert llm.reset_prefix_cache(reset_running_requests=True)
+    assert [got[f"reset-{i}"] for i in range(len(prompts))] == hf_greedy_ids(model_dir, prompts,
+                                                                               NUM_NEW)

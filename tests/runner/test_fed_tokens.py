@@ -75,3 +75,30 @@ def test_a_placeholder_that_is_not_fed_is_refused(engines):
     tokens = jax.numpy.zeros(4, jax.numpy.int32)
     with pytest.raises(RuntimeError, match="placeholder"):
         fed_engine.forward([(req, 1)], (tokens, [-1]))
+
+
+@pytest.mark.slow  # a whole warm-up (~30 s)
+def test_feeding_on_a_tensor_parallel_mesh_compiles_nothing_after_warm_up(tmp_path):
+    """The feed program is compiled at warm-up for the shardings the sampler's tokens have
+    (a TP 2 mesh of virtual devices here), so fed steps build no program."""
+    from xla_inference.runner import compile_counter
+
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    ecfg = EngineConfig(num_blocks=64, block_size=ENGINE_BLOCK, max_num_tokens=16,
+                        max_num_seqs=4, max_model_len=64)
+    engine = build_engine(load(model_dir, Precision.uniform(np.float32)), ecfg,
+                          tensor_parallel_size=2)
+    engine.feeds_tokens = True
+    engine.warm_up()
+    before = compile_counter.num_compilations()
+    req = _requests(1)[0]
+    tokens = engine.sample_on_device(engine.forward([(req, 9)]).logits, [req])
+    req.num_computed_tokens = 9
+    for _ in range(3):  # decode steps, each fed the last one's token
+        req.token_ids.append(PLACEHOLDER)
+        tokens = engine.sample_on_device(engine.forward([(req, 1)], (tokens, [0])).logits, [req])
+        req.token_ids[-1] = 5  # resolved (any token: only compiles are counted here)
+        req.num_computed_tokens += 1
+    jax.block_until_ready(tokens)
+    assert dict(engine.mesh.shape)["model"] == 2
+    assert compile_counter.num_compilations() == before

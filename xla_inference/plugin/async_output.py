@@ -16,37 +16,48 @@ built otherwise: data parallel, pipeline, images, pooling) resolve the pending t
 first and run as before.
 """
 
+import itertools
+
 import numpy as np
 from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
 from xla_inference.runner.requests import RequestState
 
-# A token id no vocabulary has: where a request's newest token goes until it reaches the
-# host (its count is right for vLLM's bookkeeping; its value is never read).
-PLACEHOLDER = -1
+# Placeholders are negative token ids (no vocabulary has them), each one a value of its own:
+# a request's newest token until it reaches the host. Their count is right for vLLM's
+# bookkeeping; the value only says which pending token belongs there, so a token that
+# arrives after vLLM replaced a request's tokens (a resumed request's list, resent) never
+# lands on another step's placeholder at the same index.
+_placeholders = itertools.count(1)
+
+
+def new_placeholder() -> int:
+    return -(next(_placeholders) % (1 << 30) + 1)
 
 
 class PendingTokens:
-    """One step's sampled tokens on device, and where each belongs: (request, index in its
-    token_ids, row of the tokens)."""
+    """One step's sampled tokens on device, and where each belongs: (request, row of the
+    tokens, the placeholder its token_ids holds for it)."""
 
     def __init__(self, tokens, slots: list[tuple[RequestState, int, int]]):
         self.tokens, self.slots, self.host = tokens, slots, None
-        self._row_of = {id(req): (index, row) for req, index, row in slots}
+        self._slot_of = {id(req): (row, placeholder) for req, row, placeholder in slots}
 
     @property
     def resolved(self) -> bool:
         return self.host is not None
 
     def resolve(self) -> np.ndarray:
-        """Copy the tokens to the host (once) and put each in its request's place: where a
-        request's tokens were replaced meanwhile (vLLM resent them), the placeholder is gone
-        and nothing is written."""
+        """Copy the tokens to the host (once) and put each in its placeholder's place; a
+        request whose tokens vLLM replaced meanwhile has no such placeholder: nothing is
+        written."""
         if self.host is None:
             self.host = np.asarray(self.tokens)
-            for req, index, row in self.slots:
-                if index < len(req.token_ids) and req.token_ids[index] == PLACEHOLDER:
-                    req.token_ids[index] = int(self.host[row])
+            for req, row, placeholder in self.slots:
+                for index in range(len(req.token_ids) - 1, -1, -1):
+                    if req.token_ids[index] == placeholder:
+                        req.token_ids[index] = int(self.host[row])
+                        break
         return self.host
 
     def rows_for(self, scheduled: list[tuple[RequestState, int]]) -> list[int] | None:
@@ -57,16 +68,12 @@ class PendingTokens:
         for req, num_new in scheduled:
             first = req.num_computed_tokens
             window = req.token_ids[first:first + num_new]
-            pending = self._row_of.get(id(req))
-            if pending is not None and pending[0] == len(req.token_ids) - 1 \
-                    and first <= pending[0] < first + num_new:
-                rows.append(pending[1])
-                if PLACEHOLDER in window[:-1]:
-                    return None
-            elif PLACEHOLDER in window:
+            row, placeholder = self._slot_of.get(id(req), (-1, None))
+            fed = bool(window) and first + num_new == len(req.token_ids) \
+                and window[-1] == placeholder
+            if any(t < 0 for t in (window[:-1] if fed else window)):
                 return None
-            else:
-                rows.append(-1)
+            rows.append(row if fed else -1)
         return rows
 
 

@@ -8,7 +8,7 @@ from vllm.v1.outputs import (EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, LogprobsL
                              LogprobsTensors, ModelRunnerOutput)
 
 from xla_inference.models.interface import PIXEL_AFFINE, MultimodalItem
-from xla_inference.plugin.async_output import PLACEHOLDER, AsyncStepOutput, PendingTokens
+from xla_inference.plugin.async_output import AsyncStepOutput, PendingTokens, new_placeholder
 from xla_inference.runner.engine import ModelEngine
 from xla_inference.runner.requests import RequestState
 from xla_inference.sampling.host import SamplingOptions, logprobs_rows, unpack_grammar_bitmask
@@ -126,7 +126,7 @@ class XlaModelRunner:
         # Async scheduling's overlap (plugin/async_output.py), set by the worker when vLLM
         # schedules ahead in this one process; the last such step's tokens until resolved.
         self.async_output = False
-        self._unresolved: PendingTokens | None = None
+        self._unresolved: list[PendingTokens] = []  # oldest first
         self.steps_sampled_on_device = 0  # steps whose tokens stayed on device (tests)
         self.steps_fed = 0  # steps that took earlier tokens from the device (tests)
 
@@ -205,15 +205,16 @@ class XlaModelRunner:
         """The last async step's tokens for this step's input, still on device (the
         engine's `fed`); None, its tokens first brought to the host, when this step's
         input or its requests' state needs them there."""
-        pending = self._unresolved
-        if pending is None or pending.resolved:
+        self._unresolved = [p for p in self._unresolved if not p.resolved]
+        if not self._unresolved:
             return None
+        pending = self._unresolved[-1]
         rows = None
-        if (self.engine.can_feed_tokens and not has_drafts and self.kv_connector is None
-                and not any(req.prompt_logprobs is not None for req, _ in scheduled)):
+        if len(self._unresolved) == 1 and self.engine.can_feed_tokens and not has_drafts \
+                and self.kv_connector is None:
             rows = pending.rows_for(scheduled)
         if rows is None:
-            pending.resolve()
+            self._resolve_pending()
             return None
         if max(rows, default=-1) < 0:
             return None
@@ -221,8 +222,9 @@ class XlaModelRunner:
         return pending.tokens, rows
 
     def _resolve_pending(self) -> None:
-        if self._unresolved is not None:
-            self._unresolved.resolve()
+        for pending in self._unresolved:
+            pending.resolve()
+        self._unresolved = []
 
     def _step_drafts(self, req: RequestState, scheduled: list[int]) -> list[int]:
         """The drafts a request's step verifies. Under async scheduling vLLM sends as many
@@ -307,14 +309,16 @@ class XlaModelRunner:
             req.num_computed_tokens += num_new
             # A chunk that stops short of the last known token samples nothing.
             if req.num_computed_tokens >= len(req.token_ids):
-                req.token_ids.append(PLACEHOLDER)
-                slots.append((req, len(req.token_ids) - 1, row))
+                placeholder = new_placeholder()
+                req.token_ids.append(placeholder)
+                slots.append((req, row, placeholder))
                 rows.append(row)
             else:
                 rows.append(-1)
-        self._unresolved = PendingTokens(tokens, slots)
+        pending = PendingTokens(tokens, slots)
+        self._unresolved.append(pending)
         self.steps_sampled_on_device += 1
-        return AsyncStepOutput(self._unresolved, [req.req_id for req in requests], rows)
+        return AsyncStepOutput(pending, [req.req_id for req in requests], rows)
 
     def _verify_drafts(self, scheduled, step, drafts, grammar_output) -> ModelRunnerOutput:
         """A step with drafts: each request emits its accepted drafts, then a recovered or

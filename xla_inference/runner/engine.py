@@ -571,6 +571,8 @@ class ModelEngine:
                                       scheduled)
         if fed is not None:
             batch = self._fed_batch(batch, scheduled, *fed)
+        elif self.feeds_tokens and (batch.input_ids < 0).any():
+            raise RuntimeError("a step's input holds a token placeholder it is not fed")
         if self.lora is None:
             return self._run_forward(batch)
         return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens))
@@ -966,10 +968,13 @@ class ModelEngine:
     def _warm_up_feed(self) -> None:
         """Compile _feed_tokens for every bucket and every row count a sampler returns."""
         S, whole = self.cfg.max_num_seqs, replicated(self.mesh)
-        row_counts = sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
-        for T in self.token_buckets:
-            for B in row_counts:
-                tokens = jax.device_put(np.zeros(B, np.int32), whole)
+        program = self._samplers[self.logprobs_width(())]
+        for B in sorted({self.layout_for(T).num_seqs for T in self.token_buckets}):
+            # the sampler's own tokens: the sharding the steps will pass
+            logits = jax.device_put(np.zeros((B, self.vocab_size), np.float32), whole)
+            tokens = program(logits, greedy_sampling_batch(B), None, self._base_key,
+                             np.uint32(0)).tokens
+            for T in self.token_buckets:
                 self._feed(np.zeros(T, np.int32), tokens, np.full(S, T, np.int32),
                            np.zeros(S, np.int32))
 

@@ -107,7 +107,8 @@ class PositionEngine:
     def _draft_rows_logits(self, params, hidden, rows):
         return hidden[rows]
 
-    def forward(self, scheduled):
+    def forward(self, scheduled, fed=None):
+        assert fed is None  # nothing feeds tokens here: async overlap is off with drafts
         logits = []
         for req, n in scheduled:
             first = req.num_computed_tokens

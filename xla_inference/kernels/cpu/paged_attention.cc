@@ -447,6 +447,43 @@ void weighted_values_avx512(const Cache& v_cache, const std::vector<int64_t>& ro
   }
 }
 
+// The dot products of keys rows[0..m-1] (their KV head's values at kv) with the group's
+// query heads (scaled q rows qg, kHeadDim apart), as attend_one_avx512 forms them (a vector
+// of 16 partial sums per key), into dots[head][key][16]: each key's chunks widened once for
+// all the heads. kG > 0: kG heads, their q held in registers; 0: g heads, q read from L1.
+// The first `ahead` keys ask for the whole row (row_width values) kPrefetchAhead keys on.
+template <int64_t kHeadDim, int kG, class Cache>
+inline void key_block_dots_avx512(const Cache& k_cache, const int64_t* rows, int64_t m,
+                                  int64_t ahead, int64_t kv, int64_t row_width, const float* qg,
+                                  float* dots, int64_t g = kG) {
+  constexpr int64_t C = kHeadDim / 16;
+  __m512 q[kG > 0 ? kG : 1][C];
+  if constexpr (kG > 0)
+    for (int h = 0; h < kG; ++h)
+      for (int64_t c = 0; c < C; ++c) q[h][c] = _mm512_loadu_ps(qg + h * kHeadDim + 16 * c);
+  for (int64_t j = 0; j < m; ++j) {
+    if (j < ahead) prefetch_row(k_cache, rows[j + kPrefetchAhead], row_width);
+    const int64_t krow = rows[j] + kv;
+    __m512 kk[C];
+    for (int64_t c = 0; c < C; ++c) kk[c] = k_cache.load16(krow + 16 * c);
+    if constexpr (kG > 0) {
+      for (int h = 0; h < kG; ++h) {
+        __m512 dot = _mm512_mul_ps(q[h][0], kk[0]);
+        for (int64_t c = 1; c < C; ++c) dot = _mm512_fmadd_ps(q[h][c], kk[c], dot);
+        _mm512_storeu_ps(dots + (h * 16 + j) * 16, dot);
+      }
+    } else {
+      for (int64_t h = 0; h < g; ++h) {
+        const float* qh = qg + h * kHeadDim;
+        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qh), kk[0]);
+        for (int64_t c = 1; c < C; ++c)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kk[c], dot);
+        _mm512_storeu_ps(dots + (h * 16 + j) * 16, dot);
+      }
+    }
+  }
+}
+
 // attend_one_avx512 by KV head: for each block of 16 keys and each KV head, every key's
 // chunks widened once (load16) for all G query heads sharing it (their scaled q rows read
 // from L1), each head's 16 partial-sum vectors kept in scratch and reduced together
@@ -478,20 +515,22 @@ void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_c
     for (int64_t kvh = 0; kvh < K; ++kvh) {
       const int64_t kv = kvh * H;
       const float* qg = w.qs.data() + kvh * G * H;
-      for (int64_t j = 0; j < m; ++j) {
-        // The first KV head asks for whole rows, which the others then find in L1.
-        if (kvh == 0 && i0 + j + kPrefetchAhead < n)
-          prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead], K * H);
-        const int64_t krow = w.rows[i0 + j] + kv;
-        __m512 kk[C];
-        for (int64_t c = 0; c < C; ++c) kk[c] = k_cache.load16(krow + 16 * c);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qh = qg + g * H;
-          __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qh), kk[0]);
-          for (int64_t c = 1; c < C; ++c)
-            dot = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kk[c], dot);
-          _mm512_storeu_ps(dots + (g * 16 + j) * 16, dot);
-        }
+      const int64_t* rows = w.rows.data() + i0;
+      // The first KV head asks for whole rows, which the others then find in L1.
+      const int64_t ahead = kvh == 0 ? std::min<int64_t>(m, n - i0 - kPrefetchAhead) : 0;
+      // The group's q rows in registers where they fit beside the key's chunks (G * C <= 16).
+      constexpr int kG2 = 2 * C <= 16 ? 2 : 0, kG3 = 3 * C <= 16 ? 3 : 0;
+      constexpr int kG4 = 4 * C <= 16 ? 4 : 0;
+      if (G == 1) {
+        key_block_dots_avx512<kHeadDim, 1>(k_cache, rows, m, ahead, kv, K * H, qg, dots);
+      } else if (G == 2 && kG2 > 0) {
+        key_block_dots_avx512<kHeadDim, kG2>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+      } else if (G == 3 && kG3 > 0) {
+        key_block_dots_avx512<kHeadDim, kG3>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+      } else if (G == 4 && kG4 > 0) {
+        key_block_dots_avx512<kHeadDim, kG4>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+      } else {
+        key_block_dots_avx512<kHeadDim, 0>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
       }
       for (int64_t g = 0; g < G; ++g) {
         __m512 d16[16];

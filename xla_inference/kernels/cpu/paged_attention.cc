@@ -7,17 +7,19 @@
 // soft-capped as cap * tanh(score / cap) where soft_cap > 0), read from the paged
 // cache through block_tables, one contiguous [K, H] row per key. Consecutive tokens of one
 // row form tiles of up to 16 that share every key read (attend_tile); a lone token
-// (decode) takes attend_one (attend_one_avx512 for head dims of 64 or 128 where the CPU has
-// AVX-512: 1.3-1.45x faster alone on a float32 cache, benchmarks/RESULTS.md issue 18). Softmax
+// (decode) takes attend_one (attend_one_grouped_avx512 for head dims of 64 or 128 where the
+// CPU has AVX-512: attend_one_avx512, 1.3-1.45x faster alone on a float32 cache,
+// benchmarks/RESULTS.md issue 18, with each KV head's rows read and widened once for all its
+// query heads, benchmarks/decode_attention_builds.py). Softmax
 // is two-pass, in float32. The tiles are the work items that XLA's intra-op thread pool (the
 // FFI's ThreadPool context) and the calling thread share.
 //
 // q [T, N, H], k_cache / v_cache [num_slots, K, H] float32, bfloat16, float8_e4m3fn or
 // float8_e5m2 (both the same); seq_ids, positions [T] int32; block_tables [B, max_blocks]
 // int32; out [T, N, H] float32. A 16- or 8-bit cache is widened to float32 as it is read:
-// attend_one_avx512 widens 16 values at a time in registers, the other paths one key row
-// at a time into scratch (an fp8 cache's scales are applied by the caller,
-// kernels/ragged_paged_attention.py); a float32 cache is read in place.
+// the AVX-512 and AVX2 decode paths widen 16 (8) values at a time in registers, the other
+// paths one key row at a time into scratch (an fp8 cache's scales are applied by the
+// caller, kernels/ragged_paged_attention.py); a float32 cache is read in place.
 //
 // A second handler, XlaInferenceWriteCacheRows, copies a step's K or V rows (already in the
 // cache's element type) into their slots in place: XLA's CPU backend scatters into a
@@ -49,6 +51,8 @@
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define XLA_INFERENCE_ATTENTION_AVX2 1
 #endif
+// XLA_INFERENCE_ATTENTION_GROUPED=0: the decode paths one query head at a time
+// (attend_one_avx512, attend_one_avx2; the same bits as the grouped ones, for benchmarks).
 #ifndef XLA_INFERENCE_ATTENTION_GROUPED
 #define XLA_INFERENCE_ATTENTION_GROUPED 1
 #endif

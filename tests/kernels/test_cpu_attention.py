@@ -219,3 +219,46 @@ def test_avx2_decode_path_matches_float64(cache_dtype, head_dim):
                                       np.asarray(seq_ids), np.asarray(positions),
                                       np.asarray(tables), window)
         np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=2e-5)
+
+
+_AVX512_TARGET = "xla_inference_paged_attention_avx512"
+_AVX512_PER_HEAD_TARGET = "xla_inference_paged_attention_avx512_per_head"
+
+
+@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="no AVX-512")
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn,
+                                         jnp.float8_e5m2],
+                         ids=["float32", "bfloat16", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_avx512_grouped_decode_path_has_per_head_bits(cache_dtype, group, head_dim):
+    """The AVX-512 decode path (attend_one_grouped_avx512: each KV head's key and value
+    chunks widened once for its `group` query heads) gives exactly the bits of
+    attend_one_avx512 (one head at a time, built with -DXLA_INFERENCE_ATTENTION_GROUPED=0):
+    lone decode tokens with contexts of 1 to 521 keys (partial blocks of 16 keys, many
+    pages), two KV heads, with and without a sliding window, a soft cap and local chunks;
+    and float64's answer on the values the cache holds."""
+    native.load_targets(cpu_attention._SOURCE, {_AVX512_TARGET: "XlaInferencePagedAttention"})
+    native.load_targets(cpu_attention._SOURCE,
+                        {_AVX512_PER_HEAD_TARGET: "XlaInferencePagedAttention"},
+                        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_ATTENTION_GROUPED=0"))
+    rng = np.random.default_rng(head_dim * 10 + group)
+    runs = [(300, 1), (0, 1), (15, 1), (16, 1), (47, 1), (100, 1), (250, 1), (520, 1)]
+    T, kv_heads = len(runs), 2
+    k, v, seq_ids, positions, tables = _step(rng, runs, T, kv_heads, head_dim)
+    k, v = k.astype(cache_dtype), v.astype(cache_dtype)
+    q = jnp.asarray(rng.standard_normal((T, group * kv_heads, head_dim)), jnp.float32)
+    for window, soft_cap, chunk in ((None, 0.0, 0), (37, 0.0, 0), (100, 2.0, 64)):
+        out, per_head = (np.asarray(jax.ffi.ffi_call(
+            target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+            q, k, v, seq_ids, positions, tables, block_size=np.int64(BLOCK),
+            scale=np.float32(head_dim ** -0.5), sliding_window=np.int64(window or 0),
+            soft_cap=np.float32(soft_cap), attention_chunk=np.int64(chunk)))
+            for target in (_AVX512_TARGET, _AVX512_PER_HEAD_TARGET))
+        np.testing.assert_array_equal(out.view(np.uint32), per_head.view(np.uint32))
+        if soft_cap == 0.0:
+            expected = _float64_reference(*(np.asarray(a.astype(jnp.float32), np.float64)
+                                            for a in (q, k, v)),
+                                          np.asarray(seq_ids), np.asarray(positions),
+                                          np.asarray(tables), window)
+            np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)

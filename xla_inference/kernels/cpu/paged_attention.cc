@@ -7,17 +7,19 @@
 // soft-capped as cap * tanh(score / cap) where soft_cap > 0), read from the paged
 // cache through block_tables, one contiguous [K, H] row per key. Consecutive tokens of one
 // row form tiles of up to 16 that share every key read (attend_tile); a lone token
-// (decode) takes attend_one (attend_one_avx512 for head dims of 64 or 128 where the CPU has
-// AVX-512: 1.3-1.45x faster alone on a float32 cache, benchmarks/RESULTS.md issue 18). Softmax
+// (decode) takes attend_one (attend_one_grouped_avx512 for head dims of 64 or 128 where the
+// CPU has AVX-512: attend_one_avx512, 1.3-1.45x faster alone on a float32 cache,
+// benchmarks/RESULTS.md issue 18, with each KV head's rows read and widened once for all its
+// query heads, benchmarks/decode_attention_builds.py). Softmax
 // is two-pass, in float32. The tiles are the work items that XLA's intra-op thread pool (the
 // FFI's ThreadPool context) and the calling thread share.
 //
 // q [T, N, H], k_cache / v_cache [num_slots, K, H] float32, bfloat16, float8_e4m3fn or
 // float8_e5m2 (both the same); seq_ids, positions [T] int32; block_tables [B, max_blocks]
 // int32; out [T, N, H] float32. A 16- or 8-bit cache is widened to float32 as it is read:
-// attend_one_avx512 widens 16 values at a time in registers, the other paths one key row
-// at a time into scratch (an fp8 cache's scales are applied by the caller,
-// kernels/ragged_paged_attention.py); a float32 cache is read in place.
+// the AVX-512 and AVX2 decode paths widen 16 (8) values at a time in registers, the other
+// paths one key row at a time into scratch (an fp8 cache's scales are applied by the
+// caller, kernels/ragged_paged_attention.py); a float32 cache is read in place.
 //
 // A second handler, XlaInferenceWriteCacheRows, copies a step's K or V rows (already in the
 // cache's element type) into their slots in place: XLA's CPU backend scatters into a
@@ -49,6 +51,8 @@
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define XLA_INFERENCE_ATTENTION_AVX2 1
 #endif
+// XLA_INFERENCE_ATTENTION_GROUPED=0: the decode paths one query head at a time
+// (attend_one_avx512, attend_one_avx2; the same bits as the grouped ones, for benchmarks).
 #ifndef XLA_INFERENCE_ATTENTION_GROUPED
 #define XLA_INFERENCE_ATTENTION_GROUPED 1
 #endif
@@ -410,6 +414,162 @@ void attend_one_avx512(const Shapes& s, const float* q, const Cache& k_cache,
       for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, v_cache.load16(vrow + 16 * c), acc[c]);
     }
     for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(out + h * H + 16 * c, acc[c]);
+  }
+}
+
+// The weighted sums of values of kG query heads sharing one KV head (p: their normalized
+// probabilities, rows n_pad apart), kD chunks of 16 dims per pass over the keys: each value
+// chunk widened once for all kG heads, their kG x kD sums in registers. Per head and dim
+// the same FMAs in the same key order as attend_one_avx512's one head alone.
+template <int64_t kHeadDim, int kG, class Cache>
+void weighted_values_avx512(const Cache& v_cache, const std::vector<int64_t>& rows, int64_t kv,
+                            const float* p, int64_t n, int64_t n_pad, float* out,
+                            int64_t row_width) {
+  constexpr int64_t C = kHeadDim / 16;
+  constexpr int64_t kD = std::min<int64_t>(C, kG <= 2 ? 8 : 4);  // sums + p + v in 32 zmm
+  static_assert(C % kD == 0, "the head dim's chunks in whole passes");
+  for (int64_t c0 = 0; c0 < C; c0 += kD) {
+    __m512 acc[kG][kD];
+    for (int g = 0; g < kG; ++g)
+      for (int64_t c = 0; c < kD; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      // The first KV head's first pass asks for whole rows (the other heads then find
+      // theirs in cache), the others' first passes for their own values.
+      if (c0 == 0 && i + kPrefetchAhead < n)
+        prefetch_row(v_cache, rows[i + kPrefetchAhead] + kv, kv == 0 ? row_width : kHeadDim);
+      const int64_t vrow = rows[i] + kv + 16 * c0;
+      __m512 pg[kG];
+      for (int g = 0; g < kG; ++g) pg[g] = _mm512_set1_ps(p[g * n_pad + i]);
+      for (int64_t c = 0; c < kD; ++c) {
+        const __m512 v = v_cache.load16(vrow + 16 * c);
+        for (int g = 0; g < kG; ++g) acc[g][c] = _mm512_fmadd_ps(pg[g], v, acc[g][c]);
+      }
+    }
+    for (int g = 0; g < kG; ++g)
+      for (int64_t c = 0; c < kD; ++c)
+        _mm512_storeu_ps(out + g * kHeadDim + 16 * (c0 + c), acc[g][c]);
+  }
+}
+
+// The dot products of keys rows[0..m-1] (their KV head's values at kv) with the group's
+// query heads (scaled q rows qg, kHeadDim apart), as attend_one_avx512 forms them (a vector
+// of 16 partial sums per key), into dots[head][key][16]: each key's chunks widened once for
+// all the heads. kG > 0: kG heads, their q held in registers; 0: g heads, q read from L1.
+// The first `ahead` keys ask for the whole row (row_width values) kPrefetchAhead keys on.
+template <int64_t kHeadDim, int kG, class Cache>
+inline void key_block_dots_avx512(const Cache& k_cache, const int64_t* rows, int64_t m,
+                                  int64_t ahead, int64_t kv, int64_t row_width, const float* qg,
+                                  float* dots, int64_t g = kG) {
+  constexpr int64_t C = kHeadDim / 16;
+  __m512 q[kG > 0 ? kG : 1][C];
+  if constexpr (kG > 0)
+    for (int h = 0; h < kG; ++h)
+      for (int64_t c = 0; c < C; ++c) q[h][c] = _mm512_loadu_ps(qg + h * kHeadDim + 16 * c);
+  for (int64_t j = 0; j < m; ++j) {
+    if (j < ahead) prefetch_row(k_cache, rows[j + kPrefetchAhead], row_width);
+    const int64_t krow = rows[j] + kv;
+    __m512 kk[C];
+    for (int64_t c = 0; c < C; ++c) kk[c] = k_cache.load16(krow + 16 * c);
+    if constexpr (kG > 0) {
+      for (int h = 0; h < kG; ++h) {
+        __m512 dot = _mm512_mul_ps(q[h][0], kk[0]);
+        for (int64_t c = 1; c < C; ++c) dot = _mm512_fmadd_ps(q[h][c], kk[c], dot);
+        _mm512_storeu_ps(dots + (h * 16 + j) * 16, dot);
+      }
+    } else {
+      for (int64_t h = 0; h < g; ++h) {
+        const float* qh = qg + h * kHeadDim;
+        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qh), kk[0]);
+        for (int64_t c = 1; c < C; ++c)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kk[c], dot);
+        _mm512_storeu_ps(dots + (h * 16 + j) * 16, dot);
+      }
+    }
+  }
+}
+
+// attend_one_avx512 by KV head: for each block of 16 keys and each KV head, every key's
+// chunks widened once (load16) for all G query heads sharing it (their scaled q rows read
+// from L1), each head's 16 partial-sum vectors kept in scratch and reduced together
+// (sum_each_of_16); the block's rows (one page of keys when aligned) stay in L1 from the
+// first KV head to the last. Then weighted_values_avx512 per KV head. Per head the same
+// operations in the same order as attend_one_avx512, so the same output bit for bit.
+template <int64_t kHeadDim, class Cache>
+void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_cache,
+                               const Cache& v_cache, const int32_t* table, int64_t pos,
+                               float* out, Scratch& w) {
+  constexpr int64_t C = kHeadDim / 16;
+  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
+  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
+  if (n <= 0) {
+    std::fill(out, out + N * H, 0.0f);
+    return;
+  }
+  const int64_t n_pad = (n + 15) / 16 * 16;
+  key_rows(s, table, lo, pos, K * H, w.rows);
+  w.scores.resize(N * n_pad);
+  w.qs.resize(N * H);
+  const __m512 scale = _mm512_set1_ps(s.scale);
+  for (int64_t i = 0; i < N * H; i += 16)
+    _mm512_storeu_ps(w.qs.data() + i, _mm512_mul_ps(_mm512_loadu_ps(q + i), scale));
+  w.acc.resize(G * 256);  // [G][16 keys][16 lanes]: one KV head's heads' partial sums
+  float* const dots = w.acc.data();
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const int64_t m = std::min<int64_t>(16, n - i0);  // keys in this block
+    for (int64_t kvh = 0; kvh < K; ++kvh) {
+      const int64_t kv = kvh * H;
+      const float* qg = w.qs.data() + kvh * G * H;
+      const int64_t* rows = w.rows.data() + i0;
+      // The first KV head asks for whole rows, which the others then find in L1.
+      const int64_t ahead = kvh == 0 ? std::min<int64_t>(m, n - i0 - kPrefetchAhead) : 0;
+      // The group's q rows in registers where they fit beside the key's chunks (G * C <= 16).
+      constexpr int kG2 = 2 * C <= 16 ? 2 : 0, kG3 = 3 * C <= 16 ? 3 : 0;
+      constexpr int kG4 = 4 * C <= 16 ? 4 : 0;
+      if (G == 1) {
+        key_block_dots_avx512<kHeadDim, 1>(k_cache, rows, m, ahead, kv, K * H, qg, dots);
+      } else if (G == 2 && kG2 > 0) {
+        key_block_dots_avx512<kHeadDim, kG2>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+      } else if (G == 3 && kG3 > 0) {
+        key_block_dots_avx512<kHeadDim, kG3>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+      } else if (G == 4 && kG4 > 0) {
+        key_block_dots_avx512<kHeadDim, kG4>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+      } else {
+        key_block_dots_avx512<kHeadDim, 0>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 d16[16];
+        for (int64_t j = 0; j < 16; ++j)
+          d16[j] = j < m ? _mm512_loadu_ps(dots + (g * 16 + j) * 16) : _mm512_setzero_ps();
+        _mm512_storeu_ps(w.scores.data() + (kvh * G + g) * n_pad + i0, sum_each_of_16(d16));
+      }
+    }
+  }
+  for (int64_t h = 0; h < N; ++h) {
+    float* sc = w.scores.data() + h * n_pad;
+    cap_scores(s, sc, n);
+    const float inv = exponentiate_scores(sc, n);
+    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
+  }
+  for (int64_t kvh = 0; kvh < K; ++kvh) {
+    const int64_t kv = kvh * H, h0 = kvh * G;
+    const float* p = w.scores.data() + h0 * n_pad;
+    float* o = out + h0 * H;
+    switch (G) {
+      case 1: weighted_values_avx512<kHeadDim, 1>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
+      case 2: weighted_values_avx512<kHeadDim, 2>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
+      case 3: weighted_values_avx512<kHeadDim, 3>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
+      case 4: weighted_values_avx512<kHeadDim, 4>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
+      default:  // larger groups: 4 heads at a time
+        for (int64_t g = 0; g < G; g += 4) {
+          const int64_t r = std::min<int64_t>(4, G - g);
+          const float* pg = p + g * n_pad;
+          float* og = o + g * H;
+          if (r == 4) weighted_values_avx512<kHeadDim, 4>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
+          else if (r == 3) weighted_values_avx512<kHeadDim, 3>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
+          else if (r == 2) weighted_values_avx512<kHeadDim, 2>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
+          else weighted_values_avx512<kHeadDim, 1>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
+        }
+    }
   }
 }
 #endif
@@ -775,8 +935,14 @@ void attend_range(const Shapes& s, const float* q, const void* k_data, const voi
 #ifdef XLA_INFERENCE_ATTENTION_AVX512
   if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
     if (last - first == 1) {
+#if XLA_INFERENCE_ATTENTION_GROUPED
+      attend_one_grouped_avx512<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache,
+                                                 table, positions[first], out + first * width,
+                                                 w.one);
+#else
       attend_one_avx512<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
                                   positions[first], out + first * width, w.one);
+#endif
       return;
     }
   }

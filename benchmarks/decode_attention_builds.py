@@ -1,0 +1,98 @@
+"""The native CPU attention kernel's decode path, build against build: one decode token of
+SmolLM2-135M (9 query heads, 3 KV heads, head dim 64) through 30 layers, each layer with its
+own bfloat16 (or --kv-cache float32 / float8_e4m3fn) cache on shuffled pages, at each
+--contexts. Builds: "grouped", the default (attend_one_grouped_avx512 on an AVX-512 CPU,
+attend_one_grouped_avx2 on AVX2: each KV head's rows widened once for its query heads), and
+"per-head", -DXLA_INFERENCE_ATTENTION_GROUPED=0 (attend_one_avx512 / attend_one_avx2: one
+query head at a time). A jitted step of 30 chained calls (each layer's output is the next
+one's q) per build, the builds taking turns; medians of the step's wall-clock time and of the
+process's CPU time (all threads), each divided by 30 for one call (the step's dispatch
+included: "dispatch" is the same jitted step without the kernel). A benchmark, not a test.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 300 540
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from xla_inference.kernels import cpu_attention, native  # noqa: E402
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30  # SmolLM2-135M
+BLOCK = 16
+BUILDS = {"per-head": ("-DXLA_INFERENCE_ATTENTION_GROUPED=0",), "grouped": ()}
+
+
+def step_fn(target, layers):
+    def step(q, ks, vs, seq_ids, positions, tables):
+        for k, v in zip(ks, vs):
+            if target is None:  # the dispatch alone
+                q = q * 1.0001
+                continue
+            q = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+                q, k, v, seq_ids, positions, tables, block_size=np.int64(BLOCK),
+                scale=np.float32(HEAD_DIM ** -0.5), sliding_window=np.int64(0),
+                soft_cap=np.float32(0.0), attention_chunk=np.int64(0))
+        return q
+    return jax.jit(step)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contexts", type=int, nargs="+", default=[300, 540])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--kv-cache", default="bfloat16")
+    parser.add_argument("--layers", type=int, default=LAYERS,
+                        help="caches (1: one layer's, in L2, called 30 times)")
+    args = parser.parse_args()
+    targets = {}
+    for name, flags in BUILDS.items():
+        targets[name] = f"xla_inference_paged_attention_bench_{name.replace('-', '_')}"
+        native.load_targets(cpu_attention._SOURCE, {targets[name]: "XlaInferencePagedAttention"},
+                            (*native.DEFAULT_FLAGS, *flags))
+    targets["dispatch"] = None
+    rng = np.random.default_rng(0)
+    pages_per_layer = -(-(max(args.contexts) + 1) // BLOCK) + 8
+    shape = (pages_per_layer * BLOCK, NUM_KV_HEADS, HEAD_DIM)
+    dtype = jnp.dtype(args.kv_cache)
+    ks = [jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+          for _ in range(args.layers)]
+    vs = [jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+          for _ in range(args.layers)]
+    ks, vs = ks * (LAYERS // args.layers), vs * (LAYERS // args.layers)
+    fns = {name: step_fn(target, LAYERS) for name, target in targets.items()}
+    print(f"uptime: {os.getloadavg()}  kv cache {args.kv_cache}  {LAYERS} calls, "
+          f"{args.layers} caches  "
+          f"median of {args.repeats}", flush=True)
+    for context in args.contexts:
+        tables = rng.permutation(np.arange(pages_per_layer))[None, :].astype(np.int32)
+        inputs = (jnp.asarray(rng.standard_normal((1, NUM_HEADS, HEAD_DIM), np.float32)), ks, vs,
+                  jnp.asarray([0], jnp.int32), jnp.asarray([context], jnp.int32),
+                  jnp.asarray(tables))
+        outs = {name: np.asarray(fn(*inputs)) for name, fn in fns.items()}  # compile
+        assert np.array_equal(outs["grouped"], outs["per-head"]), "the builds' bits differ"
+        wall = {name: [] for name in fns}
+        cpu = {name: [] for name in fns}
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn(*inputs).block_until_ready()
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
+        for name in fns:
+            w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+            print(f"context {context:5d} {name:9s} step {w * 1e6:8.1f} us wall "
+                  f"({w / LAYERS * 1e6:6.2f} us per call), CPU {c * 1e6:8.1f} us "
+                  f"({c / LAYERS * 1e6:6.2f} us per call)", flush=True)
+    print(f"uptime: {os.getloadavg()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@
 #include <climits>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "work_items.h"
@@ -291,6 +292,56 @@ int64_t first_key(const Shapes& s, int64_t pos) {
   return lo;
 }
 
+// The keys a decode token at `pos` attends to, as every decode path starts: their number n,
+// their cache rows in w.rows, and w.scores sized for the N heads' scores, each head's n
+// rounded up to `lanes` (n_pad apart). No key (n 0): the token's N x H output is zero.
+struct DecodeKeys {
+  int64_t n, n_pad;
+};
+DecodeKeys decode_keys(const Shapes& s, const int32_t* table, int64_t pos, int64_t H,
+                       int64_t lanes, float* out, Scratch& w) {
+  const int64_t N = s.num_heads, lo = first_key(s, pos), n = pos + 1 - lo;
+  if (n <= 0) {
+    std::fill(out, out + N * H, 0.0f);
+    return {0, 0};
+  }
+  const int64_t n_pad = (n + lanes - 1) / lanes * lanes;
+  key_rows(s, table, lo, pos, s.num_kv_heads * H, w.rows);
+  w.scores.resize(N * n_pad);
+  return {n, n_pad};
+}
+
+// The N heads' q rows times the softmax scale, into w.qs (one rounding each, so the same
+// values as the vector paths' products of q and the scale in registers).
+void scale_queries(const Shapes& s, const float* q, int64_t H, Scratch& w) {
+  w.qs.resize(s.num_heads * H);
+  for (int64_t i = 0; i < s.num_heads * H; ++i) w.qs[i] = q[i] * s.scale;
+}
+
+// Each head's n scores (rows n_pad apart in w.scores) capped, exponentiated and normalized.
+void normalize_scores(const Shapes& s, int64_t n, int64_t n_pad, Scratch& w) {
+  for (int64_t h = 0; h < s.num_heads; ++h) {
+    float* sc = w.scores.data() + h * n_pad;
+    cap_scores(s, sc, n);
+    const float inv = exponentiate_scores(sc, n);
+    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
+  }
+}
+
+// values(kG, g) for the query heads g..g+kG-1 of one KV head's G, at most 4 at a time (kG a
+// std::integral_constant: the grouped paths' weighted values keep kG heads' sums in registers).
+template <class Values>
+void in_groups_of_up_to_4(int64_t G, Values&& values) {
+  for (int64_t g = 0; g < G; g += 4) {
+    switch (std::min<int64_t>(4, G - g)) {
+      case 4: values(std::integral_constant<int, 4>(), g); break;
+      case 3: values(std::integral_constant<int, 3>(), g); break;
+      case 2: values(std::integral_constant<int, 2>(), g); break;
+      default: values(std::integral_constant<int, 1>(), g);
+    }
+  }
+}
+
 // One query token: each head's scores are dot products over the head dim.
 // kHeadDim > 0: the head dim as a compile-time constant (fully unrolled products); 0: any.
 template <int64_t kHeadDim, class Cache>
@@ -298,15 +349,9 @@ void attend_one(const Shapes& s, const float* q, const Cache& k_cache, const Cac
                 const int32_t* table, int64_t pos, float* out, Scratch& w) {
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K;
   const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
-  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
-  if (n <= 0) {
-    std::fill(out, out + N * H, 0.0f);
-    return;
-  }
-  w.qs.resize(N * H);
-  for (int64_t i = 0; i < N * H; ++i) w.qs[i] = q[i] * s.scale;
-  w.scores.resize(N * n);
-  key_rows(s, table, lo, pos, K * H, w.rows);
+  const int64_t n = decode_keys(s, table, pos, H, 1, out, w).n;
+  if (n == 0) return;
+  scale_queries(s, q, H, w);
   w.widened.resize(K * H);
   for (int64_t i = 0; i < n; ++i) {
     const float* krow = k_cache.row(w.rows[i], w.widened.data());
@@ -371,14 +416,9 @@ void attend_one_avx512(const Shapes& s, const float* q, const Cache& k_cache,
                        Scratch& w) {
   constexpr int64_t C = kHeadDim / 16;
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
-  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
-  if (n <= 0) {
-    std::fill(out, out + N * H, 0.0f);
-    return;
-  }
-  const int64_t n_pad = (n + 15) / 16 * 16;
-  key_rows(s, table, lo, pos, K * H, w.rows);
-  w.scores.resize(N * n_pad);
+  const DecodeKeys keys = decode_keys(s, table, pos, H, 16, out, w);
+  const int64_t n = keys.n, n_pad = keys.n_pad;
+  if (n == 0) return;
   const __m512 scale = _mm512_set1_ps(s.scale);
   for (int64_t h = 0; h < N; ++h) {
     const int64_t kv = (h / G) * H;
@@ -500,18 +540,10 @@ void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_c
                                float* out, Scratch& w) {
   constexpr int64_t C = kHeadDim / 16;
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
-  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
-  if (n <= 0) {
-    std::fill(out, out + N * H, 0.0f);
-    return;
-  }
-  const int64_t n_pad = (n + 15) / 16 * 16;
-  key_rows(s, table, lo, pos, K * H, w.rows);
-  w.scores.resize(N * n_pad);
-  w.qs.resize(N * H);
-  const __m512 scale = _mm512_set1_ps(s.scale);
-  for (int64_t i = 0; i < N * H; i += 16)
-    _mm512_storeu_ps(w.qs.data() + i, _mm512_mul_ps(_mm512_loadu_ps(q + i), scale));
+  const DecodeKeys keys = decode_keys(s, table, pos, H, 16, out, w);
+  const int64_t n = keys.n, n_pad = keys.n_pad;
+  if (n == 0) return;
+  scale_queries(s, q, H, w);
   w.acc.resize(G * 256);  // [G][16 keys][16 lanes]: one KV head's heads' partial sums
   float* const dots = w.acc.data();
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
@@ -544,32 +576,15 @@ void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_c
       }
     }
   }
-  for (int64_t h = 0; h < N; ++h) {
-    float* sc = w.scores.data() + h * n_pad;
-    cap_scores(s, sc, n);
-    const float inv = exponentiate_scores(sc, n);
-    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
-  }
+  normalize_scores(s, n, n_pad, w);
   for (int64_t kvh = 0; kvh < K; ++kvh) {
     const int64_t kv = kvh * H, h0 = kvh * G;
     const float* p = w.scores.data() + h0 * n_pad;
     float* o = out + h0 * H;
-    switch (G) {
-      case 1: weighted_values_avx512<kHeadDim, 1>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
-      case 2: weighted_values_avx512<kHeadDim, 2>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
-      case 3: weighted_values_avx512<kHeadDim, 3>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
-      case 4: weighted_values_avx512<kHeadDim, 4>(v_cache, w.rows, kv, p, n, n_pad, o, K * H); break;
-      default:  // larger groups: 4 heads at a time
-        for (int64_t g = 0; g < G; g += 4) {
-          const int64_t r = std::min<int64_t>(4, G - g);
-          const float* pg = p + g * n_pad;
-          float* og = o + g * H;
-          if (r == 4) weighted_values_avx512<kHeadDim, 4>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
-          else if (r == 3) weighted_values_avx512<kHeadDim, 3>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
-          else if (r == 2) weighted_values_avx512<kHeadDim, 2>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
-          else weighted_values_avx512<kHeadDim, 1>(v_cache, w.rows, kv, pg, n, n_pad, og, K * H);
-        }
-    }
+    in_groups_of_up_to_4(G, [&](auto kG, int64_t g) {
+      weighted_values_avx512<kHeadDim, decltype(kG)::value>(v_cache, w.rows, kv, p + g * n_pad,
+                                                            n, n_pad, o + g * H, K * H);
+    });
   }
 }
 #endif
@@ -594,14 +609,9 @@ void attend_one_avx2(const Shapes& s, const float* q, const Cache& k_cache, cons
                      const int32_t* table, int64_t pos, float* out, Scratch& w) {
   constexpr int64_t C = kHeadDim / 8;
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
-  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
-  if (n <= 0) {
-    std::fill(out, out + N * H, 0.0f);
-    return;
-  }
-  const int64_t n_pad = (n + 7) / 8 * 8;
-  key_rows(s, table, lo, pos, K * H, w.rows);
-  w.scores.resize(N * n_pad);
+  const DecodeKeys keys = decode_keys(s, table, pos, H, 8, out, w);
+  const int64_t n = keys.n, n_pad = keys.n_pad;
+  if (n == 0) return;
   const __m256 scale = _mm256_set1_ps(s.scale);
   for (int64_t h = 0; h < N; ++h) {
     const int64_t kv = (h / G) * H;
@@ -680,18 +690,10 @@ void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cac
                              Scratch& w) {
   constexpr int64_t C = kHeadDim / 8;
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
-  const int64_t lo = first_key(s, pos), n = pos + 1 - lo;
-  if (n <= 0) {
-    std::fill(out, out + N * H, 0.0f);
-    return;
-  }
-  const int64_t n_pad = (n + 7) / 8 * 8;
-  key_rows(s, table, lo, pos, K * H, w.rows);
-  w.scores.resize(N * n_pad);
-  w.qs.resize(N * H);
-  const __m256 scale = _mm256_set1_ps(s.scale);
-  for (int64_t i = 0; i < N * H; i += 8)
-    _mm256_storeu_ps(w.qs.data() + i, _mm256_mul_ps(_mm256_loadu_ps(q + i), scale));
+  const DecodeKeys keys = decode_keys(s, table, pos, H, 8, out, w);
+  const int64_t n = keys.n, n_pad = keys.n_pad;
+  if (n == 0) return;
+  scale_queries(s, q, H, w);
   w.acc.resize(N * 64);  // [N][8 keys][8 lanes]: the dot products of 8 keys
   // Scores: each key's whole row (every KV head) at once, the keys in order (one pass
   // through the K pages, where the hardware prefetcher follows it).
@@ -721,32 +723,15 @@ void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cac
       _mm256_storeu_ps(w.scores.data() + h * n_pad + i0, sum_each_of_8(d8));
     }
   }
-  for (int64_t h = 0; h < N; ++h) {
-    float* sc = w.scores.data() + h * n_pad;
-    cap_scores(s, sc, n);
-    const float inv = exponentiate_scores(sc, n);
-    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
-  }
+  normalize_scores(s, n, n_pad, w);
   for (int64_t kvh = 0; kvh < K; ++kvh) {
     const int64_t kv = kvh * H, h0 = kvh * G;
     const float* p = w.scores.data() + h0 * n_pad;
     float* o = out + h0 * H;
-    switch (G) {
-      case 1: weighted_values_avx2<kHeadDim, 1>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
-      case 2: weighted_values_avx2<kHeadDim, 2>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
-      case 3: weighted_values_avx2<kHeadDim, 3>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
-      case 4: weighted_values_avx2<kHeadDim, 4>(v_cache, w.rows, kv, p, n, n_pad, o, H, K * H); break;
-      default:  // larger groups: 4 heads at a time
-        for (int64_t g = 0; g < G; g += 4) {
-          const int64_t m = std::min<int64_t>(4, G - g);
-          const float* pg = p + g * n_pad;
-          float* og = o + g * H;
-          if (m == 4) weighted_values_avx2<kHeadDim, 4>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
-          else if (m == 3) weighted_values_avx2<kHeadDim, 3>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
-          else if (m == 2) weighted_values_avx2<kHeadDim, 2>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
-          else weighted_values_avx2<kHeadDim, 1>(v_cache, w.rows, kv, pg, n, n_pad, og, H, K * H);
-        }
-    }
+    in_groups_of_up_to_4(G, [&](auto kG, int64_t g) {
+      weighted_values_avx2<kHeadDim, decltype(kG)::value>(v_cache, w.rows, kv, p + g * n_pad, n,
+                                                          n_pad, o + g * H, H, K * H);
+    });
   }
 }
 #endif

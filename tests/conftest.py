@@ -118,8 +118,8 @@ EXTENDED = {
 # A module that names XLA_INFERENCE_HOSTS starts engines spanning several JAX processes
 # (the multi-host and Ray tests): the engine core is then the multi-host driver, which joins
 # jax.distributed (once in a process's life, with the device count the test sets in
-# XLA_FLAGS), so its engine cores keep a process of their own. So do a module's that sets
-# ENGINE_CORE_PROCESS (the reason as its value).
+# XLA_FLAGS), so its engine cores keep a process of their own. So do the engine cores of a
+# module that sets ENGINE_CORE_PROCESS (its value the reason).
 SPANS_PROCESSES = "XLA_INFERENCE_HOSTS"
 
 

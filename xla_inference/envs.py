@@ -37,6 +37,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
+    "XLA_INFERENCE_SPARE_CORE": (
+        "1",
+        "0 keeps the native quantized kernel's one-row products (a decode step's, too short "
+        "to wake XLA's thread pool) on the calling thread; 1 shares them with one helper "
+        "thread that spins at SCHED_IDLE between them (kernels/cpu/spare_core.h: a second "
+        "core reads the weights beside the first; read when the kernel is first loaded)"),
     "XLA_INFERENCE_GMM_BACKEND": (
         "",
         "the MoE grouped matmul: tpu or gpu forces that Pallas kernel (interpret mode off "
@@ -147,6 +153,10 @@ def cpu_dense_matmul_enabled() -> bool:
 
 def cpu_quantized_enabled() -> bool:
     return _switch("XLA_INFERENCE_CPU_QUANTIZED")
+
+
+def spare_core_enabled() -> bool:
+    return _switch("XLA_INFERENCE_SPARE_CORE")
 
 
 def huge_pages_enabled() -> bool:

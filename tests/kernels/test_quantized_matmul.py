@@ -10,6 +10,8 @@ entry, which quantizes x itself, gives the bits of the int16
 entry given quantization/product.quantize_rows' integers; the multi-weight entry gives each
 weight's bits of the float entry."""
 
+import contextlib
+import ctypes
 import functools
 import os
 import subprocess
@@ -675,3 +677,108 @@ def test_projection_takes_the_wide_entry_for_bfloat16_steps():
     w = _dequantized(q, scales, offsets, 32)
     magnitude = np.abs(x) @ np.abs(w).T
     assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= 2 ** -7 * magnitude)
+
+
+# ------------------------------------------------------------------ the spare core
+# (kernels/cpu/spare_core.h: one-row products too short to wake the pool, shared with one
+# helper thread that the caller takes items back from when it holds them too long)
+
+@functools.cache
+def _spare_testing():
+    """The float and multi targets of a build whose helper runs at normal priority (the
+    default build's runs at SCHED_IDLE, which a busy test machine may never give a CPU;
+    this one takes items within a few calls) and can be made to pause in each item; and
+    its library."""
+    name = "xla_inference_qmm_spare_testing"
+    library = native.load_targets(
+        cpu_quantized._SOURCE, {name + "_float": cpu_quantized._FLOAT_SYMBOL,
+                                name + "_multi": cpu_quantized._MULTI_SYMBOL},
+        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_SPARE_CORE_TESTING=1"))
+    library.XlaInferenceQuantizedSpareCoreTestDelay.argtypes = [ctypes.c_int64]
+    return name + "_float", name + "_multi", library
+
+
+_DEFAULT_BUILD = (cpu_quantized._FLOAT_TARGET, cpu_quantized._MULTI_TARGET, None)
+
+
+@contextlib.contextmanager
+def _without_spare_core():
+    """The default build with its spare core off (as XLA_INFERENCE_SPARE_CORE=0 makes it)."""
+    library = cpu_quantized._library()
+    library.XlaInferenceQuantizedUseSpareCore(0)
+    try:
+        yield
+    finally:
+        library.XlaInferenceQuantizedUseSpareCore(1)
+
+
+def _spare_operands(rng):
+    """A decode step's gate/up pair and its down projection's shape class: 4-bit groups of
+    32 with offsets (GGUF Q4_1's form), 0.44 MB each: the spare core's, not the pool's."""
+    weights = [_random_weight(rng, 1536, 576, 4, 32, True) for _ in range(2)]
+    return weights, [_kernel_operands(*w, 4) for w in weights]
+
+
+def _float_and_multi(build, x, operands):
+    float_target, multi_target, _ = build
+    one = np.asarray(cpu_quantized.ffi_quantized_matmul_float(
+        float_target, jnp.asarray(x), *operands[0], bits=4, group_size=32, levels=16383.0))
+    many = cpu_quantized.ffi_quantized_matmul_multi(
+        multi_target, jnp.asarray(x), [tuple(jnp.asarray(a) for a in ops) for ops in operands],
+        bits=4, group_size=32, levels=16383.0)
+    return [one, *(np.asarray(y) for y in many)]
+
+
+def _until_counted(build, which, x, operands, expected, seconds=30.0):
+    """Calls the build until its spare core counts one more item of kind `which` (0: by the
+    helper, 1: taken back), each call's outputs equal to `expected`; returns the calls."""
+    import time
+    before = cpu_quantized.spare_core_items(build[2])[which]
+    deadline = time.monotonic() + seconds
+    calls = 0
+    while cpu_quantized.spare_core_items(build[2])[which] == before:
+        assert time.monotonic() < deadline, "the spare core's helper took no item"
+        for got, want in zip(_float_and_multi(build, x, operands), expected):
+            np.testing.assert_array_equal(got, want)
+        calls += 1
+    return calls
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+@pytest.mark.parametrize("T", [1, 3])
+def test_spare_core_gives_the_bits_of_one_thread(T):
+    """Items the helper computes (into its scratch, published by the caller) give the bits
+    of the build without the spare core, which match the float64 reference."""
+    rng = np.random.default_rng([31, T])
+    weights, operands = _spare_operands(rng)
+    x = rng.standard_normal((T, 576)).astype(np.float32)
+    with _without_spare_core():
+        expected = _float_and_multi(_DEFAULT_BUILD, x, operands)
+    xq, x_scale = (np.asarray(a) for a in jax.jit(quantize_rows, static_argnums=1)(x, 16383.0))
+    _check(expected[0], xq, x_scale, *weights[0], 32)
+    _check(expected[2], xq, x_scale, *weights[1], 32)
+    _until_counted(_spare_testing(), 0, x, operands, expected)
+    # The default build (its helper at SCHED_IDLE) too, whether or not its helper ran.
+    for got, want in zip(_float_and_multi(_DEFAULT_BUILD, x, operands), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+def test_items_taken_back_from_the_helper_give_the_same_bits():
+    """A helper that holds its items too long (paused 300 us in each, ten times the caller's
+    patience) has them taken back and computed by the caller; the helper's late results go
+    to the old call's scratch, never to a later call's outputs (every call's bits checked)."""
+    rng = np.random.default_rng(32)
+    _, operands = _spare_operands(rng)
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    with _without_spare_core():
+        expected = _float_and_multi(_DEFAULT_BUILD, x, operands)
+    library = _spare_testing()[2]
+    library.XlaInferenceQuantizedSpareCoreTestDelay(300)
+    try:
+        _until_counted(_spare_testing(), 1, x, operands, expected)
+        for _ in range(5):  # calls while the helper still finishes taken-back items
+            for got, want in zip(_float_and_multi(_spare_testing(), x, operands), expected):
+                np.testing.assert_array_equal(got, want)
+    finally:
+        library.XlaInferenceQuantizedSpareCoreTestDelay(0)

@@ -22,6 +22,7 @@ the build fails: callers then take the XLA (dequantize and multiply) path.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from pathlib import Path
@@ -51,9 +52,11 @@ ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 
 @functools.cache
 def _library():
-    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL,
-                                         _MULTI_TARGET: _MULTI_SYMBOL,
-                                         _WIDE_TARGET: _WIDE_SYMBOL})
+    library = native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL,
+                                            _MULTI_TARGET: _MULTI_SYMBOL,
+                                            _WIDE_TARGET: _WIDE_SYMBOL})
+    library.XlaInferenceQuantizedUseSpareCore(int(envs.spare_core_enabled()))
+    return library
 
 
 @functools.cache
@@ -74,6 +77,15 @@ def uses_vnni() -> bool:
     """Whether the built kernel took its AVX-512 VNNI path (else the portable one); needs
     available()."""
     return bool(_library().XlaInferenceQuantizedMatmulVnni())
+
+
+def spare_core_items(library=None) -> tuple[int, int]:
+    """(items the spare core's helper finished, items taken back from it) since `library`
+    (the default build's) was loaded: kernels/cpu/spare_core.h. For tests and benchmarks."""
+    library = library or _library()
+    library.XlaInferenceQuantizedSpareCoreItems.restype = ctypes.c_int64
+    return (library.XlaInferenceQuantizedSpareCoreItems(0),
+            library.XlaInferenceQuantizedSpareCoreItems(1))
 
 
 def wide_isa() -> str:

@@ -66,6 +66,7 @@
 #endif
 
 #include "prefetch.h"
+#include "spare_core.h"
 #include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -708,6 +709,85 @@ ffi::Error weight_problem(int64_t T, int64_t in, const ffi::AnyBuffer& values,
   return ffi::Error::Success();
 }
 
+// A call too small to wake the pool, shared with the spare core (spare_core.h): item i is
+// tiles [begin, end) of problems[j]. The helper's items go to a scratch copy of the outputs,
+// which publish() copies into them. `owner` keeps the call's quantized x and sums alive
+// for a helper that finishes late.
+struct SpareTiles : xla_inference::SpareJob {
+  SpareTiles(std::shared_ptr<void> owner, std::vector<Problem> problems,
+             std::vector<int64_t> first_item, std::vector<int64_t> tiles_per_item)
+      : SpareJob(first_item.back()),
+        owner(std::move(owner)),
+        problems(std::move(problems)),
+        first_item(std::move(first_item)),
+        tiles_per_item(std::move(tiles_per_item)) {
+    for (const Problem& p : this->problems) {
+      scratch.emplace_back(new float[p.T * p.out_tiles * kRows]);
+      in_scratch.push_back(p);
+      in_scratch.back().out = scratch.back().get();
+    }
+  }
+
+  void compute(int64_t i, bool into_scratch) override {
+    int64_t j, begin, end;
+    locate(i, j, begin, end);
+    tiles(into_scratch ? in_scratch[j] : problems[j], begin, end);
+  }
+
+  void publish(int64_t i) override {
+    int64_t j, begin, end;
+    locate(i, j, begin, end);
+    const Problem& p = problems[j];
+    const int64_t width = p.out_tiles * kRows;
+    for (int64_t t = 0; t < p.T; ++t)
+      std::memcpy(p.out + t * width + begin * kRows, scratch[j].get() + t * width + begin * kRows,
+                  (end - begin) * kRows * sizeof(float));
+  }
+
+  void locate(int64_t i, int64_t& j, int64_t& begin, int64_t& end) const {
+    j = 0;
+    while (i >= first_item[j + 1]) ++j;
+    begin = (i - first_item[j]) * tiles_per_item[j];
+    end = std::min(begin + tiles_per_item[j], problems[j].out_tiles);
+  }
+
+  std::shared_ptr<void> owner;
+  std::vector<Problem> problems, in_scratch;
+  std::vector<int64_t> first_item, tiles_per_item;
+  std::vector<std::unique_ptr<float[]>> scratch;
+};
+
+// Weight bytes (times about T / 4) from which a call the pool does not take is shared with
+// the spare core: below it, an item or two, not worth the hand-over.
+#ifndef XLA_INFERENCE_QMM_SPARE_MIN_BYTES
+#define XLA_INFERENCE_QMM_SPARE_MIN_BYTES (64 << 10)
+#endif
+constexpr int64_t kSpareMinBytes = XLA_INFERENCE_QMM_SPARE_MIN_BYTES;
+
+// Whether a call of `load` weight bytes (times about T / 4), for which `pool_helpers` pool
+// threads would be woken, goes to the spare core instead: when the pool would add at most
+// one thread on the CPUs there are (the spare core adds one without a wake-up; on two
+// cores the pool's two threads and the caller would be three).
+std::atomic<bool> use_spare_core{XLA_INFERENCE_SPARE_CORE != 0};  // XLA_INFERENCE_SPARE_CORE
+
+bool for_spare_core(int64_t load, int64_t pool_helpers) {
+  return use_spare_core.load(std::memory_order_relaxed) && load >= kSpareMinBytes &&
+         std::min(pool_helpers, xla_inference::SpareCore::cpus() - 1) <= 1 &&
+         xla_inference::SpareCore::cpus() >= 2;
+}
+
+// The spare core's job for `problems`, with items of the tiles a single helper would get.
+std::shared_ptr<SpareTiles> spare_tiles(std::shared_ptr<void> owner,
+                                        const std::vector<Problem>& problems) {
+  std::vector<int64_t> first_item{0}, per_item;
+  for (const Problem& p : problems) {
+    per_item.push_back(tiles_per_item(p, 1));
+    first_item.push_back(first_item.back() + (p.out_tiles + per_item.back() - 1) / per_item.back());
+  }
+  return std::make_shared<SpareTiles>(std::move(owner), problems, std::move(first_item),
+                                      std::move(per_item));
+}
+
 // Runs work->p (its xq and x_scale set) over the pool and the calling thread.
 void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   Problem& p = work->p;
@@ -727,7 +807,10 @@ void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   }
   work->tiles_per_item = tiles_per_item(p, pool.num_threads());
   work->num_items = (p.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
-  xla_inference::run_items(pool, work, helpers_for(p, pool.num_threads(), work->num_items));
+  const int64_t helpers = helpers_for(p, pool.num_threads(), work->num_items);
+  if (for_spare_core(p.out_tiles * p.tile_bytes() * (p.T + 3) / 4, helpers))
+    return xla_inference::SpareCore::get().run(spare_tiles(work, {p}));
+  xla_inference::run_items(pool, work, helpers);
 }
 
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,
@@ -861,7 +944,10 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t load = bytes * (T + 3) / 4;
   const int64_t helpers = std::max<int64_t>(
       0, std::min({pool.num_threads(), work->num_items - 1, load / kMultiBytesPerThread - 1}));
-  xla_inference::run_items(pool, work, helpers);
+  if (for_spare_core(load, helpers))
+    xla_inference::SpareCore::get().run(spare_tiles(work, work->problems));
+  else
+    xla_inference::run_items(pool, work, helpers);
   return ffi::Error::Success();
 }
 
@@ -1510,4 +1596,21 @@ extern "C" int XlaInferenceQuantizedMatmulVnni() {
 #else
   return 0;
 #endif
+}
+
+// The spare core's items since the library was loaded (spare_core.h): which 0 those the
+// helper finished, 1 those taken back from it. For tests.
+extern "C" int64_t XlaInferenceQuantizedSpareCoreItems(int which) {
+  const xla_inference::SpareCore& core = xla_inference::SpareCore::get();
+  return which == 0 ? core.items_by_helper() : core.items_taken_back();
+}
+
+// The helper's pause in each item, in a XLA_INFERENCE_SPARE_CORE_TESTING build. For tests.
+extern "C" void XlaInferenceQuantizedSpareCoreTestDelay(int64_t micros) {
+  xla_inference::SpareCore::get().test_delay_micros.store(micros);
+}
+
+// envs.spare_core_enabled(), set when the library is loaded (cpu_quantized._library).
+extern "C" void XlaInferenceQuantizedUseSpareCore(int on) {
+  use_spare_core.store(on != 0 && XLA_INFERENCE_SPARE_CORE != 0);
 }

@@ -41,17 +41,12 @@ BUILDS = {
             "-DXLA_INFERENCE_QMM_PREFETCH_HINT=_MM_HINT_T0"),
     "next-t0": ("-DXLA_INFERENCE_QMM_PREFETCH_HINT=_MM_HINT_T0",),  # the next block, into L1
     "next2": ("-DXLA_INFERENCE_QMM_PREFETCH_BLOCKS=2",),  # 2 blocks ahead, into L2
-    "1thread": ("-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1ll<<40)",
-                "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1ll<<40)"),
+    "1thread": ("-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1ll<<40)",  # the calling thread
+                "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1ll<<40)", "-DXLA_INFERENCE_SPARE_CORE=0"),
     "nospare": ("-DXLA_INFERENCE_SPARE_CORE=0",),  # no spare core (kernels/cpu/spare_core.h)
     "spare-normal": ("-DXLA_INFERENCE_SPARE_CORE_IDLE=0",),  # the spare core not SCHED_IDLE
-    "stats": ("-DSPARE_STATS=1", "-include", "cstdio"),
-    "spare-all": ("-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1ll<<40)",
-                  "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1ll<<40)"),  # no pool: the spare core
-    "spare-all-stats": ("-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1ll<<40)",
-                  "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1ll<<40)", "-DSPARE_STATS=1", "-include", "cstdio"),
-    "256k": ("-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1<<18)",
-             "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1<<18)"),
+    "256k": ("-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1<<18)",  # the pool from 256 KiB
+             "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1<<18)", "-DXLA_INFERENCE_SPARE_CORE=0"),
 }
 
 

@@ -776,12 +776,23 @@ bool for_spare_core(int64_t load, int64_t pool_helpers) {
          xla_inference::SpareCore::cpus() >= 2;
 }
 
-// The spare core's job for `problems`, with items of the tiles a single helper would get.
+// Weight bytes of a spare-core item: a few microseconds' reading, so that the caller's
+// patience with the helper (SpareCore::kStealAfterMicros) is several items' time, and the
+// two threads finish together.
+constexpr int64_t kSpareItemBytes = 32 << 10;
+
+// Output tiles per spare-core item: about kSpareItemBytes of weights, in whole blocks of 4
+// tiles (the side-by-side tiles of T = 1).
+int64_t spare_tiles_per_item(const Problem& p) {
+  return std::max<int64_t>(4, kSpareItemBytes / p.tile_bytes() / 4 * 4);
+}
+
+// The spare core's job for `problems`.
 std::shared_ptr<SpareTiles> spare_tiles(std::shared_ptr<void> owner,
                                         const std::vector<Problem>& problems) {
   std::vector<int64_t> first_item{0}, per_item;
   for (const Problem& p : problems) {
-    per_item.push_back(tiles_per_item(p, 1));
+    per_item.push_back(spare_tiles_per_item(p));
     first_item.push_back(first_item.back() + (p.out_tiles + per_item.back() - 1) / per_item.back());
   }
   return std::make_shared<SpareTiles>(std::move(owner), problems, std::move(first_item),

@@ -31,7 +31,10 @@
 //
 // Work items are runs of output tiles, shared out over XLA's intra-op thread pool (the FFI's
 // ThreadPool context) and the calling thread as in paged_attention.cc, pool threads woken only
-// for weights of a megabyte or more per thread (kBytesPerThread). Every output element
+// for weights of a megabyte or more per thread (kBytesPerThread). Calls the pool would add at
+// most one thread to (a decode step's projections; on two CPUs, all) are shared with the
+// spare core instead (spare_core.h: a helper thread already spinning, no wake-up), from 64
+// KiB of weights (kSpareMinBytes). Every output element
 // is computed by the same operations in the same order whatever the thread count, the items
 // or the rows of T it is computed with, so the output does not depend on them; the portable
 // path (no VNNI) does the same operations too (integer sums, then the same FMAs).
@@ -764,12 +767,13 @@ struct SpareTiles : xla_inference::SpareJob {
 #endif
 constexpr int64_t kSpareMinBytes = XLA_INFERENCE_QMM_SPARE_MIN_BYTES;
 
+// envs.spare_core_enabled() (XlaInferenceQuantizedUseSpareCore, when the library is loaded).
+std::atomic<bool> use_spare_core{XLA_INFERENCE_SPARE_CORE != 0};
+
 // Whether a call of `load` weight bytes (times about T / 4), for which `pool_helpers` pool
 // threads would be woken, goes to the spare core instead: when the pool would add at most
 // one thread on the CPUs there are (the spare core adds one without a wake-up; on two
 // cores the pool's two threads and the caller would be three).
-std::atomic<bool> use_spare_core{XLA_INFERENCE_SPARE_CORE != 0};  // XLA_INFERENCE_SPARE_CORE
-
 bool for_spare_core(int64_t load, int64_t pool_helpers) {
   return use_spare_core.load(std::memory_order_relaxed) && load >= kSpareMinBytes &&
          std::min(pool_helpers, xla_inference::SpareCore::cpus() - 1) <= 1 &&
@@ -819,9 +823,15 @@ void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   work->tiles_per_item = tiles_per_item(p, pool.num_threads());
   work->num_items = (p.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
   const int64_t helpers = helpers_for(p, pool.num_threads(), work->num_items);
-  if (for_spare_core(p.out_tiles * p.tile_bytes() * (p.T + 3) / 4, helpers))
-    return xla_inference::SpareCore::get().run(spare_tiles(work, {p}));
-  xla_inference::run_items(pool, work, helpers);
+  if (!for_spare_core(p.out_tiles * p.tile_bytes() * (p.T + 3) / 4, helpers))
+    return xla_inference::run_items(pool, work, helpers);
+  if (work->xq.empty()) {  // the int16 entry's x is XLA's: a late helper reads a copy
+    work->xq.assign(p.xq, p.xq + p.T * p.in);
+    work->x_scale.assign(p.x_scale, p.x_scale + p.T);
+    p.xq = work->xq.data();
+    p.x_scale = work->x_scale.data();
+  }
+  xla_inference::SpareCore::get().run(spare_tiles(work, {p}));
 }
 
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> xq,

@@ -59,6 +59,10 @@
 #endif
 
 namespace xla_inference {
+// Each kernel library its own spare core, of its own build: internal linkage, for an
+// inline function's static (the instance) would otherwise be one symbol across every
+// library loaded (GCC's STB_GNU_UNIQUE), and its code another build's.
+namespace {
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -239,6 +243,7 @@ class SpareCore {
   bool asleep_ = false;  // under mu_
 };
 
+}  // namespace
 }  // namespace xla_inference
 
 #endif  // XLA_INFERENCE_KERNELS_CPU_SPARE_CORE_H_

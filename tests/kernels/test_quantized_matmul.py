@@ -478,6 +478,18 @@ def test_output_is_the_same_on_one_thread(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), here)
 
 
+def test_a_bad_spare_core_setting_is_refused_not_taken_for_a_build_failure(monkeypatch):
+    """XLA_INFERENCE_SPARE_CORE=yes fails naming the variable; it does not quietly send
+    every quantized product through XLA's slower path as a kernel that did not build would."""
+    monkeypatch.setenv("XLA_INFERENCE_SPARE_CORE", "yes")
+    cpu_quantized.available.cache_clear()  # (its answer is kept once given)
+    try:
+        with pytest.raises(ValueError, match="XLA_INFERENCE_SPARE_CORE must be 0 or 1"):
+            cpu_quantized.available()
+    finally:
+        cpu_quantized.available.cache_clear()
+
+
 def test_environment_variable_turns_it_off(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_CPU_QUANTIZED", "0")
     assert not cpu_quantized.available.__wrapped__()  # available() itself is cached

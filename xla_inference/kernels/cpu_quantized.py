@@ -65,6 +65,7 @@ def available() -> bool:
     turns it off)."""
     if not envs.cpu_quantized_enabled():
         return False
+    envs.spare_core_enabled()  # a typo fails here, naming the variable, not as a build failure
     try:
         _library()
     except Exception as e:  # noqa: BLE001 - any failure means the XLA path

@@ -164,14 +164,13 @@ class SpareCore {
     if (asleep) wake_.notify_one();
   }
 
-  // Item i of the helper's half once the caller has taken all it could: published if the
-  // helper finished it, computed by the caller if the helper holds it too long.
+  // Item i of the helper's half, which the helper took (the caller could not): published
+  // if the helper finished it, computed by the caller if the helper holds it too long.
   void settle(SpareJob& j, int64_t i) {
     const auto deadline =
         std::chrono::steady_clock::now() + std::chrono::microseconds(kStealAfterMicros);
     for (;;) {
       uint8_t s = j.state[i].load(std::memory_order_acquire);
-      if (s == SpareJob::kByCaller) return;
       if (s == SpareJob::kHelperDone) return j.publish(i);
       if (std::chrono::steady_clock::now() >= deadline &&
           j.state[i].compare_exchange_strong(s, SpareJob::kTakenBack,

@@ -260,6 +260,51 @@ def dense_kernel_on_one_cpu(kernel: str, available: str, x, w, tmp_path: Path) -
     return np.load(tmp_path / "out.npy")
 
 
+@contextlib.contextmanager
+def spare_core_off(library):
+    """A kernel library with its spare core (kernels/cpu/spare_core.h) off, as
+    XLA_INFERENCE_SPARE_CORE=0 makes it: every call on the calling thread or the pool."""
+    library.XlaInferenceUseSpareCore(0)
+    try:
+        yield
+    finally:
+        library.XlaInferenceUseSpareCore(1)
+
+
+def spare_core_testing_build(source: Path, targets: dict[str, str]):
+    """`source`'s build whose spare core's helper runs at normal priority (the default
+    build's runs at SCHED_IDLE, which a busy test machine may never give a CPU; this one takes
+    items within a few calls) and can be made to pause in each item (its library's
+    XlaInferenceSpareCoreTestDelay); returns the library, `targets` registered."""
+    import ctypes
+
+    from xla_inference.kernels import native
+
+    library = native.load_targets(source, targets, (*native.DEFAULT_FLAGS,
+                                                    "-DXLA_INFERENCE_SPARE_CORE_TESTING=1"))
+    library.XlaInferenceSpareCoreTestDelay.argtypes = [ctypes.c_int64]
+    return library
+
+
+def call_until_spare_core_counts(library, which: int, calls, expected, seconds: float = 30.0):
+    """Runs calls() (a list of outputs) until `library`'s spare core counts one more item of
+    kind `which` (0: finished by the helper, 1: taken back from it), asserting each call's
+    outputs equal to `expected`; returns how many calls that took."""
+    import time
+
+    from xla_inference.kernels import native
+
+    before = native.spare_core_items(library)[which]
+    deadline = time.monotonic() + seconds
+    count = 0
+    while native.spare_core_items(library)[which] == before:
+        assert time.monotonic() < deadline, "the spare core's helper took no item"
+        for got, want in zip(calls(), expected, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), want)
+        count += 1
+    return count
+
+
 def pallas_interpret(backend: str) -> bool:
     """Pallas interpret mode unless this process runs on the kernel's own device ("tpu" or
     "gpu"): benchmarks/gpu_check.sh runs the same tests natively on a GPU or TPU."""

@@ -1,14 +1,21 @@
 """The native one-row bfloat16 product (kernels/cpu_dense.py, cpu/dense_matvec.cc) against
-float64 products of the same bfloat16 values, its portable build, a one-thread run, and
-layers/linear.project choosing it for a single row."""
+float64 products of the same bfloat16 values, its portable build, a one-thread run, the
+spare core's share of a call, and layers/linear.project choosing it for a single row."""
 
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import dense_kernel_on_one_cpu
+from tests.helpers import (
+    call_until_spare_core_counts,
+    dense_kernel_on_one_cpu,
+    spare_core_off,
+    spare_core_testing_build,
+)
 from xla_inference.kernels import cpu_dense, native
 from xla_inference.layers.linear import project
 
@@ -109,6 +116,14 @@ def test_output_is_the_same_on_one_thread(tmp_path):
     np.testing.assert_array_equal(alone, here)
 
 
+def test_a_bad_spare_core_setting_is_refused_not_taken_for_a_build_failure(monkeypatch):
+    """XLA_INFERENCE_SPARE_CORE=yes fails naming the variable; it does not quietly turn the
+    kernel off as a build that failed would."""
+    monkeypatch.setenv("XLA_INFERENCE_SPARE_CORE", "yes")
+    with pytest.raises(ValueError, match="XLA_INFERENCE_SPARE_CORE must be 0 or 1"):
+        cpu_dense.available.__wrapped__()  # available() itself is cached
+
+
 def test_environment_variable_turns_it_off(monkeypatch):
     monkeypatch.setenv("XLA_INFERENCE_CPU_DENSE", "0")
     assert not cpu_dense.available.__wrapped__()  # available() itself is cached
@@ -134,3 +149,77 @@ def test_project_takes_the_kernel_for_one_row_only(shape):
     # float32 weights (dtype=float32) keep XLA's product too
     assert "dense_matvec" not in jax.jit(project).lower(jnp.asarray(x), w.astype(jnp.float32)
                                                         ).as_text()
+
+
+# ------------------------------------------------------------------ the spare core
+# (kernels/cpu/spare_core.h: calls the pool would add at most one thread to, shared with one
+# helper thread that the caller takes items back from when it holds them too long)
+
+_SPARE_TESTING = "xla_inference_dense_matvec_spare_testing"
+_DEFAULT_BUILD = (cpu_dense._TARGET, cpu_dense._MULTI_TARGET)
+
+
+@functools.cache
+def _spare_testing_library():
+    return spare_core_testing_build(cpu_dense._SOURCE,
+                                    {_SPARE_TESTING + "_one": cpu_dense._SYMBOL,
+                                     _SPARE_TESTING + "_multi": cpu_dense._MULTI_SYMBOL})
+
+
+_TESTING_BUILD = (_SPARE_TESTING + "_one", _SPARE_TESTING + "_multi")
+
+
+def _spare_weights(rng):
+    """A weight of 0.88 MB (no pool thread is woken for it on any machine: the spare core's)
+    and a pair of 1.1 MB together (one pool thread at most: the spare core's too)."""
+    return [jnp.asarray(rng.standard_normal((out, 576)), jnp.bfloat16) for out in (768, 192)]
+
+
+def _one_and_multi(build, xs, ws):
+    """The one-weight entry with xs[0], then the multi entry with xs[1]: consecutive calls
+    with other inputs, so that an output XLA's allocator hands out again holds other values
+    than its next call's (rows a broken kernel left unwritten would keep them)."""
+    one, multi = build
+    return [cpu_dense.ffi_dense_matvec(one, jnp.asarray(xs[0]), ws[0]),
+            *cpu_dense.ffi_dense_matvec_multi(multi, jnp.asarray(xs[1]), ws)]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+@pytest.mark.parametrize("T", [1, 3])
+def test_spare_core_gives_the_bits_of_one_thread(T):
+    """Rows the helper computes (into its scratch, copied out by the caller) give the bits of
+    the kernel without the spare core, which are float32 sums of the float64 products."""
+    rng = np.random.default_rng([41, T])
+    ws = _spare_weights(rng)
+    xs = rng.standard_normal((2, T, 576)).astype(np.float32)
+    with spare_core_off(cpu_dense._library()):
+        expected = [np.asarray(y) for y in _one_and_multi(_DEFAULT_BUILD, xs, ws)]
+    _assert_float32_sums(expected[0], xs[0], ws[0])
+    _assert_float32_sums(expected[2], xs[1], ws[1])
+    call_until_spare_core_counts(_spare_testing_library(), 0,
+                                 lambda: _one_and_multi(_TESTING_BUILD, xs, ws), expected)
+    # The default build (its helper at SCHED_IDLE) too, whether or not its helper ran.
+    for got, want in zip(_one_and_multi(_DEFAULT_BUILD, xs, ws), expected):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+def test_rows_taken_back_from_the_helper_give_the_same_bits():
+    """A helper that holds its items too long (paused 300 us in each, ten times the caller's
+    patience) has them taken back and computed by the caller; its late results go to the old
+    call's scratch, never to a later call's outputs (every call's bits checked)."""
+    rng = np.random.default_rng(42)
+    ws = _spare_weights(rng)
+    xs = rng.standard_normal((2, 1, 576)).astype(np.float32)
+    with spare_core_off(cpu_dense._library()):
+        expected = [np.asarray(y) for y in _one_and_multi(_DEFAULT_BUILD, xs, ws)]
+    library = _spare_testing_library()
+    library.XlaInferenceSpareCoreTestDelay(300)
+    try:
+        calls = lambda: _one_and_multi(_TESTING_BUILD, xs, ws)  # noqa: E731
+        call_until_spare_core_counts(library, 1, calls, expected)
+        for _ in range(5):  # calls while the helper still finishes taken-back items
+            for got, want in zip(calls(), expected):
+                np.testing.assert_array_equal(np.asarray(got), want)
+    finally:
+        library.XlaInferenceSpareCoreTestDelay(0)

@@ -10,8 +10,6 @@ entry, which quantizes x itself, gives the bits of the int16
 entry given quantization/product.quantize_rows' integers; the multi-weight entry gives each
 weight's bits of the float entry."""
 
-import contextlib
-import ctypes
 import functools
 import os
 import subprocess
@@ -23,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import call_until_spare_core_counts, spare_core_off, spare_core_testing_build
 from xla_inference.kernels import cpu_quantized, native
 from xla_inference.quantization import product
 from xla_inference.quantization.groups import INT4, GroupQuant
@@ -697,31 +696,15 @@ def test_projection_takes_the_wide_entry_for_bfloat16_steps():
 
 @functools.cache
 def _spare_testing():
-    """The float and multi targets of a build whose helper runs at normal priority (the
-    default build's runs at SCHED_IDLE, which a busy test machine may never give a CPU;
-    this one takes items within a few calls) and can be made to pause in each item; and
-    its library."""
+    """The float and multi targets of the spare core's testing build, and its library."""
     name = "xla_inference_qmm_spare_testing"
-    library = native.load_targets(
+    library = spare_core_testing_build(
         cpu_quantized._SOURCE, {name + "_float": cpu_quantized._FLOAT_SYMBOL,
-                                name + "_multi": cpu_quantized._MULTI_SYMBOL},
-        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_SPARE_CORE_TESTING=1"))
-    library.XlaInferenceQuantizedSpareCoreTestDelay.argtypes = [ctypes.c_int64]
+                                name + "_multi": cpu_quantized._MULTI_SYMBOL})
     return name + "_float", name + "_multi", library
 
 
 _DEFAULT_BUILD = (cpu_quantized._FLOAT_TARGET, cpu_quantized._MULTI_TARGET, None)
-
-
-@contextlib.contextmanager
-def _without_spare_core():
-    """The default build with its spare core off (as XLA_INFERENCE_SPARE_CORE=0 makes it)."""
-    library = cpu_quantized._library()
-    library.XlaInferenceQuantizedUseSpareCore(0)
-    try:
-        yield
-    finally:
-        library.XlaInferenceQuantizedUseSpareCore(1)
 
 
 def _spare_operands(rng):
@@ -741,19 +724,9 @@ def _float_and_multi(build, x, operands):
     return [one, *(np.asarray(y) for y in many)]
 
 
-def _until_counted(build, which, x, operands, expected, seconds=30.0):
-    """Calls the build until its spare core counts one more item of kind `which` (0: by the
-    helper, 1: taken back), each call's outputs equal to `expected`; returns the calls."""
-    import time
-    before = cpu_quantized.spare_core_items(build[2])[which]
-    deadline = time.monotonic() + seconds
-    calls = 0
-    while cpu_quantized.spare_core_items(build[2])[which] == before:
-        assert time.monotonic() < deadline, "the spare core's helper took no item"
-        for got, want in zip(_float_and_multi(build, x, operands), expected):
-            np.testing.assert_array_equal(got, want)
-        calls += 1
-    return calls
+def _until_counted(build, which, x, operands, expected):
+    return call_until_spare_core_counts(build[2], which,
+                                        lambda: _float_and_multi(build, x, operands), expected)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
@@ -764,7 +737,7 @@ def test_spare_core_gives_the_bits_of_one_thread(T):
     rng = np.random.default_rng([31, T])
     weights, operands = _spare_operands(rng)
     x = rng.standard_normal((T, 576)).astype(np.float32)
-    with _without_spare_core():
+    with spare_core_off(cpu_quantized._library()):
         expected = _float_and_multi(_DEFAULT_BUILD, x, operands)
     xq, x_scale = (np.asarray(a) for a in jax.jit(quantize_rows, static_argnums=1)(x, 16383.0))
     _check(expected[0], xq, x_scale, *weights[0], 32)
@@ -783,14 +756,14 @@ def test_items_taken_back_from_the_helper_give_the_same_bits():
     rng = np.random.default_rng(32)
     _, operands = _spare_operands(rng)
     x = rng.standard_normal((1, 576)).astype(np.float32)
-    with _without_spare_core():
+    with spare_core_off(cpu_quantized._library()):
         expected = _float_and_multi(_DEFAULT_BUILD, x, operands)
     library = _spare_testing()[2]
-    library.XlaInferenceQuantizedSpareCoreTestDelay(300)
+    library.XlaInferenceSpareCoreTestDelay(300)
     try:
         _until_counted(_spare_testing(), 1, x, operands, expected)
         for _ in range(5):  # calls while the helper still finishes taken-back items
             for got, want in zip(_float_and_multi(_spare_testing(), x, operands), expected):
                 np.testing.assert_array_equal(got, want)
     finally:
-        library.XlaInferenceQuantizedSpareCoreTestDelay(0)
+        library.XlaInferenceSpareCoreTestDelay(0)

@@ -7,7 +7,9 @@ loop fusion (widen, transpose, dot) that reads the weight at a fraction of the m
 bandwidth: on this project's Xeon about 11 GB/s, the 30 layers' and the LM head's products
 ~24 of a 28 ms SmolLM2-135M step (benchmarks/RESULTS.md, issue 18, batch-1). The kernel
 reads each weight row where it lies, 64 bytes a load, and shares the rows out over XLA's
-intra-op thread pool where the weight is large enough to pay for waking a thread.
+intra-op thread pool where the weight is large enough to pay for waking a thread, or with
+the spare core (cpu/spare_core.h) where the pool would add at most one thread
+(XLA_INFERENCE_SPARE_CORE=0 turns that off).
 
 The sums are those of XLA's product (x rounded to bfloat16, each product exact in float32,
 summed in float32) in another order; the output does not depend on the thread count.
@@ -44,7 +46,9 @@ _MATMUL_SYMBOL = "XlaInferenceDenseMatmul"
 
 @functools.cache
 def _library():
-    return native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
+    library = native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
+    native.use_spare_core(library)
+    return library
 
 
 @functools.cache
@@ -53,6 +57,7 @@ def available() -> bool:
     it off)."""
     if not envs.cpu_dense_enabled():
         return False
+    envs.spare_core_enabled()  # a typo fails here, naming the variable, not as a build failure
     try:
         _library()
     except Exception as e:  # noqa: BLE001 - any failure means XLA's product

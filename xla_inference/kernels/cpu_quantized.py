@@ -22,7 +22,6 @@ the build fails: callers then take the XLA (dequantize and multiply) path.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 from pathlib import Path
@@ -55,7 +54,7 @@ def _library():
     library = native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL,
                                             _MULTI_TARGET: _MULTI_SYMBOL,
                                             _WIDE_TARGET: _WIDE_SYMBOL})
-    library.XlaInferenceQuantizedUseSpareCore(int(envs.spare_core_enabled()))
+    native.use_spare_core(library)
     return library
 
 
@@ -81,12 +80,8 @@ def uses_vnni() -> bool:
 
 
 def spare_core_items(library=None) -> tuple[int, int]:
-    """(items the spare core's helper finished, items taken back from it) since `library`
-    (the default build's) was loaded: kernels/cpu/spare_core.h. For tests and benchmarks."""
-    library = library or _library()
-    library.XlaInferenceQuantizedSpareCoreItems.restype = ctypes.c_int64
-    return (library.XlaInferenceQuantizedSpareCoreItems(0),
-            library.XlaInferenceQuantizedSpareCoreItems(1))
+    """native.spare_core_items of `library`, by default the default build's."""
+    return native.spare_core_items(library or _library())
 
 
 def wide_isa() -> str:

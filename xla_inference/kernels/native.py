@@ -114,3 +114,16 @@ def load_targets(source: Path, targets: Mapping[str, str],
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
     return library
+
+
+def use_spare_core(library: ctypes.CDLL) -> None:
+    """Turns a kernel library's spare core (kernels/cpu/spare_core.h: the helper thread its
+    one-row products share) on or off as XLA_INFERENCE_SPARE_CORE says."""
+    library.XlaInferenceUseSpareCore(int(envs.spare_core_enabled()))
+
+
+def spare_core_items(library: ctypes.CDLL) -> tuple[int, int]:
+    """(items the library's spare core's helper finished, items taken back from it) since
+    the library was loaded. For tests and benchmarks."""
+    library.XlaInferenceSpareCoreItems.restype = ctypes.c_int64
+    return library.XlaInferenceSpareCoreItems(0), library.XlaInferenceSpareCoreItems(1)

@@ -18,8 +18,11 @@
 //
 // Work items are runs of output rows, shared out over XLA's intra-op thread pool (the FFI's
 // ThreadPool context) and the calling thread; pool threads are woken only for weights of
-// kBytesPerThread or more each. Every output is computed by one thread in a fixed order, so
-// the output does not depend on the number of threads.
+// kBytesPerThread or more each. Calls the pool would add at most one thread to (on two CPUs,
+// all from 64 KiB of weights: a decode step's projections and its LM head) are shared with
+// the spare core instead (spare_core.h: a helper thread already spinning, no wake-up, and
+// never a third thread on two cores). Every output is computed by one thread in a fixed
+// order, so the output does not depend on the number of threads.
 
 #include <algorithm>
 #include <cstdint>
@@ -38,6 +41,7 @@
 #endif
 
 #include "prefetch.h"
+#include "spare_core.h"
 #include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -249,6 +253,33 @@ void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
 #endif
 constexpr int64_t kBytesPerThread = XLA_INFERENCE_DENSE_BYTES_PER_THREAD;
 
+// A call shared with the spare core (spare_core.h): its units are output rows, each item
+// about kSpareItemBytes of weights in whole runs of kRowsTogether.
+struct SpareRows {
+  using Problem = ::Problem;
+  static constexpr int64_t kUnitFloats = 1;
+  static int64_t units(const Problem& p) { return p.out; }
+  static int64_t units_per_item(const Problem& p) {
+    const int64_t rows = xla_inference::kSpareItemBytes / (p.in * 2) / kRowsTogether;
+    return std::max<int64_t>(1, rows) * kRowsTogether;
+  }
+  static int64_t x_rows(const Problem& p) { return p.T; }
+  static float*& output(Problem& p) { return p.y; }
+  static void compute(const Problem& p, int64_t begin, int64_t end) { rows(p, begin, end); }
+};
+
+// Runs `problems` (one x, split into work's x_split, which the job keeps for a helper that
+// finishes late) on the pool's `helpers` threads and the calling thread, or on the calling
+// thread and the spare core where for_spare_core says so.
+template <class Work>
+void run_problems(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work,
+                  const std::vector<Problem>& problems, int64_t bytes, int64_t helpers) {
+  if (xla_inference::for_spare_core(bytes, helpers))
+    xla_inference::SpareCore::get().run(xla_inference::SpareRuns<SpareRows>::make(work, problems));
+  else
+    xla_inference::run_items(pool, work, helpers);
+}
+
 // One call's work items (runs of output rows), shared out as work_items.h says.
 struct Work : xla_inference::WorkItems {
   Problem p;
@@ -301,7 +332,7 @@ ffi::Error DenseMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   const int64_t bytes = p.out * p.in * 2 * p.T;
   const int64_t helpers = std::max<int64_t>(
       0, std::min({pool.num_threads(), work->num_items - 1, bytes / kBytesPerThread - 1}));
-  xla_inference::run_items(pool, work, helpers);
+  run_problems(pool, work, {p}, bytes, helpers);
   return ffi::Error::Success();
 }
 
@@ -372,7 +403,7 @@ ffi::Error DenseMatvecMultiImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   }
   const int64_t helpers = std::max<int64_t>(
       0, std::min({pool.num_threads(), work->num_items - 1, bytes / kBytesPerThread - 1}));
-  xla_inference::run_items(pool, work, helpers);
+  run_problems(pool, work, work->problems, bytes, helpers);
   return ffi::Error::Success();
 }
 

@@ -712,95 +712,25 @@ ffi::Error weight_problem(int64_t T, int64_t in, const ffi::AnyBuffer& values,
   return ffi::Error::Success();
 }
 
-// A call too small to wake the pool, shared with the spare core (spare_core.h): item i is
-// tiles [begin, end) of problems[j]. The helper's items go to a scratch copy of the outputs,
-// which publish() copies into them. `owner` keeps the call's quantized x and sums alive
-// for a helper that finishes late.
-struct SpareTiles : xla_inference::SpareJob {
-  SpareTiles(std::shared_ptr<void> owner, std::vector<Problem> problems,
-             std::vector<int64_t> first_item, std::vector<int64_t> tiles_per_item)
-      : SpareJob(first_item.back()),
-        owner(std::move(owner)),
-        problems(std::move(problems)),
-        first_item(std::move(first_item)),
-        tiles_per_item(std::move(tiles_per_item)) {
-    for (const Problem& p : this->problems) {
-      scratch.emplace_back(new float[p.T * p.out_tiles * kRows]);
-      in_scratch.push_back(p);
-      in_scratch.back().out = scratch.back().get();
-    }
+// A call too small to wake the pool, shared with the spare core (spare_core.h): its units
+// are output tiles, each item about kSpareItemBytes of weights in whole blocks of 4 tiles
+// (the side-by-side tiles of T = 1).
+struct SpareTiles {
+  using Problem = ::Problem;
+  static constexpr int64_t kUnitFloats = kRows;
+  static int64_t units(const Problem& p) { return p.out_tiles; }
+  static int64_t units_per_item(const Problem& p) {
+    return std::max<int64_t>(4, xla_inference::kSpareItemBytes / p.tile_bytes() / 4 * 4);
   }
-
-  void compute(int64_t i, bool into_scratch) override {
-    int64_t j, begin, end;
-    locate(i, j, begin, end);
-    tiles(into_scratch ? in_scratch[j] : problems[j], begin, end);
-  }
-
-  void publish(int64_t i) override {
-    int64_t j, begin, end;
-    locate(i, j, begin, end);
-    const Problem& p = problems[j];
-    const int64_t width = p.out_tiles * kRows;
-    for (int64_t t = 0; t < p.T; ++t)
-      std::memcpy(p.out + t * width + begin * kRows, scratch[j].get() + t * width + begin * kRows,
-                  (end - begin) * kRows * sizeof(float));
-  }
-
-  void locate(int64_t i, int64_t& j, int64_t& begin, int64_t& end) const {
-    j = 0;
-    while (i >= first_item[j + 1]) ++j;
-    begin = (i - first_item[j]) * tiles_per_item[j];
-    end = std::min(begin + tiles_per_item[j], problems[j].out_tiles);
-  }
-
-  std::shared_ptr<void> owner;
-  std::vector<Problem> problems, in_scratch;
-  std::vector<int64_t> first_item, tiles_per_item;
-  std::vector<std::unique_ptr<float[]>> scratch;
+  static int64_t x_rows(const Problem& p) { return p.T; }
+  static float*& output(Problem& p) { return p.out; }
+  static void compute(const Problem& p, int64_t begin, int64_t end) { tiles(p, begin, end); }
 };
 
-// Weight bytes (times about T / 4) from which a call the pool does not take is shared with
-// the spare core: below it, an item or two, not worth the hand-over.
-#ifndef XLA_INFERENCE_QMM_SPARE_MIN_BYTES
-#define XLA_INFERENCE_QMM_SPARE_MIN_BYTES (64 << 10)
-#endif
-constexpr int64_t kSpareMinBytes = XLA_INFERENCE_QMM_SPARE_MIN_BYTES;
-
-// envs.spare_core_enabled() (XlaInferenceQuantizedUseSpareCore, when the library is loaded).
-std::atomic<bool> use_spare_core{XLA_INFERENCE_SPARE_CORE != 0};
-
-// Whether a call of `load` weight bytes (times about T / 4), for which `pool_helpers` pool
-// threads would be woken, goes to the spare core instead: when the pool would add at most
-// one thread on the CPUs there are (the spare core adds one without a wake-up; on two
-// cores the pool's two threads and the caller would be three).
-bool for_spare_core(int64_t load, int64_t pool_helpers) {
-  return use_spare_core.load(std::memory_order_relaxed) && load >= kSpareMinBytes &&
-         std::min(pool_helpers, xla_inference::SpareCore::cpus() - 1) <= 1 &&
-         xla_inference::SpareCore::cpus() >= 2;
-}
-
-// Weight bytes of a spare-core item: a few microseconds' reading, so that the caller's
-// patience with the helper (SpareCore::kStealAfterMicros) is several items' time, and the
-// two threads finish together.
-constexpr int64_t kSpareItemBytes = 32 << 10;
-
-// Output tiles per spare-core item: about kSpareItemBytes of weights, in whole blocks of 4
-// tiles (the side-by-side tiles of T = 1).
-int64_t spare_tiles_per_item(const Problem& p) {
-  return std::max<int64_t>(4, kSpareItemBytes / p.tile_bytes() / 4 * 4);
-}
-
-// The spare core's job for `problems`.
-std::shared_ptr<SpareTiles> spare_tiles(std::shared_ptr<void> owner,
-                                        const std::vector<Problem>& problems) {
-  std::vector<int64_t> first_item{0}, per_item;
-  for (const Problem& p : problems) {
-    per_item.push_back(spare_tiles_per_item(p));
-    first_item.push_back(first_item.back() + (p.out_tiles + per_item.back() - 1) / per_item.back());
-  }
-  return std::make_shared<SpareTiles>(std::move(owner), problems, std::move(first_item),
-                                      std::move(per_item));
+// The spare core's job for `problems`; `owner` keeps the call's quantized x and sums alive.
+std::shared_ptr<xla_inference::SpareRuns<SpareTiles>> spare_tiles(
+    std::shared_ptr<void> owner, const std::vector<Problem>& problems) {
+  return xla_inference::SpareRuns<SpareTiles>::make(std::move(owner), problems);
 }
 
 // Runs work->p (its xq and x_scale set) over the pool and the calling thread.
@@ -823,7 +753,7 @@ void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   work->tiles_per_item = tiles_per_item(p, pool.num_threads());
   work->num_items = (p.out_tiles + work->tiles_per_item - 1) / work->tiles_per_item;
   const int64_t helpers = helpers_for(p, pool.num_threads(), work->num_items);
-  if (!for_spare_core(p.out_tiles * p.tile_bytes() * (p.T + 3) / 4, helpers))
+  if (!xla_inference::for_spare_core(p.out_tiles * p.tile_bytes() * (p.T + 3) / 4, helpers))
     return xla_inference::run_items(pool, work, helpers);
   if (work->xq.empty()) {  // the int16 entry's x is XLA's: a late helper reads a copy
     work->xq.assign(p.xq, p.xq + p.T * p.in);
@@ -965,7 +895,7 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t load = bytes * (T + 3) / 4;
   const int64_t helpers = std::max<int64_t>(
       0, std::min({pool.num_threads(), work->num_items - 1, load / kMultiBytesPerThread - 1}));
-  if (for_spare_core(load, helpers))
+  if (xla_inference::for_spare_core(load, helpers))
     xla_inference::SpareCore::get().run(spare_tiles(work, work->problems));
   else
     xla_inference::run_items(pool, work, helpers);
@@ -1619,19 +1549,3 @@ extern "C" int XlaInferenceQuantizedMatmulVnni() {
 #endif
 }
 
-// The spare core's items since the library was loaded (spare_core.h): which 0 those the
-// helper finished, 1 those taken back from it. For tests.
-extern "C" int64_t XlaInferenceQuantizedSpareCoreItems(int which) {
-  const xla_inference::SpareCore& core = xla_inference::SpareCore::get();
-  return which == 0 ? core.items_by_helper() : core.items_taken_back();
-}
-
-// The helper's pause in each item, in a XLA_INFERENCE_SPARE_CORE_TESTING build. For tests.
-extern "C" void XlaInferenceQuantizedSpareCoreTestDelay(int64_t micros) {
-  xla_inference::SpareCore::get().test_delay_micros.store(micros);
-}
-
-// envs.spare_core_enabled(), set when the library is loaded (cpu_quantized._library).
-extern "C" void XlaInferenceQuantizedUseSpareCore(int on) {
-  use_spare_core.store(on != 0 && XLA_INFERENCE_SPARE_CORE != 0);
-}

@@ -39,10 +39,13 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -242,7 +245,121 @@ class SpareCore {
   bool asleep_ = false;  // under mu_
 };
 
+// ---------------------------------------------------------------------------------------
+// What the kernels share: when a call goes to the spare core, and its job over runs of
+// output units (a kernel's output rows, or tiles of them).
+
+// envs.spare_core_enabled() (XlaInferenceUseSpareCore, when the library is loaded).
+std::atomic<bool> spare_core_wanted{XLA_INFERENCE_SPARE_CORE != 0};
+
+// Weight bytes (times about T / 4 for the quantized kernel) from which a call the pool does
+// not take is shared with the spare core: below it, an item or two, not worth the hand-over.
+#ifndef XLA_INFERENCE_SPARE_MIN_BYTES
+#define XLA_INFERENCE_SPARE_MIN_BYTES (64 << 10)
+#endif
+constexpr int64_t kSpareMinBytes = XLA_INFERENCE_SPARE_MIN_BYTES;
+
+// Weight bytes of a spare-core item: a few microseconds' reading, so that the caller's
+// patience with the helper (SpareCore::kStealAfterMicros) is several items' time, and the
+// two threads finish together.
+constexpr int64_t kSpareItemBytes = 32 << 10;
+
+// Whether a call of `load` weight bytes, for which `pool_helpers` pool threads would be
+// woken, goes to the spare core instead: when the pool would add at most one thread on the
+// CPUs there are (the spare core adds one without a wake-up; on two cores the pool's two
+// threads and the caller would be three).
+inline bool for_spare_core(int64_t load, int64_t pool_helpers) {
+  return spare_core_wanted.load(std::memory_order_relaxed) && load >= kSpareMinBytes &&
+         std::min(pool_helpers, SpareCore::cpus() - 1) <= 1 && SpareCore::cpus() >= 2;
+}
+
+// A spare-core job over one or more problems (weights times the same x), each a run of
+// Kernel::units(p) output units: item i is units [begin, end) of one problem. The helper's
+// items go to a scratch copy of that problem's outputs, which publish() copies into them.
+// `owner` keeps the call's own buffers (x as the kernel reads it) alive for a helper that
+// finishes late. Kernel gives, for its Problem:
+//   units(p), units_per_item(p), x_rows(p) (rows of x), kUnitFloats (floats per unit and row:
+//   the outputs are [rows, units * kUnitFloats]), output(p) (a reference to its output
+//   pointer), compute(p, begin, end) (units [begin, end) into output(p)).
+template <class Kernel>
+struct SpareRuns : SpareJob {
+  using Problem = typename Kernel::Problem;
+
+  struct Part {
+    Problem p, in_scratch;  // the same problem, writing into the outputs or the scratch
+    std::unique_ptr<float[]> scratch;
+    int64_t first_item, units_per_item;
+  };
+
+  SpareRuns(std::shared_ptr<void> owner, std::vector<Part> parts, int64_t items)
+      : SpareJob(items), owner(std::move(owner)), parts(std::move(parts)) {}
+
+  static std::shared_ptr<SpareRuns> make(std::shared_ptr<void> owner,
+                                         const std::vector<Problem>& problems) {
+    std::vector<Part> parts;
+    int64_t items = 0;
+    for (const Problem& p : problems) {
+      const int64_t per_item = Kernel::units_per_item(p);
+      parts.push_back(Part{p, p, std::unique_ptr<float[]>(new float[width(p) * Kernel::x_rows(p)]),
+                           items, per_item});
+      Kernel::output(parts.back().in_scratch) = parts.back().scratch.get();
+      items += (Kernel::units(p) + per_item - 1) / per_item;
+    }
+    return std::make_shared<SpareRuns>(std::move(owner), std::move(parts), items);
+  }
+
+  void compute(int64_t i, bool into_scratch) override {
+    int64_t begin, end;
+    const Part& part = locate(i, begin, end);
+    Kernel::compute(into_scratch ? part.in_scratch : part.p, begin, end);
+  }
+
+  void publish(int64_t i) override {
+    int64_t begin, end;
+    Part& part = locate(i, begin, end);
+    const int64_t row = width(part.p), at = begin * Kernel::kUnitFloats;
+    for (int64_t t = 0; t < Kernel::x_rows(part.p); ++t)
+      std::memcpy(Kernel::output(part.p) + t * row + at, part.scratch.get() + t * row + at,
+                  (end - begin) * Kernel::kUnitFloats * sizeof(float));
+  }
+
+  static int64_t width(const Problem& p) { return Kernel::units(p) * Kernel::kUnitFloats; }
+
+  // Item i's problem and its units [begin, end).
+  Part& locate(int64_t i, int64_t& begin, int64_t& end) {
+    size_t j = 0;
+    while (j + 1 < parts.size() && i >= parts[j + 1].first_item) ++j;
+    Part& part = parts[j];
+    begin = (i - part.first_item) * part.units_per_item;
+    end = std::min(begin + part.units_per_item, Kernel::units(part.p));
+    return part;
+  }
+
+  std::shared_ptr<void> owner;
+  std::vector<Part> parts;
+};
+
 }  // namespace
 }  // namespace xla_inference
+
+// The library's spare core, for Python (ctypes; each kernel library has its own, so each
+// exports these under the same names, looked up in that library).
+
+// Items the helper finished (which 0) and items taken back from it (1) since the library
+// was loaded.
+extern "C" int64_t XlaInferenceSpareCoreItems(int which) {
+  const xla_inference::SpareCore& core = xla_inference::SpareCore::get();
+  return which == 0 ? core.items_by_helper() : core.items_taken_back();
+}
+
+// A pause in each item the helper takes (XLA_INFERENCE_SPARE_CORE_TESTING builds: tests).
+extern "C" void XlaInferenceSpareCoreTestDelay(int64_t micros) {
+  xla_inference::SpareCore::get().test_delay_micros.store(micros);
+}
+
+// envs.spare_core_enabled(), set when the library is loaded.
+extern "C" void XlaInferenceUseSpareCore(int on) {
+  xla_inference::spare_core_wanted.store(on != 0 && XLA_INFERENCE_SPARE_CORE != 0);
+}
 
 #endif  // XLA_INFERENCE_KERNELS_CPU_SPARE_CORE_H_

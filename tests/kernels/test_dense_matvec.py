@@ -223,3 +223,36 @@ def test_rows_taken_back_from_the_helper_give_the_same_bits():
                 np.testing.assert_array_equal(np.asarray(got), want)
     finally:
         library.XlaInferenceSpareCoreTestDelay(0)
+
+
+_ONE_SPARE_CORE = """
+import os
+import numpy as np
+from tests.kernels import test_dense_matvec as dense, test_quantized_matmul as quantized
+from xla_inference.kernels import cpu_dense, cpu_quantized
+assert cpu_dense.available() and cpu_quantized.available()
+rng = np.random.default_rng(0)
+_, operands = quantized._spare_operands(rng)
+ws = dense._spare_weights(rng)
+for _ in range(20):
+    quantized._float_and_multi(quantized._DEFAULT_BUILD,
+                               rng.standard_normal((1, 576)).astype(np.float32), operands)
+    dense._one_and_multi(dense._DEFAULT_BUILD,
+                         rng.standard_normal((2, 1, 576)).astype(np.float32), ws)
+tasks = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(tasks.count("xla-spare-core"))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+def test_the_one_row_kernels_share_one_spare_core():
+    """The bfloat16 and the quantized one-row kernels are one library with one helper thread
+    (native.ONE_ROW_KERNELS): two would each spin on the second core and halve each other
+    when a step runs both (AWQ's int4 projections and its bfloat16 LM head)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _ONE_SPARE_CORE], check=True,
+                          capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_INFERENCE_SPARE_CORE": "1"})
+    assert done.stdout.split()[-1] == "1"

@@ -32,7 +32,8 @@ from xla_inference.kernels import native
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "cpu" / "dense_matvec.cc"
+# This kernel's builds (tests, benchmarks); the default one is native.ONE_ROW_KERNELS.
+_SOURCE = (native.SPARE_CORE, Path(__file__).parent / "cpu" / "dense_matvec.cc")
 _TARGET = "xla_inference_dense_matvec"
 _SYMBOL = "XlaInferenceDenseMatvec"
 _MULTI_TARGET = "xla_inference_dense_matvec_multi"
@@ -46,7 +47,8 @@ _MATMUL_SYMBOL = "XlaInferenceDenseMatmul"
 
 @functools.cache
 def _library():
-    library = native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
+    library = native.load_targets(native.ONE_ROW_KERNELS,
+                                  {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
     native.use_spare_core(library)
     return library
 

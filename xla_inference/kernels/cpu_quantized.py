@@ -35,7 +35,8 @@ from xla_inference.kernels import native
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "cpu" / "quantized_matmul.cc"
+# This kernel's builds (tests, benchmarks); the default one is native.ONE_ROW_KERNELS.
+_SOURCE = (native.SPARE_CORE, Path(__file__).parent / "cpu" / "quantized_matmul.cc")
 _TARGET = "xla_inference_quantized_matmul"
 _SYMBOL = "XlaInferenceQuantizedMatmul"
 _FLOAT_TARGET = "xla_inference_quantized_matmul_float"
@@ -51,9 +52,9 @@ ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 
 @functools.cache
 def _library():
-    library = native.load_targets(_SOURCE, {_TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL,
-                                            _MULTI_TARGET: _MULTI_SYMBOL,
-                                            _WIDE_TARGET: _WIDE_SYMBOL})
+    library = native.load_targets(native.ONE_ROW_KERNELS, {
+        _TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL,
+        _WIDE_TARGET: _WIDE_SYMBOL})
     native.use_spare_core(library)
     return library
 

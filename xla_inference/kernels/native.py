@@ -73,47 +73,64 @@ def _cache_dir() -> Path:
     return envs.cache_root() / "kernels"
 
 
-def build_library(source: Path, flags: Sequence[str] = DEFAULT_FLAGS) -> Path:
-    """The compiled shared library of `source`, built if absent (RuntimeError if it cannot
-    be: no compiler, or a compile error, whose output the message ends with)."""
-    # The key covers the headers next to the source (work_items.h, which every kernel
+def build_library(sources: Path | Sequence[Path], flags: Sequence[str] = DEFAULT_FLAGS) -> Path:
+    """The compiled shared library of `sources` (one C++ file, or several linked into one
+    library), built if absent (RuntimeError if it cannot be: no compiler, or a compile
+    error, whose output the message ends with)."""
+    sources = (sources,) if isinstance(sources, Path) else tuple(sources)
+    # The key covers the headers next to the sources (work_items.h, which every kernel
     # includes), so that a changed header gets a new build too.
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    headers = b"".join(h.read_bytes() for h in sorted(sources[0].parent.glob("*.h")))
     compiler = _compiler()
     flags = (*flags, *_compiler_flags(compiler))
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()
-                         + _cpu_signature().encode() + jax.__version__.encode()).hexdigest()[:16]
-    path = _cache_dir() / f"{source.stem}-{key}.so"
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + headers
+                         + " ".join(flags).encode() + _cpu_signature().encode()
+                         + jax.__version__.encode()).hexdigest()[:16]
+    path = _cache_dir() / f"{'+'.join(s.stem for s in sources)}-{key}.so"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
         partial = tmp.name
-    objects = partial + ".o"
+    objects = [f"{partial}.{i}.o" for i in range(len(sources))]
     try:
-        subprocess.run([compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source), "-o",
-                        objects], check=True, capture_output=True, text=True)
-        subprocess.run([compiler, *_LINK_FLAGS, objects, "-o", partial, "-lpthread"],
+        for source, obj in zip(sources, objects):
+            subprocess.run([compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source),
+                            "-o", obj], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_LINK_FLAGS, *objects, "-o", partial, "-lpthread"],
                        check=True, capture_output=True, text=True)
         os.replace(partial, path)
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"compiling {source.name} failed:\n{e.stderr[-2000:]}") from e
+        names = ", ".join(s.name for s in sources)
+        raise RuntimeError(f"compiling {names} failed:\n{e.stderr[-2000:]}") from e
     finally:
-        for leftover in (partial, objects):
+        for leftover in (partial, *objects):
             if os.path.exists(leftover):
                 os.unlink(leftover)
     return path
 
 
-def load_targets(source: Path, targets: Mapping[str, str],
+def load_targets(sources: Path | Sequence[Path], targets: Mapping[str, str],
                  flags: Sequence[str] = DEFAULT_FLAGS) -> ctypes.CDLL:
-    """Builds (or finds) `source`'s library, loads it and registers each handler symbol as a
-    CPU FFI target: targets maps target name -> exported symbol. Raises on any failure."""
-    library = ctypes.cdll.LoadLibrary(str(build_library(source, flags)))
+    """Builds (or finds) the library of `sources` (build_library), loads it and registers
+    each handler symbol as a CPU FFI target: targets maps target name -> exported symbol.
+    Loading the same build again gives the library already loaded. Raises on any failure."""
+    library = ctypes.cdll.LoadLibrary(str(build_library(sources, flags)))
     for target, symbol in targets.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
     return library
+
+
+# The spare core (cpu/spare_core.h: a helper thread that shares a decode step's short
+# products), which every build of a kernel that uses it links (its exported functions).
+SPARE_CORE = Path(__file__).parent / "cpu" / "spare_core.cc"
+# The kernels that share the spare core, built into one library: one helper thread in the
+# process, not one per kernel (two helpers, each spinning at SCHED_IDLE on the second core,
+# halve each other when a step runs both kernels: AWQ's int4 projections and its bfloat16
+# LM head). Other builds of one of them (tests, benchmarks) link SPARE_CORE and that kernel.
+ONE_ROW_KERNELS = (SPARE_CORE, Path(__file__).parent / "cpu" / "dense_matvec.cc",
+                   Path(__file__).parent / "cpu" / "quantized_matmul.cc")
 
 
 def use_spare_core(library: ctypes.CDLL) -> None:

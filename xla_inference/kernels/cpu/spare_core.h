@@ -1,4 +1,5 @@
-// The spare core: one helper thread per kernel library that shares the work of calls too
+// The spare core: one helper thread per kernel library (kernels/native.py builds the kernels
+// that use it into one library, ONE_ROW_KERNELS) that shares the work of calls too
 // small to wake XLA's intra-op pool (a decode step's one-row products: tens of microseconds
 // each, while a pool thread asleep on an idle core of a virtual machine takes 5-40 us to
 // wake, far longer at the tail). Included by the kernels' .cc files (kernels/native.py's
@@ -61,11 +62,12 @@
 #define XLA_INFERENCE_SPARE_CORE_IDLE (!XLA_INFERENCE_SPARE_CORE_TESTING)
 #endif
 
-namespace xla_inference {
-// Each kernel library its own spare core, of its own build: internal linkage, for an
-// inline function's static (the instance) would otherwise be one symbol across every
-// library loaded (GCC's STB_GNU_UNIQUE), and its code another build's.
-namespace {
+// One spare core a library, shared by the kernels linked into it (kernels/native.py's
+// ONE_ROW_KERNELS: one helper thread in the process), and each build its own: hidden
+// visibility, for an inline function's static (the instance) of default visibility would be
+// one symbol across every library loaded (GCC's STB_GNU_UNIQUE), and its code another
+// build's. The functions Python calls are spare_core.cc's, which each such library links.
+namespace xla_inference __attribute__((visibility("hidden"))) {
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -154,7 +156,16 @@ class SpareCore {
     return core;
   }
 
-  SpareCore() { std::thread([this] { loop(); }).detach(); }
+  // (pthread_create, not std::thread: a std::thread of a lambda instantiates std's
+  // templates as weak symbols of default visibility, which a library could share.)
+  SpareCore() {
+    pthread_t thread;
+    pthread_create(&thread, nullptr, [](void* core) -> void* {
+      static_cast<SpareCore*>(core)->loop();
+      return nullptr;
+    }, this);
+    pthread_detach(thread);
+  }
 
   void post(const std::shared_ptr<SpareJob>& job) {
     bool asleep;
@@ -186,6 +197,7 @@ class SpareCore {
   }
 
   void loop() {
+    pthread_setname_np(pthread_self(), "xla-spare-core");  // (seen in top -H, and by tests)
     sched_param param{};
     if (XLA_INFERENCE_SPARE_CORE_IDLE)
       pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);  // best effort
@@ -250,7 +262,7 @@ class SpareCore {
 // output units (a kernel's output rows, or tiles of them).
 
 // envs.spare_core_enabled() (XlaInferenceUseSpareCore, when the library is loaded).
-std::atomic<bool> spare_core_wanted{XLA_INFERENCE_SPARE_CORE != 0};
+inline std::atomic<bool> spare_core_wanted{XLA_INFERENCE_SPARE_CORE != 0};
 
 // Weight bytes (times about T / 4 for the quantized kernel) from which a call the pool does
 // not take is shared with the spare core: below it, an item or two, not worth the hand-over.
@@ -339,27 +351,6 @@ struct SpareRuns : SpareJob {
   std::vector<Part> parts;
 };
 
-}  // namespace
 }  // namespace xla_inference
-
-// The library's spare core, for Python (ctypes; each kernel library has its own, so each
-// exports these under the same names, looked up in that library).
-
-// Items the helper finished (which 0) and items taken back from it (1) since the library
-// was loaded.
-extern "C" int64_t XlaInferenceSpareCoreItems(int which) {
-  const xla_inference::SpareCore& core = xla_inference::SpareCore::get();
-  return which == 0 ? core.items_by_helper() : core.items_taken_back();
-}
-
-// A pause in each item the helper takes (XLA_INFERENCE_SPARE_CORE_TESTING builds: tests).
-extern "C" void XlaInferenceSpareCoreTestDelay(int64_t micros) {
-  xla_inference::SpareCore::get().test_delay_micros.store(micros);
-}
-
-// envs.spare_core_enabled(), set when the library is loaded.
-extern "C" void XlaInferenceUseSpareCore(int on) {
-  xla_inference::spare_core_wanted.store(on != 0 && XLA_INFERENCE_SPARE_CORE != 0);
-}
 
 #endif  // XLA_INFERENCE_KERNELS_CPU_SPARE_CORE_H_

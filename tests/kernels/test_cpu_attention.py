@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import call_until_spare_core_counts, spare_core_off, spare_core_testing_build
 from xla_inference.kernels import cpu_attention, native
 from xla_inference.kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -262,3 +263,82 @@ def test_avx512_grouped_decode_path_has_per_head_bits(cache_dtype, group, head_d
                                           np.asarray(seq_ids), np.asarray(positions),
                                           np.asarray(tables), window)
             np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
+
+
+# ------------------------------------------------------------------ the spare core
+# (kernels/cpu/spare_core.h: a lone decode token's attention shared by KV head with one
+# helper thread, which the caller takes KV heads back from when it holds them too long)
+
+_SPARE_TESTING = "xla_inference_paged_attention_spare_testing"
+
+
+@functools.cache
+def _spare_testing_library():
+    return spare_core_testing_build(cpu_attention._SOURCE,
+                                    {_SPARE_TESTING: "XlaInferencePagedAttention"})
+
+
+def _lone_tokens(cache_dtype, group, kv_heads, head_dim):
+    """Decode steps of one token each (contexts of 1 to 521 keys on shuffled pages) and
+    a call of the kernel build `target` on step i."""
+    rng = np.random.default_rng([head_dim, group, kv_heads])
+    runs = [(0, 1), (15, 1), (16, 1), (47, 1), (250, 1), (520, 1)]
+    k, v, seq_ids, positions, tables = _step(rng, runs, len(runs), kv_heads, head_dim)
+    k, v = k.astype(cache_dtype), v.astype(cache_dtype)
+    q = jnp.asarray(rng.standard_normal((len(runs), group * kv_heads, head_dim)), jnp.float32)
+
+    def call(target, i, window=0):
+        return np.asarray(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q[i:i + 1].shape,
+                                                                          jnp.float32))(
+            q[i:i + 1], k, v, seq_ids[i:i + 1], positions[i:i + 1], tables,
+            block_size=np.int64(BLOCK), scale=np.float32(head_dim ** -0.5),
+            sliding_window=np.int64(window), soft_cap=np.float32(0.0),
+            attention_chunk=np.int64(0)))
+
+    return len(runs), call, (q, k, v, seq_ids, positions, tables)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="the spare core's decode path is AVX-512's")
+@pytest.mark.parametrize("cache_dtype,group,kv_heads,head_dim", [
+    (jnp.bfloat16, 3, 3, 64), (jnp.float32, 1, 2, 128), (jnp.float8_e4m3fn, 4, 4, 64)])
+def test_spare_core_gives_the_bits_of_one_thread(cache_dtype, group, kv_heads, head_dim):
+    """KV heads the helper computes (into its scratch, copied out by the caller) give the
+    bits of the kernel without the spare core, which match float64 on the cache's values."""
+    assert cpu_attention.available()
+    steps, call, (q, k, v, seq_ids, positions, tables) = _lone_tokens(
+        cache_dtype, group, kv_heads, head_dim)
+    with spare_core_off(cpu_attention._library()):
+        expected = [call(cpu_attention._TARGET, i, window) for i in range(steps)
+                    for window in (0, 37)]
+    reference = _float64_reference(*(np.asarray(a.astype(jnp.float32), np.float64)
+                                     for a in (q, k, v)), np.asarray(seq_ids),
+                                   np.asarray(positions), np.asarray(tables), None)
+    for i in range(steps):
+        np.testing.assert_allclose(expected[2 * i][0], reference[i], rtol=2e-5, atol=2e-5)
+    calls = lambda: [call(_SPARE_TESTING, i, window) for i in range(steps)  # noqa: E731
+                     for window in (0, 37)]
+    call_until_spare_core_counts(_spare_testing_library(), 0, calls, expected)
+    # The default build (its helper at SCHED_IDLE) too, whether or not its helper ran.
+    for i in range(steps):
+        np.testing.assert_array_equal(call(cpu_attention._TARGET, i), expected[2 * i])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="the spare core's decode path is AVX-512's")
+def test_kv_heads_taken_back_from_the_helper_give_the_same_bits():
+    """A helper that holds its KV heads too long (paused 300 us in each) has them taken back
+    and computed by the caller; its late results never reach a later call's output."""
+    steps, call, _ = _lone_tokens(jnp.bfloat16, 3, 3, 64)
+    with spare_core_off(cpu_attention._library()):
+        expected = [call(cpu_attention._TARGET, i) for i in range(steps)]
+    library = _spare_testing_library()
+    library.XlaInferenceSpareCoreTestDelay(300)
+    try:
+        calls = lambda: [call(_SPARE_TESTING, i) for i in range(steps)]  # noqa: E731
+        call_until_spare_core_counts(library, 1, calls, expected)
+        for _ in range(5):  # calls while the helper still finishes taken-back heads
+            for got, want in zip(calls(), expected):
+                np.testing.assert_array_equal(got, want)
+    finally:
+        library.XlaInferenceSpareCoreTestDelay(0)

@@ -54,10 +54,20 @@ from xla_inference.kernels import native
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "cpu" / "paged_attention.cc"
+# This kernel's builds (tests, benchmarks); the default one is native.SPARE_CORE_KERNELS.
+_SOURCE = (native.SPARE_CORE, Path(__file__).parent / "cpu" / "paged_attention.cc")
 _TARGET = "xla_inference_paged_attention"
 _POOL_TARGET = "xla_inference_thread_pool_size"
 _WRITE_TARGET = "xla_inference_write_cache_rows"
+
+
+@functools.cache
+def _library():
+    library = native.load_targets(native.SPARE_CORE_KERNELS, {
+        _TARGET: "XlaInferencePagedAttention", _POOL_TARGET: "XlaInferenceThreadPoolSize",
+        _WRITE_TARGET: "XlaInferenceWriteCacheRows"})
+    native.use_spare_core(library)
+    return library
 
 
 @functools.cache
@@ -66,10 +76,9 @@ def available() -> bool:
     turns it off)."""
     if not envs.cpu_attention_enabled():
         return False
+    envs.spare_core_enabled()  # a typo fails here, naming the variable, not as a build failure
     try:
-        native.load_targets(_SOURCE, {_TARGET: "XlaInferencePagedAttention",
-                                      _POOL_TARGET: "XlaInferenceThreadPoolSize",
-                                      _WRITE_TARGET: "XlaInferenceWriteCacheRows"})
+        _library()
     except Exception as e:  # noqa: BLE001 - any failure means the plain-jnp kernel
         logger.warning("xla-inference: native CPU attention unavailable, using the jnp kernel: %s", e)
         return False

@@ -32,7 +32,7 @@ from xla_inference.kernels import native
 
 logger = logging.getLogger(__name__)
 
-# This kernel's builds (tests, benchmarks); the default one is native.ONE_ROW_KERNELS.
+# This kernel's builds (tests, benchmarks); the default one is native.SPARE_CORE_KERNELS.
 _SOURCE = (native.SPARE_CORE, Path(__file__).parent / "cpu" / "dense_matvec.cc")
 _TARGET = "xla_inference_dense_matvec"
 _SYMBOL = "XlaInferenceDenseMatvec"
@@ -47,7 +47,7 @@ _MATMUL_SYMBOL = "XlaInferenceDenseMatmul"
 
 @functools.cache
 def _library():
-    library = native.load_targets(native.ONE_ROW_KERNELS,
+    library = native.load_targets(native.SPARE_CORE_KERNELS,
                                   {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
     native.use_spare_core(library)
     return library

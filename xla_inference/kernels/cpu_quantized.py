@@ -35,7 +35,7 @@ from xla_inference.kernels import native
 
 logger = logging.getLogger(__name__)
 
-# This kernel's builds (tests, benchmarks); the default one is native.ONE_ROW_KERNELS.
+# This kernel's builds (tests, benchmarks); the default one is native.SPARE_CORE_KERNELS.
 _SOURCE = (native.SPARE_CORE, Path(__file__).parent / "cpu" / "quantized_matmul.cc")
 _TARGET = "xla_inference_quantized_matmul"
 _SYMBOL = "XlaInferenceQuantizedMatmul"
@@ -52,7 +52,7 @@ ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 
 @functools.cache
 def _library():
-    library = native.load_targets(native.ONE_ROW_KERNELS, {
+    library = native.load_targets(native.SPARE_CORE_KERNELS, {
         _TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL,
         _WIDE_TARGET: _WIDE_SYMBOL})
     native.use_spare_core(library)

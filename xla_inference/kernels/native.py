@@ -129,8 +129,8 @@ SPARE_CORE = Path(__file__).parent / "cpu" / "spare_core.cc"
 # process, not one per kernel (two helpers, each spinning at SCHED_IDLE on the second core,
 # halve each other when a step runs both kernels: AWQ's int4 projections and its bfloat16
 # LM head). Other builds of one of them (tests, benchmarks) link SPARE_CORE and that kernel.
-ONE_ROW_KERNELS = (SPARE_CORE, Path(__file__).parent / "cpu" / "dense_matvec.cc",
-                   Path(__file__).parent / "cpu" / "quantized_matmul.cc")
+SPARE_CORE_KERNELS = tuple(Path(__file__).parent / "cpu" / name for name in (
+    "spare_core.cc", "dense_matvec.cc", "quantized_matmul.cc", "paged_attention.cc"))
 
 
 def use_spare_core(library: ctypes.CDLL) -> None:

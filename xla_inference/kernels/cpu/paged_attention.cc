@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "spare_core.h"
 #include "work_items.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -318,9 +319,11 @@ void scale_queries(const Shapes& s, const float* q, int64_t H, Scratch& w) {
   for (int64_t i = 0; i < s.num_heads * H; ++i) w.qs[i] = q[i] * s.scale;
 }
 
-// Each head's n scores (rows n_pad apart in w.scores) capped, exponentiated and normalized.
-void normalize_scores(const Shapes& s, int64_t n, int64_t n_pad, Scratch& w) {
-  for (int64_t h = 0; h < s.num_heads; ++h) {
+// Each head's n scores (rows n_pad apart in w.scores) capped, exponentiated and normalized:
+// heads h_first..h_last-1 (h_last -1: all).
+void normalize_scores(const Shapes& s, int64_t n, int64_t n_pad, Scratch& w,
+                      int64_t h_first = 0, int64_t h_last = -1) {
+  for (int64_t h = h_first; h < (h_last < 0 ? s.num_heads : h_last); ++h) {
     float* sc = w.scores.data() + h * n_pad;
     cap_scores(s, sc, n);
     const float inv = exponentiate_scores(sc, n);
@@ -495,18 +498,20 @@ void weighted_values_avx512(const Cache& v_cache, const std::vector<int64_t>& ro
 // query heads (scaled q rows qg, kHeadDim apart), as attend_one_avx512 forms them (a vector
 // of 16 partial sums per key), into dots[head][key][16]: each key's chunks widened once for
 // all the heads. kG > 0: kG heads, their q held in registers; 0: g heads, q read from L1.
-// The first `ahead` keys ask for the whole row (row_width values) kPrefetchAhead keys on.
+// The first `ahead` keys ask for prefetch_values values of the row kPrefetchAhead keys on,
+// from prefetch_at (the whole row: 0 and the row's width).
 template <int64_t kHeadDim, int kG, class Cache>
 inline void key_block_dots_avx512(const Cache& k_cache, const int64_t* rows, int64_t m,
-                                  int64_t ahead, int64_t kv, int64_t row_width, const float* qg,
-                                  float* dots, int64_t g = kG) {
+                                  int64_t ahead, int64_t kv, int64_t prefetch_at,
+                                  int64_t prefetch_values, const float* qg, float* dots,
+                                  int64_t g = kG) {
   constexpr int64_t C = kHeadDim / 16;
   __m512 q[kG > 0 ? kG : 1][C];
   if constexpr (kG > 0)
     for (int h = 0; h < kG; ++h)
       for (int64_t c = 0; c < C; ++c) q[h][c] = _mm512_loadu_ps(qg + h * kHeadDim + 16 * c);
   for (int64_t j = 0; j < m; ++j) {
-    if (j < ahead) prefetch_row(k_cache, rows[j + kPrefetchAhead], row_width);
+    if (j < ahead) prefetch_row(k_cache, rows[j + kPrefetchAhead] + prefetch_at, prefetch_values);
     const int64_t krow = rows[j] + kv;
     __m512 kk[C];
     for (int64_t c = 0; c < C; ++c) kk[c] = k_cache.load16(krow + 16 * c);
@@ -534,12 +539,17 @@ inline void key_block_dots_avx512(const Cache& k_cache, const int64_t* rows, int
 // (sum_each_of_16); the block's rows (one page of keys when aligned) stay in L1 from the
 // first KV head to the last. Then weighted_values_avx512 per KV head. Per head the same
 // operations in the same order as attend_one_avx512, so the same output bit for bit.
+// KV heads kv_first..kv_last-1 only (kv_last -1: all), with their query heads (the spare
+// core's items, SpareKvHeads): each then prefetches only its own part of the rows.
 template <int64_t kHeadDim, class Cache>
 void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_cache,
                                const Cache& v_cache, const int32_t* table, int64_t pos,
-                               float* out, Scratch& w) {
+                               float* out, Scratch& w, int64_t kv_first = 0,
+                               int64_t kv_last = -1) {
   constexpr int64_t C = kHeadDim / 16;
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
+  const bool all = kv_first == 0 && (kv_last < 0 || kv_last == K);
+  if (kv_last < 0) kv_last = K;
   const DecodeKeys keys = decode_keys(s, table, pos, H, 16, out, w);
   const int64_t n = keys.n, n_pad = keys.n_pad;
   if (n == 0) return;
@@ -548,25 +558,27 @@ void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_c
   float* const dots = w.acc.data();
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
     const int64_t m = std::min<int64_t>(16, n - i0);  // keys in this block
-    for (int64_t kvh = 0; kvh < K; ++kvh) {
+    for (int64_t kvh = kv_first; kvh < kv_last; ++kvh) {
       const int64_t kv = kvh * H;
       const float* qg = w.qs.data() + kvh * G * H;
       const int64_t* rows = w.rows.data() + i0;
-      // The first KV head asks for whole rows, which the others then find in L1.
-      const int64_t ahead = kvh == 0 ? std::min<int64_t>(m, n - i0 - kPrefetchAhead) : 0;
+      // The first KV head asks for whole rows, which the others then find in L1 (a part of
+      // the KV heads: the first of them for their part of the rows).
+      const int64_t ahead = kvh == kv_first ? std::min<int64_t>(m, n - i0 - kPrefetchAhead) : 0;
+      const int64_t at = all ? 0 : kv, values = all ? K * H : (kv_last - kv_first) * H;
       // The group's q rows in registers where they fit beside the key's chunks (G * C <= 16).
       constexpr int kG2 = 2 * C <= 16 ? 2 : 0, kG3 = 3 * C <= 16 ? 3 : 0;
       constexpr int kG4 = 4 * C <= 16 ? 4 : 0;
       if (G == 1) {
-        key_block_dots_avx512<kHeadDim, 1>(k_cache, rows, m, ahead, kv, K * H, qg, dots);
+        key_block_dots_avx512<kHeadDim, 1>(k_cache, rows, m, ahead, kv, at, values, qg, dots);
       } else if (G == 2 && kG2 > 0) {
-        key_block_dots_avx512<kHeadDim, kG2>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, kG2>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
       } else if (G == 3 && kG3 > 0) {
-        key_block_dots_avx512<kHeadDim, kG3>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, kG3>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
       } else if (G == 4 && kG4 > 0) {
-        key_block_dots_avx512<kHeadDim, kG4>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, kG4>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
       } else {
-        key_block_dots_avx512<kHeadDim, 0>(k_cache, rows, m, ahead, kv, K * H, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, 0>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
       }
       for (int64_t g = 0; g < G; ++g) {
         __m512 d16[16];
@@ -576,14 +588,14 @@ void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_c
       }
     }
   }
-  normalize_scores(s, n, n_pad, w);
-  for (int64_t kvh = 0; kvh < K; ++kvh) {
+  normalize_scores(s, n, n_pad, w, kv_first * G, kv_last * G);
+  for (int64_t kvh = kv_first; kvh < kv_last; ++kvh) {
     const int64_t kv = kvh * H, h0 = kvh * G;
     const float* p = w.scores.data() + h0 * n_pad;
     float* o = out + h0 * H;
     in_groups_of_up_to_4(G, [&](auto kG, int64_t g) {
-      weighted_values_avx512<kHeadDim, decltype(kG)::value>(v_cache, w.rows, kv, p + g * n_pad,
-                                                            n, n_pad, o + g * H, K * H);
+      weighted_values_avx512<kHeadDim, decltype(kG)::value>(
+          v_cache, w.rows, kv, p + g * n_pad, n, n_pad, o + g * H, all ? K * H : H);
     });
   }
 }
@@ -979,6 +991,105 @@ struct Work : xla_inference::WorkItems {
 
 using AttendFn = decltype(Work::attend);
 
+// A lone decode token's attention shared with the spare core (spare_core.h: a call of tens
+// of microseconds, which the pool cannot start on in time): item i is KV head i with its
+// query heads (their scores, softmax and weighted values: per head the same operations as
+// the whole call's, so the same bits). The helper writes into a scratch copy of the
+// token's output, which publish() copies. The job keeps its own copies of q and the
+// token's page table, which a helper that finishes late may still read; the caches it
+// reads outlive the call (the engine donates them to each step), but for an engine torn
+// down in that moment, as the weights of the one-row products (spare_core.h).
+#if defined(XLA_INFERENCE_ATTENTION_AVX512) && XLA_INFERENCE_ATTENTION_GROUPED
+template <int64_t kHeadDim, class Cache>
+struct SpareKvHeads : xla_inference::SpareJob {
+  SpareKvHeads(const Shapes& s, const float* q, const void* k, const void* v,
+               const int32_t* table, int64_t pos, float* out)
+      : SpareJob(s.num_kv_heads),
+        s(s),
+        q(q, q + s.num_heads * s.head_dim),
+        table(table, table + s.max_blocks),
+        k_cache(k, s.num_kv_heads * s.head_dim),
+        v_cache(v, s.num_kv_heads * s.head_dim),
+        pos(pos),
+        out(out),
+        scratch(new float[s.num_heads * s.head_dim]) {}
+
+  void compute(int64_t i, bool into_scratch) override {
+    thread_local Scratch w;
+    attend_one_grouped_avx512<kHeadDim, Cache>(s, q.data(), k_cache, v_cache, table.data(), pos,
+                                               into_scratch ? scratch.get() : out, w, i, i + 1);
+  }
+
+  void publish(int64_t i) override {
+    const int64_t width = s.num_heads / s.num_kv_heads * s.head_dim;  // one KV head's heads
+    std::memcpy(out + i * width, scratch.get() + i * width, width * sizeof(float));
+  }
+
+  const Shapes s;
+  const std::vector<float> q;
+  const std::vector<int32_t> table;
+  const Cache k_cache, v_cache;
+  const int64_t pos;
+  float* const out;
+  std::unique_ptr<float[]> scratch;
+};
+
+template <int64_t kHeadDim, class Cache>
+std::shared_ptr<xla_inference::SpareJob> spare_kv_heads(const Shapes& s, const float* q,
+                                                        const void* k, const void* v,
+                                                        const int32_t* table, int64_t pos,
+                                                        float* out) {
+  return std::make_shared<SpareKvHeads<kHeadDim, Cache>>(s, q, k, v, table, pos, out);
+}
+#endif
+
+using SpareKvHeadsFn = std::shared_ptr<xla_inference::SpareJob> (*)(
+    const Shapes&, const float*, const void*, const void*, const int32_t*, int64_t, float*);
+
+// The spare core's job maker for a lone token, where the grouped AVX-512 decode path takes
+// the cache's element type and the head dim (64 or 128); nullptr elsewhere.
+template <class Cache>
+SpareKvHeadsFn spare_for_head_dim(int64_t head_dim) {
+#if defined(XLA_INFERENCE_ATTENTION_AVX512) && XLA_INFERENCE_ATTENTION_GROUPED
+  return head_dim == 64 ? spare_kv_heads<64, Cache>
+         : head_dim == 128 ? spare_kv_heads<128, Cache>
+                           : nullptr;
+#else
+  (void)head_dim;
+  return nullptr;
+#endif
+}
+
+SpareKvHeadsFn spare_for(ffi::DataType cache_type, int64_t head_dim) {
+  switch (cache_type) {
+    case ffi::DataType::F32:
+      return spare_for_head_dim<F32Cache>(head_dim);
+    case ffi::DataType::BF16:
+      return spare_for_head_dim<Bf16Cache>(head_dim);
+    case ffi::DataType::F8E4M3FN:
+      return spare_for_head_dim<E4m3Cache>(head_dim);
+    case ffi::DataType::F8E5M2:
+      return spare_for_head_dim<E5m2Cache>(head_dim);
+    default:
+      return nullptr;
+  }
+}
+
+// Whether the call (one decode token, its keys' bytes) went to the spare core, by KV head.
+bool attend_with_spare_core(const Work& work, ffi::DataType cache_type, int64_t cache_bytes) {
+  const Shapes& s = work.s;
+  if (s.num_tokens != 1 || s.num_kv_heads < 2) return false;
+  const SpareKvHeadsFn spare = spare_for(cache_type, s.head_dim);
+  if (spare == nullptr) return false;
+  const int64_t pos = work.positions[0], keys = pos + 1 - first_key(s, pos);
+  if (!xla_inference::for_spare_core(2 * keys * s.num_kv_heads * s.head_dim * cache_bytes, 0))
+    return false;
+  const int32_t* table = work.block_tables + static_cast<int64_t>(work.seq_ids[0]) * s.max_blocks;
+  xla_inference::SpareCore::get().run(
+      spare(s, work.q, work.k_cache, work.v_cache, table, pos, work.out));
+  return true;
+}
+
 // attend_range for the cache's element type and the head dim (64 and 128 compiled with it
 // as a constant); nullptr for an element type the kernel does not read.
 template <class Cache>
@@ -1035,6 +1146,10 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   work->attend = attend;
   work->starts = tile_starts(work->seq_ids, work->s.num_tokens);
   work->num_items = static_cast<int64_t>(work->starts.size()) - 1;
+  const int64_t cache_bytes =
+      k_cache.element_count() == 0 ? 0 : k_cache.size_bytes() / k_cache.element_count();
+  if (attend_with_spare_core(*work, k_cache.element_type(), cache_bytes))
+    return ffi::Error::Success();
   // XLA sizes its pool to the CPUs this process may run on (or to its virtual CPU devices,
   // if more); 0 threads (no pool): the calling thread does it all.
   // The calling thread takes tiles too, so one fewer task than tiles is ever useful.

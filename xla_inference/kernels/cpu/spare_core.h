@@ -1,5 +1,5 @@
 // The spare core: one helper thread per kernel library (kernels/native.py builds the kernels
-// that use it into one library, ONE_ROW_KERNELS) that shares the work of calls too
+// that use it into one library, SPARE_CORE_KERNELS) that shares the work of calls too
 // small to wake XLA's intra-op pool (a decode step's one-row products: tens of microseconds
 // each, while a pool thread asleep on an idle core of a virtual machine takes 5-40 us to
 // wake, far longer at the tail). Included by the kernels' .cc files (kernels/native.py's
@@ -63,7 +63,7 @@
 #endif
 
 // One spare core a library, shared by the kernels linked into it (kernels/native.py's
-// ONE_ROW_KERNELS: one helper thread in the process), and each build its own: hidden
+// SPARE_CORE_KERNELS: one helper thread in the process), and each build its own: hidden
 // visibility, for an inline function's static (the instance) of default visibility would be
 // one symbol across every library loaded (GCC's STB_GNU_UNIQUE), and its code another
 // build's. The functions Python calls are spare_core.cc's, which each such library links.

@@ -27,7 +27,9 @@ from xla_inference.kernels import cpu_attention, native  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30  # SmolLM2-135M
 BLOCK = 16
-BUILDS = {"per-head": ("-DXLA_INFERENCE_ATTENTION_GROUPED=0",), "grouped": ()}
+BUILDS = {"per-head": ("-DXLA_INFERENCE_ATTENTION_GROUPED=0", "-DXLA_INFERENCE_SPARE_CORE=0"),
+          "nospare": ("-DXLA_INFERENCE_SPARE_CORE=0",),  # grouped, on the calling thread alone
+          "grouped": ()}  # by KV head, a lone token shared with the spare core
 
 
 def step_fn(target, layers):

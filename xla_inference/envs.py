@@ -39,10 +39,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
     "XLA_INFERENCE_SPARE_CORE": (
         "1",
-        "0 keeps the native quantized kernel's one-row products (a decode step's, too short "
-        "to wake XLA's thread pool) on the calling thread; 1 shares them with one helper "
-        "thread that spins at SCHED_IDLE between them (kernels/cpu/spare_core.h: a second "
-        "core reads the weights beside the first; read when the kernel is first loaded)"),
+        "0 keeps the native CPU kernels' short calls (a decode step's one-row bfloat16 and "
+        "quantized products and its attention, too short to wake XLA's thread pool) on the "
+        "calling thread or the pool; 1 shares them with one helper thread that spins at "
+        "SCHED_IDLE between them (kernels/cpu/spare_core.h: a second core reads the weights "
+        "beside the first; read when the kernels are first loaded)"),
     "XLA_INFERENCE_GMM_BACKEND": (
         "",
         "the MoE grouped matmul: tpu or gpu forces that Pallas kernel (interpret mode off "

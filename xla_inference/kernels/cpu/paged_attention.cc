@@ -991,6 +991,24 @@ struct Work : xla_inference::WorkItems {
 
 using AttendFn = decltype(Work::attend);
 
+// per_cache((Cache*)nullptr) for the Cache type that reads `cache_type`; nullptr for an
+// element type the kernel does not read.
+template <class Fn, class PerCache>
+Fn by_cache_type(ffi::DataType cache_type, PerCache&& per_cache) {
+  switch (cache_type) {
+    case ffi::DataType::F32:
+      return per_cache(static_cast<F32Cache*>(nullptr));
+    case ffi::DataType::BF16:
+      return per_cache(static_cast<Bf16Cache*>(nullptr));
+    case ffi::DataType::F8E4M3FN:
+      return per_cache(static_cast<E4m3Cache*>(nullptr));
+    case ffi::DataType::F8E5M2:
+      return per_cache(static_cast<E5m2Cache*>(nullptr));
+    default:
+      return nullptr;
+  }
+}
+
 // A lone decode token's attention shared with the spare core (spare_core.h: a call of tens
 // of microseconds, which the pool cannot start on in time): item i is KV head i with its
 // query heads (their scores, softmax and weighted values: per head the same operations as
@@ -1061,18 +1079,9 @@ SpareKvHeadsFn spare_for_head_dim(int64_t head_dim) {
 }
 
 SpareKvHeadsFn spare_for(ffi::DataType cache_type, int64_t head_dim) {
-  switch (cache_type) {
-    case ffi::DataType::F32:
-      return spare_for_head_dim<F32Cache>(head_dim);
-    case ffi::DataType::BF16:
-      return spare_for_head_dim<Bf16Cache>(head_dim);
-    case ffi::DataType::F8E4M3FN:
-      return spare_for_head_dim<E4m3Cache>(head_dim);
-    case ffi::DataType::F8E5M2:
-      return spare_for_head_dim<E5m2Cache>(head_dim);
-    default:
-      return nullptr;
-  }
+  return by_cache_type<SpareKvHeadsFn>(cache_type, [&](auto* cache) {
+    return spare_for_head_dim<std::remove_pointer_t<decltype(cache)>>(head_dim);
+  });
 }
 
 // Whether the call (one decode token, its keys' bytes) went to the spare core, by KV head.
@@ -1100,18 +1109,9 @@ AttendFn attend_for_head_dim(int64_t head_dim) {
 }
 
 AttendFn attend_for(ffi::DataType cache_type, int64_t head_dim) {
-  switch (cache_type) {
-    case ffi::DataType::F32:
-      return attend_for_head_dim<F32Cache>(head_dim);
-    case ffi::DataType::BF16:
-      return attend_for_head_dim<Bf16Cache>(head_dim);
-    case ffi::DataType::F8E4M3FN:
-      return attend_for_head_dim<E4m3Cache>(head_dim);
-    case ffi::DataType::F8E5M2:
-      return attend_for_head_dim<E5m2Cache>(head_dim);
-    default:
-      return nullptr;
-  }
+  return by_cache_type<AttendFn>(cache_type, [&](auto* cache) {
+    return attend_for_head_dim<std::remove_pointer_t<decltype(cache)>>(head_dim);
+  });
 }
 
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,

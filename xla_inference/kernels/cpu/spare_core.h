@@ -1,9 +1,10 @@
-// The spare core: one helper thread per kernel library (kernels/native.py builds the kernels
-// that use it into one library, SPARE_CORE_KERNELS) that shares the work of calls too
-// small to wake XLA's intra-op pool (a decode step's one-row products: tens of microseconds
-// each, while a pool thread asleep on an idle core of a virtual machine takes 5-40 us to
-// wake, far longer at the tail). Included by the kernels' .cc files (kernels/native.py's
-// cache key covers the headers beside them).
+// The spare core: one helper thread per kernel library, so one in the process
+// (kernels/native.py links the kernels that use it into one library, SPARE_CORE_KERNELS:
+// the one-row bfloat16 and quantized products, decode attention), that shares the work of
+// calls too small to wake XLA's intra-op pool (a decode step's one-row products and its
+// attention: tens of microseconds each, while a pool thread asleep on an idle core of a
+// virtual machine takes 5-40 us to wake, far longer at the tail). Included by the kernels'
+// .cc files (kernels/native.py's cache key covers the headers beside them).
 //
 // Why: a batch-1 decode step's products are bound by memory, and one core of a cloud guest
 // reads only part of what two read (the 2-core Sapphire Rapids guest: ~8 GB/s alone, ~16
@@ -21,8 +22,9 @@
 // scratch, never into the outputs; the caller copies ("publishes") an item the helper
 // finished, and recomputes one the helper holds past kStealAfterMicros. A helper stopped
 // after the call returned finishes its item into the scratch (the job is shared-owned) and
-// then finds it taken back; it reads its item's weights until then, which are the model's
-// and outlive the call (only an engine torn down within that moment could free them).
+// then finds it taken back; it reads its item's weights (or KV cache) until then, which are
+// the model's and outlive the call (only an engine torn down within that moment could free
+// them); a job copies whatever else of the call's it reads (x, q, a page table).
 // The outputs do not depend on which thread computed an item: the kernels compute each
 // element by the same operations wherever they run.
 //

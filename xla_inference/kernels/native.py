@@ -94,9 +94,7 @@ def build_library(sources: Path | Sequence[Path], flags: Sequence[str] = DEFAULT
         partial = tmp.name
     objects = [f"{partial}.{i}.o" for i in range(len(sources))]
     try:
-        for source, obj in zip(sources, objects):
-            subprocess.run([compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source),
-                            "-o", obj], check=True, capture_output=True, text=True)
+        _compile_all(compiler, flags, sources, objects)
         subprocess.run([compiler, *_LINK_FLAGS, *objects, "-o", partial, "-lpthread"],
                        check=True, capture_output=True, text=True)
         os.replace(partial, path)
@@ -108,6 +106,19 @@ def build_library(sources: Path | Sequence[Path], flags: Sequence[str] = DEFAULT
             if os.path.exists(leftover):
                 os.unlink(leftover)
     return path
+
+
+def _compile_all(compiler: str, flags: Sequence[str], sources: Sequence[Path],
+                 objects: Sequence[str]) -> None:
+    """Each source compiled into its object, all at once (a library of several kernels
+    then takes about its largest one's time); CalledProcessError for the first that fails."""
+    runs = [subprocess.Popen([compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source),
+                              "-o", obj], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for source, obj in zip(sources, objects)]
+    outputs = [run.communicate() for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        if run.returncode != 0:
+            raise subprocess.CalledProcessError(run.returncode, run.args, out, err)
 
 
 def load_targets(sources: Path | Sequence[Path], targets: Mapping[str, str],

@@ -246,9 +246,10 @@ print(tasks.count("xla-spare-core"))
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
 def test_the_one_row_kernels_share_one_spare_core():
-    """The bfloat16 and the quantized one-row kernels are one library with one helper thread
-    (native.SPARE_CORE_KERNELS): two would each spin on the second core and halve each other
-    when a step runs both (AWQ's int4 projections and its bfloat16 LM head)."""
+    """The bfloat16 and the quantized one-row kernels (and decode attention) are one library
+    with one helper thread (native.SPARE_CORE_KERNELS): two would each spin on the second
+    core and halve each other when a step runs both (AWQ's int4 projections and its
+    bfloat16 LM head)."""
     import subprocess
     import sys
 

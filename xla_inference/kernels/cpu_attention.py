@@ -63,11 +63,9 @@ _WRITE_TARGET = "xla_inference_write_cache_rows"
 
 @functools.cache
 def _library():
-    library = native.load_targets(native.SPARE_CORE_KERNELS, {
+    return native.load_spare_core_kernel(_SOURCE, {
         _TARGET: "XlaInferencePagedAttention", _POOL_TARGET: "XlaInferenceThreadPoolSize",
         _WRITE_TARGET: "XlaInferenceWriteCacheRows"})
-    native.use_spare_core(library)
-    return library
 
 
 @functools.cache

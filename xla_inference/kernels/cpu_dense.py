@@ -47,10 +47,7 @@ _MATMUL_SYMBOL = "XlaInferenceDenseMatmul"
 
 @functools.cache
 def _library():
-    library = native.load_targets(native.SPARE_CORE_KERNELS,
-                                  {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
-    native.use_spare_core(library)
-    return library
+    return native.load_spare_core_kernel(_SOURCE, {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})
 
 
 @functools.cache

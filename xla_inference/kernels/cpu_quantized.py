@@ -52,11 +52,9 @@ ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 
 @functools.cache
 def _library():
-    library = native.load_targets(native.SPARE_CORE_KERNELS, {
+    return native.load_spare_core_kernel(_SOURCE, {
         _TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL,
         _WIDE_TARGET: _WIDE_SYMBOL})
-    native.use_spare_core(library)
-    return library
 
 
 @functools.cache

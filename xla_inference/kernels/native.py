@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 import jax
 
 from xla_inference import envs
+
+logger = logging.getLogger(__name__)
 
 # -march=native: the library is built on (and keyed by) the CPU that runs it. Compiled
 # with -ffast-math but linked without it: linking a shared library with -ffast-math adds
@@ -112,13 +115,22 @@ def _compile_all(compiler: str, flags: Sequence[str], sources: Sequence[Path],
                  objects: Sequence[str]) -> None:
     """Each source compiled into its object, all at once (a library of several kernels
     then takes about its largest one's time); CalledProcessError for the first that fails."""
-    runs = [subprocess.Popen([compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source),
-                              "-o", obj], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for source, obj in zip(sources, objects)]
-    outputs = [run.communicate() for run in runs]
-    for run, (out, err) in zip(runs, outputs):
+    runs = []
+    try:
+        for source, obj in zip(sources, objects):
+            runs.append(subprocess.Popen(
+                [compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source), "-o", obj],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [run.communicate() for run in runs]
+    except BaseException:  # (a compiler that cannot start, an interrupt): none left running
+        for run in runs:
+            run.kill()
+            run.wait()
+        raise
+    for source, run, (out, err) in zip(sources, runs, outputs):
         if run.returncode != 0:
-            raise subprocess.CalledProcessError(run.returncode, run.args, out, err)
+            raise subprocess.CalledProcessError(run.returncode, run.args, out,
+                                                f"{source.name}:\n{err}")
 
 
 def load_targets(sources: Path | Sequence[Path], targets: Mapping[str, str],
@@ -142,6 +154,22 @@ SPARE_CORE = Path(__file__).parent / "cpu" / "spare_core.cc"
 # LM head). Other builds of one of them (tests, benchmarks) link SPARE_CORE and that kernel.
 SPARE_CORE_KERNELS = tuple(Path(__file__).parent / "cpu" / name for name in (
     "spare_core.cc", "dense_matvec.cc", "quantized_matmul.cc", "paged_attention.cc"))
+
+
+def load_spare_core_kernel(own_sources: Sequence[Path], targets: Mapping[str, str]
+                           ) -> ctypes.CDLL:
+    """One kernel's targets from the SPARE_CORE_KERNELS library, its spare core on or off as
+    XLA_INFERENCE_SPARE_CORE says; where that library does not build (another kernel of it
+    fails on this compiler), from the kernel's own build (own_sources: SPARE_CORE and the
+    kernel), which then has a helper thread of its own. Raises if that fails too."""
+    try:
+        library = load_targets(SPARE_CORE_KERNELS, targets)
+    except RuntimeError as e:
+        logger.warning("xla-inference: the kernels sharing the spare core did not build "
+                       "together (%s); building %s alone", e, own_sources[-1].name)
+        library = load_targets(own_sources, targets)
+    use_spare_core(library)
+    return library
 
 
 def use_spare_core(library: ctypes.CDLL) -> None:

@@ -160,13 +160,14 @@ class SpareCore {
 
   // (pthread_create, not std::thread: a std::thread of a lambda instantiates std's
   // templates as weak symbols of default visibility, which a library could share.)
+  // No thread (pthread_create failed): every call's caller takes all its items itself.
   SpareCore() {
     pthread_t thread;
-    pthread_create(&thread, nullptr, [](void* core) -> void* {
+    const int failed = pthread_create(&thread, nullptr, [](void* core) -> void* {
       static_cast<SpareCore*>(core)->loop();
       return nullptr;
     }, this);
-    pthread_detach(thread);
+    if (!failed) pthread_detach(thread);
   }
 
   void post(const std::shared_ptr<SpareJob>& job) {

@@ -78,11 +78,6 @@ def uses_vnni() -> bool:
     return bool(_library().XlaInferenceQuantizedMatmulVnni())
 
 
-def spare_core_items(library=None) -> tuple[int, int]:
-    """native.spare_core_items of `library`, by default the default build's."""
-    return native.spare_core_items(library or _library())
-
-
 def wide_isa() -> str:
     """The wide entry's best path on this CPU, one of WIDE_ISAS: "amx" (AMX bfloat16 tiles,
     where the CPU has them and the kernel grants their state), "avx512_bf16" (vdpbf16ps) or

@@ -162,20 +162,23 @@ def load_spare_core_kernel(own_sources: Sequence[Path], targets: Mapping[str, st
     XLA_INFERENCE_SPARE_CORE says; where that library does not build (another kernel of it
     fails on this compiler), from the kernel's own build (own_sources: SPARE_CORE and the
     kernel), which then has a helper thread of its own. Raises if that fails too."""
-    try:
-        library = load_targets(SPARE_CORE_KERNELS, targets)
-    except RuntimeError as e:
-        logger.warning("xla-inference: the kernels sharing the spare core did not build "
-                       "together (%s); building %s alone", e, own_sources[-1].name)
-        library = load_targets(own_sources, targets)
-    use_spare_core(library)
+    together = _built_together(SPARE_CORE_KERNELS)
+    library = load_targets(SPARE_CORE_KERNELS if together else own_sources, targets)
+    library.XlaInferenceUseSpareCore(int(envs.spare_core_enabled()))
     return library
 
 
-def use_spare_core(library: ctypes.CDLL) -> None:
-    """Turns a kernel library's spare core (kernels/cpu/spare_core.h: the helper thread its
-    one-row products share) on or off as XLA_INFERENCE_SPARE_CORE says."""
-    library.XlaInferenceUseSpareCore(int(envs.spare_core_enabled()))
+@functools.cache
+def _built_together(sources: tuple[Path, ...]) -> bool:
+    """Whether `sources` build into one library: tried once a process (each kernel that
+    loads from it asks), the failure logged once."""
+    try:
+        build_library(sources)
+    except RuntimeError as e:
+        logger.warning("xla-inference: the kernels sharing the spare core did not build "
+                       "together, each is built alone: %s", e)
+        return False
+    return True
 
 
 def spare_core_items(library: ctypes.CDLL) -> tuple[int, int]:

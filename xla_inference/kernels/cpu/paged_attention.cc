@@ -1014,7 +1014,8 @@ Fn by_cache_type(ffi::DataType cache_type, PerCache&& per_cache) {
 // query heads (their scores, softmax and weighted values: per head the same operations as
 // the whole call's, so the same bits). The helper writes into a scratch copy of the
 // token's output, which publish() copies. The job keeps its own copies of q and the
-// token's page table, which a helper that finishes late may still read; the caches it
+// token's page table (the pages up to pos: all decode_keys reads), which a helper that
+// finishes late may still read; the caches it
 // reads outlive the call (the engine donates them to each step), but for an engine torn
 // down in that moment, as the weights of the one-row products (spare_core.h).
 #if defined(XLA_INFERENCE_ATTENTION_AVX512) && XLA_INFERENCE_ATTENTION_GROUPED
@@ -1025,7 +1026,7 @@ struct SpareKvHeads : xla_inference::SpareJob {
       : SpareJob(s.num_kv_heads),
         s(s),
         q(q, q + s.num_heads * s.head_dim),
-        table(table, table + s.max_blocks),
+        table(table, table + std::min(s.max_blocks, pos / s.block_size + 1)),
         k_cache(k, s.num_kv_heads * s.head_dim),
         v_cache(v, s.num_kv_heads * s.head_dim),
         pos(pos),

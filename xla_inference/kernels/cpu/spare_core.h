@@ -39,10 +39,10 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -267,8 +267,9 @@ class SpareCore {
 // envs.spare_core_enabled() (XlaInferenceUseSpareCore, when the library is loaded).
 inline std::atomic<bool> spare_core_wanted{XLA_INFERENCE_SPARE_CORE != 0};
 
-// Weight bytes (times about T / 4 for the quantized kernel) from which a call the pool does
-// not take is shared with the spare core: below it, an item or two, not worth the hand-over.
+// Bytes a call reads (weights, times about T / 4 for the quantized kernel; keys and values
+// for attention) from which a call the pool does not take is shared with the spare core:
+// below it, an item or two, not worth the hand-over.
 #ifndef XLA_INFERENCE_SPARE_MIN_BYTES
 #define XLA_INFERENCE_SPARE_MIN_BYTES (64 << 10)
 #endif
@@ -279,7 +280,7 @@ constexpr int64_t kSpareMinBytes = XLA_INFERENCE_SPARE_MIN_BYTES;
 // two threads finish together.
 constexpr int64_t kSpareItemBytes = 32 << 10;
 
-// Whether a call of `load` weight bytes, for which `pool_helpers` pool threads would be
+// Whether a call reading `load` bytes, for which `pool_helpers` pool threads would be
 // woken, goes to the spare core instead: when the pool would add at most one thread on the
 // CPUs there are (the spare core adds one without a wake-up; on two cores the pool's two
 // threads and the caller would be three).

@@ -57,15 +57,21 @@ def decode_requests(num, rng, first_block, context=CONTEXT):
 
 
 def alternated_step_seconds(engines: dict, reqs, repeats: int,
-                            cpu_seconds: dict | None = None) -> dict[str, list[float]]:
+                            cpu_seconds: dict | None = None,
+                            dispatch_seconds: dict | None = None) -> dict[str, list[float]]:
     """Each engine's step on `reqs`, timed `repeats` times with the engines taking turns;
     each step's process CPU time too, into `cpu_seconds` (name -> list) when given (on a busy
-    machine it varies less than the wall time)."""
+    machine it varies less than the wall time); and into `dispatch_seconds` the time until
+    engine.forward returns (the host's part: the step's batch and the jit call with every
+    parameter array; a server overlaps it with the previous step, on the same cores)."""
     times = {name: [] for name in engines}
     for _ in range(repeats):
         for name, engine in engines.items():
             c0, t0 = time.process_time(), time.perf_counter()
-            jax.block_until_ready(engine.forward(reqs).logits)
+            out = engine.forward(reqs)
+            if dispatch_seconds is not None:
+                dispatch_seconds.setdefault(name, []).append(time.perf_counter() - t0)
+            jax.block_until_ready(out.logits)
             times[name].append(time.perf_counter() - t0)
             if cpu_seconds is not None:
                 cpu_seconds.setdefault(name, []).append(time.process_time() - c0)

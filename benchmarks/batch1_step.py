@@ -4,7 +4,10 @@ XLA's one-row bfloat16 product ("bf16-xla", XLA_INFERENCE_CPU_DENSE=0) against t
 one (kernels/cpu_dense.py, "bf16"), the embedded GGUF kept quantized (Q4_1, "gguf"),
 online int8 ("int8") and an AWQ 4-bit checkpoint ("awq": group size 64, zero points,
 round-to-nearest; written once under the cache by _server.prepare_awq_model). The engines'
-steps take turns; medians, each as a speed ratio to the first variant (> 1: faster). A benchmark, not a test.
+steps take turns; medians, each as a speed ratio to the first variant (> 1: faster); and
+the host's part of each step (the time until engine.forward returns: the step's batch,
+and the jit call with each of the model's parameter arrays), with the number of arrays.
+A benchmark, not a test.
 
 Engines alternated in one process evict each other's weights from the last-level cache,
 which a server with one engine keeps partly there: for a figure that matches serving, run
@@ -111,8 +114,8 @@ def main():
                         max_num_seqs=max(8, args.batch), max_model_len=1024)
     reqs = decode_requests(args.batch, np.random.default_rng(0), 1, args.context)
     engines = {name: _engine(name, ecfg, reqs, args.kv_cache) for name in args.variants}
-    cpu = {}
-    times = alternated_step_seconds(engines, reqs, args.repeats, cpu)
+    cpu, dispatch = {}, {}
+    times = alternated_step_seconds(engines, reqs, args.repeats, cpu, dispatch)
     base = statistics.median(times[args.variants[0]])
     fastest = min(times[args.variants[0]])
     print(f"load average {os.getloadavg()[0]:.1f}; batch-{args.batch} decode step at "
@@ -121,8 +124,9 @@ def main():
     for name, t in times.items():
         m = statistics.median(t)
         print(f"{name:9s} median {m * 1e3:8.2f} ms ({base / m:.2f}x)   fastest {min(t) * 1e3:8.2f} ms "
-              f"({fastest / min(t):.2f}x)   CPU median {statistics.median(cpu[name]) * 1e3:7.2f} ms",
-              flush=True)
+              f"({fastest / min(t):.2f}x)   CPU median {statistics.median(cpu[name]) * 1e3:7.2f} ms"
+              f"   dispatch median {statistics.median(dispatch[name]) * 1e3:5.2f} ms "
+              f"({len(jax.tree.leaves(engines[name].params))} parameter arrays)", flush=True)
 
 
 if __name__ == "__main__":

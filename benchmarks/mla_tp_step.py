@@ -71,7 +71,7 @@ def _engine(split: bool):
         for step in _steps():
             layout = engine.layout_for(sum(n for _, n in step))
             compiled = engine._forward.jitted.lower(
-                engine.params, engine.kv_cache, build_step_batch(step, layout)).compile()
+                engine._step_params(), engine.kv_cache, build_step_batch(step, layout)).compile()
             engine._forward.compiled[layout.num_tokens] = compiled
             heads |= {int(h) for h in re.findall(
                 r"= f32\[\d+,(\d+),\d+\]\{[0-9,]+\} custom-call\(", compiled.as_text())}

@@ -74,7 +74,7 @@ def test_text_only_steps_pass_the_device_placeholders(engine):
     # The bucket's step compiled as warm-up compiles it (on its empty batch).
     warm = engine._with_multimodal(build_step_batch([], layout), [])
     engine._forward.compiled[layout.num_tokens] = engine._forward.jitted.lower(
-        engine.params, engine.kv_cache, warm).compile()
+        engine._step_params(), engine.kv_cache, warm).compile()
     compile_counter.install()
     before = compile_counter.num_compilations()
 
@@ -89,7 +89,7 @@ def test_text_only_steps_pass_the_device_placeholders(engine):
     host = multimodal_batch(build_step_batch(scheduled, layout), scheduled, engine.encoder_cache,
                             embed.shape[-1], embed.dtype, None)
     assert isinstance(host.embeds, np.ndarray)
-    engine.kv_cache, want, _ = engine._forward(engine.params, engine.kv_cache, host)
+    engine.kv_cache, want, _ = engine._forward(engine._step_params(), engine.kv_cache, host)
     np.testing.assert_array_equal(got[:1], np.asarray(want)[:1])
 
     # A step with an image builds its rows on the host and runs the same program.

@@ -300,6 +300,18 @@ class Programs:
         return self.compiled.get(self.key(*args), self.jitted)(*args)
 
 
+def _with_param_leaves(tree, lora: bool, forward):
+    """`forward` for a step program whose first argument holds the parameters as the flat
+    tuple of their arrays (`tree` their structure): with LoRA (leaves, stacks, slots), else
+    the leaves alone."""
+    def step(first, *args):
+        if lora:
+            leaves, *rest = first
+            return forward((tree.unflatten(leaves), *rest), *args)
+        return forward(tree.unflatten(first), *args)
+    return step
+
+
 def _feed_tokens(input_ids, tokens, at, rows):
     """A step's input ids with tokens the last step sampled, still on device, written at
     `at` (tokens[rows]); padding entries point past the end and are dropped."""
@@ -367,6 +379,13 @@ class ModelEngine:
         params, self.param_shardings = mark_tensor_splits(params, self.param_shardings)
         self.params = place_params(params, self.param_shardings)
         huge_pages.collapse(self.params)  # fewer TLB misses per step (runner/huge_pages.py)
+        # The step programs take the parameters as the flat tuple of their arrays, flattened
+        # once here: a jit call walks its arguments' tree on every call, and a quantized
+        # weight is a dataclass of three arrays and nine static fields (benchmarks/RESULTS.md,
+        # issue 18's fifth session: the walk was about a tenth of a GGUF step's dispatch).
+        leaves, self._param_tree = jax.tree.flatten(self.params)
+        self._param_leaves = tuple(leaves)
+        leaf_shardings = tuple(self._param_tree.flatten_up_to(self.param_shardings))
         replicas = functools.partial(_forward_replicas, mesh=self.mesh,
                                      params_spec=replica_local_specs(self.param_shardings))
         self.token_buckets = token_buckets(engine_cfg.max_num_tokens)
@@ -376,7 +395,7 @@ class ModelEngine:
         self.kv_cache, kv_shardings = self._allocate_kv_cache(model.kv_layers(model_cfg), kv_dtype)
         whole = replicated(self.mesh)
         self.lora = lora
-        first_shardings = self.param_shardings
+        first_shardings = leaf_shardings
         stacks_spec = PartitionSpec()
         if lora is not None:
             # Data parallel: one set of slots for every replica (build_engine gives it
@@ -387,7 +406,7 @@ class ModelEngine:
                 lora.stage(self.stages, len(params.layers.local))
             stacks = lora.place(lambda module: leaf(layer_shardings, module))
             stacks_spec = replica_local_specs(stacks)
-            first_shardings = (self.param_shardings, stacks,
+            first_shardings = (leaf_shardings, stacks,
                                whole if self.replicas == 1 else replica_sharding(self.mesh))
         # The cache keeps its sharding from step to step (a change would recompile).
         # A pooling engine (vLLM's pooling runner) runs _forward_pooled in place of the
@@ -424,8 +443,10 @@ class ModelEngine:
 
         # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
         # heads, collective matmuls; parallel/sharding.tensor_parallel_mesh).
+        step = _with_param_leaves(self._param_tree, lora is not None,
+                                  functools.partial(forward, model, model_cfg))
         self._forward = Programs(
-            jax.jit(traced_over(self.mesh, functools.partial(forward, model, model_cfg)),
+            jax.jit(traced_over(self.mesh, step),
                     in_shardings=(first_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
@@ -434,8 +455,9 @@ class ModelEngine:
         base_forward = (replicas if self.replicas > 1
                         else _forward_microbatches if self.microbatches > 1 else _forward_logits)
         self._forward_base = None if lora is None else Programs(
-            jax.jit(traced_over(self.mesh, functools.partial(base_forward, model, model_cfg)),
-                    in_shardings=(self.param_shardings, kv_shardings, *batch_shardings),
+            jax.jit(traced_over(self.mesh, _with_param_leaves(
+                        self._param_tree, False, functools.partial(base_forward, model, model_cfg))),
+                    in_shardings=(leaf_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
         widths = [engine_cfg.max_logprobs]
@@ -654,10 +676,10 @@ class ModelEngine:
     def _step_params(self, token_slots=None):
         """The forward program's first argument: params, or with LoRA (params, stacks, slots)."""
         if self.lora is None:
-            return self.params
+            return self._param_leaves
         if token_slots is None:
             raise ValueError("a LoRA engine's step needs each token's slot")
-        return (self.params, self.lora.stacks, token_slots)
+        return (self._param_leaves, self.lora.stacks, token_slots)
 
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
@@ -744,7 +766,7 @@ class ModelEngine:
         T = batch.input_ids.shape[-1]
         program, params = self._forward, self._step_params(token_slots)
         if self.lora is not None and not token_slots.any():  # no adapter in this step
-            program, params = self._forward_base, self.params
+            program, params = self._forward_base, self._param_leaves
         self.kv_cache, logits, hidden = self.stats.run(
             program, params, self.kv_cache, batch, *orders, bucket=T)
         return StepOutput(logits, hidden)
@@ -919,7 +941,8 @@ class ModelEngine:
                         len(self.token_buckets))
 
         # A LoRA engine also compiles the base program for its steps without adapters.
-        base_args = [] if self.lora is None else [(self.params, *a[1:]) for a in forward_args]
+        base_args = [] if self.lora is None else [(self._param_leaves, *a[1:])
+                                                   for a in forward_args]
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             forward = self._forward.submit(forward_args, pool)
             base = {} if self.lora is None else self._forward_base.submit(base_args, pool)

@@ -674,7 +674,8 @@ class ModelEngine:
         return slots.reshape(shape)
 
     def _step_params(self, token_slots=None):
-        """The forward program's first argument: params, or with LoRA (params, stacks, slots)."""
+        """The forward program's first argument: the parameters' flat tuple of arrays, or with
+        LoRA (that tuple, stacks, slots)."""
         if self.lora is None:
             return self._param_leaves
         if token_slots is None:

@@ -60,17 +60,18 @@ def _chain(product, calls):
     return jax.jit(step)
 
 
-def _c_model(rows, total_rows):
-    """benchmarks/product_call_model.c over weights of `rows` x IN in Q4_1's tile bytes."""
+def _c_model(all_rows, total_rows):
+    """benchmarks/product_call_model.c (built once) over weights of each of `all_rows` x IN,
+    in Q4_1's values' bytes (4 bits a weight)."""
     source = pathlib.Path(__file__).with_name("product_call_model.c")
     with tempfile.TemporaryDirectory() as tmp:
         binary = pathlib.Path(tmp) / "model"
         subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
                         "-o", str(binary), str(source)], check=True)
-        kib = rows * IN // 2 // 1024  # the values' bytes (4 bits a weight)
-        out = subprocess.run([str(binary), str(kib), str(total_rows // rows)], check=True,
-                             capture_output=True, text=True).stdout
-    print(out.strip(), flush=True)
+        for rows in all_rows:
+            out = subprocess.run([str(binary), str(rows * IN // 2 // 1024), str(total_rows // rows)],
+                                 check=True, capture_output=True, text=True).stdout
+            print(out.strip(), flush=True)
 
 
 def _dispatch(weights, x):
@@ -130,8 +131,7 @@ def main():
               f"(+{dispatch * 1e3:4.2f} dispatch)  {m / calls * 1e6:7.1f} us/call  "
               f"{total / m / 1e9:5.1f} GB/s", flush=True)
     if args.c_model:
-        for rows in args.rows:
-            _c_model(rows, args.total_rows)
+        _c_model(args.rows, args.total_rows)
 
 
 if __name__ == "__main__":

@@ -382,7 +382,7 @@ class ModelEngine:
         # The step programs take the parameters as the flat tuple of their arrays, flattened
         # once here: a jit call walks its arguments' tree on every call, and a quantized
         # weight is a dataclass of three arrays and nine static fields (benchmarks/RESULTS.md,
-        # issue 18's fifth session: the walk was about a tenth of a GGUF step's dispatch).
+        # issue 18's fifth session: the walk was 0.2-0.3 ms of a quantized step's ~3 ms).
         leaves, self._param_tree = jax.tree.flatten(self.params)
         self._param_leaves = tuple(leaves)
         leaf_shardings = tuple(self._param_tree.flatten_up_to(self.param_shardings))

@@ -73,3 +73,32 @@ def test_project_rounds_input_and_accumulates_in_float32(rows):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     # and not the product of the unrounded input
     assert np.abs(np.asarray(got) - x @ np.asarray(w.astype(jnp.float32)).T).max() > 1e-3
+
+
+@pytest.mark.parametrize("native_bf16_dot", [False, True])
+@pytest.mark.parametrize("rows", [8, 128, 300])
+def test_wide_bfloat16_products_widen_only_without_native_bfloat16_dots(monkeypatch, rows,
+                                                                          native_bf16_dot):
+    """From cpu_dense.WIDEN_MIN_ROWS rows on, a CPU without avx512_bf16 runs a bfloat16
+    product in float32 on the widened operands (XLA's bfloat16 product is slower there):
+    the dot in the compiled program is float32 then and bfloat16 otherwise, and either way
+    the result is the float64 product of the bfloat16-rounded operands to float32
+    rounding."""
+    import jax
+
+    from xla_inference.kernels import cpu_dense, native
+    from xla_inference.layers.linear import project
+
+    monkeypatch.setattr(native, "has_bfloat16_dot", lambda: native_bf16_dot)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 96)) * 0.1, jnp.bfloat16)
+    product = jax.jit(lambda x, w: project(x, w))  # (a new trace under this CPU's flags)
+    text = product.lower(x, w).as_text()
+    widened = rows >= cpu_dense.WIDEN_MIN_ROWS and not native_bf16_dot
+    dot_line = next(line for line in text.splitlines() if "dot_general" in line)
+    assert ("tensor<96x40xf32>" in dot_line or "tensor<40x96xf32>" in dot_line) == widened, dot_line
+
+    x_rounded = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    expected = x_rounded @ np.asarray(w.astype(jnp.float32), np.float64).T
+    np.testing.assert_allclose(np.asarray(product(x, w)), expected, rtol=1e-5, atol=1e-5)

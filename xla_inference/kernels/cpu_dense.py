@@ -45,6 +45,25 @@ _MATMUL_TARGET = "xla_inference_dense_matmul"
 _MATMUL_SYMBOL = "XlaInferenceDenseMatmul"
 
 
+# Rows from which, on a host CPU without native bfloat16 dot products (avx512_bf16), a
+# bfloat16 x bfloat16 product runs in float32 on the widened operands (bfloat16_product).
+WIDEN_MIN_ROWS = 128
+
+
+def bfloat16_product(x: jax.Array, w: jax.Array, accumulate) -> jax.Array:
+    """x [R, in] times w [out, in], both bfloat16, summed in `accumulate` (float32): XLA's
+    product. Without native bfloat16 dot products XLA's CPU backend runs that product
+    slower than a float32 one on the same numbers (AVX2 only, benchmarks/RESULTS.md, sixth
+    session of 2026-12-03). So from WIDEN_MIN_ROWS rows on (prefill, large batches) it
+    widens both operands to float32 and multiplies there. Each product of two bfloat16
+    numbers is exact in float32, so it gives the same sums in another order. Widening the
+    weight costs one pass over it a call, small beside that many rows."""
+    if (x.shape[0] >= WIDEN_MIN_ROWS and accumulate == jnp.float32
+            and jax.default_backend() == "cpu" and not native.has_bfloat16_dot()):
+        x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+    return jnp.einsum("ri,oi->ro", x, w, preferred_element_type=accumulate)
+
+
 @functools.cache
 def _library():
     return native.load_spare_core_kernel(_SOURCE, {_TARGET: _SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL})

@@ -39,13 +39,25 @@ DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC")
 _LINK_FLAGS = ("-shared", "-fPIC")
 
 
-def _cpu_signature() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return platform.machine() + flags
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def has_bfloat16_dot() -> bool:
+    """Whether the host CPU has native bfloat16 dot products (avx512_bf16), on which XLA's
+    CPU backend runs its bfloat16 x bfloat16 -> float32 products."""
+    return "avx512_bf16" in cpu_flags()
+
+
+def _cpu_signature() -> str:
+    return platform.machine() + " ".join(sorted(cpu_flags()))
 
 
 @functools.cache

@@ -33,7 +33,9 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     A weight narrower than x (bfloat16 against float32 activations): x is rounded to the
     weight's dtype and the product accumulates in float32, as on an accelerator's matrix
     unit. XLA's CPU backend runs such a product with more than one row on its bfloat16
-    kernels (`avx512_bf16` where the CPU has it: faster than float32). For a single row it
+    kernels (`avx512_bf16` where the CPU has it: faster than float32); on a CPU without
+    them, wide products (prefill) run in float32 on the widened operands instead, the same
+    numbers (kernels/cpu_dense.bfloat16_product). For a single row it
     is written against the weight's transpose, which XLA fuses into one matrix-vector loop
     over every core that reads the bfloat16 bytes; in the [out, in] form that row is many
     times slower (benchmarks/RESULTS.md, "Figures moved from code comments"). On the host
@@ -61,6 +63,9 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
         y = cpu_dense.dense_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], w.shape[0])
     elif rows == 1:
         y = jnp.einsum("...i,io->...o", x, w.T, preferred_element_type=accumulate)
+    elif w.ndim == 2:
+        y = cpu_dense.bfloat16_product(x.reshape(rows, -1), w, accumulate)
+        y = y.reshape(*x.shape[:-1], w.shape[0])
     else:
         y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=accumulate)
     return y.astype(out_dtype)

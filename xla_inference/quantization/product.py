@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from xla_inference.kernels import cpu_quantized
+from xla_inference.kernels import cpu_dense, cpu_quantized
 from xla_inference.kernels import pallas_quantized_matmul as qmm
 from xla_inference.parallel.sharding import TENSOR_AXIS, tensor_parallel_mesh
 from xla_inference.quantization.groups import INT4, INT8, INT8_ACTIVATIONS
@@ -240,6 +240,8 @@ def _pallas_any_mesh(x2: jax.Array, w: PackedWeight, route) -> jax.Array:
 def _dense_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     x2 = scheme_activations(x2, w)
     weight = dequantize(w)
+    if weight.dtype == jnp.bfloat16:
+        return cpu_dense.bfloat16_product(x2.astype(weight.dtype), weight, jnp.float32)
     return jnp.einsum("ri,oi->ro", x2.astype(weight.dtype), weight,
                       preferred_element_type=jnp.float32)
 

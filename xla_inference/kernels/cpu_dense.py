@@ -51,13 +51,14 @@ WIDEN_MIN_ROWS = 128
 
 
 def bfloat16_product(x: jax.Array, w: jax.Array, accumulate) -> jax.Array:
-    """x [R, in] times w [out, in], both bfloat16, summed in `accumulate` (float32): XLA's
-    product. Without native bfloat16 dot products XLA's CPU backend runs that product
-    slower than a float32 one on the same numbers (AVX2 only, benchmarks/RESULTS.md, sixth
-    session of 2026-12-03). So from WIDEN_MIN_ROWS rows on (prefill, large batches) it
-    widens both operands to float32 and multiplies there. Each product of two bfloat16
-    numbers is exact in float32, so it gives the same sums in another order. Widening the
-    weight costs one pass over it a call, small beside that many rows."""
+    """x [R, in] times w [out, in], of one dtype (bfloat16; float32 passes through as it
+    is), summed in `accumulate` (float32): XLA's product. Without native bfloat16 dot
+    products XLA's CPU backend runs that product slower than a float32 one on the same
+    numbers (AVX2 only, benchmarks/RESULTS.md, sixth session of 2026-12-03). So from
+    WIDEN_MIN_ROWS rows on (prefill, large batches) it widens both operands to float32 and
+    multiplies there. Each product of two bfloat16 numbers is exact in float32, so it gives
+    the same sums in another order. Widening the weight costs one pass over it a call,
+    small beside that many rows."""
     if (x.shape[0] >= WIDEN_MIN_ROWS and accumulate == jnp.float32
             and jax.default_backend() == "cpu" and not native.has_bfloat16_dot()):
         x, w = x.astype(jnp.float32), w.astype(jnp.float32)

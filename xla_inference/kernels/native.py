@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 
 from xla_inference import envs
+from xla_inference.kernels import host_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -39,25 +40,14 @@ DEFAULT_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fPIC")
 _LINK_FLAGS = ("-shared", "-fPIC")
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The host CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
-
-
 def has_bfloat16_dot() -> bool:
     """Whether the host CPU has native bfloat16 dot products (avx512_bf16), on which XLA's
     CPU backend runs its bfloat16 x bfloat16 -> float32 products."""
-    return "avx512_bf16" in cpu_flags()
+    return "avx512_bf16" in host_cpu.flags()
 
 
 def _cpu_signature() -> str:
-    return platform.machine() + " ".join(sorted(cpu_flags()))
+    return platform.machine() + " ".join(sorted(host_cpu.flags()))
 
 
 @functools.cache

@@ -10,6 +10,7 @@ import psutil
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
+from xla_inference.kernels import host_cpu
 from xla_inference.plugin import quantization, spec_decode
 
 logger = logging.getLogger(__name__)
@@ -122,13 +123,8 @@ def _jax_runs_on_host() -> bool:
 
 
 def _cpu_flags() -> set[str]:
-    """The host CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
+    """The host CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+    return set(host_cpu.flags())
 
 
 def _host_has_native_bf16() -> bool:

@@ -240,10 +240,7 @@ def _pallas_any_mesh(x2: jax.Array, w: PackedWeight, route) -> jax.Array:
 def _dense_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
     x2 = scheme_activations(x2, w)
     weight = dequantize(w)
-    if weight.dtype == jnp.bfloat16:
-        return cpu_dense.bfloat16_product(x2.astype(weight.dtype), weight, jnp.float32)
-    return jnp.einsum("ri,oi->ro", x2.astype(weight.dtype), weight,
-                      preferred_element_type=jnp.float32)
+    return cpu_dense.bfloat16_product(x2.astype(weight.dtype), weight, jnp.float32)
 
 
 def quantized_project(x: jax.Array, w: PackedWeight, out_dtype=None) -> jax.Array:

@@ -45,6 +45,10 @@ BUILDS = {
                 "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1ll<<40)", "-DXLA_INFERENCE_SPARE_CORE=0"),
     "nospare": ("-DXLA_INFERENCE_SPARE_CORE=0",),  # no spare core (kernels/cpu/spare_core.h)
     "spare-normal": ("-DXLA_INFERENCE_SPARE_CORE_IDLE=0",),  # the spare core not SCHED_IDLE
+    # one-row 4-bit products on AVX2 widening the weights (no split x: tile_nibbles_split)
+    "widen": ("-DXLA_INFERENCE_QMM_SPLIT=0",),
+    "widen-1thread": ("-DXLA_INFERENCE_QMM_SPLIT=0", "-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1ll<<40)",
+                      "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1ll<<40)", "-DXLA_INFERENCE_SPARE_CORE=0"),
     "256k": ("-DXLA_INFERENCE_QMM_MULTI_BYTES_PER_THREAD=(1<<18)",  # the pool from 256 KiB
              "-DXLA_INFERENCE_QMM_BYTES_PER_THREAD=(1<<18)", "-DXLA_INFERENCE_SPARE_CORE=0"),
 }

@@ -289,8 +289,10 @@ def _cpu_flags() -> set[str]:
 def test_avx2_build_gives_the_portable_bits(bits, with_offsets, zero_point):
     """The AVX2 path (CPUs without AVX-512 VNNI; built with XLA_INFERENCE_QMM_NO_VNNI so
     that a VNNI CPU runs it too): the portable build's bits for 1 to 11 rows of T (its
-    blocks of 1-4 rows, 2 tiles side by side at T = 1 and an odd tile left), float16 and
-    float32 group arrays, and its float entry's row quantization."""
+    blocks of 1-4 rows, 2 tiles side by side at T = 1 and an odd tile left, and the 4-bit
+    one-row path that splits x into bytes), groups of 16 to 128 (the split path's int16
+    sums widened every 4 chunks, or at a group's end), float16 and float32 group arrays,
+    every product at its largest magnitude, and its float entry's row quantization."""
     library = native.load_targets(
         cpu_quantized._SOURCE, {_AVX2: cpu_quantized._SYMBOL,
                                 _AVX2_FLOAT: cpu_quantized._FLOAT_SYMBOL},
@@ -298,21 +300,38 @@ def test_avx2_build_gives_the_portable_bits(bits, with_offsets, zero_point):
     assert library.XlaInferenceQuantizedMatmulAvx2() == 1
     _portable_library()
     rng = np.random.default_rng([bits, zero_point, int(with_offsets)])
-    q, scales, offsets = _random_weight(rng, 72, 384, bits, 64, with_offsets, half_values=True)
-    for group_dtype in (np.float16, np.float32):
-        operands = [None if a is None else jnp.asarray(a) for a in _kernel_operands(
-            q, scales, offsets, bits, group_dtype, group_dtype)]
-        for T in (1, 2, 5, 11):
-            xq, x_scale = (jnp.asarray(a) for a in _random_activations(rng, T, 384))
-            got, want = (np.asarray(cpu_quantized.ffi_quantized_matmul(
-                target, xq, x_scale, *operands, bits=bits, group_size=64,
-                zero_point=zero_point)) for target in (_AVX2, _PORTABLE))
-            np.testing.assert_array_equal(got, want)
-        x = jnp.asarray(rng.standard_normal((3, 384)).astype(np.float32))
-        got, want = (np.asarray(cpu_quantized.ffi_quantized_matmul_float(
-            target, x, *operands, bits=bits, group_size=64, levels=16383,
-            zero_point=zero_point)) for target in (_AVX2_FLOAT, _PORTABLE_FLOAT))
-        np.testing.assert_array_equal(got, want)
+    for group_size in (16, 64, 128):
+        q, scales, offsets = _random_weight(rng, 72, 384, bits, group_size, with_offsets,
+                                            half_values=True)
+        for group_dtype in (np.float16, np.float32):
+            operands = [None if a is None else jnp.asarray(a) for a in _kernel_operands(
+                q, scales, offsets, bits, group_dtype, group_dtype)]
+            for T in (1, 2, 5, 11):
+                xq, x_scale = _random_activations(rng, T, 384)
+                if T == 1 and group_dtype == np.float32:
+                    xq[0, ::2], xq[0, 1::2] = 16383, -16383  # xq's extremes, split in bytes
+                _assert_same_bits(_AVX2, _PORTABLE, jnp.asarray(xq), jnp.asarray(x_scale),
+                                  *operands, bits=bits, group_size=group_size,
+                                  zero_point=zero_point)
+            for T in (1, 3):
+                x = jnp.asarray(rng.standard_normal((T, 384)).astype(np.float32))
+                _assert_same_bits(_AVX2_FLOAT, _PORTABLE_FLOAT, x, *operands, bits=bits,
+                                  group_size=group_size, levels=16383, zero_point=zero_point)
+    extreme = np.full((16, 256), 15 if bits == 4 else -128, np.uint8 if bits == 4 else np.int8)
+    ones = np.ones((16, 2), np.float32)
+    operands = [None if a is None else jnp.asarray(a) for a in _kernel_operands(
+        extreme, ones, -ones if with_offsets else None, bits)]
+    for sign in (1, -1):
+        xq = jnp.full((1, 256), sign * 16383, jnp.int16)
+        _assert_same_bits(_AVX2, _PORTABLE, xq, jnp.ones(1, jnp.float32), *operands,
+                          bits=bits, group_size=128, zero_point=zero_point)
+
+
+def _assert_same_bits(target, reference, *operands, **attributes):
+    entry = (cpu_quantized.ffi_quantized_matmul_float if "levels" in attributes
+             else cpu_quantized.ffi_quantized_matmul)
+    got, want = (np.asarray(entry(name, *operands, **attributes)) for name in (target, reference))
+    np.testing.assert_array_equal(got, want)
 
 
 def _run_float(x, operands, bits, group_size, levels, zero_point=0):

@@ -271,16 +271,17 @@ def spare_core_off(library):
         library.XlaInferenceUseSpareCore(1)
 
 
-def spare_core_testing_build(source: Path, targets: dict[str, str]):
-    """`source`'s build whose spare core's helper runs at normal priority (the default
-    build's runs at SCHED_IDLE, which a busy test machine may never give a CPU; this one takes
-    items within a few calls) and can be made to pause in each item (its library's
-    XlaInferenceSpareCoreTestDelay); returns the library, `targets` registered."""
+def spare_core_testing_build(source: Path, targets: dict[str, str], flags=()):
+    """`source`'s build (with extra compile `flags`) whose spare core's helper runs at normal
+    priority (the default build's runs at SCHED_IDLE, which a busy test machine may never
+    give a CPU; this one takes items within a few calls) and can be made to pause in each
+    item (its library's XlaInferenceSpareCoreTestDelay); returns the library, `targets`
+    registered."""
     import ctypes
 
     from xla_inference.kernels import native
 
-    library = native.load_targets(source, targets, (*native.DEFAULT_FLAGS,
+    library = native.load_targets(source, targets, (*native.DEFAULT_FLAGS, *flags,
                                                     "-DXLA_INFERENCE_SPARE_CORE_TESTING=1"))
     library.XlaInferenceSpareCoreTestDelay.argtypes = [ctypes.c_int64]
     return library

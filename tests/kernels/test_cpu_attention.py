@@ -270,12 +270,33 @@ def test_avx512_grouped_decode_path_has_per_head_bits(cache_dtype, group, head_d
 # helper thread, which the caller takes KV heads back from when it holds them too long)
 
 _SPARE_TESTING = "xla_inference_paged_attention_spare_testing"
+_AVX2_SPARE_TESTING = "xla_inference_paged_attention_avx2_spare_testing"
+_NO_AVX512 = ("-DXLA_INFERENCE_ATTENTION_NO_AVX512",)
 
 
 @functools.cache
 def _spare_testing_library():
     return spare_core_testing_build(cpu_attention._SOURCE,
                                     {_SPARE_TESTING: "XlaInferencePagedAttention"})
+
+
+def _spare_builds(isa):
+    """(the build without its spare core: its target and library; the testing build of the
+    same decode path: its target and library) for "native" (this CPU's path: AVX-512's or
+    AVX2's grouped one) or "avx2" (the AVX2 path, which an AVX-512 CPU runs too)."""
+    if isa == "native":
+        if not ({"avx512f"} <= _cpu_flags() or {"avx2", "fma", "f16c"} <= _cpu_flags()):
+            pytest.skip("the spare core's decode paths are AVX-512's and AVX2's")
+        return (cpu_attention._TARGET, cpu_attention._library(), _SPARE_TESTING,
+                _spare_testing_library())
+    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        pytest.skip("no AVX2/FMA/F16C")
+    plain = native.load_targets(cpu_attention._SOURCE,
+                                {_AVX2_TARGET: "XlaInferencePagedAttention"},
+                                (*native.DEFAULT_FLAGS, *_NO_AVX512))
+    testing = spare_core_testing_build(
+        cpu_attention._SOURCE, {_AVX2_SPARE_TESTING: "XlaInferencePagedAttention"}, _NO_AVX512)
+    return _AVX2_TARGET, plain, _AVX2_SPARE_TESTING, testing
 
 
 def _lone_tokens(cache_dtype, group, kv_heads, head_dim):
@@ -299,43 +320,44 @@ def _lone_tokens(cache_dtype, group, kv_heads, head_dim):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
-@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="the spare core's decode path is AVX-512's")
+@pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("cache_dtype,group,kv_heads,head_dim", [
     (jnp.bfloat16, 3, 3, 64), (jnp.float32, 1, 2, 128), (jnp.float8_e4m3fn, 4, 4, 64)])
-def test_spare_core_gives_the_bits_of_one_thread(cache_dtype, group, kv_heads, head_dim):
+def test_spare_core_gives_the_bits_of_one_thread(cache_dtype, group, kv_heads, head_dim, isa):
     """KV heads the helper computes (into its scratch, copied out by the caller) give the
-    bits of the kernel without the spare core, which match float64 on the cache's values."""
+    bits of the kernel without the spare core, which match float64 on the cache's values:
+    this CPU's decode path, and the AVX2 one."""
     assert cpu_attention.available()
+    plain_target, plain, spare_target, spare = _spare_builds(isa)
     steps, call, (q, k, v, seq_ids, positions, tables) = _lone_tokens(
         cache_dtype, group, kv_heads, head_dim)
-    with spare_core_off(cpu_attention._library()):
-        expected = [call(cpu_attention._TARGET, i, window) for i in range(steps)
-                    for window in (0, 37)]
+    with spare_core_off(plain):
+        expected = [call(plain_target, i, window) for i in range(steps) for window in (0, 37)]
     reference = _float64_reference(*(np.asarray(a.astype(jnp.float32), np.float64)
                                      for a in (q, k, v)), np.asarray(seq_ids),
                                    np.asarray(positions), np.asarray(tables), None)
     for i in range(steps):
         np.testing.assert_allclose(expected[2 * i][0], reference[i], rtol=2e-5, atol=2e-5)
-    calls = lambda: [call(_SPARE_TESTING, i, window) for i in range(steps)  # noqa: E731
+    calls = lambda: [call(spare_target, i, window) for i in range(steps)  # noqa: E731
                      for window in (0, 37)]
-    call_until_spare_core_counts(_spare_testing_library(), 0, calls, expected)
-    # The default build (its helper at SCHED_IDLE) too, whether or not its helper ran.
+    call_until_spare_core_counts(spare, 0, calls, expected)
+    # The plain build (its helper at SCHED_IDLE) too, whether or not its helper ran.
     for i in range(steps):
-        np.testing.assert_array_equal(call(cpu_attention._TARGET, i), expected[2 * i])
+        np.testing.assert_array_equal(call(plain_target, i), expected[2 * i])
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
-@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="the spare core's decode path is AVX-512's")
-def test_kv_heads_taken_back_from_the_helper_give_the_same_bits():
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_kv_heads_taken_back_from_the_helper_give_the_same_bits(isa):
     """A helper that holds its KV heads too long (paused 300 us in each) has them taken back
     and computed by the caller; its late results never reach a later call's output."""
+    plain_target, plain, spare_target, library = _spare_builds(isa)
     steps, call, _ = _lone_tokens(jnp.bfloat16, 3, 3, 64)
-    with spare_core_off(cpu_attention._library()):
-        expected = [call(cpu_attention._TARGET, i) for i in range(steps)]
-    library = _spare_testing_library()
+    with spare_core_off(plain):
+        expected = [call(plain_target, i) for i in range(steps)]
     library.XlaInferenceSpareCoreTestDelay(300)
     try:
-        calls = lambda: [call(_SPARE_TESTING, i) for i in range(steps)]  # noqa: E731
+        calls = lambda: [call(spare_target, i) for i in range(steps)]  # noqa: E731
         call_until_spare_core_counts(library, 1, calls, expected)
         for _ in range(5):  # calls while the helper still finishes taken-back heads
             for got, want in zip(calls(), expected):

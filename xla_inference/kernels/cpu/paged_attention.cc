@@ -666,9 +666,8 @@ void attend_one_avx2(const Shapes& s, const float* q, const Cache& k_cache, cons
 // all kG heads, their sums in registers. Per head and dim the same FMAs in the same key
 // order as one head alone.
 template <int64_t kHeadDim, int kG, class Cache>
-void weighted_values_avx2(const Cache& v_cache, const std::vector<int64_t>& rows, int64_t kv,
-                          const float* p, int64_t n, int64_t n_pad, float* out, int64_t H,
-                          int64_t row_width) {
+void weighted_values_avx2(const Cache& v_cache, const int64_t* rows, int64_t kv, const float* p,
+                          int64_t n, int64_t n_pad, float* out, int64_t H, int64_t row_width) {
   for (int64_t d = 0; d < kHeadDim; d += 16) {
     __m256 acc[kG][2];
     for (int g = 0; g < kG; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
@@ -692,59 +691,88 @@ void weighted_values_avx2(const Cache& v_cache, const std::vector<int64_t>& rows
   }
 }
 
-// attend_one_avx2 by KV head: the key chunks of a KV head widened once for all its G query
-// heads (the q rows read from L1), the dot products of 8 keys reduced together per head
-// (sum_each_of_8), then weighted_values_avx2. The same operations per head as
-// attend_one_avx2, so the same output.
+// The n keys' scores (zero up to n_pad) for the heads of KV heads kv_first..kv_last-1
+// (kv_last -1: all) into `scores` (rows n_pad apart): each key's
+// row (those KV heads) at once, the keys in order (one pass through the K pages, where the
+// hardware prefetcher follows it); a KV head's key chunks widened once for its G query heads
+// (their scaled q rows qs, read from L1); the dot products of 8 keys reduced together per
+// head (sum_each_of_8). `acc`: room for N x 64 floats.
 template <int64_t kHeadDim, class Cache>
-void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cache,
-                             const Cache& v_cache, const int32_t* table, int64_t pos, float* out,
-                             Scratch& w) {
+void key_scores_avx2(const Shapes& s, const float* qs, const Cache& k_cache, const int64_t* rows,
+                     int64_t n, int64_t n_pad, float* scores, float* acc, int64_t kv_first = 0,
+                     int64_t kv_last = -1) {
   constexpr int64_t C = kHeadDim / 8;
-  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
-  const DecodeKeys keys = decode_keys(s, table, pos, H, 8, out, w);
-  const int64_t n = keys.n, n_pad = keys.n_pad;
-  if (n == 0) return;
-  scale_queries(s, q, H, w);
-  w.acc.resize(N * 64);  // [N][8 keys][8 lanes]: the dot products of 8 keys
-  // Scores: each key's whole row (every KV head) at once, the keys in order (one pass
-  // through the K pages, where the hardware prefetcher follows it).
+  const int64_t K = s.num_kv_heads, G = s.num_heads / K, H = kHeadDim;
+  if (kv_last < 0) kv_last = K;
+  const int64_t h_first = kv_first * G, h_last = kv_last * G;
   for (int64_t i0 = 0; i0 < n; i0 += 8) {
     for (int64_t j = 0; j < 8; ++j) {
       if (i0 + j >= n) {
-        for (int64_t h = 0; h < N; ++h)
-          _mm256_storeu_ps(w.acc.data() + (h * 8 + j) * 8, _mm256_setzero_ps());
+        for (int64_t h = h_first; h < h_last; ++h)
+          _mm256_storeu_ps(acc + (h * 8 + j) * 8, _mm256_setzero_ps());
         continue;
       }
-      if (i0 + j + kPrefetchAhead < n) prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead], K * H);
-      for (int64_t kvh = 0; kvh < K; ++kvh) {
-        const int64_t krow = w.rows[i0 + j] + kvh * H;
+      if (i0 + j + kPrefetchAhead < n)
+        prefetch_row(k_cache, rows[i0 + j + kPrefetchAhead] + kv_first * H,
+                     (kv_last - kv_first) * H);
+      for (int64_t kvh = kv_first; kvh < kv_last; ++kvh) {
+        const int64_t krow = rows[i0 + j] + kvh * H;
         __m256 kk[C];
         for (int64_t c = 0; c < C; ++c) kk[c] = k_cache.load8(krow + 8 * c);
         for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-          const float* qh = w.qs.data() + h * H;
+          const float* qh = qs + h * H;
           __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(qh), kk[0]);
           for (int64_t c = 1; c < C; ++c) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), kk[c], dot);
-          _mm256_storeu_ps(w.acc.data() + (h * 8 + j) * 8, dot);
+          _mm256_storeu_ps(acc + (h * 8 + j) * 8, dot);
         }
       }
     }
-    for (int64_t h = 0; h < N; ++h) {
+    for (int64_t h = h_first; h < h_last; ++h) {
       __m256 d8[8];
-      for (int j = 0; j < 8; ++j) d8[j] = _mm256_loadu_ps(w.acc.data() + (h * 8 + j) * 8);
-      _mm256_storeu_ps(w.scores.data() + h * n_pad + i0, sum_each_of_8(d8));
+      for (int j = 0; j < 8; ++j) d8[j] = _mm256_loadu_ps(acc + (h * 8 + j) * 8);
+      _mm256_storeu_ps(scores + h * n_pad + i0, sum_each_of_8(d8));
     }
   }
-  normalize_scores(s, n, n_pad, w);
-  for (int64_t kvh = 0; kvh < K; ++kvh) {
+}
+
+// The weighted values of the heads of KV heads kv_first..kv_last-1 (p: the normalized
+// probabilities, rows n_pad apart; out [N, H]). All of them: the first KV head's pass asks for
+// whole rows (the other heads then find theirs in cache); a part: each KV head for its own.
+template <int64_t kHeadDim, class Cache>
+void values_avx2(const Shapes& s, const Cache& v_cache, const int64_t* rows, const float* p,
+                 int64_t n, int64_t n_pad, float* out, int64_t kv_first, int64_t kv_last) {
+  const int64_t K = s.num_kv_heads, G = s.num_heads / K, H = kHeadDim;
+  const bool all = kv_first == 0 && kv_last == K;
+  for (int64_t kvh = kv_first; kvh < kv_last; ++kvh) {
     const int64_t kv = kvh * H, h0 = kvh * G;
-    const float* p = w.scores.data() + h0 * n_pad;
-    float* o = out + h0 * H;
     in_groups_of_up_to_4(G, [&](auto kG, int64_t g) {
-      weighted_values_avx2<kHeadDim, decltype(kG)::value>(v_cache, w.rows, kv, p + g * n_pad, n,
-                                                          n_pad, o + g * H, H, K * H);
+      weighted_values_avx2<kHeadDim, decltype(kG)::value>(v_cache, rows, kv, p + (h0 + g) * n_pad,
+                                                          n, n_pad, out + (h0 + g) * H, H,
+                                                          all ? K * H : H);
     });
   }
+}
+
+// attend_one_avx2 by KV head: key_scores_avx2, the softmax, values_avx2. The same operations
+// per head as attend_one_avx2, so the same output. KV heads kv_first..kv_last-1 only (kv_last
+// -1: all), with their query heads (the spare core's items, SpareKvHeads): each then
+// prefetches only its own part of the rows.
+template <int64_t kHeadDim, class Cache>
+void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cache,
+                             const Cache& v_cache, const int32_t* table, int64_t pos, float* out,
+                             Scratch& w, int64_t kv_first = 0, int64_t kv_last = -1) {
+  const int64_t G = s.num_heads / s.num_kv_heads;
+  if (kv_last < 0) kv_last = s.num_kv_heads;
+  const DecodeKeys keys = decode_keys(s, table, pos, kHeadDim, 8, out, w);
+  const int64_t n = keys.n, n_pad = keys.n_pad;
+  if (n == 0) return;
+  scale_queries(s, q, kHeadDim, w);
+  w.acc.resize(s.num_heads * 64);  // [N][8 keys][8 lanes]: the dot products of 8 keys
+  key_scores_avx2<kHeadDim>(s, w.qs.data(), k_cache, w.rows.data(), n, n_pad, w.scores.data(),
+                            w.acc.data(), kv_first, kv_last);
+  normalize_scores(s, n, n_pad, w, kv_first * G, kv_last * G);
+  values_avx2<kHeadDim>(s, v_cache, w.rows.data(), w.scores.data(), n, n_pad, out, kv_first,
+                        kv_last);
 }
 #endif
 
@@ -1012,13 +1040,33 @@ Fn by_cache_type(ffi::DataType cache_type, PerCache&& per_cache) {
 // A lone decode token's attention shared with the spare core (spare_core.h: a call of tens
 // of microseconds, which the pool cannot start on in time): item i is KV head i with its
 // query heads (their scores, softmax and weighted values: per head the same operations as
-// the whole call's, so the same bits). The helper writes into a scratch copy of the
+// the whole call's, so the same bits), on the build's grouped decode path (AVX-512's or
+// AVX2's). The helper writes into a scratch copy of the
 // token's output, which publish() copies. The job keeps its own copies of q and the
 // token's page table (the pages up to pos: all decode_keys reads), which a helper that
 // finishes late may still read; the caches it
 // reads outlive the call (the engine donates them to each step), but for an engine torn
 // down in that moment, as the weights of the one-row products (spare_core.h).
-#if defined(XLA_INFERENCE_ATTENTION_AVX512) && XLA_INFERENCE_ATTENTION_GROUPED
+// (Measured on a 2-core Zen 3 at SmolLM2's shapes, 3 KV heads, 540 keys: 1.1-1.4x the call
+// alone. Splitting instead the keys' scores by key blocks and the weighted values by dims,
+// evenly whatever the KV heads, with the softmax between on the caller, measured the same.)
+#if (defined(XLA_INFERENCE_ATTENTION_AVX512) || defined(XLA_INFERENCE_ATTENTION_AVX2)) && \
+    XLA_INFERENCE_ATTENTION_GROUPED
+#define XLA_INFERENCE_ATTENTION_SPARE 1
+// The build's grouped decode path for KV heads kv_first..kv_last-1.
+template <int64_t kHeadDim, class Cache>
+void attend_kv_heads(const Shapes& s, const float* q, const Cache& k_cache, const Cache& v_cache,
+                     const int32_t* table, int64_t pos, float* out, Scratch& w, int64_t kv_first,
+                     int64_t kv_last) {
+#ifdef XLA_INFERENCE_ATTENTION_AVX512
+  attend_one_grouped_avx512<kHeadDim, Cache>(s, q, k_cache, v_cache, table, pos, out, w,
+                                             kv_first, kv_last);
+#else
+  attend_one_grouped_avx2<kHeadDim, Cache>(s, q, k_cache, v_cache, table, pos, out, w, kv_first,
+                                           kv_last);
+#endif
+}
+
 template <int64_t kHeadDim, class Cache>
 struct SpareKvHeads : xla_inference::SpareJob {
   SpareKvHeads(const Shapes& s, const float* q, const void* k, const void* v,
@@ -1035,8 +1083,8 @@ struct SpareKvHeads : xla_inference::SpareJob {
 
   void compute(int64_t i, bool into_scratch) override {
     thread_local Scratch w;
-    attend_one_grouped_avx512<kHeadDim, Cache>(s, q.data(), k_cache, v_cache, table.data(), pos,
-                                               into_scratch ? scratch.get() : out, w, i, i + 1);
+    attend_kv_heads<kHeadDim, Cache>(s, q.data(), k_cache, v_cache, table.data(), pos,
+                                     into_scratch ? scratch.get() : out, w, i, i + 1);
   }
 
   void publish(int64_t i) override {
@@ -1065,11 +1113,11 @@ std::shared_ptr<xla_inference::SpareJob> spare_kv_heads(const Shapes& s, const f
 using SpareKvHeadsFn = std::shared_ptr<xla_inference::SpareJob> (*)(
     const Shapes&, const float*, const void*, const void*, const int32_t*, int64_t, float*);
 
-// The spare core's job maker for a lone token, where the grouped AVX-512 decode path takes
-// the cache's element type and the head dim (64 or 128); nullptr elsewhere.
+// The spare core's job maker for a lone token, where the grouped AVX-512 or AVX2 decode path
+// takes the cache's element type and the head dim (64 or 128); nullptr elsewhere.
 template <class Cache>
 SpareKvHeadsFn spare_for_head_dim(int64_t head_dim) {
-#if defined(XLA_INFERENCE_ATTENTION_AVX512) && XLA_INFERENCE_ATTENTION_GROUPED
+#ifdef XLA_INFERENCE_ATTENTION_SPARE
   return head_dim == 64 ? spare_kv_heads<64, Cache>
          : head_dim == 128 ? spare_kv_heads<128, Cache>
                            : nullptr;

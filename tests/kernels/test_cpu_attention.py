@@ -280,17 +280,24 @@ def _spare_testing_library():
                                     {_SPARE_TESTING: "XlaInferencePagedAttention"})
 
 
+_HAS_AVX2 = {"avx2", "fma", "f16c"} <= _cpu_flags()
+# The decode paths the spare core shares: this CPU's (AVX-512's or AVX2's grouped one) and
+# the AVX2 one built for any CPU that has AVX2; elsewhere there is none to test.
+_SPARE_ISAS = [
+    pytest.param("native", marks=pytest.mark.skipif(
+        "avx512f" not in _cpu_flags() and not _HAS_AVX2,
+        reason="the spare core's decode paths are AVX-512's and AVX2's")),
+    pytest.param("avx2", marks=pytest.mark.skipif(not _HAS_AVX2, reason="no AVX2/FMA/F16C")),
+]
+
+
 def _spare_builds(isa):
     """(the build without its spare core: its target and library; the testing build of the
     same decode path: its target and library) for "native" (this CPU's path: AVX-512's or
     AVX2's grouped one) or "avx2" (the AVX2 path, which an AVX-512 CPU runs too)."""
     if isa == "native":
-        if not ({"avx512f"} <= _cpu_flags() or {"avx2", "fma", "f16c"} <= _cpu_flags()):
-            pytest.skip("the spare core's decode paths are AVX-512's and AVX2's")
         return (cpu_attention._TARGET, cpu_attention._library(), _SPARE_TESTING,
                 _spare_testing_library())
-    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
-        pytest.skip("no AVX2/FMA/F16C")
     plain = native.load_targets(cpu_attention._SOURCE,
                                 {_AVX2_TARGET: "XlaInferencePagedAttention"},
                                 (*native.DEFAULT_FLAGS, *_NO_AVX512))
@@ -320,7 +327,7 @@ def _lone_tokens(cache_dtype, group, kv_heads, head_dim):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("isa", _SPARE_ISAS)
 @pytest.mark.parametrize("cache_dtype,group,kv_heads,head_dim", [
     (jnp.bfloat16, 3, 3, 64), (jnp.float32, 1, 2, 128), (jnp.float8_e4m3fn, 4, 4, 64)])
 def test_spare_core_gives_the_bits_of_one_thread(cache_dtype, group, kv_heads, head_dim, isa):
@@ -347,7 +354,7 @@ def test_spare_core_gives_the_bits_of_one_thread(cache_dtype, group, kv_heads, h
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("isa", _SPARE_ISAS)
 def test_kv_heads_taken_back_from_the_helper_give_the_same_bits(isa):
     """A helper that holds its KV heads too long (paused 300 us in each) has them taken back
     and computed by the caller; its late results never reach a later call's output."""

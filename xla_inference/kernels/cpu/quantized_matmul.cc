@@ -438,8 +438,10 @@ void block_avx2(const Problem& p, int64_t ot0, int64_t t0) {
 // 4-7 and 12-15, which vperm2i128 puts back in order at the group's end. The group's int32
 // sums are then the widening path's (integer sums are exact), and the FMAs the same, so the
 // output has its bits. On a Zen 3 the widening's vpmovzxbw and vextracti128 are the slow
-// instructions (about one a cycle); this path has none in its inner loop: about 1.2x the
-// widening path's speed on weights in L1 or L2 (one tile at a time: two would spill).
+// instructions (about one a cycle); this path has none in its inner loop (one tile at a
+// time: two would spill). Measured there (benchmarks/RESULTS.md, 2026-12-04): the kernel
+// alone 5-15% faster; a step's products chained through XLA 0.96x the time on one thread,
+// even with the spare core (bound by the two threads' reads).
 // split_row_x gives x_split: per chunk c, four dwords (xh[4c], xh[4c+1]) twice, (xl[4c],
 // xl[4c+1]) twice, then the same for 4c+2, 4c+3, each broadcast by a load.
 constexpr int64_t kSplitChunks = 4;  // chunks of int16 sums before they are widened
@@ -717,17 +719,18 @@ void quantize_row_avx2(const float* x, int64_t in, float levels, int16_t* xq, fl
 #define XLA_INFERENCE_QMM_SPLIT 1
 #endif
 
-// A one-row 4-bit product's x split for the AVX2 path (tile_nibbles_split), kept in
-// `storage`; the other paths and shapes need none.
-void split_x_if_used(Problem& p, std::vector<int8_t>& storage) {
+// xq [T, in] split for the AVX2 path's one-row 4-bit products (tile_nibbles_split), kept in
+// `storage`; nullptr for the other paths and shapes, which need none.
+const int8_t* split_x_if_used(const int16_t* xq, int64_t T, int64_t in, int64_t per_chunk,
+                              std::vector<int8_t>& storage) {
 #if defined(XLA_INFERENCE_QMM_AVX2) && XLA_INFERENCE_QMM_SPLIT
-  if (p.T != 1 || p.per_chunk != 4) return;
-  storage.resize(4 * p.in);
-  split_row_x(p.xq, p.in, storage.data());
-  p.x_split = storage.data();
+  if (T != 1 || per_chunk != 4) return nullptr;
+  storage.resize(4 * in);
+  split_row_x(xq, in, storage.data());
+  return storage.data();
 #else
-  (void)p;
-  (void)storage;
+  (void)xq, (void)T, (void)in, (void)per_chunk, (void)storage;
+  return nullptr;
 #endif
 }
 
@@ -856,7 +859,7 @@ std::shared_ptr<xla_inference::SpareRuns<SpareTiles>> spare_tiles(
 void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   Problem& p = work->p;
   if (p.T == 0 || p.out_tiles == 0) return;
-  split_x_if_used(p, work->x_split);
+  p.x_split = split_x_if_used(p.xq, p.T, p.in, p.per_chunk, work->x_split);
   if (p.offsets != nullptr || p.zero_point != 0) {
     const std::vector<int32_t> sums = group_sums(p.xq, p.T, p.in, p.group_size);
     if (p.offsets != nullptr) {
@@ -947,7 +950,7 @@ struct MultiWork : xla_inference::WorkItems {
   std::vector<int32_t> zero_sums;
   std::vector<int16_t> xq;
   std::vector<float> x_scale;
-  std::vector<int8_t> x_split;  // (split_x_if_used: the same for every weight)
+  std::vector<int8_t> x_split;  // (split_x_if_used: one for every weight)
 
   void drain() {
     drain_items([this](int64_t i) {
@@ -998,6 +1001,8 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     if (zero_point != 0)
       for (const int32_t s : sums) work->zero_sums.push_back(static_cast<int32_t>(zero_point) * s);
   }
+  const int8_t* x_split =
+      split_x_if_used(work->xq.data(), T, in, bits == 8 ? 2 : 4, work->x_split);
   // Items of every weight; threads woken for the bytes of all of them together.
   int64_t bytes = 0;
   work->first_item.push_back(0);
@@ -1006,8 +1011,7 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     p.x_scale = work->x_scale.data();
     if (p.offsets != nullptr) p.x_sums = work->x_sums.data();
     if (zero_point != 0) p.zero_sums = work->zero_sums.data();
-    if (work->x_split.empty()) split_x_if_used(p, work->x_split);
-    else p.x_split = work->x_split.data();
+    p.x_split = x_split;
     const int64_t tiles = tiles_per_item(p, pool.num_threads());
     work->tiles_per_item.push_back(tiles);
     work->first_item.push_back(work->first_item.back() + (p.out_tiles + tiles - 1) / tiles);

@@ -4,12 +4,16 @@ own bfloat16 (or --kv-cache float32 / float8_e4m3fn) cache on shuffled pages, at
 --contexts. Builds: "grouped", the default (attend_one_grouped_avx512 on an AVX-512 CPU,
 attend_one_grouped_avx2 on AVX2: each KV head's rows widened once for its query heads), and
 "per-head", -DXLA_INFERENCE_ATTENTION_GROUPED=0 (attend_one_avx512 / attend_one_avx2: one
-query head at a time). A jitted step of 30 chained calls (each layer's output is the next
-one's q) per build, the builds taking turns; medians of the step's wall-clock time and of the
-process's CPU time (all threads), each divided by 30 for one call (the step's dispatch
-included: "dispatch" is the same jitted step without the kernel). A benchmark, not a test.
+query head at a time); "nospare", the grouped path on the calling thread alone; "16dims",
+-DXLA_INFERENCE_ATTENTION_VALUE_CHUNKS=2 (AVX2: the weighted values 16 dims a pass over the
+keys, as before 2026-12-04, against 32 now). A jitted step of 30 chained calls (each
+layer's output is the next one's q) per build, the builds taking turns; medians of the
+step's wall-clock time and of the process's CPU time (all threads), each divided by 30 for
+one call (the step's dispatch included: "dispatch" is the same jitted step without the
+kernel). A benchmark, not a test.
 
     PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 300 540
+    PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 540 2048
 """
 
 import argparse
@@ -29,6 +33,8 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30  # SmolLM2-135M
 BLOCK = 16
 BUILDS = {"per-head": ("-DXLA_INFERENCE_ATTENTION_GROUPED=0", "-DXLA_INFERENCE_SPARE_CORE=0"),
           "nospare": ("-DXLA_INFERENCE_SPARE_CORE=0",),  # grouped, on the calling thread alone
+          # AVX2: the weighted values 16 dims a pass over the keys (before 2026-12-04), not 32
+          "16dims": ("-DXLA_INFERENCE_ATTENTION_VALUE_CHUNKS=2",),
           "grouped": ()}  # by KV head, a lone token shared with the spare core
 
 
@@ -79,11 +85,16 @@ def main():
                   jnp.asarray([0], jnp.int32), jnp.asarray([context], jnp.int32),
                   jnp.asarray(tables))
         outs = {name: np.asarray(fn(*inputs)) for name, fn in fns.items()}  # compile
-        assert np.array_equal(outs["grouped"], outs["per-head"]), "the builds' bits differ"
+        for name in ("per-head", "16dims"):
+            assert np.array_equal(outs["grouped"], outs[name]), f"{name}'s bits differ"
         wall = {name: [] for name in fns}
         cpu = {name: [] for name in fns}
         for _ in range(args.repeats):
             for name, fn in fns.items():
+                # Each build has a helper of its own, spinning for 2 ms after its last job
+                # (spare_core.h): let the last build's go to sleep first, or the two halve
+                # each other's core.
+                time.sleep(0.003)
                 w0, c0 = time.perf_counter(), time.process_time()
                 fn(*inputs).block_until_ready()
                 wall[name].append(time.perf_counter() - w0)

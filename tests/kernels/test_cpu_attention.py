@@ -188,13 +188,16 @@ _AVX2_PER_HEAD_TARGET = "xla_inference_paged_attention_avx2_per_head"
 @pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="no AVX2/FMA/F16C")
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16, jnp.float8_e5m2],
                          ids=["float32", "bfloat16", "fp8_e5m2"])
+@pytest.mark.parametrize("group", [1, 3, 4, 6])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_avx2_decode_path_matches_float64(cache_dtype, head_dim):
+def test_avx2_decode_path_matches_float64(cache_dtype, group, head_dim):
     """The decode path of CPUs without AVX-512 (attend_one_grouped_avx2: 8 lanes, each cache
     type's load8; the same bits as attend_one_avx2, one head at a time), built with
     XLA_INFERENCE_ATTENTION_NO_AVX512 so that an AVX-512 CPU runs it too:
-    lone decode tokens (contexts of 1 to 301 keys, so partial blocks of 8 keys), GQA, a
-    sliding window, beside tiles, against float64 on the values the cache holds."""
+    lone decode tokens (contexts of 1 to 301 keys, so partial blocks of 8 keys), `group`
+    query heads a KV head (the weighted values' passes of 32 dims for up to 3 heads, 16 for
+    4; 6 as 4 + 2), a sliding window, beside tiles, against float64 on the values the cache
+    holds."""
     native.load_targets(cpu_attention._SOURCE, {_AVX2_TARGET: "XlaInferencePagedAttention"},
                         (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_ATTENTION_NO_AVX512"))
     native.load_targets(cpu_attention._SOURCE,
@@ -206,7 +209,7 @@ def test_avx2_decode_path_matches_float64(cache_dtype, head_dim):
     T = 24
     k, v, seq_ids, positions, tables = _step(rng, runs, T, 3, head_dim)
     k, v = k.astype(cache_dtype), v.astype(cache_dtype)
-    q = jnp.asarray(rng.standard_normal((T, 9, head_dim)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((T, 3 * group, head_dim)), jnp.float32)
     for window in (None, 37):
         out, per_head = (jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
             q, k, v, seq_ids, positions, tables, block_size=np.int64(BLOCK),

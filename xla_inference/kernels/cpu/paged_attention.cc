@@ -662,32 +662,41 @@ void attend_one_avx2(const Shapes& s, const float* q, const Cache& k_cache, cons
 }
 
 // The weighted sums of values of kG query heads sharing one KV head (p: their normalized
-// probabilities, rows n_pad apart), 16 dims at a time: each value chunk widened once for
-// all kG heads, their sums in registers. Per head and dim the same FMAs in the same key
-// order as one head alone.
+// probabilities, rows n_pad apart), kD chunks of 8 dims per pass over the keys: each value
+// chunk widened once for all kG heads, their kG x kD sums in registers (32 dims a pass for up
+// to 3 heads: 12 sums, 4 chunks; 16 for 4). Per head and dim the same FMAs in the same key
+// order as one head alone. Fewer passes, fewer re-reads of the rows: 32 dims a pass took
+// 0.8x the time of 16 with the cache in L3 and 0.92-0.95x from memory (SmolLM2's 3 query
+// heads a KV head, 2048 keys; benchmarks/RESULTS.md, 2026-12-04 second session).
+// XLA_INFERENCE_ATTENTION_VALUE_CHUNKS=2: the earlier 16 dims a pass (benchmarks).
+#ifndef XLA_INFERENCE_ATTENTION_VALUE_CHUNKS
+#define XLA_INFERENCE_ATTENTION_VALUE_CHUNKS 4
+#endif
 template <int64_t kHeadDim, int kG, class Cache>
 void weighted_values_avx2(const Cache& v_cache, const int64_t* rows, int64_t kv, const float* p,
                           int64_t n, int64_t n_pad, float* out, int64_t H, int64_t row_width) {
-  for (int64_t d = 0; d < kHeadDim; d += 16) {
-    __m256 acc[kG][2];
-    for (int g = 0; g < kG; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+  constexpr int64_t C = kHeadDim / 8;
+  constexpr int64_t kD = std::min<int64_t>(C, kG <= 3 ? XLA_INFERENCE_ATTENTION_VALUE_CHUNKS : 2);
+  static_assert(C % kD == 0, "the head dim's chunks in whole passes");
+  for (int64_t c0 = 0; c0 < C; c0 += kD) {
+    __m256 acc[kG][kD];
+    for (int g = 0; g < kG; ++g)
+      for (int64_t c = 0; c < kD; ++c) acc[g][c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; ++i) {
-      // The first KV head's pass asks for whole rows (the other heads then find theirs in
-      // cache), the others for their own values.
-      if (d == 0 && i + kPrefetchAhead < n)
-        prefetch_row(v_cache, rows[i + kPrefetchAhead] + (kv == 0 ? 0 : kv), kv == 0 ? row_width : H);
-      const int64_t vrow = rows[i] + kv + d;
-      const __m256 v0 = v_cache.load8(vrow), v1 = v_cache.load8(vrow + 8);
+      // The first KV head's first pass asks for whole rows (the other heads then find
+      // theirs in cache), the others' first passes for their own values.
+      if (c0 == 0 && i + kPrefetchAhead < n)
+        prefetch_row(v_cache, rows[i + kPrefetchAhead] + kv, kv == 0 ? row_width : H);
+      const int64_t vrow = rows[i] + kv + 8 * c0;
+      __m256 v[kD];
+      for (int64_t c = 0; c < kD; ++c) v[c] = v_cache.load8(vrow + 8 * c);
       for (int g = 0; g < kG; ++g) {
         const __m256 pg = _mm256_broadcast_ss(p + g * n_pad + i);
-        acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]);
-        acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
+        for (int64_t c = 0; c < kD; ++c) acc[g][c] = _mm256_fmadd_ps(pg, v[c], acc[g][c]);
       }
     }
-    for (int g = 0; g < kG; ++g) {
-      _mm256_storeu_ps(out + g * H + d, acc[g][0]);
-      _mm256_storeu_ps(out + g * H + d + 8, acc[g][1]);
-    }
+    for (int g = 0; g < kG; ++g)
+      for (int64_t c = 0; c < kD; ++c) _mm256_storeu_ps(out + g * H + 8 * (c0 + c), acc[g][c]);
   }
 }
 

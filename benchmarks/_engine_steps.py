@@ -76,3 +76,22 @@ def alternated_step_seconds(engines: dict, reqs, repeats: int,
             if cpu_seconds is not None:
                 cpu_seconds.setdefault(name, []).append(time.process_time() - c0)
     return times
+
+
+def pipelined_step_seconds(engines: dict, reqs, repeats: int, steps: int) -> dict[str, list[float]]:
+    """Each engine's seconds a step over runs of `steps` steps on `reqs`, each step
+    dispatched while the one before it runs (as a server's async scheduling does: the host's
+    part of a step, on the same cores, overlaps the device's), the engines taking turns for
+    `repeats` runs each."""
+    times = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            pending = engine.forward(reqs)
+            for _ in range(steps - 1):
+                following = engine.forward(reqs)
+                jax.block_until_ready(pending.logits)
+                pending = following
+            jax.block_until_ready(pending.logits)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times

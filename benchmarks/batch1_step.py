@@ -19,6 +19,14 @@ on the CPU); against "bf16" (a float32 cache) at a longer context or a wider bat
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 bf16kv --context 550
     PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 bf16kv --batch 64
 
+"VARIANT-arrays" passes the quantized weights' arrays to the step program
+(XLA_INFERENCE_WEIGHT_TABLE=0) rather than naming them by address; --pipelined N also times
+runs of N steps, each dispatched while the one before runs, as a server overlaps them (the
+host's part then competes with the spare core's helper for the second core):
+
+    PYTHONPATH=. .venv/bin/python benchmarks/batch1_step.py --variants bf16 gguf gguf-arrays \
+        --kv-cache bfloat16 --context 540 --repeats 30 --pipelined 16
+
 "VARIANT@BUILD": the variant with another build of its one-row kernel, BUILD one of
 benchmarks/dense_step_products.py's VARIANTS (bfloat16) or quantized_one_row_builds.py's
 BUILDS (gguf, int8): their compile flags. E.g. the earlier prefetching against the default,
@@ -45,7 +53,8 @@ import statistics
 
 import jax
 import numpy as np
-from _engine_steps import BLOCK, CONTEXT, alternated_step_seconds, decode_requests, load_variant
+from _engine_steps import (BLOCK, CONTEXT, alternated_step_seconds, decode_requests, load_variant,
+                           pipelined_step_seconds)
 from dense_step_products import VARIANTS as DENSE_BUILDS
 from quantized_one_row_builds import BUILDS as QUANTIZED_BUILDS
 
@@ -91,6 +100,9 @@ def _engine(name, ecfg, reqs, kv_cache=None):
     kernel build named after "@")."""
     variant, _, build = name.partition("@")
     os.environ["XLA_INFERENCE_CPU_DENSE"] = "0" if variant == "bf16-xla" else "1"
+    # "-arrays": the quantized weights passed as arrays, not named by address
+    os.environ["XLA_INFERENCE_WEIGHT_TABLE"] = "0" if variant.endswith("-arrays") else "1"
+    variant = variant.removesuffix("-arrays")
     cpu_dense.available.cache_clear()
     with _kernel_build(variant, build):
         engine = build_engine(load_variant("bf16" if variant == "bf16-xla" else variant, kv_cache),
@@ -108,6 +120,10 @@ def main():
     parser.add_argument("--kv-cache", choices=["float32", "bfloat16"], default="float32",
                         help="every variant's KV cache (bfloat16: as served with "
                              "dtype=bfloat16 on the CPU)")
+    parser.add_argument("--pipelined", type=int, default=0, metavar="N",
+                        help="also time runs of N steps, each dispatched while the one "
+                             "before runs (a server's overlap; its host part then takes "
+                             "CPU from the step's spare core)")
     args = parser.parse_args()
     pages = args.batch * ((args.context + BLOCK) // BLOCK + 1) + 1
     ecfg = EngineConfig(num_blocks=max(64, pages), block_size=BLOCK, max_num_tokens=512,
@@ -126,7 +142,24 @@ def main():
         print(f"{name:9s} median {m * 1e3:8.2f} ms ({base / m:.2f}x)   fastest {min(t) * 1e3:8.2f} ms "
               f"({fastest / min(t):.2f}x)   CPU median {statistics.median(cpu[name]) * 1e3:7.2f} ms"
               f"   dispatch median {statistics.median(dispatch[name]) * 1e3:5.2f} ms "
-              f"({len(jax.tree.leaves(engines[name].params))} parameter arrays)", flush=True)
+              f"({_step_arrays(engines[name], args.batch)} parameter arrays)", flush=True)
+    if args.pipelined:
+        times = pipelined_step_seconds(engines, reqs, args.repeats, args.pipelined)
+        base = statistics.median(times[args.variants[0]])
+        print(f"runs of {args.pipelined} steps, each dispatched while the one before runs; "
+              f"medians of {args.repeats} runs")
+        for name, t in times.items():
+            m = statistics.median(t)
+            print(f"{name:9s} pipelined median {m * 1e3:8.2f} ms a step ({base / m:.2f}x)   "
+                  f"fastest {min(t) * 1e3:8.2f} ms", flush=True)
+
+
+def _step_arrays(engine, batch: int) -> int:
+    """The parameter arrays a step of `batch` tokens passes (the weight table's program
+    passes one table for the quantized weights it names by address)."""
+    if engine._by_address(batch):
+        return len(engine._table_params[0]) + 1
+    return len(jax.tree.leaves(engine.params))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "XLA_INFERENCE_CPU_QUANTIZED": (
         "1",
         "0 turns off the native CPU kernel for int4/int8 quantized matrix products"),
+    "XLA_INFERENCE_WEIGHT_TABLE": (
+        "1",
+        "0 passes a decode step's quantized weights to its program as arrays (three a weight); "
+        "1, on the host CPU with one device, names them by address in one small table "
+        "(quantization/weight_table.py: fewer arrays for the host's jit call each step)"),
     "XLA_INFERENCE_SPARE_CORE": (
         "1",
         "0 keeps the native CPU kernels' short calls (a decode step's one-row bfloat16 and "
@@ -154,6 +159,10 @@ def cpu_dense_matmul_enabled() -> bool:
 
 def cpu_quantized_enabled() -> bool:
     return _switch("XLA_INFERENCE_CPU_QUANTIZED")
+
+
+def weight_table_enabled() -> bool:
+    return _switch("XLA_INFERENCE_WEIGHT_TABLE")
 
 
 def spare_core_enabled() -> bool:

@@ -466,6 +466,69 @@ def test_multi_entry_refuses_mismatched_weights():
         _run_multi(x, [a, a], 8, 32, 16383.0)  # 4-bit values read as 8-bit
 
 
+# ------------------------------------------------------------------ weights by address
+# (the multi entry's table form: cpu_quantized.TableWeight rows of a weight table)
+
+def _by_address(x, operands, bits, group_size, levels, zero_point=0):
+    """The multi entry's outputs with `operands` ((values, scales, offsets) each) named by
+    their rows of a weight table, not passed: the arrays placed, kept alive here."""
+    placed = [tuple(None if a is None else jnp.asarray(a) for a in w) for w in operands]
+    rows, held = zip(*(cpu_quantized.table_row(*w) for w in placed))
+    table = np.stack(rows).view(np.uint8).reshape(len(rows), -1)
+    refs = [tuple(None if a is None else cpu_quantized.TableWeight(i, a.shape, a.dtype)
+                  for a in w) for i, w in enumerate(placed)]
+
+    def step(x, table):
+        with cpu_quantized.weight_table(table):
+            if len(refs) == 1:  # the one-weight entry's call
+                return [cpu_quantized.quantized_matmul_float(
+                    x, *refs[0], bits=bits, group_size=group_size, levels=levels,
+                    zero_point=zero_point)]
+            return cpu_quantized.quantized_matmul_multi(
+                x, refs, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point)
+
+    ys = [np.asarray(y) for y in jax.jit(step)(jnp.asarray(x), jnp.asarray(table))]
+    del held  # what the rows point at, alive until the products are done
+    return ys
+
+
+@pytest.mark.parametrize("bits,with_offsets,zero_point,scales_dtype",
+                         [(4, True, 0, np.float16), (4, False, 8, np.float32),
+                          (8, False, 0, np.float32), (4, True, 0, np.float32)])
+@pytest.mark.parametrize("T", [1, 5])
+def test_weights_by_address_give_the_passed_weights_bits(bits, with_offsets, zero_point,
+                                                         scales_dtype, T):
+    """Weights named by their table rows (their addresses, shapes and scale dtypes) give the
+    multi entry's bits for the same weights passed as arrays; one of them alone through
+    quantized_matmul_float gives its bits too."""
+    rng = np.random.default_rng([bits, T, zero_point])
+    weights = [_random_weight(rng, out, 256, bits, 32, with_offsets and i != 1)
+               for i, out in enumerate((48, 23, 100))]
+    operands = [_kernel_operands(*w, bits, scales_dtype=scales_dtype) for w in weights]
+    x = rng.standard_normal((T, 256)).astype(np.float32)
+    passed = _run_multi(x, operands, bits, 32, 16383.0, zero_point)
+    for y, want in zip(_by_address(x, operands, bits, 32, 16383.0, zero_point), passed):
+        np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(
+        _by_address(x, operands[2:], bits, 32, 16383.0, zero_point)[0], passed[2])
+
+
+def test_weights_by_address_are_checked_against_x():
+    """A table row whose input width is not x's, or a row outside the table, is refused; a
+    TableWeight read as an array, or traced outside weight_table(), fails naming it."""
+    rng = np.random.default_rng(9)
+    a = _kernel_operands(*_random_weight(rng, 16, 128, 4, 32, False), 4)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    with pytest.raises(Exception, match="quantized_matmul_table"):
+        _by_address(x, [a], 4, 32, 16383.0)
+    ref = cpu_quantized.TableWeight(0, (1, 64, 32), np.dtype(np.uint8))
+    with pytest.raises(cpu_quantized.TableWeightMisuse, match="row 0"):
+        jnp.asarray(ref)
+    with pytest.raises(cpu_quantized.TableWeightMisuse, match="weight_table"):
+        cpu_quantized.quantized_matmul_float(jnp.asarray(x), ref, ref, None, bits=4,
+                                             group_size=32, levels=16383.0)
+
+
 # A subprocess pinned to one CPU before JAX starts: runs the kernel on the operands saved in
 # argv[1] and saves the output to argv[2].
 _PINNED = textwrap.dedent("""

@@ -22,6 +22,9 @@ the build fails: callers then take the XLA (dequantize and multiply) path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -45,6 +48,8 @@ _MULTI_TARGET = "xla_inference_quantized_matmul_multi"
 _MULTI_SYMBOL = "XlaInferenceQuantizedMatmulMulti"
 _WIDE_TARGET = "xla_inference_quantized_matmul_wide"
 _WIDE_SYMBOL = "XlaInferenceQuantizedMatmulWide"
+_TABLE_TARGET = "xla_inference_quantized_matmul_table"
+_TABLE_SYMBOL = "XlaInferenceQuantizedMatmulTable"
 # The wide entry's paths, in the order of its isa attribute (each caps the ones above it).
 WIDE_ISAS = ("portable", "avx512_bf16", "amx")
 ROWS_PER_TILE = 16  # output rows per tile of the weight layout
@@ -54,7 +59,7 @@ ROWS_PER_TILE = 16  # output rows per tile of the weight layout
 def _library():
     return native.load_spare_core_kernel(_SOURCE, {
         _TARGET: _SYMBOL, _FLOAT_TARGET: _FLOAT_SYMBOL, _MULTI_TARGET: _MULTI_SYMBOL,
-        _WIDE_TARGET: _WIDE_SYMBOL})
+        _WIDE_TARGET: _WIDE_SYMBOL, _TABLE_TARGET: _TABLE_SYMBOL})
 
 
 @functools.cache
@@ -113,7 +118,11 @@ def ffi_quantized_matmul(target: str, xq, x_scale, values, scales, offsets, *, b
 
 def ffi_quantized_matmul_float(target: str, x, values, scales, offsets, *, bits: int,
                                group_size: int, levels: float, zero_point: int = 0):
-    """quantized_matmul_float through the FFI target `target`."""
+    """quantized_matmul_float through the FFI target `target` (weights given by address: the
+    multi entry's table form, the same bits)."""
+    if isinstance(values, TableWeight):
+        return _table_matmul(x, [(values, scales, offsets)], bits=bits, group_size=group_size,
+                             levels=levels, zero_point=zero_point)[0]
     call = jax.ffi.ffi_call(target, _output(x.shape[0], values))
     return call(x.astype(jnp.float32), *_weight_operands(values, scales, offsets),
                 bits=np.int64(bits), group_size=np.int64(group_size),
@@ -144,7 +153,11 @@ def quantized_matmul_float(x, values, scales, offsets, *, bits: int, group_size:
 
 def ffi_quantized_matmul_multi(target: str, x, weights, *, bits: int, group_size: int,
                                levels: float, zero_point: int = 0):
-    """quantized_matmul_multi through the FFI target `target`."""
+    """quantized_matmul_multi through the FFI target `target` (or its table form, for
+    weights given by address)."""
+    if isinstance(weights[0][0], TableWeight):
+        return _table_matmul(x, weights, bits=bits, group_size=group_size, levels=levels,
+                             zero_point=zero_point)
     call = jax.ffi.ffi_call(target, [_output(x.shape[0], values) for values, _, _ in weights])
     operands = [a for values, scales, offsets in weights
                 for a in _weight_operands(values, scales, offsets)]
@@ -164,6 +177,92 @@ def quantized_matmul_multi(x, weights, *, bits: int, group_size: int, levels: fl
     return ffi_quantized_matmul_multi(_MULTI_TARGET, x, weights, bits=bits,
                                       group_size=group_size, levels=levels,
                                       zero_point=zero_point)
+
+
+# Weights named by address (the multi entry's table form): a program whose weights are
+# TableWeights takes one small table array in place of three arrays a weight. Each array an
+# XLA program takes costs the host's jit call ~1.5-3 us a step, and a 4-bit model has three
+# a weight (benchmarks/RESULTS.md, 2026-12-04 second session: in a server the GGUF decode
+# step's jit call was three quarters of the engine thread's time, taken from the spare core).
+# quantization/weight_table.py builds the table from an engine's placed weights.
+TABLE_COLUMNS = 7  # values, out/16, in, scales, scales are f16, offsets (0: none), offsets f16
+
+
+@dataclasses.dataclass(frozen=True)
+class TableWeight:
+    """Stands for one of a weight's arrays (values, scales or offsets) inside a program that
+    takes the weight by address: row `row` of the weight table (weight_table's context). A
+    pytree node with no children (no program argument); anything but this kernel's entries
+    that reads it as an array fails (TableWeightMisuse)."""
+
+    row: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def _misuse(self, what: str):
+        return TableWeightMisuse(f"weight table row {self.row} read as an array ({what}): only "
+                                 "the native quantized kernel's one-row entries take weights "
+                                 "by address")
+
+    def __jax_array__(self):
+        raise self._misuse("converted")
+
+    def __getattr__(self, name: str):  # an array's attribute (reshape, astype, T, ...)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self._misuse(f".{name}")
+
+
+class TableWeightMisuse(AttributeError):
+    """A TableWeight reached code that needs the array itself (an AttributeError, so that
+    hasattr() on it stays False)."""
+
+
+jax.tree_util.register_pytree_node(TableWeight, lambda w: ((), w), lambda w, _: w)
+
+_table: contextvars.ContextVar = contextvars.ContextVar("weight_table", default=None)
+
+
+@contextlib.contextmanager
+def weight_table(table):
+    """While a program is traced, the table (uint8 [rows, 8 * TABLE_COLUMNS], inside the
+    program) that its TableWeights name rows of."""
+    token = _table.set(table)
+    try:
+        yield
+    finally:
+        _table.reset(token)
+
+
+def table_row(values, scales, offsets) -> tuple[np.ndarray, tuple]:
+    """A weight's table row (int64 [TABLE_COLUMNS]) for its placed arrays on the host CPU
+    (values [out/16, in/kc, 32], scales and offsets, offsets possibly None), and the arrays
+    it names (scales or offsets of another dtype than float16 or float32 are a float32 copy):
+    they must outlive every program that names them."""
+    arrays = _weight_operands(values, scales, offsets)
+    values, scales, offsets = arrays
+    kc = 2 if values.dtype == jnp.int8 else 4
+
+    def address(a):
+        return a.unsafe_buffer_pointer() if a.size else 0
+
+    row = np.array([address(values), values.shape[0], values.shape[1] * kc, address(scales),
+                    int(scales.dtype == jnp.float16), address(offsets),
+                    int(offsets.dtype == jnp.float16)], np.int64)
+    return row, arrays
+
+
+def _table_matmul(x, weights, *, bits: int, group_size: int, levels: float, zero_point: int):
+    """The multi entry's product for weights given as (values, scales, offsets) TableWeights."""
+    table = _table.get()
+    if table is None:
+        raise TableWeightMisuse("TableWeights traced outside weight_table()")
+    call = jax.ffi.ffi_call(_TABLE_TARGET, [_output(x.shape[0], values)
+                                            for values, _, _ in weights])
+    rows = np.array([values.row for values, _, _ in weights], np.int64)
+    return list(call(x.astype(jnp.float32), table, bits=np.int64(bits),
+                     group_size=np.int64(group_size), zero_point=np.int64(zero_point),
+                     levels=np.float32(levels), rows=rows))
 
 
 def quantized_matmul_wide(x, values, scales, offsets, *, bits: int, group_size: int,

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xla_inference import envs
+from xla_inference.kernels import cpu_quantized
 from xla_inference.kernels.metadata import KvCache
 from xla_inference.lora.slots import LM_HEAD, LoraSlots, attach, attach_lm_head, weight_sharding
 from xla_inference.models.interface import KvLayer, ModelFamily, StepBatch
@@ -22,6 +23,7 @@ from xla_inference.parallel.sharding import (build_mesh, kv_cache_sharding, mark
                                              param_shardings, place, place_params,
                                              replica_local_specs, replica_sharding, replicated,
                                              traced_over)
+from xla_inference.quantization import weight_table
 from xla_inference.runner import compile_counter, huge_pages, jax_setup
 from xla_inference.runner.buckets import pick_bucket, seqs_for_tokens, token_buckets
 from xla_inference.runner.multimodal import EncoderCache, multimodal_batch
@@ -312,6 +314,16 @@ def _with_param_leaves(tree, lora: bool, forward):
     return step
 
 
+def _with_table_leaves(tree, forward):
+    """`forward` for a step program whose first argument is (the parameter arrays not named
+    by address, the weight table): the table in context while the step is traced."""
+    def step(first, *args):
+        leaves, table = first
+        with cpu_quantized.weight_table(table):
+            return forward(tree.unflatten(leaves), *args)
+    return step
+
+
 def _feed_tokens(input_ids, tokens, at, rows):
     """A step's input ids with tokens the last step sampled, still on device, written at
     `at` (tokens[rows]); padding entries point past the end and are dropped."""
@@ -460,6 +472,13 @@ class ModelEngine:
                     in_shardings=(leaf_shardings, kv_shardings, *batch_shardings),
                     out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
             _batch_key)
+        # Steps of a few tokens on the host CPU: quantized weights by address (runner's
+        # _weight_table_program); None where not taken.
+        self._forward_table, self._table_params, self._weight_table = None, None, None
+        if (lora is None and not pooling and self.replicas == 1 and self.microbatches == 1
+                and self.mesh.size == 1 and jax.default_backend() == "cpu"
+                and envs.weight_table_enabled() and cpu_quantized.available()):
+            self._weight_table_program(forward, leaf_shardings, kv_shardings, batch_shardings)
         widths = [engine_cfg.max_logprobs]
         if engine_cfg.whole_vocab_logprobs:
             widths.append(model_cfg.vocab_size)
@@ -509,6 +528,31 @@ class ModelEngine:
         # count each).
         self.feeds_tokens = False
         self._feed = jax.jit(_feed_tokens, out_shardings=whole)
+
+    def _weight_table_program(self, forward, leaf_shardings, kv_shardings, batch_shardings):
+        """The forward program for steps of at most weight_table.max_rows() tokens whose
+        quantized weights are named by address (quantization/weight_table.py): its first
+        argument is (the other parameter arrays, the table), not every array."""
+        detached = weight_table.detach(self.params)
+        if detached is None:
+            return
+        leaves, tree = jax.tree.flatten(detached.params)
+        sharding_of = {id(a): sh for a, sh in zip(self._param_leaves, leaf_shardings)}
+        whole = replicated(self.mesh)
+        self._weight_table = detached  # keeps the arrays the table points at
+        self._table_max_rows = weight_table.max_rows()
+        self._table_params = (tuple(leaves), jax.device_put(detached.table, whole))
+        step = _with_table_leaves(tree, functools.partial(forward, self.model, self.model_cfg))
+        self._forward_table = Programs(
+            jax.jit(traced_over(self.mesh, step),
+                    in_shardings=((tuple(sharding_of[id(a)] for a in leaves), whole),
+                                  kv_shardings, *batch_shardings),
+                    out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
+            _batch_key)
+
+    def _by_address(self, T: int) -> bool:
+        """Whether a step of T tokens runs the program with weights by address."""
+        return self._forward_table is not None and T <= self._table_max_rows
 
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
         """The cache (every set of arrays holds all of this replica's pages) and its
@@ -768,6 +812,14 @@ class ModelEngine:
         program, params = self._forward, self._step_params(token_slots)
         if self.lora is not None and not token_slots.any():  # no adapter in this step
             program, params = self._forward_base, self._param_leaves
+        elif self._by_address(T):
+            try:  # (traced here on first use where warm_up did not)
+                self.kv_cache, logits, hidden = self.stats.run(
+                    self._forward_table, self._table_params, self.kv_cache, batch, *orders,
+                    bucket=T)
+                return StepOutput(logits, hidden)
+            except cpu_quantized.TableWeightMisuse as e:
+                self._keep_weight_arrays(e)
         self.kv_cache, logits, hidden = self.stats.run(
             program, params, self.kv_cache, batch, *orders, bucket=T)
         return StepOutput(logits, hidden)
@@ -945,12 +997,17 @@ class ModelEngine:
         base_args = [] if self.lora is None else [(self._param_leaves, *a[1:])
                                                    for a in forward_args]
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
-            forward = self._forward.submit(forward_args, pool)
+            by_address = self._submit_by_address(forward_args, pool)
+            forward = self._forward.submit(
+                [a for a, T in zip(forward_args, self.token_buckets) if not self._by_address(T)],
+                pool)
             base = {} if self.lora is None else self._forward_base.submit(base_args, pool)
             samplers = {k: p.submit(sample_args, pool) for k, p in self._samplers.items()}
             verify = (self._draft_rows_logits.submit(logits_args, pool),
                       self._rejection.submit(rejection_args, pool))
             self._forward.collect(forward, bucket_done)
+            if by_address:
+                self._forward_table.collect(by_address, bucket_done)
             if base:
                 self._forward_base.collect(base)
             for k, futures in samplers.items():
@@ -962,8 +1019,12 @@ class ModelEngine:
         # (benchmarks/RESULTS.md), which would land on the first request of each bucket.
         jax_setup.wait_for_other_processes("warm-up compiled", envs.join_timeout())
         run_start = time.perf_counter()
-        for args in forward_args:
-            self.kv_cache = self._forward(args[0], self.kv_cache, *args[2:])[0]
+        for T, args in zip(self.token_buckets, forward_args):
+            if self._by_address(T):
+                self.kv_cache = self._forward_table(self._table_params, self.kv_cache,
+                                                    *args[2:])[0]
+            else:
+                self.kv_cache = self._forward(args[0], self.kv_cache, *args[2:])[0]
         for args in base_args:
             self.kv_cache = self._forward_base(args[0], self.kv_cache, *args[2:])[0]
         jax.block_until_ready(self.kv_cache)
@@ -988,6 +1049,26 @@ class ModelEngine:
             self._warm_up_feed()
         compile_counter.mark_warm()
         return time.perf_counter() - start
+
+    def _submit_by_address(self, forward_args, pool) -> dict:
+        """Lower the weights-by-address program for the buckets it runs (warm_up's args of
+        the others' program, groups of one) and hand their compiles to `pool`. Where a model
+        reads such a weight as an array (anything but the native kernel's one-row entries
+        multiplying it), the engine keeps every array a parameter: {} then."""
+        if self._forward_table is None:
+            return {}
+        args = [(self._table_params, *a[1:])
+                for a, T in zip(forward_args, self.token_buckets) if self._by_address(T)]
+        try:
+            return self._forward_table.submit(args, pool)
+        except cpu_quantized.TableWeightMisuse as e:
+            self._keep_weight_arrays(e)
+            return {}
+
+    def _keep_weight_arrays(self, error: Exception) -> None:
+        logger.warning("xla-inference: this model's quantized weights stay program arguments "
+                       "(%s)", error)
+        self._forward_table, self._table_params, self._weight_table = None, None, None
 
     def _warm_up_feed(self) -> None:
         """Compile _feed_tokens for every bucket and every row count a sampler returns."""

@@ -963,38 +963,17 @@ struct MultiWork : xla_inference::WorkItems {
   }
 };
 
-ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::RemainingArgs weights, ffi::RemainingRets outs,
-                                int64_t bits, int64_t group_size, int64_t zero_point,
-                                float levels) {
-  const auto xd = x.dimensions();
-  if (xd.size() != 2 || !(levels >= 1.0f && levels <= 16383.0f))
-    return ffi::Error::InvalidArgument(
-        "quantized_matmul_multi: x [T, in] f32, levels in [1, 16383]");
-  const size_t n = outs.size();
-  if (n == 0 || weights.size() != 3 * n)
-    return ffi::Error::InvalidArgument(
-        "quantized_matmul_multi: (values, scales, offsets) for each of its outputs");
-  const int64_t T = xd[0], in = xd[1];
-  auto work = std::make_shared<MultiWork>();
-  work->problems.resize(n);
+// x [T, in] quantized once and the products of work->problems (their weights and outputs
+// set) shared out over the pool or the spare core.
+ffi::Error run_multi(ffi::ThreadPool& pool, const std::shared_ptr<MultiWork>& work,
+                     const float* x, int64_t T, int64_t in, int64_t bits, int64_t group_size,
+                     int64_t zero_point, float levels) {
   bool any_offsets = false;
-  for (size_t j = 0; j < n; ++j) {
-    auto values = weights.get<ffi::AnyBuffer>(3 * j);
-    auto scales = weights.get<ffi::AnyBuffer>(3 * j + 1);
-    auto offsets = weights.get<ffi::AnyBuffer>(3 * j + 2);
-    auto out = outs.get<ffi::Buffer<ffi::F32>>(j);
-    if (!values.has_value() || !scales.has_value() || !offsets.has_value() || !out.has_value())
-      return ffi::Error::InvalidArgument("quantized_matmul_multi: operands must be buffers");
-    ffi::Error error = weight_problem(T, in, *values, *scales, *offsets, *out, bits, group_size,
-                                      zero_point, work->problems[j]);
-    if (error.failure()) return error;
-    any_offsets = any_offsets || work->problems[j].offsets != nullptr;
-  }
+  for (const Problem& p : work->problems) any_offsets = any_offsets || p.offsets != nullptr;
   if (T == 0) return ffi::Error::Success();
   work->xq.resize(T * in);
   work->x_scale.resize(T);
-  quantize_rows(x.typed_data(), T, in, levels, work->xq.data(), work->x_scale.data());
+  quantize_rows(x, T, in, levels, work->xq.data(), work->x_scale.data());
   if (any_offsets || zero_point != 0) {
     const std::vector<int32_t> sums = group_sums(work->xq.data(), T, in, group_size);
     if (any_offsets) work->x_sums.assign(sums.begin(), sums.end());
@@ -1027,6 +1006,99 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   else
     xla_inference::run_items(pool, work, helpers);
   return ffi::Error::Success();
+}
+
+ffi::Error check_multi_x(const ffi::Buffer<ffi::F32>& x, float levels, size_t outs) {
+  if (x.dimensions().size() != 2 || !(levels >= 1.0f && levels <= 16383.0f))
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul_multi: x [T, in] f32, levels in [1, 16383]");
+  if (outs == 0) return ffi::Error::InvalidArgument("quantized_matmul_multi: no outputs");
+  return ffi::Error::Success();
+}
+
+ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::RemainingArgs weights, ffi::RemainingRets outs,
+                                int64_t bits, int64_t group_size, int64_t zero_point,
+                                float levels) {
+  const size_t n = outs.size();
+  if (ffi::Error error = check_multi_x(x, levels, n); error.failure()) return error;
+  if (weights.size() != 3 * n)
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul_multi: (values, scales, offsets) for each of its outputs");
+  const int64_t T = x.dimensions()[0], in = x.dimensions()[1];
+  auto work = std::make_shared<MultiWork>();
+  work->problems.resize(n);
+  for (size_t j = 0; j < n; ++j) {
+    auto values = weights.get<ffi::AnyBuffer>(3 * j);
+    auto scales = weights.get<ffi::AnyBuffer>(3 * j + 1);
+    auto offsets = weights.get<ffi::AnyBuffer>(3 * j + 2);
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(j);
+    if (!values.has_value() || !scales.has_value() || !offsets.has_value() || !out.has_value())
+      return ffi::Error::InvalidArgument("quantized_matmul_multi: operands must be buffers");
+    ffi::Error error = weight_problem(T, in, *values, *scales, *offsets, *out, bits, group_size,
+                                      zero_point, work->problems[j]);
+    if (error.failure()) return error;
+  }
+  return run_multi(pool, work, x.typed_data(), T, in, bits, group_size, zero_point, levels);
+}
+
+// ---------------------------------------------------------------------------------------
+// The multi entry with its weights named by address rather than passed (a decode step's
+// program then takes a handful of arrays, not three a weight: each one an XLA parameter costs
+// the host's jit call ~1.5-3 us, and in a server that time comes off the spare core's;
+// kernels/cpu_quantized.WeightTable, benchmarks/RESULTS.md 2026-12-04 second session).
+// table uint8 [rows, 8 * kTableColumns]: one row a weight, kTableColumns int64 (native byte
+// order; JAX without x64 has no int64 arrays), as TableColumn names them; `rows`
+// (attribute): the table row of each output's weight. The weights are the engine's
+// parameters, alive and unchanged for as long as the programs that name them.
+enum TableColumn : int64_t { kValues, kOutTiles, kIn, kScales, kScalesHalf, kOffsets, kOffsetsHalf,
+                 kTableColumns };
+
+ffi::Error table_problem(int64_t T, int64_t in, const int64_t* row,
+                         ffi::Result<ffi::Buffer<ffi::F32>>& out, int64_t bits,
+                         int64_t group_size, int64_t zero_point, Problem& p) {
+  const auto od = out->dimensions();
+  if ((bits != 4 && bits != 8) || group_size <= 0 || group_size > 128 ||
+      group_size % (bits == 8 ? 2 : 4) != 0 || in % group_size != 0 || row[kIn] != in ||
+      row[kValues] == 0 || row[kScales] == 0 || od.size() != 2 || od[0] != T ||
+      od[1] != row[kOutTiles] * kRows || zero_point < -255 || zero_point > 255)
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul_table: a table row [values, out/16, in, scales, half, offsets, half] "
+        "for x [T, in], out [T, out/16*16], bits 4 or 8, group_size a multiple of kc at most "
+        "128 dividing in");
+  const auto address = [](int64_t a) { return reinterpret_cast<const void*>(a); };
+  p = Problem{nullptr, nullptr, static_cast<const uint8_t*>(address(row[kValues])),
+              address(row[kScales]), row[kOffsets] != 0 ? address(row[kOffsets]) : nullptr,
+              row[kScalesHalf] != 0, row[kOffsets] != 0 && row[kOffsetsHalf] != 0, nullptr,
+              nullptr, out->typed_data(), T, in, row[kOutTiles], in / group_size, group_size,
+              zero_point, bits == 8 ? 2 : 4};
+  return ffi::Error::Success();
+}
+
+ffi::Error MultiMatmulTableImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::U8> table, ffi::RemainingRets outs,
+                                int64_t bits, int64_t group_size, int64_t zero_point,
+                                float levels, ffi::Span<const int64_t> rows) {
+  const size_t n = outs.size();
+  if (ffi::Error error = check_multi_x(x, levels, n); error.failure()) return error;
+  const auto td = table.dimensions();
+  if (td.size() != 2 || td[1] != 8 * kTableColumns || rows.size() != n)
+    return ffi::Error::InvalidArgument(
+        "quantized_matmul_table: table uint8 [rows, 56] (7 int64 a row), a row for each output");
+  const int64_t T = x.dimensions()[0], in = x.dimensions()[1];
+  auto work = std::make_shared<MultiWork>();
+  work->problems.resize(n);
+  for (size_t j = 0; j < n; ++j) {
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(j);
+    if (!out.has_value() || rows[j] < 0 || rows[j] >= td[0])
+      return ffi::Error::InvalidArgument("quantized_matmul_table: a row outside the table");
+    int64_t row[kTableColumns];
+    std::memcpy(row, table.typed_data() + rows[j] * sizeof(row), sizeof(row));
+    ffi::Error error =
+        table_problem(T, in, row, *out, bits, group_size, zero_point, work->problems[j]);
+    if (error.failure()) return error;
+  }
+  return run_multi(pool, work, x.typed_data(), T, in, bits, group_size, zero_point, levels);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1639,6 +1711,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulMulti, MultiMatmulFloat
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("zero_point")
                                   .Attr<float>("levels"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulTable, MultiMatmulTableImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("zero_point")
+                                  .Attr<float>("levels")
+                                  .Attr<ffi::Span<const int64_t>>("rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulWide, WideMatmulImpl,
                               ffi::Ffi::Bind()

@@ -475,17 +475,16 @@ def _by_address(x, operands, bits, group_size, levels, zero_point=0):
     placed = [tuple(None if a is None else jnp.asarray(a) for a in w) for w in operands]
     rows, held = zip(*(cpu_quantized.table_row(*w) for w in placed))
     table = np.stack(rows).view(np.uint8).reshape(len(rows), -1)
-    refs = [tuple(None if a is None else cpu_quantized.TableWeight(i, a.shape, a.dtype)
-                  for a in w) for i, w in enumerate(placed)]
 
     def step(x, table):
-        with cpu_quantized.weight_table(table):
-            if len(refs) == 1:  # the one-weight entry's call
-                return [cpu_quantized.quantized_matmul_float(
-                    x, *refs[0], bits=bits, group_size=group_size, levels=levels,
-                    zero_point=zero_point)]
-            return cpu_quantized.quantized_matmul_multi(
-                x, refs, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point)
+        refs = [tuple(None if a is None else cpu_quantized.TableWeight(i, a.shape, a.dtype, table)
+                      for a in w) for i, w in enumerate(placed)]
+        if len(refs) == 1:  # the one-weight entry's call
+            return [cpu_quantized.quantized_matmul_float(
+                x, *refs[0], bits=bits, group_size=group_size, levels=levels,
+                zero_point=zero_point)]
+        return cpu_quantized.quantized_matmul_multi(
+            x, refs, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point)
 
     ys = [np.asarray(y) for y in jax.jit(step)(jnp.asarray(x), jnp.asarray(table))]
     del held  # what the rows point at, alive until the products are done
@@ -515,7 +514,7 @@ def test_weights_by_address_give_the_passed_weights_bits(bits, with_offsets, zer
 
 def test_weights_by_address_are_checked_against_x():
     """A table row whose input width is not x's, or a row outside the table, is refused; a
-    TableWeight read as an array, or traced outside weight_table(), fails naming it."""
+    TableWeight read as an array, or without its table, fails naming it."""
     rng = np.random.default_rng(9)
     a = _kernel_operands(*_random_weight(rng, 16, 128, 4, 32, False), 4)
     x = rng.standard_normal((2, 256)).astype(np.float32)
@@ -524,7 +523,7 @@ def test_weights_by_address_are_checked_against_x():
     ref = cpu_quantized.TableWeight(0, (1, 64, 32), np.dtype(np.uint8))
     with pytest.raises(cpu_quantized.TableWeightMisuse, match="row 0"):
         jnp.asarray(ref)
-    with pytest.raises(cpu_quantized.TableWeightMisuse, match="weight_table"):
+    with pytest.raises(cpu_quantized.TableWeightMisuse, match="without their table"):
         cpu_quantized.quantized_matmul_float(jnp.asarray(x), ref, ref, None, bits=4,
                                              group_size=32, levels=16383.0)
 

@@ -22,8 +22,6 @@ the build fails: callers then take the XLA (dequantize and multiply) path.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import logging
@@ -188,16 +186,18 @@ def quantized_matmul_multi(x, weights, *, bits: int, group_size: int, levels: fl
 TABLE_COLUMNS = 7  # values, out/16, in, scales, scales are f16, offsets (0: none), offsets f16
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TableWeight:
-    """Stands for one of a weight's arrays (values, scales or offsets) inside a program that
-    takes the weight by address: row `row` of the weight table (weight_table's context). A
-    pytree node with no children (no program argument); anything but this kernel's entries
-    that reads it as an array fails (TableWeightMisuse)."""
+    """Stands for one of a weight's arrays (values, scales or offsets) in a program that
+    takes the weight by address: row `row` of `table` (uint8 [rows, 8 * TABLE_COLUMNS]; its
+    one pytree leaf, so that every jit inside the program takes the table as an argument,
+    never as a value of an enclosing trace). Anything but this kernel's one-row entries that
+    reads it as an array fails (TableWeightMisuse)."""
 
     row: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    table: object = None  # the table array, or None until weight_table.attach
 
     def _misuse(self, what: str):
         return TableWeightMisuse(f"weight table row {self.row} read as an array ({what}): only "
@@ -218,20 +218,9 @@ class TableWeightMisuse(AttributeError):
     hasattr() on it stays False)."""
 
 
-jax.tree_util.register_pytree_node(TableWeight, lambda w: ((), w), lambda w, _: w)
-
-_table: contextvars.ContextVar = contextvars.ContextVar("weight_table", default=None)
-
-
-@contextlib.contextmanager
-def weight_table(table):
-    """While a program is traced, the table (uint8 [rows, 8 * TABLE_COLUMNS], inside the
-    program) that its TableWeights name rows of."""
-    token = _table.set(table)
-    try:
-        yield
-    finally:
-        _table.reset(token)
+jax.tree_util.register_pytree_node(
+    TableWeight, lambda w: ((w.table,), (w.row, w.shape, w.dtype)),
+    lambda aux, children: TableWeight(*aux, children[0]))
 
 
 def table_row(values, scales, offsets) -> tuple[np.ndarray, tuple]:
@@ -253,10 +242,11 @@ def table_row(values, scales, offsets) -> tuple[np.ndarray, tuple]:
 
 
 def _table_matmul(x, weights, *, bits: int, group_size: int, levels: float, zero_point: int):
-    """The multi entry's product for weights given as (values, scales, offsets) TableWeights."""
-    table = _table.get()
+    """The multi entry's product for weights given as (values, scales, offsets) TableWeights
+    of one table."""
+    table = weights[0][0].table
     if table is None:
-        raise TableWeightMisuse("TableWeights traced outside weight_table()")
+        raise TableWeightMisuse("TableWeights without their table (weight_table.attach)")
     call = jax.ffi.ffi_call(_TABLE_TARGET, [_output(x.shape[0], values)
                                             for values, _, _ in weights])
     rows = np.array([values.row for values, _, _ in weights], np.int64)

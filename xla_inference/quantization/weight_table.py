@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from xla_inference.kernels import cpu_quantized
+from xla_inference.kernels.cpu_quantized import TableWeight
 from xla_inference.quantization.packed import PackedWeight
 from xla_inference.quantization.product import KERNEL_MAX_ROWS, WIDE_KERNEL_MIN_ROWS
 
@@ -34,7 +35,8 @@ def max_rows() -> int:
 @dataclasses.dataclass
 class WeightTable:
     """params with each native-kernel weight's arrays replaced by TableWeights (rows of
-    `table`, uint8 [rows, 8 * TABLE_COLUMNS]); `arrays` holds what the rows point at."""
+    `table`, uint8 [rows, 8 * TABLE_COLUMNS], which they do not hold yet: attach); `arrays`
+    holds what the rows point at."""
 
     params: object
     table: np.ndarray
@@ -55,8 +57,7 @@ def detach(params) -> WeightTable | None:
         arrays.append(held)
 
         def ref(a):
-            return None if a is None else cpu_quantized.TableWeight(
-                index, tuple(a.shape), np.dtype(a.dtype))
+            return None if a is None else TableWeight(index, tuple(a.shape), np.dtype(a.dtype))
 
         return dataclasses.replace(w, values=ref(w.values), scales=ref(w.scales),
                                    offsets=ref(w.offsets))
@@ -66,3 +67,12 @@ def detach(params) -> WeightTable | None:
         return None
     table = np.ascontiguousarray(np.stack(rows)).view(np.uint8).reshape(len(rows), -1)
     return WeightTable(detached, table, arrays)
+
+
+def attach(params, table):
+    """detach's params with every TableWeight holding `table` (inside the step's trace: the
+    program's table argument)."""
+    def with_table(w):
+        return dataclasses.replace(w, table=table) if isinstance(w, TableWeight) else w
+
+    return jax.tree.map(with_table, params, is_leaf=lambda x: isinstance(x, TableWeight))

@@ -316,11 +316,10 @@ def _with_param_leaves(tree, lora: bool, forward):
 
 def _with_table_leaves(tree, forward):
     """`forward` for a step program whose first argument is (the parameter arrays not named
-    by address, the weight table): the table in context while the step is traced."""
+    by address, the weight table): the table handed to the weights that name its rows."""
     def step(first, *args):
         leaves, table = first
-        with cpu_quantized.weight_table(table):
-            return forward(tree.unflatten(leaves), *args)
+        return forward(weight_table.attach(tree.unflatten(leaves), table), *args)
     return step
 
 

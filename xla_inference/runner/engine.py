@@ -812,15 +812,13 @@ class ModelEngine:
         if self.lora is not None and not token_slots.any():  # no adapter in this step
             program, params = self._forward_base, self._param_leaves
         elif self._by_address(T):
-            try:  # (traced here on first use where warm_up did not)
-                self.kv_cache, logits, hidden = self.stats.run(
-                    self._forward_table, self._table_params, self.kv_cache, batch, *orders,
-                    bucket=T)
-                return StepOutput(logits, hidden)
-            except cpu_quantized.TableWeightMisuse as e:
-                self._keep_weight_arrays(e)
-        self.kv_cache, logits, hidden = self.stats.run(
-            program, params, self.kv_cache, batch, *orders, bucket=T)
+            program, params = self._forward_table, self._table_params
+        try:
+            self.kv_cache, logits, hidden = self.stats.run(
+                program, params, self.kv_cache, batch, *orders, bucket=T)
+        except cpu_quantized.TableWeightMisuse as e:  # traced here where warm_up did not
+            self._keep_weight_arrays(e)
+            return self._run_forward(batch, *orders, token_slots=token_slots)
         return StepOutput(logits, hidden)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],

@@ -194,7 +194,8 @@ def test_avx2_decode_path_matches_float64(cache_dtype, group, head_dim):
     """The decode path of CPUs without AVX-512 (attend_one_grouped_avx2: 8 lanes, each cache
     type's load8; the same bits as attend_one_avx2, one head at a time), built with
     XLA_INFERENCE_ATTENTION_NO_AVX512 so that an AVX-512 CPU runs it too:
-    lone decode tokens (contexts of 1 to 301 keys, so partial blocks of 8 keys), `group`
+    lone decode tokens (contexts of 1 to 301 keys, so partial blocks of 8 keys; from 64 keys
+    on, two key ranges' softmaxes merged: 63 keys in one, 64 and 65 in two), `group`
     query heads a KV head (the weighted values' passes of 32 dims for up to 3 heads, 16 for
     4; 6 as 4 + 2), a sliding window, beside tiles, against float64 on the values the cache
     holds."""
@@ -205,7 +206,7 @@ def test_avx2_decode_path_matches_float64(cache_dtype, group, head_dim):
                         (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_ATTENTION_NO_AVX512",
                          "-DXLA_INFERENCE_ATTENTION_GROUPED=0"))
     rng = np.random.default_rng(head_dim + 7)
-    runs = [(300, 1), (0, 1), (100, 7), (17, 1), (5, 1), (64, 1), (250, 3)]
+    runs = [(300, 1), (0, 1), (100, 7), (17, 1), (5, 1), (64, 1), (250, 3), (62, 1), (63, 1)]
     T = 24
     k, v, seq_ids, positions, tables = _step(rng, runs, T, 3, head_dim)
     k, v = k.astype(cache_dtype), v.astype(cache_dtype)
@@ -269,8 +270,9 @@ def test_avx512_grouped_decode_path_has_per_head_bits(cache_dtype, group, head_d
 
 
 # ------------------------------------------------------------------ the spare core
-# (kernels/cpu/spare_core.h: a lone decode token's attention shared by KV head with one
-# helper thread, which the caller takes KV heads back from when it holds them too long)
+# (kernels/cpu/spare_core.h: a lone decode token's attention shared with one helper thread,
+# by KV head on AVX-512 and by key range and KV head on AVX2, which the caller takes items
+# back from when it holds them too long)
 
 _SPARE_TESTING = "xla_inference_paged_attention_spare_testing"
 _AVX2_SPARE_TESTING = "xla_inference_paged_attention_avx2_spare_testing"
@@ -356,11 +358,26 @@ def test_spare_core_gives_the_bits_of_one_thread(cache_dtype, group, kv_heads, h
         np.testing.assert_array_equal(call(plain_target, i), expected[2 * i])
 
 
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+@pytest.mark.skipif(not _HAS_AVX2, reason="no AVX2/FMA/F16C")
+def test_avx2_shares_a_lone_kv_head_by_key_range():
+    """On AVX2 the spare core's items are key ranges' KV heads, so a model with one KV head
+    shares its decode tokens' attention too (the second range to the helper): the bits of the
+    build without the spare core."""
+    plain_target, plain, spare_target, spare = _spare_builds("avx2")
+    steps, call, _ = _lone_tokens(jnp.bfloat16, 4, 1, 64)
+    with spare_core_off(plain):
+        expected = [call(plain_target, i) for i in range(steps)]
+    call_until_spare_core_counts(spare, 0, lambda: [call(spare_target, i) for i in range(steps)],
+                                 expected)
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
 @pytest.mark.parametrize("isa", _SPARE_ISAS)
-def test_kv_heads_taken_back_from_the_helper_give_the_same_bits(isa):
-    """A helper that holds its KV heads too long (paused 300 us in each) has them taken back
-    and computed by the caller; its late results never reach a later call's output."""
+def test_items_taken_back_from_the_helper_give_the_same_bits(isa):
+    """A helper that holds its items (KV heads; on AVX2 key ranges' KV heads) too long
+    (paused 300 us in each) has them taken back and computed by the caller; its late results
+    never reach a later call's output."""
     plain_target, plain, spare_target, library = _spare_builds(isa)
     steps, call, _ = _lone_tokens(jnp.bfloat16, 3, 3, 64)
     with spare_core_off(plain):

@@ -46,8 +46,8 @@
 #define XLA_INFERENCE_HALF_CONVERSIONS 1
 #endif
 // AVX2 without AVX-512 (AMD Zen 2/3, Intel before Ice Lake): attend_one_avx2, the AVX-512
-// decode path in 8 lanes. XLA_INFERENCE_ATTENTION_NO_AVX512 builds it on an AVX-512 CPU too
-// (for tests).
+// decode path in 8 lanes over one or two ranges of the keys, merged (key_ranges).
+// XLA_INFERENCE_ATTENTION_NO_AVX512 builds it on an AVX-512 CPU too (for tests).
 #if defined(__AVX512F__) && !defined(XLA_INFERENCE_ATTENTION_NO_AVX512)
 #define XLA_INFERENCE_ATTENTION_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -83,9 +83,9 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-// A softmax's numerators in place: sc[i] = exp(sc[i] - max(sc)) for n >= 1 scores; returns
-// 1 / their sum, the factor that normalizes them.
-inline float exponentiate_scores(float* sc, int64_t n) {
+// A softmax's numerators in place: sc[i] = exp(sc[i] - m), m = max(sc), for n >= 1 scores;
+// returns their sum, and m in *max.
+inline float exponentiate_from_max(float* sc, int64_t n, float* max) {
   float m = sc[0];
   for (int64_t i = 1; i < n; ++i) m = std::max(m, sc[i]);
   float sum = 0.0f;
@@ -93,7 +93,14 @@ inline float exponentiate_scores(float* sc, int64_t n) {
     sc[i] = fast_exp(sc[i] - m);
     sum += sc[i];
   }
-  return 1.0f / sum;
+  *max = m;
+  return sum;
+}
+
+// The same; returns 1 / their sum, the factor that normalizes them.
+inline float exponentiate_scores(float* sc, int64_t n) {
+  float m;
+  return 1.0f / exponentiate_from_max(sc, n, &m);
 }
 
 struct Shapes {
@@ -115,6 +122,7 @@ constexpr int64_t kTile = 16;  // query tokens of one sequence that share their 
 
 struct Scratch {
   std::vector<float> qs, scores, acc;
+  std::vector<float> partials;  // the AVX2 decode paths' key ranges' partials (RangePartials)
   std::vector<int64_t> rows;
   std::vector<float> widened;  // a bfloat16 or fp8 cache's key or value rows as float32
 };
@@ -610,61 +618,137 @@ inline __m256 sum_each_of_8(const __m256 v[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// attend_one_avx512 in 8 lanes, for a head dim of kHeadDim (a multiple of 8): the keys'
-// scores 8 at a time, each key's dot product kept as a vector of partial sums and the 8
-// reduced together (sum_each_of_8); each head's weighted sum of values in registers over
-// all keys. Every key row of a KV head is prefetched once, by its first query head; the
-// other heads of its group read it from cache. The head dim's q and the sums stay in the 16
-// ymm registers up to a head dim of 64; larger ones spill to L1.
+// A decode token's n keys in one or two ranges, each range's softmax taken apart (its max
+// score, its sum of exponentials, its weighted values not yet divided by that sum), then
+// merged (merge_key_ranges), as flash-decoding does on GPUs. Two ranges let two threads share
+// a call evenly whatever its number of KV heads (the spare core's items, SpareKeyRanges: a
+// range's KV heads; on a 2-core Zen 3, two threads on halves of 540 keys took half one
+// thread's time, where shares by KV head, 2 of SmolLM2's 3 against 1, gained 1.2x). Every
+// AVX2 decode path splits the keys the same way (by n alone), so the output does not depend
+// on which thread, or how many, computed it. From kSplitKeys keys on; the second range
+// starts at a multiple of 8 keys (a block of key_scores_avx2).
+constexpr int64_t kSplitKeys = 64;
+
+struct KeyRanges {
+  int64_t count;
+  int64_t begin[2], end[2];
+};
+
+inline KeyRanges key_ranges(int64_t n) {
+  if (n < kSplitKeys) return {1, {0, n}, {n, n}};
+  const int64_t mid = (n / 2 + 7) / 8 * 8;
+  return {2, {0, mid}, {mid, n}};
+}
+
+// The partials of a range for the N query heads: values [N, H] (each head's weighted sum of
+// values, by the exponentials), then stats [N, 2] (the max score, the sum of exponentials).
+struct RangePartials {
+  float* values;
+  float* stats;
+};
+
+// Room for `ranges` ranges' partials in `storage`.
+inline void range_partials(std::vector<float>& storage, int64_t ranges, int64_t N, int64_t H,
+                           RangePartials out[2]) {
+  storage.resize(ranges * N * (H + 2));
+  for (int64_t b = 0; b < ranges; ++b)
+    out[b] = {storage.data() + b * N * (H + 2), storage.data() + b * N * (H + 2) + N * H};
+}
+
+// out [N, H] for the heads h_first..h_last-1 from the ranges' partials: each range's values
+// weighted by exp(its max - the max of all), over the sum of its exponentials so weighted.
+inline void merge_key_ranges(int64_t ranges, const RangePartials part[2], int64_t H,
+                             int64_t h_first, int64_t h_last, float* out) {
+  for (int64_t h = h_first; h < h_last; ++h) {
+    float* o = out + h * H;
+    const float* v0 = part[0].values + h * H;
+    const float m0 = part[0].stats[2 * h], s0 = part[0].stats[2 * h + 1];
+    if (ranges == 1) {
+      const float inv = 1.0f / s0;
+      for (int64_t d = 0; d < H; ++d) o[d] = v0[d] * inv;
+      continue;
+    }
+    const float* v1 = part[1].values + h * H;
+    const float m1 = part[1].stats[2 * h], s1 = part[1].stats[2 * h + 1];
+    const float m = std::max(m0, m1), c0 = fast_exp(m0 - m), c1 = fast_exp(m1 - m);
+    const float inv = 1.0f / (s0 * c0 + s1 * c1);
+    for (int64_t d = 0; d < H; ++d) o[d] = (v0[d] * c0 + v1[d] * c1) * inv;
+  }
+}
+
+// Each head's n scores (rows n_pad apart) capped and exponentiated, not normalized: its max
+// and the sum into stats [N, 2], heads h_first..h_last-1.
+void exponentiate_range(const Shapes& s, int64_t n, int64_t n_pad, float* scores, float* stats,
+                        int64_t h_first, int64_t h_last) {
+  for (int64_t h = h_first; h < h_last; ++h) {
+    float* sc = scores + h * n_pad;
+    cap_scores(s, sc, n);
+    stats[2 * h + 1] = exponentiate_from_max(sc, n, &stats[2 * h]);
+  }
+}
+
+// attend_one_avx512 in 8 lanes, for a head dim of kHeadDim (a multiple of 8), one query head
+// at a time over each key range: the keys' scores 8 at a time, each key's dot product kept
+// as a vector of partial sums and the 8 reduced together (sum_each_of_8); each head's
+// weighted sum of values in registers over the range's keys. Every key row of a KV head is
+// prefetched once, by its first query head; the other heads of its group read it from
+// cache. The head dim's q and the sums stay in the 16 ymm registers up to a head dim of 64;
+// larger ones spill to L1.
 template <int64_t kHeadDim, class Cache>
 void attend_one_avx2(const Shapes& s, const float* q, const Cache& k_cache, const Cache& v_cache,
                      const int32_t* table, int64_t pos, float* out, Scratch& w) {
   constexpr int64_t C = kHeadDim / 8;
   const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
   const DecodeKeys keys = decode_keys(s, table, pos, H, 8, out, w);
-  const int64_t n = keys.n, n_pad = keys.n_pad;
-  if (n == 0) return;
+  if (keys.n == 0) return;
+  const KeyRanges ranges = key_ranges(keys.n);
+  RangePartials part[2];
+  range_partials(w.partials, ranges.count, N, H, part);
   const __m256 scale = _mm256_set1_ps(s.scale);
-  for (int64_t h = 0; h < N; ++h) {
-    const int64_t kv = (h / G) * H;
-    __m256 qh[C];
-    for (int64_t c = 0; c < C; ++c) qh[c] = _mm256_mul_ps(_mm256_loadu_ps(q + h * H + 8 * c), scale);
-    float* sc = w.scores.data() + h * n_pad;
-    for (int64_t i0 = 0; i0 < n; i0 += 8) {
-      __m256 dots[8];
-      for (int64_t j = 0; j < 8; ++j) {
-        if (i0 + j >= n) {
-          dots[j] = _mm256_setzero_ps();
-          continue;
+  for (int64_t b = 0; b < ranges.count; ++b) {
+    const int64_t* rows = w.rows.data() + ranges.begin[b];
+    const int64_t n = ranges.end[b] - ranges.begin[b], n_pad = (n + 7) / 8 * 8;
+    for (int64_t h = 0; h < N; ++h) {
+      const int64_t kv = (h / G) * H;
+      __m256 qh[C];
+      for (int64_t c = 0; c < C; ++c) qh[c] = _mm256_mul_ps(_mm256_loadu_ps(q + h * H + 8 * c), scale);
+      float* sc = w.scores.data() + h * n_pad;
+      for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        __m256 dots[8];
+        for (int64_t j = 0; j < 8; ++j) {
+          if (i0 + j >= n) {
+            dots[j] = _mm256_setzero_ps();
+            continue;
+          }
+          if (h % G == 0 && i0 + j + kPrefetchAhead < n)
+            prefetch_row(k_cache, rows[i0 + j + kPrefetchAhead] + kv, H);
+          const int64_t krow = rows[i0 + j] + kv;
+          __m256 dot = _mm256_mul_ps(qh[0], k_cache.load8(krow));
+          for (int64_t c = 1; c < C; ++c) dot = _mm256_fmadd_ps(qh[c], k_cache.load8(krow + 8 * c), dot);
+          dots[j] = dot;
         }
-        if (h % G == 0 && i0 + j + kPrefetchAhead < n)
-          prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead] + kv, H);
-        const int64_t krow = w.rows[i0 + j] + kv;
-        __m256 dot = _mm256_mul_ps(qh[0], k_cache.load8(krow));
-        for (int64_t c = 1; c < C; ++c) dot = _mm256_fmadd_ps(qh[c], k_cache.load8(krow + 8 * c), dot);
-        dots[j] = dot;
+        _mm256_storeu_ps(sc + i0, sum_each_of_8(dots));
       }
-      _mm256_storeu_ps(sc + i0, sum_each_of_8(dots));
+      exponentiate_range(s, n, n_pad, w.scores.data(), part[b].stats, h, h + 1);
+      __m256 acc[C];
+      for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        if (h % G == 0 && i + kPrefetchAhead < n)
+          prefetch_row(v_cache, rows[i + kPrefetchAhead] + kv, H);
+        const int64_t vrow = rows[i] + kv;
+        const __m256 p = _mm256_set1_ps(sc[i]);
+        for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(p, v_cache.load8(vrow + 8 * c), acc[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(part[b].values + h * H + 8 * c, acc[c]);
     }
-    cap_scores(s, sc, n);
-    const float inv = exponentiate_scores(sc, n);
-    __m256 acc[C];
-    for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; ++i) {
-      if (h % G == 0 && i + kPrefetchAhead < n)
-        prefetch_row(v_cache, w.rows[i + kPrefetchAhead] + kv, H);
-      const int64_t vrow = w.rows[i] + kv;
-      const __m256 p = _mm256_set1_ps(sc[i] * inv);
-      for (int64_t c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(p, v_cache.load8(vrow + 8 * c), acc[c]);
-    }
-    for (int64_t c = 0; c < C; ++c) _mm256_storeu_ps(out + h * H + 8 * c, acc[c]);
   }
+  merge_key_ranges(ranges.count, part, H, 0, N, out);
 }
 
-// The weighted sums of values of kG query heads sharing one KV head (p: their normalized
-// probabilities, rows n_pad apart), kD chunks of 8 dims per pass over the keys: each value
-// chunk widened once for all kG heads, their kG x kD sums in registers (32 dims a pass for up
-// to 3 heads: 12 sums, 4 chunks; 16 for 4). Per head and dim the same FMAs in the same key
+// The weighted sums of values of kG query heads sharing one KV head (p: their weights, the
+// exponentials of a key range's scores, rows n_pad apart), kD chunks of 8 dims per pass over
+// the keys: each value chunk widened once for all kG heads, their kG x kD sums in registers
+// (32 dims a pass for up to 3 heads: 12 sums, 4 chunks; 16 for 4). Per head and dim the same FMAs in the same key
 // order as one head alone. Fewer passes, fewer re-reads of the rows: 32 dims a pass took
 // 0.8x the time of 16 with the cache in L3 and 0.92-0.95x from memory (SmolLM2's 3 query
 // heads a KV head, 2048 keys; benchmarks/RESULTS.md, 2026-12-04 second session).
@@ -744,8 +828,8 @@ void key_scores_avx2(const Shapes& s, const float* qs, const Cache& k_cache, con
   }
 }
 
-// The weighted values of the heads of KV heads kv_first..kv_last-1 (p: the normalized
-// probabilities, rows n_pad apart; out [N, H]). All of them: the first KV head's pass asks for
+// The weighted values of the heads of KV heads kv_first..kv_last-1 (p: their weights, rows
+// n_pad apart; out [N, H]). All of them: the first KV head's pass asks for
 // whole rows (the other heads then find theirs in cache); a part: each KV head for its own.
 template <int64_t kHeadDim, class Cache>
 void values_avx2(const Shapes& s, const Cache& v_cache, const int64_t* rows, const float* p,
@@ -762,26 +846,42 @@ void values_avx2(const Shapes& s, const Cache& v_cache, const int64_t* rows, con
   }
 }
 
-// attend_one_avx2 by KV head: key_scores_avx2, the softmax, values_avx2. The same operations
-// per head as attend_one_avx2, so the same output. KV heads kv_first..kv_last-1 only (kv_last
-// -1: all), with their query heads (the spare core's items, SpareKvHeads): each then
-// prefetches only its own part of the rows.
+// One key range [begin, end) of a decode token's keys (rows: all of them; qs: the scaled q
+// rows) for KV heads kv_first..kv_last-1 and their query heads: key_scores_avx2, the
+// exponentials, values_avx2, into the range's partials (those heads' rows). The same
+// operations per head as attend_one_avx2's, so the same partials.
+template <int64_t kHeadDim, class Cache>
+void range_partials_grouped_avx2(const Shapes& s, const float* qs, const Cache& k_cache,
+                                 const Cache& v_cache, const int64_t* rows, int64_t begin,
+                                 int64_t end, RangePartials part, Scratch& w, int64_t kv_first,
+                                 int64_t kv_last) {
+  const int64_t G = s.num_heads / s.num_kv_heads, n = end - begin, n_pad = (n + 7) / 8 * 8;
+  w.scores.resize(s.num_heads * n_pad);
+  w.acc.resize(s.num_heads * 64);  // [N][8 keys][8 lanes]: the dot products of 8 keys
+  key_scores_avx2<kHeadDim>(s, qs, k_cache, rows + begin, n, n_pad, w.scores.data(),
+                            w.acc.data(), kv_first, kv_last);
+  exponentiate_range(s, n, n_pad, w.scores.data(), part.stats, kv_first * G, kv_last * G);
+  values_avx2<kHeadDim>(s, v_cache, rows + begin, w.scores.data(), n, n_pad, part.values,
+                        kv_first, kv_last);
+}
+
+// attend_one_avx2 by KV head: each key range's partials (range_partials_grouped_avx2), then
+// merged. The same output as attend_one_avx2.
 template <int64_t kHeadDim, class Cache>
 void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cache,
                              const Cache& v_cache, const int32_t* table, int64_t pos, float* out,
-                             Scratch& w, int64_t kv_first = 0, int64_t kv_last = -1) {
-  const int64_t G = s.num_heads / s.num_kv_heads;
-  if (kv_last < 0) kv_last = s.num_kv_heads;
+                             Scratch& w) {
   const DecodeKeys keys = decode_keys(s, table, pos, kHeadDim, 8, out, w);
-  const int64_t n = keys.n, n_pad = keys.n_pad;
-  if (n == 0) return;
+  if (keys.n == 0) return;
   scale_queries(s, q, kHeadDim, w);
-  w.acc.resize(s.num_heads * 64);  // [N][8 keys][8 lanes]: the dot products of 8 keys
-  key_scores_avx2<kHeadDim>(s, w.qs.data(), k_cache, w.rows.data(), n, n_pad, w.scores.data(),
-                            w.acc.data(), kv_first, kv_last);
-  normalize_scores(s, n, n_pad, w, kv_first * G, kv_last * G);
-  values_avx2<kHeadDim>(s, v_cache, w.rows.data(), w.scores.data(), n, n_pad, out, kv_first,
-                        kv_last);
+  const KeyRanges ranges = key_ranges(keys.n);
+  RangePartials part[2];
+  range_partials(w.partials, ranges.count, s.num_heads, kHeadDim, part);
+  for (int64_t b = 0; b < ranges.count; ++b)
+    range_partials_grouped_avx2<kHeadDim>(s, w.qs.data(), k_cache, v_cache, w.rows.data(),
+                                          ranges.begin[b], ranges.end[b], part[b], w, 0,
+                                          s.num_kv_heads);
+  merge_key_ranges(ranges.count, part, kHeadDim, 0, s.num_heads, out);
 }
 #endif
 
@@ -1047,40 +1147,34 @@ Fn by_cache_type(ffi::DataType cache_type, PerCache&& per_cache) {
 }
 
 // A lone decode token's attention shared with the spare core (spare_core.h: a call of tens
-// of microseconds, which the pool cannot start on in time): item i is KV head i with its
-// query heads (their scores, softmax and weighted values: per head the same operations as
-// the whole call's, so the same bits), on the build's grouped decode path (AVX-512's or
-// AVX2's). The helper writes into a scratch copy of the
-// token's output, which publish() copies. The job keeps its own copies of q and the
-// token's page table (the pages up to pos: all decode_keys reads), which a helper that
-// finishes late may still read; the caches it
-// reads outlive the call (the engine donates them to each step), but for an engine torn
-// down in that moment, as the weights of the one-row products (spare_core.h).
-// (Measured on a 2-core Zen 3 at SmolLM2's shapes, 3 KV heads, 540 keys: 1.1-1.4x the call
-// alone. Splitting instead the keys' scores by key blocks and the weighted values by dims,
-// evenly whatever the KV heads, with the softmax between on the caller, measured the same.)
+// of microseconds, which the pool cannot start on in time), on the build's grouped decode
+// path. AVX-512's items are KV heads with their query heads (SpareKvHeads: per head the same
+// operations as the whole call's, so the same bits); AVX2's are key ranges' KV heads
+// (SpareKeyRanges: key_ranges' partials, merged by the caller once all are in). The helper
+// writes into a scratch copy of the item's results, which publish() copies. The job keeps
+// its own copies of what a helper that finishes late may still read (q, the token's page
+// table or its keys' cache rows); the caches it reads outlive the call (the engine donates
+// them to each step), but for an engine torn down in that moment, as the weights of the
+// one-row products (spare_core.h).
+// (Measured on a 2-core Zen 3 at SmolLM2's shapes, 3 KV heads, 540 keys: by KV head 1.1-1.4x
+// the call alone; splitting instead the keys' scores by key blocks and the weighted values
+// by dims, with the softmax between on the caller, measured the same; key ranges:
+// benchmarks/RESULTS.md, 2026-12-04 third session.)
+struct SpareAttention : xla_inference::SpareJob {
+  using SpareJob::SpareJob;
+  // The call's output from the items' results (after SpareCore::run).
+  virtual void finish() {}
+};
+
 #if (defined(XLA_INFERENCE_ATTENTION_AVX512) || defined(XLA_INFERENCE_ATTENTION_AVX2)) && \
     XLA_INFERENCE_ATTENTION_GROUPED
 #define XLA_INFERENCE_ATTENTION_SPARE 1
-// The build's grouped decode path for KV heads kv_first..kv_last-1.
-template <int64_t kHeadDim, class Cache>
-void attend_kv_heads(const Shapes& s, const float* q, const Cache& k_cache, const Cache& v_cache,
-                     const int32_t* table, int64_t pos, float* out, Scratch& w, int64_t kv_first,
-                     int64_t kv_last) {
 #ifdef XLA_INFERENCE_ATTENTION_AVX512
-  attend_one_grouped_avx512<kHeadDim, Cache>(s, q, k_cache, v_cache, table, pos, out, w,
-                                             kv_first, kv_last);
-#else
-  attend_one_grouped_avx2<kHeadDim, Cache>(s, q, k_cache, v_cache, table, pos, out, w, kv_first,
-                                           kv_last);
-#endif
-}
-
 template <int64_t kHeadDim, class Cache>
-struct SpareKvHeads : xla_inference::SpareJob {
+struct SpareKvHeads : SpareAttention {
   SpareKvHeads(const Shapes& s, const float* q, const void* k, const void* v,
                const int32_t* table, int64_t pos, float* out)
-      : SpareJob(s.num_kv_heads),
+      : SpareAttention(s.num_kv_heads),
         s(s),
         q(q, q + s.num_heads * s.head_dim),
         table(table, table + std::min(s.max_blocks, pos / s.block_size + 1)),
@@ -1092,8 +1186,8 @@ struct SpareKvHeads : xla_inference::SpareJob {
 
   void compute(int64_t i, bool into_scratch) override {
     thread_local Scratch w;
-    attend_kv_heads<kHeadDim, Cache>(s, q.data(), k_cache, v_cache, table.data(), pos,
-                                     into_scratch ? scratch.get() : out, w, i, i + 1);
+    attend_one_grouped_avx512<kHeadDim, Cache>(s, q.data(), k_cache, v_cache, table.data(), pos,
+                                               into_scratch ? scratch.get() : out, w, i, i + 1);
   }
 
   void publish(int64_t i) override {
@@ -1110,50 +1204,119 @@ struct SpareKvHeads : xla_inference::SpareJob {
   std::unique_ptr<float[]> scratch;
 };
 
+// The spare core's items of a lone token's call with n keys.
+int64_t spare_items(const Shapes& s, int64_t /*n*/) { return s.num_kv_heads; }
+
 template <int64_t kHeadDim, class Cache>
-std::shared_ptr<xla_inference::SpareJob> spare_kv_heads(const Shapes& s, const float* q,
-                                                        const void* k, const void* v,
-                                                        const int32_t* table, int64_t pos,
-                                                        float* out) {
+std::shared_ptr<SpareAttention> spare_job(const Shapes& s, const float* q, const void* k,
+                                          const void* v, const int32_t* table, int64_t pos,
+                                          float* out) {
   return std::make_shared<SpareKvHeads<kHeadDim, Cache>>(s, q, k, v, table, pos, out);
 }
+#else
+// Item i: key range i / K's partials for KV head i % K's query heads. The caller takes the
+// first range, the helper the second (each a stream through its half of the pages).
+template <int64_t kHeadDim, class Cache>
+struct SpareKeyRanges : SpareAttention {
+  SpareKeyRanges(const Shapes& s, const float* q, const void* k, const void* v,
+                 const int32_t* table, int64_t pos, float* out)
+      : SpareAttention(spare_items(s, pos + 1 - first_key(s, pos))),
+        s(s),
+        ranges(key_ranges(pos + 1 - first_key(s, pos))),
+        k_cache(k, s.num_kv_heads * s.head_dim),
+        v_cache(v, s.num_kv_heads * s.head_dim),
+        out(out) {
+    key_rows(s, table, first_key(s, pos), pos, s.num_kv_heads * kHeadDim, rows);
+    qs.resize(s.num_heads * kHeadDim);
+    for (size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * s.scale;
+    range_partials(storage, ranges.count, s.num_heads, kHeadDim, part);
+    range_partials(scratch_storage, ranges.count, s.num_heads, kHeadDim, scratch);
+  }
+
+  void compute(int64_t i, bool into_scratch) override {
+    thread_local Scratch w;
+    const int64_t b = i / s.num_kv_heads, kv = i % s.num_kv_heads;
+    range_partials_grouped_avx2<kHeadDim>(s, qs.data(), k_cache, v_cache, rows.data(),
+                                          ranges.begin[b], ranges.end[b],
+                                          (into_scratch ? scratch : part)[b], w, kv, kv + 1);
+  }
+
+  void publish(int64_t i) override {
+    const int64_t b = i / s.num_kv_heads, G = s.num_heads / s.num_kv_heads;
+    const int64_t h0 = (i % s.num_kv_heads) * G;
+    std::memcpy(part[b].values + h0 * kHeadDim, scratch[b].values + h0 * kHeadDim,
+                G * kHeadDim * sizeof(float));
+    std::memcpy(part[b].stats + 2 * h0, scratch[b].stats + 2 * h0, 2 * G * sizeof(float));
+  }
+
+  void finish() override { merge_key_ranges(ranges.count, part, kHeadDim, 0, s.num_heads, out); }
+
+  // The spare core's items of a lone token's call with n keys.
+  static int64_t spare_items(const Shapes& s, int64_t n) {
+    return key_ranges(n).count * s.num_kv_heads;
+  }
+
+  const Shapes s;
+  const KeyRanges ranges;
+  const Cache k_cache, v_cache;
+  float* const out;
+  std::vector<int64_t> rows;  // the token's keys' cache rows
+  std::vector<float> qs;      // q times the softmax scale
+  std::vector<float> storage, scratch_storage;
+  RangePartials part[2], scratch[2];  // the caller's (the results), the helper's
+};
+
+int64_t spare_items(const Shapes& s, int64_t n) {
+  return SpareKeyRanges<64, F32Cache>::spare_items(s, n);
+}
+
+template <int64_t kHeadDim, class Cache>
+std::shared_ptr<SpareAttention> spare_job(const Shapes& s, const float* q, const void* k,
+                                          const void* v, const int32_t* table, int64_t pos,
+                                          float* out) {
+  return std::make_shared<SpareKeyRanges<kHeadDim, Cache>>(s, q, k, v, table, pos, out);
+}
+#endif
 #endif
 
-using SpareKvHeadsFn = std::shared_ptr<xla_inference::SpareJob> (*)(
+using SpareJobFn = std::shared_ptr<SpareAttention> (*)(
     const Shapes&, const float*, const void*, const void*, const int32_t*, int64_t, float*);
 
 // The spare core's job maker for a lone token, where the grouped AVX-512 or AVX2 decode path
 // takes the cache's element type and the head dim (64 or 128); nullptr elsewhere.
 template <class Cache>
-SpareKvHeadsFn spare_for_head_dim(int64_t head_dim) {
+SpareJobFn spare_for_head_dim(int64_t head_dim) {
 #ifdef XLA_INFERENCE_ATTENTION_SPARE
-  return head_dim == 64 ? spare_kv_heads<64, Cache>
-         : head_dim == 128 ? spare_kv_heads<128, Cache>
-                           : nullptr;
+  return head_dim == 64 ? spare_job<64, Cache> : head_dim == 128 ? spare_job<128, Cache> : nullptr;
 #else
   (void)head_dim;
   return nullptr;
 #endif
 }
 
-SpareKvHeadsFn spare_for(ffi::DataType cache_type, int64_t head_dim) {
-  return by_cache_type<SpareKvHeadsFn>(cache_type, [&](auto* cache) {
+SpareJobFn spare_for(ffi::DataType cache_type, int64_t head_dim) {
+  return by_cache_type<SpareJobFn>(cache_type, [&](auto* cache) {
     return spare_for_head_dim<std::remove_pointer_t<decltype(cache)>>(head_dim);
   });
 }
 
-// Whether the call (one decode token, its keys' bytes) went to the spare core, by KV head.
+// Whether the call (one decode token, its keys' bytes) went to the spare core.
 bool attend_with_spare_core(const Work& work, ffi::DataType cache_type, int64_t cache_bytes) {
   const Shapes& s = work.s;
-  if (s.num_tokens != 1 || s.num_kv_heads < 2) return false;
-  const SpareKvHeadsFn spare = spare_for(cache_type, s.head_dim);
+  if (s.num_tokens != 1) return false;
+  const SpareJobFn spare = spare_for(cache_type, s.head_dim);
   if (spare == nullptr) return false;
   const int64_t pos = work.positions[0], keys = pos + 1 - first_key(s, pos);
+#ifdef XLA_INFERENCE_ATTENTION_SPARE
+  if (keys <= 0 || spare_items(s, keys) < 2) return false;
+#endif
   if (!xla_inference::for_spare_core(2 * keys * s.num_kv_heads * s.head_dim * cache_bytes, 0))
     return false;
   const int32_t* table = work.block_tables + static_cast<int64_t>(work.seq_ids[0]) * s.max_blocks;
-  xla_inference::SpareCore::get().run(
-      spare(s, work.q, work.k_cache, work.v_cache, table, pos, work.out));
+  const std::shared_ptr<SpareAttention> job =
+      spare(s, work.q, work.k_cache, work.v_cache, table, pos, work.out);
+  xla_inference::SpareCore::get().run(job);
+  job->finish();
   return true;
 }
 

@@ -12,12 +12,23 @@ step's wall-clock time and of the process's CPU time (all threads), each divided
 one call (the step's dispatch included: "dispatch" is the same jitted step without the
 kernel). A benchmark, not a test.
 
+--against REV adds the kernel's sources at git revision REV as builds "REV" and
+"REV-nospare" (their bits may differ from this one's: the largest difference is printed);
+--in-a-row N runs each build's step N times in a row and times all but the first (the
+spare core's helper awake, as in a server's decode, where a step's kernels keep it
+spinning; 1: one step after a 3 ms pause, the helper asleep).
+
     PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 300 540
     PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 540 2048
+    PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 540 1024 \
+        2048 --against HEAD~1 --in-a-row 5 --repeats 60
 """
 
 import argparse
 import os
+import subprocess
+import tempfile
+from pathlib import Path
 import statistics
 import time
 
@@ -35,7 +46,9 @@ BUILDS = {"per-head": ("-DXLA_INFERENCE_ATTENTION_GROUPED=0", "-DXLA_INFERENCE_S
           "nospare": ("-DXLA_INFERENCE_SPARE_CORE=0",),  # grouped, on the calling thread alone
           # AVX2: the weighted values 16 dims a pass over the keys (before 2026-12-04), not 32
           "16dims": ("-DXLA_INFERENCE_ATTENTION_VALUE_CHUNKS=2",),
-          "grouped": ()}  # by KV head, a lone token shared with the spare core
+          # a lone token shared with the spare core: by KV head on AVX-512, by key range
+          # and KV head on AVX2
+          "grouped": ()}
 
 
 def step_fn(target, layers):
@@ -59,12 +72,23 @@ def main():
     parser.add_argument("--kv-cache", default="bfloat16")
     parser.add_argument("--layers", type=int, default=LAYERS,
                         help="caches (1: one layer's, in L2, called 30 times)")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also the kernel's sources at this git revision")
+    parser.add_argument("--in-a-row", type=int, default=1, metavar="N",
+                        help="steps of a build in a row, all but the first timed")
     args = parser.parse_args()
     targets = {}
     for name, flags in BUILDS.items():
         targets[name] = f"xla_inference_paged_attention_bench_{name.replace('-', '_')}"
         native.load_targets(cpu_attention._SOURCE, {targets[name]: "XlaInferencePagedAttention"},
                             (*native.DEFAULT_FLAGS, *flags))
+    if args.against:
+        sources = _sources_at(args.against)
+        for name, flags in {args.against: (), f"{args.against}-nospare": BUILDS["nospare"]}.items():
+            targets[name] = "xla_inference_paged_attention_bench_rev_" + "".join(
+                c if c.isalnum() else "_" for c in name)
+            native.load_targets(sources, {targets[name]: "XlaInferencePagedAttention"},
+                                (*native.DEFAULT_FLAGS, *flags))
     targets["dispatch"] = None
     rng = np.random.default_rng(0)
     pages_per_layer = -(-(max(args.contexts) + 1) // BLOCK) + 8
@@ -85,8 +109,12 @@ def main():
                   jnp.asarray([0], jnp.int32), jnp.asarray([context], jnp.int32),
                   jnp.asarray(tables))
         outs = {name: np.asarray(fn(*inputs)) for name, fn in fns.items()}  # compile
-        for name in ("per-head", "16dims"):
+        for name in ("per-head", "16dims", "nospare"):
             assert np.array_equal(outs["grouped"], outs[name]), f"{name}'s bits differ"
+        if args.against:
+            diff = np.abs(outs["grouped"] - outs[args.against]).max()
+            print(f"context {context}: largest difference from {args.against}: "
+                  f"{diff / np.abs(outs[args.against]).max():.2e} of its largest output")
         wall = {name: [] for name in fns}
         cpu = {name: [] for name in fns}
         for _ in range(args.repeats):
@@ -95,16 +123,32 @@ def main():
                 # (spare_core.h): let the last build's go to sleep first, or the two halve
                 # each other's core.
                 time.sleep(0.003)
-                w0, c0 = time.perf_counter(), time.process_time()
-                fn(*inputs).block_until_ready()
-                wall[name].append(time.perf_counter() - w0)
-                cpu[name].append(time.process_time() - c0)
+                for step in range(args.in_a_row):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    fn(*inputs).block_until_ready()
+                    if step > 0 or args.in_a_row == 1:
+                        wall[name].append(time.perf_counter() - w0)
+                        cpu[name].append(time.process_time() - c0)
         for name in fns:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
             print(f"context {context:5d} {name:9s} step {w * 1e6:8.1f} us wall "
                   f"({w / LAYERS * 1e6:6.2f} us per call), CPU {c * 1e6:8.1f} us "
                   f"({c / LAYERS * 1e6:6.2f} us per call)", flush=True)
     print(f"uptime: {os.getloadavg()}", flush=True)
+
+
+def _sources_at(rev: str) -> tuple[Path, Path]:
+    """The spare core's and the attention kernel's sources (with the headers beside them)
+    as they were at git revision `rev`, in a directory of their own."""
+    here = Path(cpu_attention._SOURCE[1]).parent
+    root = Path(subprocess.check_output(["git", "rev-parse", "--show-toplevel"], cwd=here,
+                                        text=True).strip())
+    out = Path(tempfile.mkdtemp(prefix="attention-sources-"))
+    for path in [*here.glob("*.h"), *cpu_attention._SOURCE]:
+        rel = Path(path).resolve().relative_to(root)
+        (out / rel.name).write_bytes(subprocess.check_output(
+            ["git", "show", f"{rev}:{rel.as_posix()}"], cwd=root))
+    return out / Path(cpu_attention._SOURCE[0]).name, out / Path(cpu_attention._SOURCE[1]).name
 
 
 if __name__ == "__main__":

@@ -553,6 +553,14 @@ class ModelEngine:
         """Whether a step of T tokens runs the program with weights by address."""
         return self._forward_table is not None and T <= self._table_max_rows
 
+    def _step_program(self, T: int, leaves):
+        """The forward program of a step of T tokens and its first argument: the
+        weights-by-address program and its table where it runs such steps (never with LoRA),
+        else the program of every parameter array (`leaves`: _step_params')."""
+        if self._by_address(T):
+            return self._forward_table, self._table_params
+        return self._forward, leaves
+
     def _allocate_kv_cache(self, layers: list[KvLayer], kv_dtype) -> tuple[KvCache, KvCache]:
         """The cache (every set of arrays holds all of this replica's pages) and its
         shardings, as KvCache trees of the same structure."""
@@ -808,11 +816,10 @@ class ModelEngine:
 
     def _run_forward(self, batch: StepBatch, *orders, token_slots=None) -> StepOutput:
         T = batch.input_ids.shape[-1]
-        program, params = self._forward, self._step_params(token_slots)
         if self.lora is not None and not token_slots.any():  # no adapter in this step
             program, params = self._forward_base, self._param_leaves
-        elif self._by_address(T):
-            program, params = self._forward_table, self._table_params
+        else:
+            program, params = self._step_program(T, self._step_params(token_slots))
         try:
             self.kv_cache, logits, hidden = self.stats.run(
                 program, params, self.kv_cache, batch, *orders, bucket=T)
@@ -1017,11 +1024,8 @@ class ModelEngine:
         jax_setup.wait_for_other_processes("warm-up compiled", envs.join_timeout())
         run_start = time.perf_counter()
         for T, args in zip(self.token_buckets, forward_args):
-            if self._by_address(T):
-                self.kv_cache = self._forward_table(self._table_params, self.kv_cache,
-                                                    *args[2:])[0]
-            else:
-                self.kv_cache = self._forward(args[0], self.kv_cache, *args[2:])[0]
+            program, params = self._step_program(T, args[0])
+            self.kv_cache = program(params, self.kv_cache, *args[2:])[0]
         for args in base_args:
             self.kv_cache = self._forward_base(args[0], self.kv_cache, *args[2:])[0]
         jax.block_until_ready(self.kv_cache)

@@ -1214,6 +1214,9 @@ std::shared_ptr<SpareAttention> spare_job(const Shapes& s, const float* q, const
   return std::make_shared<SpareKvHeads<kHeadDim, Cache>>(s, q, k, v, table, pos, out);
 }
 #else
+// The spare core's items of a lone token's call with n keys.
+int64_t spare_items(const Shapes& s, int64_t n) { return key_ranges(n).count * s.num_kv_heads; }
+
 // Item i: key range i / K's partials for KV head i % K's query heads. The caller takes the
 // first range, the helper the second (each a stream through its half of the pages).
 template <int64_t kHeadDim, class Cache>
@@ -1251,11 +1254,6 @@ struct SpareKeyRanges : SpareAttention {
 
   void finish() override { merge_key_ranges(ranges.count, part, kHeadDim, 0, s.num_heads, out); }
 
-  // The spare core's items of a lone token's call with n keys.
-  static int64_t spare_items(const Shapes& s, int64_t n) {
-    return key_ranges(n).count * s.num_kv_heads;
-  }
-
   const Shapes s;
   const KeyRanges ranges;
   const Cache k_cache, v_cache;
@@ -1265,10 +1263,6 @@ struct SpareKeyRanges : SpareAttention {
   std::vector<float> storage, scratch_storage;
   RangePartials part[2], scratch[2];  // the caller's (the results), the helper's
 };
-
-int64_t spare_items(const Shapes& s, int64_t n) {
-  return SpareKeyRanges<64, F32Cache>::spare_items(s, n);
-}
 
 template <int64_t kHeadDim, class Cache>
 std::shared_ptr<SpareAttention> spare_job(const Shapes& s, const float* q, const void* k,

@@ -78,8 +78,10 @@ def _kernel_build(variant, build):
                                     "_MULTI_TARGET": cpu_dense._MULTI_SYMBOL}
         flags = DENSE_BUILDS[build]
     else:
+        # (the table entry too: a decode step names its weights by address)
         module, names = cpu_quantized, {"_FLOAT_TARGET": cpu_quantized._FLOAT_SYMBOL,
-                                        "_MULTI_TARGET": cpu_quantized._MULTI_SYMBOL}
+                                        "_MULTI_TARGET": cpu_quantized._MULTI_SYMBOL,
+                                        "_TABLE_TARGET": cpu_quantized._TABLE_SYMBOL}
         flags = QUANTIZED_BUILDS[build]
     assert module.available()  # the default build registered under the default names first
     targets = {f"{stem}{attr.lower()}": attr for attr in names}

@@ -28,6 +28,19 @@ def test_a_plain_model_is_accepted(model_dir):
     (dict(enable_lora=True, runner="pooling", convert="embed"), "on a pooling model"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
      "--kv-transfer-config"),
+    # Options that change what is computed or returned, which the runner would not read:
+    (dict(logprobs_mode="processed_logprobs"), "--logprobs-mode processed_logprobs"),
+    (dict(logits_processors=["vllm.v1.sample.logits_processor.builtin:MinPLogitsProcessor"]),
+     "--logits-processors"),
+    (dict(enable_return_routed_experts=True), "--enable-return-routed-experts"),
+    (dict(prefill_context_parallel_size=2), "context parallelism"),
+    (dict(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=["0"]),
+     "--kv-cache-dtype-skip-layers"),
+    (dict(hf_overrides={"rope_theta": 5000.0}), "--hf-overrides"),
+    (dict(watermark_config={"key": 7}), "V2 model runner"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                              "prompt_lookup_max": 2, "rejection_sample_method": "block"}),
+     "rejection_sample_method 'block'"),
 ])
 def test_unsupported_features_are_refused_by_name(model_dir, args, flag):
     spec = args.get("speculative_config")
@@ -36,6 +49,40 @@ def test_unsupported_features_are_refused_by_name(model_dir, args, flag):
     with pytest.raises(Exception, match="xla-inference does not support") as info:
         _config(model_dir, **args)
     assert flag in str(info.value)
+
+
+def test_hf_overrides_are_served_through_vllms_model_class(model_dir):
+    """A native family reads config.json (refused above); vLLM's class reads the overridden
+    hf_config."""
+    config = _config(model_dir, hf_overrides={"rope_theta": 5000.0}, model_impl="vllm")
+    assert config.model_config.hf_config.rope_theta == 5000.0
+
+
+def test_multimodal_options_the_encoders_do_not_read_are_refused(tmp_path):
+    """Image or video embeddings as inputs (the encoders read pixels) and video token pruning
+    (the encoder would get fewer placeholders than patches) stop the start-up by name."""
+    from tests.plugin.test_image_processors import _tiny_qwen2_5_vl
+
+    model = _tiny_qwen2_5_vl(tmp_path / "qwen2_5_vl")
+    for args, flag in [(dict(enable_mm_embeds=True), "--enable-mm-embeds"),
+                       (dict(video_pruning_rate=0.5), "--video-pruning-rate")]:
+        with pytest.raises(Exception, match=f"xla-inference does not support .*{flag}"):
+            _config(model, skip_tokenizer_init=True, **args)
+
+
+def test_a_thinking_token_budget_is_refused_per_request():
+    """vLLM's samplers end the reasoning when the budget is spent; a request asking for it
+    gets a validation error (a 400 through the server), not an unbounded reasoning."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from xla_inference.plugin.platform import XlaPlatform
+
+    XlaPlatform.validate_request({"type": "token", "prompt_token_ids": [1, 2]},
+                                 SamplingParams(max_tokens=4))
+    with pytest.raises(VLLMValidationError, match="thinking_token_budget"):
+        XlaPlatform.validate_request({"type": "token", "prompt_token_ids": [1, 2]},
+                                     SamplingParams(max_tokens=4, thinking_token_budget=8))
 
 
 def test_a_checkpoint_quantized_by_an_unserved_method_is_refused(tmp_path):

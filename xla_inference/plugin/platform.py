@@ -293,6 +293,11 @@ class XlaPlatform(Platform):
             raise VLLMValidationError("xla-inference does not return logprobs with "
                                       "speculative decoding (--speculative-config) yet",
                                       parameter="logprobs")
+        if getattr(params, "thinking_token_budget", None) is not None:
+            # vLLM's samplers end the reasoning when the budget is spent; ours do not yet.
+            raise VLLMValidationError("xla-inference does not support thinking_token_budget "
+                                      "yet (a cap on reasoning tokens); max_tokens caps the "
+                                      "whole output", parameter="thinking_token_budget")
         if params.prompt_logprob_token_ids is not None:
             # vLLM itself serves these only with its V2 model runner, and refuses them first
             # unless VLLM_USE_V2_MODEL_RUNNER=1.
@@ -409,11 +414,66 @@ def refuse_unsupported_features(vllm_config) -> None:
                  "images and videos, Gemma 3 and Llama 4 images are served natively; "
                  "--language-model-only or --limit-mm-per-prompt with every limit 0 serves its text model)"),
     ]
+    refusals += _unread_option_refusals(vllm_config)
     refusals += _kv_connector_refusals(vllm_config)
     for refused, feature in refusals:
         if refused:
             raise ValueError(f"xla-inference does not support {feature()} yet")
     spec_decode.refuse_unserved(vllm_config)
+
+
+def _unread_option_refusals(vllm_config) -> list:
+    """vLLM options that change what a model computes or returns, which this platform's
+    runner would otherwise accept and never read (its output then not what vLLM's own
+    backends give), or die on at the first step: (refused, feature) pairs."""
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    mm = getattr(model, "multimodal_config", None)
+    cache = vllm_config.cache_config
+    return [
+        # Our runner keeps vLLM's V1 model-runner contract; under V2 (which a watermark turns
+        # on) the scheduler resends a resumed request as new and stops sending its tokens.
+        (vllm_config.use_v2_model_runner,
+         lambda: "vLLM's V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1, or --watermark-config, "
+                 "which needs it)"),
+        (model is not None and model.logprobs_mode != "raw_logprobs",
+         lambda: f"--logprobs-mode {model.logprobs_mode} (served: raw_logprobs)"),
+        (model is not None and bool(model.logits_processors),
+         lambda: "custom logits processors (--logits-processors)"),
+        (bool(_installed_logits_processor_plugins()),
+         lambda: "logits processor plugins (installed in the vllm.logits_processors entry "
+                 f"point group: {', '.join(_installed_logits_processor_plugins())})"),
+        (vllm_config.aux_output_config.enabled,
+         lambda: "returning routed experts (--enable-return-routed-experts)"),
+        (parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1,
+         lambda: "context parallelism (--decode-context-parallel-size, "
+                 "--prefill-context-parallel-size)"),
+        (mm is not None and mm.enable_mm_embeds,
+         lambda: "image or video embeddings as inputs (--enable-mm-embeds)"),
+        (mm is not None and mm.is_multimodal_pruning_enabled(),
+         lambda: "video token pruning (--video-pruning-rate)"),
+        (bool(cache.kv_cache_dtype_skip_layers) and str(cache.cache_dtype).startswith("fp8"),
+         lambda: "--kv-cache-dtype-skip-layers (one KV cache dtype serves every layer)"),
+        # A native family reads the checkpoint's config.json, not vLLM's overridden hf_config.
+        (model is not None and bool(model.hf_overrides or model.hf_config_path)
+         and _implementation(model) == "native",
+         lambda: "--hf-overrides or --hf-config-path with a native JAX family (it reads the "
+                 "checkpoint's config.json); --model-impl vllm serves them through vLLM's "
+                 "model class"),
+    ]
+
+
+def _installed_logits_processor_plugins() -> list[str]:
+    """Names of the logits processors installed as plugins, which vLLM's own runners apply
+    to every request (vllm/v1/sample/logits_processor: its entry point group)."""
+    from importlib.metadata import entry_points
+
+    return sorted(e.name for e in entry_points(group="vllm.logits_processors"))
+
+
+def _implementation(model_config) -> str:
+    from xla_inference.plugin.worker import model_implementation
+
+    return model_implementation(model_config)
 
 
 def _kv_connector_refusals(vllm_config) -> list:

@@ -96,6 +96,10 @@ def refuse_unserved(vllm_config) -> None:
     if vllm_config.scheduler_config.async_scheduling and method not in ASYNC_METHODS:
         raise ValueError(f"xla-inference serves {method} speculative decoding with "
                          "synchronous scheduling only; drop --async-scheduling")
+    if getattr(spec, "rejection_sample_method", "standard") != "standard":
+        raise ValueError(f"xla-inference does not support rejection_sample_method "
+                         f"{spec.rejection_sample_method!r} with {method} speculative decoding "
+                         "yet (served: standard)")
     if method in ("draft_model", *EAGLE_METHODS):
         _refuse_unserved_draft_options(spec)
     if method == "mtp":
@@ -110,9 +114,6 @@ def _refuse_unserved_draft_options(spec) -> None:
          "a draft model with another vocabulary (use_heterogeneous_vocab)"),
         (getattr(spec, "draft_sample_method", "greedy") != "greedy",
          f"draft_sample_method {getattr(spec, 'draft_sample_method', None)!r} (served: greedy)"),
-        (getattr(spec, "rejection_sample_method", "standard") != "standard",
-         f"rejection_sample_method {getattr(spec, 'rejection_sample_method', None)!r} "
-         "(served: standard)"),
         (getattr(spec, "parallel_drafting", False), "parallel_drafting"),
     ]
     for refused, what in refusals:

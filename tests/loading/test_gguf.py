@@ -246,6 +246,50 @@ def test_state_dict_names_and_tied_embeddings():
         llama_hf_state_dict_from_gguf(tensors, untied)
 
 
+@pytest.mark.parametrize("keys, rope", [
+    ({}, {"rope_type": "default"}),
+    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, {"rope_type": "default"}),
+    ({"llama.rope.scaling.factor": 1.0}, {"rope_type": "default"}),
+    # llama.cpp reads a factor without a type as linear, and the older scale_linear key too
+    ({"llama.rope.scaling.factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),
+    ({"llama.rope.scale_linear": 2.0}, {"rope_type": "linear", "factor": 2.0}),
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 8.0},
+     {"rope_type": "linear", "factor": 8.0}),
+])
+def test_llama_gguf_rope_scaling_as_llama_cpp_reads_it(keys, rope):
+    dims = dict(num_layers=1, hidden=8, ffn=16, heads=2, kv_heads=1, vocab=11)
+    metadata = {"general.architecture": "llama", **llama_metadata(**dims), **keys}
+    config = llama_hf_config_from_gguf(metadata)
+    assert config["rope_parameters"] == {**rope, "rope_theta": 10000.0}
+    from xla_inference.models.registry import model_family
+
+    cfg = model_family(config).config_from_hf(config)  # and our Llama turns by it
+    expected = 1 / 10000.0 ** (np.arange(0, 4, 2) / 4) / rope.get("factor", 1.0)
+    np.testing.assert_allclose(cfg.inv_freq(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("keys, match", [
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0},
+     "rope scaling 'yarn'"),
+    ({"llama.rope.dimension_count": 2}, "rope.dimension_count 2 is not the head size 4"),
+])
+def test_llama_gguf_rope_we_do_not_turn_is_refused(keys, match):
+    dims = dict(num_layers=1, hidden=8, ffn=16, heads=2, kv_heads=1, vocab=11)
+    metadata = {"general.architecture": "llama", **llama_metadata(**dims), **keys}
+    with pytest.raises(ValueError, match=match):
+        llama_hf_config_from_gguf(metadata)
+
+
+def test_gguf_projection_biases_are_refused_not_dropped():
+    dims = dict(num_layers=1, hidden=8, ffn=16, heads=2, kv_heads=1, vocab=11)
+    metadata = {"general.architecture": "llama", **llama_metadata(**dims)}
+    tensors = {name: np.zeros(s, np.float32) for name, s in llama_shapes(**dims).items()}
+    tensors["blk.0.attn_q.bias"] = np.zeros(8, np.float32)
+    config = llama_hf_config_from_gguf(metadata, tensors)
+    with pytest.raises(ValueError, match="'blk.0.attn_q.bias'.*projection biases"):
+        llama_hf_state_dict_from_gguf(tensors, config)
+
+
 def test_raw_q_blocks_are_permuted_like_the_values(llama_gguf):
     """The quantized blocks come out in HF row order too: dequantizing them gives the HF
     tensor (what a kept-quantized product would multiply)."""
@@ -309,6 +353,18 @@ def test_gemma3_names_norms_and_layer_pattern():
     from xla_inference.models.registry import model_family
 
     assert model_family(config).config_from_hf(config).num_layers == 6
+
+
+def test_gemma3_27b_gguf_scales_attention_by_hidden_over_heads():
+    """llama.cpp hard-codes Gemma 3 27B's attention scale by its 62 layers: (hidden / heads)
+    ** -0.5, what its HF config's query_pre_attn_scalar (168) says; other sizes head_dim."""
+    from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf
+
+    big = {**GEMMA3_METADATA, "gemma3.block_count": 62, "gemma3.embedding_length": 5376,
+           "gemma3.attention.head_count": 32, "gemma3.attention.key_length": 128}
+    assert gemma3_hf_config_from_gguf(big, [])["query_pre_attn_scalar"] == 168
+    small = gemma3_hf_config_from_gguf(GEMMA3_METADATA, [])
+    assert small["query_pre_attn_scalar"] == small["head_dim"]
 
 
 def test_unsupported_gguf_architecture_is_named():

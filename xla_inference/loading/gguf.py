@@ -270,9 +270,37 @@ def _check_llama(metadata: dict[str, Any]) -> None:
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"expected a GGUF of architecture 'llama', got {arch!r}")
-    scaling = metadata.get("llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported")
+
+
+def llama_rope_parameters(metadata: dict[str, Any], rope_theta: float) -> dict[str, Any]:
+    """The rope a llama GGUF asks for, as llama.cpp reads it: `rope.scaling.type` (linear
+    where the key is absent) with `rope.scaling.factor` (or the older `rope.scale_linear`);
+    no factor, or a factor of 1, is plain rope. Types other than linear are refused."""
+    kind = metadata.get("llama.rope.scaling.type")
+    factor = metadata.get("llama.rope.scaling.factor", metadata.get("llama.rope.scale_linear"))
+    if kind == "none" or (kind in (None, "linear") and float(factor or 0) in (0.0, 1.0)):
+        return {"rope_type": "default", "rope_theta": rope_theta}
+    if kind in (None, "linear"):
+        return {"rope_type": "linear", "factor": float(factor), "rope_theta": rope_theta}
+    raise ValueError(f"GGUF rope scaling {kind!r} (llama.rope.scaling.type) is not supported; "
+                     "served: none, linear")
+
+
+def refuse_bias_tensors(tensor_names: Iterable[str], arch: str) -> None:
+    """llama.cpp adds a GGUF's projection biases; the families here read none from a GGUF,
+    so one would be dropped: refused, naming it."""
+    for name in tensor_names:
+        if name.endswith(".bias"):
+            raise ValueError(f"GGUF tensor {name!r}: xla-inference does not serve {arch} "
+                             "GGUFs with projection biases")
+
+
+def check_rotary_dims(metadata: dict[str, Any], head_dim: int) -> None:
+    """llama.cpp turns only the first `rope.dimension_count` dimensions of each head."""
+    rotated = int(arch_key(metadata, "rope.dimension_count", head_dim))
+    if rotated != head_dim:
+        raise ValueError(f"GGUF rope.dimension_count {rotated} is not the head size {head_dim}: "
+                         "xla-inference turns every dimension of a head (no partial rope)")
 
 
 _TOKEN_ID_KEYS = {
@@ -313,7 +341,9 @@ def llama_hf_config_from_gguf(
     hidden_size = int(arch_key(metadata, "embedding_length"))
     num_heads = int(arch_key(metadata, "attention.head_count"))
     head_dim = int(arch_key(metadata, "attention.key_length", hidden_size // num_heads))
+    check_rotary_dims(metadata, head_dim)
     rope_theta = float(arch_key(metadata, "rope.freq_base", 10000.0))
+    rope = llama_rope_parameters(metadata, rope_theta)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -327,7 +357,7 @@ def llama_hf_config_from_gguf(
         "rms_norm_eps": float(arch_key(metadata, "attention.layer_norm_rms_epsilon")),
         "rope_theta": rope_theta,
         # transformers >= 5 reads rope settings from here; older readers use rope_theta.
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "rope_parameters": rope,
         "attention_bias": False,
         "mlp_bias": False,
         **common_hf_config(metadata, tensor_names),
@@ -394,6 +424,7 @@ def llama_hf_state_dict_from_gguf(tensors: Mapping[str, np.ndarray], config: dic
     check_tied(tensors, config)
     heads_of = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     recipes = {}
+    refuse_bias_tensors(tensors, "llama")
     for name in tensors:
         kind = layer_kind(name)
         rows = hf_rope_row_order(tensor_shape(tensors, name)[0], heads_of[kind]) if kind in heads_of else None

@@ -8,7 +8,8 @@ permuted for Gemma (llama.cpp runs it with NEOX-style rope, as HF does).
 
 What the GGUF does not record, llama.cpp hard-codes for Gemma 3, and so do we: a global
 layer after every five sliding ones, a rope base of 10000 for the sliding layers, and
-query_pre_attn_scalar = head_dim (true of every size but 27B, whose config says 168).
+query_pre_attn_scalar = head_dim, except for the 27B model (62 layers), whose config says
+hidden_size / num_heads (168), as llama.cpp uses for it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from xla_inference.loading.gguf import (LLAMA_LAYER_NAMES, HFTensors, Recipe, arch_key, check_tied,
-                                        common_hf_config, hf_name)
+from xla_inference.loading.gguf import (LLAMA_LAYER_NAMES, HFTensors, Recipe, arch_key,
+                                        check_rotary_dims, check_tied, common_hf_config, hf_name,
+                                        refuse_bias_tensors)
 
 _SLIDING_WINDOW_PATTERN = 6
 _LOCAL_ROPE_THETA = 10_000.0
@@ -43,7 +45,9 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
     get = lambda suffix, default=None: arch_key(metadata, suffix, default)  # noqa: E731
     num_layers = int(get("block_count"))
     num_heads = int(get("attention.head_count"))
+    hidden_size = int(get("embedding_length"))
     head_dim = int(get("attention.key_length"))
+    check_rotary_dims(metadata, head_dim)
     global_rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 1_000_000.0))}
     if get("rope.scaling.type", "none") not in ("none", "linear"):
         raise ValueError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported")
@@ -52,7 +56,7 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
-        "hidden_size": int(get("embedding_length")),
+        "hidden_size": hidden_size,
         "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
@@ -60,7 +64,8 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
         "head_dim": head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "query_pre_attn_scalar": head_dim,
+        "query_pre_attn_scalar": _query_pre_attn_scalar(num_layers, hidden_size, num_heads,
+                                                        head_dim),
         "sliding_window": int(get("attention.sliding_window")),
         "layer_types": [
             "full_attention" if (i + 1) % _SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
@@ -77,10 +82,23 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
     }
 
 
+_GEMMA3_27B_LAYERS = 62
+
+
+def _query_pre_attn_scalar(num_layers: int, hidden_size: int, num_heads: int,
+                           head_dim: int) -> float:
+    """Gemma 3's attention scale is query_pre_attn_scalar ** -0.5: head_dim for every size
+    but 27B, whose checkpoints (and llama.cpp, by its layer count) take hidden / heads."""
+    if num_layers == _GEMMA3_27B_LAYERS:
+        return hidden_size / num_heads
+    return head_dim
+
+
 def gemma3_hf_state_dict_from_gguf(tensors: Mapping[str, np.ndarray], config: dict[str, Any]) -> HFTensors:
     """GGUF tensors (numpy order) -> HF Gemma3ForCausalLM names, norms back to HF's w (as
     transformers' loader does, w = stored - 1 in float32), made on access."""
     check_tied(tensors, config)
+    refuse_bias_tensors(tensors, "gemma3")
     recipes = {}
     for name in tensors:
         subtract = 1.0 if name.endswith("norm.weight") else 0.0

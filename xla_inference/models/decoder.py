@@ -57,8 +57,25 @@ class DecoderConfig:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
 
-def decoder_fields(hf: Mapping) -> dict:
-    """The DecoderConfig fields every family reads the same way from a HF config.json."""
+# What each family's MLP computes: SiLU-gated (layers/mlp.gated_mlp); Gemma's its own.
+SILU_ACTIVATIONS = ("silu", "swish")
+
+
+def refuse_other_activation(hf: Mapping, served: tuple[str, ...] = SILU_ACTIVATIONS,
+                            key: str = "hidden_act") -> None:
+    """A config.json whose MLP activation (`key`) is not the one the family computes would
+    be served with the wrong MLP: refused, naming it."""
+    found = hf.get(key, served[0])
+    if found not in served:
+        raise ValueError(f"xla-inference serves {hf.get('model_type', 'this family')} with "
+                         f"{key} {' or '.join(served)}, not {found!r}")
+
+
+def decoder_fields(hf: Mapping, activations: tuple[str, ...] = SILU_ACTIVATIONS,
+                   activation_key: str = "hidden_act") -> dict:
+    """The DecoderConfig fields every family reads the same way from a HF config.json; an
+    MLP activation other than `activations` (under `activation_key`) is refused."""
+    refuse_other_activation(hf, activations, activation_key)
     num_heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":

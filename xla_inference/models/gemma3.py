@@ -79,7 +79,12 @@ class Gemma3Config(DecoderConfig):
         global_rope, local_rope = _rope_parameters(hf)
         layer_types = _layer_types(hf)
         window = hf.get("sliding_window")
-        fields = decoder_fields(hf)
+        refusals = [(hf.get("attention_bias"), "attention_bias"),
+                    (hf.get("use_bidirectional_attention"), "use_bidirectional_attention")]
+        for refused, field in refusals:
+            if refused:
+                raise ValueError(f"xla-inference does not serve Gemma 3 checkpoints with {field}")
+        fields = decoder_fields(hf, ("gelu_pytorch_tanh",), "hidden_activation")
         fields.update(
             rope_theta=float(global_rope.pop("rope_theta", 1_000_000.0)),
             rope_scaling=tuple(sorted(global_rope.items())) or None,

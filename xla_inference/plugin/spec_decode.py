@@ -152,11 +152,14 @@ def load_draft_model(vllm_config, precision, dummy: bool):
         return load_eagle_head(vllm_config, precision, dummy)
     if spec is None or spec.method != "draft_model":
         return None
+    from xla_inference.loading.hub import local_checkpoint
     from xla_inference.plugin.quantization import loader_method
     from xla_inference.runner.build import load
 
     draft = spec.draft_model_config
-    model = load(draft.model, precision, random_seed=(draft.seed or 0) if dummy else None,
+    model = load(local_checkpoint(draft.model, draft.revision, vllm_config.load_config.download_dir,
+                                  weights=not dummy),
+                 precision, random_seed=(draft.seed or 0) if dummy else None,
                  quantization=loader_method(draft.quantization))
     logger.info("xla-inference: loaded draft model %s (%.1f MiB of weights)", draft.model,
                 model.weight_bytes / (1 << 20))
@@ -277,15 +280,14 @@ class LoadedEagle:
         return self.cfg.vocab_size
 
 
-def _draft_checkpoint_dir(path: str):
+def _draft_checkpoint_dir(vllm_config):
     """A local directory of the draft's checkpoint (a hub id is fetched as vLLM would)."""
     from pathlib import Path
 
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
+    from xla_inference.loading.hub import local_checkpoint
 
-    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    draft = vllm_config.speculative_config.draft_model_config
+    return Path(local_checkpoint(draft.model, draft.revision, vllm_config.load_config.download_dir))
 
 
 def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
@@ -302,7 +304,7 @@ def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:
         raise ValueError(f"xla-inference does not serve {method} speculative decoding with "
                          "random (dummy) weights")
     # mtp: vLLM names the target's checkpoint as the draft's.
-    path = _draft_checkpoint_dir(vllm_config.speculative_config.draft_model_config.model)
+    path = _draft_checkpoint_dir(vllm_config)
     hf = json.loads((path / "config.json").read_text())
     tensors = CheckpointTensors(safetensors_files(path))
     if method == "mtp":

@@ -241,7 +241,8 @@ class XlaWorker(WorkerBase):
         quantization = loader_method(mc.quantization)
         # Across hosts each process reads from the checkpoint only its devices' slices, at
         # placement (runner/build.load's reads_slices); one process reads as before.
-        self.model = load(mc.model, self.precision, random_seed=(mc.seed or 0) if dummy else None,
+        self.model = load(self._checkpoint(weights=not dummy), self.precision,
+                          random_seed=(mc.seed or 0) if dummy else None,
                           quantization=quantization, reads_slices=_several_hosts())
         self.model = prepare_target(self.vllm_config, self.model, self.draft_model)
         self.loaded_weight_bytes = self.model.weight_bytes
@@ -258,8 +259,16 @@ class XlaWorker(WorkerBase):
         if dummy or quantization:
             raise ValueError("xla-inference serves pooling models from unquantized checkpoints "
                              "(no --load-format dummy, no quantization)")
-        self.model = load_pooling(self.model_config.model, self.precision)
+        self.model = load_pooling(self._checkpoint(), self.precision)
         self.loaded_weight_bytes = self.model.weight_bytes
+
+    def _checkpoint(self, weights: bool = True) -> str:
+        """The served model's local checkpoint (a hub id fetched as vLLM would)."""
+        from xla_inference.loading.hub import local_checkpoint
+
+        mc = self.model_config
+        return local_checkpoint(mc.model, mc.revision, self.load_config.download_dir,
+                                weights=weights)
 
     def get_kv_cache_spec(self) -> dict:
         """Every attention layer's cache: the target's, and a draft model's beside them (vLLM

@@ -15,6 +15,7 @@ import socket
 
 import torch
 
+from xla_inference.loading.hub import local_checkpoint
 from xla_inference.models.pooling_loader import refuse_extra_sentence_transformer_modules
 from xla_inference.parallel.sharding import build_mesh
 from xla_inference.runner.build import LoadedModel, Precision
@@ -156,7 +157,10 @@ def refuse_unserved_pooling_model(module: torch.nn.Module, vllm_config) -> None:
     sparse pooler, a projector) would be served wrong by our pooling runner: refused."""
     if vllm_config.model_config.runner_type != "pooling":
         return
-    refuse_extra_sentence_transformer_modules(vllm_config.model_config.model)
+    mc = vllm_config.model_config
+    refuse_extra_sentence_transformer_modules(  # modules.json: a hub id's too
+        local_checkpoint(mc.model, mc.revision, vllm_config.load_config.download_dir,
+                         weights=False))
     name = type(module).__name__
     encoder = type(getattr(module, "model", None)).__name__
     if name in _SERVED_POOLING_CLASSES and encoder not in _SERVED_ENCODERS:

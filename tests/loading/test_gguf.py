@@ -280,6 +280,87 @@ def test_llama_gguf_rope_we_do_not_turn_is_refused(keys, match):
         llama_hf_config_from_gguf(metadata)
 
 
+_HF_TO_GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _llama3_rope_gguf(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny HF Llama with Llama 3.1's rope scaling, and its GGUF as llama.cpp's converter
+    writes one: q/k rows permuted, float32 tensors, the scaling as rope_freqs.weight (each
+    frequency's divisor, here taken from transformers' own llama3 frequencies)."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tests.helpers import rewrite_checkpoint, save_tiny_model
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            "rope_theta": 500000.0}
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_parameters=rope,
+        bos_token_id=1, eos_token_id=2)
+    # q and k scaled up, so that attention turns on the low frequencies llama3 slows
+    hf_dir = rewrite_checkpoint(
+        save_tiny_model(tmp_path / "random", config), tmp_path / "hf",
+        lambda name, t: t * 12 if name.endswith(("q_proj.weight", "k_proj.weight")) else t)
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    plain = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    tensors = {"token_embd.weight": hf["model.embed_tokens.weight"],
+               "output_norm.weight": hf["model.norm.weight"], "output.weight": hf["lm_head.weight"],
+               "rope_freqs.weight": (plain / scaled.numpy().astype(np.float64)).astype(np.float32)}
+    for name, value in hf.items():
+        if name.startswith("model.layers."):
+            _, _, layer, *module, _ = name.split(".")
+            kind = _HF_TO_GGUF_LAYER[".".join(module)]
+            heads = {"attn_q": 4, "attn_k": 2}.get(kind)
+            tensors[f"blk.{layer}.{kind}.weight"] = llama_cpp_permute(value, heads) if heads else value
+    metadata = {**llama_metadata(num_layers=2, hidden=64, ffn=96, heads=4, kv_heads=2, vocab=128),
+                "llama.rope.freq_base": 500000.0, "llama.attention.key_length": 16,
+                "llama.rope.dimension_count": 16}
+    path = tmp_path / "llama3.gguf"
+    write_gguf(path, {n: (np.ascontiguousarray(v), T.F32) for n, v in tensors.items()}, metadata)
+    return hf_dir, path
+
+
+def test_llama3_rope_frequencies_of_a_gguf_are_served_as_transformers_scales_them(tmp_path):
+    """Llama 3.1+ GGUFs carry their rope scaling as rope_freqs.weight: read back as llama3
+    parameters, the GGUF's logits are transformers' on the HF checkpoint it came from."""
+    from tests.helpers import assert_ragged_logits, hf_logits, tiny_engine
+
+    hf_dir, path = _llama3_rope_gguf(tmp_path)
+    config, _ = load_checkpoint(path)
+    assert config["rope_parameters"] == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    prompts = [[1, *np.random.default_rng(0).integers(3, 128, 29).tolist()]]
+    expected = [hf_logits(hf_dir, p) for p in prompts]
+    assert_ragged_logits(tiny_engine(path), prompts, expected, [{0: 17}, {0: 13}], tol=2e-4)
+    # and plain rope (rope_freqs ignored) would not pass
+    import shutil
+
+    plain_dir = shutil.copytree(hf_dir, tmp_path / "plain")
+    plain = json.loads((plain_dir / "config.json").read_text())
+    plain["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (plain_dir / "config.json").write_text(json.dumps(plain))
+    assert np.abs(hf_logits(plain_dir, prompts[0]) - expected[0]).max() > 10 * 2e-4
+
+
+def test_other_rope_frequency_divisors_are_refused():
+    dims = dict(num_layers=1, hidden=8, ffn=16, heads=2, kv_heads=1, vocab=11)
+    metadata = {"general.architecture": "llama", **llama_metadata(**dims)}
+    tensors = {name: np.zeros(s, np.float32) for name, s in llama_shapes(**dims).items()}
+    tensors["rope_freqs.weight"] = np.array([1.0, 3.0], np.float32)
+    with pytest.raises(ValueError, match="rope_freqs.weight.*not the llama3 rope scaling"):
+        llama_hf_config_from_gguf(metadata, tensors)
+
+
 def test_gguf_projection_biases_are_refused_not_dropped():
     dims = dict(num_layers=1, hidden=8, ffn=16, heads=2, kv_heads=1, vocab=11)
     metadata = {"general.architecture": "llama", **llama_metadata(**dims)}

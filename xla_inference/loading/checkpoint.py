@@ -166,5 +166,5 @@ def hf_checkpoint_from_gguf(metadata: dict, tensors: Mapping[str, np.ndarray]
         raise ValueError(f"GGUF architecture {arch!r} is not supported yet "
                          f"(supported: {', '.join(sorted(converters))})")
     make_config, make_state = converters[arch]
-    config = make_config(metadata, tensors.keys())
+    config = make_config(metadata, tensors)  # (its names; llama also reads rope_freqs)
     return config, make_state(tensors, config)

@@ -272,18 +272,63 @@ def _check_llama(metadata: dict[str, Any]) -> None:
         raise ValueError(f"expected a GGUF of architecture 'llama', got {arch!r}")
 
 
-def llama_rope_parameters(metadata: dict[str, Any], rope_theta: float) -> dict[str, Any]:
+def llama_rope_parameters(metadata: dict[str, Any], rope_theta: float, head_dim: int,
+                          divisors: np.ndarray | None = None) -> dict[str, Any]:
     """The rope a llama GGUF asks for, as llama.cpp reads it: `rope.scaling.type` (linear
     where the key is absent) with `rope.scaling.factor` (or the older `rope.scale_linear`);
-    no factor, or a factor of 1, is plain rope. Types other than linear are refused."""
+    no factor, or a factor of 1, is plain rope. Types other than linear are refused.
+    divisors: the file's `rope_freqs.weight` (Llama 3.1+: llama3 scaling written as one
+    divisor per frequency), read back as the llama3 parameters that give them."""
     kind = metadata.get("llama.rope.scaling.type")
     factor = metadata.get("llama.rope.scaling.factor", metadata.get("llama.rope.scale_linear"))
-    if kind == "none" or (kind in (None, "linear") and float(factor or 0) in (0.0, 1.0)):
+    plain = kind == "none" or (kind in (None, "linear") and float(factor or 0) in (0.0, 1.0))
+    if divisors is not None:
+        if not plain:
+            raise ValueError(f"GGUF with rope_freqs.weight and rope scaling {kind or 'linear'} "
+                             f"(factor {factor}) both: not supported")
+        return {**llama3_rope_from_divisors(divisors, head_dim, rope_theta),
+                "rope_theta": rope_theta}
+    if plain:
         return {"rope_type": "default", "rope_theta": rope_theta}
     if kind in (None, "linear"):
         return {"rope_type": "linear", "factor": float(factor), "rope_theta": rope_theta}
     raise ValueError(f"GGUF rope scaling {kind!r} (llama.rope.scaling.type) is not supported; "
                      "served: none, linear")
+
+
+ROPE_DIVISORS = "rope_freqs.weight"
+# (low_freq_factor, high_freq_factor, original_max_position_embeddings) of the llama3 rope
+# scalings released (Llama 3.1, 3.2, 3.3: their config.json's), tried in turn.
+_LLAMA3_ROPE_BANDS = ((1.0, 4.0, 8192),)
+
+
+def llama3_rope_divisors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                         original: int) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs.weight for llama3 rope scaling: each
+    frequency's divisor, 1 for wavelengths under original/high, `factor` over original/low,
+    and between them 1 / ((1 - s) / factor + s), s rising linearly with original/wavelength."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    divisors = 1.0 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelen < original / high, 1.0, divisors)
+    return np.where(wavelen > original / low, factor, divisors)
+
+
+def llama3_rope_from_divisors(divisors: np.ndarray, head_dim: int, theta: float) -> dict:
+    """The llama3 rope_parameters whose divisors (llama3_rope_divisors) are the file's;
+    refused, naming the tensor, when none of the released bands gives them."""
+    divisors = np.asarray(divisors, np.float64).reshape(-1)
+    factor = float(divisors.max())
+    for low, high, original in _LLAMA3_ROPE_BANDS:
+        if divisors.shape == (head_dim // 2,) and np.allclose(
+                llama3_rope_divisors(head_dim, theta, factor, low, high, original), divisors,
+                rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise ValueError("GGUF tensor 'rope_freqs.weight' (a divisor per rope frequency) is not "
+                     "the llama3 rope scaling of Llama 3.1-3.3; other frequency divisors are "
+                     "not supported")
 
 
 def refuse_bias_tensors(tensor_names: Iterable[str], arch: str) -> None:
@@ -335,7 +380,8 @@ def llama_hf_config_from_gguf(
 
     `tensor_names` decides tie_word_embeddings (tied iff there is no `output.weight`);
     without it the embeddings are assumed tied and the state-dict mapping will refuse
-    a file that has its own `output.weight`.
+    a file that has its own `output.weight`. Given the tensors themselves (a mapping), a
+    `rope_freqs.weight` among them is read as llama3 rope scaling.
     """
     _check_llama(metadata)
     hidden_size = int(arch_key(metadata, "embedding_length"))
@@ -343,7 +389,10 @@ def llama_hf_config_from_gguf(
     head_dim = int(arch_key(metadata, "attention.key_length", hidden_size // num_heads))
     check_rotary_dims(metadata, head_dim)
     rope_theta = float(arch_key(metadata, "rope.freq_base", 10000.0))
-    rope = llama_rope_parameters(metadata, rope_theta)
+    divisors = None
+    if isinstance(tensor_names, Mapping) and ROPE_DIVISORS in tensor_names:
+        divisors = tensor_names[ROPE_DIVISORS]
+    rope = llama_rope_parameters(metadata, rope_theta, head_dim, divisors)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -426,6 +475,10 @@ def llama_hf_state_dict_from_gguf(tensors: Mapping[str, np.ndarray], config: dic
     recipes = {}
     refuse_bias_tensors(tensors, "llama")
     for name in tensors:
+        if name == ROPE_DIVISORS:  # in the config's rope_parameters (llama_hf_config_from_gguf)
+            if config.get("rope_parameters", {}).get("rope_type") != "llama3":
+                raise ValueError(f"GGUF tensor {name!r} but no llama3 rope in the config")
+            continue
         kind = layer_kind(name)
         rows = hf_rope_row_order(tensor_shape(tensors, name)[0], heads_of[kind]) if kind in heads_of else None
         recipes[hf_name(name)] = Recipe(name, rows=rows)

@@ -39,3 +39,15 @@ def test_gemma3_refuses_what_it_does_not_compute(field, value, match):
                                          "attention_bias": False}).num_layers == 2
     with pytest.raises(ValueError, match=match):
         gemma3.Gemma3Config.from_hf({**GEMMA3, field: value})
+
+
+@pytest.mark.parametrize("scaling, match", [
+    ({"rope_type": "yarn", "factor": 4.0}, "unsupported rope scaling 'yarn'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+     "lacks 'original_max_position_embeddings'"),
+])
+def test_rope_scalings_not_turned_by_are_refused_when_the_config_is_read(scaling, match):
+    assert llama.FAMILY.config_from_hf({**LLAMA_LIKE, "rope_scaling": {
+        "rope_type": "linear", "factor": 2.0}}).rope_scaling
+    with pytest.raises(ValueError, match=match):
+        llama.FAMILY.config_from_hf({**LLAMA_LIKE, "rope_scaling": scaling})

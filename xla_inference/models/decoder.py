@@ -262,9 +262,26 @@ def kv_layers(cfg: DecoderConfig) -> list[KvLayer]:
             for w in (cfg.sliding_window(i) for i in range(cfg.num_layers))]
 
 
+def _rope_checked(from_hf):
+    """from_hf whose config's rope frequencies are worked out at once: a rope scaling the
+    family does not turn by (or one missing a field) is refused when the config is read,
+    not when the first step is traced."""
+    def config_from_hf(hf: Mapping):
+        cfg = from_hf(hf)
+        try:
+            cfg.inv_freq()
+        except KeyError as e:
+            raise ValueError(f"the config's rope scaling {dict(cfg.rope_scaling or ())} lacks "
+                             f"{e}") from e
+        return cfg
+
+    return config_from_hf
+
+
 def decoder_family(name: str, architectures: tuple[str, ...], config_cls, **overrides
                    ) -> ModelFamily:
     """A family record on this module's functions; `overrides` replace any of them."""
-    fields = dict(config_from_hf=config_cls.from_hf, load_params=load_params, forward=forward,
+    fields = dict(config_from_hf=_rope_checked(config_cls.from_hf), load_params=load_params,
+                  forward=forward,
                   compute_logits=compute_logits, kv_layers=kv_layers)
     return ModelFamily(name=name, architectures=architectures, **{**fields, **overrides})

@@ -298,8 +298,8 @@ def llama_rope_parameters(metadata: dict[str, Any], rope_theta: float, head_dim:
 
 ROPE_DIVISORS = "rope_freqs.weight"
 # (low_freq_factor, high_freq_factor, original_max_position_embeddings) of the llama3 rope
-# scalings released (Llama 3.1, 3.2, 3.3: their config.json's), tried in turn.
-_LLAMA3_ROPE_BANDS = ((1.0, 4.0, 8192),)
+# scaling released (Llama 3.1, 3.2, 3.3: their config.json's; only the factor differs).
+_LLAMA3_ROPE_BAND = (1.0, 4.0, 8192)
 
 
 def llama3_rope_divisors(head_dim: int, theta: float, factor: float, low: float, high: float,
@@ -317,15 +317,15 @@ def llama3_rope_divisors(head_dim: int, theta: float, factor: float, low: float,
 
 def llama3_rope_from_divisors(divisors: np.ndarray, head_dim: int, theta: float) -> dict:
     """The llama3 rope_parameters whose divisors (llama3_rope_divisors) are the file's;
-    refused, naming the tensor, when none of the released bands gives them."""
+    refused, naming the tensor, when the released band does not give them."""
     divisors = np.asarray(divisors, np.float64).reshape(-1)
     factor = float(divisors.max())
-    for low, high, original in _LLAMA3_ROPE_BANDS:
-        if divisors.shape == (head_dim // 2,) and np.allclose(
-                llama3_rope_divisors(head_dim, theta, factor, low, high, original), divisors,
-                rtol=1e-5, atol=0):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": original}
+    low, high, original = _LLAMA3_ROPE_BAND
+    if divisors.shape == (head_dim // 2,) and np.allclose(
+            llama3_rope_divisors(head_dim, theta, factor, low, high, original), divisors,
+            rtol=1e-5, atol=0):
+        return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": original}
     raise ValueError("GGUF tensor 'rope_freqs.weight' (a divisor per rope frequency) is not "
                      "the llama3 rope scaling of Llama 3.1-3.3; other frequency divisors are "
                      "not supported")

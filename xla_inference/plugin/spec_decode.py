@@ -152,14 +152,12 @@ def load_draft_model(vllm_config, precision, dummy: bool):
         return load_eagle_head(vllm_config, precision, dummy)
     if spec is None or spec.method != "draft_model":
         return None
-    from xla_inference.loading.hub import local_checkpoint
     from xla_inference.plugin.quantization import loader_method
     from xla_inference.runner.build import load
 
     draft = spec.draft_model_config
-    model = load(local_checkpoint(draft.model, draft.revision, vllm_config.load_config.download_dir,
-                                  weights=not dummy),
-                 precision, random_seed=(draft.seed or 0) if dummy else None,
+    model = load(_draft_checkpoint_dir(vllm_config, weights=not dummy), precision,
+                 random_seed=(draft.seed or 0) if dummy else None,
                  quantization=loader_method(draft.quantization))
     logger.info("xla-inference: loaded draft model %s (%.1f MiB of weights)", draft.model,
                 model.weight_bytes / (1 << 20))
@@ -280,14 +278,16 @@ class LoadedEagle:
         return self.cfg.vocab_size
 
 
-def _draft_checkpoint_dir(vllm_config):
-    """A local directory of the draft's checkpoint (a hub id is fetched as vLLM would)."""
+def _draft_checkpoint_dir(vllm_config, weights: bool = True):
+    """A local directory of the draft's checkpoint (a hub id is fetched as vLLM would;
+    weights False: its configs alone, for random weights)."""
     from pathlib import Path
 
     from xla_inference.loading.hub import local_checkpoint
 
     draft = vllm_config.speculative_config.draft_model_config
-    return Path(local_checkpoint(draft.model, draft.revision, vllm_config.load_config.download_dir))
+    return Path(local_checkpoint(draft.model, draft.revision, vllm_config.load_config.download_dir,
+                                 weights=weights))
 
 
 def load_eagle_head(vllm_config, precision, dummy: bool) -> LoadedEagle:

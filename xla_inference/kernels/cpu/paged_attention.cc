@@ -320,11 +320,11 @@ DecodeKeys decode_keys(const Shapes& s, const int32_t* table, int64_t pos, int64
   return {n, n_pad};
 }
 
-// The N heads' q rows times the softmax scale, into w.qs (one rounding each, so the same
+// The N heads' q rows times the softmax scale, into qs (one rounding each, so the same
 // values as the vector paths' products of q and the scale in registers).
-void scale_queries(const Shapes& s, const float* q, int64_t H, Scratch& w) {
-  w.qs.resize(s.num_heads * H);
-  for (int64_t i = 0; i < s.num_heads * H; ++i) w.qs[i] = q[i] * s.scale;
+void scale_queries(const Shapes& s, const float* q, int64_t H, std::vector<float>& qs) {
+  qs.resize(s.num_heads * H);
+  for (int64_t i = 0; i < s.num_heads * H; ++i) qs[i] = q[i] * s.scale;
 }
 
 // Each head's n scores (rows n_pad apart in w.scores) capped, exponentiated and normalized:
@@ -362,7 +362,7 @@ void attend_one(const Shapes& s, const float* q, const Cache& k_cache, const Cac
   const int64_t H = kHeadDim > 0 ? kHeadDim : s.head_dim;
   const int64_t n = decode_keys(s, table, pos, H, 1, out, w).n;
   if (n == 0) return;
-  scale_queries(s, q, H, w);
+  scale_queries(s, q, H, w.qs);
   w.widened.resize(K * H);
   for (int64_t i = 0; i < n; ++i) {
     const float* krow = k_cache.row(w.rows[i], w.widened.data());
@@ -561,7 +561,7 @@ void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_c
   const DecodeKeys keys = decode_keys(s, table, pos, H, 16, out, w);
   const int64_t n = keys.n, n_pad = keys.n_pad;
   if (n == 0) return;
-  scale_queries(s, q, H, w);
+  scale_queries(s, q, H, w.qs);
   w.acc.resize(G * 256);  // [G][16 keys][16 lanes]: one KV head's heads' partial sums
   float* const dots = w.acc.data();
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
@@ -873,7 +873,7 @@ void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cac
                              Scratch& w) {
   const DecodeKeys keys = decode_keys(s, table, pos, kHeadDim, 8, out, w);
   if (keys.n == 0) return;
-  scale_queries(s, q, kHeadDim, w);
+  scale_queries(s, q, kHeadDim, w.qs);
   const KeyRanges ranges = key_ranges(keys.n);
   RangePartials part[2];
   range_partials(w.partials, ranges.count, s.num_heads, kHeadDim, part);
@@ -1230,8 +1230,7 @@ struct SpareKeyRanges : SpareAttention {
         v_cache(v, s.num_kv_heads * s.head_dim),
         out(out) {
     key_rows(s, table, first_key(s, pos), pos, s.num_kv_heads * kHeadDim, rows);
-    qs.resize(s.num_heads * kHeadDim);
-    for (size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * s.scale;
+    scale_queries(s, q, kHeadDim, qs);
     range_partials(storage, ranges.count, s.num_heads, kHeadDim, part);
     range_partials(scratch_storage, ranges.count, s.num_heads, kHeadDim, scratch);
   }

@@ -27,6 +27,7 @@ import logging
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from xla_inference import envs
 
@@ -53,6 +54,14 @@ class AttentionBackend:
     @property
     def is_pallas(self) -> bool:
         return self.name in _PALLAS
+
+
+def product_precision(dtype):
+    """The precision a Pallas kernel asks of its products for inputs of this dtype: float32
+    gets HIGHEST (IEEE), since Triton rounds float32 dot inputs to TF32 and Mosaic to bf16
+    unless told otherwise (TF32 put 1e-4 errors in the GPU attention kernel's float32 output
+    on an H200); narrower dtypes take the hardware's own products."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _platform() -> str:

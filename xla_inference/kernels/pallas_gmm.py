@@ -229,7 +229,7 @@ def _gmm_tpu(lhs, weights, n, meta: GroupMetadata, tiling: Tiling, out_dtype,
     block_map = lambda j, i, kk, tile, group, *_: (group[i], kk, j)  # noqa: E731
     strip_map = lambda j, i, kk, tile, group, *_: (group[i], 0, j)  # noqa: E731
     out_map = lambda j, i, kk, tile, group, *_: (tile[i], j)  # noqa: E731
-    precision = _precision(lhs.dtype)
+    precision = kernel_backend.product_precision(lhs.dtype)
     if quant is None:
         w_specs = [pl.BlockSpec((pl.squeezed, tk, tn), block_map)]
         product = lambda x_ref, w_refs, kk: _dense_tile(x_ref, w_refs,  # noqa: E731
@@ -256,10 +256,6 @@ def _gmm_tpu(lhs, weights, n, meta: GroupMetadata, tiling: Tiling, out_dtype,
         name="gmm_tpu" if quant is None else "gmm_quantized_tpu",
     )(meta.item_tile, meta.item_group, meta.item_flags, meta.group_starts, meta.group_ends,
       lhs, *weights)
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 # ------------------------------------------------------------------ GPU (Triton)
@@ -297,18 +293,28 @@ def _gpu_kernel(tile_ref, group_ref, flags_ref, starts_ref, ends_ref, lhs_ref, *
     rows = pl.ds(tile * tm, tm)
     cols = pl.ds(j * tn, tn)
 
-    @pl.when((flags & VALID) != 0)
-    def _():
-        def step(kk, acc):
-            return acc + product(lhs_ref, w_refs, kk, group, rows, cols)
+    valid, has_group = (flags & VALID) != 0, (flags & HAS_GROUP) != 0
 
-        trips = jnp.where((flags & HAS_GROUP) != 0, k_tiles, 0)
-        acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((tm, tn), jnp.float32))
+    def store(acc):
         row_ids = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
         total = ends_ref[ends_ref.shape[0] - 1]
         mine, writes = _row_masks(row_ids, group, flags, starts_ref, ends_ref, total)
         pltriton.store(out_ref.at[rows, cols],
                        jnp.where(mine, acc, 0.0).astype(out_ref.dtype), mask=writes)
+
+    # The K loop has static bounds: a loop to a traced trip count (0 for an item with no
+    # group) lowered, under JAX 0.11's Pallas, to an scf.for whose bounds' types differ,
+    # which Triton refused on the H200. An item with no group only writes its zeros.
+    @pl.when(valid & has_group)
+    def _():
+        def step(kk, acc):
+            return acc + product(lhs_ref, w_refs, kk, group, rows, cols)
+
+        store(jax.lax.fori_loop(0, k_tiles, step, jnp.zeros((tm, tn), jnp.float32)))
+
+    @pl.when(valid & ~has_group)
+    def _():
+        store(jnp.zeros((tm, tn), jnp.float32))
 
 
 def _gmm_gpu(lhs, weights, n, meta: GroupMetadata, tiling: Tiling, out_dtype,
@@ -316,7 +322,7 @@ def _gmm_gpu(lhs, weights, n, meta: GroupMetadata, tiling: Tiling, out_dtype,
     m, k = lhs.shape
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     num_items = meta.item_tile.shape[0]
-    precision = _precision(lhs.dtype)
+    precision = kernel_backend.product_precision(lhs.dtype)
     if quant is None:
         product = functools.partial(_dense_step, tk=tk, precision=precision)
     else:

@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from xla_inference.kernels.backend import product_precision
 from xla_inference.kernels.ragged_paged_attention import is_fp8
 
 # Finite instead of -inf so that rows with no valid key stay NaN-free (as the jnp kernel).
@@ -79,7 +80,8 @@ def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *,
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    cfg = _config(num_tokens, group, head_dim, block_tables.shape[0], num_kv_heads,
+    itemsize = max(jnp.dtype(q.dtype).itemsize, jnp.dtype(k_cache.dtype).itemsize)
+    cfg = _config(num_tokens, group, head_dim, block_tables.shape[0], num_kv_heads, itemsize,
                   tile_rows=tile_rows, kv_chunk=kv_chunk, max_splits=max_splits,
                   num_decode_slots=num_decode_slots, num_warps=num_warps)
     kernel_kw = dict(block_size=block_size, sliding_window=sliding_window, soft_cap=soft_cap,
@@ -121,13 +123,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _config(num_tokens, group, head_dim, num_rows, num_kv_heads, *, tile_rows, kv_chunk,
-            max_splits, num_decode_slots, num_warps):
-    """Tile, chunk and split sizes from the call's static shapes."""
+def _config(num_tokens, group, head_dim, num_rows, num_kv_heads, itemsize, *, tile_rows,
+            kv_chunk, max_splits, num_decode_slots, num_warps):
+    """Tile, chunk and split sizes from the call's static shapes (itemsize: the widest of
+    q's and the cache's element sizes, which sizes the staged K/V tiles)."""
     if tile_rows is None:
         tile_rows = 64 if head_dim <= 128 else 32
     if kv_chunk is None:
-        kv_chunk = 64 if head_dim <= 128 else 32
+        # Keys staged per chunk, K and V, double-buffered, must fit a Hopper SM's 227 KiB of
+        # shared memory beside the q tile: float32 rows of 256 (1 KiB each) took 232 KiB
+        # at 32 keys on the H200, so the widest rows take 16.
+        row_bytes = _next_pow2(head_dim) * itemsize
+        kv_chunk = 64 if head_dim <= 128 else 32 if row_bytes <= 512 else 16
     if kv_chunk < _MIN_DOT or kv_chunk & (kv_chunk - 1):
         raise ValueError(f"kv_chunk {kv_chunk} must be a power of two >= {_MIN_DOT}")
     tile_tokens = max(1, min(tile_rows // group, num_tokens))
@@ -257,7 +264,8 @@ def _attend_chunk(q, row_pos, carry, k_ref, v_ref, bt_ref, row, chunk, score_sca
                                   block_size=block_size)
     dot_dtype = q.dtype
     k = _load_rows(k_ref, (slots,), head_pad).astype(dot_dtype)  # one contiguous row a key
-    scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+    precision = product_precision(dot_dtype)
+    scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32) * score_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -269,7 +277,7 @@ def _attend_chunk(q, row_pos, carry, k_ref, v_ref, bt_ref, row, chunk, score_sca
     alpha = jnp.exp(m - m_new)
     seen = jnp.max(jnp.where(mask, 1, 0), axis=0) > 0  # keys some row sees
     v = jnp.where(seen[:, None], _load_rows(v_ref, (slots,), head_pad).astype(dot_dtype), 0)
-    pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (0,)), ((), ())),
+    pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
     return m_new, alpha * total + jnp.sum(p, axis=1), alpha[:, None] * acc + pv
 

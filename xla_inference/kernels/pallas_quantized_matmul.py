@@ -182,10 +182,6 @@ def segment_product(x, v, scale, offset, *, high: bool, bits: int, zero_point: i
     return y
 
 
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 # ------------------------------------------------------------------ TPU (Mosaic)
 
 def _tpu_kernel(x_ref, v_ref, s_ref, *rest, segments, tk, group_size, bits, zero_point,
@@ -230,7 +226,7 @@ def _run_tpu(x, values, scales, offsets, tiling, *, bits, group_size, zero_point
     kernel = functools.partial(
         _tpu_kernel, segments=step_segments(tk, group_size, bits, int4_half(k)), tk=tk,
         group_size=group_size, bits=bits, zero_point=zero_point,
-        has_offsets=offsets is not None, precision=_precision(x.dtype))
+        has_offsets=offsets is not None, precision=kernel_backend.product_precision(x.dtype))
     return pl.pallas_call(
         kernel, grid=(m // tm, n // tn, k // tk), in_specs=in_specs,
         out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
@@ -277,7 +273,7 @@ def _run_gpu(x, values, scales, offsets, tiling, *, bits, group_size, zero_point
     kernel = functools.partial(
         _gpu_kernel, segments=step_segments(tk, group_size, bits, int4_half(k)), tm=tm, tk=tk,
         tn=tn, k_steps=k // tk, group_size=group_size, bits=bits, zero_point=zero_point,
-        has_offsets=offsets is not None, precision=_precision(x.dtype))
+        has_offsets=offsets is not None, precision=kernel_backend.product_precision(x.dtype))
     return pl.pallas_call(
         kernel, grid=(m // tm, n // tn), out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),

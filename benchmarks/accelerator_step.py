@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default=None,
                         help="the engine's attention backend (XLA_INFERENCE_KERNELS: jnp, "
                              "pallas-gpu, pallas-tpu, native; default: chosen by platform)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also trace five decode steps at batch 1 (JAX's profiler) and "
+                             "write the Perfetto trace (.json.gz) here")
     parser.add_argument("--check-deps", action="store_true",
                         help="only check the Python dependencies and the device")
     args = parser.parse_args(argv)
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
         report["kernel"] = _guarded("kernel check", kernel_check, device, shapes)
         status |= 0 if report["kernel"].get("passed") else 1
     if not args.skip_engine:
-        report["engine"] = _guarded("core step", engine_benchmark, device, shapes, deadline)
+        report["engine"] = _guarded("core step", engine_benchmark, device, shapes, deadline,
+                                    args.profile)
         if ("error" in report["engine"] and not args.smoke
                 and os.environ.get("XLA_INFERENCE_KERNELS") != "jnp"):
             # The numbers still matter on a rare accelerator run: once more on the jnp kernel.
@@ -429,7 +433,8 @@ def _decode_requests(batch, context, first_page, vocab, rng):
     return reqs
 
 
-def engine_benchmark(device: dict, shapes: dict, deadline: float = float("inf")) -> dict:
+def engine_benchmark(device: dict, shapes: dict, deadline: float = float("inf"),
+                     profile: str | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -473,6 +478,9 @@ def engine_benchmark(device: dict, shapes: dict, deadline: float = float("inf"))
     jax.block_until_ready(engine.params)
     print(f"  weights drawn and placed in {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
+    if profile:
+        _profile_decode(engine, _decode_requests(1, shapes["contexts"][0], 1,
+                                                 hf["vocab_size"], rng), profile)
     weights_read = weights - embed_bytes  # the embedding table: only the batch's rows
     rows, late = [], []
     # Batch 1 and the prefill first: the figures the issue's goals are about.
@@ -503,6 +511,37 @@ def engine_benchmark(device: dict, shapes: dict, deadline: float = float("inf"))
         print(f"  {name}: skipped, past the time budget (--budget)")
     return dict(layers=layers, weights_bytes=weights, rows=rows,
                 skipped=[f"decode b{b} ctx{c}" for b, c in skipped], skipped_for_time=late)
+
+
+def _profile_decode(engine, reqs, out: str, steps: int = 5) -> None:
+    """Where a batch-1 decode step's time goes: the host's share (until forward returns,
+    the device still working under JAX's asynchronous dispatch) against the whole step, then
+    `steps` steps under JAX's profiler, its Perfetto trace copied to `out` (one file, so
+    that it can be read where the profiler's own folder tree cannot travel)."""
+    import glob
+    import shutil
+    import tempfile
+
+    import jax
+
+    jax.block_until_ready(engine.forward(reqs).logits)  # compile / warm
+    host, whole = [], []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        result = engine.forward(reqs).logits
+        host.append(time.perf_counter() - t0)
+        jax.block_until_ready(result)
+        whole.append(time.perf_counter() - t0)
+    print(f"  profile: decode b1, forward returns after {statistics.median(host) * 1e3:.2f} ms"
+          f", result ready after {statistics.median(whole) * 1e3:.2f} ms (medians of 10)")
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(steps):
+                jax.block_until_ready(engine.forward(reqs).logits)
+        traces = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+        if traces:
+            shutil.copy(traces[0], out)
+        print(f"  profile: {steps} steps traced -> {out if traces else 'no Perfetto trace'}")
 
 
 def _prefill_row(engine, hf, layers, n, rng, repeats, device) -> dict:

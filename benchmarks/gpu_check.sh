@@ -35,7 +35,7 @@ PLATFORM=$("$PY" -c 'import jax; b = jax.default_backend(); print("gpu" if b in 
 # tests/conftest.py pins JAX to the CPU unless JAX_PLATFORMS says otherwise.
 # The grouped and quantized matmul tests run both backends' kernels; on a device only its own
 # kind runs natively (tests/helpers.pallas_interpret), the other kind is deselected.
-PYTEST_ARGS=(-q -x -p no:cacheprovider -m "slow or not slow")
+PYTEST_ARGS=(-q --maxfail=8 -rf -p no:cacheprovider -m "slow or not slow")
 MATMULS=(tests/kernels/test_pallas_gmm.py tests/kernels/test_pallas_quantized_matmul.py)
 case "$PLATFORM" in
   gpu) JAX_PLATFORM=cuda; TESTS=(tests/kernels/test_pallas_gpu_attention.py "${MATMULS[@]}")

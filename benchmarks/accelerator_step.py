@@ -341,15 +341,23 @@ def kernel_timings(kernel, interpret, device, shapes) -> list[dict]:
         kw = dict(block_size=BLOCK, scale=head_dim ** -0.5)
 
         def run(attend):
-            def body(carry, kv):
-                out = attend(carry, kv[0], kv[1], seq_ids, positions, tables, **kw)
-                return out.astype(carry.dtype), None
-            return jax.jit(lambda q0: jax.lax.scan(body, q0, (k_layers, v_layers))[0])
+            # The caches and step arrays are arguments (closed over, they were compiled in as
+            # 2 GB of constants), and the layers unrolled, so that only kernels are timed:
+            # in a rolled scan, each trip of XLA:GPU's while loop can cost a device-to-host
+            # read of its predicate. (The H200's rolled run read 44 us a batch-1 decode
+            # layer at 4k context; the engine's profiled step, 5 us a layer at 1k.)
+            def layers_in_turn(q0, k_all, v_all, ids, pos, bt):
+                def body(carry, kv):
+                    out = attend(carry, kv[0], kv[1], ids, pos, bt, **kw)
+                    return out.astype(carry.dtype), None
+                return jax.lax.scan(body, q0, (k_all, v_all), unroll=True)[0]
+            fn = jax.jit(layers_in_turn)
+            return lambda: fn(q, k_layers, v_layers, seq_ids, positions, tables)
 
         pallas = run(lambda *a, **k2: kernel(*a, interpret=interpret, **k2))
         plain = run(lambda *a, **k2: ragged_paged_attention(*a, native=False, **k2))
-        t_kernel = median_seconds(lambda: pallas(q), shapes["repeats"]) / layers
-        t_jnp = median_seconds(lambda: plain(q), shapes["repeats"]) / layers
+        t_kernel = median_seconds(pallas, shapes["repeats"]) / layers
+        t_jnp = median_seconds(plain, shapes["repeats"]) / layers
         kv_bytes = sum(c + n for c, n in specs) * 2 * num_kv_heads * head_dim * 2
         row = dict(case=name, kernel_s=t_kernel, jnp_s=t_jnp,
                    kv_bandwidth_fraction=kv_bytes / t_kernel / device["bandwidth"])

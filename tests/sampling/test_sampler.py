@@ -138,6 +138,33 @@ def test_logprobs_are_the_raw_log_softmax_with_ranks():
         assert out.ranks[r] == 1 + np.sum(ref[r] > ref[r, tok])
 
 
+def test_logprobs_see_the_grammar_mask_and_nothing_after_it():
+    """vLLM's runner masks the logits by the grammar before its sampler computes the raw
+    logprobs; allowed ids, bias and penalties come after them. Row 0 has a grammar and a
+    logit bias, row 1 a bias alone."""
+    rng = np.random.default_rng(4)
+    vocab = 30
+    logits = rng.normal(size=(2, vocab)).astype(np.float32) * 2
+    opts = [SamplingOptions(num_logprobs=4, logit_bias=((3, 4.0),)),
+            SamplingOptions(num_logprobs=4, logit_bias=((5, -3.0),))]
+    allowed = rng.random(vocab) < 0.5
+    allowed[3] = True
+    batch = build_sampling_batch([(o, 0) for o in opts], 2)
+    extras = build_sampling_extras([(o, [], []) for o in opts], 2, vocab, {0: allowed})
+    out = jax.tree.map(np.asarray, _sample(logits, batch, extras, jax.random.key(0), 4))
+    masked = np.where(allowed, logits[0], -np.inf)
+    for row, raw in enumerate([masked, logits[1]]):
+        ref = _log_softmax64(raw)
+        top = np.argsort(-ref, kind="stable")[:4]
+        np.testing.assert_array_equal(out.logprob_token_ids[row, 1:], top)
+        np.testing.assert_allclose(out.logprobs[row, 1:], ref[top], atol=1e-5)
+        tok = out.tokens[row]
+        np.testing.assert_allclose(out.logprobs[row, 0], ref[tok], atol=1e-5)
+    assert allowed[out.tokens[0]] and allowed[out.logprob_token_ids[0]].all()
+    processed = vllm_processed_logits(logits[0], opts[0], [], [], allowed)
+    assert out.tokens[0] == np.argmax(processed)  # greedy over the biased, masked row
+
+
 def _log_softmax64(logits):
     x = logits.astype(np.float64)
     x = x - x.max(-1, keepdims=True)

@@ -106,7 +106,7 @@ def build_sampling_extras(rows: list[tuple[SamplingOptions, list[int], list[int]
     for row, (opts, prompt, output) in enumerate(rows):
         adjust = extras.logit_adjust[row]
         if row in grammar_masks:
-            adjust[~grammar_masks[row]] = -np.inf
+            extras.grammar_allowed[row] = grammar_masks[row]
         if opts.allowed_token_ids is not None:
             banned = np.ones(vocab_size, bool)
             banned[in_vocab(opts.allowed_token_ids)] = False

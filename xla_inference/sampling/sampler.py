@@ -1,9 +1,11 @@
 """Token sampling on device, per request in one batch, in vLLM's order of operations.
 
-1. logprobs (when asked for) come from the raw logits: the sampled token's, the top k
-   (k = V in the whole-vocabulary variant) and those of each row's wanted token ids;
-2. extras: the additive adjustment (grammar, allowed tokens, bad words, min_tokens, logit
-   bias), then the repetition, frequency and presence penalties;
+1. logprobs (when asked for) come from the raw logits, a structured output's grammar mask
+   applied (vLLM's runner masks the logits before its sampler takes them): the sampled
+   token's, the top k (k = V in the whole-vocabulary variant) and those of each row's
+   wanted token ids;
+2. extras: the additive adjustment (allowed tokens, bad words, min_tokens, logit bias),
+   then the repetition, frequency and presence penalties;
 3. greedy rows take the argmax here;
 4. the other rows: temperature, min-p, top-k, top-p, then a Gumbel-max draw whose noise
    comes from the row's own seed when it has one, so a seeded request draws the same tokens
@@ -24,7 +26,8 @@ def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | No
     static width: V for the whole-vocabulary variant)."""
     raw = logits
     if extras is not None:
-        logits = apply_extras(logits, extras)
+        raw = mask_grammar(logits, extras)
+        logits = _adjust_and_penalize(raw, extras)
     greedy_tokens = row_argmax(logits)
     is_greedy = params.temperature < _GREEDY_EPS
     tokens = jax.lax.cond(
@@ -69,6 +72,15 @@ def row_argmax(logits):
 
 
 def apply_extras(logits, extras: SamplingExtras):
+    """The grammar mask, the additive adjustment, then vLLM's penalties."""
+    return _adjust_and_penalize(mask_grammar(logits, extras), extras)
+
+
+def mask_grammar(logits, extras: SamplingExtras):
+    return jnp.where(extras.grammar_allowed, logits, -jnp.inf)
+
+
+def _adjust_and_penalize(logits, extras: SamplingExtras):
     """The additive adjustment, then vLLM's penalties (OpenAI's definition for two of them)."""
     logits = logits + extras.logit_adjust
     counts = extras.output_counts

@@ -33,7 +33,11 @@ class SamplingBatch:
 class SamplingExtras:
     """Per-row logit processing before sampling; built only for steps that need it."""
 
-    logit_adjust: jax.Array  # [B, V] float32, added first: bias, or -inf for a banned token
+    # [B, V] bool, the tokens a structured output's grammar allows (all where none): applied
+    # before anything else, logprobs included, as vLLM's runner masks the logits it hands
+    # its sampler
+    grammar_allowed: jax.Array
+    logit_adjust: jax.Array  # [B, V] float32, added after: bias, or -inf for a banned token
     output_counts: jax.Array  # [B, V] float32, how often each token was generated
     prompt_mask: jax.Array  # [B, V] bool, tokens present in the prompt
     presence_penalty: jax.Array  # [B] float32, 0 = off
@@ -70,6 +74,7 @@ def greedy_sampling_batch(num_seqs: int) -> SamplingBatch:
 def neutral_sampling_extras(num_seqs: int, vocab_size: int) -> SamplingExtras:
     """Extras that change nothing: the starting point rows fill in."""
     return SamplingExtras(
+        grammar_allowed=np.ones((num_seqs, vocab_size), bool),
         logit_adjust=np.zeros((num_seqs, vocab_size), np.float32),
         output_counts=np.zeros((num_seqs, vocab_size), np.float32),
         prompt_mask=np.zeros((num_seqs, vocab_size), bool),

@@ -448,6 +448,87 @@ def test_gemma3_27b_gguf_scales_attention_by_hidden_over_heads():
     assert small["query_pre_attn_scalar"] == small["head_dim"]
 
 
+@pytest.mark.parametrize("keys, rope", [
+    ({}, {"rope_type": "default"}),
+    # as llama.cpp reads every architecture's: a factor without a type is linear
+    ({"gemma3.rope.scaling.factor": 8.0}, {"rope_type": "linear", "factor": 8.0}),
+    ({"gemma3.rope.scale_linear": 2.0}, {"rope_type": "linear", "factor": 2.0}),
+])
+def test_gemma3_gguf_rope_scaling_turns_the_global_layers(keys, rope):
+    from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf
+    from xla_inference.models.registry import model_family
+
+    config = gemma3_hf_config_from_gguf({**GEMMA3_METADATA, **keys}, [])
+    assert config["rope_parameters"]["full_attention"] == {**rope, "rope_theta": 1e6}
+    assert config["rope_parameters"]["sliding_attention"] == {"rope_type": "default",
+                                                              "rope_theta": 10_000.0}
+    model_family(config).config_from_hf(config)  # and our Gemma 3 reads it
+
+
+def test_gemma3_gguf_final_logit_softcapping_is_kept():
+    from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf
+    from xla_inference.models.registry import model_family
+
+    config = gemma3_hf_config_from_gguf(
+        {**GEMMA3_METADATA, "gemma3.final_logit_softcapping": 30.0}, [])
+    assert config["final_logit_softcapping"] == 30.0
+    assert model_family(config).config_from_hf(config).final_logit_softcapping == 30.0
+    assert gemma3_hf_config_from_gguf(GEMMA3_METADATA, [])["final_logit_softcapping"] is None
+
+
+_LLAMA_DIMS = dict(num_layers=1, hidden=8, ffn=16, heads=2, kv_heads=1, vocab=11)
+
+
+@pytest.mark.parametrize("arch, keys, match", [
+    ("llama", {"llama.rope.scaling.attn_factor": 2.0}, "attn_factor 2.0"),
+    ("gemma3", {"gemma3.rope.scaling.attn_factor": 0.5}, "attn_factor 0.5"),
+    ("gemma3", {"gemma3.rope.scaling.type": "yarn", "gemma3.rope.scaling.factor": 4.0},
+     r"'yarn' \(gemma3.rope.scaling.type\)"),
+    ("llama", {"llama.attention.key_length": 4, "llama.attention.value_length": 8},
+     "value_length 8 is not the key length 4"),
+    ("llama", {"llama.attention.head_count_kv": [1]}, "head_count_kv varies by layer"),
+    ("gemma3", {"gemma3.feed_forward_length": [16] * 6}, "feed_forward_length varies by layer"),
+])
+def test_gguf_fields_not_served_are_refused_by_name(arch, keys, match):
+    metadata = ({"general.architecture": "llama", **llama_metadata(**_LLAMA_DIMS)}
+                if arch == "llama" else dict(GEMMA3_METADATA))
+    with pytest.raises(ValueError, match=match):
+        hf_checkpoint_from_gguf({**metadata, **keys}, {})
+
+
+def test_one_shard_of_a_split_gguf_is_refused(tmp_path):
+    path = tmp_path / "model-00001-of-00002.gguf"
+    write_gguf(path, {"token_embd.weight": (np.zeros((4, 32), np.float32), T.F32)},
+               {"split.no": 0, "split.count": 2})
+    with pytest.raises(ValueError, match="shard 1 of a GGUF split in 2.*llama-gguf-split --merge"):
+        read_gguf(path)
+
+
+def test_end_of_turn_tokens_stop_generation_as_in_llama_cpp():
+    """The eos list of generation_config.json: vLLM adds every id in it but the tokenizer's
+    eos to each request's stop ids (SamplingParams.update_from_generation_config)."""
+    config = {"bos_token_id": 1, "eos_token_id": 2}
+    plain = default_model._generation_config(config, {})
+    assert plain == {"bos_token_id": 1, "eos_token_id": 2}
+    chat = default_model._generation_config(config, {"tokenizer.ggml.eot_token_id": 7,
+                                                     "tokenizer.ggml.eom_token_id": 8})
+    assert chat["eos_token_id"] == [2, 7, 8]
+    same = default_model._generation_config(config, {"tokenizer.ggml.eot_token_id": 2})
+    assert same["eos_token_id"] == 2
+
+
+@pytest.mark.parametrize("metadata, adds", [
+    ({"tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.model": "llama"}, False),
+    ({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.model": "gpt2"}, True),
+    # absent: llama.cpp's defaults
+    ({"tokenizer.ggml.model": "llama"}, True),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"}, True),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm"}, False),
+])
+def test_bos_follows_the_gguf_then_llama_cpp_defaults(metadata, adds):
+    assert default_model._gguf_adds_bos(metadata) is adds
+
+
 def test_unsupported_gguf_architecture_is_named():
     with pytest.raises(ValueError, match=r"'mamba'.*supported: gemma3, llama"):
         hf_checkpoint_from_gguf({"general.architecture": "mamba"}, {})

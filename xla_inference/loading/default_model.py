@@ -190,7 +190,7 @@ def _build_hf_dir(gguf_path: Path, out_dir: Path, quantized: bool = False) -> No
     metadata, tensors = read_gguf(gguf_path)
     config, state = hf_checkpoint_from_gguf(metadata, tensors)
     _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json", _generation_config(config))
+    _write_json(out_dir / "generation_config.json", _generation_config(config, metadata))
     _save_tokenizer(gguf_path, metadata, out_dir)
     if quantized:  # the file itself (loading/checkpoint.py reads a directory's lone GGUF)
         _make_readable(out_dir)
@@ -212,9 +212,23 @@ def _make_readable(out_dir: Path) -> None:
         path.chmod(0o644)
 
 
-def _generation_config(config: dict[str, Any]) -> dict[str, Any]:
+# Tokens llama.cpp ends a generation at besides eos (end of turn, end of message).
+_END_TOKEN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def _generation_config(config: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """bos, eos and pad from the config; a GGUF's end-of-turn and end-of-message tokens join
+    eos as a list, which vLLM stops at too (as llama.cpp does: a chat model whose turns end
+    in <|eot_id|> would otherwise run on past them)."""
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-    return {key: config[key] for key in keys if key in config}
+    out = {key: config[key] for key in keys if key in config}
+    ends = [out["eos_token_id"]] if "eos_token_id" in out else []
+    for key in _END_TOKEN_KEYS:
+        if key in metadata and int(metadata[key]) not in ends:
+            ends.append(int(metadata[key]))
+    if len(ends) > 1:
+        out["eos_token_id"] = ends
+    return out
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -239,11 +253,24 @@ def _match_bos_policy(tokenizer: Any, metadata: dict[str, Any]) -> None:
     transformers' GGUF tokenizer conversion does not always follow
     tokenizer.ggml.add_bos_token (it drops it for Gemma 3, which then degenerates).
     """
-    wanted = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+    wanted = _gguf_adds_bos(metadata)
     if _adds_bos(tokenizer) != wanted:
         tokenizer.add_bos_token = wanted
     if _adds_bos(tokenizer) != wanted:
         raise RuntimeError(f"could not make the tokenizer's add_bos_token {wanted}")
+
+
+# llama.cpp's default where a GGUF does not say (tokenizer.ggml.add_bos_token absent): BOS
+# for SentencePiece vocabularies ("llama") and for the Llama 3 BPE pre-tokenizers.
+_LLAMA3_PRE_TOKENIZERS = ("llama3", "llama-v3", "llama-bpe")
+
+
+def _gguf_adds_bos(metadata: dict[str, Any]) -> bool:
+    if "tokenizer.ggml.add_bos_token" in metadata:
+        return bool(metadata["tokenizer.ggml.add_bos_token"])
+    model = metadata.get("tokenizer.ggml.model")
+    return model == "llama" or (model == "gpt2"
+                                and metadata.get("tokenizer.ggml.pre") in _LLAMA3_PRE_TOKENIZERS)
 
 
 def _adds_bos(tokenizer: Any) -> bool:

@@ -253,7 +253,18 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
     if reader.byte_order != "I":
         raise ValueError(f"{path}: big-endian GGUF files are not supported")
     metadata = {name: _field_value(field) for name, field in reader.fields.items()}
+    _refuse_split(path, metadata)
     return metadata, GGUFTensors(reader)
+
+
+def _refuse_split(path: str | Path, metadata: dict[str, Any]) -> None:
+    """One shard of a split GGUF holds some of the tensors: read alone, a missing
+    output.weight would pass for tied embeddings. Refused, saying how to merge."""
+    shards = int(metadata.get("split.count", 1))
+    if shards > 1:
+        raise ValueError(f"{path} is shard {int(metadata.get('split.no', 0)) + 1} of a GGUF "
+                         f"split in {shards}: xla-inference reads one file; merge them first "
+                         "(llama.cpp's `llama-gguf-split --merge FIRST_SHARD OUT.gguf`)")
 
 
 # --------------------------------------------------------------------------- Llama -> HF
@@ -272,15 +283,22 @@ def _check_llama(metadata: dict[str, Any]) -> None:
         raise ValueError(f"expected a GGUF of architecture 'llama', got {arch!r}")
 
 
-def llama_rope_parameters(metadata: dict[str, Any], rope_theta: float, head_dim: int,
-                          divisors: np.ndarray | None = None) -> dict[str, Any]:
-    """The rope a llama GGUF asks for, as llama.cpp reads it: `rope.scaling.type` (linear
-    where the key is absent) with `rope.scaling.factor` (or the older `rope.scale_linear`);
-    no factor, or a factor of 1, is plain rope. Types other than linear are refused.
+def gguf_rope_parameters(metadata: dict[str, Any], rope_theta: float, head_dim: int,
+                         divisors: np.ndarray | None = None) -> dict[str, Any]:
+    """The rope a GGUF asks for, as llama.cpp reads it (for every architecture):
+    `rope.scaling.type` (linear where the key is absent) with `rope.scaling.factor` (or the
+    older `rope.scale_linear`); no factor, or a factor of 1, is plain rope. Types other than
+    linear are refused, and so is `rope.scaling.attn_factor` (llama.cpp scales the rope's
+    cos and sin by it) other than 1.
     divisors: the file's `rope_freqs.weight` (Llama 3.1+: llama3 scaling written as one
     divisor per frequency), read back as the llama3 parameters that give them."""
-    kind = metadata.get("llama.rope.scaling.type")
-    factor = metadata.get("llama.rope.scaling.factor", metadata.get("llama.rope.scale_linear"))
+    arch = metadata["general.architecture"]
+    kind = metadata.get(f"{arch}.rope.scaling.type")
+    factor = metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear"))
+    attn_factor = float(metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+    if attn_factor != 1.0:
+        raise ValueError(f"GGUF {arch}.rope.scaling.attn_factor {attn_factor}: xla-inference "
+                         "does not scale the rope's cos and sin (served: 1)")
     plain = kind == "none" or (kind in (None, "linear") and float(factor or 0) in (0.0, 1.0))
     if divisors is not None:
         if not plain:
@@ -292,8 +310,8 @@ def llama_rope_parameters(metadata: dict[str, Any], rope_theta: float, head_dim:
         return {"rope_type": "default", "rope_theta": rope_theta}
     if kind in (None, "linear"):
         return {"rope_type": "linear", "factor": float(factor), "rope_theta": rope_theta}
-    raise ValueError(f"GGUF rope scaling {kind!r} (llama.rope.scaling.type) is not supported; "
-                     "served: none, linear")
+    raise ValueError(f"GGUF rope scaling {kind!r} ({arch}.rope.scaling.type) is not "
+                     "supported; served: none, linear")
 
 
 ROPE_DIVISORS = "rope_freqs.weight"
@@ -340,12 +358,32 @@ def refuse_bias_tensors(tensor_names: Iterable[str], arch: str) -> None:
                              "GGUFs with projection biases")
 
 
-def check_rotary_dims(metadata: dict[str, Any], head_dim: int) -> None:
-    """llama.cpp turns only the first `rope.dimension_count` dimensions of each head."""
+def check_head_dims(metadata: dict[str, Any], head_dim: int) -> None:
+    """llama.cpp turns only the first `rope.dimension_count` dimensions of each head, and
+    reads values of `attention.value_length`; the families here turn whole heads whose keys
+    and values are the same size."""
     rotated = int(arch_key(metadata, "rope.dimension_count", head_dim))
     if rotated != head_dim:
         raise ValueError(f"GGUF rope.dimension_count {rotated} is not the head size {head_dim}: "
                          "xla-inference turns every dimension of a head (no partial rope)")
+    values = int(arch_key(metadata, "attention.value_length", head_dim))
+    if values != head_dim:
+        raise ValueError(f"GGUF attention.value_length {values} is not the key length "
+                         f"{head_dim}: xla-inference serves heads whose keys and values are "
+                         "the same size")
+
+
+# Keys llama.cpp lets vary by layer (an array, one value a layer); the families here take
+# one value for every layer.
+_PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
+
+
+def refuse_per_layer_values(metadata: dict[str, Any]) -> None:
+    arch = metadata["general.architecture"]
+    for suffix in _PER_LAYER_KEYS:
+        if isinstance(metadata.get(f"{arch}.{suffix}"), list):
+            raise ValueError(f"GGUF {arch}.{suffix} varies by layer: xla-inference serves "
+                             "the same value in every layer")
 
 
 _TOKEN_ID_KEYS = {
@@ -384,15 +422,16 @@ def llama_hf_config_from_gguf(
     `rope_freqs.weight` among them is read as llama3 rope scaling.
     """
     _check_llama(metadata)
+    refuse_per_layer_values(metadata)
     hidden_size = int(arch_key(metadata, "embedding_length"))
     num_heads = int(arch_key(metadata, "attention.head_count"))
     head_dim = int(arch_key(metadata, "attention.key_length", hidden_size // num_heads))
-    check_rotary_dims(metadata, head_dim)
+    check_head_dims(metadata, head_dim)
     rope_theta = float(arch_key(metadata, "rope.freq_base", 10000.0))
     divisors = None
     if isinstance(tensor_names, Mapping) and ROPE_DIVISORS in tensor_names:
         divisors = tensor_names[ROPE_DIVISORS]
-    rope = llama_rope_parameters(metadata, rope_theta, head_dim, divisors)
+    rope = gguf_rope_parameters(metadata, rope_theta, head_dim, divisors)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

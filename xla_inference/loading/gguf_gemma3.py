@@ -20,8 +20,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from xla_inference.loading.gguf import (LLAMA_LAYER_NAMES, HFTensors, Recipe, arch_key,
-                                        check_rotary_dims, check_tied, common_hf_config, hf_name,
-                                        refuse_bias_tensors)
+                                        check_head_dims, check_tied, common_hf_config,
+                                        gguf_rope_parameters, hf_name, refuse_bias_tensors,
+                                        refuse_per_layer_values)
 
 _SLIDING_WINDOW_PATTERN = 6
 _LOCAL_ROPE_THETA = 10_000.0
@@ -42,17 +43,17 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
     arch = metadata.get("general.architecture")
     if arch != "gemma3":
         raise ValueError(f"expected a GGUF of architecture 'gemma3', got {arch!r}")
+    refuse_per_layer_values(metadata)
     get = lambda suffix, default=None: arch_key(metadata, suffix, default)  # noqa: E731
     num_layers = int(get("block_count"))
     num_heads = int(get("attention.head_count"))
     hidden_size = int(get("embedding_length"))
     head_dim = int(get("attention.key_length"))
-    check_rotary_dims(metadata, head_dim)
-    global_rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 1_000_000.0))}
-    if get("rope.scaling.type", "none") not in ("none", "linear"):
-        raise ValueError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported")
-    if get("rope.scaling.type", "none") == "linear":
-        global_rope.update(rope_type="linear", factor=float(get("rope.scaling.factor")))
+    check_head_dims(metadata, head_dim)
+    # The file's rope scaling (linear, as llama.cpp reads it) turns the global layers only.
+    global_rope = gguf_rope_parameters(metadata, float(get("rope.freq_base", 1_000_000.0)),
+                                       head_dim)
+    final_cap = metadata.get("gemma3.final_logit_softcapping")
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -75,7 +76,7 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
             "full_attention": global_rope,
             "sliding_attention": {"rope_type": "default", "rope_theta": _LOCAL_ROPE_THETA},
         },
-        "final_logit_softcapping": None,
+        "final_logit_softcapping": None if final_cap is None else float(final_cap),
         "attn_logit_softcapping": None,
         "attention_bias": False,
         **common_hf_config(metadata, tensor_names),

@@ -116,6 +116,47 @@ def test_a_consumer_loads_a_stored_prompt_but_its_last_token(tmp_path):
     assert consumer.request_finished(request, [7, 8, 2]) == (False, None)
 
 
+def test_the_same_tokens_under_another_adapter_image_or_salt_are_another_prompt(tmp_path):
+    """vLLM's prefix cache tells these apart (its block hashes' extra keys); the directory
+    must too: a prompt's KV saved under one LoRA adapter, image or cache salt is not loaded
+    for another, and a producer saves each under its own name."""
+    from vllm.lora.request import LoRARequest
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    prompt = list(range(3, 40))
+    storage.save(storage.path_for(tmp_path, storage.prompt_key("m", prompt)),
+                 _values(np.random.default_rng(1), 37))
+
+    def image(identifier, offset=2):
+        return MultiModalFeatureSpec(data=None, modality="image", identifier=identifier,
+                                     mm_position=PlaceholderRange(offset=offset, length=8))
+
+    variants = {
+        "adapter": dict(lora_request=LoRARequest("a16", 1, "/adapters/a16")),
+        "image": dict(mm_features=[image("img-1")]),
+        "image elsewhere": dict(mm_features=[image("img-1", offset=10)]),
+        "other image": dict(mm_features=[image("img-2")]),
+        "salt": dict(cache_salt="tenant-7"),
+    }
+    consumer = _connector(tmp_path, "kv_consumer", "SCHEDULER")
+    plain = SimpleNamespace(request_id="plain", prompt_token_ids=prompt, lora_request=None,
+                            mm_features=[], cache_salt=None)
+    assert consumer.get_num_new_matched_tokens(plain, 0) == (36, False)
+    keys = {consumer._key(plain)}
+    for name, fields in variants.items():
+        request = SimpleNamespace(**{**vars(plain), "request_id": name, **fields})
+        assert consumer.get_num_new_matched_tokens(request, 0) == (0, False), name
+        keys.add(consumer._key(request))
+    assert len(keys) == 1 + len(variants)
+    # A producer saves the adapter's prompt under the adapter's name, beside the plain one.
+    producer = _connector(tmp_path, "kv_producer", "SCHEDULER")
+    adapted = SimpleNamespace(**{**vars(plain), "request_id": "a", **variants["adapter"]})
+    producer.on_new_request(adapted)
+    meta = producer.build_connector_meta(_step(new=[("a", prompt, 0, 37)],
+                                               blocks={"a": [4, 5, 6]}))
+    assert [s.key for s in meta.saves] == [consumer._key(adapted)]
+
+
 class _Pages:
     layout = LAYOUT
 

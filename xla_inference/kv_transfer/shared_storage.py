@@ -95,8 +95,20 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
         logger.info("xla-inference: %s (%s) in %s", CONNECTOR_NAME, config.kv_role,
                     self.directory)
 
-    def _key(self, token_ids) -> str:
-        return storage.prompt_key(self.model, token_ids)
+    def _key(self, request) -> str:
+        """The prompt's file: its tokens, and what else vLLM's prefix cache tells apart for
+        the same tokens (its block hashes' extra keys): the LoRA adapter, each image's hash
+        and place, the cache salt. Keyed by tokens alone, a prompt's KV computed under one
+        adapter or image was loaded for another."""
+        context = []
+        lora = getattr(request, "lora_request", None)
+        if lora is not None:
+            context.append(f"lora:{lora.lora_name}:{lora.lora_path}")
+        for feature in getattr(request, "mm_features", None) or ():
+            context.append(f"mm:{feature.identifier}:{feature.mm_position.offset}")
+        if getattr(request, "cache_salt", None):
+            context.append(f"salt:{request.cache_salt}")
+        return storage.prompt_key(self.model, request.prompt_token_ids, tuple(context))
 
     def _stored(self, key: str) -> bool:
         return storage.is_stored(self.directory, key, self.process_count)
@@ -112,14 +124,14 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids
         if not self.consumes or not prompt or len(prompt) - 1 <= num_computed_tokens:
             return 0, False
-        if not self._stored(self._key(prompt)):
+        if not self._stored(self._key(request)):
             return 0, False
         return len(prompt) - 1 - num_computed_tokens, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens > 0:
             end = len(request.prompt_token_ids) - 1  # what get_num_new_matched_tokens promised
-            self._loads[request.request_id] = (self._key(request.prompt_token_ids),
+            self._loads[request.request_id] = (self._key(request),
                                                end - num_external_tokens, end)
 
     def build_connector_meta(self, scheduler_output) -> SharedStorageMetadata:
@@ -147,7 +159,7 @@ class XlaSharedStorageConnector(KVConnectorBase_V1):
             prompt = request.prompt_token_ids
             if not computed[rid] < len(prompt) <= computed[rid] + num_new:
                 continue
-            key = self._key(prompt)
+            key = self._key(request)
             if storage.is_stored(self.directory, key, self.process_count, other_layouts=False):
                 continue
             saves.append(KvCopy(rid, key, list(self._block_ids(so, rid)[0]), 0, len(prompt)))

@@ -21,10 +21,14 @@ FORMAT = "xla-inference-kv/1"
 SUFFIX = ".kv.npz"
 
 
-def prompt_key(model: str, token_ids) -> str:
-    """The file name's stem for a model's prompt."""
+def prompt_key(model: str, token_ids, context: tuple[str, ...] = ()) -> str:
+    """The file name's stem for a model's prompt. context: whatever else makes the prompt's
+    KV differ for the same tokens (its LoRA adapter, its images, a cache salt), as strings;
+    none for a plain prompt."""
     digest = hashlib.sha256(model.encode() + b"\0")
     digest.update(np.asarray(token_ids, np.int64).tobytes())
+    for part in context:
+        digest.update(b"\0" + part.encode())
     return digest.hexdigest()
 
 

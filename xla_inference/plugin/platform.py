@@ -442,6 +442,12 @@ def _unread_option_refusals(vllm_config) -> list:
         (bool(_installed_logits_processor_plugins()),
          lambda: "logits processor plugins (installed in the vllm.logits_processors entry "
                  f"point group: {', '.join(_installed_logits_processor_plugins())})"),
+        # An encoder-cache consumer's scheduler leaves out images whose encoder outputs the
+        # connector holds, for the runner to load; ours encodes what it is given (and would
+        # stop at an image placeholder never encoded).
+        (vllm_config.ec_transfer_config is not None,
+         lambda: "encoder-cache transfer (--ec-transfer-config): the runner encodes each "
+                 "image itself"),
         (vllm_config.aux_output_config.enabled,
          lambda: "returning routed experts (--enable-return-routed-experts)"),
         (parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1,

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-moe", action="store_true")
-    parser.add_argument("--budget", type=float, default=230.0,
+    parser.add_argument("--budget", type=float, default=330.0,
                         help="seconds; core-step cases that would start later are skipped "
                              "(and listed)")
     parser.add_argument("--kernels", default=None,

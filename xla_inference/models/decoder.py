@@ -71,6 +71,13 @@ def refuse_other_activation(hf: Mapping, served: tuple[str, ...] = SILU_ACTIVATI
                          f"{key} {' or '.join(served)}, not {found!r}")
 
 
+def with_hf_defaults(hf: Mapping, defaults: Mapping) -> dict:
+    """A config.json with transformers' config-class defaults where it leaves keys out
+    (what transformers and vLLM then read): only absent keys are filled; an explicit null
+    stays null."""
+    return {**defaults, **hf}
+
+
 def decoder_fields(hf: Mapping, activations: tuple[str, ...] = SILU_ACTIVATIONS,
                    activation_key: str = "hidden_act") -> dict:
     """The DecoderConfig fields every family reads the same way from a HF config.json; an
@@ -80,7 +87,9 @@ def decoder_fields(hf: Mapping, activations: tuple[str, ...] = SILU_ACTIVATIONS,
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
-    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    # transformers 5 keeps the base in rope_parameters; older configs at the top level. A
+    # family's transformers defaults (with_hf_defaults) fill in a top-level one.
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta", 10000.0)
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],

@@ -33,8 +33,15 @@ from xla_inference.layers.rope import rope_inv_freq, yarn_inv_freq, yarn_mscale
 from xla_inference.loading.params import dense, part, take_tensor, tensor_getter
 from xla_inference.models.decoder import (DecoderParams, compute_logits, decoder_fields,
                                           load_gated_mlp, load_lm_head, load_moe_mlp, mlp_block,
-                                          run_layers)
+                                          run_layers, with_hf_defaults)
 from xla_inference.models.interface import MLA, KvLayer, ModelFamily, StepBatch
+
+# transformers' DeepseekV3Config defaults for keys that change numerics or shapes (an
+# explicit null, as DeepSeek-V2-Lite's q_lora_rank, stays null).
+_HF_DEFAULTS = {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+                "n_shared_experts": 1, "first_k_dense_replace": 3, "q_lora_rank": 1536,
+                "rope_theta": 10_000.0, "rms_norm_eps": 1e-6}
+
 
 @dataclasses.dataclass(frozen=True)
 class DeepseekV3Config:
@@ -60,6 +67,7 @@ class DeepseekV3Config:
 
     @classmethod
     def from_hf(cls, hf: Mapping) -> "DeepseekV3Config":
+        hf = with_hf_defaults(hf, _HF_DEFAULTS)
         if hf.get("attention_bias"):
             raise ValueError("DeepSeek-V3 with attention_bias is not supported")
         if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("moe_layer_freq", 1) != 1:
@@ -72,7 +80,7 @@ class DeepseekV3Config:
                         norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                         scoring="grouped_sigmoid", num_groups=hf.get("n_group") or 1,
                         topk_groups=hf.get("topk_group") or 1,
-                        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+                        routed_scaling_factor=float(hf["routed_scaling_factor"]))
         assert moe.num_experts % moe.num_groups == 0, (moe.num_experts, moe.num_groups)
         keep = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings")

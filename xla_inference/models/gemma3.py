@@ -28,7 +28,7 @@ from xla_inference.loading.params import tensor_getter
 from xla_inference.lora.slots import embed_lookup
 from xla_inference.models.decoder import (DecoderConfig, decoder_family, decoder_fields,
                                           load_attention, load_gated_mlp, load_lm_head,
-                                          run_layers)
+                                          run_layers, with_hf_defaults)
 from xla_inference.models.decoder import compute_logits as _head_logits
 from xla_inference.parallel.axes import weight
 from xla_inference.models.interface import StepBatch
@@ -37,6 +37,14 @@ _SLIDING = "sliding_attention"
 _GLOBAL = "full_attention"
 _gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)  # HF's gelu_pytorch_tanh
 
+
+# transformers' Gemma3TextConfig defaults: the Hub's configs (gemma-3-4b-it's text_config)
+# leave out the fields that keep them, and a text-only config may too (its sliding window).
+HF_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+                  "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                  "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+                  "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256,
+                  "sliding_window": 4096, "sliding_window_pattern": 6}
 
 def _rope_parameters(hf: Mapping) -> tuple[dict, dict]:
     """(global layers' rope parameters, sliding layers'), rope_theta included, from either
@@ -76,6 +84,7 @@ class Gemma3Config(DecoderConfig):
 
     @classmethod
     def from_hf(cls, hf: Mapping) -> "Gemma3Config":
+        hf = with_hf_defaults(hf, HF_TEXT_DEFAULTS)
         global_rope, local_rope = _rope_parameters(hf)
         layer_types = _layer_types(hf)
         window = hf.get("sliding_window")

@@ -28,8 +28,8 @@ from xla_inference.kernels.metadata import KvCache
 from xla_inference.layers.norms import gemma_rms_norm
 from xla_inference.loading.checkpoint import RenamedTensors, language_model_source
 from xla_inference.models import gemma3
-from xla_inference.models.decoder import decoder_family, run_layers
-from xla_inference.models.gemma3 import Gemma3Config, Gemma3Params
+from xla_inference.models.decoder import decoder_family, run_layers, with_hf_defaults
+from xla_inference.models.gemma3 import HF_TEXT_DEFAULTS, Gemma3Config, Gemma3Params
 from xla_inference.models.interface import (PIXEL_AFFINE, MultimodalItem, MultimodalStepBatch,
                                             MultimodalSupport, StepBatch)
 from xla_inference.multimodal.gemma3_vision import (Gemma3VisionConfig, encoder_program,
@@ -38,13 +38,6 @@ from xla_inference.parallel.axes import weight
 
 ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 
-# transformers' Gemma3TextConfig defaults: the Hub's configs (gemma-3-4b-it) leave out
-# the fields that keep them.
-_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
-                  "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-                  "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
-                  "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256,
-                  "sliding_window": 4096, "sliding_window_pattern": 6}
 _VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                     "num_attention_heads": 12, "image_size": 224, "patch_size": 16}
 
@@ -56,7 +49,7 @@ class Gemma3MMConfig(Gemma3Config):
 
     @classmethod
     def from_hf(cls, hf: Mapping) -> "Gemma3MMConfig":
-        text = {**_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+        text = with_hf_defaults(hf.get("text_config") or {}, HF_TEXT_DEFAULTS)
         text["tie_word_embeddings"] = hf.get("tie_word_embeddings",
                                              text.get("tie_word_embeddings", True))
         base = Gemma3Config.from_hf(text)

@@ -14,14 +14,21 @@ import numpy as np
 
 from xla_inference.layers.moe import MoeConfig
 from xla_inference.models import decoder
-from xla_inference.models.decoder import decoder_family, load_moe_mlp
+from xla_inference.models.decoder import decoder_family, load_moe_mlp, with_hf_defaults
 from xla_inference.models.mistral import MistralConfig
+
+
+# transformers' MixtralConfig defaults for keys that change numerics (not Mistral's: no
+# window, rope base 1e6, eps 1e-5).
+_HF_DEFAULTS = {"sliding_window": None, "num_key_value_heads": 8, "rope_theta": 1e6,
+                "rms_norm_eps": 1e-5, "num_local_experts": 8, "num_experts_per_tok": 2}
 
 
 @dataclasses.dataclass(frozen=True)
 class MixtralConfig(MistralConfig):
     @classmethod
     def from_hf(cls, hf: Mapping) -> "MixtralConfig":
+        hf = with_hf_defaults(hf, _HF_DEFAULTS)
         moe = MoeConfig(num_experts=hf["num_local_experts"],
                         num_experts_per_tok=hf["num_experts_per_tok"],
                         intermediate_size=hf["intermediate_size"], norm_topk_prob=True)

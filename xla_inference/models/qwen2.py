@@ -13,7 +13,9 @@ def qwen_sliding_windows(hf: Mapping) -> tuple[int | None, ...] | None:
     ship a `sliding_window` size with it unset), and then to the layers `layer_types` marks
     "sliding_attention": by default layers i >= max_window_layers.
     """
-    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    # (transformers' Qwen2/Qwen3 configs default the size to 4096 and the first sliding
+    # layer to 28.)
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
     if window is None:
         return None
     num_layers = hf["num_hidden_layers"]

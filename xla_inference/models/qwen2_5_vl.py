@@ -25,7 +25,8 @@ from xla_inference.layers.attention import self_attention
 from xla_inference.layers.norms import rms_norm
 from xla_inference.loading.checkpoint import RenamedTensors
 from xla_inference.models import decoder
-from xla_inference.models.decoder import DecoderConfig, DecoderLayer, DecoderParams, decoder_family
+from xla_inference.models.decoder import (DecoderConfig, DecoderLayer, DecoderParams,
+                                          decoder_family, with_hf_defaults)
 from xla_inference.models.interface import (PIXEL_AFFINE, MultimodalItem, MultimodalStepBatch,
                                             MultimodalSupport, StepBatch)
 from xla_inference.models.qwen2 import Qwen2Config, qwen_sliding_windows
@@ -34,6 +35,12 @@ from xla_inference.multimodal.qwen2_5_vl_vision import (VisionConfig, encoder_fo
 from xla_inference.parallel.axes import weight
 
 ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+
+
+# transformers' Qwen2_5_VLTextConfig defaults for keys that change numerics (its vision
+# config's tokens_per_second defaults to 4).
+_TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_window_layers": 80,
+                  "num_key_value_heads": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +53,7 @@ class Qwen2_5_VLConfig(DecoderConfig):
     def from_hf(cls, hf: Mapping) -> "Qwen2_5_VLConfig":
         # transformers >= 4.5x nests the language model's fields in text_config; older
         # configs keep them at the top level.
-        text = {**hf, **(hf.get("text_config") or {})}
+        text = with_hf_defaults({**hf, **(hf.get("text_config") or {})}, _TEXT_DEFAULTS)
         rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
         section = tuple(int(s) for s in rope.pop("mrope_section", ()))
         if rope.get("rope_type", rope.get("type")) in ("mrope", "default", None):
@@ -57,7 +64,7 @@ class Qwen2_5_VLConfig(DecoderConfig):
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(DecoderConfig)}
         fields["sliding_windows"] = qwen_sliding_windows(text)
         cfg = cls(**fields, mrope_section=section, vision=VisionConfig.from_hf(vision),
-                  tokens_per_second=float(vision.get("tokens_per_second", 1.0)))
+                  tokens_per_second=float(vision.get("tokens_per_second", 4)))
         if sum(section) != cfg.head_dim // 2:
             raise ValueError(f"Qwen2.5-VL: mrope_section {section} must sum to head_dim/2 "
                              f"({cfg.head_dim // 2})")

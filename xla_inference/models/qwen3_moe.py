@@ -34,7 +34,7 @@ class Qwen3MoeConfig(DecoderConfig):
     @classmethod
     def from_hf(cls, hf: Mapping) -> "Qwen3MoeConfig":
         bias = bool(hf.get("attention_bias", False))
-        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
         moe = MoeConfig(
             # transformers >= 5 writes num_local_experts; released configs say num_experts.
             num_experts=hf.get("num_experts") or hf.get("num_local_experts"),

@@ -51,3 +51,16 @@ def test_rope_scalings_not_turned_by_are_refused_when_the_config_is_read(scaling
         "rope_type": "linear", "factor": 2.0}}).rope_scaling
     with pytest.raises(ValueError, match=match):
         llama.FAMILY.config_from_hf({**LLAMA_LIKE, "rope_scaling": scaling})
+
+
+def test_a_partial_rotary_factor_under_rope_scaling_is_refused():
+    """transformers' scaled ropes turn only partial_rotary_factor of each head; its default
+    rope ignores the key, and so may we."""
+    linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert llama.LlamaConfig.from_hf({**LLAMA_LIKE, "partial_rotary_factor": 0.5}).head_dim == 16
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 with rope scaling 'linear'"):
+        llama.LlamaConfig.from_hf({**LLAMA_LIKE, "partial_rotary_factor": 0.5,
+                                   "rope_parameters": linear})
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.25"):
+        llama.LlamaConfig.from_hf({**LLAMA_LIKE,
+                                   "rope_parameters": {**linear, "partial_rotary_factor": 0.25}})

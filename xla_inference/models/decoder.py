@@ -87,6 +87,12 @@ def decoder_fields(hf: Mapping, activations: tuple[str, ...] = SILU_ACTIVATIONS,
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
+    # transformers turns only that share of a head under a scaled rope (linear, llama3, yarn;
+    # its Llama-like default rope ignores the key); ours turns whole heads.
+    partial = (scaling or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if scaling and float(partial or 1.0) != 1.0:
+        raise ValueError(f"xla-inference does not serve partial_rotary_factor {partial} with "
+                         f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r}")
     # transformers 5 keeps the base in rope_parameters; older configs at the top level. A
     # family's transformers defaults (with_hf_defaults) fill in a top-level one.
     theta = (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta", 10000.0)

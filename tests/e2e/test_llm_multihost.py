@@ -4,7 +4,9 @@ each process, parallel/pipeline.stage_devices) and tensor + expert parallel 8 ov
 tiny MoE) give transformers' greedy output with nothing compiled after warm-up; killing the
 follower mid-request ends the engine with an error naming it, well within 60 s. Tensor
 parallel 2 over both (one device each) gives it too, each process reading from the
-checkpoint file only its device's half of every split tensor. The server
+checkpoint file only its device's half of every split tensor. A call
+that fails on both processes (an unknown collective_rpc) fails for its caller and the
+engine serves on. The server
 runs data parallel 2 x tensor parallel 4 over both (one replica per process; through
 vllm.LLM, data parallel across processes runs in tests/e2e/test_llm_ray.py)."""
 
@@ -127,6 +129,12 @@ def test_tensor_parallel_2_across_two_processes_each_reading_its_half(tmp_path, 
         assert llm.collective_rpc("mesh_processes")[0] == [0, 1]
         got = generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
         assert got == expected
+        # A call that fails on every process fails for its caller alone, as on one host
+        # (the follower used to die of it, and the engine with it).
+        with pytest.raises(Exception, match="no_such_method"):
+            llm.collective_rpc("no_such_method")
+        assert generate_ids(llm, prompts, temperature=0.0, max_tokens=NUM_NEW,
+                            ignore_eos=True) == expected
     finally:
         shutdown(llm)
     out = capfd.readouterr()

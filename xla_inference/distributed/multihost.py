@@ -21,6 +21,12 @@ never joins fails start-up within XLA_INFERENCE_JOIN_TIMEOUT, naming it; one tha
 fails while serving makes the driver log which and exit at once (its steps could never
 finish: the mesh spans the dead process's devices), and the followers left exit when the
 driver's connection closes.
+
+A call other than the step's own (add_lora, collective_rpc from a client, ...) may fail
+without harm, as it does on one host (vLLM answers its caller and serves on): each
+follower answers such a call with its outcome, and the driver waits for the answers. The
+same failure everywhere is the caller's error, raised to vLLM as the driver's; a call that
+fails on some processes only has left them different, and ends the engine.
 """
 
 import argparse
@@ -49,6 +55,9 @@ logger = logging.getLogger(__name__)
 EXECUTOR = "xla_inference.distributed.multihost.MultiHostExecutor"
 _STOP = "stop"
 _CALL = "call"
+_DONE = "done"  # a follower's outcome of a call outside the step: (_DONE, traceback or None)
+# The calls every step makes: no outcome is sent back (a failure in them ends the engine).
+_STEP_METHODS = frozenset({"execute_model", "sample_tokens", "take_draft_token_ids"})
 # After a follower fails, how long the engine core gets to stop through vLLM's path.
 _FAILURE_GRACE_S = 10.0
 # How long shutdown lets a gone follower's watcher name it with its own reason.
@@ -90,6 +99,7 @@ class FollowerGroup:
         self.stopping = False
         self.failure: str | None = None  # why the group failed, once a follower went
         self.failure_callback = None  # vLLM's (the engine core's), told of a failure
+        self.outcomes: dict[int, queue.Queue] = {}  # per follower: its calls' outcomes
         # The per-step message (execute_model's SchedulerOutput), for the log at shutdown.
         self.steps, self.step_bytes, self.step_seconds = 0, 0, 0.0
         self._server = socket.create_server(control, reuse_port=False)
@@ -131,6 +141,7 @@ class FollowerGroup:
                                    f"process {pid!r}; expected one of 1..{self.num_hosts - 1}, "
                                    "each once")
             self.connections[pid] = conn
+            self.outcomes[pid] = queue.Queue()
             logger.info("xla-inference multi-host: follower process %d joined from %s", pid, peer)
         self._server.close()
 
@@ -171,11 +182,33 @@ class FollowerGroup:
 
     def _watch_one(self, pid: int, conn: Connection) -> None:
         try:
-            reason = "failed:\n" + conn.recv()
+            while True:
+                message = conn.recv()
+                if not (isinstance(message, tuple) and message[0] == _DONE):
+                    reason = f"failed:\n{message}"
+                    break
+                self.outcomes[pid].put(message[1])
         except (EOFError, OSError):
             reason = "closed its connection (the process died or was killed)"
         if not self.stopping:
             self.fail(pid, reason)
+
+    def outcomes_of_call(self) -> dict[int, str]:
+        """Each follower's outcome of the call just made (waiting for the slower ones):
+        {follower: traceback} for those it failed on."""
+        failed = {}
+        for pid, outcomes in self.outcomes.items():
+            while True:
+                if self.failure is not None:
+                    raise RuntimeError(self.failure)
+                try:
+                    outcome = outcomes.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    continue
+            if outcome is not None:
+                failed[pid] = outcome
+        return failed
 
     def fail(self, pid: int, reason: str) -> None:
         """The mesh spans this follower's devices: no step can finish without it. Say which
@@ -318,7 +351,33 @@ class MultiHostExecutor(UniProcExecutor):
         if self.followers.failure is not None:
             raise RuntimeError(self.followers.failure)
         self.followers.broadcast((_CALL, method, args, kwargs or {}))
-        return super().collective_rpc(method, timeout, args, kwargs, non_block, single_value)
+        if _method_name(method) in _STEP_METHODS:
+            return super().collective_rpc(method, timeout, args, kwargs, non_block, single_value)
+        try:
+            result = super().collective_rpc(method, timeout, args, kwargs, non_block,
+                                            single_value)
+        except Exception as error:
+            self._compare_outcomes(method, error)
+            raise
+        self._compare_outcomes(method, None)
+        return result
+
+    def _compare_outcomes(self, method, error: Exception | None) -> None:
+        """A call that failed on every process failed for its caller alone; one that failed
+        on some only has left the processes different: the engine ends."""
+        failed = self.followers.outcomes_of_call()
+        if error is not None and len(failed) == len(self.followers.connections):
+            return
+        if failed or error is not None:
+            if failed:
+                pid = next(iter(failed))
+                reason = f"failed {_method_name(method)} where the driver did not:\n{failed[pid]}"
+            else:
+                pid = next(iter(self.followers.connections))
+                reason = (f"did not fail {_method_name(method)}, which failed on the driver "
+                          f"({error!r})")
+            self.followers.fail(pid, reason)
+            raise RuntimeError(self.followers.failure)
 
     def check_health(self) -> None:
         if self.followers.failure is not None:
@@ -400,6 +459,10 @@ def _read_messages(conn: Connection, inbox: queue.Queue) -> None:
         os._exit(1)
 
 
+def _method_name(method) -> str:
+    return method if isinstance(method, str) else method.__name__
+
+
 def follow(control: str, process_id: int, key: bytes) -> None:
     """Serve as process `process_id`: build the driver's worker, then make every call the
     driver makes, in its order."""
@@ -423,14 +486,22 @@ def follow(control: str, process_id: int, key: bytes) -> None:
             conn.close()
             return
         _, method, args, kwargs = message
+        in_step = _method_name(method) in _STEP_METHODS
         try:
             result = run_method(worker, method, args, kwargs)
             if isinstance(result, AsyncModelRunnerOutput):
                 result.get_output()  # the same host-side state as the driver's after it
+        except Exception:
+            if in_step:
+                conn.send(f"in {_method_name(method)}: {traceback.format_exc()}")
+                raise
+            conn.send((_DONE, traceback.format_exc()))  # the driver weighs it against its own
+            continue
         except BaseException:
-            conn.send(f"in {method if isinstance(method, str) else method.__name__}: "
-                      f"{traceback.format_exc()}")
+            conn.send(f"in {_method_name(method)}: {traceback.format_exc()}")
             raise
+        if not in_step:
+            conn.send((_DONE, None))
 
 
 def main(argv=None) -> None:

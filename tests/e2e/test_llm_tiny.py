@@ -160,3 +160,28 @@ def test_max_model_len_minus_one_fits_the_context_to_the_kv_cache(model_dir):
         _shutdown(llm)
     assert (chosen, built) == (96, 96)
     assert [list(out[0].outputs[0].token_ids)] == hf_greedy_ids(model_dir, [prompt], 36)
+
+
+def test_profiler_routes_trace_with_jax_and_sleep_routes_keep_serving(model_dir, prompts,
+                                                                     tmp_path):
+    """--profiler-config's torch profiler: vLLM's start_profile/stop_profile reach the worker,
+    which traces with JAX's profiler into torch_profiler_dir (an XLA trace of the steps run
+    between them). The sleep routes (dev mode's /sleep, /wake_up) keep the memory and leave
+    serving as it was; releasing memory is refused."""
+    from vllm import LLM
+
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=128, max_num_seqs=8,
+              max_num_batched_tokens=64, kv_cache_memory_bytes=128 * PAGE_BYTES, seed=0,
+              profiler_config={"profiler": "torch", "torch_profiler_dir": str(tmp_path)})
+    try:
+        expected = hf_greedy_ids(model_dir, prompts[:2], NUM_NEW)
+        llm.start_profile()
+        assert _generate(llm, prompts[:2], temperature=0.0) == expected
+        llm.stop_profile()
+        traces = list(tmp_path.rglob("*.xplane.pb"))
+        assert traces and all(t.stat().st_size > 0 for t in traces), list(tmp_path.rglob("*"))
+        llm.sleep(level=1)
+        llm.wake_up()
+        assert _generate(llm, prompts[:2], temperature=0.0) == expected
+    finally:
+        _shutdown(llm)

@@ -429,7 +429,15 @@ def _unread_option_refusals(vllm_config) -> list:
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     mm = getattr(model, "multimodal_config", None)
     cache = vllm_config.cache_config
+    profiler = vllm_config.profiler_config
     return [
+        # The worker profiles with JAX's profiler, into torch_profiler_dir (plugin/worker.py).
+        (profiler.profiler not in (None, "torch"),
+         lambda: f"--profiler-config's profiler {profiler.profiler!r} (served: 'torch', which "
+                 "traces with JAX's profiler into torch_profiler_dir)"),
+        (profiler.profiler == "torch" and bool(profiler.torch_profiler_activities),
+         lambda: "--profiler-config's torch_profiler_activities (JAX's profiler records the "
+                 "host and the device together)"),
         # Our runner keeps vLLM's V1 model-runner contract; under V2 (which a watermark turns
         # on) the scheduler resends a resumed request as new and stops sending its tokens.
         (vllm_config.use_v2_model_runner,

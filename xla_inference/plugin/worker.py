@@ -499,6 +499,35 @@ class XlaWorker(WorkerBase):
     def take_draft_token_ids(self):
         return self.model_runner.take_draft_token_ids()
 
+    # -- vLLM's profiler routes (/start_profile, /stop_profile; --profiler-config) -----------
+    def profile(self, is_start: bool = True, profile_prefix: str | None = None) -> None:
+        """JAX's profiler (XLA's trace of the host and the device, for TensorBoard's profile
+        plugin or Perfetto) into --profiler-config's torch_profiler_dir; vLLM's front end
+        writes its own CPU trace there too."""
+        import jax
+
+        if is_start:
+            folder = self.vllm_config.profiler_config.torch_profiler_dir
+            jax.profiler.start_trace(folder)
+            logger.info("xla-inference: JAX profiler tracing into %s", folder)
+        else:
+            jax.profiler.stop_trace()
+
+    # -- sleep mode: not served (vLLM refuses --enable-sleep-mode for this platform) -------
+    # The dev-mode routes still reach the worker; as vLLM's CPU worker, they keep the
+    # weights and cache where they are, rather than fail /wake_up and leave the scheduler
+    # paused.
+    def sleep(self, level: int = 1) -> None:
+        logger.warning("xla-inference: sleep mode is not supported; the weights and the KV "
+                       "cache stay in memory")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        logger.warning("xla-inference: sleep mode is not supported; nothing to wake up")
+
+    def discard(self, tags: tuple[str, ...]) -> None:
+        raise RuntimeError("xla-inference does not release the KV cache's or the weights' "
+                           "memory (sleep mode is not supported)")
+
     def async_step_counts(self) -> tuple[int, int]:
         """Steps whose tokens stayed on device, and steps fed those tokens (tests)."""
         runner = self.model_runner

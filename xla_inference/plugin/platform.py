@@ -61,6 +61,11 @@ def _executor_backend(parallel) -> str:
         raise ValueError(f"xla-inference does not run vLLM's Ray executor {name} (one worker per "
                          "device); use --distributed-executor-backend ray, which places one "
                          "JAX process per host")
+    if asked == "external_launcher":
+        raise ValueError("xla-inference does not support --distributed-executor-backend "
+                         "external_launcher (one vLLM rank per torchrun process): one JAX "
+                         "process drives every local device; to span hosts, set "
+                         "XLA_INFERENCE_HOSTS")
     if parallel.nnodes > 1:
         raise ValueError("xla-inference does not use --nnodes/--node-rank (vLLM's one worker "
                          "per device); to span hosts, set XLA_INFERENCE_HOSTS=N, "
@@ -430,7 +435,51 @@ def _unread_option_refusals(vllm_config) -> list:
     mm = getattr(model, "multimodal_config", None)
     cache = vllm_config.cache_config
     profiler = vllm_config.profiler_config
+    load = vllm_config.load_config
+    native = lambda: model is not None and _implementation(model) == "native"  # noqa: E731
+    scheduler_cls = vllm_config.scheduler_config.scheduler_cls
     return [
+        # A native family reads the checkpoint's safetensors (or GGUF) itself; vLLM's other
+        # loaders (tensorizer, sharded_state, bitsandbytes, pt, ...) and their options
+        # would go unread, the folder's safetensors served in their place.
+        (load.load_format not in _NATIVE_LOAD_FORMATS and native(),
+         lambda: f"--load-format {load.load_format} with a native JAX family (served: "
+                 f"{', '.join(_NATIVE_LOAD_FORMATS)}; --model-impl vllm loads with vLLM's "
+                 "loaders)"),
+        (bool(load.model_loader_extra_config) and native(),
+         lambda: "--model-loader-extra-config with a native JAX family"),
+        (list(load.ignore_patterns or []) != ["original/**/*"] and native(),
+         lambda: "--ignore-patterns with a native JAX family (it reads the folder's top-level "
+                 "weight files)"),
+        (model is not None and model.disable_sliding_window and native(),
+         lambda: "--disable-sliding-window with a native JAX family (it reads the window from "
+                 "config.json)"),
+        (model is not None and bool(model.model_class_overrides) and native(),
+         lambda: "--model-class-overrides with a native JAX family (--model-impl vllm serves "
+                 "vLLM's classes)"),
+        (model is not None and model.use_fp64_gumbel,
+         lambda: "--use-fp64-gumbel (the sampler draws in float32)"),
+        (vllm_config.offload_config.uva.cpu_offload_gb > 0
+         or vllm_config.offload_config.prefetch.offload_group_size > 0,
+         lambda: "weight offloading to the CPU (--cpu-offload-gb, --offload-*): the weights "
+                 "stay on the devices"),
+        (mm is not None and mm.mm_encoder_attn_dtype is not None,
+         lambda: f"--mm-encoder-attn-dtype {mm.mm_encoder_attn_dtype} (the vision encoders "
+                 "attend at the model's precision)"),
+        # JAX uses the devices the process sees: vLLM's own ids would go unread.
+        (vllm_config.parallel_config.assigned_physical_gpu_ids is not None,
+         lambda: "--device-ids (choose the devices with CUDA_VISIBLE_DEVICES or "
+                 "TPU_VISIBLE_CHIPS: JAX uses every device the process sees)"),
+        (requested_replicas(vllm_config) > 1 and scheduler_cls is not None
+         and not (isinstance(scheduler_cls, str)
+                  and (scheduler_cls.startswith("vllm.") or scheduler_cls == _DP_SCHEDULER)),
+         lambda: f"--scheduler-cls {scheduler_cls} with data parallel replicas (each replica "
+                 "runs vLLM's own scheduler)"),
+        (requested_replicas(vllm_config) > 1
+         and vllm_config.parallel_config.data_parallel_master_ip not in ("127.0.0.1",
+                                                                         "localhost"),
+         lambda: "data parallel across nodes (--data-parallel-address): the replicas run in "
+                 "one engine over this host's devices (XLA_INFERENCE_HOSTS spans hosts)"),
         # The worker profiles with JAX's profiler, into torch_profiler_dir (plugin/worker.py).
         (profiler.profiler not in (None, "torch"),
          lambda: f"--profiler-config's profiler {profiler.profiler!r} (served: 'torch', which "
@@ -474,6 +523,11 @@ def _unread_option_refusals(vllm_config) -> list:
                  "checkpoint's config.json); --model-impl vllm serves them through vLLM's "
                  "model class"),
     ]
+
+
+# --load-format values a native family serves: its own safetensors and GGUF readers, and
+# random weights.
+_NATIVE_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 def _installed_logits_processor_plugins() -> list[str]:

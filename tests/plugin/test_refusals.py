@@ -54,6 +54,7 @@ def test_a_plain_model_is_accepted(model_dir):
     (dict(data_parallel_size=2, data_parallel_address="10.1.2.3"),
      "data parallel across nodes"),
     (dict(distributed_executor_backend="external_launcher"), "external_launcher"),
+    (dict(additional_config={"data_paralel_size": 2}), "keys ['data_paralel_size']"),
     (dict(profiler_config={"profiler": "torch", "torch_profiler_dir": "/tmp/p",
                            "torch_profiler_activities": ["CPU"]}), "torch_profiler_activities"),
     (dict(ec_transfer_config={"ec_connector": "ECExampleConnector", "ec_role": "ec_consumer",

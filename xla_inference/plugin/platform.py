@@ -421,6 +421,10 @@ def refuse_unsupported_features(vllm_config) -> None:
     ]
     refusals += _unread_option_refusals(vllm_config)
     refusals += _kv_connector_refusals(vllm_config)
+    extra = vllm_config.additional_config
+    unknown = sorted(set(extra) - _ADDITIONAL_CONFIG_KEYS) if isinstance(extra, dict) else []
+    refusals.append((bool(unknown), lambda: f"--additional-config keys {unknown} (it reads "
+                     "data_parallel_size; the xla_ ones are its own bookkeeping)"))
     for refused, feature in refusals:
         if refused:
             raise ValueError(f"xla-inference does not support {feature()} yet")
@@ -656,6 +660,10 @@ def _fold_pipeline_parallel(vllm_config) -> None:
 
 
 _DP_SCHEDULER = "xla_inference.plugin.dp_scheduler.DataParallelScheduler"
+# What additional_config may hold: the replicas asked for, and what the folds keep (a typo,
+# "data_paralel_size", would otherwise serve one replica without a word).
+_ADDITIONAL_CONFIG_KEYS = frozenset({"data_parallel_size", "xla_data_parallel_size",
+                                     "xla_pipeline_parallel_size"})
 
 
 def requested_replicas(vllm_config) -> int:

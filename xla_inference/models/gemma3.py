@@ -41,10 +41,11 @@ _gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)  # HF's gelu_pytor
 # transformers' Gemma3TextConfig defaults: the Hub's configs (gemma-3-4b-it's text_config)
 # leave out the fields that keep them, and a text-only config may too (its sliding window).
 HF_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
-                  "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-                  "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
-                  "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256,
-                  "sliding_window": 4096, "sliding_window_pattern": 6}
+                    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                    "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+                    "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096, "sliding_window_pattern": 6}
+
 
 def _rope_parameters(hf: Mapping) -> tuple[dict, dict]:
     """(global layers' rope parameters, sliding layers'), rope_theta included, from either

@@ -6,6 +6,11 @@ from collections.abc import Mapping
 from xla_inference.models.decoder import DecoderConfig, decoder_family, decoder_fields
 
 
+# transformers' Qwen2/Qwen3(-MoE) configs' window size where use_sliding_window is set and
+# sliding_window is not.
+QWEN_DEFAULT_WINDOW = 4096
+
+
 def qwen_sliding_windows(hf: Mapping) -> tuple[int | None, ...] | None:
     """Per-layer windows as transformers' Qwen2/Qwen3 configs define them.
 
@@ -13,9 +18,8 @@ def qwen_sliding_windows(hf: Mapping) -> tuple[int | None, ...] | None:
     ship a `sliding_window` size with it unset), and then to the layers `layer_types` marks
     "sliding_attention": by default layers i >= max_window_layers.
     """
-    # (transformers' Qwen2/Qwen3 configs default the size to 4096 and the first sliding
-    # layer to 28.)
-    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+    window = (hf.get("sliding_window", QWEN_DEFAULT_WINDOW) if hf.get("use_sliding_window")
+              else None)
     if window is None:
         return None
     num_layers = hf["num_hidden_layers"]

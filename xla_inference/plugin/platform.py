@@ -471,7 +471,7 @@ def _unread_option_refusals(vllm_config) -> list:
          lambda: f"--mm-encoder-attn-dtype {mm.mm_encoder_attn_dtype} (the vision encoders "
                  "attend at the model's precision)"),
         # JAX uses the devices the process sees: vLLM's own ids would go unread.
-        (vllm_config.parallel_config.assigned_physical_gpu_ids is not None,
+        (parallel.assigned_physical_gpu_ids is not None,
          lambda: "--device-ids (choose the devices with CUDA_VISIBLE_DEVICES or "
                  "TPU_VISIBLE_CHIPS: JAX uses every device the process sees)"),
         (requested_replicas(vllm_config) > 1 and scheduler_cls is not None
@@ -480,8 +480,7 @@ def _unread_option_refusals(vllm_config) -> list:
          lambda: f"--scheduler-cls {scheduler_cls} with data parallel replicas (each replica "
                  "runs vLLM's own scheduler)"),
         (requested_replicas(vllm_config) > 1
-         and vllm_config.parallel_config.data_parallel_master_ip not in ("127.0.0.1",
-                                                                         "localhost"),
+         and parallel.data_parallel_master_ip not in ("127.0.0.1", "localhost"),
          lambda: "data parallel across nodes (--data-parallel-address): the replicas run in "
                  "one engine over this host's devices (XLA_INFERENCE_HOSTS spans hosts)"),
         # The worker profiles with JAX's profiler, into torch_profiler_dir (plugin/worker.py).

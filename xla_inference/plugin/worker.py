@@ -502,12 +502,16 @@ class XlaWorker(WorkerBase):
     # -- vLLM's profiler routes (/start_profile, /stop_profile; --profiler-config) -----------
     def profile(self, is_start: bool = True, profile_prefix: str | None = None) -> None:
         """JAX's profiler (XLA's trace of the host and the device, for TensorBoard's profile
-        plugin or Perfetto) into --profiler-config's torch_profiler_dir; vLLM's front end
-        writes its own CPU trace there too."""
+        plugin or Perfetto) into --profiler-config's torch_profiler_dir (in a folder named
+        by the caller's prefix, if it gives one); vLLM's front end writes its own CPU trace
+        there too."""
+        import os
+
         import jax
 
         if is_start:
-            folder = self.vllm_config.profiler_config.torch_profiler_dir
+            folder = os.path.join(self.vllm_config.profiler_config.torch_profiler_dir,
+                                  profile_prefix or "")
             jax.profiler.start_trace(folder)
             logger.info("xla-inference: JAX profiler tracing into %s", folder)
         else:

@@ -114,7 +114,7 @@ def process_draft_rows(logits, drafts: DraftBatch, extras: DraftExtras | None):
         return jnp.repeat(x, rows, axis=0)
 
     flat = SamplingExtras(
-        grammar_allowed=jnp.ones((B * rows, V), bool),  # (the grammar is in logit_adjust)
+        grammar_allowed=None,  # (the draft rows' grammar is in logit_adjust)
         logit_adjust=extras.logit_adjust.reshape(B * rows, V),
         output_counts=counts.reshape(B * rows, V),
         prompt_mask=per_request(extras.prompt_mask),

@@ -77,6 +77,8 @@ def apply_extras(logits, extras: SamplingExtras):
 
 
 def mask_grammar(logits, extras: SamplingExtras):
+    if extras.grammar_allowed is None:
+        return logits
     return jnp.where(extras.grammar_allowed, logits, -jnp.inf)
 
 

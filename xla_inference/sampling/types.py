@@ -35,8 +35,8 @@ class SamplingExtras:
 
     # [B, V] bool, the tokens a structured output's grammar allows (all where none): applied
     # before anything else, logprobs included, as vLLM's runner masks the logits it hands
-    # its sampler
-    grammar_allowed: jax.Array
+    # its sampler. None: no mask (a verify step's draft rows carry theirs in logit_adjust).
+    grammar_allowed: jax.Array | None
     logit_adjust: jax.Array  # [B, V] float32, added after: bias, or -inf for a banned token
     output_counts: jax.Array  # [B, V] float32, how often each token was generated
     prompt_mask: jax.Array  # [B, V] bool, tokens present in the prompt

@@ -271,7 +271,7 @@ def test_avx512_grouped_decode_path_has_per_head_bits(cache_dtype, group, head_d
 
 # ------------------------------------------------------------------ the spare core
 # (kernels/cpu/spare_core.h: a lone decode token's attention shared with one helper thread,
-# by KV head on AVX-512 and by key range and KV head on AVX2, which the caller takes items
+# by key range and KV head (AVX-512 and AVX2 alike), which the caller takes items
 # back from when it holds them too long)
 
 _SPARE_TESTING = "xla_inference_paged_attention_spare_testing"

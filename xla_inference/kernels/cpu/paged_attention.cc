@@ -122,7 +122,7 @@ constexpr int64_t kTile = 16;  // query tokens of one sequence that share their 
 
 struct Scratch {
   std::vector<float> qs, scores, acc;
-  std::vector<float> partials;  // the AVX2 decode paths' key ranges' partials (RangePartials)
+  std::vector<float> partials;  // the decode paths' key ranges' partials (RangePartials)
   std::vector<int64_t> rows;
   std::vector<float> widened;  // a bfloat16 or fp8 cache's key or value rows as float32
 };
@@ -353,6 +353,76 @@ void in_groups_of_up_to_4(int64_t G, Values&& values) {
   }
 }
 
+// A decode token's n keys in one or two ranges, each range's softmax taken apart (its max
+// score, its sum of exponentials, its weighted values not yet divided by that sum), then
+// merged (merge_key_ranges), as flash-decoding does on GPUs. Two ranges let two threads share
+// a call evenly whatever its number of KV heads (the spare core's items, SpareKeyRanges: a
+// range's KV heads; on a 2-core Zen 3, two threads on halves of 540 keys took half one
+// thread's time, where shares by KV head, 2 of SmolLM2's 3 against 1, gained 1.2x; on a
+// 2-core Zen 4 with AVX-512, see attend_one_grouped_avx512). Every AVX-512 and AVX2 decode
+// path splits the keys the same way (by n alone), so the output does not depend on which
+// thread, or how many, computed it. From kSplitKeys keys on; the second range starts at a
+// multiple of 8 keys (a block of key_scores_avx2).
+constexpr int64_t kSplitKeys = 64;
+
+struct KeyRanges {
+  int64_t count;
+  int64_t begin[2], end[2];
+};
+
+inline KeyRanges key_ranges(int64_t n) {
+  if (n < kSplitKeys) return {1, {0, n}, {n, n}};
+  const int64_t mid = (n / 2 + 7) / 8 * 8;
+  return {2, {0, mid}, {mid, n}};
+}
+
+// The partials of a range for the N query heads: values [N, H] (each head's weighted sum of
+// values, by the exponentials), then stats [N, 2] (the max score, the sum of exponentials).
+struct RangePartials {
+  float* values;
+  float* stats;
+};
+
+// Room for `ranges` ranges' partials in `storage`.
+inline void range_partials(std::vector<float>& storage, int64_t ranges, int64_t N, int64_t H,
+                           RangePartials out[2]) {
+  storage.resize(ranges * N * (H + 2));
+  for (int64_t b = 0; b < ranges; ++b)
+    out[b] = {storage.data() + b * N * (H + 2), storage.data() + b * N * (H + 2) + N * H};
+}
+
+// out [N, H] for the heads h_first..h_last-1 from the ranges' partials: each range's values
+// weighted by exp(its max - the max of all), over the sum of its exponentials so weighted.
+inline void merge_key_ranges(int64_t ranges, const RangePartials part[2], int64_t H,
+                             int64_t h_first, int64_t h_last, float* out) {
+  for (int64_t h = h_first; h < h_last; ++h) {
+    float* o = out + h * H;
+    const float* v0 = part[0].values + h * H;
+    const float m0 = part[0].stats[2 * h], s0 = part[0].stats[2 * h + 1];
+    if (ranges == 1) {
+      const float inv = 1.0f / s0;
+      for (int64_t d = 0; d < H; ++d) o[d] = v0[d] * inv;
+      continue;
+    }
+    const float* v1 = part[1].values + h * H;
+    const float m1 = part[1].stats[2 * h], s1 = part[1].stats[2 * h + 1];
+    const float m = std::max(m0, m1), c0 = fast_exp(m0 - m), c1 = fast_exp(m1 - m);
+    const float inv = 1.0f / (s0 * c0 + s1 * c1);
+    for (int64_t d = 0; d < H; ++d) o[d] = (v0[d] * c0 + v1[d] * c1) * inv;
+  }
+}
+
+// Each head's n scores (rows n_pad apart) capped and exponentiated, not normalized: its max
+// and the sum into stats [N, 2], heads h_first..h_last-1.
+void exponentiate_range(const Shapes& s, int64_t n, int64_t n_pad, float* scores, float* stats,
+                        int64_t h_first, int64_t h_last) {
+  for (int64_t h = h_first; h < h_last; ++h) {
+    float* sc = scores + h * n_pad;
+    cap_scores(s, sc, n);
+    stats[2 * h + 1] = exponentiate_from_max(sc, n, &stats[2 * h]);
+  }
+}
+
 // One query token: each head's scores are dot products over the head dim.
 // kHeadDim > 0: the head dim as a compile-time constant (fully unrolled products); 0: any.
 template <int64_t kHeadDim, class Cache>
@@ -430,50 +500,58 @@ void attend_one_avx512(const Shapes& s, const float* q, const Cache& k_cache,
   const DecodeKeys keys = decode_keys(s, table, pos, H, 16, out, w);
   const int64_t n = keys.n, n_pad = keys.n_pad;
   if (n == 0) return;
+  const KeyRanges ranges = key_ranges(n);
+  RangePartials part[2];
+  range_partials(w.partials, ranges.count, N, H, part);
   const __m512 scale = _mm512_set1_ps(s.scale);
   for (int64_t h = 0; h < N; ++h) {
     const int64_t kv = (h / G) * H;
     __m512 qh[C];
     for (int64_t c = 0; c < C; ++c) qh[c] = _mm512_mul_ps(_mm512_loadu_ps(q + h * H + 16 * c), scale);
-    float* sc = w.scores.data() + h * n_pad;
-    for (int64_t i0 = 0; i0 < n; i0 += 16) {
-      __m512 dots[16];
-      for (int64_t j = 0; j < 16; ++j) {
-        if (i0 + j >= n) {
-          dots[j] = _mm512_setzero_ps();
-          continue;
+    float* sc = w.scores.data() + h * n_pad;  // the range's scores, from its first key
+    for (int64_t b = 0; b < ranges.count; ++b) {
+      const int64_t begin = ranges.begin[b], end = ranges.end[b];
+      for (int64_t i0 = begin; i0 < end; i0 += 16) {
+        __m512 dots[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          if (i0 + j >= end) {
+            dots[j] = _mm512_setzero_ps();
+            continue;
+          }
+          if (h % G == 0 && i0 + j + kPrefetchAhead < end)
+            prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead] + kv, H);
+          const int64_t krow = w.rows[i0 + j] + kv;
+          __m512 dot = _mm512_mul_ps(qh[0], k_cache.load16(krow));
+          for (int64_t c = 1; c < C; ++c)
+            dot = _mm512_fmadd_ps(qh[c], k_cache.load16(krow + 16 * c), dot);
+          dots[j] = dot;
         }
-        if (h % G == 0 && i0 + j + kPrefetchAhead < n)
-          prefetch_row(k_cache, w.rows[i0 + j + kPrefetchAhead] + kv, H);
-        const int64_t krow = w.rows[i0 + j] + kv;
-        __m512 dot = _mm512_mul_ps(qh[0], k_cache.load16(krow));
-        for (int64_t c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qh[c], k_cache.load16(krow + 16 * c), dot);
-        dots[j] = dot;
+        _mm512_storeu_ps(sc + (i0 - begin), sum_each_of_16(dots));
       }
-      _mm512_storeu_ps(sc + i0, sum_each_of_16(dots));
+      cap_scores(s, sc, end - begin);
+      part[b].stats[2 * h + 1] = exponentiate_from_max(sc, end - begin, &part[b].stats[2 * h]);
+      __m512 acc[C];
+      for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+      for (int64_t i = begin; i < end; ++i) {
+        if (h % G == 0 && i + kPrefetchAhead < end)
+          prefetch_row(v_cache, w.rows[i + kPrefetchAhead] + kv, H);
+        const int64_t vrow = w.rows[i] + kv;
+        const __m512 p = _mm512_set1_ps(sc[i - begin]);
+        for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, v_cache.load16(vrow + 16 * c), acc[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(part[b].values + h * H + 16 * c, acc[c]);
     }
-    cap_scores(s, sc, n);
-    const float inv = exponentiate_scores(sc, n);
-    // Even and odd keys in separate sums: twice the independent FMA chains.
-    __m512 acc[C];
-    for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; ++i) {
-      if (h % G == 0 && i + kPrefetchAhead < n)
-        prefetch_row(v_cache, w.rows[i + kPrefetchAhead] + kv, H);
-      const int64_t vrow = w.rows[i] + kv;
-      const __m512 p = _mm512_set1_ps(sc[i] * inv);
-      for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, v_cache.load16(vrow + 16 * c), acc[c]);
-    }
-    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(out + h * H + 16 * c, acc[c]);
   }
+  merge_key_ranges(ranges.count, part, H, 0, N, out);
 }
 
-// The weighted sums of values of kG query heads sharing one KV head (p: their normalized
-// probabilities, rows n_pad apart), kD chunks of 16 dims per pass over the keys: each value
+// The weighted sums of values of kG query heads sharing one KV head (p: their weights, the
+// exponentials of a key range's scores, rows n_pad apart; rows: the range's keys' cache
+// rows), kD chunks of 16 dims per pass over the keys: each value
 // chunk widened once for all kG heads, their kG x kD sums in registers. Per head and dim
 // the same FMAs in the same key order as attend_one_avx512's one head alone.
 template <int64_t kHeadDim, int kG, class Cache>
-void weighted_values_avx512(const Cache& v_cache, const std::vector<int64_t>& rows, int64_t kv,
+void weighted_values_avx512(const Cache& v_cache, const int64_t* rows, int64_t kv,
                             const float* p, int64_t n, int64_t n_pad, float* out,
                             int64_t row_width) {
   constexpr int64_t C = kHeadDim / 16;
@@ -541,71 +619,103 @@ inline void key_block_dots_avx512(const Cache& k_cache, const int64_t* rows, int
   }
 }
 
-// attend_one_avx512 by KV head: for each block of 16 keys and each KV head, every key's
-// chunks widened once (load16) for all G query heads sharing it (their scaled q rows read
-// from L1), each head's 16 partial-sum vectors kept in scratch and reduced together
-// (sum_each_of_16); the block's rows (one page of keys when aligned) stay in L1 from the
-// first KV head to the last. Then weighted_values_avx512 per KV head. Per head the same
-// operations in the same order as attend_one_avx512, so the same output bit for bit.
-// KV heads kv_first..kv_last-1 only (kv_last -1: all), with their query heads (the spare
-// core's items, SpareKvHeads): each then prefetches only its own part of the rows.
+// attend_one_avx512 by KV head, one key range [begin, end) of a decode token's keys (rows:
+// all of them; qs: the scaled q rows) into the range's partials: for each block of 16 keys
+// and each KV head, every key's chunks widened once (load16) for all G query heads sharing
+// it (their scaled q rows read from L1), each head's 16 partial-sum vectors kept in scratch
+// and reduced together (sum_each_of_16); the block's rows (one page of keys when aligned)
+// stay in L1 from the first KV head to the last. Then the exponentials and
+// weighted_values_avx512 per KV head. Per head the same operations in the same order as
+// attend_one_avx512's, so the same partials bit for bit. KV heads kv_first..kv_last-1 only,
+// with their query heads (the spare core's items, SpareKeyRanges): each then prefetches only
+// its own part of the rows.
 template <int64_t kHeadDim, class Cache>
-void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_cache,
-                               const Cache& v_cache, const int32_t* table, int64_t pos,
-                               float* out, Scratch& w, int64_t kv_first = 0,
-                               int64_t kv_last = -1) {
+void range_partials_grouped_avx512(const Shapes& s, const float* qs, const Cache& k_cache,
+                                   const Cache& v_cache, const int64_t* rows, int64_t begin,
+                                   int64_t end, RangePartials part, Scratch& w, int64_t kv_first,
+                                   int64_t kv_last) {
   constexpr int64_t C = kHeadDim / 16;
-  const int64_t N = s.num_heads, K = s.num_kv_heads, G = N / K, H = kHeadDim;
-  const bool all = kv_first == 0 && (kv_last < 0 || kv_last == K);
-  if (kv_last < 0) kv_last = K;
-  const DecodeKeys keys = decode_keys(s, table, pos, H, 16, out, w);
-  const int64_t n = keys.n, n_pad = keys.n_pad;
-  if (n == 0) return;
-  scale_queries(s, q, H, w.qs);
+  const int64_t K = s.num_kv_heads, G = s.num_heads / K, H = kHeadDim;
+  const int64_t n = end - begin, n_pad = (n + 15) / 16 * 16;
+  const bool all = kv_first == 0 && kv_last == K;
+  w.scores.resize(s.num_heads * n_pad);
   w.acc.resize(G * 256);  // [G][16 keys][16 lanes]: one KV head's heads' partial sums
   float* const dots = w.acc.data();
-  for (int64_t i0 = 0; i0 < n; i0 += 16) {
-    const int64_t m = std::min<int64_t>(16, n - i0);  // keys in this block
+  // The range's first keys and values asked for at once: the passes below prefetch
+  // kPrefetchAhead keys on from the second block, and a range's values are read after its
+  // scores (one thread taking both ranges otherwise starts four streams cold, not two).
+  {
+    const int64_t at = all ? 0 : kv_first * H, values = (kv_last - kv_first) * H;
+    for (int64_t i = begin; i < std::min(end, begin + kPrefetchAhead); ++i) {
+      prefetch_row(k_cache, rows[i] + at, values);
+      prefetch_row(v_cache, rows[i] + at, values);
+    }
+  }
+  for (int64_t i0 = begin; i0 < end; i0 += 16) {
+    const int64_t m = std::min<int64_t>(16, end - i0);  // keys in this block
     for (int64_t kvh = kv_first; kvh < kv_last; ++kvh) {
       const int64_t kv = kvh * H;
-      const float* qg = w.qs.data() + kvh * G * H;
-      const int64_t* rows = w.rows.data() + i0;
+      const float* qg = qs + kvh * G * H;
       // The first KV head asks for whole rows, which the others then find in L1 (a part of
       // the KV heads: the first of them for their part of the rows).
-      const int64_t ahead = kvh == kv_first ? std::min<int64_t>(m, n - i0 - kPrefetchAhead) : 0;
+      const int64_t ahead = kvh == kv_first ? std::min<int64_t>(m, end - i0 - kPrefetchAhead) : 0;
       const int64_t at = all ? 0 : kv, values = all ? K * H : (kv_last - kv_first) * H;
       // The group's q rows in registers where they fit beside the key's chunks (G * C <= 16).
       constexpr int kG2 = 2 * C <= 16 ? 2 : 0, kG3 = 3 * C <= 16 ? 3 : 0;
       constexpr int kG4 = 4 * C <= 16 ? 4 : 0;
+      const int64_t* block = rows + i0;
       if (G == 1) {
-        key_block_dots_avx512<kHeadDim, 1>(k_cache, rows, m, ahead, kv, at, values, qg, dots);
+        key_block_dots_avx512<kHeadDim, 1>(k_cache, block, m, ahead, kv, at, values, qg, dots);
       } else if (G == 2 && kG2 > 0) {
-        key_block_dots_avx512<kHeadDim, kG2>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, kG2>(k_cache, block, m, ahead, kv, at, values, qg, dots, G);
       } else if (G == 3 && kG3 > 0) {
-        key_block_dots_avx512<kHeadDim, kG3>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, kG3>(k_cache, block, m, ahead, kv, at, values, qg, dots, G);
       } else if (G == 4 && kG4 > 0) {
-        key_block_dots_avx512<kHeadDim, kG4>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, kG4>(k_cache, block, m, ahead, kv, at, values, qg, dots, G);
       } else {
-        key_block_dots_avx512<kHeadDim, 0>(k_cache, rows, m, ahead, kv, at, values, qg, dots, G);
+        key_block_dots_avx512<kHeadDim, 0>(k_cache, block, m, ahead, kv, at, values, qg, dots, G);
       }
       for (int64_t g = 0; g < G; ++g) {
         __m512 d16[16];
         for (int64_t j = 0; j < 16; ++j)
           d16[j] = j < m ? _mm512_loadu_ps(dots + (g * 16 + j) * 16) : _mm512_setzero_ps();
-        _mm512_storeu_ps(w.scores.data() + (kvh * G + g) * n_pad + i0, sum_each_of_16(d16));
+        _mm512_storeu_ps(w.scores.data() + (kvh * G + g) * n_pad + (i0 - begin),
+                         sum_each_of_16(d16));
       }
     }
   }
-  normalize_scores(s, n, n_pad, w, kv_first * G, kv_last * G);
+  exponentiate_range(s, n, n_pad, w.scores.data(), part.stats, kv_first * G, kv_last * G);
   for (int64_t kvh = kv_first; kvh < kv_last; ++kvh) {
     const int64_t kv = kvh * H, h0 = kvh * G;
     const float* p = w.scores.data() + h0 * n_pad;
-    float* o = out + h0 * H;
     in_groups_of_up_to_4(G, [&](auto kG, int64_t g) {
       weighted_values_avx512<kHeadDim, decltype(kG)::value>(
-          v_cache, w.rows, kv, p + g * n_pad, n, n_pad, o + g * H, all ? K * H : H);
+          v_cache, rows + begin, kv, p + g * n_pad, n, n_pad, part.values + (h0 + g) * H,
+          all ? K * H : H);
     });
   }
+}
+
+// attend_one_avx512 by KV head: each key range's partials (range_partials_grouped_avx512),
+// then merged. The same output as attend_one_avx512, bit for bit. Key ranges rather than KV
+// heads are what the spare core shares (SpareKeyRanges): on a 2-core Zen 4 at SmolLM2's
+// shapes (3 KV heads, 540 keys) shares by KV head left the caller 2 heads against the
+// helper's 1 (benchmarks/RESULTS.md, 2026-12-04 sixth session).
+template <int64_t kHeadDim, class Cache>
+void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_cache,
+                               const Cache& v_cache, const int32_t* table, int64_t pos,
+                               float* out, Scratch& w) {
+  const DecodeKeys keys = decode_keys(s, table, pos, kHeadDim, 16, out, w);
+  if (keys.n == 0) return;
+  scale_queries(s, q, kHeadDim, w.qs);
+  const KeyRanges ranges = key_ranges(keys.n);
+  RangePartials part[2];
+  range_partials(w.partials, ranges.count, s.num_heads, kHeadDim, part);
+  for (int64_t b = 0; b < ranges.count; ++b)
+    range_partials_grouped_avx512<kHeadDim>(s, w.qs.data(), k_cache, v_cache, w.rows.data(),
+                                            ranges.begin[b], ranges.end[b], part[b], w, 0,
+                                            s.num_kv_heads);
+  merge_key_ranges(ranges.count, part, kHeadDim, 0, s.num_heads, out);
 }
 #endif
 
@@ -616,75 +726,6 @@ inline __m256 sum_each_of_8(const __m256 v[8]) {
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   // u0 low half: v0..v3's sums of lanes 0-3, high half: of lanes 4-7 (u1 likewise v4..v7)
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// A decode token's n keys in one or two ranges, each range's softmax taken apart (its max
-// score, its sum of exponentials, its weighted values not yet divided by that sum), then
-// merged (merge_key_ranges), as flash-decoding does on GPUs. Two ranges let two threads share
-// a call evenly whatever its number of KV heads (the spare core's items, SpareKeyRanges: a
-// range's KV heads; on a 2-core Zen 3, two threads on halves of 540 keys took half one
-// thread's time, where shares by KV head, 2 of SmolLM2's 3 against 1, gained 1.2x). Every
-// AVX2 decode path splits the keys the same way (by n alone), so the output does not depend
-// on which thread, or how many, computed it. From kSplitKeys keys on; the second range
-// starts at a multiple of 8 keys (a block of key_scores_avx2).
-constexpr int64_t kSplitKeys = 64;
-
-struct KeyRanges {
-  int64_t count;
-  int64_t begin[2], end[2];
-};
-
-inline KeyRanges key_ranges(int64_t n) {
-  if (n < kSplitKeys) return {1, {0, n}, {n, n}};
-  const int64_t mid = (n / 2 + 7) / 8 * 8;
-  return {2, {0, mid}, {mid, n}};
-}
-
-// The partials of a range for the N query heads: values [N, H] (each head's weighted sum of
-// values, by the exponentials), then stats [N, 2] (the max score, the sum of exponentials).
-struct RangePartials {
-  float* values;
-  float* stats;
-};
-
-// Room for `ranges` ranges' partials in `storage`.
-inline void range_partials(std::vector<float>& storage, int64_t ranges, int64_t N, int64_t H,
-                           RangePartials out[2]) {
-  storage.resize(ranges * N * (H + 2));
-  for (int64_t b = 0; b < ranges; ++b)
-    out[b] = {storage.data() + b * N * (H + 2), storage.data() + b * N * (H + 2) + N * H};
-}
-
-// out [N, H] for the heads h_first..h_last-1 from the ranges' partials: each range's values
-// weighted by exp(its max - the max of all), over the sum of its exponentials so weighted.
-inline void merge_key_ranges(int64_t ranges, const RangePartials part[2], int64_t H,
-                             int64_t h_first, int64_t h_last, float* out) {
-  for (int64_t h = h_first; h < h_last; ++h) {
-    float* o = out + h * H;
-    const float* v0 = part[0].values + h * H;
-    const float m0 = part[0].stats[2 * h], s0 = part[0].stats[2 * h + 1];
-    if (ranges == 1) {
-      const float inv = 1.0f / s0;
-      for (int64_t d = 0; d < H; ++d) o[d] = v0[d] * inv;
-      continue;
-    }
-    const float* v1 = part[1].values + h * H;
-    const float m1 = part[1].stats[2 * h], s1 = part[1].stats[2 * h + 1];
-    const float m = std::max(m0, m1), c0 = fast_exp(m0 - m), c1 = fast_exp(m1 - m);
-    const float inv = 1.0f / (s0 * c0 + s1 * c1);
-    for (int64_t d = 0; d < H; ++d) o[d] = (v0[d] * c0 + v1[d] * c1) * inv;
-  }
-}
-
-// Each head's n scores (rows n_pad apart) capped and exponentiated, not normalized: its max
-// and the sum into stats [N, 2], heads h_first..h_last-1.
-void exponentiate_range(const Shapes& s, int64_t n, int64_t n_pad, float* scores, float* stats,
-                        int64_t h_first, int64_t h_last) {
-  for (int64_t h = h_first; h < h_last; ++h) {
-    float* sc = scores + h * n_pad;
-    cap_scores(s, sc, n);
-    stats[2 * h + 1] = exponentiate_from_max(sc, n, &stats[2 * h]);
-  }
 }
 
 // attend_one_avx512 in 8 lanes, for a head dim of kHeadDim (a multiple of 8), one query head
@@ -1148,9 +1189,9 @@ Fn by_cache_type(ffi::DataType cache_type, PerCache&& per_cache) {
 
 // A lone decode token's attention shared with the spare core (spare_core.h: a call of tens
 // of microseconds, which the pool cannot start on in time), on the build's grouped decode
-// path. AVX-512's items are KV heads with their query heads (SpareKvHeads: per head the same
-// operations as the whole call's, so the same bits); AVX2's are key ranges' KV heads
-// (SpareKeyRanges: key_ranges' partials, merged by the caller once all are in). The helper
+// path. Its items are key ranges' KV heads (SpareKeyRanges: key_ranges' partials, merged by
+// the caller once all are in; per head the same operations as the whole call's, so the
+// same bits). The helper
 // writes into a scratch copy of the item's results, which publish() copies. The job keeps
 // its own copies of what a helper that finishes late may still read (q, the token's page
 // table or its keys' cache rows); the caches it reads outlive the call (the engine donates
@@ -1169,51 +1210,20 @@ struct SpareAttention : xla_inference::SpareJob {
 #if (defined(XLA_INFERENCE_ATTENTION_AVX512) || defined(XLA_INFERENCE_ATTENTION_AVX2)) && \
     XLA_INFERENCE_ATTENTION_GROUPED
 #define XLA_INFERENCE_ATTENTION_SPARE 1
+// range_partials_grouped on the build's grouped decode path (AVX-512's or AVX2's).
+template <int64_t kHeadDim, class Cache>
+void range_partials_grouped(const Shapes& s, const float* qs, const Cache& k_cache,
+                            const Cache& v_cache, const int64_t* rows, int64_t begin, int64_t end,
+                            RangePartials part, Scratch& w, int64_t kv_first, int64_t kv_last) {
 #ifdef XLA_INFERENCE_ATTENTION_AVX512
-template <int64_t kHeadDim, class Cache>
-struct SpareKvHeads : SpareAttention {
-  SpareKvHeads(const Shapes& s, const float* q, const void* k, const void* v,
-               const int32_t* table, int64_t pos, float* out)
-      : SpareAttention(s.num_kv_heads),
-        s(s),
-        q(q, q + s.num_heads * s.head_dim),
-        table(table, table + std::min(s.max_blocks, pos / s.block_size + 1)),
-        k_cache(k, s.num_kv_heads * s.head_dim),
-        v_cache(v, s.num_kv_heads * s.head_dim),
-        pos(pos),
-        out(out),
-        scratch(new float[s.num_heads * s.head_dim]) {}
-
-  void compute(int64_t i, bool into_scratch) override {
-    thread_local Scratch w;
-    attend_one_grouped_avx512<kHeadDim, Cache>(s, q.data(), k_cache, v_cache, table.data(), pos,
-                                               into_scratch ? scratch.get() : out, w, i, i + 1);
-  }
-
-  void publish(int64_t i) override {
-    const int64_t width = s.num_heads / s.num_kv_heads * s.head_dim;  // one KV head's heads
-    std::memcpy(out + i * width, scratch.get() + i * width, width * sizeof(float));
-  }
-
-  const Shapes s;
-  const std::vector<float> q;
-  const std::vector<int32_t> table;
-  const Cache k_cache, v_cache;
-  const int64_t pos;
-  float* const out;
-  std::unique_ptr<float[]> scratch;
-};
-
-// The spare core's items of a lone token's call with n keys.
-int64_t spare_items(const Shapes& s, int64_t /*n*/) { return s.num_kv_heads; }
-
-template <int64_t kHeadDim, class Cache>
-std::shared_ptr<SpareAttention> spare_job(const Shapes& s, const float* q, const void* k,
-                                          const void* v, const int32_t* table, int64_t pos,
-                                          float* out) {
-  return std::make_shared<SpareKvHeads<kHeadDim, Cache>>(s, q, k, v, table, pos, out);
-}
+  range_partials_grouped_avx512<kHeadDim>(s, qs, k_cache, v_cache, rows, begin, end, part, w,
+                                          kv_first, kv_last);
 #else
+  range_partials_grouped_avx2<kHeadDim>(s, qs, k_cache, v_cache, rows, begin, end, part, w,
+                                        kv_first, kv_last);
+#endif
+}
+
 // The spare core's items of a lone token's call with n keys.
 int64_t spare_items(const Shapes& s, int64_t n) { return key_ranges(n).count * s.num_kv_heads; }
 
@@ -1238,9 +1248,9 @@ struct SpareKeyRanges : SpareAttention {
   void compute(int64_t i, bool into_scratch) override {
     thread_local Scratch w;
     const int64_t b = i / s.num_kv_heads, kv = i % s.num_kv_heads;
-    range_partials_grouped_avx2<kHeadDim>(s, qs.data(), k_cache, v_cache, rows.data(),
-                                          ranges.begin[b], ranges.end[b],
-                                          (into_scratch ? scratch : part)[b], w, kv, kv + 1);
+    range_partials_grouped<kHeadDim>(s, qs.data(), k_cache, v_cache, rows.data(),
+                                     ranges.begin[b], ranges.end[b],
+                                     (into_scratch ? scratch : part)[b], w, kv, kv + 1);
   }
 
   void publish(int64_t i) override {
@@ -1269,7 +1279,6 @@ std::shared_ptr<SpareAttention> spare_job(const Shapes& s, const float* q, const
                                           float* out) {
   return std::make_shared<SpareKeyRanges<kHeadDim, Cache>>(s, q, k, v, table, pos, out);
 }
-#endif
 #endif
 
 using SpareJobFn = std::shared_ptr<SpareAttention> (*)(

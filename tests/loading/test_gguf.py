@@ -465,6 +465,53 @@ def test_gemma3_gguf_rope_scaling_turns_the_global_layers(keys, rope):
     model_family(config).config_from_hf(config)  # and our Gemma 3 reads it
 
 
+@pytest.mark.parametrize("keys", [
+    {"gemma3.attention.sliding_window_pattern": 6},
+    {"gemma3.attention.sliding_window_pattern": [True] * 5 + [False]},
+    {"gemma3.rope.freq_base_swa": 10_000.0},
+    {"gemma3.attention.key_length_swa": 4, "gemma3.attention.value_length_swa": 4,
+     "gemma3.rope.dimension_count_swa": 4},
+])
+def test_gemma3_gguf_sliding_layer_keys_that_agree_are_served(keys):
+    from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf
+
+    config = gemma3_hf_config_from_gguf({**GEMMA3_METADATA, **keys}, [])
+    assert config["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+
+
+@pytest.mark.parametrize("keys, named", [
+    ({"gemma3.attention.sliding_window_pattern": 4}, "sliding_window_pattern 4"),
+    ({"gemma3.attention.sliding_window_pattern": [True, False] * 3}, "sliding_window_pattern"),
+    ({"gemma3.rope.freq_base_swa": 50_000.0}, "freq_base_swa 50000"),
+    ({"gemma3.attention.key_length_swa": 8}, "key_length_swa 8"),
+    ({"gemma3.rope.dimension_count_swa": 2}, "dimension_count_swa 2"),
+])
+def test_gemma3_gguf_sliding_layer_keys_that_differ_are_refused(keys, named):
+    """llama.cpp hard-codes Gemma 3's sliding layers and reads none of these keys; a file
+    whose key says otherwise is refused by name, not served as the hard-coded pattern."""
+    from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf
+
+    with pytest.raises(ValueError, match=named):
+        gemma3_hf_config_from_gguf({**GEMMA3_METADATA, **keys}, [])
+
+
+def test_gemma3_gguf_without_a_sliding_window_has_only_global_layers():
+    """As llama.cpp reads it: no window (absent or 0), no sliding layers."""
+    from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf
+    from xla_inference.models.registry import model_family
+
+    for window in (None, 0):
+        metadata = {k: v for k, v in GEMMA3_METADATA.items()
+                    if k != "gemma3.attention.sliding_window"}
+        if window is not None:
+            metadata["gemma3.attention.sliding_window"] = window
+        config = gemma3_hf_config_from_gguf(metadata, [])
+        assert config["layer_types"] == ["full_attention"] * 6
+        assert config["sliding_window"] is None
+        cfg = model_family(config).config_from_hf(config)
+        assert all(cfg.sliding_window(i) is None for i in range(6))
+
+
 def test_gemma3_gguf_final_logit_softcapping_is_kept():
     from xla_inference.loading.gguf_gemma3 import gemma3_hf_config_from_gguf
     from xla_inference.models.registry import model_family

@@ -9,7 +9,11 @@ permuted for Gemma (llama.cpp runs it with NEOX-style rope, as HF does).
 What the GGUF does not record, llama.cpp hard-codes for Gemma 3, and so do we: a global
 layer after every five sliding ones, a rope base of 10000 for the sliding layers, and
 query_pre_attn_scalar = head_dim, except for the 27B model (62 layers), whose config says
-hidden_size / num_heads (168), as llama.cpp uses for it.
+hidden_size / num_heads (168), as llama.cpp uses for it. A file without a sliding window
+(none, or 0) has no sliding layers, as llama.cpp reads it. The GGUF keys that could say
+otherwise (`attention.sliding_window_pattern`, `rope.freq_base_swa`, and a sliding layer's
+own head sizes) llama.cpp does not read for Gemma 3; a file that carries one with another
+value than the hard-coded one is refused by name rather than served as the code says.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
     global_rope = gguf_rope_parameters(metadata, float(get("rope.freq_base", 1_000_000.0)),
                                        head_dim)
     final_cap = metadata.get("gemma3.final_logit_softcapping")
+    window = int(get("attention.sliding_window", 0) or 0)
+    sliding = [window > 0 and (i + 1) % _SLIDING_WINDOW_PATTERN != 0 for i in range(num_layers)]
+    _refuse_other_sliding_layers(metadata, sliding, head_dim)
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -67,11 +74,8 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
         "query_pre_attn_scalar": _query_pre_attn_scalar(num_layers, hidden_size, num_heads,
                                                         head_dim),
-        "sliding_window": int(get("attention.sliding_window")),
-        "layer_types": [
-            "full_attention" if (i + 1) % _SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
-            for i in range(num_layers)
-        ],
+        "sliding_window": window if window > 0 else None,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
         "rope_parameters": {
             "full_attention": global_rope,
             "sliding_attention": {"rope_type": "default", "rope_theta": _LOCAL_ROPE_THETA},
@@ -81,6 +85,31 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
         "attention_bias": False,
         **common_hf_config(metadata, tensor_names),
     }
+
+
+def _refuse_other_sliding_layers(metadata: dict[str, Any], sliding: list[bool],
+                                 head_dim: int) -> None:
+    """The sliding layers' keys a `gemma3` GGUF may carry, each refused where it says other
+    than what is served (`sliding`: each layer's, llama.cpp's hard-coded pattern)."""
+    get = lambda suffix: metadata.get(f"gemma3.{suffix}")  # noqa: E731
+    pattern = get("attention.sliding_window_pattern")
+    if pattern is not None:
+        period = _SLIDING_WINDOW_PATTERN if any(sliding) else 0
+        if (list(pattern) != sliding) if isinstance(pattern, list) else (int(pattern) != period):
+            raise ValueError(f"GGUF gemma3.attention.sliding_window_pattern {pattern!r}: "
+                             "xla-inference serves Gemma 3 as llama.cpp does, a global layer "
+                             f"after every {_SLIDING_WINDOW_PATTERN - 1} sliding ones")
+    base = get("rope.freq_base_swa")
+    if base is not None and float(base) != _LOCAL_ROPE_THETA:
+        raise ValueError(f"GGUF gemma3.rope.freq_base_swa {base}: xla-inference serves Gemma "
+                         f"3's sliding layers with llama.cpp's rope base {_LOCAL_ROPE_THETA:g}")
+    for suffix in ("attention.key_length_swa", "attention.value_length_swa",
+                   "rope.dimension_count_swa"):
+        value = get(suffix)
+        if value is not None and int(value) != head_dim:
+            raise ValueError(f"GGUF gemma3.{suffix} {value} is not the head size {head_dim}: "
+                             "xla-inference serves sliding and global layers with the same "
+                             "heads")
 
 
 _GEMMA3_27B_LAYERS = 62

@@ -130,6 +130,10 @@ def test_repr_of_the_llm_names_the_family_and_serving_goes_on(roomy, model_dir, 
     view = repr(roomy)
     assert view.startswith("LlamaForCausalLM served by xla-inference: JAX family llama"), view
     assert "parameter arrays" in view and "mesh" in view
+    # LLM.apply_model runs a function on each worker's torch module; there is none here,
+    # which the worker says (it raised a bare NotImplementedError), and serving goes on.
+    with pytest.raises(Exception, match="not as a torch nn.Module"):
+        roomy.apply_model(lambda module: type(module).__name__)
     assert _generate(roomy, prompts[:1], temperature=0.0) == hf_greedy_ids(model_dir, prompts[:1],
                                                                           NUM_NEW)
 

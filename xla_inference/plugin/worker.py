@@ -577,6 +577,17 @@ class XlaWorker(WorkerBase):
         packed: values, scales and offsets); None before load_model."""
         return self.loaded_weight_bytes
 
+    def get_model(self):
+        """vLLM's LLM.apply_model(fn) runs fn on this (a torch nn.Module, in vLLM's own
+        workers). There is none here: the model is a compiled JAX program whose weights are
+        JAX arrays, on the torch path too (vLLM's module was lowered once and its weights
+        moved); a function given one would see none of the served weights. Refused naming
+        that, where the base class raised a bare NotImplementedError."""
+        raise NotImplementedError(
+            "xla-inference serves the model as a compiled JAX program with its weights in JAX "
+            "arrays, not as a torch nn.Module, so LLM.apply_model has no module to run on; "
+            "repr(llm) describes the served model")
+
     def get_model_inspection(self) -> str:
         """vLLM's LLM.__repr__ asks every worker for a view of the model; the base class
         formats a torch module, which the native path does not have (unanswered, a

@@ -1,8 +1,8 @@
 """The native CPU attention kernel's decode path, build against build: one decode token of
 SmolLM2-135M (9 query heads, 3 KV heads, head dim 64) through 30 layers, each layer with its
 own bfloat16 (or --kv-cache float32 / float8_e4m3fn) cache on shuffled pages, at each
---contexts. Builds: "grouped", the default (attend_one_grouped_avx512 on an AVX-512 CPU,
-attend_one_grouped_avx2 on AVX2: each KV head's rows widened once for its query heads), and
+--contexts. Builds: "grouped", the default (attend_one_grouped: range_partials_grouped_avx512 on an AVX-512
+CPU, _avx2 on AVX2: each KV head's rows widened once for its query heads), and
 "per-head", -DXLA_INFERENCE_ATTENTION_GROUPED=0 (attend_one_avx512 / attend_one_avx2: one
 query head at a time); "nospare", the grouped path on the calling thread alone; "16dims",
 -DXLA_INFERENCE_ATTENTION_VALUE_CHUNKS=2 (AVX2: the weighted values 16 dims a pass over the

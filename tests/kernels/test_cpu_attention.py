@@ -191,8 +191,8 @@ _AVX2_PER_HEAD_TARGET = "xla_inference_paged_attention_avx2_per_head"
 @pytest.mark.parametrize("group", [1, 3, 4, 6])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_avx2_decode_path_matches_float64(cache_dtype, group, head_dim):
-    """The decode path of CPUs without AVX-512 (attend_one_grouped_avx2: 8 lanes, each cache
-    type's load8; the same bits as attend_one_avx2, one head at a time), built with
+    """The decode path of CPUs without AVX-512 (attend_one_grouped over
+    range_partials_grouped_avx2: 8 lanes, each cache type's load8; the same bits as attend_one_avx2, one head at a time), built with
     XLA_INFERENCE_ATTENTION_NO_AVX512 so that an AVX-512 CPU runs it too:
     lone decode tokens (contexts of 1 to 301 keys, so partial blocks of 8 keys; from 64 keys
     on, two key ranges' softmaxes merged: 63 keys in one, 64 and 65 in two), `group`
@@ -237,8 +237,8 @@ _AVX512_PER_HEAD_TARGET = "xla_inference_paged_attention_avx512_per_head"
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_avx512_grouped_decode_path_has_per_head_bits(cache_dtype, group, head_dim):
-    """The AVX-512 decode path (attend_one_grouped_avx512: each KV head's key and value
-    chunks widened once for its `group` query heads) gives exactly the bits of
+    """The AVX-512 decode path (attend_one_grouped over range_partials_grouped_avx512: each
+    KV head's key and value chunks widened once for its `group` query heads) gives exactly the bits of
     attend_one_avx512 (one head at a time, built with -DXLA_INFERENCE_ATTENTION_GROUPED=0):
     lone decode tokens with contexts of 1 to 521 keys (partial blocks of 16 keys, many
     pages), two KV heads, with and without a sliding window, a soft cap and local chunks;

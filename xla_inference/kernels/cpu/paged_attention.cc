@@ -7,8 +7,8 @@
 // soft-capped as cap * tanh(score / cap) where soft_cap > 0), read from the paged
 // cache through block_tables, one contiguous [K, H] row per key. Consecutive tokens of one
 // row form tiles of up to 16 that share every key read (attend_tile); a lone token
-// (decode) takes attend_one (attend_one_grouped_avx512 for head dims of 64 or 128 where the
-// CPU has AVX-512: attend_one_avx512, 1.3-1.45x faster alone on a float32 cache,
+// (decode) takes attend_one (attend_one_grouped for head dims of 64 or 128 where the
+// CPU has AVX-512 or AVX2: attend_one_avx512, 1.3-1.45x faster alone on a float32 cache,
 // benchmarks/RESULTS.md issue 18, with each KV head's rows read and widened once for all its
 // query heads, benchmarks/decode_attention_builds.py). Softmax
 // is two-pass, in float32. The tiles are the work items that XLA's intra-op thread pool (the
@@ -359,7 +359,7 @@ void in_groups_of_up_to_4(int64_t G, Values&& values) {
 // a call evenly whatever its number of KV heads (the spare core's items, SpareKeyRanges: a
 // range's KV heads; on a 2-core Zen 3, two threads on halves of 540 keys took half one
 // thread's time, where shares by KV head, 2 of SmolLM2's 3 against 1, gained 1.2x; on a
-// 2-core Zen 4 with AVX-512, see attend_one_grouped_avx512). Every AVX-512 and AVX2 decode
+// 2-core Zen 4 with AVX-512, see attend_one_grouped). Every AVX-512 and AVX2 decode
 // path splits the keys the same way (by n alone), so the output does not depend on which
 // thread, or how many, computed it. From kSplitKeys keys on; the second range starts at a
 // multiple of 8 keys (a block of key_scores_avx2).
@@ -696,27 +696,6 @@ void range_partials_grouped_avx512(const Shapes& s, const float* qs, const Cache
   }
 }
 
-// attend_one_avx512 by KV head: each key range's partials (range_partials_grouped_avx512),
-// then merged. The same output as attend_one_avx512, bit for bit. Key ranges rather than KV
-// heads are what the spare core shares (SpareKeyRanges): on a 2-core Zen 4 at SmolLM2's
-// shapes (3 KV heads, 540 keys) shares by KV head left the caller 2 heads against the
-// helper's 1 (benchmarks/RESULTS.md, 2026-12-04 sixth session).
-template <int64_t kHeadDim, class Cache>
-void attend_one_grouped_avx512(const Shapes& s, const float* q, const Cache& k_cache,
-                               const Cache& v_cache, const int32_t* table, int64_t pos,
-                               float* out, Scratch& w) {
-  const DecodeKeys keys = decode_keys(s, table, pos, kHeadDim, 16, out, w);
-  if (keys.n == 0) return;
-  scale_queries(s, q, kHeadDim, w.qs);
-  const KeyRanges ranges = key_ranges(keys.n);
-  RangePartials part[2];
-  range_partials(w.partials, ranges.count, s.num_heads, kHeadDim, part);
-  for (int64_t b = 0; b < ranges.count; ++b)
-    range_partials_grouped_avx512<kHeadDim>(s, w.qs.data(), k_cache, v_cache, w.rows.data(),
-                                            ranges.begin[b], ranges.end[b], part[b], w, 0,
-                                            s.num_kv_heads);
-  merge_key_ranges(ranges.count, part, kHeadDim, 0, s.num_heads, out);
-}
 #endif
 
 #ifdef XLA_INFERENCE_ATTENTION_AVX2
@@ -906,22 +885,47 @@ void range_partials_grouped_avx2(const Shapes& s, const float* qs, const Cache& 
                         kv_first, kv_last);
 }
 
-// attend_one_avx2 by KV head: each key range's partials (range_partials_grouped_avx2), then
-// merged. The same output as attend_one_avx2.
+#endif
+
+#if defined(XLA_INFERENCE_ATTENTION_AVX512) || defined(XLA_INFERENCE_ATTENTION_AVX2)
+// range_partials_grouped_avx512 or _avx2, the build's grouped decode path.
 template <int64_t kHeadDim, class Cache>
-void attend_one_grouped_avx2(const Shapes& s, const float* q, const Cache& k_cache,
-                             const Cache& v_cache, const int32_t* table, int64_t pos, float* out,
-                             Scratch& w) {
-  const DecodeKeys keys = decode_keys(s, table, pos, kHeadDim, 8, out, w);
+void range_partials_grouped(const Shapes& s, const float* qs, const Cache& k_cache,
+                            const Cache& v_cache, const int64_t* rows, int64_t begin, int64_t end,
+                            RangePartials part, Scratch& w, int64_t kv_first, int64_t kv_last) {
+#ifdef XLA_INFERENCE_ATTENTION_AVX512
+  range_partials_grouped_avx512<kHeadDim>(s, qs, k_cache, v_cache, rows, begin, end, part, w,
+                                          kv_first, kv_last);
+#else
+  range_partials_grouped_avx2<kHeadDim>(s, qs, k_cache, v_cache, rows, begin, end, part, w,
+                                        kv_first, kv_last);
+#endif
+}
+
+// attend_one_avx512 / attend_one_avx2 by KV head: each key range's partials
+// (range_partials_grouped), then merged. The same output as the per-head path, bit for bit.
+// Key ranges rather than KV heads are what the spare core shares (SpareKeyRanges): by KV
+// head, SmolLM2's 3 went 2 to the caller and 1 to the helper (on a 2-core Zen 3 and Zen 4;
+// benchmarks/RESULTS.md, 2026-12-04 third and sixth sessions).
+template <int64_t kHeadDim, class Cache>
+void attend_one_grouped(const Shapes& s, const float* q, const Cache& k_cache,
+                        const Cache& v_cache, const int32_t* table, int64_t pos, float* out,
+                        Scratch& w) {
+#ifdef XLA_INFERENCE_ATTENTION_AVX512
+  constexpr int64_t kLanes = 16;
+#else
+  constexpr int64_t kLanes = 8;
+#endif
+  const DecodeKeys keys = decode_keys(s, table, pos, kHeadDim, kLanes, out, w);
   if (keys.n == 0) return;
   scale_queries(s, q, kHeadDim, w.qs);
   const KeyRanges ranges = key_ranges(keys.n);
   RangePartials part[2];
   range_partials(w.partials, ranges.count, s.num_heads, kHeadDim, part);
   for (int64_t b = 0; b < ranges.count; ++b)
-    range_partials_grouped_avx2<kHeadDim>(s, w.qs.data(), k_cache, v_cache, w.rows.data(),
-                                          ranges.begin[b], ranges.end[b], part[b], w, 0,
-                                          s.num_kv_heads);
+    range_partials_grouped<kHeadDim>(s, w.qs.data(), k_cache, v_cache, w.rows.data(),
+                                     ranges.begin[b], ranges.end[b], part[b], w, 0,
+                                     s.num_kv_heads);
   merge_key_ranges(ranges.count, part, kHeadDim, 0, s.num_heads, out);
 }
 #endif
@@ -1111,9 +1115,8 @@ void attend_range(const Shapes& s, const float* q, const void* k_data, const voi
   if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
     if (last - first == 1) {
 #if XLA_INFERENCE_ATTENTION_GROUPED
-      attend_one_grouped_avx512<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache,
-                                                 table, positions[first], out + first * width,
-                                                 w.one);
+      attend_one_grouped<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
+                                          positions[first], out + first * width, w.one);
 #else
       attend_one_avx512<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
                                   positions[first], out + first * width, w.one);
@@ -1125,8 +1128,8 @@ void attend_range(const Shapes& s, const float* q, const void* k_data, const voi
   if constexpr (kHeadDim > 0 && kHeadDim % 8 == 0) {
     if (last - first == 1) {
 #if XLA_INFERENCE_ATTENTION_GROUPED
-      attend_one_grouped_avx2<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
-                                               positions[first], out + first * width, w.one);
+      attend_one_grouped<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
+                                          positions[first], out + first * width, w.one);
 #else
       attend_one_avx2<kHeadDim, Cache>(s, q + first * width, k_cache, v_cache, table,
                                        positions[first], out + first * width, w.one);
@@ -1210,20 +1213,6 @@ struct SpareAttention : xla_inference::SpareJob {
 #if (defined(XLA_INFERENCE_ATTENTION_AVX512) || defined(XLA_INFERENCE_ATTENTION_AVX2)) && \
     XLA_INFERENCE_ATTENTION_GROUPED
 #define XLA_INFERENCE_ATTENTION_SPARE 1
-// range_partials_grouped on the build's grouped decode path (AVX-512's or AVX2's).
-template <int64_t kHeadDim, class Cache>
-void range_partials_grouped(const Shapes& s, const float* qs, const Cache& k_cache,
-                            const Cache& v_cache, const int64_t* rows, int64_t begin, int64_t end,
-                            RangePartials part, Scratch& w, int64_t kv_first, int64_t kv_last) {
-#ifdef XLA_INFERENCE_ATTENTION_AVX512
-  range_partials_grouped_avx512<kHeadDim>(s, qs, k_cache, v_cache, rows, begin, end, part, w,
-                                          kv_first, kv_last);
-#else
-  range_partials_grouped_avx2<kHeadDim>(s, qs, k_cache, v_cache, rows, begin, end, part, w,
-                                        kv_first, kv_last);
-#endif
-}
-
 // The spare core's items of a lone token's call with n keys.
 int64_t spare_items(const Shapes& s, int64_t n) { return key_ranges(n).count * s.num_kv_heads; }
 

@@ -193,7 +193,8 @@ _AVX2_PER_HEAD_TARGET = "xla_inference_paged_attention_avx2_per_head"
 def test_avx2_decode_path_matches_float64(cache_dtype, group, head_dim):
     """The decode path of CPUs without AVX-512 (attend_one_grouped over
     range_partials_grouped_avx2: 8 lanes, each cache type's load8; the same bits as
-    attend_one_avx2, one head at a time), built with XLA_INFERENCE_ATTENTION_NO_AVX512 so that an AVX-512 CPU runs it too:
+    attend_one_avx2, one head at a time), built with XLA_INFERENCE_ATTENTION_NO_AVX512 so
+    that an AVX-512 CPU runs it too:
     lone decode tokens (contexts of 1 to 301 keys, so partial blocks of 8 keys; from 64 keys
     on, two key ranges' softmaxes merged: 63 keys in one, 64 and 65 in two), `group`
     query heads a KV head (the weighted values' passes of 32 dims for up to 3 heads, 16 for

@@ -58,7 +58,7 @@ def gemma3_hf_config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[
     global_rope = gguf_rope_parameters(metadata, float(get("rope.freq_base", 1_000_000.0)),
                                        head_dim)
     final_cap = metadata.get("gemma3.final_logit_softcapping")
-    window = int(get("attention.sliding_window", 0) or 0)
+    window = int(get("attention.sliding_window", 0))
     sliding = [window > 0 and (i + 1) % _SLIDING_WINDOW_PATTERN != 0 for i in range(num_layers)]
     _refuse_other_sliding_layers(metadata, sliding, head_dim)
     return {

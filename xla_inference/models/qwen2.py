@@ -11,6 +11,12 @@ from xla_inference.models.decoder import DecoderConfig, decoder_family, decoder_
 QWEN_DEFAULT_WINDOW = 4096
 
 
+def qwen_window(hf: Mapping) -> int | None:
+    """The window size, only where `use_sliding_window` is set (released Qwen2.5 checkpoints
+    ship a `sliding_window` size with it unset)."""
+    return hf.get("sliding_window", QWEN_DEFAULT_WINDOW) if hf.get("use_sliding_window") else None
+
+
 def qwen_sliding_windows(hf: Mapping) -> tuple[int | None, ...] | None:
     """Per-layer windows as transformers' Qwen2/Qwen3 configs define them.
 
@@ -18,8 +24,7 @@ def qwen_sliding_windows(hf: Mapping) -> tuple[int | None, ...] | None:
     ship a `sliding_window` size with it unset), and then to the layers `layer_types` marks
     "sliding_attention": by default layers i >= max_window_layers.
     """
-    window = (hf.get("sliding_window", QWEN_DEFAULT_WINDOW) if hf.get("use_sliding_window")
-              else None)
+    window = qwen_window(hf)
     if window is None:
         return None
     num_layers = hf["num_hidden_layers"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from xla_inference.layers.moe import MoeConfig
 from xla_inference.models import decoder
-from xla_inference.models.qwen2 import QWEN_DEFAULT_WINDOW
+from xla_inference.models.qwen2 import qwen_window
 from xla_inference.models.decoder import (DecoderConfig, decoder_family, decoder_fields,
                                           load_gated_mlp, load_moe_mlp)
 
@@ -35,8 +35,7 @@ class Qwen3MoeConfig(DecoderConfig):
     @classmethod
     def from_hf(cls, hf: Mapping) -> "Qwen3MoeConfig":
         bias = bool(hf.get("attention_bias", False))
-        window = (hf.get("sliding_window", QWEN_DEFAULT_WINDOW) if hf.get("use_sliding_window")
-                  else None)
+        window = qwen_window(hf)
         moe = MoeConfig(
             # transformers >= 5 writes num_local_experts; released configs say num_experts.
             num_experts=hf.get("num_experts") or hf.get("num_local_experts"),

@@ -327,18 +327,6 @@ void scale_queries(const Shapes& s, const float* q, int64_t H, std::vector<float
   for (int64_t i = 0; i < s.num_heads * H; ++i) qs[i] = q[i] * s.scale;
 }
 
-// Each head's n scores (rows n_pad apart in w.scores) capped, exponentiated and normalized:
-// heads h_first..h_last-1 (h_last -1: all).
-void normalize_scores(const Shapes& s, int64_t n, int64_t n_pad, Scratch& w,
-                      int64_t h_first = 0, int64_t h_last = -1) {
-  for (int64_t h = h_first; h < (h_last < 0 ? s.num_heads : h_last); ++h) {
-    float* sc = w.scores.data() + h * n_pad;
-    cap_scores(s, sc, n);
-    const float inv = exponentiate_scores(sc, n);
-    for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
-  }
-}
-
 // values(kG, g) for the query heads g..g+kG-1 of one KV head's G, at most 4 at a time (kG a
 // std::integral_constant: the grouped paths' weighted values keep kG heads' sums in registers).
 template <class Values>

@@ -22,6 +22,13 @@ spinning; 1: one step after a 3 ms pause, the helper asleep).
     PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 540 2048
     PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 540 1024 \
         2048 --against HEAD~1 --in-a-row 5 --repeats 60
+
+--calls N chains N calls, each on a cache of its own: with 300 the caches (155 MB at 540
+keys) no longer fit the last-level cache, so every call reads its keys and values from
+memory, as in a served decode step (whose weights evict them):
+
+    PYTHONPATH=. .venv/bin/python benchmarks/decode_attention_builds.py --contexts 540 \
+        --calls 300 --against HEAD --repeats 20
 """
 
 import argparse
@@ -51,7 +58,7 @@ BUILDS = {"per-head": ("-DXLA_INFERENCE_ATTENTION_GROUPED=0", "-DXLA_INFERENCE_S
           "grouped": ()}
 
 
-def step_fn(target, layers):
+def step_fn(target):
     def step(q, ks, vs, seq_ids, positions, tables):
         for k, v in zip(ks, vs):
             if target is None:  # the dispatch alone
@@ -70,13 +77,19 @@ def main():
     parser.add_argument("--contexts", type=int, nargs="+", default=[300, 540])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--kv-cache", default="bfloat16")
-    parser.add_argument("--layers", type=int, default=LAYERS,
-                        help="caches (1: one layer's, in L2, called 30 times)")
+    parser.add_argument("--calls", type=int, default=LAYERS,
+                        help="chained calls a step (30: SmolLM2's layers)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="caches, the calls taking them in turn (default: one a call; "
+                             "1: one layer's, in L2; 300 calls on 300 caches, 155 MB at 540 "
+                             "keys: every call's cache from memory, as in a served step, "
+                             "whose weights evict the caches from L3)")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="also the kernel's sources at this git revision")
     parser.add_argument("--in-a-row", type=int, default=1, metavar="N",
                         help="steps of a build in a row, all but the first timed")
     args = parser.parse_args()
+    args.layers = args.layers or args.calls
     targets = {}
     for name, flags in BUILDS.items():
         targets[name] = f"xla_inference_paged_attention_bench_{name.replace('-', '_')}"
@@ -98,9 +111,9 @@ def main():
           for _ in range(args.layers)]
     vs = [jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
           for _ in range(args.layers)]
-    ks, vs = ks * (LAYERS // args.layers), vs * (LAYERS // args.layers)
-    fns = {name: step_fn(target, LAYERS) for name, target in targets.items()}
-    print(f"uptime: {os.getloadavg()}  kv cache {args.kv_cache}  {LAYERS} calls, "
+    ks, vs = ks * (args.calls // args.layers), vs * (args.calls // args.layers)
+    fns = {name: step_fn(target) for name, target in targets.items()}
+    print(f"uptime: {os.getloadavg()}  kv cache {args.kv_cache}  {args.calls} calls, "
           f"{args.layers} caches  "
           f"median of {args.repeats}", flush=True)
     for context in args.contexts:
@@ -132,8 +145,8 @@ def main():
         for name in fns:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
             print(f"context {context:5d} {name:9s} step {w * 1e6:8.1f} us wall "
-                  f"({w / LAYERS * 1e6:6.2f} us per call), CPU {c * 1e6:8.1f} us "
-                  f"({c / LAYERS * 1e6:6.2f} us per call)", flush=True)
+                  f"({w / args.calls * 1e6:6.2f} us per call), CPU {c * 1e6:8.1f} us "
+                  f"({c / args.calls * 1e6:6.2f} us per call)", flush=True)
     print(f"uptime: {os.getloadavg()}", flush=True)
 
 

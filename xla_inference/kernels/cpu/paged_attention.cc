@@ -286,13 +286,20 @@ void key_rows(const Shapes& s, const int32_t* table, int64_t lo, int64_t hi, int
 
 // Keys' cache rows lie on pages scattered through the cache: the hardware prefetcher does
 // not cross into the next page, so each loop over keys asks for the rows kPrefetchAhead
-// keys on (one page of 16 tokens) itself (measured in benchmarks/RESULTS.md).
-constexpr int64_t kPrefetchAhead = 16;
+// keys on (two pages of 16 tokens) itself, into L2 (prefetcht1): a prefetch into L1 holds
+// one of the core's couple of dozen L1 miss buffers until its line arrives, and a row of
+// SmolLM2's 3 KV heads is 6 lines a key. Measured on the 2-core Zen 4 (benchmarks/
+// RESULTS.md, 2026-12-04 seventh session; decode_attention_builds.py --calls 300: every
+// cache from memory, as in a served step), a lone token at 540 keys: 41 -> 30 us a call with
+// the spare core, 68 -> 44 us on one thread, against 16 keys ahead into L1; into L2, 16, 32
+// and 64 keys ahead within the noise of each other. From L3, no change (12.6 us).
+constexpr int64_t kPrefetchAhead = 32;
 
 template <class Cache>
 inline void prefetch_row(const Cache& cache, int64_t offset, int64_t values) {
   const char* row = static_cast<const char*>(cache.address(offset));
-  for (int64_t b = 0; b < values * Cache::kBytes; b += 64) __builtin_prefetch(row + b);
+  for (int64_t b = 0; b < values * Cache::kBytes; b += 64)
+    __builtin_prefetch(row + b, 0, 2);  // (locality 2: prefetcht1)
 }
 
 int64_t first_key(const Shapes& s, int64_t pos) {
@@ -629,8 +636,8 @@ void range_partials_grouped_avx512(const Shapes& s, const float* qs, const Cache
   w.scores.resize(s.num_heads * n_pad);
   w.acc.resize(G * 256);  // [G][16 keys][16 lanes]: one KV head's heads' partial sums
   float* const dots = w.acc.data();
-  // The range's first keys and values asked for at once: the passes below prefetch
-  // kPrefetchAhead keys on from the second block, and a range's values are read after its
+  // The range's first kPrefetchAhead keys and values asked for at once: the passes below
+  // prefetch kPrefetchAhead keys on from there, and a range's values are read after its
   // scores (one thread taking both ranges otherwise starts four streams cold, not two).
   {
     const int64_t at = all ? 0 : kv_first * H, values = (kv_last - kv_first) * H;

@@ -290,9 +290,9 @@ void key_rows(const Shapes& s, const int32_t* table, int64_t lo, int64_t hi, int
 // one of the core's couple of dozen L1 miss buffers until its line arrives, and a row of
 // SmolLM2's 3 KV heads is 6 lines a key. Measured on the 2-core Zen 4 (benchmarks/
 // RESULTS.md, 2026-12-04 seventh session; decode_attention_builds.py --calls 300: every
-// cache from memory, as in a served step), a lone token at 540 keys: 41 -> 30 us a call with
-// the spare core, 68 -> 44 us on one thread, against 16 keys ahead into L1; into L2, 16, 32
-// and 64 keys ahead within the noise of each other. From L3, no change (12.6 us).
+// cache from memory, as in a served step), a lone token at 540 keys: 36.7 -> 26.4 us a call
+// with the spare core, 64.1 -> 40.5 us on one thread, against 16 keys ahead into L1; into L2,
+// 16, 32 and 64 keys ahead within the noise of each other. From L3, no change (12.6 us).
 constexpr int64_t kPrefetchAhead = 32;
 
 template <class Cache>

@@ -523,8 +523,7 @@ void attend_one_avx512(const Shapes& s, const float* q, const Cache& k_cache,
         }
         _mm512_storeu_ps(sc + (i0 - begin), sum_each_of_16(dots));
       }
-      cap_scores(s, sc, end - begin);
-      part[b].stats[2 * h + 1] = exponentiate_from_max(sc, end - begin, &part[b].stats[2 * h]);
+      exponentiate_range(s, end - begin, n_pad, w.scores.data(), part[b].stats, h, h + 1);
       __m512 acc[C];
       for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
       for (int64_t i = begin; i < end; ++i) {

@@ -90,6 +90,8 @@ def main():
                         help="steps of a build in a row, all but the first timed")
     args = parser.parse_args()
     args.layers = args.layers or args.calls
+    if args.calls < 1 or args.layers < 1 or args.calls % args.layers:
+        parser.error("--calls and --layers: positive, the calls a multiple of the caches")
     targets = {}
     for name, flags in BUILDS.items():
         targets[name] = f"xla_inference_paged_attention_bench_{name.replace('-', '_')}"

@@ -323,6 +323,10 @@ def _with_table_leaves(tree, forward):
     return step
 
 
+def _first_rows(num_rows: int, logits):
+    return logits[:num_rows]
+
+
 def _feed_tokens(input_ids, tokens, at, rows):
     """A step's input ids with tokens the last step sampled, still on device, written at
     `at` (tokens[rows]); padding entries point past the end and are dropped."""
@@ -847,11 +851,46 @@ class ModelEngine:
 
     def sample_on_device(self, logits: jax.Array, requests: list[RequestState]) -> jax.Array:
         """sample() for a step whose requests need neither the [B, V] extras nor logprobs
-        (the same program, so the same tokens): the tokens [B], left on device."""
+        (the same program, so the same tokens): the tokens [B'], left on device, B' <= B
+        rows (_rows_to_sample), the requests' first."""
+        logits = self._rows_to_sample(logits, len(requests))
         sampling = build_sampling_batch([(r.options, r.num_output_tokens) for r in requests],
                                         logits.shape[0])
         program = self._samplers[self.logprobs_width(())]
         return self._run_sample(program, logits, sampling, None).tokens
+
+    @functools.cached_property
+    def _sampling_row_counts(self) -> list[int]:
+        """The row counts the samplers are compiled for: each token bucket's rows."""
+        return sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
+
+    @functools.cached_property
+    def _row_slices(self) -> dict:
+        """Row count -> the program that takes that many first rows of a step's logits."""
+        whole = replicated(self.mesh)
+        return {n: jax.jit(functools.partial(_first_rows, n), out_shardings=whole)
+                for n in self._sampling_row_counts}
+
+    def _rows_to_sample(self, logits: jax.Array, num_requests: int) -> jax.Array:
+        """The logits' rows a step of `num_requests` samples: the first, as many as the fewest
+        compiled row count that holds them, not its bucket's rows. Every bucket from
+        max_num_seqs tokens up has max_num_seqs rows, so a one-request prefill sampled 64
+        rows, 63 of them padding: 8-22 ms where a row takes 0.5 (RESULTS.md, 2026-12-05).
+        A step of several groups (data parallel replicas, pipeline micro-batches) keeps all
+        its rows (its requests' rows are not the first)."""
+        if self.replicas * self.microbatches > 1:
+            return logits
+        rows = pick_bucket(self._sampling_row_counts, max(1, num_requests))
+        return logits if rows >= logits.shape[0] else self._row_slices[rows](logits)
+
+    def _warm_up_row_slices(self) -> None:
+        """Compile _rows_to_sample's slices: every row count from every larger one."""
+        whole = replicated(self.mesh)
+        for B in self._sampling_row_counts:
+            logits = jax.device_put(np.zeros((B, self.vocab_size), np.float32), whole)
+            for rows in self._sampling_row_counts:
+                if rows < B:
+                    self._row_slices[rows](logits)
 
     def verify_drafts(self, hidden: jax.Array, scheduled: list[tuple[RequestState, int]],
                       drafts: list[list[int]], num_speculative_tokens: int,
@@ -1046,6 +1085,8 @@ class ModelEngine:
                     "programs and the scorer in %.1fs (%d at a time)", len(forward),
                     sum(len(f) for f in samplers.values()), sum(len(f) for f in verify),
                     time.perf_counter() - start, _compile_threads())
+        if not self.pooling and self.replicas * self.microbatches == 1:
+            self._warm_up_row_slices()
         if self.feeds_tokens:
             self._warm_up_feed()
         compile_counter.mark_warm()

@@ -874,8 +874,8 @@ class ModelEngine:
     def _rows_to_sample(self, logits: jax.Array, num_requests: int) -> jax.Array:
         """The logits' rows a step of `num_requests` samples: the first, as many as the fewest
         compiled row count that holds them, not its bucket's rows. Every bucket from
-        max_num_seqs tokens up has max_num_seqs rows, so a one-request prefill sampled 64
-        rows, 63 of them padding: 8-22 ms where a row takes 0.5 (RESULTS.md, 2026-12-05).
+        max_num_seqs tokens up has max_num_seqs rows, so a one-request prefill sampled (with
+        64) 63 rows of padding: 8-22 ms where one row takes 0.3-0.9 (RESULTS.md, 2026-12-05).
         A step of several groups (data parallel replicas, pipeline micro-batches) keeps all
         its rows (its requests' rows are not the first)."""
         if self.replicas * self.microbatches > 1:

@@ -860,8 +860,9 @@ class ModelEngine:
         return self._run_sample(program, logits, sampling, None).tokens
 
     @functools.cached_property
-    def _sampling_row_counts(self) -> list[int]:
-        """The row counts the samplers are compiled for: each token bucket's rows."""
+    def _bucket_row_counts(self) -> list[int]:
+        """Each token bucket's rows: the row counts the samplers and _feed_tokens are
+        compiled for."""
         return sorted({self.layout_for(T).num_seqs for T in self.token_buckets})
 
     @functools.cached_property
@@ -869,7 +870,7 @@ class ModelEngine:
         """Row count -> the program that takes that many first rows of a step's logits."""
         whole = replicated(self.mesh)
         return {n: jax.jit(functools.partial(_first_rows, n), out_shardings=whole)
-                for n in self._sampling_row_counts}
+                for n in self._bucket_row_counts}
 
     def _rows_to_sample(self, logits: jax.Array, num_requests: int) -> jax.Array:
         """The logits' rows a step of `num_requests` samples: the first, as many as the fewest
@@ -880,15 +881,15 @@ class ModelEngine:
         its rows (its requests' rows are not the first)."""
         if self.replicas * self.microbatches > 1:
             return logits
-        rows = pick_bucket(self._sampling_row_counts, max(1, num_requests))
+        rows = pick_bucket(self._bucket_row_counts, max(1, num_requests))
         return logits if rows >= logits.shape[0] else self._row_slices[rows](logits)
 
     def _warm_up_row_slices(self) -> None:
         """Compile _rows_to_sample's slices: every row count from every larger one."""
         whole = replicated(self.mesh)
-        for B in self._sampling_row_counts:
+        for B in self._bucket_row_counts:
             logits = jax.device_put(np.zeros((B, self.vocab_size), np.float32), whole)
-            for rows in self._sampling_row_counts:
+            for rows in self._bucket_row_counts:
                 if rows < B:
                     self._row_slices[rows](logits)
 
@@ -941,7 +942,7 @@ class ModelEngine:
         (derived once from the buckets, read by every verify step). Data parallel: a step
         carries up to every replica's rows of its bucket (the forward returns them all in the
         scheduler's order), so each count times the replicas too."""
-        counts = {self.layout_for(T).num_seqs for T in self.token_buckets}
+        counts = set(self._bucket_row_counts)
         return sorted(counts | {n * self.replicas for n in counts})
 
     def _verify_rows_fit(self, T: int, num_slots: int) -> bool:
@@ -1116,7 +1117,7 @@ class ModelEngine:
         """Compile _feed_tokens for every bucket and every row count a sampler returns."""
         S, whole = self.cfg.max_num_seqs, replicated(self.mesh)
         program = self._samplers[self.logprobs_width(())]
-        for B in sorted({self.layout_for(T).num_seqs for T in self.token_buckets}):
+        for B in self._bucket_row_counts:
             # the sampler's own tokens: the sharding the steps will pass
             logits = jax.device_put(np.zeros((B, self.vocab_size), np.float32), whole)
             tokens = program(logits, greedy_sampling_batch(B), None, self._base_key,

@@ -17,6 +17,12 @@ backend the median TTFT and TPOT and the median (and range) of its per-round rat
 --baseline. Backends and flags as in serving.py (its BACKENDS; extra server flags after `--`):
 
     .venv/bin/python benchmarks/serving_interleaved.py --backends xla,xla-gguf --rounds 16
+
+A backend may name environment variables for its server after "+": two servers of one
+backend, a setting's A/B (e.g. plugin/allocator.py's malloc):
+
+    .venv/bin/python benchmarks/serving_interleaved.py \
+        --backends xla-gguf,xla-gguf+XLA_INFERENCE_MIMALLOC=0 --rounds 16
 """
 
 import argparse
@@ -86,14 +92,23 @@ def timed_request(port: int, prompt: list[int], output_len: int) -> dict:
                 tokens=tokens)
 
 
+def _with_env(backend: str) -> tuple[str, dict]:
+    """"xla-gguf+NAME=VALUE+...": serving.py's backend, and what its server's environment
+    sets beyond this process's."""
+    name, *settings = backend.split("+")
+    return name, dict(setting.split("=", 1) for setting in settings)
+
+
 def _start_all(stack: contextlib.ExitStack, args, backends, dtypes, extra, log_dir) -> dict:
     """Each backend's server, started one after another (each waits until ready): ports."""
     ports = {}
     for backend in backends:
         port = free_port()
-        cmd, env = _server_cmd(backend, args, dtypes.get(backend, "auto"), port,
-                               _model_dir(backend), extra)
-        log = os.path.join(log_dir, f"{backend}.server.log")
+        name, settings = _with_env(backend)
+        cmd, env = _server_cmd(name, args, dtypes.get(name, "auto"), port, _model_dir(name),
+                               extra)
+        env.update(settings)
+        log = os.path.join(log_dir, f"{backend.replace('+', '_')}.server.log")
         print(f"{backend}: starting {' '.join(cmd)}", flush=True)
         ready_s = stack.enter_context(server(cmd, port, log, env, args.ready_timeout))
         print(f"{backend}: ready in {ready_s:.1f}s (log {log})", flush=True)

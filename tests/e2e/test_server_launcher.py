@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.e2e.servers import free_port, wait_healthy
@@ -118,6 +119,21 @@ def test_api_key_guards_every_route_but_health(server, tiny_dir):
         text = client.post("/v1/completions", json=completion, headers=key).json()
         invoked = client.post("/invocations", json=completion, headers=key).json()
         assert invoked["choices"][0]["text"] == text["choices"][0]["text"]
+
+
+def test_server_and_engine_core_run_on_mimalloc(server):
+    """`xla-inference serve` preloads mimalloc (plugin/allocator.py): the server process and
+    the engine core it starts both map it (the wheel is a dependency of the vllm extra)."""
+    from xla_inference.plugin.allocator import mimalloc_library
+
+    if mimalloc_library() is None:
+        pytest.skip("the cmeel-mimalloc wheel is not installed")
+    proc, _, _ = server
+    processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    engine_cores = [p for p in processes if "EngineCore" in " ".join(p.cmdline())]
+    assert engine_cores, [p.cmdline() for p in processes]
+    for p in (processes[0], *engine_cores):
+        assert "libmimalloc" in Path(f"/proc/{p.pid}/maps").read_text(), p.cmdline()
 
 
 def _stream_lines(response: httpx.Response, lines: list[str]) -> None:

@@ -12,6 +12,7 @@ from vllm.platforms.interface import Platform, PlatformEnum
 
 from xla_inference.kernels import host_cpu
 from xla_inference.plugin import quantization, spec_decode
+from xla_inference.plugin.allocator import preload_mimalloc
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ class XlaPlatform(Platform):
         if not cache.user_specified_block_size:
             cache.block_size = 16
         _choose_engine_start_method()
+        preload_mimalloc()  # for the engine core vLLM spawns (plugin/allocator.py)
 
     @classmethod
     def validate_request(cls, processed_inputs, params) -> None:

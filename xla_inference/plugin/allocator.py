@@ -6,7 +6,8 @@ JAX's dispatch of the step's ~130 arrays) allocates and frees many small objects
 glibc's malloc a fifth of that thread's time went to its bins (`_int_malloc`,
 `malloc_consolidate`, `unlink_chunk`): on two cores that time comes off the decode step's
 second core. With mimalloc the engine thread's CPU a token fell by a fifth and batch-1 TPOT
-by 5-7% (benchmarks/RESULTS.md, 2026-12-05 second session). vLLM's CPU platform preloads the
+by 6-8% through the server, for ~1.7 s more start-up (benchmarks/RESULTS.md, 2026-12-05
+second session). vLLM's CPU platform preloads the
 tcmalloc it bundles for the same reason (vllm/platforms/cpu.py).
 
 LD_PRELOAD takes effect when a process starts: `xla-inference serve` sets it before it

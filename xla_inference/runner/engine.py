@@ -872,6 +872,12 @@ class ModelEngine:
         return {n: jax.jit(functools.partial(_first_rows, n), out_shardings=whole)
                 for n in self._bucket_row_counts}
 
+    @functools.cached_property
+    def _samples_first_rows(self) -> bool:
+        """Whether a step's requests are its first logits rows (one group: no data parallel
+        replicas or pipeline micro-batches), which _rows_to_sample then slices."""
+        return self.replicas * self.microbatches == 1
+
     def _rows_to_sample(self, logits: jax.Array, num_requests: int) -> jax.Array:
         """The logits' rows a step of `num_requests` samples: the first, as many as the fewest
         compiled row count that holds them, not its bucket's rows. Every bucket from
@@ -879,7 +885,7 @@ class ModelEngine:
         64) 63 rows of padding: 8-22 ms where one row takes 0.3-0.9 (RESULTS.md, 2026-12-05).
         A step of several groups (data parallel replicas, pipeline micro-batches) keeps all
         its rows (its requests' rows are not the first)."""
-        if self.replicas * self.microbatches > 1:
+        if not self._samples_first_rows:
             return logits
         rows = pick_bucket(self._bucket_row_counts, max(1, num_requests))
         return logits if rows >= logits.shape[0] else self._row_slices[rows](logits)
@@ -1086,7 +1092,7 @@ class ModelEngine:
                     "programs and the scorer in %.1fs (%d at a time)", len(forward),
                     sum(len(f) for f in samplers.values()), sum(len(f) for f in verify),
                     time.perf_counter() - start, _compile_threads())
-        if not self.pooling and self.replicas * self.microbatches == 1:
+        if not self.pooling and self._samples_first_rows:
             self._warm_up_row_slices()
         if self.feeds_tokens:
             self._warm_up_feed()

@@ -70,8 +70,7 @@ def _engine(split: bool):
     try:
         for step in _steps():
             layout = engine.layout_for(sum(n for _, n in step))
-            compiled = engine._forward.jitted.lower(
-                engine._step_params(), engine.kv_cache, build_step_batch(step, layout)).compile()
+            compiled = engine.lower_step(build_step_batch(step, layout)).compile()
             engine._forward.compiled[layout.num_tokens] = compiled
             heads |= {int(h) for h in re.findall(
                 r"= f32\[\d+,(\d+),\d+\]\{[0-9,]+\} custom-call\(", compiled.as_text())}

@@ -263,8 +263,8 @@ def test_base_program_is_the_plain_engines(llama_targets):
     lora = build_engine(load(model_dir, precision), ecfg,
                         lora=dict(max_loras=2, max_rank=8, max_cpu_loras=2))
     batch = build_step_batch([], plain.layout_for(16))
-    want = plain._forward.jitted.lower(plain._step_params(), plain.kv_cache, batch).as_text()
-    assert lora._forward_base.jitted.lower(lora._param_leaves, lora.kv_cache, batch).as_text() == want
-    with_lora = lora._forward.jitted.lower(lora._step_params(np.zeros(16, np.int32)),
-                                           lora.kv_cache, batch).as_text()
+    want = plain.lower_step(batch).as_text()
+    assert lora._forward_base.jitted.lower(lora._param_leaves, lora.kv_cache, batch,
+                                            np.asarray(False)).as_text() == want
+    with_lora = lora.lower_step(batch, token_slots=np.zeros(16, np.int32)).as_text()
     assert with_lora != want  # the adapters' program is another one

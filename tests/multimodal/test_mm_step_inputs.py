@@ -73,8 +73,7 @@ def test_text_only_steps_pass_the_device_placeholders(engine):
     assert engine.layout_for(image_req.num_prompt_tokens).num_tokens == layout.num_tokens
     # The bucket's step compiled as warm-up compiles it (on its empty batch).
     warm = engine._with_multimodal(build_step_batch([], layout), [])
-    engine._forward.compiled[layout.num_tokens] = engine._forward.jitted.lower(
-        engine._step_params(), engine.kv_cache, warm).compile()
+    engine._forward.compiled[layout.num_tokens] = engine.lower_step(warm).compile()
     compile_counter.install()
     before = compile_counter.num_compilations()
 
@@ -89,7 +88,8 @@ def test_text_only_steps_pass_the_device_placeholders(engine):
     host = multimodal_batch(build_step_batch(scheduled, layout), scheduled, engine.encoder_cache,
                             embed.shape[-1], embed.dtype, None)
     assert isinstance(host.embeds, np.ndarray)
-    engine.kv_cache, want, _ = engine._forward(engine._step_params(), engine.kv_cache, host)
+    engine.kv_cache, want, *_ = engine._forward(engine._step_params(), engine.kv_cache, host,
+                                                 np.asarray(False))
     np.testing.assert_array_equal(got[:1], np.asarray(want)[:1])
 
     # A step with an image builds its rows on the host and runs the same program.

@@ -92,7 +92,7 @@ def test_deepseek_step_attends_with_each_devices_heads(tmp_path):
     engine = tiny_engine(model_dir, max_num_tokens=16, mesh=build_mesh(2))
     layout = engine.layout_for(16)
     batch = build_step_batch([], layout)
-    hlo = engine._forward.jitted.lower(engine._step_params(), engine.kv_cache, batch).compile().as_text()
+    hlo = engine.lower_step(batch).compile().as_text()
     calls = _kernel_calls(hlo)
     assert len(calls) == engine.model_cfg.num_layers, calls
     assert {_query_heads(c) for c in calls} == {engine.model_cfg.num_heads // 2}, calls

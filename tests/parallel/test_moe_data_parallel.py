@@ -71,7 +71,7 @@ def _expert_gathers(engine, width: int) -> list[str]:
     or [n, F, 64] shape (any n: whole, or one replica's cut)."""
     reqs = [engine_request(f"hlo{i}", list(range(3, 15)), FIRST_PAGES[i]) for i in (0, 1)]
     args = engine._replica_batch([(req, 12) for req in reqs])
-    hlo = engine._forward.jitted.lower(engine._step_params(), engine.kv_cache, *args).compile().as_text()
+    hlo = engine.lower_step(*args).compile().as_text()
     assert "all-gather(" in hlo  # the replicas' tokens, gathered for the experts
     return re.findall(rf"\[\d+,(?:64,{width}|{width},64)\]\S* all-gather\(", hlo)
 

@@ -68,7 +68,7 @@ def _expert_gathers(hlo: str, moe) -> list[str]:
 def _step_hlo(engine) -> str:
     reqs = [engine_request(f"hlo{i}", list(range(3, 15)), FIRST_PAGES[i]) for i in (0, 1)]
     args = engine._replica_batch([(req, 12) for req in reqs])
-    return engine._forward.jitted.lower(engine._step_params(), engine.kv_cache, *args).compile().as_text()
+    return engine.lower_step(*args).compile().as_text()
 
 
 def _quantized_block(kind):

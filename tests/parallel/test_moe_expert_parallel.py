@@ -159,7 +159,7 @@ def _expert_gathers(engine) -> list[str]:
     [E, D, F] or [E, F, D] shape."""
     req = engine_request("hlo", list(range(3, 15)), 1)
     batch = build_step_batch([(req, 12)], engine.layout_for(12))
-    hlo = engine._forward.jitted.lower(engine._step_params(), engine.kv_cache, batch).compile().as_text()
+    hlo = engine.lower_step(batch).compile().as_text()
     assert "all-reduce" in collectives(hlo)
     return re.findall(r"\[8,(?:64,48|48,64)\]\S* all-gather\(", hlo)
 

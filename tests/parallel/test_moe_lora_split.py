@@ -234,8 +234,7 @@ def test_qwen3_moe_expert_adapters_at_tp2_match_peft_without_gathers(tmp_path):
     batch = build_step_batch(scheduled, engine.layout_for(4))
     slots = engine._token_slots(scheduled, batch.num_tokens)
     assert slots.any()
-    hlo = engine._forward.jitted.lower(engine._step_params(slots),
-                                       engine.kv_cache, batch).compile().as_text()
+    hlo = engine.lower_step(batch, token_slots=slots).compile().as_text()
     assert "all-reduce" in collectives(hlo)
     gathered = re.findall(rf"f32\[{E},\d+,\d+\]\S* all-gather\(", hlo)
     assert gathered == [], gathered

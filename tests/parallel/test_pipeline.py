@@ -188,7 +188,7 @@ def test_step_updates_each_stage_cache_in_place(models):
     engine = tiny_engine(models["llama"], mesh=build_mesh(2, pipeline_parallel_size=2))
     step = engine._microbatch_batch([(engine_request("a", [5] * 8, 1), 8),
                                      (engine_request("b", [6] * 8, 9), 8)])
-    hlo = engine._forward.jitted.lower(engine._step_params(), engine.kv_cache, *step).compile().as_text()
+    hlo = engine.lower_step(*step).compile().as_text()
     slots, heads, size = engine.kv_cache.arrays[0][0].shape
     local = rf"f32\[{slots // 2},{heads // 2},{size}\]"
     assert re.search(local, hlo)  # the shape as the stage sees it

@@ -43,7 +43,7 @@ def _step_hlo(engine, num_tokens: int) -> str:
     """The compiled step program for a step of one request's num_tokens new tokens."""
     req = engine_request("hlo", list(range(3, 3 + num_tokens)), 1)
     batch = build_step_batch([(req, num_tokens)], engine.layout_for(num_tokens))
-    return engine._forward.jitted.lower(engine._step_params(), engine.kv_cache, batch).compile().as_text()
+    return engine.lower_step(batch).compile().as_text()
 
 
 @pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])

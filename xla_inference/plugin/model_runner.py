@@ -129,6 +129,7 @@ class XlaModelRunner:
         self._unresolved: list[PendingTokens] = []  # oldest first
         self.steps_sampled_on_device = 0  # steps whose tokens stayed on device (tests)
         self.steps_fed = 0  # steps that took earlier tokens from the device (tests)
+        self.steps_sampled_by_forward = 0  # of those on device, drawn by the step's program
 
     def lora_slots(self):
         if self.engine.lora is None:
@@ -190,9 +191,12 @@ class XlaModelRunner:
         if self.kv_connector is not None:  # loads land before the forward reads them
             self.kv_connector.before_forward(so)
             self._kv_step = so
+        # A step whose tokens will stay on device samples them in its own program.
+        sample = (not any(drafts) and not so.has_structured_output_requests
+                  and self._samples_on_device([r for r, _ in scheduled], None))
         try:
             # Dispatch only: JAX runs the step asynchronously while vLLM prepares the grammar.
-            step = self.engine.forward(scheduled, fed)
+            step = self.engine.forward(scheduled, fed, sample=sample)
             if hasattr(self.drafter, "saw_target_step"):  # EAGLE: reads the step's hidden states
                 self.drafter.saw_target_step(scheduled, step.hidden)
         finally:
@@ -303,7 +307,11 @@ class XlaModelRunner:
         """Sample on device; each request that samples gets a placeholder token until vLLM
         takes the output (plugin/async_output.py)."""
         requests = [req for req, _ in scheduled]
-        tokens = self.engine.sample_on_device(step.logits, requests)
+        if step.tokens is not None:
+            tokens = step.tokens
+            self.steps_sampled_by_forward += 1
+        else:
+            tokens = self.engine.sample_on_device(step.logits, requests)
         slots, rows = [], []
         for row, (req, num_new) in enumerate(scheduled):
             req.num_computed_tokens += num_new

@@ -532,10 +532,11 @@ class XlaWorker(WorkerBase):
         raise RuntimeError("xla-inference does not release the KV cache's or the weights' "
                            "memory (sleep mode is not supported)")
 
-    def async_step_counts(self) -> tuple[int, int]:
-        """Steps whose tokens stayed on device, and steps fed those tokens (tests)."""
+    def async_step_counts(self) -> tuple[int, int, int]:
+        """Steps whose tokens stayed on device, steps fed those tokens, and steps whose
+        program sampled its own tokens (tests)."""
         runner = self.model_runner
-        return runner.steps_sampled_on_device, runner.steps_fed
+        return runner.steps_sampled_on_device, runner.steps_fed, runner.steps_sampled_by_forward
 
     def num_compilations(self) -> int:
         """XLA executables built in this process so far (tests check none appear after warm-up)."""

@@ -34,7 +34,7 @@ from xla_inference.runner.speculative import (draft_rows_logits, rejection_step,
 from xla_inference.runner.step_stats import StepStats
 from xla_inference.sampling.draft_host import build_draft_batch, neutral_draft_extras
 from xla_inference.sampling.host import build_sampling_batch, build_sampling_extras
-from xla_inference.sampling.sampler import gather_logprobs, sample
+from xla_inference.sampling.sampler import gather_logprobs, row_argmax, sample
 from xla_inference.sampling.types import (SampleOutput, SamplingBatch, SamplingExtras,
                                           greedy_sampling_batch, neutral_sampling_extras)
 
@@ -102,6 +102,9 @@ class StepOutput:
 
     logits: jax.Array  # [B, V] float32, at each request's sampled token
     hidden: jax.Array  # [T, D], every token's final hidden state (for prompt logprobs)
+    # [B] int32: the tokens the step's own program drew (forward with sample=True, where
+    # it could: _forward_argmax); None: sample the logits (sample, sample_on_device).
+    tokens: jax.Array | None = None
 
 
 def _forward_logits(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
@@ -109,11 +112,31 @@ def _forward_logits(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch)
     return kv_cache, model.compute_logits(params, hidden[batch.logits_indices], cfg), hidden
 
 
+def _forward_argmax(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch,
+                    argmax: jax.Array):
+    """_forward_logits and, where argmax ([] bool), each row's argmax token: the token the
+    sampler takes for a greedy row (the same row_argmax). A greedy step whose tokens stay on
+    device then makes one program call, not two: the second call's dispatch was host time
+    that, on two cores, comes off the spare core's (benchmarks/RESULTS.md, 2026-12-05 third
+    session). Greedy only: the random draw's [B, V] temporaries in this program cost more
+    than the call they would save."""
+    kv_cache, logits, hidden = _forward_logits(model, cfg, params, kv_cache, batch)
+    tokens = jax.lax.cond(argmax, lambda: row_argmax(logits),
+                          lambda: jnp.zeros(logits.shape[0], jnp.int32))
+    return kv_cache, logits, hidden, tokens
+
+
+def _step_outputs(forward, kv_shardings, whole) -> tuple:
+    """A step program's out_shardings: (kv cache, logits, hidden), and _forward_argmax's
+    tokens."""
+    return (kv_shardings, whole, whole) + (whole,) * (forward is _forward_argmax)
+
+
 def _forward_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
     """A draft model's step (speculative decoding): each row's argmax token [B] int32 in
     place of its logits; drafts are proposed greedily, so nothing else leaves the device."""
     kv_cache, logits, hidden = _forward_logits(model, cfg, params, kv_cache, batch)
-    return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
+    return kv_cache, row_argmax(logits), hidden
 
 
 def _forward_lora(model: ModelFamily, cfg, params_lora, kv_cache, batch: StepBatch, *,
@@ -195,7 +218,7 @@ def _forward_replicas_greedy(model: ModelFamily, cfg, params, kv_cache, batch: S
     token in place of its logits (as _forward_greedy)."""
     kv_cache, logits, hidden = _forward_replicas(model, cfg, params, kv_cache, batch, row_order,
                                                  token_order, mesh=mesh, params_spec=params_spec)
-    return kv_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), hidden
+    return kv_cache, row_argmax(logits), hidden
 
 
 def _forward_microbatches(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch, row_order,
@@ -276,8 +299,11 @@ class Programs:
     (and shows in compile_counter).
     """
 
-    def __init__(self, jitted, key):
+    def __init__(self, jitted, key, takes_argmax: bool = False):
         self.jitted, self.key, self.compiled = jitted, key, {}
+        # A step program whose last argument says whether it draws argmax tokens
+        # (_forward_argmax).
+        self.takes_argmax = takes_argmax
 
     def submit(self, examples: list[tuple], pool) -> dict:
         """Lower each example's shapes (arrays or ShapeDtypeStructs) in turn and hand each
@@ -449,6 +475,8 @@ class ModelEngine:
             if greedy_drafter:
                 forward = _forward_greedy
             batch_shardings = (whole,)
+            if forward is _forward_logits:  # a plain step may draw greedy tokens itself
+                forward, batch_shardings = _forward_argmax, (whole, whole)
         else:  # data parallel: a draft model's engine keeps each replica's draft KV too;
             # with pipeline stages, each replica runs its micro-batches
             forward = replicas if not greedy_drafter else functools.partial(
@@ -456,6 +484,10 @@ class ModelEngine:
                 params_spec=replica_local_specs(self.param_shardings))
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
 
+        # Steps that draw greedy tokens in their own program (_forward_argmax; forward's
+        # `sample`).
+        self.argmax_in_forward = forward is _forward_argmax
+        self._step_outputs = _step_outputs(forward, kv_shardings, whole)
         # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
         # heads, collective matmuls; parallel/sharding.tensor_parallel_mesh).
         step = _with_param_leaves(self._param_tree, lora is not None,
@@ -463,18 +495,21 @@ class ModelEngine:
         self._forward = Programs(
             jax.jit(traced_over(self.mesh, step),
                     in_shardings=(first_shardings, kv_shardings, *batch_shardings),
-                    out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
-            _batch_key)
+                    out_shardings=self._step_outputs, donate_argnums=(1,)),
+            _batch_key, takes_argmax=self.argmax_in_forward)
         # A LoRA engine's steps whose tokens all run without an adapter take the base
-        # model's program (the host knows it when it builds the step): no delta to pay.
+        # model's program, a plain engine's (the host knows it when it builds the step): no
+        # delta to pay.
         base_forward = (replicas if self.replicas > 1
-                        else _forward_microbatches if self.microbatches > 1 else _forward_logits)
+                        else _forward_microbatches if self.microbatches > 1 else _forward_argmax)
+        base_batch = (*batch_shardings, whole) if base_forward is _forward_argmax else batch_shardings
         self._forward_base = None if lora is None else Programs(
             jax.jit(traced_over(self.mesh, _with_param_leaves(
                         self._param_tree, False, functools.partial(base_forward, model, model_cfg))),
-                    in_shardings=(leaf_shardings, kv_shardings, *batch_shardings),
-                    out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
-            _batch_key)
+                    in_shardings=(leaf_shardings, kv_shardings, *base_batch),
+                    out_shardings=_step_outputs(base_forward, kv_shardings, whole),
+                    donate_argnums=(1,)),
+            _batch_key, takes_argmax=base_forward is _forward_argmax)
         # Steps of a few tokens on the host CPU: quantized weights by address (runner's
         # _weight_table_program); None where not taken.
         self._forward_table, self._table_params, self._weight_table = None, None, None
@@ -550,8 +585,8 @@ class ModelEngine:
             jax.jit(traced_over(self.mesh, step),
                     in_shardings=((tuple(sharding_of[id(a)] for a in leaves), whole),
                                   kv_shardings, *batch_shardings),
-                    out_shardings=(kv_shardings, whole, whole), donate_argnums=(1,)),
-            _batch_key)
+                    out_shardings=self._step_outputs, donate_argnums=(1,)),
+            _batch_key, takes_argmax=self.argmax_in_forward)
 
     def _by_address(self, T: int) -> bool:
         """Whether a step of T tokens runs the program with weights by address."""
@@ -622,8 +657,13 @@ class ModelEngine:
         return (self.replicas == 1 and self.microbatches == 1 and not self.pooling
                 and self.model.multimodal is None and not self.greedy_drafter)
 
-    def forward(self, scheduled: list[tuple[RequestState, int]], fed=None) -> StepOutput:
+    def forward(self, scheduled: list[tuple[RequestState, int]], fed=None,
+                sample: bool = False) -> StepOutput:
         """Dispatch the model on the scheduled tokens (JAX runs it asynchronously).
+
+        sample: the step's tokens will be sampled as sample_on_device samples them (no
+        extras, no logprobs); where they are all greedy and the step's program can
+        (_takes_argmax), it draws them itself: StepOutput.tokens.
 
         fed: (tokens [B'] on device, a row of it per scheduled request or -1): each such
         request's last token is the one at its row, not yet on the host (its token_ids hold
@@ -650,9 +690,11 @@ class ModelEngine:
             batch = self._fed_batch(batch, scheduled, *fed)
         elif self.feeds_tokens and (batch.input_ids < 0).any():
             raise RuntimeError("a step's input holds a token placeholder it is not fed")
+        sampled = [r for r, _ in scheduled] if sample else None
         if self.lora is None:
-            return self._run_forward(batch)
-        return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens))
+            return self._run_forward(batch, sampled=sampled)
+        return self._run_forward(batch, token_slots=self._token_slots(scheduled, batch.num_tokens),
+                                 sampled=sampled)
 
     def _fed_batch(self, batch: StepBatch, scheduled, tokens: jax.Array, rows) -> StepBatch:
         """The batch with each fed request's last token taken from `tokens` on device."""
@@ -737,6 +779,14 @@ class ModelEngine:
             raise ValueError("a LoRA engine's step needs each token's slot")
         return (self._param_leaves, self.lora.stacks, token_slots)
 
+    def lower_step(self, batch: StepBatch, *orders, token_slots=None):
+        """The step program that passes every parameter array, lowered for `batch` (and a
+        multi-group step's orders) as the engine calls it: tests and benchmarks read its
+        HLO."""
+        argmax = (np.asarray(False),) * self._forward.takes_argmax
+        return self._forward.jitted.lower(self._step_params(token_slots), self.kv_cache, batch,
+                                          *orders, *argmax)
+
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
         one bucket and stacked; and where each request's row and tokens land."""
@@ -818,19 +868,34 @@ class ModelEngine:
             done += num_new
         return _stack(batches), row_order, token_order
 
-    def _run_forward(self, batch: StepBatch, *orders, token_slots=None) -> StepOutput:
+    def _run_forward(self, batch: StepBatch, *orders, token_slots=None,
+                     sampled: list[RequestState] | None = None) -> StepOutput:
+        """Dispatch the step's program; `sampled`: the requests whose tokens it also
+        samples, where it does (_takes_argmax)."""
         T = batch.input_ids.shape[-1]
         if self.lora is not None and not token_slots.any():  # no adapter in this step
             program, params = self._forward_base, self._param_leaves
         else:
             program, params = self._step_program(T, self._step_params(token_slots))
+        argmax = program.takes_argmax and self._takes_argmax(batch, sampled)
+        extra = (np.asarray(argmax),) if program.takes_argmax else ()
         try:
-            self.kv_cache, logits, hidden = self.stats.run(
-                program, params, self.kv_cache, batch, *orders, bucket=T)
+            self.kv_cache, logits, hidden, *tokens = self.stats.run(
+                program, params, self.kv_cache, batch, *orders, *extra, bucket=T)
         except cpu_quantized.TableWeightMisuse as e:  # traced here where warm_up did not
             self._keep_weight_arrays(e)
-            return self._run_forward(batch, *orders, token_slots=token_slots)
-        return StepOutput(logits, hidden)
+            return self._run_forward(batch, *orders, token_slots=token_slots, sampled=sampled)
+        if argmax:
+            self._num_steps += 1  # the step number sample_on_device would have taken
+        return StepOutput(logits, hidden, tokens[0] if argmax else None)
+
+    def _takes_argmax(self, batch: StepBatch, requests: list[RequestState] | None) -> bool:
+        """Whether the step's program draws its tokens (_forward_argmax): for `requests`
+        all greedy, where its logits rows are those sample_on_device would sample
+        (_sampled_rows; a one-request prefill's bucket has more, whose argmax would cost
+        more than the second call saves)."""
+        return (requests is not None and all(r.options.greedy for r in requests)
+                and self._sampled_rows(len(requests)) == batch.num_seqs)
 
     def sample(self, logits: jax.Array, requests: list[RequestState],
                grammar_masks: dict[int, np.ndarray] | None = None) -> SampleOutput:
@@ -878,6 +943,10 @@ class ModelEngine:
         replicas or pipeline micro-batches), which _rows_to_sample then slices."""
         return self.replicas * self.microbatches == 1
 
+    def _sampled_rows(self, num_requests: int) -> int:
+        """The logits rows a step of `num_requests` samples (_rows_to_sample)."""
+        return pick_bucket(self._bucket_row_counts, max(1, num_requests))
+
     def _rows_to_sample(self, logits: jax.Array, num_requests: int) -> jax.Array:
         """The logits' rows a step of `num_requests` samples: the first, as many as the fewest
         compiled row count that holds them, not its bucket's rows. Every bucket from
@@ -887,7 +956,7 @@ class ModelEngine:
         its rows (its requests' rows are not the first)."""
         if not self._samples_first_rows:
             return logits
-        rows = pick_bucket(self._bucket_row_counts, max(1, num_requests))
+        rows = self._sampled_rows(num_requests)
         return logits if rows >= logits.shape[0] else self._row_slices[rows](logits)
 
     def _warm_up_row_slices(self) -> None:
@@ -1015,7 +1084,9 @@ class ModelEngine:
             batch = self._with_multimodal(build_step_batch([], layout), [])
             groups = self.replicas * self.microbatches  # stacked groups of requests per step
             if groups == 1:
-                forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache, batch))
+                argmax = (np.asarray(False),) if self.argmax_in_forward else ()
+                forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache,
+                                     batch, *argmax))
             else:
                 stacked = _stack([batch] * groups)
                 if self.replicas > 1 and self.microbatches > 1:
@@ -1044,8 +1115,9 @@ class ModelEngine:
                         len(self.token_buckets))
 
         # A LoRA engine also compiles the base program for its steps without adapters.
-        base_args = [] if self.lora is None else [(self._param_leaves, *a[1:])
-                                                   for a in forward_args]
+        base_args = [] if self.lora is None else [
+            (self._param_leaves, *a[1:], *(np.asarray(False),) * self._forward_base.takes_argmax)
+            for a in forward_args]
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             by_address = self._submit_by_address(forward_args, pool)
             forward = self._forward.submit(

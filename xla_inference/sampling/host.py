@@ -11,8 +11,9 @@ import dataclasses
 
 import numpy as np
 
-from xla_inference.sampling.types import (MAX_LOGPROB_TOKEN_IDS, SamplingBatch, SamplingExtras,
-                                          greedy_sampling_batch, neutral_sampling_extras)
+from xla_inference.sampling.types import (GREEDY_EPS, MAX_LOGPROB_TOKEN_IDS, SamplingBatch,
+                                          SamplingExtras, greedy_sampling_batch,
+                                          neutral_sampling_extras)
 
 _MASK32 = 0xFFFFFFFF
 
@@ -38,6 +39,11 @@ class SamplingOptions:
     num_prompt_logprobs: int | None = None  # the same per prompt token
     # Instead of the top ones: the logprobs of these ids (vLLM's logprob_token_ids).
     logprob_token_ids: tuple[int, ...] | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the sampler takes the row's argmax (its greedy rows)."""
+        return self.temperature < GREEDY_EPS
 
     @property
     def has_penalties(self) -> bool:

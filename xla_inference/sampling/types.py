@@ -11,6 +11,9 @@ import numpy as np
 # any mix of requests.
 MAX_LOGPROB_TOKEN_IDS = 128
 
+# Temperatures below this are greedy: the sampler takes the row's argmax.
+GREEDY_EPS = 1e-5
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

@@ -108,7 +108,8 @@ def _start_all(stack: contextlib.ExitStack, args, backends, dtypes, extra, log_d
         cmd, env = _server_cmd(name, args, dtypes.get(name, "auto"), port, _model_dir(name),
                                extra)
         env.update(settings)
-        log = os.path.join(log_dir, f"{backend.replace('+', '_')}.server.log")
+        name = backend.replace("+", "_").replace("/", "_")  # (a value may be a path)
+        log = os.path.join(log_dir, f"{name}.server.log")
         print(f"{backend}: starting {' '.join(cmd)}", flush=True)
         ready_s = stack.enter_context(server(cmd, port, log, env, args.ready_timeout))
         print(f"{backend}: ready in {ready_s:.1f}s (log {log})", flush=True)

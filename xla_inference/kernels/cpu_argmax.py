@@ -13,15 +13,12 @@ XLA's reduction.
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from xla_inference.kernels import native
-
-logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "cpu" / "row_argmax.cc"
 _TARGET = "xla_inference_row_argmax"
@@ -37,12 +34,7 @@ def _library():
 @functools.cache
 def available() -> bool:
     """Whether the native kernel is built and registered."""
-    try:
-        _library()
-    except Exception as e:  # noqa: BLE001 - any failure means XLA's reduction
-        logger.warning("xla-inference: native CPU argmax unavailable: %s", e)
-        return False
-    return True
+    return native.loads(_library, "argmax", "XLA's reduction")
 
 
 def path() -> int:

@@ -42,7 +42,6 @@ cache per layer per step, where the kernel copies just the step's rows in place.
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import jax
@@ -51,8 +50,6 @@ import numpy as np
 
 from xla_inference import envs
 from xla_inference.kernels import native
-
-logger = logging.getLogger(__name__)
 
 # This kernel's builds (tests, benchmarks); the default one is native.SPARE_CORE_KERNELS.
 _SOURCE = (native.SPARE_CORE, Path(__file__).parent / "cpu" / "paged_attention.cc")
@@ -75,12 +72,7 @@ def available() -> bool:
     if not envs.cpu_attention_enabled():
         return False
     envs.spare_core_enabled()  # a typo fails here, naming the variable, not as a build failure
-    try:
-        _library()
-    except Exception as e:  # noqa: BLE001 - any failure means the plain-jnp kernel
-        logger.warning("xla-inference: native CPU attention unavailable, using the jnp kernel: %s", e)
-        return False
-    return True
+    return native.loads(_library, "attention", "the jnp kernel")
 
 
 def paged_attention(q, k_cache, v_cache, seq_ids, positions, block_tables, *, block_size: int,

@@ -77,12 +77,7 @@ def available() -> bool:
     if not envs.cpu_dense_enabled():
         return False
     envs.spare_core_enabled()  # a typo fails here, naming the variable, not as a build failure
-    try:
-        _library()
-    except Exception as e:  # noqa: BLE001 - any failure means XLA's product
-        logger.warning("xla-inference: native CPU bfloat16 matvec unavailable: %s", e)
-        return False
-    return True
+    return native.loads(_library, "bfloat16 matvec", "XLA's product")
 
 
 def uses_avx512() -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from pathlib import Path
 
 import jax
@@ -33,8 +32,6 @@ import numpy as np
 
 from xla_inference import envs
 from xla_inference.kernels import native
-
-logger = logging.getLogger(__name__)
 
 # This kernel's builds (tests, benchmarks); the default one is native.SPARE_CORE_KERNELS.
 _SOURCE = (native.SPARE_CORE, Path(__file__).parent / "cpu" / "quantized_matmul.cc")
@@ -67,12 +64,7 @@ def available() -> bool:
     if not envs.cpu_quantized_enabled():
         return False
     envs.spare_core_enabled()  # a typo fails here, naming the variable, not as a build failure
-    try:
-        _library()
-    except Exception as e:  # noqa: BLE001 - any failure means the XLA path
-        logger.warning("xla-inference: native CPU quantized matmul unavailable: %s", e)
-        return False
-    return True
+    return native.loads(_library, "quantized matmul", "the XLA path")
 
 
 def uses_vnni() -> bool:

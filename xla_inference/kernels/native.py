@@ -22,7 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -145,6 +145,17 @@ def load_targets(sources: Path | Sequence[Path], targets: Mapping[str, str],
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
     return library
+
+
+def loads(load: Callable[[], object], kernel: str, instead: str) -> bool:
+    """Whether load() builds and registers `kernel`'s library; where it fails (any error),
+    False, with a warning naming what its callers run instead."""
+    try:
+        load()
+    except Exception as e:  # noqa: BLE001 - any failure means the callers' fallback
+        logger.warning("xla-inference: native CPU %s unavailable, using %s: %s", kernel, instead, e)
+        return False
+    return True
 
 
 # The spare core (cpu/spare_core.h: a helper thread that shares a decode step's short

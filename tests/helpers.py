@@ -371,6 +371,18 @@ def tiny_engine(model_dir: Path, max_num_tokens: int = 64, mesh=None, narrow_dty
     return build_engine(model, ecfg, mesh=mesh)
 
 
+class RecordedProgram:
+    """A step program (runner/engine.Programs) that hands each call's arguments to
+    note(args) first: tests see which program ran which step."""
+
+    def __init__(self, program, note):
+        self.program, self.note, self.takes_argmax = program, note, program.takes_argmax
+
+    def __call__(self, *args):
+        self.note(args)
+        return self.program(*args)
+
+
 def engine_request(req_id: str, tokens: list[int], first_block: int):
     """A request owning pages first_block .. first_block + 7 (room for 32 tokens)."""
     from xla_inference.runner.requests import RequestState

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import (ENGINE_BLOCK, engine_request, run_chunks, save_tiny_family,
-                           save_tiny_gemma3, save_tiny_llama)
+from tests.helpers import (ENGINE_BLOCK, RecordedProgram, engine_request, run_chunks,
+                           save_tiny_family, save_tiny_gemma3, save_tiny_llama)
 from tests.lora.lora_helpers import ADAPTERS, peft_logits, save_adapter, save_adapters
 from xla_inference.lora.peft import LoraError, load_adapter
 
@@ -134,7 +134,7 @@ def test_swaps_and_evictions_do_not_compile(llama_targets):
     ran = []
     for name, program in programs.items():
         setattr(engine, f"_forward{'_base' if name == 'base' else ''}",
-                lambda *args, name=name, program=program: ran.append(name) or program(*args))
+                RecordedProgram(program, lambda args, name=name: ran.append(name)))
     order = [(1, 2), (3, 0), (0, 0), (2, 3), (1, 3), (0, 1)]
     for step, ids in enumerate(order):
         reqs = [engine_request(f"s{step}{j}", PROMPTS[j], 1 + 8 * j) for j in range(2)]

@@ -107,8 +107,9 @@ class PositionEngine:
     def _draft_rows_logits(self, params, hidden, rows):
         return hidden[rows]
 
-    def forward(self, scheduled, fed=None):
-        assert fed is None  # nothing feeds tokens here: async overlap is off with drafts
+    def forward(self, scheduled, fed=None, sample=False):
+        # nothing feeds tokens here, nor samples in the step: async overlap is off with drafts
+        assert fed is None and not sample
         logits = []
         for req, n in scheduled:
             first = req.num_computed_tokens

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import ENGINE_BLOCK, engine_request, run_chunks
+from tests.helpers import ENGINE_BLOCK, RecordedProgram, engine_request, run_chunks
 from xla_inference.kernels import cpu_quantized
 from xla_inference.quantization import product, weight_table
 
@@ -49,16 +49,9 @@ def test_steps_by_address_have_the_passed_weights_bits(name, quantized_checkpoin
     assert len(leaves) < len(by_address._param_leaves) / 2
     most = weight_table.max_rows()
     assert by_address._by_address(most) and not by_address._by_address(most + 1)
-    program, ran = by_address._forward_table, []
-
-    class Recorded:  # the program, noting each step's bucket
-        takes_argmax = program.takes_argmax
-
-        def __call__(self, *args):
-            ran.append(args[2].input_ids.shape)
-            return program(*args)
-
-    by_address._forward_table = Recorded()
+    ran = []
+    by_address._forward_table = RecordedProgram(
+        by_address._forward_table, lambda args: ran.append(args[2].input_ids.shape))
     want = _logits(passed)
     got = _logits(by_address)
     assert got.keys() == want.keys()

@@ -191,7 +191,8 @@ class XlaModelRunner:
         if self.kv_connector is not None:  # loads land before the forward reads them
             self.kv_connector.before_forward(so)
             self._kv_step = so
-        # A step whose tokens will stay on device samples them in its own program.
+        # A step whose tokens will stay on device: its program draws them where all are
+        # greedy (ModelEngine.forward's `sample`), one program call rather than two.
         sample = (not any(drafts) and not so.has_structured_output_requests
                   and self._samples_on_device([r for r, _ in scheduled], None))
         try:

@@ -10,7 +10,7 @@ import numpy as np
 
 def save_tiny_llama(path: Path, *, tie: bool = False, rope_scaling: dict | None = None,
                     num_kv_heads: int = 2, seed: int = 0, sharded: bool = False,
-                    num_layers: int = 2) -> Path:
+                    num_layers: int = 2, max_positions: int = 512) -> Path:
     """A random LlamaForCausalLM (2 layers unless `num_layers`) saved as a HF checkpoint
     (float32)."""
     import transformers
@@ -18,7 +18,7 @@ def save_tiny_llama(path: Path, *, tie: bool = False, rope_scaling: dict | None 
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=16,
-        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=tie,
         rope_theta=10000.0, rope_scaling=rope_scaling, bos_token_id=1, eos_token_id=2,
     )
     return save_tiny_model(path, config, seed=seed, sharded=sharded)

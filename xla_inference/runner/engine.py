@@ -132,6 +132,12 @@ def _step_outputs(forward, kv_shardings, whole) -> tuple:
     return (kv_shardings, whole, whole) + (whole,) * (forward is _forward_argmax)
 
 
+def _argmax_arg(program, argmax: bool = False) -> tuple:
+    """The last argument of a step program that draws argmax tokens (Programs.takes_argmax):
+    whether it does this step; nothing for another program."""
+    return (np.asarray(argmax),) if program.takes_argmax else ()
+
+
 def _forward_greedy(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch):
     """A draft model's step (speculative decoding): each row's argmax token [B] int32 in
     place of its logits; drafts are proposed greedily, so nothing else leaves the device."""
@@ -484,10 +490,6 @@ class ModelEngine:
                 params_spec=replica_local_specs(self.param_shardings))
             batch_shardings = (replica_sharding(self.mesh), whole, whole)
 
-        # Steps that draw greedy tokens in their own program (_forward_argmax; forward's
-        # `sample`).
-        self.argmax_in_forward = forward is _forward_argmax
-        self._step_outputs = _step_outputs(forward, kv_shardings, whole)
         # Traced over the mesh: layers partition by hand what GSPMD cannot (attention by KV
         # heads, collective matmuls; parallel/sharding.tensor_parallel_mesh).
         step = _with_param_leaves(self._param_tree, lora is not None,
@@ -495,8 +497,8 @@ class ModelEngine:
         self._forward = Programs(
             jax.jit(traced_over(self.mesh, step),
                     in_shardings=(first_shardings, kv_shardings, *batch_shardings),
-                    out_shardings=self._step_outputs, donate_argnums=(1,)),
-            _batch_key, takes_argmax=self.argmax_in_forward)
+                    out_shardings=_step_outputs(forward, kv_shardings, whole), donate_argnums=(1,)),
+            _batch_key, takes_argmax=forward is _forward_argmax)
         # A LoRA engine's steps whose tokens all run without an adapter take the base
         # model's program, a plain engine's (the host knows it when it builds the step): no
         # delta to pay.
@@ -585,8 +587,14 @@ class ModelEngine:
             jax.jit(traced_over(self.mesh, step),
                     in_shardings=((tuple(sharding_of[id(a)] for a in leaves), whole),
                                   kv_shardings, *batch_shardings),
-                    out_shardings=self._step_outputs, donate_argnums=(1,)),
-            _batch_key, takes_argmax=self.argmax_in_forward)
+                    out_shardings=_step_outputs(forward, kv_shardings, whole), donate_argnums=(1,)),
+            _batch_key, takes_argmax=forward is _forward_argmax)
+
+    @property
+    def argmax_in_forward(self) -> bool:
+        """Whether plain steps draw greedy tokens in their own program (_forward_argmax;
+        forward's `sample`)."""
+        return self._forward.takes_argmax
 
     def _by_address(self, T: int) -> bool:
         """Whether a step of T tokens runs the program with weights by address."""
@@ -783,9 +791,8 @@ class ModelEngine:
         """The step program that passes every parameter array, lowered for `batch` (and a
         multi-group step's orders) as the engine calls it: tests and benchmarks read its
         HLO."""
-        argmax = (np.asarray(False),) * self._forward.takes_argmax
         return self._forward.jitted.lower(self._step_params(token_slots), self.kv_cache, batch,
-                                          *orders, *argmax)
+                                          *orders, *_argmax_arg(self._forward))
 
     def _replica_batch(self, scheduled: list[tuple[RequestState, int]]):
         """Each replica's requests (known by their KV pages) as its own batch, all padded to
@@ -878,10 +885,10 @@ class ModelEngine:
         else:
             program, params = self._step_program(T, self._step_params(token_slots))
         argmax = program.takes_argmax and self._takes_argmax(batch, sampled)
-        extra = (np.asarray(argmax),) if program.takes_argmax else ()
         try:
             self.kv_cache, logits, hidden, *tokens = self.stats.run(
-                program, params, self.kv_cache, batch, *orders, *extra, bucket=T)
+                program, params, self.kv_cache, batch, *orders, *_argmax_arg(program, argmax),
+                bucket=T)
         except cpu_quantized.TableWeightMisuse as e:  # traced here where warm_up did not
             self._keep_weight_arrays(e)
             return self._run_forward(batch, *orders, token_slots=token_slots, sampled=sampled)
@@ -1084,9 +1091,8 @@ class ModelEngine:
             batch = self._with_multimodal(build_step_batch([], layout), [])
             groups = self.replicas * self.microbatches  # stacked groups of requests per step
             if groups == 1:
-                argmax = (np.asarray(False),) if self.argmax_in_forward else ()
                 forward_args.append((self._step_params(np.zeros(T, np.int32)), self.kv_cache,
-                                     batch, *argmax))
+                                     batch, *_argmax_arg(self._forward)))
             else:
                 stacked = _stack([batch] * groups)
                 if self.replicas > 1 and self.microbatches > 1:
@@ -1116,8 +1122,7 @@ class ModelEngine:
 
         # A LoRA engine also compiles the base program for its steps without adapters.
         base_args = [] if self.lora is None else [
-            (self._param_leaves, *a[1:], *(np.asarray(False),) * self._forward_base.takes_argmax)
-            for a in forward_args]
+            (self._param_leaves, *a[1:], *_argmax_arg(self._forward_base)) for a in forward_args]
         with concurrent.futures.ThreadPoolExecutor(_compile_threads()) as pool:
             by_address = self._submit_by_address(forward_args, pool)
             forward = self._forward.submit(

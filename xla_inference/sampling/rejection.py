@@ -25,9 +25,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from xla_inference.sampling.sampler import (_GREEDY_EPS, _apply_min_p, _row_keys,
+from xla_inference.sampling.sampler import (_apply_min_p, _row_keys,
                                             apply_extras, row_argmax, truncate_where_asked)
-from xla_inference.sampling.types import SamplingBatch, SamplingExtras
+from xla_inference.sampling.types import GREEDY_EPS, SamplingBatch, SamplingExtras
 
 # Tags folded into a row's key so the draws of one step never share a stream.
 _UNIFORM_STREAM, _EXPONENTIAL_STREAM = 0x5EC0, 0x5EC1
@@ -76,7 +76,7 @@ def rejection_sample(logits: jax.Array, drafts: DraftBatch, params: SamplingBatc
         bonus = _bonus_tokens(processed, drafts.num_drafts, params, step_key)
         return rejection_core(processed, drafts, params, uniforms, inv_exponentials, bonus)
 
-    return jax.lax.cond(jnp.all(params.temperature < _GREEDY_EPS),
+    return jax.lax.cond(jnp.all(params.temperature < GREEDY_EPS),
                         lambda: greedy_rejection(processed, drafts), random_rules)
 
 
@@ -128,7 +128,7 @@ def process_draft_rows(logits, drafts: DraftBatch, extras: DraftExtras | None):
 def target_probs(processed, params: SamplingBatch):
     """p for the draft rows [B, K, V]: temperature (greedy rows 1), top-k, top-p; no min-p."""
     B, rows, V = processed.shape
-    temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
+    temperature = jnp.where(params.temperature < GREEDY_EPS, 1.0, params.temperature)
     scaled = processed[:, :-1, :] / temperature[:, None, None]
     K = rows - 1
     flat = truncate_where_asked(scaled.reshape(B * K, V), jnp.repeat(params.top_k, K),
@@ -157,7 +157,7 @@ def rejection_core(processed, drafts: DraftBatch, params: SamplingBatch, uniform
         residual = jnp.maximum(p - drafts.probs, 0.0)
     random_accept = (draft >= 0) & (q_draft > 0) & (p_draft / q_draft >= uniforms)
     recovered = row_argmax(residual * inv_exponentials[:, None, :])
-    is_greedy = (params.temperature < _GREEDY_EPS)[:, None]
+    is_greedy = (params.temperature < GREEDY_EPS)[:, None]
     accept = jnp.where(is_greedy, draft == target_argmax, random_accept)
     accept &= jnp.arange(K)[None, :] < drafts.num_drafts[:, None]
     num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)
@@ -177,14 +177,14 @@ def _bonus_tokens(processed, num_drafts, params: SamplingBatch, step_key):
     speculation (seed, tokens generated before it), so n = 0 draws what sample() draws."""
     row = jnp.take_along_axis(processed, num_drafts[:, None, None], axis=1)[:, 0, :]
     greedy = row_argmax(row)
-    temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
+    temperature = jnp.where(params.temperature < GREEDY_EPS, 1.0, params.temperature)
     scaled = _apply_min_p(row / temperature[:, None], params.min_p)
     scaled = truncate_where_asked(scaled, params.top_k, params.top_p)
     keys = _row_keys(dataclasses.replace(params, seed_offset=params.seed_offset + num_drafts),
                      step_key)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     drawn = row_argmax(scaled + gumbel)
-    return jnp.where(params.temperature < _GREEDY_EPS, greedy, drawn)
+    return jnp.where(params.temperature < GREEDY_EPS, greedy, drawn)
 
 
 def _draws(params: SamplingBatch, step_key, K: int, V: int):

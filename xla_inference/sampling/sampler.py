@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from xla_inference.kernels import cpu_argmax
 from xla_inference.sampling.types import GREEDY_EPS, SampleOutput, SamplingBatch, SamplingExtras
 
-_GREEDY_EPS = GREEDY_EPS
 
 
 def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | None,
@@ -30,7 +29,7 @@ def sample(logits: jax.Array, params: SamplingBatch, extras: SamplingExtras | No
         raw = mask_grammar(logits, extras)
         logits = _adjust_and_penalize(raw, extras)
     greedy_tokens = row_argmax(logits)
-    is_greedy = params.temperature < _GREEDY_EPS
+    is_greedy = params.temperature < GREEDY_EPS
     tokens = jax.lax.cond(
         jnp.all(is_greedy),
         lambda: greedy_tokens,
@@ -143,7 +142,7 @@ def _no_logprobs(tokens, num_logprobs: int, num_wanted: int):
 
 
 def _random_sample(logits, params: SamplingBatch, step_key):
-    temperature = jnp.where(params.temperature < _GREEDY_EPS, 1.0, params.temperature)
+    temperature = jnp.where(params.temperature < GREEDY_EPS, 1.0, params.temperature)
     scaled = logits / temperature[:, None]
     scaled = _apply_min_p(scaled, params.min_p)
     scaled = truncate_where_asked(scaled, params.top_k, params.top_p)

@@ -7,13 +7,14 @@ Two ways, chosen per trace by the number of rows (a static shape):
   integers: the activations are quantized per row, to int8 where the scheme says so
   (compressed-tensors' dynamic W8A8) and otherwise to 15-bit integers (finer than
   bfloat16's 8-bit mantissa, so weight-only formats keep their float-activation accuracy);
-- from WIDE_KERNEL_MIN_ROWS rows on, on a host CPU with AMX (prefill, larger batches), the
-  kernel's
-  wide entry dequantizes each tile of weight rows once per step into bfloat16 in a
-  cache-resident scratch and multiplies every row by it in AMX bfloat16 tiles: the numbers
-  of XLA's bfloat16 product on the dequantized weight, 3-10x faster than it; against XLA's
-  bfloat16 product on a dense weight about even from 256 rows on, slower at 16-64 rows,
-  where dequantizing each weight costs about what reading it in bfloat16 does
+- from wide_kernel_min_rows() rows on (prefill, larger batches), on a host CPU with AMX
+  (from WIDE_KERNEL_MIN_ROWS) or AVX-512 bfloat16 dot products (past KERNEL_MAX_ROWS), the
+  kernel's wide entry dequantizes each tile of weight rows once per step into bfloat16 in a
+  cache-resident scratch and multiplies every row by it in AMX bfloat16 tiles (or
+  vdpbf16ps): the numbers of XLA's bfloat16 product on the dequantized weight, 3-10x
+  faster than it with AMX, 1-2.5x with AVX-512 (a Zen 4); against XLA's bfloat16 product
+  on a dense weight about even (AVX-512: 0.8-1.3x from 64 rows), with AMX slower at 16-64
+  rows, where dequantizing each weight costs about what reading it in bfloat16 does
   (benchmarks/quantized_wide_shapes.py). Only where the weight's compute dtype is
   bfloat16 (a float32 policy keeps XLA's float32 product) or the scheme's activations are
   int8 (whose integers and per-channel scales the entry multiplies exactly);
@@ -29,7 +30,7 @@ Two ways, chosen per trace by the number of rows (a static shape):
   products summed (row parallel); where the kernel cannot take a share alone (a 4-bit
   split that cuts its 2H-input blocks, a group across devices) every device multiplies
   the whole weight, gathered, as GSPMD would;
-- otherwise (no AMX, other devices) XLA dequantizes the weight into its compute dtype and
+- otherwise (neither, other devices) XLA dequantizes the weight into its compute dtype and
   runs its dense product; on GPUs and TPUs XLA fuses the dequantization into the product.
   Int8 activations are then fake-quantized the same way, and the int8 integer product runs
   as an int32-accumulating dot.
@@ -80,14 +81,30 @@ def uses_kernel(w, rows: int) -> bool:
             and cpu_quantized.available())
 
 
+def wide_kernel_min_rows() -> int | None:
+    """The fewest rows that take the kernel's wide entry on this CPU, or None where it is not
+    taken: WIDE_KERNEL_MIN_ROWS with AMX; past the narrow kernel's rows with AVX-512 bfloat16
+    only (vdpbf16ps on the dequantized tiles: about even with the narrow kernel at 16-32 rows,
+    1-2.5x XLA's dequantize-then-multiply from 64 rows on, benchmarks/RESULTS.md); never on
+    the portable path (slower than XLA's product). Needs cpu_quantized.available()."""
+    isa = cpu_quantized.wide_isa()
+    if isa == "amx":
+        return WIDE_KERNEL_MIN_ROWS
+    if isa == "avx512_bf16":
+        return KERNEL_MAX_ROWS + 1
+    return None
+
+
 def uses_wide_kernel(w, rows: int) -> bool:
-    """Whether `rows` rows (WIDE_KERNEL_MIN_ROWS or more) times w (a PackedWeight) run the
-    native kernel's wide entry, in place of the narrow one or XLA's product: on a CPU with
-    AMX (elsewhere its AVX-512 and portable paths are slower than XLA's product), for
-    bfloat16 compute or int8 activations."""
-    return (w.tiled and rows >= WIDE_KERNEL_MIN_ROWS and jax.default_backend() == "cpu"
+    """Whether `rows` rows (wide_kernel_min_rows() or more) times w (a PackedWeight) run the
+    native kernel's wide entry, in place of the narrow one or XLA's product, for bfloat16
+    compute or int8 activations."""
+    if not (w.tiled and jax.default_backend() == "cpu"
             and (w.compute_dtype == "bfloat16" or w.activations == INT8_ACTIVATIONS)
-            and cpu_quantized.available() and cpu_quantized.wide_isa() == "amx")
+            and cpu_quantized.available()):
+        return False
+    fewest = wide_kernel_min_rows()
+    return fewest is not None and rows >= fewest
 
 
 def _wide_product(x2: jax.Array, w: PackedWeight) -> jax.Array:

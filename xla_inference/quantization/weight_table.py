@@ -20,16 +20,15 @@ import numpy as np
 from xla_inference.kernels import cpu_quantized
 from xla_inference.kernels.cpu_quantized import TableWeight
 from xla_inference.quantization.packed import PackedWeight
-from xla_inference.quantization.product import KERNEL_MAX_ROWS, WIDE_KERNEL_MIN_ROWS
+from xla_inference.quantization.product import KERNEL_MAX_ROWS, wide_kernel_min_rows
 
 
 def max_rows() -> int:
     """The most tokens of a step that may name its weights by address: every quantized
     product of such a step runs the kernel's one-row entries (product.uses_kernel), none the
-    wide one (AMX CPUs' from WIDE_KERNEL_MIN_ROWS on). Needs cpu_quantized.available()."""
-    if cpu_quantized.wide_isa() == "amx":
-        return WIDE_KERNEL_MIN_ROWS - 1
-    return KERNEL_MAX_ROWS
+    wide one (product.wide_kernel_min_rows). Needs cpu_quantized.available()."""
+    fewest_wide = wide_kernel_min_rows()
+    return KERNEL_MAX_ROWS if fewest_wide is None else min(KERNEL_MAX_ROWS, fewest_wide - 1)
 
 
 @dataclasses.dataclass

@@ -720,6 +720,43 @@ def test_wide_int8_activations_odd_width(isa):
     np.testing.assert_allclose(y[:, :out], expected, rtol=1e-6, atol=1e-30)
 
 
+def test_wide_int8_path_follows_the_cpu():
+    """W8A8's integer path (vpdpbusd) wherever the AVX-512 bfloat16 path runs and the CPU
+    has AVX-512 VNNI."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split())
+    expected = cpu_quantized.wide_isa() != "portable" and "avx512_vnni" in flags
+    assert cpu_quantized.wide_int8() == expected
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("T,n,out", [(41, 102, 24), (19, 4096, 16)])
+def test_wide_int8_activations_long_and_odd_rows(T, n, out, isa):
+    """W8A8 rows of an odd number of weight chunks (the integer path's last quad half
+    empty) and of 4096 inputs (sums past 2^24, exact only in integers), rows of the
+    largest magnitudes included: the integer product scaled, to float32's rounding (the
+    bfloat16 products' float32 sums: to their summation error)."""
+    rng = np.random.default_rng([T, n, len(isa)])
+    q = rng.integers(-127, 128, (out, n)).astype(np.int8)
+    q[0] = 127
+    q[1] = -127
+    channel = rng.uniform(0.5, 2.0, (out, 1)).astype(np.float32) * 1e-3
+    group_size = min(n, 128)  # one scale a channel, repeated over its groups
+    operands = _kernel_operands(q, np.repeat(channel, n // group_size, axis=1), None, 8)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    x[0] = 1.0
+    x[1] = -1.0
+    xq, x_scale = (np.asarray(a, np.float64)
+                   for a in jax.jit(quantize_rows, static_argnums=1)(x, 127.0))
+    expected = (xq @ q.astype(np.float64).T) * x_scale[:, None] * channel[:, 0][None]
+    y = _run_wide(x, operands, 8, group_size, isa, int8_levels=127.0)
+    if isa == "portable" or not cpu_quantized.wide_int8():  # float32 sums of the integers
+        magnitude = np.abs(xq) @ np.abs(q.astype(np.float64)).T * x_scale[:, None]
+        assert np.all(np.abs(y[:, :out] - expected) <= 2e-7 * n * magnitude * channel[:, 0])
+    else:
+        np.testing.assert_allclose(y[:, :out], expected, rtol=3e-7, atol=1e-30)
+
+
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("T,n", [(50, 96), (50, 72), (16, 256)])
 def test_wide_float32_x_is_bfloat16_x(T, n, isa):

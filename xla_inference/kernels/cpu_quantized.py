@@ -80,6 +80,13 @@ def wide_isa() -> str:
     return WIDE_ISAS[_library().XlaInferenceQuantizedMatmulWideIsa()]
 
 
+def wide_int8() -> bool:
+    """Whether the wide entry's W8A8 calls (int8 activations, per-channel int8 weights) on
+    the AVX-512 bfloat16 path multiply in int8 (vpdpbusd: AVX-512 VNNI), exactly, in place
+    of bfloat16 products of the integers. Needs available()."""
+    return bool(_library().XlaInferenceQuantizedMatmulWideInt8())
+
+
 def _group_operand(a):
     """Scales or offsets as the kernel reads them: float16 or float32 as stored, any other
     dtype (bfloat16) widened to float32."""

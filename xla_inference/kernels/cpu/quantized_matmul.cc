@@ -1112,6 +1112,14 @@ ffi::Error MultiMatmulTableImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 //     offsets): xq as quantize_row gives them (integers, exact in bfloat16), the weight's
 //     integers q - z (exact too), y = x_scale[t] * scale[o] * sum xq (q - z).
 //
+// Int8 activations of at most 127 levels times 8-bit weights without a zero point (W8A8)
+// take the integer path instead where the CPU has AVX-512 VNNI but no AMX: vpdpbusd
+// multiplies 64 byte pairs at once, twice vdpbf16ps's 32, and sums them in int32, exact.
+// It wants unsigned activations: each row is stored as xq + 128 (1..255), and 128 times
+// the weight row's sum comes off after (sum (xq + 128) q - 128 sum q = sum xq q). Its
+// scratch holds a tile's bytes four inputs to a lane (lane r of quad k4: q[16ot + r, 4k4
+// .. 4k4 + 3], the tile layout's pairs of chunks interleaved by words) and the rows' sums.
+//
 // The scratch of an output tile holds its weights as bfloat16 pairs, the operand layout of
 // both AMX's TDPBF16PS (a B tile: row k2 = 16 pairs (w[o, 2k2], w[o, 2k2+1]), o = 0..15)
 // and AVX-512's vdpbf16ps (one zmm per row k2): scratch[k2][2r + j] = bf16(w[16ot + r,
@@ -1353,6 +1361,97 @@ XLA_INFERENCE_AVX512BF16 void product_avx512(const WideProblem& p, int64_t ot0, 
   }
 }
 
+#define XLA_INFERENCE_AVX512VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+// Bytes of a tile's scratch before its rows' int32 sums: quads of 64 bytes over K_pad.
+inline int64_t int8_tile_bytes(const WideProblem& p) { return p.K_pad / 4 * 64; }
+
+// Tile ot's 8-bit weights into the scratch as vpdpbusd takes them, and each row's sum.
+// Two chunks (64 bytes) hold a quad of inputs: word r of the first is (q[r, 4k4], q[r,
+// 4k4+1]), word 16 + r of the second (q[r, 4k4+2], q[r, 4k4+3]); lane r takes the two.
+XLA_INFERENCE_AVX512VNNI void repack_tile_int8(const WideProblem& p, int64_t ot,
+                                               uint16_t* scratch) {
+  const uint8_t* w = p.values + ot * p.tile_bytes();
+  auto* out = reinterpret_cast<uint8_t*>(scratch);
+  const __m512i words = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                         9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                         17, 1, 16, 0);
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i sums = _mm512_setzero_si512();
+  const int64_t bytes = p.tile_bytes();  // an odd number of chunks ends in half a quad
+  for (int64_t at = 0; at < bytes; at += 64) {
+    const __mmask64 keep = bytes - at >= 64 ? ~__mmask64{0} : (__mmask64{1} << (bytes - at)) - 1;
+    const __m512i quad = _mm512_permutexvar_epi16(words, _mm512_maskz_loadu_epi8(keep, w + at));
+    _mm512_storeu_si512(out + at, quad);
+    sums = _mm512_dpbusd_epi32(sums, ones, quad);
+  }
+  _mm512_storeu_si512(out + int8_tile_bytes(p), sums);
+}
+
+// quantize_row's integers plus 128, as bytes (vpdpbusd's unsigned operand; levels <= 127).
+XLA_INFERENCE_AVX512VNNI void quantize_row_u8_avx512(const float* x, int64_t in, float levels,
+                                                     uint8_t* row, float* row_scale) {
+  float scale, inverse;
+  row_scale_avx512(x, in, levels, &scale, &inverse);
+  const __m512i bias = _mm512_set1_epi32(128);
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k),
+                     _mm512_cvtepi32_epi8(_mm512_add_epi32(
+                         _mm512_cvtps_epi32(quantized16_avx512(x + k, inverse, levels)), bias)));
+  for (; k < in; ++k) row[k] = static_cast<uint8_t>(quantized(x[k], inverse, levels) + 128.0f);
+  *row_scale = scale;
+}
+
+// As product_avx512, in integers: 2 output tiles x 8 rows of T per block, one int32
+// accumulator each, a row's 4 bytes broadcast against a quad of the tile.
+XLA_INFERENCE_AVX512VNNI void product_int8_avx512(const WideProblem& p, int64_t ot0, int64_t n,
+                                                  const uint16_t* scratch, int64_t t_begin,
+                                                  int64_t t_end) {
+  const int64_t quads = p.K_pad / 4, stride = p.K_pad * 2;  // operand rows' bytes apart
+  const int64_t tile = p.scratch_words() * 2;
+  alignas(64) float y[kWideRowsAvx * kRows];
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kWideRowsAvx) {
+    const auto* x = reinterpret_cast<const uint8_t*>(p.row(t0));
+    const int64_t rows = std::min(kWideRowsAvx, t_end - t0);
+    for (int64_t i = 0; i < n; i += 2) {
+      const bool two = i + 1 < n;
+      const auto* b0 = reinterpret_cast<const uint8_t*>(scratch) + i * tile;
+      const uint8_t* b1 = two ? b0 + tile : b0;
+      __m512i acc0[kWideRowsAvx], acc1[kWideRowsAvx];
+      for (int m = 0; m < kWideRowsAvx; ++m) acc0[m] = acc1[m] = _mm512_setzero_si512();
+      for (int64_t k4 = 0; k4 < quads; ++k4) {
+        const __m512i w0 = _mm512_loadu_si512(b0 + k4 * 64);
+        const __m512i w1 = _mm512_loadu_si512(b1 + k4 * 64);
+        for (int m = 0; m < kWideRowsAvx; ++m) {
+          int32_t quad;
+          std::memcpy(&quad, x + m * stride + 4 * k4, sizeof(quad));
+          const __m512i a = _mm512_set1_epi32(quad);
+          acc0[m] = _mm512_dpbusd_epi32(acc0[m], a, w0);
+          acc1[m] = _mm512_dpbusd_epi32(acc1[m], a, w1);
+        }
+      }
+      for (int h = 0; h < (two ? 2 : 1); ++h) {
+        const __m512i* acc = h == 0 ? acc0 : acc1;
+        const __m512i bias = _mm512_slli_epi32(
+            _mm512_loadu_si512((h == 0 ? b0 : b1) + int8_tile_bytes(p)), 7);  // 128 sum q
+        for (int m = 0; m < kWideRowsAvx; ++m)
+          _mm512_store_ps(y + m * kRows, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], bias)));
+        store_wide_tile(p, ot0 + i + h, t0, rows, y);
+      }
+    }
+  }
+}
+
+bool int8_wide_supported() {  // AVX-512 VNNI (with the AVX-512 bfloat16 path's flags)
+  static const bool vnni = [] {
+    unsigned eax, ebx, ecx, edx;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx >> 11 & 1);
+  }();
+  return vnni;
+}
+
 // AMX: tiles 0-3 accumulate a 2 x 2 block (2 x 16 rows of T, 2 output tiles), 4-5 hold x,
 // 6-7 the weights; every tile is 16 rows of 64 bytes.
 struct alignas(64) TileConfig {
@@ -1508,6 +1607,7 @@ struct WideWork : xla_inference::WorkItems {
   const float* x_f32 = nullptr;     // the call's x, when float32
   const uint16_t* x_bf16 = nullptr;  // or bfloat16
   float levels = 0.0f;
+  bool int8 = false;  // the integer path (W8A8 on AVX-512 VNNI): rows as bytes, xq + 128
   std::unique_ptr<uint16_t[]> x;  // operand rows [T_full, K_pad] unless x_bf16 is used as is
   std::vector<uint16_t> tail;     // [16, K_pad]: the rows past T_full, zero-padded
   std::vector<float> row_scale;
@@ -1532,6 +1632,13 @@ struct WideWork : xla_inference::WorkItems {
       uint16_t* row = operand_row(t);
       if (x_bf16 != nullptr) {
         std::memcpy(row, x_bf16 + t * p.in, p.in * sizeof(uint16_t));
+#if defined(__x86_64__)
+      } else if (int8) {
+        auto* bytes = reinterpret_cast<uint8_t*>(row);
+        quantize_row_u8_avx512(x_f32 + t * p.in, p.in, levels, bytes, &row_scale[t]);
+        std::fill(bytes + p.in, bytes + p.K_pad, uint8_t{128});  // xq = 0 past `in`
+        continue;
+#endif
       } else {
         prepare_row(isa, x_f32 + t * p.in, p.in, levels, row,
                     row_scale.empty() ? nullptr : &row_scale[t]);
@@ -1546,6 +1653,12 @@ struct WideWork : xla_inference::WorkItems {
     const int64_t n = std::min(tiles_per_item, p.out_tiles - ot0);
     const int64_t t_end = std::min(p.T, t_begin + rows_per_item);
 #if defined(__x86_64__)
+    if (int8) {
+      for (int64_t j = 0; j < n; ++j)
+        repack_tile_int8(p, ot0 + j, scratch + j * p.scratch_words());
+      product_int8_avx512(p, ot0, n, scratch, t_begin, t_end);
+      return;
+    }
     if (isa != kWidePortable) {
       for (int64_t j = 0; j < n; ++j)
         dequantize_tile_avx512(p, ot0 + j, scratch + j * p.scratch_words());
@@ -1653,6 +1766,10 @@ ffi::Error WideMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   const int64_t K_pad = (in + kWideK - 1) / kWideK * kWideK;
   work->isa = std::min(isa, wide_isa());
   work->levels = levels;
+#if defined(__x86_64__)
+  work->int8 = work->isa == kWideAvx512Bf16 && levels > 0.0f && levels <= 127.0f &&
+               bits == 8 && zero_point == 0 && scale_after && int8_wide_supported();
+#endif
   if (bf16_x)
     work->x_bf16 = static_cast<const uint16_t*>(x.untyped_data());
   else
@@ -1738,6 +1855,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulWide, WideMatmulImpl,
                                   .Attr<float>("levels")
                                   .Attr<int64_t>("scale_after")
                                   .Attr<int64_t>("isa"));
+
+// Whether the wide entry's W8A8 calls on the AVX-512 bfloat16 path multiply in int8 (1).
+extern "C" int XlaInferenceQuantizedMatmulWideInt8() {
+#if defined(__x86_64__)
+  return wide_isa() >= kWideAvx512Bf16 && int8_wide_supported() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 // The wide entry's best path on this CPU: 2 AMX, 1 AVX-512 bf16, 0 portable.
 extern "C" int XlaInferenceQuantizedMatmulWideIsa() { return static_cast<int>(wide_isa()); }

@@ -15,7 +15,8 @@ Two ways, chosen per trace by the number of rows (a static shape):
   faster than it with AMX, 1-2.5x with AVX-512 (a Zen 4); against XLA's bfloat16 product
   on a dense weight about even (AVX-512: 0.8-1.3x from 64 rows), with AMX slower at 16-64
   rows, where dequantizing each weight costs about what reading it in bfloat16 does
-  (benchmarks/quantized_wide_shapes.py). Only where the weight's compute dtype is
+  (benchmarks/quantized_wide_shapes.py); W8A8 in int8 (vpdpbusd) where the AVX-512 path
+  runs on a CPU with VNNI. Only where the weight's compute dtype is
   bfloat16 (a float32 policy keeps XLA's float32 product) or the scheme's activations are
   int8 (whose integers and per-channel scales the entry multiplies exactly);
 - on a TPU or GPU (kernels/pallas_quantized_matmul.quantized_matmul_route), for a weight

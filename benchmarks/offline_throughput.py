@@ -10,7 +10,8 @@ prompts: xla-int8 (the float32 directory with quantization="int8", weights quant
 load), xla-gguf (the GGUF file kept quantized, Q4_1: prepare_default_gguf_model's
 directory), vllm-cpu-int8 (vLLM's CPU backend on the compressed-tensors W8A8 int8
 checkpoint that benchmarks/_server.py writes once; bfloat16 by default, as its int8 kernel
-wants). Each quantized xla run is also compared with each plain xla run.
+wants), xla-w8a8 (ours on that checkpoint). Each quantized xla run is also compared with
+each plain xla run.
 
     .venv/bin/python benchmarks/offline_throughput.py --backends xla,vllm-cpu,hf
     .venv/bin/python benchmarks/offline_throughput.py \
@@ -26,7 +27,8 @@ import sys
 import time
 
 
-BACKENDS = ("xla", "xla-int8", "xla-gguf", "xla-stats", "vllm-cpu", "vllm-cpu-int8", "hf")
+BACKENDS = ("xla", "xla-int8", "xla-gguf", "xla-w8a8", "xla-stats", "vllm-cpu", "vllm-cpu-int8",
+            "hf")
 
 
 def _prompts(n, length, vocab, seed=0):
@@ -43,7 +45,7 @@ def _model_dir(backend: str) -> str:
 
     if backend == "xla-gguf":
         return str(prepare_default_gguf_model())
-    if backend == "vllm-cpu-int8":
+    if backend in ("vllm-cpu-int8", "xla-w8a8"):
         from _server import prepare_w8a8_model
 
         return str(prepare_w8a8_model(prepare_default_model()))
@@ -179,7 +181,7 @@ def _print_ratios(results: dict) -> None:
     and each quantized xla run's over each plain xla run's (xla-stats runs wait on every
     program, so their throughput is not comparable)."""
     name = lambda label: label.partition(":")[0]  # noqa: E731
-    ours = [lbl for lbl in results if name(lbl) in ("xla", "xla-int8", "xla-gguf")]
+    ours = [lbl for lbl in results if name(lbl) in ("xla", "xla-int8", "xla-gguf", "xla-w8a8")]
     pairs = [(a, b) for a in ours for b in results
              if name(b) in ("vllm-cpu", "vllm-cpu-int8", "hf")]
     pairs += [(a, b) for a in ours if name(a) != "xla" for b in ours if name(b) == "xla"]

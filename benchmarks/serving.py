@@ -12,6 +12,7 @@ same tokenizer). Backends (--backends, comma-separated):
 - `xla-gguf`: `xla-inference serve` on the GGUF file kept quantized (Q4_1; the directory of
   prepare_default_gguf_model, what a bare `xla-inference serve` runs);
 - `xla-int8`: the float32 directory with `--quantization int8` (weights quantized at load);
+- `xla-w8a8`: `xla-inference serve` on vllm-cpu-int8's W8A8 checkpoint (below);
 - `xla-awq`: an AWQ 4-bit checkpoint of SmolLM2 (gemm packing, group size 64, zero points;
   round-to-nearest, uncalibrated), written once under the cache
   (models/SmolLM2-135M-Instruct-awq, _server.prepare_awq_model);
@@ -97,14 +98,14 @@ def _bench(args, port: int, rate: str, seed: int, tokenizer_dir: str, log_dir: s
         return json.load(f)
 
 
-BACKENDS = ("xla", "xla-gguf", "xla-int8", "xla-awq", "vllm-cpu", "vllm-cpu-int8")
+BACKENDS = ("xla", "xla-gguf", "xla-int8", "xla-w8a8", "xla-awq", "vllm-cpu", "vllm-cpu-int8")
 
 
 def _model_dir(backend: str) -> str:
     """The directory `backend` serves (see the module docstring)."""
     if backend == "xla-gguf":
         return str(prepare_default_gguf_model())
-    if backend == "vllm-cpu-int8":
+    if backend in ("vllm-cpu-int8", "xla-w8a8"):
         return str(prepare_w8a8_model(prepare_default_model()))
     if backend == "xla-awq":
         return str(prepare_awq_model(prepare_default_model()))

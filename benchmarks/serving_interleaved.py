@@ -50,7 +50,8 @@ def _parse_args():
     p.add_argument("--backends", default="xla,xla-gguf", help="comma-separated (serving.py's)")
     p.add_argument("--baseline", default=None, help="ratios against it (default: the first)")
     p.add_argument("--dtypes", default="xla=bfloat16,xla-gguf=bfloat16,xla-int8=bfloat16,"
-                                        "xla-awq=bfloat16,vllm-cpu=bfloat16",
+                                        "xla-w8a8=bfloat16,xla-awq=bfloat16,vllm-cpu=bfloat16,"
+                                        "vllm-cpu-int8=bfloat16",
                    help="backend=dtype, comma-separated (others: auto)")
     p.add_argument("--rounds", type=int, default=16)
     p.add_argument("--input-len", type=int, default=512)

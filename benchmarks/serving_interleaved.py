@@ -12,7 +12,9 @@ backend after backend, the order rotated each round, and each round gives its ow
 Each request: --input-len random token ids (a new prompt each round, the same for every
 backend), --output-len tokens out with ignore_eos, greedy, streamed. TTFT: until the first
 streamed token; TPOT: (end - first token) / (tokens - 1), as `vllm bench serve` counts it.
-One request per backend first warms each up (not counted). Prints each round, then per
+One request per backend first warms each up (not counted); --pause seconds pass before each
+request (vLLM's CPU backend leaves a core busy after its request: our 512-token prefill right
+after one took 790-840 ms against 402-417 ms with the pause). Prints each round, then per
 backend the median TTFT and TPOT and the median (and range) of its per-round ratios to
 --baseline. Backends and flags as in serving.py (its BACKENDS; extra server flags after `--`):
 
@@ -61,6 +63,9 @@ def _parse_args():
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    p.add_argument("--pause", type=float, default=1.0,
+                   help="seconds between requests: vLLM's CPU backend keeps a core busy a "
+                        "while after its request (our prefill right after it took 1.9x)")
     p.add_argument("--ready-timeout", type=float, default=1800.0)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--json", default=None, help="write every request's figures here")
@@ -156,6 +161,7 @@ def main():
             prompt = rng.integers(0, vocab, args.input_len).tolist()
             order = backends[r % len(backends):] + backends[:r % len(backends)]
             for backend in order:
+                time.sleep(args.pause)
                 results[backend].append(timed_request(ports[backend], prompt, args.output_len))
             print(f"round {r:2d}: " + "  ".join(
                 f"{b} TTFT {results[b][-1]['ttft_ms']:6.0f} TPOT {results[b][-1]['tpot_ms']:5.2f}"

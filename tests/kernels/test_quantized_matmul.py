@@ -626,8 +626,7 @@ def _isas():
 def test_wide_path_is_the_cpus_best():
     """The run-time choice follows the CPU's flags (Linux lists AMX only where the kernel
     supports its state): AMX bfloat16 where there, else AVX-512 bfloat16, else portable."""
-    with open("/proc/cpuinfo") as f:
-        flags = set(next(line for line in f if line.startswith("flags")).split())
+    flags = _cpu_flags()
     expected = ("amx" if {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags else
                 "avx512_bf16" if {"avx512_bf16", "avx512bw"} <= flags else "portable")
     assert cpu_quantized.wide_isa() == expected
@@ -723,9 +722,7 @@ def test_wide_int8_activations_odd_width(isa):
 def test_wide_int8_path_follows_the_cpu():
     """W8A8's integer path (vpdpbusd) wherever the AVX-512 bfloat16 path runs and the CPU
     has AVX-512 VNNI."""
-    with open("/proc/cpuinfo") as f:
-        flags = set(next(line for line in f if line.startswith("flags")).split())
-    expected = cpu_quantized.wide_isa() != "portable" and "avx512_vnni" in flags
+    expected = cpu_quantized.wide_isa() != "portable" and "avx512_vnni" in _cpu_flags()
     assert cpu_quantized.wide_int8() == expected
 
 

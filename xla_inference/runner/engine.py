@@ -126,6 +126,12 @@ def _forward_argmax(model: ModelFamily, cfg, params, kv_cache, batch: StepBatch,
     return kv_cache, logits, hidden, tokens
 
 
+def _step_inputs(forward, batch_shardings: tuple, whole) -> tuple:
+    """A step program's in_shardings after (parameters, kv cache): the batch's, and
+    _forward_argmax's flag."""
+    return batch_shardings + (whole,) * (forward is _forward_argmax)
+
+
 def _step_outputs(forward, kv_shardings, whole) -> tuple:
     """A step program's out_shardings: (kv cache, logits, hidden), and _forward_argmax's
     tokens."""
@@ -482,7 +488,7 @@ class ModelEngine:
                 forward = _forward_greedy
             batch_shardings = (whole,)
             if forward is _forward_logits:  # a plain step may draw greedy tokens itself
-                forward, batch_shardings = _forward_argmax, (whole, whole)
+                forward = _forward_argmax
         else:  # data parallel: a draft model's engine keeps each replica's draft KV too;
             # with pipeline stages, each replica runs its micro-batches
             forward = replicas if not greedy_drafter else functools.partial(
@@ -496,7 +502,8 @@ class ModelEngine:
                                   functools.partial(forward, model, model_cfg))
         self._forward = Programs(
             jax.jit(traced_over(self.mesh, step),
-                    in_shardings=(first_shardings, kv_shardings, *batch_shardings),
+                    in_shardings=(first_shardings, kv_shardings,
+                                  *_step_inputs(forward, batch_shardings, whole)),
                     out_shardings=_step_outputs(forward, kv_shardings, whole), donate_argnums=(1,)),
             _batch_key, takes_argmax=forward is _forward_argmax)
         # A LoRA engine's steps whose tokens all run without an adapter take the base
@@ -504,11 +511,11 @@ class ModelEngine:
         # delta to pay.
         base_forward = (replicas if self.replicas > 1
                         else _forward_microbatches if self.microbatches > 1 else _forward_argmax)
-        base_batch = (*batch_shardings, whole) if base_forward is _forward_argmax else batch_shardings
         self._forward_base = None if lora is None else Programs(
             jax.jit(traced_over(self.mesh, _with_param_leaves(
                         self._param_tree, False, functools.partial(base_forward, model, model_cfg))),
-                    in_shardings=(leaf_shardings, kv_shardings, *base_batch),
+                    in_shardings=(leaf_shardings, kv_shardings,
+                                  *_step_inputs(base_forward, batch_shardings, whole)),
                     out_shardings=_step_outputs(base_forward, kv_shardings, whole),
                     donate_argnums=(1,)),
             _batch_key, takes_argmax=base_forward is _forward_argmax)
@@ -586,7 +593,7 @@ class ModelEngine:
         self._forward_table = Programs(
             jax.jit(traced_over(self.mesh, step),
                     in_shardings=((tuple(sharding_of[id(a)] for a in leaves), whole),
-                                  kv_shardings, *batch_shardings),
+                                  kv_shardings, *_step_inputs(forward, batch_shardings, whole)),
                     out_shardings=_step_outputs(forward, kv_shardings, whole), donate_argnums=(1,)),
             _batch_key, takes_argmax=forward is _forward_argmax)
 

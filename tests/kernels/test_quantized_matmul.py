@@ -327,59 +327,6 @@ def test_avx2_build_gives_the_portable_bits(bits, with_offsets, zero_point):
                           bits=bits, group_size=128, zero_point=zero_point)
 
 
-_WIDEN = "xla_inference_quantized_matmul_widen"
-_WIDEN_FLOAT = "xla_inference_quantized_matmul_widen_float"
-
-
-@pytest.mark.skipif(not cpu_quantized.uses_vnni(), reason="the kernel has no VNNI path here")
-@pytest.mark.parametrize("zero_point", [0, 8])
-@pytest.mark.parametrize("with_offsets", [True, False])
-def test_vnni_one_row_split_gives_the_widening_bits(with_offsets, zero_point):
-    """The VNNI path's one-row 4-bit products (x split into bytes, vpdpbusd on the nibbles)
-    against the same build widening the nibbles to words (XLA_INFERENCE_QMM_SPLIT=0): the
-    same bits, and the portable build's, for groups of 16 to 128 (pairs of chunks), 12 (not
-    whole pairs: the widening path), an odd tile count (72 rows: 4, then 1 side by side),
-    xq's extremes in each byte of the split, and the float entry."""
-    library = native.load_targets(
-        cpu_quantized._SOURCE, {_WIDEN: cpu_quantized._SYMBOL,
-                                _WIDEN_FLOAT: cpu_quantized._FLOAT_SYMBOL},
-        (*native.DEFAULT_FLAGS, "-DXLA_INFERENCE_QMM_SPLIT=0"))
-    assert library.XlaInferenceQuantizedMatmulVnni() == 1
-    _portable_library()
-    rng = np.random.default_rng([zero_point, int(with_offsets), 7])
-    for group_size in (12, 16, 32, 64, 128):
-        q, scales, offsets = _random_weight(rng, 72, 384, 4, group_size, with_offsets,
-                                            half_values=True)
-        for group_dtype in (np.float16, np.float32):
-            operands = [None if a is None else jnp.asarray(a) for a in _kernel_operands(
-                q, scales, offsets, 4, group_dtype, group_dtype)]
-            xq, x_scale = _random_activations(rng, 1, 384)
-            xq[0, :8] = (16383, -16383, 127, -128, 128, -129, 0, -1)  # each byte's extremes
-            attributes = dict(bits=4, group_size=group_size, zero_point=zero_point)
-            split = np.asarray(cpu_quantized.ffi_quantized_matmul(
-                cpu_quantized._TARGET, jnp.asarray(xq), jnp.asarray(x_scale), *operands,
-                **attributes))
-            _check(split, xq, x_scale, q, scales, offsets, group_size, zero_point)
-            for reference in (_WIDEN, _PORTABLE):
-                np.testing.assert_array_equal(split, np.asarray(cpu_quantized.ffi_quantized_matmul(
-                    reference, jnp.asarray(xq), jnp.asarray(x_scale), *operands, **attributes)))
-            x = jnp.asarray(rng.standard_normal((1, 384)).astype(np.float32))
-            float_split = _run_float(x, operands, 4, group_size, 16383, zero_point)
-            _assert_same_bits(_WIDEN_FLOAT, _PORTABLE_FLOAT, x, *operands, levels=16383,
-                              **attributes)
-            np.testing.assert_array_equal(float_split, np.asarray(
-                cpu_quantized.ffi_quantized_matmul_float(_WIDEN_FLOAT, x, *operands,
-                                                         levels=16383, **attributes)))
-    extreme = np.full((16, 256), 15, np.uint8)
-    ones = np.ones((16, 2), np.float32)
-    operands = [None if a is None else jnp.asarray(a) for a in _kernel_operands(
-        extreme, ones, -ones if with_offsets else None, 4)]
-    for sign in (1, -1):
-        xq = jnp.full((1, 256), sign * 16383, jnp.int16)
-        _assert_same_bits(cpu_quantized._TARGET, _WIDEN, xq, jnp.ones(1, jnp.float32),
-                          *operands, bits=4, group_size=128, zero_point=zero_point)
-
-
 def _assert_same_bits(target, reference, *operands, **attributes):
     entry = (cpu_quantized.ffi_quantized_matmul_float if "levels" in attributes
              else cpu_quantized.ffi_quantized_matmul)

@@ -93,7 +93,7 @@ struct Problem {
   float* out;
   int64_t T, in, out_tiles, groups, group_size, zero_point;
   int64_t per_chunk;  // input elements per chunk: 2 (8-bit) or 4 (4-bit)
-  const int8_t* x_split = nullptr;  // one row of xq as bytes (split_x_if_used)
+  const int8_t* x_split = nullptr;  // the AVX2 path's one row of xq as bytes (split_row_x)
 
   int64_t tile_bytes() const { return in / per_chunk * kChunkBytes; }
   int64_t chunks_per_group() const { return group_size / per_chunk; }
@@ -188,50 +188,6 @@ inline __m512i broadcast_pair(const int16_t* x) {
   return _mm512_set1_epi32(pair);
 }
 
-// Asks for the scales (and offsets) of group g of the tiles kPrefetchBlocks blocks of `tiles`
-// on, or (blocks 0) of these tiles kPrefetchGroups groups on.
-inline void prefetch_groups_ahead(const Problem& p, int64_t ot0, int64_t tiles, int64_t g) {
-  if constexpr (kPrefetchBlocks > 0)
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t ahead = ((ot0 + i + kPrefetchBlocks * tiles) * p.groups + g) * kRows;
-      prefetch(group_address(p.scales, p.half_scales, ahead));
-      if (p.offsets != nullptr) prefetch(group_address(p.offsets, p.half_offsets, ahead));
-    }
-  else if (g + kPrefetchGroups < p.groups)
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t ahead = ((ot0 + i) * p.groups + g + kPrefetchGroups) * kRows;
-      prefetch(group_address(p.scales, p.half_scales, ahead));
-      if (p.offsets != nullptr) prefetch(group_address(p.offsets, p.half_offsets, ahead));
-    }
-}
-
-// Tile ot's group g added to y for kT rows of T from t0 on, given their exact int32 sums:
-// y += (S - z X) scale, then y += offset X (each one FMA, in this order on every path).
-template <int kT>
-inline void add_group(const Problem& p, int64_t ot, int64_t g, int64_t t0, __m512i (&acc)[kT],
-                      __m512 (&y)[kT]) {
-  const int64_t at = (ot * p.groups + g) * kRows;
-  const __m512 scale = load_group(p.scales, p.half_scales, at);
-  if (p.zero_sums != nullptr)
-    for (int t = 0; t < kT; ++t)
-      acc[t] = _mm512_sub_epi32(acc[t], _mm512_set1_epi32(p.zero_sums[(t0 + t) * p.groups + g]));
-  for (int t = 0; t < kT; ++t) y[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, y[t]);
-  if (p.offsets != nullptr) {
-    const __m512 offset = load_group(p.offsets, p.half_offsets, at);
-    for (int t = 0; t < kT; ++t)
-      y[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(p.x_sums[(t0 + t) * p.groups + g]), y[t]);
-  }
-}
-
-// Tile ot's outputs for kT rows of T from t0 on: y times each row's x_scale.
-template <int kT>
-inline void store_tile(const Problem& p, int64_t ot, int64_t t0, const __m512 (&y)[kT]) {
-  const int64_t width = p.out_tiles * kRows;
-  for (int t = 0; t < kT; ++t)
-    _mm512_storeu_ps(p.out + (t0 + t) * width + ot * kRows,
-                     _mm512_mul_ps(y[t], _mm512_set1_ps(p.x_scale[t0 + t])));
-}
-
 // kTiles output tiles from ot0 on, times kT rows of T from t0 on.
 template <int kBits, int kT, int kTiles>
 void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
@@ -252,7 +208,18 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
     __m512i acc[kTiles][kT];
     for (int i = 0; i < kTiles; ++i)
       for (int t = 0; t < kT; ++t) acc[i][t] = _mm512_setzero_si512();
-    prefetch_groups_ahead(p, ot0, kTiles, g);
+    if constexpr (kPrefetchBlocks > 0)
+      for (int i = 0; i < kTiles; ++i) {
+        const int64_t ahead = ((ot0 + i + kPrefetchBlocks * kTiles) * p.groups + g) * kRows;
+        prefetch(group_address(p.scales, p.half_scales, ahead));
+        if (p.offsets != nullptr) prefetch(group_address(p.offsets, p.half_offsets, ahead));
+      }
+    else if (g + kPrefetchGroups < p.groups)
+      for (int i = 0; i < kTiles; ++i) {
+        const int64_t ahead = ((ot0 + i) * p.groups + g + kPrefetchGroups) * kRows;
+        prefetch(group_address(p.scales, p.half_scales, ahead));
+        if (p.offsets != nullptr) prefetch(group_address(p.offsets, p.half_offsets, ahead));
+      }
     for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
       const int64_t k = c * p.per_chunk;
       for (int i = 0; i < kTiles; ++i) {
@@ -276,78 +243,28 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
         }
       }
     }
-    for (int i = 0; i < kTiles; ++i) add_group<kT>(p, ot0 + i, g, t0, acc[i], y[i]);
-  }
-  for (int i = 0; i < kTiles; ++i) store_tile<kT>(p, ot0 + i, t0, y[i]);
-}
-
-// One row of T times 4-bit weights without widening them to words: xq = 128 xh + xl, xh =
-// xq >> 7 in [-128, 127] and xl = xq & 127 in [0, 127] are signed bytes, and vpdpbusd
-// multiplies the nibbles (unsigned bytes) by them four at a time into int32, exactly. Two
-// chunks (64 bytes, 8 inputs of the tile's 16 rows) at a time: vpermw puts row r's two bytes
-// of each chunk in dword lane r (words r and 16 + r), so that its low nibbles are the row's
-// inputs 8b, 8b+1, 8b+4, 8b+5 and its high nibbles 8b+2, 8b+3, 8b+6, 8b+7 (b the pair of
-// chunks); split_row_x_vnni lays x's bytes out in that order. At a group's end the sums give
-// S = xl's + 128 xh's, the widening path's integers, and add_group's FMAs follow, so the
-// output has that path's bits. Against widening (vpmovzxbw, a lane-crossing shuffle, for
-// every 32 bytes, then a mask and a shift), 64 bytes take one vpermw, two masks and a shift
-// for the same four dot-product instructions. Needs groups of whole pairs of chunks.
-constexpr int64_t kSplitInputs = 8;  // inputs per pair of chunks: split_row_x_vnni's unit
-
-template <int kTiles>
-void block_vnni_split(const Problem& p, int64_t ot0) {
-  const int64_t chunks = p.chunks_per_group(), tile_bytes = p.tile_bytes();
-  const int64_t prefetch_blocks = kPrefetchBlocks > 0 ? kPrefetchBlocks : 1;
-  const int64_t prefetch_block_bytes = kPrefetchBlocks > 0 ? kTiles * tile_bytes : kPrefetchBytes;
-  alignas(64) static constexpr uint16_t kRowPairs[32] = {
-      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i row_pairs = _mm512_load_si512(kRowPairs);
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const uint8_t* w[kTiles];
-  for (int i = 0; i < kTiles; ++i) w[i] = p.values + (ot0 + i) * tile_bytes;
-  const int32_t* xs = reinterpret_cast<const int32_t*>(p.x_split);
-  __m512 y[kTiles][1];
-  for (int i = 0; i < kTiles; ++i) y[i][0] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.groups; ++g) {
-    __m512i low_sums[kTiles], high_sums[kTiles];  // xl's and xh's
-    for (int i = 0; i < kTiles; ++i) low_sums[i] = high_sums[i] = _mm512_setzero_si512();
-    prefetch_groups_ahead(p, ot0, kTiles, g);
-    for (int64_t c = g * chunks; c < (g + 1) * chunks; c += 2) {
-      const int32_t* x4 = xs + 2 * c;  // (xl, xh) of the low nibbles', then of the high's
-      const __m512i low_xl = _mm512_set1_epi32(x4[0]), low_xh = _mm512_set1_epi32(x4[1]);
-      const __m512i high_xl = _mm512_set1_epi32(x4[2]), high_xh = _mm512_set1_epi32(x4[3]);
-      for (int i = 0; i < kTiles; ++i) {
-        xla_inference::prefetch_blocks_ahead<XLA_INFERENCE_QMM_PREFETCH_HINT>(
-            w[i] + c * kChunkBytes, prefetch_blocks, prefetch_block_bytes);
-        const __m512i rows = _mm512_permutexvar_epi16(
-            row_pairs, _mm512_loadu_si512(w[i] + c * kChunkBytes));
-        const __m512i low = _mm512_and_si512(rows, nibble);
-        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(rows, 4), nibble);
-        low_sums[i] = _mm512_dpbusd_epi32(low_sums[i], low, low_xl);
-        high_sums[i] = _mm512_dpbusd_epi32(high_sums[i], low, low_xh);
-        low_sums[i] = _mm512_dpbusd_epi32(low_sums[i], high, high_xl);
-        high_sums[i] = _mm512_dpbusd_epi32(high_sums[i], high, high_xh);
+    for (int i = 0; i < kTiles; ++i) {
+      const int64_t at = ((ot0 + i) * p.groups + g) * kRows;
+      const __m512 scale = load_group(p.scales, p.half_scales, at);
+      if (p.zero_sums != nullptr)
+        for (int t = 0; t < kT; ++t)
+          acc[i][t] = _mm512_sub_epi32(acc[i][t],
+                                       _mm512_set1_epi32(p.zero_sums[(t0 + t) * p.groups + g]));
+      for (int t = 0; t < kT; ++t)
+        y[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][t]), scale, y[i][t]);
+      if (p.offsets != nullptr) {
+        const __m512 offset = load_group(p.offsets, p.half_offsets, at);
+        for (int t = 0; t < kT; ++t)
+          y[i][t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(p.x_sums[(t0 + t) * p.groups + g]),
+                                    y[i][t]);
       }
     }
-    for (int i = 0; i < kTiles; ++i) {
-      __m512i acc[1] = {_mm512_add_epi32(low_sums[i], _mm512_slli_epi32(high_sums[i], 7))};
-      add_group<1>(p, ot0 + i, g, 0, acc, y[i]);
-    }
   }
-  for (int i = 0; i < kTiles; ++i) store_tile<1>(p, ot0 + i, 0, y[i]);
-}
-
-// x's one row split for block_vnni_split into `out` (2 bytes an input): for each 8 inputs
-// e0..e7, the dwords xl(e0, e1, e4, e5), xh(e0, e1, e4, e5), xl(e2, e3, e6, e7),
-// xh(e2, e3, e6, e7). in: a multiple of kSplitInputs.
-void split_row_x_vnni(const int16_t* xq, int64_t in, int8_t* out) {
-  const __m128i pick = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-  for (int64_t k = 0; k < in; k += kSplitInputs) {
-    const __m128i x8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + k));
-    const __m128i bytes =  // xl e0..e7, then xh e0..e7 (packs: no saturation, both fit)
-        _mm_packs_epi16(_mm_and_si128(x8, _mm_set1_epi16(127)), _mm_srai_epi16(x8, 7));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * k), _mm_shuffle_epi8(bytes, pick));
+  const int64_t width = p.out_tiles * kRows;
+  for (int t = 0; t < kT; ++t) {
+    const __m512 xs = _mm512_set1_ps(p.x_scale[t0 + t]);
+    for (int i = 0; i < kTiles; ++i)
+      _mm512_storeu_ps(p.out + (t0 + t) * width + (ot0 + i) * kRows, _mm512_mul_ps(y[i][t], xs));
   }
 }
 
@@ -386,13 +303,6 @@ RowsFn rows_for(int64_t rows) {
 // Output tiles ot_begin..ot_end-1 for every row of T, kMaxT rows at a time (the tiles'
 // weights stay in cache from one row tile to the next).
 void tiles(const Problem& p, int64_t ot_begin, int64_t ot_end) {
-  if (p.x_split != nullptr) {  // one row of 4-bit weights (split_x_if_used)
-    int64_t ot = ot_begin;
-    for (; ot + 4 <= ot_end; ot += 4) block_vnni_split<4>(p, ot);
-    for (; ot + 2 <= ot_end; ot += 2) block_vnni_split<2>(p, ot);
-    for (; ot < ot_end; ++ot) block_vnni_split<1>(p, ot);
-    return;
-  }
   for (int64_t t0 = 0; t0 < p.T; t0 += kMaxT) {
     const int64_t rows = std::min(kMaxT, p.T - t0);
     (p.per_chunk == 2 ? rows_for<8>(rows) : rows_for<4>(rows))(p, ot_begin, ot_end, t0);
@@ -803,30 +713,23 @@ void quantize_row_avx2(const float* x, int64_t in, float levels, int16_t* xq, fl
 }
 #endif
 
-// -DXLA_INFERENCE_QMM_SPLIT=0: one-row 4-bit products widen the weights as the other rows
-// do (benchmarks compare).
+// -DXLA_INFERENCE_QMM_SPLIT=0: one-row 4-bit products on AVX2 widen the weights as the other
+// rows do (benchmarks compare).
 #ifndef XLA_INFERENCE_QMM_SPLIT
 #define XLA_INFERENCE_QMM_SPLIT 1
 #endif
 
-// xq [T, in] split for the one-row 4-bit products of the VNNI path (block_vnni_split: groups
-// of whole pairs of chunks) or the AVX2 path (tile_nibbles_split), kept in `storage`; nullptr
-// for the other paths and shapes, which need none.
+// xq [T, in] split for the AVX2 path's one-row 4-bit products (tile_nibbles_split), kept in
+// `storage`; nullptr for the other paths and shapes, which need none.
 const int8_t* split_x_if_used(const int16_t* xq, int64_t T, int64_t in, int64_t per_chunk,
-                              int64_t group_size, std::vector<int8_t>& storage) {
-#if defined(XLA_INFERENCE_QMM_VNNI) && XLA_INFERENCE_QMM_SPLIT
-  if (T != 1 || per_chunk != 4 || group_size % kSplitInputs != 0) return nullptr;
-  storage.resize(2 * in);
-  split_row_x_vnni(xq, in, storage.data());
-  return storage.data();
-#elif defined(XLA_INFERENCE_QMM_AVX2) && XLA_INFERENCE_QMM_SPLIT
-  (void)group_size;
+                              std::vector<int8_t>& storage) {
+#if defined(XLA_INFERENCE_QMM_AVX2) && XLA_INFERENCE_QMM_SPLIT
   if (T != 1 || per_chunk != 4) return nullptr;
   storage.resize(4 * in);
   split_row_x(xq, in, storage.data());
   return storage.data();
 #else
-  (void)xq, (void)T, (void)in, (void)per_chunk, (void)group_size, (void)storage;
+  (void)xq, (void)T, (void)in, (void)per_chunk, (void)storage;
   return nullptr;
 #endif
 }
@@ -956,7 +859,7 @@ std::shared_ptr<xla_inference::SpareRuns<SpareTiles>> spare_tiles(
 void run(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
   Problem& p = work->p;
   if (p.T == 0 || p.out_tiles == 0) return;
-  p.x_split = split_x_if_used(p.xq, p.T, p.in, p.per_chunk, p.group_size, work->x_split);
+  p.x_split = split_x_if_used(p.xq, p.T, p.in, p.per_chunk, work->x_split);
   if (p.offsets != nullptr || p.zero_point != 0) {
     const std::vector<int32_t> sums = group_sums(p.xq, p.T, p.in, p.group_size);
     if (p.offsets != nullptr) {
@@ -1078,7 +981,7 @@ ffi::Error run_multi(ffi::ThreadPool& pool, const std::shared_ptr<MultiWork>& wo
       for (const int32_t s : sums) work->zero_sums.push_back(static_cast<int32_t>(zero_point) * s);
   }
   const int8_t* x_split =
-      split_x_if_used(work->xq.data(), T, in, bits == 8 ? 2 : 4, group_size, work->x_split);
+      split_x_if_used(work->xq.data(), T, in, bits == 8 ? 2 : 4, work->x_split);
   // Items of every weight; threads woken for the bytes of all of them together.
   int64_t bytes = 0;
   work->first_item.push_back(0);

@@ -257,3 +257,43 @@ def test_the_one_row_kernels_share_one_spare_core():
                           capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_INFERENCE_SPARE_CORE": "1"})
     assert done.stdout.split()[-1] == "1"
+
+
+_HELPER_STEERED = """
+import os
+import time
+import numpy as np
+from tests.kernels import test_quantized_matmul as quantized
+from xla_inference.kernels import cpu_quantized
+assert cpu_quantized.available()
+rng = np.random.default_rng(0)
+_, operands = quantized._spare_operands(rng)
+x = rng.standard_normal((1, 576)).astype(np.float32)
+quantized._float_and_multi(quantized._DEFAULT_BUILD, x, operands)  # the helper starts
+tasks = {int(t): open(f"/proc/self/task/{t}/comm").read().strip()
+         for t in os.listdir("/proc/self/task")}
+cpu = min(os.sched_getaffinity(0))
+for tid in tasks:  # every thread on one CPU: the calls' and the helper's
+    os.sched_setaffinity(tid, {cpu})
+for _ in range(20):
+    quantized._float_and_multi(quantized._DEFAULT_BUILD, x, operands)
+    time.sleep(0.005)  # (the helper runs while the caller sleeps, and says where)
+helper = [tid for tid, name in tasks.items() if name == "xla-spare-core"]
+print(len(helper), cpu in os.sched_getaffinity(helper[0]))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spare core needs 2 CPUs")
+def test_a_caller_on_the_helpers_cpu_moves_the_helper_off_it():
+    """A call that runs on the CPU where the helper last ran moves the helper to the
+    process's other CPUs (spare_core.h, steer_helper): Linux wakes the thread that runs XLA's
+    program on the helper's CPU as if it were idle, and the preempted helper would wait there
+    for the kernel's balancing while the other CPU idles. Every thread pinned to one CPU,
+    the helper included: after a few calls the helper may no longer run there."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _HELPER_STEERED], check=True,
+                          capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_INFERENCE_SPARE_CORE": "1"})
+    assert done.stdout.split()[-2:] == ["1", "False"]

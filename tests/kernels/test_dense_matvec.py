@@ -225,6 +225,17 @@ def test_rows_taken_back_from_the_helper_give_the_same_bits():
         library.XlaInferenceSpareCoreTestDelay(0)
 
 
+def _spare_core_script(script: str) -> str:
+    """What `script` prints, run in a process of its own (its helper thread and its threads'
+    CPUs its own), the spare core on."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                          "XLA_INFERENCE_SPARE_CORE": "1"}).stdout
+
+
 _ONE_SPARE_CORE = """
 import os
 import numpy as np
@@ -250,13 +261,7 @@ def test_the_one_row_kernels_share_one_spare_core():
     with one helper thread (native.SPARE_CORE_KERNELS): two would each spin on the second
     core and halve each other when a step runs both (AWQ's int4 projections and its
     bfloat16 LM head)."""
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", _ONE_SPARE_CORE], check=True,
-                          capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_INFERENCE_SPARE_CORE": "1"})
-    assert done.stdout.split()[-1] == "1"
+    assert _spare_core_script(_ONE_SPARE_CORE).split()[-1] == "1"
 
 
 _HELPER_STEERED = """
@@ -290,10 +295,4 @@ def test_a_caller_on_the_helpers_cpu_moves_the_helper_off_it():
     program on the helper's CPU as if it were idle, and the preempted helper would wait there
     for the kernel's balancing while the other CPU idles. Every thread pinned to one CPU,
     the helper included: after a few calls the helper may no longer run there."""
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", _HELPER_STEERED], check=True,
-                          capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_INFERENCE_SPARE_CORE": "1"})
-    assert done.stdout.split()[-2:] == ["1", "False"]
+    assert _spare_core_script(_HELPER_STEERED).split()[-2:] == ["1", "False"]

@@ -416,9 +416,11 @@ def test_bad_operands_are_refused():
 # ------------------------------------------------------------------ the multi-weight entry
 # (quantized_matmul_multi: several weights times one x, x quantized once, one call)
 
-def _run_multi(x, weights, bits, group_size, levels, zero_point=0):
+def _run_multi(x, weights, bits, group_size, levels, zero_point=0,
+               around=cpu_quantized.Surroundings()):
     ys = jax.jit(lambda x, ws: cpu_quantized.quantized_matmul_multi(
-        x, ws, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point))(
+        x, ws, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point,
+        around=around))(
         jnp.asarray(x), [tuple(None if a is None else jnp.asarray(a) for a in w)
                          for w in weights])
     return [np.asarray(y) for y in ys]
@@ -466,10 +468,78 @@ def test_multi_entry_refuses_mismatched_weights():
         _run_multi(x, [a, a], 8, 32, 16383.0)  # 4-bit values read as 8-bit
 
 
+# ------------------------------------------------------------------ around the products
+# (cpu_quantized.Surroundings: an RMS norm of x before, a residual added after)
+
+def _rms_normed64(x, weight, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight.astype(np.float64)
+
+
+@pytest.mark.parametrize("by_address", [False, True])
+@pytest.mark.parametrize("T", [1, 4])
+def test_a_residual_is_added_to_the_products_bits(by_address, T):
+    """A residual added by the call gives the bits of the call's product plus the residual
+    added afterwards (the same one float addition), passed weights or by address."""
+    rng = np.random.default_rng([T, by_address])
+    ops = _kernel_operands(*_random_weight(rng, 64, 256, 4, 32, True), 4)
+    x = rng.standard_normal((T, 256)).astype(np.float32)
+    residual = rng.standard_normal((T, 64)).astype(np.float32)
+    run = _by_address if by_address else _run_multi
+    plain = run(x, [ops], 4, 32, 16383.0)[0]
+    around = cpu_quantized.Surroundings(residual=jnp.asarray(residual))
+    np.testing.assert_array_equal(run(x, [ops], 4, 32, 16383.0, around=around)[0],
+                                  plain + residual)
+
+
+@pytest.mark.parametrize("norm_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("by_address", [False, True])
+@pytest.mark.parametrize("T", [1, 3])
+def test_an_rms_norm_before_the_products_matches_float64(norm_dtype, by_address, T):
+    """Each weight times rms_norm(x) taken by the call: within the 15-bit activations' error
+    of the float64 product of the normalized rows and the dequantized weights, and (nearly
+    everywhere to the bit) XLA's rms_norm followed by the plain call."""
+    from xla_inference.layers.norms import rms_norm
+
+    rng = np.random.default_rng([T, by_address, norm_dtype == jnp.float32])
+    weights = [_random_weight(rng, out, 256, 4, 32, True) for out in (48, 96)]
+    operands = [_kernel_operands(*w, 4) for w in weights]
+    x = (rng.standard_normal((T, 256)) * 3).astype(np.float32)
+    norm_weight = jnp.asarray(rng.uniform(0.5, 1.5, 256), norm_dtype)
+    around = cpu_quantized.Surroundings(norm_weight=norm_weight, norm_eps=1e-5)
+    run = _by_address if by_address else _run_multi
+    ys = run(x, operands, 4, 32, 16383.0, around=around)
+    normed = np.asarray(jax.jit(rms_norm, static_argnums=2)(jnp.asarray(x), norm_weight, 1e-5))
+    unfused = run(normed, operands, 4, 32, 16383.0)
+    normed64 = _rms_normed64(x, np.asarray(norm_weight.astype(jnp.float32)), 1e-5)
+    for y, want, w in zip(ys, unfused, weights):
+        w64 = _dequantized(*w, 32)
+        ref = normed64 @ w64.T
+        bound = np.abs(normed64).max(-1, keepdims=True) / 16383 * np.abs(w64).sum(-1)
+        assert np.all(np.abs(y[:, :ref.shape[1]] - ref) <= bound + 1e-5 * np.abs(ref))
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_surroundings_are_checked():
+    """A residual for a call of two outputs, or a norm weight that is not x's width, is
+    refused, naming the call."""
+    rng = np.random.default_rng(11)
+    ops = _kernel_operands(*_random_weight(rng, 16, 128, 4, 32, False), 4)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    residual = jnp.zeros((2, 16), jnp.float32)
+    with pytest.raises(Exception, match="residual"):
+        _run_multi(x, [ops, ops], 4, 32, 16383.0,
+                   around=cpu_quantized.Surroundings(residual=residual))
+    with pytest.raises(Exception, match="norm_weight"):
+        _run_multi(x, [ops], 4, 32, 16383.0, around=cpu_quantized.Surroundings(
+            norm_weight=jnp.ones((64,), jnp.float32), norm_eps=1e-6))
+
+
 # ------------------------------------------------------------------ weights by address
 # (the multi entry's table form: cpu_quantized.TableWeight rows of a weight table)
 
-def _by_address(x, operands, bits, group_size, levels, zero_point=0):
+def _by_address(x, operands, bits, group_size, levels, zero_point=0,
+                around=cpu_quantized.Surroundings()):
     """The multi entry's outputs with `operands` ((values, scales, offsets) each) named by
     their rows of a weight table, not passed: the arrays placed, kept alive here."""
     placed = [tuple(None if a is None else jnp.asarray(a) for a in w) for w in operands]
@@ -479,12 +549,13 @@ def _by_address(x, operands, bits, group_size, levels, zero_point=0):
     def step(x, table):
         refs = [tuple(None if a is None else cpu_quantized.TableWeight(i, a.shape, a.dtype, table)
                       for a in w) for i, w in enumerate(placed)]
-        if len(refs) == 1:  # the one-weight entry's call
+        if len(refs) == 1 and around == cpu_quantized.Surroundings():  # the one-weight entry
             return [cpu_quantized.quantized_matmul_float(
                 x, *refs[0], bits=bits, group_size=group_size, levels=levels,
                 zero_point=zero_point)]
         return cpu_quantized.quantized_matmul_multi(
-            x, refs, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point)
+            x, refs, bits=bits, group_size=group_size, levels=levels, zero_point=zero_point,
+            around=around)
 
     ys = [np.asarray(y) for y in jax.jit(step)(jnp.asarray(x), jnp.asarray(table))]
     del held  # what the rows point at, alive until the products are done

@@ -41,8 +41,10 @@ def test_quantized_tensor_parallel_equals_one_device(models, family, method, tp)
     _, single = _logits(models[family], method)
     engine, sharded = _logits(models[family], method, build_mesh(tp))
     # The int8 product quantizes its input rows to 15 bits: a 1-ulp difference in a row
-    # (another partitioning's summation order) can move a value by one step, max|x| / 16383.
-    tol = 1e-4 if method == "int8" else 1e-5
+    # (another partitioning's summation order; on one device the norms are the kernel's,
+    # correctly rounded, under a mesh XLA's, whose rsqrt is within an ulp) can move a value
+    # by one step, max|x| / 16383, and a few such steps over the layers a logit by ~1e-4.
+    tol = 3e-4 if method == "int8" else 1e-5
     for key, row in single.items():
         np.testing.assert_allclose(sharded[key], row, rtol=tol, atol=tol)
     attn = engine.params.layers[0].attn

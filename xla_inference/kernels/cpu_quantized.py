@@ -148,32 +148,65 @@ def quantized_matmul_float(x, values, scales, offsets, *, bits: int, group_size:
                                       zero_point=zero_point)
 
 
+@dataclasses.dataclass(frozen=True)
+class Surroundings:
+    """What a multi call does around its products in place of XLA's separate small passes:
+    x RMS-normalized first (norm_weight [in], float32 or bfloat16, and norm_eps: x *
+    rsqrt(mean(x^2) + eps) * weight per row, layers/norms.rms_norm for float32 x), and/or a
+    residual [T, out] float32 added to its one output (out a multiple of ROWS_PER_TILE)."""
+
+    norm_weight: object = None
+    norm_eps: float = 0.0
+    residual: object = None
+
+
+_NONE_AROUND = Surroundings()
+
+
+def _surrounding_operands(around: Surroundings):
+    """The norm weight and residual operands (zero-size where the call has none) and the
+    norm_eps attribute."""
+    weight = (jnp.zeros((0,), jnp.float32) if around.norm_weight is None
+              else _norm_operand(around.norm_weight))
+    residual = (jnp.zeros((0, 0), jnp.float32) if around.residual is None
+                else around.residual.astype(jnp.float32))
+    return (weight, residual), np.float32(around.norm_eps)
+
+
+def _norm_operand(weight):
+    weight = jnp.asarray(weight)
+    return weight if weight.dtype in (jnp.float32, jnp.bfloat16) else weight.astype(jnp.float32)
+
+
 def ffi_quantized_matmul_multi(target: str, x, weights, *, bits: int, group_size: int,
-                               levels: float, zero_point: int = 0):
+                               levels: float, zero_point: int = 0,
+                               around: Surroundings = _NONE_AROUND):
     """quantized_matmul_multi through the FFI target `target` (or its table form, for
     weights given by address)."""
     if isinstance(weights[0][0], TableWeight):
         return _table_matmul(x, weights, bits=bits, group_size=group_size, levels=levels,
-                             zero_point=zero_point)
+                             zero_point=zero_point, around=around)
     call = jax.ffi.ffi_call(target, [_output(x.shape[0], values) for values, _, _ in weights])
     operands = [a for values, scales, offsets in weights
                 for a in _weight_operands(values, scales, offsets)]
-    return list(call(x.astype(jnp.float32), *operands, bits=np.int64(bits),
+    surrounding, norm_eps = _surrounding_operands(around)
+    return list(call(x.astype(jnp.float32), *surrounding, *operands, bits=np.int64(bits),
                      group_size=np.int64(group_size), zero_point=np.int64(zero_point),
-                     levels=np.float32(levels)))
+                     levels=np.float32(levels), norm_eps=norm_eps))
 
 
 def quantized_matmul_multi(x, weights, *, bits: int, group_size: int, levels: float,
-                           zero_point: int = 0):
+                           zero_point: int = 0, around: Surroundings = _NONE_AROUND):
     """[quantized_matmul_float(x, values, scales, offsets, ...) for each (values, scales,
     offsets) in `weights`], the same bits, in one call: x quantized once and the work of
     all the weights (which share bits, group_size, zero_point and in) shared out over the
     threads together. A layer's products that share their input (q, k, v; gate, up) take
     it: one launch instead of several, and at decode the weights together are enough work
-    to wake a second thread where each alone is not."""
+    to wake a second thread where each alone is not. `around` adds an RMS norm of x before
+    and a residual after (Surroundings), each in place of XLA's passes."""
     return ffi_quantized_matmul_multi(_MULTI_TARGET, x, weights, bits=bits,
                                       group_size=group_size, levels=levels,
-                                      zero_point=zero_point)
+                                      zero_point=zero_point, around=around)
 
 
 # Weights named by address (the multi entry's table form): a program whose weights are
@@ -240,7 +273,8 @@ def table_row(values, scales, offsets) -> tuple[np.ndarray, tuple]:
     return row, arrays
 
 
-def _table_matmul(x, weights, *, bits: int, group_size: int, levels: float, zero_point: int):
+def _table_matmul(x, weights, *, bits: int, group_size: int, levels: float, zero_point: int,
+                  around: Surroundings = _NONE_AROUND):
     """The multi entry's product for weights given as (values, scales, offsets) TableWeights
     of one table."""
     table = weights[0][0].table
@@ -249,9 +283,10 @@ def _table_matmul(x, weights, *, bits: int, group_size: int, levels: float, zero
     call = jax.ffi.ffi_call(_TABLE_TARGET, [_output(x.shape[0], values)
                                             for values, _, _ in weights])
     rows = np.array([values.row for values, _, _ in weights], np.int64)
-    return list(call(x.astype(jnp.float32), table, bits=np.int64(bits),
+    surrounding, norm_eps = _surrounding_operands(around)
+    return list(call(x.astype(jnp.float32), table, *surrounding, bits=np.int64(bits),
                      group_size=np.int64(group_size), zero_point=np.int64(zero_point),
-                     levels=np.float32(levels), rows=rows))
+                     levels=np.float32(levels), rows=rows, norm_eps=norm_eps))
 
 
 def quantized_matmul_wide(x, values, scales, offsets, *, bits: int, group_size: int,

@@ -98,9 +98,11 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
                    inv_freq: jax.Array, *, head_dim: int, scale: float, norm_eps: float,
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    qk_norm=rms_norm, mrope: tuple[jax.Array, tuple[int, ...]] | None = None,
-                   mask_positions: jax.Array | None = None):
-    """x [T, D] (already normed) -> (updated layer cache, out [T, D]): project, rope, paged
-    attention.
+                   mask_positions: jax.Array | None = None, residual: jax.Array | None = None):
+    """x [T, D] (already normed, or a norms.DeferredRmsNorm the projections take) ->
+    (updated layer cache, out [T, D]): project, rope, paged attention. With residual [T, D],
+    out is residual + the attention's output (the sum made by the output projection's call
+    where it can: layers/linear.row_parallel_project).
 
     qk_norm(x, weight, eps) normalizes q and k per head where the layer has q/k norms
     (Gemma passes its (1 + w) norm).
@@ -133,7 +135,7 @@ def self_attention(p: SelfAttention, x, kv: LayerCache, md: AttentionMetadata,
                               v_scale=_or_one(p.v_scale))
     # [T, N*H] split by heads under TP: wo is row-parallel (a collective matmul there).
     return kv, row_parallel_project(out.reshape(T, -1), p.wo, p.bo, logical_axis="heads",
-                                    units=out.shape[1])
+                                    units=out.shape[1], residual=residual)
 
 
 def _or_one(kv_cache_scale):

@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 
 from xla_inference.kernels import cpu_dense
+from xla_inference.layers.norms import DeferredRmsNorm
 from xla_inference.lora.slots import LoraWeight
 from xla_inference.parallel import collective_matmul
 from xla_inference.parallel.sharding import TENSOR_AXIS, splits, tensor_parallel_mesh
 from xla_inference.quantization.packed import PackedWeight
-from xla_inference.quantization.product import quantized_project, quantized_project_many
+from xla_inference.quantization.product import (fuses_residual, fuses_rms_norm,
+                                                 quantized_project, quantized_project_around,
+                                                 quantized_project_many)
 
 
 def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
@@ -71,11 +74,18 @@ def project(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return y.astype(out_dtype)
 
 
-def project_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
+def project_many(x: jax.Array | DeferredRmsNorm, ws, out_dtype=None) -> list[jax.Array]:
     """[project(x, w, out_dtype) for w in ws]: the products of a layer that share their
     input (q, k, v; gate, up). Quantized weights run as one kernel call where the native
     CPU kernel takes them all (quantization/product.quantized_project_many: the same values
-    in one launch)."""
+    in one launch). x may be a norm not yet taken (a DeferredRmsNorm), which that call
+    then takes itself (quantization/product.quantized_project_around)."""
+    if isinstance(x, DeferredRmsNorm):
+        if (all(isinstance(w, PackedWeight) for w in ws)
+                and fuses_rms_norm(x.x, x.weight, ws)):
+            ys = quantized_project_around(x.x, ws, norm=(x.weight, x.eps))
+            return [y.astype(out_dtype or x.x.dtype) for y in ys]
+        x = x.value()
     if len(ws) > 1 and all(isinstance(w, PackedWeight) for w in ws):
         return quantized_project_many(x, ws, out_dtype)
     if len(ws) > 1 and all(isinstance(w, LoraWeight) and isinstance(w.base, PackedWeight)
@@ -157,7 +167,7 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
 
 
 def row_parallel_project(x: jax.Array, w, b: jax.Array | None = None, *, logical_axis: str,
-                         units: int) -> jax.Array:
+                         units: int, residual: jax.Array | None = None) -> jax.Array:
     """linear(x, w, b) for a row-parallel weight w [out, in] whose input axis holds `units`
     of `logical_axis` ("heads", "mlp"). Where the step is traced over a tensor-parallel
     mesh that splits that axis (parallel/sharding.tensor_parallel_mesh) and the ring pays
@@ -165,7 +175,15 @@ def row_parallel_project(x: jax.Array, w, b: jax.Array | None = None, *, logical
     product is a ring reduce-scatter + all-gather around the devices, each partial product
     beside a permute in flight; the result is whole on every device, as GSPMD's all-reduce
     leaves it. Elsewhere, and for quantized weights (their products are
-    quantization/product.py's; GSPMD still partitions them), plain linear()."""
+    quantization/product.py's; GSPMD still partitions them), plain linear().
+
+    residual (the layer's residual stream, [..., out]) is added to the result: by the
+    quantized kernel's call itself where it can (quantization/product.fuses_residual), in
+    place of XLA's add after it."""
+    if residual is not None:
+        if b is None and fuses_residual(x, w, residual):
+            return quantized_project_around(x, [w], residual=residual)[0]
+        return row_parallel_project(x, w, b, logical_axis=logical_axis, units=units) + residual
     mesh = tensor_parallel_mesh()
     if (mesh is None or isinstance(w, (PackedWeight, LoraWeight))
             or not collective_matmul.ring_pays(math.prod(x.shape[:-1]))

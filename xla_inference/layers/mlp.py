@@ -18,9 +18,13 @@ class GatedMlp:
     w_down: jax.Array = weight("embed", "mlp", projection=True)  # [D, F]
 
 
-def gated_mlp(p: GatedMlp, x: jax.Array, act: Callable = jax.nn.silu) -> jax.Array:
-    """x [T, D] -> [T, D]: down(act(gate(x)) * up(x)); SwiGLU with the default silu. Under
-    tensor parallel the down projection is a collective matmul (layers/linear.py)."""
+def gated_mlp(p: GatedMlp, x: jax.Array, act: Callable = jax.nn.silu,
+              residual: jax.Array | None = None) -> jax.Array:
+    """x [T, D] (or a norms.DeferredRmsNorm the gate and up projections take) -> [T, D]:
+    down(act(gate(x)) * up(x)); SwiGLU with the default silu. Under tensor parallel the down
+    projection is a collective matmul (layers/linear.py). With residual [T, D], residual
+    plus that (made by the down projection's call where it can)."""
     gate, up = project_many(x, (p.w_gate, p.w_up))
     hidden = act(gate) * up  # [T, F], split on F under TP
-    return row_parallel_project(hidden, p.w_down, logical_axis="mlp", units=hidden.shape[-1])
+    return row_parallel_project(hidden, p.w_down, logical_axis="mlp", units=hidden.shape[-1],
+                                residual=residual)

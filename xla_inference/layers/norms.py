@@ -1,5 +1,7 @@
 """Normalization layers."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -13,6 +15,29 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis; statistics in float32 whatever the input dtype."""
     # Cast back before scaling, as HF Llama does, so bf16 results round the same way.
     return weight * _normalized_f32(x, eps).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferredRmsNorm:
+    """rms_norm(x, weight, eps), left to the projections it feeds: where they run as one
+    native quantized kernel call, the kernel normalizes x itself (layers/linear.project_many),
+    in place of XLA's four small passes; everything else takes .value()."""
+
+    x: jax.Array
+    weight: jax.Array
+    eps: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    def value(self) -> jax.Array:
+        return rms_norm(self.x, self.weight, self.eps)
+
+
+def materialized(x) -> jax.Array:
+    """x itself, or a DeferredRmsNorm's value."""
+    return x.value() if isinstance(x, DeferredRmsNorm) else x
 
 
 def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

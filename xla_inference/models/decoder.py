@@ -21,7 +21,7 @@ from xla_inference.layers.attention import SelfAttention, self_attention
 from xla_inference.layers.linear import project
 from xla_inference.layers.mlp import GatedMlp, gated_mlp
 from xla_inference.layers.moe import MoeConfig, MoeMlp, moe_mlp
-from xla_inference.layers.norms import rms_norm
+from xla_inference.layers.norms import DeferredRmsNorm, materialized, rms_norm
 from xla_inference.lora.slots import embed_lookup
 from xla_inference.layers.rope import rope_inv_freq
 from xla_inference.loading.params import part, take_stacked, take_tensor, tensor_getter
@@ -214,25 +214,30 @@ def load_lm_head(get, embed: np.ndarray, tied: bool) -> np.ndarray:
     return embed if tied else get("lm_head.weight", embed.shape)
 
 
-def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array, cfg: DecoderConfig,
-              real_tokens: jax.Array | None = None) -> jax.Array:
-    """A layer's MLP, dense or mixture-of-experts by its parameters' type. real_tokens [T]
-    bool (AttentionMetadata.real_tokens): the MoE routes only these; padding takes no
-    expert's rows."""
-    return moe_mlp(p, x, cfg.moe, real_tokens) if isinstance(p, MoeMlp) else gated_mlp(p, x)
+def mlp_block(p: GatedMlp | MoeMlp, x: jax.Array | DeferredRmsNorm, cfg: DecoderConfig,
+              real_tokens: jax.Array | None = None,
+              residual: jax.Array | None = None) -> jax.Array:
+    """A layer's MLP, dense or mixture-of-experts by its parameters' type, plus residual
+    where given. real_tokens [T] bool (AttentionMetadata.real_tokens): the MoE routes only
+    these; padding takes no expert's rows."""
+    if not isinstance(p, MoeMlp):
+        return gated_mlp(p, x, residual=residual)
+    out = moe_mlp(p, materialized(x), cfg.moe, real_tokens)
+    return out if residual is None else residual + out
 
 
 # Jitted on its own: the step traces and lowers each distinct layer once, not once per
 # layer (XLA inlines the calls, so the compiled program is the same as when unrolled).
 @functools.partial(jax.jit, static_argnames=("cfg", "window"))
 def _layer(layer: DecoderLayer, x, kv, batch: StepBatch, cfg: DecoderConfig, inv_freq, window):
-    h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-    kv, attn = self_attention(layer.attn, h, kv, batch.attention, inv_freq, head_dim=cfg.head_dim,
-                              scale=cfg.head_dim**-0.5, norm_eps=cfg.rms_norm_eps,
-                              sliding_window=window)
-    x = x + attn
-    h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
-    return kv, x + mlp_block(layer.mlp, h, cfg, batch.attention.real_tokens())
+    # The norms are left to the projections they feed and the residual adds to the products
+    # before them: a quantized model's kernel calls take both (layers/linear.py).
+    h = DeferredRmsNorm(x, layer.input_norm, cfg.rms_norm_eps)
+    kv, x = self_attention(layer.attn, h, kv, batch.attention, inv_freq, head_dim=cfg.head_dim,
+                           scale=cfg.head_dim**-0.5, norm_eps=cfg.rms_norm_eps,
+                           sliding_window=window, residual=x)
+    h = DeferredRmsNorm(x, layer.post_attn_norm, cfg.rms_norm_eps)
+    return kv, mlp_block(layer.mlp, h, cfg, batch.attention.real_tokens(), residual=x)
 
 
 def run_layers(layer_step: Callable, layers: list, kv_cache: KvCache, x: jax.Array,

@@ -133,25 +133,33 @@ def _multi_kernel_key(w: PackedWeight):
     return (w.kind, w.group_size, w.zero_point, w.activations, w.in_features)
 
 
-def _kernel_products(x2: jax.Array, ws) -> list[jax.Array]:
-    """_kernel_product(x2, w) for each of ws (sharing _multi_kernel_key), in one call."""
+def _kernel_products(x2: jax.Array, ws,
+                     around: cpu_quantized.Surroundings = cpu_quantized.Surroundings()
+                     ) -> list[jax.Array]:
+    """_kernel_product(x2, w) for each of ws (sharing _multi_kernel_key), in one call, with
+    what the call does `around` them."""
     w = ws[0]
     levels = INT8_LEVELS if w.activations == INT8_ACTIVATIONS else FLOAT_ACTIVATION_LEVELS
     ys = cpu_quantized.quantized_matmul_multi(
         x2, [(v.values, v.scales, v.offsets) for v in ws], bits=4 if w.kind != INT8 else 8,
-        group_size=w.group_size, levels=levels, zero_point=w.zero_point)
+        group_size=w.group_size, levels=levels, zero_point=w.zero_point, around=around)
     return [y[:, :v.out_features] for y, v in zip(ys, ws)]
 
 
-def uses_multi_kernel(ws, rows: int) -> bool:
-    """Whether `rows` rows times each of the PackedWeights ws (one input) run as one native
-    kernel call (cpu_quantized.quantized_matmul_multi): the narrow kernel's rows, weights
-    of one format, no Pallas route or wide entry, and no tensor-parallel mesh (the call has
-    no partitioning rule of its own)."""
-    return (len(ws) > 1 and all(uses_kernel(w, rows) and not uses_wide_kernel(w, rows)
+def uses_one_kernel_call(ws, rows: int) -> bool:
+    """Whether `rows` rows times each of the PackedWeights ws (one input, one weight or
+    more) can run as one native kernel call (cpu_quantized.quantized_matmul_multi): the
+    narrow kernel's rows, weights of one format, no Pallas route or wide entry, and no
+    tensor-parallel mesh (the call has no partitioning rule of its own)."""
+    return (len(ws) > 0 and all(uses_kernel(w, rows) and not uses_wide_kernel(w, rows)
                                 and pallas_route(w) is None for w in ws)
             and len({_multi_kernel_key(w) for w in ws}) == 1
             and tensor_parallel_mesh() is None)
+
+
+def uses_multi_kernel(ws, rows: int) -> bool:
+    """Whether several PackedWeights ws run as one native kernel call (uses_one_kernel_call)."""
+    return len(ws) > 1 and uses_one_kernel_call(ws, rows)
 
 
 def _int8_product(x2: jax.Array, w: PackedWeight) -> jax.Array:
@@ -291,3 +299,38 @@ def quantized_project_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
         return [quantized_project(x, w, out_dtype) for w in ws]
     return [y.reshape(*lead, w.out_features).astype(out_dtype)
             for y, w in zip(_kernel_products(x2, ws), ws)]
+
+
+def fuses_rms_norm(x: jax.Array, norm_weight: jax.Array, ws) -> bool:
+    """Whether the products of rms_norm(x, norm_weight, eps) (layers/norms.py) times each of
+    the PackedWeights ws can run as one kernel call that normalizes x itself
+    (quantized_project_around): float32 x (the host CPU's activations; rms_norm's rounding
+    for them) and a float32 or bfloat16 weight."""
+    return (x.dtype == jnp.float32 and norm_weight.dtype in (jnp.float32, jnp.bfloat16)
+            and uses_one_kernel_call(ws, math.prod(x.shape[:-1])))
+
+
+def fuses_residual(x: jax.Array, w, residual: jax.Array) -> bool:
+    """Whether residual + x times w (a PackedWeight) can run as one kernel call that adds the
+    residual itself (quantized_project_around): float32 throughout and outputs in whole
+    tiles (the kernel's padded width)."""
+    return (isinstance(w, PackedWeight) and x.dtype == residual.dtype == jnp.float32
+            and w.out_features % cpu_quantized.ROWS_PER_TILE == 0
+            and uses_one_kernel_call([w], math.prod(x.shape[:-1])))
+
+
+def quantized_project_around(x: jax.Array, ws, *, norm: tuple[jax.Array, float] | None = None,
+                             residual: jax.Array | None = None) -> list[jax.Array]:
+    """[residual + project(rms_norm(x, *norm), w) for w in ws] in one kernel call (each part
+    where given; a residual with one weight only), in float32: the kernel normalizes x before
+    quantizing it and adds the residual after, in place of XLA's five small passes around
+    the call (benchmarks/RESULTS.md, 2026-12-05 eighth session). Needs fuses_rms_norm or
+    fuses_residual."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    around = cpu_quantized.Surroundings(
+        norm_weight=norm_weight, norm_eps=eps,
+        residual=None if residual is None else residual.reshape(x2.shape[0], -1))
+    return [y.reshape(*lead, w.out_features)
+            for y, w in zip(_kernel_products(x2, ws, around), ws)]

@@ -19,7 +19,9 @@
 // which saves XLA's separate passes over x before the call. A third (multi) takes float32 x
 // and several weights of one format, and gives each its own output, the bits of the second
 // entry's for it: x quantized once, one launch and one sharing-out of the work for a layer's
-// products that share their input (q/k/v, gate/up).
+// products that share their input (q/k/v, gate/up). The multi entry (and its table form)
+// may also RMS-normalize x before quantizing it and add a residual to its one output
+// (Surroundings): a decoder layer's norms and residual adds without XLA's passes around it.
 //
 // The AVX-512 VNNI path widens a chunk's 32 bytes to 32 int16 words (word 2r+j) and adds
 // each dword lane r's pair products to the tile's row r with vpdpwssd against a broadcast
@@ -951,6 +953,7 @@ struct MultiWork : xla_inference::WorkItems {
   std::vector<int16_t> xq;
   std::vector<float> x_scale;
   std::vector<int8_t> x_split;  // (split_x_if_used: one for every weight)
+  std::vector<float> x_normed;  // x after the call's RMS norm (Surroundings), when it has one
 
   void drain() {
     drain_items([this](int64_t i) {
@@ -963,14 +966,58 @@ struct MultiWork : xla_inference::WorkItems {
   }
 };
 
-// x [T, in] quantized once and the products of work->problems (their weights and outputs
-// set) shared out over the pool or the spare core.
+// What a multi call may do around its products, in place of XLA's separate passes (a decoder
+// layer's RMS norm before its q/k/v or gate/up products is four small XLA thunks, the residual
+// add after its o or down product one more; benchmarks/RESULTS.md, 2026-12-05 eighth
+// session): x RMS-normalized before it is quantized, and a residual added to the one output.
+struct Surroundings {
+  const void* norm_weight = nullptr;  // [in], f32 or bf16: x * rsqrt(mean(x^2) + eps) * weight
+  bool norm_bf16 = false;
+  float norm_eps = 0.0f;
+  const float* residual = nullptr;  // [T, out]: out += residual (one output only)
+};
+
+inline float norm_weight_at(const Surroundings& s, int64_t k) {
+  if (!s.norm_bf16) return static_cast<const float*>(s.norm_weight)[k];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(s.norm_weight)[k]) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// The rows of x [T, in] as layers/norms.rms_norm gives them for float32 x: each row times the
+// reciprocal square root of its mean square plus eps, then times the weight (the same
+// operations; the sum of squares in another order).
+void rms_normed_rows(const float* x, int64_t T, int64_t in, const Surroundings& s, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = x + t * in;
+    float squares = 0.0f;
+    for (int64_t k = 0; k < in; ++k) squares += row[k] * row[k];
+    const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(in) + s.norm_eps);
+    for (int64_t k = 0; k < in; ++k) out[t * in + k] = norm_weight_at(s, k) * (row[k] * inverse);
+  }
+}
+
+// out [T, width] += residual [T, width], once every item of the product is in out: the one
+// float addition XLA's add would make.
+void add_residual(const float* residual, int64_t T, int64_t width, float* out) {
+  for (int64_t i = 0; i < T * width; ++i) out[i] += residual[i];
+}
+
+// x [T, in] quantized once (RMS-normalized first where `around` says) and the products of
+// work->problems (their weights and outputs set) shared out over the pool or the spare core;
+// then the residual added where `around` has one.
 ffi::Error run_multi(ffi::ThreadPool& pool, const std::shared_ptr<MultiWork>& work,
                      const float* x, int64_t T, int64_t in, int64_t bits, int64_t group_size,
-                     int64_t zero_point, float levels) {
+                     int64_t zero_point, float levels, const Surroundings& around = {}) {
   bool any_offsets = false;
   for (const Problem& p : work->problems) any_offsets = any_offsets || p.offsets != nullptr;
   if (T == 0) return ffi::Error::Success();
+  if (around.norm_weight != nullptr) {
+    work->x_normed.resize(T * in);
+    rms_normed_rows(x, T, in, around, work->x_normed.data());
+    x = work->x_normed.data();
+  }
   work->xq.resize(T * in);
   work->x_scale.resize(T);
   quantize_rows(x, T, in, levels, work->xq.data(), work->x_scale.data());
@@ -1005,7 +1052,41 @@ ffi::Error run_multi(ffi::ThreadPool& pool, const std::shared_ptr<MultiWork>& wo
     xla_inference::SpareCore::get().run(spare_tiles(work, work->problems));
   else
     xla_inference::run_items(pool, work, helpers);
+  if (around.residual != nullptr) {
+    const Problem& p = work->problems[0];
+    add_residual(around.residual, T, p.out_tiles * kRows, p.out);
+  }
   return ffi::Error::Success();
+}
+
+// The norm weight and residual operands of a multi call (zero-size: none) as Surroundings,
+// or an error naming what does not fit x [T, in] and the `outs` outputs (widths[j] each).
+ffi::Error surroundings(const ffi::AnyBuffer& norm_weight, float norm_eps,
+                        const ffi::Buffer<ffi::F32>& residual, int64_t T, int64_t in,
+                        size_t outs, int64_t first_width, Surroundings& around) {
+  if (norm_weight.element_count() != 0) {
+    const auto type = norm_weight.element_type();
+    if (norm_weight.element_count() != static_cast<size_t>(in) ||
+        (type != ffi::DataType::F32 && type != ffi::DataType::BF16) || !(norm_eps >= 0.0f))
+      return ffi::Error::InvalidArgument(
+          "quantized_matmul_multi: norm_weight f32 or bf16 [in] (or empty), norm_eps >= 0");
+    around.norm_weight = norm_weight.untyped_data();
+    around.norm_bf16 = type == ffi::DataType::BF16;
+    around.norm_eps = norm_eps;
+  }
+  if (residual.element_count() != 0) {
+    const auto rd = residual.dimensions();
+    if (outs != 1 || rd.size() != 2 || rd[0] != T || rd[1] != first_width)
+      return ffi::Error::InvalidArgument(
+          "quantized_matmul_multi: a residual [T, out/16*16] takes exactly one output");
+    around.residual = residual.typed_data();
+  }
+  return ffi::Error::Success();
+}
+
+int64_t output_width(ffi::RemainingRets& outs) {
+  auto out = outs.get<ffi::Buffer<ffi::F32>>(0);
+  return out.has_value() && (*out)->dimensions().size() == 2 ? (*out)->dimensions()[1] : -1;
 }
 
 ffi::Error check_multi_x(const ffi::Buffer<ffi::F32>& x, float levels, size_t outs) {
@@ -1017,15 +1098,21 @@ ffi::Error check_multi_x(const ffi::Buffer<ffi::F32>& x, float levels, size_t ou
 }
 
 ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::AnyBuffer norm_weight, ffi::Buffer<ffi::F32> residual,
                                 ffi::RemainingArgs weights, ffi::RemainingRets outs,
                                 int64_t bits, int64_t group_size, int64_t zero_point,
-                                float levels) {
+                                float levels, float norm_eps) {
   const size_t n = outs.size();
   if (ffi::Error error = check_multi_x(x, levels, n); error.failure()) return error;
   if (weights.size() != 3 * n)
     return ffi::Error::InvalidArgument(
         "quantized_matmul_multi: (values, scales, offsets) for each of its outputs");
   const int64_t T = x.dimensions()[0], in = x.dimensions()[1];
+  Surroundings around;
+  if (ffi::Error error = surroundings(norm_weight, norm_eps, residual, T, in, n,
+                                      output_width(outs), around);
+      error.failure())
+    return error;
   auto work = std::make_shared<MultiWork>();
   work->problems.resize(n);
   for (size_t j = 0; j < n; ++j) {
@@ -1039,7 +1126,8 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                       zero_point, work->problems[j]);
     if (error.failure()) return error;
   }
-  return run_multi(pool, work, x.typed_data(), T, in, bits, group_size, zero_point, levels);
+  return run_multi(pool, work, x.typed_data(), T, in, bits, group_size, zero_point, levels,
+                   around);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1076,9 +1164,10 @@ ffi::Error table_problem(int64_t T, int64_t in, const int64_t* row,
 }
 
 ffi::Error MultiMatmulTableImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::U8> table, ffi::RemainingRets outs,
+                                ffi::Buffer<ffi::U8> table, ffi::AnyBuffer norm_weight,
+                                ffi::Buffer<ffi::F32> residual, ffi::RemainingRets outs,
                                 int64_t bits, int64_t group_size, int64_t zero_point,
-                                float levels, ffi::Span<const int64_t> rows) {
+                                float levels, ffi::Span<const int64_t> rows, float norm_eps) {
   const size_t n = outs.size();
   if (ffi::Error error = check_multi_x(x, levels, n); error.failure()) return error;
   const auto td = table.dimensions();
@@ -1086,6 +1175,11 @@ ffi::Error MultiMatmulTableImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "quantized_matmul_table: table uint8 [rows, 56] (7 int64 a row), a row for each output");
   const int64_t T = x.dimensions()[0], in = x.dimensions()[1];
+  Surroundings around;
+  if (ffi::Error error = surroundings(norm_weight, norm_eps, residual, T, in, n,
+                                      output_width(outs), around);
+      error.failure())
+    return error;
   auto work = std::make_shared<MultiWork>();
   work->problems.resize(n);
   for (size_t j = 0; j < n; ++j) {
@@ -1098,7 +1192,8 @@ ffi::Error MultiMatmulTableImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         table_problem(T, in, row, *out, bits, group_size, zero_point, work->problems[j]);
     if (error.failure()) return error;
   }
-  return run_multi(pool, work, x.typed_data(), T, in, bits, group_size, zero_point, levels);
+  return run_multi(pool, work, x.typed_data(), T, in, bits, group_size, zero_point, levels,
+                   around);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1822,24 +1917,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulMulti, MultiMatmulFloat
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("zero_point")
-                                  .Attr<float>("levels"));
+                                  .Attr<float>("levels")
+                                  .Attr<float>("norm_eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulTable, MultiMatmulTableImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingRets()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("zero_point")
                                   .Attr<float>("levels")
-                                  .Attr<ffi::Span<const int64_t>>("rows"));
+                                  .Attr<ffi::Span<const int64_t>>("rows")
+                                  .Attr<float>("norm_eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaInferenceQuantizedMatmulWide, WideMatmulImpl,
                               ffi::Ffi::Bind()

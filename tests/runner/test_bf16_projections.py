@@ -90,6 +90,9 @@ def test_wide_bfloat16_products_widen_only_without_native_bfloat16_dots(monkeypa
     from xla_inference.layers.linear import project
 
     monkeypatch.setattr(native, "has_bfloat16_dot", lambda: native_bf16_dot)
+    # XLA's product, not the AMX kernel that a CPU with AMX takes up to
+    # linear.NATIVE_MATMUL_MAX_ROWS rows (its own tests: tests/kernels/test_dense_matmul.py).
+    monkeypatch.setattr(cpu_dense, "matmul_available", lambda: False)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((40, 96)) * 0.1, jnp.bfloat16)

@@ -64,19 +64,19 @@ def test_steps_by_address_have_the_passed_weights_bits(name, quantized_checkpoin
 @pytest.mark.slow
 def test_a_model_reading_a_weight_as_an_array_keeps_its_arrays(quantized_checkpoint,
                                                                monkeypatch, caplog):
-    """A product that reads a table-named weight as an array (here the one-row product,
-    patched to) fails its trace at warm-up: the engine then passes every array, says so,
-    and serves the same logits."""
+    """A product that reads a table-named weight as an array (here the kernel's calls,
+    every projection of a decoder layer's decode step, patched to) fails its trace at
+    warm-up: the engine then passes every array, says so, and serves the same logits."""
     caplog.set_level("WARNING")
     path = quantized_checkpoint("awq-g32").path
     want = _logits(_engine(path, monkeypatch, by_address=False))
-    reading = product._kernel_product
+    reading = product._kernel_products
 
-    def reads_the_array(x2, w):
-        jnp.asarray(w.values)  # as a model outside the kernel's entries would
-        return reading(x2, w)
+    def reads_the_array(x2, ws, *args):
+        jnp.asarray(ws[0].values)  # as a model outside the kernel's entries would
+        return reading(x2, ws, *args)
 
-    monkeypatch.setattr(product, "_kernel_product", reads_the_array)
+    monkeypatch.setattr(product, "_kernel_products", reads_the_array)
     engine = _engine(path, monkeypatch, by_address=True)
     assert engine._forward_table is not None
     engine.warm_up()

@@ -81,8 +81,7 @@ def project_many(x: jax.Array | DeferredRmsNorm, ws, out_dtype=None) -> list[jax
     in one launch). x may be a norm not yet taken (a DeferredRmsNorm), which that call
     then takes itself (quantization/product.quantized_project_around)."""
     if isinstance(x, DeferredRmsNorm):
-        if (all(isinstance(w, PackedWeight) for w in ws)
-                and fuses_rms_norm(x.x, x.weight, ws)):
+        if fuses_rms_norm(x.x, x.weight, ws):
             ys = quantized_project_around(x.x, ws, norm=(x.weight, x.eps))
             return [y.astype(out_dtype or x.x.dtype) for y in ys]
         x = x.value()

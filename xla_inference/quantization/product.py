@@ -303,10 +303,11 @@ def quantized_project_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
 
 def fuses_rms_norm(x: jax.Array, norm_weight: jax.Array, ws) -> bool:
     """Whether the products of rms_norm(x, norm_weight, eps) (layers/norms.py) times each of
-    the PackedWeights ws can run as one kernel call that normalizes x itself
+    ws (PackedWeights all) can run as one kernel call that normalizes x itself
     (quantized_project_around): float32 x (the host CPU's activations; rms_norm's rounding
     for them) and a float32 or bfloat16 weight."""
-    return (x.dtype == jnp.float32 and norm_weight.dtype in (jnp.float32, jnp.bfloat16)
+    return (all(isinstance(w, PackedWeight) for w in ws) and x.dtype == jnp.float32
+            and norm_weight.dtype in (jnp.float32, jnp.bfloat16)
             and uses_one_kernel_call(ws, math.prod(x.shape[:-1])))
 
 

@@ -1060,10 +1060,10 @@ ffi::Error run_multi(ffi::ThreadPool& pool, const std::shared_ptr<MultiWork>& wo
 }
 
 // The norm weight and residual operands of a multi call (zero-size: none) as Surroundings,
-// or an error naming what does not fit x [T, in] and the `outs` outputs (widths[j] each).
+// or an error naming what does not fit x [T, in] and the call's outputs.
 ffi::Error surroundings(const ffi::AnyBuffer& norm_weight, float norm_eps,
                         const ffi::Buffer<ffi::F32>& residual, int64_t T, int64_t in,
-                        size_t outs, int64_t first_width, Surroundings& around) {
+                        ffi::RemainingRets& outs, Surroundings& around) {
   if (norm_weight.element_count() != 0) {
     const auto type = norm_weight.element_type();
     if (norm_weight.element_count() != static_cast<size_t>(in) ||
@@ -1076,17 +1076,14 @@ ffi::Error surroundings(const ffi::AnyBuffer& norm_weight, float norm_eps,
   }
   if (residual.element_count() != 0) {
     const auto rd = residual.dimensions();
-    if (outs != 1 || rd.size() != 2 || rd[0] != T || rd[1] != first_width)
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(0);
+    if (outs.size() != 1 || !out.has_value() || (*out)->dimensions().size() != 2 ||
+        rd.size() != 2 || rd[0] != T || rd[1] != (*out)->dimensions()[1])
       return ffi::Error::InvalidArgument(
           "quantized_matmul_multi: a residual [T, out/16*16] takes exactly one output");
     around.residual = residual.typed_data();
   }
   return ffi::Error::Success();
-}
-
-int64_t output_width(ffi::RemainingRets& outs) {
-  auto out = outs.get<ffi::Buffer<ffi::F32>>(0);
-  return out.has_value() && (*out)->dimensions().size() == 2 ? (*out)->dimensions()[1] : -1;
 }
 
 ffi::Error check_multi_x(const ffi::Buffer<ffi::F32>& x, float levels, size_t outs) {
@@ -1109,8 +1106,7 @@ ffi::Error MultiMatmulFloatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "quantized_matmul_multi: (values, scales, offsets) for each of its outputs");
   const int64_t T = x.dimensions()[0], in = x.dimensions()[1];
   Surroundings around;
-  if (ffi::Error error = surroundings(norm_weight, norm_eps, residual, T, in, n,
-                                      output_width(outs), around);
+  if (ffi::Error error = surroundings(norm_weight, norm_eps, residual, T, in, outs, around);
       error.failure())
     return error;
   auto work = std::make_shared<MultiWork>();
@@ -1176,8 +1172,7 @@ ffi::Error MultiMatmulTableImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "quantized_matmul_table: table uint8 [rows, 56] (7 int64 a row), a row for each output");
   const int64_t T = x.dimensions()[0], in = x.dimensions()[1];
   Surroundings around;
-  if (ffi::Error error = surroundings(norm_weight, norm_eps, residual, T, in, n,
-                                      output_width(outs), around);
+  if (ffi::Error error = surroundings(norm_weight, norm_eps, residual, T, in, outs, around);
       error.failure())
     return error;
   auto work = std::make_shared<MultiWork>();

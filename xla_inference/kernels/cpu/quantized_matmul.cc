@@ -239,9 +239,10 @@ void block_vnni(const Problem& p, int64_t ot0, int64_t t0) {
         } else {
           // The high nibbles masked in place (16 times their value), not shifted down: a
           // vector shift and vpdpwssd both need port 0 of these cores, a mask either vector
-          // port (3 -> 2.5 cycles a chunk). Their products go to acc_high, 16 times the
-          // true sum (|16 q x| <= 240 * 16383: a group of 128 stays far inside int32),
-          // which the group's end divides exactly (an arithmetic shift).
+          // port (port 0: 3 -> 2 ops a chunk; one thread from L2 on an Emerald Rapids
+          // Xeon, 29.3 -> 30.7 GB/s: benchmarks/RESULTS.md). Their products go to
+          // acc_high, 16 times the true sum (|16 q x| <= 240 * 16383: a group of 128 stays
+          // far inside int32), which the group's end divides exactly (an arithmetic shift).
           const __m512i words = _mm512_cvtepu8_epi16(bytes);
           const __m512i low = _mm512_and_si512(words, low_nibbles);
           const __m512i high16 = _mm512_and_si512(words, high_nibbles);

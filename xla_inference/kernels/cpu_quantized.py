@@ -87,11 +87,17 @@ def wide_int8() -> bool:
     return bool(_library().XlaInferenceQuantizedMatmulWideInt8())
 
 
+def _operand_as(a, dtypes):
+    """a as the kernel reads it: in its own dtype where that is one of `dtypes`, any other
+    widened to float32."""
+    a = jnp.asarray(a)
+    return a if a.dtype in dtypes else a.astype(jnp.float32)
+
+
 def _group_operand(a):
     """Scales or offsets as the kernel reads them: float16 or float32 as stored, any other
     dtype (bfloat16) widened to float32."""
-    a = jnp.asarray(a)
-    return a if a.dtype in (jnp.float16, jnp.float32) else a.astype(jnp.float32)
+    return _operand_as(a, (jnp.float16, jnp.float32))
 
 
 def _weight_operands(values, scales, offsets):
@@ -167,15 +173,10 @@ def _surrounding_operands(around: Surroundings):
     """The norm weight and residual operands (zero-size where the call has none) and the
     norm_eps attribute."""
     weight = (jnp.zeros((0,), jnp.float32) if around.norm_weight is None
-              else _norm_operand(around.norm_weight))
+              else _operand_as(around.norm_weight, (jnp.float32, jnp.bfloat16)))
     residual = (jnp.zeros((0, 0), jnp.float32) if around.residual is None
                 else around.residual.astype(jnp.float32))
     return (weight, residual), np.float32(around.norm_eps)
-
-
-def _norm_operand(weight):
-    weight = jnp.asarray(weight)
-    return weight if weight.dtype in (jnp.float32, jnp.bfloat16) else weight.astype(jnp.float32)
 
 
 def ffi_quantized_matmul_multi(target: str, x, weights, *, bits: int, group_size: int,
